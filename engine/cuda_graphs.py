@@ -1,0 +1,77 @@
+"""CUDA graphs of the decode step, one per batch-size bucket, so a step costs one launch.
+
+A batch of b sequences runs in the smallest captured bucket >= b; the padded rows have
+seq_len 0 (the attention kernel skips them) and write their K/V to the scratch page.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable
+
+import numpy as np
+import torch
+
+from zipserve.engine.kv_cache import KVCache, SCRATCH_PAGE
+from zipserve.engine.model import ForwardBatch, LlamaModel
+
+
+def decode_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
+    """Sequence splits of the decode attention so that about two programs run per SM."""
+    programs = batch_size * num_kv_heads
+    return int(min(32, max(1, -(-2 * num_sms // programs))))
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, cache: KVCache, batch_sizes: list[int],
+                 max_pages_per_seq: int, splits_for: Callable[[int], int],
+                 device: torch.device):
+        self.sizes = sorted(set(batch_sizes))
+        n = self.sizes[-1]
+
+        def zeros(*shape, dtype=torch.int64):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.inputs = dict(
+            input_ids=zeros(n), positions=zeros(n),
+            write_pages=torch.full((n,), SCRATCH_PAGE, dtype=torch.int64, device=device),
+            write_offsets=zeros(n), page_table=zeros(n, max_pages_per_seq, dtype=torch.int32),
+            seq_lens=zeros(n, dtype=torch.int32))
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for b in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
+            batch = ForwardBatch(
+                input_ids=self.inputs["input_ids"][:b], positions=self.inputs["positions"][:b],
+                write_pages=self.inputs["write_pages"][:b],
+                write_offsets=self.inputs["write_offsets"][:b], is_prefill=False,
+                page_table=self.inputs["page_table"][:b], seq_lens=self.inputs["seq_lens"][:b],
+                num_splits=splits_for(b))
+            model(batch, cache)  # warm up: compiles the Triton kernels for this shape
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = model(batch, cache)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(device)
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
+    def run(self, host: dict[str, np.ndarray]) -> torch.Tensor:
+        """Replay the bucket for len(host['input_ids']) rows; logits [b, V]."""
+        b = len(host["input_ids"])
+        bucket = self.sizes[bisect.bisect_left(self.sizes, b)]
+        for name, value in host.items():
+            dst = self.inputs[name]
+            src = torch.from_numpy(value)
+            if name == "page_table":
+                dst[:b, :src.shape[1]].copy_(src, non_blocking=True)
+            else:
+                dst[:b].copy_(src, non_blocking=True)
+        # Padding rows: attend to nothing, write to the scratch page.
+        self.inputs["seq_lens"][b:bucket].zero_()
+        self.inputs["write_pages"][b:bucket].fill_(SCRATCH_PAGE)
+        self.graphs[bucket].replay()
+        return self.outputs[bucket][:b]

@@ -1,0 +1,33 @@
+"""The paged KV storage of one engine: per-layer K and V page tensors, in one allocation.
+
+Layout per layer: [num_pages, num_kv_heads, page_size, head_dim], so one (page, head) tile is
+contiguous (the unit the codecs quantize and the transfer layer sends). Page 0 is a scratch page
+that is never handed out: padded rows of a CUDA-graph batch write their K/V there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zipserve.engine.config import ModelConfig
+
+SCRATCH_PAGE = 0
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.num_pages, self.page_size = num_pages, page_size
+        # [layers, 2 (K, V), pages, KVH, P, D]
+        self.storage = torch.zeros(
+            config.num_layers, 2, num_pages, config.num_kv_heads, page_size, config.head_dim,
+            dtype=dtype, device=device)
+
+    def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) page tensors of one layer, each [num_pages, KVH, P, D]."""
+        return self.storage[idx, 0], self.storage[idx, 1]
+
+    @staticmethod
+    def bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return config.num_layers * 2 * config.num_kv_heads * page_size * config.head_dim * elem

@@ -1,0 +1,221 @@
+"""The engine loop: validated requests in, one scheduled forward per step, finished outputs out.
+
+LLMEngine owns the model, its page pool and the scheduler. `step()` runs one packed prefill or one
+decode step, samples, applies stop conditions and frees the pages of every sequence that ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from zipserve.engine.config import EngineConfig, ModelConfig
+from zipserve.engine.detokenizer import Detokenizer, check_stop
+from zipserve.engine.kv_cache import KVCache
+from zipserve.engine.loading import build_model, model_config_for
+from zipserve.engine.model_runner import ModelRunner
+from zipserve.engine.page_pool import PagePool, pages_for
+from zipserve.engine.sampler import Sampler
+from zipserve.engine.sampling_params import SamplingParams
+from zipserve.engine.scheduler import Scheduler
+from zipserve.engine.sequence import Sequence
+from zipserve.engine.tokenizer import load_tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """What a request produced so far (final once `finished`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    finished: bool
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model: str, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device | None = None,
+                 engine_config: EngineConfig | None = None, max_model_len: int | None = None,
+                 seed: int = 0):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.engine_config = ec = engine_config or EngineConfig()
+        config = model_config_for(model)
+        self.max_model_len = min(max_model_len or config.max_position_embeddings,
+                                 config.max_position_embeddings)
+        self.config, self.model, self.dtype = build_model(model, dtype, self.device,
+                                                          self.max_model_len, seed)
+        self.model_name = model
+        self.tokenizer = load_tokenizer(model)
+        num_pages = ec.num_pages or self._size_pool()
+        self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
+        self.pool = PagePool(num_pages)
+        self.scheduler = Scheduler(self.pool, ec.page_size, ec.max_num_seqs,
+                                   ec.max_prefill_tokens)
+        self.runner = ModelRunner(self.model, self.cache, self.config, ec, self.max_model_len,
+                                  self.device)
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._seqs: dict[str, Sequence] = {}
+        self._eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+
+    # -- memory ------------------------------------------------------------------------------
+    def _size_pool(self) -> int:
+        ec, page_bytes = self.engine_config, KVCache.bytes_per_page(
+            self.config, self.engine_config.page_size, self.dtype)
+        if self.device.type != "cuda":
+            return pages_for(ec.max_kv_tokens, ec.page_size) + 1
+        torch.cuda.synchronize(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        used = torch.cuda.memory_allocated(self.device)
+        # Activations of the largest prefill and the decode graphs' logits, measured roughly.
+        act = ec.max_prefill_tokens * (self.config.hidden_size * 6 + self.config.intermediate_size
+                                       * 3) * 2 + ec.max_num_seqs * self.config.vocab_size * 8
+        free = int(total * ec.gpu_memory_fraction) - used - act - (1 << 30)
+        if free < 2 * page_bytes:
+            raise RuntimeError(f"no GPU memory left for the KV pool (weights use {used >> 20} MiB)")
+        return free // page_bytes
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params: must be a SamplingParams")
+        text, ids = self._prompt_ids(prompt)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self._seqs:
+            raise ValueError(f"request_id: {rid!r} is already in use")
+        max_total = min(len(ids) + params.max_tokens, self.max_model_len)
+        if pages_for(max_total, self.engine_config.page_size) > self.pool.capacity:
+            raise ValueError(f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens})"
+                             f" needs more KV pages than the pool holds ({self.pool.capacity})")
+        seq = Sequence(seq_id=next(self._seq_ids),
+                       request_id=rid, prompt_ids=ids, params=params, prompt_text=text)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.detok = Detokenizer(self.tokenizer.decode, ids)
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ValueError("prompt: token ids must be integers")
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        else:
+            raise ValueError("prompt: must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens; the model's context is "
+                             f"{self.max_model_len} tokens (prompt must leave room for output)")
+        return text, ids
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its pages; False if unknown or finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward; returns an output for every sequence that advanced or finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        seqs = batch.seqs
+        logits = self.runner.prefill(seqs) if batch.is_prefill else self.runner.decode(seqs)
+        result = self.sampler.sample(logits, [s.params for s in seqs],
+                                     [s.generator for s in seqs])
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        now = time.monotonic()
+        outputs = []
+        for i, seq in enumerate(seqs):
+            seq.output_ids.append(token_ids[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(logprobs[i])
+                seq.top_logprobs.append(result.top_logprobs[i] or [])
+            self._check_finish(seq, token_ids[i])
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        delta = seq.detok.add_token(token)
+        seq.output_text = seq.detok.text
+        n_out = len(seq.output_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self._eos:
+                seq.stop_reason = token
+                return self.scheduler.finish(seq, "stop")
+            if token in p.stop_token_ids:
+                seq.stop_reason = token
+                return self.scheduler.finish(seq, "stop")
+            if p.stop:
+                matched, cut = check_stop(seq.output_text, len(delta), p.stop)
+                if matched is not None:
+                    seq.output_text = seq.output_text[:cut]
+                    seq.stop_reason = matched
+                    return self.scheduler.finish(seq, "stop")
+        if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        want_lp = seq.params.logprobs is not None
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt_text, prompt_token_ids=seq.prompt_ids,
+            text=seq.output_text, token_ids=list(seq.output_ids),
+            finish_reason=seq.finish_reason, finished=seq.finished,
+            logprobs=list(seq.logprobs) if want_lp else None,
+            top_logprobs=list(seq.top_logprobs) if want_lp else None,
+            metrics={"arrival": seq.arrival_time, "first_token": seq.first_token_time or 0.0,
+                     "preemptions": seq.num_preemptions})
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (its pages were freed when it finished)."""
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.finished:
+            del self._seqs[request_id]
+
+    # -- scoring -----------------------------------------------------------------------------
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[T, vocab] fp32 logits of one sequence, every position (pages borrowed and returned)."""
+        _, ids = self._prompt_ids(list(token_ids))
+        seq = Sequence(seq_id=-1 - next(self._seq_ids), request_id="<logits>", prompt_ids=ids,
+                       params=SamplingParams(max_tokens=1))
+        pages = self.pool.allocate(pages_for(len(ids), self.engine_config.page_size), seq.seq_id)
+        if pages is None:
+            raise RuntimeError("logits: not enough free KV pages for this sequence right now")
+        seq.pages = pages
+        try:
+            return self.runner.prefill([seq], all_logits=True)
+        finally:
+            self.pool.free(pages, seq.seq_id)

@@ -1,0 +1,216 @@
+"""The Llama-family decoder forward (Llama 2/3, Mistral, Qwen2): packed tokens in, logits out.
+
+One forward serves both phases. A `ForwardBatch` carries the packed tokens of several sequences,
+their positions and where each token's K/V goes in the paged cache. Prefill batches attend
+causally within each prompt (SDPA/flash); decode batches hold one token per sequence and attend
+to the paged cache through `zipserve.kernels.paged_decode_attention`.
+Weights are fused at load time: q/k/v into one matrix, gate/up into one matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zipserve.engine.config import ModelConfig
+from zipserve.engine.kv_cache import KVCache
+from zipserve.kernels.paged_decode_attention import (
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+
+
+@dataclass
+class ForwardBatch:
+    """Packed input of one forward step. T = total tokens, B = sequences."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    write_pages: torch.Tensor  # [T] int64: page that receives each token's K/V
+    write_offsets: torch.Tensor  # [T] int64: slot within that page
+    is_prefill: bool
+    seq_lens_host: list[int] | None = None  # prefill: tokens of each packed sequence, in order
+    page_table: torch.Tensor | None = None  # decode: [B, max_pages] int32
+    seq_lens: torch.Tensor | None = None  # decode: [B] int32, tokens in cache incl. this one
+    logits_indices: torch.Tensor | None = None  # [N] rows of the hidden state to project
+    num_splits: int = 1  # decode attention sequence splits
+
+
+def llama3_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim/2], with llama3 frequency scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables over all positions, computed once in fp32."""
+
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        inv_freq = llama3_inv_freq(config)  # [D/2]
+        t = torch.arange(max_positions, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)  # [P, D/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: [T, H, D], k: [T, KVH, D]; rotate-half (non-interleaved) convention as in HF.
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)  # [T, h, D/2] each
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
+                cache: KVCache) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q + 2kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(batch.positions, q, k)
+        k_cache, v_cache = cache.layer(self.layer_idx)  # [pages, KVH, P, D] each
+        k_cache[batch.write_pages, :, batch.write_offsets] = k
+        v_cache[batch.write_pages, :, batch.write_offsets] = v
+        if batch.is_prefill:
+            o = self._prefill_attention(q, k, v, batch.seq_lens_host)
+        else:
+            attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
+            o = attend(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale,
+                       num_splits=batch.num_splits)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+    def _prefill_attention(self, q, k, v, seq_lens: list[int]) -> torch.Tensor:
+        # Causal attention within each packed prompt. q: [T, H, D], k/v: [T, KVH, D].
+        outs, start = [], 0
+        for n in seq_lens:
+            qs = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            ks = k[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, D]
+            vs = v[start:start + n].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                               enable_gqa=self.num_heads != self.num_kv_heads)
+            outs.append(o[0].transpose(0, 1))  # [n, H, D]
+            start += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, batch, rope, cache):
+        x = x + self.self_attn(self.input_layernorm(x), batch, rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head over packed tokens."""
+
+    def __init__(self, config: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config, max_positions)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Logits [N, vocab] (fp32) at batch.logits_indices (all tokens when None)."""
+        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        for layer in self.layers:
+            x = layer(x, batch, self.rope, cache)
+        if batch.logits_indices is not None:
+            x = x[batch.logits_indices]
+        return self.lm_head(self.norm(x)).float()
+
+    def load_hf_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up projections."""
+        own: dict[str, torch.Tensor] = {
+            "embed_tokens.weight": tensors["model.embed_tokens.weight"],
+            "norm.weight": tensors["model.norm.weight"],
+        }
+        if not self.config.tie_word_embeddings:
+            own["lm_head.weight"] = tensors["lm_head.weight"]
+        for i in range(self.config.num_layers):
+            hf, me = f"model.layers.{i}.", f"layers.{i}."
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                own[me + norm + ".weight"] = tensors[hf + norm + ".weight"]
+            own[me + "self_attn.qkv_proj.weight"] = torch.cat(
+                [tensors[hf + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+            if self.config.attention_bias:
+                own[me + "self_attn.qkv_proj.bias"] = torch.cat(
+                    [tensors[hf + f"self_attn.{p}_proj.bias"] for p in "qkv"])
+            own[me + "self_attn.o_proj.weight"] = tensors[hf + "self_attn.o_proj.weight"]
+            own[me + "mlp.gate_up_proj.weight"] = torch.cat(
+                [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
+            own[me + "mlp.down_proj.weight"] = tensors[hf + "mlp.down_proj.weight"]
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in own.items():
+                params[name].copy_(value)

@@ -1,0 +1,104 @@
+"""Continuous batching: which sequences prefill or decode next, and who holds which pages.
+
+Each step is either a packed prefill of waiting sequences (preferred, FIFO, bounded by free pages,
+max_prefill_tokens and max_num_seqs) or one decode step of every running sequence. When a decode
+step needs a page that is not free, the most recently admitted running sequence is preempted: its
+pages go back to the pool and it waits to be recomputed. Every path that ends a sequence frees
+its pages here, so the pool is whole whenever nothing runs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from zipserve.engine.page_pool import PagePool, pages_for
+from zipserve.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, page_size: int, max_num_seqs: int,
+                 max_prefill_tokens: int):
+        self.pool, self.page_size = pool, page_size
+        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        prefill = self._schedule_prefill()
+        if prefill:
+            return ScheduledBatch(prefill, is_prefill=True)
+        decode = self._schedule_decode()
+        return ScheduledBatch(decode, is_prefill=False) if decode else None
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_tokens
+            if batch and tokens + n > self.max_prefill_tokens:
+                break
+            # Pages for the prompt plus the first generated token's slot.
+            pages = self.pool.allocate(pages_for(n + 1, self.page_size), seq.seq_id)
+            if pages is None:
+                break
+            self.waiting.popleft()
+            seq.pages, seq.status = pages, SeqStatus.RUNNING
+            batch.append(seq)
+            tokens += n
+        self.running.extend(batch)
+        return batch
+
+    def _schedule_decode(self) -> list[Sequence]:
+        scheduled: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an earlier one
+                continue
+            need = pages_for(seq.num_cached + 1, self.page_size) - len(seq.pages)
+            while need > 0:
+                got = self.pool.allocate(need, seq.seq_id)
+                if got is not None:
+                    seq.pages.extend(got)
+                    break
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                scheduled.append(seq)
+        return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        """Return seq's pages and queue it for recomputation ahead of new requests."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.free(seq.pages, seq.seq_id)
+        seq.pages, seq.num_cached = [], 0

@@ -1,0 +1,20 @@
+"""Shared test set-up: Triton kernels run in the interpreter when there is no GPU."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before any @triton.jit function is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "multi_gpu" in item.keywords and torch.cuda.device_count() < 2:
+            item.add_marker(skip_multi)
