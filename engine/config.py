@@ -164,6 +164,10 @@ class ModelConfig:
             raise ConfigError("use_sliding_window: sliding-window attention is not supported")
         # transformers >= 5 writes rope_theta and the scaling under `rope_parameters`.
         rope_params = d.get("rope_parameters") or {}
+        if d.get("mlp_bias"):
+            raise ConfigError("mlp_bias: MLP biases are not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act: {d['hidden_act']!r} is not supported (only 'silu')")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(

@@ -171,22 +171,27 @@ class LLMEngine:
         p = seq.params
         delta = seq.detok.add_token(token)
         seq.output_text = seq.detok.text
-        n_out = len(seq.output_ids)
+        reason = self._finish_reason(seq, token, delta)
+        if reason is None:
+            return
+        if not isinstance(seq.stop_reason, str):  # not cut at a stop string: release held text
+            seq.output_text += seq.detok.flush()
+        self.scheduler.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int, delta: str) -> str | None:
+        p, n_out = seq.params, len(seq.output_ids)
         if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self._eos:
+            if (not p.ignore_eos and token in self._eos) or token in p.stop_token_ids:
                 seq.stop_reason = token
-                return self.scheduler.finish(seq, "stop")
-            if token in p.stop_token_ids:
-                seq.stop_reason = token
-                return self.scheduler.finish(seq, "stop")
+                return "stop"
             if p.stop:
                 matched, cut = check_stop(seq.output_text, len(delta), p.stop)
                 if matched is not None:
-                    seq.output_text = seq.output_text[:cut]
-                    seq.stop_reason = matched
-                    return self.scheduler.finish(seq, "stop")
+                    seq.output_text, seq.stop_reason = seq.output_text[:cut], matched
+                    return "stop"
         if n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
+            return "length"
+        return None
 
     def _output(self, seq: Sequence) -> RequestOutput:
         want_lp = seq.params.logprobs is not None

@@ -1,0 +1,141 @@
+"""Incremental detokenization and stop-string handling for one sequence.
+
+`Detokenizer` turns generated token ids into text one token at a time, decoding only a short window
+of recent ids (the prefix/read offsets scheme of vLLM and TGI), and holds back a trailing partial
+UTF-8 character ("\\ufffd" at the end of the decoded window) until a later token completes it.
+`check_stop` finds a stop string that overlaps the newest text. `StopBuffer` accumulates the output
+text, cuts it right before a matched stop string, and releases streamable text that can never be
+cut away later (text that may be the start of a stop string waits until it is disambiguated).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+PROMPT_CONTEXT_TOKENS = 5
+"""Prompt tokens kept in the first decode window (leading-space and merge context)."""
+
+
+class Detokenizer:
+    """Token ids in, stable text deltas out; O(1) decode work per token (amortized)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: Sequence[int] = ()) -> None:
+        self._decode = decode
+        self._ids: list[int] = list(prompt_ids)  # prompt + output ids
+        # ids[prefix_offset:read_offset] was already turned into text; it is decoded again only
+        # as context, so that ids[read_offset:] decode to what they add after it.
+        self._read_offset = len(self._ids)
+        self._prefix_offset = max(len(self._ids) - PROMPT_CONTEXT_TOKENS, 0)
+        self._prompt_len = len(self._ids)
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All stable output text so far (the concatenation of every returned delta)."""
+        return self._text
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self._ids[self._prompt_len :]
+
+    def add_token(self, token_id: int) -> str:
+        """Append one generated token; return the text it made stable ("" while a char is partial)."""
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """At the end of the sequence: release held-back text even if it ends in a partial char."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or (new_text.endswith(REPLACEMENT_CHAR) and not final):
+            return ""  # nothing new, or the last character is still incomplete: wait
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._text += delta
+        return delta
+
+
+def check_stop(
+    text: str, new_delta_len: int, stop_strings: Sequence[str]
+) -> tuple[str | None, int | None]:
+    """Find the earliest stop string in `text` that overlaps its last `new_delta_len` characters.
+
+    Only the tail that a new match can touch is searched (last new_delta_len + len(stop) - 1
+    chars). Returns (matched stop string, index to truncate the text at, i.e. where the stop string
+    starts), or (None, None).
+    """
+    if new_delta_len <= 0 or not stop_strings:
+        return None, None
+    best: tuple[str | None, int | None] = (None, None)
+    for stop in stop_strings:
+        start = max(len(text) - new_delta_len - len(stop) + 1, 0)
+        at = text.find(stop, start)
+        if at != -1 and (best[1] is None or at < best[1]):
+            best = (stop, at)
+    return best
+
+
+def _stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    held = 0
+    for stop in stop_strings:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+class StopBuffer:
+    """Output text of one sequence under stop strings, with a safe-to-stream cursor."""
+
+    def __init__(self, stop_strings: Sequence[str] = ()) -> None:
+        self.stop_strings = tuple(stop_strings)
+        self._text = ""
+        self._streamed = 0  # len of the prefix of _text already returned by stream_delta
+        self.stop_string: str | None = None
+        """The stop string that ended the sequence, if any."""
+        self.finished = False
+
+    @property
+    def text(self) -> str:
+        """Output text so far; after a stop match, everything before the stop string."""
+        return self._text
+
+    def append(self, delta: str, check: bool = True) -> str | None:
+        """Add newly decoded text; return the stop string if one now matched (then finished).
+
+        check=False appends without matching (e.g. before min_tokens is reached).
+        """
+        if self.finished:
+            raise RuntimeError("StopBuffer: append after the sequence finished")
+        self._text += delta
+        if not check:
+            return None
+        matched, at = check_stop(self._text, len(delta), self.stop_strings)
+        if matched is not None:
+            assert at is not None and at >= self._streamed, "streamed text was cut away"
+            self._text = self._text[:at]
+            self.stop_string = matched
+            self.finished = True
+        return matched
+
+    def finish(self) -> None:
+        """The sequence ended for another reason (EOS, length): release everything held back."""
+        self.finished = True
+
+    def stream_delta(self) -> str:
+        """New text that no later stop match can cut away (all of it once finished)."""
+        end = len(self._text)
+        if not self.finished:
+            end -= _stop_prefix_len(self._text, self.stop_strings)
+        if end <= self._streamed:
+            return ""
+        out = self._text[self._streamed : end]
+        self._streamed = end
+        return out

@@ -1,0 +1,53 @@
+"""The engine on a CUDA GPU: CUDA-graph decode equals eager decode and the CPU engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fixtures import make_hf_checkpoint
+from zipserve.engine.llm import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(make_hf_checkpoint(tmp_path_factory.mktemp("gpu"), init_std=0.15))
+
+
+def _prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 320, (int(k),), generator=g).tolist()
+            for k in torch.randint(1, 90, (n,), generator=g)]
+
+
+def test_gpu_fp32_greedy_equals_cpu(checkpoint):
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    prompts = _prompts(5)
+    cpu = LLM(checkpoint, device="cpu", dtype="float32", page_size=16).generate(prompts, params)
+    gpu_llm = LLM(checkpoint, device="cuda", dtype="float32", page_size=16)
+    assert gpu_llm.engine.runner.graphs is not None
+    gpu = gpu_llm.generate(prompts, params)
+    assert [o.token_ids for o in gpu] == [o.token_ids for o in cpu]
+    pool = gpu_llm.engine.pool
+    assert pool.num_free == pool.capacity
+
+
+def test_gpu_graphs_equal_eager_bf16(checkpoint):
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=0)
+    prompts = _prompts(7)
+    graphs = LLM(checkpoint, device="cuda", dtype="bfloat16").generate(prompts, params)
+    eager = LLM(checkpoint, device="cuda", dtype="bfloat16", cuda_graphs=False).generate(
+        prompts, params)
+    for g, e in zip(graphs, eager):
+        assert g.token_ids == e.token_ids
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-3)
+
+
+def test_gpu_random_llama3_8b_shapes_generate():
+    llm = LLM("random:llama3-8b", device="cuda", max_model_len=4096, graph_batch_sizes=(1, 4),
+              max_num_seqs=4, num_pages=300)
+    outs = llm.generate([[1] * 1000, [2] * 100], SamplingParams(max_tokens=8, temperature=0.0))
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert llm.engine.pool.num_free == llm.engine.pool.capacity
