@@ -7,7 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "random:tiny"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_MODEL = PACKAGE_ROOT / "models" / "zipserve-ref"
+
+
+def default_model() -> str:
+    """The shipped reference checkpoint; random:tiny where it is absent (a bare install)."""
+    return str(REFERENCE_MODEL) if (REFERENCE_MODEL / "config.json").exists() else "random:tiny"
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -20,7 +26,7 @@ def _csv_ints(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from zipserve.engine.llm import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model or default_model(), dtype=args.dtype, device=args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     t0 = time.perf_counter()
@@ -33,6 +39,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = sum(len(o.token_ids) for o in outs)
     print(f"{n} tokens in {dt:.2f} s on {llm.engine.device} ({n / dt:.1f} tokens/s); "
           f"KV pages free: {llm.engine.pool.num_free}/{llm.engine.pool.capacity}")
+    return 0
+
+
+def eval_ppl(model: str, text_dir: str | None, context: int, stride: int, dtype: str,
+             device: str | None) -> dict:
+    from zipserve.engine.llm import LLM
+    from zipserve.engine.perplexity import perplexity
+    from zipserve.train.corpus import load_corpus
+
+    llm = LLM(model, dtype=dtype, device=device, max_model_len=context + 1)
+    corpus = load_corpus(text_dir)
+    docs = [llm.tokenizer.encode(d.text) for d in corpus.held_out]
+    res = perplexity(llm.logits, docs, context=context, stride=stride)
+    return {"perplexity": res.perplexity, "tokens": res.tokens, "context": context,
+            "stride": stride, "dtype": str(llm.engine.dtype).replace("torch.", ""),
+            "device": str(llm.engine.device), "held_out_digest": corpus.digest(),
+            "corpus_root": str(corpus.root)}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    r = eval_ppl(args.model, args.text_dir, args.context, args.stride, args.dtype, args.device)
+    print(f"held-out perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens "
+          f"(context {r['context']}, stride {r['stride']}, {r['dtype']} on {r['device']}; "
+          f"corpus {r['corpus_root']}, held-out digest {r['held_out_digest']})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from zipserve.train.model_card import write_model_card
+    from zipserve.train.recipe import TrainConfig, train
+
+    cfg = TrainConfig(total_tokens=args.tokens, seed=args.seed, compile=args.compile,
+                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      num_layers=args.layers, hidden_size=args.hidden,
+                      num_heads=args.hidden // 64, intermediate_size=args.hidden * 3,
+                      vocab_size=args.vocab)
+    summary = train(cfg, args.out, text_dir=args.text_dir, resume=args.resume,
+                    device=args.device)
+    summary["command"] = "zipserve " + " ".join(args.argv)
+    print(f"trained in {summary['train_seconds']:.0f} s; measuring held-out perplexity")
+    ppl = eval_ppl(args.out, args.text_dir, min(cfg.seq_len, 1024), min(cfg.seq_len, 1024) // 2,
+                   "float32", args.device)
+    write_model_card(Path(args.out), summary, ppl, Path(args.out).name)
+    print(f"held-out perplexity {ppl['perplexity']:.3f}; model card at {args.out}/README.md")
     return 0
 
 
@@ -51,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text offline from one or more prompts")
-    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--model", default=None, help="default: the shipped reference model")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -61,6 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default=None)
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train the reference model from scratch (GPU: ~5 min)")
+    t.add_argument("--out", default=str(REFERENCE_MODEL))
+    t.add_argument("--text-dir", default=None, help="default: this Python's standard library")
+    t.add_argument("--tokens", type=int, default=100_000_000, help="training token budget")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--seq-len", type=int, default=1024)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--layers", type=int, default=6)
+    t.add_argument("--hidden", type=int, default=256, help="hidden size (head_dim is 64)")
+    t.add_argument("--vocab", type=int, default=8192)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    e.add_argument("what", choices=["ppl"])
+    e.add_argument("--model", default=None, help="default: the shipped reference model")
+    e.add_argument("--text-dir", default=None, help="default: this Python's standard library")
+    e.add_argument("--context", type=int, default=1024)
+    e.add_argument("--stride", type=int, default=512)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=lambda a: cmd_eval(argparse.Namespace(**{**vars(a),
+                                                                 "model": a.model or default_model()})))
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
     b.add_argument("what", choices=["engine"])
@@ -75,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except ValueError as e:  # bad input: say what, no traceback

@@ -1,0 +1,1 @@
+"""train: the recipe that trains zipserve's reference checkpoints from scratch."""
