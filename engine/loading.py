@@ -11,24 +11,16 @@ import contextlib
 import torch
 
 from zipserve.engine.checkpoint import load_checkpoint
+from zipserve.engine.checkpoint import resolve_dtype as checkpoint_dtype
 from zipserve.engine.config import ModelConfig, random_model_config
 from zipserve.engine.model import LlamaModel
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
-          "fp32": torch.float32, "float": torch.float32}
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig,
                   device: torch.device) -> torch.dtype:
-    """The compute dtype: as asked, else bf16 on GPU and fp32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """The compute dtype: as asked, else ('auto' or None) bf16 on GPU and fp32 on CPU."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    return checkpoint_dtype(dtype, config)
 
 
 @contextlib.contextmanager
