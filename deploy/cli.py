@@ -90,8 +90,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
         from zipserve.bench import engine_bench
 
-        engine_bench.run(args.model, args.batches, args.contexts, Path(args.out),
+        engine_bench.run(args.model or "random:llama3-8b", args.batches, args.contexts, Path(args.out),
                          iters=args.iters, prefill_len=args.prefill_len)
+        return 0
+    if args.what == "quality":
+        from zipserve.bench import quality_bench
+
+        quality_bench.run(args.model or default_model(), args.codecs.split(","), Path(args.out),
+                          text_dir=args.text_dir, gen_tokens=args.gen_tokens,
+                          device=args.device)
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
@@ -140,8 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "model": a.model or default_model()})))
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine"])
-    b.add_argument("--model", default="random:llama3-8b")
+    b.add_argument("what", choices=["engine", "quality"])
+    b.add_argument("--model", default=None,
+                   help="default: random:llama3-8b (engine), the reference model (quality)")
+    b.add_argument("--codecs", default="bf16,fp8,kivi4,hack4,kivi2,hack2")
+    b.add_argument("--text-dir", default=None)
+    b.add_argument("--gen-tokens", type=int, default=256)
+    b.add_argument("--device", default=None)
     b.add_argument("--batches", type=_csv_ints, default=[1, 16, 64])
     b.add_argument("--contexts", type=_csv_ints, default=[2048, 8192])
     b.add_argument("--prefill-len", type=int, default=8192)

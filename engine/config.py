@@ -271,6 +271,8 @@ class EngineConfig:
     """Batch-size buckets captured when cuda_graphs is on (a batch runs in the next bucket up)."""
     decode_splits: int = 0
     """Sequence splits of the decode attention kernel; 0 chooses from the batch size."""
+    codec: str = "bf16"
+    """KV codec: bf16 (dense pages), fp8, kivi2, kivi4, hack2, hack4."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -279,6 +281,10 @@ class EngineConfig:
             raise ConfigError(f"num_pages: must be positive, got {self.num_pages}")
         if not 0.05 <= self.gpu_memory_fraction <= 0.98:
             raise ConfigError("gpu_memory_fraction: must be in [0.05, 0.98]")
+        from zipserve.compress.codecs import CODECS
+
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec: unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ConfigError("max_num_seqs and max_prefill_tokens must be positive")
 

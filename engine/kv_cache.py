@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
+from zipserve.kernels.paged_decode_attention import (
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 
 SCRATCH_PAGE = 0
 
@@ -26,6 +31,18 @@ class KVCache:
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) page tensors of one layer, each [num_pages, KVH, P, D]."""
         return self.storage[idx, 0], self.storage[idx, 1]
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
+                  scale: float) -> torch.Tensor:
+        """Store the batch's new K/V in their pages, then attend. q [T, H, D], k/v [T, KVH, D]."""
+        k_cache, v_cache = self.layer(layer)  # [pages, KVH, P, D] each
+        k_cache[batch.write_pages, :, batch.write_offsets] = k
+        v_cache[batch.write_pages, :, batch.write_offsets] = v
+        if batch.is_prefill:
+            return prefill_attention(q, k, v, batch.seq_lens_host, scale)
+        attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
+        return attend(q, k_cache, v_cache, batch.page_table, batch.seq_lens, scale,
+                      num_splits=batch.num_splits)
 
     @staticmethod
     def bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zipserve.compress.codecs import make_codec
+from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.engine.config import EngineConfig, ModelConfig
 from zipserve.engine.detokenizer import Detokenizer, check_stop
 from zipserve.engine.kv_cache import KVCache
@@ -55,8 +57,14 @@ class LLMEngine:
                                                           self.max_model_len, seed)
         self.model_name = model
         self.tokenizer = load_tokenizer(model)
+        self.codec = make_codec(ec.codec, self.config.num_kv_heads, ec.page_size,
+                                self.config.head_dim)
         num_pages = ec.num_pages or self._size_pool()
-        self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
+        if self.codec is None:
+            self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
+        else:  # one extra slot for scoring (logits) beside the running sequences
+            self.cache = CompressedKVCache(self.codec, self.config, num_pages, ec.page_size,
+                                           ec.max_num_seqs + 1, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.scheduler = Scheduler(self.pool, ec.page_size, ec.max_num_seqs,
                                    ec.max_prefill_tokens)
@@ -70,8 +78,10 @@ class LLMEngine:
 
     # -- memory ------------------------------------------------------------------------------
     def _size_pool(self) -> int:
-        ec, page_bytes = self.engine_config, KVCache.bytes_per_page(
-            self.config, self.engine_config.page_size, self.dtype)
+        ec = self.engine_config
+        page_bytes = (KVCache.bytes_per_page(self.config, ec.page_size, self.dtype)
+                      if self.codec is None else
+                      CompressedKVCache.bytes_per_page(self.codec, self.config, ec.page_size))
         if self.device.type != "cuda":
             return pages_for(ec.max_kv_tokens, ec.page_size) + 1
         torch.cuda.synchronize(self.device)
@@ -212,15 +222,26 @@ class LLMEngine:
 
     # -- scoring -----------------------------------------------------------------------------
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """[T, vocab] fp32 logits of one sequence, every position (pages borrowed and returned)."""
+        """[T, vocab] fp32 logits of one sequence at every position (pages borrowed, returned).
+
+        With a codec, the sequence is scored page by page: each token attends to the encoded
+        full pages before its own page and densely to its page, as it would at decode time.
+        """
         _, ids = self._prompt_ids(list(token_ids))
         seq = Sequence(seq_id=-1 - next(self._seq_ids), request_id="<logits>", prompt_ids=ids,
-                       params=SamplingParams(max_tokens=1))
-        pages = self.pool.allocate(pages_for(len(ids), self.engine_config.page_size), seq.seq_id)
+                       params=SamplingParams(max_tokens=1), slot=self.engine_config.max_num_seqs)
+        p = self.engine_config.page_size
+        pages = self.pool.allocate(pages_for(len(ids), p), seq.seq_id)
         if pages is None:
             raise RuntimeError("logits: not enough free KV pages for this sequence right now")
         seq.pages = pages
         try:
-            return self.runner.prefill([seq], all_logits=True)
+            if self.codec is None:
+                return self.runner.prefill([seq], all_logits=True)
+            chunks = []
+            for end in range(p, len(ids) + p, p):
+                seq.prompt_ids = ids[:min(end, len(ids))]
+                chunks.append(self.runner.prefill([seq], all_logits=True))
+            return torch.cat(chunks)
         finally:
             self.pool.free(pages, seq.seq_id)

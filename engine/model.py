@@ -18,10 +18,6 @@ from torch import nn
 
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import KVCache
-from zipserve.kernels.paged_decode_attention import (
-    paged_decode_attention,
-    paged_decode_attention_ref,
-)
 
 
 @dataclass
@@ -38,6 +34,11 @@ class ForwardBatch:
     seq_lens: torch.Tensor | None = None  # decode: [B] int32, tokens in cache incl. this one
     logits_indices: torch.Tensor | None = None  # [N] rows of the hidden state to project
     num_splits: int = 1  # decode attention sequence splits
+    # Compressed caches only (see compress/compressed_cache.py):
+    slots: torch.Tensor | None = None  # decode: [B] int64 open-page slot of each sequence
+    seal_pages: torch.Tensor | None = None  # decode: [B] int64 page sealed after this token, or -1
+    n_full: torch.Tensor | None = None  # decode: [B] int32 full (encoded) pages before this token
+    prefill_seqs: list | None = None  # prefill: [(slot, pages, start, length)] per sequence
 
 
 def llama3_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -115,29 +116,8 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(batch.positions, q, k)
-        k_cache, v_cache = cache.layer(self.layer_idx)  # [pages, KVH, P, D] each
-        k_cache[batch.write_pages, :, batch.write_offsets] = k
-        v_cache[batch.write_pages, :, batch.write_offsets] = v
-        if batch.is_prefill:
-            o = self._prefill_attention(q, k, v, batch.seq_lens_host)
-        else:
-            attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
-            o = attend(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale,
-                       num_splits=batch.num_splits)
+        o = cache.attention(self.layer_idx, q, k, v, batch, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(t, self.q_size))
-
-    def _prefill_attention(self, q, k, v, seq_lens: list[int]) -> torch.Tensor:
-        # Causal attention within each packed prompt. q: [T, H, D], k/v: [T, KVH, D].
-        outs, start = [], 0
-        for n in seq_lens:
-            qs = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            ks = k[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, D]
-            vs = v[start:start + n].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
-                                               enable_gqa=self.num_heads != self.num_kv_heads)
-            outs.append(o[0].transpose(0, 1))  # [n, H, D]
-            start += n
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class MLP(nn.Module):

@@ -26,7 +26,8 @@ class ModelRunner:
                         if device.type == "cuda" else 1)
         self.fixed_splits = engine_config.decode_splits
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and engine_config.cuda_graphs:
+        # Compressed caches run eagerly for now (their decode path is not yet graph-captured).
+        if device.type == "cuda" and engine_config.cuda_graphs and engine_config.codec == "bf16":
             sizes = [b for b in engine_config.graph_batch_sizes if b <= engine_config.max_num_seqs]
             self.graphs = DecodeGraphs(model, cache, sizes, self.max_pages_per_seq,
                                        self._splits_for, device)
@@ -42,8 +43,9 @@ class ModelRunner:
     def prefill(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
         """Run every token of each sequence not yet cached; logits [B, V] at each last token
         (or [T, V] for every token when all_logits)."""
-        ids, positions, pages, offsets, lens = [], [], [], [], []
+        ids, positions, pages, offsets, lens, meta = [], [], [], [], [], []
         for seq in seqs:
+            meta.append((seq.slot, seq.pages, seq.num_cached, seq.num_tokens - seq.num_cached))
             toks = seq.all_ids[seq.num_cached:]
             pos = np.arange(seq.num_cached, seq.num_cached + len(toks))
             ids.extend(toks)
@@ -56,7 +58,7 @@ class ModelRunner:
             input_ids=self._tensor(ids), positions=self._tensor(np.concatenate(positions)),
             write_pages=self._tensor(np.concatenate(pages)),
             write_offsets=self._tensor(np.concatenate(offsets)),
-            is_prefill=True, seq_lens_host=lens,
+            is_prefill=True, seq_lens_host=lens, prefill_seqs=meta,
             logits_indices=None if all_logits else self._tensor(last))
         logits = self.model(batch, self.cache)
         for seq in seqs:
@@ -87,7 +89,10 @@ class ModelRunner:
                 write_offsets=self._tensor(host["write_offsets"]), is_prefill=False,
                 page_table=self._tensor(table, torch.int32),
                 seq_lens=self._tensor(host["seq_lens"], torch.int32),
-                num_splits=self._splits_for(b))
+                num_splits=self._splits_for(b),
+                slots=self._tensor([s.slot for s in seqs]),
+                n_full=self._tensor(pos // self.page_size, torch.int32),
+                seal_pages=self._tensor(np.where((pos + 1) % self.page_size == 0, write_pages, 0)))
             logits = self.model(batch, self.cache)
         for s in seqs:
             s.num_cached += 1

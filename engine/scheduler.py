@@ -29,6 +29,8 @@ class Scheduler:
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # One open-page slot per running sequence (used by compressed caches).
+        self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,6 +59,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.pages, seq.status = pages, SeqStatus.RUNNING
+            seq.slot = self.free_slots.pop()
             batch.append(seq)
             tokens += n
         self.running.extend(batch)
@@ -101,4 +104,6 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         self.pool.free(seq.pages, seq.seq_id)
-        seq.pages, seq.num_cached = [], 0
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+        seq.pages, seq.num_cached, seq.slot = [], 0, -1

@@ -26,6 +26,8 @@ class Sequence:
     prompt_text: str | None = None
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    slot: int = -1
+    """Open-page slot of a running sequence (compressed caches), -1 when it holds none."""
     num_cached: int = 0
     """Tokens whose K/V are in this sequence's pages."""
     status: SeqStatus = SeqStatus.WAITING

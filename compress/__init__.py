@@ -1,0 +1,1 @@
+"""compress: KV codecs (page layouts, encode, decode-side attention, wire form)."""

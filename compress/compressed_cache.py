@@ -1,0 +1,109 @@
+"""The engine's KV memory when a codec is on: encoded full pages + 16-bit open pages and sinks.
+
+Full pages live in the codec's store, indexed by the same page ids the PagePool hands out.
+Each running sequence also owns a slot: its open page (the last, partly filled one, 16-bit) and
+its sinks (first n_sink tokens, 16-bit, for codecs that keep them). When a decode step fills the
+open page it is encoded into the sequence's page once and never touched again. Prefill chunks
+must start on a page boundary (a whole prompt, or page-sized chunks when scoring).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zipserve.compress.codecs import KVCodec
+from zipserve.compress.reference_attention import compressed_past_prefill_attention
+from zipserve.engine.attention import prefill_attention
+from zipserve.engine.config import ModelConfig
+
+
+class CompressedKVCache:
+    def __init__(self, codec: KVCodec, config: ModelConfig, num_pages: int, page_size: int,
+                 num_slots: int, dtype: torch.dtype, device: torch.device | str):
+        self.codec, self.num_pages, self.page_size = codec, num_pages, page_size
+        self.n_sink = codec.n_sink
+        self.stores = [codec.new_store(num_pages, device) for _ in range(config.num_layers)]
+        kvh, d = config.num_kv_heads, config.head_dim
+        # [layers, 2 (K, V), slots, KVH, P, D] and [layers, 2, slots, KVH, n_sink, D]
+        self.open = torch.zeros(config.num_layers, 2, num_slots, kvh, page_size, d, dtype=dtype,
+                                device=device)
+        self.sinks = torch.zeros(config.num_layers, 2, num_slots, kvh, max(self.n_sink, 1), d,
+                                 dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_page(codec: KVCodec, config: ModelConfig, page_size: int) -> int:
+        return int(config.num_layers * config.num_kv_heads * codec.page_bytes_per_token()
+                   * page_size + 0.5)
+
+    def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
+        if batch.is_prefill:
+            return self._prefill(layer, q, k, v, batch, scale)
+        return self._decode(layer, q, k, v, batch, scale)
+
+    def _prefill(self, layer, q, k, v, batch, scale):
+        p, store = self.page_size, self.stores[layer]
+        open_k, open_v = self.open[layer]
+        sink_k, sink_v = self.sinks[layer]
+        outs, t0 = [], 0
+        for slot, pages, start, n in batch.prefill_seqs:
+            if start % p:
+                raise ValueError(f"prefill chunk starts at {start}, not on a page boundary")
+            qs, ks, vs = q[t0:t0 + n], k[t0:t0 + n], v[t0:t0 + n]  # [n, h, D]
+            first, nf = start // p, n // p
+            if nf:
+                ids = torch.tensor(pages[first:first + nf], device=k.device)
+                self.codec.encode(store, ids, _as_pages(ks[:nf * p], p), _as_pages(vs[:nf * p], p))
+            r = n - nf * p
+            open_k[slot, :, :r] = ks[nf * p:].transpose(0, 1)
+            open_v[slot, :, :r] = vs[nf * p:].transpose(0, 1)
+            if start == 0 and self.n_sink:
+                m = min(self.n_sink, n)
+                sink_k[slot, :, :m] = ks[:m].transpose(0, 1)
+                sink_v[slot, :, :m] = vs[:m].transpose(0, 1)
+            if start == 0:  # the prompt itself attends exactly; its KV is kept compressed
+                outs.append(prefill_attention(qs, ks, vs, [n], scale))
+            else:
+                past = torch.tensor(pages[:first], device=k.device)
+                outs.append(compressed_past_prefill_attention(
+                    self.codec, qs, ks, vs, store, past, sink_k[slot, :, :self.n_sink],
+                    sink_v[slot, :, :self.n_sink], scale))
+            t0 += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _decode(self, layer, q, k, v, batch, scale):
+        p, s = self.page_size, self.n_sink
+        open_k, open_v = self.open[layer]  # [slots, KVH, P, D]
+        slots, pos, n_full = batch.slots, batch.positions, batch.n_full
+        off = pos % p
+        open_k[slots, :, off] = k
+        open_v[slots, :, off] = v
+        o_k, o_v = open_k[slots], open_v[slots]  # [B, KVH, P, D]
+        if s:
+            sink_k, sink_v = self.sinks[layer]
+            idx = pos.clamp(max=s - 1)
+            is_sink = (pos < s)[:, None, None]
+            sink_k[slots, :, idx] = torch.where(is_sink, k, sink_k[slots, :, idx])
+            sink_v[slots, :, idx] = torch.where(is_sink, v, sink_v[slots, :, idx])
+            # Sinks are attended densely once the first page is encoded; before that they are
+            # the open page's own first tokens, so the open page is shifted to follow them.
+            first_page = (n_full == 0)[:, None, None, None]
+            dense_k = torch.cat([sink_k[slots], torch.where(first_page, _shift(o_k, s), o_k)], 2)
+            dense_v = torch.cat([sink_v[slots], torch.where(first_page, _shift(o_v, s), o_v)], 2)
+            dense_lens = torch.where(n_full == 0, off + 1, off + 1 + s).to(torch.int32)
+        else:
+            dense_k, dense_v, dense_lens = o_k, o_v, (off + 1).to(torch.int32)
+        out = self.codec.decode_attention(q, self.stores[layer], batch.page_table, n_full,
+                                          dense_k, dense_v, dense_lens, scale, batch.num_splits)
+        # A token that fills its page seals it; other rows encode into the scratch page.
+        self.codec.encode(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
+        return out
+
+
+def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[n*P, KVH, D] -> [n, KVH, P, D]."""
+    return x.view(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+
+
+def _shift(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Drop the first s tokens of an open page [B, KVH, P, D] (they are the sinks), pad at the end."""
+    return torch.cat([x[:, :, s:], torch.zeros_like(x[:, :, :s])], 2)

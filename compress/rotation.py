@@ -1,0 +1,32 @@
+"""Orthonormal Hadamard rotation of head_dim, applied to K/V before quantization.
+
+Rotating spreads outlier channels over all channels, which makes low-bit ranges tighter. Attention
+is unchanged when the query is rotated the same way (q R . k R = q . k) and the output is rotated
+back (p (V R) R^T = p V), so the rotation costs two D x D products per decode step and no
+dequantization.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_cpu(d: int) -> torch.Tensor:
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"head_dim: Hadamard rotation needs a power of two, got {d}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / d ** 0.5  # [D, D], orthonormal and symmetric
+
+
+def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return _hadamard_cpu(d).to(device)
+
+
+def rotate(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ r [D, D] computed in fp32, returned in x's dtype."""
+    return (x.float() @ r).to(x.dtype)

@@ -1,0 +1,414 @@
+"""Decode attention (one query token per sequence) directly on HACK 2/4-bit KV pages.
+
+``hack_decode_attention`` (Triton kernel + wrapper; GQA, flash-decoding splits, CUDA-graph safe),
+``hack_decode_attention_ref`` (torch fp32, same signature, same math), ``hack_num_splits`` (heuristic).
+Layout of ``pages``: hack_layout.py (P = page_size, E = 8 // bits, DE = D // E, GV = group_v,
+h = (2^b - 1) / 2).
+  q [B, H, D] fp16/bf16/fp32 (head h uses kv head h // G); page_table [B, max_pages] int32;
+  n_pages [B] int32: full quantized pages of sequence b (positions [0, n_pages * P));
+  dense_k/v [B, KVH, T, D] (q's dtype): the 16-bit tail, sinks + open-page tokens in any order;
+  dense_lens [B] int32 (<= T).
+Attended set of sequence b: quantized positions n_sink <= pos < n_pages[b] * P plus dense_lens[b] dense
+tokens -- the caller keeps positions [0, n_sink) in the dense tail and quantized page 0's first n_sink slots
+are masked.  With L tokens: n_pages = L // P, dense = positions [0, min(n_sink, L)) + [n_pages * P, L) (just
+[0, L) when L < P).  n_pages = dense_lens = 0 is a padding row (zeros out).
+
+Math, nothing dequantized.  Page j: s_t = sum_c (q_c sK_jc) k'_tc + q . mK_j (q~ = q * sK_j, a per-page
+constant); o_c = sum_t (p_t sV_tg) v'_tc + sum_t p_t mV_tg (p~ = p * sV, g = V group of channel c).
+  "f16":  q~, p~ rounded to fp16, codes to fp16 (exact), tl.dot with fp32 accumulation.  Reads no sums.
+  "int8": (HACK) q~ quantized symmetrically per (query head, page, plane of DE channels):
+          q' = floor(q~ / sq + 0.5), sq = max|q~| / 127; s_t = sum_planes sq q'.(k' - h) + h sum q~ + q . mK.
+          p~ quantized per (query head, page, V group) over the page's P tokens with zero point -128:
+          p' = floor(p~ / sp + 0.5) - 128, sp = max p~ / 255; sum_t p~ v' ~= sp sum_t (p' + 128)(v' - h)
+          + h sum_t p~, evaluated with the int8 dot p'.v' and the stored v_sums (formula at _v_plane).
+          Centring codes on h (free: a row sum of q' / p') halves the requantization error.  Masked
+          slots (sinks) have p~ = 0 -> p' = -128, cancelled exactly.  k_sums are not needed (symmetric q').
+          QK uses the fp16 MMA on the exact integers when DE < 32 (the int8 MMA needs K >= 32).  All
+          roundings are invariant to the running softmax max, so the reference reproduces them.
+Dense tail: plain 16-bit attention in q's dtype.
+
+Kernel: grid (B, KVH, num_splits).  A loop step covers NP pages (BLOCK_N = NP * P = 128..256 tokens).
+q~ depends on the page, so the M dot rows are (page-in-step j, query head g), M = NP * GP >= 16 (GP >= G):
+row (j, g) sees only page j's tokens, runs its own online softmax over pages j, j + NP, ... and rows are
+LSE-merged per head at the end -- the rows GQA would pad with zeros do useful work instead.  Per step:
+one load of NP page ids, K and V code tiles [BLOCK_N, DE] uint8 loaded once, E planes unpacked by
+shift/mask, E dots [M, DE] x [DE, BLOCK_N] (QK) and E dots [M, BLOCK_N] x [BLOCK_N, DE] (PV).  The last
+split also runs the dense tail; splits are merged by paged_decode_attention's merge kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token, unpack_planar
+from zipserve.kernels.paged_decode_attention import _merge_splits_kernel, choose_num_splits
+
+__all__ = ["hack_decode_attention", "hack_decode_attention_ref", "hack_num_splits", "hack_bytes_per_token"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _unpack(codes, s: tl.constexpr, BITS: tl.constexpr, OUT: tl.constexpr, FAST: tl.constexpr):
+    """Plane s of packed uint8 codes [..] -> codes as OUT (tl.float16 or tl.int8), exact small integers.
+
+    FAST (NVIDIA GPU only): inline PTX on 4 packed bytes at a time.  f16: one shift per word, then per
+    pair prmt + lop3 ((c | 0x6400) is the fp16 1024 + c) + sub.f16x2 1024; int8: shift + and per word.
+    The plain path (interpreter) costs byte extraction + shift + mask + cvt + repack per element.
+    """
+    if FAST:
+        m1: tl.constexpr = (1 << BITS) - 1
+        if OUT == tl.float16:
+            return tl.inline_asm_elementwise(
+                asm=f"""{{
+                .reg .b32 t, u, z, k;
+                mov.b32 z, 0;
+                mov.b32 k, 0x64006400;
+                shr.b32 t, $2, {s * BITS};
+                prmt.b32 u, t, z, 0x4140;
+                lop3.b32 u, u, {m1 | (m1 << 16)}, k, 0xea;
+                sub.f16x2 $0, u, k;
+                prmt.b32 u, t, z, 0x4342;
+                lop3.b32 u, u, {m1 | (m1 << 16)}, k, 0xea;
+                sub.f16x2 $1, u, k;
+                }}""",
+                constraints="=r,=r,r", args=[codes], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(
+                asm=f"shr.b32 $0, $1, {s * BITS}; and.b32 $0, $0, {m1 * 0x01010101};",
+                constraints="=r,r", args=[codes], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return ((codes >> (s * BITS)) & ((1 << BITS) - 1)).to(OUT)
+
+
+@triton.jit
+def _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, grp: tl.constexpr, NG: tl.constexpr,
+             PAGE: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
+    """p [M, N] -> PV operand of V group grp and per-row terms: (p~ or p', sig, corr, add), all [M]."""
+    vs = tl.load(vs_ptr + tok_row * NG + grp, mask=ok_t, other=0.0).to(tl.float32)  # [N]
+    vm = tl.load(vm_ptr + tok_row * NG + grp, mask=ok_t, other=0.0).to(tl.float32)  # [N]
+    pt = p * vs[None, :]  # [M, N] p~ >= 0
+    vmt = tl.sum(p * vm[None, :], axis=1)  # [M] sum_t p_t mV_tg
+    if INT8:
+        sig = tl.max(pt, axis=1) / 255.0  # [M]
+        p8 = tl.minimum(tl.floor(pt / tl.where(sig > 0.0, sig, 1.0)[:, None] + 0.5), 255.0) - 128.0
+        p8 = tl.where(same_pg, p8, 0.0)  # other pages' tokens: exactly 0
+        corr = HALF * tl.sum(p8, axis=1) + 128.0 * PAGE * HALF  # see _v_plane
+        add = HALF * tl.sum(pt, axis=1) + vmt
+        pop = p8.to(tl.int8)
+    else:
+        pop, sig, corr, add = pt.to(tl.float16), vmt, vmt, vmt
+    return pop, sig, corr, add
+
+
+@triton.jit
+def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, s: tl.constexpr, BITS: tl.constexpr,
+             DE: tl.constexpr, INT8: tl.constexpr, FAST: tl.constexpr):
+    """acc [M, DE] (channels of plane s) <- alpha * acc + p~ . V codes of plane s + min term.
+
+    int8: sum_t p~ v' = sum_t p~ (v' - h) + h sum_t p~ ~= sig sum_t (p' + 128)(v' - h) + h sum_t p~
+          = sig (p'.v' + 128 v_sums - h sum_t p' - 128 P h) + h sum_t p~   (exact integers in fp32).
+    """
+    acc = acc * alpha[:, None]
+    if INT8:
+        d = tl.dot(pop, _unpack(vc, s, BITS, tl.int8, FAST), out_dtype=tl.int32).to(tl.float32)  # [M, DE]
+        vsum = tl.load(vrow[:, None] + s * DE + offs_c[None, :], mask=r_ok[:, None], other=0.0)  # [M, DE]
+        acc += sig[:, None] * (d + 128.0 * vsum - corr[:, None])
+    else:
+        acc = tl.dot(pop, _unpack(vc, s, BITS, tl.float16, FAST), acc)
+    return acc + add[:, None]
+
+
+@triton.jit
+def _dense_pv(acc, alpha, p, dv_row, t_ok, offs_c, s: tl.constexpr, DE: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    dv = tl.load(dv_row[:, None] + s * DE + offs_c[None, :], mask=t_ok[:, None], other=0.0)  # [DB, DE]
+    return tl.dot(p.to(dv.dtype), dv, acc * alpha[:, None], input_precision=DOT_PREC)
+
+
+@triton.jit
+def _store_plane(acc, w, inv, dst, g_ok, offs_c, s: tl.constexpr, NP: tl.constexpr, GP: tl.constexpr,
+                 DE: tl.constexpr):
+    o = tl.sum(tl.reshape(acc, (NP, GP, DE)) * w[:, :, None], axis=0) * inv[:, None]  # [GP, DE]
+    tl.store(dst[:, None] + s * DE + offs_c[None, :], o.to(dst.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _hack_decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, vsum_ptr,  # q [B,H,D]; pool tensors (contiguous)
+    pt_ptr, np_ptr, dk_ptr, dv_ptr, dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
+    out_ptr, part_ptr, lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
+    qk_scale, n_sink,
+    stride_qb, stride_qh, stride_ptb, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    stride_ob, stride_oh,
+    G: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BITS: tl.constexpr, GV: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr,
+    INT8_QK_DOT: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    KVH = tl.num_programs(1)
+    E: tl.constexpr = 8 // BITS
+    DE: tl.constexpr = HEAD_DIM // E
+    NG: tl.constexpr = HEAD_DIM // GV
+    M: tl.constexpr = NP * GP
+    BLOCK_N: tl.constexpr = NP * PAGE
+    HALF: tl.constexpr = ((1 << BITS) - 1) / 2  # code centre h (int8 mode)
+
+    offs_m = tl.arange(0, M)
+    row_j = offs_m // GP  # page-in-step of score row
+    row_g = offs_m % GP  # query head (within the group) of score row
+    row_ok = row_g < G
+    q_row = q_ptr + b * stride_qb + (kvh * G + row_g) * stride_qh  # [M] pointers
+    offs_c = tl.arange(0, DE)
+    offs_n = tl.arange(0, BLOCK_N)
+    slot = offs_n % PAGE
+    offs_p = tl.arange(0, NP)
+    same_pg = row_j[:, None] == (offs_n // PAGE)[None, :]  # [M, N]
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc0 = tl.zeros([M, DE], tl.float32)
+    acc1 = tl.zeros([M, DE], tl.float32)
+    acc2 = tl.zeros([M, DE], tl.float32)
+    acc3 = tl.zeros([M, DE], tl.float32)
+
+    # ---- dense 16-bit tail (sinks + open page), last split only, rows j == 0 only.
+    dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
+    offs_t = tl.arange(0, DENSE_BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_full = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+    for start in range(0, dl, DENSE_BLOCK):
+        t = start + offs_t
+        t_ok = t < dl
+        dk_row = dk_ptr + b * stride_dkb + kvh * stride_dkh + t * stride_dkt  # [DB]
+        dv_row = dv_ptr + b * stride_dvb + kvh * stride_dvh + t * stride_dvt
+        dk = tl.load(dk_row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)  # [DB, D]
+        sc = tl.dot(q_full, tl.trans(dk), input_precision=DOT_PREC)  # [M, DB]
+        sc = tl.where((row_j == 0)[:, None] & t_ok[None, :], sc * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        acc0 = _dense_pv(acc0, alpha, p, dv_row, t_ok, offs_c, 0, DE, DOT_PREC)
+        acc1 = _dense_pv(acc1, alpha, p, dv_row, t_ok, offs_c, 1, DE, DOT_PREC)
+        if E == 4:
+            acc2 = _dense_pv(acc2, alpha, p, dv_row, t_ok, offs_c, 2, DE, DOT_PREC)
+            acc3 = _dense_pv(acc3, alpha, p, dv_row, t_ok, offs_c, 3, DE, DOT_PREC)
+
+    # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
+    n_pg = tl.load(np_ptr + b)
+    steps_per_split = tl.cdiv(tl.cdiv(n_pg, NP), NUM_SPLITS)
+    lo = split * steps_per_split * NP
+    hi = tl.minimum(lo + steps_per_split * NP, n_pg)
+    pt_row = pt_ptr + b * stride_ptb
+    for blk in range(lo, hi, NP):
+        pg = blk + offs_p  # [NP] logical page index
+        pg_ok = pg < hi
+        rows_p = tl.load(pt_row + pg, mask=pg_ok, other=0).to(tl.int64) * KVH + kvh  # [NP] pool rows
+        row_t = tl.reshape(tl.broadcast_to(rows_p[:, None], (NP, PAGE)), (BLOCK_N,))  # [N]
+        ok_t = tl.reshape(tl.broadcast_to(pg_ok[:, None], (NP, PAGE)), (BLOCK_N,))  # [N]
+        row_r = tl.reshape(tl.broadcast_to(rows_p[:, None], (NP, GP)), (M,))  # [M]
+        r_ok = tl.reshape(tl.broadcast_to(pg_ok[:, None], (NP, GP)), (M,))  # [M] (pool garbage may be NaN)
+        tok_row = row_t * PAGE + slot  # [N] (page, head, token) row
+        vrow = vsum_ptr + row_r * HEAD_DIM  # [M] v_sums row of each score row
+        pos_ok = ok_t & ((blk * PAGE + offs_n) >= n_sink)  # sinks live in the dense tail
+        kc = tl.load(kc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=ok_t[:, None], other=0)
+        vc = tl.load(vc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=ok_t[:, None], other=0)
+
+        sc = tl.zeros([M, BLOCK_N], tl.float32)
+        qm = tl.zeros([M], tl.float32)
+        for s in tl.static_range(E):
+            ch = s * DE + offs_c[None, :]
+            qs = tl.load(q_row[:, None] + ch, mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+            kss = tl.load(ks_ptr + row_r[:, None] * HEAD_DIM + ch, mask=r_ok[:, None], other=0.0)  # [M, DE]
+            kms = tl.load(km_ptr + row_r[:, None] * HEAD_DIM + ch, mask=r_ok[:, None], other=0.0)
+            qm += tl.sum(qs * kms.to(tl.float32), axis=1)
+            qt = qs * kss.to(tl.float32)  # q~ [M, DE]
+            if INT8:
+                sig = tl.max(tl.abs(qt), axis=1) / 127.0  # [M]
+                q8 = tl.floor(qt / tl.where(sig > 0.0, sig, 1.0)[:, None] + 0.5)
+                if INT8_QK_DOT:
+                    code = _unpack(kc, s, BITS, tl.int8, FAST)  # [N, DE]
+                    d = tl.dot(q8.to(tl.int8), tl.trans(code), out_dtype=tl.int32).to(tl.float32)
+                else:  # exact integers in fp16, fp32 accumulation (int8 MMA needs K >= 32)
+                    code = _unpack(kc, s, BITS, tl.float16, FAST)
+                    d = tl.dot(q8.to(tl.float16), tl.trans(code))
+                sc += sig[:, None] * (d - HALF * tl.sum(q8, axis=1)[:, None])  # q'.(k' - h), exact
+                qm += HALF * tl.sum(qt, axis=1)  # + h sum_c q~_c
+            else:
+                sc = tl.dot(qt.to(tl.float16), tl.trans(_unpack(kc, s, BITS, tl.float16, FAST)), sc)
+        sc = tl.where(same_pg & pos_ok[None, :], sc + qm[:, None], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows without a page this step
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(sc - m_use[:, None])  # [M, N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        # PV: planes in order; a new p~ operand whenever a plane starts a new V group (GV % DE == 0).
+        pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 0, NG, PAGE, HALF, INT8)
+        acc0 = _v_plane(acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 0, BITS, DE, INT8, FAST)
+        if DE % GV == 0:
+            pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, DE // GV, NG, PAGE, HALF,
+                                      INT8)
+        acc1 = _v_plane(acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 1, BITS, DE, INT8, FAST)
+        if E == 4:
+            if (2 * DE) % GV == 0:
+                pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 2 * DE // GV, NG, PAGE,
+                                          HALF, INT8)
+            acc2 = _v_plane(acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 2, BITS, DE, INT8, FAST)
+            if (3 * DE) % GV == 0:
+                pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 3 * DE // GV, NG, PAGE,
+                                          HALF, INT8)
+            acc3 = _v_plane(acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 3, BITS, DE, INT8, FAST)
+
+    # ---- merge the NP row streams of each query head (LSE), normalise, store.
+    m3 = tl.reshape(m_i, (NP, GP))
+    mg = tl.max(m3, axis=0)  # [GP]
+    mg = tl.where(mg == float("-inf"), 0.0, mg)
+    w = tl.exp2(m3 - mg[None, :])  # [NP, GP]; 0 for empty streams
+    lg = tl.sum(tl.reshape(l_i, (NP, GP)) * w, axis=0)  # [GP]
+    nonempty = lg > 0.0
+    inv = 1.0 / tl.where(nonempty, lg, 1.0)
+    offs_g = tl.arange(0, GP)
+    g_ok = offs_g < G
+    heads = kvh * G + offs_g
+    if NUM_SPLITS == 1:
+        dst = out_ptr + b * stride_ob + heads * stride_oh  # [GP]
+    else:
+        prow = (b * KVH * G + heads) * NUM_SPLITS + split  # [GP] row in part / lse
+        dst = part_ptr + prow * HEAD_DIM
+        lse = tl.where(nonempty, mg + tl.log2(tl.where(nonempty, lg, 1.0)), float("-inf"))
+        tl.store(lse_ptr + prow, lse, mask=g_ok)
+    _store_plane(acc0, w, inv, dst, g_ok, offs_c, 0, NP, GP, DE)
+    _store_plane(acc1, w, inv, dst, g_ok, offs_c, 1, NP, GP, DE)
+    if E == 4:
+        _store_plane(acc2, w, inv, dst, g_ok, offs_c, 2, NP, GP, DE)
+        _store_plane(acc3, w, inv, dst, g_ok, offs_c, 3, NP, GP, DE)
+
+
+def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
+    """Fixed heuristic (no autotune): (NP pages per step, GP padded group, num_warps, num_stages).
+
+    Chosen from sm_90 SASS of this kernel (instructions per token, registers, spills): steps of 256
+    tokens while the code tiles stay at <= 64 Kbit (128 tokens for 4-bit D=128), M = NP * GP ~ 16 rows,
+    and 4 warps (2 when DE = 16) so the [M, DE] PV outputs are not replicated across warps.
+    """
+    de = head_dim * bits // 8
+    max_tokens = min(256, 65536 // (head_dim * bits)) if de >= 32 else 128
+    gp = triton.next_power_of_2(group)
+    np_ = max(1, min(max_tokens // page_size, 16 // gp))
+    gp = max(gp, triton.cdiv(16, np_))  # M >= 16 for the MMA tile
+    return np_, gp, (4 if de >= 32 else 2), 3
+
+
+def hack_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """Splits for ~4 programs per SM, but no split shorter than 1024 tokens (compressed pages are cheap)."""
+    return choose_num_splits(batch, num_kv_heads, max_seq_len, num_sms=2 * num_sms, min_tokens_per_split=1024)
+
+
+def _kernel_is_interpreted() -> bool:
+    return type(_hack_decode_kernel).__name__ == "InterpretedFunction"
+
+
+def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale, bits, n_sink=4,
+                          num_splits=1, mode="f16", out=None):
+    """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D]."""
+    B, H, KVH, P, D = check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
+                                        bits, n_sink, num_splits, mode, out)
+    if q.device.type == "cpu" and not _kernel_is_interpreted():
+        raise RuntimeError("hack_decode_attention: the Triton kernel cannot run on CPU tensors unless "
+                           "TRITON_INTERPRET=1 was set before import; use hack_decode_attention_ref on CPU.")
+    if out is None:
+        out = torch.empty_like(q)
+    if B == 0 or H == 0:
+        return out
+    G = H // KVH
+    np_, gp, num_warps, num_stages = _launch_config(G, P, D, pages.bits)
+    if num_splits > 1:
+        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:  # unused by the kernel
+        part = lse = out
+    de = D * pages.bits // 8
+    _hack_decode_kernel[(B, KVH, num_splits)](
+        q, pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min, pages.v_scale, pages.v_min, pages.v_sums,
+        page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse,
+        float(scale) * _LOG2E, n_sink,
+        q.stride(0), q.stride(1), page_table.stride(0),
+        dense_k.stride(0), dense_k.stride(1), dense_k.stride(2),
+        dense_v.stride(0), dense_v.stride(1), dense_v.stride(2),
+        out.stride(0), out.stride(1),
+        G=G, GP=gp, NP=np_, PAGE=P, HEAD_DIM=D, BITS=pages.bits, GV=pages.group_v, NUM_SPLITS=num_splits,
+        INT8=mode == "int8", INT8_QK_DOT=de >= 32, DENSE_BLOCK=64,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        FAST=q.is_cuda and torch.version.hip is None and not _kernel_is_interpreted(),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(B, H)](
+            part, lse, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D,
+            num_warps=1 if D <= 64 else 2,
+        )
+    return out
+
+
+def hack_decode_attention_ref(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale, bits,
+                              n_sink=4, num_splits=1, mode="f16", out=None):
+    """Torch fp32 reference (same math and int8 rounding as the kernel; syncs on lengths; ignores splits)."""
+    B, H, KVH, P, D = check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
+                                        bits, n_sink, num_splits, mode, out)
+    G, E, GV = H // KVH, 8 // pages.bits, pages.group_v
+    DE, NG = D // E, D // GV
+    qk, half = float(scale) * _LOG2E, ((1 << pages.bits) - 1) / 2.0
+    res = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
+    for b, (npg, dl) in enumerate(zip(n_pages.tolist(), dense_lens.tolist())):
+        if npg <= 0 and dl <= 0:
+            continue
+        qb = q[b].float().view(KVH, G, D) * qk  # [KVH, G, D]
+        ids = page_table[b, :max(npg, 0)].long()
+        n = ids.numel()
+        kc = unpack_planar(pages.k_codes[ids], pages.bits).float()  # [n, KVH, P, D]
+        ks, km = pages.k_scale[ids].float(), pages.k_min[ids].float()  # [n, KVH, D]
+        qt = qb[None] * ks[:, :, None, :]  # q~ [n, KVH, G, D]
+        qm = (qb[None] * km[:, :, None, :]).sum(-1)  # [n, KVH, G]
+        if mode == "int8":
+            qt5 = qt.view(n, KVH, G, E, DE)
+            sig = qt5.abs().amax(-1) / 127.0  # [n, KVH, G, E]
+            q8 = torch.floor(qt5 / torch.where(sig > 0, sig, 1.0)[..., None] + 0.5)
+            d = torch.einsum("nkges,nkpes->nkgpe", q8, kc.view(n, KVH, P, E, DE) - half)  # centred codes
+            s = (d * sig[:, :, :, None, :]).sum(-1) + half * qt.sum(-1)[..., None]  # [n, KVH, G, P]
+        else:
+            s = torch.einsum("nkgd,nkpd->nkgp", qt, kc)
+        s = s + qm[..., None]
+        if n > 0 and n_sink > 0:
+            s[0, :, :, :n_sink] = float("-inf")  # sinks are attended through the dense tail
+        sd = torch.einsum("kgd,ktd->kgt", q[b].float().view(KVH, G, D), dense_k[b, :, :dl].float()) * qk
+        m = torch.cat([s.permute(1, 2, 0, 3).reshape(KVH, G, -1), sd], -1).amax(-1)  # [KVH, G]
+        pq = torch.exp2(s - m[None, :, :, None])  # [n, KVH, G, P]
+        pd = torch.exp2(sd - m[..., None])  # [KVH, G, dl]
+        l = pq.sum(dim=(0, 3)) + pd.sum(-1)  # noqa: E741  [KVH, G]
+        vc = unpack_planar(pages.v_codes[ids], pages.bits).float().view(n, KVH, P, NG, GV)
+        vs, vm = pages.v_scale[ids].float(), pages.v_min[ids].float()  # [n, KVH, P, NG]
+        pt = pq[..., None] * vs[:, :, None]  # p~ [n, KVH, G, P, NG]
+        vmt = (pq[..., None] * vm[:, :, None]).sum(3)  # [n, KVH, G, NG]
+        if mode == "int8":
+            sig = pt.amax(3) / 255.0  # [n, KVH, G, NG]
+            p8 = torch.floor(pt / torch.where(sig > 0, sig, 1.0)[:, :, :, None] + 0.5).clamp_max(255) - 128
+            d = torch.einsum("nkgpj,nkpjc->nkgjc", p8, vc)  # [n, KVH, G, NG, GV]
+            vsum = pages.v_sums[ids].float().view(n, KVH, 1, NG, GV)
+            cent = d - half * p8.sum(3)[..., None] + 128.0 * (vsum - P * half)  # sum (p'+128)(v'-half)
+            oq = sig[..., None] * cent + (half * pt.sum(3) + vmt)[..., None]
+        else:
+            oq = torch.einsum("nkgpj,nkpjc->nkgjc", pt, vc) + vmt[..., None]
+        o = oq.sum(0).reshape(KVH, G, D) + torch.einsum("kgt,ktd->kgd", pd, dense_v[b, :, :dl].float())
+        res[b] = (o / torch.where(l > 0, l, 1.0)[..., None]).reshape(H, D)
+    if out is None:
+        return res.to(q.dtype)
+    out.copy_(res)
+    return out

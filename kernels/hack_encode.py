@@ -1,0 +1,193 @@
+"""HACK page encoder: full 16-bit (or fp32) KV pages -> 2/4-bit codes + scales/mins + code sums.
+
+  * ``hack_encode_pages``      -- Triton kernel + host wrapper.
+  * ``hack_encode_pages_ref``  -- pure-torch reference with the same signature and the same arithmetic.
+  * ``hack_dequantize_ref``    -- torch dequantizer (tests / debugging only; decode never dequantizes).
+
+``hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None) -> HackPages``
+  k, v: [n, KVH, P, D] full pages (P = page_size tokens, float16 / bfloat16 / float32, last dim contiguous).
+  out=None: a new pool of n pages is returned (page i <- input page i).
+  out=<HackPages pool>: input page i is written into pool page ``page_ids[i]`` (int32/int64 [n], on the
+  device; ids must be distinct and in range -- not checked by the kernel), and ``out`` is returned.
+  This is how the engine seals an open page (or a whole prefilled prompt) straight into the pool.
+
+Layout and rounding rules: see hack_layout.py.  Kernel: one program per (input page, kv head) loads the
+[P, D] K and V tiles once, and fuses min/max, float16 rounding of scale/min, round-to-nearest (ties up:
+floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the fp32 division may differ from the
+reference in the last ulp, so a rare code can differ by one at an exact rounding tie.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from zipserve.kernels.hack_layout import HackPages, _is_pow2, check_bits, pack_planar, unpack_planar
+
+__all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _quantize(x, lo, hi, QMAX: tl.constexpr):
+    """x fp32, broadcastable lo/hi -> (codes int32, scale, min); scale/min are fp16-rounded fp32."""
+    sc = ((hi - lo) / QMAX).to(tl.float16).to(tl.float32)
+    mn = lo.to(tl.float16).to(tl.float32)
+    ok = sc > 0.0
+    y = tl.where(ok, (x - mn) / tl.where(ok, sc, 1.0), 0.0)
+    codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), QMAX).to(tl.int32)
+    return codes, sc, mn
+
+
+@triton.jit
+def _hack_encode_kernel(
+    k_ptr, v_ptr, ids_ptr,  # k/v [n, KVH, P, D] (strided), ids [n] (pool page of input page i)
+    kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, ksum_ptr, vsum_ptr,  # contiguous pool tensors
+    stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    E: tl.constexpr = 8 // BITS
+    DE: tl.constexpr = HEAD_DIM // E
+    NG: tl.constexpr = HEAD_DIM // GV
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+
+    offs_t = tl.arange(0, PAGE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, DE)
+    offs_g = tl.arange(0, NG)
+    shifts = (tl.arange(0, E) * BITS)[None, :, None]  # [1, E, 1] bit offset of plane s
+    k = tl.load(k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt
+                + offs_d[None, :]).to(tl.float32)  # [P, D]
+    v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
+                + offs_d[None, :]).to(tl.float32)  # [P, D]
+
+    # ---- K: per channel over the page's tokens.
+    kq, ksc, kmn = _quantize(k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX)  # [P, D]
+    kpack = tl.sum(tl.reshape(kq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE] planar bytes
+    tl.store(kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8))
+    tl.store(ks_ptr + row * HEAD_DIM + offs_d, tl.reshape(ksc, (HEAD_DIM,)).to(tl.float16))
+    tl.store(km_ptr + row * HEAD_DIM + offs_d, tl.reshape(kmn, (HEAD_DIM,)).to(tl.float16))
+    tl.store(ksum_ptr + row * PAGE + offs_t, tl.sum(kq, axis=1).to(tl.float32))
+
+    # ---- V: per token, in channel groups of GV.
+    v3 = tl.reshape(v, (PAGE, NG, GV))
+    vq3, vsc, vmn = _quantize(v3, tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], QMAX)
+    vq = tl.reshape(vq3, (PAGE, HEAD_DIM))  # [P, D]
+    vpack = tl.sum(tl.reshape(vq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE]
+    tl.store(vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8))
+    vptr = row * (PAGE * NG) + offs_t[:, None] * NG + offs_g[None, :]  # [P, NG]
+    tl.store(vs_ptr + vptr, tl.reshape(vsc, (PAGE, NG)).to(tl.float16))
+    tl.store(vm_ptr + vptr, tl.reshape(vmn, (PAGE, NG)).to(tl.float16))
+    tl.store(vsum_ptr + row * HEAD_DIM + offs_d, tl.sum(vq, axis=0).to(tl.float32))
+
+
+def _check_encode(k, v, bits, group_v, out, page_ids):
+    """Validate; returns (out pool or None, ids).  Raises ValueError naming the argument."""
+    bits = check_bits(bits)
+    if k.dim() != 4:
+        raise ValueError(f"k must be [n_pages, KVH, page_size, head_dim], got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    if k.dtype not in _DTYPES or v.dtype != k.dtype:
+        raise ValueError(f"k/v dtype must be one of {_DTYPES} and equal, got k {k.dtype}, v {v.dtype}")
+    if v.device != k.device:
+        raise ValueError(f"v is on {v.device}, k is on {k.device}")
+    n, kvh, page, d = k.shape
+    e = 8 // bits
+    if not (_is_pow2(page) and _is_pow2(d)):
+        raise ValueError(f"k page_size {page} and head_dim {d} must be powers of two")
+    if not isinstance(group_v, int) or not _is_pow2(group_v) or d % group_v:
+        raise ValueError(f"group_v must be a power of two dividing head_dim {d}, got {group_v!r}")
+    if d < e:
+        raise ValueError(f"k head_dim {d} must be >= {e} for bits={bits}")
+    for name, t in (("k", k), ("v", v)):
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    if out is None:
+        if page_ids is not None:
+            raise ValueError("page_ids needs out (the pool to write into)")
+        return None, torch.arange(n, dtype=torch.int32, device=k.device)
+    if not isinstance(out, HackPages):
+        raise ValueError(f"out must be a HackPages pool, got {type(out).__name__}")
+    out.validate()
+    if out.bits != bits or out.group_v != group_v:
+        raise ValueError(f"out has bits={out.bits}, group_v={out.group_v}; asked bits={bits}, "
+                         f"group_v={group_v}")
+    if (out.num_kv_heads, out.page_size, out.head_dim) != (kvh, page, d) or out.device != k.device:
+        raise ValueError(f"out pool geometry (KVH, P, D)={(out.num_kv_heads, out.page_size, out.head_dim)} "
+                         f"on {out.device} does not match k {(kvh, page, d)} on {k.device}")
+    if (page_ids is None or page_ids.dim() != 1 or page_ids.shape[0] != n
+            or page_ids.dtype not in (torch.int32, torch.int64) or page_ids.device != k.device):
+        raise ValueError(f"page_ids must be int32/int64 [n={n}] on {k.device} when out is given")
+    return out, page_ids.contiguous()
+
+
+def _kernel_is_interpreted() -> bool:
+    return type(_hack_encode_kernel).__name__ == "InterpretedFunction"
+
+
+def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None):
+    """Quantize full pages k, v [n, KVH, P, D] into a HackPages pool (see module docstring)."""
+    pool, ids = _check_encode(k, v, bits, group_v, out, page_ids)
+    n, kvh, page, d = k.shape
+    if pool is None:
+        pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
+    if k.device.type == "cpu" and not _kernel_is_interpreted():
+        raise RuntimeError("hack_encode_pages: the Triton kernel cannot run on CPU tensors unless "
+                           "TRITON_INTERPRET=1 was set before import; use hack_encode_pages_ref on CPU.")
+    if n == 0 or kvh == 0:
+        return pool
+    _hack_encode_kernel[(n, kvh)](
+        k, v, ids, pool.k_codes, pool.v_codes, pool.k_scale, pool.k_min, pool.v_scale, pool.v_min,
+        pool.k_sums, pool.v_sums,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        PAGE=page, HEAD_DIM=d, BITS=bits, GV=group_v,
+        num_warps=4 if page * d < 8192 else 8,
+    )
+    return pool
+
+
+def _quantize_ref(x, lo, hi, qmax):
+    sc = ((hi - lo) / qmax).half().float()
+    mn = lo.half().float()
+    ok = sc > 0
+    y = torch.where(ok, (x - mn) / torch.where(ok, sc, torch.ones_like(sc)), torch.zeros_like(x))
+    return torch.floor(y + 0.5).clamp(0, qmax), sc, mn
+
+
+def hack_encode_pages_ref(k, v, bits, group_v=64, out=None, page_ids=None):
+    """Pure-torch reference of hack_encode_pages (same signature, same arithmetic)."""
+    pool, ids = _check_encode(k, v, bits, group_v, out, page_ids)
+    n, kvh, page, d = k.shape
+    if pool is None:
+        pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
+    qmax = (1 << bits) - 1
+    kf, vf = k.float(), v.float()  # [n, KVH, P, D]
+    kq, ksc, kmn = _quantize_ref(kf, kf.amin(2, keepdim=True), kf.amax(2, keepdim=True), qmax)
+    v4 = vf.reshape(n, kvh, page, d // group_v, group_v)
+    vq, vsc, vmn = _quantize_ref(v4, v4.amin(-1, keepdim=True), v4.amax(-1, keepdim=True), qmax)
+    vq = vq.reshape(n, kvh, page, d)
+    ids = ids.long()
+    pool.k_codes[ids] = pack_planar(kq.to(torch.uint8), bits)
+    pool.k_scale[ids] = ksc[:, :, 0].half()
+    pool.k_min[ids] = kmn[:, :, 0].half()
+    pool.k_sums[ids] = kq.sum(-1)
+    pool.v_codes[ids] = pack_planar(vq.to(torch.uint8), bits)
+    pool.v_scale[ids] = vsc[..., 0].half()
+    pool.v_min[ids] = vmn[..., 0].half()
+    pool.v_sums[ids] = vq.sum(2)
+    return pool
+
+
+def hack_dequantize_ref(pages: HackPages):
+    """Dequantize a whole pool -> (k, v) float32 [num_pages, KVH, P, D].  Tests only."""
+    pages.validate()
+    n, kvh, page, d = pages.num_pages, pages.num_kv_heads, pages.page_size, pages.head_dim
+    kq = unpack_planar(pages.k_codes, pages.bits).float()  # [n, KVH, P, D]
+    k = kq * pages.k_scale.float()[:, :, None, :] + pages.k_min.float()[:, :, None, :]
+    vq = unpack_planar(pages.v_codes, pages.bits).float().reshape(n, kvh, page, -1, pages.group_v)
+    v = vq * pages.v_scale.float()[..., None] + pages.v_min.float()[..., None]
+    return k, v.reshape(n, kvh, page, d)

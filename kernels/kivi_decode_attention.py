@@ -1,0 +1,394 @@
+"""Baseline: decode attention on KIVI-style 2/4-bit KV pages, dequantizing inside the kernel.
+
+  * ``kivi_decode_attention``      -- Triton kernel + host wrapper (GQA, flash-decoding splits, CUDA-graph safe).
+  * ``kivi_decode_attention_ref``  -- pure-torch fp32 reference with the same signature (NOT graph safe).
+  * ``kivi_bytes_per_token``       -- exact stored bytes per token per kv head (K + V, amortized over a page).
+
+Layout of one layer (P = page_size, D = head_dim, b = bits, E = 8 // b, DE = D // E, TG = K token group,
+CG = V channel group; TG and CG are read off the scale shapes, 32 / 32 by default):
+  k_codes        uint8   [N, KVH, P, DE]       K codes, planar-packed (hack_layout.pack_planar: byte j of a
+                                               token row holds channels j + s * DE at bit offset s * b)
+  k_scale, k_min float16 [N, KVH, P // TG, D]  K quantized per channel over groups of TG tokens
+  v_codes        uint8   [N, KVH, P, DE]       V codes, planar-packed
+  v_scale, v_min float16 [N, KVH, P, D // CG]  V quantized per token over groups of CG channels
+x ~= code * scale + min (compress/quantize.py).  Pool tensors must be contiguous.
+
+Call inputs:
+  q          [B, H, D]            float16 / bfloat16 / float32; query head h uses kv head h // (H // KVH)
+  page_table [B, max_pages] int32 quantized page i of sequence b is pool page page_table[b, i]
+  n_pages    [B] int32            number of full quantized pages of sequence b: all P * n_pages[b] tokens
+                                  are attended (no sink masking)
+  dense_k/v  [B, KVH, T, D]       q's dtype: the 16-bit tail (open page, < P tokens in practice)
+  dense_lens [B] int32            valid dense tokens of sequence b (<= T)
+n_pages[b] == dense_lens[b] == 0 is a padding row: the output is zeros.
+
+Kernel: grid (B, KVH, num_splits), one program owns the G = H // KVH query heads of a kv head as a
+[G_PAD >= 16, D] tile.  A loop step covers NP pages (BLOCK_N = NP * P tokens): the step's page ids are
+gathered from the page table, the packed code bytes are loaded as a [BLOCK_N, D] tile (channel c reads
+byte c % DE, shifted by (c // DE) * b; every byte is fetched once from memory and E times from L1), K
+scale / min rows are gathered per token group, V scale / min are loaded as [BLOCK_N, D // CG] and
+broadcast over each channel group, x = code * scale + min is formed in float16 arithmetic (one fma per
+element, like KIVI's half2 CUDA kernels; float32 when q is float32) and converted to q's dtype, and the
+step then runs the same online softmax as the bf16 kernel (one q.K^T dot, one p.V dot, fp32
+accumulation, log2 domain).  Splits own contiguous ranges of whole steps; the last split also attends the
+dense tail.  Splits are merged by paged_decode_attention's merge kernel.  Nothing depends on host values
+of the lengths, so the wrapper is CUDA-graph capturable.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from zipserve.compress.quantize import dequant_k, dequant_v
+from zipserve.kernels.hack_layout import check_bits, unpack_planar
+from zipserve.kernels.paged_decode_attention import _merge_splits_kernel
+
+__all__ = ["kivi_decode_attention", "kivi_decode_attention_ref", "kivi_bytes_per_token"]
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
+    """One flash-decoding step: q [GP, D], k/v [N, D] (q's dtype), ok [N] valid tokens (>= 1 is True)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [GP, N], log2 domain
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, num_kv_heads,
+                  stride_ob, stride_oh, G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):
+    """Normalise and store (NUM_SPLITS == 1) or write the split's partial output + log2-sum-exp."""
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < G
+    heads = kvh * G + offs_g
+    nonempty = l_i > 0.0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # zeros for an empty range
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:
+        row = (b * num_kv_heads * G + heads) * NUM_SPLITS + split  # [G_PAD] row in part / lse
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_g[:, None])
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=mask_g)
+
+
+@triton.jit
+def _kivi_decode_kernel(
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,  # q [B,H,D]; contiguous pool tensors
+    pt_ptr, np_ptr, dk_ptr, dv_ptr, dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
+    out_ptr, part_ptr, lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_ptb,
+    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    stride_ob, stride_oh,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NP: tl.constexpr,
+    BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, DQ_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    KVH = tl.num_programs(1)
+    E: tl.constexpr = 8 // BITS
+    DE: tl.constexpr = HEAD_DIM // E  # packed bytes per token row
+    NGK: tl.constexpr = PAGE // TG  # K scale rows per page
+    NGV: tl.constexpr = HEAD_DIM // CG  # V scale columns per token
+    BLOCK_N: tl.constexpr = NP * PAGE
+    MASK: tl.constexpr = (1 << BITS) - 1
+    DQ: tl.constexpr = tl.float32 if DQ_F32 else tl.float16  # dequantization arithmetic
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * G + offs_g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_g < G)[:, None], other=0.0)  # [G_PAD, D]; padded rows are zeros
+    cdt = q.dtype  # dot operand dtype
+    byte_d = offs_d % DE  # planar layout: channel c lives in byte c % DE ...
+    shift_d = (offs_d // DE) * BITS  # ... at bit offset (c // DE) * b
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+
+    # ---- dense 16-bit tail: last split only.
+    dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
+    offs_t = tl.arange(0, DENSE_BLOCK)
+    for start in range(0, dl, DENSE_BLOCK):
+        t = start + offs_t
+        t_ok = t < dl
+        dk = tl.load(dk_ptr + b * stride_dkb + kvh * stride_dkh + t[:, None] * stride_dkt + offs_d[None, :],
+                     mask=t_ok[:, None], other=0.0)
+        dv = tl.load(dv_ptr + b * stride_dvb + kvh * stride_dvh + t[:, None] * stride_dvt + offs_d[None, :],
+                     mask=t_ok[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(q, dk, dv, t_ok, m_i, l_i, acc, qk_scale, DOT_PREC)
+
+    # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
+    n_pg = tl.load(np_ptr + b)
+    steps_per_split = tl.cdiv(tl.cdiv(n_pg, NP), NUM_SPLITS)
+    lo = split * steps_per_split * NP
+    hi = tl.minimum(lo + steps_per_split * NP, n_pg)
+    pt_row = pt_ptr + b * stride_ptb
+    slot = offs_n % PAGE
+    for blk in range(lo, hi, NP):
+        pg = blk + offs_n // PAGE  # [N] logical page of each token
+        ok = pg < hi
+        prow = tl.load(pt_row + pg, mask=ok, other=0).to(tl.int64) * KVH + kvh  # [N] (page, head) pool row
+        tok_row = prow * PAGE + slot  # [N] (page, head, token) row
+        ok2 = ok[:, None]
+
+        # K: codes [N, D] from the packed bytes, scale / min rows of each token's group.
+        kc = tl.load(kc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(tl.int32)
+        kq = ((kc >> shift_d[None, :]) & MASK).to(DQ)
+        krow = (prow * NGK + slot // TG)[:, None] * HEAD_DIM + offs_d[None, :]  # [N, D]
+        ks = tl.load(ks_ptr + krow, mask=ok2, other=0.0).to(DQ)
+        km = tl.load(km_ptr + krow, mask=ok2, other=0.0).to(DQ)
+        k = (kq * ks + km).to(cdt)  # [N, D]
+
+        # V: codes [N, D], per-token scale / min of each channel group broadcast over its CG channels.
+        vc = tl.load(vc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(tl.int32)
+        vq = ((vc >> shift_d[None, :]) & MASK).to(DQ)
+        if NGV == 1:
+            vs = tl.load(vs_ptr + tok_row, mask=ok, other=0.0).to(DQ)[:, None]  # [N, 1]
+            vm = tl.load(vm_ptr + tok_row, mask=ok, other=0.0).to(DQ)[:, None]
+        else:
+            offs_v = tl.arange(0, NGV)
+            vrow = tok_row[:, None] * NGV + offs_v[None, :]  # [N, NGV]
+            vs = tl.load(vs_ptr + vrow, mask=ok2, other=0.0).to(DQ)
+            vm = tl.load(vm_ptr + vrow, mask=ok2, other=0.0).to(DQ)
+            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM))
+            vm = tl.reshape(tl.broadcast_to(vm[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM))
+        v = (vq * vs + vm).to(cdt)  # [N, D]
+
+        m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC)
+
+    _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, KVH, stride_ob, stride_oh,
+                  G, G_PAD, HEAD_DIM, NUM_SPLITS)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _check_call_args(q, page_table, n_pages, dense_k, dense_v, dense_lens, scale, num_splits, out, kvh,
+                     pool_name, pool_device):
+    """Checks shared by the baseline kernels (everything except the page pool's own layout).
+
+    Returns (B, H, D).  Raises ValueError naming the offending argument.
+    """
+    if q.dim() != 3 or q.dtype not in _DTYPES:
+        raise ValueError(f"q must be [B, num_heads, head_dim] of {_DTYPES}, got {q.dtype} {tuple(q.shape)}")
+    B, H, D = q.shape
+    if not (_is_pow2(D) and 16 <= D <= 256):
+        raise ValueError(f"q head_dim must be a power of two in [16, 256], got {D}")
+    if kvh == 0 or H % kvh:
+        raise ValueError(f"q num_heads {H} must be a multiple of {pool_name} num_kv_heads {kvh}")
+    if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != B:
+        raise ValueError(f"page_table must be int32 [B={B}, max_pages], got {page_table.dtype} "
+                         f"{tuple(page_table.shape)}")
+    for name, t in (("n_pages", n_pages), ("dense_lens", dense_lens)):
+        if t.dtype != torch.int32 or tuple(t.shape) != (B,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous int32 [B={B}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != kvh or t.shape[3] != D:
+            raise ValueError(f"{name} must be [B={B}, KVH={kvh}, T, D={D}], got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    if dense_v.shape != dense_k.shape:
+        raise ValueError(f"dense_v shape {tuple(dense_v.shape)} != dense_k shape {tuple(dense_k.shape)}")
+    if pool_device != q.device:
+        raise ValueError(f"{pool_name} is on {pool_device}, q is on {q.device}")
+    for name, t in (("page_table", page_table), ("n_pages", n_pages), ("dense_k", dense_k),
+                    ("dense_v", dense_v), ("dense_lens", dense_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    for name, t in (("q", q), ("page_table", page_table), ("dense_k", dense_k), ("dense_v", dense_v)):
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a python float, got {type(scale).__name__}")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
+        raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+                             f"got ({tuple(out.shape)}, {out.dtype}, {out.device})")
+        if out.numel() > 0 and out.stride(-1) != 1:
+            raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+    return B, H, D
+
+
+def _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k, dense_v,
+                  dense_lens, scale, bits, num_splits, out):
+    """Validate arguments; returns (B, H, KVH, P, D, TG, CG).  Raises ValueError naming the argument."""
+    bits = check_bits(bits)
+    e = 8 // bits
+    for name, t in (("k_codes", k_codes), ("v_codes", v_codes)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 4:
+            raise ValueError(f"{name} must be uint8 [num_pages, KVH, page_size, head_dim // {e}]")
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a tensor, got {type(q).__name__}")
+    N, KVH, P, DE = k_codes.shape
+    B, H, D = _check_call_args(q, page_table, n_pages, dense_k, dense_v, dense_lens, scale, num_splits, out,
+                               KVH, "k_codes", k_codes.device)
+    if DE * e != D:
+        raise ValueError(f"k_codes last dim {DE} != head_dim / (8 / bits) = {D} / {e} (bits={bits})")
+    if not (_is_pow2(P) and P >= 16):
+        raise ValueError(f"k_codes page_size must be a power of two >= 16, got {P}")
+    if tuple(v_codes.shape) != (N, KVH, P, DE):
+        raise ValueError(f"v_codes shape {tuple(v_codes.shape)} != k_codes shape {(N, KVH, P, DE)}")
+    for name, t in (("k_scale", k_scale), ("k_min", k_min), ("v_scale", v_scale), ("v_min", v_min)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d float16 tensor")
+    ngk, ngv = k_scale.shape[2], v_scale.shape[3]
+    if ngk == 0 or P % ngk or not _is_pow2(P // ngk) or tuple(k_scale.shape) != (N, KVH, ngk, D):
+        raise ValueError(f"k_scale must be [N={N}, KVH={KVH}, page_size / token_group, D={D}] with a power-of-two "
+                         f"token_group dividing page_size={P}, got {tuple(k_scale.shape)}")
+    if ngv == 0 or D % ngv or not _is_pow2(D // ngv) or tuple(v_scale.shape) != (N, KVH, P, ngv):
+        raise ValueError(f"v_scale must be [N={N}, KVH={KVH}, P={P}, D / channel_group] with a power-of-two "
+                         f"channel_group dividing head_dim={D}, got {tuple(v_scale.shape)}")
+    if k_min.shape != k_scale.shape:
+        raise ValueError(f"k_min shape {tuple(k_min.shape)} != k_scale shape {tuple(k_scale.shape)}")
+    if v_min.shape != v_scale.shape:
+        raise ValueError(f"v_min shape {tuple(v_min.shape)} != v_scale shape {tuple(v_scale.shape)}")
+    for name, t in (("k_codes", k_codes), ("k_scale", k_scale), ("k_min", k_min), ("v_codes", v_codes),
+                    ("v_scale", v_scale), ("v_min", v_min)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    return B, H, KVH, P, D, P // ngk, D // ngv
+
+
+def kivi_bytes_per_token(head_dim: int, bits: int, page_size: int = 64, token_group: int = 32,
+                         channel_group: int = 32) -> float:
+    """Exact stored bytes per token per kv head, K and V together, amortized over a page.
+
+    codes: 2 * D * b / 8; K scale + min (fp16, per channel per TG tokens): 2 * 2 * D / TG;
+    V scale + min (fp16, per token per CG channels): 2 * 2 * D / CG.  D=128, TG=CG=32: 96 B at 2 bits,
+    160 B at 4 bits (bf16 KV: 512 B).  page_size only has to be a multiple of token_group.
+    """
+    check_bits(bits)
+    if head_dim % channel_group or head_dim % (8 // bits):
+        raise ValueError(f"head_dim {head_dim} must be a multiple of channel_group {channel_group} and 8 / bits")
+    if page_size % token_group:
+        raise ValueError(f"page_size {page_size} is not a multiple of token_group {token_group}")
+    codes = 2 * head_dim * bits / 8
+    k_side = 2 * 2 * head_dim / token_group
+    v_side = 2 * 2 * head_dim / channel_group
+    return codes + k_side + v_side
+
+
+def _launch_config(head_dim: int, page_size: int):
+    """Fixed heuristic (no autotune): (NP pages per step, num_warps, num_stages).
+
+    The dequantized K and V [BLOCK_N, D] tiles are formed in registers, so a step holds ~8K elements:
+    128 tokens at D <= 64, 64 tokens (one default page) above.  The code / scale loads feed ALU ops,
+    not dots, so Triton's pipeliner does not stage them through shared memory; 2 stages.
+    """
+    np_ = max(1, (128 if head_dim <= 64 else 64) // page_size)
+    num_warps = 8 if head_dim >= 256 else 4
+    return np_, num_warps, 2
+
+
+def _kernel_is_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(_kivi_decode_kernel, InterpretedFunction)
+
+
+def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k,
+                          dense_v, dense_lens, scale, bits, num_splits=1, out=None):
+    """Decode attention on KIVI pages + a dense tail (module docstring).  Returns out [B, H, D]."""
+    B, H, KVH, P, D, TG, CG = _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table,
+                                            n_pages, dense_k, dense_v, dense_lens, scale, bits, num_splits, out)
+    if q.device.type == "cpu" and not _kernel_is_interpreted():
+        raise RuntimeError("kivi_decode_attention: the Triton kernel cannot run on CPU tensors unless "
+                           "TRITON_INTERPRET=1 was set before import; use kivi_decode_attention_ref on CPU.")
+    if out is None:
+        out = torch.empty_like(q)
+    if B == 0 or H == 0:
+        return out
+    G = H // KVH
+    np_, num_warps, num_stages = _launch_config(D, P)
+    if num_splits > 1:
+        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    else:  # unused by the kernel
+        part = lse = out
+    _kivi_decode_kernel[(B, KVH, num_splits)](
+        q, k_codes, k_scale, k_min, v_codes, v_scale, v_min,
+        page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse,
+        float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), page_table.stride(0),
+        dense_k.stride(0), dense_k.stride(1), dense_k.stride(2),
+        dense_v.stride(0), dense_v.stride(1), dense_v.stride(2),
+        out.stride(0), out.stride(1),
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PAGE=P, NP=np_, BITS=int(bits), TG=TG, CG=CG,
+        NUM_SPLITS=num_splits, DENSE_BLOCK=64, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DQ_F32=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(B, H)](
+            part, lse, out, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D,
+            num_warps=1 if D <= 64 else 2,
+        )
+    return out
+
+
+def _attend_rows_ref(q, rows, scale, out):
+    """Shared reference core.  rows: per batch row, None (padding) or (k, v) fp32 [KVH, n, D]."""
+    B, H, D = q.shape
+    res = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
+    for b, kv in enumerate(rows):
+        if kv is None:
+            continue
+        k, v = kv
+        kvh = k.shape[0]
+        qb = q[b].float().view(kvh, H // kvh, D)
+        p = (torch.einsum("kgd,knd->kgn", qb, k) * scale).softmax(dim=-1)
+        res[b] = torch.einsum("kgn,knd->kgd", p, v).reshape(H, D)
+    if out is None:
+        return res.to(q.dtype)
+    out.copy_(res)
+    return out
+
+
+def kivi_decode_attention_ref(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k,
+                              dense_v, dense_lens, scale, bits, num_splits=1, out=None):
+    """Pure-torch fp32 reference: gathers the row's pages, dequantizes them (compress/quantize.py), appends
+    the dense tail and runs softmax attention.  Loops over rows with host syncs on the lengths: not
+    CUDA-graph capturable.  Ignores num_splits."""
+    B, H, KVH, P, D, TG, CG = _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table,
+                                            n_pages, dense_k, dense_v, dense_lens, scale, bits, num_splits, out)
+    rows = []
+    for b, (npg, dl) in enumerate(zip(n_pages.tolist(), dense_lens.tolist())):
+        npg, dl = max(npg, 0), max(dl, 0)
+        if npg == 0 and dl == 0:
+            rows.append(None)
+            continue
+        ids = page_table[b, :npg].long()
+        k = dequant_k(unpack_planar(k_codes[ids], bits), k_scale[ids], k_min[ids])  # [n, KVH, P, D]
+        v = dequant_v(unpack_planar(v_codes[ids], bits), v_scale[ids], v_min[ids])
+        k = torch.cat([k.transpose(0, 1).reshape(KVH, npg * P, D), dense_k[b, :, :dl].float()], dim=1)
+        v = torch.cat([v.transpose(0, 1).reshape(KVH, npg * P, D), dense_v[b, :, :dl].float()], dim=1)
+        rows.append((k, v))
+    return _attend_rows_ref(q, rows, scale, out)
