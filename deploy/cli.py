@@ -90,8 +90,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
         from zipserve.bench import engine_bench
 
-        engine_bench.run(args.model or "random:llama3-8b", args.batches, args.contexts, Path(args.out),
+        engine_bench.run(args.model or "random:llama3-8b", args.batches or [1, 16, 64],
+                         args.contexts or [2048, 8192], Path(args.out),
                          iters=args.iters, prefill_len=args.prefill_len)
+        return 0
+    if args.what == "kernels":
+        from zipserve.bench import kernel_bench
+
+        codecs = [c for c in args.codecs.split(",") if c != "bf16"]
+        kernel_bench.run(Path(args.out), codecs, args.batches or [1, 8, 32],
+                         args.contexts or [4096, 32768, 131072])
         return 0
     if args.what == "quality":
         from zipserve.bench import quality_bench
@@ -147,15 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "model": a.model or default_model()})))
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "quality"])
+    b.add_argument("what", choices=["engine", "kernels", "quality"])
     b.add_argument("--model", default=None,
                    help="default: random:llama3-8b (engine), the reference model (quality)")
     b.add_argument("--codecs", default="bf16,fp8,kivi4,hack4,kivi2,hack2")
     b.add_argument("--text-dir", default=None)
     b.add_argument("--gen-tokens", type=int, default=256)
     b.add_argument("--device", default=None)
-    b.add_argument("--batches", type=_csv_ints, default=[1, 16, 64])
-    b.add_argument("--contexts", type=_csv_ints, default=[2048, 8192])
+    b.add_argument("--batches", type=_csv_ints, default=None,
+                   help="default: 1,16,64 (engine), 1,8,32 (kernels)")
+    b.add_argument("--contexts", type=_csv_ints, default=None,
+                   help="default: 2048,8192 (engine), 4096,32768,131072 (kernels)")
     b.add_argument("--prefill-len", type=int, default=8192)
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--out", default="out/bench")

@@ -1,0 +1,167 @@
+"""`zipserve bench kernels`: decode attention per codec against torch SDPA on bf16 KV, and page
+encode bandwidth, on Llama-3-8B head shapes (32 query / 8 KV heads, head_dim 128), one layer.
+
+Each row times one decode-attention call for a batch whose every sequence holds `context` tokens
+(full pages + a 36-token 16-bit tail of 4 sinks and a 32-token open page). All variants of a
+(batch, context) cell run in the same process back to back; speedups are ratios to SDPA there.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zipserve.compress.codecs import make_codec
+from zipserve.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
+
+H, KVH, D, P = 32, 8, 128, 64
+TAIL = 32  # open-page tokens per sequence
+
+
+def _time(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters * 1e3  # microseconds
+
+
+def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
+    dev = torch.device("cuda")
+    n_full = context // P
+    scale = D ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(batch * 7 + context)
+    q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    rows = []
+
+    # torch SDPA over contiguous bf16 K/V [B, KVH, L, D]
+    k = torch.randn(batch, KVH, context, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    us = _time(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale,
+                                                      enable_gqa=True))
+    kv_bytes = 2 * batch * KVH * context * D * 2
+    rows.append(dict(variant="sdpa-bf16", us=us, kv_bytes=kv_bytes))
+
+    # zipserve's paged bf16 kernel (the engine's plain path)
+    pages = batch * n_full
+    kc = k.view(batch, KVH, n_full, P, D).permute(0, 2, 1, 3, 4).reshape(pages, KVH, P, D)
+    vc = v.view(batch, KVH, n_full, P, D).permute(0, 2, 1, 3, 4).reshape(pages, KVH, P, D)
+    table = torch.arange(pages, device=dev, dtype=torch.int32).view(batch, n_full)
+    lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    splits = choose_num_splits(batch, KVH, context, num_sms=sms)
+    us = _time(lambda: paged_decode_attention(q, kc, vc, table, lens, scale, num_splits=splits))
+    rows.append(dict(variant="paged-bf16", us=us, kv_bytes=kv_bytes))
+    del k, v
+
+    n_f = torch.full((batch,), n_full, device=dev, dtype=torch.int32)
+    dense_k = torch.randn(batch, KVH, 4 + P, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    dense_v = torch.randn_like(dense_k)
+    dense_lens = torch.full((batch,), 4 + TAIL, device=dev, dtype=torch.int32)
+    for name in codecs:
+        codec = make_codec(name, KVH, P, D)
+        store = codec.new_store(pages, dev)
+        for s in range(0, pages, 4096):  # encode the bf16 pages into the codec's store
+            ids = torch.arange(s, min(s + 4096, pages), device=dev)
+            codec.encode(store, ids, kc[ids], vc[ids])
+        torch.cuda.synchronize()
+        us = _time(lambda: codec.decode_attention(q, store, table, n_f, dense_k, dense_v,
+                                                  dense_lens, scale, num_splits=splits))
+        stored = codec.store_nbytes(store) * n_full * batch // pages
+        rows.append(dict(variant=name, us=us, kv_bytes=stored))
+        del store
+    del kc, vc
+    torch.cuda.empty_cache()
+    base = rows[0]["us"]
+    for r in rows:
+        r.update(batch=batch, context=context, splits=splits, speedup_vs_sdpa=base / r["us"],
+                 tbps=r["kv_bytes"] / (r["us"] * 1e-6) / 1e12)
+    return rows
+
+
+def _encode_rows(codecs: list[str], pages: int = 8192) -> list[dict]:
+    dev = torch.device("cuda")
+    k = torch.randn(pages, KVH, P, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    ids = torch.arange(pages, device=dev)
+    rows = []
+    for name in codecs:
+        codec = make_codec(name, KVH, P, D)
+        store = codec.new_store(pages, dev)
+        us = _time(lambda: codec.encode(store, ids, k, v), iters=10)
+        moved = 2 * k.numel() * 2 + codec.store_nbytes(store)
+        rows.append(dict(codec=name, pages=pages, us=us, bytes_moved=moved,
+                         tbps=moved / (us * 1e-6) / 1e12))
+    return rows
+
+
+def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int]) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench kernels needs a CUDA GPU (run it on the lent device)")
+    name = torch.cuda.get_device_name()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            if b * ctx * KVH * D * 2 * 2 * 3 > 90e9:  # K/V + paged copy + codec stores
+                print(f"skip B={b} ctx={ctx}: does not fit with all variants")
+                continue
+            cell = _cell(b, ctx, codecs, sms)
+            rows.extend(cell)
+            print(f"B={b} ctx={ctx}: " + ", ".join(
+                f"{r['variant']} {r['us']:.0f}us ({r['speedup_vs_sdpa']:.2f}x)" for r in cell),
+                flush=True)
+    enc = _encode_rows(codecs)
+    print(f"\ndevice: {name}; one layer of Llama-3-8B heads ({H} q / {KVH} kv, d={D}); page {P}")
+    print("\n| batch | context | variant | us | speedup vs SDPA | stored KV TB/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['context']} | {r['variant']} | {r['us']:.1f} | "
+              f"{r['speedup_vs_sdpa']:.2f}x | {r['tbps']:.2f} |")
+    print("\n| encode | pages | us | bytes read+written | TB/s |")
+    print("|---|---|---|---|---|")
+    for r in enc:
+        print(f"| {r['codec']} | {r['pages']} | {r['us']:.0f} | {r['bytes_moved'] / 1e9:.2f} GB | "
+              f"{r['tbps']:.2f} |")
+    with open(out_dir / "kernels_decode.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["device"])
+        w.writeheader()
+        w.writerows(dict(r, device=name) for r in rows)
+    with open(out_dir / "kernels_encode.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(enc[0]) + ["device"])
+        w.writeheader()
+        w.writerows(dict(r, device=name) for r in enc)
+    _plot(rows, out_dir / "kernels_decode.png", name)
+
+
+def _plot(rows: list[dict], path: Path, device: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cells = sorted({(r["batch"], r["context"]) for r in rows})
+    variants = [v for v in dict.fromkeys(r["variant"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(variants)
+    for i, var in enumerate(variants):
+        ys = [next((r["speedup_vs_sdpa"] for r in rows if (r["batch"], r["context"]) == c
+                    and r["variant"] == var), 0) for c in cells]
+        ax.bar([j + i * width for j in range(len(cells))], ys, width, label=var)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))])
+    ax.set_xticklabels([f"B{b}\n{c // 1024}k" for b, c in cells])
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.set_ylabel("speedup vs torch SDPA (bf16)")
+    ax.set_title(f"decode attention, one layer, {device}")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
