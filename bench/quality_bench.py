@@ -38,7 +38,7 @@ def run(model: str, codecs: list[str], out_dir: Path, text_dir: str | None = Non
     prompts = None
     for codec in ["bf16"] + [c for c in codecs if c != "bf16"]:
         t0 = time.perf_counter()
-        llm = LLM(model, device=device, dtype=dtype, codec=codec,
+        llm = LLM(model, device=device, dtype=dtype, codec=codec, num_pages=1024,
                   max_model_len=max(context, 512 + gen_tokens) + 1)
         eng = llm.engine
         docs = [llm.tokenizer.encode(d.text) for d in corpus.held_out]
@@ -59,12 +59,16 @@ def run(model: str, codecs: list[str], out_dir: Path, text_dir: str | None = Non
         else:
             full = eng.codec.bytes_per_token(cfg.num_layers)
             ctx = eng.codec.bytes_per_token(cfg.num_layers, seq_len=context)
-        assert eng.pool.num_free == eng.pool.capacity, "pages leaked during the benchmark"
+        if eng.pool.num_free != eng.pool.capacity:
+            raise RuntimeError(f"{codec}: pages leaked during the benchmark")
         rows.append(dict(codec=codec, perplexity=ppl.perplexity, tokens_scored=ppl.tokens,
                          greedy_prefix_agreement=agree, greedy_position_match=exact,
                          bytes_per_token_pages=full, bytes_per_token_at_context=ctx,
                          ratio_vs_bf16=cfg.kv_bytes_per_token(2) / full,
                          seconds=time.perf_counter() - t0))
+        del llm, eng
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         print(f"{codec:>8}: ppl {ppl.perplexity:.3f}  agreement {agree:.3f}  "
               f"bytes/token {full:.0f} ({ctx:.0f} at {context})", flush=True)
     base = rows[0]["perplexity"]

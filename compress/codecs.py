@@ -176,7 +176,9 @@ class HackCodec(KVCodec):
         if mode not in ("f16", "int8"):
             raise ValueError(f"mode: must be 'f16' or 'int8', got {mode!r}")
         self.bits, self.mode, self.name = bits, mode, f"hack{bits}"
-        self.group_v, self.rotate = min(group_v, head_dim), rotate
+        # The kernel unpacks V in planes of D/E channels; a V group may not split a plane.
+        self.group_v = min(head_dim, max(group_v, head_dim * bits // 8))
+        self.rotate = rotate
         self._r: dict[torch.device, torch.Tensor] = {}
 
     def _rot(self, device: torch.device) -> torch.Tensor:
