@@ -15,21 +15,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from zipserve.kernels.hack_decode_attention import (  # noqa: E402
-    hack_decode_attention,
-    hack_decode_attention_ref,
-    hack_num_splits,
-)
+    hack_decode_attention, hack_decode_attention_ref, hack_num_splits)
 from zipserve.kernels.hack_encode import (  # noqa: E402
-    hack_dequantize_ref,
-    hack_encode_pages,
-    hack_encode_pages_ref,
-)
+    hack_dequantize_ref, hack_encode_pages, hack_encode_pages_ref)
 from zipserve.kernels.hack_layout import (  # noqa: E402
-    HackPages,
-    hack_bytes_per_token,
-    pack_planar,
-    unpack_planar,
-)
+    HackPages, hack_bytes_per_token, pack_planar, unpack_planar)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 64
@@ -303,7 +293,7 @@ def test_kernel_no_sinks_out_and_splits_agree():
     res = hack_decode_attention(**args, num_splits=3, out=out)
     assert res is out and rel_err(out, ref) < 5e-3
     one = hack_decode_attention(**args, num_splits=1)
-    assert rel_err(one, out) < 1e-5
+    assert rel_err(one, out) < 1e-3  # fp16 p~ is rounded relative to a split-dependent running max
 
 
 def test_all_padding_rows():
