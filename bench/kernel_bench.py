@@ -72,16 +72,18 @@ def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
             ids = torch.arange(s, min(s + 4096, pages), device=dev)
             codec.encode(store, ids, kc[ids], vc[ids])
         torch.cuda.synchronize()
+        cs = codec.num_splits(batch, context, sms)
         us = _time(lambda: codec.decode_attention(q, store, table, n_f, dense_k, dense_v,
-                                                  dense_lens, scale, num_splits=splits))
+                                                  dense_lens, scale, num_splits=cs))
         stored = codec.store_nbytes(store) * n_full * batch // pages
-        rows.append(dict(variant=name, us=us, kv_bytes=stored))
+        rows.append(dict(variant=name, us=us, kv_bytes=stored, splits=cs))
         del store
     del kc, vc
     torch.cuda.empty_cache()
     base = rows[0]["us"]
     for r in rows:
-        r.update(batch=batch, context=context, splits=splits, speedup_vs_sdpa=base / r["us"],
+        r.setdefault("splits", splits)
+        r.update(batch=batch, context=context, speedup_vs_sdpa=base / r["us"],
                  tbps=r["kv_bytes"] / (r["us"] * 1e-6) / 1e12)
     return rows
 

@@ -19,6 +19,7 @@ from zipserve.kernels import fp8_decode_attention as fp8_attn
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import kivi_decode_attention as kivi_attn
 from zipserve.kernels import hack_encode
+from zipserve.kernels.paged_decode_attention import choose_num_splits
 from zipserve.kernels.hack_layout import HackPages, hack_bytes_per_token, pack_planar, unpack_planar
 
 Store = dict[str, torch.Tensor]
@@ -55,6 +56,10 @@ class KVCodec(ABC):
         """Attention of q [B, H, D] over n_full[b] pages + a dense tail; [B, H, D]."""
         return dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
                                         dense_lens, scale)
+
+    def num_splits(self, batch: int, max_len: int, num_sms: int) -> int:
+        """Flash-decoding splits this codec's kernel wants for a batch (host heuristic)."""
+        return choose_num_splits(batch, self.kvh, max_len, num_sms=num_sms)
 
     def bytes_per_token(self, num_layers: int, seq_len: int | None = None,
                         dense_bytes: int = 2) -> float:
@@ -220,6 +225,9 @@ class HackCodec(KVCodec):
                  dense_v.contiguous(), dense_lens, scale, self.bits, n_sink=self.n_sink,
                  num_splits=num_splits, mode=self.mode)
         return rotate(out, self._rot(q.device)) if self.rotate else out
+
+    def num_splits(self, batch, max_len, num_sms):
+        return hack_attn.hack_num_splits(batch, self.kvh, max_len, num_sms=num_sms)
 
     def page_bytes_per_token(self):
         # The f16 attention mode reads no code sums, but they are stored (and sent): count them.
