@@ -1,7 +1,8 @@
 """`zipserve bench kernels`: decode attention per codec against torch SDPA on bf16 KV, and page
 encode bandwidth, on Llama-3-8B head shapes (32 query / 8 KV heads, head_dim 128), one layer.
 
-Each row times one decode-attention call for a batch whose every sequence holds `context` tokens
+Each row times one decode-attention call (GPU time: the call is captured in a CUDA graph and
+replayed, as the engine's decode step is) for a batch whose every sequence holds `context` tokens
 (full pages + a 36-token 16-bit tail of 4 sinks and a 32-token open page). All variants of a
 (batch, context) cell run in the same process back to back; speedups are ratios to SDPA there.
 """
@@ -22,16 +23,27 @@ TAIL = 32  # open-page tokens per sequence
 
 
 def _time(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
+    """GPU microseconds per call of fn, replayed from a CUDA graph so that host-side Python
+    (argument checks, launches) is not counted: the engine runs decode steps from graphs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
+    graph.replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(iters):
-        fn()
+        graph.replay()
     b.record()
     torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters * 1e3  # microseconds
+    return a.elapsed_time(b) / iters * 1e3
 
 
 def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
