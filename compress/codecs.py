@@ -199,12 +199,9 @@ class HackCodec(KVCodec):
                                self.group_v, device=device).tensors()
 
     def encode(self, store, page_ids, k, v):
-        if self.rotate:
-            r = self._rot(k.device)
-            k, v = rotate(k, r), rotate(v, r)
         fn = hack_encode.hack_encode_pages if k.is_cuda else hack_encode.hack_encode_pages_ref
         fn(k.contiguous(), v.contiguous(), self.bits, self.group_v, out=self._pages(store),
-           page_ids=page_ids)
+           page_ids=page_ids, rotation=self._rot(k.device) if self.rotate else None)
 
     def dequantize(self, store, page_ids):
         sub = {name: t[page_ids] for name, t in store.items()}

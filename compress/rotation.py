@@ -17,7 +17,7 @@ import torch
 def _hadamard_cpu(d: int) -> torch.Tensor:
     if d < 1 or d & (d - 1):
         raise ValueError(f"head_dim: Hadamard rotation needs a power of two, got {d}")
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / d ** 0.5  # [D, D], orthonormal and symmetric

@@ -41,10 +41,11 @@ def _quantize(x, lo, hi, QMAX: tl.constexpr):
 
 @triton.jit
 def _hack_encode_kernel(
-    k_ptr, v_ptr, ids_ptr,  # k/v [n, KVH, P, D] (strided), ids [n] (pool page of input page i)
+    k_ptr, v_ptr, ids_ptr, rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
     kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, ksum_ptr, vsum_ptr,  # contiguous pool tensors
     stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr,
+    ROTATE: tl.constexpr, ROT_PREC: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -63,6 +64,10 @@ def _hack_encode_kernel(
                 + offs_d[None, :]).to(tl.float32)  # [P, D]
     v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
                 + offs_d[None, :]).to(tl.float32)  # [P, D]
+    if ROTATE:  # x @ R before quantizing (R orthonormal [D, D], fp32)
+        r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :])  # [D, D]
+        k = tl.dot(k, r, input_precision=ROT_PREC)
+        v = tl.dot(v, r, input_precision=ROT_PREC)
 
     # ---- K: per channel over the page's tokens.
     kq, ksc, kmn = _quantize(k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX)  # [P, D]
@@ -129,9 +134,19 @@ def _kernel_is_interpreted() -> bool:
     return type(_hack_encode_kernel).__name__ == "InterpretedFunction"
 
 
-def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None):
-    """Quantize full pages k, v [n, KVH, P, D] into a HackPages pool (see module docstring)."""
+def _check_rotation(rotation, k):
+    d = k.shape[-1]
+    if rotation is not None and (rotation.shape != (d, d) or rotation.dtype != torch.float32
+                                 or rotation.device != k.device or not rotation.is_contiguous()):
+        raise ValueError(f"rotation must be a contiguous float32 [{d}, {d}] on {k.device}")
+
+
+def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None, rotation=None):
+    """Quantize full pages k, v [n, KVH, P, D] into a HackPages pool (see module docstring).
+    rotation: optional fp32 [D, D]; the pages stored are those of k @ rotation, v @ rotation
+    (fused: one read of k and v). On GPU the product runs on tensor cores in tf32."""
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids)
+    _check_rotation(rotation, k)
     n, kvh, page, d = k.shape
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
@@ -141,10 +156,11 @@ def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None):
     if n == 0 or kvh == 0:
         return pool
     _hack_encode_kernel[(n, kvh)](
-        k, v, ids, pool.k_codes, pool.v_codes, pool.k_scale, pool.k_min, pool.v_scale, pool.v_min,
+        k, v, ids, rotation if rotation is not None else k, pool.k_codes, pool.v_codes, pool.k_scale, pool.k_min, pool.v_scale, pool.v_min,
         pool.k_sums, pool.v_sums,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        PAGE=page, HEAD_DIM=d, BITS=bits, GV=group_v,
+        PAGE=page, HEAD_DIM=d, BITS=bits, GV=group_v, ROTATE=rotation is not None,
+        ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
         num_warps=4 if page * d < 8192 else 8,
     )
     return pool
@@ -158,14 +174,18 @@ def _quantize_ref(x, lo, hi, qmax):
     return torch.floor(y + 0.5).clamp(0, qmax), sc, mn
 
 
-def hack_encode_pages_ref(k, v, bits, group_v=64, out=None, page_ids=None):
-    """Pure-torch reference of hack_encode_pages (same signature, same arithmetic)."""
+def hack_encode_pages_ref(k, v, bits, group_v=64, out=None, page_ids=None, rotation=None):
+    """Pure-torch reference of hack_encode_pages (same signature, same arithmetic; the rotation
+    product in fp32)."""
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids)
+    _check_rotation(rotation, k)
     n, kvh, page, d = k.shape
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
     qmax = (1 << bits) - 1
     kf, vf = k.float(), v.float()  # [n, KVH, P, D]
+    if rotation is not None:
+        kf, vf = kf @ rotation, vf @ rotation
     kq, ksc, kmn = _quantize_ref(kf, kf.amin(2, keepdim=True), kf.amax(2, keepdim=True), qmax)
     v4 = vf.reshape(n, kvh, page, d // group_v, group_v)
     vq, vsc, vmn = _quantize_ref(v4, v4.amin(-1, keepdim=True), v4.amax(-1, keepdim=True), qmax)

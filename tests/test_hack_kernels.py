@@ -135,6 +135,32 @@ def test_encode_new_pool_and_errors():
             fn(k, v, 2, out=pool, page_ids=torch.zeros(2, dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_encode_with_fused_rotation(bits):
+    """The fused rotation stores the pages of k @ R, v @ R: kernel == reference, and both equal
+    encoding pre-rotated inputs."""
+    from zipserve.compress.rotation import hadamard
+
+    gen = torch.Generator().manual_seed(11 + bits)
+    d, gv = 64, 32
+    k = rand_kv(gen, (3, 2, P, d)).half()
+    v = rand_kv(gen, (3, 2, P, d), outliers=False).half()
+    r = hadamard(d).to(DEVICE)
+    fused = hack_encode_pages(k.to(DEVICE), v.to(DEVICE), bits, gv, rotation=r)
+    ref = hack_encode_pages_ref(k.to(DEVICE), v.to(DEVICE), bits, gv, rotation=r)
+    pre = hack_encode_pages_ref(k.float().to(DEVICE) @ r, v.float().to(DEVICE) @ r, bits, gv)
+    for a, b, tol in ((fused, ref, 1e-2), (ref, pre, 1e-9)):
+        for name in ("k_codes", "v_codes"):
+            ca = unpack_planar(getattr(a, name), bits).int()
+            cb = unpack_planar(getattr(b, name), bits).int()
+            assert (ca - cb).abs().max() <= 1 and (ca != cb).float().mean() <= tol
+        for name in ("k_scale", "k_min", "v_scale", "v_min"):
+            assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(),
+                                  rtol=1e-2, atol=1e-3), name
+    with pytest.raises(ValueError, match="rotation"):
+        hack_encode_pages_ref(k, v, bits, gv, rotation=r[:8].cpu())
+
+
 # ---------------------------------------------------------------- decode
 
 
