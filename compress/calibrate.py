@@ -1,10 +1,17 @@
 """`zipserve calibrate`: per-layer, per-KV-head low-rank bases for the ZeroC-style `lowrank` codec.
 
 The model runs over calibration text; every layer's post-RoPE queries and keys and its values are
-collected per KV head. The K basis comes from the eigenvectors of the stacked [Q; K] second moment
-(each side normalized to equal weight), the V basis from V's second moment. Ranks are chosen per
-layer (shared by its KV heads, multiples of `rank_step`) by a greedy allocation that maximizes the
-retained energy under a size budget: the average fraction of K+V dimensions kept.
+collected per KV head as second moments C_q, C_k, C_v. Bases are chosen for what attention needs,
+not for reconstructing K and V:
+- K: scores q.k are kept best by the top eigenvectors U of C_q^1/2 C_k C_q^1/2 (queries whitened):
+  keys are stored as k @ (C_q^1/2 U) and queries projected with C_q^-1/2 U, so that
+  q_red . k_red = q^T C_q^-1/2 U U^T C_q^1/2 k (exactly q.k at full rank).
+- V: the attention output passes through W_o, so with M = sum over the group's query heads of
+  W_o,h^T W_o,h, values are stored as v @ (M^1/2 U) with U from M^1/2 C_v M^1/2 and lifted back
+  with M^-1/2 U (foldable into W_o).
+Ranks are chosen per layer (shared by its KV heads, multiples of `rank_step`) by a greedy
+allocation that maximizes the retained (whitened) energy fraction under a size budget: the
+average fraction of K+V dimensions kept.
 Bases are written beside the checkpoint as lowrank.safetensors (+ lowrank.json).
 """
 
@@ -42,13 +49,27 @@ class _CaptureCache:
         return prefill_attention(q, k, v, batch.seq_lens_host, scale)
 
 
-def _basis(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second moments [KVH, D, D] -> (bases [KVH, D, D] columns by falling energy,
-    cumulative energy fraction [KVH, D])."""
-    evals, evecs = torch.linalg.eigh(m)  # ascending
-    evals, evecs = evals.flip(-1).clamp(min=0), evecs.flip(-1)
+def _sqrt_pair(m: torch.Tensor, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root and inverse square root of PSD matrices [.., D, D]."""
+    evals, evecs = torch.linalg.eigh(m)
+    evals = evals.clamp(min=rel_eps * evals.amax(-1, keepdim=True).clamp(min=1e-30))
+    root = (evecs * evals.sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+    inv = (evecs * evals.rsqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+    return root, inv
+
+
+def _whitened_bases(c_x: torch.Tensor, metric: torch.Tensor):
+    """For data second moment c_x and metric [KVH, D, D]: (encode basis, decode basis, cumulative
+    energy fraction [KVH, D]), columns by falling energy."""
+    root, inv = _sqrt_pair(metric)
+    evals, u = torch.linalg.eigh(root @ c_x @ root)  # ascending
+    evals, u = evals.flip(-1).clamp(min=0), u.flip(-1)
     cum = evals.cumsum(-1) / evals.sum(-1, keepdim=True).clamp(min=1e-30)
-    return evecs.float(), cum.float()
+    enc, dec = root @ u, inv @ u
+    # Balance the two sides per head (enc * a, dec / a leaves enc . dec unchanged) so stored
+    # values keep the data's magnitude and fit float16.
+    a = (dec.norm(dim=(-2, -1)) / enc.norm(dim=(-2, -1))).sqrt()[:, None, None]
+    return (enc * a).float(), (dec / a).float(), cum.float()
 
 
 def allocate_ranks(cum_k: torch.Tensor, cum_v: torch.Tensor, budget: float,
@@ -89,19 +110,31 @@ def calibrate(llm, texts: list[str], budget: float, out_dir: str | Path, window:
                 engine.logits(chunk)
     finally:
         engine.runner.cache = real_cache
-    qn = cap.qq / cap.qq.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp(min=1e-30)
-    kn = cap.kk / cap.kk.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None].clamp(min=1e-30)
-    bk, ck = zip(*[_basis(qn[l] + kn[l]) for l in range(cfg.num_layers)])
-    bv, cv = zip(*[_basis(cap.vv[l]) for l in range(cfg.num_layers)])
+    rk_basis, rv_basis, ck, cv = [], [], [], []
+    g = cfg.num_heads // cfg.num_kv_heads
+    for l in range(cfg.num_layers):
+        # K: data C_k under the metric C_q (queries of the kv head's group).
+        k_enc, k_dec, cum_k = _whitened_bases(cap.kk[l], cap.qq[l])
+        # V: data C_v under the metric sum_h W_o,h^T W_o,h.
+        w_o = engine.model.layers[l].self_attn.o_proj.weight.detach().double().cpu()
+        w_o = w_o.view(cfg.hidden_size, cfg.num_kv_heads, g, cfg.head_dim)  # [hid, KVH, G, D]
+        metric = torch.einsum("xkgd,xkge->kde", w_o, w_o)  # [KVH, D, D]
+        v_enc, v_dec, cum_v = _whitened_bases(cap.vv[l], metric)
+        rk_basis.append((k_enc, k_dec))
+        rv_basis.append((v_enc, v_dec))
+        ck.append(cum_k)
+        cv.append(cum_v)
     rk, rv = allocate_ranks(torch.stack(ck), torch.stack(cv), budget, rank_step)
     tensors = {}
     for l in range(cfg.num_layers):
-        tensors[f"layers.{l}.k_basis"] = bk[l][:, :, :rk[l]].contiguous()  # [KVH, D, r_k]
-        tensors[f"layers.{l}.v_basis"] = bv[l][:, :, :rv[l]].contiguous()  # [KVH, D, r_v]
+        for side, (enc, dec), r in (("k", rk_basis[l], rk[l]), ("v", rv_basis[l], rv[l])):
+            tensors[f"layers.{l}.{side}_enc"] = enc[:, :, :r].contiguous()  # [KVH, D, r]
+            tensors[f"layers.{l}.{side}_dec"] = dec[:, :, :r].contiguous()
     out = Path(out_dir)
     save_file(tensors, str(out / "lowrank.safetensors"))
     info = {"budget": budget, "tokens": cap.tokens, "window": window, "k_ranks": rk,
             "v_ranks": rv, "head_dim": cfg.head_dim,
+            "basis": "whitened (K by C_q, V by W_o)",
             "k_energy_kept": [round(float(ck[l][:, rk[l] - 1].mean()), 5)
                               for l in range(cfg.num_layers)],
             "v_energy_kept": [round(float(cv[l][:, rv[l] - 1].mean()), 5)

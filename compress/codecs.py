@@ -57,6 +57,10 @@ class KVCodec(ABC):
         return dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
                                         dense_lens, scale)
 
+    def for_layer(self, layer: int) -> "KVCodec":
+        """The codec of one layer (the same for every layer except where ranks differ)."""
+        return self
+
     def num_splits(self, batch: int, max_len: int, num_sms: int) -> int:
         """Flash-decoding splits this codec's kernel wants for a batch (host heuristic)."""
         return choose_num_splits(batch, self.kvh, max_len, num_sms=num_sms)
@@ -65,7 +69,8 @@ class KVCodec(ABC):
                         dense_bytes: int = 2) -> float:
         """Bytes per token of one sequence over all layers. With seq_len, the 16-bit open page
         and sinks of a sequence of that length are amortized in."""
-        full = num_layers * self.kvh * self.page_bytes_per_token()
+        full = self.kvh * sum(self.for_layer(i).page_bytes_per_token()
+                              for i in range(num_layers))
         if seq_len is None:
             return full
         n_full_tokens = (seq_len // self.page_size) * self.page_size
@@ -231,11 +236,14 @@ class HackCodec(KVCodec):
         return hack_bytes_per_token(self.head_dim, self.bits, self.group_v, self.page_size)
 
 
-CODECS = ("bf16", "fp8", "kivi2", "kivi4", "hack2", "hack4")
+CODECS = ("bf16", "fp8", "kivi2", "kivi4", "hack2", "hack4", "lowrank", "lowrank+hack2",
+          "lowrank+hack4")
 
 
-def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int) -> KVCodec | None:
-    """The codec called `name` (None for bf16, the engine's own dense pages)."""
+def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int,
+               model_dir: str | None = None) -> KVCodec | None:
+    """The codec called `name` (None for bf16, the engine's own dense pages). Low-rank codecs
+    read the calibrated bases beside the checkpoint in model_dir."""
     if name == "bf16":
         return None
     if name == "fp8":
@@ -244,4 +252,12 @@ def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int) -> K
         return KiviCodec(num_kv_heads, page_size, head_dim, int(name[-1]))
     if name in ("hack2", "hack4"):
         return HackCodec(num_kv_heads, page_size, head_dim, int(name[-1]))
+    if name.startswith("lowrank") and name in CODECS:
+        from zipserve.compress.lowrank import LowRankBases, LowRankCodec
+
+        if model_dir is None:
+            raise ValueError(f"codec: {name} needs a model directory with calibrated bases")
+        bits = int(name[-1]) if "+" in name else None
+        return LowRankCodec(name, num_kv_heads, page_size, head_dim,
+                            LowRankBases.load(model_dir), bits)
     raise ValueError(f"codec: unknown codec {name!r}; known: {', '.join(CODECS)}")

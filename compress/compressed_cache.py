@@ -22,7 +22,8 @@ class CompressedKVCache:
                  num_slots: int, dtype: torch.dtype, device: torch.device | str):
         self.codec, self.num_pages, self.page_size = codec, num_pages, page_size
         self.n_sink = codec.n_sink
-        self.stores = [codec.new_store(num_pages, device) for _ in range(config.num_layers)]
+        self.codecs = [codec.for_layer(i) for i in range(config.num_layers)]
+        self.stores = [c.new_store(num_pages, device) for c in self.codecs]
         kvh, d = config.num_kv_heads, config.head_dim
         # [layers, 2 (K, V), slots, KVH, P, D] and [layers, 2, slots, KVH, n_sink, D]
         self.open = torch.zeros(config.num_layers, 2, num_slots, kvh, page_size, d, dtype=dtype,
@@ -32,8 +33,8 @@ class CompressedKVCache:
 
     @staticmethod
     def bytes_per_page(codec: KVCodec, config: ModelConfig, page_size: int) -> int:
-        return int(config.num_layers * config.num_kv_heads * codec.page_bytes_per_token()
-                   * page_size + 0.5)
+        return int(config.num_kv_heads * page_size * sum(
+            codec.for_layer(i).page_bytes_per_token() for i in range(config.num_layers)) + 0.5)
 
     def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
         if batch.is_prefill:
@@ -52,7 +53,8 @@ class CompressedKVCache:
             first, nf = start // p, n // p
             if nf:
                 ids = torch.tensor(pages[first:first + nf], device=k.device)
-                self.codec.encode(store, ids, _as_pages(ks[:nf * p], p), _as_pages(vs[:nf * p], p))
+                self.codecs[layer].encode(store, ids, _as_pages(ks[:nf * p], p),
+                                          _as_pages(vs[:nf * p], p))
             r = n - nf * p
             open_k[slot, :, :r] = ks[nf * p:].transpose(0, 1)
             open_v[slot, :, :r] = vs[nf * p:].transpose(0, 1)
@@ -65,7 +67,7 @@ class CompressedKVCache:
             else:
                 past = torch.tensor(pages[:first], device=k.device)
                 outs.append(compressed_past_prefill_attention(
-                    self.codec, qs, ks, vs, store, past, sink_k[slot, :, :self.n_sink],
+                    self.codecs[layer], qs, ks, vs, store, past, sink_k[slot, :, :self.n_sink],
                     sink_v[slot, :, :self.n_sink], scale))
             t0 += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -92,10 +94,11 @@ class CompressedKVCache:
             dense_lens = torch.where(n_full == 0, off + 1, off + 1 + s).to(torch.int32)
         else:
             dense_k, dense_v, dense_lens = o_k, o_v, (off + 1).to(torch.int32)
-        out = self.codec.decode_attention(q, self.stores[layer], batch.page_table, n_full,
+        codec = self.codecs[layer]
+        out = codec.decode_attention(q, self.stores[layer], batch.page_table, n_full,
                                           dense_k, dense_v, dense_lens, scale, batch.num_splits)
         # A token that fills its page seals it; other rows encode into the scratch page.
-        self.codec.encode(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
+        codec.encode(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
         return out
 
 

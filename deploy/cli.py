@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from zipserve.compress.calibrate import calibrate
+    from zipserve.engine.llm import LLM
+    from zipserve.train.corpus import load_corpus
+
+    model = args.model or default_model()
+    if model.startswith("random:"):
+        raise ValueError("model: calibrate needs a checkpoint directory to write the bases into")
+    llm = LLM(model, dtype="float32", device=args.device, max_model_len=args.window + 1)
+    corpus = load_corpus(args.text_dir)
+    texts = [d.text for d in corpus.train]
+    random.Random(0).shuffle(texts)  # a fixed sample across the whole training split
+    info = calibrate(llm, texts, args.budget, args.out or model,
+                     window=args.window, max_tokens=args.tokens)
+    print(f"calibrated on {info['tokens']:,} tokens; K ranks {info['k_ranks']}, V ranks "
+          f"{info['v_ranks']} of {info['head_dim']}; wrote {args.out or model}/lowrank.safetensors")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
         from zipserve.bench import engine_bench
@@ -97,7 +117,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "kernels":
         from zipserve.bench import kernel_bench
 
-        codecs = [c for c in args.codecs.split(",") if c != "bf16"]
+        codecs = [c for c in args.codecs.split(",") if c in ("fp8", "kivi2", "kivi4", "hack2",
+                                                              "hack4")]  # kernels exist
         kernel_bench.run(Path(args.out), codecs, args.batches or [1, 8, 32],
                          args.contexts or [4096, 32768, 131072])
         return 0
@@ -143,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)
 
+    c = sub.add_parser("calibrate", help="low-rank K/V bases for the lowrank codecs")
+    c.add_argument("--model", default=None, help="default: the shipped reference model")
+    c.add_argument("--text-dir", default=None, help="default: this Python's standard library "
+                   "(training split only)")
+    c.add_argument("--budget", type=float, default=0.5,
+                   help="average fraction of K+V dimensions kept (0.5 = half the bytes)")
+    c.add_argument("--tokens", type=int, default=200_000, help="calibration tokens")
+    c.add_argument("--window", type=int, default=1024)
+    c.add_argument("--out", default=None, help="default: beside the checkpoint")
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=cmd_calibrate)
+
     e = sub.add_parser("eval", help="evaluate a model")
     e.add_argument("what", choices=["ppl"])
     e.add_argument("--model", default=None, help="default: the shipped reference model")
@@ -158,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["engine", "kernels", "quality"])
     b.add_argument("--model", default=None,
                    help="default: random:llama3-8b (engine), the reference model (quality)")
-    b.add_argument("--codecs", default="bf16,fp8,kivi4,hack4,kivi2,hack2")
+    b.add_argument("--codecs", default="bf16,fp8,kivi4,hack4,kivi2,hack2,lowrank,lowrank+hack4,lowrank+hack2")
     b.add_argument("--text-dir", default=None)
     b.add_argument("--gen-tokens", type=int, default=256)
     b.add_argument("--device", default=None)

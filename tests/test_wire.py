@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from zipserve.compress.codecs import CODECS, make_codec
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.compress.wire import WireError, adopt_pages, pack_pages, unpack_pages
 
 
 def _filled(codec_name: str):
-    c = make_codec(codec_name, num_kv_heads=2, page_size=64, head_dim=64)
+    c = make_codec(codec_name, num_kv_heads=2, page_size=64, head_dim=64,
+                   model_dir=str(REFERENCE_MODEL)).for_layer(0)
     store = c.new_store(6, "cpu")
     g = torch.Generator().manual_seed(1)
     c.encode(store, torch.tensor([1, 2, 4]), torch.randn(3, 2, 64, 64, generator=g),

@@ -1,0 +1,69 @@
+"""ZeroC-style low-rank codec: calibration respects its budget, full rank is lossless, missing
+bases are a clear error."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from zipserve.compress.calibrate import allocate_ranks, calibrate
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.engine.llm import LLM
+from zipserve.train.corpus import load_corpus
+
+pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
+                                reason="reference checkpoint not present")
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REFERENCE_MODEL / f, d / f)
+    return d
+
+
+def _calibrate(model_dir, budget):
+    llm = LLM(str(model_dir), device="cpu", max_model_len=513)
+    texts = [d.text for d in load_corpus().train[200:230]]
+    return calibrate(llm, texts, budget, model_dir, window=512, max_tokens=6000)
+
+
+def test_missing_bases_is_a_clear_error(model_copy):
+    with pytest.raises(ValueError, match="calibrate"):
+        LLM(str(model_copy), device="cpu", codec="lowrank")
+
+
+def test_full_rank_is_lossless(model_copy):
+    info = _calibrate(model_copy, 1.0)
+    assert info["k_ranks"] == [64] * 6 and info["v_ranks"] == [64] * 6
+    ids = load_corpus().held_out[0].text
+    plain = LLM(str(model_copy), device="cpu")
+    coded = LLM(str(model_copy), device="cpu", codec="lowrank")
+    toks = plain.tokenizer.encode(ids)[:300]
+    a, b = plain.logits(toks), coded.logits(toks)
+    assert (a - b).abs().max().item() / a.abs().max().item() < 2e-2  # float16 storage only
+
+
+def test_budget_is_respected(model_copy):
+    info = _calibrate(model_copy, 0.5)
+    total = sum(info["k_ranks"]) + sum(info["v_ranks"])
+    assert total <= 0.5 * 2 * 64 * 6
+    assert all(r % 16 == 0 and 16 <= r <= 64 for r in info["k_ranks"] + info["v_ranks"])
+    llm = LLM(str(model_copy), device="cpu", codec="lowrank")
+    # bytes per token follow the ranks exactly (float16 values)
+    assert llm.engine.codec.bytes_per_token(6) == pytest.approx(2 * 2 * total)
+
+
+def test_allocate_ranks_prefers_energy():
+    d = 64
+    steep = torch.linspace(0.9, 1.0, d).clamp(max=1.0)  # most energy in the first dims
+    flat = torch.linspace(1.0 / d, 1.0, d)  # energy spread evenly
+    cum_k = torch.stack([steep[None], flat[None]])  # [L=2, KVH=1, D]
+    cum_v = torch.stack([steep[None], steep[None]])
+    rk, rv = allocate_ranks(cum_k, cum_v, 0.5, 16)
+    assert rk[1] > rk[0]  # the flat spectrum gets the dims
+    with pytest.raises(ValueError, match="budget"):
+        allocate_ranks(cum_k, cum_v, 0.0, 16)
