@@ -51,3 +51,19 @@ def test_gpu_random_llama3_8b_shapes_generate():
     outs = llm.generate([[1] * 1000, [2] * 100], SamplingParams(max_tokens=8, temperature=0.0))
     assert all(len(o.token_ids) == 8 for o in outs)
     assert llm.engine.pool.num_free == llm.engine.pool.capacity
+
+
+@pytest.mark.parametrize("codec", ["fp8", "kivi2", "hack2", "hack4", "lowrank", "lowrank+hack2"])
+def test_gpu_codecs_decode_equals_scoring(codec):
+    """Each codec on the GPU (Triton kernels for fp8/kivi/hack): decode logprobs match scoring
+    the final sequence page by page, and every page comes back."""
+    from zipserve.deploy.cli import REFERENCE_MODEL
+
+    llm = LLM(str(REFERENCE_MODEL), device="cuda", dtype="float32", codec=codec, num_pages=256)
+    prompt = list(range(3, 43))
+    out = llm.generate(prompt, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True,
+                                              logprobs=0))[0]
+    full = torch.log_softmax(llm.logits(prompt + out.token_ids), dim=-1)
+    expect = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expect, abs=5e-2)
+    assert llm.engine.pool.num_free == llm.engine.pool.capacity
