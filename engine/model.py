@@ -39,6 +39,7 @@ class ForwardBatch:
     seal_pages: torch.Tensor | None = None  # decode: [B] int64 page sealed after this token, or -1
     n_full: torch.Tensor | None = None  # decode: [B] int32 full (encoded) pages before this token
     prefill_seqs: list | None = None  # prefill: [(slot, pages, start, length)] per sequence
+    on_layer_done: object | None = None  # prefill: callable(layer) once a layer's KV is stored
 
 
 def llama3_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -117,6 +118,8 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(batch.positions, q, k)
         o = cache.attention(self.layer_idx, q, k, v, batch, self.scale)  # [T, H, D]
+        if batch.on_layer_done is not None:
+            batch.on_layer_done(self.layer_idx)
         return self.o_proj(o.reshape(t, self.q_size))
 
 

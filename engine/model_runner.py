@@ -40,7 +40,8 @@ class ModelRunner:
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.as_tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prefill(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+    def prefill(self, seqs: list[Sequence], all_logits: bool = False,
+                on_layer_done=None) -> torch.Tensor:
         """Run every token of each sequence not yet cached; logits [B, V] at each last token
         (or [T, V] for every token when all_logits)."""
         ids, positions, pages, offsets, lens, meta = [], [], [], [], [], []
@@ -58,7 +59,7 @@ class ModelRunner:
             input_ids=self._tensor(ids), positions=self._tensor(np.concatenate(positions)),
             write_pages=self._tensor(np.concatenate(pages)),
             write_offsets=self._tensor(np.concatenate(offsets)),
-            is_prefill=True, seq_lens_host=lens, prefill_seqs=meta,
+            is_prefill=True, seq_lens_host=lens, prefill_seqs=meta, on_layer_done=on_layer_done,
             logits_indices=None if all_logits else self._tensor(last))
         logits = self.model(batch, self.cache)
         for seq in seqs:

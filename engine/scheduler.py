@@ -31,12 +31,32 @@ class Scheduler:
         self.running: list[Sequence] = []
         # One open-page slot per running sequence (used by compressed caches).
         self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
+        # Sequences whose KV is arriving from a prefill worker: they hold pages and a slot.
+        self.reserved: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for num_tokens (+1 for the next token) and a slot, before the KV arrives.
+        False (nothing taken) when either is short."""
+        if len(self.running) + len(self.reserved) >= self.max_num_seqs or not self.free_slots:
+            return False
+        pages = self.pool.allocate(pages_for(num_tokens + 1, self.page_size), seq.seq_id)
+        if pages is None:
+            return False
+        seq.pages, seq.slot = pages, self.free_slots.pop()
+        self.reserved[seq.seq_id] = seq
+        return True
+
+    def admit(self, seq: Sequence) -> None:
+        """A reserved sequence whose KV has fully arrived joins the running batch."""
+        del self.reserved[seq.seq_id]
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
 
     def schedule(self) -> ScheduledBatch | None:
         prefill = self._schedule_prefill()
@@ -48,7 +68,8 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
         tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        while (self.waiting and self.free_slots
+               and len(self.running) + len(self.reserved) + len(batch) < self.max_num_seqs):
             seq = self.waiting[0]
             n = seq.num_tokens
             if batch and tokens + n > self.max_prefill_tokens:
@@ -99,6 +120,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.reserved.pop(seq.seq_id, None)
         self._release(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 

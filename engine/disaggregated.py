@@ -1,0 +1,112 @@
+"""The two halves of disaggregated serving on top of LLMEngine.
+
+Prefill side: `prefill_export` runs a prompt, samples its first token and hands out each layer's
+KV as soon as the layer is computed (a callback per layer), then frees everything.
+Decode side: `reserve` takes pages and a slot before any KV arrives, `import_layer` writes each
+arriving layer into them, `admit` puts the sequence into the running batch once every layer is in.
+A reservation that is never admitted must be `abort`ed; that frees its pages and slot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from zipserve.engine.kv_export import LayerKV, export_layer, import_layer
+from zipserve.engine.llm_engine import LLMEngine, RequestOutput
+from zipserve.engine.sampling_params import SamplingParams
+from zipserve.engine.detokenizer import Detokenizer
+from zipserve.engine.sequence import Sequence
+
+import torch
+
+
+class Overloaded(RuntimeError):
+    """No pages or slots free for this request right now (the caller retries or refuses: 503)."""
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    prompt_ids: list[int]
+    first_token: int
+    first_logprob: float | None
+    layers: list[LayerKV]
+    """Every layer's KV (also handed to on_layer as each was computed)."""
+    prefill_seconds: float
+
+
+class DisaggregatedEngine(LLMEngine):
+    """LLMEngine plus the prefill-export and decode-import halves."""
+
+    def _new_seq(self, prompt, params: SamplingParams, request_id: str) -> Sequence:
+        text, ids = self._prompt_ids(prompt)
+        seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, prompt_ids=ids,
+                       params=params, prompt_text=text)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.detok = Detokenizer(self.tokenizer.decode, ids)
+        return seq
+
+    # -- prefill side --------------------------------------------------------------------
+    def prefill_export(self, prompt, params: SamplingParams, request_id: str,
+                       on_layer: Callable[[LayerKV], None] | None = None) -> PrefillResult:
+        seq = self._new_seq(prompt, params, request_id)
+        if not self.scheduler.reserve(seq, seq.num_tokens):
+            raise Overloaded(f"prefill: no free KV pages for {seq.num_tokens} tokens")
+        n = seq.num_tokens
+        layers: list[LayerKV] = []
+
+        def layer_done(layer: int) -> None:
+            kv = export_layer(self.cache, layer, seq, num_tokens=n)
+            layers.append(kv)
+            if on_layer is not None:
+                on_layer(kv)
+
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.prefill([seq], on_layer_done=layer_done)  # [1, V]
+            res = self.sampler.sample(logits, [params], [seq.generator])
+            lp = None if res.logprobs is None else float(res.logprobs[0])
+            return PrefillResult(request_id, seq.prompt_ids, int(res.token_ids[0]), lp, layers,
+                                 time.perf_counter() - t0)
+        finally:
+            self.scheduler.finish(seq, "stop")  # pages and slot back to the pool
+
+    # -- decode side ---------------------------------------------------------------------
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Take pages and a slot for a request whose KV will arrive; raises Overloaded."""
+        if request_id in self._seqs:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        seq = self._new_seq(list(prompt_ids), params, request_id)
+        if not self.scheduler.reserve(seq, seq.num_tokens):
+            raise Overloaded(f"decode: no free KV pages for {seq.num_tokens} tokens")
+        self._seqs[request_id] = seq
+
+    def import_layer(self, request_id: str, kv: LayerKV) -> None:
+        seq = self._reserved(request_id)
+        if kv.num_tokens != seq.num_tokens:
+            raise ValueError(f"layer {kv.layer}: KV of {kv.num_tokens} tokens for a prompt of "
+                             f"{seq.num_tokens}")
+        import_layer(self.cache, kv, seq)
+
+    def admit(self, request_id: str, first_token: int,
+              first_logprob: float | None = None) -> RequestOutput:
+        """All layers are in: start decoding after the prefill's first token."""
+        seq = self._reserved(request_id)
+        seq.num_cached = seq.num_tokens
+        seq.output_ids.append(first_token)
+        seq.first_token_time = time.monotonic()
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(first_logprob if first_logprob is not None else float("nan"))
+            seq.top_logprobs.append([])
+        self.scheduler.admit(seq)
+        self._check_finish(seq, first_token)
+        return self._output(seq)
+
+    def _reserved(self, request_id: str) -> Sequence:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.seq_id not in self.scheduler.reserved:
+            raise KeyError(f"request {request_id!r} holds no reservation")
+        return seq

@@ -1,0 +1,103 @@
+"""Prefill on one engine, decode on another, the KV moving layer by layer in its wire form:
+the output equals one engine doing both, for every codec; nothing leaks on success or abort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipserve.compress.codecs import CODECS
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.engine.config import EngineConfig
+from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
+from zipserve.engine.kv_export import LayerKV
+from zipserve.engine.llm import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
+                                reason="reference checkpoint not present")
+MODEL = str(REFERENCE_MODEL)
+PROMPTS = [list(range(3, 40)), list(range(100, 230)), list(range(500, 628))]  # 37, 130, 128
+
+
+def _engine(codec: str, **kw) -> DisaggregatedEngine:
+    return DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(codec=codec, **kw))
+
+
+def _whole(eng):
+    assert eng.pool.num_free == eng.pool.capacity, eng.pool.owners()
+    assert len(eng.scheduler.free_slots) == eng.engine_config.max_num_seqs
+    assert not eng.scheduler.reserved
+
+
+def _run_decode(eng) -> dict[str, list[int]]:
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return done
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_disaggregated_equals_single_engine(codec):
+    params = SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(MODEL, device="cpu", codec=codec).generate(PROMPTS, params)]
+    pre, dec = _engine(codec), _engine(codec)
+    for i, prompt in enumerate(PROMPTS):
+        rid = f"r{i}"
+        dec.reserve(rid, prompt, params)
+        res = pre.prefill_export(prompt, params, rid)
+        for kv in res.layers:  # through bytes, as a channel would carry them
+            dec.import_layer(rid, LayerKV.from_bytes(kv.to_bytes()))
+        dec.admit(rid, res.first_token, res.first_logprob)
+    got = _run_decode(dec)
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
+    _whole(pre)
+    _whole(dec)
+
+
+def test_layers_are_handed_out_while_prefill_runs():
+    """Layer l is handed out when its KV is stored and layer l+1's is not computed yet."""
+    pre = _engine("hack2")
+    seen = []
+
+    def on_layer(kv):
+        stores = pre.cache.stores
+        this_written = bool(stores[kv.layer]["k_codes"].any())
+        next_empty = kv.layer + 1 == len(stores) or not stores[kv.layer + 1]["k_codes"].any()
+        seen.append((kv.layer, this_written, next_empty))
+
+    res = pre.prefill_export(PROMPTS[1], SamplingParams(max_tokens=4), "x", on_layer=on_layer)
+    assert seen == [(layer, True, True) for layer in range(6)]
+    bf16_bytes = res.layers[0].num_tokens * 2 * 2 * 64 * 2  # K+V, 2 heads, d=64, 2 bytes
+    assert len(res.layers) == 6 and res.layers[0].nbytes() < bf16_bytes / 3
+    _whole(pre)
+
+
+def test_abort_of_reservation_and_overload():
+    dec = _engine("hack4", num_pages=8)
+    params = SamplingParams(max_tokens=10)
+    dec.reserve("a", list(range(3, 200)), params)  # 4 pages of 7 usable
+    with pytest.raises(Overloaded):
+        dec.reserve("b", list(range(3, 300)), params)
+    assert dec.abort("a")
+    _whole(dec)
+
+
+def test_corrupt_or_mismatched_layer_is_refused():
+    params = SamplingParams(max_tokens=5)
+    pre, dec = _engine("hack2"), _engine("hack4")
+    res = pre.prefill_export(PROMPTS[1], params, "c")
+    dec.reserve("c", PROMPTS[1], params)
+    with pytest.raises(ValueError, match="hack2"):
+        dec.import_layer("c", res.layers[0])
+    bad = LayerKV(0, res.layers[0].num_tokens, res.layers[0].pages[:-3] + b"xyz",
+                  res.layers[0].tail)
+    same = _engine("hack2")
+    same.reserve("c", PROMPTS[1], params)
+    with pytest.raises(ValueError, match="checksum"):
+        same.import_layer("c", bad)
+    dec.abort("c")
+    same.abort("c")
+    _whole(dec)
+    _whole(same)
