@@ -106,6 +106,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace, codec: str):
+    from zipserve.deploy.ray_backend import ServeConfig
+
+    return ServeConfig(model=args.model or default_model(), codec=codec,
+                       num_prefill=args.prefill, num_decode=args.decode, device=args.device,
+                       link_gbps=args.link_gbps)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from zipserve.deploy.serve import serve
+
+    key = args.api_key
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+    serve(_serve_config(args, args.codec), args.host, args.port, args.address, key)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from zipserve.deploy.serve import demo
+
+    demo(args.model or default_model(), args.codecs.split(","), args.max_tokens, args.port)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
         from zipserve.bench import engine_bench
@@ -186,6 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.set_defaults(func=lambda a: cmd_eval(argparse.Namespace(**{**vars(a),
                                                                  "model": a.model or default_model()})))
+
+    s = sub.add_parser("serve", help="router + prefill/decode workers on Ray")
+    s.add_argument("--model", default=None, help="default: the shipped reference model")
+    s.add_argument("--codec", default="hack4")
+    s.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    s.add_argument("--decode", type=int, default=1, help="decode workers")
+    s.add_argument("--address", default=None,
+                   help="an existing Ray cluster ('auto' or host:port); default: embedded Ray")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--api-key-file", default=None)
+    s.add_argument("--link-gbps", type=float, default=None, help="emulate a link of this speed")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")
+    d.add_argument("--model", default=None, help="default: the shipped reference model")
+    d.add_argument("--codecs", default="bf16,hack4,hack2")
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--port", type=int, default=8765)
+    d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
     b.add_argument("what", choices=["engine", "kernels", "quality"])

@@ -28,6 +28,7 @@ class LayerKV:
     """compress.wire buffer: the encoded full pages (all pages for the dense bf16 cache)."""
     tail: dict[str, torch.Tensor] = field(default_factory=dict)
     """open_k/open_v [KVH, r, D], sink_k/sink_v [KVH, s, D] (16-bit, CPU); empty for bf16."""
+    request_id: str = ""
 
     def nbytes(self) -> int:
         return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
@@ -36,13 +37,13 @@ class LayerKV:
         """Everything in one buffer (for channels that move bytes only)."""
         buf = io.BytesIO()
         torch.save({"layer": self.layer, "num_tokens": self.num_tokens, "pages": self.pages,
-                    "tail": self.tail}, buf)
+                    "tail": self.tail, "request_id": self.request_id}, buf)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "LayerKV":
         d = torch.load(io.BytesIO(data), weights_only=True)
-        return cls(d["layer"], d["num_tokens"], d["pages"], d["tail"])
+        return cls(d["layer"], d["num_tokens"], d["pages"], d["tail"], d["request_id"])
 
 
 def _codec_name(cache) -> str:
@@ -62,7 +63,8 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
     n, p = (seq.num_cached if num_tokens is None else num_tokens), cache.page_size
     if isinstance(cache, KVCache):
         ids = seq.pages[:pages_for(n, p)]
-        return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer), torch.tensor(ids)))
+        return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer), torch.tensor(ids)),
+                       request_id=seq.request_id)
     n_full = n // p
     ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
     r, s = n - n_full * p, min(cache.n_sink, n)
@@ -71,7 +73,8 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
     if cache.n_sink:
         tail["sink_k"] = cache.sinks[layer, 0, seq.slot, :, :s].cpu().clone()
         tail["sink_v"] = cache.sinks[layer, 1, seq.slot, :, :s].cpu().clone()
-    return LayerKV(layer, n, pack_pages(cache.codec.name, cache.stores[layer], ids), tail)
+    return LayerKV(layer, n, pack_pages(cache.codec.name, cache.stores[layer], ids), tail,
+                   seq.request_id)
 
 
 def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV, seq: Sequence) -> None:

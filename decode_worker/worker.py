@@ -1,0 +1,204 @@
+"""DecodeWorker: reserves pages for incoming requests, receives their KV layer by layer from
+prefill workers, and decodes every admitted request in one continuous batch.
+
+Plain Python (deploy/ wraps it as a threaded Ray actor). Three kinds of threads touch the engine,
+always under one lock: a receiver per attached channel (imports layers), the step loop (decodes,
+expires reservations whose KV missed its deadline), and callers (reserve/admit/abort/poll).
+Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from zipserve.engine.config import EngineConfig
+from zipserve.engine.disaggregated import DisaggregatedEngine
+from zipserve.engine.kv_export import LayerKV
+from zipserve.engine.sampling_params import SamplingParams
+from zipserve.prefill_worker.worker import KV_TAG
+from zipserve.transfer.pairing import connect_pair
+from zipserve.transfer.channel import Channel, TransferClosed, TransferTimeout
+
+
+@dataclass
+class RequestState:
+    deadline: float
+    """time.time() by which all layers must have arrived."""
+    layers: int = 0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    times: dict[str, float] = field(default_factory=dict)
+    """reserved, kv_complete, admitted, first_decode, finished (time.time)."""
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+
+class DecodeWorker:
+    def __init__(self, model: str, codec: str = "bf16", device: str | None = None,
+                 dtype: str = "auto", engine_options: dict | None = None):
+        self.engine = DisaggregatedEngine(model, dtype=dtype, device=device,
+                                          engine_config=EngineConfig(codec=codec,
+                                                                     **(engine_options or {})))
+        self.codec = codec
+        self.num_layers = self.engine.config.num_layers
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.requests: dict[str, RequestState] = {}
+        self.dropped_messages = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
+                                          daemon=True)]
+        self._threads[0].start()
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"model": e.model_name, "codec": self.codec, "page_size":
+                e.engine_config.page_size, "num_layers": self.num_layers,
+                "device": str(e.device)}
+
+    # -- KV arrival ------------------------------------------------------------------------
+    def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
+                link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
+        """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
+        self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
+                                          latency_ms))
+
+    def attach(self, prefill_id: str, channel: Channel) -> None:
+        t = threading.Thread(target=self._receive_loop, args=(channel,),
+                             name=f"kv-recv-{prefill_id}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _receive_loop(self, channel: Channel) -> None:
+        while not self._stop.is_set():
+            try:
+                buf = channel.recv(KV_TAG, timeout=0.2)
+            except TransferTimeout:
+                continue
+            except TransferClosed:
+                return
+            try:
+                kv = LayerKV.from_bytes(buf.cpu().numpy().tobytes())
+            except Exception:  # unreadable: no request to blame; count it and go on
+                self.dropped_messages += 1
+                continue
+            with self.lock:
+                st = self.requests.get(kv.request_id)
+                if st is None or st.finished:
+                    continue  # aborted or expired meanwhile: drop the layer
+                try:
+                    self.engine.import_layer(kv.request_id, kv)
+                except (ValueError, KeyError) as e:
+                    self._fail(kv.request_id, f"KV rejected: {e}")
+                    continue
+                st.layers += 1
+                if st.layers == self.num_layers:
+                    st.times["kv_complete"] = time.time()
+                    st.arrived.set()
+
+    # -- control (called by the router) ------------------------------------------------------
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                deadline_s: float = 30.0) -> None:
+        """Raises engine.disaggregated.Overloaded when pages or slots are short."""
+        with self.lock:
+            self.engine.reserve(request_id, prompt_ids, params)
+            self.requests[request_id] = RequestState(deadline=time.time() + deadline_s,
+                                                     times={"reserved": time.time()})
+
+    def admit(self, request_id: str, first_token: int, first_logprob: float | None,
+              timeout: float = 30.0) -> dict:
+        st = self.requests[request_id]
+        if not st.arrived.wait(timeout):
+            with self.lock:
+                self._fail(request_id, f"KV transfer incomplete after {timeout:.1f} s "
+                                       f"({st.layers}/{self.num_layers} layers)")
+            return self.poll(request_id, 0, 0)
+        with self.lock:
+            if st.finished:
+                return self.poll(request_id, 0, 0)
+            out = self.engine.admit(request_id, first_token, first_logprob)
+            st.times["admitted"] = time.time()
+            self._update(st, out)
+            self.changed.notify_all()
+        return self.poll(request_id, 0, 0)
+
+    def poll(self, request_id: str, since: int, timeout: float = 1.0) -> dict:
+        """Tokens from index `since` on, waiting up to timeout for news."""
+        deadline = time.time() + timeout
+        with self.changed:
+            st = self.requests[request_id]
+            while len(st.tokens) <= since and not st.finished:
+                left = deadline - time.time()
+                if left <= 0:
+                    break
+                self.changed.wait(left)
+            return {"tokens": st.tokens[since:], "text": st.text, "finished": st.finished,
+                    "finish_reason": st.finish_reason, "error": st.error,
+                    "times": dict(st.times)}
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            st = self.requests.get(request_id)
+            if st is not None and not st.finished:
+                self.engine.abort(request_id)
+                self._end(st, "abort")
+
+    def release(self, request_id: str) -> None:
+        with self.lock:
+            self.abort(request_id)
+            self.requests.pop(request_id, None)
+            self.engine.release(request_id)
+
+    def stats(self) -> dict:
+        with self.lock:
+            pool, sch = self.engine.pool, self.engine.scheduler
+            return {"free_pages": pool.num_free, "used_pages": pool.num_used,
+                    "capacity_pages": pool.capacity, "running": len(sch.running),
+                    "waiting": len(sch.waiting), "reserved": len(sch.reserved),
+                    "dropped_messages": self.dropped_messages}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=2)
+
+    # -- internals -------------------------------------------------------------------------
+    def _fail(self, request_id: str, error: str) -> None:
+        st = self.requests[request_id]
+        self.engine.abort(request_id)
+        st.error = error
+        self._end(st, "error")
+
+    def _end(self, st: RequestState, reason: str) -> None:
+        st.finished, st.finish_reason = True, reason
+        st.times["finished"] = time.time()
+        st.arrived.set()
+        self.changed.notify_all()
+
+    def _update(self, st: RequestState, out) -> None:
+        if len(out.token_ids) > len(st.tokens) and len(st.tokens) == 1:
+            st.times.setdefault("first_decode", time.time())
+        st.tokens, st.text = list(out.token_ids), out.text
+        if out.finished:
+            self._end(st, out.finish_reason)
+
+    def _step_loop(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                now = time.time()
+                for rid, st in self.requests.items():
+                    if not st.finished and not st.arrived.is_set() and now > st.deadline:
+                        self._fail(rid, "KV transfer missed its deadline")
+                outs = self.engine.step() if self.engine.has_unfinished() else []
+                for out in outs:
+                    st = self.requests.get(out.request_id)
+                    if st is not None:
+                        self._update(st, out)
+                if outs:
+                    self.changed.notify_all()
+            if not outs:
+                time.sleep(0.002)

@@ -1,0 +1,147 @@
+"""`zipserve serve` and `zipserve demo`: Ray (embedded, or a cluster with --address) + workers +
+the HTTP router; the demo also sends real requests over HTTP and prints a JCT table."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+
+from zipserve.deploy.ray_backend import RayBackend, ServeConfig
+
+DEMO_PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n\ndef main():",
+    "class Stack:\n    def __init__(self):",
+    "def read_config(path):\n    \"\"\"Read a JSON config file.\"\"\"",
+]
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # embedded: a local Ray just for this process
+        ray.init(include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
+
+
+@contextmanager
+def running_server(cfg: ServeConfig, host: str, port: int, address: str | None = None,
+                   api_key: str | None = None):
+    """Start Ray, the workers and uvicorn in a thread; yield the base URL; stop everything."""
+    import ray
+    import uvicorn
+
+    from zipserve.router.app import create_app
+
+    start_ray(address)
+    backend = RayBackend(cfg)
+    server = uvicorn.Server(uvicorn.Config(create_app(backend, api_key=api_key), host=host,
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}", backend
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        backend.shutdown()
+        if not address:
+            ray.shutdown()
+
+
+def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
+          api_key: str | None) -> None:
+    import uvicorn
+
+    from zipserve.router.app import create_app
+
+    start_ray(address)
+    backend = RayBackend(cfg)
+    print(f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers "
+          f"({backend.device}), codec {cfg.codec}, model {cfg.model}; http://{host}:{port}")
+    uvicorn.run(create_app(backend, api_key=api_key), host=host, port=port, log_level="info")
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str, timeout: float = 30) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _stream(url: str, body: dict, timeout: float = 120) -> str:
+    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    text = ""
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            delta = chunk["choices"][0].get("text") or ""
+            print(delta, end="", flush=True)
+            text += delta
+    print()
+    return text
+
+
+def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict]:
+    """For each codec: start the system, send the demo prompts over HTTP (the first streamed to
+    the terminal), and collect each job's phases from /v1/jobs/{id}."""
+    rows = []
+    for codec in codecs:
+        cfg = ServeConfig(model=model, codec=codec)
+        print(f"\n=== codec {codec}: starting Ray, 1 prefill + 1 decode worker, router ...")
+        with running_server(cfg, "127.0.0.1", port) as (base, _):
+            url = f"{base}/v1/completions"
+            body = {"prompt": DEMO_PROMPTS[0], "max_tokens": max_tokens, "temperature": 0}
+            print(f"--- streaming {DEMO_PROMPTS[0]!r}:")
+            print(DEMO_PROMPTS[0], end="")
+            _stream(url, body)
+            for prompt in DEMO_PROMPTS:
+                out = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+                job = _get(f"{base}/v1/jobs/{out['id']}")
+                rows.append(dict(codec=codec, job=job, prompt=prompt))
+        time.sleep(0.5)
+    _print_table(rows)
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    phases = ["queue", "prefill", "transfer", "decode_queue", "decode"]
+    print("\n| codec | prompt tok | out tok | " + " | ".join(f"{p} ms" for p in phases)
+          + " | TTFT ms | JCT ms |")
+    print("|---|---|---|" + "---|" * len(phases) + "---|---|")
+    for r in rows:
+        j = r["job"]
+        durations = {p["name"]: p.get("duration") for p in j.get("phases", [])}
+        cells = [f"{1e3 * durations[p]:.1f}" if durations.get(p) is not None else "-"
+                 for p in phases]
+        ttft = j.get("ttft")
+        jct = j.get("jct")
+        print(f"| {r['codec']} | {j.get('prompt_tokens')} | {j.get('completion_tokens')} | "
+              + " | ".join(cells)
+              + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} |" if ttft is not None and jct is not None
+              else f"| {r['codec']} | job record incomplete: {j} |")
+
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

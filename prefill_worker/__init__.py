@@ -1,0 +1,1 @@
+"""prefill_worker: runs prompts and sends their KV, layer by layer, to a decode worker."""

@@ -1,0 +1,101 @@
+"""PrefillWorker: runs one prompt at a time and streams its KV to the paired decode worker.
+
+Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to a sender thread the
+moment the model has stored it, so the transfer of layer l overlaps the compute of layer l+1.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from zipserve.engine.config import EngineConfig
+from zipserve.engine.disaggregated import DisaggregatedEngine
+from zipserve.engine.kv_export import LayerKV
+from zipserve.engine.sampling_params import SamplingParams
+from zipserve.transfer.pairing import connect_pair
+from zipserve.transfer.channel import Channel
+
+KV_TAG = 1
+
+
+@dataclass
+class PrefillReport:
+    request_id: str
+    first_token: int
+    first_logprob: float | None
+    prefill_start: float
+    prefill_end: float
+    """Wall-clock (time.time) bounds of the forward pass incl. encoding."""
+    send_end: float
+    """When the last layer had left for the decode worker."""
+    bytes_sent: int
+    dense_bytes: int
+    """What the same KV takes uncompressed in the engine's dtype (bf16 on GPU, fp32 on CPU)."""
+
+
+class PrefillWorker:
+    def __init__(self, model: str, codec: str = "bf16", device: str | None = None,
+                 dtype: str = "auto", engine_options: dict | None = None):
+        self.engine = DisaggregatedEngine(model, dtype=dtype, device=device,
+                                          engine_config=EngineConfig(codec=codec,
+                                                                     **(engine_options or {})))
+        self.codec = codec
+        self.channels: dict[str, Channel] = {}
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"model": e.model_name, "codec": self.codec, "page_size":
+                e.engine_config.page_size, "num_layers": e.config.num_layers,
+                "device": str(e.device)}
+
+    def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
+                link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
+        """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
+        self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
+                                          latency_ms))
+
+    def attach(self, decode_id: str, channel: Channel) -> None:
+        self.channels[decode_id] = channel
+
+    def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                decode_id: str) -> PrefillReport:
+        channel = self.channels[decode_id]
+        outbox: queue.Queue[LayerKV | None] = queue.Queue()
+        sent = {"bytes": 0, "error": None}
+
+        def sender() -> None:
+            while (kv := outbox.get()) is not None:
+                if sent["error"] is not None:
+                    continue
+                try:
+                    data = kv.to_bytes()
+                    channel.send(data, KV_TAG)
+                    sent["bytes"] += len(data)
+                except Exception as e:  # surfaced to the caller below
+                    sent["error"] = e
+
+        thread = threading.Thread(target=sender, name=f"kv-send-{request_id}", daemon=True)
+        thread.start()
+        t0 = time.time()
+        try:
+            res = self.engine.prefill_export(prompt_ids, params, request_id, on_layer=outbox.put)
+        finally:
+            outbox.put(None)
+            thread.join()
+        t1 = time.time()
+        if sent["error"] is not None:
+            raise sent["error"]
+        cfg = self.engine.config
+        return PrefillReport(request_id, res.first_token, res.first_logprob, t0,
+                             t0 + res.prefill_seconds, t1, sent["bytes"],
+                             len(prompt_ids) * cfg.kv_bytes_per_token(
+                                 torch.empty((), dtype=self.engine.dtype).element_size()))
+
+    def stats(self) -> dict:
+        pool = self.engine.pool
+        return {"free_pages": pool.num_free, "used_pages": pool.num_used}

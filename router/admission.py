@@ -1,0 +1,103 @@
+"""From a validated OpenAI request to a `Job`: model check, prompt tokens, context-length checks
+and sampling defaults. Every refusal is an `OpenAIError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from zipserve.router.backend import Backend, Job
+from zipserve.router.errors import OpenAIError
+from zipserve.router.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default for /v1/completions; chat defaults to the rest of the context."""
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_model(backend: Backend, requested: str | None) -> None:
+    if requested is not None and requested != backend.model_name:
+        raise OpenAIError(404, f"model: the model '{requested}' does not exist; this server "
+                               f"serves '{backend.model_name}'",
+                          param="model", code="model_not_found")
+
+
+def completion_prompt_ids(backend: Backend, req: CompletionRequest) -> list[int]:
+    ids = backend.tokenize(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+    if not ids:
+        raise OpenAIError(400, "prompt: tokenizes to nothing", param="prompt")
+    return ids
+
+
+def chat_prompt_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
+    messages = [{"role": m.role, "content": m.content} for m in req.messages]
+    ids = backend.tokenize(backend.apply_chat_template(messages))
+    if not ids:
+        raise OpenAIError(400, "messages: the conversation tokenizes to nothing",
+                          param="messages")
+    return ids
+
+
+def choose_max_tokens(requested: int | None, default: int | None, prompt_len: int,
+                      max_model_len: int, prompt_param: str) -> int:
+    """Check the context budget; an explicit max_tokens must fit, a default is clamped."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise OpenAIError(400, f"{prompt_param}: this model's maximum context length is "
+                               f"{max_model_len} tokens and the prompt has {prompt_len}; "
+                               f"no room is left to generate", param=prompt_param,
+                          code="context_length_exceeded")
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise OpenAIError(400, f"max_tokens: {prompt_len} prompt tokens + max_tokens "
+                               f"{requested} = {prompt_len + requested} exceeds this model's "
+                               f"maximum context length of {max_model_len} tokens",
+                          param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
+              max_tokens: int | None, default_max_tokens: int | None, prompt_param: str,
+              arrival: float | None = None) -> Job:
+    return Job(
+        id=new_job_id(),
+        prompt_ids=prompt_ids,
+        max_tokens=choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
+                                     backend.max_model_len, prompt_param),
+        temperature=1.0 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        top_k=0 if req.top_k is None else req.top_k,
+        seed=req.seed,
+        stop=req.stop_list(),
+        arrival=time.time() if arrival is None else arrival,
+        codec=req.codec,
+    )
+
+
+def admit_completion(backend: Backend, req: CompletionRequest,
+                     arrival: float | None = None) -> Job:
+    """The job for a /v1/completions request (`arrival`: when the request came in)."""
+    check_model(backend, req.model)
+    ids = completion_prompt_ids(backend, req)
+    return build_job(backend, req, ids, max_tokens=req.max_tokens,
+                     default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, prompt_param="prompt",
+                     arrival=arrival)
+
+
+def admit_chat(backend: Backend, req: ChatCompletionRequest,
+               arrival: float | None = None) -> Job:
+    """The job for a /v1/chat/completions request (`arrival`: when the request came in)."""
+    check_model(backend, req.model)
+    ids = chat_prompt_ids(backend, req)
+    max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+    return build_job(backend, req, ids, max_tokens=max_tokens, default_max_tokens=None,
+                     prompt_param="messages", arrival=arrival)

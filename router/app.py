@@ -1,0 +1,136 @@
+"""The router's FastAPI app: OpenAI-compatible completions and chat, models, health, job records.
+
+    app = create_app(backend, api_key=None)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with "stream": true),
+GET /v1/models, GET /health (open even with an API key), GET /v1/jobs/{id}, GET /v1/jobs?limit=N.
+Every generation response carries the job id: in the OpenAI `id` ("cmpl-<id>" for completions,
+"chatcmpl-<id>" for chat) and in the `x-zipserve-job-id` header. Errors are OpenAI error bodies.
+Request bodies are parsed as JSON whatever their Content-Type (curl -d sends a form type).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from zipserve.router.admission import admit_chat, admit_completion
+from zipserve.router.auth import ApiKeyMiddleware
+from zipserve.router.backend import Backend
+from zipserve.router.errors import OpenAIError, install_error_handlers, parse_model
+from zipserve.router.formats import ChatFormat, CompletionFormat
+from zipserve.router.jobs import JobRegistry
+from zipserve.router.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    JobList,
+    JobView,
+    ModelCard,
+    ModelList,
+)
+from zipserve.router.serving import RouterState, respond
+
+DEFAULT_JOB_HISTORY = 1000
+"""Job records kept for /v1/jobs (oldest dropped first)."""
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise OpenAIError(400, "the request body is empty: send a JSON object")
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise OpenAIError(400, "malformed JSON: the body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise OpenAIError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                          ) from None
+
+
+def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def create_app(backend: Backend, *, api_key: str | None = None,
+               job_history: int = DEFAULT_JOB_HISTORY) -> FastAPI:
+    """An app serving `backend`; with `api_key`, every route but /health needs that bearer key."""
+    state = RouterState(backend=backend, registry=JobRegistry(job_history))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await state.shutdown()
+
+    app = FastAPI(title="zipserve router", lifespan=lifespan)
+    app.state.router = state
+    install_error_handlers(app)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        arrival = time.time()
+        req = parse_model(CompletionRequest, await read_json(request))
+        job = admit_completion(backend, req, arrival)
+        fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
+                               model=backend.model_name)
+        return await respond(state, request, job, fmt, stream=req.stream,
+                             include_usage=_include_usage(req))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        arrival = time.time()
+        req = parse_model(ChatCompletionRequest, await read_json(request))
+        job = admit_chat(backend, req, arrival)
+        fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name)
+        return await respond(state, request, job, fmt, stream=req.stream,
+                             include_usage=_include_usage(req))
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=backend.model_name, created=int(state.started),
+                                         max_model_len=backend.max_model_len)])
+
+    @app.get("/health", response_model=None)
+    async def health() -> JSONResponse:
+        try:
+            backend_health = dict(backend.health())
+            ok = backend_health.get("status", "ok") == "ok"
+        except Exception as exc:
+            backend_health = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            ok = False
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "model": backend.model_name,
+            "backend": backend_health,
+            "router": {
+                "uptime_s": time.time() - state.started,
+                "active_jobs": len(state.active),
+                "jobs_total": state.registry.total,
+                "jobs_by_state": state.registry.count_by_state(),
+            },
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> JobView:
+        """One job by its id (the OpenAI response id, "cmpl-<id>", works too)."""
+        record = state.registry.get(job_id.removeprefix("chatcmpl-").removeprefix("cmpl-"))
+        if record is None:
+            raise OpenAIError(404, f"job_id: no job '{job_id}' (unknown, or older than the "
+                                   f"last {state.registry.capacity} jobs)",
+                              param="job_id", code="job_not_found")
+        return record.view()
+
+    @app.get("/v1/jobs")
+    async def list_jobs(limit: int = Query(50, ge=1, le=10_000)) -> JobList:
+        return JobList(data=[r.view() for r in state.registry.recent(limit)])
+
+    return app

@@ -1,0 +1,152 @@
+"""What the router hands to the serving side, what it gets back, and the protocol between them.
+
+The router never imports the engine or Ray. It builds a `Job` (token ids + sampling fields),
+passes it to a `Backend`, and reads an async stream of `BackendEvent`s:
+
+- `PhaseEvent`: a phase of the request's path (queue, prefill, encode, transfer, decode_queue,
+  decode) began (`end is None`) or spans [start, end]; timestamps are `time.time()` seconds.
+- `TokenEvent`: one generated token and the text it adds (possibly "", e.g. while a stop string
+  might still be forming).
+- `FinishEvent`: the last event of every stream: why it ended and the token counts.
+
+A Ray-backed implementation (prefill + decode actors) and `FakeBackend` (tests, demos) both
+satisfy `Backend`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, get_args, runtime_checkable
+
+PhaseName = Literal["queue", "prefill", "encode", "transfer", "decode_queue", "decode"]
+"""The phases of one request's path, in path order."""
+
+PHASES: tuple[str, ...] = get_args(PhaseName)
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+"""stop: EOS / stop token / stop string; length: max_tokens or context; abort; error."""
+
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
+
+
+@dataclass
+class Job:
+    """One generation request as the backend sees it (validated by the router already)."""
+
+    id: str
+    """Unique job id; the OpenAI response id is derived from it ("cmpl-<id>")."""
+    prompt_ids: list[int]
+    """Prompt token ids (non-empty)."""
+    max_tokens: int
+    """Most tokens to generate (>= 1); prompt + max_tokens fits in the model's context."""
+    temperature: float = 1.0
+    """Sampling temperature (>= 0; 0 is greedy)."""
+    top_p: float = 1.0
+    """Nucleus mass in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 disables."""
+    seed: int | None = None
+    """Per-request sampler seed."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: the output ends right before the first match (not included)."""
+    arrival: float = field(default_factory=time.time)
+    """When the router accepted the request (`time.time()`); TTFT and JCT count from here."""
+    codec: str | None = None
+    """Per-request KV codec override (e.g. "hack"); None: the deployment's default."""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("id: must be non-empty")
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids: must be non-empty")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k: must be -1, 0 or >= 1, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: entries must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class PhaseEvent:
+    """A phase began (end None) or ran from start to end (both `time.time()` seconds)."""
+
+    name: PhaseName
+    start: float
+    end: float | None = None
+    kind: Literal["phase"] = field(default="phase", init=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in PHASES:
+            raise ValueError(f"name: must be one of {PHASES}, got {self.name!r}")
+        if self.end is not None and self.end < self.start:
+            raise ValueError(f"end: {self.end} is before start {self.start}")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it adds to the output (may be empty)."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    kind: Literal["token"] = field(default="token", init=False)
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The stream's last event."""
+
+    reason: FinishReason
+    error: str | None = None
+    """Human-readable cause when reason is "error" (or "abort")."""
+    prompt_tokens: int | None = None
+    """Prompt tokens the backend processed; None: the router uses len(job.prompt_ids)."""
+    completion_tokens: int | None = None
+    """Tokens generated; None: the router counts the token events."""
+    codec: str | None = None
+    """The KV codec actually used, when the backend knows it."""
+    kind: Literal["finish"] = field(default="finish", init=False)
+
+    def __post_init__(self) -> None:
+        if self.reason not in FINISH_REASONS:
+            raise ValueError(f"reason: must be one of {FINISH_REASONS}, got {self.reason!r}")
+
+
+BackendEvent = PhaseEvent | TokenEvent | FinishEvent
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The serving side as the router sees it."""
+
+    model_name: str
+    """The one model served; requests naming another model get 404."""
+    max_model_len: int
+    """Context length: prompt tokens + max_tokens must fit in it."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` (called on the event loop: must be fast)."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The prompt text for [{"role": ..., "content": str}, ...], ready for `tokenize`."""
+        ...
+
+    def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
+        """Run `job`: phase and token events, always ending with one `FinishEvent`."""
+        ...
+
+    async def abort(self, job_id: str) -> None:
+        """Stop `job_id` wherever it is and free what it holds; unknown or finished ids: no-op."""
+        ...
+
+    def health(self) -> dict:
+        """A JSON-able status; a "status" key other than "ok" makes /health answer 503."""
+        ...

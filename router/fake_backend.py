@@ -1,0 +1,139 @@
+"""`FakeBackend`: a deterministic in-process `Backend` for tests and demos (no model, no Ray).
+
+- Tokenizer: UTF-8 bytes (token id = byte value), so prompt token counts are byte counts.
+- Chat template: "<|role|>\\ncontent\\n" per message, then "<|assistant|>\\n".
+- Generation: token i is " t<k>" with k = i + (seed or 0), token id 1000 + k; honours
+  max_tokens and stop strings (cut right before the first match; text that may still become a
+  stop string is held back, so streamed deltas never contain part of one).
+- Phases: queue, prefill, encode, transfer, decode_queue back to back from job.arrival, each
+  `phase_delay` long, then decode with one token every `token_delay`.
+- Knobs (plain attributes, change them between requests): `token_delay` (slow it down for
+  disconnect tests), `fail_message` + `fail_after_tokens` (finish with an error after that many
+  tokens), `phase_delay`.
+- Records: `jobs` (every Job seen), `aborted` (ids passed to `abort`, in order), `abort_event`
+  (a threading.Event set on every abort, for tests in another thread), `active` (ids whose stream
+  is still running: empty when nothing leaked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from zipserve.router.backend import (
+    BackendEvent,
+    FinishEvent,
+    Job,
+    PhaseEvent,
+    TokenEvent,
+)
+
+PRE_DECODE_PHASES = ("queue", "prefill", "encode", "transfer", "decode_queue")
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop-string match in `text`, if any."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class FakeBackend:
+    """A `Backend` with a byte tokenizer and counting output; see the module docstring."""
+
+    def __init__(self, *, model_name: str = "zipserve-fake", max_model_len: int = 256,
+                 phase_delay: float = 0.001, token_delay: float = 0.001,
+                 codec: str = "bf16") -> None:
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.phase_delay = phase_delay
+        self.token_delay = token_delay
+        self.codec = codec
+        self.fail_message: str | None = None
+        self.fail_after_tokens = 0
+        self.jobs: list[Job] = []
+        self.aborted: list[str] = []
+        self.abort_event = threading.Event()
+        self.active: set[str] = set()
+        self._abort_requested: set[str] = set()
+
+    # ----------------------------------------------------------------- Backend protocol
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return turns + "<|assistant|>\n"
+
+    async def abort(self, job_id: str) -> None:
+        self._abort_requested.add(job_id)
+        self.aborted.append(job_id)
+        self.abort_event.set()
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "max_model_len": self.max_model_len,
+                "codec": self.codec, "active_jobs": len(self.active)}
+
+    async def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
+        self.jobs.append(job)
+        self.active.add(job.id)
+        try:
+            async for ev in self._run(job):
+                yield ev
+        finally:
+            self.active.discard(job.id)
+            self._abort_requested.discard(job.id)
+
+    # ----------------------------------------------------------------- generation
+
+    def _finish(self, job: Job, reason: str, tokens: int, error: str | None = None):
+        return FinishEvent(reason=reason, error=error, prompt_tokens=len(job.prompt_ids),
+                           completion_tokens=tokens, codec=job.codec or self.codec)
+
+    async def _run(self, job: Job) -> AsyncIterator[BackendEvent]:
+        t = job.arrival
+        for name in PRE_DECODE_PHASES:
+            await asyncio.sleep(self.phase_delay)
+            now = time.time()
+            yield PhaseEvent(name, t, max(now, t))
+            t = max(now, t)
+            if job.id in self._abort_requested:
+                yield self._finish(job, "abort", 0, "aborted")
+                return
+
+        decode_start, text, sent, n = t, "", 0, 0
+        reason, error = "length", None
+        while n < job.max_tokens:
+            if self.fail_message is not None and n >= self.fail_after_tokens:
+                reason, error = "error", self.fail_message
+                break
+            await asyncio.sleep(self.token_delay)
+            if job.id in self._abort_requested:
+                reason, error = "abort", "aborted"
+                break
+            k = n + (job.seed or 0)
+            text += f" t{k}"
+            n += 1
+            cut = first_stop(text, job.stop)
+            if cut is not None:
+                yield TokenEvent(1000 + k, text[sent:cut])
+                reason = "stop"
+                break
+            keep = held_back(text, job.stop) if n < job.max_tokens else 0
+            yield TokenEvent(1000 + k, text[sent:len(text) - keep])
+            sent = len(text) - keep
+        yield PhaseEvent("decode", decode_start, max(time.time(), decode_start))
+        yield self._finish(job, reason, n, error)

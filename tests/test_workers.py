@@ -1,0 +1,105 @@
+"""Prefill and decode workers in one process over an in-process channel: same tokens as one
+engine, KV really crosses the channel compressed, deadlines and corrupt KV free everything."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.engine.disaggregated import Overloaded
+from zipserve.engine.llm import LLM, SamplingParams
+from zipserve.prefill_worker.worker import KV_TAG, PrefillWorker
+from zipserve.transfer.inprocess import InProcessChannel
+
+pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
+                                reason="reference checkpoint not present")
+MODEL = str(REFERENCE_MODEL)
+
+
+def _pair(codec: str, **opts):
+    a, b = InProcessChannel.pair()
+    pre, dec = PrefillWorker(MODEL, codec, "cpu"), DecodeWorker(MODEL, codec, "cpu",
+                                                                   engine_options=opts)
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    return pre, dec, a
+
+
+def _whole(dec: DecodeWorker):
+    s = dec.stats()
+    assert s["free_pages"] == s["capacity_pages"] and s["reserved"] == 0 and s["running"] == 0
+
+
+def _serve(pre, dec, rid, prompt, params):
+    dec.reserve(rid, prompt, params)
+    rep = pre.prefill(rid, prompt, params, "d0")
+    res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
+    while not res["finished"]:
+        res = dec.poll(rid, 0, timeout=5)
+    return rep, res
+
+
+@pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi4"])
+def test_workers_equal_one_engine(codec):
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompts = [list(range(3, 520)), list(range(700, 720))]
+    want = [o.token_ids for o in LLM(MODEL, device="cpu", codec=codec).generate(prompts, params)]
+    pre, dec, _ = _pair(codec)
+    try:
+        for i, prompt in enumerate(prompts):
+            rep, res = _serve(pre, dec, f"q{i}", prompt, params)
+            assert res["tokens"] == want[i] and res["finish_reason"] == "length"
+            assert 0 < rep.bytes_sent
+            if codec != "bf16" and i == 0:
+                assert rep.bytes_sent < rep.dense_bytes / 3  # compressed on the wire
+            for k in ("reserved", "kv_complete", "admitted", "finished"):
+                assert k in res["times"]
+            dec.release(f"q{i}")
+        _whole(dec)
+    finally:
+        dec.shutdown()
+
+
+def test_deadline_frees_reservation():
+    pre, dec, _ = _pair("hack2")
+    try:
+        dec.reserve("late", list(range(3, 100)), SamplingParams(max_tokens=5), deadline_s=0.3)
+        time.sleep(0.6)
+        res = dec.poll("late", 0, timeout=1)
+        assert res["finished"] and res["finish_reason"] == "error"
+        assert "deadline" in res["error"]
+        dec.release("late")
+        _whole(dec)
+    finally:
+        dec.shutdown()
+
+
+def test_corrupt_kv_fails_request_and_frees():
+    pre, dec, chan = _pair("hack2")
+    try:
+        dec.reserve("bad", list(range(3, 140)), SamplingParams(max_tokens=5))
+        chan.send(b"not a layer at all", KV_TAG)  # garbage is dropped by the receiver...
+        from zipserve.engine.kv_export import LayerKV
+
+        kv = LayerKV(0, 137, b"ZIPKV\x00\x01\x00" + b"\x00" * 8, {}, "bad")
+        chan.send(kv.to_bytes(), KV_TAG)  # ...a broken layer for a live request fails it
+        res = dec.admit("bad", 1, None, timeout=2)
+        assert dec.stats()["dropped_messages"] == 1
+        assert res["finished"] and res["finish_reason"] == "error" and "rejected" in res["error"]
+        dec.release("bad")
+        _whole(dec)
+    finally:
+        dec.shutdown()
+
+
+def test_overload_is_refused_not_queued():
+    pre, dec, _ = _pair("hack2", num_pages=4)
+    try:
+        with pytest.raises(Overloaded):
+            dec.reserve("big", list(range(3, 400)), SamplingParams(max_tokens=5))
+        _whole(dec)
+    finally:
+        dec.shutdown()

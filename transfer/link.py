@@ -1,0 +1,83 @@
+"""`LinkEmulator`: shapes any Channel's sends like a link of given bandwidth and latency.
+
+The link is one shared resource: each send reserves the next free slot of
+bytes * 8 / (gbps * 1e9) seconds on it (a busy-until timestamp, so concurrent or back-to-back
+sends queue behind each other like on a real wire), then sleeps until its slot ends plus the
+latency, then hands the buffer to the wrapped channel. Off by default (no bandwidth limit, no
+latency): then send passes straight through. Receives are not shaped.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from zipserve.transfer.channel import Buffer, Channel
+
+
+class LinkEmulator(Channel):
+    def __init__(self, inner: Channel, gbps: float | None = None, latency_ms: float = 0.0,
+                 history_s: float = 60.0) -> None:
+        """inner: the channel to shape. gbps: link bandwidth in Gb/s (None: unlimited).
+        latency_ms: one-way latency added to every send. history_s: how far back
+        busy_fraction can look."""
+        super().__init__()
+        if gbps is not None and gbps <= 0:
+            raise ValueError(f"gbps must be positive or None, got {gbps}")
+        if latency_ms < 0:
+            raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
+        self.inner, self.gbps, self.latency_ms = inner, gbps, latency_ms
+        self._history_s = history_s
+        self._lock = threading.Lock()
+        self._busy_until = 0.0
+        self._busy: deque[tuple[float, float]] = deque()  # (start, end) on time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.gbps is not None or self.latency_ms > 0
+
+    def transmit_seconds(self, nbytes: int) -> float:
+        """Serialization time of nbytes on this link (0 when unlimited)."""
+        return 0.0 if self.gbps is None else nbytes * 8 / (self.gbps * 1e9)
+
+    def send(self, buf: Buffer, tag: int) -> None:
+        nbytes = buf.numel() * buf.element_size() if isinstance(buf, torch.Tensor) else \
+            memoryview(buf).nbytes
+        if self.enabled:
+            tx = self.transmit_seconds(nbytes)
+            with self._lock:
+                now = time.monotonic()
+                start = max(now, self._busy_until)
+                self._busy_until = start + tx
+                if tx > 0:
+                    self._busy.append((start, start + tx))
+                while self._busy and self._busy[0][1] < now - self._history_s:
+                    self._busy.popleft()
+                done = self._busy_until + self.latency_ms / 1e3
+            _sleep_until(done)
+        self.inner.send(buf, tag)
+        self._count_sent(nbytes)
+
+    def recv(self, tag: int, timeout: float | None = None) -> torch.Tensor:
+        msg = self.inner.recv(tag, timeout)
+        self._count_received(msg.numel())
+        return msg
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def busy_fraction(self, window_s: float = 1.0) -> float:
+        """Fraction of the last window_s seconds during which the link was transmitting."""
+        now = time.monotonic()
+        lo = now - window_s
+        with self._lock:
+            busy = sum(max(0.0, min(e, now) - max(s, lo)) for s, e in self._busy)
+        return min(1.0, busy / window_s) if window_s > 0 else 0.0
+
+
+def _sleep_until(t: float) -> None:
+    while (left := t - time.monotonic()) > 0:
+        time.sleep(left)
