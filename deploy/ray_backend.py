@@ -133,14 +133,12 @@ class RayBackend:
             rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
             self.outstanding[("p", pi)] -= len(job.prompt_ids)
             pi = None
-            yield PhaseEvent("queue", job.arrival, rep.prefill_start)
-            yield PhaseEvent("prefill", rep.prefill_start, rep.prefill_end)
+            start = max(job.arrival, rep.prefill_start)
+            yield PhaseEvent("queue", job.arrival, start)
+            yield PhaseEvent("prefill", start, max(start, rep.prefill_end))
             res = await dec.admit.remote(job.id, rep.first_token, rep.first_logprob,
                                          self.cfg.transfer_deadline_s)
-            t = res["times"]
-            if "kv_complete" in t:
-                yield PhaseEvent("transfer", rep.prefill_end, t["kv_complete"])
-            async for ev in self._tokens(dec, job.id, res, t):
+            async for ev in self._tokens(dec, job.id, res, max(start, rep.prefill_end)):
                 yield ev
         finally:
             if pi is not None:
@@ -149,31 +147,39 @@ class RayBackend:
             self._jobs.pop(job.id, None)
             dec.release.remote(job.id)
 
-    async def _tokens(self, dec, job_id: str, res: dict, t: dict) -> AsyncIterator[BackendEvent]:
-        sent, text, decode_started = 0, "", False
+    async def _tokens(self, dec, job_id: str, res: dict,
+                      prefill_end: float) -> AsyncIterator[BackendEvent]:
+        """Token events as they are decoded, and the phases after prefill. Layers stream while
+        prefill runs, so the transfer phase is only what remains after prefill ended (0 when
+        the transfer was fully overlapped); each phase starts where the previous one ended."""
+        sent, text, phases_done, decode_start = 0, "", False, prefill_end
         while True:
             new = res["tokens"]
+            times = res["times"]
+            if not phases_done and ("admitted" in times or res["finished"]):
+                phases_done = True
+                t_kv = max(prefill_end, times.get("kv_complete", prefill_end))
+                t_adm = max(t_kv, times.get("admitted", t_kv))
+                yield PhaseEvent("transfer", prefill_end, t_kv)
+                yield PhaseEvent("decode_queue", t_kv, t_adm)
+                decode_start = t_adm
             for k, tok in enumerate(new):  # the batch's new text rides on its last token
                 delta = res["text"][len(text):] if k == len(new) - 1 else ""
                 text += delta
                 yield TokenEvent(tok, delta)
             sent += len(new)
-            times = res["times"]
-            if not decode_started and "admitted" in times:
-                decode_started = True
-                yield PhaseEvent("decode_queue", times.get("kv_complete", times["admitted"]),
-                                 times["admitted"])
             if res["finished"]:
-                if "admitted" in times:
-                    yield PhaseEvent("decode", times["admitted"], times["finished"])
+                yield PhaseEvent("decode", decode_start, max(decode_start, times["finished"]))
                 yield FinishEvent(res["finish_reason"], error=res["error"],
                                   codec=self.cfg.codec)
                 return
             res = await dec.poll.remote(job_id, sent, 1.0)
 
     def shutdown(self) -> None:
-        for d in self.decode:
-            try:
-                ray.get(d.shutdown.remote(), timeout=5)
-            except Exception:
-                pass
+        """Stop the workers' threads and the actors themselves."""
+        try:
+            ray.get([d.shutdown.remote() for d in self.decode], timeout=10)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            print(f"zipserve: decode workers did not stop cleanly: {e}")
+        for actor in self.prefill + self.decode:
+            ray.kill(actor)

@@ -41,6 +41,7 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
 
     from zipserve.router.app import create_app
 
+    own_ray = not ray.is_initialized()
     start_ray(address)
     backend = RayBackend(cfg)
     server = uvicorn.Server(uvicorn.Config(create_app(backend, api_key=api_key), host=host,
@@ -58,7 +59,7 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
         server.should_exit = True
         thread.join(timeout=10)
         backend.shutdown()
-        if not address:
+        if own_ray:
             ray.shutdown()
 
 
