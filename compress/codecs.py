@@ -185,6 +185,8 @@ class HackCodec(KVCodec):
         super().__init__(num_kv_heads, page_size, head_dim)
         if mode not in ("f16", "int8"):
             raise ValueError(f"mode: must be 'f16' or 'int8', got {mode!r}")
+        if head_dim < 64 or head_dim & (head_dim - 1):
+            raise ValueError(f"codec: hack needs head_dim a power of two >= 64, got {head_dim}")
         self.bits, self.mode, self.name = bits, mode, f"hack{bits}"
         # The kernel unpacks V in planes of D/E channels; a V group may not split a plane.
         self.group_v = min(head_dim, max(group_v, head_dim * bits // 8))

@@ -42,7 +42,7 @@ class LowRankBases:
         return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
 
 
-def _pad_pow2(r: int, lo: int = 32) -> int:
+def _pad_pow2(r: int, lo: int = 64) -> int:
     p = lo
     while p < r:
         p *= 2

@@ -17,7 +17,7 @@ import torch
 
 MAGIC = b"ZIPKV\x00\x01\x00"  # name + layout version 1
 LAYOUT_VERSION = 1
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
+DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16,
     torch.float32, torch.float8_e4m3fn)}
 
@@ -72,7 +72,7 @@ def unpack_pages(buf: bytes | bytearray | memoryview) -> WirePages:
     n = header["num_pages"]
     tensors = {}
     for f in header["fields"]:
-        dtype = _DTYPES.get(f["dtype"])
+        dtype = DTYPES.get(f["dtype"])
         if dtype is None:
             raise WireError(f"unknown dtype {f['dtype']!r} for {f['name']}")
         raw = payload[f["offset"]:f["offset"] + f["nbytes"]]

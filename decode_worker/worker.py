@@ -193,7 +193,13 @@ class DecodeWorker:
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
                         self._fail(rid, "KV transfer missed its deadline")
-                outs = self.engine.step() if self.engine.has_unfinished() else []
+                try:
+                    outs = self.engine.step() if self.engine.has_unfinished() else []
+                except Exception as e:  # never die silently: fail what was running, go on
+                    outs = []
+                    for rid, st in list(self.requests.items()):
+                        if not st.finished and st.arrived.is_set():
+                            self._fail(rid, f"decode step failed: {type(e).__name__}: {e}")
                 for out in outs:
                     st = self.requests.get(out.request_id)
                     if st is not None:

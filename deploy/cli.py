@@ -147,6 +147,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         kernel_bench.run(Path(args.out), codecs, args.batches or [1, 8, 32],
                          args.contexts or [4096, 32768, 131072])
         return 0
+    if args.what == "disagg":
+        from zipserve.bench import disagg_bench
+
+        disagg_bench.run(args.model or "random:llama3-8b", args.codecs.split(","),
+                         args.prefill_len, args.gen_tokens, [None, args.link_gbps_bench],
+                         Path(args.out), device=args.device)
+        return 0
     if args.what == "quality":
         from zipserve.bench import quality_bench
 
@@ -235,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality"])
+    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg"])
+    b.add_argument("--link-gbps-bench", type=float, default=10.0,
+                   help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,
                    help="default: random:llama3-8b (engine), the reference model (quality)")
     b.add_argument("--codecs", default="bf16,fp8,kivi4,hack4,kivi2,hack2,lowrank,lowrank+hack4,lowrank+hack2")

@@ -7,13 +7,15 @@ them into pages and a slot it reserved beforehand; page ids need not match.
 
 from __future__ import annotations
 
-import io
+import json
+import math
+import struct
 from dataclasses import dataclass, field
 
 import torch
 
 from zipserve.compress.compressed_cache import CompressedKVCache
-from zipserve.compress.wire import WirePages, adopt_pages, pack_pages, unpack_pages
+from zipserve.compress.wire import DTYPES, WirePages, adopt_pages, pack_pages, unpack_pages
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sequence import Sequence
@@ -34,16 +36,43 @@ class LayerKV:
         return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
 
     def to_bytes(self) -> bytes:
-        """Everything in one buffer (for channels that move bytes only)."""
-        buf = io.BytesIO()
-        torch.save({"layer": self.layer, "num_tokens": self.num_tokens, "pages": self.pages,
-                    "tail": self.tail, "request_id": self.request_id}, buf)
-        return buf.getvalue()
+        """Everything in one buffer (no pickle): magic, JSON header, pages, raw tail tensors."""
+        tail = {name: t.contiguous().cpu() for name, t in self.tail.items()}
+        header = json.dumps({
+            "layer": self.layer, "num_tokens": self.num_tokens, "request_id": self.request_id,
+            "pages_nbytes": len(self.pages),
+            "tail": [{"name": n, "dtype": str(t.dtype).removeprefix("torch."),
+                      "shape": list(t.shape)} for n, t in tail.items()]}).encode()
+        parts = [_MAGIC, struct.pack("<I", len(header)), header, self.pages]
+        parts += [t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                  for t in tail.values()]
+        return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "LayerKV":
-        d = torch.load(io.BytesIO(data), weights_only=True)
-        return cls(d["layer"], d["num_tokens"], d["pages"], d["tail"], d["request_id"])
+        """Parse to_bytes output; ValueError on anything else."""
+        if data[:len(_MAGIC)] != _MAGIC:
+            raise ValueError("not a zipserve LayerKV buffer")
+        (hlen,) = struct.unpack("<I", data[len(_MAGIC):len(_MAGIC) + 4])
+        pos = len(_MAGIC) + 4
+        h = json.loads(data[pos:pos + hlen])
+        pos += hlen
+        pages = data[pos:pos + h["pages_nbytes"]]
+        pos += h["pages_nbytes"]
+        tail = {}
+        for f in h["tail"]:
+            dtype = DTYPES[f["dtype"]]
+            n = math.prod(f["shape"]) * torch.empty((), dtype=dtype).element_size()
+            raw = bytearray(data[pos:pos + n])
+            if len(raw) != n:
+                raise ValueError(f"LayerKV buffer truncated in tail tensor {f['name']}")
+            t = torch.frombuffer(raw, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+            tail[f["name"]] = t.view(dtype).view(f["shape"])
+            pos += n
+        return cls(h["layer"], h["num_tokens"], pages, tail, h["request_id"])
+
+
+_MAGIC = b"ZKVL\x01"
 
 
 def _codec_name(cache) -> str:
