@@ -31,7 +31,7 @@ from zipserve.kernels.kivi_decode_attention import (
     _online_softmax_step,
     _store_result,
 )
-from zipserve.kernels.paged_decode_attention import _merge_splits_kernel
+from zipserve.kernels.paged_decode_attention import is_interpreted, merge_splits
 
 __all__ = ["fp8_decode_attention", "fp8_decode_attention_ref", "fp8_bytes_per_token"]
 
@@ -166,11 +166,7 @@ def _launch_config(head_dim: int, page_size: int, dtype: torch.dtype):
 
 
 def _kernel_is_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(_fp8_decode_kernel, InterpretedFunction)
+    return is_interpreted(_fp8_decode_kernel)
 
 
 def fp8_decode_attention(q, k, k_scale, v, v_scale, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
@@ -204,11 +200,7 @@ def fp8_decode_attention(q, k, k_scale, v, v_scale, page_table, n_pages, dense_k
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(B, H)](
-            part, lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D,
-            num_warps=1 if D <= 64 else 2,
-        )
+        merge_splits(part, lse, out)
     return out
 
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token, unpack_planar
-from zipserve.kernels.paged_decode_attention import _merge_splits_kernel, choose_num_splits
+from zipserve.kernels.paged_decode_attention import is_interpreted, merge_splits, choose_num_splits
 
 __all__ = ["hack_decode_attention", "hack_decode_attention_ref", "hack_num_splits", "hack_bytes_per_token"]
 
@@ -301,7 +301,7 @@ def hack_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: in
 
 
 def _kernel_is_interpreted() -> bool:
-    return type(_hack_decode_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_hack_decode_kernel)
 
 
 def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale, bits, n_sink=4,
@@ -334,11 +334,7 @@ def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(B, H)](
-            part, lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D,
-            num_warps=1 if D <= 64 else 2,
-        )
+        merge_splits(part, lse, out)
     return out
 
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels.paged_decode_attention import is_interpreted
 from zipserve.kernels.hack_layout import HackPages, _is_pow2, check_bits, pack_planar, unpack_planar
 
 __all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref"]
@@ -131,7 +132,7 @@ def _check_encode(k, v, bits, group_v, out, page_ids):
 
 
 def _kernel_is_interpreted() -> bool:
-    return type(_hack_encode_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_hack_encode_kernel)
 
 
 def _check_rotation(rotation, k):

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from zipserve.compress.quantize import dequant_k, dequant_v
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
-from zipserve.kernels.paged_decode_attention import _merge_splits_kernel
+from zipserve.kernels.paged_decode_attention import is_interpreted, merge_splits
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref", "kivi_bytes_per_token"]
 
@@ -307,11 +307,7 @@ def _launch_config(head_dim: int, page_size: int):
 
 
 def _kernel_is_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(_kivi_decode_kernel, InterpretedFunction)
+    return is_interpreted(_kivi_decode_kernel)
 
 
 def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k,
@@ -346,11 +342,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, p
         DQ_F32=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(B, H)](
-            part, lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D,
-            num_warps=1 if D <= 64 else 2,
-        )
+        merge_splits(part, lse, out)
     return out
 
 

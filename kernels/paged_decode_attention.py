@@ -128,12 +128,26 @@ def _merge_splits_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
+def is_interpreted(kernel) -> bool:
+    """True when a @triton.jit function was built for the CPU interpreter (TRITON_INTERPRET=1
+    set before import)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
 def _kernel_is_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(_paged_decode_kernel, InterpretedFunction)
+    return is_interpreted(_paged_decode_kernel)
+
+
+def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Combine flash-decoding partials part [B, H, S, D] (fp32) with their log2-sum-exp
+    lse [B, H, S] into out [B, H, D] (shared by every decode-attention kernel)."""
+    b, h, num_splits, d = part.shape
+    _merge_splits_kernel[(b, h)](
+        part, lse, out, out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=d,
+        num_warps=1 if d <= 64 else 2,
+    )
+    return out
 
 
 def _is_pow2(x: int) -> bool:
@@ -244,11 +258,7 @@ def paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(B, H)](
-            part, lse, out, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=D,
-            num_warps=1 if D <= 64 else 2,
-        )
+        merge_splits(part, lse, out)
     return out
 
 

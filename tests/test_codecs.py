@@ -39,7 +39,10 @@ def test_bf16_codec_is_the_plain_engine():
     plain = LLM(MODEL, device="cpu").generate(prompts, params)
     coded = LLM(MODEL, device="cpu", codec="bf16").generate(prompts, params)
     assert [o.token_ids for o in plain] == [o.token_ids for o in coded]
-    assert [o.logprobs for o in plain] == [o.logprobs for o in coded]
+    # Same code path; logprobs agree to float rounding (CPU BLAS may pick another thread count
+    # between runs under load, which reorders sums).
+    for a, b in zip(plain, coded):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 @pytest.mark.parametrize("codec", COMPRESSED)
