@@ -130,14 +130,26 @@ class RayBackend:
             except ray.exceptions.RayTaskError as e:
                 yield FinishEvent("error", error=f"overloaded: {e.cause}", codec=self.cfg.codec)
                 return
-            rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
+            try:
+                rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
+            except ray.exceptions.RayError as e:  # the worker died or raised: fail this job
+                cause = getattr(e, "cause", None) or e
+                yield FinishEvent("error", error=f"unavailable: prefill worker {pi} failed: "
+                                                 f"{type(cause).__name__}: {cause}",
+                                  codec=self.cfg.codec)
+                return
             self.outstanding[("p", pi)] -= len(job.prompt_ids)
             pi = None
             start = max(job.arrival, rep.prefill_start)
             yield PhaseEvent("queue", job.arrival, start)
             yield PhaseEvent("prefill", start, max(start, rep.prefill_end))
-            res = await dec.admit.remote(job.id, rep.first_token, rep.first_logprob,
-                                         self.cfg.transfer_deadline_s)
+            try:
+                res = await dec.admit.remote(job.id, rep.first_token, rep.first_logprob,
+                                             self.cfg.transfer_deadline_s)
+            except ray.exceptions.RayError as e:
+                yield FinishEvent("error", error=f"unavailable: decode worker {dj} failed: {e}",
+                                  codec=self.cfg.codec)
+                return
             async for ev in self._tokens(dec, job.id, res, max(start, rep.prefill_end)):
                 yield ev
         finally:

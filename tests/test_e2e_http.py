@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -86,3 +87,43 @@ def test_http_equals_offline_engine(codec):
         stats = _pool_whole(backend)
         assert stats["free_pages"] == stats["capacity_pages"], stats
         assert stats["reserved"] == 0 and stats["running"] == 0, stats
+
+
+def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
+    """A client that drops a stream gets its job aborted and its decode pages freed within a
+    second; with the prefill worker killed, a request fails with a clear 5xx and leaks nothing."""
+    import http.client
+
+    with running_server(ServeConfig(model=MODEL, codec="hack2"), "127.0.0.1", _port()) as (
+            base, backend):
+        host, port = base.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0, "stream": True,
+             "ignore_eos": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        got = 0
+        while got < 3:  # a few tokens arrive, then the client goes away
+            if resp.readline().startswith(b"data: "):
+                got += 1
+        busy = ray.get(backend.decode[0].stats.remote())
+        assert busy["used_pages"] > 0
+        t_drop = time.time()
+        conn.sock.close()
+        conn.close()
+        stats = _pool_whole(backend, deadline_s=1.5)
+        assert stats["free_pages"] == stats["capacity_pages"], stats
+        assert time.time() - t_drop < 1.5
+
+        ray.kill(backend.prefill[0])
+        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
+            {"prompt": PROMPTS[0], "max_tokens": 5}).encode(),
+            headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=60)
+            raise AssertionError("a request with a dead prefill worker succeeded")
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read())
+            assert e.code in (500, 503) and "prefill worker" in body["error"]["message"]
+        stats = _pool_whole(backend)
+        assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
