@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from zipserve.engine.config import EngineConfig
+from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
@@ -34,6 +35,8 @@ class RequestState:
     error: str | None = None
     times: dict[str, float] = field(default_factory=dict)
     """reserved, kv_complete, admitted, first_decode, finished (time.time)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: text that may still turn into one is held back until it cannot."""
     arrived: threading.Event = field(default_factory=threading.Event)
 
 
@@ -107,7 +110,8 @@ class DecodeWorker:
         with self.lock:
             self.engine.reserve(request_id, prompt_ids, params)
             self.requests[request_id] = RequestState(deadline=time.time() + deadline_s,
-                                                     times={"reserved": time.time()})
+                                                     times={"reserved": time.time()},
+                                                     stop=tuple(params.stop))
 
     def admit(self, request_id: str, first_token: int, first_logprob: float | None,
               timeout: float = 30.0) -> dict:
@@ -182,7 +186,11 @@ class DecodeWorker:
     def _update(self, st: RequestState, out) -> None:
         if len(out.token_ids) > len(st.tokens) and len(st.tokens) == 1:
             st.times.setdefault("first_decode", time.time())
-        st.tokens, st.text = list(out.token_ids), out.text
+        st.tokens = list(out.token_ids)
+        # Streamed text never shows what a stop string will cut: hold back any tail that is
+        # the start of a stop string until the next token decides (the final text is exact).
+        held = 0 if out.finished or not st.stop else stop_prefix_len(out.text, st.stop)
+        st.text = out.text[:len(out.text) - held]
         if out.finished:
             self._end(st, out.finish_reason)
 

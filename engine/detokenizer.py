@@ -80,7 +80,7 @@ def check_stop(
     return best
 
 
-def _stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
+def stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
     held = 0
     for stop in stop_strings:
@@ -133,7 +133,7 @@ class StopBuffer:
         """New text that no later stop match can cut away (all of it once finished)."""
         end = len(self._text)
         if not self.finished:
-            end -= _stop_prefix_len(self._text, self.stop_strings)
+            end -= stop_prefix_len(self._text, self.stop_strings)
         if end <= self._streamed:
             return ""
         out = self._text[self._streamed : end]

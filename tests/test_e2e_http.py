@@ -127,3 +127,17 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
             assert e.code in (500, 503) and "prefill worker" in body["error"]["message"]
         stats = _pool_whole(backend)
         assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
+
+
+def test_streamed_text_never_shows_what_a_stop_string_cuts():
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    full = LLM(MODEL, device="cpu", codec="hack4").generate(PROMPTS[0], params)[0].text
+    stop = full[12:15]  # a stop string that appears in the greedy output
+    want = full[:full.index(stop)]
+    with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", _port()) as (
+            base, backend):
+        body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "stop": [stop]}
+        assert _post(f"{base}/v1/completions", body)["choices"][0]["text"] == want
+        assert _stream(f"{base}/v1/completions", body) == want
+        stats = _pool_whole(backend)
+        assert stats["free_pages"] == stats["capacity_pages"], stats
