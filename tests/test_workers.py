@@ -103,3 +103,28 @@ def test_overload_is_refused_not_queued():
         _whole(dec)
     finally:
         dec.shutdown()
+
+
+def test_layers_arrive_while_prefill_is_still_running():
+    """The decode side holds layer 0 before the prefill worker's forward pass has finished."""
+    import threading
+
+    from zipserve.engine.kv_export import LayerKV
+
+    a, b = InProcessChannel.pair()
+    pre = PrefillWorker(MODEL, "hack2", "cpu")
+    pre.attach("d0", a)
+    arrivals: list[tuple[int, float]] = []
+
+    def receive():
+        for _ in range(6):
+            kv = LayerKV.from_bytes(b.recv(KV_TAG, timeout=30).numpy().tobytes())
+            arrivals.append((kv.layer, time.time()))
+
+    t = threading.Thread(target=receive)
+    t.start()
+    rep = pre.prefill("ov", list(range(3, 1500)), SamplingParams(max_tokens=2), "d0")
+    t.join(timeout=30)
+    assert [layer for layer, _ in arrivals] == list(range(6))
+    assert arrivals[0][1] < rep.prefill_end  # layer 0 was in before the forward pass ended
+    assert arrivals[-1][1] <= rep.send_end + 0.05
