@@ -9,6 +9,7 @@ Every path that ends a request (finish, abort, deadline, corrupt KV) frees its p
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class DecodeWorker:
         self.changed = threading.Condition(self.lock)
         self.requests: dict[str, RequestState] = {}
         self.dropped_messages = 0
+        self._aborts: collections.deque[str] = collections.deque()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
                                           daemon=True)]
@@ -145,15 +147,21 @@ class DecodeWorker:
                     "times": dict(st.times)}
 
     def abort(self, request_id: str) -> None:
-        with self.lock:
-            st = self.requests.get(request_id)
+        """Stop a request and free its pages. Applied by the step loop before its next step
+        (within one step time) so a busy loop cannot starve the caller of the lock."""
+        self._aborts.append(request_id)
+
+    def _apply_aborts(self) -> None:
+        while self._aborts:
+            st = self.requests.get(rid := self._aborts.popleft())
             if st is not None and not st.finished:
-                self.engine.abort(request_id)
+                self.engine.abort(rid)
                 self._end(st, "abort")
 
     def release(self, request_id: str) -> None:
         with self.lock:
-            self.abort(request_id)
+            self._aborts.append(request_id)
+            self._apply_aborts()
             self.requests.pop(request_id, None)
             self.engine.release(request_id)
 
@@ -197,6 +205,7 @@ class DecodeWorker:
     def _step_loop(self) -> None:
         while not self._stop.is_set():
             with self.lock:
+                self._apply_aborts()
                 now = time.time()
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
@@ -214,5 +223,6 @@ class DecodeWorker:
                         self._update(st, out)
                 if outs:
                     self.changed.notify_all()
-            if not outs:
-                time.sleep(0.002)
+            # Sleep outside the lock so callers waiting for it (poll, reserve, admit) get it:
+            # Python locks are not fair and this loop would otherwise take it right back.
+            time.sleep(0.0005 if outs else 0.002)
