@@ -124,6 +124,12 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict
                 rows.append(dict(codec=codec, job=job, prompt=prompt))
         time.sleep(0.5)
     _print_table(rows)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("\n(CPU: compressed codecs decode through the torch references of their Triton "
+              "kernels here, so their decode times say nothing about GPU speed; GPU numbers: "
+              "bench/RESULTS.md)")
     return rows
 
 
