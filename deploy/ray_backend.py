@@ -185,7 +185,13 @@ class RayBackend:
                 yield FinishEvent(res["finish_reason"], error=res["error"],
                                   codec=self.cfg.codec)
                 return
-            res = await dec.poll.remote(job_id, sent, 1.0)
+            try:
+                res = await dec.poll.remote(job_id, sent, 1.0)
+            except ray.exceptions.RayError as e:  # the decode worker died mid-stream
+                yield FinishEvent("error", error=f"unavailable: decode worker failed while "
+                                                 f"decoding: {type(e).__name__}",
+                                  codec=self.cfg.codec)
+                return
 
     def shutdown(self) -> None:
         """Stop the workers' threads and the actors themselves."""
