@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import ray
 
 from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.engine.loading import model_config_for
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.tokenizer import load_tokenizer
 from zipserve.prefill_worker.worker import PrefillWorker
@@ -77,8 +78,6 @@ class RayBackend:
                                            cfg.link_latency_ms)]
         ray.get(calls)
         self.tokenizer = load_tokenizer(cfg.model)
-        from zipserve.engine.loading import model_config_for
-
         mc = model_config_for(cfg.model)
         self.model_name = cfg.model
         self.max_model_len = mc.max_position_embeddings
