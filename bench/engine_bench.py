@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from zipserve.bench.plotting import pyplot
+
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.llm_engine import LLMEngine
 from zipserve.engine.page_pool import pages_for
@@ -179,12 +181,8 @@ def _fmt_decode(r: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path, device: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for ctx in sorted({r["context"] for r in rows}):

@@ -13,6 +13,8 @@ import csv
 from pathlib import Path
 
 import torch
+
+from zipserve.bench.plotting import pyplot
 import torch.nn.functional as F
 
 from zipserve.compress.codecs import make_codec
@@ -157,11 +159,8 @@ def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int
 
 
 def _plot(rows: list[dict], path: Path, device: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     cells = sorted({(r["batch"], r["context"]) for r in rows})
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows)]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from zipserve.bench.plotting import pyplot
+
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.engine.perplexity import perplexity
 from zipserve.train.corpus import load_corpus
@@ -95,12 +97,8 @@ def _write(rows: list[dict], out_dir: Path, model: str, context: int, gen_tokens
         w.writeheader()
         for r in rows:
             w.writerow(dict(r, model=model, device=device))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
