@@ -9,7 +9,6 @@ own clocks (time.time on one host).
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from dataclasses import dataclass, field
 from typing import AsyncIterator

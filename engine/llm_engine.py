@@ -14,7 +14,7 @@ import torch
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.compressed_cache import CompressedKVCache
-from zipserve.engine.config import EngineConfig, ModelConfig
+from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import Detokenizer, check_stop
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.loading import build_model, model_config_for
@@ -179,7 +179,6 @@ class LLMEngine:
         return outputs
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
-        p = seq.params
         delta = seq.detok.add_token(token)
         seq.output_text = seq.detok.text
         reason = self._finish_reason(seq, token, delta)

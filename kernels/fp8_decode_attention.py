@@ -31,7 +31,11 @@ from zipserve.kernels.kivi_decode_attention import (
     _online_softmax_step,
     _store_result,
 )
-from zipserve.kernels.paged_decode_attention import is_interpreted, merge_splits
+from zipserve.kernels.paged_decode_attention import (
+    merge_splits,
+    require_runnable,
+    split_buffers,
+)
 
 __all__ = ["fp8_decode_attention", "fp8_decode_attention_ref", "fp8_bytes_per_token"]
 
@@ -165,29 +169,19 @@ def _launch_config(head_dim: int, page_size: int, dtype: torch.dtype):
     return np_, num_warps, 2 if dtype == torch.float32 else 3
 
 
-def _kernel_is_interpreted() -> bool:
-    return is_interpreted(_fp8_decode_kernel)
-
-
 def fp8_decode_attention(q, k, k_scale, v, v_scale, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
                          num_splits=1, out=None):
     """Decode attention on FP8 pages + a dense tail (module docstring).  Returns out [B, H, D]."""
     B, H, KVH, P, D = _check_inputs(q, k, k_scale, v, v_scale, page_table, n_pages, dense_k, dense_v,
                                     dense_lens, scale, num_splits, out)
-    if q.device.type == "cpu" and not _kernel_is_interpreted():
-        raise RuntimeError("fp8_decode_attention: the Triton kernel cannot run on CPU tensors unless "
-                           "TRITON_INTERPRET=1 was set before import; use fp8_decode_attention_ref on CPU.")
+    require_runnable("fp8_decode_attention", _fp8_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
         return out
     G = H // KVH
     np_, num_warps, num_stages = _launch_config(D, P, q.dtype)
-    if num_splits > 1:
-        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
-    else:  # unused by the kernel
-        part = lse = out
+    part, lse = split_buffers(q, out, num_splits)
     _fp8_decode_kernel[(B, KVH, num_splits)](
         q, k, k_scale, v, v_scale, page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse,
         float(scale) * _LOG2E,

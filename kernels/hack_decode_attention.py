@@ -41,7 +41,13 @@ import triton
 import triton.language as tl
 
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token, unpack_planar
-from zipserve.kernels.paged_decode_attention import is_interpreted, merge_splits, choose_num_splits
+from zipserve.kernels.paged_decode_attention import (
+    choose_num_splits,
+    is_interpreted,
+    merge_splits,
+    require_runnable,
+    split_buffers,
+)
 
 __all__ = ["hack_decode_attention", "hack_decode_attention_ref", "hack_num_splits", "hack_bytes_per_token"]
 
@@ -309,19 +315,14 @@ def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense
     """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D]."""
     B, H, KVH, P, D = check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
                                         bits, n_sink, num_splits, mode, out)
-    if q.device.type == "cpu" and not _kernel_is_interpreted():
-        raise RuntimeError("hack_decode_attention: the Triton kernel cannot run on CPU tensors unless "
-                           "TRITON_INTERPRET=1 was set before import; use hack_decode_attention_ref on CPU.")
+    require_runnable("hack_decode_attention", _hack_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
         return out
     G = H // KVH
     np_, gp, num_warps, num_stages = _launch_config(G, P, D, pages.bits)
-    part = lse = out  # unused by the kernel when num_splits == 1
-    if num_splits > 1:
-        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    part, lse = split_buffers(q, out, num_splits)
     _hack_decode_kernel[(B, KVH, num_splits)](
         q, pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min, pages.v_scale, pages.v_min, pages.v_sums,
         page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse, float(scale) * _LOG2E, n_sink,

@@ -41,7 +41,11 @@ import triton.language as tl
 
 from zipserve.compress.quantize import dequant_k, dequant_v
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
-from zipserve.kernels.paged_decode_attention import is_interpreted, merge_splits
+from zipserve.kernels.paged_decode_attention import (
+    merge_splits,
+    require_runnable,
+    split_buffers,
+)
 
 __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref", "kivi_bytes_per_token"]
 
@@ -306,29 +310,19 @@ def _launch_config(head_dim: int, page_size: int):
     return np_, num_warps, 2
 
 
-def _kernel_is_interpreted() -> bool:
-    return is_interpreted(_kivi_decode_kernel)
-
-
 def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k,
                           dense_v, dense_lens, scale, bits, num_splits=1, out=None):
     """Decode attention on KIVI pages + a dense tail (module docstring).  Returns out [B, H, D]."""
     B, H, KVH, P, D, TG, CG = _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table,
                                             n_pages, dense_k, dense_v, dense_lens, scale, bits, num_splits, out)
-    if q.device.type == "cpu" and not _kernel_is_interpreted():
-        raise RuntimeError("kivi_decode_attention: the Triton kernel cannot run on CPU tensors unless "
-                           "TRITON_INTERPRET=1 was set before import; use kivi_decode_attention_ref on CPU.")
+    require_runnable("kivi_decode_attention", _kivi_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
         return out
     G = H // KVH
     np_, num_warps, num_stages = _launch_config(D, P)
-    if num_splits > 1:
-        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
-    else:  # unused by the kernel
-        part = lse = out
+    part, lse = split_buffers(q, out, num_splits)
     _kivi_decode_kernel[(B, KVH, num_splits)](
         q, k_codes, k_scale, k_min, v_codes, v_scale, v_min,
         page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse,

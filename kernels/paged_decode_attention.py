@@ -134,8 +134,21 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def _kernel_is_interpreted() -> bool:
-    return is_interpreted(_paged_decode_kernel)
+def require_runnable(name: str, kernel, q: torch.Tensor) -> None:
+    """CPU tensors can only go through a kernel built for the interpreter; say so clearly."""
+    if q.device.type == "cpu" and not is_interpreted(kernel):
+        raise RuntimeError(f"{name}: the Triton kernel cannot run on CPU tensors unless "
+                           f"TRITON_INTERPRET=1 was set before import; use {name}_ref on CPU.")
+
+
+def split_buffers(q: torch.Tensor, out: torch.Tensor, num_splits: int):
+    """(part [B, H, S, D] fp32, lse [B, H, S] fp32) for a split launch; (out, out) — unused by
+    the kernels — when there is one split."""
+    if num_splits == 1:
+        return out, out
+    b, h, d = q.shape
+    return (torch.empty((b, h, num_splits, d), dtype=torch.float32, device=q.device),
+            torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device))
 
 
 def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -230,20 +243,14 @@ def paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num
     """Decode attention over a paged KV cache.  Shapes: see module docstring.  Returns out [B, H, D]."""
     B, H, KVH, page_size, D = _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale,
                                             num_splits, out)
-    if q.device.type == "cpu" and not _kernel_is_interpreted():
-        raise RuntimeError("paged_decode_attention: the Triton kernel cannot run on CPU tensors unless "
-                           "TRITON_INTERPRET=1 was set before import; use paged_decode_attention_ref on CPU.")
+    require_runnable("paged_decode_attention", _paged_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
         return out
     G = H // KVH
     block_n, chunk, num_warps, num_stages = _launch_config(D, page_size, q.dtype)
-    if num_splits > 1:
-        part = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-        lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
-    else:  # unused by the kernel; any valid pointer will do
-        part = lse = out
+    part, lse = split_buffers(q, out, num_splits)
     _paged_decode_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, out, part, lse,
         float(scale) * _LOG2E,

@@ -4,7 +4,6 @@ the output equals one engine doing both, for every codec; nothing leaks on succe
 from __future__ import annotations
 
 import pytest
-import torch
 
 from zipserve.compress.codecs import CODECS
 from zipserve.deploy.cli import REFERENCE_MODEL
