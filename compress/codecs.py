@@ -28,6 +28,8 @@ FP8_MAX = 448.0
 
 class KVCodec(ABC):
     name: str
+    graph_safe: bool = True
+    """decode_attention launches no host syncs on CUDA (can be captured in a CUDA graph)."""
     n_sink: int = 0
     """Leading tokens of a sequence kept in 16-bit beside the pages (attended densely)."""
 

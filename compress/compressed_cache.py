@@ -22,6 +22,8 @@ class CompressedKVCache:
                  num_slots: int, dtype: torch.dtype, device: torch.device | str):
         self.codec, self.num_pages, self.page_size = codec, num_pages, page_size
         self.n_sink = codec.n_sink
+        self.scratch_slot = num_slots - 1
+        """Open-page slot that CUDA-graph padding rows write to (no sequence owns it)."""
         self.codecs = [codec.for_layer(i) for i in range(config.num_layers)]
         self.stores = [c.new_store(num_pages, device) for c in self.codecs]
         kvh, d = config.num_kv_heads, config.head_dim

@@ -139,6 +139,7 @@ class LowRankLayerCodec(KVCodec):
 
 class LowRankCodec(KVCodec):
     """Dispatches to one LowRankLayerCodec per layer (ranks differ between layers)."""
+    graph_safe = False  # its decode attention loops over sequences in torch
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases,
                  bits: int | None = None):

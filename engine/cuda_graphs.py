@@ -1,7 +1,9 @@
 """CUDA graphs of the decode step, one per batch-size bucket, so a step costs one launch.
 
 A batch of b sequences runs in the smallest captured bucket >= b; the padded rows have
-seq_len 0 (the attention kernel skips them) and write their K/V to the scratch page.
+seq_len 0 (the attention kernel skips them) and write their K/V to the scratch page. With a
+compressed cache they also use its scratch open-page slot, have no full pages and seal into
+the scratch page, so they touch no sequence's memory.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class DecodeGraphs:
                  device: torch.device):
         self.sizes = sorted(set(batch_sizes))
         n = self.sizes[-1]
+        self.scratch_slot = getattr(cache, "scratch_slot", 0)
 
         def zeros(*shape, dtype=torch.int64):
             return torch.zeros(*shape, dtype=dtype, device=device)
@@ -36,7 +39,10 @@ class DecodeGraphs:
             input_ids=zeros(n), positions=zeros(n),
             write_pages=torch.full((n,), SCRATCH_PAGE, dtype=torch.int64, device=device),
             write_offsets=zeros(n), page_table=zeros(n, max_pages_per_seq, dtype=torch.int32),
-            seq_lens=zeros(n, dtype=torch.int32))
+            seq_lens=zeros(n, dtype=torch.int32),
+            slots=torch.full((n,), self.scratch_slot, dtype=torch.int64, device=device),
+            n_full=zeros(n, dtype=torch.int32),
+            seal_pages=torch.full((n,), SCRATCH_PAGE, dtype=torch.int64, device=device))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
@@ -46,7 +52,8 @@ class DecodeGraphs:
                 write_pages=self.inputs["write_pages"][:b],
                 write_offsets=self.inputs["write_offsets"][:b], is_prefill=False,
                 page_table=self.inputs["page_table"][:b], seq_lens=self.inputs["seq_lens"][:b],
-                num_splits=splits_for(b))
+                num_splits=splits_for(b), slots=self.inputs["slots"][:b],
+                n_full=self.inputs["n_full"][:b], seal_pages=self.inputs["seal_pages"][:b])
             model(batch, cache)  # warm up: compiles the Triton kernels for this shape
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
@@ -73,5 +80,8 @@ class DecodeGraphs:
         # Padding rows: attend to nothing, write to the scratch page.
         self.inputs["seq_lens"][b:bucket].zero_()
         self.inputs["write_pages"][b:bucket].fill_(SCRATCH_PAGE)
+        self.inputs["slots"][b:bucket].fill_(self.scratch_slot)
+        self.inputs["n_full"][b:bucket].zero_()
+        self.inputs["seal_pages"][b:bucket].fill_(SCRATCH_PAGE)
         self.graphs[bucket].replay()
         return self.outputs[bucket][:b]

@@ -63,9 +63,9 @@ class LLMEngine:
         num_pages = ec.num_pages or self._size_pool()
         if self.codec is None:
             self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
-        else:  # one extra slot for scoring (logits) beside the running sequences
+        else:  # extra slots: one for scoring (logits), one for CUDA-graph padding rows
             self.cache = CompressedKVCache(self.codec, self.config, num_pages, ec.page_size,
-                                           ec.max_num_seqs + 1, self.dtype, self.device)
+                                           ec.max_num_seqs + 2, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.scheduler = Scheduler(self.pool, ec.page_size, ec.max_num_seqs,
                                    ec.max_prefill_tokens)

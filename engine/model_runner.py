@@ -26,8 +26,9 @@ class ModelRunner:
                         if device.type == "cuda" else 1)
         self.fixed_splits = engine_config.decode_splits
         self.graphs: DecodeGraphs | None = None
-        # Compressed caches run eagerly for now (their decode path is not yet graph-captured).
-        if device.type == "cuda" and engine_config.cuda_graphs and engine_config.codec == "bf16":
+        codec = getattr(cache, "codec", None)
+        if (device.type == "cuda" and engine_config.cuda_graphs
+                and (codec is None or codec.graph_safe)):
             sizes = [b for b in engine_config.graph_batch_sizes if b <= engine_config.max_num_seqs]
             self.graphs = DecodeGraphs(model, cache, sizes, self.max_pages_per_seq,
                                        self._splits_for, device)
@@ -80,7 +81,10 @@ class ModelRunner:
         host = dict(
             input_ids=np.fromiter((s.last_token for s in seqs), dtype=np.int64, count=b),
             positions=pos, write_pages=write_pages, write_offsets=pos % self.page_size,
-            page_table=table, seq_lens=(pos + 1).astype(np.int32))
+            page_table=table, seq_lens=(pos + 1).astype(np.int32),
+            slots=np.fromiter((s.slot for s in seqs), dtype=np.int64, count=b),
+            n_full=(pos // self.page_size).astype(np.int32),
+            seal_pages=np.where((pos + 1) % self.page_size == 0, write_pages, 0))
         if self.graphs is not None and self.graphs.fits(b):
             logits = self.graphs.run(host)
         else:
@@ -90,10 +94,9 @@ class ModelRunner:
                 write_offsets=self._tensor(host["write_offsets"]), is_prefill=False,
                 page_table=self._tensor(table, torch.int32),
                 seq_lens=self._tensor(host["seq_lens"], torch.int32),
-                num_splits=self._splits_for(b),
-                slots=self._tensor([s.slot for s in seqs]),
-                n_full=self._tensor(pos // self.page_size, torch.int32),
-                seal_pages=self._tensor(np.where((pos + 1) % self.page_size == 0, write_pages, 0)))
+                num_splits=self._splits_for(b), slots=self._tensor(host["slots"]),
+                n_full=self._tensor(host["n_full"], torch.int32),
+                seal_pages=self._tensor(host["seal_pages"]))
             logits = self.model(batch, self.cache)
         for s in seqs:
             s.num_cached += 1

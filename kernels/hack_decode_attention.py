@@ -42,7 +42,6 @@ import triton.language as tl
 
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token, unpack_planar
 from zipserve.kernels.paged_decode_attention import (
-    choose_num_splits,
     is_interpreted,
     merge_splits,
     require_runnable,
@@ -302,8 +301,11 @@ def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
 
 
 def hack_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """Splits for ~4 programs per SM, but no split shorter than 1024 tokens (compressed pages are cheap)."""
-    return choose_num_splits(batch, num_kv_heads, max_seq_len, num_sms=2 * num_sms, min_tokens_per_split=1024)
+    """Splits that fill one wave: the kernel keeps 2 programs per SM resident (255 registers; ncu
+    on an H200, bench/results/hack_tune_h200.log), and a second, partial wave cost 12% at 8 x 32k.
+    No split shorter than 1024 tokens (compressed pages are cheap)."""
+    programs = max(1, batch * num_kv_heads)
+    return int(max(1, min((2 * num_sms) // programs, max(1, max_seq_len // 1024), 64)))
 
 
 def _kernel_is_interpreted() -> bool:
