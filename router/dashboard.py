@@ -10,7 +10,6 @@ never leaves the browser, so the key stays out of server and proxy logs).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from importlib import resources
 
 import anyio
@@ -26,8 +25,8 @@ OPEN_PATHS = frozenset({DASHBOARD_PATH})
 """Routes the API key does not cover (the page; its data stays behind the key)."""
 
 
-@lru_cache(maxsize=1)
 def dashboard_html() -> str:
+    """The page, read from the package on each request (20 KB; edits show without a restart)."""
     return resources.files("zipserve.router").joinpath("static/dashboard.html").read_text(
         encoding="utf-8")
 

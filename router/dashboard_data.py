@@ -142,7 +142,8 @@ def job_row(rec: JobRecord, now: float) -> dict:
     phases = [{"name": p.name, "offset": p.start - rec.arrival,
                "duration": (p.end if p.end is not None else end) - p.start}
               for p in rec.phases]
-    return {"id": rec.job_id, "state": rec.state.value, "codec": rec.codec or DEFAULT_CODEC,
+    codec = rec.codec or (DEFAULT_CODEC if rec.state.terminal else None)  # None: not known yet
+    return {"id": rec.job_id, "state": rec.state.value, "codec": codec,
             "arrival": rec.arrival, "elapsed": end - rec.arrival, "jct": rec.jct,
             "ttft": rec.ttft, "phases": phases, "prompt_tokens": rec.prompt_tokens,
             "completion_tokens": rec.completion_tokens, "error": rec.error}
