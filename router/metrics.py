@@ -24,8 +24,13 @@ from dataclasses import dataclass
 import anyio
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -279,5 +284,10 @@ def install_metrics(app: FastAPI, state: RouterState) -> RouterMetrics:
     return metrics
 
 
-__all__ = ["RouterMetrics", "MetricsMiddleware", "install_metrics", "failure_reason",
-           "read_health"]
+__all__ = [
+    "MetricsMiddleware",
+    "RouterMetrics",
+    "failure_reason",
+    "install_metrics",
+    "read_health",
+]

@@ -5,7 +5,6 @@ codec, workers and failures, and the time series put jobs in the right buckets."
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import httpx
@@ -39,6 +38,7 @@ def test_page_fetches_nothing_from_outside():
 
 
 def test_page_ships_as_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     globs = cfg["tool"]["setuptools"]["package-data"]["zipserve.router"]
     assert any((ROOT / "router").glob(g) for g in globs)

@@ -48,7 +48,7 @@ async def scrape(c: httpx.AsyncClient, **headers) -> dict[tuple[str, tuple], flo
 
 def value(samples: dict, name: str, **labels) -> float:
     """Sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
-    want = set((k, str(v)) for k, v in labels.items())
+    want = {(k, str(v)) for k, v in labels.items()}
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
