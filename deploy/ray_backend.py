@@ -9,6 +9,7 @@ own clocks (time.time on one host).
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -80,6 +81,7 @@ class RayBackend:
         mc = model_config_for(cfg.model)
         self.model_name = cfg.model
         self.max_model_len = mc.max_position_embeddings
+        self.kv_bytes_per_token_bf16 = mc.kv_bytes_per_token(2)
         self.outstanding = {("p", i): 0 for i in range(cfg.num_prefill)}
         self.outstanding.update({("d", j): 0 for j in range(cfg.num_decode)})
         self._jobs: dict[str, int] = {}  # job id -> decode index
@@ -149,6 +151,9 @@ class RayBackend:
                                   codec=self.cfg.codec)
                 return
             async for ev in self._tokens(dec, job.id, res, max(start, rep.prefill_end)):
+                if isinstance(ev, FinishEvent):  # the prefill side knows what it sent
+                    ev = dataclasses.replace(ev, kv_bytes=rep.bytes_sent, kv_bytes_bf16=len(
+                        job.prompt_ids) * self.kv_bytes_per_token_bf16)
                 yield ev
         finally:
             if pi is not None:

@@ -4,7 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with "stream": true),
-GET /v1/models, GET /health (open even with an API key), GET /v1/jobs/{id}, GET /v1/jobs?limit=N.
+GET /v1/models, GET /health (open even with an API key), GET /v1/jobs/{id}, GET /v1/jobs?limit=N,
+GET /metrics (Prometheus, router/metrics.py), GET /dashboard (+ /dashboard/data, router/dashboard.py;
+the page itself is open, its data needs the key).
 Every generation response carries the job id: in the OpenAI `id` ("cmpl-<id>" for completions,
 "chatcmpl-<id>" for chat) and in the `x-zipserve-job-id` header. Errors are OpenAI error bodies.
 Request bodies are parsed as JSON whatever their Content-Type (curl -d sends a form type).
@@ -22,11 +24,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from zipserve.router.admission import admit_chat, admit_completion
-from zipserve.router.auth import ApiKeyMiddleware
+from zipserve.router.auth import OPEN_PATHS, ApiKeyMiddleware
 from zipserve.router.backend import Backend
+from zipserve.router.dashboard import OPEN_PATHS as DASHBOARD_OPEN_PATHS
+from zipserve.router.dashboard import install_dashboard
 from zipserve.router.errors import OpenAIError, install_error_handlers, parse_model
 from zipserve.router.formats import ChatFormat, CompletionFormat
 from zipserve.router.jobs import JobRegistry
+from zipserve.router.metrics import install_metrics
 from zipserve.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -72,7 +77,10 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     app.state.router = state
     install_error_handlers(app)
     if api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key,
+                           open_paths=OPEN_PATHS | DASHBOARD_OPEN_PATHS)
+    metrics = install_metrics(app, state)  # last middleware: outermost, counts 401s too
+    install_dashboard(app, state, metrics)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:

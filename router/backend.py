@@ -112,6 +112,10 @@ class FinishEvent:
     """Tokens generated; None: the router counts the token events."""
     codec: str | None = None
     """The KV codec actually used, when the backend knows it."""
+    kv_bytes: int | None = None
+    """KV bytes actually sent from prefill to decode (encoded pages + 16-bit tail), if known."""
+    kv_bytes_bf16: int | None = None
+    """What the same prompt's KV would have taken as dense bf16, if known."""
     kind: Literal["finish"] = field(default="finish", init=False)
 
     def __post_init__(self) -> None:
@@ -148,5 +152,10 @@ class Backend(Protocol):
         ...
 
     def health(self) -> dict:
-        """A JSON-able status; a "status" key other than "ok" makes /health answer 503."""
+        """A JSON-able status; a "status" key other than "ok" makes /health answer 503.
+
+        Optional key "workers": a list of {"name": str, "role": "prefill" | "decode",
+        "healthy": bool, "codec": str, "free_pages": int, "used_pages": int,
+        "queued_tokens": int, "running": int}, one per worker (/metrics and /dashboard show
+        them). Called from a worker thread by /metrics and /dashboard/data."""
         ...

@@ -10,6 +10,13 @@
 - Knobs (plain attributes, change them between requests): `token_delay` (slow it down for
   disconnect tests), `fail_message` + `fail_after_tokens` (finish with an error after that many
   tokens), `phase_delay`.
+- Workers (`health()["workers"]`): one prefill ("fake-prefill-0") and one decode worker
+  ("fake-decode-0") with a pretend pool of `num_pages` pages of `page_size` tokens: a job holds
+  ceil((prompt + generated tokens) / page_size) decode pages from its decode_queue phase to its
+  end; queued_tokens counts the prompt tokens of jobs not yet prefilled, running the jobs
+  decoding. `unhealthy` (a set of worker names) marks workers unhealthy.
+- KV bytes: `FAKE_KV_BYTES_PER_TOKEN` bf16 bytes per prompt token, scaled by the codec's entry in
+  `FAKE_CODEC_RATIO` (unknown codecs: 1.0) for the bytes "sent".
 - Records: `jobs` (every Job seen), `aborted` (ids passed to `abort`, in order), `abort_event`
   (a threading.Event set on every abort, for tests in another thread), `active` (ids whose stream
   is still running: empty when nothing leaked).
@@ -18,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +39,20 @@ from zipserve.router.backend import (
 )
 
 PRE_DECODE_PHASES = ("queue", "prefill", "encode", "transfer", "decode_queue")
+
+FAKE_KV_BYTES_PER_TOKEN = 1024
+"""Pretend dense bf16 KV bytes per prompt token (all layers, K and V)."""
+
+FAKE_CODEC_RATIO = {"bf16": 1.0, "fp8": 0.5, "kivi4": 0.28, "hack4": 0.27, "kivi2": 0.16,
+                    "hack2": 0.15, "lowrank": 0.5, "lowrank+hack4": 0.14,
+                    "lowrank+hack2": 0.08}
+"""Pretend sent / bf16 bytes per codec."""
+
+
+def fake_kv_bytes(prompt_tokens: int, codec: str) -> tuple[int, int]:
+    """(bytes sent, dense bf16 bytes) FakeBackend reports for a prompt under `codec`."""
+    dense = prompt_tokens * FAKE_KV_BYTES_PER_TOKEN
+    return math.ceil(dense * FAKE_CODEC_RATIO.get(codec, 1.0)), dense
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -55,7 +77,7 @@ class FakeBackend:
 
     def __init__(self, *, model_name: str = "zipserve-fake", max_model_len: int = 256,
                  phase_delay: float = 0.001, token_delay: float = 0.001,
-                 codec: str = "bf16") -> None:
+                 codec: str = "bf16", num_pages: int = 256, page_size: int = 16) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.phase_delay = phase_delay
@@ -68,6 +90,13 @@ class FakeBackend:
         self.abort_event = threading.Event()
         self.active: set[str] = set()
         self._abort_requested: set[str] = set()
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.unhealthy: set[str] = set()
+        self._prefill_pending: dict[str, int] = {}
+        """Job id -> prompt tokens, until prefill ends."""
+        self._decode_tokens: dict[str, int] = {}
+        """Job id -> tokens held in decode pages (prompt + generated), from decode_queue on."""
 
     # ----------------------------------------------------------------- Backend protocol
 
@@ -84,24 +113,43 @@ class FakeBackend:
         self.abort_event.set()
 
     def health(self) -> dict:
+        used = sum(math.ceil(n / self.page_size) for n in self._decode_tokens.values())
+        workers = [
+            {"name": "fake-prefill-0", "role": "prefill", "codec": self.codec,
+             "free_pages": 0, "used_pages": 0,
+             "queued_tokens": sum(self._prefill_pending.values()),
+             "running": len(self._prefill_pending)},
+            {"name": "fake-decode-0", "role": "decode", "codec": self.codec,
+             "free_pages": self.num_pages - used, "used_pages": used, "queued_tokens": 0,
+             "running": len(self._decode_tokens)},
+        ]
+        for w in workers:
+            w["healthy"] = w["name"] not in self.unhealthy
         return {"status": "ok", "model": self.model_name, "max_model_len": self.max_model_len,
-                "codec": self.codec, "active_jobs": len(self.active)}
+                "codec": self.codec, "active_jobs": len(self.active), "workers": workers}
 
     async def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
         self.jobs.append(job)
         self.active.add(job.id)
+        self._prefill_pending[job.id] = len(job.prompt_ids)
         try:
             async for ev in self._run(job):
                 yield ev
         finally:
             self.active.discard(job.id)
             self._abort_requested.discard(job.id)
+            self._prefill_pending.pop(job.id, None)
+            self._decode_tokens.pop(job.id, None)
 
     # ----------------------------------------------------------------- generation
 
     def _finish(self, job: Job, reason: str, tokens: int, error: str | None = None):
+        codec = job.codec or self.codec
+        sent, dense = (fake_kv_bytes(len(job.prompt_ids), codec)
+                       if job.id in self._decode_tokens else (None, None))
         return FinishEvent(reason=reason, error=error, prompt_tokens=len(job.prompt_ids),
-                           completion_tokens=tokens, codec=job.codec or self.codec)
+                           completion_tokens=tokens, codec=codec, kv_bytes=sent,
+                           kv_bytes_bf16=dense)
 
     async def _run(self, job: Job) -> AsyncIterator[BackendEvent]:
         t = job.arrival
@@ -110,6 +158,10 @@ class FakeBackend:
             now = time.time()
             yield PhaseEvent(name, t, max(now, t))
             t = max(now, t)
+            if name == "prefill":
+                self._prefill_pending.pop(job.id, None)
+            elif name == "transfer":  # the KV sits in decode pages from here on
+                self._decode_tokens[job.id] = len(job.prompt_ids)
             if job.id in self._abort_requested:
                 yield self._finish(job, "abort", 0, "aborted")
                 return
@@ -127,6 +179,7 @@ class FakeBackend:
             k = n + (job.seed or 0)
             text += f" t{k}"
             n += 1
+            self._decode_tokens[job.id] = len(job.prompt_ids) + n
             cut = first_stop(text, job.stop)
             if cut is not None:
                 yield TokenEvent(1000 + k, text[sent:cut])

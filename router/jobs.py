@@ -13,12 +13,20 @@ first token: DECODING). Once terminal, later events are ignored.
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zipserve.router.backend import FinishEvent, Job, PhaseEvent, TokenEvent
 from zipserve.router.schemas import JobView, PhaseView, TbtSummary
+
+log = logging.getLogger(__name__)
+
+FinishListener = Callable[["JobRecord", list[float]], None]
+"""Called once when a record turns terminal, with the record and its time-between-token gaps
+(the record itself keeps only their summary)."""
 
 
 class JobState(str, enum.Enum):
@@ -104,6 +112,12 @@ class JobRecord:
     finished_at: float | None = None
     finish_reason: str | None = None
     error: str | None = None
+    kv_bytes: int | None = None
+    """KV bytes sent prefill -> decode, when the backend reports it."""
+    kv_bytes_bf16: int | None = None
+    """What that KV would have taken as dense bf16, when the backend reports it."""
+    listeners: list[FinishListener] = field(default_factory=list, repr=False, compare=False)
+    """Set by `JobRegistry.add`: told once when the job ends."""
 
     @classmethod
     def for_job(cls, job: Job, *, endpoint: str, model: str) -> JobRecord:
@@ -153,9 +167,15 @@ class JobRecord:
             self.completion_tokens = ev.completion_tokens
         if ev.codec is not None:
             self.codec = ev.codec
+        self.kv_bytes, self.kv_bytes_bf16 = ev.kv_bytes, ev.kv_bytes_bf16
         self.state = FINISH_STATE[ev.reason]
-        self.tbt_summary = summarize_tbt(self.tbt)
-        self.tbt = []
+        gaps, self.tbt = self.tbt, []
+        self.tbt_summary = summarize_tbt(gaps)
+        for listener in self.listeners:
+            try:
+                listener(self, gaps)
+            except Exception:  # observability must never break serving
+                log.exception("job %s: finish listener failed", self.job_id)
 
     def abort(self, reason: str, now: float) -> None:
         """The router gave up on the job (client gone, shutdown)."""
@@ -179,7 +199,8 @@ class JobRecord:
                     for p in self.phases],
             ttft=self.ttft, tbt=self.tbt_summary or summarize_tbt(self.tbt), jct=self.jct,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            codec=self.codec, finish_reason=self.finish_reason, error=self.error)
+            codec=self.codec, finish_reason=self.finish_reason, error=self.error,
+            kv_bytes=self.kv_bytes, kv_bytes_bf16=self.kv_bytes_bf16)
 
 
 class JobRegistry:
@@ -192,8 +213,14 @@ class JobRegistry:
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
         self.total = 0
         """Jobs ever added."""
+        self._listeners: list[FinishListener] = []
+
+    def add_listener(self, listener: FinishListener) -> None:
+        """Call `listener(record, tbt_gaps)` when each job added from now on ends."""
+        self._listeners.append(listener)
 
     def add(self, record: JobRecord) -> None:
+        record.listeners.extend(self._listeners)
         self._records[record.job_id] = record
         self.total += 1
         while len(self._records) > self.capacity:

@@ -267,6 +267,10 @@ class JobView(BaseModel):
     codec: str | None
     finish_reason: str | None
     error: str | None
+    kv_bytes: int | None = None
+    """KV bytes sent from prefill to decode, when the backend reports it."""
+    kv_bytes_bf16: int | None = None
+    """What the same KV would have taken as dense bf16 (kv_bytes / this: the compression)."""
 
 
 class JobList(BaseModel):

@@ -82,6 +82,9 @@ def test_http_equals_offline_engine(codec):
             names = [p["name"] for p in job["phases"]]
             assert {"queue", "prefill", "transfer", "decode"} <= set(names)
             assert job["state"] == "DONE" and 0 < job["ttft"] <= job["jct"]
+            assert job["kv_bytes"] > 0  # what prefill sent, and what bf16 would have needed
+            assert job["kv_bytes_bf16"] == out["usage"]["prompt_tokens"] * \
+                backend.kv_bytes_per_token_bf16
         assert _stream(url, {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}) == \
             want[0].text
         stats = _pool_whole(backend)
