@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from zipserve.compress.codecs import KVCodec
+from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.reference_attention import compressed_past_prefill_attention
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
@@ -22,24 +23,28 @@ class CompressedKVCache:
                  num_slots: int, dtype: torch.dtype, device: torch.device | str):
         self.codec, self.num_pages, self.page_size = codec, num_pages, page_size
         self.n_sink = codec.n_sink
-        self.codecs = [codec.for_layer(i) for i in range(config.num_layers)]
+        self.codecs = [codec.for_layer(i) for i in range(config.num_kv_layers)]
         self.stores = [c.new_store(num_pages, device) for c in self.codecs]
         kvh, d = config.num_kv_heads, config.head_dim
         # [layers, 2 (K, V), slots, KVH, P, D] and [layers, 2, slots, KVH, n_sink, D]
-        self.open = torch.zeros(config.num_layers, 2, num_slots, kvh, page_size, d, dtype=dtype,
-                                device=device)
-        self.sinks = torch.zeros(config.num_layers, 2, num_slots, kvh, max(self.n_sink, 1), d,
-                                 dtype=dtype, device=device)
+        nl = config.num_kv_layers  # only KV layers have pages (fewer in an LCKV model)
+        self.open = torch.zeros(nl, 2, num_slots, kvh, page_size, d, dtype=dtype, device=device)
+        self.sinks = torch.zeros(nl, 2, num_slots, kvh, max(self.n_sink, 1), d, dtype=dtype,
+                                 device=device)
 
     @staticmethod
     def bytes_per_page(codec: KVCodec, config: ModelConfig, page_size: int) -> int:
         return int(config.num_kv_heads * page_size * sum(
-            codec.for_layer(i).page_bytes_per_token() for i in range(config.num_layers)) + 0.5)
+            codec.for_layer(i).page_bytes_per_token() for i in range(config.num_kv_layers)) + 0.5)
 
     def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
         if batch.is_prefill:
             return self._prefill(layer, q, k, v, batch, scale)
         return self._decode(layer, q, k, v, batch, scale)
+
+    def attend_past(self, layer: int, q, batch, scale: float) -> torch.Tensor:
+        """Decode, read only: attend to positions before the current token (LCKV)."""
+        return condensed_attend_past(self, layer, q, batch, scale)
 
     def _prefill(self, layer, q, k, v, batch, scale):
         p, store = self.page_size, self.stores[layer]

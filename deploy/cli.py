@@ -75,9 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       num_layers=args.layers, hidden_size=args.hidden,
                       num_heads=args.hidden // 64, intermediate_size=args.hidden * 3,
-                      vocab_size=args.vocab)
+                      vocab_size=args.vocab, arch=args.arch, lckv_warmup=args.lckv_warmup,
+                      lckv_passes_no_grad=args.lckv_m, lckv_passes_grad=args.lckv_b)
     summary = train(cfg, args.out, text_dir=args.text_dir, resume=args.resume,
-                    device=args.device)
+                    device=args.device, tokenizer_from=args.tokenizer_from)
     summary["command"] = "zipserve " + " ".join(args.argv)
     print(f"trained in {summary['train_seconds']:.0f} s; measuring held-out perplexity")
     ppl = eval_ppl(args.out, args.text_dir, min(cfg.seq_len, 1024), min(cfg.seq_len, 1024) // 2,
@@ -193,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    t.add_argument("--arch", choices=["llama", "lckv"], default="llama",
+                   help="lckv: layer-condensed KV variant (engine/lckv_model.py)")
+    t.add_argument("--lckv-warmup", type=int, default=2,
+                   help="lckv: warmup layers keeping their own KV (split bottom/top)")
+    t.add_argument("--lckv-m", type=int, default=7, help="lckv: passes without gradient")
+    t.add_argument("--lckv-b", type=int, default=2, help="lckv: passes with gradient")
+    t.add_argument("--tokenizer-from", default=None,
+                   help="reuse this model directory's tokenizer instead of training one")
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)
 
