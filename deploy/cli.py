@@ -97,6 +97,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if model.startswith("random:"):
         raise ValueError("model: calibrate needs a checkpoint directory to write the bases into")
     llm = LLM(model, dtype="float32", device=args.device, max_model_len=args.window + 1)
+    if llm.engine.config.lckv is not None:
+        raise ValueError("model: calibrate does not support LCKV models yet (lowrank codecs "
+                         "need bases per KV layer)")
     corpus = load_corpus(args.text_dir)
     texts = [d.text for d in corpus.train]
     random.Random(0).shuffle(texts)  # a fixed sample across the whole training split
@@ -161,6 +164,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         quality_bench.run(args.model or default_model(), args.codecs.split(","), Path(args.out),
                           text_dir=args.text_dir, gen_tokens=args.gen_tokens,
                           device=args.device)
+        return 0
+    if args.what == "lckv":
+        from zipserve.bench import lckv_bench
+
+        models = args.models.split(",") if args.models else [
+            str(REFERENCE_MODEL), str(PACKAGE_ROOT / "models" / "zipserve-lckv")]
+        lckv_bench.run(models, args.lckv_codecs.split(","), args.budget_gb, args.context,
+                       args.prefill_len, Path(args.out), iters=args.iters, device=args.device)
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
@@ -251,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg"])
+    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv"])
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,
@@ -267,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-len", type=int, default=8192)
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--out", default="out/bench")
+    b.add_argument("--models", default=None, help="lckv: comma-separated, the first is the "
+                   "baseline (default: models/zipserve-ref,models/zipserve-lckv)")
+    b.add_argument("--lckv-codecs", default="bf16,hack2", help="lckv: codecs to stack on top")
+    b.add_argument("--budget-gb", type=float, default=8.0, help="lckv: KV memory budget (GiB)")
+    b.add_argument("--context", type=int, default=2000, help="lckv: tokens per sequence")
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -328,6 +328,15 @@ RANDOM_MODELS: dict[str, ModelConfig] = {
         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
         eos_token_ids=(128001, 128009), torch_dtype="bfloat16",
     ),
+    # Llama-3-8B's shape as an LCKV model (w = 2: KV for layers 0, 30, 31), for speed benchmarks.
+    "llama3-8b-lckv": ModelConfig(
+        architecture=LCKV_ARCHITECTURE, vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
+        eos_token_ids=(128001, 128009), torch_dtype="bfloat16", lckv=LCKVSpec.split(2),
+    ),
     # 5 layers, w = 2: layers 0, 3, 4 keep KV; 1 and 2 attend to layer 3's.
     "tiny-lckv": ModelConfig(
         architecture=LCKV_ARCHITECTURE, vocab_size=512, hidden_size=128, intermediate_size=256,
