@@ -25,7 +25,7 @@ from zipserve.engine.llm_engine import LLMEngine
 from zipserve.engine.loading import model_config_for
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sampling_params import SamplingParams
-from zipserve.engine.sequence import Sequence, SeqStatus
+from zipserve.engine.sequence import SeqStatus, Sequence
 
 PAGE = 64
 
@@ -129,9 +129,6 @@ def bench_one(model: str, codec: str, budget_gb: float, context: int, prefill_le
                step_ms=step_s * 1e3, tokens_per_s=batch / step_s,
                graphs=engine.runner.graphs is not None, prefill_len=prefill_len,
                prefill_ms=prefill_s * 1e3)
-    del engine
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -145,6 +142,8 @@ def run(models: list[str], codecs: list[str], budget_gb: float, context: int, pr
         for model in models:
             rows.append(bench_one(model, codec, budget_gb, context, prefill_len, max_batch,
                                   iters, dev, cuda_graphs))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()  # the engine of that run is gone
             r = rows[-1]
             print(f"{Path(model).name} {codec}: batch {r['batch']}, {r['step_ms']:.2f} ms/step, "
                   f"{r['tokens_per_s']:.0f} tok/s, prefill {r['prefill_ms']:.1f} ms", flush=True)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.model import MLP, DecoderLayer, ForwardBatch, RMSNorm, RotaryEmbedding
 
@@ -213,7 +212,7 @@ class LCKVModel(nn.Module):
         x = h
         for layer in self.condensed:
             x = layer.forward_fresh(x, positions, seq_lens, k, v, self.rope)
-        q, k_new, v_new = _qkv(self.layers[self.top], x, positions, self.rope)
+        _, k_new, v_new = _qkv(self.layers[self.top], x, positions, self.rope)
         return k_new, v_new
 
     def sequential_top_kv(self, h: torch.Tensor, positions: torch.Tensor):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lckv_fixtures import write_tiny_lckv_checkpoint
 from zipserve.compress.codecs import KVCodec, make_codec
 from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.engine.checkpoint import CheckpointError, load_checkpoint
@@ -30,8 +31,6 @@ from zipserve.engine.llm_engine import LLMEngine
 from zipserve.engine.loading import _init_random
 from zipserve.train.lckv_model import TrainLCKV
 from zipserve.train.recipe import hf_config_dict
-
-from lckv_fixtures import write_tiny_lckv_checkpoint
 
 TINY = RANDOM_MODELS["tiny-lckv"]
 REL_CONVERGED = 1e-4
@@ -251,9 +250,8 @@ def test_disaggregated_sends_only_kv_layers(lckv_dir, codec):
     prompts = [list(range(3, 40)), list(range(100, 230))]
     model = str(lckv_dir)
     want = [o.token_ids for o in LLM(model, device="cpu", codec=codec).generate(prompts, params)]
-    mk = lambda: DisaggregatedEngine(model, device="cpu",  # noqa: E731
-                                     engine_config=EngineConfig(codec=codec))
-    pre, dec = mk(), mk()
+    pre, dec = (DisaggregatedEngine(model, device="cpu", engine_config=EngineConfig(codec=codec))
+                for _ in range(2))
     for i, prompt in enumerate(prompts):
         dec.reserve(f"r{i}", prompt, params)
         res = pre.prefill_export(prompt, params, f"r{i}")
