@@ -130,7 +130,8 @@ def test_decode_after_converged_iterative_prompt():
     llm = LLM("random:tiny-lckv", device="cpu", page_size=16)
     model = _random_model(40)  # passes >= prompt length: the prompt's KV is exact
     llm.engine.model = llm.engine.runner.model = model
-    _check_decode(llm, [list(range(30, 67))], 1e-4)
+    # One packed prefill: a long prompt (iterative passes) beside a short one (token by token).
+    _check_decode(llm, [list(range(30, 67)), [5, 6]], 1e-4)
 
 
 class ExactCodec(KVCodec):
