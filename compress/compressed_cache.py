@@ -13,6 +13,7 @@ import torch
 
 from zipserve.compress.codecs import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
+from zipserve.compress.condensed_attention import past_kv
 from zipserve.compress.reference_attention import compressed_past_prefill_attention
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
@@ -45,6 +46,10 @@ class CompressedKVCache:
     def attend_past(self, layer: int, q, batch, scale: float) -> torch.Tensor:
         """Decode, read only: attend to positions before the current token (LCKV)."""
         return condensed_attend_past(self, layer, q, batch, scale)
+
+    def past_kv(self, layer: int, slot: int, past_pages: list[int]):
+        """[N, KVH, D] K/V of the full pages before a prefill chunk (LCKV chunked scoring)."""
+        return past_kv(self, layer, slot, past_pages)
 
     def _prefill(self, layer, q, k, v, batch, scale):
         p, store = self.page_size, self.stores[layer]

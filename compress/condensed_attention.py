@@ -3,12 +3,15 @@
 An LCKV condensed layer's query at position pos attends to the condensed top layer's KV of
 positions 0..pos-1 only: that layer has not computed the current token's KV yet. This is the
 decode path of `CompressedKVCache` with the dense tail one token shorter and nothing written:
-encoded full pages, then the sinks and the open page's first `pos % P` tokens.
+encoded full pages, then the sinks and the open page's first `pos % P` tokens. `past_kv` gives
+the same past to an LCKV prefill chunk that does not start at token 0 (page-by-page scoring).
 """
 
 from __future__ import annotations
 
 import torch
+
+from zipserve.compress.reference_attention import _row_kv
 
 
 def attend_past(cache, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
@@ -36,3 +39,14 @@ def attend_past(cache, layer: int, q: torch.Tensor, batch, scale: float) -> torc
 def _shift(x: torch.Tensor, s: int) -> torch.Tensor:
     """Drop the first s tokens of an open page [B, KVH, P, D], pad at the end."""
     return torch.cat([x[:, :, s:], torch.zeros_like(x[:, :, :s])], 2)
+
+
+def past_kv(cache, layer: int, slot: int, past_pages: list[int]):
+    """K/V [N, KVH, D] (fp32) of a sequence's full pages before a prefill chunk, as decode reads
+    them: the dequantized pages with their sink positions taken from the dense sinks. Token order
+    is not kept (attention does not need it: RoPE is already applied)."""
+    ids = torch.tensor(past_pages, dtype=torch.long, device=cache.open.device)
+    s = cache.n_sink
+    sink_k, sink_v = cache.sinks[layer, 0, slot, :, :s], cache.sinks[layer, 1, slot, :, :s]
+    k, v = _row_kv(cache.codecs[layer], cache.stores[layer], ids, sink_k, sink_v)  # [KVH, N, D]
+    return k.transpose(0, 1), v.transpose(0, 1)

@@ -11,7 +11,8 @@ before layer t writes the new token's KV. Prompt encoding resolves the cyclic de
 prompts of at least m + b tokens run m + b - 1 "dry" passes over the condensed stack (KV of
 layer t starting at zero, each pass fed the previous pass's KV) and a last pass that stores KV in
 the cache; shorter prompts compute layer t's KV token by token (exact) before that last pass.
-Prompts are encoded whole (a prefill chunk must start at token 0).
+A prefill chunk that starts later (page-by-page scoring over a compressed cache, one sequence)
+also attends to the past the cache holds for layer t, as decode would.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ def strict_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out[start + 1:start + n] = o[0].transpose(0, 1)
         start += n
     return out
+
+
+def attend_with_past(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One chunk's tokens q [n, H, D] attend to all of past_k/v [N, KVH, D] (N >= 1) and to the
+    chunk's earlier tokens of k/v [n, KVH, D] (diagonal masked) -> [n, H, D]."""
+    n, big_n = q.shape[0], past_k.shape[0]
+    keys = torch.cat([past_k.to(k.dtype), k]).transpose(0, 1).unsqueeze(0)  # [1, KVH, N+n, D]
+    vals = torch.cat([past_v.to(v.dtype), v]).transpose(0, 1).unsqueeze(0)
+    ones = torch.ones(n, n, dtype=torch.bool, device=q.device)
+    mask = torch.cat([torch.ones(n, big_n, dtype=torch.bool, device=q.device),
+                      ones.tril(-1)], 1)  # [n, N+n]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, vals,
+                                       attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o[0].transpose(0, 1)
 
 
 def attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -75,10 +92,15 @@ class CondensedAttention(nn.Module):
         o = cache.attend_past(self.source, q, batch, self.scale)  # [B, H, D]
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
-    def forward_fresh(self, x, positions, seq_lens: list[int], k, v, rope) -> torch.Tensor:
-        """Prefill: attend to the given KV [T, KVH, D] of earlier tokens of the same sequence."""
+    def forward_fresh(self, x, positions, seq_lens: list[int], k, v, rope,
+                      past=None) -> torch.Tensor:
+        """Prefill: attend to the given KV [T, KVH, D] of earlier tokens of the same sequence
+        (and, for one sequence's later chunk, to all of past = (k, v) [N, KVH, D])."""
         q = self._queries(x, positions, rope)
-        o = strict_causal_attention(q, k, v, seq_lens, self.scale)
+        if past is None:
+            o = strict_causal_attention(q, k, v, seq_lens, self.scale)
+        else:
+            o = attend_with_past(q, past[0], past[1], k, v, self.scale)
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
     def forward_one(self, x, positions, k_past, v_past, rope) -> torch.Tensor:
@@ -101,9 +123,9 @@ class CondensedLayer(nn.Module):
     def forward(self, x, batch, rope, cache):
         return self._mlp(x + self.self_attn(self.input_layernorm(x), batch, rope, cache))
 
-    def forward_fresh(self, x, positions, seq_lens, k, v, rope):
+    def forward_fresh(self, x, positions, seq_lens, k, v, rope, past=None):
         return self._mlp(x + self.self_attn.forward_fresh(self.input_layernorm(x), positions,
-                                                          seq_lens, k, v, rope))
+                                                          seq_lens, k, v, rope, past))
 
     def forward_one(self, x, positions, k_past, v_past, rope):
         return self._mlp(x + self.self_attn.forward_one(self.input_layernorm(x), positions,
@@ -137,6 +159,7 @@ class LCKVModel(nn.Module):
         self.config, self.spec = config, config.lckv
         kv_index = {layer: i for i, layer in enumerate(config.kv_layers)}
         self.top = config.num_layers - 1 - self.spec.warmup_top  # the condensed stack's top
+        self.top_kv = self.spec.warmup_bottom  # its KV-layer index
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, kv_index[i]) if i in kv_index
@@ -167,24 +190,35 @@ class LCKVModel(nn.Module):
 
     # -- prompt encoding ---------------------------------------------------------------------
     def _prefill(self, x: torch.Tensor, batch: ForwardBatch, cache) -> torch.Tensor:
-        for meta in batch.prefill_seqs or ():
-            if meta[2] != 0:
-                raise ValueError(f"LCKV: prompts are encoded whole; a prefill chunk starting at "
-                                 f"token {meta[2]} is not supported")
         wb, lens, pos = self.spec.warmup_bottom, batch.seq_lens_host, batch.positions
+        past = self._past(batch, cache)
         for layer in self.layers[:wb]:
             x = layer(x, batch, self.rope, cache)
-        k, v = self.converged_top_kv(x, pos, lens)
+        k, v = self.converged_top_kv(x, pos, lens, past)
         for layer in self.condensed:  # the last pass: its layer-t KV goes into the cache
-            x = layer.forward_fresh(x, pos, lens, k, v, self.rope)
+            x = layer.forward_fresh(x, pos, lens, k, v, self.rope, past)
         for layer in self.layers[self.top:]:
             x = layer(x, batch, self.rope, cache)
         return x
 
-    def converged_top_kv(self, h: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]):
+    def _past(self, batch: ForwardBatch, cache):
+        """Layer t's cached K/V [N, KVH, D] before a chunk that does not start at token 0."""
+        metas = batch.prefill_seqs or ()
+        if all(meta[2] == 0 for meta in metas):
+            return None
+        if len(metas) != 1 or not hasattr(cache, "past_kv"):
+            raise ValueError("LCKV: a prefill chunk that does not start at token 0 needs a "
+                             "compressed cache and one sequence in the batch")
+        slot, pages, start, _ = metas[0]
+        k, v = cache.past_kv(self.top_kv, slot, pages[:start // cache.page_size])
+        dtype = self.embed_tokens.weight.dtype
+        return k.to(dtype), v.to(dtype)
+
+    def converged_top_kv(self, h: torch.Tensor, positions: torch.Tensor, seq_lens: list[int],
+                         past=None):
         """Layer t's K/V [T, KVH, D] that the last pass's condensed layers attend to, given the
         bottom warmup layers' output h [T, hidden]: after m + b - 1 dry passes for prompts of at
-        least m + b tokens, exact (token by token) for shorter ones."""
+        least m + b tokens, exact (token by token) for shorter ones. past: see _past."""
         c = self.config
         k = h.new_zeros(h.shape[0], c.num_kv_heads, c.head_dim)
         v = torch.zeros_like(k)
@@ -199,32 +233,35 @@ class LCKVModel(nn.Module):
             hl, pl, ll = h[rows], positions[rows], [seq_lens[i] for i in long]
             kl, vl = k[rows], v[rows]
             for _ in range(n_pass - 1):
-                kl, vl = self.dry_pass(hl, pl, ll, kl, vl)
+                kl, vl = self.dry_pass(hl, pl, ll, kl, vl, past)
             k[rows], v[rows] = kl, vl
         for i, n in enumerate(seq_lens):
             if n < n_pass:
                 s = slice(starts[i], starts[i + 1])
-                k[s], v[s] = self.sequential_top_kv(h[s], positions[s])
+                k[s], v[s] = self.sequential_top_kv(h[s], positions[s], past)
         return k, v
 
-    def dry_pass(self, h, positions, seq_lens, k, v):
+    def dry_pass(self, h, positions, seq_lens, k, v, past=None):
         """One pass over the condensed stack fed layer t's K/V k, v; returns the new K/V."""
         x = h
         for layer in self.condensed:
-            x = layer.forward_fresh(x, positions, seq_lens, k, v, self.rope)
+            x = layer.forward_fresh(x, positions, seq_lens, k, v, self.rope, past)
         _, k_new, v_new = _qkv(self.layers[self.top], x, positions, self.rope)
         return k_new, v_new
 
-    def sequential_top_kv(self, h: torch.Tensor, positions: torch.Tensor):
-        """Layer t's exact K/V of one sequence [n, KVH, D], computed token by token."""
+    def sequential_top_kv(self, h: torch.Tensor, positions: torch.Tensor, past=None):
+        """Layer t's exact K/V of one sequence [n, KVH, D], computed token by token (after
+        past = (k, v) [N, KVH, D] when given)."""
         c = self.config
         n = h.shape[0]
         k = h.new_zeros(n, c.num_kv_heads, c.head_dim)
         v = torch.zeros_like(k)
+        pk, pv = past if past is not None else (k[:0], v[:0])
         for i in range(n):
             x, p = h[i:i + 1], positions[i:i + 1]
+            k_past, v_past = torch.cat([pk, k[:i]]), torch.cat([pv, v[:i]])
             for layer in self.condensed:
-                x = layer.forward_one(x, p, k[:i], v[:i], self.rope)
+                x = layer.forward_one(x, p, k_past, v_past, self.rope)
             _, ki, vi = _qkv(self.layers[self.top], x, p, self.rope)
             k[i], v[i] = ki[0], vi[0]
         return k, v

@@ -271,11 +271,39 @@ def test_disaggregated_sends_only_kv_layers(lckv_dir, codec):
         assert not eng.scheduler.reserved
 
 
-def test_scoring_with_a_codec_is_refused_clearly():
-    llm = LLM("random:tiny-lckv", device="cpu", codec="hack2")
-    with pytest.raises(ValueError, match="LCKV"):
-        llm.logits(list(range(3, 140)))
-    assert llm.engine.pool.num_free == llm.engine.pool.capacity
+@pytest.mark.parametrize("passes", [16, 40])
+def test_page_by_page_scoring_over_a_compressed_cache(passes):
+    """LLM.logits with a codec scores page by page: each chunk attends to the cached past. With a
+    lossless codec and passes >= the page size (16: chunks iterate, the 5-token tail goes token by
+    token; 40: every chunk token by token) it equals the full token-by-token recompute."""
+    eng = LLMEngine("random:tiny-lckv", device="cpu",
+                    engine_config=EngineConfig(page_size=16, num_pages=16, codec="hack2"))
+    model = _random_model(passes)
+    eng.model = eng.runner.model = model
+    eng.codec = ExactCodec(TINY.num_kv_heads, 16, TINY.head_dim)
+    eng.cache = eng.runner.cache = CompressedKVCache(eng.codec, TINY, 16, 16, 257, torch.float32,
+                                                     "cpu")
+    ids = list(range(30, 67))  # 37 tokens: chunks of 16, 16, 5
+    assert _rel(eng.logits(ids), model.sequential_forward(torch.tensor(ids))) < 1e-4
+    assert eng.pool.num_free == eng.pool.capacity
+
+
+def test_page_by_page_scoring_with_hack2():
+    """The first page is scored exactly (no past); later pages read 2-bit pages of layer t."""
+    def logits(codec):
+        eng = LLMEngine("random:tiny-lckv", device="cpu",
+                        engine_config=EngineConfig(num_pages=16, codec="hack2"))
+        if codec is not None:
+            eng.codec = codec
+            eng.cache = eng.runner.cache = CompressedKVCache(codec, TINY, 16, 64, 257,
+                                                             torch.float32, "cpu")
+        out = eng.logits(list(range(3, 140)))
+        assert eng.pool.num_free == eng.pool.capacity
+        return out
+
+    got, exact = logits(None), logits(ExactCodec(TINY.num_kv_heads, 64, TINY.head_dim))
+    assert _rel(got[:64], exact[:64]) < 1e-5
+    assert 1e-3 < _rel(got[64:], exact[64:]) < 0.3
 
 
 # -- GPU (run on the lent device: python3 -m pytest -m gpu tests/test_lckv.py) ---------------------
