@@ -2,8 +2,9 @@
 
 Only the model's KV layers (`ModelConfig.kv_layers`: every layer, except in an LCKV model) have
 pages; `layer` arguments here are KV-layer indices. Layout per layer: [num_pages, num_kv_heads,
-page_size, head_dim], so one (page, head) tile is contiguous (the unit the codecs quantize and the transfer layer sends). Page 0 is a scratch page
-that is never handed out: padded rows of a CUDA-graph batch write their K/V there.
+page_size, head_dim], so one (page, head) tile is contiguous (the unit the codecs quantize and
+the transfer layer sends). Page 0 is a scratch page that is never handed out: padded rows of a
+CUDA-graph batch write their K/V there.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ class CondensedAttention(nn.Module):
     def __init__(self, config: ModelConfig, source: int):
         super().__init__()
         self.source = source
-        self.num_heads, self.head_dim, self.q_size = config.num_heads, config.head_dim, config.q_size
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.q_size = config.q_size
         self.scale = self.head_dim ** -0.5
         self.q_proj = nn.Linear(config.hidden_size, self.q_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)

@@ -49,7 +49,8 @@ def model_class(config: ModelConfig) -> type:
 
 
 def build_model(model: str, dtype: str | torch.dtype | None, device: torch.device,
-                max_positions: int, seed: int = 0) -> tuple[ModelConfig, torch.nn.Module, torch.dtype]:
+                max_positions: int, seed: int = 0
+                ) -> tuple[ModelConfig, torch.nn.Module, torch.dtype]:
     config = model_config_for(model)
     tensors = None
     if not model.startswith("random:"):
