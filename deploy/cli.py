@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +62,33 @@ def eval_ppl(model: str, text_dir: str | None, context: int, stride: int, dtype:
             "corpus_root": str(corpus.root)}
 
 
+@contextlib.contextmanager
+def lckv_passes(model: str, passes: int | None):
+    """`model` as is, or (passes given) a temporary copy of its directory, files linked, whose
+    LCKV prompt encoding runs `passes` passes over the condensed stack: to measure convergence."""
+    if passes is None:
+        yield model
+        return
+    src = Path(model)
+    cfg = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if "lckv" not in cfg:
+        raise ValueError(f"lckv-passes: {model} is not an LCKV model directory")
+    if passes < 1:
+        raise ValueError(f"lckv-passes: must be >= 1, got {passes}")
+    cfg["lckv"].update(passes_no_grad=passes - 1, passes_grad=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in src.iterdir():
+            if f.name != "config.json":
+                (Path(tmp) / f.name).symlink_to(f.resolve())
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        yield tmp
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    r = eval_ppl(args.model, args.text_dir, args.context, args.stride, args.dtype, args.device)
+    with lckv_passes(args.model, args.lckv_passes) as model:
+        r = eval_ppl(model, args.text_dir, args.context, args.stride, args.dtype, args.device)
+    if args.lckv_passes:
+        print(f"LCKV prompt encoding: {args.lckv_passes} passes")
     print(f"held-out perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens "
           f"(context {r['context']}, stride {r['stride']}, {r['dtype']} on {r['device']}; "
           f"corpus {r['corpus_root']}, held-out digest {r['held_out_digest']})")
@@ -236,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=512)
     e.add_argument("--dtype", default="float32")
     e.add_argument("--device", default=None)
+    e.add_argument("--lckv-passes", type=int, default=None,
+                   help="LCKV models: encode prompts with this many passes (config: m + b)")
     e.set_defaults(func=lambda a: cmd_eval(argparse.Namespace(**{**vars(a),
                                                                  "model": a.model or default_model()})))
 

@@ -215,6 +215,18 @@ def test_checkpoint_round_trip(lckv_dir):
         assert _rel(llm.logits(ids), ref) < 1e-5
 
 
+def test_eval_with_other_passes(lckv_dir, tmp_path):
+    from zipserve.deploy.cli import lckv_passes
+
+    with lckv_passes(str(lckv_dir), 40) as model:
+        assert LLM(model, device="cpu").engine.config.lckv.passes == 40
+    assert json.loads((lckv_dir / "config.json").read_text())["lckv"]["passes_no_grad"] == 7
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="not an LCKV model"):
+        with lckv_passes(str(tmp_path), 3):
+            pass
+
+
 def test_checkpoint_with_condensed_kv_weights_is_refused(lckv_dir, tmp_path):
     for f in ("config.json", "tokenizer.json"):
         (tmp_path / f).write_text((lckv_dir / f).read_text())
