@@ -59,8 +59,8 @@ def run(model: str, codecs: list[str], out_dir: Path, text_dir: str | None = Non
         if eng.codec is None:
             full = ctx = cfg.kv_bytes_per_token(2)
         else:
-            full = eng.codec.bytes_per_token(cfg.num_layers)
-            ctx = eng.codec.bytes_per_token(cfg.num_layers, seq_len=context)
+            full = eng.codec.bytes_per_token(cfg.num_kv_layers)
+            ctx = eng.codec.bytes_per_token(cfg.num_kv_layers, seq_len=context)
         if eng.pool.num_free != eng.pool.capacity:
             raise RuntimeError(f"{codec}: pages leaked during the benchmark")
         rows.append(dict(codec=codec, perplexity=ppl.perplexity, tokens_scored=ppl.tokens,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from zipserve.compress.codecs import KVCodec
+from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
+from zipserve.compress.condensed_attention import past_kv
 from zipserve.compress.reference_attention import compressed_past_prefill_attention
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
@@ -24,24 +26,32 @@ class CompressedKVCache:
         self.n_sink = codec.n_sink
         self.scratch_slot = num_slots - 1
         """Open-page slot that CUDA-graph padding rows write to (no sequence owns it)."""
-        self.codecs = [codec.for_layer(i) for i in range(config.num_layers)]
+        self.codecs = [codec.for_layer(i) for i in range(config.num_kv_layers)]
         self.stores = [c.new_store(num_pages, device) for c in self.codecs]
         kvh, d = config.num_kv_heads, config.head_dim
         # [layers, 2 (K, V), slots, KVH, P, D] and [layers, 2, slots, KVH, n_sink, D]
-        self.open = torch.zeros(config.num_layers, 2, num_slots, kvh, page_size, d, dtype=dtype,
-                                device=device)
-        self.sinks = torch.zeros(config.num_layers, 2, num_slots, kvh, max(self.n_sink, 1), d,
-                                 dtype=dtype, device=device)
+        nl = config.num_kv_layers  # only KV layers have pages (fewer in an LCKV model)
+        self.open = torch.zeros(nl, 2, num_slots, kvh, page_size, d, dtype=dtype, device=device)
+        self.sinks = torch.zeros(nl, 2, num_slots, kvh, max(self.n_sink, 1), d, dtype=dtype,
+                                 device=device)
 
     @staticmethod
     def bytes_per_page(codec: KVCodec, config: ModelConfig, page_size: int) -> int:
         return int(config.num_kv_heads * page_size * sum(
-            codec.for_layer(i).page_bytes_per_token() for i in range(config.num_layers)) + 0.5)
+            codec.for_layer(i).page_bytes_per_token() for i in range(config.num_kv_layers)) + 0.5)
 
     def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
         if batch.is_prefill:
             return self._prefill(layer, q, k, v, batch, scale)
         return self._decode(layer, q, k, v, batch, scale)
+
+    def attend_past(self, layer: int, q, batch, scale: float) -> torch.Tensor:
+        """Decode, read only: attend to positions before the current token (LCKV)."""
+        return condensed_attend_past(self, layer, q, batch, scale)
+
+    def past_kv(self, layer: int, slot: int, past_pages: list[int]):
+        """[N, KVH, D] K/V of the full pages before a prefill chunk (LCKV chunked scoring)."""
+        return past_kv(self, layer, slot, past_pages)
 
     def _prefill(self, layer, q, k, v, batch, scale):
         p, store = self.page_size, self.stores[layer]

@@ -48,7 +48,7 @@ class DecodeWorker:
                                           engine_config=EngineConfig(codec=codec,
                                                                      **(engine_options or {})))
         self.codec = codec
-        self.num_layers = self.engine.config.num_layers
+        self.num_layers = self.engine.config.num_kv_layers  # layers whose KV arrives
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.requests: dict[str, RequestState] = {}

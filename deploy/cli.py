@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,8 +62,33 @@ def eval_ppl(model: str, text_dir: str | None, context: int, stride: int, dtype:
             "corpus_root": str(corpus.root)}
 
 
+@contextlib.contextmanager
+def lckv_passes(model: str, passes: int | None):
+    """`model` as is, or (passes given) a temporary copy of its directory, files linked, whose
+    LCKV prompt encoding runs `passes` passes over the condensed stack: to measure convergence."""
+    if passes is None:
+        yield model
+        return
+    src = Path(model)
+    cfg = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if "lckv" not in cfg:
+        raise ValueError(f"lckv-passes: {model} is not an LCKV model directory")
+    if passes < 1:
+        raise ValueError(f"lckv-passes: must be >= 1, got {passes}")
+    cfg["lckv"].update(passes_no_grad=passes - 1, passes_grad=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in src.iterdir():
+            if f.name != "config.json":
+                (Path(tmp) / f.name).symlink_to(f.resolve())
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        yield tmp
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    r = eval_ppl(args.model, args.text_dir, args.context, args.stride, args.dtype, args.device)
+    with lckv_passes(args.model, args.lckv_passes) as model:
+        r = eval_ppl(model, args.text_dir, args.context, args.stride, args.dtype, args.device)
+    if args.lckv_passes:
+        print(f"LCKV prompt encoding: {args.lckv_passes} passes")
     print(f"held-out perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens "
           f"(context {r['context']}, stride {r['stride']}, {r['dtype']} on {r['device']}; "
           f"corpus {r['corpus_root']}, held-out digest {r['held_out_digest']})")
@@ -75,9 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       num_layers=args.layers, hidden_size=args.hidden,
                       num_heads=args.hidden // 64, intermediate_size=args.hidden * 3,
-                      vocab_size=args.vocab)
+                      vocab_size=args.vocab, arch=args.arch, lckv_warmup=args.lckv_warmup,
+                      lckv_passes_no_grad=args.lckv_m, lckv_passes_grad=args.lckv_b)
     summary = train(cfg, args.out, text_dir=args.text_dir, resume=args.resume,
-                    device=args.device)
+                    device=args.device, tokenizer_from=args.tokenizer_from)
     summary["command"] = "zipserve " + " ".join(args.argv)
     print(f"trained in {summary['train_seconds']:.0f} s; measuring held-out perplexity")
     ppl = eval_ppl(args.out, args.text_dir, min(cfg.seq_len, 1024), min(cfg.seq_len, 1024) // 2,
@@ -96,6 +125,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if model.startswith("random:"):
         raise ValueError("model: calibrate needs a checkpoint directory to write the bases into")
     llm = LLM(model, dtype="float32", device=args.device, max_model_len=args.window + 1)
+    if llm.engine.config.lckv is not None:
+        raise ValueError("model: calibrate does not support LCKV models yet (lowrank codecs "
+                         "need bases per KV layer)")
     corpus = load_corpus(args.text_dir)
     texts = [d.text for d in corpus.train]
     random.Random(0).shuffle(texts)  # a fixed sample across the whole training split
@@ -161,6 +193,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           text_dir=args.text_dir, gen_tokens=args.gen_tokens,
                           device=args.device)
         return 0
+    if args.what == "lckv":
+        from zipserve.bench import lckv_bench
+
+        models = args.models.split(",") if args.models else [
+            str(REFERENCE_MODEL), str(PACKAGE_ROOT / "models" / "zipserve-lckv")]
+        lckv_bench.run(models, args.lckv_codecs.split(","), args.budget_gb, args.context,
+                       args.prefill_len, Path(args.out), iters=args.iters, device=args.device)
+        return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -193,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    t.add_argument("--arch", choices=["llama", "lckv"], default="llama",
+                   help="lckv: layer-condensed KV variant (engine/lckv_model.py)")
+    t.add_argument("--lckv-warmup", type=int, default=2,
+                   help="lckv: warmup layers keeping their own KV (split bottom/top)")
+    t.add_argument("--lckv-m", type=int, default=7, help="lckv: passes without gradient")
+    t.add_argument("--lckv-b", type=int, default=2, help="lckv: passes with gradient")
+    t.add_argument("--tokenizer-from", default=None,
+                   help="reuse this model directory's tokenizer instead of training one")
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)
 
@@ -216,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=512)
     e.add_argument("--dtype", default="float32")
     e.add_argument("--device", default=None)
+    e.add_argument("--lckv-passes", type=int, default=None,
+                   help="LCKV models: encode prompts with this many passes (config: m + b)")
     e.set_defaults(func=lambda a: cmd_eval(argparse.Namespace(**{**vars(a),
                                                                  "model": a.model or default_model()})))
 
@@ -242,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg"])
+    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv"])
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,
@@ -258,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-len", type=int, default=8192)
     b.add_argument("--iters", type=int, default=20)
     b.add_argument("--out", default="out/bench")
+    b.add_argument("--models", default=None, help="lckv: comma-separated, the first is the "
+                   "baseline (default: models/zipserve-ref,models/zipserve-lckv)")
+    b.add_argument("--lckv-codecs", default="bf16,hack2", help="lckv: codecs to stack on top")
+    b.add_argument("--budget-gb", type=float, default=8.0, help="lckv: KV memory budget (GiB)")
+    b.add_argument("--context", type=int, default=2000, help="lckv: tokens per sequence")
     b.set_defaults(func=cmd_bench)
     return parser
 

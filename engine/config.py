@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+LCKV_ARCHITECTURE = "ZipserveLCKVForCausalLM"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           LCKV_ARCHITECTURE)
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,58 @@ class RopeScaling:
     """Wavelengths below original_max / high_freq_factor are left alone."""
     original_max_position_embeddings: int
     """Context length the model was pretrained with."""
+
+
+@dataclass(frozen=True)
+class LCKVSpec:
+    """Layer-condensed KV (arXiv 2405.10637): which layers keep their own KV.
+
+    With L layers, the bottom `warmup_bottom` and top `warmup_top` layers are standard. The layer
+    just below the top warmup layers, t = L - 1 - warmup_top (the "top" of the condensed stack),
+    computes and caches its own KV; the layers between the bottom warmup layers and t compute only
+    queries and attend to layer t's KV of *earlier* tokens (the diagonal is masked: a token's
+    layer-t KV depends on its own lower layers). KV is therefore kept for warmup + 1 layers.
+    """
+
+    warmup_bottom: int = 1
+    warmup_top: int = 1
+    passes_no_grad: int = 7
+    """m: prompt-encoding (and training) passes over the condensed stack without gradient."""
+    passes_grad: int = 2
+    """b: passes after those, with gradient in training; prompts of fewer than m + b tokens are
+    encoded token by token instead."""
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_bottom + self.warmup_top
+
+    @property
+    def passes(self) -> int:
+        """Passes of prompt encoding over the condensed stack: m + b."""
+        return self.passes_no_grad + self.passes_grad
+
+    def to_hf(self) -> dict[str, int]:
+        return {"warmup_bottom": self.warmup_bottom, "warmup_top": self.warmup_top,
+                "passes_no_grad": self.passes_no_grad, "passes_grad": self.passes_grad}
+
+    @classmethod
+    def from_hf(cls, d: Any) -> "LCKVSpec":
+        if not isinstance(d, dict):
+            raise ConfigError("lckv: must be an object in config.json")
+        unknown = set(d) - {"warmup_bottom", "warmup_top", "passes_no_grad", "passes_grad"}
+        if unknown:
+            raise ConfigError(f"lckv.{sorted(unknown)[0]}: unknown field")
+        for k, v in d.items():
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"lckv.{k}: must be an integer, got {v!r}")
+        return cls(**d)
+
+    @classmethod
+    def split(cls, warmup: int = 2, passes_no_grad: int = 7, passes_grad: int = 2) -> "LCKVSpec":
+        """w warmup layers split between bottom (the larger half) and top."""
+        if warmup < 0:
+            raise ConfigError(f"lckv warmup: must be >= 0, got {warmup}")
+        return cls(warmup - warmup // 2, warmup // 2, passes_no_grad, passes_grad)
 
 
 @dataclass(frozen=True)
@@ -60,8 +114,21 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
     """Dtype the checkpoint declares (bfloat16, float16, float32)."""
+    lckv: LCKVSpec | None = None
+    """Set exactly when architecture is ZipserveLCKVForCausalLM."""
 
     def __post_init__(self) -> None:
+        if (self.lckv is not None) != (self.architecture == LCKV_ARCHITECTURE):
+            raise ConfigError(f"lckv: required for {LCKV_ARCHITECTURE} and only for it")
+        if self.lckv is not None:
+            c = self.lckv
+            if c.warmup_bottom < 0 or c.warmup_top < 0:
+                raise ConfigError("lckv.warmup_bottom/warmup_top: must be >= 0")
+            if c.warmup + 1 > self.num_layers:
+                raise ConfigError(f"lckv: {c.warmup} warmup layers + the condensed top layer "
+                                  f"need more than num_hidden_layers={self.num_layers}")
+            if c.passes_no_grad < 0 or c.passes_grad < 1:
+                raise ConfigError("lckv.passes_no_grad must be >= 0 and lckv.passes_grad >= 1")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"architectures: {self.architecture!r} is not supported; "
@@ -95,18 +162,38 @@ class ModelConfig:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """Model layers that compute and cache their own K/V, bottom to top. The KV cache, the
+        codecs and the transfer index layers by position in this tuple ("KV layer")."""
+        if self.lckv is None:
+            return tuple(range(self.num_layers))
+        top = self.num_layers - 1 - self.lckv.warmup_top
+        return tuple(range(self.lckv.warmup_bottom)) + tuple(range(top, self.num_layers))
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers that have KV pages (all of them, except in an LCKV model)."""
+        return len(self.kv_layers)
+
+    def kv_source(self, layer: int) -> int:
+        """The model layer whose K/V `layer`'s queries attend to (itself unless condensed)."""
+        if self.lckv is None or layer < self.lckv.warmup_bottom:
+            return layer
+        return max(layer, self.num_layers - 1 - self.lckv.warmup_top)
+
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        per_layer = 2 * self.q_size * h + 3 * h * i + 2 * h
+        kv = 2 * self.kv_size * h
         if self.attention_bias:
-            attn += self.q_size + 2 * self.kv_size
-        per_layer = attn + 3 * h * i + 2 * h
+            per_layer, kv = per_layer + self.q_size, kv + 2 * self.kv_size
         head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_layers * per_layer + h + head
+        return v * h + self.num_layers * per_layer + self.num_kv_layers * kv + h + head
 
     def kv_bytes_per_token(self, element_bytes: int = 2) -> int:
-        """Bytes of uncompressed K and V one token occupies across all layers."""
-        return 2 * self.num_layers * self.kv_size * element_bytes
+        """Bytes of uncompressed K and V one token occupies across all KV layers."""
+        return 2 * self.num_kv_layers * self.kv_size * element_bytes
 
     def expected_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Hugging Face tensor names and shapes a checkpoint of this config must contain."""
@@ -117,18 +204,21 @@ class ModelConfig:
         }
         if not self.tie_word_embeddings:
             shapes["lm_head.weight"] = (self.vocab_size, h)
+        kv_layers = set(self.kv_layers)
         for layer in range(self.num_layers):
             p = f"model.layers.{layer}."
             shapes[p + "input_layernorm.weight"] = (h,)
             shapes[p + "post_attention_layernorm.weight"] = (h,)
             shapes[p + "self_attn.q_proj.weight"] = (self.q_size, h)
-            shapes[p + "self_attn.k_proj.weight"] = (self.kv_size, h)
-            shapes[p + "self_attn.v_proj.weight"] = (self.kv_size, h)
             shapes[p + "self_attn.o_proj.weight"] = (h, self.q_size)
             if self.attention_bias:
                 shapes[p + "self_attn.q_proj.bias"] = (self.q_size,)
-                shapes[p + "self_attn.k_proj.bias"] = (self.kv_size,)
-                shapes[p + "self_attn.v_proj.bias"] = (self.kv_size,)
+            if layer in kv_layers:  # LCKV condensed layers compute queries only
+                shapes[p + "self_attn.k_proj.weight"] = (self.kv_size, h)
+                shapes[p + "self_attn.v_proj.weight"] = (self.kv_size, h)
+                if self.attention_bias:
+                    shapes[p + "self_attn.k_proj.bias"] = (self.kv_size,)
+                    shapes[p + "self_attn.v_proj.bias"] = (self.kv_size,)
             shapes[p + "mlp.gate_proj.weight"] = (i, h)
             shapes[p + "mlp.up_proj.weight"] = (i, h)
             shapes[p + "mlp.down_proj.weight"] = (h, i)
@@ -188,6 +278,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            lckv=LCKVSpec.from_hf(need("lckv")) if arch == LCKV_ARCHITECTURE else None,
         )
 
     @classmethod
@@ -236,6 +327,22 @@ RANDOM_MODELS: dict[str, ModelConfig] = {
         tie_word_embeddings=False,
         rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
         eos_token_ids=(128001, 128009), torch_dtype="bfloat16",
+    ),
+    # Llama-3-8B's shape as an LCKV model (w = 2: KV for layers 0, 30, 31), for speed benchmarks.
+    "llama3-8b-lckv": ModelConfig(
+        architecture=LCKV_ARCHITECTURE, vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
+        eos_token_ids=(128001, 128009), torch_dtype="bfloat16", lckv=LCKVSpec.split(2),
+    ),
+    # 5 layers, w = 2: layers 0, 3, 4 keep KV; 1 and 2 attend to layer 3's.
+    "tiny-lckv": ModelConfig(
+        architecture=LCKV_ARCHITECTURE, vocab_size=512, hidden_size=128, intermediate_size=256,
+        num_layers=5, num_heads=2, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_ids=(2,), torch_dtype="float32", lckv=LCKVSpec.split(2),
     ),
 }
 

@@ -1,8 +1,10 @@
 """The paged KV storage of one engine: per-layer K and V page tensors, in one allocation.
 
-Layout per layer: [num_pages, num_kv_heads, page_size, head_dim], so one (page, head) tile is
-contiguous (the unit the codecs quantize and the transfer layer sends). Page 0 is a scratch page
-that is never handed out: padded rows of a CUDA-graph batch write their K/V there.
+Only the model's KV layers (`ModelConfig.kv_layers`: every layer, except in an LCKV model) have
+pages; `layer` arguments here are KV-layer indices. Layout per layer: [num_pages, num_kv_heads,
+page_size, head_dim], so one (page, head) tile is contiguous (the unit the codecs quantize and
+the transfer layer sends). Page 0 is a scratch page that is never handed out: padded rows of a
+CUDA-graph batch write their K/V there.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class KVCache:
         self.num_pages, self.page_size = num_pages, page_size
         # [layers, 2 (K, V), pages, KVH, P, D]
         self.storage = torch.zeros(
-            config.num_layers, 2, num_pages, config.num_kv_heads, page_size, config.head_dim,
+            config.num_kv_layers, 2, num_pages, config.num_kv_heads, page_size, config.head_dim,
             dtype=dtype, device=device)
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +46,15 @@ class KVCache:
         return attend(q, k_cache, v_cache, batch.page_table, batch.seq_lens, scale,
                       num_splits=batch.num_splits)
 
+    def attend_past(self, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
+        """Decode, read only: q [B, H, D] attends to the cached KV of each sequence's positions
+        before the current token (an LCKV condensed layer reading the condensed top's pages)."""
+        k_cache, v_cache = self.layer(layer)
+        attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
+        return attend(q, k_cache, v_cache, batch.page_table, (batch.seq_lens - 1).clamp(min=0),
+                      scale, num_splits=batch.num_splits)
+
     @staticmethod
     def bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return config.num_layers * 2 * config.num_kv_heads * page_size * config.head_dim * elem
+        return config.num_kv_layers * 2 * config.num_kv_heads * page_size * config.head_dim * elem

@@ -39,15 +39,25 @@ def model_config_for(model: str) -> ModelConfig:
     return ModelConfig.from_dir(model)
 
 
+def model_class(config: ModelConfig) -> type:
+    """The engine module that runs config's architecture."""
+    if config.lckv is not None:
+        from zipserve.engine.lckv_model import LCKVModel
+
+        return LCKVModel
+    return LlamaModel
+
+
 def build_model(model: str, dtype: str | torch.dtype | None, device: torch.device,
-                max_positions: int, seed: int = 0) -> tuple[ModelConfig, LlamaModel, torch.dtype]:
+                max_positions: int, seed: int = 0
+                ) -> tuple[ModelConfig, torch.nn.Module, torch.dtype]:
     config = model_config_for(model)
     tensors = None
     if not model.startswith("random:"):
         config, tensors = load_checkpoint(model, dtype=None, device=device)
     dt = resolve_dtype(dtype, config, device)
     with torch.device(device), _default_dtype(dt):
-        net = LlamaModel(config, max_positions)
+        net = model_class(config)(config, max_positions)
     if tensors is not None:
         net.load_hf_state(tensors)
         del tensors

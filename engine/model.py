@@ -77,6 +77,10 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """One tensor [T, h, D] rotated to its positions (queries without keys)."""
+        return _rotate(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)  # [T, h, D/2] each

@@ -50,7 +50,7 @@ class PrefillWorker:
     def info(self) -> dict:
         e = self.engine
         return {"model": e.model_name, "codec": self.codec, "page_size":
-                e.engine_config.page_size, "num_layers": e.config.num_layers,
+                e.engine_config.page_size, "num_layers": e.config.num_kv_layers,
                 "device": str(e.device)}
 
     def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,

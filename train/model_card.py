@@ -6,6 +6,17 @@ import json
 from pathlib import Path
 
 
+def _arch(summary: dict) -> str:
+    arch = summary.get("architecture", "LlamaForCausalLM")
+    c = summary["config"]
+    if c.get("arch") != "lckv":
+        return arch
+    return (f"{arch} (layer-condensed KV: layers {summary['kv_layers']} keep KV, the others attend "
+            f"to layer {summary['kv_layers'][-1 - c['lckv_warmup'] // 2]}'s; {c['lckv_warmup']} "
+            f"warmup layers; trained and prompts encoded with m={c['lckv_passes_no_grad']} passes "
+            f"without + b={c['lckv_passes_grad']} with gradient)")
+
+
 def write_model_card(out: Path, summary: dict, ppl: dict, name: str) -> None:
     c = summary["config"]
     lines = [
@@ -16,7 +27,7 @@ def write_model_card(out: Path, summary: dict, ppl: dict, name: str) -> None:
         "`zipserve train`; every number below was measured by that run or by `zipserve eval ppl`.",
         "",
         "| | |", "|---|---|",
-        f"| architecture | LlamaForCausalLM, {c['num_layers']} layers, hidden {c['hidden_size']}, "
+        f"| architecture | {_arch(summary)}, {c['num_layers']} layers, hidden {c['hidden_size']}, "
         f"{c['num_heads']} query / {c['num_kv_heads']} KV heads, head_dim {c['head_dim']}, "
         f"MLP {c['intermediate_size']}, RoPE theta {c['rope_theta']:g}, tied embeddings |",
         f"| parameters | {summary['parameters']:,} (bf16 safetensors) |",

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from zipserve.engine.config import ModelConfig
+from zipserve.engine.config import LCKV_ARCHITECTURE, LCKVSpec, ModelConfig
 from zipserve.train.corpus import Corpus, load_corpus
+from zipserve.train.lckv_model import TrainLCKV
 from zipserve.train.model import TrainLlama
 from zipserve.train.tokenizer_train import train_tokenizer, write_tokenizer_files
 
@@ -53,8 +56,18 @@ class TrainConfig:
     eval_every: int = 500
     compile: bool = False
     """torch.compile the model (GPU)."""
+    arch: str = "llama"
+    """llama (standard) or lckv (layer-condensed KV, engine/lckv_model.py)."""
+    lckv_warmup: int = 2
+    """lckv: warmup layers with their own KV, split between bottom and top."""
+    lckv_passes_no_grad: int = 7
+    """lckv: m, passes over the condensed stack without gradient (training and prompts)."""
+    lckv_passes_grad: int = 2
+    """lckv: b, passes with gradient after those."""
 
     def __post_init__(self) -> None:
+        if self.arch not in ("llama", "lckv"):
+            raise ValueError(f"arch: {self.arch!r} is not llama or lckv")
         for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size",
                      "total_tokens"):
             if getattr(self, name) < 1:
@@ -69,8 +82,11 @@ class TrainConfig:
         return max(1, self.total_tokens // (self.batch_size * self.seq_len))
 
     def model_config(self) -> ModelConfig:
+        lckv = (LCKVSpec.split(self.lckv_warmup, self.lckv_passes_no_grad, self.lckv_passes_grad)
+                if self.arch == "lckv" else None)
         return ModelConfig(
-            architecture="LlamaForCausalLM", vocab_size=self.vocab_size,
+            architecture=LCKV_ARCHITECTURE if lckv else "LlamaForCausalLM",
+            lckv=lckv, vocab_size=self.vocab_size,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, rms_norm_eps=1e-5, rope_theta=self.rope_theta,
@@ -89,6 +105,7 @@ def hf_config_dict(c: ModelConfig) -> dict:
         "mlp_bias": False, "tie_word_embeddings": c.tie_word_embeddings,
         "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids)[0],
         "pad_token_id": 0, "torch_dtype": c.torch_dtype,
+        **({"model_type": "zipserve-lckv", "lckv": c.lckv.to_hf()} if c.lckv else {}),
     }
 
 
@@ -128,8 +145,14 @@ def _eval_loss(model, data: torch.Tensor, cfg: TrainConfig, device, amp) -> floa
     return sum(losses) / len(losses)
 
 
+def make_train_model(mc: ModelConfig) -> nn.Module:
+    return TrainLCKV(mc) if mc.lckv is not None else TrainLlama(mc)
+
+
 def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
-          resume: bool = False, device: str | None = None) -> dict:
+          resume: bool = False, device: str | None = None,
+          tokenizer_from: str | Path | None = None) -> dict:
+    """tokenizer_from: a model directory whose tokenizer files are reused (not retrained)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -138,7 +161,17 @@ def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
     print(f"corpus {corpus.root}: {len(corpus.train)} training files, "
           f"{len(corpus.held_out)} held out (digest {corpus.digest()})")
     t0 = time.time()
-    if resume and (out / "tokenizer.json").exists():
+    if tokenizer_from is not None:
+        from tokenizers import Tokenizer
+        src = Path(tokenizer_from)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / name).exists() and src.resolve() != out.resolve():
+                shutil.copyfile(src / name, out / name)
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+        if tok.get_vocab_size() != cfg.vocab_size:
+            raise ValueError(f"tokenizer_from: {src} has {tok.get_vocab_size()} tokens, "
+                             f"vocab_size is {cfg.vocab_size}")
+    elif resume and (out / "tokenizer.json").exists():
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     else:
@@ -151,7 +184,7 @@ def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
           "epochs)")
 
     mc = cfg.model_config()
-    model = TrainLlama(mc)
+    model = make_train_model(mc)
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
     model.to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -213,6 +246,7 @@ def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
         "corpus_train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
         "held_out_files": [d.path for d in corpus.held_out],
         "held_out_digest": corpus.digest(), "parameters": sum(v.numel() for v in sd.values()),
+        "architecture": mc.architecture, "kv_layers": list(mc.kv_layers),
         "final_train_loss": log["loss"][-1][1] if log["loss"] else None,
         "final_eval_loss": log["eval"][-1][1] if log["eval"] else None, "log": log,
     }
