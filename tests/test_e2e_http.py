@@ -92,6 +92,26 @@ def test_http_equals_offline_engine(codec):
         assert stats["reserved"] == 0 and stats["running"] == 0, stats
 
 
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_http_equals_offline_engine_lckv(codec, tmp_path):
+    """An LCKV checkpoint (only its KV layers have pages, are encoded and sent) serves over HTTP
+    exactly as the offline engine generates."""
+    from lckv_fixtures import write_tiny_lckv_checkpoint
+
+    write_tiny_lckv_checkpoint(tmp_path)
+    model = str(tmp_path)
+    want = LLM(model, device="cpu", codec=codec).generate(
+        PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+    with running_server(ServeConfig(model=model, codec=codec), "127.0.0.1", _port()) as (
+            base, backend):
+        for prompt, w in zip(PROMPTS, want):
+            out = _post(f"{base}/v1/completions",
+                        {"prompt": prompt, "max_tokens": 12, "temperature": 0})
+            assert out["choices"][0]["text"] == w.text
+        stats = _pool_whole(backend)
+        assert stats["free_pages"] == stats["capacity_pages"], stats
+
+
 def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
     """A client that drops a stream gets its job aborted and its decode pages freed within a
     second; with the prefill worker killed, a request fails with a clear 5xx and leaks nothing."""
