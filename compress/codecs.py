@@ -18,6 +18,7 @@ from zipserve.compress.reference_attention import (
     dequant_decode_attention,
 )
 from zipserve.compress.rotation import hadamard, rotate
+from zipserve.kernels import baseline_prefill_attention as base_prefill
 from zipserve.kernels import fp8_decode_attention as fp8_attn
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import hack_prefill_attention as hack_prefill
@@ -126,6 +127,14 @@ class Fp8Codec(KVCodec):
         return fn(q, store["k"], store["k_scale"], store["v"], store["v_scale"], page_table,
                   n_full, dense_k, dense_v, dense_lens, scale, num_splits=num_splits)
 
+    def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
+        fn = (base_prefill.fp8_prefill_attention if q.is_cuda
+              else base_prefill.fp8_prefill_attention_ref)
+        dense = k.new_zeros(self.kvh, 0, self.head_dim)  # [KVH, 0, D]: no sinks, whole pages
+        return fn(q.contiguous(), k.contiguous(), v.contiguous(), store["k"], store["k_scale"],
+                  store["v"], store["v_scale"], past_pages.to(torch.int32).contiguous(), dense,
+                  dense, scale)
+
     def page_bytes_per_token(self):
         return 2 * self.head_dim + 2 * 4 / self.page_size
 
@@ -173,6 +182,15 @@ class KiviCodec(KVCodec):
         return fn(q, store["k_codes"], store["k_scale"], store["k_min"], store["v_codes"],
                   store["v_scale"], store["v_min"], page_table, n_full, dense_k, dense_v,
                   dense_lens, scale, self.bits, num_splits=num_splits)
+
+    def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
+        fn = (base_prefill.kivi_prefill_attention if q.is_cuda
+              else base_prefill.kivi_prefill_attention_ref)
+        dense = k.new_zeros(self.kvh, 0, self.head_dim)  # [KVH, 0, D]: no sinks, whole pages
+        return fn(q.contiguous(), k.contiguous(), v.contiguous(), store["k_codes"],
+                  store["k_scale"], store["k_min"], store["v_codes"], store["v_scale"],
+                  store["v_min"], past_pages.to(torch.int32).contiguous(), dense, dense, scale,
+                  self.bits)
 
     def page_bytes_per_token(self):
         d = self.head_dim
