@@ -5,6 +5,8 @@ Each row times one decode-attention call (GPU time: the call is captured in a CU
 replayed, as the engine's decode step is) for a batch whose every sequence holds `context` tokens
 (full pages + a 36-token 16-bit tail of 4 sinks and a 32-token open page). All variants of a
 (batch, context) cell run in the same process back to back; speedups are ratios to SDPA there.
+Also timed: chunked prefill, a PREFILL_CHUNK-token chunk over PREFILL_PAST cached tokens, per codec
+with a prefill kernel (codec.prefill_attention) against SDPA on bf16 K/V (lower-right causal).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from zipserve.kernels.paged_decode_attention import choose_num_splits, paged_dec
 
 H, KVH, D, P = 32, 8, 128, 64
 TAIL = 32  # open-page tokens per sequence
+PREFILL_CHUNK, PREFILL_PAST = 2048, 30720
 
 
 def _time(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -118,6 +121,44 @@ def _encode_rows(codecs: list[str], pages: int = 8192) -> list[dict]:
     return rows
 
 
+def _prefill_rows(codecs: list[str]) -> list[dict]:
+    """One chunk of PREFILL_CHUNK tokens over PREFILL_PAST cached ones (one layer, one sequence)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from zipserve.compress.codecs import KVCodec
+
+    dev, n, past, scale = torch.device("cuda"), PREFILL_CHUNK, PREFILL_PAST, D ** -0.5
+    gen = torch.Generator(device=dev).manual_seed(5)
+    q = torch.randn(n, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(past + n, KVH, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    # SDPA: K/V repeated to H heads beforehand (not timed), chunk rows see the past + causal part
+    kh = k.transpose(0, 1).repeat_interleave(H // KVH, 0)[None]  # [1, H, past + n, D]
+    vh = v.transpose(0, 1).repeat_interleave(H // KVH, 0)[None]
+    mask = causal_lower_right(n, past + n)
+    qh = q.transpose(0, 1)[None]  # [1, H, n, D]
+    base = _time(lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale),
+                 iters=10)
+    rows = [dict(variant="sdpa-bf16", us=base)]
+    del kh, vh
+    m = past // P
+    ids = torch.arange(m, device=dev)
+    for name in codecs:
+        codec = make_codec(name, KVH, P, D)
+        if type(codec).prefill_attention is KVCodec.prefill_attention:
+            continue  # dequantizing reference only: not a kernel
+        store = codec.new_store(m, dev)
+        codec.encode(store, ids, k[:past].view(m, P, KVH, D).transpose(1, 2).contiguous(),
+                     v[:past].view(m, P, KVH, D).transpose(1, 2).contiguous())
+        sk, sv = k[:codec.n_sink].transpose(0, 1), v[:codec.n_sink].transpose(0, 1)
+        us = _time(lambda: codec.prefill_attention(q, k[past:], v[past:], store, ids, sk, sv, scale),
+                   iters=10)
+        rows.append(dict(variant=name, us=us))
+    for r in rows:
+        r.update(chunk=n, past=past, speedup_vs_sdpa=base / r["us"])
+    return rows
+
+
 def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int]) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench kernels needs a CUDA GPU (run it on the lent device)")
@@ -136,6 +177,7 @@ def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int
                 f"{r['variant']} {r['us']:.0f}us ({r['speedup_vs_sdpa']:.2f}x)" for r in cell),
                 flush=True)
     enc = _encode_rows(codecs)
+    pre = _prefill_rows(codecs)
     print(f"\ndevice: {name}; one layer of Llama-3-8B heads ({H} q / {KVH} kv, d={D}); page {P}")
     print("\n| batch | context | variant | us | speedup vs SDPA | stored KV TB/s |")
     print("|---|---|---|---|---|---|")
@@ -147,6 +189,15 @@ def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int
     for r in enc:
         print(f"| {r['codec']} | {r['pages']} | {r['us']:.0f} | {r['bytes_moved'] / 1e9:.2f} GB | "
               f"{r['tbps']:.2f} |")
+    print(f"\n| prefill chunk over compressed past | chunk | past | us | speedup vs SDPA |")
+    print("|---|---|---|---|---|")
+    for r in pre:
+        print(f"| {r['variant']} | {r['chunk']} | {r['past']} | {r['us']:.0f} | "
+              f"{r['speedup_vs_sdpa']:.2f}x |")
+    with open(out_dir / "kernels_prefill.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(pre[0]) + ["device"])
+        w.writeheader()
+        w.writerows(dict(r, device=name) for r in pre)
     with open(out_dir / "kernels_decode.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["device"])
         w.writeheader()

@@ -13,10 +13,15 @@ from abc import ABC, abstractmethod
 import torch
 
 from zipserve.compress import quantize as qz
-from zipserve.compress.reference_attention import dequant_decode_attention
+from zipserve.compress.reference_attention import (
+    compressed_past_prefill_attention,
+    dequant_decode_attention,
+)
 from zipserve.compress.rotation import hadamard, rotate
+from zipserve.kernels import baseline_prefill_attention as base_prefill
 from zipserve.kernels import fp8_decode_attention as fp8_attn
 from zipserve.kernels import hack_decode_attention as hack_attn
+from zipserve.kernels import hack_prefill_attention as hack_prefill
 from zipserve.kernels import kivi_decode_attention as kivi_attn
 from zipserve.kernels import hack_encode
 from zipserve.kernels.paged_decode_attention import choose_num_splits
@@ -58,6 +63,16 @@ class KVCodec(ABC):
         """Attention of q [B, H, D] over n_full[b] pages + a dense tail; [B, H, D]."""
         return dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
                                         dense_lens, scale)
+
+    def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
+        """A prefill chunk attending to its sequence's encoded pages, sinks and itself (causal).
+
+        q [n, H, D], k/v [n, KVH, D] (the chunk, starting on a page boundary); past_pages [m]
+        ids of the full pages before it; sink_k/v [KVH, S, D] the dense sinks (used when m > 0).
+        Returns [n, H, D]. This default dequantizes (the reference); codecs with a kernel override.
+        """
+        return compressed_past_prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v,
+                                                 scale)
 
     def for_layer(self, layer: int) -> "KVCodec":
         """The codec of one layer (the same for every layer except where ranks differ)."""
@@ -114,6 +129,14 @@ class Fp8Codec(KVCodec):
         return fn(q, store["k"], store["k_scale"], store["v"], store["v_scale"], page_table,
                   n_full, dense_k, dense_v, dense_lens, scale, num_splits=num_splits)
 
+    def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
+        fn = (base_prefill.fp8_prefill_attention if q.is_cuda
+              else base_prefill.fp8_prefill_attention_ref)
+        dense = k.new_zeros(self.kvh, 0, self.head_dim)  # [KVH, 0, D]: no sinks, whole pages
+        return fn(q.contiguous(), k.contiguous(), v.contiguous(), store["k"], store["k_scale"],
+                  store["v"], store["v_scale"], past_pages.to(torch.int32).contiguous(), dense,
+                  dense, scale)
+
     def page_bytes_per_token(self):
         return 2 * self.head_dim + 2 * 4 / self.page_size
 
@@ -161,6 +184,15 @@ class KiviCodec(KVCodec):
         return fn(q, store["k_codes"], store["k_scale"], store["k_min"], store["v_codes"],
                   store["v_scale"], store["v_min"], page_table, n_full, dense_k, dense_v,
                   dense_lens, scale, self.bits, num_splits=num_splits)
+
+    def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
+        fn = (base_prefill.kivi_prefill_attention if q.is_cuda
+              else base_prefill.kivi_prefill_attention_ref)
+        dense = k.new_zeros(self.kvh, 0, self.head_dim)  # [KVH, 0, D]: no sinks, whole pages
+        return fn(q.contiguous(), k.contiguous(), v.contiguous(), store["k_codes"],
+                  store["k_scale"], store["k_min"], store["v_codes"], store["v_scale"],
+                  store["v_min"], past_pages.to(torch.int32).contiguous(), dense, dense, scale,
+                  self.bits)
 
     def page_bytes_per_token(self):
         d = self.head_dim
@@ -230,6 +262,21 @@ class HackCodec(KVCodec):
         out = fn(q, self._pages(store), page_table, n_full, dense_k.contiguous(),
                  dense_v.contiguous(), dense_lens, scale, self.bits, n_sink=self.n_sink,
                  num_splits=num_splits, mode=self.mode)
+        return rotate(out, self._rot(q.device)) if self.rotate else out
+
+    def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
+        """On the codes (kernels/hack_prefill_attention.py; its torch reference on CPU)."""
+        fn = (hack_prefill.hack_prefill_attention if q.is_cuda
+              else hack_prefill.hack_prefill_attention_ref)
+        if not past_pages.numel():  # nothing before the chunk: the sinks are its own tokens
+            sink_k, sink_v = sink_k[:, :0], sink_v[:, :0]
+        if self.rotate:
+            r = self._rot(q.device)
+            q, k, v = rotate(q, r), rotate(k, r), rotate(v, r)
+            sink_k, sink_v = rotate(sink_k, r), rotate(sink_v, r)
+        out = fn(q.contiguous(), k.contiguous(), v.contiguous(), self._pages(store),
+                 past_pages.to(torch.int32).contiguous(), sink_k.contiguous(), sink_v.contiguous(),
+                 scale, self.bits, n_sink=self.n_sink, mode=self.mode)
         return rotate(out, self._rot(q.device)) if self.rotate else out
 
     def num_splits(self, batch, max_len, num_sms):

@@ -14,7 +14,6 @@ import torch
 from zipserve.compress.codecs import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.condensed_attention import past_kv
-from zipserve.compress.reference_attention import compressed_past_prefill_attention
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
 
@@ -78,8 +77,8 @@ class CompressedKVCache:
                 outs.append(prefill_attention(qs, ks, vs, [n], scale))
             else:
                 past = torch.tensor(pages[:first], device=k.device)
-                outs.append(compressed_past_prefill_attention(
-                    self.codecs[layer], qs, ks, vs, store, past, sink_k[slot, :, :self.n_sink],
+                outs.append(self.codecs[layer].prefill_attention(
+                    qs, ks, vs, store, past, sink_k[slot, :, :self.n_sink],
                     sink_v[slot, :, :self.n_sink], scale))
             t0 += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -372,6 +372,9 @@ class EngineConfig:
     """Most sequences in the running decode batch."""
     max_prefill_tokens: int = 16384
     """Most prompt tokens in one packed prefill forward."""
+    max_prefill_chunk: int = 0
+    """Longest piece of one prompt prefilled per step (a multiple of page_size); longer prompts
+    are prefilled in chunks, each attending to the KV cached by the ones before. 0: whole prompts."""
     cuda_graphs: bool = True
     """Capture the decode step in CUDA graphs over batch-size buckets (GPU only)."""
     graph_batch_sizes: tuple[int, ...] = field(default=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128))
@@ -394,6 +397,10 @@ class EngineConfig:
             raise ConfigError(f"codec: unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ConfigError("max_num_seqs and max_prefill_tokens must be positive")
+        if (isinstance(self.max_prefill_chunk, bool) or not isinstance(self.max_prefill_chunk, int)
+                or self.max_prefill_chunk < 0 or self.max_prefill_chunk % self.page_size):
+            raise ConfigError(f"max_prefill_chunk: must be 0 or a positive multiple of page_size "
+                              f"({self.page_size}), got {self.max_prefill_chunk!r}")
 
     def with_(self, **kw: Any) -> "EngineConfig":
         return replace(self, **kw)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from zipserve.engine.attention import prefill_attention
+from zipserve.engine.attention import past_prefill_attention, prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.kernels.paged_decode_attention import (
     paged_decode_attention,
@@ -41,7 +41,9 @@ class KVCache:
         k_cache[batch.write_pages, :, batch.write_offsets] = k
         v_cache[batch.write_pages, :, batch.write_offsets] = v
         if batch.is_prefill:
-            return prefill_attention(q, k, v, batch.seq_lens_host, scale)
+            if not batch.prefill_seqs or all(m[2] == 0 for m in batch.prefill_seqs):
+                return prefill_attention(q, k, v, batch.seq_lens_host, scale)
+            return self._chunked_prefill(q, k_cache, v_cache, batch.prefill_seqs, scale)
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
         return attend(q, k_cache, v_cache, batch.page_table, batch.seq_lens, scale,
                       num_splits=batch.num_splits)
@@ -53,6 +55,18 @@ class KVCache:
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
         return attend(q, k_cache, v_cache, batch.page_table, (batch.seq_lens - 1).clamp(min=0),
                       scale, num_splits=batch.num_splits)
+
+    def _chunked_prefill(self, q, k_cache, v_cache, prefill_seqs, scale) -> torch.Tensor:
+        """Prefill where some sequence's chunk starts after position 0: it attends to its pages
+        (already holding this chunk's K/V) causally. q [T, H, D] -> [T, H, D]."""
+        outs, t0, p = [], 0, self.page_size
+        for _slot, pages, start, n in prefill_seqs:
+            ids = torch.as_tensor(pages[:(start + n + p - 1) // p], device=q.device)
+            k = k_cache[ids].transpose(0, 1).flatten(1, 2)[:, :start + n]  # [KVH, start+n, D]
+            v = v_cache[ids].transpose(0, 1).flatten(1, 2)[:, :start + n]
+            outs.append(past_prefill_attention(q[t0:t0 + n], k, v, start, scale))
+            t0 += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
     def bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:

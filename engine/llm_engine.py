@@ -68,7 +68,7 @@ class LLMEngine:
                                            ec.max_num_seqs + 2, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.scheduler = Scheduler(self.pool, ec.page_size, ec.max_num_seqs,
-                                   ec.max_prefill_tokens)
+                                   ec.max_prefill_tokens, ec.max_prefill_chunk)
         self.runner = ModelRunner(self.model, self.cache, self.config, ec, self.max_model_len,
                                   self.device)
         self.sampler = Sampler()
@@ -160,7 +160,15 @@ class LLMEngine:
         if batch is None:
             return []
         seqs = batch.seqs
-        logits = self.runner.prefill(seqs) if batch.is_prefill else self.runner.decode(seqs)
+        if batch.is_prefill:
+            logits = self.runner.prefill(seqs, ends=batch.chunk_ends)
+            done = [i for i in range(len(seqs)) if batch.completes(i)]
+            if len(done) < len(seqs):  # sequences mid-prompt sample nothing yet
+                seqs, logits = [seqs[i] for i in done], logits[done]
+                if not seqs:
+                    return []
+        else:
+            logits = self.runner.decode(seqs)
         result = self.sampler.sample(logits, [s.params for s in seqs],
                                      [s.generator for s in seqs])
         token_ids = result.token_ids.tolist()

@@ -42,13 +42,18 @@ class ModelRunner:
         return torch.as_tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def prefill(self, seqs: list[Sequence], all_logits: bool = False,
-                on_layer_done=None) -> torch.Tensor:
-        """Run every token of each sequence not yet cached; logits [B, V] at each last token
-        (or [T, V] for every token when all_logits)."""
+                on_layer_done=None, ends: list[int] | None = None) -> torch.Tensor:
+        """Run every token of each sequence not yet cached (up to ends[i] tokens when given: a
+        chunk of the prompt); logits [B, V] at each last token run (or [T, V] for every token
+        when all_logits)."""
         ids, positions, pages, offsets, lens, meta = [], [], [], [], [], []
-        for seq in seqs:
-            meta.append((seq.slot, seq.pages, seq.num_cached, seq.num_tokens - seq.num_cached))
-            toks = seq.all_ids[seq.num_cached:]
+        ends = ends if ends is not None else [seq.num_tokens for seq in seqs]
+        for seq, end in zip(seqs, ends):
+            if not seq.num_cached < end <= seq.num_tokens:
+                raise ValueError(f"prefill: chunk end {end} outside ({seq.num_cached}, "
+                                 f"{seq.num_tokens}] for sequence {seq.seq_id}")
+            meta.append((seq.slot, seq.pages, seq.num_cached, end - seq.num_cached))
+            toks = seq.all_ids[seq.num_cached:end]
             pos = np.arange(seq.num_cached, seq.num_cached + len(toks))
             ids.extend(toks)
             positions.append(pos)
@@ -63,8 +68,8 @@ class ModelRunner:
             is_prefill=True, seq_lens_host=lens, prefill_seqs=meta, on_layer_done=on_layer_done,
             logits_indices=None if all_logits else self._tensor(last))
         logits = self.model(batch, self.cache)
-        for seq in seqs:
-            seq.num_cached = seq.num_tokens
+        for seq, end in zip(seqs, ends):
+            seq.num_cached = end
         return logits
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

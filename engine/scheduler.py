@@ -1,7 +1,9 @@
 """Continuous batching: which sequences prefill or decode next, and who holds which pages.
 
 Each step is either a packed prefill of waiting sequences (preferred, FIFO, bounded by free pages,
-max_prefill_tokens and max_num_seqs) or one decode step of every running sequence. When a decode
+max_prefill_tokens and max_num_seqs) or one decode step of every running sequence. With
+max_prefill_chunk, a longer prompt is prefilled a chunk per step (it holds its pages and slot
+meanwhile and joins the running batch with its last chunk); those chunks go first. When a decode
 step needs a page that is not free, the most recently admitted running sequence is preempted: its
 pages go back to the pool and it waits to be recomputed. Every path that ends a sequence frees
 its pages here, so the pool is whole whenever nothing runs.
@@ -20,15 +22,25 @@ from zipserve.engine.sequence import Sequence, SeqStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     is_prefill: bool
+    chunk_ends: list[int] | None = None
+    """Prefill: tokens of each sequence cached after this step (its num_tokens unless chunked)."""
+
+    def completes(self, seq_index: int) -> bool:
+        """Whether this step finishes the prefill of seqs[seq_index] (so it samples a token)."""
+        return (self.chunk_ends is None
+                or self.chunk_ends[seq_index] == self.seqs[seq_index].num_tokens)
 
 
 class Scheduler:
     def __init__(self, pool: PagePool, page_size: int, max_num_seqs: int,
-                 max_prefill_tokens: int):
+                 max_prefill_tokens: int, max_prefill_chunk: int = 0):
         self.pool, self.page_size = pool, page_size
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.max_prefill_chunk = max_prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Admitted sequences whose prompt is only partly prefilled (chunked prefill).
+        self.prefilling: list[Sequence] = []
         # One open-page slot per running sequence (used by compressed caches).
         self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
         # Sequences whose KV is arriving from a prefill worker: they hold pages and a slot.
@@ -38,12 +50,12 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Pages for num_tokens (+1 for the next token) and a slot, before the KV arrives.
         False (nothing taken) when either is short."""
-        if len(self.running) + len(self.reserved) >= self.max_num_seqs or not self.free_slots:
+        if self._num_admitted() >= self.max_num_seqs or not self.free_slots:
             return False
         pages = self.pool.allocate(pages_for(num_tokens + 1, self.page_size), seq.seq_id)
         if pages is None:
@@ -58,33 +70,52 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
+    def _num_admitted(self) -> int:
+        return len(self.running) + len(self.reserved) + len(self.prefilling)
+
+    def _chunk(self, remaining: int) -> int:
+        return min(remaining, self.max_prefill_chunk) if self.max_prefill_chunk else remaining
+
     def schedule(self) -> ScheduledBatch | None:
-        prefill = self._schedule_prefill()
+        prefill, ends = self._schedule_prefill()
         if prefill:
-            return ScheduledBatch(prefill, is_prefill=True)
+            return ScheduledBatch(prefill, is_prefill=True, chunk_ends=ends)
         decode = self._schedule_decode()
         return ScheduledBatch(decode, is_prefill=False) if decode else None
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    def _schedule_prefill(self) -> tuple[list[Sequence], list[int]]:
         batch: list[Sequence] = []
+        ends: list[int] = []
         tokens = 0
-        while (self.waiting and self.free_slots
-               and len(self.running) + len(self.reserved) + len(batch) < self.max_num_seqs):
-            seq = self.waiting[0]
-            n = seq.num_tokens
+        # Next chunks of partly prefilled prompts first (their pages are already held).
+        for seq in list(self.prefilling):
+            n = self._chunk(seq.num_tokens - seq.num_cached)
             if batch and tokens + n > self.max_prefill_tokens:
                 break
-            # Pages for the prompt plus the first generated token's slot.
-            pages = self.pool.allocate(pages_for(n + 1, self.page_size), seq.seq_id)
+            batch.append(seq)
+            ends.append(seq.num_cached + n)
+            tokens += n
+            if ends[-1] == seq.num_tokens:
+                self.prefilling.remove(seq)
+                self.running.append(seq)
+        while self.waiting and self.free_slots and self._num_admitted() < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._chunk(seq.num_tokens)
+            if batch and tokens + n > self.max_prefill_tokens:
+                break
+            # Pages for the whole prompt plus the first generated token's slot.
+            pages = self.pool.allocate(pages_for(seq.num_tokens + 1, self.page_size),
+                                       seq.seq_id)
             if pages is None:
                 break
             self.waiting.popleft()
             seq.pages, seq.status = pages, SeqStatus.RUNNING
             seq.slot = self.free_slots.pop()
             batch.append(seq)
+            ends.append(n)
             tokens += n
-        self.running.extend(batch)
-        return batch
+            (self.running if n == seq.num_tokens else self.prefilling).append(seq)
+        return batch, ends
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -118,6 +149,8 @@ class Scheduler:
             return
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.prefilling:
+            self.prefilling.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.reserved.pop(seq.seq_id, None)
