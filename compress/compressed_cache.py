@@ -10,7 +10,6 @@ must start on a page boundary (a whole prompt, or page-sized chunks when scoring
 from __future__ import annotations
 
 import torch
-
 from zipserve.compress.codecs import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.condensed_attention import past_kv

@@ -10,7 +10,6 @@ CUDA-graph batch write their K/V there.
 from __future__ import annotations
 
 import torch
-
 from zipserve.engine.attention import past_prefill_attention, prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.kernels.paged_decode_attention import (
