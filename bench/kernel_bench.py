@@ -140,7 +140,6 @@ def _prefill_rows(codecs: list[str]) -> list[dict]:
     base = _time(lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale),
                  iters=10)
     rows = [dict(variant="sdpa-bf16", us=base)]
-    del kh, vh
     m = past // P
     ids = torch.arange(m, device=dev)
     for name in codecs:
@@ -189,7 +188,7 @@ def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int
     for r in enc:
         print(f"| {r['codec']} | {r['pages']} | {r['us']:.0f} | {r['bytes_moved'] / 1e9:.2f} GB | "
               f"{r['tbps']:.2f} |")
-    print(f"\n| prefill chunk over compressed past | chunk | past | us | speedup vs SDPA |")
+    print("\n| prefill chunk over compressed past | chunk | past | us | speedup vs SDPA |")
     print("|---|---|---|---|---|")
     for r in pre:
         print(f"| {r['variant']} | {r['chunk']} | {r['past']} | {r['us']:.0f} | "

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from zipserve.compress.codecs import HackCodec, make_codec  # noqa: E402
+from zipserve.compress.codecs import HackCodec  # noqa: E402
 from zipserve.compress.reference_attention import compressed_past_prefill_attention  # noqa: E402
 from zipserve.deploy.cli import REFERENCE_MODEL  # noqa: E402
 from zipserve.engine.config import ConfigError, EngineConfig  # noqa: E402
