@@ -27,6 +27,7 @@ from zipserve.router.backend import Backend
 from zipserve.router.errors import OpenAIError, install_error_handlers, parse_model
 from zipserve.router.formats import ChatFormat, CompletionFormat
 from zipserve.router.jobs import JobRegistry
+from zipserve.router.limits import AdmissionConfig, BodySizeLimit
 from zipserve.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -59,9 +60,13 @@ def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def create_app(backend: Backend, *, api_key: str | None = None,
-               job_history: int = DEFAULT_JOB_HISTORY) -> FastAPI:
-    """An app serving `backend`; with `api_key`, every route but /health needs that bearer key."""
-    state = RouterState(backend=backend, registry=JobRegistry(job_history))
+               job_history: int = DEFAULT_JOB_HISTORY,
+               limits: AdmissionConfig | None = None) -> FastAPI:
+    """An app serving `backend`; with `api_key`, every route but /health needs that bearer key;
+    `limits`: queue, prompt, timeout and body-size limits (defaults: `AdmissionConfig()`).
+    No CORS middleware: browsers on other origins get no Access-Control-* headers."""
+    limits = limits or AdmissionConfig()
+    state = RouterState(backend=backend, registry=JobRegistry(job_history), limits=limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -71,14 +76,15 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     app = FastAPI(title="zipserve router", lifespan=lifespan)
     app.state.router = state
     install_error_handlers(app)
-    if api_key is not None:
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if api_key is not None:  # added last = runs first: no body is read before the key check
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         arrival = time.time()
         req = parse_model(CompletionRequest, await read_json(request))
-        job = admit_completion(backend, req, arrival)
+        job = admit_completion(backend, req, arrival, limits)
         fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
                                model=backend.model_name)
         return await respond(state, request, job, fmt, stream=req.stream,
@@ -88,7 +94,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     async def chat_completions(request: Request) -> Response:
         arrival = time.time()
         req = parse_model(ChatCompletionRequest, await read_json(request))
-        job = admit_chat(backend, req, arrival)
+        job = admit_chat(backend, req, arrival, limits)
         fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name)
         return await respond(state, request, job, fmt, stream=req.stream,
                              include_usage=_include_usage(req))
@@ -115,6 +121,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
                 "active_jobs": len(state.active),
                 "jobs_total": state.registry.total,
                 "jobs_by_state": state.registry.count_by_state(),
+                "admission": state.gate.stats(),
             },
         }
         return JSONResponse(body, status_code=200 if ok else 503)
