@@ -70,7 +70,9 @@ class DecodeWorker:
         self.incarnation = uuid.uuid4().hex
         self.failures: collections.Counter[str] = collections.Counter()
         self.channels: dict[str, Channel] = {}
-        self.dead_channels: set[str] = set()
+        self.channel_names: dict[str, str] = {}
+        self.dead_channels: dict[str, str] = {}
+        """peer id -> name of its channel, for channels whose transport broke."""
         self._aborts: collections.deque[str] = collections.deque()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
@@ -88,16 +90,19 @@ class DecodeWorker:
                 link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
         self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
-                                          latency_ms))
+                                          latency_ms), pair_name)
 
     def endpoint(self) -> dict:
         """This worker's Ray node and a free port on it (see transfer.pairing.local_endpoint)."""
         return local_endpoint()
 
-    def attach(self, prefill_id: str, channel: Channel) -> None:
+    def attach(self, prefill_id: str, channel: Channel, name: str = "") -> None:
+        """Receive KV from `prefill_id` over `channel` (named `name`), replacing any earlier
+        channel from that peer."""
         with self.lock:
             old, self.channels[prefill_id] = self.channels.get(prefill_id), channel
-            self.dead_channels.discard(prefill_id)
+            self.channel_names[prefill_id] = name
+            self.dead_channels.pop(prefill_id, None)
         if old is not None:  # replaced after a peer restart: its thread ends once it is closed
             threading.Thread(target=old.close, daemon=True).start()
         t = threading.Thread(target=self._receive_loop, args=(prefill_id, channel),
@@ -110,7 +115,7 @@ class DecodeWorker:
             if CHECKSUM_MISMATCH.replace("_", " ") in str(error):
                 self.failures[CHECKSUM_MISMATCH] += 1
             if self.channels.get(prefill_id) is channel:
-                self.dead_channels.add(prefill_id)
+                self.dead_channels[prefill_id] = self.channel_names.get(prefill_id, "")
 
     def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
         while not self._stop.is_set():
@@ -213,7 +218,7 @@ class DecodeWorker:
                     "waiting": len(sch.waiting), "reserved": len(sch.reserved),
                     "dropped_messages": self.dropped_messages, "codec": self.codec,
                     "incarnation": self.incarnation, "failures": dict(self.failures),
-                    "dead_channels": sorted(self.dead_channels)}
+                    "dead_channels": dict(self.dead_channels)}
 
     def shutdown(self) -> None:
         self._stop.set()

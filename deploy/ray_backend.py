@@ -151,7 +151,7 @@ class RayBackend:
         failures = self.pool.failures() + self.counts
         usable = bool(self.pool.usable_pairs())
         return {"status": "ok" if usable else "unavailable", "codec": self.cfg.codec,
-                "device": self.device, "workers": workers,
+                "device": self.device, "workers": workers, "pairs": self.pool.pairs_view(),
                 "degraded": not all(w.healthy for w in self.pool.workers),
                 "failures": dict(failures), "events": dict(self.pool.events)}
 

@@ -65,6 +65,8 @@ class WorkerPool:
         self.decode = [WorkerSlot("decode", j, decode_cls.remote(**worker_args))
                        for j in range(num_decode)]
         self.pair_ok: dict[tuple[int, int], bool] = {}
+        self.pair_names: dict[tuple[int, int], str] = {}
+        """The name of each pair's current channel (a new one per connection)."""
         self._generation = 0
         self.events: Counter[str] = Counter()
         """worker_lost, worker_restarted, channel_reconnected."""
@@ -149,9 +151,10 @@ class WorkerPool:
             self.events["worker_restarted"] += 1
             log.warning("%s was restarted; connecting its channels again", w.name)
         elif w.role == "decode":
-            for pid in stats.get("dead_channels", ()):
+            for pid, name in stats.get("dead_channels", {}).items():
                 i = int(pid[1:])
-                if self.pair_ok.get((i, w.index)):
+                # only the pair's current channel counts (stats may predate a reconnect)
+                if self.pair_ok.get((i, w.index)) and self.pair_names.get((i, w.index)) == name:
                     self.pair_ok[(i, w.index)] = False
                     self.events["channel_reconnected"] += 1
         broken = [(p, d) for p, d in self._pairs_of(w)
@@ -178,7 +181,7 @@ class WorkerPool:
             return True
         try:
             here = ray.get_runtime_context().get_node_id()
-            calls = []
+            calls, names = [], []
             for p, d in pairs:
                 ep = ray.get(p.actor.endpoint.remote(), timeout=CONNECT_TIMEOUT_S)
                 d_node = ray.get(d.actor.endpoint.remote(), timeout=CONNECT_TIMEOUT_S)["node_id"]
@@ -190,13 +193,20 @@ class WorkerPool:
                                                  self.link_gbps, self.link_latency_ms),
                           d.actor.connect.remote(p.peer_id, host, ep["port"], 1, name,
                                                  self.link_gbps, self.link_latency_ms)]
+                names.append(name)
             ray.get(calls, timeout=CONNECT_TIMEOUT_S)
         except Exception as e:
             log.warning("connecting %s failed: %s", [(p.name, d.name) for p, d in pairs], e)
             return False
-        for p, d in pairs:
+        for (p, d), name in zip(pairs, names):
+            self.pair_names[(p.index, d.index)] = name
             self.pair_ok[(p.index, d.index)] = True
         return True
+
+    def pairs_view(self) -> dict[str, bool]:
+        """"prefill-i/decode-j" -> whether jobs can be routed to that pair now."""
+        return {f"{p.name}/{d.name}": self.usable(p.index, d.index)
+                for p in self.prefill for d in self.decode}
 
     # -- reporting and shutdown --------------------------------------------------------------
     def failures(self) -> Counter[str]:
