@@ -187,6 +187,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           text_dir=args.text_dir, gen_tokens=args.gen_tokens,
                           device=args.device)
         return 0
+    if args.what == "load":
+        from zipserve.bench import load_bench
+
+        load_bench.run(args.model or default_model(), Path(args.out), args.clients,
+                       args.duration, codec=args.codecs.split(",")[0], device=args.device)
+        return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
 
@@ -297,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg"])
+    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "load"])
+    b.add_argument("--clients", type=int, default=64, help="load: concurrent streaming clients")
+    b.add_argument("--duration", type=float, default=60.0, help="load: seconds of load")
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,
