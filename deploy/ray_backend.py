@@ -88,7 +88,10 @@ class RayBackend:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         device = cfg.device or ("cuda" if gpus else "cpu")
         workers = cfg.num_prefill + cfg.num_decode
-        share = 1.0 if gpus >= workers else (gpus / workers if gpus else 0)
+        # A whole GPU per actor when there are enough, or when actors are pinned to GPU nodes
+        # by custom resources (an autoscaler may still be adding them); else a fair share.
+        pinned = bool(cfg.prefill_resource or cfg.decode_resource)
+        share = 1.0 if gpus >= workers or pinned or not gpus else gpus / workers
         opts = {"num_gpus": share} if device == "cuda" else {"num_cpus": 0}
         opts.update(max_restarts=cfg.max_restarts, max_task_retries=0)
         prefill_opts, decode_opts = dict(opts), dict(opts)
