@@ -32,10 +32,17 @@ LONG_PROMPT = "import os\nimport sys\n" * 30
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def server():
+    """Two prefill workers and one decode worker; a slow emulated link keeps each prefill call
+    busy for ~0.5 s, long enough to kill the worker under it."""
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    cfg = ServeConfig(model=MODEL, codec="bf16", num_prefill=2, health_interval_s=0.2,
+                      max_restarts=2, link_gbps=0.03)
+    try:
+        with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+            yield base, backend
+    finally:
+        ray.shutdown()
 
 
 def _port() -> int:
@@ -86,97 +93,100 @@ def _assert_pools_whole(backend) -> None:
     _wait_until(whole, 10, "every page back in its pool")
 
 
-def test_decode_killed_mid_stream_fails_fast_restarts_and_serving_resumes(local_ray):
-    cfg = ServeConfig(model=MODEL, codec="bf16", health_interval_s=0.2, max_restarts=2)
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
-        health = _health(base)
-        assert health["status"] == "ok"
-        workers = {w["name"]: w for w in health["backend"]["workers"]}
-        assert set(workers) == {"prefill-0", "decode-0"}
-        for w in workers.values():
-            assert w["healthy"] and w["codec"] == "bf16" and w["role"] in ("prefill", "decode")
-            assert {"free_pages", "used_pages", "queued_tokens", "running"} <= set(w)
+def test_decode_killed_mid_stream_fails_fast_restarts_and_serving_resumes(server):
+    base, backend = server
+    health = _health(base)
+    assert health["status"] == "ok"
+    workers = {w["name"]: w for w in health["backend"]["workers"]}
+    assert set(workers) == {"prefill-0", "prefill-1", "decode-0"}
+    for w in workers.values():
+        assert w["healthy"] and w["codec"] == "bf16" and w["role"] in ("prefill", "decode")
+        assert {"free_pages", "used_pages", "queued_tokens", "running"} <= set(w)
 
-        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
-            {"prompt": LONG_PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
-        ).encode(), headers={"Content-Type": "application/json"})
-        t_kill, chunks, error = None, 0, None
-        with urllib.request.urlopen(req, timeout=60) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    error = chunk["error"]["message"]
-                    continue
-                chunks += 1
-                if chunks == 3:
-                    t_kill = time.time()
-                    ray.kill(backend.decode[0], no_restart=False)
-        assert error is not None and "decode worker" in error, error
-        assert time.time() - t_kill < 5, "the stream did not end soon after the worker died"
+    req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
+        {"prompt": LONG_PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
+    ).encode(), headers={"Content-Type": "application/json"})
+    t_kill, chunks, error = None, 0, None
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]["message"]
+                continue
+            chunks += 1
+            if chunks == 3:
+                t_kill = time.time()
+                ray.kill(backend.decode[0], no_restart=False)
+    assert error is not None and "decode worker" in error, error
+    assert time.time() - t_kill < 5, "the stream did not end soon after the worker died"
 
-        down = _wait_until(lambda: not _worker(_health(base), "decode-0")["healthy"], 10,
-                           "/health to report decode-0 down")
-        assert down
-        up = _wait_until(lambda: (w := _worker(_health(base), "decode-0"))["healthy"]
-                         and w["restarts"] == 1 and w, 60, "decode-0 back after its restart")
-        assert up["free_pages"] > 0
-        status, out = _post(f"{base}/v1/completions",
-                            {"prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0})
-        assert status == 200 and out["usage"]["completion_tokens"] == 8, out
-        h = _health(base)["backend"]
-        assert h["failures"]["decode_worker_died"] >= 1 and h["events"]["worker_restarted"] == 1
-        _assert_pools_whole(backend)
-
-
-def test_prefill_killed_mid_request_is_retried_on_the_other_pair(local_ray):
-    # A slow emulated link keeps each prefill call busy for ~0.5 s, long enough to kill it.
-    cfg = ServeConfig(model=MODEL, codec="bf16", num_prefill=2, health_interval_s=0.2,
-                      link_gbps=0.03)
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
-        result = {}
-        t = threading.Thread(target=lambda: result.update(out=_post(
-            f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 6,
-                                       "temperature": 0})))
-        t.start()
-        victim = _wait_until(lambda: next((i for i, n in backend.prefilling.items() if n), None)
-                             is not None and next(i for i, n in backend.prefilling.items() if n)
-                             + 1, 20, "the request to reach a prefill worker") - 1
-        ray.kill(backend.prefill[victim], no_restart=False)
-        t.join(60)
-        status, out = result["out"]
+    down = _wait_until(lambda: not _worker(_health(base), "decode-0")["healthy"], 10,
+                       "/health to report decode-0 down")
+    assert down
+    up = _wait_until(lambda: (w := _worker(_health(base), "decode-0"))["healthy"]
+                     and w["restarts"] == 1 and w, 60, "decode-0 back after its restart")
+    assert up["free_pages"] > 0
+    status, out = _post(f"{base}/v1/completions",
+                        {"prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0})
+    assert status == 200 and out["usage"]["completion_tokens"] == 8, out
+    _wait_until(lambda: all(_health(base)["backend"]["pairs"].values()), 20,
+                "both pairs connected again")
+    for _ in range(2):  # the pair of each prefill worker serves again
+        status, out = _post(f"{base}/v1/completions", {"prompt": "x = 1", "max_tokens": 2})
         assert status == 200, out
-        assert out["usage"]["completion_tokens"] == 6
-        assert backend.counts["retried"] == 1 and backend.counts["prefill_worker_died"] == 1
+    h = _health(base)["backend"]
+    assert h["failures"]["decode_worker_died"] >= 1 and h["events"]["worker_restarted"] >= 1
+    _assert_pools_whole(backend)
 
-        name = f"prefill-{victim}"
-        _wait_until(lambda: (w := _worker(_health(base), name))["healthy"] and
-                    w["restarts"] == 1, 60, f"{name} back after its restart")
-        _wait_until(lambda: all(_health(base)["backend"]["pairs"].values()), 20,
-                    "both pairs connected again")
-        # both pairs serve again: a burst spreads over the two prefill workers
-        before = [s["prefills"] for s in ray.get([p.stats.remote() for p in backend.prefill])]
-        outs = []
-        threads = [threading.Thread(target=lambda: outs.append(_post(
-            f"{base}/v1/completions", {"prompt": "def f(x):", "max_tokens": 2}))) for _ in
-            range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
-        assert [s for s, _ in outs] == [200] * 4, outs
-        after = [s["prefills"] for s in ray.get([p.stats.remote() for p in backend.prefill])]
-        assert after[victim] > before[victim], (before, after)
 
-        # a reservation whose KV never comes is expired at its deadline, and counted
-        ray.get(backend.decode[0].reserve.remote("orphan", list(range(3, 50)),
-                                                 SamplingParams(max_tokens=2), 0.3))
-        _wait_until(lambda: backend.health()["failures"].get("transfer_deadline") == 1, 10,
-                    "the expired reservation to be counted")
-        ray.get(backend.decode[0].release.remote("orphan"))
-        _assert_pools_whole(backend)
+def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
+    base, backend = server
+    retried = backend.counts["retried"]
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=_post(
+        f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 6,
+                                   "temperature": 0})))
+    t.start()
+    victim = _wait_until(lambda: next((i for i, n in backend.prefilling.items() if n), None)
+                         is not None and next(i for i, n in backend.prefilling.items() if n)
+                         + 1, 20, "the request to reach a prefill worker") - 1
+    ray.kill(backend.prefill[victim], no_restart=False)
+    t.join(60)
+    status, out = result["out"]
+    assert status == 200, out
+    assert out["usage"]["completion_tokens"] == 6
+    assert backend.counts["retried"] == retried + 1
+    assert backend.counts["prefill_worker_died"] == 1
+
+    name = f"prefill-{victim}"
+    _wait_until(lambda: (w := _worker(_health(base), name))["healthy"] and
+                w["restarts"] == 1, 60, f"{name} back after its restart")
+    _wait_until(lambda: all(_health(base)["backend"]["pairs"].values()), 20,
+                "both pairs connected again")
+    # both pairs serve again: a burst spreads over the two prefill workers
+    before = [s["prefills"] for s in ray.get([p.stats.remote() for p in backend.prefill])]
+    outs = []
+    threads = [threading.Thread(target=lambda: outs.append(_post(
+        f"{base}/v1/completions", {"prompt": "def f(x):", "max_tokens": 2}))) for _ in
+        range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert [s for s, _ in outs] == [200] * 4, outs
+    after = [s["prefills"] for s in ray.get([p.stats.remote() for p in backend.prefill])]
+    assert after[victim] > before[victim], (before, after)
+
+    # a reservation whose KV never comes is expired at its deadline, and counted
+    ray.get(backend.decode[0].reserve.remote("orphan", list(range(3, 50)),
+                                             SamplingParams(max_tokens=2), 0.3))
+    _wait_until(lambda: backend.health()["failures"].get("transfer_deadline") == 1, 10,
+                "the expired reservation to be counted")
+    ray.get(backend.decode[0].release.remote("orphan"))
+    _assert_pools_whole(backend)
 
 
 def _in_process_pair():
