@@ -20,6 +20,8 @@ from zipserve.router.limits import AdmissionConfig
 pytestmark = pytest.mark.anyio
 ROUTER_DIR = Path(auth.__file__).resolve().parent
 KEY = "k3y-0123456789"
+STATIC_PAGES = {"/dashboard"}
+"""Routes left open because they serve a fixed HTML page only (their data is behind the key)."""
 
 
 @pytest.fixture
@@ -65,6 +67,11 @@ async def test_api_key_guards_every_route_but_health(monkeypatch):
     async with client_for(app) as c:
         for method, path in routes:
             if path == "/health":
+                continue
+            if path in STATIC_PAGES:
+                r = await c.request(method, path)
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+                assert not backend.jobs
                 continue
             for headers in ({}, {"Authorization": "Bearer nope"}):
                 r = await c.request(method, path, headers=headers, json={"prompt": "x"})
