@@ -163,9 +163,6 @@ class RayBackend:
         if j is not None:
             await self.decode[j].abort.remote(job_id)
 
-    def _pick(self, kind: str, n: int) -> int:
-        return min(range(n), key=lambda i: self.outstanding[(kind, i)])
-
     def _candidates(self, job: Job) -> list[tuple[int, int]]:
         """Usable pairs, least loaded first, skipping decode workers short of pages by their
         last stats (the reservation itself decides)."""
@@ -197,6 +194,9 @@ class RayBackend:
                         why = f"decode worker {dj} failed: {type(e).__name__}"
                     except ray.exceptions.RayTaskError as e:
                         why = f"no decode worker has free KV pages ({e.cause})"
+                    except asyncio.CancelledError:  # the job ended while reserving: undo it
+                        self.decode[dj].release.remote(job.id)
+                        raise
                 else:
                     if not self.pool.usable_pairs():
                         why = "no healthy prefill/decode pair"

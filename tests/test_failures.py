@@ -2,7 +2,7 @@
 its request with a clear error, Ray restarts it, /health shows it down and then up, and serving
 resumes on fresh channels; a prefill actor killed mid-request gets the request retried on the
 other pair; transfer-deadline expiry and checksum mismatch are counted by reason; no pages leak
-anywhere."""
+anywhere, also when a request times out in the middle of its KV transfer."""
 
 from __future__ import annotations
 
@@ -187,6 +187,18 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
                 "the expired reservation to be counted")
     ray.get(backend.decode[0].release.remote("orphan"))
     _assert_pools_whole(backend)
+
+
+def test_timeout_mid_transfer_frees_every_page(server):
+    base, backend = server
+    t0 = time.time()
+    status, out = _post(f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 50,
+                                                   "timeout": 0.3})
+    assert status == 504 and out["error"]["code"] == "request_timeout", out
+    assert time.time() - t0 < 5
+    _assert_pools_whole(backend)  # the reservation was released, the late KV dropped
+    status, out = _post(f"{base}/v1/completions", {"prompt": "x = 1", "max_tokens": 2})
+    assert status == 200, out
 
 
 def _in_process_pair():
