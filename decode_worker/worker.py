@@ -5,6 +5,11 @@ Plain Python (deploy/ wraps it as a threaded Ray actor). Three kinds of threads 
 always under one lock: a receiver per attached channel (imports layers), the step loop (decodes,
 expires reservations whose KV missed its deadline), and callers (reserve/admit/abort/poll).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
+
+Failures are counted by reason in `failures` ("transfer_deadline", "checksum_mismatch",
+"kv_rejected", "decode_step"); a channel whose transport broke (peer died, checksum mismatch on
+the channel) is listed in `dead_channels` until the router connects a new one. `incarnation` is
+new each time the worker is built, so a restarted actor is told apart from the one before it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from zipserve.engine.config import EngineConfig
@@ -20,8 +26,16 @@ from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_worker.worker import KV_TAG
-from zipserve.transfer.pairing import connect_pair
-from zipserve.transfer.channel import Channel, TransferClosed, TransferTimeout
+from zipserve.transfer.pairing import connect_pair, local_endpoint
+from zipserve.transfer.channel import Channel, TransferClosed, TransferError, TransferTimeout
+
+TRANSFER_DEADLINE = "transfer_deadline"
+CHECKSUM_MISMATCH = "checksum_mismatch"
+
+
+def failure_reason(error: Exception | str) -> str:
+    """checksum_mismatch when the error says so, else kv_rejected."""
+    return CHECKSUM_MISMATCH if "checksum mismatch" in str(error) else "kv_rejected"
 
 
 @dataclass
@@ -53,6 +67,12 @@ class DecodeWorker:
         self.changed = threading.Condition(self.lock)
         self.requests: dict[str, RequestState] = {}
         self.dropped_messages = 0
+        self.incarnation = uuid.uuid4().hex
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.channels: dict[str, Channel] = {}
+        self.channel_names: dict[str, str] = {}
+        self.dead_channels: dict[str, str] = {}
+        """peer id -> name of its channel, for channels whose transport broke."""
         self._aborts: collections.deque[str] = collections.deque()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
@@ -70,21 +90,44 @@ class DecodeWorker:
                 link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
         self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
-                                          latency_ms))
+                                          latency_ms), pair_name)
 
-    def attach(self, prefill_id: str, channel: Channel) -> None:
-        t = threading.Thread(target=self._receive_loop, args=(channel,),
+    def endpoint(self) -> dict:
+        """This worker's Ray node and a free port on it (see transfer.pairing.local_endpoint)."""
+        return local_endpoint()
+
+    def attach(self, prefill_id: str, channel: Channel, name: str = "") -> None:
+        """Receive KV from `prefill_id` over `channel` (named `name`), replacing any earlier
+        channel from that peer."""
+        with self.lock:
+            old, self.channels[prefill_id] = self.channels.get(prefill_id), channel
+            self.channel_names[prefill_id] = name
+            self.dead_channels.pop(prefill_id, None)
+        if old is not None:  # replaced after a peer restart: its thread ends once it is closed
+            threading.Thread(target=old.close, daemon=True).start()
+        t = threading.Thread(target=self._receive_loop, args=(prefill_id, channel),
                              name=f"kv-recv-{prefill_id}", daemon=True)
-        self._threads.append(t)
+        self._threads = [th for th in self._threads if th.is_alive()] + [t]
         t.start()
 
-    def _receive_loop(self, channel: Channel) -> None:
+    def _channel_lost(self, prefill_id: str, channel: Channel, error: Exception) -> None:
+        with self.lock:
+            if CHECKSUM_MISMATCH.replace("_", " ") in str(error):
+                self.failures[CHECKSUM_MISMATCH] += 1
+            if self.channels.get(prefill_id) is channel:
+                self.dead_channels[prefill_id] = self.channel_names.get(prefill_id, "")
+
+    def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
         while not self._stop.is_set():
             try:
                 buf = channel.recv(KV_TAG, timeout=0.2)
             except TransferTimeout:
                 continue
-            except TransferClosed:
+            except TransferClosed as e:
+                self._channel_lost(prefill_id, channel, e)
+                return
+            except TransferError as e:  # the transport broke (peer died, corrupt frame)
+                self._channel_lost(prefill_id, channel, e)
                 return
             try:
                 kv = LayerKV.from_bytes(buf.cpu().numpy().tobytes())
@@ -98,7 +141,7 @@ class DecodeWorker:
                 try:
                     self.engine.import_layer(kv.request_id, kv)
                 except (ValueError, KeyError) as e:
-                    self._fail(kv.request_id, f"KV rejected: {e}")
+                    self._fail(kv.request_id, f"KV rejected: {e}", failure_reason(e))
                     continue
                 st.layers += 1
                 if st.layers == self.num_layers:
@@ -120,8 +163,10 @@ class DecodeWorker:
         st = self.requests[request_id]
         if not st.arrived.wait(timeout):
             with self.lock:
-                self._fail(request_id, f"KV transfer incomplete after {timeout:.1f} s "
-                                       f"({st.layers}/{self.num_layers} layers)")
+                if not st.finished:
+                    self._fail(request_id, f"KV transfer missed its deadline: incomplete "
+                                           f"after {timeout:.1f} s ({st.layers}/"
+                                           f"{self.num_layers} layers)", TRANSFER_DEADLINE)
             return self.poll(request_id, 0, 0)
         with self.lock:
             if st.finished:
@@ -171,7 +216,9 @@ class DecodeWorker:
             return {"free_pages": pool.num_free, "used_pages": pool.num_used,
                     "capacity_pages": pool.capacity, "running": len(sch.running),
                     "waiting": len(sch.waiting), "reserved": len(sch.reserved),
-                    "dropped_messages": self.dropped_messages}
+                    "dropped_messages": self.dropped_messages, "codec": self.codec,
+                    "incarnation": self.incarnation, "failures": dict(self.failures),
+                    "dead_channels": dict(self.dead_channels)}
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -179,7 +226,8 @@ class DecodeWorker:
             t.join(timeout=2)
 
     # -- internals -------------------------------------------------------------------------
-    def _fail(self, request_id: str, error: str) -> None:
+    def _fail(self, request_id: str, error: str, reason: str) -> None:
+        self.failures[reason] += 1
         st = self.requests[request_id]
         self.engine.abort(request_id)
         st.error = error
@@ -209,14 +257,16 @@ class DecodeWorker:
                 now = time.time()
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
-                        self._fail(rid, "KV transfer missed its deadline")
+                        self._fail(rid, f"KV transfer missed its deadline: {st.layers}/"
+                                        f"{self.num_layers} layers arrived", TRANSFER_DEADLINE)
                 try:
                     outs = self.engine.step() if self.engine.has_unfinished() else []
                 except Exception as e:  # never die silently: fail what was running, go on
                     outs = []
                     for rid, st in list(self.requests.items()):
                         if not st.finished and st.arrived.is_set():
-                            self._fail(rid, f"decode step failed: {type(e).__name__}: {e}")
+                            self._fail(rid, f"decode step failed: {type(e).__name__}: {e}",
+                                       "decode_step")
                 for out in outs:
                     st = self.requests.get(out.request_id)
                     if st is not None:

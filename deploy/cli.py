@@ -143,16 +143,42 @@ def _serve_config(args: argparse.Namespace, codec: str):
 
     return ServeConfig(model=args.model or default_model(), codec=codec,
                        num_prefill=args.prefill, num_decode=args.decode, device=args.device,
-                       link_gbps=args.link_gbps)
+                       link_gbps=args.link_gbps, transfer_deadline_s=args.transfer_deadline,
+                       max_restarts=args.max_restarts, retries=args.retries,
+                       page_wait_s=args.page_wait, prefill_resource=args.prefill_resource,
+                       decode_resource=args.decode_resource)
+
+
+def _admission_config(args: argparse.Namespace):
+    from zipserve.router.limits import AdmissionConfig
+
+    return AdmissionConfig(max_queued_tokens=args.max_queued_tokens,
+                           max_queued_jobs=args.max_queued_requests,
+                           max_prompt_tokens=args.max_prompt_tokens,
+                           request_timeout_s=args.request_timeout,
+                           max_body_bytes=args.max_body_bytes)
+
+
+def read_api_key(key: str | None, key_file: str | None) -> str | None:
+    """--api-key or the first line of --api-key-file (not both); an empty key is an error."""
+    if key is not None and key_file is not None:
+        raise ValueError("--api-key and --api-key-file: give one, not both")
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: cannot read {key_file}: {e.strerror}") from None
+    if key is not None and not key.strip():
+        raise ValueError("--api-key: the key is empty")
+    return key
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from zipserve.deploy.serve import serve
 
-    key = args.api_key
-    if args.api_key_file:
-        key = Path(args.api_key_file).read_text().strip()
-    serve(_serve_config(args, args.codec), args.host, args.port, args.address, key)
+    key = read_api_key(args.api_key, args.api_key_file)
+    limits = _admission_config(args)
+    serve(_serve_config(args, args.codec), args.host, args.port, args.address, key, limits)
     return 0
 
 
@@ -200,6 +226,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             str(REFERENCE_MODEL), str(PACKAGE_ROOT / "models" / "zipserve-lckv")]
         lckv_bench.run(models, args.lckv_codecs.split(","), args.budget_gb, args.context,
                        args.prefill_len, Path(args.out), iters=args.iters, device=args.device)
+        return 0
+    if args.what == "load":
+        from zipserve.bench import load_bench
+
+        load_bench.run(args.model or default_model(), Path(args.out), args.clients,
+                       args.duration, codec=args.codecs.split(",")[0], device=args.device)
         return 0
     raise SystemExit(f"unknown benchmark {args.what!r}")
 
@@ -276,12 +308,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", type=int, default=1, help="decode workers")
     s.add_argument("--address", default=None,
                    help="an existing Ray cluster ('auto' or host:port); default: embedded Ray")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback only; 0.0.0.0 exposes the server)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None)
-    s.add_argument("--api-key-file", default=None)
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument("--api-key-file", default=None, help="read the API key from this file")
     s.add_argument("--link-gbps", type=float, default=None, help="emulate a link of this speed")
     s.add_argument("--device", default=None)
+    lim = s.add_argument_group("admission and limits")
+    lim.add_argument("--max-queued-tokens", type=int, default=65536,
+                     help="prompt tokens waiting for prefill before new requests get 429")
+    lim.add_argument("--max-queued-requests", type=int, default=512,
+                     help="requests waiting for prefill before new requests get 429")
+    lim.add_argument("--max-prompt-tokens", type=int, default=None,
+                     help="longest prompt accepted (default: the model's context)")
+    lim.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds before a request fails with a timeout (a request's "
+                          "'timeout' field may ask for less)")
+    lim.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                     help="largest request body (413 beyond it)")
+    lim.add_argument("--page-wait", type=float, default=30.0,
+                     help="longest a request waits for decode pages on a healthy worker pair")
+    lim.add_argument("--transfer-deadline", type=float, default=30.0,
+                     help="seconds for a request's KV to reach its decode worker")
+    rob = s.add_argument_group("failures and placement")
+    rob.add_argument("--max-restarts", type=int, default=3,
+                     help="times Ray restarts a worker actor that died")
+    rob.add_argument("--retries", type=int, default=1,
+                     help="times a request whose worker failed before its first token is "
+                          "tried again on another pair")
+    rob.add_argument("--prefill-resource", default=None,
+                     help="custom Ray resource each prefill actor needs (e.g. zipserve_prefill: "
+                          "places prefill actors on the nodes that offer it)")
+    rob.add_argument("--decode-resource", default=None,
+                     help="custom Ray resource each decode actor needs (e.g. zipserve_decode)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")
@@ -292,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv"])
+    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv", "load"])
+    b.add_argument("--clients", type=int, default=64, help="load: concurrent streaming clients")
+    b.add_argument("--duration", type=float, default=60.0, help="load: seconds of load")
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,

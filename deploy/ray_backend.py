@@ -1,27 +1,39 @@
-"""The router's Backend over Ray: prefill and decode workers as Ray actors, one KV channel per
-(prefill, decode) pair, control messages (reserve, admit, poll, abort) as actor calls.
+"""The router's Backend over Ray: prefill and decode workers as Ray actors (deploy/worker_pool.py
+keeps them, their KV channels and their health), control messages (reserve, prefill, admit,
+poll, release) as actor calls.
 
-A job: pick the pair with the fewest outstanding tokens -> reserve pages on its decode worker
-(refused at once when short: 503) -> prefill, which streams the KV layer by layer to the decode
-worker -> admit -> poll tokens until finished -> release. Phase times come from the workers'
-own clocks (time.time on one host).
+A job: wait (FIFO, bounded by `page_wait_s` and the job's timeout) until some healthy
+(prefill, decode) pair's decode worker reserves the job's pages -> prefill, which streams the KV
+layer by layer to that decode worker -> admit -> poll tokens until finished -> release. So
+prefill never computes KV that no decode worker can take. A job whose prefill or decode worker
+fails before its first token is tried again on another pair (`retries`); after a token was sent
+it fails with a clear error. Phase times come from the workers' own clocks (time.time).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import socket
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import ray
-
 from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.deploy.worker_pool import WorkerPool
 from zipserve.engine.loading import model_config_for
+from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.tokenizer import load_tokenizer
 from zipserve.prefill_worker.worker import PrefillWorker
-from zipserve.router.backend import BackendEvent, FinishEvent, Job, PhaseEvent, TokenEvent
+from zipserve.router.backend import (
+    BackendEvent,
+    FinishEvent,
+    Job,
+    PhaseEvent,
+    TokenEvent,
+)
 
 
 @dataclass
@@ -39,16 +51,41 @@ class ServeConfig:
     link_latency_ms: float = 0.0
     transfer_deadline_s: float = 30.0
     engine_options: dict = field(default_factory=dict)
+    max_restarts: int = 3
+    """Times Ray restarts a worker actor that died (then it stays dead)."""
+    retries: int = 1
+    """Times a job whose worker failed before its first token is tried again on another pair."""
+    page_wait_s: float = 30.0
+    """Longest a job waits for a healthy pair whose decode worker has pages for it."""
+    health_interval_s: float = 0.5
+    """How often every worker is asked for its stats (and restarts are noticed)."""
+    prefill_resource: str | None = None
+    """A custom Ray resource each prefill actor needs one unit of (pins them to nodes that
+    offer it, e.g. a KubeRay prefill worker group); None: no custom resource."""
+    decode_resource: str | None = None
+    """The same for decode actors."""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--prefill and --decode: need at least one worker of each")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts: must be >= 0, got {self.max_restarts}")
+        if self.retries < 0:
+            raise ValueError(f"retries: must be >= 0, got {self.retries}")
+        for name in ("transfer_deadline_s", "page_wait_s", "health_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("prefill_resource", "decode_resource"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty resource name")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RESERVE_TIMEOUT_S = 5.0
+"""Longest wait for a decode worker to answer a reservation."""
+
+
+class _Retry(Exception):
+    """This attempt failed before any token was sent: the job may run on another pair."""
 
 
 class RayBackend:
@@ -57,26 +94,31 @@ class RayBackend:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         device = cfg.device or ("cuda" if gpus else "cpu")
         workers = cfg.num_prefill + cfg.num_decode
-        share = 1.0 if gpus >= workers else (gpus / workers if gpus else 0)
+        # A whole GPU per actor when there are enough, or when actors are pinned to GPU nodes
+        # by custom resources (an autoscaler may still be adding them); else a fair share.
+        pinned = bool(cfg.prefill_resource or cfg.decode_resource)
+        share = 1.0 if gpus >= workers or pinned or not gpus else gpus / workers
         opts = {"num_gpus": share} if device == "cuda" else {"num_cpus": 0}
-        prefill_cls = ray.remote(**opts)(PrefillWorker)
-        decode_cls = ray.remote(max_concurrency=64, **opts)(DecodeWorker)
+        opts.update(max_restarts=cfg.max_restarts, max_task_retries=0)
+        prefill_opts, decode_opts = dict(opts), dict(opts)
+        if cfg.prefill_resource:
+            prefill_opts["resources"] = {cfg.prefill_resource: 1}
+        if cfg.decode_resource:
+            decode_opts["resources"] = {cfg.decode_resource: 1}
+        # Prefill runs one prompt at a time (a lock inside); the extra concurrency lets stats
+        # and health checks answer while it runs.
+        prefill_cls = ray.remote(max_concurrency=4, **prefill_opts)(PrefillWorker)
+        decode_cls = ray.remote(max_concurrency=64, **decode_opts)(DecodeWorker)
         args = dict(model=cfg.model, codec=cfg.codec, device=device,
                     engine_options=cfg.engine_options)
-        self.prefill = [prefill_cls.remote(**args) for _ in range(cfg.num_prefill)]
-        self.decode = [decode_cls.remote(**args) for _ in range(cfg.num_decode)]
+        self.pool = WorkerPool(prefill_cls, decode_cls, args, cfg.num_prefill, cfg.num_decode,
+                               link_gbps=cfg.link_gbps, link_latency_ms=cfg.link_latency_ms,
+                               health_interval_s=cfg.health_interval_s)
+        self.prefill = [w.actor for w in self.pool.prefill]
+        self.decode = [w.actor for w in self.pool.decode]
         info = ray.get(self.decode[0].info.remote())
         self.device = info["device"]
-        # One KV channel per pair: prefill is rank 0 (hosts the rendezvous), decode rank 1.
-        calls = []
-        for i, p in enumerate(self.prefill):
-            for j, d in enumerate(self.decode):
-                port, name = _free_port(), f"p{i}-d{j}"
-                calls += [p.connect.remote(f"d{j}", "127.0.0.1", port, 0, name, cfg.link_gbps,
-                                           cfg.link_latency_ms),
-                          d.connect.remote(f"p{i}", "127.0.0.1", port, 1, name, cfg.link_gbps,
-                                           cfg.link_latency_ms)]
-        ray.get(calls)
+        self.page_size = info["page_size"]
         self.tokenizer = load_tokenizer(cfg.model)
         mc = model_config_for(cfg.model)
         self.model_name = cfg.model
@@ -84,7 +126,14 @@ class RayBackend:
         self.kv_bytes_per_token_bf16 = mc.kv_bytes_per_token(2)
         self.outstanding = {("p", i): 0 for i in range(cfg.num_prefill)}
         self.outstanding.update({("d", j): 0 for j in range(cfg.num_decode)})
+        self.prefilling = {i: 0 for i in range(cfg.num_prefill)}
+        self.awaiting_kv = {j: 0 for j in range(cfg.num_decode)}
+        """Prompt tokens reserved on each decode worker whose KV is not in yet."""
+        self.counts: Counter[str] = Counter()
+        """Failures and retries seen by the request path, by reason."""
         self._jobs: dict[str, int] = {}  # job id -> decode index
+        self._reserve_lock: asyncio.Lock | None = None
+        self._released: asyncio.Event | None = None
 
     # -- Backend protocol --------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -94,20 +143,118 @@ class RayBackend:
         return self.tokenizer.apply_chat_template(messages)
 
     def health(self) -> dict:
-        try:
-            stats = ray.get([d.stats.remote() for d in self.decode], timeout=5)
-        except Exception as e:  # a worker is down
-            return {"status": "degraded", "error": str(e)}
-        return {"status": "ok", "codec": self.cfg.codec, "device": self.device,
-                "decode_workers": stats, "prefill_workers": len(self.prefill)}
+        """From the monitor's cached stats (never waits on a worker)."""
+        workers = []
+        for w in self.pool.workers:
+            st = w.stats
+            if w.role == "prefill":
+                queued, running = self.outstanding[("p", w.index)], self.prefilling[w.index]
+            else:
+                queued, running = self.awaiting_kv[w.index], int(st.get("running", 0))
+            workers.append({"name": w.name, "role": w.role, "healthy": w.healthy,
+                            "codec": st.get("codec", self.cfg.codec),
+                            "free_pages": int(st.get("free_pages", 0)),
+                            "used_pages": int(st.get("used_pages", 0)),
+                            "queued_tokens": queued, "running": running,
+                            "restarts": w.restarts_seen, "dead": w.dead,
+                            "error": w.last_error})
+        failures = self.pool.failures() + self.counts
+        usable = bool(self.pool.usable_pairs())
+        return {"status": "ok" if usable else "unavailable", "codec": self.cfg.codec,
+                "device": self.device, "workers": workers, "pairs": self.pool.pairs_view(),
+                "degraded": not all(w.healthy for w in self.pool.workers),
+                "failures": dict(failures), "events": dict(self.pool.events)}
 
     async def abort(self, job_id: str) -> None:
         j = self._jobs.get(job_id)
         if j is not None:
             await self.decode[j].abort.remote(job_id)
 
-    def _pick(self, kind: str, n: int) -> int:
-        return min(range(n), key=lambda i: self.outstanding[(kind, i)])
+    def _candidates(self, job: Job) -> list[tuple[int, int]]:
+        """Usable pairs, least loaded first, skipping decode workers short of pages by their
+        last stats (the reservation itself decides)."""
+        need = pages_for(len(job.prompt_ids) + 1, self.page_size)
+        pairs = [(i, j) for i, j in self.pool.usable_pairs()
+                 if self.pool.decode[j].stats.get("capacity_pages", need) >= need]
+        return sorted(pairs, key=lambda ij: (self.outstanding[("d", ij[1])],
+                                             self.outstanding[("p", ij[0])]))
+
+    async def _acquire(self, job: Job, params: SamplingParams,
+                       wait_until: float) -> tuple[int, int] | str:
+        """Reserve the job's pages on some usable pair's decode worker, waiting in FIFO order
+        while there is none; the pair, or why there is none (an error message)."""
+        if self._reserve_lock is None:
+            self._reserve_lock, self._released = asyncio.Lock(), asyncio.Event()
+        need = pages_for(len(job.prompt_ids) + 1, self.page_size)
+        async with self._reserve_lock:
+            why = "no healthy prefill/decode pair"
+            while True:
+                for pi, dj in self._candidates(job):
+                    try:  # a reservation that outlives its timeout here expires on the
+                        # worker at the transfer deadline, so nothing leaks
+                        await asyncio.wait_for(self.decode[dj].reserve.remote(
+                            job.id, job.prompt_ids, params, self.cfg.transfer_deadline_s),
+                            RESERVE_TIMEOUT_S)
+                        return pi, dj
+                    except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
+                        self.pool.suspect(self.pool.decode[dj], f"{type(e).__name__}: {e}")
+                        why = f"decode worker {dj} failed: {type(e).__name__}"
+                    except ray.exceptions.RayTaskError as e:
+                        why = f"no decode worker has free KV pages ({e.cause})"
+                    except asyncio.CancelledError:  # the job ended while reserving: undo it
+                        self.decode[dj].release.remote(job.id)
+                        raise
+                else:
+                    if not self.pool.usable_pairs():
+                        why = "no healthy prefill/decode pair"
+                        for role in ("prefill", "decode"):
+                            if self.pool.all_dead(role):
+                                return f"unavailable: every {role} worker is dead"
+                    elif not self._candidates(job):
+                        cap = max(w.stats.get("capacity_pages", 0) for w in self.pool.decode)
+                        return (f"overloaded: the request needs {need} KV pages; a decode "
+                                f"worker holds at most {cap}")
+                left = wait_until - time.time()
+                if left <= 0:
+                    kind = "unavailable" if "healthy" in why or "failed" in why else "overloaded"
+                    return f"{kind}: {why} within {self.cfg.page_wait_s:g} s"
+                self._released.clear()
+                try:
+                    await asyncio.wait_for(self._released.wait(), min(0.1, left))
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _prefill_then_admit(self, job: Job, params: SamplingParams, pi: int, dj: int):
+        """The prefill report and the admit result; `_Retry` when a worker failed."""
+        dec, pre = self.decode[dj], self.prefill[pi]
+        n = len(job.prompt_ids)
+        self.outstanding[("p", pi)] += n
+        self.prefilling[pi] += 1
+        self.awaiting_kv[dj] += n
+        try:
+            rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
+        except ray.exceptions.RayActorError as e:  # the actor died under the job
+            self.pool.suspect(self.pool.prefill[pi], f"{type(e).__name__}: {e}")
+            self.counts["prefill_worker_died"] += 1
+            raise _Retry(f"prefill worker {pi} died: {type(e).__name__}") from e
+        except ray.exceptions.RayTaskError as e:  # it raised, e.g. its KV could not be sent
+            cause = getattr(e, "cause", None) or e
+            self.counts["prefill_failed"] += 1
+            raise _Retry(f"prefill worker {pi} failed: {type(cause).__name__}: {cause}") from e
+        finally:
+            self.outstanding[("p", pi)] -= n
+            self.prefilling[pi] -= 1
+        try:
+            res = await dec.admit.remote(job.id, rep.first_token, rep.first_logprob,
+                                         self.cfg.transfer_deadline_s)
+        except ray.exceptions.RayError as e:
+            if isinstance(e, ray.exceptions.RayActorError):
+                self.pool.suspect(self.pool.decode[dj], f"{type(e).__name__}: {e}")
+            self.counts["decode_worker_died"] += 1
+            raise _Retry(f"decode worker {dj} failed: {type(e).__name__}") from e
+        finally:
+            self.awaiting_kv[dj] -= n
+        return rep, res
 
     async def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
         if job.codec not in (None, self.cfg.codec):
@@ -117,50 +264,52 @@ class RayBackend:
         params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature,
                                 top_p=job.top_p, top_k=max(job.top_k, 0), seed=job.seed,
                                 stop=tuple(job.stop))
-        pi, dj = self._pick("p", len(self.prefill)), self._pick("d", len(self.decode))
+        wait = self.cfg.page_wait_s if job.timeout_s is None else \
+            min(self.cfg.page_wait_s, job.timeout_s)
+        wait_until = job.arrival + wait
         cost = len(job.prompt_ids) + job.max_tokens
-        self.outstanding[("p", pi)] += len(job.prompt_ids)
-        self.outstanding[("d", dj)] += cost
-        self._jobs[job.id] = dj
-        dec, pre = self.decode[dj], self.prefill[pi]
-        try:
-            try:
-                await dec.reserve.remote(job.id, job.prompt_ids, params,
-                                         self.cfg.transfer_deadline_s)
-            except ray.exceptions.RayTaskError as e:
-                yield FinishEvent("error", error=f"overloaded: {e.cause}", codec=self.cfg.codec)
-                return
-            try:
-                rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
-            except ray.exceptions.RayError as e:  # the worker died or raised: fail this job
-                cause = getattr(e, "cause", None) or e
-                yield FinishEvent("error", error=f"unavailable: prefill worker {pi} failed: "
-                                                 f"{type(cause).__name__}: {cause}",
+        errors: list[str] = []
+        released = None  # the failed attempt's release, awaited before the next reservation
+        for attempt in range(self.cfg.retries + 1):
+            if released is not None:
+                try:
+                    await asyncio.wait_for(released, RESERVE_TIMEOUT_S)
+                except (ray.exceptions.RayError, asyncio.TimeoutError):
+                    pass  # that worker is gone: so is the reservation
+            got = await self._acquire(job, params, max(wait_until, time.time() + 1.0)
+                                      if attempt else wait_until)
+            if isinstance(got, str):
+                yield FinishEvent("error", error="; ".join([got] + errors[-1:]),
                                   codec=self.cfg.codec)
                 return
-            self.outstanding[("p", pi)] -= len(job.prompt_ids)
-            pi = None
-            start = max(job.arrival, rep.prefill_start)
-            yield PhaseEvent("queue", job.arrival, start)
-            yield PhaseEvent("prefill", start, max(start, rep.prefill_end))
+            pi, dj = got
+            self.outstanding[("d", dj)] += cost
+            self._jobs[job.id] = dj
+            dec = self.decode[dj]
             try:
-                res = await dec.admit.remote(job.id, rep.first_token, rep.first_logprob,
-                                             self.cfg.transfer_deadline_s)
-            except ray.exceptions.RayError as e:
-                yield FinishEvent("error", error=f"unavailable: decode worker {dj} failed: {e}",
-                                  codec=self.cfg.codec)
+                try:
+                    rep, res = await self._prefill_then_admit(job, params, pi, dj)
+                except _Retry as e:
+                    errors.append(str(e))
+                    self.counts["retried"] += attempt < self.cfg.retries
+                    continue
+                start = max(job.arrival, rep.prefill_start)
+                yield PhaseEvent("queue", job.arrival, start)
+                yield PhaseEvent("prefill", start, max(start, rep.prefill_end))
+                async for ev in self._tokens(dec, job.id, res, max(start, rep.prefill_end)):
+                    if isinstance(ev, FinishEvent):  # the prefill side knows what it sent
+                        ev = dataclasses.replace(ev, kv_bytes=rep.bytes_sent, kv_bytes_bf16=len(
+                            job.prompt_ids) * self.kv_bytes_per_token_bf16)
+                    yield ev
                 return
-            async for ev in self._tokens(dec, job.id, res, max(start, rep.prefill_end)):
-                if isinstance(ev, FinishEvent):  # the prefill side knows what it sent
-                    ev = dataclasses.replace(ev, kv_bytes=rep.bytes_sent, kv_bytes_bf16=len(
-                        job.prompt_ids) * self.kv_bytes_per_token_bf16)
-                yield ev
-        finally:
-            if pi is not None:
-                self.outstanding[("p", pi)] -= len(job.prompt_ids)
-            self.outstanding[("d", dj)] -= cost
-            self._jobs.pop(job.id, None)
-            dec.release.remote(job.id)
+            finally:
+                self.outstanding[("d", dj)] -= cost
+                self._jobs.pop(job.id, None)
+                released = dec.release.remote(job.id)
+                if self._released is not None:
+                    self._released.set()
+        yield FinishEvent("error", error=f"unavailable: {errors[-1]} (tried "
+                                         f"{self.cfg.retries + 1} times)", codec=self.cfg.codec)
 
     async def _tokens(self, dec, job_id: str, res: dict,
                       prefill_end: float) -> AsyncIterator[BackendEvent]:
@@ -191,13 +340,15 @@ class RayBackend:
             try:
                 res = await dec.poll.remote(job_id, sent, 1.0)
             except ray.exceptions.RayError as e:  # the decode worker died mid-stream
+                self.counts["decode_worker_died"] += 1
                 yield FinishEvent("error", error=f"unavailable: decode worker failed while "
                                                  f"decoding: {type(e).__name__}",
                                   codec=self.cfg.codec)
                 return
 
     def shutdown(self) -> None:
-        """Stop the workers' threads and the actors themselves."""
+        """Stop the health monitor, the workers' threads and the actors themselves."""
+        self.pool.stop()
         try:
             ray.get([d.shutdown.remote() for d in self.decode], timeout=10)
         except (ray.exceptions.RayError, TimeoutError) as e:

@@ -11,6 +11,9 @@ import urllib.request
 from contextlib import contextmanager
 
 from zipserve.deploy.ray_backend import RayBackend, ServeConfig
+from zipserve.router.limits import AdmissionConfig
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 DEMO_PROMPTS = [
     "def fibonacci(n):",
@@ -34,7 +37,7 @@ def start_ray(address: str | None) -> None:
 
 @contextmanager
 def running_server(cfg: ServeConfig, host: str, port: int, address: str | None = None,
-                   api_key: str | None = None):
+                   api_key: str | None = None, limits: AdmissionConfig | None = None):
     """Start Ray, the workers and uvicorn in a thread; yield the base URL; stop everything."""
     import ray
     import uvicorn
@@ -44,8 +47,8 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
     own_ray = not ray.is_initialized()
     start_ray(address)
     backend = RayBackend(cfg)
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, api_key=api_key), host=host,
-                                           port=port, log_level="warning"))
+    app = create_app(backend, api_key=api_key, limits=limits)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -64,7 +67,7 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
 
 
 def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
-          api_key: str | None) -> None:
+          api_key: str | None, limits: AdmissionConfig | None = None) -> None:
     import uvicorn
 
     from zipserve.router.app import create_app
@@ -72,8 +75,16 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
     start_ray(address)
     backend = RayBackend(cfg)
     print(f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers "
-          f"({backend.device}), codec {cfg.codec}, model {cfg.model}; http://{host}:{port}")
-    uvicorn.run(create_app(backend, api_key=api_key), host=host, port=port, log_level="info")
+          f"({backend.device}), codec {cfg.codec}, model {cfg.model}; http://{host}:{port}",
+          flush=True)
+    if host not in LOOPBACK_HOSTS and api_key is None:
+        print(f"zipserve: warning: listening on {host} without an API key; anyone who can "
+              f"reach this port can use the server (--api-key-file)", flush=True)
+    try:
+        uvicorn.run(create_app(backend, api_key=api_key, limits=limits), host=host, port=port,
+                    log_level="info")
+    finally:
+        backend.shutdown()
 
 
 def _post(url: str, body: dict, timeout: float = 120) -> dict:

@@ -2,6 +2,9 @@
 
 Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to a sender thread the
 moment the model has stored it, so the transfer of layer l overlaps the compute of layer l+1.
+Prompts run one at a time (a lock), so the actor may take calls concurrently: stats and health
+checks answer while a prefill runs. `incarnation` is new each time the worker is built, so a
+restarted actor is told apart from the one before it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +21,7 @@ from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
-from zipserve.transfer.pairing import connect_pair
+from zipserve.transfer.pairing import connect_pair, local_endpoint
 from zipserve.transfer.channel import Channel
 
 KV_TAG = 1
@@ -46,6 +50,9 @@ class PrefillWorker:
                                                                      **(engine_options or {})))
         self.codec = codec
         self.channels: dict[str, Channel] = {}
+        self.incarnation = uuid.uuid4().hex
+        self._busy = threading.Lock()
+        self.prefills = 0
 
     def info(self) -> dict:
         e = self.engine
@@ -60,10 +67,22 @@ class PrefillWorker:
                                           latency_ms))
 
     def attach(self, decode_id: str, channel: Channel) -> None:
-        self.channels[decode_id] = channel
+        old, self.channels[decode_id] = self.channels.get(decode_id), channel
+        if old is not None:  # replaced after a peer restart: close it off the caller's path
+            threading.Thread(target=old.close, daemon=True).start()
+
+    def endpoint(self) -> dict:
+        """This worker's Ray node and a free port on it (see transfer.pairing.local_endpoint)."""
+        return local_endpoint()
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 decode_id: str) -> PrefillReport:
+        with self._busy:
+            self.prefills += 1
+            return self._prefill(request_id, prompt_ids, params, decode_id)
+
+    def _prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 decode_id: str) -> PrefillReport:
         channel = self.channels[decode_id]
         outbox: queue.Queue[LayerKV | None] = queue.Queue()
         sent = {"bytes": 0, "error": None}
@@ -98,4 +117,7 @@ class PrefillWorker:
 
     def stats(self) -> dict:
         pool = self.engine.pool
-        return {"free_pages": pool.num_free, "used_pages": pool.num_used}
+        return {"free_pages": pool.num_free, "used_pages": pool.num_used,
+                "capacity_pages": pool.capacity, "running": int(self._busy.locked()),
+                "prefills": self.prefills, "incarnation": self.incarnation,
+                "codec": self.codec}

@@ -9,6 +9,7 @@ import uuid
 
 from zipserve.router.backend import Backend, Job
 from zipserve.router.errors import OpenAIError
+from zipserve.router.limits import AdmissionConfig
 from zipserve.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -67,7 +68,9 @@ def choose_max_tokens(requested: int | None, default: int | None, prompt_len: in
 
 def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
               max_tokens: int | None, default_max_tokens: int | None, prompt_param: str,
-              arrival: float | None = None) -> Job:
+              arrival: float | None = None, limits: AdmissionConfig | None = None) -> Job:
+    limits = limits or AdmissionConfig()
+    limits.check_prompt(len(prompt_ids), prompt_param)
     return Job(
         id=new_job_id(),
         prompt_ids=prompt_ids,
@@ -80,24 +83,25 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
         stop=req.stop_list(),
         arrival=time.time() if arrival is None else arrival,
         codec=req.codec,
+        timeout_s=limits.timeout_for(req.timeout),
     )
 
 
 def admit_completion(backend: Backend, req: CompletionRequest,
-                     arrival: float | None = None) -> Job:
+                     arrival: float | None = None, limits: AdmissionConfig | None = None) -> Job:
     """The job for a /v1/completions request (`arrival`: when the request came in)."""
     check_model(backend, req.model)
     ids = completion_prompt_ids(backend, req)
     return build_job(backend, req, ids, max_tokens=req.max_tokens,
                      default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, prompt_param="prompt",
-                     arrival=arrival)
+                     arrival=arrival, limits=limits)
 
 
 def admit_chat(backend: Backend, req: ChatCompletionRequest,
-               arrival: float | None = None) -> Job:
+               arrival: float | None = None, limits: AdmissionConfig | None = None) -> Job:
     """The job for a /v1/chat/completions request (`arrival`: when the request came in)."""
     check_model(backend, req.model)
     ids = chat_prompt_ids(backend, req)
     max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
     return build_job(backend, req, ids, max_tokens=max_tokens, default_max_tokens=None,
-                     prompt_param="messages", arrival=arrival)
+                     prompt_param="messages", arrival=arrival, limits=limits)

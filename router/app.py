@@ -22,7 +22,6 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-
 from zipserve.router.admission import admit_chat, admit_completion
 from zipserve.router.auth import OPEN_PATHS, ApiKeyMiddleware
 from zipserve.router.backend import Backend
@@ -31,6 +30,7 @@ from zipserve.router.dashboard import install_dashboard
 from zipserve.router.errors import OpenAIError, install_error_handlers, parse_model
 from zipserve.router.formats import ChatFormat, CompletionFormat
 from zipserve.router.jobs import JobRegistry
+from zipserve.router.limits import AdmissionConfig, BodySizeLimit
 from zipserve.router.metrics import install_metrics
 from zipserve.router.schemas import (
     ChatCompletionRequest,
@@ -64,9 +64,13 @@ def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def create_app(backend: Backend, *, api_key: str | None = None,
-               job_history: int = DEFAULT_JOB_HISTORY) -> FastAPI:
-    """An app serving `backend`; with `api_key`, every route but /health needs that bearer key."""
-    state = RouterState(backend=backend, registry=JobRegistry(job_history))
+               job_history: int = DEFAULT_JOB_HISTORY,
+               limits: AdmissionConfig | None = None) -> FastAPI:
+    """An app serving `backend`; with `api_key`, every route but /health needs that bearer key;
+    `limits`: queue, prompt, timeout and body-size limits (defaults: `AdmissionConfig()`).
+    No CORS middleware: browsers on other origins get no Access-Control-* headers."""
+    limits = limits or AdmissionConfig()
+    state = RouterState(backend=backend, registry=JobRegistry(job_history), limits=limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -76,17 +80,18 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     app = FastAPI(title="zipserve router", lifespan=lifespan)
     app.state.router = state
     install_error_handlers(app)
-    if api_key is not None:
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    if api_key is not None:  # added after the size limit = runs before it: no body read unkeyed
         app.add_middleware(ApiKeyMiddleware, api_key=api_key,
                            open_paths=OPEN_PATHS | DASHBOARD_OPEN_PATHS)
-    metrics = install_metrics(app, state)  # last middleware: outermost, counts 401s too
+    metrics = install_metrics(app, state)  # last middleware: outermost, counts 401/413s too
     install_dashboard(app, state, metrics)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         arrival = time.time()
         req = parse_model(CompletionRequest, await read_json(request))
-        job = admit_completion(backend, req, arrival)
+        job = admit_completion(backend, req, arrival, limits)
         fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
                                model=backend.model_name)
         return await respond(state, request, job, fmt, stream=req.stream,
@@ -96,7 +101,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     async def chat_completions(request: Request) -> Response:
         arrival = time.time()
         req = parse_model(ChatCompletionRequest, await read_json(request))
-        job = admit_chat(backend, req, arrival)
+        job = admit_chat(backend, req, arrival, limits)
         fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name)
         return await respond(state, request, job, fmt, stream=req.stream,
                              include_usage=_include_usage(req))
@@ -123,6 +128,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
                 "active_jobs": len(state.active),
                 "jobs_total": state.registry.total,
                 "jobs_by_state": state.registry.count_by_state(),
+                "admission": state.gate.stats(),
             },
         }
         return JSONResponse(body, status_code=200 if ok else 503)

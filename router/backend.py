@@ -55,6 +55,9 @@ class Job:
     """When the router accepted the request (`time.time()`); TTFT and JCT count from here."""
     codec: str | None = None
     """Per-request KV codec override (e.g. "hack"); None: the deployment's default."""
+    timeout_s: float | None = None
+    """The router ends the job after this many seconds from arrival (None: no limit);
+    backends may use it to bound their own waits."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -69,6 +72,8 @@ class Job:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k: must be -1, 0 or >= 1, got {self.top_k}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if any(not s for s in self.stop):
             raise ValueError("stop: entries must be non-empty strings")
 

@@ -25,7 +25,8 @@ M = TypeVar("M", bound=BaseModel)
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
           404: "invalid_request_error", 405: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "service_unavailable", 504: "timeout_error"}
 
 
 class OpenAIError(Exception):
@@ -52,8 +53,11 @@ class OpenAIError(Exception):
 
 
 def backend_error(message: str | None, headers: dict[str, str] | None = None) -> OpenAIError:
-    """A backend `finish` with reason "error": 503 if it reads like overload, else 500."""
+    """A backend `finish` with reason "error": 504 for the request timeout, 503 if it reads
+    like overload, else 500."""
     message = message or "the backend failed without a message"
+    if message.startswith("timeout:"):
+        return OpenAIError(504, message, code="request_timeout", headers=headers)
     if re.search(r"overload|unavailable", message, re.IGNORECASE):
         return OpenAIError(503, message, code="backend_unavailable", headers=headers)
     return OpenAIError(500, message, code="backend_error", headers=headers)

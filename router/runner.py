@@ -5,6 +5,11 @@ token with a timeout (to poll for a client that went away) without ever cancelli
 iterator mid-step. `close()` is the single exit: idempotent, safe to call from a `finally` under
 cancellation, and when the job has not finished it marks it ABORTED, calls `backend.abort` and
 stops the pump.
+
+Admission: the job's `QueueTicket` (router/limits.py) is handed back once its prefill is over
+(a phase after prefill, a token, or the end). A job with `timeout_s` still running that long
+after its arrival is stopped: its backend stream is closed (which frees what it holds), the
+backend is told to abort it, and it finishes with a "timeout:" error.
 """
 
 from __future__ import annotations
@@ -18,22 +23,32 @@ import anyio
 
 from zipserve.router.backend import Backend, FinishEvent, Job, PhaseEvent, TokenEvent
 from zipserve.router.jobs import JobRecord
+from zipserve.router.limits import QueueTicket
 
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 5.0
 """How long `close()` waits for `backend.abort` and for the pump to stop."""
 
+PAST_PREFILL = frozenset({"encode", "transfer", "decode_queue", "decode"})
+"""Phases that mean a job no longer waits for (or runs in) prefill."""
+
+
+def timeout_message(timeout_s: float) -> str:
+    return f"timeout: the request did not finish within {timeout_s:g} s"
+
 
 class JobRun:
     """Pumps `backend.stream(job)` into `record` and a queue of token / finish events."""
 
     def __init__(self, backend: Backend, job: Job, record: JobRecord,
-                 on_closed: Callable[[JobRun], None] | None = None) -> None:
+                 on_closed: Callable[[JobRun], None] | None = None,
+                 ticket: QueueTicket | None = None) -> None:
         self.backend = backend
         self.job = job
         self.record = record
         self._on_closed = on_closed
+        self._ticket = ticket
         self._queue: asyncio.Queue[TokenEvent | FinishEvent] = asyncio.Queue()
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(
@@ -43,21 +58,34 @@ class JobRun:
     def finished(self) -> bool:
         return self.record.state.terminal
 
+    def _leave_queue(self) -> None:
+        if self._ticket is not None:
+            self._ticket.leave()
+
     async def _pump(self) -> None:
         stream = self.backend.stream(self.job)
+        timeout_s = self.job.timeout_s
+        left = None if timeout_s is None else max(0.0, self.job.arrival + timeout_s - time.time())
         try:
-            async for ev in stream:
-                now = time.time()
-                if isinstance(ev, PhaseEvent):
-                    self.record.on_phase(ev)
-                elif isinstance(ev, TokenEvent):
-                    self.record.on_token(ev, now)
-                    self._queue.put_nowait(ev)
-                elif isinstance(ev, FinishEvent):
-                    self._finish(ev)
-                    return
-                else:
-                    log.warning("job %s: ignoring unknown backend event %r", self.job.id, ev)
+            with anyio.move_on_after(left) as scope:
+                async for ev in stream:
+                    now = time.time()
+                    if isinstance(ev, PhaseEvent):
+                        self.record.on_phase(ev)
+                        if ev.name in PAST_PREFILL or (ev.name == "prefill" and ev.end):
+                            self._leave_queue()
+                    elif isinstance(ev, TokenEvent):
+                        self._leave_queue()
+                        self.record.on_token(ev, now)
+                        self._queue.put_nowait(ev)
+                    elif isinstance(ev, FinishEvent):
+                        self._finish(ev)
+                        return
+                    else:
+                        log.warning("job %s: ignoring unknown backend event %r", self.job.id, ev)
+            if scope.cancelled_caught and timeout_s is not None:
+                await self._time_out(stream, timeout_s)
+                return
             self._finish(FinishEvent(reason="error",
                                      error="the backend stream ended without a finish event"))
         except asyncio.CancelledError:
@@ -71,7 +99,23 @@ class JobRun:
                 with anyio.CancelScope(shield=True):
                     await aclose()
 
+    async def _time_out(self, stream, timeout_s: float) -> None:
+        """Close the stream (its cleanup frees the job's pages), abort the job in the backend
+        too, then finish it with the timeout error."""
+        with anyio.CancelScope(shield=True):
+            aclose = getattr(stream, "aclose", None)
+            try:
+                if aclose is not None:
+                    with anyio.fail_after(ABORT_TIMEOUT_S):
+                        await aclose()
+                with anyio.fail_after(ABORT_TIMEOUT_S):
+                    await self.backend.abort(self.job.id)
+            except Exception:
+                log.exception("job %s: cleanup after its timeout failed", self.job.id)
+        self._finish(FinishEvent(reason="error", error=timeout_message(timeout_s)))
+
     def _finish(self, ev: FinishEvent) -> None:
+        self._leave_queue()
         self.record.on_finish(ev, time.time())
         self._queue.put_nowait(ev)
 
@@ -100,5 +144,6 @@ class JobRun:
                     self._task.cancel()
                     await asyncio.wait({self._task}, timeout=ABORT_TIMEOUT_S)
             finally:
+                self._leave_queue()
                 if self._on_closed is not None:
                     self._on_closed(self)

@@ -52,6 +52,9 @@ class SamplingRequest(_Request):
     """Accepted and ignored."""
     codec: Annotated[str, Field(strict=True, min_length=1, max_length=64)] | None = None
     """Extension: KV codec for this request (e.g. "bf16", "fp8", "hack"); default: deployment's."""
+    timeout: Annotated[float, Field(strict=True, gt=0.0, allow_inf_nan=False)] | None = None
+    """Extension: seconds after which the job fails with a timeout error (default and upper
+    bound: the server's --request-timeout)."""
 
     @field_validator("n")
     @classmethod

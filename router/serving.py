@@ -20,6 +20,7 @@ from zipserve.router.backend import Backend, FinishEvent, Job, TokenEvent
 from zipserve.router.errors import backend_error
 from zipserve.router.formats import ResponseFormat
 from zipserve.router.jobs import JobRecord, JobRegistry
+from zipserve.router.limits import AdmissionConfig, AdmissionGate
 from zipserve.router.runner import JobRun
 from zipserve.router.schemas import ErrorResponse, Usage
 from zipserve.router.sse import DONE, SSEResponse, sse_event
@@ -32,17 +33,25 @@ JOB_ID_HEADER = "x-zipserve-job-id"
 
 @dataclass
 class RouterState:
-    """The router's shared state: the backend, the job history, the jobs in flight."""
+    """The router's shared state: the backend, the job history, the jobs in flight, the
+    admission limits and queue."""
 
     backend: Backend
     registry: JobRegistry
+    limits: AdmissionConfig = field(default_factory=AdmissionConfig)
+    gate: AdmissionGate = field(init=False)
     started: float = field(default_factory=time.time)
     active: dict[str, JobRun] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.gate = AdmissionGate(self.limits)
+
     def start(self, job: Job, endpoint: str) -> JobRun:
+        """Queue and start `job`; a 429 OpenAIError (nothing started) when the queue is full."""
+        ticket = self.gate.enter(job)
         record = JobRecord.for_job(job, endpoint=endpoint, model=self.backend.model_name)
         self.registry.add(record)
-        run = JobRun(self.backend, job, record, on_closed=self._forget)
+        run = JobRun(self.backend, job, record, on_closed=self._forget, ticket=ticket)
         self.active[job.id] = run
         return run
 

@@ -4,6 +4,8 @@ an optional link emulator."""
 
 from __future__ import annotations
 
+import socket
+
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.link import LinkEmulator
 from zipserve.transfer.process_group import ProcessGroupChannel
@@ -22,3 +24,21 @@ def connect_pair(info: dict, host: str, port: int, rank: int, pair_name: str,
     if link_gbps:
         channel = LinkEmulator(channel, gbps=link_gbps, latency_ms=latency_ms)
     return channel
+
+
+def local_endpoint() -> dict:
+    """Where a worker can host a rendezvous: its Ray node (id and IP; "" and loopback outside
+    Ray) and a port free on this host right now."""
+    node_id, node_ip = "", "127.0.0.1"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+            node_ip = ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return {"node_id": node_id, "node_ip": node_ip, "port": port}
