@@ -68,11 +68,15 @@ def choose_max_tokens(requested: int | None, default: int | None, prompt_len: in
 def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
               max_tokens: int | None, default_max_tokens: int | None, prompt_param: str,
               arrival: float | None = None) -> Job:
+    n = choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
+                          backend.max_model_len, prompt_param)
+    if req.min_tokens is not None and req.min_tokens > n:
+        raise OpenAIError(400, f"min_tokens: {req.min_tokens} is more than max_tokens {n}",
+                          param="min_tokens")
     return Job(
         id=new_job_id(),
         prompt_ids=prompt_ids,
-        max_tokens=choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
-                                     backend.max_model_len, prompt_param),
+        max_tokens=n,
         temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
         top_k=0 if req.top_k is None else req.top_k,
@@ -80,6 +84,8 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
         stop=req.stop_list(),
         arrival=time.time() if arrival is None else arrival,
         codec=req.codec,
+        ignore_eos=req.ignore_eos,
+        min_tokens=0 if req.min_tokens is None else req.min_tokens,
     )
 
 

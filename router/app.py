@@ -36,6 +36,7 @@ from zipserve.router.schemas import (
     ModelList,
 )
 from zipserve.router.serving import RouterState, respond
+from zipserve.router.timing import ArrivalStampMiddleware, arrival_of
 
 DEFAULT_JOB_HISTORY = 1000
 """Job records kept for /v1/jobs (oldest dropped first)."""
@@ -73,10 +74,11 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     install_error_handlers(app)
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(ArrivalStampMiddleware)  # added last: outermost, runs first
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        arrival = time.time()
+        arrival = arrival_of(request)
         req = parse_model(CompletionRequest, await read_json(request))
         job = admit_completion(backend, req, arrival)
         fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
@@ -86,7 +88,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        arrival = time.time()
+        arrival = arrival_of(request)
         req = parse_model(ChatCompletionRequest, await read_json(request))
         job = admit_chat(backend, req, arrival)
         fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name)

@@ -55,6 +55,10 @@ class Job:
     """When the router accepted the request (`time.time()`); TTFT and JCT count from here."""
     codec: str | None = None
     """Per-request KV codec override (e.g. "hack"); None: the deployment's default."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks use it to get exactly max_tokens tokens)."""
+    min_tokens: int = 0
+    """Stop conditions are not honoured before this many tokens (0..max_tokens)."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -69,6 +73,9 @@ class Job:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k: must be -1, 0 or >= 1, got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens: must be in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop: entries must be non-empty strings")
 

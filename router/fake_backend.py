@@ -127,7 +127,7 @@ class FakeBackend:
             k = n + (job.seed or 0)
             text += f" t{k}"
             n += 1
-            cut = first_stop(text, job.stop)
+            cut = first_stop(text, job.stop) if n >= job.min_tokens else None
             if cut is not None:
                 yield TokenEvent(1000 + k, text[sent:cut])
                 reason = "stop"

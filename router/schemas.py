@@ -52,6 +52,11 @@ class SamplingRequest(_Request):
     """Accepted and ignored."""
     codec: Annotated[str, Field(strict=True, min_length=1, max_length=64)] | None = None
     """Extension: KV codec for this request (e.g. "bf16", "fp8", "hack"); default: deployment's."""
+    ignore_eos: Annotated[bool, Field(strict=True)] = False
+    """Extension (as in vLLM): keep generating past EOS, so max_tokens tokens come out."""
+    min_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
+    """Extension (as in vLLM): EOS, stop tokens and stop strings are not honoured before this
+    many tokens; must not exceed max_tokens."""
 
     @field_validator("n")
     @classmethod

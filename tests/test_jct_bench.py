@@ -1,0 +1,129 @@
+"""The JCT benchmark on CPU: a short sweep (reference model, bf16 and hack2, one rate, a tiny
+long-document workload) writes its CSVs, meta and plots, every request gets exactly its output
+length, and each job's phases tile the router's span exactly and the client's measured JCT up
+to the loopback HTTP exchange. Plus the workload builder, the URL guard, the report and the
+router's min_tokens / ignore_eos fields."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import httpx
+import pytest
+
+from zipserve.bench import jct_client, jct_report, workloads
+from zipserve.bench.jct_plots import load_csv
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.router.app import create_app
+from zipserve.router.fake_backend import FakeBackend
+
+PNGS = ("jct_vs_rate.png", "jct_cdf.png", "jct_phases.png", "jct_quality.png")
+
+
+def test_workloads_are_seeded_and_rate_independent(tmp_path):
+    a = workloads.poisson("long-doc", 1.0, 20, seed=3, scale=0.02, vocab=8192)
+    b = workloads.poisson("long-doc", 4.0, 20, seed=3, scale=0.02, vocab=8192)
+    c = workloads.poisson("long-doc", 1.0, 20, seed=4, scale=0.02, vocab=8192)
+    assert [r.prompt_ids for r in a.requests] == [r.prompt_ids for r in b.requests]
+    assert [r.prompt_ids for r in a.requests] != [r.prompt_ids for r in c.requests]
+    assert b.duration_s < a.duration_s  # same requests, 4x the rate: arrivals closer together
+    for r in a.requests:
+        assert round(4096 * 0.02) <= r.prompt_tokens <= round(16384 * 0.02)
+        assert 2 <= r.output_tokens <= 8
+        assert all(3 <= t < 8000 for t in r.prompt_ids)
+    chat = workloads.poisson("chat", 2.0, 200, seed=0)
+    lens = sorted(r.prompt_tokens for r in chat.requests)
+    assert 8 <= lens[0] and lens[-1] <= 4096 and 100 < lens[100] < 500  # median near 220
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 5.0, "prompt_tokens": 30, "output_tokens": 4}\n\n'
+                     '{"arrival_s": 2.5, "prompt_tokens": 10, "output_tokens": 2}\n')
+    t = workloads.from_trace(trace)
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in t.requests] == [
+        (0.0, 10, 2), (2.5, 30, 4)]
+    trace.write_text('{"arrival_s": 1, "prompt_tokens": 3}\n')
+    with pytest.raises(ValueError, match="output_tokens"):
+        workloads.from_trace(trace)
+    with pytest.raises(ValueError, match="rate"):
+        workloads.build("long-doc", rate=None, num_requests=2, seed=0, scale=1, vocab=8192)
+    with pytest.raises(ValueError, match="context"):
+        a.check_fits(100)
+
+
+def test_client_refuses_foreign_hosts():
+    assert jct_client.check_url("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    assert jct_client.check_url("http://localhost:8000").startswith("http://localhost")
+    with pytest.raises(ValueError, match="allow-remote"):
+        jct_client.check_url("http://192.0.2.1:8000")  # TEST-NET-1: never this machine
+    assert jct_client.check_url("http://192.0.2.1:8000", allow_remote=True)
+    with pytest.raises(ValueError, match="url"):
+        jct_client.check_url("ftp://127.0.0.1/")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_router_min_tokens_and_ignore_eos(anyio_backend):
+    app = create_app(FakeBackend())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                                  "min_tokens": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4,
+                                                  "ignore_eos": "yes"})
+        assert r.status_code == 400 and "ignore_eos" in r.json()["error"]["message"]
+        # a stop string that matches at once is not honoured before min_tokens
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5,
+                                                  "min_tokens": 3, "stop": " t0",
+                                                  "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
+                    reason="reference checkpoint not present")
+def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("matplotlib")
+    from zipserve.bench import jct_sweep
+
+    cfg = jct_sweep.SweepConfig(model=str(REFERENCE_MODEL), codecs=("bf16", "hack2"),
+                                links=(10.0,), rates=(3.0,), workload="long-doc",
+                                num_requests=6, seed=1, scale=0.02, max_seconds=40,
+                                device="cpu", command="pytest tests/test_jct_bench.py")
+    out = tmp_path / "jct"
+    rows, summary = jct_sweep.run(cfg, out)
+
+    for name in ("jct_requests.csv", "jct_summary.csv", "jct_meta.json") + PNGS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in PNGS:
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "jct_meta.json").read_text())
+    assert meta["model"] == str(REFERENCE_MODEL) and meta["command"].startswith("pytest")
+    summ = load_csv(out / "jct_summary.csv")
+    assert [(s["codec"], s["link_gbps"], s["rate"]) for s in summ] == [
+        ("bf16", 10.0, 3.0), ("hack2", 10.0, 3.0)]
+    assert all(s["ok"] == s["sent"] == 6 for s in summ)
+    assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ)
+    reqs = load_csv(out / "jct_requests.csv")
+    assert len(reqs) == 12 and {r["status"] for r in reqs} == {"ok"}
+
+    gaps = []
+    for r in reqs:
+        assert r["completion_tokens"] == r["output_tokens"]  # min_tokens + ignore_eos
+        phases = [r[f"{p}_ms"] for p in jct_client.PHASES]
+        assert all(p >= 0 for p in phases), r
+        assert abs(sum(phases) - r["phase_sum_ms"]) < 1e-6
+        # The phases tile the router's span: arrival stamp .. router has the last token.
+        assert abs(r["phase_sum_ms"] - r["server_jct_ms"]) < 1.0, r
+        # The client's JCT adds only the loopback HTTP exchange: request in, last chunk out.
+        assert r["http_in_ms"] >= 0 and r["tail_ms"] >= 0, r
+        gaps.append(r["jct_ms"] - r["phase_sum_ms"])
+    assert min(gaps) >= 0
+    assert statistics.median(gaps) < 10.0, gaps
+    assert max(gaps) < 25.0, gaps
+
+    page = jct_report.write([out], tmp_path / "JCT_RESULTS.md")
+    text = page.read_text()
+    assert "pytest tests/test_jct_bench.py" in text and "| hack2 | 3 | 6/6 |" in text
+    assert "jct_vs_rate.png" in text
