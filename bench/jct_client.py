@@ -202,18 +202,23 @@ async def replay_async(base: str, workload: Workload, *, max_requests: int | Non
     limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(max_seconds + 30.0, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
-        r = await client.get(f"{base}/v1/models")
-        r.raise_for_status()
-        workload.check_fits(r.json()["data"][0]["max_model_len"])
+        try:
+            r = await client.get(f"{base}/v1/models")
+            r.raise_for_status()
+            max_len = r.json()["data"][0]["max_model_len"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"url: no zipserve deployment answers at {base} "
+                             f"({type(e).__name__}: {e})") from None
+        workload.check_fits(max_len)
         bar = tqdm(total=len(reqs), desc=workload.name, unit="req", disable=not progress,
                    leave=False)
         t0 = time.time() + 0.05
         deadline = t0 + max_seconds
 
         async def guarded(req: WorkloadRequest, res: RequestResult) -> None:
-            if req.arrival_s > max_seconds:
-                return  # due after the deadline: not sent
             try:
+                if req.arrival_s > max_seconds:
+                    return  # due after the deadline: not sent
                 await _one(client, base, req, t0, res, codec)
             except httpx.HTTPError as e:
                 res.status, res.error = "error", f"{type(e).__name__}: {e}"[:300]
