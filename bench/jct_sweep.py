@@ -105,7 +105,7 @@ def git_commit() -> str:
 @contextmanager
 def _system(cfg: SweepConfig, codec: str):
     from zipserve.deploy.ray_backend import ServeConfig
-    from zipserve.deploy.serve import running_server
+    from zipserve.deploy.serve import freeze_startup_objects, running_server
 
     import torch
 
@@ -117,6 +117,7 @@ def _system(cfg: SweepConfig, codec: str):
                        engine_options=opts)
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
         _warm_up(base)
+        freeze_startup_objects()  # again: the warm-up compiled kernels and built objects
         yield base, backend
 
 
