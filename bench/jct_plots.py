@@ -66,11 +66,13 @@ def _rate_x(r) -> float:
 
 def quality_by_codec(paths: list[str]) -> dict[str, float]:
     """Perplexity increase over bf16 (%) per codec from quality CSVs (later files win)."""
+    from zipserve.bench.jct_sweep import resolve_repo_path
+
     out: dict[str, float] = {}
-    for p in paths:
-        if not Path(p).is_file():
+    for p in map(resolve_repo_path, paths):
+        if not p.is_file():
             continue
-        for row in load_csv(Path(p)):
+        for row in load_csv(p):
             if _ok(row.get("ppl_increase_pct")):
                 out[row["codec"]] = row["ppl_increase_pct"]
     return out

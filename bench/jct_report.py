@@ -139,6 +139,10 @@ def section(results: Path, page_dir: Path) -> list[str]:
            "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
            "quarter's (+50 ms).", "", "### Headline", ""]
     out += headline(summary) + [""]
+    if meta["device"].startswith("CPU"):
+        out += ["On the CPU the compressed codecs attend through the torch references of their "
+                "Triton kernels, so their prefill/decode times say nothing about GPU speed; this "
+                "run shows the benchmark working, not the codecs' worth.", ""]
     out += ["### Goals (issue 8, 10 Gb/s)", ""] + [f"- {g}" for g in goals(summary)] + [""]
     for g in _links(summary):
         out += [f"### Link {link_label(g)}", "",

@@ -94,10 +94,33 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def git_commit() -> str:
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_path(path: str) -> str:
+    """`path` relative to the repository root when it lies inside it (for published pages)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return str(Path(path).resolve().relative_to(PACKAGE_ROOT))
+    except ValueError:
+        return path
+
+
+def resolve_repo_path(path: str) -> Path:
+    """Inverse of repo_path: a relative path is read from the repository root."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else PACKAGE_ROOT / p
+
+
+def git_commit() -> str:
+    """The short commit, with "-dirty" when the work tree has uncommitted changes."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              cwd=PACKAGE_ROOT, timeout=10).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("-dirty" if head and git("status", "--porcelain", "--untracked-files=no")
+                       else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -219,10 +242,12 @@ def write_outputs(cfg: SweepConfig, out_dir: Path, rows: list[dict], summary: li
     first = list(SUMMARY_KEYS)
     ordered = [{k: s[k] for k in first + [k for k in s if k not in first]} for s in summary]
     jct_client.write_csv(out_dir / "jct_summary.csv", ordered)
+    conf = {k: v for k, v in asdict(cfg).items() if k != "command"}
+    conf["model"] = repo_path(cfg.model)
+    conf["quality_csvs"] = [repo_path(p) for p in cfg.quality_csvs]
     meta = {"device": device_name(device), "date_utc": dt.datetime.now(dt.timezone.utc)
-            .strftime("%Y-%m-%d %H:%M UTC"), "model": cfg.model, "commit": git_commit(),
-            "command": cfg.command, "config": {k: v for k, v in asdict(cfg).items()
-                                               if k != "command"}}
+            .strftime("%Y-%m-%d %H:%M UTC"), "model": conf["model"], "commit": git_commit(),
+            "command": cfg.command, "config": conf}
     (out_dir / "jct_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     pngs = jct_plots.plot_all(out_dir, ordered, rows, list(cfg.quality_csvs))
     print(f"wrote {out_dir}/jct_requests.csv, jct_summary.csv, jct_meta.json"

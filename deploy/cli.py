@@ -173,8 +173,9 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
     if args.sweep:
         model = args.model or default_model()
         opts = _engine_options(args.engine_option)
+        results = PACKAGE_ROOT / "bench" / "results"
         quality = args.quality_csv or [str(p) for p in sorted(
-            (PACKAGE_ROOT / "bench" / "results").glob("quality*.csv"))]
+            [*results.glob("quality*.csv"), *results.glob("quality*/quality.csv")])]
         cfg = jct_sweep.SweepConfig(
             model=model, codecs=tuple(codecs), links=tuple(args.links), rates=tuple(args.rates),
             workload=args.workload, num_requests=args.num_requests, seed=args.seed,
@@ -361,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--restart-each", action="store_true",
                    help="jct --sweep: a fresh system for every run (default: one per codec)")
     j.add_argument("--quality-csv", action="append", default=[],
-                   help="jct --sweep: bench quality CSV(s) (default: bench/results/quality*.csv)")
+                   help="jct --sweep: bench quality CSV(s) (default: bench/results/quality*.csv "
+                        "and bench/results/quality*/quality.csv)")
     j.add_argument("--results", action="append", default=[],
                    help="report: sweep output folder(s) (default: bench/results/jct)")
     j.add_argument("--page", default=None, help="report: default bench/JCT_RESULTS.md")
