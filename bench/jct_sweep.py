@@ -112,14 +112,15 @@ def resolve_repo_path(path: str) -> Path:
 
 
 def git_commit() -> str:
-    """The short commit, with "-dirty" when the work tree has uncommitted changes."""
+    """The short commit, with "-dirty" when code (not results) has uncommitted changes."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], capture_output=True, text=True,
                               cwd=PACKAGE_ROOT, timeout=10).stdout.strip()
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        return head + ("-dirty" if head and git("status", "--porcelain", "--untracked-files=no")
+        return head + ("-dirty" if head and git("status", "--porcelain", "--untracked-files=no", "--",
+                                                 "*.py", "pyproject.toml")
                        else "")
     except (OSError, subprocess.SubprocessError):
         return ""
