@@ -119,9 +119,9 @@ def git_commit() -> str:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        return head + ("-dirty" if head and git("status", "--porcelain", "--untracked-files=no", "--",
-                                                 "*.py", "pyproject.toml")
-                       else "")
+        dirty = head and git("status", "--porcelain", "--untracked-files=no", "--", "*.py",
+                             "pyproject.toml")
+        return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
