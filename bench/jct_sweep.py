@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import multiprocessing
 import platform
 import socket
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,9 +141,13 @@ def _system(cfg: SweepConfig, codec: str):
         opts.setdefault("gpu_memory_fraction", 0.4)  # prefill and decode engines share a GPU
     scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
                        engine_options=opts)
+    t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
+        t1 = time.time()
         _warm_up(base)
         freeze_startup_objects()  # again: the warm-up compiled kernels and built objects
+        print(f"{codec}: system up in {t1 - t0:.1f} s, warm-up {time.time() - t1:.1f} s "
+              f"({backend.device})", flush=True)
         yield base, backend
 
 
@@ -170,12 +176,12 @@ def _vocab(model: str) -> int:
     return model_config_for(model).vocab_size
 
 
-def _one_run(cfg: SweepConfig, base: str, backend, codec: str, link: float | None,
-             rate: float | None, vocab: int) -> tuple[list[dict], dict]:
+def _one_run(cfg: SweepConfig, base: str, backend, client: ProcessPoolExecutor, codec: str,
+             link: float | None, rate: float | None, vocab: int) -> tuple[list[dict], dict]:
     wl = workloads.build(cfg.workload, rate=rate, num_requests=cfg.num_requests, seed=cfg.seed,
                          scale=cfg.scale, vocab=vocab)
     t0 = time.time()
-    results = jct_client.replay(base, wl, max_seconds=cfg.max_seconds)
+    results = client.submit(jct_client.replay, base, wl, max_seconds=cfg.max_seconds).result()
     wall = time.time() - t0
     busy = backend.link_busy(wall) if link is not None else None
     _drain(backend)
@@ -211,6 +217,9 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
     rows: list[dict] = []
     summary: list[dict] = []
     device = None
+    # The load generator runs in its own process, so it does not compete with the router
+    # for one interpreter (its GIL, its garbage collector).
+    client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
         groups: dict = {}
         for codec, link, rate in runs:
@@ -225,10 +234,11 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
                     if link != current:
                         backend.set_link(link)
                         current = link
-                    r, s = _one_run(cfg, base, backend, codec_, link, rate, vocab)
+                    r, s = _one_run(cfg, base, backend, client, codec_, link, rate, vocab)
                     rows += r
                     summary.append(s)
     finally:
+        client.shutdown(cancel_futures=True)
         if own_ray:
             ray.shutdown()
     if not rows:
