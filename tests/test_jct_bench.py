@@ -134,3 +134,25 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     text = page.read_text()
     assert "pytest tests/test_jct_bench.py" in text and "| hack2 | 3 | 6/6 |" in text
     assert "jct_vs_rate.png" in text
+
+
+def test_report_evaluates_the_issue_goals_from_a_summary():
+    def run(codec, rate, jct, busy, sustained):
+        return {"codec": codec, "link_gbps": 10.0, "rate": rate, "jct_mean_ms": jct,
+                "link_busy": busy, "sustained": sustained}
+
+    summary = [run("bf16", 0.5, 4000, 0.5, True), run("bf16", 1.0, 6000, 0.85, False),
+               run("bf16", 2.0, 9000, 0.95, False),
+               run("kivi2", 0.5, 2000, 0.1, True), run("kivi2", 1.0, 2400, 0.2, True),
+               run("kivi2", 2.0, 5000, 0.3, False),
+               run("hack2", 0.5, 1500, 0.1, True), run("hack2", 1.0, 2000, 0.2, True),
+               run("hack2", 2.0, 2500, 0.3, True)]
+    text = " ".join(jct_report.goals(summary))
+    assert "Reference rate 1 req/s" in text  # lowest rate with bf16's link >= 80% busy
+    assert "67% lower; goal >= 60%: met" in text  # 2.0 s vs 6.0 s
+    assert "17% lower (goal >= 20%: **missed**)" in text  # 2.0 s vs 2.4 s
+    assert "bf16 0.5, hack2 2 req/s (4.0x; goal >= 3x: met" in text
+    assert "true ratio may differ" in text  # hack2 sustained the highest rate run
+    none = [run("bf16", 1.0, 6000, 0.4, True), run("hack2", 1.0, 2000, 0.1, True)]
+    assert "not evaluable" in " ".join(jct_report.goals(none))
+    assert "not evaluated" in jct_report.goals([dict(r, link_gbps=25.0) for r in none])[0]
