@@ -1,4 +1,4 @@
-"""Workloads for the JCT benchmark: when each request arrives and how long its prompt and output are.
+"""Workloads for the JCT benchmark: when each request arrives, how long its prompt and output are.
 
 A `Workload` is a list of `WorkloadRequest`s (arrival offset in seconds, prompt token ids, output
 tokens), built from one of:

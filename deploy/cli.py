@@ -141,14 +141,16 @@ def _csv_links(text: str) -> list[float | None]:
         return [None if x.strip().lower() in ("none", "unlimited", "inf") else float(x)
                 for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Gb/s numbers or 'none', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected Gb/s numbers or 'none', got {text!r}") \
+            from None
 
 
 def _csv_floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
 
 
 def _engine_options(pairs: list[str]) -> dict:
@@ -318,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "jct", "report"])
+    b.add_argument("what",
+                   choices=["engine", "kernels", "quality", "disagg", "jct", "report"])
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,
