@@ -30,6 +30,10 @@ class LowRankBases:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "LowRankBases":
+        """The calibrated bases beside a checkpoint; for a `random:NAME` model (random weights,
+        nothing to calibrate on) random ones, see `random_for`."""
+        if str(model_dir).startswith("random:"):
+            return cls.random_for(str(model_dir))
         path = Path(model_dir) / "lowrank.safetensors"
         if not path.is_file():
             raise ValueError(f"codec: lowrank needs {path}; create it with "
@@ -40,6 +44,29 @@ class LowRankBases:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         names = ("k_enc", "k_dec", "v_enc", "v_dec")
         return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
+
+
+    @classmethod
+    def random_for(cls, model: str, budget: float = 0.5, seed: int = 0) -> "LowRankBases":
+        """Random orthonormal bases of uniform rank round(budget * head_dim) for K and V of every
+        layer of the `random:NAME` model: the bytes and the work of a calibrated codec at that
+        budget, for speed benchmarks on random weights; quality means nothing here."""
+        from zipserve.engine.config import random_model_config
+
+        cfg = random_model_config(model)
+        d, h = cfg.head_dim, cfg.num_kv_heads
+        r = max(1, round(budget * d))
+        gen = torch.Generator().manual_seed(seed)
+        layers = []
+        for _ in range(cfg.num_layers):
+            k = torch.linalg.qr(torch.randn(h, d, d, generator=gen)).Q[..., :r]  # [KVH, D, r]
+            v = torch.linalg.qr(torch.randn(h, d, d, generator=gen)).Q[..., :r]  # [KVH, D, r]
+            layers.append({"k_enc": k, "k_dec": k, "v_enc": v, "v_dec": v})
+        info = {"budget": budget, "basis": f"random orthonormal, rank {r} of {d} (random "
+                                           f"weights: speed benchmarks only)",
+                "k_ranks": [r] * cfg.num_layers, "v_ranks": [r] * cfg.num_layers,
+                "head_dim": d}
+        return cls(layers, info)
 
 
 def _pad_pow2(r: int, lo: int = 64) -> int:

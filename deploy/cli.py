@@ -189,7 +189,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+ALL_CODECS = "bf16,fp8,kivi4,hack4,kivi2,hack2,lowrank,lowrank+hack4,lowrank+hack2"
+JCT_CODECS = "bf16,fp8,kivi2,hack2,hack4,lowrank+hack2"
+
+
+def _csv_links(text: str) -> list[float | None]:
+    """"10,25,100,none" -> [10.0, 25.0, 100.0, None]."""
+    try:
+        return [None if x.strip().lower() in ("none", "unlimited", "inf") else float(x)
+                for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Gb/s numbers or 'none', got {text!r}") \
+            from None
+
+
+def _csv_floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
+
+
+def _engine_options(pairs: list[str]) -> dict:
+    """["num_pages=4096", "cuda_graphs=false"] -> {"num_pages": 4096, "cuda_graphs": False}."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-option: expected key=value, got {pair!r}")
+        low = value.lower()
+        out[key] = (True if low == "true" else False if low == "false" else
+                    int(value) if value.lstrip("-").isdigit() else
+                    float(value) if low.replace(".", "", 1).lstrip("-").isdigit() else value)
+    return out
+
+
+def cmd_bench_jct(args: argparse.Namespace) -> int:
+    from zipserve.bench import jct_client, jct_sweep, workloads
+
+    command = "python3 -m zipserve " + " ".join(args.argv)
+    codecs = (args.codecs or JCT_CODECS).split(",")
+    if args.sweep:
+        model = args.model or default_model()
+        opts = _engine_options(args.engine_option)
+        results = PACKAGE_ROOT / "bench" / "results"
+        quality = args.quality_csv or [str(p) for p in sorted(
+            [*results.glob("quality*.csv"), *results.glob("quality*/quality.csv")])]
+        cfg = jct_sweep.SweepConfig(
+            model=model, codecs=tuple(codecs), links=tuple(args.links), rates=tuple(args.rates),
+            workload=args.workload, num_requests=args.num_requests, seed=args.seed,
+            scale=args.scale, max_seconds=args.max_seconds, device=args.device,
+            engine_options=opts, restart_each=args.restart_each,
+            quality_csvs=tuple(quality), command=command)
+        jct_sweep.run(cfg, Path(args.out))
+        return 0
+    if not args.url:
+        raise ValueError("bench jct: give --url of a running deployment, or --sweep")
+    if args.rate is None and args.workload in workloads.SHAPES:
+        raise ValueError(f"--rate: the {args.workload} workload needs an arrival rate")
+    wl = workloads.build(args.workload, rate=args.rate, num_requests=args.num_requests,
+                         seed=args.seed, scale=args.scale, vocab=args.vocab)
+    jct_client.run(args.url, wl, Path(args.out) / "jct_client.csv",
+                   allow_remote=args.allow_remote, max_seconds=args.max_seconds,
+                   api_key=args.api_key, codec=None if args.codecs is None else codecs[0])
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "jct":
+        return cmd_bench_jct(args)
+    if args.what == "report":
+        from zipserve.bench import jct_report
+
+        dirs = [Path(d) for d in (args.results or [str(PACKAGE_ROOT / "bench" / "results" /
+                                                      "jct")])]
+        jct_report.write(dirs, Path(args.page or PACKAGE_ROOT / "bench" / "JCT_RESULTS.md"),
+                         readme=PACKAGE_ROOT / "README.md" if args.readme else None)
+        return 0
+    args.codecs = args.codecs or ALL_CODECS
     if args.what == "engine":
         from zipserve.bench import engine_bench
 
@@ -353,14 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv", "load"])
+    b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv", "load",
+                                    "jct", "report"])
     b.add_argument("--clients", type=int, default=64, help="load: concurrent streaming clients")
     b.add_argument("--duration", type=float, default=60.0, help="load: seconds of load")
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,
                    help="default: random:llama3-8b (engine), the reference model (quality)")
-    b.add_argument("--codecs", default="bf16,fp8,kivi4,hack4,kivi2,hack2,lowrank,lowrank+hack4,lowrank+hack2")
+    b.add_argument("--codecs", default=None,
+                   help=f"default: {ALL_CODECS}; jct --sweep: {JCT_CODECS}; jct --url: the "
+                        f"deployment's (a codec given there is sent per request)")
     b.add_argument("--text-dir", default=None)
     b.add_argument("--gen-tokens", type=int, default=256)
     b.add_argument("--device", default=None)
@@ -376,6 +457,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lckv-codecs", default="bf16,hack2", help="lckv: codecs to stack on top")
     b.add_argument("--budget-gb", type=float, default=8.0, help="lckv: KV memory budget (GiB)")
     b.add_argument("--context", type=int, default=2000, help="lckv: tokens per sequence")
+    j = b.add_argument_group("jct (replay a workload over HTTP; --sweep starts the system)")
+    j.add_argument("--url", default=None, help="jct: base URL of a running deployment")
+    j.add_argument("--allow-remote", action="store_true",
+                   help="jct: accept a --url that is not loopback or this machine")
+    j.add_argument("--api-key", default=None)
+    j.add_argument("--sweep", action="store_true",
+                   help="jct: start the system per codec and run every link x rate")
+    j.add_argument("--workload", default="long-doc",
+                   help="long-doc, chat, or a JSONL trace (arrival_s, prompt_tokens, "
+                        "output_tokens)")
+    j.add_argument("--rate", type=float, default=None, help="jct --url: arrivals per second")
+    j.add_argument("--rates", type=_csv_floats, default=[1.0], help="jct --sweep: e.g. 0.5,1,2")
+    j.add_argument("--links", type=_csv_links, default=[None],
+                   help="jct --sweep: emulated link Gb/s, e.g. 10,25,100,none")
+    j.add_argument("--num-requests", type=int, default=32, help="jct: requests per run")
+    j.add_argument("--scale", type=float, default=1.0,
+                   help="jct: multiply token lengths (e.g. 0.02 on a CPU)")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--max-seconds", type=float, default=120.0, help="jct: bound of one run")
+    j.add_argument("--vocab", type=int, default=8000,
+                   help="jct --url: prompt token ids are drawn below min(vocab, 8000)")
+    j.add_argument("--engine-option", action="append", default=[],
+                   help="jct --sweep: key=value EngineConfig option for the workers (repeat)")
+    j.add_argument("--restart-each", action="store_true",
+                   help="jct --sweep: a fresh system for every run (default: one per codec)")
+    j.add_argument("--quality-csv", action="append", default=[],
+                   help="jct --sweep: bench quality CSV(s) (default: bench/results/quality*.csv "
+                        "and bench/results/quality*/quality.csv)")
+    j.add_argument("--results", action="append", default=[],
+                   help="report: sweep output folder(s) (default: bench/results/jct)")
+    j.add_argument("--page", default=None, help="report: default bench/JCT_RESULTS.md")
+    j.add_argument("--readme", action="store_true",
+                   help="report: also refill the JCT block of README.md")
     b.set_defaults(func=cmd_bench)
     return parser
 

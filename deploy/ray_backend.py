@@ -263,7 +263,8 @@ class RayBackend:
             return
         params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature,
                                 top_p=job.top_p, top_k=max(job.top_k, 0), seed=job.seed,
-                                stop=tuple(job.stop))
+                                stop=tuple(job.stop), ignore_eos=job.ignore_eos,
+                                min_tokens=job.min_tokens)
         wait = self.cfg.page_wait_s if job.timeout_s is None else \
             min(self.cfg.page_wait_s, job.timeout_s)
         wait_until = job.arrival + wait
@@ -315,7 +316,8 @@ class RayBackend:
                       prefill_end: float) -> AsyncIterator[BackendEvent]:
         """Token events as they are decoded, and the phases after prefill. Layers stream while
         prefill runs, so the transfer phase is only what remains after prefill ended (0 when
-        the transfer was fully overlapped); each phase starts where the previous one ended."""
+        the transfer was fully overlapped); each phase starts where the previous one ended, so
+        the phases tile the job from its arrival to the router receiving its last token."""
         sent, text, phases_done, decode_start = 0, "", False, prefill_end
         while True:
             new = res["tokens"]
@@ -333,7 +335,10 @@ class RayBackend:
                 yield TokenEvent(tok, delta)
             sent += len(new)
             if res["finished"]:
-                yield PhaseEvent("decode", decode_start, max(decode_start, times["finished"]))
+                # Decode ends when the router holds the last token: the worker's own finish
+                # stamp is earlier by this poll's round trip, which the client waits for too.
+                yield PhaseEvent("decode", decode_start,
+                                 max(decode_start, times["finished"], time.time()))
                 yield FinishEvent(res["finish_reason"], error=res["error"],
                                   codec=self.cfg.codec)
                 return
@@ -345,6 +350,23 @@ class RayBackend:
                                                  f"decoding: {type(e).__name__}",
                                   codec=self.cfg.codec)
                 return
+
+    def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
+        """Change the emulated prefill -> decode link of every pair (call only when idle)."""
+        ray.get([p.set_link.remote(gbps, latency_ms) for p in self.prefill])
+        self.cfg.link_gbps, self.cfg.link_latency_ms = gbps, latency_ms
+
+    def link_busy(self, window_s: float) -> float | None:
+        """Mean busy fraction of the emulated links over the last window_s seconds."""
+        vals = [v for v in ray.get([p.link_busy.remote(window_s) for p in self.prefill])
+                if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def idle(self) -> bool:
+        """No request reserved, waiting or running on any decode worker, every page free."""
+        stats = ray.get([d.stats.remote() for d in self.decode])
+        return all(s["free_pages"] == s["capacity_pages"] and s["reserved"] == 0
+                   and s["running"] == 0 and s["waiting"] == 0 for s in stats)
 
     def shutdown(self) -> None:
         """Stop the health monitor, the workers' threads and the actors themselves."""

@@ -57,9 +57,9 @@ class LLMEngine:
                                                           self.max_model_len, seed)
         self.model_name = model
         self.tokenizer = load_tokenizer(model)
+        # lowrank on a random: model gets random bases (compress/lowrank.py: random_for)
         self.codec = make_codec(ec.codec, self.config.num_kv_heads, ec.page_size,
-                                self.config.head_dim, model_dir=None if model.startswith(
-                                    "random:") else model)
+                                self.config.head_dim, model_dir=model)
         num_pages = ec.num_pages or self._size_pool()
         if self.codec is None:
             self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)

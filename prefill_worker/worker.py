@@ -23,6 +23,7 @@ from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 from zipserve.transfer.channel import Channel
+from zipserve.transfer.link import LinkEmulator
 
 KV_TAG = 1
 
@@ -114,6 +115,21 @@ class PrefillWorker:
                              t0 + res.prefill_seconds, t1, sent["bytes"],
                              len(prompt_ids) * cfg.kv_bytes_per_token(
                                  torch.empty((), dtype=self.engine.dtype).element_size()))
+
+    def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
+        """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and
+        `latency_ms`. Only between requests: benchmarks sweep links on one running system."""
+        for peer, ch in list(self.channels.items()):
+            inner = ch.inner if isinstance(ch, LinkEmulator) else ch
+            self.channels[peer] = (LinkEmulator(inner, gbps, latency_ms, history_s=3600.0)
+                                   if gbps or latency_ms else inner)
+
+    def link_busy(self, window_s: float) -> float | None:
+        """Mean busy fraction of the emulated links over the last `window_s` seconds (None
+        when no link is emulated)."""
+        links = [ch for ch in self.channels.values() if isinstance(ch, LinkEmulator)
+                 and ch.gbps is not None]
+        return sum(ch.busy_fraction(window_s) for ch in links) / len(links) if links else None
 
     def stats(self) -> dict:
         pool = self.engine.pool

@@ -71,11 +71,15 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
               arrival: float | None = None, limits: AdmissionConfig | None = None) -> Job:
     limits = limits or AdmissionConfig()
     limits.check_prompt(len(prompt_ids), prompt_param)
+    n = choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
+                          backend.max_model_len, prompt_param)
+    if req.min_tokens is not None and req.min_tokens > n:
+        raise OpenAIError(400, f"min_tokens: {req.min_tokens} is more than max_tokens {n}",
+                          param="min_tokens")
     return Job(
         id=new_job_id(),
         prompt_ids=prompt_ids,
-        max_tokens=choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
-                                     backend.max_model_len, prompt_param),
+        max_tokens=n,
         temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
         top_k=0 if req.top_k is None else req.top_k,
@@ -84,6 +88,8 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
         arrival=time.time() if arrival is None else arrival,
         codec=req.codec,
         timeout_s=limits.timeout_for(req.timeout),
+        ignore_eos=req.ignore_eos,
+        min_tokens=0 if req.min_tokens is None else req.min_tokens,
     )
 
 

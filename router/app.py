@@ -41,6 +41,7 @@ from zipserve.router.schemas import (
     ModelList,
 )
 from zipserve.router.serving import RouterState, respond
+from zipserve.router.timing import ArrivalStampMiddleware, arrival_of
 
 DEFAULT_JOB_HISTORY = 1000
 """Job records kept for /v1/jobs (oldest dropped first)."""
@@ -84,12 +85,13 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     if api_key is not None:  # added after the size limit = runs before it: no body read unkeyed
         app.add_middleware(ApiKeyMiddleware, api_key=api_key,
                            open_paths=OPEN_PATHS | DASHBOARD_OPEN_PATHS)
-    metrics = install_metrics(app, state)  # last middleware: outermost, counts 401/413s too
+    metrics = install_metrics(app, state)  # counts 401/413s too
     install_dashboard(app, state, metrics)
+    app.add_middleware(ArrivalStampMiddleware)  # added last: outermost, runs first
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        arrival = time.time()
+        arrival = arrival_of(request)
         req = parse_model(CompletionRequest, await read_json(request))
         job = admit_completion(backend, req, arrival, limits)
         fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
@@ -99,7 +101,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        arrival = time.time()
+        arrival = arrival_of(request)
         req = parse_model(ChatCompletionRequest, await read_json(request))
         job = admit_chat(backend, req, arrival, limits)
         fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
-
 from zipserve.router.errors import OpenAIError
 
 OPEN_PATHS = frozenset({"/health"})

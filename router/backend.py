@@ -58,6 +58,10 @@ class Job:
     timeout_s: float | None = None
     """The router ends the job after this many seconds from arrival (None: no limit);
     backends may use it to bound their own waits."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks use it to get exactly max_tokens tokens)."""
+    min_tokens: int = 0
+    """Stop conditions are not honoured before this many tokens (0..max_tokens)."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -74,6 +78,9 @@ class Job:
             raise ValueError(f"top_k: must be -1, 0 or >= 1, got {self.top_k}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens: must be in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop: entries must be non-empty strings")
 

@@ -15,7 +15,6 @@ from importlib import resources
 import anyio
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
-
 from zipserve.router.dashboard_data import DashboardHistory, dashboard_data
 from zipserve.router.metrics import RouterMetrics, read_health
 from zipserve.router.serving import RouterState

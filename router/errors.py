@@ -16,7 +16,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from zipserve.router.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)

@@ -180,7 +180,7 @@ class FakeBackend:
             text += f" t{k}"
             n += 1
             self._decode_tokens[job.id] = len(job.prompt_ids) + n
-            cut = first_stop(text, job.stop)
+            cut = first_stop(text, job.stop) if n >= job.min_tokens else None
             if cut is not None:
                 yield TokenEvent(1000 + k, text[sent:cut])
                 reason = "stop"

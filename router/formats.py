@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pydantic import BaseModel
-
 from zipserve.router.schemas import (
     AssistantMessage,
     ChatChoice,

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from zipserve.router.backend import Job
 from zipserve.router.errors import OpenAIError
 

@@ -34,7 +34,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from zipserve.router.backend import Backend
 from zipserve.router.jobs import JobRecord, JobState
 from zipserve.router.serving import JOB_ID_HEADER, RouterState

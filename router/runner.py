@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 
 import anyio
-
 from zipserve.router.backend import Backend, FinishEvent, Job, PhaseEvent, TokenEvent
 from zipserve.router.jobs import JobRecord
 from zipserve.router.limits import QueueTicket

@@ -55,6 +55,11 @@ class SamplingRequest(_Request):
     timeout: Annotated[float, Field(strict=True, gt=0.0, allow_inf_nan=False)] | None = None
     """Extension: seconds after which the job fails with a timeout error (default and upper
     bound: the server's --request-timeout)."""
+    ignore_eos: Annotated[bool, Field(strict=True)] = False
+    """Extension (as in vLLM): keep generating past EOS, so max_tokens tokens come out."""
+    min_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
+    """Extension (as in vLLM): EOS, stop tokens and stop strings are not honoured before this
+    many tokens; must not exceed max_tokens."""
 
     @field_validator("n")
     @classmethod

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import Response
-
 from zipserve.router.backend import Backend, FinishEvent, Job, TokenEvent
 from zipserve.router.errors import backend_error
 from zipserve.router.formats import ResponseFormat

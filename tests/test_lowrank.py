@@ -10,7 +10,7 @@ import torch
 
 from zipserve.compress.calibrate import allocate_ranks, calibrate
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.engine.llm import LLM
+from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.train.corpus import load_corpus
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
@@ -67,3 +67,24 @@ def test_allocate_ranks_prefers_energy():
     assert rk[1] > rk[0]  # the flat spectrum gets the dims
     with pytest.raises(ValueError, match="budget"):
         allocate_ranks(cum_k, cum_v, 0.0, 16)
+
+
+def test_random_model_gets_random_orthonormal_bases_for_speed_benchmarks():
+    from zipserve.compress.lowrank import LowRankBases
+    from zipserve.engine.config import random_model_config
+
+    cfg = random_model_config("random:tiny")
+    b = LowRankBases.load("random:tiny")
+    assert len(b.layers) == cfg.num_layers and "speed benchmarks only" in b.info["basis"]
+    r = round(0.5 * cfg.head_dim)
+    for layer in b.layers:
+        k = layer["k_enc"]  # [KVH, D, r]
+        assert k.shape == (cfg.num_kv_heads, cfg.head_dim, r)
+        eye = torch.eye(r).expand(cfg.num_kv_heads, r, r)
+        assert torch.allclose(k.transpose(1, 2) @ k, eye, atol=1e-5)
+        assert torch.allclose(layer["v_enc"].transpose(1, 2) @ layer["v_enc"], eye, atol=1e-5)
+    llm = LLM("random:tiny", device="cpu", codec="lowrank+hack2", num_pages=64)
+    out = llm.generate([[5] * 150], SamplingParams(max_tokens=4, temperature=0.0,
+                                                   ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    assert llm.engine.pool.num_free == llm.engine.pool.capacity

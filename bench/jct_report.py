@@ -1,0 +1,220 @@
+"""`zipserve bench report`: regenerate the JCT results page from sweep outputs.
+
+Reads each results folder written by `zipserve bench jct --sweep` (jct_summary.csv,
+jct_meta.json, the PNGs) and writes one Markdown page (default bench/JCT_RESULTS.md, linked
+from the hand-written bench/RESULTS.md, which this command never touches): per folder the
+device, date, model, commit and exact command, per link a table of every run, the highest rate
+each codec sustains, the issue-8 goals evaluated where the sweep has a 10 Gb/s link, the
+perplexity cost per codec, and the plots. With `readme`, the block between the
+`<!-- jct-results:begin -->` and `<!-- jct-results:end -->` markers of README.md is replaced by
+the headline table of the first folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zipserve.bench.jct_plots import (
+    _links,
+    _ok,
+    _rate_x,
+    link_label,
+    load_csv,
+    quality_by_codec,
+)
+
+BEGIN, END = "<!-- jct-results:begin -->", "<!-- jct-results:end -->"
+PNGS = ("jct_vs_rate.png", "jct_cdf.png", "jct_phases.png", "jct_quality.png")
+
+
+def _s(ms) -> str:
+    return f"{ms / 1e3:.2f}" if _ok(ms) else "—"
+
+
+def _ms(ms) -> str:
+    return f"{ms:.0f}" if _ok(ms) else "—"
+
+
+def _rate(r) -> str:
+    return r if isinstance(r, str) else f"{r:g}"
+
+
+def highest_sustained(summary: list[dict], codec: str, link) -> float | str | None:
+    good = [s["rate"] for s in summary if s["codec"] == codec and s["link_gbps"] == link
+            and s["sustained"] is True]
+    return max(good, key=_rate_x) if good else None
+
+
+def goals(summary: list[dict], link=10.0) -> list[str]:
+    """The issue-8 goals at `link` Gb/s, each as a sentence saying met, missed or not
+    evaluable (and why)."""
+    runs = [s for s in summary if s["link_gbps"] == link]
+    if not runs:
+        return [f"No {link:g} Gb/s link in this sweep: the issue-8 goals are not evaluated."]
+    out = []
+    bf = sorted((s for s in runs if s["codec"] == "bf16"), key=lambda s: _rate_x(s["rate"]))
+    at = {(s["codec"], s["rate"]): s for s in runs}
+    busy = [s for s in bf if _ok(s.get("link_busy")) and s["link_busy"] >= 0.8]
+    if not bf:
+        out.append("bf16 was not run: the JCT goals are not evaluable.")
+    elif not busy:
+        top = max((s.get("link_busy", float("nan")) for s in bf if _ok(s.get("link_busy"))),
+                  default=float("nan"))
+        out.append(f"bf16 never kept the link >= 80% busy at the rates run (at most "
+                   f"{100 * top:.0f}%): the 60%/20% JCT goals are not evaluable; run higher "
+                   f"rates.")
+    else:
+        ref = busy[0]
+        r = ref["rate"]
+        line = (f"Reference rate {_rate(r)} req/s (lowest where bf16 kept the link "
+                f"{100 * ref['link_busy']:.0f}% busy): bf16 mean JCT {_s(ref['jct_mean_ms'])} s")
+        h2 = at.get(("hack2", r))
+        k2 = at.get(("kivi2", r))
+        if h2 is None or not _ok(h2["jct_mean_ms"]):
+            out.append(line + "; hack2 was not run there: not evaluable.")
+        else:
+            cut = 1 - h2["jct_mean_ms"] / ref["jct_mean_ms"]
+            line += (f", hack2 {_s(h2['jct_mean_ms'])} s ({100 * cut:.0f}% lower; goal >= 60%: "
+                     f"{'met' if cut >= 0.6 else '**missed**'})")
+            if k2 is not None and _ok(k2["jct_mean_ms"]):
+                cut_k = 1 - h2["jct_mean_ms"] / k2["jct_mean_ms"]
+                line += (f"; vs kivi2 {_s(k2['jct_mean_ms'])} s: {100 * cut_k:.0f}% lower (goal "
+                         f">= 20%: {'met' if cut_k >= 0.2 else '**missed**'})")
+            else:
+                line += "; kivi2 not run there"
+            out.append(line + ".")
+    hb, hh = highest_sustained(runs, "bf16", link), highest_sustained(runs, "hack2", link)
+    if hh is None:
+        out.append("hack2 sustained none of the rates run: the 3x-rate goal is **missed** (or "
+                   "the rates are too high).")
+    elif hb is None:
+        out.append(f"bf16 sustained none of the rates run, hack2 up to {_rate(hh)} req/s: the "
+                   f"3x-rate goal needs lower rates to be measured.")
+    else:
+        ratio = _rate_x(hh) / _rate_x(hb)
+        top = max((s["rate"] for s in runs), key=_rate_x)
+        caveat = (", but some codec sustained the highest rate run: the true ratio may differ"
+                  if top in (hb, hh) else "")
+        out.append(f"Highest sustained rate: bf16 {_rate(hb)}, hack2 {_rate(hh)} req/s "
+                   f"({ratio:.1f}x; goal >= 3x: {'met' if ratio >= 3 else '**missed**'}"
+                   f"{caveat}).")
+    return out
+
+
+def headline(summary: list[dict]) -> list[str]:
+    """Highest sustained rate and mean JCT at bf16's highest sustained rate, per codec x link."""
+    links = _links(summary)
+    codecs = list(dict.fromkeys(s["codec"] for s in summary))
+    lines = ["| codec | " + " | ".join(f"{link_label(g)}: max sustained req/s | mean JCT s"
+                                       for g in links) + " |",
+             "|---|" + "---|---|" * len(links)]
+    for c in codecs:
+        cells = []
+        for g in links:
+            hs = highest_sustained(summary, c, g)
+            ref = highest_sustained(summary, "bf16", g)
+            s = next((s for s in summary if s["codec"] == c and s["link_gbps"] == g
+                      and s["rate"] == ref), None) if ref is not None else None
+            cells += ["none" if hs is None else _rate(hs),
+                      "—" if s is None else f"{_s(s['jct_mean_ms'])} @ {_rate(ref)}/s"]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def section(results: Path, page_dir: Path) -> list[str]:
+    summary = load_csv(results / "jct_summary.csv")
+    meta = json.loads((results / "jct_meta.json").read_text())
+    cfg = meta.get("config", {})
+    rel = _relative(results, page_dir)
+    out = [f"## {meta['device']} — {meta['date_utc']}", "",
+           f"Model `{meta['model']}`, commit `{meta.get('commit') or '?'}`, workload "
+           f"`{cfg.get('workload')}` ({cfg.get('num_requests')} requests per run, scale "
+           f"{cfg.get('scale')}, seed {cfg.get('seed')}, each run bounded to "
+           f"{cfg.get('max_seconds')} s). Command:", "", "```bash",
+           meta.get("command") or "(not recorded)", "```", "",
+           f"Raw: [{rel}/jct_summary.csv]({rel}/jct_summary.csv), "
+           f"[jct_requests.csv]({rel}/jct_requests.csv). Times in seconds (phases in ms); "
+           "'sustained' = every request finished and neither the wait (queue + transfer + "
+           "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
+           "quarter's (+50 ms).", "", "### Headline", ""]
+    out += headline(summary) + [""]
+    if meta["device"].startswith("CPU"):
+        out += ["On the CPU the compressed codecs attend through the torch references of their "
+                "Triton kernels, so their prefill/decode times say nothing about GPU speed; this "
+                "run shows the benchmark working, not the codecs' worth.", ""]
+    out += ["### Goals (issue 8, 10 Gb/s)", ""] + [f"- {g}" for g in goals(summary)] + [""]
+    for g in _links(summary):
+        out += [f"### Link {link_label(g)}", "",
+                "| codec | rate | ok/sent | mean JCT | p99 JCT | mean TTFT | p99 TTFT | link busy "
+                "| sustained | queue | prefill | transfer | decode_queue | decode | client HTTP |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in (s for s in summary if s["link_gbps"] == g):
+            http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
+            busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
+            out.append(f"| {s['codec']} | {_rate(s['rate'])} | {int(s['ok'])}/{int(s['sent'])} | "
+                       f"{_s(s['jct_mean_ms'])} | {_s(s['jct_p99_ms'])} | {_s(s['ttft_mean_ms'])} "
+                       f"| {_s(s['ttft_p99_ms'])} | {busy} | "
+                       f"{'yes' if s['sustained'] is True else '**no**'} | "
+                       f"{_ms(s['queue_mean_ms'])} | {_ms(s['prefill_mean_ms'])} | "
+                       f"{_ms(s['transfer_mean_ms'])} | {_ms(s['decode_queue_mean_ms'])} | "
+                       f"{_ms(s['decode_mean_ms'])} | {_ms(http)} |")
+        out.append("")
+    ppl = quality_by_codec(cfg.get("quality_csvs") or [])
+    codecs = list(dict.fromkeys(s["codec"] for s in summary))
+    out += ["### Perplexity cost", ""]
+    if ppl:
+        out += ["| codec | perplexity vs bf16 |", "|---|---|"]
+        out += [f"| {c} | {'+%.2f%%' % ppl[c] if c in ppl else 'no quality data'} |"
+                for c in codecs]
+        out += ["", f"From {', '.join(cfg.get('quality_csvs'))} (`zipserve bench quality`, the "
+                    f"reference model: perplexity is a property of the model, not measured on "
+                    f"the sweep's model)."]
+    else:
+        out.append("No quality CSV was found for this sweep (run `zipserve bench quality`).")
+    out.append("")
+    for png in PNGS:
+        if (results / png).is_file():
+            out += [f"![{png}]({rel}/{png})", ""]
+    return out
+
+
+def _relative(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target.resolve(), start.resolve())
+
+
+def write(results_dirs: list[Path], page: Path, readme: Path | None = None) -> Path:
+    for d in results_dirs:
+        for f in ("jct_summary.csv", "jct_meta.json"):
+            if not (d / f).is_file():
+                raise ValueError(f"results: {d / f} is missing (run `zipserve bench jct --sweep "
+                                 f"--out {d}` first)")
+    lines = ["# JCT benchmark results", "",
+             "Generated by `python3 -m zipserve bench report` from the sweep CSVs named below; "
+             "do not edit by hand (rerun the command). Hand-written results: "
+             "[RESULTS.md](RESULTS.md).", ""]
+    for d in results_dirs:
+        lines += section(d, page.parent)
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {page}")
+    if readme is not None:
+        _update_readme(readme, results_dirs[0], page)
+    return page
+
+
+def _update_readme(readme: Path, results: Path, page: Path) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"readme: {readme} has no {BEGIN} ... {END} block to fill")
+    meta = json.loads((results / "jct_meta.json").read_text())
+    summary = load_csv(results / "jct_summary.csv")
+    rel = _relative(results, readme.parent)
+    block = [BEGIN, f"{meta['device']}, {meta['date_utc']}, model `{meta['model']}`, workload "
+             f"`{meta.get('config', {}).get('workload')}`; full tables, goals and command: "
+             f"[{_relative(page, readme.parent)}]({_relative(page, readme.parent)}).", ""]
+    block += headline(summary) + ["", f"![JCT vs rate]({rel}/jct_vs_rate.png)", END]
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + "\n".join(block) + rest.split(END, 1)[1])
+    print(f"updated the JCT block of {readme}")

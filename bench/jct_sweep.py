@@ -1,0 +1,265 @@
+"""`zipserve bench jct --sweep`: the JCT benchmark over codec x emulated link x arrival rate.
+
+The system (embedded Ray, one prefill and one decode worker, the router on loopback) is started
+once per codec; each link is then set on the running pairs (`RayBackend.set_link`, only while
+idle) and each rate replays the same seeded workload (same requests, arrival times scaled by the
+rate) through `jct_client`. Between runs the sweep waits until every decode page is free again.
+`restart_each=True` starts a fresh system for every (codec, link, rate) instead (cleaner, slower:
+model load and warm-up every time). Each system gets one warm-up request (compiles kernels)
+before it is measured.
+
+Writes to `out_dir`: jct_requests.csv (one row per request, config columns first),
+jct_summary.csv (one row per configuration), jct_meta.json (device, date, model, command,
+commit), and the plots of `jct_plots`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import multiprocessing
+import platform
+import socket
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from zipserve.bench import jct_client, jct_plots, workloads
+
+SUMMARY_KEYS = ("codec", "link_gbps", "rate", "workload")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: str
+    codecs: tuple[str, ...]
+    links: tuple[float | None, ...]
+    """Emulated link Gb/s; None: no emulation (the channel's own speed)."""
+    rates: tuple[float, ...]
+    """Poisson arrival rates, requests/s (ignored for a trace workload: one run per link)."""
+    workload: str = "long-doc"
+    """A shape of bench/workloads.py or a JSONL trace path."""
+    num_requests: int = 32
+    seed: int = 0
+    scale: float = 1.0
+    max_seconds: float = 60.0
+    """Bound of one run (arrivals and completions); what is still running then is cut."""
+    device: str | None = None
+    engine_options: dict = field(default_factory=dict)
+    restart_each: bool = False
+    quality_csvs: tuple[str, ...] = ()
+    """`zipserve bench quality` CSVs for the perplexity-cost plot (missing: said in the plot)."""
+    command: str = ""
+    """The command line, recorded in jct_meta.json."""
+
+    def __post_init__(self) -> None:
+        if not self.codecs:
+            raise ValueError("codecs: name at least one codec")
+        if not self.links:
+            raise ValueError("links: name at least one link (or 'none')")
+        from zipserve.compress.codecs import CODECS
+
+        for c in self.codecs:
+            if c not in CODECS:
+                raise ValueError(f"codecs: unknown codec {c!r}; known: {', '.join(CODECS)}")
+        for g in self.links:
+            if g is not None and g <= 0:
+                raise ValueError(f"links: Gb/s must be > 0 (or 'none'), got {g}")
+        if self.workload in workloads.SHAPES and not self.rates:
+            raise ValueError("rates: a built-in workload needs at least one rate")
+        if any(r <= 0 for r in self.rates):
+            raise ValueError("rates: must be > 0 requests/s")
+        if self.max_seconds <= 0:
+            raise ValueError("max_seconds: must be > 0")
+
+    @property
+    def runs(self) -> list[tuple[str, float | None, float | None]]:
+        rates = list(self.rates) if self.workload in workloads.SHAPES else [None]
+        return [(c, g, r) for c in self.codecs for g in self.links for r in rates]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_path(path: str) -> str:
+    """`path` relative to the repository root when it lies inside it (for published pages)."""
+    try:
+        return str(Path(path).resolve().relative_to(PACKAGE_ROOT))
+    except ValueError:
+        return path
+
+
+def resolve_repo_path(path: str) -> Path:
+    """Inverse of repo_path: a relative path is read from the repository root."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else PACKAGE_ROOT / p
+
+
+def git_commit() -> str:
+    """The short commit, with "-dirty" when code (not results) has uncommitted changes."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              cwd=PACKAGE_ROOT, timeout=10).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = head and git("status", "--porcelain", "--untracked-files=no", "--", "*.py",
+                             "pyproject.toml")
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@contextmanager
+def _system(cfg: SweepConfig, codec: str):
+    from zipserve.deploy.ray_backend import ServeConfig
+    from zipserve.deploy.serve import freeze_startup_objects, running_server
+
+    import torch
+
+    opts = dict(cfg.engine_options)
+    gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if gpu and torch.cuda.device_count() < 2 and "num_pages" not in opts:
+        opts.setdefault("gpu_memory_fraction", 0.4)  # prefill and decode engines share a GPU
+    scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
+                       engine_options=opts)
+    t0 = time.time()
+    with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
+        t1 = time.time()
+        _warm_up(base)
+        freeze_startup_objects()  # again: the warm-up compiled kernels and built objects
+        print(f"{codec}: system up in {t1 - t0:.1f} s, warm-up {time.time() - t1:.1f} s "
+              f"({backend.device})", flush=True)
+        yield base, backend
+
+
+def _warm_up(base: str) -> None:
+    """One short request, so the first measured one does not pay for kernel compilation."""
+    import httpx
+
+    r = httpx.post(f"{base}/v1/completions", timeout=600,
+                   json={"prompt": list(range(3, 200)), "max_tokens": 4, "min_tokens": 4,
+                         "ignore_eos": True, "temperature": 0})
+    if r.status_code != 200:
+        raise RuntimeError(f"warm-up request failed: HTTP {r.status_code}: {r.text[:300]}")
+
+
+def _drain(backend, timeout_s: float = 120.0) -> None:
+    end = time.time() + timeout_s
+    while not backend.idle():
+        if time.time() > end:
+            raise RuntimeError("the system did not return to idle after a run (pages held)")
+        time.sleep(0.1)
+
+
+def _vocab(model: str) -> int:
+    from zipserve.engine.loading import model_config_for
+
+    return model_config_for(model).vocab_size
+
+
+def _one_run(cfg: SweepConfig, base: str, backend, client: ProcessPoolExecutor, codec: str,
+             link: float | None, rate: float | None, vocab: int) -> tuple[list[dict], dict]:
+    wl = workloads.build(cfg.workload, rate=rate, num_requests=cfg.num_requests, seed=cfg.seed,
+                         scale=cfg.scale, vocab=vocab)
+    t0 = time.time()
+    results = client.submit(jct_client.replay, base, wl, max_seconds=cfg.max_seconds).result()
+    wall = time.time() - t0
+    busy = backend.link_busy(wall) if link is not None else None
+    _drain(backend)
+    conf = {"codec": codec, "link_gbps": "none" if link is None else link,
+            "rate": "trace" if rate is None else rate, "workload": wl.name}
+    rows = [{**conf, **r.row()} for r in results]
+    s = jct_client.summarize(results)
+    done = [r for r in results if r.status == "ok"]
+    s.update(conf)
+    s["run_seconds"] = wall
+    s["link_busy"] = float("nan") if busy is None else busy
+    s["completed_per_s"] = len(done) / wall if wall > 0 else float("nan")
+    jct_client.print_summary(f"{codec:>14} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}",
+                             s)
+    return rows, s
+
+
+def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Run every configuration, write the CSVs, meta and plots; return (requests, summary)."""
+    import ray
+
+    from zipserve.deploy.serve import start_ray
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab(cfg.model)
+    runs = cfg.runs
+    print(f"JCT sweep: {len(runs)} runs ({len(cfg.codecs)} codecs x {len(cfg.links)} links x "
+          f"{len(runs) // (len(cfg.codecs) * len(cfg.links))} rates), each at most "
+          f"{cfg.max_seconds:g} s; worst case {len(runs) * cfg.max_seconds / 60:.1f} min plus "
+          f"{len(cfg.codecs) if not cfg.restart_each else len(runs)} system starts")
+    own_ray = not ray.is_initialized()
+    start_ray(None)
+    rows: list[dict] = []
+    summary: list[dict] = []
+    device = None
+    # The load generator runs in its own process, so it does not compete with the router
+    # for one interpreter (its GIL, its garbage collector).
+    client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        groups: dict = {}
+        for codec, link, rate in runs:
+            key = (codec, link, rate) if cfg.restart_each else codec
+            groups.setdefault(key, []).append((codec, link, rate))
+        for items in groups.values():
+            codec = items[0][0]
+            with _system(cfg, codec) as (base, backend):
+                device = device or backend.device
+                current: object = ()  # set on the first run: a link with a long busy history
+                for codec_, link, rate in items:
+                    if link != current:
+                        backend.set_link(link)
+                        current = link
+                    r, s = _one_run(cfg, base, backend, client, codec_, link, rate, vocab)
+                    rows += r
+                    summary.append(s)
+    finally:
+        client.shutdown(cancel_futures=True)
+        if own_ray:
+            ray.shutdown()
+    if not rows:
+        raise RuntimeError("the sweep produced no rows")
+    write_outputs(cfg, out_dir, rows, summary, device or "cpu")
+    return rows, summary
+
+
+def write_outputs(cfg: SweepConfig, out_dir: Path, rows: list[dict], summary: list[dict],
+                  device: str) -> None:
+    jct_client.write_csv(out_dir / "jct_requests.csv", rows)
+    first = list(SUMMARY_KEYS)
+    ordered = [{k: s[k] for k in first + [k for k in s if k not in first]} for s in summary]
+    jct_client.write_csv(out_dir / "jct_summary.csv", ordered)
+    conf = {k: v for k, v in asdict(cfg).items() if k != "command"}
+    conf["model"] = repo_path(cfg.model)
+    conf["quality_csvs"] = [repo_path(p) for p in cfg.quality_csvs]
+    meta = {"device": device_name(device), "date_utc": dt.datetime.now(dt.timezone.utc)
+            .strftime("%Y-%m-%d %H:%M UTC"), "model": conf["model"], "commit": git_commit(),
+            "command": cfg.command, "config": conf}
+    (out_dir / "jct_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    pngs = jct_plots.plot_all(out_dir, ordered, rows, list(cfg.quality_csvs))
+    print(f"wrote {out_dir}/jct_requests.csv, jct_summary.csv, jct_meta.json"
+          + (f" and {', '.join(p.name for p in pngs)}" if pngs else ""))
