@@ -2,6 +2,8 @@
 
 Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to a sender thread the
 moment the model has stored it, so the transfer of layer l overlaps the compute of layer l+1.
+On CUDA, over a channel that carries device tensors (in-process, CUDA IPC, NCCL), layers leave as
+device buffers and never touch host memory (transfer/kv_messages.py picks the form).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.pairing import connect_pair
 from zipserve.transfer.channel import Channel
+from zipserve.transfer.kv_messages import send_layer, use_device_form
 
 KV_TAG = 1
 
@@ -73,9 +76,7 @@ class PrefillWorker:
                 if sent["error"] is not None:
                     continue
                 try:
-                    data = kv.to_bytes()
-                    channel.send(data, KV_TAG)
-                    sent["bytes"] += len(data)
+                    sent["bytes"] += send_layer(channel, kv, KV_TAG)
                 except Exception as e:  # surfaced to the caller below
                     sent["error"] = e
 
@@ -83,7 +84,9 @@ class PrefillWorker:
         thread.start()
         t0 = time.time()
         try:
-            res = self.engine.prefill_export(prompt_ids, params, request_id, on_layer=outbox.put)
+            res = self.engine.prefill_export(prompt_ids, params, request_id, on_layer=outbox.put,
+                                             device_form=use_device_form(channel,
+                                                                         self.engine.device))
         finally:
             outbox.put(None)
             thread.join()

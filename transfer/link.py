@@ -36,6 +36,20 @@ class LinkEmulator(Channel):
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) on time.monotonic()
 
     @property
+    def carries_device_tensors(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "carries_device_tensors", False))
+
+    @property
+    def leases(self) -> bool:
+        return bool(getattr(self.inner, "leases", False))
+
+    def recv_lease(self, tag: int, timeout: float | None = None):
+        """The inner channel's recv_lease (CUDA IPC; only when `leases`)."""
+        lease = self.inner.recv_lease(tag, timeout)
+        self._count_received(lease.tensor.numel())
+        return lease
+
+    @property
     def enabled(self) -> bool:
         return self.gbps is not None or self.latency_ms > 0
 
