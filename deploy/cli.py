@@ -152,7 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         disagg_bench.run(args.model or "random:llama3-8b", args.codecs.split(","),
                          args.prefill_len, args.gen_tokens, [None, args.link_gbps_bench],
-                         Path(args.out), device=args.device)
+                         Path(args.out), device=args.device, kv_path=args.kv_path)
         return 0
     if args.what == "transfer":
         from zipserve.bench import transfer_bench
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels", default=None,
                    help="transfer: host,inproc_device,checksum,cuda_ipc,nccl_self,nccl_pg,"
                         "nccl_ctypes (default: all this machine can run)")
+    b.add_argument("--kv-path", choices=["auto", "host"], default="auto",
+                   help="disagg: 'host' forces KV through host memory (the old path)")
     b.add_argument("--max-mb", type=float, default=256,
                    help="transfer: largest message in MiB (sizes 4 KiB x 4^k)")
     b.add_argument("--link-gbps-bench", type=float, default=10.0,

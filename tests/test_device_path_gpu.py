@@ -125,7 +125,7 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, results, fin
     try:
         from zipserve.engine.config import EngineConfig
         from zipserve.engine.disaggregated import DisaggregatedEngine
-        from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
+        from zipserve.engine.kv_export import DeviceLayerKV
         from zipserve.engine.sampling_params import SamplingParams
         from zipserve.transfer.kv_messages import done, recv_layer, send_layer, use_device_form
         from zipserve.transfer.pairing import connect_pair
@@ -170,7 +170,6 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, results, fin
             finished.set()
         time.sleep(0.5)
         ch.close()
-        assert LayerKV  # imported for the forms check above
         results.put((rank, "ok", out))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -181,8 +180,9 @@ def _run_pair(device_indices: tuple[int, int], codec: str) -> dict:
     port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     os.environ.update(env)
-    procs = [ctx.Process(target=_pair_role, args=(rank, port, device_indices[rank], codec,
-                                                  results, finished), daemon=True) for rank in (0, 1)]
+    procs = [ctx.Process(target=_pair_role, daemon=True,
+                         args=(rank, port, device_indices[rank], codec, results, finished))
+             for rank in (0, 1)]
     for p in procs:
         p.start()
     out = {}
