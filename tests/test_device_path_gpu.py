@@ -60,8 +60,9 @@ def test_inprocess_device_form_equals_host_form(codec):
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
-    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=EngineConfig(codec=codec))
-    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=EngineConfig(codec=codec))
+    cfg = EngineConfig(codec=codec, cuda_graphs=False)
+    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
     for rid, form in (("host", False), ("dev", True)):
         dec.reserve(rid, prompt, params)
@@ -132,7 +133,8 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, results, fin
 
         torch.cuda.set_device(device_index)
         dev = f"cuda:{device_index}"
-        eng = DisaggregatedEngine(MODEL, device=dev, engine_config=EngineConfig(codec=codec))
+        eng = DisaggregatedEngine(MODEL, device=dev,
+                                  engine_config=EngineConfig(codec=codec, cuda_graphs=False))
         info = {"model": eng.model_name, "codec": codec, "num_layers": eng.config.num_layers,
                 "page_size": eng.engine_config.page_size, "device": dev}
         ch = connect_pair(info, "127.0.0.1", port, rank, "t", timeout_s=60)
@@ -178,8 +180,7 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, results, fin
 def _run_pair(device_indices: tuple[int, int], codec: str) -> dict:
     ctx = mp.get_context("spawn")
     port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
-    os.environ.update(env)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the spawned ranks
     procs = [ctx.Process(target=_pair_role, daemon=True,
                          args=(rank, port, device_indices[rank], codec, results, finished))
              for rank in (0, 1)]
