@@ -5,9 +5,11 @@ Definition (what `checksum_reference` spells out word by word): view the buffer 
 uint32 words w_0..w_{m-1} (zero-padded to a multiple of 4 bytes), M = 2**31 - 1, and
     A = sum_i w_i mod M,    B = sum_i (i + 1) * w_i mod M,    checksum = A * 2**31 + B.
 A single changed word, and two swapped unequal words, always change it (Fletcher/Adler style,
-modulo a prime). `device_checksum` computes the same value with torch reductions in int64
-(chunked so no partial sum overflows) and returns a 0-dim int64 tensor on the buffer's device
-without synchronizing; `.item()` it when the value is needed.
+modulo a prime). `checksum_torch` computes the same value with torch reductions in int64
+(chunked so no partial sum overflows; it is the reference of the one-pass Triton kernel
+kernels/checksum.py `wsum_checksum`). `device_checksum` picks the kernel on CUDA and torch
+elsewhere; all return a 0-dim int64 tensor on the buffer's device without synchronizing
+(`.item()` it when the value is needed).
 """
 
 from __future__ import annotations
@@ -37,21 +39,36 @@ def checksum_reference(data: bytes | bytearray | memoryview | torch.Tensor) -> i
     return (a % MOD) * 2**31 + b % MOD
 
 
+def combine_rows(a_rows: torch.Tensor, b_rows: torch.Tensor,
+                 first_word: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """a_rows, b_rows: int64 [R], per row of CHUNK words (row r starts at word
+    first_word + r * CHUNK): sum w mod M and sum (j + 1) w mod M with j the index in the row.
+    Returns (A, B) over all rows, mod M, as 0-dim int64 tensors."""
+    # the row starting at word s adds s * a_row to B: (s mod M) * a_row < 2**62
+    starts = (first_word + CHUNK * torch.arange(a_rows.shape[0], device=a_rows.device,
+                                                dtype=torch.int64)) % MOD  # [R]
+    b_rows = (b_rows + (starts * a_rows) % MOD) % MOD
+    return a_rows.sum() % MOD, b_rows.sum() % MOD  # sums of < 2**31 values: no overflow
+
+
 def _row_sums(words: torch.Tensor, first_word: int) -> tuple[torch.Tensor, torch.Tensor]:
     """words: int32 [R, CHUNK] starting at global word index first_word.
     Returns (A, B) partial sums mod M over these rows as int64 0-dim tensors."""
     w = words.to(torch.int64) & 0xFFFFFFFF  # [R, CHUNK] uint32 values
     j = torch.arange(1, CHUNK + 1, device=w.device, dtype=torch.int64)  # [CHUNK]
-    a_rows = w.sum(1) % MOD  # [R]
-    b_rows = (w * j).sum(1) % MOD  # [R]: sum_j (j + 1) w within the row
-    # the row starting at word s adds s * a_row to B: (s mod M) * a_row < 2**62
-    starts = (first_word + CHUNK * torch.arange(w.shape[0], device=w.device,
-                                                dtype=torch.int64)) % MOD  # [R]
-    b_rows = (b_rows + (starts * a_rows) % MOD) % MOD
-    return a_rows.sum() % MOD, b_rows.sum() % MOD
+    return combine_rows(w.sum(1) % MOD, (w * j).sum(1) % MOD, first_word)
 
 
 def device_checksum(buf: torch.Tensor) -> torch.Tensor:
+    """The checksum where buf lives: the Triton kernel on CUDA, checksum_torch elsewhere."""
+    if buf.is_cuda:
+        from zipserve.kernels.checksum import wsum_checksum
+
+        return wsum_checksum(buf)
+    return checksum_torch(buf)
+
+
+def checksum_torch(buf: torch.Tensor) -> torch.Tensor:
     """The checksum of a contiguous tensor's bytes, as a 0-dim int64 tensor on its device."""
     flat = buf.detach().contiguous().reshape(-1).view(torch.uint8)  # [n]
     n = flat.numel()

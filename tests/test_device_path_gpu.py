@@ -255,3 +255,18 @@ def test_ctypes_nccl_one_rank_send_to_self():
         comm.destroy()
     with pytest.raises(nccl.NcclError, match="destroyed"):
         comm.send(torch.zeros(1, dtype=torch.uint8, device=dev), 0)
+
+
+@pytest.mark.gpu
+def test_checksum_kernel_on_gpu_equals_reference():
+    from zipserve.compress.checksum import checksum_reference, checksum_torch, device_checksum
+    from zipserve.kernels.checksum import wsum_checksum
+
+    for n in (4, 4096 * 5 + 12, 1 << 20, 64 << 20):
+        b = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+        want = int(checksum_torch(b.cpu()))
+        assert int(wsum_checksum(b)) == int(device_checksum(b)) == int(checksum_torch(b)) == want
+        if n < 100_000:
+            assert want == checksum_reference(b)
+        b[n // 2] ^= 4
+        assert int(wsum_checksum(b)) != want
