@@ -120,7 +120,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pair_role(rank: int, port: int, device_index: int, codec: str, results, finished) -> None:
+def _pair_role(rank: int, port: int, device_index: int, codec: str, path: str, results,
+               finished) -> None:
     """rank 0: prefill the same prompt twice (host form, then device form) and send both over
     the channel connect_pair picks; rank 1: import both into reserved pages, compare, free."""
     try:
@@ -137,7 +138,7 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, results, fin
                                   engine_config=EngineConfig(codec=codec, cuda_graphs=False))
         info = {"model": eng.model_name, "codec": codec, "num_layers": eng.config.num_layers,
                 "page_size": eng.engine_config.page_size, "device": dev}
-        ch = connect_pair(info, "127.0.0.1", port, rank, "t", timeout_s=60)
+        ch = connect_pair(info, "127.0.0.1", port, rank, "t", timeout_s=60, path=path)
         prompt, params, n_layers = list(range(3, 700)), SamplingParams(max_tokens=4), \
             eng.config.num_layers
         out = {"path": ch.path, "device_form": use_device_form(ch, eng.device)}
@@ -177,12 +178,13 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, results, fin
         results.put((rank, "error", traceback.format_exc()))
 
 
-def _run_pair(device_indices: tuple[int, int], codec: str) -> dict:
+def _run_pair(device_indices: tuple[int, int], codec: str, path: str = "auto") -> dict:
     ctx = mp.get_context("spawn")
     port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the spawned ranks
     procs = [ctx.Process(target=_pair_role, daemon=True,
-                         args=(rank, port, device_indices[rank], codec, results, finished))
+                         args=(rank, port, device_indices[rank], codec, path, results,
+                               finished))
              for rank in (0, 1)]
     for p in procs:
         p.start()
@@ -214,11 +216,14 @@ def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("codec", ["bf16", "hack2"])
-def test_nccl_pair_between_two_gpus(codec):
+@pytest.mark.parametrize("codec, path, want", [("bf16", "auto", "nccl"),
+                                               ("hack2", "auto", "nccl"),
+                                               ("bf16", "nccl_ctypes", "nccl_ctypes")])
+def test_nccl_pair_between_two_gpus(codec, path, want):
+    """Auto picks the NCCL process group; the ctypes-binding channel carries the same."""
     assert _cuda(2)
-    res = _run_pair((0, 1), codec)
-    assert res[0]["path"] == res[1]["path"] == "nccl"
+    res = _run_pair((0, 1), codec, path)
+    assert res[0]["path"] == res[1]["path"] == want
     assert res[1]["forms"] == ["DeviceLayerKV:cuda:1", "LayerKV"] and res[1]["equal"]
     assert res[0]["used_pages"] == res[1]["used_pages"] == 0
 

@@ -1,7 +1,8 @@
 """Connects one prefill/decode pair: a private two-rank gloo process group checked for
 compatibility (model, codec, page size) at connect time, then the KV path the two endpoints
 support (transfer/select.py): host bytes over that gloo group, CUDA IPC with gloo as the control
-path (same GPU), or a second, NCCL, group (different GPUs); behind an optional link emulator."""
+path (same GPU), or a second, NCCL, group (different GPUs; or, when asked for, a communicator of
+our ctypes binding); behind an optional link emulator. Rank 0 sends the KV, rank 1 receives it."""
 
 from __future__ import annotations
 
@@ -64,4 +65,18 @@ def _upgrade(control: ProcessGroupChannel, chosen: str, info: dict, host: str, p
             raise TransferError(f"cannot build the NCCL group of pair {pair_name}: {e}") from e
         control.close()
         return data
+    if chosen == "nccl_ctypes":  # our binding: the unique id travels through the pair's store
+        from zipserve.transfer import nccl
+        from zipserve.transfer.nccl_channel import NcclChannel
+
+        try:
+            if rank == 0:
+                control._store.set("nccl_uid", nccl.get_unique_id())
+            uid = bytes(control._store.get("nccl_uid"))
+            comm = nccl.NcclComm(uid, 2, rank, dev)
+        except Exception as e:
+            raise TransferError(f"cannot build the NCCL communicator of pair {pair_name}: "
+                                f"{e}") from e
+        control.close()
+        return NcclChannel(comm, 1 - rank, "send" if rank == 0 else "recv", timeout_s)
     raise TransferError(f"unknown transfer path {chosen!r}")

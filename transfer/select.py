@@ -5,7 +5,8 @@ NCCL availability, requested path) in the connect handshake; `choose_path` maps 
 descriptions to one path, the same on both sides (it is symmetric):
   - "host": either side is on the CPU (or a path was forced): LayerKV bytes over gloo;
   - "cuda_ipc": both on the same physical GPU of one host, in different processes;
-  - "nccl": both on CUDA but different GPUs (or hosts): a two-rank NCCL process group.
+  - "nccl": both on CUDA but different GPUs (or hosts): a two-rank NCCL process group;
+  - "nccl_ctypes" (only when asked for): the same over our ctypes binding on our own stream.
 Two engines in ONE process do not pair through here: they share an InProcessChannel, which
 passes device tensors as they are (transfer/inprocess.py). A forced path ("host", "cuda_ipc",
 "nccl") must be asked for by both sides and be possible, else TransferError says why.
@@ -21,7 +22,7 @@ import torch
 
 from zipserve.transfer.channel import TransferError
 
-PATHS = ("auto", "host", "cuda_ipc", "nccl")
+PATHS = ("auto", "host", "cuda_ipc", "nccl", "nccl_ctypes")
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def describe_endpoint(device: torch.device | str, request: str = "auto") -> Endp
 
 
 def choose_path(a: Endpoint, b: Endpoint) -> str:
-    """The path both sides take ("host", "cuda_ipc" or "nccl"); symmetric in a and b."""
+    """The path both sides take (one of PATHS but "auto"); symmetric in a and b."""
     if a.request != b.request and "auto" not in (a.request, b.request):
         raise TransferError(f"the two sides ask for different transfer paths: {a.request!r} "
                             f"and {b.request!r}")
@@ -74,10 +75,10 @@ def choose_path(a: Endpoint, b: Endpoint) -> str:
         if not same_gpu or same_process:
             raise TransferError("transfer path 'cuda_ipc' needs two processes on the same GPU")
         return "cuda_ipc"
-    if forced == "nccl":
+    if forced in ("nccl", "nccl_ctypes"):
         if not (both_cuda and a.nccl and b.nccl) or same_gpu:
-            raise TransferError("transfer path 'nccl' needs NCCL on two different GPUs")
-        return "nccl"
+            raise TransferError(f"transfer path {forced!r} needs NCCL on two different GPUs")
+        return forced
     if not both_cuda or same_process:
         return "host"
     if same_gpu:
