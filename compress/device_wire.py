@@ -69,7 +69,8 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
         extra_fields.append({"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
                              "offset": offset, "nbytes": nbytes})
         offset = _align(offset + nbytes)
-    payload = torch.zeros(offset, dtype=torch.uint8, device=device)  # [nbytes]; pads are 0
+    # [nbytes]; alignment pads stay uninitialized: the checksum covers the bytes as sent
+    payload = torch.empty(offset, dtype=torch.uint8, device=device)
     for f, t in zip(fields, store.values()):
         if f["nbytes"]:
             # gather as bytes: works for every dtype (fp8 included) and copies nothing twice
