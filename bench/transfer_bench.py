@@ -269,7 +269,7 @@ def _plot(rows: list[dict], path: Path, name: str) -> None:
         pts = [(r["bytes"], r["GB_per_s"]) for r in rows if r["channel"] == channel
                and r["bytes"]]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=channel)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=channel)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("message bytes")

@@ -71,13 +71,13 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
         offset = _align(offset + nbytes)
     # [nbytes]; alignment pads stay uninitialized: the checksum covers the bytes as sent
     payload = torch.empty(offset, dtype=torch.uint8, device=device)
-    for f, t in zip(fields, store.values()):
+    for f, t in zip(fields, store.values(), strict=True):
         if f["nbytes"]:
             # gather as bytes: works for every dtype (fp8 included) and copies nothing twice
             src = t.reshape(t.shape[0], -1).view(torch.uint8)  # [P, page bytes]
             out = payload[f["offset"]:f["offset"] + f["nbytes"]].view(n, -1)  # [n, page bytes]
             torch.index_select(src, 0, ids, out=out)
-    for f, t in zip(extra_fields, extras.values()):
+    for f, t in zip(extra_fields, extras.values(), strict=True):
         if f["nbytes"]:
             dst = payload[f["offset"]:f["offset"] + f["nbytes"]]
             dst.copy_(t.to(device).contiguous().reshape(-1).view(torch.uint8))

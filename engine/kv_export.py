@@ -16,7 +16,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -110,7 +110,7 @@ class DeviceLayerKV:
 
     @classmethod
     def from_header(cls, data: bytes, payload: torch.Tensor,
-                    release: Callable[[], None] | None = None) -> "DeviceLayerKV":
+                    release: Callable[[], None] | None = None) -> DeviceLayerKV:
         """Parse header_bytes output around a received payload; ValueError on anything else."""
         if data[:len(DEVICE_MAGIC)] != DEVICE_MAGIC:
             raise ValueError("not a zipserve device LayerKV header")

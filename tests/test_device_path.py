@@ -255,7 +255,7 @@ def test_ipc_acks_free_the_senders_buffers():
     a, b, fake = _ipc_pair(ack_timeout_s=5)
     try:
         bufs = [torch.full((1000,), i, dtype=torch.uint8) for i in range(3)]
-        for i, t in enumerate(bufs):
+        for t in bufs:
             a.send(t, 7)
         a.send(b"inline bytes", 7)
         assert a.inflight == 3

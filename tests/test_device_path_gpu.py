@@ -47,7 +47,7 @@ def _layer_rows(eng, rid: str):
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k])
                                                                   for k in x)
-                                    for x, y in zip(a, b))
+                                    for x, y in zip(a, b, strict=False))
 
 
 # -- in-process --------------------------------------------------------------------------------
