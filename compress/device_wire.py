@@ -56,7 +56,12 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
     Queues the checksum reduction right behind the gather (no synchronization)."""
     extras = extras or {}
     device = next(iter(store.values())).device
-    ids = page_ids.to(device=device, dtype=torch.long)
+    ids = page_ids.to(torch.long)
+    if device.type == "cuda" and ids.device.type == "cpu":
+        # a pageable host->device copy would wait for the stream (stalling the forward pass
+        # this runs in); a pinned, non-blocking one does not
+        ids = ids.pin_memory().to(device, non_blocking=True)
+    ids = ids.to(device)
     n = int(ids.numel())
     fields, extra_fields, offset = [], [], 0
     for name, t in store.items():
