@@ -97,6 +97,17 @@ def _view(payload: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
     return payload[offset:offset + nbytes].view(dtype).view(shape)
 
 
+def verify_checksum(header: dict, payload: torch.Tensor) -> None:
+    """Recompute the checksum on the payload's device (one synchronization); WireError when it
+    differs from the header's or the header names another algorithm."""
+    if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
+        raise WireError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
+    got = int(device_checksum(payload).item())
+    if got != header["checksum"]:
+        raise WireError("checksum mismatch: the pages were corrupted in transit "
+                        f"({got:#x} != {header['checksum']:#x})")
+
+
 def unpack_device(header: dict, payload: torch.Tensor,
                   verify: bool = True) -> tuple[WirePages, dict[str, torch.Tensor]]:
     """Views of a device buffer as pages + extras; raises WireError on a bad layout version,
@@ -109,12 +120,7 @@ def unpack_device(header: dict, payload: torch.Tensor,
     if payload.numel() != header.get("nbytes"):
         raise WireError(f"payload is {payload.numel()} bytes, header says {header.get('nbytes')}")
     if verify:
-        if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
-            raise WireError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
-        got = int(device_checksum(payload).item())
-        if got != header["checksum"]:
-            raise WireError("checksum mismatch: the pages were corrupted in transit "
-                            f"({got:#x} != {header['checksum']:#x})")
+        verify_checksum(header, payload)
     n = header["num_pages"]
 
     def views(specs, shape_of):

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from zipserve.compress.compressed_cache import CompressedKVCache
-from zipserve.compress.device_wire import DeviceWire, pack_device, unpack_device
-from zipserve.compress.wire import DTYPES, adopt_pages, pack_pages, unpack_pages
+from zipserve.compress.device_wire import DeviceWire, pack_device, unpack_device, verify_checksum
+from zipserve.compress.wire import DTYPES, WireError, adopt_pages, pack_pages, unpack_pages
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sequence import Sequence
@@ -97,6 +97,21 @@ class DeviceLayerKV:
     """torch.cuda.Event recorded after the gather (None on CPU): readers wait on it."""
     release: Callable[[], None] | None = None
     """Receiver side: returns the mapped buffer to its sender (CUDA IPC); None otherwise."""
+    checksum_error: str | None = None
+    checked: bool = False
+    """verify() ran (receivers call it before taking any lock: it synchronizes once)."""
+
+    def verify(self) -> bool:
+        """Check the payload against the header's checksum on its device; remembers the
+        outcome for import_layer. True when it matches."""
+        if not self.checked:
+            self.wait_ready()
+            try:
+                verify_checksum(self.wire.header, self.wire.payload)
+            except WireError as e:
+                self.checksum_error = str(e)
+            self.checked = True
+        return self.checksum_error is None
 
     def nbytes(self) -> int:
         return int(self.wire.payload.numel())
@@ -193,8 +208,9 @@ def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV
     """Write a received layer into seq's reserved pages (and slot). Raises ValueError (WireError)
     when the pages are corrupt (checksum) or of another codec/layout."""
     if isinstance(kv, DeviceLayerKV):
-        kv.wait_ready()
-        wire, tail = unpack_device(kv.wire.header, kv.wire.payload)
+        if not kv.verify():
+            raise WireError(kv.checksum_error)
+        wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
     else:
         wire, tail = unpack_pages(kv.pages), kv.tail
     store = _store(cache, kv.layer)

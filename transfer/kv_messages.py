@@ -85,11 +85,13 @@ def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
     except TransferTimeout as e:
         raise ValueError(f"a device KV header arrived without its payload: {e}") from e
     try:
-        return DeviceLayerKV.from_header(header, payload, release)
+        kv = DeviceLayerKV.from_header(header, payload, release)
     except Exception as e:
         if release is not None:
             release()
         raise ValueError(f"unreadable device LayerKV header: {e}") from e
+    kv.verify()  # here, before the caller takes its locks; import_layer refuses a mismatch
+    return kv
 
 
 def done(kv: LayerKV | DeviceLayerKV | None) -> None:
