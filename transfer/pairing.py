@@ -6,6 +6,8 @@ our ctypes binding); behind an optional link emulator. Rank 0 sends the KV, rank
 
 from __future__ import annotations
 
+import os
+
 from zipserve.transfer.channel import Channel, TransferError
 from zipserve.transfer.link import LinkEmulator
 from zipserve.transfer.process_group import ProcessGroupChannel
@@ -16,11 +18,13 @@ COMPAT_KEYS = ("model", "codec", "page_size", "num_layers")
 
 def connect_pair(info: dict, host: str, port: int, rank: int, pair_name: str,
                  link_gbps: float | None = None, latency_ms: float = 0.0,
-                 timeout_s: float = 60.0, path: str = "auto") -> Channel:
+                 timeout_s: float = 60.0, path: str | None = None) -> Channel:
     """Rank 0 (prefill, the KV sender) serves the rendezvous store at host:port, rank 1
     (decode) dials it. Raises transfer.channel.TransferError naming the first key on which the
     two sides differ. info["device"]: the worker's engine device; path: "auto" or a forced
-    transfer path (transfer/select.py). The chosen path is in the channel's `path` attribute."""
+    transfer path (transfer/select.py; default: $ZIPSERVE_KV_PATH, else "auto"). The chosen
+    path is in the channel's `path` attribute."""
+    path = path or os.environ.get("ZIPSERVE_KV_PATH", "auto")
     expect = {k: info[k] for k in COMPAT_KEYS}
     mine = describe_endpoint(info.get("device", "cpu"), path)
     control = ProcessGroupChannel.connect(host, port, rank, hello={**expect,
