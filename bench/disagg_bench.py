@@ -1,6 +1,8 @@
 """`zipserve bench disagg`: single long requests through a prefill worker and a decode worker that
 share one device (in one process, KV over an in-process channel, optionally behind an emulated
 link), per codec: TTFT, JCT, the gap from prefill end to decode start, and KV bytes sent.
+On a GPU the KV stays on the device (DeviceLayerKV over the in-process channel, checksum on the
+GPU); kv_path="host" forces the old host-bytes staging for comparison (column `kv_path`).
 
 This is the one-GPU measurement of issue 5 without Ray or HTTP in the way; `zipserve demo`
 exercises the same workers through Ray actors and the router.
@@ -18,6 +20,7 @@ from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_worker.worker import PrefillWorker
 from zipserve.transfer.inprocess import InProcessChannel
+from zipserve.transfer.kv_messages import use_device_form
 from zipserve.transfer.link import LinkEmulator
 
 
@@ -49,7 +52,11 @@ def one_request(pre: PrefillWorker, dec: DecodeWorker, rid: str, prompt: list[in
 
 
 def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: list,
-        out_dir: Path, device: str | None = None, repeats: int = 2) -> list[dict]:
+        out_dir: Path, device: str | None = None, repeats: int = 2,
+        kv_path: str = "auto") -> list[dict]:
+    """kv_path: "auto" (device buffers on CUDA) or "host" (bytes through host memory)."""
+    if kv_path not in ("auto", "host"):
+        raise ValueError(f"kv_path must be 'auto' or 'host', got {kv_path!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -65,15 +72,20 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
         try:
             for gbps in links:
                 a, b = InProcessChannel.pair()
+                if kv_path == "host":
+                    a.carries_device_tensors = False  # the sender falls back to host bytes
+                path = "device" if use_device_form(a, dev) else "host"
                 pre.attach("d0", LinkEmulator(a, gbps=gbps) if gbps else a)
                 dec.attach(f"p{gbps}", b)
                 one_request(pre, dec, f"warm-{gbps}", prompt.tolist()[:256], 2)  # warm up
                 for r in range(repeats):
                     row = one_request(pre, dec, f"{codec}-{gbps}-{r}", prompt.tolist(),
                                       max_tokens)
-                    row.update(codec=codec, link_gbps=gbps or "none", repeat=r, device=name)
+                    row.update(codec=codec, link_gbps=gbps or "none", repeat=r, device=name,
+                               kv_path=path)
                     rows.append(row)
-                    print(f"{codec:>6} link {row['link_gbps']!s:>5}: TTFT {row['ttft_ms']:8.1f} "
+                    print(f"{codec:>6} {path:>6} link {row['link_gbps']!s:>5}: "
+                          f"TTFT {row['ttft_ms']:8.1f} "
                           f"ms  JCT {row['jct_ms']:8.1f} ms  gap {row['gap_ms']:7.1f} ms  "
                           f"KV {row['kv_mb']:.1f} MB", flush=True)
                 a.close()
@@ -83,12 +95,14 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
             if dev == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{model}, {prompt_len}-token prompt, {max_tokens} tokens out, device {name}\n")
-    print("| codec | link Gb/s | TTFT ms | JCT ms | prefill ms | prefill end -> decode start ms "
+    print("| codec | KV path | link Gb/s | TTFT ms | JCT ms | prefill ms | "
+          "prefill end -> decode start ms "
           "| decode ms | KV sent MB | dense MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["repeat"] == repeats - 1:
-            print(f"| {r['codec']} | {r['link_gbps']} | {r['ttft_ms']:.1f} | {r['jct_ms']:.1f} | "
+            print(f"| {r['codec']} | {r['kv_path']} | {r['link_gbps']} | {r['ttft_ms']:.1f} | "
+                  f"{r['jct_ms']:.1f} | "
                   f"{r['prefill_ms']:.1f} | {r['gap_ms']:.1f} | {r['decode_ms']:.1f} | "
                   f"{r['kv_mb']:.1f} | {r['dense_mb']:.1f} |")
     with open(out_dir / "disagg.csv", "w", newline="") as f:

@@ -23,11 +23,17 @@ from dataclasses import dataclass, field
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.engine.kv_export import LayerKV
+from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_worker.worker import KV_TAG
+from zipserve.transfer.channel import (
+    Channel,
+    TransferClosed,
+    TransferError,
+    TransferTimeout,
+)
+from zipserve.transfer.kv_messages import done, recv_layer
 from zipserve.transfer.pairing import connect_pair, local_endpoint
-from zipserve.transfer.channel import Channel, TransferClosed, TransferError, TransferTimeout
 
 TRANSFER_DEADLINE = "transfer_deadline"
 CHECKSUM_MISMATCH = "checksum_mismatch"
@@ -119,8 +125,8 @@ class DecodeWorker:
 
     def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
         while not self._stop.is_set():
-            try:
-                buf = channel.recv(KV_TAG, timeout=0.2)
+            try:  # host bytes or a device buffer (transfer/kv_messages.py)
+                kv = recv_layer(channel, KV_TAG, timeout=0.2)
             except TransferTimeout:
                 continue
             except TransferClosed as e:
@@ -129,24 +135,28 @@ class DecodeWorker:
             except TransferError as e:  # the transport broke (peer died, corrupt frame)
                 self._channel_lost(prefill_id, channel, e)
                 return
-            try:
-                kv = LayerKV.from_bytes(buf.cpu().numpy().tobytes())
-            except Exception:  # unreadable: no request to blame; count it and go on
+            except ValueError:  # unreadable: no request to blame; count it and go on
                 self.dropped_messages += 1
                 continue
-            with self.lock:
-                st = self.requests.get(kv.request_id)
-                if st is None or st.finished:
-                    continue  # aborted or expired meanwhile: drop the layer
-                try:
-                    self.engine.import_layer(kv.request_id, kv)
-                except (ValueError, KeyError) as e:
-                    self._fail(kv.request_id, f"KV rejected: {e}", failure_reason(e))
-                    continue
-                st.layers += 1
-                if st.layers == self.num_layers:
-                    st.times["kv_complete"] = time.time()
-                    st.arrived.set()
+            try:
+                self._import(kv)
+            finally:
+                done(kv)  # CUDA IPC: the sender may reuse the buffer now
+
+    def _import(self, kv: LayerKV | DeviceLayerKV) -> None:
+        with self.lock:
+            st = self.requests.get(kv.request_id)
+            if st is None or st.finished:
+                return  # aborted or expired meanwhile: drop the layer
+            try:
+                self.engine.import_layer(kv.request_id, kv)
+            except (ValueError, KeyError) as e:
+                self._fail(kv.request_id, f"KV rejected: {e}", failure_reason(e))
+                return
+            st.layers += 1
+            if st.layers == self.num_layers:
+                st.times["kv_complete"] = time.time()
+                st.arrived.set()
 
     # -- control (called by the router) ------------------------------------------------------
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -288,7 +288,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         disagg_bench.run(args.model or "random:llama3-8b", args.codecs.split(","),
                          args.prefill_len, args.gen_tokens, [None, args.link_gbps_bench],
-                         Path(args.out), device=args.device)
+                         Path(args.out), device=args.device, kv_path=args.kv_path)
+        return 0
+    if args.what == "transfer":
+        from zipserve.bench import transfer_bench
+
+        transfer_bench.run(Path(args.out), args.channels.split(",") if args.channels else None,
+                           int(args.max_mb * (1 << 20)), device=args.device)
         return 0
     if args.what == "quality":
         from zipserve.bench import quality_bench
@@ -432,9 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
     b.add_argument("what", choices=["engine", "kernels", "quality", "disagg", "lckv", "load",
-                                    "jct", "report"])
+                                    "jct", "report", "transfer"])
     b.add_argument("--clients", type=int, default=64, help="load: concurrent streaming clients")
     b.add_argument("--duration", type=float, default=60.0, help="load: seconds of load")
+    b.add_argument("--channels", default=None,
+                   help="transfer: host,inproc_device,checksum,cuda_ipc,nccl_self,nccl_pg,"
+                        "nccl_ctypes (default: all this machine can run)")
+    b.add_argument("--kv-path", choices=["auto", "host"], default="auto",
+                   help="disagg: 'host' forces KV through host memory (the old path)")
+    b.add_argument("--max-mb", type=float, default=256,
+                   help="transfer: largest message in MiB (sizes 4 KiB x 4^k)")
     b.add_argument("--link-gbps-bench", type=float, default=10.0,
                    help="disagg: the emulated link measured beside no link")
     b.add_argument("--model", default=None,

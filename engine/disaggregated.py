@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from zipserve.engine.kv_export import LayerKV, export_layer, import_layer
+from zipserve.engine.kv_export import DeviceLayerKV, LayerKV, export_layer, import_layer
 from zipserve.engine.llm_engine import LLMEngine, RequestOutput
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.detokenizer import Detokenizer
@@ -32,7 +32,7 @@ class PrefillResult:
     prompt_ids: list[int]
     first_token: int
     first_logprob: float | None
-    layers: list[LayerKV]
+    layers: list[LayerKV | DeviceLayerKV]
     """Every layer's KV (also handed to on_layer as each was computed)."""
     prefill_seconds: float
 
@@ -51,7 +51,10 @@ class DisaggregatedEngine(LLMEngine):
 
     # -- prefill side --------------------------------------------------------------------
     def prefill_export(self, prompt, params: SamplingParams, request_id: str,
-                       on_layer: Callable[[LayerKV], None] | None = None) -> PrefillResult:
+                       on_layer: Callable[[LayerKV | DeviceLayerKV], None] | None = None,
+                       device_form: bool = False) -> PrefillResult:
+        """device_form: hand out DeviceLayerKV (buffers stay on the device) instead of host
+        bytes; for channels that carry device tensors."""
         seq = self._new_seq(prompt, params, request_id)
         if not self.scheduler.reserve(seq, seq.num_tokens):
             raise Overloaded(f"prefill: no free KV pages for {seq.num_tokens} tokens")
@@ -59,7 +62,7 @@ class DisaggregatedEngine(LLMEngine):
         layers: list[LayerKV] = []
 
         def layer_done(layer: int) -> None:
-            kv = export_layer(self.cache, layer, seq, num_tokens=n)
+            kv = export_layer(self.cache, layer, seq, num_tokens=n, device_form=device_form)
             layers.append(kv)
             if on_layer is not None:
                 on_layer(kv)
@@ -84,7 +87,7 @@ class DisaggregatedEngine(LLMEngine):
             raise Overloaded(f"decode: no free KV pages for {seq.num_tokens} tokens")
         self._seqs[request_id] = seq
 
-    def import_layer(self, request_id: str, kv: LayerKV) -> None:
+    def import_layer(self, request_id: str, kv: LayerKV | DeviceLayerKV) -> None:
         seq = self._reserved(request_id)
         if kv.num_tokens != seq.num_tokens:
             raise ValueError(f"layer {kv.layer}: KV of {kv.num_tokens} tokens for a prompt of "

@@ -3,6 +3,11 @@
 A `LayerKV` is what travels for a layer: the sequence's encoded full pages in the wire form of
 compress/wire.py, plus (compressed caches) its 16-bit open page and sinks. The decode side writes
 them into pages and a slot it reserved beforehand; page ids need not match.
+
+Two forms: `LayerKV` (host bytes, CRC32; any transport) and `DeviceLayerKV` (one flat buffer left
+on the device plus a small JSON header with a device-computed checksum; for channels that carry
+device tensors: in-process, CUDA IPC, NCCL). `export_layer(..., device_form=True)` makes the
+second; `import_layer` takes either and writes device-to-device for the second.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 
 from zipserve.compress.compressed_cache import CompressedKVCache
-from zipserve.compress.wire import DTYPES, WirePages, adopt_pages, pack_pages, unpack_pages
+from zipserve.compress.device_wire import DeviceWire, pack_device, unpack_device, verify_checksum
+from zipserve.compress.wire import DTYPES, WireError, adopt_pages, pack_pages, unpack_pages
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sequence import Sequence
@@ -73,6 +80,70 @@ class LayerKV:
 
 
 _MAGIC = b"ZKVL\x01"
+DEVICE_MAGIC = b"ZKVD\x01"
+"""Starts the header message of a DeviceLayerKV (its payload follows as a second message)."""
+
+
+@dataclass
+class DeviceLayerKV:
+    """One layer's KV as a device buffer: wire.header names codec, layout version, shapes and
+    the checksum; wire.payload holds pages then tail tensors (see compress/device_wire.py)."""
+
+    layer: int
+    num_tokens: int
+    wire: DeviceWire
+    request_id: str = ""
+    ready: object = None
+    """torch.cuda.Event recorded after the gather (None on CPU): readers wait on it."""
+    release: Callable[[], None] | None = None
+    """Receiver side: returns the mapped buffer to its sender (CUDA IPC); None otherwise."""
+    checksum_error: str | None = None
+    checked: bool = False
+    """verify() ran (receivers call it before taking any lock: it synchronizes once)."""
+
+    def verify(self) -> bool:
+        """Check the payload against the header's checksum on its device; remembers the
+        outcome for import_layer. True when it matches."""
+        if not self.checked:
+            self.wait_ready()
+            try:
+                verify_checksum(self.wire.header, self.wire.payload)
+            except WireError as e:
+                self.checksum_error = str(e)
+            self.checked = True
+        return self.checksum_error is None
+
+    def nbytes(self) -> int:
+        return int(self.wire.payload.numel())
+
+    def header_bytes(self) -> bytes:
+        """DEVICE_MAGIC + JSON (synchronizes once for the checksum)."""
+        self.wait_ready()
+        h = {"layer": self.layer, "num_tokens": self.num_tokens, "request_id": self.request_id,
+             "wire": self.wire.finalize()}
+        return DEVICE_MAGIC + json.dumps(h).encode()
+
+    @classmethod
+    def from_header(cls, data: bytes, payload: torch.Tensor,
+                    release: Callable[[], None] | None = None) -> DeviceLayerKV:
+        """Parse header_bytes output around a received payload; ValueError on anything else."""
+        if data[:len(DEVICE_MAGIC)] != DEVICE_MAGIC:
+            raise ValueError("not a zipserve device LayerKV header")
+        h = json.loads(data[len(DEVICE_MAGIC):])
+        return cls(h["layer"], h["num_tokens"], DeviceWire(h["wire"], payload), h["request_id"],
+                   release=release)
+
+    def wait_ready(self) -> None:
+        """Make the current stream wait for the gather that filled the payload."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.wire.payload.device).wait_event(self.ready)
+
+    def done(self) -> None:
+        """The receiver is finished with the payload (idempotent)."""
+        release, self.release = self.release, None
+        if release is not None:
+            self.wire.payload = torch.empty(0, dtype=torch.uint8)  # drop our view of the mapping
+            release()
 
 
 def _codec_name(cache) -> str:
@@ -87,9 +158,13 @@ def _store(cache, layer: int) -> dict[str, torch.Tensor]:
 
 
 def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
-                 num_tokens: int | None = None) -> LayerKV:
-    """The first num_tokens (default: seq.num_cached) tokens' KV of one layer."""
+                 num_tokens: int | None = None,
+                 device_form: bool = False) -> LayerKV | DeviceLayerKV:
+    """The first num_tokens (default: seq.num_cached) tokens' KV of one layer; device_form: as a
+    DeviceLayerKV on the cache's device (nothing synchronizes or touches the host)."""
     n, p = (seq.num_cached if num_tokens is None else num_tokens), cache.page_size
+    if device_form:
+        return _export_device(cache, layer, seq, n)
     if isinstance(cache, KVCache):
         ids = seq.pages[:pages_for(n, p)]
         return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer), torch.tensor(ids)),
@@ -106,10 +181,38 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
                    seq.request_id)
 
 
-def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV, seq: Sequence) -> None:
+def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
+    p = cache.page_size
+    if isinstance(cache, KVCache):
+        ids = torch.tensor(seq.pages[:pages_for(n, p)], dtype=torch.long)
+        wire = pack_device("bf16", _store(cache, layer), ids)
+    else:
+        n_full = n // p
+        ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
+        r, s = n - n_full * p, min(cache.n_sink, n)
+        tail = {"open_k": cache.open[layer, 0, seq.slot, :, :r],  # [KVH, r, D]
+                "open_v": cache.open[layer, 1, seq.slot, :, :r]}
+        if cache.n_sink:
+            tail["sink_k"] = cache.sinks[layer, 0, seq.slot, :, :s]  # [KVH, s, D]
+            tail["sink_v"] = cache.sinks[layer, 1, seq.slot, :, :s]
+        wire = pack_device(cache.codec.name, cache.stores[layer], ids, extras=tail)
+    ready = None
+    if wire.payload.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(wire.payload.device))
+    return DeviceLayerKV(layer, n, wire, seq.request_id, ready)
+
+
+def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV,
+                 seq: Sequence) -> None:
     """Write a received layer into seq's reserved pages (and slot). Raises ValueError (WireError)
-    when the pages are corrupt or of another codec/layout."""
-    wire: WirePages = unpack_pages(kv.pages)
+    when the pages are corrupt (checksum) or of another codec/layout."""
+    if isinstance(kv, DeviceLayerKV):
+        if not kv.verify():
+            raise WireError(kv.checksum_error)
+        wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
+    else:
+        wire, tail = unpack_pages(kv.pages), kv.tail
     store = _store(cache, kv.layer)
     ids = torch.tensor(seq.pages[:wire.num_pages], dtype=torch.long)
     if len(ids) != wire.num_pages:
@@ -118,10 +221,12 @@ def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV, seq: Sequence)
     adopt_pages(_codec_name(cache), store, ids, wire)
     if isinstance(cache, CompressedKVCache):
         dev = cache.open.device
-        r = kv.tail["open_k"].shape[1]
-        cache.open[kv.layer, 0, seq.slot, :, :r] = kv.tail["open_k"].to(dev)
-        cache.open[kv.layer, 1, seq.slot, :, :r] = kv.tail["open_v"].to(dev)
+        if "open_k" not in tail or (cache.n_sink and "sink_k" not in tail):
+            raise ValueError(f"layer {kv.layer}: the 16-bit tail is missing")
+        r = tail["open_k"].shape[1]
+        cache.open[kv.layer, 0, seq.slot, :, :r] = tail["open_k"].to(dev)
+        cache.open[kv.layer, 1, seq.slot, :, :r] = tail["open_v"].to(dev)
         if cache.n_sink:
-            s = kv.tail["sink_k"].shape[1]
-            cache.sinks[kv.layer, 0, seq.slot, :, :s] = kv.tail["sink_k"].to(dev)
-            cache.sinks[kv.layer, 1, seq.slot, :, :s] = kv.tail["sink_v"].to(dev)
+            s = tail["sink_k"].shape[1]
+            cache.sinks[kv.layer, 0, seq.slot, :, :s] = tail["sink_k"].to(dev)
+            cache.sinks[kv.layer, 1, seq.slot, :, :s] = tail["sink_v"].to(dev)

@@ -5,6 +5,8 @@ moment the model has stored it, so the transfer of layer l overlaps the compute 
 Prompts run one at a time (a lock), so the actor may take calls concurrently: stats and health
 checks answer while a prefill runs. `incarnation` is new each time the worker is built, so a
 restarted actor is told apart from the one before it.
+On CUDA, over a channel that carries device tensors (in-process, CUDA IPC, NCCL), layers leave as
+device buffers and never touch host memory (transfer/kv_messages.py picks the form).
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
-from zipserve.transfer.pairing import connect_pair, local_endpoint
 from zipserve.transfer.channel import Channel
+from zipserve.transfer.kv_messages import send_layer, use_device_form
 from zipserve.transfer.link import LinkEmulator
+from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 KV_TAG = 1
 
@@ -93,9 +95,7 @@ class PrefillWorker:
                 if sent["error"] is not None:
                     continue
                 try:
-                    data = kv.to_bytes()
-                    channel.send(data, KV_TAG)
-                    sent["bytes"] += len(data)
+                    sent["bytes"] += send_layer(channel, kv, KV_TAG)
                 except Exception as e:  # surfaced to the caller below
                     sent["error"] = e
 
@@ -103,7 +103,9 @@ class PrefillWorker:
         thread.start()
         t0 = time.time()
         try:
-            res = self.engine.prefill_export(prompt_ids, params, request_id, on_layer=outbox.put)
+            res = self.engine.prefill_export(prompt_ids, params, request_id, on_layer=outbox.put,
+                                             device_form=use_device_form(channel,
+                                                                         self.engine.device))
         finally:
             outbox.put(None)
             thread.join()

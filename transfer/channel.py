@@ -100,6 +100,10 @@ def check_tag(tag: int) -> int:
 class Channel(ABC):
     """One endpoint of a two-party, bidirectional, tagged message channel."""
 
+    carries_device_tensors: bool = False
+    """True when a CUDA tensor handed to send() reaches the receiver as a device tensor without
+    passing through host memory (in-process, CUDA IPC, NCCL); see transfer/kv_messages.py."""
+
     def __init__(self) -> None:
         self._stats_lock = threading.Lock()
         self.bytes_sent = 0

@@ -7,9 +7,7 @@ to modify it). Python byte objects are copied once into a CPU tensor. Thread-saf
 If the two sides use different CUDA streams, the sender must make the receiver's stream wait
 for the producing stream (or synchronize) before the receiver reads the tensor.
 
-TODO: CUDA-IPC between separate processes on one GPU (torch.multiprocessing queues share CUDA
-tensors through IPC handles; the producer must keep each tensor alive until the consumer is done,
-which needs an acknowledgement message per buffer).
+Two processes on one GPU use transfer/cuda_ipc.py instead.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import threading
 
 import torch
-
 from zipserve.transfer.channel import (
     Buffer,
     Channel,
@@ -29,6 +26,8 @@ from zipserve.transfer.mailbox import Mailbox
 
 
 class InProcessChannel(Channel):
+    carries_device_tensors = True
+
     def __init__(self, inbox: Mailbox, outbox: Mailbox) -> None:
         super().__init__()
         self._inbox, self._outbox = inbox, outbox

@@ -14,7 +14,6 @@ import time
 from collections import deque
 
 import torch
-
 from zipserve.transfer.channel import Buffer, Channel
 
 
@@ -34,6 +33,20 @@ class LinkEmulator(Channel):
         self._lock = threading.Lock()
         self._busy_until = 0.0
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) on time.monotonic()
+
+    @property
+    def carries_device_tensors(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "carries_device_tensors", False))
+
+    @property
+    def leases(self) -> bool:
+        return bool(getattr(self.inner, "leases", False))
+
+    def recv_lease(self, tag: int, timeout: float | None = None):
+        """The inner channel's recv_lease (CUDA IPC; only when `leases`)."""
+        lease = self.inner.recv_lease(tag, timeout)
+        self._count_received(lease.tensor.numel())
+        return lease
 
     @property
     def enabled(self) -> bool:

@@ -12,7 +12,6 @@ import time
 from collections import deque
 
 import torch
-
 from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
 
 

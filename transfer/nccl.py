@@ -1,10 +1,19 @@
 """A small ctypes binding to the libnccl that torch already loads: point-to-point send/recv of
 CUDA tensors on streams the caller chooses (the process-group API hides its streams).
 
-The library is found, in order: a libnccl already mapped into this process (torch's CUDA build
-loads one at import; using the same copy avoids two NCCL instances), then the dynamic loader's
-search for "libnccl.so.2", then torch/lib and the nvidia/nccl package directories. Importing this
-module never fails; `nccl_available()` says whether a library was found.
+The library is found, in order: $ZIPSERVE_LIBNCCL, a libnccl already mapped into this process
+(torch's CUDA build loads the one of its nvidia-nccl-cu* wheel at import; using the same copy
+avoids two NCCL instances), the dynamic loader's search for "libnccl.so.2", then torch/lib and
+the nvidia/*/lib directories of the nvidia-nccl-cu* wheels. Importing this module never fails;
+`nccl_available()` says whether a library was found, and every call raises NcclError naming the
+places searched when none was.
+
+Semantics follow nccl.h: ncclUniqueId is a struct of 128 bytes passed by value to
+ncclCommInitRank (blocking until all ranks joined, on the current CUDA device); ncclSend/ncclRecv
+take a count of ncclUint8 elements (so any dtype travels as bytes) and are asynchronous on the
+given stream; a rank may send to and receive from itself, but only inside one
+ncclGroupStart/End; ncclCommDestroy needs the communicator's work finished, ncclCommAbort does
+not; ncclGetErrorString / ncclGetLastError give the messages of NcclError.
 
 Usage: rank 0 calls `get_unique_id()` and passes the 128 bytes to the other ranks (store, Ray,
 a file); every rank then builds `NcclComm(uid, nranks, rank, device)` concurrently (the call
@@ -43,7 +52,8 @@ class _UniqueId(ctypes.Structure):
 
 
 def _candidates() -> list[str]:
-    found: list[str] = []
+    found: list[str] = [os.environ["ZIPSERVE_LIBNCCL"]] if os.environ.get("ZIPSERVE_LIBNCCL") \
+        else []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
@@ -53,10 +63,10 @@ def _candidates() -> list[str]:
     except OSError:
         pass
     found.append("libnccl.so.2")
-    dirs = [os.path.join(os.path.dirname(torch.__file__), "lib")]
-    dirs += [os.path.join(p, "nvidia", "nccl", "lib") for p in sys.path if p]
-    for d in dirs:
-        found += sorted(glob.glob(os.path.join(d, "libnccl.so*")))
+    patterns = [os.path.join(os.path.dirname(torch.__file__), "lib", "libnccl.so*")]
+    patterns += [os.path.join(p, "nvidia", "*", "lib", "libnccl.so*") for p in sys.path if p]
+    for pattern in patterns:  # nvidia/nccl/lib (cu12 wheels) or nvidia/cu13/lib (cu13)
+        found += [f for f in sorted(glob.glob(pattern)) if f not in found]
     return found
 
 
@@ -77,7 +87,10 @@ def _load() -> ctypes.CDLL:
             except (OSError, AttributeError) as e:
                 errors.append(f"{path}: {e}")
         else:
-            _lib_error = "libnccl not found (" + "; ".join(errors[-3:]) + ")"
+            _lib_error = ("libnccl not found: torch's CUDA build ships it in the nvidia-nccl-cu12"
+                          " / -cu13 wheel (pip install nvidia-nccl-cu12), or point "
+                          "ZIPSERVE_LIBNCCL at a libnccl.so.2 (tried: "
+                          + "; ".join(errors[-3:]) + ")")
             raise NcclError(_lib_error)
         _declare(lib)
         _lib = lib
@@ -95,11 +108,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).argtypes = [c_void_p, c_size_t, c_int, c_int, c_void_p, c_void_p]
     for name in ("ncclCommDestroy", "ncclCommAbort"):
         getattr(lib, name).argtypes = [c_void_p]
+    lib.ncclGroupStart.argtypes = lib.ncclGroupEnd.argtypes = []
+    lib.ncclCommGetAsyncError.argtypes = [c_void_p, ctypes.POINTER(c_int)]
     if hasattr(lib, "ncclGetLastError"):
         lib.ncclGetLastError.argtypes = [c_void_p]
         lib.ncclGetLastError.restype = ctypes.c_char_p
     for name in ("ncclCommInitRank", "ncclSend", "ncclRecv", "ncclCommDestroy", "ncclCommAbort",
-                 "ncclGetVersion", "ncclGetUniqueId", "ncclGroupStart", "ncclGroupEnd"):
+                 "ncclGetVersion", "ncclGetUniqueId", "ncclGroupStart", "ncclGroupEnd",
+                 "ncclCommGetAsyncError"):
         getattr(lib, name).restype = c_int
 
 
@@ -172,6 +188,7 @@ class NcclComm:
         uid = _UniqueId()
         ctypes.memmove(uid.internal, unique_id, UNIQUE_ID_BYTES)
         comm = ctypes.c_void_p()
+        torch.cuda.init()  # NCCL needs the device's primary context current
         with torch.cuda.device(self.device):
             _check(self._lib, self._lib.ncclCommInitRank(ctypes.byref(comm), nranks, uid, rank),
                    "ncclCommInitRank")
@@ -185,7 +202,7 @@ class NcclComm:
             raise ValueError(f"tensor is on {tensor.device}, the communicator on {self.device}")
         if not tensor.is_contiguous():
             raise ValueError("NCCL send/recv needs a contiguous tensor")
-        if not 0 <= peer < self.nranks or peer == self.rank:
+        if not 0 <= peer < self.nranks:  # peer == rank is allowed inside group()
             raise ValueError(f"bad peer {peer} for rank {self.rank} of {self.nranks}")
         current = torch.cuda.current_stream(self.device)
         stream = current if stream is None else stream
@@ -208,9 +225,41 @@ class NcclComm:
         _check(self._lib, self._lib.ncclRecv(ptr, nbytes, _NCCL_UINT8, peer, self._comm, s),
                "ncclRecv", self._comm)
 
+    def async_error(self) -> str | None:
+        """NCCL's asynchronous error of this communicator (peer died, network), or None."""
+        if self._comm is None:
+            return None
+        err = ctypes.c_int()
+        _check(self._lib, self._lib.ncclCommGetAsyncError(self._comm, ctypes.byref(err)),
+               "ncclCommGetAsyncError")
+        if err.value in (0, 7):  # ncclSuccess, ncclInProgress
+            return None
+        return self._lib.ncclGetErrorString(err.value).decode(errors="replace")
+
+    def wait(self, stream: torch.cuda.Stream | None = None, timeout_s: float = 60.0) -> None:
+        """Block until the work queued on stream (default: current) is done. A peer that never
+        matches a send/recv would hang the stream forever: after timeout_s, or on an async
+        NCCL error, the communicator is aborted (its pending ops end) and NcclError raised."""
+        import time
+
+        stream = torch.cuda.current_stream(self.device) if stream is None else stream
+        done = torch.cuda.Event()
+        done.record(stream)
+        deadline, pause = time.monotonic() + timeout_s, 0.0
+        while not done.query():
+            err = self.async_error()
+            if err is not None or time.monotonic() > deadline:
+                self.abort()
+                raise NcclError(f"NCCL operation failed: {err}" if err else
+                                f"NCCL operation did not finish within {timeout_s} s "
+                                f"(peer gone?); communicator aborted")
+            time.sleep(pause)
+            pause = min(1e-3, pause * 2 + 1e-5)
+
     def destroy(self) -> None:
-        """Free the communicator (after its operations finished); idempotent."""
+        """Free the communicator once its queued work has finished; idempotent."""
         if self._comm is not None:
+            torch.cuda.synchronize(self.device)
             comm, self._comm = self._comm, None
             _check(self._lib, self._lib.ncclCommDestroy(comm), "ncclCommDestroy")
 

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from zipserve.transfer.channel import (
     CLOSE_TAG,
     NO_CRC,
@@ -88,6 +87,7 @@ class ProcessGroupChannel(Channel):
         self.device = torch.device("cpu") if backend == "gloo" else \
             torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
         self.checksum = (backend == "gloo") if checksum is None else checksum
+        self.carries_device_tensors = backend == "nccl"
         self.peer_hello: dict[str, Any] = {}
         self._send_lock, self._state_lock = threading.Lock(), threading.Lock()
         self._mailbox = Mailbox()

@@ -1,0 +1,142 @@
+"""Device-resident wire form of encoded KV pages: a small JSON header (codec, layout version,
+page count, every tensor's dtype, shape and offset, a checksum) plus ONE flat uint8 buffer that
+stays on the device it was gathered on (no host copy, no CRC32 on the host).
+
+`pack_device` gathers pages straight into the flat buffer (index_select into views of it) and
+appends extra tensors (the 16-bit tail); each tensor starts at a 16-byte aligned offset.
+`checksum` is `compress.checksum.device_checksum` over the whole buffer; it is computed lazily
+(`DeviceWire.finalize`) so the caller decides where the one host synchronization for `.item()`
+happens (the sender thread, not inside the forward pass). `unpack_device` verifies the checksum on
+the buffer's device and returns `WirePages` views plus the extras for `wire.adopt_pages`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from zipserve.compress.checksum import ALGORITHM, device_checksum
+from zipserve.compress.wire import DTYPES, LAYOUT_VERSION, WireError, WirePages
+
+ALIGN = 16
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass
+class DeviceWire:
+    header: dict
+    """codec, layout_version, num_pages, fields (pages), extras, nbytes, checksum_algorithm,
+    checksum (None until finalize)."""
+    payload: torch.Tensor
+    """uint8 [nbytes] on the device."""
+    _pending: torch.Tensor | None = field(default=None, repr=False)
+
+    def finalize(self) -> dict:
+        """Fill header['checksum'] (synchronizes with the device once) and return the header."""
+        if self.header.get("checksum") is None:
+            pending = self._pending if self._pending is not None else \
+                device_checksum(self.payload)
+            self.header["checksum"] = int(pending.item())
+            self._pending = None
+        return self.header
+
+
+def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor,
+                extras: dict[str, torch.Tensor] | None = None) -> DeviceWire:
+    """Gather pages page_ids of a codec store (and extra tensors) into one flat device buffer.
+    Queues the checksum reduction right behind the gather (no synchronization)."""
+    extras = extras or {}
+    device = next(iter(store.values())).device
+    ids = page_ids.to(torch.long)
+    if device.type == "cuda" and ids.device.type == "cpu":
+        # a pageable host->device copy would wait for the stream (stalling the forward pass
+        # this runs in); a pinned, non-blocking one does not
+        ids = ids.pin_memory().to(device, non_blocking=True)
+    ids = ids.to(device)
+    n = int(ids.numel())
+    fields, extra_fields, offset = [], [], 0
+    for name, t in store.items():
+        nbytes = n * math.prod(t.shape[1:]) * t.element_size()
+        fields.append({"name": name, "dtype": _dtype_name(t.dtype),
+                       "page_shape": list(t.shape[1:]), "offset": offset, "nbytes": nbytes})
+        offset = _align(offset + nbytes)
+    for name, t in extras.items():
+        nbytes = t.numel() * t.element_size()
+        extra_fields.append({"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+                             "offset": offset, "nbytes": nbytes})
+        offset = _align(offset + nbytes)
+    # [nbytes]; alignment pads stay uninitialized: the checksum covers the bytes as sent
+    payload = torch.empty(offset, dtype=torch.uint8, device=device)
+    for f, t in zip(fields, store.values(), strict=True):
+        if f["nbytes"]:
+            # gather as bytes: works for every dtype (fp8 included) and copies nothing twice
+            src = t.reshape(t.shape[0], -1).view(torch.uint8)  # [P, page bytes]
+            out = payload[f["offset"]:f["offset"] + f["nbytes"]].view(n, -1)  # [n, page bytes]
+            torch.index_select(src, 0, ids, out=out)
+    for f, t in zip(extra_fields, extras.values(), strict=True):
+        if f["nbytes"]:
+            dst = payload[f["offset"]:f["offset"] + f["nbytes"]]
+            dst.copy_(t.to(device).contiguous().reshape(-1).view(torch.uint8))
+    header = {"codec": codec, "layout_version": LAYOUT_VERSION, "num_pages": n,
+              "fields": fields, "extras": extra_fields, "nbytes": offset,
+              "checksum_algorithm": ALGORITHM, "checksum": None}
+    return DeviceWire(header, payload, device_checksum(payload))
+
+
+def _view(payload: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
+          shape: list[int]) -> torch.Tensor:
+    return payload[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def verify_checksum(header: dict, payload: torch.Tensor) -> None:
+    """Recompute the checksum on the payload's device (one synchronization); WireError when it
+    differs from the header's or the header names another algorithm."""
+    if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
+        raise WireError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
+    got = int(device_checksum(payload).item())
+    if got != header["checksum"]:
+        raise WireError("checksum mismatch: the pages were corrupted in transit "
+                        f"({got:#x} != {header['checksum']:#x})")
+
+
+def unpack_device(header: dict, payload: torch.Tensor,
+                  verify: bool = True) -> tuple[WirePages, dict[str, torch.Tensor]]:
+    """Views of a device buffer as pages + extras; raises WireError on a bad layout version,
+    size, dtype or checksum (verified on the payload's device)."""
+    if header.get("layout_version") != LAYOUT_VERSION:
+        raise WireError(f"layout version {header.get('layout_version')!r}, this side reads "
+                        f"{LAYOUT_VERSION}")
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise WireError("device payload must be a flat uint8 tensor")
+    if payload.numel() != header.get("nbytes"):
+        raise WireError(f"payload is {payload.numel()} bytes, header says {header.get('nbytes')}")
+    if verify:
+        verify_checksum(header, payload)
+    n = header["num_pages"]
+
+    def views(specs, shape_of):
+        out = {}
+        for f in specs:
+            dtype = DTYPES.get(f["dtype"])
+            if dtype is None:
+                raise WireError(f"unknown dtype {f['dtype']!r} for {f['name']}")
+            if f["offset"] + f["nbytes"] > payload.numel() or f["offset"] % ALIGN:
+                raise WireError(f"{f['name']}: bytes {f['offset']}+{f['nbytes']} out of range")
+            shape = shape_of(f)
+            out[f["name"]] = (_view(payload, f["offset"], f["nbytes"], dtype, shape)
+                              if f["nbytes"] else torch.empty(shape, dtype=dtype,
+                                                              device=payload.device))
+        return out
+
+    pages = views(header["fields"], lambda f: [n, *f["page_shape"]])
+    extras = views(header.get("extras", []), lambda f: f["shape"])
+    return WirePages(header["codec"], n, pages, header.get("meta", {})), extras

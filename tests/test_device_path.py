@@ -1,0 +1,363 @@
+"""The device-resident KV path, everything a CPU can check: the device checksum against its
+word-by-word definition, the device wire form (round trip, same bytes as the host form, corruption
+refused), the automatic choice of form and transfer path, workers forced onto the device form
+(same tokens as one engine; a corrupted payload fails the request and frees its pages), and the
+CUDA-IPC channel's bookkeeping (acks, bounded waits, peer death) with fake IPC handles."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from zipserve.compress import checksum as ck
+from zipserve.compress.codecs import make_codec
+from zipserve.compress.device_wire import pack_device, unpack_device
+from zipserve.compress.wire import WireError, adopt_pages, pack_pages, unpack_pages
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
+from zipserve.transfer.cuda_ipc import CudaIpcChannel
+from zipserve.transfer.inprocess import InProcessChannel
+from zipserve.transfer.kv_messages import recv_layer, send_layer, use_device_form
+from zipserve.transfer.link import LinkEmulator
+from zipserve.transfer.select import Endpoint, choose_path
+
+MODEL = str(REFERENCE_MODEL)
+needs_model = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
+                                 reason="reference checkpoint not present")
+
+
+# -- checksum ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 4095, 4096, 4097, 3 * 4096 + 17, 9 * 4096])
+def test_checksum_equals_reference(n, monkeypatch):
+    monkeypatch.setattr(ck, "SLAB_ROWS", 2)  # several slabs even for small buffers
+    b = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert int(ck.device_checksum(b)) == ck.checksum_reference(b)
+    if n > 4:  # an unaligned view is handled too
+        assert int(ck.device_checksum(b[1:])) == ck.checksum_reference(b[1:])
+
+
+def test_checksum_catches_flips_swaps_and_truncation():
+    g = torch.Generator().manual_seed(0)
+    b = torch.randint(0, 256, (5 * 4096 + 12,), dtype=torch.uint8, generator=g)
+    base = int(ck.device_checksum(b))
+    for pos in (0, 4095, 4096 * 3 + 1, b.numel() - 1):
+        for bit in (0, 7):
+            c = b.clone()
+            c[pos] ^= 1 << bit
+            assert int(ck.device_checksum(c)) != base
+    w = b.view(torch.int32).clone()
+    w[[5, 4000]] = w[[4000, 5]]  # two words swapped
+    assert w[5] != w[4000] and int(ck.device_checksum(w.view(torch.uint8))) != base
+    assert int(ck.device_checksum(b[:-4])) != base or not b[-4:].any()
+    fp = torch.randn(1000, dtype=torch.bfloat16, generator=g)
+    assert int(ck.device_checksum(fp)) == ck.checksum_reference(fp)
+
+
+# -- device wire form ----------------------------------------------------------------------------
+def _filled(codec_name: str, pages: int = 6):
+    c = make_codec(codec_name, num_kv_heads=2, page_size=64, head_dim=64,
+                   model_dir=str(REFERENCE_MODEL)).for_layer(0)
+    store = c.new_store(pages, "cpu")
+    g = torch.Generator().manual_seed(1)
+    c.encode(store, torch.tensor([1, 2, 4]), torch.randn(3, 2, 64, 64, generator=g),
+             torch.randn(3, 2, 64, 64, generator=g))
+    return c, store
+
+
+@pytest.mark.parametrize("codec", ["fp8", "kivi2", "hack2", "hack4"])
+def test_device_wire_round_trip_equals_host_form(codec):
+    c, src = _filled(codec)
+    ids = torch.tensor([4, 1, 2])
+    tail = {"open_k": torch.randn(2, 5, 64).to(torch.bfloat16), "open_v": torch.randn(2, 0, 64)}
+    dw = pack_device(codec, src, ids, extras=tail)
+    header = dict(dw.finalize())
+    assert header["codec"] == codec and header["layout_version"] == 1
+    assert header["num_pages"] == 3 and header["nbytes"] == dw.payload.numel()
+    assert all(f["offset"] % 16 == 0 for f in header["fields"] + header["extras"])
+    pages, extras = unpack_device(header, dw.payload)
+    host = unpack_pages(pack_pages(codec, src, ids))
+    for name, t in host.tensors.items():  # bit for bit the host form's bytes
+        assert torch.equal(pages.tensors[name].view(torch.uint8), t.view(torch.uint8))
+    assert torch.equal(extras["open_k"], tail["open_k"]) and extras["open_v"].shape == (2, 0, 64)
+    dst_a, dst_b = c.new_store(8, "cpu"), c.new_store(8, "cpu")
+    adopt_pages(codec, dst_a, torch.tensor([7, 0, 3]), pages)
+    adopt_pages(codec, dst_b, torch.tensor([7, 0, 3]), host)
+    for name in dst_a:
+        assert torch.equal(dst_a[name].view(torch.uint8), dst_b[name].view(torch.uint8))
+
+
+def test_device_wire_refuses_corruption_and_bad_headers():
+    _, src = _filled("hack2")
+    dw = pack_device("hack2", src, torch.tensor([1, 2]))
+    header = dict(dw.finalize())
+    bad = dw.payload.clone()
+    bad[bad.numel() // 2] ^= 0x10
+    with pytest.raises(WireError, match="checksum mismatch"):
+        unpack_device(header, bad)
+    with pytest.raises(WireError, match="layout version"):
+        unpack_device({**header, "layout_version": 99}, dw.payload)
+    with pytest.raises(WireError, match="bytes"):
+        unpack_device(header, dw.payload[:-16])
+    with pytest.raises(WireError, match="checksum"):
+        unpack_device({**header, "checksum": None}, dw.payload)
+
+
+# -- automatic choices ---------------------------------------------------------------------------
+class _HostOnly(InProcessChannel):
+    carries_device_tensors = False  # like gloo
+
+
+def test_form_selection():
+    a, b = InProcessChannel.pair()
+    h, _ = _HostOnly.pair()
+    assert use_device_form(a, "cuda:0") and use_device_form(LinkEmulator(a, gbps=10), "cuda")
+    assert not use_device_form(a, "cpu")  # CPU stays on host bytes
+    assert not use_device_form(h, "cuda:0") and not use_device_form(LinkEmulator(h), "cuda")
+
+
+def _ep(device="cuda", uuid="GPU-a", host="h1", pid=1, nccl=True, request="auto"):
+    return Endpoint(device, uuid if device == "cuda" else "", host, pid, nccl, request)
+
+
+@pytest.mark.parametrize("a, b, want", [
+    (_ep("cpu"), _ep("cpu", pid=2), "host"),
+    (_ep("cpu"), _ep(pid=2), "host"),
+    (_ep(), _ep(pid=2), "cuda_ipc"),  # same GPU, two processes
+    (_ep(), _ep(uuid="GPU-b", pid=2), "nccl"),  # two GPUs
+    (_ep(), _ep(host="h2"), "nccl"),  # two hosts
+    (_ep(), _ep(uuid="GPU-b", pid=2, nccl=False), "host"),  # no NCCL on one side
+    (_ep(), _ep(), "host"),  # one process: pairs use InProcessChannel, not this
+    (_ep(request="host"), _ep(pid=2), "host"),
+    (_ep(request="nccl"), _ep(uuid="GPU-b", pid=2, request="nccl"), "nccl"),
+])
+def test_path_choice_is_symmetric(a, b, want):
+    assert choose_path(a, b) == choose_path(b, a) == want
+
+
+@pytest.mark.parametrize("a, b, match", [
+    (_ep(request="nccl"), _ep(pid=2), "different GPUs"),
+    (_ep(request="cuda_ipc"), _ep(uuid="GPU-b", pid=2), "same GPU"),
+    (_ep(request="cuda_ipc"), _ep(pid=2, request="nccl"), "different transfer paths"),
+])
+def test_forced_impossible_path_is_refused(a, b, match):
+    with pytest.raises(TransferError, match=match):
+        choose_path(a, b)
+
+
+# -- workers on the device form (CPU tensors stand in for device ones) ---------------------------
+@needs_model
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_workers_on_device_form_equal_one_engine(codec, monkeypatch):
+    from zipserve.decode_worker.worker import DecodeWorker
+    from zipserve.engine.llm import LLM, SamplingParams
+    from zipserve.prefill_worker import worker as pw
+
+    monkeypatch.setattr(pw, "use_device_form", lambda channel, device: True)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 200))
+    want = LLM(MODEL, device="cpu", codec=codec).generate([prompt], params)[0].token_ids
+    a, b = InProcessChannel.pair()
+    seen = []
+    send = a.send
+    a.send = lambda buf, tag: (seen.append(type(buf).__name__), send(buf, tag))[1]
+    pre, dec = pw.PrefillWorker(MODEL, codec, "cpu"), DecodeWorker(MODEL, codec, "cpu")
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    try:
+        dec.reserve("q", prompt, params)
+        rep = pre.prefill("q", prompt, params, "d0")
+        res = dec.admit("q", rep.first_token, rep.first_logprob, timeout=10)
+        while not res["finished"]:
+            res = dec.poll("q", 0, timeout=5)
+        assert res["tokens"] == want and res["error"] is None
+        n_layers = dec.num_layers
+        assert seen == ["bytes", "Tensor"] * n_layers  # header + device payload per layer
+        dec.release("q")
+        # a payload corrupted in transit: the request fails clearly, its pages come back
+        a.send = lambda buf, tag: send(_flip(buf) if isinstance(buf, torch.Tensor) else buf, tag)
+        dec.reserve("bad", prompt, params)
+        rep = pre.prefill("bad", prompt, params, "d0")
+        res = dec.admit("bad", rep.first_token, None, timeout=10)
+        assert res["finish_reason"] == "error" and "checksum mismatch" in res["error"]
+        dec.release("bad")
+        s = dec.stats()
+        assert s["free_pages"] == s["capacity_pages"] and s["reserved"] == 0
+        assert pre.stats()["used_pages"] == 0
+    finally:
+        dec.shutdown()
+
+
+def _flip(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t[t.numel() // 3] ^= 0x01
+    return t
+
+
+@needs_model
+def test_send_recv_layer_both_forms():
+    from zipserve.engine.disaggregated import DisaggregatedEngine
+    from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
+    from zipserve.engine.sampling_params import SamplingParams
+
+    eng = DisaggregatedEngine(MODEL, device="cpu")
+    got = {}
+    for form in (False, True):
+        layers = []
+        eng.prefill_export(list(range(3, 90)), SamplingParams(max_tokens=1), f"r{form}",
+                           on_layer=layers.append, device_form=form)
+        a, b = InProcessChannel.pair()
+        nbytes = send_layer(a, layers[1], 5)
+        kv = recv_layer(b, 5, timeout=1)
+        assert isinstance(kv, DeviceLayerKV if form else LayerKV) and nbytes > 0
+        assert kv.layer == 1 and kv.num_tokens == 87 and kv.request_id == f"r{form}"
+        got[form] = kv
+    host = unpack_pages(got[False].pages).tensors
+    dev, _ = unpack_device(got[True].wire.header, got[True].wire.payload)
+    for k in host:  # dense pages [n_pages, KVH, P, D]: tokens past 87 are stale rows
+        h, d = (x.transpose(1, 2).flatten(0, 1)[:87] for x in (host[k], dev.tensors[k]))
+        assert torch.equal(h, d), k
+    a, b = InProcessChannel.pair()
+    a.send(b"ZKVD\x01{}", 5)  # a device header with no payload behind it
+    with pytest.raises(ValueError, match="without its payload"):
+        recv_layer(b, 5, timeout=1, payload_timeout=0.05)
+    assert eng.pool.num_used == 0
+
+
+# -- CUDA-IPC bookkeeping with fake handles ------------------------------------------------------
+class _FakeIpc:
+    """Stands in for cudaIpc*: 'exports' a tensor by key, 'maps' it back by key."""
+
+    def __init__(self):
+        self.shared: dict[int, torch.Tensor] = {}
+        self.mapped = 0
+
+    def export(self, t):
+        key = len(self.shared)
+        self.shared[key] = t
+        return {"key": key}
+
+    def open(self, h, *device):
+        self.mapped += 1
+        return self.shared[h["key"]]
+
+
+def _ipc_pair(**kw):
+    ca, cb = InProcessChannel.pair()
+    fake = _FakeIpc()
+    opts = dict(exporter=fake.export, importer=fake.open, inline_cpu=False, **kw)
+    return CudaIpcChannel(ca, **opts), CudaIpcChannel(cb, **opts), fake
+
+
+def test_ipc_acks_free_the_senders_buffers():
+    a, b, fake = _ipc_pair(ack_timeout_s=5)
+    try:
+        bufs = [torch.full((1000,), i, dtype=torch.uint8) for i in range(3)]
+        for t in bufs:
+            a.send(t, 7)
+        a.send(b"inline bytes", 7)
+        assert a.inflight == 3
+        leases = [b.recv_lease(7, timeout=1) for _ in range(3)]
+        assert [int(ls.tensor[0]) for ls in leases] == [0, 1, 2] and b.open_leases == 3
+        assert bytes(b.recv_lease(7, timeout=1).tensor.numpy()) == b"inline bytes"
+        assert a.inflight == 3  # nothing is given back while mapped
+        leases[1].release()
+        leases[1].release()  # idempotent
+        assert _until(lambda: a.inflight == 2)
+        copy = None
+        a.send(torch.arange(10, dtype=torch.uint8), 8)
+        copy = b.recv(8, timeout=1)  # recv() copies and gives back at once
+        assert torch.equal(copy, torch.arange(10, dtype=torch.uint8))
+        for ls in leases:
+            ls.release()
+        assert a.wait_acked(2.0) and a.inflight == 0 and b.open_leases == 0
+        assert a.bytes_sent == 3000 + 12 + 10 and fake.mapped == 4
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ipc_inflight_budget_blocks_then_times_out():
+    a, b, _ = _ipc_pair(ack_timeout_s=0.3, max_inflight_bytes=1500)
+    try:
+        a.send(torch.zeros(1000, dtype=torch.uint8), 1)
+        lease = b.recv_lease(1, timeout=1)
+        threading.Timer(0.1, lease.release).start()
+        t0 = time.monotonic()
+        a.send(torch.zeros(1000, dtype=torch.uint8), 1)  # waits for the first ack
+        assert 0.05 < time.monotonic() - t0 < 0.3
+        t0 = time.monotonic()
+        with pytest.raises(TransferTimeout, match="unacknowledged"):
+            a.send(torch.zeros(1000, dtype=torch.uint8), 1)  # nobody gives the second back
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ipc_stuck_peer_fails_channel_and_drops_references():
+    a, b, _ = _ipc_pair(ack_timeout_s=0.2)
+    try:
+        t = torch.zeros(100, dtype=torch.uint8)
+        a.send(t, 1)
+        b.recv_lease(1, timeout=1)  # mapped and never released
+        assert _until(lambda: a.inflight == 0, 2.0)  # expired: references dropped
+        with pytest.raises(TransferTimeout, match="did not return"):
+            a.send(t, 1)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ipc_peer_death_releases_and_refuses():
+    a, b, _ = _ipc_pair(ack_timeout_s=30)
+    a.send(torch.zeros(100, dtype=torch.uint8), 1)
+    b._control.close()  # the peer's side of the control path goes away (as on a crash)
+    assert _until(lambda: a.inflight == 0, 2.0)
+    with pytest.raises(TransferClosed):
+        a.send(torch.zeros(100, dtype=torch.uint8), 1)
+    a.close()
+    b.close()
+    with pytest.raises(TransferClosed):
+        a.send(b"x", 1)
+
+
+def test_ipc_close_gives_back_open_leases():
+    a, b, _ = _ipc_pair(ack_timeout_s=5)
+    a.send(torch.zeros(100, dtype=torch.uint8), 1)
+    b.recv_lease(1, timeout=1)
+    b.close()  # releases the lease (ACK) before closing the control path
+    assert a.wait_acked(2.0) and a.inflight == 0
+    a.close()
+
+
+def _until(cond, timeout: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_transfer_bench_host_channel_on_cpu(tmp_path):
+    from zipserve.bench import transfer_bench
+
+    rows = transfer_bench.run(tmp_path, ["host", "cuda_ipc"], max_bytes=16 << 10, device="cpu")
+    assert [(r["channel"], r["bytes"]) for r in rows] == [("host", 4096), ("host", 16384)]
+    assert all(r["GB_per_s"] > 0 for r in rows)
+    assert (tmp_path / "transfer.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("n", [4, 4096, 4096 * 3 + 8, 20000])
+def test_triton_checksum_kernel_equals_torch_reference(n):
+    from zipserve.kernels.checksum import wsum_checksum
+
+    g = torch.Generator().manual_seed(n)
+    b = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    want = int(ck.checksum_torch(b))
+    assert want == ck.checksum_reference(b)
+    assert int(wsum_checksum(b)) == want  # Triton interpreter on CPU
+    assert int(wsum_checksum(b[:-1])) == ck.checksum_reference(b[:-1])  # odd size: torch path

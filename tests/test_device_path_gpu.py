@@ -1,0 +1,277 @@
+"""The device KV path on real GPUs: in-process device form == host form bit for bit (and the
+workers pick it by themselves), CUDA IPC between two processes on one GPU (picked by
+connect_pair), the ctypes NCCL binding on one GPU (send to and receive from itself in a group),
+and on two GPUs the pair picks NCCL and moves device layers equal to the host form."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from zipserve.deploy.cli import REFERENCE_MODEL
+
+MODEL = str(REFERENCE_MODEL)
+JOIN_S = 240
+
+
+def _cuda(n: int = 1) -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= n
+
+
+def _layer_rows(eng, rid: str):
+    """Per layer: the request's KV as the decode side holds it, reduced to what is defined
+    (dense: the first n token rows; compressed: full encoded pages + the 16-bit tail)."""
+    from zipserve.compress.wire import unpack_pages
+    from zipserve.engine.kv_export import export_layer
+    from zipserve.engine.kv_cache import KVCache
+
+    seq = eng._seqs[rid]
+    out = []
+    for layer in range(eng.config.num_layers):
+        kv = export_layer(eng.cache, layer, seq, num_tokens=seq.num_tokens)
+        pages = unpack_pages(kv.pages).tensors
+        if isinstance(eng.cache, KVCache):  # [pages, KVH, P, D] -> [tokens, KVH, D]
+            pages = {k: t.transpose(1, 2).flatten(0, 1)[:seq.num_tokens] for k, t in
+                     pages.items()}
+        out.append({**{k: t.view(torch.uint8) for k, t in pages.items()},
+                    **{k: t.view(torch.uint8) for k, t in kv.tail.items()}})
+    return out
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k])
+                                                                  for k in x)
+                                    for x, y in zip(a, b, strict=False))
+
+
+# -- in-process --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_inprocess_device_form_equals_host_form(codec):
+    from zipserve.engine.config import EngineConfig
+    from zipserve.engine.disaggregated import DisaggregatedEngine
+    from zipserve.engine.kv_export import DeviceLayerKV
+    from zipserve.engine.sampling_params import SamplingParams
+
+    assert _cuda()
+    cfg = EngineConfig(codec=codec, cuda_graphs=False)
+    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
+    for rid, form in (("host", False), ("dev", True)):
+        dec.reserve(rid, prompt, params)
+        layers = []
+        pre.prefill_export(prompt, params, rid, on_layer=layers.append, device_form=form)
+        assert all(isinstance(kv, DeviceLayerKV) == form for kv in layers)
+        if form:
+            assert all(kv.wire.payload.is_cuda for kv in layers)
+        for kv in layers:
+            dec.import_layer(rid, kv)
+    assert _same(_layer_rows(dec, "host"), _layer_rows(dec, "dev"))
+    dec.abort("host"), dec.abort("dev")
+    assert dec.pool.num_used == 0 and pre.pool.num_used == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
+    from zipserve.decode_worker.worker import DecodeWorker
+    from zipserve.engine.llm import LLM, SamplingParams
+    from zipserve.prefill_worker.worker import PrefillWorker
+    from zipserve.transfer.inprocess import InProcessChannel
+
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 600))
+    opts = {"cuda_graphs": False}
+    want = LLM(MODEL, device="cuda", codec=codec, **opts).generate([prompt], params)[0]
+    a, b = InProcessChannel.pair()
+    kinds = []
+    send = a.send
+    a.send = lambda buf, tag: (kinds.append(getattr(buf, "device", "host")), send(buf, tag))[1]
+    pre = PrefillWorker(MODEL, codec, "cuda", engine_options=opts)
+    dec = DecodeWorker(MODEL, codec, "cuda", engine_options=opts)
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    try:
+        dec.reserve("q", prompt, params)
+        rep = pre.prefill("q", prompt, params, "d0")
+        res = dec.admit("q", rep.first_token, rep.first_logprob, timeout=30)
+        while not res["finished"]:
+            res = dec.poll("q", 0, timeout=10)
+        assert res["error"] is None and res["tokens"] == want.token_ids
+        assert kinds == ["host", torch.device("cuda", 0)] * dec.num_layers  # never staged
+        dec.release("q")
+        s = dec.stats()
+        assert s["free_pages"] == s["capacity_pages"] and pre.stats()["used_pages"] == 0
+    finally:
+        dec.shutdown()
+
+
+# -- two processes -----------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pair_role(rank: int, port: int, device_index: int, codec: str, path: str, results,
+               finished) -> None:
+    """rank 0: prefill the same prompt twice (host form, then device form) and send both over
+    the channel connect_pair picks; rank 1: import both into reserved pages, compare, free."""
+    try:
+        from zipserve.engine.config import EngineConfig
+        from zipserve.engine.disaggregated import DisaggregatedEngine
+        from zipserve.engine.kv_export import DeviceLayerKV
+        from zipserve.engine.sampling_params import SamplingParams
+        from zipserve.transfer.kv_messages import done, recv_layer, send_layer, use_device_form
+        from zipserve.transfer.pairing import connect_pair
+
+        torch.cuda.set_device(device_index)
+        dev = f"cuda:{device_index}"
+        eng = DisaggregatedEngine(MODEL, device=dev,
+                                  engine_config=EngineConfig(codec=codec, cuda_graphs=False))
+        info = {"model": eng.model_name, "codec": codec, "num_layers": eng.config.num_layers,
+                "page_size": eng.engine_config.page_size, "device": dev}
+        ch = connect_pair(info, "127.0.0.1", port, rank, "t", timeout_s=60, path=path)
+        prompt, params, n_layers = list(range(3, 700)), SamplingParams(max_tokens=4), \
+            eng.config.num_layers
+        out = {"path": ch.path, "device_form": use_device_form(ch, eng.device)}
+        if rank == 0:
+            for rid, form in (("host", False), ("dev", True)):
+                layers = []
+                eng.prefill_export(prompt, params, rid, on_layer=layers.append, device_form=form)
+                for kv in layers:
+                    send_layer(ch, kv, 1)
+                del layers
+            if hasattr(ch, "wait_acked"):
+                out["acked"] = ch.wait_acked(60) and ch.inflight == 0
+            finished.wait(120)  # the receiver is through (NCCL endpoints are one-way)
+            out["used_pages"] = eng.pool.num_used
+        else:
+            forms = []
+            for rid in ("host", "dev"):
+                eng.reserve(rid, prompt, params)
+                for _ in range(n_layers):
+                    kv = recv_layer(ch, 1, timeout=120)
+                    forms.append(type(kv).__name__ + (":" + str(kv.wire.payload.device)
+                                                      if isinstance(kv, DeviceLayerKV) else ""))
+                    try:
+                        eng.import_layer(rid, kv)
+                    finally:
+                        done(kv)
+            out["equal"] = _same(_layer_rows(eng, "host"), _layer_rows(eng, "dev"))
+            out["forms"] = sorted(set(forms))
+            eng.abort("host"), eng.abort("dev")
+            out["used_pages"] = eng.pool.num_used
+            out["open_leases"] = getattr(ch, "open_leases", 0)
+            finished.set()
+        time.sleep(0.5)
+        ch.close()
+        results.put((rank, "ok", out))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def _run_pair(device_indices: tuple[int, int], codec: str, path: str = "auto") -> dict:
+    ctx = mp.get_context("spawn")
+    port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the spawned ranks
+    procs = [ctx.Process(target=_pair_role, daemon=True,
+                         args=(rank, port, device_indices[rank], codec, path, results,
+                               finished))
+             for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        deadline = time.monotonic() + JOIN_S
+        while len(out) < 2:
+            rank, status, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            assert status == "ok", f"rank {rank} failed:\n{value}"
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
+    assert _cuda()
+    res = _run_pair((0, 0), codec)
+    assert res[0]["path"] == res[1]["path"] == "cuda_ipc"
+    assert res[0]["device_form"] and res[1]["forms"] == ["DeviceLayerKV:cuda:0", "LayerKV"]
+    assert res[1]["equal"], "IPC-imported KV differs from the host form"
+    assert res[0]["acked"] and res[1]["open_leases"] == 0
+    assert res[0]["used_pages"] == res[1]["used_pages"] == 0
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("codec, path, want", [("bf16", "auto", "nccl"),
+                                               ("hack2", "auto", "nccl"),
+                                               ("bf16", "nccl_ctypes", "nccl_ctypes")])
+def test_nccl_pair_between_two_gpus(codec, path, want):
+    """Auto picks the NCCL process group; the ctypes-binding channel carries the same."""
+    assert _cuda(2)
+    res = _run_pair((0, 1), codec, path)
+    assert res[0]["path"] == res[1]["path"] == want
+    assert res[1]["forms"] == ["DeviceLayerKV:cuda:1", "LayerKV"] and res[1]["equal"]
+    assert res[0]["used_pages"] == res[1]["used_pages"] == 0
+
+
+# -- ctypes NCCL on one GPU --------------------------------------------------------------------
+@pytest.mark.gpu
+def test_ctypes_nccl_one_rank_send_to_self():
+    from zipserve.transfer import nccl
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    assert nccl.nccl_available(), "torch's libnccl was not found"
+    dev = torch.device("cuda", 0)
+    comm = nccl.NcclComm(nccl.get_unique_id(), 1, 0, dev)
+    stream = torch.cuda.Stream(dev)
+    try:
+        for n in (1, 4096 + 3, 8 << 20):
+            src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=dev)
+            dst = torch.zeros(n, dtype=torch.uint8, device=dev)
+            with nccl.group():  # a self send alone would wait for its recv forever
+                comm.send(src, 0, stream)
+                comm.recv(dst, 0, stream)
+            comm.wait(stream, timeout_s=30)
+            assert torch.equal(src, dst), n
+        bf = torch.randn(3, 5, device=dev, dtype=torch.bfloat16)  # any dtype travels as bytes
+        out = torch.empty_like(bf)
+        with nccl.group():
+            comm.send(bf, 0)
+            comm.recv(out, 0)
+        torch.cuda.synchronize()
+        assert torch.equal(bf, out) and comm.async_error() is None
+        with pytest.raises(ValueError, match="peer"):
+            comm.send(src, 1)
+    finally:
+        comm.destroy()
+    with pytest.raises(nccl.NcclError, match="destroyed"):
+        comm.send(torch.zeros(1, dtype=torch.uint8, device=dev), 0)
+
+
+@pytest.mark.gpu
+def test_checksum_kernel_on_gpu_equals_reference():
+    from zipserve.compress.checksum import checksum_reference, checksum_torch, device_checksum
+    from zipserve.kernels.checksum import wsum_checksum
+
+    for n in (4, 4096 * 5 + 12, 1 << 20, 64 << 20):
+        b = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+        want = int(checksum_torch(b.cpu()))
+        assert int(wsum_checksum(b)) == int(device_checksum(b)) == int(checksum_torch(b)) == want
+        if n < 100_000:
+            assert want == checksum_reference(b)
+        b[n // 2] ^= 4
+        assert int(wsum_checksum(b)) != want

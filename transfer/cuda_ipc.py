@@ -1,0 +1,317 @@
+"""`CudaIpcChannel`: two processes on ONE GPU (e.g. Ray actors with fractional GPUs) pass device
+buffers through CUDA IPC handles; only a small JSON control message crosses a host channel.
+
+Sending a CUDA tensor: torch's own IPC machinery (`torch.multiprocessing.reductions.
+reduce_tensor`) exports the allocation it lives in (cudaIpcMemHandle + offset + torch's shared
+ref counter + an event the producer recorded after writing it); we turn those arguments into JSON
+and send them over the `control` channel (gloo process group, or anything else carrying bytes).
+The receiver rebuilds the tensor (`rebuild_cuda_tensor`: maps the allocation, waits for the
+producer's event), reads it device-to-device (`recv_lease`: straight into its page pool), then
+`release()`s the lease: the mapping is dropped and an ACK goes back. Python byte objects (and CPU
+tensors) travel inline on the control channel.
+
+Lifetime: the sender keeps every shared tensor referenced until its ACK arrives, so the caching
+allocator cannot hand the memory to someone else while the peer may read it; in addition torch's
+IPC ref counter keeps a block whose mapping is still open in "limbo" instead of reusing it. Waits
+are bounded: more than `max_inflight_bytes` unacknowledged blocks `send` at most `ack_timeout_s`;
+an ACK missing for `ack_timeout_s` (peer stuck) or a dead control channel (peer gone) fails the
+channel (the next send raises TransferTimeout / TransferClosed) and drops the sender's references
+(torch's limbo still guards memory the dead peer mapped). close() releases open leases and waits
+at most a few seconds for outstanding ACKs.
+
+`exporter` / `importer` are injectable so the bookkeeping is testable on CPU with fakes.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from zipserve.compress.wire import DTYPES
+from zipserve.transfer.channel import (
+    Buffer,
+    Channel,
+    TransferClosed,
+    TransferError,
+    TransferTimeout,
+    as_byte_tensor,
+    check_tag,
+)
+
+ACK_TAG = 0
+"""Control tag of acknowledgements; user tag t travels as control tag t + 1."""
+_INLINE, _HANDLE = b"B", b"H"
+
+
+def _b64(b: bytes | None) -> str | None:
+    return None if b is None else base64.b64encode(bytes(b)).decode()
+
+
+def _unb64(s: str | None) -> bytes | None:
+    return None if s is None else base64.b64decode(s)
+
+
+def export_handle(t: torch.Tensor) -> dict:
+    """torch's IPC export of a CUDA tensor (reduce_tensor) as a JSON-able dict."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, (tensor_cls, size, stride, offset, storage_cls, dtype, device, handle, storage_bytes,
+        storage_offset, _, ref_counter, ref_counter_offset, event, event_sync) = reduce_tensor(t)
+    return {"size": list(size), "stride": list(stride), "offset": int(offset),
+            "storage": storage_cls.__name__, "dtype": str(dtype).removeprefix("torch."),
+            "device": int(device), "handle": _b64(handle), "storage_bytes": int(storage_bytes),
+            "storage_offset": int(storage_offset), "ref_counter": _b64(ref_counter),
+            "ref_counter_offset": int(ref_counter_offset), "event": _b64(event),
+            "event_sync": bool(event_sync)}
+
+
+def open_handle(h: dict, device: int | None = None) -> torch.Tensor:
+    """Map an exported tensor in this process (rebuild_cuda_tensor). device: this process's
+    index of the same GPU (default: the sender's index)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    storage_cls = {"TypedStorage": torch.storage.TypedStorage,
+                   "UntypedStorage": torch.UntypedStorage}[h["storage"]]
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), h["offset"], storage_cls,
+        DTYPES[h["dtype"]], h["device"] if device is None else device, _unb64(h["handle"]),
+        h["storage_bytes"], h["storage_offset"], False, _unb64(h["ref_counter"]),
+        h["ref_counter_offset"], _unb64(h["event"]), h["event_sync"])
+
+
+@dataclass
+class Lease:
+    """A received buffer the receiver reads in place; release() when done (idempotent)."""
+
+    tensor: torch.Tensor | None
+    _release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+@dataclass
+class _Sent:
+    tensor: torch.Tensor
+    nbytes: int
+    at: float
+
+
+class CudaIpcChannel(Channel):
+    carries_device_tensors = True
+    leases = True
+
+    def __init__(self, control: Channel, device: torch.device | str | int | None = None, *,
+                 ack_timeout_s: float = 30.0, max_inflight_bytes: int = 8 << 30,
+                 exporter: Callable[[torch.Tensor], dict] = export_handle,
+                 importer: Callable[..., torch.Tensor] = open_handle,
+                 inline_cpu: bool = True) -> None:
+        """control: a connected host channel to the peer (user tags t -> t + 1, ACKs on 0).
+        device: this side's CUDA device of the shared GPU. inline_cpu: CPU tensors travel
+        inline (False: through exporter too, for tests with fake exporters)."""
+        super().__init__()
+        if ack_timeout_s <= 0 or max_inflight_bytes <= 0:
+            raise ValueError("ack_timeout_s and max_inflight_bytes must be positive")
+        self._control = control
+        self.device = None if device is None else (
+            torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+        self.ack_timeout_s, self.max_inflight_bytes = ack_timeout_s, max_inflight_bytes
+        self._export, self._import, self._inline_cpu = exporter, importer, inline_cpu
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, _Sent] = {}
+        self._inflight_bytes = 0
+        self._leases: dict[int, Lease] = {}
+        self._failure: TransferError | None = None
+        self._closed = False
+        self._stop = threading.Event()
+        self._acks = threading.Thread(target=self._ack_loop, daemon=True, name="ipc-acks")
+        self._acks.start()
+
+    # -- sending ----------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        """Shared buffers not yet acknowledged."""
+        with self._cond:
+            return len(self._inflight)
+
+    def send(self, buf: Buffer, tag: int) -> None:
+        check_tag(tag)
+        t = as_byte_tensor(buf)
+        if not isinstance(buf, torch.Tensor) or (t.device.type == "cpu" and self._inline_cpu):
+            self._check_usable()
+            self._control.send(_INLINE + bytes(t.cpu().numpy()), tag + 1)
+            self._count_sent(t.numel())
+            return
+        nbytes = t.numel()
+        with self._cond:
+            deadline = time.monotonic() + self.ack_timeout_s
+            while self._inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
+                self._check_usable()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransferTimeout(f"{len(self._inflight)} shared buffers "
+                                          f"({self._inflight_bytes} bytes) unacknowledged for "
+                                          f"{self.ack_timeout_s} s")
+                self._cond.wait(left)
+            self._check_usable()
+            mid = next(self._ids)
+            self._inflight[mid] = _Sent(t, nbytes, time.monotonic())
+            self._inflight_bytes += nbytes
+        try:
+            handle = self._export(t)
+            self._control.send(_HANDLE + json.dumps({"id": mid, "nbytes": nbytes,
+                                                     "handle": handle}).encode(), tag + 1)
+        except Exception as e:
+            self._forget(mid)
+            if isinstance(e, TransferError):
+                raise
+            raise TransferError(f"cannot share a {nbytes}-byte buffer over CUDA IPC: {e}") from e
+        self._count_sent(nbytes)
+
+    def wait_acked(self, timeout: float) -> bool:
+        """Block until every shared buffer is acknowledged (True) or timeout (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight and self._failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return not self._inflight
+
+    def _forget(self, mid: int) -> None:
+        with self._cond:
+            sent = self._inflight.pop(mid, None)
+            if sent is not None:
+                self._inflight_bytes -= sent.nbytes
+            self._cond.notify_all()
+
+    def _fail(self, error: TransferError) -> None:
+        """Peer gone or stuck: drop every reference (torch's IPC limbo guards open mappings)."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = error
+            self._inflight.clear()
+            self._inflight_bytes = 0
+            self._cond.notify_all()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TransferClosed("send on a closed channel")
+        if self._failure is not None:
+            raise type(self._failure)(str(self._failure))
+
+    def _ack_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self._control.recv(ACK_TAG, timeout=0.05)
+            except TransferTimeout:
+                self._expire()
+                continue
+            except TransferClosed as e:
+                self._fail(TransferClosed(f"the peer closed the channel ({e})"))
+                return
+            except TransferError as e:
+                self._fail(TransferError(f"control channel failed: {e}"))
+                return
+            try:
+                self._forget(int(json.loads(bytes(msg.numpy()))["id"]))
+            except (ValueError, KeyError, TypeError):
+                self._fail(TransferError("malformed acknowledgement from the peer"))
+                return
+
+    def _expire(self) -> None:
+        with self._cond:
+            now = time.monotonic()
+            late = [mid for mid, s in self._inflight.items() if now - s.at > self.ack_timeout_s]
+        if late:
+            self._fail(TransferTimeout(f"the peer did not return {len(late)} shared buffer(s) "
+                                       f"within {self.ack_timeout_s} s"))
+
+    # -- receiving --------------------------------------------------------------------------
+    def recv_lease(self, tag: int, timeout: float | None = None) -> Lease:
+        """The next message of this tag, mapped in place (device messages) or inline bytes.
+        The sender's buffer stays reserved until lease.release()."""
+        check_tag(tag)
+        if self._closed:
+            raise TransferClosed("recv on a closed channel")
+        msg = self._control.recv(tag + 1, timeout)
+        kind, body = bytes(msg[:1].numpy()), msg[1:]
+        if kind == _INLINE:
+            self._count_received(body.numel())
+            return Lease(body)
+        if kind != _HANDLE:
+            raise TransferError(f"unknown CUDA-IPC control message kind {kind!r}")
+        info = json.loads(bytes(body.numpy()))
+        try:
+            args = (info["handle"],) if self.device is None else (info["handle"],
+                                                                  self.device.index)
+            tensor = self._import(*args)
+        except Exception as e:
+            self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer
+            raise TransferError(f"cannot map the peer's buffer: {e}") from e
+        lease = Lease(tensor)
+        lease._release = lambda: self._give_back(info["id"], lease)
+        with self._cond:
+            self._leases[info["id"]] = lease
+        self._count_received(int(info["nbytes"]))
+        return lease
+
+    def recv(self, tag: int, timeout: float | None = None) -> torch.Tensor:
+        """A private copy (device-to-device for CUDA buffers); the mapping is returned at once."""
+        lease = self.recv_lease(tag, timeout)
+        try:
+            return lease.tensor.clone()
+        finally:
+            lease.release()
+
+    @property
+    def open_leases(self) -> int:
+        with self._cond:
+            return len(self._leases)
+
+    def _give_back(self, mid: int, lease: Lease) -> None:
+        t, lease.tensor = lease.tensor, None
+        if t is not None and t.is_cuda:
+            torch.cuda.current_stream(t.device).synchronize()  # our reads of it are done
+        del t  # drops the mapping (torch's IPC ref counter goes down)
+        with self._cond:
+            self._leases.pop(mid, None)
+        self._send_ack(mid)
+
+    def _send_ack(self, mid: int) -> None:
+        try:
+            self._control.send(json.dumps({"id": mid}).encode(), ACK_TAG)
+        except TransferError:
+            pass  # the sender is gone: its own bookkeeping drops the buffer
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            leases = list(self._leases.values())
+        for lease in leases:
+            lease.release()
+        self.wait_acked(min(self.ack_timeout_s, 5.0))
+        with self._cond:
+            self._closed = True
+        self._stop.set()
+        self._acks.join(timeout=2.0)
+        self._fail(TransferClosed("the channel was closed"))
+        self._control.close()
+
+    def __getattr__(self, name: str) -> Any:  # peer_hello etc. of the control channel
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._control, name)

@@ -1,0 +1,99 @@
+"""One layer's KV as channel messages, in the form the channel can carry best.
+
+Host form (`LayerKV`): one message of bytes (LayerKV.to_bytes: JSON header, CRC32-checked pages,
+raw tail); any channel. Device form (`DeviceLayerKV`): two consecutive messages on the same tag,
+the small header (DEVICE_MAGIC + JSON with the device checksum) then the flat payload tensor, which
+never leaves the device on channels whose `carries_device_tensors` is true (in-process: the same
+tensor; CUDA IPC: mapped by the receiver; NCCL: device-to-device). The receiver tells the forms
+apart by the first message's magic, so a decode worker takes either from any prefill worker.
+
+`use_device_form(channel, device)` is the automatic choice: the device form exactly when the KV
+lives on a CUDA device and the channel carries device tensors; everything else (CPU, gloo) keeps
+the host form.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+from zipserve.engine.kv_export import _MAGIC, DEVICE_MAGIC, DeviceLayerKV, LayerKV
+from zipserve.transfer.channel import Channel, TransferTimeout
+
+PAYLOAD_TIMEOUT_S = 30.0
+"""How long a receiver waits for the payload once a device header arrived."""
+
+_send_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def carries_device_tensors(channel: Channel) -> bool:
+    return bool(getattr(channel, "carries_device_tensors", False))
+
+
+def use_device_form(channel: Channel, device: torch.device | str) -> bool:
+    """The device form when the KV is on CUDA and the channel moves device tensors as such."""
+    return torch.device(device).type == "cuda" and carries_device_tensors(channel)
+
+
+def _lock_for(channel: Channel) -> threading.Lock:
+    with _locks_guard:
+        lock = _send_locks.get(channel)
+        if lock is None:
+            lock = _send_locks[channel] = threading.Lock()
+        return lock
+
+
+def send_layer(channel: Channel, kv: LayerKV | DeviceLayerKV, tag: int) -> int:
+    """Send one layer; returns the payload bytes sent. A device-form layer keeps its two
+    messages together (one sender at a time per channel)."""
+    if isinstance(kv, LayerKV):
+        data = kv.to_bytes()
+        channel.send(data, tag)
+        return len(data)
+    header = kv.header_bytes()  # waits for the gather, computes the checksum value
+    with _lock_for(channel):
+        channel.send(header, tag)
+        channel.send(kv.wire.payload, tag)
+    return len(header) + kv.nbytes()
+
+
+def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
+               payload_timeout: float = PAYLOAD_TIMEOUT_S) -> LayerKV | DeviceLayerKV:
+    """The next layer of this tag in whichever form it was sent. Raises the channel's
+    TransferTimeout/TransferClosed/TransferError, and ValueError for a message that is not a
+    layer or a device header whose payload does not follow. Call `done(kv)` when finished
+    with a received device layer (CUDA IPC returns the mapping to the sender then)."""
+    first = channel.recv(tag, timeout)
+    magic = bytes(first[:len(DEVICE_MAGIC)].cpu().numpy())
+    if magic == _MAGIC:
+        try:
+            return LayerKV.from_bytes(first.cpu().numpy().tobytes())
+        except Exception as e:  # json, struct, missing keys: all "unreadable"
+            raise ValueError(f"unreadable LayerKV message: {e}") from e
+    if magic != DEVICE_MAGIC:
+        raise ValueError("not a zipserve LayerKV message")
+    header = bytes(first.cpu().numpy())
+    try:
+        if getattr(channel, "leases", False):  # CUDA IPC: map, import, then give back
+            got = channel.recv_lease(tag, payload_timeout)
+            payload, release = got.tensor, got.release
+        else:
+            payload, release = channel.recv(tag, payload_timeout), None
+    except TransferTimeout as e:
+        raise ValueError(f"a device KV header arrived without its payload: {e}") from e
+    try:
+        kv = DeviceLayerKV.from_header(header, payload, release)
+    except Exception as e:
+        if release is not None:
+            release()
+        raise ValueError(f"unreadable device LayerKV header: {e}") from e
+    kv.verify()  # here, before the caller takes its locks; import_layer refuses a mismatch
+    return kv
+
+
+def done(kv: LayerKV | DeviceLayerKV | None) -> None:
+    """The receiver is finished with kv (returns a CUDA-IPC mapping; no-op otherwise)."""
+    if isinstance(kv, DeviceLayerKV):
+        kv.done()
