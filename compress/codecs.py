@@ -57,6 +57,23 @@ class KVCodec(ABC):
         return dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
                                         dense_lens, scale)
 
+    # Hooks of codecs that attend in another space than the model's heads (compress/lowrank.py);
+    # the identity for every codec that attends at full head_dim.
+    out_dim: int | None = None
+    """Width of the attention output per query head when it is not head_dim."""
+
+    def project_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D] after RoPE -> the query attention takes (the compressed cache calls it)."""
+        return q
+
+    def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New k/v [.., KVH, D] -> the form kept in the 16-bit open page and sinks."""
+        return k, v
+
+    def seal(self, store: Store, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode full pages given in the dense form (a filled open page) [n, KVH, P, D]."""
+        self.encode(store, page_ids, k, v)
+
     def for_layer(self, layer: int) -> "KVCodec":
         """The codec of one layer (the same for every layer except where ranks differ)."""
         return self

@@ -14,6 +14,7 @@ import torch
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.compressed_cache import CompressedKVCache
+from zipserve.compress.lowrank_fold import apply_lowrank_output
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import Detokenizer, check_stop
 from zipserve.engine.kv_cache import KVCache
@@ -58,8 +59,10 @@ class LLMEngine:
         self.model_name = model
         self.tokenizer = load_tokenizer(model)
         self.codec = make_codec(ec.codec, self.config.num_kv_heads, ec.page_size,
-                                self.config.head_dim, model_dir=None if model.startswith(
-                                    "random:") else model)
+                                self.config.head_dim, model_dir=ec.lowrank_bases or (
+                                    None if model.startswith("random:") else model))
+        if self.codec is not None and self.codec.name.startswith("lowrank"):
+            apply_lowrank_output(self.model, self.codec, fold=ec.lowrank_fold)
         num_pages = ec.num_pages or self._size_pool()
         if self.codec is None:
             self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
