@@ -48,6 +48,25 @@ class LowRankBases:
         names = ("k_enc", "k_dec", "v_enc", "v_dec")
         return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
 
+    @classmethod
+    def random(cls, num_layers: int, num_kv_heads: int, head_dim: int, rk: int, rv: int,
+               seed: int = 0) -> "LowRankBases":
+        """Random orthonormal bases (enc == dec) of ranks rk / rv: for benchmarks on random
+        weights, where there is nothing to calibrate on."""
+        g = torch.Generator().manual_seed(seed)
+
+        def basis(r):  # [KVH, D, r] orthonormal columns
+            q, _ = torch.linalg.qr(torch.randn(num_kv_heads, head_dim, head_dim, generator=g,
+                                               dtype=torch.float64))
+            return q[:, :, :r].float().contiguous()
+
+        layers = []
+        for _ in range(num_layers):
+            bk, bv = basis(rk), basis(rv)
+            layers.append({"k_enc": bk, "k_dec": bk, "v_enc": bv, "v_dec": bv})
+        return cls(layers, {"random": True, "k_ranks": [rk] * num_layers,
+                            "v_ranks": [rv] * num_layers})
+
 
 def _pad_pow2(r: int, lo: int = 64) -> int:
     p = lo

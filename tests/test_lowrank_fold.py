@@ -206,3 +206,43 @@ def test_decode_kernel_refuses_bad_input():
         lowrank_decode_attention_ref(**dict(args, q=args["q"][..., :40]))
     with pytest.raises(ValueError, match="dense_v"):
         lowrank_decode_attention(**dict(args, dense_v=args["dense_v"][..., :16]))
+
+
+# -- GPU (the lead's device): compiled kernels, bf16, engine shapes --------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("h,kvh,d,rk,rv", [(32, 8, 128, 64, 64), (32, 8, 128, 80, 48), (4, 2, 64, 48, 32)])
+def test_gpu_kernels_match_references(h, kvh, d, rk, rv):
+    g = torch.Generator().manual_seed(h + d + rk)
+    args = _decode_case(g, 6, h, kvh, d, rk, rv, torch.bfloat16, tails=[0, 1, 63, 36, 5, 0],
+                        pages=[4, 3, 1, 2, 4, 0])
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    want = lowrank_decode_attention_ref(**args)
+    for splits in (1, 2, 4):
+        got = lowrank_decode_attention(**args, num_splits=splits)
+        assert _rel(got[:5], want[:5]) < 2e-2 and (got[5] == 0).all()
+    k = torch.randn(5, kvh, 64, d, generator=g).bfloat16().cuda()
+    v = torch.randn(5, kvh, 64, d, generator=g).bfloat16().cuda()
+    kb, vb = torch.randn(kvh, d, rk, generator=g).cuda(), torch.randn(kvh, d, rv, generator=g).cuda()
+    ids = torch.tensor([6, 0, 2, 5, 1], device="cuda")
+    res = []
+    for fn in (lowrank_encode_pages, lowrank_encode_pages_ref):
+        ok = torch.zeros(8, kvh, 64, rk, dtype=torch.float16, device="cuda")
+        ov = torch.zeros(8, kvh, 64, rv, dtype=torch.float16, device="cuda")
+        res.append(fn(k, v, kb, vb, ok, ov, ids))
+    assert _rel(res[0][0], res[1][0]) < 2e-3 and _rel(res[0][1], res[1][1]) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_REF, reason="reference checkpoint not present")
+@pytest.mark.parametrize("codec", ["lowrank", "lowrank+hack4"])
+def test_gpu_folded_equals_unfolded(codec):
+    llms = {f: LLM(str(REFERENCE_MODEL), device="cuda", dtype="float32", codec=codec,
+                   lowrank_fold=f, num_pages=64) for f in (True, False)}
+    ids = llms[True].tokenizer.encode("def main(argv):\n    return 0\n" * 40)[:300]
+    a, b = llms[True].logits(ids), llms[False].logits(ids)
+    assert (a - b).abs().max().item() < 1e-3 * b.abs().max().item()
+    params = SamplingParams(max_tokens=64, **GREEDY)
+    outs = {f: llm.generate([ids[:100], ids[:200]], params) for f, llm in llms.items()}
+    assert [o.token_ids for o in outs[True]] == [o.token_ids for o in outs[False]]
+    for llm in llms.values():
+        _whole(llm)
