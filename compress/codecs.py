@@ -57,17 +57,11 @@ class KVCodec(ABC):
         return dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
                                         dense_lens, scale)
 
-    # Hooks of codecs that attend in another space than the model's heads (compress/lowrank.py);
-    # the identity for every codec that attends at full head_dim.
-    out_dim: int | None = None
-    """Width of the attention output per query head when it is not head_dim."""
-
-    def project_query(self, q: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D] after RoPE -> the query attention takes (the compressed cache calls it)."""
-        return q
-
+    # Hooks of codecs whose values live in a reduced space (compress/lowrank.py); the identity
+    # for every other codec.
     def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New k/v [.., KVH, D] -> the form kept in the 16-bit open page and sinks."""
+        """New k/v [.., KVH, D] -> the form kept in the 16-bit open page and sinks (the compressed
+        cache attends to that form, in prefill too)."""
         return k, v
 
     def seal(self, store: Store, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -5,8 +5,8 @@ Each running sequence also owns a slot: its open page (the last, partly filled o
 its sinks (first n_sink tokens, 16-bit, for codecs that keep them). When a decode step fills the
 open page it is encoded into the sequence's page once and never touched again. Prefill chunks
 must start on a page boundary (a whole prompt, or page-sized chunks when scoring).
-Codecs that attend in a reduced space (lowrank) see q through `project_query` and keep the open
-page and sinks in their `to_dense` form; a filled open page is sealed with `seal`.
+Codecs whose values live in a reduced space (lowrank) keep the open page and sinks in their
+`to_dense` form, and a filled open page is sealed with `seal`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class CompressedKVCache:
             codec.for_layer(i).page_bytes_per_token() for i in range(config.num_layers)) + 0.5)
 
     def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
-        q = self.codecs[layer].project_query(q)  # identity unless the codec attends reduced
         if batch.is_prefill:
             return self._prefill(layer, q, k, v, batch, scale)
         return self._decode(layer, q, k, v, batch, scale)

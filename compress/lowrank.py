@@ -1,17 +1,25 @@
-"""ZeroC-style low-rank KV: each layer's K and V live projected onto calibrated per-KV-head bases
-(post-RoPE for K), optionally quantized further with HACK (`lowrank+hack2/4`).
+"""ZeroC-style low-rank KV: each layer's K and V are stored projected onto calibrated per-KV-head
+bases (post-RoPE for K), optionally quantized further with HACK (`lowrank+hack2/4`).
 
-Everything a query sees is in the reduced space, in prefill and decode alike:
-- q is projected after RoPE, q_red = q @ k_dec [.., r_k] (RoPE is position dependent, so Bk cannot
-  be folded into W_q for post-RoPE keys; the projection is a D x r_k product per query head).
-- K and V are projected when stored: full pages by the encode kernel (kernels/lowrank_encode.py),
-  the 16-bit open page and sinks at write time (`to_dense`), so they hold k @ k_enc and v @ v_enc
-  too. The dense buffers keep the model's head_dim width: the first r_k (r_v) columns hold the
-  projection, the rest are zeros (exact: zero columns add nothing to q.k nor to the output).
-- Attention returns o_red [.., H, r_v] and W_o is replaced at load time by W_o folded with v_dec
-  (compress/lowrank_fold.py), so no per-step lift back to head_dim exists.
+What a query sees, in prefill and decode alike:
+- V is in the reduced space everywhere: pages hold v @ v_enc, and the 16-bit open page and sinks
+  keep v @ v_enc too (projected at write time, `to_dense`, zero padded to head_dim). Every attention
+  output is therefore o_red [.., H, r_v], and W_o is replaced at load time by W_o folded with v_dec
+  (compress/lowrank_fold.py): no per-step lift back to head_dim exists.
+- K: pages hold k @ k_enc (projected after RoPE by the encode kernel that stores them,
+  kernels/lowrank_encode.py; a filled open page is projected by the same kernel when sealed).
+  Scores against pages use q_red = q @ k_dec, q projected after RoPE (RoPE rotates by position, so
+  Bk cannot be folded into W_q for post-RoPE keys: a D x r_k product per query head and step).
+  The open page and sinks keep K at full dimension and are scored with q itself.
+Why K of the tail stays full and V does not: folding needs every value reduced (projecting the
+tail's attention output through v_enc is the same linear map as storing its V projected), while
+keys need no such thing. Measured on the reference model (12 held-out files, context 512), keeping
+the tail's K exact costs nothing over the unfolded codec's +4.7% perplexity except +2.0% for the
+projected tail V; projecting the tail's K as well made it +38% (layers with r_k = 16 lose the
+most recent tokens' scores).
 Pages of layer l hold exactly r_k(l) and r_v(l) float16 columns (or HACK codes of both, zero
-padded to one power of two >= 64, whose bytes page_bytes_per_token counts).
+padded to one power of two >= 64, whose bytes page_bytes_per_token counts). The dense buffers keep
+head_dim columns (V's past r_v are zeros), as counted by bytes_per_token's dense term.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from zipserve.compress.codecs import HackCodec, KVCodec
+from zipserve.compress.reference_attention import dequant_decode_attention
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
 
@@ -76,15 +85,14 @@ def _pad_pow2(r: int, lo: int = 64) -> int:
 
 
 class LowRankLayerCodec(KVCodec):
-    """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes). Its store, dense
-    tail, queries and attention output are all in the reduced space (module docstring)."""
+    """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes); values and the
+    attention output live in the reduced space (module docstring)."""
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: dict[str, torch.Tensor],
                  bits: int | None):
         super().__init__(num_kv_heads, page_size, head_dim)
         self.name, self.bits = name, bits
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
-        self.out_dim = self.rv  # attention output per query head (o_red)
         self._bases_cpu = {n: b.float().contiguous() for n, b in bases.items()}  # [KVH, D, r]
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.inner = None
@@ -99,20 +107,18 @@ class LowRankLayerCodec(KVCodec):
         return self._dev[device]
 
     # -- the reduced space -----------------------------------------------------------------------
-    def project_query(self, q: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D] (after RoPE) -> q_red zero padded to [T, H, D] (first r_k columns)."""
-        t, h, d = q.shape
+    def _project_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, D] after RoPE -> q_red [B, H, r_k] (q @ k_dec of each query head's KV head)."""
+        b, h, d = q.shape
         k_dec = self._bases(q.device)["k_dec"]  # [KVH, D, r_k]
-        qr = torch.einsum("tkgd,kdr->tkgr", q.float().view(t, self.kvh, h // self.kvh, d), k_dec)
-        return _width(qr.reshape(t, h, self.rk), d).to(q.dtype)
+        qr = torch.einsum("bkgd,kdr->bkgr", q.float().view(b, self.kvh, h // self.kvh, d), k_dec)
+        return qr.reshape(b, h, self.rk).to(q.dtype)
 
     def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v [.., KVH, D] -> their projections zero padded to [.., KVH, D] (open page, sinks)."""
-        b = self._bases(k.device)
-        d = k.shape[-1]
-        kr = torch.einsum("...hd,hdr->...hr", k.float(), b["k_enc"])
-        vr = torch.einsum("...hd,hdr->...hr", v.float(), b["v_enc"])
-        return _width(kr, d).to(k.dtype), _width(vr, d).to(v.dtype)
+        """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v @ v_enc zero
+        padded to [.., KVH, D]."""
+        vr = torch.einsum("...hd,hdr->...hr", v.float(), self._bases(v.device)["v_enc"])
+        return k, _width(vr, v.shape[-1]).to(v.dtype)
 
     # -- pages -----------------------------------------------------------------------------------
     def new_store(self, num_pages, device):
@@ -122,53 +128,58 @@ class LowRankLayerCodec(KVCodec):
                     "v": torch.zeros(*shape, self.rv, dtype=torch.float16, device=device)}
         return self.inner.new_store(num_pages, device)
 
-    def encode(self, store, page_ids, k, v):
-        """Full-dimension post-RoPE pages k, v [n, KVH, P, D] -> projected pages (one kernel; for
-        lowrank+hack its fp32 output, zero padded to the HACK width, is then quantized)."""
+    def _encode(self, store, page_ids, k, v, v_projected: bool):
         b = self._bases(k.device)
         fn = (lowrank_encode.lowrank_encode_pages if k.is_cuda
               else lowrank_encode.lowrank_encode_pages_ref)
         k, v = _last_contiguous(k), _last_contiguous(v)
+        v_basis = None if v_projected else b["v_enc"]
         if self.inner is None:
-            fn(k, v, b["k_enc"], b["v_enc"], store["k"], store["v"], page_ids)
+            fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids)
             return
+        # lowrank+hack: the kernel's fp32 output, zero padded to the HACK width, is quantized.
         n = k.shape[0]
         tmp_k = torch.empty(n, self.kvh, self.page_size, self.width, device=k.device)
         tmp_v = torch.empty_like(tmp_k)
-        fn(k, v, b["k_enc"], b["v_enc"], tmp_k, tmp_v, torch.arange(n, device=k.device))
+        fn(k, v, b["k_enc"], v_basis, tmp_k, tmp_v, torch.arange(n, device=k.device))
         self.inner.encode(store, page_ids, tmp_k, tmp_v)
 
+    def encode(self, store, page_ids, k, v):
+        """Full-dimension post-RoPE pages k, v [n, KVH, P, D] -> projected pages."""
+        self._encode(store, page_ids, k, v, v_projected=False)
+
     def seal(self, store, page_ids, k, v):
-        """Pages already in the dense (projected, zero padded) form [n, KVH, P, D] -> the store."""
+        """Filled open pages in the dense form (k full, v already projected) -> projected pages."""
+        self._encode(store, page_ids, k, v, v_projected=True)
+
+    def _reduced(self, store, page_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored reduced K [n, KVH, P, r_k] and V [n, KVH, P, r_v] (fp32)."""
         if self.inner is None:
-            store["k"][page_ids] = k[..., :self.rk].half()
-            store["v"][page_ids] = v[..., :self.rv].half()
-            return
-        self.inner.encode(store, page_ids, _width(k, self.width), _width(v, self.width))
+            return store["k"][page_ids].float(), store["v"][page_ids].float()
+        kr, vr = self.inner.dequantize(store, page_ids)
+        return kr[..., :self.rk], vr[..., :self.rv]
 
     def dequantize(self, store, page_ids):
-        """Stored pages in the dense form: projected K/V zero padded to [n, KVH, P, D] fp32 (what
-        a projected query attends to; not a reconstruction of k, v)."""
-        if self.inner is None:
-            kr, vr = store["k"][page_ids].float(), store["v"][page_ids].float()
-        else:
-            kr, vr = self.inner.dequantize(store, page_ids)
-            kr, vr = kr[..., :self.rk], vr[..., :self.rv]
-        return _width(kr, self.head_dim), _width(vr, self.head_dim)
+        """Pages as the dense tail holds them, [n, KVH, P, D] fp32: K as the full-dimension stand-in
+        k_red @ k_dec^T (q . it == q_red . k_red), V projected and zero padded (not a
+        reconstruction of v: values stay reduced). The references attend to these."""
+        kr, vr = self._reduced(store, page_ids)
+        k_dec = self._bases(kr.device)["k_dec"]
+        return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
 
     def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
                          scale, num_splits=1):
-        """q: q_red zero padded [B, H, D]; dense_k/v in the dense form. Returns o_red [B, H, r_v]."""
-        if self.inner is not None:  # the HACK kernel on the reduced codes, at the HACK width
-            w = self.width
-            out = self.inner.decode_attention(
-                _width(q, w).contiguous(), store, page_table, n_full, _width(dense_k, w),
-                _width(dense_v, w), dense_lens, scale, num_splits)  # [B, H, w]
+        """q [B, H, D] after RoPE; dense_k full, dense_v projected. Returns o_red [B, H, r_v]."""
+        if self.inner is not None:
+            # No kernel yet: the HACK kernel scores pages and tail with one query, but here the
+            # tail's K is full-dimension and the pages' reduced. The reference attends instead.
+            out = dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
+                                           dense_lens, scale)  # [B, H, D], zeros past r_v
             return out[..., :self.rv]
         fn = (lr_attn.lowrank_decode_attention if q.is_cuda
               else lr_attn.lowrank_decode_attention_ref)
-        return fn(q[..., :self.rk], store["k"], store["v"], page_table, n_full, dense_k, dense_v,
-                  dense_lens, scale, num_splits=num_splits)
+        return fn(q, self._project_query(q), store["k"], store["v"], page_table, n_full, dense_k,
+                  dense_v, dense_lens, scale, num_splits=num_splits)
 
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:
@@ -213,7 +224,7 @@ class LowRankCodec(KVCodec):
     def _per_layer(self, *_):
         raise TypeError("LowRankCodec has one codec per layer: use for_layer(layer)")
 
-    new_store = encode = seal = dequantize = project_query = to_dense = _per_layer
+    new_store = encode = seal = dequantize = to_dense = _per_layer
 
     def page_bytes_per_token(self):
         return sum(c.page_bytes_per_token() for c in self.layers) / len(self.layers)

@@ -17,7 +17,7 @@ v_dec^T every step and applies the original W_o (what the codec did before foldi
 folded model against it).
 
 K has no counterpart: keys are projected after RoPE, and RoPE rotates by position, so Bk cannot be
-folded into W_k / W_q; q is projected after RoPE instead (LowRankLayerCodec.project_query).
+folded into W_k / W_q; q is projected after RoPE instead (LowRankLayerCodec._project_query).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
 ``lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids) -> (out_k, out_v)``
   k, v        [n, KVH, P, D] full pages (float16 / bfloat16 / float32, last dim contiguous), K after RoPE.
   k_basis     float32 [KVH, D, RK]   keys are stored as k @ k_basis (calibrate.py's k_enc).
-  v_basis     float32 [KVH, D, RV]   values are stored as v @ v_basis (v_enc).
+  v_basis     float32 [KVH, D, RV]   values are stored as v @ v_basis (v_enc); or None when v is
+              already projected (the open page keeps V reduced, zero padded to D): its first
+              min(D, WV) columns are stored as they are (sealing a filled open page).
   out_k       [N, KVH, P, WK] (float16 / float32, contiguous) with WK >= RK: input page i goes to
               pool page page_ids[i]; columns RK..WK-1 are written as zeros (a zero-padded width, the
               form the HACK encoder takes for ``lowrank+hack``).  out_v likewise with RV <= WV.
@@ -50,6 +52,7 @@ def _lowrank_encode_kernel(
     stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
     WK: tl.constexpr, WV: tl.constexpr, CK_PAD: tl.constexpr, CV_PAD: tl.constexpr,
+    V_PROJ: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -59,9 +62,16 @@ def _lowrank_encode_kernel(
     k = tl.load(k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt
                 + offs_d[None, :]).to(tl.float32)  # [P, D]
     _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
-    v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
-                + offs_d[None, :]).to(tl.float32)  # [P, D]
-    _project_store(v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD)
+    if V_PROJ:
+        v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
+                    + offs_d[None, :]).to(tl.float32)  # [P, D]
+        _project_store(v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD)
+    else:  # already reduced: copy the first WV columns (zeros past D)
+        offs_c = tl.arange(0, CV_PAD)
+        v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
+                    + offs_c[None, :], mask=(offs_c < HEAD_DIM)[None, :], other=0.0)  # [P, CV_PAD]
+        tl.store(ov_ptr + row * (PAGE * WV) + offs_t[:, None] * WV + offs_c[None, :],
+                 v.to(ov_ptr.dtype.element_ty), mask=(offs_c < WV)[None, :])
 
 
 def _pow2(x: int) -> bool:
@@ -83,7 +93,15 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
         raise ValueError(f"k page_size and head_dim must be powers of two >= 16, got {p}, {d}")
     ranks = []
     for name, b, out in (("k_basis", k_basis, out_k), ("v_basis", v_basis, out_v)):
-        if b.dtype != torch.float32 or b.dim() != 3 or b.shape[:2] != (kvh, d) or not b.is_contiguous():
+        if b is None and name == "v_basis":  # v already projected
+            if out.dim() != 4 or out.shape[1:3] != (kvh, p) or out.dtype not in _OUT or not out.is_contiguous():
+                raise ValueError(f"out_v must be contiguous [N, KVH={kvh}, P={p}, W] of {_OUT}, got "
+                                 f"{out.dtype} {tuple(out.shape)}")
+            if out.device != k.device:
+                raise ValueError(f"out_v is on {out.device}, k is on {k.device}")
+            ranks.append(None)
+            continue
+        if not isinstance(b, torch.Tensor) or b.dtype != torch.float32 or b.dim() != 3 or b.shape[:2] != (kvh, d) or not b.is_contiguous():
             raise ValueError(f"{name} must be contiguous float32 [KVH={kvh}, D={d}, R], got {b.dtype} "
                              f"{tuple(b.shape)}")
         r = b.shape[2]
@@ -111,10 +129,11 @@ def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
         return out_k, out_v
     wk, wv = out_k.shape[3], out_v.shape[3]
     _lowrank_encode_kernel[(n, kvh)](
-        k, v, page_ids.contiguous(), k_basis, v_basis, out_k, out_v,
+        k, v, page_ids.contiguous(), k_basis, k_basis if v_basis is None else v_basis, out_k, out_v,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        PAGE=p, HEAD_DIM=d, RK=rk, RV=rv, WK=wk, WV=wv,
+        PAGE=p, HEAD_DIM=d, RK=rk, RV=rv or 1, WK=wk, WV=wv,
         CK_PAD=max(16, triton.next_power_of_2(wk)), CV_PAD=max(16, triton.next_power_of_2(wv)),
+        V_PROJ=rv is not None,
         num_warps=4,
     )
     return out_k, out_v
@@ -124,7 +143,9 @@ def lowrank_encode_pages_ref(k, v, k_basis, v_basis, out_k, out_v, page_ids):
     """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
     _check(k, v, k_basis, v_basis, out_k, out_v, page_ids)
     for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
-        y = torch.einsum("nhpd,hdr->nhpr", x.float(), b)  # [n, KVH, P, R]
-        y = torch.nn.functional.pad(y, (0, out.shape[3] - y.shape[3]))  # [n, KVH, P, W]
+        # [n, KVH, P, R] projected (or already reduced), then zero padded / cut to [n, KVH, P, W]
+        y = x.float() if b is None else torch.einsum("nhpd,hdr->nhpr", x.float(), b)
+        w = out.shape[3]
+        y = y[..., :w] if y.shape[3] >= w else torch.nn.functional.pad(y, (0, w - y.shape[3]))
         out[page_ids.long()] = y.to(out.dtype)
     return out_k, out_v

@@ -94,9 +94,10 @@ def test_random_tiny_folded_equals_unfolded_and_full_rank_equals_plain(tmp_path)
     params = SamplingParams(max_tokens=40, **GREEDY)
     want = lifted.generate(ids[:100], params)[0].token_ids
     assert folded.generate(ids[:100], params)[0].token_ids == want
-    # The dense tail is stored projected: columns past the ranks stay zero.
+    # The dense tail keeps V projected (columns past r_v = 16 stay zero) and K at full dimension.
     cache = folded.engine.cache
-    assert cache.open[0, :, :, :, :, 16:].abs().max().item() == 0.0
+    assert cache.open[0, 1, :, :, :, 16:].abs().max().item() == 0.0
+    assert cache.open[0, 0, :, :, :, 16:].abs().max().item() > 0.0
     _whole(folded)
     _whole(lifted)
 
@@ -125,15 +126,19 @@ def test_encode_kernel_matches_reference(d, rk, rv, wk, wv, in_dtype, out_dtype)
     ids = torch.tensor([4, 0, 2])
     res = []
     for fn in (lowrank_encode_pages, lowrank_encode_pages_ref):
-        ok = torch.full((5, kvh, p, wk), 7.0, dtype=out_dtype)  # 7: untouched pages keep it
-        ov = torch.full((5, kvh, p, wv), 7.0, dtype=out_dtype)
-        fn(k, v, kb, vb, ok, ov, ids)
-        res.append((ok, ov))
-    (ok, ov), (rk_, rv_) = res
+        for v_basis in (vb, None):  # None: v already projected (sealing an open page)
+            ok = torch.full((5, kvh, p, wk), 7.0, dtype=out_dtype)  # 7: untouched pages keep it
+            ov = torch.full((5, kvh, p, wv), 7.0, dtype=out_dtype)
+            fn(k, v, kb, v_basis, ok, ov, ids)
+            res.append((ok, ov))
     bound = 1e-6 if out_dtype == torch.float32 else 2e-3
-    assert _rel(ok, rk_) < bound and _rel(ov, rv_) < bound
-    assert (ok[[1, 3]] == 7).all() and (ov[[1, 3]] == 7).all()
-    assert (ok[ids][..., rk:] == 0).all() and (ov[ids][..., rv:] == 0).all()
+    for (ok, ov), (rk_, rv_) in ((res[0], res[2]), (res[1], res[3])):
+        assert _rel(ok, rk_) < bound and _rel(ov, rv_) < bound
+        assert (ok[[1, 3]] == 7).all() and (ov[[1, 3]] == 7).all()
+        assert (ok[ids][..., rk:] == 0).all()
+    rk_, rv_ = res[2]
+    assert (res[0][1][ids][..., rv:] == 0).all()
+    assert torch.equal(res[3][1][ids][..., :min(d, wv)], v[..., :wv].to(out_dtype))
     # The reference is the fp32 projection itself.
     want = torch.einsum("nhpd,hdr->nhpr", k.double(), kb.double())
     assert _rel(rk_[ids][..., :rk], want) < bound
@@ -141,13 +146,14 @@ def test_encode_kernel_matches_reference(d, rk, rv, wk, wv, in_dtype, out_dtype)
 
 def _decode_case(g, b, h, kvh, d, rk, rv, dtype, tails, pages):
     p, n = 64, 12
-    q = torch.randn(b, h, d, generator=g).to(dtype)[..., :rk]  # a view, as the codec passes it
+    q = torch.randn(b, h, d, generator=g).to(dtype)
+    q_red = torch.randn(b, h, d, generator=g).to(dtype)[..., :rk]  # a view of a wider buffer
     kp = torch.randn(n, kvh, p, rk, generator=g).half()
     vp = torch.randn(n, kvh, p, rv, generator=g).half()
     table = torch.stack([torch.randperm(n - 1, generator=g)[:4] + 1 for _ in range(b)]).int()
     dk = torch.randn(b, kvh, p, d, generator=g).to(dtype)
     dv = torch.randn(b, kvh, p, d, generator=g).to(dtype)
-    return dict(q=q, k_pages=kp, v_pages=vp, page_table=table,
+    return dict(q=q, q_red=q_red, k_pages=kp, v_pages=vp, page_table=table,
                 n_pages=torch.tensor(pages, dtype=torch.int32), dense_k=dk, dense_v=dv,
                 dense_lens=torch.tensor(tails, dtype=torch.int32), scale=d ** -0.5)
 
@@ -170,8 +176,8 @@ def test_decode_kernel_matches_reference(h, kvh, d, rk, rv, dtype):
 
 
 def test_decode_reference_is_float64_attention_on_projected_kv():
-    """Orthonormal bases B: attention of q_red on k_red, v_red, lifted by B_v^T, equals float64
-    attention of q on the projections k B_k B_k^T, v B_v B_v^T at full dimension."""
+    """Orthonormal bases B: the reference's o_red lifted by B_v^T equals float64 attention of q on
+    pages projected (k B_k B_k^T, v B_v B_v^T) and a tail whose K is exact and V projected."""
     g = torch.Generator().manual_seed(5)
     b, h, kvh, d, rk, rv, p = 2, 4, 2, 64, 32, 48, 64
     bk, bv = _orthonormal(kvh, d, rk, g).double(), _orthonormal(kvh, d, rv, g).double()
@@ -181,15 +187,18 @@ def test_decode_reference_is_float64_attention_on_projected_kv():
     tails = [5, 63]
     kr, vr = torch.einsum("bktd,kdr->bktr", k, bk), torch.einsum("bktd,kdr->bktr", v, bv)
     pages = lambda x: x[:, :, :2 * p].reshape(b, kvh, 2, p, -1).transpose(1, 2).flatten(0, 1)  # noqa: E731
-    args = dict(q=torch.einsum("bkgd,kdr->bkgr", q.view(b, kvh, h // kvh, d), bk).reshape(b, h, rk).float(),
-                k_pages=pages(kr).half(), v_pages=pages(vr).half(),
+    q_red = torch.einsum("bkgd,kdr->bkgr", q.view(b, kvh, h // kvh, d), bk).reshape(b, h, rk)
+    args = dict(q=q.float(), q_red=q_red.float(), k_pages=pages(kr).half(), v_pages=pages(vr).half(),
                 page_table=torch.arange(2 * b, dtype=torch.int32).view(b, 2),
                 n_pages=torch.tensor([2, 2], dtype=torch.int32),
-                dense_k=kr[:, :, 2 * p:].float().contiguous(), dense_v=vr[:, :, 2 * p:].float().contiguous(),
+                dense_k=k[:, :, 2 * p:].float().contiguous(),
+                dense_v=vr[:, :, 2 * p:].float().contiguous(),
                 dense_lens=torch.tensor(tails, dtype=torch.int32), scale=d ** -0.5)
     o_red = lowrank_decode_attention_ref(**args).double()  # [B, H, RV]
     got = torch.einsum("bkgr,kdr->bkgd", o_red.view(b, kvh, h // kvh, rv), bv)
-    kproj, vproj = torch.einsum("bktr,kdr->bktd", kr, bk), torch.einsum("bktr,kdr->bktd", vr, bv)
+    kproj = torch.einsum("bktr,kdr->bktd", kr, bk)
+    kproj[:, :, 2 * p:] = k[:, :, 2 * p:]  # the tail's keys are exact
+    vproj = torch.einsum("bktr,kdr->bktd", vr, bv)
     for i in range(b):
         n = 2 * p + tails[i]
         s = torch.einsum("kgd,knd->kgn", q[i].view(kvh, h // kvh, d), kproj[i, :, :n]) * d ** -0.5
@@ -203,7 +212,9 @@ def test_decode_kernel_refuses_bad_input():
     with pytest.raises(ValueError, match="k_pages"):
         lowrank_decode_attention_ref(**dict(args, k_pages=args["k_pages"].float()))
     with pytest.raises(ValueError, match="rank"):
-        lowrank_decode_attention_ref(**dict(args, q=args["q"][..., :40]))
+        lowrank_decode_attention_ref(**dict(args, q_red=args["q_red"][..., :40]))
+    with pytest.raises(ValueError, match="dense_k"):
+        lowrank_decode_attention_ref(**dict(args, dense_k=args["dense_k"][..., :48]))
     with pytest.raises(ValueError, match="dense_v"):
         lowrank_decode_attention(**dict(args, dense_v=args["dense_v"][..., :16]))
 
@@ -230,6 +241,11 @@ def test_gpu_kernels_match_references(h, kvh, d, rk, rv):
         ov = torch.zeros(8, kvh, 64, rv, dtype=torch.float16, device="cuda")
         res.append(fn(k, v, kb, vb, ok, ov, ids))
     assert _rel(res[0][0], res[1][0]) < 2e-3 and _rel(res[0][1], res[1][1]) < 2e-3
+    vd = torch.nn.functional.pad(v[..., :rv], (0, d - rv)).contiguous()  # already projected
+    sealed = [fn(k, vd, kb, None, torch.zeros(8, kvh, 64, rk, dtype=torch.float16, device="cuda"),
+                 torch.zeros(8, kvh, 64, rv, dtype=torch.float16, device="cuda"), ids)
+              for fn in (lowrank_encode_pages, lowrank_encode_pages_ref)]
+    assert torch.equal(sealed[0][1], sealed[1][1]) and _rel(sealed[0][0], sealed[1][0]) < 2e-3
 
 
 @pytest.mark.gpu
