@@ -15,16 +15,29 @@ import csv
 from pathlib import Path
 
 import torch
-
-from zipserve.bench.plotting import pyplot
 import torch.nn.functional as F
 
+from zipserve.bench.plotting import pyplot
 from zipserve.compress.codecs import make_codec
-from zipserve.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
+from zipserve.compress.lowrank import LowRankBases, LowRankCodec
+from zipserve.kernels.paged_decode_attention import (
+    choose_num_splits,
+    paged_decode_attention,
+)
 
 H, KVH, D, P = 32, 8, 128, 64
 TAIL = 32  # open-page tokens per sequence
 PREFILL_CHUNK, PREFILL_PAST = 2048, 30720
+LOWRANK_RANK = 64  # lowrank codecs: K and V ranks on random orthonormal bases (half of D)
+
+
+def _make(name: str):
+    """One layer's codec at the bench geometry (lowrank: synthetic bases, nothing to calibrate)."""
+    if name.startswith("lowrank"):
+        bases = LowRankBases.random(1, KVH, D, LOWRANK_RANK, LOWRANK_RANK)
+        bits = int(name[-1]) if "+" in name else None
+        return LowRankCodec(name, KVH, P, D, bases, bits).for_layer(0)
+    return make_codec(name, KVH, P, D)
 
 
 def _time(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -83,7 +96,7 @@ def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
     dense_v = torch.randn_like(dense_k)
     dense_lens = torch.full((batch,), 4 + TAIL, device=dev, dtype=torch.int32)
     for name in codecs:
-        codec = make_codec(name, KVH, P, D)
+        codec = _make(name)
         store = codec.new_store(pages, dev)
         for s in range(0, pages, 4096):  # encode the bf16 pages into the codec's store
             ids = torch.arange(s, min(s + 4096, pages), device=dev)
@@ -112,7 +125,7 @@ def _encode_rows(codecs: list[str], pages: int = 8192) -> list[dict]:
     ids = torch.arange(pages, device=dev)
     rows = []
     for name in codecs:
-        codec = make_codec(name, KVH, P, D)
+        codec = _make(name)
         store = codec.new_store(pages, dev)
         us = _time(lambda: codec.encode(store, ids, k, v), iters=10)
         moved = 2 * k.numel() * 2 + codec.store_nbytes(store)
@@ -124,7 +137,6 @@ def _encode_rows(codecs: list[str], pages: int = 8192) -> list[dict]:
 def _prefill_rows(codecs: list[str]) -> list[dict]:
     """One chunk of PREFILL_CHUNK tokens over PREFILL_PAST cached ones (one layer, one sequence)."""
     from torch.nn.attention.bias import causal_lower_right
-
     from zipserve.compress.codecs import KVCodec
 
     dev, n, past, scale = torch.device("cuda"), PREFILL_CHUNK, PREFILL_PAST, D ** -0.5

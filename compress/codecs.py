@@ -21,11 +21,16 @@ from zipserve.compress.rotation import hadamard, rotate
 from zipserve.kernels import baseline_prefill_attention as base_prefill
 from zipserve.kernels import fp8_decode_attention as fp8_attn
 from zipserve.kernels import hack_decode_attention as hack_attn
+from zipserve.kernels import hack_encode
 from zipserve.kernels import hack_prefill_attention as hack_prefill
 from zipserve.kernels import kivi_decode_attention as kivi_attn
-from zipserve.kernels import hack_encode
+from zipserve.kernels.hack_layout import (
+    HackPages,
+    hack_bytes_per_token,
+    pack_planar,
+    unpack_planar,
+)
 from zipserve.kernels.paged_decode_attention import choose_num_splits
-from zipserve.kernels.hack_layout import HackPages, hack_bytes_per_token, pack_planar, unpack_planar
 
 Store = dict[str, torch.Tensor]
 FP8_MAX = 448.0
@@ -73,6 +78,17 @@ class KVCodec(ABC):
         """
         return compressed_past_prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v,
                                                  scale)
+
+    # Hooks of codecs whose values live in a reduced space (compress/lowrank.py); the identity
+    # for every other codec.
+    def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New k/v [.., KVH, D] -> the form kept in the 16-bit open page and sinks (the compressed
+        cache attends to that form, in prefill too)."""
+        return k, v
+
+    def seal(self, store: Store, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Encode full pages given in the dense form (a filled open page) [n, KVH, P, D]."""
+        self.encode(store, page_ids, k, v)
 
     def for_layer(self, layer: int) -> "KVCodec":
         """The codec of one layer (the same for every layer except where ranks differ)."""
@@ -150,7 +166,7 @@ class KiviCodec(KVCodec):
     def __init__(self, num_kv_heads, page_size, head_dim, bits: int):
         super().__init__(num_kv_heads, page_size, head_dim)
         if page_size % self.token_group or head_dim % self.channel_group:
-            raise ValueError(f"page_size and head_dim must be multiples of 32 for kivi")
+            raise ValueError("page_size and head_dim must be multiples of 32 for kivi")
         self.bits, self.name = bits, f"kivi{bits}"
 
     def new_store(self, num_pages, device):

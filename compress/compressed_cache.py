@@ -5,11 +5,14 @@ Each running sequence also owns a slot: its open page (the last, partly filled o
 its sinks (first n_sink tokens, 16-bit, for codecs that keep them). When a decode step fills the
 open page it is encoded into the sequence's page once and never touched again. Prefill chunks
 must start on a page boundary (a whole prompt, or page-sized chunks when scoring).
+Codecs whose values live in a reduced space (lowrank) keep the open page and sinks in their
+`to_dense` form, and a filled open page is sealed with `seal`.
 """
 
 from __future__ import annotations
 
 import torch
+
 from zipserve.compress.codecs import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.condensed_attention import past_kv
@@ -60,30 +63,32 @@ class CompressedKVCache:
             if start % p:
                 raise ValueError(f"prefill chunk starts at {start}, not on a page boundary")
             qs, ks, vs = q[t0:t0 + n], k[t0:t0 + n], v[t0:t0 + n]  # [n, h, D]
+            kd, vd = self.codecs[layer].to_dense(ks, vs)  # what the open page / sinks keep
             first, nf = start // p, n // p
             if nf:
                 ids = torch.tensor(pages[first:first + nf], device=k.device)
                 self.codecs[layer].encode(store, ids, _as_pages(ks[:nf * p], p),
                                           _as_pages(vs[:nf * p], p))
             r = n - nf * p
-            open_k[slot, :, :r] = ks[nf * p:].transpose(0, 1)
-            open_v[slot, :, :r] = vs[nf * p:].transpose(0, 1)
+            open_k[slot, :, :r] = kd[nf * p:].transpose(0, 1)
+            open_v[slot, :, :r] = vd[nf * p:].transpose(0, 1)
             if start == 0 and self.n_sink:
                 m = min(self.n_sink, n)
-                sink_k[slot, :, :m] = ks[:m].transpose(0, 1)
-                sink_v[slot, :, :m] = vs[:m].transpose(0, 1)
+                sink_k[slot, :, :m] = kd[:m].transpose(0, 1)
+                sink_v[slot, :, :m] = vd[:m].transpose(0, 1)
             if start == 0:  # the prompt itself attends exactly; its KV is kept compressed
-                outs.append(prefill_attention(qs, ks, vs, [n], scale))
+                outs.append(prefill_attention(qs, kd, vd, [n], scale))
             else:
                 past = torch.tensor(pages[:first], device=k.device)
                 outs.append(self.codecs[layer].prefill_attention(
-                    qs, ks, vs, store, past, sink_k[slot, :, :self.n_sink],
+                    qs, kd, vd, store, past, sink_k[slot, :, :self.n_sink],
                     sink_v[slot, :, :self.n_sink], scale))
             t0 += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _decode(self, layer, q, k, v, batch, scale):
         p, s = self.page_size, self.n_sink
+        k, v = self.codecs[layer].to_dense(k, v)
         open_k, open_v = self.open[layer]  # [slots, KVH, P, D]
         slots, pos, n_full = batch.slots, batch.positions, batch.n_full
         off = pos % p
@@ -108,7 +113,7 @@ class CompressedKVCache:
         out = codec.decode_attention(q, self.stores[layer], batch.page_table, n_full,
                                           dense_k, dense_v, dense_lens, scale, batch.num_splits)
         # A token that fills its page seals it; other rows encode into the scratch page.
-        codec.encode(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
+        codec.seal(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
         return out
 
 

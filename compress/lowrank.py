@@ -1,11 +1,25 @@
 """ZeroC-style low-rank KV: each layer's K and V are stored projected onto calibrated per-KV-head
 bases (post-RoPE for K), optionally quantized further with HACK (`lowrank+hack2/4`).
 
-Pages of layer l hold k @ Bk [.., r_k(l)] and v @ Bv [.., r_v(l)] (float16, or HACK codes of them).
-Decode attention for `lowrank` runs in the reduced dimension: q is projected onto Bk, scores are
-taken against the stored r_k-dim keys, p is applied to the r_v-dim values, and only the (H, r_v)
-result is lifted back through Bv^T (a D x r product per head; folding Bv^T into W_o would remove
-it, not done yet). The 16-bit open page and sinks are attended at full dimension.
+What a query sees, in prefill and decode alike:
+- V is in the reduced space everywhere: pages hold v @ v_enc, and the 16-bit open page and sinks
+  keep v @ v_enc too (projected at write time, `to_dense`, zero padded to head_dim). Every attention
+  output is therefore o_red [.., H, r_v], and W_o is replaced at load time by W_o folded with v_dec
+  (compress/lowrank_fold.py): no per-step lift back to head_dim exists.
+- K: pages hold k @ k_enc (projected after RoPE by the encode kernel that stores them,
+  kernels/lowrank_encode.py; a filled open page is projected by the same kernel when sealed).
+  Scores against pages use q_red = q @ k_dec, q projected after RoPE (RoPE rotates by position, so
+  Bk cannot be folded into W_q for post-RoPE keys: a D x r_k product per query head and step).
+  The open page and sinks keep K at full dimension and are scored with q itself.
+Why K of the tail stays full and V does not: folding needs every value reduced (projecting the
+tail's attention output through v_enc is the same linear map as storing its V projected), while
+keys need no such thing. Perplexity on the reference model (12 held-out files cut to 768 tokens,
+context 512, stride 256; bf16 21.566): the earlier unfolded codec with an exact 16-bit tail 22.585,
+this one (tail V projected, folded or lifted alike) 23.032 (+2.0%), with the tail's K projected too
+29.725 (+31.6%: layers with r_k = 16 lose the exact scores of the most recent tokens).
+Pages of layer l hold exactly r_k(l) and r_v(l) float16 columns (or HACK codes of both, zero
+padded to one power of two >= 64, whose bytes page_bytes_per_token counts). The dense buffers keep
+head_dim columns (V's past r_v are zeros), as counted by bytes_per_token's dense term.
 """
 
 from __future__ import annotations
@@ -18,6 +32,8 @@ from safetensors.torch import load_file
 
 from zipserve.compress.codecs import HackCodec, KVCodec
 from zipserve.compress.reference_attention import dequant_decode_attention
+from zipserve.kernels import lowrank_decode_attention as lr_attn
+from zipserve.kernels import lowrank_encode
 
 
 class LowRankBases:
@@ -44,6 +60,25 @@ class LowRankBases:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         names = ("k_enc", "k_dec", "v_enc", "v_dec")
         return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
+
+    @classmethod
+    def random(cls, num_layers: int, num_kv_heads: int, head_dim: int, rk: int, rv: int,
+               seed: int = 0) -> "LowRankBases":
+        """Random orthonormal bases (enc == dec) of ranks rk / rv: for benchmarks on random
+        weights, where there is nothing to calibrate on."""
+        g = torch.Generator().manual_seed(seed)
+
+        def basis(r):  # [KVH, D, r] orthonormal columns
+            q, _ = torch.linalg.qr(torch.randn(num_kv_heads, head_dim, head_dim, generator=g,
+                                               dtype=torch.float64))
+            return q[:, :, :r].float().contiguous()
+
+        layers = []
+        for _ in range(num_layers):
+            bk, bv = basis(rk), basis(rv)
+            layers.append({"k_enc": bk, "k_dec": bk, "v_enc": bv, "v_dec": bv})
+        return cls(layers, {"random": True, "k_ranks": [rk] * num_layers,
+                            "v_ranks": [rv] * num_layers})
 
 
     @classmethod
@@ -77,14 +112,15 @@ def _pad_pow2(r: int, lo: int = 64) -> int:
 
 
 class LowRankLayerCodec(KVCodec):
-    """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes)."""
+    """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes); values and the
+    attention output live in the reduced space (module docstring)."""
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: dict[str, torch.Tensor],
                  bits: int | None):
         super().__init__(num_kv_heads, page_size, head_dim)
         self.name, self.bits = name, bits
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
-        self._bases_cpu = {n: b.float() for n, b in bases.items()}  # each [KVH, D, r]
+        self._bases_cpu = {n: b.float().contiguous() for n, b in bases.items()}  # [KVH, D, r]
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.inner = None
         if bits is not None:  # HACK on the reduced dims, both padded to one power of two
@@ -97,12 +133,21 @@ class LowRankLayerCodec(KVCodec):
             self._dev[device] = {n: b.to(device) for n, b in self._bases_cpu.items()}
         return self._dev[device]
 
-    def _project(self, x: torch.Tensor, basis: torch.Tensor, width: int) -> torch.Tensor:
-        y = torch.einsum("nhpd,hdr->nhpr", x.float(), basis)  # [n, KVH, P, r]
-        if width > y.shape[-1]:
-            y = torch.nn.functional.pad(y, (0, width - y.shape[-1]))
-        return y
+    # -- the reduced space -----------------------------------------------------------------------
+    def _project_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, D] after RoPE -> q_red [B, H, r_k] (q @ k_dec of each query head's KV head)."""
+        b, h, d = q.shape
+        k_dec = self._bases(q.device)["k_dec"]  # [KVH, D, r_k]
+        qr = torch.einsum("bkgd,kdr->bkgr", q.float().view(b, self.kvh, h // self.kvh, d), k_dec)
+        return qr.reshape(b, h, self.rk).to(q.dtype)
 
+    def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v @ v_enc zero
+        padded to [.., KVH, D]."""
+        vr = torch.einsum("...hd,hdr->...hr", v.float(), self._bases(v.device)["v_enc"])
+        return k, _width(vr, v.shape[-1]).to(v.dtype)
+
+    # -- pages -----------------------------------------------------------------------------------
     def new_store(self, num_pages, device):
         shape = (num_pages, self.kvh, self.page_size)
         if self.inner is None:
@@ -110,14 +155,29 @@ class LowRankLayerCodec(KVCodec):
                     "v": torch.zeros(*shape, self.rv, dtype=torch.float16, device=device)}
         return self.inner.new_store(num_pages, device)
 
-    def encode(self, store, page_ids, k, v):
+    def _encode(self, store, page_ids, k, v, v_projected: bool):
         b = self._bases(k.device)
+        fn = (lowrank_encode.lowrank_encode_pages if k.is_cuda
+              else lowrank_encode.lowrank_encode_pages_ref)
+        k, v = _last_contiguous(k), _last_contiguous(v)
+        v_basis = None if v_projected else b["v_enc"]
         if self.inner is None:
-            store["k"][page_ids] = self._project(k, b["k_enc"], self.rk).half()
-            store["v"][page_ids] = self._project(v, b["v_enc"], self.rv).half()
+            fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids)
             return
-        self.inner.encode(store, page_ids, self._project(k, b["k_enc"], self.width),
-                          self._project(v, b["v_enc"], self.width))
+        # lowrank+hack: the kernel's fp32 output, zero padded to the HACK width, is quantized.
+        n = k.shape[0]
+        tmp_k = torch.empty(n, self.kvh, self.page_size, self.width, device=k.device)
+        tmp_v = torch.empty_like(tmp_k)
+        fn(k, v, b["k_enc"], v_basis, tmp_k, tmp_v, torch.arange(n, device=k.device))
+        self.inner.encode(store, page_ids, tmp_k, tmp_v)
+
+    def encode(self, store, page_ids, k, v):
+        """Full-dimension post-RoPE pages k, v [n, KVH, P, D] -> projected pages."""
+        self._encode(store, page_ids, k, v, v_projected=False)
+
+    def seal(self, store, page_ids, k, v):
+        """Filled open pages in the dense form (k full, v already projected) -> projected pages."""
+        self._encode(store, page_ids, k, v, v_projected=True)
 
     def _reduced(self, store, page_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored reduced K [n, KVH, P, r_k] and V [n, KVH, P, r_v] (fp32)."""
@@ -127,41 +187,46 @@ class LowRankLayerCodec(KVCodec):
         return kr[..., :self.rk], vr[..., :self.rv]
 
     def dequantize(self, store, page_ids):
-        """Full-dimension stand-ins: q . k_approx == q_red . k_red and v_approx lifts through
-        v_dec (what attention sees; not a reconstruction of k itself)."""
-        b = self._bases(store[next(iter(store))].device)
+        """Pages as the dense tail holds them, [n, KVH, P, D] fp32: K as the full-dimension stand-in
+        k_red @ k_dec^T (q . it == q_red . k_red), V projected and zero padded (not a
+        reconstruction of v: values stay reduced). The references attend to these."""
         kr, vr = self._reduced(store, page_ids)
-        return (torch.einsum("nhpr,hdr->nhpd", kr, b["k_dec"]),
-                torch.einsum("nhpr,hdr->nhpd", vr, b["v_dec"]))
+        k_dec = self._bases(kr.device)["k_dec"]
+        return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
 
     def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
                          scale, num_splits=1):
-        if self.inner is not None:  # no reduced-dim kernel for the quantized variant yet
-            return dequant_decode_attention(self, q, store, page_table, n_full, dense_k,
-                                            dense_v, dense_lens, scale)
-        bases = self._bases(q.device)
-        b_sz, h, d = q.shape
-        g = h // self.kvh
-        out = torch.zeros(b_sz, h, d, dtype=torch.float32, device=q.device)
-        for b, (npg, dl) in enumerate(zip(n_full.tolist(), dense_lens.tolist())):
-            qb = q[b].float().view(self.kvh, g, d)
-            ids = page_table[b, :npg].long()
-            kr = store["k"][ids].float().transpose(0, 1).flatten(1, 2)  # [KVH, N, r_k]
-            vr = store["v"][ids].float().transpose(0, 1).flatten(1, 2)  # [KVH, N, r_v]
-            q_red = torch.einsum("kgd,kdr->kgr", qb, bases["k_dec"])  # [KVH, G, r_k]
-            s_pages = torch.einsum("kgr,knr->kgn", q_red, kr) * scale
-            s_dense = torch.einsum("kgd,ktd->kgt", qb, dense_k[b, :, :dl].float()) * scale
-            w = torch.softmax(torch.cat([s_pages, s_dense], -1), -1)
-            o_red = torch.einsum("kgn,knr->kgr", w[..., :kr.shape[1]], vr)  # [KVH, G, r_v]
-            o = torch.einsum("kgr,kdr->kgd", o_red, bases["v_dec"]) + torch.einsum(
-                "kgt,ktd->kgd", w[..., kr.shape[1]:], dense_v[b, :, :dl].float())
-            out[b] = o.reshape(h, d)
-        return out.to(q.dtype)
+        """q [B, H, D] after RoPE; dense_k full, dense_v projected. Returns o_red [B, H, r_v]."""
+        if self.inner is not None:
+            # No kernel yet: the HACK kernel scores pages and tail with one query, but here the
+            # tail's K is full-dimension and the pages' reduced. The reference attends instead.
+            out = dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
+                                           dense_lens, scale)  # [B, H, D], zeros past r_v
+            return out[..., :self.rv]
+        fn = (lr_attn.lowrank_decode_attention if q.is_cuda
+              else lr_attn.lowrank_decode_attention_ref)
+        return fn(q, self._project_query(q), store["k"], store["v"], page_table, n_full, dense_k,
+                  dense_v, dense_lens, scale, num_splits=num_splits)
+
+    def num_splits(self, batch, max_len, num_sms):
+        if self.inner is not None:
+            return self.inner.num_splits(batch, max_len, num_sms)
+        return super().num_splits(batch, max_len, num_sms)
 
     def page_bytes_per_token(self):
         if self.inner is None:
-            return 2 * (self.rk + self.rv)
+            return lr_attn.lowrank_bytes_per_token(self.rk, self.rv)
         return self.inner.page_bytes_per_token()
+
+
+def _width(x: torch.Tensor, w: int) -> torch.Tensor:
+    """The first w columns of x [.., C]: a slice when C >= w, zero padded when C < w."""
+    c = x.shape[-1]
+    return x[..., :w] if c >= w else torch.nn.functional.pad(x, (0, w - c))
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 class LowRankCodec(KVCodec):
@@ -172,6 +237,11 @@ class LowRankCodec(KVCodec):
                  bits: int | None = None):
         super().__init__(num_kv_heads, page_size, head_dim)
         self.name, self.bases = name, bases
+        for i, b in enumerate(bases.layers):
+            for n, t in b.items():
+                if t.dim() != 3 or t.shape[:2] != (num_kv_heads, head_dim) or not 1 <= t.shape[2] <= head_dim:
+                    raise ValueError(f"codec: lowrank basis layers.{i}.{n} has shape {tuple(t.shape)}, "
+                                     f"expected [KVH={num_kv_heads}, D={head_dim}, r<=D]")
         self.layers = [LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bits)
                        for b in bases.layers]
         self.n_sink = self.layers[0].n_sink
@@ -182,7 +252,7 @@ class LowRankCodec(KVCodec):
     def _per_layer(self, *_):
         raise TypeError("LowRankCodec has one codec per layer: use for_layer(layer)")
 
-    new_store = encode = dequantize = _per_layer
+    new_store = encode = seal = dequantize = to_dense = _per_layer
 
     def page_bytes_per_token(self):
         return sum(c.page_bytes_per_token() for c in self.layers) / len(self.layers)

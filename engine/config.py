@@ -382,7 +382,12 @@ class EngineConfig:
     decode_splits: int = 0
     """Sequence splits of the decode attention kernel; 0 chooses from the batch size."""
     codec: str = "bf16"
-    """KV codec: bf16 (dense pages), fp8, kivi2, kivi4, hack2, hack4."""
+    """KV codec: bf16 (dense pages), fp8, kivi2, kivi4, hack2, hack4, lowrank, lowrank+hack2/4."""
+    lowrank_bases: str | None = None
+    """Directory holding lowrank.safetensors for the lowrank codecs (default: the model's)."""
+    lowrank_fold: bool = True
+    """lowrank codecs: fold V's basis into W_o (False: lift the output back every step, the
+    unfolded reference)."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -395,6 +400,10 @@ class EngineConfig:
 
         if self.codec not in CODECS:
             raise ConfigError(f"codec: unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
+        if self.lowrank_bases is not None and not isinstance(self.lowrank_bases, str):
+            raise ConfigError("lowrank_bases: must be a directory path (str)")
+        if not isinstance(self.lowrank_fold, bool):
+            raise ConfigError("lowrank_fold: must be a bool")
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ConfigError("max_num_seqs and max_prefill_tokens must be positive")
         if (isinstance(self.max_prefill_chunk, bool) or not isinstance(self.max_prefill_chunk, int)

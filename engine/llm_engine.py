@@ -14,6 +14,7 @@ import torch
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.compressed_cache import CompressedKVCache
+from zipserve.compress.lowrank_fold import apply_lowrank_output
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import Detokenizer, check_stop
 from zipserve.engine.kv_cache import KVCache
@@ -59,7 +60,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(model)
         # lowrank on a random: model gets random bases (compress/lowrank.py: random_for)
         self.codec = make_codec(ec.codec, self.config.num_kv_heads, ec.page_size,
-                                self.config.head_dim, model_dir=model)
+                                self.config.head_dim, model_dir=ec.lowrank_bases or model)
+        if self.codec is not None and self.codec.name.startswith("lowrank"):
+            apply_lowrank_output(self.model, self.codec, fold=ec.lowrank_fold)
         num_pages = ec.num_pages or self._size_pool()
         if self.codec is None:
             self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)

@@ -108,6 +108,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = self.head_dim ** -0.5
+        self.o_head_dim = self.head_dim  # per-head width o_proj takes (r_v for lowrank codecs)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
@@ -121,10 +122,11 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(batch.positions, q, k)
-        o = cache.attention(self.layer_idx, q, k, v, batch, self.scale)  # [T, H, D]
+        o = cache.attention(self.layer_idx, q, k, v, batch, self.scale)  # [T, H, >= o_head_dim]
         if batch.on_layer_done is not None:
             batch.on_layer_done(self.layer_idx)
-        return self.o_proj(o.reshape(t, self.q_size))
+        o = o[..., :self.o_head_dim]  # a reduced-space cache may return zero-padded columns
+        return self.o_proj(o.reshape(t, self.num_heads * self.o_head_dim))
 
 
 class MLP(nn.Module):

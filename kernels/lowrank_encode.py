@@ -1,0 +1,151 @@
+"""Low-rank page encoder: post-RoPE 16-bit (or fp32) K/V pages -> pages of their projections.
+
+  * ``lowrank_encode_pages``      -- Triton kernel + host wrapper.
+  * ``lowrank_encode_pages_ref``  -- pure-torch fp32 reference with the same signature.
+
+``lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids) -> (out_k, out_v)``
+  k, v        [n, KVH, P, D] full pages (float16 / bfloat16 / float32, last dim contiguous), K after RoPE.
+  k_basis     float32 [KVH, D, RK]   keys are stored as k @ k_basis (calibrate.py's k_enc).
+  v_basis     float32 [KVH, D, RV]   values are stored as v @ v_basis (v_enc); or None when v is
+              already projected (the open page keeps V reduced, zero padded to D): its first
+              min(D, WV) columns are stored as they are (sealing a filled open page).
+  out_k       [N, KVH, P, WK] (float16 / float32, contiguous) with WK >= RK: input page i goes to
+              pool page page_ids[i]; columns RK..WK-1 are written as zeros (a zero-padded width, the
+              form the HACK encoder takes for ``lowrank+hack``).  out_v likewise with RV <= WV.
+  page_ids    int32 / int64 [n] distinct pool page ids (not range-checked by the kernel).
+
+Kernel: one program per (input page, kv head) loads the [P, D] K and V tiles once, takes the two
+[P, D] x [D, R] products in fp32 (``ieee``: the projection is exact to fp32, rounding happens once at
+the store) and writes the reduced tiles.  This is the "K projected after RoPE in the kernel that
+stores it" of the ZeroC design; ``lowrank+hack`` quantizes the kernel's fp32 output with
+hack_encode (two launches, see compress/lowrank.py).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from zipserve.kernels.paged_decode_attention import require_runnable
+
+__all__ = ["lowrank_encode_pages", "lowrank_encode_pages_ref"]
+
+_IN = (torch.float16, torch.bfloat16, torch.float32)
+_OUT = (torch.float16, torch.float32)
+
+
+@triton.jit
+def _project_store(x, basis_ptr, out_ptr, row, h, offs_t, offs_d,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
+                   C_PAD: tl.constexpr):
+    """x [P, D] fp32 -> store x @ basis[h] [P, R] (zeros up to W) into pool row `row`."""
+    offs_c = tl.arange(0, C_PAD)
+    b = tl.load(basis_ptr + h * (HEAD_DIM * R) + offs_d[:, None] * R + offs_c[None, :],
+                mask=(offs_c < R)[None, :], other=0.0)  # [D, C_PAD], zero columns past R
+    y = tl.dot(x, b, input_precision="ieee")  # [P, C_PAD]
+    tl.store(out_ptr + row * (PAGE * W) + offs_t[:, None] * W + offs_c[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=(offs_c < W)[None, :])
+
+
+@triton.jit
+def _lowrank_encode_kernel(
+    k_ptr, v_ptr, ids_ptr, kb_ptr, vb_ptr, ok_ptr, ov_ptr,  # inputs strided, bases/pools contiguous
+    stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
+    WK: tl.constexpr, WV: tl.constexpr, CK_PAD: tl.constexpr, CV_PAD: tl.constexpr,
+    V_PROJ: tl.constexpr,
+):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+    offs_t = tl.arange(0, PAGE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt
+                + offs_d[None, :]).to(tl.float32)  # [P, D]
+    _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
+    if V_PROJ:
+        v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
+                    + offs_d[None, :]).to(tl.float32)  # [P, D]
+        _project_store(v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD)
+    else:  # already reduced: copy the first WV columns (zeros past D)
+        offs_c = tl.arange(0, CV_PAD)
+        v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
+                    + offs_c[None, :], mask=(offs_c < HEAD_DIM)[None, :], other=0.0)  # [P, CV_PAD]
+        tl.store(ov_ptr + row * (PAGE * WV) + offs_t[:, None] * WV + offs_c[None, :],
+                 v.to(ov_ptr.dtype.element_ty), mask=(offs_c < WV)[None, :])
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
+    """Validate arguments; returns (n, KVH, P, D, RK, RV).  Raises ValueError naming the argument."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in _IN:
+            raise ValueError(f"{name} must be [n, KVH, P, D] of {_IN}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    n, kvh, p, d = k.shape
+    if not (_pow2(p) and _pow2(d) and p >= 16 and d >= 16):
+        raise ValueError(f"k page_size and head_dim must be powers of two >= 16, got {p}, {d}")
+    ranks = []
+    for name, b, out in (("k_basis", k_basis, out_k), ("v_basis", v_basis, out_v)):
+        if b is None and name == "v_basis":  # v already projected
+            if out.dim() != 4 or out.shape[1:3] != (kvh, p) or out.dtype not in _OUT or not out.is_contiguous():
+                raise ValueError(f"out_v must be contiguous [N, KVH={kvh}, P={p}, W] of {_OUT}, got "
+                                 f"{out.dtype} {tuple(out.shape)}")
+            if out.device != k.device:
+                raise ValueError(f"out_v is on {out.device}, k is on {k.device}")
+            ranks.append(None)
+            continue
+        if not isinstance(b, torch.Tensor) or b.dtype != torch.float32 or b.dim() != 3 or b.shape[:2] != (kvh, d) or not b.is_contiguous():
+            raise ValueError(f"{name} must be contiguous float32 [KVH={kvh}, D={d}, R], got {b.dtype} "
+                             f"{tuple(b.shape)}")
+        r = b.shape[2]
+        oname = "out_" + name[0]
+        if (out.dim() != 4 or out.shape[1:3] != (kvh, p) or out.shape[3] < r or out.dtype not in _OUT
+                or not out.is_contiguous()):
+            raise ValueError(f"{oname} must be contiguous [N, KVH={kvh}, P={p}, W>={r}] of {_OUT}, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        for t, tn in ((b, name), (out, oname)):
+            if t.device != k.device:
+                raise ValueError(f"{tn} is on {t.device}, k is on {k.device}")
+        ranks.append(r)
+    if page_ids.dtype not in (torch.int32, torch.int64) or tuple(page_ids.shape) != (n,):
+        raise ValueError(f"page_ids must be int32/int64 [n={n}], got {page_ids.dtype} {tuple(page_ids.shape)}")
+    if page_ids.device != k.device:
+        raise ValueError(f"page_ids is on {page_ids.device}, k is on {k.device}")
+    return n, kvh, p, d, ranks[0], ranks[1]
+
+
+def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
+    """Project full pages onto the bases and write them into the pools (module docstring)."""
+    n, kvh, p, d, rk, rv = _check(k, v, k_basis, v_basis, out_k, out_v, page_ids)
+    require_runnable("lowrank_encode_pages", _lowrank_encode_kernel, k)
+    if n == 0:
+        return out_k, out_v
+    wk, wv = out_k.shape[3], out_v.shape[3]
+    _lowrank_encode_kernel[(n, kvh)](
+        k, v, page_ids.contiguous(), k_basis, k_basis if v_basis is None else v_basis, out_k, out_v,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        PAGE=p, HEAD_DIM=d, RK=rk, RV=rv or 1, WK=wk, WV=wv,
+        CK_PAD=max(16, triton.next_power_of_2(wk)), CV_PAD=max(16, triton.next_power_of_2(wv)),
+        V_PROJ=rv is not None,
+        num_warps=4,
+    )
+    return out_k, out_v
+
+
+def lowrank_encode_pages_ref(k, v, k_basis, v_basis, out_k, out_v, page_ids):
+    """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
+    _check(k, v, k_basis, v_basis, out_k, out_v, page_ids)
+    for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
+        # [n, KVH, P, R] projected (or already reduced), then zero padded / cut to [n, KVH, P, W]
+        y = x.float() if b is None else torch.einsum("nhpd,hdr->nhpr", x.float(), b)
+        w = out.shape[3]
+        y = y[..., :w] if y.shape[3] >= w else torch.nn.functional.pad(y, (0, w - y.shape[3]))
+        out[page_ids.long()] = y.to(out.dtype)
+    return out_k, out_v
