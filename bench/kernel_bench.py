@@ -155,7 +155,7 @@ def _prefill_rows(codecs: list[str]) -> list[dict]:
     m = past // P
     ids = torch.arange(m, device=dev)
     for name in codecs:
-        codec = make_codec(name, KVH, P, D)
+        codec = _make(name)
         if type(codec).prefill_attention is KVCodec.prefill_attention:
             continue  # dequantizing reference only: not a kernel
         store = codec.new_store(m, dev)

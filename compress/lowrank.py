@@ -231,12 +231,14 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 class LowRankCodec(KVCodec):
     """Dispatches to one LowRankLayerCodec per layer (ranks differ between layers)."""
-    graph_safe = False  # its decode attention loops over sequences in torch
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases,
                  bits: int | None = None):
         super().__init__(num_kv_heads, page_size, head_dim)
         self.name, self.bases = name, bases
+        # Plain lowrank decodes with a Triton kernel; lowrank+hack still attends through the
+        # dequantizing torch reference, which loops over sequences on the host.
+        self.graph_safe = bits is None
         for i, b in enumerate(bases.layers):
             for n, t in b.items():
                 if t.dim() != 3 or t.shape[:2] != (num_kv_heads, head_dim) or not 1 <= t.shape[2] <= head_dim:
