@@ -86,24 +86,29 @@ class DecodeWorker:
                 continue
             except TransferClosed:
                 return
+            self.import_kv(buf.cpu().numpy().tobytes())
+
+    def import_kv(self, data: bytes) -> None:
+        """One layer's KV in LayerKV.to_bytes form (from a channel, or handed over by the router
+        for a sequence-parallel prefill group)."""
+        try:
+            kv = LayerKV.from_bytes(data)
+        except Exception:  # unreadable: no request to blame; count it and go on
+            self.dropped_messages += 1
+            return
+        with self.lock:
+            st = self.requests.get(kv.request_id)
+            if st is None or st.finished:
+                return  # aborted or expired meanwhile: drop the layer
             try:
-                kv = LayerKV.from_bytes(buf.cpu().numpy().tobytes())
-            except Exception:  # unreadable: no request to blame; count it and go on
-                self.dropped_messages += 1
-                continue
-            with self.lock:
-                st = self.requests.get(kv.request_id)
-                if st is None or st.finished:
-                    continue  # aborted or expired meanwhile: drop the layer
-                try:
-                    self.engine.import_layer(kv.request_id, kv)
-                except (ValueError, KeyError) as e:
-                    self._fail(kv.request_id, f"KV rejected: {e}")
-                    continue
-                st.layers += 1
-                if st.layers == self.num_layers:
-                    st.times["kv_complete"] = time.time()
-                    st.arrived.set()
+                self.engine.import_layer(kv.request_id, kv)
+            except (ValueError, KeyError) as e:
+                self._fail(kv.request_id, f"KV rejected: {e}")
+                return
+            st.layers += 1
+            if st.layers == self.num_layers:
+                st.times["kv_complete"] = time.time()
+                st.arrived.set()
 
     # -- control (called by the router) ------------------------------------------------------
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -111,7 +111,8 @@ def _serve_config(args: argparse.Namespace, codec: str):
 
     return ServeConfig(model=args.model or default_model(), codec=codec,
                        num_prefill=args.prefill, num_decode=args.decode, device=args.device,
-                       link_gbps=args.link_gbps)
+                       link_gbps=args.link_gbps, prefill_group=args.prefill_group,
+                       prefill_group_min_tokens=args.prefill_group_min_tokens)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -232,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key-file", default=None)
     s.add_argument("--link-gbps", type=float, default=None, help="emulate a link of this speed")
     s.add_argument("--device", default=None)
+    s.add_argument("--prefill-group", type=int, default=0, metavar="N",
+                   help="a sequence-parallel prefill group of N workers for long prompts (0: off)")
+    s.add_argument("--prefill-group-min-tokens", type=int, default=16384, metavar="M",
+                   help="prompts of at least M tokens go to the prefill group")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")

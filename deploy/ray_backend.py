@@ -20,6 +20,8 @@ from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.engine.loading import model_config_for
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.tokenizer import load_tokenizer
+from zipserve.prefill_group.actors import RayPrefillGroup
+from zipserve.prefill_group.serving import group_prefill
 from zipserve.prefill_worker.worker import PrefillWorker
 from zipserve.router.backend import BackendEvent, FinishEvent, Job, PhaseEvent, TokenEvent
 
@@ -39,10 +41,19 @@ class ServeConfig:
     link_latency_ms: float = 0.0
     transfer_deadline_s: float = 30.0
     engine_options: dict = field(default_factory=dict)
+    prefill_group: int = 0
+    """Workers of the sequence-parallel prefill group (0: none); see prefill_group/."""
+    prefill_group_min_tokens: int = 16384
+    """Prompts of at least this many tokens go to the group."""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--prefill and --decode: need at least one worker of each")
+        from zipserve.prefill_group.config import validate_group
+
+        self.group = validate_group(self.model, self.prefill_group,
+                                    self.prefill_group_min_tokens,
+                                    self.engine_options.get("page_size", 64))
 
 
 def _free_port() -> int:
@@ -77,6 +88,9 @@ class RayBackend:
                           d.connect.remote(f"p{i}", "127.0.0.1", port, 1, name, cfg.link_gbps,
                                            cfg.link_latency_ms)]
         ray.get(calls)
+        self.prefill_group = None if not cfg.group.enabled else RayPrefillGroup(
+            cfg.prefill_group, cfg.model, cfg.codec, cfg.engine_options.get("page_size", 64),
+            device)
         self.tokenizer = load_tokenizer(cfg.model)
         mc = model_config_for(cfg.model)
         self.model_name = cfg.model
@@ -131,7 +145,11 @@ class RayBackend:
                 yield FinishEvent("error", error=f"overloaded: {e.cause}", codec=self.cfg.codec)
                 return
             try:
-                rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
+                if self.prefill_group and self.cfg.group.use_group(len(job.prompt_ids)):
+                    rep = await group_prefill(self.prefill_group, dec, job.id, job.prompt_ids,
+                                              params)
+                else:
+                    rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
             except ray.exceptions.RayError as e:  # the worker died or raised: fail this job
                 cause = getattr(e, "cause", None) or e
                 yield FinishEvent("error", error=f"unavailable: prefill worker {pi} failed: "
@@ -204,3 +222,5 @@ class RayBackend:
             print(f"zipserve: decode workers did not stop cleanly: {e}")
         for actor in self.prefill + self.decode:
             ray.kill(actor)
+        if self.prefill_group is not None:
+            self.prefill_group.shutdown()

@@ -17,7 +17,7 @@ from zipserve.compress.codecs import make_codec
 from zipserve.engine.loading import build_model, model_config_for
 from zipserve.prefill_group.exchange import ByteCounter, Exchange, ExchangeRecord
 from zipserve.prefill_group.group import make_group
-from zipserve.prefill_group.plan import plan_heads, token_slices
+from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
 from zipserve.prefill_group.slices import SliceKV, export_slice
 from zipserve.prefill_group.ulysses import RankContext, ulysses_prefill
 
@@ -40,6 +40,8 @@ class GroupRank:
                  max_positions: int | None = None, lowrank_exchange: bool = True, seed: int = 0):
         """Refuses (UnsupportedSplit) a group size the model's heads cannot be split over."""
         cfg = model_config_for(model)
+        if getattr(cfg, "lckv", None) is not None:
+            raise UnsupportedSplit("prefill group: LCKV checkpoints are not supported")
         self.split = plan_heads(cfg.num_heads, cfg.num_kv_heads, n)
         self.rank, self.n, self.page_size, self.codec_name = rank, n, page_size, codec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -238,3 +238,24 @@ def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
     assert full.sent_bytes() == total_full and low.sent_bytes() == total_low
     assert full.sent_bytes() > 0 and low.sent_bytes() / full.sent_bytes() < 0.6
     assert groups[1]["bf16"].sent_bytes() == 0  # one rank exchanges nothing
+
+
+# -- serve flags -----------------------------------------------------------------------------
+def test_serve_flags_are_validated(capsys):
+    from zipserve.deploy.cli import main
+    from zipserve.deploy.ray_backend import ServeConfig
+
+    assert ServeConfig(model=MODEL, prefill_group=4, prefill_group_min_tokens=256).group.use_group(
+        256)
+    assert not ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256
+                           ).group.use_group(255)
+    assert not ServeConfig(model=MODEL).group.enabled
+    with pytest.raises(ValueError, match=r"--prefill-group: prefill group: 3 workers cannot split"
+                                         r" 4 query heads"):
+        ServeConfig(model=MODEL, prefill_group=3)
+    with pytest.raises(ValueError, match=r"--prefill-group: a group needs at least 2 workers"):
+        ServeConfig(model=MODEL, prefill_group=1)
+    with pytest.raises(ValueError, match=r"--prefill-group-min-tokens: must be at least 256"):
+        ServeConfig(model=MODEL, prefill_group=4, prefill_group_min_tokens=100)
+    assert main(["serve", "--model", MODEL, "--prefill-group", "8"]) == 2
+    assert "8 workers cannot split 4 query heads" in capsys.readouterr().err
