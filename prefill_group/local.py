@@ -14,12 +14,13 @@ import socket
 import tempfile
 import threading
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from zipserve.compress.lowrank import LowRankBases
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
 
@@ -35,8 +36,9 @@ class LocalJob:
     max_positions: int | None = None
     keep_raw: bool = False
     all_logits: bool = False
-    extra: dict = field(default_factory=dict)
-    """Free-form labels for the caller (not used here)."""
+    synthetic_rank: int | None = None
+    """Timing only: exchange through random orthonormal bases of this rank (a model without
+    calibrated bases, e.g. random:llama3-8b); the KV slices stay those of `codec`."""
 
 
 def free_port() -> int:
@@ -54,6 +56,8 @@ def _run_rank(rank: int, n: int, port: int, jobs: list[LocalJob], device: str,
         member = GroupRank(job.model, job.codec, rank, n, page_size=job.page_size, device=dev,
                            dtype=job.dtype, max_positions=job.max_positions,
                            lowrank_exchange=job.lowrank_exchange)
+        if job.synthetic_rank:
+            member.bases = synthetic_bases(member.config, job.synthetic_rank, member.device)
         if first is None:
             member.connect("127.0.0.1", port, timeout_s=timeout_s)
             first = member
@@ -62,6 +66,17 @@ def _run_rank(rank: int, n: int, port: int, jobs: list[LocalJob], device: str,
         out.append([member.prefill(p, keep_raw=job.keep_raw, all_logits=job.all_logits)
                     for p in job.prompts])
     return out
+
+
+def synthetic_bases(config, rank: int, device) -> LowRankBases:
+    """Random orthonormal [KVH, D, r] bases for every layer (same seed on every rank)."""
+    gen = torch.Generator().manual_seed(0)
+    kvh, d = config.num_kv_heads, config.head_dim
+    if not 0 < rank <= d:
+        raise ValueError(f"synthetic_rank: must be in 1..{d}, got {rank}")
+    q = torch.linalg.qr(torch.randn(kvh, d, d, generator=gen))[0][..., :rank].contiguous()
+    layer = {"k_enc": q, "k_dec": q, "v_enc": q, "v_dec": q}
+    return LowRankBases([layer] * config.num_layers, {"synthetic_rank": rank})
 
 
 def _rank_main(rank: int, n: int, port: int, out_dir: str, jobs: list[LocalJob], device: str,
