@@ -17,7 +17,6 @@ import csv
 from pathlib import Path
 
 import torch
-
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.loading import model_config_for
@@ -50,8 +49,8 @@ def byte_table(ns=(2, 4, 8)) -> list[dict]:
                 per = [_per_token(cfg, n, rk, rv) for rk, rv in rr]
                 avg = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
                 full = full or avg["total"]
-                rows.append(dict(model=name, n=n, exchange=label, qkv=avg["qkv"], out=avg["out"],
-                                 total=avg["total"], ratio=avg["total"] / full))
+                rows.append({"model": name, "n": n, "exchange": label, "qkv": avg["qkv"], "out": avg["out"],
+                                 "total": avg["total"], "ratio": avg["total"] / full})
     return rows
 
 
@@ -65,9 +64,9 @@ def measured_cpu(tokens: int = 256) -> list[dict]:
         for job, res in zip(jobs, run_threads(n, jobs)):
             layers = len(res[0].records[0]) // 2
             per = res[0].sent_bytes() / layers / tokens
-            rows.append(dict(n=n, exchange=job.codec, bytes_per_layer_token=per,
-                             qkv=res[0].sent_bytes("qkv") / layers / tokens,
-                             out=res[0].sent_bytes("out") / layers / tokens))
+            rows.append({"n": n, "exchange": job.codec, "bytes_per_layer_token": per,
+                             "qkv": res[0].sent_bytes("qkv") / layers / tokens,
+                             "out": res[0].sent_bytes("out") / layers / tokens})
     return rows
 
 
@@ -83,10 +82,10 @@ def time_prefill(ns, lens, model, rank, out: Path) -> list[dict]:
                     for t in lens]
             for t, res in zip(lens, run_local(n, jobs, device="cuda", timeout_s=600)):
                 r = res[1]  # the second run of the same prompt (the first warms up)
-                rows.append(dict(model=model, n=n, tokens=t,
-                                 exchange="full" if synthetic is None else f"lowrank r={rank}",
-                                 seconds=r.seconds, exchange_bytes=r.sent_bytes(),
-                                 bytes_per_layer_token=r.sent_bytes() / cfg.num_layers / t))
+                rows.append({"model": model, "n": n, "tokens": t,
+                                 "exchange": "full" if synthetic is None else f"lowrank r={rank}",
+                                 "seconds": r.seconds, "exchange_bytes": r.sent_bytes(),
+                                 "bytes_per_layer_token": r.sent_bytes() / cfg.num_layers / t})
                 print(rows[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

@@ -14,7 +14,6 @@ import asyncio
 import socket
 
 import ray
-
 from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
 from zipserve.prefill_group.rank import GroupRank, RankResult

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
@@ -104,7 +103,7 @@ def run_threads(n: int, jobs: list[LocalJob], device: str = "cpu",
     def body(rank: int) -> None:
         try:
             per_rank[rank] = _run_rank(rank, n, port, jobs, device, timeout_s)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported to the caller below, with the traceback
             errors[rank] = traceback.format_exc()
 
     threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(n)]
@@ -128,8 +127,10 @@ def run_local(n: int, jobs: list[LocalJob], device: str = "cpu", timeout_s: floa
         try:
             while not ctx.join():
                 pass
-        except Exception:  # a rank died: its own traceback is in its result file
-            pass
+        except mp.ProcessRaisedException:
+            pass  # a rank raised: its own traceback is in its result file (read below)
+        except mp.ProcessExitedException:
+            pass  # a rank died without one: reported below as "no result"
         per_rank = []
         for r in range(n):
             f = Path(tmp) / f"rank{r}.pt"

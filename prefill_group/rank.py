@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from zipserve.compress.codecs import make_codec
 from zipserve.engine.loading import build_model, model_config_for
 from zipserve.prefill_group.exchange import ByteCounter, Exchange, ExchangeRecord
@@ -90,7 +89,7 @@ class GroupRank:
         return RankResult(self.rank, None if logits is None else logits.cpu(), out,
                           counter.records, dt, raw)
 
-    def share_group(self, other: "GroupRank") -> None:
+    def share_group(self, other: GroupRank) -> None:
         """Use another member's process group (same rank and size: several models or codecs
         in one process)."""
         if (other.rank, other.n) != (self.rank, self.n):

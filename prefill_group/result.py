@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from zipserve.engine.kv_export import LayerKV
 from zipserve.prefill_group.exchange import ExchangeRecord
 from zipserve.prefill_group.rank import RankResult

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from zipserve.engine.sampler import Sampler
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.actors import RayPrefillGroup

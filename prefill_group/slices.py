@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from zipserve.compress.codecs import KVCodec
 from zipserve.compress.wire import pack_pages, unpack_pages
 from zipserve.engine.kv_export import LayerKV

@@ -11,11 +11,10 @@ are lifted through v_dec after it; the exchanges then move r instead of head_dim
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.model import LlamaModel

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.compress.wire import unpack_pages
@@ -26,21 +25,22 @@ pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
                                 reason="reference checkpoint not present")
 MODEL = str(REFERENCE_MODEL)  # 6 layers, 4 query heads, 2 kv heads, head_dim 64
 PAGE = 32
-PROMPT = torch.randint(3, 8000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+PROMPT = torch.randint(3, 8000, (136,), generator=torch.Generator().manual_seed(0)).tolist()
 CODECS = ("bf16", "hack2", "kivi2", "lowrank")
 
 
-def _jobs() -> list[LocalJob]:
+def _jobs(codecs=CODECS) -> list[LocalJob]:
     return [LocalJob(MODEL, c, [PROMPT], page_size=PAGE, keep_raw=True, all_logits=True)
-            for c in CODECS]
+            for c in codecs]
 
 
 @pytest.fixture(scope="module")
 def groups():
-    """{n: {codec: GroupResult}}: n=1 (no group), 2 and 4 gloo ranks as threads of this process
-    (test_spawned_processes_give_the_same runs the 2-rank group as processes)."""
-    out = {n: run_threads(n, _jobs()) for n in (1, 2, 4)}
-    return {n: {c: res[i][0] for i, c in enumerate(CODECS)} for n, res in out.items()}
+    """{n: {codec: GroupResult}}: 2 and 4 gloo ranks as threads of this process, and n=1 (no
+    group) for lowrank (test_spawned_processes_give_the_same runs 2 ranks as processes)."""
+    out = {n: dict(zip(CODECS, (r[0] for r in run_threads(n, _jobs())))) for n in (2, 4)}
+    out[1] = {"lowrank": run_threads(1, _jobs(["lowrank"]))[0][0]}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,8 @@ def test_group_refuses_unsupported_split_at_start():
 def test_token_slices_are_page_aligned():
     s = token_slices(200, 4, 32)  # 7 pages: 2, 2, 2, 1
     assert [(x.start, x.end) for x in s] == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    s = token_slices(136, 4, 32)  # the tests' prompt: 5 pages
+    assert [(x.start, x.end) for x in s] == [(0, 64), (64, 96), (96, 128), (128, 136)]
     s = token_slices(256, 2, 64)
     assert [(x.start, x.end) for x in s] == [(0, 128), (128, 256)]
     with pytest.raises(UnsupportedSplit, match=r"97 tokens has 4 pages of 32; 5 workers"):
@@ -143,7 +145,8 @@ def test_codec_pages_equal_single_encode_of_same_tokens(groups, reference, n, co
             for name in got.tail:
                 torch.testing.assert_close(got.tail[name], want.tail[name], rtol=1e-5, atol=1e-5)
             assert unpack_pages(got.pages).num_pages == unpack_pages(want.pages).num_pages
-    ref_k, ref_v = _raw(groups[1]["bf16"], 3)
+    ref = unpack_pages(reference[1]["bf16"][3].pages).tensors  # [pages, KVH, P, D]
+    ref_k, ref_v = (ref[m].transpose(1, 2).flatten(0, 1)[:len(PROMPT)] for m in ("k", "v"))
     if codec != "lowrank":
         k, v = _raw(res, 3)
         torch.testing.assert_close(k, ref_k, rtol=1e-5, atol=1e-5)
@@ -154,7 +157,7 @@ def test_decode_from_assembled_kv_matches_single_engine(groups):
     """The decode worker imports the 4 ranks' assembled layers and generates what one engine
     does; every page returns to its pool."""
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    opts = dict(page_size=PAGE, num_pages=16, max_num_seqs=4)
+    opts = {"page_size": PAGE, "num_pages": 16, "max_num_seqs": 4}
     want = LLM(MODEL, device="cpu", **opts).generate(PROMPT, params)[0].token_ids
     dec = DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(**opts))
     res = groups[4]["bf16"]
@@ -237,7 +240,7 @@ def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
         total_low += sum(want_low.values())
     assert full.sent_bytes() == total_full and low.sent_bytes() == total_low
     assert full.sent_bytes() > 0 and low.sent_bytes() / full.sent_bytes() < 0.6
-    assert groups[1]["bf16"].sent_bytes() == 0  # one rank exchanges nothing
+    assert groups[1]["lowrank"].sent_bytes() == 0  # one rank exchanges nothing
 
 
 # -- serve flags -----------------------------------------------------------------------------
@@ -259,3 +262,22 @@ def test_serve_flags_are_validated(capsys):
         ServeConfig(model=MODEL, prefill_group=4, prefill_group_min_tokens=100)
     assert main(["serve", "--model", MODEL, "--prefill-group", "8"]) == 2
     assert "8 workers cannot split 4 query heads" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_group_equals_single_gpu():
+    """2 GPUs over NCCL (bf16): last-token logits and the decode-side KV of one GPU's prefill."""
+    prompt = torch.randint(3, 8000, (1000,), generator=torch.Generator().manual_seed(2)).tolist()
+    jobs = [LocalJob(MODEL, c, [prompt], page_size=64) for c in ("bf16", "lowrank")]
+    one, two = run_local(1, jobs, device="cuda"), run_local(2, jobs, device="cuda")
+    for a, b in zip(one, two):
+        torch.testing.assert_close(b[0].logits, a[0].logits, rtol=0.05, atol=0.05)
+        for x, y in zip(a[0].layers(), b[0].layers()):
+            wx, wy = unpack_pages(x.pages), unpack_pages(y.pages)
+            assert wx.num_pages == wy.num_pages
+            for name in wx.tensors:
+                if wx.tensors[name].is_floating_point():
+                    torch.testing.assert_close(wy.tensors[name].float(),
+                                               wx.tensors[name].float(), rtol=0.05, atol=0.05)

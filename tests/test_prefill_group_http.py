@@ -10,7 +10,6 @@ import time
 import urllib.request
 
 import pytest
-
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.deploy.serve import running_server
