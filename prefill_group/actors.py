@@ -53,8 +53,10 @@ class RayPrefillGroup:
             raise UnsupportedSplit("prefill group: LCKV checkpoints are not supported")
         gpus = int(ray.cluster_resources().get("GPU", 0))
         self.device = device or ("cuda" if gpus else "cpu")
-        if self.device == "cuda" and gpus < n:
-            raise UnsupportedSplit(f"prefill group: {n} workers need {n} GPUs, Ray has {gpus}")
+        free = ray.available_resources().get("GPU", 0)
+        if self.device == "cuda" and free < n:  # one whole GPU per member, or Ray waits forever
+            raise UnsupportedSplit(f"prefill group: {n} workers need {n} free GPUs, Ray has "
+                                   f"{free:g} free of {gpus}")
         opts = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": 0}
         cls = ray.remote(**opts)(GroupMember)
         # each actor sees its own GPU as cuda:0

@@ -63,6 +63,9 @@ class GroupRank:
     def prefill(self, token_ids: list[int], keep_raw: bool = False,
                 all_logits: bool = False) -> RankResult:
         """This rank's part of one prompt (every rank gets the same token_ids)."""
+        if len(token_ids) > self.model.rope.cos.shape[0]:
+            raise ValueError(f"prompt: {len(token_ids)} tokens, the group's model holds "
+                             f"{self.model.rope.cos.shape[0]} positions")
         slices = token_slices(len(token_ids), self.n, self.page_size)
         me = slices[self.rank]
         counter = ByteCounter()

@@ -64,10 +64,25 @@ def exchange_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: R
                                    "qkv", layer)
     full = recv.view(sum(lens), width)  # [T, W], rank order == token order
     qh, kh, vh = _unpack(full, shapes)  # [T, H/N, dq], [T, kvn, dq], [T, kvn, dv]
-    o = prefill_attention(qh, kh, vh, [sum(lens)], scale)  # [T, H/N, dv]
+    o = _attend(qh, kh, vh, scale)  # [T, H/N, dv]
     back = ctx.exchange.all_to_all(o.reshape(-1), [m * sp.q_per_rank * dv for m in lens],
                                    [t * sp.q_per_rank * dv] * n, "out", layer)
     return back.view(n, t, sp.q_per_rank, dv).transpose(0, 1).reshape(t, sp.num_heads, dv)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention over the whole sequence. On GPU, reduced dims that differ between q/k
+    and v or are not multiples of 8 are zero-padded to one width (outside the exchange) so the
+    fused SDPA kernels apply instead of the O(T^2)-memory math path; zeros change no score and
+    the padded output columns are dropped."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    width = -(-max(dq, dv) // 8) * 8
+    if not q.is_cuda or dq == dv == width:
+        return prefill_attention(q, k, v, [q.shape[0]], scale)
+    pad = torch.nn.functional.pad
+    o = prefill_attention(pad(q, (0, width - dq)), pad(k, (0, width - dq)),
+                          pad(v, (0, width - dv)), [q.shape[0]], scale)
+    return o[..., :dv]
 
 
 class _Reducer:
