@@ -19,6 +19,7 @@ from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
+from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
 from zipserve.transfer.pairing import connect_pair
 from zipserve.transfer.channel import Channel, TransferClosed, TransferTimeout
@@ -53,6 +54,7 @@ class DecodeWorker:
         self.changed = threading.Condition(self.lock)
         self.requests: dict[str, RequestState] = {}
         self.dropped_messages = 0
+        self._slices = SliceAssembler()  # KV slices from a prefill group, per (request, layer)
         self._aborts: collections.deque[str] = collections.deque()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
@@ -96,6 +98,21 @@ class DecodeWorker:
         except Exception:  # unreadable: no request to blame; count it and go on
             self.dropped_messages += 1
             return
+        self._accept(kv)
+
+    def import_kv_slice(self, data: bytes) -> None:
+        """One rank's slice of one layer from a sequence-parallel prefill group
+        (prefill_group/slices.py); the layer is imported once all the group's slices are in."""
+        with self.lock:
+            try:
+                kv = self._slices.add(data)
+            except Exception:  # noqa: BLE001 - unreadable or duplicate: count it and go on
+                self.dropped_messages += 1
+                return
+        if kv is not None:
+            self._accept(kv)
+
+    def _accept(self, kv: LayerKV) -> None:
         with self.lock:
             st = self.requests.get(kv.request_id)
             if st is None or st.finished:
@@ -168,6 +185,7 @@ class DecodeWorker:
             self._aborts.append(request_id)
             self._apply_aborts()
             self.requests.pop(request_id, None)
+            self._slices.drop(request_id)
             self.engine.release(request_id)
 
     def stats(self) -> dict:

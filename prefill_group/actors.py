@@ -18,6 +18,7 @@ from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
+from zipserve.prefill_group.slices import SliceKV, slice_to_bytes
 
 
 class GroupMember:
@@ -39,8 +40,21 @@ class GroupMember:
     def connect(self, store_addr: str, port: int, timeout_s: float) -> None:
         self.member.connect(store_addr, port, timeout_s, name="prefill-group")
 
-    def prefill(self, token_ids: list[int]) -> RankResult:
-        return self.member.prefill(token_ids)
+    def prefill(self, token_ids: list[int], request_id: str = "",
+                decode_actor=None) -> RankResult:
+        """With decode_actor: each layer's slice goes straight to its import_kv_slice as soon
+        as it is encoded (all ranks in parallel); returns once every slice was accepted."""
+        if decode_actor is None:
+            return self.member.prefill(token_ids)
+        sent = []
+
+        def sink(s: SliceKV) -> None:
+            sent.append(decode_actor.import_kv_slice.remote(
+                slice_to_bytes(s, request_id, self.member.n)))
+
+        res = self.member.prefill(token_ids, sink=sink)
+        ray.get(sent)
+        return res
 
 
 class RayPrefillGroup:
@@ -75,12 +89,15 @@ class RayPrefillGroup:
         self.prompts_run += 1
         return merge(ray.get([a.prefill.remote(list(token_ids)) for a in self.actors]))
 
-    async def prefill_async(self, token_ids: list[int]) -> GroupResult:
-        """prefill() for an asyncio caller (the router's event loop is never blocked)."""
+    async def prefill_async(self, token_ids: list[int], request_id: str = "",
+                            decode_actor=None) -> GroupResult:
+        """prefill() for an asyncio caller (the router's event loop is never blocked). With
+        decode_actor (a DecodeWorker that reserved request_id), every rank sends its slices
+        straight to it and the worker assembles the layers; the result then holds no slices."""
         token_slices(len(token_ids), self.n, self.page_size)
         self.prompts_run += 1
-        return merge(list(await asyncio.gather(*[a.prefill.remote(list(token_ids))
-                                                  for a in self.actors])))
+        return merge(list(await asyncio.gather(*[
+            a.prefill.remote(list(token_ids), request_id, decode_actor) for a in self.actors])))
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -9,6 +9,7 @@ the byte records of every all-to-all.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ class RankResult:
     logits: torch.Tensor | None
     """[1, V] fp32 of the prompt's last token (last rank), [t, V] with all_logits, else None."""
     slices: list[SliceKV]
+    """Every layer's slice (empty when they went to a sink as they were computed)."""
+    kv_bytes: int
+    """Bytes of this rank's encoded KV slices (pages + tails)."""
     records: list[ExchangeRecord]
     seconds: float
     raw_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -60,9 +64,11 @@ class GroupRank:
             self.group = make_group(store_addr, port, self.rank, self.n, backend, timeout_s, name,
                                  self.device if backend == "nccl" else None)
 
-    def prefill(self, token_ids: list[int], keep_raw: bool = False,
-                all_logits: bool = False) -> RankResult:
-        """This rank's part of one prompt (every rank gets the same token_ids)."""
+    def prefill(self, token_ids: list[int], keep_raw: bool = False, all_logits: bool = False,
+                sink: Callable[[SliceKV], None] | None = None) -> RankResult:
+        """This rank's part of one prompt (every rank gets the same token_ids). sink: called
+        with each layer's encoded slice as soon as that layer's K/V exist (to send it while
+        the next layers compute); without one the slices come back in the result."""
         if len(token_ids) > self.model.rope.cos.shape[0]:
             raise ValueError(f"prompt: {len(token_ids)} tokens, the group's model holds "
                              f"{self.model.rope.cos.shape[0]} positions")
@@ -73,11 +79,17 @@ class GroupRank:
                                                                   counter))
         out: list[SliceKV] = []
         raw: list[tuple[torch.Tensor, torch.Tensor]] = []
+        kv_bytes = [0]
 
         def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             codec = None if self.codec is None else self.codec.for_layer(layer)
-            out.append(export_slice(codec, self.codec_name, layer, k, v, me.start,
-                                    len(token_ids), self.page_size, self.rank))
+            s = export_slice(codec, self.codec_name, layer, k, v, me.start, len(token_ids),
+                             self.page_size, self.rank)
+            kv_bytes[0] += s.nbytes()
+            if sink is not None:
+                sink(s)
+            else:
+                out.append(s)
             if keep_raw:
                 raw.append((k.cpu().clone(), v.cpu().clone()))
 
@@ -90,7 +102,7 @@ class GroupRank:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         return RankResult(self.rank, None if logits is None else logits.cpu(), out,
-                          counter.records, dt, raw)
+                          kv_bytes[0], counter.records, dt, raw)
 
     def share_group(self, other: GroupRank) -> None:
         """Use another member's process group (same rank and size: several models or codecs

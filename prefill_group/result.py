@@ -21,10 +21,14 @@ class GroupResult:
     """[rank]: every all-to-all this rank took part in."""
     seconds: float
     """Slowest rank's forward time."""
+    kv_bytes: int
+    """Encoded KV bytes all ranks produced for the decode side."""
     ranks: list[RankResult]
 
     def layers(self, request_id: str = "") -> list[LayerKV]:
         """The decode side's view: each layer's N slices assembled into one LayerKV."""
+        if not self.slices[0]:
+            raise ValueError("layers: the slices went to a sink during the prefill")
         return [assemble_layer([r[i] for r in self.slices], request_id)
                 for i in range(len(self.slices[0]))]
 
@@ -46,4 +50,5 @@ def merge(results: list[RankResult]) -> GroupResult:
     if last.logits is None:
         raise RuntimeError("prefill group: the last rank returned no logits")
     return GroupResult(last.logits[-1:], [r.slices for r in results],
-                       [r.records for r in results], max(r.seconds for r in results), results)
+                       [r.records for r in results], max(r.seconds for r in results),
+                       sum(r.kv_bytes for r in results), results)

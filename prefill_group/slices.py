@@ -5,11 +5,14 @@ whole pages of its own tokens with the request's codec exactly as a single prefi
 encode the same pages (every codec quantizes page by page). `SliceKV` carries one layer of one
 slice in the compress/wire form; `assemble_layer` joins the N slices of a layer into the
 `LayerKV` a single prefill worker would have exported (engine/kv_export.py), so the decode
-worker's existing `import_layer` takes it unchanged.
+worker's existing `import_layer` takes it unchanged. Slices travel as `slice_to_bytes` buffers;
+`SliceAssembler` is the decode worker's buffer that joins them as they arrive from N senders.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -109,3 +112,56 @@ def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
             tail["sink_k"], tail["sink_v"] = first.tail["sink_k"], first.tail["sink_v"]
     return LayerKV(first.layer, total, pack_pages(first.codec, store, torch.arange(n_pages)),
                    tail, request_id)
+
+
+_SLICE_MAGIC = b"ZKVS\x01"
+
+
+def slice_to_bytes(s: SliceKV, request_id: str, n_ranks: int) -> bytes:
+    """One buffer (no pickle): magic, JSON header (where the slice sits), then the slice's pages
+    and tail in LayerKV.to_bytes form."""
+    header = json.dumps({"rank": s.rank, "start": s.start, "num_tokens": s.num_tokens,
+                         "total_tokens": s.total_tokens, "codec": s.codec,
+                         "n_ranks": n_ranks}).encode()
+    body = LayerKV(s.layer, s.num_tokens, s.pages, s.tail, request_id).to_bytes()
+    return _SLICE_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def slice_from_bytes(data: bytes) -> tuple[SliceKV, str, int]:
+    """(slice, request_id, n_ranks); ValueError on anything but slice_to_bytes output."""
+    if data[:len(_SLICE_MAGIC)] != _SLICE_MAGIC:
+        raise ValueError("not a zipserve KV slice buffer")
+    pos = len(_SLICE_MAGIC)
+    (hlen,) = struct.unpack("<I", data[pos:pos + 4])
+    h = json.loads(data[pos + 4:pos + 4 + hlen])
+    kv = LayerKV.from_bytes(data[pos + 4 + hlen:])
+    return (SliceKV(kv.layer, h["rank"], h["start"], h["num_tokens"], h["total_tokens"],
+                    h["codec"], kv.pages, kv.tail), kv.request_id, h["n_ranks"])
+
+
+class SliceAssembler:
+    """Decode side: collects the slices of each (request, layer) as they arrive from the N
+    ranks and hands out the assembled LayerKV once all N are in. `drop` forgets a request
+    (abort/finish) so partial layers never pile up."""
+
+    def __init__(self):
+        self._parts: dict[tuple[str, int], list[SliceKV]] = {}
+
+    def add(self, data: bytes) -> LayerKV | None:
+        s, rid, n = slice_from_bytes(data)
+        parts = self._parts.setdefault((rid, s.layer), [])
+        if any(p.rank == s.rank for p in parts):
+            raise ValueError(f"layer {s.layer}: slice of rank {s.rank} arrived twice")
+        parts.append(s)
+        if len(parts) < n:
+            return None
+        del self._parts[(rid, s.layer)]
+        return assemble_layer(parts, rid)
+
+    def drop(self, request_id: str) -> None:
+        for key in [k for k in self._parts if k[0] == request_id]:
+            del self._parts[key]
+
+    def pending(self) -> int:
+        """(request, layer) pairs with some but not all slices."""
+        return len(self._parts)

@@ -281,3 +281,31 @@ def test_nccl_group_equals_single_gpu():
                 if wx.tensors[name].is_floating_point():
                     torch.testing.assert_close(wy.tensors[name].float(),
                                                wx.tensors[name].float(), rtol=0.05, atol=0.05)
+
+
+def test_slices_travel_as_bytes_and_assemble_as_they_arrive(groups):
+    """The decode side's SliceAssembler: slices in any order, through bytes; a layer comes out
+    when its last slice arrives, equal to assembling them directly; duplicates are refused and
+    a dropped request leaves nothing behind."""
+    from zipserve.prefill_group.slices import SliceAssembler, slice_to_bytes
+
+    res = groups[4]["hack2"]
+    want = res.layers("r")
+    asm, got = SliceAssembler(), {}
+    order = [(rank, layer) for layer in range(6) for rank in (3, 1, 0, 2)]
+    for i, (rank, layer) in enumerate(order):
+        out = asm.add(slice_to_bytes(res.slices[rank][layer], "r", 4))
+        assert (out is not None) == (i % 4 == 3)
+        if out is not None:
+            got[out.layer] = out
+    assert asm.pending() == 0
+    for layer in range(6):
+        assert got[layer].pages == want[layer].pages and got[layer].request_id == "r"
+        assert got[layer].tail.keys() == want[layer].tail.keys()
+    asm.add(slice_to_bytes(res.slices[0][0], "q", 4))
+    with pytest.raises(ValueError, match="rank 0 arrived twice"):
+        asm.add(slice_to_bytes(res.slices[0][0], "q", 4))
+    asm.drop("q")
+    assert asm.pending() == 0
+    with pytest.raises(ValueError, match="not a zipserve KV slice"):
+        asm.add(b"garbage")
