@@ -105,12 +105,16 @@ class DecodeWorker:
         (prefill_group/slices.py); the layer is imported once all the group's slices are in."""
         with self.lock:
             try:
-                kv = self._slices.add(data)
+                kv = self._slices.add(data, accept=self._expects_kv)
             except Exception:  # noqa: BLE001 - unreadable or duplicate: count it and go on
                 self.dropped_messages += 1
                 return
         if kv is not None:
             self._accept(kv)
+
+    def _expects_kv(self, request_id: str) -> bool:
+        st = self.requests.get(request_id)
+        return st is not None and not st.finished
 
     def _accept(self, kv: LayerKV) -> None:
         with self.lock:

@@ -147,8 +147,11 @@ class SliceAssembler:
     def __init__(self):
         self._parts: dict[tuple[str, int], list[SliceKV]] = {}
 
-    def add(self, data: bytes) -> LayerKV | None:
+    def add(self, data: bytes, accept=None) -> LayerKV | None:
+        """accept(request_id) -> bool: False drops the slice unbuffered (request gone)."""
         s, rid, n = slice_from_bytes(data)
+        if accept is not None and not accept(rid):
+            return None
         parts = self._parts.setdefault((rid, s.layer), [])
         if any(p.rank == s.rank for p in parts):
             raise ValueError(f"layer {s.layer}: slice of rank {s.rank} arrived twice")

@@ -307,5 +307,7 @@ def test_slices_travel_as_bytes_and_assemble_as_they_arrive(groups):
         asm.add(slice_to_bytes(res.slices[0][0], "q", 4))
     asm.drop("q")
     assert asm.pending() == 0
+    assert asm.add(slice_to_bytes(res.slices[0][0], "gone", 4), accept=lambda rid: False) is None
+    assert asm.pending() == 0
     with pytest.raises(ValueError, match="not a zipserve KV slice"):
         asm.add(b"garbage")
