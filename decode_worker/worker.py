@@ -25,6 +25,7 @@ from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
 from zipserve.engine.sampling_params import SamplingParams
+from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
 from zipserve.transfer.channel import (
     Channel,
@@ -74,6 +75,7 @@ class DecodeWorker:
         self.requests: dict[str, RequestState] = {}
         self.dropped_messages = 0
         self.incarnation = uuid.uuid4().hex
+        self._slices = SliceAssembler()  # KV slices from a prefill group, per (request, layer)
         self.failures: collections.Counter[str] = collections.Counter()
         self.channels: dict[str, Channel] = {}
         self.channel_names: dict[str, str] = {}
@@ -142,6 +144,22 @@ class DecodeWorker:
                 self._import(kv)
             finally:
                 done(kv)  # CUDA IPC: the sender may reuse the buffer now
+
+    def import_kv_slice(self, data: bytes) -> None:
+        """One rank's slice of one layer from a sequence-parallel prefill group
+        (prefill_group/slices.py); the layer is imported once all the group's slices are in."""
+        with self.lock:
+            try:
+                kv = self._slices.add(data, accept=self._expects_kv)
+            except Exception:  # noqa: BLE001 - unreadable or duplicate: count it and go on
+                self.dropped_messages += 1
+                return
+        if kv is not None:
+            self._import(kv)
+
+    def _expects_kv(self, request_id: str) -> bool:
+        st = self.requests.get(request_id)
+        return st is not None and not st.finished
 
     def _import(self, kv: LayerKV | DeviceLayerKV) -> None:
         with self.lock:
@@ -218,6 +236,7 @@ class DecodeWorker:
             self._aborts.append(request_id)
             self._apply_aborts()
             self.requests.pop(request_id, None)
+            self._slices.drop(request_id)
             self.engine.release(request_id)
 
     def stats(self) -> dict:

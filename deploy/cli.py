@@ -146,7 +146,8 @@ def _serve_config(args: argparse.Namespace, codec: str):
                        link_gbps=args.link_gbps, transfer_deadline_s=args.transfer_deadline,
                        max_restarts=args.max_restarts, retries=args.retries,
                        page_wait_s=args.page_wait, prefill_resource=args.prefill_resource,
-                       decode_resource=args.decode_resource)
+                       decode_resource=args.decode_resource, prefill_group=args.prefill_group,
+                       prefill_group_min_tokens=args.prefill_group_min_tokens)
 
 
 def _admission_config(args: argparse.Namespace):
@@ -428,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "places prefill actors on the nodes that offer it)")
     rob.add_argument("--decode-resource", default=None,
                      help="custom Ray resource each decode actor needs (e.g. zipserve_decode)")
+    s.add_argument("--prefill-group", type=int, default=0, metavar="N",
+                   help="a sequence-parallel prefill group of N workers for long prompts (0: off)")
+    s.add_argument("--prefill-group-min-tokens", type=int, default=16384, metavar="M",
+                   help="prompts of at least M tokens go to the prefill group")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")

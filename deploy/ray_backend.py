@@ -26,6 +26,8 @@ from zipserve.engine.loading import model_config_for
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.tokenizer import load_tokenizer
+from zipserve.prefill_group.actors import RayPrefillGroup
+from zipserve.prefill_group.serving import group_prefill
 from zipserve.prefill_worker.worker import PrefillWorker
 from zipserve.router.backend import (
     BackendEvent,
@@ -64,6 +66,10 @@ class ServeConfig:
     offer it, e.g. a KubeRay prefill worker group); None: no custom resource."""
     decode_resource: str | None = None
     """The same for decode actors."""
+    prefill_group: int = 0
+    """Workers of the sequence-parallel prefill group (0: none); see prefill_group/."""
+    prefill_group_min_tokens: int = 16384
+    """Prompts of at least this many tokens go to the group."""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -78,6 +84,11 @@ class ServeConfig:
         for name in ("prefill_resource", "decode_resource"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ValueError(f"{name}: must be a non-empty resource name")
+        from zipserve.prefill_group.config import validate_group
+
+        self.group = validate_group(self.model, self.prefill_group,
+                                    self.prefill_group_min_tokens,
+                                    self.engine_options.get("page_size", 64))
 
 
 RESERVE_TIMEOUT_S = 5.0
@@ -118,6 +129,9 @@ class RayBackend:
         self.decode = [w.actor for w in self.pool.decode]
         info = ray.get(self.decode[0].info.remote())
         self.device = info["device"]
+        self.prefill_group = None if not cfg.group.enabled else RayPrefillGroup(
+            cfg.prefill_group, cfg.model, cfg.codec, cfg.engine_options.get("page_size", 64),
+            device)
         self.page_size = info["page_size"]
         self.tokenizer = load_tokenizer(cfg.model)
         mc = model_config_for(cfg.model)
@@ -232,7 +246,10 @@ class RayBackend:
         self.prefilling[pi] += 1
         self.awaiting_kv[dj] += n
         try:
-            rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
+            if self.prefill_group is not None and self.cfg.group.use_group(n):
+                rep = await group_prefill(self.prefill_group, dec, job.id, job.prompt_ids, params)
+            else:
+                rep = await pre.prefill.remote(job.id, job.prompt_ids, params, f"d{dj}")
         except ray.exceptions.RayActorError as e:  # the actor died under the job
             self.pool.suspect(self.pool.prefill[pi], f"{type(e).__name__}: {e}")
             self.counts["prefill_worker_died"] += 1
@@ -377,3 +394,5 @@ class RayBackend:
             print(f"zipserve: decode workers did not stop cleanly: {e}")
         for actor in self.prefill + self.decode:
             ray.kill(actor)
+        if self.prefill_group is not None:
+            self.prefill_group.shutdown()

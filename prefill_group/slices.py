@@ -1,0 +1,170 @@
+"""Each rank's KV for the decode side, and the decode side's assembly of N of them.
+
+A rank's slice starts on a page boundary and (except the last rank's) ends on one, so it encodes
+whole pages of its own tokens with the request's codec exactly as a single prefill worker would
+encode the same pages (every codec quantizes page by page). `SliceKV` carries one layer of one
+slice in the compress/wire form; `assemble_layer` joins the N slices of a layer into the
+`LayerKV` a single prefill worker would have exported (engine/kv_export.py), so the decode
+worker's existing `import_layer` takes it unchanged. Slices travel as `slice_to_bytes` buffers;
+`SliceAssembler` is the decode worker's buffer that joins them as they arrive from N senders.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from zipserve.compress.codecs import KVCodec
+from zipserve.compress.wire import pack_pages, unpack_pages
+from zipserve.engine.kv_export import LayerKV
+
+
+@dataclass
+class SliceKV:
+    layer: int
+    rank: int
+    start: int
+    """First token of the slice (a multiple of page_size)."""
+    num_tokens: int
+    """Tokens in this slice."""
+    total_tokens: int
+    """Tokens in the whole prompt."""
+    codec: str
+    pages: bytes
+    """compress.wire buffer: the slice's encoded full pages (bf16: all its pages, last padded)."""
+    tail: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Last rank: open_k/open_v [KVH, r, D]; first rank: sink_k/sink_v [KVH, s, D] (16-bit)."""
+
+    def nbytes(self) -> int:
+        return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
+
+
+def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[n*P, KVH, D] -> [n, KVH, P, D]."""
+    return x.reshape(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+
+
+def export_slice(codec: KVCodec | None, codec_name: str, layer: int, k: torch.Tensor,
+                 v: torch.Tensor, start: int, total_tokens: int, page_size: int,
+                 rank: int) -> SliceKV:
+    """One layer of one rank's slice. k, v: [t, KVH, D] post-RoPE, in the model's dtype;
+    codec: that layer's codec (None for the dense bf16 pages)."""
+    p, t = page_size, k.shape[0]
+    if start % p:
+        raise ValueError(f"slice of rank {rank} starts at {start}, not on a page boundary")
+    last = start + t == total_tokens
+    if not last and t % p:
+        raise ValueError(f"slice of rank {rank} ({t} tokens) is not whole pages")
+    if codec is None:  # dense pages, the last one zero-padded like a fresh engine page
+        n_pages = -(-t // p)
+        pad = n_pages * p - t
+        kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad))
+        vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad))
+        store = {"k": _as_pages(kp, p), "v": _as_pages(vp, p)}
+        return SliceKV(layer, rank, start, t, total_tokens, "bf16",
+                       pack_pages("bf16", store, torch.arange(n_pages)))
+    nf = t // p
+    store = codec.new_store(nf, k.device)
+    if nf:
+        codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
+                     _as_pages(v[:nf * p], p))
+    tail: dict[str, torch.Tensor] = {}
+    if last:
+        tail["open_k"] = k[nf * p:].transpose(0, 1).cpu().clone()  # [KVH, r, D]
+        tail["open_v"] = v[nf * p:].transpose(0, 1).cpu().clone()
+    if start == 0 and codec.n_sink:
+        s = min(codec.n_sink, t)
+        tail["sink_k"] = k[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
+        tail["sink_v"] = v[:s].transpose(0, 1).cpu().clone()
+    return SliceKV(layer, rank, start, t, total_tokens, codec_name,
+                   pack_pages(codec_name, store, torch.arange(nf)), tail)
+
+
+def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
+    """The N slices of one layer (any order) -> one LayerKV over the whole prompt. Raises
+    ValueError when they are of different layers/codecs or do not tile [0, total) in order."""
+    if not parts:
+        raise ValueError("assemble: no slices")
+    parts = sorted(parts, key=lambda s: s.start)
+    first, total = parts[0], parts[0].total_tokens
+    pos = 0
+    for s in parts:
+        if (s.layer, s.codec, s.total_tokens) != (first.layer, first.codec, total):
+            raise ValueError(f"assemble: slice of rank {s.rank} is layer {s.layer} codec "
+                             f"{s.codec} of {s.total_tokens} tokens; rank {first.rank}'s is layer "
+                             f"{first.layer} codec {first.codec} of {total}")
+        if s.start != pos:
+            raise ValueError(f"assemble: slice of rank {s.rank} starts at {s.start}, expected "
+                             f"{pos}")
+        pos += s.num_tokens
+    if pos != total:
+        raise ValueError(f"assemble: slices cover {pos} of {total} tokens")
+    wires = [unpack_pages(s.pages) for s in parts]
+    names = list(wires[0].tensors)
+    store = {m: torch.cat([w.tensors[m] for w in wires]) for m in names}
+    n_pages = sum(w.num_pages for w in wires)
+    tail: dict[str, torch.Tensor] = {}
+    if first.codec != "bf16":
+        tail["open_k"], tail["open_v"] = parts[-1].tail["open_k"], parts[-1].tail["open_v"]
+        if "sink_k" in first.tail:
+            tail["sink_k"], tail["sink_v"] = first.tail["sink_k"], first.tail["sink_v"]
+    return LayerKV(first.layer, total, pack_pages(first.codec, store, torch.arange(n_pages)),
+                   tail, request_id)
+
+
+_SLICE_MAGIC = b"ZKVS\x01"
+
+
+def slice_to_bytes(s: SliceKV, request_id: str, n_ranks: int) -> bytes:
+    """One buffer (no pickle): magic, JSON header (where the slice sits), then the slice's pages
+    and tail in LayerKV.to_bytes form."""
+    header = json.dumps({"rank": s.rank, "start": s.start, "num_tokens": s.num_tokens,
+                         "total_tokens": s.total_tokens, "codec": s.codec,
+                         "n_ranks": n_ranks}).encode()
+    body = LayerKV(s.layer, s.num_tokens, s.pages, s.tail, request_id).to_bytes()
+    return _SLICE_MAGIC + struct.pack("<I", len(header)) + header + body
+
+
+def slice_from_bytes(data: bytes) -> tuple[SliceKV, str, int]:
+    """(slice, request_id, n_ranks); ValueError on anything but slice_to_bytes output."""
+    if data[:len(_SLICE_MAGIC)] != _SLICE_MAGIC:
+        raise ValueError("not a zipserve KV slice buffer")
+    pos = len(_SLICE_MAGIC)
+    (hlen,) = struct.unpack("<I", data[pos:pos + 4])
+    h = json.loads(data[pos + 4:pos + 4 + hlen])
+    kv = LayerKV.from_bytes(data[pos + 4 + hlen:])
+    return (SliceKV(kv.layer, h["rank"], h["start"], h["num_tokens"], h["total_tokens"],
+                    h["codec"], kv.pages, kv.tail), kv.request_id, h["n_ranks"])
+
+
+class SliceAssembler:
+    """Decode side: collects the slices of each (request, layer) as they arrive from the N
+    ranks and hands out the assembled LayerKV once all N are in. `drop` forgets a request
+    (abort/finish) so partial layers never pile up."""
+
+    def __init__(self):
+        self._parts: dict[tuple[str, int], list[SliceKV]] = {}
+
+    def add(self, data: bytes, accept=None) -> LayerKV | None:
+        """accept(request_id) -> bool: False drops the slice unbuffered (request gone)."""
+        s, rid, n = slice_from_bytes(data)
+        if accept is not None and not accept(rid):
+            return None
+        parts = self._parts.setdefault((rid, s.layer), [])
+        if any(p.rank == s.rank for p in parts):
+            raise ValueError(f"layer {s.layer}: slice of rank {s.rank} arrived twice")
+        parts.append(s)
+        if len(parts) < n:
+            return None
+        del self._parts[(rid, s.layer)]
+        return assemble_layer(parts, rid)
+
+    def drop(self, request_id: str) -> None:
+        for key in [k for k in self._parts if k[0] == request_id]:
+            del self._parts[key]
+
+    def pending(self) -> int:
+        """(request, layer) pairs with some but not all slices."""
+        return len(self._parts)
