@@ -95,6 +95,9 @@ class LLMEngine:
         act = ec.max_prefill_tokens * (self.config.hidden_size * 6 + self.config.intermediate_size
                                        * 3) * 2 + ec.max_num_seqs * self.config.vocab_size * 8
         free = int(total * ec.gpu_memory_fraction) - used - act - (1 << 30)
+        # Other engines (in this process or others) may already hold part of the device: never
+        # plan on more than is free right now.
+        free = min(free, torch.cuda.mem_get_info(self.device)[0] - act - (1 << 30))
         if free < 2 * page_bytes:
             raise RuntimeError(f"no GPU memory left for the KV pool (weights use {used >> 20} MiB)")
         return free // page_bytes

@@ -18,6 +18,9 @@ from zipserve.deploy.cli import REFERENCE_MODEL
 
 MODEL = str(REFERENCE_MODEL)
 JOIN_S = 240
+POOL_PAGES = 1024
+"""Several engines share one GPU here: each gets a fixed pool instead of sizing it from the
+device's memory (the first would take gpu_memory_fraction of it)."""
 
 
 def _cuda(n: int = 1) -> bool:
@@ -60,7 +63,7 @@ def test_inprocess_device_form_equals_host_form(codec):
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
-    cfg = EngineConfig(codec=codec, cuda_graphs=False)
+    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES)
     pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
     dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
@@ -88,7 +91,7 @@ def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
 
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 600))
-    opts = {"cuda_graphs": False}
+    opts = {"cuda_graphs": False, "num_pages": POOL_PAGES}
     want = LLM(MODEL, device="cuda", codec=codec, **opts).generate([prompt], params)[0]
     a, b = InProcessChannel.pair()
     kinds = []
@@ -135,7 +138,8 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, path: str, r
         torch.cuda.set_device(device_index)
         dev = f"cuda:{device_index}"
         eng = DisaggregatedEngine(MODEL, device=dev,
-                                  engine_config=EngineConfig(codec=codec, cuda_graphs=False))
+                                  engine_config=EngineConfig(codec=codec, cuda_graphs=False,
+                                                             num_pages=POOL_PAGES))
         info = {"model": eng.model_name, "codec": codec, "num_layers": eng.config.num_layers,
                 "page_size": eng.engine_config.page_size, "device": dev}
         ch = connect_pair(info, "127.0.0.1", port, rank, "t", timeout_s=60, path=path)
