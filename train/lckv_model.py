@@ -11,7 +11,6 @@ between those b passes); the last pass's output goes on to the top warmup layers
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from torch import nn
 
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.model import RMSNorm, llama3_inv_freq
-from zipserve.train.model import _MLP, _Layer, _rope
+from zipserve.train.model import _MLP, _Layer, _rope, init_llama_weights
 
 
 class _CondensedAttention(nn.Module):
@@ -104,17 +103,7 @@ class TrainLCKV(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def init_weights(self, generator: torch.Generator) -> None:
-        std = 0.02
-        resid_std = std / math.sqrt(2 * self.config.num_layers)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                    p.copy_(torch.randn(p.shape, generator=generator) * s)
+        init_llama_weights(self, self.config.num_layers, generator)
 
     def _pass(self, x, cos, sin, k, v):
         """One pass over the condensed stack fed layer t's K/V; (output, new K, new V)."""

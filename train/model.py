@@ -86,17 +86,7 @@ class TrainLlama(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def init_weights(self, generator: torch.Generator) -> None:
-        std = 0.02
-        resid_std = std / math.sqrt(2 * self.config.num_layers)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                    p.copy_(torch.randn(p.shape, generator=generator) * s)
+        init_llama_weights(self, self.config.num_layers, generator)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> logits [B, T, V]."""
@@ -113,3 +103,19 @@ class TrainLlama(nn.Module):
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         return sd
+
+
+def init_llama_weights(model: nn.Module, num_layers: int, generator: torch.Generator) -> None:
+    """GPT-2-style init shared by the training models: N(0, 0.02), residual projections scaled
+    by 1/sqrt(2 L), norms 1, biases 0."""
+    std = 0.02
+    resid_std = std / math.sqrt(2 * num_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=generator) * s)
