@@ -11,7 +11,6 @@ between those b passes); the last pass's output goes on to the top warmup layers
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
