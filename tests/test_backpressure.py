@@ -6,13 +6,13 @@ worker can take; a request that can never fit fails at once, naming the pages it
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+from net_helpers import free_port as _port
 
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.ray_backend import ServeConfig
@@ -22,12 +22,6 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
                                 reason="reference checkpoint not present")
 MODEL = str(REFERENCE_MODEL)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

@@ -7,13 +7,13 @@ anywhere, also when a request times out in the middle of its KV transfer."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+from net_helpers import free_port as _port
 
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -43,12 +43,6 @@ def server():
             yield base, backend
     finally:
         ray.shutdown()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 import urllib.request
 
 import pytest
+from net_helpers import free_port as _port
 
 from zipserve.bench.load_bench import run_load
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -29,12 +29,6 @@ pytestmark = [pytest.mark.load,
 MODEL = str(REFERENCE_MODEL)
 CLIENTS = 64
 SECONDS = float(os.environ.get("ZIPSERVE_LOAD_SECONDS", "60"))
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_64_streaming_clients_no_errors_no_leaks():

@@ -5,11 +5,11 @@ offline engine and every decode page is free afterwards."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 
 import pytest
+from net_helpers import free_port as _port, post_json as _post
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.deploy.serve import running_server
@@ -28,19 +28,6 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
 
 
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])

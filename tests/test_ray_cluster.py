@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+from net_helpers import free_port as _port
 
 from zipserve.deploy.cli import REFERENCE_MODEL
 
 pytestmark = pytest.mark.skipif(shutil.which("ray") is None or not
                                 (REFERENCE_MODEL / "config.json").exists(),
                                 reason="needs the ray CLI and the reference checkpoint")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_group(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
