@@ -54,11 +54,13 @@ def _time(fn, iters: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / 1e3 / iters
 
 
-def _decode_seqs(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
+def decode_seqs(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
+    """batch running sequences of `context` cached tokens each, pages allocated, slot i each
+    (used by compressed caches), ready for engine.runner.decode."""
     seqs, p = [], engine.engine_config.page_size
     for i in range(batch):
         seq = Sequence(seq_id=10_000_000 + i, request_id=f"bench{i}", prompt_ids=[1] * context,
-                       params=SamplingParams(temperature=0.0, max_tokens=1 << 20))
+                       params=SamplingParams(temperature=0.0, max_tokens=1 << 20), slot=i)
         seq.output_ids = [1]
         pages = engine.pool.allocate(pages_for(context + 1, p), seq.seq_id)
         if pages is None:
@@ -69,7 +71,7 @@ def _decode_seqs(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
 
 
 def bench_decode(engine: LLMEngine, batch: int, context: int, iters: int) -> dict:
-    seqs = _decode_seqs(engine, batch, context)
+    seqs = decode_seqs(engine, batch, context)
     params = [s.params for s in seqs]
     gens = [None] * batch
 

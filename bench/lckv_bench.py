@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from zipserve.bench.engine_bench import decode_seqs
 from zipserve.bench.plotting import pyplot
 from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.engine.config import EngineConfig
@@ -25,7 +26,7 @@ from zipserve.engine.llm_engine import LLMEngine
 from zipserve.engine.loading import model_config_for
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sampling_params import SamplingParams
-from zipserve.engine.sequence import SeqStatus, Sequence
+from zipserve.engine.sequence import Sequence
 
 PAGE = 64
 
@@ -67,20 +68,6 @@ def seq_bytes(model: str, codec: str, context: int, dtype_bytes: int = 2) -> tup
     return pages_for(context, PAGE) * page + slot, page / PAGE
 
 
-def _running_batch(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
-    seqs = []
-    for i in range(batch):
-        seq = Sequence(seq_id=30_000_000 + i, request_id=f"lckv{i}", prompt_ids=[1] * context,
-                       params=SamplingParams(temperature=0.0, max_tokens=1 << 20), slot=i)
-        seq.output_ids = [1]
-        pages = engine.pool.allocate(pages_for(context + 1, PAGE), seq.seq_id)
-        if pages is None:
-            raise RuntimeError(f"batch {batch} x {context} does not fit the KV pool")
-        seq.pages, seq.status, seq.num_cached = pages, SeqStatus.RUNNING, context
-        seqs.append(seq)
-    return seqs
-
-
 def bench_one(model: str, codec: str, budget_gb: float, context: int, prefill_len: int,
               max_batch: int, iters: int, device: torch.device, cuda_graphs: bool) -> dict:
     per_seq, bpt = seq_bytes(model, codec, context + 1)
@@ -110,7 +97,7 @@ def bench_one(model: str, codec: str, budget_gb: float, context: int, prefill_le
     finally:
         engine.pool.free(pseq.pages, pseq.seq_id)
 
-    seqs = _running_batch(engine, batch, context)
+    seqs = decode_seqs(engine, batch, context)
     params, gens = [s.params for s in seqs], [None] * batch
 
     def step():
