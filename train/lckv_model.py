@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zipserve.engine.config import ModelConfig
-from zipserve.engine.model import RMSNorm, llama3_inv_freq
-from zipserve.train.model import _MLP, _Layer, _rope, init_llama_weights
+from zipserve.engine.model import RMSNorm
+from zipserve.train.model import _MLP, _Layer, _rope, add_head_and_rope, init_llama_weights
 
 
 class _CondensedAttention(nn.Module):
@@ -94,12 +94,7 @@ class TrainLCKV(nn.Module):
         self.bottom = c.lckv.warmup_bottom
         self.top = c.num_layers - 1 - c.lckv.warmup_top
         self.model = _Backbone(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        if c.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        freqs = torch.outer(torch.arange(c.max_position_embeddings).float(), llama3_inv_freq(c))
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [maxT, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        add_head_and_rope(self, c)
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_llama_weights(self, self.config.num_layers, generator)

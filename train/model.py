@@ -78,12 +78,7 @@ class TrainLlama(nn.Module):
         super().__init__()
         self.config = c
         self.model = _Backbone(c)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        if c.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        freqs = torch.outer(torch.arange(c.max_position_embeddings).float(), llama3_inv_freq(c))
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [maxT, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        add_head_and_rope(self, c)
 
     def init_weights(self, generator: torch.Generator) -> None:
         init_llama_weights(self, self.config.num_layers, generator)
@@ -119,3 +114,14 @@ def init_llama_weights(model: nn.Module, num_layers: int, generator: torch.Gener
             else:
                 s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=generator) * s)
+
+
+def add_head_and_rope(model: nn.Module, c: ModelConfig) -> None:
+    """model.lm_head (tied to model.model.embed_tokens when the config says so) and the RoPE
+    tables as non-persistent buffers cos/sin [max_positions, D/2]."""
+    model.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+    if c.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    freqs = torch.outer(torch.arange(c.max_position_embeddings).float(), llama3_inv_freq(c))
+    model.register_buffer("cos", freqs.cos(), persistent=False)  # [maxT, D/2]
+    model.register_buffer("sin", freqs.sin(), persistent=False)
