@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
+from collections.abc import Callable
 
 
 def free_port() -> int:
@@ -33,3 +35,27 @@ def stream_text(url: str, body: dict, timeout: float = 120) -> str:
             if line.startswith("data: ") and line != "data: [DONE]":
                 text += json.loads(line[6:])["choices"][0].get("text") or ""
     return text
+
+
+def stream_and_interrupt(url: str, body: dict, after_chunks: int, action: Callable[[], object],
+                         timeout: float = 60) -> tuple[str | None, float | None]:
+    """Stream body (stream=True); once `after_chunks` chunks have arrived call action() (e.g. kill
+    a worker) and read on to the end. Returns the error message the stream ended with (None if
+    it ended cleanly) and the time.time() at which action ran (None if it never did)."""
+    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
+                                 headers={"Content-Type": "application/json"})
+    chunks, error, acted_at = 0, None, None
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]["message"]
+                continue
+            chunks += 1
+            if chunks == after_chunks:
+                acted_at = time.time()
+                action()
+    return error, acted_at

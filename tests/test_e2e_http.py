@@ -10,7 +10,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from net_helpers import free_port as _port, post_json as _post, stream_text as _stream
+from net_helpers import free_port as _port
+from net_helpers import post_json as _post
+from net_helpers import stream_and_interrupt
+from net_helpers import stream_text as _stream
 
 from zipserve.compress.codecs import CODECS
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -144,22 +147,9 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
 def test_decode_worker_dying_mid_stream_ends_the_stream_with_an_error():
     with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", _port()) as (
             base, backend):
-        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
-            {"prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0, "stream": True}).encode(),
-            headers={"Content-Type": "application/json"})
-        t0, chunks, error = time.time(), 0, None
-        with urllib.request.urlopen(req, timeout=60) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    error = chunk["error"]["message"]
-                    continue
-                chunks += 1
-                if chunks == 3:
-                    t0 = time.time()
-                    ray.kill(backend.decode[0])
+        error, t0 = stream_and_interrupt(
+            f"{base}/v1/completions",
+            {"prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0}, 3,
+            lambda: ray.kill(backend.decode[0]))
         assert error is not None and "decode worker" in error
-        assert time.time() - t0 < 10  # no hang: the stream ended soon after the worker died
+        assert t0 is not None and time.time() - t0 < 10  # no hang: the stream ended soon after

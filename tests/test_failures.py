@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 from net_helpers import free_port as _port
+from net_helpers import stream_and_interrupt
 
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -97,23 +98,9 @@ def test_decode_killed_mid_stream_fails_fast_restarts_and_serving_resumes(server
         assert w["healthy"] and w["codec"] == "bf16" and w["role"] in ("prefill", "decode")
         assert {"free_pages", "used_pages", "queued_tokens", "running"} <= set(w)
 
-    req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
-        {"prompt": LONG_PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
-    ).encode(), headers={"Content-Type": "application/json"})
-    t_kill, chunks, error = None, 0, None
-    with urllib.request.urlopen(req, timeout=60) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                error = chunk["error"]["message"]
-                continue
-            chunks += 1
-            if chunks == 3:
-                t_kill = time.time()
-                ray.kill(backend.decode[0], no_restart=False)
+    error, t_kill = stream_and_interrupt(
+        f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 1000, "temperature": 0},
+        3, lambda: ray.kill(backend.decode[0], no_restart=False))
     assert error is not None and "decode worker" in error, error
     assert time.time() - t_kill < 5, "the stream did not end soon after the worker died"
 
