@@ -80,7 +80,6 @@ class LowRankBases:
         return cls(layers, {"random": True, "k_ranks": [rk] * num_layers,
                             "v_ranks": [rv] * num_layers})
 
-
     @classmethod
     def random_for(cls, model: str, budget: float = 0.5, seed: int = 0) -> "LowRankBases":
         """Random orthonormal bases of uniform rank round(budget * head_dim) for K and V of every
@@ -89,19 +88,12 @@ class LowRankBases:
         from zipserve.engine.config import random_model_config
 
         cfg = random_model_config(model)
-        d, h = cfg.head_dim, cfg.num_kv_heads
+        d = cfg.head_dim
         r = max(1, round(budget * d))
-        gen = torch.Generator().manual_seed(seed)
-        layers = []
-        for _ in range(cfg.num_layers):
-            k = torch.linalg.qr(torch.randn(h, d, d, generator=gen)).Q[..., :r]  # [KVH, D, r]
-            v = torch.linalg.qr(torch.randn(h, d, d, generator=gen)).Q[..., :r]  # [KVH, D, r]
-            layers.append({"k_enc": k, "k_dec": k, "v_enc": v, "v_dec": v})
-        info = {"budget": budget, "basis": f"random orthonormal, rank {r} of {d} (random "
-                                           f"weights: speed benchmarks only)",
-                "k_ranks": [r] * cfg.num_layers, "v_ranks": [r] * cfg.num_layers,
-                "head_dim": d}
-        return cls(layers, info)
+        bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, r, r, seed)
+        bases.info.update(budget=budget, head_dim=d, basis=f"random orthonormal, rank {r} of {d} "
+                          f"(random weights: speed benchmarks only)")
+        return bases
 
 
 def _pad_pow2(r: int, lo: int = 64) -> int:
