@@ -352,10 +352,11 @@ class RayBackend:
                 yield TokenEvent(tok, delta)
             sent += len(new)
             if res["finished"]:
-                # Decode ends when the router holds the last token: the worker's own finish
-                # stamp is earlier by this poll's round trip, which the client waits for too.
-                yield PhaseEvent("decode", decode_start,
-                                 max(decode_start, times["finished"], time.time()))
+                # Decode ends when the router holds the last token, i.e. when it handles the
+                # finish event: the span is left open here and the router closes it with the
+                # same stamp as the job's end (a stamp taken here could be a GIL switch
+                # interval, 5 ms, earlier), so the phases tile the JCT exactly.
+                yield PhaseEvent("decode", decode_start)
                 yield FinishEvent(res["finish_reason"], error=res["error"],
                                   codec=self.cfg.codec)
                 return

@@ -159,6 +159,9 @@ class JobRecord:
         if self.state.terminal:
             return
         self.finished_at = now
+        for span in self.phases:  # a phase still open when the job ends lasted until its end
+            if span.end is None:
+                span.end = max(span.start, now)
         self.finish_reason = ev.reason
         self.error = ev.error
         if ev.prompt_tokens is not None:

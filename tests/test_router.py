@@ -513,8 +513,10 @@ def test_job_record_state_machine():
     for t in (101.5, 101.6, 101.8):
         rec.on_token(TokenEvent(5, "x"), t)
     assert rec.state is JobState.DECODING and rec.ttft == 1.5
+    rec.on_phase(PhaseEvent("decode", 101.0))  # left open: the router's finish stamp closes it
     rec.on_finish(FinishEvent("stop", completion_tokens=3), 102.0)
     assert rec.state is JobState.DONE and rec.jct == 2.0
+    assert rec.phases[-1].name == "decode" and rec.phases[-1].end == 102.0
     rec.on_finish(FinishEvent("error", error="late"), 103.0)  # terminal: ignored
     rec.on_token(TokenEvent(6, "y"), 103.0)
     v = rec.view()
