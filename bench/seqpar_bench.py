@@ -70,7 +70,9 @@ def measured_cpu(tokens: int = 256) -> list[dict]:
     return rows
 
 
-def time_prefill(ns, lens, model, rank, out: Path) -> list[dict]:
+def time_prefill(ns, lens, model, rank, out: Path, device: str = "cuda") -> list[dict]:
+    """device "cuda": rank i on GPU i over NCCL; "cpu": gloo processes (a dry run of the same
+    code path with a small model; its times say nothing about GPUs)."""
     rows = []
     cfg = model_config_for(model)
     for n in ns:
@@ -80,9 +82,9 @@ def time_prefill(ns, lens, model, rank, out: Path) -> list[dict]:
             jobs = [LocalJob(model, "bf16", [torch.randint(3, 8000, (t,)).tolist()] * 2,
                              page_size=64, max_positions=max(lens), synthetic_rank=synthetic)
                     for t in lens]
-            for t, res in zip(lens, run_local(n, jobs, device="cuda", timeout_s=600)):
+            for t, res in zip(lens, run_local(n, jobs, device=device, timeout_s=600)):
                 r = res[1]  # the second run of the same prompt (the first warms up)
-                rows.append({"model": model, "n": n, "tokens": t,
+                rows.append({"model": model, "device": device, "n": n, "tokens": t,
                                  "exchange": "full" if synthetic is None else f"lowrank r={rank}",
                                  "seconds": r.seconds, "exchange_bytes": r.sent_bytes(),
                                  "bytes_per_layer_token": r.sent_bytes() / cfg.num_layers / t})
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--model", default="random:llama3-8b")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--out", default="out/bench/seqpar_time.csv")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     a = ap.parse_args()
     if a.what == "bytes":
         print("| model | N | exchange | qkv B | out B | total B/layer/token | vs full |")
@@ -118,7 +121,7 @@ def main() -> None:
                   f"{r['bytes_per_layer_token']:.1f} |")
     else:
         time_prefill([int(x) for x in a.ns.split(",")], [int(x) for x in a.lens.split(",")],
-                     a.model, a.rank, Path(a.out))
+                     a.model, a.rank, Path(a.out), a.device)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ def _serve_config(args: argparse.Namespace, codec: str):
                        max_restarts=args.max_restarts, retries=args.retries,
                        page_wait_s=args.page_wait, prefill_resource=args.prefill_resource,
                        decode_resource=args.decode_resource, prefill_group=args.prefill_group,
-                       prefill_group_min_tokens=args.prefill_group_min_tokens)
+                       prefill_group_min_tokens=args.prefill_group_min_tokens,
+                       prefill_group_exchange=args.prefill_group_exchange)
 
 
 def _admission_config(args: argparse.Namespace):
@@ -433,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sequence-parallel prefill group of N workers for long prompts (0: off)")
     s.add_argument("--prefill-group-min-tokens", type=int, default=16384, metavar="M",
                    help="prompts of at least M tokens go to the prefill group")
+    s.add_argument("--prefill-group-exchange", choices=["lowrank", "full"], default="lowrank",
+                   help="with a lowrank codec, what the group's all-to-alls carry: the projected "
+                        "Q/K/V (ZeroC; about half the bytes, but prompt tokens attend in the "
+                        "reduced space) or the full ones (exact)")
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")

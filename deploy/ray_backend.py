@@ -70,6 +70,8 @@ class ServeConfig:
     """Workers of the sequence-parallel prefill group (0: none); see prefill_group/."""
     prefill_group_min_tokens: int = 16384
     """Prompts of at least this many tokens go to the group."""
+    prefill_group_exchange: str = "lowrank"
+    """With a lowrank codec: "lowrank" exchanges projected Q/K/V, "full" the full ones."""
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -88,7 +90,8 @@ class ServeConfig:
 
         self.group = validate_group(self.model, self.prefill_group,
                                     self.prefill_group_min_tokens,
-                                    self.engine_options.get("page_size", 64))
+                                    self.engine_options.get("page_size", 64),
+                                    self.prefill_group_exchange)
 
 
 RESERVE_TIMEOUT_S = 5.0
@@ -131,7 +134,7 @@ class RayBackend:
         self.device = info["device"]
         self.prefill_group = None if not cfg.group.enabled else RayPrefillGroup(
             cfg.prefill_group, cfg.model, cfg.codec, cfg.engine_options.get("page_size", 64),
-            device)
+            device, lowrank_exchange=cfg.group.lowrank_exchange)
         self.page_size = info["page_size"]
         self.tokenizer = load_tokenizer(cfg.model)
         mc = model_config_for(cfg.model)

@@ -25,9 +25,11 @@ class GroupMember:
     """The actor body: one GroupRank."""
 
     def __init__(self, model: str, codec: str, rank: int, n: int, page_size: int,
-                 device: str | None, dtype: str | None, max_positions: int | None):
+                 device: str | None, dtype: str | None, max_positions: int | None,
+                 lowrank_exchange: bool = True):
         self.member = GroupRank(model, codec, rank, n, page_size=page_size, device=device,
-                                dtype=dtype, max_positions=max_positions)
+                                dtype=dtype, max_positions=max_positions,
+                                lowrank_exchange=lowrank_exchange)
 
     def address(self) -> str:
         return ray.util.get_node_ip_address()
@@ -60,7 +62,8 @@ class GroupMember:
 class RayPrefillGroup:
     def __init__(self, n: int, model: str, codec: str = "bf16", page_size: int = 64,
                  device: str | None = None, dtype: str | None = "auto",
-                 max_positions: int | None = None, timeout_s: float = 120.0):
+                 max_positions: int | None = None, timeout_s: float = 120.0,
+                 lowrank_exchange: bool = True):
         cfg = model_config_for(model)
         plan_heads(cfg.num_heads, cfg.num_kv_heads, n)  # refuse before starting anything
         if getattr(cfg, "lckv", None) is not None:
@@ -77,8 +80,10 @@ class RayPrefillGroup:
         dev = "cuda:0" if self.device == "cuda" else "cpu"
         self.n, self.page_size = n, page_size
         self.prompts_run = 0
-        self.actors = [cls.remote(model, codec, r, n, page_size, dev, dtype, max_positions)
-                       for r in range(n)]
+        self.exchange_bytes = 0
+        """Bytes the all-to-alls moved between the members, all prompts so far."""
+        self.actors = [cls.remote(model, codec, r, n, page_size, dev, dtype, max_positions,
+                                  lowrank_exchange) for r in range(n)]
         addr, port = ray.get([self.actors[0].address.remote(), self.actors[0].free_port.remote()])
         ray.get([a.connect.remote(addr, port, timeout_s) for a in self.actors])
 
@@ -87,7 +92,9 @@ class RayPrefillGroup:
         short for the group, RayError when an actor fails."""
         token_slices(len(token_ids), self.n, self.page_size)  # refuse here, not in N actors
         self.prompts_run += 1
-        return merge(ray.get([a.prefill.remote(list(token_ids)) for a in self.actors]))
+        res = merge(ray.get([a.prefill.remote(list(token_ids)) for a in self.actors]))
+        self.exchange_bytes += res.sent_bytes()
+        return res
 
     async def prefill_async(self, token_ids: list[int], request_id: str = "",
                             decode_actor=None) -> GroupResult:
@@ -96,8 +103,10 @@ class RayPrefillGroup:
         straight to it and the worker assembles the layers; the result then holds no slices."""
         token_slices(len(token_ids), self.n, self.page_size)
         self.prompts_run += 1
-        return merge(list(await asyncio.gather(*[
+        res = merge(list(await asyncio.gather(*[
             a.prefill.remote(list(token_ids), request_id, decode_actor) for a in self.actors])))
+        self.exchange_bytes += res.sent_bytes()
+        return res
 
     def shutdown(self) -> None:
         for a in self.actors:

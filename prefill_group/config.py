@@ -1,5 +1,6 @@
-"""`zipserve serve --prefill-group N --prefill-group-min-tokens M`: validation at start-up and
-the routing rule (prompts of at least M tokens go to the group, the rest to prefill workers)."""
+"""`zipserve serve --prefill-group N --prefill-group-min-tokens M --prefill-group-exchange E`:
+validation at start-up and the routing rule (prompts of at least M tokens go to the group, the
+rest to prefill workers)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from dataclasses import dataclass
 from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads
 
+EXCHANGES = ("lowrank", "full")
+"""What the all-to-alls carry with a lowrank codec: the projected Q/K/V (ZeroC: half the bytes or
+less, but every prompt token then attends in the reduced space) or the full ones (exact)."""
+
 
 @dataclass(frozen=True)
 class GroupConfig:
@@ -15,6 +20,12 @@ class GroupConfig:
     """Workers in the group (0: no group)."""
     min_tokens: int
     """Prompts of at least this many tokens are prefilled by the group."""
+    exchange: str = "lowrank"
+    """One of EXCHANGES; only a lowrank codec has a reduced exchange."""
+
+    @property
+    def lowrank_exchange(self) -> bool:
+        return self.exchange == "lowrank"
 
     @property
     def enabled(self) -> bool:
@@ -25,10 +36,14 @@ class GroupConfig:
         return self.enabled and num_prompt_tokens >= self.min_tokens
 
 
-def validate_group(model: str, size: int, min_tokens: int, page_size: int = 64) -> GroupConfig:
+def validate_group(model: str, size: int, min_tokens: int, page_size: int = 64,
+                   exchange: str = "lowrank") -> GroupConfig:
     """Raises ValueError naming the flag and the numbers for anything the group cannot run."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"--prefill-group-exchange: must be one of {', '.join(EXCHANGES)}, "
+                         f"got {exchange!r}")
     if size == 0:
-        return GroupConfig(0, min_tokens)
+        return GroupConfig(0, min_tokens, exchange)
     if size < 2:
         raise ValueError(f"--prefill-group: a group needs at least 2 workers (0 turns it off), "
                          f"got {size}")
@@ -47,4 +62,4 @@ def validate_group(model: str, size: int, min_tokens: int, page_size: int = 64) 
     if min_tokens > cfg.max_position_embeddings:
         raise ValueError(f"--prefill-group-min-tokens: {min_tokens} is beyond the model's "
                          f"{cfg.max_position_embeddings} positions: no prompt would use the group")
-    return GroupConfig(size, min_tokens)
+    return GroupConfig(size, min_tokens, exchange)

@@ -31,6 +31,8 @@ class RankResult:
     """Every layer's slice (empty when they went to a sink as they were computed)."""
     kv_bytes: int
     """Bytes of this rank's encoded KV slices (pages + tails)."""
+    dense_bytes: int
+    """What the same slices take uncompressed (post-RoPE K and V in the model's dtype)."""
     records: list[ExchangeRecord]
     seconds: float
     raw_kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -79,13 +81,14 @@ class GroupRank:
                                                                   counter))
         out: list[SliceKV] = []
         raw: list[tuple[torch.Tensor, torch.Tensor]] = []
-        kv_bytes = [0]
+        kv_bytes, dense_bytes = [0], [0]
 
-        def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: [t, KVH, D]
             codec = None if self.codec is None else self.codec.for_layer(layer)
             s = export_slice(codec, self.codec_name, layer, k, v, me.start, len(token_ids),
                              self.page_size, self.rank)
             kv_bytes[0] += s.nbytes()
+            dense_bytes[0] += k.nbytes + v.nbytes
             if sink is not None:
                 sink(s)
             else:
@@ -102,7 +105,7 @@ class GroupRank:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         return RankResult(self.rank, None if logits is None else logits.cpu(), out,
-                          kv_bytes[0], counter.records, dt, raw)
+                          kv_bytes[0], dense_bytes[0], counter.records, dt, raw)
 
     def share_group(self, other: GroupRank) -> None:
         """Use another member's process group (same rank and size: several models or codecs

@@ -23,6 +23,8 @@ class GroupResult:
     """Slowest rank's forward time."""
     kv_bytes: int
     """Encoded KV bytes all ranks produced for the decode side."""
+    dense_bytes: int
+    """What that KV takes uncompressed in the model's dtype."""
     ranks: list[RankResult]
 
     def layers(self, request_id: str = "") -> list[LayerKV]:
@@ -51,4 +53,5 @@ def merge(results: list[RankResult]) -> GroupResult:
         raise RuntimeError("prefill group: the last rank returned no logits")
     return GroupResult(last.logits[-1:], [r.slices for r in results],
                        [r.records for r in results], max(r.seconds for r in results),
-                       sum(r.kv_bytes for r in results), results)
+                       sum(r.kv_bytes for r in results), sum(r.dense_bytes for r in results),
+                       results)

@@ -43,6 +43,8 @@ class PrefillReport:
     bytes_sent: int
     dense_bytes: int
     """What the same KV takes uncompressed in the engine's dtype (bf16 on GPU, fp32 on CPU)."""
+    exchange_bytes: int = 0
+    """Bytes a prefill group's all-to-alls moved between its workers (0: one worker)."""
 
 
 class PrefillWorker:

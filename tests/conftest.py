@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton kernels run in the interpreter when there is no GPU."""
+"""Shared test set-up: Triton kernels run in the interpreter when there is no GPU; GPU tests skip
+without one; `local_ray` is the embedded Ray the serving tests start."""
 
 import os
 
@@ -18,3 +19,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multi_gpu" in item.keywords and torch.cuda.device_count() < 2:
             item.add_marker(skip_multi)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An embedded Ray for one test module, shut down after it. Starts clean even if an earlier
+    module left a Ray behind (so the modules do not depend on their order)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

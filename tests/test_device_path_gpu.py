@@ -1,14 +1,19 @@
 """The device KV path on real GPUs: in-process device form == host form bit for bit (and the
 workers pick it by themselves), CUDA IPC between two processes on one GPU (picked by
 connect_pair), the ctypes NCCL binding on one GPU (send to and receive from itself in a group),
-and on two GPUs the pair picks NCCL and moves device layers equal to the host form."""
+and on two GPUs the pair picks NCCL and moves device layers equal to the host form. The
+two-process harness also runs on the CPU (host path), so CI checks the test itself."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import queue
 import socket
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +22,10 @@ import torch.multiprocessing as mp
 from zipserve.deploy.cli import REFERENCE_MODEL
 
 MODEL = str(REFERENCE_MODEL)
-JOIN_S = 240
+JOIN_S = 150
+STACK_DUMP_S = JOIN_S - 30
+"""A rank still running after this many seconds writes every thread's stack to a file that
+the test then reports, so a hang shows where it is instead of only timing out."""
 POOL_PAGES = 1024
 """Several engines share one GPU here: each gets a fixed pool instead of sizing it from the
 device's memory (the first would take gpu_memory_fraction of it)."""
@@ -123,10 +131,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pair_role(rank: int, port: int, device_index: int, codec: str, path: str, results,
-               finished) -> None:
+def _pair_role(rank: int, port: int, dev: str, codec: str, path: str, results,
+               finished, dump_dir: str) -> None:
     """rank 0: prefill the same prompt twice (host form, then device form) and send both over
     the channel connect_pair picks; rank 1: import both into reserved pages, compare, free."""
+    dump = open(Path(dump_dir) / f"rank{rank}.stacks", "w")  # noqa: SIM115 (lives as long as we do)
+    faulthandler.dump_traceback_later(STACK_DUMP_S, file=dump)
     try:
         from zipserve.engine.config import EngineConfig
         from zipserve.engine.disaggregated import DisaggregatedEngine
@@ -135,8 +145,8 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, path: str, r
         from zipserve.transfer.kv_messages import done, recv_layer, send_layer, use_device_form
         from zipserve.transfer.pairing import connect_pair
 
-        torch.cuda.set_device(device_index)
-        dev = f"cuda:{device_index}"
+        if dev != "cpu":
+            torch.cuda.set_device(torch.device(dev))
         eng = DisaggregatedEngine(MODEL, device=dev,
                                   engine_config=EngineConfig(codec=codec, cuda_graphs=False,
                                                              num_pages=POOL_PAGES))
@@ -182,13 +192,14 @@ def _pair_role(rank: int, port: int, device_index: int, codec: str, path: str, r
         results.put((rank, "error", traceback.format_exc()))
 
 
-def _run_pair(device_indices: tuple[int, int], codec: str, path: str = "auto") -> dict:
+def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
     ctx = mp.get_context("spawn")
     port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
+    dump_dir = tempfile.mkdtemp(prefix="zipserve-pair-")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the spawned ranks
     procs = [ctx.Process(target=_pair_role, daemon=True,
-                         args=(rank, port, device_indices[rank], codec, path, results,
-                               finished))
+                         args=(rank, port, devices[rank], codec, path, results,
+                               finished, dump_dir))
              for rank in (0, 1)]
     for p in procs:
         p.start()
@@ -196,7 +207,13 @@ def _run_pair(device_indices: tuple[int, int], codec: str, path: str = "auto") -
     try:
         deadline = time.monotonic() + JOIN_S
         while len(out) < 2:
-            rank, status, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                rank, status, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                stacks = "\n".join(f"--- {f.name}\n{f.read_text()}"
+                                   for f in sorted(Path(dump_dir).glob("*.stacks")))
+                pytest.fail(f"ranks {sorted({0, 1} - set(out))} did not finish in {JOIN_S} s; "
+                            f"their stacks after {STACK_DUMP_S} s:\n{stacks}")
             assert status == "ok", f"rank {rank} failed:\n{value}"
             out[rank] = value
     finally:
@@ -207,11 +224,19 @@ def _run_pair(device_indices: tuple[int, int], codec: str, path: str = "auto") -
     return out
 
 
+def test_pair_of_cpu_processes_takes_host_path_and_both_forms_agree():
+    """The harness of the GPU pair tests, on the CPU (gloo, host bytes): so that a failure on
+    a GPU is the device path's, not this test's."""
+    res = _run_pair(("cpu", "cpu"), "hack2")
+    assert res[0]["path"] == res[1]["path"] == "host" and not res[0]["device_form"]
+    assert res[1]["equal"] and res[0]["used_pages"] == res[1]["used_pages"] == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
 def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
     assert _cuda()
-    res = _run_pair((0, 0), codec)
+    res = _run_pair(("cuda:0", "cuda:0"), codec)
     assert res[0]["path"] == res[1]["path"] == "cuda_ipc"
     assert res[0]["device_form"] and res[1]["forms"] == ["DeviceLayerKV:cuda:0", "LayerKV"]
     assert res[1]["equal"], "IPC-imported KV differs from the host form"
@@ -226,7 +251,7 @@ def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
 def test_nccl_pair_between_two_gpus(codec, path, want):
     """Auto picks the NCCL process group; the ctypes-binding channel carries the same."""
     assert _cuda(2)
-    res = _run_pair((0, 1), codec, path)
+    res = _run_pair(("cuda:0", "cuda:1"), codec, path)
     assert res[0]["path"] == res[1]["path"] == want
     assert res[1]["forms"] == ["DeviceLayerKV:cuda:1", "LayerKV"] and res[1]["equal"]
     assert res[0]["used_pages"] == res[1]["used_pages"] == 0

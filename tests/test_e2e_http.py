@@ -29,10 +29,8 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n" * 30]  # 2nd: > 1 page
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def _ray(local_ray):
+    """Every test here runs against the module's embedded Ray (tests/conftest.py)."""
 
 
 def _pool_whole(backend, deadline_s: float = 10.0) -> dict:

@@ -33,17 +33,13 @@ LONG_PROMPT = "import os\nimport sys\n" * 30
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(local_ray):
     """Two prefill workers and one decode worker; a slow emulated link keeps each prefill call
     busy for ~0.5 s, long enough to kill the worker under it."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     cfg = ServeConfig(model=MODEL, codec="bf16", num_prefill=2, health_interval_s=0.2,
                       max_restarts=2, link_gbps=0.03)
-    try:
-        with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
-            yield base, backend
-    finally:
-        ray.shutdown()
+    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+        yield base, backend
 
 
 def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:

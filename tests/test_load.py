@@ -31,33 +31,29 @@ CLIENTS = 64
 SECONDS = float(os.environ.get("ZIPSERVE_LOAD_SECONDS", "60"))
 
 
-def test_64_streaming_clients_no_errors_no_leaks():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = ServeConfig(model=MODEL, codec="bf16", health_interval_s=1.0)
-        limits = AdmissionConfig(max_queued_jobs=32, request_timeout_s=60)
-        with running_server(cfg, "127.0.0.1", _port(), limits=limits) as (base, backend):
-            res = asyncio.run(run_load(base, clients=CLIENTS, duration_s=SECONDS,
-                                       max_tokens=16, request_timeout_s=90))
-            print("\nload:", res.line())
-            assert res.errors == [], res.errors[:5]
-            assert res.completed >= CLIENTS // 2, res.summary()
-            assert len(res.ttft_s) == res.completed and len(res.jct_s) == res.completed
-            assert all(0 < t <= j for t, j in zip(res.ttft_s, res.jct_s))
+def test_64_streaming_clients_no_errors_no_leaks(local_ray):
+    cfg = ServeConfig(model=MODEL, codec="bf16", health_interval_s=1.0)
+    limits = AdmissionConfig(max_queued_jobs=32, request_timeout_s=60)
+    with running_server(cfg, "127.0.0.1", _port(), limits=limits) as (base, backend):
+        res = asyncio.run(run_load(base, clients=CLIENTS, duration_s=SECONDS,
+                                   max_tokens=16, request_timeout_s=90))
+        print("\nload:", res.line())
+        assert res.errors == [], res.errors[:5]
+        assert res.completed >= CLIENTS // 2, res.summary()
+        assert len(res.ttft_s) == res.completed and len(res.jct_s) == res.completed
+        assert all(0 < t <= j for t, j in zip(res.ttft_s, res.jct_s))
 
-            end = time.time() + 10
-            while True:  # every page back in every pool, nothing reserved or running
-                stats = ray.get([a.stats.remote() for a in backend.prefill + backend.decode])
-                whole = all(s["free_pages"] == s["capacity_pages"] for s in stats) and all(
-                    s["reserved"] == 0 and s["running"] == 0 for s in stats[1:])
-                if whole or time.time() > end:
-                    break
-                time.sleep(0.2)
-            assert whole, stats
-            with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
-                admission = json.loads(r.read())["router"]["admission"]
-            assert admission["queued_jobs"] == 0 and admission["queued_tokens"] == 0
-            assert admission["rejected_429"] == res.rejected_429
-    finally:
-        ray.shutdown()
+        end = time.time() + 10
+        while True:  # every page back in every pool, nothing reserved or running
+            stats = ray.get([a.stats.remote() for a in backend.prefill + backend.decode])
+            whole = all(s["free_pages"] == s["capacity_pages"] for s in stats) and all(
+                s["reserved"] == 0 and s["running"] == 0 for s in stats[1:])
+            if whole or time.time() > end:
+                break
+            time.sleep(0.2)
+        assert whole, stats
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+            admission = json.loads(r.read())["router"]["admission"]
+        assert admission["queued_jobs"] == 0 and admission["queued_tokens"] == 0
+        assert admission["rejected_429"] == res.rejected_429
 

@@ -116,6 +116,10 @@ def test_bf16_kv_equals_single_worker(groups, reference, n):
     got = groups[n]["bf16"].layers("x")
     want = reference[1]["bf16"]
     assert len(got) == len(want) == 6
+    res = groups[n]["bf16"]  # dense bytes: every layer's K and V of every prompt token
+    kvh, d = res.ranks[0].raw_kv[0][0].shape[1:]
+    elem = res.ranks[0].raw_kv[0][0].element_size()
+    assert res.dense_bytes == len(got) * 2 * len(PROMPT) * kvh * d * elem
     for g, w in zip(got, want):
         gw, ww = unpack_pages(g.pages), unpack_pages(w.pages)
         assert (g.layer, g.num_tokens, gw.codec, gw.num_pages) == (w.layer, w.num_tokens,
@@ -213,6 +217,17 @@ def test_reduced_attention_with_full_rank_bases_is_exact(reference):
         torch.testing.assert_close(got, reference[0], rtol=1e-4, atol=1e-4)
 
 
+def test_lowrank_codec_with_full_exchange_is_exact_prefill(reference):
+    """lowrank_exchange=False (serve: --prefill-group-exchange full): the lowrank codec's group
+    attends over full Q/K/V, so its logits are exact prefill's, and it still sends the codec's
+    reduced pages to the decode side."""
+    job = LocalJob(MODEL, "lowrank", [PROMPT], page_size=PAGE, all_logits=True,
+                   lowrank_exchange=False)
+    res = run_threads(2, [job])[0][0]
+    torch.testing.assert_close(res.token_logits(), reference[0], rtol=1e-4, atol=1e-4)
+    assert 0 < res.kv_bytes < res.dense_bytes / 1.5  # reduced K/V pages on the wire
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
     bases = make_codec("lowrank", 2, PAGE, 64, MODEL).bases
@@ -253,6 +268,13 @@ def test_serve_flags_are_validated(capsys):
     assert not ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256
                            ).group.use_group(255)
     assert not ServeConfig(model=MODEL).group.enabled
+    assert ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256
+                       ).group.lowrank_exchange
+    assert not ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256,
+                           prefill_group_exchange="full").group.lowrank_exchange
+    with pytest.raises(ValueError, match=r"--prefill-group-exchange: must be one of lowrank, "
+                                         r"full, got 'half'"):
+        ServeConfig(model=MODEL, prefill_group=2, prefill_group_exchange="half")
     with pytest.raises(ValueError, match=r"--prefill-group: prefill group: 3 workers cannot split"
                                          r" 4 query heads"):
         ServeConfig(model=MODEL, prefill_group=3)

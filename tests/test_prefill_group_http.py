@@ -24,10 +24,8 @@ SHORT = "def fibonacci(n):"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def _ray(local_ray):
+    """Every test here runs against the module's embedded Ray (tests/conftest.py)."""
 
 
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
@@ -55,3 +53,35 @@ def test_http_with_prefill_group_equals_offline_engine(codec):
         assert stats["free_pages"] == stats["capacity_pages"], stats
         assert stats["reserved"] == 0 and stats["running"] == 0, stats
         assert stats["dropped_messages"] == 0, stats
+
+
+def test_lowrank_full_exchange_flag_reaches_the_group():
+    """--prefill-group-exchange full with the lowrank codec: the all-to-alls carry full-width
+    Q/K/V (bytes == the formula at head_dim), so the prompt is attended exactly and the first
+    token is the uncompressed model's. (One engine's lowrank prefill is not exact: V's basis is
+    folded into W_o, so later tokens are compared in tests/test_prefill_group.py, not here.)"""
+    from zipserve.engine.loading import model_config_for
+    from zipserve.prefill_group.exchange import expected_layer_bytes
+
+    opts = {"page_size": 32}
+    llm = LLM(MODEL, device="cpu", codec="bf16", **opts)
+    n_tokens = len(llm.tokenizer.encode(LONG))
+    first = llm.generate([LONG], SamplingParams(max_tokens=1, temperature=0.0))[0].text
+    mc = model_config_for(MODEL)
+    per_layer = expected_layer_bytes(mc.num_heads, mc.num_kv_heads, 2, mc.head_dim, mc.head_dim,
+                                     4, n_tokens)  # fp32 on the CPU
+    cfg = ServeConfig(model=MODEL, codec="lowrank", prefill_group=2, prefill_group_min_tokens=64,
+                      prefill_group_exchange="full", engine_options=opts)
+    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+        out = _post(f"{base}/v1/completions", {"prompt": LONG, "max_tokens": 1,
+                                                "temperature": 0})
+        assert out["choices"][0]["text"] == first
+        assert backend.prefill_group.prompts_run == 1
+        assert backend.prefill_group.exchange_bytes == mc.num_layers * sum(per_layer.values())
+        end = time.time() + 10
+        while True:
+            stats = ray.get(backend.decode[0].stats.remote())
+            if stats["free_pages"] == stats["capacity_pages"] or time.time() > end:
+                break
+            time.sleep(0.1)
+        assert stats["free_pages"] == stats["capacity_pages"], stats

@@ -24,7 +24,8 @@ closes the connection when an operation times out), and then every call raises T
 
 Closing: close() sends a CLOSE control message (the peer's pending recvs then raise
 TransferClosed once drained) and stops the receive thread; for gloo it does so by letting a
-dummy receive time out, which makes gloo drop the connection. That is also what happens on a
+dummy receive time out, which makes gloo drop the connection; for nccl it aborts the
+communicator (sends are synchronous, so none of ours is in flight). That is also what happens on a
 crash: the peer sees TransferError, never a hang.
 """
 
@@ -275,9 +276,11 @@ class ProcessGroupChannel(Channel):
         if self._thread is not None:
             self._thread.join(timeout=10.0)
         self._mailbox.close("the channel was closed")
-        pending_nccl = self.backend == "nccl" and (receiving or self._broken)
         try:
-            if pending_nccl:
+            # nccl: abort, never shutdown. Our sends are synchronous (done before send()
+            # returned), so nothing of ours is in flight; a shutdown would wait on a posted
+            # receive, or on NCCL's teardown with a peer that already aborted its side.
+            if self.backend == "nccl":
                 self._pg.abort()
             elif self._thread is None or not self._thread.is_alive():
                 self._pg.shutdown()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The runs still owed to the lent GPU, in stages that each fit one `device` call (10 minutes).
+#
+#   run(command="bash bench/gpu_runbook.sh STAGE", carry=[".devbundle", ".corpus"], kind=...)
+#
+# Stages (kind; budget):
+#   tests      nvidia-h200     every @gpu test, incl. the device KV path (issue 5)        ~6 min
+#   jct-smoke  nvidia-h200     2 codecs x 1 link x 1 rate on random Llama-3-8B (issue 8)  ~3 min
+#   jct-a      nvidia-h200     the issue-8 sweep for bf16, kivi2, hack2 (the goals' three)  ~9 min
+#   jct-b      nvidia-h200     the same for fp8, hack4, lowrank+hack2                     ~9 min
+#   multi      nvidia-h200-x2  @multi_gpu tests, NCCL bandwidth, seq-parallel prefill
+#                              time, JCT with prefill and decode on separate GPUs (9, 10) ~9 min
+# Before: `bash ../shared/tools/device-bundle.sh` once here (Ray, FastAPI... are not on the GPU
+# image). Everything a stage writes ends up in ONE file, $OUT/STAGE.tar.gz (the device returns only
+# a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
+# eat the call, and a step that fails does not stop the next.
+set -uo pipefail
+STAGE=${1:?"stage: tests | jct-smoke | jct-a | jct-b | multi"}
+OUT=${OUT:-/tmp/zipserve-runbook}
+WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
+LOG="$WORK/$STAGE.log"
+
+# The repo root is the package `zipserve`: expose it under that name without installing.
+mkdir -p /tmp/zp && ln -sfn "$PWD" /tmp/zp/zipserve
+export PYTHONPATH=/tmp/zp PYTHONUNBUFFERED=1
+# NVLink multicast off (the device docs say why).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+[ -f .devbundle/activate.sh ] && source .devbundle/activate.sh
+
+step() {  # step SECONDS NAME CMD...: run with a limit, log it, never abort the stage
+    local limit=$1 name=$2; shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+pytest_gpu() {  # pytest_gpu SECONDS NAME ARGS...: -rA so every test's outcome is in the log
+    local limit=$1 name=$2; shift 2
+    step "$limit" "$name" python3 -m pytest -p no:cacheprovider -v -rA --tb=short \
+        --junitxml="$WORK/$name.xml" "$@"
+}
+
+jct_sweep() {  # jct_sweep SECONDS NAME CODECS: the issue-8 sweep on random Llama-3-8B shapes
+    # Per codec: one system start (~20 s), then 4 links x 3 rates x at most 12 s.
+    local limit=$1 name=$2 codecs=$3
+    ZIPSERVE_KV_PATH=auto step "$limit" "$name" python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs "$codecs" --links 10,25,100,none --rates 1,2,4 \
+        --num-requests 12 --scale 0.5 --max-seconds 12 --out "$WORK/$name"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    >>"$LOG" 2>&1
+
+case "$STAGE" in
+tests)
+    # The device path first: its failure text is what issue 5 waits for.
+    pytest_gpu 200 device_path tests/test_device_path_gpu.py
+    pytest_gpu 330 gpu_tests -m gpu tests/ --ignore tests/test_device_path_gpu.py
+    ;;
+jct-smoke)
+    ZIPSERVE_KV_PATH=auto step 240 jct_smoke python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2 --links 10 --rates 1 --scale 0.25 \
+        --num-requests 4 --max-seconds 30 --out "$WORK/jct_smoke"
+    ;;
+jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 ;;
+jct-b) jct_sweep 560 jct_b fp8,hack4,lowrank+hack2 ;;
+multi)
+    pytest_gpu 150 multi_gpu_tests -m multi_gpu tests/
+    step 60 transfer python3 -m zipserve bench transfer --channels nccl_pg,nccl_ctypes \
+        --out "$WORK/transfer_2gpu"
+    step 150 seqpar python3 -m zipserve.bench.seqpar_bench time --ns 1,2 \
+        --lens 32768,65536,131072 --out "$WORK/seqpar_time.csv"
+    ZIPSERVE_KV_PATH=auto step 200 jct_2gpu python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --links 10,25,none \
+        --rates 1 --num-requests 8 --scale 0.5 --max-seconds 15 --out "$WORK/jct_2gpu"
+    ;;
+*) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
+
+mkdir -p "$OUT"
+tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" .
+echo "--- wrote $OUT/$STAGE.tar.gz; summary:"
+grep -E "^=== |passed|failed|error" "$LOG" | tail -40
