@@ -1,4 +1,5 @@
-"""Small network helpers shared by the tests that start servers or channels on loopback."""
+"""Small helpers shared by the tests that start servers or channels on loopback (and wait for a
+served deployment's decode pool to settle)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,17 @@ def stream_and_interrupt(url: str, body: dict, after_chunks: int, action: Callab
                 acted_at = time.time()
                 action()
     return error, acted_at
+
+
+def decode_pool_settled(backend, deadline_s: float = 10.0) -> dict:
+    """The first decode worker's stats once every page is free and nothing is reserved or
+    running, or its last stats when deadline_s passed first (the caller asserts on them)."""
+    import ray
+
+    end = time.time() + deadline_s
+    while True:
+        stats = ray.get(backend.decode[0].stats.remote())
+        if (stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0
+                and stats["running"] == 0) or time.time() > end:
+            return stats
+        time.sleep(0.1)

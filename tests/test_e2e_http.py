@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from net_helpers import free_port as _port
 from net_helpers import post_json as _post
-from net_helpers import stream_and_interrupt
+from net_helpers import decode_pool_settled, stream_and_interrupt
 from net_helpers import stream_text as _stream
 
 from zipserve.compress.codecs import CODECS
@@ -31,16 +31,6 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n" * 30]  # 2nd: > 1 page
 @pytest.fixture(scope="module", autouse=True)
 def _ray(local_ray):
     """Every test here runs against the module's embedded Ray (tests/conftest.py)."""
-
-
-def _pool_whole(backend, deadline_s: float = 10.0) -> dict:
-    end = time.time() + deadline_s
-    while True:
-        stats = ray.get(backend.decode[0].stats.remote())
-        if (stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0
-                and stats["running"] == 0) or time.time() > end:
-            return stats
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -63,7 +53,7 @@ def test_http_equals_offline_engine(codec):
                 backend.kv_bytes_per_token_bf16
         assert _stream(url, {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}) == \
             want[0].text
-        stats = _pool_whole(backend)
+        stats = decode_pool_settled(backend)
         assert stats["free_pages"] == stats["capacity_pages"], stats
         assert stats["reserved"] == 0 and stats["running"] == 0, stats
 
@@ -84,7 +74,7 @@ def test_http_equals_offline_engine_lckv(codec, tmp_path):
             out = _post(f"{base}/v1/completions",
                         {"prompt": prompt, "max_tokens": 12, "temperature": 0})
             assert out["choices"][0]["text"] == w.text
-        stats = _pool_whole(backend)
+        stats = decode_pool_settled(backend)
         assert stats["free_pages"] == stats["capacity_pages"], stats
 
 
@@ -110,7 +100,7 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
         t_drop = time.time()
         conn.sock.close()
         conn.close()
-        stats = _pool_whole(backend, deadline_s=1.5)
+        stats = decode_pool_settled(backend, deadline_s=1.5)
         assert stats["free_pages"] == stats["capacity_pages"], stats
         assert time.time() - t_drop < 1.5
 
@@ -124,7 +114,7 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
         except urllib.error.HTTPError as e:
             body = json.loads(e.read())
             assert e.code in (500, 503) and "prefill worker" in body["error"]["message"]
-        stats = _pool_whole(backend)
+        stats = decode_pool_settled(backend)
         assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
 
 
@@ -138,7 +128,7 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
         body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "stop": [stop]}
         assert _post(f"{base}/v1/completions", body)["choices"][0]["text"] == want
         assert _stream(f"{base}/v1/completions", body) == want
-        stats = _pool_whole(backend)
+        stats = decode_pool_settled(backend)
         assert stats["free_pages"] == stats["capacity_pages"], stats
 
 

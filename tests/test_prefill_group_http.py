@@ -5,11 +5,10 @@ offline engine and every decode page is free afterwards."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import pytest
-from net_helpers import free_port as _port, post_json as _post
+from net_helpers import decode_pool_settled, free_port as _port, post_json as _post
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.deploy.serve import running_server
@@ -44,12 +43,7 @@ def test_http_with_prefill_group_equals_offline_engine(codec):
             assert backend.prefill_group.prompts_run == 1  # the long prompt only
             job = json.loads(urllib.request.urlopen(f"{base}/v1/jobs/{out['id']}").read())
             assert job["state"] == "DONE" and job["kv_bytes"] > 0
-        end = time.time() + 10
-        while True:
-            stats = ray.get(backend.decode[0].stats.remote())
-            if stats["free_pages"] == stats["capacity_pages"] or time.time() > end:
-                break
-            time.sleep(0.1)
+        stats = decode_pool_settled(backend)
         assert stats["free_pages"] == stats["capacity_pages"], stats
         assert stats["reserved"] == 0 and stats["running"] == 0, stats
         assert stats["dropped_messages"] == 0, stats
@@ -78,10 +72,5 @@ def test_lowrank_full_exchange_flag_reaches_the_group():
         assert out["choices"][0]["text"] == first
         assert backend.prefill_group.prompts_run == 1
         assert backend.prefill_group.exchange_bytes == mc.num_layers * sum(per_layer.values())
-        end = time.time() + 10
-        while True:
-            stats = ray.get(backend.decode[0].stats.remote())
-            if stats["free_pages"] == stats["capacity_pages"] or time.time() > end:
-                break
-            time.sleep(0.1)
+        stats = decode_pool_settled(backend)
         assert stats["free_pages"] == stats["capacity_pages"], stats
