@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from zipserve.compress.quantize import dequant_k, dequant_v
+from zipserve.kernels.decode_steps import _dense_tail, _online_softmax_step, _split_pages
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
 from zipserve.kernels.paged_decode_attention import (
     merge_splits,
@@ -51,20 +52,6 @@ __all__ = ["kivi_decode_attention", "kivi_decode_attention_ref", "kivi_bytes_per
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
-    """One flash-decoding step: q [GP, D], k/v [N, D] (q's dtype), ok [N] valid tokens (>= 1 is True)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [GP, N], log2 domain
-    s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -129,21 +116,13 @@ def _kivi_decode_kernel(
 
     # ---- dense 16-bit tail: last split only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
-    offs_t = tl.arange(0, DENSE_BLOCK)
-    for start in range(0, dl, DENSE_BLOCK):
-        t = start + offs_t
-        t_ok = t < dl
-        dk = tl.load(dk_ptr + b * stride_dkb + kvh * stride_dkh + t[:, None] * stride_dkt + offs_d[None, :],
-                     mask=t_ok[:, None], other=0.0)
-        dv = tl.load(dv_ptr + b * stride_dvb + kvh * stride_dvh + t[:, None] * stride_dvt + offs_d[None, :],
-                     mask=t_ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(q, dk, dv, t_ok, m_i, l_i, acc, qk_scale, DOT_PREC)
+    m_i, l_i, acc = _dense_tail(q, dk_ptr + b * stride_dkb + kvh * stride_dkh,
+                                dv_ptr + b * stride_dvb + kvh * stride_dvh, stride_dkt, stride_dvt,
+                                dl, offs_d, offs_d, offs_d < HEAD_DIM, m_i, l_i, acc, qk_scale,
+                                DENSE_BLOCK, DOT_PREC)
 
     # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
-    n_pg = tl.load(np_ptr + b)
-    steps_per_split = tl.cdiv(tl.cdiv(n_pg, NP), NUM_SPLITS)
-    lo = split * steps_per_split * NP
-    hi = tl.minimum(lo + steps_per_split * NP, n_pg)
+    lo, hi = _split_pages(tl.load(np_ptr + b), split, NUM_SPLITS, NP)
     pt_row = pt_ptr + b * stride_ptb
     slot = offs_n % PAGE
     for blk in range(lo, hi, NP):

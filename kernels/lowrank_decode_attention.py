@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.kivi_decode_attention import _online_softmax_step
+from zipserve.kernels.decode_steps import _dense_tail, _online_softmax_step, _split_pages
 from zipserve.kernels.paged_decode_attention import merge_splits, require_runnable
 
 __all__ = ["lowrank_decode_attention", "lowrank_decode_attention_ref", "lowrank_bytes_per_token"]
@@ -85,21 +85,13 @@ def _lowrank_decode_kernel(
 
     # ---- dense 16-bit tail (K full, V projected): last split only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
-    offs_t = tl.arange(0, DENSE_BLOCK)
-    for start in range(0, dl, DENSE_BLOCK):
-        t = start + offs_t
-        t_ok = t < dl
-        dk = tl.load(dk_ptr + b * stride_dkb + kvh * stride_dkh + t[:, None] * stride_dkt + offs_d[None, :],
-                     mask=t_ok[:, None], other=0.0).to(cdt)  # [T, D]
-        dv = tl.load(dv_ptr + b * stride_dvb + kvh * stride_dvh + t[:, None] * stride_dvt + offs_v[None, :],
-                     mask=t_ok[:, None] & cv[None, :], other=0.0).to(cdt)  # [T, RV_PAD]
-        m_i, l_i, acc = _online_softmax_step(q, dk, dv, t_ok, m_i, l_i, acc, qk_scale, DOT_PREC)
+    m_i, l_i, acc = _dense_tail(q, dk_ptr + b * stride_dkb + kvh * stride_dkh,
+                                dv_ptr + b * stride_dvb + kvh * stride_dvh, stride_dkt, stride_dvt,
+                                dl, offs_d, offs_v, cv, m_i, l_i, acc, qk_scale, DENSE_BLOCK,
+                                DOT_PREC)
 
     # ---- reduced pages: this split's page range [lo, hi), whole steps of NP pages.
-    n_pg = tl.load(np_ptr + b)
-    steps_per_split = tl.cdiv(tl.cdiv(n_pg, NP), NUM_SPLITS)
-    lo = split * steps_per_split * NP
-    hi = tl.minimum(lo + steps_per_split * NP, n_pg)
+    lo, hi = _split_pages(tl.load(np_ptr + b), split, NUM_SPLITS, NP)
     pt_row = pt_ptr + b * stride_ptb
     offs_n = tl.arange(0, BLOCK_N)
     slot = offs_n % PAGE
