@@ -133,14 +133,9 @@ def _system(cfg: SweepConfig, codec: str):
     from zipserve.deploy.ray_backend import ServeConfig
     from zipserve.deploy.serve import freeze_startup_objects, running_server
 
-    import torch
-
-    opts = dict(cfg.engine_options)
-    gpu = (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if gpu and torch.cuda.device_count() < 2 and "num_pages" not in opts:
-        opts.setdefault("gpu_memory_fraction", 0.4)  # prefill and decode engines share a GPU
+    # On one GPU the backend sizes the prefill and decode pools so both fit (deploy/placement.py)
     scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
-                       engine_options=opts)
+                       engine_options=dict(cfg.engine_options))
     t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
         t1 = time.time()

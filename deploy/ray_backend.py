@@ -21,6 +21,7 @@ from typing import AsyncIterator
 
 import ray
 from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.deploy.placement import gpu_share, role_engine_options
 from zipserve.deploy.worker_pool import WorkerPool
 from zipserve.engine.loading import model_config_for
 from zipserve.engine.page_pool import pages_for
@@ -108,10 +109,7 @@ class RayBackend:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         device = cfg.device or ("cuda" if gpus else "cpu")
         workers = cfg.num_prefill + cfg.num_decode
-        # A whole GPU per actor when there are enough, or when actors are pinned to GPU nodes
-        # by custom resources (an autoscaler may still be adding them); else a fair share.
-        pinned = bool(cfg.prefill_resource or cfg.decode_resource)
-        share = 1.0 if gpus >= workers or pinned or not gpus else gpus / workers
+        share = gpu_share(gpus, workers, pinned=bool(cfg.prefill_resource or cfg.decode_resource))
         opts = {"num_gpus": share} if device == "cuda" else {"num_cpus": 0}
         opts.update(max_restarts=cfg.max_restarts, max_task_retries=0)
         prefill_opts, decode_opts = dict(opts), dict(opts)
@@ -123,11 +121,18 @@ class RayBackend:
         # and health checks answer while it runs.
         prefill_cls = ray.remote(max_concurrency=4, **prefill_opts)(PrefillWorker)
         decode_cls = ray.remote(max_concurrency=64, **decode_opts)(DecodeWorker)
-        args = dict(model=cfg.model, codec=cfg.codec, device=device,
-                    engine_options=cfg.engine_options)
-        self.pool = WorkerPool(prefill_cls, decode_cls, args, cfg.num_prefill, cfg.num_decode,
-                               link_gbps=cfg.link_gbps, link_latency_ms=cfg.link_latency_ms,
-                               health_interval_s=cfg.health_interval_s)
+        mc = model_config_for(cfg.model)
+        args = {role: dict(model=cfg.model, codec=cfg.codec, device=device,
+                           engine_options=role_engine_options(
+                               cfg.engine_options, role, device=device, share=share, gpus=gpus,
+                               num_decode=cfg.num_decode,
+                               max_model_len=mc.max_position_embeddings))
+                for role in ("prefill", "decode")}
+        self.pool = WorkerPool(prefill_cls, decode_cls, args["prefill"], args["decode"],
+                               cfg.num_prefill, cfg.num_decode, link_gbps=cfg.link_gbps,
+                               link_latency_ms=cfg.link_latency_ms,
+                               health_interval_s=cfg.health_interval_s,
+                               prefill_first=device.startswith("cuda") and share < 1.0)
         self.prefill = [w.actor for w in self.pool.prefill]
         self.decode = [w.actor for w in self.pool.decode]
         info = ray.get(self.decode[0].info.remote())
@@ -137,7 +142,6 @@ class RayBackend:
             device, lowrank_exchange=cfg.group.lowrank_exchange)
         self.page_size = info["page_size"]
         self.tokenizer = load_tokenizer(cfg.model)
-        mc = model_config_for(cfg.model)
         self.model_name = cfg.model
         self.max_model_len = mc.max_position_embeddings
         self.kv_bytes_per_token_bf16 = mc.kv_bytes_per_token(2)

@@ -54,14 +54,19 @@ class WorkerSlot:
 
 
 class WorkerPool:
-    def __init__(self, prefill_cls, decode_cls, worker_args: dict, num_prefill: int,
-                 num_decode: int, *, link_gbps: float | None, link_latency_ms: float,
-                 health_interval_s: float = 0.5) -> None:
+    def __init__(self, prefill_cls, decode_cls, prefill_args: dict, decode_args: dict,
+                 num_prefill: int, num_decode: int, *, link_gbps: float | None,
+                 link_latency_ms: float, health_interval_s: float = 0.5,
+                 prefill_first: bool = False) -> None:
+        """prefill_first: start the decode workers only once every prefill worker is up (when
+        they share GPUs, so the decode engines size their pools from what is then free)."""
         self.link_gbps, self.link_latency_ms = link_gbps, link_latency_ms
         self.health_interval_s = health_interval_s
-        self.prefill = [WorkerSlot("prefill", i, prefill_cls.remote(**worker_args))
+        self.prefill = [WorkerSlot("prefill", i, prefill_cls.remote(**prefill_args))
                         for i in range(num_prefill)]
-        self.decode = [WorkerSlot("decode", j, decode_cls.remote(**worker_args))
+        if prefill_first:
+            ray.get([w.actor.stats.remote() for w in self.prefill], timeout=CONNECT_TIMEOUT_S)
+        self.decode = [WorkerSlot("decode", j, decode_cls.remote(**decode_args))
                        for j in range(num_decode)]
         self.pair_ok: dict[tuple[int, int], bool] = {}
         self.pair_names: dict[tuple[int, int], str] = {}

@@ -1,0 +1,42 @@
+"""deploy/placement.py: GPU shares per actor and the engine options of workers that share a GPU
+(a prefill pool of one longest prompt, decode engines dividing the rest, user settings kept)."""
+
+import pytest
+from zipserve.deploy.placement import gpu_share, role_engine_options
+from zipserve.engine.config import EngineConfig
+from zipserve.engine.page_pool import pages_for
+
+
+def test_gpu_share():
+    assert gpu_share(0, 2, pinned=False) == 1.0  # CPU: no GPU asked for
+    assert gpu_share(2, 2, pinned=False) == 1.0
+    assert gpu_share(1, 2, pinned=False) == 0.5
+    assert gpu_share(2, 6, pinned=False) == pytest.approx(1 / 3)
+    assert gpu_share(1, 4, pinned=True) == 1.0  # pinned to GPU nodes: a whole GPU each
+
+
+def opts(role, options=None, *, device="cuda", gpus=1, workers=2, num_decode=1, ctx=8192):
+    return role_engine_options(options or {}, role, device=device,
+                               share=gpu_share(gpus, workers, pinned=False), gpus=gpus,
+                               num_decode=num_decode, max_model_len=ctx)
+
+
+def test_shared_gpu_prefill_gets_one_longest_prompt_and_no_graphs():
+    o = opts("prefill", {"page_size": 32}, ctx=8000)
+    assert o == {"page_size": 32, "cuda_graphs": False, "num_pages": pages_for(8000, 32) + 1}
+    EngineConfig(**o)  # valid engine options
+    assert opts("decode") == {"gpu_memory_fraction": 0.85}
+    # two decode workers on one GPU divide it; on two GPUs each has its own
+    assert opts("decode", workers=3, num_decode=2)["gpu_memory_fraction"] == 0.425
+    assert opts("decode", gpus=2, workers=4, num_decode=2)["gpu_memory_fraction"] == 0.85
+    EngineConfig(**opts("decode", workers=9, num_decode=8))
+
+
+def test_whole_gpus_and_cpu_and_user_settings_are_left_alone():
+    assert opts("prefill", gpus=2) == {"cuda_graphs": False}  # own GPU: sized from memory
+    assert opts("decode", gpus=2) == {}
+    assert opts("prefill", device="cpu") == {} and opts("decode", device="cpu") == {}
+    user = {"num_pages": 100, "cuda_graphs": True}
+    assert opts("prefill", user) == user and opts("decode", user) == user
+    assert opts("decode", {"gpu_memory_fraction": 0.3}) == {"gpu_memory_fraction": 0.3}
+    assert opts("prefill", device="cuda:1")["num_pages"] == pages_for(8192, 64) + 1
