@@ -139,9 +139,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _serve_config(args: argparse.Namespace, codec: str):
+    """codec: one codec, or several separated by commas (the first is the default)."""
     from zipserve.deploy.ray_backend import ServeConfig
 
-    return ServeConfig(model=args.model or default_model(), codec=codec,
+    first, *extra = [c.strip() for c in codec.split(",")]
+    return ServeConfig(model=args.model or default_model(), codec=first, extra_codecs=tuple(extra),
                        num_prefill=args.prefill, num_decode=args.decode, device=args.device,
                        link_gbps=args.link_gbps, transfer_deadline_s=args.transfer_deadline,
                        max_restarts=args.max_restarts, retries=args.retries,
@@ -390,9 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="router + prefill/decode workers on Ray")
     s.add_argument("--model", default=None, help="default: the shipped reference model")
-    s.add_argument("--codec", default="hack4")
-    s.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    s.add_argument("--decode", type=int, default=1, help="decode workers")
+    s.add_argument("--codec", default="hack4",
+                   help="KV codec; several separated by commas (e.g. hack2,bf16) start workers "
+                        "for each, requests pick one with their 'codec' field (default: the first)")
+    s.add_argument("--prefill", type=int, default=1, help="prefill workers (per codec)")
+    s.add_argument("--decode", type=int, default=1, help="decode workers (per codec)")
     s.add_argument("--address", default=None,
                    help="an existing Ray cluster ('auto' or host:port); default: embedded Ray")
     s.add_argument("--host", default="127.0.0.1",

@@ -45,6 +45,10 @@ class ServeConfig:
 
     model: str
     codec: str = "bf16"
+    """The deployment's KV codec: requests that name none use it."""
+    extra_codecs: tuple[str, ...] = ()
+    """More codecs served beside `codec`, each by its own prefill and decode workers
+    (deploy/multi_codec.py); a request picks one with its `codec` field."""
     num_prefill: int = 1
     num_decode: int = 1
     device: str | None = None
@@ -74,7 +78,22 @@ class ServeConfig:
     prefill_group_exchange: str = "lowrank"
     """With a lowrank codec: "lowrank" exchanges projected Q/K/V, "full" the full ones."""
 
+    @property
+    def codecs(self) -> tuple[str, ...]:
+        """Every codec served, the default first."""
+        return (self.codec,) + tuple(self.extra_codecs)
+
     def __post_init__(self) -> None:
+        from zipserve.compress.codecs import CODECS
+
+        self.extra_codecs = tuple(self.extra_codecs)
+        for c in self.codecs:
+            if c not in CODECS:
+                raise ValueError(f"--codec: unknown codec {c!r}; known: {', '.join(CODECS)}")
+        if len(set(self.codecs)) != len(self.codecs):
+            raise ValueError(f"--codec: a codec is named twice in {','.join(self.codecs)}")
+        if self.extra_codecs and self.prefill_group:
+            raise ValueError("--prefill-group: serves one codec; not with several in --codec")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--prefill and --decode: need at least one worker of each")
         if self.max_restarts < 0:
@@ -104,11 +123,18 @@ class _Retry(Exception):
 
 
 class RayBackend:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, *, cluster_workers: int | None = None,
+                 cluster_decode: int | None = None):
+        """One codec's workers. cluster_workers / cluster_decode: all worker / decode actors
+        that share the cluster's GPUs (several codecs: deploy/multi_codec.py; default: this
+        config's own)."""
+        if cfg.extra_codecs:
+            raise ValueError("RayBackend serves one codec: use deploy.multi_codec.make_backend")
         self.cfg = cfg
+        self.codecs = (cfg.codec,)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         device = cfg.device or ("cuda" if gpus else "cpu")
-        workers = cfg.num_prefill + cfg.num_decode
+        workers = cluster_workers or cfg.num_prefill + cfg.num_decode
         share = gpu_share(gpus, workers, pinned=bool(cfg.prefill_resource or cfg.decode_resource))
         opts = {"num_gpus": share} if device == "cuda" else {"num_cpus": 0}
         opts.update(max_restarts=cfg.max_restarts, max_task_retries=0)
@@ -125,7 +151,7 @@ class RayBackend:
         args = {role: dict(model=cfg.model, codec=cfg.codec, device=device,
                            engine_options=role_engine_options(
                                cfg.engine_options, role, device=device, share=share, gpus=gpus,
-                               num_decode=cfg.num_decode,
+                               num_decode=cluster_decode or cfg.num_decode,
                                max_model_len=mc.max_position_embeddings))
                 for role in ("prefill", "decode")}
         self.pool = WorkerPool(prefill_cls, decode_cls, args["prefill"], args["decode"],

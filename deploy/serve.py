@@ -11,7 +11,8 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
-from zipserve.deploy.ray_backend import RayBackend, ServeConfig
+from zipserve.deploy.multi_codec import make_backend
+from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.router.limits import AdmissionConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -55,7 +56,7 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
 
     own_ray = not ray.is_initialized()
     start_ray(address)
-    backend = RayBackend(cfg)
+    backend = make_backend(cfg)
     app = create_app(backend, api_key=api_key, limits=limits)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -83,10 +84,11 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
     from zipserve.router.app import create_app
 
     start_ray(address)
-    backend = RayBackend(cfg)
+    backend = make_backend(cfg)
     freeze_startup_objects()
     print(f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers "
-          f"({backend.device}), codec {cfg.codec}, model {cfg.model}; http://{host}:{port}",
+          f"({backend.device}), codec {','.join(cfg.codecs)}, model {cfg.model}; "
+          f"http://{host}:{port}",
           flush=True)
     if host not in LOOPBACK_HOSTS and api_key is None:
         print(f"zipserve: warning: listening on {host} without an API key; anyone who can "

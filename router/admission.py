@@ -76,6 +76,9 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
     if req.min_tokens is not None and req.min_tokens > n:
         raise OpenAIError(400, f"min_tokens: {req.min_tokens} is more than max_tokens {n}",
                           param="min_tokens")
+    if req.codec is not None and req.codec not in backend.codecs:
+        raise OpenAIError(400, f"codec: this deployment serves {', '.join(backend.codecs)}; "
+                               f"got {req.codec!r}", param="codec", code="codec_not_served")
     return Job(
         id=new_job_id(),
         prompt_ids=prompt_ids,

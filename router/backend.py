@@ -146,6 +146,8 @@ class Backend(Protocol):
     """The one model served; requests naming another model get 404."""
     max_model_len: int
     """Context length: prompt tokens + max_tokens must fit in it."""
+    codecs: tuple[str, ...]
+    """The KV codecs served, the default first; a request naming another gets 400."""
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` (called on the event loop: must be fast)."""

@@ -83,6 +83,7 @@ class FakeBackend:
         self.phase_delay = phase_delay
         self.token_delay = token_delay
         self.codec = codec
+        self.codecs = (codec,) + tuple(c for c in FAKE_CODEC_RATIO if c != codec)
         self.fail_message: str | None = None
         self.fail_after_tokens = 0
         self.jobs: list[Job] = []

@@ -58,6 +58,37 @@ def test_http_equals_offline_engine(codec):
         assert stats["reserved"] == 0 and stats["running"] == 0, stats
 
 
+def test_one_deployment_serves_several_codecs_per_request():
+    """--codec hack2,bf16: a lane of workers per codec; a request's codec picks its lane (none:
+    the first), each output equals that codec's offline engine, an unserved codec is a 400
+    naming the field, and every lane's pages come back."""
+    want = {c: LLM(MODEL, device="cpu", codec=c).generate(
+        PROMPTS[1:], SamplingParams(max_tokens=12, temperature=0.0))[0] for c in ("hack2", "bf16")}
+    cfg = ServeConfig(model=MODEL, codec="hack2", extra_codecs=("bf16",))
+    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+        url = f"{base}/v1/completions"
+        sent = {}
+        for codec, expect in [(None, "hack2"), ("bf16", "bf16"), ("hack2", "hack2")]:
+            body = {"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0}
+            out = _post(url, body if codec is None else dict(body, codec=codec))
+            assert out["choices"][0]["text"] == want[expect].text, codec
+            job = json.loads(urllib.request.urlopen(f"{base}/v1/jobs/{out['id']}").read())
+            assert job["codec"] == expect
+            sent[codec] = job["kv_bytes"]
+        assert sent[None] == sent["hack2"] < sent["bf16"] / 2  # the KV really went compressed
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _post(url, {"prompt": "x", "max_tokens": 2, "codec": "fp8"})
+        err = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and err["param"] == "codec" and "hack2, bf16" in err["message"]
+        health = json.loads(urllib.request.urlopen(f"{base}/health").read())
+        names = {w["name"] for w in health["backend"]["workers"]}
+        assert {"hack2/prefill-0", "hack2/decode-0", "bf16/prefill-0", "bf16/decode-0"} <= names
+        assert health["backend"]["lanes"] == {"hack2": "ok", "bf16": "ok"}
+        for lane in backend.lanes.values():
+            stats = decode_pool_settled(lane)
+            assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
+
+
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
 def test_http_equals_offline_engine_lckv(codec, tmp_path):
     """An LCKV checkpoint (only its KV layers have pages, are encoded and sent) serves over HTTP

@@ -40,3 +40,21 @@ def test_whole_gpus_and_cpu_and_user_settings_are_left_alone():
     assert opts("prefill", user) == user and opts("decode", user) == user
     assert opts("decode", {"gpu_memory_fraction": 0.3}) == {"gpu_memory_fraction": 0.3}
     assert opts("prefill", device="cuda:1")["num_pages"] == pages_for(8192, 64) + 1
+
+
+def test_serve_config_codecs_are_validated(capsys):
+    from zipserve.deploy.cli import REFERENCE_MODEL, main
+    from zipserve.deploy.ray_backend import ServeConfig
+
+    model = str(REFERENCE_MODEL)
+    cfg = ServeConfig(model=model, codec="hack2", extra_codecs=["bf16"])
+    assert cfg.codecs == ("hack2", "bf16")
+    with pytest.raises(ValueError, match=r"--codec: unknown codec 'hack3'"):
+        ServeConfig(model=model, codec="bf16", extra_codecs=("hack3",))
+    with pytest.raises(ValueError, match=r"--codec: a codec is named twice in bf16,bf16"):
+        ServeConfig(model=model, codec="bf16", extra_codecs=("bf16",))
+    with pytest.raises(ValueError, match=r"--prefill-group: serves one codec"):
+        ServeConfig(model=model, codec="bf16", extra_codecs=("hack2",), prefill_group=2,
+                    prefill_group_min_tokens=256)
+    assert main(["serve", "--model", model, "--codec", "hack2,zip"]) == 2  # before any start
+    assert "unknown codec 'zip'" in capsys.readouterr().err

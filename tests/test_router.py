@@ -174,7 +174,7 @@ async def test_health_unavailable_when_backend_says_so(client, backend):
 
 async def test_job_record_timings(client):
     r = await client.post("/v1/completions",
-                          json={"prompt": "abc", "max_tokens": 8, "codec": "hack"})
+                          json={"prompt": "abc", "max_tokens": 8, "codec": "hack4"})
     job_id = r.headers["x-zipserve-job-id"]
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["id"] == job_id and job["state"] == "DONE" and job["finish_reason"] == "length"
@@ -187,7 +187,7 @@ async def test_job_record_timings(client):
     assert 0 < job["ttft"] <= jct
     assert job["tbt"]["count"] == 7 and 0 <= job["tbt"]["p50"] <= job["tbt"]["p99"]
     assert job["prompt_tokens"] == 3 and job["completion_tokens"] == 8
-    assert job["codec"] == "hack" and job["error"] is None
+    assert job["codec"] == "hack4" and job["error"] is None
     # the OpenAI id works as well
     assert (await client.get(f"/v1/jobs/cmpl-{job_id}")).json()["id"] == job_id
 
@@ -229,6 +229,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "codec": 3}, "codec"),
+    ("/v1/completions", {"prompt": "x", "codec": "zip9"}, "codec"),  # not served here
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "codec": "hack"},
+     "codec"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": 12}, "prompt"),
