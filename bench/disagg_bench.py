@@ -61,14 +61,16 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     pages = 2 * (prompt_len + max_tokens) // 64 + 8
-    opts = dict(num_pages=pages, max_num_seqs=4, max_prefill_tokens=prompt_len,
-                cuda_graphs=False)
+    opts = dict(num_pages=pages, max_num_seqs=4, max_prefill_tokens=prompt_len)
+    # the decode worker replays captured decode steps (every codec is graph safe now); the
+    # prefill worker never decodes
+    pre_opts, dec_opts = dict(opts, cuda_graphs=False), dict(opts, graph_batch_sizes=(1, 2, 4))
     vocab = pre_vocab(model)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
     rows = []
     for codec in codecs:
-        pre = PrefillWorker(model, codec, dev, engine_options=opts)
-        dec = DecodeWorker(model, codec, dev, engine_options=opts)
+        pre = PrefillWorker(model, codec, dev, engine_options=pre_opts)
+        dec = DecodeWorker(model, codec, dev, engine_options=dec_opts)
         try:
             for gbps in links:
                 a, b = InProcessChannel.pair()

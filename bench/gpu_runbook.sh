@@ -5,7 +5,8 @@
 #
 # Stages (kind; budget):
 #   tests      nvidia-h200     every @gpu test, incl. the device KV path (issue 5)        ~6 min
-#   jct-smoke  nvidia-h200     2 codecs x 1 link x 1 rate on random Llama-3-8B (issue 8)  ~3 min
+#   jct-smoke  nvidia-h200     2 codecs x 1 link x 1 rate on random Llama-3-8B (issue 8),
+#                              and the one-request disagg table with decode graphs (5)   ~6 min
 #   jct-a      nvidia-h200     the issue-8 sweep for bf16, kivi2, hack2 (the goals' three)  ~9 min
 #   jct-b      nvidia-h200     the same for fp8, hack4, lowrank+hack2                     ~9 min
 #   multi      nvidia-h200-x2  @multi_gpu tests, NCCL bandwidth, seq-parallel prefill
@@ -64,6 +65,8 @@ jct-smoke)
     ZIPSERVE_KV_PATH=auto step 240 jct_smoke python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,hack2 --links 10 --rates 1 --scale 0.25 \
         --num-requests 4 --max-seconds 30 --out "$WORK/jct_smoke"
+    step 200 disagg python3 -m zipserve bench disagg --codecs bf16,hack2,kivi2,hack4 \
+        --prefill-len 8192 --gen-tokens 32 --out "$WORK/disagg"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,lowrank+hack2 ;;
