@@ -57,7 +57,7 @@ def _get(url: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_serve_address_auto_on_a_ray_start_cluster(monkeypatch):
+def test_serve_address_auto_on_a_ray_start_cluster():
     tmp = tempfile.mkdtemp(prefix="zsray")  # short: Ray's socket paths live under it
     gcs_port, http_port = _port(), _port()
     # a throwaway local cluster: no token auth (else both sides must share ~/.ray/auth_token)
@@ -107,15 +107,15 @@ def test_serve_address_auto_on_a_ray_start_cluster(monkeypatch):
         assert "Connecting to existing Ray cluster" in log and \
             "Started a local Ray instance" not in log, log[-3000:]
 
-        # each actor holds the one unit of its custom resource that the cluster offers
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-        import ray
-
-        ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
-        try:
-            total, free = ray.cluster_resources(), ray.available_resources()
-        finally:
-            ray.shutdown()
+        # each actor holds the one unit of its custom resource that the cluster offers. Asked
+        # from a child process: Ray keeps its auth mode for the life of a process, so joining
+        # this no-auth cluster from here would break every later embedded Ray in this run.
+        probe = subprocess.run(
+            [sys.executable, "-c", "import json, ray; ray.init(log_to_driver=False); "
+             "print(json.dumps([ray.cluster_resources(), ray.available_resources()]))"],
+            env=serve_env, capture_output=True, text=True, timeout=120, cwd=tmp)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        total, free = json.loads(probe.stdout.strip().splitlines()[-1])
         for r in ("zipserve_prefill", "zipserve_decode"):
             assert total[r] == 1 and free.get(r, 0) == 0, (total, free)
     finally:
