@@ -161,18 +161,21 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict
 def _print_table(rows: list[dict]) -> None:
     phases = ["queue", "prefill", "transfer", "decode_queue", "decode"]
     print("\n| codec | prompt tok | out tok | " + " | ".join(f"{p} ms" for p in phases)
-          + " | TTFT ms | JCT ms |")
-    print("|---|---|---|" + "---|" * len(phases) + "---|---|")
+          + " | TTFT ms | JCT ms | KV sent | vs bf16 |")
+    print("|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
     for r in rows:
         j = r["job"]
         durations = {p["name"]: p.get("duration") for p in j.get("phases", [])}
         cells = [f"{1e3 * durations[p]:.1f}" if durations.get(p) is not None else "-"
                  for p in phases]
-        ttft = j.get("ttft")
-        jct = j.get("jct")
+        ttft, jct = j.get("ttft"), j.get("jct")
+        sent, dense = j.get("kv_bytes"), j.get("kv_bytes_bf16")
+        kv = (f"{sent / 1024:.1f} KiB | {sent / dense:.2f}x" if sent is not None and dense
+              else "- | -")
         print(f"| {r['codec']} | {j.get('prompt_tokens')} | {j.get('completion_tokens')} | "
               + " | ".join(cells)
-              + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} |" if ttft is not None and jct is not None
+              + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kv} |"
+              if ttft is not None and jct is not None
               else f"| {r['codec']} | job record incomplete: {j} |")
 
 

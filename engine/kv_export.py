@@ -165,10 +165,11 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
     n, p = (seq.num_cached if num_tokens is None else num_tokens), cache.page_size
     if device_form:
         return _export_device(cache, layer, seq, n)
-    if isinstance(cache, KVCache):
-        ids = seq.pages[:pages_for(n, p)]
-        return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer), torch.tensor(ids)),
-                       request_id=seq.request_id)
+    if isinstance(cache, KVCache):  # full pages + the last page's valid tokens only
+        n_full, tail = n // p, _dense_tail(cache, layer, seq, n)
+        return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer),
+                                            torch.tensor(seq.pages[:n_full], dtype=torch.long)),
+                       {k: t.cpu().clone() for k, t in tail.items()}, seq.request_id)
     n_full = n // p
     ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
     r, s = n - n_full * p, min(cache.n_sink, n)
@@ -181,11 +182,23 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
                    seq.request_id)
 
 
+def _dense_tail(cache: KVCache, layer: int, seq: Sequence, n: int) -> dict[str, torch.Tensor]:
+    """The valid tokens of a partly filled last page, {"open_k", "open_v"} [KVH, r, D] views
+    (empty when n is a whole number of pages): a 10-token prompt sends 10 tokens, not 64."""
+    n_full, r = n // cache.page_size, n % cache.page_size
+    if not r:
+        return {}
+    k, v = cache.layer(layer)  # [pages, KVH, P, D]
+    page = seq.pages[n_full]
+    return {"open_k": k[page, :, :r], "open_v": v[page, :, :r]}
+
+
 def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
     p = cache.page_size
     if isinstance(cache, KVCache):
-        ids = torch.tensor(seq.pages[:pages_for(n, p)], dtype=torch.long)
-        wire = pack_device("bf16", _store(cache, layer), ids)
+        ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)
+        wire = pack_device("bf16", _store(cache, layer), ids,
+                           extras=_dense_tail(cache, layer, seq, n))
     else:
         n_full = n // p
         ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
@@ -219,7 +232,16 @@ def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV
         raise ValueError(f"layer {kv.layer}: {wire.num_pages} pages arrived for "
                          f"{len(seq.pages)} reserved")
     adopt_pages(_codec_name(cache), store, ids, wire)
-    if isinstance(cache, CompressedKVCache):
+    if isinstance(cache, KVCache):
+        if "open_k" in tail:  # the last page's valid tokens (older senders packed whole pages)
+            r, n_full = tail["open_k"].shape[1], wire.num_pages
+            if len(seq.pages) <= n_full:
+                raise ValueError(f"layer {kv.layer}: {n_full} pages and {r} more tokens arrived "
+                                 f"for {len(seq.pages)} reserved pages")
+            k, v = cache.layer(kv.layer)
+            k[seq.pages[n_full], :, :r] = tail["open_k"].to(k.device)
+            v[seq.pages[n_full], :, :r] = tail["open_v"].to(v.device)
+    else:
         dev = cache.open.device
         if "open_k" not in tail or (cache.n_sink and "sink_k" not in tail):
             raise ValueError(f"layer {kv.layer}: the 16-bit tail is missing")

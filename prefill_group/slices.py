@@ -33,9 +33,10 @@ class SliceKV:
     """Tokens in the whole prompt."""
     codec: str
     pages: bytes
-    """compress.wire buffer: the slice's encoded full pages (bf16: all its pages, last padded)."""
+    """compress.wire buffer: the slice's full pages, encoded (bf16: as they are)."""
     tail: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Last rank: open_k/open_v [KVH, r, D]; first rank: sink_k/sink_v [KVH, s, D] (16-bit)."""
+    """Last rank: open_k/open_v [KVH, r, D] (bf16: only when r > 0); first rank of a compressed
+    codec: sink_k/sink_v [KVH, s, D] (16-bit)."""
 
     def nbytes(self) -> int:
         return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
@@ -57,29 +58,25 @@ def export_slice(codec: KVCodec | None, codec_name: str, layer: int, k: torch.Te
     last = start + t == total_tokens
     if not last and t % p:
         raise ValueError(f"slice of rank {rank} ({t} tokens) is not whole pages")
-    if codec is None:  # dense pages, the last one zero-padded like a fresh engine page
-        n_pages = -(-t // p)
-        pad = n_pages * p - t
-        kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad))
-        vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad))
-        store = {"k": _as_pages(kp, p), "v": _as_pages(vp, p)}
-        return SliceKV(layer, rank, start, t, total_tokens, "bf16",
-                       pack_pages("bf16", store, torch.arange(n_pages)))
-    nf = t // p
-    store = codec.new_store(nf, k.device)
-    if nf:
-        codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
-                     _as_pages(v[:nf * p], p))
+    nf = t // p  # whole pages; the last rank's partial page travels as its valid tokens
+    if codec is None:  # dense pages, as the engine exports them (engine/kv_export.py)
+        store = {"k": _as_pages(k[:nf * p], p), "v": _as_pages(v[:nf * p], p)}
+    else:
+        store = codec.new_store(nf, k.device)
+        if nf:
+            codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
+                         _as_pages(v[:nf * p], p))
     tail: dict[str, torch.Tensor] = {}
-    if last:
+    if last and (codec is not None or t > nf * p):
         tail["open_k"] = k[nf * p:].transpose(0, 1).cpu().clone()  # [KVH, r, D]
         tail["open_v"] = v[nf * p:].transpose(0, 1).cpu().clone()
-    if start == 0 and codec.n_sink:
+    if codec is not None and start == 0 and codec.n_sink:
         s = min(codec.n_sink, t)
         tail["sink_k"] = k[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
         tail["sink_v"] = v[:s].transpose(0, 1).cpu().clone()
-    return SliceKV(layer, rank, start, t, total_tokens, codec_name,
-                   pack_pages(codec_name, store, torch.arange(nf)), tail)
+    return SliceKV(layer, rank, start, t, total_tokens, "bf16" if codec is None else codec_name,
+                   pack_pages("bf16" if codec is None else codec_name, store, torch.arange(nf)),
+                   tail)
 
 
 def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
@@ -106,10 +103,10 @@ def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
     store = {m: torch.cat([w.tensors[m] for w in wires]) for m in names}
     n_pages = sum(w.num_pages for w in wires)
     tail: dict[str, torch.Tensor] = {}
-    if first.codec != "bf16":
+    if "open_k" in parts[-1].tail:  # bf16 has none when the prompt is whole pages
         tail["open_k"], tail["open_v"] = parts[-1].tail["open_k"], parts[-1].tail["open_v"]
-        if "sink_k" in first.tail:
-            tail["sink_k"], tail["sink_v"] = first.tail["sink_k"], first.tail["sink_v"]
+    if "sink_k" in first.tail:
+        tail["sink_k"], tail["sink_v"] = first.tail["sink_k"], first.tail["sink_v"]
     return LayerKV(first.layer, total, pack_pages(first.codec, store, torch.arange(n_pages)),
                    tail, request_id)
 

@@ -73,6 +73,23 @@ def test_layers_are_handed_out_while_prefill_runs():
     _whole(pre)
 
 
+@pytest.mark.parametrize("form", ["host", "device"])
+def test_bf16_sends_the_prompts_tokens_not_whole_pages(form):
+    """A 37-token prompt sends 37 tokens of K/V per layer (not a 64-token page), 130 sends two
+    pages and 2 tokens, 128 two pages; what the decode side rebuilds is the same either way
+    (test_disaggregated_equals_single_engine)."""
+    pre = _engine("bf16")
+    per_token = 2 * 2 * 64 * 4  # K+V, 2 kv heads, d=64, fp32 on the CPU
+    for prompt in PROMPTS:
+        res = pre.prefill_export(prompt, SamplingParams(max_tokens=4), "x",
+                                 device_form=form == "device")
+        for kv in res.layers:
+            # payload bytes over the exact K/V bytes: only the pages' small header on top
+            extra = kv.nbytes() - len(prompt) * per_token
+            assert 0 <= extra < 1024, (len(prompt), kv.nbytes())
+    _whole(pre)
+
+
 def test_abort_of_reservation_and_overload():
     dec = _engine("hack4", num_pages=8)
     params = SamplingParams(max_tokens=10)

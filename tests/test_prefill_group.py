@@ -126,6 +126,9 @@ def test_bf16_kv_equals_single_worker(groups, reference, n):
                                                                    ww.codec, ww.num_pages)
         for name in ("k", "v"):
             torch.testing.assert_close(gw.tensors[name], ww.tensors[name], rtol=1e-5, atol=1e-5)
+        assert g.tail.keys() == w.tail.keys() == {"open_k", "open_v"}  # 136 = 4 pages + 8
+        for name in g.tail:
+            torch.testing.assert_close(g.tail[name], w.tail[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -149,8 +152,10 @@ def test_codec_pages_equal_single_encode_of_same_tokens(groups, reference, n, co
             for name in got.tail:
                 torch.testing.assert_close(got.tail[name], want.tail[name], rtol=1e-5, atol=1e-5)
             assert unpack_pages(got.pages).num_pages == unpack_pages(want.pages).num_pages
-    ref = unpack_pages(reference[1]["bf16"][3].pages).tensors  # [pages, KVH, P, D]
-    ref_k, ref_v = (ref[m].transpose(1, 2).flatten(0, 1)[:len(PROMPT)] for m in ("k", "v"))
+    ref_layer = reference[1]["bf16"][3]  # whole pages [pages, KVH, P, D] + open [KVH, r, D]
+    ref = unpack_pages(ref_layer.pages).tensors
+    ref_k, ref_v = (torch.cat([ref[m].transpose(1, 2).flatten(0, 1),
+                               ref_layer.tail[f"open_{m}"].transpose(0, 1)]) for m in ("k", "v"))
     if not codec.startswith("lowrank"):
         k, v = _raw(res, 3)
         torch.testing.assert_close(k, ref_k, rtol=1e-5, atol=1e-5)
