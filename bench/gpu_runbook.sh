@@ -43,12 +43,16 @@ pytest_gpu() {  # pytest_gpu SECONDS NAME ARGS...: -rA so every test's outcome i
         --junitxml="$WORK/$name.xml" "$@"
 }
 
+# Decode graphs for batches up to 32 only: each batch bucket compiles its own split count of the
+# compressed kernels at start-up, and these rates never run more than ~10 requests at once.
+GRAPHS=(--engine-option graph_batch_sizes=1,2,4,8,16,32 --engine-option max_num_seqs=32)
+
 jct_sweep() {  # jct_sweep SECONDS NAME CODECS: the issue-8 sweep on random Llama-3-8B shapes
-    # Per codec: one system start (~20 s), then 4 links x 3 rates x at most 12 s.
+    # Per codec: one system start (~20-60 s), then 4 links x 3 rates x at most 12 s.
     local limit=$1 name=$2 codecs=$3
     ZIPSERVE_KV_PATH=auto step "$limit" "$name" python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs "$codecs" --links 10,25,100,none --rates 1,2,4 \
-        --num-requests 12 --scale 0.5 --max-seconds 12 --out "$WORK/$name"
+        --num-requests 12 --scale 0.5 --max-seconds 12 "${GRAPHS[@]}" --out "$WORK/$name"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
@@ -64,7 +68,7 @@ tests)
 jct-smoke)
     ZIPSERVE_KV_PATH=auto step 240 jct_smoke python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,hack2 --links 10 --rates 1 --scale 0.25 \
-        --num-requests 4 --max-seconds 30 --out "$WORK/jct_smoke"
+        --num-requests 4 --max-seconds 30 "${GRAPHS[@]}" --out "$WORK/jct_smoke"
     step 200 disagg python3 -m zipserve bench disagg --codecs bf16,hack2,kivi2,hack4 \
         --prefill-len 8192 --gen-tokens 32 --out "$WORK/disagg"
     ;;
@@ -78,7 +82,8 @@ multi)
         --lens 32768,65536,131072 --out "$WORK/seqpar_time.csv"
     ZIPSERVE_KV_PATH=auto step 200 jct_2gpu python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --links 10,25,none \
-        --rates 1 --num-requests 8 --scale 0.5 --max-seconds 15 --out "$WORK/jct_2gpu"
+        --rates 1 --num-requests 8 --scale 0.5 --max-seconds 15 "${GRAPHS[@]}" \
+        --out "$WORK/jct_2gpu"
     ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -216,17 +216,23 @@ def _csv_floats(text: str) -> list[float]:
 
 
 def _engine_options(pairs: list[str]) -> dict:
-    """["num_pages=4096", "cuda_graphs=false"] -> {"num_pages": 4096, "cuda_graphs": False}."""
+    """["num_pages=4096", "cuda_graphs=false", "graph_batch_sizes=1,2,4"] -> {"num_pages": 4096,
+    "cuda_graphs": False, "graph_batch_sizes": (1, 2, 4)}."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--engine-option: expected key=value, got {pair!r}")
-        low = value.lower()
-        out[key] = (True if low == "true" else False if low == "false" else
-                    int(value) if value.lstrip("-").isdigit() else
-                    float(value) if low.replace(".", "", 1).lstrip("-").isdigit() else value)
+        items = [_option_value(v) for v in value.split(",")]
+        out[key] = tuple(items) if "," in value else items[0]
     return out
+
+
+def _option_value(value: str) -> bool | int | float | str:
+    low = value.strip().lower()
+    return (True if low == "true" else False if low == "false" else
+            int(low) if low.lstrip("-").isdigit() else
+            float(low) if low.replace(".", "", 1).lstrip("-").isdigit() else value.strip())
 
 
 def cmd_bench_jct(args: argparse.Namespace) -> int:

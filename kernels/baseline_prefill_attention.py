@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from zipserve.compress.quantize import dequant_k, dequant_v
+from zipserve.kernels.decode_steps import _softmax_update
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
 from zipserve.kernels.paged_decode_attention import require_runnable
 
@@ -132,19 +133,6 @@ def _check_kivi(q, k, v, k_codes, k_scale, k_min, v_codes, v_scale, v_min, past_
 
 
 @triton.jit
-def _step(s, v, vis, m_i, l_i, acc, DOT_PREC: tl.constexpr):
-    """Online softmax with scores s [M, N] (log2 domain, scaled), v [N, D] (q's dtype), vis [M, N]."""
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _baseline_prefill_kernel(
     q_ptr, k_ptr, v_ptr,  # q [n,H,D]; chunk k/v [n,KVH,D]
     kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,  # pool (fp8: pages, scale, -, pages, scale, -)
@@ -194,7 +182,7 @@ def _baseline_prefill_kernel(
             vt = (((vc >> shift) & MASK).to(DQ) * tl.load(vs_ptr + vrow).to(DQ)
                   + tl.load(vm_ptr + vrow).to(DQ)).to(cdt)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
-            m_i, l_i, acc = _step(s, vt, all_vis, m_i, l_i, acc, DOT_PREC)
+            m_i, l_i, acc = _softmax_update(s, vt, all_vis, m_i, l_i, acc, DOT_PREC)
         else:
             k8 = tl.load(kc_ptr + tok_row[:, None] * HEAD_DIM + offs_d[None, :]).to(cdt)  # exact
             v8 = tl.load(vc_ptr + tok_row[:, None] * HEAD_DIM + offs_d[None, :]).to(cdt)
@@ -219,7 +207,8 @@ def _baseline_prefill_kernel(
         dv = tl.load(dv_ptr + kvh * stride_dvh + t[:, None] * stride_dvt + offs_d[None, :], mask=t_ok[:, None],
                      other=0.0)
         s = tl.dot(q, tl.trans(dk), input_precision=DOT_PREC) * qk_scale
-        m_i, l_i, acc = _step(s, dv, row_ok[:, None] & t_ok[None, :], m_i, l_i, acc, DOT_PREC)
+        m_i, l_i, acc = _softmax_update(s, dv, row_ok[:, None] & t_ok[None, :], m_i, l_i, acc,
+                                        DOT_PREC)
     hi = tl.minimum(n_tok, (tile + 1) * BT)
     for start in range(0, hi, DENSE_BLOCK):
         t = start + offs_t
@@ -231,7 +220,7 @@ def _baseline_prefill_kernel(
                      other=0.0)
         s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
         vis = row_ok[:, None] & t_ok[None, :] & (t[None, :] <= row_t[:, None])
-        m_i, l_i, acc = _step(s, cv, vis, m_i, l_i, acc, DOT_PREC)
+        m_i, l_i, acc = _softmax_update(s, cv, vis, m_i, l_i, acc, DOT_PREC)
 
     o = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # every valid row sees its own token
     dst = out_ptr + row_t.to(tl.int64) * stride_ot + (kvh * G + row_g) * stride_oh  # [M]

@@ -1,5 +1,5 @@
-"""Triton building blocks shared by the compressed decode kernels (fp8, kivi, lowrank): one
-online-softmax step, the dense 16-bit tail (sinks + open page) attended by the last split, and the
+"""Triton building blocks shared by the compressed decode kernels (fp8, kivi, lowrank) and the
+baseline prefill kernel: one online-softmax step, the dense 16-bit tail (sinks + open page) attended by the last split, and the
 page range a split owns. Called from other @triton.jit kernels, where Triton inlines them."""
 
 import triton
@@ -11,7 +11,14 @@ def _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC: tl.cons
     """One flash-decoding step: q [GP, D], k [N, D], v [N, DV] (q's dtype), ok [N] valid tokens
     (>= 1 is True); m_i, l_i [GP] and acc [GP, DV] fp32, log2 domain."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [GP, N], log2 domain
-    s = tl.where(ok[None, :], s, float("-inf"))
+    return _softmax_update(s, v, ok[None, :], m_i, l_i, acc, DOT_PREC)
+
+
+@triton.jit
+def _softmax_update(s, v, vis, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """Fold scores s [M, N] (scaled, log2 domain) into the running softmax: v [N, DV] in the
+    dot dtype, vis [M, N] (or [1, N]) the visible pairs; returns the new m_i, l_i, acc."""
+    s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)

@@ -156,3 +156,16 @@ def test_report_evaluates_the_issue_goals_from_a_summary():
     none = [run("bf16", 1.0, 6000, 0.4, True), run("hack2", 1.0, 2000, 0.1, True)]
     assert "not evaluable" in " ".join(jct_report.goals(none))
     assert "not evaluated" in jct_report.goals([dict(r, link_gbps=25.0) for r in none])[0]
+
+
+def test_engine_options_parse_scalars_and_lists():
+    from zipserve.deploy.cli import _engine_options
+    from zipserve.engine.config import EngineConfig
+
+    opts = _engine_options(["num_pages=4096", "cuda_graphs=false", "gpu_memory_fraction=0.4",
+                            "graph_batch_sizes=1,2,4,8", "max_num_seqs=8"])
+    assert opts == {"num_pages": 4096, "cuda_graphs": False, "gpu_memory_fraction": 0.4,
+                    "graph_batch_sizes": (1, 2, 4, 8), "max_num_seqs": 8}
+    assert EngineConfig(**opts).graph_batch_sizes == (1, 2, 4, 8)
+    with pytest.raises(ValueError, match="--engine-option: expected key=value"):
+        _engine_options(["num_pages"])
