@@ -86,7 +86,8 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
     start_ray(address)
     backend = make_backend(cfg)
     freeze_startup_objects()
-    print(f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers "
+    per = " per codec" if cfg.extra_codecs else ""
+    print(f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers{per} "
           f"({backend.device}), codec {','.join(cfg.codecs)}, model {cfg.model}; "
           f"http://{host}:{port}",
           flush=True)
