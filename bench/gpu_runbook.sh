@@ -11,12 +11,14 @@
 #   jct-b      nvidia-h200     the same for fp8, hack4, lowrank+hack2                     ~9 min
 #   multi      nvidia-h200-x2  @multi_gpu tests, NCCL bandwidth, seq-parallel prefill
 #                              time, JCT with prefill and decode on separate GPUs (9, 10) ~9 min
+#   multi4     nvidia-h200-x4  throughput scaling: 1+1 against 2+2 workers, bf16 and hack2 at
+#                              rising rates, the router assigning pairs under load (9)   ~8 min
 # Before: `bash ../shared/tools/device-bundle.sh` once here (Ray, FastAPI... are not on the GPU
 # image). Everything a stage writes ends up in ONE file, $OUT/STAGE.tar.gz (the device returns only
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | jct-smoke | jct-a | jct-b | multi"}
+STAGE=${1:?"stage: tests | jct-smoke | jct-a | jct-b | multi | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -84,6 +86,14 @@ multi)
         --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --links 10,25,none \
         --rates 1 --num-requests 8 --scale 0.5 --max-seconds 15 "${GRAPHS[@]}" \
         --out "$WORK/jct_2gpu"
+    ;;
+multi4)
+    for w in 1 2; do
+        ZIPSERVE_KV_PATH=auto step 230 "jct_${w}x${w}" python3 -m zipserve bench jct --sweep \
+            --model random:llama3-8b --codecs bf16,hack2 --links 25 --rates 2,4,8 \
+            --num-requests 24 --scale 0.5 --max-seconds 15 --prefill-workers "$w" \
+            --decode-workers "$w" "${GRAPHS[@]}" --out "$WORK/jct_${w}x${w}"
+    done
     ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -50,6 +50,9 @@ class SweepConfig:
     device: str | None = None
     engine_options: dict = field(default_factory=dict)
     restart_each: bool = False
+    num_prefill: int = 1
+    num_decode: int = 1
+    """Workers of the deployment (each pair's link is emulated separately)."""
     quality_csvs: tuple[str, ...] = ()
     """`zipserve bench quality` CSVs for the perplexity-cost plot (missing: said in the plot)."""
     command: str = ""
@@ -74,6 +77,8 @@ class SweepConfig:
             raise ValueError("rates: must be > 0 requests/s")
         if self.max_seconds <= 0:
             raise ValueError("max_seconds: must be > 0")
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("--prefill-workers / --decode-workers: need at least 1 of each")
 
     @property
     def runs(self) -> list[tuple[str, float | None, float | None]]:
@@ -135,6 +140,7 @@ def _system(cfg: SweepConfig, codec: str):
 
     # On one GPU the backend sizes the prefill and decode pools so both fit (deploy/placement.py)
     scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
+                       num_prefill=cfg.num_prefill, num_decode=cfg.num_decode,
                        engine_options=dict(cfg.engine_options))
     t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):

@@ -251,6 +251,7 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
             workload=args.workload, num_requests=args.num_requests, seed=args.seed,
             scale=args.scale, max_seconds=args.max_seconds, device=args.device,
             engine_options=opts, restart_each=args.restart_each,
+            num_prefill=args.prefill_workers, num_decode=args.decode_workers,
             quality_csvs=tuple(quality), command=command)
         jct_sweep.run(cfg, Path(args.out))
         return 0
@@ -514,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jct --url: prompt token ids are drawn below min(vocab, 8000)")
     j.add_argument("--engine-option", action="append", default=[],
                    help="jct --sweep: key=value EngineConfig option for the workers (repeat)")
+    j.add_argument("--prefill-workers", type=int, default=1, help="jct --sweep: prefill workers")
+    j.add_argument("--decode-workers", type=int, default=1, help="jct --sweep: decode workers")
     j.add_argument("--restart-each", action="store_true",
                    help="jct --sweep: a fresh system for every run (default: one per codec)")
     j.add_argument("--quality-csv", action="append", default=[],

@@ -169,3 +169,17 @@ def test_engine_options_parse_scalars_and_lists():
     assert EngineConfig(**opts).graph_batch_sizes == (1, 2, 4, 8)
     with pytest.raises(ValueError, match="--engine-option: expected key=value"):
         _engine_options(["num_pages"])
+
+
+def test_sweep_config_is_validated_where_it_is_built():
+    from zipserve.bench import jct_sweep
+
+    base = dict(model=str(REFERENCE_MODEL), codecs=("bf16",), links=(10.0,), rates=(1.0,))
+    assert jct_sweep.SweepConfig(**base, num_prefill=2, num_decode=2).runs == [
+        ("bf16", 10.0, 1.0)]
+    for bad, match in [({"codecs": ("zip9",)}, "codecs: unknown codec 'zip9'"),
+                       ({"links": (0.0,)}, "links: Gb/s must be > 0"),
+                       ({"rates": (-1.0,)}, "rates: must be > 0"),
+                       ({"num_decode": 0}, "--decode-workers: need at least 1")]:
+        with pytest.raises(ValueError, match=match):
+            jct_sweep.SweepConfig(**{**base, **bad})
