@@ -136,7 +136,7 @@ class RayBackend:
         device = cfg.device or ("cuda" if gpus else "cpu")
         workers = cluster_workers or cfg.num_prefill + cfg.num_decode
         share = gpu_share(gpus, workers, pinned=bool(cfg.prefill_resource or cfg.decode_resource))
-        opts = {"num_gpus": share} if device == "cuda" else {"num_cpus": 0}
+        opts = {"num_gpus": share} if device.startswith("cuda") else {"num_cpus": 0}
         opts.update(max_restarts=cfg.max_restarts, max_task_retries=0)
         prefill_opts, decode_opts = dict(opts), dict(opts)
         if cfg.prefill_resource:

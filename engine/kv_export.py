@@ -24,7 +24,6 @@ from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.compress.device_wire import DeviceWire, pack_device, unpack_device, verify_checksum
 from zipserve.compress.wire import DTYPES, WireError, adopt_pages, pack_pages, unpack_pages
 from zipserve.engine.kv_cache import KVCache
-from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sequence import Sequence
 
 
