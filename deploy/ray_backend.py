@@ -17,6 +17,7 @@ import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator
 
 import ray
@@ -92,6 +93,13 @@ class ServeConfig:
                 raise ValueError(f"--codec: unknown codec {c!r}; known: {', '.join(CODECS)}")
         if len(set(self.codecs)) != len(self.codecs):
             raise ValueError(f"--codec: a codec is named twice in {','.join(self.codecs)}")
+        bases = str(self.engine_options.get("lowrank_bases") or self.model)
+        lowrank = [c for c in self.codecs if c.startswith("lowrank")]
+        if lowrank and not bases.startswith("random:") and \
+                not (Path(bases) / "lowrank.safetensors").is_file():
+            raise ValueError(f"--codec: {lowrank[0]} needs calibrated bases at "
+                             f"{Path(bases) / 'lowrank.safetensors'}; create them with "
+                             f"`zipserve calibrate --model {self.model}`")
         if self.extra_codecs and self.prefill_group:
             raise ValueError("--prefill-group: serves one codec; not with several in --codec")
         if self.num_prefill < 1 or self.num_decode < 1:

@@ -58,3 +58,9 @@ def test_serve_config_codecs_are_validated(capsys):
                     prefill_group_min_tokens=256)
     assert main(["serve", "--model", model, "--codec", "hack2,zip"]) == 2  # before any start
     assert "unknown codec 'zip'" in capsys.readouterr().err
+    lckv = str(REFERENCE_MODEL.parent / "zipserve-lckv")  # no calibrated bases beside it
+    with pytest.raises(ValueError, match=r"--codec: lowrank\+hack2 needs calibrated bases at "
+                                         r".*zipserve-lckv/lowrank.safetensors; create them"):
+        ServeConfig(model=lckv, codec="bf16", extra_codecs=("lowrank+hack2",))
+    ServeConfig(model=model, codec="lowrank")  # the reference model ships its bases
+    ServeConfig(model="random:tiny", codec="lowrank")  # random bases for random weights
