@@ -150,7 +150,8 @@ def _serve_config(args: argparse.Namespace, codec: str):
                        page_wait_s=args.page_wait, prefill_resource=args.prefill_resource,
                        decode_resource=args.decode_resource, prefill_group=args.prefill_group,
                        prefill_group_min_tokens=args.prefill_group_min_tokens,
-                       prefill_group_exchange=args.prefill_group_exchange)
+                       prefill_group_exchange=args.prefill_group_exchange,
+                       engine_options=_engine_options(args.engine_option))
 
 
 def _admission_config(args: argparse.Namespace):
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codec", default="hack4",
                    help="KV codec; several separated by commas (e.g. hack2,bf16) start workers "
                         "for each, requests pick one with their 'codec' field (default: the first)")
+    s.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an EngineConfig field for every worker's engine, e.g. num_pages=4096, "
+                        "gpu_memory_fraction=0.4, graph_batch_sizes=1,2,4 (repeatable)")
     s.add_argument("--prefill", type=int, default=1, help="prefill workers (per codec)")
     s.add_argument("--decode", type=int, default=1, help="decode workers (per codec)")
     s.add_argument("--address", default=None,

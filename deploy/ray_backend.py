@@ -93,6 +93,14 @@ class ServeConfig:
                 raise ValueError(f"--codec: unknown codec {c!r}; known: {', '.join(CODECS)}")
         if len(set(self.codecs)) != len(self.codecs):
             raise ValueError(f"--codec: a codec is named twice in {','.join(self.codecs)}")
+        from zipserve.engine.config import EngineConfig
+
+        try:  # the workers build exactly this; refuse here, not as a Ray actor traceback
+            EngineConfig(codec=self.codec, **self.engine_options)
+        except TypeError as e:
+            raise ValueError(f"--engine-option: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"--engine-option: {e}") from None
         bases = str(self.engine_options.get("lowrank_bases") or self.model)
         lowrank = [c for c in self.codecs if c.startswith("lowrank")]
         if lowrank and not bases.startswith("random:") and \

@@ -64,3 +64,9 @@ def test_serve_config_codecs_are_validated(capsys):
         ServeConfig(model=lckv, codec="bf16", extra_codecs=("lowrank+hack2",))
     ServeConfig(model=model, codec="lowrank")  # the reference model ships its bases
     ServeConfig(model="random:tiny", codec="lowrank")  # random bases for random weights
+    with pytest.raises(ValueError, match=r"--engine-option: .*unexpected keyword argument 'pgs'"):
+        ServeConfig(model=model, engine_options={"pgs": 3})
+    with pytest.raises(ValueError, match=r"--engine-option: page_size: must be a power of two"):
+        ServeConfig(model=model, engine_options={"page_size": 3})
+    assert main(["serve", "--model", model, "--engine-option", "num_pages=0"]) == 2
+    assert "--engine-option: num_pages" in capsys.readouterr().err
