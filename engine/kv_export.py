@@ -169,16 +169,26 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
         return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer),
                                             torch.tensor(seq.pages[:n_full], dtype=torch.long)),
                        {k: t.cpu().clone() for k, t in tail.items()}, seq.request_id)
-    n_full = n // p
-    ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
-    r, s = n - n_full * p, min(cache.n_sink, n)
-    open_k, open_v = cache.open[layer, 0, seq.slot], cache.open[layer, 1, seq.slot]
-    tail = {"open_k": open_k[:, :r].cpu().clone(), "open_v": open_v[:, :r].cpu().clone()}
-    if cache.n_sink:
-        tail["sink_k"] = cache.sinks[layer, 0, seq.slot, :, :s].cpu().clone()
-        tail["sink_v"] = cache.sinks[layer, 1, seq.slot, :, :s].cpu().clone()
+    ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)
+    tail = {k: t.cpu().clone() for k, t in _compressed_tail(cache, layer, seq, n).items()}
     return LayerKV(layer, n, pack_pages(cache.codec.name, cache.stores[layer], ids), tail,
                    seq.request_id)
+
+
+def _compressed_tail(cache: CompressedKVCache, layer: int, seq: Sequence,
+                     n: int) -> dict[str, torch.Tensor]:
+    """The 16-bit tail as [KVH, t, D] views: the open page's r tokens, and the sinks once a page
+    is encoded (before that the sinks are the open page's first tokens: not sent twice, the
+    receiver takes them from there)."""
+    n_full = n // cache.page_size
+    r = n - n_full * cache.page_size
+    tail = {"open_k": cache.open[layer, 0, seq.slot, :, :r],
+            "open_v": cache.open[layer, 1, seq.slot, :, :r]}
+    if cache.n_sink and n_full:
+        s = min(cache.n_sink, n)
+        tail["sink_k"] = cache.sinks[layer, 0, seq.slot, :, :s]
+        tail["sink_v"] = cache.sinks[layer, 1, seq.slot, :, :s]
+    return tail
 
 
 def _dense_tail(cache: KVCache, layer: int, seq: Sequence, n: int) -> dict[str, torch.Tensor]:
@@ -199,15 +209,9 @@ def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
         wire = pack_device("bf16", _store(cache, layer), ids,
                            extras=_dense_tail(cache, layer, seq, n))
     else:
-        n_full = n // p
-        ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
-        r, s = n - n_full * p, min(cache.n_sink, n)
-        tail = {"open_k": cache.open[layer, 0, seq.slot, :, :r],  # [KVH, r, D]
-                "open_v": cache.open[layer, 1, seq.slot, :, :r]}
-        if cache.n_sink:
-            tail["sink_k"] = cache.sinks[layer, 0, seq.slot, :, :s]  # [KVH, s, D]
-            tail["sink_v"] = cache.sinks[layer, 1, seq.slot, :, :s]
-        wire = pack_device(cache.codec.name, cache.stores[layer], ids, extras=tail)
+        ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)
+        wire = pack_device(cache.codec.name, cache.stores[layer], ids,
+                           extras=_compressed_tail(cache, layer, seq, n))
     ready = None
     if wire.payload.is_cuda:
         ready = torch.cuda.Event()
@@ -242,12 +246,19 @@ def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV
             v[seq.pages[n_full], :, :r] = tail["open_v"].to(v.device)
     else:
         dev = cache.open.device
-        if "open_k" not in tail or (cache.n_sink and "sink_k" not in tail):
+        if "open_k" not in tail:
             raise ValueError(f"layer {kv.layer}: the 16-bit tail is missing")
         r = tail["open_k"].shape[1]
         cache.open[kv.layer, 0, seq.slot, :, :r] = tail["open_k"].to(dev)
         cache.open[kv.layer, 1, seq.slot, :, :r] = tail["open_v"].to(dev)
         if cache.n_sink:
-            s = tail["sink_k"].shape[1]
-            cache.sinks[kv.layer, 0, seq.slot, :, :s] = tail["sink_k"].to(dev)
-            cache.sinks[kv.layer, 1, seq.slot, :, :s] = tail["sink_v"].to(dev)
+            if "sink_k" in tail:
+                sink_k, sink_v = tail["sink_k"], tail["sink_v"]
+            elif wire.num_pages == 0:  # no page encoded yet: the sinks lead the open page
+                s = min(cache.n_sink, r)
+                sink_k, sink_v = tail["open_k"][:, :s], tail["open_v"][:, :s]
+            else:
+                raise ValueError(f"layer {kv.layer}: the sink tokens are missing")
+            s = sink_k.shape[1]
+            cache.sinks[kv.layer, 0, seq.slot, :, :s] = sink_k.to(dev)
+            cache.sinks[kv.layer, 1, seq.slot, :, :s] = sink_v.to(dev)

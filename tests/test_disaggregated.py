@@ -90,6 +90,22 @@ def test_bf16_sends_the_prompts_tokens_not_whole_pages(form):
     _whole(pre)
 
 
+@pytest.mark.parametrize("form", ["host", "device"])
+def test_short_prompts_send_their_sinks_once(form):
+    """Before a page is encoded the sink tokens are the open page's first tokens: sent once (the
+    receiver takes them from the open page; test_disaggregated_equals_single_engine decodes
+    across the page boundary, where they are used)."""
+    pre = _engine("hack2")
+    for prompt, with_sinks in [(PROMPTS[0], False), (PROMPTS[1], True)]:  # 37, 130 tokens
+        res = pre.prefill_export(prompt, SamplingParams(max_tokens=4), "x",
+                                 device_form=form == "device")
+        for kv in res.layers:
+            names = (set(kv.tail) if form == "host" else
+                     {e["name"] for e in kv.wire.header["extras"]})
+            assert ("sink_k" in names) == with_sinks, (len(prompt), names)
+    _whole(pre)
+
+
 def test_abort_of_reservation_and_overload():
     dec = _engine("hack4", num_pages=8)
     params = SamplingParams(max_tokens=10)
