@@ -97,9 +97,7 @@ class ServeConfig:
 
         try:  # the workers build exactly this; refuse here, not as a Ray actor traceback
             EngineConfig(codec=self.codec, **self.engine_options)
-        except TypeError as e:
-            raise ValueError(f"--engine-option: {e}") from None
-        except ValueError as e:
+        except (TypeError, ValueError) as e:  # unknown field / bad value
             raise ValueError(f"--engine-option: {e}") from None
         bases = str(self.engine_options.get("lowrank_bases") or self.model)
         lowrank = [c for c in self.codecs if c.startswith("lowrank")]

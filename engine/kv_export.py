@@ -164,15 +164,18 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
     n, p = (seq.num_cached if num_tokens is None else num_tokens), cache.page_size
     if device_form:
         return _export_device(cache, layer, seq, n)
-    if isinstance(cache, KVCache):  # full pages + the last page's valid tokens only
-        n_full, tail = n // p, _dense_tail(cache, layer, seq, n)
-        return LayerKV(layer, n, pack_pages("bf16", _store(cache, layer),
-                                            torch.tensor(seq.pages[:n_full], dtype=torch.long)),
-                       {k: t.cpu().clone() for k, t in tail.items()}, seq.request_id)
-    ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)
-    tail = {k: t.cpu().clone() for k, t in _compressed_tail(cache, layer, seq, n).items()}
-    return LayerKV(layer, n, pack_pages(cache.codec.name, cache.stores[layer], ids), tail,
+    ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)  # full pages; the rest: the tail
+    tail = {k: t.cpu().clone() for k, t in _tail(cache, layer, seq, n).items()}
+    return LayerKV(layer, n, pack_pages(_codec_name(cache), _store(cache, layer), ids), tail,
                    seq.request_id)
+
+
+def _tail(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
+          n: int) -> dict[str, torch.Tensor]:
+    """What travels beside the full pages of the first n tokens, as views on the cache."""
+    if isinstance(cache, KVCache):
+        return _dense_tail(cache, layer, seq, n)
+    return _compressed_tail(cache, layer, seq, n)
 
 
 def _compressed_tail(cache: CompressedKVCache, layer: int, seq: Sequence,
@@ -203,15 +206,9 @@ def _dense_tail(cache: KVCache, layer: int, seq: Sequence, n: int) -> dict[str, 
 
 
 def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
-    p = cache.page_size
-    if isinstance(cache, KVCache):
-        ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)
-        wire = pack_device("bf16", _store(cache, layer), ids,
-                           extras=_dense_tail(cache, layer, seq, n))
-    else:
-        ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)
-        wire = pack_device(cache.codec.name, cache.stores[layer], ids,
-                           extras=_compressed_tail(cache, layer, seq, n))
+    ids = torch.tensor(seq.pages[:n // cache.page_size], dtype=torch.long)
+    wire = pack_device(_codec_name(cache), _store(cache, layer), ids,
+                       extras=_tail(cache, layer, seq, n))
     ready = None
     if wire.payload.is_cuda:
         ready = torch.cuda.Event()
