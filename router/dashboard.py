@@ -10,7 +10,7 @@ never leaves the browser, so the key stays out of server and proxy logs).
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 
 import anyio
 from fastapi import FastAPI
@@ -26,8 +26,7 @@ OPEN_PATHS = frozenset({DASHBOARD_PATH})
 
 def dashboard_html() -> str:
     """The page, read from the package on each request (20 KB; edits show without a restart)."""
-    return resources.files("zipserve.router").joinpath("static/dashboard.html").read_text(
-        encoding="utf-8")
+    return (Path(__file__).parent / "static" / "dashboard.html").read_text(encoding="utf-8")
 
 
 def install_dashboard(app: FastAPI, state: RouterState, metrics: RouterMetrics

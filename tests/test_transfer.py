@@ -15,13 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from zipserve.transfer import (
-    InProcessChannel,
-    LinkEmulator,
-    TransferClosed,
-    TransferError,
-    TransferTimeout,
-)
+from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
+from zipserve.transfer.inprocess import InProcessChannel
+from zipserve.transfer.link import LinkEmulator
 
 JOIN_S = 60.0
 HELLO = {"model": "ref-tiny", "codec": "hack2", "page_size": 64}

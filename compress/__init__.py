@@ -1,1 +1,0 @@
-"""compress: KV codecs (page layouts, encode, decode-side attention, wire form)."""

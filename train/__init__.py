@@ -1,1 +1,0 @@
-"""train: the recipe that trains zipserve's reference checkpoints from scratch."""
