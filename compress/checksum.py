@@ -59,6 +59,29 @@ def _row_sums(words: torch.Tensor, first_word: int) -> tuple[torch.Tensor, torch
     return combine_rows(w.sum(1) % MOD, (w * j).sum(1) % MOD, first_word)
 
 
+class PendingChecksum:
+    """A checksum queued on the device. `value()` waits for that reduction only (an event
+    recorded behind it and a pinned host copy), not for everything else queued on the stream
+    since: a sender thread must not wait for the layers the forward pass queued after this one,
+    nor a receiver for the decode step running on the same GPU."""
+
+    def __init__(self, value: torch.Tensor):
+        """value: 0-dim int64 on any device (e.g. device_checksum's result)."""
+        self._event = None
+        if value.is_cuda:
+            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(value.device))
+        else:
+            self._host = value
+
+    def value(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._host.item())
+
+
 def device_checksum(buf: torch.Tensor) -> torch.Tensor:
     """The checksum where buf lives: the Triton kernel on CUDA, checksum_torch elsewhere."""
     if buf.is_cuda:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zipserve.compress.checksum import ALGORITHM, device_checksum
+from zipserve.compress.checksum import ALGORITHM, PendingChecksum, device_checksum
 from zipserve.compress.wire import DTYPES, LAYOUT_VERSION, WireError, WirePages
 
 ALIGN = 16
@@ -38,14 +38,15 @@ class DeviceWire:
     checksum (None until finalize)."""
     payload: torch.Tensor
     """uint8 [nbytes] on the device."""
-    _pending: torch.Tensor | None = field(default=None, repr=False)
+    _pending: PendingChecksum | None = field(default=None, repr=False)
 
     def finalize(self) -> dict:
-        """Fill header['checksum'] (synchronizes with the device once) and return the header."""
+        """Fill header['checksum'] (waits for the checksum's reduction, not for the whole
+        stream) and return the header."""
         if self.header.get("checksum") is None:
             pending = self._pending if self._pending is not None else \
-                device_checksum(self.payload)
-            self.header["checksum"] = int(pending.item())
+                PendingChecksum(device_checksum(self.payload))
+            self.header["checksum"] = pending.value()
             self._pending = None
         return self.header
 
@@ -89,7 +90,7 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
     header = {"codec": codec, "layout_version": LAYOUT_VERSION, "num_pages": n,
               "fields": fields, "extras": extra_fields, "nbytes": offset,
               "checksum_algorithm": ALGORITHM, "checksum": None}
-    return DeviceWire(header, payload, device_checksum(payload))
+    return DeviceWire(header, payload, PendingChecksum(device_checksum(payload)))
 
 
 def _view(payload: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
@@ -102,7 +103,7 @@ def verify_checksum(header: dict, payload: torch.Tensor) -> None:
     differs from the header's or the header names another algorithm."""
     if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
         raise WireError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
-    got = int(device_checksum(payload).item())
+    got = PendingChecksum(device_checksum(payload)).value()
     if got != header["checksum"]:
         raise WireError("checksum mismatch: the pages were corrupted in transit "
                         f"({got:#x} != {header['checksum']:#x})")

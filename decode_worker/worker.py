@@ -82,6 +82,10 @@ class DecodeWorker:
         self.dead_channels: dict[str, str] = {}
         """peer id -> name of its channel, for channels whose transport broke."""
         self._aborts: collections.deque[str] = collections.deque()
+        self._arrivals: collections.deque[LayerKV | DeviceLayerKV] = collections.deque()
+        """Received, verified layers waiting for the step loop to write them into the pool."""
+        self._work = threading.Event()
+        """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
                                           daemon=True)]
@@ -140,10 +144,7 @@ class DecodeWorker:
             except ValueError:  # unreadable: no request to blame; count it and go on
                 self.dropped_messages += 1
                 continue
-            try:
-                self._import(kv)
-            finally:
-                done(kv)  # CUDA IPC: the sender may reuse the buffer now
+            self._arrive(kv)
 
     def import_kv_slice(self, data: bytes) -> None:
         """One rank's slice of one layer from a sequence-parallel prefill group
@@ -155,7 +156,30 @@ class DecodeWorker:
                 self.dropped_messages += 1
                 return
         if kv is not None:
-            self._import(kv)
+            self._arrive(kv)
+
+    def _arrive(self, kv: LayerKV | DeviceLayerKV) -> None:
+        """Hand a received layer to the step loop, which imports every waiting layer before its
+        next step. Importing here would contend for the worker lock with the decode steps
+        (Python locks are not fair): under load each of a request's layers waited about a
+        step for it, and the transfer phase grew to seconds."""
+        self._arrivals.append(kv)
+        self._work.set()
+
+    def _import_arrivals(self) -> list[LayerKV | DeviceLayerKV]:
+        """Import every waiting layer (caller holds the lock); returns them for `done`."""
+        taken = []
+        while self._arrivals:
+            kv = self._arrivals.popleft()
+            taken.append(kv)
+            try:
+                self._import(kv)
+            except Exception as e:  # noqa: BLE001 - fail this request, keep the loop alive
+                st = self.requests.get(kv.request_id)
+                if st is not None and not st.finished:
+                    self._fail(kv.request_id, f"KV import failed: {type(e).__name__}: {e}",
+                               "kv_import")
+        return taken
 
     def _expects_kv(self, request_id: str) -> bool:
         st = self.requests.get(request_id)
@@ -253,6 +277,8 @@ class DecodeWorker:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=2)
+        while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
+            done(self._arrivals.popleft())
 
     # -- internals -------------------------------------------------------------------------
     def _fail(self, request_id: str, error: str, reason: str) -> None:
@@ -283,6 +309,7 @@ class DecodeWorker:
         while not self._stop.is_set():
             with self.lock:
                 self._apply_aborts()
+                imported = self._import_arrivals()
                 now = time.time()
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
@@ -302,6 +329,11 @@ class DecodeWorker:
                         self._update(st, out)
                 if outs:
                     self.changed.notify_all()
+            for kv in imported:
+                done(kv)  # CUDA IPC: the sender may reuse the buffer now
             # Sleep outside the lock so callers waiting for it (poll, reserve, admit) get it:
             # Python locks are not fair and this loop would otherwise take it right back.
-            time.sleep(0.0005 if outs else 0.002)
+            if outs:
+                time.sleep(0.0005)
+            elif self._work.wait(0.002):  # idle: wake as soon as a layer arrives
+                self._work.clear()

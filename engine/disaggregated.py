@@ -77,6 +77,22 @@ class DisaggregatedEngine(LLMEngine):
         finally:
             self.scheduler.finish(seq, "stop")  # pages and slot back to the pool
 
+    def warm_up_prefill(self, num_tokens: int, device_form: bool = False) -> int:
+        """Prefill and drop one prompt of `num_tokens` (capped by the pool and max_model_len)
+        so that the activations, the exported layers and the kernels of the largest prompt are
+        allocated and compiled now. On a GPU the caching allocator keeps that memory, so a
+        decode engine that starts later on the same GPU cannot plan on it (without this, a
+        long prompt under load ran the prefill worker out of memory). Returns the tokens run."""
+        n = min(num_tokens, self.max_model_len - 1,
+                (self.pool.capacity - 1) * self.engine_config.page_size)
+        if n < 1:
+            return 0
+        ids = [3 + i % (self.config.vocab_size - 3) for i in range(n)]
+        self.prefill_export(ids, SamplingParams(max_tokens=1), "warm-up", device_form=device_form)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return n
+
     # -- decode side ---------------------------------------------------------------------
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Take pages and a slot for a request whose KV will arrive; raises Overloaded."""

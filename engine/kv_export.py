@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
@@ -78,6 +79,17 @@ class LayerKV:
         return cls(h["layer"], h["num_tokens"], pages, tail, h["request_id"])
 
 
+_side = threading.local()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's own CUDA stream on `device` (created once)."""
+    streams = _side.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
 _MAGIC = b"ZKVL\x01"
 DEVICE_MAGIC = b"ZKVD\x01"
 """Starts the header message of a DeviceLayerKV (its payload follows as a second message)."""
@@ -102,17 +114,27 @@ class DeviceLayerKV:
 
     def verify(self) -> bool:
         """Check the payload against the header's checksum on its device; remembers the
-        outcome for import_layer. True when it matches."""
+        outcome for import_layer. True when it matches. On CUDA the check runs on a side stream
+        of the calling thread, so it waits for the sender's gather, not for the decode steps
+        queued on the GPU meanwhile."""
         if not self.checked:
-            self.wait_ready()
-            try:
-                # in process the sender's header never went through header_bytes: finalize
-                # fills its checksum from the reduction queued behind the gather
-                verify_checksum(self.wire.finalize(), self.wire.payload)
-            except WireError as e:
-                self.checksum_error = str(e)
+            payload = self.wire.payload
+            if payload.is_cuda:
+                with torch.cuda.stream(_side_stream(payload.device)):
+                    self._verify()
+            else:
+                self._verify()
             self.checked = True
         return self.checksum_error is None
+
+    def _verify(self) -> None:
+        self.wait_ready()
+        try:
+            # in process the sender's header never went through header_bytes: finalize fills
+            # its checksum from the reduction queued behind the gather
+            verify_checksum(self.wire.finalize(), self.wire.payload)
+        except WireError as e:
+            self.checksum_error = str(e)
 
     def nbytes(self) -> int:
         return int(self.wire.payload.numel())

@@ -54,6 +54,9 @@ class PrefillWorker:
                                           engine_config=EngineConfig(codec=codec,
                                                                      **(engine_options or {})))
         self.codec = codec
+        if self.engine.device.type == "cuda":  # hold the largest prompt's memory from the start
+            self.engine.warm_up_prefill(self.engine.engine_config.max_prefill_tokens,
+                                        device_form=True)
         self.channels: dict[str, Channel] = {}
         self.incarnation = uuid.uuid4().hex
         self._busy = threading.Lock()

@@ -3,6 +3,7 @@ engine, KV really crosses the channel compressed, deadlines and corrupt KV free 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -128,3 +129,59 @@ def test_layers_arrive_while_prefill_is_still_running():
     assert [layer for layer, _ in arrivals] == list(range(6))
     assert arrivals[0][1] < rep.prefill_end  # layer 0 was in before the forward pass ended
     assert arrivals[-1][1] <= rep.send_end + 0.05
+
+
+def test_layers_are_imported_between_steps_not_one_per_step():
+    """While the decode worker is busy with a slow decode step, a new request's layers wait for
+    the step loop, which writes every waiting layer before its next step: the whole KV is in
+    about one step after the last layer left, not one step per layer (the transfer phase took
+    seconds under load when each layer contended for the worker lock on its own)."""
+    step_s = 0.2
+    pre, dec, _ = _pair("hack2")
+    step = dec.engine.step
+
+    def slow_step():
+        time.sleep(step_s)
+        return step()
+
+    dec.engine.step = slow_step
+    importers: list[str] = []
+    import_layer = dec.engine.import_layer
+
+    def recording_import(rid, kv):
+        importers.append(threading.current_thread().name)
+        return import_layer(rid, kv)
+
+    dec.engine.import_layer = recording_import
+    try:
+        busy = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        dec.reserve("busy", list(range(3, 40)), busy)
+        rep = pre.prefill("busy", list(range(3, 40)), busy, "d0")
+        dec.admit("busy", rep.first_token, rep.first_logprob, timeout=10)
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        dec.reserve("new", list(range(3, 300)), params)
+        rep = pre.prefill("new", list(range(3, 300)), params, "d0")
+        res = dec.admit("new", rep.first_token, rep.first_logprob, timeout=10)
+        assert dec.num_layers == 6
+        waited = res["times"]["kv_complete"] - rep.send_end
+        assert waited < 2.5 * step_s, f"the KV took {waited:.2f} s after the last layer left"
+        assert importers == ["decode-steps"] * 12  # both requests' 6 layers, by the step loop
+        dec.abort("busy")
+        while not (res := dec.poll("new", 0, timeout=5))["finished"]:
+            pass
+        for rid in ("busy", "new"):
+            dec.release(rid)
+        deadline = time.time() + 5
+        while dec.stats()["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        _whole(dec)
+    finally:
+        dec.shutdown()
+
+
+def test_prefill_warm_up_runs_the_longest_prompt_and_returns_its_pages():
+    pre = PrefillWorker(MODEL, "hack2", "cpu")
+    pool = pre.engine.pool
+    ran = pre.engine.warm_up_prefill(10**9)
+    assert ran == min(pre.engine.max_model_len - 1, (pool.capacity - 1) * 64)
+    assert pool.num_used == 0
