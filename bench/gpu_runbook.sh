@@ -18,7 +18,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | jct-smoke | jct-a | jct-b | multi | multi4"}
+STAGE=${1:?"stage: tests | smoke | jct-smoke | jct-a | jct-b | multi | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -73,6 +73,14 @@ jct-smoke)
         --num-requests 4 --max-seconds 30 "${GRAPHS[@]}" --out "$WORK/jct_smoke"
     step 200 disagg python3 -m zipserve bench disagg --codecs bf16,hack2,kivi2,hack4 \
         --prefill-len 8192 --gen-tokens 32 --out "$WORK/disagg"
+    ;;
+smoke)
+    # After a change to the serving path: device-path tests, then the transfer phase under load.
+    pytest_gpu 150 device_path tests/test_device_path_gpu.py
+    [ -f scratch/diag_graphs.py ] && step 120 diag_graphs python3 scratch/diag_graphs.py hack2 hack4
+    ZIPSERVE_KV_PATH=auto step 280 jct_load python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2 --links none,10 --rates 2 \
+        --num-requests 12 --scale 0.5 --max-seconds 20 "${GRAPHS[@]}" --out "$WORK/jct_load"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,lowrank+hack2 ;;

@@ -188,9 +188,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from zipserve.deploy.serve import demo
+    from zipserve.deploy.demo import demo, scaled_link_gbps
 
-    demo(args.model or default_model(), args.codecs.split(","), args.max_tokens, args.port)
+    model = args.model or default_model()
+    link = args.link_gbps
+    if link is None:  # the link that stands for 10 Gb/s with Llama-3-8B
+        link = scaled_link_gbps(model)
+    demo(model, args.codecs.split(","), args.max_tokens, args.port, link or None)
     return 0
 
 
@@ -458,8 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")
     d.add_argument("--model", default=None, help="default: the shipped reference model")
     d.add_argument("--codecs", default="bf16,hack4,hack2")
-    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--max-tokens", type=int, default=32)
     d.add_argument("--port", type=int, default=8765)
+    d.add_argument("--link-gbps", type=float, default=None,
+                   help="emulated prefill->decode link in Gb/s (0: unlimited; default: the link "
+                        "at which the model's KV moves as slowly per token as Llama-3-8B's does "
+                        "at 10 Gb/s)")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")

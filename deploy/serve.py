@@ -1,14 +1,12 @@
-"""`zipserve serve` and `zipserve demo`: Ray (embedded, or a cluster with --address) + workers +
-the HTTP router; the demo also sends real requests over HTTP and prints a JCT table."""
+"""`zipserve serve`: Ray (embedded, or a cluster with --address) + workers + the HTTP router;
+`running_server` runs the same in a thread for the demo (deploy/demo.py), benches and tests."""
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 
 from zipserve.deploy.multi_codec import make_backend
@@ -16,13 +14,6 @@ from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.router.limits import AdmissionConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-DEMO_PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n\n\ndef main():",
-    "class Stack:\n    def __init__(self):",
-    "def read_config(path):\n    \"\"\"Read a JSON config file.\"\"\"",
-]
 
 
 def start_ray(address: str | None) -> None:
@@ -100,84 +91,6 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
     finally:
         gc.unfreeze()
         backend.shutdown()
-
-
-def _post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _get(url: str, timeout: float = 30) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _stream(url: str, body: dict, timeout: float = 120) -> str:
-    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
-                                 headers={"Content-Type": "application/json"})
-    text = ""
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            delta = chunk["choices"][0].get("text") or ""
-            print(delta, end="", flush=True)
-            text += delta
-    print()
-    return text
-
-
-def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict]:
-    """For each codec: start the system, send the demo prompts over HTTP (the first streamed to
-    the terminal), and collect each job's phases from /v1/jobs/{id}."""
-    rows = []
-    for codec in codecs:
-        cfg = ServeConfig(model=model, codec=codec)
-        print(f"\n=== codec {codec}: starting Ray, 1 prefill + 1 decode worker, router ...")
-        with running_server(cfg, "127.0.0.1", port) as (base, _):
-            url = f"{base}/v1/completions"
-            body = {"prompt": DEMO_PROMPTS[0], "max_tokens": max_tokens, "temperature": 0}
-            print(f"--- streaming {DEMO_PROMPTS[0]!r}:")
-            print(DEMO_PROMPTS[0], end="")
-            _stream(url, body)
-            for prompt in DEMO_PROMPTS:
-                out = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-                job = _get(f"{base}/v1/jobs/{out['id']}")
-                rows.append(dict(codec=codec, job=job, prompt=prompt))
-        time.sleep(0.5)
-    _print_table(rows)
-    import torch
-
-    if not torch.cuda.is_available():
-        print("\n(CPU: compressed codecs decode through the torch references of their Triton "
-              "kernels here, so their decode times say nothing about GPU speed; GPU numbers: "
-              "bench/RESULTS.md)")
-    return rows
-
-
-def _print_table(rows: list[dict]) -> None:
-    phases = ["queue", "prefill", "transfer", "decode_queue", "decode"]
-    print("\n| codec | prompt tok | out tok | " + " | ".join(f"{p} ms" for p in phases)
-          + " | TTFT ms | JCT ms | KV sent | vs bf16 |")
-    print("|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
-    for r in rows:
-        j = r["job"]
-        durations = {p["name"]: p.get("duration") for p in j.get("phases", [])}
-        cells = [f"{1e3 * durations[p]:.1f}" if durations.get(p) is not None else "-"
-                 for p in phases]
-        ttft, jct = j.get("ttft"), j.get("jct")
-        sent, dense = j.get("kv_bytes"), j.get("kv_bytes_bf16")
-        kv = (f"{sent / 1024:.1f} KiB | {sent / dense:.2f}x" if sent is not None and dense
-              else "- | -")
-        print(f"| {r['codec']} | {j.get('prompt_tokens')} | {j.get('completion_tokens')} | "
-              + " | ".join(cells)
-              + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kv} |"
-              if ttft is not None and jct is not None
-              else f"| {r['codec']} | job record incomplete: {j} |")
 
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

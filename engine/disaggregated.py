@@ -26,6 +26,14 @@ class Overloaded(RuntimeError):
     """No pages or slots free for this request right now (the caller retries or refuses: 503)."""
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    tokens: int
+    """Prompt tokens of the warm-up prefill (0: none ran)."""
+    kv_bytes: int
+    """What one such prompt's exported KV takes (payload bytes of its layers)."""
+
+
 @dataclass
 class PrefillResult:
     request_id: str
@@ -77,21 +85,24 @@ class DisaggregatedEngine(LLMEngine):
         finally:
             self.scheduler.finish(seq, "stop")  # pages and slot back to the pool
 
-    def warm_up_prefill(self, num_tokens: int, device_form: bool = False) -> int:
-        """Prefill and drop one prompt of `num_tokens` (capped by the pool and max_model_len)
-        so that the activations, the exported layers and the kernels of the largest prompt are
+    def warm_up_prefill(self, num_tokens: int, device_form: bool = False,
+                        held: int = 1) -> WarmUp:
+        """Prefill a prompt of `num_tokens` (capped by the pool and max_model_len) `held` times,
+        keeping every exported layer until the last one is done, then drop it all: the
+        activations, the kernels and `held` requests' exported KV of the largest prompt are
         allocated and compiled now. On a GPU the caching allocator keeps that memory, so a
-        decode engine that starts later on the same GPU cannot plan on it (without this, a
-        long prompt under load ran the prefill worker out of memory). Returns the tokens run."""
+        decode engine that starts later on the same GPU cannot plan on it (without this, long
+        prompts under load ran the prefill worker out of memory)."""
         n = min(num_tokens, self.max_model_len - 1,
                 (self.pool.capacity - 1) * self.engine_config.page_size)
         if n < 1:
-            return 0
+            return WarmUp(0, 0)
         ids = [3 + i % (self.config.vocab_size - 3) for i in range(n)]
-        self.prefill_export(ids, SamplingParams(max_tokens=1), "warm-up", device_form=device_form)
+        kept = [self.prefill_export(ids, SamplingParams(max_tokens=1), f"warm-up-{i}",
+                                    device_form=device_form).layers for i in range(held)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return n
+        return WarmUp(n, sum(kv.nbytes() for kv in kept[0]))
 
     # -- decode side ---------------------------------------------------------------------
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:

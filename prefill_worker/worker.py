@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from zipserve.engine.config import EngineConfig
-from zipserve.engine.disaggregated import DisaggregatedEngine
+from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.channel import Channel
@@ -28,6 +28,8 @@ from zipserve.transfer.link import LinkEmulator
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 KV_TAG = 1
+OOM_WAIT_S = 5.0
+"""Out of GPU memory, how long a prefill waits for its KV in flight to be taken, then retries."""
 
 
 @dataclass
@@ -54,13 +56,20 @@ class PrefillWorker:
                                           engine_config=EngineConfig(codec=codec,
                                                                      **(engine_options or {})))
         self.codec = codec
-        if self.engine.device.type == "cuda":  # hold the largest prompt's memory from the start
-            self.engine.warm_up_prefill(self.engine.engine_config.max_prefill_tokens,
-                                        device_form=True)
+        self.max_inflight_bytes: int | None = None
+        """Cap on KV sent but not yet taken by the decode side (CUDA IPC), set by the warm-up."""
+        if self.engine.device.type == "cuda":
+            # Hold the memory of the largest prompt's activations and of two prompts' exported
+            # KV (one in flight to the decode worker, the next being computed) from the start,
+            # and never let more than one prompt's KV wait unacknowledged.
+            warm = self.engine.warm_up_prefill(self.engine.engine_config.max_prefill_tokens,
+                                               device_form=True, held=2)
+            self.max_inflight_bytes = max(warm.kv_bytes, 1)
         self.channels: dict[str, Channel] = {}
         self.incarnation = uuid.uuid4().hex
         self._busy = threading.Lock()
         self.prefills = 0
+        self.out_of_memory = 0
 
     def info(self) -> dict:
         e = self.engine
@@ -75,6 +84,9 @@ class PrefillWorker:
                                           latency_ms))
 
     def attach(self, decode_id: str, channel: Channel) -> None:
+        inner = channel.inner if isinstance(channel, LinkEmulator) else channel
+        if self.max_inflight_bytes is not None and hasattr(inner, "max_inflight_bytes"):
+            inner.max_inflight_bytes = self.max_inflight_bytes  # sends wait beyond it
         old, self.channels[decode_id] = self.channels.get(decode_id), channel
         if old is not None:  # replaced after a peer restart: close it off the caller's path
             threading.Thread(target=old.close, daemon=True).start()
@@ -108,9 +120,8 @@ class PrefillWorker:
         thread.start()
         t0 = time.time()
         try:
-            res = self.engine.prefill_export(prompt_ids, params, request_id, on_layer=outbox.put,
-                                             device_form=use_device_form(channel,
-                                                                         self.engine.device))
+            res = self._run_prefill(request_id, prompt_ids, params, outbox.put,
+                                    use_device_form(channel, self.engine.device), channel)
         finally:
             outbox.put(None)
             thread.join()
@@ -122,6 +133,24 @@ class PrefillWorker:
                              t0 + res.prefill_seconds, t1, sent["bytes"],
                              len(prompt_ids) * cfg.kv_bytes_per_token(
                                  torch.empty((), dtype=self.engine.dtype).element_size()))
+
+    def _run_prefill(self, request_id, prompt_ids, params, on_layer, device_form: bool,
+                     channel: Channel):
+        """The forward pass; out of GPU memory, it waits for the KV still held by the decode
+        side to come back and tries once more, then refuses the request as Overloaded (a 503
+        for the client, the worker stays up)."""
+        for attempt in range(2):
+            try:
+                return self.engine.prefill_export(prompt_ids, params, request_id,
+                                                  on_layer=on_layer, device_form=device_form)
+            except torch.cuda.OutOfMemoryError as e:
+                self.out_of_memory += 1
+                if attempt:
+                    raise Overloaded(f"prefill: out of GPU memory for {len(prompt_ids)} "
+                                     f"tokens right now ({e})".splitlines()[0]) from e
+                inner = channel.inner if isinstance(channel, LinkEmulator) else channel
+                if hasattr(inner, "wait_acked"):
+                    inner.wait_acked(OOM_WAIT_S)
 
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and
@@ -143,4 +172,5 @@ class PrefillWorker:
         return {"free_pages": pool.num_free, "used_pages": pool.num_used,
                 "capacity_pages": pool.capacity, "running": int(self._busy.locked()),
                 "prefills": self.prefills, "incarnation": self.incarnation,
+                "out_of_memory": self.out_of_memory,
                 "codec": self.codec}

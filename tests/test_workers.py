@@ -182,6 +182,38 @@ def test_layers_are_imported_between_steps_not_one_per_step():
 def test_prefill_warm_up_runs_the_longest_prompt_and_returns_its_pages():
     pre = PrefillWorker(MODEL, "hack2", "cpu")
     pool = pre.engine.pool
-    ran = pre.engine.warm_up_prefill(10**9)
-    assert ran == min(pre.engine.max_model_len - 1, (pool.capacity - 1) * 64)
-    assert pool.num_used == 0
+    warm = pre.engine.warm_up_prefill(10**9, device_form=True, held=2)
+    assert warm.tokens == min(pre.engine.max_model_len - 1, (pool.capacity - 1) * 64)
+    assert warm.kv_bytes > 0 and pool.num_used == 0
+
+
+def test_prefill_out_of_memory_retries_once_then_refuses_as_overloaded():
+    import torch
+
+    pre, dec, _ = _pair("hack2")
+    real, calls = pre.engine.prefill_export, []
+
+    def failing(*args, fail_times, **kw):
+        calls.append(1)
+        if len(calls) <= fail_times:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(*args, **kw)
+
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    try:
+        pre.engine.prefill_export = lambda *a, **kw: failing(*a, fail_times=1, **kw)
+        rep, res = _serve(pre, dec, "once", list(range(3, 200)), params)
+        assert res["finish_reason"] == "length" and len(calls) == 2
+        dec.release("once")
+        calls.clear()
+        pre.engine.prefill_export = lambda *a, **kw: failing(*a, fail_times=2, **kw)
+        dec.reserve("twice", list(range(3, 200)), params)
+        with pytest.raises(Overloaded, match="out of GPU memory"):
+            pre.prefill("twice", list(range(3, 200)), params, "d0")
+        assert pre.stats()["out_of_memory"] == 3
+        dec.abort("twice")
+        dec.release("twice")
+        assert pre.engine.pool.num_used == 0
+        _whole(dec)
+    finally:
+        dec.shutdown()
