@@ -1,5 +1,6 @@
-"""`zipserve serve` and `zipserve demo`: Ray (embedded, or a cluster with --address) + workers +
-the HTTP router; the demo also sends real requests over HTTP and prints a JCT table."""
+"""`zipserve serve` and `zipserve demo`: Ray (embedded and loopback-only, or a cluster with
+--address) + workers + the HTTP router (uvicorn with header and body read timeouts); the demo
+also sends real requests over HTTP and prints a JCT table."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+from zipserve.deploy.local_ray import start_loopback_ray
 from zipserve.deploy.multi_codec import make_backend
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.router.limits import AdmissionConfig
@@ -32,9 +34,9 @@ def start_ray(address: str | None) -> None:
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:  # embedded: a local Ray just for this process
-        ray.init(include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
+    else:  # embedded: a local Ray just for this process, on loopback only
+        start_loopback_ray(include_dashboard=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
 
 
 def freeze_startup_objects() -> None:
@@ -53,12 +55,14 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
     import ray
     import uvicorn
     from zipserve.router.app import create_app
+    from zipserve.router.read_timeouts import uvicorn_options
 
     own_ray = not ray.is_initialized()
     start_ray(address)
     backend = make_backend(cfg)
     app = create_app(backend, api_key=api_key, limits=limits)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           **uvicorn_options(limits)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -82,6 +86,7 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
           api_key: str | None, limits: AdmissionConfig | None = None) -> None:
     import uvicorn
     from zipserve.router.app import create_app
+    from zipserve.router.read_timeouts import uvicorn_options
 
     start_ray(address)
     backend = make_backend(cfg)
@@ -96,7 +101,7 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
               f"reach this port can use the server (--api-key-file)", flush=True)
     try:
         uvicorn.run(create_app(backend, api_key=api_key, limits=limits), host=host, port=port,
-                    log_level="info")
+                    log_level="info", **uvicorn_options(limits))
     finally:
         gc.unfreeze()
         backend.shutdown()
