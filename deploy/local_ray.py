@@ -48,12 +48,13 @@ def _single_machine_ray() -> Iterator[None]:
 
 
 def start_loopback_ray(**init_kwargs: Any) -> str:
-    """`ray.init(**init_kwargs)` for a Ray of this process only, every server of it bound to
-    loopback; returns its node IP. RuntimeError (Ray shut down again) if Ray would not."""
+    """`ray.init(address="local", **init_kwargs)`: a new Ray of this process only (whatever
+    RAY_ADDRESS says), every server of it bound to loopback; returns its node IP. RuntimeError
+    (Ray shut down again) if Ray would not."""
     import ray
 
     with _single_machine_ray():
-        ray.init(**init_kwargs)
+        ray.init(**{"address": "local", **init_kwargs})
     node_ip = ray.util.get_node_ip_address()
     if not is_loopback(node_ip):
         ray.shutdown()
