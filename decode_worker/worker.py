@@ -59,6 +59,9 @@ class RequestState:
     """reserved, kv_complete, admitted, first_decode, finished (time.time)."""
     stop: tuple[str, ...] = ()
     """Stop strings: text that may still turn into one is held back until it cannot."""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per token, when the request asked for logprobs (else empty)."""
     arrived: threading.Event = field(default_factory=threading.Event)
 
 
@@ -211,7 +214,8 @@ class DecodeWorker:
                                                      stop=tuple(params.stop))
 
     def admit(self, request_id: str, first_token: int, first_logprob: float | None,
-              timeout: float = 30.0) -> dict:
+              timeout: float = 30.0,
+              first_top_logprobs: list[tuple[int, float]] | None = None) -> dict:
         st = self.requests[request_id]
         if not st.arrived.wait(timeout):
             with self.lock:
@@ -223,7 +227,7 @@ class DecodeWorker:
         with self.lock:
             if st.finished:
                 return self.poll(request_id, 0, 0)
-            out = self.engine.admit(request_id, first_token, first_logprob)
+            out = self.engine.admit(request_id, first_token, first_logprob, first_top_logprobs)
             st.times["admitted"] = time.time()
             self._update(st, out)
             self.changed.notify_all()
@@ -239,7 +243,9 @@ class DecodeWorker:
                 if left <= 0:
                     break
                 self.changed.wait(left)
-            return {"tokens": st.tokens[since:], "text": st.text, "finished": st.finished,
+            return {"tokens": st.tokens[since:], "logprobs": st.logprobs[since:],
+                    "top_logprobs": st.top_logprobs[since:], "text": st.text,
+                    "finished": st.finished,
                     "finish_reason": st.finish_reason, "error": st.error,
                     "times": dict(st.times)}
 
@@ -298,6 +304,8 @@ class DecodeWorker:
         if len(out.token_ids) > len(st.tokens) and len(st.tokens) == 1:
             st.times.setdefault("first_decode", time.time())
         st.tokens = list(out.token_ids)
+        if out.logprobs is not None:
+            st.logprobs, st.top_logprobs = list(out.logprobs), list(out.top_logprobs or [])
         # Streamed text never shows what a stop string will cut: hold back any tail that is
         # the start of a stop string until the next token decides (the final text is exact).
         held = 0 if out.finished or not st.stop else stop_prefix_len(out.text, st.stop)

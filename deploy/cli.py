@@ -151,6 +151,7 @@ def _serve_config(args: argparse.Namespace, codec: str):
                        decode_resource=args.decode_resource, prefill_group=args.prefill_group,
                        prefill_group_min_tokens=args.prefill_group_min_tokens,
                        prefill_group_exchange=args.prefill_group_exchange,
+                       served_model_name=args.served_model_name,
                        engine_options=_engine_options(args.engine_option))
 
 
@@ -161,7 +162,9 @@ def _admission_config(args: argparse.Namespace):
                            max_queued_jobs=args.max_queued_requests,
                            max_prompt_tokens=args.max_prompt_tokens,
                            request_timeout_s=args.request_timeout,
-                           max_body_bytes=args.max_body_bytes)
+                           max_body_bytes=args.max_body_bytes,
+                           header_timeout_s=args.header_timeout,
+                           body_timeout_s=args.body_timeout)
 
 
 def read_api_key(key: str | None, key_file: str | None) -> str | None:
@@ -404,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="router + prefill/decode workers on Ray")
     s.add_argument("--model", default=None, help="default: the shipped reference model")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: the last part of --model, "
+                        "never its full path)")
     s.add_argument("--codec", default="hack4",
                    help="KV codec; several separated by commas (e.g. hack2,bf16) start workers "
                         "for each, requests pick one with their 'codec' field (default: the first)")
@@ -434,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "'timeout' field may ask for less)")
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20,
                      help="largest request body (413 beyond it)")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection has to send a request's headers (408 and "
+                          "closed after; bounds slowloris clients)")
+    lim.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds a request has to send its whole body once its headers are "
+                          "in (408 and closed after)")
     lim.add_argument("--page-wait", type=float, default=30.0,
                      help="longest a request waits for decode pages on a healthy worker pair")
     lim.add_argument("--transfer-deadline", type=float, default=30.0,

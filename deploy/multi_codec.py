@@ -40,6 +40,7 @@ class MultiCodecBackend:
             raise
         first = self.lanes[self.codecs[0]]
         self.model_name, self.max_model_len = first.model_name, first.max_model_len
+        self.vocab_size = first.vocab_size
         self.device = first.device
         self.prefill = [a for lane in self.lanes.values() for a in lane.prefill]
         self.decode = [a for lane in self.lanes.values() for a in lane.decode]
@@ -53,6 +54,9 @@ class MultiCodecBackend:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.lanes[self.codecs[0]].apply_chat_template(messages)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return self.lanes[self.codecs[0]].token_strings(ids)
 
     async def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
         lane = self.lane(job.codec)

@@ -7,7 +7,10 @@ A job: wait (FIFO, bounded by `page_wait_s` and the job's timeout) until some he
 layer by layer to that decode worker -> admit -> poll tokens until finished -> release. So
 prefill never computes KV that no decode worker can take. A job whose prefill or decode worker
 fails before its first token is tried again on another pair (`retries`); after a token was sent
-it fails with a clear error. Phase times come from the workers' own clocks (time.time).
+it fails with a clear error. A request the engine refuses for one of its own values (token ids
+outside the vocabulary, ...) fails at once with that message as a client error
+(deploy/request_faults.py), without waiting for pages or a retry. Phase times come from the
+workers' own clocks (time.time).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import AsyncIterator
 import ray
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.placement import gpu_share, role_engine_options
+from zipserve.deploy.request_faults import RequestRefused, request_fault
 from zipserve.deploy.worker_pool import WorkerPool
+from zipserve.engine.disaggregated import Overloaded
 from zipserve.engine.loading import model_config_for
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.sampling_params import SamplingParams
@@ -78,6 +83,13 @@ class ServeConfig:
     """Prompts of at least this many tokens go to the group."""
     prefill_group_exchange: str = "lowrank"
     """With a lowrank codec: "lowrank" exchanges projected Q/K/V, "full" the full ones."""
+    served_model_name: str | None = None
+    """The model's name in the API (/v1/models, a request's `model`); None: the last part of
+    `model` (a checkpoint's directory name, never its absolute path)."""
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or served_name(self.model)
 
     @property
     def codecs(self) -> tuple[str, ...]:
@@ -108,6 +120,8 @@ class ServeConfig:
                              f"`zipserve calibrate --model {self.model}`")
         if self.extra_codecs and self.prefill_group:
             raise ValueError("--prefill-group: serves one codec; not with several in --codec")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("--served-model-name: must not be empty")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--prefill and --decode: need at least one worker of each")
         if self.max_restarts < 0:
@@ -126,6 +140,11 @@ class ServeConfig:
                                     self.prefill_group_min_tokens,
                                     self.engine_options.get("page_size", 64),
                                     self.prefill_group_exchange)
+
+
+def served_name(model: str) -> str:
+    """"/abs/path/models/zipserve-ref" -> "zipserve-ref"; "random:tiny" stays as it is."""
+    return Path(model.rstrip("/")).name or model if "/" in model else model
 
 
 RESERVE_TIMEOUT_S = 5.0
@@ -182,8 +201,9 @@ class RayBackend:
             device, lowrank_exchange=cfg.group.lowrank_exchange)
         self.page_size = info["page_size"]
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model_name = cfg.model
+        self.model_name = cfg.model_name
         self.max_model_len = mc.max_position_embeddings
+        self.vocab_size = mc.vocab_size
         self.kv_bytes_per_token_bf16 = mc.kv_bytes_per_token(2)
         self.outstanding = {("p", i): 0 for i in range(cfg.num_prefill)}
         self.outstanding.update({("d", j): 0 for j in range(cfg.num_decode)})
@@ -202,6 +222,9 @@ class RayBackend:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     def health(self) -> dict:
         """From the monitor's cached stats (never waits on a worker)."""
@@ -261,7 +284,12 @@ class RayBackend:
                         self.pool.suspect(self.pool.decode[dj], f"{type(e).__name__}: {e}")
                         why = f"decode worker {dj} failed: {type(e).__name__}"
                     except ray.exceptions.RayTaskError as e:
-                        why = f"no decode worker has free KV pages ({e.cause})"
+                        if (fault := request_fault(e)) is not None:
+                            raise RequestRefused(fault) from None  # waiting cannot help
+                        why = (f"no decode worker has free KV pages ({e.cause})"
+                               if isinstance(e.cause, Overloaded) else
+                               f"decode worker {dj} refused the reservation: "
+                               f"{type(e.cause).__name__}: {e.cause}")
                     except asyncio.CancelledError:  # the job ended while reserving: undo it
                         self.decode[dj].release.remote(job.id)
                         raise
@@ -302,6 +330,8 @@ class RayBackend:
             self.counts["prefill_worker_died"] += 1
             raise _Retry(f"prefill worker {pi} died: {type(e).__name__}") from e
         except ray.exceptions.RayTaskError as e:  # it raised, e.g. its KV could not be sent
+            if (fault := request_fault(e)) is not None:
+                raise RequestRefused(fault) from None  # another pair would refuse it too
             cause = getattr(e, "cause", None) or e
             self.counts["prefill_failed"] += 1
             raise _Retry(f"prefill worker {pi} failed: {type(cause).__name__}: {cause}") from e
@@ -310,7 +340,7 @@ class RayBackend:
             self.prefilling[pi] -= 1
         try:
             res = await dec.admit.remote(job.id, rep.first_token, rep.first_logprob,
-                                         self.cfg.transfer_deadline_s)
+                                         self.cfg.transfer_deadline_s, rep.first_top_logprobs)
         except ray.exceptions.RayError as e:
             if isinstance(e, ray.exceptions.RayActorError):
                 self.pool.suspect(self.pool.decode[dj], f"{type(e).__name__}: {e}")
@@ -325,10 +355,14 @@ class RayBackend:
             yield FinishEvent("error", error=f"codec: this deployment serves {self.cfg.codec!r}"
                                              f", not {job.codec!r}")
             return
-        params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature,
-                                top_p=job.top_p, top_k=max(job.top_k, 0), seed=job.seed,
-                                stop=tuple(job.stop), ignore_eos=job.ignore_eos,
-                                min_tokens=job.min_tokens)
+        try:
+            params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature,
+                                    top_p=job.top_p, top_k=max(job.top_k, 0), seed=job.seed,
+                                    stop=tuple(job.stop), ignore_eos=job.ignore_eos,
+                                    min_tokens=job.min_tokens, logprobs=job.logprobs)
+        except ValueError as e:  # its message names the field
+            yield FinishEvent("error", error=str(e), client_error=True, codec=self.cfg.codec)
+            return
         wait = self.cfg.page_wait_s if job.timeout_s is None else \
             min(self.cfg.page_wait_s, job.timeout_s)
         wait_until = job.arrival + wait
@@ -341,8 +375,12 @@ class RayBackend:
                     await asyncio.wait_for(released, RESERVE_TIMEOUT_S)
                 except (ray.exceptions.RayError, asyncio.TimeoutError):
                     pass  # that worker is gone: so is the reservation
-            got = await self._acquire(job, params, max(wait_until, time.time() + 1.0)
-                                      if attempt else wait_until)
+            try:
+                got = await self._acquire(job, params, max(wait_until, time.time() + 1.0)
+                                          if attempt else wait_until)
+            except RequestRefused as e:
+                yield FinishEvent("error", error=str(e), client_error=True, codec=self.cfg.codec)
+                return
             if isinstance(got, str):
                 yield FinishEvent("error", error="; ".join([got] + errors[-1:]),
                                   codec=self.cfg.codec)
@@ -354,6 +392,10 @@ class RayBackend:
             try:
                 try:
                     rep, res = await self._prefill_then_admit(job, params, pi, dj)
+                except RequestRefused as e:
+                    yield FinishEvent("error", error=str(e), client_error=True,
+                                      codec=self.cfg.codec)
+                    return
                 except _Retry as e:
                     errors.append(str(e))
                     self.counts["retried"] += attempt < self.cfg.retries
@@ -393,10 +435,12 @@ class RayBackend:
                 yield PhaseEvent("transfer", prefill_end, t_kv)
                 yield PhaseEvent("decode_queue", t_kv, t_adm)
                 decode_start = t_adm
+            lps, tops = res.get("logprobs") or [], res.get("top_logprobs") or []
             for k, tok in enumerate(new):  # the batch's new text rides on its last token
                 delta = res["text"][len(text):] if k == len(new) - 1 else ""
                 text += delta
-                yield TokenEvent(tok, delta)
+                yield TokenEvent(tok, delta, lps[k] if k < len(lps) else None,
+                                 tuple(map(tuple, tops[k])) if k < len(tops) else ())
             sent += len(new)
             if res["finished"]:
                 # Decode ends when the router holds the last token, i.e. when it handles the

@@ -1,5 +1,6 @@
-"""`zipserve serve`: Ray (embedded, or a cluster with --address) + workers + the HTTP router;
-`running_server` runs the same in a thread for the demo (deploy/demo.py), benches and tests."""
+"""`zipserve serve`: Ray (embedded and loopback-only, or a cluster with --address) + workers + the
+HTTP router (uvicorn with header and body read timeouts); `running_server` runs the same in a
+thread for the demo (deploy/demo.py), benches and tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from zipserve.deploy.local_ray import start_loopback_ray
 from zipserve.deploy.multi_codec import make_backend
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.router.limits import AdmissionConfig
@@ -23,9 +25,9 @@ def start_ray(address: str | None) -> None:
         return
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:  # embedded: a local Ray just for this process
-        ray.init(include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
+    else:  # embedded: a local Ray just for this process, on loopback only
+        start_loopback_ray(include_dashboard=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
 
 
 def freeze_startup_objects() -> None:
@@ -44,12 +46,14 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
     import ray
     import uvicorn
     from zipserve.router.app import create_app
+    from zipserve.router.read_timeouts import uvicorn_options
 
     own_ray = not ray.is_initialized()
     start_ray(address)
     backend = make_backend(cfg)
     app = create_app(backend, api_key=api_key, limits=limits)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           **uvicorn_options(limits)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -73,6 +77,7 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
           api_key: str | None, limits: AdmissionConfig | None = None) -> None:
     import uvicorn
     from zipserve.router.app import create_app
+    from zipserve.router.read_timeouts import uvicorn_options
 
     start_ray(address)
     backend = make_backend(cfg)
@@ -87,7 +92,7 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
               f"reach this port can use the server (--api-key-file)", flush=True)
     try:
         uvicorn.run(create_app(backend, api_key=api_key, limits=limits), host=host, port=port,
-                    log_level="info")
+                    log_level="info", **uvicorn_options(limits))
     finally:
         gc.unfreeze()
         backend.shutdown()

@@ -10,7 +10,7 @@ A reservation that is never admitted must be `abort`ed; that frees its pages and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from zipserve.engine.kv_export import DeviceLayerKV, LayerKV, export_layer, import_layer
@@ -43,6 +43,8 @@ class PrefillResult:
     layers: list[LayerKV | DeviceLayerKV]
     """Every layer's KV (also handed to on_layer as each was computed)."""
     prefill_seconds: float
+    first_top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    """The first token's most likely alternatives, when params.logprobs asks for them."""
 
 
 class DisaggregatedEngine(LLMEngine):
@@ -81,7 +83,7 @@ class DisaggregatedEngine(LLMEngine):
             res = self.sampler.sample(logits, [params], [seq.generator])
             lp = None if res.logprobs is None else float(res.logprobs[0])
             return PrefillResult(request_id, seq.prompt_ids, int(res.token_ids[0]), lp, layers,
-                                 time.perf_counter() - t0)
+                                 time.perf_counter() - t0, res.top_logprobs[0] or [])
         finally:
             self.scheduler.finish(seq, "stop")  # pages and slot back to the pool
 
@@ -121,16 +123,17 @@ class DisaggregatedEngine(LLMEngine):
                              f"{seq.num_tokens}")
         import_layer(self.cache, kv, seq)
 
-    def admit(self, request_id: str, first_token: int,
-              first_logprob: float | None = None) -> RequestOutput:
-        """All layers are in: start decoding after the prefill's first token."""
+    def admit(self, request_id: str, first_token: int, first_logprob: float | None = None,
+              first_top_logprobs: list[tuple[int, float]] | None = None) -> RequestOutput:
+        """All layers are in: start decoding after the prefill's first token (and its logprob
+        and top alternatives, when the request asked for logprobs)."""
         seq = self._reserved(request_id)
         seq.num_cached = seq.num_tokens
         seq.output_ids.append(first_token)
         seq.first_token_time = time.monotonic()
         if seq.params.logprobs is not None:
             seq.logprobs.append(first_logprob if first_logprob is not None else float("nan"))
-            seq.top_logprobs.append([])
+            seq.top_logprobs.append([tuple(t) for t in first_top_logprobs or []])
         self.scheduler.admit(seq)
         self._check_finish(seq, first_token)
         return self._output(seq)

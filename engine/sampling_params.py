@@ -76,8 +76,9 @@ class SamplingParams:
             raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
         set_(self, "top_p", top_p)
 
-        if self.seed is not None:
-            _int("seed", self.seed)
+        if self.seed is not None and not -(1 << 63) <= _int("seed", self.seed) < (1 << 64):
+            # torch.Generator.manual_seed takes no more (and says only "Overflow")
+            raise ValueError(f"seed: must be in [-2**63, 2**64), got {self.seed}")
 
         stop = self.stop
         if isinstance(stop, str):

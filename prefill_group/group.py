@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from zipserve.transfer.tcp_store import tcp_store
 
 
 @dataclass
@@ -36,7 +37,7 @@ def make_group(store_addr: str, port: int, rank: int, n: int, backend: str = "gl
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     timeout = timedelta(seconds=timeout_s)
     try:
-        tcp = dist.TCPStore(store_addr, port, n, rank == 0, timeout, wait_for_workers=True)
+        tcp = tcp_store(store_addr, port, n, rank == 0, timeout, wait_for_workers=True)
     except Exception as e:  # torch raises several types here
         raise GroupError(f"prefill group rank {rank}/{n}: cannot reach the store at "
                          f"{store_addr}:{port}: {e}") from e

@@ -29,4 +29,5 @@ async def group_prefill(group: RayPrefillGroup, decode_actor, request_id: str,
     lp = None if s.logprobs is None else float(s.logprobs[0])
     # send_end == prefill_end: the ranks return only once the decode worker took every slice
     return PrefillReport(request_id, int(s.token_ids[0]), lp, start, end, end, res.kv_bytes,
-                         res.dense_bytes, exchange_bytes=res.sent_bytes())
+                         res.dense_bytes, exchange_bytes=res.sent_bytes(),
+                         first_top_logprobs=s.top_logprobs[0] or [])

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from zipserve.engine.config import EngineConfig
@@ -47,6 +47,8 @@ class PrefillReport:
     """What the same KV takes uncompressed in the engine's dtype (bf16 on GPU, fp32 on CPU)."""
     exchange_bytes: int = 0
     """Bytes a prefill group's all-to-alls moved between its workers (0: one worker)."""
+    first_top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    """The first token's most likely alternatives (when the request asked for logprobs)."""
 
 
 class PrefillWorker:
@@ -132,7 +134,8 @@ class PrefillWorker:
         return PrefillReport(request_id, res.first_token, res.first_logprob, t0,
                              t0 + res.prefill_seconds, t1, sent["bytes"],
                              len(prompt_ids) * cfg.kv_bytes_per_token(
-                                 torch.empty((), dtype=self.engine.dtype).element_size()))
+                                 torch.empty((), dtype=self.engine.dtype).element_size()),
+                             first_top_logprobs=res.first_top_logprobs)
 
     def _run_prefill(self, request_id, prompt_ids, params, on_layer, device_form: bool,
                      channel: Channel):

@@ -4,6 +4,7 @@ and sampling defaults. Every refusal is an `OpenAIError` naming the offending fi
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -15,6 +16,8 @@ from zipserve.router.schemas import (
     CompletionRequest,
     SamplingRequest,
 )
+
+log = logging.getLogger(__name__)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions; chat defaults to the rest of the context."""
@@ -32,15 +35,46 @@ def check_model(backend: Backend, requested: str | None) -> None:
 
 
 def completion_prompt_ids(backend: Backend, req: CompletionRequest) -> list[int]:
-    ids = backend.tokenize(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+    if isinstance(req.prompt, str):
+        ids = tokenize(backend, req.prompt, "prompt")
+    else:
+        ids = list(req.prompt)
+        check_token_ids(ids, backend.vocab_size)
     if not ids:
         raise OpenAIError(400, "prompt: tokenizes to nothing", param="prompt")
     return ids
 
 
+def tokenize(backend: Backend, text: str, param: str) -> list[int]:
+    """`backend.tokenize(text)`; whatever the tokenizer raises on this input is a 400 naming
+    `param` (the input is the client's; a traceback and a 500 help nobody)."""
+    try:
+        return backend.tokenize(text)
+    except Exception as e:
+        log.warning("%s: the tokenizer raised %s: %s", param, type(e).__name__, e)
+        raise OpenAIError(400, f"{param}: the tokenizer cannot encode this text "
+                               f"({type(e).__name__})", param=param) from None
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """A prompt of token ids must stay inside the model's vocabulary (the engine would refuse
+    it only after the request waited for pages: refuse it here, at once)."""
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            shown = str(t) if t.bit_length() <= 64 else f"{len(str(t))} digits"
+            raise OpenAIError(400, f"prompt: the token id at index {i} ({shown}) is outside "
+                                   f"this model's vocabulary [0, {vocab_size})", param="prompt",
+                              code="invalid_token_id")
+
+
 def chat_prompt_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.content} for m in req.messages]
-    ids = backend.tokenize(backend.apply_chat_template(messages))
+    try:
+        text = backend.apply_chat_template(messages)
+    except Exception as e:  # e.g. the template's raise_exception("roles must alternate")
+        raise OpenAIError(400, f"messages: the chat template refused the conversation: "
+                               f"{type(e).__name__}: {e}"[:500], param="messages") from None
+    ids = tokenize(backend, text, "messages")
     if not ids:
         raise OpenAIError(400, "messages: the conversation tokenizes to nothing",
                           param="messages")
@@ -68,7 +102,8 @@ def choose_max_tokens(requested: int | None, default: int | None, prompt_len: in
 
 def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
               max_tokens: int | None, default_max_tokens: int | None, prompt_param: str,
-              arrival: float | None = None, limits: AdmissionConfig | None = None) -> Job:
+              arrival: float | None = None, limits: AdmissionConfig | None = None,
+              logprobs: int | None = None) -> Job:
     limits = limits or AdmissionConfig()
     limits.check_prompt(len(prompt_ids), prompt_param)
     n = choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
@@ -93,6 +128,7 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
         timeout_s=limits.timeout_for(req.timeout),
         ignore_eos=req.ignore_eos,
         min_tokens=0 if req.min_tokens is None else req.min_tokens,
+        logprobs=logprobs,
     )
 
 
@@ -103,7 +139,7 @@ def admit_completion(backend: Backend, req: CompletionRequest,
     ids = completion_prompt_ids(backend, req)
     return build_job(backend, req, ids, max_tokens=req.max_tokens,
                      default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, prompt_param="prompt",
-                     arrival=arrival, limits=limits)
+                     arrival=arrival, limits=limits, logprobs=req.logprobs)
 
 
 def admit_chat(backend: Backend, req: ChatCompletionRequest,
@@ -113,4 +149,5 @@ def admit_chat(backend: Backend, req: ChatCompletionRequest,
     ids = chat_prompt_ids(backend, req)
     max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
     return build_job(backend, req, ids, max_tokens=max_tokens, default_max_tokens=None,
-                     prompt_param="messages", arrival=arrival, limits=limits)
+                     prompt_param="messages", arrival=arrival, limits=limits,
+                     logprobs=req.top_logprobs_k())

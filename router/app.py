@@ -4,17 +4,19 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/completions, POST /v1/chat/completions (JSON or SSE with "stream": true),
-GET /v1/models, GET /health (open even with an API key), GET /v1/jobs/{id}, GET /v1/jobs?limit=N,
+GET /v1/models, GET /health (open even with an API key, but then only the status and counts:
+the details need the key), GET /v1/jobs/{id}, GET /v1/jobs?limit=N,
 GET /metrics (Prometheus, router/metrics.py), GET /dashboard (+ /dashboard/data, router/dashboard.py;
 the page itself is open, its data needs the key).
 Every generation response carries the job id: in the OpenAI `id` ("cmpl-<id>" for completions,
 "chatcmpl-<id>" for chat) and in the `x-zipserve-job-id` header. Errors are OpenAI error bodies.
-Request bodies are parsed as JSON whatever their Content-Type (curl -d sends a form type).
+Request bodies are parsed as JSON whatever their Content-Type (curl -d sends a form type), and
+must arrive within the body timeout (router/read_timeouts.py; the header timeout is uvicorn's
+side: `read_timeouts.uvicorn_options`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,15 +25,17 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from zipserve.router.admission import admit_chat, admit_completion
-from zipserve.router.auth import OPEN_PATHS, ApiKeyMiddleware
-from zipserve.router.backend import Backend
+from zipserve.router.auth import OPEN_PATHS, ApiKeyMiddleware, has_key
+from zipserve.router.backend import Backend, Job
 from zipserve.router.dashboard import OPEN_PATHS as DASHBOARD_OPEN_PATHS
 from zipserve.router.dashboard import install_dashboard
 from zipserve.router.errors import OpenAIError, install_error_handlers, parse_model
 from zipserve.router.formats import ChatFormat, CompletionFormat
 from zipserve.router.jobs import JobRegistry
+from zipserve.router.json_body import parse_json_body
 from zipserve.router.limits import AdmissionConfig, BodySizeLimit
 from zipserve.router.metrics import install_metrics
+from zipserve.router.read_timeouts import BodyReadTimeout
 from zipserve.router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,16 +52,7 @@ DEFAULT_JOB_HISTORY = 1000
 
 
 async def read_json(request: Request) -> Any:
-    body = await request.body()
-    if not body.strip():
-        raise OpenAIError(400, "the request body is empty: send a JSON object")
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError:
-        raise OpenAIError(400, "malformed JSON: the body is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise OpenAIError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
-                          ) from None
+    return parse_json_body(await request.body())
 
 
 def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -78,10 +73,14 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         yield
         await state.shutdown()
 
+    def _strings_for(job: Job):
+        return None if job.logprobs is None else backend.token_strings
+
     app = FastAPI(title="zipserve router", lifespan=lifespan)
     app.state.router = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyReadTimeout, timeout_s=limits.body_timeout_s)
     if api_key is not None:  # added after the size limit = runs before it: no body read unkeyed
         app.add_middleware(ApiKeyMiddleware, api_key=api_key,
                            open_paths=OPEN_PATHS | DASHBOARD_OPEN_PATHS)
@@ -95,7 +94,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         req = parse_model(CompletionRequest, await read_json(request))
         job = admit_completion(backend, req, arrival, limits)
         fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
-                               model=backend.model_name)
+                               model=backend.model_name, token_strings=_strings_for(job))
         return await respond(state, request, job, fmt, stream=req.stream,
                              include_usage=_include_usage(req))
 
@@ -104,7 +103,8 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         arrival = arrival_of(request)
         req = parse_model(ChatCompletionRequest, await read_json(request))
         job = admit_chat(backend, req, arrival, limits)
-        fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name)
+        fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name,
+                         token_strings=_strings_for(job))
         return await respond(state, request, job, fmt, stream=req.stream,
                              include_usage=_include_usage(req))
 
@@ -114,13 +114,24 @@ def create_app(backend: Backend, *, api_key: str | None = None,
                                          max_model_len=backend.max_model_len)])
 
     @app.get("/health", response_model=None)
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
+        """Without the key (when one is set): the status and counts only; the model, the
+        workers and their errors need the key."""
         try:
             backend_health = dict(backend.health())
             ok = backend_health.get("status", "ok") == "ok"
         except Exception as exc:
             backend_health = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
             ok = False
+        status = 200 if ok else 503
+        workers = backend_health.get("workers") or []
+        if not has_key(request.headers.raw, api_key):
+            return JSONResponse({
+                "status": "ok" if ok else "unavailable",
+                "workers": {"total": len(workers),
+                            "healthy": sum(1 for w in workers if w.get("healthy"))},
+                "jobs": {"active": len(state.active), "queued": state.gate.queued_jobs},
+            }, status_code=status)
         body = {
             "status": "ok" if ok else "unavailable",
             "model": backend.model_name,
@@ -133,7 +144,7 @@ def create_app(backend: Backend, *, api_key: str | None = None,
                 "admission": state.gate.stats(),
             },
         }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str) -> JobView:

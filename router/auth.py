@@ -1,4 +1,5 @@
-"""Optional bearer-token check for every route except the open ones (by default /health).
+"""Optional bearer-token check for every route except the open ones (by default /health, which
+answers a minimal status without the key and its details with it: `has_key`).
 
 A pure ASGI middleware, so unauthenticated requests are refused before their body is read or
 parsed. Keys are compared with `hmac.compare_digest`.
@@ -23,6 +24,15 @@ def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
                 return token.strip()
             return None
     return None
+
+
+def has_key(headers: list[tuple[bytes, bytes]], api_key: str | None) -> bool:
+    """Whether the request may see what the key guards: no key is configured, or it carries
+    the key (compared in constant time)."""
+    if api_key is None:
+        return True
+    token = bearer_token(headers)
+    return token is not None and hmac.compare_digest(token, api_key.encode())
 
 
 class ApiKeyMiddleware:

@@ -30,6 +30,9 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a job may ask for per token (the engine's limit)."""
+
 
 @dataclass
 class Job:
@@ -62,6 +65,9 @@ class Job:
     """Keep generating past EOS (benchmarks use it to get exactly max_tokens tokens)."""
     min_tokens: int = 0
     """Stop conditions are not honoured before this many tokens (0..max_tokens)."""
+    logprobs: int | None = None
+    """None: off; k >= 0: each token event carries the sampled token's logprob and the k most
+    likely alternatives (k <= MAX_TOP_LOGPROBS)."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -83,6 +89,9 @@ class Job:
                              f"got {self.min_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop: entries must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs: must be None or in [0, {MAX_TOP_LOGPROBS}], "
+                             f"got {self.logprobs}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,10 @@ class TokenEvent:
     token_id: int
     text: str
     logprob: float | None = None
+    """The token's log-probability, when the job asked for logprobs."""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The most likely (token id, logprob) alternatives at this position, most likely first
+    (as many as the job's `logprobs`)."""
     kind: Literal["token"] = field(default="token", init=False)
 
 
@@ -128,6 +141,9 @@ class FinishEvent:
     """KV bytes actually sent from prefill to decode (encoded pages + 16-bit tail), if known."""
     kv_bytes_bf16: int | None = None
     """What the same prompt's KV would have taken as dense bf16, if known."""
+    client_error: bool = False
+    """With reason "error": the backend refused a value of the request itself (`error` then
+    starts with the field's name, "prompt: ..."), so the router answers 400, not 5xx."""
     kind: Literal["finish"] = field(default="finish", init=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +164,8 @@ class Backend(Protocol):
     """Context length: prompt tokens + max_tokens must fit in it."""
     codecs: tuple[str, ...]
     """The KV codecs served, the default first; a request naming another gets 400."""
+    vocab_size: int
+    """Prompt token ids must be in [0, vocab_size) (the router refuses others with a 400)."""
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` (called on the event loop: must be fast)."""
@@ -155,6 +173,10 @@ class Backend(Protocol):
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt text for [{"role": ..., "content": str}, ...], ready for `tokenize`."""
+        ...
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """The text of each token on its own (for logprobs; called on the event loop)."""
         ...
 
     def stream(self, job: Job) -> AsyncIterator[BackendEvent]:

@@ -51,10 +51,19 @@ class OpenAIError(Exception):
                             status_code=self.status, headers=self.headers)
 
 
-def backend_error(message: str | None, headers: dict[str, str] | None = None) -> OpenAIError:
-    """A backend `finish` with reason "error": 504 for the request timeout, 503 if it reads
-    like overload, else 500."""
+_FIELD = re.compile(r"([A-Za-z_][\w.\[\]]*):")
+
+
+def backend_error(message: str | None, headers: dict[str, str] | None = None, *,
+                  client_error: bool = False) -> OpenAIError:
+    """A backend `finish` with reason "error": 400 naming the field when the backend refused a
+    value of the request (`client_error`), 504 for the request timeout, 503 if it reads like
+    overload, else 500."""
     message = message or "the backend failed without a message"
+    if client_error:
+        m = _FIELD.match(message)
+        return OpenAIError(400, message, param=m.group(1) if m else None,
+                           code="invalid_value", headers=headers)
     if message.startswith("timeout:"):
         return OpenAIError(504, message, code="request_timeout", headers=headers)
     if re.search(r"overload|unavailable", message, re.IGNORECASE):

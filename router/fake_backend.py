@@ -2,6 +2,8 @@
 
 - Tokenizer: UTF-8 bytes (token id = byte value), so prompt token counts are byte counts.
 - Chat template: "<|role|>\\ncontent\\n" per message, then "<|assistant|>\\n".
+- Vocabulary: ids [0, `vocab_size`) (default 4096); `token_strings` gives " t<k>" for id 1000 + k
+  and the byte's character below 256.
 - Generation: token i is " t<k>" with k = i + (seed or 0), token id 1000 + k; honours
   max_tokens and stop strings (cut right before the first match; text that may still become a
   stop string is held back, so streamed deltas never contain part of one).
@@ -40,6 +42,9 @@ from zipserve.router.backend import (
 
 PRE_DECODE_PHASES = ("queue", "prefill", "encode", "transfer", "decode_queue")
 
+FAKE_LOGPROB = -0.5
+"""The logprob of every fake token (see `fake_logprobs`)."""
+
 FAKE_KV_BYTES_PER_TOKEN = 1024
 """Pretend dense bf16 KV bytes per prompt token (all layers, K and V)."""
 
@@ -53,6 +58,14 @@ def fake_kv_bytes(prompt_tokens: int, codec: str) -> tuple[int, int]:
     """(bytes sent, dense bf16 bytes) FakeBackend reports for a prompt under `codec`."""
     dense = prompt_tokens * FAKE_KV_BYTES_PER_TOKEN
     return math.ceil(dense * FAKE_CODEC_RATIO.get(codec, 1.0)), dense
+
+
+def fake_logprobs(token_id: int, k: int | None) -> dict:
+    """The logprob fields FakeBackend puts on a token event of a job asking for k alternatives."""
+    if k is None:
+        return {}
+    return {"logprob": FAKE_LOGPROB,
+            "top_logprobs": tuple((token_id + j, FAKE_LOGPROB - j) for j in range(k))}
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -77,8 +90,10 @@ class FakeBackend:
 
     def __init__(self, *, model_name: str = "zipserve-fake", max_model_len: int = 256,
                  phase_delay: float = 0.001, token_delay: float = 0.001,
-                 codec: str = "bf16", num_pages: int = 256, page_size: int = 16) -> None:
+                 codec: str = "bf16", num_pages: int = 256, page_size: int = 16,
+                 vocab_size: int = 4096) -> None:
         self.model_name = model_name
+        self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.phase_delay = phase_delay
         self.token_delay = token_delay
@@ -107,6 +122,10 @@ class FakeBackend:
     def apply_chat_template(self, messages: list[dict]) -> str:
         turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
         return turns + "<|assistant|>\n"
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return [f" t{i - 1000}" if i >= 1000 else
+                bytes([i]).decode("utf-8", "replace") if i < 256 else "" for i in ids]
 
     async def abort(self, job_id: str) -> None:
         self._abort_requested.add(job_id)
@@ -183,11 +202,13 @@ class FakeBackend:
             self._decode_tokens[job.id] = len(job.prompt_ids) + n
             cut = first_stop(text, job.stop) if n >= job.min_tokens else None
             if cut is not None:
-                yield TokenEvent(1000 + k, text[sent:cut])
+                yield TokenEvent(1000 + k, text[sent:cut],
+                                 **fake_logprobs(1000 + k, job.logprobs))
                 reason = "stop"
                 break
             keep = held_back(text, job.stop) if n < job.max_tokens else 0
-            yield TokenEvent(1000 + k, text[sent:len(text) - keep])
+            yield TokenEvent(1000 + k, text[sent:len(text) - keep],
+                             **fake_logprobs(1000 + k, job.logprobs))
             sent = len(text) - keep
         yield PhaseEvent("decode", decode_start, max(time.time(), decode_start))
         yield self._finish(job, reason, n, error)

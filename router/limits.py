@@ -1,6 +1,8 @@
-"""Admission limits of the router: bounded queue, prompt length, request timeout, body size.
+"""Admission limits of the router: bounded queue, prompt length, request timeout, body size and
+the time a client may take to send its request.
 
-- `AdmissionConfig`: the limits, validated where built (`zipserve serve` flags map onto it).
+- `AdmissionConfig`: the limits, validated where built (`zipserve serve` flags map onto it); the
+  header and body read timeouts are enforced by router/read_timeouts.py.
 - `AdmissionGate`: counts the prompt tokens and jobs that were accepted but have not finished
   their prefill yet (waiting for decode pages, queued at or running on a prefill worker). A job
   that would take either count past its limit is refused with 429 + Retry-After before anything
@@ -20,7 +22,7 @@ from zipserve.router.errors import OpenAIError
 
 @dataclass(frozen=True)
 class AdmissionConfig:
-    """Limits applied to every generation request."""
+    """Limits applied to every request."""
 
     max_queued_tokens: int = 65536
     """Prompt tokens of accepted jobs not yet prefilled (router-wide); beyond it: 429."""
@@ -35,6 +37,12 @@ class AdmissionConfig:
     """Largest request body (413 beyond it)."""
     retry_after_s: int = 1
     """The Retry-After header of a 429."""
+    header_timeout_s: float = 10.0
+    """A connection must deliver a request's complete headers within this many seconds of
+    opening (or of the previous response ending), else it is answered 408 and closed."""
+    body_timeout_s: float = 30.0
+    """A request's whole body must arrive within this many seconds of its headers, else 408
+    and the connection is closed."""
 
     def __post_init__(self) -> None:
         if self.max_queued_tokens < 1:
@@ -55,6 +63,10 @@ class AdmissionConfig:
             raise ValueError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
         if self.retry_after_s < 1:
             raise ValueError(f"retry_after_s: must be >= 1, got {self.retry_after_s}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value}")
 
     def timeout_for(self, requested: float | None) -> float:
         """The timeout of one request: its own `timeout` field when given (and allowed)."""

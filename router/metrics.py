@@ -51,13 +51,14 @@ TBT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.
 
 _FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE)) for name, pattern in (
+        ("bad_request", r"^(?:codec|prompt|seed|max_tokens|min_tokens|temperature|top_p|top_k"
+                        r"|stop|stop_token_ids|ignore_eos|logprobs):"),  # refused values
         ("checksum", r"checksum|corrupt"),
         ("deadline", r"deadline|timed out|timeout|incomplete after"),
         ("client_disconnected", r"disconnect"),
         ("shutdown", r"shutting down"),
         ("overloaded", r"overload"),
         ("worker_failed", r"unavailable|worker (?:\w+ )?failed|died|actor"),
-        ("bad_request", r"^codec:"),
     ))
 
 

@@ -3,16 +3,36 @@
 Requests accept and ignore fields they do not know (OpenAI clients send many), but a known field
 with a wrong type or an out-of-range value is an error: numbers are strict (no "10" for 10, no
 true for 1), and every message names the field. None means "default" for every optional field,
-as OpenAI clients send explicit nulls.
+as OpenAI clients send explicit nulls. OpenAI fields this server cannot honour (`echo`,
+`best_of` > 1, penalties, `logit_bias`, `suffix`, tools, non-text `response_format`) are
+accepted at their defaults only: any other value is a 400 naming the field, never silently
+ignored.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from zipserve.router.backend import MAX_TOP_LOGPROBS
 
 StrictInt = Annotated[int, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]
+TopLogprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
+
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+"""A seed is a 64-bit signed integer (as in vLLM); the engine's generators take no more."""
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported by this server")
+
+
+def _only_default(value: Any, default_ok: tuple, what: str) -> Any:
+    """`value` if it is None or one of the values meaning "off", else a ValueError."""
+    if value is None or any(value == d and type(value) is type(d) for d in default_ok):
+        return value
+    raise _unsupported(what)
 
 
 class _Request(BaseModel):
@@ -46,6 +66,7 @@ class SamplingRequest(_Request):
     stream: Annotated[bool, Field(strict=True)] = False
     """Answer as server-sent events, one chunk per token."""
     stream_options: StreamOptions | None = None
+    """Only with "stream": true (as OpenAI: a 400 otherwise)."""
     n: StrictInt | None = None
     """Only 1 is supported."""
     user: Any = None
@@ -60,6 +81,39 @@ class SamplingRequest(_Request):
     min_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None
     """Extension (as in vLLM): EOS, stop tokens and stop strings are not honoured before this
     many tokens; must not exceed max_tokens."""
+
+    presence_penalty: Any = None
+    """Only 0 (the default)."""
+    frequency_penalty: Any = None
+    """Only 0 (the default)."""
+    logit_bias: Any = None
+    """Only empty (the default)."""
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, seed: int | None) -> int | None:
+        lo, hi = SEED_RANGE
+        if seed is not None and not lo <= seed <= hi:
+            raise ValueError(f"must be a 64-bit signed integer, in [{lo}, {hi}]")
+        return seed
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, opts: StreamOptions | None,
+                             info: ValidationInfo) -> StreamOptions | None:
+        if opts is not None and info.data.get("stream") is False:
+            raise ValueError('only allowed with "stream": true')
+        return opts
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: Any, info: ValidationInfo) -> Any:
+        return _only_default(value, (0, 0.0), f"a non-zero {info.field_name}")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: Any) -> Any:
+        return _only_default(value, ({},), "logit_bias")
 
     @field_validator("n")
     @classmethod
@@ -89,6 +143,34 @@ class CompletionRequest(SamplingRequest):
 
     prompt: Any
     """A string, or a list of token ids; a one-element list of either is taken as that prompt."""
+    logprobs: TopLogprobs | None = None
+    """The sampled tokens' logprobs and this many most likely alternatives per position
+    (0..20; None: off)."""
+    echo: StrictBool = False
+    """Only false: returning the prompt is not supported."""
+    best_of: StrictInt | None = None
+    """Only 1."""
+    suffix: Any = None
+    """Only empty: insertion is not supported."""
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise _unsupported("returning the prompt with the completion")
+        return echo
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, best_of: int | None) -> int | None:
+        if best_of is not None and best_of != 1:
+            raise ValueError(f"only best_of=1 is supported, got {best_of}")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: Any) -> Any:
+        return _only_default(suffix, ("",), "a suffix (insertion)")
 
     @field_validator("prompt")
     @classmethod
@@ -143,6 +225,46 @@ class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
     """Newer OpenAI name of max_tokens; max_tokens wins when both are given."""
+    logprobs: StrictBool | None = None
+    """Return the sampled tokens' logprobs."""
+    top_logprobs: TopLogprobs | None = None
+    """With logprobs: this many most likely alternatives per position (0..20)."""
+    tools: Any = None
+    """Only empty: tool calls are not supported."""
+    functions: Any = None
+    """Only empty: function calls are not supported."""
+    tool_choice: Any = None
+    """Only "none" or "auto" (there are no tools)."""
+    function_call: Any = None
+    """Only "none" or "auto"."""
+    response_format: Any = None
+    """Only {"type": "text"}."""
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and info.data.get("logprobs") is not True:
+            raise ValueError('only allowed with "logprobs": true')
+        return top
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        return _only_default(value, ([],), "tool or function calling")
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        return _only_default(value, ("none", "auto"), f"{info.field_name} {value!r}"[:80])
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        return _only_default(value, ({"type": "text"},), "a response_format other than text")
+
+    def top_logprobs_k(self) -> int | None:
+        """The job's `logprobs`: None when off, else the alternatives per position."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ----------------------------------------------------------------------------- responses
@@ -167,10 +289,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """/v1/completions `logprobs`: one entry per generated token (OpenAI's legacy shape)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float | None]]
+    text_offset: list[int]
+    """Where each token starts in the generated text (characters)."""
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """/v1/chat/completions `logprobs`."""
+
+    content: list[TokenLogprob]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -191,7 +339,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -207,7 +355,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

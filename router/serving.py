@@ -110,6 +110,7 @@ async def respond(state: RouterState, request: Request, job: Job, fmt: ResponseF
 async def _whole(run: JobRun, request: Request, fmt: ResponseFormat,
                  headers: dict[str, str]) -> Response:
     parts: list[str] = []
+    tokens: list[TokenEvent] = []  # kept only for logprobs
     watch = ClientWatch(request)
     while True:
         ev = await next_or_gone(run, watch)
@@ -119,9 +120,11 @@ async def _whole(run: JobRun, request: Request, fmt: ResponseFormat,
         if isinstance(ev, FinishEvent):
             break
         parts.append(ev.text)
+        if fmt.token_strings is not None:
+            tokens.append(ev)
     if ev.reason == "error":
-        return backend_error(ev.error, headers).response()
-    body = fmt.whole("".join(parts), ev.reason, usage_of(run.record))
+        return backend_error(ev.error, headers, client_error=ev.client_error).response()
+    body = fmt.whole("".join(parts), ev.reason, usage_of(run.record), tokens)
     return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
@@ -131,16 +134,18 @@ async def _sse_body(run: JobRun, request: Request, fmt: ResponseFormat,
     if first is not None:
         yield sse_event(first)
     watch = ClientWatch(request)
+    with_logprobs = fmt.token_strings is not None
     while True:
         ev = await next_or_gone(run, watch)
         if ev is None:
             return  # client gone: SSEResponse closes the run, which aborts the job
         if isinstance(ev, FinishEvent):
             break
-        if ev.text:
-            yield sse_event(fmt.delta_chunk(ev.text))
+        if ev.text or with_logprobs:  # with logprobs: one chunk per token, text or not
+            yield sse_event(fmt.delta_chunk(ev.text, [ev] if with_logprobs else ()))
     if ev.reason == "error":
-        yield sse_event(ErrorResponse(error=backend_error(ev.error).detail()))
+        yield sse_event(ErrorResponse(error=backend_error(
+            ev.error, client_error=ev.client_error).detail()))
     else:
         yield sse_event(fmt.final_chunk(ev.reason))
         if include_usage:

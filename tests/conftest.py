@@ -23,12 +23,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """An embedded Ray for one test module, shut down after it. Starts clean even if an earlier
-    module left a Ray behind (so the modules do not depend on their order)."""
+    """An embedded Ray for one test module, on loopback only (as `zipserve serve` starts it),
+    shut down after it. Starts clean even if an earlier module left a Ray behind (so the modules
+    do not depend on their order)."""
     ray = pytest.importorskip("ray")
+    from zipserve.deploy.local_ray import start_loopback_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_loopback_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

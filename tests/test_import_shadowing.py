@@ -23,8 +23,9 @@ TOP_LEVEL_PACKAGES = sorted(
 
 def _python_in_repo_root(code: str, extra_path: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    if extra_path is not None:
-        env["PYTHONPATH"] = str(extra_path)
+    if extra_path is not None:  # after what the caller already has there
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (env.get("PYTHONPATH"), str(extra_path)) if p)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 

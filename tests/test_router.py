@@ -269,8 +269,11 @@ async def test_malformed_body(client, content):
 
 
 async def test_unknown_fields_are_ignored_and_nulls_mean_default(client):
+    """Unknown fields are ignored; known ones this server cannot honour are fine at their
+    defaults (other values: tests/test_hardening.py)."""
     r = await client.post("/v1/completions", json={
-        "prompt": "x", "max_tokens": 2, "frequency_penalty": 0.5, "logit_bias": {"1": 2},
+        "prompt": "x", "max_tokens": 2, "frequency_penalty": 0, "presence_penalty": 0.0,
+        "logit_bias": {}, "best_of": 1, "suffix": None, "stream_options": None,
         "user": "u", "logprobs": None, "echo": False, "whatever": [1], "temperature": None,
         "n": 1})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == " t0 t1"

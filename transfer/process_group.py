@@ -53,6 +53,7 @@ from zipserve.transfer.channel import (
     crc32_of,
 )
 from zipserve.transfer.mailbox import Mailbox
+from zipserve.transfer.tcp_store import tcp_store
 
 _PG_TAG_HEADER, _PG_TAG_PAYLOAD, _PG_TAG_ABORT = 17, 18, 19
 _FOREVER = timedelta(days=3650)
@@ -101,7 +102,7 @@ class ProcessGroupChannel(Channel):
 
         timeout = timedelta(seconds=timeout_s)
         try:
-            self._tcp_store = store if store is not None else dist.TCPStore(
+            self._tcp_store = store if store is not None else tcp_store(
                 store_addr, port, 2, rank == 0, timeout, wait_for_workers=True)
         except Exception as e:  # torch raises several types here
             raise TransferError(f"cannot reach the store at {store_addr}:{port} as rank {rank}:"
