@@ -131,14 +131,22 @@ def _stream(url: str, body: dict, timeout: float = 120) -> str:
     return text
 
 
-def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict]:
-    """For each codec: start the system, send the demo prompts over HTTP (the first streamed to
-    the terminal), and collect each job's phases from /v1/jobs/{id}."""
+def demo(model: str, codecs: list[str], max_tokens: int, port: int,
+         decode_kv: list[str] | tuple[str, ...] = ("compressed",)) -> list[dict]:
+    """For each codec (in each decode_kv mode): start the system, send the demo prompts over
+    HTTP (the first streamed to the terminal), and collect each job's phases from
+    /v1/jobs/{id}."""
+    from zipserve.engine.decode_kv import codec_modes
+
+    runs, skipped = codec_modes(codecs, decode_kv)
+    for note in skipped:
+        print(f"(skipped {note})")
     rows = []
-    for codec in codecs:
-        cfg = ServeConfig(model=model, codec=codec)
-        print(f"\n=== codec {codec}: starting Ray, 1 prefill + 1 decode worker, router ...")
-        with running_server(cfg, "127.0.0.1", port) as (base, _):
+    for codec, mode in runs:
+        cfg = ServeConfig(model=model, codec=codec, decode_kv=mode)
+        print(f"\n=== codec {codec}, decode-kv {mode}: starting Ray, 1 prefill + 1 decode "
+              f"worker, router ...")
+        with running_server(cfg, "127.0.0.1", port) as (base, backend):
             url = f"{base}/v1/completions"
             body = {"prompt": DEMO_PROMPTS[0], "max_tokens": max_tokens, "temperature": 0}
             print(f"--- streaming {DEMO_PROMPTS[0]!r}:")
@@ -147,7 +155,8 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict
             for prompt in DEMO_PROMPTS:
                 out = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
                 job = _get(f"{base}/v1/jobs/{out['id']}")
-                rows.append(dict(codec=codec, job=job, prompt=prompt))
+                rows.append(dict(codec=codec, decode_kv=backend.decode_kv, job=job,
+                                 prompt=prompt))
         time.sleep(0.5)
     _print_table(rows)
     import torch
@@ -155,15 +164,16 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int) -> list[dict
     if not torch.cuda.is_available():
         print("\n(CPU: compressed codecs decode through the torch references of their Triton "
               "kernels here, so their decode times say nothing about GPU speed; GPU numbers: "
-              "bench/RESULTS.md)")
+              "bench/RESULTS.md. decode KV dense: the codec's KV dequantized into bf16 pages "
+              "on arrival, decoded by the bf16 kernel)")
     return rows
 
 
 def _print_table(rows: list[dict]) -> None:
     phases = ["queue", "prefill", "transfer", "decode_queue", "decode"]
-    print("\n| codec | prompt tok | out tok | " + " | ".join(f"{p} ms" for p in phases)
-          + " | TTFT ms | JCT ms | KV sent | vs bf16 |")
-    print("|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
+    print("\n| codec | decode KV | prompt tok | out tok | "
+          + " | ".join(f"{p} ms" for p in phases) + " | TTFT ms | JCT ms | KV sent | vs bf16 |")
+    print("|---|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
     for r in rows:
         j = r["job"]
         durations = {p["name"]: p.get("duration") for p in j.get("phases", [])}
@@ -173,7 +183,8 @@ def _print_table(rows: list[dict]) -> None:
         sent, dense = j.get("kv_bytes"), j.get("kv_bytes_bf16")
         kv = (f"{sent / 1024:.1f} KiB | {sent / dense:.2f}x" if sent is not None and dense
               else "- | -")
-        print(f"| {r['codec']} | {j.get('prompt_tokens')} | {j.get('completion_tokens')} | "
+        print(f"| {r['codec']} | {r.get('decode_kv', '-')} | {j.get('prompt_tokens')} | "
+              f"{j.get('completion_tokens')} | "
               + " | ".join(cells)
               + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kv} |"
               if ttft is not None and jct is not None

@@ -108,3 +108,23 @@ def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> 
     what = (f"{codec} kernel {codes:.2f}x SDPA vs dense {dense:.2f}x on {fam}"
             if codes is not None else f"{codec} kernel not measured on {device.name or 'this GPU'}")
     return DecodeKVChoice("dense", what)
+
+
+def codec_modes(codecs: list[str] | tuple[str, ...],
+                modes: list[str] | tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (codec, decode_kv) runs of a benchmark or demo over codecs x modes, and a note per
+    run left out: bf16 runs once (its pages are dense in every mode), and a codec without a
+    dense form skips `dense` when another mode is asked too (ValueError when it is the only)."""
+    runs, skipped = [], []
+    for codec in codecs:
+        for mode in modes:
+            if codec == "bf16" and any(r[0] == "bf16" for r in runs):
+                skipped.append(f"bf16 {mode}: bf16 pages are dense in every mode, run once")
+                continue
+            if mode == "dense" and codec in NO_DENSE_FORM:
+                if len(modes) == 1:
+                    check_decode_kv(codec, mode)  # raises, naming decode_kv
+                skipped.append(f"{codec} dense: {codec} has no dense form")
+                continue
+            runs.append((codec, mode))
+    return runs, skipped

@@ -57,3 +57,14 @@ def test_check_names_decode_kv():
         check_decode_kv("hack2", "Dense")
     with pytest.raises(ValueError, match="decode_kv: 'dense' is not available for codec lowrank"):
         check_decode_kv("lowrank", "dense")
+
+
+def test_codec_modes():
+    from zipserve.engine.decode_kv import codec_modes
+
+    runs, skipped = codec_modes(["bf16", "hack2", "lowrank"], ["compressed", "dense"])
+    assert runs == [("bf16", "compressed"), ("hack2", "compressed"), ("hack2", "dense"),
+                    ("lowrank", "compressed")]
+    assert len(skipped) == 2 and "lowrank dense" in skipped[1]
+    with pytest.raises(ValueError, match="decode_kv"):
+        codec_modes(["hack2", "lowrank"], ["dense"])
