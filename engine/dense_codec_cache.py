@@ -42,6 +42,15 @@ class DenseCodecKVCache(KVCache):
             self._to_codec_values(layer, batch.prefill_seqs)
         return out
 
+    def past_kv(self, layer: int, slot: int, past_pages: list[int]):
+        """K/V [N, KVH, D] of a sequence's full pages before a prefill chunk (LCKV chunked
+        scoring; CompressedKVCache.past_kv's contract): here they are the pages themselves."""
+        k_pages, v_pages = self.layer(layer)  # [pages, KVH, P, D]
+        ids = torch.tensor(past_pages, dtype=torch.long, device=k_pages.device)
+        kvh, d = k_pages.shape[1], k_pages.shape[3]
+        return (k_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
+                v_pages[ids].transpose(1, 2).reshape(-1, kvh, d))
+
     def _to_codec_values(self, layer: int, prefill_seqs) -> None:
         """Replace the full pages each prefill chunk wrote by their encoded-then-dequantized
         values (sinks kept 16-bit); the chunk's partly filled last page stays 16-bit."""

@@ -141,6 +141,21 @@ def test_dense_scores_like_compressed():
     assert llm.engine.pool.num_used == 0
 
 
+@pytest.mark.skipif(not (REFERENCE_MODEL.parent / "zipserve-lckv" / "config.json").exists(),
+                    reason="LCKV checkpoint not present")
+def test_lckv_dense_like_compressed():
+    """An LCKV model (only KV layers have pages; chunked scoring reads past_kv) decodes and
+    scores the same dense as compressed."""
+    model, ids = str(REFERENCE_MODEL.parent / "zipserve-lckv"), list(range(100, 300))
+    comp = LLM(model, device="cpu", codec="hack2")
+    dense = LLM(model, device="cpu", codec="hack2", decode_kv="dense")
+    want, got = comp.generate(ids[:130], PARAMS)[0], dense.generate(ids[:130], PARAMS)[0]
+    assert got.token_ids == want.token_ids
+    assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs)) < 1e-4
+    assert (dense.logits(ids) - comp.logits(ids)).abs().mean() < 1e-3  # see test above
+    assert dense.engine.pool.num_used == 0
+
+
 def test_refusals_free_every_page():
     """A layer of another codec, a corrupt layer and a malformed tail are refused with
     ValueError; an abort after some layers arrived frees the pages."""
