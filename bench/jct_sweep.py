@@ -2,11 +2,12 @@
 arrival rate.
 
 The system (embedded Ray, one prefill and one decode worker, the router on loopback) is started
-once per codec and decode_kv mode (bf16 once: dense in every mode); each link is then set on the running pairs (`RayBackend.set_link`, only while
-idle) and each rate replays the same seeded workload (same requests, arrival times scaled by the
-rate) through `jct_client`. Between runs the sweep waits until every decode page is free again.
-`restart_each=True` starts a fresh system for every (codec, link, rate) instead (cleaner, slower:
-model load and warm-up every time). Each system gets one warm-up request (compiles kernels)
+once per codec and decode_kv mode (bf16 once: dense in every mode); each link is then set on the
+running pairs (`RayBackend.set_link`, only while idle) and each rate replays the same seeded
+workload (same requests, arrival times scaled by the rate) through `jct_client`. Between runs
+the sweep waits until every decode page is free again. `restart_each=True` starts a fresh
+system for every (codec, mode, link, rate) instead (cleaner, slower: model load and warm-up
+every time). Each system gets one warm-up request (compiles kernels)
 before it is measured.
 
 Writes to `out_dir`: jct_requests.csv (one row per request, config columns first),

@@ -255,7 +255,8 @@ class RayBackend:
         failures = self.pool.failures() + self.counts
         usable = bool(self.pool.usable_pairs())
         return {"status": "ok" if usable else "unavailable", "codec": self.cfg.codec,
-                "decode_kv": self.decode_kv, "device": self.device, "workers": workers, "pairs": self.pool.pairs_view(),
+                "decode_kv": self.decode_kv, "device": self.device, "workers": workers,
+                "pairs": self.pool.pairs_view(),
                 "degraded": not all(w.healthy for w in self.pool.workers),
                 "failures": dict(failures), "events": dict(self.pool.events)}
 

@@ -2,7 +2,8 @@
 codec family, each with a pure-torch reference of the same signature.
 
   * ``fp8_dequant_pages(k, k_scale, v, v_scale, page_ids, out_k, out_v)``
-  * ``kivi_dequant_pages(k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, page_ids, out_k, out_v)``
+  * ``kivi_dequant_pages(k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, page_ids,
+    out_k, out_v)``
   * ``hack_dequant_pages(pages, page_ids, out_k, out_v, rotation=None)``  (pages: a HackPages)
   * ``*_ref``: the same in torch, built on the codecs' own dequantization (compress/quantize.py,
     hack_encode.hack_dequantize_ref), fp32 arithmetic.

@@ -1,8 +1,9 @@
 """The JCT benchmark on CPU: a short sweep (reference model, bf16 and hack2 with its KV kept
-compressed and dense on the decode side, one rate, a tiny long-document workload) writes its CSVs, meta and plots, every request gets exactly its output
-length, and each job's phases tile the router's span exactly and the client's measured JCT up
-to the loopback HTTP exchange. Plus the workload builder, the URL guard, the report and the
-router's min_tokens / ignore_eos fields."""
+compressed and dense on the decode side, one rate, a tiny long-document workload) writes its
+CSVs, meta and plots, every request gets exactly its output length, and each job's phases tile
+the router's span exactly and the client's measured JCT up to the loopback HTTP exchange. Plus
+the workload builder, the URL guard, the report and the router's min_tokens / ignore_eos
+fields."""
 
 from __future__ import annotations
 
