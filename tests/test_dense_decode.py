@@ -219,7 +219,8 @@ def test_dense_equals_compressed_gpu(codec):
     tokens within the open page equal the compressed engine's (its Triton decode kernel)."""
     def eng(**kw):
         return DisaggregatedEngine(MODEL, device="cuda", dtype="bfloat16",
-                                   engine_config=EngineConfig(codec=codec, num_pages=64, **kw))
+                                   engine_config=EngineConfig(codec=codec, num_pages=64,
+                                                              graph_batch_sizes=(1, 2, 4), **kw))
 
     pre, comp, dense = eng(cuda_graphs=False), eng(), eng(decode_kv="dense")
     _transfer(pre, [comp, dense], PARAMS, form="device")
