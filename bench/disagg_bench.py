@@ -1,6 +1,8 @@
 """`zipserve bench disagg`: single long requests through a prefill worker and a decode worker that
 share one device (in one process, KV over an in-process channel, optionally behind an emulated
-link), per codec: TTFT, JCT, the gap from prefill end to decode start, and KV bytes sent.
+link), per codec (and decode_kv mode of the decode worker: compressed, or dense = the codec's KV
+dequantized into bf16 pages on arrival): TTFT, JCT, the gap from prefill end to decode start
+(with dense, it includes dequantizing the last layer), and KV bytes sent (the same in every mode).
 On a GPU the KV stays on the device (DeviceLayerKV over the in-process channel, checksum on the
 GPU); kv_path="host" forces the old host-bytes staging for comparison (column `kv_path`).
 
@@ -53,8 +55,12 @@ def one_request(pre: PrefillWorker, dec: DecodeWorker, rid: str, prompt: list[in
 
 def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: list,
         out_dir: Path, device: str | None = None, repeats: int = 2,
-        kv_path: str = "auto") -> list[dict]:
-    """kv_path: "auto" (device buffers on CUDA) or "host" (bytes through host memory)."""
+        kv_path: str = "auto", decode_kv: list[str] | tuple[str, ...] = ("compressed",)
+        ) -> list[dict]:
+    """kv_path: "auto" (device buffers on CUDA) or "host" (bytes through host memory);
+    decode_kv: the modes each codec's decode worker runs in (bf16 once)."""
+    from zipserve.engine.decode_kv import codec_modes
+
     if kv_path not in ("auto", "host"):
         raise ValueError(f"kv_path must be 'auto' or 'host', got {kv_path!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,9 +74,13 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
     vocab = pre_vocab(model)
     prompt = torch.randint(3, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0))
     rows = []
-    for codec in codecs:
+    lanes, skipped = codec_modes(codecs, decode_kv)
+    for note in skipped:
+        print(f"(skipped {note})")
+    for codec, mode in lanes:
         pre = PrefillWorker(model, codec, dev, engine_options=pre_opts)
-        dec = DecodeWorker(model, codec, dev, engine_options=dec_opts)
+        dec = DecodeWorker(model, codec, dev, engine_options=dict(dec_opts, decode_kv=mode))
+        mode = dec.engine.decode_kv  # auto resolved
         try:
             for gbps in links:
                 a, b = InProcessChannel.pair()
@@ -83,10 +93,10 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
                 for r in range(repeats):
                     row = one_request(pre, dec, f"{codec}-{gbps}-{r}", prompt.tolist(),
                                       max_tokens)
-                    row.update(codec=codec, link_gbps=gbps or "none", repeat=r, device=name,
-                               kv_path=path)
+                    row.update(codec=codec, decode_kv=mode, link_gbps=gbps or "none", repeat=r,
+                               device=name, kv_path=path)
                     rows.append(row)
-                    print(f"{codec:>6} {path:>6} link {row['link_gbps']!s:>5}: "
+                    print(f"{codec:>6} {mode:>10} {path:>6} link {row['link_gbps']!s:>5}: "
                           f"TTFT {row['ttft_ms']:8.1f} "
                           f"ms  JCT {row['jct_ms']:8.1f} ms  gap {row['gap_ms']:7.1f} ms  "
                           f"KV {row['kv_mb']:.1f} MB", flush=True)
@@ -97,13 +107,14 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
             if dev == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{model}, {prompt_len}-token prompt, {max_tokens} tokens out, device {name}\n")
-    print("| codec | KV path | link Gb/s | TTFT ms | JCT ms | prefill ms | "
+    print("| codec | decode KV | KV path | link Gb/s | TTFT ms | JCT ms | prefill ms | "
           "prefill end -> decode start ms "
           "| decode ms | KV sent MB | dense MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["repeat"] == repeats - 1:
-            print(f"| {r['codec']} | {r['kv_path']} | {r['link_gbps']} | {r['ttft_ms']:.1f} | "
+            print(f"| {r['codec']} | {r['decode_kv']} | {r['kv_path']} | {r['link_gbps']} | "
+                  f"{r['ttft_ms']:.1f} | "
                   f"{r['jct_ms']:.1f} | "
                   f"{r['prefill_ms']:.1f} | {r['gap_ms']:.1f} | {r['decode_ms']:.1f} | "
                   f"{r['kv_mb']:.1f} | {r['dense_mb']:.1f} |")

@@ -52,8 +52,21 @@ def _links(summary: list[dict]) -> list:
     return seen
 
 
+def lane(s: dict) -> str:
+    """A run's label: its codec, with "/dense" (or "/auto"...) when its decode workers did not
+    keep the codec's pages (decode_kv; bf16 is dense in every mode). Rows from before decode_kv
+    existed have none: compressed."""
+    mode = s.get("decode_kv") or "compressed"
+    return s["codec"] if mode == "compressed" or s["codec"] == "bf16" else f"{s['codec']}/{mode}"
+
+
+def base_codec(label: str) -> str:
+    """The codec of a lane label (its wire form and quality: dense holds the codec's values)."""
+    return label.split("/")[0]
+
+
 def _codecs(summary: list[dict]) -> list[str]:
-    return list(dict.fromkeys(s["codec"] for s in summary))
+    return list(dict.fromkeys(lane(s) for s in summary))
 
 
 def _rates(summary: list[dict]) -> list:
@@ -80,7 +93,7 @@ def quality_by_codec(paths: list[str]) -> dict[str, float]:
 
 def bf16_reference_rate(summary: list[dict], link) -> float | str | None:
     """The highest rate bf16 sustained on `link` (its lowest rate when it sustained none)."""
-    runs = [s for s in summary if s["codec"] == "bf16" and s["link_gbps"] == link]
+    runs = [s for s in summary if lane(s) == "bf16" and s["link_gbps"] == link]
     if not runs:
         return None
     good = [s["rate"] for s in runs if s["sustained"] is True]
@@ -111,7 +124,7 @@ def _vs_rate(plt, out_dir: Path, summary: list[dict]) -> Path:
         for j, (key, title) in enumerate((("jct_mean_ms", "mean JCT"), ("jct_p99_ms", "p99 JCT"))):
             ax = axes[i][j]
             for k, c in enumerate(codecs):
-                runs = sorted((s for s in summary if s["codec"] == c and s["link_gbps"] == g),
+                runs = sorted((s for s in summary if lane(s) == c and s["link_gbps"] == g),
                               key=lambda s: _rate_x(s["rate"]))
                 xs = [_rate_x(s["rate"]) for s in runs]
                 ys = [s[key] / 1e3 if _ok(s[key]) else float("nan") for s in runs]
@@ -139,7 +152,7 @@ def _cdf(plt, out_dir: Path, summary: list[dict], rows: list[dict]) -> Path:
         for j, r in enumerate(rates):
             ax = axes[i][j]
             for k, c in enumerate(codecs):
-                v = sorted(x["jct_ms"] / 1e3 for x in rows if x["codec"] == c and
+                v = sorted(x["jct_ms"] / 1e3 for x in rows if lane(x) == c and
                            x["link_gbps"] == g and x["rate"] == r and x["status"] == "ok")
                 if v:
                     ax.step(v, [(n + 1) / len(v) for n in range(len(v))], where="post",
@@ -169,7 +182,7 @@ def _phases(plt, out_dir: Path, summary: list[dict]) -> Path:
             for p, name in enumerate(names):
                 vals = []
                 for c in codecs:
-                    s = next((s for s in summary if s["codec"] == c and s["link_gbps"] == g
+                    s = next((s for s in summary if lane(s) == c and s["link_gbps"] == g
                               and s["rate"] == r), None)
                     if s is None:
                         vals.append(0.0)
@@ -202,7 +215,7 @@ def jct_gains(summary: list[dict]) -> dict:
         r = bf16_reference_rate(summary, g)
         if r is None:
             continue
-        at = {s["codec"]: s["jct_mean_ms"] for s in summary if s["link_gbps"] == g
+        at = {lane(s): s["jct_mean_ms"] for s in summary if s["link_gbps"] == g
               and s["rate"] == r and _ok(s["jct_mean_ms"])}
         if "bf16" in at:
             out[g] = (r, {c: 100.0 * (1 - v / at["bf16"]) for c, v in at.items()})
@@ -215,11 +228,11 @@ def _quality(plt, out_dir: Path, summary: list[dict], quality_csvs: list[str]) -
     gains = jct_gains(summary)
     fig, axes = _grid(plt, 1, 2, max(4.5, 0.8 * len(codecs) + 1.5), 3.4)
     ax = axes[0][0]
-    have = [c for c in codecs if c in ppl]
+    have = [c for c in codecs if base_codec(c) in ppl]
     if have:
-        ax.bar(range(len(have)), [ppl[c] for c in have], color="C3")
+        ax.bar(range(len(have)), [ppl[base_codec(c)] for c in have], color="C3")
         ax.set_xticks(range(len(have)), have, rotation=30, fontsize=8)
-        missing = [c for c in codecs if c not in ppl]
+        missing = [c for c in codecs if base_codec(c) not in ppl]
         ax.set_title("perplexity increase vs bf16 (%)" + (f"\nno quality data: "
                                                           f"{', '.join(missing)}"
                                                           if missing else ""), fontsize=8)

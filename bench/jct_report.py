@@ -19,6 +19,8 @@ from zipserve.bench.jct_plots import (
     _links,
     _ok,
     _rate_x,
+    base_codec,
+    lane,
     link_label,
     load_csv,
     quality_by_codec,
@@ -41,7 +43,7 @@ def _rate(r) -> str:
 
 
 def highest_sustained(summary: list[dict], codec: str, link) -> float | str | None:
-    good = [s["rate"] for s in summary if s["codec"] == codec and s["link_gbps"] == link
+    good = [s["rate"] for s in summary if lane(s) == codec and s["link_gbps"] == link
             and s["sustained"] is True]
     return max(good, key=_rate_x) if good else None
 
@@ -53,8 +55,8 @@ def goals(summary: list[dict], link=10.0) -> list[str]:
     if not runs:
         return [f"No {link:g} Gb/s link in this sweep: the issue-8 goals are not evaluated."]
     out = []
-    bf = sorted((s for s in runs if s["codec"] == "bf16"), key=lambda s: _rate_x(s["rate"]))
-    at = {(s["codec"], s["rate"]): s for s in runs}
+    bf = sorted((s for s in runs if lane(s) == "bf16"), key=lambda s: _rate_x(s["rate"]))
+    at = {(lane(s), s["rate"]): s for s in runs}
     busy = [s for s in bf if _ok(s.get("link_busy")) and s["link_busy"] >= 0.8]
     if not bf:
         out.append("bf16 was not run: the JCT goals are not evaluable.")
@@ -105,7 +107,7 @@ def goals(summary: list[dict], link=10.0) -> list[str]:
 def headline(summary: list[dict]) -> list[str]:
     """Highest sustained rate and mean JCT at bf16's highest sustained rate, per codec x link."""
     links = _links(summary)
-    codecs = list(dict.fromkeys(s["codec"] for s in summary))
+    codecs = list(dict.fromkeys(lane(s) for s in summary))
     lines = ["| codec | " + " | ".join(f"{link_label(g)}: max sustained req/s | mean JCT s"
                                        for g in links) + " |",
              "|---|" + "---|---|" * len(links)]
@@ -114,7 +116,7 @@ def headline(summary: list[dict]) -> list[str]:
         for g in links:
             hs = highest_sustained(summary, c, g)
             ref = highest_sustained(summary, "bf16", g)
-            s = next((s for s in summary if s["codec"] == c and s["link_gbps"] == g
+            s = next((s for s in summary if lane(s) == c and s["link_gbps"] == g
                       and s["rate"] == ref), None) if ref is not None else None
             cells += ["none" if hs is None else _rate(hs),
                       "—" if s is None else f"{_s(s['jct_mean_ms'])} @ {_rate(ref)}/s"]
@@ -152,7 +154,7 @@ def section(results: Path, page_dir: Path) -> list[str]:
         for s in (s for s in summary if s["link_gbps"] == g):
             http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
             busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
-            out.append(f"| {s['codec']} | {_rate(s['rate'])} | {int(s['ok'])}/{int(s['sent'])} | "
+            out.append(f"| {lane(s)} | {_rate(s['rate'])} | {int(s['ok'])}/{int(s['sent'])} | "
                        f"{_s(s['jct_mean_ms'])} | {_s(s['jct_p99_ms'])} | {_s(s['ttft_mean_ms'])} "
                        f"| {_s(s['ttft_p99_ms'])} | {busy} | "
                        f"{'yes' if s['sustained'] is True else '**no**'} | "
@@ -161,12 +163,13 @@ def section(results: Path, page_dir: Path) -> list[str]:
                        f"{_ms(s['decode_mean_ms'])} | {_ms(http)} |")
         out.append("")
     ppl = quality_by_codec(cfg.get("quality_csvs") or [])
-    codecs = list(dict.fromkeys(s["codec"] for s in summary))
+    codecs = list(dict.fromkeys(lane(s) for s in summary))
     out += ["### Perplexity cost", ""]
     if ppl:
         out += ["| codec | perplexity vs bf16 |", "|---|---|"]
-        out += [f"| {c} | {'+%.2f%%' % ppl[c] if c in ppl else 'no quality data'} |"
-                for c in codecs]
+        cost = {c: ppl.get(base_codec(c)) for c in codecs}  # dense lanes: the codec's values
+        out += [f"| {c} | {'no quality data' if v is None else '+%.2f%%' % v} |"
+                for c, v in cost.items()]
         out += ["", f"From {', '.join(cfg.get('quality_csvs'))} (`zipserve bench quality`, the "
                     f"reference model: perplexity is a property of the model, not measured on "
                     f"the sweep's model)."]

@@ -1,11 +1,13 @@
-"""`zipserve bench jct --sweep`: the JCT benchmark over codec x emulated link x arrival rate.
+"""`zipserve bench jct --sweep`: the JCT benchmark over codec (x decode_kv mode) x emulated link x
+arrival rate.
 
 The system (embedded Ray, one prefill and one decode worker, the router on loopback) is started
-once per codec; each link is then set on the running pairs (`RayBackend.set_link`, only while
-idle) and each rate replays the same seeded workload (same requests, arrival times scaled by the
-rate) through `jct_client`. Between runs the sweep waits until every decode page is free again.
-`restart_each=True` starts a fresh system for every (codec, link, rate) instead (cleaner, slower:
-model load and warm-up every time). Each system gets one warm-up request (compiles kernels)
+once per codec and decode_kv mode (bf16 once: dense in every mode); each link is then set on the
+running pairs (`RayBackend.set_link`, only while idle) and each rate replays the same seeded
+workload (same requests, arrival times scaled by the rate) through `jct_client`. Between runs
+the sweep waits until every decode page is free again. `restart_each=True` starts a fresh
+system for every (codec, mode, link, rate) instead (cleaner, slower: model load and warm-up
+every time). Each system gets one warm-up request (compiles kernels)
 before it is measured.
 
 Writes to `out_dir`: jct_requests.csv (one row per request, config columns first),
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from zipserve.bench import jct_client, jct_plots, workloads
 
-SUMMARY_KEYS = ("codec", "link_gbps", "rate", "workload")
+SUMMARY_KEYS = ("codec", "decode_kv", "link_gbps", "rate", "workload")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class SweepConfig:
     """`zipserve bench quality` CSVs for the perplexity-cost plot (missing: said in the plot)."""
     command: str = ""
     """The command line, recorded in jct_meta.json."""
+    decode_kv: tuple[str, ...] = ("compressed",)
+    """decode_kv modes each codec runs in (engine/decode_kv.py); records carry the mode the
+    decode workers used (`auto` resolved) beside the codec."""
 
     def __post_init__(self) -> None:
         if not self.codecs:
@@ -79,11 +84,22 @@ class SweepConfig:
             raise ValueError("max_seconds: must be > 0")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--prefill-workers / --decode-workers: need at least 1 of each")
+        from zipserve.engine.decode_kv import check_decode_kv, codec_modes
+
+        if not self.decode_kv:
+            raise ValueError("decode_kv: name at least one mode")
+        for m in self.decode_kv:
+            check_decode_kv("bf16", m)  # a known mode (codec-specific refusals: codec_modes)
+        codec_modes(self.codecs, self.decode_kv)  # raises where dense is all a codec is asked
 
     @property
-    def runs(self) -> list[tuple[str, float | None, float | None]]:
+    def runs(self) -> list[tuple[str, str, float | None, float | None]]:
+        """(codec, decode_kv, link, rate) of every run."""
+        from zipserve.engine.decode_kv import codec_modes
+
         rates = list(self.rates) if self.workload in workloads.SHAPES else [None]
-        return [(c, g, r) for c in self.codecs for g in self.links for r in rates]
+        lanes, _ = codec_modes(self.codecs, self.decode_kv)
+        return [(c, m, g, r) for c, m in lanes for g in self.links for r in rates]
 
 
 def _free_port() -> int:
@@ -134,21 +150,21 @@ def git_commit() -> str:
 
 
 @contextmanager
-def _system(cfg: SweepConfig, codec: str):
+def _system(cfg: SweepConfig, codec: str, decode_kv: str):
     from zipserve.deploy.ray_backend import ServeConfig
     from zipserve.deploy.serve import freeze_startup_objects, running_server
 
     # On one GPU the backend sizes the prefill and decode pools so both fit (deploy/placement.py)
     scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
                        num_prefill=cfg.num_prefill, num_decode=cfg.num_decode,
-                       engine_options=dict(cfg.engine_options))
+                       engine_options=dict(cfg.engine_options), decode_kv=decode_kv)
     t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
         t1 = time.time()
         _warm_up(base)
         freeze_startup_objects()  # again: the warm-up compiled kernels and built objects
-        print(f"{codec}: system up in {t1 - t0:.1f} s, warm-up {time.time() - t1:.1f} s "
-              f"({backend.device})", flush=True)
+        print(f"{codec} (decode-kv {backend.decode_kv}): system up in {t1 - t0:.1f} s, warm-up "
+              f"{time.time() - t1:.1f} s ({backend.device})", flush=True)
         yield base, backend
 
 
@@ -186,7 +202,8 @@ def _one_run(cfg: SweepConfig, base: str, backend, client: ProcessPoolExecutor, 
     wall = time.time() - t0
     busy = backend.link_busy(wall) if link is not None else None
     _drain(backend)
-    conf = {"codec": codec, "link_gbps": "none" if link is None else link,
+    conf = {"codec": codec, "decode_kv": backend.decode_kv,
+            "link_gbps": "none" if link is None else link,
             "rate": "trace" if rate is None else rate, "workload": wl.name}
     rows = [{**conf, **r.row()} for r in results]
     s = jct_client.summarize(results)
@@ -195,8 +212,8 @@ def _one_run(cfg: SweepConfig, base: str, backend, client: ProcessPoolExecutor, 
     s["run_seconds"] = wall
     s["link_busy"] = float("nan") if busy is None else busy
     s["completed_per_s"] = len(done) / wall if wall > 0 else float("nan")
-    jct_client.print_summary(f"{codec:>14} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}",
-                             s)
+    jct_client.print_summary(f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate "
+                             f"{conf['rate']!s:>5}", s)
     return rows, s
 
 
@@ -209,10 +226,15 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = _vocab(cfg.model)
     runs = cfg.runs
-    print(f"JCT sweep: {len(runs)} runs ({len(cfg.codecs)} codecs x {len(cfg.links)} links x "
-          f"{len(runs) // (len(cfg.codecs) * len(cfg.links))} rates), each at most "
+    from zipserve.engine.decode_kv import codec_modes
+
+    lanes, skipped = codec_modes(cfg.codecs, cfg.decode_kv)
+    for note in skipped:
+        print(f"(skipped {note})")
+    print(f"JCT sweep: {len(runs)} runs ({len(lanes)} codec x decode-kv lanes x {len(cfg.links)} "
+          f"links x {len(runs) // (len(lanes) * len(cfg.links))} rates), each at most "
           f"{cfg.max_seconds:g} s; worst case {len(runs) * cfg.max_seconds / 60:.1f} min plus "
-          f"{len(cfg.codecs) if not cfg.restart_each else len(runs)} system starts")
+          f"{len(lanes) if not cfg.restart_each else len(runs)} system starts")
     own_ray = not ray.is_initialized()
     start_ray(None)
     rows: list[dict] = []
@@ -223,15 +245,15 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
     client = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
         groups: dict = {}
-        for codec, link, rate in runs:
-            key = (codec, link, rate) if cfg.restart_each else codec
-            groups.setdefault(key, []).append((codec, link, rate))
+        for codec, mode, link, rate in runs:
+            key = (codec, mode, link, rate) if cfg.restart_each else (codec, mode)
+            groups.setdefault(key, []).append((codec, mode, link, rate))
         for items in groups.values():
-            codec = items[0][0]
-            with _system(cfg, codec) as (base, backend):
+            codec, mode = items[0][:2]
+            with _system(cfg, codec, mode) as (base, backend):
                 device = device or backend.device
                 current: object = ()  # set on the first run: a link with a long busy history
-                for codec_, link, rate in items:
+                for codec_, _mode, link, rate in items:
                     if link != current:
                         backend.set_link(link)
                         current = link

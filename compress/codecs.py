@@ -19,6 +19,7 @@ from zipserve.compress.reference_attention import (
 )
 from zipserve.compress.rotation import hadamard, rotate
 from zipserve.kernels import baseline_prefill_attention as base_prefill
+from zipserve.kernels import dequant_pages as dq
 from zipserve.kernels import fp8_decode_attention as fp8_attn
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import hack_encode
@@ -58,6 +59,14 @@ class KVCodec(ABC):
     @abstractmethod
     def dequantize(self, store: Store, page_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(k, v) fp32 [n, KVH, P, D] of pages page_ids (tests and the quality reference)."""
+
+    def dequantize_into(self, pages: Store, page_ids: torch.Tensor, out_k: torch.Tensor,
+                        out_v: torch.Tensor) -> None:
+        """decode_kv=dense: write the K/V of every page of `pages` (a store of n pages, e.g. as
+        received) into pages page_ids [n] of a dense pool's out_k/out_v [N, KVH, P, D], in the
+        model's basis (kernels/dequant_pages.py: Triton on CUDA, its torch reference elsewhere)."""
+        raise ValueError(f"decode_kv: codec {self.name} has no dense form (decode_kv='dense' "
+                         f"is for fp8, kivi and hack codecs)")
 
     @abstractmethod
     def page_bytes_per_token(self) -> float:
@@ -139,6 +148,10 @@ class Fp8Codec(KVCodec):
         return tuple(store[n][page_ids].float() * store[n + "_scale"][page_ids][:, :, None, None]
                      for n in ("k", "v"))
 
+    def dequantize_into(self, pages, page_ids, out_k, out_v):
+        fn = dq.fp8_dequant_pages if out_k.is_cuda else dq.fp8_dequant_pages_ref
+        fn(pages["k"], pages["k_scale"], pages["v"], pages["v_scale"], page_ids, out_k, out_v)
+
     def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
                          scale, num_splits=1):
         fn = fp8_attn.fp8_decode_attention if q.is_cuda else fp8_attn.fp8_decode_attention_ref
@@ -193,6 +206,11 @@ class KiviCodec(KVCodec):
         v = qz.dequant_v(unpack_planar(store["v_codes"][page_ids], self.bits),
                          store["v_scale"][page_ids], store["v_min"][page_ids])
         return k, v
+
+    def dequantize_into(self, pages, page_ids, out_k, out_v):
+        fn = dq.kivi_dequant_pages if out_k.is_cuda else dq.kivi_dequant_pages_ref
+        fn(pages["k_codes"], pages["k_scale"], pages["k_min"], pages["v_codes"],
+           pages["v_scale"], pages["v_min"], self.bits, page_ids, out_k, out_v)
 
     def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
                          scale, num_splits=1):
@@ -268,6 +286,11 @@ class HackCodec(KVCodec):
             r = self._rot(k.device)
             k, v = k @ r, v @ r
         return k, v
+
+    def dequantize_into(self, pages, page_ids, out_k, out_v):
+        fn = dq.hack_dequant_pages if out_k.is_cuda else dq.hack_dequant_pages_ref
+        fn(self._pages(pages), page_ids, out_k, out_v,
+           rotation=self._rot(out_k.device) if self.rotate else None)
 
     def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
                          scale, num_splits=1):

@@ -98,7 +98,7 @@ class DecodeWorker:
         e = self.engine
         return {"model": e.model_name, "codec": self.codec, "page_size":
                 e.engine_config.page_size, "num_layers": self.num_layers,
-                "device": str(e.device)}
+                "device": str(e.device), "decode_kv": e.decode_kv}
 
     # -- KV arrival ------------------------------------------------------------------------
     def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
@@ -276,6 +276,7 @@ class DecodeWorker:
                     "capacity_pages": pool.capacity, "running": len(sch.running),
                     "waiting": len(sch.waiting), "reserved": len(sch.reserved),
                     "dropped_messages": self.dropped_messages, "codec": self.codec,
+                    "decode_kv": self.engine.decode_kv,
                     "incarnation": self.incarnation, "failures": dict(self.failures),
                     "dead_channels": dict(self.dead_channels)}
 

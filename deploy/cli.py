@@ -152,7 +152,8 @@ def _serve_config(args: argparse.Namespace, codec: str):
                        prefill_group_min_tokens=args.prefill_group_min_tokens,
                        prefill_group_exchange=args.prefill_group_exchange,
                        served_model_name=args.served_model_name,
-                       engine_options=_engine_options(args.engine_option))
+                       engine_options=_engine_options(args.engine_option),
+                       decode_kv=args.decode_kv)
 
 
 def _admission_config(args: argparse.Namespace):
@@ -197,7 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     link = args.link_gbps
     if link is None:  # the link that stands for 10 Gb/s with Llama-3-8B
         link = scaled_link_gbps(model)
-    demo(model, args.codecs.split(","), args.max_tokens, args.port, link or None)
+    demo(model, args.codecs.split(","), args.max_tokens, args.port, link or None,
+         decode_kv=_csv_modes(args.decode_kv))
     return 0
 
 
@@ -221,6 +223,24 @@ def _csv_floats(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
             from None
+
+
+def _csv_modes(text: str) -> list[str]:
+    """"compressed,dense" -> ["compressed", "dense"], each a decode_kv mode."""
+    from zipserve.engine.decode_kv import DECODE_KV_MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in DECODE_KV_MODES]
+    if not modes or bad:
+        raise ValueError(f"--decode-kv: expected {', '.join(DECODE_KV_MODES)} (comma-separated),"
+                         f" got {text!r}")
+    return modes
+
+
+DECODE_KV_HELP = ("what decode workers keep of a codec's KV: compressed (the codec's pages and "
+                  "kernel), dense (received layers dequantized into bf16 pages, bf16 kernel: "
+                  "the codec's quality, bf16's kernel) or auto (chosen per deployment from "
+                  "measured kernel speed and memory; README)")
 
 
 def _engine_options(pairs: list[str]) -> dict:
@@ -259,12 +279,16 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
             workload=args.workload, num_requests=args.num_requests, seed=args.seed,
             scale=args.scale, max_seconds=args.max_seconds, device=args.device,
             engine_options=opts, restart_each=args.restart_each,
+            decode_kv=tuple(_csv_modes(args.decode_kv or "compressed")),
             num_prefill=args.prefill_workers, num_decode=args.decode_workers,
             quality_csvs=tuple(quality), command=command)
         jct_sweep.run(cfg, Path(args.out))
         return 0
     if not args.url:
         raise ValueError("bench jct: give --url of a running deployment, or --sweep")
+    if args.decode_kv is not None:
+        raise ValueError("--decode-kv: only with --sweep (a running deployment's lanes were set "
+                         "by `zipserve serve --decode-kv`)")
     if args.rate is None and args.workload in workloads.SHAPES:
         raise ValueError(f"--rate: the {args.workload} workload needs an arrival rate")
     wl = workloads.build(args.workload, rate=args.rate, num_requests=args.num_requests,
@@ -308,7 +332,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         disagg_bench.run(args.model or "random:llama3-8b", args.codecs.split(","),
                          args.prefill_len, args.gen_tokens, [None, args.link_gbps_bench],
-                         Path(args.out), device=args.device, kv_path=args.kv_path)
+                         Path(args.out), device=args.device, kv_path=args.kv_path,
+                         decode_kv=_csv_modes(args.decode_kv or "compressed"))
         return 0
     if args.what == "transfer":
         from zipserve.bench import transfer_bench
@@ -413,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--codec", default="hack4",
                    help="KV codec; several separated by commas (e.g. hack2,bf16) start workers "
                         "for each, requests pick one with their 'codec' field (default: the first)")
+    s.add_argument("--decode-kv", default="compressed", metavar="MODE",
+                   help=DECODE_KV_HELP + "; one for every codec, or one per codec in --codec's "
+                        "order (default: compressed)")
     s.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an EngineConfig field for every worker's engine, e.g. num_pages=4096, "
                         "gpu_memory_fraction=0.4, graph_batch_sizes=1,2,4 (repeatable)")
@@ -480,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulated prefill->decode link in Gb/s (0: unlimited; default: the link "
                         "at which the model's KV moves as slowly per token as Llama-3-8B's does "
                         "at 10 Gb/s)")
+    d.add_argument("--decode-kv", default="auto", metavar="MODES",
+                   help=DECODE_KV_HELP + "; several separated by commas run each codec in each "
+                        "(bf16 once). Default auto: dense on the CPU, where the compressed "
+                        "kernels run as torch references")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
@@ -490,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels", default=None,
                    help="transfer: host,inproc_device,checksum,cuda_ipc,nccl_self,nccl_pg,"
                         "nccl_ctypes (default: all this machine can run)")
+    b.add_argument("--decode-kv", default=None, metavar="MODES",
+                   help="disagg, jct --sweep: decode_kv modes to run each codec in, "
+                        "comma-separated (default: compressed; bf16 runs once); " + DECODE_KV_HELP)
     b.add_argument("--kv-path", choices=["auto", "host"], default="auto",
                    help="disagg: 'host' forces KV through host memory (the old path)")
     b.add_argument("--max-mb", type=float, default=256,

@@ -36,6 +36,8 @@ class DemoRow:
     codec: str
     prompt: str
     job: dict
+    decode_kv: str = "-"
+    """What the decode worker kept: compressed, or dense (the codec's values in bf16 pages)."""
 
 
 def demo_prompts(modules: tuple[str, ...] = DEMO_MODULES, chars: int = PROMPT_CHARS) -> list[str]:
@@ -89,19 +91,27 @@ def _stream(url: str, body: dict, timeout: float = 300) -> str:
 
 
 def demo(model: str, codecs: list[str], max_tokens: int, port: int,
-         link_gbps: float | None, engine_options: dict | None = None) -> list[DemoRow]:
-    """For each codec: start the system, stream the first prompt's continuation to the terminal,
-    send every prompt, and collect each job's phases from /v1/jobs/{id}."""
+         link_gbps: float | None, decode_kv: list[str] | tuple[str, ...] = ("auto",),
+         engine_options: dict | None = None) -> list[DemoRow]:
+    """For each codec (in each decode_kv mode): start the system, stream the first prompt's
+    continuation to the terminal, send every prompt, and collect each job's phases from
+    /v1/jobs/{id}."""
+    from zipserve.engine.decode_kv import codec_modes
+
+    runs, skipped = codec_modes(codecs, decode_kv)
+    for note in skipped:
+        print(f"(skipped {note})")
     prompts = demo_prompts()
     print(f"zipserve demo: {len(prompts)} prompts of real Python source "
           f"({', '.join(DEMO_MODULES)}), {max_tokens} tokens each; link "
           + (f"{link_gbps:.3g} Gb/s emulated" if link_gbps else "not limited"))
     rows = []
-    for codec in codecs:
-        cfg = ServeConfig(model=model, codec=codec, link_gbps=link_gbps,
+    for codec, mode in runs:
+        cfg = ServeConfig(model=model, codec=codec, link_gbps=link_gbps, decode_kv=mode,
                           engine_options=dict(engine_options or {}))
-        print(f"\n=== codec {codec}: starting Ray, 1 prefill + 1 decode worker, router ...")
-        with running_server(cfg, "127.0.0.1", port) as (base, _):
+        print(f"\n=== codec {codec}, decode-kv {mode}: starting Ray, 1 prefill + 1 decode "
+              f"worker, router ...")
+        with running_server(cfg, "127.0.0.1", port) as (base, backend):
             url = f"{base}/v1/completions"
             tail = "".join(prompts[0].splitlines(keepends=True)[-3:])
             print(f"--- streaming the continuation of {DEMO_MODULES[0]}.py (last lines shown):")
@@ -109,7 +119,8 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int,
             _stream(url, {"prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0})
             for prompt in prompts:
                 out = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-                rows.append(DemoRow(codec, prompt, _get(f"{base}/v1/jobs/{out['id']}")))
+                rows.append(DemoRow(codec, prompt, _get(f"{base}/v1/jobs/{out['id']}"),
+                                    str(backend.decode_kv)))
         time.sleep(0.5)
     print_table(rows)
     print_caveats(model, link_gbps)
@@ -119,9 +130,9 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int,
 def print_table(rows: list[DemoRow]) -> None:
     phases = ["queue", "prefill", "transfer", "decode_queue", "decode"]
     sent_by_bf16 = {r.prompt: r.job.get("kv_bytes") for r in rows if r.codec == "bf16"}
-    print("\n| codec | prompt tok | out tok | " + " | ".join(f"{p} ms" for p in phases)
-          + " | TTFT ms | JCT ms | KV sent | vs bf16 codec |")
-    print("|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
+    print("\n| codec | decode KV | prompt tok | out tok | "
+          + " | ".join(f"{p} ms" for p in phases) + " | TTFT ms | JCT ms | KV sent | vs bf16 codec |")
+    print("|---|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
     for r in rows:
         j = r.job
         ttft, jct, sent = j.get("ttft"), j.get("jct"), j.get("kv_bytes")
@@ -134,12 +145,15 @@ def print_table(rows: list[DemoRow]) -> None:
         base = sent_by_bf16.get(r.prompt)
         ratio = f"{sent / base:.2f}x" if sent is not None and base else "-"
         kib = f"{sent / 1024:.1f} KiB" if sent is not None else "-"
-        print(f"| {r.codec} | {j.get('prompt_tokens')} | {j.get('completion_tokens')} | "
+        print(f"| {r.codec} | {r.decode_kv} | {j.get('prompt_tokens')} | "
+              f"{j.get('completion_tokens')} | "
               + " | ".join(cells) + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kib} | {ratio} |")
     means = {}
     for r in rows:
         if r.job.get("jct") is not None:
-            means.setdefault(r.codec, []).append(r.job["jct"])
+            name = r.codec if r.decode_kv in ("-", "compressed") or r.codec == "bf16" else \
+                f"{r.codec}/{r.decode_kv}"
+            means.setdefault(name, []).append(r.job["jct"])
     if "bf16" in means:
         base = sum(means["bf16"]) / len(means["bf16"])
         print("\nmean JCT vs bf16: " + ", ".join(
@@ -156,8 +170,10 @@ def print_caveats(model: str, link_gbps: float | None) -> None:
                      f"{link_gbps / scaled_link_gbps(model, 1.0):.3g} Gb/s link.")
     if not torch.cuda.is_available():
         notes.append("CPU: the engine runs in fp32, so the bf16 codec sends fp32 pages here; "
-                     "ratios are against what it sent. Compressed pages are attended through "
-                     "torch references of the GPU kernels on the CPU, so decode times here say "
-                     "nothing about GPU decode speed (GPU numbers: bench/RESULTS.md).")
+                     "ratios are against what it sent. decode KV dense: the codec's KV crosses "
+                     "the link compressed and is dequantized into 16-bit pages on arrival, then "
+                     "decoded by the bf16 kernel (auto picks it on the CPU, where attention on "
+                     "compressed pages runs through torch references of the GPU kernels; their "
+                     "decode times say nothing about GPU speed: bench/RESULTS.md).")
     for n in notes:
         print(f"note: {n}")

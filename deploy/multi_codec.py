@@ -1,6 +1,7 @@
 """Several KV codecs in one deployment (`zipserve serve --codec hack2,bf16`): one `RayBackend` per
 codec, each with its own prefill and decode workers (an engine's pages have one codec), behind one
 router. A request's `codec` field picks its lane; requests that name none go to the first codec.
+Each lane has its own decode_kv (`--decode-kv dense,compressed`: one mode per codec).
 
 The lanes share the cluster's GPUs: each worker asks Ray for its share of all lanes' workers, and
 on a shared GPU the decode engines divide the memory between all lanes' decode workers
@@ -31,7 +32,8 @@ class MultiCodecBackend:
         self.lanes: dict[str, RayBackend] = {}
         try:
             for codec in self.codecs:
-                lane_cfg = dataclasses.replace(cfg, codec=codec, extra_codecs=())
+                lane_cfg = dataclasses.replace(cfg, codec=codec, extra_codecs=(),
+                                               decode_kv=cfg.decode_kv_modes[codec])
                 self.lanes[codec] = RayBackend(lane_cfg,
                                                cluster_workers=len(self.codecs) * per_lane,
                                                cluster_decode=len(self.codecs) * cfg.num_decode)
@@ -87,7 +89,9 @@ class MultiCodecBackend:
                 "pairs": {c: v["pairs"] for c, v in views.items()},
                 "degraded": not all(ok) or any(v["degraded"] for v in views.values()),
                 "failures": dict(failures), "events": dict(events),
-                "lanes": {c: v["status"] for c, v in views.items()}}
+                "lanes": {c: v["status"] for c, v in views.items()},
+                "decode_kv": self.lanes[self.codecs[0]].decode_kv,
+                "lane_decode_kv": {c: lane.decode_kv for c, lane in self.lanes.items()}}
 
     # -- what serve and the benchmarks use ---------------------------------------------------
     def idle(self) -> bool:

@@ -86,6 +86,10 @@ class ServeConfig:
     served_model_name: str | None = None
     """The model's name in the API (/v1/models, a request's `model`); None: the last part of
     `model` (a checkpoint's directory name, never its absolute path)."""
+    decode_kv: str = "compressed"
+    """What decode workers keep of the codec's KV (engine/decode_kv.py): compressed, dense or
+    auto; one mode for every lane, or one per codec separated by commas in `codecs` order.
+    Only decode workers get it: prefill workers always send the codec's wire form."""
 
     @property
     def model_name(self) -> str:
@@ -95,6 +99,12 @@ class ServeConfig:
     def codecs(self) -> tuple[str, ...]:
         """Every codec served, the default first."""
         return (self.codec,) + tuple(self.extra_codecs)
+
+    @property
+    def decode_kv_modes(self) -> dict[str, str]:
+        """codec -> its lane's decode_kv."""
+        modes = [m.strip() for m in self.decode_kv.split(",")]
+        return dict(zip(self.codecs, modes * len(self.codecs) if len(modes) == 1 else modes))
 
     def __post_init__(self) -> None:
         from zipserve.compress.codecs import CODECS
@@ -111,6 +121,10 @@ class ServeConfig:
             EngineConfig(codec=self.codec, **self.engine_options)
         except (TypeError, ValueError) as e:  # unknown field / bad value
             raise ValueError(f"--engine-option: {e}") from None
+        if "decode_kv" in self.engine_options:
+            raise ValueError("--engine-option: decode_kv applies to decode workers only; "
+                             "use --decode-kv")
+        self._check_decode_kv()
         bases = str(self.engine_options.get("lowrank_bases") or self.model)
         lowrank = [c for c in self.codecs if c.startswith("lowrank")]
         if lowrank and not bases.startswith("random:") and \
@@ -140,6 +154,21 @@ class ServeConfig:
                                     self.prefill_group_min_tokens,
                                     self.engine_options.get("page_size", 64),
                                     self.prefill_group_exchange)
+
+    def _check_decode_kv(self) -> None:
+        from zipserve.engine.decode_kv import check_decode_kv
+
+        if not isinstance(self.decode_kv, str):
+            raise ValueError(f"--decode-kv: must be a string, got {self.decode_kv!r}")
+        modes = [m.strip() for m in self.decode_kv.split(",")]
+        if len(modes) not in (1, len(self.codecs)):
+            raise ValueError(f"--decode-kv: give one mode, or one per codec ({len(self.codecs)}:"
+                             f" {','.join(self.codecs)}), got {self.decode_kv!r}")
+        for codec, mode in self.decode_kv_modes.items():
+            try:
+                check_decode_kv(codec, mode)
+            except ValueError as e:
+                raise ValueError(f"--decode-kv: {str(e).removeprefix('decode_kv: ')}") from None
 
 
 def served_name(model: str) -> str:
@@ -187,6 +216,7 @@ class RayBackend:
                                num_decode=cluster_decode or cfg.num_decode,
                                max_model_len=mc.max_position_embeddings))
                 for role in ("prefill", "decode")}
+        args["decode"]["engine_options"]["decode_kv"] = cfg.decode_kv_modes[cfg.codec]
         self.pool = WorkerPool(prefill_cls, decode_cls, args["prefill"], args["decode"],
                                cfg.num_prefill, cfg.num_decode, link_gbps=cfg.link_gbps,
                                link_latency_ms=cfg.link_latency_ms,
@@ -196,6 +226,8 @@ class RayBackend:
         self.decode = [w.actor for w in self.pool.decode]
         info = ray.get(self.decode[0].info.remote())
         self.device = info["device"]
+        self.decode_kv = info.get("decode_kv", "compressed")
+        """The decode workers' decode_kv, `auto` resolved by the first of them."""
         self.prefill_group = None if not cfg.group.enabled else RayPrefillGroup(
             cfg.prefill_group, cfg.model, cfg.codec, cfg.engine_options.get("page_size", 64),
             device, lowrank_exchange=cfg.group.lowrank_exchange)
@@ -237,6 +269,7 @@ class RayBackend:
                 queued, running = self.awaiting_kv[w.index], int(st.get("running", 0))
             workers.append({"name": w.name, "role": w.role, "healthy": w.healthy,
                             "codec": st.get("codec", self.cfg.codec),
+                            "decode_kv": st.get("decode_kv"),
                             "free_pages": int(st.get("free_pages", 0)),
                             "used_pages": int(st.get("used_pages", 0)),
                             "queued_tokens": queued, "running": running,
@@ -245,7 +278,8 @@ class RayBackend:
         failures = self.pool.failures() + self.counts
         usable = bool(self.pool.usable_pairs())
         return {"status": "ok" if usable else "unavailable", "codec": self.cfg.codec,
-                "device": self.device, "workers": workers, "pairs": self.pool.pairs_view(),
+                "decode_kv": self.decode_kv, "device": self.device, "workers": workers,
+                "pairs": self.pool.pairs_view(),
                 "degraded": not all(w.healthy for w in self.pool.workers),
                 "failures": dict(failures), "events": dict(self.pool.events)}
 

@@ -388,6 +388,10 @@ class EngineConfig:
     lowrank_fold: bool = True
     """lowrank codecs: fold V's basis into W_o (False: lift the output back every step, the
     unfolded reference)."""
+    decode_kv: str = "compressed"
+    """What the engine keeps of a codec's KV: "compressed" (the codec's pages and kernel),
+    "dense" (16-bit pages holding the codec's dequantized values, bf16 kernel; received layers
+    are dequantized on import) or "auto" (engine/decode_kv.py: choose_decode_kv)."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -404,6 +408,12 @@ class EngineConfig:
             raise ConfigError("lowrank_bases: must be a directory path (str)")
         if not isinstance(self.lowrank_fold, bool):
             raise ConfigError("lowrank_fold: must be a bool")
+        from zipserve.engine.decode_kv import check_decode_kv
+
+        try:
+            check_decode_kv(self.codec, self.decode_kv)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ConfigError("max_num_seqs and max_prefill_tokens must be positive")
         if (isinstance(self.max_prefill_chunk, bool) or not isinstance(self.max_prefill_chunk, int)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.kv_export import DeviceLayerKV, LayerKV, export_layer, import_layer
 from zipserve.engine.llm_engine import LLMEngine, RequestOutput
 from zipserve.engine.sampling_params import SamplingParams
@@ -64,7 +65,12 @@ class DisaggregatedEngine(LLMEngine):
                        on_layer: Callable[[LayerKV | DeviceLayerKV], None] | None = None,
                        device_form: bool = False) -> PrefillResult:
         """device_form: hand out DeviceLayerKV (buffers stay on the device) instead of host
-        bytes; for channels that carry device tensors."""
+        bytes; for channels that carry device tensors. A dense-mode engine (decode_kv=dense)
+        cannot: it holds no codes to send."""
+        if isinstance(self.cache, DenseCodecKVCache):
+            raise ValueError(f"decode_kv: this engine decodes {self.codec.name} dense and cannot "
+                             f"prefill for another engine; prefill engines run "
+                             f"decode_kv='compressed'")
         seq = self._new_seq(prompt, params, request_id)
         if not self.scheduler.reserve(seq, seq.num_tokens):
             raise Overloaded(f"prefill: no free KV pages for {seq.num_tokens} tokens")

@@ -24,6 +24,7 @@ import torch
 from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.compress.device_wire import DeviceWire, pack_device, unpack_device, verify_checksum
 from zipserve.compress.wire import DTYPES, WireError, adopt_pages, pack_pages, unpack_pages
+from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.sequence import Sequence
 
@@ -185,6 +186,10 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
                  device_form: bool = False) -> LayerKV | DeviceLayerKV:
     """The first num_tokens (default: seq.num_cached) tokens' KV of one layer; device_form: as a
     DeviceLayerKV on the cache's device (nothing synchronizes or touches the host)."""
+    if isinstance(cache, DenseCodecKVCache):
+        raise ValueError(f"decode_kv: a dense-mode engine holds {cache.wire_codec.name}'s values "
+                         f"dequantized, not its codes, and cannot export them; prefill engines "
+                         f"run decode_kv='compressed'")
     n, p = (seq.num_cached if num_tokens is None else num_tokens), cache.page_size
     if device_form:
         return _export_device(cache, layer, seq, n)
@@ -243,13 +248,17 @@ def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
 def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV,
                  seq: Sequence) -> None:
     """Write a received layer into seq's reserved pages (and slot). Raises ValueError (WireError)
-    when the pages are corrupt (checksum) or of another codec/layout."""
+    when the pages are corrupt (checksum) or of another codec/layout. A dense-mode cache
+    (decode_kv=dense) takes its codec's wire form and dequantizes it on the way in."""
     if isinstance(kv, DeviceLayerKV):
         if not kv.verify():
             raise WireError(kv.checksum_error)
         wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
     else:
         wire, tail = unpack_pages(kv.pages), kv.tail
+    if isinstance(cache, DenseCodecKVCache):
+        cache.import_wire(kv.layer, wire, tail, seq)
+        return
     store = _store(cache, kv.layer)
     ids = torch.tensor(seq.pages[:wire.num_pages], dtype=torch.long)
     if len(ids) != wire.num_pages:

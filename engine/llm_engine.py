@@ -16,6 +16,8 @@ from zipserve.compress.codecs import make_codec
 from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.compress.lowrank_fold import apply_lowrank_output
 from zipserve.engine.config import EngineConfig
+from zipserve.engine.decode_kv import DecodeKVChoice, DeviceInfo, choose_decode_kv
+from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.detokenizer import Detokenizer, check_stop
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.loading import build_model, model_config_for
@@ -63,9 +65,16 @@ class LLMEngine:
                                 self.config.head_dim, model_dir=ec.lowrank_bases or model)
         if self.codec is not None and self.codec.name.startswith("lowrank"):
             apply_lowrank_output(self.model, self.codec, fold=ec.lowrank_fold)
+        choice = self._resolve_decode_kv()
+        self.decode_kv, self.decode_kv_reason = choice.mode, choice.reason
+        """decode_kv: 'dense' (16-bit pages: bf16, or a codec's values with decode_kv=dense) or
+        'compressed' (the codec's pages), `auto` resolved (engine/decode_kv.py); and why."""
         num_pages = ec.num_pages or self._size_pool()
         if self.codec is None:
             self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
+        elif self.decode_kv == "dense":  # the codec's values in 16-bit pages, bf16 kernel
+            self.cache = DenseCodecKVCache(self.codec, self.config, num_pages, ec.page_size,
+                                           self.dtype, self.device)
         else:  # extra slots: one for scoring (logits), one for CUDA-graph padding rows
             self.cache = CompressedKVCache(self.codec, self.config, num_pages, ec.page_size,
                                            ec.max_num_seqs + 2, self.dtype, self.device)
@@ -81,13 +90,39 @@ class LLMEngine:
         self._eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
 
     # -- memory ------------------------------------------------------------------------------
+    def _resolve_decode_kv(self) -> DecodeKVChoice:
+        """The engine's decode_kv with `auto` decided (choose_decode_kv): on a GPU from the
+        measured kernel table and whether dense pages fit (the pool the operator asked for in
+        num_pages, else one request of the whole context)."""
+        ec = self.engine_config
+        if self.codec is None:
+            return DecodeKVChoice("dense", "bf16 pages are dense")
+        if ec.decode_kv != "auto":
+            return DecodeKVChoice(ec.decode_kv, "asked for")
+        if self.device.type != "cuda":
+            return choose_decode_kv(self.codec.name, DeviceInfo("cpu"), 0)
+        dense_page = KVCache.bytes_per_page(self.config, ec.page_size, self.dtype)
+        need = (ec.num_pages or pages_for(self.max_model_len, ec.page_size) + 1) * dense_page
+        info = DeviceInfo("cuda", torch.cuda.get_device_name(self.device), self._kv_budget())
+        return choose_decode_kv(self.codec.name, info, need)
+
     def _size_pool(self) -> int:
         ec = self.engine_config
         page_bytes = (KVCache.bytes_per_page(self.config, ec.page_size, self.dtype)
-                      if self.codec is None else
+                      if self.decode_kv == "dense" else
                       CompressedKVCache.bytes_per_page(self.codec, self.config, ec.page_size))
         if self.device.type != "cuda":
             return pages_for(ec.max_kv_tokens, ec.page_size) + 1
+        free = self._kv_budget()
+        if free < 2 * page_bytes:
+            raise RuntimeError(f"no GPU memory left for the KV pool (weights use "
+                               f"{torch.cuda.memory_allocated(self.device) >> 20} MiB)")
+        return free // page_bytes
+
+    def _kv_budget(self) -> int:
+        """Bytes of GPU memory the KV pool may take: the configured fraction less the weights,
+        activations and 1 GiB of slack, and never more than is free right now."""
+        ec = self.engine_config
         torch.cuda.synchronize(self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory
         used = torch.cuda.memory_allocated(self.device)
@@ -97,10 +132,7 @@ class LLMEngine:
         free = int(total * ec.gpu_memory_fraction) - used - act - (1 << 30)
         # Other engines (in this process or others) may already hold part of the device: never
         # plan on more than is free right now.
-        free = min(free, torch.cuda.mem_get_info(self.device)[0] - act - (1 << 30))
-        if free < 2 * page_bytes:
-            raise RuntimeError(f"no GPU memory left for the KV pool (weights use {used >> 20} MiB)")
-        return free // page_bytes
+        return min(free, torch.cuda.mem_get_info(self.device)[0] - act - (1 << 30))
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

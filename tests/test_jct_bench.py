@@ -1,8 +1,9 @@
-"""The JCT benchmark on CPU: a short sweep (reference model, bf16 and hack2, one rate, a tiny
-long-document workload) writes its CSVs, meta and plots, every request gets exactly its output
-length, and each job's phases tile the router's span exactly and the client's measured JCT up
-to the loopback HTTP exchange. Plus the workload builder, the URL guard, the report and the
-router's min_tokens / ignore_eos fields."""
+"""The JCT benchmark on CPU: a short sweep (reference model, bf16 and hack2 with its KV kept
+compressed and dense on the decode side, one rate, a tiny long-document workload) writes its
+CSVs, meta and plots, every request gets exactly its output length, and each job's phases tile
+the router's span exactly and the client's measured JCT up to the loopback HTTP exchange. Plus
+the workload builder, the URL guard, the report and the router's min_tokens / ignore_eos
+fields."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     cfg = jct_sweep.SweepConfig(model=str(REFERENCE_MODEL), codecs=("bf16", "hack2"),
                                 links=(10.0,), rates=(3.0,), workload="long-doc",
                                 num_requests=6, seed=1, scale=0.02, max_seconds=40,
-                                device="cpu", command="pytest tests/test_jct_bench.py")
+                                device="cpu", command="pytest tests/test_jct_bench.py",
+                                decode_kv=("compressed", "dense"))
     out = tmp_path / "jct"
     rows, summary = jct_sweep.run(cfg, out)
 
@@ -101,12 +103,15 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     meta = json.loads((out / "jct_meta.json").read_text())
     assert meta["model"] == "models/zipserve-ref" and meta["command"].startswith("pytest")
     summ = load_csv(out / "jct_summary.csv")
-    assert [(s["codec"], s["link_gbps"], s["rate"]) for s in summ] == [
-        ("bf16", 10.0, 3.0), ("hack2", 10.0, 3.0)]
+    assert [(s["codec"], s["decode_kv"], s["link_gbps"], s["rate"]) for s in summ] == [
+        ("bf16", "dense", 10.0, 3.0), ("hack2", "compressed", 10.0, 3.0),
+        ("hack2", "dense", 10.0, 3.0)]
     assert all(s["ok"] == s["sent"] == 6 for s in summ)
     assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ)
     reqs = load_csv(out / "jct_requests.csv")
-    assert len(reqs) == 12 and {r["status"] for r in reqs} == {"ok"}
+    assert len(reqs) == 18 and {r["status"] for r in reqs} == {"ok"}
+    assert {(r["codec"], r["decode_kv"]) for r in reqs} == {
+        ("bf16", "dense"), ("hack2", "compressed"), ("hack2", "dense")}
 
     gaps = []
     for r in reqs:
@@ -133,6 +138,7 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     page = jct_report.write([out], tmp_path / "JCT_RESULTS.md")
     text = page.read_text()
     assert "pytest tests/test_jct_bench.py" in text and "| hack2 | 3 | 6/6 |" in text
+    assert "| hack2/dense | 3 | 6/6 |" in text
     assert "jct_vs_rate.png" in text
 
 
@@ -176,10 +182,16 @@ def test_sweep_config_is_validated_where_it_is_built():
 
     base = dict(model=str(REFERENCE_MODEL), codecs=("bf16",), links=(10.0,), rates=(1.0,))
     assert jct_sweep.SweepConfig(**base, num_prefill=2, num_decode=2).runs == [
-        ("bf16", 10.0, 1.0)]
+        ("bf16", "compressed", 10.0, 1.0)]
+    two = dict(base, codecs=("bf16", "fp8", "lowrank"), decode_kv=("compressed", "dense"))
+    assert [r[:2] for r in jct_sweep.SweepConfig(**two).runs] == [
+        ("bf16", "compressed"), ("fp8", "compressed"), ("fp8", "dense"), ("lowrank", "compressed")]
     for bad, match in [({"codecs": ("zip9",)}, "codecs: unknown codec 'zip9'"),
                        ({"links": (0.0,)}, "links: Gb/s must be > 0"),
                        ({"rates": (-1.0,)}, "rates: must be > 0"),
-                       ({"num_decode": 0}, "--decode-workers: need at least 1")]:
+                       ({"num_decode": 0}, "--decode-workers: need at least 1"),
+                       ({"decode_kv": ("fast",)}, "decode_kv: must be one of"),
+                       ({"codecs": ("lowrank",), "decode_kv": ("dense",)},
+                        "decode_kv: 'dense' is not available for codec lowrank")]:
         with pytest.raises(ValueError, match=match):
             jct_sweep.SweepConfig(**{**base, **bad})

@@ -1,0 +1,130 @@
+"""What a decode engine keeps of a compressed codec's KV: the codes (`compressed`), or dense pages
+holding the codec's dequantized values (`dense`), or a choice made per deployment (`auto`).
+
+- `compressed`: the codec's pages, attended by the codec's kernel (compress/compressed_cache.py).
+- `dense`: the same wire form arrives (same bytes, same checksum), each received layer is
+  dequantized into the engine's 16-bit paged pool by one kernel (kernels/dequant_pages.py) and
+  decode runs the bf16 paged kernel (engine/dense_codec_cache.py). Prompt tokens attend to the
+  codec's values; generated tokens stay 16-bit (the compressed engine seals full pages to codes).
+- `auto`: `choose_decode_kv` below, once per engine at start.
+
+Low-rank codecs have no dense mode: their K/V live in a calibrated reduced space with V's basis
+folded into W_o (compress/lowrank_fold.py), so model-space dense pages would need the unfolded
+model and D / r times the memory of the reduced 16-bit pages for the same values, while their own
+kernel is already the fastest measured (1.55x SDPA, table below). `dense` is refused for them at
+config time and `auto` keeps them compressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECODE_KV_MODES = ("compressed", "dense", "auto")
+
+NO_DENSE_FORM = ("lowrank", "lowrank+hack2", "lowrank+hack4")
+"""Codecs whose values live in a reduced space (see the module docstring)."""
+
+# Decode-attention kernel time at batch 8 x 32k context, Llama-3-8B heads, as a multiple of torch
+# SDPA's speed on contiguous bf16 K/V in the same run (> 1: faster than SDPA). "paged-bf16" is the
+# kernel a dense engine decodes with. Sources: bench/RESULTS.md, session 2 (H200: `bench kernels
+# --batches 8 --contexts 32768`; kivi4 from session 1's table); H100: hack2 1.27x, measured by
+# the main engineer for issue 15 (not yet in bench/RESULTS.md). Missing entries are unmeasured.
+MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
+    "h200": {"paged-bf16": 0.92, "fp8": 0.51, "kivi2": 0.29, "kivi4": 0.30, "hack2": 0.75,
+             "hack4": 0.72, "lowrank": 1.55},
+    "h100": {"hack2": 1.27},
+}
+DENSE_KERNEL = "paged-bf16"
+
+
+def check_decode_kv(codec: str, decode_kv: str) -> None:
+    """ValueError naming decode_kv for an unknown mode or `dense` with a low-rank codec."""
+    if decode_kv not in DECODE_KV_MODES:
+        raise ValueError(f"decode_kv: must be one of {', '.join(DECODE_KV_MODES)}, got "
+                         f"{decode_kv!r}")
+    if decode_kv == "dense" and codec in NO_DENSE_FORM:
+        raise ValueError(f"decode_kv: 'dense' is not available for codec {codec}: its K/V live "
+                         f"in a reduced space with V's basis folded into W_o (dense pages would "
+                         f"cost more memory for the same values, and its kernel is faster than "
+                         f"bf16); use decode_kv='compressed' or 'auto'")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What `choose_decode_kv` needs to know of the decode engine's device."""
+
+    type: str
+    """'cpu' or 'cuda'."""
+    name: str = ""
+    """torch.cuda.get_device_name() on a GPU, e.g. 'NVIDIA H100 80GB HBM3'."""
+    kv_bytes: int = 0
+    """Bytes the KV pool may use on this device (the engine's budget after weights)."""
+
+
+@dataclass(frozen=True)
+class DecodeKVChoice:
+    mode: str
+    """'compressed' or 'dense'."""
+    reason: str
+
+
+def gpu_family(name: str) -> str | None:
+    """'h100' / 'h200' from a device name, None for a GPU not in the measured table."""
+    low = name.lower()
+    return next((f for f in MEASURED_SPEED_VS_SDPA if f in low), None)
+
+
+def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> DecodeKVChoice:
+    """`auto`'s rule, in order:
+
+    1. bf16: dense (its pages are dense already). A codec without a dense form (low-rank):
+       compressed.
+    2. CPU: dense. The compressed path attends through the torch references of the Triton
+       kernels there, the dense one through one paged bf16 reference.
+    3. GPU, dense pages would not fit (`pool_bytes_needed`, the bytes of the dense pool the
+       deployment needs, exceeds `device.kv_bytes`): compressed.
+    4. GPU, the codec's decode kernel was measured faster than the dense kernel on this GPU
+       family (MEASURED_SPEED_VS_SDPA; an unmeasured dense kernel counts as SDPA, 1.0x):
+       compressed.
+    5. Otherwise dense: on every GPU measured, the bf16 paged kernel is the faster one for every
+       other codec (H200: 0.92x SDPA vs 0.29-0.75x for fp8, kivi, hack), and an unmeasured
+       codec kernel is not assumed to beat it.
+    """
+    if codec == "bf16":
+        return DecodeKVChoice("dense", "bf16 pages are dense")
+    if codec in NO_DENSE_FORM:
+        return DecodeKVChoice("compressed", f"{codec} has no dense form")
+    if device.type != "cuda":
+        return DecodeKVChoice("dense", "CPU: the compressed path runs torch references")
+    if pool_bytes_needed > device.kv_bytes:
+        return DecodeKVChoice("compressed", f"dense pages need {pool_bytes_needed >> 20} MiB, "
+                                            f"{device.kv_bytes >> 20} MiB free for KV")
+    fam = gpu_family(device.name)
+    table = MEASURED_SPEED_VS_SDPA.get(fam or "", {})
+    codes, dense = table.get(codec), table.get(DENSE_KERNEL, 1.0)
+    if codes is not None and codes > dense:
+        return DecodeKVChoice("compressed", f"{codec} kernel {codes:.2f}x SDPA vs dense "
+                                            f"{dense:.2f}x on {fam}")
+    what = (f"{codec} kernel {codes:.2f}x SDPA vs dense {dense:.2f}x on {fam}"
+            if codes is not None else f"{codec} kernel not measured on {device.name or 'this GPU'}")
+    return DecodeKVChoice("dense", what)
+
+
+def codec_modes(codecs: list[str] | tuple[str, ...],
+                modes: list[str] | tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The (codec, decode_kv) runs of a benchmark or demo over codecs x modes, and a note per
+    run left out: bf16 runs once (its pages are dense in every mode), and a codec without a
+    dense form skips `dense` when another mode is asked too (ValueError when it is the only)."""
+    runs, skipped = [], []
+    for codec in codecs:
+        for mode in modes:
+            if codec == "bf16" and any(r[0] == "bf16" for r in runs):
+                skipped.append(f"bf16 {mode}: bf16 pages are dense in every mode, run once")
+                continue
+            if mode == "dense" and codec in NO_DENSE_FORM:
+                if len(modes) == 1:
+                    check_decode_kv(codec, mode)  # raises, naming decode_kv
+                skipped.append(f"{codec} dense: {codec} has no dense form")
+                continue
+            runs.append((codec, mode))
+    return runs, skipped
