@@ -68,19 +68,15 @@ tests)
     pytest_gpu 330 gpu_tests -m gpu tests/ --ignore tests/test_device_path_gpu.py
     ;;
 jct-smoke)
-    ZIPSERVE_KV_PATH=auto step 240 jct_smoke python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,hack2 --links 10 --rates 1 --scale 0.25 \
-        --num-requests 4 --max-seconds 30 "${GRAPHS[@]}" --out "$WORK/jct_smoke"
-    step 200 disagg python3 -m zipserve bench disagg --codecs bf16,hack2,kivi2,hack4 \
-        --prefill-len 8192 --gen-tokens 32 --out "$WORK/disagg"
-    ;;
-smoke)
-    # After a change to the serving path: device-path tests, then the transfer phase under load.
+    # After a change to the serving path: device-path and dense-decode tests, then the transfer
+    # phase under load, compressed and dense decode.
     pytest_gpu 150 device_path tests/test_device_path_gpu.py
-    [ -f scratch/diag_graphs.py ] && step 120 diag_graphs python3 scratch/diag_graphs.py hack2 hack4
-    ZIPSERVE_KV_PATH=auto step 280 jct_load python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,hack2 --links none,10 --rates 2 \
-        --num-requests 12 --scale 0.5 --max-seconds 20 "${GRAPHS[@]}" --out "$WORK/jct_load"
+    pytest_gpu 100 dense_gpu -m gpu tests/test_dequant_pages.py tests/test_dense_decode.py
+    [ -f scratch/diag_graphs.py ] && step 80 diag_graphs python3 scratch/diag_graphs.py hack2
+    ZIPSERVE_KV_PATH=auto step 250 jct_load python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2 --decode-kv compressed,dense \
+        --links none,10 --rates 2 --num-requests 10 --scale 0.5 --max-seconds 20 \
+        "${GRAPHS[@]}" --out "$WORK/jct_load"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,lowrank+hack2 ;;
