@@ -171,8 +171,8 @@ def print_caveats(model: str, link_gbps: float | None) -> None:
     if not torch.cuda.is_available():
         notes.append("CPU: the engine runs in fp32, so the bf16 codec sends fp32 pages here; "
                      "ratios are against what it sent. decode KV dense: the codec's KV crosses "
-                     "the link compressed and is dequantized into dense pages (bf16 on a GPU) on arrival, then "
-                     "decoded by the bf16 kernel (auto picks it on the CPU, where attention on "
+                     "the link compressed and is dequantized into dense pages (bf16 on a GPU) "
+                     "on arrival, then decoded by the bf16 kernel (auto picks it on the CPU, where attention on "
                      "compressed pages runs through torch references of the GPU kernels; their "
                      "decode times say nothing about GPU speed: bench/RESULTS.md).")
     for n in notes:
