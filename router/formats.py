@@ -72,7 +72,10 @@ class CompletionFormat:
         if self.token_strings is None:
             return None
         lp = completion_logprobs(tokens, self.token_strings, self._offset)
-        self._offset += sum(len(t) for t in lp.tokens)
+        if self.token_ids:  # no tokenizer: the text is empty, so every token starts at 0
+            lp.text_offset = [0] * len(lp.tokens)
+        else:
+            self._offset += sum(len(t) for t in lp.tokens)
         return lp
 
     def first_chunk(self) -> None:

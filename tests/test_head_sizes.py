@@ -193,7 +193,7 @@ def test_block_hadamard_is_orthonormal_and_symmetric():
 # -- decode_kv=dense: dequantize on arrival -------------------------------------------------------
 
 @pytest.mark.parametrize("name,d", [("fp8", 8), ("fp8", 80), ("kivi2", 96), ("hack2", 96),
-                                    ("hack4", 96)])
+                                    ("hack4", 96), ("hack2", 32)])
 def test_dequant_pages(name, d):
     codec, store = _encoded(name, 3, 2, d, d)
     ids = torch.tensor([5, 1, 3])

@@ -140,6 +140,9 @@ async def test_router_token_ids_in_and_out():
         tokens = [t for b in bodies for ch in b["choices"] if ch["logprobs"]
                   for t in ch["logprobs"]["tokens"]]
         assert tokens == ["token_id:1000", "token_id:1001", "token_id:1002"]
+        offsets = [o for b in bodies for ch in b["choices"] if ch["logprobs"]
+                   for o in ch["logprobs"]["text_offset"]]
+        assert offsets == [0, 0, 0]  # into the (empty) text
         r = await c.post("/v1/completions", json={"prompt": [1, 2000], "max_tokens": 2})
         _error(r, "prompt")  # still checked against the vocabulary
     assert not backend.active and len(backend.jobs) == 2
