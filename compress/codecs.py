@@ -4,6 +4,11 @@ A codec owns the layout of a *full* page of P tokens of one layer (its "store" i
 with the page index first), encodes full 16-bit pages into it, attends to it at decode time and
 states its exact bytes. Every codec keeps the open page (the last, partly filled one) in 16-bit
 until it is full, so no page is ever re-quantized; HACK also keeps the first 4 tokens (sinks).
+
+Head sizes (`head_dim_rule`): bf16 and fp8 take any even head_dim in [8, 256]; KIVI and HACK a
+multiple of their channel group (32) up to 256; lowrank any even size in [8, 256] (its pages are
+in the ranks). A codec built for a head_dim it cannot take raises ValueError naming head_dim, the
+codec and what it needs, so an engine refuses the model at load, never at its first request.
 """
 
 from __future__ import annotations
@@ -28,13 +33,36 @@ from zipserve.kernels import kivi_decode_attention as kivi_attn
 from zipserve.kernels.hack_layout import (
     HackPages,
     hack_bytes_per_token,
+    hack_group_v,
     pack_planar,
     unpack_planar,
 )
+from zipserve.kernels.head_dim import MAX_HEAD_DIM, head_dim_ok
 from zipserve.kernels.paged_decode_attention import choose_num_splits
 
 Store = dict[str, torch.Tensor]
 FP8_MAX = 448.0
+CHANNEL_GROUP = 32
+"""KIVI's and HACK's channel group: their head_dim must be a multiple of it."""
+
+
+def head_dim_rule(codec: str) -> str:
+    """What `codec` needs of head_dim, in words (errors and the README table)."""
+    if codec.startswith(("kivi", "hack")):
+        return f"head_dim a multiple of {CHANNEL_GROUP} in [{CHANNEL_GROUP}, {MAX_HEAD_DIM}]"
+    return f"an even head_dim in [8, {MAX_HEAD_DIM}]"
+
+
+def head_dim_supported(codec: str, head_dim: int) -> bool:
+    if not head_dim_ok(head_dim):
+        return False
+    return not codec.startswith(("kivi", "hack")) or head_dim % CHANNEL_GROUP == 0
+
+
+def check_head_dim(codec: str, head_dim: int) -> None:
+    """ValueError naming head_dim, the codec and what it needs, when `codec` cannot take it."""
+    if not head_dim_supported(codec, head_dim):
+        raise ValueError(f"head_dim: codec {codec} needs {head_dim_rule(codec)} (got {head_dim})")
 
 
 class KVCodec(ABC):
@@ -45,6 +73,7 @@ class KVCodec(ABC):
     """Leading tokens of a sequence kept in 16-bit beside the pages (attended densely)."""
 
     def __init__(self, num_kv_heads: int, page_size: int, head_dim: int):
+        check_head_dim(getattr(self, "name", "bf16"), head_dim)
         self.kvh, self.page_size, self.head_dim = num_kv_heads, page_size, head_dim
 
     @abstractmethod
@@ -177,10 +206,11 @@ class KiviCodec(KVCodec):
     token_group = channel_group = 32
 
     def __init__(self, num_kv_heads, page_size, head_dim, bits: int):
-        super().__init__(num_kv_heads, page_size, head_dim)
-        if page_size % self.token_group or head_dim % self.channel_group:
-            raise ValueError("page_size and head_dim must be multiples of 32 for kivi")
         self.bits, self.name = bits, f"kivi{bits}"
+        super().__init__(num_kv_heads, page_size, head_dim)
+        if page_size % self.token_group:
+            raise ValueError(f"page_size: codec {self.name} needs a multiple of "
+                             f"{self.token_group} (got {page_size})")
 
     def new_store(self, num_pages, device):
         n, h, p, d, e = num_pages, self.kvh, self.page_size, self.head_dim, 8 // self.bits
@@ -250,14 +280,13 @@ class HackCodec(KVCodec):
 
     def __init__(self, num_kv_heads, page_size, head_dim, bits: int, mode: str = "f16",
                  group_v: int = 32, rotate: bool = True):
+        self.name = f"hack{bits}"
         super().__init__(num_kv_heads, page_size, head_dim)
         if mode not in ("f16", "int8"):
             raise ValueError(f"mode: must be 'f16' or 'int8', got {mode!r}")
-        if head_dim < 64 or head_dim & (head_dim - 1):
-            raise ValueError(f"codec: hack needs head_dim a power of two >= 64, got {head_dim}")
-        self.bits, self.mode, self.name = bits, mode, f"hack{bits}"
+        self.bits, self.mode = bits, mode
         # The kernel unpacks V in planes of D/E channels; a V group may not split a plane.
-        self.group_v = min(head_dim, max(group_v, head_dim * bits // 8))
+        self.group_v = hack_group_v(head_dim, bits, group_v)
         self.rotate = rotate
         self._r: dict[torch.device, torch.Tensor] = {}
 
@@ -333,7 +362,11 @@ CODECS = ("bf16", "fp8", "kivi2", "kivi4", "hack2", "hack4", "lowrank", "lowrank
 def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int,
                model_dir: str | None = None) -> KVCodec | None:
     """The codec called `name` (None for bf16, the engine's own dense pages). Low-rank codecs
-    read the calibrated bases beside the checkpoint in model_dir."""
+    read the calibrated bases beside the checkpoint in model_dir. A head_dim the codec cannot take
+    raises ValueError naming head_dim, the codec and what it needs (`check_head_dim`)."""
+    if name not in CODECS:
+        raise ValueError(f"codec: unknown codec {name!r}; known: {', '.join(CODECS)}")
+    check_head_dim(name, head_dim)
     if name == "bf16":
         return None
     if name == "fp8":

@@ -109,8 +109,8 @@ class LowRankLayerCodec(KVCodec):
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: dict[str, torch.Tensor],
                  bits: int | None):
-        super().__init__(num_kv_heads, page_size, head_dim)
         self.name, self.bits = name, bits
+        super().__init__(num_kv_heads, page_size, head_dim)
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
         self._bases_cpu = {n: b.float().contiguous() for n, b in bases.items()}  # [KVH, D, r]
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
@@ -226,8 +226,8 @@ class LowRankCodec(KVCodec):
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases,
                  bits: int | None = None):
-        super().__init__(num_kv_heads, page_size, head_dim)
         self.name, self.bases = name, bases
+        super().__init__(num_kv_heads, page_size, head_dim)
         # Plain lowrank decodes with a Triton kernel; lowrank+hack still attends through the
         # dequantizing torch reference, which loops over sequences on the host.
         self.graph_safe = bits is None

@@ -3,7 +3,8 @@
 Rotating spreads outlier channels over all channels, which makes low-bit ranges tighter. Attention
 is unchanged when the query is rotated the same way (q R . k R = q . k) and the output is rotated
 back (p (V R) R^T = p V), so the rotation costs two D x D products per decode step and no
-dequantization.
+dequantization. A head_dim that is not a power of two (96, 160, ...) gets a block-diagonal Hadamard
+matrix: blocks of the largest power of two dividing it (32 for 96), still orthonormal and symmetric.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 
 @functools.lru_cache(maxsize=8)
 def _hadamard_cpu(d: int) -> torch.Tensor:
-    if d < 1 or d & (d - 1):
-        raise ValueError(f"head_dim: Hadamard rotation needs a power of two, got {d}")
+    if not isinstance(d, int) or d < 1:
+        raise ValueError(f"head_dim: Hadamard rotation needs a positive size, got {d}")
+    b = d & -d  # the largest power of two dividing d: the block size
     h = torch.ones(1, 1, dtype=torch.float32)
-    while h.shape[0] < d:
+    while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / d ** 0.5  # [D, D], orthonormal and symmetric
+    h = h / b ** 0.5  # [b, b], orthonormal and symmetric
+    return torch.block_diag(*[h] * (d // b)).contiguous()  # [D, D]
 
 
 def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -153,7 +153,8 @@ def _serve_config(args: argparse.Namespace, codec: str):
                        prefill_group_exchange=args.prefill_group_exchange,
                        served_model_name=args.served_model_name,
                        engine_options=_engine_options(args.engine_option),
-                       decode_kv=args.decode_kv)
+                       decode_kv=args.decode_kv,
+                       skip_tokenizer=getattr(args, "skip_tokenizer", False))
 
 
 def _admission_config(args: argparse.Namespace):
@@ -444,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an EngineConfig field for every worker's engine, e.g. num_pages=4096, "
                         "gpu_memory_fraction=0.4, graph_batch_sizes=1,2,4 (repeatable)")
+    s.add_argument("--skip-tokenizer", action="store_true",
+                   help="serve without a tokenizer (a model directory without tokenizer.json): "
+                        "prompts as lists of token ids, completions answer with token_ids and "
+                        "empty text; text prompts, chat and stop strings get a 400")
     s.add_argument("--prefill", type=int, default=1, help="prefill workers (per codec)")
     s.add_argument("--decode", type=int, default=1, help="decode workers (per codec)")
     s.add_argument("--address", default=None,

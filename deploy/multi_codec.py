@@ -43,6 +43,7 @@ class MultiCodecBackend:
         first = self.lanes[self.codecs[0]]
         self.model_name, self.max_model_len = first.model_name, first.max_model_len
         self.vocab_size = first.vocab_size
+        self.has_tokenizer = first.has_tokenizer
         self.device = first.device
         self.prefill = [a for lane in self.lanes.values() for a in lane.prefill]
         self.decode = [a for lane in self.lanes.values() for a in lane.decode]

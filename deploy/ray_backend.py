@@ -90,6 +90,10 @@ class ServeConfig:
     """What decode workers keep of the codec's KV (engine/decode_kv.py): compressed, dense or
     auto; one mode for every lane, or one per codec separated by commas in `codecs` order.
     Only decode workers get it: prefill workers always send the codec's wire form."""
+    skip_tokenizer: bool = False
+    """Serve without a tokenizer (`--skip-tokenizer`; engine/no_tokenizer.py): prompts are token
+    ids, completions answer with token ids and empty text, text prompts, chat and stop strings
+    get a 400 naming the field. Passed to every worker's engine."""
 
     @property
     def model_name(self) -> str:
@@ -117,10 +121,15 @@ class ServeConfig:
             raise ValueError(f"--codec: a codec is named twice in {','.join(self.codecs)}")
         from zipserve.engine.config import EngineConfig
 
+        if self.engine_options.get("skip_tokenizer") is True:  # --engine-option skip_tokenizer=true
+            self.skip_tokenizer = True
+        if self.skip_tokenizer:
+            self.engine_options = {**self.engine_options, "skip_tokenizer": True}
         try:  # the workers build exactly this; refuse here, not as a Ray actor traceback
             EngineConfig(codec=self.codec, **self.engine_options)
         except (TypeError, ValueError) as e:  # unknown field / bad value
             raise ValueError(f"--engine-option: {e}") from None
+        self._check_model()
         if "decode_kv" in self.engine_options:
             raise ValueError("--engine-option: decode_kv applies to decode workers only; "
                              "use --decode-kv")
@@ -154,6 +163,25 @@ class ServeConfig:
                                     self.prefill_group_min_tokens,
                                     self.engine_options.get("page_size", 64),
                                     self.prefill_group_exchange)
+
+    def _check_model(self) -> None:
+        """What the workers would refuse at load, refused before any of them starts: a head
+        size a codec cannot take, a model directory without tokenizer.json."""
+        from zipserve.compress.codecs import check_head_dim
+
+        try:
+            head_dim = model_config_for(self.model).head_dim
+        except ValueError as e:
+            raise ValueError(f"--model: {e}") from None
+        for c in self.codecs:
+            try:
+                check_head_dim(c, head_dim)
+            except ValueError as e:
+                raise ValueError(f"--codec: {e}") from None
+        if (not self.skip_tokenizer and not self.model.startswith("random:")
+                and not (Path(self.model) / "tokenizer.json").is_file()):
+            raise ValueError(f"--model: no tokenizer.json in {self.model}; to serve it on token "
+                             f"ids (prompts as lists of ids, no text out) pass --skip-tokenizer")
 
     def _check_decode_kv(self) -> None:
         from zipserve.engine.decode_kv import check_decode_kv
@@ -232,7 +260,8 @@ class RayBackend:
             cfg.prefill_group, cfg.model, cfg.codec, cfg.engine_options.get("page_size", 64),
             device, lowrank_exchange=cfg.group.lowrank_exchange)
         self.page_size = info["page_size"]
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = load_tokenizer(cfg.model, cfg.skip_tokenizer)
+        self.has_tokenizer = not cfg.skip_tokenizer
         self.model_name = cfg.model_name
         self.max_model_len = mc.max_position_embeddings
         self.vocab_size = mc.vocab_size
@@ -256,6 +285,8 @@ class RayBackend:
         return self.tokenizer.apply_chat_template(messages)
 
     def token_strings(self, ids: list[int]) -> list[str]:
+        if not self.has_tokenizer:  # vLLM's names for tokens without a tokenizer
+            return [f"token_id:{i}" for i in ids]
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     def health(self) -> dict:

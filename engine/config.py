@@ -392,6 +392,10 @@ class EngineConfig:
     """What the engine keeps of a codec's KV: "compressed" (the codec's pages and kernel),
     "dense" (16-bit pages holding the codec's dequantized values, bf16 kernel; received layers
     are dequantized on import) or "auto" (engine/decode_kv.py: choose_decode_kv)."""
+    skip_tokenizer: bool = False
+    """Run without a tokenizer (as vLLM's skip_tokenizer_init): prompts are token ids, outputs are
+    token ids with empty text; text prompts, chat and stop strings are refused naming the field
+    (engine/no_tokenizer.py). A model directory without tokenizer.json needs it."""
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -408,6 +412,8 @@ class EngineConfig:
             raise ConfigError("lowrank_bases: must be a directory path (str)")
         if not isinstance(self.lowrank_fold, bool):
             raise ConfigError("lowrank_fold: must be a bool")
+        if not isinstance(self.skip_tokenizer, bool):
+            raise ConfigError(f"skip_tokenizer: must be a bool, got {self.skip_tokenizer!r}")
         from zipserve.engine.decode_kv import check_decode_kv
 
         try:

@@ -52,6 +52,7 @@ class DisaggregatedEngine(LLMEngine):
     """LLMEngine plus the prefill-export and decode-import halves."""
 
     def _new_seq(self, prompt, params: SamplingParams, request_id: str) -> Sequence:
+        self._check_params(params)
         text, ids = self._prompt_ids(prompt)
         seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, prompt_ids=ids,
                        params=params, prompt_text=text)

@@ -54,15 +54,17 @@ class LLMEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.engine_config = ec = engine_config or EngineConfig()
         config = model_config_for(model)
+        # Refused before any weight is read: a missing tokenizer.json without skip_tokenizer, a
+        # codec that cannot take the model (its head size, compress/codecs.py: check_head_dim).
+        self.tokenizer = load_tokenizer(model, ec.skip_tokenizer)
+        # lowrank on a random: model gets random bases (compress/lowrank.py: random_for)
+        self.codec = make_codec(ec.codec, config.num_kv_heads, ec.page_size, config.head_dim,
+                                model_dir=ec.lowrank_bases or model)
         self.max_model_len = min(max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         self.config, self.model, self.dtype = build_model(model, dtype, self.device,
                                                           self.max_model_len, seed)
         self.model_name = model
-        self.tokenizer = load_tokenizer(model)
-        # lowrank on a random: model gets random bases (compress/lowrank.py: random_for)
-        self.codec = make_codec(ec.codec, self.config.num_kv_heads, ec.page_size,
-                                self.config.head_dim, model_dir=ec.lowrank_bases or model)
         if self.codec is not None and self.codec.name.startswith("lowrank"):
             apply_lowrank_output(self.model, self.codec, fold=ec.lowrank_fold)
         choice = self._resolve_decode_kv()
@@ -140,6 +142,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params: must be a SamplingParams")
+        self._check_params(params)
         text, ids = self._prompt_ids(prompt)
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self._seqs:
@@ -156,6 +159,12 @@ class LLMEngine:
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """What params ask that this engine cannot do (stop strings without a tokenizer)."""
+        if params.stop and self.engine_config.skip_tokenizer:
+            raise ValueError("stop: stop strings need a tokenizer and this engine runs without "
+                             "one (skip_tokenizer); use stop_token_ids")
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -3,7 +3,8 @@
 `Tokenizer.from_dir(path)` wraps a `tokenizers.Tokenizer` and the optional `tokenizer_config.json`
 (special tokens, the Jinja chat template), producing the same ids and text as transformers 5's
 `AutoTokenizer`: the tokenizer.json post-processor decides whether BOS is added. `ByteTokenizer` maps bytes to ids 3..258 for `random:` models.
-`load_tokenizer(model)` picks one of the two from the model name.
+`load_tokenizer(model, skip_tokenizer)` picks one of the two from the model name, or
+`NoTokenizer` (engine/no_tokenizer.py: token ids only) when asked to skip the tokenizer.
 """
 
 from __future__ import annotations
@@ -112,8 +113,11 @@ class Tokenizer:
         root = Path(path)
         tok_file = root / "tokenizer.json"
         if not tok_file.is_file():
+            from .no_tokenizer import FLAG
+
             raise ValueError(f"model: no tokenizer.json in {path} (slow/sentencepiece-only "
-                             "tokenizers are not supported)")
+                             f"tokenizers are not supported); to serve it on token ids (prompts "
+                             f"as lists of ids, no text out) pass {FLAG}")
         tok = HFTokenizer.from_file(str(tok_file))
         cfg = _read_json(root / "tokenizer_config.json")
         special = {k: _token_str(cfg.get(k)) for k in
@@ -204,8 +208,13 @@ class ByteTokenizer:
         return text + ("assistant: " if add_generation_prompt else "")
 
 
-def load_tokenizer(model: str | Path) -> Tokenizer | ByteTokenizer:
-    """`random:<name>` -> ByteTokenizer sized to that model; a directory -> Tokenizer.from_dir."""
+def load_tokenizer(model: str | Path, skip_tokenizer: bool = False):
+    """`random:<name>` -> ByteTokenizer sized to that model; a directory -> Tokenizer.from_dir;
+    skip_tokenizer -> NoTokenizer (token ids only) for either."""
+    if skip_tokenizer:
+        from .no_tokenizer import NoTokenizer
+
+        return NoTokenizer.for_model(model)
     if isinstance(model, str) and model.startswith("random:"):
         from .config import random_model_config
 

@@ -18,7 +18,9 @@ past pages (one page per step), the dense past and the chunk's keys up to its la
 These baselines dequantize: fp8 tiles are converted to q's dtype (exact) with the per-page scale
 folded into the scores (K) and the probabilities (V); KIVI codes become code * scale + min in fp16
 arithmetic (fp32 when q is fp32), as the decode kernel does.  Dequantized tiles exist only in
-registers for one step; nothing dequantized is written to memory.
+registers for one step; nothing dequantized is written to memory.  Any even head_dim in [8, 256] (KIVI:
+multiples of its channel group): tiles are BLOCK_D = the next power of two >= max(16, D) wide, channels
+>= D masked on every load and store (kernels/head_dim.py).
 """
 
 import torch
@@ -28,6 +30,7 @@ import triton.language as tl
 from zipserve.compress.quantize import dequant_k, dequant_v
 from zipserve.kernels.decode_steps import _softmax_update
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import require_runnable
 
 __all__ = ["fp8_prefill_attention", "fp8_prefill_attention_ref", "kivi_prefill_attention",
@@ -52,7 +55,7 @@ def _check_call(q, k, v, past_pages, dense_k, dense_v, scale, out, kvh, page, po
         raise ValueError(f"q: must be [n, num_heads, head_dim] of {_DTYPES}, got {_shape(q)}")
     n, H, D = q.shape
     checks = [
-        (_is_pow2(D) and 16 <= D <= 256, "head_dim", f"must be a power of two in [16, 256], got {D}"),
+        (head_dim_ok(D), "head_dim", head_dim_error(D, "q head_dim")),
         (_is_pow2(page) and page >= 16, pool_name, f"page_size must be a power of two >= 16, got {page}"),
         (kvh > 0 and H % kvh == 0, "num_heads", f"q num_heads {H} is not a multiple of num_kv_heads {kvh}"),
         (isinstance(past_pages, torch.Tensor) and past_pages.dtype == torch.int32 and past_pages.dim() == 1
@@ -141,7 +144,7 @@ def _baseline_prefill_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dkh, stride_dkt, stride_dvh, stride_dvt, stride_ot, stride_oh,
     KIVI: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, PAGE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr,
     DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, DQ_F32: tl.constexpr,
 ):
     tile, kvh = tl.program_id(0), tl.program_id(1)
@@ -156,16 +159,19 @@ def _baseline_prefill_kernel(
     row_t = tile * BT + offs_m // GP  # [M] token of each row
     row_g = offs_m % GP
     row_ok = (row_t < n_tok) & (row_g < G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
     offs_p = tl.arange(0, PAGE)
+    pd_ok = (offs_p >= 0)[:, None] & d_ok[None, :]  # [P, BD] the real channels of a page tile
     q_row = q_ptr + row_t.to(tl.int64) * stride_qt + (kvh * G + row_g) * stride_qh  # [M]
-    q = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+    q = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)  # [M, BD]
     cdt = q.dtype
     all_vis = row_ok[:, None] | (offs_p[None, :] < 0)  # [M, P] every page token, valid rows
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([M, BLOCK_D], tl.float32)
 
     # ---- past pages, one per step, dequantized in registers.
     for j in range(0, n_past):
@@ -173,19 +179,23 @@ def _baseline_prefill_kernel(
         tok_row = prow * PAGE + offs_p  # [P]
         if KIVI:
             shift = ((offs_d // DE) * BITS)[None, :]
-            kc = tl.load(kc_ptr + tok_row[:, None] * DE + (offs_d % DE)[None, :]).to(tl.int32)
-            krow = (prow * (PAGE // TG) + offs_p // TG)[:, None] * HEAD_DIM + offs_d[None, :]  # [P, D]
-            kt = (((kc >> shift) & MASK).to(DQ) * tl.load(ks_ptr + krow).to(DQ)
-                  + tl.load(km_ptr + krow).to(DQ)).to(cdt)
-            vc = tl.load(vc_ptr + tok_row[:, None] * DE + (offs_d % DE)[None, :]).to(tl.int32)
-            vrow = tok_row[:, None] * NGV + (offs_d // CG)[None, :]  # [P, D] scale of each element
-            vt = (((vc >> shift) & MASK).to(DQ) * tl.load(vs_ptr + vrow).to(DQ)
-                  + tl.load(vm_ptr + vrow).to(DQ)).to(cdt)
+            kc = tl.load(kc_ptr + tok_row[:, None] * DE + (offs_d % DE)[None, :], mask=pd_ok,
+                         other=0).to(tl.int32)
+            krow = (prow * (PAGE // TG) + offs_p // TG)[:, None] * HEAD_DIM + offs_d[None, :]  # [P, BD]
+            kt = (((kc >> shift) & MASK).to(DQ) * tl.load(ks_ptr + krow, mask=pd_ok, other=0.0).to(DQ)
+                  + tl.load(km_ptr + krow, mask=pd_ok, other=0.0).to(DQ)).to(cdt)
+            vc = tl.load(vc_ptr + tok_row[:, None] * DE + (offs_d % DE)[None, :], mask=pd_ok,
+                         other=0).to(tl.int32)
+            vrow = tok_row[:, None] * NGV + (offs_d // CG)[None, :]  # [P, BD] scale of each element
+            vt = (((vc >> shift) & MASK).to(DQ) * tl.load(vs_ptr + vrow, mask=pd_ok, other=0.0).to(DQ)
+                  + tl.load(vm_ptr + vrow, mask=pd_ok, other=0.0).to(DQ)).to(cdt)
             s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale
             m_i, l_i, acc = _softmax_update(s, vt, all_vis, m_i, l_i, acc, DOT_PREC)
         else:
-            k8 = tl.load(kc_ptr + tok_row[:, None] * HEAD_DIM + offs_d[None, :]).to(cdt)  # exact
-            v8 = tl.load(vc_ptr + tok_row[:, None] * HEAD_DIM + offs_d[None, :]).to(cdt)
+            k8 = tl.load(kc_ptr + tok_row[:, None] * HEAD_DIM + offs_d[None, :], mask=pd_ok,
+                         other=0.0).to(cdt)  # exact
+            v8 = tl.load(vc_ptr + tok_row[:, None] * HEAD_DIM + offs_d[None, :], mask=pd_ok,
+                         other=0.0).to(cdt)
             s = tl.dot(q, tl.trans(k8), input_precision=DOT_PREC) * (tl.load(ks_ptr + prow) * qk_scale)
             s = tl.where(all_vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -202,9 +212,10 @@ def _baseline_prefill_kernel(
     for start in range(0, dense_len, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < dense_len
-        dk = tl.load(dk_ptr + kvh * stride_dkh + t[:, None] * stride_dkt + offs_d[None, :], mask=t_ok[:, None],
+        td_ok = t_ok[:, None] & d_ok[None, :]
+        dk = tl.load(dk_ptr + kvh * stride_dkh + t[:, None] * stride_dkt + offs_d[None, :], mask=td_ok,
                      other=0.0)
-        dv = tl.load(dv_ptr + kvh * stride_dvh + t[:, None] * stride_dvt + offs_d[None, :], mask=t_ok[:, None],
+        dv = tl.load(dv_ptr + kvh * stride_dvh + t[:, None] * stride_dvt + offs_d[None, :], mask=td_ok,
                      other=0.0)
         s = tl.dot(q, tl.trans(dk), input_precision=DOT_PREC) * qk_scale
         m_i, l_i, acc = _softmax_update(s, dv, row_ok[:, None] & t_ok[None, :], m_i, l_i, acc,
@@ -214,9 +225,10 @@ def _baseline_prefill_kernel(
         t = start + offs_t
         t_ok = t < hi
         t64 = t.to(tl.int64)
-        ck = tl.load(k_ptr + kvh * stride_kh + t64[:, None] * stride_kt + offs_d[None, :], mask=t_ok[:, None],
+        td_ok = t_ok[:, None] & d_ok[None, :]
+        ck = tl.load(k_ptr + kvh * stride_kh + t64[:, None] * stride_kt + offs_d[None, :], mask=td_ok,
                      other=0.0)
-        cv = tl.load(v_ptr + kvh * stride_vh + t64[:, None] * stride_vt + offs_d[None, :], mask=t_ok[:, None],
+        cv = tl.load(v_ptr + kvh * stride_vh + t64[:, None] * stride_vt + offs_d[None, :], mask=td_ok,
                      other=0.0)
         s = tl.dot(q, tl.trans(ck), input_precision=DOT_PREC) * qk_scale
         vis = row_ok[:, None] & t_ok[None, :] & (t[None, :] <= row_t[:, None])
@@ -224,7 +236,8 @@ def _baseline_prefill_kernel(
 
     o = acc / tl.where(row_ok, l_i, 1.0)[:, None]  # every valid row sees its own token
     dst = out_ptr + row_t.to(tl.int64) * stride_ot + (kvh * G + row_g) * stride_oh  # [M]
-    tl.store(dst[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(dst[:, None] + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _launch(q, k, v, pool, past_pages, dense_k, dense_v, scale, out, kvh, page, kivi, bits=2, tg=1, cg=1):
@@ -240,9 +253,9 @@ def _launch(q, k, v, pool, past_pages, dense_k, dense_v, scale, out, kvh, page, 
         q, k, v, *pool, past_pages, dense_k, dense_v, out, n, past_pages.numel(), dense_k.shape[1],
         float(scale) * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dense_k.stride(0), dense_k.stride(1), dense_v.stride(0), dense_v.stride(1), out.stride(0), out.stride(1),
-        KIVI=kivi, G=G, GP=gp, BT=bt, PAGE=page, HEAD_DIM=D, BITS=bits, TG=tg, CG=cg, DENSE_BLOCK=64,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", DQ_F32=q.dtype == torch.float32,
-        num_warps=4 if D <= 128 else 8, num_stages=2,
+        KIVI=kivi, G=G, GP=gp, BT=bt, PAGE=page, HEAD_DIM=D, BLOCK_D=block_d(D), BITS=bits, TG=tg, CG=cg,
+        DENSE_BLOCK=64, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", DQ_F32=q.dtype == torch.float32,
+        num_warps=4 if block_d(D) <= 128 else 8, num_stages=2,
     )
     return out
 

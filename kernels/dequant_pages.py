@@ -18,6 +18,8 @@ dequantizes in fp32 (x = code * scale + min, or fp8 * scale) and stores both [P,
 output dtype. HACK pages stored Hadamard-rotated (HackCodec.rotate) are rotated back in the same
 program (x @ R, R orthonormal and symmetric: its own inverse), so the dense pool holds K/V in the
 model's basis. The CPU interpreter has no bfloat16: test with float16 / float32 outputs there.
+Any head_dim the codec's layout allows: tiles are BLOCK_D = the next power of two >= max(16, D)
+wide, channels >= D masked on every load and store (kernels/head_dim.py).
 """
 
 import torch
@@ -27,6 +29,7 @@ import triton.language as tl
 from zipserve.compress.quantize import dequant_k, dequant_v
 from zipserve.kernels.hack_encode import hack_dequantize_ref
 from zipserve.kernels.hack_layout import HackPages, check_bits, unpack_planar
+from zipserve.kernels.head_dim import block_d
 from zipserve.kernels.paged_decode_attention import is_interpreted
 
 __all__ = ["fp8_dequant_pages", "fp8_dequant_pages_ref", "kivi_dequant_pages",
@@ -36,18 +39,19 @@ _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _store_tile(o_ptr, x, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d):
-    """x [P, D] fp32 -> out page dst, head h, in the output's dtype."""
+def _store_tile(o_ptr, x, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok):
+    """x [P, BD] fp32 -> out page dst, head h, in the output's dtype (td_ok: the real channels)."""
     ptr = o_ptr + dst * stride_on + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :]
-    tl.store(ptr, x.to(o_ptr.dtype.element_ty))
+    tl.store(ptr, x.to(o_ptr.dtype.element_ty), mask=td_ok)
 
 
 @triton.jit
-def _unpack_tile(c_ptr, row, offs_t, offs_d, PAGE: tl.constexpr, DE: tl.constexpr,
+def _unpack_tile(c_ptr, row, offs_t, offs_d, td_ok, PAGE: tl.constexpr, DE: tl.constexpr,
                  BITS: tl.constexpr):
-    """Planar-packed codes of one (page, head) row -> [P, D] fp32 codes (channel c lives in byte
-    c % DE at bit offset (c // DE) * BITS, hack_layout.pack_planar)."""
-    byte = tl.load(c_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + (offs_d % DE)[None, :])
+    """Planar-packed codes of one (page, head) row -> [P, BD] fp32 codes (channel c lives in byte
+    c % DE at bit offset (c // DE) * BITS, hack_layout.pack_planar); 0 past the real channels."""
+    byte = tl.load(c_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + (offs_d % DE)[None, :],
+                   mask=td_ok, other=0)
     shift = ((offs_d // DE) * BITS)[None, :]
     return ((byte.to(tl.int32) >> shift) & ((1 << BITS) - 1)).to(tl.float32)
 
@@ -57,19 +61,20 @@ def _fp8_dequant_kernel(
     k_ptr, ks_ptr, v_ptr, vs_ptr, ids_ptr,  # k/v fp8 [n, KVH, P, D], scales f32 [n, KVH], ids [n]
     ok_ptr, ov_ptr,  # out k/v [N, KVH, P, D]
     stride_on, stride_oh, stride_ot,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
     row = i.to(tl.int64) * tl.num_programs(1) + h  # (page, head) row of the inputs
     dst = tl.load(ids_ptr + i).to(tl.int64)
     offs_t = tl.arange(0, PAGE)
-    offs_d = tl.arange(0, HEAD_DIM)
-    tile = row * (PAGE * HEAD_DIM) + offs_t[:, None] * HEAD_DIM + offs_d[None, :]  # [P, D]
-    k = tl.load(k_ptr + tile).to(tl.float32) * tl.load(ks_ptr + row)
-    v = tl.load(v_ptr + tile).to(tl.float32) * tl.load(vs_ptr + row)
-    _store_tile(ok_ptr, k, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d)
-    _store_tile(ov_ptr, v, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    td_ok = (offs_t >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]  # [P, BD]
+    tile = row * (PAGE * HEAD_DIM) + offs_t[:, None] * HEAD_DIM + offs_d[None, :]  # [P, BD]
+    k = tl.load(k_ptr + tile, mask=td_ok, other=0.0).to(tl.float32) * tl.load(ks_ptr + row)
+    v = tl.load(v_ptr + tile, mask=td_ok, other=0.0).to(tl.float32) * tl.load(vs_ptr + row)
+    _store_tile(ok_ptr, k, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok)
+    _store_tile(ov_ptr, v, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok)
 
 
 @triton.jit
@@ -77,8 +82,8 @@ def _kivi_dequant_kernel(
     kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ids_ptr,  # kivi layout (contiguous), ids [n]
     ok_ptr, ov_ptr,  # out k/v [N, KVH, P, D]
     stride_on, stride_oh, stride_ot,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr,
-    CG: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
+    TG: tl.constexpr, CG: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -88,17 +93,20 @@ def _kivi_dequant_kernel(
     NGK: tl.constexpr = PAGE // TG  # K scale rows per page
     NGV: tl.constexpr = HEAD_DIM // CG  # V scale columns per token
     offs_t = tl.arange(0, PAGE)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    td_ok = (offs_t >= 0)[:, None] & (offs_d < HEAD_DIM)[None, :]  # [P, BD]
     # K per channel over groups of TG tokens: scale/min [NGK, D], row t // TG
     kidx = row * (NGK * HEAD_DIM) + (offs_t // TG)[:, None] * HEAD_DIM + offs_d[None, :]
-    k = (_unpack_tile(kc_ptr, row, offs_t, offs_d, PAGE, DE, BITS)
-         * tl.load(ks_ptr + kidx).to(tl.float32) + tl.load(km_ptr + kidx).to(tl.float32))
+    k = (_unpack_tile(kc_ptr, row, offs_t, offs_d, td_ok, PAGE, DE, BITS)
+         * tl.load(ks_ptr + kidx, mask=td_ok, other=0.0).to(tl.float32)
+         + tl.load(km_ptr + kidx, mask=td_ok, other=0.0).to(tl.float32))
     # V per token over groups of CG channels: scale/min [P, NGV], column c // CG
     vidx = row * (PAGE * NGV) + offs_t[:, None] * NGV + (offs_d // CG)[None, :]
-    v = (_unpack_tile(vc_ptr, row, offs_t, offs_d, PAGE, DE, BITS)
-         * tl.load(vs_ptr + vidx).to(tl.float32) + tl.load(vm_ptr + vidx).to(tl.float32))
-    _store_tile(ok_ptr, k, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d)
-    _store_tile(ov_ptr, v, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d)
+    v = (_unpack_tile(vc_ptr, row, offs_t, offs_d, td_ok, PAGE, DE, BITS)
+         * tl.load(vs_ptr + vidx, mask=td_ok, other=0.0).to(tl.float32)
+         + tl.load(vm_ptr + vidx, mask=td_ok, other=0.0).to(tl.float32))
+    _store_tile(ok_ptr, k, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok)
+    _store_tile(ov_ptr, v, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok)
 
 
 @triton.jit
@@ -106,8 +114,8 @@ def _hack_dequant_kernel(
     kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, ids_ptr, rot_ptr,  # HackPages, ids, R [D, D]
     ok_ptr, ov_ptr,  # out k/v [N, KVH, P, D]
     stride_on, stride_oh, stride_ot,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr,
-    ROTATE: tl.constexpr, ROT_PREC: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
+    GV: tl.constexpr, ROTATE: tl.constexpr, ROT_PREC: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -116,21 +124,25 @@ def _hack_dequant_kernel(
     DE: tl.constexpr = HEAD_DIM // (8 // BITS)
     NG: tl.constexpr = HEAD_DIM // GV
     offs_t = tl.arange(0, PAGE)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
+    td_ok = (offs_t >= 0)[:, None] & d_ok[None, :]  # [P, BD]
     # K per channel over the page: scale/min [D]
-    k = (_unpack_tile(kc_ptr, row, offs_t, offs_d, PAGE, DE, BITS)
-         * tl.load(ks_ptr + row * HEAD_DIM + offs_d).to(tl.float32)[None, :]
-         + tl.load(km_ptr + row * HEAD_DIM + offs_d).to(tl.float32)[None, :])
+    k = (_unpack_tile(kc_ptr, row, offs_t, offs_d, td_ok, PAGE, DE, BITS)
+         * tl.load(ks_ptr + row * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+         + tl.load(km_ptr + row * HEAD_DIM + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :])
     # V per token in channel groups of GV: scale/min [P, NG], column c // GV
     vidx = row * (PAGE * NG) + offs_t[:, None] * NG + (offs_d // GV)[None, :]
-    v = (_unpack_tile(vc_ptr, row, offs_t, offs_d, PAGE, DE, BITS)
-         * tl.load(vs_ptr + vidx).to(tl.float32) + tl.load(vm_ptr + vidx).to(tl.float32))
+    v = (_unpack_tile(vc_ptr, row, offs_t, offs_d, td_ok, PAGE, DE, BITS)
+         * tl.load(vs_ptr + vidx, mask=td_ok, other=0.0).to(tl.float32)
+         + tl.load(vm_ptr + vidx, mask=td_ok, other=0.0).to(tl.float32))
     if ROTATE:  # back to the model's basis: x @ R (R orthonormal, symmetric, fp32 [D, D])
-        r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=d_ok[:, None] & d_ok[None, :], other=0.0)  # [BD, BD], zero padding
         k = tl.dot(k, r, input_precision=ROT_PREC)
         v = tl.dot(v, r, input_precision=ROT_PREC)
-    _store_tile(ok_ptr, k, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d)
-    _store_tile(ov_ptr, v, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d)
+    _store_tile(ok_ptr, k, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok)
+    _store_tile(ov_ptr, v, dst, h, stride_on, stride_oh, stride_ot, offs_t, offs_d, td_ok)
 
 
 # -- argument checks (shared by kernels and references) --------------------------------------
@@ -223,7 +235,8 @@ def fp8_dequant_pages(k, k_scale, v, v_scale, page_ids, out_k, out_v):
     n, kvh, page, d = k.shape
     if n and kvh:
         _fp8_dequant_kernel[(n, kvh)](k, k_scale, v, v_scale, page_ids.contiguous(), out_k,
-                                      out_v, *_strides(out_k), PAGE=page, HEAD_DIM=d)
+                                      out_v, *_strides(out_k), PAGE=page, HEAD_DIM=d,
+                                      BLOCK_D=block_d(d))
 
 
 def fp8_dequant_pages_ref(k, k_scale, v, v_scale, page_ids, out_k, out_v):
@@ -246,7 +259,8 @@ def kivi_dequant_pages(k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, p
     if n and kvh:
         _kivi_dequant_kernel[(n, kvh)](
             k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_ids.contiguous(), out_k, out_v,
-            *_strides(out_k), PAGE=page, HEAD_DIM=d, BITS=bits, TG=page // k_scale.shape[2],
+            *_strides(out_k), PAGE=page, HEAD_DIM=d, BLOCK_D=block_d(d), BITS=bits,
+            TG=page // k_scale.shape[2],
             CG=d // v_scale.shape[3])
 
 
@@ -272,9 +286,10 @@ def hack_dequant_pages(pages, page_ids, out_k, out_v, rotation=None):
         _hack_dequant_kernel[(n, kvh)](
             pages.k_codes, pages.k_scale, pages.k_min, pages.v_codes, pages.v_scale, pages.v_min,
             page_ids.contiguous(), rotation if rotation is not None else pages.k_scale, out_k,
-            out_v, *_strides(out_k), PAGE=page, HEAD_DIM=d, BITS=pages.bits, GV=pages.group_v,
-            ROTATE=rotation is not None, ROT_PREC="ieee" if interpreted else "tf32x3",
-            num_warps=4 if page * d < 8192 else 8)
+            out_v, *_strides(out_k), PAGE=page, HEAD_DIM=d, BLOCK_D=block_d(d), BITS=pages.bits,
+            GV=pages.group_v, ROTATE=rotation is not None,
+            ROT_PREC="ieee" if interpreted else "tf32x3",
+            num_warps=4 if page * block_d(d) < 8192 else 8)
 
 
 def hack_dequant_pages_ref(pages, page_ids, out_k, out_v, rotation=None):

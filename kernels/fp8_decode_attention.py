@@ -17,7 +17,9 @@ converted to q's dtype (exact for e4m3 -> fp16 / bf16 / fp32), the per-page K sc
 scores, s = (q . k8) * k_scale * softmax_scale, and the V scale into the probabilities,
 o += (p * v_scale) . v8, so no dequantized tile is ever formed.  Online softmax in the log2 domain, fp32
 accumulation; the last split also attends the dense tail; splits are merged by paged_decode_attention's
-merge kernel.  No host syncs, grid depends on shapes only: CUDA-graph capturable.
+merge kernel.  No host syncs, grid depends on shapes only: CUDA-graph capturable.  Any even head_dim in
+[8, 256]: tiles are BLOCK_D (the next power of two >= max(16, D)) wide, channels >= D masked on every load
+and store (kernels/head_dim.py).
 """
 
 import torch
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 
 from zipserve.kernels.decode_steps import _dense_tail, _split_pages
+from zipserve.kernels.head_dim import block_d
 from zipserve.kernels.kivi_decode_attention import (
     _attend_rows_ref,
     _check_call_args,
@@ -52,8 +55,8 @@ def _fp8_decode_kernel(
     stride_qb, stride_qh, stride_ptb,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NP: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    NP: tl.constexpr, NUM_SPLITS: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -62,22 +65,23 @@ def _fp8_decode_kernel(
     BLOCK_N: tl.constexpr = NP * PAGE
 
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < G)[:, None], other=0.0)  # [G_PAD, D]; padded rows are zeros
+                mask=(offs_g < G)[:, None] & d_ok[None, :], other=0.0)  # [G_PAD, BD]; padding zeros
     cdt = q.dtype
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
 
     # ---- dense 16-bit tail: last split only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
     m_i, l_i, acc = _dense_tail(q, dk_ptr + b * stride_dkb + kvh * stride_dkh,
                                 dv_ptr + b * stride_dvb + kvh * stride_dvh, stride_dkt, stride_dvt,
-                                dl, offs_d, offs_d, offs_d < HEAD_DIM, m_i, l_i, acc, qk_scale,
+                                dl, offs_d, d_ok, offs_d, d_ok, m_i, l_i, acc, qk_scale,
                                 DENSE_BLOCK, DOT_PREC)
 
     # ---- fp8 pages: this split's page range [lo, hi), whole steps of NP pages.
@@ -88,9 +92,10 @@ def _fp8_decode_kernel(
         pg = blk + offs_n // PAGE  # [N] logical page of each token
         ok = pg < hi
         prow = tl.load(pt_row + pg, mask=ok, other=0).to(tl.int64) * KVH + kvh  # [N] (page, head) pool row
-        tok = (prow * PAGE + slot)[:, None] * HEAD_DIM + offs_d[None, :]  # [N, D] element offsets
-        k = tl.load(k_ptr + tok, mask=ok[:, None], other=0.0).to(cdt)  # exact conversion
-        v = tl.load(v_ptr + tok, mask=ok[:, None], other=0.0).to(cdt)
+        tok = (prow * PAGE + slot)[:, None] * HEAD_DIM + offs_d[None, :]  # [N, BD] element offsets
+        kv_ok = ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + tok, mask=kv_ok, other=0.0).to(cdt)  # exact conversion
+        v = tl.load(v_ptr + tok, mask=kv_ok, other=0.0).to(cdt)
         ks = tl.load(ks_ptr + prow, mask=ok, other=0.0)  # [N] page scale of each token
         vs = tl.load(vs_ptr + prow, mask=ok, other=0.0)
 
@@ -105,7 +110,7 @@ def _fp8_decode_kernel(
         m_i = m_new
 
     _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, KVH, stride_ob, stride_oh,
-                  G, G_PAD, HEAD_DIM, NUM_SPLITS)
+                  G, G_PAD, HEAD_DIM, BLOCK_D, NUM_SPLITS)
 
 
 def _check_inputs(q, k, k_scale, v, v_scale, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
@@ -153,11 +158,12 @@ def _launch_config(head_dim: int, page_size: int, dtype: torch.dtype):
     """Fixed heuristic (no autotune): (NP pages per step, num_warps, num_stages).
 
     fp8 tiles are half the bytes of bf16 ones, so a step takes 128 tokens up to D=128 and one 64-token
-    page at D=256.  fp32 queries (tests / debugging) stage fp32 dot operands: 2 stages keep shared
-    memory under Hopper's 227 KB at D=256.
+    page at D=256 (D: the padded tile width).  fp32 queries (tests / debugging) stage fp32 dot operands:
+    2 stages keep shared memory under Hopper's 227 KB at D=256.
     """
-    np_ = max(1, (128 if head_dim <= 128 else 64) // page_size)
-    num_warps = 8 if np_ * page_size * head_dim >= 16384 else 4
+    bd = block_d(head_dim)
+    np_ = max(1, (128 if bd <= 128 else 64) // page_size)
+    num_warps = 8 if np_ * page_size * bd >= 16384 else 4
     return np_, num_warps, 2 if dtype == torch.float32 else 3
 
 
@@ -181,7 +187,8 @@ def fp8_decode_attention(q, k, k_scale, v, v_scale, page_table, n_pages, dense_k
         dense_k.stride(0), dense_k.stride(1), dense_k.stride(2),
         dense_v.stride(0), dense_v.stride(1), dense_v.stride(2),
         out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PAGE=P, NP=np_, NUM_SPLITS=num_splits,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_D=block_d(D), PAGE=P, NP=np_,
+        NUM_SPLITS=num_splits,
         DENSE_BLOCK=64, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )

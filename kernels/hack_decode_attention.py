@@ -33,7 +33,10 @@ row (j, g) sees only page j's tokens, runs its own online softmax over pages j, 
 LSE-merged per head at the end (the rows GQA pads anyway carry other pages).  Per step: NP page ids, K/V
 code tiles [BLOCK_N, DE] loaded once, E planes unpacked (_unpack), E dots [M, DE] x [DE, BLOCK_N] (QK)
 and E dots [M, BLOCK_N] x [BLOCK_N, DE] (PV).  The last split also runs the dense tail; splits are merged
-by paged_decode_attention's merge kernel.
+by paged_decode_attention's merge kernel.  head_dim: a multiple of 32 up to 256 (hack_layout.py); a plane
+of DE channels that is not a power of two >= 16 (D = 32 at 2 bits, 96, 160, ...) runs in DEP = the next
+power of two >= max(16, DE) wide tiles with channels >= DE masked on every load and store, the dense
+tail in BLOCK_D (kernels/head_dim.py): padding lives in registers only.
 """
 
 import torch
@@ -41,6 +44,7 @@ import triton
 import triton.language as tl
 
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token, unpack_planar
+from zipserve.kernels.head_dim import block_d
 from zipserve.kernels.paged_decode_attention import (
     is_interpreted,
     merge_splits,
@@ -99,9 +103,10 @@ def _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, grp: tl.constexpr, NG: t
 
 
 @triton.jit
-def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, s: tl.constexpr, BITS: tl.constexpr,
-             DE: tl.constexpr, INT8: tl.constexpr, FAST: tl.constexpr):
-    """acc [M, DE] (channels of plane s) <- alpha * acc + p~ . V codes of plane s + min term.
+def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, c_ok, s: tl.constexpr,
+             BITS: tl.constexpr, DE: tl.constexpr, INT8: tl.constexpr, FAST: tl.constexpr):
+    """acc [M, DEP] (channels of plane s, c_ok the real ones) <- alpha * acc + p~ . V codes of plane s
+    + min term.
 
     int8: sum_t p~ v' = sum_t p~ (v' - h) + h sum_t p~ ~= sig sum_t (p' + 128)(v' - h) + h sum_t p~
           = sig (p'.v' + 128 v_sums - h sum_t p' - 128 P h) + h sum_t p~   (exact integers in fp32).
@@ -109,7 +114,8 @@ def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, s: tl.cons
     acc = acc * alpha[:, None]
     if INT8:
         d = tl.dot(pop, _unpack(vc, s, BITS, tl.int8, FAST), out_dtype=tl.int32).to(tl.float32)  # [M, DE]
-        vsum = tl.load(vrow[:, None] + s * DE + offs_c[None, :], mask=r_ok[:, None], other=0.0)  # [M, DE]
+        vsum = tl.load(vrow[:, None] + s * DE + offs_c[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                       other=0.0)  # [M, DEP]
         acc += sig[:, None] * (d + 128.0 * vsum - corr[:, None])
     else:
         acc = tl.dot(pop, _unpack(vc, s, BITS, tl.float16, FAST), acc)
@@ -117,17 +123,19 @@ def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, s: tl.cons
 
 
 @triton.jit
-def _dense_pv(acc, alpha, p, dv_row, t_ok, offs_c, s: tl.constexpr, DE: tl.constexpr,
+def _dense_pv(acc, alpha, p, dv_row, t_ok, offs_c, c_ok, s: tl.constexpr, DE: tl.constexpr,
               DOT_PREC: tl.constexpr):
-    dv = tl.load(dv_row[:, None] + s * DE + offs_c[None, :], mask=t_ok[:, None], other=0.0)  # [DB, DE]
+    dv = tl.load(dv_row[:, None] + s * DE + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :],
+                 other=0.0)  # [DB, DEP]
     return tl.dot(p.to(dv.dtype), dv, acc * alpha[:, None], input_precision=DOT_PREC)
 
 
 @triton.jit
-def _store_plane(acc, w, inv, dst, g_ok, offs_c, s: tl.constexpr, NP: tl.constexpr, GP: tl.constexpr,
-                 DE: tl.constexpr):
-    o = tl.sum(tl.reshape(acc, (NP, GP, DE)) * w[:, :, None], axis=0) * inv[:, None]  # [GP, DE]
-    tl.store(dst[:, None] + s * DE + offs_c[None, :], o.to(dst.dtype.element_ty), mask=g_ok[:, None])
+def _store_plane(acc, w, inv, dst, g_ok, offs_c, c_ok, s: tl.constexpr, NP: tl.constexpr,
+                 GP: tl.constexpr, DE: tl.constexpr, DEP: tl.constexpr):
+    o = tl.sum(tl.reshape(acc, (NP, GP, DEP)) * w[:, :, None], axis=0) * inv[:, None]  # [GP, DEP]
+    tl.store(dst[:, None] + s * DE + offs_c[None, :], o.to(dst.dtype.element_ty),
+             mask=g_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -139,8 +147,9 @@ def _hack_decode_kernel(
     stride_qb, stride_qh, stride_ptb, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_ob, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BITS: tl.constexpr, GV: tl.constexpr, NUM_SPLITS: tl.constexpr, INT8: tl.constexpr,
-    INT8_QK_DOT: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, DEP: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    INT8: tl.constexpr, INT8_QK_DOT: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     KVH = tl.num_programs(1)
@@ -156,7 +165,8 @@ def _hack_decode_kernel(
     row_g = offs_m % GP  # query head (within the group) of score row
     row_ok = row_g < G
     q_row = q_ptr + b * stride_qb + (kvh * G + row_g) * stride_qh  # [M] pointers
-    offs_c = tl.arange(0, DE)
+    offs_c = tl.arange(0, DEP)  # channels of a plane, >= DE padding
+    c_ok = offs_c < DE
     offs_n = tl.arange(0, BLOCK_N)
     slot = offs_n % PAGE
     offs_p = tl.arange(0, NP)
@@ -164,22 +174,25 @@ def _hack_decode_kernel(
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
-    acc0 = tl.zeros([M, DE], tl.float32)
-    acc1 = tl.zeros([M, DE], tl.float32)
-    acc2 = tl.zeros([M, DE], tl.float32)
-    acc3 = tl.zeros([M, DE], tl.float32)
+    acc0 = tl.zeros([M, DEP], tl.float32)
+    acc1 = tl.zeros([M, DEP], tl.float32)
+    acc2 = tl.zeros([M, DEP], tl.float32)
+    acc3 = tl.zeros([M, DEP], tl.float32)
 
     # ---- dense 16-bit tail (sinks + open page), last split only, rows j == 0 only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
     offs_t = tl.arange(0, DENSE_BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_full = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # [M, D]
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
+    q_full = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                     other=0.0)  # [M, BD]
     for start in range(0, dl, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < dl
         dk_row = dk_ptr + b * stride_dkb + kvh * stride_dkh + t * stride_dkt  # [DB]
         dv_row = dv_ptr + b * stride_dvb + kvh * stride_dvh + t * stride_dvt
-        dk = tl.load(dk_row[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)  # [DB, D]
+        dk = tl.load(dk_row[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                     other=0.0)  # [DB, BD]
         sc = tl.dot(q_full, tl.trans(dk), input_precision=DOT_PREC)  # [M, DB]
         sc = tl.where((row_j == 0)[:, None] & t_ok[None, :], sc * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -188,11 +201,11 @@ def _hack_decode_kernel(
         p = tl.exp2(sc - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        acc0 = _dense_pv(acc0, alpha, p, dv_row, t_ok, offs_c, 0, DE, DOT_PREC)
-        acc1 = _dense_pv(acc1, alpha, p, dv_row, t_ok, offs_c, 1, DE, DOT_PREC)
+        acc0 = _dense_pv(acc0, alpha, p, dv_row, t_ok, offs_c, c_ok, 0, DE, DOT_PREC)
+        acc1 = _dense_pv(acc1, alpha, p, dv_row, t_ok, offs_c, c_ok, 1, DE, DOT_PREC)
         if E == 4:
-            acc2 = _dense_pv(acc2, alpha, p, dv_row, t_ok, offs_c, 2, DE, DOT_PREC)
-            acc3 = _dense_pv(acc3, alpha, p, dv_row, t_ok, offs_c, 3, DE, DOT_PREC)
+            acc2 = _dense_pv(acc2, alpha, p, dv_row, t_ok, offs_c, c_ok, 2, DE, DOT_PREC)
+            acc3 = _dense_pv(acc3, alpha, p, dv_row, t_ok, offs_c, c_ok, 3, DE, DOT_PREC)
 
     # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
     n_pg = tl.load(np_ptr + b)
@@ -211,23 +224,26 @@ def _hack_decode_kernel(
         tok_row = row_t * PAGE + slot  # [N] (page, head, token) row
         vrow = vsum_ptr + row_r * HEAD_DIM  # [M] v_sums row of each score row
         pos_ok = ok_t & ((blk * PAGE + offs_n) >= n_sink)  # sinks live in the dense tail
-        kc = tl.load(kc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=ok_t[:, None], other=0)
-        vc = tl.load(vc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=ok_t[:, None], other=0)
+        tc_ok = ok_t[:, None] & c_ok[None, :]  # [N, DEP]
+        kc = tl.load(kc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=tc_ok, other=0)
+        vc = tl.load(vc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=tc_ok, other=0)
 
         sc = tl.zeros([M, BLOCK_N], tl.float32)
         qm = tl.zeros([M], tl.float32)
+        rc_ok = r_ok[:, None] & c_ok[None, :]  # [M, DEP]
         for s in tl.static_range(E):
             ch = s * DE + offs_c[None, :]
-            qs = tl.load(q_row[:, None] + ch, mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-            kss = tl.load(ks_ptr + row_r[:, None] * HEAD_DIM + ch, mask=r_ok[:, None], other=0.0)  # [M, DE]
-            kms = tl.load(km_ptr + row_r[:, None] * HEAD_DIM + ch, mask=r_ok[:, None], other=0.0)
+            qs = tl.load(q_row[:, None] + ch, mask=row_ok[:, None] & c_ok[None, :],
+                         other=0.0).to(tl.float32) * qk_scale
+            kss = tl.load(ks_ptr + row_r[:, None] * HEAD_DIM + ch, mask=rc_ok, other=0.0)  # [M, DEP]
+            kms = tl.load(km_ptr + row_r[:, None] * HEAD_DIM + ch, mask=rc_ok, other=0.0)
             qm += tl.sum(qs * kms.to(tl.float32), axis=1)
             qt = qs * kss.to(tl.float32)  # q~ [M, DE]
             if INT8:
                 sig = tl.max(tl.abs(qt), axis=1) / 127.0  # [M]
                 q8 = tl.floor(qt / tl.where(sig > 0.0, sig, 1.0)[:, None] + 0.5)
                 if INT8_QK_DOT:
-                    code = _unpack(kc, s, BITS, tl.int8, FAST)  # [N, DE]
+                    code = _unpack(kc, s, BITS, tl.int8, FAST)  # [N, DEP]
                     d = tl.dot(q8.to(tl.int8), tl.trans(code), out_dtype=tl.int32).to(tl.float32)
                 else:  # exact integers in fp16, fp32 accumulation (int8 MMA needs K >= 32)
                     code = _unpack(kc, s, BITS, tl.float16, FAST)
@@ -246,20 +262,22 @@ def _hack_decode_kernel(
 
         # PV: planes in order; a new p~ operand whenever a plane starts a new V group (GV % DE == 0).
         pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 0, NG, PAGE, HALF, INT8)
-        acc0 = _v_plane(acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 0, BITS, DE, INT8, FAST)
+        acc0 = _v_plane(acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 0, BITS, DE, INT8, FAST)
         if DE % GV == 0:
             pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, DE // GV, NG, PAGE, HALF,
                                       INT8)
-        acc1 = _v_plane(acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 1, BITS, DE, INT8, FAST)
+        acc1 = _v_plane(acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 1, BITS, DE, INT8, FAST)
         if E == 4:
             if (2 * DE) % GV == 0:
                 pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 2 * DE // GV, NG, PAGE,
                                           HALF, INT8)
-            acc2 = _v_plane(acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 2, BITS, DE, INT8, FAST)
+            acc2 = _v_plane(acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 2, BITS, DE, INT8,
+                            FAST)
             if (3 * DE) % GV == 0:
                 pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 3 * DE // GV, NG, PAGE,
                                           HALF, INT8)
-            acc3 = _v_plane(acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, 3, BITS, DE, INT8, FAST)
+            acc3 = _v_plane(acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 3, BITS, DE, INT8,
+                            FAST)
 
     # ---- merge the NP row streams of each query head (LSE), normalise, store.
     m3 = tl.reshape(m_i, (NP, GP))
@@ -279,11 +297,16 @@ def _hack_decode_kernel(
         dst = part_ptr + prow * HEAD_DIM
         lse = tl.where(nonempty, mg + tl.log2(tl.where(nonempty, lg, 1.0)), float("-inf"))
         tl.store(lse_ptr + prow, lse, mask=g_ok)
-    _store_plane(acc0, w, inv, dst, g_ok, offs_c, 0, NP, GP, DE)
-    _store_plane(acc1, w, inv, dst, g_ok, offs_c, 1, NP, GP, DE)
+    _store_plane(acc0, w, inv, dst, g_ok, offs_c, c_ok, 0, NP, GP, DE, DEP)
+    _store_plane(acc1, w, inv, dst, g_ok, offs_c, c_ok, 1, NP, GP, DE, DEP)
     if E == 4:
-        _store_plane(acc2, w, inv, dst, g_ok, offs_c, 2, NP, GP, DE)
-        _store_plane(acc3, w, inv, dst, g_ok, offs_c, 3, NP, GP, DE)
+        _store_plane(acc2, w, inv, dst, g_ok, offs_c, c_ok, 2, NP, GP, DE, DEP)
+        _store_plane(acc3, w, inv, dst, g_ok, offs_c, c_ok, 3, NP, GP, DE, DEP)
+
+
+def plane_width(head_dim: int, bits: int) -> int:
+    """DEP: the power-of-two tile width (>= 16, the smallest tl.dot K) of a plane of D / E channels."""
+    return block_d(head_dim * bits // 8)
 
 
 def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
@@ -291,9 +314,10 @@ def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
 
     From sm_90 SASS of this kernel (instructions per token, registers, spills): steps of <= 256 tokens with
     code tiles <= 64 Kbit, M = NP * GP ~ 16, 4 warps (2 if DE = 16) so PV outputs aren't warp-replicated.
+    A padded plane (DEP > DE) counts at its padded width.
     """
-    de = head_dim * bits // 8
-    max_tokens = min(256, 65536 // (head_dim * bits)) if de >= 32 else 128
+    de = plane_width(head_dim, bits)
+    max_tokens = min(256, 65536 // (de * 8)) if de >= 32 else 128
     gp = triton.next_power_of_2(group)
     np_ = max(1, min(max_tokens // page_size, 16 // gp))
     gp = max(gp, triton.cdiv(16, np_))  # M >= 16 for the MMA tile
@@ -330,8 +354,9 @@ def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense
         page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse, float(scale) * _LOG2E, n_sink,
         q.stride(0), q.stride(1), page_table.stride(0), *dense_k.stride()[:3], *dense_v.stride()[:3],
         out.stride(0), out.stride(1),
-        G=G, GP=gp, NP=np_, PAGE=P, HEAD_DIM=D, BITS=pages.bits, GV=pages.group_v, NUM_SPLITS=num_splits,
-        INT8=mode == "int8", INT8_QK_DOT=D * pages.bits // 8 >= 32, DENSE_BLOCK=64,
+        G=G, GP=gp, NP=np_, PAGE=P, HEAD_DIM=D, BLOCK_D=block_d(D), DEP=plane_width(D, pages.bits),
+        BITS=pages.bits, GV=pages.group_v, NUM_SPLITS=num_splits,
+        INT8=mode == "int8", INT8_QK_DOT=plane_width(D, pages.bits) >= 32, DENSE_BLOCK=64,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.is_cuda and torch.version.hip is None and not _kernel_is_interpreted(),
         num_warps=num_warps, num_stages=num_stages,

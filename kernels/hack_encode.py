@@ -15,6 +15,11 @@ Layout and rounding rules: see hack_layout.py.  Kernel: one program per (input p
 [P, D] K and V tiles once, and fuses min/max, float16 rounding of scale/min, round-to-nearest (ties up:
 floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the fp32 division may differ from the
 reference in the last ulp, so a rare code can differ by one at an exact rounding tie.
+
+A head_dim that is not a power of two (96, 160, ...; the V group then spans whole planes, hack_layout.py)
+runs a second kernel that works plane by plane: each plane of DE channels is a [P, DEP] tile (DEP the
+next power of two >= 16, channels >= DE masked), rotated as x @ R[:, plane] when a rotation is fused, and
+V's per-token group ranges combine the planes of a group in registers.
 """
 
 import torch
@@ -23,6 +28,7 @@ import triton.language as tl
 
 from zipserve.kernels.paged_decode_attention import is_interpreted
 from zipserve.kernels.hack_layout import HackPages, _is_pow2, check_bits, pack_planar, unpack_planar
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 
 __all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref"]
 
@@ -90,6 +96,143 @@ def _hack_encode_kernel(
     tl.store(vsum_ptr + row * HEAD_DIM + offs_d, tl.sum(vq, axis=0).to(tl.float32))
 
 
+@triton.jit
+def _plane(x_ptr, x_full, rot_ptr, offs_t, stride_t, offs_c, c_ok, offs_d, d_ok, s: tl.constexpr,
+           DE: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr, ROT_PREC: tl.constexpr):
+    """Channels [s * DE, (s + 1) * DE) of x [P, D] (x_ptr: the (page, head) tile), or of x @ R when
+    ROTATE (x_full: x as [P, BD], zeros past D), as fp32 [P, DEP] with zeros past DE."""
+    ch = s * DE + offs_c  # [DEP]
+    if ROTATE:
+        r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + ch[None, :], mask=d_ok[:, None] & c_ok[None, :],
+                    other=0.0)  # [BD, DEP] columns of R
+        x = tl.dot(x_full, r, input_precision=ROT_PREC)
+    else:
+        x = tl.load(x_ptr + offs_t[:, None] * stride_t + ch[None, :], mask=c_ok[None, :],
+                    other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s: tl.constexpr, DE: tl.constexpr, DEP: tl.constexpr,
+             BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K plane x [P, DEP] quantized per channel over the page: stores its scales / mins and returns
+    (codes shifted into plane s's bits [P, DEP], each token's code sum over the plane [P])."""
+    q, sc, mn = _quantize(x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], (1 << BITS) - 1)
+    tl.store(ks_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(sc, (DEP,)).to(tl.float16), mask=c_ok)
+    tl.store(km_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(mn, (DEP,)).to(tl.float16), mask=c_ok)
+    return q << (s * BITS), tl.sum(tl.where(c_ok[None, :], q, 0), axis=1)
+
+
+@triton.jit
+def _v_plane_codes(x, lo, hi, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, s: tl.constexpr,
+                   DE: tl.constexpr, GV: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+                   PAGE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """V plane x [P, DEP] quantized per token with its group's range lo / hi [P]: stores the group's
+    scale / min (once, from the group's first plane) and the plane's code sums; returns the codes
+    shifted into plane s's bits."""
+    q, sc, mn = _quantize(x, lo[:, None], hi[:, None], (1 << BITS) - 1)
+    if (s * DE) % GV == 0:
+        g: tl.constexpr = s * DE // GV
+        tl.store(vs_ptr + row * (PAGE * NG) + offs_t * NG + g, tl.reshape(sc, (PAGE,)).to(tl.float16))
+        tl.store(vm_ptr + row * (PAGE * NG) + offs_t * NG + g, tl.reshape(mn, (PAGE,)).to(tl.float16))
+    tl.store(vsum_ptr + row * HEAD_DIM + s * DE + offs_c, tl.sum(q, axis=0).to(tl.float32), mask=c_ok)
+    return q << (s * BITS)
+
+
+@triton.jit
+def _row_range(x, c_ok):
+    """Per-token min / max [P] of a plane x [P, DEP] over its real channels."""
+    return (tl.min(tl.where(c_ok[None, :], x, float("inf")), axis=1),
+            tl.max(tl.where(c_ok[None, :], x, float("-inf")), axis=1))
+
+
+@triton.jit
+def _hack_encode_planes_kernel(
+    k_ptr, v_ptr, ids_ptr, rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
+    kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, ksum_ptr, vsum_ptr,  # contiguous pool tensors
+    stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DEP: tl.constexpr,
+    BITS: tl.constexpr, GV: tl.constexpr, ROTATE: tl.constexpr, ROT_PREC: tl.constexpr,
+):
+    """The encoder plane by plane, for any D with D % E == 0 and GV a multiple of DE (module doc)."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    E: tl.constexpr = 8 // BITS
+    DE: tl.constexpr = HEAD_DIM // E
+    NG: tl.constexpr = HEAD_DIM // GV
+    PPG: tl.constexpr = GV // DE  # planes per V group: 1, 2 or 4
+    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+
+    offs_t = tl.arange(0, PAGE)
+    offs_c = tl.arange(0, DEP)  # channels of a plane, >= DE padding
+    c_ok = offs_c < DE
+    offs_d = tl.arange(0, BLOCK_D)  # channels of a head, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
+    k_tile = k_ptr + i * stride_kn + h * stride_kh
+    v_tile = v_ptr + i * stride_vn + h * stride_vh
+    if ROTATE:  # the whole head once; each plane is x @ R[:, plane]
+        k_full = tl.load(k_tile + offs_t[:, None] * stride_kt + offs_d[None, :], mask=d_ok[None, :],
+                         other=0.0).to(tl.float32)  # [P, BD]
+        v_full = tl.load(v_tile + offs_t[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :],
+                         other=0.0).to(tl.float32)
+    else:
+        k_full = tl.zeros([PAGE, BLOCK_D], tl.float32)  # unused
+        v_full = k_full
+
+    # ---- K: per channel over the page's tokens, plane by plane.
+    x = _plane(k_tile, k_full, rot_ptr, offs_t, stride_kt, offs_c, c_ok, offs_d, d_ok, 0, DE, HEAD_DIM,
+               ROTATE, ROT_PREC)
+    kpack, ksum = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM)
+    for s in tl.static_range(1, E):
+        x = _plane(k_tile, k_full, rot_ptr, offs_t, stride_kt, offs_c, c_ok, offs_d, d_ok, s, DE, HEAD_DIM,
+                   ROTATE, ROT_PREC)
+        q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM)
+        kpack += q
+        ksum += qs
+    tl.store(kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8),
+             mask=c_ok[None, :])
+    tl.store(ksum_ptr + row * PAGE + offs_t, ksum.to(tl.float32))
+
+    # ---- V: per token in groups of GV channels (PPG whole planes); E <= 4 planes held in registers.
+    x0 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 0, DE, HEAD_DIM,
+                ROTATE, ROT_PREC)
+    x1 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 1, DE, HEAD_DIM,
+                ROTATE, ROT_PREC)
+    lo0, hi0 = _row_range(x0, c_ok)
+    lo1, hi1 = _row_range(x1, c_ok)
+    if E == 4:
+        x2 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 2, DE,
+                    HEAD_DIM, ROTATE, ROT_PREC)
+        x3 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 3, DE,
+                    HEAD_DIM, ROTATE, ROT_PREC)
+        lo2, hi2 = _row_range(x2, c_ok)
+        lo3, hi3 = _row_range(x3, c_ok)
+        if PPG == 2:
+            lo2 = tl.minimum(lo2, lo3)
+            hi2 = tl.maximum(hi2, hi3)
+            lo3, hi3 = lo2, hi2
+        if PPG == 4:
+            lo2 = tl.minimum(tl.minimum(lo0, lo1), tl.minimum(lo2, lo3))
+            hi2 = tl.maximum(tl.maximum(hi0, hi1), tl.maximum(hi2, hi3))
+            lo0, lo1, lo3 = lo2, lo2, lo2
+            hi0, hi1, hi3 = hi2, hi2, hi2
+    if PPG == 2:
+        lo0 = tl.minimum(lo0, lo1)
+        hi0 = tl.maximum(hi0, hi1)
+        lo1, hi1 = lo0, hi0
+    vpack = _v_plane_codes(x0, lo0, hi0, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 0, DE, GV, NG,
+                           BITS, PAGE, HEAD_DIM)
+    vpack += _v_plane_codes(x1, lo1, hi1, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 1, DE, GV,
+                            NG, BITS, PAGE, HEAD_DIM)
+    if E == 4:
+        vpack += _v_plane_codes(x2, lo2, hi2, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 2, DE,
+                                GV, NG, BITS, PAGE, HEAD_DIM)
+        vpack += _v_plane_codes(x3, lo3, hi3, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 3, DE,
+                                GV, NG, BITS, PAGE, HEAD_DIM)
+    tl.store(vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8),
+             mask=c_ok[None, :])
+
+
 def _check_encode(k, v, bits, group_v, out, page_ids):
     """Validate; returns (out pool or None, ids).  Raises ValueError naming the argument."""
     bits = check_bits(bits)
@@ -103,12 +246,16 @@ def _check_encode(k, v, bits, group_v, out, page_ids):
         raise ValueError(f"v is on {v.device}, k is on {k.device}")
     n, kvh, page, d = k.shape
     e = 8 // bits
-    if not (_is_pow2(page) and _is_pow2(d)):
-        raise ValueError(f"k page_size {page} and head_dim {d} must be powers of two")
-    if not isinstance(group_v, int) or not _is_pow2(group_v) or d % group_v:
-        raise ValueError(f"group_v must be a power of two dividing head_dim {d}, got {group_v!r}")
-    if d < e:
-        raise ValueError(f"k head_dim {d} must be >= {e} for bits={bits}")
+    if not _is_pow2(page):
+        raise ValueError(f"k page_size {page} must be a power of two")
+    if not head_dim_ok(d) or d % e:
+        raise ValueError(f"{head_dim_error(d, 'k head_dim')} and a multiple of {e} (bits={bits})")
+    if _is_pow2(d):
+        if not isinstance(group_v, int) or not _is_pow2(group_v) or d % group_v:
+            raise ValueError(f"group_v must be a power of two dividing head_dim {d}, got {group_v!r}")
+    elif not isinstance(group_v, int) or group_v <= 0 or d % group_v or group_v % (d // e):
+        raise ValueError(f"group_v must divide head_dim {d} and be a multiple of head_dim / {e} = "
+                         f"{d // e}, got {group_v!r}")
     for name, t in (("k", k), ("v", v)):
         if t.numel() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
@@ -155,6 +302,17 @@ def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None, rotation=
         raise RuntimeError("hack_encode_pages: the Triton kernel cannot run on CPU tensors unless "
                            "TRITON_INTERPRET=1 was set before import; use hack_encode_pages_ref on CPU.")
     if n == 0 or kvh == 0:
+        return pool
+    if not _is_pow2(d):
+        _hack_encode_planes_kernel[(n, kvh)](
+            k, v, ids, rotation if rotation is not None else k, pool.k_codes, pool.v_codes, pool.k_scale,
+            pool.k_min, pool.v_scale, pool.v_min, pool.k_sums, pool.v_sums,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            PAGE=page, HEAD_DIM=d, BLOCK_D=block_d(d), DEP=block_d(d // (8 // bits)), BITS=bits,
+            GV=group_v, ROTATE=rotation is not None,
+            ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
+            num_warps=4 if page * block_d(d) < 8192 else 8,
+        )
         return pool
     _hack_encode_kernel[(n, kvh)](
         k, v, ids, rotation if rotation is not None else k, pool.k_codes, pool.v_codes, pool.k_scale, pool.k_min, pool.v_scale, pool.v_min,

@@ -27,6 +27,10 @@ offset s * b.  Unpacking plane s, ``(byte >> (s * b)) & (2^b - 1)``, gives the c
 Also here: ``hack_bytes_per_token`` (exact byte accounting) and ``check_decode_args`` (argument
 validation shared by hack_decode_attention and its reference).
 
+Head sizes: the layout needs D % E == 0, GV | D and GV a multiple of DE (a V group never splits a
+plane); the kernels take any such D up to 256 (planes that are not a power of two >= 16 wide are
+padded in registers, kernels/head_dim.py). ``hack_group_v`` gives the V group HackCodec uses.
+
 Sinks and the open page: the first ``n_sink`` (4) tokens of a sequence and its last, partly filled page
 stay in 16-bit in a separate dense buffer owned by the caller.  Quantized page 0 still contains the sink
 positions; attention over quantized pages skips positions < n_sink (see hack_decode_attention.py).
@@ -36,8 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
+from zipserve.kernels.head_dim import head_dim_ok
+
 __all__ = ["HackPages", "check_bits", "codes_per_byte", "pack_planar", "unpack_planar",
-           "hack_bytes_per_token", "check_decode_args"]
+           "hack_bytes_per_token", "hack_group_v", "check_decode_args"]
 
 _Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DECODE_MODES = ("f16", "int8")
@@ -55,6 +61,20 @@ def check_bits(bits) -> int:
 
 def codes_per_byte(bits: int) -> int:
     return 8 // check_bits(bits)
+
+
+def hack_group_v(head_dim: int, bits: int, group_v: int = 32) -> int:
+    """The V channel group for head_dim: the smallest multiple of the plane width D / E that is
+    >= group_v (or D itself) and divides head_dim, since the kernels unpack V in planes of D / E
+    channels and a group may not split one. D = 128, b = 2: 32; D = 96, b = 2: 48; D = 64, b = 4: 32."""
+    e = codes_per_byte(bits)
+    if head_dim <= 0 or head_dim % e:
+        raise ValueError(f"head_dim {head_dim} is not a positive multiple of {e} (bits={bits})")
+    de = head_dim // e
+    g = de * max(1, -(-group_v // de))
+    while head_dim % g:
+        g += de
+    return min(g, head_dim)
 
 
 def pack_planar(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -192,8 +212,8 @@ def check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_len
     (B, H, D), KVH, P, E = q.shape, pages.num_kv_heads, pages.page_size, 8 // pages.bits
     checks = [
         (pages.head_dim == D, "head_dim", f"pages head_dim {pages.head_dim} != q head_dim {D}"),
-        (_is_pow2(D) and 16 * E <= D <= 256, "head_dim",
-         f"must be a power of two in [{16 * E}, 256], got {D}"),
+        (head_dim_ok(D) and D % E == 0, "head_dim",
+         f"must be an even number in [8, 256] and a multiple of {E}, got {D}"),
         (_is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
         (pages.group_v % (D // E) == 0, "pages",
          f"group_v {pages.group_v} must be a multiple of D / E = {D // E}"),

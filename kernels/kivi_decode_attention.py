@@ -32,7 +32,9 @@ element, like KIVI's half2 CUDA kernels; float32 when q is float32) and converte
 step then runs the same online softmax as the bf16 kernel (one q.K^T dot, one p.V dot, fp32
 accumulation, log2 domain).  Splits own contiguous ranges of whole steps; the last split also attends the
 dense tail.  Splits are merged by paged_decode_attention's merge kernel.  Nothing depends on host values
-of the lengths, so the wrapper is CUDA-graph capturable.
+of the lengths, so the wrapper is CUDA-graph capturable.  head_dim: any multiple of CG (and of E) up to 256;
+a D that is not a power of two (96, 160, ...) runs in BLOCK_D = next power of two wide tiles with channels
+>= D masked on every load and store, and V's scales gathered per channel (kernels/head_dim.py).
 """
 
 import torch
@@ -42,6 +44,7 @@ import triton.language as tl
 from zipserve.compress.quantize import dequant_k, dequant_v
 from zipserve.kernels.decode_steps import _dense_tail, _online_softmax_step, _split_pages
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import (
     merge_splits,
     require_runnable,
@@ -57,22 +60,23 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, num_kv_heads,
                   stride_ob, stride_oh, G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr):
-    """Normalise and store (NUM_SPLITS == 1) or write the split's partial output + log2-sum-exp."""
+                  BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Normalise and store (NUM_SPLITS == 1) or write the split's partial output + log2-sum-exp.
+    acc [G_PAD, BLOCK_D]: channels >= HEAD_DIM are padding, never stored."""
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_g = offs_g < G
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_g < G)[:, None] & (offs_d < HEAD_DIM)[None, :]
     heads = kvh * G + offs_g
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # zeros for an empty range
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         row = (b * num_kv_heads * G + heads) * NUM_SPLITS + split  # [G_PAD] row in part / lse
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_g[:, None])
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask)
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        tl.store(lse_ptr + row, lse, mask=mask_g)
+        tl.store(lse_ptr + row, lse, mask=offs_g < G)
 
 
 @triton.jit
@@ -84,8 +88,8 @@ def _kivi_decode_kernel(
     stride_qb, stride_qh, stride_ptb,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NP: tl.constexpr,
-    BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    NP: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, DQ_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -101,24 +105,25 @@ def _kivi_decode_kernel(
     DQ: tl.constexpr = tl.float32 if DQ_F32 else tl.float16  # dequantization arithmetic
 
     offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < G)[:, None], other=0.0)  # [G_PAD, D]; padded rows are zeros
+                mask=(offs_g < G)[:, None] & d_ok[None, :], other=0.0)  # [G_PAD, BD]; padding zeros
     cdt = q.dtype  # dot operand dtype
     byte_d = offs_d % DE  # planar layout: channel c lives in byte c % DE ...
     shift_d = (offs_d // DE) * BITS  # ... at bit offset (c // DE) * b
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
 
     # ---- dense 16-bit tail: last split only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
     m_i, l_i, acc = _dense_tail(q, dk_ptr + b * stride_dkb + kvh * stride_dkh,
                                 dv_ptr + b * stride_dvb + kvh * stride_dvh, stride_dkt, stride_dvt,
-                                dl, offs_d, offs_d, offs_d < HEAD_DIM, m_i, l_i, acc, qk_scale,
+                                dl, offs_d, d_ok, offs_d, d_ok, m_i, l_i, acc, qk_scale,
                                 DENSE_BLOCK, DOT_PREC)
 
     # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
@@ -130,35 +135,39 @@ def _kivi_decode_kernel(
         ok = pg < hi
         prow = tl.load(pt_row + pg, mask=ok, other=0).to(tl.int64) * KVH + kvh  # [N] (page, head) pool row
         tok_row = prow * PAGE + slot  # [N] (page, head, token) row
-        ok2 = ok[:, None]
+        ok2 = ok[:, None] & d_ok[None, :]  # [N, BD]
 
-        # K: codes [N, D] from the packed bytes, scale / min rows of each token's group.
+        # K: codes [N, BD] from the packed bytes, scale / min rows of each token's group.
         kc = tl.load(kc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(tl.int32)
         kq = ((kc >> shift_d[None, :]) & MASK).to(DQ)
-        krow = (prow * NGK + slot // TG)[:, None] * HEAD_DIM + offs_d[None, :]  # [N, D]
+        krow = (prow * NGK + slot // TG)[:, None] * HEAD_DIM + offs_d[None, :]  # [N, BD]
         ks = tl.load(ks_ptr + krow, mask=ok2, other=0.0).to(DQ)
         km = tl.load(km_ptr + krow, mask=ok2, other=0.0).to(DQ)
-        k = (kq * ks + km).to(cdt)  # [N, D]
+        k = (kq * ks + km).to(cdt)  # [N, BD]
 
-        # V: codes [N, D], per-token scale / min of each channel group broadcast over its CG channels.
+        # V: codes [N, BD], per-token scale / min of each channel group broadcast over its CG channels.
         vc = tl.load(vc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(tl.int32)
         vq = ((vc >> shift_d[None, :]) & MASK).to(DQ)
-        if NGV == 1:
+        if BLOCK_D != HEAD_DIM:  # NGV groups need not be a power of two: gather per channel
+            vrow = tok_row[:, None] * NGV + (offs_d // CG)[None, :]  # [N, BD]
+            vs = tl.load(vs_ptr + vrow, mask=ok2, other=0.0).to(DQ)
+            vm = tl.load(vm_ptr + vrow, mask=ok2, other=0.0).to(DQ)
+        elif NGV == 1:
             vs = tl.load(vs_ptr + tok_row, mask=ok, other=0.0).to(DQ)[:, None]  # [N, 1]
             vm = tl.load(vm_ptr + tok_row, mask=ok, other=0.0).to(DQ)[:, None]
         else:
             offs_v = tl.arange(0, NGV)
             vrow = tok_row[:, None] * NGV + offs_v[None, :]  # [N, NGV]
-            vs = tl.load(vs_ptr + vrow, mask=ok2, other=0.0).to(DQ)
-            vm = tl.load(vm_ptr + vrow, mask=ok2, other=0.0).to(DQ)
+            vs = tl.load(vs_ptr + vrow, mask=ok[:, None], other=0.0).to(DQ)
+            vm = tl.load(vm_ptr + vrow, mask=ok[:, None], other=0.0).to(DQ)
             vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM))
             vm = tl.reshape(tl.broadcast_to(vm[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM))
-        v = (vq * vs + vm).to(cdt)  # [N, D]
+        v = (vq * vs + vm).to(cdt)  # [N, BD]
 
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC)
 
     _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, KVH, stride_ob, stride_oh,
-                  G, G_PAD, HEAD_DIM, NUM_SPLITS)
+                  G, G_PAD, HEAD_DIM, BLOCK_D, NUM_SPLITS)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -177,8 +186,8 @@ def _check_call_args(q, page_table, n_pages, dense_k, dense_v, dense_lens, scale
     if q.dim() != 3 or q.dtype not in _DTYPES:
         raise ValueError(f"q must be [B, num_heads, head_dim] of {_DTYPES}, got {q.dtype} {tuple(q.shape)}")
     B, H, D = q.shape
-    if not (_is_pow2(D) and 16 <= D <= 256):
-        raise ValueError(f"q head_dim must be a power of two in [16, 256], got {D}")
+    if not head_dim_ok(D):
+        raise ValueError(head_dim_error(D, "q head_dim"))
     if kvh == 0 or H % kvh:
         raise ValueError(f"q num_heads {H} must be a multiple of {pool_name} num_kv_heads {kvh}")
     if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != B:
@@ -281,11 +290,13 @@ def _launch_config(head_dim: int, page_size: int):
     """Fixed heuristic (no autotune): (NP pages per step, num_warps, num_stages).
 
     The dequantized K and V [BLOCK_N, D] tiles are formed in registers, so a step holds ~8K elements:
-    128 tokens at D <= 64, 64 tokens (one default page) above.  The code / scale loads feed ALU ops,
-    not dots, so Triton's pipeliner does not stage them through shared memory; 2 stages.
+    128 tokens at D <= 64, 64 tokens (one default page) above (D: the padded tile width).  The code /
+    scale loads feed ALU ops, not dots, so Triton's pipeliner does not stage them through shared
+    memory; 2 stages.
     """
-    np_ = max(1, (128 if head_dim <= 64 else 64) // page_size)
-    num_warps = 8 if head_dim >= 256 else 4
+    bd = block_d(head_dim)
+    np_ = max(1, (128 if bd <= 64 else 64) // page_size)
+    num_warps = 8 if bd >= 256 else 4
     return np_, num_warps, 2
 
 
@@ -310,7 +321,8 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, p
         dense_k.stride(0), dense_k.stride(1), dense_k.stride(2),
         dense_v.stride(0), dense_v.stride(1), dense_v.stride(2),
         out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PAGE=P, NP=np_, BITS=int(bits), TG=TG, CG=CG,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_D=block_d(D), PAGE=P, NP=np_,
+        BITS=int(bits), TG=TG, CG=CG,
         NUM_SPLITS=num_splits, DENSE_BLOCK=64, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DQ_F32=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )

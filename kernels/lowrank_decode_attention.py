@@ -18,8 +18,8 @@ Layout of one layer (P = page_size):
   dense_k  [B, KVH, T, D]          q's dtype, full dimension
   dense_v  [B, KVH, T, >= RV]      q's dtype, projected; only the first RV columns are read
   out      [B, H, RV]              q's dtype
-RK, RV need not be powers of two (ranks are multiples of 16): the kernel loads tiles of the next
-power of two with masked columns, which reads and stores nothing extra.  A row attends to all
+RK, RV and D need not be powers of two (ranks are multiples of 16; D any even size in [8, 256]): the
+kernel loads tiles of the next power of two with masked columns, which reads and stores nothing extra.  A row attends to all
 n_pages[b] * P page tokens and dense_lens[b] tail tokens; n_pages[b] == dense_lens[b] == 0 is a
 padding row (zeros).
 
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from zipserve.kernels.decode_steps import _dense_tail, _online_softmax_step, _split_pages
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import merge_splits, require_runnable
 
 __all__ = ["lowrank_decode_attention", "lowrank_decode_attention_ref", "lowrank_bytes_per_token"]
@@ -52,7 +53,8 @@ def _lowrank_decode_kernel(
     stride_qb, stride_qh, stride_qrb, stride_qrh, stride_ptb,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    RK: tl.constexpr, RV: tl.constexpr,
     RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, PAGE: tl.constexpr, NP: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, F16: tl.constexpr,
 ):
@@ -67,11 +69,12 @@ def _lowrank_decode_kernel(
     offs_v = tl.arange(0, RV_PAD)
     ck = offs_k < RK
     cv = offs_v < RV
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
     heads = kvh * G + offs_g
     mg = (offs_g < G)[:, None]
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mg, other=0.0)  # [G_PAD, D]; padded rows are zeros
+                mask=mg & d_ok[None, :], other=0.0)  # [G_PAD, BD]; padded rows / channels are zeros
     qr = tl.load(qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh + offs_k[None, :],
                  mask=mg & ck[None, :], other=0.0)  # [G_PAD, RK_PAD]
     if F16:
@@ -87,7 +90,7 @@ def _lowrank_decode_kernel(
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
     m_i, l_i, acc = _dense_tail(q, dk_ptr + b * stride_dkb + kvh * stride_dkh,
                                 dv_ptr + b * stride_dvb + kvh * stride_dvh, stride_dkt, stride_dvt,
-                                dl, offs_d, offs_v, cv, m_i, l_i, acc, qk_scale, DENSE_BLOCK,
+                                dl, offs_d, d_ok, offs_v, cv, m_i, l_i, acc, qk_scale, DENSE_BLOCK,
                                 DOT_PREC)
 
     # ---- reduced pages: this split's page range [lo, hi), whole steps of NP pages.
@@ -126,8 +129,8 @@ def _check_inputs(q, q_red, k_pages, v_pages, page_table, n_pages, dense_k, dens
         raise ValueError(f"q must be [B, H, D] of {_DTYPES}, got {getattr(q, 'dtype', type(q).__name__)} "
                          f"{tuple(getattr(q, 'shape', ()))}")
     B, H, D = q.shape
-    if not (D >= 16 and D & (D - 1) == 0 and D <= 256):
-        raise ValueError(f"q head_dim must be a power of two in [16, 256], got {D}")
+    if not head_dim_ok(D):
+        raise ValueError(head_dim_error(D, "q head_dim"))
     if (not isinstance(q_red, torch.Tensor) or q_red.dim() != 3 or q_red.shape[:2] != (B, H)
             or q_red.dtype != q.dtype):
         raise ValueError(f"q_red must be {q.dtype} [B={B}, H={H}, RK], got "
@@ -215,7 +218,8 @@ def lowrank_decode_attention(q, q_red, k_pages, v_pages, page_table, n_pages, de
         dense_k.stride(0), dense_k.stride(1), dense_k.stride(2),
         dense_v.stride(0), dense_v.stride(1), dense_v.stride(2),
         out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, RK=RK, RV=RV, RK_PAD=rk_pad, RV_PAD=rv_pad,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_D=block_d(D), RK=RK, RV=RV,
+        RK_PAD=rk_pad, RV_PAD=rv_pad,
         PAGE=P, NP=np_, NUM_SPLITS=num_splits, DENSE_BLOCK=64,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", F16=q.dtype != torch.float32,
         num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3,

@@ -16,7 +16,8 @@
 
 Kernel: one program per (input page, kv head) loads the [P, D] K and V tiles once, takes the two
 [P, D] x [D, R] products in fp32 (``ieee``: the projection is exact to fp32, rounding happens once at
-the store) and writes the reduced tiles.  This is the "K projected after RoPE in the kernel that
+the store) and writes the reduced tiles.  Any even head_dim in [8, 256]: the tiles are the next power of
+two >= 16 wide with channels >= D masked (kernels/head_dim.py).  This is the "K projected after RoPE in the kernel that
 stores it" of the ZeroC design; ``lowrank+hack`` quantizes the kernel's fp32 output with
 hack_encode (two launches, see compress/lowrank.py).
 """
@@ -25,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import require_runnable
 
 __all__ = ["lowrank_encode_pages", "lowrank_encode_pages_ref"]
@@ -37,10 +39,12 @@ _OUT = (torch.float16, torch.float32)
 def _project_store(x, basis_ptr, out_ptr, row, h, offs_t, offs_d,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
                    C_PAD: tl.constexpr):
-    """x [P, D] fp32 -> store x @ basis[h] [P, R] (zeros up to W) into pool row `row`."""
+    """x [P, BD] fp32 (channels >= D zero) -> store x @ basis[h] [P, R] (zeros up to W) into
+    pool row `row`."""
     offs_c = tl.arange(0, C_PAD)
     b = tl.load(basis_ptr + h * (HEAD_DIM * R) + offs_d[:, None] * R + offs_c[None, :],
-                mask=(offs_c < R)[None, :], other=0.0)  # [D, C_PAD], zero columns past R
+                mask=(offs_d < HEAD_DIM)[:, None] & (offs_c < R)[None, :],
+                other=0.0)  # [BD, C_PAD], zero rows past D and columns past R
     y = tl.dot(x, b, input_precision="ieee")  # [P, C_PAD]
     tl.store(out_ptr + row * (PAGE * W) + offs_t[:, None] * W + offs_c[None, :],
              y.to(out_ptr.dtype.element_ty), mask=(offs_c < W)[None, :])
@@ -50,21 +54,22 @@ def _project_store(x, basis_ptr, out_ptr, row, h, offs_t, offs_d,
 def _lowrank_encode_kernel(
     k_ptr, v_ptr, ids_ptr, kb_ptr, vb_ptr, ok_ptr, ov_ptr,  # inputs strided, bases/pools contiguous
     stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr,
-    WK: tl.constexpr, WV: tl.constexpr, CK_PAD: tl.constexpr, CV_PAD: tl.constexpr,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RK: tl.constexpr,
+    RV: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, CK_PAD: tl.constexpr, CV_PAD: tl.constexpr,
     V_PROJ: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
     offs_t = tl.arange(0, PAGE)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt
-                + offs_d[None, :]).to(tl.float32)  # [P, D]
+                + offs_d[None, :], mask=d_ok, other=0.0).to(tl.float32)  # [P, BD]
     _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
     if V_PROJ:
         v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
-                    + offs_d[None, :]).to(tl.float32)  # [P, D]
+                    + offs_d[None, :], mask=d_ok, other=0.0).to(tl.float32)  # [P, BD]
         _project_store(v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD)
     else:  # already reduced: copy the first WV columns (zeros past D)
         offs_c = tl.arange(0, CV_PAD)
@@ -89,8 +94,10 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
     if v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     n, kvh, p, d = k.shape
-    if not (_pow2(p) and _pow2(d) and p >= 16 and d >= 16):
-        raise ValueError(f"k page_size and head_dim must be powers of two >= 16, got {p}, {d}")
+    if not (_pow2(p) and p >= 16):
+        raise ValueError(f"k page_size must be a power of two >= 16, got {p}")
+    if not head_dim_ok(d):
+        raise ValueError(head_dim_error(d, "k head_dim"))
     ranks = []
     for name, b, out in (("k_basis", k_basis, out_k), ("v_basis", v_basis, out_v)):
         if b is None and name == "v_basis":  # v already projected
@@ -131,7 +138,7 @@ def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
     _lowrank_encode_kernel[(n, kvh)](
         k, v, page_ids.contiguous(), k_basis, k_basis if v_basis is None else v_basis, out_k, out_v,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        PAGE=p, HEAD_DIM=d, RK=rk, RV=rv or 1, WK=wk, WV=wv,
+        PAGE=p, HEAD_DIM=d, BLOCK_D=block_d(d), RK=rk, RV=rv or 1, WK=wk, WV=wv,
         CK_PAD=max(16, triton.next_power_of_2(wk)), CV_PAD=max(16, triton.next_power_of_2(wv)),
         V_PROJ=rv is not None,
         num_warps=4,

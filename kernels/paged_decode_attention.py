@@ -16,7 +16,8 @@ page-aligned chunk of the sequence in blocks of BLOCK_N tokens (BLOCK_N may span
 of page ids is gathered from the page table per block).  Online softmax runs in the log2 domain (log2(e) is
 folded into the scale).  With num_splits > 1 every program writes a normalised partial output plus its
 log2-sum-exp, and a second small kernel merges the splits.  Nothing depends on host-side values of
-``seq_lens``, so the wrapper is CUDA-graph capturable.
+``seq_lens``, so the wrapper is CUDA-graph capturable.  Any even head_dim in [8, 256] (kernels/head_dim.py):
+tiles are BLOCK_D = next power of two >= max(16, D) wide and channels >= D are masked on every load and store.
 """
 
 import math
@@ -24,6 +25,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref", "choose_num_splits"]
 
@@ -41,8 +44,9 @@ def _paged_decode_kernel(
     stride_vp, stride_vh, stride_vt,
     stride_ptb,
     stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -50,14 +54,15 @@ def _paged_decode_kernel(
     num_heads = tl.num_programs(1) * G
 
     offs_g = tl.arange(0, G_PAD)  # [G_PAD] query head within the group
-    offs_d = tl.arange(0, HEAD_DIM)  # [D]
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     mask_g = offs_g < G
     heads = kvh * G + offs_g  # [G_PAD] global query head ids
 
-    # q tile [G_PAD, D]; padded rows are zeros.
+    # q tile [G_PAD, BD]; padded rows and channels are zeros.
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None], other=0.0)
+                mask=mask_g[:, None] & d_ok[None, :], other=0.0)
 
     # This split's token range [lo, hi): contiguous chunks of CHUNK tokens (CHUNK is a multiple of
     # page_size and BLOCK_N), so splits are page aligned.  Empty when the split is past the end.
@@ -72,16 +77,17 @@ def _paged_decode_kernel(
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)  # running max (log2 domain)
     l_i = tl.zeros([G_PAD], tl.float32)  # running denominator
-    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)  # running numerator
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)  # running numerator
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n  # [BLOCK_N] logical token positions
         valid = tok < hi
         page = tl.load(pt_row + tok // PAGE_SIZE, mask=valid, other=0).to(tl.int64)  # [BLOCK_N]
         slot = tok % PAGE_SIZE
+        kv_ok = valid[:, None] & d_ok[None, :]
         k = tl.load(k_base + (page * stride_kp + slot * stride_kt)[:, None] + offs_d[None, :],
-                    mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+                    mask=kv_ok, other=0.0)  # [BLOCK_N, BD]
         v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + offs_d[None, :],
-                    mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+                    mask=kv_ok, other=0.0)  # [BLOCK_N, BD]
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -93,13 +99,14 @@ def _paged_decode_kernel(
         m_i = m_new
 
     nonempty = l_i > 0.0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [G_PAD, D]; zeros for an empty range
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [G_PAD, BD]; zeros for an empty range
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & d_ok[None, :])
     else:
         row = (b * num_heads + heads) * NUM_SPLITS + split  # [G_PAD] row in part/lse
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_g[:, None])
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=mask_g[:, None] & d_ok[None, :])
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row, lse, mask=mask_g)
 
@@ -108,13 +115,14 @@ def _paged_decode_kernel(
 def _merge_splits_kernel(
     part_ptr, lse_ptr, out_ptr,  # part f32 [B,H,S,D], lse f32 [B,H,S] (log2 domain), out [B,H,D]
     stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     row0 = (b * tl.num_programs(1) + h) * NUM_SPLITS
     offs_s = tl.arange(0, S_PAD)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
 
     lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))  # [S_PAD]
     live = lse > float("-inf")  # empty splits (and padding rows) contribute nothing
@@ -122,10 +130,11 @@ def _merge_splits_kernel(
     m = tl.where(m > float("-inf"), m, 0.0)
     w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
     part = tl.load(part_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=live[:, None], other=0.0)  # [S_PAD, D]
+                   mask=live[:, None] & d_ok[None, :], other=0.0)  # [S_PAD, BD]
     den = tl.sum(w, axis=0)
-    o = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)  # [D]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+    o = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)  # [BD]
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
 
 
 def is_interpreted(kernel) -> bool:
@@ -158,7 +167,7 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> to
     _merge_splits_kernel[(b, h)](
         part, lse, out, out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=d,
-        num_warps=1 if d <= 64 else 2,
+        BLOCK_D=block_d(d), num_warps=1 if d <= 64 else 2,
     )
     return out
 
@@ -185,8 +194,8 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
     _, KVH, page_size, Dk = k_cache.shape
     if Dk != D:
         raise ValueError(f"k_cache head_dim {Dk} != q head_dim {D}")
-    if not (_is_pow2(D) and 16 <= D <= 256):
-        raise ValueError(f"q head_dim must be a power of two in [16, 256], got {D}")
+    if not head_dim_ok(D):
+        raise ValueError(head_dim_error(D, "q head_dim"))
     if not _is_pow2(page_size):
         raise ValueError(f"k_cache page_size must be a power of two, got {page_size}")
     if KVH == 0 or H % KVH != 0:
@@ -221,12 +230,13 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
 def _launch_config(head_dim: int, page_size: int, dtype: torch.dtype):
     """Fixed heuristic (no autotune): returns (BLOCK_N, CHUNK, num_warps, num_stages)."""
     # K+V bytes per stage = 2 * BLOCK_N * D * elem; keep ~32 KB/stage for 16-bit types.
-    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[head_dim]
+    bd = block_d(head_dim)
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64, 256: 32}[bd]
     if dtype == torch.float32:
         block_n = max(16, block_n // 2)
     chunk = max(block_n, page_size)  # split granularity: whole blocks and whole pages
-    num_warps = 8 if head_dim >= 256 else 4
-    num_stages = 2 if (head_dim >= 256 or dtype == torch.float32) else 3
+    num_warps = 8 if bd >= 256 else 4
+    num_stages = 2 if (bd >= 256 or dtype == torch.float32) else 3
     return block_n, chunk, num_warps, num_stages
 
 
@@ -259,7 +269,8 @@ def paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, PAGE_SIZE=page_size,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_D=block_d(D),
+        PAGE_SIZE=page_size,
         BLOCK_N=block_n, CHUNK=chunk, NUM_SPLITS=num_splits,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

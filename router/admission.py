@@ -34,8 +34,14 @@ def check_model(backend: Backend, requested: str | None) -> None:
                           param="model", code="model_not_found")
 
 
+NO_TOKENIZER = "this server runs without a tokenizer (--skip-tokenizer)"
+
+
 def completion_prompt_ids(backend: Backend, req: CompletionRequest) -> list[int]:
     if isinstance(req.prompt, str):
+        if not backend.has_tokenizer:
+            raise OpenAIError(400, f"prompt: {NO_TOKENIZER}; send the prompt as a list of token "
+                                   f"ids", param="prompt", code="tokenizer_not_loaded")
         ids = tokenize(backend, req.prompt, "prompt")
     else:
         ids = list(req.prompt)
@@ -68,6 +74,10 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
 
 
 def chat_prompt_ids(backend: Backend, req: ChatCompletionRequest) -> list[int]:
+    if not backend.has_tokenizer:
+        raise OpenAIError(400, f"messages: {NO_TOKENIZER}, so it has no chat template; send "
+                               f"/v1/completions a prompt of token ids", param="messages",
+                          code="tokenizer_not_loaded")
     messages = [{"role": m.role, "content": m.content} for m in req.messages]
     try:
         text = backend.apply_chat_template(messages)
@@ -108,6 +118,9 @@ def build_job(backend: Backend, req: SamplingRequest, prompt_ids: list[int], *,
     limits.check_prompt(len(prompt_ids), prompt_param)
     n = choose_max_tokens(max_tokens, default_max_tokens, len(prompt_ids),
                           backend.max_model_len, prompt_param)
+    if req.stop_list() and not backend.has_tokenizer:
+        raise OpenAIError(400, f"stop: {NO_TOKENIZER}; stop strings need one", param="stop",
+                          code="tokenizer_not_loaded")
     if req.min_tokens is not None and req.min_tokens > n:
         raise OpenAIError(400, f"min_tokens: {req.min_tokens} is more than max_tokens {n}",
                           param="min_tokens")

@@ -94,7 +94,8 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         req = parse_model(CompletionRequest, await read_json(request))
         job = admit_completion(backend, req, arrival, limits)
         fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
-                               model=backend.model_name, token_strings=_strings_for(job))
+                               model=backend.model_name, token_strings=_strings_for(job),
+                               token_ids=not backend.has_tokenizer)
         return await respond(state, request, job, fmt, stream=req.stream,
                              include_usage=_include_usage(req))
 

@@ -166,6 +166,10 @@ class Backend(Protocol):
     """The KV codecs served, the default first; a request naming another gets 400."""
     vocab_size: int
     """Prompt token ids must be in [0, vocab_size) (the router refuses others with a 400)."""
+    has_tokenizer: bool
+    """False: the model is served without a tokenizer (`zipserve serve --skip-tokenizer`):
+    prompts are token ids, text prompts, chat messages and stop strings get a 400 naming the
+    field, token events carry empty text and completions answer with the token ids."""
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` (called on the event loop: must be fast)."""

@@ -9,6 +9,8 @@
   stop string is held back, so streamed deltas never contain part of one).
 - Phases: queue, prefill, encode, transfer, decode_queue back to back from job.arrival, each
   `phase_delay` long, then decode with one token every `token_delay`.
+- `has_tokenizer=False`: a server without a tokenizer (the router refuses text; tokens carry empty
+  text and `token_strings` gives "token_id:<id>").
 - Knobs (plain attributes, change them between requests): `token_delay` (slow it down for
   disconnect tests), `fail_message` + `fail_after_tokens` (finish with an error after that many
   tokens), `phase_delay`.
@@ -91,9 +93,10 @@ class FakeBackend:
     def __init__(self, *, model_name: str = "zipserve-fake", max_model_len: int = 256,
                  phase_delay: float = 0.001, token_delay: float = 0.001,
                  codec: str = "bf16", num_pages: int = 256, page_size: int = 16,
-                 vocab_size: int = 4096) -> None:
+                 vocab_size: int = 4096, has_tokenizer: bool = True) -> None:
         self.model_name = model_name
         self.vocab_size = vocab_size
+        self.has_tokenizer = has_tokenizer
         self.max_model_len = max_model_len
         self.phase_delay = phase_delay
         self.token_delay = token_delay
@@ -124,6 +127,8 @@ class FakeBackend:
         return turns + "<|assistant|>\n"
 
     def token_strings(self, ids: list[int]) -> list[str]:
+        if not self.has_tokenizer:
+            return [f"token_id:{i}" for i in ids]
         return [f" t{i - 1000}" if i >= 1000 else
                 bytes([i]).decode("utf-8", "replace") if i < 256 else "" for i in ids]
 
@@ -197,7 +202,7 @@ class FakeBackend:
                 reason, error = "abort", "aborted"
                 break
             k = n + (job.seed or 0)
-            text += f" t{k}"
+            text += f" t{k}" if self.has_tokenizer else ""
             n += 1
             self._decode_tokens[job.id] = len(job.prompt_ids) + n
             cut = first_stop(text, job.stop) if n >= job.min_tokens else None

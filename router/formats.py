@@ -1,7 +1,9 @@
 """The two OpenAI response shapes: text completions and chat completions, whole and as chunks.
 
 A format built with `token_strings` (the request asked for logprobs) adds the logprobs of the
-token events it is handed (router/logprobs.py); without it, `logprobs` stays null.
+token events it is handed (router/logprobs.py); without it, `logprobs` stays null. A completion
+format built with `token_ids` (the server has no tokenizer) adds the events' token ids to each
+choice as `token_ids`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class ResponseFormat(Protocol):
 
     endpoint: str
     token_strings: TokenStrings | None
+    token_ids: bool
+    """Chunks need the token events (one per token when streaming) even without text."""
 
     def first_chunk(self) -> BaseModel | None: ...
     def delta_chunk(self, text: str, tokens: Sequence[TokenEvent] = ()) -> BaseModel: ...
@@ -50,9 +54,15 @@ class CompletionFormat:
     created: int
     model: str
     token_strings: TokenStrings | None = None
+    token_ids: bool = False
     endpoint: str = "completions"
     _offset: int = field(default=0, init=False)
     """text_offset of the next streamed token."""
+
+    def _choice(self, text: str, tokens: Sequence[TokenEvent], finish_reason: str | None = None):
+        extra = {"token_ids": [t.token_id for t in tokens]} if self.token_ids else {}
+        return CompletionChoice(text=text, logprobs=self._logprobs(tokens),
+                                finish_reason=finish_reason, **extra)
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None):
         return CompletionResponse(id=self.id, created=self.created, model=self.model,
@@ -62,14 +72,17 @@ class CompletionFormat:
         if self.token_strings is None:
             return None
         lp = completion_logprobs(tokens, self.token_strings, self._offset)
-        self._offset += sum(len(t) for t in lp.tokens)
+        if self.token_ids:  # no tokenizer: the text is empty, so every token starts at 0
+            lp.text_offset = [0] * len(lp.tokens)
+        else:
+            self._offset += sum(len(t) for t in lp.tokens)
         return lp
 
     def first_chunk(self) -> None:
         return None
 
     def delta_chunk(self, text: str, tokens: Sequence[TokenEvent] = ()) -> CompletionResponse:
-        return self._chunk([CompletionChoice(text=text, logprobs=self._logprobs(tokens))])
+        return self._chunk([self._choice(text, tokens)])
 
     def final_chunk(self, finish_reason: str) -> CompletionResponse:
         return self._chunk([CompletionChoice(text="", finish_reason=finish_reason)])
@@ -79,8 +92,7 @@ class CompletionFormat:
 
     def whole(self, text: str, finish_reason: str, usage: Usage,
               tokens: Sequence[TokenEvent] = ()) -> CompletionResponse:
-        return self._chunk([CompletionChoice(text=text, finish_reason=finish_reason,
-                                             logprobs=self._logprobs(tokens))], usage)
+        return self._chunk([self._choice(text, tokens, finish_reason)], usage)
 
 
 @dataclass
@@ -91,6 +103,7 @@ class ChatFormat:
     created: int
     model: str
     token_strings: TokenStrings | None = None
+    token_ids: bool = False  # chat needs a tokenizer: never set
     endpoint: str = "chat.completions"
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None):

@@ -316,6 +316,11 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionChoice(BaseModel):
+    """A server without a tokenizer adds `token_ids` (the generated ids; vLLM's name), present
+    only then."""
+
+    model_config = ConfigDict(extra="allow")
+
     index: int = 0
     text: str
     logprobs: CompletionLogprobs | None = None

@@ -110,7 +110,8 @@ async def respond(state: RouterState, request: Request, job: Job, fmt: ResponseF
 async def _whole(run: JobRun, request: Request, fmt: ResponseFormat,
                  headers: dict[str, str]) -> Response:
     parts: list[str] = []
-    tokens: list[TokenEvent] = []  # kept only for logprobs
+    tokens: list[TokenEvent] = []  # kept only for logprobs and token ids
+    keep = fmt.token_strings is not None or fmt.token_ids
     watch = ClientWatch(request)
     while True:
         ev = await next_or_gone(run, watch)
@@ -120,7 +121,7 @@ async def _whole(run: JobRun, request: Request, fmt: ResponseFormat,
         if isinstance(ev, FinishEvent):
             break
         parts.append(ev.text)
-        if fmt.token_strings is not None:
+        if keep:
             tokens.append(ev)
     if ev.reason == "error":
         return backend_error(ev.error, headers, client_error=ev.client_error).response()
@@ -134,15 +135,15 @@ async def _sse_body(run: JobRun, request: Request, fmt: ResponseFormat,
     if first is not None:
         yield sse_event(first)
     watch = ClientWatch(request)
-    with_logprobs = fmt.token_strings is not None
+    per_token = fmt.token_strings is not None or fmt.token_ids
     while True:
         ev = await next_or_gone(run, watch)
         if ev is None:
             return  # client gone: SSEResponse closes the run, which aborts the job
         if isinstance(ev, FinishEvent):
             break
-        if ev.text or with_logprobs:  # with logprobs: one chunk per token, text or not
-            yield sse_event(fmt.delta_chunk(ev.text, [ev] if with_logprobs else ()))
+        if ev.text or per_token:  # logprobs / token ids: one chunk per token, text or not
+            yield sse_event(fmt.delta_chunk(ev.text, [ev] if per_token else ()))
     if ev.reason == "error":
         yield sse_event(ErrorResponse(error=backend_error(
             ev.error, client_error=ev.client_error).detail()))

@@ -1,5 +1,6 @@
 """The engine against Hugging Face transformers on tiny random checkpoints of each architecture:
 logits to fp32 rounding, identical greedy generations, and paged decode equal to a full forward.
+Head sizes 16 (the default), 8 (hidden 64 over 8 heads), 80 and 96 (not powers of two).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ CASES = {
                              rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
     "mistral": dict(arch="MistralForCausalLM", num_key_value_heads=1),
     "qwen2": dict(arch="Qwen2ForCausalLM", num_key_value_heads=4),
+    "llama-hd8": dict(arch="LlamaForCausalLM", num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=8),
+    "mistral-hd80": dict(arch="MistralForCausalLM", num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=80),
+    # Qwen2 derives head_dim from hidden_size / num_attention_heads: 192 / 2 = 96.
+    "qwen2-hd96": dict(arch="Qwen2ForCausalLM", hidden_size=192, num_attention_heads=2,
+                       num_key_value_heads=1),
 }
 # Sharper than the default 0.02 so greedy argmax is not decided by rounding-level near-ties.
 INIT_STD = 0.15

@@ -20,7 +20,7 @@ from zipserve.deploy.cli import REFERENCE_MODEL  # noqa: E402
 from zipserve.engine.config import ConfigError, EngineConfig  # noqa: E402
 from zipserve.engine.llm import LLM, SamplingParams  # noqa: E402
 from zipserve.kernels.hack_encode import hack_dequantize_ref, hack_encode_pages_ref  # noqa: E402
-from zipserve.kernels.hack_layout import HackPages  # noqa: E402
+from zipserve.kernels.hack_layout import HackPages, hack_group_v  # noqa: E402
 from zipserve.kernels.hack_prefill_attention import (  # noqa: E402
     hack_prefill_attention, hack_prefill_attention_ref)
 
@@ -50,7 +50,7 @@ def make_case(seed, past, n, kvh, group, d, bits, dtype, page=64, n_sink=4, devi
     v = torch.randn(L, kvh, d, generator=gen)
     q = torch.randn(n, h, d, generator=gen)
     m = past // page
-    gv = max(32, d * bits // 8)
+    gv = hack_group_v(d, bits)  # HackCodec's V group (a whole number of planes)
     pool = HackPages.empty(m + 2, kvh, page, d, bits, gv)
     for name in ("k_scale", "k_min", "v_scale", "v_min", "k_sums", "v_sums"):
         getattr(pool, name).fill_(float("nan"))
