@@ -67,7 +67,7 @@ tests)
     pytest_gpu 200 device_path tests/test_device_path_gpu.py
     pytest_gpu 330 gpu_tests -m gpu tests/ --ignore tests/test_device_path_gpu.py
     ;;
-jct-smoke)
+smoke)
     # After a change to the serving path: device-path and dense-decode tests, then the transfer
     # phase under load, compressed and dense decode (fits a short lease: ~7 min).
     pytest_gpu 110 device_path tests/test_device_path_gpu.py
