@@ -42,7 +42,7 @@ def test_gpu_graphs_equal_eager_bf16(checkpoint):
         prompts, params)
     for g, e in zip(graphs, eager):
         assert g.token_ids == e.token_ids
-        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-3)
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
 
 
 def test_gpu_random_llama3_8b_shapes_generate():
@@ -71,12 +71,19 @@ def test_gpu_codecs_decode_equals_scoring(codec):
 
 @pytest.mark.parametrize("codec", ["fp8", "kivi2", "hack2", "hack4", "lowrank"])
 def test_gpu_compressed_graphs_equal_eager(codec):
-    """Compressed decode captured in CUDA graphs (padded buckets, page sealing inside the graph)
-    gives the same tokens and logprobs as eager decode, and every page comes back."""
+    """Compressed decode captured in CUDA graphs (page sealing inside the graph) gives the same
+    tokens and logprobs as eager decode, and every page comes back.
+
+    Eight prompts, so the eager batch has the graph bucket's shape: with five, the graph pads to
+    eight rows and cuBLAS may pick another GEMM for the K/V projections, whose last-bit
+    differences flip a few 2-bit codes when a page is sealed (measured on an H100: hack2 logprobs
+    0.0025 apart graphed vs eager at five prompts, but 0.019 apart between two EAGER runs of
+    five and eight prompts, and exactly equal graphed vs eager at eight; bf16 pages 4e-6)."""
     from zipserve.deploy.cli import REFERENCE_MODEL
 
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, logprobs=0)
-    prompts = [[(7 * i + j) % 8000 + 3 for j in range(n)] for i, n in enumerate((5, 64, 63, 130, 1))]
+    prompts = [[(7 * i + j) % 8000 + 3 for j in range(n)]
+               for i, n in enumerate((5, 64, 63, 130, 1, 17, 90, 33))]
     kw = dict(device="cuda", dtype="float32", codec=codec, num_pages=256, max_num_seqs=8,
               graph_batch_sizes=(1, 2, 8))
     graphed = LLM(str(REFERENCE_MODEL), **kw)
@@ -84,6 +91,6 @@ def test_gpu_compressed_graphs_equal_eager(codec):
     eager = LLM(str(REFERENCE_MODEL), cuda_graphs=False, **kw)
     for g, e in zip(graphed.generate(prompts, params), eager.generate(prompts, params)):
         assert g.token_ids == e.token_ids
-        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-3)
+        assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
     for llm in (graphed, eager):
         assert llm.engine.pool.num_free == llm.engine.pool.capacity
