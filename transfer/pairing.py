@@ -16,11 +16,11 @@ from zipserve.transfer.select import Endpoint, choose_path, describe_endpoint
 
 COMPAT_KEYS = ("model", "codec", "page_size", "num_layers")
 
-DEFAULT_PATH = "host"
-"""Workers pair over host bytes unless ZIPSERVE_KV_PATH=auto (or a named path) asks for the
-device paths (CUDA IPC on one GPU, NCCL across GPUs). Their GPU tests did not pass yet
-(tests/test_device_path_gpu.py failed on an H200, and the two-GPU NCCL pair test hung), so they
-are opt-in until they do; the transfer bench measured them working as channels."""
+DEFAULT_PATH = "auto"
+"""Workers pair over the best path both sides can take (transfer/select.py): host bytes when
+either is on the CPU, CUDA IPC on one GPU, NCCL across GPUs; ZIPSERVE_KV_PATH=host forces host
+bytes. The one-GPU device path passed its GPU tests and a JCT run under load on an H100
+(2026-12-05); the two-GPU NCCL pair has not run on two GPUs yet (none lent)."""
 
 
 def connect_pair(info: dict, host: str, port: int, rank: int, pair_name: str,
