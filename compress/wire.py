@@ -82,13 +82,13 @@ def unpack_pages(buf: bytes | bytearray | memoryview) -> WirePages:
     return WirePages(header["codec"], n, tensors, header.get("meta", {}))
 
 
-def adopt_pages(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor,
-                pages: WirePages) -> None:
-    """Write received pages into pool pages page_ids of a store of the same codec and layout."""
+def check_layout(pages: WirePages, codec: str, store: dict[str, torch.Tensor],
+                 note: str = "") -> None:
+    """WireError unless `pages` are `codec`'s and carry the fields, dtypes and per-page shapes of
+    `store` (a store of that codec; only its fields' dtypes and shapes past the first dim count).
+    `note` is appended to a codec mismatch's message."""
     if pages.codec != codec:
-        raise WireError(f"pages are {pages.codec!r}, this pool holds {codec!r}")
-    if pages.num_pages != page_ids.numel():
-        raise WireError(f"{pages.num_pages} pages received for {page_ids.numel()} reserved")
+        raise WireError(f"pages are {pages.codec!r}, this pool holds {codec!r}{note}")
     if set(pages.tensors) != set(store):
         raise WireError(f"fields {sorted(pages.tensors)} do not match the pool's {sorted(store)}")
     for name, t in store.items():
@@ -96,5 +96,13 @@ def adopt_pages(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
         if src.dtype != t.dtype or tuple(src.shape[1:]) != tuple(t.shape[1:]):
             raise WireError(f"{name}: {src.dtype} {tuple(src.shape[1:])} per page, pool has "
                             f"{t.dtype} {tuple(t.shape[1:])}")
+
+
+def adopt_pages(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor,
+                pages: WirePages) -> None:
+    """Write received pages into pool pages page_ids of a store of the same codec and layout."""
+    check_layout(pages, codec, store)
+    if pages.num_pages != page_ids.numel():
+        raise WireError(f"{pages.num_pages} pages received for {page_ids.numel()} reserved")
     for name, t in store.items():
         t[page_ids.to(t.device)] = pages.tensors[name].to(t.device)

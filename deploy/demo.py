@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import time
-import urllib.request
 from dataclasses import dataclass
 
+from zipserve.deploy.http_client import get_json, post_json, stream_text
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.engine.config import RANDOM_MODELS, ModelConfig, random_model_config
@@ -62,34 +61,6 @@ def scaled_link_gbps(model: str, reference_gbps: float = REFERENCE_LINK_GBPS) ->
     return reference_gbps * ratio
 
 
-def _post(url: str, body: dict, timeout: float = 300) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _get(url: str, timeout: float = 30) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _stream(url: str, body: dict, timeout: float = 300) -> str:
-    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
-                                 headers={"Content-Type": "application/json"})
-    text = ""
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            delta = json.loads(line[6:])["choices"][0].get("text") or ""
-            print(delta, end="", flush=True)
-            text += delta
-    print()
-    return text
-
-
 def demo(model: str, codecs: list[str], max_tokens: int, port: int,
          link_gbps: float | None, decode_kv: list[str] | tuple[str, ...] = ("auto",),
          engine_options: dict | None = None) -> list[DemoRow]:
@@ -116,10 +87,12 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int,
             tail = "".join(prompts[0].splitlines(keepends=True)[-3:])
             print(f"--- streaming the continuation of {DEMO_MODULES[0]}.py (last lines shown):")
             print(tail, end="")
-            _stream(url, {"prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0})
+            stream_text(url, {"prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0},
+                        timeout=300, echo=True)
             for prompt in prompts:
-                out = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-                rows.append(DemoRow(codec, prompt, _get(f"{base}/v1/jobs/{out['id']}"),
+                out = post_json(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+                                timeout=300)
+                rows.append(DemoRow(codec, prompt, get_json(f"{base}/v1/jobs/{out['id']}"),
                                     str(backend.decode_kv)))
         time.sleep(0.5)
     print_table(rows)

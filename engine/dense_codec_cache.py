@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from zipserve.compress.codecs import KVCodec
-from zipserve.compress.wire import WireError, WirePages
+from zipserve.compress.wire import WirePages, check_layout
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.sequence import Sequence
@@ -79,7 +79,8 @@ class DenseCodecKVCache(KVCache):
         codec = self.codecs[layer]
         k_pages, v_pages = self.layer(layer)
         dev, p, n = k_pages.device, self.page_size, wire.num_pages
-        _check_fields(codec, wire, dev)
+        check_layout(wire, codec.name, codec.new_store(0, dev),
+                     " (dequantized: decode_kv=dense)")
         if n > len(seq.pages):
             raise ValueError(f"layer {layer}: {n} pages arrived for {len(seq.pages)} reserved")
         if n:
@@ -102,21 +103,6 @@ class DenseCodecKVCache(KVCache):
             s = _check_tail("sink", tail["sink_k"], tail["sink_v"], k_pages, self.n_sink, layer)
             k_pages[seq.pages[0], :, :s] = tail["sink_k"].to(dev)
             v_pages[seq.pages[0], :, :s] = tail["sink_v"].to(dev)
-
-
-def _check_fields(codec: KVCodec, wire: WirePages, device: torch.device) -> None:
-    """The received pages are this codec's layout (compress.wire.adopt_pages' checks)."""
-    if wire.codec != codec.name:
-        raise WireError(f"pages are {wire.codec!r}, this pool holds {codec.name!r} "
-                        f"(dequantized: decode_kv=dense)")
-    want = codec.new_store(0, device)
-    if set(wire.tensors) != set(want):
-        raise WireError(f"fields {sorted(wire.tensors)} do not match the codec's {sorted(want)}")
-    for name, t in want.items():
-        src = wire.tensors[name]
-        if src.dtype != t.dtype or tuple(src.shape[1:]) != tuple(t.shape[1:]):
-            raise WireError(f"{name}: {src.dtype} {tuple(src.shape[1:])} per page, the codec has "
-                            f"{t.dtype} {tuple(t.shape[1:])}")
 
 
 def _check_tail(what: str, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,

@@ -9,33 +9,14 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from zipserve.deploy.http_client import post_json, stream_text  # noqa: F401 (re-exported)
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def post_json(url: str, body: dict, timeout: float = 120) -> dict:
-    """POST body as JSON; the parsed JSON answer (HTTP errors raise urllib.error.HTTPError)."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def stream_text(url: str, body: dict, timeout: float = 120) -> str:
-    """POST body with stream=True and join the SSE chunks' text."""
-    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
-                                 headers={"Content-Type": "application/json"})
-    text = ""
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                text += json.loads(line[6:])["choices"][0].get("text") or ""
-    return text
 
 
 def stream_and_interrupt(url: str, body: dict, after_chunks: int, action: Callable[[], object],
