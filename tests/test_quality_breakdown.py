@@ -1,0 +1,71 @@
+"""bench/quality_breakdown.py's core on the reference model, a few hundred tokens (CPU, seconds):
+nothing quantized is the bf16 model, everything quantized is the codec as the engine runs it, and
+a subset lies between."""
+
+import math
+
+import pytest
+import torch
+
+from zipserve.bench import quality_breakdown as qb
+from zipserve.train.corpus import stdlib_dir
+
+CONTEXT, SCORE = 192, 96  # 3 pages of 64; the last 96 tokens read 1-2 encoded pages
+
+
+@pytest.fixture(scope="module")
+def ref():
+    torch.set_num_threads(1)
+    config, net, tok = qb.load()
+    text = (stdlib_dir() / "textwrap.py").read_text()  # a held-out file (train/corpus.py)
+    ids = tok.encode(text)
+    wins = [ids[:CONTEXT], ids[CONTEXT:2 * CONTEXT]]
+    return qb.Setup(net, config, "hack2"), wins
+
+
+def _ppl(setup, wins, v):
+    total, n = qb.nll(setup, wins, v, SCORE)
+    return math.exp(total / n)
+
+
+def test_nothing_quantized_is_bf16(ref):
+    setup, wins = ref
+    from zipserve.engine.llm import LLM
+
+    llm = LLM(qb.DEFAULT_MODEL, device="cpu", dtype="float32", num_pages=16,
+              max_model_len=CONTEXT + 1)
+    total = 0.0
+    for ids in wins:
+        logp = torch.log_softmax(llm.logits(ids), -1)
+        total -= logp[torch.arange(CONTEXT - SCORE - 1, CONTEXT - 1),
+                      torch.tensor(ids[CONTEXT - SCORE:])].sum().item()
+    engine_bf16 = math.exp(total / (SCORE * len(wins)))
+    none = _ppl(setup, wins, qb.Variant("none", quantize=False))
+    assert none == pytest.approx(engine_bf16, rel=1e-5)
+    # An empty subset takes the quantized code path and must change nothing at all.
+    assert _ppl(setup, wins, qb.Variant("no heads", heads=())) == none
+
+
+def test_all_above_subset_above_none(ref):
+    setup, wins = ref
+    none = _ppl(setup, wins, qb.Variant("none", quantize=False))
+    full = _ppl(setup, wins, qb.Variant("all"))
+    subset = _ppl(setup, wins, qb.Variant("layer 5 K", layers=(5,), v=False))
+    assert none < subset < full
+
+
+def test_matches_engine_codec_and_bytes(ref):
+    setup, wins = ref
+    from zipserve.engine.llm import LLM
+
+    llm = LLM(qb.DEFAULT_MODEL, device="cpu", dtype="float32", codec="hack2", num_pages=16,
+              max_model_len=CONTEXT + 1)
+    ids = wins[0]
+    rows = torch.arange(CONTEXT - SCORE - 1, CONTEXT - 1)
+    tgt = torch.tensor(ids[CONTEXT - SCORE:])
+    mine = -torch.log_softmax(qb.forward(setup, ids, qb.Variant("all")), -1)[rows, tgt].mean()
+    eng = -torch.log_softmax(llm.logits(ids), -1)[rows, tgt].mean()
+    assert mine.item() == pytest.approx(eng.item(), abs=2e-3)
+    assert qb.variant_bytes(setup, qb.Variant("all"), 1024) == pytest.approx(
+        llm.engine.codec.bytes_per_token(setup.config.num_layers))
+    assert qb.variant_bytes(setup, qb.Variant("none", quantize=False), 1024) == 3072
