@@ -24,15 +24,18 @@ DECODE_KV_MODES = ("compressed", "dense", "auto")
 NO_DENSE_FORM = ("lowrank", "lowrank+hack2", "lowrank+hack4")
 """Codecs whose values live in a reduced space (see the module docstring)."""
 
-# Decode-attention kernel time at batch 8 x 32k context, Llama-3-8B heads, as a multiple of torch
-# SDPA's speed on contiguous bf16 K/V in the same run (> 1: faster than SDPA). "paged-bf16" is the
-# kernel a dense engine decodes with. Sources: bench/RESULTS.md, session 2 (H200: `bench kernels
-# --batches 8 --contexts 32768`; kivi4 from session 1's table); H100: hack2 1.27x, measured by
-# the main engineer for issue 15 (not yet in bench/RESULTS.md). Missing entries are unmeasured.
+# Decode speed per codec as a multiple of a reference measured in the same run (> 1: faster).
+# H200: decode-attention kernel time at batch 8 x 32k, Llama-3-8B heads, against torch SDPA on
+# contiguous bf16 K/V ("paged-bf16" is the kernel a dense engine decodes with; bench/RESULTS.md
+# session 2, `bench kernels --batches 8 --contexts 32768`; kivi4 from session 1). H100: the whole
+# decode step of the engine (CUDA graphs, random Llama-3-8B, one 8k-token request, 32 tokens;
+# bench/RESULTS.md session 4, `bench disagg`) against the bf16 engine: hack2 614 ms and hack4 613
+# vs bf16 472. (The H100 kernel alone ran hack2 at 1.27x SDPA at 8 x 32k, but the engine step is
+# what a deployment gets.) Missing entries are unmeasured.
 MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
     "h200": {"paged-bf16": 0.92, "fp8": 0.51, "kivi2": 0.29, "kivi4": 0.30, "hack2": 0.75,
              "hack4": 0.72, "lowrank": 1.55},
-    "h100": {"hack2": 1.27},
+    "h100": {"paged-bf16": 1.0, "hack2": 0.77, "hack4": 0.77},
 }
 DENSE_KERNEL = "paged-bf16"
 
