@@ -147,6 +147,11 @@ def _calibrate_kvbits(args: argparse.Namespace) -> int:
     model = args.model or default_model()
     if model.startswith("random:"):
         raise ValueError("model: calibrate needs a checkpoint directory to write kvbits.json into")
+    from zipserve.engine.loading import model_config_for
+
+    if model_config_for(model).lckv is not None:
+        raise ValueError("model: calibrate --kvbits does not support LCKV models yet (a plan "
+                         "needs bits per KV layer)")
     budget = 0.25 if args.budget is None else args.budget
     info = calibrate_kvbits(model, args.out, args.text_dir, n_windows=args.kvbits_windows,
                             context=args.window, budget=budget, min_gain=args.min_gain)
