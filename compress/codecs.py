@@ -1,4 +1,5 @@
-"""The KV codecs behind one interface: fp8, kivi2/4, hack2/4 (bf16 is the engine's dense cache).
+"""The KV codecs behind one interface: fp8, kivi2/4, hack2/4, hack2mix (HACK with per-layer bits
+from a calibrated plan, compress/kvbits.py) (bf16 is the engine's dense cache).
 
 A codec owns the layout of a *full* page of P tokens of one layer (its "store" is a dict of tensors
 with the page index first), encodes full 16-bit pages into it, attends to it at decode time and
@@ -355,8 +356,8 @@ class HackCodec(KVCodec):
         return hack_bytes_per_token(self.head_dim, self.bits, self.group_v, self.page_size)
 
 
-CODECS = ("bf16", "fp8", "kivi2", "kivi4", "hack2", "hack4", "lowrank", "lowrank+hack2",
-          "lowrank+hack4")
+CODECS = ("bf16", "fp8", "kivi2", "kivi4", "hack2", "hack4", "hack2mix", "lowrank",
+          "lowrank+hack2", "lowrank+hack4")
 
 
 def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int,
@@ -375,6 +376,10 @@ def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int,
         return KiviCodec(num_kv_heads, page_size, head_dim, int(name[-1]))
     if name in ("hack2", "hack4"):
         return HackCodec(num_kv_heads, page_size, head_dim, int(name[-1]))
+    if name == "hack2mix":  # per-layer bits from kvbits.json (compress/kvbits.py)
+        from zipserve.compress.kvbits import HackMixedCodec
+
+        return HackMixedCodec.load(num_kv_heads, page_size, head_dim, model_dir)
     if name.startswith("lowrank") and name in CODECS:
         from zipserve.compress.lowrank import LowRankBases, LowRankCodec
 

@@ -117,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.kvbits:
+        return _calibrate_kvbits(args)
     from zipserve.compress.calibrate import calibrate
     from zipserve.engine.llm import LLM
     from zipserve.train.corpus import load_corpus
@@ -131,10 +133,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.text_dir)
     texts = [d.text for d in corpus.train]
     random.Random(0).shuffle(texts)  # a fixed sample across the whole training split
-    info = calibrate(llm, texts, args.budget, args.out or model,
+    info = calibrate(llm, texts, 0.5 if args.budget is None else args.budget, args.out or model,
                      window=args.window, max_tokens=args.tokens)
     print(f"calibrated on {info['tokens']:,} tokens; K ranks {info['k_ranks']}, V ranks "
           f"{info['v_ranks']} of {info['head_dim']}; wrote {args.out or model}/lowrank.safetensors")
+    return 0
+
+
+def _calibrate_kvbits(args: argparse.Namespace) -> int:
+    """`calibrate --kvbits`: the per-layer bits of hack2mix (compress/kvbits.py)."""
+    from zipserve.compress.kvbits import calibrate_kvbits
+
+    model = args.model or default_model()
+    if model.startswith("random:"):
+        raise ValueError("model: calibrate needs a checkpoint directory to write kvbits.json into")
+    from zipserve.engine.loading import model_config_for
+
+    if model_config_for(model).lckv is not None:
+        raise ValueError("model: calibrate --kvbits does not support LCKV models yet (a plan "
+                         "needs bits per KV layer)")
+    budget = 0.25 if args.budget is None else args.budget
+    info = calibrate_kvbits(model, args.out, args.text_dir, n_windows=args.kvbits_windows,
+                            context=args.window, budget=budget, min_gain=args.min_gain)
+    print(f"hack2mix: 4 bits in layers {info['layers_4bit']}; {info['bytes_per_token']:.0f} "
+          f"B/token = {100 * info['ratio_vs_bf16']:.1f}% of bf16; wrote "
+          f"{args.out or model}/kvbits.json")
     return 0
 
 
@@ -204,7 +227,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-ALL_CODECS = "bf16,fp8,kivi4,hack4,kivi2,hack2,lowrank,lowrank+hack4,lowrank+hack2"
+ALL_CODECS = ("bf16,fp8,kivi4,hack4,kivi2,hack2,hack2mix,lowrank,lowrank+hack4,"
+              "lowrank+hack2")
 JCT_CODECS = "bf16,fp8,kivi2,hack2,hack4,lowrank+hack2"
 
 
@@ -406,12 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("calibrate", help="low-rank K/V bases for the lowrank codecs")
+    c = sub.add_parser("calibrate", help="low-rank K/V bases for the lowrank codecs; with "
+                       "--kvbits the per-layer bits of hack2mix")
     c.add_argument("--model", default=None, help="default: the shipped reference model")
     c.add_argument("--text-dir", default=None, help="default: this Python's standard library "
                    "(training split only)")
-    c.add_argument("--budget", type=float, default=0.5,
-                   help="average fraction of K+V dimensions kept (0.5 = half the bytes)")
+    c.add_argument("--budget", type=float, default=None,
+                   help="lowrank: average fraction of K+V dimensions kept (default 0.5 = half the "
+                   "bytes); --kvbits: bytes per token as a fraction of bf16's (default 0.25)")
+    c.add_argument("--kvbits", action="store_true",
+                   help="instead of lowrank bases: measure each layer's sensitivity to 2-bit HACK "
+                   "on the training split and write kvbits.json, the per-layer bits of hack2mix")
+    c.add_argument("--kvbits-windows", type=int, default=4,
+                   help="--kvbits: calibration windows of --window tokens (last half scored)")
+    c.add_argument("--min-gain", type=float, default=0.005,
+                   help="--kvbits: least predicted perplexity decrease worth a 4-bit layer")
     c.add_argument("--tokens", type=int, default=200_000, help="calibration tokens")
     c.add_argument("--window", type=int, default=1024)
     c.add_argument("--out", default=None, help="default: beside the checkpoint")

@@ -141,6 +141,10 @@ class ServeConfig:
             raise ValueError(f"--codec: {lowrank[0]} needs calibrated bases at "
                              f"{Path(bases) / 'lowrank.safetensors'}; create them with "
                              f"`zipserve calibrate --model {self.model}`")
+        if "hack2mix" in self.codecs and not str(self.model).startswith("random:"):
+            from zipserve.compress.kvbits import load_bits
+
+            load_bits(self.model)  # a missing/invalid kvbits.json, named, before any worker starts
         if self.extra_codecs and self.prefill_group:
             raise ValueError("--prefill-group: serves one codec; not with several in --codec")
         if self.served_model_name is not None and not self.served_model_name.strip():

@@ -382,7 +382,8 @@ class EngineConfig:
     decode_splits: int = 0
     """Sequence splits of the decode attention kernel; 0 chooses from the batch size."""
     codec: str = "bf16"
-    """KV codec: bf16 (dense pages), fp8, kivi2, kivi4, hack2, hack4, lowrank, lowrank+hack2/4."""
+    """KV codec: bf16 (dense pages), fp8, kivi2, kivi4, hack2, hack4, hack2mix (per-layer bits from
+    the model's kvbits.json), lowrank, lowrank+hack2/4."""
     lowrank_bases: str | None = None
     """Directory holding lowrank.safetensors for the lowrank codecs (default: the model's)."""
     lowrank_fold: bool = True

@@ -38,6 +38,15 @@ MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
     "h100": {"paged-bf16": 1.0, "hack2": 0.77, "hack4": 0.77},
 }
 DENSE_KERNEL = "paged-bf16"
+KERNELS_OF = {"hack2mix": ("hack2", "hack4")}
+"""Codecs that run other codecs' kernels per layer (compress/kvbits.py): their speed is the
+slowest measured of those kernels on the GPU family (hack2mix runs hack2's on most layers)."""
+
+
+def kernel_speed(codec: str, table: dict[str, float]) -> float | None:
+    """The codec's measured decode-kernel speed vs SDPA in `table`, None when unmeasured."""
+    speeds = [table[k] for k in KERNELS_OF.get(codec, (codec,)) if k in table]
+    return min(speeds) if speeds else None
 
 
 def check_decode_kv(codec: str, decode_kv: str) -> None:
@@ -104,7 +113,7 @@ def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> 
                                             f"{device.kv_bytes >> 20} MiB free for KV")
     fam = gpu_family(device.name)
     table = MEASURED_SPEED_VS_SDPA.get(fam or "", {})
-    codes, dense = table.get(codec), table.get(DENSE_KERNEL, 1.0)
+    codes, dense = kernel_speed(codec, table), table.get(DENSE_KERNEL, 1.0)
     if codes is not None and codes > dense:
         return DecodeKVChoice("compressed", f"{codec} kernel {codes:.2f}x SDPA vs dense "
                                             f"{dense:.2f}x on {fam}")

@@ -170,8 +170,10 @@ class DeviceLayerKV:
             release()
 
 
-def _codec_name(cache) -> str:
-    return "bf16" if isinstance(cache, KVCache) else cache.codec.name
+def _codec_name(cache, layer: int) -> str:
+    """The name a layer's pages carry on the wire: its own codec's (hack2mix: hack2 or hack4 per
+    layer), checked against the receiving layer's codec."""
+    return "bf16" if isinstance(cache, KVCache) else cache.codecs[layer].name
 
 
 def _store(cache, layer: int) -> dict[str, torch.Tensor]:
@@ -195,7 +197,7 @@ def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
         return _export_device(cache, layer, seq, n)
     ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)  # full pages; the rest: the tail
     tail = {k: t.cpu().clone() for k, t in _tail(cache, layer, seq, n).items()}
-    return LayerKV(layer, n, pack_pages(_codec_name(cache), _store(cache, layer), ids), tail,
+    return LayerKV(layer, n, pack_pages(_codec_name(cache, layer), _store(cache, layer), ids), tail,
                    seq.request_id)
 
 
@@ -236,7 +238,7 @@ def _dense_tail(cache: KVCache, layer: int, seq: Sequence, n: int) -> dict[str, 
 
 def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
     ids = torch.tensor(seq.pages[:n // cache.page_size], dtype=torch.long)
-    wire = pack_device(_codec_name(cache), _store(cache, layer), ids,
+    wire = pack_device(_codec_name(cache, layer), _store(cache, layer), ids,
                        extras=_tail(cache, layer, seq, n))
     ready = None
     if wire.payload.is_cuda:
@@ -264,7 +266,7 @@ def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV
     if len(ids) != wire.num_pages:
         raise ValueError(f"layer {kv.layer}: {wire.num_pages} pages arrived for "
                          f"{len(seq.pages)} reserved")
-    adopt_pages(_codec_name(cache), store, ids, wire)
+    adopt_pages(_codec_name(cache, kv.layer), store, ids, wire)
     if isinstance(cache, KVCache):
         if "open_k" in tail:  # the last page's valid tokens (older senders packed whole pages)
             r, n_full = tail["open_k"].shape[1], wire.num_pages

@@ -58,8 +58,10 @@ class LLMEngine:
         # codec that cannot take the model (its head size, compress/codecs.py: check_head_dim).
         self.tokenizer = load_tokenizer(model, ec.skip_tokenizer)
         # lowrank on a random: model gets random bases (compress/lowrank.py: random_for)
+        # hack2mix reads its per-layer bits from the model's kvbits.json (compress/kvbits.py)
         self.codec = make_codec(ec.codec, config.num_kv_heads, ec.page_size, config.head_dim,
-                                model_dir=ec.lowrank_bases or model)
+                                model_dir=(ec.lowrank_bases or model)
+                                if ec.codec.startswith("lowrank") else model)
         self.max_model_len = min(max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         self.config, self.model, self.dtype = build_model(model, dtype, self.device,

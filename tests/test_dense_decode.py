@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
 MODEL = str(REFERENCE_MODEL)
 # 130 tokens: 2 full pages (sinks sent) + 2 open; 128: 2 full pages, empty open page; 37: open only
 PROMPTS = [list(range(100, 230)), list(range(500, 628)), list(range(3, 40))]
-DENSE_CODECS = ["fp8", "kivi2", "kivi4", "hack2", "hack4"]
+DENSE_CODECS = ["fp8", "kivi2", "kivi4", "hack2", "hack4", "hack2mix"]
 # 8 tokens out: every generated token stays in the prompt's open page (130 + 8 < 192)
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
 
