@@ -168,8 +168,9 @@ def test_missing_or_invalid_plan_is_a_clear_error(tmp_path):
 def test_decode_kv_choice_as_hack2():
     check_decode_kv("hack2mix", "dense")
     h100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 1 << 40)
-    for codec in ("hack2", "hack2mix"):
-        assert choose_decode_kv(codec, h100, 1).mode == "compressed"
+    for codec in ("hack2", "hack2mix"):  # both dense where hack2's engine step is slower
+        assert choose_decode_kv(codec, h100, 1).mode == "dense"
+        assert choose_decode_kv(codec, h100, 1 << 41).mode == "compressed"  # dense won't fit
         assert choose_decode_kv(codec, DeviceInfo("cpu"), 0).mode == "dense"
     h200 = DeviceInfo("cuda", "NVIDIA H200", 1 << 40)
     assert "0.72x" in choose_decode_kv("hack2mix", h200, 1).reason  # the slower of hack2/hack4
