@@ -4,21 +4,26 @@
 #   run(command="bash bench/gpu_runbook.sh STAGE", carry=[".devbundle", ".corpus"], kind=...)
 #
 # Stages (kind; budget):
-#   tests      nvidia-h200     every @gpu test, incl. the device KV path (issue 5)        ~6 min
-#   jct-smoke  nvidia-h200     2 codecs x 1 link x 1 rate on random Llama-3-8B (issue 8),
-#                              and the one-request disagg table with decode graphs (5)   ~6 min
-#   jct-a      nvidia-h200     the issue-8 sweep for bf16, kivi2, hack2 (the goals' three)  ~9 min
-#   jct-b      nvidia-h200     the same for fp8, hack4, lowrank+hack2                     ~9 min
+#   tests      nvidia-h100-x1  @gpu tests of the engine, head sizes, dense decode (serially:  ~9 min
+#                              engines on one GPU starve each other in parallel)
+#   tests2     nvidia-h100-x1  every other @gpu test, incl. the device KV path             ~8 min
+#   smoke      nvidia-h100-x1  device-path + dense tests, then bf16 vs hack2 (compressed
+#                              and dense) under load at none/10 Gb/s (issue 16)           ~7 min
+#   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
+#                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
+#   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
+#   jct-c      nvidia-h100-x1  bf16, hack2 (both modes) at 25 and 100 Gb/s                 ~8 min
 #   multi      nvidia-h200-x2  @multi_gpu tests, NCCL bandwidth, seq-parallel prefill
 #                              time, JCT with prefill and decode on separate GPUs (9, 10) ~9 min
 #   multi4     nvidia-h200-x4  throughput scaling: 1+1 against 2+2 workers, bf16 and hack2 at
 #                              rising rates, the router assigning pairs under load (9)   ~8 min
+# Then: `python3 -m zipserve bench report --results <each jct folder> --readme`.
 # Before: `bash ../shared/tools/device-bundle.sh` once here (Ray, FastAPI... are not on the GPU
 # image). Everything a stage writes ends up in ONE file, $OUT/STAGE.tar.gz (the device returns only
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | smoke | jct-smoke | jct-a | jct-b | multi | multi4"}
+STAGE=${1:?"stage: tests | tests2 | smoke | jct-a | jct-b | jct-c | multi | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -49,12 +54,13 @@ pytest_gpu() {  # pytest_gpu SECONDS NAME ARGS...: -rA so every test's outcome i
 # compressed kernels at start-up, and these rates never run more than ~10 requests at once.
 GRAPHS=(--engine-option graph_batch_sizes=1,2,4,8,16,32 --engine-option max_num_seqs=32)
 
-jct_sweep() {  # jct_sweep SECONDS NAME CODECS: the issue-8 sweep on random Llama-3-8B shapes
-    # Per codec: one system start (~20-60 s), then 4 links x 3 rates x at most 12 s.
-    local limit=$1 name=$2 codecs=$3
-    ZIPSERVE_KV_PATH=auto step "$limit" "$name" python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs "$codecs" --links 10,25,100,none --rates 1,2,4 \
-        --num-requests 12 --scale 0.5 --max-seconds 12 "${GRAPHS[@]}" --out "$WORK/$name"
+jct_sweep() {  # jct_sweep SECONDS NAME CODECS LINKS: the issue-16 sweep on random Llama-3-8B
+    # Per lane (codec x decode-kv): one system start (~20-40 s), then links x 3 rates x <= 12 s.
+    local limit=$1 name=$2 codecs=$3 links=$4
+    step "$limit" "$name" python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs "$codecs" --decode-kv compressed,dense \
+        --links "$links" --rates 2,4,8 --num-requests 12 --scale 0.5 --max-seconds 12 \
+        "${GRAPHS[@]}" --out "$WORK/$name"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
@@ -63,22 +69,28 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 case "$STAGE" in
 tests)
-    # The device path first: its failure text is what issue 5 waits for.
-    pytest_gpu 200 device_path tests/test_device_path_gpu.py
-    pytest_gpu 330 gpu_tests -m gpu tests/ --ignore tests/test_device_path_gpu.py
+    pytest_gpu 540 gpu_engine -m gpu tests/test_engine_gpu.py tests/test_head_size_codecs.py \
+        tests/test_dense_decode.py
+    ;;
+tests2)
+    pytest_gpu 150 device_path tests/test_device_path_gpu.py
+    pytest_gpu 380 gpu_rest -m gpu tests/ --ignore tests/test_device_path_gpu.py \
+        --ignore tests/test_engine_gpu.py --ignore tests/test_head_size_codecs.py \
+        --ignore tests/test_dense_decode.py
     ;;
 smoke)
     # After a change to the serving path: device-path and dense-decode tests, then the transfer
     # phase under load, compressed and dense decode (fits a short lease: ~7 min).
     pytest_gpu 110 device_path tests/test_device_path_gpu.py
     pytest_gpu 80 dense_gpu -m gpu tests/test_dequant_pages.py tests/test_dense_decode.py
-    ZIPSERVE_KV_PATH=auto step 230 jct_load python3 -m zipserve bench jct --sweep \
+    step 230 jct_load python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,hack2 --decode-kv compressed,dense \
         --links none,10 --rates 2 --num-requests 8 --scale 0.5 --max-seconds 15 \
         "${GRAPHS[@]}" --out "$WORK/jct_load"
     ;;
-jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 ;;
-jct-b) jct_sweep 560 jct_b fp8,hack4,lowrank+hack2 ;;
+jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 10,none ;;
+jct-b) jct_sweep 560 jct_b fp8,hack4,hack2mix,lowrank+hack2 10,none ;;
+jct-c) jct_sweep 560 jct_c bf16,hack2 25,100 ;;
 multi)
     pytest_gpu 150 multi_gpu_tests -m multi_gpu tests/
     step 60 transfer python3 -m zipserve bench transfer --channels nccl_pg,nccl_ctypes \
