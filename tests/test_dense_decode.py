@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from disagg_helpers import hand_over, pool_whole, run_to_completion
 from zipserve.compress.wire import WireError
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import ConfigError, EngineConfig
 from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
+from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
@@ -30,35 +31,8 @@ def _engine(codec: str, **kw) -> DisaggregatedEngine:
     return DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(codec=codec, **kw))
 
 
-def _whole(eng) -> None:
-    """Every page and slot back in its pool, nothing reserved."""
-    assert eng.pool.num_used == 0 and eng.pool.num_free == eng.pool.capacity, eng.pool.owners()
-    assert len(eng.scheduler.free_slots) == eng.engine_config.max_num_seqs
-    assert not eng.scheduler.reserved
-
-
-def _transfer(pre, decs, params, form="host") -> None:
-    """Prefill each prompt once and hand the same layers to every decode engine."""
-    for i, prompt in enumerate(PROMPTS):
-        rid = f"r{i}"
-        for dec in decs:
-            dec.reserve(rid, prompt, params)
-        res = pre.prefill_export(prompt, params, rid, device_form=form == "device")
-        for kv in res.layers:
-            for dec in decs:  # through the channel's encoding, as a receiver gets it
-                got = (LayerKV.from_bytes(kv.to_bytes()) if form == "host" else
-                       DeviceLayerKV.from_header(kv.header_bytes(), kv.wire.payload))
-                dec.import_layer(rid, got)
-        for dec in decs:
-            dec.admit(rid, res.first_token, res.first_logprob)
-
-
 def _decode(eng) -> list:
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = run_to_completion(eng)
     return [done[f"r{i}"] for i in range(len(PROMPTS))]
 
 
@@ -71,7 +45,7 @@ def bf16_outputs():
 def test_dense_decode_equals_compressed_in_open_page(codec, bf16_outputs):
     pre, comp, dense = _engine(codec), _engine(codec), _engine(codec, decode_kv="dense")
     assert isinstance(dense.cache, DenseCodecKVCache) and dense.decode_kv == "dense"
-    _transfer(pre, [comp, dense], PARAMS)
+    hand_over(pre, [comp, dense], PROMPTS, PARAMS)
     want, got = _decode(comp), _decode(dense)
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
@@ -81,7 +55,7 @@ def test_dense_decode_equals_compressed_in_open_page(codec, bf16_outputs):
               for a, b in zip(o.logprobs[1:], b16.logprobs[1:]))
     assert gap > 1e-2, gap
     for eng in (pre, comp, dense):
-        _whole(eng)
+        pool_whole(eng)
 
 
 def test_longer_generations_stay_close(capsys):
@@ -112,7 +86,7 @@ def test_device_form_and_llm_dense():
     """DeviceLayerKV arrives the same way; LLM(..., decode_kv='dense') prefills to the same
     values itself (each full page encoded and dequantized in place)."""
     pre, comp, dense = _engine("hack2"), _engine("hack2"), _engine("hack2", decode_kv="dense")
-    _transfer(pre, [comp, dense], PARAMS, form="device")
+    hand_over(pre, [comp, dense], PROMPTS, PARAMS, form="device")
     want, got = _decode(comp), _decode(dense)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     llm = LLM(MODEL, device="cpu", codec="hack2", decode_kv="dense")
@@ -122,7 +96,7 @@ def test_device_form_and_llm_dense():
         assert max(abs(a - b) for a, b in zip(s.logprobs, w.logprobs)) < 1e-4
     assert llm.engine.pool.num_used == 0
     for eng in (pre, comp, dense):
-        _whole(eng)
+        pool_whole(eng)
 
 
 def test_dense_scores_like_compressed():
@@ -182,14 +156,14 @@ def test_refusals_free_every_page():
     assert dense.pool.num_used == 3
     assert dense.abort("a")
     for eng in (pre, other, dense):
-        _whole(eng)
+        pool_whole(eng)
 
 
 def test_dense_engine_cannot_prefill_for_others():
     dense = _engine("fp8", decode_kv="dense")
     with pytest.raises(ValueError, match="decode_kv"):
         dense.prefill_export(PROMPTS[0], SamplingParams(max_tokens=2), "p")
-    _whole(dense)
+    pool_whole(dense)
 
 
 def test_config_names_decode_kv():
@@ -223,13 +197,13 @@ def test_dense_equals_compressed_gpu(codec):
                                                               graph_batch_sizes=(1, 2, 4), **kw))
 
     pre, comp, dense = eng(cuda_graphs=False), eng(), eng(decode_kv="dense")
-    _transfer(pre, [comp, dense], PARAMS, form="device")
+    hand_over(pre, [comp, dense], PROMPTS, PARAMS, form="device")
     want, got = _decode(comp), _decode(dense)
     base_pre = DisaggregatedEngine(MODEL, device="cuda", dtype="bfloat16", engine_config=
                                    EngineConfig(num_pages=64, cuda_graphs=False))
     base_dec = DisaggregatedEngine(MODEL, device="cuda", dtype="bfloat16", engine_config=
                                    EngineConfig(num_pages=64, graph_batch_sizes=(1, 2, 4)))
-    _transfer(base_pre, [base_dec], PARAMS, form="device")
+    hand_over(base_pre, [base_dec], PROMPTS, PARAMS, form="device")
     plain = _decode(base_dec)
     agree = sum(a == b for w, g in zip(want, got) for a, b in zip(w.token_ids, g.token_ids))
     total = sum(len(w.token_ids) for w in want)
@@ -247,4 +221,4 @@ def test_dense_equals_compressed_gpu(codec):
     print(f"{codec}: |dense - compressed| {d:.4f}, |bf16 KV - compressed| {b:.4f}")
     assert d < 0.1 and d < b, (d, b)
     for e in (pre, comp, dense, base_pre, base_dec):
-        _whole(e)
+        pool_whole(e)

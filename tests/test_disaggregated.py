@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from disagg_helpers import hand_over, pool_whole, run_to_completion
 from zipserve.compress.codecs import CODECS
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
@@ -22,37 +23,16 @@ def _engine(codec: str, **kw) -> DisaggregatedEngine:
     return DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(codec=codec, **kw))
 
 
-def _whole(eng):
-    assert eng.pool.num_free == eng.pool.capacity, eng.pool.owners()
-    assert len(eng.scheduler.free_slots) == eng.engine_config.max_num_seqs
-    assert not eng.scheduler.reserved
-
-
-def _run_decode(eng) -> dict[str, list[int]]:
-    done = {}
-    while eng.has_unfinished():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    return done
-
-
 @pytest.mark.parametrize("codec", CODECS)
 def test_disaggregated_equals_single_engine(codec):
     params = SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True)
     want = [o.token_ids for o in LLM(MODEL, device="cpu", codec=codec).generate(PROMPTS, params)]
     pre, dec = _engine(codec), _engine(codec)
-    for i, prompt in enumerate(PROMPTS):
-        rid = f"r{i}"
-        dec.reserve(rid, prompt, params)
-        res = pre.prefill_export(prompt, params, rid)
-        for kv in res.layers:  # through bytes, as a channel would carry them
-            dec.import_layer(rid, LayerKV.from_bytes(kv.to_bytes()))
-        dec.admit(rid, res.first_token, res.first_logprob)
-    got = _run_decode(dec)
-    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
-    _whole(pre)
-    _whole(dec)
+    hand_over(pre, [dec], PROMPTS, params)  # through bytes, as a channel would carry them
+    got = run_to_completion(dec)
+    assert [got[f"r{i}"].token_ids for i in range(len(PROMPTS))] == want
+    pool_whole(pre)
+    pool_whole(dec)
 
 
 def test_layers_are_handed_out_while_prefill_runs():
@@ -70,7 +50,7 @@ def test_layers_are_handed_out_while_prefill_runs():
     assert seen == [(layer, True, True) for layer in range(6)]
     bf16_bytes = res.layers[0].num_tokens * 2 * 2 * 64 * 2  # K+V, 2 heads, d=64, 2 bytes
     assert len(res.layers) == 6 and res.layers[0].nbytes() < bf16_bytes / 3
-    _whole(pre)
+    pool_whole(pre)
 
 
 @pytest.mark.parametrize("form", ["host", "device"])
@@ -87,7 +67,7 @@ def test_bf16_sends_the_prompts_tokens_not_whole_pages(form):
             # payload bytes over the exact K/V bytes: only the pages' small header on top
             extra = kv.nbytes() - len(prompt) * per_token
             assert 0 <= extra < 1024, (len(prompt), kv.nbytes())
-    _whole(pre)
+    pool_whole(pre)
 
 
 @pytest.mark.parametrize("form", ["host", "device"])
@@ -103,7 +83,7 @@ def test_short_prompts_send_their_sinks_once(form):
             names = (set(kv.tail) if form == "host" else
                      {e["name"] for e in kv.wire.header["extras"]})
             assert ("sink_k" in names) == with_sinks, (len(prompt), names)
-    _whole(pre)
+    pool_whole(pre)
 
 
 def test_abort_of_reservation_and_overload():
@@ -113,7 +93,7 @@ def test_abort_of_reservation_and_overload():
     with pytest.raises(Overloaded):
         dec.reserve("b", list(range(3, 300)), params)
     assert dec.abort("a")
-    _whole(dec)
+    pool_whole(dec)
 
 
 def test_corrupt_or_mismatched_layer_is_refused():
@@ -131,5 +111,5 @@ def test_corrupt_or_mismatched_layer_is_refused():
         same.import_layer("c", bad)
     dec.abort("c")
     same.abort("c")
-    _whole(dec)
-    _whole(same)
+    pool_whole(dec)
+    pool_whole(same)

@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from disagg_helpers import hand_over, pool_whole, run_to_completion
 from zipserve.compress.codecs import HackCodec, make_codec
 from zipserve.compress.kvbits import (
     KVBITS_FILE,
@@ -24,7 +25,6 @@ from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.decode_kv import DeviceInfo, check_decode_kv, choose_decode_kv
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
@@ -48,12 +48,6 @@ def _model_with(tmp_path, bits=None, text=None):
 
 def _engine(codec: str, model: str = MODEL, **kw) -> DisaggregatedEngine:
     return DisaggregatedEngine(model, device="cpu", engine_config=EngineConfig(codec=codec, **kw))
-
-
-def _whole(eng) -> None:
-    assert eng.pool.num_used == 0 and eng.pool.num_free == eng.pool.capacity, eng.pool.owners()
-    assert len(eng.scheduler.free_slots) == eng.engine_config.max_num_seqs
-    assert not eng.scheduler.reserved
 
 
 def test_layers_have_the_planned_bits_and_bytes():
@@ -95,7 +89,7 @@ def test_wire_pages_are_each_layers_own_codec():
     for codec in ("hack2mix", "hack2", "hack4"):
         eng = _engine(codec)
         outs[codec] = eng.prefill_export(prompt, PARAMS, "r").layers
-        _whole(eng)
+        pool_whole(eng)
     total = 0
     for i, b in enumerate(bits):
         got, want = unpack_pages(outs["hack2mix"][i].pages), unpack_pages(outs[f"hack{b}"][i].pages)
@@ -114,21 +108,11 @@ def test_disaggregated_transfer(mode, form):
     page comes back."""
     want = LLM(MODEL, device="cpu", codec="hack2mix", decode_kv=mode).generate(PROMPTS, PARAMS)
     pre, dec = _engine("hack2mix"), _engine("hack2mix", decode_kv=mode)
-    for i, prompt in enumerate(PROMPTS):
-        dec.reserve(f"r{i}", prompt, PARAMS)
-        res = pre.prefill_export(prompt, PARAMS, f"r{i}", device_form=form == "device")
-        for kv in res.layers:
-            dec.import_layer(f"r{i}", LayerKV.from_bytes(kv.to_bytes()) if form == "host" else
-                             DeviceLayerKV.from_header(kv.header_bytes(), kv.wire.payload))
-        dec.admit(f"r{i}", res.first_token, res.first_logprob)
-    done = {}
-    while dec.has_unfinished():
-        for out in dec.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    assert [done[f"r{i}"] for i in range(len(PROMPTS))] == [w.token_ids for w in want]
-    _whole(pre)
-    _whole(dec)
+    hand_over(pre, [dec], PROMPTS, PARAMS, form=form)
+    done = run_to_completion(dec)
+    assert [done[f"r{i}"].token_ids for i in range(len(PROMPTS))] == [w.token_ids for w in want]
+    pool_whole(pre)
+    pool_whole(dec)
 
 
 def test_a_hack2_receiver_refuses_the_4bit_layers():
@@ -141,8 +125,8 @@ def test_a_hack2_receiver_refuses_the_4bit_layers():
     with pytest.raises(WireError, match="'hack4'.*'hack2'"):
         dec.import_layer("c", res.layers[four])
     dec.abort("c")
-    _whole(pre)
-    _whole(dec)
+    pool_whole(pre)
+    pool_whole(dec)
 
 
 def test_missing_or_invalid_plan_is_a_clear_error(tmp_path):

@@ -1,0 +1,45 @@
+"""Helpers for the tests that drive prefill and decode engines by hand (DisaggregatedEngine): hand
+prompts' layers over through the wire encoding, decode to the end, check every page came back."""
+
+from __future__ import annotations
+
+from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
+
+
+def pool_whole(eng) -> None:
+    """Every page and slot back in its pool, nothing reserved."""
+    assert eng.pool.num_used == 0 and eng.pool.num_free == eng.pool.capacity, eng.pool.owners()
+    assert len(eng.scheduler.free_slots) == eng.engine_config.max_num_seqs
+    assert not eng.scheduler.reserved
+
+
+def as_received(kv, form: str):
+    """A sent layer as a receiver gets it: through its bytes (host) or its header (device)."""
+    if form == "host":
+        return LayerKV.from_bytes(kv.to_bytes())
+    return DeviceLayerKV.from_header(kv.header_bytes(), kv.wire.payload)
+
+
+def hand_over(pre, decs, prompts, params, form: str = "host") -> None:
+    """Prefill each prompt once (request ids r0, r1, ...) and hand the same layers to every
+    decode engine, which admits the request."""
+    for i, prompt in enumerate(prompts):
+        rid = f"r{i}"
+        for dec in decs:
+            dec.reserve(rid, prompt, params)
+        res = pre.prefill_export(prompt, params, rid, device_form=form == "device")
+        for kv in res.layers:
+            for dec in decs:
+                dec.import_layer(rid, as_received(kv, form))
+        for dec in decs:
+            dec.admit(rid, res.first_token, res.first_logprob)
+
+
+def run_to_completion(eng) -> dict:
+    """Step until nothing is left; request id -> its final RequestOutput."""
+    done = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
