@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from zipserve.deploy.http_client import get_json, post_json, stream_text
 from zipserve.deploy.ray_backend import ServeConfig
 from zipserve.deploy.serve import running_server
-from zipserve.engine.config import RANDOM_MODELS, ModelConfig, random_model_config
+from zipserve.engine.config import RANDOM_MODELS
+from zipserve.engine.loading import model_config_for
 
 DEMO_MODULES = ("textwrap", "shlex", "fnmatch", "difflib")
 """Stdlib modules whose source makes the demo prompts (present in every CPython 3.10+)."""
@@ -55,9 +56,8 @@ def demo_prompts(modules: tuple[str, ...] = DEMO_MODULES, chars: int = PROMPT_CH
 def scaled_link_gbps(model: str, reference_gbps: float = REFERENCE_LINK_GBPS) -> float:
     """The link at which `model`'s dense bf16 KV takes as long per token as Llama-3-8B's does
     at `reference_gbps`."""
-    config = (random_model_config(model) if model.startswith("random:")
-              else ModelConfig.from_dir(model))
-    ratio = config.kv_bytes_per_token(2) / RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2)
+    ratio = (model_config_for(model).kv_bytes_per_token(2)
+             / RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2))
     return reference_gbps * ratio
 
 

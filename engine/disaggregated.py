@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.kv_export import DeviceLayerKV, LayerKV, export_layer, import_layer
 from zipserve.engine.llm_engine import LLMEngine, RequestOutput
 from zipserve.engine.sampling_params import SamplingParams
@@ -67,11 +66,7 @@ class DisaggregatedEngine(LLMEngine):
                        device_form: bool = False) -> PrefillResult:
         """device_form: hand out DeviceLayerKV (buffers stay on the device) instead of host
         bytes; for channels that carry device tensors. A dense-mode engine (decode_kv=dense)
-        cannot: it holds no codes to send."""
-        if isinstance(self.cache, DenseCodecKVCache):
-            raise ValueError(f"decode_kv: this engine decodes {self.codec.name} dense and cannot "
-                             f"prefill for another engine; prefill engines run "
-                             f"decode_kv='compressed'")
+        cannot: it holds no codes to send (export_layer refuses, ValueError)."""
         seq = self._new_seq(prompt, params, request_id)
         if not self.scheduler.reserve(seq, seq.num_tokens):
             raise Overloaded(f"prefill: no free KV pages for {seq.num_tokens} tokens")

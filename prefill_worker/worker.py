@@ -24,7 +24,7 @@ from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.kv_messages import send_layer, use_device_form
-from zipserve.transfer.link import LinkEmulator
+from zipserve.transfer.link import LinkEmulator, unshaped
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 KV_TAG = 1
@@ -86,7 +86,7 @@ class PrefillWorker:
                                           latency_ms))
 
     def attach(self, decode_id: str, channel: Channel) -> None:
-        inner = channel.inner if isinstance(channel, LinkEmulator) else channel
+        inner = unshaped(channel)
         if self.max_inflight_bytes is not None and hasattr(inner, "max_inflight_bytes"):
             inner.max_inflight_bytes = self.max_inflight_bytes  # sends wait beyond it
         old, self.channels[decode_id] = self.channels.get(decode_id), channel
@@ -151,7 +151,7 @@ class PrefillWorker:
                 if attempt:
                     raise Overloaded(f"prefill: out of GPU memory for {len(prompt_ids)} "
                                      f"tokens right now ({e})".splitlines()[0]) from e
-                inner = channel.inner if isinstance(channel, LinkEmulator) else channel
+                inner = unshaped(channel)
                 if hasattr(inner, "wait_acked"):
                     inner.wait_acked(OOM_WAIT_S)
 
@@ -159,7 +159,7 @@ class PrefillWorker:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and
         `latency_ms`. Only between requests: benchmarks sweep links on one running system."""
         for peer, ch in list(self.channels.items()):
-            inner = ch.inner if isinstance(ch, LinkEmulator) else ch
+            inner = unshaped(ch)
             self.channels[peer] = (LinkEmulator(inner, gbps, latency_ms, history_s=3600.0)
                                    if gbps or latency_ms else inner)
 

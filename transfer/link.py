@@ -94,3 +94,8 @@ class LinkEmulator(Channel):
 def _sleep_until(t: float) -> None:
     while (left := t - time.monotonic()) > 0:
         time.sleep(left)
+
+
+def unshaped(channel: Channel) -> Channel:
+    """The transport under a LinkEmulator (the channel itself when it is not shaped)."""
+    return channel.inner if isinstance(channel, LinkEmulator) else channel
