@@ -1,9 +1,12 @@
 """PrefillWorker: runs one prompt at a time and streams its KV to the paired decode worker.
 
-Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to a sender thread the
-moment the model has stored it, so the transfer of layer l overlaps the compute of layer l+1.
-Prompts run one at a time (a lock), so the actor may take calls concurrently: stats and health
-checks answer while a prefill runs. `incarnation` is new each time the worker is built, so a
+Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to the channel's sender
+thread the moment the model has stored it, so the transfer of layer l overlaps the compute of
+layer l+1. Forward passes run one at a time (a lock), but a prompt's sends do not hold that lock:
+the next prompt computes while the previous one's KV is still on the link (two KV slots: one
+prompt's KV sending, the next one's being computed; a third prompt waits for a slot). One sender
+thread per channel keeps every prompt's layers in order behind the previous prompt's. The actor
+takes calls concurrently: stats and health checks answer while a prefill runs. `incarnation` is new each time the worker is built, so a
 restarted actor is told apart from the one before it.
 On CUDA, over a channel that carries device tensors (in-process, CUDA IPC, NCCL), layers leave as
 device buffers and never touch host memory (transfer/kv_messages.py picks the form).
@@ -51,6 +54,50 @@ class PrefillReport:
     """The first token's most likely alternatives (when the request asked for logprobs)."""
 
 
+KV_SLOTS = 2
+"""Prompts whose KV may exist at once: one sending, one computing (the warm-up holds as much)."""
+
+
+class _Sends:
+    """What one prompt's sends came to: bytes, the first error, and when the last layer left."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.end = 0.0
+
+
+class _ChannelSender:
+    """One thread per channel that sends queued layers in arrival order: every layer of a prompt
+    leaves before any layer of the prompt queued after it. A layer of a prompt whose earlier
+    layer failed is skipped; the failure is the prompt's, not the channel's."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, channel: Channel, kv: LayerKV | None, sends: _Sends) -> None:
+        """Queue one layer (None: the prompt's last layer was queued before this)."""
+        self._queue.put((channel, kv, sends))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            channel, kv, sends = item
+            if kv is None:
+                sends.end = time.time()
+                sends.done.set()
+            elif sends.error is None:
+                try:
+                    sends.bytes += send_layer(channel, kv, KV_TAG)
+                except Exception as e:  # surfaced to the prompt's caller
+                    sends.error = e
+
+
 class PrefillWorker:
     def __init__(self, model: str, codec: str = "bf16", device: str | None = None,
                  dtype: str = "auto", engine_options: dict | None = None):
@@ -70,6 +117,9 @@ class PrefillWorker:
         self.channels: dict[str, Channel] = {}
         self.incarnation = uuid.uuid4().hex
         self._busy = threading.Lock()
+        """Held for a forward pass (one at a time on the engine)."""
+        self._kv_slots = threading.BoundedSemaphore(KV_SLOTS)
+        self._senders: dict[str, _ChannelSender] = {}
         self.prefills = 0
         self.out_of_memory = 0
 
@@ -99,40 +149,30 @@ class PrefillWorker:
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 decode_id: str) -> PrefillReport:
-        with self._busy:
-            self.prefills += 1
-            return self._prefill(request_id, prompt_ids, params, decode_id)
-
-    def _prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 decode_id: str) -> PrefillReport:
-        channel = self.channels[decode_id]
-        outbox: queue.Queue[LayerKV | None] = queue.Queue()
-        sent = {"bytes": 0, "error": None}
-
-        def sender() -> None:
-            while (kv := outbox.get()) is not None:
-                if sent["error"] is not None:
-                    continue
+        """Run the prompt and return once its last layer has left for `decode_id`. The forward
+        pass holds the engine; the sends do not, so the next prompt computes meanwhile."""
+        with self._kv_slots:
+            channel = self.channels[decode_id]
+            sender = self._senders.get(decode_id)
+            if sender is None:
+                sender = self._senders[decode_id] = _ChannelSender(decode_id)
+            sends = _Sends()
+            with self._busy:
+                self.prefills += 1
+                t0 = time.time()
                 try:
-                    sent["bytes"] += send_layer(channel, kv, KV_TAG)
-                except Exception as e:  # surfaced to the caller below
-                    sent["error"] = e
-
-        thread = threading.Thread(target=sender, name=f"kv-send-{request_id}", daemon=True)
-        thread.start()
-        t0 = time.time()
-        try:
-            res = self._run_prefill(request_id, prompt_ids, params, outbox.put,
-                                    use_device_form(channel, self.engine.device), channel)
-        finally:
-            outbox.put(None)
-            thread.join()
-        t1 = time.time()
-        if sent["error"] is not None:
-            raise sent["error"]
+                    res = self._run_prefill(
+                        request_id, prompt_ids, params,
+                        lambda kv: sender.put(channel, kv, sends),
+                        use_device_form(channel, self.engine.device), channel)
+                finally:
+                    sender.put(channel, None, sends)
+            sends.done.wait()
+        if sends.error is not None:
+            raise sends.error
         cfg = self.engine.config
         return PrefillReport(request_id, res.first_token, res.first_logprob, t0,
-                             t0 + res.prefill_seconds, t1, sent["bytes"],
+                             t0 + res.prefill_seconds, sends.end, sends.bytes,
                              len(prompt_ids) * cfg.kv_bytes_per_token(
                                  torch.empty((), dtype=self.engine.dtype).element_size()),
                              first_top_logprobs=res.first_top_logprobs)

@@ -131,6 +131,47 @@ def test_layers_arrive_while_prefill_is_still_running():
     assert arrivals[-1][1] <= rep.send_end + 0.05
 
 
+def test_next_prompt_computes_while_the_previous_kv_is_on_the_link():
+    """Over a slow link the second prompt's forward pass runs while the first prompt's KV is
+    still crossing (the link stays busy instead of idling through every prefill), every layer of
+    the first prompt arrives before any of the second, and a third prompt waits for a KV slot."""
+    from zipserve.engine.kv_export import LayerKV
+    from zipserve.transfer.link import LinkEmulator
+
+    a, b = InProcessChannel.pair()
+    pre = PrefillWorker(MODEL, "bf16", "cpu")
+    pre.attach("d0", LinkEmulator(a, gbps=0.05))  # ~0.5 s per 400-token prompt's KV
+    arrivals: list[tuple[str, int]] = []
+
+    def receive():
+        for _ in range(3 * 6):
+            kv = LayerKV.from_bytes(b.recv(KV_TAG, timeout=60).numpy().tobytes())
+            arrivals.append((kv.request_id, kv.layer))
+
+    rx = threading.Thread(target=receive)
+    rx.start()
+    params = SamplingParams(max_tokens=2)
+    reports: dict[str, object] = {}
+
+    def run(rid: str, delay: float):
+        time.sleep(delay)
+        reports[rid] = pre.prefill(rid, list(range(3, 400)), params, "d0")
+
+    threads = [threading.Thread(target=run, args=(rid, 0.05 * i))
+               for i, rid in enumerate(("r0", "r1", "r2"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    rx.join(timeout=60)
+    r0, r1, r2 = (reports[k] for k in ("r0", "r1", "r2"))
+    assert r1.prefill_start < r0.send_end  # computed while r0's KV was on the link
+    assert r1.send_end > r0.send_end and r2.send_end > r1.send_end
+    assert r2.prefill_start >= r0.send_end - 0.01  # a third prompt waited for r0's slot
+    assert arrivals == [(rid, layer) for rid in ("r0", "r1", "r2") for layer in range(6)]
+    assert all(r.bytes_sent > 0 for r in (r0, r1, r2))
+
+
 def test_layers_are_imported_between_steps_not_one_per_step():
     """While the decode worker is busy with a slow decode step, a new request's layers wait for
     the step loop, which writes every waiting layer before its next step: the whole KV is in
