@@ -74,6 +74,10 @@ class RequestResult:
     wait_ms: float = float("nan")
     """queue + transfer + decode_queue: time spent waiting for the prefill worker, the link and
     a decode slot (the part that grows without bound when a rate is not sustained)."""
+    kv_bytes: float = float("nan")
+    """KV bytes the prefill worker sent for this request (the codec's wire form)."""
+    transfer_start_s: float = float("nan")
+    """Router's time.time() when the transfer phase began (link busy while transferring)."""
     _token_times: list[float] = field(default_factory=list, repr=False)
     _done_time: float = float("nan")
 
@@ -179,6 +183,10 @@ def _add_job(res: RequestResult, job: dict) -> None:
             setattr(res, f"{name}_ms", 1e3 * phases[name]["duration"])
     if job.get("jct") is not None:
         res.server_jct_ms = 1e3 * job["jct"]
+    if job.get("kv_bytes") is not None:
+        res.kv_bytes = float(job["kv_bytes"])
+    if "transfer" in phases:
+        res.transfer_start_s = phases["transfer"]["start"]
     if phases:
         res.phase_sum_ms = 1e3 * sum(p["duration"] for p in phases.values())
         res.wait_ms = sum(1e3 * phases[n]["duration"] for n in ("queue", "transfer",

@@ -4,7 +4,7 @@ Reads each results folder written by `zipserve bench jct --sweep` (jct_summary.c
 jct_meta.json, the PNGs) and writes one Markdown page (default bench/JCT_RESULTS.md, linked
 from the hand-written bench/RESULTS.md, which this command never touches): per folder the
 device, date, model, commit and exact command, per link a table of every run, the highest rate
-each codec sustains, the issue-8 goals evaluated where the sweep has a 10 Gb/s link, the
+each codec sustains, the issue-16 goals (bench/jct_goals.py) the sweep can speak to, the
 perplexity cost per codec, and the plots. With `readme`, the block between the
 `<!-- jct-results:begin -->` and `<!-- jct-results:end -->` markers of README.md is replaced by
 the headline table of the first folder.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zipserve.bench.jct_goals import goals, highest_sustained
 from zipserve.bench.jct_plots import (
     _links,
     _ok,
@@ -40,68 +41,6 @@ def _ms(ms) -> str:
 
 def _rate(r) -> str:
     return r if isinstance(r, str) else f"{r:g}"
-
-
-def highest_sustained(summary: list[dict], codec: str, link) -> float | str | None:
-    good = [s["rate"] for s in summary if lane(s) == codec and s["link_gbps"] == link
-            and s["sustained"] is True]
-    return max(good, key=_rate_x) if good else None
-
-
-def goals(summary: list[dict], link=10.0) -> list[str]:
-    """The issue-8 goals at `link` Gb/s, each as a sentence saying met, missed or not
-    evaluable (and why)."""
-    runs = [s for s in summary if s["link_gbps"] == link]
-    if not runs:
-        return [f"No {link:g} Gb/s link in this sweep: the issue-8 goals are not evaluated."]
-    out = []
-    bf = sorted((s for s in runs if lane(s) == "bf16"), key=lambda s: _rate_x(s["rate"]))
-    at = {(lane(s), s["rate"]): s for s in runs}
-    busy = [s for s in bf if _ok(s.get("link_busy")) and s["link_busy"] >= 0.8]
-    if not bf:
-        out.append("bf16 was not run: the JCT goals are not evaluable.")
-    elif not busy:
-        top = max((s.get("link_busy", float("nan")) for s in bf if _ok(s.get("link_busy"))),
-                  default=float("nan"))
-        out.append(f"bf16 never kept the link >= 80% busy at the rates run (at most "
-                   f"{100 * top:.0f}%): the 60%/20% JCT goals are not evaluable; run higher "
-                   f"rates.")
-    else:
-        ref = busy[0]
-        r = ref["rate"]
-        line = (f"Reference rate {_rate(r)} req/s (lowest where bf16 kept the link "
-                f"{100 * ref['link_busy']:.0f}% busy): bf16 mean JCT {_s(ref['jct_mean_ms'])} s")
-        h2 = at.get(("hack2", r))
-        k2 = at.get(("kivi2", r))
-        if h2 is None or not _ok(h2["jct_mean_ms"]):
-            out.append(line + "; hack2 was not run there: not evaluable.")
-        else:
-            cut = 1 - h2["jct_mean_ms"] / ref["jct_mean_ms"]
-            line += (f", hack2 {_s(h2['jct_mean_ms'])} s ({100 * cut:.0f}% lower; goal >= 60%: "
-                     f"{'met' if cut >= 0.6 else '**missed**'})")
-            if k2 is not None and _ok(k2["jct_mean_ms"]):
-                cut_k = 1 - h2["jct_mean_ms"] / k2["jct_mean_ms"]
-                line += (f"; vs kivi2 {_s(k2['jct_mean_ms'])} s: {100 * cut_k:.0f}% lower (goal "
-                         f">= 20%: {'met' if cut_k >= 0.2 else '**missed**'})")
-            else:
-                line += "; kivi2 not run there"
-            out.append(line + ".")
-    hb, hh = highest_sustained(runs, "bf16", link), highest_sustained(runs, "hack2", link)
-    if hh is None:
-        out.append("hack2 sustained none of the rates run: the 3x-rate goal is **missed** (or "
-                   "the rates are too high).")
-    elif hb is None:
-        out.append(f"bf16 sustained none of the rates run, hack2 up to {_rate(hh)} req/s: the "
-                   f"3x-rate goal needs lower rates to be measured.")
-    else:
-        ratio = _rate_x(hh) / _rate_x(hb)
-        top = max((s["rate"] for s in runs), key=_rate_x)
-        caveat = (", but some codec sustained the highest rate run: the true ratio may differ"
-                  if top in (hb, hh) else "")
-        out.append(f"Highest sustained rate: bf16 {_rate(hb)}, hack2 {_rate(hh)} req/s "
-                   f"({ratio:.1f}x; goal >= 3x: {'met' if ratio >= 3 else '**missed**'}"
-                   f"{caveat}).")
-    return out
 
 
 def headline(summary: list[dict]) -> list[str]:
@@ -145,7 +84,9 @@ def section(results: Path, page_dir: Path) -> list[str]:
         out += ["On the CPU the compressed codecs attend through the torch references of their "
                 "Triton kernels, so their prefill/decode times say nothing about GPU speed; this "
                 "run shows the benchmark working, not the codecs' worth.", ""]
-    out += ["### Goals (issue 8, 10 Gb/s)", ""] + [f"- {g}" for g in goals(summary)] + [""]
+    rows = load_csv(results / "jct_requests.csv") if (results / "jct_requests.csv").is_file() \
+        else []
+    out += ["### Goals (issue 16)", ""] + [f"- {g}" for g in goals(summary, rows)] + [""]
     for g in _links(summary):
         out += [f"### Link {link_label(g)}", "",
                 "| codec | rate | ok/sent | mean JCT | p99 JCT | mean TTFT | p99 TTFT | link busy "

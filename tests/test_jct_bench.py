@@ -164,6 +164,41 @@ def test_report_evaluates_the_issue_goals_from_a_summary():
     assert "not evaluated" in jct_report.goals([dict(r, link_gbps=25.0) for r in none])[0]
 
 
+def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
+    from zipserve.bench import jct_goals
+
+    def row(codec, link, transfer_start, transfer_ms, kv_bytes=float("nan"), mode="compressed"):
+        return {"codec": codec, "decode_kv": mode, "link_gbps": link, "rate": 1.0,
+                "transfer_start_s": transfer_start, "transfer_ms": transfer_ms,
+                "kv_bytes": kv_bytes, "prompt_tokens": 8000}
+
+    # two 0.4 s transfers in a 1.0 s span: 80% busy while transferring, whatever the run's tail
+    assert jct_goals.busy_while_transferring([row("bf16", 10.0, 0.0, 400),
+                                              row("bf16", 10.0, 0.6, 400)]) == pytest.approx(0.8)
+    summary = [{"codec": c, "decode_kv": m, "link_gbps": g, "rate": 1.0, "jct_mean_ms": j,
+                "link_busy": 0.3, "sustained": True}
+               for c, m, g, j in [("bf16", "compressed", 10.0, 5000), ("hack2", "compressed",
+                                  10.0, 1900), ("hack2", "dense", 10.0, 2100),
+                                  ("bf16", "compressed", "none", 2000),
+                                  ("hack2", "compressed", "none", 2200),
+                                  ("hack2", "dense", "none", 2050)]]
+    rows = [row("bf16", 10.0, 0.0, 400), row("bf16", 10.0, 0.45, 400)]
+    text = " ".join(jct_goals.goals(summary, rows))
+    # the run-wide 30% would say "not evaluable"; while transferring the link was 94% busy
+    assert "Reference rate 1 req/s (lowest where bf16 kept the link 94% busy)" in text
+    assert "hack2 1.90 s (62% lower; goal >= 60%: met)" in text
+    assert "hack2/dense 2.10 s (58% lower; goal >= 60%: **missed**)" in text
+    assert "hack2: worst mean JCT 1.10x bf16's (at 1 req/s; goal <= 1.05x: **missed**)" in text
+    assert "hack2/dense: worst mean JCT 1.02x bf16's (at 1 req/s; goal <= 1.05x: met)" in text
+    free = [row("bf16", "none", 0, 12), row("hack2", "none", 0, 30), row("hack2", "none", 0, 61)]
+    line = jct_goals.transfer_goals(free)[0]
+    assert "hack2 mean 46 / max 61 ms" in line and "for every request: **missed**" in line
+    assert "never longer than bf16: **missed** by hack2" in line
+    # 1 MB over 10 Gb/s is 0.8 ms of wire time: 40 ms is within it + 50 ms, 60 ms is not
+    linked = [row("hack2", 10.0, 0, 40, 1e6), row("hack2", 10.0, 1, 60, 1e6)]
+    assert "1/2 requests within wire bytes / rate + 50 ms" in jct_goals.transfer_goals(linked)[0]
+
+
 def test_engine_options_parse_scalars_and_lists():
     from zipserve.deploy.cli import _engine_options
     from zipserve.engine.config import EngineConfig
