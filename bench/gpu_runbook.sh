@@ -9,6 +9,8 @@
 #   tests2     nvidia-h100-x1  every other @gpu test, incl. the device KV path             ~8 min
 #   smoke      nvidia-h100-x1  device-path + dense tests, then bf16 vs hack2 (compressed
 #                              and dense) under load at none/10 Gb/s (issue 16)           ~7 min
+#   jct-16     nvidia-h100-x1  issue-16 goals: bf16, kivi2, hack2 (decode-kv auto), links
+#                              10/none, rates 1/2/3, 16 requests per run                   ~8 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
 #                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
 #   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
@@ -23,7 +25,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-a | jct-b | jct-c | multi | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-a | jct-b | jct-c | multi | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -104,6 +106,15 @@ smoke)
         --model random:llama3-8b --codecs bf16,hack2 --decode-kv compressed,dense \
         --links none,10 --rates 2 --num-requests 8 --scale 0.5 --max-seconds 15 \
         "${GRAPHS[@]}" --out "$WORK/jct_load"
+    ;;
+jct-16)
+    # Issue 16's goals after the prefill worker stopped holding the engine through its sends:
+    # rates around bf16's 10 Gb/s link capacity (~2 req/s of 4.8k-token prompts on average),
+    # 16 requests per run so the queue has time to show, each lane as `auto` picks it.
+    step 560 jct_16 python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
+        --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 10,none ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,hack2mix,lowrank+hack2 10,none ;;
