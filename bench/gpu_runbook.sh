@@ -11,6 +11,8 @@
 #                              and dense) under load at none/10 Gb/s (issue 16)           ~7 min
 #   jct-16     nvidia-h100-x1  issue-16 goals: bf16, kivi2, hack2 (decode-kv auto), links
 #                              10/none, rates 1/2/3, 16 requests per run                   ~8 min
+#   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
+#                              bf16 vs hack2/hack4 (codes and dense), 16x8k and 8x32k     ~8 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
 #                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
 #   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
@@ -25,7 +27,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-a | jct-b | jct-c | multi | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | jct-a | jct-b | jct-c | multi | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -115,6 +117,14 @@ jct-16)
         --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
         --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
         "${GRAPHS[@]}" --out "$WORK/jct_16"
+    ;;
+profile)
+    # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes
+    # and dense decode of the same codes (random Llama-3-8B, batch 16 x 8k and 8 x 32k).
+    step 270 profile_16x8k python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,hack2/dense,hack4 --batch 16 --context 8192 --out "$WORK/profile_16x8k"
+    step 270 profile_8x32k python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,hack4 --batch 8 --context 32768 --out "$WORK/profile_8x32k"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 10,none ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,hack2mix,lowrank+hack2 10,none ;;
