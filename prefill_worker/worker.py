@@ -86,9 +86,8 @@ class PrefillWorker:
                                           latency_ms))
 
     def attach(self, decode_id: str, channel: Channel) -> None:
-        inner = unshaped(channel)
-        if self.max_inflight_bytes is not None and hasattr(inner, "max_inflight_bytes"):
-            inner.max_inflight_bytes = self.max_inflight_bytes  # sends wait beyond it
+        if self.max_inflight_bytes is not None:
+            channel.limit_inflight(self.max_inflight_bytes)  # sends wait beyond it
         old, self.channels[decode_id] = self.channels.get(decode_id), channel
         if old is not None:  # replaced after a peer restart: close it off the caller's path
             threading.Thread(target=old.close, daemon=True).start()
@@ -151,9 +150,7 @@ class PrefillWorker:
                 if attempt:
                     raise Overloaded(f"prefill: out of GPU memory for {len(prompt_ids)} "
                                      f"tokens right now ({e})".splitlines()[0]) from e
-                inner = unshaped(channel)
-                if hasattr(inner, "wait_acked"):
-                    inner.wait_acked(OOM_WAIT_S)
+                channel.wait_acked(OOM_WAIT_S)
 
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and

@@ -22,7 +22,8 @@ from zipserve.transfer.cuda_ipc import CudaIpcChannel
 from zipserve.transfer.inprocess import InProcessChannel
 from zipserve.transfer.kv_messages import recv_layer, send_layer, use_device_form
 from zipserve.transfer.link import LinkEmulator
-from zipserve.transfer.select import Endpoint, choose_path
+from zipserve.transfer.select import Endpoint
+from zipserve.transfer.transports import choose_path
 
 MODEL = str(REFERENCE_MODEL)
 needs_model = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
@@ -314,7 +315,7 @@ def test_ipc_stuck_peer_fails_channel_and_drops_references():
 def test_ipc_peer_death_releases_and_refuses():
     a, b, _ = _ipc_pair(ack_timeout_s=30)
     a.send(torch.zeros(100, dtype=torch.uint8), 1)
-    b._control.close()  # the peer's side of the control path goes away (as on a crash)
+    b.control.close()  # the peer's side of the control path goes away (as on a crash)
     assert _until(lambda: a.inflight == 0, 2.0)
     with pytest.raises(TransferClosed):
         a.send(torch.zeros(100, dtype=torch.uint8), 1)
