@@ -163,7 +163,7 @@ def _calibrate_kvbits(args: argparse.Namespace) -> int:
 
 def _serve_config(args: argparse.Namespace, codec: str):
     """codec: one codec, or several separated by commas (the first is the default)."""
-    from zipserve.deploy.ray_backend import ServeConfig
+    from zipserve.control.config import ServeConfig
 
     first, *extra = [c.strip() for c in codec.split(",")]
     return ServeConfig(model=args.model or default_model(), codec=first, extra_codecs=tuple(extra),

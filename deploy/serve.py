@@ -10,8 +10,8 @@ import time
 from contextlib import contextmanager
 
 from zipserve.deploy.local_ray import start_loopback_ray
-from zipserve.deploy.multi_codec import make_backend
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.multi_codec import make_backend
+from zipserve.control.config import ServeConfig
 from zipserve.router.limits import AdmissionConfig
 from zipserve.transfer.nccl_env import nccl_env
 

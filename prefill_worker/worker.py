@@ -1,7 +1,8 @@
 """PrefillWorker: runs one prompt at a time and streams its KV to the paired decode worker.
 
-Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to a sender thread the
-moment the model has stored it, so the transfer of layer l overlaps the compute of layer l+1.
+Plain Python (control/ wraps it as a Ray actor; it answers with control/messages.py's types and
+`PrefillReport`). Each layer's KV is handed to a sender thread the moment the model has stored
+it, so the transfer of layer l overlaps the compute of layer l+1.
 Prompts run one at a time (a lock), so the actor may take calls concurrently: stats and health
 checks answer while a prefill runs. `incarnation` is new each time the worker is built, so a
 restarted actor is told apart from the one before it.
@@ -18,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.kv_export import LayerKV
@@ -73,17 +75,16 @@ class PrefillWorker:
         self.prefills = 0
         self.out_of_memory = 0
 
-    def info(self) -> dict:
+    def info(self) -> WorkerInfo:
         e = self.engine
-        return {"model": e.model_name, "codec": self.codec, "page_size":
-                e.engine_config.page_size, "num_layers": e.config.num_kv_layers,
-                "device": str(e.device)}
+        return WorkerInfo(e.model_name, self.codec, e.engine_config.page_size,
+                          e.config.num_kv_layers, str(e.device))
 
     def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
                 link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
-        self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
-                                          latency_ms))
+        self.attach(peer_id, connect_pair(self.info().hello(), host, port, rank, pair_name,
+                                          link_gbps, latency_ms))
 
     def attach(self, decode_id: str, channel: Channel) -> None:
         if self.max_inflight_bytes is not None:
@@ -167,10 +168,9 @@ class PrefillWorker:
                  and ch.gbps is not None]
         return sum(ch.busy_fraction(window_s) for ch in links) / len(links) if links else None
 
-    def stats(self) -> dict:
+    def stats(self) -> PrefillStats:
         pool = self.engine.pool
-        return {"free_pages": pool.num_free, "used_pages": pool.num_used,
-                "capacity_pages": pool.capacity, "running": int(self._busy.locked()),
-                "prefills": self.prefills, "incarnation": self.incarnation,
-                "out_of_memory": self.out_of_memory,
-                "codec": self.codec}
+        return PrefillStats(free_pages=pool.num_free, used_pages=pool.num_used,
+                            capacity_pages=pool.capacity, running=int(self._busy.locked()),
+                            codec=self.codec, incarnation=self.incarnation,
+                            prefills=self.prefills, out_of_memory=self.out_of_memory)

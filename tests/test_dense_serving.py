@@ -12,7 +12,7 @@ import pytest
 
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL, _csv_modes, _serve_config, build_parser, main
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_worker.worker import PrefillWorker
 from zipserve.transfer.channel import as_byte_tensor
@@ -41,7 +41,7 @@ def _serve(pre, dec, peer, rid):
     dec.reserve(rid, PROMPT, PARAMS)
     rep = pre.prefill(rid, PROMPT, PARAMS, peer)
     res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
-    while not res["finished"]:
+    while not res.finished:
         res = dec.poll(rid, 0, timeout=5)
     dec.release(rid)
     return rep, res
@@ -59,12 +59,12 @@ def test_dense_decode_worker_gets_the_same_bytes():
             pre.attach(mode, a)
             dec.attach("p0", b)
             rep, res = _serve(pre, dec, mode, "same-id")
-            assert res["tokens"] == want, mode
+            assert res.tokens == want, mode
             sent[mode] = (a.sent, rep.bytes_sent)
             stats = dec.stats()
-            assert stats["decode_kv"] == mode and dec.info()["decode_kv"] == mode
-            assert stats["used_pages"] == 0 and stats["free_pages"] == stats["capacity_pages"]
-            assert stats["reserved"] == stats["running"] == 0
+            assert stats.decode_kv == mode and dec.info().decode_kv == mode
+            assert stats.used_pages == 0 and stats.free_pages == stats.capacity_pages
+            assert stats.reserved == stats.running == 0
         msgs = sent["compressed"][0]
         assert len(msgs) == 6  # one LayerKV per layer, CRC32 in each header
         assert sent["dense"] == sent["compressed"]  # byte for byte, checksums included
@@ -135,4 +135,4 @@ def test_http_dense_lane_beside_compressed_lane():
         assert decode_modes == {"hack2/decode-0": "dense", "kivi2/decode-0": "compressed"}
         for lane in backend.lanes.values():
             stats = decode_pool_settled(lane)
-            assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
+            assert stats.free_pages == stats.capacity_pages and stats.reserved == 0, stats

@@ -171,9 +171,9 @@ def test_workers_on_device_form_equal_one_engine(codec, monkeypatch):
         dec.reserve("q", prompt, params)
         rep = pre.prefill("q", prompt, params, "d0")
         res = dec.admit("q", rep.first_token, rep.first_logprob, timeout=10)
-        while not res["finished"]:
+        while not res.finished:
             res = dec.poll("q", 0, timeout=5)
-        assert res["tokens"] == want and res["error"] is None
+        assert res.tokens == want and res.error is None
         n_layers = dec.num_layers
         assert seen == ["bytes", "Tensor"] * n_layers  # header + device payload per layer
         dec.release("q")
@@ -182,11 +182,11 @@ def test_workers_on_device_form_equal_one_engine(codec, monkeypatch):
         dec.reserve("bad", prompt, params)
         rep = pre.prefill("bad", prompt, params, "d0")
         res = dec.admit("bad", rep.first_token, None, timeout=10)
-        assert res["finish_reason"] == "error" and "checksum mismatch" in res["error"]
+        assert res.finish_reason == "error" and "checksum mismatch" in res.error
         dec.release("bad")
         s = dec.stats()
-        assert s["free_pages"] == s["capacity_pages"] and s["reserved"] == 0
-        assert pre.stats()["used_pages"] == 0
+        assert s.free_pages == s.capacity_pages and s.reserved == 0
+        assert pre.stats().used_pages == 0
     finally:
         dec.shutdown()
 

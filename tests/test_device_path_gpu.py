@@ -113,13 +113,13 @@ def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
         dec.reserve("q", prompt, params)
         rep = pre.prefill("q", prompt, params, "d0")
         res = dec.admit("q", rep.first_token, rep.first_logprob, timeout=30)
-        while not res["finished"]:
+        while not res.finished:
             res = dec.poll("q", 0, timeout=10)
-        assert res["error"] is None and res["tokens"] == want.token_ids
+        assert res.error is None and res.tokens == want.token_ids
         assert kinds == ["host", torch.device("cuda", 0)] * dec.num_layers  # never staged
         dec.release("q")
         s = dec.stats()
-        assert s["free_pages"] == s["capacity_pages"] and pre.stats()["used_pages"] == 0
+        assert s.free_pages == s.capacity_pages and pre.stats().used_pages == 0
     finally:
         dec.shutdown()
 
