@@ -11,7 +11,9 @@ import urllib.request
 import pytest
 
 from zipserve.decode_worker.worker import DecodeWorker
-from zipserve.deploy.cli import REFERENCE_MODEL, _csv_modes, _serve_config, build_parser, main
+from zipserve.deploy.cli import REFERENCE_MODEL, build_parser, main
+from zipserve.deploy.cli_serve import serve_config
+from zipserve.deploy.cli_values import csv_modes
 from zipserve.control.config import ServeConfig
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_worker.worker import PrefillWorker
@@ -95,13 +97,13 @@ def test_serve_config_decode_kv_per_lane():
 def test_cli_takes_decode_kv(capsys):
     args = build_parser().parse_args(["serve", "--codec", "hack2,bf16", "--decode-kv",
                                       "dense,compressed"])
-    assert _serve_config(args, args.codec).decode_kv_modes == {"hack2": "dense",
+    assert serve_config(args, args.codec).decode_kv_modes == {"hack2": "dense",
                                                                 "bf16": "compressed"}
     assert build_parser().parse_args(["serve"]).decode_kv == "compressed"  # the default
     assert build_parser().parse_args(["demo", "--decode-kv", "auto"]).decode_kv == "auto"
-    assert _csv_modes("compressed, dense") == ["compressed", "dense"]
+    assert csv_modes("compressed, dense") == ["compressed", "dense"]
     with pytest.raises(ValueError, match="--decode-kv: expected"):
-        _csv_modes("dense,fast")
+        csv_modes("dense,fast")
     assert main(["bench", "jct", "--url", "http://127.0.0.1:9", "--rate", "1",
                  "--decode-kv", "dense"]) == 2
     assert "--decode-kv: only with --sweep" in capsys.readouterr().err
