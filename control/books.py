@@ -5,6 +5,8 @@ each job (so an abort reaches it). Updated only on the router's event loop."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -40,3 +42,13 @@ class Books:
     def load(self, pair: Pair) -> tuple[int, int]:
         """The sort key of the pair choice: least loaded decode worker, then prefill worker."""
         return self.outstanding[("d", pair.decode)], self.outstanding[("p", pair.prefill)]
+
+    @contextmanager
+    def kv_pending(self, decode: int, tokens: int) -> Iterator[None]:
+        """Count `tokens` as awaiting their KV on decode worker `decode` for the block (prefill
+        and admission: until the decode worker holds every layer, or the attempt failed)."""
+        self.awaiting_kv[decode] += tokens
+        try:
+            yield
+        finally:
+            self.awaiting_kv[decode] -= tokens

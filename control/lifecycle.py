@@ -118,8 +118,9 @@ class Lifecycle:
             self.books.jobs[job.id] = pair.decode
             try:
                 try:
-                    report = await self.prefill(job, params, pair)
-                    first = await self.admit(job, pair, report)
+                    with self.books.kv_pending(pair.decode, len(job.prompt_ids)):
+                        report = await self.prefill(job, params, pair)
+                        first = await self.admit(job, pair, report)
                 except RequestRefused as e:
                     yield self._refused(str(e))
                     return
@@ -215,7 +216,6 @@ class Lifecycle:
         books, slot = self.books, self.pool.prefill[pair.prefill]
         books.outstanding[("p", pair.prefill)] += n
         books.prefilling[pair.prefill] += 1
-        books.awaiting_kv[pair.decode] += n
         try:
             if self.prefill_group is not None and self.cfg.group.use_group(n):
                 return await group_prefill(self.prefill_group,
@@ -254,8 +254,6 @@ class Lifecycle:
                 self.pool.suspect(slot, f"{type(e).__name__}: {e}")
             self.books.counts["decode_worker_died"] += 1
             raise Retry(f"decode worker {pair.decode} failed: {type(e).__name__}") from e
-        finally:
-            self.books.awaiting_kv[pair.decode] -= len(job.prompt_ids)
 
     # -- decode --------------------------------------------------------------------------------
     async def decode(self, job: Job, pair: Pair, report: PrefillReport,
