@@ -39,7 +39,7 @@ from typing import Any
 import ray
 from zipserve.control.books import Books, Pair
 from zipserve.control.config import ServeConfig
-from zipserve.control.messages import PollReply
+from zipserve.control.messages import DecodeStats, PollReply
 from zipserve.control.request_faults import RequestRefused, request_fault
 from zipserve.control.worker_pool import WorkerPool
 from zipserve.engine.disaggregated import Overloaded
@@ -119,6 +119,8 @@ class Lifecycle:
             try:
                 try:
                     with self.books.kv_pending(pair.decode, len(job.prompt_ids)):
+                        # the transfer runs inside these two: layers leave during prefill, and
+                        # admission waits on the decode worker until the last one is in
                         report = await self.prefill(job, params, pair)
                         first = await self.admit(job, pair, report)
                 except RequestRefused as e:
@@ -304,7 +306,7 @@ class Lifecycle:
                 return
 
     # -- release -------------------------------------------------------------------------------
-    def release(self, job: Job, pair: Pair):
+    def release(self, job: Job, pair: Pair) -> ray.ObjectRef:
         """Free whatever the decode worker holds for the job; waiting reservations look again.
         Returns the call's ObjectRef (a retry awaits it before reserving again)."""
         released = self.pool.decode[pair.decode].actor.release.remote(job.id)
@@ -329,12 +331,12 @@ def transfer_phases(prefill_end: float, reply: PollReply) -> tuple[PhaseEvent, P
     return PhaseEvent("transfer", prefill_end, t_kv), PhaseEvent("decode_queue", t_kv, t_admitted)
 
 
-def _capacity(stats: Any, default: int) -> int:
+def _capacity(stats: DecodeStats | None, default: int) -> int:
     """A decode worker's pool size by its last stats (default before its first answer)."""
     return default if stats is None else stats.capacity_pages
 
 
-async def _settled(release) -> None:
+async def _settled(release: ray.ObjectRef | None) -> None:
     """Wait (bounded) for an earlier attempt's release; a dead worker's reservation is gone
     with it."""
     if release is None:
