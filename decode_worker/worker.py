@@ -1,9 +1,10 @@
 """DecodeWorker: reserves pages for incoming requests, receives their KV layer by layer from
 prefill workers, and decodes every admitted request in one continuous batch.
 
-Plain Python (deploy/ wraps it as a threaded Ray actor). Three kinds of threads touch the engine,
-always under one lock: a receiver per attached channel (imports layers), the step loop (decodes,
-expires reservations whose KV missed its deadline), and callers (reserve/admit/abort/poll).
+Plain Python (control/ wraps it as a threaded Ray actor; it answers with control/messages.py's
+types). Three kinds of threads touch the engine, always under one lock: a receiver per attached
+channel (imports layers), the step loop (decodes, expires reservations whose KV missed its
+deadline), and callers (reserve/admit/abort/poll).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
 
 Failures are counted by reason in `failures` ("transfer_deadline", "checksum_mismatch",
@@ -20,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from zipserve.control.messages import DecodeStats, PollReply, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
@@ -94,18 +96,17 @@ class DecodeWorker:
                                           daemon=True)]
         self._threads[0].start()
 
-    def info(self) -> dict:
+    def info(self) -> WorkerInfo:
         e = self.engine
-        return {"model": e.model_name, "codec": self.codec, "page_size":
-                e.engine_config.page_size, "num_layers": self.num_layers,
-                "device": str(e.device), "decode_kv": e.decode_kv}
+        return WorkerInfo(e.model_name, self.codec, e.engine_config.page_size, self.num_layers,
+                          str(e.device), e.decode_kv)
 
     # -- KV arrival ------------------------------------------------------------------------
     def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
                 link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
-        self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
-                                          latency_ms), pair_name)
+        self.attach(peer_id, connect_pair(self.info().hello(), host, port, rank, pair_name,
+                                          link_gbps, latency_ms), pair_name)
 
     def endpoint(self) -> dict:
         """This worker's Ray node and a free port on it (see transfer.pairing.local_endpoint)."""
@@ -215,7 +216,7 @@ class DecodeWorker:
 
     def admit(self, request_id: str, first_token: int, first_logprob: float | None,
               timeout: float = 30.0,
-              first_top_logprobs: list[tuple[int, float]] | None = None) -> dict:
+              first_top_logprobs: list[tuple[int, float]] | None = None) -> PollReply:
         st = self.requests[request_id]
         if not st.arrived.wait(timeout):
             with self.lock:
@@ -233,7 +234,7 @@ class DecodeWorker:
             self.changed.notify_all()
         return self.poll(request_id, 0, 0)
 
-    def poll(self, request_id: str, since: int, timeout: float = 1.0) -> dict:
+    def poll(self, request_id: str, since: int, timeout: float = 1.0) -> PollReply:
         """Tokens from index `since` on, waiting up to timeout for news."""
         deadline = time.time() + timeout
         with self.changed:
@@ -243,11 +244,8 @@ class DecodeWorker:
                 if left <= 0:
                     break
                 self.changed.wait(left)
-            return {"tokens": st.tokens[since:], "logprobs": st.logprobs[since:],
-                    "top_logprobs": st.top_logprobs[since:], "text": st.text,
-                    "finished": st.finished,
-                    "finish_reason": st.finish_reason, "error": st.error,
-                    "times": dict(st.times)}
+            return PollReply(st.tokens[since:], st.logprobs[since:], st.top_logprobs[since:],
+                             st.text, st.finished, st.finish_reason, st.error, dict(st.times))
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its pages. Applied by the step loop before its next step
@@ -269,16 +267,16 @@ class DecodeWorker:
             self._slices.drop(request_id)
             self.engine.release(request_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> DecodeStats:
         with self.lock:
             pool, sch = self.engine.pool, self.engine.scheduler
-            return {"free_pages": pool.num_free, "used_pages": pool.num_used,
-                    "capacity_pages": pool.capacity, "running": len(sch.running),
-                    "waiting": len(sch.waiting), "reserved": len(sch.reserved),
-                    "dropped_messages": self.dropped_messages, "codec": self.codec,
-                    "decode_kv": self.engine.decode_kv,
-                    "incarnation": self.incarnation, "failures": dict(self.failures),
-                    "dead_channels": dict(self.dead_channels)}
+            return DecodeStats(free_pages=pool.num_free, used_pages=pool.num_used,
+                               capacity_pages=pool.capacity, running=len(sch.running),
+                               codec=self.codec, incarnation=self.incarnation,
+                               waiting=len(sch.waiting), reserved=len(sch.reserved),
+                               dropped_messages=self.dropped_messages,
+                               decode_kv=self.engine.decode_kv, failures=dict(self.failures),
+                               dead_channels=dict(self.dead_channels))
 
     def shutdown(self) -> None:
         self._stop.set()

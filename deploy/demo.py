@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from zipserve.deploy.http_client import get_json, post_json, stream_text
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.engine.config import RANDOM_MODELS
 from zipserve.engine.loading import model_config_for

@@ -5,15 +5,15 @@ thread for the demo (deploy/demo.py), benches and tests."""
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import time
 from contextlib import contextmanager
 
 from zipserve.deploy.local_ray import start_loopback_ray
-from zipserve.deploy.multi_codec import make_backend
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.multi_codec import make_backend
+from zipserve.control.config import ServeConfig
 from zipserve.router.limits import AdmissionConfig
+from zipserve.transfer.nccl_env import nccl_env
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -27,7 +27,7 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=False)
     else:  # embedded: a local Ray just for this process, on loopback only
         start_loopback_ray(include_dashboard=False, log_to_driver=False,
-                           runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}})
+                           runtime_env={"env_vars": nccl_env()})
 
 
 def freeze_startup_objects() -> None:
@@ -97,5 +97,3 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
         gc.unfreeze()
         backend.shutdown()
 
-
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

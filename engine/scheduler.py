@@ -5,8 +5,10 @@ max_prefill_tokens and max_num_seqs) or one decode step of every running sequenc
 max_prefill_chunk, a longer prompt is prefilled a chunk per step (it holds its pages and slot
 meanwhile and joins the running batch with its last chunk); those chunks go first. When a decode
 step needs a page that is not free, the most recently admitted running sequence is preempted: its
-pages go back to the pool and it waits to be recomputed. Every path that ends a sequence frees
-its pages here, so the pool is whole whenever nothing runs.
+pages go back to the pool and it waits to be recomputed. A sequence whose KV is written from
+outside (a decode worker importing a prefill worker's layers) is `reserve`d: RESERVED, holding
+pages and a slot, until `admit` makes it RUNNING. Every path that ends a sequence frees its pages
+here, so the pool is whole whenever nothing runs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         # One open-page slot per running sequence (used by compressed caches).
         self.free_slots: list[int] = list(range(max_num_seqs - 1, -1, -1))
-        # Sequences whose KV is arriving from a prefill worker: they hold pages and a slot.
+        # RESERVED sequences by seq_id: they hold pages and a slot while their KV is written.
         self.reserved: dict[int, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
@@ -61,11 +63,14 @@ class Scheduler:
         if pages is None:
             return False
         seq.pages, seq.slot = pages, self.free_slots.pop()
+        seq.status = SeqStatus.RESERVED
         self.reserved[seq.seq_id] = seq
         return True
 
     def admit(self, seq: Sequence) -> None:
         """A reserved sequence whose KV has fully arrived joins the running batch."""
+        if not seq.reserved:
+            raise KeyError(f"sequence {seq.seq_id} is {seq.status.value}, not reserved")
         del self.reserved[seq.seq_id]
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)

@@ -12,7 +12,11 @@ from zipserve.engine.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
+    """WAITING -> RUNNING -> FINISHED for a request the engine prefills itself; a request whose
+    KV comes from elsewhere is RESERVED -> RUNNING -> FINISHED (preemption: RUNNING -> WAITING)."""
+
     WAITING = "waiting"  # queued for (re)prefill; holds no pages
+    RESERVED = "reserved"  # holds pages and a slot; its KV is being written (arriving/computed)
     RUNNING = "running"  # in the decode batch; holds pages for num_cached tokens
     FINISHED = "finished"  # done; pages returned
 
@@ -55,6 +59,10 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def reserved(self) -> bool:
+        return self.status is SeqStatus.RESERVED
 
     @property
     def finished(self) -> bool:

@@ -1,13 +1,14 @@
 """PrefillWorker: runs one prompt at a time and streams its KV to the paired decode worker.
 
-Plain Python (deploy/ wraps it as a Ray actor). Each layer's KV is handed to the channel's sender
-thread the moment the model has stored it, so the transfer of layer l overlaps the compute of
-layer l+1. Forward passes run one at a time (a lock), but a prompt's sends do not hold that lock:
-the next prompt computes while the previous one's KV is still on the link (two KV slots: one
-prompt's KV sending, the next one's being computed; a third prompt waits for a slot). One sender
-thread per channel keeps every prompt's layers in order behind the previous prompt's. The actor
-takes calls concurrently: stats and health checks answer while a prefill runs. `incarnation` is new each time the worker is built, so a
-restarted actor is told apart from the one before it.
+Plain Python (control/ wraps it as a Ray actor; it answers with control/messages.py's types and
+`PrefillReport`). Each layer's KV is handed to the channel's sender thread the moment the model
+has stored it, so the transfer of layer l overlaps the compute of layer l+1. Forward passes run
+one at a time (a lock), but a prompt's sends do not hold that lock: the next prompt computes
+while the previous one's KV is still on the link (two KV slots: one prompt's KV sending, the next
+one's being computed; a third prompt waits for a slot). One sender thread per channel keeps every
+prompt's layers in order behind the previous prompt's. The actor takes calls concurrently: stats
+and health checks answer while a prefill runs. `incarnation` is new each time the worker is
+built, so a restarted actor is told apart from the one before it.
 On CUDA, over a channel that carries device tensors (in-process, CUDA IPC, NCCL), layers leave as
 device buffers and never touch host memory (transfer/kv_messages.py picks the form).
 """
@@ -21,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.kv_export import LayerKV
@@ -123,22 +125,20 @@ class PrefillWorker:
         self.prefills = 0
         self.out_of_memory = 0
 
-    def info(self) -> dict:
+    def info(self) -> WorkerInfo:
         e = self.engine
-        return {"model": e.model_name, "codec": self.codec, "page_size":
-                e.engine_config.page_size, "num_layers": e.config.num_kv_layers,
-                "device": str(e.device)}
+        return WorkerInfo(e.model_name, self.codec, e.engine_config.page_size,
+                          e.config.num_kv_layers, str(e.device))
 
     def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
                 link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
-        self.attach(peer_id, connect_pair(self.info(), host, port, rank, pair_name, link_gbps,
-                                          latency_ms))
+        self.attach(peer_id, connect_pair(self.info().hello(), host, port, rank, pair_name,
+                                          link_gbps, latency_ms))
 
     def attach(self, decode_id: str, channel: Channel) -> None:
-        inner = unshaped(channel)
-        if self.max_inflight_bytes is not None and hasattr(inner, "max_inflight_bytes"):
-            inner.max_inflight_bytes = self.max_inflight_bytes  # sends wait beyond it
+        if self.max_inflight_bytes is not None:
+            channel.limit_inflight(self.max_inflight_bytes)  # sends wait beyond it
         old, self.channels[decode_id] = self.channels.get(decode_id), channel
         if old is not None:  # replaced after a peer restart: close it off the caller's path
             threading.Thread(target=old.close, daemon=True).start()
@@ -191,9 +191,7 @@ class PrefillWorker:
                 if attempt:
                     raise Overloaded(f"prefill: out of GPU memory for {len(prompt_ids)} "
                                      f"tokens right now ({e})".splitlines()[0]) from e
-                inner = unshaped(channel)
-                if hasattr(inner, "wait_acked"):
-                    inner.wait_acked(OOM_WAIT_S)
+                channel.wait_acked(OOM_WAIT_S)
 
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and
@@ -210,10 +208,9 @@ class PrefillWorker:
                  and ch.gbps is not None]
         return sum(ch.busy_fraction(window_s) for ch in links) / len(links) if links else None
 
-    def stats(self) -> dict:
+    def stats(self) -> PrefillStats:
         pool = self.engine.pool
-        return {"free_pages": pool.num_free, "used_pages": pool.num_used,
-                "capacity_pages": pool.capacity, "running": int(self._busy.locked()),
-                "prefills": self.prefills, "incarnation": self.incarnation,
-                "out_of_memory": self.out_of_memory,
-                "codec": self.codec}
+        return PrefillStats(free_pages=pool.num_free, used_pages=pool.num_used,
+                            capacity_pages=pool.capacity, running=int(self._busy.locked()),
+                            codec=self.codec, incarnation=self.incarnation,
+                            prefills=self.prefills, out_of_memory=self.out_of_memory)

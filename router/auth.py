@@ -2,17 +2,33 @@
 answers a minimal status without the key and its details with it: `has_key`).
 
 A pure ASGI middleware, so unauthenticated requests are refused before their body is read or
-parsed. Keys are compared with `hmac.compare_digest`.
+parsed. Keys are compared with `hmac.compare_digest`. `read_api_key` takes the key from
+`zipserve serve`'s --api-key or --api-key-file.
 """
 
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from zipserve.router.errors import OpenAIError
 
 OPEN_PATHS = frozenset({"/health"})
+
+
+def read_api_key(key: str | None, key_file: str | None) -> str | None:
+    """--api-key or the first line of --api-key-file (not both); an empty key is an error."""
+    if key is not None and key_file is not None:
+        raise ValueError("--api-key and --api-key-file: give one, not both")
+    if key_file is not None:
+        try:
+            key = Path(key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: cannot read {key_file}: {e.strerror}") from None
+    if key is not None and not key.strip():
+        raise ValueError("--api-key: the key is empty")
+    return key
 
 
 def bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:

@@ -43,7 +43,7 @@ def stream_and_interrupt(url: str, body: dict, after_chunks: int, action: Callab
     return error, acted_at
 
 
-def decode_pool_settled(backend, deadline_s: float = 10.0) -> dict:
+def decode_pool_settled(backend, deadline_s: float = 10.0):
     """The first decode worker's stats once every page is free and nothing is reserved or
     running, or its last stats when deadline_s passed first (the caller asserts on them)."""
     import ray
@@ -51,7 +51,7 @@ def decode_pool_settled(backend, deadline_s: float = 10.0) -> dict:
     end = time.time() + deadline_s
     while True:
         stats = ray.get(backend.decode[0].stats.remote())
-        if (stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0
-                and stats["running"] == 0) or time.time() > end:
+        if (stats.free_pages == stats.capacity_pages and stats.reserved == 0
+                and stats.running == 0) or time.time() > end:
             return stats
         time.sleep(0.1)

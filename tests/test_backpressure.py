@@ -15,7 +15,7 @@ import pytest
 from net_helpers import free_port as _port
 
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 
 ray = pytest.importorskip("ray")
@@ -70,7 +70,7 @@ def test_second_request_waits_for_decode_pages_before_prefill(local_ray):
         queue = next(p for p in jb["phases"] if p["name"] == "queue")
         assert queue["duration"] > 0
         stats = ray.get(backend.prefill[0].stats.remote())
-        assert stats["prefills"] == 2  # no prefill was computed and thrown away
+        assert stats.prefills == 2  # no prefill was computed and thrown away
 
         t0 = time.time()
         status, err = _post(url, {"prompt": list(range(3, 303)), "max_tokens": 4})
@@ -78,5 +78,5 @@ def test_second_request_waits_for_decode_pages_before_prefill(local_ray):
         assert time.time() - t0 < 5  # refused at once, not after the page wait
 
         dec = ray.get(backend.decode[0].stats.remote())
-        assert dec["free_pages"] == dec["capacity_pages"] == 3, dec
-        assert dec["reserved"] == 0 and dec["running"] == 0
+        assert dec.free_pages == dec.capacity_pages == 3, dec
+        assert dec.reserved == 0 and dec.running == 0

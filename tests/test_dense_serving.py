@@ -11,8 +11,10 @@ import urllib.request
 import pytest
 
 from zipserve.decode_worker.worker import DecodeWorker
-from zipserve.deploy.cli import REFERENCE_MODEL, _csv_modes, _serve_config, build_parser, main
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL, build_parser, main
+from zipserve.deploy.cli_serve import serve_config
+from zipserve.deploy.cli_values import csv_modes
+from zipserve.control.config import ServeConfig
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_worker.worker import PrefillWorker
 from zipserve.transfer.channel import as_byte_tensor
@@ -41,7 +43,7 @@ def _serve(pre, dec, peer, rid):
     dec.reserve(rid, PROMPT, PARAMS)
     rep = pre.prefill(rid, PROMPT, PARAMS, peer)
     res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
-    while not res["finished"]:
+    while not res.finished:
         res = dec.poll(rid, 0, timeout=5)
     dec.release(rid)
     return rep, res
@@ -59,12 +61,12 @@ def test_dense_decode_worker_gets_the_same_bytes():
             pre.attach(mode, a)
             dec.attach("p0", b)
             rep, res = _serve(pre, dec, mode, "same-id")
-            assert res["tokens"] == want, mode
+            assert res.tokens == want, mode
             sent[mode] = (a.sent, rep.bytes_sent)
             stats = dec.stats()
-            assert stats["decode_kv"] == mode and dec.info()["decode_kv"] == mode
-            assert stats["used_pages"] == 0 and stats["free_pages"] == stats["capacity_pages"]
-            assert stats["reserved"] == stats["running"] == 0
+            assert stats.decode_kv == mode and dec.info().decode_kv == mode
+            assert stats.used_pages == 0 and stats.free_pages == stats.capacity_pages
+            assert stats.reserved == stats.running == 0
         msgs = sent["compressed"][0]
         assert len(msgs) == 6  # one LayerKV per layer, CRC32 in each header
         assert sent["dense"] == sent["compressed"]  # byte for byte, checksums included
@@ -95,13 +97,13 @@ def test_serve_config_decode_kv_per_lane():
 def test_cli_takes_decode_kv(capsys):
     args = build_parser().parse_args(["serve", "--codec", "hack2,bf16", "--decode-kv",
                                       "dense,compressed"])
-    assert _serve_config(args, args.codec).decode_kv_modes == {"hack2": "dense",
+    assert serve_config(args, args.codec).decode_kv_modes == {"hack2": "dense",
                                                                 "bf16": "compressed"}
     assert build_parser().parse_args(["serve"]).decode_kv == "compressed"  # the default
     assert build_parser().parse_args(["demo", "--decode-kv", "auto"]).decode_kv == "auto"
-    assert _csv_modes("compressed, dense") == ["compressed", "dense"]
+    assert csv_modes("compressed, dense") == ["compressed", "dense"]
     with pytest.raises(ValueError, match="--decode-kv: expected"):
-        _csv_modes("dense,fast")
+        csv_modes("dense,fast")
     assert main(["bench", "jct", "--url", "http://127.0.0.1:9", "--rate", "1",
                  "--decode-kv", "dense"]) == 2
     assert "--decode-kv: only with --sweep" in capsys.readouterr().err
@@ -135,4 +137,4 @@ def test_http_dense_lane_beside_compressed_lane():
         assert decode_modes == {"hack2/decode-0": "dense", "kivi2/decode-0": "compressed"}
         for lane in backend.lanes.values():
             stats = decode_pool_settled(lane)
-            assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
+            assert stats.free_pages == stats.capacity_pages and stats.reserved == 0, stats

@@ -22,7 +22,8 @@ from zipserve.transfer.cuda_ipc import CudaIpcChannel
 from zipserve.transfer.inprocess import InProcessChannel
 from zipserve.transfer.kv_messages import recv_layer, send_layer, use_device_form
 from zipserve.transfer.link import LinkEmulator
-from zipserve.transfer.select import Endpoint, choose_path
+from zipserve.transfer.select import Endpoint
+from zipserve.transfer.transports import choose_path
 
 MODEL = str(REFERENCE_MODEL)
 needs_model = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
@@ -170,9 +171,9 @@ def test_workers_on_device_form_equal_one_engine(codec, monkeypatch):
         dec.reserve("q", prompt, params)
         rep = pre.prefill("q", prompt, params, "d0")
         res = dec.admit("q", rep.first_token, rep.first_logprob, timeout=10)
-        while not res["finished"]:
+        while not res.finished:
             res = dec.poll("q", 0, timeout=5)
-        assert res["tokens"] == want and res["error"] is None
+        assert res.tokens == want and res.error is None
         n_layers = dec.num_layers
         assert seen == ["bytes", "Tensor"] * n_layers  # header + device payload per layer
         dec.release("q")
@@ -181,11 +182,11 @@ def test_workers_on_device_form_equal_one_engine(codec, monkeypatch):
         dec.reserve("bad", prompt, params)
         rep = pre.prefill("bad", prompt, params, "d0")
         res = dec.admit("bad", rep.first_token, None, timeout=10)
-        assert res["finish_reason"] == "error" and "checksum mismatch" in res["error"]
+        assert res.finish_reason == "error" and "checksum mismatch" in res.error
         dec.release("bad")
         s = dec.stats()
-        assert s["free_pages"] == s["capacity_pages"] and s["reserved"] == 0
-        assert pre.stats()["used_pages"] == 0
+        assert s.free_pages == s.capacity_pages and s.reserved == 0
+        assert pre.stats().used_pages == 0
     finally:
         dec.shutdown()
 
@@ -314,7 +315,7 @@ def test_ipc_stuck_peer_fails_channel_and_drops_references():
 def test_ipc_peer_death_releases_and_refuses():
     a, b, _ = _ipc_pair(ack_timeout_s=30)
     a.send(torch.zeros(100, dtype=torch.uint8), 1)
-    b._control.close()  # the peer's side of the control path goes away (as on a crash)
+    b.control.close()  # the peer's side of the control path goes away (as on a crash)
     assert _until(lambda: a.inflight == 0, 2.0)
     with pytest.raises(TransferClosed):
         a.send(torch.zeros(100, dtype=torch.uint8), 1)

@@ -7,7 +7,6 @@ two-process harness also runs on the CPU (host path), so CI checks the test itse
 from __future__ import annotations
 
 import faulthandler
-import os
 import queue
 import socket
 import tempfile
@@ -20,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.transfer.nccl_env import apply_nccl_defaults
 
 MODEL = str(REFERENCE_MODEL)
 JOIN_S = 150
@@ -113,13 +113,13 @@ def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
         dec.reserve("q", prompt, params)
         rep = pre.prefill("q", prompt, params, "d0")
         res = dec.admit("q", rep.first_token, rep.first_logprob, timeout=30)
-        while not res["finished"]:
+        while not res.finished:
             res = dec.poll("q", 0, timeout=10)
-        assert res["error"] is None and res["tokens"] == want.token_ids
+        assert res.error is None and res.tokens == want.token_ids
         assert kinds == ["host", torch.device("cuda", 0)] * dec.num_layers  # never staged
         dec.release("q")
         s = dec.stats()
-        assert s["free_pages"] == s["capacity_pages"] and pre.stats()["used_pages"] == 0
+        assert s.free_pages == s.capacity_pages and pre.stats().used_pages == 0
     finally:
         dec.shutdown()
 
@@ -163,7 +163,7 @@ def _pair_role(rank: int, port: int, dev: str, codec: str, path: str, results,
                 for kv in layers:
                     send_layer(ch, kv, 1)
                 del layers
-            if hasattr(ch, "wait_acked"):
+            if ch.acknowledges:
                 out["acked"] = ch.wait_acked(60) and ch.inflight == 0
             finished.wait(120)  # the receiver is through (NCCL endpoints are one-way)
             out["used_pages"] = eng.pool.num_used
@@ -183,7 +183,7 @@ def _pair_role(rank: int, port: int, dev: str, codec: str, path: str, results,
             out["forms"] = sorted(set(forms))
             eng.abort("host"), eng.abort("dev")
             out["used_pages"] = eng.pool.num_used
-            out["open_leases"] = getattr(ch, "open_leases", 0)
+            out["open_leases"] = ch.open_leases if ch.leases else 0
             finished.set()
         time.sleep(0.5)
         ch.close()
@@ -196,7 +196,7 @@ def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
     ctx = mp.get_context("spawn")
     port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
     dump_dir = tempfile.mkdtemp(prefix="zipserve-pair-")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the spawned ranks
+    apply_nccl_defaults()  # inherited by the spawned ranks
     procs = [ctx.Process(target=_pair_role, daemon=True,
                          args=(rank, port, devices[rank], codec, path, results,
                                finished, dump_dir))
@@ -262,7 +262,6 @@ def test_nccl_pair_between_two_gpus(codec, path, want):
 def test_ctypes_nccl_one_rank_send_to_self():
     from zipserve.transfer import nccl
 
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     assert nccl.nccl_available(), "torch's libnccl was not found"
     dev = torch.device("cuda", 0)
     comm = nccl.NcclComm(nccl.get_unique_id(), 1, 0, dev)

@@ -17,7 +17,7 @@ from net_helpers import stream_text as _stream
 
 from zipserve.compress.codecs import CODECS
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.engine.llm import LLM, SamplingParams
 
@@ -54,8 +54,8 @@ def test_http_equals_offline_engine(codec):
         assert _stream(url, {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}) == \
             want[0].text
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
-        assert stats["reserved"] == 0 and stats["running"] == 0, stats
+        assert stats.free_pages == stats.capacity_pages, stats
+        assert stats.reserved == 0 and stats.running == 0, stats
 
 
 def test_one_deployment_serves_several_codecs_per_request():
@@ -86,7 +86,7 @@ def test_one_deployment_serves_several_codecs_per_request():
         assert health["backend"]["lanes"] == {"hack2": "ok", "bf16": "ok"}
         for lane in backend.lanes.values():
             stats = decode_pool_settled(lane)
-            assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
+            assert stats.free_pages == stats.capacity_pages and stats.reserved == 0, stats
 
 
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
@@ -106,7 +106,7 @@ def test_http_equals_offline_engine_lckv(codec, tmp_path):
                         {"prompt": prompt, "max_tokens": 12, "temperature": 0})
             assert out["choices"][0]["text"] == w.text
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
+        assert stats.free_pages == stats.capacity_pages, stats
 
 
 def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
@@ -127,12 +127,12 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
             if resp.readline().startswith(b"data: "):
                 got += 1
         busy = ray.get(backend.decode[0].stats.remote())
-        assert busy["used_pages"] > 0
+        assert busy.used_pages > 0
         t_drop = time.time()
         conn.sock.close()
         conn.close()
         stats = decode_pool_settled(backend, deadline_s=1.5)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
+        assert stats.free_pages == stats.capacity_pages, stats
         assert time.time() - t_drop < 1.5
 
         ray.kill(backend.prefill[0])
@@ -146,7 +146,7 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
             body = json.loads(e.read())
             assert e.code in (500, 503) and "prefill worker" in body["error"]["message"]
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"] and stats["reserved"] == 0, stats
+        assert stats.free_pages == stats.capacity_pages and stats.reserved == 0, stats
 
 
 def test_streamed_text_never_shows_what_a_stop_string_cuts():
@@ -160,7 +160,7 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
         assert _post(f"{base}/v1/completions", body)["choices"][0]["text"] == want
         assert _stream(f"{base}/v1/completions", body) == want
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
+        assert stats.free_pages == stats.capacity_pages, stats
 
 
 def test_decode_worker_dying_mid_stream_ends_the_stream_with_an_error():

@@ -18,7 +18,7 @@ from net_helpers import stream_and_interrupt
 
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.engine.kv_export import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
@@ -77,8 +77,8 @@ def _wait_until(pred, timeout: float, what: str):
 def _assert_pools_whole(backend) -> None:
     def whole():
         stats = ray.get([a.stats.remote() for a in backend.prefill + backend.decode])
-        ok = all(s["free_pages"] == s["capacity_pages"] for s in stats) and all(
-            s["reserved"] == 0 and s["running"] == 0 for s in stats[len(backend.prefill):])
+        ok = all(s.free_pages == s.capacity_pages for s in stats) and all(
+            s.reserved == 0 and s.running == 0 for s in stats[len(backend.prefill):])
         return stats if ok else None
 
     _wait_until(whole, 10, "every page back in its pool")
@@ -144,7 +144,7 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
     _wait_until(lambda: all(_health(base)["backend"]["pairs"].values()), 20,
                 "both pairs connected again")
     # both pairs serve again: a burst spreads over the two prefill workers
-    before = [s["prefills"] for s in ray.get([p.stats.remote() for p in backend.prefill])]
+    before = [s.prefills for s in ray.get([p.stats.remote() for p in backend.prefill])]
     outs = []
     threads = [threading.Thread(target=lambda: outs.append(_post(
         f"{base}/v1/completions", {"prompt": "def f(x):", "max_tokens": 2}))) for _ in
@@ -154,7 +154,7 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
     for th in threads:
         th.join(60)
     assert [s for s, _ in outs] == [200] * 4, outs
-    after = [s["prefills"] for s in ray.get([p.stats.remote() for p in backend.prefill])]
+    after = [s.prefills for s in ray.get([p.stats.remote() for p in backend.prefill])]
     assert after[victim] > before[victim], (before, after)
 
     # a reservation whose KV never comes is expired at its deadline, and counted
@@ -194,7 +194,7 @@ def test_checksum_mismatch_and_deadline_are_counted_by_reason():
         dec.reserve("ok", prompt, params)
         pre.prefill("ok", prompt, params, "d0")
         good = dec.admit("ok", 1, None, timeout=5)
-        assert not good["error"]
+        assert not good.error
 
         # the same layer again with one payload byte flipped: the page checksum catches it
         layers = pre.engine.prefill_export(prompt, params, "bad").layers
@@ -205,18 +205,18 @@ def test_checksum_mismatch_and_deadline_are_counted_by_reason():
         chan.send(LayerKV(kv.layer, kv.num_tokens, bytes(pages), kv.tail, "bad").to_bytes(),
                   KV_TAG)
         res = dec.admit("bad", 1, None, timeout=5)
-        assert res["finish_reason"] == "error" and "checksum mismatch" in res["error"]
+        assert res.finish_reason == "error" and "checksum mismatch" in res.error
 
         dec.reserve("late", prompt, params, deadline_s=0.2)
         res = dec.admit("late", 1, None, timeout=0.4)
-        assert res["finish_reason"] == "error" and "missed its deadline" in res["error"]
+        assert res.finish_reason == "error" and "missed its deadline" in res.error
 
         stats = dec.stats()
-        assert stats["failures"] == {"checksum_mismatch": 1, "transfer_deadline": 1}, stats
+        assert stats.failures == {"checksum_mismatch": 1, "transfer_deadline": 1}, stats
         for rid in ("ok", "bad", "late"):
             dec.abort(rid)
             dec.release(rid)
-        _wait_until(lambda: (s := dec.stats())["free_pages"] == s["capacity_pages"] and
-                    s["running"] == 0 and s["reserved"] == 0, 5, "the decode pool whole")
+        _wait_until(lambda: (s := dec.stats()).free_pages == s.capacity_pages and
+                    s.running == 0 and s.reserved == 0, 5, "the decode pool whole")
     finally:
         dec.shutdown()

@@ -473,7 +473,7 @@ async def test_health_without_the_key_is_minimal(backend):
 
 def test_the_served_model_name_is_not_a_path():
     from zipserve.deploy.cli import REFERENCE_MODEL
-    from zipserve.deploy.ray_backend import ServeConfig, served_name
+    from zipserve.control.config import ServeConfig, served_name
 
     assert served_name(str(REFERENCE_MODEL)) == "zipserve-ref"
     assert served_name(str(REFERENCE_MODEL) + "/") == "zipserve-ref"

@@ -20,7 +20,7 @@ import pytest
 from net_helpers import decode_pool_settled, free_port
 
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.router.backend import FinishEvent, Job
 from zipserve.router.limits import AdmissionConfig
@@ -62,8 +62,8 @@ def call(base: str, path: str, body: dict | None = None, key: str | None = KEY,
 
 def assert_whole(base: str, backend) -> None:
     stats = decode_pool_settled(backend)
-    assert stats["free_pages"] == stats["capacity_pages"], stats
-    assert stats["reserved"] == 0 and stats["running"] == 0, stats
+    assert stats.free_pages == stats.capacity_pages, stats
+    assert stats.reserved == 0 and stats.running == 0, stats
     status, health, _ = call(base, "/health")
     assert status == 200 and health["router"]["admission"]["queued_jobs"] == 0, health
 

@@ -200,16 +200,16 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
 
 
 def test_engine_options_parse_scalars_and_lists():
-    from zipserve.deploy.cli import _engine_options
+    from zipserve.deploy.engine_options import parse_engine_options
     from zipserve.engine.config import EngineConfig
 
-    opts = _engine_options(["num_pages=4096", "cuda_graphs=false", "gpu_memory_fraction=0.4",
+    opts = parse_engine_options(["num_pages=4096", "cuda_graphs=false", "gpu_memory_fraction=0.4",
                             "graph_batch_sizes=1,2,4,8", "max_num_seqs=8"])
     assert opts == {"num_pages": 4096, "cuda_graphs": False, "gpu_memory_fraction": 0.4,
                     "graph_batch_sizes": (1, 2, 4, 8), "max_num_seqs": 8}
     assert EngineConfig(**opts).graph_batch_sizes == (1, 2, 4, 8)
     with pytest.raises(ValueError, match="--engine-option: expected key=value"):
-        _engine_options(["num_pages"])
+        parse_engine_options(["num_pages"])
 
 
 def test_sweep_config_is_validated_where_it_is_built():

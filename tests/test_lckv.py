@@ -216,7 +216,7 @@ def test_checkpoint_round_trip(lckv_dir):
 
 
 def test_eval_with_other_passes(lckv_dir, tmp_path):
-    from zipserve.deploy.cli import lckv_passes
+    from zipserve.train.evaluate import lckv_passes
 
     with lckv_passes(str(lckv_dir), 40) as model:
         assert LLM(model, device="cpu").engine.config.lckv.passes == 40

@@ -18,7 +18,7 @@ from net_helpers import free_port as _port
 
 from zipserve.bench.load_bench import run_load
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.router.limits import AdmissionConfig
 
@@ -46,8 +46,8 @@ def test_64_streaming_clients_no_errors_no_leaks(local_ray):
         end = time.time() + 10
         while True:  # every page back in every pool, nothing reserved or running
             stats = ray.get([a.stats.remote() for a in backend.prefill + backend.decode])
-            whole = all(s["free_pages"] == s["capacity_pages"] for s in stats) and all(
-                s["reserved"] == 0 and s["running"] == 0 for s in stats[1:])
+            whole = all(s.free_pages == s.capacity_pages for s in stats) and all(
+                s.reserved == 0 and s.running == 0 for s in stats[1:])
             if whole or time.time() > end:
                 break
             time.sleep(0.2)

@@ -1,8 +1,8 @@
-"""deploy/placement.py: GPU shares per actor and the engine options of workers that share a GPU
+"""control/placement.py: GPU shares per actor and the engine options of workers that share a GPU
 (a prefill pool of one longest prompt, decode engines dividing the rest, user settings kept)."""
 
 import pytest
-from zipserve.deploy.placement import gpu_share, role_engine_options
+from zipserve.control.placement import gpu_share, role_engine_options
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.page_pool import pages_for
 
@@ -44,7 +44,7 @@ def test_whole_gpus_and_cpu_and_user_settings_are_left_alone():
 
 def test_serve_config_codecs_are_validated(capsys):
     from zipserve.deploy.cli import REFERENCE_MODEL, main
-    from zipserve.deploy.ray_backend import ServeConfig
+    from zipserve.control.config import ServeConfig
 
     model = str(REFERENCE_MODEL)
     cfg = ServeConfig(model=model, codec="hack2", extra_codecs=["bf16"])

@@ -266,7 +266,7 @@ def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
 # -- serve flags -----------------------------------------------------------------------------
 def test_serve_flags_are_validated(capsys):
     from zipserve.deploy.cli import main
-    from zipserve.deploy.ray_backend import ServeConfig
+    from zipserve.control.config import ServeConfig
 
     assert ServeConfig(model=MODEL, prefill_group=4, prefill_group_min_tokens=256).group.use_group(
         256)

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from net_helpers import decode_pool_settled, free_port as _port, post_json as _post
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.engine.llm import LLM, SamplingParams
 
@@ -44,9 +44,9 @@ def test_http_with_prefill_group_equals_offline_engine(codec):
             job = json.loads(urllib.request.urlopen(f"{base}/v1/jobs/{out['id']}").read())
             assert job["state"] == "DONE" and job["kv_bytes"] > 0
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
-        assert stats["reserved"] == 0 and stats["running"] == 0, stats
-        assert stats["dropped_messages"] == 0, stats
+        assert stats.free_pages == stats.capacity_pages, stats
+        assert stats.reserved == 0 and stats.running == 0, stats
+        assert stats.dropped_messages == 0, stats
 
 
 def test_lowrank_full_exchange_flag_reaches_the_group():
@@ -73,4 +73,4 @@ def test_lowrank_full_exchange_flag_reaches_the_group():
         assert backend.prefill_group.prompts_run == 1
         assert backend.prefill_group.exchange_bytes == mc.num_layers * sum(per_layer.values())
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
+        assert stats.free_pages == stats.capacity_pages, stats

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from zipserve.deploy.cli import REFERENCE_MODEL, eval_ppl
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.train.evaluate import eval_ppl
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.train.corpus import load_corpus
 

@@ -17,7 +17,7 @@ from net_helpers import free_port as _port
 from net_helpers import post_json as _post
 
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
 from zipserve.engine.llm import LLM, SamplingParams
 
@@ -83,5 +83,5 @@ def test_serve_token_ids_without_a_tokenizer(bare_model):
                        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert err["param"] == "messages" and "--skip-tokenizer" in err["message"]
         stats = decode_pool_settled(backend)
-        assert stats["free_pages"] == stats["capacity_pages"], stats
-        assert stats["reserved"] == 0 and stats["running"] == 0, stats
+        assert stats.free_pages == stats.capacity_pages, stats
+        assert stats.reserved == 0 and stats.running == 0, stats

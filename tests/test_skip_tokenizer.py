@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from hf_fixtures import make_hf_checkpoint
-from zipserve.deploy.ray_backend import ServeConfig
+from zipserve.control.config import ServeConfig
 from zipserve.engine import llm_engine
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.router.app import create_app

@@ -31,14 +31,14 @@ def _pair(codec: str, **opts):
 
 def _whole(dec: DecodeWorker):
     s = dec.stats()
-    assert s["free_pages"] == s["capacity_pages"] and s["reserved"] == 0 and s["running"] == 0
+    assert s.free_pages == s.capacity_pages and s.reserved == 0 and s.running == 0
 
 
 def _serve(pre, dec, rid, prompt, params):
     dec.reserve(rid, prompt, params)
     rep = pre.prefill(rid, prompt, params, "d0")
     res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
-    while not res["finished"]:
+    while not res.finished:
         res = dec.poll(rid, 0, timeout=5)
     return rep, res
 
@@ -52,12 +52,12 @@ def test_workers_equal_one_engine(codec):
     try:
         for i, prompt in enumerate(prompts):
             rep, res = _serve(pre, dec, f"q{i}", prompt, params)
-            assert res["tokens"] == want[i] and res["finish_reason"] == "length"
+            assert res.tokens == want[i] and res.finish_reason == "length"
             assert 0 < rep.bytes_sent
             if codec != "bf16" and i == 0:
                 assert rep.bytes_sent < rep.dense_bytes / 3  # compressed on the wire
             for k in ("reserved", "kv_complete", "admitted", "finished"):
-                assert k in res["times"]
+                assert k in res.times
             dec.release(f"q{i}")
         _whole(dec)
     finally:
@@ -70,8 +70,8 @@ def test_deadline_frees_reservation():
         dec.reserve("late", list(range(3, 100)), SamplingParams(max_tokens=5), deadline_s=0.3)
         time.sleep(0.6)
         res = dec.poll("late", 0, timeout=1)
-        assert res["finished"] and res["finish_reason"] == "error"
-        assert "deadline" in res["error"]
+        assert res.finished and res.finish_reason == "error"
+        assert "deadline" in res.error
         dec.release("late")
         _whole(dec)
     finally:
@@ -88,8 +88,8 @@ def test_corrupt_kv_fails_request_and_frees():
         kv = LayerKV(0, 137, b"ZIPKV\x00\x01\x00" + b"\x00" * 8, {}, "bad")
         chan.send(kv.to_bytes(), KV_TAG)  # ...a broken layer for a live request fails it
         res = dec.admit("bad", 1, None, timeout=2)
-        assert dec.stats()["dropped_messages"] == 1
-        assert res["finished"] and res["finish_reason"] == "error" and "rejected" in res["error"]
+        assert dec.stats().dropped_messages == 1
+        assert res.finished and res.finish_reason == "error" and "rejected" in res.error
         dec.release("bad")
         _whole(dec)
     finally:
@@ -204,16 +204,16 @@ def test_layers_are_imported_between_steps_not_one_per_step():
         rep = pre.prefill("new", list(range(3, 300)), params, "d0")
         res = dec.admit("new", rep.first_token, rep.first_logprob, timeout=10)
         assert dec.num_layers == 6
-        waited = res["times"]["kv_complete"] - rep.send_end
+        waited = res.times["kv_complete"] - rep.send_end
         assert waited < 2.5 * step_s, f"the KV took {waited:.2f} s after the last layer left"
         assert importers == ["decode-steps"] * 12  # both requests' 6 layers, by the step loop
         dec.abort("busy")
-        while not (res := dec.poll("new", 0, timeout=5))["finished"]:
+        while not (res := dec.poll("new", 0, timeout=5)).finished:
             pass
         for rid in ("busy", "new"):
             dec.release(rid)
         deadline = time.time() + 5
-        while dec.stats()["running"] and time.time() < deadline:
+        while dec.stats().running and time.time() < deadline:
             time.sleep(0.05)
         _whole(dec)
     finally:
@@ -244,14 +244,14 @@ def test_prefill_out_of_memory_retries_once_then_refuses_as_overloaded():
     try:
         pre.engine.prefill_export = lambda *a, **kw: failing(*a, fail_times=1, **kw)
         rep, res = _serve(pre, dec, "once", list(range(3, 200)), params)
-        assert res["finish_reason"] == "length" and len(calls) == 2
+        assert res.finish_reason == "length" and len(calls) == 2
         dec.release("once")
         calls.clear()
         pre.engine.prefill_export = lambda *a, **kw: failing(*a, fail_times=2, **kw)
         dec.reserve("twice", list(range(3, 200)), params)
         with pytest.raises(Overloaded, match="out of GPU memory"):
             pre.prefill("twice", list(range(3, 200)), params, "d0")
-        assert pre.stats()["out_of_memory"] == 3
+        assert pre.stats().out_of_memory == 3
         dec.abort("twice")
         dec.release("twice")
         assert pre.engine.pool.num_used == 0

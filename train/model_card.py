@@ -54,3 +54,16 @@ def write_model_card(out: Path, summary: dict, ppl: dict, name: str) -> None:
     ]
     (out / "README.md").write_text("\n".join(lines))
     (out / "eval_ppl.json").write_text(json.dumps(ppl, indent=1) + "\n")
+
+
+def measure_and_write_card(out: str | Path, summary: dict, seq_len: int, text_dir: str | None,
+                           device: str | None) -> dict:
+    """After `train`: the checkpoint's held-out perplexity (context: its training length, at
+    most 1024; stride half of it; float32) and its model card at out/README.md; returns the
+    perplexity record."""
+    from zipserve.train.evaluate import eval_ppl
+
+    context = min(seq_len, 1024)
+    ppl = eval_ppl(str(out), text_dir, context, context // 2, "float32", device)
+    write_model_card(Path(out), summary, ppl, Path(out).name)
+    return ppl

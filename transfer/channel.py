@@ -7,6 +7,14 @@ different tags may be received in any order. A transport that needs framing send
 
 Ownership: after `send(tensor)` the caller must not modify that tensor (a transport may pass it
 on without copying). `recv` returns a flat uint8 tensor the caller owns.
+
+What a transport can do is declared on its class (`Channel`'s class attributes, overridden by
+each transport): its KV `path`, whether device tensors cross it as device tensors, whether the
+receiver can read a message in place (`leases`), whether the sender holds each buffer until the
+receiver acknowledges it (`acknowledges`). Callers read these and call the base methods
+(`recv_lease`, `limit_inflight`, `wait_acked`), whose defaults are right for a transport that
+declares nothing; no caller probes a channel with getattr. transfer/transports.py lists the
+transports a prefill/decode pair can choose between.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import struct
 import threading
 import zlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,12 +106,35 @@ def check_tag(tag: int) -> int:
     return tag
 
 
+@dataclass
+class Lease:
+    """A received buffer the receiver reads in place; release() when done (idempotent)."""
+
+    tensor: torch.Tensor | None
+    _release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class Channel(ABC):
     """One endpoint of a two-party, bidirectional, tagged message channel."""
 
+    path: str = ""
+    """The KV path this transport is (a key of transfer.transports.TRANSPORTS, or "in_process"
+    for two engines of one process)."""
     carries_device_tensors: bool = False
     """True when a CUDA tensor handed to send() reaches the receiver as a device tensor without
-    passing through host memory (in-process, CUDA IPC, NCCL); see transfer/kv_messages.py."""
+    passing through host memory (in-process, CUDA IPC, NCCL): KV then travels in its device
+    form (transfer/kv_messages.py); else as host bytes."""
+    leases: bool = False
+    """True when recv_lease maps the sender's buffer in place (CUDA IPC): the receiver reads it
+    and release()s it; the default recv_lease hands out an owned copy."""
+    acknowledges: bool = False
+    """True when the sender holds each sent buffer until the receiver gives it back (CUDA IPC):
+    limit_inflight bounds those bytes and wait_acked waits for them."""
 
     def __init__(self) -> None:
         self._stats_lock = threading.Lock()
@@ -129,6 +161,20 @@ class Channel(ABC):
         """Release the endpoint; idempotent. Afterwards send and recv on it raise
         TransferClosed; the peer can still take the messages that already reached it, and
         then its recv raises TransferClosed too."""
+
+    def recv_lease(self, tag: int, timeout: float | None = None) -> Lease:
+        """The next message of this tag for reading; release() the lease when done. Here: the
+        message of recv(), owned by the caller (nothing to give back)."""
+        return Lease(self.recv(tag, timeout))
+
+    def limit_inflight(self, nbytes: int) -> None:
+        """Let sends wait while more than nbytes are unacknowledged (when `acknowledges`; a
+        no-op otherwise)."""
+
+    def wait_acked(self, timeout: float) -> bool:
+        """Block until the receiver gave back every sent buffer (True) or timeout (False); True
+        at once for a transport that does not `acknowledge`."""
+        return True
 
     def _count_sent(self, nbytes: int) -> None:
         with self._stats_lock:

@@ -30,14 +30,14 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from zipserve.compress.wire import DTYPES
 from zipserve.transfer.channel import (
     Buffer,
     Channel,
+    Lease,
     TransferClosed,
     TransferError,
     TransferTimeout,
@@ -87,19 +87,6 @@ def open_handle(h: dict, device: int | None = None) -> torch.Tensor:
 
 
 @dataclass
-class Lease:
-    """A received buffer the receiver reads in place; release() when done (idempotent)."""
-
-    tensor: torch.Tensor | None
-    _release: Callable[[], None] | None = field(default=None, repr=False)
-
-    def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-
-@dataclass
 class _Sent:
     tensor: torch.Tensor
     nbytes: int
@@ -107,8 +94,10 @@ class _Sent:
 
 
 class CudaIpcChannel(Channel):
+    path = "cuda_ipc"
     carries_device_tensors = True
     leases = True
+    acknowledges = True
 
     def __init__(self, control: Channel, device: torch.device | str | int | None = None, *,
                  ack_timeout_s: float = 30.0, max_inflight_bytes: int = 8 << 30,
@@ -121,7 +110,8 @@ class CudaIpcChannel(Channel):
         super().__init__()
         if ack_timeout_s <= 0 or max_inflight_bytes <= 0:
             raise ValueError("ack_timeout_s and max_inflight_bytes must be positive")
-        self._control = control
+        self.control = control
+        """The host channel under it (inline bytes, handles, ACKs)."""
         self.device = None if device is None else (
             torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
         self.ack_timeout_s, self.max_inflight_bytes = ack_timeout_s, max_inflight_bytes
@@ -149,7 +139,7 @@ class CudaIpcChannel(Channel):
         t = as_byte_tensor(buf)
         if not isinstance(buf, torch.Tensor) or (t.device.type == "cpu" and self._inline_cpu):
             self._check_usable()
-            self._control.send(_INLINE + bytes(t.cpu().numpy()), tag + 1)
+            self.control.send(_INLINE + bytes(t.cpu().numpy()), tag + 1)
             self._count_sent(t.numel())
             return
         nbytes = t.numel()
@@ -169,7 +159,7 @@ class CudaIpcChannel(Channel):
             self._inflight_bytes += nbytes
         try:
             handle = self._export(t)
-            self._control.send(_HANDLE + json.dumps({"id": mid, "nbytes": nbytes,
+            self.control.send(_HANDLE + json.dumps({"id": mid, "nbytes": nbytes,
                                                      "handle": handle}).encode(), tag + 1)
         except Exception as e:
             self._forget(mid)
@@ -177,6 +167,13 @@ class CudaIpcChannel(Channel):
                 raise
             raise TransferError(f"cannot share a {nbytes}-byte buffer over CUDA IPC: {e}") from e
         self._count_sent(nbytes)
+
+    def limit_inflight(self, nbytes: int) -> None:
+        """Sends wait (at most ack_timeout_s) while more than nbytes are unacknowledged."""
+        if nbytes <= 0:
+            raise ValueError(f"max_inflight_bytes must be positive, got {nbytes}")
+        with self._cond:
+            self.max_inflight_bytes = nbytes
 
     def wait_acked(self, timeout: float) -> bool:
         """Block until every shared buffer is acknowledged (True) or timeout (False)."""
@@ -214,7 +211,7 @@ class CudaIpcChannel(Channel):
     def _ack_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                msg = self._control.recv(ACK_TAG, timeout=0.05)
+                msg = self.control.recv(ACK_TAG, timeout=0.05)
             except TransferTimeout:
                 self._expire()
                 continue
@@ -245,7 +242,7 @@ class CudaIpcChannel(Channel):
         check_tag(tag)
         if self._closed:
             raise TransferClosed("recv on a closed channel")
-        msg = self._control.recv(tag + 1, timeout)
+        msg = self.control.recv(tag + 1, timeout)
         kind, body = bytes(msg[:1].numpy()), msg[1:]
         if kind == _INLINE:
             self._count_received(body.numel())
@@ -291,7 +288,7 @@ class CudaIpcChannel(Channel):
 
     def _send_ack(self, mid: int) -> None:
         try:
-            self._control.send(json.dumps({"id": mid}).encode(), ACK_TAG)
+            self.control.send(json.dumps({"id": mid}).encode(), ACK_TAG)
         except TransferError:
             pass  # the sender is gone: its own bookkeeping drops the buffer
 
@@ -309,9 +306,4 @@ class CudaIpcChannel(Channel):
         self._stop.set()
         self._acks.join(timeout=2.0)
         self._fail(TransferClosed("the channel was closed"))
-        self._control.close()
-
-    def __getattr__(self, name: str) -> Any:  # peer_hello etc. of the control channel
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._control, name)
+        self.control.close()

@@ -7,7 +7,8 @@ to modify it). Python byte objects are copied once into a CPU tensor. Thread-saf
 If the two sides use different CUDA streams, the sender must make the receiver's stream wait
 for the producing stream (or synchronize) before the receiver reads the tensor.
 
-Two processes on one GPU use transfer/cuda_ipc.py instead.
+Two processes on one GPU use transfer/cuda_ipc.py instead. `InProcessHostChannel` is the same
+pair declared host-only (KV goes as host bytes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from zipserve.transfer.mailbox import Mailbox
 
 
 class InProcessChannel(Channel):
+    path = "in_process"
     carries_device_tensors = True
 
     def __init__(self, inbox: Mailbox, outbox: Mailbox) -> None:
@@ -63,3 +65,10 @@ class InProcessChannel(Channel):
             self._closed = True
         self._outbox.close("the peer closed the channel")
         self._inbox.close("the channel was closed")
+
+
+class InProcessHostChannel(InProcessChannel):
+    """An in-process pair declared host-only: KV crosses it as host bytes, as over gloo (to
+    measure or test the host path with both engines in one process)."""
+
+    carries_device_tensors = False

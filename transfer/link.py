@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 import torch
-from zipserve.transfer.channel import Buffer, Channel
+from zipserve.transfer.channel import Buffer, Channel, Lease
 
 
 class LinkEmulator(Channel):
@@ -34,19 +34,33 @@ class LinkEmulator(Channel):
         self._busy_until = 0.0
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) on time.monotonic()
 
+    # what the wrapped transport declares (transfer/channel.py), passed through
+    @property
+    def path(self) -> str:  # type: ignore[override]
+        return self.inner.path
+
     @property
     def carries_device_tensors(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self.inner, "carries_device_tensors", False))
+        return self.inner.carries_device_tensors
 
     @property
-    def leases(self) -> bool:
-        return bool(getattr(self.inner, "leases", False))
+    def leases(self) -> bool:  # type: ignore[override]
+        return self.inner.leases
 
-    def recv_lease(self, tag: int, timeout: float | None = None):
-        """The inner channel's recv_lease (CUDA IPC; only when `leases`)."""
+    @property
+    def acknowledges(self) -> bool:  # type: ignore[override]
+        return self.inner.acknowledges
+
+    def recv_lease(self, tag: int, timeout: float | None = None) -> Lease:
         lease = self.inner.recv_lease(tag, timeout)
         self._count_received(lease.tensor.numel())
         return lease
+
+    def limit_inflight(self, nbytes: int) -> None:
+        self.inner.limit_inflight(nbytes)
+
+    def wait_acked(self, timeout: float) -> bool:
+        return self.inner.wait_acked(timeout)
 
     @property
     def enabled(self) -> bool:

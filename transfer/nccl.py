@@ -21,7 +21,7 @@ blocks until all ranks have joined). Tensors are sent as raw bytes, so any dtype
 as both sides agree on the byte count. Sends and recvs are asynchronous on `stream`; on a
 stream other than the current one, the op first waits for the work already queued on the
 current stream (which produced the data) and the tensor is protected with record_stream.
-NCCL_NVLS_ENABLE=0 is set (unless already set) before the library is first used.
+The NCCL environment (transfer/nccl_env.py) is applied before the library is first used.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from zipserve.transfer.nccl_env import apply_nccl_defaults
 
 UNIQUE_ID_BYTES = 128
 _NCCL_UINT8 = 1  # ncclUint8 in ncclDataType_t
@@ -77,7 +78,7 @@ def _load() -> ctypes.CDLL:
             return _lib
         if _lib_error is not None:
             raise NcclError(_lib_error)
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        apply_nccl_defaults()
         errors = []
         for path in _candidates():
             try:

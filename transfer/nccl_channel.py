@@ -33,6 +33,7 @@ from zipserve.transfer.nccl import NcclComm, NcclError
 
 
 class NcclChannel(Channel):
+    path = "nccl_ctypes"
     carries_device_tensors = True
 
     def __init__(self, comm: NcclComm, peer: int, direction: str, timeout_s: float = 60.0):

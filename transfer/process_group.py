@@ -53,11 +53,16 @@ from zipserve.transfer.channel import (
     crc32_of,
 )
 from zipserve.transfer.mailbox import Mailbox
-from zipserve.transfer.tcp_store import tcp_store
+from zipserve.transfer.group_builder import (
+    BackendUnavailable,
+    GroupSpec,
+    build_group,
+    loopback_gloo_hostname,
+    rendezvous,
+)
 
 _PG_TAG_HEADER, _PG_TAG_PAYLOAD, _PG_TAG_ABORT = 17, 18, 19
 _FOREVER = timedelta(days=3650)
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ProcessGroupChannel(Channel):
@@ -89,7 +94,6 @@ class ProcessGroupChannel(Channel):
         self.device = torch.device("cpu") if backend == "gloo" else \
             torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
         self.checksum = (backend == "gloo") if checksum is None else checksum
-        self.carries_device_tensors = backend == "nccl"
         self.peer_hello: dict[str, Any] = {}
         self._send_lock, self._state_lock = threading.Lock(), threading.Lock()
         self._mailbox = Mailbox()
@@ -102,17 +106,28 @@ class ProcessGroupChannel(Channel):
 
         timeout = timedelta(seconds=timeout_s)
         try:
-            self._tcp_store = store if store is not None else tcp_store(
-                store_addr, port, 2, rank == 0, timeout, wait_for_workers=True)
+            if store is None:
+                store = rendezvous(store_addr, port, rank, 2, timeout)
         except Exception as e:  # torch raises several types here
             raise TransferError(f"cannot reach the store at {store_addr}:{port} as rank {rank}:"
                                 f" {e}") from e
-        self._store = dist.PrefixStore(f"zipserve/transfer/{pair_name}/", self._tcp_store)
+        self.rendezvous_store = store
+        """The pair's store (rank 0 serves it); another group of this pair may form on it."""
+        self.pair_store = dist.PrefixStore(f"zipserve/transfer/{pair_name}/", store)
+        """This connection's namespace in it (the handshake; transports may add keys)."""
         self._handshake(hello or {}, expect or {})
-        self._pg = (_make_gloo(self._store, rank, timeout, store_addr, gloo_hostname)
-                    if backend == "gloo" else _make_nccl(self._store, rank, timeout))
+        self._pg = _build(self.pair_store, rank, backend, timeout, store_addr, gloo_hostname)
         if backend == "gloo":
             self._start_receiver()
+
+    @property
+    def path(self) -> str:  # type: ignore[override]
+        """"host" over gloo, "nccl" over NCCL."""
+        return "host" if self.backend == "gloo" else "nccl"
+
+    @property
+    def carries_device_tensors(self) -> bool:  # type: ignore[override]
+        return self.backend == "nccl"
 
     @classmethod
     def connect(cls, store_addr: str, port: int, rank: int, hello: dict[str, Any],
@@ -123,7 +138,7 @@ class ProcessGroupChannel(Channel):
 
     # -- handshake --------------------------------------------------------------------------
     def _handshake(self, hello: dict[str, Any], expect: dict[str, Any]) -> None:
-        s, me, peer = self._store, self.rank, self.peer
+        s, me, peer = self.pair_store, self.rank, self.peer
         try:
             s.set(f"hello/{me}", json.dumps(hello))
             self.peer_hello = json.loads(s.get(f"hello/{peer}"))
@@ -288,7 +303,7 @@ class ProcessGroupChannel(Channel):
         except Exception:  # teardown is best effort
             pass
         self._pg = None
-        self._store = self._tcp_store = None
+        self.pair_store = self.rendezvous_store = None
 
 
 def _mismatch(peer_hello: dict[str, Any], expect: dict[str, Any], peer: int) -> str:
@@ -322,34 +337,21 @@ def _drop_gloo_connection(pg: Any, peer: int) -> None:
         pass
 
 
-def _make_gloo(store: Any, rank: int, timeout: timedelta, store_addr: str,
-               hostname: str | None) -> Any:
-    if not dist.is_available() or not dist.is_gloo_available():
-        raise TransferError("this torch build has no gloo backend")
-    gloo = dist.ProcessGroupGloo
-    if hostname is None and store_addr in _LOOPBACK:
-        hostname = "127.0.0.1"
+def _build(store: Any, rank: int, backend: str, timeout: timedelta, store_addr: str,
+           gloo_hostname: str | None) -> Any:
+    """The pair's backend group (transfer/group_builder.py). nccl: an idle receiver keeps a
+    receive posted and our own deadlines detect hangs, so NCCL's watchdog gets at least a day
+    instead of tearing the process down while a channel is merely idle."""
+    if backend == "gloo":
+        spec = GroupSpec("gloo", rank, 2, timeout,
+                         gloo_hostname=gloo_hostname or loopback_gloo_hostname(store_addr))
+    else:
+        spec = GroupSpec("nccl", rank, 2, max(timeout, timedelta(days=1)))
     try:
-        opts = gloo._Options()
-        opts._devices = [gloo.create_device(hostname=hostname) if hostname
-                         else gloo.create_default_device()]
-        opts._timeout = timeout
-        return gloo(store, rank, 2, opts)
-    except AttributeError:  # an older/newer binding without _Options: default device only
-        return gloo(store, rank, 2, timeout)
+        return build_group(store, spec)
+    except BackendUnavailable as e:
+        raise TransferError(str(e)) from None
     except Exception as e:
+        if backend == "nccl":
+            raise
         raise TransferError(f"gloo connection between the two ranks failed: {e}") from e
-
-
-def _make_nccl(store: Any, rank: int, timeout: timedelta) -> Any:
-    if not torch.cuda.is_available() or not getattr(dist, "is_nccl_available", lambda: False)():
-        raise TransferError("the nccl backend needs CUDA and a torch build with NCCL")
-    import os
-
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    opts = dist.ProcessGroupNCCL.Options()
-    opts.is_high_priority_stream = False
-    # An idle receiver keeps a receive posted; our own deadlines detect hangs, so keep NCCL's
-    # watchdog from tearing the process down while a channel is merely idle.
-    opts._timeout = max(timeout, timedelta(days=1))
-    return dist.ProcessGroupNCCL(store, rank, 2, opts)

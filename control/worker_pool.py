@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
+from zipserve.control.messages import DecodeStats, PrefillStats
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class WorkerSlot:
     actor: Any
     healthy: bool = False
     incarnation: str | None = None
-    stats: dict = field(default_factory=dict)
+    stats: PrefillStats | DecodeStats | None = None
+    """Its last answer to a health check."""
     last_error: str | None = None
     restarts_seen: int = 0
     dead: bool = False
@@ -78,7 +80,7 @@ class WorkerPool:
         self._stop = threading.Event()
         for w, stats in zip(self.workers, ray.get([w.actor.stats.remote() for w in self.workers],
                                                   timeout=CONNECT_TIMEOUT_S)):
-            w.stats, w.incarnation = stats, stats["incarnation"]
+            w.stats, w.incarnation = stats, stats.incarnation
         if not self._connect([(p, d) for p in self.prefill for d in self.decode]):
             raise RuntimeError("the prefill and decode workers could not connect their KV "
                                "channels (see the log)")
@@ -133,7 +135,7 @@ class WorkerPool:
                 except Exception:  # the monitor itself must never die
                     log.exception("health check of %s failed", w.name)
 
-    def _check(self, w: WorkerSlot, stats: dict | Exception) -> None:
+    def _check(self, w: WorkerSlot, stats: PrefillStats | DecodeStats | Exception) -> None:
         """Apply one health-check answer (its stats, or why there were none)."""
         if isinstance(stats, Exception):
             e = stats
@@ -146,16 +148,16 @@ class WorkerPool:
                 self._drop_pairs(w)
             return
         w.stats, w.dead = stats, False
-        if stats["incarnation"] != w.incarnation:  # Ray restarted it: its channels are gone
+        if stats.incarnation != w.incarnation:  # Ray restarted it: its channels are gone
             with self._lock:
                 w.healthy = False
                 self._drop_pairs(w)
-            w.incarnation = stats["incarnation"]
+            w.incarnation = stats.incarnation
             w.restarts_seen += 1
             self.events["worker_restarted"] += 1
             log.warning("%s was restarted; connecting its channels again", w.name)
-        elif w.role == "decode":
-            for pid, name in stats.get("dead_channels", {}).items():
+        elif isinstance(stats, DecodeStats):
+            for pid, name in stats.dead_channels.items():
                 i = int(pid[1:])
                 # only the pair's current channel counts (stats may predate a reconnect)
                 if self.pair_ok.get((i, w.index)) and self.pair_names.get((i, w.index)) == name:
@@ -217,7 +219,8 @@ class WorkerPool:
         """Failure counts the decode workers report (their counters restart with them)."""
         total: Counter[str] = Counter()
         for d in self.decode:
-            total.update(d.stats.get("failures", {}))
+            if d.stats is not None:
+                total.update(d.stats.failures)
         return total
 
     def stop(self) -> None:

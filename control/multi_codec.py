@@ -5,7 +5,7 @@ Each lane has its own decode_kv (`--decode-kv dense,compressed`: one mode per co
 
 The lanes share the cluster's GPUs: each worker asks Ray for its share of all lanes' workers, and
 on a shared GPU the decode engines divide the memory between all lanes' decode workers
-(deploy/placement.py). Lanes start one after another, so each sizes its pools from what the
+(control/placement.py). Lanes start one after another, so each sizes its pools from what the
 earlier ones left. Every copy of the model's weights costs memory: N codecs hold N times as many.
 """
 
@@ -15,7 +15,9 @@ import dataclasses
 from collections import Counter
 from typing import AsyncIterator
 
-from zipserve.deploy.ray_backend import RayBackend, ServeConfig
+from zipserve.control.config import ServeConfig
+from zipserve.control.messages import MultiCodecHealth
+from zipserve.control.ray_backend import RayBackend
 from zipserve.router.backend import BackendEvent, FinishEvent, Job
 
 
@@ -75,24 +77,29 @@ class MultiCodecBackend:
             await lane.abort(job_id)
 
     def health(self) -> dict:
+        """/health's backend part (MultiCodecHealth.to_json)."""
+        return self.health_report().to_json()
+
+    def health_report(self) -> MultiCodecHealth:
         """Every lane's workers (named codec/role-i) and counters; "ok" while any lane can
         serve, "degraded" when any cannot (or has an unhealthy worker)."""
-        views = {codec: lane.health() for codec, lane in self.lanes.items()}
-        workers = [dict(w, name=f"{codec}/{w['name']}") for codec, v in views.items()
-                   for w in v["workers"]]
+        views = {codec: lane.health_report() for codec, lane in self.lanes.items()}
+        workers = [dataclasses.replace(w, name=f"{codec}/{w.name}") for codec, v in views.items()
+                   for w in v.workers]
         failures, events = Counter(), Counter()
         for v in views.values():
-            failures.update(v["failures"])
-            events.update(v["events"])
-        ok = [v["status"] == "ok" for v in views.values()]
-        return {"status": "ok" if any(ok) else "unavailable", "codec": self.codecs[0],
-                "codecs": list(self.codecs), "device": self.device, "workers": workers,
-                "pairs": {c: v["pairs"] for c, v in views.items()},
-                "degraded": not all(ok) or any(v["degraded"] for v in views.values()),
-                "failures": dict(failures), "events": dict(events),
-                "lanes": {c: v["status"] for c, v in views.items()},
-                "decode_kv": self.lanes[self.codecs[0]].decode_kv,
-                "lane_decode_kv": {c: lane.decode_kv for c, lane in self.lanes.items()}}
+            failures.update(v.failures)
+            events.update(v.events)
+        ok = [v.status == "ok" for v in views.values()]
+        return MultiCodecHealth(
+            status="ok" if any(ok) else "unavailable", codec=self.codecs[0],
+            codecs=list(self.codecs), device=self.device, workers=workers,
+            pairs={c: v.pairs for c, v in views.items()},
+            degraded=not all(ok) or any(v.degraded for v in views.values()),
+            failures=dict(failures), events=dict(events),
+            lanes={c: v.status for c, v in views.items()},
+            decode_kv=self.lanes[self.codecs[0]].decode_kv,
+            lane_decode_kv={c: lane.decode_kv for c, lane in self.lanes.items()})
 
     # -- what serve and the benchmarks use ---------------------------------------------------
     def idle(self) -> bool:

@@ -1,0 +1,118 @@
+"""control/lifecycle.py without Ray: a job walks reserve -> prefill -> transfer -> admit -> decode
+over fake workers, its phases tile its time, a worker that dies before the first token sends the
+job to another pair, and the per-worker books are back to zero after every job."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import ray
+
+from zipserve.control.books import Books
+from zipserve.control.lifecycle import Lifecycle
+from zipserve.control.messages import DecodeStats, PollReply
+from zipserve.control.worker_pool import WorkerSlot
+from zipserve.prefill_worker.worker import PrefillReport
+from zipserve.router.backend import FinishEvent, Job, PhaseEvent, TokenEvent
+
+
+class _Call:
+    """actor.method.remote(...) -> an awaitable with the method's result (or its exception)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            fut.set_result(self.fn(*args))
+        except Exception as e:  # noqa: BLE001 - delivered to the awaiting stage
+            fut.set_exception(e)
+        return fut
+
+
+class _Prefill:
+    def __init__(self, dies: bool = False):
+        self.dies = dies
+        self.prefill = _Call(self._prefill)
+
+    def _prefill(self, rid, prompt, params, decode_id):
+        if self.dies:
+            raise ray.exceptions.RayActorError()
+        return PrefillReport(rid, 7, None, 10.0, 10.5, 10.6, 1000, 4000)
+
+
+class _Decode:
+    def __init__(self):
+        self.held: set[str] = set()
+        self.reserve = _Call(lambda rid, prompt, params, deadline: self.held.add(rid))
+        self.release = _Call(lambda rid: self.held.discard(rid))
+        self.admit = _Call(lambda rid, tok, lp, timeout, top: PollReply(
+            [tok], [], [], "a", False, None, None,
+            {"reserved": 9.9, "kv_complete": 10.7, "admitted": 10.8}))
+        self.poll = _Call(lambda rid, since, timeout: PollReply(
+            [8], [], [], "ab", True, "length", None,
+            {"kv_complete": 10.7, "admitted": 10.8, "finished": 11.0}))
+
+
+def _stats() -> DecodeStats:
+    return DecodeStats(free_pages=10, used_pages=0, capacity_pages=10, running=0, codec="bf16",
+                       incarnation="i")
+
+
+class _Pool:
+    def __init__(self, prefill_actors):
+        self.prefill = [WorkerSlot("prefill", i, a, True) for i, a in enumerate(prefill_actors)]
+        self.decode = [WorkerSlot("decode", 0, _Decode(), True, "i", _stats())]
+        self.suspected: list[str] = []
+
+    def usable_pairs(self):
+        return [(w.index, 0) for w in self.prefill if w.healthy]
+
+    def suspect(self, w, error):
+        w.healthy = False
+        self.suspected.append(w.name)
+
+    def all_dead(self, role):
+        return False
+
+
+def _run(pool, books) -> list:
+    cfg = SimpleNamespace(codec="bf16", page_wait_s=5.0, retries=1, transfer_deadline_s=5.0,
+                          group=None)
+    life = Lifecycle(cfg, pool, books, page_size=16, kv_bytes_per_token_bf16=100)
+    job = Job("j1", list(range(3, 40)), max_tokens=2, arrival=9.8)
+
+    async def collect():
+        return [ev async for ev in life.run(job)]
+
+    return asyncio.run(collect())
+
+
+def _whole(books: Books, pool) -> None:
+    assert set(books.outstanding.values()) == {0} and set(books.awaiting_kv.values()) == {0}
+    assert set(books.prefilling.values()) == {0} and not books.jobs
+    assert not pool.decode[0].actor.held  # released
+
+
+def test_one_job_walks_every_stage():
+    pool, books = _Pool([_Prefill()]), Books.empty(1, 1)
+    events = _run(pool, books)
+    phases = [(e.name, e.start, e.end) for e in events if isinstance(e, PhaseEvent)]
+    assert phases == [("queue", 9.8, 10.0), ("prefill", 10.0, 10.5),
+                      ("transfer", 10.5, 10.7), ("decode_queue", 10.7, 10.8),
+                      ("decode", 10.8, None)]
+    assert [(e.token_id, e.text) for e in events if isinstance(e, TokenEvent)] == [
+        (7, "a"), (8, "b")]
+    assert events[-1] == FinishEvent("length", codec="bf16", kv_bytes=1000,
+                                     kv_bytes_bf16=37 * 100)
+    _whole(books, pool)
+
+
+def test_a_prefill_worker_dying_sends_the_job_to_another_pair():
+    pool, books = _Pool([_Prefill(dies=True), _Prefill()]), Books.empty(2, 1)
+    events = _run(pool, books)
+    assert events[-1].reason == "length" and pool.suspected == ["prefill-0"]
+    assert books.counts == {"prefill_worker_died": 1, "retried": 1}
+    _whole(books, pool)  # the failed attempt's reserved tokens no longer count as awaiting KV
