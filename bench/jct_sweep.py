@@ -151,10 +151,10 @@ def git_commit() -> str:
 
 @contextmanager
 def _system(cfg: SweepConfig, codec: str, decode_kv: str):
-    from zipserve.deploy.ray_backend import ServeConfig
+    from zipserve.control.config import ServeConfig
     from zipserve.deploy.serve import freeze_startup_objects, running_server
 
-    # On one GPU the backend sizes the prefill and decode pools so both fit (deploy/placement.py)
+    # On one GPU the backend sizes the prefill and decode pools so both fit (control/placement.py)
     scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
                        num_prefill=cfg.num_prefill, num_decode=cfg.num_decode,
                        engine_options=dict(cfg.engine_options), decode_kv=decode_kv)

@@ -139,7 +139,7 @@ async def run_load(base_url: str, clients: int = 64, duration_s: float = 60.0,
 def run(model: str, out: Path, clients: int, duration_s: float, codec: str = "bf16",
         device: str | None = None, port: int = 8777, max_queued_jobs: int = 32) -> dict:
     """`zipserve bench load`: start a server, load it, write `load_<device>.json` to `out`."""
-    from zipserve.deploy.ray_backend import ServeConfig
+    from zipserve.control.config import ServeConfig
     from zipserve.deploy.serve import running_server
     from zipserve.router.limits import AdmissionConfig
 
