@@ -21,11 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.compress.device_wire import DeviceWire, pack_device, unpack_device, verify_checksum
-from zipserve.compress.wire import DTYPES, WireError, adopt_pages, pack_pages, unpack_pages
-from zipserve.engine.dense_codec_cache import DenseCodecKVCache
-from zipserve.engine.kv_cache import KVCache
+from zipserve.compress.wire import DTYPES, WireError, pack_pages, unpack_pages
+from zipserve.engine.paged_cache import LayerPages, PagedKVCache
 from zipserve.engine.sequence import Sequence
 
 
@@ -170,76 +168,22 @@ class DeviceLayerKV:
             release()
 
 
-def _codec_name(cache, layer: int) -> str:
-    """The name a layer's pages carry on the wire: its own codec's (hack2mix: hack2 or hack4 per
-    layer), checked against the receiving layer's codec."""
-    return "bf16" if isinstance(cache, KVCache) else cache.codecs[layer].name
-
-
-def _store(cache, layer: int) -> dict[str, torch.Tensor]:
-    if isinstance(cache, KVCache):
-        k, v = cache.layer(layer)
-        return {"k": k, "v": v}
-    return cache.stores[layer]
-
-
-def export_layer(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
-                 num_tokens: int | None = None,
+def export_layer(cache: PagedKVCache, layer: int, seq: Sequence, num_tokens: int | None = None,
                  device_form: bool = False) -> LayerKV | DeviceLayerKV:
     """The first num_tokens (default: seq.num_cached) tokens' KV of one layer; device_form: as a
-    DeviceLayerKV on the cache's device (nothing synchronizes or touches the host)."""
-    if isinstance(cache, DenseCodecKVCache):
-        raise ValueError(f"decode_kv: a dense-mode engine holds {cache.wire_codec.name}'s values "
-                         f"dequantized, not its codes, and cannot export them; prefill engines "
-                         f"run decode_kv='compressed'")
-    n, p = (seq.num_cached if num_tokens is None else num_tokens), cache.page_size
+    DeviceLayerKV on the cache's device (nothing synchronizes or touches the host). ValueError
+    when the cache cannot send what it holds (decode_kv=dense)."""
+    n = seq.num_cached if num_tokens is None else num_tokens
+    out = cache.export_pages(layer, seq, n)
     if device_form:
-        return _export_device(cache, layer, seq, n)
-    ids = torch.tensor(seq.pages[:n // p], dtype=torch.long)  # full pages; the rest: the tail
-    tail = {k: t.cpu().clone() for k, t in _tail(cache, layer, seq, n).items()}
-    return LayerKV(layer, n, pack_pages(_codec_name(cache, layer), _store(cache, layer), ids), tail,
+        return _export_device(out, layer, seq, n)
+    tail = {k: t.cpu().clone() for k, t in out.tail.items()}
+    return LayerKV(layer, n, pack_pages(out.codec, out.store, out.page_ids), tail,
                    seq.request_id)
 
 
-def _tail(cache: KVCache | CompressedKVCache, layer: int, seq: Sequence,
-          n: int) -> dict[str, torch.Tensor]:
-    """What travels beside the full pages of the first n tokens, as views on the cache."""
-    if isinstance(cache, KVCache):
-        return _dense_tail(cache, layer, seq, n)
-    return _compressed_tail(cache, layer, seq, n)
-
-
-def _compressed_tail(cache: CompressedKVCache, layer: int, seq: Sequence,
-                     n: int) -> dict[str, torch.Tensor]:
-    """The 16-bit tail as [KVH, t, D] views: the open page's r tokens, and the sinks once a page
-    is encoded (before that the sinks are the open page's first tokens: not sent twice, the
-    receiver takes them from there)."""
-    n_full = n // cache.page_size
-    r = n - n_full * cache.page_size
-    tail = {"open_k": cache.open[layer, 0, seq.slot, :, :r],
-            "open_v": cache.open[layer, 1, seq.slot, :, :r]}
-    if cache.n_sink and n_full:
-        s = min(cache.n_sink, n)
-        tail["sink_k"] = cache.sinks[layer, 0, seq.slot, :, :s]
-        tail["sink_v"] = cache.sinks[layer, 1, seq.slot, :, :s]
-    return tail
-
-
-def _dense_tail(cache: KVCache, layer: int, seq: Sequence, n: int) -> dict[str, torch.Tensor]:
-    """The valid tokens of a partly filled last page, {"open_k", "open_v"} [KVH, r, D] views
-    (empty when n is a whole number of pages): a 10-token prompt sends 10 tokens, not 64."""
-    n_full, r = n // cache.page_size, n % cache.page_size
-    if not r:
-        return {}
-    k, v = cache.layer(layer)  # [pages, KVH, P, D]
-    page = seq.pages[n_full]
-    return {"open_k": k[page, :, :r], "open_v": v[page, :, :r]}
-
-
-def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
-    ids = torch.tensor(seq.pages[:n // cache.page_size], dtype=torch.long)
-    wire = pack_device(_codec_name(cache, layer), _store(cache, layer), ids,
-                       extras=_tail(cache, layer, seq, n))
+def _export_device(out: LayerPages, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
+    wire = pack_device(out.codec, out.store, out.page_ids, extras=out.tail)
     ready = None
     if wire.payload.is_cuda:
         ready = torch.cuda.Event()
@@ -247,8 +191,7 @@ def _export_device(cache, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:
     return DeviceLayerKV(layer, n, wire, seq.request_id, ready)
 
 
-def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV,
-                 seq: Sequence) -> None:
+def import_layer(cache: PagedKVCache, kv: LayerKV | DeviceLayerKV, seq: Sequence) -> None:
     """Write a received layer into seq's reserved pages (and slot). Raises ValueError (WireError)
     when the pages are corrupt (checksum) or of another codec/layout. A dense-mode cache
     (decode_kv=dense) takes its codec's wire form and dequantizes it on the way in."""
@@ -258,39 +201,4 @@ def import_layer(cache: KVCache | CompressedKVCache, kv: LayerKV | DeviceLayerKV
         wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
     else:
         wire, tail = unpack_pages(kv.pages), kv.tail
-    if isinstance(cache, DenseCodecKVCache):
-        cache.import_wire(kv.layer, wire, tail, seq)
-        return
-    store = _store(cache, kv.layer)
-    ids = torch.tensor(seq.pages[:wire.num_pages], dtype=torch.long)
-    if len(ids) != wire.num_pages:
-        raise ValueError(f"layer {kv.layer}: {wire.num_pages} pages arrived for "
-                         f"{len(seq.pages)} reserved")
-    adopt_pages(_codec_name(cache, kv.layer), store, ids, wire)
-    if isinstance(cache, KVCache):
-        if "open_k" in tail:  # the last page's valid tokens (older senders packed whole pages)
-            r, n_full = tail["open_k"].shape[1], wire.num_pages
-            if len(seq.pages) <= n_full:
-                raise ValueError(f"layer {kv.layer}: {n_full} pages and {r} more tokens arrived "
-                                 f"for {len(seq.pages)} reserved pages")
-            k, v = cache.layer(kv.layer)
-            k[seq.pages[n_full], :, :r] = tail["open_k"].to(k.device)
-            v[seq.pages[n_full], :, :r] = tail["open_v"].to(v.device)
-    else:
-        dev = cache.open.device
-        if "open_k" not in tail:
-            raise ValueError(f"layer {kv.layer}: the 16-bit tail is missing")
-        r = tail["open_k"].shape[1]
-        cache.open[kv.layer, 0, seq.slot, :, :r] = tail["open_k"].to(dev)
-        cache.open[kv.layer, 1, seq.slot, :, :r] = tail["open_v"].to(dev)
-        if cache.n_sink:
-            if "sink_k" in tail:
-                sink_k, sink_v = tail["sink_k"], tail["sink_v"]
-            elif wire.num_pages == 0:  # no page encoded yet: the sinks lead the open page
-                s = min(cache.n_sink, r)
-                sink_k, sink_v = tail["open_k"][:, :s], tail["open_v"][:, :s]
-            else:
-                raise ValueError(f"layer {kv.layer}: the sink tokens are missing")
-            s = sink_k.shape[1]
-            cache.sinks[kv.layer, 0, seq.slot, :, :s] = sink_k.to(dev)
-            cache.sinks[kv.layer, 1, seq.slot, :, :s] = sink_v.to(dev)
+    cache.import_pages(kv.layer, wire, tail, seq)

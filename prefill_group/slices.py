@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
-from zipserve.compress.codecs import KVCodec
+from zipserve.compress.codec import KVCodec
 from zipserve.compress.wire import pack_pages, unpack_pages
 from zipserve.engine.kv_export import LayerKV
 
@@ -47,11 +47,11 @@ def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
 
 
-def export_slice(codec: KVCodec | None, codec_name: str, layer: int, k: torch.Tensor,
+def export_slice(codec: KVCodec, codec_name: str, layer: int, k: torch.Tensor,
                  v: torch.Tensor, start: int, total_tokens: int, page_size: int,
                  rank: int) -> SliceKV:
     """One layer of one rank's slice. k, v: [t, KVH, D] post-RoPE, in the model's dtype;
-    codec: that layer's codec (None for the dense bf16 pages)."""
+    codec: that layer's codec (bf16: the dense codec, its pages in the model's dtype)."""
     p, t = page_size, k.shape[0]
     if start % p:
         raise ValueError(f"slice of rank {rank} starts at {start}, not on a page boundary")
@@ -59,24 +59,22 @@ def export_slice(codec: KVCodec | None, codec_name: str, layer: int, k: torch.Te
     if not last and t % p:
         raise ValueError(f"slice of rank {rank} ({t} tokens) is not whole pages")
     nf = t // p  # whole pages; the last rank's partial page travels as its valid tokens
-    if codec is None:  # dense pages, as the engine exports them (engine/kv_export.py)
-        store = {"k": _as_pages(k[:nf * p], p), "v": _as_pages(v[:nf * p], p)}
-    else:
-        store = codec.new_store(nf, k.device)
-        if nf:
-            codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
-                         _as_pages(v[:nf * p], p))
+    store = codec.new_store(nf, k.device)
+    if nf:
+        codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
+                     _as_pages(v[:nf * p], p))  # [nf, KVH, P, D] each
     tail: dict[str, torch.Tensor] = {}
-    if last and (codec is not None or t > nf * p):
+    # as the engine's caches export (engine/paged_cache.py): dense pages send a partly filled
+    # page only when there is one, a codec's open page always travels
+    if last and (not codec.dense_pages or t > nf * p):
         tail["open_k"] = k[nf * p:].transpose(0, 1).cpu().clone()  # [KVH, r, D]
         tail["open_v"] = v[nf * p:].transpose(0, 1).cpu().clone()
-    if codec is not None and start == 0 and codec.n_sink:
+    if start == 0 and codec.n_sink:
         s = min(codec.n_sink, t)
         tail["sink_k"] = k[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
         tail["sink_v"] = v[:s].transpose(0, 1).cpu().clone()
-    return SliceKV(layer, rank, start, t, total_tokens, "bf16" if codec is None else codec_name,
-                   pack_pages("bf16" if codec is None else codec_name, store, torch.arange(nf)),
-                   tail)
+    return SliceKV(layer, rank, start, t, total_tokens, codec_name,
+                   pack_pages(codec_name, store, torch.arange(nf)), tail)
 
 
 def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
