@@ -12,7 +12,7 @@ beside the checkpoint as kvbits.json, with what was measured.
 Each layer's codec is a plain HackCodec of that layer's bits (`for_layer`, as LowRankCodec does),
 so the kernels, stores, prefill/decode attention, dense decode and the wire run per layer
 unchanged. On the wire a layer's pages carry its own codec's name (`hack2` / `hack4`), checked
-against the receiving layer's codec (engine/kv_export.py).
+against the receiving layer's codec (compress/wire/pages.py: check_layout).
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 from zipserve.compress.codecs import make_codec
+from zipserve.compress.wire import SliceKV
 from zipserve.engine.loading import build_model, model_config_for
 from zipserve.prefill_group.exchange import ByteCounter, Exchange, ExchangeRecord
 from zipserve.prefill_group.group import make_group
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
-from zipserve.prefill_group.slices import SliceKV, export_slice
+from zipserve.prefill_group.slices import export_slice
 from zipserve.prefill_group.ulysses import RankContext, ulysses_prefill
 
 
