@@ -26,7 +26,7 @@ from zipserve.compress.wire import (
     FormatError,
     LayerKV,
     decode,
-    magic_of,
+    format_of,
 )
 from zipserve.transfer.channel import Channel, TransferTimeout
 
@@ -76,7 +76,7 @@ def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
     finished with a received device layer (CUDA IPC returns the mapping to the sender then)."""
     first = channel.recv(tag, timeout)
     data = first.cpu().numpy().tobytes()
-    magic = magic_of(data)
+    magic = format_of(data)
     if magic == LAYER:
         try:
             return decode(data)

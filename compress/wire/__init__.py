@@ -1,7 +1,7 @@
 """Every KV message on the wire: its formats, their framing, the checksums and typed errors.
 
 framing.py  the one framing (magic, header length, JSON header, body) and the four magics
-pages.py    ZKVP: encoded pages of one layer, host bytes + CRC32 (WirePages, pack/unpack, adopt)
+pages.py    ZIPKV: encoded pages of one layer, host bytes + CRC32 (WirePages, pack/unpack, adopt)
 device_pages.py  the same pages left in one device buffer, with a device-computed checksum
 layer.py    ZKVL / ZKVD: one layer of one sequence, host form (LayerKV) or device form
             (DeviceLayerKV: a header message, then its payload)
@@ -35,7 +35,7 @@ from zipserve.compress.wire.framing import (
     PAGES,
     SLICE,
     frame,
-    magic_of,
+    format_of,
     unframe,
 )
 from zipserve.compress.wire.layer import DeviceHeader, DeviceLayerKV, LayerKV
@@ -58,7 +58,7 @@ __all__ = [
     "ALGORITHM", "DEVICE_HEADER", "DTYPES", "LAYER", "LAYOUT_VERSION", "PAGES", "SLICE",
     "ChecksumError", "DeviceHeader", "DeviceLayerKV", "DeviceWire", "FormatError", "LayerKV",
     "LayoutError", "Message", "SliceKV", "SliceMessage", "WireError", "WirePages", "adopt_pages",
-    "check_layout", "decode", "device_checksum", "frame", "host_checksum", "magic_of",
+    "check_layout", "decode", "device_checksum", "frame", "host_checksum", "format_of",
     "pack_device", "pack_pages", "slice_from_bytes", "slice_to_bytes", "unframe",
     "unpack_device", "unpack_pages", "verify_checksum",
 ]

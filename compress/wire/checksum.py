@@ -29,7 +29,7 @@ ALGORITHM = "wsum31"
 
 
 def host_checksum(payload: bytes | bytearray | memoryview) -> int:
-    """CRC32 of host bytes (the pages of a ZKVP buffer)."""
+    """CRC32 of host bytes (the pages of a ZIPKV buffer)."""
     return zlib.crc32(payload)
 
 

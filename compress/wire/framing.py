@@ -1,13 +1,15 @@
 """How every KV message is framed, and the magic that names each format.
 
-A message is: a 5-byte magic (4 letters naming the format + its version byte), the length of the
-header as a little-endian uint32, the header (UTF-8 JSON), then the body (raw tensor bytes, in
-the order the header lists them). The formats:
+A message is: a magic naming the format and its version, the length of the header as a
+little-endian uint32, the header (UTF-8 JSON), then the body (raw tensor bytes, in the order the
+header lists them). The formats:
 
-    ZKVP  encoded pages of one layer (pages.py)            host bytes, CRC32 of the body
-    ZKVL  one layer of one sequence, host form (layer.py)  a ZKVP buffer + the 16-bit tail
-    ZKVD  one layer, device form: its header (layer.py)    the payload follows as a 2nd message
-    ZKVS  one rank's slice of one layer (slice.py)         a prefill group's share of a ZKVL
+    ZIPKV  encoded pages of one layer (pages.py)            host bytes, CRC32 of the body
+    ZKVL   one layer of one sequence, host form (layer.py)  a ZIPKV buffer + the 16-bit tail
+    ZKVD   one layer, device form: its header (layer.py)    the payload follows as a 2nd message
+    ZKVS   one rank's slice of one layer (slice.py)         a prefill group's share of a ZKVL
+
+No magic is a prefix of another, so the first bytes name the format (`format_of`).
 
 (The transport frames each message again in its own channel header, transfer/channel.py "ZKV1":
 that is channel framing, not a KV format.)
@@ -24,11 +26,10 @@ import torch
 
 from zipserve.compress.wire.errors import FormatError
 
-PAGES = b"ZKVP\x01"
+PAGES = b"ZIPKV\x00\x01\x00"  # name + layout version 1
 LAYER = b"ZKVL\x01"
 DEVICE_HEADER = b"ZKVD\x01"
 SLICE = b"ZKVS\x01"
-MAGIC_LEN = 5
 FORMATS = {PAGES: "KV page buffer", LAYER: "LayerKV message", DEVICE_HEADER: "device LayerKV header",
            SLICE: "KV slice buffer"}
 """magic -> what a message of that format is called in errors."""
@@ -53,19 +54,20 @@ def frame(magic: bytes, header: dict, *body: bytes) -> bytes:
     return b"".join((magic, struct.pack("<I", len(h)), h, *body))
 
 
-def magic_of(data: bytes | bytearray | memoryview) -> bytes:
-    """The first MAGIC_LEN bytes (not checked: compare them to the format constants)."""
-    return bytes(memoryview(data)[:MAGIC_LEN])
+def format_of(data: bytes | bytearray | memoryview) -> bytes | None:
+    """The magic `data` starts with, None when it starts with none of them."""
+    mv = memoryview(data)
+    return next((m for m in FORMATS if bytes(mv[:len(m)]) == m), None)
 
 
 def unframe(data: bytes | bytearray | memoryview, magic: bytes) -> Frame:
     """Split a message of format `magic` into its header and body; FormatError for anything
     else (another magic or version, a header that is cut short or not a JSON object)."""
-    mv = memoryview(data)
-    if len(mv) < MAGIC_LEN + 4 or bytes(mv[:MAGIC_LEN]) != magic:
+    mv, n = memoryview(data), len(magic)
+    if len(mv) < n + 4 or bytes(mv[:n]) != magic:
         raise FormatError(f"not a zipserve {FORMATS[magic]} (bad magic or version)")
-    (hlen,) = struct.unpack("<I", mv[MAGIC_LEN:MAGIC_LEN + 4])
-    start = MAGIC_LEN + 4
+    (hlen,) = struct.unpack("<I", mv[n:n + 4])
+    start = n + 4
     if len(mv) < start + hlen:
         raise FormatError(f"{FORMATS[magic]} truncated in its header")
     try:

@@ -1,6 +1,6 @@
 """One layer of one sequence on the wire, in its two forms.
 
-- `LayerKV` (ZKVL, host bytes): the sequence's encoded full pages as a ZKVP buffer (pages.py),
+- `LayerKV` (ZKVL, host bytes): the sequence's encoded full pages as a ZIPKV buffer (pages.py),
   CRC32-checked, plus the 16-bit tail (open page, sinks) as raw tensors; any channel.
 - `DeviceLayerKV` (ZKVD): the same as one flat device buffer (device_pages.py) and a small header
   with a device-computed checksum, for channels that carry device tensors (in-process, CUDA IPC,
@@ -69,7 +69,7 @@ class LayerKV:
     num_tokens: int
     """Tokens of the sequence whose KV this is."""
     pages: bytes
-    """ZKVP buffer (pages.py): the encoded full pages (bf16: the dense pages as they are)."""
+    """ZIPKV buffer (pages.py): the encoded full pages (bf16: the dense pages as they are)."""
     tail: dict[str, torch.Tensor] = field(default_factory=dict)
     """open_k/open_v [KVH, r, D], sink_k/sink_v [KVH, s, D] (16-bit, CPU); bf16: the partly
     filled page's tokens only, none when the sequence is whole pages."""

@@ -1,4 +1,4 @@
-"""ZKVP: encoded KV pages of one layer as one flat host buffer, for the transfer layer to send and
+"""ZIPKV: encoded KV pages of one layer as one flat host buffer, for the transfer layer to send and
 the decode side to adopt into its own pool without conversion.
 
 Framed as every message (framing.py); the header names the codec, the layout version, the page

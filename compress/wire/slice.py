@@ -28,7 +28,7 @@ class SliceKV:
     """Tokens in the whole prompt."""
     codec: str
     pages: bytes
-    """ZKVP buffer (pages.py): the slice's full pages, encoded (bf16: as they are)."""
+    """ZIPKV buffer (pages.py): the slice's full pages, encoded (bf16: as they are)."""
     tail: dict[str, torch.Tensor] = field(default_factory=dict)
     """Last rank: open_k/open_v [KVH, r, D] (bf16: only when r > 0); first rank of a codec with
     sinks: sink_k/sink_v [KVH, s, D] (16-bit)."""
