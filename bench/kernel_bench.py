@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from zipserve.bench.plotting import pyplot
 from zipserve.compress.codecs import make_codec
-from zipserve.compress.lowrank import LowRankBases, LowRankCodec
 from zipserve.kernels.paged_decode_attention import (
     choose_num_splits,
     paged_decode_attention,
@@ -28,16 +27,14 @@ from zipserve.kernels.paged_decode_attention import (
 H, KVH, D, P = 32, 8, 128, 64
 TAIL = 32  # open-page tokens per sequence
 PREFILL_CHUNK, PREFILL_PAST = 2048, 30720
-LOWRANK_RANK = 64  # lowrank codecs: K and V ranks on random orthonormal bases (half of D)
+SHAPES_OF = "random:llama3-8b"
+"""The random model of these head shapes: calibrated codecs read its synthetic calibration
+(lowrank: random orthonormal bases of rank 64, half of D; hack2mix: 2 bits on the first layer)."""
 
 
 def _make(name: str):
-    """One layer's codec at the bench geometry (lowrank: synthetic bases, nothing to calibrate)."""
-    if name.startswith("lowrank"):
-        bases = LowRankBases.random(1, KVH, D, LOWRANK_RANK, LOWRANK_RANK)
-        bits = int(name[-1]) if "+" in name else None
-        return LowRankCodec(name, KVH, P, D, bases, bits).for_layer(0)
-    return make_codec(name, KVH, P, D)
+    """The first layer's codec at the bench geometry (nothing to calibrate on random weights)."""
+    return make_codec(name, KVH, P, D, model_dir=SHAPES_OF).for_layer(0)
 
 
 def _time(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -137,7 +134,7 @@ def _encode_rows(codecs: list[str], pages: int = 8192) -> list[dict]:
 def _prefill_rows(codecs: list[str]) -> list[dict]:
     """One chunk of PREFILL_CHUNK tokens over PREFILL_PAST cached ones (one layer, one sequence)."""
     from torch.nn.attention.bias import causal_lower_right
-    from zipserve.compress.codecs import KVCodec
+    from zipserve.compress.codec import KVCodec
 
     dev, n, past, scale = torch.device("cuda"), PREFILL_CHUNK, PREFILL_PAST, D ** -0.5
     gen = torch.Generator(device=dev).manual_seed(5)

@@ -19,9 +19,8 @@ import torch
 
 from zipserve.bench.engine_bench import decode_seqs
 from zipserve.bench.plotting import pyplot
-from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.engine.config import EngineConfig
-from zipserve.engine.kv_cache import KVCache
+from zipserve.engine.kv_memory import bytes_per_page
 from zipserve.engine.llm_engine import LLMEngine
 from zipserve.engine.loading import model_config_for
 from zipserve.engine.page_pool import pages_for
@@ -58,13 +57,10 @@ def seq_bytes(model: str, codec: str, context: int, dtype_bytes: int = 2) -> tup
     dtype = torch.bfloat16 if dtype_bytes == 2 else torch.float32
     c = make_codec(codec, cfg.num_kv_heads, PAGE, cfg.head_dim,
                    model_dir=None if model.startswith("random:") else model)
-    if c is None:
-        page = KVCache.bytes_per_page(cfg, PAGE, dtype)
-        slot = 0
-    else:
-        page = CompressedKVCache.bytes_per_page(c, cfg, PAGE)
-        slot = cfg.num_kv_layers * 2 * cfg.num_kv_heads * (PAGE + max(c.n_sink, 1)) \
-            * cfg.head_dim * dtype_bytes
+    mode = "dense" if c.dense_pages else "compressed"  # what the benched engines keep
+    page = bytes_per_page(c, mode, cfg, PAGE, dtype)
+    slot = 0 if mode == "dense" else (cfg.num_kv_layers * 2 * cfg.num_kv_heads
+                                      * (PAGE + max(c.n_sink, 1)) * cfg.head_dim * dtype_bytes)
     return pages_for(context, PAGE) * page + slot, page / PAGE
 
 

@@ -56,11 +56,8 @@ def run(model: str, codecs: list[str], out_dir: Path, text_dir: str | None = Non
         exact = sum(x == y for a, b in zip(toks, ref_tokens) for x, y in zip(a, b)) / sum(
             map(len, ref_tokens))
         cfg = eng.config
-        if eng.codec is None:
-            full = ctx = cfg.kv_bytes_per_token(2)
-        else:
-            full = eng.codec.bytes_per_token(cfg.num_kv_layers)
-            ctx = eng.codec.bytes_per_token(cfg.num_kv_layers, seq_len=context)
+        full = eng.codec.bytes_per_token(cfg.num_kv_layers)  # bf16: cfg.kv_bytes_per_token(2)
+        ctx = eng.codec.bytes_per_token(cfg.num_kv_layers, seq_len=context)
         if eng.pool.num_free != eng.pool.capacity:
             raise RuntimeError(f"{codec}: pages leaked during the benchmark")
         rows.append(dict(codec=codec, perplexity=ppl.perplexity, tokens_scored=ppl.tokens,

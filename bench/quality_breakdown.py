@@ -45,7 +45,9 @@ from pathlib import Path
 
 import torch
 
-from zipserve.compress.codecs import HackCodec, KVCodec, make_codec
+from zipserve.compress.codec import KVCodec
+from zipserve.compress.codecs import make_codec
+from zipserve.compress.hack import HackCodec
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "zipserve-ref")
 
@@ -81,12 +83,14 @@ class Setup:
     outliers: dict = field(default_factory=dict)  # (layer, kind) -> LongTensor [KVH, D] order
     codecs: dict = field(default_factory=dict)
 
-    def codec(self, layer: int, v: Variant, name: str | None = None) -> KVCodec | None:
-        """The variant's codec (or `name`, None for bf16) for a layer."""
+    def codec(self, layer: int, v: Variant, name: str | None = None) -> KVCodec:
+        """The variant's codec (or `name`) for a layer; bf16 is the dense codec in fp32 (its
+        round trip is exact, its bytes counted at 16 bits)."""
         name = name or self.codec_name
         if name not in self.codecs:
             c = self.config
-            self.codecs[name] = make_codec(name, c.num_kv_heads, self.page_size, c.head_dim)
+            self.codecs[name] = make_codec(name, c.num_kv_heads, self.page_size, c.head_dim,
+                                           dtype=torch.float32)
         return self.codecs[name]
 
 
@@ -193,7 +197,7 @@ def forward(setup: Setup, ids: list[int], v: Variant, stats: dict | None = None)
                 if ol != li:
                     continue
                 oc = setup.codec(li, v, name)
-                ok2, ov2 = (k.float(), vv.float()) if oc is None else _roundtrip(oc, k, vv, p)
+                ok2, ov2 = _roundtrip(oc, k, vv, p)
                 hs = slice(None) if head is None else slice(head, head + 1)
                 if "K" in kinds:
                     kh[:, hs] = ok2[:, hs]
@@ -312,10 +316,8 @@ def nll(setup: Setup, wins: list[list[int]], v: Variant, score: int,
 # Bytes
 
 
-def kind_bytes(codec: KVCodec | None, head_dim: int) -> tuple[float, float]:
-    """(K, V) stored bytes per token and KV head of a full page (bf16 when codec is None)."""
-    if codec is None:
-        return 2.0 * head_dim, 2.0 * head_dim
+def kind_bytes(codec: KVCodec, head_dim: int) -> tuple[float, float]:
+    """(K, V) stored bytes per token and KV head of a full page."""
     if isinstance(codec, HackCodec):
         d, b, p, gv = head_dim, codec.bits, codec.page_size, codec.group_v
         kb = d * b / 8 + 2 * d * 2 / p + 4  # codes, K scale+min per channel, k_sums
@@ -338,7 +340,7 @@ def variant_bytes(setup: Setup, v: Variant, seq_len: int) -> float | None:
         on = v.quantize and (v.layers is None or li in v.layers)
         for h in range(kvh):
             hon = on and (v.heads is None or h in v.heads)
-            cb = kind_bytes(setup.codec(li, v) if hon else None, d)
+            cb = kind_bytes(setup.codec(li, v), d) if hon else (2.0 * d, 2.0 * d)
             kb = cb[0] if (hon and v.k) else 2.0 * d
             vb = cb[1] if (hon and v.v) else 2.0 * d
             for ol, name, kinds, head in v.overrides:

@@ -71,7 +71,7 @@ def _time_inproc_device(src: torch.Tensor, dst: torch.Tensor, reps: int) -> floa
 
 
 def _time_checksum(src: torch.Tensor, dst: torch.Tensor, reps: int) -> float:
-    from zipserve.compress.checksum import device_checksum
+    from zipserve.compress.wire import device_checksum
 
     return _timed(lambda: device_checksum(src).item(), reps, src.device)
 

@@ -6,21 +6,32 @@ its sinks (first n_sink tokens, 16-bit, for codecs that keep them). When a decod
 open page it is encoded into the sequence's page once and never touched again. Prefill chunks
 must start on a page boundary (a whole prompt, or page-sized chunks when scoring).
 Codecs whose values live in a reduced space (lowrank) keep the open page and sinks in their
-`to_dense` form, and a filled open page is sealed with `seal`.
+`to_dense` form, and a filled open page is sealed with `seal`. One of the three `PagedKVCache`s
+(engine/paged_cache.py).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from zipserve.compress.codecs import KVCodec
+from zipserve.compress.codec import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.condensed_attention import past_kv
+from zipserve.compress.wire import WirePages, adopt_pages
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
+from zipserve.engine.paged_cache import LayerPages
+
+if TYPE_CHECKING:
+    from zipserve.engine.sequence import Sequence
 
 
 class CompressedKVCache:
+    scores_by_page = True
+    """Full pages hold codes: a sequence is scored page by page, as decode reads it."""
+
     def __init__(self, codec: KVCodec, config: ModelConfig, num_pages: int, page_size: int,
                  num_slots: int, dtype: torch.dtype, device: torch.device | str):
         self.codec, self.num_pages, self.page_size = codec, num_pages, page_size
@@ -35,6 +46,10 @@ class CompressedKVCache:
         self.open = torch.zeros(nl, 2, num_slots, kvh, page_size, d, dtype=dtype, device=device)
         self.sinks = torch.zeros(nl, 2, num_slots, kvh, max(self.n_sink, 1), d, dtype=dtype,
                                  device=device)
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.codec.graph_safe
 
     @staticmethod
     def bytes_per_page(codec: KVCodec, config: ModelConfig, page_size: int) -> int:
@@ -53,6 +68,48 @@ class CompressedKVCache:
     def past_kv(self, layer: int, slot: int, past_pages: list[int]):
         """[N, KVH, D] K/V of the full pages before a prefill chunk (LCKV chunked scoring)."""
         return past_kv(self, layer, slot, past_pages)
+
+    def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
+        """The encoded full pages and the 16-bit tail as [KVH, t, D] views: the open page's r
+        tokens, and the sinks once a page is encoded (before that the sinks are the open page's
+        first tokens: not sent twice, the receiver takes them from there)."""
+        n_full = num_tokens // self.page_size
+        r = num_tokens - n_full * self.page_size
+        tail = {"open_k": self.open[layer, 0, seq.slot, :, :r],
+                "open_v": self.open[layer, 1, seq.slot, :, :r]}
+        if self.n_sink and n_full:
+            s = min(self.n_sink, num_tokens)
+            tail["sink_k"] = self.sinks[layer, 0, seq.slot, :, :s]
+            tail["sink_v"] = self.sinks[layer, 1, seq.slot, :, :s]
+        return LayerPages(self.codecs[layer].name, self.stores[layer],
+                          torch.tensor(seq.pages[:n_full], dtype=torch.long), tail)
+
+    def import_pages(self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor],
+                     seq: Sequence) -> None:
+        """Adopt the encoded pages into seq's reserved pages, the tail into its slot."""
+        ids = torch.tensor(seq.pages[:pages.num_pages], dtype=torch.long)
+        if len(ids) != pages.num_pages:
+            raise ValueError(f"layer {layer}: {pages.num_pages} pages arrived for "
+                             f"{len(seq.pages)} reserved")
+        adopt_pages(self.codecs[layer].name, self.stores[layer], ids, pages)
+        dev = self.open.device
+        if "open_k" not in tail:
+            raise ValueError(f"layer {layer}: the 16-bit tail is missing")
+        r = tail["open_k"].shape[1]
+        self.open[layer, 0, seq.slot, :, :r] = tail["open_k"].to(dev)
+        self.open[layer, 1, seq.slot, :, :r] = tail["open_v"].to(dev)
+        if not self.n_sink:
+            return
+        if "sink_k" in tail:
+            sink_k, sink_v = tail["sink_k"], tail["sink_v"]
+        elif pages.num_pages == 0:  # no page encoded yet: the sinks lead the open page
+            s = min(self.n_sink, r)
+            sink_k, sink_v = tail["open_k"][:, :s], tail["open_v"][:, :s]
+        else:
+            raise ValueError(f"layer {layer}: the sink tokens are missing")
+        s = sink_k.shape[1]
+        self.sinks[layer, 0, seq.slot, :, :s] = sink_k.to(dev)
+        self.sinks[layer, 1, seq.slot, :, :s] = sink_v.to(dev)
 
     def _prefill(self, layer, q, k, v, batch, scale):
         p, store = self.page_size, self.stores[layer]

@@ -12,7 +12,7 @@ beside the checkpoint as kvbits.json, with what was measured.
 Each layer's codec is a plain HackCodec of that layer's bits (`for_layer`, as LowRankCodec does),
 so the kernels, stores, prefill/decode attention, dense decode and the wire run per layer
 unchanged. On the wire a layer's pages carry its own codec's name (`hack2` / `hack4`), checked
-against the receiving layer's codec (engine/kv_export.py).
+against the receiving layer's codec (compress/wire/pages.py: check_layout).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import json
 import math
 from pathlib import Path
 
-from zipserve.compress.codecs import HackCodec, KVCodec
+from zipserve.compress.codec import CHANNEL_GROUP, KVCodec
+from zipserve.compress.hack import HackCodec
 
 KVBITS_FILE = "kvbits.json"
 NAME = "hack2mix"
@@ -65,6 +66,7 @@ class HackMixedCodec(KVCodec):
     """HACK with per-layer bits: one HackCodec per layer (hack4 where the plan says 4 bits)."""
 
     n_sink = HackCodec.n_sink
+    head_dim_multiple = CHANNEL_GROUP
 
     def __init__(self, num_kv_heads, page_size, head_dim, bits: list[int], source: str = ""):
         self.name = NAME

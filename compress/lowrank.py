@@ -30,11 +30,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from zipserve.compress.codecs import HackCodec, KVCodec
+from zipserve.compress.codec import KVCodec
+from zipserve.compress.hack import HackCodec
+from zipserve.compress.lowrank_fold import apply_lowrank_output
 from zipserve.compress.reference_attention import dequant_decode_attention
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
 
+BASES_FILE = "lowrank.safetensors"
+NO_DENSE_FORM_REASON = ("its K/V live in a reduced space with V's basis folded into W_o (dense "
+                        "pages would cost more memory for the same values, and its kernel is "
+                        "faster than bf16)")
 
 class LowRankBases:
     """Per layer and KV head, [KVH, D, r] matrices: k_enc stores keys (k @ k_enc), k_dec projects
@@ -50,7 +56,7 @@ class LowRankBases:
         nothing to calibrate on) random ones, see `random_for`."""
         if str(model_dir).startswith("random:"):
             return cls.random_for(str(model_dir))
-        path = Path(model_dir) / "lowrank.safetensors"
+        path = Path(model_dir) / BASES_FILE
         if not path.is_file():
             raise ValueError(f"codec: lowrank needs {path}; create it with "
                              f"`zipserve calibrate --model {model_dir}`")
@@ -106,6 +112,8 @@ def _pad_pow2(r: int, lo: int = 64) -> int:
 class LowRankLayerCodec(KVCodec):
     """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes); values and the
     attention output live in the reduced space (module docstring)."""
+
+    dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: dict[str, torch.Tensor],
                  bits: int | None):
@@ -186,6 +194,9 @@ class LowRankLayerCodec(KVCodec):
         k_dec = self._bases(kr.device)["k_dec"]
         return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
 
+    def dequantize_into(self, pages, page_ids, out_k, out_v):
+        _no_dense_form(self.name)
+
     def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
                          scale, num_splits=1):
         """q [B, H, D] after RoPE; dense_k full, dense_v projected. Returns o_red [B, H, r_v]."""
@@ -211,6 +222,11 @@ class LowRankLayerCodec(KVCodec):
         return self.inner.page_bytes_per_token()
 
 
+def _no_dense_form(name: str) -> None:
+    raise ValueError(f"decode_kv: codec {name} has no dense form (decode_kv='dense' is for fp8, "
+                     f"kivi and hack codecs)")
+
+
 def _width(x: torch.Tensor, w: int) -> torch.Tensor:
     """The first w columns of x [.., C]: a slice when C >= w, zero padded when C < w."""
     c = x.shape[-1]
@@ -223,6 +239,8 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 class LowRankCodec(KVCodec):
     """Dispatches to one LowRankLayerCodec per layer (ranks differ between layers)."""
+
+    dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
     def __init__(self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases,
                  bits: int | None = None):
@@ -243,10 +261,18 @@ class LowRankCodec(KVCodec):
     def for_layer(self, layer: int) -> KVCodec:
         return self.layers[layer]
 
+    def prepare_model(self, model, fold: bool = True) -> None:
+        """The attention output stays reduced: V's basis folded into W_o (compress/lowrank_fold.py;
+        fold False: lifted back every step, the unfolded reference)."""
+        apply_lowrank_output(model, self, fold=fold)
+
     def _per_layer(self, *_):
         raise TypeError("LowRankCodec has one codec per layer: use for_layer(layer)")
 
     new_store = encode = seal = dequantize = to_dense = _per_layer
+
+    def dequantize_into(self, pages, page_ids, out_k, out_v):
+        _no_dense_form(self.name)
 
     def page_bytes_per_token(self):
         return sum(c.page_bytes_per_token() for c in self.layers) / len(self.layers)

@@ -76,12 +76,14 @@ class ServeConfig:
         return dict(zip(self.codecs, modes * len(self.codecs) if len(modes) == 1 else modes))
 
     def __post_init__(self) -> None:
-        from zipserve.compress.codecs import CODECS
+        from zipserve.compress.codecs import codec_entry
 
         self.extra_codecs = tuple(self.extra_codecs)
         for c in self.codecs:
-            if c not in CODECS:
-                raise ValueError(f"--codec: unknown codec {c!r}; known: {', '.join(CODECS)}")
+            try:
+                codec_entry(c)
+            except ValueError as e:
+                raise ValueError(f"--{e}") from None
         if len(set(self.codecs)) != len(self.codecs):
             raise ValueError(f"--codec: a codec is named twice in {','.join(self.codecs)}")
         from zipserve.engine.config import EngineConfig
@@ -100,11 +102,13 @@ class ServeConfig:
                              "use --decode-kv")
         self._check_decode_kv()
         bases = str(self.engine_options.get("lowrank_bases") or self.model)
-        lowrank = [c for c in self.codecs if c.startswith("lowrank")]
+        from zipserve.compress.lowrank import BASES_FILE
+
+        lowrank = [c for c in self.codecs if codec_entry(c).calibration == BASES_FILE]
         if lowrank and not bases.startswith("random:") and \
-                not (Path(bases) / "lowrank.safetensors").is_file():
+                not (Path(bases) / BASES_FILE).is_file():
             raise ValueError(f"--codec: {lowrank[0]} needs calibrated bases at "
-                             f"{Path(bases) / 'lowrank.safetensors'}; create them with "
+                             f"{Path(bases) / BASES_FILE}; create them with "
                              f"`zipserve calibrate --model {self.model}`")
         if "hack2mix" in self.codecs and not str(self.model).startswith("random:"):
             from zipserve.compress.kvbits import load_bits

@@ -7,10 +7,11 @@ channel (imports layers), the step loop (decodes, expires reservations whose KV 
 deadline), and callers (reserve/admit/abort/poll).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
 
-Failures are counted by reason in `failures` ("transfer_deadline", "checksum_mismatch",
-"kv_rejected", "decode_step"); a channel whose transport broke (peer died, checksum mismatch on
-the channel) is listed in `dead_channels` until the router connects a new one. `incarnation` is
-new each time the worker is built, so a restarted actor is told apart from the one before it.
+Failures are counted by reason in `failures` ("transfer_deadline", "checksum_mismatch": the
+wire's ChecksumError, "kv_rejected", "decode_step"); a channel whose transport broke (peer died,
+checksum mismatch on the channel) is listed in `dead_channels` until the router connects a new
+one. `incarnation` is new each time the worker is built, so a restarted actor is told apart from
+the one before it.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
 from zipserve.control.messages import DecodeStats, PollReply, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
@@ -42,9 +43,9 @@ TRANSFER_DEADLINE = "transfer_deadline"
 CHECKSUM_MISMATCH = "checksum_mismatch"
 
 
-def failure_reason(error: Exception | str) -> str:
-    """checksum_mismatch when the error says so, else kv_rejected."""
-    return CHECKSUM_MISMATCH if "checksum mismatch" in str(error) else "kv_rejected"
+def failure_reason(error: Exception) -> str:
+    """checksum_mismatch for the wire's ChecksumError, else kv_rejected."""
+    return CHECKSUM_MISMATCH if isinstance(error, ChecksumError) else "kv_rejected"
 
 
 @dataclass
@@ -128,6 +129,8 @@ class DecodeWorker:
 
     def _channel_lost(self, prefill_id: str, channel: Channel, error: Exception) -> None:
         with self.lock:
+            # the channel's own frame check (transfer/process_group.py) raises a TransferError
+            # that says so; it has no type of its own yet
             if CHECKSUM_MISMATCH.replace("_", " ") in str(error):
                 self.failures[CHECKSUM_MISMATCH] += 1
             if self.channels.get(prefill_id) is channel:

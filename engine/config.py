@@ -382,8 +382,9 @@ class EngineConfig:
     decode_splits: int = 0
     """Sequence splits of the decode attention kernel; 0 chooses from the batch size."""
     codec: str = "bf16"
-    """KV codec: bf16 (dense pages), fp8, kivi2, kivi4, hack2, hack4, hack2mix (per-layer bits from
-    the model's kvbits.json), lowrank, lowrank+hack2/4."""
+    """KV codec, a name in the registry (compress/codecs.py): bf16 (dense pages), fp8, kivi2, kivi4,
+    hack2, hack4, hack2mix (per-layer bits from the model's kvbits.json), lowrank, lowrank+hack2/4,
+    or one registered at run time."""
     lowrank_bases: str | None = None
     """Directory holding lowrank.safetensors for the lowrank codecs (default: the model's)."""
     lowrank_fold: bool = True
@@ -405,10 +406,12 @@ class EngineConfig:
             raise ConfigError(f"num_pages: must be positive, got {self.num_pages}")
         if not 0.05 <= self.gpu_memory_fraction <= 0.98:
             raise ConfigError("gpu_memory_fraction: must be in [0.05, 0.98]")
-        from zipserve.compress.codecs import CODECS
+        from zipserve.compress.codecs import codec_entry
 
-        if self.codec not in CODECS:
-            raise ConfigError(f"codec: unknown codec {self.codec!r}; known: {', '.join(CODECS)}")
+        try:  # the registry's names (compress/codecs.py), a codec registered at run time too
+            codec_entry(self.codec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.lowrank_bases is not None and not isinstance(self.lowrank_bases, str):
             raise ConfigError("lowrank_bases: must be a directory path (str)")
         if not isinstance(self.lowrank_fold, bool):

@@ -14,8 +14,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zipserve.engine.kv_cache import KVCache, SCRATCH_PAGE
+from zipserve.engine.kv_cache import SCRATCH_PAGE
 from zipserve.engine.model import ForwardBatch, LlamaModel
+from zipserve.engine.paged_cache import PagedKVCache
 
 
 def decode_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
@@ -25,12 +26,12 @@ def decode_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaModel, cache: KVCache, batch_sizes: list[int],
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch_sizes: list[int],
                  max_pages_per_seq: int, splits_for: Callable[[int], int],
                  device: torch.device):
         self.sizes = sorted(set(batch_sizes))
         n = self.sizes[-1]
-        self.scratch_slot = getattr(cache, "scratch_slot", 0)
+        self.scratch_slot = cache.scratch_slot
 
         def zeros(*shape, dtype=torch.int64):
             return torch.zeros(*shape, dtype=dtype, device=device)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECODE_KV_MODES = ("compressed", "dense", "auto")
+from zipserve.compress.codec import KVCodec
+from zipserve.compress.codecs import codec_entry
 
-NO_DENSE_FORM = ("lowrank", "lowrank+hack2", "lowrank+hack4")
-"""Codecs whose values live in a reduced space (see the module docstring)."""
+DECODE_KV_MODES = ("compressed", "dense", "auto")
 
 # Decode speed per codec as a multiple of a reference measured in the same run (> 1: faster).
 # H200: decode-attention kernel time at batch 8 x 32k, Llama-3-8B heads, against torch SDPA on
@@ -38,27 +38,39 @@ MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
     "h100": {"paged-bf16": 1.0, "hack2": 0.77, "hack4": 0.77},
 }
 DENSE_KERNEL = "paged-bf16"
-KERNELS_OF = {"hack2mix": ("hack2", "hack4")}
-"""Codecs that run other codecs' kernels per layer (compress/kvbits.py): their speed is the
-slowest measured of those kernels on the GPU family (hack2mix runs hack2's on most layers)."""
+
+
+def _codec_class(codec: str) -> type[KVCodec]:
+    """What `codec` can do (its registered class); the base class, which claims nothing, for a
+    name the registry does not know (names are validated where engines are configured)."""
+    try:
+        return codec_entry(codec).codec_class
+    except ValueError:
+        return KVCodec
 
 
 def kernel_speed(codec: str, table: dict[str, float]) -> float | None:
-    """The codec's measured decode-kernel speed vs SDPA in `table`, None when unmeasured."""
-    speeds = [table[k] for k in KERNELS_OF.get(codec, (codec,)) if k in table]
+    """The codec's measured decode-kernel speed vs SDPA in `table`, None when unmeasured. A codec
+    that runs other codecs' kernels per layer (hack2mix: hack2's and hack4's, its registry entry)
+    counts the slowest measured of them."""
+    try:
+        kernels = codec_entry(codec).kernels
+    except ValueError:
+        kernels = (codec,)
+    speeds = [table[k] for k in kernels if k in table]
     return min(speeds) if speeds else None
 
 
 def check_decode_kv(codec: str, decode_kv: str) -> None:
-    """ValueError naming decode_kv for an unknown mode or `dense` with a low-rank codec."""
+    """ValueError naming decode_kv for an unknown mode or `dense` with a codec without a dense
+    form (the low-rank codecs)."""
     if decode_kv not in DECODE_KV_MODES:
         raise ValueError(f"decode_kv: must be one of {', '.join(DECODE_KV_MODES)}, got "
                          f"{decode_kv!r}")
-    if decode_kv == "dense" and codec in NO_DENSE_FORM:
-        raise ValueError(f"decode_kv: 'dense' is not available for codec {codec}: its K/V live "
-                         f"in a reduced space with V's basis folded into W_o (dense pages would "
-                         f"cost more memory for the same values, and its kernel is faster than "
-                         f"bf16); use decode_kv='compressed' or 'auto'")
+    cls = _codec_class(codec)
+    if decode_kv == "dense" and not cls.dense_form:
+        raise ValueError(f"decode_kv: 'dense' is not available for codec {codec}: "
+                         f"{cls.no_dense_form_reason}; use decode_kv='compressed' or 'auto'")
 
 
 @dataclass(frozen=True)
@@ -89,8 +101,8 @@ def gpu_family(name: str) -> str | None:
 def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> DecodeKVChoice:
     """`auto`'s rule, in order:
 
-    1. bf16: dense (its pages are dense already). A codec without a dense form (low-rank):
-       compressed.
+    1. A codec whose pages are dense already (bf16): dense. A codec without a dense form
+       (low-rank): compressed.
     2. CPU: dense. The compressed path attends through the torch references of the Triton
        kernels there, the dense one through one paged bf16 reference.
     3. GPU, dense pages would not fit (`pool_bytes_needed`, the bytes of the dense pool the
@@ -102,9 +114,10 @@ def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> 
        other codec (H200: 0.92x SDPA vs 0.29-0.75x for fp8, kivi, hack), and an unmeasured
        codec kernel is not assumed to beat it.
     """
-    if codec == "bf16":
-        return DecodeKVChoice("dense", "bf16 pages are dense")
-    if codec in NO_DENSE_FORM:
+    cls = _codec_class(codec)
+    if cls.dense_pages:
+        return DecodeKVChoice("dense", f"{codec} pages are dense")
+    if not cls.dense_form:
         return DecodeKVChoice("compressed", f"{codec} has no dense form")
     if device.type != "cuda":
         return DecodeKVChoice("dense", "CPU: the compressed path runs torch references")
@@ -125,15 +138,17 @@ def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> 
 def codec_modes(codecs: list[str] | tuple[str, ...],
                 modes: list[str] | tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
     """The (codec, decode_kv) runs of a benchmark or demo over codecs x modes, and a note per
-    run left out: bf16 runs once (its pages are dense in every mode), and a codec without a
-    dense form skips `dense` when another mode is asked too (ValueError when it is the only)."""
+    run left out: bf16 (any codec whose pages are dense) runs once (its pages are dense in every
+    mode), and a codec without a dense form skips `dense` when another mode is asked too
+    (ValueError when it is the only)."""
     runs, skipped = [], []
     for codec in codecs:
+        cls = _codec_class(codec)
         for mode in modes:
-            if codec == "bf16" and any(r[0] == "bf16" for r in runs):
-                skipped.append(f"bf16 {mode}: bf16 pages are dense in every mode, run once")
+            if cls.dense_pages and any(r[0] == codec for r in runs):
+                skipped.append(f"{codec} {mode}: {codec} pages are dense in every mode, run once")
                 continue
-            if mode == "dense" and codec in NO_DENSE_FORM:
+            if mode == "dense" and not cls.dense_form:
                 if len(modes) == 1:
                     check_decode_kv(codec, mode)  # raises, naming decode_kv
                 skipped.append(f"{codec} dense: {codec} has no dense form")

@@ -2,7 +2,7 @@
 values, so decode runs the bf16 paged kernel while the prompt keeps the codec's quality.
 
 - A received layer (the codec's wire form: encoded full pages + the 16-bit tail, exactly what a
-  compressed receiver gets) is written by `import_wire`: its pages are dequantized straight into
+  compressed receiver gets) is written by `import_pages`: its pages are dequantized straight into
   the reserved pages in one kernel (codec.dequantize_into, kernels/dequant_pages.py), then the
   16-bit open-page tokens and the 16-bit sinks over their positions. For the prompt the pool then
   holds what the compressed engine attends to: the codes' values at every full-page position
@@ -13,26 +13,28 @@ values, so decode runs the bf16 paged kernel while the prompt keeps the codec's 
 - Generated tokens stay 16-bit: the compressed engine seals a filled open page to codes, this
   one keeps it dense. Within the first open page both attend to the same values.
 - It cannot export: its pages no longer carry the codec's codes (prefill engines run
-  decode_kv=compressed); kv_export refuses.
+  decode_kv=compressed); `export_pages` refuses.
 """
 
 from __future__ import annotations
 
 import torch
 
-from zipserve.compress.codecs import KVCodec
+from zipserve.compress.codec import KVCodec
 from zipserve.compress.wire import WirePages, check_layout
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import KVCache
+from zipserve.engine.paged_cache import LayerPages
 from zipserve.engine.sequence import Sequence
 
 
 class DenseCodecKVCache(KVCache):
+    scores_by_page = True
+    """The prompt's full pages hold the codec's values: scored page by page, as decode sees it."""
+
     def __init__(self, codec: KVCodec, config: ModelConfig, num_pages: int, page_size: int,
                  dtype: torch.dtype, device: torch.device | str):
-        super().__init__(config, num_pages, page_size, dtype, device)
-        self.wire_codec = codec
-        """The codec whose wire form arrives and whose values the pages hold."""
+        super().__init__(config, num_pages, page_size, dtype, device, codec=codec)
         self.codecs = [codec.for_layer(i) for i in range(config.num_kv_layers)]
         self.n_sink = codec.n_sink
 
@@ -42,14 +44,10 @@ class DenseCodecKVCache(KVCache):
             self._to_codec_values(layer, batch.prefill_seqs)
         return out
 
-    def past_kv(self, layer: int, slot: int, past_pages: list[int]):
-        """K/V [N, KVH, D] of a sequence's full pages before a prefill chunk (LCKV chunked
-        scoring; CompressedKVCache.past_kv's contract): here they are the pages themselves."""
-        k_pages, v_pages = self.layer(layer)  # [pages, KVH, P, D]
-        ids = torch.tensor(past_pages, dtype=torch.long, device=k_pages.device)
-        kvh, d = k_pages.shape[1], k_pages.shape[3]
-        return (k_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
-                v_pages[ids].transpose(1, 2).reshape(-1, kvh, d))
+    def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
+        raise ValueError(f"decode_kv: a dense-mode engine holds {self.codec.name}'s values "
+                         f"dequantized, not its codes, and cannot export them; prefill engines "
+                         f"run decode_kv='compressed'")
 
     def _to_codec_values(self, layer: int, prefill_seqs) -> None:
         """Replace the full pages each prefill chunk wrote by their encoded-then-dequantized
@@ -72,8 +70,8 @@ class DenseCodecKVCache(KVCache):
             if s:
                 k_pages[pages[0], :, :s], v_pages[pages[0], :, :s] = sinks
 
-    def import_wire(self, layer: int, wire: WirePages, tail: dict[str, torch.Tensor],
-                    seq: Sequence) -> None:
+    def import_pages(self, layer: int, wire: WirePages, tail: dict[str, torch.Tensor],
+                     seq: Sequence) -> None:
         """Write one received layer of the codec's wire form into seq's reserved pages.
         WireError / ValueError when it is of another codec or layout, or its tail is malformed."""
         codec = self.codecs[layer]

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from zipserve.engine.kv_export import DeviceLayerKV, LayerKV, export_layer, import_layer
+from zipserve.compress.wire import DeviceLayerKV, LayerKV
+from zipserve.engine.kv_export import export_layer, import_layer
 from zipserve.engine.llm_engine import LLMEngine, RequestOutput
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.detokenizer import Detokenizer

@@ -207,7 +207,7 @@ class LCKVModel(nn.Module):
         metas = batch.prefill_seqs or ()
         if all(meta[2] == 0 for meta in metas):
             return None
-        if len(metas) != 1 or not hasattr(cache, "past_kv"):
+        if len(metas) != 1 or not cache.scores_by_page:
             raise ValueError("LCKV: a prefill chunk that does not start at token 0 needs a "
                              "compressed cache and one sequence in the batch")
         slot, pages, start, _ = metas[0]

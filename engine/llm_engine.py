@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from zipserve.compress.codecs import make_codec
-from zipserve.compress.compressed_cache import CompressedKVCache
-from zipserve.compress.lowrank_fold import apply_lowrank_output
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.decode_kv import DecodeKVChoice, DeviceInfo, choose_decode_kv
-from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.detokenizer import Detokenizer, check_stop
 from zipserve.engine.kv_cache import KVCache
-from zipserve.engine.loading import build_model, model_config_for
+from zipserve.engine.kv_memory import build_cache, bytes_per_page
+from zipserve.engine.loading import build_model, model_config_for, resolve_dtype
 from zipserve.engine.model_runner import ModelRunner
 from zipserve.engine.page_pool import PagePool, pages_for
 from zipserve.engine.sampler import Sampler
@@ -57,31 +55,24 @@ class LLMEngine:
         # Refused before any weight is read: a missing tokenizer.json without skip_tokenizer, a
         # codec that cannot take the model (its head size, compress/codecs.py: check_head_dim).
         self.tokenizer = load_tokenizer(model, ec.skip_tokenizer)
-        # lowrank on a random: model gets random bases (compress/lowrank.py: random_for)
-        # hack2mix reads its per-layer bits from the model's kvbits.json (compress/kvbits.py)
+        # Calibrated codecs read their files beside the checkpoint (lowrank: in lowrank_bases when
+        # set; a random: model gets random bases or bits, compress/lowrank.py, compress/kvbits.py).
         self.codec = make_codec(ec.codec, config.num_kv_heads, ec.page_size, config.head_dim,
-                                model_dir=(ec.lowrank_bases or model)
-                                if ec.codec.startswith("lowrank") else model)
+                                model_dir=model, bases_dir=ec.lowrank_bases,
+                                dtype=resolve_dtype(dtype, config, self.device))
         self.max_model_len = min(max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         self.config, self.model, self.dtype = build_model(model, dtype, self.device,
                                                           self.max_model_len, seed)
         self.model_name = model
-        if self.codec is not None and self.codec.name.startswith("lowrank"):
-            apply_lowrank_output(self.model, self.codec, fold=ec.lowrank_fold)
+        self.codec.prepare_model(self.model, fold=ec.lowrank_fold)
         choice = self._resolve_decode_kv()
         self.decode_kv, self.decode_kv_reason = choice.mode, choice.reason
         """decode_kv: 'dense' (16-bit pages: bf16, or a codec's values with decode_kv=dense) or
         'compressed' (the codec's pages), `auto` resolved (engine/decode_kv.py); and why."""
         num_pages = ec.num_pages or self._size_pool()
-        if self.codec is None:
-            self.cache = KVCache(self.config, num_pages, ec.page_size, self.dtype, self.device)
-        elif self.decode_kv == "dense":  # the codec's values in 16-bit pages, bf16 kernel
-            self.cache = DenseCodecKVCache(self.codec, self.config, num_pages, ec.page_size,
-                                           self.dtype, self.device)
-        else:  # extra slots: one for scoring (logits), one for CUDA-graph padding rows
-            self.cache = CompressedKVCache(self.codec, self.config, num_pages, ec.page_size,
-                                           ec.max_num_seqs + 2, self.dtype, self.device)
+        self.cache = build_cache(self.codec, self.decode_kv, self.config, num_pages,
+                                 ec.page_size, ec.max_num_seqs, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.scheduler = Scheduler(self.pool, ec.page_size, ec.max_num_seqs,
                                    ec.max_prefill_tokens, ec.max_prefill_chunk)
@@ -99,8 +90,8 @@ class LLMEngine:
         measured kernel table and whether dense pages fit (the pool the operator asked for in
         num_pages, else one request of the whole context)."""
         ec = self.engine_config
-        if self.codec is None:
-            return DecodeKVChoice("dense", "bf16 pages are dense")
+        if self.codec.dense_pages:  # dense in every mode: nothing to measure
+            return choose_decode_kv(self.codec.name, DeviceInfo(self.device.type), 0)
         if ec.decode_kv != "auto":
             return DecodeKVChoice(ec.decode_kv, "asked for")
         if self.device.type != "cuda":
@@ -112,9 +103,8 @@ class LLMEngine:
 
     def _size_pool(self) -> int:
         ec = self.engine_config
-        page_bytes = (KVCache.bytes_per_page(self.config, ec.page_size, self.dtype)
-                      if self.decode_kv == "dense" else
-                      CompressedKVCache.bytes_per_page(self.codec, self.config, ec.page_size))
+        page_bytes = bytes_per_page(self.codec, self.decode_kv, self.config, ec.page_size,
+                                    self.dtype)
         if self.device.type != "cuda":
             return pages_for(ec.max_kv_tokens, ec.page_size) + 1
         free = self._kv_budget()
@@ -281,8 +271,9 @@ class LLMEngine:
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """[T, vocab] fp32 logits of one sequence at every position (pages borrowed, returned).
 
-        With a codec, the sequence is scored page by page: each token attends to the encoded
-        full pages before its own page and densely to its page, as it would at decode time.
+        Where the cache scores by page (a codec's values, not the exact K/V), the sequence is
+        scored page by page: each token attends to the encoded full pages before its own page
+        and densely to its page, as it would at decode time.
         """
         _, ids = self._prompt_ids(list(token_ids))
         seq = Sequence(seq_id=-1 - next(self._seq_ids), request_id="<logits>", prompt_ids=ids,
@@ -293,7 +284,7 @@ class LLMEngine:
             raise RuntimeError("logits: not enough free KV pages for this sequence right now")
         seq.pages = pages
         try:
-            if self.codec is None:
+            if not self.cache.scores_by_page:
                 return self.runner.prefill([seq], all_logits=True)
             chunks = []
             for end in range(p, len(ids) + p, p):

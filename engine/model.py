@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zipserve.engine.config import ModelConfig
-from zipserve.engine.kv_cache import KVCache
+from zipserve.engine.paged_cache import PagedKVCache
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                cache: KVCache) -> torch.Tensor:
+                cache: PagedKVCache) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -169,7 +169,7 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(config, max_positions)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
         """Logits [N, vocab] (fp32) at batch.logits_indices (all tokens when None)."""
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         for layer in self.layers:

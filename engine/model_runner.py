@@ -9,14 +9,14 @@ import torch
 
 from zipserve.engine.config import EngineConfig, ModelConfig
 from zipserve.engine.cuda_graphs import DecodeGraphs, decode_splits
-from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.model import ForwardBatch, LlamaModel
 from zipserve.engine.page_pool import pages_for
+from zipserve.engine.paged_cache import PagedKVCache
 from zipserve.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, config: ModelConfig,
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, config: ModelConfig,
                  engine_config: EngineConfig, max_model_len: int, device: torch.device):
         self.model, self.cache, self.config = model, cache, config
         self.page_size = engine_config.page_size
@@ -26,9 +26,7 @@ class ModelRunner:
                         if device.type == "cuda" else 1)
         self.fixed_splits = engine_config.decode_splits
         self.graphs: DecodeGraphs | None = None
-        codec = getattr(cache, "codec", None)
-        if (device.type == "cuda" and engine_config.cuda_graphs
-                and (codec is None or codec.graph_safe)):
+        if device.type == "cuda" and engine_config.cuda_graphs and cache.graph_safe:
             sizes = [b for b in engine_config.graph_batch_sizes if b <= engine_config.max_num_seqs]
             self.graphs = DecodeGraphs(model, cache, sizes, self.max_pages_per_seq,
                                        self._splits_for, device)

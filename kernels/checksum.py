@@ -1,7 +1,7 @@
-"""Triton kernel of the KV payload checksum (compress/checksum.py defines it): one pass over the
+"""Triton kernel of the KV payload checksum (compress/wire/checksum.py defines it): one pass over the
 buffer, one program per row of CHUNK uint32 words writing the row's two partial sums; torch
 combines the rows (a few thousand values). `wsum_checksum` has the signature of its torch
-reference `compress.checksum.checksum_torch` and returns the same value bit for bit.
+reference `compress.wire.checksum.checksum_torch` and returns the same value bit for bit.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.compress.checksum import CHUNK, MOD, checksum_torch, combine_rows
+from zipserve.compress.wire.checksum import CHUNK, MOD, checksum_torch, combine_rows
 from zipserve.kernels.paged_decode_attention import require_runnable
 
 

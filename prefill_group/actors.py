@@ -14,11 +14,11 @@ import asyncio
 import socket
 
 import ray
+from zipserve.compress.wire import SliceKV, slice_to_bytes
 from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
-from zipserve.prefill_group.slices import SliceKV, slice_to_bytes
 
 
 class GroupMember:

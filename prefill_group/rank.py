@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 from zipserve.compress.codecs import make_codec
+from zipserve.compress.wire import SliceKV
 from zipserve.engine.loading import build_model, model_config_for
 from zipserve.prefill_group.exchange import ByteCounter, Exchange, ExchangeRecord
 from zipserve.prefill_group.group import make_group
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
-from zipserve.prefill_group.slices import SliceKV, export_slice
+from zipserve.prefill_group.slices import export_slice
 from zipserve.prefill_group.ulysses import RankContext, ulysses_prefill
 
 
@@ -53,9 +54,10 @@ class GroupRank:
         self.config, self.model, self.dtype = build_model(
             model, dtype, self.device, max_positions or cfg.max_position_embeddings, seed)
         model_dir = None if model.startswith("random:") else model
-        self.codec = make_codec(codec, cfg.num_kv_heads, page_size, cfg.head_dim, model_dir)
-        self.bases = (self.codec.bases if lowrank_exchange and codec.startswith("lowrank")
-                      else None)
+        self.codec = make_codec(codec, cfg.num_kv_heads, page_size, cfg.head_dim, model_dir,
+                                dtype=self.dtype)
+        # a codec whose K/V live in a reduced space (lowrank) has bases to exchange in
+        self.bases = self.codec.bases if lowrank_exchange else None
         self.group = None
 
     def connect(self, store_addr: str, port: int, timeout_s: float = 60.0,
@@ -84,9 +86,8 @@ class GroupRank:
         kv_bytes, dense_bytes = [0], [0]
 
         def on_kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: [t, KVH, D]
-            codec = None if self.codec is None else self.codec.for_layer(layer)
-            s = export_slice(codec, self.codec_name, layer, k, v, me.start, len(token_ids),
-                             self.page_size, self.rank)
+            s = export_slice(self.codec.for_layer(layer), self.codec_name, layer, k, v, me.start,
+                             len(token_ids), self.page_size, self.rank)
             kv_bytes[0] += s.nbytes()
             dense_bytes[0] += k.nbytes + v.nbytes
             if sink is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV, SliceKV
 from zipserve.prefill_group.exchange import ExchangeRecord
 from zipserve.prefill_group.rank import RankResult
-from zipserve.prefill_group.slices import SliceKV, assemble_layer
+from zipserve.prefill_group.slices import assemble_layer
 
 
 @dataclass

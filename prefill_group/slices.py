@@ -2,44 +2,19 @@
 
 A rank's slice starts on a page boundary and (except the last rank's) ends on one, so it encodes
 whole pages of its own tokens with the request's codec exactly as a single prefill worker would
-encode the same pages (every codec quantizes page by page). `SliceKV` carries one layer of one
-slice in the compress/wire form; `assemble_layer` joins the N slices of a layer into the
-`LayerKV` a single prefill worker would have exported (engine/kv_export.py), so the decode
-worker's existing `import_layer` takes it unchanged. Slices travel as `slice_to_bytes` buffers;
-`SliceAssembler` is the decode worker's buffer that joins them as they arrive from N senders.
+encode the same pages (every codec quantizes page by page). `export_slice` makes one layer of one
+slice, a `SliceKV` (compress/wire/slice.py: its wire form, ZKVS, framed as every KV message);
+`assemble_layer` joins the N slices of a layer into the `LayerKV` a single prefill worker would
+have exported (engine/kv_export.py), so the decode worker's existing `import_layer` takes it
+unchanged. `SliceAssembler` is the decode worker's buffer that joins them as they arrive from N
+senders.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from dataclasses import dataclass, field
-
 import torch
-from zipserve.compress.codecs import KVCodec
-from zipserve.compress.wire import pack_pages, unpack_pages
-from zipserve.engine.kv_export import LayerKV
-
-
-@dataclass
-class SliceKV:
-    layer: int
-    rank: int
-    start: int
-    """First token of the slice (a multiple of page_size)."""
-    num_tokens: int
-    """Tokens in this slice."""
-    total_tokens: int
-    """Tokens in the whole prompt."""
-    codec: str
-    pages: bytes
-    """compress.wire buffer: the slice's full pages, encoded (bf16: as they are)."""
-    tail: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Last rank: open_k/open_v [KVH, r, D] (bf16: only when r > 0); first rank of a compressed
-    codec: sink_k/sink_v [KVH, s, D] (16-bit)."""
-
-    def nbytes(self) -> int:
-        return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
+from zipserve.compress.codec import KVCodec
+from zipserve.compress.wire import LayerKV, SliceKV, pack_pages, slice_from_bytes, unpack_pages
 
 
 def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -47,11 +22,11 @@ def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
 
 
-def export_slice(codec: KVCodec | None, codec_name: str, layer: int, k: torch.Tensor,
+def export_slice(codec: KVCodec, codec_name: str, layer: int, k: torch.Tensor,
                  v: torch.Tensor, start: int, total_tokens: int, page_size: int,
                  rank: int) -> SliceKV:
     """One layer of one rank's slice. k, v: [t, KVH, D] post-RoPE, in the model's dtype;
-    codec: that layer's codec (None for the dense bf16 pages)."""
+    codec: that layer's codec (bf16: the dense codec, its pages in the model's dtype)."""
     p, t = page_size, k.shape[0]
     if start % p:
         raise ValueError(f"slice of rank {rank} starts at {start}, not on a page boundary")
@@ -59,24 +34,22 @@ def export_slice(codec: KVCodec | None, codec_name: str, layer: int, k: torch.Te
     if not last and t % p:
         raise ValueError(f"slice of rank {rank} ({t} tokens) is not whole pages")
     nf = t // p  # whole pages; the last rank's partial page travels as its valid tokens
-    if codec is None:  # dense pages, as the engine exports them (engine/kv_export.py)
-        store = {"k": _as_pages(k[:nf * p], p), "v": _as_pages(v[:nf * p], p)}
-    else:
-        store = codec.new_store(nf, k.device)
-        if nf:
-            codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
-                         _as_pages(v[:nf * p], p))
+    store = codec.new_store(nf, k.device)
+    if nf:
+        codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
+                     _as_pages(v[:nf * p], p))  # [nf, KVH, P, D] each
     tail: dict[str, torch.Tensor] = {}
-    if last and (codec is not None or t > nf * p):
+    # as the engine's caches export (engine/paged_cache.py): dense pages send a partly filled
+    # page only when there is one, a codec's open page always travels
+    if last and (not codec.dense_pages or t > nf * p):
         tail["open_k"] = k[nf * p:].transpose(0, 1).cpu().clone()  # [KVH, r, D]
         tail["open_v"] = v[nf * p:].transpose(0, 1).cpu().clone()
-    if codec is not None and start == 0 and codec.n_sink:
+    if start == 0 and codec.n_sink:
         s = min(codec.n_sink, t)
         tail["sink_k"] = k[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
         tail["sink_v"] = v[:s].transpose(0, 1).cpu().clone()
-    return SliceKV(layer, rank, start, t, total_tokens, "bf16" if codec is None else codec_name,
-                   pack_pages("bf16" if codec is None else codec_name, store, torch.arange(nf)),
-                   tail)
+    return SliceKV(layer, rank, start, t, total_tokens, codec_name,
+                   pack_pages(codec_name, store, torch.arange(nf)), tail)
 
 
 def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
@@ -111,31 +84,6 @@ def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
                    tail, request_id)
 
 
-_SLICE_MAGIC = b"ZKVS\x01"
-
-
-def slice_to_bytes(s: SliceKV, request_id: str, n_ranks: int) -> bytes:
-    """One buffer (no pickle): magic, JSON header (where the slice sits), then the slice's pages
-    and tail in LayerKV.to_bytes form."""
-    header = json.dumps({"rank": s.rank, "start": s.start, "num_tokens": s.num_tokens,
-                         "total_tokens": s.total_tokens, "codec": s.codec,
-                         "n_ranks": n_ranks}).encode()
-    body = LayerKV(s.layer, s.num_tokens, s.pages, s.tail, request_id).to_bytes()
-    return _SLICE_MAGIC + struct.pack("<I", len(header)) + header + body
-
-
-def slice_from_bytes(data: bytes) -> tuple[SliceKV, str, int]:
-    """(slice, request_id, n_ranks); ValueError on anything but slice_to_bytes output."""
-    if data[:len(_SLICE_MAGIC)] != _SLICE_MAGIC:
-        raise ValueError("not a zipserve KV slice buffer")
-    pos = len(_SLICE_MAGIC)
-    (hlen,) = struct.unpack("<I", data[pos:pos + 4])
-    h = json.loads(data[pos + 4:pos + 4 + hlen])
-    kv = LayerKV.from_bytes(data[pos + 4 + hlen:])
-    return (SliceKV(kv.layer, h["rank"], h["start"], h["num_tokens"], h["total_tokens"],
-                    h["codec"], kv.pages, kv.tail), kv.request_id, h["n_ranks"])
-
-
 class SliceAssembler:
     """Decode side: collects the slices of each (request, layer) as they arrive from the N
     ranks and hands out the assembled LayerKV once all N are in. `drop` forgets a request
@@ -145,8 +93,10 @@ class SliceAssembler:
         self._parts: dict[tuple[str, int], list[SliceKV]] = {}
 
     def add(self, data: bytes, accept=None) -> LayerKV | None:
-        """accept(request_id) -> bool: False drops the slice unbuffered (request gone)."""
-        s, rid, n = slice_from_bytes(data)
+        """accept(request_id) -> bool: False drops the slice unbuffered (request gone). WireError
+        (a ValueError) for a message that is not a readable slice."""
+        msg = slice_from_bytes(data)
+        s, rid, n = msg.kv, msg.request_id, msg.n_ranks
         if accept is not None and not accept(rid):
             return None
         parts = self._parts.setdefault((rid, s.layer), [])

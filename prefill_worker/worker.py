@@ -25,7 +25,7 @@ import torch
 from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.kv_messages import send_layer, use_device_form

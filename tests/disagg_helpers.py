@@ -3,7 +3,7 @@ prompts' layers over through the wire encoding, decode to the end, check every p
 
 from __future__ import annotations
 
-from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
+from zipserve.compress.wire import DeviceLayerKV, LayerKV
 
 
 def pool_whole(eng) -> None:

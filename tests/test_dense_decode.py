@@ -14,7 +14,7 @@ from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import ConfigError, EngineConfig
 from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),

@@ -12,10 +12,17 @@ import time
 import pytest
 import torch
 
-from zipserve.compress import checksum as ck
+from zipserve.compress.wire import checksum as ck
 from zipserve.compress.codecs import make_codec
-from zipserve.compress.device_wire import pack_device, unpack_device
-from zipserve.compress.wire import WireError, adopt_pages, pack_pages, unpack_pages
+from zipserve.compress.wire import (
+    DEVICE_HEADER,
+    WireError,
+    adopt_pages,
+    pack_device,
+    pack_pages,
+    unpack_device,
+    unpack_pages,
+)
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
 from zipserve.transfer.cuda_ipc import CudaIpcChannel
@@ -200,7 +207,7 @@ def _flip(t: torch.Tensor) -> torch.Tensor:
 @needs_model
 def test_send_recv_layer_both_forms():
     from zipserve.engine.disaggregated import DisaggregatedEngine
-    from zipserve.engine.kv_export import DeviceLayerKV, LayerKV
+    from zipserve.compress.wire import DeviceLayerKV, LayerKV
     from zipserve.engine.sampling_params import SamplingParams
 
     eng = DisaggregatedEngine(MODEL, device="cpu")
@@ -221,7 +228,7 @@ def test_send_recv_layer_both_forms():
         h, d = (x.transpose(1, 2).flatten(0, 1)[:87] for x in (host[k], dev.tensors[k]))
         assert torch.equal(h, d), k
     a, b = InProcessChannel.pair()
-    a.send(b"ZKVD\x01{}", 5)  # a device header with no payload behind it
+    a.send(DEVICE_HEADER + b"{}", 5)  # a device header with no payload behind it
     with pytest.raises(ValueError, match="without its payload"):
         recv_layer(b, 5, timeout=1, payload_timeout=0.05)
     assert eng.pool.num_used == 0

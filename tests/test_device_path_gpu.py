@@ -67,7 +67,7 @@ def _same(a, b) -> bool:
 def test_inprocess_device_form_equals_host_form(codec):
     from zipserve.engine.config import EngineConfig
     from zipserve.engine.disaggregated import DisaggregatedEngine
-    from zipserve.engine.kv_export import DeviceLayerKV
+    from zipserve.compress.wire import DeviceLayerKV
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
@@ -140,7 +140,7 @@ def _pair_role(rank: int, port: int, dev: str, codec: str, path: str, results,
     try:
         from zipserve.engine.config import EngineConfig
         from zipserve.engine.disaggregated import DisaggregatedEngine
-        from zipserve.engine.kv_export import DeviceLayerKV
+        from zipserve.compress.wire import DeviceLayerKV
         from zipserve.engine.sampling_params import SamplingParams
         from zipserve.transfer.kv_messages import done, recv_layer, send_layer, use_device_form
         from zipserve.transfer.pairing import connect_pair
@@ -292,7 +292,7 @@ def test_ctypes_nccl_one_rank_send_to_self():
 
 @pytest.mark.gpu
 def test_checksum_kernel_on_gpu_equals_reference():
-    from zipserve.compress.checksum import checksum_reference, checksum_torch, device_checksum
+    from zipserve.compress.wire.checksum import checksum_reference, checksum_torch, device_checksum
     from zipserve.kernels.checksum import wsum_checksum
 
     for n in (4, 4096 * 5 + 12, 1 << 20, 64 << 20):

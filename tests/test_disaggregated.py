@@ -10,7 +10,7 @@ from zipserve.compress.codecs import CODECS
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),

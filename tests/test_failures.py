@@ -20,7 +20,7 @@ from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_worker.worker import KV_TAG, PrefillWorker
 from zipserve.transfer.inprocess import InProcessChannel

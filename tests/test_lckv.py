@@ -24,7 +24,7 @@ from zipserve.engine.config import (LCKV_ARCHITECTURE, RANDOM_MODELS, EngineConf
                                     ModelConfig)
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_cache import KVCache
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.lckv_model import LCKVModel
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.engine.llm_engine import LLMEngine

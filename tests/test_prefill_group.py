@@ -13,7 +13,7 @@ from zipserve.compress.wire import unpack_pages
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.engine.kv_export import LayerKV
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_group.exchange import expected_layer_bytes
 from zipserve.prefill_group.local import LocalJob, run_local, run_threads
@@ -314,7 +314,8 @@ def test_slices_travel_as_bytes_and_assemble_as_they_arrive(groups):
     """The decode side's SliceAssembler: slices in any order, through bytes; a layer comes out
     when its last slice arrives, equal to assembling them directly; duplicates are refused and
     a dropped request leaves nothing behind."""
-    from zipserve.prefill_group.slices import SliceAssembler, slice_to_bytes
+    from zipserve.compress.wire import slice_to_bytes
+    from zipserve.prefill_group.slices import SliceAssembler
 
     res = groups[4]["hack2"]
     want = res.layers("r")

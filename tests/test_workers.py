@@ -83,9 +83,9 @@ def test_corrupt_kv_fails_request_and_frees():
     try:
         dec.reserve("bad", list(range(3, 140)), SamplingParams(max_tokens=5))
         chan.send(b"not a layer at all", KV_TAG)  # garbage is dropped by the receiver...
-        from zipserve.engine.kv_export import LayerKV
+        from zipserve.compress.wire import PAGES, LayerKV
 
-        kv = LayerKV(0, 137, b"ZIPKV\x00\x01\x00" + b"\x00" * 8, {}, "bad")
+        kv = LayerKV(0, 137, PAGES + b"\x00" * 8, {}, "bad")  # pages cut short
         chan.send(kv.to_bytes(), KV_TAG)  # ...a broken layer for a live request fails it
         res = dec.admit("bad", 1, None, timeout=2)
         assert dec.stats().dropped_messages == 1
@@ -110,7 +110,7 @@ def test_layers_arrive_while_prefill_is_still_running():
     """The decode side holds layer 0 before the prefill worker's forward pass has finished."""
     import threading
 
-    from zipserve.engine.kv_export import LayerKV
+    from zipserve.compress.wire import LayerKV
 
     a, b = InProcessChannel.pair()
     pre = PrefillWorker(MODEL, "hack2", "cpu")
@@ -135,7 +135,7 @@ def test_next_prompt_computes_while_the_previous_kv_is_on_the_link():
     """Over a slow link the second prompt's forward pass runs while the first prompt's KV is
     still crossing (the link stays busy instead of idling through every prefill), every layer of
     the first prompt arrives before any of the second, and a third prompt waits for a KV slot."""
-    from zipserve.engine.kv_export import LayerKV
+    from zipserve.compress.wire import LayerKV
     from zipserve.transfer.link import LinkEmulator
 
     a, b = InProcessChannel.pair()

@@ -1,11 +1,12 @@
 """One layer's KV as channel messages, in the form the channel can carry best.
 
-Host form (`LayerKV`): one message of bytes (LayerKV.to_bytes: JSON header, CRC32-checked pages,
-raw tail); any channel. Device form (`DeviceLayerKV`): two consecutive messages on the same tag,
-the small header (DEVICE_MAGIC + JSON with the device checksum) then the flat payload tensor, which
-never leaves the device on channels whose `carries_device_tensors` is true (in-process: the same
-tensor; CUDA IPC: mapped by the receiver; NCCL: device-to-device). The receiver tells the forms
-apart by the first message's magic, so a decode worker takes either from any prefill worker.
+Host form (`LayerKV`, a ZKVL message: JSON header, CRC32-checked pages, raw tail); any channel.
+Device form (`DeviceLayerKV`): two consecutive messages on the same tag, the small ZKVD header
+(JSON with the device checksum) then the flat payload tensor, which never leaves the device on
+channels whose `carries_device_tensors` is true (in-process: the same tensor; CUDA IPC: mapped by
+the receiver; NCCL: device-to-device). The receiver tells the forms apart by the first message's
+magic (compress/wire: every format, its framing and `decode`), so a decode worker takes either
+from any prefill worker.
 
 `use_device_form(channel, device)` is the automatic choice: the device form exactly when the KV
 lives on a CUDA device and the channel carries device tensors; everything else (CPU, gloo) keeps
@@ -18,7 +19,15 @@ import threading
 import weakref
 
 import torch
-from zipserve.engine.kv_export import _MAGIC, DEVICE_MAGIC, DeviceLayerKV, LayerKV
+from zipserve.compress.wire import (
+    DEVICE_HEADER,
+    LAYER,
+    DeviceLayerKV,
+    FormatError,
+    LayerKV,
+    decode,
+    format_of,
+)
 from zipserve.transfer.channel import Channel, TransferTimeout
 
 PAYLOAD_TIMEOUT_S = 30.0
@@ -62,19 +71,20 @@ def send_layer(channel: Channel, kv: LayerKV | DeviceLayerKV, tag: int) -> int:
 def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
                payload_timeout: float = PAYLOAD_TIMEOUT_S) -> LayerKV | DeviceLayerKV:
     """The next layer of this tag in whichever form it was sent. Raises the channel's
-    TransferTimeout/TransferClosed/TransferError, and ValueError for a message that is not a
-    layer or a device header whose payload does not follow. Call `done(kv)` when finished
-    with a received device layer (CUDA IPC returns the mapping to the sender then)."""
+    TransferTimeout/TransferClosed/TransferError, and FormatError (a ValueError) for a message
+    that is not a layer or a device header whose payload does not follow. Call `done(kv)` when
+    finished with a received device layer (CUDA IPC returns the mapping to the sender then)."""
     first = channel.recv(tag, timeout)
-    magic = bytes(first[:len(DEVICE_MAGIC)].cpu().numpy())
-    if magic == _MAGIC:
+    data = first.cpu().numpy().tobytes()
+    magic = format_of(data)
+    if magic == LAYER:
         try:
-            return LayerKV.from_bytes(first.cpu().numpy().tobytes())
-        except Exception as e:  # json, struct, missing keys: all "unreadable"
-            raise ValueError(f"unreadable LayerKV message: {e}") from e
-    if magic != DEVICE_MAGIC:
-        raise ValueError("not a zipserve LayerKV message")
-    header = bytes(first.cpu().numpy())
+            return decode(data)
+        except Exception as e:  # every way it can be unreadable
+            raise FormatError(f"unreadable LayerKV message: {e}") from e
+    if magic != DEVICE_HEADER:
+        raise FormatError("not a zipserve LayerKV message")
+    header = data
     try:
         if getattr(channel, "leases", False):  # CUDA IPC: map, import, then give back
             got = channel.recv_lease(tag, payload_timeout)
@@ -82,13 +92,13 @@ def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
         else:
             payload, release = channel.recv(tag, payload_timeout), None
     except TransferTimeout as e:
-        raise ValueError(f"a device KV header arrived without its payload: {e}") from e
+        raise FormatError(f"a device KV header arrived without its payload: {e}") from e
     try:
         kv = DeviceLayerKV.from_header(header, payload, release)
     except Exception as e:
         if release is not None:
             release()
-        raise ValueError(f"unreadable device LayerKV header: {e}") from e
+        raise FormatError(f"unreadable device LayerKV header: {e}") from e
     kv.verify()  # here, before the caller takes its locks; import_layer refuses a mismatch
     return kv
 

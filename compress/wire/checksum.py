@@ -1,5 +1,6 @@
-"""A cheap position-weighted checksum of a byte buffer, computed where the buffer lives (GPU or
-CPU) so the device transfer path never copies KV to the host to check it.
+"""The checksums of the KV wire: CRC32 of host bytes (`host_checksum`, pages.py), and a cheap
+position-weighted checksum of a device buffer (`device_checksum`, device_pages.py), computed where
+the buffer lives (GPU or CPU) so the device transfer path never copies KV to the host to check it.
 
 Definition (what `checksum_reference` spells out word by word): view the buffer as little-endian
 uint32 words w_0..w_{m-1} (zero-padded to a multiple of 4 bytes), M = 2**31 - 1, and
@@ -15,6 +16,7 @@ elsewhere; all return a 0-dim int64 tensor on the buffer's device without synchr
 from __future__ import annotations
 
 import struct
+import zlib
 
 import torch
 
@@ -24,6 +26,11 @@ CHUNK = 1024
 SLAB_ROWS = 4096
 """Rows reduced per pass (bounds the int64 temporaries to 32 MB per slab)."""
 ALGORITHM = "wsum31"
+
+
+def host_checksum(payload: bytes | bytearray | memoryview) -> int:
+    """CRC32 of host bytes (the pages of a ZIPKV buffer)."""
+    return zlib.crc32(payload)
 
 
 def checksum_reference(data: bytes | bytearray | memoryview | torch.Tensor) -> int:

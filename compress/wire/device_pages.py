@@ -1,13 +1,14 @@
-"""Device-resident wire form of encoded KV pages: a small JSON header (codec, layout version,
-page count, every tensor's dtype, shape and offset, a checksum) plus ONE flat uint8 buffer that
-stays on the device it was gathered on (no host copy, no CRC32 on the host).
+"""Encoded KV pages left on the device: what a ZKVD message (layer.py) describes and carries. A
+small JSON header (codec, layout version, page count, every tensor's dtype, shape and offset, a
+checksum) plus ONE flat uint8 buffer that stays on the device it was gathered on (no host copy,
+no CRC32 on the host).
 
 `pack_device` gathers pages straight into the flat buffer (index_select into views of it) and
 appends extra tensors (the 16-bit tail); each tensor starts at a 16-byte aligned offset.
-`checksum` is `compress.checksum.device_checksum` over the whole buffer; it is computed lazily
+`checksum` is checksum.py's `device_checksum` over the whole buffer; it is computed lazily
 (`DeviceWire.finalize`) so the caller decides where the one host synchronization for `.item()`
 happens (the sender thread, not inside the forward pass). `unpack_device` verifies the checksum on
-the buffer's device and returns `WirePages` views plus the extras for `wire.adopt_pages`.
+the buffer's device and returns `WirePages` views plus the extras for `pages.adopt_pages`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zipserve.compress.checksum import ALGORITHM, PendingChecksum, device_checksum
-from zipserve.compress.wire import DTYPES, LAYOUT_VERSION, WireError, WirePages
+from zipserve.compress.wire.checksum import ALGORITHM, PendingChecksum, device_checksum
+from zipserve.compress.wire.errors import ChecksumError, FormatError
+from zipserve.compress.wire.framing import dtype_name, dtype_of
+from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages
 
 ALIGN = 16
-
-
-def _dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
 
 
 def _align(n: int) -> int:
@@ -67,12 +66,12 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
     fields, extra_fields, offset = [], [], 0
     for name, t in store.items():
         nbytes = n * math.prod(t.shape[1:]) * t.element_size()
-        fields.append({"name": name, "dtype": _dtype_name(t.dtype),
+        fields.append({"name": name, "dtype": dtype_name(t.dtype),
                        "page_shape": list(t.shape[1:]), "offset": offset, "nbytes": nbytes})
         offset = _align(offset + nbytes)
     for name, t in extras.items():
         nbytes = t.numel() * t.element_size()
-        extra_fields.append({"name": name, "dtype": _dtype_name(t.dtype), "shape": list(t.shape),
+        extra_fields.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
                              "offset": offset, "nbytes": nbytes})
         offset = _align(offset + nbytes)
     # [nbytes]; alignment pads stay uninitialized: the checksum covers the bytes as sent
@@ -99,27 +98,27 @@ def _view(payload: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
 
 
 def verify_checksum(header: dict, payload: torch.Tensor) -> None:
-    """Recompute the checksum on the payload's device (one synchronization); WireError when it
-    differs from the header's or the header names another algorithm."""
+    """Recompute the checksum on the payload's device (one synchronization); ChecksumError when
+    it differs from the header's, FormatError when the header names another algorithm."""
     if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
-        raise WireError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
+        raise FormatError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
     got = PendingChecksum(device_checksum(payload)).value()
     if got != header["checksum"]:
-        raise WireError("checksum mismatch: the pages were corrupted in transit "
-                        f"({got:#x} != {header['checksum']:#x})")
+        raise ChecksumError("checksum mismatch: the pages were corrupted in transit "
+                            f"({got:#x} != {header['checksum']:#x})")
 
 
 def unpack_device(header: dict, payload: torch.Tensor,
                   verify: bool = True) -> tuple[WirePages, dict[str, torch.Tensor]]:
-    """Views of a device buffer as pages + extras; raises WireError on a bad layout version,
-    size, dtype or checksum (verified on the payload's device)."""
+    """Views of a device buffer as pages + extras; raises FormatError on a bad layout version,
+    size or dtype, ChecksumError on a bad checksum (verified on the payload's device)."""
     if header.get("layout_version") != LAYOUT_VERSION:
-        raise WireError(f"layout version {header.get('layout_version')!r}, this side reads "
+        raise FormatError(f"layout version {header.get('layout_version')!r}, this side reads "
                         f"{LAYOUT_VERSION}")
     if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise WireError("device payload must be a flat uint8 tensor")
+        raise FormatError("device payload must be a flat uint8 tensor")
     if payload.numel() != header.get("nbytes"):
-        raise WireError(f"payload is {payload.numel()} bytes, header says {header.get('nbytes')}")
+        raise FormatError(f"payload is {payload.numel()} bytes, header says {header.get('nbytes')}")
     if verify:
         verify_checksum(header, payload)
     n = header["num_pages"]
@@ -127,11 +126,9 @@ def unpack_device(header: dict, payload: torch.Tensor,
     def views(specs, shape_of):
         out = {}
         for f in specs:
-            dtype = DTYPES.get(f["dtype"])
-            if dtype is None:
-                raise WireError(f"unknown dtype {f['dtype']!r} for {f['name']}")
+            dtype = dtype_of(f["dtype"], f["name"])
             if f["offset"] + f["nbytes"] > payload.numel() or f["offset"] % ALIGN:
-                raise WireError(f"{f['name']}: bytes {f['offset']}+{f['nbytes']} out of range")
+                raise FormatError(f"{f['name']}: bytes {f['offset']}+{f['nbytes']} out of range")
             shape = shape_of(f)
             out[f["name"]] = (_view(payload, f["offset"], f["nbytes"], dtype, shape)
                               if f["nbytes"] else torch.empty(shape, dtype=dtype,

@@ -1,0 +1,204 @@
+"""One layer of one sequence on the wire, in its two forms.
+
+- `LayerKV` (ZKVL, host bytes): the sequence's encoded full pages as a ZIPKV buffer (pages.py),
+  CRC32-checked, plus the 16-bit tail (open page, sinks) as raw tensors; any channel.
+- `DeviceLayerKV` (ZKVD): the same as one flat device buffer (device_pages.py) and a small header
+  with a device-computed checksum, for channels that carry device tensors (in-process, CUDA IPC,
+  NCCL): the header travels as one message, the payload as the next.
+
+The tail: open_k/open_v [KVH, r, D] (the partly filled page's tokens), sink_k/sink_v [KVH, s, D]
+(a codec's sinks once a page is encoded). `body_fields` / `read_body` encode the pages + tail body
+that LayerKV and a prefill group's slice (slice.py) share.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from zipserve.compress.wire.device_pages import DeviceWire, verify_checksum
+from zipserve.compress.wire.errors import FormatError, WireError
+from zipserve.compress.wire.framing import (
+    DEVICE_HEADER,
+    LAYER,
+    dtype_name,
+    dtype_of,
+    frame,
+    nbytes_of,
+    raw_bytes,
+    tensor_from,
+    unframe,
+)
+
+
+def body_fields(pages: bytes, tail: dict[str, torch.Tensor]) -> tuple[dict, list[bytes]]:
+    """Header fields and body parts of a pages buffer followed by raw tail tensors."""
+    tail = {name: t.contiguous().cpu() for name, t in tail.items()}
+    fields = {"pages_nbytes": len(pages),
+              "tail": [{"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+                       for n, t in tail.items()]}
+    return fields, [pages] + [raw_bytes(t) for t in tail.values()]
+
+
+def read_body(header: dict, body: memoryview, what: str) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """(pages buffer, tail tensors) of a body written with body_fields; FormatError when the
+    header does not describe it."""
+    try:
+        n_pages, specs = header["pages_nbytes"], header["tail"]
+        if len(body) < n_pages:
+            raise FormatError(f"{what} truncated in its pages")
+        pages, pos, tail = bytes(body[:n_pages]), n_pages, {}
+        for f in specs:
+            dtype = dtype_of(f["dtype"], f["name"])
+            n = nbytes_of(dtype, f["shape"])
+            if len(body) < pos + n:
+                raise FormatError(f"{what} truncated in tail tensor {f['name']}")
+            tail[f["name"]] = tensor_from(body[pos:pos + n], dtype, f["shape"])
+            pos += n
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise FormatError(f"unreadable {what}: {type(e).__name__}: {e}") from e
+    return pages, tail
+
+
+@dataclass
+class LayerKV:
+    layer: int
+    num_tokens: int
+    """Tokens of the sequence whose KV this is."""
+    pages: bytes
+    """ZIPKV buffer (pages.py): the encoded full pages (bf16: the dense pages as they are)."""
+    tail: dict[str, torch.Tensor] = field(default_factory=dict)
+    """open_k/open_v [KVH, r, D], sink_k/sink_v [KVH, s, D] (16-bit, CPU); bf16: the partly
+    filled page's tokens only, none when the sequence is whole pages."""
+    request_id: str = ""
+
+    def nbytes(self) -> int:
+        return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
+
+    def to_bytes(self) -> bytes:
+        """One ZKVL message (no pickle): header, then the pages buffer and raw tail tensors."""
+        fields, body = body_fields(self.pages, self.tail)
+        return frame(LAYER, {"layer": self.layer, "num_tokens": self.num_tokens,
+                             "request_id": self.request_id, **fields}, *body)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> LayerKV:
+        """Parse to_bytes output; FormatError on anything else."""
+        f = unframe(data, LAYER)
+        pages, tail = read_body(f.header, f.body, "LayerKV buffer")
+        h = f.header
+        try:
+            return cls(h["layer"], h["num_tokens"], pages, tail, h["request_id"])
+        except KeyError as e:
+            raise FormatError(f"unreadable LayerKV buffer: missing {e}") from e
+
+
+_side = threading.local()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's own CUDA stream on `device` (created once)."""
+    streams = _side.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+@dataclass(frozen=True)
+class DeviceHeader:
+    """A parsed ZKVD message: which layer its payload (the next message) holds."""
+
+    layer: int
+    num_tokens: int
+    request_id: str
+    wire: dict
+    """DeviceWire.header: codec, layout version, fields, extras, nbytes, checksum."""
+
+
+def decode_device_header(data: bytes | bytearray | memoryview) -> DeviceHeader:
+    h = unframe(data, DEVICE_HEADER).header
+    try:
+        return DeviceHeader(h["layer"], h["num_tokens"], h["request_id"], h["wire"])
+    except KeyError as e:
+        raise FormatError(f"unreadable device LayerKV header: missing {e}") from e
+
+
+@dataclass
+class DeviceLayerKV:
+    """One layer's KV as a device buffer: wire.header names codec, layout version, shapes and
+    the checksum; wire.payload holds pages then tail tensors (device_pages.py)."""
+
+    layer: int
+    num_tokens: int
+    wire: DeviceWire
+    request_id: str = ""
+    ready: object = None
+    """torch.cuda.Event recorded after the gather (None on CPU): readers wait on it."""
+    release: Callable[[], None] | None = None
+    """Receiver side: returns the mapped buffer to its sender (CUDA IPC); None otherwise."""
+    verify_error: WireError | None = None
+    """What verify() found wrong (ChecksumError, or FormatError for an unknown algorithm)."""
+    checked: bool = False
+    """verify() ran (receivers call it before taking any lock: it synchronizes once)."""
+
+    def verify(self) -> bool:
+        """Check the payload against the header's checksum on its device; remembers the
+        outcome for `check`. True when it matches. On CUDA the check runs on a side stream
+        of the calling thread, so it waits for the sender's gather, not for the decode steps
+        queued on the GPU meanwhile."""
+        if not self.checked:
+            payload = self.wire.payload
+            if payload.is_cuda:
+                with torch.cuda.stream(_side_stream(payload.device)):
+                    self._verify()
+            else:
+                self._verify()
+            self.checked = True
+        return self.verify_error is None
+
+    def check(self) -> None:
+        """verify(), raising what it found (ChecksumError when the payload changed)."""
+        if not self.verify():
+            raise self.verify_error
+
+    def _verify(self) -> None:
+        self.wait_ready()
+        try:
+            # in process the sender's header never went through header_bytes: finalize fills
+            # its checksum from the reduction queued behind the gather
+            verify_checksum(self.wire.finalize(), self.wire.payload)
+        except WireError as e:
+            self.verify_error = e
+
+    def nbytes(self) -> int:
+        return int(self.wire.payload.numel())
+
+    def header_bytes(self) -> bytes:
+        """The ZKVD message (synchronizes once for the checksum)."""
+        self.wait_ready()
+        return frame(DEVICE_HEADER, {"layer": self.layer, "num_tokens": self.num_tokens,
+                                     "request_id": self.request_id,
+                                     "wire": self.wire.finalize()})
+
+    @classmethod
+    def from_header(cls, data: bytes, payload: torch.Tensor,
+                    release: Callable[[], None] | None = None) -> DeviceLayerKV:
+        """Parse header_bytes output around a received payload; FormatError on anything else."""
+        h = decode_device_header(data)
+        return cls(h.layer, h.num_tokens, DeviceWire(h.wire, payload), h.request_id,
+                   release=release)
+
+    def wait_ready(self) -> None:
+        """Make the current stream wait for the gather that filled the payload."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.wire.payload.device).wait_event(self.ready)
+
+    def done(self) -> None:
+        """The receiver is finished with the payload (idempotent)."""
+        release, self.release = self.release, None
+        if release is not None:
+            self.wire.payload = torch.empty(0, dtype=torch.uint8)  # drop our view of the mapping
+            release()
