@@ -21,7 +21,7 @@ import torch
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_worker.worker import PrefillWorker
-from zipserve.transfer.inprocess import InProcessChannel
+from zipserve.transfer.inprocess import InProcessChannel, InProcessHostChannel
 from zipserve.transfer.kv_messages import use_device_form
 from zipserve.transfer.link import LinkEmulator
 
@@ -40,17 +40,17 @@ def one_request(pre: PrefillWorker, dec: DecodeWorker, rid: str, prompt: list[in
     rep = pre.prefill(rid, prompt, params, "d0")
     res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=120)
     t_first = time.time()
-    while not res["finished"]:
+    while not res.finished:
         res = dec.poll(rid, 0, timeout=10)
     t_end = time.time()
-    times = res["times"]
+    times = res.times
     dec.release(rid)
     return dict(ttft_ms=1e3 * (t_first - t0), jct_ms=1e3 * (t_end - t0),
                 prefill_ms=1e3 * (rep.prefill_end - rep.prefill_start),
                 gap_ms=1e3 * (times["admitted"] - rep.prefill_end),
                 decode_ms=1e3 * (times["finished"] - times["admitted"]),
                 kv_mb=rep.bytes_sent / 1e6, dense_mb=rep.dense_bytes / 1e6,
-                tokens=len(res["tokens"]), error=res["error"])
+                tokens=len(res.tokens), error=res.error)
 
 
 def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: list,
@@ -83,9 +83,7 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
         mode = dec.engine.decode_kv  # auto resolved
         try:
             for gbps in links:
-                a, b = InProcessChannel.pair()
-                if kv_path == "host":
-                    a.carries_device_tensors = False  # the sender falls back to host bytes
+                a, b = (InProcessHostChannel if kv_path == "host" else InProcessChannel).pair()
                 path = "device" if use_device_form(a, dev) else "host"
                 pre.attach("d0", LinkEmulator(a, gbps=gbps) if gbps else a)
                 dec.attach(f"p{gbps}", b)

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from zipserve.transfer.nccl_env import apply_nccl_defaults
+
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20,
          256 << 20]
 
@@ -110,7 +112,7 @@ def _pair_role(rank: int, kind: str, port: int, devices: tuple[int, int], sizes:
                uid_box, results) -> None:
     """One side of a two-process channel; rank 0 sends and reports seconds per size."""
     try:
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        apply_nccl_defaults()
         dev = torch.device("cuda", devices[rank])
         torch.cuda.set_device(dev)
         send, recv, flush, close = _endpoint(kind, rank, port, dev, uid_box)
@@ -201,7 +203,7 @@ def _two_processes(kind: str, devices: tuple[int, int], sizes: list[int]) -> lis
 def run(out_dir: Path, channels: list[str] | None = None, max_bytes: int = 256 << 20,
         device: str | None = None) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    apply_nccl_defaults()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)

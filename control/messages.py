@@ -82,13 +82,6 @@ class PollReply:
     times: dict[str, float]
     """reserved, kv_complete, admitted, first_decode, finished (time.time), as reached."""
 
-    def __getitem__(self, key: str):
-        """reply["tokens"]: for callers written against the dict this replaced
-        (bench/disagg_bench.py); attribute access is the API."""
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
 
 @dataclass(frozen=True)
 class WorkerHealth:

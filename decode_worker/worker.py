@@ -32,6 +32,7 @@ from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
 from zipserve.transfer.channel import (
     Channel,
+    TransferChecksumError,
     TransferClosed,
     TransferError,
     TransferTimeout,
@@ -129,9 +130,7 @@ class DecodeWorker:
 
     def _channel_lost(self, prefill_id: str, channel: Channel, error: Exception) -> None:
         with self.lock:
-            # the channel's own frame check (transfer/process_group.py) raises a TransferError
-            # that says so; it has no type of its own yet
-            if CHECKSUM_MISMATCH.replace("_", " ") in str(error):
+            if isinstance(error, TransferChecksumError):  # the channel's own frame check
                 self.failures[CHECKSUM_MISMATCH] += 1
             if self.channels.get(prefill_id) is channel:
                 self.dead_channels[prefill_id] = self.channel_names.get(prefill_id, "")

@@ -143,6 +143,6 @@ class DisaggregatedEngine(LLMEngine):
 
     def _reserved(self, request_id: str) -> Sequence:
         seq = self._seqs.get(request_id)
-        if seq is None or seq.seq_id not in self.scheduler.reserved:
+        if seq is None or not seq.reserved:
             raise KeyError(f"request {request_id!r} holds no reservation")
         return seq

@@ -40,6 +40,10 @@ class TransferError(RuntimeError):
     """A transfer failed: the peer is gone or incompatible, a checksum failed, misuse."""
 
 
+class TransferChecksumError(TransferError):
+    """A frame's bytes did not match the checksum its sender wrote (the channel's own check)."""
+
+
 class TransferTimeout(TransferError):
     """Nothing arrived (or could be sent) within the timeout."""
 

@@ -37,13 +37,9 @@ _send_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 
 
-def carries_device_tensors(channel: Channel) -> bool:
-    return bool(getattr(channel, "carries_device_tensors", False))
-
-
 def use_device_form(channel: Channel, device: torch.device | str) -> bool:
     """The device form when the KV is on CUDA and the channel moves device tensors as such."""
-    return torch.device(device).type == "cuda" and carries_device_tensors(channel)
+    return torch.device(device).type == "cuda" and channel.carries_device_tensors
 
 
 def _lock_for(channel: Channel) -> threading.Lock:
@@ -86,7 +82,7 @@ def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
         raise FormatError("not a zipserve LayerKV message")
     header = data
     try:
-        if getattr(channel, "leases", False):  # CUDA IPC: map, import, then give back
+        if channel.leases:  # CUDA IPC: map, import, then give back
             got = channel.recv_lease(tag, payload_timeout)
             payload, release = got.tensor, got.release
         else:

@@ -45,6 +45,7 @@ from zipserve.transfer.channel import (
     Buffer,
     Channel,
     Header,
+    TransferChecksumError,
     TransferClosed,
     TransferError,
     TransferTimeout,
@@ -225,7 +226,7 @@ class ProcessGroupChannel(Channel):
                         self._pg.recv([payload], self.peer, _PG_TAG_PAYLOAD), self.timeout_s):
                     return
                 if h.crc32 != NO_CRC and crc32_of(payload) != h.crc32:
-                    raise TransferError(f"checksum mismatch on a {h.length}-byte message with "
+                    raise TransferChecksumError(f"checksum mismatch on a {h.length}-byte message with "
                                         f"tag {h.tag}: corrupted in transit")
                 self._mailbox.put(h.tag, payload)
         except Exception as e:
