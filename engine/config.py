@@ -8,7 +8,7 @@ the runtime (page size, pool size, batch limits).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +156,6 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head."""
-        return self.num_heads // self.num_kv_heads
 
     @property
     def kv_layers(self) -> tuple[int, ...]:
@@ -312,7 +307,7 @@ def _parse_rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
         raise ConfigError(f"rope_scaling.{e.args[0]}: missing for rope_type llama3") from e
 
 
-# Named random models: shapes only, weights drawn at load time (see engine/random_model.py).
+# Named random models: shapes only, weights drawn at load time (engine/loading.py builds them).
 RANDOM_MODELS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         architecture="LlamaForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=256,
@@ -430,6 +425,3 @@ class EngineConfig:
                 or self.max_prefill_chunk < 0 or self.max_prefill_chunk % self.page_size):
             raise ConfigError(f"max_prefill_chunk: must be 0 or a positive multiple of page_size "
                               f"({self.page_size}), got {self.max_prefill_chunk!r}")
-
-    def with_(self, **kw: Any) -> "EngineConfig":
-        return replace(self, **kw)

@@ -3,9 +3,8 @@
 `Detokenizer` turns generated token ids into text one token at a time, decoding only a short window
 of recent ids (the prefix/read offsets scheme of vLLM and TGI), and holds back a trailing partial
 UTF-8 character ("\\ufffd" at the end of the decoded window) until a later token completes it.
-`check_stop` finds a stop string that overlaps the newest text. `StopBuffer` accumulates the output
-text, cuts it right before a matched stop string, and releases streamable text that can never be
-cut away later (text that may be the start of a stop string waits until it is disambiguated).
+`check_stop` finds a stop string that overlaps the newest text, and `stop_prefix_len` how much of
+the newest text may still become one (streaming holds that much back).
 """
 
 from __future__ import annotations
@@ -89,53 +88,3 @@ def stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
                 held = k
                 break
     return held
-
-
-class StopBuffer:
-    """Output text of one sequence under stop strings, with a safe-to-stream cursor."""
-
-    def __init__(self, stop_strings: Sequence[str] = ()) -> None:
-        self.stop_strings = tuple(stop_strings)
-        self._text = ""
-        self._streamed = 0  # len of the prefix of _text already returned by stream_delta
-        self.stop_string: str | None = None
-        """The stop string that ended the sequence, if any."""
-        self.finished = False
-
-    @property
-    def text(self) -> str:
-        """Output text so far; after a stop match, everything before the stop string."""
-        return self._text
-
-    def append(self, delta: str, check: bool = True) -> str | None:
-        """Add newly decoded text; return the stop string if one now matched (then finished).
-
-        check=False appends without matching (e.g. before min_tokens is reached).
-        """
-        if self.finished:
-            raise RuntimeError("StopBuffer: append after the sequence finished")
-        self._text += delta
-        if not check:
-            return None
-        matched, at = check_stop(self._text, len(delta), self.stop_strings)
-        if matched is not None:
-            assert at is not None and at >= self._streamed, "streamed text was cut away"
-            self._text = self._text[:at]
-            self.stop_string = matched
-            self.finished = True
-        return matched
-
-    def finish(self) -> None:
-        """The sequence ended for another reason (EOS, length): release everything held back."""
-        self.finished = True
-
-    def stream_delta(self) -> str:
-        """New text that no later stop match can cut away (all of it once finished)."""
-        end = len(self._text)
-        if not self.finished:
-            end -= stop_prefix_len(self._text, self.stop_strings)
-        if end <= self._streamed:
-            return ""
-        out = self._text[self._streamed : end]
-        self._streamed = end
-        return out

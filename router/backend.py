@@ -9,7 +9,7 @@ passes it to a `Backend`, and reads an async stream of `BackendEvent`s:
   might still be forming).
 - `FinishEvent`: the last event of every stream: why it ended and the token counts.
 
-A Ray-backed implementation (prefill + decode actors) and `FakeBackend` (tests, demos) both
+A Ray-backed implementation (prefill + decode actors) and `FakeBackend` (tests/fake_backend.py) both
 satisfy `Backend`.
 """
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from zipserve.router.app import create_app
-from zipserve.router.fake_backend import FakeBackend
+from fake_backend import FakeBackend
 from zipserve.router.limits import AdmissionConfig
 
 pytestmark = pytest.mark.anyio

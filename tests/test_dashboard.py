@@ -13,7 +13,7 @@ import pytest
 from zipserve.router.app import create_app
 from zipserve.router.dashboard import dashboard_html
 from zipserve.router.dashboard_data import JobSample, series
-from zipserve.router.fake_backend import FakeBackend, fake_kv_bytes
+from fake_backend import FakeBackend, fake_kv_bytes
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from zipserve.router.app import create_app
-from zipserve.router.fake_backend import FakeBackend
+from fake_backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_TIMEOUT_S = 120

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from zipserve.engine.detokenizer import Detokenizer, StopBuffer, check_stop
+from zipserve.engine.detokenizer import Detokenizer, check_stop, stop_prefix_len
 
 CORPUS = [
     "héllo wörld, héllo again wörld!",
@@ -18,6 +19,58 @@ CORPUS = [
     "STOP here ### and <end> there; END of text",
 ]
 ALPHABET = list("abc xyz.,!#<>") + list("éöü日本語🙂🚀ß中한Ω\n")
+
+
+class StopBuffer:
+    """Output text of one sequence under stop strings, with a safe-to-stream cursor: the
+    streaming contract check_stop and stop_prefix_len serve, written out for these tests (the
+    engine and the decode worker use the two functions directly)."""
+
+    def __init__(self, stop_strings: Sequence[str] = ()) -> None:
+        self.stop_strings = tuple(stop_strings)
+        self._text = ""
+        self._streamed = 0  # len of the prefix of _text already returned by stream_delta
+        self.stop_string: str | None = None
+        """The stop string that ended the sequence, if any."""
+        self.finished = False
+
+    @property
+    def text(self) -> str:
+        """Output text so far; after a stop match, everything before the stop string."""
+        return self._text
+
+    def append(self, delta: str, check: bool = True) -> str | None:
+        """Add newly decoded text; return the stop string if one now matched (then finished).
+
+        check=False appends without matching (e.g. before min_tokens is reached).
+        """
+        if self.finished:
+            raise RuntimeError("StopBuffer: append after the sequence finished")
+        self._text += delta
+        if not check:
+            return None
+        matched, at = check_stop(self._text, len(delta), self.stop_strings)
+        if matched is not None:
+            assert at is not None and at >= self._streamed, "streamed text was cut away"
+            self._text = self._text[:at]
+            self.stop_string = matched
+            self.finished = True
+        return matched
+
+    def finish(self) -> None:
+        """The sequence ended for another reason (EOS, length): release everything held back."""
+        self.finished = True
+
+    def stream_delta(self) -> str:
+        """New text that no later stop match can cut away (all of it once finished)."""
+        end = len(self._text)
+        if not self.finished:
+            end -= stop_prefix_len(self._text, self.stop_strings)
+        if end <= self._streamed:
+            return ""
+        out = self._text[self._streamed : end]
+        self._streamed = end
+        return out
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from net_helpers import free_port
 
 from zipserve.router.app import create_app
 from zipserve.router.backend import FinishEvent, Job
-from zipserve.router.fake_backend import FAKE_LOGPROB, FakeBackend
+from fake_backend import FAKE_LOGPROB, FakeBackend
 from zipserve.router.json_body import MAX_JSON_DEPTH
 from zipserve.router.limits import AdmissionConfig
 from zipserve.router.read_timeouts import uvicorn_options

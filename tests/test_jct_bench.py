@@ -17,7 +17,7 @@ from zipserve.bench import jct_client, jct_report, workloads
 from zipserve.bench.jct_plots import load_csv
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.router.app import create_app
-from zipserve.router.fake_backend import FakeBackend
+from fake_backend import FakeBackend
 
 PNGS = ("jct_vs_rate.png", "jct_cdf.png", "jct_phases.png", "jct_quality.png")
 

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zipserve.router.app import create_app
 from zipserve.router.backend import PHASES
-from zipserve.router.fake_backend import FakeBackend, fake_kv_bytes
+from fake_backend import FakeBackend, fake_kv_bytes
 from zipserve.router.metrics import failure_reason, route_label
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from zipserve.router.app import create_app
-from zipserve.router.fake_backend import FakeBackend, held_back
+from fake_backend import FakeBackend, held_back
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ import zipserve.router.auth as auth
 from zipserve.deploy.cli import build_parser
 from zipserve.router.auth import read_api_key
 from zipserve.router.app import create_app
-from zipserve.router.fake_backend import FakeBackend
+from fake_backend import FakeBackend
 from zipserve.router.limits import AdmissionConfig
 
 pytestmark = pytest.mark.anyio

@@ -16,7 +16,7 @@ from zipserve.control.config import ServeConfig
 from zipserve.engine import llm_engine
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.router.app import create_app
-from zipserve.router.fake_backend import FakeBackend
+from fake_backend import FakeBackend
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=1)
 

@@ -1,4 +1,4 @@
-"""`FakeBackend`: a deterministic in-process `Backend` for tests and demos (no model, no Ray).
+"""`FakeBackend`: a deterministic in-process `Backend` for the router tests (no model, no Ray).
 
 - Tokenizer: UTF-8 bytes (token id = byte value), so prompt token counts are byte counts.
 - Chat template: "<|role|>\\ncontent\\n" per message, then "<|assistant|>\\n".
