@@ -11,6 +11,9 @@ def __getattr__(name: str):
     if name in ("LLM", "SamplingParams", "RequestOutput"):
         from zipserve.engine import llm, sampling_params
 
-        return {"LLM": llm.LLM, "RequestOutput": llm.RequestOutput,
-                "SamplingParams": sampling_params.SamplingParams}[name]
+        return {
+            "LLM": llm.LLM,
+            "RequestOutput": llm.RequestOutput,
+            "SamplingParams": sampling_params.SamplingParams,
+        }[name]
     raise AttributeError(name)

@@ -30,8 +30,22 @@ KINDS = (  # first match wins; matched against the lower-cased kernel / op name
     ("split merge", ("merge",)),
     ("rotation", ("hadamard", "rotat")),
     ("matmul", ("gemm", "matmul", "mm", "linear", "cutlass", "nvjet", "xmma")),
-    ("norm / rope / elementwise", ("norm", "rope", "rotary", "elementwise", "silu", "mul", "add",
-                                   "copy", "cat", "index", "fill")),
+    (
+        "norm / rope / elementwise",
+        (
+            "norm",
+            "rope",
+            "rotary",
+            "elementwise",
+            "silu",
+            "mul",
+            "add",
+            "copy",
+            "cat",
+            "index",
+            "fill",
+        ),
+    ),
 )
 
 
@@ -49,11 +63,19 @@ def parse_lane(text: str) -> tuple[str, str]:
     return codec, mode or "compressed"
 
 
-def _engine(model: str, device: str, codec: str, mode: str, batch: int,
-            context: int) -> LLMEngine:
-    return LLMEngine(model, device=device, max_model_len=context + 64, engine_config=EngineConfig(
-        codec=codec, decode_kv=mode, cuda_graphs=False, max_num_seqs=batch,
-        graph_batch_sizes=(batch,)))
+def _engine(model: str, device: str, codec: str, mode: str, batch: int, context: int) -> LLMEngine:
+    return LLMEngine(
+        model,
+        device=device,
+        max_model_len=context + 64,
+        engine_config=EngineConfig(
+            codec=codec,
+            decode_kv=mode,
+            cuda_graphs=False,
+            max_num_seqs=batch,
+            graph_batch_sizes=(batch,),
+        ),
+    )
 
 
 def _step_fn(engine: LLMEngine, seqs, context: int):
@@ -64,6 +86,7 @@ def _step_fn(engine: LLMEngine, seqs, context: int):
             s.num_cached = context
         logits = engine.runner.decode(seqs)
         engine.sampler.sample(logits, params, gens).token_ids.tolist()
+
     return step
 
 
@@ -72,8 +95,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def profile_lane(model: str, device: str, lane: str, batch: int, context: int,
-                 steps: int) -> tuple[float, list[dict]]:
+def profile_lane(
+    model: str, device: str, lane: str, batch: int, context: int, steps: int
+) -> tuple[float, list[dict]]:
     """(step ms without the profiler, one row per kernel/op name: calls and us per step)."""
     codec, mode = parse_lane(lane)
     engine = _engine(model, device, codec, mode, batch, context)
@@ -102,13 +126,20 @@ def profile_lane(model: str, device: str, lane: str, batch: int, context: int,
         assert engine.pool.num_free == engine.pool.capacity, "decode_profile leaked pages"
     rows = []
     for e in prof.key_averages():
-        us = (e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total)
+        us = e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total
         if dev.type == "cuda" and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
         if us <= 0:
             continue
-        rows.append(dict(lane=lane, name=e.key, kind=kind_of(e.key), calls_per_step=e.count / steps,
-                         us_per_step=us / steps))
+        rows.append(
+            dict(
+                lane=lane,
+                name=e.key,
+                kind=kind_of(e.key),
+                calls_per_step=e.count / steps,
+                us_per_step=us / steps,
+            )
+        )
     rows.sort(key=lambda r: -r["us_per_step"])
     del engine
     if dev.type == "cuda":
@@ -116,8 +147,9 @@ def profile_lane(model: str, device: str, lane: str, batch: int, context: int,
     return step_ms, rows
 
 
-def run(model: str, device: str, lanes: list[str], batch: int, context: int, steps: int,
-        out_dir: Path) -> list[dict]:
+def run(
+    model: str, device: str, lanes: list[str], batch: int, context: int, steps: int, out_dir: Path
+) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     all_rows, summary = [], []
@@ -127,33 +159,64 @@ def run(model: str, device: str, lanes: list[str], batch: int, context: int, ste
         kinds: dict[str, float] = {}
         for r in rows:
             kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["us_per_step"]
-        summary.append(dict(lane=lane, step_ms=step_ms, profiled_us=sum(kinds.values()),
-                            launches=sum(r["calls_per_step"] for r in rows), **kinds))
+        summary.append(
+            dict(
+                lane=lane,
+                step_ms=step_ms,
+                profiled_us=sum(kinds.values()),
+                launches=sum(r["calls_per_step"] for r in rows),
+                **kinds,
+            )
+        )
         print(f"{lane}: eager step {step_ms:.2f} ms; top kernels:", flush=True)
         for r in rows[:8]:
-            print(f"    {r['us_per_step']:9.1f} us  x{r['calls_per_step']:.0f}  [{r['kind']}] "
-                  f"{r['name'][:90]}")
+            print(
+                f"    {r['us_per_step']:9.1f} us  x{r['calls_per_step']:.0f}  [{r['kind']}] "
+                f"{r['name'][:90]}"
+            )
     kinds = [k for k, _ in KINDS] + ["other"]
     unit = "device" if device == "cuda" else "CPU self"
-    print(f"\n{name}, model {model}, batch {batch} x context {context}, eager decode step, "
-          f"{unit} time per step in us:\n")
+    print(
+        f"\n{name}, model {model}, batch {batch} x context {context}, eager decode step, "
+        f"{unit} time per step in us:\n"
+    )
     print("| lane | step ms | launches | " + " | ".join(kinds) + " |")
     print("|---|---|---|" + "---|" * len(kinds))
     for s in summary:
-        print(f"| {s['lane']} | {s['step_ms']:.2f} | {s['launches']:.0f} | "
-              + " | ".join(f"{s.get(k, 0.0):.0f}" for k in kinds) + " |")
+        print(
+            f"| {s['lane']} | {s['step_ms']:.2f} | {s['launches']:.0f} | "
+            + " | ".join(f"{s.get(k, 0.0):.0f}" for k in kinds)
+            + " |"
+        )
     with open(out_dir / "decode_profile.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["device", "batch", "context", *all_rows[0]])
         w.writeheader()
         for r in all_rows:
             w.writerow(dict(r, device=name, batch=batch, context=context))
     with open(out_dir / "decode_profile_kinds.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["device", "batch", "context", "lane", "step_ms",
-                                          "profiled_us", "launches", *kinds])
+        w = csv.DictWriter(
+            f,
+            fieldnames=[
+                "device",
+                "batch",
+                "context",
+                "lane",
+                "step_ms",
+                "profiled_us",
+                "launches",
+                *kinds,
+            ],
+        )
         w.writeheader()
         for s in summary:
-            w.writerow({"device": name, "batch": batch, "context": context,
-                        **{k: s.get(k, 0.0) for k in w.fieldnames[3:]}})
+            w.writerow(
+                {
+                    "device": name,
+                    "batch": batch,
+                    "context": context,
+                    **{k: s.get(k, 0.0) for k in w.fieldnames[3:]},
+                }
+            )
     return summary
 
 
@@ -163,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(REFERENCE_MODEL))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--lanes", default="bf16,hack2,hack2/dense,hack4",
-                    help="comma-separated codec[/decode-kv] lanes")
+    ap.add_argument(
+        "--lanes",
+        default="bf16,hack2,hack2/dense,hack4",
+        help="comma-separated codec[/decode-kv] lanes",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=10)
@@ -172,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.batch < 1 or a.context < 1 or a.steps < 1:
         ap.error("--batch, --context and --steps must be >= 1")
-    run(a.model, a.device, [x for x in a.lanes.split(",") if x], a.batch, a.context, a.steps,
-        a.out)
+    run(a.model, a.device, [x for x in a.lanes.split(",") if x], a.batch, a.context, a.steps, a.out)
 
 
 if __name__ == "__main__":

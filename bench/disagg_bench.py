@@ -32,8 +32,9 @@ def pre_vocab(model: str) -> int:
     return min(model_config_for(model).vocab_size, 8000)
 
 
-def one_request(pre: PrefillWorker, dec: DecodeWorker, rid: str, prompt: list[int],
-                max_tokens: int) -> dict:
+def one_request(
+    pre: PrefillWorker, dec: DecodeWorker, rid: str, prompt: list[int], max_tokens: int
+) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.time()
     dec.reserve(rid, prompt, params, deadline_s=120)
@@ -45,18 +46,31 @@ def one_request(pre: PrefillWorker, dec: DecodeWorker, rid: str, prompt: list[in
     t_end = time.time()
     times = res.times
     dec.release(rid)
-    return dict(ttft_ms=1e3 * (t_first - t0), jct_ms=1e3 * (t_end - t0),
-                prefill_ms=1e3 * (rep.prefill_end - rep.prefill_start),
-                gap_ms=1e3 * (times["admitted"] - rep.prefill_end),
-                decode_ms=1e3 * (times["finished"] - times["admitted"]),
-                kv_mb=rep.bytes_sent / 1e6, dense_mb=rep.dense_bytes / 1e6,
-                tokens=len(res.tokens), error=res.error)
+    return dict(
+        ttft_ms=1e3 * (t_first - t0),
+        jct_ms=1e3 * (t_end - t0),
+        prefill_ms=1e3 * (rep.prefill_end - rep.prefill_start),
+        gap_ms=1e3 * (times["admitted"] - rep.prefill_end),
+        decode_ms=1e3 * (times["finished"] - times["admitted"]),
+        kv_mb=rep.bytes_sent / 1e6,
+        dense_mb=rep.dense_bytes / 1e6,
+        tokens=len(res.tokens),
+        error=res.error,
+    )
 
 
-def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: list,
-        out_dir: Path, device: str | None = None, repeats: int = 2,
-        kv_path: str = "auto", decode_kv: list[str] | tuple[str, ...] = ("compressed",)
-        ) -> list[dict]:
+def run(
+    model: str,
+    codecs: list[str],
+    prompt_len: int,
+    max_tokens: int,
+    links: list,
+    out_dir: Path,
+    device: str | None = None,
+    repeats: int = 2,
+    kv_path: str = "auto",
+    decode_kv: list[str] | tuple[str, ...] = ("compressed",),
+) -> list[dict]:
     """kv_path: "auto" (device buffers on CUDA) or "host" (bytes through host memory);
     decode_kv: the modes each codec's decode worker runs in (bf16 once)."""
     from zipserve.engine.decode_kv import codec_modes
@@ -89,15 +103,23 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
                 dec.attach(f"p{gbps}", b)
                 one_request(pre, dec, f"warm-{gbps}", prompt.tolist()[:256], 2)  # warm up
                 for r in range(repeats):
-                    row = one_request(pre, dec, f"{codec}-{gbps}-{r}", prompt.tolist(),
-                                      max_tokens)
-                    row.update(codec=codec, decode_kv=mode, link_gbps=gbps or "none", repeat=r,
-                               device=name, kv_path=path)
+                    row = one_request(pre, dec, f"{codec}-{gbps}-{r}", prompt.tolist(), max_tokens)
+                    row.update(
+                        codec=codec,
+                        decode_kv=mode,
+                        link_gbps=gbps or "none",
+                        repeat=r,
+                        device=name,
+                        kv_path=path,
+                    )
                     rows.append(row)
-                    print(f"{codec:>6} {mode:>10} {path:>6} link {row['link_gbps']!s:>5}: "
-                          f"TTFT {row['ttft_ms']:8.1f} "
-                          f"ms  JCT {row['jct_ms']:8.1f} ms  gap {row['gap_ms']:7.1f} ms  "
-                          f"KV {row['kv_mb']:.1f} MB", flush=True)
+                    print(
+                        f"{codec:>6} {mode:>10} {path:>6} link {row['link_gbps']!s:>5}: "
+                        f"TTFT {row['ttft_ms']:8.1f} "
+                        f"ms  JCT {row['jct_ms']:8.1f} ms  gap {row['gap_ms']:7.1f} ms  "
+                        f"KV {row['kv_mb']:.1f} MB",
+                        flush=True,
+                    )
                 a.close()
         finally:
             dec.shutdown()
@@ -105,17 +127,21 @@ def run(model: str, codecs: list[str], prompt_len: int, max_tokens: int, links: 
             if dev == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{model}, {prompt_len}-token prompt, {max_tokens} tokens out, device {name}\n")
-    print("| codec | decode KV | KV path | link Gb/s | TTFT ms | JCT ms | prefill ms | "
-          "prefill end -> decode start ms "
-          "| decode ms | KV sent MB | dense MB |")
+    print(
+        "| codec | decode KV | KV path | link Gb/s | TTFT ms | JCT ms | prefill ms | "
+        "prefill end -> decode start ms "
+        "| decode ms | KV sent MB | dense MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["repeat"] == repeats - 1:
-            print(f"| {r['codec']} | {r['decode_kv']} | {r['kv_path']} | {r['link_gbps']} | "
-                  f"{r['ttft_ms']:.1f} | "
-                  f"{r['jct_ms']:.1f} | "
-                  f"{r['prefill_ms']:.1f} | {r['gap_ms']:.1f} | {r['decode_ms']:.1f} | "
-                  f"{r['kv_mb']:.1f} | {r['dense_mb']:.1f} |")
+            print(
+                f"| {r['codec']} | {r['decode_kv']} | {r['kv_path']} | {r['link_gbps']} | "
+                f"{r['ttft_ms']:.1f} | "
+                f"{r['jct_ms']:.1f} | "
+                f"{r['prefill_ms']:.1f} | {r['gap_ms']:.1f} | {r['decode_ms']:.1f} | "
+                f"{r['kv_mb']:.1f} | {r['dense_mb']:.1f} |"
+            )
     with open(out_dir / "disagg.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-once", action="store_true")
     a = ap.parse_args(argv)
     q, pool, table, n_f, dk, dv, dl, stored, codec = _setup(a.batch, a.context, a.bits)
-    scale = D ** -0.5
+    scale = D**-0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     base_splits = codec.num_splits(a.batch, a.context, sms)
     default_cfg = hack_attn._launch_config
 
     def call(splits, mode):
-        return hack_attn.hack_decode_attention(q, pool, table, n_f, dk, dv, dl, scale, a.bits,
-                                               num_splits=splits, mode=mode)
+        return hack_attn.hack_decode_attention(
+            q, pool, table, n_f, dk, dv, dl, scale, a.bits, num_splits=splits, mode=mode
+        )
 
     if a.profile_once:
         for mode in ("f16", "int8"):
@@ -71,15 +72,20 @@ def main(argv: list[str] | None = None) -> None:
 
     k = torch.randn(a.batch, KVH, a.context, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    sdpa = _time(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale,
-                                                        enable_gqa=True))
+    sdpa = _time(
+        lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
+    )
     del k, v
-    print(f"{torch.cuda.get_device_name()} B={a.batch} ctx={a.context} hack{a.bits}: SDPA bf16 "
-          f"{sdpa:.1f} us; stored {stored / 1e6:.1f} MB; default splits {base_splits}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name()} B={a.batch} ctx={a.context} hack{a.bits}: SDPA bf16 "
+        f"{sdpa:.1f} us; stored {stored / 1e6:.1f} MB; default splits {base_splits}",
+        flush=True,
+    )
     ref = call(base_splits, "f16").float()
     results = []
-    for mode, np_, warps, stages in itertools.product(("f16", "int8"), (1, 2, 4), (2, 4, 8),
-                                                       (2, 3, 4)):
+    for mode, np_, warps, stages in itertools.product(
+        ("f16", "int8"), (1, 2, 4), (2, 4, 8), (2, 3, 4)
+    ):
         gp = max(4, 16 // np_)
         hack_attn._launch_config = lambda *_a, c=(np_, gp, warps, stages): c
         for splits in (base_splits // 2, base_splits, base_splits * 2):
@@ -90,20 +96,27 @@ def main(argv: list[str] | None = None) -> None:
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = _time(lambda: call(splits, mode))
             except Exception as exc:  # a config that does not compile (resources) is skipped
-                print(f"{mode} np={np_} gp={gp} w={warps} st={stages} sp={splits}: "
-                      f"{type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                print(
+                    f"{mode} np={np_} gp={gp} w={warps} st={stages} sp={splits}: "
+                    f"{type(exc).__name__}: {str(exc)[:120]}",
+                    flush=True,
+                )
                 continue
             results.append((us, mode, np_, gp, warps, stages, splits, err))
-            print(f"{mode} np={np_} gp={gp} w={warps} st={stages} sp={splits}: {us:.1f} us "
-                  f"({sdpa / us:.2f}x SDPA, {stored / us / 1e6:.2f} TB/s, rel diff {err:.1e})",
-                  flush=True)
+            print(
+                f"{mode} np={np_} gp={gp} w={warps} st={stages} sp={splits}: {us:.1f} us "
+                f"({sdpa / us:.2f}x SDPA, {stored / us / 1e6:.2f} TB/s, rel diff {err:.1e})",
+                flush=True,
+            )
     hack_attn._launch_config = default_cfg
     results.sort()
     print("\nbest 8:")
     for r in results[:8]:
         us, mode, np_, gp, warps, stages, splits, err = r
-        print(f"  {mode} np={np_} gp={gp} warps={warps} stages={stages} splits={splits}: "
-              f"{us:.1f} us = {sdpa / us:.2f}x SDPA, {stored / us / 1e6:.2f} TB/s")
+        print(
+            f"  {mode} np={np_} gp={gp} warps={warps} stages={stages} splits={splits}: "
+            f"{us:.1f} us = {sdpa / us:.2f}x SDPA, {stored / us / 1e6:.2f} TB/s"
+        )
 
 
 if __name__ == "__main__":

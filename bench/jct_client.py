@@ -106,9 +106,11 @@ def check_url(url: str, allow_remote: bool = False) -> str:
             raise ValueError(f"url: cannot resolve {u.host!r}: {e}") from None
         for a in addrs:
             if not (ipaddress.ip_address(a.split("%")[0]).is_loopback or _is_local(a)):
-                raise ValueError(f"url: {u.host} ({a}) is neither loopback nor an address of "
-                                 f"this machine; benchmarks only load a deployment of ours "
-                                 f"(pass --allow-remote if that host is one)")
+                raise ValueError(
+                    f"url: {u.host} ({a}) is neither loopback nor an address of "
+                    f"this machine; benchmarks only load a deployment of ours "
+                    f"(pass --allow-remote if that host is one)"
+                )
     return str(url).rstrip("/")
 
 
@@ -123,11 +125,18 @@ def _is_local(addr: str) -> bool:
         return False
 
 
-async def _one(client, base: str, req: WorkloadRequest, t0: float, res: RequestResult,
-               codec: str | None) -> None:
-    body = {"prompt": req.prompt_ids, "max_tokens": req.output_tokens,
-            "min_tokens": req.output_tokens, "ignore_eos": True, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def _one(
+    client, base: str, req: WorkloadRequest, t0: float, res: RequestResult, codec: str | None
+) -> None:
+    body = {
+        "prompt": req.prompt_ids,
+        "max_tokens": req.output_tokens,
+        "min_tokens": req.output_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if codec:
         body["codec"] = codec
     payload = json.dumps(body).encode()  # encoded before the clock starts: client-side work
@@ -135,8 +144,12 @@ async def _one(client, base: str, req: WorkloadRequest, t0: float, res: RequestR
     res.send_time = time.time()
     res.lag_ms = 1e3 * (res.send_time - t0 - req.arrival_s)
     res.status = "cut"  # until it completes
-    async with client.stream("POST", f"{base}/v1/completions", content=payload,
-                             headers={"Content-Type": "application/json"}) as r:
+    async with client.stream(
+        "POST",
+        f"{base}/v1/completions",
+        content=payload,
+        headers={"Content-Type": "application/json"},
+    ) as r:
         res.job_id = r.headers.get(JOB_ID_HEADER, "")
         if r.status_code != 200:
             text = (await r.aread()).decode(errors="replace")
@@ -189,23 +202,32 @@ def _add_job(res: RequestResult, job: dict) -> None:
         res.transfer_start_s = phases["transfer"]["start"]
     if phases:
         res.phase_sum_ms = 1e3 * sum(p["duration"] for p in phases.values())
-        res.wait_ms = sum(1e3 * phases[n]["duration"] for n in ("queue", "transfer",
-                                                                 "decode_queue") if n in phases)
+        res.wait_ms = sum(
+            1e3 * phases[n]["duration"]
+            for n in ("queue", "transfer", "decode_queue")
+            if n in phases
+        )
         if res.send_time == res.send_time:
             res.http_in_ms = 1e3 * (job["arrival"] - res.send_time)
         if res._done_time == res._done_time:
             res.tail_ms = 1e3 * (res._done_time - max(p["end"] for p in phases.values()))
 
 
-async def replay_async(base: str, workload: Workload, *, max_requests: int | None = None,
-                       max_seconds: float = 600.0, codec: str | None = None,
-                       api_key: str | None = None, progress: bool = True) -> list[RequestResult]:
+async def replay_async(
+    base: str,
+    workload: Workload,
+    *,
+    max_requests: int | None = None,
+    max_seconds: float = 600.0,
+    codec: str | None = None,
+    api_key: str | None = None,
+    progress: bool = True,
+) -> list[RequestResult]:
     import httpx
     from tqdm import tqdm
 
     reqs = workload.requests[:max_requests] if max_requests else workload.requests
-    results = [RequestResult(r.index, r.arrival_s, r.prompt_tokens, r.output_tokens)
-               for r in reqs]
+    results = [RequestResult(r.index, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in reqs]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(max_seconds + 30.0, connect=30.0)
@@ -215,11 +237,13 @@ async def replay_async(base: str, workload: Workload, *, max_requests: int | Non
             r.raise_for_status()
             max_len = r.json()["data"][0]["max_model_len"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"url: no zipserve deployment answers at {base} "
-                             f"({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"url: no zipserve deployment answers at {base} ({type(e).__name__}: {e})"
+            ) from None
         workload.check_fits(max_len)
-        bar = tqdm(total=len(reqs), desc=workload.name, unit="req", disable=not progress,
-                   leave=False)
+        bar = tqdm(
+            total=len(reqs), desc=workload.name, unit="req", disable=not progress, leave=False
+        )
         t0 = time.time() + 0.05
         deadline = t0 + max_seconds
 
@@ -266,7 +290,7 @@ def queue_growing(results: list[RequestResult]) -> bool:
     if len(ok) < 8:
         return False  # too few to tell; failures are judged by the caller
     q = len(ok) // 4
-    second, last = ok[q:2 * q], ok[-q:]
+    second, last = ok[q : 2 * q], ok[-q:]
     for key in ("wait_ms", "jct_ms"):
         a = [getattr(r, key) for r in second if getattr(r, key) == getattr(r, key)]
         b = [getattr(r, key) for r in last if getattr(r, key) == getattr(r, key)]
@@ -283,16 +307,26 @@ def summarize(results: list[RequestResult]) -> dict:
     jct = _stats([r.jct_ms for r in ok])
     ttft = _stats([r.ttft_ms for r in ok])
     tbt = _stats([r.tbt_mean_ms for r in ok])
-    out = {"requests": len(results), "sent": len(sent), "ok": len(ok),
-           "errors": sum(r.status == "error" for r in results),
-           "cut": sum(r.status == "cut" for r in results),
-           "jct_mean_ms": jct[0], "jct_p50_ms": jct[1], "jct_p99_ms": jct[2],
-           "ttft_mean_ms": ttft[0], "ttft_p50_ms": ttft[1], "ttft_p99_ms": ttft[2],
-           "tbt_mean_ms": tbt[0]}
+    out = {
+        "requests": len(results),
+        "sent": len(sent),
+        "ok": len(ok),
+        "errors": sum(r.status == "error" for r in results),
+        "cut": sum(r.status == "cut" for r in results),
+        "jct_mean_ms": jct[0],
+        "jct_p50_ms": jct[1],
+        "jct_p99_ms": jct[2],
+        "ttft_mean_ms": ttft[0],
+        "ttft_p50_ms": ttft[1],
+        "ttft_p99_ms": ttft[2],
+        "tbt_mean_ms": tbt[0],
+    }
     for name in PHASES + ("wait", "http_in", "tail"):
         out[f"{name}_mean_ms"] = _stats([getattr(r, f"{name}_ms") for r in ok])[0]
-    out["unaccounted_max_ms"] = max((abs(r.jct_ms - r.phase_sum_ms) for r in ok
-                                     if r.phase_sum_ms == r.phase_sum_ms), default=float("nan"))
+    out["unaccounted_max_ms"] = max(
+        (abs(r.jct_ms - r.phase_sum_ms) for r in ok if r.phase_sum_ms == r.phase_sum_ms),
+        default=float("nan"),
+    )
     out["queue_growing"] = queue_growing(results)
     out["sustained"] = bool(ok) and len(ok) == len(sent) and not out["queue_growing"]
     return out
@@ -307,14 +341,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def print_summary(title: str, s: dict) -> None:
-    print(f"{title}: {s['ok']}/{s['sent']} ok ({s['errors']} errors, {s['cut']} cut); "
-          f"JCT mean {s['jct_mean_ms']:.1f} p50 {s['jct_p50_ms']:.1f} p99 {s['jct_p99_ms']:.1f} "
-          f"ms; TTFT mean {s['ttft_mean_ms']:.1f} p50 {s['ttft_p50_ms']:.1f} p99 "
-          f"{s['ttft_p99_ms']:.1f} ms; {'sustained' if s['sustained'] else 'NOT sustained'}")
+    print(
+        f"{title}: {s['ok']}/{s['sent']} ok ({s['errors']} errors, {s['cut']} cut); "
+        f"JCT mean {s['jct_mean_ms']:.1f} p50 {s['jct_p50_ms']:.1f} p99 {s['jct_p99_ms']:.1f} "
+        f"ms; TTFT mean {s['ttft_mean_ms']:.1f} p50 {s['ttft_p50_ms']:.1f} p99 "
+        f"{s['ttft_p99_ms']:.1f} ms; {'sustained' if s['sustained'] else 'NOT sustained'}"
+    )
 
 
-def run(base: str, workload: Workload, out_csv: Path, *, allow_remote: bool = False,
-        **kw) -> tuple[list[RequestResult], dict]:
+def run(
+    base: str, workload: Workload, out_csv: Path, *, allow_remote: bool = False, **kw
+) -> tuple[list[RequestResult], dict]:
     """Replay against `base`, write one CSV row per request to `out_csv`, print the summary."""
     base = check_url(base, allow_remote)
     results = replay(base, workload, **kw)

@@ -53,8 +53,11 @@ def busy_while_transferring(rows: list[dict]) -> float | None:
 
 
 def highest_sustained(summary: list[dict], codec: str, link) -> float | str | None:
-    good = [s["rate"] for s in summary if lane(s) == codec and s["link_gbps"] == link
-            and s["sustained"] is True]
+    good = [
+        s["rate"]
+        for s in summary
+        if lane(s) == codec and s["link_gbps"] == link and s["sustained"] is True
+    ]
     return max(good, key=_rate_x) if good else None
 
 
@@ -80,14 +83,18 @@ def link_goals(summary: list[dict], rows: list[dict] | None = None, link=10.0) -
         out.append("bf16 was not run: the JCT goals are not evaluable.")
     elif not busy:
         top = max((b for s in bf if (b := _busy(s, by_run)) is not None), default=float("nan"))
-        out.append(f"bf16 never kept the link >= 80% busy at the rates run (at most "
-                   f"{100 * top:.0f}% while transferring): the 0.4x/0.8x JCT goals are not "
-                   f"evaluable; run higher rates.")
+        out.append(
+            f"bf16 never kept the link >= 80% busy at the rates run (at most "
+            f"{100 * top:.0f}% while transferring): the 0.4x/0.8x JCT goals are not "
+            f"evaluable; run higher rates."
+        )
     else:
         ref, b = busy[0]
         r = ref["rate"]
-        line = (f"Reference rate {_rate(r)} req/s (lowest where bf16 kept the link "
-                f"{100 * b:.0f}% busy): bf16 mean JCT {_s(ref['jct_mean_ms'])} s")
+        line = (
+            f"Reference rate {_rate(r)} req/s (lowest where bf16 kept the link "
+            f"{100 * b:.0f}% busy): bf16 mean JCT {_s(ref['jct_mean_ms'])} s"
+        )
         lanes = [c for c in dict.fromkeys(lane(s) for s in runs) if base_codec(c) == "hack2"]
         if not any(_ok(at.get((c, r), {}).get("jct_mean_ms")) for c in lanes):
             out.append(line + "; hack2 was not run there: not evaluable.")
@@ -98,32 +105,45 @@ def link_goals(summary: list[dict], rows: list[dict] | None = None, link=10.0) -
                 if h2 is None or not _ok(h2["jct_mean_ms"]):
                     continue
                 cut = 1 - h2["jct_mean_ms"] / ref["jct_mean_ms"]
-                part = (f"{c} {_s(h2['jct_mean_ms'])} s ({100 * cut:.0f}% lower; goal >= 60%: "
-                        f"{'met' if cut >= 0.6 else '**missed**'})")
+                part = (
+                    f"{c} {_s(h2['jct_mean_ms'])} s ({100 * cut:.0f}% lower; goal >= 60%: "
+                    f"{'met' if cut >= 0.6 else '**missed**'})"
+                )
                 k2 = at.get((c.replace("hack2", "kivi2"), r))
                 if k2 is not None and _ok(k2["jct_mean_ms"]):
                     cut_k = 1 - h2["jct_mean_ms"] / k2["jct_mean_ms"]
-                    part += (f"; vs {lane(k2)} {_s(k2['jct_mean_ms'])} s: {100 * cut_k:.0f}% "
-                             f"lower (goal >= 20%: {'met' if cut_k >= 0.2 else '**missed**'})")
+                    part += (
+                        f"; vs {lane(k2)} {_s(k2['jct_mean_ms'])} s: {100 * cut_k:.0f}% "
+                        f"lower (goal >= 20%: {'met' if cut_k >= 0.2 else '**missed**'})"
+                    )
                 else:
                     part += "; kivi2 not run there"
                 parts.append(part)
             out.append(line + ", " + "; ".join(parts) + ".")
     hb, hh = highest_sustained(runs, "bf16", link), highest_sustained(runs, "hack2", link)
     if hh is None:
-        out.append("hack2 sustained none of the rates run: the 3x-rate goal is **missed** (or "
-                   "the rates are too high).")
+        out.append(
+            "hack2 sustained none of the rates run: the 3x-rate goal is **missed** (or "
+            "the rates are too high)."
+        )
     elif hb is None:
-        out.append(f"bf16 sustained none of the rates run, hack2 up to {_rate(hh)} req/s: the "
-                   f"3x-rate goal needs lower rates to be measured.")
+        out.append(
+            f"bf16 sustained none of the rates run, hack2 up to {_rate(hh)} req/s: the "
+            f"3x-rate goal needs lower rates to be measured."
+        )
     else:
         ratio = _rate_x(hh) / _rate_x(hb)
         top = max((s["rate"] for s in runs), key=_rate_x)
-        caveat = (", but some codec sustained the highest rate run: the true ratio may differ"
-                  if top in (hb, hh) else "")
-        out.append(f"Highest sustained rate: bf16 {_rate(hb)}, hack2 {_rate(hh)} req/s "
-                   f"({ratio:.1f}x; goal >= 3x: {'met' if ratio >= 3 else '**missed**'}"
-                   f"{caveat}).")
+        caveat = (
+            ", but some codec sustained the highest rate run: the true ratio may differ"
+            if top in (hb, hh)
+            else ""
+        )
+        out.append(
+            f"Highest sustained rate: bf16 {_rate(hb)}, hack2 {_rate(hh)} req/s "
+            f"({ratio:.1f}x; goal >= 3x: {'met' if ratio >= 3 else '**missed**'}"
+            f"{caveat})."
+        )
     return out
 
 
@@ -135,15 +155,23 @@ def no_link_goals(summary: list[dict]) -> list[str]:
         return ["No unlimited-link bf16 run: the no-link goal is not evaluated."]
     out = []
     for c in dict.fromkeys(lane(s) for s in runs if lane(s) != "bf16"):
-        ratios = [(s["jct_mean_ms"] / bf[s["rate"]], s["rate"]) for s in runs
-                  if lane(s) == c and s["rate"] in bf]
+        ratios = [
+            (s["jct_mean_ms"] / bf[s["rate"]], s["rate"])
+            for s in runs
+            if lane(s) == c and s["rate"] in bf
+        ]
         if not ratios:
             continue
         worst, r = max(ratios)
-        out.append(f"{c}: worst mean JCT {worst:.2f}x bf16's (at {_rate(r)} req/s; goal <= "
-                   f"{NO_LINK_JCT_SLACK:.2f}x: {'met' if worst <= NO_LINK_JCT_SLACK else '**missed**'})")
-    return [("No link limit: " + "; ".join(out) + ".") if out else
-            "No compressed codec ran without a link limit: the no-link goal is not evaluated."]
+        out.append(
+            f"{c}: worst mean JCT {worst:.2f}x bf16's (at {_rate(r)} req/s; goal <= "
+            f"{NO_LINK_JCT_SLACK:.2f}x: {'met' if worst <= NO_LINK_JCT_SLACK else '**missed**'})"
+        )
+    return [
+        ("No link limit: " + "; ".join(out) + ".")
+        if out
+        else "No compressed codec ran without a link limit: the no-link goal is not evaluated."
+    ]
 
 
 def transfer_goals(rows: list[dict]) -> list[str]:
@@ -155,30 +183,48 @@ def transfer_goals(rows: list[dict]) -> list[str]:
     free = [r for r in rows if r["link_gbps"] in ("none", None) and _ok(r.get("transfer_ms"))]
     if free:
         lanes = list(dict.fromkeys(lane(r) for r in free))
-        mean = {c: sum(r["transfer_ms"] for r in free if lane(r) == c)
-                / sum(1 for r in free if lane(r) == c) for c in lanes}
+        mean = {
+            c: sum(r["transfer_ms"] for r in free if lane(r) == c)
+            / sum(1 for r in free if lane(r) == c)
+            for c in lanes
+        }
         worst = {c: max(r["transfer_ms"] for r in free if lane(r) == c) for c in lanes}
         longest = int(max(r["prompt_tokens"] for r in free))
         cells = ", ".join(f"{c} mean {mean[c]:.0f} / max {worst[c]:.0f} ms" for c in lanes)
         ok = all(w <= TRANSFER_SLACK_MS for w in worst.values())
         slower = [c for c in lanes if c != "bf16" and "bf16" in mean and mean[c] > mean["bf16"]]
-        out.append(f"Transfer phase, no link (prompts up to {longest} tokens): {cells} (goal "
-                   f"<= {TRANSFER_SLACK_MS:.0f} ms for every request: "
-                   f"{'met' if ok else '**missed**'}; compressed never longer than bf16: "
-                   + ("met" if not slower else f"**missed** by {', '.join(slower)}") + ").")
-    linked = [r for r in rows if r["link_gbps"] not in ("none", None)
-              and _ok(r.get("transfer_ms")) and _ok(r.get("kv_bytes"))]
+        out.append(
+            f"Transfer phase, no link (prompts up to {longest} tokens): {cells} (goal "
+            f"<= {TRANSFER_SLACK_MS:.0f} ms for every request: "
+            f"{'met' if ok else '**missed**'}; compressed never longer than bf16: "
+            + ("met" if not slower else f"**missed** by {', '.join(slower)}")
+            + ")."
+        )
+    linked = [
+        r
+        for r in rows
+        if r["link_gbps"] not in ("none", None)
+        and _ok(r.get("transfer_ms"))
+        and _ok(r.get("kv_bytes"))
+    ]
     if linked:
-        within = [r["transfer_ms"] <= r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9) * 1e3
-                  + TRANSFER_SLACK_MS for r in linked]
-        over = max(r["transfer_ms"] - r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9) * 1e3
-                   for r in linked)
-        out.append(f"Transfer phase over emulated links: {sum(within)}/{len(within)} requests "
-                   f"within wire bytes / rate + {TRANSFER_SLACK_MS:.0f} ms (worst {over:.0f} ms "
-                   f"over the wire time; goal all: {'met' if all(within) else '**missed**'}).")
+        within = [
+            r["transfer_ms"] <= r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9) * 1e3 + TRANSFER_SLACK_MS
+            for r in linked
+        ]
+        over = max(
+            r["transfer_ms"] - r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9) * 1e3 for r in linked
+        )
+        out.append(
+            f"Transfer phase over emulated links: {sum(within)}/{len(within)} requests "
+            f"within wire bytes / rate + {TRANSFER_SLACK_MS:.0f} ms (worst {over:.0f} ms "
+            f"over the wire time; goal all: {'met' if all(within) else '**missed**'})."
+        )
     elif any(r["link_gbps"] not in ("none", None) for r in rows):
-        out.append("Transfer phase over emulated links: these rows carry no KV bytes (a sweep "
-                   "from before they were recorded): not evaluated.")
+        out.append(
+            "Transfer phase over emulated links: these rows carry no KV bytes (a sweep "
+            "from before they were recorded): not evaluated."
+        )
     return out
 
 

@@ -100,15 +100,20 @@ def bf16_reference_rate(summary: list[dict], link) -> float | str | None:
     return max(good, key=_rate_x) if good else min((s["rate"] for s in runs), key=_rate_x)
 
 
-def plot_all(out_dir: Path, summary: list[dict], rows: list[dict],
-             quality_csvs: list[str]) -> list[Path]:
+def plot_all(
+    out_dir: Path, summary: list[dict], rows: list[dict], quality_csvs: list[str]
+) -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
     summary = [{k: _num(v) for k, v in s.items()} for s in summary]
     rows = [{k: _num(v) for k, v in r.items()} for r in rows]
-    paths = [_vs_rate(plt, out_dir, summary), _cdf(plt, out_dir, summary, rows),
-             _phases(plt, out_dir, summary), _quality(plt, out_dir, summary, quality_csvs)]
+    paths = [
+        _vs_rate(plt, out_dir, summary),
+        _cdf(plt, out_dir, summary, rows),
+        _phases(plt, out_dir, summary),
+        _quality(plt, out_dir, summary, quality_csvs),
+    ]
     return paths
 
 
@@ -124,14 +129,17 @@ def _vs_rate(plt, out_dir: Path, summary: list[dict]) -> Path:
         for j, (key, title) in enumerate((("jct_mean_ms", "mean JCT"), ("jct_p99_ms", "p99 JCT"))):
             ax = axes[i][j]
             for k, c in enumerate(codecs):
-                runs = sorted((s for s in summary if lane(s) == c and s["link_gbps"] == g),
-                              key=lambda s: _rate_x(s["rate"]))
+                runs = sorted(
+                    (s for s in summary if lane(s) == c and s["link_gbps"] == g),
+                    key=lambda s: _rate_x(s["rate"]),
+                )
                 xs = [_rate_x(s["rate"]) for s in runs]
                 ys = [s[key] / 1e3 if _ok(s[key]) else float("nan") for s in runs]
-                line, = ax.plot(xs, ys, "-", label=c, color=f"C{k}")
+                (line,) = ax.plot(xs, ys, "-", label=c, color=f"C{k}")
                 for x, y, s in zip(xs, ys, runs):
-                    ax.plot([x], [y], "o" if s["sustained"] is True else "x",
-                            color=line.get_color())
+                    ax.plot(
+                        [x], [y], "o" if s["sustained"] is True else "x", color=line.get_color()
+                    )
             ax.set_title(f"{title}, link {link_label(g)}", fontsize=9)
             ax.set_xlabel("arrival rate (req/s)")
             ax.set_ylabel("seconds")
@@ -152,13 +160,25 @@ def _cdf(plt, out_dir: Path, summary: list[dict], rows: list[dict]) -> Path:
         for j, r in enumerate(rates):
             ax = axes[i][j]
             for k, c in enumerate(codecs):
-                v = sorted(x["jct_ms"] / 1e3 for x in rows if lane(x) == c and
-                           x["link_gbps"] == g and x["rate"] == r and x["status"] == "ok")
+                v = sorted(
+                    x["jct_ms"] / 1e3
+                    for x in rows
+                    if lane(x) == c
+                    and x["link_gbps"] == g
+                    and x["rate"] == r
+                    and x["status"] == "ok"
+                )
                 if v:
-                    ax.step(v, [(n + 1) / len(v) for n in range(len(v))], where="post",
-                            label=c, color=f"C{k}")
-            ax.set_title(f"{link_label(g)}, {r if isinstance(r, str) else f'{r:g} req/s'}",
-                         fontsize=9)
+                    ax.step(
+                        v,
+                        [(n + 1) / len(v) for n in range(len(v))],
+                        where="post",
+                        label=c,
+                        color=f"C{k}",
+                    )
+            ax.set_title(
+                f"{link_label(g)}, {r if isinstance(r, str) else f'{r:g} req/s'}", fontsize=9
+            )
             ax.set_xlabel("JCT (s)")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -182,21 +202,30 @@ def _phases(plt, out_dir: Path, summary: list[dict]) -> Path:
             for p, name in enumerate(names):
                 vals = []
                 for c in codecs:
-                    s = next((s for s in summary if lane(s) == c and s["link_gbps"] == g
-                              and s["rate"] == r), None)
+                    s = next(
+                        (
+                            s
+                            for s in summary
+                            if lane(s) == c and s["link_gbps"] == g and s["rate"] == r
+                        ),
+                        None,
+                    )
                     if s is None:
                         vals.append(0.0)
                     elif name == "client HTTP":
-                        vals.append(sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms")
-                                        if _ok(s[k])) / 1e3)
+                        vals.append(
+                            sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
+                            / 1e3
+                        )
                     else:
                         v = s[f"{name}_mean_ms"]
                         vals.append(v / 1e3 if _ok(v) else 0.0)
                 ax.bar(range(len(codecs)), vals, bottom=bottom, label=name, color=f"C{p}")
                 bottom = [b + v for b, v in zip(bottom, vals)]
             ax.set_xticks(range(len(codecs)), codecs, rotation=30, fontsize=7)
-            ax.set_title(f"{link_label(g)}, {r if isinstance(r, str) else f'{r:g} req/s'}",
-                         fontsize=9)
+            ax.set_title(
+                f"{link_label(g)}, {r if isinstance(r, str) else f'{r:g} req/s'}", fontsize=9
+            )
             ax.set_ylabel("mean seconds")
     axes[0][0].legend(fontsize=6)
     fig.suptitle("where a job's time goes (mean per phase)", fontsize=10)
@@ -215,8 +244,11 @@ def jct_gains(summary: list[dict]) -> dict:
         r = bf16_reference_rate(summary, g)
         if r is None:
             continue
-        at = {lane(s): s["jct_mean_ms"] for s in summary if s["link_gbps"] == g
-              and s["rate"] == r and _ok(s["jct_mean_ms"])}
+        at = {
+            lane(s): s["jct_mean_ms"]
+            for s in summary
+            if s["link_gbps"] == g and s["rate"] == r and _ok(s["jct_mean_ms"])
+        }
         if "bf16" in at:
             out[g] = (r, {c: 100.0 * (1 - v / at["bf16"]) for c, v in at.items()})
     return out
@@ -233,21 +265,34 @@ def _quality(plt, out_dir: Path, summary: list[dict], quality_csvs: list[str]) -
         ax.bar(range(len(have)), [ppl[base_codec(c)] for c in have], color="C3")
         ax.set_xticks(range(len(have)), have, rotation=30, fontsize=8)
         missing = [c for c in codecs if base_codec(c) not in ppl]
-        ax.set_title("perplexity increase vs bf16 (%)" + (f"\nno quality data: "
-                                                          f"{', '.join(missing)}"
-                                                          if missing else ""), fontsize=8)
+        ax.set_title(
+            "perplexity increase vs bf16 (%)"
+            + (f"\nno quality data: {', '.join(missing)}" if missing else ""),
+            fontsize=8,
+        )
     else:
-        ax.text(0.5, 0.5, "no quality CSV found\n(run `zipserve bench quality`)",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no quality CSV found\n(run `zipserve bench quality`)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_title("perplexity increase vs bf16 (%)", fontsize=9)
     ax = axes[0][1]
     width = 0.8 / max(1, len(gains))
     for n, (g, (r, by_codec)) in enumerate(gains.items()):
         xs = [i + n * width for i in range(len(codecs))]
-        ax.bar(xs, [by_codec.get(c, 0.0) for c in codecs], width,
-               label=f"{link_label(g)} @ {r if isinstance(r, str) else f'{r:g}/s'}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(codecs))], codecs, rotation=30,
-                  fontsize=8)
+        ax.bar(
+            xs,
+            [by_codec.get(c, 0.0) for c in codecs],
+            width,
+            label=f"{link_label(g)} @ {r if isinstance(r, str) else f'{r:g}/s'}",
+        )
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(codecs))], codecs, rotation=30, fontsize=8
+    )
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title("mean JCT reduction vs bf16 (%)\nat the highest rate bf16 sustained", fontsize=8)
     if gains:

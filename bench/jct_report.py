@@ -19,7 +19,6 @@ from zipserve.bench.jct_goals import goals, highest_sustained
 from zipserve.bench.jct_plots import (
     _links,
     _ok,
-    _rate_x,
     base_codec,
     lane,
     link_label,
@@ -47,18 +46,33 @@ def headline(summary: list[dict]) -> list[str]:
     """Highest sustained rate and mean JCT at bf16's highest sustained rate, per codec x link."""
     links = _links(summary)
     codecs = list(dict.fromkeys(lane(s) for s in summary))
-    lines = ["| codec | " + " | ".join(f"{link_label(g)}: max sustained req/s | mean JCT s"
-                                       for g in links) + " |",
-             "|---|" + "---|---|" * len(links)]
+    lines = [
+        "| codec | "
+        + " | ".join(f"{link_label(g)}: max sustained req/s | mean JCT s" for g in links)
+        + " |",
+        "|---|" + "---|---|" * len(links),
+    ]
     for c in codecs:
         cells = []
         for g in links:
             hs = highest_sustained(summary, c, g)
             ref = highest_sustained(summary, "bf16", g)
-            s = next((s for s in summary if lane(s) == c and s["link_gbps"] == g
-                      and s["rate"] == ref), None) if ref is not None else None
-            cells += ["none" if hs is None else _rate(hs),
-                      "—" if s is None else f"{_s(s['jct_mean_ms'])} @ {_rate(ref)}/s"]
+            s = (
+                next(
+                    (
+                        s
+                        for s in summary
+                        if lane(s) == c and s["link_gbps"] == g and s["rate"] == ref
+                    ),
+                    None,
+                )
+                if ref is not None
+                else None
+            )
+            cells += [
+                "none" if hs is None else _rate(hs),
+                "—" if s is None else f"{_s(s['jct_mean_ms'])} @ {_rate(ref)}/s",
+            ]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return lines
 
@@ -68,40 +82,59 @@ def section(results: Path, page_dir: Path) -> list[str]:
     meta = json.loads((results / "jct_meta.json").read_text())
     cfg = meta.get("config", {})
     rel = _relative(results, page_dir)
-    out = [f"## {meta['device']} — {meta['date_utc']}", "",
-           f"Model `{meta['model']}`, commit `{meta.get('commit') or '?'}`, workload "
-           f"`{cfg.get('workload')}` ({cfg.get('num_requests')} requests per run, scale "
-           f"{cfg.get('scale')}, seed {cfg.get('seed')}, each run bounded to "
-           f"{cfg.get('max_seconds')} s). Command:", "", "```bash",
-           meta.get("command") or "(not recorded)", "```", "",
-           f"Raw: [{rel}/jct_summary.csv]({rel}/jct_summary.csv), "
-           f"[jct_requests.csv]({rel}/jct_requests.csv). Times in seconds (phases in ms); "
-           "'sustained' = every request finished and neither the wait (queue + transfer + "
-           "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
-           "quarter's (+50 ms).", "", "### Headline", ""]
+    out = [
+        f"## {meta['device']} — {meta['date_utc']}",
+        "",
+        f"Model `{meta['model']}`, commit `{meta.get('commit') or '?'}`, workload "
+        f"`{cfg.get('workload')}` ({cfg.get('num_requests')} requests per run, scale "
+        f"{cfg.get('scale')}, seed {cfg.get('seed')}, each run bounded to "
+        f"{cfg.get('max_seconds')} s). Command:",
+        "",
+        "```bash",
+        meta.get("command") or "(not recorded)",
+        "```",
+        "",
+        f"Raw: [{rel}/jct_summary.csv]({rel}/jct_summary.csv), "
+        f"[jct_requests.csv]({rel}/jct_requests.csv). Times in seconds (phases in ms); "
+        "'sustained' = every request finished and neither the wait (queue + transfer + "
+        "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
+        "quarter's (+50 ms).",
+        "",
+        "### Headline",
+        "",
+    ]
     out += headline(summary) + [""]
     if meta["device"].startswith("CPU"):
-        out += ["On the CPU the compressed codecs attend through the torch references of their "
-                "Triton kernels, so their prefill/decode times say nothing about GPU speed; this "
-                "run shows the benchmark working, not the codecs' worth.", ""]
-    rows = load_csv(results / "jct_requests.csv") if (results / "jct_requests.csv").is_file() \
-        else []
+        out += [
+            "On the CPU the compressed codecs attend through the torch references of their "
+            "Triton kernels, so their prefill/decode times say nothing about GPU speed; this "
+            "run shows the benchmark working, not the codecs' worth.",
+            "",
+        ]
+    rows = (
+        load_csv(results / "jct_requests.csv") if (results / "jct_requests.csv").is_file() else []
+    )
     out += ["### Goals (issue 16)", ""] + [f"- {g}" for g in goals(summary, rows)] + [""]
     for g in _links(summary):
-        out += [f"### Link {link_label(g)}", "",
-                "| codec | rate | ok/sent | mean JCT | p99 JCT | mean TTFT | p99 TTFT | link busy "
-                "| sustained | queue | prefill | transfer | decode_queue | decode | client HTTP |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"### Link {link_label(g)}",
+            "",
+            "| codec | rate | ok/sent | mean JCT | p99 JCT | mean TTFT | p99 TTFT | link busy "
+            "| sustained | queue | prefill | transfer | decode_queue | decode | client HTTP |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in (s for s in summary if s["link_gbps"] == g):
             http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
             busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
-            out.append(f"| {lane(s)} | {_rate(s['rate'])} | {int(s['ok'])}/{int(s['sent'])} | "
-                       f"{_s(s['jct_mean_ms'])} | {_s(s['jct_p99_ms'])} | {_s(s['ttft_mean_ms'])} "
-                       f"| {_s(s['ttft_p99_ms'])} | {busy} | "
-                       f"{'yes' if s['sustained'] is True else '**no**'} | "
-                       f"{_ms(s['queue_mean_ms'])} | {_ms(s['prefill_mean_ms'])} | "
-                       f"{_ms(s['transfer_mean_ms'])} | {_ms(s['decode_queue_mean_ms'])} | "
-                       f"{_ms(s['decode_mean_ms'])} | {_ms(http)} |")
+            out.append(
+                f"| {lane(s)} | {_rate(s['rate'])} | {int(s['ok'])}/{int(s['sent'])} | "
+                f"{_s(s['jct_mean_ms'])} | {_s(s['jct_p99_ms'])} | {_s(s['ttft_mean_ms'])} "
+                f"| {_s(s['ttft_p99_ms'])} | {busy} | "
+                f"{'yes' if s['sustained'] is True else '**no**'} | "
+                f"{_ms(s['queue_mean_ms'])} | {_ms(s['prefill_mean_ms'])} | "
+                f"{_ms(s['transfer_mean_ms'])} | {_ms(s['decode_queue_mean_ms'])} | "
+                f"{_ms(s['decode_mean_ms'])} | {_ms(http)} |"
+            )
         out.append("")
     ppl = quality_by_codec(cfg.get("quality_csvs") or [])
     codecs = list(dict.fromkeys(lane(s) for s in summary))
@@ -109,11 +142,15 @@ def section(results: Path, page_dir: Path) -> list[str]:
     if ppl:
         out += ["| codec | perplexity vs bf16 |", "|---|---|"]
         cost = {c: ppl.get(base_codec(c)) for c in codecs}  # dense lanes: the codec's values
-        out += [f"| {c} | {'no quality data' if v is None else '+%.2f%%' % v} |"
-                for c, v in cost.items()]
-        out += ["", f"From {', '.join(cfg.get('quality_csvs'))} (`zipserve bench quality`, the "
-                    f"reference model: perplexity is a property of the model, not measured on "
-                    f"the sweep's model)."]
+        out += [
+            f"| {c} | {'no quality data' if v is None else f'+{v:.2f}%'} |" for c, v in cost.items()
+        ]
+        out += [
+            "",
+            f"From {', '.join(cfg.get('quality_csvs'))} (`zipserve bench quality`, the "
+            f"reference model: perplexity is a property of the model, not measured on "
+            f"the sweep's model).",
+        ]
     else:
         out.append("No quality CSV was found for this sweep (run `zipserve bench quality`).")
     out.append("")
@@ -133,12 +170,18 @@ def write(results_dirs: list[Path], page: Path, readme: Path | None = None) -> P
     for d in results_dirs:
         for f in ("jct_summary.csv", "jct_meta.json"):
             if not (d / f).is_file():
-                raise ValueError(f"results: {d / f} is missing (run `zipserve bench jct --sweep "
-                                 f"--out {d}` first)")
-    lines = ["# JCT benchmark results", "",
-             "Generated by `python3 -m zipserve bench report` from the sweep CSVs named below; "
-             "do not edit by hand (rerun the command). Hand-written results: "
-             "[RESULTS.md](RESULTS.md).", ""]
+                raise ValueError(
+                    f"results: {d / f} is missing (run `zipserve bench jct --sweep "
+                    f"--out {d}` first)"
+                )
+    lines = [
+        "# JCT benchmark results",
+        "",
+        "Generated by `python3 -m zipserve bench report` from the sweep CSVs named below; "
+        "do not edit by hand (rerun the command). Hand-written results: "
+        "[RESULTS.md](RESULTS.md).",
+        "",
+    ]
     for d in results_dirs:
         lines += section(d, page.parent)
     page.write_text("\n".join(lines).rstrip() + "\n")
@@ -155,9 +198,13 @@ def _update_readme(readme: Path, results: Path, page: Path) -> None:
     meta = json.loads((results / "jct_meta.json").read_text())
     summary = load_csv(results / "jct_summary.csv")
     rel = _relative(results, readme.parent)
-    block = [BEGIN, f"{meta['device']}, {meta['date_utc']}, model `{meta['model']}`, workload "
-             f"`{meta.get('config', {}).get('workload')}`; full tables, goals and command: "
-             f"[{_relative(page, readme.parent)}]({_relative(page, readme.parent)}).", ""]
+    block = [
+        BEGIN,
+        f"{meta['device']}, {meta['date_utc']}, model `{meta['model']}`, workload "
+        f"`{meta.get('config', {}).get('workload')}`; full tables, goals and command: "
+        f"[{_relative(page, readme.parent)}]({_relative(page, readme.parent)}).",
+        "",
+    ]
     block += headline(summary) + ["", f"![JCT vs rate]({rel}/jct_vs_rate.png)", END]
     head, rest = text.split(BEGIN, 1)
     readme.write_text(head + "\n".join(block) + rest.split(END, 1)[1])

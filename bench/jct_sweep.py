@@ -136,14 +136,17 @@ def resolve_repo_path(path: str) -> Path:
 
 def git_commit() -> str:
     """The short commit, with "-dirty" when code (not results) has uncommitted changes."""
+
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True,
-                              cwd=PACKAGE_ROOT, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *a], capture_output=True, text=True, cwd=PACKAGE_ROOT, timeout=10
+        ).stdout.strip()
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = head and git("status", "--porcelain", "--untracked-files=no", "--", "*.py",
-                             "pyproject.toml")
+        dirty = head and git(
+            "status", "--porcelain", "--untracked-files=no", "--", "*.py", "pyproject.toml"
+        )
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -155,16 +158,26 @@ def _system(cfg: SweepConfig, codec: str, decode_kv: str):
     from zipserve.deploy.serve import freeze_startup_objects, running_server
 
     # On one GPU the backend sizes the prefill and decode pools so both fit (control/placement.py)
-    scfg = ServeConfig(model=cfg.model, codec=codec, device=cfg.device, link_gbps=None,
-                       num_prefill=cfg.num_prefill, num_decode=cfg.num_decode,
-                       engine_options=dict(cfg.engine_options), decode_kv=decode_kv)
+    scfg = ServeConfig(
+        model=cfg.model,
+        codec=codec,
+        device=cfg.device,
+        link_gbps=None,
+        num_prefill=cfg.num_prefill,
+        num_decode=cfg.num_decode,
+        engine_options=dict(cfg.engine_options),
+        decode_kv=decode_kv,
+    )
     t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
         t1 = time.time()
         _warm_up(base)
         freeze_startup_objects()  # again: the warm-up compiled kernels and built objects
-        print(f"{codec} (decode-kv {backend.decode_kv}): system up in {t1 - t0:.1f} s, warm-up "
-              f"{time.time() - t1:.1f} s ({backend.device})", flush=True)
+        print(
+            f"{codec} (decode-kv {backend.decode_kv}): system up in {t1 - t0:.1f} s, warm-up "
+            f"{time.time() - t1:.1f} s ({backend.device})",
+            flush=True,
+        )
         yield base, backend
 
 
@@ -172,9 +185,17 @@ def _warm_up(base: str) -> None:
     """One short request, so the first measured one does not pay for kernel compilation."""
     import httpx
 
-    r = httpx.post(f"{base}/v1/completions", timeout=600,
-                   json={"prompt": list(range(3, 200)), "max_tokens": 4, "min_tokens": 4,
-                         "ignore_eos": True, "temperature": 0})
+    r = httpx.post(
+        f"{base}/v1/completions",
+        timeout=600,
+        json={
+            "prompt": list(range(3, 200)),
+            "max_tokens": 4,
+            "min_tokens": 4,
+            "ignore_eos": True,
+            "temperature": 0,
+        },
+    )
     if r.status_code != 200:
         raise RuntimeError(f"warm-up request failed: HTTP {r.status_code}: {r.text[:300]}")
 
@@ -193,18 +214,36 @@ def _vocab(model: str) -> int:
     return model_config_for(model).vocab_size
 
 
-def _one_run(cfg: SweepConfig, base: str, backend, client: ProcessPoolExecutor, codec: str,
-             link: float | None, rate: float | None, vocab: int) -> tuple[list[dict], dict]:
-    wl = workloads.build(cfg.workload, rate=rate, num_requests=cfg.num_requests, seed=cfg.seed,
-                         scale=cfg.scale, vocab=vocab)
+def _one_run(
+    cfg: SweepConfig,
+    base: str,
+    backend,
+    client: ProcessPoolExecutor,
+    codec: str,
+    link: float | None,
+    rate: float | None,
+    vocab: int,
+) -> tuple[list[dict], dict]:
+    wl = workloads.build(
+        cfg.workload,
+        rate=rate,
+        num_requests=cfg.num_requests,
+        seed=cfg.seed,
+        scale=cfg.scale,
+        vocab=vocab,
+    )
     t0 = time.time()
     results = client.submit(jct_client.replay, base, wl, max_seconds=cfg.max_seconds).result()
     wall = time.time() - t0
     busy = backend.link_busy(wall) if link is not None else None
     _drain(backend)
-    conf = {"codec": codec, "decode_kv": backend.decode_kv,
-            "link_gbps": "none" if link is None else link,
-            "rate": "trace" if rate is None else rate, "workload": wl.name}
+    conf = {
+        "codec": codec,
+        "decode_kv": backend.decode_kv,
+        "link_gbps": "none" if link is None else link,
+        "rate": "trace" if rate is None else rate,
+        "workload": wl.name,
+    }
     rows = [{**conf, **r.row()} for r in results]
     s = jct_client.summarize(results)
     done = [r for r in results if r.status == "ok"]
@@ -212,8 +251,9 @@ def _one_run(cfg: SweepConfig, base: str, backend, client: ProcessPoolExecutor, 
     s["run_seconds"] = wall
     s["link_busy"] = float("nan") if busy is None else busy
     s["completed_per_s"] = len(done) / wall if wall > 0 else float("nan")
-    jct_client.print_summary(f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate "
-                             f"{conf['rate']!s:>5}", s)
+    jct_client.print_summary(
+        f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}", s
+    )
     return rows, s
 
 
@@ -231,10 +271,12 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
     lanes, skipped = codec_modes(cfg.codecs, cfg.decode_kv)
     for note in skipped:
         print(f"(skipped {note})")
-    print(f"JCT sweep: {len(runs)} runs ({len(lanes)} codec x decode-kv lanes x {len(cfg.links)} "
-          f"links x {len(runs) // (len(lanes) * len(cfg.links))} rates), each at most "
-          f"{cfg.max_seconds:g} s; worst case {len(runs) * cfg.max_seconds / 60:.1f} min plus "
-          f"{len(lanes) if not cfg.restart_each else len(runs)} system starts")
+    print(
+        f"JCT sweep: {len(runs)} runs ({len(lanes)} codec x decode-kv lanes x {len(cfg.links)} "
+        f"links x {len(runs) // (len(lanes) * len(cfg.links))} rates), each at most "
+        f"{cfg.max_seconds:g} s; worst case {len(runs) * cfg.max_seconds / 60:.1f} min plus "
+        f"{len(lanes) if not cfg.restart_each else len(runs)} system starts"
+    )
     own_ray = not ray.is_initialized()
     start_ray(None)
     rows: list[dict] = []
@@ -270,8 +312,9 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
     return rows, summary
 
 
-def write_outputs(cfg: SweepConfig, out_dir: Path, rows: list[dict], summary: list[dict],
-                  device: str) -> None:
+def write_outputs(
+    cfg: SweepConfig, out_dir: Path, rows: list[dict], summary: list[dict], device: str
+) -> None:
     jct_client.write_csv(out_dir / "jct_requests.csv", rows)
     first = list(SUMMARY_KEYS)
     ordered = [{k: s[k] for k in first + [k for k in s if k not in first]} for s in summary]
@@ -279,10 +322,17 @@ def write_outputs(cfg: SweepConfig, out_dir: Path, rows: list[dict], summary: li
     conf = {k: v for k, v in asdict(cfg).items() if k != "command"}
     conf["model"] = repo_path(cfg.model)
     conf["quality_csvs"] = [repo_path(p) for p in cfg.quality_csvs]
-    meta = {"device": device_name(device), "date_utc": dt.datetime.now(dt.timezone.utc)
-            .strftime("%Y-%m-%d %H:%M UTC"), "model": conf["model"], "commit": git_commit(),
-            "command": cfg.command, "config": conf}
+    meta = {
+        "device": device_name(device),
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": conf["model"],
+        "commit": git_commit(),
+        "command": cfg.command,
+        "config": conf,
+    }
     (out_dir / "jct_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     pngs = jct_plots.plot_all(out_dir, ordered, rows, list(cfg.quality_csvs))
-    print(f"wrote {out_dir}/jct_requests.csv, jct_summary.csv, jct_meta.json"
-          + (f" and {', '.join(p.name for p in pngs)}" if pngs else ""))
+    print(
+        f"wrote {out_dir}/jct_requests.csv, jct_summary.csv, jct_meta.json"
+        + (f" and {', '.join(p.name for p in pngs)}" if pngs else "")
+    )

@@ -64,7 +64,7 @@ def _time(fn, iters: int = 20, warmup: int = 3) -> float:
 def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
     dev = torch.device("cuda")
     n_full = context // P
-    scale = D ** -0.5
+    scale = D**-0.5
     gen = torch.Generator(device=dev).manual_seed(batch * 7 + context)
     q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
     rows = []
@@ -72,8 +72,9 @@ def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
     # torch SDPA over contiguous bf16 K/V [B, KVH, L, D]
     k = torch.randn(batch, KVH, context, D, device=dev, dtype=torch.bfloat16, generator=gen)
     v = torch.randn_like(k)
-    us = _time(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale,
-                                                      enable_gqa=True))
+    us = _time(
+        lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
+    )
     kv_bytes = 2 * batch * KVH * context * D * 2
     rows.append(dict(variant="sdpa-bf16", us=us, kv_bytes=kv_bytes))
 
@@ -100,8 +101,11 @@ def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
             codec.encode(store, ids, kc[ids], vc[ids])
         torch.cuda.synchronize()
         cs = codec.num_splits(batch, context, sms)
-        us = _time(lambda: codec.decode_attention(q, store, table, n_f, dense_k, dense_v,
-                                                  dense_lens, scale, num_splits=cs))
+        us = _time(
+            lambda: codec.decode_attention(
+                q, store, table, n_f, dense_k, dense_v, dense_lens, scale, num_splits=cs
+            )
+        )
         stored = codec.store_nbytes(store) * n_full * batch // pages
         rows.append(dict(variant=name, us=us, kv_bytes=stored, splits=cs))
         del store
@@ -110,8 +114,12 @@ def _cell(batch: int, context: int, codecs: list[str], sms: int) -> list[dict]:
     base = rows[0]["us"]
     for r in rows:
         r.setdefault("splits", splits)
-        r.update(batch=batch, context=context, speedup_vs_sdpa=base / r["us"],
-                 tbps=r["kv_bytes"] / (r["us"] * 1e-6) / 1e12)
+        r.update(
+            batch=batch,
+            context=context,
+            speedup_vs_sdpa=base / r["us"],
+            tbps=r["kv_bytes"] / (r["us"] * 1e-6) / 1e12,
+        )
     return rows
 
 
@@ -126,17 +134,19 @@ def _encode_rows(codecs: list[str], pages: int = 8192) -> list[dict]:
         store = codec.new_store(pages, dev)
         us = _time(lambda: codec.encode(store, ids, k, v), iters=10)
         moved = 2 * k.numel() * 2 + codec.store_nbytes(store)
-        rows.append(dict(codec=name, pages=pages, us=us, bytes_moved=moved,
-                         tbps=moved / (us * 1e-6) / 1e12))
+        rows.append(
+            dict(codec=name, pages=pages, us=us, bytes_moved=moved, tbps=moved / (us * 1e-6) / 1e12)
+        )
     return rows
 
 
 def _prefill_rows(codecs: list[str]) -> list[dict]:
     """One chunk of PREFILL_CHUNK tokens over PREFILL_PAST cached ones (one layer, one sequence)."""
     from torch.nn.attention.bias import causal_lower_right
+
     from zipserve.compress.codec import KVCodec
 
-    dev, n, past, scale = torch.device("cuda"), PREFILL_CHUNK, PREFILL_PAST, D ** -0.5
+    dev, n, past, scale = torch.device("cuda"), PREFILL_CHUNK, PREFILL_PAST, D**-0.5
     gen = torch.Generator(device=dev).manual_seed(5)
     q = torch.randn(n, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
     k = torch.randn(past + n, KVH, D, device=dev, dtype=torch.bfloat16, generator=gen)
@@ -146,8 +156,9 @@ def _prefill_rows(codecs: list[str]) -> list[dict]:
     vh = v.transpose(0, 1).repeat_interleave(H // KVH, 0)[None]
     mask = causal_lower_right(n, past + n)
     qh = q.transpose(0, 1)[None]  # [1, H, n, D]
-    base = _time(lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale),
-                 iters=10)
+    base = _time(
+        lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale), iters=10
+    )
     rows = [dict(variant="sdpa-bf16", us=base)]
     m = past // P
     ids = torch.arange(m, device=dev)
@@ -156,11 +167,17 @@ def _prefill_rows(codecs: list[str]) -> list[dict]:
         if type(codec).prefill_attention is KVCodec.prefill_attention:
             continue  # dequantizing reference only: not a kernel
         store = codec.new_store(m, dev)
-        codec.encode(store, ids, k[:past].view(m, P, KVH, D).transpose(1, 2).contiguous(),
-                     v[:past].view(m, P, KVH, D).transpose(1, 2).contiguous())
-        sk, sv = k[:codec.n_sink].transpose(0, 1), v[:codec.n_sink].transpose(0, 1)
-        us = _time(lambda: codec.prefill_attention(q, k[past:], v[past:], store, ids, sk, sv, scale),
-                   iters=10)
+        codec.encode(
+            store,
+            ids,
+            k[:past].view(m, P, KVH, D).transpose(1, 2).contiguous(),
+            v[:past].view(m, P, KVH, D).transpose(1, 2).contiguous(),
+        )
+        sk, sv = k[: codec.n_sink].transpose(0, 1), v[: codec.n_sink].transpose(0, 1)
+        us = _time(
+            lambda: codec.prefill_attention(q, k[past:], v[past:], store, ids, sk, sv, scale),
+            iters=10,
+        )
         rows.append(dict(variant=name, us=us))
     for r in rows:
         r.update(chunk=n, past=past, speedup_vs_sdpa=base / r["us"])
@@ -181,27 +198,37 @@ def run(out_dir: Path, codecs: list[str], batches: list[int], contexts: list[int
                 continue
             cell = _cell(b, ctx, codecs, sms)
             rows.extend(cell)
-            print(f"B={b} ctx={ctx}: " + ", ".join(
-                f"{r['variant']} {r['us']:.0f}us ({r['speedup_vs_sdpa']:.2f}x)" for r in cell),
-                flush=True)
+            print(
+                f"B={b} ctx={ctx}: "
+                + ", ".join(
+                    f"{r['variant']} {r['us']:.0f}us ({r['speedup_vs_sdpa']:.2f}x)" for r in cell
+                ),
+                flush=True,
+            )
     enc = _encode_rows(codecs)
     pre = _prefill_rows(codecs)
     print(f"\ndevice: {name}; one layer of Llama-3-8B heads ({H} q / {KVH} kv, d={D}); page {P}")
     print("\n| batch | context | variant | us | speedup vs SDPA | stored KV TB/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {r['variant']} | {r['us']:.1f} | "
-              f"{r['speedup_vs_sdpa']:.2f}x | {r['tbps']:.2f} |")
+        print(
+            f"| {r['batch']} | {r['context']} | {r['variant']} | {r['us']:.1f} | "
+            f"{r['speedup_vs_sdpa']:.2f}x | {r['tbps']:.2f} |"
+        )
     print("\n| encode | pages | us | bytes read+written | TB/s |")
     print("|---|---|---|---|---|")
     for r in enc:
-        print(f"| {r['codec']} | {r['pages']} | {r['us']:.0f} | {r['bytes_moved'] / 1e9:.2f} GB | "
-              f"{r['tbps']:.2f} |")
+        print(
+            f"| {r['codec']} | {r['pages']} | {r['us']:.0f} | {r['bytes_moved'] / 1e9:.2f} GB | "
+            f"{r['tbps']:.2f} |"
+        )
     print("\n| prefill chunk over compressed past | chunk | past | us | speedup vs SDPA |")
     print("|---|---|---|---|---|")
     for r in pre:
-        print(f"| {r['variant']} | {r['chunk']} | {r['past']} | {r['us']:.0f} | "
-              f"{r['speedup_vs_sdpa']:.2f}x |")
+        print(
+            f"| {r['variant']} | {r['chunk']} | {r['past']} | {r['us']:.0f} | "
+            f"{r['speedup_vs_sdpa']:.2f}x |"
+        )
     with open(out_dir / "kernels_prefill.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(pre[0]) + ["device"])
         w.writeheader()
@@ -226,8 +253,17 @@ def _plot(rows: list[dict], path: Path, device: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(variants)
     for i, var in enumerate(variants):
-        ys = [next((r["speedup_vs_sdpa"] for r in rows if (r["batch"], r["context"]) == c
-                    and r["variant"] == var), 0) for c in cells]
+        ys = [
+            next(
+                (
+                    r["speedup_vs_sdpa"]
+                    for r in rows
+                    if (r["batch"], r["context"]) == c and r["variant"] == var
+                ),
+                0,
+            )
+            for c in cells
+        ]
         ax.bar([j + i * width for j in range(len(cells))], ys, width, label=var)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))])
     ax.set_xticklabels([f"B{b}\n{c // 1024}k" for b, c in cells])

@@ -22,7 +22,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "import os\nimport sys\n\n\ndef main():",
     "class Stack:\n    def __init__(self):",
-    "def read_config(path):\n    \"\"\"Read a JSON config file.\"\"\"",
+    'def read_config(path):\n    """Read a JSON config file."""',
     "for i in range(10):\n    ",
     "import json\n" * 12,
 ]
@@ -64,10 +64,12 @@ class LoadResult:
 
     def line(self) -> str:
         s = self.summary()
-        return (f"{s['clients']} clients, {s['wall_s']:.1f} s: {s['completed']} completed, "
-                f"{s['rejected_429']} refused (429), {s['errors']} errors; TTFT p50 "
-                f"{s['ttft_p50_ms']} ms p99 {s['ttft_p99_ms']} ms; JCT p50 {s['jct_p50_ms']} ms "
-                f"p99 {s['jct_p99_ms']} ms; {s['tokens_per_s']} tokens/s")
+        return (
+            f"{s['clients']} clients, {s['wall_s']:.1f} s: {s['completed']} completed, "
+            f"{s['rejected_429']} refused (429), {s['errors']} errors; TTFT p50 "
+            f"{s['ttft_p50_ms']} ms p99 {s['ttft_p99_ms']} ms; JCT p50 {s['jct_p50_ms']} ms "
+            f"p99 {s['jct_p99_ms']} ms; {s['tokens_per_s']} tokens/s"
+        )
 
 
 async def _one(client, url: str, body: dict, res: LoadResult, end: float) -> None:
@@ -105,9 +107,15 @@ async def _one(client, url: str, body: dict, res: LoadResult, end: float) -> Non
     res.errors.append("the stream ended without [DONE]")
 
 
-async def run_load(base_url: str, clients: int = 64, duration_s: float = 60.0,
-                   max_tokens: int = 16, seed: int = 0, api_key: str | None = None,
-                   request_timeout_s: float = 120.0) -> LoadResult:
+async def run_load(
+    base_url: str,
+    clients: int = 64,
+    duration_s: float = 60.0,
+    max_tokens: int = 16,
+    seed: int = 0,
+    api_key: str | None = None,
+    request_timeout_s: float = 120.0,
+) -> LoadResult:
     """Run the load; every request is bounded by `request_timeout_s`, the whole run by
     `duration_s` plus the last requests' completion."""
     import httpx
@@ -121,23 +129,37 @@ async def run_load(base_url: str, clients: int = 64, duration_s: float = 60.0,
     async def client_loop(k: int, client) -> None:
         rng = random.Random(seed * 1000 + k)
         while time.time() < end:
-            body = {"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(4, max_tokens),
-                    "temperature": 0.8, "seed": rng.randrange(1 << 30), "stream": True}
+            body = {
+                "prompt": rng.choice(PROMPTS),
+                "max_tokens": rng.randint(4, max_tokens),
+                "temperature": 0.8,
+                "seed": rng.randrange(1 << 30),
+                "stream": True,
+            }
             try:
                 await _one(client, url, body, res, end)
             except Exception as e:  # transport errors, timeouts: errors, never a hang
                 res.errors.append(f"{type(e).__name__}: {e}"[:200])
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=request_timeout_s, limits=limits,
-                                 headers=headers) as client:
+    async with httpx.AsyncClient(
+        timeout=request_timeout_s, limits=limits, headers=headers
+    ) as client:
         await asyncio.gather(*(client_loop(k, client) for k in range(clients)))
     res.wall_s = time.time() - start
     return res
 
 
-def run(model: str, out: Path, clients: int, duration_s: float, codec: str = "bf16",
-        device: str | None = None, port: int = 8777, max_queued_jobs: int = 32) -> dict:
+def run(
+    model: str,
+    out: Path,
+    clients: int,
+    duration_s: float,
+    codec: str = "bf16",
+    device: str | None = None,
+    port: int = 8777,
+    max_queued_jobs: int = 32,
+) -> dict:
     """`zipserve bench load`: start a server, load it, write `load_<device>.json` to `out`."""
     from zipserve.control.config import ServeConfig
     from zipserve.deploy.serve import running_server
@@ -147,8 +169,13 @@ def run(model: str, out: Path, clients: int, duration_s: float, codec: str = "bf
     limits = AdmissionConfig(max_queued_jobs=max_queued_jobs)
     with running_server(cfg, "127.0.0.1", port, limits=limits) as (base, backend):
         res = asyncio.run(run_load(base, clients, duration_s))
-        summary = dict(res.summary(), codec=codec, device=backend.device, model=model,
-                       max_queued_jobs=max_queued_jobs)
+        summary = dict(
+            res.summary(),
+            codec=codec,
+            device=backend.device,
+            model=model,
+            max_queued_jobs=max_queued_jobs,
+        )
         summary["workers_after"] = backend.health()["workers"]
     print(res.line())
     out.mkdir(parents=True, exist_ok=True)

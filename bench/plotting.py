@@ -7,6 +7,7 @@ def pyplot():
     """matplotlib.pyplot on the Agg backend, or None (and a printed note) when not installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

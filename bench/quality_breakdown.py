@@ -40,7 +40,7 @@ import argparse
 import csv
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,8 +89,9 @@ class Setup:
         name = name or self.codec_name
         if name not in self.codecs:
             c = self.config
-            self.codecs[name] = make_codec(name, c.num_kv_heads, self.page_size, c.head_dim,
-                                           dtype=torch.float32)
+            self.codecs[name] = make_codec(
+                name, c.num_kv_heads, self.page_size, c.head_dim, dtype=torch.float32
+            )
         return self.codecs[name]
 
 
@@ -106,13 +107,13 @@ def _roundtrip(codec: KVCodec, k: torch.Tensor, v: torch.Tensor, p: int):
     kh, vh = k.float().clone(), v.float().clone()
     if n == 0:
         return kh, vh
-    pages = lambda x: x[:n * p].reshape(n, p, h, d).transpose(1, 2).contiguous()  # noqa: E731
+    pages = lambda x: x[: n * p].reshape(n, p, h, d).transpose(1, 2).contiguous()  # noqa: E731
     store = codec.new_store(n, k.device)
     ids = torch.arange(n, device=k.device)
     codec.encode(store, ids, pages(k), pages(v))
     dk, dv = codec.dequantize(store, ids)  # [n, KVH, P, D]
-    kh[:n * p] = dk.transpose(1, 2).reshape(n * p, h, d)
-    vh[:n * p] = dv.transpose(1, 2).reshape(n * p, h, d)
+    kh[: n * p] = dk.transpose(1, 2).reshape(n * p, h, d)
+    vh[: n * p] = dv.transpose(1, 2).reshape(n * p, h, d)
     return kh, vh
 
 
@@ -189,8 +190,8 @@ def forward(setup: Setup, ids: list[int], v: Variant, stats: dict | None = None)
         on = v.quantize and (v.layers is None or li in v.layers)
         if on:
             codec = setup.codec(li, v)
-            ok = setup.outliers[(li, "k")][:, :v.outlier_k] if v.outlier_k else None
-            ov = setup.outliers[(li, "v")][:, :v.outlier_v] if v.outlier_v else None
+            ok = setup.outliers[(li, "k")][:, : v.outlier_k] if v.outlier_k else None
+            ov = setup.outliers[(li, "v")][:, : v.outlier_v] if v.outlier_v else None
             kh, vh = _roundtrip(codec, _without(k, ok), _without(vv, ov), p)
             kh, vh = _restore(kh, k, ok), _restore(vh, vv, ov)
             for ol, name, kinds, head in v.overrides:
@@ -255,15 +256,17 @@ def windows(tok, docs, n: int, context: int, offset: int = 0) -> list[list[int]]
     chunks = []
     for d in docs:
         ids = tok.encode(d.text)
-        chunks.append([ids[i:i + context] for i in range(0, len(ids) - context + 1, context)])
+        chunks.append([ids[i : i + context] for i in range(0, len(ids) - context + 1, context)])
     out, r = [], 0
     while len(out) < n + offset and any(r < len(c) for c in chunks):
         out += [c[r] for c in chunks if r < len(c)]
         r += 1
     if len(out) < n + offset:
-        raise ValueError(f"windows: the docs hold {len(out)} windows of {context} tokens, "
-                         f"asked for {n} after {offset}")
-    return out[offset:offset + n]
+        raise ValueError(
+            f"windows: the docs hold {len(out)} windows of {context} tokens, "
+            f"asked for {n} after {offset}"
+        )
+    return out[offset : offset + n]
 
 
 def calibrate_outliers(setup: Setup, calib: list[list[int]], max_k: int = 16) -> None:
@@ -286,8 +289,15 @@ def calibrate_outliers(setup: Setup, calib: list[list[int]], max_k: int = 16) ->
                 a = acc.setdefault(li, [0, 0])
                 a[0] = a[0] + k.float().pow(2).sum(0)
                 a[1] = a[1] + vv.float().pow(2).sum(0)
-                o = _attention(q, k, vv, k.float(), vv.float(),
-                               *(torch.zeros(kvh, t, t, dtype=torch.bool),) * 2, att.scale)
+                o = _attention(
+                    q,
+                    k,
+                    vv,
+                    k.float(),
+                    vv.float(),
+                    *(torch.zeros(kvh, t, t, dtype=torch.bool),) * 2,
+                    att.scale,
+                )
                 x = x + att.o_proj(o.reshape(t, -1))
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
     half = d // 2
@@ -300,14 +310,15 @@ def calibrate_outliers(setup: Setup, calib: list[list[int]], max_k: int = 16) ->
         setup.outliers[(li, "v_rms")] = (v2 / sum(len(c) for c in calib)).sqrt()
 
 
-def nll(setup: Setup, wins: list[list[int]], v: Variant, score: int,
-        stats: dict | None = None) -> tuple[float, int]:
+def nll(
+    setup: Setup, wins: list[list[int]], v: Variant, score: int, stats: dict | None = None
+) -> tuple[float, int]:
     total, count = 0.0, 0
     for ids in wins:
         logp = torch.log_softmax(forward(setup, ids, v, stats), -1)
         t = len(ids)
         rows = torch.arange(t - score - 1, t - 1)
-        total -= logp[rows, torch.tensor(ids[t - score:])].sum().item()
+        total -= logp[rows, torch.tensor(ids[t - score :])].sum().item()
         count += score
     return total, count
 
@@ -363,57 +374,94 @@ def variant_bytes(setup: Setup, v: Variant, seq_len: int) -> float | None:
 
 
 def breakdown_variants(num_layers: int, kvh: int, window: int) -> list[Variant]:
-    vs = [Variant("bf16 (nothing quantized)", "ref", quantize=False),
-          Variant("all (codec)", "ref")]
+    vs = [Variant("bf16 (nothing quantized)", "ref", quantize=False), Variant("all (codec)", "ref")]
     vs += [Variant(f"layer {li}", "layer", layers=(li,)) for li in range(num_layers)]
     vs += [Variant("K only", "kind", v=False), Variant("V only", "kind", k=False)]
-    vs += [Variant(f"layer {li} {kind}", "layer x kind", layers=(li,), k=kind == "K",
-                   v=kind == "V") for li in range(num_layers) for kind in "KV"]
+    vs += [
+        Variant(f"layer {li} {kind}", "layer x kind", layers=(li,), k=kind == "K", v=kind == "V")
+        for li in range(num_layers)
+        for kind in "KV"
+    ]
     vs += [Variant(f"KV head {h}", "head", heads=(h,)) for h in range(kvh)]
-    vs += [Variant(f"sinks quantized too", "position", quant_sinks=True),
-           Variant(f"only sinks quantized", "position", quant_sinks=True, positions="sinks",
-                   cost=False),
-           Variant(f"only recent (W={window})", "position", positions="recent", window=window,
-                   cost=False),
-           Variant(f"only far (> W={window})", "position", positions="far", window=window)]
+    vs += [
+        Variant("sinks quantized too", "position", quant_sinks=True),
+        Variant(
+            "only sinks quantized", "position", quant_sinks=True, positions="sinks", cost=False
+        ),
+        Variant(
+            f"only recent (W={window})", "position", positions="recent", window=window, cost=False
+        ),
+        Variant(f"only far (> W={window})", "position", positions="far", window=window),
+    ]
     return vs
 
 
-def experiment_variants(num_layers: int, windows_w=(64, 128, 256), outliers=(2, 4, 8)
-                        ) -> list[Variant]:
-    vs = [Variant(f"recent W={w} exact", "exp: recent window", positions="far", window=w)
-          for w in windows_w]
-    vs += [Variant(f"top-{n} K channels exact", "exp: outlier channels", outlier_k=n)
-           for n in outliers]
-    vs += [Variant(f"top-{n} V channels exact", "exp: outlier channels", outlier_v=n)
-           for n in outliers[1:2]]
-    vs += [Variant(f"top-{n} K+V channels exact", "exp: outlier channels", outlier_k=n,
-                   outlier_v=n) for n in outliers[1:2]]
+def experiment_variants(
+    num_layers: int, windows_w=(64, 128, 256), outliers=(2, 4, 8)
+) -> list[Variant]:
+    vs = [
+        Variant(f"recent W={w} exact", "exp: recent window", positions="far", window=w)
+        for w in windows_w
+    ]
+    vs += [
+        Variant(f"top-{n} K channels exact", "exp: outlier channels", outlier_k=n) for n in outliers
+    ]
+    vs += [
+        Variant(f"top-{n} V channels exact", "exp: outlier channels", outlier_v=n)
+        for n in outliers[1:2]
+    ]
+    vs += [
+        Variant(f"top-{n} K+V channels exact", "exp: outlier channels", outlier_k=n, outlier_v=n)
+        for n in outliers[1:2]
+    ]
     if num_layers == 6:  # the reference model: its most sensitive parts (the breakdown above)
-        vs += [Variant("L5 K hack4", "exp: per-layer bits", overrides=((5, "hack4", "K", None),)),
-               Variant("L5 KV-head 1 K hack4", "exp: per-layer bits",
-                       overrides=((5, "hack4", "K", 1),)),
-               Variant("L5 K+V hack4", "exp: per-layer bits",
-                       overrides=((5, "hack4", "KV", None),)),
-               Variant("L2,4,5 K hack4", "exp: per-layer bits",
-                       overrides=tuple((li, "hack4", "K", None) for li in (2, 4, 5))),
-               Variant("L5 K bf16", "exp: per-layer bits", overrides=((5, "bf16", "K", None),)),
-               Variant("L5 K hack4 + recent W=64 exact", "exp: combined", positions="far",
-                       window=64, overrides=((5, "hack4", "K", None),)),
-               Variant("L2,4,5 K hack4 + recent W=64 exact", "exp: combined", positions="far",
-                       window=64,
-                       overrides=tuple((li, "hack4", "K", None) for li in (2, 4, 5)))]
+        vs += [
+            Variant("L5 K hack4", "exp: per-layer bits", overrides=((5, "hack4", "K", None),)),
+            Variant(
+                "L5 KV-head 1 K hack4", "exp: per-layer bits", overrides=((5, "hack4", "K", 1),)
+            ),
+            Variant("L5 K+V hack4", "exp: per-layer bits", overrides=((5, "hack4", "KV", None),)),
+            Variant(
+                "L2,4,5 K hack4",
+                "exp: per-layer bits",
+                overrides=tuple((li, "hack4", "K", None) for li in (2, 4, 5)),
+            ),
+            Variant("L5 K bf16", "exp: per-layer bits", overrides=((5, "bf16", "K", None),)),
+            Variant(
+                "L5 K hack4 + recent W=64 exact",
+                "exp: combined",
+                positions="far",
+                window=64,
+                overrides=((5, "hack4", "K", None),),
+            ),
+            Variant(
+                "L2,4,5 K hack4 + recent W=64 exact",
+                "exp: combined",
+                positions="far",
+                window=64,
+                overrides=tuple((li, "hack4", "K", None) for li in (2, 4, 5)),
+            ),
+        ]
     return vs
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def run(codec: str = "hack2", model: str = DEFAULT_MODEL, n_windows: int = 4,
-        context: int = 1024, stride: int = 512, text_dir: str | None = None,
-        out: Path | None = None, sets: tuple[str, ...] = ("breakdown", "experiments"),
-        window: int = 128, extra: list[Variant] | None = None, progress: bool = True,
-        offset: int = 0):
+def run(
+    codec: str = "hack2",
+    model: str = DEFAULT_MODEL,
+    n_windows: int = 4,
+    context: int = 1024,
+    stride: int = 512,
+    text_dir: str | None = None,
+    out: Path | None = None,
+    sets: tuple[str, ...] = ("breakdown", "experiments"),
+    window: int = 128,
+    extra: list[Variant] | None = None,
+    progress: bool = True,
+    offset: int = 0,
+):
     from zipserve.train.corpus import load_corpus
 
     torch.manual_seed(0)
@@ -430,23 +478,34 @@ def run(codec: str = "hack2", model: str = DEFAULT_MODEL, n_windows: int = 4,
         variants += experiment_variants(config.num_layers)
     variants += extra or []
     if not variants or variants[0].quantize:
-        variants = [Variant("bf16 (nothing quantized)", "ref", quantize=False),
-                    Variant("all (codec)", "ref")] + [
-            v for v in variants if v.group != "ref"]
+        variants = [
+            Variant("bf16 (nothing quantized)", "ref", quantize=False),
+            Variant("all (codec)", "ref"),
+        ] + [v for v in variants if v.group != "ref"]
     rows, stats = [], {}
     bf16_bytes = 2 * 2 * config.head_dim * config.num_kv_heads * config.num_layers
     for v in variants:
         t0 = time.perf_counter()
         s = stats if v.name == "all (codec)" else None
         total, n = nll(setup, wins, v, stride, s)
-        rows.append(dict(group=v.group, variant=v.name, codec=codec, nll_per_token=total / n,
-                         perplexity=math.exp(total / n), tokens=n,
-                         bytes_1k=variant_bytes(setup, v, 1024),
-                         bytes_4k=variant_bytes(setup, v, 4096),
-                         seconds=time.perf_counter() - t0))
+        rows.append(
+            dict(
+                group=v.group,
+                variant=v.name,
+                codec=codec,
+                nll_per_token=total / n,
+                perplexity=math.exp(total / n),
+                tokens=n,
+                bytes_1k=variant_bytes(setup, v, 1024),
+                bytes_4k=variant_bytes(setup, v, 4096),
+                seconds=time.perf_counter() - t0,
+            )
+        )
         if progress:
-            print(f"  {v.name:32s} ppl {rows[-1]['perplexity']:.4f} "
-                  f"({rows[-1]['seconds']:.1f}s)", flush=True)
+            print(
+                f"  {v.name:32s} ppl {rows[-1]['perplexity']:.4f} ({rows[-1]['seconds']:.1f}s)",
+                flush=True,
+            )
     base, full = rows[0]["nll_per_token"], rows[1]["nll_per_token"]
     for r in rows:
         r["ppl_increase_pct"] = 100 * (math.exp(r["nll_per_token"] - base) - 1)
@@ -469,16 +528,22 @@ def _fmt(x, spec):
 
 
 def _print(rows, codec, n_windows, context, stride, bf16_bytes):
-    print(f"\ncodec {codec}; {n_windows} held-out windows of {context} tokens, last {stride} "
-          f"scored ({rows[0]['tokens']} tokens); bf16 KV {bf16_bytes} B/token\n")
-    print("| group | quantized subset | perplexity | vs bf16 | share of codec loss | "
-          "B/token @1k | B/token @4k | vs bf16 @4k |")
+    print(
+        f"\ncodec {codec}; {n_windows} held-out windows of {context} tokens, last {stride} "
+        f"scored ({rows[0]['tokens']} tokens); bf16 KV {bf16_bytes} B/token\n"
+    )
+    print(
+        "| group | quantized subset | perplexity | vs bf16 | share of codec loss | "
+        "B/token @1k | B/token @4k | vs bf16 @4k |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['group']} | {r['variant']} | {r['perplexity']:.3f} | "
-              f"{r['ppl_increase_pct']:+.2f}% | {r['share_of_codec_loss_pct']:.0f}% | "
-              f"{_fmt(r['bytes_1k'], '.0f')} | {_fmt(r['bytes_4k'], '.0f')} | "
-              f"{_fmt(r['ratio_vs_bf16_4k'], '.1%')} |")
+        print(
+            f"| {r['group']} | {r['variant']} | {r['perplexity']:.3f} | "
+            f"{r['ppl_increase_pct']:+.2f}% | {r['share_of_codec_loss_pct']:.0f}% | "
+            f"{_fmt(r['bytes_1k'], '.0f')} | {_fmt(r['bytes_4k'], '.0f')} | "
+            f"{_fmt(r['ratio_vs_bf16_4k'], '.1%')} |"
+        )
 
 
 def _print_channels(setup: Setup, stats: dict):
@@ -487,8 +552,10 @@ def _print_channels(setup: Setup, stats: dict):
     if not stats:
         return
     print("\nper-channel error of the codec (all quantized keys, model basis):")
-    print("| layer | KV head | K rel. err | V rel. err | K logit-err share of top-4 channels | "
-          "same, top-4 RMS channels | K RMS max/median |")
+    print(
+        "| layer | KV head | K rel. err | V rel. err | K logit-err share of top-4 channels | "
+        "same, top-4 RMS channels | K RMS max/median |"
+    )
     print("|---|---|---|---|---|---|---|")
     for li, s in sorted(stats.items()):
         for h in range(s["ek2"].shape[0]):
@@ -499,12 +566,20 @@ def _print_channels(setup: Setup, stats: dict):
             top = setup.outliers[(li, "k")][h, :4]
             rms_share = logit[top].sum() / logit.sum()
             rms = setup.outliers[(li, "k_rms")][h]
-            print(f"| {li} | {h} | {kerr:.3f} | {verr:.3f} | {share:.1%} | {rms_share:.1%} | "
-                  f"{(rms.max() / rms.median()).item():.1f} |")
+            print(
+                f"| {li} | {h} | {kerr:.3f} | {verr:.3f} | {share:.1%} | {rms_share:.1%} | "
+                f"{(rms.max() / rms.median()).item():.1f} |"
+            )
 
 
-def check_engine(codec: str = "hack2", model: str = DEFAULT_MODEL, context: int = 1024,
-                 stride: int = 512, n_windows: int = 2, text_dir: str | None = None) -> list:
+def check_engine(
+    codec: str = "hack2",
+    model: str = DEFAULT_MODEL,
+    context: int = 1024,
+    stride: int = 512,
+    n_windows: int = 2,
+    text_dir: str | None = None,
+) -> list:
     """This tool's all-quantized forward against the engine's compressed cache (`LLM.logits`,
     the path `zipserve bench quality` scores), per window: max / mean |logit difference| and the
     scored NLL per token of both. Logits differ at rare rounding ties (a code one step off when
@@ -514,18 +589,21 @@ def check_engine(codec: str = "hack2", model: str = DEFAULT_MODEL, context: int 
 
     config, net, tok = load(model)
     setup = Setup(net, config, codec)
-    llm = LLM(model, device="cpu", dtype="float32", codec=codec, num_pages=64,
-              max_model_len=context + 1)
+    llm = LLM(
+        model, device="cpu", dtype="float32", codec=codec, num_pages=64, max_model_len=context + 1
+    )
     out = []
     for ids in windows(tok, load_corpus(text_dir).held_out, n_windows, context):
         mine, ref = forward(setup, ids, Variant("all")), llm.logits(ids)
         rows = torch.arange(context - stride - 1, context - 1)
-        tgt = torch.tensor(ids[context - stride:])
+        tgt = torch.tensor(ids[context - stride :])
         n_mine, n_ref = (-torch.log_softmax(x, -1)[rows, tgt].mean().item() for x in (mine, ref))
         d = (mine - ref).abs()
         out.append((d.max().item(), d.mean().item(), n_mine, n_ref))
-        print(f"engine vs fake-quant ({codec}): max |dlogit| {out[-1][0]:.2e}, mean "
-              f"{out[-1][1]:.2e}; NLL/token fake-quant {n_mine:.5f}, engine {n_ref:.5f}")
+        print(
+            f"engine vs fake-quant ({codec}): max |dlogit| {out[-1][0]:.2e}, mean "
+            f"{out[-1][1]:.2e}; NLL/token fake-quant {n_mine:.5f}, engine {n_ref:.5f}"
+        )
     return out
 
 
@@ -536,23 +614,41 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512, help="tokens scored per window (the last)")
-    ap.add_argument("--offset", type=int, default=0,
-                    help="skip this many held-out windows (validate on fresh ones)")
+    ap.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="skip this many held-out windows (validate on fresh ones)",
+    )
     ap.add_argument("--window", type=int, default=128, help="W of the recent/far position classes")
     ap.add_argument("--text-dir", default=None)
-    ap.add_argument("--sets", default="breakdown,experiments",
-                    help="comma list of: breakdown, experiments")
+    ap.add_argument(
+        "--sets", default="breakdown,experiments", help="comma list of: breakdown, experiments"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality_breakdown"))
-    ap.add_argument("--check-engine", action="store_true",
-                    help="only compare the all-quantized logits with the engine's and exit")
+    ap.add_argument(
+        "--check-engine",
+        action="store_true",
+        help="only compare the all-quantized logits with the engine's and exit",
+    )
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.check_engine:
         check_engine(a.codec, a.model, a.context, a.stride, a.windows, a.text_dir)
         return
-    run(a.codec, a.model, a.windows, a.context, a.stride, a.text_dir, a.out,
-        tuple(a.sets.split(",")), a.window, offset=a.offset)
+    run(
+        a.codec,
+        a.model,
+        a.windows,
+        a.context,
+        a.stride,
+        a.text_dir,
+        a.out,
+        tuple(a.sets.split(",")),
+        a.window,
+        offset=a.offset,
+    )
 
 
 if __name__ == "__main__":

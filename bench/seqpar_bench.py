@@ -17,6 +17,7 @@ import csv
 from pathlib import Path
 
 import torch
+
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.loading import model_config_for
@@ -37,10 +38,20 @@ def byte_table(ns=(2, 4, 8)) -> list[dict]:
     ranks = [(b["k_enc"].shape[-1], b["v_enc"].shape[-1]) for b in bases.layers]
     l8b = model_config_for("random:llama3-8b")
     for name, cfg, variants in [
-        ("zipserve-ref", ref, [("full", [(ref.head_dim, ref.head_dim)]),
-                               ("lowrank (calibrated, mean of layers)", ranks)]),
-        ("llama3-8b shapes", l8b, [("full", [(128, 128)]), ("lowrank r=64 (illustrative)",
-                                                          [(64, 64)])])]:
+        (
+            "zipserve-ref",
+            ref,
+            [
+                ("full", [(ref.head_dim, ref.head_dim)]),
+                ("lowrank (calibrated, mean of layers)", ranks),
+            ],
+        ),
+        (
+            "llama3-8b shapes",
+            l8b,
+            [("full", [(128, 128)]), ("lowrank r=64 (illustrative)", [(64, 64)])],
+        ),
+    ]:
         for n in ns:
             if cfg.num_heads % n:
                 continue
@@ -49,8 +60,17 @@ def byte_table(ns=(2, 4, 8)) -> list[dict]:
                 per = [_per_token(cfg, n, rk, rv) for rk, rv in rr]
                 avg = {k: sum(p[k] for p in per) / len(per) for k in per[0]}
                 full = full or avg["total"]
-                rows.append({"model": name, "n": n, "exchange": label, "qkv": avg["qkv"], "out": avg["out"],
-                                 "total": avg["total"], "ratio": avg["total"] / full})
+                rows.append(
+                    {
+                        "model": name,
+                        "n": n,
+                        "exchange": label,
+                        "qkv": avg["qkv"],
+                        "out": avg["out"],
+                        "total": avg["total"],
+                        "ratio": avg["total"] / full,
+                    }
+                )
     return rows
 
 
@@ -59,14 +79,22 @@ def measured_cpu(tokens: int = 256) -> list[dict]:
     prompt = torch.randint(3, 8000, (tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for n in (2, 4):
-        jobs = [LocalJob(str(REFERENCE_MODEL), c, [prompt], page_size=32, dtype="bfloat16")
-                for c in ("bf16", "lowrank")]
+        jobs = [
+            LocalJob(str(REFERENCE_MODEL), c, [prompt], page_size=32, dtype="bfloat16")
+            for c in ("bf16", "lowrank")
+        ]
         for job, res in zip(jobs, run_threads(n, jobs)):
             layers = len(res[0].records[0]) // 2
             per = res[0].sent_bytes() / layers / tokens
-            rows.append({"n": n, "exchange": job.codec, "bytes_per_layer_token": per,
-                             "qkv": res[0].sent_bytes("qkv") / layers / tokens,
-                             "out": res[0].sent_bytes("out") / layers / tokens})
+            rows.append(
+                {
+                    "n": n,
+                    "exchange": job.codec,
+                    "bytes_per_layer_token": per,
+                    "qkv": res[0].sent_bytes("qkv") / layers / tokens,
+                    "out": res[0].sent_bytes("out") / layers / tokens,
+                }
+            )
     return rows
 
 
@@ -79,15 +107,31 @@ def time_prefill(ns, lens, model, rank, out: Path, device: str = "cuda") -> list
         for synthetic in (None, rank):
             if n == 1 and synthetic:
                 continue
-            jobs = [LocalJob(model, "bf16", [torch.randint(3, 8000, (t,)).tolist()] * 2,
-                             page_size=64, max_positions=max(lens), synthetic_rank=synthetic)
-                    for t in lens]
+            jobs = [
+                LocalJob(
+                    model,
+                    "bf16",
+                    [torch.randint(3, 8000, (t,)).tolist()] * 2,
+                    page_size=64,
+                    max_positions=max(lens),
+                    synthetic_rank=synthetic,
+                )
+                for t in lens
+            ]
             for t, res in zip(lens, run_local(n, jobs, device=device, timeout_s=600)):
                 r = res[1]  # the second run of the same prompt (the first warms up)
-                rows.append({"model": model, "device": device, "n": n, "tokens": t,
-                                 "exchange": "full" if synthetic is None else f"lowrank r={rank}",
-                                 "seconds": r.seconds, "exchange_bytes": r.sent_bytes(),
-                                 "bytes_per_layer_token": r.sent_bytes() / cfg.num_layers / t})
+                rows.append(
+                    {
+                        "model": model,
+                        "device": device,
+                        "n": n,
+                        "tokens": t,
+                        "exchange": "full" if synthetic is None else f"lowrank r={rank}",
+                        "seconds": r.seconds,
+                        "exchange_bytes": r.sent_bytes(),
+                        "bytes_per_layer_token": r.sent_bytes() / cfg.num_layers / t,
+                    }
+                )
                 print(rows[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -111,17 +155,27 @@ def main() -> None:
         print("| model | N | exchange | qkv B | out B | total B/layer/token | vs full |")
         print("|---|---|---|---|---|---|---|")
         for r in byte_table():
-            print(f"| {r['model']} | {r['n']} | {r['exchange']} | {r['qkv']:.0f} | "
-                  f"{r['out']:.0f} | {r['total']:.0f} | {r['ratio']:.3f} |")
+            print(
+                f"| {r['model']} | {r['n']} | {r['exchange']} | {r['qkv']:.0f} | "
+                f"{r['out']:.0f} | {r['total']:.0f} | {r['ratio']:.3f} |"
+            )
         print("\nmeasured (reference model, bf16 on CPU, 256 tokens, counters of a real run):")
         print("| N | exchange | qkv B | out B | total B/layer/token |")
         print("|---|---|---|---|---|")
         for r in measured_cpu():
-            print(f"| {r['n']} | {r['exchange']} | {r['qkv']:.1f} | {r['out']:.1f} | "
-                  f"{r['bytes_per_layer_token']:.1f} |")
+            print(
+                f"| {r['n']} | {r['exchange']} | {r['qkv']:.1f} | {r['out']:.1f} | "
+                f"{r['bytes_per_layer_token']:.1f} |"
+            )
     else:
-        time_prefill([int(x) for x in a.ns.split(",")], [int(x) for x in a.lens.split(",")],
-                     a.model, a.rank, Path(a.out), a.device)
+        time_prefill(
+            [int(x) for x in a.ns.split(",")],
+            [int(x) for x in a.lens.split(",")],
+            a.model,
+            a.rank,
+            Path(a.out),
+            a.device,
+        )
 
 
 if __name__ == "__main__":

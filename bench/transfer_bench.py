@@ -17,7 +17,6 @@ the data is in the receiver's buffer (synchronized / acknowledged).
 from __future__ import annotations
 
 import csv
-import os
 import socket
 import time
 import zlib
@@ -28,8 +27,7 @@ import torch.multiprocessing as mp
 
 from zipserve.transfer.nccl_env import apply_nccl_defaults
 
-SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20,
-         256 << 20]
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 
 
 def _reps(nbytes: int, budget: int = 1 << 30) -> int:
@@ -108,8 +106,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pair_role(rank: int, kind: str, port: int, devices: tuple[int, int], sizes: list[int],
-               uid_box, results) -> None:
+def _pair_role(
+    rank: int, kind: str, port: int, devices: tuple[int, int], sizes: list[int], uid_box, results
+) -> None:
     """One side of a two-process channel; rank 0 sends and reports seconds per size."""
     try:
         apply_nccl_defaults()
@@ -119,8 +118,11 @@ def _pair_role(rank: int, kind: str, port: int, devices: tuple[int, int], sizes:
         out = []
         for size in sizes:
             reps = _reps(size)
-            buf = (torch.randint(0, 256, (size,), dtype=torch.uint8, device=dev) if rank == 0
-                   else torch.empty(size, dtype=torch.uint8, device=dev))
+            buf = (
+                torch.randint(0, 256, (size,), dtype=torch.uint8, device=dev)
+                if rank == 0
+                else torch.empty(size, dtype=torch.uint8, device=dev)
+            )
             for phase in ("warm", "timed"):
                 n = 1 if phase == "warm" else reps
                 torch.cuda.synchronize(dev)
@@ -152,36 +154,52 @@ def _endpoint(kind: str, rank: int, port: int, dev: torch.device, uid_box):
             uid = uid_box.get(timeout=60)
         comm = nccl.NcclComm(uid, 2, rank, dev)
         stream = torch.cuda.Stream(dev)
-        return (lambda b: comm.send(b, 1, stream), lambda b: comm.recv(b, 0, stream),
-                lambda: comm.wait(stream, 120), comm.destroy)
+        return (
+            lambda b: comm.send(b, 1, stream),
+            lambda b: comm.recv(b, 0, stream),
+            lambda: comm.wait(stream, 120),
+            comm.destroy,
+        )
     from zipserve.transfer.process_group import ProcessGroupChannel
 
     if kind == "nccl_pg":
-        ch = ProcessGroupChannel("127.0.0.1", port, rank, backend="nccl", device=dev,
-                                 timeout_s=120)
-        return (lambda b: ch.send(b, 1), lambda b: b.copy_(ch.recv(1, timeout=120)),
-                lambda: None, ch.close)
+        ch = ProcessGroupChannel("127.0.0.1", port, rank, backend="nccl", device=dev, timeout_s=120)
+        return (
+            lambda b: ch.send(b, 1),
+            lambda b: b.copy_(ch.recv(1, timeout=120)),
+            lambda: None,
+            ch.close,
+        )
     if kind == "cuda_ipc":
         from zipserve.transfer.cuda_ipc import CudaIpcChannel
 
-        ch = CudaIpcChannel(ProcessGroupChannel("127.0.0.1", port, rank, timeout_s=120), dev,
-                            ack_timeout_s=120)
+        ch = CudaIpcChannel(
+            ProcessGroupChannel("127.0.0.1", port, rank, timeout_s=120), dev, ack_timeout_s=120
+        )
 
         def recv_ipc(b: torch.Tensor) -> None:
             lease = ch.recv_lease(1, timeout=120)
             b.copy_(lease.tensor)  # device-to-device, as into the page pool
             lease.release()
 
-        return (lambda b: ch.send(b, 1), recv_ipc,
-                lambda: ch.wait_acked(120) if rank == 0 else None, ch.close)
+        return (
+            lambda b: ch.send(b, 1),
+            recv_ipc,
+            lambda: ch.wait_acked(120) if rank == 0 else None,
+            ch.close,
+        )
     raise ValueError(f"unknown channel {kind!r}")
 
 
 def _two_processes(kind: str, devices: tuple[int, int], sizes: list[int]) -> list[tuple]:
     ctx = mp.get_context("spawn")
     port, uid_box, results = _free_port(), ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_pair_role, args=(r, kind, port, devices, sizes, uid_box,
-                                                  results), daemon=True) for r in (0, 1)]
+    procs = [
+        ctx.Process(
+            target=_pair_role, args=(r, kind, port, devices, sizes, uid_box, results), daemon=True
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     got = {}
@@ -200,8 +218,12 @@ def _two_processes(kind: str, devices: tuple[int, int], sizes: list[int]) -> lis
 
 
 # -- driver --------------------------------------------------------------------------------------
-def run(out_dir: Path, channels: list[str] | None = None, max_bytes: int = 256 << 20,
-        device: str | None = None) -> list[dict]:
+def run(
+    out_dir: Path,
+    channels: list[str] | None = None,
+    max_bytes: int = 256 << 20,
+    device: str | None = None,
+) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     apply_nccl_defaults()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,8 +231,11 @@ def run(out_dir: Path, channels: list[str] | None = None, max_bytes: int = 256 <
         dev = torch.device("cuda", 0)
     gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
     name = torch.cuda.get_device_name(dev) if gpus else "cpu"
-    available = ["host"] + (["inproc_device", "checksum", "cuda_ipc", "nccl_self"] if gpus
-                            else []) + (["nccl_pg", "nccl_ctypes"] if gpus >= 2 else [])
+    available = (
+        ["host"]
+        + (["inproc_device", "checksum", "cuda_ipc", "nccl_self"] if gpus else [])
+        + (["nccl_pg", "nccl_ctypes"] if gpus >= 2 else [])
+    )
     wanted = channels or available
     skipped = [c for c in wanted if c not in available]
     if skipped:
@@ -220,8 +245,16 @@ def run(out_dir: Path, channels: list[str] | None = None, max_bytes: int = 256 <
 
     def add(channel: str, size: int, reps: int, seconds: float) -> None:
         gbs = size * reps / seconds / 1e9
-        rows.append({"channel": channel, "bytes": size, "reps": reps, "seconds": seconds,
-                     "GB_per_s": gbs, "device": name})
+        rows.append(
+            {
+                "channel": channel,
+                "bytes": size,
+                "reps": reps,
+                "seconds": seconds,
+                "GB_per_s": gbs,
+                "device": name,
+            }
+        )
         print(f"{channel:>13} {size / 1024:>10.0f} KiB x{reps:<4d} {gbs:8.2f} GB/s", flush=True)
 
     for channel in [c for c in wanted if c in available]:
@@ -232,16 +265,28 @@ def run(out_dir: Path, channels: list[str] | None = None, max_bytes: int = 256 <
                     add(channel, size, reps, dt)
             except Exception as e:  # report and go on with the other channels
                 print(f"{channel} FAILED: {e}")
-                rows.append({"channel": channel, "bytes": 0, "reps": 0, "seconds": 0,
-                             "GB_per_s": float("nan"), "device": f"FAILED: {e}"[:200]})
+                rows.append(
+                    {
+                        "channel": channel,
+                        "bytes": 0,
+                        "reps": 0,
+                        "seconds": 0,
+                        "GB_per_s": float("nan"),
+                        "device": f"FAILED: {e}"[:200],
+                    }
+                )
             continue
         comm = None
         if channel == "nccl_self":
             from zipserve.transfer import nccl
 
             comm = nccl.NcclComm(nccl.get_unique_id(), 1, 0, dev)
-        fn = {"host": _time_host, "inproc_device": _time_inproc_device,
-              "checksum": _time_checksum, "nccl_self": _time_nccl_self}[channel]
+        fn = {
+            "host": _time_host,
+            "inproc_device": _time_inproc_device,
+            "checksum": _time_checksum,
+            "nccl_self": _time_nccl_self,
+        }[channel]
         for size in sizes:
             reps = _reps(size) if dev.type == "cuda" else max(3, min(50, (64 << 20) // size))
             src = torch.randint(0, 256, (size,), dtype=torch.uint8, device=dev)
@@ -268,8 +313,7 @@ def _plot(rows: list[dict], path: Path, name: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for channel in dict.fromkeys(r["channel"] for r in rows):
-        pts = [(r["bytes"], r["GB_per_s"]) for r in rows if r["channel"] == channel
-               and r["bytes"]]
+        pts = [(r["bytes"], r["GB_per_s"]) for r in rows if r["channel"] == channel and r["bytes"]]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=channel)
     ax.set_xscale("log", base=2)

@@ -71,9 +71,11 @@ class Workload:
         """Raise ValueError when a request does not fit in the served model's context."""
         worst = max(self.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
         if worst.prompt_tokens + worst.output_tokens > max_model_len:
-            raise ValueError(f"workload: request {worst.index} needs {worst.prompt_tokens} "
-                             f"prompt + {worst.output_tokens} output tokens, more than the "
-                             f"model's context of {max_model_len}; use a smaller --scale")
+            raise ValueError(
+                f"workload: request {worst.index} needs {worst.prompt_tokens} "
+                f"prompt + {worst.output_tokens} output tokens, more than the "
+                f"model's context of {max_model_len}; use a smaller --scale"
+            )
 
 
 def _scaled(n: float, scale: float, least: int) -> int:
@@ -97,8 +99,15 @@ def _prompt(n: int, rng: random.Random, vocab: int) -> list[int]:
     return [rng.randrange(TOKEN_ID_LOW, high) for _ in range(n)]
 
 
-def poisson(shape: str, rate: float, num_requests: int, *, seed: int = 0, scale: float = 1.0,
-            vocab: int = TOKEN_ID_HIGH) -> Workload:
+def poisson(
+    shape: str,
+    rate: float,
+    num_requests: int,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    vocab: int = TOKEN_ID_HIGH,
+) -> Workload:
     """`num_requests` requests of `shape` arriving as a Poisson process of `rate` per second
     (the first at t=0)."""
     if rate <= 0:
@@ -111,14 +120,23 @@ def poisson(shape: str, rate: float, num_requests: int, *, seed: int = 0, scale:
     t, reqs = 0.0, []
     for i in range(num_requests):
         p, o = _lengths(shape, lengths_rng)
-        reqs.append(WorkloadRequest(i, t, _prompt(_scaled(p, scale, 2), lengths_rng, vocab),
-                                    _scaled(o, scale, 1)))
+        reqs.append(
+            WorkloadRequest(
+                i, t, _prompt(_scaled(p, scale, 2), lengths_rng, vocab), _scaled(o, scale, 1)
+            )
+        )
         t += arrivals_rng.expovariate(rate)
     return Workload(f"{shape}@{rate:g}/s", reqs, seed, rate, scale)
 
 
-def from_trace(path: str | Path, *, seed: int = 0, scale: float = 1.0,
-               vocab: int = TOKEN_ID_HIGH, limit: int | None = None) -> Workload:
+def from_trace(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    scale: float = 1.0,
+    vocab: int = TOKEN_ID_HIGH,
+    limit: int | None = None,
+) -> Workload:
     """Requests from a JSONL trace (`arrival_s`, `prompt_tokens`, `output_tokens` per line),
     sorted by arrival and shifted so the first arrives at t=0."""
     rows = []
@@ -129,11 +147,14 @@ def from_trace(path: str | Path, *, seed: int = 0, scale: float = 1.0,
             obj = json.loads(line)
             a, p, o = float(obj["arrival_s"]), int(obj["prompt_tokens"]), int(obj["output_tokens"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"trace: {path}:{lineno}: need arrival_s, prompt_tokens and "
-                             f"output_tokens numbers ({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"trace: {path}:{lineno}: need arrival_s, prompt_tokens and "
+                f"output_tokens numbers ({type(e).__name__}: {e})"
+            ) from None
         if a < 0 or p < 1 or o < 1:
-            raise ValueError(f"trace: {path}:{lineno}: arrival_s must be >= 0 and token counts "
-                             f">= 1")
+            raise ValueError(
+                f"trace: {path}:{lineno}: arrival_s must be >= 0 and token counts >= 1"
+            )
         rows.append((a, p, o))
     if not rows:
         raise ValueError(f"trace: {path} has no requests")
@@ -141,19 +162,23 @@ def from_trace(path: str | Path, *, seed: int = 0, scale: float = 1.0,
     rows = rows[:limit] if limit else rows
     rng = random.Random(f"{seed}-lengths")
     t0 = rows[0][0]
-    reqs = [WorkloadRequest(i, a - t0, _prompt(_scaled(p, scale, 2), rng, vocab),
-                            _scaled(o, scale, 1)) for i, (a, p, o) in enumerate(rows)]
+    reqs = [
+        WorkloadRequest(i, a - t0, _prompt(_scaled(p, scale, 2), rng, vocab), _scaled(o, scale, 1))
+        for i, (a, p, o) in enumerate(rows)
+    ]
     return Workload(f"trace:{Path(path).name}", reqs, seed, None, scale)
 
 
-def build(workload: str, *, rate: float | None, num_requests: int, seed: int, scale: float,
-          vocab: int) -> Workload:
+def build(
+    workload: str, *, rate: float | None, num_requests: int, seed: int, scale: float, vocab: int
+) -> Workload:
     """`workload` is a shape name (needs `rate`) or the path of a JSONL trace."""
     if workload in SHAPES:
         if rate is None:
             raise ValueError(f"rate: the {workload} workload needs an arrival rate")
         return poisson(workload, rate, num_requests, seed=seed, scale=scale, vocab=vocab)
     if not Path(workload).is_file():
-        raise ValueError(f"workload: {workload!r} is neither a shape ({', '.join(SHAPES)}) nor "
-                         f"a trace file")
+        raise ValueError(
+            f"workload: {workload!r} is neither a shape ({', '.join(SHAPES)}) nor a trace file"
+        )
     return from_trace(workload, seed=seed, scale=scale, vocab=vocab, limit=num_requests)

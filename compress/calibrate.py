@@ -31,8 +31,9 @@ class _CaptureCache:
     """Stands in for the KV cache during calibration: records second moments, attends exactly."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
-        z = lambda: torch.zeros(num_layers, num_kv_heads, head_dim, head_dim,  # noqa: E731
-                                dtype=torch.float64)
+        def z() -> torch.Tensor:  # [layers, kv_heads, head_dim, head_dim]
+            return torch.zeros(num_layers, num_kv_heads, head_dim, head_dim, dtype=torch.float64)
+
         self.qq, self.kk, self.vv = z(), z(), z()
         self.tokens = 0
 
@@ -72,8 +73,9 @@ def _whitened_bases(c_x: torch.Tensor, metric: torch.Tensor):
     return (enc * a).float(), (dec / a).float(), cum.float()
 
 
-def allocate_ranks(cum_k: torch.Tensor, cum_v: torch.Tensor, budget: float,
-                   step: int) -> tuple[list[int], list[int]]:
+def allocate_ranks(
+    cum_k: torch.Tensor, cum_v: torch.Tensor, budget: float, step: int
+) -> tuple[list[int], list[int]]:
     """Greedy per-layer ranks. cum_*: [L, KVH, D] cumulative energy; budget in (0, 1]."""
     layers, _, d = cum_k.shape
     if not 0 < budget <= 1:
@@ -95,8 +97,15 @@ def allocate_ranks(cum_k: torch.Tensor, cum_v: torch.Tensor, budget: float,
     return rk, rv
 
 
-def calibrate(llm, texts: list[str], budget: float, out_dir: str | Path, window: int = 1024,
-              max_tokens: int = 200_000, rank_step: int = 16) -> dict:
+def calibrate(
+    llm,
+    texts: list[str],
+    budget: float,
+    out_dir: str | Path,
+    window: int = 1024,
+    max_tokens: int = 200_000,
+    rank_step: int = 16,
+) -> dict:
     engine = llm.engine
     cfg = engine.config
     cap = _CaptureCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -105,7 +114,7 @@ def calibrate(llm, texts: list[str], budget: float, out_dir: str | Path, window:
     ids = ids[:max_tokens]
     try:
         for start in tqdm(range(0, max(1, len(ids) - 1), window), desc="calibrate"):
-            chunk = ids[start:start + window]
+            chunk = ids[start : start + window]
             if len(chunk) > 1:
                 engine.logits(chunk)
     finally:
@@ -132,12 +141,20 @@ def calibrate(llm, texts: list[str], budget: float, out_dir: str | Path, window:
             tensors[f"layers.{l}.{side}_dec"] = dec[:, :, :r].contiguous()
     out = Path(out_dir)
     save_file(tensors, str(out / "lowrank.safetensors"))
-    info = {"budget": budget, "tokens": cap.tokens, "window": window, "k_ranks": rk,
-            "v_ranks": rv, "head_dim": cfg.head_dim,
-            "basis": "whitened (K by C_q, V by W_o)",
-            "k_energy_kept": [round(float(ck[l][:, rk[l] - 1].mean()), 5)
-                              for l in range(cfg.num_layers)],
-            "v_energy_kept": [round(float(cv[l][:, rv[l] - 1].mean()), 5)
-                              for l in range(cfg.num_layers)]}
+    info = {
+        "budget": budget,
+        "tokens": cap.tokens,
+        "window": window,
+        "k_ranks": rk,
+        "v_ranks": rv,
+        "head_dim": cfg.head_dim,
+        "basis": "whitened (K by C_q, V by W_o)",
+        "k_energy_kept": [
+            round(float(ck[l][:, rk[l] - 1].mean()), 5) for l in range(cfg.num_layers)
+        ],
+        "v_energy_kept": [
+            round(float(cv[l][:, rv[l] - 1].mean()), 5) for l in range(cfg.num_layers)
+        ],
+    }
     (out / "lowrank.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

@@ -49,8 +49,9 @@ def head_dim_fits(multiple: int, head_dim: int) -> bool:
 def require_head_dim(codec: str, multiple: int, head_dim: int) -> None:
     """ValueError naming head_dim, the codec and what it needs, when head_dim does not fit."""
     if not head_dim_fits(multiple, head_dim):
-        raise ValueError(f"head_dim: codec {codec} needs {head_dim_rule(multiple)} "
-                         f"(got {head_dim})")
+        raise ValueError(
+            f"head_dim: codec {codec} needs {head_dim_rule(multiple)} (got {head_dim})"
+        )
 
 
 class KVCodec(ABC):
@@ -81,16 +82,18 @@ class KVCodec(ABC):
         """Zeroed storage for num_pages pages of one layer."""
 
     @abstractmethod
-    def encode(self, store: Store, page_ids: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> None:
+    def encode(
+        self, store: Store, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         """Write full pages: k, v [n, KVH, P, D] into store pages page_ids [n]."""
 
     @abstractmethod
     def dequantize(self, store: Store, page_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(k, v) fp32 [n, KVH, P, D] of pages page_ids (tests and the quality reference)."""
 
-    def dequantize_into(self, pages: Store, page_ids: torch.Tensor, out_k: torch.Tensor,
-                        out_v: torch.Tensor) -> None:
+    def dequantize_into(
+        self, pages: Store, page_ids: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor
+    ) -> None:
         """decode_kv=dense: write the K/V of every page of `pages` (a store of n pages, e.g. as
         received) into pages page_ids [n] of a dense pool's out_k/out_v [N, KVH, P, D], in the
         model's basis. This default goes through `dequantize`; codecs with a kernel override it
@@ -104,11 +107,13 @@ class KVCodec(ABC):
     def page_bytes_per_token(self) -> float:
         """Stored bytes of one full page per token and KV head, K and V together."""
 
-    def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
-                         scale, num_splits=1):
+    def decode_attention(
+        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+    ):
         """Attention of q [B, H, D] over n_full[b] pages + a dense tail; [B, H, D]."""
-        return dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
-                                        dense_lens, scale)
+        return dequant_decode_attention(
+            self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale
+        )
 
     def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
         """A prefill chunk attending to its sequence's encoded pages, sinks and itself (causal).
@@ -117,8 +122,9 @@ class KVCodec(ABC):
         ids of the full pages before it; sink_k/v [KVH, S, D] the dense sinks (used when m > 0).
         Returns [n, H, D]. This default dequantizes (the reference); codecs with a kernel override.
         """
-        return compressed_past_prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v,
-                                                 scale)
+        return compressed_past_prefill_attention(
+            self, q, k, v, store, past_pages, sink_k, sink_v, scale
+        )
 
     # Hooks of codecs whose values live in a reduced space (compress/lowrank.py); the identity
     # for every other codec.
@@ -131,12 +137,12 @@ class KVCodec(ABC):
         """Encode full pages given in the dense form (a filled open page) [n, KVH, P, D]."""
         self.encode(store, page_ids, k, v)
 
-    def prepare_model(self, model: torch.nn.Module, fold: bool = True) -> None:
+    def prepare_model(self, model: torch.nn.Module, fold: bool = True) -> None:  # noqa: B027
         """Adapt a loaded model to this codec's pages, once, before it runs (lowrank: its
         attention output stays reduced, V's basis folded into W_o; `fold` False lifts it back
         every step instead). Nothing for every other codec."""
 
-    def for_layer(self, layer: int) -> "KVCodec":
+    def for_layer(self, layer: int) -> KVCodec:
         """The codec of one layer (the same for every layer except where ranks differ)."""
         return self
 
@@ -144,12 +150,12 @@ class KVCodec(ABC):
         """Flash-decoding splits this codec's kernel wants for a batch (host heuristic)."""
         return choose_num_splits(batch, self.kvh, max_len, num_sms=num_sms)
 
-    def bytes_per_token(self, num_layers: int, seq_len: int | None = None,
-                        dense_bytes: int = 2) -> float:
+    def bytes_per_token(
+        self, num_layers: int, seq_len: int | None = None, dense_bytes: int = 2
+    ) -> float:
         """Bytes per token of one sequence over all layers. With seq_len, the 16-bit open page
         and sinks of a sequence of that length are amortized in."""
-        full = self.kvh * sum(self.for_layer(i).page_bytes_per_token()
-                              for i in range(num_layers))
+        full = self.kvh * sum(self.for_layer(i).page_bytes_per_token() for i in range(num_layers))
         if seq_len is None:
             return full
         n_full_tokens = (seq_len // self.page_size) * self.page_size

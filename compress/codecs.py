@@ -122,47 +122,87 @@ def check_head_dim(codec: str, head_dim: int) -> None:
     require_head_dim(codec, codec_entry(codec).codec_class.head_dim_multiple, head_dim)
 
 
-def make_codec(name: str, num_kv_heads: int, page_size: int, head_dim: int,
-               model_dir: str | None = None, bases_dir: str | None = None,
-               dtype: torch.dtype = torch.bfloat16) -> KVCodec:
+def make_codec(
+    name: str,
+    num_kv_heads: int,
+    page_size: int,
+    head_dim: int,
+    model_dir: str | None = None,
+    bases_dir: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> KVCodec:
     """The codec called `name` (bf16: the dense codec, pages in `dtype`). Calibrated codecs read
     their files beside the checkpoint in model_dir (lowrank: in bases_dir when given). An unknown
     name, or a head_dim the codec cannot take, raises ValueError naming what is wrong."""
-    return codec_entry(name).make(CodecRequest(num_kv_heads, page_size, head_dim, model_dir,
-                                               bases_dir, dtype))
+    return codec_entry(name).make(
+        CodecRequest(num_kv_heads, page_size, head_dim, model_dir, bases_dir, dtype)
+    )
 
 
 # -- the shipped codecs ----------------------------------------------------------------------------
+
 
 def _lowrank(request: CodecRequest, name: str, bits: int | None) -> KVCodec:
     where = request.bases_dir or request.model_dir
     if where is None:
         raise ValueError(f"codec: {name} needs a model directory with calibrated bases")
-    return LowRankCodec(name, request.num_kv_heads, request.page_size, request.head_dim,
-                        LowRankBases.load(where), bits)
+    return LowRankCodec(
+        name,
+        request.num_kv_heads,
+        request.page_size,
+        request.head_dim,
+        LowRankBases.load(where),
+        bits,
+    )
 
 
 def _register_shipped() -> None:
-    register(CodecEntry("bf16", DenseCodec, decode_kernels=("paged-bf16",),
-                        build=lambda r: DenseCodec(r.num_kv_heads, r.page_size, r.head_dim,
-                                                   r.dtype)))
+    register(
+        CodecEntry(
+            "bf16",
+            DenseCodec,
+            decode_kernels=("paged-bf16",),
+            build=lambda r: DenseCodec(r.num_kv_heads, r.page_size, r.head_dim, r.dtype),
+        )
+    )
     register(CodecEntry("fp8", Fp8Codec))
     for bits in (2, 4):
-        register(CodecEntry(f"kivi{bits}", KiviCodec,
-                            build=lambda r, b=bits: KiviCodec(r.num_kv_heads, r.page_size,
-                                                              r.head_dim, b)))
+        register(
+            CodecEntry(
+                f"kivi{bits}",
+                KiviCodec,
+                build=lambda r, b=bits: KiviCodec(r.num_kv_heads, r.page_size, r.head_dim, b),
+            )
+        )
     for bits in (2, 4):
-        register(CodecEntry(f"hack{bits}", HackCodec,
-                            build=lambda r, b=bits: HackCodec(r.num_kv_heads, r.page_size,
-                                                              r.head_dim, b)))
+        register(
+            CodecEntry(
+                f"hack{bits}",
+                HackCodec,
+                build=lambda r, b=bits: HackCodec(r.num_kv_heads, r.page_size, r.head_dim, b),
+            )
+        )
     # per-layer bits from kvbits.json (compress/kvbits.py); runs hack2's and hack4's kernels
-    register(CodecEntry("hack2mix", HackMixedCodec, calibration=KVBITS_FILE,
-                        decode_kernels=("hack2", "hack4"),
-                        build=lambda r: HackMixedCodec.load(r.num_kv_heads, r.page_size,
-                                                            r.head_dim, r.model_dir)))
+    register(
+        CodecEntry(
+            "hack2mix",
+            HackMixedCodec,
+            calibration=KVBITS_FILE,
+            decode_kernels=("hack2", "hack4"),
+            build=lambda r: HackMixedCodec.load(
+                r.num_kv_heads, r.page_size, r.head_dim, r.model_dir
+            ),
+        )
+    )
     for name, bits in (("lowrank", None), ("lowrank+hack2", 2), ("lowrank+hack4", 4)):
-        register(CodecEntry(name, LowRankCodec, calibration=BASES_FILE,
-                            build=lambda r, n=name, b=bits: _lowrank(r, n, b)))
+        register(
+            CodecEntry(
+                name,
+                LowRankCodec,
+                calibration=BASES_FILE,
+                build=lambda r, n=name, b=bits: _lowrank(r, n, b),
+            )
+        )
 
 
 _register_shipped()

@@ -32,8 +32,16 @@ class CompressedKVCache:
     scores_by_page = True
     """Full pages hold codes: a sequence is scored page by page, as decode reads it."""
 
-    def __init__(self, codec: KVCodec, config: ModelConfig, num_pages: int, page_size: int,
-                 num_slots: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        codec: KVCodec,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         self.codec, self.num_pages, self.page_size = codec, num_pages, page_size
         self.n_sink = codec.n_sink
         self.scratch_slot = num_slots - 1
@@ -44,8 +52,9 @@ class CompressedKVCache:
         # [layers, 2 (K, V), slots, KVH, P, D] and [layers, 2, slots, KVH, n_sink, D]
         nl = config.num_kv_layers  # only KV layers have pages (fewer in an LCKV model)
         self.open = torch.zeros(nl, 2, num_slots, kvh, page_size, d, dtype=dtype, device=device)
-        self.sinks = torch.zeros(nl, 2, num_slots, kvh, max(self.n_sink, 1), d, dtype=dtype,
-                                 device=device)
+        self.sinks = torch.zeros(
+            nl, 2, num_slots, kvh, max(self.n_sink, 1), d, dtype=dtype, device=device
+        )
 
     @property
     def graph_safe(self) -> bool:
@@ -53,8 +62,12 @@ class CompressedKVCache:
 
     @staticmethod
     def bytes_per_page(codec: KVCodec, config: ModelConfig, page_size: int) -> int:
-        return int(config.num_kv_heads * page_size * sum(
-            codec.for_layer(i).page_bytes_per_token() for i in range(config.num_kv_layers)) + 0.5)
+        return int(
+            config.num_kv_heads
+            * page_size
+            * sum(codec.for_layer(i).page_bytes_per_token() for i in range(config.num_kv_layers))
+            + 0.5
+        )
 
     def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
         if batch.is_prefill:
@@ -75,22 +88,30 @@ class CompressedKVCache:
         first tokens: not sent twice, the receiver takes them from there)."""
         n_full = num_tokens // self.page_size
         r = num_tokens - n_full * self.page_size
-        tail = {"open_k": self.open[layer, 0, seq.slot, :, :r],
-                "open_v": self.open[layer, 1, seq.slot, :, :r]}
+        tail = {
+            "open_k": self.open[layer, 0, seq.slot, :, :r],
+            "open_v": self.open[layer, 1, seq.slot, :, :r],
+        }
         if self.n_sink and n_full:
             s = min(self.n_sink, num_tokens)
             tail["sink_k"] = self.sinks[layer, 0, seq.slot, :, :s]
             tail["sink_v"] = self.sinks[layer, 1, seq.slot, :, :s]
-        return LayerPages(self.codecs[layer].name, self.stores[layer],
-                          torch.tensor(seq.pages[:n_full], dtype=torch.long), tail)
+        return LayerPages(
+            self.codecs[layer].name,
+            self.stores[layer],
+            torch.tensor(seq.pages[:n_full], dtype=torch.long),
+            tail,
+        )
 
-    def import_pages(self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor],
-                     seq: Sequence) -> None:
+    def import_pages(
+        self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor], seq: Sequence
+    ) -> None:
         """Adopt the encoded pages into seq's reserved pages, the tail into its slot."""
-        ids = torch.tensor(seq.pages[:pages.num_pages], dtype=torch.long)
+        ids = torch.tensor(seq.pages[: pages.num_pages], dtype=torch.long)
         if len(ids) != pages.num_pages:
-            raise ValueError(f"layer {layer}: {pages.num_pages} pages arrived for "
-                             f"{len(seq.pages)} reserved")
+            raise ValueError(
+                f"layer {layer}: {pages.num_pages} pages arrived for {len(seq.pages)} reserved"
+            )
         adopt_pages(self.codecs[layer].name, self.stores[layer], ids, pages)
         dev = self.open.device
         if "open_k" not in tail:
@@ -119,16 +140,17 @@ class CompressedKVCache:
         for slot, pages, start, n in batch.prefill_seqs:
             if start % p:
                 raise ValueError(f"prefill chunk starts at {start}, not on a page boundary")
-            qs, ks, vs = q[t0:t0 + n], k[t0:t0 + n], v[t0:t0 + n]  # [n, h, D]
+            qs, ks, vs = q[t0 : t0 + n], k[t0 : t0 + n], v[t0 : t0 + n]  # [n, h, D]
             kd, vd = self.codecs[layer].to_dense(ks, vs)  # what the open page / sinks keep
             first, nf = start // p, n // p
             if nf:
-                ids = torch.tensor(pages[first:first + nf], device=k.device)
-                self.codecs[layer].encode(store, ids, _as_pages(ks[:nf * p], p),
-                                          _as_pages(vs[:nf * p], p))
+                ids = torch.tensor(pages[first : first + nf], device=k.device)
+                self.codecs[layer].encode(
+                    store, ids, _as_pages(ks[: nf * p], p), _as_pages(vs[: nf * p], p)
+                )
             r = n - nf * p
-            open_k[slot, :, :r] = kd[nf * p:].transpose(0, 1)
-            open_v[slot, :, :r] = vd[nf * p:].transpose(0, 1)
+            open_k[slot, :, :r] = kd[nf * p :].transpose(0, 1)
+            open_v[slot, :, :r] = vd[nf * p :].transpose(0, 1)
             if start == 0 and self.n_sink:
                 m = min(self.n_sink, n)
                 sink_k[slot, :, :m] = kd[:m].transpose(0, 1)
@@ -137,9 +159,18 @@ class CompressedKVCache:
                 outs.append(prefill_attention(qs, kd, vd, [n], scale))
             else:
                 past = torch.tensor(pages[:first], device=k.device)
-                outs.append(self.codecs[layer].prefill_attention(
-                    qs, kd, vd, store, past, sink_k[slot, :, :self.n_sink],
-                    sink_v[slot, :, :self.n_sink], scale))
+                outs.append(
+                    self.codecs[layer].prefill_attention(
+                        qs,
+                        kd,
+                        vd,
+                        store,
+                        past,
+                        sink_k[slot, :, : self.n_sink],
+                        sink_v[slot, :, : self.n_sink],
+                        scale,
+                    )
+                )
             t0 += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
@@ -167,8 +198,17 @@ class CompressedKVCache:
         else:
             dense_k, dense_v, dense_lens = o_k, o_v, (off + 1).to(torch.int32)
         codec = self.codecs[layer]
-        out = codec.decode_attention(q, self.stores[layer], batch.page_table, n_full,
-                                          dense_k, dense_v, dense_lens, scale, batch.num_splits)
+        out = codec.decode_attention(
+            q,
+            self.stores[layer],
+            batch.page_table,
+            n_full,
+            dense_k,
+            dense_v,
+            dense_lens,
+            scale,
+            batch.num_splits,
+        )
         # A token that fills its page seals it; other rows encode into the scratch page.
         codec.seal(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
         return out

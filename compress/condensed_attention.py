@@ -31,9 +31,17 @@ def attend_past(cache, layer: int, q: torch.Tensor, batch, scale: float) -> torc
         dense_lens = torch.where(n_full == 0, off, off + s).to(torch.int32)
     else:
         dense_k, dense_v, dense_lens = o_k, o_v, off.to(torch.int32)
-    return cache.codecs[layer].decode_attention(q, cache.stores[layer], batch.page_table, n_full,
-                                                dense_k, dense_v, dense_lens, scale,
-                                                batch.num_splits)
+    return cache.codecs[layer].decode_attention(
+        q,
+        cache.stores[layer],
+        batch.page_table,
+        n_full,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        batch.num_splits,
+    )
 
 
 def _shift(x: torch.Tensor, s: int) -> torch.Tensor:

@@ -25,15 +25,18 @@ class DenseCodec(KVCodec):
     name = "bf16"
     dense_pages = True
 
-    def __init__(self, num_kv_heads: int, page_size: int, head_dim: int,
-                 dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self, num_kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype = torch.bfloat16
+    ):
         super().__init__(num_kv_heads, page_size, head_dim)
         self.dtype = dtype
 
     def new_store(self, num_pages: int, device) -> Store:
         shape = (num_pages, self.kvh, self.page_size, self.head_dim)  # [pages, KVH, P, D]
-        return {"k": torch.zeros(shape, dtype=self.dtype, device=device),
-                "v": torch.zeros(shape, dtype=self.dtype, device=device)}
+        return {
+            "k": torch.zeros(shape, dtype=self.dtype, device=device),
+            "v": torch.zeros(shape, dtype=self.dtype, device=device),
+        }
 
     def encode(self, store, page_ids, k, v):
         store["k"][page_ids] = k.to(self.dtype)  # [n, KVH, P, D]

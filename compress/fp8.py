@@ -20,10 +20,12 @@ class Fp8Codec(KVCodec):
 
     def new_store(self, num_pages, device):
         shape = (num_pages, self.kvh, self.page_size, self.head_dim)
-        return {"k": torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
-                "v": torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
-                "k_scale": torch.zeros(num_pages, self.kvh, device=device),
-                "v_scale": torch.zeros(num_pages, self.kvh, device=device)}
+        return {
+            "k": torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
+            "v": torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
+            "k_scale": torch.zeros(num_pages, self.kvh, device=device),
+            "v_scale": torch.zeros(num_pages, self.kvh, device=device),
+        }
 
     def encode(self, store, page_ids, k, v):
         for name, x in (("k", k), ("v", v)):
@@ -34,26 +36,54 @@ class Fp8Codec(KVCodec):
             store[name + "_scale"][page_ids] = scale
 
     def dequantize(self, store, page_ids):
-        return tuple(store[n][page_ids].float() * store[n + "_scale"][page_ids][:, :, None, None]
-                     for n in ("k", "v"))
+        return tuple(
+            store[n][page_ids].float() * store[n + "_scale"][page_ids][:, :, None, None]
+            for n in ("k", "v")
+        )
 
     def dequantize_into(self, pages, page_ids, out_k, out_v):
         fn = dq.fp8_dequant_pages if out_k.is_cuda else dq.fp8_dequant_pages_ref
         fn(pages["k"], pages["k_scale"], pages["v"], pages["v_scale"], page_ids, out_k, out_v)
 
-    def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
-                         scale, num_splits=1):
+    def decode_attention(
+        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+    ):
         fn = fp8_attn.fp8_decode_attention if q.is_cuda else fp8_attn.fp8_decode_attention_ref
-        return fn(q, store["k"], store["k_scale"], store["v"], store["v_scale"], page_table,
-                  n_full, dense_k, dense_v, dense_lens, scale, num_splits=num_splits)
+        return fn(
+            q,
+            store["k"],
+            store["k_scale"],
+            store["v"],
+            store["v_scale"],
+            page_table,
+            n_full,
+            dense_k,
+            dense_v,
+            dense_lens,
+            scale,
+            num_splits=num_splits,
+        )
 
     def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
-        fn = (base_prefill.fp8_prefill_attention if q.is_cuda
-              else base_prefill.fp8_prefill_attention_ref)
+        fn = (
+            base_prefill.fp8_prefill_attention
+            if q.is_cuda
+            else base_prefill.fp8_prefill_attention_ref
+        )
         dense = k.new_zeros(self.kvh, 0, self.head_dim)  # [KVH, 0, D]: no sinks, whole pages
-        return fn(q.contiguous(), k.contiguous(), v.contiguous(), store["k"], store["k_scale"],
-                  store["v"], store["v_scale"], past_pages.to(torch.int32).contiguous(), dense,
-                  dense, scale)
+        return fn(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            store["k"],
+            store["k_scale"],
+            store["v"],
+            store["v_scale"],
+            past_pages.to(torch.int32).contiguous(),
+            dense,
+            dense,
+            scale,
+        )
 
     def page_bytes_per_token(self):
         return 2 * self.head_dim + 2 * 4 / self.page_size

@@ -27,8 +27,16 @@ class HackCodec(KVCodec):
     n_sink = 4
     head_dim_multiple = CHANNEL_GROUP
 
-    def __init__(self, num_kv_heads, page_size, head_dim, bits: int, mode: str = "f16",
-                 group_v: int = 32, rotate: bool = True):
+    def __init__(
+        self,
+        num_kv_heads,
+        page_size,
+        head_dim,
+        bits: int,
+        mode: str = "f16",
+        group_v: int = 32,
+        rotate: bool = True,
+    ):
         self.name = f"hack{bits}"
         super().__init__(num_kv_heads, page_size, head_dim)
         if mode not in ("f16", "int8"):
@@ -48,13 +56,27 @@ class HackCodec(KVCodec):
         return HackPages(**store, bits=self.bits, group_v=self.group_v)
 
     def new_store(self, num_pages, device):
-        return HackPages.empty(num_pages, self.kvh, self.page_size, self.head_dim, self.bits,
-                               self.group_v, device=device).tensors()
+        return HackPages.empty(
+            num_pages,
+            self.kvh,
+            self.page_size,
+            self.head_dim,
+            self.bits,
+            self.group_v,
+            device=device,
+        ).tensors()
 
     def encode(self, store, page_ids, k, v):
         fn = hack_encode.hack_encode_pages if k.is_cuda else hack_encode.hack_encode_pages_ref
-        fn(k.contiguous(), v.contiguous(), self.bits, self.group_v, out=self._pages(store),
-           page_ids=page_ids, rotation=self._rot(k.device) if self.rotate else None)
+        fn(
+            k.contiguous(),
+            v.contiguous(),
+            self.bits,
+            self.group_v,
+            out=self._pages(store),
+            page_ids=page_ids,
+            rotation=self._rot(k.device) if self.rotate else None,
+        )
 
     def dequantize(self, store, page_ids):
         sub = {name: t[page_ids] for name, t in store.items()}
@@ -67,33 +89,63 @@ class HackCodec(KVCodec):
 
     def dequantize_into(self, pages, page_ids, out_k, out_v):
         fn = dq.hack_dequant_pages if out_k.is_cuda else dq.hack_dequant_pages_ref
-        fn(self._pages(pages), page_ids, out_k, out_v,
-           rotation=self._rot(out_k.device) if self.rotate else None)
+        fn(
+            self._pages(pages),
+            page_ids,
+            out_k,
+            out_v,
+            rotation=self._rot(out_k.device) if self.rotate else None,
+        )
 
-    def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
-                         scale, num_splits=1):
+    def decode_attention(
+        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+    ):
         fn = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         if self.rotate:
             r = self._rot(q.device)
             q, dense_k, dense_v = rotate(q, r), rotate(dense_k, r), rotate(dense_v, r)
-        out = fn(q, self._pages(store), page_table, n_full, dense_k.contiguous(),
-                 dense_v.contiguous(), dense_lens, scale, self.bits, n_sink=self.n_sink,
-                 num_splits=num_splits, mode=self.mode)
+        out = fn(
+            q,
+            self._pages(store),
+            page_table,
+            n_full,
+            dense_k.contiguous(),
+            dense_v.contiguous(),
+            dense_lens,
+            scale,
+            self.bits,
+            n_sink=self.n_sink,
+            num_splits=num_splits,
+            mode=self.mode,
+        )
         return rotate(out, self._rot(q.device)) if self.rotate else out
 
     def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
         """On the codes (kernels/hack_prefill_attention.py; its torch reference on CPU)."""
-        fn = (hack_prefill.hack_prefill_attention if q.is_cuda
-              else hack_prefill.hack_prefill_attention_ref)
+        fn = (
+            hack_prefill.hack_prefill_attention
+            if q.is_cuda
+            else hack_prefill.hack_prefill_attention_ref
+        )
         if not past_pages.numel():  # nothing before the chunk: the sinks are its own tokens
             sink_k, sink_v = sink_k[:, :0], sink_v[:, :0]
         if self.rotate:
             r = self._rot(q.device)
             q, k, v = rotate(q, r), rotate(k, r), rotate(v, r)
             sink_k, sink_v = rotate(sink_k, r), rotate(sink_v, r)
-        out = fn(q.contiguous(), k.contiguous(), v.contiguous(), self._pages(store),
-                 past_pages.to(torch.int32).contiguous(), sink_k.contiguous(), sink_v.contiguous(),
-                 scale, self.bits, n_sink=self.n_sink, mode=self.mode)
+        out = fn(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            self._pages(store),
+            past_pages.to(torch.int32).contiguous(),
+            sink_k.contiguous(),
+            sink_v.contiguous(),
+            scale,
+            self.bits,
+            n_sink=self.n_sink,
+            mode=self.mode,
+        )
         return rotate(out, self._rot(q.device)) if self.rotate else out
 
     def num_splits(self, batch, max_len, num_sms):

@@ -24,18 +24,22 @@ class KiviCodec(KVCodec):
         self.bits, self.name = bits, f"kivi{bits}"
         super().__init__(num_kv_heads, page_size, head_dim)
         if page_size % self.token_group:
-            raise ValueError(f"page_size: codec {self.name} needs a multiple of "
-                             f"{self.token_group} (got {page_size})")
+            raise ValueError(
+                f"page_size: codec {self.name} needs a multiple of "
+                f"{self.token_group} (got {page_size})"
+            )
 
     def new_store(self, num_pages, device):
         n, h, p, d, e = num_pages, self.kvh, self.page_size, self.head_dim, 8 // self.bits
         f16 = dict(dtype=torch.float16, device=device)
-        return {"k_codes": torch.zeros(n, h, p, d // e, dtype=torch.uint8, device=device),
-                "k_scale": torch.zeros(n, h, p // self.token_group, d, **f16),
-                "k_min": torch.zeros(n, h, p // self.token_group, d, **f16),
-                "v_codes": torch.zeros(n, h, p, d // e, dtype=torch.uint8, device=device),
-                "v_scale": torch.zeros(n, h, p, d // self.channel_group, **f16),
-                "v_min": torch.zeros(n, h, p, d // self.channel_group, **f16)}
+        return {
+            "k_codes": torch.zeros(n, h, p, d // e, dtype=torch.uint8, device=device),
+            "k_scale": torch.zeros(n, h, p // self.token_group, d, **f16),
+            "k_min": torch.zeros(n, h, p // self.token_group, d, **f16),
+            "v_codes": torch.zeros(n, h, p, d // e, dtype=torch.uint8, device=device),
+            "v_scale": torch.zeros(n, h, p, d // self.channel_group, **f16),
+            "v_min": torch.zeros(n, h, p, d // self.channel_group, **f16),
+        }
 
     def encode(self, store, page_ids, k, v):
         kc, ks, km = qz.k_per_channel(k, self.bits, self.token_group)
@@ -46,32 +50,78 @@ class KiviCodec(KVCodec):
             store[name][page_ids] = t
 
     def dequantize(self, store, page_ids):
-        k = qz.dequant_k(unpack_planar(store["k_codes"][page_ids], self.bits),
-                         store["k_scale"][page_ids], store["k_min"][page_ids])
-        v = qz.dequant_v(unpack_planar(store["v_codes"][page_ids], self.bits),
-                         store["v_scale"][page_ids], store["v_min"][page_ids])
+        k = qz.dequant_k(
+            unpack_planar(store["k_codes"][page_ids], self.bits),
+            store["k_scale"][page_ids],
+            store["k_min"][page_ids],
+        )
+        v = qz.dequant_v(
+            unpack_planar(store["v_codes"][page_ids], self.bits),
+            store["v_scale"][page_ids],
+            store["v_min"][page_ids],
+        )
         return k, v
 
     def dequantize_into(self, pages, page_ids, out_k, out_v):
         fn = dq.kivi_dequant_pages if out_k.is_cuda else dq.kivi_dequant_pages_ref
-        fn(pages["k_codes"], pages["k_scale"], pages["k_min"], pages["v_codes"],
-           pages["v_scale"], pages["v_min"], self.bits, page_ids, out_k, out_v)
+        fn(
+            pages["k_codes"],
+            pages["k_scale"],
+            pages["k_min"],
+            pages["v_codes"],
+            pages["v_scale"],
+            pages["v_min"],
+            self.bits,
+            page_ids,
+            out_k,
+            out_v,
+        )
 
-    def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
-                         scale, num_splits=1):
+    def decode_attention(
+        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+    ):
         fn = kivi_attn.kivi_decode_attention if q.is_cuda else kivi_attn.kivi_decode_attention_ref
-        return fn(q, store["k_codes"], store["k_scale"], store["k_min"], store["v_codes"],
-                  store["v_scale"], store["v_min"], page_table, n_full, dense_k, dense_v,
-                  dense_lens, scale, self.bits, num_splits=num_splits)
+        return fn(
+            q,
+            store["k_codes"],
+            store["k_scale"],
+            store["k_min"],
+            store["v_codes"],
+            store["v_scale"],
+            store["v_min"],
+            page_table,
+            n_full,
+            dense_k,
+            dense_v,
+            dense_lens,
+            scale,
+            self.bits,
+            num_splits=num_splits,
+        )
 
     def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
-        fn = (base_prefill.kivi_prefill_attention if q.is_cuda
-              else base_prefill.kivi_prefill_attention_ref)
+        fn = (
+            base_prefill.kivi_prefill_attention
+            if q.is_cuda
+            else base_prefill.kivi_prefill_attention_ref
+        )
         dense = k.new_zeros(self.kvh, 0, self.head_dim)  # [KVH, 0, D]: no sinks, whole pages
-        return fn(q.contiguous(), k.contiguous(), v.contiguous(), store["k_codes"],
-                  store["k_scale"], store["k_min"], store["v_codes"], store["v_scale"],
-                  store["v_min"], past_pages.to(torch.int32).contiguous(), dense, dense, scale,
-                  self.bits)
+        return fn(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            store["k_codes"],
+            store["k_scale"],
+            store["k_min"],
+            store["v_codes"],
+            store["v_scale"],
+            store["v_min"],
+            past_pages.to(torch.int32).contiguous(),
+            dense,
+            dense,
+            scale,
+            self.bits,
+        )
 
     def page_bytes_per_token(self):
         d = self.head_dim

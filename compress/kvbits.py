@@ -55,10 +55,15 @@ def load_bits(model_dir: str | Path) -> list[int]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KVBitsError(f"codec: {path} is not valid JSON ({e}); {_fix(model_dir)}") from None
     bits = plan.get("bits") if isinstance(plan, dict) else None
-    if (not isinstance(bits, list) or not bits
-            or any(isinstance(b, bool) or b not in (BASE_BITS, UPGRADE_BITS) for b in bits)):
-        raise KVBitsError(f"codec: {path} has no valid \"bits\" (a list with {BASE_BITS} or "
-                          f"{UPGRADE_BITS} per layer, got {bits!r}); {_fix(model_dir)}")
+    if (
+        not isinstance(bits, list)
+        or not bits
+        or any(isinstance(b, bool) or b not in (BASE_BITS, UPGRADE_BITS) for b in bits)
+    ):
+        raise KVBitsError(
+            f'codec: {path} has no valid "bits" (a list with {BASE_BITS} or '
+            f"{UPGRADE_BITS} per layer, got {bits!r}); {_fix(model_dir)}"
+        )
     return list(bits)
 
 
@@ -76,16 +81,23 @@ class HackMixedCodec(KVCodec):
         self.layers = [by_bits[b] for b in self.bits]  # layers of equal bits share one codec
 
     @classmethod
-    def load(cls, num_kv_heads, page_size, head_dim, model_dir) -> "HackMixedCodec":
+    def load(cls, num_kv_heads, page_size, head_dim, model_dir) -> HackMixedCodec:
         if model_dir is None:
             raise KVBitsError(f"codec: {NAME} needs a model directory with {KVBITS_FILE}")
-        return cls(num_kv_heads, page_size, head_dim, load_bits(model_dir),
-                   str(Path(str(model_dir)) / KVBITS_FILE))
+        return cls(
+            num_kv_heads,
+            page_size,
+            head_dim,
+            load_bits(model_dir),
+            str(Path(str(model_dir)) / KVBITS_FILE),
+        )
 
     def for_layer(self, layer: int) -> KVCodec:
         if not 0 <= layer < len(self.layers):
-            raise KVBitsError(f"codec: {self.source or KVBITS_FILE} plans {len(self.layers)} "
-                              f"layers, the model has more (layer {layer}); calibrate it again")
+            raise KVBitsError(
+                f"codec: {self.source or KVBITS_FILE} plans {len(self.layers)} "
+                f"layers, the model has more (layer {layer}); calibrate it again"
+            )
         return self.layers[layer]
 
     def _per_layer(self, *_):
@@ -106,16 +118,23 @@ class HackMixedCodec(KVCodec):
 # Calibration: which layers get 4 bits
 
 
-def plan_bits(gains: list[float], layer_bytes: dict[int, float], num_layers: int,
-              budget_bytes: float, min_gain: float) -> tuple[list[int], list[str]]:
+def plan_bits(
+    gains: list[float],
+    layer_bytes: dict[int, float],
+    num_layers: int,
+    budget_bytes: float,
+    min_gain: float,
+) -> tuple[list[int], list[str]]:
     """Greedy plan: layers by falling predicted gain (NLL/token won back by 4 bits), upgraded
     while the bytes per token (layer_bytes[bits] per layer, summed) stay <= budget_bytes and the
     gain is >= min_gain. Returns (bits per layer, why each candidate was taken or not)."""
     bits = [BASE_BITS] * num_layers
     total = num_layers * layer_bytes[BASE_BITS]
     if total > budget_bytes:
-        raise ValueError(f"budget: {BASE_BITS}-bit HACK alone needs {total:.0f} B/token, over the "
-                         f"budget of {budget_bytes:.0f}")
+        raise ValueError(
+            f"budget: {BASE_BITS}-bit HACK alone needs {total:.0f} B/token, over the "
+            f"budget of {budget_bytes:.0f}"
+        )
     notes = []
     step = layer_bytes[UPGRADE_BITS] - layer_bytes[BASE_BITS]
     for layer in sorted(range(num_layers), key=lambda i: -gains[i]):
@@ -123,18 +142,28 @@ def plan_bits(gains: list[float], layer_bytes: dict[int, float], num_layers: int
             notes.append(f"layer {layer}: gain {gains[layer]:.5f} < {min_gain}: stop")
             break
         if total + step > budget_bytes + 1e-9:
-            notes.append(f"layer {layer}: {total + step:.0f} B/token would exceed the budget "
-                         f"{budget_bytes:.0f}: stop")
+            notes.append(
+                f"layer {layer}: {total + step:.0f} B/token would exceed the budget "
+                f"{budget_bytes:.0f}: stop"
+            )
             break
         bits[layer], total = UPGRADE_BITS, total + step
         notes.append(f"layer {layer}: gain {gains[layer]:.5f}, {total:.0f} B/token: 4 bits")
     return bits, notes
 
 
-def calibrate_kvbits(model: str, out_dir: str | Path | None = None, text_dir: str | None = None,
-                     n_windows: int = 4, context: int = 1024, score: int = 512,
-                     budget: float = 0.25, min_gain: float = 0.005, page_size: int = 64,
-                     progress: bool = True) -> dict:
+def calibrate_kvbits(
+    model: str,
+    out_dir: str | Path | None = None,
+    text_dir: str | None = None,
+    n_windows: int = 4,
+    context: int = 1024,
+    score: int = 512,
+    budget: float = 0.25,
+    min_gain: float = 0.005,
+    page_size: int = 64,
+    progress: bool = True,
+) -> dict:
     """Measure each layer's sensitivity on the training split and write kvbits.json.
 
     Per layer l, on n_windows windows of `context` tokens of the training split (the last
@@ -170,32 +199,56 @@ def calibrate_kvbits(model: str, out_dir: str | Path | None = None, text_dir: st
         for bits in (BASE_BITS, UPGRADE_BITS):
             setup.codec_name = f"hack{bits}"
             d[bits] = nll(qb.Variant(f"layer {layer} hack{bits}", layers=(layer,))) - base
-        rows.append({"layer": layer, "nll_increase_hack2": d[BASE_BITS],
-                     "nll_increase_hack4": d[UPGRADE_BITS],
-                     "gain": d[BASE_BITS] - d[UPGRADE_BITS]})
+        rows.append(
+            {
+                "layer": layer,
+                "nll_increase_hack2": d[BASE_BITS],
+                "nll_increase_hack4": d[UPGRADE_BITS],
+                "gain": d[BASE_BITS] - d[UPGRADE_BITS],
+            }
+        )
         if progress:
-            print(f"  layer {layer}: hack2 {100 * math.expm1(d[BASE_BITS]):+.2f}%  hack4 "
-                  f"{100 * math.expm1(d[UPGRADE_BITS]):+.2f}%  ppl", flush=True)
+            print(
+                f"  layer {layer}: hack2 {100 * math.expm1(d[BASE_BITS]):+.2f}%  hack4 "
+                f"{100 * math.expm1(d[UPGRADE_BITS]):+.2f}%  ppl",
+                flush=True,
+            )
     kvh, hd = config.num_kv_heads, config.head_dim
-    layer_bytes = {b: kvh * HackCodec(kvh, page_size, hd, b).page_bytes_per_token()
-                   for b in (BASE_BITS, UPGRADE_BITS)}
+    layer_bytes = {
+        b: kvh * HackCodec(kvh, page_size, hd, b).page_bytes_per_token()
+        for b in (BASE_BITS, UPGRADE_BITS)
+    }
     bf16 = nl * kvh * 2 * hd * 2
-    bits, notes = plan_bits([r["gain"] for r in rows], layer_bytes, nl, budget * bf16,
-                            math.log1p(min_gain))
+    bits, notes = plan_bits(
+        [r["gain"] for r in rows], layer_bytes, nl, budget * bf16, math.log1p(min_gain)
+    )
     planned = sum(layer_bytes[b] for b in bits)
     info = {
-        "format": FORMAT, "codec": NAME, "bits": bits,
+        "format": FORMAT,
+        "codec": NAME,
+        "bits": bits,
         "layers_4bit": [i for i, b in enumerate(bits) if b == UPGRADE_BITS],
-        "bytes_per_token": planned, "bf16_bytes_per_token": bf16,
-        "ratio_vs_bf16": planned / bf16, "budget": budget, "min_gain": min_gain,
-        "calibration": {"text": "training split (train/corpus.py), shuffled with seed 0",
-                        "windows": n_windows, "context": context, "scored_per_window": score,
-                        "tokens_scored": n_windows * score, "page_size": page_size,
-                        "nll_per_token_bf16": base},
+        "bytes_per_token": planned,
+        "bf16_bytes_per_token": bf16,
+        "ratio_vs_bf16": planned / bf16,
+        "budget": budget,
+        "min_gain": min_gain,
+        "calibration": {
+            "text": "training split (train/corpus.py), shuffled with seed 0",
+            "windows": n_windows,
+            "context": context,
+            "scored_per_window": score,
+            "tokens_scored": n_windows * score,
+            "page_size": page_size,
+            "nll_per_token_bf16": base,
+        },
         "sensitivity": rows,
-        "predicted_nll_increase": sum(r["nll_increase_hack4" if b == UPGRADE_BITS
-                                        else "nll_increase_hack2"] for r, b in zip(rows, bits)),
-        "decisions": notes, "seconds": time.perf_counter() - t0,
+        "predicted_nll_increase": sum(
+            r["nll_increase_hack4" if b == UPGRADE_BITS else "nll_increase_hack2"]
+            for r, b in zip(rows, bits)
+        ),
+        "decisions": notes,
+        "seconds": time.perf_counter() - t0,
     }
     out = Path(out_dir or model) / KVBITS_FILE
     out.write_text(json.dumps(info, indent=1) + "\n")

@@ -38,9 +38,12 @@ from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
 
 BASES_FILE = "lowrank.safetensors"
-NO_DENSE_FORM_REASON = ("its K/V live in a reduced space with V's basis folded into W_o (dense "
-                        "pages would cost more memory for the same values, and its kernel is "
-                        "faster than bf16)")
+NO_DENSE_FORM_REASON = (
+    "its K/V live in a reduced space with V's basis folded into W_o (dense "
+    "pages would cost more memory for the same values, and its kernel is "
+    "faster than bf16)"
+)
+
 
 class LowRankBases:
     """Per layer and KV head, [KVH, D, r] matrices: k_enc stores keys (k @ k_enc), k_dec projects
@@ -51,15 +54,17 @@ class LowRankBases:
         self.layers, self.info = layers, info
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "LowRankBases":
+    def load(cls, model_dir: str | Path) -> LowRankBases:
         """The calibrated bases beside a checkpoint; for a `random:NAME` model (random weights,
         nothing to calibrate on) random ones, see `random_for`."""
         if str(model_dir).startswith("random:"):
             return cls.random_for(str(model_dir))
         path = Path(model_dir) / BASES_FILE
         if not path.is_file():
-            raise ValueError(f"codec: lowrank needs {path}; create it with "
-                             f"`zipserve calibrate --model {model_dir}`")
+            raise ValueError(
+                f"codec: lowrank needs {path}; create it with "
+                f"`zipserve calibrate --model {model_dir}`"
+            )
         t = load_file(str(path))
         n = len([k for k in t if k.endswith(".k_enc")])
         info_path = Path(model_dir) / "lowrank.json"
@@ -68,26 +73,29 @@ class LowRankBases:
         return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
 
     @classmethod
-    def random(cls, num_layers: int, num_kv_heads: int, head_dim: int, rk: int, rv: int,
-               seed: int = 0) -> "LowRankBases":
+    def random(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, rk: int, rv: int, seed: int = 0
+    ) -> LowRankBases:
         """Random orthonormal bases (enc == dec) of ranks rk / rv: for benchmarks on random
         weights, where there is nothing to calibrate on."""
         g = torch.Generator().manual_seed(seed)
 
         def basis(r):  # [KVH, D, r] orthonormal columns
-            q, _ = torch.linalg.qr(torch.randn(num_kv_heads, head_dim, head_dim, generator=g,
-                                               dtype=torch.float64))
+            q, _ = torch.linalg.qr(
+                torch.randn(num_kv_heads, head_dim, head_dim, generator=g, dtype=torch.float64)
+            )
             return q[:, :, :r].float().contiguous()
 
         layers = []
         for _ in range(num_layers):
             bk, bv = basis(rk), basis(rv)
             layers.append({"k_enc": bk, "k_dec": bk, "v_enc": bv, "v_dec": bv})
-        return cls(layers, {"random": True, "k_ranks": [rk] * num_layers,
-                            "v_ranks": [rv] * num_layers})
+        return cls(
+            layers, {"random": True, "k_ranks": [rk] * num_layers, "v_ranks": [rv] * num_layers}
+        )
 
     @classmethod
-    def random_for(cls, model: str, budget: float = 0.5, seed: int = 0) -> "LowRankBases":
+    def random_for(cls, model: str, budget: float = 0.5, seed: int = 0) -> LowRankBases:
         """Random orthonormal bases of uniform rank round(budget * head_dim) for K and V of every
         layer of the `random:NAME` model: the bytes and the work of a calibrated codec at that
         budget, for speed benchmarks on random weights; quality means nothing here."""
@@ -97,8 +105,11 @@ class LowRankBases:
         d = cfg.head_dim
         r = max(1, round(budget * d))
         bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, r, r, seed)
-        bases.info.update(budget=budget, head_dim=d, basis=f"random orthonormal, rank {r} of {d} "
-                          f"(random weights: speed benchmarks only)")
+        bases.info.update(
+            budget=budget,
+            head_dim=d,
+            basis=f"random orthonormal, rank {r} of {d} (random weights: speed benchmarks only)",
+        )
         return bases
 
 
@@ -115,8 +126,15 @@ class LowRankLayerCodec(KVCodec):
 
     dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
-    def __init__(self, name, num_kv_heads, page_size, head_dim, bases: dict[str, torch.Tensor],
-                 bits: int | None):
+    def __init__(
+        self,
+        name,
+        num_kv_heads,
+        page_size,
+        head_dim,
+        bases: dict[str, torch.Tensor],
+        bits: int | None,
+    ):
         self.name, self.bits = name, bits
         super().__init__(num_kv_heads, page_size, head_dim)
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
@@ -151,14 +169,19 @@ class LowRankLayerCodec(KVCodec):
     def new_store(self, num_pages, device):
         shape = (num_pages, self.kvh, self.page_size)
         if self.inner is None:
-            return {"k": torch.zeros(*shape, self.rk, dtype=torch.float16, device=device),
-                    "v": torch.zeros(*shape, self.rv, dtype=torch.float16, device=device)}
+            return {
+                "k": torch.zeros(*shape, self.rk, dtype=torch.float16, device=device),
+                "v": torch.zeros(*shape, self.rv, dtype=torch.float16, device=device),
+            }
         return self.inner.new_store(num_pages, device)
 
     def _encode(self, store, page_ids, k, v, v_projected: bool):
         b = self._bases(k.device)
-        fn = (lowrank_encode.lowrank_encode_pages if k.is_cuda
-              else lowrank_encode.lowrank_encode_pages_ref)
+        fn = (
+            lowrank_encode.lowrank_encode_pages
+            if k.is_cuda
+            else lowrank_encode.lowrank_encode_pages_ref
+        )
         k, v = _last_contiguous(k), _last_contiguous(v)
         v_basis = None if v_projected else b["v_enc"]
         if self.inner is None:
@@ -184,7 +207,7 @@ class LowRankLayerCodec(KVCodec):
         if self.inner is None:
             return store["k"][page_ids].float(), store["v"][page_ids].float()
         kr, vr = self.inner.dequantize(store, page_ids)
-        return kr[..., :self.rk], vr[..., :self.rv]
+        return kr[..., : self.rk], vr[..., : self.rv]
 
     def dequantize(self, store, page_ids):
         """Pages as the dense tail holds them, [n, KVH, P, D] fp32: K as the full-dimension stand-in
@@ -197,19 +220,31 @@ class LowRankLayerCodec(KVCodec):
     def dequantize_into(self, pages, page_ids, out_k, out_v):
         _no_dense_form(self.name)
 
-    def decode_attention(self, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
-                         scale, num_splits=1):
+    def decode_attention(
+        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+    ):
         """q [B, H, D] after RoPE; dense_k full, dense_v projected. Returns o_red [B, H, r_v]."""
         if self.inner is not None:
             # No kernel yet: the HACK kernel scores pages and tail with one query, but here the
             # tail's K is full-dimension and the pages' reduced. The reference attends instead.
-            out = dequant_decode_attention(self, q, store, page_table, n_full, dense_k, dense_v,
-                                           dense_lens, scale)  # [B, H, D], zeros past r_v
-            return out[..., :self.rv]
-        fn = (lr_attn.lowrank_decode_attention if q.is_cuda
-              else lr_attn.lowrank_decode_attention_ref)
-        return fn(q, self._project_query(q), store["k"], store["v"], page_table, n_full, dense_k,
-                  dense_v, dense_lens, scale, num_splits=num_splits)
+            out = dequant_decode_attention(
+                self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale
+            )  # [B, H, D], zeros past r_v
+            return out[..., : self.rv]
+        fn = lr_attn.lowrank_decode_attention if q.is_cuda else lr_attn.lowrank_decode_attention_ref
+        return fn(
+            q,
+            self._project_query(q),
+            store["k"],
+            store["v"],
+            page_table,
+            n_full,
+            dense_k,
+            dense_v,
+            dense_lens,
+            scale,
+            num_splits=num_splits,
+        )
 
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:
@@ -223,8 +258,10 @@ class LowRankLayerCodec(KVCodec):
 
 
 def _no_dense_form(name: str) -> None:
-    raise ValueError(f"decode_kv: codec {name} has no dense form (decode_kv='dense' is for fp8, "
-                     f"kivi and hack codecs)")
+    raise ValueError(
+        f"decode_kv: codec {name} has no dense form (decode_kv='dense' is for fp8, "
+        f"kivi and hack codecs)"
+    )
 
 
 def _width(x: torch.Tensor, w: int) -> torch.Tensor:
@@ -242,8 +279,9 @@ class LowRankCodec(KVCodec):
 
     dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
-    def __init__(self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases,
-                 bits: int | None = None):
+    def __init__(
+        self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases, bits: int | None = None
+    ):
         self.name, self.bases = name, bases
         super().__init__(num_kv_heads, page_size, head_dim)
         # Plain lowrank decodes with a Triton kernel; lowrank+hack still attends through the
@@ -251,11 +289,19 @@ class LowRankCodec(KVCodec):
         self.graph_safe = bits is None
         for i, b in enumerate(bases.layers):
             for n, t in b.items():
-                if t.dim() != 3 or t.shape[:2] != (num_kv_heads, head_dim) or not 1 <= t.shape[2] <= head_dim:
-                    raise ValueError(f"codec: lowrank basis layers.{i}.{n} has shape {tuple(t.shape)}, "
-                                     f"expected [KVH={num_kv_heads}, D={head_dim}, r<=D]")
-        self.layers = [LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bits)
-                       for b in bases.layers]
+                if (
+                    t.dim() != 3
+                    or t.shape[:2] != (num_kv_heads, head_dim)
+                    or not 1 <= t.shape[2] <= head_dim
+                ):
+                    raise ValueError(
+                        f"codec: lowrank basis layers.{i}.{n} has shape {tuple(t.shape)}, "
+                        f"expected [KVH={num_kv_heads}, D={head_dim}, r<=D]"
+                    )
+        self.layers = [
+            LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bits)
+            for b in bases.layers
+        ]
         self.n_sink = self.layers[0].n_sink
 
     def for_layer(self, layer: int) -> KVCodec:

@@ -48,8 +48,9 @@ class LiftedOProj(nn.Module):
         kvh, d, rv = self.v_dec.shape
         t = x.shape[0]
         h = x.shape[1] // rv
-        o = torch.einsum("tkgr,kdr->tkgd", x.float().view(t, kvh, h // kvh, rv),
-                         self.v_dec.to(x.device))  # [T, KVH, G, D]
+        o = torch.einsum(
+            "tkgr,kdr->tkgd", x.float().view(t, kvh, h // kvh, rv), self.v_dec.to(x.device)
+        )  # [T, KVH, G, D]
         return self.o_proj(o.reshape(t, h * d).to(x.dtype))
 
 
@@ -58,16 +59,18 @@ def apply_lowrank_output(model: nn.Module, codec, fold: bool = True) -> None:
     o_proj becomes the folded W_f (fold=True) or the lifting reference (fold=False)."""
     layers = model.layers
     if len(layers) != len(codec.layers):
-        raise ValueError(f"codec: the lowrank bases have {len(codec.layers)} layers, the model "
-                         f"{len(layers)}")
+        raise ValueError(
+            f"codec: the lowrank bases have {len(codec.layers)} layers, the model {len(layers)}"
+        )
     for layer, lc in zip(layers, codec.layers):
         attn = layer.self_attn
         v_dec = lc._bases_cpu["v_dec"]  # [KVH, D, r_v]
         old = attn.o_proj
         if fold:
             w = old.weight.detach()
-            new = nn.Linear(attn.num_heads * lc.rv, w.shape[0], bias=False, device=w.device,
-                            dtype=w.dtype)
+            new = nn.Linear(
+                attn.num_heads * lc.rv, w.shape[0], bias=False, device=w.device, dtype=w.dtype
+            )
             with torch.no_grad():
                 new.weight.copy_(folded_o_weight(w, v_dec).to(w.dtype))
             attn.o_proj = new

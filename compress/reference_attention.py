@@ -26,8 +26,9 @@ def _row_kv(codec, store, page_ids: torch.Tensor, dense_k, dense_v):
     return torch.cat(parts_k, 1), torch.cat(parts_v, 1)
 
 
-def dequant_decode_attention(codec, q, store, page_table, n_full, dense_k, dense_v, dense_lens,
-                             scale):
+def dequant_decode_attention(
+    codec, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale
+):
     """q [B, H, D]; n_full[b] pages of page_table[b] + dense_k[b, :, :dense_lens[b]]."""
     b_sz, h, d = q.shape
     g = h // codec.kvh
@@ -35,16 +36,18 @@ def dequant_decode_attention(codec, q, store, page_table, n_full, dense_k, dense
     for b, (npg, dl) in enumerate(zip(n_full.tolist(), dense_lens.tolist())):
         if npg == 0 and dl == 0:
             continue
-        k, v = _row_kv(codec, store, page_table[b, :npg].long(), dense_k[b, :, :dl],
-                       dense_v[b, :, :dl])  # [KVH, N, D]
+        k, v = _row_kv(
+            codec, store, page_table[b, :npg].long(), dense_k[b, :, :dl], dense_v[b, :, :dl]
+        )  # [KVH, N, D]
         qb = q[b].float().view(codec.kvh, g, d)
         w = torch.softmax(torch.einsum("kgd,knd->kgn", qb, k) * scale, dim=-1)
         out[b] = torch.einsum("kgn,knd->kgd", w, v).reshape(h, d)
     return out.to(q.dtype)
 
 
-def compressed_past_prefill_attention(codec, q, k, v, store, past_pages: torch.Tensor,
-                                      sink_k, sink_v, scale):
+def compressed_past_prefill_attention(
+    codec, q, k, v, store, past_pages: torch.Tensor, sink_k, sink_v, scale
+):
     """One sequence's new tokens attending to its compressed past and causally to themselves.
 
     q [n, H, D], k/v [n, KVH, D] (new tokens, starting at a page boundary); past_pages [m] ids

@@ -22,7 +22,7 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    h = h / b ** 0.5  # [b, b], orthonormal and symmetric
+    h = h / b**0.5  # [b, b], orthonormal and symmetric
     return torch.block_diag(*[h] * (d // b)).contiguous()  # [D, D]
 
 

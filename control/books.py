@@ -36,8 +36,9 @@ class Books:
     def empty(cls, num_prefill: int, num_decode: int) -> Books:
         outstanding = {("p", i): 0 for i in range(num_prefill)}
         outstanding.update({("d", j): 0 for j in range(num_decode)})
-        return cls(outstanding, {i: 0 for i in range(num_prefill)},
-                   {j: 0 for j in range(num_decode)})
+        return cls(
+            outstanding, {i: 0 for i in range(num_prefill)}, {j: 0 for j in range(num_decode)}
+        )
 
     def load(self, pair: Pair) -> tuple[int, int]:
         """The sort key of the pair choice: least loaded decode worker, then prefill worker."""

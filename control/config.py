@@ -98,18 +98,20 @@ class ServeConfig:
             raise ValueError(f"--engine-option: {e}") from None
         self._check_model()
         if "decode_kv" in self.engine_options:
-            raise ValueError("--engine-option: decode_kv applies to decode workers only; "
-                             "use --decode-kv")
+            raise ValueError(
+                "--engine-option: decode_kv applies to decode workers only; use --decode-kv"
+            )
         self._check_decode_kv()
         bases = str(self.engine_options.get("lowrank_bases") or self.model)
         from zipserve.compress.lowrank import BASES_FILE
 
         lowrank = [c for c in self.codecs if codec_entry(c).calibration == BASES_FILE]
-        if lowrank and not bases.startswith("random:") and \
-                not (Path(bases) / BASES_FILE).is_file():
-            raise ValueError(f"--codec: {lowrank[0]} needs calibrated bases at "
-                             f"{Path(bases) / BASES_FILE}; create them with "
-                             f"`zipserve calibrate --model {self.model}`")
+        if lowrank and not bases.startswith("random:") and not (Path(bases) / BASES_FILE).is_file():
+            raise ValueError(
+                f"--codec: {lowrank[0]} needs calibrated bases at "
+                f"{Path(bases) / BASES_FILE}; create them with "
+                f"`zipserve calibrate --model {self.model}`"
+            )
         if "hack2mix" in self.codecs and not str(self.model).startswith("random:"):
             from zipserve.compress.kvbits import load_bits
 
@@ -132,10 +134,13 @@ class ServeConfig:
                 raise ValueError(f"{name}: must be a non-empty resource name")
         from zipserve.prefill_group.config import validate_group
 
-        self.group = validate_group(self.model, self.prefill_group,
-                                    self.prefill_group_min_tokens,
-                                    self.engine_options.get("page_size", 64),
-                                    self.prefill_group_exchange)
+        self.group = validate_group(
+            self.model,
+            self.prefill_group,
+            self.prefill_group_min_tokens,
+            self.engine_options.get("page_size", 64),
+            self.prefill_group_exchange,
+        )
 
     def _check_model(self) -> None:
         """What the workers would refuse at load, refused before any of them starts: a head
@@ -151,10 +156,15 @@ class ServeConfig:
                 check_head_dim(c, head_dim)
             except ValueError as e:
                 raise ValueError(f"--codec: {e}") from None
-        if (not self.skip_tokenizer and not self.model.startswith("random:")
-                and not (Path(self.model) / "tokenizer.json").is_file()):
-            raise ValueError(f"--model: no tokenizer.json in {self.model}; to serve it on token "
-                             f"ids (prompts as lists of ids, no text out) pass --skip-tokenizer")
+        if (
+            not self.skip_tokenizer
+            and not self.model.startswith("random:")
+            and not (Path(self.model) / "tokenizer.json").is_file()
+        ):
+            raise ValueError(
+                f"--model: no tokenizer.json in {self.model}; to serve it on token "
+                f"ids (prompts as lists of ids, no text out) pass --skip-tokenizer"
+            )
 
     def _check_decode_kv(self) -> None:
         from zipserve.engine.decode_kv import check_decode_kv
@@ -163,8 +173,10 @@ class ServeConfig:
             raise ValueError(f"--decode-kv: must be a string, got {self.decode_kv!r}")
         modes = [m.strip() for m in self.decode_kv.split(",")]
         if len(modes) not in (1, len(self.codecs)):
-            raise ValueError(f"--decode-kv: give one mode, or one per codec ({len(self.codecs)}:"
-                             f" {','.join(self.codecs)}), got {self.decode_kv!r}")
+            raise ValueError(
+                f"--decode-kv: give one mode, or one per codec ({len(self.codecs)}:"
+                f" {','.join(self.codecs)}), got {self.decode_kv!r}"
+            )
         for codec, mode in self.decode_kv_modes.items():
             try:
                 check_decode_kv(codec, mode)
@@ -173,5 +185,5 @@ class ServeConfig:
 
 
 def served_name(model: str) -> str:
-    """"/abs/path/models/zipserve-ref" -> "zipserve-ref"; "random:tiny" stays as it is."""
+    """ "/abs/path/models/zipserve-ref" -> "zipserve-ref"; "random:tiny" stays as it is."""
     return Path(model.rstrip("/")).name or model if "/" in model else model

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+
 from zipserve.control.config import ServeConfig
 from zipserve.control.placement import gpu_share, role_engine_options
 from zipserve.decode_worker.worker import DecodeWorker
@@ -33,8 +34,13 @@ class Launch:
     """Start the decode workers only once the prefill workers are up (they share GPUs)."""
 
 
-def plan_launch(cfg: ServeConfig, max_model_len: int, *, cluster_workers: int | None = None,
-                cluster_decode: int | None = None) -> Launch:
+def plan_launch(
+    cfg: ServeConfig,
+    max_model_len: int,
+    *,
+    cluster_workers: int | None = None,
+    cluster_decode: int | None = None,
+) -> Launch:
     """cluster_workers / cluster_decode: all worker / decode actors that share the cluster's
     GPUs (several codecs; default: this config's own)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -48,15 +54,29 @@ def plan_launch(cfg: ServeConfig, max_model_len: int, *, cluster_workers: int | 
         prefill_opts["resources"] = {cfg.prefill_resource: 1}
     if cfg.decode_resource:
         decode_opts["resources"] = {cfg.decode_resource: 1}
-    args = {role: dict(model=cfg.model, codec=cfg.codec, device=device,
-                       engine_options=role_engine_options(
-                           cfg.engine_options, role, device=device, share=share, gpus=gpus,
-                           num_decode=cluster_decode or cfg.num_decode,
-                           max_model_len=max_model_len))
-            for role in ("prefill", "decode")}
+    args = {
+        role: dict(
+            model=cfg.model,
+            codec=cfg.codec,
+            device=device,
+            engine_options=role_engine_options(
+                cfg.engine_options,
+                role,
+                device=device,
+                share=share,
+                gpus=gpus,
+                num_decode=cluster_decode or cfg.num_decode,
+                max_model_len=max_model_len,
+            ),
+        )
+        for role in ("prefill", "decode")
+    }
     args["decode"]["engine_options"]["decode_kv"] = cfg.decode_kv_modes[cfg.codec]
-    return Launch(device,
-                  ray.remote(max_concurrency=PREFILL_CONCURRENCY, **prefill_opts)(PrefillWorker),
-                  ray.remote(max_concurrency=DECODE_CONCURRENCY, **decode_opts)(DecodeWorker),
-                  args["prefill"], args["decode"],
-                  prefill_first=device.startswith("cuda") and share < 1.0)
+    return Launch(
+        device,
+        ray.remote(max_concurrency=PREFILL_CONCURRENCY, **prefill_opts)(PrefillWorker),
+        ray.remote(max_concurrency=DECODE_CONCURRENCY, **decode_opts)(DecodeWorker),
+        args["prefill"],
+        args["decode"],
+        prefill_first=device.startswith("cuda") and share < 1.0,
+    )

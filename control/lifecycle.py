@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+
 from zipserve.control.books import Books, Pair
 from zipserve.control.config import ServeConfig
 from zipserve.control.messages import DecodeStats, PollReply
@@ -63,17 +64,32 @@ class NoPair(Exception):
 
 def sampling_params(job: Job) -> SamplingParams:
     """The engine's sampling parameters of a job; ValueError naming the field."""
-    return SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature,
-                          top_p=job.top_p, top_k=max(job.top_k, 0), seed=job.seed,
-                          stop=tuple(job.stop), ignore_eos=job.ignore_eos,
-                          min_tokens=job.min_tokens, logprobs=job.logprobs)
+    return SamplingParams(
+        max_tokens=job.max_tokens,
+        temperature=job.temperature,
+        top_p=job.top_p,
+        top_k=max(job.top_k, 0),
+        seed=job.seed,
+        stop=tuple(job.stop),
+        ignore_eos=job.ignore_eos,
+        min_tokens=job.min_tokens,
+        logprobs=job.logprobs,
+    )
 
 
 class Lifecycle:
     """The stages of every job of one codec's workers."""
 
-    def __init__(self, cfg: ServeConfig, pool: WorkerPool, books: Books, *, page_size: int,
-                 kv_bytes_per_token_bf16: int, prefill_group: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        pool: WorkerPool,
+        books: Books,
+        *,
+        page_size: int,
+        kv_bytes_per_token_bf16: int,
+        prefill_group: Any = None,
+    ) -> None:
         self.cfg, self.pool, self.books = cfg, pool, books
         self.codec = cfg.codec
         self.page_size = page_size
@@ -88,30 +104,36 @@ class Lifecycle:
     async def run(self, job: Job) -> AsyncIterator[BackendEvent]:
         """Phase and token events of `job`, ending with one FinishEvent."""
         if job.codec not in (None, self.codec):
-            yield FinishEvent("error", error=f"codec: this deployment serves {self.codec!r}, "
-                                             f"not {job.codec!r}")
+            yield FinishEvent(
+                "error", error=f"codec: this deployment serves {self.codec!r}, not {job.codec!r}"
+            )
             return
         try:
             params = sampling_params(job)
         except ValueError as e:  # its message names the field
             yield self._refused(str(e))
             return
-        wait = self.cfg.page_wait_s if job.timeout_s is None else \
-            min(self.cfg.page_wait_s, job.timeout_s)
+        wait = (
+            self.cfg.page_wait_s
+            if job.timeout_s is None
+            else min(self.cfg.page_wait_s, job.timeout_s)
+        )
         wait_until = job.arrival + wait
         errors: list[str] = []
         released = None  # the failed attempt's release, awaited before the next reservation
         for attempt in range(self.cfg.retries + 1):
             await _settled(released)
             try:
-                pair = await self.reserve(job, params, max(wait_until, time.time() + 1.0)
-                                          if attempt else wait_until)
+                pair = await self.reserve(
+                    job, params, max(wait_until, time.time() + 1.0) if attempt else wait_until
+                )
             except RequestRefused as e:
                 yield self._refused(str(e))
                 return
             except NoPair as e:
-                yield FinishEvent("error", error="; ".join([str(e)] + errors[-1:]),
-                                  codec=self.codec)
+                yield FinishEvent(
+                    "error", error="; ".join([str(e)] + errors[-1:]), codec=self.codec
+                )
                 return
             cost = len(job.prompt_ids) + job.max_tokens
             self.books.outstanding[("d", pair.decode)] += cost
@@ -137,8 +159,11 @@ class Lifecycle:
                 self.books.outstanding[("d", pair.decode)] -= cost
                 self.books.jobs.pop(job.id, None)
                 released = self.release(job, pair)
-        yield FinishEvent("error", error=f"unavailable: {errors[-1]} (tried "
-                                         f"{self.cfg.retries + 1} times)", codec=self.codec)
+        yield FinishEvent(
+            "error",
+            error=f"unavailable: {errors[-1]} (tried {self.cfg.retries + 1} times)",
+            codec=self.codec,
+        )
 
     # -- reserve -------------------------------------------------------------------------------
     async def reserve(self, job: Job, params: SamplingParams, wait_until: float) -> Pair:
@@ -176,8 +201,11 @@ class Lifecycle:
         """Usable pairs, least loaded first, skipping decode workers short of pages by their
         last stats (the reservation itself decides)."""
         need = pages_for(len(job.prompt_ids) + 1, self.page_size)
-        pairs = [Pair(i, j) for i, j in self.pool.usable_pairs()
-                 if _capacity(self.pool.decode[j].stats, need) >= need]
+        pairs = [
+            Pair(i, j)
+            for i, j in self.pool.usable_pairs()
+            if _capacity(self.pool.decode[j].stats, need) >= need
+        ]
         return sorted(pairs, key=self.books.load)
 
     async def _reserve_on(self, job: Job, params: SamplingParams, pair: Pair) -> None:
@@ -185,19 +213,24 @@ class Lifecycle:
         slot = self.pool.decode[pair.decode]
         try:  # a reservation that outlives its timeout here expires on the worker at the
             # transfer deadline, so nothing leaks
-            await asyncio.wait_for(slot.actor.reserve.remote(
-                job.id, job.prompt_ids, params, self.cfg.transfer_deadline_s),
-                RESERVE_TIMEOUT_S)
+            await asyncio.wait_for(
+                slot.actor.reserve.remote(
+                    job.id, job.prompt_ids, params, self.cfg.transfer_deadline_s
+                ),
+                RESERVE_TIMEOUT_S,
+            )
         except (ray.exceptions.RayActorError, asyncio.TimeoutError) as e:
             self.pool.suspect(slot, f"{type(e).__name__}: {e}")
             raise _Refusal(f"decode worker {pair.decode} failed: {type(e).__name__}") from e
         except ray.exceptions.RayTaskError as e:
             if (fault := request_fault(e)) is not None:
                 raise RequestRefused(fault) from None  # waiting cannot help
-            raise _Refusal(f"no decode worker has free KV pages ({e.cause})"
-                           if isinstance(e.cause, Overloaded) else
-                           f"decode worker {pair.decode} refused the reservation: "
-                           f"{type(e.cause).__name__}: {e.cause}") from e
+            raise _Refusal(
+                f"no decode worker has free KV pages ({e.cause})"
+                if isinstance(e.cause, Overloaded)
+                else f"decode worker {pair.decode} refused the reservation: "
+                f"{type(e.cause).__name__}: {e.cause}"
+            ) from e
         except asyncio.CancelledError:  # the job ended while reserving: undo it
             slot.actor.release.remote(job.id)
             raise
@@ -207,8 +240,7 @@ class Lifecycle:
         of their pools has."""
         need = pages_for(len(job.prompt_ids) + 1, self.page_size)
         cap = max(_capacity(w.stats, 0) for w in self.pool.decode)
-        return (f"overloaded: the request needs {need} KV pages; a decode worker holds at most "
-                f"{cap}")
+        return f"overloaded: the request needs {need} KV pages; a decode worker holds at most {cap}"
 
     # -- prefill (the transfer runs alongside) -------------------------------------------------
     async def prefill(self, job: Job, params: SamplingParams, pair: Pair) -> PrefillReport:
@@ -220,11 +252,16 @@ class Lifecycle:
         books.prefilling[pair.prefill] += 1
         try:
             if self.prefill_group is not None and self.cfg.group.use_group(n):
-                return await group_prefill(self.prefill_group,
-                                           self.pool.decode[pair.decode].actor, job.id,
-                                           job.prompt_ids, params)
-            return await slot.actor.prefill.remote(job.id, job.prompt_ids, params,
-                                                   f"d{pair.decode}")
+                return await group_prefill(
+                    self.prefill_group,
+                    self.pool.decode[pair.decode].actor,
+                    job.id,
+                    job.prompt_ids,
+                    params,
+                )
+            return await slot.actor.prefill.remote(
+                job.id, job.prompt_ids, params, f"d{pair.decode}"
+            )
         except ray.exceptions.RayActorError as e:  # the actor died under the job
             self.pool.suspect(slot, f"{type(e).__name__}: {e}")
             books.counts["prefill_worker_died"] += 1
@@ -234,8 +271,9 @@ class Lifecycle:
                 raise RequestRefused(fault) from None  # another pair would refuse it too
             cause = getattr(e, "cause", None) or e
             books.counts["prefill_failed"] += 1
-            raise Retry(f"prefill worker {pair.prefill} failed: {type(cause).__name__}: "
-                        f"{cause}") from e
+            raise Retry(
+                f"prefill worker {pair.prefill} failed: {type(cause).__name__}: {cause}"
+            ) from e
         finally:
             books.outstanding[("p", pair.prefill)] -= n
             books.prefilling[pair.prefill] -= 1
@@ -247,10 +285,13 @@ class Lifecycle:
         worker failed."""
         slot = self.pool.decode[pair.decode]
         try:
-            return await slot.actor.admit.remote(job.id, report.first_token,
-                                                 report.first_logprob,
-                                                 self.cfg.transfer_deadline_s,
-                                                 report.first_top_logprobs)
+            return await slot.actor.admit.remote(
+                job.id,
+                report.first_token,
+                report.first_logprob,
+                self.cfg.transfer_deadline_s,
+                report.first_top_logprobs,
+            )
         except ray.exceptions.RayError as e:
             if isinstance(e, ray.exceptions.RayActorError):
                 self.pool.suspect(slot, f"{type(e).__name__}: {e}")
@@ -258,8 +299,9 @@ class Lifecycle:
             raise Retry(f"decode worker {pair.decode} failed: {type(e).__name__}") from e
 
     # -- decode --------------------------------------------------------------------------------
-    async def decode(self, job: Job, pair: Pair, report: PrefillReport,
-                     reply: PollReply) -> AsyncIterator[BackendEvent]:
+    async def decode(
+        self, job: Job, pair: Pair, report: PrefillReport, reply: PollReply
+    ) -> AsyncIterator[BackendEvent]:
         """The phases up to prefill's end, then token events as they are decoded with the
         transfer and decode_queue phases once known, then decode and the finish (with the KV
         bytes the prefill side sent). Each phase starts where the previous one ended."""
@@ -268,8 +310,10 @@ class Lifecycle:
         yield PhaseEvent("queue", job.arrival, start)
         yield PhaseEvent("prefill", start, prefill_end)
         dec = self.pool.decode[pair.decode].actor
-        kv_bytes = {"kv_bytes": report.bytes_sent,  # the prefill side knows what it sent
-                    "kv_bytes_bf16": len(job.prompt_ids) * self.kv_bytes_per_token_bf16}
+        kv_bytes = {
+            "kv_bytes": report.bytes_sent,  # the prefill side knows what it sent
+            "kv_bytes_bf16": len(job.prompt_ids) * self.kv_bytes_per_token_bf16,
+        }
         sent, text, decode_start = 0, "", prefill_end
         phases_done = False
         while True:
@@ -280,12 +324,14 @@ class Lifecycle:
                 yield queued
                 decode_start = queued.end
             for k, tok in enumerate(reply.tokens):  # the batch's new text rides on its last
-                delta = reply.text[len(text):] if k == len(reply.tokens) - 1 else ""
+                delta = reply.text[len(text) :] if k == len(reply.tokens) - 1 else ""
                 text += delta
-                yield TokenEvent(tok, delta,
-                                 reply.logprobs[k] if k < len(reply.logprobs) else None,
-                                 tuple(map(tuple, reply.top_logprobs[k]))
-                                 if k < len(reply.top_logprobs) else ())
+                yield TokenEvent(
+                    tok,
+                    delta,
+                    reply.logprobs[k] if k < len(reply.logprobs) else None,
+                    tuple(map(tuple, reply.top_logprobs[k])) if k < len(reply.top_logprobs) else (),
+                )
             sent += len(reply.tokens)
             if reply.finished:
                 # Decode ends when the router holds the last token, i.e. when it handles the
@@ -293,16 +339,20 @@ class Lifecycle:
                 # same stamp as the job's end (a stamp taken here could be a GIL switch
                 # interval, 5 ms, earlier), so the phases tile the JCT exactly.
                 yield PhaseEvent("decode", decode_start)
-                yield FinishEvent(reply.finish_reason, error=reply.error, codec=self.codec,
-                                  **kv_bytes)
+                yield FinishEvent(
+                    reply.finish_reason, error=reply.error, codec=self.codec, **kv_bytes
+                )
                 return
             try:
                 reply = await dec.poll.remote(job.id, sent, 1.0)
             except ray.exceptions.RayError as e:  # the decode worker died mid-stream
                 self.books.counts["decode_worker_died"] += 1
-                yield FinishEvent("error", error=f"unavailable: decode worker failed while "
-                                                 f"decoding: {type(e).__name__}",
-                                  codec=self.codec, **kv_bytes)
+                yield FinishEvent(
+                    "error",
+                    error=f"unavailable: decode worker failed while decoding: {type(e).__name__}",
+                    codec=self.codec,
+                    **kv_bytes,
+                )
                 return
 
     # -- release -------------------------------------------------------------------------------

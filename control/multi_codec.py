@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from zipserve.control.config import ServeConfig
 from zipserve.control.messages import MultiCodecHealth
@@ -34,11 +34,14 @@ class MultiCodecBackend:
         self.lanes: dict[str, RayBackend] = {}
         try:
             for codec in self.codecs:
-                lane_cfg = dataclasses.replace(cfg, codec=codec, extra_codecs=(),
-                                               decode_kv=cfg.decode_kv_modes[codec])
-                self.lanes[codec] = RayBackend(lane_cfg,
-                                               cluster_workers=len(self.codecs) * per_lane,
-                                               cluster_decode=len(self.codecs) * cfg.num_decode)
+                lane_cfg = dataclasses.replace(
+                    cfg, codec=codec, extra_codecs=(), decode_kv=cfg.decode_kv_modes[codec]
+                )
+                self.lanes[codec] = RayBackend(
+                    lane_cfg,
+                    cluster_workers=len(self.codecs) * per_lane,
+                    cluster_decode=len(self.codecs) * cfg.num_decode,
+                )
         except BaseException:
             self.shutdown()
             raise
@@ -66,8 +69,10 @@ class MultiCodecBackend:
     async def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
         lane = self.lane(job.codec)
         if lane is None:  # the router refuses these with a 400 first
-            yield FinishEvent("error", error=f"codec: this deployment serves "
-                                             f"{', '.join(self.codecs)}, not {job.codec!r}")
+            yield FinishEvent(
+                "error",
+                error=f"codec: this deployment serves {', '.join(self.codecs)}, not {job.codec!r}",
+            )
             return
         async for ev in lane.stream(job):
             yield ev
@@ -84,22 +89,30 @@ class MultiCodecBackend:
         """Every lane's workers (named codec/role-i) and counters; "ok" while any lane can
         serve, "degraded" when any cannot (or has an unhealthy worker)."""
         views = {codec: lane.health_report() for codec, lane in self.lanes.items()}
-        workers = [dataclasses.replace(w, name=f"{codec}/{w.name}") for codec, v in views.items()
-                   for w in v.workers]
+        workers = [
+            dataclasses.replace(w, name=f"{codec}/{w.name}")
+            for codec, v in views.items()
+            for w in v.workers
+        ]
         failures, events = Counter(), Counter()
         for v in views.values():
             failures.update(v.failures)
             events.update(v.events)
         ok = [v.status == "ok" for v in views.values()]
         return MultiCodecHealth(
-            status="ok" if any(ok) else "unavailable", codec=self.codecs[0],
-            codecs=list(self.codecs), device=self.device, workers=workers,
+            status="ok" if any(ok) else "unavailable",
+            codec=self.codecs[0],
+            codecs=list(self.codecs),
+            device=self.device,
+            workers=workers,
             pairs={c: v.pairs for c, v in views.items()},
             degraded=not all(ok) or any(v.degraded for v in views.values()),
-            failures=dict(failures), events=dict(events),
+            failures=dict(failures),
+            events=dict(events),
             lanes={c: v.status for c, v in views.items()},
             decode_kv=self.lanes[self.codecs[0]].decode_kv,
-            lane_decode_kv={c: lane.decode_kv for c, lane in self.lanes.items()})
+            lane_decode_kv={c: lane.decode_kv for c, lane in self.lanes.items()},
+        )
 
     # -- what serve and the benchmarks use ---------------------------------------------------
     def idle(self) -> bool:
@@ -110,8 +123,9 @@ class MultiCodecBackend:
             lane.set_link(gbps, latency_ms)
 
     def link_busy(self, window_s: float) -> float | None:
-        vals = [v for v in (lane.link_busy(window_s) for lane in self.lanes.values())
-                if v is not None]
+        vals = [
+            v for v in (lane.link_busy(window_s) for lane in self.lanes.values()) if v is not None
+        ]
         return sum(vals) / len(vals) if vals else None
 
     def shutdown(self) -> None:

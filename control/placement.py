@@ -27,8 +27,16 @@ def gpu_share(gpus: int, workers: int, pinned: bool) -> float:
     return gpus / workers
 
 
-def role_engine_options(options: dict, role: Literal["prefill", "decode"], *, device: str,
-                        share: float, gpus: int, num_decode: int, max_model_len: int) -> dict:
+def role_engine_options(
+    options: dict,
+    role: Literal["prefill", "decode"],
+    *,
+    device: str,
+    share: float,
+    gpus: int,
+    num_decode: int,
+    max_model_len: int,
+) -> dict:
     """The engine options of one worker of `role` (a copy of `options`, adjusted only on a GPU
     that several workers share, and only where the user set nothing)."""
     out = dict(options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import ray
+
 from zipserve.control.books import Books
 from zipserve.control.config import ServeConfig
 from zipserve.control.launch import plan_launch
@@ -23,8 +24,13 @@ from zipserve.router.backend import BackendEvent, Job
 
 
 class RayBackend:
-    def __init__(self, cfg: ServeConfig, *, cluster_workers: int | None = None,
-                 cluster_decode: int | None = None):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        *,
+        cluster_workers: int | None = None,
+        cluster_decode: int | None = None,
+    ):
         """One codec's workers. cluster_workers / cluster_decode: all worker / decode actors
         that share the cluster's GPUs (several codecs: control/multi_codec.py; default: this
         config's own)."""
@@ -33,22 +39,42 @@ class RayBackend:
         self.cfg = cfg
         self.codecs = (cfg.codec,)
         mc = model_config_for(cfg.model)
-        launch = plan_launch(cfg, mc.max_position_embeddings, cluster_workers=cluster_workers,
-                             cluster_decode=cluster_decode)
-        self.pool = WorkerPool(launch.prefill_cls, launch.decode_cls, launch.prefill_args,
-                               launch.decode_args, cfg.num_prefill, cfg.num_decode,
-                               link_gbps=cfg.link_gbps, link_latency_ms=cfg.link_latency_ms,
-                               health_interval_s=cfg.health_interval_s,
-                               prefill_first=launch.prefill_first)
+        launch = plan_launch(
+            cfg,
+            mc.max_position_embeddings,
+            cluster_workers=cluster_workers,
+            cluster_decode=cluster_decode,
+        )
+        self.pool = WorkerPool(
+            launch.prefill_cls,
+            launch.decode_cls,
+            launch.prefill_args,
+            launch.decode_args,
+            cfg.num_prefill,
+            cfg.num_decode,
+            link_gbps=cfg.link_gbps,
+            link_latency_ms=cfg.link_latency_ms,
+            health_interval_s=cfg.health_interval_s,
+            prefill_first=launch.prefill_first,
+        )
         self.prefill = [w.actor for w in self.pool.prefill]
         self.decode = [w.actor for w in self.pool.decode]
         info = ray.get(self.decode[0].info.remote())
         self.device = info.device
         self.decode_kv = info.decode_kv
         """The decode workers' decode_kv, `auto` resolved by the first of them."""
-        self.prefill_group = None if not cfg.group.enabled else RayPrefillGroup(
-            cfg.prefill_group, cfg.model, cfg.codec, cfg.engine_options.get("page_size", 64),
-            launch.device, lowrank_exchange=cfg.group.lowrank_exchange)
+        self.prefill_group = (
+            None
+            if not cfg.group.enabled
+            else RayPrefillGroup(
+                cfg.prefill_group,
+                cfg.model,
+                cfg.codec,
+                cfg.engine_options.get("page_size", 64),
+                launch.device,
+                lowrank_exchange=cfg.group.lowrank_exchange,
+            )
+        )
         self.page_size = info.page_size
         self.tokenizer = load_tokenizer(cfg.model, cfg.skip_tokenizer)
         self.has_tokenizer = not cfg.skip_tokenizer
@@ -57,9 +83,14 @@ class RayBackend:
         self.vocab_size = mc.vocab_size
         self.kv_bytes_per_token_bf16 = mc.kv_bytes_per_token(2)
         self.books = Books.empty(cfg.num_prefill, cfg.num_decode)
-        self.lifecycle = Lifecycle(cfg, self.pool, self.books, page_size=self.page_size,
-                                   kv_bytes_per_token_bf16=self.kv_bytes_per_token_bf16,
-                                   prefill_group=self.prefill_group)
+        self.lifecycle = Lifecycle(
+            cfg,
+            self.pool,
+            self.books,
+            page_size=self.page_size,
+            kv_bytes_per_token_bf16=self.kv_bytes_per_token_bf16,
+            prefill_group=self.prefill_group,
+        )
 
     @property
     def counts(self):
@@ -99,28 +130,37 @@ class RayBackend:
         """From the monitor's cached stats (never waits on a worker)."""
         failures = self.pool.failures() + self.books.counts
         return HealthReport(
-            status="ok" if self.pool.usable_pairs() else "unavailable", codec=self.cfg.codec,
-            decode_kv=self.decode_kv, device=self.device,
+            status="ok" if self.pool.usable_pairs() else "unavailable",
+            codec=self.cfg.codec,
+            decode_kv=self.decode_kv,
+            device=self.device,
             workers=[self._worker_health(w) for w in self.pool.workers],
             pairs=self.pool.pairs_view(),
             degraded=not all(w.healthy for w in self.pool.workers),
-            failures=dict(failures), events=dict(self.pool.events))
+            failures=dict(failures),
+            events=dict(self.pool.events),
+        )
 
     def _worker_health(self, w: WorkerSlot) -> WorkerHealth:
         st = w.stats
         if w.role == "prefill":
-            queued, running = self.books.outstanding[("p", w.index)], \
-                self.books.prefilling[w.index]
+            queued, running = self.books.outstanding[("p", w.index)], self.books.prefilling[w.index]
         else:
             queued, running = self.books.awaiting_kv[w.index], 0 if st is None else st.running
         return WorkerHealth(
-            name=w.name, role=w.role, healthy=w.healthy,
+            name=w.name,
+            role=w.role,
+            healthy=w.healthy,
             codec=self.cfg.codec if st is None else st.codec,
             decode_kv=st.decode_kv if isinstance(st, DecodeStats) else None,
             free_pages=0 if st is None else st.free_pages,
             used_pages=0 if st is None else st.used_pages,
-            queued_tokens=queued, running=running, restarts=w.restarts_seen, dead=w.dead,
-            error=w.last_error)
+            queued_tokens=queued,
+            running=running,
+            restarts=w.restarts_seen,
+            dead=w.dead,
+            error=w.last_error,
+        )
 
     # -- what serve and the benchmarks use ---------------------------------------------------
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
@@ -130,15 +170,23 @@ class RayBackend:
 
     def link_busy(self, window_s: float) -> float | None:
         """Mean busy fraction of the emulated links over the last window_s seconds."""
-        vals = [v for v in ray.get([p.link_busy.remote(window_s) for p in self.prefill])
-                if v is not None]
+        vals = [
+            v
+            for v in ray.get([p.link_busy.remote(window_s) for p in self.prefill])
+            if v is not None
+        ]
         return sum(vals) / len(vals) if vals else None
 
     def idle(self) -> bool:
         """No request reserved, waiting or running on any decode worker, every page free."""
         stats = ray.get([d.stats.remote() for d in self.decode])
-        return all(s.free_pages == s.capacity_pages and s.reserved == 0 and s.running == 0
-                   and s.waiting == 0 for s in stats)
+        return all(
+            s.free_pages == s.capacity_pages
+            and s.reserved == 0
+            and s.running == 0
+            and s.waiting == 0
+            for s in stats
+        )
 
     def shutdown(self) -> None:
         """Stop the health monitor, the workers' threads and the actors themselves."""

@@ -11,8 +11,21 @@ short, a worker dying, a bug), which keep their own handling.
 
 from __future__ import annotations
 
-REQUEST_FIELDS = frozenset({"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed",
-                            "stop", "stop_token_ids", "ignore_eos", "logprobs", "min_tokens"})
+REQUEST_FIELDS = frozenset(
+    {
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "logprobs",
+        "min_tokens",
+    }
+)
 """Fields of a request as the engine names them in its ValueErrors."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ray
+
 from zipserve.control.messages import DecodeStats, PrefillStats
 
 log = logging.getLogger(__name__)
@@ -56,20 +57,32 @@ class WorkerSlot:
 
 
 class WorkerPool:
-    def __init__(self, prefill_cls, decode_cls, prefill_args: dict, decode_args: dict,
-                 num_prefill: int, num_decode: int, *, link_gbps: float | None,
-                 link_latency_ms: float, health_interval_s: float = 0.5,
-                 prefill_first: bool = False) -> None:
+    def __init__(
+        self,
+        prefill_cls,
+        decode_cls,
+        prefill_args: dict,
+        decode_args: dict,
+        num_prefill: int,
+        num_decode: int,
+        *,
+        link_gbps: float | None,
+        link_latency_ms: float,
+        health_interval_s: float = 0.5,
+        prefill_first: bool = False,
+    ) -> None:
         """prefill_first: start the decode workers only once every prefill worker is up (when
         they share GPUs, so the decode engines size their pools from what is then free)."""
         self.link_gbps, self.link_latency_ms = link_gbps, link_latency_ms
         self.health_interval_s = health_interval_s
-        self.prefill = [WorkerSlot("prefill", i, prefill_cls.remote(**prefill_args))
-                        for i in range(num_prefill)]
+        self.prefill = [
+            WorkerSlot("prefill", i, prefill_cls.remote(**prefill_args)) for i in range(num_prefill)
+        ]
         if prefill_first:
             ray.get([w.actor.stats.remote() for w in self.prefill], timeout=CONNECT_TIMEOUT_S)
-        self.decode = [WorkerSlot("decode", j, decode_cls.remote(**decode_args))
-                       for j in range(num_decode)]
+        self.decode = [
+            WorkerSlot("decode", j, decode_cls.remote(**decode_args)) for j in range(num_decode)
+        ]
         self.pair_ok: dict[tuple[int, int], bool] = {}
         self.pair_names: dict[tuple[int, int], str] = {}
         """The name of each pair's current channel (a new one per connection)."""
@@ -78,16 +91,18 @@ class WorkerPool:
         """worker_lost, worker_restarted, channel_reconnected."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        for w, stats in zip(self.workers, ray.get([w.actor.stats.remote() for w in self.workers],
-                                                  timeout=CONNECT_TIMEOUT_S)):
+        for w, stats in zip(
+            self.workers,
+            ray.get([w.actor.stats.remote() for w in self.workers], timeout=CONNECT_TIMEOUT_S),
+        ):
             w.stats, w.incarnation = stats, stats.incarnation
         if not self._connect([(p, d) for p in self.prefill for d in self.decode]):
-            raise RuntimeError("the prefill and decode workers could not connect their KV "
-                               "channels (see the log)")
+            raise RuntimeError(
+                "the prefill and decode workers could not connect their KV channels (see the log)"
+            )
         for w in self.workers:
             w.healthy = True
-        self._thread = threading.Thread(target=self._monitor, name="zipserve-health",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._monitor, name="zipserve-health", daemon=True)
         self._thread.start()
 
     @property
@@ -96,12 +111,17 @@ class WorkerPool:
 
     # -- what the request path asks ----------------------------------------------------------
     def usable(self, i: int, j: int) -> bool:
-        return (self.prefill[i].healthy and self.decode[j].healthy
-                and self.pair_ok.get((i, j), False))
+        return (
+            self.prefill[i].healthy and self.decode[j].healthy and self.pair_ok.get((i, j), False)
+        )
 
     def usable_pairs(self) -> list[tuple[int, int]]:
-        return [(i, j) for i in range(len(self.prefill)) for j in range(len(self.decode))
-                if self.usable(i, j)]
+        return [
+            (i, j)
+            for i in range(len(self.prefill))
+            for j in range(len(self.decode))
+            if self.usable(i, j)
+        ]
 
     def suspect(self, w: WorkerSlot, error: str) -> None:
         """A call to `w` failed in the request path: stop routing to it until the monitor has
@@ -126,8 +146,13 @@ class WorkerPool:
                 if self._stop.is_set():
                     return
                 try:
-                    stats = ray.get(ref, timeout=0) if ref in ready else TimeoutError(
-                        f"no answer to a health check within {STATS_TIMEOUT_S:g} s")
+                    stats = (
+                        ray.get(ref, timeout=0)
+                        if ref in ready
+                        else TimeoutError(
+                            f"no answer to a health check within {STATS_TIMEOUT_S:g} s"
+                        )
+                    )
                 except Exception as e:
                     stats = e
                 try:
@@ -163,8 +188,11 @@ class WorkerPool:
                 if self.pair_ok.get((i, w.index)) and self.pair_names.get((i, w.index)) == name:
                     self.pair_ok[(i, w.index)] = False
                     self.events["channel_reconnected"] += 1
-        broken = [(p, d) for p, d in self._pairs_of(w)
-                  if not self.pair_ok.get((p.index, d.index)) and (d if p is w else p).healthy]
+        broken = [
+            (p, d)
+            for p, d in self._pairs_of(w)
+            if not self.pair_ok.get((p.index, d.index)) and (d if p is w else p).healthy
+        ]
         self._connect(broken)  # a pair that fails to connect is retried on the next round
         if not w.healthy:
             with self._lock:
@@ -176,7 +204,7 @@ class WorkerPool:
         return [(p, w) for p in self.prefill]
 
     def _drop_pairs(self, w: WorkerSlot) -> None:
-        for (i, j) in list(self.pair_ok):
+        for i, j in list(self.pair_ok):
             if (w.role == "prefill" and i == w.index) or (w.role == "decode" and j == w.index):
                 self.pair_ok[(i, j)] = False
 
@@ -195,10 +223,14 @@ class WorkerPool:
                 host = "127.0.0.1" if local else ep["node_ip"]
                 self._generation += 1
                 name = f"p{p.index}-d{d.index}-g{self._generation}"
-                calls += [p.actor.connect.remote(d.peer_id, host, ep["port"], 0, name,
-                                                 self.link_gbps, self.link_latency_ms),
-                          d.actor.connect.remote(p.peer_id, host, ep["port"], 1, name,
-                                                 self.link_gbps, self.link_latency_ms)]
+                calls += [
+                    p.actor.connect.remote(
+                        d.peer_id, host, ep["port"], 0, name, self.link_gbps, self.link_latency_ms
+                    ),
+                    d.actor.connect.remote(
+                        p.peer_id, host, ep["port"], 1, name, self.link_gbps, self.link_latency_ms
+                    ),
+                ]
                 names.append(name)
             ray.get(calls, timeout=CONNECT_TIMEOUT_S)
         except Exception as e:
@@ -210,9 +242,12 @@ class WorkerPool:
         return True
 
     def pairs_view(self) -> dict[str, bool]:
-        """"prefill-i/decode-j" -> whether jobs can be routed to that pair now."""
-        return {f"{p.name}/{d.name}": self.usable(p.index, d.index)
-                for p in self.prefill for d in self.decode}
+        """ "prefill-i/decode-j" -> whether jobs can be routed to that pair now."""
+        return {
+            f"{p.name}/{d.name}": self.usable(p.index, d.index)
+            for p in self.prefill
+            for d in self.decode
+        }
 
     # -- reporting and shutdown --------------------------------------------------------------
     def failures(self) -> Counter[str]:

@@ -70,11 +70,20 @@ class RequestState:
 
 
 class DecodeWorker:
-    def __init__(self, model: str, codec: str = "bf16", device: str | None = None,
-                 dtype: str = "auto", engine_options: dict | None = None):
-        self.engine = DisaggregatedEngine(model, dtype=dtype, device=device,
-                                          engine_config=EngineConfig(codec=codec,
-                                                                     **(engine_options or {})))
+    def __init__(
+        self,
+        model: str,
+        codec: str = "bf16",
+        device: str | None = None,
+        dtype: str = "auto",
+        engine_options: dict | None = None,
+    ):
+        self.engine = DisaggregatedEngine(
+            model,
+            dtype=dtype,
+            device=device,
+            engine_config=EngineConfig(codec=codec, **(engine_options or {})),
+        )
         self.codec = codec
         self.num_layers = self.engine.config.num_kv_layers  # layers whose KV arrives
         self.lock = threading.RLock()
@@ -94,21 +103,37 @@ class DecodeWorker:
         self._work = threading.Event()
         """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._step_loop, name="decode-steps",
-                                          daemon=True)]
+        self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
         self._threads[0].start()
 
     def info(self) -> WorkerInfo:
         e = self.engine
-        return WorkerInfo(e.model_name, self.codec, e.engine_config.page_size, self.num_layers,
-                          str(e.device), e.decode_kv)
+        return WorkerInfo(
+            e.model_name,
+            self.codec,
+            e.engine_config.page_size,
+            self.num_layers,
+            str(e.device),
+            e.decode_kv,
+        )
 
     # -- KV arrival ------------------------------------------------------------------------
-    def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
-                link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
+    def connect(
+        self,
+        peer_id: str,
+        host: str,
+        port: int,
+        rank: int,
+        pair_name: str,
+        link_gbps: float | None = None,
+        latency_ms: float = 0.0,
+    ) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
-        self.attach(peer_id, connect_pair(self.info().hello(), host, port, rank, pair_name,
-                                          link_gbps, latency_ms), pair_name)
+        self.attach(
+            peer_id,
+            connect_pair(self.info().hello(), host, port, rank, pair_name, link_gbps, latency_ms),
+            pair_name,
+        )
 
     def endpoint(self) -> dict:
         """This worker's Ray node and a free port on it (see transfer.pairing.local_endpoint)."""
@@ -123,8 +148,12 @@ class DecodeWorker:
             self.dead_channels.pop(prefill_id, None)
         if old is not None:  # replaced after a peer restart: its thread ends once it is closed
             threading.Thread(target=old.close, daemon=True).start()
-        t = threading.Thread(target=self._receive_loop, args=(prefill_id, channel),
-                             name=f"kv-recv-{prefill_id}", daemon=True)
+        t = threading.Thread(
+            target=self._receive_loop,
+            args=(prefill_id, channel),
+            name=f"kv-recv-{prefill_id}",
+            daemon=True,
+        )
         self._threads = [th for th in self._threads if th.is_alive()] + [t]
         t.start()
 
@@ -183,8 +212,9 @@ class DecodeWorker:
             except Exception as e:  # noqa: BLE001 - fail this request, keep the loop alive
                 st = self.requests.get(kv.request_id)
                 if st is not None and not st.finished:
-                    self._fail(kv.request_id, f"KV import failed: {type(e).__name__}: {e}",
-                               "kv_import")
+                    self._fail(
+                        kv.request_id, f"KV import failed: {type(e).__name__}: {e}", "kv_import"
+                    )
         return taken
 
     def _expects_kv(self, request_id: str) -> bool:
@@ -207,25 +237,41 @@ class DecodeWorker:
                 st.arrived.set()
 
     # -- control (called by the router) ------------------------------------------------------
-    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                deadline_s: float = 30.0) -> None:
+    def reserve(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        deadline_s: float = 30.0,
+    ) -> None:
         """Raises engine.disaggregated.Overloaded when pages or slots are short."""
         with self.lock:
             self.engine.reserve(request_id, prompt_ids, params)
-            self.requests[request_id] = RequestState(deadline=time.time() + deadline_s,
-                                                     times={"reserved": time.time()},
-                                                     stop=tuple(params.stop))
+            self.requests[request_id] = RequestState(
+                deadline=time.time() + deadline_s,
+                times={"reserved": time.time()},
+                stop=tuple(params.stop),
+            )
 
-    def admit(self, request_id: str, first_token: int, first_logprob: float | None,
-              timeout: float = 30.0,
-              first_top_logprobs: list[tuple[int, float]] | None = None) -> PollReply:
+    def admit(
+        self,
+        request_id: str,
+        first_token: int,
+        first_logprob: float | None,
+        timeout: float = 30.0,
+        first_top_logprobs: list[tuple[int, float]] | None = None,
+    ) -> PollReply:
         st = self.requests[request_id]
         if not st.arrived.wait(timeout):
             with self.lock:
                 if not st.finished:
-                    self._fail(request_id, f"KV transfer missed its deadline: incomplete "
-                                           f"after {timeout:.1f} s ({st.layers}/"
-                                           f"{self.num_layers} layers)", TRANSFER_DEADLINE)
+                    self._fail(
+                        request_id,
+                        f"KV transfer missed its deadline: incomplete "
+                        f"after {timeout:.1f} s ({st.layers}/"
+                        f"{self.num_layers} layers)",
+                        TRANSFER_DEADLINE,
+                    )
             return self.poll(request_id, 0, 0)
         with self.lock:
             if st.finished:
@@ -246,8 +292,16 @@ class DecodeWorker:
                 if left <= 0:
                     break
                 self.changed.wait(left)
-            return PollReply(st.tokens[since:], st.logprobs[since:], st.top_logprobs[since:],
-                             st.text, st.finished, st.finish_reason, st.error, dict(st.times))
+            return PollReply(
+                st.tokens[since:],
+                st.logprobs[since:],
+                st.top_logprobs[since:],
+                st.text,
+                st.finished,
+                st.finish_reason,
+                st.error,
+                dict(st.times),
+            )
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its pages. Applied by the step loop before its next step
@@ -272,13 +326,20 @@ class DecodeWorker:
     def stats(self) -> DecodeStats:
         with self.lock:
             pool, sch = self.engine.pool, self.engine.scheduler
-            return DecodeStats(free_pages=pool.num_free, used_pages=pool.num_used,
-                               capacity_pages=pool.capacity, running=len(sch.running),
-                               codec=self.codec, incarnation=self.incarnation,
-                               waiting=len(sch.waiting), reserved=len(sch.reserved),
-                               dropped_messages=self.dropped_messages,
-                               decode_kv=self.engine.decode_kv, failures=dict(self.failures),
-                               dead_channels=dict(self.dead_channels))
+            return DecodeStats(
+                free_pages=pool.num_free,
+                used_pages=pool.num_used,
+                capacity_pages=pool.capacity,
+                running=len(sch.running),
+                codec=self.codec,
+                incarnation=self.incarnation,
+                waiting=len(sch.waiting),
+                reserved=len(sch.reserved),
+                dropped_messages=self.dropped_messages,
+                decode_kv=self.engine.decode_kv,
+                failures=dict(self.failures),
+                dead_channels=dict(self.dead_channels),
+            )
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -310,7 +371,7 @@ class DecodeWorker:
         # Streamed text never shows what a stop string will cut: hold back any tail that is
         # the start of a stop string until the next token decides (the final text is exact).
         held = 0 if out.finished or not st.stop else stop_prefix_len(out.text, st.stop)
-        st.text = out.text[:len(out.text) - held]
+        st.text = out.text[: len(out.text) - held]
         if out.finished:
             self._end(st, out.finish_reason)
 
@@ -322,16 +383,21 @@ class DecodeWorker:
                 now = time.time()
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
-                        self._fail(rid, f"KV transfer missed its deadline: {st.layers}/"
-                                        f"{self.num_layers} layers arrived", TRANSFER_DEADLINE)
+                        self._fail(
+                            rid,
+                            f"KV transfer missed its deadline: {st.layers}/"
+                            f"{self.num_layers} layers arrived",
+                            TRANSFER_DEADLINE,
+                        )
                 try:
                     outs = self.engine.step() if self.engine.has_unfinished() else []
                 except Exception as e:  # never die silently: fail what was running, go on
                     outs = []
                     for rid, st in list(self.requests.items()):
                         if not st.finished and st.arrived.is_set():
-                            self._fail(rid, f"decode step failed: {type(e).__name__}: {e}",
-                                       "decode_step")
+                            self._fail(
+                                rid, f"decode step failed: {type(e).__name__}: {e}", "decode_step"
+                            )
                 for out in outs:
                     st = self.requests.get(out.request_id)
                     if st is not None:

@@ -13,8 +13,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zipserve.engine.llm import LLM, SamplingParams
 
     llm = LLM(args.model or default_model(), dtype=args.dtype, device=args.device)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     t0 = time.perf_counter()
     outs = llm.generate(args.prompt, params)
     dt = time.perf_counter() - t0
@@ -23,8 +28,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{prompt}{out.text}")
         print(f"--- {len(out.token_ids)} tokens, finish_reason={out.finish_reason}")
     n = sum(len(o.token_ids) for o in outs)
-    print(f"{n} tokens in {dt:.2f} s on {llm.engine.device} ({n / dt:.1f} tokens/s); "
-          f"KV pages free: {llm.engine.pool.num_free}/{llm.engine.pool.capacity}")
+    print(
+        f"{n} tokens in {dt:.2f} s on {llm.engine.device} ({n / dt:.1f} tokens/s); "
+        f"KV pages free: {llm.engine.pool.num_free}/{llm.engine.pool.capacity}"
+    )
     return 0
 
 
@@ -35,9 +42,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         r = eval_ppl(model, args.text_dir, args.context, args.stride, args.dtype, args.device)
     if args.lckv_passes:
         print(f"LCKV prompt encoding: {args.lckv_passes} passes")
-    print(f"held-out perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens "
-          f"(context {r['context']}, stride {r['stride']}, {r['dtype']} on {r['device']}; "
-          f"corpus {r['corpus_root']}, held-out digest {r['held_out_digest']})")
+    print(
+        f"held-out perplexity {r['perplexity']:.3f} over {r['tokens']:,} tokens "
+        f"(context {r['context']}, stride {r['stride']}, {r['dtype']} on {r['device']}; "
+        f"corpus {r['corpus_root']}, held-out digest {r['held_out_digest']})"
+    )
     return 0
 
 
@@ -45,14 +54,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from zipserve.train.model_card import measure_and_write_card
     from zipserve.train.recipe import TrainConfig, train
 
-    cfg = TrainConfig(total_tokens=args.tokens, seed=args.seed, compile=args.compile,
-                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      num_layers=args.layers, hidden_size=args.hidden,
-                      num_heads=args.hidden // 64, intermediate_size=args.hidden * 3,
-                      vocab_size=args.vocab, arch=args.arch, lckv_warmup=args.lckv_warmup,
-                      lckv_passes_no_grad=args.lckv_m, lckv_passes_grad=args.lckv_b)
-    summary = train(cfg, args.out, text_dir=args.text_dir, resume=args.resume,
-                    device=args.device, tokenizer_from=args.tokenizer_from)
+    cfg = TrainConfig(
+        total_tokens=args.tokens,
+        seed=args.seed,
+        compile=args.compile,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_heads=args.hidden // 64,
+        intermediate_size=args.hidden * 3,
+        vocab_size=args.vocab,
+        arch=args.arch,
+        lckv_warmup=args.lckv_warmup,
+        lckv_passes_no_grad=args.lckv_m,
+        lckv_passes_grad=args.lckv_b,
+    )
+    summary = train(
+        cfg,
+        args.out,
+        text_dir=args.text_dir,
+        resume=args.resume,
+        device=args.device,
+        tokenizer_from=args.tokenizer_from,
+    )
     summary["command"] = "zipserve " + " ".join(args.argv)
     print(f"trained in {summary['train_seconds']:.0f} s; measuring held-out perplexity")
     ppl = measure_and_write_card(args.out, summary, cfg.seq_len, args.text_dir, args.device)
@@ -65,17 +91,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     model = args.model or default_model()
     if args.kvbits:  # the per-layer bits of hack2mix (compress/kvbits.py)
-        info = calibrate_layer_bits(model, args.text_dir, 0.25 if args.budget is None else
-                                    args.budget, args.out, args.window, args.kvbits_windows,
-                                    args.min_gain)
-        print(f"hack2mix: 4 bits in layers {info['layers_4bit']}; {info['bytes_per_token']:.0f} "
-              f"B/token = {100 * info['ratio_vs_bf16']:.1f}% of bf16; wrote "
-              f"{args.out or model}/kvbits.json")
+        info = calibrate_layer_bits(
+            model,
+            args.text_dir,
+            0.25 if args.budget is None else args.budget,
+            args.out,
+            args.window,
+            args.kvbits_windows,
+            args.min_gain,
+        )
+        print(
+            f"hack2mix: 4 bits in layers {info['layers_4bit']}; {info['bytes_per_token']:.0f} "
+            f"B/token = {100 * info['ratio_vs_bf16']:.1f}% of bf16; wrote "
+            f"{args.out or model}/kvbits.json"
+        )
         return 0
-    info = calibrate_lowrank(model, args.text_dir, 0.5 if args.budget is None else args.budget,
-                             args.out, args.window, args.tokens, args.device)
-    print(f"calibrated on {info['tokens']:,} tokens; K ranks {info['k_ranks']}, V ranks "
-          f"{info['v_ranks']} of {info['head_dim']}; wrote {args.out or model}/lowrank.safetensors")
+    info = calibrate_lowrank(
+        model,
+        args.text_dir,
+        0.5 if args.budget is None else args.budget,
+        args.out,
+        args.window,
+        args.tokens,
+        args.device,
+    )
+    print(
+        f"calibrated on {info['tokens']:,} tokens; K ranks {info['k_ranks']}, V ranks "
+        f"{info['v_ranks']} of {info['head_dim']}; wrote {args.out or model}/lowrank.safetensors"
+    )
     return 0
 
 
@@ -105,32 +148,64 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    t.add_argument("--arch", choices=["llama", "lckv"], default="llama",
-                   help="lckv: layer-condensed KV variant (engine/lckv_model.py)")
-    t.add_argument("--lckv-warmup", type=int, default=2,
-                   help="lckv: warmup layers keeping their own KV (split bottom/top)")
+    t.add_argument(
+        "--arch",
+        choices=["llama", "lckv"],
+        default="llama",
+        help="lckv: layer-condensed KV variant (engine/lckv_model.py)",
+    )
+    t.add_argument(
+        "--lckv-warmup",
+        type=int,
+        default=2,
+        help="lckv: warmup layers keeping their own KV (split bottom/top)",
+    )
     t.add_argument("--lckv-m", type=int, default=7, help="lckv: passes without gradient")
     t.add_argument("--lckv-b", type=int, default=2, help="lckv: passes with gradient")
-    t.add_argument("--tokenizer-from", default=None,
-                   help="reuse this model directory's tokenizer instead of training one")
+    t.add_argument(
+        "--tokenizer-from",
+        default=None,
+        help="reuse this model directory's tokenizer instead of training one",
+    )
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("calibrate", help="low-rank K/V bases for the lowrank codecs; with "
-                       "--kvbits the per-layer bits of hack2mix")
+    c = sub.add_parser(
+        "calibrate",
+        help="low-rank K/V bases for the lowrank codecs; with "
+        "--kvbits the per-layer bits of hack2mix",
+    )
     c.add_argument("--model", default=None, help="default: the shipped reference model")
-    c.add_argument("--text-dir", default=None, help="default: this Python's standard library "
-                   "(training split only)")
-    c.add_argument("--budget", type=float, default=None,
-                   help="lowrank: average fraction of K+V dimensions kept (default 0.5 = half the "
-                   "bytes); --kvbits: bytes per token as a fraction of bf16's (default 0.25)")
-    c.add_argument("--kvbits", action="store_true",
-                   help="instead of lowrank bases: measure each layer's sensitivity to 2-bit HACK "
-                   "on the training split and write kvbits.json, the per-layer bits of hack2mix")
-    c.add_argument("--kvbits-windows", type=int, default=4,
-                   help="--kvbits: calibration windows of --window tokens (last half scored)")
-    c.add_argument("--min-gain", type=float, default=0.005,
-                   help="--kvbits: least predicted perplexity decrease worth a 4-bit layer")
+    c.add_argument(
+        "--text-dir",
+        default=None,
+        help="default: this Python's standard library (training split only)",
+    )
+    c.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="lowrank: average fraction of K+V dimensions kept (default 0.5 = half the "
+        "bytes); --kvbits: bytes per token as a fraction of bf16's (default 0.25)",
+    )
+    c.add_argument(
+        "--kvbits",
+        action="store_true",
+        help="instead of lowrank bases: measure each layer's sensitivity to 2-bit HACK "
+        "on the training split and write kvbits.json, the per-layer bits of hack2mix",
+    )
+    c.add_argument(
+        "--kvbits-windows",
+        type=int,
+        default=4,
+        help="--kvbits: calibration windows of --window tokens (last half scored)",
+    )
+    c.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.005,
+        help="--kvbits: least predicted perplexity decrease worth a 4-bit layer",
+    )
     c.add_argument("--tokens", type=int, default=200_000, help="calibration tokens")
     c.add_argument("--window", type=int, default=1024)
     c.add_argument("--out", default=None, help="default: beside the checkpoint")
@@ -145,6 +220,10 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--stride", type=int, default=512)
     e.add_argument("--dtype", default="float32")
     e.add_argument("--device", default=None)
-    e.add_argument("--lckv-passes", type=int, default=None,
-                   help="LCKV models: encode prompts with this many passes (config: m + b)")
+    e.add_argument(
+        "--lckv-passes",
+        type=int,
+        default=None,
+        help="LCKV models: encode prompts with this many passes (config: m + b)",
+    )
     e.set_defaults(func=cmd_eval)

@@ -21,30 +21,42 @@ def serve_config(args: argparse.Namespace, codec: str) -> ServeConfig:
     from zipserve.control.config import ServeConfig
 
     first, *extra = [c.strip() for c in codec.split(",")]
-    return ServeConfig(model=args.model or default_model(), codec=first, extra_codecs=tuple(extra),
-                       num_prefill=args.prefill, num_decode=args.decode, device=args.device,
-                       link_gbps=args.link_gbps, transfer_deadline_s=args.transfer_deadline,
-                       max_restarts=args.max_restarts, retries=args.retries,
-                       page_wait_s=args.page_wait, prefill_resource=args.prefill_resource,
-                       decode_resource=args.decode_resource, prefill_group=args.prefill_group,
-                       prefill_group_min_tokens=args.prefill_group_min_tokens,
-                       prefill_group_exchange=args.prefill_group_exchange,
-                       served_model_name=args.served_model_name,
-                       engine_options=parse_engine_options(args.engine_option),
-                       decode_kv=args.decode_kv,
-                       skip_tokenizer=args.skip_tokenizer)
+    return ServeConfig(
+        model=args.model or default_model(),
+        codec=first,
+        extra_codecs=tuple(extra),
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        device=args.device,
+        link_gbps=args.link_gbps,
+        transfer_deadline_s=args.transfer_deadline,
+        max_restarts=args.max_restarts,
+        retries=args.retries,
+        page_wait_s=args.page_wait,
+        prefill_resource=args.prefill_resource,
+        decode_resource=args.decode_resource,
+        prefill_group=args.prefill_group,
+        prefill_group_min_tokens=args.prefill_group_min_tokens,
+        prefill_group_exchange=args.prefill_group_exchange,
+        served_model_name=args.served_model_name,
+        engine_options=parse_engine_options(args.engine_option),
+        decode_kv=args.decode_kv,
+        skip_tokenizer=args.skip_tokenizer,
+    )
 
 
 def admission_config(args: argparse.Namespace) -> AdmissionConfig:
     from zipserve.router.limits import AdmissionConfig
 
-    return AdmissionConfig(max_queued_tokens=args.max_queued_tokens,
-                           max_queued_jobs=args.max_queued_requests,
-                           max_prompt_tokens=args.max_prompt_tokens,
-                           request_timeout_s=args.request_timeout,
-                           max_body_bytes=args.max_body_bytes,
-                           header_timeout_s=args.header_timeout,
-                           body_timeout_s=args.body_timeout)
+    return AdmissionConfig(
+        max_queued_tokens=args.max_queued_tokens,
+        max_queued_jobs=args.max_queued_requests,
+        max_prompt_tokens=args.max_prompt_tokens,
+        request_timeout_s=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -64,83 +76,173 @@ def cmd_demo(args: argparse.Namespace) -> int:
     link = args.link_gbps
     if link is None:  # the link that stands for 10 Gb/s with Llama-3-8B
         link = scaled_link_gbps(model)
-    demo(model, args.codecs.split(","), args.max_tokens, args.port, link or None,
-         decode_kv=csv_modes(args.decode_kv))
+    demo(
+        model,
+        args.codecs.split(","),
+        args.max_tokens,
+        args.port,
+        link or None,
+        decode_kv=csv_modes(args.decode_kv),
+    )
     return 0
 
 
 def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="router + prefill/decode workers on Ray")
     s.add_argument("--model", default=None, help="default: the shipped reference model")
-    s.add_argument("--served-model-name", default=None,
-                   help="the model's name in the API (default: the last part of --model, "
-                        "never its full path)")
-    s.add_argument("--codec", default="hack4",
-                   help="KV codec; several separated by commas (e.g. hack2,bf16) start workers "
-                        "for each, requests pick one with their 'codec' field (default: the first)")
-    s.add_argument("--decode-kv", default="compressed", metavar="MODE",
-                   help=DECODE_KV_HELP + "; one for every codec, or one per codec in --codec's "
-                        "order (default: compressed)")
-    s.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an EngineConfig field for every worker's engine, e.g. num_pages=4096, "
-                        "gpu_memory_fraction=0.4, graph_batch_sizes=1,2,4 (repeatable)")
-    s.add_argument("--skip-tokenizer", action="store_true",
-                   help="serve without a tokenizer (a model directory without tokenizer.json): "
-                        "prompts as lists of token ids, completions answer with token_ids and "
-                        "empty text; text prompts, chat and stop strings get a 400")
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name in the API (default: the last part of --model, never its full path)",
+    )
+    s.add_argument(
+        "--codec",
+        default="hack4",
+        help="KV codec; several separated by commas (e.g. hack2,bf16) start workers "
+        "for each, requests pick one with their 'codec' field (default: the first)",
+    )
+    s.add_argument(
+        "--decode-kv",
+        default="compressed",
+        metavar="MODE",
+        help=DECODE_KV_HELP + "; one for every codec, or one per codec in --codec's "
+        "order (default: compressed)",
+    )
+    s.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an EngineConfig field for every worker's engine, e.g. num_pages=4096, "
+        "gpu_memory_fraction=0.4, graph_batch_sizes=1,2,4 (repeatable)",
+    )
+    s.add_argument(
+        "--skip-tokenizer",
+        action="store_true",
+        help="serve without a tokenizer (a model directory without tokenizer.json): "
+        "prompts as lists of token ids, completions answer with token_ids and "
+        "empty text; text prompts, chat and stop strings get a 400",
+    )
     s.add_argument("--prefill", type=int, default=1, help="prefill workers (per codec)")
     s.add_argument("--decode", type=int, default=1, help="decode workers (per codec)")
-    s.add_argument("--address", default=None,
-                   help="an existing Ray cluster ('auto' or host:port); default: embedded Ray")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default loopback only; 0.0.0.0 exposes the server)")
+    s.add_argument(
+        "--address",
+        default=None,
+        help="an existing Ray cluster ('auto' or host:port); default: embedded Ray",
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default loopback only; 0.0.0.0 exposes the server)",
+    )
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health",
+    )
     s.add_argument("--api-key-file", default=None, help="read the API key from this file")
     s.add_argument("--link-gbps", type=float, default=None, help="emulate a link of this speed")
     s.add_argument("--device", default=None)
     lim = s.add_argument_group("admission and limits")
-    lim.add_argument("--max-queued-tokens", type=int, default=65536,
-                     help="prompt tokens waiting for prefill before new requests get 429")
-    lim.add_argument("--max-queued-requests", type=int, default=512,
-                     help="requests waiting for prefill before new requests get 429")
-    lim.add_argument("--max-prompt-tokens", type=int, default=None,
-                     help="longest prompt accepted (default: the model's context)")
-    lim.add_argument("--request-timeout", type=float, default=600.0,
-                     help="seconds before a request fails with a timeout (a request's "
-                          "'timeout' field may ask for less)")
-    lim.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                     help="largest request body (413 beyond it)")
-    lim.add_argument("--header-timeout", type=float, default=10.0,
-                     help="seconds a connection has to send a request's headers (408 and "
-                          "closed after; bounds slowloris clients)")
-    lim.add_argument("--body-timeout", type=float, default=30.0,
-                     help="seconds a request has to send its whole body once its headers are "
-                          "in (408 and closed after)")
-    lim.add_argument("--page-wait", type=float, default=30.0,
-                     help="longest a request waits for decode pages on a healthy worker pair")
-    lim.add_argument("--transfer-deadline", type=float, default=30.0,
-                     help="seconds for a request's KV to reach its decode worker")
+    lim.add_argument(
+        "--max-queued-tokens",
+        type=int,
+        default=65536,
+        help="prompt tokens waiting for prefill before new requests get 429",
+    )
+    lim.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=512,
+        help="requests waiting for prefill before new requests get 429",
+    )
+    lim.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt accepted (default: the model's context)",
+    )
+    lim.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a request fails with a timeout (a request's "
+        "'timeout' field may ask for less)",
+    )
+    lim.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond it)"
+    )
+    lim.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send a request's headers (408 and "
+        "closed after; bounds slowloris clients)",
+    )
+    lim.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request has to send its whole body once its headers are "
+        "in (408 and closed after)",
+    )
+    lim.add_argument(
+        "--page-wait",
+        type=float,
+        default=30.0,
+        help="longest a request waits for decode pages on a healthy worker pair",
+    )
+    lim.add_argument(
+        "--transfer-deadline",
+        type=float,
+        default=30.0,
+        help="seconds for a request's KV to reach its decode worker",
+    )
     rob = s.add_argument_group("failures and placement")
-    rob.add_argument("--max-restarts", type=int, default=3,
-                     help="times Ray restarts a worker actor that died")
-    rob.add_argument("--retries", type=int, default=1,
-                     help="times a request whose worker failed before its first token is "
-                          "tried again on another pair")
-    rob.add_argument("--prefill-resource", default=None,
-                     help="custom Ray resource each prefill actor needs (e.g. zipserve_prefill: "
-                          "places prefill actors on the nodes that offer it)")
-    rob.add_argument("--decode-resource", default=None,
-                     help="custom Ray resource each decode actor needs (e.g. zipserve_decode)")
-    s.add_argument("--prefill-group", type=int, default=0, metavar="N",
-                   help="a sequence-parallel prefill group of N workers for long prompts (0: off)")
-    s.add_argument("--prefill-group-min-tokens", type=int, default=16384, metavar="M",
-                   help="prompts of at least M tokens go to the prefill group")
-    s.add_argument("--prefill-group-exchange", choices=["lowrank", "full"], default="lowrank",
-                   help="with a lowrank codec, what the group's all-to-alls carry: the projected "
-                        "Q/K/V (ZeroC; about half the bytes, but prompt tokens attend in the "
-                        "reduced space) or the full ones (exact)")
+    rob.add_argument(
+        "--max-restarts", type=int, default=3, help="times Ray restarts a worker actor that died"
+    )
+    rob.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="times a request whose worker failed before its first token is "
+        "tried again on another pair",
+    )
+    rob.add_argument(
+        "--prefill-resource",
+        default=None,
+        help="custom Ray resource each prefill actor needs (e.g. zipserve_prefill: "
+        "places prefill actors on the nodes that offer it)",
+    )
+    rob.add_argument(
+        "--decode-resource",
+        default=None,
+        help="custom Ray resource each decode actor needs (e.g. zipserve_decode)",
+    )
+    s.add_argument(
+        "--prefill-group",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a sequence-parallel prefill group of N workers for long prompts (0: off)",
+    )
+    s.add_argument(
+        "--prefill-group-min-tokens",
+        type=int,
+        default=16384,
+        metavar="M",
+        help="prompts of at least M tokens go to the prefill group",
+    )
+    s.add_argument(
+        "--prefill-group-exchange",
+        choices=["lowrank", "full"],
+        default="lowrank",
+        help="with a lowrank codec, what the group's all-to-alls carry: the projected "
+        "Q/K/V (ZeroC; about half the bytes, but prompt tokens attend in the "
+        "reduced space) or the full ones (exact)",
+    )
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")
@@ -148,12 +250,20 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--codecs", default="bf16,hack4,hack2")
     d.add_argument("--max-tokens", type=int, default=32)
     d.add_argument("--port", type=int, default=8765)
-    d.add_argument("--link-gbps", type=float, default=None,
-                   help="emulated prefill->decode link in Gb/s (0: unlimited; default: the link "
-                        "at which the model's KV moves as slowly per token as Llama-3-8B's does "
-                        "at 10 Gb/s)")
-    d.add_argument("--decode-kv", default="auto", metavar="MODES",
-                   help=DECODE_KV_HELP + "; several separated by commas run each codec in each "
-                        "(bf16 once). Default auto: dense on the CPU, where the compressed "
-                        "kernels run as torch references")
+    d.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="emulated prefill->decode link in Gb/s (0: unlimited; default: the link "
+        "at which the model's KV moves as slowly per token as Llama-3-8B's does "
+        "at 10 Gb/s)",
+    )
+    d.add_argument(
+        "--decode-kv",
+        default="auto",
+        metavar="MODES",
+        help=DECODE_KV_HELP + "; several separated by commas run each codec in each "
+        "(bf16 once). Default auto: dense on the CPU, where the compressed "
+        "kernels run as torch references",
+    )
     d.set_defaults(func=cmd_demo)

@@ -17,8 +17,8 @@ import inspect
 import time
 from dataclasses import dataclass
 
-from zipserve.deploy.http_client import get_json, post_json, stream_text
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.http_client import get_json, post_json, stream_text
 from zipserve.deploy.serve import running_server
 from zipserve.engine.config import RANDOM_MODELS
 from zipserve.engine.loading import model_config_for
@@ -46,24 +46,30 @@ def demo_prompts(modules: tuple[str, ...] = DEMO_MODULES, chars: int = PROMPT_CH
     prompts = []
     for name in modules:
         src = inspect.getsource(importlib.import_module(name))
-        start = min((i for i in (src.find("\ndef "), src.find("\nclass ")) if i >= 0),
-                    default=0)
-        piece = src[start + 1:start + 1 + chars]
-        prompts.append(piece[:piece.rfind("\n") + 1])
+        start = min((i for i in (src.find("\ndef "), src.find("\nclass ")) if i >= 0), default=0)
+        piece = src[start + 1 : start + 1 + chars]
+        prompts.append(piece[: piece.rfind("\n") + 1])
     return prompts
 
 
 def scaled_link_gbps(model: str, reference_gbps: float = REFERENCE_LINK_GBPS) -> float:
     """The link at which `model`'s dense bf16 KV takes as long per token as Llama-3-8B's does
     at `reference_gbps`."""
-    ratio = (model_config_for(model).kv_bytes_per_token(2)
-             / RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2))
+    ratio = model_config_for(model).kv_bytes_per_token(2) / RANDOM_MODELS[
+        "llama3-8b"
+    ].kv_bytes_per_token(2)
     return reference_gbps * ratio
 
 
-def demo(model: str, codecs: list[str], max_tokens: int, port: int,
-         link_gbps: float | None, decode_kv: list[str] | tuple[str, ...] = ("auto",),
-         engine_options: dict | None = None) -> list[DemoRow]:
+def demo(
+    model: str,
+    codecs: list[str],
+    max_tokens: int,
+    port: int,
+    link_gbps: float | None,
+    decode_kv: list[str] | tuple[str, ...] = ("auto",),
+    engine_options: dict | None = None,
+) -> list[DemoRow]:
     """For each codec (in each decode_kv mode): start the system, stream the first prompt's
     continuation to the terminal, send every prompt, and collect each job's phases from
     /v1/jobs/{id}."""
@@ -73,27 +79,47 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int,
     for note in skipped:
         print(f"(skipped {note})")
     prompts = demo_prompts()
-    print(f"zipserve demo: {len(prompts)} prompts of real Python source "
-          f"({', '.join(DEMO_MODULES)}), {max_tokens} tokens each; link "
-          + (f"{link_gbps:.3g} Gb/s emulated" if link_gbps else "not limited"))
+    print(
+        f"zipserve demo: {len(prompts)} prompts of real Python source "
+        f"({', '.join(DEMO_MODULES)}), {max_tokens} tokens each; link "
+        + (f"{link_gbps:.3g} Gb/s emulated" if link_gbps else "not limited")
+    )
     rows = []
     for codec, mode in runs:
-        cfg = ServeConfig(model=model, codec=codec, link_gbps=link_gbps, decode_kv=mode,
-                          engine_options=dict(engine_options or {}))
-        print(f"\n=== codec {codec}, decode-kv {mode}: starting Ray, 1 prefill + 1 decode "
-              f"worker, router ...")
+        cfg = ServeConfig(
+            model=model,
+            codec=codec,
+            link_gbps=link_gbps,
+            decode_kv=mode,
+            engine_options=dict(engine_options or {}),
+        )
+        print(
+            f"\n=== codec {codec}, decode-kv {mode}: starting Ray, 1 prefill + 1 decode "
+            f"worker, router ..."
+        )
         with running_server(cfg, "127.0.0.1", port) as (base, backend):
             url = f"{base}/v1/completions"
             tail = "".join(prompts[0].splitlines(keepends=True)[-3:])
             print(f"--- streaming the continuation of {DEMO_MODULES[0]}.py (last lines shown):")
             print(tail, end="")
-            stream_text(url, {"prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0},
-                        timeout=300, echo=True)
+            stream_text(
+                url,
+                {"prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0},
+                timeout=300,
+                echo=True,
+            )
             for prompt in prompts:
-                out = post_json(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
-                                timeout=300)
-                rows.append(DemoRow(codec, prompt, get_json(f"{base}/v1/jobs/{out['id']}"),
-                                    str(backend.decode_kv)))
+                out = post_json(
+                    url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}, timeout=300
+                )
+                rows.append(
+                    DemoRow(
+                        codec,
+                        prompt,
+                        get_json(f"{base}/v1/jobs/{out['id']}"),
+                        str(backend.decode_kv),
+                    )
+                )
         time.sleep(0.5)
     print_table(rows)
     print_caveats(model, link_gbps)
@@ -103,8 +129,11 @@ def demo(model: str, codecs: list[str], max_tokens: int, port: int,
 def print_table(rows: list[DemoRow]) -> None:
     phases = ["queue", "prefill", "transfer", "decode_queue", "decode"]
     sent_by_bf16 = {r.prompt: r.job.get("kv_bytes") for r in rows if r.codec == "bf16"}
-    print("\n| codec | decode KV | prompt tok | out tok | "
-          + " | ".join(f"{p} ms" for p in phases) + " | TTFT ms | JCT ms | KV sent | vs bf16 codec |")
+    print(
+        "\n| codec | decode KV | prompt tok | out tok | "
+        + " | ".join(f"{p} ms" for p in phases)
+        + " | TTFT ms | JCT ms | KV sent | vs bf16 codec |"
+    )
     print("|---|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
     for r in rows:
         j = r.job
@@ -113,24 +142,33 @@ def print_table(rows: list[DemoRow]) -> None:
             print(f"| {r.codec} | job record incomplete: {j} |")
             continue
         durations = {p["name"]: p.get("duration") for p in j.get("phases", [])}
-        cells = [f"{1e3 * durations[p]:.1f}" if durations.get(p) is not None else "-"
-                 for p in phases]
+        cells = [
+            f"{1e3 * durations[p]:.1f}" if durations.get(p) is not None else "-" for p in phases
+        ]
         base = sent_by_bf16.get(r.prompt)
         ratio = f"{sent / base:.2f}x" if sent is not None and base else "-"
         kib = f"{sent / 1024:.1f} KiB" if sent is not None else "-"
-        print(f"| {r.codec} | {r.decode_kv} | {j.get('prompt_tokens')} | "
-              f"{j.get('completion_tokens')} | "
-              + " | ".join(cells) + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kib} | {ratio} |")
+        print(
+            f"| {r.codec} | {r.decode_kv} | {j.get('prompt_tokens')} | "
+            f"{j.get('completion_tokens')} | "
+            + " | ".join(cells)
+            + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kib} | {ratio} |"
+        )
     means = {}
     for r in rows:
         if r.job.get("jct") is not None:
-            name = r.codec if r.decode_kv in ("-", "compressed") or r.codec == "bf16" else \
-                f"{r.codec}/{r.decode_kv}"
+            name = (
+                r.codec
+                if r.decode_kv in ("-", "compressed") or r.codec == "bf16"
+                else f"{r.codec}/{r.decode_kv}"
+            )
             means.setdefault(name, []).append(r.job["jct"])
     if "bf16" in means:
         base = sum(means["bf16"]) / len(means["bf16"])
-        print("\nmean JCT vs bf16: " + ", ".join(
-            f"{c} {sum(v) / len(v) / base:.2f}x" for c, v in means.items()))
+        print(
+            "\nmean JCT vs bf16: "
+            + ", ".join(f"{c} {sum(v) / len(v) / base:.2f}x" for c, v in means.items())
+        )
 
 
 def print_caveats(model: str, link_gbps: float | None) -> None:
@@ -138,15 +176,19 @@ def print_caveats(model: str, link_gbps: float | None) -> None:
 
     notes = []
     if link_gbps:
-        notes.append(f"The link is emulated at {link_gbps:.3g} Gb/s: per token this model's KV "
-                     f"takes as long as Llama-3-8B's on a "
-                     f"{link_gbps / scaled_link_gbps(model, 1.0):.3g} Gb/s link.")
+        notes.append(
+            f"The link is emulated at {link_gbps:.3g} Gb/s: per token this model's KV "
+            f"takes as long as Llama-3-8B's on a "
+            f"{link_gbps / scaled_link_gbps(model, 1.0):.3g} Gb/s link."
+        )
     if not torch.cuda.is_available():
-        notes.append("CPU: the engine runs in fp32, so the bf16 codec sends fp32 pages here; "
-                     "ratios are against what it sent. decode KV dense: the codec's KV crosses "
-                     "the link compressed and is dequantized into dense pages (bf16 on a GPU) "
-                     "on arrival, then decoded by the bf16 kernel (auto picks it on the CPU, where attention on "
-                     "compressed pages runs through torch references of the GPU kernels; their "
-                     "decode times say nothing about GPU speed: bench/RESULTS.md).")
+        notes.append(
+            "CPU: the engine runs in fp32, so the bf16 codec sends fp32 pages here; "
+            "ratios are against what it sent. decode KV dense: the codec's KV crosses "
+            "the link compressed and is dequantized into dense pages (bf16 on a GPU) "
+            "on arrival, then decoded by the bf16 kernel (auto picks it on the CPU, where attention on "
+            "compressed pages runs through torch references of the GPU kernels; their "
+            "decode times say nothing about GPU speed: bench/RESULTS.md)."
+        )
     for n in notes:
         print(f"note: {n}")

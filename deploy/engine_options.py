@@ -41,8 +41,9 @@ def parse_engine_options(pairs: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--engine-option: expected key=value, got {pair!r}")
         if key not in known:
-            raise ValueError(f"--engine-option {key}: no such engine option; known: "
-                             f"{', '.join(known)}")
+            raise ValueError(
+                f"--engine-option {key}: no such engine option; known: {', '.join(known)}"
+            )
         try:
             out[key] = parse_value(value, known[key])
         except ValueError as e:

@@ -9,8 +9,9 @@ import urllib.request
 
 def post_json(url: str, body: dict, timeout: float = 120) -> dict:
     """POST body as JSON; the parsed JSON answer (HTTP errors raise urllib.error.HTTPError)."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -22,8 +23,11 @@ def get_json(url: str, timeout: float = 30) -> dict:
 
 def stream_text(url: str, body: dict, timeout: float = 120, echo: bool = False) -> str:
     """POST body with stream=True and join the SSE chunks' text (printed as it comes if echo)."""
-    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(dict(body, stream=True)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     text = ""
     with urllib.request.urlopen(req, timeout=timeout) as r:
         for raw in r:

@@ -23,8 +23,9 @@ cluster" lists the ports it needs.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 
 def is_loopback(host: str) -> bool:
@@ -58,7 +59,9 @@ def start_loopback_ray(**init_kwargs: Any) -> str:
     node_ip = ray.util.get_node_ip_address()
     if not is_loopback(node_ip):
         ray.shutdown()
-        raise RuntimeError(f"the embedded Ray came up on {node_ip}, not on loopback: this Ray "
-                           f"version ignores its single-machine switch; refusing to open its "
-                           f"ports to the network (use --address with a cluster you secure)")
+        raise RuntimeError(
+            f"the embedded Ray came up on {node_ip}, not on loopback: this Ray "
+            f"version ignores its single-machine switch; refusing to open its "
+            f"ports to the network (use --address with a cluster you secure)"
+        )
     return node_ip

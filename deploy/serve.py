@@ -9,9 +9,9 @@ import threading
 import time
 from contextlib import contextmanager
 
-from zipserve.deploy.local_ray import start_loopback_ray
-from zipserve.control.multi_codec import make_backend
 from zipserve.control.config import ServeConfig
+from zipserve.control.multi_codec import make_backend
+from zipserve.deploy.local_ray import start_loopback_ray
 from zipserve.router.limits import AdmissionConfig
 from zipserve.transfer.nccl_env import nccl_env
 
@@ -26,8 +26,9 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # embedded: a local Ray just for this process, on loopback only
-        start_loopback_ray(include_dashboard=False, log_to_driver=False,
-                           runtime_env={"env_vars": nccl_env()})
+        start_loopback_ray(
+            include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": nccl_env()}
+        )
 
 
 def freeze_startup_objects() -> None:
@@ -40,11 +41,18 @@ def freeze_startup_objects() -> None:
 
 
 @contextmanager
-def running_server(cfg: ServeConfig, host: str, port: int, address: str | None = None,
-                   api_key: str | None = None, limits: AdmissionConfig | None = None):
+def running_server(
+    cfg: ServeConfig,
+    host: str,
+    port: int,
+    address: str | None = None,
+    api_key: str | None = None,
+    limits: AdmissionConfig | None = None,
+):
     """Start Ray, the workers and uvicorn in a thread; yield the base URL; stop everything."""
     import ray
     import uvicorn
+
     from zipserve.router.app import create_app
     from zipserve.router.read_timeouts import uvicorn_options
 
@@ -52,8 +60,9 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
     start_ray(address)
     backend = make_backend(cfg)
     app = create_app(backend, api_key=api_key, limits=limits)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           **uvicorn_options(limits)))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_options(limits))
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -73,9 +82,16 @@ def running_server(cfg: ServeConfig, host: str, port: int, address: str | None =
             ray.shutdown()
 
 
-def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
-          api_key: str | None, limits: AdmissionConfig | None = None) -> None:
+def serve(
+    cfg: ServeConfig,
+    host: str,
+    port: int,
+    address: str | None,
+    api_key: str | None,
+    limits: AdmissionConfig | None = None,
+) -> None:
     import uvicorn
+
     from zipserve.router.app import create_app
     from zipserve.router.read_timeouts import uvicorn_options
 
@@ -83,17 +99,26 @@ def serve(cfg: ServeConfig, host: str, port: int, address: str | None,
     backend = make_backend(cfg)
     freeze_startup_objects()
     per = " per codec" if cfg.extra_codecs else ""
-    print(f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers{per} "
-          f"({backend.device}), codec {','.join(cfg.codecs)}, model {cfg.model}; "
-          f"http://{host}:{port}",
-          flush=True)
+    print(
+        f"zipserve: {cfg.num_prefill} prefill + {cfg.num_decode} decode workers{per} "
+        f"({backend.device}), codec {','.join(cfg.codecs)}, model {cfg.model}; "
+        f"http://{host}:{port}",
+        flush=True,
+    )
     if host not in LOOPBACK_HOSTS and api_key is None:
-        print(f"zipserve: warning: listening on {host} without an API key; anyone who can "
-              f"reach this port can use the server (--api-key-file)", flush=True)
+        print(
+            f"zipserve: warning: listening on {host} without an API key; anyone who can "
+            f"reach this port can use the server (--api-key-file)",
+            flush=True,
+        )
     try:
-        uvicorn.run(create_app(backend, api_key=api_key, limits=limits), host=host, port=port,
-                    log_level="info", **uvicorn_options(limits))
+        uvicorn.run(
+            create_app(backend, api_key=api_key, limits=limits),
+            host=host,
+            port=port,
+            log_level="info",
+            **uvicorn_options(limits),
+        )
     finally:
         gc.unfreeze()
         backend.shutdown()
-

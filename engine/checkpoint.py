@@ -20,9 +20,14 @@ from safetensors import safe_open
 from .config import ModelConfig
 
 _DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
 }
 _STORED_DTYPES = {"BF16", "F16", "F32"}
 # Buffers some exporters save that the engine recomputes.
@@ -66,9 +71,12 @@ def _weight_files(root: Path) -> dict[str, Path]:
     candidates = [single] if single.is_file() else sorted(root.glob("*.safetensors"))
     if not candidates:
         pickles = sorted(p.name for g in _PICKLE_GLOBS for p in root.glob(g))
-        hint = (f" (found {', '.join(pickles[:3])}: .bin/pickle checkpoints are not loaded, for "
-                "safety; convert them to safetensors)" if pickles else
-                " (.bin/pickle checkpoints are not loaded, for safety)")
+        hint = (
+            f" (found {', '.join(pickles[:3])}: .bin/pickle checkpoints are not loaded, for "
+            "safety; convert them to safetensors)"
+            if pickles
+            else " (.bin/pickle checkpoints are not loaded, for safety)"
+        )
         raise CheckpointError(f"model: no *.safetensors files in {root}{hint}")
     files = {}
     for file in candidates:
@@ -76,7 +84,8 @@ def _weight_files(root: Path) -> dict[str, Path]:
             for name in f.keys():
                 if name in files:
                     raise CheckpointError(
-                        f"{name}: present in both {files[name].name} and {file.name}")
+                        f"{name}: present in both {files[name].name} and {file.name}"
+                    )
                 files[name] = file
     return files
 
@@ -95,7 +104,9 @@ def _validate(config: ModelConfig, files: dict[str, Path]) -> list[str]:
             present = set(f.keys())
             for name in names:
                 if name not in present:
-                    raise CheckpointError(f"{name}: listed in the index but absent from {file.name}")
+                    raise CheckpointError(
+                        f"{name}: listed in the index but absent from {file.name}"
+                    )
                 if name not in expected:
                     if _HARMLESS.search(name):
                         continue
@@ -108,30 +119,39 @@ def _validate(config: ModelConfig, files: dict[str, Path]) -> list[str]:
                 if stored not in _STORED_DTYPES:
                     raise CheckpointError(
                         f"{name}: stored as {stored}; only BF16, F16 and F32 tensors are supported "
-                        "(quantized checkpoints are not)")
+                        "(quantized checkpoints are not)"
+                    )
                 shape = tuple(sl.get_shape())
                 if shape != expected[name]:
                     raise CheckpointError(
                         f"{name}: shape {shape} in checkpoint, expected {expected[name]} "
-                        "from config.json")
+                        "from config.json"
+                    )
                 to_load.append(name)
 
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(
             f"unexpected tensors not used by {config.architecture}: "
-            f"{', '.join(sorted(unexpected)[:5])}{more}")
+            f"{', '.join(sorted(unexpected)[:5])}{more}"
+        )
     missing = [n for n in expected if n not in files]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        hint = (" (config.json has tie_word_embeddings false, so the checkpoint needs its own "
-                "lm_head.weight)" if "lm_head.weight" in missing else "")
+        hint = (
+            " (config.json has tie_word_embeddings false, so the checkpoint needs its own "
+            "lm_head.weight)"
+            if "lm_head.weight" in missing
+            else ""
+        )
         raise CheckpointError(f"missing tensors: {', '.join(missing[:5])}{more}{hint}")
     return to_load
 
 
 def load_checkpoint(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face model directory: (config, tensors keyed by their Hugging Face names).
 

@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 LCKV_ARCHITECTURE = "ZipserveLCKVForCausalLM"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           LCKV_ARCHITECTURE)
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    LCKV_ARCHITECTURE,
+)
 
 
 class ConfigError(ValueError):
@@ -64,11 +68,15 @@ class LCKVSpec:
         return self.passes_no_grad + self.passes_grad
 
     def to_hf(self) -> dict[str, int]:
-        return {"warmup_bottom": self.warmup_bottom, "warmup_top": self.warmup_top,
-                "passes_no_grad": self.passes_no_grad, "passes_grad": self.passes_grad}
+        return {
+            "warmup_bottom": self.warmup_bottom,
+            "warmup_top": self.warmup_top,
+            "passes_no_grad": self.passes_no_grad,
+            "passes_grad": self.passes_grad,
+        }
 
     @classmethod
-    def from_hf(cls, d: Any) -> "LCKVSpec":
+    def from_hf(cls, d: Any) -> LCKVSpec:
         if not isinstance(d, dict):
             raise ConfigError("lckv: must be an object in config.json")
         unknown = set(d) - {"warmup_bottom", "warmup_top", "passes_no_grad", "passes_grad"}
@@ -80,7 +88,7 @@ class LCKVSpec:
         return cls(**d)
 
     @classmethod
-    def split(cls, warmup: int = 2, passes_no_grad: int = 7, passes_grad: int = 2) -> "LCKVSpec":
+    def split(cls, warmup: int = 2, passes_no_grad: int = 7, passes_grad: int = 2) -> LCKVSpec:
         """w warmup layers split between bottom (the larger half) and top."""
         if warmup < 0:
             raise ConfigError(f"lckv warmup: must be >= 0, got {warmup}")
@@ -125,8 +133,10 @@ class ModelConfig:
             if c.warmup_bottom < 0 or c.warmup_top < 0:
                 raise ConfigError("lckv.warmup_bottom/warmup_top: must be >= 0")
             if c.warmup + 1 > self.num_layers:
-                raise ConfigError(f"lckv: {c.warmup} warmup layers + the condensed top layer "
-                                  f"need more than num_hidden_layers={self.num_layers}")
+                raise ConfigError(
+                    f"lckv: {c.warmup} warmup layers + the condensed top layer "
+                    f"need more than num_hidden_layers={self.num_layers}"
+                )
             if c.passes_no_grad < 0 or c.passes_grad < 1:
                 raise ConfigError("lckv.passes_no_grad must be >= 0 and lckv.passes_grad >= 1")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -134,8 +144,16 @@ class ModelConfig:
                 f"architectures: {self.architecture!r} is not supported; "
                 f"zipserve runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
@@ -220,7 +238,7 @@ class ModelConfig:
         return shapes
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a parsed Hugging Face config.json, naming the field on any problem."""
         archs = d.get("architectures") or []
         if not archs:
@@ -277,7 +295,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         cfg_path = Path(path) / "config.json"
         if not cfg_path.is_file():
             raise ConfigError(f"model: no config.json in {path}")
@@ -310,34 +328,78 @@ def _parse_rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
 # Named random models: shapes only, weights drawn at load time (engine/loading.py builds them).
 RANDOM_MODELS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=256,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_ids=(2,), torch_dtype="float32",
+        architecture="LlamaForCausalLM",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        torch_dtype="float32",
     ),
     "llama3-8b": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
-        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+        architecture="LlamaForCausalLM",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
         tie_word_embeddings=False,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
-        eos_token_ids=(128001, 128009), torch_dtype="bfloat16",
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128009),
+        torch_dtype="bfloat16",
     ),
     # Llama-3-8B's shape as an LCKV model (w = 2: KV for layers 0, 30, 31), for speed benchmarks.
     "llama3-8b-lckv": ModelConfig(
-        architecture=LCKV_ARCHITECTURE, vocab_size=128256, hidden_size=4096,
-        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+        architecture=LCKV_ARCHITECTURE,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
         tie_word_embeddings=False,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), bos_token_id=128000,
-        eos_token_ids=(128001, 128009), torch_dtype="bfloat16", lckv=LCKVSpec.split(2),
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128009),
+        torch_dtype="bfloat16",
+        lckv=LCKVSpec.split(2),
     ),
     # 5 layers, w = 2: layers 0, 3, 4 keep KV; 1 and 2 attend to layer 3's.
     "tiny-lckv": ModelConfig(
-        architecture=LCKV_ARCHITECTURE, vocab_size=512, hidden_size=128, intermediate_size=256,
-        num_layers=5, num_heads=2, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_ids=(2,), torch_dtype="float32", lckv=LCKVSpec.split(2),
+        architecture=LCKV_ARCHITECTURE,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=5,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        torch_dtype="float32",
+        lckv=LCKVSpec.split(2),
     ),
 }
 
@@ -346,8 +408,10 @@ def random_model_config(name: str) -> ModelConfig:
     """`random:tiny` -> its ModelConfig; a clear error listing the known names otherwise."""
     key = name.removeprefix("random:")
     if key not in RANDOM_MODELS:
-        raise ConfigError(f"model: unknown random model {name!r}; known: "
-                          + ", ".join("random:" + k for k in RANDOM_MODELS))
+        raise ConfigError(
+            f"model: unknown random model {name!r}; known: "
+            + ", ".join("random:" + k for k in RANDOM_MODELS)
+        )
     return RANDOM_MODELS[key]
 
 
@@ -421,7 +485,13 @@ class EngineConfig:
             raise ConfigError(str(e)) from None
         if self.max_num_seqs < 1 or self.max_prefill_tokens < 1:
             raise ConfigError("max_num_seqs and max_prefill_tokens must be positive")
-        if (isinstance(self.max_prefill_chunk, bool) or not isinstance(self.max_prefill_chunk, int)
-                or self.max_prefill_chunk < 0 or self.max_prefill_chunk % self.page_size):
-            raise ConfigError(f"max_prefill_chunk: must be 0 or a positive multiple of page_size "
-                              f"({self.page_size}), got {self.max_prefill_chunk!r}")
+        if (
+            isinstance(self.max_prefill_chunk, bool)
+            or not isinstance(self.max_prefill_chunk, int)
+            or self.max_prefill_chunk < 0
+            or self.max_prefill_chunk % self.page_size
+        ):
+            raise ConfigError(
+                f"max_prefill_chunk: must be 0 or a positive multiple of page_size "
+                f"({self.page_size}), got {self.max_prefill_chunk!r}"
+            )

@@ -9,7 +9,7 @@ the scratch page, so they touch no sequence's memory.
 from __future__ import annotations
 
 import bisect
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,9 +26,15 @@ def decode_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch_sizes: list[int],
-                 max_pages_per_seq: int, splits_for: Callable[[int], int],
-                 device: torch.device):
+    def __init__(
+        self,
+        model: LlamaModel,
+        cache: PagedKVCache,
+        batch_sizes: list[int],
+        max_pages_per_seq: int,
+        splits_for: Callable[[int], int],
+        device: torch.device,
+    ):
         self.sizes = sorted(set(batch_sizes))
         n = self.sizes[-1]
         self.scratch_slot = cache.scratch_slot
@@ -37,24 +43,33 @@ class DecodeGraphs:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         self.inputs = dict(
-            input_ids=zeros(n), positions=zeros(n),
+            input_ids=zeros(n),
+            positions=zeros(n),
             write_pages=torch.full((n,), SCRATCH_PAGE, dtype=torch.int64, device=device),
-            write_offsets=zeros(n), page_table=zeros(n, max_pages_per_seq, dtype=torch.int32),
+            write_offsets=zeros(n),
+            page_table=zeros(n, max_pages_per_seq, dtype=torch.int32),
             seq_lens=zeros(n, dtype=torch.int32),
             slots=torch.full((n,), self.scratch_slot, dtype=torch.int64, device=device),
             n_full=zeros(n, dtype=torch.int32),
-            seal_pages=torch.full((n,), SCRATCH_PAGE, dtype=torch.int64, device=device))
+            seal_pages=torch.full((n,), SCRATCH_PAGE, dtype=torch.int64, device=device),
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         pool = None
         for b in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
             batch = ForwardBatch(
-                input_ids=self.inputs["input_ids"][:b], positions=self.inputs["positions"][:b],
+                input_ids=self.inputs["input_ids"][:b],
+                positions=self.inputs["positions"][:b],
                 write_pages=self.inputs["write_pages"][:b],
-                write_offsets=self.inputs["write_offsets"][:b], is_prefill=False,
-                page_table=self.inputs["page_table"][:b], seq_lens=self.inputs["seq_lens"][:b],
-                num_splits=splits_for(b), slots=self.inputs["slots"][:b],
-                n_full=self.inputs["n_full"][:b], seal_pages=self.inputs["seal_pages"][:b])
+                write_offsets=self.inputs["write_offsets"][:b],
+                is_prefill=False,
+                page_table=self.inputs["page_table"][:b],
+                seq_lens=self.inputs["seq_lens"][:b],
+                num_splits=splits_for(b),
+                slots=self.inputs["slots"][:b],
+                n_full=self.inputs["n_full"][:b],
+                seal_pages=self.inputs["seal_pages"][:b],
+            )
             model(batch, cache)  # warm up: compiles the Triton kernels for this shape
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
@@ -75,7 +90,7 @@ class DecodeGraphs:
             dst = self.inputs[name]
             src = torch.from_numpy(value)
             if name == "page_table":
-                dst[:b, :src.shape[1]].copy_(src, non_blocking=True)
+                dst[:b, : src.shape[1]].copy_(src, non_blocking=True)
             else:
                 dst[:b].copy_(src, non_blocking=True)
         # Padding rows: attend to nothing, write to the scratch page.

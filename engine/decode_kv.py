@@ -33,8 +33,15 @@ DECODE_KV_MODES = ("compressed", "dense", "auto")
 # vs bf16 472. (The H100 kernel alone ran hack2 at 1.27x SDPA at 8 x 32k, but the engine step is
 # what a deployment gets.) Missing entries are unmeasured.
 MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
-    "h200": {"paged-bf16": 0.92, "fp8": 0.51, "kivi2": 0.29, "kivi4": 0.30, "hack2": 0.75,
-             "hack4": 0.72, "lowrank": 1.55},
+    "h200": {
+        "paged-bf16": 0.92,
+        "fp8": 0.51,
+        "kivi2": 0.29,
+        "kivi4": 0.30,
+        "hack2": 0.75,
+        "hack4": 0.72,
+        "lowrank": 1.55,
+    },
     "h100": {"paged-bf16": 1.0, "hack2": 0.77, "hack4": 0.77},
 }
 DENSE_KERNEL = "paged-bf16"
@@ -65,12 +72,15 @@ def check_decode_kv(codec: str, decode_kv: str) -> None:
     """ValueError naming decode_kv for an unknown mode or `dense` with a codec without a dense
     form (the low-rank codecs)."""
     if decode_kv not in DECODE_KV_MODES:
-        raise ValueError(f"decode_kv: must be one of {', '.join(DECODE_KV_MODES)}, got "
-                         f"{decode_kv!r}")
+        raise ValueError(
+            f"decode_kv: must be one of {', '.join(DECODE_KV_MODES)}, got {decode_kv!r}"
+        )
     cls = _codec_class(codec)
     if decode_kv == "dense" and not cls.dense_form:
-        raise ValueError(f"decode_kv: 'dense' is not available for codec {codec}: "
-                         f"{cls.no_dense_form_reason}; use decode_kv='compressed' or 'auto'")
+        raise ValueError(
+            f"decode_kv: 'dense' is not available for codec {codec}: "
+            f"{cls.no_dense_form_reason}; use decode_kv='compressed' or 'auto'"
+        )
 
 
 @dataclass(frozen=True)
@@ -122,21 +132,29 @@ def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> 
     if device.type != "cuda":
         return DecodeKVChoice("dense", "CPU: the compressed path runs torch references")
     if pool_bytes_needed > device.kv_bytes:
-        return DecodeKVChoice("compressed", f"dense pages need {pool_bytes_needed >> 20} MiB, "
-                                            f"{device.kv_bytes >> 20} MiB free for KV")
+        return DecodeKVChoice(
+            "compressed",
+            f"dense pages need {pool_bytes_needed >> 20} MiB, "
+            f"{device.kv_bytes >> 20} MiB free for KV",
+        )
     fam = gpu_family(device.name)
     table = MEASURED_SPEED_VS_SDPA.get(fam or "", {})
     codes, dense = kernel_speed(codec, table), table.get(DENSE_KERNEL, 1.0)
     if codes is not None and codes > dense:
-        return DecodeKVChoice("compressed", f"{codec} kernel {codes:.2f}x SDPA vs dense "
-                                            f"{dense:.2f}x on {fam}")
-    what = (f"{codec} kernel {codes:.2f}x SDPA vs dense {dense:.2f}x on {fam}"
-            if codes is not None else f"{codec} kernel not measured on {device.name or 'this GPU'}")
+        return DecodeKVChoice(
+            "compressed", f"{codec} kernel {codes:.2f}x SDPA vs dense {dense:.2f}x on {fam}"
+        )
+    what = (
+        f"{codec} kernel {codes:.2f}x SDPA vs dense {dense:.2f}x on {fam}"
+        if codes is not None
+        else f"{codec} kernel not measured on {device.name or 'this GPU'}"
+    )
     return DecodeKVChoice("dense", what)
 
 
-def codec_modes(codecs: list[str] | tuple[str, ...],
-                modes: list[str] | tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+def codec_modes(
+    codecs: list[str] | tuple[str, ...], modes: list[str] | tuple[str, ...]
+) -> tuple[list[tuple[str, str]], list[str]]:
     """The (codec, decode_kv) runs of a benchmark or demo over codecs x modes, and a note per
     run left out: bf16 (any codec whose pages are dense) runs once (its pages are dense in every
     mode), and a codec without a dense form skips `dense` when another mode is asked too

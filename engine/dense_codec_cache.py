@@ -32,8 +32,15 @@ class DenseCodecKVCache(KVCache):
     scores_by_page = True
     """The prompt's full pages hold the codec's values: scored page by page, as decode sees it."""
 
-    def __init__(self, codec: KVCodec, config: ModelConfig, num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        codec: KVCodec,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         super().__init__(config, num_pages, page_size, dtype, device, codec=codec)
         self.codecs = [codec.for_layer(i) for i in range(config.num_kv_layers)]
         self.n_sink = codec.n_sink
@@ -45,9 +52,11 @@ class DenseCodecKVCache(KVCache):
         return out
 
     def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
-        raise ValueError(f"decode_kv: a dense-mode engine holds {self.codec.name}'s values "
-                         f"dequantized, not its codes, and cannot export them; prefill engines "
-                         f"run decode_kv='compressed'")
+        raise ValueError(
+            f"decode_kv: a dense-mode engine holds {self.codec.name}'s values "
+            f"dequantized, not its codes, and cannot export them; prefill engines "
+            f"run decode_kv='compressed'"
+        )
 
     def _to_codec_values(self, layer: int, prefill_seqs) -> None:
         """Replace the full pages each prefill chunk wrote by their encoded-then-dequantized
@@ -60,7 +69,7 @@ class DenseCodecKVCache(KVCache):
             first, nf = start // p, n // p
             if not nf:
                 continue
-            ids = torch.tensor(pages[first:first + nf], device=k_pages.device)
+            ids = torch.tensor(pages[first : first + nf], device=k_pages.device)
             s = self.n_sink if first == 0 else 0
             sinks = (k_pages[pages[0], :, :s].clone(), v_pages[pages[0], :, :s].clone())
             scratch = codec.new_store(nf, k_pages.device)
@@ -70,15 +79,15 @@ class DenseCodecKVCache(KVCache):
             if s:
                 k_pages[pages[0], :, :s], v_pages[pages[0], :, :s] = sinks
 
-    def import_pages(self, layer: int, wire: WirePages, tail: dict[str, torch.Tensor],
-                     seq: Sequence) -> None:
+    def import_pages(
+        self, layer: int, wire: WirePages, tail: dict[str, torch.Tensor], seq: Sequence
+    ) -> None:
         """Write one received layer of the codec's wire form into seq's reserved pages.
         WireError / ValueError when it is of another codec or layout, or its tail is malformed."""
         codec = self.codecs[layer]
         k_pages, v_pages = self.layer(layer)
         dev, p, n = k_pages.device, self.page_size, wire.num_pages
-        check_layout(wire, codec.name, codec.new_store(0, dev),
-                     " (dequantized: decode_kv=dense)")
+        check_layout(wire, codec.name, codec.new_store(0, dev), " (dequantized: decode_kv=dense)")
         if n > len(seq.pages):
             raise ValueError(f"layer {layer}: {n} pages arrived for {len(seq.pages)} reserved")
         if n:
@@ -91,8 +100,10 @@ class DenseCodecKVCache(KVCache):
         r = _check_tail("open", open_k, open_v, k_pages, p - 1, layer)
         if r:
             if len(seq.pages) <= n:
-                raise ValueError(f"layer {layer}: {n} pages and {r} more tokens arrived for "
-                                 f"{len(seq.pages)} reserved pages")
+                raise ValueError(
+                    f"layer {layer}: {n} pages and {r} more tokens arrived for "
+                    f"{len(seq.pages)} reserved pages"
+                )
             k_pages[seq.pages[n], :, :r] = open_k.to(dev)
             v_pages[seq.pages[n], :, :r] = open_v.to(dev)
         if self.n_sink and n:  # before a page is encoded the sinks are the open page's tokens
@@ -103,12 +114,20 @@ class DenseCodecKVCache(KVCache):
             v_pages[seq.pages[0], :, :s] = tail["sink_v"].to(dev)
 
 
-def _check_tail(what: str, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
-                max_tokens: int, layer: int) -> int:
+def _check_tail(
+    what: str, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, max_tokens: int, layer: int
+) -> int:
     """Tokens of a tail pair [KVH, t, D]; ValueError when its shape does not fit the pool."""
     kvh, d = k_pages.shape[1], k_pages.shape[3]
-    if (k.dim() != 3 or k.shape != v.shape or k.shape[0] != kvh or k.shape[2] != d
-            or k.shape[1] > max_tokens):
-        raise ValueError(f"layer {layer}: {what} tokens of shape {tuple(k.shape)} / "
-                         f"{tuple(v.shape)}, expected [KVH={kvh}, <= {max_tokens}, D={d}]")
+    if (
+        k.dim() != 3
+        or k.shape != v.shape
+        or k.shape[0] != kvh
+        or k.shape[2] != d
+        or k.shape[1] > max_tokens
+    ):
+        raise ValueError(
+            f"layer {layer}: {what} tokens of shape {tuple(k.shape)} / "
+            f"{tuple(v.shape)}, expected [KVH={kvh}, <= {max_tokens}, D={d}]"
+        )
     return int(k.shape[1])

@@ -39,22 +39,37 @@ class KVCache:
     scores_by_page = False
     """The pages are exact: a sequence is scored in one pass."""
 
-    def __init__(self, config: ModelConfig, num_pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device | str, codec: KVCodec | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        codec: KVCodec | None = None,
+    ):
         """codec: whose values the pages hold; default the dense codec (bf16) of this model."""
         self.num_pages, self.page_size = num_pages, page_size
         self.codec = codec or DenseCodec(config.num_kv_heads, page_size, config.head_dim, dtype)
         # [layers, 2 (K, V), pages, KVH, P, D]
         self.storage = torch.zeros(
-            config.num_kv_layers, 2, num_pages, config.num_kv_heads, page_size, config.head_dim,
-            dtype=dtype, device=device)
+            config.num_kv_layers,
+            2,
+            num_pages,
+            config.num_kv_heads,
+            page_size,
+            config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) page tensors of one layer, each [num_pages, KVH, P, D]."""
         return self.storage[idx, 0], self.storage[idx, 1]
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
-                  scale: float) -> torch.Tensor:
+    def attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, scale: float
+    ) -> torch.Tensor:
         """Store the batch's new K/V in their pages, then attend. q [T, H, D], k/v [T, KVH, D]."""
         k_cache, v_cache = self.layer(layer)  # [pages, KVH, P, D] each
         k_cache[batch.write_pages, :, batch.write_offsets] = k
@@ -64,16 +79,30 @@ class KVCache:
                 return prefill_attention(q, k, v, batch.seq_lens_host, scale)
             return self._chunked_prefill(q, k_cache, v_cache, batch.prefill_seqs, scale)
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
-        return attend(q, k_cache, v_cache, batch.page_table, batch.seq_lens, scale,
-                      num_splits=batch.num_splits)
+        return attend(
+            q,
+            k_cache,
+            v_cache,
+            batch.page_table,
+            batch.seq_lens,
+            scale,
+            num_splits=batch.num_splits,
+        )
 
     def attend_past(self, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
         """Decode, read only: q [B, H, D] attends to the cached KV of each sequence's positions
         before the current token (an LCKV condensed layer reading the condensed top's pages)."""
         k_cache, v_cache = self.layer(layer)
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_ref
-        return attend(q, k_cache, v_cache, batch.page_table, (batch.seq_lens - 1).clamp(min=0),
-                      scale, num_splits=batch.num_splits)
+        return attend(
+            q,
+            k_cache,
+            v_cache,
+            batch.page_table,
+            (batch.seq_lens - 1).clamp(min=0),
+            scale,
+            num_splits=batch.num_splits,
+        )
 
     def past_kv(self, layer: int, slot: int, past_pages: list[int]):
         """K/V [N, KVH, D] of a sequence's full pages before a prefill chunk (LCKV page-by-page
@@ -81,8 +110,10 @@ class KVCache:
         k_pages, v_pages = self.layer(layer)  # [pages, KVH, P, D]
         ids = torch.tensor(past_pages, dtype=torch.long, device=k_pages.device)
         kvh, d = k_pages.shape[1], k_pages.shape[3]
-        return (k_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
-                v_pages[ids].transpose(1, 2).reshape(-1, kvh, d))
+        return (
+            k_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
+            v_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
+        )
 
     def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
         """The full pages of the first num_tokens tokens, and the valid tokens of a partly filled
@@ -94,34 +125,44 @@ class KVCache:
         if r:
             page = seq.pages[n_full]
             tail = {"open_k": k[page, :, :r], "open_v": v[page, :, :r]}
-        return LayerPages(self.codec.name, {"k": k, "v": v},
-                          torch.tensor(seq.pages[:n_full], dtype=torch.long), tail)
+        return LayerPages(
+            self.codec.name,
+            {"k": k, "v": v},
+            torch.tensor(seq.pages[:n_full], dtype=torch.long),
+            tail,
+        )
 
-    def import_pages(self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor],
-                     seq: Sequence) -> None:
+    def import_pages(
+        self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor], seq: Sequence
+    ) -> None:
         """A received layer: exactly the prompt's full pages, and the tokens of its partly filled
         page (when it has one) as open_k/open_v [KVH, r, D]."""
         k, v = self.layer(layer)
         n_full, p = pages.num_pages, self.page_size
         ids = torch.tensor(seq.pages[:n_full], dtype=torch.long)
         if len(ids) != n_full:
-            raise ValueError(f"layer {layer}: {n_full} pages arrived for {len(seq.pages)} "
-                             f"reserved")
+            raise ValueError(f"layer {layer}: {n_full} pages arrived for {len(seq.pages)} reserved")
         adopt_pages(self.codec.name, {"k": k, "v": v}, ids, pages)
         r = seq.num_tokens - n_full * p  # tokens of the partly filled page
         if not 0 <= r < p:
-            raise ValueError(f"layer {layer}: {n_full} full pages arrived for a prompt of "
-                             f"{seq.num_tokens} tokens")
+            raise ValueError(
+                f"layer {layer}: {n_full} full pages arrived for a prompt of "
+                f"{seq.num_tokens} tokens"
+            )
         if not r:
             return
         if "open_k" not in tail or "open_v" not in tail:
             raise ValueError(f"layer {layer}: the 16-bit tail is missing")
         if tail["open_k"].shape[1] != r or tail["open_v"].shape[1] != r:
-            raise ValueError(f"layer {layer}: {tail['open_k'].shape[1]} tail tokens arrived, "
-                             f"the prompt's last page holds {r}")
+            raise ValueError(
+                f"layer {layer}: {tail['open_k'].shape[1]} tail tokens arrived, "
+                f"the prompt's last page holds {r}"
+            )
         if len(seq.pages) <= n_full:
-            raise ValueError(f"layer {layer}: {n_full} pages and {r} more tokens arrived for "
-                             f"{len(seq.pages)} reserved pages")
+            raise ValueError(
+                f"layer {layer}: {n_full} pages and {r} more tokens arrived for "
+                f"{len(seq.pages)} reserved pages"
+            )
         k[seq.pages[n_full], :, :r] = tail["open_k"].to(k.device)
         v[seq.pages[n_full], :, :r] = tail["open_v"].to(v.device)
 
@@ -130,10 +171,10 @@ class KVCache:
         (already holding this chunk's K/V) causally. q [T, H, D] -> [T, H, D]."""
         outs, t0, p = [], 0, self.page_size
         for _slot, pages, start, n in prefill_seqs:
-            ids = torch.as_tensor(pages[:(start + n + p - 1) // p], device=q.device)
-            k = k_cache[ids].transpose(0, 1).flatten(1, 2)[:, :start + n]  # [KVH, start+n, D]
-            v = v_cache[ids].transpose(0, 1).flatten(1, 2)[:, :start + n]
-            outs.append(past_prefill_attention(q[t0:t0 + n], k, v, start, scale))
+            ids = torch.as_tensor(pages[: (start + n + p - 1) // p], device=q.device)
+            k = k_cache[ids].transpose(0, 1).flatten(1, 2)[:, : start + n]  # [KVH, start+n, D]
+            v = v_cache[ids].transpose(0, 1).flatten(1, 2)[:, : start + n]
+            outs.append(past_prefill_attention(q[t0 : t0 + n], k, v, start, scale))
             t0 += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

@@ -27,8 +27,13 @@ from zipserve.engine.paged_cache import LayerPages, PagedKVCache
 from zipserve.engine.sequence import Sequence
 
 
-def export_layer(cache: PagedKVCache, layer: int, seq: Sequence, num_tokens: int | None = None,
-                 device_form: bool = False) -> LayerKV | DeviceLayerKV:
+def export_layer(
+    cache: PagedKVCache,
+    layer: int,
+    seq: Sequence,
+    num_tokens: int | None = None,
+    device_form: bool = False,
+) -> LayerKV | DeviceLayerKV:
     """The first num_tokens (default: seq.num_cached) tokens' KV of one layer; device_form: as a
     DeviceLayerKV on the cache's device (nothing synchronizes or touches the host). ValueError
     when the cache cannot send what it holds (decode_kv=dense)."""
@@ -37,8 +42,7 @@ def export_layer(cache: PagedKVCache, layer: int, seq: Sequence, num_tokens: int
     if device_form:
         return _export_device(out, layer, seq, n)
     tail = {k: t.cpu().clone() for k, t in out.tail.items()}
-    return LayerKV(layer, n, pack_pages(out.codec, out.store, out.page_ids), tail,
-                   seq.request_id)
+    return LayerKV(layer, n, pack_pages(out.codec, out.store, out.page_ids), tail, seq.request_id)
 
 
 def _export_device(out: LayerPages, layer: int, seq: Sequence, n: int) -> DeviceLayerKV:

@@ -20,9 +20,16 @@ from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.paged_cache import PagedKVCache
 
 
-def build_cache(codec: KVCodec, decode_kv: str, config: ModelConfig, num_pages: int,
-                page_size: int, max_num_seqs: int, dtype: torch.dtype,
-                device: torch.device | str) -> PagedKVCache:
+def build_cache(
+    codec: KVCodec,
+    decode_kv: str,
+    config: ModelConfig,
+    num_pages: int,
+    page_size: int,
+    max_num_seqs: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> PagedKVCache:
     """The cache for `codec` under a resolved decode_kv ('dense' or 'compressed')."""
     if decode_kv == "dense":
         if codec.dense_pages:
@@ -31,8 +38,9 @@ def build_cache(codec: KVCodec, decode_kv: str, config: ModelConfig, num_pages: 
     return CompressedKVCache(codec, config, num_pages, page_size, max_num_seqs + 2, dtype, device)
 
 
-def bytes_per_page(codec: KVCodec, decode_kv: str, config: ModelConfig, page_size: int,
-                   dtype: torch.dtype) -> int:
+def bytes_per_page(
+    codec: KVCodec, decode_kv: str, config: ModelConfig, page_size: int, dtype: torch.dtype
+) -> int:
     """Device bytes of one page of that cache over all KV layers (open-page slots apart)."""
     if decode_kv == "dense":
         return KVCache.bytes_per_page(config, page_size, dtype)

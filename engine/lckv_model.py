@@ -25,8 +25,9 @@ from zipserve.engine.config import ModelConfig
 from zipserve.engine.model import MLP, DecoderLayer, ForwardBatch, RMSNorm, RotaryEmbedding
 
 
-def strict_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            seq_lens: list[int], scale: float) -> torch.Tensor:
+def strict_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], scale: float
+) -> torch.Tensor:
     """Each packed token attends to the earlier tokens of its sequence only (diagonal masked).
     q [T, H, D], k/v [T, KVH, D] -> [T, H, D]; a sequence's first token gets zeros."""
     gqa = q.shape[1] != k.shape[1]
@@ -34,29 +35,42 @@ def strict_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     start = 0
     for n in seq_lens:
         if n > 1:
-            qs = q[start + 1:start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n-1, D]
-            ks = k[start:start + n - 1].transpose(0, 1).unsqueeze(0)  # [1, KVH, n-1, D]
-            vs = v[start:start + n - 1].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                               enable_gqa=gqa)
-            out[start + 1:start + n] = o[0].transpose(0, 1)
+            qs = q[start + 1 : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n-1, D]
+            ks = k[start : start + n - 1].transpose(0, 1).unsqueeze(0)  # [1, KVH, n-1, D]
+            vs = v[start : start + n - 1].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+            out[start + 1 : start + n] = o[0].transpose(0, 1)
         start += n
     return out
 
 
-def attend_with_past(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                     k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_with_past(
+    q: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """One chunk's tokens q [n, H, D] attend to all of past_k/v [N, KVH, D] (N >= 1) and to the
     chunk's earlier tokens of k/v [n, KVH, D] (diagonal masked) -> [n, H, D]."""
     n, big_n = q.shape[0], past_k.shape[0]
     keys = torch.cat([past_k.to(k.dtype), k]).transpose(0, 1).unsqueeze(0)  # [1, KVH, N+n, D]
     vals = torch.cat([past_v.to(v.dtype), v]).transpose(0, 1).unsqueeze(0)
     ones = torch.ones(n, n, dtype=torch.bool, device=q.device)
-    mask = torch.cat([torch.ones(n, big_n, dtype=torch.bool, device=q.device),
-                      ones.tril(-1)], 1)  # [n, N+n]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, vals,
-                                       attn_mask=mask, scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])
+    mask = torch.cat(
+        [torch.ones(n, big_n, dtype=torch.bool, device=q.device), ones.tril(-1)], 1
+    )  # [n, N+n]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        keys,
+        vals,
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
     return o[0].transpose(0, 1)
 
 
@@ -64,10 +78,13 @@ def attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     """q [m, H, D] attends to every row of k/v [n, KVH, D] -> [m, H, D] (zeros when n == 0)."""
     if k.shape[0] == 0:
         return torch.zeros_like(q)
-    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0),
-                                       k.transpose(0, 1).unsqueeze(0),
-                                       v.transpose(0, 1).unsqueeze(0), scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
     return o[0].transpose(0, 1)
 
 
@@ -79,7 +96,7 @@ class CondensedAttention(nn.Module):
         self.source = source
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.q_size = config.q_size
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.q_proj = nn.Linear(config.hidden_size, self.q_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
@@ -93,8 +110,9 @@ class CondensedAttention(nn.Module):
         o = cache.attend_past(self.source, q, batch, self.scale)  # [B, H, D]
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
-    def forward_fresh(self, x, positions, seq_lens: list[int], k, v, rope,
-                      past=None) -> torch.Tensor:
+    def forward_fresh(
+        self, x, positions, seq_lens: list[int], k, v, rope, past=None
+    ) -> torch.Tensor:
         """Prefill: attend to the given KV [T, KVH, D] of earlier tokens of the same sequence
         (and, for one sequence's later chunk, to all of past = (k, v) [N, KVH, D])."""
         q = self._queries(x, positions, rope)
@@ -125,12 +143,17 @@ class CondensedLayer(nn.Module):
         return self._mlp(x + self.self_attn(self.input_layernorm(x), batch, rope, cache))
 
     def forward_fresh(self, x, positions, seq_lens, k, v, rope, past=None):
-        return self._mlp(x + self.self_attn.forward_fresh(self.input_layernorm(x), positions,
-                                                          seq_lens, k, v, rope, past))
+        return self._mlp(
+            x
+            + self.self_attn.forward_fresh(
+                self.input_layernorm(x), positions, seq_lens, k, v, rope, past
+            )
+        )
 
     def forward_one(self, x, positions, k_past, v_past, rope):
-        return self._mlp(x + self.self_attn.forward_one(self.input_layernorm(x), positions,
-                                                        k_past, v_past, rope))
+        return self._mlp(
+            x + self.self_attn.forward_one(self.input_layernorm(x), positions, k_past, v_past, rope)
+        )
 
 
 def _qkv(layer: DecoderLayer, x: torch.Tensor, positions, rope):
@@ -139,8 +162,9 @@ def _qkv(layer: DecoderLayer, x: torch.Tensor, positions, rope):
     qkv = a.qkv_proj(layer.input_layernorm(x))
     q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
     t = x.shape[0]
-    q, k = rope(positions, q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads,
-                                                                      a.head_dim))
+    q, k = rope(
+        positions, q.view(t, a.num_heads, a.head_dim), k.view(t, a.num_kv_heads, a.head_dim)
+    )
     return q, k, v.view(t, a.num_kv_heads, a.head_dim)
 
 
@@ -163,9 +187,11 @@ class LCKVModel(nn.Module):
         self.top_kv = self.spec.warmup_bottom  # its KV-layer index
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, kv_index[i]) if i in kv_index
+            DecoderLayer(config, kv_index[i])
+            if i in kv_index
             else CondensedLayer(config, kv_index[config.kv_source(i)])
-            for i in range(config.num_layers))
+            for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -174,7 +200,7 @@ class LCKVModel(nn.Module):
 
     @property
     def condensed(self) -> list[CondensedLayer]:
-        return list(self.layers[self.spec.warmup_bottom:self.top])
+        return list(self.layers[self.spec.warmup_bottom : self.top])
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache) -> torch.Tensor:
@@ -198,7 +224,7 @@ class LCKVModel(nn.Module):
         k, v = self.converged_top_kv(x, pos, lens, past)
         for layer in self.condensed:  # the last pass: its layer-t KV goes into the cache
             x = layer.forward_fresh(x, pos, lens, k, v, self.rope, past)
-        for layer in self.layers[self.top:]:
+        for layer in self.layers[self.top :]:
             x = layer(x, batch, self.rope, cache)
         return x
 
@@ -208,15 +234,18 @@ class LCKVModel(nn.Module):
         if all(meta[2] == 0 for meta in metas):
             return None
         if len(metas) != 1 or not cache.scores_by_page:
-            raise ValueError("LCKV: a prefill chunk that does not start at token 0 needs a "
-                             "compressed cache and one sequence in the batch")
+            raise ValueError(
+                "LCKV: a prefill chunk that does not start at token 0 needs a "
+                "compressed cache and one sequence in the batch"
+            )
         slot, pages, start, _ = metas[0]
-        k, v = cache.past_kv(self.top_kv, slot, pages[:start // cache.page_size])
+        k, v = cache.past_kv(self.top_kv, slot, pages[: start // cache.page_size])
         dtype = self.embed_tokens.weight.dtype
         return k.to(dtype), v.to(dtype)
 
-    def converged_top_kv(self, h: torch.Tensor, positions: torch.Tensor, seq_lens: list[int],
-                         past=None):
+    def converged_top_kv(
+        self, h: torch.Tensor, positions: torch.Tensor, seq_lens: list[int], past=None
+    ):
         """Layer t's K/V [T, KVH, D] that the last pass's condensed layers attend to, given the
         bottom warmup layers' output h [T, hidden]: after m + b - 1 dry passes for prompts of at
         least m + b tokens, exact (token by token) for shorter ones. past: see _past."""
@@ -229,8 +258,9 @@ class LCKVModel(nn.Module):
             starts.append(starts[-1] + n)
         long = [i for i, n in enumerate(seq_lens) if n >= n_pass]
         if long:
-            rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=h.device)
-                              for i in long])
+            rows = torch.cat(
+                [torch.arange(starts[i], starts[i + 1], device=h.device) for i in long]
+            )
             hl, pl, ll = h[rows], positions[rows], [seq_lens[i] for i in long]
             kl, vl = k[rows], v[rows]
             for _ in range(n_pass - 1):
@@ -259,7 +289,7 @@ class LCKVModel(nn.Module):
         v = torch.zeros_like(k)
         pk, pv = past if past is not None else (k[:0], v[:0])
         for i in range(n):
-            x, p = h[i:i + 1], positions[i:i + 1]
+            x, p = h[i : i + 1], positions[i : i + 1]
             k_past, v_past = torch.cat([pk, k[:i]]), torch.cat([pv, v[:i]])
             for layer in self.condensed:
                 x = layer.forward_one(x, p, k_past, v_past, self.rope)
@@ -273,12 +303,16 @@ class LCKVModel(nn.Module):
         c = self.config
         n = ids.shape[0]
         positions = torch.arange(n, device=ids.device)
-        kv = {layer: (self.embed_tokens.weight.new_zeros(n, c.num_kv_heads, c.head_dim),
-                      self.embed_tokens.weight.new_zeros(n, c.num_kv_heads, c.head_dim))
-              for layer in c.kv_layers}
+        kv = {
+            layer: (
+                self.embed_tokens.weight.new_zeros(n, c.num_kv_heads, c.head_dim),
+                self.embed_tokens.weight.new_zeros(n, c.num_kv_heads, c.head_dim),
+            )
+            for layer in c.kv_layers
+        }
         outs = []
         for i in range(n):
-            x, p = self.embed_tokens(ids[i:i + 1]), positions[i:i + 1]
+            x, p = self.embed_tokens(ids[i : i + 1]), positions[i : i + 1]
             for idx, layer in enumerate(self.layers):
                 if isinstance(layer, CondensedLayer):
                     k, v = kv[c.kv_source(idx)]
@@ -287,8 +321,9 @@ class LCKVModel(nn.Module):
                     q, ki, vi = _qkv(layer, x, p, self.rope)
                     k, v = kv[idx]
                     k[i], v[i] = ki[0], vi[0]
-                    x = _finish_layer(layer, x, attend_all(q, k[:i + 1], v[:i + 1],
-                                                           layer.self_attn.scale))
+                    x = _finish_layer(
+                        layer, x, attend_all(q, k[: i + 1], v[: i + 1], layer.self_attn.scale)
+                    )
             outs.append(x)
         return self.lm_head(self.norm(torch.cat(outs))).float()
 
@@ -304,18 +339,25 @@ class LCKVModel(nn.Module):
         kv_layers = set(c.kv_layers)
         for i in range(c.num_layers):
             hf, me = f"model.layers.{i}.", f"layers.{i}."
-            for name in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                         "self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            for name in (
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "self_attn.o_proj.weight",
+                "mlp.down_proj.weight",
+            ):
                 own[me + name] = tensors[hf + name]
             own[me + "mlp.gate_up_proj.weight"] = torch.cat(
-                [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
+                [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]]
+            )
             if i in kv_layers:
                 parts = "qkv"
                 own[me + "self_attn.qkv_proj.weight"] = torch.cat(
-                    [tensors[hf + f"self_attn.{p}_proj.weight"] for p in parts])
+                    [tensors[hf + f"self_attn.{p}_proj.weight"] for p in parts]
+                )
                 if c.attention_bias:
                     own[me + "self_attn.qkv_proj.bias"] = torch.cat(
-                        [tensors[hf + f"self_attn.{p}_proj.bias"] for p in parts])
+                        [tensors[hf + f"self_attn.{p}_proj.bias"] for p in parts]
+                    )
             else:
                 own[me + "self_attn.q_proj.weight"] = tensors[hf + "self_attn.q_proj.weight"]
                 if c.attention_bias:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from collections.abc import Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
@@ -22,23 +22,38 @@ class LLM:
     device: 'cuda', 'cpu' or None (GPU when there is one).
     """
 
-    def __init__(self, model: str, dtype: str | torch.dtype | None = "auto",
-                 device: str | None = None, max_model_len: int | None = None, seed: int = 0,
-                 **engine_options):
-        self.engine = LLMEngine(model, dtype=dtype, device=device,
-                                engine_config=EngineConfig(**engine_options),
-                                max_model_len=max_model_len, seed=seed)
+    def __init__(
+        self,
+        model: str,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        **engine_options,
+    ):
+        self.engine = LLMEngine(
+            model,
+            dtype=dtype,
+            device=device,
+            engine_config=EngineConfig(**engine_options),
+            max_model_len=max_model_len,
+            seed=seed,
+        )
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
-                 params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | list[int] | Seq[str | list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate for one prompt or a list; outputs come back in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:

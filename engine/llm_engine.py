@@ -45,10 +45,15 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, model: str, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device | None = None,
-                 engine_config: EngineConfig | None = None, max_model_len: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        model: str,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        engine_config: EngineConfig | None = None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.engine_config = ec = engine_config or EngineConfig()
         config = model_config_for(model)
@@ -57,13 +62,21 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(model, ec.skip_tokenizer)
         # Calibrated codecs read their files beside the checkpoint (lowrank: in lowrank_bases when
         # set; a random: model gets random bases or bits, compress/lowrank.py, compress/kvbits.py).
-        self.codec = make_codec(ec.codec, config.num_kv_heads, ec.page_size, config.head_dim,
-                                model_dir=model, bases_dir=ec.lowrank_bases,
-                                dtype=resolve_dtype(dtype, config, self.device))
-        self.max_model_len = min(max_model_len or config.max_position_embeddings,
-                                 config.max_position_embeddings)
-        self.config, self.model, self.dtype = build_model(model, dtype, self.device,
-                                                          self.max_model_len, seed)
+        self.codec = make_codec(
+            ec.codec,
+            config.num_kv_heads,
+            ec.page_size,
+            config.head_dim,
+            model_dir=model,
+            bases_dir=ec.lowrank_bases,
+            dtype=resolve_dtype(dtype, config, self.device),
+        )
+        self.max_model_len = min(
+            max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
+        self.config, self.model, self.dtype = build_model(
+            model, dtype, self.device, self.max_model_len, seed
+        )
         self.model_name = model
         self.codec.prepare_model(self.model, fold=ec.lowrank_fold)
         choice = self._resolve_decode_kv()
@@ -71,13 +84,23 @@ class LLMEngine:
         """decode_kv: 'dense' (16-bit pages: bf16, or a codec's values with decode_kv=dense) or
         'compressed' (the codec's pages), `auto` resolved (engine/decode_kv.py); and why."""
         num_pages = ec.num_pages or self._size_pool()
-        self.cache = build_cache(self.codec, self.decode_kv, self.config, num_pages,
-                                 ec.page_size, ec.max_num_seqs, self.dtype, self.device)
+        self.cache = build_cache(
+            self.codec,
+            self.decode_kv,
+            self.config,
+            num_pages,
+            ec.page_size,
+            ec.max_num_seqs,
+            self.dtype,
+            self.device,
+        )
         self.pool = PagePool(num_pages)
-        self.scheduler = Scheduler(self.pool, ec.page_size, ec.max_num_seqs,
-                                   ec.max_prefill_tokens, ec.max_prefill_chunk)
-        self.runner = ModelRunner(self.model, self.cache, self.config, ec, self.max_model_len,
-                                  self.device)
+        self.scheduler = Scheduler(
+            self.pool, ec.page_size, ec.max_num_seqs, ec.max_prefill_tokens, ec.max_prefill_chunk
+        )
+        self.runner = ModelRunner(
+            self.model, self.cache, self.config, ec, self.max_model_len, self.device
+        )
         self.sampler = Sampler()
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -103,14 +126,17 @@ class LLMEngine:
 
     def _size_pool(self) -> int:
         ec = self.engine_config
-        page_bytes = bytes_per_page(self.codec, self.decode_kv, self.config, ec.page_size,
-                                    self.dtype)
+        page_bytes = bytes_per_page(
+            self.codec, self.decode_kv, self.config, ec.page_size, self.dtype
+        )
         if self.device.type != "cuda":
             return pages_for(ec.max_kv_tokens, ec.page_size) + 1
         free = self._kv_budget()
         if free < 2 * page_bytes:
-            raise RuntimeError(f"no GPU memory left for the KV pool (weights use "
-                               f"{torch.cuda.memory_allocated(self.device) >> 20} MiB)")
+            raise RuntimeError(
+                f"no GPU memory left for the KV pool (weights use "
+                f"{torch.cuda.memory_allocated(self.device) >> 20} MiB)"
+            )
         return free // page_bytes
 
     def _kv_budget(self) -> int:
@@ -121,16 +147,24 @@ class LLMEngine:
         total = torch.cuda.get_device_properties(self.device).total_memory
         used = torch.cuda.memory_allocated(self.device)
         # Activations of the largest prefill and the decode graphs' logits, measured roughly.
-        act = ec.max_prefill_tokens * (self.config.hidden_size * 6 + self.config.intermediate_size
-                                       * 3) * 2 + ec.max_num_seqs * self.config.vocab_size * 8
+        act = (
+            ec.max_prefill_tokens
+            * (self.config.hidden_size * 6 + self.config.intermediate_size * 3)
+            * 2
+            + ec.max_num_seqs * self.config.vocab_size * 8
+        )
         free = int(total * ec.gpu_memory_fraction) - used - act - (1 << 30)
         # Other engines (in this process or others) may already hold part of the device: never
         # plan on more than is free right now.
         return min(free, torch.cuda.mem_get_info(self.device)[0] - act - (1 << 30))
 
     # -- requests ----------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params: must be a SamplingParams")
@@ -141,10 +175,17 @@ class LLMEngine:
             raise ValueError(f"request_id: {rid!r} is already in use")
         max_total = min(len(ids) + params.max_tokens, self.max_model_len)
         if pages_for(max_total, self.engine_config.page_size) > self.pool.capacity:
-            raise ValueError(f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens})"
-                             f" needs more KV pages than the pool holds ({self.pool.capacity})")
-        seq = Sequence(seq_id=next(self._seq_ids),
-                       request_id=rid, prompt_ids=ids, params=params, prompt_text=text)
+            raise ValueError(
+                f"max_tokens: prompt ({len(ids)}) + max_tokens ({params.max_tokens})"
+                f" needs more KV pages than the pool holds ({self.pool.capacity})"
+            )
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=rid,
+            prompt_ids=ids,
+            params=params,
+            prompt_text=text,
+        )
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq.detok = Detokenizer(self.tokenizer.decode, ids)
@@ -155,8 +196,10 @@ class LLMEngine:
     def _check_params(self, params: SamplingParams) -> None:
         """What params ask that this engine cannot do (stop strings without a tokenizer)."""
         if params.stop and self.engine_config.skip_tokenizer:
-            raise ValueError("stop: stop strings need a tokenizer and this engine runs without "
-                             "one (skip_tokenizer); use stop_token_ids")
+            raise ValueError(
+                "stop: stop strings need a tokenizer and this engine runs without "
+                "one (skip_tokenizer); use stop_token_ids"
+            )
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -170,15 +213,19 @@ class LLMEngine:
             ids, text = list(prompt), None
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             if bad:
-                raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary "
-                                 f"[0, {self.config.vocab_size})")
+                raise ValueError(
+                    f"prompt: token ids {bad[:5]} are outside the vocabulary "
+                    f"[0, {self.config.vocab_size})"
+                )
         else:
             raise ValueError("prompt: must be a string or a list of token ids")
         if not ids:
             raise ValueError("prompt: must not be empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens; the model's context is "
-                             f"{self.max_model_len} tokens (prompt must leave room for output)")
+            raise ValueError(
+                f"prompt: {len(ids)} tokens; the model's context is "
+                f"{self.max_model_len} tokens (prompt must leave room for output)"
+            )
         return text, ids
 
     def abort(self, request_id: str) -> bool:
@@ -208,8 +255,7 @@ class LLMEngine:
                     return []
         else:
             logits = self.runner.decode(seqs)
-        result = self.sampler.sample(logits, [s.params for s in seqs],
-                                     [s.generator for s in seqs])
+        result = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if result.logprobs is not None else None
         now = time.monotonic()
@@ -253,13 +299,21 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> RequestOutput:
         want_lp = seq.params.logprobs is not None
         return RequestOutput(
-            request_id=seq.request_id, prompt=seq.prompt_text, prompt_token_ids=seq.prompt_ids,
-            text=seq.output_text, token_ids=list(seq.output_ids),
-            finish_reason=seq.finish_reason, finished=seq.finished,
+            request_id=seq.request_id,
+            prompt=seq.prompt_text,
+            prompt_token_ids=seq.prompt_ids,
+            text=seq.output_text,
+            token_ids=list(seq.output_ids),
+            finish_reason=seq.finish_reason,
+            finished=seq.finished,
             logprobs=list(seq.logprobs) if want_lp else None,
             top_logprobs=list(seq.top_logprobs) if want_lp else None,
-            metrics={"arrival": seq.arrival_time, "first_token": seq.first_token_time or 0.0,
-                     "preemptions": seq.num_preemptions})
+            metrics={
+                "arrival": seq.arrival_time,
+                "first_token": seq.first_token_time or 0.0,
+                "preemptions": seq.num_preemptions,
+            },
+        )
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (its pages were freed when it finished)."""
@@ -276,8 +330,13 @@ class LLMEngine:
         and densely to its page, as it would at decode time.
         """
         _, ids = self._prompt_ids(list(token_ids))
-        seq = Sequence(seq_id=-1 - next(self._seq_ids), request_id="<logits>", prompt_ids=ids,
-                       params=SamplingParams(max_tokens=1), slot=self.engine_config.max_num_seqs)
+        seq = Sequence(
+            seq_id=-1 - next(self._seq_ids),
+            request_id="<logits>",
+            prompt_ids=ids,
+            params=SamplingParams(max_tokens=1),
+            slot=self.engine_config.max_num_seqs,
+        )
         p = self.engine_config.page_size
         pages = self.pool.allocate(pages_for(len(ids), p), seq.seq_id)
         if pages is None:
@@ -288,7 +347,7 @@ class LLMEngine:
                 return self.runner.prefill([seq], all_logits=True)
             chunks = []
             for end in range(p, len(ids) + p, p):
-                seq.prompt_ids = ids[:min(end, len(ids))]
+                seq.prompt_ids = ids[: min(end, len(ids))]
                 chunks.append(self.runner.prefill([seq], all_logits=True))
             return torch.cat(chunks)
         finally:

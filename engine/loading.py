@@ -15,8 +15,10 @@ from zipserve.engine.checkpoint import resolve_dtype as checkpoint_dtype
 from zipserve.engine.config import ModelConfig, random_model_config
 from zipserve.engine.model import LlamaModel
 
-def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig,
-                  device: torch.device) -> torch.dtype:
+
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config: ModelConfig, device: torch.device
+) -> torch.dtype:
     """The compute dtype: as asked, else ('auto' or None) bf16 on GPU and fp32 on CPU."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -48,9 +50,13 @@ def model_class(config: ModelConfig) -> type:
     return LlamaModel
 
 
-def build_model(model: str, dtype: str | torch.dtype | None, device: torch.device,
-                max_positions: int, seed: int = 0
-                ) -> tuple[ModelConfig, torch.nn.Module, torch.dtype]:
+def build_model(
+    model: str,
+    dtype: str | torch.dtype | None,
+    device: torch.device,
+    max_positions: int,
+    seed: int = 0,
+) -> tuple[ModelConfig, torch.nn.Module, torch.dtype]:
     config = model_config_for(model)
     tensors = None
     if not model.startswith("random:"):

@@ -54,7 +54,8 @@ def llama3_inv_freq(config: ModelConfig) -> torch.Tensor:
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
     smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
-        rs.high_freq_factor - rs.low_freq_factor)
+        rs.high_freq_factor - rs.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
@@ -107,14 +108,16 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.o_head_dim = self.head_dim  # per-head width o_proj takes (r_v for lowrank codecs)
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=config.attention_bias)
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding,
-                cache: PagedKVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, rope: RotaryEmbedding, cache: PagedKVCache
+    ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -125,7 +128,7 @@ class Attention(nn.Module):
         o = cache.attention(self.layer_idx, q, k, v, batch, self.scale)  # [T, H, >= o_head_dim]
         if batch.on_layer_done is not None:
             batch.on_layer_done(self.layer_idx)
-        o = o[..., :self.o_head_dim]  # a reduced-space cache may return zero-padded columns
+        o = o[..., : self.o_head_dim]  # a reduced-space cache may return zero-padded columns
         return self.o_proj(o.reshape(t, self.num_heads * self.o_head_dim))
 
 
@@ -191,13 +194,16 @@ class LlamaModel(nn.Module):
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 own[me + norm + ".weight"] = tensors[hf + norm + ".weight"]
             own[me + "self_attn.qkv_proj.weight"] = torch.cat(
-                [tensors[hf + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+                [tensors[hf + f"self_attn.{p}_proj.weight"] for p in "qkv"]
+            )
             if self.config.attention_bias:
                 own[me + "self_attn.qkv_proj.bias"] = torch.cat(
-                    [tensors[hf + f"self_attn.{p}_proj.bias"] for p in "qkv"])
+                    [tensors[hf + f"self_attn.{p}_proj.bias"] for p in "qkv"]
+                )
             own[me + "self_attn.o_proj.weight"] = tensors[hf + "self_attn.o_proj.weight"]
             own[me + "mlp.gate_up_proj.weight"] = torch.cat(
-                [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
+                [tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]]
+            )
             own[me + "mlp.down_proj.weight"] = tensors[hf + "mlp.down_proj.weight"]
         params = dict(self.named_parameters())
         with torch.no_grad():

@@ -42,7 +42,7 @@ class NoTokenizer:
         self.bos_token_id = bos_token_id
 
     @classmethod
-    def for_model(cls, model: str | Path) -> "NoTokenizer":
+    def for_model(cls, model: str | Path) -> NoTokenizer:
         """EOS ids of a checkpoint directory (none for a `random:` model, whose config's own
         eos_token_ids the engine adds anyway)."""
         if isinstance(model, str) and model.startswith("random:"):
@@ -50,8 +50,10 @@ class NoTokenizer:
         return cls(_eos_ids(Path(model)))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise ValueError(f"prompt: this model runs without a tokenizer ({FLAG}); send the prompt "
-                         f"as a list of token ids")
+        raise ValueError(
+            f"prompt: this model runs without a tokenizer ({FLAG}); send the prompt "
+            f"as a list of token ids"
+        )
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return ""
@@ -61,7 +63,10 @@ class NoTokenizer:
         """A token's name where its text is unknown (vLLM's form)."""
         return f"token_id:{token_id}"
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
-        raise ValueError(f"messages: this model runs without a tokenizer ({FLAG}); chat needs "
-                         f"one: send /v1/completions a prompt of token ids")
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        raise ValueError(
+            f"messages: this model runs without a tokenizer ({FLAG}); chat needs "
+            f"one: send /v1/completions a prompt of token ids"
+        )

@@ -13,7 +13,9 @@ from zipserve.engine.kv_cache import SCRATCH_PAGE
 class PagePool:
     def __init__(self, num_pages: int):
         if num_pages < 2:
-            raise ValueError(f"num_pages: need at least 2 (one is the scratch page), got {num_pages}")
+            raise ValueError(
+                f"num_pages: need at least 2 (one is the scratch page), got {num_pages}"
+            )
         self.num_pages = num_pages
         # Stack of free pages; pop from the end so low pages are handed out first.
         self._free: list[int] = [p for p in range(num_pages - 1, -1, -1) if p != SCRATCH_PAGE]

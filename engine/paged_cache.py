@@ -55,16 +55,18 @@ class PagedKVCache(Protocol):
     """`logits` scores a sequence page by page, each token seeing the past as decode would (the
     pages hold a codec's values); False: in one pass (the pages are exact)."""
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
-                  scale: float) -> torch.Tensor:
+    def attention(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch, scale: float
+    ) -> torch.Tensor:
         """Store the batch's new K/V, then attend. q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
 
     def attend_past(self, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
         """Decode, read only: q [B, H, D] over each sequence's positions before its current token
         (an LCKV condensed layer)."""
 
-    def past_kv(self, layer: int, slot: int,
-                past_pages: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def past_kv(
+        self, layer: int, slot: int, past_pages: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [N, KVH, D] of a sequence's full pages before a prefill chunk, as decode reads them
         (LCKV page-by-page scoring; caches that score by page)."""
 
@@ -72,7 +74,8 @@ class PagedKVCache(Protocol):
         """The first num_tokens tokens of seq in layer `layer`, for the wire. ValueError when this
         cache cannot send what it holds (dense mode: values, not codes)."""
 
-    def import_pages(self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor],
-                     seq: Sequence) -> None:
+    def import_pages(
+        self, layer: int, pages: WirePages, tail: dict[str, torch.Tensor], seq: Sequence
+    ) -> None:
         """Write a received layer (full pages + 16-bit tail) into seq's reserved pages and slot.
         WireError / ValueError when it is of another codec or layout, or does not fit."""

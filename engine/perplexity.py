@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -20,8 +20,9 @@ class PerplexityResult:
     stride: int
 
 
-def sliding_window_nll(logits_fn: Callable[[list[int]], torch.Tensor], ids: list[int],
-                       context: int, stride: int) -> tuple[float, int]:
+def sliding_window_nll(
+    logits_fn: Callable[[list[int]], torch.Tensor], ids: list[int], context: int, stride: int
+) -> tuple[float, int]:
     """Summed NLL and count of tokens 1..n-1 of ids, each predicted with up to `context` tokens
     of history; windows advance by `stride` and score only tokens not scored before."""
     if not 0 < stride <= context:
@@ -40,9 +41,13 @@ def sliding_window_nll(logits_fn: Callable[[list[int]], torch.Tensor], ids: list
     return total, count
 
 
-def perplexity(logits_fn: Callable[[list[int]], torch.Tensor], docs: Iterable[list[int]],
-               context: int = 1024, stride: int = 512, progress: bool = True
-               ) -> PerplexityResult:
+def perplexity(
+    logits_fn: Callable[[list[int]], torch.Tensor],
+    docs: Iterable[list[int]],
+    context: int = 1024,
+    stride: int = 512,
+    progress: bool = True,
+) -> PerplexityResult:
     docs = list(docs)
     nll, n = 0.0, 0
     for ids in tqdm(docs, desc="perplexity", disable=not progress):

@@ -9,8 +9,8 @@ All arithmetic is float32 on the logits' device (CPU or CUDA).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -48,7 +48,9 @@ class Sampler:
         if generators is None:
             generators = [None] * B
         if len(params) != B or len(generators) != B:
-            raise ValueError(f"params/generators: expected {B} each, got {len(params)}/{len(generators)}")
+            raise ValueError(
+                f"params/generators: expected {B} each, got {len(params)}/{len(generators)}"
+            )
         device = logits.device
         logits = logits.float()  # [B, V] float32
 
@@ -79,7 +81,9 @@ class Sampler:
         """Temperature, top-k, top-p, then a categorical draw; logits [R, V] float32 -> [R] int64."""
         R, V = logits.shape
         device = logits.device
-        temps = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=device)  # [R]
+        temps = torch.tensor(
+            [max(p.temperature, MIN_TEMPERATURE) for p in params], device=device
+        )  # [R]
         x = logits / temps[:, None]  # [R, V]
 
         # top_k <= 0 means disabled: keep all V.

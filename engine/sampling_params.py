@@ -103,7 +103,9 @@ class SamplingParams:
 
         if self.logprobs is not None:
             if not 0 <= _int("logprobs", self.logprobs) <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs: must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+                raise ValueError(
+                    f"logprobs: must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs}"
+                )
 
         if not 0 <= _int("min_tokens", self.min_tokens) <= self.max_tokens:
             raise ValueError(

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from zipserve.engine.page_pool import PagePool, pages_for
-from zipserve.engine.sequence import Sequence, SeqStatus
+from zipserve.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass
@@ -29,13 +29,20 @@ class ScheduledBatch:
 
     def completes(self, seq_index: int) -> bool:
         """Whether this step finishes the prefill of seqs[seq_index] (so it samples a token)."""
-        return (self.chunk_ends is None
-                or self.chunk_ends[seq_index] == self.seqs[seq_index].num_tokens)
+        return (
+            self.chunk_ends is None or self.chunk_ends[seq_index] == self.seqs[seq_index].num_tokens
+        )
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, page_size: int, max_num_seqs: int,
-                 max_prefill_tokens: int, max_prefill_chunk: int = 0):
+    def __init__(
+        self,
+        pool: PagePool,
+        page_size: int,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        max_prefill_chunk: int = 0,
+    ):
         self.pool, self.page_size = pool, page_size
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.max_prefill_chunk = max_prefill_chunk
@@ -109,8 +116,7 @@ class Scheduler:
             if batch and tokens + n > self.max_prefill_tokens:
                 break
             # Pages for the whole prompt plus the first generated token's slot.
-            pages = self.pool.allocate(pages_for(seq.num_tokens + 1, self.page_size),
-                                       seq.seq_id)
+            pages = self.pool.allocate(pages_for(seq.num_tokens + 1, self.page_size), seq.seq_id)
             if pages is None:
                 break
             self.waiting.popleft()

@@ -30,8 +30,9 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             if key not in m:
                 raise ValueError(f"messages[{i}].{key}: missing")
             if not isinstance(m[key], str):
-                raise ValueError(f"messages[{i}].{key}: must be a string, "
-                                 f"got {type(m[key]).__name__}")
+                raise ValueError(
+                    f"messages[{i}].{key}: must be a string, got {type(m[key]).__name__}"
+                )
         if not m["role"]:
             raise ValueError(f"messages[{i}].role: must not be empty")
     return messages
@@ -41,11 +42,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # Like transformers: no HTML escaping (Jinja's builtin tojson escapes < > & ').
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -54,8 +61,9 @@ def _strftime_now(fmt: str) -> str:
 
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile in a sandbox configured as transformers does (trim/lstrip blocks, loop controls)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -88,9 +96,16 @@ def _eos_list(value: Any) -> list[int]:
 class Tokenizer:
     """A Hugging Face fast tokenizer plus its special tokens and chat template."""
 
-    def __init__(self, tokenizer: HFTokenizer, *, bos_token: str | None = None,
-                 eos_token: str | None = None, extra_eos_token_ids: tuple[int, ...] = (),
-                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        extra_eos_token_ids: tuple[int, ...] = (),
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
         self._tok = tokenizer
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -105,23 +120,27 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(eos)
         # tokenizer.json's post-processor decides (transformers 5 ignores tokenizer_config's
         # add_bos_token when tokenizer.json exists); this reports what it does.
-        self.add_bos_token = (self.bos_token_id is not None
-                              and tokenizer.encode("").ids[:1] == [self.bos_token_id])
+        self.add_bos_token = self.bos_token_id is not None and tokenizer.encode("").ids[:1] == [
+            self.bos_token_id
+        ]
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         root = Path(path)
         tok_file = root / "tokenizer.json"
         if not tok_file.is_file():
             from .no_tokenizer import FLAG
 
-            raise ValueError(f"model: no tokenizer.json in {path} (slow/sentencepiece-only "
-                             f"tokenizers are not supported); to serve it on token ids (prompts "
-                             f"as lists of ids, no text out) pass {FLAG}")
+            raise ValueError(
+                f"model: no tokenizer.json in {path} (slow/sentencepiece-only "
+                f"tokenizers are not supported); to serve it on token ids (prompts "
+                f"as lists of ids, no text out) pass {FLAG}"
+            )
         tok = HFTokenizer.from_file(str(tok_file))
         cfg = _read_json(root / "tokenizer_config.json")
-        special = {k: _token_str(cfg.get(k)) for k in
-                   ("bos_token", "eos_token", "unk_token", "pad_token")}
+        special = {
+            k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
         bos, eos = special["bos_token"], special["eos_token"]
 
         # As in transformers 5, chat_template.jinja wins over the tokenizer_config.json entry.
@@ -131,16 +150,21 @@ class Tokenizer:
         else:
             template = cfg.get("chat_template")
             if isinstance(template, list):  # named templates: [{name, template}, ...]
-                named = {t.get("name"): t.get("template") for t in template
-                         if isinstance(t, dict)}
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default")
 
         extra_eos: list[int] = []
         model_cfgs = [_read_json(root / n) for n in ("config.json", "generation_config.json")]
         for d in model_cfgs:
             extra_eos += _eos_list(d.get("eos_token_id"))
-        out = cls(tok, bos_token=bos, eos_token=eos, extra_eos_token_ids=tuple(extra_eos),
-                  chat_template=template, special_tokens=special)
+        out = cls(
+            tok,
+            bos_token=bos,
+            eos_token=eos,
+            extra_eos_token_ids=tuple(extra_eos),
+            chat_template=template,
+            special_tokens=special,
+        )
         if out.bos_token_id is None and isinstance(model_cfgs[0].get("bos_token_id"), int):
             out.bos_token_id = model_cfgs[0]["bos_token_id"]
         return out
@@ -158,18 +182,20 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         if not self.chat_template:
-            raise ValueError("messages: this model's tokenizer has no chat_template; send a "
-                             "plain prompt instead")
+            raise ValueError(
+                "messages: this model's tokenizer has no chat_template; send a plain prompt instead"
+            )
         validate_messages(messages)
         if self._template is None:
             self._template = compile_chat_template(self.chat_template)
         try:
-            return self._template.render(messages=messages,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self._special)
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+            )
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"messages: chat template rejected the conversation: {e}") from e
 
@@ -179,12 +205,16 @@ class ByteTokenizer:
 
     PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
     # What apply_chat_template renders (in plain Python), written as the equivalent Jinja.
-    chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
 
     def __init__(self, vocab_size: int = 512):
         if vocab_size < 256 + self.OFFSET:
-            raise ValueError(f"vocab_size: a byte tokenizer needs at least 259 ids, got {vocab_size}")
+            raise ValueError(
+                f"vocab_size: a byte tokenizer needs at least 259 ids, got {vocab_size}"
+            )
         self.vocab_size = vocab_size
         self.bos_token_id = self.BOS
         self.eos_token_ids: tuple[int, ...] = (self.EOS,)
@@ -201,8 +231,9 @@ class ByteTokenizer:
         data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET)
         return data.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         validate_messages(messages)
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")

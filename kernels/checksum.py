@@ -15,8 +15,7 @@ from zipserve.kernels.paged_decode_attention import require_runnable
 
 
 @triton.jit
-def _row_sums_kernel(words_ptr, n_words, out_ptr, MODULUS: tl.constexpr,
-                     CHUNK_WORDS: tl.constexpr):
+def _row_sums_kernel(words_ptr, n_words, out_ptr, MODULUS: tl.constexpr, CHUNK_WORDS: tl.constexpr):
     row = tl.program_id(0)
     j = tl.arange(0, CHUNK_WORDS)  # [CHUNK]
     idx = row.to(tl.int64) * CHUNK_WORDS + j

@@ -29,8 +29,24 @@ def _softmax_update(s, v, vis, m_i, l_i, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _dense_tail(q, dk_row, dv_row, stride_dkt, stride_dvt, n_tokens, offs_d, d_ok, offs_v, v_ok,
-                m_i, l_i, acc, qk_scale, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dense_tail(
+    q,
+    dk_row,
+    dv_row,
+    stride_dkt,
+    stride_dvt,
+    n_tokens,
+    offs_d,
+    d_ok,
+    offs_v,
+    v_ok,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    DENSE_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Attend n_tokens 16-bit tail tokens, DENSE_BLOCK at a time. dk_row / dv_row: the tail of
     this (sequence, kv head), token t at + t * stride_*t; offs_d [BD] K channels with d_ok [BD]
     the real ones (BD: the padded head_dim, kernels/head_dim.py), offs_v [DV] V channels with
@@ -39,10 +55,16 @@ def _dense_tail(q, dk_row, dv_row, stride_dkt, stride_dvt, n_tokens, offs_d, d_o
     for start in range(0, n_tokens, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < n_tokens
-        dk = tl.load(dk_row + t[:, None] * stride_dkt + offs_d[None, :],
-                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [T, BD]
-        dv = tl.load(dv_row + t[:, None] * stride_dvt + offs_v[None, :],
-                     mask=t_ok[:, None] & v_ok[None, :], other=0.0).to(q.dtype)  # [T, DV]
+        dk = tl.load(
+            dk_row + t[:, None] * stride_dkt + offs_d[None, :],
+            mask=t_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(q.dtype)  # [T, BD]
+        dv = tl.load(
+            dv_row + t[:, None] * stride_dvt + offs_v[None, :],
+            mask=t_ok[:, None] & v_ok[None, :],
+            other=0.0,
+        ).to(q.dtype)  # [T, DV]
         m_i, l_i, acc = _online_softmax_step(q, dk, dv, t_ok, m_i, l_i, acc, qk_scale, DOT_PREC)
     return m_i, l_i, acc
 

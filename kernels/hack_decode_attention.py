@@ -52,7 +52,12 @@ from zipserve.kernels.paged_decode_attention import (
     split_buffers,
 )
 
-__all__ = ["hack_decode_attention", "hack_decode_attention_ref", "hack_num_splits", "hack_bytes_per_token"]
+__all__ = [
+    "hack_decode_attention",
+    "hack_decode_attention_ref",
+    "hack_num_splits",
+    "hack_bytes_per_token",
+]
 
 _LOG2E = 1.4426950408889634
 
@@ -70,21 +75,42 @@ def _unpack(codes, s: tl.constexpr, BITS: tl.constexpr, OUT: tl.constexpr, FAST:
         if OUT == tl.float16:
             return tl.inline_asm_elementwise(
                 asm=f"{{ .reg .b32 t, u, z, k; mov.b32 z, 0; mov.b32 k, 0x64006400;"
-                    f" shr.b32 t, $2, {s * BITS}; prmt.b32 u, t, z, 0x4140;"
-                    f" lop3.b32 u, u, {m1 * 0x10001}, k, 0xea; sub.f16x2 $0, u, k; prmt.b32 u, t, z, 0x4342;"
-                    f" lop3.b32 u, u, {m1 * 0x10001}, k, 0xea; sub.f16x2 $1, u, k; }}",
-                constraints="=r,=r,r", args=[codes], dtype=tl.float16, is_pure=True, pack=4)
+                f" shr.b32 t, $2, {s * BITS}; prmt.b32 u, t, z, 0x4140;"
+                f" lop3.b32 u, u, {m1 * 0x10001}, k, 0xea; sub.f16x2 $0, u, k; prmt.b32 u, t, z, 0x4342;"
+                f" lop3.b32 u, u, {m1 * 0x10001}, k, 0xea; sub.f16x2 $1, u, k; }}",
+                constraints="=r,=r,r",
+                args=[codes],
+                dtype=tl.float16,
+                is_pure=True,
+                pack=4,
+            )
         else:
             return tl.inline_asm_elementwise(
                 asm=f"shr.b32 $0, $1, {s * BITS}; and.b32 $0, $0, {m1 * 0x01010101};",
-                constraints="=r,r", args=[codes], dtype=tl.int8, is_pure=True, pack=4)
+                constraints="=r,r",
+                args=[codes],
+                dtype=tl.int8,
+                is_pure=True,
+                pack=4,
+            )
     else:
         return ((codes >> (s * BITS)) & ((1 << BITS) - 1)).to(OUT)
 
 
 @triton.jit
-def _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, grp: tl.constexpr, NG: tl.constexpr,
-             PAGE: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr):
+def _v_group(
+    p,
+    vs_ptr,
+    vm_ptr,
+    tok_row,
+    ok_t,
+    same_pg,
+    grp: tl.constexpr,
+    NG: tl.constexpr,
+    PAGE: tl.constexpr,
+    HALF: tl.constexpr,
+    INT8: tl.constexpr,
+):
     """p [M, N] -> PV operand of V group grp and per-row terms: (p~ or p', sig, corr, add), all [M]."""
     vs = tl.load(vs_ptr + tok_row * NG + grp, mask=ok_t, other=0.0).to(tl.float32)  # [N]
     vm = tl.load(vm_ptr + tok_row * NG + grp, mask=ok_t, other=0.0).to(tl.float32)  # [N]
@@ -103,8 +129,24 @@ def _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, grp: tl.constexpr, NG: t
 
 
 @triton.jit
-def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, c_ok, s: tl.constexpr,
-             BITS: tl.constexpr, DE: tl.constexpr, INT8: tl.constexpr, FAST: tl.constexpr):
+def _v_plane(
+    acc,
+    alpha,
+    pop,
+    sig,
+    corr,
+    add,
+    vc,
+    vrow,
+    r_ok,
+    offs_c,
+    c_ok,
+    s: tl.constexpr,
+    BITS: tl.constexpr,
+    DE: tl.constexpr,
+    INT8: tl.constexpr,
+    FAST: tl.constexpr,
+):
     """acc [M, DEP] (channels of plane s, c_ok the real ones) <- alpha * acc + p~ . V codes of plane s
     + min term.
 
@@ -113,9 +155,12 @@ def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, c_ok, s: t
     """
     acc = acc * alpha[:, None]
     if INT8:
-        d = tl.dot(pop, _unpack(vc, s, BITS, tl.int8, FAST), out_dtype=tl.int32).to(tl.float32)  # [M, DE]
-        vsum = tl.load(vrow[:, None] + s * DE + offs_c[None, :], mask=r_ok[:, None] & c_ok[None, :],
-                       other=0.0)  # [M, DEP]
+        d = tl.dot(pop, _unpack(vc, s, BITS, tl.int8, FAST), out_dtype=tl.int32).to(
+            tl.float32
+        )  # [M, DE]
+        vsum = tl.load(
+            vrow[:, None] + s * DE + offs_c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0
+        )  # [M, DEP]
         acc += sig[:, None] * (d + 128.0 * vsum - corr[:, None])
     else:
         acc = tl.dot(pop, _unpack(vc, s, BITS, tl.float16, FAST), acc)
@@ -123,32 +168,92 @@ def _v_plane(acc, alpha, pop, sig, corr, add, vc, vrow, r_ok, offs_c, c_ok, s: t
 
 
 @triton.jit
-def _dense_pv(acc, alpha, p, dv_row, t_ok, offs_c, c_ok, s: tl.constexpr, DE: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-    dv = tl.load(dv_row[:, None] + s * DE + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :],
-                 other=0.0)  # [DB, DEP]
+def _dense_pv(
+    acc,
+    alpha,
+    p,
+    dv_row,
+    t_ok,
+    offs_c,
+    c_ok,
+    s: tl.constexpr,
+    DE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    dv = tl.load(
+        dv_row[:, None] + s * DE + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0
+    )  # [DB, DEP]
     return tl.dot(p.to(dv.dtype), dv, acc * alpha[:, None], input_precision=DOT_PREC)
 
 
 @triton.jit
-def _store_plane(acc, w, inv, dst, g_ok, offs_c, c_ok, s: tl.constexpr, NP: tl.constexpr,
-                 GP: tl.constexpr, DE: tl.constexpr, DEP: tl.constexpr):
+def _store_plane(
+    acc,
+    w,
+    inv,
+    dst,
+    g_ok,
+    offs_c,
+    c_ok,
+    s: tl.constexpr,
+    NP: tl.constexpr,
+    GP: tl.constexpr,
+    DE: tl.constexpr,
+    DEP: tl.constexpr,
+):
     o = tl.sum(tl.reshape(acc, (NP, GP, DEP)) * w[:, :, None], axis=0) * inv[:, None]  # [GP, DEP]
-    tl.store(dst[:, None] + s * DE + offs_c[None, :], o.to(dst.dtype.element_ty),
-             mask=g_ok[:, None] & c_ok[None, :])
+    tl.store(
+        dst[:, None] + s * DE + offs_c[None, :],
+        o.to(dst.dtype.element_ty),
+        mask=g_ok[:, None] & c_ok[None, :],
+    )
 
 
 @triton.jit
 def _hack_decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, vsum_ptr,  # q [B,H,D]; pool tensors (contiguous)
-    pt_ptr, np_ptr, dk_ptr, dv_ptr, dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
-    out_ptr, part_ptr, lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
-    qk_scale, n_sink,
-    stride_qb, stride_qh, stride_ptb, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    stride_ob, stride_oh,
-    G: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, DEP: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    INT8: tl.constexpr, INT8_QK_DOT: tl.constexpr, DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    ks_ptr,
+    km_ptr,
+    vs_ptr,
+    vm_ptr,
+    vsum_ptr,  # q [B,H,D]; pool tensors (contiguous)
+    pt_ptr,
+    np_ptr,
+    dk_ptr,
+    dv_ptr,
+    dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
+    out_ptr,
+    part_ptr,
+    lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
+    qk_scale,
+    n_sink,
+    stride_qb,
+    stride_qh,
+    stride_ptb,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    NP: tl.constexpr,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DEP: tl.constexpr,
+    BITS: tl.constexpr,
+    GV: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    INT8: tl.constexpr,
+    INT8_QK_DOT: tl.constexpr,
+    DENSE_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     FAST: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -184,15 +289,17 @@ def _hack_decode_kernel(
     offs_t = tl.arange(0, DENSE_BLOCK)
     offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
     d_ok = offs_d < HEAD_DIM
-    q_full = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                     other=0.0)  # [M, BD]
+    q_full = tl.load(
+        q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )  # [M, BD]
     for start in range(0, dl, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < dl
         dk_row = dk_ptr + b * stride_dkb + kvh * stride_dkh + t * stride_dkt  # [DB]
         dv_row = dv_ptr + b * stride_dvb + kvh * stride_dvh + t * stride_dvt
-        dk = tl.load(dk_row[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                     other=0.0)  # [DB, BD]
+        dk = tl.load(
+            dk_row[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
+        )  # [DB, BD]
         sc = tl.dot(q_full, tl.trans(dk), input_precision=DOT_PREC)  # [M, DB]
         sc = tl.where((row_j == 0)[:, None] & t_ok[None, :], sc * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -216,11 +323,15 @@ def _hack_decode_kernel(
     for blk in range(lo, hi, NP):
         pg = blk + offs_p  # [NP] logical page index
         pg_ok = pg < hi
-        rows_p = tl.load(pt_row + pg, mask=pg_ok, other=0).to(tl.int64) * KVH + kvh  # [NP] pool rows
+        rows_p = (
+            tl.load(pt_row + pg, mask=pg_ok, other=0).to(tl.int64) * KVH + kvh
+        )  # [NP] pool rows
         row_t = tl.reshape(tl.broadcast_to(rows_p[:, None], (NP, PAGE)), (BLOCK_N,))  # [N]
         ok_t = tl.reshape(tl.broadcast_to(pg_ok[:, None], (NP, PAGE)), (BLOCK_N,))  # [N]
         row_r = tl.reshape(tl.broadcast_to(rows_p[:, None], (NP, GP)), (M,))  # [M]
-        r_ok = tl.reshape(tl.broadcast_to(pg_ok[:, None], (NP, GP)), (M,))  # [M] (pool garbage may be NaN)
+        r_ok = tl.reshape(
+            tl.broadcast_to(pg_ok[:, None], (NP, GP)), (M,)
+        )  # [M] (pool garbage may be NaN)
         tok_row = row_t * PAGE + slot  # [N] (page, head, token) row
         vrow = vsum_ptr + row_r * HEAD_DIM  # [M] v_sums row of each score row
         pos_ok = ok_t & ((blk * PAGE + offs_n) >= n_sink)  # sinks live in the dense tail
@@ -233,9 +344,15 @@ def _hack_decode_kernel(
         rc_ok = r_ok[:, None] & c_ok[None, :]  # [M, DEP]
         for s in tl.static_range(E):
             ch = s * DE + offs_c[None, :]
-            qs = tl.load(q_row[:, None] + ch, mask=row_ok[:, None] & c_ok[None, :],
-                         other=0.0).to(tl.float32) * qk_scale
-            kss = tl.load(ks_ptr + row_r[:, None] * HEAD_DIM + ch, mask=rc_ok, other=0.0)  # [M, DEP]
+            qs = (
+                tl.load(q_row[:, None] + ch, mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(
+                    tl.float32
+                )
+                * qk_scale
+            )
+            kss = tl.load(
+                ks_ptr + row_r[:, None] * HEAD_DIM + ch, mask=rc_ok, other=0.0
+            )  # [M, DEP]
             kms = tl.load(km_ptr + row_r[:, None] * HEAD_DIM + ch, mask=rc_ok, other=0.0)
             qm += tl.sum(qs * kms.to(tl.float32), axis=1)
             qt = qs * kss.to(tl.float32)  # q~ [M, DE]
@@ -261,23 +378,34 @@ def _hack_decode_kernel(
         m_i = m_new
 
         # PV: planes in order; a new p~ operand whenever a plane starts a new V group (GV % DE == 0).
-        pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 0, NG, PAGE, HALF, INT8)
-        acc0 = _v_plane(acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 0, BITS, DE, INT8, FAST)
+        pv, sg, cr, ad = _v_group(
+            p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 0, NG, PAGE, HALF, INT8
+        )
+        acc0 = _v_plane(
+            acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 0, BITS, DE, INT8, FAST
+        )
         if DE % GV == 0:
-            pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, DE // GV, NG, PAGE, HALF,
-                                      INT8)
-        acc1 = _v_plane(acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 1, BITS, DE, INT8, FAST)
+            pv, sg, cr, ad = _v_group(
+                p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, DE // GV, NG, PAGE, HALF, INT8
+            )
+        acc1 = _v_plane(
+            acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 1, BITS, DE, INT8, FAST
+        )
         if E == 4:
             if (2 * DE) % GV == 0:
-                pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 2 * DE // GV, NG, PAGE,
-                                          HALF, INT8)
-            acc2 = _v_plane(acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 2, BITS, DE, INT8,
-                            FAST)
+                pv, sg, cr, ad = _v_group(
+                    p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 2 * DE // GV, NG, PAGE, HALF, INT8
+                )
+            acc2 = _v_plane(
+                acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 2, BITS, DE, INT8, FAST
+            )
             if (3 * DE) % GV == 0:
-                pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 3 * DE // GV, NG, PAGE,
-                                          HALF, INT8)
-            acc3 = _v_plane(acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 3, BITS, DE, INT8,
-                            FAST)
+                pv, sg, cr, ad = _v_group(
+                    p, vs_ptr, vm_ptr, tok_row, ok_t, same_pg, 3 * DE // GV, NG, PAGE, HALF, INT8
+                )
+            acc3 = _v_plane(
+                acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 3, BITS, DE, INT8, FAST
+            )
 
     # ---- merge the NP row streams of each query head (LSE), normalise, store.
     m3 = tl.reshape(m_i, (NP, GP))
@@ -336,11 +464,37 @@ def _kernel_is_interpreted() -> bool:
     return is_interpreted(_hack_decode_kernel)
 
 
-def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale, bits, n_sink=4,
-                          num_splits=1, mode="f16", out=None):
+def hack_decode_attention(
+    q,
+    pages,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    bits,
+    n_sink=4,
+    num_splits=1,
+    mode="f16",
+    out=None,
+):
     """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D]."""
-    B, H, KVH, P, D = check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
-                                        bits, n_sink, num_splits, mode, out)
+    B, H, KVH, P, D = check_decode_args(
+        q,
+        pages,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        bits,
+        n_sink,
+        num_splits,
+        mode,
+        out,
+    )
     require_runnable("hack_decode_attention", _hack_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
@@ -350,27 +504,85 @@ def hack_decode_attention(q, pages, page_table, n_pages, dense_k, dense_v, dense
     np_, gp, num_warps, num_stages = _launch_config(G, P, D, pages.bits)
     part, lse = split_buffers(q, out, num_splits)
     _hack_decode_kernel[(B, KVH, num_splits)](
-        q, pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min, pages.v_scale, pages.v_min, pages.v_sums,
-        page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse, float(scale) * _LOG2E, n_sink,
-        q.stride(0), q.stride(1), page_table.stride(0), *dense_k.stride()[:3], *dense_v.stride()[:3],
-        out.stride(0), out.stride(1),
-        G=G, GP=gp, NP=np_, PAGE=P, HEAD_DIM=D, BLOCK_D=block_d(D), DEP=plane_width(D, pages.bits),
-        BITS=pages.bits, GV=pages.group_v, NUM_SPLITS=num_splits,
-        INT8=mode == "int8", INT8_QK_DOT=plane_width(D, pages.bits) >= 32, DENSE_BLOCK=64,
+        q,
+        pages.k_codes,
+        pages.v_codes,
+        pages.k_scale,
+        pages.k_min,
+        pages.v_scale,
+        pages.v_min,
+        pages.v_sums,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        out,
+        part,
+        lse,
+        float(scale) * _LOG2E,
+        n_sink,
+        q.stride(0),
+        q.stride(1),
+        page_table.stride(0),
+        *dense_k.stride()[:3],
+        *dense_v.stride()[:3],
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        GP=gp,
+        NP=np_,
+        PAGE=P,
+        HEAD_DIM=D,
+        BLOCK_D=block_d(D),
+        DEP=plane_width(D, pages.bits),
+        BITS=pages.bits,
+        GV=pages.group_v,
+        NUM_SPLITS=num_splits,
+        INT8=mode == "int8",
+        INT8_QK_DOT=plane_width(D, pages.bits) >= 32,
+        DENSE_BLOCK=64,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.is_cuda and torch.version.hip is None and not _kernel_is_interpreted(),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         merge_splits(part, lse, out)
     return out
 
 
-def hack_decode_attention_ref(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale, bits,
-                              n_sink=4, num_splits=1, mode="f16", out=None):
+def hack_decode_attention_ref(
+    q,
+    pages,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    bits,
+    n_sink=4,
+    num_splits=1,
+    mode="f16",
+    out=None,
+):
     """Torch fp32 reference (same math and int8 rounding as the kernel; syncs on lengths; ignores splits)."""
-    B, H, KVH, P, D = check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale,
-                                        bits, n_sink, num_splits, mode, out)
+    B, H, KVH, P, D = check_decode_args(
+        q,
+        pages,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        bits,
+        n_sink,
+        num_splits,
+        mode,
+        out,
+    )
     G, E, GV = H // KVH, 8 // pages.bits, pages.group_v
     DE, NG = D // E, D // GV
     qk, half = float(scale) * _LOG2E, ((1 << pages.bits) - 1) / 2.0
@@ -379,7 +591,7 @@ def hack_decode_attention_ref(q, pages, page_table, n_pages, dense_k, dense_v, d
         if npg <= 0 and dl <= 0:
             continue
         qb = q[b].float().view(KVH, G, D) * qk  # [KVH, G, D]
-        ids = page_table[b, :max(npg, 0)].long()
+        ids = page_table[b, : max(npg, 0)].long()
         n = ids.numel()
         kc = unpack_planar(pages.k_codes[ids], pages.bits).float()  # [n, KVH, P, D]
         ks, km = pages.k_scale[ids].float(), pages.k_min[ids].float()  # [n, KVH, D]
@@ -389,14 +601,19 @@ def hack_decode_attention_ref(q, pages, page_table, n_pages, dense_k, dense_v, d
             qt5 = qt.view(n, KVH, G, E, DE)
             sig = qt5.abs().amax(-1) / 127.0  # [n, KVH, G, E]
             q8 = torch.floor(qt5 / torch.where(sig > 0, sig, 1.0)[..., None] + 0.5)
-            d = torch.einsum("nkges,nkpes->nkgpe", q8, kc.view(n, KVH, P, E, DE) - half)  # centred codes
+            d = torch.einsum(
+                "nkges,nkpes->nkgpe", q8, kc.view(n, KVH, P, E, DE) - half
+            )  # centred codes
             s = (d * sig[:, :, :, None, :]).sum(-1) + half * qt.sum(-1)[..., None]  # [n, KVH, G, P]
         else:
             s = torch.einsum("nkgd,nkpd->nkgp", qt, kc)
         s = s + qm[..., None]
         if n > 0 and n_sink > 0:
             s[0, :, :, :n_sink] = float("-inf")  # sinks are attended through the dense tail
-        sd = torch.einsum("kgd,ktd->kgt", q[b].float().view(KVH, G, D), dense_k[b, :, :dl].float()) * qk
+        sd = (
+            torch.einsum("kgd,ktd->kgt", q[b].float().view(KVH, G, D), dense_k[b, :, :dl].float())
+            * qk
+        )
         m = torch.cat([s.permute(1, 2, 0, 3).reshape(KVH, G, -1), sd], -1).amax(-1)  # [KVH, G]
         pq = torch.exp2(s - m[None, :, :, None])  # [n, KVH, G, P]
         pd = torch.exp2(sd - m[..., None])  # [KVH, G, dl]
@@ -407,14 +624,21 @@ def hack_decode_attention_ref(q, pages, page_table, n_pages, dense_k, dense_v, d
         vmt = (pq[..., None] * vm[:, :, None]).sum(3)  # [n, KVH, G, NG]
         if mode == "int8":
             sig = pt.amax(3) / 255.0  # [n, KVH, G, NG]
-            p8 = torch.floor(pt / torch.where(sig > 0, sig, 1.0)[:, :, :, None] + 0.5).clamp_max(255) - 128
+            p8 = (
+                torch.floor(pt / torch.where(sig > 0, sig, 1.0)[:, :, :, None] + 0.5).clamp_max(255)
+                - 128
+            )
             d = torch.einsum("nkgpj,nkpjc->nkgjc", p8, vc)  # [n, KVH, G, NG, GV]
             vsum = pages.v_sums[ids].float().view(n, KVH, 1, NG, GV)
-            cent = d - half * p8.sum(3)[..., None] + 128.0 * (vsum - P * half)  # sum (p'+128)(v'-half)
+            cent = (
+                d - half * p8.sum(3)[..., None] + 128.0 * (vsum - P * half)
+            )  # sum (p'+128)(v'-half)
             oq = sig[..., None] * cent + (half * pt.sum(3) + vmt)[..., None]
         else:
             oq = torch.einsum("nkgpj,nkpjc->nkgjc", pt, vc) + vmt[..., None]
-        o = oq.sum(0).reshape(KVH, G, D) + torch.einsum("kgt,ktd->kgd", pd, dense_v[b, :, :dl].float())
+        o = oq.sum(0).reshape(KVH, G, D) + torch.einsum(
+            "kgt,ktd->kgd", pd, dense_v[b, :, :dl].float()
+        )
         res[b] = (o / torch.where(l > 0, l, 1.0)[..., None]).reshape(H, D)
     if out is None:
         return res.to(q.dtype)

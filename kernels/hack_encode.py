@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.paged_decode_attention import is_interpreted
 from zipserve.kernels.hack_layout import HackPages, _is_pow2, check_bits, pack_planar, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
+from zipserve.kernels.paged_decode_attention import is_interpreted
 
 __all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref"]
 
@@ -48,11 +48,30 @@ def _quantize(x, lo, hi, QMAX: tl.constexpr):
 
 @triton.jit
 def _hack_encode_kernel(
-    k_ptr, v_ptr, ids_ptr, rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
-    kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, ksum_ptr, vsum_ptr,  # contiguous pool tensors
-    stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GV: tl.constexpr,
-    ROTATE: tl.constexpr, ROT_PREC: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    ids_ptr,
+    rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
+    kc_ptr,
+    vc_ptr,
+    ks_ptr,
+    km_ptr,
+    vs_ptr,
+    vm_ptr,
+    ksum_ptr,
+    vsum_ptr,  # contiguous pool tensors
+    stride_kn,
+    stride_kh,
+    stride_kt,
+    stride_vn,
+    stride_vh,
+    stride_vt,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BITS: tl.constexpr,
+    GV: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ROT_PREC: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -67,29 +86,39 @@ def _hack_encode_kernel(
     offs_c = tl.arange(0, DE)
     offs_g = tl.arange(0, NG)
     shifts = (tl.arange(0, E) * BITS)[None, :, None]  # [1, E, 1] bit offset of plane s
-    k = tl.load(k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt
-                + offs_d[None, :]).to(tl.float32)  # [P, D]
-    v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
-                + offs_d[None, :]).to(tl.float32)  # [P, D]
+    k = tl.load(
+        k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :]
+    ).to(tl.float32)  # [P, D]
+    v = tl.load(
+        v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :]
+    ).to(tl.float32)  # [P, D]
     if ROTATE:  # x @ R before quantizing (R orthonormal [D, D], fp32)
         r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :])  # [D, D]
         k = tl.dot(k, r, input_precision=ROT_PREC)
         v = tl.dot(v, r, input_precision=ROT_PREC)
 
     # ---- K: per channel over the page's tokens.
-    kq, ksc, kmn = _quantize(k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX)  # [P, D]
+    kq, ksc, kmn = _quantize(
+        k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX
+    )  # [P, D]
     kpack = tl.sum(tl.reshape(kq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE] planar bytes
-    tl.store(kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8))
+    tl.store(
+        kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8)
+    )
     tl.store(ks_ptr + row * HEAD_DIM + offs_d, tl.reshape(ksc, (HEAD_DIM,)).to(tl.float16))
     tl.store(km_ptr + row * HEAD_DIM + offs_d, tl.reshape(kmn, (HEAD_DIM,)).to(tl.float16))
     tl.store(ksum_ptr + row * PAGE + offs_t, tl.sum(kq, axis=1).to(tl.float32))
 
     # ---- V: per token, in channel groups of GV.
     v3 = tl.reshape(v, (PAGE, NG, GV))
-    vq3, vsc, vmn = _quantize(v3, tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], QMAX)
+    vq3, vsc, vmn = _quantize(
+        v3, tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], QMAX
+    )
     vq = tl.reshape(vq3, (PAGE, HEAD_DIM))  # [P, D]
     vpack = tl.sum(tl.reshape(vq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE]
-    tl.store(vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8))
+    tl.store(
+        vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8)
+    )
     vptr = row * (PAGE * NG) + offs_t[:, None] * NG + offs_g[None, :]  # [P, NG]
     tl.store(vs_ptr + vptr, tl.reshape(vsc, (PAGE, NG)).to(tl.float16))
     tl.store(vm_ptr + vptr, tl.reshape(vmn, (PAGE, NG)).to(tl.float16))
@@ -97,62 +126,142 @@ def _hack_encode_kernel(
 
 
 @triton.jit
-def _plane(x_ptr, x_full, rot_ptr, offs_t, stride_t, offs_c, c_ok, offs_d, d_ok, s: tl.constexpr,
-           DE: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr, ROT_PREC: tl.constexpr):
+def _plane(
+    x_ptr,
+    x_full,
+    rot_ptr,
+    offs_t,
+    stride_t,
+    offs_c,
+    c_ok,
+    offs_d,
+    d_ok,
+    s: tl.constexpr,
+    DE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ROT_PREC: tl.constexpr,
+):
     """Channels [s * DE, (s + 1) * DE) of x [P, D] (x_ptr: the (page, head) tile), or of x @ R when
     ROTATE (x_full: x as [P, BD], zeros past D), as fp32 [P, DEP] with zeros past DE."""
     ch = s * DE + offs_c  # [DEP]
     if ROTATE:
-        r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + ch[None, :], mask=d_ok[:, None] & c_ok[None, :],
-                    other=0.0)  # [BD, DEP] columns of R
+        r = tl.load(
+            rot_ptr + offs_d[:, None] * HEAD_DIM + ch[None, :],
+            mask=d_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )  # [BD, DEP] columns of R
         x = tl.dot(x_full, r, input_precision=ROT_PREC)
     else:
-        x = tl.load(x_ptr + offs_t[:, None] * stride_t + ch[None, :], mask=c_ok[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_t + ch[None, :], mask=c_ok[None, :], other=0.0
+        ).to(tl.float32)
     return x
 
 
 @triton.jit
-def _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s: tl.constexpr, DE: tl.constexpr, DEP: tl.constexpr,
-             BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _k_plane(
+    x,
+    ks_ptr,
+    km_ptr,
+    row,
+    offs_c,
+    c_ok,
+    s: tl.constexpr,
+    DE: tl.constexpr,
+    DEP: tl.constexpr,
+    BITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """K plane x [P, DEP] quantized per channel over the page: stores its scales / mins and returns
     (codes shifted into plane s's bits [P, DEP], each token's code sum over the plane [P])."""
-    q, sc, mn = _quantize(x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], (1 << BITS) - 1)
-    tl.store(ks_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(sc, (DEP,)).to(tl.float16), mask=c_ok)
-    tl.store(km_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(mn, (DEP,)).to(tl.float16), mask=c_ok)
+    q, sc, mn = _quantize(
+        x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], (1 << BITS) - 1
+    )
+    tl.store(
+        ks_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(sc, (DEP,)).to(tl.float16), mask=c_ok
+    )
+    tl.store(
+        km_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(mn, (DEP,)).to(tl.float16), mask=c_ok
+    )
     return q << (s * BITS), tl.sum(tl.where(c_ok[None, :], q, 0), axis=1)
 
 
 @triton.jit
-def _v_plane_codes(x, lo, hi, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, s: tl.constexpr,
-                   DE: tl.constexpr, GV: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
-                   PAGE: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _v_plane_codes(
+    x,
+    lo,
+    hi,
+    vs_ptr,
+    vm_ptr,
+    vsum_ptr,
+    row,
+    offs_t,
+    offs_c,
+    c_ok,
+    s: tl.constexpr,
+    DE: tl.constexpr,
+    GV: tl.constexpr,
+    NG: tl.constexpr,
+    BITS: tl.constexpr,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """V plane x [P, DEP] quantized per token with its group's range lo / hi [P]: stores the group's
     scale / min (once, from the group's first plane) and the plane's code sums; returns the codes
     shifted into plane s's bits."""
     q, sc, mn = _quantize(x, lo[:, None], hi[:, None], (1 << BITS) - 1)
     if (s * DE) % GV == 0:
         g: tl.constexpr = s * DE // GV
-        tl.store(vs_ptr + row * (PAGE * NG) + offs_t * NG + g, tl.reshape(sc, (PAGE,)).to(tl.float16))
-        tl.store(vm_ptr + row * (PAGE * NG) + offs_t * NG + g, tl.reshape(mn, (PAGE,)).to(tl.float16))
-    tl.store(vsum_ptr + row * HEAD_DIM + s * DE + offs_c, tl.sum(q, axis=0).to(tl.float32), mask=c_ok)
+        tl.store(
+            vs_ptr + row * (PAGE * NG) + offs_t * NG + g, tl.reshape(sc, (PAGE,)).to(tl.float16)
+        )
+        tl.store(
+            vm_ptr + row * (PAGE * NG) + offs_t * NG + g, tl.reshape(mn, (PAGE,)).to(tl.float16)
+        )
+    tl.store(
+        vsum_ptr + row * HEAD_DIM + s * DE + offs_c, tl.sum(q, axis=0).to(tl.float32), mask=c_ok
+    )
     return q << (s * BITS)
 
 
 @triton.jit
 def _row_range(x, c_ok):
     """Per-token min / max [P] of a plane x [P, DEP] over its real channels."""
-    return (tl.min(tl.where(c_ok[None, :], x, float("inf")), axis=1),
-            tl.max(tl.where(c_ok[None, :], x, float("-inf")), axis=1))
+    return (
+        tl.min(tl.where(c_ok[None, :], x, float("inf")), axis=1),
+        tl.max(tl.where(c_ok[None, :], x, float("-inf")), axis=1),
+    )
 
 
 @triton.jit
 def _hack_encode_planes_kernel(
-    k_ptr, v_ptr, ids_ptr, rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
-    kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, ksum_ptr, vsum_ptr,  # contiguous pool tensors
-    stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DEP: tl.constexpr,
-    BITS: tl.constexpr, GV: tl.constexpr, ROTATE: tl.constexpr, ROT_PREC: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    ids_ptr,
+    rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
+    kc_ptr,
+    vc_ptr,
+    ks_ptr,
+    km_ptr,
+    vs_ptr,
+    vm_ptr,
+    ksum_ptr,
+    vsum_ptr,  # contiguous pool tensors
+    stride_kn,
+    stride_kh,
+    stride_kt,
+    stride_vn,
+    stride_vh,
+    stride_vt,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DEP: tl.constexpr,
+    BITS: tl.constexpr,
+    GV: tl.constexpr,
+    ROTATE: tl.constexpr,
+    ROT_PREC: tl.constexpr,
 ):
     """The encoder plane by plane, for any D with D % E == 0 and GV a multiple of DE (module doc)."""
     i = tl.program_id(0)
@@ -171,40 +280,129 @@ def _hack_encode_planes_kernel(
     k_tile = k_ptr + i * stride_kn + h * stride_kh
     v_tile = v_ptr + i * stride_vn + h * stride_vh
     if ROTATE:  # the whole head once; each plane is x @ R[:, plane]
-        k_full = tl.load(k_tile + offs_t[:, None] * stride_kt + offs_d[None, :], mask=d_ok[None, :],
-                         other=0.0).to(tl.float32)  # [P, BD]
-        v_full = tl.load(v_tile + offs_t[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :],
-                         other=0.0).to(tl.float32)
+        k_full = tl.load(
+            k_tile + offs_t[:, None] * stride_kt + offs_d[None, :], mask=d_ok[None, :], other=0.0
+        ).to(tl.float32)  # [P, BD]
+        v_full = tl.load(
+            v_tile + offs_t[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0
+        ).to(tl.float32)
     else:
         k_full = tl.zeros([PAGE, BLOCK_D], tl.float32)  # unused
         v_full = k_full
 
     # ---- K: per channel over the page's tokens, plane by plane.
-    x = _plane(k_tile, k_full, rot_ptr, offs_t, stride_kt, offs_c, c_ok, offs_d, d_ok, 0, DE, HEAD_DIM,
-               ROTATE, ROT_PREC)
+    x = _plane(
+        k_tile,
+        k_full,
+        rot_ptr,
+        offs_t,
+        stride_kt,
+        offs_c,
+        c_ok,
+        offs_d,
+        d_ok,
+        0,
+        DE,
+        HEAD_DIM,
+        ROTATE,
+        ROT_PREC,
+    )
     kpack, ksum = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM)
     for s in tl.static_range(1, E):
-        x = _plane(k_tile, k_full, rot_ptr, offs_t, stride_kt, offs_c, c_ok, offs_d, d_ok, s, DE, HEAD_DIM,
-                   ROTATE, ROT_PREC)
+        x = _plane(
+            k_tile,
+            k_full,
+            rot_ptr,
+            offs_t,
+            stride_kt,
+            offs_c,
+            c_ok,
+            offs_d,
+            d_ok,
+            s,
+            DE,
+            HEAD_DIM,
+            ROTATE,
+            ROT_PREC,
+        )
         q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM)
         kpack += q
         ksum += qs
-    tl.store(kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8),
-             mask=c_ok[None, :])
+    tl.store(
+        kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :],
+        kpack.to(tl.uint8),
+        mask=c_ok[None, :],
+    )
     tl.store(ksum_ptr + row * PAGE + offs_t, ksum.to(tl.float32))
 
     # ---- V: per token in groups of GV channels (PPG whole planes); E <= 4 planes held in registers.
-    x0 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 0, DE, HEAD_DIM,
-                ROTATE, ROT_PREC)
-    x1 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 1, DE, HEAD_DIM,
-                ROTATE, ROT_PREC)
+    x0 = _plane(
+        v_tile,
+        v_full,
+        rot_ptr,
+        offs_t,
+        stride_vt,
+        offs_c,
+        c_ok,
+        offs_d,
+        d_ok,
+        0,
+        DE,
+        HEAD_DIM,
+        ROTATE,
+        ROT_PREC,
+    )
+    x1 = _plane(
+        v_tile,
+        v_full,
+        rot_ptr,
+        offs_t,
+        stride_vt,
+        offs_c,
+        c_ok,
+        offs_d,
+        d_ok,
+        1,
+        DE,
+        HEAD_DIM,
+        ROTATE,
+        ROT_PREC,
+    )
     lo0, hi0 = _row_range(x0, c_ok)
     lo1, hi1 = _row_range(x1, c_ok)
     if E == 4:
-        x2 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 2, DE,
-                    HEAD_DIM, ROTATE, ROT_PREC)
-        x3 = _plane(v_tile, v_full, rot_ptr, offs_t, stride_vt, offs_c, c_ok, offs_d, d_ok, 3, DE,
-                    HEAD_DIM, ROTATE, ROT_PREC)
+        x2 = _plane(
+            v_tile,
+            v_full,
+            rot_ptr,
+            offs_t,
+            stride_vt,
+            offs_c,
+            c_ok,
+            offs_d,
+            d_ok,
+            2,
+            DE,
+            HEAD_DIM,
+            ROTATE,
+            ROT_PREC,
+        )
+        x3 = _plane(
+            v_tile,
+            v_full,
+            rot_ptr,
+            offs_t,
+            stride_vt,
+            offs_c,
+            c_ok,
+            offs_d,
+            d_ok,
+            3,
+            DE,
+            HEAD_DIM,
+            ROTATE,
+            ROT_PREC,
+        )
         lo2, hi2 = _row_range(x2, c_ok)
         lo3, hi3 = _row_range(x3, c_ok)
         if PPG == 2:
@@ -220,28 +418,103 @@ def _hack_encode_planes_kernel(
         lo0 = tl.minimum(lo0, lo1)
         hi0 = tl.maximum(hi0, hi1)
         lo1, hi1 = lo0, hi0
-    vpack = _v_plane_codes(x0, lo0, hi0, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 0, DE, GV, NG,
-                           BITS, PAGE, HEAD_DIM)
-    vpack += _v_plane_codes(x1, lo1, hi1, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 1, DE, GV,
-                            NG, BITS, PAGE, HEAD_DIM)
+    vpack = _v_plane_codes(
+        x0,
+        lo0,
+        hi0,
+        vs_ptr,
+        vm_ptr,
+        vsum_ptr,
+        row,
+        offs_t,
+        offs_c,
+        c_ok,
+        0,
+        DE,
+        GV,
+        NG,
+        BITS,
+        PAGE,
+        HEAD_DIM,
+    )
+    vpack += _v_plane_codes(
+        x1,
+        lo1,
+        hi1,
+        vs_ptr,
+        vm_ptr,
+        vsum_ptr,
+        row,
+        offs_t,
+        offs_c,
+        c_ok,
+        1,
+        DE,
+        GV,
+        NG,
+        BITS,
+        PAGE,
+        HEAD_DIM,
+    )
     if E == 4:
-        vpack += _v_plane_codes(x2, lo2, hi2, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 2, DE,
-                                GV, NG, BITS, PAGE, HEAD_DIM)
-        vpack += _v_plane_codes(x3, lo3, hi3, vs_ptr, vm_ptr, vsum_ptr, row, offs_t, offs_c, c_ok, 3, DE,
-                                GV, NG, BITS, PAGE, HEAD_DIM)
-    tl.store(vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8),
-             mask=c_ok[None, :])
+        vpack += _v_plane_codes(
+            x2,
+            lo2,
+            hi2,
+            vs_ptr,
+            vm_ptr,
+            vsum_ptr,
+            row,
+            offs_t,
+            offs_c,
+            c_ok,
+            2,
+            DE,
+            GV,
+            NG,
+            BITS,
+            PAGE,
+            HEAD_DIM,
+        )
+        vpack += _v_plane_codes(
+            x3,
+            lo3,
+            hi3,
+            vs_ptr,
+            vm_ptr,
+            vsum_ptr,
+            row,
+            offs_t,
+            offs_c,
+            c_ok,
+            3,
+            DE,
+            GV,
+            NG,
+            BITS,
+            PAGE,
+            HEAD_DIM,
+        )
+    tl.store(
+        vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :],
+        vpack.to(tl.uint8),
+        mask=c_ok[None, :],
+    )
 
 
 def _check_encode(k, v, bits, group_v, out, page_ids):
     """Validate; returns (out pool or None, ids).  Raises ValueError naming the argument."""
     bits = check_bits(bits)
     if k.dim() != 4:
-        raise ValueError(f"k must be [n_pages, KVH, page_size, head_dim], got shape {tuple(k.shape)}")
+        raise ValueError(
+            f"k must be [n_pages, KVH, page_size, head_dim], got shape {tuple(k.shape)}"
+        )
     if v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     if k.dtype not in _DTYPES or v.dtype != k.dtype:
-        raise ValueError(f"k/v dtype must be one of {_DTYPES} and equal, got k {k.dtype}, v {v.dtype}")
+        raise ValueError(
+            f"k/v dtype must be one of {_DTYPES} and equal, got k {k.dtype}, v {v.dtype}"
+        )
     if v.device != k.device:
         raise ValueError(f"v is on {v.device}, k is on {k.device}")
     n, kvh, page, d = k.shape
@@ -252,10 +525,14 @@ def _check_encode(k, v, bits, group_v, out, page_ids):
         raise ValueError(f"{head_dim_error(d, 'k head_dim')} and a multiple of {e} (bits={bits})")
     if _is_pow2(d):
         if not isinstance(group_v, int) or not _is_pow2(group_v) or d % group_v:
-            raise ValueError(f"group_v must be a power of two dividing head_dim {d}, got {group_v!r}")
+            raise ValueError(
+                f"group_v must be a power of two dividing head_dim {d}, got {group_v!r}"
+            )
     elif not isinstance(group_v, int) or group_v <= 0 or d % group_v or group_v % (d // e):
-        raise ValueError(f"group_v must divide head_dim {d} and be a multiple of head_dim / {e} = "
-                         f"{d // e}, got {group_v!r}")
+        raise ValueError(
+            f"group_v must divide head_dim {d} and be a multiple of head_dim / {e} = "
+            f"{d // e}, got {group_v!r}"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.numel() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
@@ -267,13 +544,21 @@ def _check_encode(k, v, bits, group_v, out, page_ids):
         raise ValueError(f"out must be a HackPages pool, got {type(out).__name__}")
     out.validate()
     if out.bits != bits or out.group_v != group_v:
-        raise ValueError(f"out has bits={out.bits}, group_v={out.group_v}; asked bits={bits}, "
-                         f"group_v={group_v}")
+        raise ValueError(
+            f"out has bits={out.bits}, group_v={out.group_v}; asked bits={bits}, group_v={group_v}"
+        )
     if (out.num_kv_heads, out.page_size, out.head_dim) != (kvh, page, d) or out.device != k.device:
-        raise ValueError(f"out pool geometry (KVH, P, D)={(out.num_kv_heads, out.page_size, out.head_dim)} "
-                         f"on {out.device} does not match k {(kvh, page, d)} on {k.device}")
-    if (page_ids is None or page_ids.dim() != 1 or page_ids.shape[0] != n
-            or page_ids.dtype not in (torch.int32, torch.int64) or page_ids.device != k.device):
+        raise ValueError(
+            f"out pool geometry (KVH, P, D)={(out.num_kv_heads, out.page_size, out.head_dim)} "
+            f"on {out.device} does not match k {(kvh, page, d)} on {k.device}"
+        )
+    if (
+        page_ids is None
+        or page_ids.dim() != 1
+        or page_ids.shape[0] != n
+        or page_ids.dtype not in (torch.int32, torch.int64)
+        or page_ids.device != k.device
+    ):
         raise ValueError(f"page_ids must be int32/int64 [n={n}] on {k.device} when out is given")
     return out, page_ids.contiguous()
 
@@ -284,8 +569,12 @@ def _kernel_is_interpreted() -> bool:
 
 def _check_rotation(rotation, k):
     d = k.shape[-1]
-    if rotation is not None and (rotation.shape != (d, d) or rotation.dtype != torch.float32
-                                 or rotation.device != k.device or not rotation.is_contiguous()):
+    if rotation is not None and (
+        rotation.shape != (d, d)
+        or rotation.dtype != torch.float32
+        or rotation.device != k.device
+        or not rotation.is_contiguous()
+    ):
         raise ValueError(f"rotation must be a contiguous float32 [{d}, {d}] on {k.device}")
 
 
@@ -299,26 +588,67 @@ def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None, rotation=
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
     if k.device.type == "cpu" and not _kernel_is_interpreted():
-        raise RuntimeError("hack_encode_pages: the Triton kernel cannot run on CPU tensors unless "
-                           "TRITON_INTERPRET=1 was set before import; use hack_encode_pages_ref on CPU.")
+        raise RuntimeError(
+            "hack_encode_pages: the Triton kernel cannot run on CPU tensors unless "
+            "TRITON_INTERPRET=1 was set before import; use hack_encode_pages_ref on CPU."
+        )
     if n == 0 or kvh == 0:
         return pool
     if not _is_pow2(d):
         _hack_encode_planes_kernel[(n, kvh)](
-            k, v, ids, rotation if rotation is not None else k, pool.k_codes, pool.v_codes, pool.k_scale,
-            pool.k_min, pool.v_scale, pool.v_min, pool.k_sums, pool.v_sums,
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            PAGE=page, HEAD_DIM=d, BLOCK_D=block_d(d), DEP=block_d(d // (8 // bits)), BITS=bits,
-            GV=group_v, ROTATE=rotation is not None,
+            k,
+            v,
+            ids,
+            rotation if rotation is not None else k,
+            pool.k_codes,
+            pool.v_codes,
+            pool.k_scale,
+            pool.k_min,
+            pool.v_scale,
+            pool.v_min,
+            pool.k_sums,
+            pool.v_sums,
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            PAGE=page,
+            HEAD_DIM=d,
+            BLOCK_D=block_d(d),
+            DEP=block_d(d // (8 // bits)),
+            BITS=bits,
+            GV=group_v,
+            ROTATE=rotation is not None,
             ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
             num_warps=4 if page * block_d(d) < 8192 else 8,
         )
         return pool
     _hack_encode_kernel[(n, kvh)](
-        k, v, ids, rotation if rotation is not None else k, pool.k_codes, pool.v_codes, pool.k_scale, pool.k_min, pool.v_scale, pool.v_min,
-        pool.k_sums, pool.v_sums,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        PAGE=page, HEAD_DIM=d, BITS=bits, GV=group_v, ROTATE=rotation is not None,
+        k,
+        v,
+        ids,
+        rotation if rotation is not None else k,
+        pool.k_codes,
+        pool.v_codes,
+        pool.k_scale,
+        pool.k_min,
+        pool.v_scale,
+        pool.v_min,
+        pool.k_sums,
+        pool.v_sums,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        PAGE=page,
+        HEAD_DIM=d,
+        BITS=bits,
+        GV=group_v,
+        ROTATE=rotation is not None,
         ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
         num_warps=4 if page * d < 8192 else 8,
     )

@@ -42,8 +42,16 @@ import torch
 
 from zipserve.kernels.head_dim import head_dim_ok
 
-__all__ = ["HackPages", "check_bits", "codes_per_byte", "pack_planar", "unpack_planar",
-           "hack_bytes_per_token", "hack_group_v", "check_decode_args"]
+__all__ = [
+    "HackPages",
+    "check_bits",
+    "codes_per_byte",
+    "pack_planar",
+    "unpack_planar",
+    "hack_bytes_per_token",
+    "hack_group_v",
+    "check_decode_args",
+]
 
 _Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DECODE_MODES = ("f16", "int8")
@@ -92,12 +100,15 @@ def unpack_planar(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """packed uint8 [..., DE] -> codes uint8 [..., DE * E] in natural channel order."""
     e = codes_per_byte(bits)
     shifts = torch.arange(e, device=packed.device, dtype=torch.int32) * bits  # [E]
-    planes = (packed.to(torch.int32)[..., None, :] >> shifts[:, None]) & ((1 << bits) - 1)  # [..., E, DE]
+    planes = (packed.to(torch.int32)[..., None, :] >> shifts[:, None]) & (
+        (1 << bits) - 1
+    )  # [..., E, DE]
     return planes.reshape(*packed.shape[:-1], packed.shape[-1] * e).to(torch.uint8)
 
 
-def hack_bytes_per_token(head_dim: int, bits: int, group_v: int = 64, page_size: int = 64,
-                         include_sums: bool = True) -> float:
+def hack_bytes_per_token(
+    head_dim: int, bits: int, group_v: int = 64, page_size: int = 64, include_sums: bool = True
+) -> float:
     """Exact stored bytes per token per kv head, K and V together, amortized over a page.
 
     codes: 2 * D * b / 8; K scale+min: 2 * D * 2 / P; V scale+min: 2 * (D / GV) * 2;
@@ -154,19 +165,38 @@ class HackPages:
         """Zero-filled pool.  Raises ValueError for an unsupported geometry."""
         e = codes_per_byte(bits)
         if head_dim % e or head_dim % group_v:
-            raise ValueError(f"head_dim {head_dim} must be a multiple of {e} and of group_v {group_v}")
+            raise ValueError(
+                f"head_dim {head_dim} must be a multiple of {e} and of group_v {group_v}"
+            )
         n, h, p, d = num_pages, num_kv_heads, page_size, head_dim
         z = lambda shape, dt: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
-        return cls(k_codes=z((n, h, p, d // e), torch.uint8), v_codes=z((n, h, p, d // e), torch.uint8),
-                   k_scale=z((n, h, d), torch.float16), k_min=z((n, h, d), torch.float16),
-                   v_scale=z((n, h, p, d // group_v), torch.float16),
-                   v_min=z((n, h, p, d // group_v), torch.float16),
-                   k_sums=z((n, h, p), torch.float32), v_sums=z((n, h, d), torch.float32),
-                   bits=bits, group_v=group_v)
+        return cls(
+            k_codes=z((n, h, p, d // e), torch.uint8),
+            v_codes=z((n, h, p, d // e), torch.uint8),
+            k_scale=z((n, h, d), torch.float16),
+            k_min=z((n, h, d), torch.float16),
+            v_scale=z((n, h, p, d // group_v), torch.float16),
+            v_min=z((n, h, p, d // group_v), torch.float16),
+            k_sums=z((n, h, p), torch.float32),
+            v_sums=z((n, h, d), torch.float32),
+            bits=bits,
+            group_v=group_v,
+        )
 
     def tensors(self):
-        return {name: getattr(self, name) for name in ("k_codes", "v_codes", "k_scale", "k_min",
-                                                        "v_scale", "v_min", "k_sums", "v_sums")}
+        return {
+            name: getattr(self, name)
+            for name in (
+                "k_codes",
+                "v_codes",
+                "k_scale",
+                "k_min",
+                "v_scale",
+                "v_min",
+                "k_sums",
+                "v_sums",
+            )
+        }
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -175,30 +205,54 @@ class HackPages:
         """Check shapes / dtypes / devices / contiguity; raises ValueError naming the offending field."""
         e = codes_per_byte(self.bits)
         if self.k_codes.dim() != 4:
-            raise ValueError(f"pages.k_codes must be [num_pages, KVH, P, D/E], "
-                             f"got {tuple(self.k_codes.shape)}")
+            raise ValueError(
+                f"pages.k_codes must be [num_pages, KVH, P, D/E], got {tuple(self.k_codes.shape)}"
+            )
         n, h, p, de = self.k_codes.shape
         d = de * e
         gv = self.group_v
         if not isinstance(gv, int) or gv <= 0 or d % gv:
             raise ValueError(f"pages.group_v {gv!r} must divide head_dim {d}")
-        want = {"k_codes": ((n, h, p, de), torch.uint8), "v_codes": ((n, h, p, de), torch.uint8),
-                "k_scale": ((n, h, d), torch.float16), "k_min": ((n, h, d), torch.float16),
-                "v_scale": ((n, h, p, d // gv), torch.float16), "v_min": ((n, h, p, d // gv), torch.float16),
-                "k_sums": ((n, h, p), torch.float32), "v_sums": ((n, h, d), torch.float32)}
+        want = {
+            "k_codes": ((n, h, p, de), torch.uint8),
+            "v_codes": ((n, h, p, de), torch.uint8),
+            "k_scale": ((n, h, d), torch.float16),
+            "k_min": ((n, h, d), torch.float16),
+            "v_scale": ((n, h, p, d // gv), torch.float16),
+            "v_min": ((n, h, p, d // gv), torch.float16),
+            "k_sums": ((n, h, p), torch.float32),
+            "v_sums": ((n, h, d), torch.float32),
+        }
         for name, (shape, dtype) in want.items():
             t = getattr(self, name)
             if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"pages.{name} must be {dtype} {shape} (bits={self.bits}), "
-                                 f"got {t.dtype} {tuple(t.shape)}")
+                raise ValueError(
+                    f"pages.{name} must be {dtype} {shape} (bits={self.bits}), "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
             if t.device != self.k_codes.device:
-                raise ValueError(f"pages.{name} is on {t.device}, pages.k_codes on {self.k_codes.device}")
+                raise ValueError(
+                    f"pages.{name} is on {t.device}, pages.k_codes on {self.k_codes.device}"
+                )
             if not t.is_contiguous():
                 raise ValueError(f"pages.{name} must be contiguous")
 
 
-def check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_lens, scale, bits, n_sink,
-                  num_splits, mode, out):
+def check_decode_args(
+    q,
+    pages,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    bits,
+    n_sink,
+    num_splits,
+    mode,
+    out,
+):
     """Validate hack_decode_attention(_ref) arguments -> (B, H, KVH, P, D); ValueError names the argument."""
     if not isinstance(pages, HackPages):
         raise ValueError(f"pages must be a HackPages pool, got {type(pages).__name__}")
@@ -208,45 +262,101 @@ def check_decode_args(q, pages, page_table, n_pages, dense_k, dense_v, dense_len
     if mode not in _DECODE_MODES:
         raise ValueError(f"mode must be one of {_DECODE_MODES}, got {mode!r}")
     if q.dim() != 3 or q.dtype not in _Q_DTYPES:
-        raise ValueError(f"q must be [B, num_heads, head_dim] of {_Q_DTYPES}, got {q.dtype} {tuple(q.shape)}")
+        raise ValueError(
+            f"q must be [B, num_heads, head_dim] of {_Q_DTYPES}, got {q.dtype} {tuple(q.shape)}"
+        )
     (B, H, D), KVH, P, E = q.shape, pages.num_kv_heads, pages.page_size, 8 // pages.bits
     checks = [
         (pages.head_dim == D, "head_dim", f"pages head_dim {pages.head_dim} != q head_dim {D}"),
-        (head_dim_ok(D) and D % E == 0, "head_dim",
-         f"must be an even number in [8, 256] and a multiple of {E}, got {D}"),
+        (
+            head_dim_ok(D) and D % E == 0,
+            "head_dim",
+            f"must be an even number in [8, 256] and a multiple of {E}, got {D}",
+        ),
         (_is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
-        (pages.group_v % (D // E) == 0, "pages",
-         f"group_v {pages.group_v} must be a multiple of D / E = {D // E}"),
+        (
+            pages.group_v % (D // E) == 0,
+            "pages",
+            f"group_v {pages.group_v} must be a multiple of D / E = {D // E}",
+        ),
         (H % KVH == 0, "num_heads", f"q num_heads {H} is not a multiple of num_kv_heads {KVH}"),
-        (page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.shape[0] == B, "page_table",
-         f"must be int32 [B={B}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}"),
+        (
+            page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.shape[0] == B,
+            "page_table",
+            f"must be int32 [B={B}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}",
+        ),
     ]
     for name, t in (("n_pages", n_pages), ("dense_lens", dense_lens)):
-        checks.append((t.dtype == torch.int32 and t.shape == (B,) and t.is_contiguous(), name,
-                       f"must be contiguous int32 [B={B}], got {t.dtype} {tuple(t.shape)}"))
+        checks.append(
+            (
+                t.dtype == torch.int32 and t.shape == (B,) and t.is_contiguous(),
+                name,
+                f"must be contiguous int32 [B={B}], got {t.dtype} {tuple(t.shape)}",
+            )
+        )
     for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
-        checks.append((t.dtype == q.dtype and t.dim() == 4 and t.shape == dense_k.shape
-                       and tuple(t.shape[:2]) == (B, KVH) and t.shape[3] == D, name,
-                       f"must be {q.dtype} [B={B}, KVH={KVH}, T, D={D}] (same for k and v), "
-                       f"got {t.dtype} {tuple(t.shape)}"))
-    for name, t in (("pages", pages.k_codes), ("page_table", page_table), ("n_pages", n_pages),
-                    ("dense_k", dense_k), ("dense_v", dense_v), ("dense_lens", dense_lens)):
+        checks.append(
+            (
+                t.dtype == q.dtype
+                and t.dim() == 4
+                and t.shape == dense_k.shape
+                and tuple(t.shape[:2]) == (B, KVH)
+                and t.shape[3] == D,
+                name,
+                f"must be {q.dtype} [B={B}, KVH={KVH}, T, D={D}] (same for k and v), "
+                f"got {t.dtype} {tuple(t.shape)}",
+            )
+        )
+    for name, t in (
+        ("pages", pages.k_codes),
+        ("page_table", page_table),
+        ("n_pages", n_pages),
+        ("dense_k", dense_k),
+        ("dense_v", dense_v),
+        ("dense_lens", dense_lens),
+    ):
         checks.append((t.device == q.device, name, f"is on {t.device}, q is on {q.device}"))
-    for name, t in (("q", q), ("page_table", page_table), ("dense_k", dense_k), ("dense_v", dense_v)):
-        checks.append((t.numel() == 0 or t.stride(-1) == 1, name,
-                       f"needs a contiguous last dim, strides {t.stride()}"))
+    for name, t in (
+        ("q", q),
+        ("page_table", page_table),
+        ("dense_k", dense_k),
+        ("dense_v", dense_v),
+    ):
+        checks.append(
+            (
+                t.numel() == 0 or t.stride(-1) == 1,
+                name,
+                f"needs a contiguous last dim, strides {t.stride()}",
+            )
+        )
     checks += [
-        (isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale",
-         f"must be a python float, got {type(scale).__name__}"),
-        (isinstance(n_sink, int) and 0 <= n_sink <= P, "n_sink",
-         f"must be an int in [0, {P}], got {n_sink!r}"),
-        (isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1, "num_splits",
-         f"must be an int >= 1, got {num_splits!r}"),
+        (
+            isinstance(scale, (int, float)) and not isinstance(scale, bool),
+            "scale",
+            f"must be a python float, got {type(scale).__name__}",
+        ),
+        (
+            isinstance(n_sink, int) and 0 <= n_sink <= P,
+            "n_sink",
+            f"must be an int in [0, {P}], got {n_sink!r}",
+        ),
+        (
+            isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits >= 1,
+            "num_splits",
+            f"must be an int >= 1, got {num_splits!r}",
+        ),
     ]
     if out is not None:
-        checks.append((out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
-                       and (out.numel() == 0 or out.stride(-1) == 1), "out",
-                       f"must match q ({tuple(q.shape)}, {q.dtype}, {q.device}, contiguous last dim)"))
+        checks.append(
+            (
+                out.shape == q.shape
+                and out.dtype == q.dtype
+                and out.device == q.device
+                and (out.numel() == 0 or out.stride(-1) == 1),
+                "out",
+                f"must match q ({tuple(q.shape)}, {q.dtype}, {q.device}, contiguous last dim)",
+            )
+        )
     for ok, name, msg in checks:
         if not ok:
             raise ValueError(f"{name}: {msg}")

@@ -48,7 +48,9 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def check_prefill_args(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink, mode, out):
+def check_prefill_args(
+    q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink, mode, out
+):
     """Validate hack_prefill_attention(_ref) arguments -> (n, H, KVH, P, D); ValueError names the argument."""
     if not isinstance(pages, HackPages):
         raise ValueError(f"pages: must be a HackPages pool, got {type(pages).__name__}")
@@ -58,50 +60,105 @@ def check_prefill_args(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits
     if mode not in _MODES:
         raise ValueError(f"mode: must be one of {_MODES}, got {mode!r}")
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in _Q_DTYPES:
-        raise ValueError(f"q: must be [n, num_heads, head_dim] of {_Q_DTYPES}, got "
-                         f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
+        raise ValueError(
+            f"q: must be [n, num_heads, head_dim] of {_Q_DTYPES}, got "
+            f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}"
+        )
     (n, H, D), KVH, P, E = q.shape, pages.num_kv_heads, pages.page_size, 8 // pages.bits
     checks = [
         (pages.head_dim == D, "head_dim", f"pages head_dim {pages.head_dim} != q head_dim {D}"),
-        (head_dim_ok(D) and D % E == 0, "head_dim", f"must be an even number in [8, 256] and a multiple of "
-                                                    f"{E}, got {D}"),
+        (
+            head_dim_ok(D) and D % E == 0,
+            "head_dim",
+            f"must be an even number in [8, 256] and a multiple of {E}, got {D}",
+        ),
         (_is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
-        (pages.group_v % (D // E) == 0, "pages", f"group_v {pages.group_v} must be a multiple of D / E = {D // E}"),
+        (
+            pages.group_v % (D // E) == 0,
+            "pages",
+            f"group_v {pages.group_v} must be a multiple of D / E = {D // E}",
+        ),
         (H % KVH == 0, "num_heads", f"q num_heads {H} is not a multiple of num_kv_heads {KVH}"),
-        (isinstance(past_pages, torch.Tensor) and past_pages.dtype == torch.int32 and past_pages.dim() == 1
-         and past_pages.is_contiguous(), "past_pages",
-         f"must be a contiguous int32 [m] tensor, got {getattr(past_pages, 'dtype', type(past_pages).__name__)}"
-         f" {tuple(getattr(past_pages, 'shape', ()))}"),
+        (
+            isinstance(past_pages, torch.Tensor)
+            and past_pages.dtype == torch.int32
+            and past_pages.dim() == 1
+            and past_pages.is_contiguous(),
+            "past_pages",
+            f"must be a contiguous int32 [m] tensor, got {getattr(past_pages, 'dtype', type(past_pages).__name__)}"
+            f" {tuple(getattr(past_pages, 'shape', ()))}",
+        ),
     ]
     for name, t in (("k", k), ("v", v)):
-        checks.append((isinstance(t, torch.Tensor) and t.dtype == q.dtype and tuple(t.shape) == (n, KVH, D),
-                       name, f"must be {q.dtype} [n={n}, KVH={KVH}, D={D}], got "
-                             f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}"))
+        checks.append(
+            (
+                isinstance(t, torch.Tensor)
+                and t.dtype == q.dtype
+                and tuple(t.shape) == (n, KVH, D),
+                name,
+                f"must be {q.dtype} [n={n}, KVH={KVH}, D={D}], got "
+                f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}",
+            )
+        )
     for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
-        checks.append((isinstance(t, torch.Tensor) and t.dtype == q.dtype and t.dim() == 3
-                       and t.shape == dense_k.shape and t.shape[0] == KVH and t.shape[2] == D, name,
-                       f"must be {q.dtype} [KVH={KVH}, T, D={D}] (same for k and v), got "
-                       f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}"))
+        checks.append(
+            (
+                isinstance(t, torch.Tensor)
+                and t.dtype == q.dtype
+                and t.dim() == 3
+                and t.shape == dense_k.shape
+                and t.shape[0] == KVH
+                and t.shape[2] == D,
+                name,
+                f"must be {q.dtype} [KVH={KVH}, T, D={D}] (same for k and v), got "
+                f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}",
+            )
+        )
     for ok, name, msg in checks:
         if not ok:
             raise ValueError(f"{name}: {msg}")
     checks = []
-    for name, t in (("pages", pages.k_codes), ("past_pages", past_pages), ("k", k), ("v", v),
-                    ("dense_k", dense_k), ("dense_v", dense_v)):
+    for name, t in (
+        ("pages", pages.k_codes),
+        ("past_pages", past_pages),
+        ("k", k),
+        ("v", v),
+        ("dense_k", dense_k),
+        ("dense_v", dense_v),
+    ):
         checks.append((t.device == q.device, name, f"is on {t.device}, q is on {q.device}"))
     for name, t in (("q", q), ("k", k), ("v", v), ("dense_k", dense_k), ("dense_v", dense_v)):
-        checks.append((t.numel() == 0 or t.stride(-1) == 1, name, f"needs a contiguous last dim, strides "
-                                                                   f"{t.stride()}"))
+        checks.append(
+            (
+                t.numel() == 0 or t.stride(-1) == 1,
+                name,
+                f"needs a contiguous last dim, strides {t.stride()}",
+            )
+        )
     checks += [
-        (isinstance(scale, (int, float)) and not isinstance(scale, bool), "scale",
-         f"must be a python float, got {type(scale).__name__}"),
-        (isinstance(n_sink, int) and not isinstance(n_sink, bool) and 0 <= n_sink <= P, "n_sink",
-         f"must be an int in [0, {P}], got {n_sink!r}"),
+        (
+            isinstance(scale, (int, float)) and not isinstance(scale, bool),
+            "scale",
+            f"must be a python float, got {type(scale).__name__}",
+        ),
+        (
+            isinstance(n_sink, int) and not isinstance(n_sink, bool) and 0 <= n_sink <= P,
+            "n_sink",
+            f"must be an int in [0, {P}], got {n_sink!r}",
+        ),
     ]
     if out is not None:
-        checks.append((isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
-                       and out.device == q.device and (out.numel() == 0 or out.stride(-1) == 1), "out",
-                       f"must match q ({tuple(q.shape)}, {q.dtype}, {q.device}, contiguous last dim)"))
+        checks.append(
+            (
+                isinstance(out, torch.Tensor)
+                and out.shape == q.shape
+                and out.dtype == q.dtype
+                and out.device == q.device
+                and (out.numel() == 0 or out.stride(-1) == 1),
+                "out",
+                f"must match q ({tuple(q.shape)}, {q.dtype}, {q.device}, contiguous last dim)",
+            )
+        )
     for ok, name, msg in checks:
         if not ok:
             raise ValueError(f"{name}: {msg}")
@@ -109,12 +166,32 @@ def check_prefill_args(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits
 
 
 @triton.jit
-def _dense_block(acc0, acc1, acc2, acc3, m_i, l_i, q_full, k_row, v_row, t_ok, vis, qk_scale, offs_c,
-                 c_ok, offs_d, d_ok, E: tl.constexpr, DE: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dense_block(
+    acc0,
+    acc1,
+    acc2,
+    acc3,
+    m_i,
+    l_i,
+    q_full,
+    k_row,
+    v_row,
+    t_ok,
+    vis,
+    qk_scale,
+    offs_c,
+    c_ok,
+    offs_d,
+    d_ok,
+    E: tl.constexpr,
+    DE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """One block of 16-bit keys: k_row/v_row [DB] row pointers, vis [M, DB] visibility; offs_d /
     offs_c with d_ok / c_ok: the padded channels of a head / a plane and the real ones."""
-    dk = tl.load(k_row[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                 other=0.0)  # [DB, BD]
+    dk = tl.load(
+        k_row[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
+    )  # [DB, BD]
     sc = tl.dot(q_full, tl.trans(dk), input_precision=DOT_PREC)  # [M, DB]
     sc = tl.where(vis, sc * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -138,22 +215,60 @@ def _dense_block(acc0, acc1, acc2, acc3, m_i, l_i, q_full, k_row, v_row, t_ok, v
 @triton.jit
 def _store_plane(acc, inv, dst, row_ok, offs_c, c_ok, s: tl.constexpr, DE: tl.constexpr):
     o = acc * inv[:, None]  # [M, DEP]
-    tl.store(dst[:, None] + s * DE + offs_c[None, :], o.to(dst.dtype.element_ty),
-             mask=row_ok[:, None] & c_ok[None, :])
+    tl.store(
+        dst[:, None] + s * DE + offs_c[None, :],
+        o.to(dst.dtype.element_ty),
+        mask=row_ok[:, None] & c_ok[None, :],
+    )
 
 
 @triton.jit
 def _hack_prefill_kernel(
-    q_ptr, k_ptr, v_ptr,  # q [n,H,D]; chunk k/v [n,KVH,D]
-    kc_ptr, vc_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, vsum_ptr,  # pool tensors (contiguous)
-    past_ptr, dk_ptr, dv_ptr, out_ptr,  # past_pages [m] int32; dense k/v [KVH,T,D]; out [n,H,D]
-    n_tok, n_past, dense_len, qk_scale, n_sink,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_dkh, stride_dkt, stride_dvh, stride_dvt, stride_ot, stride_oh,
-    G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, DEP: tl.constexpr,
-    BITS: tl.constexpr, GV: tl.constexpr, INT8: tl.constexpr, INT8_QK_DOT: tl.constexpr,
-    DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, FAST: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,  # q [n,H,D]; chunk k/v [n,KVH,D]
+    kc_ptr,
+    vc_ptr,
+    ks_ptr,
+    km_ptr,
+    vs_ptr,
+    vm_ptr,
+    vsum_ptr,  # pool tensors (contiguous)
+    past_ptr,
+    dk_ptr,
+    dv_ptr,
+    out_ptr,  # past_pages [m] int32; dense k/v [KVH,T,D]; out [n,H,D]
+    n_tok,
+    n_past,
+    dense_len,
+    qk_scale,
+    n_sink,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dkh,
+    stride_dkt,
+    stride_dvh,
+    stride_dvt,
+    stride_ot,
+    stride_oh,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BT: tl.constexpr,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DEP: tl.constexpr,
+    BITS: tl.constexpr,
+    GV: tl.constexpr,
+    INT8: tl.constexpr,
+    INT8_QK_DOT: tl.constexpr,
+    DENSE_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     tile, kvh = tl.program_id(0), tl.program_id(1)
     KVH = tl.num_programs(1)
@@ -188,16 +303,21 @@ def _hack_prefill_kernel(
     for j in range(0, n_past):
         row = tl.load(past_ptr + j).to(tl.int64) * KVH + kvh  # pool (page, kv head) row
         tok_row = row * PAGE + offs_p  # [P]
-        kc = tl.load(kc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=pc_ok, other=0)  # [P, DEP]
+        kc = tl.load(
+            kc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=pc_ok, other=0
+        )  # [P, DEP]
         vc = tl.load(vc_ptr + tok_row[:, None] * DE + offs_c[None, :], mask=pc_ok, other=0)
         sc = tl.zeros([M, PAGE], tl.float32)
         qm = tl.zeros([M], tl.float32)
         for s in tl.static_range(E):
             ch = s * DE + offs_c
-            qs = tl.load(q_row[:, None] + ch[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                         other=0.0).to(tl.float32)
+            qs = tl.load(
+                q_row[:, None] + ch[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0
+            ).to(tl.float32)
             qs = qs * qk_scale  # [M, DEP]
-            kss = tl.load(ks_ptr + row * HEAD_DIM + ch, mask=c_ok, other=0.0).to(tl.float32)  # [DEP]
+            kss = tl.load(ks_ptr + row * HEAD_DIM + ch, mask=c_ok, other=0.0).to(
+                tl.float32
+            )  # [DEP]
             kms = tl.load(km_ptr + row * HEAD_DIM + ch, mask=c_ok, other=0.0).to(tl.float32)
             qm += tl.sum(qs * kms[None, :], axis=1)
             qt = qs * kss[None, :]  # q~ [M, DEP]
@@ -224,33 +344,62 @@ def _hack_prefill_kernel(
         m_i = m_new
         vrow = vsum_ptr + row * HEAD_DIM + offs_m * 0  # [M] v_sums row (the same for every row)
         r_ok = offs_m >= 0  # [M] the page exists for every row
-        pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, 0, NG, PAGE, HALF, INT8)
-        acc0 = _v_plane(acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 0, BITS, DE, INT8, FAST)
-        pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, DE // GV, NG, PAGE, HALF,
-                                  INT8)
-        acc1 = _v_plane(acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 1, BITS, DE, INT8, FAST)
+        pv, sg, cr, ad = _v_group(
+            p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, 0, NG, PAGE, HALF, INT8
+        )
+        acc0 = _v_plane(
+            acc0, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 0, BITS, DE, INT8, FAST
+        )
+        pv, sg, cr, ad = _v_group(
+            p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, DE // GV, NG, PAGE, HALF, INT8
+        )
+        acc1 = _v_plane(
+            acc1, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 1, BITS, DE, INT8, FAST
+        )
         if E == 4:
-            pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, 2 * DE // GV, NG, PAGE,
-                                      HALF, INT8)
-            acc2 = _v_plane(acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 2, BITS, DE, INT8,
-                            FAST)
-            pv, sg, cr, ad = _v_group(p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, 3 * DE // GV, NG, PAGE,
-                                      HALF, INT8)
-            acc3 = _v_plane(acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 3, BITS, DE, INT8,
-                            FAST)
+            pv, sg, cr, ad = _v_group(
+                p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, 2 * DE // GV, NG, PAGE, HALF, INT8
+            )
+            acc2 = _v_plane(
+                acc2, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 2, BITS, DE, INT8, FAST
+            )
+            pv, sg, cr, ad = _v_group(
+                p, vs_ptr, vm_ptr, tok_row, all_p, all_rows, 3 * DE // GV, NG, PAGE, HALF, INT8
+            )
+            acc3 = _v_plane(
+                acc3, alpha, pv, sg, cr, ad, vc, vrow, r_ok, offs_c, c_ok, 3, BITS, DE, INT8, FAST
+            )
 
     # ---- 16-bit past every row sees (sinks, open-page tokens before the chunk).
-    q_full = tl.load(q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                     other=0.0)  # [M, BD]
+    q_full = tl.load(
+        q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )  # [M, BD]
     offs_t = tl.arange(0, DENSE_BLOCK)
     for start in range(0, dense_len, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < dense_len
         vis = row_ok[:, None] & t_ok[None, :]
         acc0, acc1, acc2, acc3, m_i, l_i = _dense_block(
-            acc0, acc1, acc2, acc3, m_i, l_i, q_full, dk_ptr + kvh * stride_dkh + t * stride_dkt,
-            dv_ptr + kvh * stride_dvh + t * stride_dvt, t_ok, vis, qk_scale, offs_c, c_ok, offs_d, d_ok, E, DE,
-            DOT_PREC)
+            acc0,
+            acc1,
+            acc2,
+            acc3,
+            m_i,
+            l_i,
+            q_full,
+            dk_ptr + kvh * stride_dkh + t * stride_dkt,
+            dv_ptr + kvh * stride_dvh + t * stride_dvt,
+            t_ok,
+            vis,
+            qk_scale,
+            offs_c,
+            c_ok,
+            offs_d,
+            d_ok,
+            E,
+            DE,
+            DOT_PREC,
+        )
 
     # ---- the chunk itself, causally: keys up to this tile's last token.
     hi = tl.minimum(n_tok, (tile + 1) * BT)
@@ -259,9 +408,26 @@ def _hack_prefill_kernel(
         t_ok = t < hi
         vis = row_ok[:, None] & t_ok[None, :] & (t[None, :] <= row_t[:, None])
         acc0, acc1, acc2, acc3, m_i, l_i = _dense_block(
-            acc0, acc1, acc2, acc3, m_i, l_i, q_full, k_ptr + kvh * stride_kh + t.to(tl.int64) * stride_kt,
-            v_ptr + kvh * stride_vh + t.to(tl.int64) * stride_vt, t_ok, vis, qk_scale, offs_c, c_ok, offs_d,
-            d_ok, E, DE, DOT_PREC)
+            acc0,
+            acc1,
+            acc2,
+            acc3,
+            m_i,
+            l_i,
+            q_full,
+            k_ptr + kvh * stride_kh + t.to(tl.int64) * stride_kt,
+            v_ptr + kvh * stride_vh + t.to(tl.int64) * stride_vt,
+            t_ok,
+            vis,
+            qk_scale,
+            offs_c,
+            c_ok,
+            offs_d,
+            d_ok,
+            E,
+            DE,
+            DOT_PREC,
+        )
 
     # every valid row sees at least its own token, so l_i > 0 there
     inv = 1.0 / tl.where(row_ok, l_i, 1.0)
@@ -280,11 +446,13 @@ def _launch_config(group: int) -> tuple[int, int, int]:
     return bt, gp, 4
 
 
-def hack_prefill_attention(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink=4, mode="f16",
-                           out=None):
+def hack_prefill_attention(
+    q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink=4, mode="f16", out=None
+):
     """Chunk attention over HACK pages + dense past + itself (causal).  Shapes: module docstring."""
-    n, H, KVH, P, D = check_prefill_args(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink,
-                                         mode, out)
+    n, H, KVH, P, D = check_prefill_args(
+        q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink, mode, out
+    )
     require_runnable("hack_prefill_attention", _hack_prefill_kernel, q)
     if out is None:
         out = torch.empty_like(q)
@@ -293,26 +461,64 @@ def hack_prefill_attention(q, k, v, pages, past_pages, dense_k, dense_v, scale, 
     G = H // KVH
     bt, gp, num_warps = _launch_config(G)
     _hack_prefill_kernel[(triton.cdiv(n, bt), KVH)](
-        q, k, v, pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min, pages.v_scale, pages.v_min,
-        pages.v_sums, past_pages, dense_k, dense_v, out,
-        n, past_pages.numel(), dense_k.shape[1], float(scale) * _LOG2E, n_sink,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dense_k.stride(0), dense_k.stride(1), dense_v.stride(0), dense_v.stride(1), out.stride(0), out.stride(1),
-        G=G, GP=gp, BT=bt, PAGE=P, HEAD_DIM=D, BLOCK_D=block_d(D), DEP=plane_width(D, pages.bits),
-        BITS=pages.bits, GV=pages.group_v, INT8=mode == "int8",
-        INT8_QK_DOT=plane_width(D, pages.bits) >= 32, DENSE_BLOCK=64,
+        q,
+        k,
+        v,
+        pages.k_codes,
+        pages.v_codes,
+        pages.k_scale,
+        pages.k_min,
+        pages.v_scale,
+        pages.v_min,
+        pages.v_sums,
+        past_pages,
+        dense_k,
+        dense_v,
+        out,
+        n,
+        past_pages.numel(),
+        dense_k.shape[1],
+        float(scale) * _LOG2E,
+        n_sink,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        dense_k.stride(0),
+        dense_k.stride(1),
+        dense_v.stride(0),
+        dense_v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        GP=gp,
+        BT=bt,
+        PAGE=P,
+        HEAD_DIM=D,
+        BLOCK_D=block_d(D),
+        DEP=plane_width(D, pages.bits),
+        BITS=pages.bits,
+        GV=pages.group_v,
+        INT8=mode == "int8",
+        INT8_QK_DOT=plane_width(D, pages.bits) >= 32,
+        DENSE_BLOCK=64,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.is_cuda and torch.version.hip is None and not is_interpreted(_hack_prefill_kernel),
-        num_warps=num_warps, num_stages=2,
+        num_warps=num_warps,
+        num_stages=2,
     )
     return out
 
 
-def hack_prefill_attention_ref(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink=4, mode="f16",
-                               out=None):
+def hack_prefill_attention_ref(
+    q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink=4, mode="f16", out=None
+):
     """Torch fp32 reference: the kernel's math and int8 roundings (fp16 roundings of the f16 mode skipped)."""
-    n, H, KVH, P, D = check_prefill_args(q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink,
-                                         mode, out)
+    n, H, KVH, P, D = check_prefill_args(
+        q, k, v, pages, past_pages, dense_k, dense_v, scale, bits, n_sink, mode, out
+    )
     G, E, GV = H // KVH, 8 // pages.bits, pages.group_v
     DE, NG = D // E, D // GV
     qk, half = float(scale) * _LOG2E, ((1 << pages.bits) - 1) / 2.0
@@ -344,7 +550,9 @@ def hack_prefill_attention_ref(q, k, v, pages, past_pages, dense_k, dense_v, sca
     pq = torch.exp2(sq - mx[..., None, None])  # [KVH, n, G, m, P]
     pd, pc = torch.exp2(sd - mx[..., None]), torch.exp2(sc - mx[..., None])
     l = pq.sum((3, 4)) + pd.sum(-1) + pc.sum(-1)  # noqa: E741  [KVH, n, G]
-    o = torch.einsum("kngt,ktd->kngd", pd, dense_v.float()) + torch.einsum("kngt,tkd->kngd", pc, v.float())
+    o = torch.einsum("kngt,ktd->kngd", pd, dense_v.float()) + torch.einsum(
+        "kngt,tkd->kngd", pc, v.float()
+    )
     for j in range(m):
         vc = unpack_planar(pages.v_codes[ids[j]], pages.bits).float().view(KVH, P, NG, GV)
         vs, vm = pages.v_scale[ids[j]].float(), pages.v_min[ids[j]].float()  # [KVH, P, NG]
@@ -353,7 +561,10 @@ def hack_prefill_attention_ref(q, k, v, pages, past_pages, dense_k, dense_v, sca
         vmt = (pj[..., None] * vm[:, None, None]).sum(3)  # [KVH, n, G, NG]
         if mode == "int8":
             sig = pt.amax(3) / 255.0  # [KVH, n, G, NG]
-            p8 = torch.floor(pt / torch.where(sig > 0, sig, 1.0)[:, :, :, None] + 0.5).clamp_max(255) - 128
+            p8 = (
+                torch.floor(pt / torch.where(sig > 0, sig, 1.0)[:, :, :, None] + 0.5).clamp_max(255)
+                - 128
+            )
             d = torch.einsum("kngpj,kpjc->kngjc", p8, vc)  # [KVH, n, G, NG, GV]
             vsum = pages.v_sums[ids[j]].float().view(KVH, 1, 1, NG, GV)
             cent = d - half * p8.sum(3)[..., None] + 128.0 * (vsum - P * half)

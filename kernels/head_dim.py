@@ -15,8 +15,12 @@ MAX_HEAD_DIM = 256
 
 def head_dim_ok(d: int) -> bool:
     """An even integer in [MIN_HEAD_DIM, MAX_HEAD_DIM]."""
-    return (isinstance(d, int) and not isinstance(d, bool) and d % 2 == 0
-            and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM)
+    return (
+        isinstance(d, int)
+        and not isinstance(d, bool)
+        and d % 2 == 0
+        and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM
+    )
 
 
 def head_dim_error(d, name: str = "head_dim") -> str:

@@ -58,9 +58,25 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, num_kv_heads,
-                  stride_ob, stride_oh, G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def _store_result(
+    out_ptr,
+    part_ptr,
+    lse_ptr,
+    m_i,
+    l_i,
+    acc,
+    b,
+    kvh,
+    split,
+    num_kv_heads,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
     """Normalise and store (NUM_SPLITS == 1) or write the split's partial output + log2-sum-exp.
     acc [G_PAD, BLOCK_D]: channels >= HEAD_DIM are padding, never stored."""
     offs_g = tl.arange(0, G_PAD)
@@ -70,8 +86,11 @@ def _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, num_
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # zeros for an empty range
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
     else:
         row = (b * num_kv_heads * G + heads) * NUM_SPLITS + split  # [G_PAD] row in part / lse
         tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask)
@@ -81,16 +100,46 @@ def _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, num_
 
 @triton.jit
 def _kivi_decode_kernel(
-    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr,  # q [B,H,D]; contiguous pool tensors
-    pt_ptr, np_ptr, dk_ptr, dv_ptr, dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
-    out_ptr, part_ptr, lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
+    q_ptr,
+    kc_ptr,
+    ks_ptr,
+    km_ptr,
+    vc_ptr,
+    vs_ptr,
+    vm_ptr,  # q [B,H,D]; contiguous pool tensors
+    pt_ptr,
+    np_ptr,
+    dk_ptr,
+    dv_ptr,
+    dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
+    out_ptr,
+    part_ptr,
+    lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
     qk_scale,  # softmax scale * log2(e)
-    stride_qb, stride_qh, stride_ptb,
-    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    NP: tl.constexpr, BITS: tl.constexpr, TG: tl.constexpr, CG: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DENSE_BLOCK: tl.constexpr, DOT_PREC: tl.constexpr, DQ_F32: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_ptb,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    NP: tl.constexpr,
+    BITS: tl.constexpr,
+    TG: tl.constexpr,
+    CG: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DENSE_BLOCK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DQ_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -109,8 +158,11 @@ def _kivi_decode_kernel(
     d_ok = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * G + offs_g
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < G)[:, None] & d_ok[None, :], other=0.0)  # [G_PAD, BD]; padding zeros
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=(offs_g < G)[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [G_PAD, BD]; padding zeros
     cdt = q.dtype  # dot operand dtype
     byte_d = offs_d % DE  # planar layout: channel c lives in byte c % DE ...
     shift_d = (offs_d // DE) * BITS  # ... at bit offset (c // DE) * b
@@ -121,10 +173,24 @@ def _kivi_decode_kernel(
 
     # ---- dense 16-bit tail: last split only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
-    m_i, l_i, acc = _dense_tail(q, dk_ptr + b * stride_dkb + kvh * stride_dkh,
-                                dv_ptr + b * stride_dvb + kvh * stride_dvh, stride_dkt, stride_dvt,
-                                dl, offs_d, d_ok, offs_d, d_ok, m_i, l_i, acc, qk_scale,
-                                DENSE_BLOCK, DOT_PREC)
+    m_i, l_i, acc = _dense_tail(
+        q,
+        dk_ptr + b * stride_dkb + kvh * stride_dkh,
+        dv_ptr + b * stride_dvb + kvh * stride_dvh,
+        stride_dkt,
+        stride_dvt,
+        dl,
+        offs_d,
+        d_ok,
+        offs_d,
+        d_ok,
+        m_i,
+        l_i,
+        acc,
+        qk_scale,
+        DENSE_BLOCK,
+        DOT_PREC,
+    )
 
     # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
     lo, hi = _split_pages(tl.load(np_ptr + b), split, NUM_SPLITS, NP)
@@ -133,12 +199,16 @@ def _kivi_decode_kernel(
     for blk in range(lo, hi, NP):
         pg = blk + offs_n // PAGE  # [N] logical page of each token
         ok = pg < hi
-        prow = tl.load(pt_row + pg, mask=ok, other=0).to(tl.int64) * KVH + kvh  # [N] (page, head) pool row
+        prow = (
+            tl.load(pt_row + pg, mask=ok, other=0).to(tl.int64) * KVH + kvh
+        )  # [N] (page, head) pool row
         tok_row = prow * PAGE + slot  # [N] (page, head, token) row
         ok2 = ok[:, None] & d_ok[None, :]  # [N, BD]
 
         # K: codes [N, BD] from the packed bytes, scale / min rows of each token's group.
-        kc = tl.load(kc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(tl.int32)
+        kc = tl.load(kc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(
+            tl.int32
+        )
         kq = ((kc >> shift_d[None, :]) & MASK).to(DQ)
         krow = (prow * NGK + slot // TG)[:, None] * HEAD_DIM + offs_d[None, :]  # [N, BD]
         ks = tl.load(ks_ptr + krow, mask=ok2, other=0.0).to(DQ)
@@ -146,7 +216,9 @@ def _kivi_decode_kernel(
         k = (kq * ks + km).to(cdt)  # [N, BD]
 
         # V: codes [N, BD], per-token scale / min of each channel group broadcast over its CG channels.
-        vc = tl.load(vc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(tl.int32)
+        vc = tl.load(vc_ptr + tok_row[:, None] * DE + byte_d[None, :], mask=ok2, other=0).to(
+            tl.int32
+        )
         vq = ((vc >> shift_d[None, :]) & MASK).to(DQ)
         if BLOCK_D != HEAD_DIM:  # NGV groups need not be a power of two: gather per channel
             vrow = tok_row[:, None] * NGV + (offs_d // CG)[None, :]  # [N, BD]
@@ -160,14 +232,35 @@ def _kivi_decode_kernel(
             vrow = tok_row[:, None] * NGV + offs_v[None, :]  # [N, NGV]
             vs = tl.load(vs_ptr + vrow, mask=ok[:, None], other=0.0).to(DQ)
             vm = tl.load(vm_ptr + vrow, mask=ok[:, None], other=0.0).to(DQ)
-            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM))
-            vm = tl.reshape(tl.broadcast_to(vm[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM))
+            vs = tl.reshape(
+                tl.broadcast_to(vs[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM)
+            )
+            vm = tl.reshape(
+                tl.broadcast_to(vm[:, :, None], (BLOCK_N, NGV, CG)), (BLOCK_N, HEAD_DIM)
+            )
         v = (vq * vs + vm).to(cdt)  # [N, BD]
 
         m_i, l_i, acc = _online_softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC)
 
-    _store_result(out_ptr, part_ptr, lse_ptr, m_i, l_i, acc, b, kvh, split, KVH, stride_ob, stride_oh,
-                  G, G_PAD, HEAD_DIM, BLOCK_D, NUM_SPLITS)
+    _store_result(
+        out_ptr,
+        part_ptr,
+        lse_ptr,
+        m_i,
+        l_i,
+        acc,
+        b,
+        kvh,
+        split,
+        KVH,
+        stride_ob,
+        stride_oh,
+        G,
+        G_PAD,
+        HEAD_DIM,
+        BLOCK_D,
+        NUM_SPLITS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -177,39 +270,69 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _check_call_args(q, page_table, n_pages, dense_k, dense_v, dense_lens, scale, num_splits, out, kvh,
-                     pool_name, pool_device):
+def _check_call_args(
+    q,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    num_splits,
+    out,
+    kvh,
+    pool_name,
+    pool_device,
+):
     """Checks shared by the baseline kernels (everything except the page pool's own layout).
 
     Returns (B, H, D).  Raises ValueError naming the offending argument.
     """
     if q.dim() != 3 or q.dtype not in _DTYPES:
-        raise ValueError(f"q must be [B, num_heads, head_dim] of {_DTYPES}, got {q.dtype} {tuple(q.shape)}")
+        raise ValueError(
+            f"q must be [B, num_heads, head_dim] of {_DTYPES}, got {q.dtype} {tuple(q.shape)}"
+        )
     B, H, D = q.shape
     if not head_dim_ok(D):
         raise ValueError(head_dim_error(D, "q head_dim"))
     if kvh == 0 or H % kvh:
         raise ValueError(f"q num_heads {H} must be a multiple of {pool_name} num_kv_heads {kvh}")
     if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != B:
-        raise ValueError(f"page_table must be int32 [B={B}, max_pages], got {page_table.dtype} "
-                         f"{tuple(page_table.shape)}")
+        raise ValueError(
+            f"page_table must be int32 [B={B}, max_pages], got {page_table.dtype} "
+            f"{tuple(page_table.shape)}"
+        )
     for name, t in (("n_pages", n_pages), ("dense_lens", dense_lens)):
         if t.dtype != torch.int32 or tuple(t.shape) != (B,) or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous int32 [B={B}], got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be contiguous int32 [B={B}], got {t.dtype} {tuple(t.shape)}"
+            )
     for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
         if t.dim() != 4 or t.shape[0] != B or t.shape[1] != kvh or t.shape[3] != D:
             raise ValueError(f"{name} must be [B={B}, KVH={kvh}, T, D={D}], got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
     if dense_v.shape != dense_k.shape:
-        raise ValueError(f"dense_v shape {tuple(dense_v.shape)} != dense_k shape {tuple(dense_k.shape)}")
+        raise ValueError(
+            f"dense_v shape {tuple(dense_v.shape)} != dense_k shape {tuple(dense_k.shape)}"
+        )
     if pool_device != q.device:
         raise ValueError(f"{pool_name} is on {pool_device}, q is on {q.device}")
-    for name, t in (("page_table", page_table), ("n_pages", n_pages), ("dense_k", dense_k),
-                    ("dense_v", dense_v), ("dense_lens", dense_lens)):
+    for name, t in (
+        ("page_table", page_table),
+        ("n_pages", n_pages),
+        ("dense_k", dense_k),
+        ("dense_v", dense_v),
+        ("dense_lens", dense_lens),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
-    for name, t in (("q", q), ("page_table", page_table), ("dense_k", dense_k), ("dense_v", dense_v)):
+    for name, t in (
+        ("q", q),
+        ("page_table", page_table),
+        ("dense_k", dense_k),
+        ("dense_v", dense_v),
+    ):
         if t.numel() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
@@ -218,15 +341,33 @@ def _check_call_args(q, page_table, n_pages, dense_k, dense_v, dense_lens, scale
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
-                             f"got ({tuple(out.shape)}, {out.dtype}, {out.device})")
+            raise ValueError(
+                f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+                f"got ({tuple(out.shape)}, {out.dtype}, {out.device})"
+            )
         if out.numel() > 0 and out.stride(-1) != 1:
             raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
     return B, H, D
 
 
-def _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k, dense_v,
-                  dense_lens, scale, bits, num_splits, out):
+def _check_inputs(
+    q,
+    k_codes,
+    k_scale,
+    k_min,
+    v_codes,
+    v_scale,
+    v_min,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    bits,
+    num_splits,
+    out,
+):
     """Validate arguments; returns (B, H, KVH, P, D, TG, CG).  Raises ValueError naming the argument."""
     bits = check_bits(bits)
     e = 8 // bits
@@ -236,10 +377,24 @@ def _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_tabl
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"q must be a tensor, got {type(q).__name__}")
     N, KVH, P, DE = k_codes.shape
-    B, H, D = _check_call_args(q, page_table, n_pages, dense_k, dense_v, dense_lens, scale, num_splits, out,
-                               KVH, "k_codes", k_codes.device)
+    B, H, D = _check_call_args(
+        q,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        num_splits,
+        out,
+        KVH,
+        "k_codes",
+        k_codes.device,
+    )
     if DE * e != D:
-        raise ValueError(f"k_codes last dim {DE} != head_dim / (8 / bits) = {D} / {e} (bits={bits})")
+        raise ValueError(
+            f"k_codes last dim {DE} != head_dim / (8 / bits) = {D} / {e} (bits={bits})"
+        )
     if not (_is_pow2(P) and P >= 16):
         raise ValueError(f"k_codes page_size must be a power of two >= 16, got {P}")
     if tuple(v_codes.shape) != (N, KVH, P, DE):
@@ -249,17 +404,31 @@ def _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_tabl
             raise ValueError(f"{name} must be a 4-d float16 tensor")
     ngk, ngv = k_scale.shape[2], v_scale.shape[3]
     if ngk == 0 or P % ngk or not _is_pow2(P // ngk) or tuple(k_scale.shape) != (N, KVH, ngk, D):
-        raise ValueError(f"k_scale must be [N={N}, KVH={KVH}, page_size / token_group, D={D}] with a power-of-two "
-                         f"token_group dividing page_size={P}, got {tuple(k_scale.shape)}")
+        raise ValueError(
+            f"k_scale must be [N={N}, KVH={KVH}, page_size / token_group, D={D}] with a power-of-two "
+            f"token_group dividing page_size={P}, got {tuple(k_scale.shape)}"
+        )
     if ngv == 0 or D % ngv or not _is_pow2(D // ngv) or tuple(v_scale.shape) != (N, KVH, P, ngv):
-        raise ValueError(f"v_scale must be [N={N}, KVH={KVH}, P={P}, D / channel_group] with a power-of-two "
-                         f"channel_group dividing head_dim={D}, got {tuple(v_scale.shape)}")
+        raise ValueError(
+            f"v_scale must be [N={N}, KVH={KVH}, P={P}, D / channel_group] with a power-of-two "
+            f"channel_group dividing head_dim={D}, got {tuple(v_scale.shape)}"
+        )
     if k_min.shape != k_scale.shape:
-        raise ValueError(f"k_min shape {tuple(k_min.shape)} != k_scale shape {tuple(k_scale.shape)}")
+        raise ValueError(
+            f"k_min shape {tuple(k_min.shape)} != k_scale shape {tuple(k_scale.shape)}"
+        )
     if v_min.shape != v_scale.shape:
-        raise ValueError(f"v_min shape {tuple(v_min.shape)} != v_scale shape {tuple(v_scale.shape)}")
-    for name, t in (("k_codes", k_codes), ("k_scale", k_scale), ("k_min", k_min), ("v_codes", v_codes),
-                    ("v_scale", v_scale), ("v_min", v_min)):
+        raise ValueError(
+            f"v_min shape {tuple(v_min.shape)} != v_scale shape {tuple(v_scale.shape)}"
+        )
+    for name, t in (
+        ("k_codes", k_codes),
+        ("k_scale", k_scale),
+        ("k_min", k_min),
+        ("v_codes", v_codes),
+        ("v_scale", v_scale),
+        ("v_min", v_min),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
         if not t.is_contiguous():
@@ -267,8 +436,9 @@ def _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_tabl
     return B, H, KVH, P, D, P // ngk, D // ngv
 
 
-def kivi_bytes_per_token(head_dim: int, bits: int, page_size: int = 64, token_group: int = 32,
-                         channel_group: int = 32) -> float:
+def kivi_bytes_per_token(
+    head_dim: int, bits: int, page_size: int = 64, token_group: int = 32, channel_group: int = 32
+) -> float:
     """Exact stored bytes per token per kv head, K and V together, amortized over a page.
 
     codes: 2 * D * b / 8; K scale + min (fp16, per channel per TG tokens): 2 * 2 * D / TG;
@@ -277,7 +447,9 @@ def kivi_bytes_per_token(head_dim: int, bits: int, page_size: int = 64, token_gr
     """
     check_bits(bits)
     if head_dim % channel_group or head_dim % (8 // bits):
-        raise ValueError(f"head_dim {head_dim} must be a multiple of channel_group {channel_group} and 8 / bits")
+        raise ValueError(
+            f"head_dim {head_dim} must be a multiple of channel_group {channel_group} and 8 / bits"
+        )
     if page_size % token_group:
         raise ValueError(f"page_size {page_size} is not a multiple of token_group {token_group}")
     codes = 2 * head_dim * bits / 8
@@ -300,11 +472,43 @@ def _launch_config(head_dim: int, page_size: int):
     return np_, num_warps, 2
 
 
-def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k,
-                          dense_v, dense_lens, scale, bits, num_splits=1, out=None):
+def kivi_decode_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_min,
+    v_codes,
+    v_scale,
+    v_min,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    bits,
+    num_splits=1,
+    out=None,
+):
     """Decode attention on KIVI pages + a dense tail (module docstring).  Returns out [B, H, D]."""
-    B, H, KVH, P, D, TG, CG = _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table,
-                                            n_pages, dense_k, dense_v, dense_lens, scale, bits, num_splits, out)
+    B, H, KVH, P, D, TG, CG = _check_inputs(
+        q,
+        k_codes,
+        k_scale,
+        k_min,
+        v_codes,
+        v_scale,
+        v_min,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        bits,
+        num_splits,
+        out,
+    )
     require_runnable("kivi_decode_attention", _kivi_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
@@ -314,17 +518,48 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, p
     np_, num_warps, num_stages = _launch_config(D, P)
     part, lse = split_buffers(q, out, num_splits)
     _kivi_decode_kernel[(B, KVH, num_splits)](
-        q, k_codes, k_scale, k_min, v_codes, v_scale, v_min,
-        page_table, n_pages, dense_k, dense_v, dense_lens, out, part, lse,
+        q,
+        k_codes,
+        k_scale,
+        k_min,
+        v_codes,
+        v_scale,
+        v_min,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        out,
+        part,
+        lse,
         float(scale) * _LOG2E,
-        q.stride(0), q.stride(1), page_table.stride(0),
-        dense_k.stride(0), dense_k.stride(1), dense_k.stride(2),
-        dense_v.stride(0), dense_v.stride(1), dense_v.stride(2),
-        out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_D=block_d(D), PAGE=P, NP=np_,
-        BITS=int(bits), TG=TG, CG=CG,
-        NUM_SPLITS=num_splits, DENSE_BLOCK=64, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DQ_F32=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        q.stride(0),
+        q.stride(1),
+        page_table.stride(0),
+        dense_k.stride(0),
+        dense_k.stride(1),
+        dense_k.stride(2),
+        dense_v.stride(0),
+        dense_v.stride(1),
+        dense_v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        G_PAD=max(16, triton.next_power_of_2(G)),
+        HEAD_DIM=D,
+        BLOCK_D=block_d(D),
+        PAGE=P,
+        NP=np_,
+        BITS=int(bits),
+        TG=TG,
+        CG=CG,
+        NUM_SPLITS=num_splits,
+        DENSE_BLOCK=64,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DQ_F32=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         merge_splits(part, lse, out)
@@ -349,13 +584,45 @@ def _attend_rows_ref(q, rows, scale, out):
     return out
 
 
-def kivi_decode_attention_ref(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table, n_pages, dense_k,
-                              dense_v, dense_lens, scale, bits, num_splits=1, out=None):
+def kivi_decode_attention_ref(
+    q,
+    k_codes,
+    k_scale,
+    k_min,
+    v_codes,
+    v_scale,
+    v_min,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    bits,
+    num_splits=1,
+    out=None,
+):
     """Pure-torch fp32 reference: gathers the row's pages, dequantizes them (compress/quantize.py), appends
     the dense tail and runs softmax attention.  Loops over rows with host syncs on the lengths: not
     CUDA-graph capturable.  Ignores num_splits."""
-    B, H, KVH, P, D, TG, CG = _check_inputs(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, page_table,
-                                            n_pages, dense_k, dense_v, dense_lens, scale, bits, num_splits, out)
+    B, H, KVH, P, D, TG, CG = _check_inputs(
+        q,
+        k_codes,
+        k_scale,
+        k_min,
+        v_codes,
+        v_scale,
+        v_min,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        bits,
+        num_splits,
+        out,
+    )
     rows = []
     for b, (npg, dl) in enumerate(zip(n_pages.tolist(), dense_lens.tolist())):
         npg, dl = max(npg, 0), max(dl, 0)
@@ -365,7 +632,11 @@ def kivi_decode_attention_ref(q, k_codes, k_scale, k_min, v_codes, v_scale, v_mi
         ids = page_table[b, :npg].long()
         k = dequant_k(unpack_planar(k_codes[ids], bits), k_scale[ids], k_min[ids])  # [n, KVH, P, D]
         v = dequant_v(unpack_planar(v_codes[ids], bits), v_scale[ids], v_min[ids])
-        k = torch.cat([k.transpose(0, 1).reshape(KVH, npg * P, D), dense_k[b, :, :dl].float()], dim=1)
-        v = torch.cat([v.transpose(0, 1).reshape(KVH, npg * P, D), dense_v[b, :, :dl].float()], dim=1)
+        k = torch.cat(
+            [k.transpose(0, 1).reshape(KVH, npg * P, D), dense_k[b, :, :dl].float()], dim=1
+        )
+        v = torch.cat(
+            [v.transpose(0, 1).reshape(KVH, npg * P, D), dense_v[b, :, :dl].float()], dim=1
+        )
         rows.append((k, v))
     return _attend_rows_ref(q, rows, scale, out)

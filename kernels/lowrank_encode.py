@@ -36,26 +36,60 @@ _OUT = (torch.float16, torch.float32)
 
 
 @triton.jit
-def _project_store(x, basis_ptr, out_ptr, row, h, offs_t, offs_d,
-                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, R: tl.constexpr, W: tl.constexpr,
-                   C_PAD: tl.constexpr):
+def _project_store(
+    x,
+    basis_ptr,
+    out_ptr,
+    row,
+    h,
+    offs_t,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    R: tl.constexpr,
+    W: tl.constexpr,
+    C_PAD: tl.constexpr,
+):
     """x [P, BD] fp32 (channels >= D zero) -> store x @ basis[h] [P, R] (zeros up to W) into
     pool row `row`."""
     offs_c = tl.arange(0, C_PAD)
-    b = tl.load(basis_ptr + h * (HEAD_DIM * R) + offs_d[:, None] * R + offs_c[None, :],
-                mask=(offs_d < HEAD_DIM)[:, None] & (offs_c < R)[None, :],
-                other=0.0)  # [BD, C_PAD], zero rows past D and columns past R
+    b = tl.load(
+        basis_ptr + h * (HEAD_DIM * R) + offs_d[:, None] * R + offs_c[None, :],
+        mask=(offs_d < HEAD_DIM)[:, None] & (offs_c < R)[None, :],
+        other=0.0,
+    )  # [BD, C_PAD], zero rows past D and columns past R
     y = tl.dot(x, b, input_precision="ieee")  # [P, C_PAD]
-    tl.store(out_ptr + row * (PAGE * W) + offs_t[:, None] * W + offs_c[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=(offs_c < W)[None, :])
+    tl.store(
+        out_ptr + row * (PAGE * W) + offs_t[:, None] * W + offs_c[None, :],
+        y.to(out_ptr.dtype.element_ty),
+        mask=(offs_c < W)[None, :],
+    )
 
 
 @triton.jit
 def _lowrank_encode_kernel(
-    k_ptr, v_ptr, ids_ptr, kb_ptr, vb_ptr, ok_ptr, ov_ptr,  # inputs strided, bases/pools contiguous
-    stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, RK: tl.constexpr,
-    RV: tl.constexpr, WK: tl.constexpr, WV: tl.constexpr, CK_PAD: tl.constexpr, CV_PAD: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    ids_ptr,
+    kb_ptr,
+    vb_ptr,
+    ok_ptr,
+    ov_ptr,  # inputs strided, bases/pools contiguous
+    stride_kn,
+    stride_kh,
+    stride_kt,
+    stride_vn,
+    stride_vh,
+    stride_vt,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RK: tl.constexpr,
+    RV: tl.constexpr,
+    WK: tl.constexpr,
+    WV: tl.constexpr,
+    CK_PAD: tl.constexpr,
+    CV_PAD: tl.constexpr,
     V_PROJ: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -64,19 +98,31 @@ def _lowrank_encode_kernel(
     offs_t = tl.arange(0, PAGE)
     offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
     d_ok = (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt
-                + offs_d[None, :], mask=d_ok, other=0.0).to(tl.float32)  # [P, BD]
+    k = tl.load(
+        k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :],
+        mask=d_ok,
+        other=0.0,
+    ).to(tl.float32)  # [P, BD]
     _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
     if V_PROJ:
-        v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
-                    + offs_d[None, :], mask=d_ok, other=0.0).to(tl.float32)  # [P, BD]
+        v = tl.load(
+            v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :],
+            mask=d_ok,
+            other=0.0,
+        ).to(tl.float32)  # [P, BD]
         _project_store(v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD)
     else:  # already reduced: copy the first WV columns (zeros past D)
         offs_c = tl.arange(0, CV_PAD)
-        v = tl.load(v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt
-                    + offs_c[None, :], mask=(offs_c < HEAD_DIM)[None, :], other=0.0)  # [P, CV_PAD]
-        tl.store(ov_ptr + row * (PAGE * WV) + offs_t[:, None] * WV + offs_c[None, :],
-                 v.to(ov_ptr.dtype.element_ty), mask=(offs_c < WV)[None, :])
+        v = tl.load(
+            v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_c[None, :],
+            mask=(offs_c < HEAD_DIM)[None, :],
+            other=0.0,
+        )  # [P, CV_PAD]
+        tl.store(
+            ov_ptr + row * (PAGE * WV) + offs_t[:, None] * WV + offs_c[None, :],
+            v.to(ov_ptr.dtype.element_ty),
+            mask=(offs_c < WV)[None, :],
+        )
 
 
 def _pow2(x: int) -> bool:
@@ -87,8 +133,10 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
     """Validate arguments; returns (n, KVH, P, D, RK, RV).  Raises ValueError naming the argument."""
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in _IN:
-            raise ValueError(f"{name} must be [n, KVH, P, D] of {_IN}, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be [n, KVH, P, D] of {_IN}, got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim")
     if v.shape != k.shape:
@@ -101,28 +149,52 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
     ranks = []
     for name, b, out in (("k_basis", k_basis, out_k), ("v_basis", v_basis, out_v)):
         if b is None and name == "v_basis":  # v already projected
-            if out.dim() != 4 or out.shape[1:3] != (kvh, p) or out.dtype not in _OUT or not out.is_contiguous():
-                raise ValueError(f"out_v must be contiguous [N, KVH={kvh}, P={p}, W] of {_OUT}, got "
-                                 f"{out.dtype} {tuple(out.shape)}")
+            if (
+                out.dim() != 4
+                or out.shape[1:3] != (kvh, p)
+                or out.dtype not in _OUT
+                or not out.is_contiguous()
+            ):
+                raise ValueError(
+                    f"out_v must be contiguous [N, KVH={kvh}, P={p}, W] of {_OUT}, got "
+                    f"{out.dtype} {tuple(out.shape)}"
+                )
             if out.device != k.device:
                 raise ValueError(f"out_v is on {out.device}, k is on {k.device}")
             ranks.append(None)
             continue
-        if not isinstance(b, torch.Tensor) or b.dtype != torch.float32 or b.dim() != 3 or b.shape[:2] != (kvh, d) or not b.is_contiguous():
-            raise ValueError(f"{name} must be contiguous float32 [KVH={kvh}, D={d}, R], got {b.dtype} "
-                             f"{tuple(b.shape)}")
+        if (
+            not isinstance(b, torch.Tensor)
+            or b.dtype != torch.float32
+            or b.dim() != 3
+            or b.shape[:2] != (kvh, d)
+            or not b.is_contiguous()
+        ):
+            raise ValueError(
+                f"{name} must be contiguous float32 [KVH={kvh}, D={d}, R], got {b.dtype} "
+                f"{tuple(b.shape)}"
+            )
         r = b.shape[2]
         oname = "out_" + name[0]
-        if (out.dim() != 4 or out.shape[1:3] != (kvh, p) or out.shape[3] < r or out.dtype not in _OUT
-                or not out.is_contiguous()):
-            raise ValueError(f"{oname} must be contiguous [N, KVH={kvh}, P={p}, W>={r}] of {_OUT}, got "
-                             f"{out.dtype} {tuple(out.shape)}")
+        if (
+            out.dim() != 4
+            or out.shape[1:3] != (kvh, p)
+            or out.shape[3] < r
+            or out.dtype not in _OUT
+            or not out.is_contiguous()
+        ):
+            raise ValueError(
+                f"{oname} must be contiguous [N, KVH={kvh}, P={p}, W>={r}] of {_OUT}, got "
+                f"{out.dtype} {tuple(out.shape)}"
+            )
         for t, tn in ((b, name), (out, oname)):
             if t.device != k.device:
                 raise ValueError(f"{tn} is on {t.device}, k is on {k.device}")
         ranks.append(r)
     if page_ids.dtype not in (torch.int32, torch.int64) or tuple(page_ids.shape) != (n,):
-        raise ValueError(f"page_ids must be int32/int64 [n={n}], got {page_ids.dtype} {tuple(page_ids.shape)}")
+        raise ValueError(
+            f"page_ids must be int32/int64 [n={n}], got {page_ids.dtype} {tuple(page_ids.shape)}"
+        )
     if page_ids.device != k.device:
         raise ValueError(f"page_ids is on {page_ids.device}, k is on {k.device}")
     return n, kvh, p, d, ranks[0], ranks[1]
@@ -136,10 +208,28 @@ def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
         return out_k, out_v
     wk, wv = out_k.shape[3], out_v.shape[3]
     _lowrank_encode_kernel[(n, kvh)](
-        k, v, page_ids.contiguous(), k_basis, k_basis if v_basis is None else v_basis, out_k, out_v,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        PAGE=p, HEAD_DIM=d, BLOCK_D=block_d(d), RK=rk, RV=rv or 1, WK=wk, WV=wv,
-        CK_PAD=max(16, triton.next_power_of_2(wk)), CV_PAD=max(16, triton.next_power_of_2(wv)),
+        k,
+        v,
+        page_ids.contiguous(),
+        k_basis,
+        k_basis if v_basis is None else v_basis,
+        out_k,
+        out_v,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        PAGE=p,
+        HEAD_DIM=d,
+        BLOCK_D=block_d(d),
+        RK=rk,
+        RV=rv or 1,
+        WK=wk,
+        WV=wv,
+        CK_PAD=max(16, triton.next_power_of_2(wk)),
+        CV_PAD=max(16, triton.next_power_of_2(wv)),
         V_PROJ=rv is not None,
         num_warps=4,
     )

@@ -36,16 +36,34 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr,  # q [B,H,D], k/v [P,KVH,PS,D], pt [B,MP] i32, lens [B] i32
-    out_ptr, part_ptr, lse_ptr,  # out [B,H,D], part f32 [B,H,S,D], lse f32 [B,H,S]
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pt_ptr,
+    lens_ptr,  # q [B,H,D], k/v [P,KVH,PS,D], pt [B,MP] i32, lens [B] i32
+    out_ptr,
+    part_ptr,
+    lse_ptr,  # out [B,H,D], part f32 [B,H,S,D], lse f32 [B,H,S]
     qk_scale,  # softmax scale * log2(e)
-    stride_qb, stride_qh,
-    stride_kp, stride_kh, stride_kt,
-    stride_vp, stride_vh, stride_vt,
+    stride_qb,
+    stride_qh,
+    stride_kp,
+    stride_kh,
+    stride_kt,
+    stride_vp,
+    stride_vh,
+    stride_vt,
     stride_ptb,
-    stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -61,8 +79,11 @@ def _paged_decode_kernel(
     heads = kvh * G + offs_g  # [G_PAD] global query head ids
 
     # q tile [G_PAD, BD]; padded rows and channels are zeros.
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_g[:, None] & d_ok[None, :],
+        other=0.0,
+    )
 
     # This split's token range [lo, hi): contiguous chunks of CHUNK tokens (CHUNK is a multiple of
     # page_size and BLOCK_N), so splits are page aligned.  Empty when the split is past the end.
@@ -84,10 +105,16 @@ def _paged_decode_kernel(
         page = tl.load(pt_row + tok // PAGE_SIZE, mask=valid, other=0).to(tl.int64)  # [BLOCK_N]
         slot = tok % PAGE_SIZE
         kv_ok = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_base + (page * stride_kp + slot * stride_kt)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, BD]
-        v = tl.load(v_base + (page * stride_vp + slot * stride_vt)[:, None] + offs_d[None, :],
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, BD]
+        k = tl.load(
+            k_base + (page * stride_kp + slot * stride_kt)[:, None] + offs_d[None, :],
+            mask=kv_ok,
+            other=0.0,
+        )  # [BLOCK_N, BD]
+        v = tl.load(
+            v_base + (page * stride_vp + slot * stride_vt)[:, None] + offs_d[None, :],
+            mask=kv_ok,
+            other=0.0,
+        )  # [BLOCK_N, BD]
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -101,21 +128,33 @@ def _paged_decode_kernel(
     nonempty = l_i > 0.0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [G_PAD, BD]; zeros for an empty range
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & d_ok[None, :])
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=mask_g[:, None] & d_ok[None, :],
+        )
     else:
         row = (b * num_heads + heads) * NUM_SPLITS + split  # [G_PAD] row in part/lse
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
-                 mask=mask_g[:, None] & d_ok[None, :])
+        tl.store(
+            part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+            o,
+            mask=mask_g[:, None] & d_ok[None, :],
+        )
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row, lse, mask=mask_g)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    part_ptr, lse_ptr, out_ptr,  # part f32 [B,H,S,D], lse f32 [B,H,S] (log2 domain), out [B,H,D]
-    stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_ptr,
+    lse_ptr,
+    out_ptr,  # part f32 [B,H,S,D], lse f32 [B,H,S] (log2 domain), out [B,H,D]
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -129,12 +168,16 @@ def _merge_splits_kernel(
     m = tl.max(lse, axis=0)
     m = tl.where(m > float("-inf"), m, 0.0)
     w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
-    part = tl.load(part_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=live[:, None] & d_ok[None, :], other=0.0)  # [S_PAD, BD]
+    part = tl.load(
+        part_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=live[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [S_PAD, BD]
     den = tl.sum(w, axis=0)
     o = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)  # [BD]
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=d_ok)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok
+    )
 
 
 def is_interpreted(kernel) -> bool:
@@ -146,8 +189,10 @@ def is_interpreted(kernel) -> bool:
 def require_runnable(name: str, kernel, q: torch.Tensor) -> None:
     """CPU tensors can only go through a kernel built for the interpreter; say so clearly."""
     if q.device.type == "cpu" and not is_interpreted(kernel):
-        raise RuntimeError(f"{name}: the Triton kernel cannot run on CPU tensors unless "
-                           f"TRITON_INTERPRET=1 was set before import; use {name}_ref on CPU.")
+        raise RuntimeError(
+            f"{name}: the Triton kernel cannot run on CPU tensors unless "
+            f"TRITON_INTERPRET=1 was set before import; use {name}_ref on CPU."
+        )
 
 
 def split_buffers(q: torch.Tensor, out: torch.Tensor, num_splits: int):
@@ -156,8 +201,10 @@ def split_buffers(q: torch.Tensor, out: torch.Tensor, num_splits: int):
     if num_splits == 1:
         return out, out
     b, h, d = q.shape
-    return (torch.empty((b, h, num_splits, d), dtype=torch.float32, device=q.device),
-            torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device))
+    return (
+        torch.empty((b, h, num_splits, d), dtype=torch.float32, device=q.device),
+        torch.empty((b, h, num_splits), dtype=torch.float32, device=q.device),
+    )
 
 
 def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -165,9 +212,16 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> to
     lse [B, H, S] into out [B, H, D] (shared by every decode-attention kernel)."""
     b, h, num_splits, d = part.shape
     _merge_splits_kernel[(b, h)](
-        part, lse, out, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, S_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=d,
-        BLOCK_D=block_d(d), num_warps=1 if d <= 64 else 2,
+        part,
+        lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_splits,
+        S_PAD=max(2, triton.next_power_of_2(num_splits)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d(d),
+        num_warps=1 if d <= 64 else 2,
     )
     return out
 
@@ -181,10 +235,14 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
     if q.dim() != 3:
         raise ValueError(f"q must be [B, num_heads, head_dim], got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be [num_pages, num_kv_heads, page_size, head_dim], "
-                         f"got shape {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache must be [num_pages, num_kv_heads, page_size, head_dim], "
+            f"got shape {tuple(k_cache.shape)}"
+        )
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}"
+        )
     if q.dtype not in _DTYPES:
         raise ValueError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -201,15 +259,28 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
     if KVH == 0 or H % KVH != 0:
         raise ValueError(f"q num_heads {H} must be a multiple of k_cache num_kv_heads {KVH}")
     if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != B:
-        raise ValueError(f"page_table must be int32 [B={B}, max_pages], "
-                         f"got {page_table.dtype} {tuple(page_table.shape)}")
+        raise ValueError(
+            f"page_table must be int32 [B={B}, max_pages], "
+            f"got {page_table.dtype} {tuple(page_table.shape)}"
+        )
     if seq_lens.dtype != torch.int32 or seq_lens.shape != (B,):
-        raise ValueError(f"seq_lens must be int32 [B={B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("page_table", page_table),
-                    ("seq_lens", seq_lens)):
+        raise ValueError(
+            f"seq_lens must be int32 [B={B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
+    for name, t in (
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("page_table", page_table),
+        ("seq_lens", seq_lens),
+    ):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("page_table", page_table)):
+    for name, t in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("page_table", page_table),
+    ):
         if t.numel() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
     if not seq_lens.is_contiguous():
@@ -220,8 +291,10 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
         raise ValueError(f"scale must be a python float, got {type(scale).__name__}")
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
-                             f"got ({tuple(out.shape)}, {out.dtype}, {out.device})")
+            raise ValueError(
+                f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+                f"got ({tuple(out.shape)}, {out.dtype}, {out.device})"
+            )
         if out.numel() > 0 and out.stride(-1) != 1:
             raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
     return B, H, KVH, page_size, D
@@ -240,8 +313,13 @@ def _launch_config(head_dim: int, page_size: int, dtype: torch.dtype):
     return block_n, chunk, num_warps, num_stages
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
-                      min_tokens_per_split: int = 512) -> int:
+def choose_num_splits(
+    batch: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    num_sms: int = 132,
+    min_tokens_per_split: int = 512,
+) -> int:
     """Host heuristic: enough programs for ~2 waves, but no split shorter than min_tokens_per_split."""
     programs = max(1, batch * num_kv_heads)
     want = triton.cdiv(2 * num_sms, programs)
@@ -249,10 +327,13 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: 
     return int(max(1, min(want, cap, 64)))
 
 
-def paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=1, out=None):
+def paged_decode_attention(
+    q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=1, out=None
+):
     """Decode attention over a paged KV cache.  Shapes: see module docstring.  Returns out [B, H, D]."""
-    B, H, KVH, page_size, D = _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale,
-                                            num_splits, out)
+    B, H, KVH, page_size, D = _check_inputs(
+        q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, out
+    )
     require_runnable("paged_decode_attention", _paged_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
@@ -262,28 +343,50 @@ def paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num
     block_n, chunk, num_warps, num_stages = _launch_config(D, page_size, q.dtype)
     part, lse = split_buffers(q, out, num_splits)
     _paged_decode_kernel[(B, KVH, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens, out, part, lse,
+        q,
+        k_cache,
+        v_cache,
+        page_table,
+        seq_lens,
+        out,
+        part,
+        lse,
         float(scale) * _LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         page_table.stride(0),
-        out.stride(0), out.stride(1),
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D, BLOCK_D=block_d(D),
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        G_PAD=max(16, triton.next_power_of_2(G)),
+        HEAD_DIM=D,
+        BLOCK_D=block_d(D),
         PAGE_SIZE=page_size,
-        BLOCK_N=block_n, CHUNK=chunk, NUM_SPLITS=num_splits,
+        BLOCK_N=block_n,
+        CHUNK=chunk,
+        NUM_SPLITS=num_splits,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         merge_splits(part, lse, out)
     return out
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=1, out=None):
+def paged_decode_attention_ref(
+    q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=1, out=None
+):
     """Pure-torch fp32 reference (gathers pages; syncs on seq_lens; ignores num_splits)."""
-    B, H, KVH, page_size, D = _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale,
-                                            num_splits, out)
+    B, H, KVH, page_size, D = _check_inputs(
+        q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, out
+    )
     G = H // KVH
     res = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
     for b, n in enumerate(seq_lens.tolist()):

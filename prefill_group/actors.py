@@ -14,6 +14,7 @@ import asyncio
 import socket
 
 import ray
+
 from zipserve.compress.wire import SliceKV, slice_to_bytes
 from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
@@ -24,12 +25,29 @@ from zipserve.prefill_group.result import GroupResult, merge
 class GroupMember:
     """The actor body: one GroupRank."""
 
-    def __init__(self, model: str, codec: str, rank: int, n: int, page_size: int,
-                 device: str | None, dtype: str | None, max_positions: int | None,
-                 lowrank_exchange: bool = True):
-        self.member = GroupRank(model, codec, rank, n, page_size=page_size, device=device,
-                                dtype=dtype, max_positions=max_positions,
-                                lowrank_exchange=lowrank_exchange)
+    def __init__(
+        self,
+        model: str,
+        codec: str,
+        rank: int,
+        n: int,
+        page_size: int,
+        device: str | None,
+        dtype: str | None,
+        max_positions: int | None,
+        lowrank_exchange: bool = True,
+    ):
+        self.member = GroupRank(
+            model,
+            codec,
+            rank,
+            n,
+            page_size=page_size,
+            device=device,
+            dtype=dtype,
+            max_positions=max_positions,
+            lowrank_exchange=lowrank_exchange,
+        )
 
     def address(self) -> str:
         return ray.util.get_node_ip_address()
@@ -42,8 +60,7 @@ class GroupMember:
     def connect(self, store_addr: str, port: int, timeout_s: float) -> None:
         self.member.connect(store_addr, port, timeout_s, name="prefill-group")
 
-    def prefill(self, token_ids: list[int], request_id: str = "",
-                decode_actor=None) -> RankResult:
+    def prefill(self, token_ids: list[int], request_id: str = "", decode_actor=None) -> RankResult:
         """With decode_actor: each layer's slice goes straight to its import_kv_slice as soon
         as it is encoded (all ranks in parallel); returns once every slice was accepted."""
         if decode_actor is None:
@@ -51,8 +68,9 @@ class GroupMember:
         sent = []
 
         def sink(s: SliceKV) -> None:
-            sent.append(decode_actor.import_kv_slice.remote(
-                slice_to_bytes(s, request_id, self.member.n)))
+            sent.append(
+                decode_actor.import_kv_slice.remote(slice_to_bytes(s, request_id, self.member.n))
+            )
 
         res = self.member.prefill(token_ids, sink=sink)
         ray.get(sent)
@@ -60,10 +78,18 @@ class GroupMember:
 
 
 class RayPrefillGroup:
-    def __init__(self, n: int, model: str, codec: str = "bf16", page_size: int = 64,
-                 device: str | None = None, dtype: str | None = "auto",
-                 max_positions: int | None = None, timeout_s: float = 120.0,
-                 lowrank_exchange: bool = True):
+    def __init__(
+        self,
+        n: int,
+        model: str,
+        codec: str = "bf16",
+        page_size: int = 64,
+        device: str | None = None,
+        dtype: str | None = "auto",
+        max_positions: int | None = None,
+        timeout_s: float = 120.0,
+        lowrank_exchange: bool = True,
+    ):
         cfg = model_config_for(model)
         plan_heads(cfg.num_heads, cfg.num_kv_heads, n)  # refuse before starting anything
         if getattr(cfg, "lckv", None) is not None:
@@ -72,8 +98,9 @@ class RayPrefillGroup:
         self.device = device or ("cuda" if gpus else "cpu")
         free = ray.available_resources().get("GPU", 0)
         if self.device == "cuda" and free < n:  # one whole GPU per member, or Ray waits forever
-            raise UnsupportedSplit(f"prefill group: {n} workers need {n} free GPUs, Ray has "
-                                   f"{free:g} free of {gpus}")
+            raise UnsupportedSplit(
+                f"prefill group: {n} workers need {n} free GPUs, Ray has {free:g} free of {gpus}"
+            )
         opts = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": 0}
         cls = ray.remote(**opts)(GroupMember)
         # each actor sees its own GPU as cuda:0
@@ -82,8 +109,10 @@ class RayPrefillGroup:
         self.prompts_run = 0
         self.exchange_bytes = 0
         """Bytes the all-to-alls moved between the members, all prompts so far."""
-        self.actors = [cls.remote(model, codec, r, n, page_size, dev, dtype, max_positions,
-                                  lowrank_exchange) for r in range(n)]
+        self.actors = [
+            cls.remote(model, codec, r, n, page_size, dev, dtype, max_positions, lowrank_exchange)
+            for r in range(n)
+        ]
         addr, port = ray.get([self.actors[0].address.remote(), self.actors[0].free_port.remote()])
         ray.get([a.connect.remote(addr, port, timeout_s) for a in self.actors])
 
@@ -96,15 +125,24 @@ class RayPrefillGroup:
         self.exchange_bytes += res.sent_bytes()
         return res
 
-    async def prefill_async(self, token_ids: list[int], request_id: str = "",
-                            decode_actor=None) -> GroupResult:
+    async def prefill_async(
+        self, token_ids: list[int], request_id: str = "", decode_actor=None
+    ) -> GroupResult:
         """prefill() for an asyncio caller (the router's event loop is never blocked). With
         decode_actor (a DecodeWorker that reserved request_id), every rank sends its slices
         straight to it and the worker assembles the layers; the result then holds no slices."""
         token_slices(len(token_ids), self.n, self.page_size)
         self.prompts_run += 1
-        res = merge(list(await asyncio.gather(*[
-            a.prefill.remote(list(token_ids), request_id, decode_actor) for a in self.actors])))
+        res = merge(
+            list(
+                await asyncio.gather(
+                    *[
+                        a.prefill.remote(list(token_ids), request_id, decode_actor)
+                        for a in self.actors
+                    ]
+                )
+            )
+        )
         self.exchange_bytes += res.sent_bytes()
         return res
 

@@ -36,30 +36,39 @@ class GroupConfig:
         return self.enabled and num_prompt_tokens >= self.min_tokens
 
 
-def validate_group(model: str, size: int, min_tokens: int, page_size: int = 64,
-                   exchange: str = "lowrank") -> GroupConfig:
+def validate_group(
+    model: str, size: int, min_tokens: int, page_size: int = 64, exchange: str = "lowrank"
+) -> GroupConfig:
     """Raises ValueError naming the flag and the numbers for anything the group cannot run."""
     if exchange not in EXCHANGES:
-        raise ValueError(f"--prefill-group-exchange: must be one of {', '.join(EXCHANGES)}, "
-                         f"got {exchange!r}")
+        raise ValueError(
+            f"--prefill-group-exchange: must be one of {', '.join(EXCHANGES)}, got {exchange!r}"
+        )
     if size == 0:
         return GroupConfig(0, min_tokens, exchange)
     if size < 2:
-        raise ValueError(f"--prefill-group: a group needs at least 2 workers (0 turns it off), "
-                         f"got {size}")
+        raise ValueError(
+            f"--prefill-group: a group needs at least 2 workers (0 turns it off), got {size}"
+        )
     if min_tokens < size * page_size:
-        raise ValueError(f"--prefill-group-min-tokens: must be at least {size * page_size} "
-                         f"({size} workers x page size {page_size}: every worker needs a whole "
-                         f"page), got {min_tokens}")
+        raise ValueError(
+            f"--prefill-group-min-tokens: must be at least {size * page_size} "
+            f"({size} workers x page size {page_size}: every worker needs a whole "
+            f"page), got {min_tokens}"
+        )
     cfg = model_config_for(model)
     if getattr(cfg, "lckv", None) is not None:
-        raise ValueError("--prefill-group: layer-condensed (LCKV) checkpoints are not supported "
-                         "by sequence-parallel prefill")
+        raise ValueError(
+            "--prefill-group: layer-condensed (LCKV) checkpoints are not supported "
+            "by sequence-parallel prefill"
+        )
     try:
         plan_heads(cfg.num_heads, cfg.num_kv_heads, size)
     except UnsupportedSplit as e:
         raise ValueError(f"--prefill-group: {e}") from None
     if min_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"--prefill-group-min-tokens: {min_tokens} is beyond the model's "
-                         f"{cfg.max_position_embeddings} positions: no prompt would use the group")
+        raise ValueError(
+            f"--prefill-group-min-tokens: {min_tokens} is beyond the model's "
+            f"{cfg.max_position_embeddings} positions: no prompt would use the group"
+        )
     return GroupConfig(size, min_tokens, exchange)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from zipserve.prefill_group.plan import plan_heads
 
 
@@ -35,8 +36,11 @@ class ByteCounter:
         self.records.append(rec)
 
     def sent(self, name: str | None = None, layer: int | None = None) -> int:
-        return sum(r.sent_bytes for r in self.records
-                   if (name is None or r.name == name) and (layer is None or r.layer == layer))
+        return sum(
+            r.sent_bytes
+            for r in self.records
+            if (name is None or r.name == name) and (layer is None or r.layer == layer)
+        )
 
 
 class Exchange:
@@ -46,30 +50,45 @@ class Exchange:
         self.pg, self.rank, self.n = pg, rank, n
         self.counter = counter if counter is not None else ByteCounter()
 
-    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int],
-                   name: str, layer: int) -> torch.Tensor:
+    def all_to_all(
+        self,
+        send: torch.Tensor,
+        send_sizes: list[int],
+        recv_sizes: list[int],
+        name: str,
+        layer: int,
+    ) -> torch.Tensor:
         """send: [sum(send_sizes)] (chunk j for rank j) -> [sum(recv_sizes)] (chunk i from i)."""
         if self.n == 1:
             return send
         assert len(send_sizes) == len(recv_sizes) == self.n and send.dim() == 1
         recv = torch.empty(sum(recv_sizes), dtype=send.dtype, device=send.device)
-        work = self.pg.alltoall_base(recv, send.contiguous(), list(recv_sizes), list(send_sizes),
-                                     dist.AllToAllOptions())
+        work = self.pg.alltoall_base(
+            recv, send.contiguous(), list(recv_sizes), list(send_sizes), dist.AllToAllOptions()
+        )
         work.wait()
         elem = send.element_size()
-        self.counter.add(ExchangeRecord(
-            name, layer, elem * (sum(send_sizes) - send_sizes[self.rank]),
-            elem * (sum(recv_sizes) - recv_sizes[self.rank])))
+        self.counter.add(
+            ExchangeRecord(
+                name,
+                layer,
+                elem * (sum(send_sizes) - send_sizes[self.rank]),
+                elem * (sum(recv_sizes) - recv_sizes[self.rank]),
+            )
+        )
         return recv
 
 
-def expected_layer_bytes(num_heads: int, num_kv_heads: int, n: int, d_qk: int, d_v: int,
-                         elem: int, num_tokens: int) -> dict[str, int]:
+def expected_layer_bytes(
+    num_heads: int, num_kv_heads: int, n: int, d_qk: int, d_v: int, elem: int, num_tokens: int
+) -> dict[str, int]:
     """Bytes one layer's two all-to-alls move between ranks, whole group, for num_tokens tokens.
     'qkv': each token's row of W = (H/N)*d_qk + kvn*(d_qk + d_v) values goes to N-1 other ranks
     (kvn = kv heads per rank, replicas included); 'out': each token's (H/N)*d_v outputs come
     back from N-1 ranks."""
     sp = plan_heads(num_heads, num_kv_heads, n)
     width = sp.q_per_rank * d_qk + sp.kv_per_rank * (d_qk + d_v)
-    return {"qkv": num_tokens * (n - 1) * width * elem,
-            "out": num_tokens * (n - 1) * sp.q_per_rank * d_v * elem}
+    return {
+        "qkv": num_tokens * (n - 1) * width * elem,
+        "out": num_tokens * (n - 1) * sp.q_per_rank * d_v * elem,
+    }

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from zipserve.transfer.group_builder import (
     GroupSpec,
     build_group,
@@ -34,18 +35,27 @@ class GroupError(RuntimeError):
     """The group could not be formed (store unreachable, a rank missing, no backend)."""
 
 
-def make_group(store_addr: str, port: int, rank: int, n: int, backend: str = "gloo",
-               timeout_s: float = 60.0, name: str = "prefill-group",
-               device: torch.device | None = None) -> GroupHandle:
+def make_group(
+    store_addr: str,
+    port: int,
+    rank: int,
+    n: int,
+    backend: str = "gloo",
+    timeout_s: float = 60.0,
+    name: str = "prefill-group",
+    device: torch.device | None = None,
+) -> GroupHandle:
     """This rank's handle on an n-rank ProcessGroupGloo / ProcessGroupNCCL."""
     timeout = timedelta(seconds=timeout_s)
-    spec = GroupSpec(backend, rank, n, timeout, gloo_hostname=loopback_gloo_hostname(store_addr),
-                     device=device)
+    spec = GroupSpec(
+        backend, rank, n, timeout, gloo_hostname=loopback_gloo_hostname(store_addr), device=device
+    )
     try:
         tcp = rendezvous(store_addr, port, rank, n, timeout)
     except Exception as e:  # torch raises several types here
-        raise GroupError(f"prefill group rank {rank}/{n}: cannot reach the store at "
-                         f"{store_addr}:{port}: {e}") from e
+        raise GroupError(
+            f"prefill group rank {rank}/{n}: cannot reach the store at {store_addr}:{port}: {e}"
+        ) from e
     try:
         pg = build_group(dist.PrefixStore(f"zipserve/{name}/", tcp), spec)
     except Exception as e:

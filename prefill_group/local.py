@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
@@ -46,15 +47,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(rank: int, n: int, port: int, jobs: list[LocalJob], device: str,
-              timeout_s: float) -> list[list[RankResult]]:
+def _run_rank(
+    rank: int, n: int, port: int, jobs: list[LocalJob], device: str, timeout_s: float
+) -> list[list[RankResult]]:
     dev = f"cuda:{rank}" if device == "cuda" else device
     first: GroupRank | None = None
     out = []
     for job in jobs:
-        member = GroupRank(job.model, job.codec, rank, n, page_size=job.page_size, device=dev,
-                           dtype=job.dtype, max_positions=job.max_positions,
-                           lowrank_exchange=job.lowrank_exchange)
+        member = GroupRank(
+            job.model,
+            job.codec,
+            rank,
+            n,
+            page_size=job.page_size,
+            device=dev,
+            dtype=job.dtype,
+            max_positions=job.max_positions,
+            lowrank_exchange=job.lowrank_exchange,
+        )
         if job.synthetic_rank:
             member.bases = synthetic_bases(member.config, job.synthetic_rank, member.device)
         if first is None:
@@ -62,8 +72,12 @@ def _run_rank(rank: int, n: int, port: int, jobs: list[LocalJob], device: str,
             first = member
         else:
             member.share_group(first)
-        out.append([member.prefill(p, keep_raw=job.keep_raw, all_logits=job.all_logits)
-                    for p in job.prompts])
+        out.append(
+            [
+                member.prefill(p, keep_raw=job.keep_raw, all_logits=job.all_logits)
+                for p in job.prompts
+            ]
+        )
     return out
 
 
@@ -78,8 +92,16 @@ def synthetic_bases(config, rank: int, device) -> LowRankBases:
     return LowRankBases([layer] * config.num_layers, {"synthetic_rank": rank})
 
 
-def _rank_main(rank: int, n: int, port: int, out_dir: str, jobs: list[LocalJob], device: str,
-               timeout_s: float, threads: int) -> None:
+def _rank_main(
+    rank: int,
+    n: int,
+    port: int,
+    out_dir: str,
+    jobs: list[LocalJob],
+    device: str,
+    timeout_s: float,
+    threads: int,
+) -> None:
     path = Path(out_dir) / f"rank{rank}.pt"
     try:
         torch.set_num_threads(threads)
@@ -90,12 +112,15 @@ def _rank_main(rank: int, n: int, port: int, out_dir: str, jobs: list[LocalJob],
 
 
 def _merge_all(n: int, jobs: list[LocalJob], per_rank) -> list[list[GroupResult]]:
-    return [[merge([per_rank[r][j][i] for r in range(n)]) for i in range(len(job.prompts))]
-            for j, job in enumerate(jobs)]
+    return [
+        [merge([per_rank[r][j][i] for r in range(n)]) for i in range(len(job.prompts))]
+        for j, job in enumerate(jobs)
+    ]
 
 
-def run_threads(n: int, jobs: list[LocalJob], device: str = "cpu",
-                timeout_s: float = 60.0) -> list[list[GroupResult]]:
+def run_threads(
+    n: int, jobs: list[LocalJob], device: str = "cpu", timeout_s: float = 60.0
+) -> list[list[GroupResult]]:
     """The same group with its N ranks as threads of this process (each its own model copy and
     gloo/NCCL connection): no process start-up cost; for tests and one-host benches."""
     port, per_rank, errors = free_port(), [None] * n, [None] * n
@@ -117,13 +142,18 @@ def run_threads(n: int, jobs: list[LocalJob], device: str = "cpu",
     return _merge_all(n, jobs, per_rank)
 
 
-def run_local(n: int, jobs: list[LocalJob], device: str = "cpu", timeout_s: float = 60.0,
-              threads: int = 1) -> list[list[GroupResult]]:
+def run_local(
+    n: int, jobs: list[LocalJob], device: str = "cpu", timeout_s: float = 60.0, threads: int = 1
+) -> list[list[GroupResult]]:
     """Every job through a group of n spawned processes (torch threads each: `threads`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_rank_main, args=(n, free_port(), tmp, jobs, device, timeout_s,
-                                                   threads),
-                                 nprocs=n, join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(n, free_port(), tmp, jobs, device, timeout_s, threads),
+            nprocs=n,
+            join=False,
+            start_method="spawn",
+        )
         try:
             while not ctx.join():
                 pass

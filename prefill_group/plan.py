@@ -40,19 +40,22 @@ def plan_heads(num_heads: int, num_kv_heads: int, n: int) -> HeadSplit:
     if n < 1:
         raise UnsupportedSplit(f"prefill group: size must be >= 1, got {n}")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise UnsupportedSplit(f"prefill group: {num_heads} query heads are not a multiple of "
-                               f"{num_kv_heads} kv heads")
+        raise UnsupportedSplit(
+            f"prefill group: {num_heads} query heads are not a multiple of {num_kv_heads} kv heads"
+        )
     if num_heads % n:
         raise UnsupportedSplit(
             f"prefill group: {n} workers cannot split {num_heads} query heads evenly "
-            f"(the group size must divide the number of query heads)")
+            f"(the group size must divide the number of query heads)"
+        )
     if num_kv_heads % n == 0:
         return HeadSplit(n, num_heads, num_kv_heads, num_heads // n, num_kv_heads // n, 1)
     if n % num_kv_heads == 0:
         return HeadSplit(n, num_heads, num_kv_heads, num_heads // n, 1, n // num_kv_heads)
     raise UnsupportedSplit(
         f"prefill group: {n} workers and {num_kv_heads} kv heads: the group size must divide "
-        f"the kv heads or be a multiple of them (kv heads replicated); {n} is neither")
+        f"the kv heads or be a multiple of them (kv heads replicated); {n} is neither"
+    )
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ def token_slices(num_tokens: int, n: int, page_size: int) -> list[TokenSlice]:
     if pages < n:
         raise UnsupportedSplit(
             f"prefill group: a prompt of {num_tokens} tokens has {pages} pages of {page_size}; "
-            f"{n} workers need at least {n} pages ({(n - 1) * page_size + 1} tokens)")
+            f"{n} workers need at least {n} pages ({(n - 1) * page_size + 1} tokens)"
+        )
     out, start = [], 0
     for r in range(n):
         take = pages // n + (1 if r < pages % n else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from zipserve.compress.wire import LayerKV, SliceKV
 from zipserve.prefill_group.exchange import ExchangeRecord
 from zipserve.prefill_group.rank import RankResult
@@ -31,8 +32,10 @@ class GroupResult:
         """The decode side's view: each layer's N slices assembled into one LayerKV."""
         if not self.slices[0]:
             raise ValueError("layers: the slices went to a sink during the prefill")
-        return [assemble_layer([r[i] for r in self.slices], request_id)
-                for i in range(len(self.slices[0]))]
+        return [
+            assemble_layer([r[i] for r in self.slices], request_id)
+            for i in range(len(self.slices[0]))
+        ]
 
     def token_logits(self) -> torch.Tensor:
         """[T, V] logits of every prompt token (runs with all_logits only)."""
@@ -42,8 +45,9 @@ class GroupResult:
 
     def sent_bytes(self, name: str | None = None) -> int:
         """Bytes moved between ranks by all all-to-alls (every rank's sends summed)."""
-        return sum(r.sent_bytes for recs in self.records for r in recs
-                   if name is None or r.name == name)
+        return sum(
+            r.sent_bytes for recs in self.records for r in recs if name is None or r.name == name
+        )
 
 
 def merge(results: list[RankResult]) -> GroupResult:
@@ -51,7 +55,12 @@ def merge(results: list[RankResult]) -> GroupResult:
     last = results[-1]
     if last.logits is None:
         raise RuntimeError("prefill group: the last rank returned no logits")
-    return GroupResult(last.logits[-1:], [r.slices for r in results],
-                       [r.records for r in results], max(r.seconds for r in results),
-                       sum(r.kv_bytes for r in results), sum(r.dense_bytes for r in results),
-                       results)
+    return GroupResult(
+        last.logits[-1:],
+        [r.slices for r in results],
+        [r.records for r in results],
+        max(r.seconds for r in results),
+        sum(r.kv_bytes for r in results),
+        sum(r.dense_bytes for r in results),
+        results,
+    )

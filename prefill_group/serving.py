@@ -13,14 +13,20 @@ from __future__ import annotations
 import time
 
 import torch
+
 from zipserve.engine.sampler import Sampler
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.actors import RayPrefillGroup
 from zipserve.prefill_worker.worker import PrefillReport
 
 
-async def group_prefill(group: RayPrefillGroup, decode_actor, request_id: str,
-                        prompt_ids: list[int], params: SamplingParams) -> PrefillReport:
+async def group_prefill(
+    group: RayPrefillGroup,
+    decode_actor,
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+) -> PrefillReport:
     start = time.time()
     res = await group.prefill_async(prompt_ids, request_id, decode_actor)
     gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
@@ -28,6 +34,15 @@ async def group_prefill(group: RayPrefillGroup, decode_actor, request_id: str,
     end = time.time()
     lp = None if s.logprobs is None else float(s.logprobs[0])
     # send_end == prefill_end: the ranks return only once the decode worker took every slice
-    return PrefillReport(request_id, int(s.token_ids[0]), lp, start, end, end, res.kv_bytes,
-                         res.dense_bytes, exchange_bytes=res.sent_bytes(),
-                         first_top_logprobs=s.top_logprobs[0] or [])
+    return PrefillReport(
+        request_id,
+        int(s.token_ids[0]),
+        lp,
+        start,
+        end,
+        end,
+        res.kv_bytes,
+        res.dense_bytes,
+        exchange_bytes=res.sent_bytes(),
+        first_top_logprobs=s.top_logprobs[0] or [],
+    )

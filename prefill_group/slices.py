@@ -13,6 +13,7 @@ senders.
 from __future__ import annotations
 
 import torch
+
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.wire import LayerKV, SliceKV, pack_pages, slice_from_bytes, unpack_pages
 
@@ -22,9 +23,17 @@ def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
 
 
-def export_slice(codec: KVCodec, codec_name: str, layer: int, k: torch.Tensor,
-                 v: torch.Tensor, start: int, total_tokens: int, page_size: int,
-                 rank: int) -> SliceKV:
+def export_slice(
+    codec: KVCodec,
+    codec_name: str,
+    layer: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    total_tokens: int,
+    page_size: int,
+    rank: int,
+) -> SliceKV:
     """One layer of one rank's slice. k, v: [t, KVH, D] post-RoPE, in the model's dtype;
     codec: that layer's codec (bf16: the dense codec, its pages in the model's dtype)."""
     p, t = page_size, k.shape[0]
@@ -36,20 +45,32 @@ def export_slice(codec: KVCodec, codec_name: str, layer: int, k: torch.Tensor,
     nf = t // p  # whole pages; the last rank's partial page travels as its valid tokens
     store = codec.new_store(nf, k.device)
     if nf:
-        codec.encode(store, torch.arange(nf, device=k.device), _as_pages(k[:nf * p], p),
-                     _as_pages(v[:nf * p], p))  # [nf, KVH, P, D] each
+        codec.encode(
+            store,
+            torch.arange(nf, device=k.device),
+            _as_pages(k[: nf * p], p),
+            _as_pages(v[: nf * p], p),
+        )  # [nf, KVH, P, D] each
     tail: dict[str, torch.Tensor] = {}
     # as the engine's caches export (engine/paged_cache.py): dense pages send a partly filled
     # page only when there is one, a codec's open page always travels
     if last and (not codec.dense_pages or t > nf * p):
-        tail["open_k"] = k[nf * p:].transpose(0, 1).cpu().clone()  # [KVH, r, D]
-        tail["open_v"] = v[nf * p:].transpose(0, 1).cpu().clone()
+        tail["open_k"] = k[nf * p :].transpose(0, 1).cpu().clone()  # [KVH, r, D]
+        tail["open_v"] = v[nf * p :].transpose(0, 1).cpu().clone()
     if start == 0 and codec.n_sink:
         s = min(codec.n_sink, t)
         tail["sink_k"] = k[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
         tail["sink_v"] = v[:s].transpose(0, 1).cpu().clone()
-    return SliceKV(layer, rank, start, t, total_tokens, codec_name,
-                   pack_pages(codec_name, store, torch.arange(nf)), tail)
+    return SliceKV(
+        layer,
+        rank,
+        start,
+        t,
+        total_tokens,
+        codec_name,
+        pack_pages(codec_name, store, torch.arange(nf)),
+        tail,
+    )
 
 
 def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
@@ -62,12 +83,15 @@ def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
     pos = 0
     for s in parts:
         if (s.layer, s.codec, s.total_tokens) != (first.layer, first.codec, total):
-            raise ValueError(f"assemble: slice of rank {s.rank} is layer {s.layer} codec "
-                             f"{s.codec} of {s.total_tokens} tokens; rank {first.rank}'s is layer "
-                             f"{first.layer} codec {first.codec} of {total}")
+            raise ValueError(
+                f"assemble: slice of rank {s.rank} is layer {s.layer} codec "
+                f"{s.codec} of {s.total_tokens} tokens; rank {first.rank}'s is layer "
+                f"{first.layer} codec {first.codec} of {total}"
+            )
         if s.start != pos:
-            raise ValueError(f"assemble: slice of rank {s.rank} starts at {s.start}, expected "
-                             f"{pos}")
+            raise ValueError(
+                f"assemble: slice of rank {s.rank} starts at {s.start}, expected {pos}"
+            )
         pos += s.num_tokens
     if pos != total:
         raise ValueError(f"assemble: slices cover {pos} of {total} tokens")
@@ -80,8 +104,9 @@ def assemble_layer(parts: list[SliceKV], request_id: str = "") -> LayerKV:
         tail["open_k"], tail["open_v"] = parts[-1].tail["open_k"], parts[-1].tail["open_v"]
     if "sink_k" in first.tail:
         tail["sink_k"], tail["sink_v"] = first.tail["sink_k"], first.tail["sink_v"]
-    return LayerKV(first.layer, total, pack_pages(first.codec, store, torch.arange(n_pages)),
-                   tail, request_id)
+    return LayerKV(
+        first.layer, total, pack_pages(first.codec, store, torch.arange(n_pages)), tail, request_id
+    )
 
 
 class SliceAssembler:

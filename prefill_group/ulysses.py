@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.model import LlamaModel
@@ -49,24 +50,32 @@ def _unpack(x: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor
     return [c.reshape(x.shape[0], h, d) for c, (h, d) in zip(cols, shapes)]
 
 
-def exchange_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: RankContext,
-                       layer: int, scale: float) -> torch.Tensor:
+def exchange_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: RankContext, layer: int, scale: float
+) -> torch.Tensor:
     """q [t, H, dq], k [t, KVH, dq], v [t, KVH, dv] of this rank's tokens -> attention output
     [t, H, dv] of the same tokens, the full causal sequence attended across the group."""
     sp, n, t = ctx.split, ctx.split.n, q.shape[0]
     dq, dv = q.shape[-1], v.shape[-1]
     shapes = [(sp.q_per_rank, dq), (sp.kv_per_rank, dq), (sp.kv_per_rank, dv)]
     width = sum(h * d for h, d in shapes)
-    send = torch.stack([_pack([q[:, sp.q_heads(j)], k[:, sp.kv_heads(j)], v[:, sp.kv_heads(j)]])
-                        for j in range(n)])  # [N, t, W]
+    send = torch.stack(
+        [_pack([q[:, sp.q_heads(j)], k[:, sp.kv_heads(j)], v[:, sp.kv_heads(j)]]) for j in range(n)]
+    )  # [N, t, W]
     lens = [s.length for s in ctx.slices]
-    recv = ctx.exchange.all_to_all(send.flatten(), [t * width] * n, [m * width for m in lens],
-                                   "qkv", layer)
+    recv = ctx.exchange.all_to_all(
+        send.flatten(), [t * width] * n, [m * width for m in lens], "qkv", layer
+    )
     full = recv.view(sum(lens), width)  # [T, W], rank order == token order
     qh, kh, vh = _unpack(full, shapes)  # [T, H/N, dq], [T, kvn, dq], [T, kvn, dv]
     o = _attend(qh, kh, vh, scale)  # [T, H/N, dv]
-    back = ctx.exchange.all_to_all(o.reshape(-1), [m * sp.q_per_rank * dv for m in lens],
-                                   [t * sp.q_per_rank * dv] * n, "out", layer)
+    back = ctx.exchange.all_to_all(
+        o.reshape(-1),
+        [m * sp.q_per_rank * dv for m in lens],
+        [t * sp.q_per_rank * dv] * n,
+        "out",
+        layer,
+    )
     return back.view(n, t, sp.q_per_rank, dv).transpose(0, 1).reshape(t, sp.num_heads, dv)
 
 
@@ -80,8 +89,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     if not q.is_cuda or dq == dv == width:
         return prefill_attention(q, k, v, [q.shape[0]], scale)
     pad = torch.nn.functional.pad
-    o = prefill_attention(pad(q, (0, width - dq)), pad(k, (0, width - dq)),
-                          pad(v, (0, width - dv)), [q.shape[0]], scale)
+    o = prefill_attention(
+        pad(q, (0, width - dq)),
+        pad(k, (0, width - dq)),
+        pad(v, (0, width - dv)),
+        [q.shape[0]],
+        scale,
+    )
     return o[..., :dv]
 
 
@@ -96,28 +110,35 @@ class _Reducer:
 
     def project(self, q, k, v):
         dt = q.dtype
-        return (torch.einsum("thd,hdr->thr", q.float(), self.k_dec).to(dt),
-                torch.einsum("thd,hdr->thr", k.float(), self.k_enc).to(dt),
-                torch.einsum("thd,hdr->thr", v.float(), self.v_enc).to(dt))
+        return (
+            torch.einsum("thd,hdr->thr", q.float(), self.k_dec).to(dt),
+            torch.einsum("thd,hdr->thr", k.float(), self.k_enc).to(dt),
+            torch.einsum("thd,hdr->thr", v.float(), self.v_enc).to(dt),
+        )
 
     def lift(self, o_red: torch.Tensor) -> torch.Tensor:  # [t, H, rv] -> [t, H, D]
         return torch.einsum("thr,hdr->thd", o_red.float(), self.v_dec).to(o_red.dtype)
 
 
 @torch.inference_mode()
-def ulysses_prefill(model: LlamaModel, input_ids: torch.Tensor, ctx: RankContext,
-                    bases: LowRankBases | None = None, on_kv: KVHook | None = None,
-                    all_logits: bool = False) -> torch.Tensor | None:
+def ulysses_prefill(
+    model: LlamaModel,
+    input_ids: torch.Tensor,
+    ctx: RankContext,
+    bases: LowRankBases | None = None,
+    on_kv: KVHook | None = None,
+    all_logits: bool = False,
+) -> torch.Tensor | None:
     """This rank's part of the prefill of one prompt. input_ids: [t] this rank's slice.
     Returns fp32 logits: [1, V] of the prompt's last token on the last rank (None elsewhere),
     or [t, V] of every token of the slice on every rank when all_logits."""
     cfg, me = model.config, ctx.me
     if input_ids.shape[0] != me.length:
-        raise ValueError(f"rank {ctx.rank}: {input_ids.shape[0]} tokens for a slice of "
-                         f"{me.length}")
+        raise ValueError(f"rank {ctx.rank}: {input_ids.shape[0]} tokens for a slice of {me.length}")
     if bases is not None and len(bases.layers) != cfg.num_layers:
-        raise ValueError(f"low-rank bases have {len(bases.layers)} layers, the model "
-                         f"{cfg.num_layers}")
+        raise ValueError(
+            f"low-rank bases have {len(bases.layers)} layers, the model {cfg.num_layers}"
+        )
     group = cfg.num_heads // cfg.num_kv_heads
     positions = torch.arange(me.start, me.end, device=input_ids.device)
     x = model.embed_tokens(input_ids)  # [t, hidden]

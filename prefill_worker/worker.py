@@ -22,10 +22,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+
+from zipserve.compress.wire import LayerKV
 from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
-from zipserve.compress.wire import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.kv_messages import send_layer, use_device_form
@@ -101,11 +102,20 @@ class _ChannelSender:
 
 
 class PrefillWorker:
-    def __init__(self, model: str, codec: str = "bf16", device: str | None = None,
-                 dtype: str = "auto", engine_options: dict | None = None):
-        self.engine = DisaggregatedEngine(model, dtype=dtype, device=device,
-                                          engine_config=EngineConfig(codec=codec,
-                                                                     **(engine_options or {})))
+    def __init__(
+        self,
+        model: str,
+        codec: str = "bf16",
+        device: str | None = None,
+        dtype: str = "auto",
+        engine_options: dict | None = None,
+    ):
+        self.engine = DisaggregatedEngine(
+            model,
+            dtype=dtype,
+            device=device,
+            engine_config=EngineConfig(codec=codec, **(engine_options or {})),
+        )
         self.codec = codec
         self.max_inflight_bytes: int | None = None
         """Cap on KV sent but not yet taken by the decode side (CUDA IPC), set by the warm-up."""
@@ -113,8 +123,9 @@ class PrefillWorker:
             # Hold the memory of the largest prompt's activations and of two prompts' exported
             # KV (one in flight to the decode worker, the next being computed) from the start,
             # and never let more than one prompt's KV wait unacknowledged.
-            warm = self.engine.warm_up_prefill(self.engine.engine_config.max_prefill_tokens,
-                                               device_form=True, held=2)
+            warm = self.engine.warm_up_prefill(
+                self.engine.engine_config.max_prefill_tokens, device_form=True, held=2
+            )
             self.max_inflight_bytes = max(warm.kv_bytes, 1)
         self.channels: dict[str, Channel] = {}
         self.incarnation = uuid.uuid4().hex
@@ -127,14 +138,29 @@ class PrefillWorker:
 
     def info(self) -> WorkerInfo:
         e = self.engine
-        return WorkerInfo(e.model_name, self.codec, e.engine_config.page_size,
-                          e.config.num_kv_layers, str(e.device))
+        return WorkerInfo(
+            e.model_name,
+            self.codec,
+            e.engine_config.page_size,
+            e.config.num_kv_layers,
+            str(e.device),
+        )
 
-    def connect(self, peer_id: str, host: str, port: int, rank: int, pair_name: str,
-                link_gbps: float | None = None, latency_ms: float = 0.0) -> None:
+    def connect(
+        self,
+        peer_id: str,
+        host: str,
+        port: int,
+        rank: int,
+        pair_name: str,
+        link_gbps: float | None = None,
+        latency_ms: float = 0.0,
+    ) -> None:
         """Open the KV channel to a peer worker (see transfer/pairing.py) and attach it."""
-        self.attach(peer_id, connect_pair(self.info().hello(), host, port, rank, pair_name,
-                                          link_gbps, latency_ms))
+        self.attach(
+            peer_id,
+            connect_pair(self.info().hello(), host, port, rank, pair_name, link_gbps, latency_ms),
+        )
 
     def attach(self, decode_id: str, channel: Channel) -> None:
         if self.max_inflight_bytes is not None:
@@ -147,8 +173,9 @@ class PrefillWorker:
         """This worker's Ray node and a free port on it (see transfer.pairing.local_endpoint)."""
         return local_endpoint()
 
-    def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                decode_id: str) -> PrefillReport:
+    def prefill(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, decode_id: str
+    ) -> PrefillReport:
         """Run the prompt and return once its last layer has left for `decode_id`. The forward
         pass holds the engine; the sends do not, so the next prompt computes meanwhile."""
         with self._kv_slots:
@@ -162,35 +189,50 @@ class PrefillWorker:
                 t0 = time.time()
                 try:
                     res = self._run_prefill(
-                        request_id, prompt_ids, params,
+                        request_id,
+                        prompt_ids,
+                        params,
                         lambda kv: sender.put(channel, kv, sends),
-                        use_device_form(channel, self.engine.device), channel)
+                        use_device_form(channel, self.engine.device),
+                        channel,
+                    )
                 finally:
                     sender.put(channel, None, sends)
             sends.done.wait()
         if sends.error is not None:
             raise sends.error
         cfg = self.engine.config
-        return PrefillReport(request_id, res.first_token, res.first_logprob, t0,
-                             t0 + res.prefill_seconds, sends.end, sends.bytes,
-                             len(prompt_ids) * cfg.kv_bytes_per_token(
-                                 torch.empty((), dtype=self.engine.dtype).element_size()),
-                             first_top_logprobs=res.first_top_logprobs)
+        return PrefillReport(
+            request_id,
+            res.first_token,
+            res.first_logprob,
+            t0,
+            t0 + res.prefill_seconds,
+            sends.end,
+            sends.bytes,
+            len(prompt_ids)
+            * cfg.kv_bytes_per_token(torch.empty((), dtype=self.engine.dtype).element_size()),
+            first_top_logprobs=res.first_top_logprobs,
+        )
 
-    def _run_prefill(self, request_id, prompt_ids, params, on_layer, device_form: bool,
-                     channel: Channel):
+    def _run_prefill(
+        self, request_id, prompt_ids, params, on_layer, device_form: bool, channel: Channel
+    ):
         """The forward pass; out of GPU memory, it waits for the KV still held by the decode
         side to come back and tries once more, then refuses the request as Overloaded (a 503
         for the client, the worker stays up)."""
         for attempt in range(2):
             try:
-                return self.engine.prefill_export(prompt_ids, params, request_id,
-                                                  on_layer=on_layer, device_form=device_form)
+                return self.engine.prefill_export(
+                    prompt_ids, params, request_id, on_layer=on_layer, device_form=device_form
+                )
             except torch.cuda.OutOfMemoryError as e:
                 self.out_of_memory += 1
                 if attempt:
-                    raise Overloaded(f"prefill: out of GPU memory for {len(prompt_ids)} "
-                                     f"tokens right now ({e})".splitlines()[0]) from e
+                    raise Overloaded(
+                        f"prefill: out of GPU memory for {len(prompt_ids)} "
+                        f"tokens right now ({e})".splitlines()[0]
+                    ) from e
                 channel.wait_acked(OOM_WAIT_S)
 
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
@@ -198,19 +240,31 @@ class PrefillWorker:
         `latency_ms`. Only between requests: benchmarks sweep links on one running system."""
         for peer, ch in list(self.channels.items()):
             inner = unshaped(ch)
-            self.channels[peer] = (LinkEmulator(inner, gbps, latency_ms, history_s=3600.0)
-                                   if gbps or latency_ms else inner)
+            self.channels[peer] = (
+                LinkEmulator(inner, gbps, latency_ms, history_s=3600.0)
+                if gbps or latency_ms
+                else inner
+            )
 
     def link_busy(self, window_s: float) -> float | None:
         """Mean busy fraction of the emulated links over the last `window_s` seconds (None
         when no link is emulated)."""
-        links = [ch for ch in self.channels.values() if isinstance(ch, LinkEmulator)
-                 and ch.gbps is not None]
+        links = [
+            ch
+            for ch in self.channels.values()
+            if isinstance(ch, LinkEmulator) and ch.gbps is not None
+        ]
         return sum(ch.busy_fraction(window_s) for ch in links) / len(links) if links else None
 
     def stats(self) -> PrefillStats:
         pool = self.engine.pool
-        return PrefillStats(free_pages=pool.num_free, used_pages=pool.num_used,
-                            capacity_pages=pool.capacity, running=int(self._busy.locked()),
-                            codec=self.codec, incarnation=self.incarnation,
-                            prefills=self.prefills, out_of_memory=self.out_of_memory)
+        return PrefillStats(
+            free_pages=pool.num_free,
+            used_pages=pool.num_used,
+            capacity_pages=pool.capacity,
+            running=int(self._busy.locked()),
+            codec=self.codec,
+            incarnation=self.incarnation,
+            prefills=self.prefills,
+            out_of_memory=self.out_of_memory,
+        )

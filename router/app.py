@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
+
 from zipserve.router.admission import admit_chat, admit_completion
 from zipserve.router.auth import OPEN_PATHS, ApiKeyMiddleware, has_key
 from zipserve.router.backend import Backend, Job
@@ -59,9 +60,13 @@ def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-def create_app(backend: Backend, *, api_key: str | None = None,
-               job_history: int = DEFAULT_JOB_HISTORY,
-               limits: AdmissionConfig | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    *,
+    api_key: str | None = None,
+    job_history: int = DEFAULT_JOB_HISTORY,
+    limits: AdmissionConfig | None = None,
+) -> FastAPI:
     """An app serving `backend`; with `api_key`, every route but /health needs that bearer key;
     `limits`: queue, prompt, timeout and body-size limits (defaults: `AdmissionConfig()`).
     No CORS middleware: browsers on other origins get no Access-Control-* headers."""
@@ -82,8 +87,9 @@ def create_app(backend: Backend, *, api_key: str | None = None,
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(BodyReadTimeout, timeout_s=limits.body_timeout_s)
     if api_key is not None:  # added after the size limit = runs before it: no body read unkeyed
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key,
-                           open_paths=OPEN_PATHS | DASHBOARD_OPEN_PATHS)
+        app.add_middleware(
+            ApiKeyMiddleware, api_key=api_key, open_paths=OPEN_PATHS | DASHBOARD_OPEN_PATHS
+        )
     metrics = install_metrics(app, state)  # counts 401/413s too
     install_dashboard(app, state, metrics)
     app.add_middleware(ArrivalStampMiddleware)  # added last: outermost, runs first
@@ -93,26 +99,43 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         arrival = arrival_of(request)
         req = parse_model(CompletionRequest, await read_json(request))
         job = admit_completion(backend, req, arrival, limits)
-        fmt = CompletionFormat(id=f"cmpl-{job.id}", created=int(arrival),
-                               model=backend.model_name, token_strings=_strings_for(job),
-                               token_ids=not backend.has_tokenizer)
-        return await respond(state, request, job, fmt, stream=req.stream,
-                             include_usage=_include_usage(req))
+        fmt = CompletionFormat(
+            id=f"cmpl-{job.id}",
+            created=int(arrival),
+            model=backend.model_name,
+            token_strings=_strings_for(job),
+            token_ids=not backend.has_tokenizer,
+        )
+        return await respond(
+            state, request, job, fmt, stream=req.stream, include_usage=_include_usage(req)
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         arrival = arrival_of(request)
         req = parse_model(ChatCompletionRequest, await read_json(request))
         job = admit_chat(backend, req, arrival, limits)
-        fmt = ChatFormat(id=f"chatcmpl-{job.id}", created=int(arrival), model=backend.model_name,
-                         token_strings=_strings_for(job))
-        return await respond(state, request, job, fmt, stream=req.stream,
-                             include_usage=_include_usage(req))
+        fmt = ChatFormat(
+            id=f"chatcmpl-{job.id}",
+            created=int(arrival),
+            model=backend.model_name,
+            token_strings=_strings_for(job),
+        )
+        return await respond(
+            state, request, job, fmt, stream=req.stream, include_usage=_include_usage(req)
+        )
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=backend.model_name, created=int(state.started),
-                                         max_model_len=backend.max_model_len)])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=backend.model_name,
+                    created=int(state.started),
+                    max_model_len=backend.max_model_len,
+                )
+            ]
+        )
 
     @app.get("/health", response_model=None)
     async def health(request: Request) -> JSONResponse:
@@ -127,12 +150,17 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         status = 200 if ok else 503
         workers = backend_health.get("workers") or []
         if not has_key(request.headers.raw, api_key):
-            return JSONResponse({
-                "status": "ok" if ok else "unavailable",
-                "workers": {"total": len(workers),
-                            "healthy": sum(1 for w in workers if w.get("healthy"))},
-                "jobs": {"active": len(state.active), "queued": state.gate.queued_jobs},
-            }, status_code=status)
+            return JSONResponse(
+                {
+                    "status": "ok" if ok else "unavailable",
+                    "workers": {
+                        "total": len(workers),
+                        "healthy": sum(1 for w in workers if w.get("healthy")),
+                    },
+                    "jobs": {"active": len(state.active), "queued": state.gate.queued_jobs},
+                },
+                status_code=status,
+            )
         body = {
             "status": "ok" if ok else "unavailable",
             "model": backend.model_name,
@@ -152,9 +180,13 @@ def create_app(backend: Backend, *, api_key: str | None = None,
         """One job by its id (the OpenAI response id, "cmpl-<id>", works too)."""
         record = state.registry.get(job_id.removeprefix("chatcmpl-").removeprefix("cmpl-"))
         if record is None:
-            raise OpenAIError(404, f"job_id: no job '{job_id}' (unknown, or older than the "
-                                   f"last {state.registry.capacity} jobs)",
-                              param="job_id", code="job_not_found")
+            raise OpenAIError(
+                404,
+                f"job_id: no job '{job_id}' (unknown, or older than the "
+                f"last {state.registry.capacity} jobs)",
+                param="job_id",
+                code="job_not_found",
+            )
         return record.view()
 
     @app.get("/v1/jobs")

@@ -12,6 +12,7 @@ import hmac
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
 from zipserve.router.errors import OpenAIError
 
 OPEN_PATHS = frozenset({"/health"})
@@ -54,8 +55,9 @@ def has_key(headers: list[tuple[bytes, bytes]], api_key: str | None) -> bool:
 class ApiKeyMiddleware:
     """401 in OpenAI format unless the request carries `Authorization: Bearer <api_key>`."""
 
-    def __init__(self, app: ASGIApp, *, api_key: str,
-                 open_paths: frozenset[str] = OPEN_PATHS) -> None:
+    def __init__(
+        self, app: ASGIApp, *, api_key: str, open_paths: frozenset[str] = OPEN_PATHS
+    ) -> None:
         if not api_key:
             raise ValueError("api_key: must be non-empty")
         self.app = app
@@ -70,8 +72,12 @@ class ApiKeyMiddleware:
         if token is not None and hmac.compare_digest(token, self._key):
             await self.app(scope, receive, send)
             return
-        message = ("missing API key: send 'Authorization: Bearer <key>'" if token is None
-                   else "invalid API key")
-        error = OpenAIError(401, message, code="invalid_api_key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        message = (
+            "missing API key: send 'Authorization: Bearer <key>'"
+            if token is None
+            else "invalid API key"
+        )
+        error = OpenAIError(
+            401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
         await error.response()(scope, receive, send)

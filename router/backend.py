@@ -85,13 +85,15 @@ class Job:
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens: must be in [0, max_tokens={self.max_tokens}], "
-                             f"got {self.min_tokens}")
+            raise ValueError(
+                f"min_tokens: must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
         if any(not s for s in self.stop):
             raise ValueError("stop: entries must be non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs: must be None or in [0, {MAX_TOP_LOGPROBS}], "
-                             f"got {self.logprobs}")
+            raise ValueError(
+                f"logprobs: must be None or in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"
+            )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
+
 from zipserve.router.dashboard_data import DashboardHistory, dashboard_data
 from zipserve.router.metrics import RouterMetrics, read_health
 from zipserve.router.serving import RouterState
@@ -29,8 +30,7 @@ def dashboard_html() -> str:
     return (Path(__file__).parent / "static" / "dashboard.html").read_text(encoding="utf-8")
 
 
-def install_dashboard(app: FastAPI, state: RouterState, metrics: RouterMetrics
-                      ) -> DashboardHistory:
+def install_dashboard(app: FastAPI, state: RouterState, metrics: RouterMetrics) -> DashboardHistory:
     """Add `GET /dashboard` and `GET /dashboard/data` to `app` and start recording jobs."""
     history = DashboardHistory()
     state.registry.add_listener(history.observe_job)
@@ -43,7 +43,8 @@ def install_dashboard(app: FastAPI, state: RouterState, metrics: RouterMetrics
     @app.get(DASHBOARD_PATH + "/data", include_in_schema=False)
     async def data() -> JSONResponse:
         health = await anyio.to_thread.run_sync(read_health, state.backend)
-        return JSONResponse(dashboard_data(state, history, metrics, health),
-                            headers={"Cache-Control": "no-store"})
+        return JSONResponse(
+            dashboard_data(state, history, metrics, health), headers={"Cache-Control": "no-store"}
+        )
 
     return history

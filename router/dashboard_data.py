@@ -79,11 +79,20 @@ class DashboardHistory:
     def observe_job(self, rec: JobRecord, gaps: list[float]) -> None:
         outcome, reason = job_outcome(rec)
         sample = JobSample(
-            job_id=rec.job_id, finished_at=rec.finished_at or time.time(),
-            codec=rec.codec or DEFAULT_CODEC, outcome=outcome, reason=reason, ttft=rec.ttft,
-            jct=rec.jct if outcome == "done" else None, gaps=thin(gaps, MAX_GAPS_PER_JOB),
-            prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens,
-            kv_bytes=rec.kv_bytes, kv_bytes_bf16=rec.kv_bytes_bf16, error=rec.error)
+            job_id=rec.job_id,
+            finished_at=rec.finished_at or time.time(),
+            codec=rec.codec or DEFAULT_CODEC,
+            outcome=outcome,
+            reason=reason,
+            ttft=rec.ttft,
+            jct=rec.jct if outcome == "done" else None,
+            gaps=thin(gaps, MAX_GAPS_PER_JOB),
+            prompt_tokens=rec.prompt_tokens,
+            completion_tokens=rec.completion_tokens,
+            kv_bytes=rec.kv_bytes,
+            kv_bytes_bf16=rec.kv_bytes_bf16,
+            error=rec.error,
+        )
         self.samples.append(sample)
         if outcome != "done":
             self.failures.append(sample)
@@ -98,8 +107,12 @@ def quantiles(values: list[float]) -> dict:
     if not values:
         return {"count": 0, "p50": None, "p90": None, "p99": None}
     s = sorted(values)
-    return {"count": len(s), "p50": percentile(s, 50), "p90": percentile(s, 90),
-            "p99": percentile(s, 99)}
+    return {
+        "count": len(s),
+        "p50": percentile(s, 50),
+        "p90": percentile(s, 90),
+        "p99": percentile(s, 99),
+    }
 
 
 def bucket_width(span: float) -> int:
@@ -120,14 +133,27 @@ def series(samples: list[JobSample], now: float) -> dict:
     buckets: list[list[JobSample]] = [[] for _ in range(n)]
     for s in samples:
         buckets[min(n - 1, max(0, int((s.finished_at - start) // width)))].append(s)
-    out: dict[str, list] = {k: [] for k in ("t", "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p99",
-                                            "jct_p50", "jct_p99", "tokens_per_s",
-                                            "requests_per_s")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "t",
+            "ttft_p50",
+            "ttft_p99",
+            "tbt_p50",
+            "tbt_p99",
+            "jct_p50",
+            "jct_p99",
+            "tokens_per_s",
+            "requests_per_s",
+        )
+    }
     for i, group in enumerate(buckets):
         out["t"].append(start + (i + 1) * width)
-        for key, values in (("ttft", [s.ttft for s in group if s.ttft is not None]),
-                            ("tbt", [g for s in group for g in s.gaps]),
-                            ("jct", [s.jct for s in group if s.jct is not None])):
+        for key, values in (
+            ("ttft", [s.ttft for s in group if s.ttft is not None]),
+            ("tbt", [g for s in group for g in s.gaps]),
+            ("jct", [s.jct for s in group if s.jct is not None]),
+        ):
             q = quantiles(values)
             out[f"{key}_p50"].append(q["p50"])
             out[f"{key}_p99"].append(q["p99"])
@@ -139,14 +165,28 @@ def series(samples: list[JobSample], now: float) -> dict:
 def job_row(rec: JobRecord, now: float) -> dict:
     """One JCT bar: phase offsets from arrival and durations (open phases run to `now`)."""
     end = rec.finished_at if rec.finished_at is not None else now
-    phases = [{"name": p.name, "offset": p.start - rec.arrival,
-               "duration": (p.end if p.end is not None else end) - p.start}
-              for p in rec.phases]
+    phases = [
+        {
+            "name": p.name,
+            "offset": p.start - rec.arrival,
+            "duration": (p.end if p.end is not None else end) - p.start,
+        }
+        for p in rec.phases
+    ]
     codec = rec.codec or (DEFAULT_CODEC if rec.state.terminal else None)  # None: not known yet
-    return {"id": rec.job_id, "state": rec.state.value, "codec": codec,
-            "arrival": rec.arrival, "elapsed": end - rec.arrival, "jct": rec.jct,
-            "ttft": rec.ttft, "phases": phases, "prompt_tokens": rec.prompt_tokens,
-            "completion_tokens": rec.completion_tokens, "error": rec.error}
+    return {
+        "id": rec.job_id,
+        "state": rec.state.value,
+        "codec": codec,
+        "arrival": rec.arrival,
+        "elapsed": end - rec.arrival,
+        "jct": rec.jct,
+        "ttft": rec.ttft,
+        "phases": phases,
+        "prompt_tokens": rec.prompt_tokens,
+        "completion_tokens": rec.completion_tokens,
+        "error": rec.error,
+    }
 
 
 def outcome_counts(metrics: RouterMetrics) -> list[dict]:
@@ -154,22 +194,39 @@ def outcome_counts(metrics: RouterMetrics) -> list[dict]:
     for family in metrics.requests.collect():
         for s in family.samples:
             if s.name.endswith("_total") and s.value:
-                out.append({"outcome": s.labels["outcome"], "reason": s.labels["reason"],
-                            "codec": s.labels["codec"], "count": int(s.value)})
+                out.append(
+                    {
+                        "outcome": s.labels["outcome"],
+                        "reason": s.labels["reason"],
+                        "codec": s.labels["codec"],
+                        "count": int(s.value),
+                    }
+                )
     return out
 
 
-def dashboard_data(state: RouterState, history: DashboardHistory, metrics: RouterMetrics,
-                   health: dict, now: float | None = None) -> dict:
+def dashboard_data(
+    state: RouterState,
+    history: DashboardHistory,
+    metrics: RouterMetrics,
+    health: dict,
+    now: float | None = None,
+) -> dict:
     now = time.time() if now is None else now
     samples = [s for s in history.samples if s.finished_at >= now - WINDOW_S]
     workers = health.get("workers")
     codecs = []
     for name, tot in sorted(history.codecs.items()):
-        codecs.append({"codec": name, "jobs": tot.jobs, "kv_bytes": tot.kv_bytes,
-                       "kv_bytes_bf16": tot.kv_bytes_bf16,
-                       "saved_bytes": tot.kv_bytes_bf16 - tot.kv_bytes,
-                       "ratio": tot.kv_bytes_bf16 / tot.kv_bytes if tot.kv_bytes else None})
+        codecs.append(
+            {
+                "codec": name,
+                "jobs": tot.jobs,
+                "kv_bytes": tot.kv_bytes,
+                "kv_bytes_bf16": tot.kv_bytes_bf16,
+                "saved_bytes": tot.kv_bytes_bf16 - tot.kv_bytes,
+                "ratio": tot.kv_bytes_bf16 / tot.kv_bytes if tot.kv_bytes else None,
+            }
+        )
     return {
         "now": now,
         "model": state.backend.model_name,
@@ -188,9 +245,16 @@ def dashboard_data(state: RouterState, history: DashboardHistory, metrics: Route
         },
         "series": series(samples, now),
         "codecs": codecs,
-        "workers": [w for w in workers if isinstance(w, dict)] if isinstance(workers, list)
-        else [],
-        "failures": [{"job_id": s.job_id, "time": s.finished_at, "outcome": s.outcome,
-                      "reason": s.reason, "codec": s.codec, "error": s.error}
-                     for s in reversed(history.failures)],
+        "workers": [w for w in workers if isinstance(w, dict)] if isinstance(workers, list) else [],
+        "failures": [
+            {
+                "job_id": s.job_id,
+                "time": s.finished_at,
+                "outcome": s.outcome,
+                "reason": s.reason,
+                "codec": s.codec,
+                "error": s.error,
+            }
+            for s in reversed(history.failures)
+        ],
     }

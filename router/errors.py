@@ -16,54 +16,75 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from zipserve.router.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-          404: "invalid_request_error", 405: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-          503: "service_unavailable", 504: "timeout_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 
 
 class OpenAIError(Exception):
     """An error to return to the client as an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500
-                                       else "server_error")
+        self.type = type or _TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
         self.headers = headers
 
     def detail(self) -> ErrorDetail:
         return ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.detail()).model_dump(),
-                            status_code=self.status, headers=self.headers)
+        return JSONResponse(
+            ErrorResponse(error=self.detail()).model_dump(),
+            status_code=self.status,
+            headers=self.headers,
+        )
 
 
 _FIELD = re.compile(r"([A-Za-z_][\w.\[\]]*):")
 
 
-def backend_error(message: str | None, headers: dict[str, str] | None = None, *,
-                  client_error: bool = False) -> OpenAIError:
+def backend_error(
+    message: str | None, headers: dict[str, str] | None = None, *, client_error: bool = False
+) -> OpenAIError:
     """A backend `finish` with reason "error": 400 naming the field when the backend refused a
     value of the request (`client_error`), 504 for the request timeout, 503 if it reads like
     overload, else 500."""
     message = message or "the backend failed without a message"
     if client_error:
         m = _FIELD.match(message)
-        return OpenAIError(400, message, param=m.group(1) if m else None,
-                           code="invalid_value", headers=headers)
+        return OpenAIError(
+            400, message, param=m.group(1) if m else None, code="invalid_value", headers=headers
+        )
     if message.startswith("timeout:"):
         return OpenAIError(504, message, code="request_timeout", headers=headers)
     if re.search(r"overload|unavailable", message, re.IGNORECASE):
@@ -122,8 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return OpenAIError(exc.status_code, str(exc.detail),
-                           headers=getattr(exc, "headers", None)).response()
+        return OpenAIError(
+            exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)
+        ).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pydantic import BaseModel
+
 from zipserve.router.backend import TokenEvent
 from zipserve.router.logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from zipserve.router.schemas import (
@@ -42,8 +43,9 @@ class ResponseFormat(Protocol):
     def delta_chunk(self, text: str, tokens: Sequence[TokenEvent] = ()) -> BaseModel: ...
     def final_chunk(self, finish_reason: str) -> BaseModel: ...
     def usage_chunk(self, usage: Usage) -> BaseModel: ...
-    def whole(self, text: str, finish_reason: str, usage: Usage,
-              tokens: Sequence[TokenEvent] = ()) -> BaseModel: ...
+    def whole(
+        self, text: str, finish_reason: str, usage: Usage, tokens: Sequence[TokenEvent] = ()
+    ) -> BaseModel: ...
 
 
 @dataclass
@@ -61,12 +63,14 @@ class CompletionFormat:
 
     def _choice(self, text: str, tokens: Sequence[TokenEvent], finish_reason: str | None = None):
         extra = {"token_ids": [t.token_id for t in tokens]} if self.token_ids else {}
-        return CompletionChoice(text=text, logprobs=self._logprobs(tokens),
-                                finish_reason=finish_reason, **extra)
+        return CompletionChoice(
+            text=text, logprobs=self._logprobs(tokens), finish_reason=finish_reason, **extra
+        )
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None):
-        return CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                  choices=choices, usage=usage)
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
 
     def _logprobs(self, tokens: Sequence[TokenEvent]) -> CompletionLogprobs | None:
         if self.token_strings is None:
@@ -90,8 +94,9 @@ class CompletionFormat:
     def usage_chunk(self, usage: Usage) -> CompletionResponse:
         return self._chunk([], usage)
 
-    def whole(self, text: str, finish_reason: str, usage: Usage,
-              tokens: Sequence[TokenEvent] = ()) -> CompletionResponse:
+    def whole(
+        self, text: str, finish_reason: str, usage: Usage, tokens: Sequence[TokenEvent] = ()
+    ) -> CompletionResponse:
         return self._chunk([self._choice(text, tokens, finish_reason)], usage)
 
 
@@ -107,8 +112,9 @@ class ChatFormat:
     endpoint: str = "chat.completions"
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None):
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=choices, usage=usage)
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
 
     def _logprobs(self, tokens: Sequence[TokenEvent]) -> ChatLogprobs | None:
         return None if self.token_strings is None else chat_logprobs(tokens, self.token_strings)
@@ -117,8 +123,9 @@ class ChatFormat:
         return self._chunk([ChatChunkChoice(delta={"role": "assistant", "content": ""})])
 
     def delta_chunk(self, text: str, tokens: Sequence[TokenEvent] = ()) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta={"content": text},
-                                            logprobs=self._logprobs(tokens))])
+        return self._chunk(
+            [ChatChunkChoice(delta={"content": text}, logprobs=self._logprobs(tokens))]
+        )
 
     def final_chunk(self, finish_reason: str) -> ChatCompletionChunk:
         return self._chunk([ChatChunkChoice(delta={}, finish_reason=finish_reason)])
@@ -126,10 +133,19 @@ class ChatFormat:
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)
 
-    def whole(self, text: str, finish_reason: str, usage: Usage,
-              tokens: Sequence[TokenEvent] = ()) -> ChatCompletionResponse:
+    def whole(
+        self, text: str, finish_reason: str, usage: Usage, tokens: Sequence[TokenEvent] = ()
+    ) -> ChatCompletionResponse:
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, usage=usage,
-            choices=[ChatChoice(message=AssistantMessage(content=text),
-                                logprobs=self._logprobs(tokens),
-                                finish_reason=finish_reason)])
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            usage=usage,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=text),
+                    logprobs=self._logprobs(tokens),
+                    finish_reason=finish_reason,
+                )
+            ],
+        )

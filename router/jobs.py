@@ -74,8 +74,9 @@ def summarize_tbt(gaps: list[float]) -> TbtSummary:
     if not gaps:
         return TbtSummary(count=0, mean=None, p50=None, p99=None, max=None)
     s = sorted(gaps)
-    return TbtSummary(count=len(s), mean=sum(s) / len(s), p50=percentile(s, 50),
-                      p99=percentile(s, 99), max=s[-1])
+    return TbtSummary(
+        count=len(s), mean=sum(s) / len(s), p50=percentile(s, 50), p99=percentile(s, 99), max=s[-1]
+    )
 
 
 @dataclass
@@ -121,8 +122,14 @@ class JobRecord:
 
     @classmethod
     def for_job(cls, job: Job, *, endpoint: str, model: str) -> JobRecord:
-        return cls(job_id=job.id, endpoint=endpoint, model=model, arrival=job.arrival,
-                   prompt_tokens=len(job.prompt_ids), codec=job.codec)
+        return cls(
+            job_id=job.id,
+            endpoint=endpoint,
+            model=model,
+            arrival=job.arrival,
+            prompt_tokens=len(job.prompt_ids),
+            codec=job.codec,
+        )
 
     # ----------------------------------------------------------------- updates from events
 
@@ -196,14 +203,27 @@ class JobRecord:
 
     def view(self) -> JobView:
         return JobView(
-            id=self.job_id, endpoint=self.endpoint, model=self.model, state=self.state.value,
-            arrival=self.arrival, finished_at=self.finished_at,
-            phases=[PhaseView(name=p.name, start=p.start, end=p.end, duration=p.duration)
-                    for p in self.phases],
-            ttft=self.ttft, tbt=self.tbt_summary or summarize_tbt(self.tbt), jct=self.jct,
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            codec=self.codec, finish_reason=self.finish_reason, error=self.error,
-            kv_bytes=self.kv_bytes, kv_bytes_bf16=self.kv_bytes_bf16)
+            id=self.job_id,
+            endpoint=self.endpoint,
+            model=self.model,
+            state=self.state.value,
+            arrival=self.arrival,
+            finished_at=self.finished_at,
+            phases=[
+                PhaseView(name=p.name, start=p.start, end=p.end, duration=p.duration)
+                for p in self.phases
+            ],
+            ttft=self.ttft,
+            tbt=self.tbt_summary or summarize_tbt(self.tbt),
+            jct=self.jct,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            codec=self.codec,
+            finish_reason=self.finish_reason,
+            error=self.error,
+            kv_bytes=self.kv_bytes,
+            kv_bytes_bf16=self.kv_bytes_bf16,
+        )
 
 
 class JobRegistry:

@@ -33,8 +33,9 @@ def parse_json_body(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise OpenAIError(400, "malformed JSON: the body is not UTF-8") from None
     except json.JSONDecodeError as e:
-        raise OpenAIError(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
-                          ) from None
+        raise OpenAIError(
+            400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from None
     except RecursionError:
         raise _too_deep(_deep_field(body)) from None
     except ValueError as e:  # e.g. an integer literal past Python's 4300-digit limit
@@ -67,15 +68,20 @@ def _check_text(text: str, path: tuple, key: bool = False) -> None:
         return
     param = _param(path)
     where = f"a key of {param}" if key and param else "a key" if key else param
-    raise OpenAIError(400, f"{where or 'the body'}: contains a lone UTF-16 surrogate "
-                           f"(\\u{ord(m.group()):04x} at character {m.start()}); strings must "
-                           f"be valid Unicode", param=param)
+    raise OpenAIError(
+        400,
+        f"{where or 'the body'}: contains a lone UTF-16 surrogate "
+        f"(\\u{ord(m.group()):04x} at character {m.start()}); strings must "
+        f"be valid Unicode",
+        param=param,
+    )
 
 
 def _too_deep(param: str | None) -> OpenAIError:
     where = f"{param}: nests" if param else "the request body nests"
-    return OpenAIError(400, f"{where} deeper than {MAX_JSON_DEPTH} levels of arrays and "
-                            f"objects", param=param)
+    return OpenAIError(
+        400, f"{where} deeper than {MAX_JSON_DEPTH} levels of arrays and objects", param=param
+    )
 
 
 def _param(path: tuple) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from zipserve.router.backend import Job
 from zipserve.router.errors import OpenAIError
 
@@ -51,12 +52,13 @@ class AdmissionConfig:
             raise ValueError(f"max_queued_jobs: must be >= 1, got {self.max_queued_jobs}")
         if self.max_prompt_tokens is not None:
             if self.max_prompt_tokens < 1:
-                raise ValueError(f"max_prompt_tokens: must be >= 1, got "
-                                 f"{self.max_prompt_tokens}")
+                raise ValueError(f"max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
             if self.max_prompt_tokens > self.max_queued_tokens:
-                raise ValueError(f"max_prompt_tokens ({self.max_prompt_tokens}) must not exceed "
-                                 f"max_queued_tokens ({self.max_queued_tokens}): such a prompt "
-                                 f"could never be admitted")
+                raise ValueError(
+                    f"max_prompt_tokens ({self.max_prompt_tokens}) must not exceed "
+                    f"max_queued_tokens ({self.max_queued_tokens}): such a prompt "
+                    f"could never be admitted"
+                )
         if not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
         if self.max_body_bytes < 1024:
@@ -73,15 +75,23 @@ class AdmissionConfig:
         if requested is None:
             return self.request_timeout_s
         if requested > self.request_timeout_s:
-            raise OpenAIError(400, f"timeout: {requested} s is more than this server allows "
-                                   f"({self.request_timeout_s} s)", param="timeout")
+            raise OpenAIError(
+                400,
+                f"timeout: {requested} s is more than this server allows "
+                f"({self.request_timeout_s} s)",
+                param="timeout",
+            )
         return float(requested)
 
     def check_prompt(self, prompt_len: int, param: str) -> None:
         if self.max_prompt_tokens is not None and prompt_len > self.max_prompt_tokens:
-            raise OpenAIError(400, f"{param}: the prompt has {prompt_len} tokens; this server "
-                                   f"accepts at most {self.max_prompt_tokens}", param=param,
-                              code="prompt_too_long")
+            raise OpenAIError(
+                400,
+                f"{param}: the prompt has {prompt_len} tokens; this server "
+                f"accepts at most {self.max_prompt_tokens}",
+                param=param,
+                code="prompt_too_long",
+            )
 
 
 class QueueTicket:
@@ -112,30 +122,41 @@ class AdmissionGate:
         """A ticket for `job`, or a 429 OpenAIError when the queue is full."""
         n = len(job.prompt_ids)
         if self.queued_jobs + 1 > self.cfg.max_queued_jobs:
-            self._refuse(f"the queue holds {self.queued_jobs} requests waiting for prefill "
-                         f"(limit {self.cfg.max_queued_jobs})")
+            self._refuse(
+                f"the queue holds {self.queued_jobs} requests waiting for prefill "
+                f"(limit {self.cfg.max_queued_jobs})"
+            )
         if self.queued_tokens + n > self.cfg.max_queued_tokens:
-            self._refuse(f"the queue holds {self.queued_tokens} prompt tokens waiting for "
-                         f"prefill and this request adds {n} (limit "
-                         f"{self.cfg.max_queued_tokens})")
+            self._refuse(
+                f"the queue holds {self.queued_tokens} prompt tokens waiting for "
+                f"prefill and this request adds {n} (limit "
+                f"{self.cfg.max_queued_tokens})"
+            )
         self.queued_tokens += n
         self.queued_jobs += 1
         return QueueTicket(self, n)
 
     def _refuse(self, why: str) -> None:
         self.rejected += 1
-        raise OpenAIError(429, f"server busy: {why}; retry after {self.cfg.retry_after_s} s",
-                          code="queue_full",
-                          headers={"Retry-After": str(self.cfg.retry_after_s)})
+        raise OpenAIError(
+            429,
+            f"server busy: {why}; retry after {self.cfg.retry_after_s} s",
+            code="queue_full",
+            headers={"Retry-After": str(self.cfg.retry_after_s)},
+        )
 
     def _release(self, ticket: QueueTicket) -> None:
         self.queued_tokens -= ticket.tokens
         self.queued_jobs -= 1
 
     def stats(self) -> dict:
-        return {"queued_tokens": self.queued_tokens, "queued_jobs": self.queued_jobs,
-                "max_queued_tokens": self.cfg.max_queued_tokens,
-                "max_queued_jobs": self.cfg.max_queued_jobs, "rejected_429": self.rejected}
+        return {
+            "queued_tokens": self.queued_tokens,
+            "queued_jobs": self.queued_jobs,
+            "max_queued_tokens": self.cfg.max_queued_tokens,
+            "max_queued_jobs": self.cfg.max_queued_jobs,
+            "rejected_429": self.rejected,
+        }
 
 
 class BodySizeLimit:
@@ -148,16 +169,20 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     def _error(self) -> OpenAIError:
-        return OpenAIError(413, f"the request body is larger than {self.max_bytes} bytes",
-                           code="request_too_large")
+        return OpenAIError(
+            413, f"the request body is larger than {self.max_bytes} bytes", code="request_too_large"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
-            if name.lower() == b"content-length" and value.strip().isdigit() \
-                    and int(value) > self.max_bytes:
+            if (
+                name.lower() == b"content-length"
+                and value.strip().isdigit()
+                and int(value) > self.max_bytes
+            ):
                 await self._error().response()(scope, receive, send)
                 return
         seen = 0

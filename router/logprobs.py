@@ -25,19 +25,21 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _strings(events: Sequence[TokenEvent], token_strings: TokenStrings) -> tuple[list[str],
-                                                                               list[list[str]]]:
+def _strings(
+    events: Sequence[TokenEvent], token_strings: TokenStrings
+) -> tuple[list[str], list[list[str]]]:
     """The text of each event's token and of each of its alternatives (one tokenizer call)."""
     ids = [ev.token_id for ev in events]
     for ev in events:
         ids += [t for t, _ in ev.top_logprobs]
     texts = token_strings(ids)
-    own, rest = texts[:len(events)], iter(texts[len(events):])
+    own, rest = texts[: len(events)], iter(texts[len(events) :])
     return own, [[next(rest) for _ in ev.top_logprobs] for ev in events]
 
 
-def completion_logprobs(events: Sequence[TokenEvent], token_strings: TokenStrings,
-                        offset: int = 0) -> CompletionLogprobs:
+def completion_logprobs(
+    events: Sequence[TokenEvent], token_strings: TokenStrings, offset: int = 0
+) -> CompletionLogprobs:
     """`offset`: where the first event's token starts in the generated text."""
     own, alts = _strings(events, token_strings)
     offsets = []
@@ -45,17 +47,29 @@ def completion_logprobs(events: Sequence[TokenEvent], token_strings: TokenString
         offsets.append(offset)
         offset += len(text)
     return CompletionLogprobs(
-        tokens=own, token_logprobs=[_finite(ev.logprob) for ev in events],
-        top_logprobs=[{t: _finite(lp) for t, (_, lp) in zip(texts, ev.top_logprobs)}
-                      for ev, texts in zip(events, alts)],
-        text_offset=offsets)
+        tokens=own,
+        token_logprobs=[_finite(ev.logprob) for ev in events],
+        top_logprobs=[
+            {t: _finite(lp) for t, (_, lp) in zip(texts, ev.top_logprobs)}
+            for ev, texts in zip(events, alts)
+        ],
+        text_offset=offsets,
+    )
 
 
 def chat_logprobs(events: Sequence[TokenEvent], token_strings: TokenStrings) -> ChatLogprobs:
     own, alts = _strings(events, token_strings)
-    return ChatLogprobs(content=[
-        TokenLogprob(token=text, logprob=_finite(ev.logprob), bytes=list(text.encode()),
-                     top_logprobs=[TopLogprob(token=t, logprob=_finite(lp),
-                                              bytes=list(t.encode()))
-                                   for t, (_, lp) in zip(texts, ev.top_logprobs)])
-        for ev, text, texts in zip(events, own, alts)])
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                token=text,
+                logprob=_finite(ev.logprob),
+                bytes=list(text.encode()),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=_finite(lp), bytes=list(t.encode()))
+                    for t, (_, lp) in zip(texts, ev.top_logprobs)
+                ],
+            )
+            for ev, text, texts in zip(events, own, alts)
+        ]
+    )

@@ -34,32 +34,61 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from zipserve.router.backend import Backend
 from zipserve.router.jobs import JobRecord, JobState
 from zipserve.router.serving import JOB_ID_HEADER, RouterState
 
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
-KNOWN_ROUTES = GENERATION_ROUTES | {"/v1/models", "/health", "/v1/jobs", "/metrics",
-                                    "/dashboard", "/dashboard/data"}
+KNOWN_ROUTES = GENERATION_ROUTES | {
+    "/v1/models",
+    "/health",
+    "/v1/jobs",
+    "/metrics",
+    "/dashboard",
+    "/dashboard/data",
+}
 
 DEFAULT_CODEC = "default"
 """The codec label of a job whose backend did not say which codec it used."""
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                   10.0, 30.0, 60.0, 120.0, 300.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 TBT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 
 _FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (name, re.compile(pattern, re.IGNORECASE)) for name, pattern in (
-        ("bad_request", r"^(?:codec|prompt|seed|max_tokens|min_tokens|temperature|top_p|top_k"
-                        r"|stop|stop_token_ids|ignore_eos|logprobs):"),  # refused values
+    (name, re.compile(pattern, re.IGNORECASE))
+    for name, pattern in (
+        (
+            "bad_request",
+            r"^(?:codec|prompt|seed|max_tokens|min_tokens|temperature|top_p|top_k"
+            r"|stop|stop_token_ids|ignore_eos|logprobs):",
+        ),  # refused values
         ("checksum", r"checksum|corrupt"),
         ("deadline", r"deadline|timed out|timeout|incomplete after"),
         ("client_disconnected", r"disconnect"),
         ("shutdown", r"shutting down"),
         ("overloaded", r"overload"),
         ("worker_failed", r"unavailable|worker (?:\w+ )?failed|died|actor"),
-    ))
+    )
+)
 
 
 def failure_reason(error: str | None, default: str = "backend_error") -> str:
@@ -127,13 +156,16 @@ class _LiveCollector(Collector):
 
     @staticmethod
     def _families(snap: LiveSnapshot) -> Iterator[Metric]:
-        up = GaugeMetricFamily("zipserve_backend_up",
-                               "1 when backend.health() answers with status ok")
+        up = GaugeMetricFamily(
+            "zipserve_backend_up", "1 when backend.health() answers with status ok"
+        )
         up.add_metric([], 1.0 if snap.backend_up else 0.0)
         yield up
-        flight = GaugeMetricFamily("zipserve_requests_in_flight",
-                                   "Jobs in flight at the router by state (PENDING: queued)",
-                                   labels=["state"])
+        flight = GaugeMetricFamily(
+            "zipserve_requests_in_flight",
+            "Jobs in flight at the router by state (PENDING: queued)",
+            labels=["state"],
+        )
         for st in JobState:
             if not st.terminal:
                 flight.add_metric([st.value], float(snap.in_flight.get(st.value, 0)))
@@ -141,8 +173,14 @@ class _LiveCollector(Collector):
         for name, doc, key in WORKER_GAUGES:
             fam = GaugeMetricFamily(name, doc, labels=["worker", "role", "codec"])
             for w in snap.workers:
-                fam.add_metric([str(w.get("name", "?")), str(w.get("role", "?")),
-                                str(w.get("codec", DEFAULT_CODEC))], float(w.get(key, 0)))
+                fam.add_metric(
+                    [
+                        str(w.get("name", "?")),
+                        str(w.get("role", "?")),
+                        str(w.get("codec", DEFAULT_CODEC)),
+                    ],
+                    float(w.get(key, 0)),
+                )
             yield fam
 
 
@@ -151,30 +189,64 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
-        self.ttft = Histogram("zipserve_ttft_seconds", "Arrival to first token at the router",
-                              ["codec"], buckets=LATENCY_BUCKETS, registry=r)
-        self.tbt = Histogram("zipserve_time_between_tokens_seconds",
-                             "Gap between consecutive tokens of a job", ["codec"],
-                             buckets=TBT_BUCKETS, registry=r)
-        self.jct = Histogram("zipserve_jct_seconds", "Arrival to finish of jobs that completed",
-                             ["codec"], buckets=LATENCY_BUCKETS, registry=r)
-        self.phase = Histogram("zipserve_phase_seconds",
-                               "Time in each phase of jobs that completed", ["phase", "codec"],
-                               buckets=LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("zipserve_requests", "Requests by outcome and reason",
-                                ["outcome", "reason", "codec"], registry=r)
-        self.prompt_tokens = Counter("zipserve_prompt_tokens", "Prompt tokens of ended jobs",
-                                     ["codec"], registry=r)
-        self.generation_tokens = Counter("zipserve_generation_tokens", "Tokens generated",
-                                         ["codec"], registry=r)
-        self.kv_bytes_sent = Counter("zipserve_kv_bytes_sent",
-                                     "KV bytes sent from prefill to decode workers", ["codec"],
-                                     registry=r)
-        self.kv_bytes_bf16 = Counter("zipserve_kv_bytes_bf16",
-                                     "Bytes the same KV would have taken as dense bf16",
-                                     ["codec"], registry=r)
-        self.http = Counter("zipserve_http_responses", "HTTP responses by route and status",
-                            ["route", "status"], registry=r)
+        self.ttft = Histogram(
+            "zipserve_ttft_seconds",
+            "Arrival to first token at the router",
+            ["codec"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tbt = Histogram(
+            "zipserve_time_between_tokens_seconds",
+            "Gap between consecutive tokens of a job",
+            ["codec"],
+            buckets=TBT_BUCKETS,
+            registry=r,
+        )
+        self.jct = Histogram(
+            "zipserve_jct_seconds",
+            "Arrival to finish of jobs that completed",
+            ["codec"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.phase = Histogram(
+            "zipserve_phase_seconds",
+            "Time in each phase of jobs that completed",
+            ["phase", "codec"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "zipserve_requests",
+            "Requests by outcome and reason",
+            ["outcome", "reason", "codec"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "zipserve_prompt_tokens", "Prompt tokens of ended jobs", ["codec"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "zipserve_generation_tokens", "Tokens generated", ["codec"], registry=r
+        )
+        self.kv_bytes_sent = Counter(
+            "zipserve_kv_bytes_sent",
+            "KV bytes sent from prefill to decode workers",
+            ["codec"],
+            registry=r,
+        )
+        self.kv_bytes_bf16 = Counter(
+            "zipserve_kv_bytes_bf16",
+            "Bytes the same KV would have taken as dense bf16",
+            ["codec"],
+            registry=r,
+        )
+        self.http = Counter(
+            "zipserve_http_responses",
+            "HTTP responses by route and status",
+            ["route", "status"],
+            registry=r,
+        )
         self._live = _LiveCollector()
         r.register(self._live)
         self._render_lock = threading.Lock()
@@ -216,9 +288,12 @@ class RouterMetrics:
             in_flight[rec.state.value] = in_flight.get(rec.state.value, 0) + 1
         workers = health.get("workers")
         self._live.snapshot = LiveSnapshot(
-            backend_up=health.get("status", "ok") == "ok", in_flight=in_flight,
-            workers=[w for w in workers if isinstance(w, dict)] if isinstance(workers, list)
-            else [])
+            backend_up=health.get("status", "ok") == "ok",
+            in_flight=in_flight,
+            workers=[w for w in workers if isinstance(w, dict)]
+            if isinstance(workers, list)
+            else [],
+        )
 
     def render(self) -> bytes:
         with self._render_lock:
@@ -254,10 +329,10 @@ class MetricsMiddleware:
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start" and "status" not in seen:
                 seen["status"] = message["status"]
-                seen["job"] = any(k.lower() == JOB_ID_HEADER.encode()
-                                  for k, _ in message.get("headers", []))
-                self.metrics.observe_response(scope["path"], message["status"],
-                                              bool(seen["job"]))
+                seen["job"] = any(
+                    k.lower() == JOB_ID_HEADER.encode() for k, _ in message.get("headers", [])
+                )
+                self.metrics.observe_response(scope["path"], message["status"], bool(seen["job"]))
             await send(message)
 
         try:

@@ -28,23 +28,29 @@ import anyio
 import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from zipserve.router.errors import OpenAIError
 from zipserve.router.limits import AdmissionConfig
 
 
 def _timeout_error(what: str, seconds: float) -> OpenAIError:
-    return OpenAIError(408, f"request timeout: the {what} did not arrive within {seconds:g} s",
-                       code="request_timeout", type="invalid_request_error",
-                       headers={"Connection": "close"})
+    return OpenAIError(
+        408,
+        f"request timeout: the {what} did not arrive within {seconds:g} s",
+        code="request_timeout",
+        type="invalid_request_error",
+        headers={"Connection": "close"},
+    )
 
 
 def raw_408(seconds: float) -> bytes:
     """A complete HTTP/1.1 408 response (OpenAI error body) that closes the connection."""
     err = _timeout_error("request headers", seconds)
     body = json.dumps({"error": err.detail().model_dump()}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
-            + body)
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
@@ -80,8 +86,11 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             return
         if self.cycle is not self._armed_cycle and self.conn.their_state is not h11.IDLE:
             return  # a new request's headers did arrive (defensive: handle_events disarms)
-        if self._bytes_since_armed and self.conn.their_state is h11.IDLE \
-                and self.conn.our_state is h11.IDLE:  # part of a request's headers came
+        if (
+            self._bytes_since_armed
+            and self.conn.their_state is h11.IDLE
+            and self.conn.our_state is h11.IDLE
+        ):  # part of a request's headers came
             self.transport.write(raw_408(self.header_timeout_s))
         self.transport.close()
 

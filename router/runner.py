@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import anyio
+
 from zipserve.router.backend import Backend, FinishEvent, Job, PhaseEvent, TokenEvent
 from zipserve.router.jobs import JobRecord
 from zipserve.router.limits import QueueTicket
@@ -40,9 +41,14 @@ def timeout_message(timeout_s: float) -> str:
 class JobRun:
     """Pumps `backend.stream(job)` into `record` and a queue of token / finish events."""
 
-    def __init__(self, backend: Backend, job: Job, record: JobRecord,
-                 on_closed: Callable[[JobRun], None] | None = None,
-                 ticket: QueueTicket | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        job: Job,
+        record: JobRecord,
+        on_closed: Callable[[JobRun], None] | None = None,
+        ticket: QueueTicket | None = None,
+    ) -> None:
         self.backend = backend
         self.job = job
         self.record = record
@@ -51,7 +57,8 @@ class JobRun:
         self._queue: asyncio.Queue[TokenEvent | FinishEvent] = asyncio.Queue()
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(
-            self._pump(), name=f"zipserve-job-{job.id}")
+            self._pump(), name=f"zipserve-job-{job.id}"
+        )
 
     @property
     def finished(self) -> bool:
@@ -85,8 +92,9 @@ class JobRun:
             if scope.cancelled_caught and timeout_s is not None:
                 await self._time_out(stream, timeout_s)
                 return
-            self._finish(FinishEvent(reason="error",
-                                     error="the backend stream ended without a finish event"))
+            self._finish(
+                FinishEvent(reason="error", error="the backend stream ended without a finish event")
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the backend's own failure: the job fails, the router lives

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
 from zipserve.router.backend import MAX_TOP_LOGPROBS
 
 StrictInt = Annotated[int, Field(strict=True)]
@@ -99,8 +100,9 @@ class SamplingRequest(_Request):
 
     @field_validator("stream_options")
     @classmethod
-    def _options_need_stream(cls, opts: StreamOptions | None,
-                             info: ValidationInfo) -> StreamOptions | None:
+    def _options_need_stream(
+        cls, opts: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
         if opts is not None and info.data.get("stream") is False:
             raise ValueError('only allowed with "stream": true')
         return opts
@@ -210,10 +212,14 @@ class ChatMessage(_Request):
         if isinstance(content, list):
             texts = []
             for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
                     raise ValueError(
-                        'only text parts ({"type": "text", "text": ...}) are supported')
+                        'only text parts ({"type": "text", "text": ...}) are supported'
+                    )
                 texts.append(part["text"])
             return "".join(texts)
         raise ValueError("must be a string or a list of text parts")

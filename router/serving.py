@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import Response
+
 from zipserve.router.backend import Backend, FinishEvent, Job, TokenEvent
 from zipserve.router.errors import backend_error
 from zipserve.router.formats import ResponseFormat
@@ -64,8 +65,11 @@ class RouterState:
 
 
 def usage_of(record: JobRecord) -> Usage:
-    return Usage(prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                 total_tokens=record.prompt_tokens + record.completion_tokens)
+    return Usage(
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        total_tokens=record.prompt_tokens + record.completion_tokens,
+    )
 
 
 class ClientWatch:
@@ -94,21 +98,30 @@ async def next_or_gone(run: JobRun, watch: ClientWatch) -> TokenEvent | FinishEv
             return ev
 
 
-async def respond(state: RouterState, request: Request, job: Job, fmt: ResponseFormat, *,
-                  stream: bool, include_usage: bool = False) -> Response:
+async def respond(
+    state: RouterState,
+    request: Request,
+    job: Job,
+    fmt: ResponseFormat,
+    *,
+    stream: bool,
+    include_usage: bool = False,
+) -> Response:
     run = state.start(job, fmt.endpoint)
     headers = {JOB_ID_HEADER: job.id}
     if stream:
-        return SSEResponse(_sse_body(run, request, fmt, include_usage), on_close=run.close,
-                           headers=headers)
+        return SSEResponse(
+            _sse_body(run, request, fmt, include_usage), on_close=run.close, headers=headers
+        )
     try:
         return await _whole(run, request, fmt, headers)
     finally:
         await run.close()
 
 
-async def _whole(run: JobRun, request: Request, fmt: ResponseFormat,
-                 headers: dict[str, str]) -> Response:
+async def _whole(
+    run: JobRun, request: Request, fmt: ResponseFormat, headers: dict[str, str]
+) -> Response:
     parts: list[str] = []
     tokens: list[TokenEvent] = []  # kept only for logprobs and token ids
     keep = fmt.token_strings is not None or fmt.token_ids
@@ -129,8 +142,9 @@ async def _whole(run: JobRun, request: Request, fmt: ResponseFormat,
     return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
-async def _sse_body(run: JobRun, request: Request, fmt: ResponseFormat,
-                    include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse_body(
+    run: JobRun, request: Request, fmt: ResponseFormat, include_usage: bool
+) -> AsyncIterator[bytes]:
     first = fmt.first_chunk()
     if first is not None:
         yield sse_event(first)
@@ -145,8 +159,9 @@ async def _sse_body(run: JobRun, request: Request, fmt: ResponseFormat,
         if ev.text or per_token:  # logprobs / token ids: one chunk per token, text or not
             yield sse_event(fmt.delta_chunk(ev.text, [ev] if per_token else ()))
     if ev.reason == "error":
-        yield sse_event(ErrorResponse(error=backend_error(
-            ev.error, client_error=ev.client_error).detail()))
+        yield sse_event(
+            ErrorResponse(error=backend_error(ev.error, client_error=ev.client_error).detail())
+        )
     else:
         yield sse_event(fmt.final_chunk(ev.reason))
         if include_usage:

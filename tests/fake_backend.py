@@ -50,9 +50,17 @@ FAKE_LOGPROB = -0.5
 FAKE_KV_BYTES_PER_TOKEN = 1024
 """Pretend dense bf16 KV bytes per prompt token (all layers, K and V)."""
 
-FAKE_CODEC_RATIO = {"bf16": 1.0, "fp8": 0.5, "kivi4": 0.28, "hack4": 0.27, "kivi2": 0.16,
-                    "hack2": 0.15, "lowrank": 0.5, "lowrank+hack4": 0.14,
-                    "lowrank+hack2": 0.08}
+FAKE_CODEC_RATIO = {
+    "bf16": 1.0,
+    "fp8": 0.5,
+    "kivi4": 0.28,
+    "hack4": 0.27,
+    "kivi2": 0.16,
+    "hack2": 0.15,
+    "lowrank": 0.5,
+    "lowrank+hack4": 0.14,
+    "lowrank+hack2": 0.08,
+}
 """Pretend sent / bf16 bytes per codec."""
 
 
@@ -66,8 +74,10 @@ def fake_logprobs(token_id: int, k: int | None) -> dict:
     """The logprob fields FakeBackend puts on a token event of a job asking for k alternatives."""
     if k is None:
         return {}
-    return {"logprob": FAKE_LOGPROB,
-            "top_logprobs": tuple((token_id + j, FAKE_LOGPROB - j) for j in range(k))}
+    return {
+        "logprob": FAKE_LOGPROB,
+        "top_logprobs": tuple((token_id + j, FAKE_LOGPROB - j) for j in range(k)),
+    }
 
 
 def held_back(text: str, stops: list[str]) -> int:
@@ -90,10 +100,19 @@ def first_stop(text: str, stops: list[str]) -> int | None:
 class FakeBackend:
     """A `Backend` with a byte tokenizer and counting output; see the module docstring."""
 
-    def __init__(self, *, model_name: str = "zipserve-fake", max_model_len: int = 256,
-                 phase_delay: float = 0.001, token_delay: float = 0.001,
-                 codec: str = "bf16", num_pages: int = 256, page_size: int = 16,
-                 vocab_size: int = 4096, has_tokenizer: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str = "zipserve-fake",
+        max_model_len: int = 256,
+        phase_delay: float = 0.001,
+        token_delay: float = 0.001,
+        codec: str = "bf16",
+        num_pages: int = 256,
+        page_size: int = 16,
+        vocab_size: int = 4096,
+        has_tokenizer: bool = True,
+    ) -> None:
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.has_tokenizer = has_tokenizer
@@ -129,8 +148,14 @@ class FakeBackend:
     def token_strings(self, ids: list[int]) -> list[str]:
         if not self.has_tokenizer:
             return [f"token_id:{i}" for i in ids]
-        return [f" t{i - 1000}" if i >= 1000 else
-                bytes([i]).decode("utf-8", "replace") if i < 256 else "" for i in ids]
+        return [
+            f" t{i - 1000}"
+            if i >= 1000
+            else bytes([i]).decode("utf-8", "replace")
+            if i < 256
+            else ""
+            for i in ids
+        ]
 
     async def abort(self, job_id: str) -> None:
         self._abort_requested.add(job_id)
@@ -140,18 +165,35 @@ class FakeBackend:
     def health(self) -> dict:
         used = sum(math.ceil(n / self.page_size) for n in self._decode_tokens.values())
         workers = [
-            {"name": "fake-prefill-0", "role": "prefill", "codec": self.codec,
-             "free_pages": 0, "used_pages": 0,
-             "queued_tokens": sum(self._prefill_pending.values()),
-             "running": len(self._prefill_pending)},
-            {"name": "fake-decode-0", "role": "decode", "codec": self.codec,
-             "free_pages": self.num_pages - used, "used_pages": used, "queued_tokens": 0,
-             "running": len(self._decode_tokens)},
+            {
+                "name": "fake-prefill-0",
+                "role": "prefill",
+                "codec": self.codec,
+                "free_pages": 0,
+                "used_pages": 0,
+                "queued_tokens": sum(self._prefill_pending.values()),
+                "running": len(self._prefill_pending),
+            },
+            {
+                "name": "fake-decode-0",
+                "role": "decode",
+                "codec": self.codec,
+                "free_pages": self.num_pages - used,
+                "used_pages": used,
+                "queued_tokens": 0,
+                "running": len(self._decode_tokens),
+            },
         ]
         for w in workers:
             w["healthy"] = w["name"] not in self.unhealthy
-        return {"status": "ok", "model": self.model_name, "max_model_len": self.max_model_len,
-                "codec": self.codec, "active_jobs": len(self.active), "workers": workers}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "max_model_len": self.max_model_len,
+            "codec": self.codec,
+            "active_jobs": len(self.active),
+            "workers": workers,
+        }
 
     async def stream(self, job: Job) -> AsyncIterator[BackendEvent]:
         self.jobs.append(job)
@@ -170,11 +212,20 @@ class FakeBackend:
 
     def _finish(self, job: Job, reason: str, tokens: int, error: str | None = None):
         codec = job.codec or self.codec
-        sent, dense = (fake_kv_bytes(len(job.prompt_ids), codec)
-                       if job.id in self._decode_tokens else (None, None))
-        return FinishEvent(reason=reason, error=error, prompt_tokens=len(job.prompt_ids),
-                           completion_tokens=tokens, codec=codec, kv_bytes=sent,
-                           kv_bytes_bf16=dense)
+        sent, dense = (
+            fake_kv_bytes(len(job.prompt_ids), codec)
+            if job.id in self._decode_tokens
+            else (None, None)
+        )
+        return FinishEvent(
+            reason=reason,
+            error=error,
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=tokens,
+            codec=codec,
+            kv_bytes=sent,
+            kv_bytes_bf16=dense,
+        )
 
     async def _run(self, job: Job) -> AsyncIterator[BackendEvent]:
         t = job.arrival
@@ -207,13 +258,13 @@ class FakeBackend:
             self._decode_tokens[job.id] = len(job.prompt_ids) + n
             cut = first_stop(text, job.stop) if n >= job.min_tokens else None
             if cut is not None:
-                yield TokenEvent(1000 + k, text[sent:cut],
-                                 **fake_logprobs(1000 + k, job.logprobs))
+                yield TokenEvent(1000 + k, text[sent:cut], **fake_logprobs(1000 + k, job.logprobs))
                 reason = "stop"
                 break
             keep = held_back(text, job.stop) if n < job.max_tokens else 0
-            yield TokenEvent(1000 + k, text[sent:len(text) - keep],
-                             **fake_logprobs(1000 + k, job.logprobs))
+            yield TokenEvent(
+                1000 + k, text[sent : len(text) - keep], **fake_logprobs(1000 + k, job.logprobs)
+            )
             sent = len(text) - keep
         yield PhaseEvent("decode", decode_start, max(time.time(), decode_start))
         yield self._finish(job, reason, n, error)

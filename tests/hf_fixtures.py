@@ -15,10 +15,17 @@ from pathlib import Path
 import torch
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"  # ids 0, 1, 2
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 _CORPUS = '''
 def fibonacci(n: int) -> int:
@@ -65,21 +72,35 @@ def _tokenizer_json(vocab_size: int) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=1, special_tokens=[PAD, BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     assert [tok.token_to_id(t) for t in (PAD, BOS, EOS)] == [0, 1, 2]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)])
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)]
+    )
     return tok.to_str()
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int, chat_template: str | None = CHAT_TEMPLATE,
-                    ) -> None:
+def write_tokenizer(
+    out_dir: Path,
+    vocab_size: int,
+    chat_template: str | None = CHAT_TEMPLATE,
+) -> None:
     """Write tokenizer.json and tokenizer_config.json (bos <s>=1, eos </s>=2, pad <pad>=0)."""
     (out_dir / "tokenizer.json").write_text(_tokenizer_json(vocab_size), encoding="utf-8")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-           "pad_token": PAD, "model_max_length": 512, "clean_up_tokenization_spaces": False}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "model_max_length": 512,
+        "clean_up_tokenization_spaces": False,
+    }
     if chat_template is not None:
         cfg["chat_template"] = chat_template
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
@@ -88,11 +109,22 @@ def write_tokenizer(out_dir: Path, vocab_size: int, chat_template: str | None = 
 def _hf_config(arch: str, tie_word_embeddings: bool, overrides: dict):
     import transformers
 
-    base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                tie_word_embeddings=tie_word_embeddings)
+    base = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     if arch == "LlamaForCausalLM":
         cls = transformers.LlamaConfig
     elif arch == "MistralForCausalLM":
@@ -104,8 +136,7 @@ def _hf_config(arch: str, tie_word_embeddings: bool, overrides: dict):
         raise ValueError(f"arch: {arch!r} has no fixture")
     base.update(overrides)
     if "rope_scaling" in base:  # transformers 5 keeps theta and scaling in rope_parameters
-        base["rope_parameters"] = {"rope_theta": base.pop("rope_theta"),
-                                   **base.pop("rope_scaling")}
+        base["rope_parameters"] = {"rope_theta": base.pop("rope_theta"), **base.pop("rope_scaling")}
     config = cls(**base)
     config.architectures = [arch]
     return config
@@ -123,10 +154,18 @@ def _init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
             p.copy_(std * torch.randn(p.shape, generator=gen))
 
 
-def make_hf_checkpoint(out_dir: Path, arch: str = "LlamaForCausalLM", *,
-                       tie_word_embeddings: bool = False, dtype: torch.dtype = torch.float32,
-                       sharded: bool = False, seed: int = 0, init_std: float = 0.02,
-                       chat_template: str | None = CHAT_TEMPLATE, **config_overrides) -> Path:
+def make_hf_checkpoint(
+    out_dir: Path,
+    arch: str = "LlamaForCausalLM",
+    *,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    sharded: bool = False,
+    seed: int = 0,
+    init_std: float = 0.02,
+    chat_template: str | None = CHAT_TEMPLATE,
+    **config_overrides,
+) -> Path:
     """Build, save and return a tiny random `arch` model directory (weights + tokenizer).
 
     `config_overrides` are transformers config fields (e.g. num_hidden_layers=3,
@@ -142,8 +181,9 @@ def make_hf_checkpoint(out_dir: Path, arch: str = "LlamaForCausalLM", *,
     if tie_word_embeddings:
         model.tie_weights()
     model = model.to(dtype).eval()
-    model.save_pretrained(out_dir, safe_serialization=True,
-                          max_shard_size="60KB" if sharded else "2GB")
+    model.save_pretrained(
+        out_dir, safe_serialization=True, max_shard_size="60KB" if sharded else "2GB"
+    )
     write_tokenizer(out_dir, config.vocab_size, chat_template)
     return out_dir
 

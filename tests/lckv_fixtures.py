@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+from hf_fixtures import write_tokenizer
 from safetensors.torch import save_file
 
-from hf_fixtures import write_tokenizer
 from zipserve.engine.config import RANDOM_MODELS
 from zipserve.train.lckv_model import TrainLCKV
 from zipserve.train.recipe import hf_config_dict

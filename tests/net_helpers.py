@@ -19,13 +19,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stream_and_interrupt(url: str, body: dict, after_chunks: int, action: Callable[[], object],
-                         timeout: float = 60) -> tuple[str | None, float | None]:
+def stream_and_interrupt(
+    url: str, body: dict, after_chunks: int, action: Callable[[], object], timeout: float = 60
+) -> tuple[str | None, float | None]:
     """Stream body (stream=True); once `after_chunks` chunks have arrived call action() (e.g. kill
     a worker) and read on to the end. Returns the error message the stream ended with (None if
     it ended cleanly) and the time.time() at which action ran (None if it never did)."""
-    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(dict(body, stream=True)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     chunks, error, acted_at = 0, None, None
     with urllib.request.urlopen(req, timeout=timeout) as r:
         for raw in r:
@@ -51,7 +55,8 @@ def decode_pool_settled(backend, deadline_s: float = 10.0):
     end = time.time() + deadline_s
     while True:
         stats = ray.get(backend.decode[0].stats.remote())
-        if (stats.free_pages == stats.capacity_pages and stats.reserved == 0
-                and stats.running == 0) or time.time() > end:
+        if (
+            stats.free_pages == stats.capacity_pages and stats.reserved == 0 and stats.running == 0
+        ) or time.time() > end:
             return stats
         time.sleep(0.1)

@@ -10,9 +10,9 @@ import json
 
 import httpx
 import pytest
+from fake_backend import FakeBackend
 
 from zipserve.router.app import create_app
-from fake_backend import FakeBackend
 from zipserve.router.limits import AdmissionConfig
 
 pytestmark = pytest.mark.anyio
@@ -24,8 +24,9 @@ def anyio_backend():
 
 
 def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router",
-                             timeout=20)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=20
+    )
 
 
 def error_of(r: httpx.Response, status: int) -> dict:
@@ -86,11 +87,13 @@ async def test_streaming_request_gets_429_before_any_event():
         assert (await first).status_code == 200
 
 
-@pytest.mark.parametrize("path,body,param", [
-    ("/v1/completions", {"prompt": "x" * 21}, "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]},
-     "messages"),
-])
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"prompt": "x" * 21}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]}, "messages"),
+    ],
+)
 async def test_prompt_length_limit_names_the_field(path, body, param):
     app = create_app(FakeBackend(), limits=AdmissionConfig(max_prompt_tokens=20))
     async with client_for(app) as c:
@@ -120,8 +123,10 @@ async def test_request_timeout_field_streaming():
     backend = FakeBackend(token_delay=0.05)
     app = create_app(backend, limits=AdmissionConfig(request_timeout_s=30))
     async with client_for(app) as c:
-        r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 100,
-                                                  "stream": True, "timeout": 0.3})
+        r = await c.post(
+            "/v1/completions",
+            json={"prompt": "hi", "max_tokens": 100, "stream": True, "timeout": 0.3},
+        )
         assert r.status_code == 200
         frames = [f.removeprefix("data: ") for f in r.text.split("\n\n") if f]
         assert frames[-1] == "[DONE]"
@@ -135,14 +140,17 @@ async def test_request_timeout_field_streaming():
     assert not backend.active
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"max_queued_tokens": 0}, "max_queued_tokens"),
-    ({"max_queued_jobs": 0}, "max_queued_jobs"),
-    ({"max_prompt_tokens": 100, "max_queued_tokens": 50}, "max_prompt_tokens"),
-    ({"request_timeout_s": 0}, "request_timeout_s"),
-    ({"max_body_bytes": 10}, "max_body_bytes"),
-    ({"retry_after_s": 0}, "retry_after_s"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"max_queued_tokens": 0}, "max_queued_tokens"),
+        ({"max_queued_jobs": 0}, "max_queued_jobs"),
+        ({"max_prompt_tokens": 100, "max_queued_tokens": 50}, "max_prompt_tokens"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"max_body_bytes": 10}, "max_body_bytes"),
+        ({"retry_after_s": 0}, "retry_after_s"),
+    ],
+)
 def test_config_is_validated_where_built(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AdmissionConfig(**kwargs)

@@ -14,19 +14,21 @@ import urllib.request
 import pytest
 from net_helpers import free_port as _port
 
-from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.serve import running_server
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=90) as r:
             return r.status, json.loads(r.read())
@@ -49,8 +51,7 @@ def test_second_request_waits_for_decode_pages_before_prefill(local_ray):
 
         def send(name: str, first_token: int) -> None:
             prompt = list(range(first_token, first_token + 150))
-            outs[name] = _post(url, {"prompt": prompt, "max_tokens": 24,
-                                     "temperature": 0})
+            outs[name] = _post(url, {"prompt": prompt, "max_tokens": 24, "temperature": 0})
 
         a = threading.Thread(target=send, args=("a", 3))
         a.start()

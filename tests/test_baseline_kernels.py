@@ -11,7 +11,9 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede importing triton / the kernel modules
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # must precede importing triton / the kernel modules
 
 import pytest  # noqa: E402
 
@@ -34,7 +36,9 @@ FP8 = torch.float8_e4m3fn
 
 
 def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    return (
+        (out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+    ).item()
 
 
 def rand_kv(gen, shape, outliers=True):
@@ -63,7 +67,7 @@ def _layout(seed, rows, kvh, group, d, dtype, extra_pages=2):
     page_table = torch.full((B, max(n for n, _ in rows) + 1), -1, dtype=torch.int32)
     used = 0
     for b, (n, _) in enumerate(rows):
-        page_table[b, :n] = perm[used:used + n].to(torch.int32)
+        page_table[b, :n] = perm[used : used + n].to(torch.int32)
         used += n
     T = max(dl for _, dl in rows) + 3
     dense_k = torch.full((B, kvh, T, d), float("nan"), dtype=dtype)
@@ -73,8 +77,14 @@ def _layout(seed, rows, kvh, group, d, dtype, extra_pages=2):
         dense_v[b, :, :dl] = rand_kv(gen, (kvh, dl, d), outliers=False).to(dtype)
     q = torch.randn(B, H, d, generator=gen).to(dtype)
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    common = dict(page_table=page_table.to(DEVICE), n_pages=i32([n for n, _ in rows]), dense_k=dense_k.to(DEVICE),
-                  dense_v=dense_v.to(DEVICE), dense_lens=i32([dl for _, dl in rows]), scale=d ** -0.5)
+    common = dict(
+        page_table=page_table.to(DEVICE),
+        n_pages=i32([n for n, _ in rows]),
+        dense_k=dense_k.to(DEVICE),
+        dense_v=dense_v.to(DEVICE),
+        dense_lens=i32([dl for _, dl in rows]),
+        scale=d**-0.5,
+    )
     return gen, q.to(DEVICE), kp, vp, perm[:n_used], num_pages, common
 
 
@@ -117,7 +127,14 @@ def make_fp8(seed, rows, kvh, group, d, dtype):
         v8[ids] = (vp / vsc[ids][:, :, None, None]).to(FP8)
     kd = k8.double() * ksc.double()[:, :, None, None]
     vd = v8.double() * vsc.double()[:, :, None, None]
-    args = dict(q=q, k=k8.to(DEVICE), k_scale=ksc.to(DEVICE), v=v8.to(DEVICE), v_scale=vsc.to(DEVICE), **common)
+    args = dict(
+        q=q,
+        k=k8.to(DEVICE),
+        k_scale=ksc.to(DEVICE),
+        v=v8.to(DEVICE),
+        v_scale=vsc.to(DEVICE),
+        **common,
+    )
     return args, (kd, vd)
 
 
@@ -130,8 +147,20 @@ def attention_f64(args, kd, vd):
     for b in range(B):
         npg, dl = int(args["n_pages"][b]), int(args["dense_lens"][b])
         ids = args["page_table"][b, :npg].long().cpu()
-        kk = torch.cat([kd[ids].transpose(0, 1).reshape(kvh, -1, D), args["dense_k"][b, :, :dl].cpu().double()], 1)
-        vv = torch.cat([vd[ids].transpose(0, 1).reshape(kvh, -1, D), args["dense_v"][b, :, :dl].cpu().double()], 1)
+        kk = torch.cat(
+            [
+                kd[ids].transpose(0, 1).reshape(kvh, -1, D),
+                args["dense_k"][b, :, :dl].cpu().double(),
+            ],
+            1,
+        )
+        vv = torch.cat(
+            [
+                vd[ids].transpose(0, 1).reshape(kvh, -1, D),
+                args["dense_v"][b, :, :dl].cpu().double(),
+            ],
+            1,
+        )
         if kk.shape[1] == 0:
             continue
         kk, vv = kk.repeat_interleave(H // kvh, 0), vv.repeat_interleave(H // kvh, 0)
@@ -200,10 +229,13 @@ def test_kivi_other_groups(tg, cg, d):
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("seed,rows,kvh,group,d,bits", [
-    (21, [(2, 63), (0, 0), (0, 1), (3, 0)], 2, 4, 64, 2),
-    (22, [(1, 17), (4, 63)], 1, 8, 128, 4),
-])
+@pytest.mark.parametrize(
+    "seed,rows,kvh,group,d,bits",
+    [
+        (21, [(2, 63), (0, 0), (0, 1), (3, 0)], 2, 4, 64, 2),
+        (22, [(1, 17), (4, 63)], 1, 8, 128, 4),
+    ],
+)
 def test_kivi_reference_matches_f64(seed, rows, kvh, group, d, bits):
     args, (kd, vd) = make_kivi(seed, rows, kvh, group, d, bits, torch.float32)
     args = _cpu(args)
@@ -247,10 +279,13 @@ def test_fp8_kernel_matches_reference(seed, rows, kvh, group, d, splits, dtype):
             assert (out[b] == 0).all()
 
 
-@pytest.mark.parametrize("seed,rows,kvh,group,d", [
-    (51, [(2, 63), (0, 0), (0, 1), (3, 0)], 2, 4, 64),
-    (52, [(1, 17), (4, 63)], 1, 8, 128),
-])
+@pytest.mark.parametrize(
+    "seed,rows,kvh,group,d",
+    [
+        (51, [(2, 63), (0, 0), (0, 1), (3, 0)], 2, 4, 64),
+        (52, [(1, 17), (4, 63)], 1, 8, 128),
+    ],
+)
 def test_fp8_reference_matches_f64(seed, rows, kvh, group, d):
     args, (kd, vd) = make_fp8(seed, rows, kvh, group, d, torch.float32)
     args = _cpu(args)
@@ -283,7 +318,9 @@ def test_all_padding_rows():
     for splits in (1, 2):
         assert (kivi_decode_attention(**kivi, num_splits=splits) == 0).all()
         assert (fp8_decode_attention(**fp8, num_splits=splits) == 0).all()
-    assert (kivi_decode_attention_ref(**kivi) == 0).all() and (fp8_decode_attention_ref(**fp8) == 0).all()
+    assert (kivi_decode_attention_ref(**kivi) == 0).all() and (
+        fp8_decode_attention_ref(**fp8) == 0
+    ).all()
 
 
 def _common_bad(a):
@@ -306,15 +343,17 @@ def _common_bad(a):
 def test_kivi_wrapper_errors():
     a, _ = make_kivi(81, [(1, 9), (2, 0)], 2, 2, 64, 2, torch.float16)
     bad = _common_bad(a)
-    bad.update({
-        "bits": dict(bits=3),
-        "k_codes": dict(k_codes=a["k_codes"].to(torch.int8)),
-        "v_codes": dict(v_codes=a["v_codes"][:, :, :32]),
-        "k_scale": dict(k_scale=a["k_scale"].float()),
-        "k_min": dict(k_min=a["k_min"][:, :, :1]),
-        "v_scale": dict(v_scale=a["v_scale"][:, :, :32]),
-        "v_min": dict(v_min=a["v_min"].float()),
-    })
+    bad.update(
+        {
+            "bits": dict(bits=3),
+            "k_codes": dict(k_codes=a["k_codes"].to(torch.int8)),
+            "v_codes": dict(v_codes=a["v_codes"][:, :, :32]),
+            "k_scale": dict(k_scale=a["k_scale"].float()),
+            "k_min": dict(k_min=a["k_min"][:, :, :1]),
+            "v_scale": dict(v_scale=a["v_scale"][:, :, :32]),
+            "v_min": dict(v_min=a["v_min"].float()),
+        }
+    )
     bad["k_codes and bits"] = dict(bits=4)  # 4-bit codes would need D / 2 bytes per row
     for fn in (kivi_decode_attention, kivi_decode_attention_ref):
         for name, kw in bad.items():
@@ -325,12 +364,14 @@ def test_kivi_wrapper_errors():
 def test_fp8_wrapper_errors():
     a, _ = make_fp8(82, [(1, 9), (2, 0)], 2, 2, 64, torch.float16)
     bad = _common_bad(a)
-    bad.update({
-        "k ": dict(k=a["k"].to(torch.float16)),
-        "v ": dict(v=a["v"][:, :, :32]),
-        "k_scale": dict(k_scale=a["k_scale"].half()),
-        "v_scale": dict(v_scale=a["v_scale"][:1]),
-    })
+    bad.update(
+        {
+            "k ": dict(k=a["k"].to(torch.float16)),
+            "v ": dict(v=a["v"][:, :, :32]),
+            "k_scale": dict(k_scale=a["k_scale"].half()),
+            "v_scale": dict(v_scale=a["v_scale"][:1]),
+        }
+    )
     for fn in (fp8_decode_attention, fp8_decode_attention_ref):
         for name, kw in bad.items():
             with pytest.raises(ValueError, match=name):
@@ -352,9 +393,13 @@ def test_cpu_without_interpreter_raises():
         "    try:\n        f(*a)\n    except RuntimeError as err:\n        print('RAISED', err)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RAISED")]
-    assert len(lines) == 2 and all("TRITON_INTERPRET" in ln and "_ref" in ln for ln in lines), res.stderr
+    assert len(lines) == 2 and all("TRITON_INTERPRET" in ln and "_ref" in ln for ln in lines), (
+        res.stderr
+    )
 
 
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
@@ -362,8 +407,13 @@ def test_cpu_without_interpreter_raises():
 
 def _realistic_rows(seed, B=8, max_pages=32):
     gen = torch.Generator().manual_seed(seed)
-    rows = [(int(n), int(dl)) for n, dl in zip(torch.randint(0, max_pages + 1, (B,), generator=gen),
-                                                torch.randint(0, P, (B,), generator=gen))]
+    rows = [
+        (int(n), int(dl))
+        for n, dl in zip(
+            torch.randint(0, max_pages + 1, (B,), generator=gen),
+            torch.randint(0, P, (B,), generator=gen),
+        )
+    ]
     rows[0], rows[1], rows[2] = (0, 0), (max_pages, 63), (max_pages, 0)
     return rows
 

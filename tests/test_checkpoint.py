@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import LLAMA3_ROPE, load_hf_model, make_hf_checkpoint, write_tokenizer
 from safetensors.torch import load_file, save_file
 
-from hf_fixtures import LLAMA3_ROPE, load_hf_model, make_hf_checkpoint, write_tokenizer
 from zipserve.engine.checkpoint import CheckpointError, load_checkpoint
 from zipserve.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -62,8 +62,9 @@ def _edit_weights(path: Path, edit) -> None:
 
 @pytest.mark.parametrize("arch,overrides,tied,dtype,sharded", CASES)
 def test_load_matches_transformers(tmp_path, arch, overrides, tied, dtype, sharded):
-    path = make_hf_checkpoint(tmp_path, arch, tie_word_embeddings=tied, dtype=dtype,
-                              sharded=sharded, seed=3, **overrides)
+    path = make_hf_checkpoint(
+        tmp_path, arch, tie_word_embeddings=tied, dtype=dtype, sharded=sharded, seed=3, **overrides
+    )
     assert (path / "model.safetensors.index.json").is_file() == sharded
     config, tensors = load_checkpoint(path)
     assert config.architecture == arch and config.tie_word_embeddings == tied
@@ -120,14 +121,22 @@ def test_wrong_shape(ckpt):
     _edit_weights(ckpt, lambda t: t.__setitem__(name, torch.zeros(64, 64)))
     with pytest.raises(ValueError) as e:
         load_checkpoint(ckpt)
-    assert str(e.value) == (f"{name}: shape (64, 64) in checkpoint, expected (32, 64) "
-                            "from config.json")
+    assert str(e.value) == (
+        f"{name}: shape (64, 64) in checkpoint, expected (32, 64) from config.json"
+    )
 
 
 def test_unexpected_and_harmless_extras(ckpt):
     inv = torch.ones(8)
-    _edit_weights(ckpt, lambda t: t.update({"model.rotary_emb.inv_freq": inv,
-                                            "model.layers.0.self_attn.rotary_emb.inv_freq": inv + 1}))
+    _edit_weights(
+        ckpt,
+        lambda t: t.update(
+            {
+                "model.rotary_emb.inv_freq": inv,
+                "model.layers.0.self_attn.rotary_emb.inv_freq": inv + 1,
+            }
+        ),
+    )
     _, tensors = load_checkpoint(ckpt)
     assert not any("inv_freq" in k for k in tensors)
     _edit_weights(ckpt, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": inv}))
@@ -152,12 +161,15 @@ def test_quantized_storage_refused(ckpt):
         load_checkpoint(ckpt)
 
 
-@pytest.mark.parametrize("changes,field", [
-    ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
-    ({"hidden_size": None}, "hidden_size"),
-    ({"num_hidden_layers": None}, "num_hidden_layers"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
-])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+        ({"hidden_size": None}, "hidden_size"),
+        ({"num_hidden_layers": None}, "num_hidden_layers"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+    ],
+)
 def test_config_errors(ckpt, changes, field):
     _edit_config(ckpt, **changes)
     with pytest.raises(ValueError, match=field):
@@ -183,8 +195,12 @@ def test_missing_shard(tmp_path):
 # ---------------------------------------------------------------- tokenizers
 
 TEXTS = ["def f(x):\n    return x * 2", "héllo wörld 🙂  two  spaces ", "", "<s> and </s> inline"]
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi ünï <s>"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "def f(): pass"}]
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi ünï <s>"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "def f(): pass"},
+]
 
 
 def test_tokenizer_matches_transformers(base_ckpt):
@@ -194,16 +210,20 @@ def test_tokenizer_matches_transformers(base_ckpt):
     for text in TEXTS:
         ids = hf(text)["input_ids"]
         assert tok.encode(text) == ids and ids[0] == tok.bos_token_id == 1
-        assert tok.encode(text, add_special_tokens=False) == \
-            hf(text, add_special_tokens=False)["input_ids"]
+        assert (
+            tok.encode(text, add_special_tokens=False)
+            == hf(text, add_special_tokens=False)["input_ids"]
+        )
         for skip in (True, False):
-            assert tok.decode(ids, skip_special_tokens=skip) == \
-                hf.decode(ids, skip_special_tokens=skip)
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+                ids, skip_special_tokens=skip
+            )
     assert tok.vocab_size == len(hf) == 320
     assert tok.eos_token_ids == (2,)
     for gen in (True, False):
-        assert tok.apply_chat_template(CHAT, add_generation_prompt=gen) == \
-            hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen)
+        assert tok.apply_chat_template(CHAT, add_generation_prompt=gen) == hf.apply_chat_template(
+            CHAT, tokenize=False, add_generation_prompt=gen
+        )
 
 
 def test_post_processor_decides_bos(base_ckpt, tmp_path):
@@ -217,8 +237,11 @@ def test_post_processor_decides_bos(base_ckpt, tmp_path):
     assert tok.encode(TEXTS[0]) == hf(TEXTS[0])["input_ids"]
     assert tok.encode(TEXTS[0])[0] == 1 and tok.add_bos_token
     (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
-    assert Tokenizer.from_dir(path).apply_chat_template(CHAT) == \
-        AutoTokenizer.from_pretrained(path).apply_chat_template(CHAT, tokenize=False) == "Be brief.!"
+    assert (
+        Tokenizer.from_dir(path).apply_chat_template(CHAT)
+        == AutoTokenizer.from_pretrained(path).apply_chat_template(CHAT, tokenize=False)
+        == "Be brief.!"
+    )
 
 
 def test_chat_template_edge_cases(tmp_path):
@@ -236,14 +259,17 @@ def test_chat_template_edge_cases(tmp_path):
     assert tok.apply_chat_template(CHAT[1:2]) == "<s>x"
 
 
-@pytest.mark.parametrize("messages,field", [
-    ("hello", "messages"),
-    ([], "messages"),
-    ([CHAT[0], "hi"], r"messages\[1\]"),
-    ([{"content": "hi"}], r"messages\[0\]\.role"),
-    ([CHAT[0], {"role": "user", "content": 5}], r"messages\[1\]\.content"),
-    ([{"role": None, "content": "x"}], r"messages\[0\]\.role"),
-])
+@pytest.mark.parametrize(
+    "messages,field",
+    [
+        ("hello", "messages"),
+        ([], "messages"),
+        ([CHAT[0], "hi"], r"messages\[1\]"),
+        ([{"content": "hi"}], r"messages\[0\]\.role"),
+        ([CHAT[0], {"role": "user", "content": 5}], r"messages\[1\]\.content"),
+        ([{"role": None, "content": "x"}], r"messages\[0\]\.role"),
+    ],
+)
 def test_bad_messages(base_ckpt, messages, field):
     for tok in (Tokenizer.from_dir(base_ckpt), ByteTokenizer()):
         with pytest.raises(ValueError, match=field):

@@ -24,8 +24,9 @@ from zipserve.engine.config import ConfigError, EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.llm import LLM, SamplingParams
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 NAME = "int8page-test"
 PROMPTS = [list(range(3, 40)), list(range(100, 230))]  # 37 tokens (no full page), 130 (two)
@@ -39,10 +40,12 @@ class Int8PageCodec(KVCodec):
 
     def new_store(self, num_pages, device):
         codes = (num_pages, self.kvh, self.page_size, self.head_dim)  # [pages, KVH, P, D]
-        return {"k": torch.zeros(codes, dtype=torch.int8, device=device),
-                "v": torch.zeros(codes, dtype=torch.int8, device=device),
-                "k_scale": torch.ones(num_pages, self.kvh, device=device),  # [pages, KVH]
-                "v_scale": torch.ones(num_pages, self.kvh, device=device)}
+        return {
+            "k": torch.zeros(codes, dtype=torch.int8, device=device),
+            "v": torch.zeros(codes, dtype=torch.int8, device=device),
+            "k_scale": torch.ones(num_pages, self.kvh, device=device),  # [pages, KVH]
+            "v_scale": torch.ones(num_pages, self.kvh, device=device),
+        }
 
     def encode(self, store, page_ids, k, v):
         for name, x in (("k", k), ("v", v)):  # x [n, KVH, P, D]
@@ -52,8 +55,10 @@ class Int8PageCodec(KVCodec):
             store[name + "_scale"][page_ids] = scale
 
     def dequantize(self, store, page_ids):
-        return tuple(store[n][page_ids].float() * store[n + "_scale"][page_ids][:, :, None, None]
-                     for n in ("k", "v"))
+        return tuple(
+            store[n][page_ids].float() * store[n + "_scale"][page_ids][:, :, None, None]
+            for n in ("k", "v")
+        )
 
     def page_bytes_per_token(self):
         return 2 * self.head_dim + 2 * 4 / self.page_size
@@ -93,8 +98,10 @@ def test_a_registered_codec_crosses_the_wire(int8page, form):
     """Prefill on one engine, decode on another: the toy codec's pages travel in the wire form
     (host bytes or a device buffer) and decode to what one engine does alone."""
     want = [o.token_ids for o in LLM(MODEL, device="cpu", codec=NAME).generate(PROMPTS, GREEDY)]
-    pre, dec = (DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(codec=NAME))
-                for _ in range(2))
+    pre, dec = (
+        DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(codec=NAME))
+        for _ in range(2)
+    )
     hand_over(pre, [dec], PROMPTS, GREEDY, form)
     got = run_to_completion(dec)
     assert [got[f"r{i}"].token_ids for i in range(len(PROMPTS))] == want
@@ -104,8 +111,11 @@ def test_a_registered_codec_crosses_the_wire(int8page, form):
 
 def test_unknown_names_are_refused_naming_the_known_ones(int8page):
     for bad in ("int9", "", "BF16"):
-        with pytest.raises(ValueError, match=r"codec: unknown codec .*; known: bf16, fp8, "
-                                             r"kivi2, .*lowrank\+hack4, " + NAME) as e:
+        with pytest.raises(
+            ValueError,
+            match=r"codec: unknown codec .*; known: bf16, fp8, "
+            r"kivi2, .*lowrank\+hack4, " + NAME,
+        ) as e:
             codec_entry(bad)
         assert repr(bad) in str(e.value)
         with pytest.raises(ValueError, match="unknown codec"):
@@ -124,7 +134,10 @@ def test_the_registry_says_what_each_codec_needs():
     assert codec_entry("bf16").codec_class.dense_pages
     assert not any(codec_entry(c).codec_class.dense_pages for c in CODECS if c != "bf16")
     assert [c for c in CODECS if not codec_entry(c).codec_class.dense_form] == [
-        "lowrank", "lowrank+hack2", "lowrank+hack4"]
+        "lowrank",
+        "lowrank+hack2",
+        "lowrank+hack4",
+    ]
     assert codec_entry("hack2mix").calibration == "kvbits.json"
     assert codec_entry("lowrank+hack2").calibration == "lowrank.safetensors"
     assert codec_entry("hack2mix").kernels == ("hack2", "hack4")

@@ -11,8 +11,9 @@ from zipserve.compress.codecs import CODECS, make_codec
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.llm import LLM, SamplingParams
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 COMPRESSED = [c for c in CODECS if c != "bf16"]
 
@@ -51,8 +52,9 @@ def test_decode_on_compressed_pages_equals_scoring(codec):
     every decode step's logprob equals scoring the final sequence page by page."""
     llm = LLM(MODEL, device="cpu", codec=codec)
     prompt = _prompt(40, 3)
-    out = llm.generate(prompt, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True,
-                                              logprobs=0))[0]
+    out = llm.generate(
+        prompt, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True, logprobs=0)
+    )[0]
     full = torch.log_softmax(llm.logits(prompt + out.token_ids), dim=-1)
     expect = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     assert out.logprobs == pytest.approx(expect, abs=2e-3)
@@ -95,7 +97,7 @@ def test_round_trip_error_is_bounded(codec):
     c.encode(store, ids, k, v)
     dk, dv = c.dequantize(store, ids)
     bits = {"fp8": 5, "kivi4": 4, "hack4": 4, "kivi2": 2, "hack2": 2}[codec]
-    bound = 8.0 / (2 ** bits - 1)  # half a quantization step of an ~8-sigma range, with slack
+    bound = 8.0 / (2**bits - 1)  # half a quantization step of an ~8-sigma range, with slack
     for x, y in ((k, dk), (v, dv)):
         assert (x - y).abs().max().item() < bound
         assert (x - y).pow(2).mean().sqrt().item() < bound / 2

@@ -24,18 +24,34 @@ from zipserve.control.worker_pool import WorkerSlot
 
 
 def _stats(role: str, codec: str, **kw):
-    common = dict(free_pages=90, used_pages=10, capacity_pages=100, running=2, codec=codec,
-                  incarnation="i0")
-    return PrefillStats(**common, prefills=4) if role == "prefill" else DecodeStats(
-        **common, reserved=1, decode_kv="dense", failures={"transfer_deadline": 2}, **kw)
+    common = dict(
+        free_pages=90, used_pages=10, capacity_pages=100, running=2, codec=codec, incarnation="i0"
+    )
+    return (
+        PrefillStats(**common, prefills=4)
+        if role == "prefill"
+        else DecodeStats(
+            **common, reserved=1, decode_kv="dense", failures={"transfer_deadline": 2}, **kw
+        )
+    )
 
 
 class _Pool:
     def __init__(self, codec: str):
         self.prefill = [WorkerSlot("prefill", 0, None, True, "i0", _stats("prefill", codec))]
-        self.decode = [WorkerSlot("decode", 0, None, False, "i0", _stats("decode", codec),
-                                  last_error="TimeoutError: no answer", restarts_seen=1),
-                       WorkerSlot("decode", 1, None, True)]  # no stats yet
+        self.decode = [
+            WorkerSlot(
+                "decode",
+                0,
+                None,
+                False,
+                "i0",
+                _stats("decode", codec),
+                last_error="TimeoutError: no answer",
+                restarts_seen=1,
+            ),
+            WorkerSlot("decode", 1, None, True),
+        ]  # no stats yet
         self.events = Counter(worker_lost=1)
 
     @property
@@ -71,26 +87,41 @@ def _dict_health(b: RayBackend) -> dict:
             queued, running = b.books.outstanding[("p", w.index)], b.books.prefilling[w.index]
         else:
             queued, running = b.books.awaiting_kv[w.index], int(st.get("running", 0))
-        workers.append({"name": w.name, "role": w.role, "healthy": w.healthy,
-                        "codec": st.get("codec", b.cfg.codec),
-                        "decode_kv": st.get("decode_kv"),
-                        "free_pages": int(st.get("free_pages", 0)),
-                        "used_pages": int(st.get("used_pages", 0)),
-                        "queued_tokens": queued, "running": running,
-                        "restarts": w.restarts_seen, "dead": w.dead,
-                        "error": w.last_error})
+        workers.append(
+            {
+                "name": w.name,
+                "role": w.role,
+                "healthy": w.healthy,
+                "codec": st.get("codec", b.cfg.codec),
+                "decode_kv": st.get("decode_kv"),
+                "free_pages": int(st.get("free_pages", 0)),
+                "used_pages": int(st.get("used_pages", 0)),
+                "queued_tokens": queued,
+                "running": running,
+                "restarts": w.restarts_seen,
+                "dead": w.dead,
+                "error": w.last_error,
+            }
+        )
     failures = b.pool.failures() + b.books.counts
     usable = bool(b.pool.usable_pairs())
-    return {"status": "ok" if usable else "unavailable", "codec": b.cfg.codec,
-            "decode_kv": b.decode_kv, "device": b.device, "workers": workers,
-            "pairs": b.pool.pairs_view(),
-            "degraded": not all(w.healthy for w in b.pool.workers),
-            "failures": dict(failures), "events": dict(b.pool.events)}
+    return {
+        "status": "ok" if usable else "unavailable",
+        "codec": b.cfg.codec,
+        "decode_kv": b.decode_kv,
+        "device": b.device,
+        "workers": workers,
+        "pairs": b.pool.pairs_view(),
+        "degraded": not all(w.healthy for w in b.pool.workers),
+        "failures": dict(failures),
+        "events": dict(b.pool.events),
+    }
 
 
 def _bytes(d: dict) -> bytes:  # as starlette's JSONResponse renders it
-    return json.dumps(d, ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        d, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode()
 
 
 def test_one_codec_health_is_byte_identical():
@@ -111,16 +142,22 @@ def test_several_codecs_health_is_byte_identical():
         failures.update(v["failures"])
         events.update(v["events"])
     ok = [v["status"] == "ok" for v in views.values()]
-    want = {"status": "ok" if any(ok) else "unavailable", "codec": m.codecs[0],
-            "codecs": list(m.codecs), "device": m.device,
-            "workers": [dict(w, name=f"{codec}/{w['name']}") for codec, v in views.items()
-                        for w in v["workers"]],
-            "pairs": {c: v["pairs"] for c, v in views.items()},
-            "degraded": not all(ok) or any(v["degraded"] for v in views.values()),
-            "failures": dict(failures), "events": dict(events),
-            "lanes": {c: v["status"] for c, v in views.items()},
-            "decode_kv": m.lanes[m.codecs[0]].decode_kv,
-            "lane_decode_kv": {c: lane.decode_kv for c, lane in m.lanes.items()}}
+    want = {
+        "status": "ok" if any(ok) else "unavailable",
+        "codec": m.codecs[0],
+        "codecs": list(m.codecs),
+        "device": m.device,
+        "workers": [
+            dict(w, name=f"{codec}/{w['name']}") for codec, v in views.items() for w in v["workers"]
+        ],
+        "pairs": {c: v["pairs"] for c, v in views.items()},
+        "degraded": not all(ok) or any(v["degraded"] for v in views.values()),
+        "failures": dict(failures),
+        "events": dict(events),
+        "lanes": {c: v["status"] for c, v in views.items()},
+        "decode_kv": m.lanes[m.codecs[0]].decode_kv,
+        "lane_decode_kv": {c: lane.decode_kv for c, lane in m.lanes.items()},
+    }
     assert _bytes(m.health()) == _bytes(want)
     assert isinstance(m.health_report(), MultiCodecHealth)
 
@@ -131,5 +168,10 @@ def test_replies_read_by_attribute():
     with pytest.raises(TypeError):  # not a dict any more: one way to read a reply
         r["tokens"]
     info = WorkerInfo("m", "hack2", 64, 6, "cpu")
-    assert info.hello() == {"model": "m", "codec": "hack2", "page_size": 64, "num_layers": 6,
-                            "device": "cpu"}
+    assert info.hello() == {
+        "model": "m",
+        "codec": "hack2",
+        "page_size": 64,
+        "num_layers": 6,
+        "device": "cpu",
+    }

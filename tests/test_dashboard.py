@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_backend import FakeBackend, fake_kv_bytes
 
 from zipserve.router.app import create_app
 from zipserve.router.dashboard import dashboard_html
 from zipserve.router.dashboard_data import JobSample, series
-from fake_backend import FakeBackend, fake_kv_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -49,13 +49,15 @@ async def test_dashboard_data_holds_the_served_jobs():
     backend = FakeBackend(max_model_len=256)
     app = create_app(backend)
     ids, prompts = [], {}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router", timeout=10) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    ) as c:
         page = await c.get("/dashboard")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         for codec in ("bf16", "hack4", "hack4"):
-            r = await c.post("/v1/completions", json={"prompt": "def g():", "max_tokens": 4,
-                                                      "codec": codec})
+            r = await c.post(
+                "/v1/completions", json={"prompt": "def g():", "max_tokens": 4, "codec": codec}
+            )
             assert r.status_code == 200
             ids.append(r.headers["x-zipserve-job-id"])
             prompts[codec] = r.json()["usage"]["prompt_tokens"]
@@ -67,8 +69,13 @@ async def test_dashboard_data_holds_the_served_jobs():
 
     assert [j["id"] for j in d["jobs"]] == [failed_id, *reversed(ids)]  # newest first
     for j in d["jobs"]:
-        assert [p["name"] for p in j["phases"]][:5] == ["queue", "prefill", "encode",
-                                                        "transfer", "decode_queue"]
+        assert [p["name"] for p in j["phases"]][:5] == [
+            "queue",
+            "prefill",
+            "encode",
+            "transfer",
+            "decode_queue",
+        ]
         covered = sum(p["duration"] for p in j["phases"])
         assert covered <= j["elapsed"] + 1e-6 and j["elapsed"] > 0
     done = [j for j in d["jobs"] if j["state"] == "DONE"]
@@ -85,17 +92,27 @@ async def test_dashboard_data_holds_the_served_jobs():
     assert codecs["bf16"]["ratio"] == pytest.approx(1.0)
     assert [f["job_id"] for f in d["failures"]] == [failed_id]
     assert d["failures"][0]["reason"] == "deadline"
-    assert {"outcome": "failed", "reason": "deadline", "codec": "bf16", "count": 1} in \
-        d["outcomes"]
+    assert {"outcome": "failed", "reason": "deadline", "codec": "bf16", "count": 1} in d["outcomes"]
     assert {w["name"] for w in d["workers"]} == {"fake-prefill-0", "fake-decode-0"}
     assert sum(x for x in d["series"]["requests_per_s"]) * d["series"]["bucket_s"] == 4
 
 
 def _sample(t: float, ttft: float, jct: float, tokens: int = 3) -> JobSample:
-    return JobSample(job_id=f"j{t}", finished_at=t, codec="bf16", outcome="done",
-                     reason="length", ttft=ttft, jct=jct, gaps=(0.01,) * (tokens - 1),
-                     prompt_tokens=5, completion_tokens=tokens, kv_bytes=None,
-                     kv_bytes_bf16=None, error=None)
+    return JobSample(
+        job_id=f"j{t}",
+        finished_at=t,
+        codec="bf16",
+        outcome="done",
+        reason="length",
+        ttft=ttft,
+        jct=jct,
+        gaps=(0.01,) * (tokens - 1),
+        prompt_tokens=5,
+        completion_tokens=tokens,
+        kv_bytes=None,
+        kv_bytes_bf16=None,
+        error=None,
+    )
 
 
 def test_series_buckets_and_percentiles():

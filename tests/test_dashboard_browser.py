@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_backend import FakeBackend
 
 from zipserve.router.app import create_app
-from fake_backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_TIMEOUT_S = 120
@@ -30,7 +30,8 @@ CHROMIUM_TIMEOUT_S = 120
 
 def chromium() -> str:
     path = shutil.which("chromium") or (
-        "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None)
+        "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+    )
     if path is None:
         if os.environ.get("CI") == "1":
             pytest.fail("chromium is not installed but CI=1: .ci/run must apt-get install it")
@@ -45,12 +46,24 @@ def artifacts_dir() -> Path:
 
 
 def run_chromium(binary: str, profile: Path, url: str, *extra: str) -> str:
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-           "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-           *extra, url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S,
-                          check=False)
+    cmd = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *extra,
+        url,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S, check=False
+    )
     assert proc.returncode == 0, f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
     return proc.stdout
 
@@ -66,8 +79,12 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="uvicorn-dashboard-test", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run,
+            kwargs={"sockets": [self.sock]},
+            name="uvicorn-dashboard-test",
+            daemon=True,
+        )
 
     def __enter__(self) -> Server:
         self.thread.start()
@@ -90,8 +107,11 @@ def section(dom: str, section_id: str) -> str:
 
 
 def cell_value(dom: str, cell_id: str) -> float:
-    m = re.search(rf'id="{cell_id}"[^>]*data-value="([^"]*)"|data-value="([^"]*)"[^>]*'
-                  rf'id="{cell_id}"', dom)
+    m = re.search(
+        rf'id="{cell_id}"[^>]*data-value="([^"]*)"|data-value="([^"]*)"[^>]*'
+        rf'id="{cell_id}"',
+        dom,
+    )
     assert m, f"#{cell_id} missing from the rendered page"
     raw = m.group(1) if m.group(1) is not None else m.group(2)
     assert raw, f"#{cell_id} has no value"
@@ -104,9 +124,15 @@ def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
     with Server(create_app(backend)) as srv, httpx.Client(base_url=srv.base, timeout=10) as c:
         served = []
         for i, codec in enumerate(["bf16", "fp8", "hack4", "kivi2", "hack4"]):
-            r = c.post("/v1/completions", json={"prompt": "def f(x):" * (i + 1),
-                                                "max_tokens": 4 + 3 * i, "codec": codec,
-                                                "stream": i == 3})
+            r = c.post(
+                "/v1/completions",
+                json={
+                    "prompt": "def f(x):" * (i + 1),
+                    "max_tokens": 4 + 3 * i,
+                    "codec": codec,
+                    "stream": i == 3,
+                },
+            )
             assert r.status_code == 200, r.text
             served.append(r.headers["x-zipserve-job-id"])
         backend.fail_message, backend.fail_after_tokens = "KV transfer missed its deadline", 2
@@ -115,12 +141,17 @@ def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
         failed = r.headers["x-zipserve-job-id"]
         backend.fail_message = None
 
-        dom = run_chromium(binary, tmp_path / "profile", f"{srv.base}/dashboard",
-                           "--dump-dom")
+        dom = run_chromium(binary, tmp_path / "profile", f"{srv.base}/dashboard", "--dump-dom")
         shot = artifacts_dir() / "dashboard_fake_backend.png"
         shot.unlink(missing_ok=True)
-        run_chromium(binary, tmp_path / "profile", f"{srv.base}/dashboard",
-                     f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars")
+        run_chromium(
+            binary,
+            tmp_path / "profile",
+            f"{srv.base}/dashboard",
+            f"--screenshot={shot}",
+            "--window-size=1400,1000",
+            "--hide-scrollbars",
+        )
     assert not backend.active
 
     (artifacts_dir() / "dashboard_fake_backend.html").write_text(dom)

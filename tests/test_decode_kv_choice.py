@@ -18,22 +18,25 @@ H200 = DeviceInfo("cuda", "NVIDIA H200", 100 * GIB)
 OTHER = DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", 40 * GIB)
 
 
-@pytest.mark.parametrize("codec,device,need,mode", [
-    ("hack2", DeviceInfo("cpu"), 0, "dense"),            # CPU: torch references either way
-    ("kivi2", DeviceInfo("cpu"), 10**15, "dense"),       # CPU ignores memory (max_kv_tokens)
-    ("bf16", H100, 10 * GIB, "dense"),                   # already dense
-    ("lowrank", DeviceInfo("cpu"), 0, "compressed"),     # no dense form
-    ("lowrank+hack4", H200, GIB, "compressed"),
-    ("hack2", H100, 10 * GIB, "dense"),                  # engine step 0.77x of bf16 on H100
-    ("hack2", H200, 10 * GIB, "dense"),                  # 0.75x vs 0.92x on H200
-    ("hack4", H200, 10 * GIB, "dense"),
-    ("fp8", H200, 10 * GIB, "dense"),
-    ("kivi2", H200, 10 * GIB, "dense"),
-    ("kivi4", H100, 10 * GIB, "dense"),                  # unmeasured on H100
-    ("hack2", OTHER, 10 * GIB, "dense"),                 # unmeasured GPU
-    ("fp8", H200, 200 * GIB, "compressed"),              # dense pages do not fit
-    ("hack2", H100, 40 * GIB + 1, "compressed"),
-])
+@pytest.mark.parametrize(
+    "codec,device,need,mode",
+    [
+        ("hack2", DeviceInfo("cpu"), 0, "dense"),  # CPU: torch references either way
+        ("kivi2", DeviceInfo("cpu"), 10**15, "dense"),  # CPU ignores memory (max_kv_tokens)
+        ("bf16", H100, 10 * GIB, "dense"),  # already dense
+        ("lowrank", DeviceInfo("cpu"), 0, "compressed"),  # no dense form
+        ("lowrank+hack4", H200, GIB, "compressed"),
+        ("hack2", H100, 10 * GIB, "dense"),  # engine step 0.77x of bf16 on H100
+        ("hack2", H200, 10 * GIB, "dense"),  # 0.75x vs 0.92x on H200
+        ("hack4", H200, 10 * GIB, "dense"),
+        ("fp8", H200, 10 * GIB, "dense"),
+        ("kivi2", H200, 10 * GIB, "dense"),
+        ("kivi4", H100, 10 * GIB, "dense"),  # unmeasured on H100
+        ("hack2", OTHER, 10 * GIB, "dense"),  # unmeasured GPU
+        ("fp8", H200, 200 * GIB, "compressed"),  # dense pages do not fit
+        ("hack2", H100, 40 * GIB + 1, "compressed"),
+    ],
+)
 def test_choice(codec, device, need, mode):
     choice = choose_decode_kv(codec, device, need)
     assert choice.mode == mode, choice
@@ -46,8 +49,9 @@ def test_gpu_family_and_table():
     assert gpu_family("NVIDIA A100-SXM4-80GB") is None
     # the dense kernel beats every non-lowrank codec kernel measured on the H200
     h200 = MEASURED_SPEED_VS_SDPA["h200"]
-    assert all(v < h200["paged-bf16"] for k, v in h200.items()
-               if k not in ("paged-bf16", "lowrank"))
+    assert all(
+        v < h200["paged-bf16"] for k, v in h200.items() if k not in ("paged-bf16", "lowrank")
+    )
 
 
 def test_check_names_decode_kv():
@@ -63,8 +67,12 @@ def test_codec_modes():
     from zipserve.engine.decode_kv import codec_modes
 
     runs, skipped = codec_modes(["bf16", "hack2", "lowrank"], ["compressed", "dense"])
-    assert runs == [("bf16", "compressed"), ("hack2", "compressed"), ("hack2", "dense"),
-                    ("lowrank", "compressed")]
+    assert runs == [
+        ("bf16", "compressed"),
+        ("hack2", "compressed"),
+        ("hack2", "dense"),
+        ("lowrank", "compressed"),
+    ]
     assert len(skipped) == 2 and "lowrank dense" in skipped[1]
     with pytest.raises(ValueError, match="decode_kv"):
         codec_modes(["hack2", "lowrank"], ["dense"])

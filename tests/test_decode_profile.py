@@ -10,8 +10,9 @@ import pytest
 from zipserve.bench import decode_profile
 from zipserve.deploy.cli import REFERENCE_MODEL
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 
 
 def test_kernel_names_sort_into_kinds():
@@ -28,13 +29,15 @@ def test_kernel_names_sort_into_kinds():
 
 def test_profile_on_cpu_writes_a_row_per_lane(tmp_path):
     lanes = ["bf16", "hack2", "hack2/dense"]
-    summary = decode_profile.run(str(REFERENCE_MODEL), "cpu", lanes, batch=2, context=100,
-                                 steps=2, out_dir=tmp_path)
+    summary = decode_profile.run(
+        str(REFERENCE_MODEL), "cpu", lanes, batch=2, context=100, steps=2, out_dir=tmp_path
+    )
     assert [s["lane"] for s in summary] == lanes
     assert all(s["step_ms"] > 0 and s["profiled_us"] > 0 and s["launches"] > 0 for s in summary)
     with open(tmp_path / "decode_profile_kinds.csv") as f:
         assert [r["lane"] for r in csv.DictReader(f)] == lanes
     with open(tmp_path / "decode_profile.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["lane"] for r in rows} == set(lanes) and all(float(r["us_per_step"]) > 0
-                                                          for r in rows)
+    assert {r["lane"] for r in rows} == set(lanes) and all(
+        float(r["us_per_step"]) > 0 for r in rows
+    )

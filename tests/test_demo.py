@@ -26,13 +26,23 @@ def test_link_is_scaled_by_kv_bytes_per_token():
 
 
 def _job(sent, jct):
-    return {"ttft": 0.01, "jct": jct, "kv_bytes": sent, "prompt_tokens": 900,
-            "completion_tokens": 32, "phases": [{"name": "transfer", "duration": 0.002}]}
+    return {
+        "ttft": 0.01,
+        "jct": jct,
+        "kv_bytes": sent,
+        "prompt_tokens": 900,
+        "completion_tokens": 32,
+        "phases": [{"name": "transfer", "duration": 0.002}],
+    }
 
 
 def test_table_ratios_are_against_the_bf16_codec_for_the_same_prompt(capsys):
-    rows = [DemoRow("bf16", "a", _job(4000, 0.4)), DemoRow("bf16", "b", _job(8000, 0.6)),
-            DemoRow("hack2", "a", _job(500, 0.2)), DemoRow("hack2", "b", _job(2000, 0.3))]
+    rows = [
+        DemoRow("bf16", "a", _job(4000, 0.4)),
+        DemoRow("bf16", "b", _job(8000, 0.6)),
+        DemoRow("hack2", "a", _job(500, 0.2)),
+        DemoRow("hack2", "b", _job(2000, 0.3)),
+    ]
     print_table(rows)
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("| hack2")]

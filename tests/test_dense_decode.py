@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from disagg_helpers import hand_over, pool_whole, run_to_completion
-from zipserve.compress.wire import WireError
+
+from zipserve.compress.wire import LayerKV, WireError
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import ConfigError, EngineConfig
 from zipserve.engine.dense_codec_cache import DenseCodecKVCache
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.compress.wire import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 # 130 tokens: 2 full pages (sinks sent) + 2 open; 128: 2 full pages, empty open page; 37: open only
 PROMPTS = [list(range(100, 230)), list(range(500, 628)), list(range(3, 40))]
@@ -51,8 +51,11 @@ def test_dense_decode_equals_compressed_in_open_page(codec, bf16_outputs):
         assert g.token_ids == w.token_ids
         assert max(abs(a - b) for a, b in zip(g.logprobs[1:], w.logprobs[1:])) < 1e-4
     # the codec's values, not bf16's: the prompts with full pages score differently in bf16
-    gap = max(abs(a - b) for o, b16 in zip(got[:2], bf16_outputs[:2])
-              for a, b in zip(o.logprobs[1:], b16.logprobs[1:]))
+    gap = max(
+        abs(a - b)
+        for o, b16 in zip(got[:2], bf16_outputs[:2])
+        for a, b in zip(o.logprobs[1:], b16.logprobs[1:])
+    )
     assert gap > 1e-2, gap
     for eng in (pre, comp, dense):
         pool_whole(eng)
@@ -70,12 +73,15 @@ def test_longer_generations_stay_close(capsys):
     bf16 = LLM(MODEL, device="cpu").generate(prompts, params)
 
     def agree(outs):
-        return sum(a == b for o, c in zip(outs, comp)
-                   for a, b in zip(o.token_ids, c.token_ids)) / (100 * len(prompts))
+        return sum(a == b for o, c in zip(outs, comp) for a, b in zip(o.token_ids, c.token_ids)) / (
+            100 * len(prompts)
+        )
 
     with capsys.disabled():
-        print(f"\nhack2, greedy tokens equal to the compressed engine's over 100: dense "
-              f"{agree(dense):.0%}, bf16 {agree(bf16):.0%}")
+        print(
+            f"\nhack2, greedy tokens equal to the compressed engine's over 100: dense "
+            f"{agree(dense):.0%}, bf16 {agree(bf16):.0%}"
+        )
     for p, d, c in zip(prompts, dense, comp):  # equal while the prompt's open page fills
         n = 64 - len(p) % 64
         assert d.token_ids[:n] == c.token_ids[:n]
@@ -115,8 +121,10 @@ def test_dense_scores_like_compressed():
     assert llm.engine.pool.num_used == 0
 
 
-@pytest.mark.skipif(not (REFERENCE_MODEL.parent / "zipserve-lckv" / "config.json").exists(),
-                    reason="LCKV checkpoint not present")
+@pytest.mark.skipif(
+    not (REFERENCE_MODEL.parent / "zipserve-lckv" / "config.json").exists(),
+    reason="LCKV checkpoint not present",
+)
 def test_lckv_dense_like_compressed():
     """An LCKV model (only KV layers have pages; chunked scoring reads past_kv) decodes and
     scores the same dense as compressed."""
@@ -142,8 +150,9 @@ def test_refusals_free_every_page():
     dense.import_layer("a", res.layers[0])
     with pytest.raises(WireError, match="kivi2"):
         dense.import_layer("a", foreign.layers[1])
-    bad = LayerKV(1, res.layers[1].num_tokens, res.layers[1].pages[:-3] + b"xyz",
-                  res.layers[1].tail)
+    bad = LayerKV(
+        1, res.layers[1].num_tokens, res.layers[1].pages[:-3] + b"xyz", res.layers[1].tail
+    )
     with pytest.raises(ValueError, match="checksum"):
         dense.import_layer("a", bad)
     short = dict(res.layers[1].tail)
@@ -170,8 +179,10 @@ def test_config_names_decode_kv():
     with pytest.raises(ConfigError, match="decode_kv: must be one of"):
         EngineConfig(codec="hack2", decode_kv="fast")
     for codec in ("lowrank", "lowrank+hack2"):
-        with pytest.raises(ConfigError, match=f"decode_kv: 'dense' is not available for codec "
-                                              f"{codec.replace('+', '.')}"):
+        with pytest.raises(
+            ConfigError,
+            match=f"decode_kv: 'dense' is not available for codec {codec.replace('+', '.')}",
+        ):
             EngineConfig(codec=codec, decode_kv="dense")
         assert EngineConfig(codec=codec, decode_kv="auto").decode_kv == "auto"
 
@@ -185,24 +196,39 @@ def test_auto_on_cpu_is_dense():
 
 # -- GPU -----------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("codec", DENSE_CODECS)
 def test_dense_equals_compressed_gpu(codec):
     """bf16 on the GPU, the Triton dequantization kernels on import, device-form layers: greedy
     tokens within the open page equal the compressed engine's (its Triton decode kernel)."""
+
     def eng(**kw):
-        return DisaggregatedEngine(MODEL, device="cuda", dtype="bfloat16",
-                                   engine_config=EngineConfig(codec=codec, num_pages=64,
-                                                              graph_batch_sizes=(1, 2, 4), **kw))
+        return DisaggregatedEngine(
+            MODEL,
+            device="cuda",
+            dtype="bfloat16",
+            engine_config=EngineConfig(
+                codec=codec, num_pages=64, graph_batch_sizes=(1, 2, 4), **kw
+            ),
+        )
 
     pre, comp, dense = eng(cuda_graphs=False), eng(), eng(decode_kv="dense")
     hand_over(pre, [comp, dense], PROMPTS, PARAMS, form="device")
     want, got = _decode(comp), _decode(dense)
-    base_pre = DisaggregatedEngine(MODEL, device="cuda", dtype="bfloat16", engine_config=
-                                   EngineConfig(num_pages=64, cuda_graphs=False))
-    base_dec = DisaggregatedEngine(MODEL, device="cuda", dtype="bfloat16", engine_config=
-                                   EngineConfig(num_pages=64, graph_batch_sizes=(1, 2, 4)))
+    base_pre = DisaggregatedEngine(
+        MODEL,
+        device="cuda",
+        dtype="bfloat16",
+        engine_config=EngineConfig(num_pages=64, cuda_graphs=False),
+    )
+    base_dec = DisaggregatedEngine(
+        MODEL,
+        device="cuda",
+        dtype="bfloat16",
+        engine_config=EngineConfig(num_pages=64, graph_batch_sizes=(1, 2, 4)),
+    )
     hand_over(base_pre, [base_dec], PROMPTS, PARAMS, form="device")
     plain = _decode(base_dec)
     agree = sum(a == b for w, g in zip(want, got) for a, b in zip(w.token_ids, g.token_ids))
@@ -212,8 +238,9 @@ def test_dense_equals_compressed_gpu(codec):
     assert agree >= total - 2, (agree, total)
 
     def gap(xs, ys):  # the second and third tokens' logprobs (the first is the prefill's)
-        return max(abs(a - b) for x, y in zip(xs, ys) for a, b in zip(x.logprobs[1:3],
-                                                                      y.logprobs[1:3]))
+        return max(
+            abs(a - b) for x, y in zip(xs, ys) for a, b in zip(x.logprobs[1:3], y.logprobs[1:3])
+        )
 
     # dense holds the codec's values: it is closer to the compressed engine than plain bf16 KV
     # (the codec's quality, not bf16's), within bf16 compute noise of it

@@ -10,18 +10,19 @@ import urllib.request
 
 import pytest
 
+from zipserve.control.config import ServeConfig
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL, build_parser, main
 from zipserve.deploy.cli_serve import serve_config
 from zipserve.deploy.cli_values import csv_modes
-from zipserve.control.config import ServeConfig
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_worker.worker import PrefillWorker
 from zipserve.transfer.channel import as_byte_tensor
 from zipserve.transfer.inprocess import InProcessChannel
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 PROMPT = list(range(100, 230))  # 2 full pages (+ sinks) and 2 open-page tokens
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)  # within the open page
@@ -52,8 +53,10 @@ def _serve(pre, dec, peer, rid):
 def test_dense_decode_worker_gets_the_same_bytes():
     want = LLM(MODEL, device="cpu", codec="hack2").generate(PROMPT, PARAMS)[0].token_ids
     pre = PrefillWorker(MODEL, "hack2", "cpu")
-    decs = {mode: DecodeWorker(MODEL, "hack2", "cpu", engine_options={"decode_kv": mode})
-            for mode in ("compressed", "dense")}
+    decs = {
+        mode: DecodeWorker(MODEL, "hack2", "cpu", engine_options={"decode_kv": mode})
+        for mode in ("compressed", "dense")
+    }
     sent = {}
     try:
         for mode, dec in decs.items():
@@ -77,17 +80,26 @@ def test_dense_decode_worker_gets_the_same_bytes():
 
 
 def test_serve_config_decode_kv_per_lane():
-    cfg = ServeConfig(model=MODEL, codec="hack2", extra_codecs=("kivi2", "bf16"),
-                      decode_kv="dense,compressed,auto")
+    cfg = ServeConfig(
+        model=MODEL,
+        codec="hack2",
+        extra_codecs=("kivi2", "bf16"),
+        decode_kv="dense,compressed,auto",
+    )
     assert cfg.decode_kv_modes == {"hack2": "dense", "kivi2": "compressed", "bf16": "auto"}
-    assert ServeConfig(model=MODEL, codec="fp8", extra_codecs=("bf16",),
-                       decode_kv="dense").decode_kv_modes == {"fp8": "dense", "bf16": "dense"}
+    assert ServeConfig(
+        model=MODEL, codec="fp8", extra_codecs=("bf16",), decode_kv="dense"
+    ).decode_kv_modes == {"fp8": "dense", "bf16": "dense"}
     for kw, match in [
-        (dict(codec="hack2", extra_codecs=("bf16",), decode_kv="dense,dense,dense"),
-         "--decode-kv: give one mode, or one per codec"),
+        (
+            dict(codec="hack2", extra_codecs=("bf16",), decode_kv="dense,dense,dense"),
+            "--decode-kv: give one mode, or one per codec",
+        ),
         (dict(codec="hack2", decode_kv="fast"), "--decode-kv: must be one of"),
-        (dict(codec="lowrank", decode_kv="dense"),
-         "--decode-kv: 'dense' is not available for codec lowrank"),
+        (
+            dict(codec="lowrank", decode_kv="dense"),
+            "--decode-kv: 'dense' is not available for codec lowrank",
+        ),
         (dict(codec="hack2", engine_options={"decode_kv": "dense"}), "use --decode-kv"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -95,17 +107,22 @@ def test_serve_config_decode_kv_per_lane():
 
 
 def test_cli_takes_decode_kv(capsys):
-    args = build_parser().parse_args(["serve", "--codec", "hack2,bf16", "--decode-kv",
-                                      "dense,compressed"])
-    assert serve_config(args, args.codec).decode_kv_modes == {"hack2": "dense",
-                                                                "bf16": "compressed"}
+    args = build_parser().parse_args(
+        ["serve", "--codec", "hack2,bf16", "--decode-kv", "dense,compressed"]
+    )
+    assert serve_config(args, args.codec).decode_kv_modes == {
+        "hack2": "dense",
+        "bf16": "compressed",
+    }
     assert build_parser().parse_args(["serve"]).decode_kv == "compressed"  # the default
     assert build_parser().parse_args(["demo", "--decode-kv", "auto"]).decode_kv == "auto"
     assert csv_modes("compressed, dense") == ["compressed", "dense"]
     with pytest.raises(ValueError, match="--decode-kv: expected"):
         csv_modes("dense,fast")
-    assert main(["bench", "jct", "--url", "http://127.0.0.1:9", "--rate", "1",
-                 "--decode-kv", "dense"]) == 2
+    assert (
+        main(["bench", "jct", "--url", "http://127.0.0.1:9", "--rate", "1", "--decode-kv", "dense"])
+        == 2
+    )
     assert "--decode-kv: only with --sweep" in capsys.readouterr().err
     assert main(["serve", "--codec", "lowrank+hack2", "--decode-kv", "dense"]) == 2
     assert "'dense' is not available for codec lowrank+hack2" in capsys.readouterr().err
@@ -120,20 +137,32 @@ def test_http_dense_lane_beside_compressed_lane():
 
     from zipserve.deploy.serve import running_server
 
-    want = {c: LLM(MODEL, device="cpu", codec=c).generate(PROMPT, PARAMS)[0].text
-            for c in ("hack2", "kivi2")}
-    cfg = ServeConfig(model=MODEL, codec="hack2", extra_codecs=("kivi2",),
-                      decode_kv="dense,compressed")
+    want = {
+        c: LLM(MODEL, device="cpu", codec=c).generate(PROMPT, PARAMS)[0].text
+        for c in ("hack2", "kivi2")
+    }
+    cfg = ServeConfig(
+        model=MODEL, codec="hack2", extra_codecs=("kivi2",), decode_kv="dense,compressed"
+    )
     with running_server(cfg, "127.0.0.1", free_port()) as (base, backend):
         for codec in ("hack2", "kivi2"):
-            out = post_json(f"{base}/v1/completions",
-                            {"prompt": PROMPT, "max_tokens": 10, "min_tokens": 10,
-                             "ignore_eos": True, "temperature": 0, "codec": codec})
+            out = post_json(
+                f"{base}/v1/completions",
+                {
+                    "prompt": PROMPT,
+                    "max_tokens": 10,
+                    "min_tokens": 10,
+                    "ignore_eos": True,
+                    "temperature": 0,
+                    "codec": codec,
+                },
+            )
             assert out["choices"][0]["text"] == want[codec], codec
         health = json.loads(urllib.request.urlopen(f"{base}/health").read())["backend"]
         assert health["lane_decode_kv"] == {"hack2": "dense", "kivi2": "compressed"}
-        decode_modes = {w["name"]: w["decode_kv"] for w in health["workers"]
-                        if w["role"] == "decode"}
+        decode_modes = {
+            w["name"]: w["decode_kv"] for w in health["workers"] if w["role"] == "decode"
+        }
         assert decode_modes == {"hack2/decode-0": "dense", "kivi2/decode-0": "compressed"}
         for lane in backend.lanes.values():
             stats = decode_pool_settled(lane)

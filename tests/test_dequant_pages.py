@@ -41,16 +41,27 @@ def _run(name, codec, store, ids, out_k, out_v, kernel: bool):
     """Call the kernel (or its reference) of the codec's family with the raw tensors."""
     suffix = "" if kernel else "_ref"
     if name == "fp8":
-        getattr(dq, "fp8_dequant_pages" + suffix)(store["k"], store["k_scale"], store["v"],
-                                                  store["v_scale"], ids, out_k, out_v)
+        getattr(dq, "fp8_dequant_pages" + suffix)(
+            store["k"], store["k_scale"], store["v"], store["v_scale"], ids, out_k, out_v
+        )
     elif name.startswith("kivi"):
         getattr(dq, "kivi_dequant_pages" + suffix)(
-            store["k_codes"], store["k_scale"], store["k_min"], store["v_codes"],
-            store["v_scale"], store["v_min"], codec.bits, ids, out_k, out_v)
+            store["k_codes"],
+            store["k_scale"],
+            store["k_min"],
+            store["v_codes"],
+            store["v_scale"],
+            store["v_min"],
+            codec.bits,
+            ids,
+            out_k,
+            out_v,
+        )
     else:
         rot = codec._rot(out_k.device) if codec.rotate else None
-        getattr(dq, "hack_dequant_pages" + suffix)(codec._pages(store), ids, out_k, out_v,
-                                                   rotation=rot)
+        getattr(dq, "hack_dequant_pages" + suffix)(
+            codec._pages(store), ids, out_k, out_v, rotation=rot
+        )
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -93,8 +104,13 @@ def test_hack_rotation_is_undone():
     store = codec.new_store(1, "cpu")
     codec.encode(store, torch.arange(1), k, v)
     out_k, out_v = torch.zeros(2, 1, 64, 64), torch.zeros(2, 1, 64, 64)
-    dq.hack_dequant_pages(codec._pages(store), torch.tensor([1]), out_k, out_v,
-                          rotation=codec._rot(torch.device("cpu")))
+    dq.hack_dequant_pages(
+        codec._pages(store),
+        torch.tensor([1]),
+        out_k,
+        out_v,
+        rotation=codec._rot(torch.device("cpu")),
+    )
     raw_k = torch.zeros_like(out_k)
     dq.hack_dequant_pages(codec._pages(store), torch.tensor([1]), raw_k, torch.zeros_like(out_v))
     assert rel_err(out_k[1], k[0]) < 0.15 and rel_err(out_v[1], v[0]) < 0.15  # 4-bit codes
@@ -105,20 +121,42 @@ def test_argument_errors_name_the_argument():
     codec, store = _encoded("fp8", 2, 2, 64, 5)
     out = torch.zeros(4, 2, 64, 64)
     with pytest.raises(ValueError, match="page_ids"):
-        dq.fp8_dequant_pages_ref(store["k"], store["k_scale"], store["v"], store["v_scale"],
-                                 torch.tensor([1]), out, out.clone())
+        dq.fp8_dequant_pages_ref(
+            store["k"],
+            store["k_scale"],
+            store["v"],
+            store["v_scale"],
+            torch.tensor([1]),
+            out,
+            out.clone(),
+        )
     with pytest.raises(ValueError, match="out_k"):
-        dq.fp8_dequant_pages(store["k"], store["k_scale"], store["v"], store["v_scale"],
-                             torch.tensor([1, 2]), torch.zeros(4, 2, 32, 64), out)
+        dq.fp8_dequant_pages(
+            store["k"],
+            store["k_scale"],
+            store["v"],
+            store["v_scale"],
+            torch.tensor([1, 2]),
+            torch.zeros(4, 2, 32, 64),
+            out,
+        )
     with pytest.raises(ValueError, match="out_k"):
-        dq.fp8_dequant_pages(store["k"], store["k_scale"], store["v"], store["v_scale"],
-                             torch.tensor([1, 2]), out.to(torch.int32), out)
+        dq.fp8_dequant_pages(
+            store["k"],
+            store["k_scale"],
+            store["v"],
+            store["v_scale"],
+            torch.tensor([1, 2]),
+            out.to(torch.int32),
+            out,
+        )
     lowrank = make_codec("lowrank", 2, 64, 32, model_dir="random:tiny").for_layer(0)
     with pytest.raises(ValueError, match="decode_kv"):
         lowrank.dequantize_into({}, torch.tensor([1]), out, out.clone())
 
 
 # -- GPU: bf16 outputs, Llama-3-8B head shape ----------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from zipserve.compress.wire import checksum as ck
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.wire import (
     DEVICE_HEADER,
@@ -23,6 +22,7 @@ from zipserve.compress.wire import (
     unpack_device,
     unpack_pages,
 )
+from zipserve.compress.wire import checksum as ck
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
 from zipserve.transfer.cuda_ipc import CudaIpcChannel
@@ -33,8 +33,9 @@ from zipserve.transfer.select import Endpoint
 from zipserve.transfer.transports import choose_path
 
 MODEL = str(REFERENCE_MODEL)
-needs_model = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                 reason="reference checkpoint not present")
+needs_model = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 
 
 # -- checksum ------------------------------------------------------------------------------------
@@ -66,12 +67,17 @@ def test_checksum_catches_flips_swaps_and_truncation():
 
 # -- device wire form ----------------------------------------------------------------------------
 def _filled(codec_name: str, pages: int = 6):
-    c = make_codec(codec_name, num_kv_heads=2, page_size=64, head_dim=64,
-                   model_dir=str(REFERENCE_MODEL)).for_layer(0)
+    c = make_codec(
+        codec_name, num_kv_heads=2, page_size=64, head_dim=64, model_dir=str(REFERENCE_MODEL)
+    ).for_layer(0)
     store = c.new_store(pages, "cpu")
     g = torch.Generator().manual_seed(1)
-    c.encode(store, torch.tensor([1, 2, 4]), torch.randn(3, 2, 64, 64, generator=g),
-             torch.randn(3, 2, 64, 64, generator=g))
+    c.encode(
+        store,
+        torch.tensor([1, 2, 4]),
+        torch.randn(3, 2, 64, 64, generator=g),
+        torch.randn(3, 2, 64, 64, generator=g),
+    )
     return c, store
 
 
@@ -130,26 +136,32 @@ def _ep(device="cuda", uuid="GPU-a", host="h1", pid=1, nccl=True, request="auto"
     return Endpoint(device, uuid if device == "cuda" else "", host, pid, nccl, request)
 
 
-@pytest.mark.parametrize("a, b, want", [
-    (_ep("cpu"), _ep("cpu", pid=2), "host"),
-    (_ep("cpu"), _ep(pid=2), "host"),
-    (_ep(), _ep(pid=2), "cuda_ipc"),  # same GPU, two processes
-    (_ep(), _ep(uuid="GPU-b", pid=2), "nccl"),  # two GPUs
-    (_ep(), _ep(host="h2"), "nccl"),  # two hosts
-    (_ep(), _ep(uuid="GPU-b", pid=2, nccl=False), "host"),  # no NCCL on one side
-    (_ep(), _ep(), "host"),  # one process: pairs use InProcessChannel, not this
-    (_ep(request="host"), _ep(pid=2), "host"),
-    (_ep(request="nccl"), _ep(uuid="GPU-b", pid=2, request="nccl"), "nccl"),
-])
+@pytest.mark.parametrize(
+    "a, b, want",
+    [
+        (_ep("cpu"), _ep("cpu", pid=2), "host"),
+        (_ep("cpu"), _ep(pid=2), "host"),
+        (_ep(), _ep(pid=2), "cuda_ipc"),  # same GPU, two processes
+        (_ep(), _ep(uuid="GPU-b", pid=2), "nccl"),  # two GPUs
+        (_ep(), _ep(host="h2"), "nccl"),  # two hosts
+        (_ep(), _ep(uuid="GPU-b", pid=2, nccl=False), "host"),  # no NCCL on one side
+        (_ep(), _ep(), "host"),  # one process: pairs use InProcessChannel, not this
+        (_ep(request="host"), _ep(pid=2), "host"),
+        (_ep(request="nccl"), _ep(uuid="GPU-b", pid=2, request="nccl"), "nccl"),
+    ],
+)
 def test_path_choice_is_symmetric(a, b, want):
     assert choose_path(a, b) == choose_path(b, a) == want
 
 
-@pytest.mark.parametrize("a, b, match", [
-    (_ep(request="nccl"), _ep(pid=2), "different GPUs"),
-    (_ep(request="cuda_ipc"), _ep(uuid="GPU-b", pid=2), "same GPU"),
-    (_ep(request="cuda_ipc"), _ep(pid=2, request="nccl"), "different transfer paths"),
-])
+@pytest.mark.parametrize(
+    "a, b, match",
+    [
+        (_ep(request="nccl"), _ep(pid=2), "different GPUs"),
+        (_ep(request="cuda_ipc"), _ep(uuid="GPU-b", pid=2), "same GPU"),
+        (_ep(request="cuda_ipc"), _ep(pid=2, request="nccl"), "different transfer paths"),
+    ],
+)
 def test_forced_impossible_path_is_refused(a, b, match):
     with pytest.raises(TransferError, match=match):
         choose_path(a, b)
@@ -206,16 +218,21 @@ def _flip(t: torch.Tensor) -> torch.Tensor:
 
 @needs_model
 def test_send_recv_layer_both_forms():
-    from zipserve.engine.disaggregated import DisaggregatedEngine
     from zipserve.compress.wire import DeviceLayerKV, LayerKV
+    from zipserve.engine.disaggregated import DisaggregatedEngine
     from zipserve.engine.sampling_params import SamplingParams
 
     eng = DisaggregatedEngine(MODEL, device="cpu")
     got = {}
     for form in (False, True):
         layers = []
-        eng.prefill_export(list(range(3, 90)), SamplingParams(max_tokens=1), f"r{form}",
-                           on_layer=layers.append, device_form=form)
+        eng.prefill_export(
+            list(range(3, 90)),
+            SamplingParams(max_tokens=1),
+            f"r{form}",
+            on_layer=layers.append,
+            device_form=form,
+        )
         a, b = InProcessChannel.pair()
         nbytes = send_layer(a, layers[1], 5)
         kv = recv_layer(b, 5, timeout=1)

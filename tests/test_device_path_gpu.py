@@ -39,8 +39,8 @@ def _layer_rows(eng, rid: str):
     """Per layer: the request's KV as the decode side holds it, reduced to what is defined
     (dense: the first n token rows; compressed: full encoded pages + the 16-bit tail)."""
     from zipserve.compress.wire import unpack_pages
-    from zipserve.engine.kv_export import export_layer
     from zipserve.engine.kv_cache import KVCache
+    from zipserve.engine.kv_export import export_layer
 
     seq = eng._seqs[rid]
     out = []
@@ -48,26 +48,30 @@ def _layer_rows(eng, rid: str):
         kv = export_layer(eng.cache, layer, seq, num_tokens=seq.num_tokens)
         pages = unpack_pages(kv.pages).tensors
         if isinstance(eng.cache, KVCache):  # [pages, KVH, P, D] -> [tokens, KVH, D]
-            pages = {k: t.transpose(1, 2).flatten(0, 1)[:seq.num_tokens] for k, t in
-                     pages.items()}
-        out.append({**{k: t.view(torch.uint8) for k, t in pages.items()},
-                    **{k: t.view(torch.uint8) for k, t in kv.tail.items()}})
+            pages = {k: t.transpose(1, 2).flatten(0, 1)[: seq.num_tokens] for k, t in pages.items()}
+        out.append(
+            {
+                **{k: t.view(torch.uint8) for k, t in pages.items()},
+                **{k: t.view(torch.uint8) for k, t in kv.tail.items()},
+            }
+        )
     return out
 
 
 def _same(a, b) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k])
-                                                                  for k in x)
-                                    for x, y in zip(a, b, strict=False))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b, strict=False)
+    )
 
 
 # -- in-process --------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
 def test_inprocess_device_form_equals_host_form(codec):
+    from zipserve.compress.wire import DeviceLayerKV
     from zipserve.engine.config import EngineConfig
     from zipserve.engine.disaggregated import DisaggregatedEngine
-    from zipserve.compress.wire import DeviceLayerKV
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
@@ -131,30 +135,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pair_role(rank: int, port: int, dev: str, codec: str, path: str, results,
-               finished, dump_dir: str) -> None:
+def _pair_role(
+    rank: int, port: int, dev: str, codec: str, path: str, results, finished, dump_dir: str
+) -> None:
     """rank 0: prefill the same prompt twice (host form, then device form) and send both over
     the channel connect_pair picks; rank 1: import both into reserved pages, compare, free."""
     dump = open(Path(dump_dir) / f"rank{rank}.stacks", "w")  # noqa: SIM115 (lives as long as we do)
     faulthandler.dump_traceback_later(STACK_DUMP_S, file=dump)
     try:
+        from zipserve.compress.wire import DeviceLayerKV
         from zipserve.engine.config import EngineConfig
         from zipserve.engine.disaggregated import DisaggregatedEngine
-        from zipserve.compress.wire import DeviceLayerKV
         from zipserve.engine.sampling_params import SamplingParams
         from zipserve.transfer.kv_messages import done, recv_layer, send_layer, use_device_form
         from zipserve.transfer.pairing import connect_pair
 
         if dev != "cpu":
             torch.cuda.set_device(torch.device(dev))
-        eng = DisaggregatedEngine(MODEL, device=dev,
-                                  engine_config=EngineConfig(codec=codec, cuda_graphs=False,
-                                                             num_pages=POOL_PAGES))
-        info = {"model": eng.model_name, "codec": codec, "num_layers": eng.config.num_layers,
-                "page_size": eng.engine_config.page_size, "device": dev}
+        eng = DisaggregatedEngine(
+            MODEL,
+            device=dev,
+            engine_config=EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES),
+        )
+        info = {
+            "model": eng.model_name,
+            "codec": codec,
+            "num_layers": eng.config.num_layers,
+            "page_size": eng.engine_config.page_size,
+            "device": dev,
+        }
         ch = connect_pair(info, "127.0.0.1", port, rank, "t", timeout_s=60, path=path)
-        prompt, params, n_layers = list(range(3, 700)), SamplingParams(max_tokens=4), \
-            eng.config.num_layers
+        prompt, params, n_layers = (
+            list(range(3, 700)),
+            SamplingParams(max_tokens=4),
+            eng.config.num_layers,
+        )
         out = {"path": ch.path, "device_form": use_device_form(ch, eng.device)}
         if rank == 0:
             for rid, form in (("host", False), ("dev", True)):
@@ -173,8 +188,14 @@ def _pair_role(rank: int, port: int, dev: str, codec: str, path: str, results,
                 eng.reserve(rid, prompt, params)
                 for _ in range(n_layers):
                     kv = recv_layer(ch, 1, timeout=120)
-                    forms.append(type(kv).__name__ + (":" + str(kv.wire.payload.device)
-                                                      if isinstance(kv, DeviceLayerKV) else ""))
+                    forms.append(
+                        type(kv).__name__
+                        + (
+                            ":" + str(kv.wire.payload.device)
+                            if isinstance(kv, DeviceLayerKV)
+                            else ""
+                        )
+                    )
                     try:
                         eng.import_layer(rid, kv)
                     finally:
@@ -197,10 +218,14 @@ def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
     port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
     dump_dir = tempfile.mkdtemp(prefix="zipserve-pair-")
     apply_nccl_defaults()  # inherited by the spawned ranks
-    procs = [ctx.Process(target=_pair_role, daemon=True,
-                         args=(rank, port, devices[rank], codec, path, results,
-                               finished, dump_dir))
-             for rank in (0, 1)]
+    procs = [
+        ctx.Process(
+            target=_pair_role,
+            daemon=True,
+            args=(rank, port, devices[rank], codec, path, results, finished, dump_dir),
+        )
+        for rank in (0, 1)
+    ]
     for p in procs:
         p.start()
     out = {}
@@ -210,10 +235,14 @@ def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
             try:
                 rank, status, value = results.get(timeout=max(1.0, deadline - time.monotonic()))
             except queue.Empty:
-                stacks = "\n".join(f"--- {f.name}\n{f.read_text()}"
-                                   for f in sorted(Path(dump_dir).glob("*.stacks")))
-                pytest.fail(f"ranks {sorted({0, 1} - set(out))} did not finish in {JOIN_S} s; "
-                            f"their stacks after {STACK_DUMP_S} s:\n{stacks}")
+                stacks = "\n".join(
+                    f"--- {f.name}\n{f.read_text()}"
+                    for f in sorted(Path(dump_dir).glob("*.stacks"))
+                )
+                pytest.fail(
+                    f"ranks {sorted({0, 1} - set(out))} did not finish in {JOIN_S} s; "
+                    f"their stacks after {STACK_DUMP_S} s:\n{stacks}"
+                )
             assert status == "ok", f"rank {rank} failed:\n{value}"
             out[rank] = value
     finally:
@@ -245,9 +274,10 @@ def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("codec, path, want", [("bf16", "auto", "nccl"),
-                                               ("hack2", "auto", "nccl"),
-                                               ("bf16", "nccl_ctypes", "nccl_ctypes")])
+@pytest.mark.parametrize(
+    "codec, path, want",
+    [("bf16", "auto", "nccl"), ("hack2", "auto", "nccl"), ("bf16", "nccl_ctypes", "nccl_ctypes")],
+)
 def test_nccl_pair_between_two_gpus(codec, path, want):
     """Auto picks the NCCL process group; the ctypes-binding channel carries the same."""
     assert _cuda(2)

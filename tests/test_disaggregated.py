@@ -4,17 +4,18 @@ the output equals one engine doing both, for every codec; nothing leaks on succe
 from __future__ import annotations
 
 import pytest
-
 from disagg_helpers import hand_over, pool_whole, run_to_completion
+
 from zipserve.compress.codecs import CODECS
+from zipserve.compress.wire import LayerKV
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
-from zipserve.compress.wire import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 PROMPTS = [list(range(3, 40)), list(range(100, 230)), list(range(500, 628))]  # 37, 130, 128
 
@@ -23,6 +24,7 @@ def _engine(codec: str, **kw) -> DisaggregatedEngine:
     return DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(codec=codec, **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", CODECS)
 def test_disaggregated_equals_single_engine(codec):
     params = SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True)
@@ -61,8 +63,9 @@ def test_bf16_sends_the_prompts_tokens_not_whole_pages(form):
     pre = _engine("bf16")
     per_token = 2 * 2 * 64 * 4  # K+V, 2 kv heads, d=64, fp32 on the CPU
     for prompt in PROMPTS:
-        res = pre.prefill_export(prompt, SamplingParams(max_tokens=4), "x",
-                                 device_form=form == "device")
+        res = pre.prefill_export(
+            prompt, SamplingParams(max_tokens=4), "x", device_form=form == "device"
+        )
         for kv in res.layers:
             # payload bytes over the exact K/V bytes: only the pages' small header on top
             extra = kv.nbytes() - len(prompt) * per_token
@@ -77,11 +80,13 @@ def test_short_prompts_send_their_sinks_once(form):
     across the page boundary, where they are used)."""
     pre = _engine("hack2")
     for prompt, with_sinks in [(PROMPTS[0], False), (PROMPTS[1], True)]:  # 37, 130 tokens
-        res = pre.prefill_export(prompt, SamplingParams(max_tokens=4), "x",
-                                 device_form=form == "device")
+        res = pre.prefill_export(
+            prompt, SamplingParams(max_tokens=4), "x", device_form=form == "device"
+        )
         for kv in res.layers:
-            names = (set(kv.tail) if form == "host" else
-                     {e["name"] for e in kv.wire.header["extras"]})
+            names = (
+                set(kv.tail) if form == "host" else {e["name"] for e in kv.wire.header["extras"]}
+            )
             assert ("sink_k" in names) == with_sinks, (len(prompt), names)
     pool_whole(pre)
 
@@ -103,8 +108,9 @@ def test_corrupt_or_mismatched_layer_is_refused():
     dec.reserve("c", PROMPTS[1], params)
     with pytest.raises(ValueError, match="hack2"):
         dec.import_layer("c", res.layers[0])
-    bad = LayerKV(0, res.layers[0].num_tokens, res.layers[0].pages[:-3] + b"xyz",
-                  res.layers[0].tail)
+    bad = LayerKV(
+        0, res.layers[0].num_tokens, res.layers[0].pages[:-3] + b"xyz", res.layers[0].tail
+    )
     same = _engine("hack2")
     same.reserve("c", PROMPTS[1], params)
     with pytest.raises(ValueError, match="checksum"):

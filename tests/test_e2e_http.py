@@ -10,20 +10,21 @@ import urllib.error
 import urllib.request
 
 import pytest
+from net_helpers import decode_pool_settled, stream_and_interrupt
 from net_helpers import free_port as _port
 from net_helpers import post_json as _post
-from net_helpers import decode_pool_settled, stream_and_interrupt
 from net_helpers import stream_text as _stream
 
 from zipserve.compress.codecs import CODECS
-from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.serve import running_server
 from zipserve.engine.llm import LLM, SamplingParams
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n" * 30]  # 2nd: > 1 page of tokens
 
@@ -33,12 +34,16 @@ def _ray(local_ray):
     """Every test here runs against the module's embedded Ray (tests/conftest.py)."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", CODECS)
 def test_http_equals_offline_engine(codec):
     want = LLM(MODEL, device="cpu", codec=codec).generate(
-        PROMPTS, SamplingParams(max_tokens=20, temperature=0.0))
+        PROMPTS, SamplingParams(max_tokens=20, temperature=0.0)
+    )
     with running_server(ServeConfig(model=MODEL, codec=codec), "127.0.0.1", _port()) as (
-            base, backend):
+        base,
+        backend,
+    ):
         url = f"{base}/v1/completions"
         for prompt, w in zip(PROMPTS, want):
             out = _post(url, {"prompt": prompt, "max_tokens": 20, "temperature": 0})
@@ -49,10 +54,13 @@ def test_http_equals_offline_engine(codec):
             assert {"queue", "prefill", "transfer", "decode"} <= set(names)
             assert job["state"] == "DONE" and 0 < job["ttft"] <= job["jct"]
             assert job["kv_bytes"] > 0  # what prefill sent, and what bf16 would have needed
-            assert job["kv_bytes_bf16"] == out["usage"]["prompt_tokens"] * \
-                backend.kv_bytes_per_token_bf16
-        assert _stream(url, {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}) == \
-            want[0].text
+            assert (
+                job["kv_bytes_bf16"]
+                == out["usage"]["prompt_tokens"] * backend.kv_bytes_per_token_bf16
+            )
+        assert (
+            _stream(url, {"prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0}) == want[0].text
+        )
         stats = decode_pool_settled(backend)
         assert stats.free_pages == stats.capacity_pages, stats
         assert stats.reserved == 0 and stats.running == 0, stats
@@ -62,8 +70,12 @@ def test_one_deployment_serves_several_codecs_per_request():
     """--codec hack2,bf16: a lane of workers per codec; a request's codec picks its lane (none:
     the first), each output equals that codec's offline engine, an unserved codec is a 400
     naming the field, and every lane's pages come back."""
-    want = {c: LLM(MODEL, device="cpu", codec=c).generate(
-        PROMPTS[1:], SamplingParams(max_tokens=12, temperature=0.0))[0] for c in ("hack2", "bf16")}
+    want = {
+        c: LLM(MODEL, device="cpu", codec=c).generate(
+            PROMPTS[1:], SamplingParams(max_tokens=12, temperature=0.0)
+        )[0]
+        for c in ("hack2", "bf16")
+    }
     cfg = ServeConfig(model=MODEL, codec="hack2", extra_codecs=("bf16",))
     with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
         url = f"{base}/v1/completions"
@@ -98,12 +110,16 @@ def test_http_equals_offline_engine_lckv(codec, tmp_path):
     write_tiny_lckv_checkpoint(tmp_path)
     model = str(tmp_path)
     want = LLM(model, device="cpu", codec=codec).generate(
-        PROMPTS, SamplingParams(max_tokens=12, temperature=0.0))
+        PROMPTS, SamplingParams(max_tokens=12, temperature=0.0)
+    )
     with running_server(ServeConfig(model=model, codec=codec), "127.0.0.1", _port()) as (
-            base, backend):
+        base,
+        backend,
+    ):
         for prompt, w in zip(PROMPTS, want):
-            out = _post(f"{base}/v1/completions",
-                        {"prompt": prompt, "max_tokens": 12, "temperature": 0})
+            out = _post(
+                f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+            )
             assert out["choices"][0]["text"] == w.text
         stats = decode_pool_settled(backend)
         assert stats.free_pages == stats.capacity_pages, stats
@@ -115,12 +131,25 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
     import http.client
 
     with running_server(ServeConfig(model=MODEL, codec="hack2"), "127.0.0.1", _port()) as (
-            base, backend):
+        base,
+        backend,
+    ):
         host, port = base.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", "/v1/completions", json.dumps(
-            {"prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0, "stream": True,
-             "ignore_eos": True}), {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(
+                {
+                    "prompt": PROMPTS[1],
+                    "max_tokens": 1000,
+                    "temperature": 0,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
+            ),
+            {"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         got = 0
         while got < 3:  # a few tokens arrive, then the client goes away
@@ -136,9 +165,11 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
         assert time.time() - t_drop < 1.5
 
         ray.kill(backend.prefill[0])
-        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
-            {"prompt": PROMPTS[0], "max_tokens": 5}).encode(),
-            headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{base}/v1/completions",
+            data=json.dumps({"prompt": PROMPTS[0], "max_tokens": 5}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             urllib.request.urlopen(req, timeout=60)
             raise AssertionError("a request with a dead prefill worker succeeded")
@@ -153,9 +184,11 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
     params = SamplingParams(max_tokens=40, temperature=0.0)
     full = LLM(MODEL, device="cpu", codec="hack4").generate(PROMPTS[0], params)[0].text
     stop = full[12:15]  # a stop string that appears in the greedy output
-    want = full[:full.index(stop)]
+    want = full[: full.index(stop)]
     with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", _port()) as (
-            base, backend):
+        base,
+        backend,
+    ):
         body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "stop": [stop]}
         assert _post(f"{base}/v1/completions", body)["choices"][0]["text"] == want
         assert _stream(f"{base}/v1/completions", body) == want
@@ -165,10 +198,14 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
 
 def test_decode_worker_dying_mid_stream_ends_the_stream_with_an_error():
     with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", _port()) as (
-            base, backend):
+        base,
+        backend,
+    ):
         error, t0 = stream_and_interrupt(
             f"{base}/v1/completions",
-            {"prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0}, 3,
-            lambda: ray.kill(backend.decode[0]))
+            {"prompt": PROMPTS[1], "max_tokens": 1000, "temperature": 0},
+            3,
+            lambda: ray.kill(backend.decode[0]),
+        )
         assert error is not None and "decode worker" in error
         assert t0 is not None and time.time() - t0 < 10  # no hang: the stream ended soon after

@@ -7,23 +7,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hf_fixtures import LLAMA3_ROPE, load_hf_model, make_hf_checkpoint
+
 from zipserve.engine.llm import LLM, SamplingParams
 
 CASES = {
     "llama": dict(arch="LlamaForCausalLM"),
-    "llama3-rope-tied": dict(arch="LlamaForCausalLM", tie_word_embeddings=True,
-                             rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "llama3-rope-tied": dict(
+        arch="LlamaForCausalLM",
+        tie_word_embeddings=True,
+        rope_scaling=LLAMA3_ROPE,
+        rope_theta=500000.0,
+    ),
     "mistral": dict(arch="MistralForCausalLM", num_key_value_heads=1),
     "qwen2": dict(arch="Qwen2ForCausalLM", num_key_value_heads=4),
-    "llama-hd8": dict(arch="LlamaForCausalLM", num_attention_heads=8, num_key_value_heads=4,
-                      head_dim=8),
-    "mistral-hd80": dict(arch="MistralForCausalLM", num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=80),
+    "llama-hd8": dict(
+        arch="LlamaForCausalLM", num_attention_heads=8, num_key_value_heads=4, head_dim=8
+    ),
+    "mistral-hd80": dict(
+        arch="MistralForCausalLM", num_attention_heads=2, num_key_value_heads=1, head_dim=80
+    ),
     # Qwen2 derives head_dim from hidden_size / num_attention_heads: 192 / 2 = 96.
-    "qwen2-hd96": dict(arch="Qwen2ForCausalLM", hidden_size=192, num_attention_heads=2,
-                       num_key_value_heads=1),
+    "qwen2-hd96": dict(
+        arch="Qwen2ForCausalLM", hidden_size=192, num_attention_heads=2, num_key_value_heads=1
+    ),
 }
 # Sharper than the default 0.02 so greedy argmax is not decided by rounding-level near-ties.
 INIT_STD = 0.15
@@ -32,8 +39,13 @@ INIT_STD = 0.15
 @pytest.fixture(scope="module", params=list(CASES))
 def checkpoint(request, tmp_path_factory):
     kw = dict(CASES[request.param])
-    path = make_hf_checkpoint(tmp_path_factory.mktemp(request.param), kw.pop("arch"),
-                              init_std=INIT_STD, seed=len(request.param), **kw)
+    path = make_hf_checkpoint(
+        tmp_path_factory.mktemp(request.param),
+        kw.pop("arch"),
+        init_std=INIT_STD,
+        seed=len(request.param),
+        **kw,
+    )
     return path, load_hf_model(path)
 
 
@@ -61,7 +73,7 @@ def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 def test_greedy_generation_matches_transformers(checkpoint):
@@ -80,8 +92,9 @@ def test_paged_decode_equals_full_forward(checkpoint):
     path, hf = checkpoint
     llm = LLM(str(path), device="cpu", dtype="float32", page_size=8)
     prompt = _prompt(99, 13, hf.config.vocab_size)
-    out = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
-                                              logprobs=0))[0]
+    out = llm.generate(
+        prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=0)
+    )[0]
     # Logprob of each generated token under decode (paged, page boundaries crossed 5 times)
     # against a full forward of the final sequence.
     full = torch.log_softmax(llm.logits(prompt + out.token_ids), dim=-1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hf_fixtures import make_hf_checkpoint
+
 from zipserve.engine.llm import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -18,8 +18,10 @@ def checkpoint(tmp_path_factory):
 
 def _prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(5)
-    return [torch.randint(3, 320, (int(k),), generator=g).tolist()
-            for k in torch.randint(1, 90, (n,), generator=g)]
+    return [
+        torch.randint(3, 320, (int(k),), generator=g).tolist()
+        for k in torch.randint(1, 90, (n,), generator=g)
+    ]
 
 
 def test_gpu_fp32_greedy_equals_cpu(checkpoint):
@@ -39,15 +41,22 @@ def test_gpu_graphs_equal_eager_bf16(checkpoint):
     prompts = _prompts(7)
     graphs = LLM(checkpoint, device="cuda", dtype="bfloat16").generate(prompts, params)
     eager = LLM(checkpoint, device="cuda", dtype="bfloat16", cuda_graphs=False).generate(
-        prompts, params)
+        prompts, params
+    )
     for g, e in zip(graphs, eager):
         assert g.token_ids == e.token_ids
         assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
 
 
 def test_gpu_random_llama3_8b_shapes_generate():
-    llm = LLM("random:llama3-8b", device="cuda", max_model_len=4096, graph_batch_sizes=(1, 4),
-              max_num_seqs=4, num_pages=300)
+    llm = LLM(
+        "random:llama3-8b",
+        device="cuda",
+        max_model_len=4096,
+        graph_batch_sizes=(1, 4),
+        max_num_seqs=4,
+        num_pages=300,
+    )
     outs = llm.generate([[1] * 1000, [2] * 100], SamplingParams(max_tokens=8, temperature=0.0))
     assert all(len(o.token_ids) == 8 for o in outs)
     assert llm.engine.pool.num_free == llm.engine.pool.capacity
@@ -61,8 +70,9 @@ def test_gpu_codecs_decode_equals_scoring(codec):
 
     llm = LLM(str(REFERENCE_MODEL), device="cuda", dtype="float32", codec=codec, num_pages=256)
     prompt = list(range(3, 43))
-    out = llm.generate(prompt, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True,
-                                              logprobs=0))[0]
+    out = llm.generate(
+        prompt, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True, logprobs=0)
+    )[0]
     full = torch.log_softmax(llm.logits(prompt + out.token_ids), dim=-1)
     expect = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     assert out.logprobs == pytest.approx(expect, abs=5e-2)
@@ -82,10 +92,18 @@ def test_gpu_compressed_graphs_equal_eager(codec):
     from zipserve.deploy.cli import REFERENCE_MODEL
 
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True, logprobs=0)
-    prompts = [[(7 * i + j) % 8000 + 3 for j in range(n)]
-               for i, n in enumerate((5, 64, 63, 130, 1, 17, 90, 33))]
-    kw = dict(device="cuda", dtype="float32", codec=codec, num_pages=256, max_num_seqs=8,
-              graph_batch_sizes=(1, 2, 8))
+    prompts = [
+        [(7 * i + j) % 8000 + 3 for j in range(n)]
+        for i, n in enumerate((5, 64, 63, 130, 1, 17, 90, 33))
+    ]
+    kw = dict(
+        device="cuda",
+        dtype="float32",
+        codec=codec,
+        num_pages=256,
+        max_num_seqs=8,
+        graph_batch_sizes=(1, 2, 8),
+    )
     graphed = LLM(str(REFERENCE_MODEL), **kw)
     assert graphed.engine.runner.graphs is not None
     eager = LLM(str(REFERENCE_MODEL), cuda_graphs=False, **kw)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hf_fixtures import make_hf_checkpoint
+
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.engine.page_pool import PagePool
 
@@ -25,13 +25,16 @@ def llm():
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 500, (int(k),), generator=g).tolist()
-            for k in torch.randint(1, 40, (n,), generator=g)]
+    return [
+        torch.randint(3, 500, (int(k),), generator=g).tolist()
+        for k in torch.randint(1, 40, (n,), generator=g)
+    ]
 
 
 def test_pool_whole_after_normal_finish(llm):
-    outs = llm.generate(_prompts(6), SamplingParams(max_tokens=20, temperature=0.0,
-                                                    ignore_eos=True))
+    outs = llm.generate(
+        _prompts(6), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    )
     assert [len(o.token_ids) for o in outs] == [20] * 6
     _whole(llm)
 
@@ -42,21 +45,25 @@ def test_stop_string_truncates_and_frees(tmp_path):
     base = llm.generate("def ", SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))[0]
     stop = base.text[10:13]
     assert len(stop) == 3
-    out = llm.generate("def ", SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
-                                              stop=[stop]))[0]
+    out = llm.generate(
+        "def ", SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop])
+    )[0]
     assert out.finish_reason == "stop"
     assert stop not in out.text and base.text.startswith(out.text)
-    assert out.text == base.text[:base.text.index(stop)]
+    assert out.text == base.text[: base.text.index(stop)]
     _whole(llm)
 
 
 def test_stop_token_ids(llm):
-    base = llm.generate([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.0,
-                                                  ignore_eos=True))[0]
+    base = llm.generate([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[
+        0
+    ]
     stop_tok = base.token_ids[4]
-    out = llm.generate([5, 6, 7], SamplingParams(max_tokens=12, temperature=0.0,
-                                                 ignore_eos=True, stop_token_ids=[stop_tok]))[0]
-    assert out.token_ids == base.token_ids[:base.token_ids.index(stop_tok) + 1]
+    out = llm.generate(
+        [5, 6, 7],
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_tok]),
+    )[0]
+    assert out.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
     assert out.finish_reason == "stop"
     _whole(llm)
 
@@ -109,25 +116,31 @@ def test_request_larger_than_pool_is_refused():
     _whole(tight)
 
 
-@pytest.mark.parametrize("prompt, params, field", [
-    ("", None, "prompt"),
-    ([], None, "prompt"),
-    ([1] * 2048, None, "prompt"),
-    ([1, 2, 512], None, "prompt"),
-    ([1, -1], None, "prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", None, "prompt"),
+        ([], None, "prompt"),
+        ([1] * 2048, None, "prompt"),
+        ([1, 2, 512], None, "prompt"),
+        ([1, -1], None, "prompt"),
+    ],
+)
 def test_bad_prompt(llm, prompt, params, field):
     with pytest.raises(ValueError, match=field):
         llm.generate(prompt, params)
     _whole(llm)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(temperature=-1.0), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+    ],
+)
 def test_bad_sampling_params(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)

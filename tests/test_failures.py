@@ -16,18 +16,19 @@ import pytest
 from net_helpers import free_port as _port
 from net_helpers import stream_and_interrupt
 
+from zipserve.compress.wire import LayerKV
+from zipserve.control.config import ServeConfig
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.control.config import ServeConfig
 from zipserve.deploy.serve import running_server
-from zipserve.compress.wire import LayerKV
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_worker.worker import KV_TAG, PrefillWorker
 from zipserve.transfer.inprocess import InProcessChannel
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 LONG_PROMPT = "import os\nimport sys\n" * 30
 
@@ -36,15 +37,22 @@ LONG_PROMPT = "import os\nimport sys\n" * 30
 def server(local_ray):
     """Two prefill workers and one decode worker; a slow emulated link keeps each prefill call
     busy for ~0.5 s, long enough to kill the worker under it."""
-    cfg = ServeConfig(model=MODEL, codec="bf16", num_prefill=2, health_interval_s=0.2,
-                      max_restarts=2, link_gbps=0.03)
+    cfg = ServeConfig(
+        model=MODEL,
+        codec="bf16",
+        num_prefill=2,
+        health_interval_s=0.2,
+        max_restarts=2,
+        link_gbps=0.03,
+    )
     with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
         yield base, backend
 
 
 def _post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -78,7 +86,8 @@ def _assert_pools_whole(backend) -> None:
     def whole():
         stats = ray.get([a.stats.remote() for a in backend.prefill + backend.decode])
         ok = all(s.free_pages == s.capacity_pages for s in stats) and all(
-            s.reserved == 0 and s.running == 0 for s in stats[len(backend.prefill):])
+            s.reserved == 0 and s.running == 0 for s in stats[len(backend.prefill) :]
+        )
         return stats if ok else None
 
     _wait_until(whole, 10, "every page back in its pool")
@@ -95,22 +104,33 @@ def test_decode_killed_mid_stream_fails_fast_restarts_and_serving_resumes(server
         assert {"free_pages", "used_pages", "queued_tokens", "running"} <= set(w)
 
     error, t_kill = stream_and_interrupt(
-        f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 1000, "temperature": 0},
-        3, lambda: ray.kill(backend.decode[0], no_restart=False))
+        f"{base}/v1/completions",
+        {"prompt": LONG_PROMPT, "max_tokens": 1000, "temperature": 0},
+        3,
+        lambda: ray.kill(backend.decode[0], no_restart=False),
+    )
     assert error is not None and "decode worker" in error, error
     assert time.time() - t_kill < 5, "the stream did not end soon after the worker died"
 
-    down = _wait_until(lambda: not _worker(_health(base), "decode-0")["healthy"], 10,
-                       "/health to report decode-0 down")
+    down = _wait_until(
+        lambda: not _worker(_health(base), "decode-0")["healthy"],
+        10,
+        "/health to report decode-0 down",
+    )
     assert down
-    up = _wait_until(lambda: (w := _worker(_health(base), "decode-0"))["healthy"]
-                     and w["restarts"] == 1 and w, 60, "decode-0 back after its restart")
+    up = _wait_until(
+        lambda: (w := _worker(_health(base), "decode-0"))["healthy"] and w["restarts"] == 1 and w,
+        60,
+        "decode-0 back after its restart",
+    )
     assert up["free_pages"] > 0
-    status, out = _post(f"{base}/v1/completions",
-                        {"prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0})
+    status, out = _post(
+        f"{base}/v1/completions", {"prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0}
+    )
     assert status == 200 and out["usage"]["completion_tokens"] == 8, out
-    _wait_until(lambda: all(_health(base)["backend"]["pairs"].values()), 20,
-                "both pairs connected again")
+    _wait_until(
+        lambda: all(_health(base)["backend"]["pairs"].values()), 20, "both pairs connected again"
+    )
     for _ in range(2):  # the pair of each prefill worker serves again
         status, out = _post(f"{base}/v1/completions", {"prompt": "x = 1", "max_tokens": 2})
         assert status == 200, out
@@ -123,13 +143,25 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
     base, backend = server
     retried = backend.counts["retried"]
     result = {}
-    t = threading.Thread(target=lambda: result.update(out=_post(
-        f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 6,
-                                   "temperature": 0})))
+    t = threading.Thread(
+        target=lambda: result.update(
+            out=_post(
+                f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 6, "temperature": 0}
+            )
+        )
+    )
     t.start()
-    victim = _wait_until(lambda: next((i for i, n in backend.prefilling.items() if n), None)
-                         is not None and next(i for i, n in backend.prefilling.items() if n)
-                         + 1, 20, "the request to reach a prefill worker") - 1
+    victim = (
+        _wait_until(
+            lambda: (
+                next((i for i, n in backend.prefilling.items() if n), None) is not None
+                and next(i for i, n in backend.prefilling.items() if n) + 1
+            ),
+            20,
+            "the request to reach a prefill worker",
+        )
+        - 1
+    )
     ray.kill(backend.prefill[victim], no_restart=False)
     t.join(60)
     status, out = result["out"]
@@ -139,16 +171,25 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
     assert backend.counts["prefill_worker_died"] == 1
 
     name = f"prefill-{victim}"
-    _wait_until(lambda: (w := _worker(_health(base), name))["healthy"] and
-                w["restarts"] == 1, 60, f"{name} back after its restart")
-    _wait_until(lambda: all(_health(base)["backend"]["pairs"].values()), 20,
-                "both pairs connected again")
+    _wait_until(
+        lambda: (w := _worker(_health(base), name))["healthy"] and w["restarts"] == 1,
+        60,
+        f"{name} back after its restart",
+    )
+    _wait_until(
+        lambda: all(_health(base)["backend"]["pairs"].values()), 20, "both pairs connected again"
+    )
     # both pairs serve again: a burst spreads over the two prefill workers
     before = [s.prefills for s in ray.get([p.stats.remote() for p in backend.prefill])]
     outs = []
-    threads = [threading.Thread(target=lambda: outs.append(_post(
-        f"{base}/v1/completions", {"prompt": "def f(x):", "max_tokens": 2}))) for _ in
-        range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda: outs.append(
+                _post(f"{base}/v1/completions", {"prompt": "def f(x):", "max_tokens": 2})
+            )
+        )
+        for _ in range(4)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -158,10 +199,16 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
     assert after[victim] > before[victim], (before, after)
 
     # a reservation whose KV never comes is expired at its deadline, and counted
-    ray.get(backend.decode[0].reserve.remote("orphan", list(range(3, 50)),
-                                             SamplingParams(max_tokens=2), 0.3))
-    _wait_until(lambda: backend.health()["failures"].get("transfer_deadline") == 1, 10,
-                "the expired reservation to be counted")
+    ray.get(
+        backend.decode[0].reserve.remote(
+            "orphan", list(range(3, 50)), SamplingParams(max_tokens=2), 0.3
+        )
+    )
+    _wait_until(
+        lambda: backend.health()["failures"].get("transfer_deadline") == 1,
+        10,
+        "the expired reservation to be counted",
+    )
     ray.get(backend.decode[0].release.remote("orphan"))
     _assert_pools_whole(backend)
 
@@ -169,8 +216,9 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
 def test_timeout_mid_transfer_frees_every_page(server):
     base, backend = server
     t0 = time.time()
-    status, out = _post(f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 50,
-                                                   "timeout": 0.3})
+    status, out = _post(
+        f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 50, "timeout": 0.3}
+    )
     assert status == 504 and out["error"]["code"] == "request_timeout", out
     assert time.time() - t0 < 5
     _assert_pools_whole(backend)  # the reservation was released, the late KV dropped
@@ -202,8 +250,7 @@ def test_checksum_mismatch_and_deadline_are_counted_by_reason():
         pages = bytearray(kv.pages)
         pages[-1] ^= 0xFF
         dec.reserve("bad", prompt, params)
-        chan.send(LayerKV(kv.layer, kv.num_tokens, bytes(pages), kv.tail, "bad").to_bytes(),
-                  KV_TAG)
+        chan.send(LayerKV(kv.layer, kv.num_tokens, bytes(pages), kv.tail, "bad").to_bytes(), KV_TAG)
         res = dec.admit("bad", 1, None, timeout=5)
         assert res.finish_reason == "error" and "checksum mismatch" in res.error
 
@@ -216,7 +263,14 @@ def test_checksum_mismatch_and_deadline_are_counted_by_reason():
         for rid in ("ok", "bad", "late"):
             dec.abort(rid)
             dec.release(rid)
-        _wait_until(lambda: (s := dec.stats()).free_pages == s.capacity_pages and
-                    s.running == 0 and s.reserved == 0, 5, "the decode pool whole")
+        _wait_until(
+            lambda: (
+                (s := dec.stats()).free_pages == s.capacity_pages
+                and s.running == 0
+                and s.reserved == 0
+            ),
+            5,
+            "the decode pool whole",
+        )
     finally:
         dec.shutdown()

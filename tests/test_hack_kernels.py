@@ -10,23 +10,32 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede importing triton / the kernel modules
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # must precede importing triton / the kernel modules
 
 import pytest  # noqa: E402
 
 from zipserve.kernels.hack_decode_attention import (  # noqa: E402
-    hack_decode_attention, hack_decode_attention_ref, hack_num_splits)
+    hack_decode_attention,
+    hack_decode_attention_ref,
+    hack_num_splits,
+)
 from zipserve.kernels.hack_encode import (  # noqa: E402
-    hack_dequantize_ref, hack_encode_pages, hack_encode_pages_ref)
-from zipserve.kernels.hack_layout import (  # noqa: E402
-    HackPages, hack_bytes_per_token, pack_planar, unpack_planar)
+    hack_dequantize_ref,
+    hack_encode_pages,
+    hack_encode_pages_ref,
+)
+from zipserve.kernels.hack_layout import HackPages, hack_bytes_per_token, pack_planar, unpack_planar  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 64
 
 
 def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    return (
+        (out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+    ).item()
 
 
 def rand_kv(gen, shape, outliers=True):
@@ -66,10 +75,15 @@ def test_bytes_per_token():
 # ---------------------------------------------------------------- encode
 
 
-@pytest.mark.parametrize("bits,d,gv,dtype", [
-    (2, 64, 64, torch.float16), (4, 64, 32, torch.float32),
-    (2, 128, 64, torch.float32), (4, 128, 64, torch.float16),
-])
+@pytest.mark.parametrize(
+    "bits,d,gv,dtype",
+    [
+        (2, 64, 64, torch.float16),
+        (4, 64, 32, torch.float32),
+        (2, 128, 64, torch.float32),
+        (4, 128, 64, torch.float16),
+    ],
+)
 def test_encode_kernel_matches_reference(bits, d, gv, dtype):
     gen = torch.Generator().manual_seed(bits * d + gv)
     n, kvh = 3, 2
@@ -83,15 +97,22 @@ def test_encode_kernel_matches_reference(bits, d, gv, dtype):
         pool = HackPages.empty(6, kvh, P, d, bits, gv)
         for t in pool.tensors().values():
             t.fill_(7)  # untouched pages must stay untouched
-        res = fn(k.to(DEVICE), v.to(DEVICE), bits, gv, out=_to(pool, DEVICE), page_ids=ids.to(DEVICE))
+        res = fn(
+            k.to(DEVICE), v.to(DEVICE), bits, gv, out=_to(pool, DEVICE), page_ids=ids.to(DEVICE)
+        )
         pools.append(_to(res, "cpu"))
     a, b = pools
     for name in ("k_codes", "v_codes"):
-        ca, cb = unpack_planar(getattr(a, name), bits).int(), unpack_planar(getattr(b, name), bits).int()
+        ca, cb = (
+            unpack_planar(getattr(a, name), bits).int(),
+            unpack_planar(getattr(b, name), bits).int(),
+        )
         assert (ca - cb).abs().max() <= 1
         assert (ca != cb).float().mean() < 1e-3  # rounding ties only (fp32 division on GPU)
     for name in ("k_scale", "k_min", "v_scale", "v_min", "k_sums", "v_sums"):
-        assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), rtol=1e-3, atol=1e-3), name
+        assert torch.allclose(
+            getattr(a, name).float(), getattr(b, name).float(), rtol=1e-3, atol=1e-3
+        ), name
     for t in a.tensors().values():
         assert (t[[1, 3, 5]] == 7).all()
     # sums are the code sums
@@ -120,7 +141,9 @@ def test_encode_new_pool_and_errors():
     pool = hack_encode_pages(k, v, 4)
     ref = hack_encode_pages_ref(k, v, 4)
     assert pool.num_pages == 2 and pool.bits == 4 and pool.k_codes.shape == (2, 1, P, 32)
-    assert (unpack_planar(pool.k_codes, 4).int() - unpack_planar(ref.k_codes, 4).int()).abs().max() <= 1
+    assert (
+        unpack_planar(pool.k_codes, 4).int() - unpack_planar(ref.k_codes, 4).int()
+    ).abs().max() <= 1
     assert torch.allclose(pool.v_scale.float(), ref.v_scale.float(), rtol=1e-3, atol=1e-4)
     for fn in (hack_encode_pages, hack_encode_pages_ref):
         with pytest.raises(ValueError, match="bits"):
@@ -155,8 +178,9 @@ def test_encode_with_fused_rotation(bits):
             cb = unpack_planar(getattr(b, name), bits).int()
             assert (ca - cb).abs().max() <= 1 and (ca != cb).float().mean() <= tol
         for name in ("k_scale", "k_min", "v_scale", "v_min"):
-            assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(),
-                                  rtol=1e-2, atol=1e-3), name
+            assert torch.allclose(
+                getattr(a, name).float(), getattr(b, name).float(), rtol=1e-2, atol=1e-3
+            ), name
     with pytest.raises(ValueError, match="rotation"):
         hack_encode_pages_ref(k, v, bits, gv, rotation=r[:8].cpu())
 
@@ -165,8 +189,11 @@ def test_encode_with_fused_rotation(bits):
 
 
 def _to(pages, device):
-    return HackPages(**{n: t.to(device) for n, t in pages.tensors().items()}, bits=pages.bits,
-                     group_v=pages.group_v)
+    return HackPages(
+        **{n: t.to(device) for n, t in pages.tensors().items()},
+        bits=pages.bits,
+        group_v=pages.group_v,
+    )
 
 
 def make_case(seed, lens, kvh, group, d, bits, dtype, n_sink=4, group_v=64, extra_pages=2):
@@ -191,18 +218,26 @@ def make_case(seed, lens, kvh, group, d, bits, dtype, n_sink=4, group_v=64, extr
         for i in range(n_full[b]):
             page_table[b, i] = perm[len(ids)]
             ids.append(int(perm[len(ids)]))
-            kp.append(k[b, :, i * P:(i + 1) * P])
-            vp.append(v[b, :, i * P:(i + 1) * P])
+            kp.append(k[b, :, i * P : (i + 1) * P])
+            vp.append(v[b, :, i * P : (i + 1) * P])
         nf = n_full[b]
-        dense_idx.append(list(range(min(n_sink, n))) + list(range(nf * P, n)) if nf else list(range(n)))
+        dense_idx.append(
+            list(range(min(n_sink, n))) + list(range(nf * P, n)) if nf else list(range(n))
+        )
     pool = HackPages.empty(num_pages, kvh, P, d, bits, group_v)
     for name in ("k_scale", "k_min", "v_scale", "v_min", "k_sums", "v_sums"):
         getattr(pool, name).fill_(float("nan"))
     pool.k_codes.random_(0, 256, generator=gen)
     pool.v_codes.random_(0, 256, generator=gen)
     if ids:
-        hack_encode_pages_ref(torch.stack(kp), torch.stack(vp), bits, group_v, out=pool,
-                              page_ids=torch.tensor(ids, dtype=torch.int32))
+        hack_encode_pages_ref(
+            torch.stack(kp),
+            torch.stack(vp),
+            bits,
+            group_v,
+            out=pool,
+            page_ids=torch.tensor(ids, dtype=torch.int32),
+        )
     T = max(len(x) for x in dense_idx) + 3
     dense_k = torch.full((B, kvh, T, d), float("nan"), dtype=dtype)
     dense_v = torch.full((B, kvh, T, d), float("nan"), dtype=dtype)
@@ -210,10 +245,18 @@ def make_case(seed, lens, kvh, group, d, bits, dtype, n_sink=4, group_v=64, extr
         dense_k[b, :, : len(idx)] = k[b, :, idx]
         dense_v[b, :, : len(idx)] = v[b, :, idx]
     i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
-    args = dict(q=q.to(DEVICE), pages=_to(pool, DEVICE), page_table=page_table.to(DEVICE),
-                n_pages=i32(n_full),
-                dense_k=dense_k.to(DEVICE), dense_v=dense_v.to(DEVICE),
-                dense_lens=i32([len(x) for x in dense_idx]), scale=d ** -0.5, bits=bits, n_sink=n_sink)
+    args = dict(
+        q=q.to(DEVICE),
+        pages=_to(pool, DEVICE),
+        page_table=page_table.to(DEVICE),
+        n_pages=i32(n_full),
+        dense_k=dense_k.to(DEVICE),
+        dense_v=dense_v.to(DEVICE),
+        dense_lens=i32([len(x) for x in dense_idx]),
+        scale=d**-0.5,
+        bits=bits,
+        n_sink=n_sink,
+    )
     return args, (k, v, dense_idx)
 
 
@@ -228,8 +271,8 @@ def attention_f64(args, k, v, dense_idx):
     for b in range(B):
         npg, dl = int(args["n_pages"][b]), int(args["dense_lens"][b])
         ids = args["page_table"][b, :npg].long().cpu()
-        kk = kd[ids].transpose(0, 1).reshape(kvh, -1, D)[:, n_sink if npg else 0:].double()
-        vv = vd[ids].transpose(0, 1).reshape(kvh, -1, D)[:, n_sink if npg else 0:].double()
+        kk = kd[ids].transpose(0, 1).reshape(kvh, -1, D)[:, n_sink if npg else 0 :].double()
+        vv = vd[ids].transpose(0, 1).reshape(kvh, -1, D)[:, n_sink if npg else 0 :].double()
         kk = torch.cat([kk, args["dense_k"][b, :, :dl].cpu().double()], 1)
         vv = torch.cat([vv, args["dense_v"][b, :, :dl].cpu().double()], 1)
         if kk.shape[1] == 0:
@@ -268,13 +311,18 @@ def test_decode_kernel_matches_reference(mode, seed, lens, kvh, group, d, bits, 
 
 
 @pytest.mark.parametrize("mode,tol", [("f16", 1e-5), ("int8", 3e-2)])
-@pytest.mark.parametrize("seed,lens,kvh,group,d,bits,n_sink", [
-    (21, [128, 65, 191, 0, 30], 2, 4, 64, 2, 4),
-    (22, [64, 127, 300], 1, 8, 128, 4, 4),
-    (23, [257, 70], 2, 1, 128, 2, 0),
-])
+@pytest.mark.parametrize(
+    "seed,lens,kvh,group,d,bits,n_sink",
+    [
+        (21, [128, 65, 191, 0, 30], 2, 4, 64, 2, 4),
+        (22, [64, 127, 300], 1, 8, 128, 4, 4),
+        (23, [257, 70], 2, 1, 128, 2, 0),
+    ],
+)
 def test_reference_matches_f64_attention(mode, tol, seed, lens, kvh, group, d, bits, n_sink):
-    args, (k, v, dense_idx) = make_case(seed, lens, kvh, group, d, bits, torch.float32, n_sink=n_sink)
+    args, (k, v, dense_idx) = make_case(
+        seed, lens, kvh, group, d, bits, torch.float32, n_sink=n_sink
+    )
     args = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
     args["pages"] = _to(args["pages"], "cpu")
     ref = hack_decode_attention_ref(**args, mode=mode)
@@ -289,8 +337,9 @@ def test_reference_matches_f64_attention(mode, tol, seed, lens, kvh, group, d, b
         if n:
             kk = k[b, :, :n].double().repeat_interleave(group, 0)
             vv = v[b, :, :n].double().repeat_interleave(group, 0)
-            exact[b] = torch.einsum("hn,hnd->hd", (torch.einsum("hd,hnd->hn", q[b], kk) * args["scale"])
-                                    .softmax(-1), vv)
+            exact[b] = torch.einsum(
+                "hn,hnd->hd", (torch.einsum("hd,hnd->hn", q[b], kk) * args["scale"]).softmax(-1), vv
+            )
     cos = torch.nn.functional.cosine_similarity(want.flatten(), exact.flatten(), dim=0).item()
     assert cos > (0.75 if bits == 2 else 0.97)
 
@@ -303,7 +352,9 @@ def test_decode_group_sizes(gv, bits, mode):
     assert rel_err(out, ref) < (5e-3 if mode == "f16" else 2e-3)
     cpu = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
     cpu["pages"] = _to(args["pages"], "cpu")
-    assert rel_err(ref.double().cpu(), attention_f64(cpu, *data)) < (1e-5 if mode == "f16" else 3e-2)
+    assert rel_err(ref.double().cpu(), attention_f64(cpu, *data)) < (
+        1e-5 if mode == "f16" else 3e-2
+    )
 
 
 def test_decode_rejects_group_smaller_than_plane():
@@ -348,8 +399,11 @@ def test_wrapper_errors():
         "scale": dict(scale=torch.tensor(0.1)),
         "out": dict(out=torch.empty(2, 4, 64, dtype=torch.float32, device=DEVICE)),
         "contiguous": dict(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)),
-        "pages": dict(pages=HackPages(**{**a["pages"].tensors(), "k_min": a["pages"].k_min.float()},
-                                      bits=2, group_v=64)),
+        "pages": dict(
+            pages=HackPages(
+                **{**a["pages"].tensors(), "k_min": a["pages"].k_min.float()}, bits=2, group_v=64
+            )
+        ),
     }
     for fn in (hack_decode_attention, hack_decode_attention_ref):
         for name, kw in bad.items():
@@ -375,7 +429,9 @@ def test_cpu_without_interpreter_raises():
         "except RuntimeError as e:\n    print('RAISED', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert "RAISED" in res.stdout and "TRITON_INTERPRET" in res.stdout, res.stderr
 
 
@@ -387,8 +443,15 @@ def test_bf16_realistic_gpu(mode, bits, splits):
     lens = torch.randint(1, 2048, (8,)).tolist()
     lens[0], lens[1], lens[2] = 0, 2048, 2047
     args, data = make_case(41, lens, 8, 4, 128, bits, torch.bfloat16)
-    ref = hack_decode_attention_ref(**{**args, "q": args["q"].float(), "dense_k": args["dense_k"].float(),
-                                       "dense_v": args["dense_v"].float()}, mode=mode)
+    ref = hack_decode_attention_ref(
+        **{
+            **args,
+            "q": args["q"].float(),
+            "dense_k": args["dense_k"].float(),
+            "dense_v": args["dense_v"].float(),
+        },
+        mode=mode,
+    )
     out = hack_decode_attention(**args, mode=mode, num_splits=splits)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()
@@ -409,7 +472,12 @@ def test_encode_bf16_gpu(bits):
     a, b = hack_encode_pages(k, v, bits), hack_encode_pages_ref(k, v, bits)
     torch.cuda.synchronize()
     for name in ("k_codes", "v_codes"):
-        ca, cb = unpack_planar(getattr(a, name), bits).int(), unpack_planar(getattr(b, name), bits).int()
+        ca, cb = (
+            unpack_planar(getattr(a, name), bits).int(),
+            unpack_planar(getattr(b, name), bits).int(),
+        )
         assert (ca - cb).abs().max() <= 1 and (ca != cb).float().mean() < 1e-3
     for name in ("k_scale", "k_min", "v_scale", "v_min"):
-        assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), rtol=1e-3, atol=1e-3), name
+        assert torch.allclose(
+            getattr(a, name).float(), getattr(b, name).float(), rtol=1e-3, atol=1e-3
+        ), name

@@ -26,11 +26,11 @@ import anyio
 import httpx
 import pytest
 import uvicorn
+from fake_backend import FAKE_LOGPROB, FakeBackend
 from net_helpers import free_port
 
 from zipserve.router.app import create_app
 from zipserve.router.backend import FinishEvent, Job
-from fake_backend import FAKE_LOGPROB, FakeBackend
 from zipserve.router.json_body import MAX_JSON_DEPTH
 from zipserve.router.limits import AdmissionConfig
 from zipserve.router.read_timeouts import uvicorn_options
@@ -60,8 +60,9 @@ def app(backend):
 
 @pytest.fixture
 async def client(app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router", timeout=10) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    ) as c:
         yield c
 
 
@@ -76,8 +77,9 @@ def no_tracebacks(caplog):
 
 async def post(client, path: str, *, json_body=None, content: bytes | None = None):
     t0 = time.perf_counter()
-    r = await client.post(path, json=json_body, content=content,
-                          headers={"content-type": "application/json"})
+    r = await client.post(
+        path, json=json_body, content=content, headers={"content-type": "application/json"}
+    )
     return r, time.perf_counter() - t0
 
 
@@ -102,15 +104,19 @@ async def assert_healthy_and_whole(client, backend) -> None:
 # ----------------------------------------------------------------------------- 1. refusals
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": [1, 999999]}, "prompt"),
-    ({"prompt": [2 ** 70]}, "prompt"),
-    ({"prompt": [512]}, "prompt"),  # one past the vocabulary
-    ({"prompt": "hi", "seed": 2 ** 64}, "seed"),
-    ({"prompt": "hi", "seed": -(2 ** 63) - 1}, "seed"),
-])
-async def test_values_the_engine_would_refuse_are_refused_at_admission(client, backend, body,
-                                                                        param):
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": [1, 999999]}, "prompt"),
+        ({"prompt": [2**70]}, "prompt"),
+        ({"prompt": [512]}, "prompt"),  # one past the vocabulary
+        ({"prompt": "hi", "seed": 2**64}, "seed"),
+        ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+    ],
+)
+async def test_values_the_engine_would_refuse_are_refused_at_admission(
+    client, backend, body, param
+):
     r, dt = await post(client, "/v1/completions", json_body=body)
     assert_400(r, dt, param)
     assert not backend.jobs  # never queued, never started
@@ -140,23 +146,24 @@ class RefusingBackend(FakeBackend):
 
     async def stream(self, job: Job):
         self.jobs.append(job)
-        yield FinishEvent("error", error="temperature: must be >= 0, got -1.0",
-                          client_error=True)
+        yield FinishEvent("error", error="temperature: must be >= 0, got -1.0", client_error=True)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_refusal_reported_by_the_backend_is_a_400_naming_the_field(stream):
     backend = RefusingBackend()
     app = create_app(backend)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router", timeout=10) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    ) as c:
         t0 = time.perf_counter()
         r = await c.post("/v1/completions", json={"prompt": "x", "stream": stream})
         dt = time.perf_counter() - t0
         if stream:  # the 200 went out with the headers: the error is the stream's last event
             assert r.status_code == 200 and dt < FAST_S
-            events = [json.loads(line[6:]) for line in r.text.splitlines()
-                      if line.startswith("data: {")]
+            events = [
+                json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")
+            ]
             err = events[-1]["error"]
             assert err["type"] == "invalid_request_error" and err["param"] == "temperature"
         else:
@@ -171,21 +178,25 @@ def nested(depth: int, key: str = "prompt") -> bytes:
     return b'{"' + key.encode() + b'": ' + b"[" * depth + b"]" * depth + b"}"
 
 
-@pytest.mark.parametrize("path,content,param", [
-    ("/v1/completions", b'{"prompt": "abc\\ud800def"}', "prompt"),
-    ("/v1/completions", b'{"prompt": "x", "stop": ["a", "\\udfff"]}', "stop[1]"),
-    ("/v1/completions", b'{"prompt": "x", "model": "\\ud800"}', "model"),
-    ("/v1/completions", b'{"prompt": "x", "\\ud800": 1}', None),  # an (unknown) key
-    ("/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udbff"}]}]}',
-     "messages[0].content[0].text"),
-    ("/v1/completions", nested(100_000), "prompt"),
-    ("/v1/completions", nested(MAX_JSON_DEPTH + 1, "whatever"), "whatever"),
-    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, None),
-    ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None),
-])
-async def test_malicious_bodies_are_400s_naming_the_field(client, backend, path, content,
-                                                          param):
+@pytest.mark.parametrize(
+    "path,content,param",
+    [
+        ("/v1/completions", b'{"prompt": "abc\\ud800def"}', "prompt"),
+        ("/v1/completions", b'{"prompt": "x", "stop": ["a", "\\udfff"]}', "stop[1]"),
+        ("/v1/completions", b'{"prompt": "x", "model": "\\ud800"}', "model"),
+        ("/v1/completions", b'{"prompt": "x", "\\ud800": 1}', None),  # an (unknown) key
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udbff"}]}]}',
+            "messages[0].content[0].text",
+        ),
+        ("/v1/completions", nested(100_000), "prompt"),
+        ("/v1/completions", nested(MAX_JSON_DEPTH + 1, "whatever"), "whatever"),
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, None),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None),
+    ],
+)
+async def test_malicious_bodies_are_400s_naming_the_field(client, backend, path, content, param):
     r, dt = await post(client, path, content=content)
     assert_400(r, dt, param)
     assert not backend.jobs
@@ -193,8 +204,9 @@ async def test_malicious_bodies_are_400s_naming_the_field(client, backend, path,
 
 
 async def test_a_valid_surrogate_pair_is_text(client):
-    r = await client.post("/v1/completions", content=b'{"prompt": "\\ud83d\\ude00", '
-                                                     b'"max_tokens": 1}')
+    r = await client.post(
+        "/v1/completions", content=b'{"prompt": "\\ud83d\\ude00", "max_tokens": 1}'
+    )
     assert r.status_code == 200, r.text
 
 
@@ -205,12 +217,14 @@ class ThrowingTokenizer(FakeBackend):
 
 async def test_a_tokenizer_failure_is_a_400_naming_the_field():
     app = create_app(ThrowingTokenizer())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router", timeout=10) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    ) as c:
         r, dt = await post(c, "/v1/completions", json_body={"prompt": "x"})
         assert_400(r, dt, "prompt")
-        r, dt = await post(c, "/v1/chat/completions",
-                           json_body={"messages": [{"role": "user", "content": "x"}]})
+        r, dt = await post(
+            c, "/v1/chat/completions", json_body={"messages": [{"role": "user", "content": "x"}]}
+        )
         assert_400(r, dt, "messages")
 
 
@@ -227,32 +241,38 @@ UNSUPPORTED = [
     ("/v1/completions", {"frequency_penalty": -1}, "frequency_penalty"),
     ("/v1/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-    ("/v1/chat/completions", {"stream_options": {"include_usage": True}, "stream": False},
-     "stream_options"),
+    (
+        "/v1/chat/completions",
+        {"stream_options": {"include_usage": True}, "stream": False},
+        "stream_options",
+    ),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
 ]
 
 
-@pytest.mark.parametrize("path,extra,param", UNSUPPORTED,
-                         ids=[f"{p[4:]}-{x}" for p, _, x in UNSUPPORTED])
-async def test_unsupported_parameters_are_400s_naming_the_field(client, backend, path, extra,
-                                                                param):
-    base = {"prompt": "x"} if path == "/v1/completions" else {
-        "messages": [{"role": "user", "content": "x"}]}
+@pytest.mark.parametrize(
+    "path,extra,param", UNSUPPORTED, ids=[f"{p[4:]}-{x}" for p, _, x in UNSUPPORTED]
+)
+async def test_unsupported_parameters_are_400s_naming_the_field(
+    client, backend, path, extra, param
+):
+    base = (
+        {"prompt": "x"}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "x"}]}
+    )
     r, dt = await post(client, path, json_body={**base, "max_tokens": 2, **extra})
     assert_400(r, dt, param)
     assert not backend.jobs
 
 
 async def test_completion_logprobs(client, backend):
-    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3,
-                                                   "logprobs": 2})
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 2})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -262,40 +282,56 @@ async def test_completion_logprobs(client, backend):
     assert lp["text_offset"] == [0, 3, 6]
     assert backend.jobs[-1].logprobs == 2
     # logprobs 0: the sampled token's logprob, no alternatives
-    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1,
-                                                   "logprobs": 0})
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "logprobs": 0})
     assert r.json()["choices"][0]["logprobs"]["top_logprobs"] == [{}]
 
 
 async def test_streamed_completion_logprobs_follow_the_tokens(client):
-    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3,
-                                                   "logprobs": 1, "stream": True})
-    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: {")]
+    r = await client.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1, "stream": True}
+    )
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
     assert [t for lp in lps for t in lp["tokens"]] == [" t0", " t1", " t2"]
     assert [o for lp in lps for o in lp["text_offset"]] == [0, 3, 6]
 
 
 async def test_chat_logprobs(client):
-    r = await client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True,
-        "top_logprobs": 2})
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 2,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert [c["token"] for c in content] == [" t0", " t1"]
     assert content[0]["bytes"] == list(b" t0") and content[0]["logprob"] == FAKE_LOGPROB
     assert [t["token"] for t in content[0]["top_logprobs"]] == [" t0", " t1"]
-    r = await client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": False})
+    r = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": False},
+    )
     assert r.json()["choices"][0]["logprobs"] is None
-    r = await client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True,
-        "stream": True})
-    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: {")]
-    tokens = [t["token"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
-              for t in c["choices"][0]["logprobs"]["content"]]
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 2,
+            "logprobs": True,
+            "stream": True,
+        },
+    )
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    tokens = [
+        t["token"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["logprobs"]
+        for t in c["choices"][0]["logprobs"]["content"]
+    ]
     assert tokens == [" t0", " t1"]
 
 
@@ -307,8 +343,11 @@ def serving(backend, limits: AdmissionConfig, api_key: str | None = None):
     """A real uvicorn on 127.0.0.1 with the read timeouts `zipserve serve` uses."""
     port = free_port()
     app = create_app(backend, api_key=api_key, limits=limits)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", **uvicorn_options(limits)))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(limits)
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 10
@@ -329,7 +368,7 @@ def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float
     while True:
         try:
             chunk = sock.recv(65536)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return data, float("inf")
         except ConnectionResetError:
             return data, time.perf_counter() - t0
@@ -370,7 +409,7 @@ def test_slowloris_connections_are_answered_408_and_closed():
                     answers[i] += chunk
                     if not chunk:
                         closed_at[i] = time.perf_counter() - t0
-                except (socket.timeout, TimeoutError):
+                except TimeoutError:
                     pass
                 except OSError:
                     closed_at[i] = time.perf_counter() - t0
@@ -401,8 +440,10 @@ def test_a_body_that_does_not_arrive_is_answered_408(drip):
     backend = FakeBackend()
     with serving(backend, TIMEOUTS) as port:
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                  b"\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b'\r\nContent-Length: 100\r\n\r\n{"prompt"'
+        )
         if drip:  # a byte every 0.1 s: each read is quick, the body never completes in time
             for _ in range(8):
                 time.sleep(0.1)
@@ -426,11 +467,14 @@ def test_read_timeouts_spare_keep_alive_and_long_responses():
     with serving(backend, TIMEOUTS) as port:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
             for _ in range(3):
-                assert c.post("/v1/completions", json={"prompt": "x",
-                                                       "max_tokens": 2}).status_code == 200
+                assert (
+                    c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code
+                    == 200
+                )
                 time.sleep(0.35)  # < the timeout each time, > it in total
-            with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 30,
-                                                           "stream": True}) as r:
+            with c.stream(
+                "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 30, "stream": True}
+            ) as r:
                 body = b"".join(r.iter_bytes())
             assert body.endswith(b"data: [DONE]\n\n") and body.count(b'"text"') >= 30
             time.sleep(TIMEOUTS.header_timeout_s + 0.3)  # idle past the timeout: closed
@@ -445,15 +489,22 @@ async def test_health_without_the_key_is_minimal(backend):
     app = create_app(backend, api_key=KEY)
     secret = "ActorDiedError: /secret/path/model.safetensors"
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router", timeout=10) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    ) as c:
         r = await c.get("/health")
         assert r.status_code == 200
-        assert r.json() == {"status": "ok", "workers": {"total": 2, "healthy": 2},
-                            "jobs": {"active": 0, "queued": 0}}
+        assert r.json() == {
+            "status": "ok",
+            "workers": {"total": 2, "healthy": 2},
+            "jobs": {"active": 0, "queued": 0},
+        }
         for headers in ({"Authorization": "Bearer nope"}, {}):
             assert set((await c.get("/health", headers=headers)).json()) == {
-                "status", "workers", "jobs"}
+                "status",
+                "workers",
+                "jobs",
+            }
         r = await c.get("/health", headers={"Authorization": f"Bearer {KEY}"})
         assert r.json()["model"] == backend.model_name and "backend" in r.json()
 
@@ -472,15 +523,17 @@ async def test_health_without_the_key_is_minimal(backend):
 
 
 def test_the_served_model_name_is_not_a_path():
-    from zipserve.deploy.cli import REFERENCE_MODEL
     from zipserve.control.config import ServeConfig, served_name
+    from zipserve.deploy.cli import REFERENCE_MODEL
 
     assert served_name(str(REFERENCE_MODEL)) == "zipserve-ref"
     assert served_name(str(REFERENCE_MODEL) + "/") == "zipserve-ref"
     assert served_name("random:tiny") == "random:tiny"
     cfg = ServeConfig(model=str(REFERENCE_MODEL), codec="bf16")
     assert cfg.model_name == "zipserve-ref"
-    assert ServeConfig(model=str(REFERENCE_MODEL), codec="bf16",
-                       served_model_name="ref").model_name == "ref"
+    assert (
+        ServeConfig(model=str(REFERENCE_MODEL), codec="bf16", served_model_name="ref").model_name
+        == "ref"
+    )
     with pytest.raises(ValueError, match="served-model-name"):
         ServeConfig(model=str(REFERENCE_MODEL), codec="bf16", served_model_name=" ")

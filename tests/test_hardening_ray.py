@@ -19,15 +19,16 @@ import urllib.request
 import pytest
 from net_helpers import decode_pool_settled, free_port
 
-from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.serve import running_server
 from zipserve.router.backend import FinishEvent, Job
 from zipserve.router.limits import AdmissionConfig
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 KEY = "K"
 FAST_S = 1.0
@@ -40,13 +41,15 @@ def server():
     if ray.is_initialized():
         ray.shutdown()
     cfg = ServeConfig(model=MODEL, codec="bf16")
-    with running_server(cfg, "127.0.0.1", free_port(), api_key=KEY,
-                        limits=AdmissionConfig(max_queued_jobs=4)) as (base, backend):
+    with running_server(
+        cfg, "127.0.0.1", free_port(), api_key=KEY, limits=AdmissionConfig(max_queued_jobs=4)
+    ) as (base, backend):
         yield base, backend
 
 
-def call(base: str, path: str, body: dict | None = None, key: str | None = KEY,
-         timeout: float = 60) -> tuple[int, dict, float]:
+def call(
+    base: str, path: str, body: dict | None = None, key: str | None = KEY, timeout: float = 60
+) -> tuple[int, dict, float]:
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
@@ -96,7 +99,9 @@ def _address(hexaddr: str) -> str:
     raw = bytes.fromhex(hexaddr)
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return socket.inet_ntop(
+        socket.AF_INET6, b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    )
 
 
 def listening_sockets(pids: set[int]) -> list[tuple[str, str, int, int]]:
@@ -148,11 +153,14 @@ def test_nothing_of_a_loopback_deployment_listens_beyond_loopback(server):
 # ----------------------------------------------------------------------------- 1. refusals
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": [1, 999999], "max_tokens": 2}, "prompt"),
-    ({"prompt": [2 ** 70], "max_tokens": 2}, "prompt"),
-    ({"prompt": "hi", "max_tokens": 2, "seed": 2 ** 64}, "seed"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": [1, 999999], "max_tokens": 2}, "prompt"),
+        ({"prompt": [2**70], "max_tokens": 2}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 2, "seed": 2**64}, "seed"),
+    ],
+)
 def test_what_the_engine_refuses_is_a_400_at_once(server, body, param):
     base, backend = server
     status, out, dt = call(base, "/v1/completions", body)
@@ -166,16 +174,18 @@ def test_sixteen_bad_requests_leave_room_for_a_good_one(server):
 
     base, backend = server
     with cf.ThreadPoolExecutor(16) as pool:
-        bad = list(pool.map(lambda _: call(base, "/v1/completions", {"prompt": [1, 999999]}),
-                            range(16)))
+        bad = list(
+            pool.map(lambda _: call(base, "/v1/completions", {"prompt": [1, 999999]}), range(16))
+        )
     assert {s for s, _, _ in bad} == {400} and max(dt for *_, dt in bad) < 5 * FAST_S
     status, out, _ = call(base, "/v1/completions", {"prompt": "def f(x):", "max_tokens": 2})
     assert status == 200, out
     assert_whole(base, backend)
 
 
-@pytest.mark.parametrize("prompt_ids,seed,field", [([1, 999999], None, "prompt"),
-                                                  ([1, 2, 3], 2 ** 64, "seed")])
+@pytest.mark.parametrize(
+    "prompt_ids,seed,field", [([1, 999999], None, "prompt"), ([1, 2, 3], 2**64, "seed")]
+)
 def test_the_backend_itself_fails_a_refused_request_at_once(server, prompt_ids, seed, field):
     """Past the router's checks (another client of the backend): the engine's refusal comes
     back as a client error within a second, not after the page wait; nothing is held."""
@@ -184,8 +194,9 @@ def test_the_backend_itself_fails_a_refused_request_at_once(server, prompt_ids, 
     base, backend = server
 
     async def run() -> list:
-        job = Job(id=f"bad-{field}-{time.monotonic_ns()}", prompt_ids=prompt_ids, max_tokens=2,
-                  seed=seed)
+        job = Job(
+            id=f"bad-{field}-{time.monotonic_ns()}", prompt_ids=prompt_ids, max_tokens=2, seed=seed
+        )
         return [ev async for ev in backend.stream(job)]
 
     t0 = time.perf_counter()
@@ -207,9 +218,13 @@ def test_logprobs_equal_the_offline_engine(server):
     base, backend = server
     prompt = "def fibonacci(n):"
     want = LLM(MODEL, device="cpu").generate(
-        [prompt], SamplingParams(max_tokens=6, temperature=0.0, logprobs=3))[0]
-    status, out, _ = call(base, "/v1/completions", {"prompt": prompt, "max_tokens": 6,
-                                                    "temperature": 0, "logprobs": 3})
+        [prompt], SamplingParams(max_tokens=6, temperature=0.0, logprobs=3)
+    )[0]
+    status, out, _ = call(
+        base,
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3},
+    )
     assert status == 200, out
     lp = out["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(want.token_ids) == 6
@@ -222,11 +237,20 @@ def test_logprobs_equal_the_offline_engine(server):
         assert got.keys() == want_top.keys(), (i, got, want_top)
         assert all(math.isclose(got[k], want_top[k], abs_tol=1e-3) for k in got)
     # greedy: the sampled token is the most likely one
-    assert all(max(top.values()) == pytest.approx(tok) for top, tok in
-               zip(lp["top_logprobs"], lp["token_logprobs"]))
-    status, out, _ = call(base, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True,
-        "top_logprobs": 2})
+    assert all(
+        max(top.values()) == pytest.approx(tok)
+        for top, tok in zip(lp["top_logprobs"], lp["token_logprobs"])
+    )
+    status, out, _ = call(
+        base,
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
     content = out["choices"][0]["logprobs"]["content"]
     assert status == 200 and len(content) == out["usage"]["completion_tokens"]
     assert all(len(c["top_logprobs"]) == 2 for c in content)

@@ -16,7 +16,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
 
 import pytest  # noqa: E402
-
 import test_baseline_kernels as base  # noqa: E402
 import test_hack_kernels as hk  # noqa: E402
 import test_prefill_baseline_kernels as bpre  # noqa: E402
@@ -24,6 +23,7 @@ import test_prefill_compressed_kernels as hpre  # noqa: E402
 from test_dequant_pages import _encoded, _run  # noqa: E402
 from test_lowrank_fold import _decode_case  # noqa: E402
 from test_paged_decode_attention import make_case as paged_case  # noqa: E402
+
 from zipserve.compress.codecs import CODECS, check_head_dim, make_codec  # noqa: E402
 from zipserve.compress.rotation import hadamard  # noqa: E402
 from zipserve.kernels import hack_encode as he  # noqa: E402
@@ -59,7 +59,9 @@ GROUPED = [96]  # KIVI / HACK sizes among them: multiples of their 32-channel gr
 
 
 def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    return (
+        (out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+    ).item()
 
 
 def _f32(args, names=("q", "dense_k", "dense_v")):
@@ -67,6 +69,7 @@ def _f32(args, names=("q", "dense_k", "dense_v")):
 
 
 # -- bf16 pages: paged decode ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("d", SIZES + [100])
 @pytest.mark.parametrize("splits,dtype", [(1, torch.float32), (3, torch.float16)])
@@ -81,6 +84,7 @@ def test_paged_decode(d, splits, dtype):
 
 # -- fp8 pages: decode and chunked prefill --------------------------------------------------------
 
+
 @pytest.mark.parametrize("d", SIZES)
 @pytest.mark.parametrize("splits,dtype", [(1, torch.float32), (3, torch.float16)])
 def test_fp8_decode(d, splits, dtype):
@@ -90,7 +94,8 @@ def test_fp8_decode(d, splits, dtype):
     assert out.shape == (4, 8, d) and torch.isfinite(out.float()).all()
     assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 3e-3)
     assert rel_err(ref.cpu().double(), base.attention_f64(base._cpu(_f32(args)), kd, vd)) < (
-        1e-5 if dtype == torch.float32 else 3e-3)
+        1e-5 if dtype == torch.float32 else 3e-3
+    )
     assert (out[3] == 0).all()
 
 
@@ -105,6 +110,7 @@ def test_baseline_prefill(fmt, d):
 
 # -- KIVI: decode -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("d", GROUPED)
 @pytest.mark.parametrize("bits,splits,dtype", [(2, 1, torch.float32), (4, 3, torch.float16)])
 def test_kivi_decode(d, bits, splits, dtype):
@@ -113,8 +119,13 @@ def test_kivi_decode(d, bits, splits, dtype):
     out = kivi_decode_attention(**args, num_splits=splits)
     assert out.shape == (3, 4, d) and torch.isfinite(out.float()).all()
     assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 3e-3)
-    assert rel_err(kivi_decode_attention_ref(**base._cpu(_f32(args))).double(),
-                   base.attention_f64(base._cpu(_f32(args)), kd, vd)) < 1e-5
+    assert (
+        rel_err(
+            kivi_decode_attention_ref(**base._cpu(_f32(args))).double(),
+            base.attention_f64(base._cpu(_f32(args)), kd, vd),
+        )
+        < 1e-5
+    )
     assert (out[1] == 0).all()
 
 
@@ -141,11 +152,15 @@ def test_hack_encode(d, bits, rotate):
         pools.append(hk._to(fn(k, v, bits, gv, out=pool, page_ids=ids, rotation=rot), "cpu"))
     a, b = pools
     for name in ("k_codes", "v_codes"):
-        ca, cb = unpack_planar(getattr(a, name), bits).int(), unpack_planar(getattr(b, name), bits).int()
+        ca, cb = (
+            unpack_planar(getattr(a, name), bits).int(),
+            unpack_planar(getattr(b, name), bits).int(),
+        )
         assert (ca - cb).abs().max() <= 1 and (ca != cb).float().mean() < 1e-2, name
     for name in ("k_scale", "k_min", "v_scale", "v_min", "k_sums", "v_sums"):
-        assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), rtol=1e-2,
-                              atol=2e-2), name
+        assert torch.allclose(
+            getattr(a, name).float(), getattr(b, name).float(), rtol=1e-2, atol=2e-2
+        ), name
     for t in a.tensors().values():
         assert (t[[1, 3, 5]] == 7).all()
     if not rotate:
@@ -155,8 +170,9 @@ def test_hack_encode(d, bits, rotate):
 @pytest.mark.parametrize("d,bits", HACK_SIZES)
 @pytest.mark.parametrize("mode", ["f16", "int8"])
 def test_hack_decode(d, bits, mode):
-    args, data = hk.make_case(d + bits, [128, 65, 0, 191], 1, 4, d, bits, torch.float32,
-                              group_v=hack_group_v(d, bits))
+    args, data = hk.make_case(
+        d + bits, [128, 65, 0, 191], 1, 4, d, bits, torch.float32, group_v=hack_group_v(d, bits)
+    )
     ref = hack_decode_attention_ref(**args, mode=mode)
     out = hack_decode_attention(**args, mode=mode, num_splits=2)
     assert out.shape == (4, 4, d) and torch.isfinite(out).all()
@@ -165,7 +181,9 @@ def test_hack_decode(d, bits, mode):
     if mode == "f16":  # the reference is float64 attention over the dequantized pages
         cpu = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
         cpu["pages"] = hk._to(args["pages"], "cpu")
-        assert rel_err(hack_decode_attention_ref(**cpu).double(), hk.attention_f64(cpu, *data)) < 1e-5
+        assert (
+            rel_err(hack_decode_attention_ref(**cpu).double(), hk.attention_f64(cpu, *data)) < 1e-5
+        )
 
 
 @pytest.mark.parametrize("d,bits", HACK_SIZES)
@@ -192,8 +210,10 @@ def test_block_hadamard_is_orthonormal_and_symmetric():
 
 # -- decode_kv=dense: dequantize on arrival -------------------------------------------------------
 
-@pytest.mark.parametrize("name,d", [("fp8", 8), ("fp8", 80), ("kivi2", 96), ("hack2", 96),
-                                    ("hack4", 96), ("hack2", 32)])
+
+@pytest.mark.parametrize(
+    "name,d", [("fp8", 8), ("fp8", 80), ("kivi2", 96), ("hack2", 96), ("hack4", 96), ("hack2", 32)]
+)
 def test_dequant_pages(name, d):
     codec, store = _encoded(name, 3, 2, d, d)
     ids = torch.tensor([5, 1, 3])
@@ -208,6 +228,7 @@ def test_dequant_pages(name, d):
 
 
 # -- lowrank: its dense tail is full head_dim -----------------------------------------------------
+
 
 @pytest.mark.parametrize("d", SIZES)
 def test_lowrank_decode_and_encode(d):
@@ -229,6 +250,7 @@ def test_lowrank_decode_and_encode(d):
 
 # -- which codec takes which head size ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("d", [8, 80, 96, 100, 128, 256])
 def test_codecs_take_what_their_layout_allows(d):
     for name in CODECS:
@@ -236,19 +258,26 @@ def test_codecs_take_what_their_layout_allows(d):
             continue  # built from calibrated bases / bits (test_lowrank*.py, test_kvbits.py)
         grouped = name.startswith(("kivi", "hack"))
         if grouped and d % 32:
-            with pytest.raises(ValueError, match=rf"head_dim: codec {name} needs head_dim a multiple "
-                                                 rf"of 32 .*\(got {d}\)"):
+            with pytest.raises(
+                ValueError,
+                match=rf"head_dim: codec {name} needs head_dim a multiple "
+                rf"of 32 .*\(got {d}\)",
+            ):
                 make_codec(name, 2, 64, d)
         else:
             codec = make_codec(name, 2, 64, d)
             assert codec.head_dim == d and codec.name == name
     for bad in (6, 7, 258, 512):
-        with pytest.raises(ValueError, match=rf"head_dim: codec bf16 needs an even head_dim in "
-                                             rf"\[8, 256\] \(got {bad}\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"head_dim: codec bf16 needs an even head_dim in "
+            rf"\[8, 256\] \(got {bad}\)",
+        ):
             check_head_dim("bf16", bad)
 
 
 # -- GPU: bf16 at the same sizes ------------------------------------------------------------------
+
 
 @gpu
 @needs_cuda
@@ -309,7 +338,9 @@ def test_hack_decode_and_prefill_bf16_gpu(d, bits, mode):
     assert torch.isfinite(out.float()).all() and rel_err(out, ref) < 2e-2
     pargs, _ = hpre.make_case(d, 1024 + 36, 512, 8, 4, d, bits, torch.bfloat16, device="cuda")
     pout = hack_prefill_attention(**pargs, mode=mode)
-    pref = hack_prefill_attention_ref(**_f32(pargs, ("q", "k", "v", "dense_k", "dense_v")), mode=mode)
+    pref = hack_prefill_attention_ref(
+        **_f32(pargs, ("q", "k", "v", "dense_k", "dense_v")), mode=mode
+    )
     assert rel_err(pout, pref) < 2e-2
 
 
@@ -322,18 +353,28 @@ def test_hack_encode_bf16_gpu(d, bits):
     k = hk.rand_kv(gen, (64, 8, hk.P, d)).bfloat16().cuda()
     v = hk.rand_kv(gen, (64, 8, hk.P, d)).bfloat16().cuda()
     r = hadamard(d, "cuda")
-    a, b = he.hack_encode_pages(k, v, bits, gv, rotation=r), he.hack_encode_pages_ref(k, v, bits, gv, rotation=r)
+    a, b = (
+        he.hack_encode_pages(k, v, bits, gv, rotation=r),
+        he.hack_encode_pages_ref(k, v, bits, gv, rotation=r),
+    )
     torch.cuda.synchronize()
     for name in ("k_codes", "v_codes"):
-        ca, cb = unpack_planar(getattr(a, name), bits).int(), unpack_planar(getattr(b, name), bits).int()
+        ca, cb = (
+            unpack_planar(getattr(a, name), bits).int(),
+            unpack_planar(getattr(b, name), bits).int(),
+        )
         assert (ca - cb).abs().max() <= 1 and (ca != cb).float().mean() < 1e-2
     for name in ("k_scale", "k_min", "v_scale", "v_min"):
-        assert torch.allclose(getattr(a, name).float(), getattr(b, name).float(), rtol=1e-2, atol=1e-2), name
+        assert torch.allclose(
+            getattr(a, name).float(), getattr(b, name).float(), rtol=1e-2, atol=1e-2
+        ), name
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("name,d", [("fp8", 80), ("fp8", 8), ("kivi2", 96), ("hack2", 96), ("hack4", 96)])
+@pytest.mark.parametrize(
+    "name,d", [("fp8", 80), ("fp8", 8), ("kivi2", 96), ("hack2", 96), ("hack4", 96)]
+)
 def test_dequant_pages_bf16_gpu(name, d):
     codec, store = _encoded(name, 40, 8, d, 6, device="cuda")
     ids = torch.randperm(80, device="cuda")[:40]

@@ -17,17 +17,26 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOP_LEVEL_PACKAGES = sorted(
-    p.name for p in REPO_ROOT.iterdir()
-    if p.is_dir() and not p.name.startswith((".", "_")) and any(p.glob("*.py")))
+    p.name
+    for p in REPO_ROOT.iterdir()
+    if p.is_dir() and not p.name.startswith((".", "_")) and any(p.glob("*.py"))
+)
 
 
 def _python_in_repo_root(code: str, extra_path: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if extra_path is not None:  # after what the caller already has there
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (env.get("PYTHONPATH"), str(extra_path)) if p)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+            p for p in (env.get("PYTHONPATH"), str(extra_path)) if p
+        )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_top_level_folders_are_namespace_portions():
@@ -58,10 +67,12 @@ def test_every_top_level_name_loses_to_an_installed_package(tmp_path):
     for name in TOP_LEVEL_PACKAGES:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"MARK = 'installed {name}'\n")
-    code = ("import importlib, zipserve\n"
-            f"for name in {TOP_LEVEL_PACKAGES!r}:\n"
-            "    print(name, importlib.import_module(name).MARK,"
-            " list(importlib.import_module('zipserve.' + name).__path__)[0])\n")
+    code = (
+        "import importlib, zipserve\n"
+        f"for name in {TOP_LEVEL_PACKAGES!r}:\n"
+        "    print(name, importlib.import_module(name).MARK,"
+        " list(importlib.import_module('zipserve.' + name).__path__)[0])\n"
+    )
     out = _python_in_repo_root(code, extra_path=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()

@@ -12,12 +12,12 @@ import statistics
 
 import httpx
 import pytest
+from fake_backend import FakeBackend
 
 from zipserve.bench import jct_client, jct_report, workloads
 from zipserve.bench.jct_plots import load_csv
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.router.app import create_app
-from fake_backend import FakeBackend
 
 PNGS = ("jct_vs_rate.png", "jct_cdf.png", "jct_phases.png", "jct_quality.png")
 
@@ -38,11 +38,15 @@ def test_workloads_are_seeded_and_rate_independent(tmp_path):
     assert 8 <= lens[0] and lens[-1] <= 4096 and 100 < lens[100] < 500  # median near 220
 
     trace = tmp_path / "t.jsonl"
-    trace.write_text('{"arrival_s": 5.0, "prompt_tokens": 30, "output_tokens": 4}\n\n'
-                     '{"arrival_s": 2.5, "prompt_tokens": 10, "output_tokens": 2}\n')
+    trace.write_text(
+        '{"arrival_s": 5.0, "prompt_tokens": 30, "output_tokens": 4}\n\n'
+        '{"arrival_s": 2.5, "prompt_tokens": 10, "output_tokens": 2}\n'
+    )
     t = workloads.from_trace(trace)
     assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in t.requests] == [
-        (0.0, 10, 2), (2.5, 30, 4)]
+        (0.0, 10, 2),
+        (2.5, 30, 4),
+    ]
     trace.write_text('{"arrival_s": 1, "prompt_tokens": 3}\n')
     with pytest.raises(ValueError, match="output_tokens"):
         workloads.from_trace(trace)
@@ -66,33 +70,50 @@ def test_client_refuses_foreign_hosts():
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_router_min_tokens_and_ignore_eos(anyio_backend):
     app = create_app(FakeBackend())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
-                                                  "min_tokens": 3})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "min_tokens": 3})
         assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4,
-                                                  "ignore_eos": "yes"})
+        r = await c.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 4, "ignore_eos": "yes"}
+        )
         assert r.status_code == 400 and "ignore_eos" in r.json()["error"]["message"]
         # a stop string that matches at once is not honoured before min_tokens
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5,
-                                                  "min_tokens": 3, "stop": " t0",
-                                                  "ignore_eos": True})
+        r = await c.post(
+            "/v1/completions",
+            json={
+                "prompt": "x",
+                "max_tokens": 5,
+                "min_tokens": 3,
+                "stop": " t0",
+                "ignore_eos": True,
+            },
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
-@pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                    reason="reference checkpoint not present")
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     pytest.importorskip("ray")
     pytest.importorskip("matplotlib")
     from zipserve.bench import jct_sweep
 
-    cfg = jct_sweep.SweepConfig(model=str(REFERENCE_MODEL), codecs=("bf16", "hack2"),
-                                links=(10.0,), rates=(3.0,), workload="long-doc",
-                                num_requests=6, seed=1, scale=0.02, max_seconds=40,
-                                device="cpu", command="pytest tests/test_jct_bench.py",
-                                decode_kv=("compressed", "dense"))
+    cfg = jct_sweep.SweepConfig(
+        model=str(REFERENCE_MODEL),
+        codecs=("bf16", "hack2"),
+        links=(10.0,),
+        rates=(3.0,),
+        workload="long-doc",
+        num_requests=6,
+        seed=1,
+        scale=0.02,
+        max_seconds=40,
+        device="cpu",
+        command="pytest tests/test_jct_bench.py",
+        decode_kv=("compressed", "dense"),
+    )
     out = tmp_path / "jct"
     rows, summary = jct_sweep.run(cfg, out)
 
@@ -104,14 +125,19 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     assert meta["model"] == "models/zipserve-ref" and meta["command"].startswith("pytest")
     summ = load_csv(out / "jct_summary.csv")
     assert [(s["codec"], s["decode_kv"], s["link_gbps"], s["rate"]) for s in summ] == [
-        ("bf16", "dense", 10.0, 3.0), ("hack2", "compressed", 10.0, 3.0),
-        ("hack2", "dense", 10.0, 3.0)]
+        ("bf16", "dense", 10.0, 3.0),
+        ("hack2", "compressed", 10.0, 3.0),
+        ("hack2", "dense", 10.0, 3.0),
+    ]
     assert all(s["ok"] == s["sent"] == 6 for s in summ)
     assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ)
     reqs = load_csv(out / "jct_requests.csv")
     assert len(reqs) == 18 and {r["status"] for r in reqs} == {"ok"}
     assert {(r["codec"], r["decode_kv"]) for r in reqs} == {
-        ("bf16", "dense"), ("hack2", "compressed"), ("hack2", "dense")}
+        ("bf16", "dense"),
+        ("hack2", "compressed"),
+        ("hack2", "dense"),
+    }
 
     gaps = []
     for r in reqs:
@@ -129,8 +155,14 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     # longer. A hole in the accounting (phases ending on the worker's clock instead of the
     # router's: +2-8 ms on every request; a GC pause in the router: 60-240 ms) fails this.
     gaps.sort()
-    detail = [(round(r["jct_ms"] - r["phase_sum_ms"], 1), round(r["http_in_ms"], 1),
-               round(r["tail_ms"], 1)) for r in reqs]
+    detail = [
+        (
+            round(r["jct_ms"] - r["phase_sum_ms"], 1),
+            round(r["http_in_ms"], 1),
+            round(r["tail_ms"], 1),
+        )
+        for r in reqs
+    ]
     assert gaps[0] >= 0, detail
     assert statistics.median(gaps) < 10.0, detail
     assert gaps[-1] < 60.0, detail
@@ -144,15 +176,26 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
 
 def test_report_evaluates_the_issue_goals_from_a_summary():
     def run(codec, rate, jct, busy, sustained):
-        return {"codec": codec, "link_gbps": 10.0, "rate": rate, "jct_mean_ms": jct,
-                "link_busy": busy, "sustained": sustained}
+        return {
+            "codec": codec,
+            "link_gbps": 10.0,
+            "rate": rate,
+            "jct_mean_ms": jct,
+            "link_busy": busy,
+            "sustained": sustained,
+        }
 
-    summary = [run("bf16", 0.5, 4000, 0.5, True), run("bf16", 1.0, 6000, 0.85, False),
-               run("bf16", 2.0, 9000, 0.95, False),
-               run("kivi2", 0.5, 2000, 0.1, True), run("kivi2", 1.0, 2400, 0.2, True),
-               run("kivi2", 2.0, 5000, 0.3, False),
-               run("hack2", 0.5, 1500, 0.1, True), run("hack2", 1.0, 2000, 0.2, True),
-               run("hack2", 2.0, 2500, 0.3, True)]
+    summary = [
+        run("bf16", 0.5, 4000, 0.5, True),
+        run("bf16", 1.0, 6000, 0.85, False),
+        run("bf16", 2.0, 9000, 0.95, False),
+        run("kivi2", 0.5, 2000, 0.1, True),
+        run("kivi2", 1.0, 2400, 0.2, True),
+        run("kivi2", 2.0, 5000, 0.3, False),
+        run("hack2", 0.5, 1500, 0.1, True),
+        run("hack2", 1.0, 2000, 0.2, True),
+        run("hack2", 2.0, 2500, 0.3, True),
+    ]
     text = " ".join(jct_report.goals(summary))
     assert "Reference rate 1 req/s" in text  # lowest rate with bf16's link >= 80% busy
     assert "67% lower; goal >= 60%: met" in text  # 2.0 s vs 6.0 s
@@ -168,20 +211,40 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     from zipserve.bench import jct_goals
 
     def row(codec, link, transfer_start, transfer_ms, kv_bytes=float("nan"), mode="compressed"):
-        return {"codec": codec, "decode_kv": mode, "link_gbps": link, "rate": 1.0,
-                "transfer_start_s": transfer_start, "transfer_ms": transfer_ms,
-                "kv_bytes": kv_bytes, "prompt_tokens": 8000}
+        return {
+            "codec": codec,
+            "decode_kv": mode,
+            "link_gbps": link,
+            "rate": 1.0,
+            "transfer_start_s": transfer_start,
+            "transfer_ms": transfer_ms,
+            "kv_bytes": kv_bytes,
+            "prompt_tokens": 8000,
+        }
 
     # two 0.4 s transfers in a 1.0 s span: 80% busy while transferring, whatever the run's tail
-    assert jct_goals.busy_while_transferring([row("bf16", 10.0, 0.0, 400),
-                                              row("bf16", 10.0, 0.6, 400)]) == pytest.approx(0.8)
-    summary = [{"codec": c, "decode_kv": m, "link_gbps": g, "rate": 1.0, "jct_mean_ms": j,
-                "link_busy": 0.3, "sustained": True}
-               for c, m, g, j in [("bf16", "compressed", 10.0, 5000), ("hack2", "compressed",
-                                  10.0, 1900), ("hack2", "dense", 10.0, 2100),
-                                  ("bf16", "compressed", "none", 2000),
-                                  ("hack2", "compressed", "none", 2200),
-                                  ("hack2", "dense", "none", 2050)]]
+    assert jct_goals.busy_while_transferring(
+        [row("bf16", 10.0, 0.0, 400), row("bf16", 10.0, 0.6, 400)]
+    ) == pytest.approx(0.8)
+    summary = [
+        {
+            "codec": c,
+            "decode_kv": m,
+            "link_gbps": g,
+            "rate": 1.0,
+            "jct_mean_ms": j,
+            "link_busy": 0.3,
+            "sustained": True,
+        }
+        for c, m, g, j in [
+            ("bf16", "compressed", 10.0, 5000),
+            ("hack2", "compressed", 10.0, 1900),
+            ("hack2", "dense", 10.0, 2100),
+            ("bf16", "compressed", "none", 2000),
+            ("hack2", "compressed", "none", 2200),
+            ("hack2", "dense", "none", 2050),
+        ]
+    ]
     rows = [row("bf16", 10.0, 0.0, 400), row("bf16", 10.0, 0.45, 400)]
     text = " ".join(jct_goals.goals(summary, rows))
     # the run-wide 30% would say "not evaluable"; while transferring the link was 94% busy
@@ -203,10 +266,22 @@ def test_engine_options_parse_scalars_and_lists():
     from zipserve.deploy.engine_options import parse_engine_options
     from zipserve.engine.config import EngineConfig
 
-    opts = parse_engine_options(["num_pages=4096", "cuda_graphs=false", "gpu_memory_fraction=0.4",
-                            "graph_batch_sizes=1,2,4,8", "max_num_seqs=8"])
-    assert opts == {"num_pages": 4096, "cuda_graphs": False, "gpu_memory_fraction": 0.4,
-                    "graph_batch_sizes": (1, 2, 4, 8), "max_num_seqs": 8}
+    opts = parse_engine_options(
+        [
+            "num_pages=4096",
+            "cuda_graphs=false",
+            "gpu_memory_fraction=0.4",
+            "graph_batch_sizes=1,2,4,8",
+            "max_num_seqs=8",
+        ]
+    )
+    assert opts == {
+        "num_pages": 4096,
+        "cuda_graphs": False,
+        "gpu_memory_fraction": 0.4,
+        "graph_batch_sizes": (1, 2, 4, 8),
+        "max_num_seqs": 8,
+    }
     assert EngineConfig(**opts).graph_batch_sizes == (1, 2, 4, 8)
     with pytest.raises(ValueError, match="--engine-option: expected key=value"):
         parse_engine_options(["num_pages"])
@@ -217,16 +292,25 @@ def test_sweep_config_is_validated_where_it_is_built():
 
     base = dict(model=str(REFERENCE_MODEL), codecs=("bf16",), links=(10.0,), rates=(1.0,))
     assert jct_sweep.SweepConfig(**base, num_prefill=2, num_decode=2).runs == [
-        ("bf16", "compressed", 10.0, 1.0)]
+        ("bf16", "compressed", 10.0, 1.0)
+    ]
     two = dict(base, codecs=("bf16", "fp8", "lowrank"), decode_kv=("compressed", "dense"))
     assert [r[:2] for r in jct_sweep.SweepConfig(**two).runs] == [
-        ("bf16", "compressed"), ("fp8", "compressed"), ("fp8", "dense"), ("lowrank", "compressed")]
-    for bad, match in [({"codecs": ("zip9",)}, "codecs: unknown codec 'zip9'"),
-                       ({"links": (0.0,)}, "links: Gb/s must be > 0"),
-                       ({"rates": (-1.0,)}, "rates: must be > 0"),
-                       ({"num_decode": 0}, "--decode-workers: need at least 1"),
-                       ({"decode_kv": ("fast",)}, "decode_kv: must be one of"),
-                       ({"codecs": ("lowrank",), "decode_kv": ("dense",)},
-                        "decode_kv: 'dense' is not available for codec lowrank")]:
+        ("bf16", "compressed"),
+        ("fp8", "compressed"),
+        ("fp8", "dense"),
+        ("lowrank", "compressed"),
+    ]
+    for bad, match in [
+        ({"codecs": ("zip9",)}, "codecs: unknown codec 'zip9'"),
+        ({"links": (0.0,)}, "links: Gb/s must be > 0"),
+        ({"rates": (-1.0,)}, "rates: must be > 0"),
+        ({"num_decode": 0}, "--decode-workers: need at least 1"),
+        ({"decode_kv": ("fast",)}, "decode_kv: must be one of"),
+        (
+            {"codecs": ("lowrank",), "decode_kv": ("dense",)},
+            "decode_kv: 'dense' is not available for codec lowrank",
+        ),
+    ]:
         with pytest.raises(ValueError, match=match):
             jct_sweep.SweepConfig(**{**base, **bad})

@@ -9,8 +9,8 @@ import json
 import math
 
 import pytest
-
 from disagg_helpers import hand_over, pool_whole, run_to_completion
+
 from zipserve.compress.codecs import HackCodec, make_codec
 from zipserve.compress.kvbits import (
     KVBITS_FILE,
@@ -27,8 +27,9 @@ from zipserve.engine.decode_kv import DeviceInfo, check_decode_kv, choose_decode
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.llm import LLM, SamplingParams
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 PROMPTS = [list(range(100, 230)), list(range(3, 40))]  # 2 full pages + 2 open; open page only
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
@@ -64,8 +65,9 @@ def test_layers_have_the_planned_bits_and_bytes():
         c.new_store(1, "cpu")
     llm = LLM(MODEL, device="cpu", codec="hack2mix")
     assert [x.name for x in llm.engine.cache.codecs] == [f"hack{b}" for b in bits]
-    assert llm.engine.cache.bytes_per_page(c, llm.engine.config, 64) == round(64 * sum(
-        per[b] for b in bits))
+    assert llm.engine.cache.bytes_per_page(c, llm.engine.config, 64) == round(
+        64 * sum(per[b] for b in bits)
+    )
 
 
 @pytest.mark.parametrize("uniform", [2, 4])
@@ -74,7 +76,8 @@ def test_uniform_plan_is_plain_hack(tmp_path, uniform):
     model = _model_with(tmp_path, [uniform] * 6)
     for mode in ("compressed", "dense"):
         want = LLM(MODEL, device="cpu", codec=f"hack{uniform}", decode_kv=mode).generate(
-            PROMPTS, PARAMS)
+            PROMPTS, PARAMS
+        )
         got = LLM(model, device="cpu", codec="hack2mix", decode_kv=mode).generate(PROMPTS, PARAMS)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids and g.logprobs == w.logprobs
@@ -134,8 +137,14 @@ def test_missing_or_invalid_plan_is_a_clear_error(tmp_path):
     bare.mkdir()
     with pytest.raises(KVBitsError, match=r"kvbits\.json.*zipserve calibrate --kvbits"):
         LLM(_model_with(bare), device="cpu", codec="hack2mix")
-    for i, text in enumerate(["{not json", json.dumps({"bits": [2, 3, 2, 2, 2, 2]}),
-                              json.dumps({"layers": [5]}), json.dumps({"bits": []})]):
+    for i, text in enumerate(
+        [
+            "{not json",
+            json.dumps({"bits": [2, 3, 2, 2, 2, 2]}),
+            json.dumps({"layers": [5]}),
+            json.dumps({"bits": []}),
+        ]
+    ):
         d = tmp_path / f"bad{i}"
         d.mkdir()
         with pytest.raises(KVBitsError, match=r"kvbits\.json.*calibrate --kvbits"):
@@ -173,15 +182,17 @@ def test_plan_is_greedy_within_budget():
 def test_calibration_picks_the_top_gain_layers(tmp_path):
     """Measured on the training split (1 small window here): the plan is the greedy one over the
     measured gains, and on the reference model it keeps layer 5 in 4 bits."""
-    info = calibrate_kvbits(MODEL, out_dir=tmp_path, n_windows=1, context=512, score=256,
-                            progress=False)
+    info = calibrate_kvbits(
+        MODEL, out_dir=tmp_path, n_windows=1, context=512, score=256, progress=False
+    )
     written = json.loads((tmp_path / KVBITS_FILE).read_text())
     assert written["bits"] == info["bits"] and len(info["sensitivity"]) == 6
     gains = [r["gain"] for r in info["sensitivity"]]
     c2, c4 = (2 * HackCodec(2, 64, 64, b).page_bytes_per_token() for b in (2, 4))
-    want, _ = plan_bits(gains, {2: c2, 4: c4}, 6, 0.25 * info["bf16_bytes_per_token"],
-                        math.log1p(0.005))
+    want, _ = plan_bits(
+        gains, {2: c2, 4: c4}, 6, 0.25 * info["bf16_bytes_per_token"], math.log1p(0.005)
+    )
     assert info["bits"] == want
     chosen = info["layers_4bit"]
-    assert set(chosen) == set(sorted(range(6), key=lambda i: -gains[i])[:len(chosen)])
+    assert set(chosen) == set(sorted(range(6), key=lambda i: -gains[i])[: len(chosen)])
     assert 5 in chosen and info["ratio_vs_bf16"] <= 0.25

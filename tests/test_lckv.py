@@ -14,17 +14,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from lckv_fixtures import write_tiny_lckv_checkpoint
 from safetensors.torch import save_file
 
-from lckv_fixtures import write_tiny_lckv_checkpoint
 from zipserve.compress.codecs import KVCodec, make_codec
 from zipserve.compress.compressed_cache import CompressedKVCache
+from zipserve.compress.wire import LayerKV
 from zipserve.engine.checkpoint import CheckpointError, load_checkpoint
-from zipserve.engine.config import (LCKV_ARCHITECTURE, RANDOM_MODELS, EngineConfig, LCKVSpec,
-                                    ModelConfig)
+from zipserve.engine.config import (
+    LCKV_ARCHITECTURE,
+    RANDOM_MODELS,
+    EngineConfig,
+    LCKVSpec,
+    ModelConfig,
+)
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.kv_cache import KVCache
-from zipserve.compress.wire import LayerKV
 from zipserve.engine.lckv_model import LCKVModel
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.engine.llm_engine import LLMEngine
@@ -159,8 +164,9 @@ def test_compressed_cache_reads_condensed_past_exactly():
     llm = LLM("random:tiny-lckv", device="cpu", page_size=16, max_num_seqs=4)
     eng = llm.engine
     eng.codec = ExactCodec(TINY.num_kv_heads, 16, TINY.head_dim)
-    eng.cache = eng.runner.cache = CompressedKVCache(eng.codec, TINY, eng.pool.num_pages, 16,
-                                                     5, torch.float32, "cpu")
+    eng.cache = eng.runner.cache = CompressedKVCache(
+        eng.codec, TINY, eng.pool.num_pages, 16, 5, torch.float32, "cpu"
+    )
     assert eng.cache.open.shape[0] == 3
     # Prompts shorter than m + b (exact encoding); 40 new tokens cross the sinks and 2 pages.
     _check_decode(llm, [[7, 8, 9], list(range(20, 28))], 1e-4)
@@ -172,19 +178,23 @@ def test_only_kv_layers_have_pages():
     dense = KVCache(TINY, 4, 16, torch.float32, "cpu")
     assert dense.storage.shape[0] == w + 1
     ratio = KVCache.bytes_per_page(TINY, 64, torch.bfloat16) / KVCache.bytes_per_page(
-        std, 64, torch.bfloat16)
+        std, 64, torch.bfloat16
+    )
     assert ratio == (w + 1) / layers
     hack2 = make_codec("hack2", TINY.num_kv_heads, 64, TINY.head_dim)
     assert CompressedKVCache.bytes_per_page(hack2, TINY, 64) / CompressedKVCache.bytes_per_page(
-        hack2, std, 64) == pytest.approx((w + 1) / layers, rel=1e-3)
+        hack2, std, 64
+    ) == pytest.approx((w + 1) / layers, rel=1e-3)
     assert TINY.kv_bytes_per_token() * layers == std.kv_bytes_per_token() * (w + 1)
 
 
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
 def test_greedy_generation_with_codec(lckv_dir, codec):
     llm = LLM(str(lckv_dir), device="cpu", codec=codec)
-    outs = llm.generate(["def fibonacci(n):", "class Stack:\n    def push"],
-                        SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(
+        ["def fibonacci(n):", "class Stack:\n    def push"],
+        SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True),
+    )
     assert [len(o.token_ids) for o in outs] == [70, 70]
     assert llm.engine.pool.num_free == llm.engine.pool.capacity
     assert len(llm.engine.scheduler.free_slots) == llm.engine.engine_config.max_num_seqs
@@ -263,8 +273,10 @@ def test_disaggregated_sends_only_kv_layers(lckv_dir, codec):
     prompts = [list(range(3, 40)), list(range(100, 230))]
     model = str(lckv_dir)
     want = [o.token_ids for o in LLM(model, device="cpu", codec=codec).generate(prompts, params)]
-    pre, dec = (DisaggregatedEngine(model, device="cpu", engine_config=EngineConfig(codec=codec))
-                for _ in range(2))
+    pre, dec = (
+        DisaggregatedEngine(model, device="cpu", engine_config=EngineConfig(codec=codec))
+        for _ in range(2)
+    )
     for i, prompt in enumerate(prompts):
         dec.reserve(f"r{i}", prompt, params)
         res = pre.prefill_export(prompt, params, f"r{i}")
@@ -288,13 +300,17 @@ def test_page_by_page_scoring_over_a_compressed_cache(passes):
     """LLM.logits with a codec scores page by page: each chunk attends to the cached past. With a
     lossless codec and passes >= the page size (16: chunks iterate, the 5-token tail goes token by
     token; 40: every chunk token by token) it equals the full token-by-token recompute."""
-    eng = LLMEngine("random:tiny-lckv", device="cpu",
-                    engine_config=EngineConfig(page_size=16, num_pages=16, codec="hack2"))
+    eng = LLMEngine(
+        "random:tiny-lckv",
+        device="cpu",
+        engine_config=EngineConfig(page_size=16, num_pages=16, codec="hack2"),
+    )
     model = _random_model(passes)
     eng.model = eng.runner.model = model
     eng.codec = ExactCodec(TINY.num_kv_heads, 16, TINY.head_dim)
-    eng.cache = eng.runner.cache = CompressedKVCache(eng.codec, TINY, 16, 16, 257, torch.float32,
-                                                     "cpu")
+    eng.cache = eng.runner.cache = CompressedKVCache(
+        eng.codec, TINY, 16, 16, 257, torch.float32, "cpu"
+    )
     ids = list(range(30, 67))  # 37 tokens: chunks of 16, 16, 5
     assert _rel(eng.logits(ids), model.sequential_forward(torch.tensor(ids))) < 1e-4
     assert eng.pool.num_free == eng.pool.capacity
@@ -302,13 +318,18 @@ def test_page_by_page_scoring_over_a_compressed_cache(passes):
 
 def test_page_by_page_scoring_with_hack2():
     """The first page is scored exactly (no past); later pages read 2-bit pages of layer t."""
+
     def logits(codec):
-        eng = LLMEngine("random:tiny-lckv", device="cpu",
-                        engine_config=EngineConfig(num_pages=16, codec="hack2"))
+        eng = LLMEngine(
+            "random:tiny-lckv",
+            device="cpu",
+            engine_config=EngineConfig(num_pages=16, codec="hack2"),
+        )
         if codec is not None:
             eng.codec = codec
-            eng.cache = eng.runner.cache = CompressedKVCache(codec, TINY, 16, 64, 257,
-                                                             torch.float32, "cpu")
+            eng.cache = eng.runner.cache = CompressedKVCache(
+                codec, TINY, 16, 64, 257, torch.float32, "cpu"
+            )
         out = eng.logits(list(range(3, 140)))
         assert eng.pool.num_free == eng.pool.capacity
         return out
@@ -326,11 +347,15 @@ def test_gpu_decode_matches_cpu_reference(lckv_dir, codec, tol):
     generated tokens' logprobs equal the CPU reference path's (bf16 exactly up to kernel
     rounding; hack2 within its kernel's approximation)."""
     prompts = [[7, 8, 9], list(range(20, 150))]  # token-by-token and iterative encodings
-    outs = {dev: LLM(str(lckv_dir), device=dev, dtype="float32", codec=codec).generate(
-        prompts, GREEDY) for dev in ("cuda", "cpu")}
+    outs = {
+        dev: LLM(str(lckv_dir), device=dev, dtype="float32", codec=codec).generate(prompts, GREEDY)
+        for dev in ("cuda", "cpu")
+    }
     for g, c in zip(outs["cuda"], outs["cpu"]):
-        n = next((i for i, (a, b) in enumerate(zip(g.token_ids, c.token_ids)) if a != b),
-                 len(g.token_ids))
+        n = next(
+            (i for i, (a, b) in enumerate(zip(g.token_ids, c.token_ids)) if a != b),
+            len(g.token_ids),
+        )
         assert n >= 10, (g.token_ids, c.token_ids)  # same greedy path for a while at least
         diff = (torch.tensor(g.logprobs[:n]) - torch.tensor(c.logprobs[:n])).abs().max().item()
         assert diff < tol, diff

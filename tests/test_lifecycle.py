@@ -48,17 +48,36 @@ class _Decode:
         self.held: set[str] = set()
         self.reserve = _Call(lambda rid, prompt, params, deadline: self.held.add(rid))
         self.release = _Call(lambda rid: self.held.discard(rid))
-        self.admit = _Call(lambda rid, tok, lp, timeout, top: PollReply(
-            [tok], [], [], "a", False, None, None,
-            {"reserved": 9.9, "kv_complete": 10.7, "admitted": 10.8}))
-        self.poll = _Call(lambda rid, since, timeout: PollReply(
-            [8], [], [], "ab", True, "length", None,
-            {"kv_complete": 10.7, "admitted": 10.8, "finished": 11.0}))
+        self.admit = _Call(
+            lambda rid, tok, lp, timeout, top: PollReply(
+                [tok],
+                [],
+                [],
+                "a",
+                False,
+                None,
+                None,
+                {"reserved": 9.9, "kv_complete": 10.7, "admitted": 10.8},
+            )
+        )
+        self.poll = _Call(
+            lambda rid, since, timeout: PollReply(
+                [8],
+                [],
+                [],
+                "ab",
+                True,
+                "length",
+                None,
+                {"kv_complete": 10.7, "admitted": 10.8, "finished": 11.0},
+            )
+        )
 
 
 def _stats() -> DecodeStats:
-    return DecodeStats(free_pages=10, used_pages=0, capacity_pages=10, running=0, codec="bf16",
-                       incarnation="i")
+    return DecodeStats(
+        free_pages=10, used_pages=0, capacity_pages=10, running=0, codec="bf16", incarnation="i"
+    )
 
 
 class _Pool:
@@ -79,8 +98,9 @@ class _Pool:
 
 
 def _run(pool, books) -> list:
-    cfg = SimpleNamespace(codec="bf16", page_wait_s=5.0, retries=1, transfer_deadline_s=5.0,
-                          group=None)
+    cfg = SimpleNamespace(
+        codec="bf16", page_wait_s=5.0, retries=1, transfer_deadline_s=5.0, group=None
+    )
     life = Lifecycle(cfg, pool, books, page_size=16, kv_bytes_per_token_bf16=100)
     job = Job("j1", list(range(3, 40)), max_tokens=2, arrival=9.8)
 
@@ -100,13 +120,18 @@ def test_one_job_walks_every_stage():
     pool, books = _Pool([_Prefill()]), Books.empty(1, 1)
     events = _run(pool, books)
     phases = [(e.name, e.start, e.end) for e in events if isinstance(e, PhaseEvent)]
-    assert phases == [("queue", 9.8, 10.0), ("prefill", 10.0, 10.5),
-                      ("transfer", 10.5, 10.7), ("decode_queue", 10.7, 10.8),
-                      ("decode", 10.8, None)]
+    assert phases == [
+        ("queue", 9.8, 10.0),
+        ("prefill", 10.0, 10.5),
+        ("transfer", 10.5, 10.7),
+        ("decode_queue", 10.7, 10.8),
+        ("decode", 10.8, None),
+    ]
     assert [(e.token_id, e.text) for e in events if isinstance(e, TokenEvent)] == [
-        (7, "a"), (8, "b")]
-    assert events[-1] == FinishEvent("length", codec="bf16", kv_bytes=1000,
-                                     kv_bytes_bf16=37 * 100)
+        (7, "a"),
+        (8, "b"),
+    ]
+    assert events[-1] == FinishEvent("length", codec="bf16", kv_bytes=1000, kv_bytes_bf16=37 * 100)
     _whole(books, pool)
 
 

@@ -17,15 +17,19 @@ import pytest
 from net_helpers import free_port as _port
 
 from zipserve.bench.load_bench import run_load
-from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.serve import running_server
 from zipserve.router.limits import AdmissionConfig
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.load,
-              pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                 reason="reference checkpoint not present")]
+pytestmark = [
+    pytest.mark.load,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+    ),
+]
 MODEL = str(REFERENCE_MODEL)
 CLIENTS = 64
 SECONDS = float(os.environ.get("ZIPSERVE_LOAD_SECONDS", "60"))
@@ -35,8 +39,9 @@ def test_64_streaming_clients_no_errors_no_leaks(local_ray):
     cfg = ServeConfig(model=MODEL, codec="bf16", health_interval_s=1.0)
     limits = AdmissionConfig(max_queued_jobs=32, request_timeout_s=60)
     with running_server(cfg, "127.0.0.1", _port(), limits=limits) as (base, backend):
-        res = asyncio.run(run_load(base, clients=CLIENTS, duration_s=SECONDS,
-                                   max_tokens=16, request_timeout_s=90))
+        res = asyncio.run(
+            run_load(base, clients=CLIENTS, duration_s=SECONDS, max_tokens=16, request_timeout_s=90)
+        )
         print("\nload:", res.line())
         assert res.errors == [], res.errors[:5]
         assert res.completed >= CLIENTS // 2, res.summary()
@@ -47,7 +52,8 @@ def test_64_streaming_clients_no_errors_no_leaks(local_ray):
         while True:  # every page back in every pool, nothing reserved or running
             stats = ray.get([a.stats.remote() for a in backend.prefill + backend.decode])
             whole = all(s.free_pages == s.capacity_pages for s in stats) and all(
-                s.reserved == 0 and s.running == 0 for s in stats[1:])
+                s.reserved == 0 and s.running == 0 for s in stats[1:]
+            )
             if whole or time.time() > end:
                 break
             time.sleep(0.2)
@@ -56,4 +62,3 @@ def test_64_streaming_clients_no_errors_no_leaks(local_ray):
             admission = json.loads(r.read())["router"]["admission"]
         assert admission["queued_jobs"] == 0 and admission["queued_tokens"] == 0
         assert admission["rejected_429"] == res.rejected_429
-

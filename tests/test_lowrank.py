@@ -13,8 +13,9 @@ from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.train.corpus import load_corpus
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,6 @@ def test_random_model_gets_random_orthonormal_bases_for_speed_benchmarks():
         assert torch.allclose(k.transpose(1, 2) @ k, eye, atol=1e-5)
         assert torch.allclose(layer["v_enc"].transpose(1, 2) @ layer["v_enc"], eye, atol=1e-5)
     llm = LLM("random:tiny", device="cpu", codec="lowrank+hack2", num_pages=64)
-    out = llm.generate([[5] * 150], SamplingParams(max_tokens=4, temperature=0.0,
-                                                   ignore_eos=True))
+    out = llm.generate([[5] * 150], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0].token_ids) == 4
     assert llm.engine.pool.num_free == llm.engine.pool.capacity

@@ -38,8 +38,14 @@ def _bases_dir(path, ranks, kvh=2, d=32, seed=0):
     t = {}
     for i, (rk, rv) in enumerate(ranks):
         bk, bv = _orthonormal(kvh, d, rk, g), _orthonormal(kvh, d, rv, g)
-        t.update({f"layers.{i}.k_enc": bk, f"layers.{i}.k_dec": bk.clone(),
-                  f"layers.{i}.v_enc": bv, f"layers.{i}.v_dec": bv.clone()})
+        t.update(
+            {
+                f"layers.{i}.k_enc": bk,
+                f"layers.{i}.k_dec": bk.clone(),
+                f"layers.{i}.v_enc": bv,
+                f"layers.{i}.v_dec": bv.clone(),
+            }
+        )
     save_file(t, str(path / "lowrank.safetensors"))
     return str(path)
 
@@ -65,8 +71,17 @@ def test_folded_reference_model_equals_unfolded(codec):
     by page) within 1e-4 of the largest logit; for lowrank, greedy decode crossing a page boundary
     (prompt 110 + 24 tokens) unchanged (lowrank+hack's decode path is held to scoring in
     test_codecs; folding is the same code for both)."""
-    llms = {f: LLM(str(REFERENCE_MODEL), device="cpu", codec=codec, lowrank_fold=f, num_pages=16,
-                   max_num_seqs=2) for f in (True, False)}
+    llms = {
+        f: LLM(
+            str(REFERENCE_MODEL),
+            device="cpu",
+            codec=codec,
+            lowrank_fold=f,
+            num_pages=16,
+            max_num_seqs=2,
+        )
+        for f in (True, False)
+    }
     folded, lifted = llms[True], llms[False]
     assert folded.engine.model.layers[0].self_attn.o_proj.weight.shape[1] == 4 * 48  # H * r_v
     ids = folded.tokenizer.encode("import os\nimport sys\n\n\ndef main(argv):\n    " * 12)[:130]
@@ -113,10 +128,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize("d,rk,rv,wk,wv", [(64, 48, 32, 48, 32), (64, 16, 64, 64, 64),
-                                            (128, 80, 128, 80, 128), (128, 32, 48, 64, 64)])
-@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32),
-                                                (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize(
+    "d,rk,rv,wk,wv",
+    [(64, 48, 32, 48, 32), (64, 16, 64, 64, 64), (128, 80, 128, 80, 128), (128, 32, 48, 64, 64)],
+)
+@pytest.mark.parametrize(
+    "in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)]
+)
 def test_encode_kernel_matches_reference(d, rk, rv, wk, wv, in_dtype, out_dtype):
     g = torch.Generator().manual_seed(d + rk + rv)
     n, kvh, p = 3, 2, 64
@@ -138,7 +156,7 @@ def test_encode_kernel_matches_reference(d, rk, rv, wk, wv, in_dtype, out_dtype)
         assert (ok[ids][..., rk:] == 0).all()
     rk_, rv_ = res[2]
     assert (res[0][1][ids][..., rv:] == 0).all()
-    assert torch.equal(res[3][1][ids][..., :min(d, wv)], v[..., :wv].to(out_dtype))
+    assert torch.equal(res[3][1][ids][..., : min(d, wv)], v[..., :wv].to(out_dtype))
     # The reference is the fp32 projection itself.
     want = torch.einsum("nhpd,hdr->nhpr", k.double(), kb.double())
     assert _rel(rk_[ids][..., :rk], want) < bound
@@ -153,9 +171,18 @@ def _decode_case(g, b, h, kvh, d, rk, rv, dtype, tails, pages):
     table = torch.stack([torch.randperm(n - 1, generator=g)[:4] + 1 for _ in range(b)]).int()
     dk = torch.randn(b, kvh, p, d, generator=g).to(dtype)
     dv = torch.randn(b, kvh, p, d, generator=g).to(dtype)
-    return dict(q=q, q_red=q_red, k_pages=kp, v_pages=vp, page_table=table,
-                n_pages=torch.tensor(pages, dtype=torch.int32), dense_k=dk, dense_v=dv,
-                dense_lens=torch.tensor(tails, dtype=torch.int32), scale=d ** -0.5)
+    return dict(
+        q=q,
+        q_red=q_red,
+        k_pages=kp,
+        v_pages=vp,
+        page_table=table,
+        n_pages=torch.tensor(pages, dtype=torch.int32),
+        dense_k=dk,
+        dense_v=dv,
+        dense_lens=torch.tensor(tails, dtype=torch.int32),
+        scale=d**-0.5,
+    )
 
 
 @pytest.mark.parametrize("h,kvh", [(2, 2), (8, 2), (8, 1)])
@@ -164,8 +191,9 @@ def _decode_case(g, b, h, kvh, d, rk, rv, dtype, tails, pages):
 def test_decode_kernel_matches_reference(h, kvh, d, rk, rv, dtype):
     """Rows of 2*64 (len mod 64 == 0), 3*64+1, 63 and 4*64+63 tokens, plus a padding row."""
     g = torch.Generator().manual_seed(h * 100 + kvh + d + rk)
-    args = _decode_case(g, 5, h, kvh, d, rk, rv, dtype, tails=[0, 1, 63, 63, 0],
-                        pages=[2, 3, 0, 4, 0])
+    args = _decode_case(
+        g, 5, h, kvh, d, rk, rv, dtype, tails=[0, 1, 63, 63, 0], pages=[2, 3, 0, 4, 0]
+    )
     want = lowrank_decode_attention_ref(**args)
     bound = 1e-5 if dtype == torch.float32 else 5e-3
     for splits in (1, 3):
@@ -186,22 +214,28 @@ def test_decode_reference_is_float64_attention_on_projected_kv():
     v = torch.randn(b, kvh, 3 * p, d, generator=g, dtype=torch.float64)
     tails = [5, 63]
     kr, vr = torch.einsum("bktd,kdr->bktr", k, bk), torch.einsum("bktd,kdr->bktr", v, bv)
-    pages = lambda x: x[:, :, :2 * p].reshape(b, kvh, 2, p, -1).transpose(1, 2).flatten(0, 1)  # noqa: E731
+    pages = lambda x: x[:, :, : 2 * p].reshape(b, kvh, 2, p, -1).transpose(1, 2).flatten(0, 1)  # noqa: E731
     q_red = torch.einsum("bkgd,kdr->bkgr", q.view(b, kvh, h // kvh, d), bk).reshape(b, h, rk)
-    args = dict(q=q.float(), q_red=q_red.float(), k_pages=pages(kr).half(), v_pages=pages(vr).half(),
-                page_table=torch.arange(2 * b, dtype=torch.int32).view(b, 2),
-                n_pages=torch.tensor([2, 2], dtype=torch.int32),
-                dense_k=k[:, :, 2 * p:].float().contiguous(),
-                dense_v=vr[:, :, 2 * p:].float().contiguous(),
-                dense_lens=torch.tensor(tails, dtype=torch.int32), scale=d ** -0.5)
+    args = dict(
+        q=q.float(),
+        q_red=q_red.float(),
+        k_pages=pages(kr).half(),
+        v_pages=pages(vr).half(),
+        page_table=torch.arange(2 * b, dtype=torch.int32).view(b, 2),
+        n_pages=torch.tensor([2, 2], dtype=torch.int32),
+        dense_k=k[:, :, 2 * p :].float().contiguous(),
+        dense_v=vr[:, :, 2 * p :].float().contiguous(),
+        dense_lens=torch.tensor(tails, dtype=torch.int32),
+        scale=d**-0.5,
+    )
     o_red = lowrank_decode_attention_ref(**args).double()  # [B, H, RV]
     got = torch.einsum("bkgr,kdr->bkgd", o_red.view(b, kvh, h // kvh, rv), bv)
     kproj = torch.einsum("bktr,kdr->bktd", kr, bk)
-    kproj[:, :, 2 * p:] = k[:, :, 2 * p:]  # the tail's keys are exact
+    kproj[:, :, 2 * p :] = k[:, :, 2 * p :]  # the tail's keys are exact
     vproj = torch.einsum("bktr,kdr->bktd", vr, bv)
     for i in range(b):
         n = 2 * p + tails[i]
-        s = torch.einsum("kgd,knd->kgn", q[i].view(kvh, h // kvh, d), kproj[i, :, :n]) * d ** -0.5
+        s = torch.einsum("kgd,knd->kgn", q[i].view(kvh, h // kvh, d), kproj[i, :, :n]) * d**-0.5
         want = torch.einsum("kgn,knd->kgd", s.softmax(-1), vproj[i, :, :n])
         assert _rel(got[i], want) < 2e-3  # float16 pages
 
@@ -221,11 +255,23 @@ def test_decode_kernel_refuses_bad_input():
 
 # -- GPU (the lead's device): compiled kernels, bf16, engine shapes --------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("h,kvh,d,rk,rv", [(32, 8, 128, 64, 64), (32, 8, 128, 80, 48), (4, 2, 64, 48, 32)])
+@pytest.mark.parametrize(
+    "h,kvh,d,rk,rv", [(32, 8, 128, 64, 64), (32, 8, 128, 80, 48), (4, 2, 64, 48, 32)]
+)
 def test_gpu_kernels_match_references(h, kvh, d, rk, rv):
     g = torch.Generator().manual_seed(h + d + rk)
-    args = _decode_case(g, 6, h, kvh, d, rk, rv, torch.bfloat16, tails=[0, 1, 63, 36, 5, 0],
-                        pages=[4, 3, 1, 2, 4, 0])
+    args = _decode_case(
+        g,
+        6,
+        h,
+        kvh,
+        d,
+        rk,
+        rv,
+        torch.bfloat16,
+        tails=[0, 1, 63, 36, 5, 0],
+        pages=[4, 3, 1, 2, 4, 0],
+    )
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     want = lowrank_decode_attention_ref(**args)
     for splits in (1, 2, 4):
@@ -233,7 +279,10 @@ def test_gpu_kernels_match_references(h, kvh, d, rk, rv):
         assert _rel(got[:5], want[:5]) < 2e-2 and (got[5] == 0).all()
     k = torch.randn(5, kvh, 64, d, generator=g).bfloat16().cuda()
     v = torch.randn(5, kvh, 64, d, generator=g).bfloat16().cuda()
-    kb, vb = torch.randn(kvh, d, rk, generator=g).cuda(), torch.randn(kvh, d, rv, generator=g).cuda()
+    kb, vb = (
+        torch.randn(kvh, d, rk, generator=g).cuda(),
+        torch.randn(kvh, d, rv, generator=g).cuda(),
+    )
     ids = torch.tensor([6, 0, 2, 5, 1], device="cuda")
     res = []
     for fn in (lowrank_encode_pages, lowrank_encode_pages_ref):
@@ -242,9 +291,18 @@ def test_gpu_kernels_match_references(h, kvh, d, rk, rv):
         res.append(fn(k, v, kb, vb, ok, ov, ids))
     assert _rel(res[0][0], res[1][0]) < 2e-3 and _rel(res[0][1], res[1][1]) < 2e-3
     vd = torch.nn.functional.pad(v[..., :rv], (0, d - rv)).contiguous()  # already projected
-    sealed = [fn(k, vd, kb, None, torch.zeros(8, kvh, 64, rk, dtype=torch.float16, device="cuda"),
-                 torch.zeros(8, kvh, 64, rv, dtype=torch.float16, device="cuda"), ids)
-              for fn in (lowrank_encode_pages, lowrank_encode_pages_ref)]
+    sealed = [
+        fn(
+            k,
+            vd,
+            kb,
+            None,
+            torch.zeros(8, kvh, 64, rk, dtype=torch.float16, device="cuda"),
+            torch.zeros(8, kvh, 64, rv, dtype=torch.float16, device="cuda"),
+            ids,
+        )
+        for fn in (lowrank_encode_pages, lowrank_encode_pages_ref)
+    ]
     assert torch.equal(sealed[0][1], sealed[1][1]) and _rel(sealed[0][0], sealed[1][0]) < 2e-3
 
 
@@ -252,8 +310,17 @@ def test_gpu_kernels_match_references(h, kvh, d, rk, rv):
 @pytest.mark.skipif(not HAVE_REF, reason="reference checkpoint not present")
 @pytest.mark.parametrize("codec", ["lowrank", "lowrank+hack4"])
 def test_gpu_folded_equals_unfolded(codec):
-    llms = {f: LLM(str(REFERENCE_MODEL), device="cuda", dtype="float32", codec=codec,
-                   lowrank_fold=f, num_pages=64) for f in (True, False)}
+    llms = {
+        f: LLM(
+            str(REFERENCE_MODEL),
+            device="cuda",
+            dtype="float32",
+            codec=codec,
+            lowrank_fold=f,
+            num_pages=64,
+        )
+        for f in (True, False)
+    }
     ids = llms[True].tokenizer.encode("def main(argv):\n    return 0\n" * 40)[:300]
     a, b = llms[True].logits(ids), llms[False].logits(ids)
     assert (a - b).abs().max().item() < 1e-3 * b.abs().max().item()

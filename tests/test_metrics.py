@@ -7,11 +7,11 @@ from __future__ import annotations
 import anyio
 import httpx
 import pytest
+from fake_backend import FakeBackend, fake_kv_bytes
 from prometheus_client.parser import text_string_to_metric_families
 
 from zipserve.router.app import create_app
 from zipserve.router.backend import PHASES
-from fake_backend import FakeBackend, fake_kv_bytes
 from zipserve.router.metrics import failure_reason, route_label
 
 pytestmark = pytest.mark.anyio
@@ -30,8 +30,9 @@ def backend():
 
 
 def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router",
-                             timeout=10)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    )
 
 
 async def scrape(c: httpx.AsyncClient, **headers) -> dict[tuple[str, tuple], float]:
@@ -64,12 +65,20 @@ async def test_histograms_and_counters_match_served_requests(backend):
             assert r.status_code == 200, r.text
             u = r.json()["usage"]
             served.append((codec or "bf16", u["prompt_tokens"], u["completion_tokens"]))
-        r = await c.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
-            "stream_options": {"include_usage": True}, "codec": "fp8"})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "codec": "fp8",
+            },
+        )
         assert r.status_code == 200
-        usage = [line for line in r.text.split("\n\n") if '"usage": {' in line
-                 or '"usage":{' in line][-1]
+        usage = [
+            line for line in r.text.split("\n\n") if '"usage": {' in line or '"usage":{' in line
+        ][-1]
         assert '"completion_tokens":4' in usage.replace(" ", "")
         served.append(("fp8", len(backend.jobs[-1].prompt_ids), 4))
         m = await scrape(c)
@@ -82,24 +91,25 @@ async def test_histograms_and_counters_match_served_requests(backend):
         for phase in PHASES:
             assert value(m, "zipserve_phase_seconds_count", codec=codec, phase=phase) == n
         assert value(m, "zipserve_time_between_tokens_seconds_count", codec=codec) == sum(
-            s[2] - 1 for s in mine)
+            s[2] - 1 for s in mine
+        )
         assert value(m, "zipserve_prompt_tokens_total", codec=codec) == sum(s[1] for s in mine)
-        assert value(m, "zipserve_generation_tokens_total", codec=codec) == sum(
-            s[2] for s in mine)
+        assert value(m, "zipserve_generation_tokens_total", codec=codec) == sum(s[2] for s in mine)
         sent = sum(fake_kv_bytes(s[1], codec)[0] for s in mine)
         dense = sum(fake_kv_bytes(s[1], codec)[1] for s in mine)
         assert value(m, "zipserve_kv_bytes_sent_total", codec=codec) == sent
         assert value(m, "zipserve_kv_bytes_bf16_total", codec=codec) == dense
         assert value(m, "zipserve_requests_total", codec=codec, outcome="done") == n
     assert value(m, "zipserve_kv_bytes_sent_total", codec="hack4") < value(
-        m, "zipserve_kv_bytes_bf16_total", codec="hack4")
+        m, "zipserve_kv_bytes_bf16_total", codec="hack4"
+    )
     # every +Inf bucket holds every observation, and the sums are plausible durations
     assert value(m, "zipserve_jct_seconds_bucket", le="+Inf") == len(served)
     assert 0 < value(m, "zipserve_ttft_seconds_sum") < value(m, "zipserve_jct_seconds_sum")
-    assert value(m, "zipserve_http_responses_total", route="/v1/completions",
-                 status="200") == 4
-    assert value(m, "zipserve_http_responses_total", route="/v1/chat/completions",
-                 status="200") == 1
+    assert value(m, "zipserve_http_responses_total", route="/v1/completions", status="200") == 4
+    assert (
+        value(m, "zipserve_http_responses_total", route="/v1/chat/completions", status="200") == 1
+    )
 
 
 async def test_failures_and_rejections_by_reason(backend):
@@ -110,14 +120,15 @@ async def test_failures_and_rejections_by_reason(backend):
         r = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 3})
         assert r.status_code == 500
         backend.fail_message = "KV transfer missed its deadline"
-        r = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 3,
-                                                  "stream": True})
+        r = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 3, "stream": True})
         assert r.status_code == 200 and "deadline" in r.text
         backend.fail_message = None
-        assert (await c.post("/v1/completions", json={"prompt": "", "max_tokens": 3})
-                ).status_code == 400
-        assert (await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 0})
-                ).status_code == 400
+        assert (
+            await c.post("/v1/completions", json={"prompt": "", "max_tokens": 3})
+        ).status_code == 400
+        assert (
+            await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 0})
+        ).status_code == 400
         assert (await c.get("/v1/jobs/nope")).status_code == 404
         m = await scrape(c)
     assert value(m, "zipserve_requests_total", outcome="failed", reason="checksum") == 1
@@ -127,8 +138,7 @@ async def test_failures_and_rejections_by_reason(backend):
     # failed jobs have no JCT / phase observations
     assert value(m, "zipserve_jct_seconds_count") == 0
     assert value(m, "zipserve_phase_seconds_count") == 0
-    assert value(m, "zipserve_http_responses_total", route="/v1/completions",
-                 status="500") == 1
+    assert value(m, "zipserve_http_responses_total", route="/v1/completions", status="500") == 1
     assert value(m, "zipserve_http_responses_total", route="/v1/jobs/{id}", status="404") == 1
 
 
@@ -185,8 +195,9 @@ async def test_backend_health_failure_is_a_gauge_not_an_error(backend):
 async def test_each_app_has_its_own_registry(backend):
     a, b = create_app(backend), create_app(backend)
     async with client_for(a) as ca, client_for(b) as cb:
-        assert (await ca.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-                ).status_code == 200
+        assert (
+            await ca.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        ).status_code == 200
         ma, mb = await scrape(ca), await scrape(cb)
     assert value(ma, "zipserve_jct_seconds_count") == 1
     assert value(mb, "zipserve_jct_seconds_count") == 0
@@ -201,8 +212,9 @@ async def test_api_key_guards_metrics_and_counts_refusals(backend):
         assert (await c.get("/health")).status_code == 200
         assert (await c.post("/v1/completions", json={"prompt": "a"})).status_code == 401
         m = await scrape(c, authorization="Bearer sekret")
-        assert (await c.get("/dashboard/data", headers={"authorization": "Bearer sekret"})
-                ).status_code == 200
+        assert (
+            await c.get("/dashboard/data", headers={"authorization": "Bearer sekret"})
+        ).status_code == 200
     assert value(m, "zipserve_requests_total", outcome="rejected", reason="http_401") == 1
     assert value(m, "zipserve_http_responses_total", route="/metrics", status="401") == 1
 
@@ -212,10 +224,8 @@ def test_failure_reason_categories():
     assert failure_reason("KV transfer missed its deadline") == "deadline"
     assert failure_reason("KV transfer incomplete after 30.0 s (3/6 layers)") == "deadline"
     assert failure_reason("overloaded: no free pages") == "overloaded"
-    assert failure_reason("unavailable: decode worker 0 failed: ActorDiedError") == \
-        "worker_failed"
-    assert failure_reason("unavailable: prefill worker 1 failed: RayActorError") == \
-        "worker_failed"
+    assert failure_reason("unavailable: decode worker 0 failed: ActorDiedError") == "worker_failed"
+    assert failure_reason("unavailable: prefill worker 1 failed: RayActorError") == "worker_failed"
     assert failure_reason("client disconnected", default="aborted") == "client_disconnected"
     assert failure_reason("router shutting down", default="aborted") == "shutdown"
     assert failure_reason("codec: this deployment serves 'bf16', not 'fp8'") == "bad_request"

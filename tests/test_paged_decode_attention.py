@@ -8,7 +8,9 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede importing triton / the kernel module
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # must precede importing triton / the kernel module
 
 import pytest  # noqa: E402
 
@@ -23,8 +25,9 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def make_case(seed, seq_lens, num_kv_heads, group, head_dim, page_size, dtype, device=DEVICE,
-              extra_pages=3):
+def make_case(
+    seed, seq_lens, num_kv_heads, group, head_dim, page_size, dtype, device=DEVICE, extra_pages=3
+):
     """Random q, contiguous K/V [B, KVH, L, D] and their paged copy with shuffled page assignment.
 
     Unused cache slots (tails of last pages, spare pages) hold NaN so any stray read shows up.
@@ -50,14 +53,20 @@ def make_case(seed, seq_lens, num_kv_heads, group, head_dim, page_size, dtype, d
             k_cache[pid, :, : hi - lo] = k[b, :, lo:hi]
             v_cache[pid, :, : hi - lo] = v[b, :, lo:hi]
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(q=to(q), k_cache=to(k_cache), v_cache=to(v_cache),
-                page_table=page_table.to(device),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                scale=head_dim ** -0.5), (k, v)
+    return dict(
+        q=to(q),
+        k_cache=to(k_cache),
+        v_cache=to(v_cache),
+        page_table=page_table.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        scale=head_dim**-0.5,
+    ), (k, v)
 
 
 def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    return (
+        (out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+    ).item()
 
 
 def dense_attention_f64(q, k, v, seq_lens, scale):
@@ -120,11 +129,14 @@ def test_all_padding_rows():
         assert (out == 0).all()
 
 
-@pytest.mark.parametrize("seed,seq_lens,kvh,group,d,page", [
-    (21, [1, 15, 16, 17, 50], 2, 4, 64, 16),
-    (22, [64, 65, 0, 200], 4, 1, 128, 64),
-    (23, [7, 31], 1, 8, 32, 8),
-])
+@pytest.mark.parametrize(
+    "seed,seq_lens,kvh,group,d,page",
+    [
+        (21, [1, 15, 16, 17, 50], 2, 4, 64, 16),
+        (22, [64, 65, 0, 200], 4, 1, 128, 64),
+        (23, [7, 31], 1, 8, 32, 8),
+    ],
+)
 def test_reference_matches_dense_f64(seed, seq_lens, kvh, group, d, page):
     args, (k, v) = make_case(seed, seq_lens, kvh, group, d, page, torch.float32, device="cpu")
     ref = paged_decode_attention_ref(**args)
@@ -151,7 +163,7 @@ def test_wrapper_errors():
         "v_cache": _bad(args, v_cache=args["v_cache"][:1]),
     }
     for fn in fns:
-        for name, kw in bad_cases.items():
+        for kw in bad_cases.values():
             with pytest.raises(ValueError):
                 fn(**kw)
         with pytest.raises(ValueError, match="num_splits"):
@@ -180,7 +192,9 @@ def test_cpu_without_interpreter_raises():
         "try:\n    f(q, kc, kc, pt, sl, 0.125)\nexcept RuntimeError as e:\n    print('RAISED', e)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert "RAISED" in res.stdout and "TRITON_INTERPRET" in res.stdout, res.stderr
 
 
@@ -193,8 +207,14 @@ def test_bf16_realistic_gpu(splits):
     lens = torch.randint(1, 2048, (B,)).tolist()
     lens[0], lens[1] = 0, 2048
     args, _ = make_case(41, lens, KVH, H // KVH, D, page, torch.bfloat16, device="cuda")
-    ref = paged_decode_attention_ref(**{**args, "q": args["q"].float(), "k_cache": args["k_cache"].float(),
-                                        "v_cache": args["v_cache"].float()})
+    ref = paged_decode_attention_ref(
+        **{
+            **args,
+            "q": args["q"].float(),
+            "k_cache": args["k_cache"].float(),
+            "v_cache": args["v_cache"].float(),
+        }
+    )
     out = paged_decode_attention(**args, num_splits=splits)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()

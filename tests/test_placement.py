@@ -2,6 +2,7 @@
 (a prefill pool of one longest prompt, decode engines dividing the rest, user settings kept)."""
 
 import pytest
+
 from zipserve.control.placement import gpu_share, role_engine_options
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.page_pool import pages_for
@@ -16,9 +17,15 @@ def test_gpu_share():
 
 
 def opts(role, options=None, *, device="cuda", gpus=1, workers=2, num_decode=1, ctx=8192):
-    return role_engine_options(options or {}, role, device=device,
-                               share=gpu_share(gpus, workers, pinned=False), gpus=gpus,
-                               num_decode=num_decode, max_model_len=ctx)
+    return role_engine_options(
+        options or {},
+        role,
+        device=device,
+        share=gpu_share(gpus, workers, pinned=False),
+        gpus=gpus,
+        num_decode=num_decode,
+        max_model_len=ctx,
+    )
 
 
 def test_shared_gpu_prefill_gets_one_longest_prompt_and_no_graphs():
@@ -43,8 +50,8 @@ def test_whole_gpus_and_cpu_and_user_settings_are_left_alone():
 
 
 def test_serve_config_codecs_are_validated(capsys):
-    from zipserve.deploy.cli import REFERENCE_MODEL, main
     from zipserve.control.config import ServeConfig
+    from zipserve.deploy.cli import REFERENCE_MODEL, main
 
     model = str(REFERENCE_MODEL)
     cfg = ServeConfig(model=model, codec="hack2", extra_codecs=["bf16"])
@@ -54,13 +61,21 @@ def test_serve_config_codecs_are_validated(capsys):
     with pytest.raises(ValueError, match=r"--codec: a codec is named twice in bf16,bf16"):
         ServeConfig(model=model, codec="bf16", extra_codecs=("bf16",))
     with pytest.raises(ValueError, match=r"--prefill-group: serves one codec"):
-        ServeConfig(model=model, codec="bf16", extra_codecs=("hack2",), prefill_group=2,
-                    prefill_group_min_tokens=256)
+        ServeConfig(
+            model=model,
+            codec="bf16",
+            extra_codecs=("hack2",),
+            prefill_group=2,
+            prefill_group_min_tokens=256,
+        )
     assert main(["serve", "--model", model, "--codec", "hack2,zip"]) == 2  # before any start
     assert "unknown codec 'zip'" in capsys.readouterr().err
     lckv = str(REFERENCE_MODEL.parent / "zipserve-lckv")  # no calibrated bases beside it
-    with pytest.raises(ValueError, match=r"--codec: lowrank\+hack2 needs calibrated bases at "
-                                         r".*zipserve-lckv/lowrank.safetensors; create them"):
+    with pytest.raises(
+        ValueError,
+        match=r"--codec: lowrank\+hack2 needs calibrated bases at "
+        r".*zipserve-lckv/lowrank.safetensors; create them",
+    ):
         ServeConfig(model=lckv, codec="bf16", extra_codecs=("lowrank+hack2",))
     ServeConfig(model=model, codec="lowrank")  # the reference model ships its bases
     ServeConfig(model="random:tiny", codec="lowrank")  # random bases for random weights

@@ -8,7 +8,9 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede importing triton / the kernel modules
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # must precede importing triton / the kernel modules
 
 import pytest  # noqa: E402
 
@@ -20,7 +22,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    return (
+        (out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+    ).item()
 
 
 def _codec(fmt, kvh, page, d):
@@ -43,23 +47,43 @@ def make_case(fmt, seed, past, n, kvh, group, d, page, dtype, device=DEVICE):
             t.fill_(float("nan"))  # unused pages: stray reads show up
     ids = torch.randperm(m + 2, generator=gen)[:m].to(torch.int32).to(device)
     if m:
-        codec.encode(store, ids.long(), k[:m * page].view(m, page, kvh, d).transpose(1, 2).contiguous().to(device),
-                     v[:m * page].view(m, page, kvh, d).transpose(1, 2).contiguous().to(device))
-    kw = dict(q=q.to(dtype), k=k[past:].to(dtype), v=v[past:].to(dtype), past_pages=ids,
-              dense_k=k[m * page:past].transpose(0, 1).to(dtype), dense_v=v[m * page:past].transpose(0, 1).to(dtype))
+        codec.encode(
+            store,
+            ids.long(),
+            k[: m * page].view(m, page, kvh, d).transpose(1, 2).contiguous().to(device),
+            v[: m * page].view(m, page, kvh, d).transpose(1, 2).contiguous().to(device),
+        )
+    kw = dict(
+        q=q.to(dtype),
+        k=k[past:].to(dtype),
+        v=v[past:].to(dtype),
+        past_pages=ids,
+        dense_k=k[m * page : past].transpose(0, 1).to(dtype),
+        dense_v=v[m * page : past].transpose(0, 1).to(dtype),
+    )
     kw = {a: t.to(device).contiguous() for a, t in kw.items()}
-    kw["scale"] = d ** -0.5
+    kw["scale"] = d**-0.5
     if fmt == "fp8":
-        pool = dict(k_pages=store["k"], k_scale=store["k_scale"], v_pages=store["v"], v_scale=store["v_scale"])
+        pool = dict(
+            k_pages=store["k"],
+            k_scale=store["k_scale"],
+            v_pages=store["v"],
+            v_scale=store["v_scale"],
+        )
     else:
-        pool = {name: store[name] for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")}
+        pool = {
+            name: store[name]
+            for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
+        }
         kw["bits"] = codec.bits
     return codec, store, {**kw, **pool}
 
 
-FNS = {"fp8": (bp.fp8_prefill_attention, bp.fp8_prefill_attention_ref),
-       "kivi2": (bp.kivi_prefill_attention, bp.kivi_prefill_attention_ref),
-       "kivi4": (bp.kivi_prefill_attention, bp.kivi_prefill_attention_ref)}
+FNS = {
+    "fp8": (bp.fp8_prefill_attention, bp.fp8_prefill_attention_ref),
+    "kivi2": (bp.kivi_prefill_attention, bp.kivi_prefill_attention_ref),
+    "kivi4": (bp.kivi_prefill_attention, bp.kivi_prefill_attention_ref),
+}
 
 # (fmt, seed, past, n, kvh, group, d, page, dtype): past and n mod page in {0, 1, page - 1}; page 64 included.
 CASES = [
@@ -84,17 +108,31 @@ def test_kernel_matches_reference(fmt, seed, past, n, kvh, group, d, page, dtype
     assert rel_err(out, ref) < (2e-3 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("fmt,seed,past,n,kvh,group,d,page", [
-    ("fp8", 11, 129, 63, 2, 4, 64, 64), ("kivi2", 12, 97, 31, 1, 8, 64, 32), ("kivi4", 13, 64, 1, 2, 1, 128, 32),
-])
+@pytest.mark.parametrize(
+    "fmt,seed,past,n,kvh,group,d,page",
+    [
+        ("fp8", 11, 129, 63, 2, 4, 64, 64),
+        ("kivi2", 12, 97, 31, 1, 8, 64, 32),
+        ("kivi4", 13, 64, 1, 2, 1, 128, 32),
+    ],
+)
 def test_reference_matches_f64_attention(fmt, seed, past, n, kvh, group, d, page):
-    codec, store, kw = make_case(fmt, seed, past, n, kvh, group, d, page, torch.float32, device="cpu")
+    codec, store, kw = make_case(
+        fmt, seed, past, n, kvh, group, d, page, torch.float32, device="cpu"
+    )
     ref = FNS[fmt][1](**kw)
     ids = kw["past_pages"].long()
     pk, pv = codec.dequantize(store, ids)  # [m, KVH, P, D]
-    keys = torch.cat([pk.transpose(0, 1).reshape(kvh, -1, d), kw["dense_k"], kw["k"].transpose(0, 1)], 1)
-    vals = torch.cat([pv.transpose(0, 1).reshape(kvh, -1, d), kw["dense_v"], kw["v"].transpose(0, 1)], 1)
-    keys, vals = keys.double().repeat_interleave(group, 0), vals.double().repeat_interleave(group, 0)
+    keys = torch.cat(
+        [pk.transpose(0, 1).reshape(kvh, -1, d), kw["dense_k"], kw["k"].transpose(0, 1)], 1
+    )
+    vals = torch.cat(
+        [pv.transpose(0, 1).reshape(kvh, -1, d), kw["dense_v"], kw["v"].transpose(0, 1)], 1
+    )
+    keys, vals = (
+        keys.double().repeat_interleave(group, 0),
+        vals.double().repeat_interleave(group, 0),
+    )
     s = torch.einsum("nhd,hld->hnl", kw["q"].double(), keys) * kw["scale"]
     s = s.masked_fill(~torch.ones(n, past + n, dtype=torch.bool).tril(past), float("-inf"))
     want = torch.einsum("hnl,hld->nhd", s.softmax(-1), vals)
@@ -104,20 +142,38 @@ def test_reference_matches_f64_attention(fmt, seed, past, n, kvh, group, d, page
 @pytest.mark.parametrize("fmt", ["fp8", "kivi2"])
 def test_codec_prefill_matches_dequantizing_reference(fmt):
     codec, store, kw = make_case(fmt, 21, 96, 40, 2, 4, 64, 32, torch.float32, device="cpu")
-    args = (kw["q"], kw["k"], kw["v"], store, kw["past_pages"].long(), kw["dense_k"][:, :0], kw["dense_v"][:, :0],
-            kw["scale"])
-    assert rel_err(codec.prefill_attention(*args), compressed_past_prefill_attention(codec, *args)) < 1e-5
+    args = (
+        kw["q"],
+        kw["k"],
+        kw["v"],
+        store,
+        kw["past_pages"].long(),
+        kw["dense_k"][:, :0],
+        kw["dense_v"][:, :0],
+        kw["scale"],
+    )
+    assert (
+        rel_err(codec.prefill_attention(*args), compressed_past_prefill_attention(codec, *args))
+        < 1e-5
+    )
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "kivi2"])
 def test_bad_arguments_name_the_field(fmt):
     _, _, kw = make_case(fmt, 31, 64, 8, 2, 2, 64, 32, torch.float32, device="cpu")
     pool_name = "k_pages" if fmt == "fp8" else "k_codes"
-    bad = [("q", dict(q=kw["q"].long())), ("k", dict(k=kw["k"][:3])), ("v", dict(v=kw["v"].half())),
-           ("past_pages", dict(past_pages=kw["past_pages"].long())),
-           ("dense_k", dict(dense_k=kw["dense_k"][:, :, :32])), ("num_heads", dict(q=kw["q"][:, :3])),
-           ("scale", dict(scale=torch.tensor(0.1))), ("out", dict(out=torch.empty(8, 4, 32))),
-           (pool_name, {pool_name: kw[pool_name].view(torch.int8)}), ("v_scale", dict(v_scale=kw["v_scale"].double()))]
+    bad = [
+        ("q", dict(q=kw["q"].long())),
+        ("k", dict(k=kw["k"][:3])),
+        ("v", dict(v=kw["v"].half())),
+        ("past_pages", dict(past_pages=kw["past_pages"].long())),
+        ("dense_k", dict(dense_k=kw["dense_k"][:, :, :32])),
+        ("num_heads", dict(q=kw["q"][:, :3])),
+        ("scale", dict(scale=torch.tensor(0.1))),
+        ("out", dict(out=torch.empty(8, 4, 32))),
+        (pool_name, {pool_name: kw[pool_name].view(torch.int8)}),
+        ("v_scale", dict(v_scale=kw["v_scale"].double())),
+    ]
     for fn in FNS[fmt]:
         for field, change in bad:
             with pytest.raises(ValueError, match=f"^{field}:"):

@@ -10,7 +10,9 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede importing triton / the kernel modules
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # must precede importing triton / the kernel modules
 
 import pytest  # noqa: E402
 
@@ -22,18 +24,25 @@ from zipserve.engine.llm import LLM, SamplingParams  # noqa: E402
 from zipserve.kernels.hack_encode import hack_dequantize_ref, hack_encode_pages_ref  # noqa: E402
 from zipserve.kernels.hack_layout import HackPages, hack_group_v  # noqa: E402
 from zipserve.kernels.hack_prefill_attention import (  # noqa: E402
-    hack_prefill_attention, hack_prefill_attention_ref)
+    hack_prefill_attention,
+    hack_prefill_attention_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_err(out, ref):
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    return (
+        (out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)
+    ).item()
 
 
 def _to(pages, device):
-    return HackPages(**{n: t.to(device) for n, t in pages.tensors().items()}, bits=pages.bits,
-                     group_v=pages.group_v)
+    return HackPages(
+        **{n: t.to(device) for n, t in pages.tensors().items()},
+        bits=pages.bits,
+        group_v=pages.group_v,
+    )
 
 
 def make_case(seed, past, n, kvh, group, d, bits, dtype, page=64, n_sink=4, device=DEVICE):
@@ -56,14 +65,28 @@ def make_case(seed, past, n, kvh, group, d, bits, dtype, page=64, n_sink=4, devi
         getattr(pool, name).fill_(float("nan"))
     ids = torch.randperm(m + 2, generator=gen)[:m].to(torch.int32)
     if m:
-        full = k[:m * page].view(m, page, kvh, d).transpose(1, 2)  # [m, KVH, P, D]
-        fullv = v[:m * page].view(m, page, kvh, d).transpose(1, 2)
-        hack_encode_pages_ref(full.contiguous(), fullv.contiguous(), bits, gv, out=pool, page_ids=ids)
+        full = k[: m * page].view(m, page, kvh, d).transpose(1, 2)  # [m, KVH, P, D]
+        fullv = v[: m * page].view(m, page, kvh, d).transpose(1, 2)
+        hack_encode_pages_ref(
+            full.contiguous(), fullv.contiguous(), bits, gv, out=pool, page_ids=ids
+        )
     dense = (list(range(min(n_sink, past))) if m else []) + list(range(m * page, past))
-    args = dict(q=q.to(dtype), k=k[past:].to(dtype), v=v[past:].to(dtype), pages=pool, past_pages=ids,
-                dense_k=k[dense].transpose(0, 1).to(dtype), dense_v=v[dense].transpose(0, 1).to(dtype),
-                scale=d ** -0.5, bits=bits, n_sink=n_sink)
-    args = {a: (t.to(device).contiguous() if isinstance(t, torch.Tensor) else t) for a, t in args.items()}
+    args = dict(
+        q=q.to(dtype),
+        k=k[past:].to(dtype),
+        v=v[past:].to(dtype),
+        pages=pool,
+        past_pages=ids,
+        dense_k=k[dense].transpose(0, 1).to(dtype),
+        dense_v=v[dense].transpose(0, 1).to(dtype),
+        scale=d**-0.5,
+        bits=bits,
+        n_sink=n_sink,
+    )
+    args = {
+        a: (t.to(device).contiguous() if isinstance(t, torch.Tensor) else t)
+        for a, t in args.items()
+    }
     args["pages"] = _to(pool, device)
     return args, (k, v)
 
@@ -78,10 +101,20 @@ def attention_f64(args):
     n, h, d = q.shape
     kvh = pool.num_kv_heads
     skip = args["n_sink"] if ids.numel() else 0
-    kp = torch.cat([kd[ids].transpose(0, 1).reshape(kvh, -1, d)[:, skip:].double(),
-                    args["dense_k"].cpu().double()], 1)  # [KVH, past, D]
-    vp = torch.cat([vd[ids].transpose(0, 1).reshape(kvh, -1, d)[:, skip:].double(),
-                    args["dense_v"].cpu().double()], 1)
+    kp = torch.cat(
+        [
+            kd[ids].transpose(0, 1).reshape(kvh, -1, d)[:, skip:].double(),
+            args["dense_k"].cpu().double(),
+        ],
+        1,
+    )  # [KVH, past, D]
+    vp = torch.cat(
+        [
+            vd[ids].transpose(0, 1).reshape(kvh, -1, d)[:, skip:].double(),
+            args["dense_v"].cpu().double(),
+        ],
+        1,
+    )
     kk = torch.cat([kp, args["k"].cpu().double().transpose(0, 1)], 1).repeat_interleave(h // kvh, 0)
     vv = torch.cat([vp, args["v"].cpu().double().transpose(0, 1)], 1).repeat_interleave(h // kvh, 0)
     s = torch.einsum("nhd,hld->hnl", q, kk) * args["scale"]  # [H, n, past + n]
@@ -120,15 +153,21 @@ def test_kernel_matches_reference(mode, seed, past, n, kvh, group, d, bits, page
 
 
 @pytest.mark.parametrize("mode,tol", [("f16", 1e-5), ("int8", 3e-2)])
-@pytest.mark.parametrize("seed,past,n,kvh,group,d,bits,page,n_sink", [
-    (21, 129, 63, 2, 4, 64, 2, 64, 4),
-    (22, 191, 65, 1, 8, 128, 4, 64, 4),
-    (23, 96, 32, 2, 1, 128, 2, 32, 0),
-    (24, 33, 1, 1, 4, 64, 4, 16, 4),
-])
-def test_reference_matches_f64_attention(mode, tol, seed, past, n, kvh, group, d, bits, page, n_sink):
-    args, (k, v) = make_case(seed, past, n, kvh, group, d, bits, torch.float32, page=page, n_sink=n_sink,
-                             device="cpu")
+@pytest.mark.parametrize(
+    "seed,past,n,kvh,group,d,bits,page,n_sink",
+    [
+        (21, 129, 63, 2, 4, 64, 2, 64, 4),
+        (22, 191, 65, 1, 8, 128, 4, 64, 4),
+        (23, 96, 32, 2, 1, 128, 2, 32, 0),
+        (24, 33, 1, 1, 4, 64, 4, 16, 4),
+    ],
+)
+def test_reference_matches_f64_attention(
+    mode, tol, seed, past, n, kvh, group, d, bits, page, n_sink
+):
+    args, (k, v) = make_case(
+        seed, past, n, kvh, group, d, bits, torch.float32, page=page, n_sink=n_sink, device="cpu"
+    )
     ref = hack_prefill_attention_ref(**args, mode=mode)
     want = attention_f64(args)
     assert torch.isfinite(ref).all()
@@ -189,25 +228,32 @@ def test_hack_codec_prefill_matches_dequantizing_reference(bits, mode):
     q = torch.randn(n, kvh * group, d, generator=gen)
     store = codec.new_store(5, "cpu")
     ids = torch.tensor([4, 0, 2])
-    codec.encode(store, ids, k[:past].view(3, page, kvh, d).transpose(1, 2).contiguous(),
-                 v[:past].view(3, page, kvh, d).transpose(1, 2).contiguous())
+    codec.encode(
+        store,
+        ids,
+        k[:past].view(3, page, kvh, d).transpose(1, 2).contiguous(),
+        v[:past].view(3, page, kvh, d).transpose(1, 2).contiguous(),
+    )
     sink_k, sink_v = k[:n_sink].transpose(0, 1), v[:n_sink].transpose(0, 1)
-    got = codec.prefill_attention(q, k[past:], v[past:], store, ids, sink_k, sink_v, d ** -0.5)
-    want = compressed_past_prefill_attention(codec, q, k[past:], v[past:], store, ids, sink_k, sink_v,
-                                             d ** -0.5)
+    got = codec.prefill_attention(q, k[past:], v[past:], store, ids, sink_k, sink_v, d**-0.5)
+    want = compressed_past_prefill_attention(
+        codec, q, k[past:], v[past:], store, ids, sink_k, sink_v, d**-0.5
+    )
     assert rel_err(got, want) < (1e-5 if mode == "f16" else 3e-2)
     # with nothing cached it is plain causal attention over the chunk
     none = torch.zeros(0, dtype=torch.long)
-    got0 = codec.prefill_attention(q, k[:n], v[:n], store, none, sink_k, sink_v, d ** -0.5)
-    want0 = compressed_past_prefill_attention(codec, q, k[:n], v[:n], store, none, sink_k, sink_v,
-                                              d ** -0.5)
+    got0 = codec.prefill_attention(q, k[:n], v[:n], store, none, sink_k, sink_v, d**-0.5)
+    want0 = compressed_past_prefill_attention(
+        codec, q, k[:n], v[:n], store, none, sink_k, sink_v, d**-0.5
+    )
     assert rel_err(got0, want0) < 1e-5
 
 
 # ---------------------------------------------------------------- engine
 
-_REF = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                          reason="reference checkpoint not present")
+_REF = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 
 
 def _prompts(lengths, seed, vocab):
@@ -235,8 +281,9 @@ def test_chunked_prefill_same_tokens_bf16():
     prompts = _prompts((200, 97, 33, 160, 64), 0, 500)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     whole = LLM("random:tiny", device="cpu", page_size=32).generate(prompts, params)
-    llm = LLM("random:tiny", device="cpu", page_size=32, max_prefill_chunk=32,
-              max_prefill_tokens=96)
+    llm = LLM(
+        "random:tiny", device="cpu", page_size=32, max_prefill_chunk=32, max_prefill_tokens=96
+    )
     chunked = llm.generate(prompts, params)
     assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
     pool = llm.engine.pool
@@ -252,8 +299,9 @@ def test_chunked_prefill_equals_page_by_page_scoring(codec):
     the unchunked engine's tokens: there the whole prompt attends exactly)."""
     llm = LLM(str(REFERENCE_MODEL), device="cpu", codec=codec, max_prefill_chunk=64)
     prompt = _prompts((129,), 3, 8000)[0]  # 2 full chunks and 1 token
-    out = llm.generate(prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
-                                              logprobs=0))[0]
+    out = llm.generate(
+        prompt, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    )[0]
     full = torch.log_softmax(llm.logits(prompt + out.token_ids), dim=-1)
     expect = [full[len(prompt) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
     assert out.logprobs == pytest.approx(expect, abs=2e-3)
@@ -262,8 +310,15 @@ def test_chunked_prefill_equals_page_by_page_scoring(codec):
 
 
 def test_abort_mid_prompt_frees_pages():
-    llm = LLM("random:tiny", device="cpu", codec="kivi2", page_size=32, max_prefill_chunk=32,
-              num_pages=40, max_num_seqs=3)
+    llm = LLM(
+        "random:tiny",
+        device="cpu",
+        codec="kivi2",
+        page_size=32,
+        max_prefill_chunk=32,
+        num_pages=40,
+        max_num_seqs=3,
+    )
     eng = llm.engine
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     a, b = (eng.add_request(p, params) for p in _prompts((300, 50), 5, 500))

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.lowrank import LowRankBases
-from zipserve.compress.wire import unpack_pages
+from zipserve.compress.wire import LayerKV, unpack_pages
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
-from zipserve.compress.wire import LayerKV
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_group.exchange import expected_layer_bytes
 from zipserve.prefill_group.local import LocalJob, run_local, run_threads
@@ -21,8 +21,9 @@ from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slic
 from zipserve.prefill_group.rank import GroupRank
 from zipserve.prefill_group.slices import assemble_layer, export_slice
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)  # 6 layers, 4 query heads, 2 kv heads, head_dim 64
 PAGE = 32
 PROMPT = torch.randint(3, 8000, (136,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -30,8 +31,9 @@ CODECS = ("bf16", "fp8", "hack2", "kivi2", "lowrank", "lowrank+hack2")
 
 
 def _jobs(codecs=CODECS) -> list[LocalJob]:
-    return [LocalJob(MODEL, c, [PROMPT], page_size=PAGE, keep_raw=True, all_logits=True)
-            for c in codecs]
+    return [
+        LocalJob(MODEL, c, [PROMPT], page_size=PAGE, keep_raw=True, all_logits=True) for c in codecs
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +51,21 @@ def reference():
     logits = LLM(MODEL, device="cpu", page_size=PAGE, num_pages=16).logits(PROMPT)  # [T, V]
     layers = {}
     for codec in ("bf16", "fp8", "hack2", "kivi2"):
-        eng = DisaggregatedEngine(MODEL, device="cpu", engine_config=EngineConfig(
-            codec=codec, page_size=PAGE, num_pages=16, max_num_seqs=4))
+        eng = DisaggregatedEngine(
+            MODEL,
+            device="cpu",
+            engine_config=EngineConfig(codec=codec, page_size=PAGE, num_pages=16, max_num_seqs=4),
+        )
         layers[codec] = eng.prefill_export(PROMPT, SamplingParams(max_tokens=1), "ref").layers
     return logits, layers
 
 
 def _raw(res, layer):
     """(k, v) [T, KVH, D] of one layer, the group's slices concatenated."""
-    return (torch.cat([r.raw_kv[layer][0] for r in res.ranks]),
-            torch.cat([r.raw_kv[layer][1] for r in res.ranks]))
+    return (
+        torch.cat([r.raw_kv[layer][0] for r in res.ranks]),
+        torch.cat([r.raw_kv[layer][1] for r in res.ranks]),
+    )
 
 
 # -- plan -----------------------------------------------------------------------------------
@@ -66,8 +73,12 @@ def test_head_split_rules():
     assert plan_heads(32, 8, 4).kv_per_rank == 2
     sp = plan_heads(4, 2, 4)  # kv heads replicated to 2 ranks each
     assert (sp.q_per_rank, sp.kv_per_rank, sp.kv_replicas) == (1, 1, 2)
-    assert [sp.kv_heads(r) for r in range(4)] == [slice(0, 1), slice(0, 1), slice(1, 2),
-                                                  slice(1, 2)]
+    assert [sp.kv_heads(r) for r in range(4)] == [
+        slice(0, 1),
+        slice(0, 1),
+        slice(1, 2),
+        slice(1, 2),
+    ]
     # every rank's query heads belong to the kv heads it holds
     for h, kvh, n in [(32, 8, 2), (32, 8, 8), (32, 8, 16), (32, 8, 32), (4, 2, 4), (12, 4, 2)]:
         sp, g = plan_heads(h, kvh, n), h // kvh
@@ -122,8 +133,12 @@ def test_bf16_kv_equals_single_worker(groups, reference, n):
     assert res.dense_bytes == len(got) * 2 * len(PROMPT) * kvh * d * elem
     for g, w in zip(got, want):
         gw, ww = unpack_pages(g.pages), unpack_pages(w.pages)
-        assert (g.layer, g.num_tokens, gw.codec, gw.num_pages) == (w.layer, w.num_tokens,
-                                                                   ww.codec, ww.num_pages)
+        assert (g.layer, g.num_tokens, gw.codec, gw.num_pages) == (
+            w.layer,
+            w.num_tokens,
+            ww.codec,
+            ww.num_pages,
+        )
         for name in ("k", "v"):
             torch.testing.assert_close(gw.tensors[name], ww.tensors[name], rtol=1e-5, atol=1e-5)
         assert g.tail.keys() == w.tail.keys() == {"open_k", "open_v"}  # 136 = 4 pages + 8
@@ -140,8 +155,9 @@ def test_codec_pages_equal_single_encode_of_same_tokens(groups, reference, n, co
     codec_obj = make_codec(codec, 2, PAGE, 64, MODEL)
     for layer, got in enumerate(res.layers("x")):
         k, v = _raw(res, layer)
-        whole = assemble_layer([export_slice(codec_obj.for_layer(layer), codec, layer, k, v, 0,
-                                             len(PROMPT), PAGE, 0)])
+        whole = assemble_layer(
+            [export_slice(codec_obj.for_layer(layer), codec, layer, k, v, 0, len(PROMPT), PAGE, 0)]
+        )
         assert got.pages == whole.pages
         assert got.tail.keys() == whole.tail.keys()
         for name in got.tail:
@@ -154,8 +170,12 @@ def test_codec_pages_equal_single_encode_of_same_tokens(groups, reference, n, co
             assert unpack_pages(got.pages).num_pages == unpack_pages(want.pages).num_pages
     ref_layer = reference[1]["bf16"][3]  # whole pages [pages, KVH, P, D] + open [KVH, r, D]
     ref = unpack_pages(ref_layer.pages).tensors
-    ref_k, ref_v = (torch.cat([ref[m].transpose(1, 2).flatten(0, 1),
-                               ref_layer.tail[f"open_{m}"].transpose(0, 1)]) for m in ("k", "v"))
+    ref_k, ref_v = (
+        torch.cat(
+            [ref[m].transpose(1, 2).flatten(0, 1), ref_layer.tail[f"open_{m}"].transpose(0, 1)]
+        )
+        for m in ("k", "v")
+    )
     if not codec.startswith("lowrank"):
         k, v = _raw(res, 3)
         torch.testing.assert_close(k, ref_k, rtol=1e-5, atol=1e-5)
@@ -216,8 +236,13 @@ def test_reduced_attention_with_full_rank_bases_is_exact(reference):
     eye = torch.eye(64).expand(2, 64, 64)
     rot = torch.linalg.qr(torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1)))[0]
     for k_basis, v_basis in [(eye, eye), (rot, rot.flip(1))]:  # any orthonormal basis
-        member.bases = LowRankBases([{"k_enc": k_basis, "k_dec": k_basis, "v_enc": v_basis,
-                                      "v_dec": v_basis} for _ in range(6)], {})
+        member.bases = LowRankBases(
+            [
+                {"k_enc": k_basis, "k_dec": k_basis, "v_enc": v_basis, "v_dec": v_basis}
+                for _ in range(6)
+            ],
+            {},
+        )
         got = member.prefill(PROMPT, all_logits=True).logits
         torch.testing.assert_close(got, reference[0], rtol=1e-4, atol=1e-4)
 
@@ -226,8 +251,9 @@ def test_lowrank_codec_with_full_exchange_is_exact_prefill(reference):
     """lowrank_exchange=False (serve: --prefill-group-exchange full): the lowrank codec's group
     attends over full Q/K/V, so its logits are exact prefill's, and it still sends the codec's
     reduced pages to the decode side."""
-    job = LocalJob(MODEL, "lowrank", [PROMPT], page_size=PAGE, all_logits=True,
-                   lowrank_exchange=False)
+    job = LocalJob(
+        MODEL, "lowrank", [PROMPT], page_size=PAGE, all_logits=True, lowrank_exchange=False
+    )
     res = run_threads(2, [job])[0][0]
     torch.testing.assert_close(res.token_logits(), reference[0], rtol=1e-4, atol=1e-4)
     assert 0 < res.kv_bytes < res.dense_bytes / 1.5  # reduced K/V pages on the wire
@@ -240,8 +266,9 @@ def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
     low = groups[n]["lowrank"]
     for res in (full, low):
         for recs in res.records:  # 2 all-to-alls per layer on every rank
-            assert [(r.name, r.layer) for r in recs] == [(m, i) for i in range(6)
-                                                         for m in ("qkv", "out")]
+            assert [(r.name, r.layer) for r in recs] == [
+                (m, i) for i in range(6) for m in ("qkv", "out")
+            ]
     total_full = total_low = 0
     for layer in range(6):
         rk = bases.layers[layer]["k_enc"].shape[-1]
@@ -249,12 +276,24 @@ def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
         want_full = expected_layer_bytes(4, 2, n, 64, 64, 4, len(PROMPT))
         want_low = expected_layer_bytes(4, 2, n, rk, rv, 4, len(PROMPT))
         for name in ("qkv", "out"):
-            got_full = sum(r.sent_bytes for recs in full.records for r in recs
-                           if (r.name, r.layer) == (name, layer))
-            got_low = sum(r.sent_bytes for recs in low.records for r in recs
-                          if (r.name, r.layer) == (name, layer))
-            recv = sum(r.recv_bytes for recs in low.records for r in recs
-                       if (r.name, r.layer) == (name, layer))
+            got_full = sum(
+                r.sent_bytes
+                for recs in full.records
+                for r in recs
+                if (r.name, r.layer) == (name, layer)
+            )
+            got_low = sum(
+                r.sent_bytes
+                for recs in low.records
+                for r in recs
+                if (r.name, r.layer) == (name, layer)
+            )
+            recv = sum(
+                r.recv_bytes
+                for recs in low.records
+                for r in recs
+                if (r.name, r.layer) == (name, layer)
+            )
             assert got_full == want_full[name] and got_low == want_low[name] == recv
         total_full += sum(want_full.values())
         total_low += sum(want_low.values())
@@ -265,23 +304,33 @@ def test_all_to_all_bytes_match_formula_and_lowrank_reduction(groups, n):
 
 # -- serve flags -----------------------------------------------------------------------------
 def test_serve_flags_are_validated(capsys):
-    from zipserve.deploy.cli import main
     from zipserve.control.config import ServeConfig
+    from zipserve.deploy.cli import main
 
     assert ServeConfig(model=MODEL, prefill_group=4, prefill_group_min_tokens=256).group.use_group(
-        256)
-    assert not ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256
-                           ).group.use_group(255)
+        256
+    )
+    assert not ServeConfig(
+        model=MODEL, prefill_group=2, prefill_group_min_tokens=256
+    ).group.use_group(255)
     assert not ServeConfig(model=MODEL).group.enabled
-    assert ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256
-                       ).group.lowrank_exchange
-    assert not ServeConfig(model=MODEL, prefill_group=2, prefill_group_min_tokens=256,
-                           prefill_group_exchange="full").group.lowrank_exchange
-    with pytest.raises(ValueError, match=r"--prefill-group-exchange: must be one of lowrank, "
-                                         r"full, got 'half'"):
+    assert ServeConfig(
+        model=MODEL, prefill_group=2, prefill_group_min_tokens=256
+    ).group.lowrank_exchange
+    assert not ServeConfig(
+        model=MODEL, prefill_group=2, prefill_group_min_tokens=256, prefill_group_exchange="full"
+    ).group.lowrank_exchange
+    with pytest.raises(
+        ValueError,
+        match=r"--prefill-group-exchange: must be one of lowrank, "
+        r"full, got 'half'",
+    ):
         ServeConfig(model=MODEL, prefill_group=2, prefill_group_exchange="half")
-    with pytest.raises(ValueError, match=r"--prefill-group: prefill group: 3 workers cannot split"
-                                         r" 4 query heads"):
+    with pytest.raises(
+        ValueError,
+        match=r"--prefill-group: prefill group: 3 workers cannot split"
+        r" 4 query heads",
+    ):
         ServeConfig(model=MODEL, prefill_group=3)
     with pytest.raises(ValueError, match=r"--prefill-group: a group needs at least 2 workers"):
         ServeConfig(model=MODEL, prefill_group=1)
@@ -306,8 +355,9 @@ def test_nccl_group_equals_single_gpu():
             assert wx.num_pages == wy.num_pages
             for name in wx.tensors:
                 if wx.tensors[name].is_floating_point():
-                    torch.testing.assert_close(wy.tensors[name].float(),
-                                               wx.tensors[name].float(), rtol=0.05, atol=0.05)
+                    torch.testing.assert_close(
+                        wy.tensors[name].float(), wx.tensors[name].float(), rtol=0.05, atol=0.05
+                    )
 
 
 def test_slices_travel_as_bytes_and_assemble_as_they_arrive(groups):

@@ -8,15 +8,19 @@ import json
 import urllib.request
 
 import pytest
-from net_helpers import decode_pool_settled, free_port as _port, post_json as _post
-from zipserve.deploy.cli import REFERENCE_MODEL
+from net_helpers import decode_pool_settled
+from net_helpers import free_port as _port
+from net_helpers import post_json as _post
+
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.serve import running_server
 from zipserve.engine.llm import LLM, SamplingParams
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 LONG = "import os\nimport sys\n\n\ndef main(argv):\n    return len(argv)\n" * 12
 SHORT = "def fibonacci(n):"
@@ -33,8 +37,9 @@ def test_http_with_prefill_group_equals_offline_engine(codec):
     llm = LLM(MODEL, device="cpu", codec=codec, **opts)
     assert len(llm.tokenizer.encode(LONG)) >= 64 > len(llm.tokenizer.encode(SHORT))
     want = llm.generate([LONG, SHORT], SamplingParams(max_tokens=12, temperature=0.0))
-    cfg = ServeConfig(model=MODEL, codec=codec, prefill_group=2,
-                      prefill_group_min_tokens=64, engine_options=opts)
+    cfg = ServeConfig(
+        model=MODEL, codec=codec, prefill_group=2, prefill_group_min_tokens=64, engine_options=opts
+    )
     with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
         url = f"{base}/v1/completions"
         for prompt, w in [(LONG, want[0]), (SHORT, want[1])]:
@@ -62,13 +67,19 @@ def test_lowrank_full_exchange_flag_reaches_the_group():
     n_tokens = len(llm.tokenizer.encode(LONG))
     first = llm.generate([LONG], SamplingParams(max_tokens=1, temperature=0.0))[0].text
     mc = model_config_for(MODEL)
-    per_layer = expected_layer_bytes(mc.num_heads, mc.num_kv_heads, 2, mc.head_dim, mc.head_dim,
-                                     4, n_tokens)  # fp32 on the CPU
-    cfg = ServeConfig(model=MODEL, codec="lowrank", prefill_group=2, prefill_group_min_tokens=64,
-                      prefill_group_exchange="full", engine_options=opts)
+    per_layer = expected_layer_bytes(
+        mc.num_heads, mc.num_kv_heads, 2, mc.head_dim, mc.head_dim, 4, n_tokens
+    )  # fp32 on the CPU
+    cfg = ServeConfig(
+        model=MODEL,
+        codec="lowrank",
+        prefill_group=2,
+        prefill_group_min_tokens=64,
+        prefill_group_exchange="full",
+        engine_options=opts,
+    )
     with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
-        out = _post(f"{base}/v1/completions", {"prompt": LONG, "max_tokens": 1,
-                                                "temperature": 0})
+        out = _post(f"{base}/v1/completions", {"prompt": LONG, "max_tokens": 1, "temperature": 0})
         assert out["choices"][0]["text"] == first
         assert backend.prefill_group.prompts_run == 1
         assert backend.prefill_group.exchange_bytes == mc.num_layers * sum(per_layer.values())

@@ -19,7 +19,7 @@ def ref():
     config, net, tok = qb.load()
     text = (stdlib_dir() / "textwrap.py").read_text()  # a held-out file (train/corpus.py)
     ids = tok.encode(text)
-    wins = [ids[:CONTEXT], ids[CONTEXT:2 * CONTEXT]]
+    wins = [ids[:CONTEXT], ids[CONTEXT : 2 * CONTEXT]]
     return qb.Setup(net, config, "hack2"), wins
 
 
@@ -32,13 +32,19 @@ def test_nothing_quantized_is_bf16(ref):
     setup, wins = ref
     from zipserve.engine.llm import LLM
 
-    llm = LLM(qb.DEFAULT_MODEL, device="cpu", dtype="float32", num_pages=16,
-              max_model_len=CONTEXT + 1)
+    llm = LLM(
+        qb.DEFAULT_MODEL, device="cpu", dtype="float32", num_pages=16, max_model_len=CONTEXT + 1
+    )
     total = 0.0
     for ids in wins:
         logp = torch.log_softmax(llm.logits(ids), -1)
-        total -= logp[torch.arange(CONTEXT - SCORE - 1, CONTEXT - 1),
-                      torch.tensor(ids[CONTEXT - SCORE:])].sum().item()
+        total -= (
+            logp[
+                torch.arange(CONTEXT - SCORE - 1, CONTEXT - 1), torch.tensor(ids[CONTEXT - SCORE :])
+            ]
+            .sum()
+            .item()
+        )
     engine_bf16 = math.exp(total / (SCORE * len(wins)))
     none = _ppl(setup, wins, qb.Variant("none", quantize=False))
     assert none == pytest.approx(engine_bf16, rel=1e-5)
@@ -58,14 +64,21 @@ def test_matches_engine_codec_and_bytes(ref):
     setup, wins = ref
     from zipserve.engine.llm import LLM
 
-    llm = LLM(qb.DEFAULT_MODEL, device="cpu", dtype="float32", codec="hack2", num_pages=16,
-              max_model_len=CONTEXT + 1)
+    llm = LLM(
+        qb.DEFAULT_MODEL,
+        device="cpu",
+        dtype="float32",
+        codec="hack2",
+        num_pages=16,
+        max_model_len=CONTEXT + 1,
+    )
     ids = wins[0]
     rows = torch.arange(CONTEXT - SCORE - 1, CONTEXT - 1)
-    tgt = torch.tensor(ids[CONTEXT - SCORE:])
+    tgt = torch.tensor(ids[CONTEXT - SCORE :])
     mine = -torch.log_softmax(qb.forward(setup, ids, qb.Variant("all")), -1)[rows, tgt].mean()
     eng = -torch.log_softmax(llm.logits(ids), -1)[rows, tgt].mean()
     assert mine.item() == pytest.approx(eng.item(), abs=2e-3)
     assert qb.variant_bytes(setup, qb.Variant("all"), 1024) == pytest.approx(
-        llm.engine.codec.bytes_per_token(setup.config.num_layers))
+        llm.engine.codec.bytes_per_token(setup.config.num_layers)
+    )
     assert qb.variant_bytes(setup, qb.Variant("none", quantize=False), 1024) == 3072

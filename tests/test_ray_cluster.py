@@ -26,9 +26,13 @@ from net_helpers import free_port as _port
 
 from zipserve.deploy.cli import REFERENCE_MODEL
 
-pytestmark = pytest.mark.skipif(shutil.which("ray") is None or not
-                                (REFERENCE_MODEL / "config.json").exists(),
-                                reason="needs the ray CLI and the reference checkpoint")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("ray") is None or not (REFERENCE_MODEL / "config.json").exists(),
+        reason="needs the ray CLI and the reference checkpoint",
+    ),
+]
 
 
 def _stop_group(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
@@ -63,21 +67,52 @@ def test_serve_address_auto_on_a_ray_start_cluster():
     # a throwaway local cluster: no token auth (else both sides must share ~/.ray/auth_token)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
-        ["ray", "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={tmp}",
-         '--resources={"zipserve_prefill": 1, "zipserve_decode": 1}',
-         "--include-dashboard=false", "--block"],
-        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{tmp}/head.log", "w"),
-        start_new_session=True)
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={gcs_port}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp}",
+            '--resources={"zipserve_prefill": 1, "zipserve_decode": 1}',
+            "--include-dashboard=false",
+            "--block",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(f"{tmp}/head.log", "w"),
+        start_new_session=True,
+    )
     serve = None
     try:
         serve_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{gcs_port}")
         serve = subprocess.Popen(
-            [sys.executable, "-m", "zipserve", "serve", "--address", "auto", "--port",
-             str(http_port), "--codec", "bf16", "--device", "cpu",
-             "--prefill-resource", "zipserve_prefill", "--decode-resource", "zipserve_decode"],
-            cwd=tmp, env=serve_env, stdout=open(f"{tmp}/serve.log", "w"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "zipserve",
+                "serve",
+                "--address",
+                "auto",
+                "--port",
+                str(http_port),
+                "--codec",
+                "bf16",
+                "--device",
+                "cpu",
+                "--prefill-resource",
+                "zipserve_prefill",
+                "--decode-resource",
+                "zipserve_decode",
+            ],
+            cwd=tmp,
+            env=serve_env,
+            stdout=open(f"{tmp}/serve.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         base = f"http://127.0.0.1:{http_port}"
         deadline = time.time() + 120
         health = None
@@ -91,29 +126,45 @@ def test_serve_address_auto_on_a_ray_start_cluster():
             except (urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.5)
-        assert health is not None and health["status"] == "ok", \
-            open(f"{tmp}/serve.log").read()[-3000:]
+        assert health is not None and health["status"] == "ok", open(f"{tmp}/serve.log").read()[
+            -3000:
+        ]
         assert {w["name"] for w in health["backend"]["workers"]} == {"prefill-0", "decode-0"}
 
-        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(
-            {"prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0}).encode(),
-            headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{base}/v1/completions",
+            data=json.dumps(
+                {"prompt": "def fibonacci(n):", "max_tokens": 8, "temperature": 0}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             out = json.loads(r.read())
         assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["text"]
 
         log = open(f"{tmp}/serve.log").read()
         # it joined the cluster rather than starting a Ray of its own
-        assert "Connecting to existing Ray cluster" in log and \
-            "Started a local Ray instance" not in log, log[-3000:]
+        assert (
+            "Connecting to existing Ray cluster" in log
+            and "Started a local Ray instance" not in log
+        ), log[-3000:]
 
         # each actor holds the one unit of its custom resource that the cluster offers. Asked
         # from a child process: Ray keeps its auth mode for the life of a process, so joining
         # this no-auth cluster from here would break every later embedded Ray in this run.
         probe = subprocess.run(
-            [sys.executable, "-c", "import json, ray; ray.init(log_to_driver=False); "
-             "print(json.dumps([ray.cluster_resources(), ray.available_resources()]))"],
-            env=serve_env, capture_output=True, text=True, timeout=120, cwd=tmp)
+            [
+                sys.executable,
+                "-c",
+                "import json, ray; ray.init(log_to_driver=False); "
+                "print(json.dumps([ray.cluster_resources(), ray.available_resources()]))",
+            ],
+            env=serve_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp,
+        )
         assert probe.returncode == 0, probe.stderr[-3000:]
         total, free = json.loads(probe.stdout.strip().splitlines()[-1])
         for r in ("zipserve_prefill", "zipserve_decode"):
@@ -135,19 +186,21 @@ def test_cluster_configs_match_the_serve_flags():
     assert types["prefill_gpu"]["resources"]["zipserve_prefill"] == 1
     assert types["decode_gpu"]["resources"]["zipserve_decode"] == 1
 
-    docs = list(yaml.safe_load_all((PACKAGE_ROOT / "deploy" / "kuberay-raycluster.yaml")
-                                   .read_text()))
+    docs = list(
+        yaml.safe_load_all((PACKAGE_ROOT / "deploy" / "kuberay-raycluster.yaml").read_text())
+    )
     cluster = next(d for d in docs if d["kind"] == "RayCluster")
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
-    for group, resource in (("prefill-gpu", "zipserve_prefill"),
-                            ("decode-gpu", "zipserve_decode")):
+    for group, resource in (("prefill-gpu", "zipserve_prefill"), ("decode-gpu", "zipserve_decode")):
         params = groups[group]["rayStartParams"]
         assert json.loads(json.loads(params["resources"])) == {resource: 1}
         assert params["num-gpus"] == "1"
-    router = next(c for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
-                  if c["name"] == "router")
+    router = next(
+        c
+        for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        if c["name"] == "router"
+    )
     cmd = router["args"][0].split("exec zipserve ", 1)[1].split()
     args = build_parser().parse_args(cmd)  # the manifest's command is a valid one
     assert args.address == "auto" and args.api_key_file and args.host == "0.0.0.0"
-    assert (args.prefill_resource, args.decode_resource) == ("zipserve_prefill",
-                                                             "zipserve_decode")
+    assert (args.prefill_resource, args.decode_resource) == ("zipserve_prefill", "zipserve_decode")

@@ -8,12 +8,13 @@ import json
 import pytest
 
 from zipserve.deploy.cli import REFERENCE_MODEL
-from zipserve.train.evaluate import eval_ppl
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.train.corpus import load_corpus
+from zipserve.train.evaluate import eval_ppl
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 
 
 def test_size_and_shape():
@@ -31,6 +32,7 @@ def test_greedy_generation_is_python():
     assert llm.engine.pool.num_free == llm.engine.pool.capacity
 
 
+@pytest.mark.slow
 def test_held_out_perplexity_matches_model_card():
     card = json.loads((REFERENCE_MODEL / "eval_ppl.json").read_text())
     if load_corpus().digest() != card["held_out_digest"]:

@@ -11,9 +11,9 @@ import time
 import anyio
 import httpx
 import pytest
+from fake_backend import FakeBackend, held_back
 
 from zipserve.router.app import create_app
-from fake_backend import FakeBackend, held_back
 
 pytestmark = pytest.mark.anyio
 
@@ -35,8 +35,9 @@ def backend():
 @pytest.fixture
 async def client(backend):
     app = create_app(backend)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router", timeout=10) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    ) as c:
         yield c
 
 
@@ -45,7 +46,7 @@ def sse_payloads(body: str) -> list[str]:
     assert body.endswith("\n\n")
     frames = body.split("\n\n")[:-1]
     assert all(f.startswith("data: ") for f in frames), frames
-    return [f[len("data: "):] for f in frames]
+    return [f[len("data: ") :] for f in frames]
 
 
 def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -65,8 +66,10 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
 
 
 async def test_completion(client):
-    r = await client.post("/v1/completions", json={
-        "model": "zipserve-fake", "prompt": "hello world", "max_tokens": 5, "temperature": 0})
+    r = await client.post(
+        "/v1/completions",
+        json={"model": "zipserve-fake", "prompt": "hello world", "max_tokens": 5, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     job_id = r.headers["x-zipserve-job-id"]
@@ -85,8 +88,10 @@ async def test_completion_token_prompt_seed_and_default_max_tokens(client):
 
 
 async def test_chat(client, backend):
-    messages = [{"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
     r = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -95,17 +100,26 @@ async def test_chat(client, backend):
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": " t0 t1 t2"}
     assert choice["finish_reason"] == "length"
-    prompt = backend.apply_chat_template([{"role": "system", "content": "be brief"},
-                                          {"role": "user", "content": "hi"}])
-    assert body["usage"] == {"prompt_tokens": len(prompt.encode()), "completion_tokens": 3,
-                             "total_tokens": len(prompt.encode()) + 3}
+    prompt = backend.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt.encode()),
+        "completion_tokens": 3,
+        "total_tokens": len(prompt.encode()) + 3,
+    }
 
 
 async def test_stop_string(client):
-    r = await client.post("/v1/completions",
-                          json={"prompt": "x", "max_tokens": 10, "stop": [" t3"]})
-    assert r.json()["choices"][0] == {"index": 0, "text": " t0 t1 t2", "logprobs": None,
-                                      "finish_reason": "stop"}
+    r = await client.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 10, "stop": [" t3"]}
+    )
+    assert r.json()["choices"][0] == {
+        "index": 0,
+        "text": " t0 t1 t2",
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     assert r.json()["usage"]["completion_tokens"] == 4
 
 
@@ -127,8 +141,9 @@ async def test_completion_stream(client):
 
 
 async def test_stream_holds_back_stop_string_across_tokens(client):
-    r = await client.post("/v1/completions",
-                          json={"prompt": "x", "max_tokens": 10, "stop": "1 t2", "stream": True})
+    r = await client.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 10, "stop": "1 t2", "stream": True}
+    )
     chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == " t0 t"
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
@@ -136,9 +151,15 @@ async def test_stream_holds_back_stop_string_across_tokens(client):
 
 
 async def test_chat_stream_with_usage(client):
-    r = await client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
-        "stream_options": {"include_usage": True}})
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     payloads = sse_payloads(r.text)
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
@@ -173,13 +194,20 @@ async def test_health_unavailable_when_backend_says_so(client, backend):
 
 
 async def test_job_record_timings(client):
-    r = await client.post("/v1/completions",
-                          json={"prompt": "abc", "max_tokens": 8, "codec": "hack4"})
+    r = await client.post(
+        "/v1/completions", json={"prompt": "abc", "max_tokens": 8, "codec": "hack4"}
+    )
     job_id = r.headers["x-zipserve-job-id"]
     job = (await client.get(f"/v1/jobs/{job_id}")).json()
     assert job["id"] == job_id and job["state"] == "DONE" and job["finish_reason"] == "length"
     assert [p["name"] for p in job["phases"]] == [
-        "queue", "prefill", "encode", "transfer", "decode_queue", "decode"]
+        "queue",
+        "prefill",
+        "encode",
+        "transfer",
+        "decode_queue",
+        "decode",
+    ]
     assert all(p["duration"] >= 0 and p["end"] >= p["start"] for p in job["phases"])
     jct = job["jct"]
     total = sum(p["duration"] for p in job["phases"])
@@ -194,8 +222,9 @@ async def test_job_record_timings(client):
 
 async def test_job_list_is_bounded_newest_first(backend):
     app = create_app(backend, job_history=3)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router"
+    ) as c:
         ids = []
         for _ in range(5):
             r = await c.post("/v1/completions", json={"prompt": "p", "max_tokens": 1})
@@ -230,8 +259,11 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "codec": 3}, "codec"),
     ("/v1/completions", {"prompt": "x", "codec": "zip9"}, "codec"),  # not served here
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "codec": "hack"},
-     "codec"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "codec": "hack"},
+        "codec",
+    ),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": 12}, "prompt"),
@@ -244,13 +276,14 @@ BAD = [
     ("/v1/chat/completions", {"prompt": "x"}, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
-     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2},
-     "top_p"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * MAX_LEN}]},
-     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x" * MAX_LEN}]},
+        "messages",
+    ),
 ]
 
 
@@ -260,45 +293,68 @@ async def test_bad_request(client, backend, path, body, param):
     assert not backend.jobs  # refused before reaching the backend
 
 
-@pytest.mark.parametrize("content", [b'{"prompt": "x",', b"not json", b"", b"[1, 2]", b'"x"',
-                                     b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content", [b'{"prompt": "x",', b"not json", b"", b"[1, 2]", b'"x"', b"\xff\xfe"]
+)
 async def test_malformed_body(client, content):
-    r = await client.post("/v1/completions", content=content,
-                          headers={"content-type": "application/json"})
+    r = await client.post(
+        "/v1/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert_openai_error(r, 400)
 
 
 async def test_unknown_fields_are_ignored_and_nulls_mean_default(client):
     """Unknown fields are ignored; known ones this server cannot honour are fine at their
     defaults (other values: tests/test_hardening.py)."""
-    r = await client.post("/v1/completions", json={
-        "prompt": "x", "max_tokens": 2, "frequency_penalty": 0, "presence_penalty": 0.0,
-        "logit_bias": {}, "best_of": 1, "suffix": None, "stream_options": None,
-        "user": "u", "logprobs": None, "echo": False, "whatever": [1], "temperature": None,
-        "n": 1})
+    r = await client.post(
+        "/v1/completions",
+        json={
+            "prompt": "x",
+            "max_tokens": 2,
+            "frequency_penalty": 0,
+            "presence_penalty": 0.0,
+            "logit_bias": {},
+            "best_of": 1,
+            "suffix": None,
+            "stream_options": None,
+            "user": "u",
+            "logprobs": None,
+            "echo": False,
+            "whatever": [1],
+            "temperature": None,
+            "n": 1,
+        },
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == " t0 t1"
 
 
 async def test_json_body_without_json_content_type(client):
-    r = await client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}',
-                          headers={"content-type": "application/x-www-form-urlencoded"})
+    r = await client.post(
+        "/v1/completions",
+        content=b'{"prompt": "x", "max_tokens": 1}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 200
 
 
 async def test_default_max_tokens_is_clamped_to_the_context(client):
     r = await client.post("/v1/completions", json={"prompt": "x" * (MAX_LEN - 4)})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-    r = await client.post("/v1/chat/completions",
-                          json={"messages": [{"role": "user", "content": "x"}]})
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+    )
     assert r.json()["usage"]["total_tokens"] == MAX_LEN
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
 async def test_unknown_model_404(client):
-    for path, body in [("/v1/completions", {"prompt": "x"}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})]:
-        err = assert_openai_error(await client.post(path, json={**body, "model": "gpt-4"}), 404,
-                                  "model")
+    for path, body in [
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ]:
+        err = assert_openai_error(
+            await client.post(path, json={**body, "model": "gpt-4"}), 404, "model"
+        )
         assert err["code"] == "model_not_found"
 
 
@@ -311,13 +367,19 @@ async def test_unknown_route_is_openai_error(client):
 
 async def test_api_key(backend):
     app = create_app(backend, api_key="s3cret")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://router") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router"
+    ) as c:
         req = {"prompt": "x", "max_tokens": 1}
-        for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                        {"Authorization": "Basic s3cret"}]:
-            err = assert_openai_error(await c.post("/v1/completions", json=req, headers=headers),
-                                      401)
+        for headers in [
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "s3cret"},
+            {"Authorization": "Basic s3cret"},
+        ]:
+            err = assert_openai_error(
+                await c.post("/v1/completions", json=req, headers=headers), 401
+            )
             assert err["code"] == "invalid_api_key"
         # refused before the body is even parsed
         assert_openai_error(await c.post("/v1/completions", content=b"{"), 401)
@@ -343,8 +405,9 @@ async def test_backend_error_non_streaming(client, backend):
     assert job["finish_reason"] == "error" and job["jct"] is not None
 
     backend.fail_message = "decode pool overloaded"
-    r = await client.post("/v1/chat/completions",
-                          json={"messages": [{"role": "user", "content": "x"}]})
+    r = await client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+    )
     assert_openai_error(r, 503)
 
 
@@ -376,9 +439,14 @@ async def test_backend_exception_is_a_failed_job(client, backend):
 # ----------------------------------------------------------------------------- disconnects
 
 
-async def _drive_asgi(app, body: dict, *, disconnect_after_chunks: int | None = None,
-                      disconnect_after_s: float | None = None,
-                      spec_version: str = "2.3") -> list[dict]:
+async def _drive_asgi(
+    app,
+    body: dict,
+    *,
+    disconnect_after_chunks: int | None = None,
+    disconnect_after_s: float | None = None,
+    spec_version: str = "2.3",
+) -> list[dict]:
     """Run one request through the ASGI app; the client 'disconnects' on a trigger.
 
     With ASGI spec 2.3 Starlette listens for the disconnect itself while streaming; with 2.4 it
@@ -404,17 +472,28 @@ async def _drive_asgi(app, body: dict, *, disconnect_after_chunks: int | None = 
         if disconnect_after_chunks is not None and chunks >= disconnect_after_chunks:
             gone.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version},
-             "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1234), "server": ("router", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("router", 80),
+    }
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             if disconnect_after_s is not None:
+
                 async def later():
                     await anyio.sleep(disconnect_after_s)
                     gone.set()
+
                 tg.start_soon(later)
             await app(scope, receive, send)
             gone.set()
@@ -426,9 +505,13 @@ async def test_disconnect_aborts_job_in_process(backend, stream, spec):
     backend.token_delay = 0.02
     app = create_app(backend)
     t0 = time.monotonic()
-    await _drive_asgi(app, {"prompt": "x", "max_tokens": 100, "stream": stream},
-                      disconnect_after_chunks=3 if stream else None,
-                      disconnect_after_s=None if stream else 0.2, spec_version=spec)
+    await _drive_asgi(
+        app,
+        {"prompt": "x", "max_tokens": 100, "stream": stream},
+        disconnect_after_chunks=3 if stream else None,
+        disconnect_after_s=None if stream else 0.2,
+        spec_version=spec,
+    )
     assert time.monotonic() - t0 < 1.5  # nowhere near 100 tokens * 20 ms
     (job,) = backend.jobs
     assert backend.aborted == [job.id]
@@ -455,8 +538,9 @@ def test_disconnect_over_real_socket_aborts_within_1s():
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     threads_before = set(threading.enumerate())
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                              name="uvicorn-test", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True
+    )
     thread.start()
     try:
         deadline = time.monotonic() + 10
@@ -465,8 +549,9 @@ def test_disconnect_over_real_socket_aborts_within_1s():
             time.sleep(0.01)
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=5) as c:
-            with c.stream("POST", "/v1/completions",
-                          json={"prompt": "hi", "max_tokens": 100, "stream": True}) as r:
+            with c.stream(
+                "POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 100, "stream": True}
+            ) as r:
                 assert r.status_code == 200
                 job_id = r.headers["x-zipserve-job-id"]
                 n = 0

@@ -30,8 +30,10 @@ def test_normalization_and_greedy():
     assert not SamplingParams(top_k=-1).greedy
     SamplingParams(top_k=-1, top_p=0.01, seed=0, logprobs=0, min_tokens=16, max_tokens=16)
     SamplingParams(logprobs=20)
-    with pytest.raises(Exception):
-        SamplingParams().top_p = 0.5  # frozen
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SamplingParams().top_p = 0.5
 
 
 @pytest.mark.parametrize(
@@ -107,7 +109,9 @@ def test_greedy_ties_lowest_index():
 def test_top_k_1_equals_greedy_mixed_batch():
     torch.manual_seed(1)
     logits = torch.randn(8, 100)
-    params = [SamplingParams(top_k=1, temperature=1.5) if i % 2 else SamplingParams() for i in range(8)]
+    params = [
+        SamplingParams(top_k=1, temperature=1.5) if i % 2 else SamplingParams() for i in range(8)
+    ]
     res = sampler.sample(logits, params, [None] * 8)
     assert torch.equal(res.token_ids[1::2], logits[1::2].argmax(-1))
 
@@ -124,7 +128,9 @@ def test_top_p_keeps_nucleus_and_matches_frequencies():
     expected = torch.tensor([0.0, 0.40, 0.0, 0.30, 0.15]) / 0.85
     assert (counts - expected).abs().max() < 0.04, counts
     # top_k=2 then top_p=0.5 on the renormalized pair (.4/.7=.571 >= .5): only token 1.
-    res = sampler.sample(logits.expand(100, -1), [SamplingParams(top_k=2, top_p=0.5)] * 100, [g] * 100)
+    res = sampler.sample(
+        logits.expand(100, -1), [SamplingParams(top_k=2, top_p=0.5)] * 100, [g] * 100
+    )
     assert set(res.token_ids.tolist()) == {1}
     # A tiny top_p always keeps the most probable token.
     res = sampler.sample(logits.expand(50, -1), [SamplingParams(top_p=1e-6)] * 50, [g] * 50)
@@ -180,7 +186,9 @@ def test_seeded_reproducible_and_batch_independent():
         res = sampler.sample(logits, params, gens)
         assert res.token_ids[pos].item() == alone[0]
     # A sequence of draws from one generator is reproducible.
-    seq1 = [sampler.sample(row[None], [p], [g]).token_ids.item() for g in [_gen(5)] for _ in range(20)]
+    seq1 = [
+        sampler.sample(row[None], [p], [g]).token_ids.item() for g in [_gen(5)] for _ in range(20)
+    ]
     g = _gen(5)
     seq2 = [sampler.sample(row[None], [p], [g]).token_ids.item() for _ in range(20)]
     assert seq1 == seq2 and len(set(seq1)) > 1

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fake_backend import FakeBackend
 
 import zipserve.router.auth as auth
 from zipserve.deploy.cli import build_parser
-from zipserve.router.auth import read_api_key
 from zipserve.router.app import create_app
-from fake_backend import FakeBackend
+from zipserve.router.auth import read_api_key
 from zipserve.router.limits import AdmissionConfig
 
 pytestmark = pytest.mark.anyio
@@ -31,8 +31,9 @@ def anyio_backend():
 
 
 def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router",
-                             timeout=10)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://router", timeout=10
+    )
 
 
 def route_paths(app) -> list[tuple[str, str]]:
@@ -133,28 +134,37 @@ async def test_nothing_is_unpickled_from_http(tmp_path):
     payload = pickle.dumps(Bomb())
     app = create_app(FakeBackend())
     async with client_for(app) as c:
-        for ctype in ("application/python-pickle", "application/octet-stream",
-                      "application/json"):
-            r = await c.post("/v1/completions", content=payload,
-                             headers={"Content-Type": ctype})
+        for ctype in ("application/python-pickle", "application/octet-stream", "application/json"):
+            r = await c.post("/v1/completions", content=payload, headers={"Content-Type": ctype})
             assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert not marker.exists()
     # and no router module can deserialize anything but JSON
     for src in ROUTER_DIR.glob("*.py"):
         text = src.read_text()
-        for banned in ("import pickle", "cloudpickle", "torch.load", "marshal", "yaml.load",
-                       "eval("):
+        for banned in (
+            "import pickle",
+            "cloudpickle",
+            "torch.load",
+            "marshal",
+            "yaml.load",
+            "eval(",
+        ):
             assert banned not in text, f"{src.name} uses {banned}"
 
 
 async def test_cors_is_off_by_default():
     app = create_app(FakeBackend())
     async with client_for(app) as c:
-        pre = await c.options("/v1/completions", headers={
-            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        pre = await c.options(
+            "/v1/completions",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert pre.status_code in (404, 405)
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1},
-                         headers={"Origin": "http://evil.example"})
+        r = await c.post(
+            "/v1/completions",
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"Origin": "http://evil.example"},
+        )
         assert r.status_code == 200
         for resp in (pre, r, await c.get("/health", headers={"Origin": "http://evil.example"})):
             assert not [h for h in resp.headers if h.lower().startswith("access-control-")]

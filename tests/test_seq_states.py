@@ -8,7 +8,7 @@ import pytest
 from zipserve.engine.page_pool import PagePool
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.scheduler import Scheduler
-from zipserve.engine.sequence import Sequence, SeqStatus
+from zipserve.engine.sequence import SeqStatus, Sequence
 
 
 def _setup():

@@ -16,14 +16,15 @@ from net_helpers import decode_pool_settled
 from net_helpers import free_port as _port
 from net_helpers import post_json as _post
 
-from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.control.config import ServeConfig
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.deploy.serve import running_server
 from zipserve.engine.llm import LLM, SamplingParams
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 PROMPTS = [[1, 400, 30, 77, 5], list(range(10, 90))]  # the 2nd: more than a 64-token page
 
 
@@ -40,8 +41,11 @@ def bare_model(tmp_path_factory):
 
 
 def _stream_ids(url: str, body: dict) -> tuple[list[int], str]:
-    req = urllib.request.Request(url, data=json.dumps(dict(body, stream=True)).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(dict(body, stream=True)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     ids, text = [], ""
     with urllib.request.urlopen(req, timeout=120) as r:
         for raw in r:
@@ -74,13 +78,17 @@ def test_serve_token_ids_without_a_tokenizer(bare_model):
             assert out["usage"]["completion_tokens"] == len(w.token_ids)
         ids, text = _stream_ids(url, {"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0})
         assert ids == want[1].token_ids and text == ""
-        for body, param in [({"prompt": "def f():"}, "prompt"),
-                            ({"prompt": [1, 2], "stop": ["\n"]}, "stop"),
-                            ({"prompt": [1, 8192]}, "prompt")]:
+        for body, param in [
+            ({"prompt": "def f():"}, "prompt"),
+            ({"prompt": [1, 2], "stop": ["\n"]}, "stop"),
+            ({"prompt": [1, 8192]}, "prompt"),
+        ]:
             err = _refused(url, dict(body, max_tokens=4))
             assert err["param"] == param and err["message"].startswith(f"{param}: ")
-        err = _refused(f"{base}/v1/chat/completions",
-                       {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        err = _refused(
+            f"{base}/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
         assert err["param"] == "messages" and "--skip-tokenizer" in err["message"]
         stats = decode_pool_settled(backend)
         assert stats.free_pages == stats.capacity_pages, stats

@@ -10,13 +10,13 @@ import shutil
 
 import httpx
 import pytest
-
+from fake_backend import FakeBackend
 from hf_fixtures import make_hf_checkpoint
+
 from zipserve.control.config import ServeConfig
 from zipserve.engine import llm_engine
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.router.app import create_app
-from fake_backend import FakeBackend
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=1)
 
@@ -42,14 +42,19 @@ def test_missing_tokenizer_is_a_load_error_naming_the_flag(checkpoints, monkeypa
         raise AssertionError("weights were read before the tokenizer was checked")
 
     monkeypatch.setattr(llm_engine, "build_model", no_weights)
-    with pytest.raises(ValueError, match=r"model: no tokenizer.json in .*skip_tokenizer=True "
-                                         r"\(`zipserve serve --skip-tokenizer`\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model: no tokenizer.json in .*skip_tokenizer=True "
+        r"\(`zipserve serve --skip-tokenizer`\)",
+    ):
         LLM(str(bare), device="cpu")
 
 
 def test_token_ids_in_token_ids_out(checkpoints):
     full, bare = checkpoints
-    want = LLM(str(full), device="cpu", dtype="float32").generate([[1, 5, 9, 200], [7] * 30], GREEDY)
+    want = LLM(str(full), device="cpu", dtype="float32").generate(
+        [[1, 5, 9, 200], [7] * 30], GREEDY
+    )
     llm = LLM(str(bare), device="cpu", dtype="float32", skip_tokenizer=True)
     got = llm.generate([[1, 5, 9, 200], [7] * 30], GREEDY)
     for g, w in zip(got, want):
@@ -92,18 +97,22 @@ def test_serve_config_refuses_before_any_worker_starts(checkpoints, capsys):
     with pytest.raises(ValueError, match=r"--model: no tokenizer.json in .*pass --skip-tokenizer"):
         ServeConfig(model=str(bare))
     assert ServeConfig(model=str(bare), skip_tokenizer=True).engine_options == {
-        "skip_tokenizer": True}  # what every worker's engine gets
+        "skip_tokenizer": True
+    }  # what every worker's engine gets
     assert ServeConfig(model=str(bare), engine_options={"skip_tokenizer": True}).skip_tokenizer
     assert not ServeConfig(model=str(full)).skip_tokenizer
     assert main(["serve", "--model", str(bare), "--codec", "bf16"]) == 2
     assert "pass --skip-tokenizer" in capsys.readouterr().err
     # the default codec, hack4, cannot take this model's 16-wide heads: also refused up front
     assert main(["serve", "--model", str(bare), "--skip-tokenizer"]) == 2
-    assert ("--codec: head_dim: codec hack4 needs head_dim a multiple of 32 in [32, 256] (got 16)"
-            in capsys.readouterr().err)
+    assert (
+        "--codec: head_dim: codec hack4 needs head_dim a multiple of 32 in [32, 256] (got 16)"
+        in capsys.readouterr().err
+    )
 
 
 # -- the router without a tokenizer (FakeBackend) -------------------------------------------------
+
 
 @pytest.fixture
 def anyio_backend():
@@ -111,8 +120,9 @@ def anyio_backend():
 
 
 async def _client(backend):
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend)),
-                             base_url="http://router", timeout=10)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(backend)), base_url="http://router", timeout=10
+    )
 
 
 def _error(r: httpx.Response, param: str) -> str:
@@ -131,17 +141,29 @@ async def test_router_token_ids_in_and_out():
         (choice,) = r.json()["choices"]
         assert choice["text"] == "" and choice["token_ids"] == [1000, 1001, 1002, 1003]
         assert r.json()["usage"]["completion_tokens"] == 4
-        r = await c.post("/v1/completions", json={"prompt": [[5, 6]], "max_tokens": 3,
-                                                  "stream": True, "logprobs": 1})
+        r = await c.post(
+            "/v1/completions",
+            json={"prompt": [[5, 6]], "max_tokens": 3, "stream": True, "logprobs": 1},
+        )
         chunks = [c for c in r.text.split("\n\n") if c.startswith("data: {")]
         bodies = [json.loads(c[6:]) for c in chunks]
         ids = [i for b in bodies for ch in b["choices"] for i in ch.get("token_ids", [])]
         assert ids == [1000, 1001, 1002]  # one chunk per token, though the text is empty
-        tokens = [t for b in bodies for ch in b["choices"] if ch["logprobs"]
-                  for t in ch["logprobs"]["tokens"]]
+        tokens = [
+            t
+            for b in bodies
+            for ch in b["choices"]
+            if ch["logprobs"]
+            for t in ch["logprobs"]["tokens"]
+        ]
         assert tokens == ["token_id:1000", "token_id:1001", "token_id:1002"]
-        offsets = [o for b in bodies for ch in b["choices"] if ch["logprobs"]
-                   for o in ch["logprobs"]["text_offset"]]
+        offsets = [
+            o
+            for b in bodies
+            for ch in b["choices"]
+            if ch["logprobs"]
+            for o in ch["logprobs"]["text_offset"]
+        ]
         assert offsets == [0, 0, 0]  # into the (empty) text
         r = await c.post("/v1/completions", json={"prompt": [1, 2000], "max_tokens": 2})
         _error(r, "prompt")  # still checked against the vocabulary
@@ -152,12 +174,19 @@ async def test_router_token_ids_in_and_out():
 async def test_router_refuses_text_chat_and_stop():
     backend = FakeBackend(has_tokenizer=False)
     async with await _client(backend) as c:
-        for body, param in [({"prompt": "hello"}, "prompt"), ({"prompt": ["hello"]}, "prompt"),
-                            ({"prompt": [1, 2], "stop": ["\n"]}, "stop")]:
+        for body, param in [
+            ({"prompt": "hello"}, "prompt"),
+            ({"prompt": ["hello"]}, "prompt"),
+            ({"prompt": [1, 2], "stop": ["\n"]}, "stop"),
+        ]:
             msg = _error(await c.post("/v1/completions", json=body), param)
             assert "--skip-tokenizer" in msg
-        msg = _error(await c.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}]}), "messages")
+        msg = _error(
+            await c.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+            ),
+            "messages",
+        )
         assert "--skip-tokenizer" in msg
     assert not backend.jobs  # refused at admission, nothing reached the backend
 

@@ -34,7 +34,8 @@ def test_corpus_dedup_and_held_out(text_dir):
     paths = [d.path for d in corpus.train + corpus.held_out]
     assert len(paths) == 40 and len(set(paths)) == 40  # dup.py dropped
     assert corpus.held_out and not set(d.path for d in corpus.held_out) & {
-        d.path for d in corpus.train}
+        d.path for d in corpus.train
+    }
 
 
 def test_corpus_rejects_missing_dir(tmp_path):
@@ -45,10 +46,22 @@ def test_corpus_rejects_missing_dir(tmp_path):
 @pytest.fixture(scope="module")
 def trained(text_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
-    cfg = TrainConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1,
-                      intermediate_size=128, max_position_embeddings=256, seq_len=64,
-                      batch_size=8, total_tokens=8 * 64 * 60, lr=3e-3, warmup_steps=10,
-                      eval_every=20, save_every=1000)
+    cfg = TrainConfig(
+        vocab_size=300,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=1,
+        num_kv_heads=1,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        seq_len=64,
+        batch_size=8,
+        total_tokens=8 * 64 * 60,
+        lr=3e-3,
+        warmup_steps=10,
+        eval_every=20,
+        save_every=1000,
+    )
     summary = train(cfg, out, text_dir=text_dir, device="cpu")
     return out, summary
 
@@ -70,8 +83,9 @@ def test_checkpoint_loads_in_engine_and_transformers(trained):
     llm = LLM(str(out), device="cpu", dtype="float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = llm.tokenizer.encode("def f1_2(value, items):\n    return")
-    hf_ids = transformers.AutoTokenizer.from_pretrained(out)(
-        "def f1_2(value, items):\n    return")["input_ids"]
+    hf_ids = transformers.AutoTokenizer.from_pretrained(out)("def f1_2(value, items):\n    return")[
+        "input_ids"
+    ]
     assert ids == hf_ids
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

@@ -38,8 +38,13 @@ def test_inprocess_round_trip_sizes_tags_and_order():
                 continue
             got = b.recv(tag, timeout=1.0)
             assert got.dtype == torch.uint8 and got.dim() == 1
-            want = buf if isinstance(buf, torch.Tensor) else torch.frombuffer(
-                bytearray(buf), dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            want = (
+                buf
+                if isinstance(buf, torch.Tensor)
+                else torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+                if buf
+                else torch.empty(0, dtype=torch.uint8)
+            )
             assert torch.equal(got, want)
     total = sum(len(x) if isinstance(x, bytes) else x.numel() for _, x in sent)
     assert a.bytes_sent == b.bytes_received == total
@@ -138,8 +143,9 @@ def _child(role: str, rank: int, port: int, args: dict, results) -> None:
 def _role_sender(rank: int, port: int, messages: list[tuple[int, bytes]]) -> dict:
     from zipserve.transfer.process_group import ProcessGroupChannel
 
-    with ProcessGroupChannel.connect("127.0.0.1", port, rank, HELLO, expect=HELLO,
-                                     timeout_s=30) as ch:
+    with ProcessGroupChannel.connect(
+        "127.0.0.1", port, rank, HELLO, expect=HELLO, timeout_s=30
+    ) as ch:
         for tag, buf in messages:
             ch.send(buf, tag)
         ack = bytes(ch.recv(99, timeout=30).numpy())
@@ -150,8 +156,9 @@ def _role_receiver(rank: int, port: int, tags: list[int], pages_tag: int) -> dic
     from zipserve.compress.wire import unpack_pages
     from zipserve.transfer.process_group import ProcessGroupChannel
 
-    with ProcessGroupChannel.connect("127.0.0.1", port, rank, HELLO, expect=HELLO,
-                                     timeout_s=30) as ch:
+    with ProcessGroupChannel.connect(
+        "127.0.0.1", port, rank, HELLO, expect=HELLO, timeout_s=30
+    ) as ch:
         t0 = time.monotonic()
         try:
             ch.recv(12345, timeout=0.2)
@@ -171,21 +178,30 @@ def _role_receiver(rank: int, port: int, tags: list[int], pages_tag: int) -> dic
             ch.send(b"too late", 1)
         except TransferClosed:
             after_close += ", send refused"
-        return {"timeout_s": timeout_s, "closed_after_s": time.monotonic() - t0,
-                "after_close": after_close, "bytes_received": ch.bytes_received,
-                "digests": [(tag, len(t), hashlib.sha256(t.numpy().tobytes()).hexdigest())
-                            for tag, t in got],
-                "pages": {k: v.contiguous().view(torch.uint8).numpy().tobytes()
-                          for k, v in pages.tensors.items()},
-                "pages_meta": pages.meta, "num_pages": pages.num_pages}
+        return {
+            "timeout_s": timeout_s,
+            "closed_after_s": time.monotonic() - t0,
+            "after_close": after_close,
+            "bytes_received": ch.bytes_received,
+            "digests": [
+                (tag, len(t), hashlib.sha256(t.numpy().tobytes()).hexdigest()) for tag, t in got
+            ],
+            "pages": {
+                k: v.contiguous().view(torch.uint8).numpy().tobytes()
+                for k, v in pages.tensors.items()
+            },
+            "pages_meta": pages.meta,
+            "num_pages": pages.num_pages,
+        }
 
 
 def _role_handshake(rank: int, port: int, hello: dict, expect: dict | None) -> str:
     from zipserve.transfer.process_group import ProcessGroupChannel
 
     try:
-        ProcessGroupChannel.connect("127.0.0.1", port, rank, hello, expect=expect,
-                                    timeout_s=30).close()
+        ProcessGroupChannel.connect(
+            "127.0.0.1", port, rank, hello, expect=expect, timeout_s=30
+        ).close()
         return "connected"
     except TransferError as e:
         return f"TransferError: {e}"
@@ -222,8 +238,10 @@ def _two_processes(roles: list[tuple[str, dict]]):
     results; every process is joined (then killed) before leaving."""
     ctx = mp.get_context("spawn")
     port, results = _free_port(), ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(role, rank, port, args, results), daemon=True)
-             for rank, (role, args) in enumerate(roles)]
+    procs = [
+        ctx.Process(target=_child, args=(role, rank, port, args, results), daemon=True)
+        for rank, (role, args) in enumerate(roles)
+    ]
     for p in procs:
         p.start()
 
@@ -257,12 +275,14 @@ def _packed_pages() -> tuple[bytes, dict[str, bytes]]:
     store = codec.new_store(6, "cpu")
     g = torch.Generator().manual_seed(3)
     ids = torch.tensor([1, 2, 4])
-    codec.encode(store, ids, torch.randn(3, 2, 64, 64, generator=g),
-                 torch.randn(3, 2, 64, 64, generator=g))
+    codec.encode(
+        store, ids, torch.randn(3, 2, 64, 64, generator=g), torch.randn(3, 2, 64, 64, generator=g)
+    )
     sel = torch.tensor([4, 1, 2])
     buf = pack_pages("hack2", store, sel, meta={"request": "r7", "layer": 0})
-    return buf, {k: v[sel].contiguous().view(torch.uint8).numpy().tobytes()
-                 for k, v in store.items()}
+    return buf, {
+        k: v[sel].contiguous().view(torch.uint8).numpy().tobytes() for k, v in store.items()
+    }
 
 
 def test_gloo_channel_between_two_processes():
@@ -271,16 +291,18 @@ def test_gloo_channel_between_two_processes():
     pages_buf, pages_want = _packed_pages()
     messages = [(1, b"hello"), (2, b""), (3, big), (1, b"x" * 1000), (4, pages_buf), (2, b"z")]
     tags = [2, 1, 3, 4, 2, 1]  # a different order than sent: tags are independent
-    with _two_processes([("sender", {"messages": messages}),
-                         ("receiver", {"tags": tags, "pages_tag": 4})]) as collect:
+    with _two_processes(
+        [("sender", {"messages": messages}), ("receiver", {"tags": tags, "pages_tag": 4})]
+    ) as collect:
         res = collect()
     sender, receiver = res[0], res[1]
     assert sender["ack"] == b"ack"
     per_tag = {}
     for tag, buf in messages:
         per_tag.setdefault(tag, []).append(buf)
-    want = [(tag, len(b), hashlib.sha256(b).hexdigest())
-            for tag in tags for b in [per_tag[tag].pop(0)]]
+    want = [
+        (tag, len(b), hashlib.sha256(b).hexdigest()) for tag in tags for b in [per_tag[tag].pop(0)]
+    ]
     assert receiver["digests"] == want
     assert receiver["bytes_received"] == sender["bytes_sent"] == sum(len(b) for _, b in messages)
     assert receiver["pages"] == pages_want
@@ -291,8 +313,12 @@ def test_gloo_channel_between_two_processes():
 
 def test_gloo_handshake_mismatch_names_the_key():
     other = dict(HELLO, codec="hack4")
-    with _two_processes([("handshake", {"hello": HELLO, "expect": HELLO}),
-                         ("handshake", {"hello": other, "expect": None})]) as collect:
+    with _two_processes(
+        [
+            ("handshake", {"hello": HELLO, "expect": HELLO}),
+            ("handshake", {"hello": other, "expect": None}),
+        ]
+    ) as collect:
         res = collect()
     assert res[0].startswith("TransferError") and "'codec'" in res[0] and "hack4" in res[0]
     assert res[1].startswith("TransferError") and "refused" in res[1] and "'codec'" in res[1]
@@ -361,25 +387,30 @@ def _role_nccl_channel(rank: int, port: int, pages_buf: bytes) -> dict:
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    with ProcessGroupChannel.connect("127.0.0.1", port, rank, HELLO, expect=HELLO,
-                                     backend="nccl", device=device, timeout_s=60) as ch:
+    with ProcessGroupChannel.connect(
+        "127.0.0.1", port, rank, HELLO, expect=HELLO, backend="nccl", device=device, timeout_s=60
+    ) as ch:
         if rank == 0:
             ch.send(pages_buf, 4)
             ch.send(torch.ones(1 << 20, dtype=torch.uint8, device=device), 5)
             return {"sent": ch.bytes_sent}
         got = ch.recv(4, timeout=60)
         ones = ch.recv(5, timeout=60)
-        return {"device": str(got.device), "same": bytes(got.cpu().numpy()) == pages_buf,
-                "meta": unpack_pages(bytes(got.cpu().numpy())).meta,
-                "ones": bool((ones == 1).all()) and ones.numel() == 1 << 20}
+        return {
+            "device": str(got.device),
+            "same": bytes(got.cpu().numpy()) == pages_buf,
+            "meta": unpack_pages(bytes(got.cpu().numpy())).meta,
+            "ones": bool((ones == 1).all()) and ones.numel() == 1 << 20,
+        }
 
 
 @pytest.mark.multi_gpu
 def test_nccl_comm_between_two_processes():
     ctx = mp.get_context("spawn")
     uid_box = ctx.Queue()
-    with _two_processes([("nccl_comm", {"uid_box": uid_box}),
-                         ("nccl_comm", {"uid_box": uid_box})]) as collect:
+    with _two_processes(
+        [("nccl_comm", {"uid_box": uid_box}), ("nccl_comm", {"uid_box": uid_box})]
+    ) as collect:
         res = collect()
     assert res[0] == {"sent": 4 << 20} and res[1] == {"equal": True}
 
@@ -387,8 +418,9 @@ def test_nccl_comm_between_two_processes():
 @pytest.mark.multi_gpu
 def test_nccl_process_group_channel_between_two_processes():
     pages_buf, _ = _packed_pages()
-    with _two_processes([("nccl_channel", {"pages_buf": pages_buf}),
-                         ("nccl_channel", {"pages_buf": pages_buf})]) as collect:
+    with _two_processes(
+        [("nccl_channel", {"pages_buf": pages_buf}), ("nccl_channel", {"pages_buf": pages_buf})]
+    ) as collect:
         res = collect()
     assert res[1]["device"] == "cuda:1" and res[1]["same"] and res[1]["ones"]
     assert res[1]["meta"] == {"request": "r7", "layer": 0}

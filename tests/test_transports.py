@@ -44,15 +44,22 @@ def _free_port() -> int:
 
 
 # -- declarations ------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls, path, device, leases, acks", [
-    (InProcessChannel, "in_process", True, False, False),
-    (InProcessHostChannel, "in_process", False, False, False),
-    (CudaIpcChannel, "cuda_ipc", True, True, True),
-    (NcclChannel, "nccl_ctypes", True, False, False),
-])
+@pytest.mark.parametrize(
+    "cls, path, device, leases, acks",
+    [
+        (InProcessChannel, "in_process", True, False, False),
+        (InProcessHostChannel, "in_process", False, False, False),
+        (CudaIpcChannel, "cuda_ipc", True, True, True),
+        (NcclChannel, "nccl_ctypes", True, False, False),
+    ],
+)
 def test_channel_classes_declare_what_they_carry(cls, path, device, leases, acks):
-    assert (cls.path, cls.carries_device_tensors, cls.leases, cls.acknowledges) == \
-        (path, device, leases, acks)
+    assert (cls.path, cls.carries_device_tensors, cls.leases, cls.acknowledges) == (
+        path,
+        device,
+        leases,
+        acks,
+    )
 
 
 def test_table_rows_open_channels_that_declare_their_path():
@@ -80,8 +87,7 @@ def test_link_emulator_passes_the_declarations_through():
     h, _ = InProcessHostChannel.pair()
     assert LinkEmulator(a).carries_device_tensors and LinkEmulator(a).path == "in_process"
     assert not LinkEmulator(h).carries_device_tensors
-    assert use_device_form(LinkEmulator(a), "cuda") and not use_device_form(LinkEmulator(h),
-                                                                           "cuda")
+    assert use_device_form(LinkEmulator(a), "cuda") and not use_device_form(LinkEmulator(h), "cuda")
 
     class Acking(InProcessChannel):
         acknowledges = True
@@ -132,8 +138,13 @@ def test_a_new_transport_is_one_row(monkeypatch):
         opened.append(setup.pair_name)
         return Loopback.pair()[0]
 
-    row = Transport("loopback_test", "two processes on one host",
-                    lambda a, b: a.host == b.host and a.pid != b.pid, open_loopback, priority=9)
+    row = Transport(
+        "loopback_test",
+        "two processes on one host",
+        lambda a, b: a.host == b.host and a.pid != b.pid,
+        open_loopback,
+        priority=9,
+    )
     monkeypatch.setitem(TRANSPORTS, row.path, row)
     assert choose_path(_ep("cpu"), _ep("cpu", pid=2)) == "loopback_test"
     assert choose_path(_ep("cpu"), _ep("cpu", host="h2")) == "host"  # not possible there
@@ -159,8 +170,10 @@ def test_group_spec_is_checked_where_it_is_built():
 def test_builder_makes_a_one_rank_gloo_group():
     timeout = timedelta(seconds=30)
     store = rendezvous("127.0.0.1", _free_port(), 0, 1, timeout)
-    pg = build_group(dist.PrefixStore("zipserve/test/", store),
-                     GroupSpec("gloo", 0, 1, timeout, gloo_hostname="127.0.0.1"))
+    pg = build_group(
+        dist.PrefixStore("zipserve/test/", store),
+        GroupSpec("gloo", 0, 1, timeout, gloo_hostname="127.0.0.1"),
+    )
     t = torch.ones(3)
     pg.allreduce([t]).wait()
     assert t.tolist() == [1.0, 1.0, 1.0]
@@ -184,7 +197,10 @@ set empties."""
 
 def test_only_nccl_env_sets_nccl_variables():
     setters = sorted(
-        str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
-        if "tests" not in p.relative_to(REPO).parts and p.name != "nccl_env.py"
-        and re.search(r"NCCL_NVLS_ENABLE", p.read_text(errors="replace")))
+        str(p.relative_to(REPO))
+        for p in REPO.rglob("*.py")
+        if "tests" not in p.relative_to(REPO).parts
+        and p.name != "nccl_env.py"
+        and re.search(r"NCCL_NVLS_ENABLE", p.read_text(errors="replace"))
+    )
     assert set(setters) <= PENDING, setters

@@ -31,12 +31,17 @@ from zipserve.deploy.cli import REFERENCE_MODEL
 
 
 def _filled(codec_name: str):
-    c = make_codec(codec_name, num_kv_heads=2, page_size=64, head_dim=64,
-                   model_dir=str(REFERENCE_MODEL)).for_layer(0)
+    c = make_codec(
+        codec_name, num_kv_heads=2, page_size=64, head_dim=64, model_dir=str(REFERENCE_MODEL)
+    ).for_layer(0)
     store = c.new_store(6, "cpu")
     g = torch.Generator().manual_seed(1)
-    c.encode(store, torch.tensor([1, 2, 4]), torch.randn(3, 2, 64, 64, generator=g),
-             torch.randn(3, 2, 64, 64, generator=g))
+    c.encode(
+        store,
+        torch.tensor([1, 2, 4]),
+        torch.randn(3, 2, 64, 64, generator=g),
+        torch.randn(3, 2, 64, 64, generator=g),
+    )
     return c, store
 
 
@@ -49,8 +54,9 @@ def test_round_trip_into_other_page_ids(codec):
     assert got.meta == {"request": "r1"} and got.num_pages == 3
     adopt_pages(codec, dst, torch.tensor([7, 0, 3]), got)
     for name in src:
-        assert torch.equal(dst[name][[7, 0, 3]].view(torch.uint8),
-                           src[name][[4, 1, 2]].view(torch.uint8))
+        assert torch.equal(
+            dst[name][[7, 0, 3]].view(torch.uint8), src[name][[4, 1, 2]].view(torch.uint8)
+        )
     # the payload is exactly the stated bytes of 3 pages
     payload = sum(t[[4, 1, 2]].numel() * t.element_size() for t in src.values())
     assert payload == pytest.approx(3 * 2 * 64 * c.page_bytes_per_token())
@@ -87,8 +93,10 @@ def test_errors_are_typed():
     wire.payload[3] ^= 1
     with pytest.raises(ChecksumError, match="checksum mismatch"):
         verify_checksum(header, wire.payload)
-    assert all(issubclass(e, WireError) and issubclass(e, ValueError)
-               for e in (ChecksumError, FormatError, LayoutError))
+    assert all(
+        issubclass(e, WireError) and issubclass(e, ValueError)
+        for e in (ChecksumError, FormatError, LayoutError)
+    )
 
 
 def test_one_decode_reads_every_format():
@@ -102,7 +110,11 @@ def test_one_decode_reads_every_format():
     got = decode(pages)
     assert isinstance(got, WirePages) and got.codec == "hack2" and got.num_pages == 2
     got = decode(layer.to_bytes())
-    assert isinstance(got, LayerKV) and (got.layer, got.num_tokens, got.request_id) == (3, 133, "r7")
+    assert isinstance(got, LayerKV) and (got.layer, got.num_tokens, got.request_id) == (
+        3,
+        133,
+        "r7",
+    )
     assert got.pages == pages and all(torch.equal(got.tail[k], tail[k]) for k in tail)
     got = decode(device.header_bytes())
     assert isinstance(got, DeviceHeader) and got.wire["codec"] == "hack2" and got.layer == 3
@@ -110,8 +122,13 @@ def test_one_decode_reads_every_format():
     assert isinstance(got, SliceMessage) and (got.request_id, got.n_ranks) == ("r7", 4)
     assert (got.kv.rank, got.kv.start, got.kv.pages) == (1, 128, pages)
 
-    for bad in (b"", b"garbage", b"ZKVQ\x01" + bytes(8), DEVICE_HEADER + b"\xff\xff\x00\x00{}",
-                layer.to_bytes()[:-7]):
+    for bad in (
+        b"",
+        b"garbage",
+        b"ZKVQ\x01" + bytes(8),
+        DEVICE_HEADER + b"\xff\xff\x00\x00{}",
+        layer.to_bytes()[:-7],
+    ):
         with pytest.raises(FormatError):
             decode(bad)
 
@@ -121,5 +138,6 @@ def test_the_decode_worker_counts_checksum_failures_by_type():
 
     assert failure_reason(ChecksumError("anything")) == "checksum_mismatch"
     assert failure_reason(ValueError("checksum mismatch in the text only")) == "kv_rejected"
-    assert failure_reason(LayoutError("pages are 'hack2', this pool holds 'hack4'")) == \
-        "kv_rejected"
+    assert (
+        failure_reason(LayoutError("pages are 'hack2', this pool holds 'hack4'")) == "kv_rejected"
+    )

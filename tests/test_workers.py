@@ -8,22 +8,25 @@ import time
 
 import pytest
 
-from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.disaggregated import Overloaded
 from zipserve.engine.llm import LLM, SamplingParams
 from zipserve.prefill_worker.worker import KV_TAG, PrefillWorker
 from zipserve.transfer.inprocess import InProcessChannel
 
-pytestmark = pytest.mark.skipif(not (REFERENCE_MODEL / "config.json").exists(),
-                                reason="reference checkpoint not present")
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
 MODEL = str(REFERENCE_MODEL)
 
 
 def _pair(codec: str, **opts):
     a, b = InProcessChannel.pair()
-    pre, dec = PrefillWorker(MODEL, codec, "cpu"), DecodeWorker(MODEL, codec, "cpu",
-                                                                   engine_options=opts)
+    pre, dec = (
+        PrefillWorker(MODEL, codec, "cpu"),
+        DecodeWorker(MODEL, codec, "cpu", engine_options=opts),
+    )
     pre.attach("d0", a)
     dec.attach("p0", b)
     return pre, dec, a
@@ -157,8 +160,10 @@ def test_next_prompt_computes_while_the_previous_kv_is_on_the_link():
         time.sleep(delay)
         reports[rid] = pre.prefill(rid, list(range(3, 400)), params, "d0")
 
-    threads = [threading.Thread(target=run, args=(rid, 0.05 * i))
-               for i, rid in enumerate(("r0", "r1", "r2"))]
+    threads = [
+        threading.Thread(target=run, args=(rid, 0.05 * i))
+        for i, rid in enumerate(("r0", "r1", "r2"))
+    ]
     for t in threads:
         t.start()
     for t in threads:

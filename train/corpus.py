@@ -10,8 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Held-out modules of the standard library (relative paths). Never trained on.
-HELD_OUT = ("heapq.py", "shlex.py", "textwrap.py", "fractions.py", "statistics.py",
-            "json/decoder.py", "json/encoder.py", "colorsys.py", "bisect.py")
+HELD_OUT = (
+    "heapq.py",
+    "shlex.py",
+    "textwrap.py",
+    "fractions.py",
+    "statistics.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "colorsys.py",
+    "bisect.py",
+)
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
 
@@ -53,8 +62,12 @@ def load_corpus(text_dir: str | Path | None = None) -> Corpus:
     docs: list[Document] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if (not path.is_file() or path.suffix not in TEXT_SUFFIXES or "site-packages" in rel
-                or "__pycache__" in rel):
+        if (
+            not path.is_file()
+            or path.suffix not in TEXT_SUFFIXES
+            or "site-packages" in rel
+            or "__pycache__" in rel
+        ):
             continue
         try:
             text = path.read_text(encoding="utf-8")

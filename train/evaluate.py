@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def eval_ppl(model: str, text_dir: str | None, context: int, stride: int, dtype: str,
-             device: str | None) -> dict:
+def eval_ppl(
+    model: str, text_dir: str | None, context: int, stride: int, dtype: str, device: str | None
+) -> dict:
     from zipserve.engine.llm import LLM
     from zipserve.engine.perplexity import perplexity
     from zipserve.train.corpus import load_corpus
@@ -20,10 +21,16 @@ def eval_ppl(model: str, text_dir: str | None, context: int, stride: int, dtype:
     corpus = load_corpus(text_dir)
     docs = [llm.tokenizer.encode(d.text) for d in corpus.held_out]
     res = perplexity(llm.logits, docs, context=context, stride=stride)
-    return {"perplexity": res.perplexity, "tokens": res.tokens, "context": context,
-            "stride": stride, "dtype": str(llm.engine.dtype).replace("torch.", ""),
-            "device": str(llm.engine.device), "held_out_digest": corpus.digest(),
-            "corpus_root": str(corpus.root)}
+    return {
+        "perplexity": res.perplexity,
+        "tokens": res.tokens,
+        "context": context,
+        "stride": stride,
+        "dtype": str(llm.engine.dtype).replace("torch.", ""),
+        "device": str(llm.engine.device),
+        "held_out_digest": corpus.digest(),
+        "corpus_root": str(corpus.root),
+    }
 
 
 @contextlib.contextmanager

@@ -35,9 +35,13 @@ class _CondensedAttention(nn.Module):
             return self.o_proj(x.new_zeros(b, t, c.q_size))
         q = _rope(self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
         # Token i attends to tokens < i: queries 1..T-1 causally over keys 0..T-2.
-        o = F.scaled_dot_product_attention(q[:, :, 1:], k[:, :, :-1], v[:, :, :-1],
-                                           is_causal=True,
-                                           enable_gqa=c.num_heads != c.num_kv_heads)
+        o = F.scaled_dot_product_attention(
+            q[:, :, 1:],
+            k[:, :, :-1],
+            v[:, :, :-1],
+            is_causal=True,
+            enable_gqa=c.num_heads != c.num_kv_heads,
+        )
         o = torch.cat([o.new_zeros(b, c.num_heads, 1, c.head_dim), o], 2)  # [B, H, T, D]
         return self.o_proj(o.transpose(1, 2).reshape(b, t, c.q_size))
 
@@ -63,8 +67,9 @@ def _layer_with_kv(layer: _Layer, x, cos, sin):
     q = _rope(a.q_proj(h).view(b, t, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
     k = _rope(a.k_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
     v = a.v_proj(h).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                       enable_gqa=c.num_heads != c.num_kv_heads)
+    o = F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=c.num_heads != c.num_kv_heads
+    )
     x = x + a.o_proj(o.transpose(1, 2).reshape(b, t, c.q_size))
     return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
 
@@ -74,14 +79,16 @@ class _Backbone(nn.Module):
         super().__init__()
         kv = set(c.kv_layers)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(_Layer(c) if i in kv else _CondensedLayer(c)
-                                    for i in range(c.num_layers))
+        self.layers = nn.ModuleList(
+            _Layer(c) if i in kv else _CondensedLayer(c) for i in range(c.num_layers)
+        )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
 class TrainLCKV(nn.Module):
-    def __init__(self, c: ModelConfig, passes_no_grad: int | None = None,
-                 passes_grad: int | None = None):
+    def __init__(
+        self, c: ModelConfig, passes_no_grad: int | None = None, passes_grad: int | None = None
+    ):
         """m / b default to the config's (the prompt-encoding passes)."""
         super().__init__()
         if c.lckv is None:
@@ -102,7 +109,7 @@ class TrainLCKV(nn.Module):
     def _pass(self, x, cos, sin, k, v):
         """One pass over the condensed stack fed layer t's K/V; (output, new K, new V)."""
         layers = self.model.layers
-        for layer in layers[self.bottom:self.top]:
+        for layer in layers[self.bottom : self.top]:
             x = layer(x, cos, sin, k, v)
         return _layer_with_kv(layers[self.top], x, cos, sin)
 
@@ -112,7 +119,7 @@ class TrainLCKV(nn.Module):
         cos, sin = self.cos[:t], self.sin[:t]
         layers = self.model.layers
         x = self.model.embed_tokens(ids)
-        for layer in layers[:self.bottom]:
+        for layer in layers[: self.bottom]:
             x = layer(x, cos, sin)
         k = v = None
         with torch.no_grad():
@@ -121,7 +128,7 @@ class TrainLCKV(nn.Module):
         for _ in range(self.b):
             h, k, v = self._pass(x, cos, sin, k, v)
         x = h
-        for layer in layers[self.top + 1:]:
+        for layer in layers[self.top + 1 :]:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
 

@@ -30,8 +30,9 @@ class _Attention(nn.Module):
         k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=c.num_heads != c.num_kv_heads)
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=c.num_heads != c.num_kv_heads
+        )
         return self.o_proj(o.transpose(1, 2).reshape(b, t, c.q_size))
 
 

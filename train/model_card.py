@@ -11,10 +11,12 @@ def _arch(summary: dict) -> str:
     c = summary["config"]
     if c.get("arch") != "lckv":
         return arch
-    return (f"{arch} (layer-condensed KV: layers {summary['kv_layers']} keep KV, the others attend "
-            f"to layer {summary['kv_layers'][-1 - c['lckv_warmup'] // 2]}'s; {c['lckv_warmup']} "
-            f"warmup layers; trained and prompts encoded with m={c['lckv_passes_no_grad']} passes "
-            f"without + b={c['lckv_passes_grad']} with gradient)")
+    return (
+        f"{arch} (layer-condensed KV: layers {summary['kv_layers']} keep KV, the others attend "
+        f"to layer {summary['kv_layers'][-1 - c['lckv_warmup'] // 2]}'s; {c['lckv_warmup']} "
+        f"warmup layers; trained and prompts encoded with m={c['lckv_passes_no_grad']} passes "
+        f"without + b={c['lckv_passes_grad']} with gradient)"
+    )
 
 
 def write_model_card(out: Path, summary: dict, ppl: dict, name: str) -> None:
@@ -26,7 +28,8 @@ def write_model_card(out: Path, summary: dict, ppl: dict, name: str) -> None:
         "KV-cache compression can be judged on real attention structure. Written by",
         "`zipserve train`; every number below was measured by that run or by `zipserve eval ppl`.",
         "",
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| architecture | {_arch(summary)}, {c['num_layers']} layers, hidden {c['hidden_size']}, "
         f"{c['num_heads']} query / {c['num_kv_heads']} KV heads, head_dim {c['head_dim']}, "
         f"MLP {c['intermediate_size']}, RoPE theta {c['rope_theta']:g}, tied embeddings |",
@@ -56,8 +59,9 @@ def write_model_card(out: Path, summary: dict, ppl: dict, name: str) -> None:
     (out / "eval_ppl.json").write_text(json.dumps(ppl, indent=1) + "\n")
 
 
-def measure_and_write_card(out: str | Path, summary: dict, seq_len: int, text_dir: str | None,
-                           device: str | None) -> dict:
+def measure_and_write_card(
+    out: str | Path, summary: dict, seq_len: int, text_dir: str | None, device: str | None
+) -> dict:
     """After `train`: the checkpoint's held-out perplexity (context: its training length, at
     most 1024; stride half of it; float32) and its model card at out/README.md; returns the
     perplexity record."""

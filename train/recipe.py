@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from zipserve.engine.config import LCKV_ARCHITECTURE, LCKVSpec, ModelConfig
@@ -68,8 +68,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "lckv"):
             raise ValueError(f"arch: {self.arch!r} is not llama or lckv")
-        for name in ("vocab_size", "hidden_size", "num_layers", "seq_len", "batch_size",
-                     "total_tokens"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "seq_len",
+            "batch_size",
+            "total_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive")
         if self.seq_len > self.max_position_embeddings:
@@ -82,29 +88,54 @@ class TrainConfig:
         return max(1, self.total_tokens // (self.batch_size * self.seq_len))
 
     def model_config(self) -> ModelConfig:
-        lckv = (LCKVSpec.split(self.lckv_warmup, self.lckv_passes_no_grad, self.lckv_passes_grad)
-                if self.arch == "lckv" else None)
+        lckv = (
+            LCKVSpec.split(self.lckv_warmup, self.lckv_passes_no_grad, self.lckv_passes_grad)
+            if self.arch == "lckv"
+            else None
+        )
         return ModelConfig(
             architecture=LCKV_ARCHITECTURE if lckv else "LlamaForCausalLM",
-            lckv=lckv, vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, rms_norm_eps=1e-5, rope_theta=self.rope_theta,
-            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=True,
-            bos_token_id=1, eos_token_ids=(2,), torch_dtype="bfloat16")
+            lckv=lckv,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=1e-5,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_ids=(2,),
+            torch_dtype="bfloat16",
+        )
 
 
 def hf_config_dict(c: ModelConfig) -> dict:
     return {
-        "architectures": [c.architecture], "model_type": "llama", "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "rope_scaling": None, "attention_bias": False,
-        "mlp_bias": False, "tie_word_embeddings": c.tie_word_embeddings,
-        "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids)[0],
-        "pad_token_id": 0, "torch_dtype": c.torch_dtype,
+        "architectures": [c.architecture],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": list(c.eos_token_ids)[0],
+        "pad_token_id": 0,
+        "torch_dtype": c.torch_dtype,
         **({"model_type": "zipserve-lckv", "lckv": c.lckv.to_hf()} if c.lckv else {}),
     }
 
@@ -120,7 +151,9 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
 
 
 def _batch(data: torch.Tensor, cfg: TrainConfig, step: int, device) -> tuple[torch.Tensor, ...]:
@@ -137,7 +170,7 @@ def _eval_loss(model, data: torch.Tensor, cfg: TrainConfig, device, amp) -> floa
     n = min(16, max(1, (len(data) - 1) // cfg.seq_len))
     losses = []
     for i in range(n):
-        w = data[i * cfg.seq_len:(i + 1) * cfg.seq_len + 1].long().to(device)[None]
+        w = data[i * cfg.seq_len : (i + 1) * cfg.seq_len + 1].long().to(device)[None]
         with amp:
             logits = model(w[:, :-1])
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), w[0, 1:]).item())
@@ -149,39 +182,52 @@ def make_train_model(mc: ModelConfig) -> nn.Module:
     return TrainLCKV(mc) if mc.lckv is not None else TrainLlama(mc)
 
 
-def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
-          resume: bool = False, device: str | None = None,
-          tokenizer_from: str | Path | None = None) -> dict:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    text_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    tokenizer_from: str | Path | None = None,
+) -> dict:
     """tokenizer_from: a model directory whose tokenizer files are reused (not retrained)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     corpus: Corpus = load_corpus(text_dir)
-    print(f"corpus {corpus.root}: {len(corpus.train)} training files, "
-          f"{len(corpus.held_out)} held out (digest {corpus.digest()})")
+    print(
+        f"corpus {corpus.root}: {len(corpus.train)} training files, "
+        f"{len(corpus.held_out)} held out (digest {corpus.digest()})"
+    )
     t0 = time.time()
     if tokenizer_from is not None:
         from tokenizers import Tokenizer
+
         src = Path(tokenizer_from)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (src / name).exists() and src.resolve() != out.resolve():
                 shutil.copyfile(src / name, out / name)
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
         if tok.get_vocab_size() != cfg.vocab_size:
-            raise ValueError(f"tokenizer_from: {src} has {tok.get_vocab_size()} tokens, "
-                             f"vocab_size is {cfg.vocab_size}")
+            raise ValueError(
+                f"tokenizer_from: {src} has {tok.get_vocab_size()} tokens, "
+                f"vocab_size is {cfg.vocab_size}"
+            )
     elif resume and (out / "tokenizer.json").exists():
         from tokenizers import Tokenizer
+
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     else:
         tok = train_tokenizer((d.text for d in corpus.train), cfg.vocab_size)
         write_tokenizer_files(tok, out, cfg.max_position_embeddings)
     train_ids, held_ids = tokenize_docs(tok, corpus.train), tokenize_docs(tok, corpus.held_out)
-    print(f"tokenizer ready in {time.time() - t0:.0f} s: {len(train_ids):,} training tokens, "
-          f"{len(held_ids):,} held-out tokens; {cfg.steps} steps of "
-          f"{cfg.batch_size * cfg.seq_len:,} tokens ({cfg.total_tokens / len(train_ids):.1f} "
-          "epochs)")
+    print(
+        f"tokenizer ready in {time.time() - t0:.0f} s: {len(train_ids):,} training tokens, "
+        f"{len(held_ids):,} held-out tokens; {cfg.steps} steps of "
+        f"{cfg.batch_size * cfg.seq_len:,} tokens ({cfg.total_tokens / len(train_ids):.1f} "
+        "epochs)"
+    )
 
     mc = cfg.model_config()
     model = make_train_model(mc)
@@ -189,9 +235,15 @@ def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
     model.to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=dev.type == "cuda",
+    )
     state_path, log = out / "train_state.pt", {"loss": [], "eval": []}
     start, elapsed_before = 0, 0.0
     if resume and state_path.exists():
@@ -202,12 +254,16 @@ def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
         log = json.loads(st["log"])
         print(f"resumed at step {start}")
     fwd = torch.compile(model) if cfg.compile else model
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
-           else torch.autocast("cpu", enabled=False))
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     model.train()
     t_start = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
-               mininterval=5.0)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", mininterval=5.0
+    )
     tokens_per_step = cfg.batch_size * cfg.seq_len
     for step in bar:
         for group in opt.param_groups:
@@ -228,27 +284,43 @@ def train(cfg: TrainConfig, out: str | Path, text_dir: str | Path | None = None,
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
             log["eval"].append((step, _eval_loss(model, held_ids, cfg, dev, amp)))
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "elapsed": elapsed_before + time.time() - t_start,
-                        "log": json.dumps(log)}, state_path)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step + 1,
+                    "elapsed": elapsed_before + time.time() - t_start,
+                    "log": json.dumps(log),
+                },
+                state_path,
+            )
     bar.close()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     elapsed = elapsed_before + time.time() - t_start
-    sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous()
-          for k, v in model.hf_state_dict().items()}
+    sd = {
+        k: v.detach().to("cpu", torch.bfloat16).contiguous()
+        for k, v in model.hf_state_dict().items()
+    }
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config_dict(mc), indent=2) + "\n")
     summary = {
-        "config": asdict(cfg), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-        else "cpu", "train_seconds": round(elapsed, 1), "steps": cfg.steps,
-        "train_tokens_seen": cfg.steps * tokens_per_step, "corpus_root": str(corpus.root),
-        "corpus_train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
+        "config": asdict(cfg),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "train_seconds": round(elapsed, 1),
+        "steps": cfg.steps,
+        "train_tokens_seen": cfg.steps * tokens_per_step,
+        "corpus_root": str(corpus.root),
+        "corpus_train_tokens": len(train_ids),
+        "held_out_tokens": len(held_ids),
         "held_out_files": [d.path for d in corpus.held_out],
-        "held_out_digest": corpus.digest(), "parameters": sum(v.numel() for v in sd.values()),
-        "architecture": mc.architecture, "kv_layers": list(mc.kv_layers),
+        "held_out_digest": corpus.digest(),
+        "parameters": sum(v.numel() for v in sd.values()),
+        "architecture": mc.architecture,
+        "kv_layers": list(mc.kv_layers),
         "final_train_loss": log["loss"][-1][1] if log["loss"] else None,
-        "final_eval_loss": log["eval"][-1][1] if log["eval"] else None, "log": log,
+        "final_eval_loss": log["eval"][-1][1] if log["eval"] else None,
+        "log": log,
     }
     (out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     if state_path.exists():

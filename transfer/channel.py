@@ -171,7 +171,7 @@ class Channel(ABC):
         message of recv(), owned by the caller (nothing to give back)."""
         return Lease(self.recv(tag, timeout))
 
-    def limit_inflight(self, nbytes: int) -> None:
+    def limit_inflight(self, nbytes: int) -> None:  # noqa: B027 (a no-op unless overridden)
         """Let sends wait while more than nbytes are unacknowledged (when `acknowledges`; a
         no-op otherwise)."""
 

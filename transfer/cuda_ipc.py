@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from zipserve.compress.wire import DTYPES
 from zipserve.transfer.channel import (
     Buffer,
@@ -62,14 +63,41 @@ def export_handle(t: torch.Tensor) -> dict:
     """torch's IPC export of a CUDA tensor (reduce_tensor) as a JSON-able dict."""
     from torch.multiprocessing.reductions import reduce_tensor
 
-    _, (tensor_cls, size, stride, offset, storage_cls, dtype, device, handle, storage_bytes,
-        storage_offset, _, ref_counter, ref_counter_offset, event, event_sync) = reduce_tensor(t)
-    return {"size": list(size), "stride": list(stride), "offset": int(offset),
-            "storage": storage_cls.__name__, "dtype": str(dtype).removeprefix("torch."),
-            "device": int(device), "handle": _b64(handle), "storage_bytes": int(storage_bytes),
-            "storage_offset": int(storage_offset), "ref_counter": _b64(ref_counter),
-            "ref_counter_offset": int(ref_counter_offset), "event": _b64(event),
-            "event_sync": bool(event_sync)}
+    (
+        _,
+        (
+            tensor_cls,
+            size,
+            stride,
+            offset,
+            storage_cls,
+            dtype,
+            device,
+            handle,
+            storage_bytes,
+            storage_offset,
+            _,
+            ref_counter,
+            ref_counter_offset,
+            event,
+            event_sync,
+        ),
+    ) = reduce_tensor(t)
+    return {
+        "size": list(size),
+        "stride": list(stride),
+        "offset": int(offset),
+        "storage": storage_cls.__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": int(device),
+        "handle": _b64(handle),
+        "storage_bytes": int(storage_bytes),
+        "storage_offset": int(storage_offset),
+        "ref_counter": _b64(ref_counter),
+        "ref_counter_offset": int(ref_counter_offset),
+        "event": _b64(event),
+        "event_sync": bool(event_sync),
+    }
 
 
 def open_handle(h: dict, device: int | None = None) -> torch.Tensor:
@@ -77,13 +105,27 @@ def open_handle(h: dict, device: int | None = None) -> torch.Tensor:
     index of the same GPU (default: the sender's index)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    storage_cls = {"TypedStorage": torch.storage.TypedStorage,
-                   "UntypedStorage": torch.UntypedStorage}[h["storage"]]
+    storage_cls = {
+        "TypedStorage": torch.storage.TypedStorage,
+        "UntypedStorage": torch.UntypedStorage,
+    }[h["storage"]]
     return rebuild_cuda_tensor(
-        torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), h["offset"], storage_cls,
-        DTYPES[h["dtype"]], h["device"] if device is None else device, _unb64(h["handle"]),
-        h["storage_bytes"], h["storage_offset"], False, _unb64(h["ref_counter"]),
-        h["ref_counter_offset"], _unb64(h["event"]), h["event_sync"])
+        torch.Tensor,
+        torch.Size(h["size"]),
+        tuple(h["stride"]),
+        h["offset"],
+        storage_cls,
+        DTYPES[h["dtype"]],
+        h["device"] if device is None else device,
+        _unb64(h["handle"]),
+        h["storage_bytes"],
+        h["storage_offset"],
+        False,
+        _unb64(h["ref_counter"]),
+        h["ref_counter_offset"],
+        _unb64(h["event"]),
+        h["event_sync"],
+    )
 
 
 @dataclass
@@ -99,11 +141,17 @@ class CudaIpcChannel(Channel):
     leases = True
     acknowledges = True
 
-    def __init__(self, control: Channel, device: torch.device | str | int | None = None, *,
-                 ack_timeout_s: float = 30.0, max_inflight_bytes: int = 8 << 30,
-                 exporter: Callable[[torch.Tensor], dict] = export_handle,
-                 importer: Callable[..., torch.Tensor] = open_handle,
-                 inline_cpu: bool = True) -> None:
+    def __init__(
+        self,
+        control: Channel,
+        device: torch.device | str | int | None = None,
+        *,
+        ack_timeout_s: float = 30.0,
+        max_inflight_bytes: int = 8 << 30,
+        exporter: Callable[[torch.Tensor], dict] = export_handle,
+        importer: Callable[..., torch.Tensor] = open_handle,
+        inline_cpu: bool = True,
+    ) -> None:
         """control: a connected host channel to the peer (user tags t -> t + 1, ACKs on 0).
         device: this side's CUDA device of the shared GPU. inline_cpu: CPU tensors travel
         inline (False: through exporter too, for tests with fake exporters)."""
@@ -112,8 +160,11 @@ class CudaIpcChannel(Channel):
             raise ValueError("ack_timeout_s and max_inflight_bytes must be positive")
         self.control = control
         """The host channel under it (inline bytes, handles, ACKs)."""
-        self.device = None if device is None else (
-            torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+        self.device = (
+            None
+            if device is None
+            else (torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+        )
         self.ack_timeout_s, self.max_inflight_bytes = ack_timeout_s, max_inflight_bytes
         self._export, self._import, self._inline_cpu = exporter, importer, inline_cpu
         self._cond = threading.Condition()
@@ -149,9 +200,11 @@ class CudaIpcChannel(Channel):
                 self._check_usable()
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TransferTimeout(f"{len(self._inflight)} shared buffers "
-                                          f"({self._inflight_bytes} bytes) unacknowledged for "
-                                          f"{self.ack_timeout_s} s")
+                    raise TransferTimeout(
+                        f"{len(self._inflight)} shared buffers "
+                        f"({self._inflight_bytes} bytes) unacknowledged for "
+                        f"{self.ack_timeout_s} s"
+                    )
                 self._cond.wait(left)
             self._check_usable()
             mid = next(self._ids)
@@ -159,8 +212,10 @@ class CudaIpcChannel(Channel):
             self._inflight_bytes += nbytes
         try:
             handle = self._export(t)
-            self.control.send(_HANDLE + json.dumps({"id": mid, "nbytes": nbytes,
-                                                     "handle": handle}).encode(), tag + 1)
+            self.control.send(
+                _HANDLE + json.dumps({"id": mid, "nbytes": nbytes, "handle": handle}).encode(),
+                tag + 1,
+            )
         except Exception as e:
             self._forget(mid)
             if isinstance(e, TransferError):
@@ -232,8 +287,12 @@ class CudaIpcChannel(Channel):
             now = time.monotonic()
             late = [mid for mid, s in self._inflight.items() if now - s.at > self.ack_timeout_s]
         if late:
-            self._fail(TransferTimeout(f"the peer did not return {len(late)} shared buffer(s) "
-                                       f"within {self.ack_timeout_s} s"))
+            self._fail(
+                TransferTimeout(
+                    f"the peer did not return {len(late)} shared buffer(s) "
+                    f"within {self.ack_timeout_s} s"
+                )
+            )
 
     # -- receiving --------------------------------------------------------------------------
     def recv_lease(self, tag: int, timeout: float | None = None) -> Lease:
@@ -251,8 +310,7 @@ class CudaIpcChannel(Channel):
             raise TransferError(f"unknown CUDA-IPC control message kind {kind!r}")
         info = json.loads(bytes(body.numpy()))
         try:
-            args = (info["handle"],) if self.device is None else (info["handle"],
-                                                                  self.device.index)
+            args = (info["handle"],) if self.device is None else (info["handle"], self.device.index)
             tensor = self._import(*args)
         except Exception as e:
             self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from zipserve.transfer.nccl_env import apply_nccl_defaults
 from zipserve.transfer.tcp_store import tcp_store
 
@@ -80,8 +81,11 @@ def _gloo(store: Any, spec: GroupSpec) -> Any:
         opts = gloo._Options()
     except AttributeError:  # an older/newer binding without _Options: default device only
         return gloo(store, spec.rank, spec.size, spec.timeout)
-    opts._devices = [gloo.create_device(hostname=spec.gloo_hostname) if spec.gloo_hostname
-                     else gloo.create_default_device()]
+    opts._devices = [
+        gloo.create_device(hostname=spec.gloo_hostname)
+        if spec.gloo_hostname
+        else gloo.create_default_device()
+    ]
     opts._timeout = spec.timeout
     return gloo(store, spec.rank, spec.size, opts)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 
 import torch
+
 from zipserve.transfer.channel import (
     Buffer,
     Channel,

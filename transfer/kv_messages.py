@@ -19,6 +19,7 @@ import threading
 import weakref
 
 import torch
+
 from zipserve.compress.wire import (
     DEVICE_HEADER,
     LAYER,
@@ -64,8 +65,12 @@ def send_layer(channel: Channel, kv: LayerKV | DeviceLayerKV, tag: int) -> int:
     return len(header) + kv.nbytes()
 
 
-def recv_layer(channel: Channel, tag: int, timeout: float | None = None,
-               payload_timeout: float = PAYLOAD_TIMEOUT_S) -> LayerKV | DeviceLayerKV:
+def recv_layer(
+    channel: Channel,
+    tag: int,
+    timeout: float | None = None,
+    payload_timeout: float = PAYLOAD_TIMEOUT_S,
+) -> LayerKV | DeviceLayerKV:
     """The next layer of this tag in whichever form it was sent. Raises the channel's
     TransferTimeout/TransferClosed/TransferError, and FormatError (a ValueError) for a message
     that is not a layer or a device header whose payload does not follow. Call `done(kv)` when

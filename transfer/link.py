@@ -14,12 +14,18 @@ import time
 from collections import deque
 
 import torch
+
 from zipserve.transfer.channel import Buffer, Channel, Lease
 
 
 class LinkEmulator(Channel):
-    def __init__(self, inner: Channel, gbps: float | None = None, latency_ms: float = 0.0,
-                 history_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        inner: Channel,
+        gbps: float | None = None,
+        latency_ms: float = 0.0,
+        history_s: float = 60.0,
+    ) -> None:
         """inner: the channel to shape. gbps: link bandwidth in Gb/s (None: unlimited).
         latency_ms: one-way latency added to every send. history_s: how far back
         busy_fraction can look."""
@@ -71,8 +77,11 @@ class LinkEmulator(Channel):
         return 0.0 if self.gbps is None else nbytes * 8 / (self.gbps * 1e9)
 
     def send(self, buf: Buffer, tag: int) -> None:
-        nbytes = buf.numel() * buf.element_size() if isinstance(buf, torch.Tensor) else \
-            memoryview(buf).nbytes
+        nbytes = (
+            buf.numel() * buf.element_size()
+            if isinstance(buf, torch.Tensor)
+            else memoryview(buf).nbytes
+        )
         if self.enabled:
             tx = self.transmit_seconds(nbytes)
             with self._lock:

@@ -12,6 +12,7 @@ import time
 from collections import deque
 
 import torch
+
 from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
 
 

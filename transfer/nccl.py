@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
 from zipserve.transfer.nccl_env import apply_nccl_defaults
 
 UNIQUE_ID_BYTES = 128
@@ -53,8 +54,9 @@ class _UniqueId(ctypes.Structure):
 
 
 def _candidates() -> list[str]:
-    found: list[str] = [os.environ["ZIPSERVE_LIBNCCL"]] if os.environ.get("ZIPSERVE_LIBNCCL") \
-        else []
+    found: list[str] = (
+        [os.environ["ZIPSERVE_LIBNCCL"]] if os.environ.get("ZIPSERVE_LIBNCCL") else []
+    )
     try:
         with open("/proc/self/maps") as f:
             for line in f:
@@ -83,15 +85,16 @@ def _load() -> ctypes.CDLL:
         for path in _candidates():
             try:
                 lib = ctypes.CDLL(path)
-                lib.ncclGetVersion  # check that it is NCCL
+                getattr(lib, "ncclGetVersion")  # noqa: B009 - raises AttributeError unless NCCL
                 break
             except (OSError, AttributeError) as e:
                 errors.append(f"{path}: {e}")
         else:
-            _lib_error = ("libnccl not found: torch's CUDA build ships it in the nvidia-nccl-cu12"
-                          " / -cu13 wheel (pip install nvidia-nccl-cu12), or point "
-                          "ZIPSERVE_LIBNCCL at a libnccl.so.2 (tried: "
-                          + "; ".join(errors[-3:]) + ")")
+            _lib_error = (
+                "libnccl not found: torch's CUDA build ships it in the nvidia-nccl-cu12"
+                " / -cu13 wheel (pip install nvidia-nccl-cu12), or point "
+                "ZIPSERVE_LIBNCCL at a libnccl.so.2 (tried: " + "; ".join(errors[-3:]) + ")"
+            )
             raise NcclError(_lib_error)
         _declare(lib)
         _lib = lib
@@ -114,9 +117,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "ncclGetLastError"):
         lib.ncclGetLastError.argtypes = [c_void_p]
         lib.ncclGetLastError.restype = ctypes.c_char_p
-    for name in ("ncclCommInitRank", "ncclSend", "ncclRecv", "ncclCommDestroy", "ncclCommAbort",
-                 "ncclGetVersion", "ncclGetUniqueId", "ncclGroupStart", "ncclGroupEnd",
-                 "ncclCommGetAsyncError"):
+    for name in (
+        "ncclCommInitRank",
+        "ncclSend",
+        "ncclRecv",
+        "ncclCommDestroy",
+        "ncclCommAbort",
+        "ncclGetVersion",
+        "ncclGetUniqueId",
+        "ncclGroupStart",
+        "ncclGroupEnd",
+        "ncclCommGetAsyncError",
+    ):
         getattr(lib, name).restype = c_int
 
 
@@ -174,16 +186,18 @@ def group() -> Iterator[None]:
 class NcclComm:
     """One rank's NCCL communicator on one CUDA device."""
 
-    def __init__(self, unique_id: bytes, nranks: int, rank: int,
-                 device: torch.device | str | int) -> None:
+    def __init__(
+        self, unique_id: bytes, nranks: int, rank: int, device: torch.device | str | int
+    ) -> None:
         if len(unique_id) != UNIQUE_ID_BYTES:
             raise ValueError(f"unique_id must be {UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
         if not 0 <= rank < nranks:
             raise ValueError(f"rank {rank} is not in [0, {nranks})")
         self._lib = _load()
         self.nranks, self.rank = nranks, rank
-        self.device = torch.device("cuda", device) if isinstance(device, int) else \
-            torch.device(device)
+        self.device = (
+            torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        )
         if self.device.type != "cuda":
             raise ValueError(f"NcclComm needs a CUDA device, got {self.device}")
         uid = _UniqueId()
@@ -191,12 +205,16 @@ class NcclComm:
         comm = ctypes.c_void_p()
         torch.cuda.init()  # NCCL needs the device's primary context current
         with torch.cuda.device(self.device):
-            _check(self._lib, self._lib.ncclCommInitRank(ctypes.byref(comm), nranks, uid, rank),
-                   "ncclCommInitRank")
+            _check(
+                self._lib,
+                self._lib.ncclCommInitRank(ctypes.byref(comm), nranks, uid, rank),
+                "ncclCommInitRank",
+            )
         self._comm: int | None = comm.value
 
-    def _args(self, tensor: torch.Tensor, peer: int,
-              stream: torch.cuda.Stream | None) -> tuple[int, int, int]:
+    def _args(
+        self, tensor: torch.Tensor, peer: int, stream: torch.cuda.Stream | None
+    ) -> tuple[int, int, int]:
         if self._comm is None:
             raise NcclError("the communicator was destroyed")
         if tensor.device != self.device:
@@ -212,27 +230,40 @@ class NcclComm:
             tensor.record_stream(stream)
         return tensor.data_ptr(), tensor.numel() * tensor.element_size(), stream.cuda_stream
 
-    def send(self, tensor: torch.Tensor, peer: int,
-             stream: torch.cuda.Stream | None = None) -> None:
+    def send(
+        self, tensor: torch.Tensor, peer: int, stream: torch.cuda.Stream | None = None
+    ) -> None:
         """Enqueue sending tensor's bytes to peer on stream (default: the current stream)."""
         ptr, nbytes, s = self._args(tensor, peer, stream)
-        _check(self._lib, self._lib.ncclSend(ptr, nbytes, _NCCL_UINT8, peer, self._comm, s),
-               "ncclSend", self._comm)
+        _check(
+            self._lib,
+            self._lib.ncclSend(ptr, nbytes, _NCCL_UINT8, peer, self._comm, s),
+            "ncclSend",
+            self._comm,
+        )
 
-    def recv(self, tensor: torch.Tensor, peer: int,
-             stream: torch.cuda.Stream | None = None) -> None:
+    def recv(
+        self, tensor: torch.Tensor, peer: int, stream: torch.cuda.Stream | None = None
+    ) -> None:
         """Enqueue receiving tensor.nbytes bytes from peer into tensor on stream."""
         ptr, nbytes, s = self._args(tensor, peer, stream)
-        _check(self._lib, self._lib.ncclRecv(ptr, nbytes, _NCCL_UINT8, peer, self._comm, s),
-               "ncclRecv", self._comm)
+        _check(
+            self._lib,
+            self._lib.ncclRecv(ptr, nbytes, _NCCL_UINT8, peer, self._comm, s),
+            "ncclRecv",
+            self._comm,
+        )
 
     def async_error(self) -> str | None:
         """NCCL's asynchronous error of this communicator (peer died, network), or None."""
         if self._comm is None:
             return None
         err = ctypes.c_int()
-        _check(self._lib, self._lib.ncclCommGetAsyncError(self._comm, ctypes.byref(err)),
-               "ncclCommGetAsyncError")
+        _check(
+            self._lib,
+            self._lib.ncclCommGetAsyncError(self._comm, ctypes.byref(err)),
+            "ncclCommGetAsyncError",
+        )
         if err.value in (0, 7):  # ncclSuccess, ncclInProgress
             return None
         return self._lib.ncclGetErrorString(err.value).decode(errors="replace")
@@ -251,9 +282,12 @@ class NcclComm:
             err = self.async_error()
             if err is not None or time.monotonic() > deadline:
                 self.abort()
-                raise NcclError(f"NCCL operation failed: {err}" if err else
-                                f"NCCL operation did not finish within {timeout_s} s "
-                                f"(peer gone?); communicator aborted")
+                raise NcclError(
+                    f"NCCL operation failed: {err}"
+                    if err
+                    else f"NCCL operation did not finish within {timeout_s} s "
+                    f"(peer gone?); communicator aborted"
+                )
             time.sleep(pause)
             pause = min(1e-3, pause * 2 + 1e-5)
 

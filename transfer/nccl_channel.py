@@ -17,6 +17,7 @@ import threading
 import time
 
 import torch
+
 from zipserve.transfer.channel import (
     CLOSE_TAG,
     Buffer,
@@ -51,8 +52,9 @@ class NcclChannel(Channel):
         self._stop = threading.Event()
         self._thread = None
         if direction == "recv":
-            self._thread = threading.Thread(target=self._receive_loop, daemon=True,
-                                            name="nccl-recv")
+            self._thread = threading.Thread(
+                target=self._receive_loop, daemon=True, name="nccl-recv"
+            )
             self._thread.start()
 
     # -- sending ----------------------------------------------------------------------------
@@ -134,8 +136,9 @@ class NcclChannel(Channel):
                 raise TransferError(f"NCCL error with rank {self.peer}: {err}")
             if deadline is not None and time.monotonic() > deadline:
                 self.comm.abort()
-                raise TransferTimeout(f"NCCL transfer with rank {self.peer} did not finish "
-                                      f"within {timeout_s} s")
+                raise TransferTimeout(
+                    f"NCCL transfer with rank {self.peer} did not finish within {timeout_s} s"
+                )
             time.sleep(pause)
             pause = min(1e-3, pause * 2 + 1e-5)
         return True
@@ -146,8 +149,9 @@ class NcclChannel(Channel):
             return
         if self.direction == "send" and not self._broken:
             try:
-                self._send(torch.empty(0, dtype=torch.uint8), CLOSE_TAG,
-                           timeout_s=min(self.timeout_s, 5.0))
+                self._send(
+                    torch.empty(0, dtype=torch.uint8), CLOSE_TAG, timeout_s=min(self.timeout_s, 5.0)
+                )
             except TransferError:
                 pass  # the peer is gone: abort below
         self._closed = True
@@ -156,8 +160,9 @@ class NcclChannel(Channel):
             self._thread.join(timeout=5.0)
         self._mailbox.close("the channel was closed")
         try:
-            receiving = self._thread is not None and (self._thread.is_alive() or
-                                                      not self.stream.query())
+            receiving = self._thread is not None and (
+                self._thread.is_alive() or not self.stream.query()
+            )
             if receiving or self._broken:
                 self.comm.abort()  # a posted receive would never complete
             else:

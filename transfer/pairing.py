@@ -25,9 +25,17 @@ bytes. The one-GPU device path passed its GPU tests and a JCT run under load on 
 (2026-12-05); the two-GPU NCCL pair has not run on two GPUs yet (none lent)."""
 
 
-def connect_pair(info: dict, host: str, port: int, rank: int, pair_name: str,
-                 link_gbps: float | None = None, latency_ms: float = 0.0,
-                 timeout_s: float = 60.0, path: str | None = None) -> Channel:
+def connect_pair(
+    info: dict,
+    host: str,
+    port: int,
+    rank: int,
+    pair_name: str,
+    link_gbps: float | None = None,
+    latency_ms: float = 0.0,
+    timeout_s: float = 60.0,
+    path: str | None = None,
+) -> Channel:
     """Rank 0 (prefill, the KV sender) serves the rendezvous store at host:port, rank 1
     (decode) dials it. Raises transfer.channel.TransferError naming the first key on which the
     two sides differ. info["device"]: the worker's engine device; path: "auto" or a forced
@@ -37,15 +45,22 @@ def connect_pair(info: dict, host: str, port: int, rank: int, pair_name: str,
     expect = {k: info[k] for k in COMPAT_KEYS}
     device = info.get("device", "cpu")
     mine = endpoint_for(device, path)
-    control = ProcessGroupChannel.connect(host, port, rank, hello={**expect,
-                                                                   "endpoint": mine.to_dict()},
-                                          expect=expect, pair_name=pair_name,
-                                          timeout_s=timeout_s)
+    control = ProcessGroupChannel.connect(
+        host,
+        port,
+        rank,
+        hello={**expect, "endpoint": mine.to_dict()},
+        expect=expect,
+        pair_name=pair_name,
+        timeout_s=timeout_s,
+    )
     try:
-        chosen = choose_path(mine, Endpoint.from_dict(control.peer_hello.get("endpoint",
-                                                                            {"device": "cpu"})))
-        channel = open_transport(chosen, PairSetup(control, str(device), host, port, rank,
-                                                   pair_name, timeout_s))
+        chosen = choose_path(
+            mine, Endpoint.from_dict(control.peer_hello.get("endpoint", {"device": "cpu"}))
+        )
+        channel = open_transport(
+            chosen, PairSetup(control, str(device), host, port, rank, pair_name, timeout_s)
+        )
     except Exception:
         control.close()
         raise

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from zipserve.transfer.channel import (
     CLOSE_TAG,
     NO_CRC,
@@ -53,7 +54,6 @@ from zipserve.transfer.channel import (
     check_tag,
     crc32_of,
 )
-from zipserve.transfer.mailbox import Mailbox
 from zipserve.transfer.group_builder import (
     BackendUnavailable,
     GroupSpec,
@@ -61,17 +61,29 @@ from zipserve.transfer.group_builder import (
     loopback_gloo_hostname,
     rendezvous,
 )
+from zipserve.transfer.mailbox import Mailbox
 
 _PG_TAG_HEADER, _PG_TAG_PAYLOAD, _PG_TAG_ABORT = 17, 18, 19
 _FOREVER = timedelta(days=3650)
 
 
 class ProcessGroupChannel(Channel):
-    def __init__(self, store_addr: str, port: int, rank: int, backend: str = "gloo",
-                 timeout_s: float = 60.0, *, hello: dict[str, Any] | None = None,
-                 expect: dict[str, Any] | None = None, pair_name: str = "kv",
-                 device: torch.device | str | None = None, gloo_hostname: str | None = None,
-                 checksum: bool | None = None, store: Any = None) -> None:
+    def __init__(
+        self,
+        store_addr: str,
+        port: int,
+        rank: int,
+        backend: str = "gloo",
+        timeout_s: float = 60.0,
+        *,
+        hello: dict[str, Any] | None = None,
+        expect: dict[str, Any] | None = None,
+        pair_name: str = "kv",
+        device: torch.device | str | None = None,
+        gloo_hostname: str | None = None,
+        checksum: bool | None = None,
+        store: Any = None,
+    ) -> None:
         """Connect to the other rank (blocks until it connects or timeout_s passes).
 
         store_addr, port: the TCPStore that rank 0 serves and rank 1 dials. rank: 0 or 1.
@@ -92,8 +104,13 @@ class ProcessGroupChannel(Channel):
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         self.rank, self.peer, self.backend = rank, 1 - rank, backend
         self.timeout_s = timeout_s
-        self.device = torch.device("cpu") if backend == "gloo" else \
-            torch.device(device if device is not None else f"cuda:{torch.cuda.current_device()}")
+        self.device = (
+            torch.device("cpu")
+            if backend == "gloo"
+            else torch.device(
+                device if device is not None else f"cuda:{torch.cuda.current_device()}"
+            )
+        )
         self.checksum = (backend == "gloo") if checksum is None else checksum
         self.peer_hello: dict[str, Any] = {}
         self._send_lock, self._state_lock = threading.Lock(), threading.Lock()
@@ -110,8 +127,9 @@ class ProcessGroupChannel(Channel):
             if store is None:
                 store = rendezvous(store_addr, port, rank, 2, timeout)
         except Exception as e:  # torch raises several types here
-            raise TransferError(f"cannot reach the store at {store_addr}:{port} as rank {rank}:"
-                                f" {e}") from e
+            raise TransferError(
+                f"cannot reach the store at {store_addr}:{port} as rank {rank}: {e}"
+            ) from e
         self.rendezvous_store = store
         """The pair's store (rank 0 serves it); another group of this pair may form on it."""
         self.pair_store = dist.PrefixStore(f"zipserve/transfer/{pair_name}/", store)
@@ -123,7 +141,7 @@ class ProcessGroupChannel(Channel):
 
     @property
     def path(self) -> str:  # type: ignore[override]
-        """"host" over gloo, "nccl" over NCCL."""
+        """ "host" over gloo, "nccl" over NCCL."""
         return "host" if self.backend == "gloo" else "nccl"
 
     @property
@@ -131,8 +149,15 @@ class ProcessGroupChannel(Channel):
         return self.backend == "nccl"
 
     @classmethod
-    def connect(cls, store_addr: str, port: int, rank: int, hello: dict[str, Any],
-                expect: dict[str, Any] | None = None, **kwargs: Any) -> ProcessGroupChannel:
+    def connect(
+        cls,
+        store_addr: str,
+        port: int,
+        rank: int,
+        hello: dict[str, Any],
+        expect: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ProcessGroupChannel:
         """Connect and check compatibility: raises TransferError naming the first key of
         `expect` whose value the peer's hello does not have (on both sides)."""
         return cls(store_addr, port, rank, hello=hello, expect=expect, **kwargs)
@@ -169,11 +194,13 @@ class ProcessGroupChannel(Channel):
             self._send_frame(Header(payload.numel(), tag, crc), payload)
         self._count_sent(payload.numel())
 
-    def _send_frame(self, h: Header, payload: torch.Tensor | None,
-                    timeout_s: float | None = None) -> None:
+    def _send_frame(
+        self, h: Header, payload: torch.Tensor | None, timeout_s: float | None = None
+    ) -> None:
         try:
-            self._finish(self._pg.send([h.to_tensor().to(self.device)], self.peer,
-                                       _PG_TAG_HEADER), timeout_s)
+            self._finish(
+                self._pg.send([h.to_tensor().to(self.device)], self.peer, _PG_TAG_HEADER), timeout_s
+            )
             if h.length:
                 self._finish(self._pg.send([payload], self.peer, _PG_TAG_PAYLOAD), timeout_s)
         except TransferError:
@@ -204,8 +231,9 @@ class ProcessGroupChannel(Channel):
         return msg
 
     def _start_receiver(self) -> None:
-        self._thread = threading.Thread(target=self._receive_loop, daemon=True,
-                                        name=f"zipserve-recv-rank{self.rank}")
+        self._thread = threading.Thread(
+            target=self._receive_loop, daemon=True, name=f"zipserve-recv-rank{self.rank}"
+        )
         self._thread.start()
 
     def _receive_loop(self) -> None:
@@ -223,11 +251,14 @@ class ProcessGroupChannel(Channel):
                     return
                 payload = torch.empty(h.length, dtype=torch.uint8, device=self.device)
                 if h.length and not self._wait_recv(
-                        self._pg.recv([payload], self.peer, _PG_TAG_PAYLOAD), self.timeout_s):
+                    self._pg.recv([payload], self.peer, _PG_TAG_PAYLOAD), self.timeout_s
+                ):
                     return
                 if h.crc32 != NO_CRC and crc32_of(payload) != h.crc32:
-                    raise TransferChecksumError(f"checksum mismatch on a {h.length}-byte message with "
-                                        f"tag {h.tag}: corrupted in transit")
+                    raise TransferChecksumError(
+                        f"checksum mismatch on a {h.length}-byte message with "
+                        f"tag {h.tag}: corrupted in transit"
+                    )
                 self._mailbox.put(h.tag, payload)
         except Exception as e:
             if self._stop.is_set():
@@ -260,8 +291,10 @@ class ProcessGroupChannel(Channel):
                 if direction == "recv" and not self._closed:
                     self._start_receiver()
             elif self._direction != direction:
-                raise TransferError(f"this nccl endpoint only {self._direction}s; open a second "
-                                    f"pair for the other direction")
+                raise TransferError(
+                    f"this nccl endpoint only {self._direction}s; open a second "
+                    f"pair for the other direction"
+                )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -311,8 +344,10 @@ def _mismatch(peer_hello: dict[str, Any], expect: dict[str, Any], peer: int) -> 
     for key, want in expect.items():
         have = peer_hello.get(key, "<missing>")
         if have != want:
-            return (f"handshake mismatch on {key!r}: rank {peer} has {have!r}, this side "
-                    f"expects {want!r}")
+            return (
+                f"handshake mismatch on {key!r}: rank {peer} has {have!r}, this side "
+                f"expects {want!r}"
+            )
     return ""
 
 
@@ -333,19 +368,31 @@ def _drop_gloo_connection(pg: Any, peer: int) -> None:
     receive that times out closes the pair, and every pending operation on it fails."""
     try:
         pg.recv([torch.empty(1, dtype=torch.uint8)], peer, _PG_TAG_ABORT).wait(
-            timedelta(milliseconds=1))
+            timedelta(milliseconds=1)
+        )
     except Exception:  # the expected timeout
         pass
 
 
-def _build(store: Any, rank: int, backend: str, timeout: timedelta, store_addr: str,
-           gloo_hostname: str | None) -> Any:
+def _build(
+    store: Any,
+    rank: int,
+    backend: str,
+    timeout: timedelta,
+    store_addr: str,
+    gloo_hostname: str | None,
+) -> Any:
     """The pair's backend group (transfer/group_builder.py). nccl: an idle receiver keeps a
     receive posted and our own deadlines detect hangs, so NCCL's watchdog gets at least a day
     instead of tearing the process down while a channel is merely idle."""
     if backend == "gloo":
-        spec = GroupSpec("gloo", rank, 2, timeout,
-                         gloo_hostname=gloo_hostname or loopback_gloo_hostname(store_addr))
+        spec = GroupSpec(
+            "gloo",
+            rank,
+            2,
+            timeout,
+            gloo_hostname=gloo_hostname or loopback_gloo_hostname(store_addr),
+        )
     else:
         spec = GroupSpec("nccl", rank, 2, max(timeout, timedelta(days=1)))
     try:

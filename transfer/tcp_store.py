@@ -25,11 +25,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta,
-              wait_for_workers: bool = True) -> Any:
+def tcp_store(
+    host: str,
+    port: int,
+    world_size: int,
+    is_master: bool,
+    timeout: timedelta,
+    wait_for_workers: bool = True,
+) -> Any:
     if not (is_master and _is_loopback(host)):
-        return dist.TCPStore(host, port, world_size, is_master, timeout,
-                             wait_for_workers=wait_for_workers)
+        return dist.TCPStore(
+            host, port, world_size, is_master, timeout, wait_for_workers=wait_for_workers
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -41,8 +48,15 @@ def tcp_store(host: str, port: int, world_size: int, is_master: bool, timeout: t
         raise
     fd = sock.detach()  # the store's server owns the socket from here on
     try:
-        return dist.TCPStore(host, port, world_size, True, timeout,
-                             wait_for_workers=wait_for_workers, master_listen_fd=fd)
+        return dist.TCPStore(
+            host,
+            port,
+            world_size,
+            True,
+            timeout,
+            wait_for_workers=wait_for_workers,
+            master_listen_fd=fd,
+        )
     except Exception:
         os.close(fd)
         raise

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from zipserve.transfer.channel import Channel, TransferError
 from zipserve.transfer.process_group import ProcessGroupChannel
 from zipserve.transfer.select import (
@@ -81,10 +82,16 @@ def _open_cuda_ipc(setup: PairSetup) -> Channel:
 def _open_nccl_group(setup: PairSetup) -> Channel:
     """The KV group forms on the control group's store (its rendezvous)."""
     try:
-        data = ProcessGroupChannel(setup.host, setup.port, setup.rank, backend="nccl",
-                                   device=setup.cuda_device(), timeout_s=setup.timeout_s,
-                                   pair_name=f"{setup.pair_name}/nccl",
-                                   store=setup.control.rendezvous_store)
+        data = ProcessGroupChannel(
+            setup.host,
+            setup.port,
+            setup.rank,
+            backend="nccl",
+            device=setup.cuda_device(),
+            timeout_s=setup.timeout_s,
+            pair_name=f"{setup.pair_name}/nccl",
+            store=setup.control.rendezvous_store,
+        )
     except TransferError:
         raise
     except Exception as e:
@@ -104,22 +111,34 @@ def _open_nccl_ctypes(setup: PairSetup) -> Channel:
             store.set("nccl_uid", nccl.get_unique_id())
         comm = nccl.NcclComm(bytes(store.get("nccl_uid")), 2, setup.rank, setup.cuda_device())
     except Exception as e:
-        raise TransferError(f"cannot build the NCCL communicator of pair {setup.pair_name}: "
-                            f"{e}") from e
+        raise TransferError(
+            f"cannot build the NCCL communicator of pair {setup.pair_name}: {e}"
+        ) from e
     setup.control.close()
-    return NcclChannel(comm, 1 - setup.rank, "send" if setup.rank == 0 else "recv",
-                       setup.timeout_s)
+    return NcclChannel(comm, 1 - setup.rank, "send" if setup.rank == 0 else "recv", setup.timeout_s)
 
 
-TRANSPORTS: dict[str, Transport] = {t.path: t for t in (
-    Transport("host", "nothing", lambda a, b: True, _open_host, priority=0),
-    Transport("cuda_ipc", "two processes on the same GPU",
-              lambda a, b: same_gpu(a, b) and not same_process(a, b), _open_cuda_ipc,
-              priority=2),
-    Transport("nccl", "NCCL on two different GPUs", nccl_between, _open_nccl_group, priority=1),
-    Transport("nccl_ctypes", "NCCL on two different GPUs", nccl_between, _open_nccl_ctypes,
-              priority=None),
-)}
+TRANSPORTS: dict[str, Transport] = {
+    t.path: t
+    for t in (
+        Transport("host", "nothing", lambda a, b: True, _open_host, priority=0),
+        Transport(
+            "cuda_ipc",
+            "two processes on the same GPU",
+            lambda a, b: same_gpu(a, b) and not same_process(a, b),
+            _open_cuda_ipc,
+            priority=2,
+        ),
+        Transport("nccl", "NCCL on two different GPUs", nccl_between, _open_nccl_group, priority=1),
+        Transport(
+            "nccl_ctypes",
+            "NCCL on two different GPUs",
+            nccl_between,
+            _open_nccl_ctypes,
+            priority=None,
+        ),
+    )
+}
 
 PATHS = ("auto", *TRANSPORTS)
 """What a side may ask for."""
@@ -135,8 +154,9 @@ def endpoint_for(device: torch.device | str, request: str = "auto") -> Endpoint:
 def choose_path(a: Endpoint, b: Endpoint) -> str:
     """The path both sides take (a key of TRANSPORTS); symmetric in a and b."""
     if a.request != b.request and "auto" not in (a.request, b.request):
-        raise TransferError(f"the two sides ask for different transfer paths: {a.request!r} "
-                            f"and {b.request!r}")
+        raise TransferError(
+            f"the two sides ask for different transfer paths: {a.request!r} and {b.request!r}"
+        )
     asked = a.request if a.request != "auto" else b.request
     if asked != "auto":
         transport = TRANSPORTS[asked]

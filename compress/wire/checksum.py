@@ -46,14 +46,16 @@ def checksum_reference(data: bytes | bytearray | memoryview | torch.Tensor) -> i
     return (a % MOD) * 2**31 + b % MOD
 
 
-def combine_rows(a_rows: torch.Tensor, b_rows: torch.Tensor,
-                 first_word: int) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_rows(
+    a_rows: torch.Tensor, b_rows: torch.Tensor, first_word: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """a_rows, b_rows: int64 [R], per row of CHUNK words (row r starts at word
     first_word + r * CHUNK): sum w mod M and sum (j + 1) w mod M with j the index in the row.
     Returns (A, B) over all rows, mod M, as 0-dim int64 tensors."""
     # the row starting at word s adds s * a_row to B: (s mod M) * a_row < 2**62
-    starts = (first_word + CHUNK * torch.arange(a_rows.shape[0], device=a_rows.device,
-                                                dtype=torch.int64)) % MOD  # [R]
+    starts = (
+        first_word + CHUNK * torch.arange(a_rows.shape[0], device=a_rows.device, dtype=torch.int64)
+    ) % MOD  # [R]
     b_rows = (b_rows + (starts * a_rows) % MOD) % MOD
     return a_rows.sum() % MOD, b_rows.sum() % MOD  # sums of < 2**31 values: no overflow
 
@@ -105,17 +107,17 @@ def checksum_torch(buf: torch.Tensor) -> torch.Tensor:
     a = torch.zeros((), dtype=torch.int64, device=flat.device)
     b = torch.zeros((), dtype=torch.int64, device=flat.device)
     full_rows = n // (4 * CHUNK)
-    body = flat[:full_rows * 4 * CHUNK]
+    body = flat[: full_rows * 4 * CHUNK]
     if full_rows and body.data_ptr() % 4:
         body = body.clone()  # int32 view needs 4-byte alignment
     rows = body.view(torch.int32).view(full_rows, CHUNK) if full_rows else None
     for r0 in range(0, full_rows, SLAB_ROWS):
-        pa, pb = _row_sums(rows[r0:r0 + SLAB_ROWS], r0 * CHUNK)
+        pa, pb = _row_sums(rows[r0 : r0 + SLAB_ROWS], r0 * CHUNK)
         a, b = (a + pa) % MOD, (b + pb) % MOD
-    rest = flat[full_rows * 4 * CHUNK:]
+    rest = flat[full_rows * 4 * CHUNK :]
     if rest.numel():  # the last partial row, zero-padded to CHUNK words
         pad = torch.zeros(4 * CHUNK, dtype=torch.uint8, device=flat.device)
-        pad[:rest.numel()] = rest
+        pad[: rest.numel()] = rest
         pa, pb = _row_sums(pad.view(torch.int32).view(1, CHUNK), full_rows * CHUNK)
         a, b = (a + pa) % MOD, (b + pb) % MOD
     return a * 2**31 + b

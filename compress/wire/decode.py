@@ -10,8 +10,12 @@ from zipserve.compress.wire.slice import SliceMessage, slice_from_bytes
 
 Message = WirePages | LayerKV | DeviceHeader | SliceMessage
 
-_DECODERS = {PAGES: unpack_pages, LAYER: LayerKV.from_bytes, DEVICE_HEADER: decode_device_header,
-             SLICE: slice_from_bytes}
+_DECODERS = {
+    PAGES: unpack_pages,
+    LAYER: LayerKV.from_bytes,
+    DEVICE_HEADER: decode_device_header,
+    SLICE: slice_from_bytes,
+}
 
 
 def decode(data: bytes | bytearray | memoryview) -> Message:

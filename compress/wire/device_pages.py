@@ -43,15 +43,22 @@ class DeviceWire:
         """Fill header['checksum'] (waits for the checksum's reduction, not for the whole
         stream) and return the header."""
         if self.header.get("checksum") is None:
-            pending = self._pending if self._pending is not None else \
-                PendingChecksum(device_checksum(self.payload))
+            pending = (
+                self._pending
+                if self._pending is not None
+                else PendingChecksum(device_checksum(self.payload))
+            )
             self.header["checksum"] = pending.value()
             self._pending = None
         return self.header
 
 
-def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor,
-                extras: dict[str, torch.Tensor] | None = None) -> DeviceWire:
+def pack_device(
+    codec: str,
+    store: dict[str, torch.Tensor],
+    page_ids: torch.Tensor,
+    extras: dict[str, torch.Tensor] | None = None,
+) -> DeviceWire:
     """Gather pages page_ids of a codec store (and extra tensors) into one flat device buffer.
     Queues the checksum reduction right behind the gather (no synchronization)."""
     extras = extras or {}
@@ -66,13 +73,27 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
     fields, extra_fields, offset = [], [], 0
     for name, t in store.items():
         nbytes = n * math.prod(t.shape[1:]) * t.element_size()
-        fields.append({"name": name, "dtype": dtype_name(t.dtype),
-                       "page_shape": list(t.shape[1:]), "offset": offset, "nbytes": nbytes})
+        fields.append(
+            {
+                "name": name,
+                "dtype": dtype_name(t.dtype),
+                "page_shape": list(t.shape[1:]),
+                "offset": offset,
+                "nbytes": nbytes,
+            }
+        )
         offset = _align(offset + nbytes)
     for name, t in extras.items():
         nbytes = t.numel() * t.element_size()
-        extra_fields.append({"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                             "offset": offset, "nbytes": nbytes})
+        extra_fields.append(
+            {
+                "name": name,
+                "dtype": dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "offset": offset,
+                "nbytes": nbytes,
+            }
+        )
         offset = _align(offset + nbytes)
     # [nbytes]; alignment pads stay uninitialized: the checksum covers the bytes as sent
     payload = torch.empty(offset, dtype=torch.uint8, device=device)
@@ -80,21 +101,29 @@ def pack_device(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tens
         if f["nbytes"]:
             # gather as bytes: works for every dtype (fp8 included) and copies nothing twice
             src = t.reshape(t.shape[0], -1).view(torch.uint8)  # [P, page bytes]
-            out = payload[f["offset"]:f["offset"] + f["nbytes"]].view(n, -1)  # [n, page bytes]
+            out = payload[f["offset"] : f["offset"] + f["nbytes"]].view(n, -1)  # [n, page bytes]
             torch.index_select(src, 0, ids, out=out)
     for f, t in zip(extra_fields, extras.values(), strict=True):
         if f["nbytes"]:
-            dst = payload[f["offset"]:f["offset"] + f["nbytes"]]
+            dst = payload[f["offset"] : f["offset"] + f["nbytes"]]
             dst.copy_(t.to(device).contiguous().reshape(-1).view(torch.uint8))
-    header = {"codec": codec, "layout_version": LAYOUT_VERSION, "num_pages": n,
-              "fields": fields, "extras": extra_fields, "nbytes": offset,
-              "checksum_algorithm": ALGORITHM, "checksum": None}
+    header = {
+        "codec": codec,
+        "layout_version": LAYOUT_VERSION,
+        "num_pages": n,
+        "fields": fields,
+        "extras": extra_fields,
+        "nbytes": offset,
+        "checksum_algorithm": ALGORITHM,
+        "checksum": None,
+    }
     return DeviceWire(header, payload, PendingChecksum(device_checksum(payload)))
 
 
-def _view(payload: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype,
-          shape: list[int]) -> torch.Tensor:
-    return payload[offset:offset + nbytes].view(dtype).view(shape)
+def _view(
+    payload: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]
+) -> torch.Tensor:
+    return payload[offset : offset + nbytes].view(dtype).view(shape)
 
 
 def verify_checksum(header: dict, payload: torch.Tensor) -> None:
@@ -104,17 +133,21 @@ def verify_checksum(header: dict, payload: torch.Tensor) -> None:
         raise FormatError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
     got = PendingChecksum(device_checksum(payload)).value()
     if got != header["checksum"]:
-        raise ChecksumError("checksum mismatch: the pages were corrupted in transit "
-                            f"({got:#x} != {header['checksum']:#x})")
+        raise ChecksumError(
+            "checksum mismatch: the pages were corrupted in transit "
+            f"({got:#x} != {header['checksum']:#x})"
+        )
 
 
-def unpack_device(header: dict, payload: torch.Tensor,
-                  verify: bool = True) -> tuple[WirePages, dict[str, torch.Tensor]]:
+def unpack_device(
+    header: dict, payload: torch.Tensor, verify: bool = True
+) -> tuple[WirePages, dict[str, torch.Tensor]]:
     """Views of a device buffer as pages + extras; raises FormatError on a bad layout version,
     size or dtype, ChecksumError on a bad checksum (verified on the payload's device)."""
     if header.get("layout_version") != LAYOUT_VERSION:
-        raise FormatError(f"layout version {header.get('layout_version')!r}, this side reads "
-                        f"{LAYOUT_VERSION}")
+        raise FormatError(
+            f"layout version {header.get('layout_version')!r}, this side reads {LAYOUT_VERSION}"
+        )
     if payload.dtype != torch.uint8 or payload.dim() != 1:
         raise FormatError("device payload must be a flat uint8 tensor")
     if payload.numel() != header.get("nbytes"):
@@ -130,9 +163,11 @@ def unpack_device(header: dict, payload: torch.Tensor,
             if f["offset"] + f["nbytes"] > payload.numel() or f["offset"] % ALIGN:
                 raise FormatError(f"{f['name']}: bytes {f['offset']}+{f['nbytes']} out of range")
             shape = shape_of(f)
-            out[f["name"]] = (_view(payload, f["offset"], f["nbytes"], dtype, shape)
-                              if f["nbytes"] else torch.empty(shape, dtype=dtype,
-                                                              device=payload.device))
+            out[f["name"]] = (
+                _view(payload, f["offset"], f["nbytes"], dtype, shape)
+                if f["nbytes"]
+                else torch.empty(shape, dtype=dtype, device=payload.device)
+            )
         return out
 
     pages = views(header["fields"], lambda f: [n, *f["page_shape"]])

@@ -30,13 +30,27 @@ PAGES = b"ZIPKV\x00\x01\x00"  # name + layout version 1
 LAYER = b"ZKVL\x01"
 DEVICE_HEADER = b"ZKVD\x01"
 SLICE = b"ZKVS\x01"
-FORMATS = {PAGES: "KV page buffer", LAYER: "LayerKV message", DEVICE_HEADER: "device LayerKV header",
-           SLICE: "KV slice buffer"}
+FORMATS = {
+    PAGES: "KV page buffer",
+    LAYER: "LayerKV message",
+    DEVICE_HEADER: "device LayerKV header",
+    SLICE: "KV slice buffer",
+}
 """magic -> what a message of that format is called in errors."""
 
-DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16,
-    torch.float32, torch.float8_e4m3fn)}
+DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float8_e4m3fn,
+    )
+}
 """The tensor dtypes a message may carry, by the name its header gives."""
 
 
@@ -57,7 +71,7 @@ def frame(magic: bytes, header: dict, *body: bytes) -> bytes:
 def format_of(data: bytes | bytearray | memoryview) -> bytes | None:
     """The magic `data` starts with, None when it starts with none of them."""
     mv = memoryview(data)
-    return next((m for m in FORMATS if bytes(mv[:len(m)]) == m), None)
+    return next((m for m in FORMATS if bytes(mv[: len(m)]) == m), None)
 
 
 def unframe(data: bytes | bytearray | memoryview, magic: bytes) -> Frame:
@@ -66,17 +80,17 @@ def unframe(data: bytes | bytearray | memoryview, magic: bytes) -> Frame:
     mv, n = memoryview(data), len(magic)
     if len(mv) < n + 4 or bytes(mv[:n]) != magic:
         raise FormatError(f"not a zipserve {FORMATS[magic]} (bad magic or version)")
-    (hlen,) = struct.unpack("<I", mv[n:n + 4])
+    (hlen,) = struct.unpack("<I", mv[n : n + 4])
     start = n + 4
     if len(mv) < start + hlen:
         raise FormatError(f"{FORMATS[magic]} truncated in its header")
     try:
-        header = json.loads(bytes(mv[start:start + hlen]))
+        header = json.loads(bytes(mv[start : start + hlen]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"corrupt header: {e}") from e
     if not isinstance(header, dict):
         raise FormatError(f"corrupt header: {FORMATS[magic]} header is not an object")
-    return Frame(magic, header, mv[start + hlen:])
+    return Frame(magic, header, mv[start + hlen :])
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -37,9 +37,13 @@ from zipserve.compress.wire.framing import (
 def body_fields(pages: bytes, tail: dict[str, torch.Tensor]) -> tuple[dict, list[bytes]]:
     """Header fields and body parts of a pages buffer followed by raw tail tensors."""
     tail = {name: t.contiguous().cpu() for name, t in tail.items()}
-    fields = {"pages_nbytes": len(pages),
-              "tail": [{"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
-                       for n, t in tail.items()]}
+    fields = {
+        "pages_nbytes": len(pages),
+        "tail": [
+            {"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+            for n, t in tail.items()
+        ],
+    }
     return fields, [pages] + [raw_bytes(t) for t in tail.values()]
 
 
@@ -56,7 +60,7 @@ def read_body(header: dict, body: memoryview, what: str) -> tuple[bytes, dict[st
             n = nbytes_of(dtype, f["shape"])
             if len(body) < pos + n:
                 raise FormatError(f"{what} truncated in tail tensor {f['name']}")
-            tail[f["name"]] = tensor_from(body[pos:pos + n], dtype, f["shape"])
+            tail[f["name"]] = tensor_from(body[pos : pos + n], dtype, f["shape"])
             pos += n
     except (KeyError, TypeError, RuntimeError) as e:
         raise FormatError(f"unreadable {what}: {type(e).__name__}: {e}") from e
@@ -81,8 +85,16 @@ class LayerKV:
     def to_bytes(self) -> bytes:
         """One ZKVL message (no pickle): header, then the pages buffer and raw tail tensors."""
         fields, body = body_fields(self.pages, self.tail)
-        return frame(LAYER, {"layer": self.layer, "num_tokens": self.num_tokens,
-                             "request_id": self.request_id, **fields}, *body)
+        return frame(
+            LAYER,
+            {
+                "layer": self.layer,
+                "num_tokens": self.num_tokens,
+                "request_id": self.request_id,
+                **fields,
+            },
+            *body,
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> LayerKV:
@@ -179,17 +191,25 @@ class DeviceLayerKV:
     def header_bytes(self) -> bytes:
         """The ZKVD message (synchronizes once for the checksum)."""
         self.wait_ready()
-        return frame(DEVICE_HEADER, {"layer": self.layer, "num_tokens": self.num_tokens,
-                                     "request_id": self.request_id,
-                                     "wire": self.wire.finalize()})
+        return frame(
+            DEVICE_HEADER,
+            {
+                "layer": self.layer,
+                "num_tokens": self.num_tokens,
+                "request_id": self.request_id,
+                "wire": self.wire.finalize(),
+            },
+        )
 
     @classmethod
-    def from_header(cls, data: bytes, payload: torch.Tensor,
-                    release: Callable[[], None] | None = None) -> DeviceLayerKV:
+    def from_header(
+        cls, data: bytes, payload: torch.Tensor, release: Callable[[], None] | None = None
+    ) -> DeviceLayerKV:
         """Parse header_bytes output around a received payload; FormatError on anything else."""
         h = decode_device_header(data)
-        return cls(h.layer, h.num_tokens, DeviceWire(h.wire, payload), h.request_id,
-                   release=release)
+        return cls(
+            h.layer, h.num_tokens, DeviceWire(h.wire, payload), h.request_id, release=release
+        )
 
     def wait_ready(self) -> None:
         """Make the current stream wait for the gather that filled the payload."""

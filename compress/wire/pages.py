@@ -37,21 +37,38 @@ class WirePages:
     meta: dict
 
 
-def pack_pages(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor,
-               meta: dict | None = None) -> bytes:
+def pack_pages(
+    codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor, meta: dict | None = None
+) -> bytes:
     """Gather pages page_ids of a codec store into one buffer."""
     parts, fields, offset = [], [], 0
     for name, t in store.items():
         sel = t[page_ids.to(t.device)]  # [n, ...]
         raw = raw_bytes(sel)
-        fields.append({"name": name, "dtype": dtype_name(sel.dtype),
-                       "page_shape": list(sel.shape[1:]), "offset": offset, "nbytes": len(raw)})
+        fields.append(
+            {
+                "name": name,
+                "dtype": dtype_name(sel.dtype),
+                "page_shape": list(sel.shape[1:]),
+                "offset": offset,
+                "nbytes": len(raw),
+            }
+        )
         parts.append(raw)
         offset += len(raw)
     payload = b"".join(parts)
-    return frame(PAGES, {"codec": codec, "layout_version": LAYOUT_VERSION,
-                         "num_pages": int(page_ids.numel()), "fields": fields,
-                         "crc32": host_checksum(payload), "meta": meta or {}}, payload)
+    return frame(
+        PAGES,
+        {
+            "codec": codec,
+            "layout_version": LAYOUT_VERSION,
+            "num_pages": int(page_ids.numel()),
+            "fields": fields,
+            "crc32": host_checksum(payload),
+            "meta": meta or {},
+        },
+        payload,
+    )
 
 
 def unpack_pages(buf: bytes | bytearray | memoryview) -> WirePages:
@@ -65,8 +82,9 @@ def unpack_pages(buf: bytes | bytearray | memoryview) -> WirePages:
     except (KeyError, TypeError) as e:
         raise FormatError(f"corrupt header: missing {e}") from e
     if header.get("layout_version") != LAYOUT_VERSION:
-        raise FormatError(f"layout version {header.get('layout_version')!r}, this side reads "
-                          f"{LAYOUT_VERSION}")
+        raise FormatError(
+            f"layout version {header.get('layout_version')!r}, this side reads {LAYOUT_VERSION}"
+        )
     if len(payload) != expect:
         raise FormatError(f"payload is {len(payload)} bytes, header says {expect}")
     if host_checksum(payload) != header.get("crc32"):
@@ -74,30 +92,33 @@ def unpack_pages(buf: bytes | bytearray | memoryview) -> WirePages:
     tensors = {}
     for x in fields:
         dtype = dtype_of(x["dtype"], x["name"])
-        raw = payload[x["offset"]:x["offset"] + x["nbytes"]]
+        raw = payload[x["offset"] : x["offset"] + x["nbytes"]]
         tensors[x["name"]] = tensor_from(raw, dtype, [n, *x["page_shape"]])
     return WirePages(header["codec"], n, tensors, header.get("meta", {}))
 
 
-def check_layout(pages: WirePages, codec: str, store: dict[str, torch.Tensor],
-                 note: str = "") -> None:
+def check_layout(
+    pages: WirePages, codec: str, store: dict[str, torch.Tensor], note: str = ""
+) -> None:
     """LayoutError unless `pages` are `codec`'s and carry the fields, dtypes and per-page shapes
     of `store` (a store of that codec; only its fields' dtypes and shapes past the first dim
     count). `note` is appended to a codec mismatch's message."""
     if pages.codec != codec:
         raise LayoutError(f"pages are {pages.codec!r}, this pool holds {codec!r}{note}")
     if set(pages.tensors) != set(store):
-        raise LayoutError(f"fields {sorted(pages.tensors)} do not match the pool's "
-                          f"{sorted(store)}")
+        raise LayoutError(f"fields {sorted(pages.tensors)} do not match the pool's {sorted(store)}")
     for name, t in store.items():
         src = pages.tensors[name]
         if src.dtype != t.dtype or tuple(src.shape[1:]) != tuple(t.shape[1:]):
-            raise LayoutError(f"{name}: {src.dtype} {tuple(src.shape[1:])} per page, pool has "
-                              f"{t.dtype} {tuple(t.shape[1:])}")
+            raise LayoutError(
+                f"{name}: {src.dtype} {tuple(src.shape[1:])} per page, pool has "
+                f"{t.dtype} {tuple(t.shape[1:])}"
+            )
 
 
-def adopt_pages(codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor,
-                pages: WirePages) -> None:
+def adopt_pages(
+    codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor, pages: WirePages
+) -> None:
     """Write received pages into pool pages page_ids of a store of the same codec and layout."""
     check_layout(pages, codec, store)
     if pages.num_pages != page_ids.numel():

@@ -49,10 +49,21 @@ class SliceMessage:
 def slice_to_bytes(s: SliceKV, request_id: str, n_ranks: int) -> bytes:
     """One ZKVS message (no pickle)."""
     fields, body = body_fields(s.pages, s.tail)
-    return frame(SLICE, {"layer": s.layer, "rank": s.rank, "start": s.start,
-                         "num_tokens": s.num_tokens, "total_tokens": s.total_tokens,
-                         "codec": s.codec, "request_id": request_id, "n_ranks": n_ranks,
-                         **fields}, *body)
+    return frame(
+        SLICE,
+        {
+            "layer": s.layer,
+            "rank": s.rank,
+            "start": s.start,
+            "num_tokens": s.num_tokens,
+            "total_tokens": s.total_tokens,
+            "codec": s.codec,
+            "request_id": request_id,
+            "n_ranks": n_ranks,
+            **fields,
+        },
+        *body,
+    )
 
 
 def slice_from_bytes(data: bytes | bytearray | memoryview) -> SliceMessage:
@@ -61,8 +72,16 @@ def slice_from_bytes(data: bytes | bytearray | memoryview) -> SliceMessage:
     pages, tail = read_body(f.header, f.body, "KV slice buffer")
     h = f.header
     try:
-        kv = SliceKV(h["layer"], h["rank"], h["start"], h["num_tokens"], h["total_tokens"],
-                     h["codec"], pages, tail)
+        kv = SliceKV(
+            h["layer"],
+            h["rank"],
+            h["start"],
+            h["num_tokens"],
+            h["total_tokens"],
+            h["codec"],
+            pages,
+            tail,
+        )
         return SliceMessage(kv, h["request_id"], h["n_ranks"])
     except KeyError as e:
         raise FormatError(f"unreadable KV slice buffer: missing {e}") from e
