@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from zipserve.bench.engine_bench import decode_seqs
+from zipserve.bench.engine_bench import decode_seqs, decode_step
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.llm_engine import LLMEngine
 
@@ -78,18 +78,6 @@ def _engine(model: str, device: str, codec: str, mode: str, batch: int, context:
     )
 
 
-def _step_fn(engine: LLMEngine, seqs, context: int):
-    params, gens = [s.params for s in seqs], [None] * len(seqs)
-
-    def step():
-        for s in seqs:
-            s.num_cached = context
-        logits = engine.runner.decode(seqs)
-        engine.sampler.sample(logits, params, gens).token_ids.tolist()
-
-    return step
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -102,7 +90,7 @@ def profile_lane(
     codec, mode = parse_lane(lane)
     engine = _engine(model, device, codec, mode, batch, context)
     seqs = decode_seqs(engine, batch, context)
-    step = _step_fn(engine, seqs, context)
+    step = decode_step(engine, seqs, context)
     dev = engine.device
     try:
         for _ in range(3):

@@ -74,10 +74,10 @@ def decode_seqs(engine: LLMEngine, batch: int, context: int) -> list[Sequence]:
     return seqs
 
 
-def bench_decode(engine: LLMEngine, batch: int, context: int, iters: int) -> dict:
-    seqs = decode_seqs(engine, batch, context)
-    params = [s.params for s in seqs]
-    gens = [None] * batch
+def decode_step(engine: LLMEngine, seqs: list[Sequence], context: int):
+    """One decode step of `seqs` (from decode_seqs) plus sampling, repeatable: each call resets
+    the sequences to `context` cached tokens first."""
+    params, gens = [s.params for s in seqs], [None] * len(seqs)
 
     def step():
         for s in seqs:
@@ -85,6 +85,12 @@ def bench_decode(engine: LLMEngine, batch: int, context: int, iters: int) -> dic
         logits = engine.runner.decode(seqs)
         engine.sampler.sample(logits, params, gens).token_ids.tolist()
 
+    return step
+
+
+def bench_decode(engine: LLMEngine, batch: int, context: int, iters: int) -> dict:
+    seqs = decode_seqs(engine, batch, context)
+    step = decode_step(engine, seqs, context)
     try:
         step_s = _time(step, iters)
     finally:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zipserve.bench.jct_goals import goals, highest_sustained
+from zipserve.bench.jct_goals import _rate, _s, goals, highest_sustained
 from zipserve.bench.jct_plots import (
     _links,
     _ok,
@@ -30,16 +30,8 @@ BEGIN, END = "<!-- jct-results:begin -->", "<!-- jct-results:end -->"
 PNGS = ("jct_vs_rate.png", "jct_cdf.png", "jct_phases.png", "jct_quality.png")
 
 
-def _s(ms) -> str:
-    return f"{ms / 1e3:.2f}" if _ok(ms) else "—"
-
-
 def _ms(ms) -> str:
     return f"{ms:.0f}" if _ok(ms) else "—"
-
-
-def _rate(r) -> str:
-    return r if isinstance(r, str) else f"{r:g}"
 
 
 def headline(summary: list[dict]) -> list[str]:

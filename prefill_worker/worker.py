@@ -77,7 +77,7 @@ class _ChannelSender:
     layer failed is skipped; the failure is the prompt's, not the channel's."""
 
     def __init__(self, name: str) -> None:
-        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
         self._thread.start()
 
@@ -85,12 +85,9 @@ class _ChannelSender:
         """Queue one layer (None: the prompt's last layer was queued before this)."""
         self._queue.put((channel, kv, sends))
 
-    def close(self) -> None:
-        self._queue.put(None)
-
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            channel, kv, sends = item
+        while True:
+            channel, kv, sends = self._queue.get()
             if kv is None:
                 sends.end = time.time()
                 sends.done.set()
