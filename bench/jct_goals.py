@@ -53,10 +53,14 @@ def busy_while_transferring(rows: list[dict]) -> float | None:
 
 
 def highest_sustained(summary: list[dict], codec: str, link) -> float | str | None:
+    """The highest rate `codec` sustained at `link`: a lane ("hack2/dense") exactly, a bare codec
+    ("hack2") in any of its lanes (compressed or dense decode)."""
     good = [
         s["rate"]
         for s in summary
-        if lane(s) == codec and s["link_gbps"] == link and s["sustained"] is True
+        if codec in (lane(s), base_codec(lane(s)))
+        and s["link_gbps"] == link
+        and s["sustained"] is True
     ]
     return max(good, key=_rate_x) if good else None
 

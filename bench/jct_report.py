@@ -34,6 +34,20 @@ def _ms(ms) -> str:
     return f"{ms:.0f}" if _ok(ms) else "—"
 
 
+def ttft_coverage(s: dict, rows: list[dict]) -> tuple[int, int]:
+    """(requests of run `s` with a measured TTFT, requests that completed). Without request rows
+    the summary is taken at its word."""
+    mine = [
+        r
+        for r in rows
+        if lane(r) == lane(s) and r["link_gbps"] == s["link_gbps"] and r["rate"] == s["rate"]
+    ]
+    ok = [r for r in mine if r.get("status") == "ok"]
+    if not ok:
+        return int(s["ok"]), int(s["ok"])
+    return sum(1 for r in ok if _ok(r.get("ttft_ms"))), len(ok)
+
+
 def headline(summary: list[dict]) -> list[str]:
     """Highest sustained rate and mean JCT at bf16's highest sustained rate, per codec x link."""
     links = _links(summary)
@@ -115,19 +129,32 @@ def section(results: Path, page_dir: Path) -> list[str]:
             "| sustained | queue | prefill | transfer | decode_queue | decode | client HTTP |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        partial_ttft = []
         for s in (s for s in summary if s["link_gbps"] == g):
             http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
             busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
+            timed, ok = ttft_coverage(s, rows)
+            ttft = (_s(s["ttft_mean_ms"]), _s(s["ttft_p99_ms"]))
+            if timed < ok:
+                partial_ttft.append(f"{lane(s)} at {_rate(s['rate'])}/s: {timed}/{ok}")
+                ttft = ("—", "—")
             out.append(
                 f"| {lane(s)} | {_rate(s['rate'])} | {int(s['ok'])}/{int(s['sent'])} | "
-                f"{_s(s['jct_mean_ms'])} | {_s(s['jct_p99_ms'])} | {_s(s['ttft_mean_ms'])} "
-                f"| {_s(s['ttft_p99_ms'])} | {busy} | "
+                f"{_s(s['jct_mean_ms'])} | {_s(s['jct_p99_ms'])} | {ttft[0]} "
+                f"| {ttft[1]} | {busy} | "
                 f"{'yes' if s['sustained'] is True else '**no**'} | "
                 f"{_ms(s['queue_mean_ms'])} | {_ms(s['prefill_mean_ms'])} | "
                 f"{_ms(s['transfer_mean_ms'])} | {_ms(s['decode_queue_mean_ms'])} | "
                 f"{_ms(s['decode_mean_ms'])} | {_ms(http)} |"
             )
         out.append("")
+        if partial_ttft:
+            out += [
+                "TTFT not shown where the client timed the first token of only some requests "
+                "(a client before the fix counted only chunks with text, and a server without "
+                "a tokenizer streams token ids with empty text): " + "; ".join(partial_ttft) + ".",
+                "",
+            ]
     ppl = quality_by_codec(cfg.get("quality_csvs") or [])
     codecs = list(dict.fromkeys(lane(s) for s in summary))
     out += ["### Perplexity cost", ""]
