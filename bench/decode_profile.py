@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import time
 from pathlib import Path
 
 import torch
 
-from zipserve.bench.engine_bench import decode_seqs, decode_step
+from zipserve.bench.engine_bench import decode_seqs, decode_step, parse_lane
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.llm_engine import LLMEngine
 
@@ -55,12 +56,6 @@ def kind_of(name: str) -> str:
         if any(k in low for k in keys):
             return kind
     return "other"
-
-
-def parse_lane(text: str) -> tuple[str, str]:
-    """'hack2' -> (hack2, compressed); 'hack2/dense' -> (hack2, dense)."""
-    codec, _, mode = text.partition("/")
-    return codec, mode or "compressed"
 
 
 def _engine(model: str, device: str, codec: str, mode: str, batch: int, context: int) -> LLMEngine:
@@ -129,7 +124,8 @@ def profile_lane(
             )
         )
     rows.sort(key=lambda r: -r["us_per_step"])
-    del engine
+    del engine, seqs, step  # the step closure holds the engine: drop every reference, so the
+    gc.collect()  # next lane's pool is sized on free memory, not on this lane's leftovers
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return step_ms, rows

@@ -12,6 +12,7 @@ device in the same run are printed beside them.
 from __future__ import annotations
 
 import csv
+import gc
 import time
 from pathlib import Path
 
@@ -88,6 +89,27 @@ def decode_step(engine: LLMEngine, seqs: list[Sequence], context: int):
     return step
 
 
+def parse_lane(text: str) -> tuple[str, str]:
+    """'hack2' -> (hack2, compressed): attention on the codes; 'hack2/dense' -> (hack2, dense):
+    the codec's values in the bf16 pool, the bf16 kernel."""
+    codec, _, mode = text.partition("/")
+    return codec, mode or "compressed"
+
+
+def kv_bytes_per_token(engine: LLMEngine, context: int) -> float:
+    """Bytes of KV one decode step reads per token of a sequence of `context` tokens: the
+    codec's pages (and 16-bit tail) on codes, the pool's 16-bit values when decoded dense."""
+    cfg = engine.config
+    if engine.codec.dense_pages or engine.decode_kv == "dense":
+        return cfg.kv_bytes_per_token(engine.dtype.itemsize)
+    return engine.codec.bytes_per_token(cfg.num_kv_layers, context)
+
+
+def max_batch(engine: LLMEngine, context: int) -> int:
+    """Sequences of `context` tokens (+1 decoded) whose pages fit this engine's pool."""
+    return engine.pool.capacity // pages_for(context + 1, engine.engine_config.page_size)
+
+
 def bench_decode(engine: LLMEngine, batch: int, context: int, iters: int) -> dict:
     seqs = decode_seqs(engine, batch, context)
     step = decode_step(engine, seqs, context)
@@ -105,7 +127,7 @@ def bench_decode(engine: LLMEngine, batch: int, context: int, iters: int) -> dic
         )
         + batch * cfg.hidden_size * 2
     )
-    kv_bytes = batch * (context + 1) * cfg.kv_bytes_per_token(engine.cache.storage.element_size())
+    kv_bytes = batch * (context + 1) * kv_bytes_per_token(engine, context + 1)
     return dict(
         batch=batch,
         context=context,
@@ -164,72 +186,112 @@ def run(
     out_dir: Path,
     iters: int = 20,
     prefill_len: int = 8192,
+    lanes: list[str] | None = None,
 ) -> None:
+    """Per lane (codec, or codec/dense): one engine with CUDA graphs for `batches`, every
+    (context, batch) that fits its pool timed, the largest batch its pool holds per context, and
+    one prefill. Lanes after the first are also given as ratios to the first."""
     if not torch.cuda.is_available():
         raise SystemExit("bench engine needs a CUDA GPU (run it on the lent device)")
+    lanes = lanes or ["bf16"]
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     copy_bps, mm_flops = measure_device_rates(device)
     max_len = max(contexts) + 64
-    t0 = time.perf_counter()
-    engine = LLMEngine(
-        model,
-        device="cuda",
-        max_model_len=max(max_len, prefill_len + 64),
-        engine_config=EngineConfig(
-            max_num_seqs=max(batches),
-            graph_batch_sizes=tuple(sorted(batches)),
-            max_prefill_tokens=prefill_len,
-        ),
-    )
-    print(
-        f"engine ready in {time.perf_counter() - t0:.1f} s: {engine.pool.capacity} pages "
-        f"of {engine.engine_config.page_size} tokens"
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for ctx in contexts:
-        for b in batches:
-            rows.append(bench_decode(engine, b, ctx, iters))
-            print(_fmt_decode(rows[-1]), flush=True)
-    pre = bench_prefill(engine, prefill_len, 1, 5)
+    rows, prefills = [], []
+    for lane in lanes:
+        codec, mode = parse_lane(lane)
+        t0 = time.perf_counter()
+        engine = LLMEngine(
+            model,
+            device="cuda",
+            max_model_len=max(max_len, prefill_len + 64),
+            engine_config=EngineConfig(
+                codec=codec,
+                decode_kv=mode,
+                max_num_seqs=max(batches),
+                graph_batch_sizes=tuple(sorted(batches)),
+                max_prefill_tokens=prefill_len,
+            ),
+        )
+        print(
+            f"{lane}: engine ready in {time.perf_counter() - t0:.1f} s: {engine.pool.capacity} "
+            f"pages of {engine.engine_config.page_size} tokens",
+            flush=True,
+        )
+        for ctx in contexts:
+            fits = max_batch(engine, ctx)
+            for b in batches:
+                if b > fits:
+                    rows.append(dict(lane=lane, batch=b, context=ctx, max_batch=fits))
+                    print(f"{lane} decode B={b:>3} ctx={ctx:>6}: does not fit ({fits} do)")
+                    continue
+                rows.append(dict(lane=lane, **bench_decode(engine, b, ctx, iters), max_batch=fits))
+                print(f"{lane} {_fmt_decode(rows[-1])}", flush=True)
+        prefills.append(dict(lane=lane, **bench_prefill(engine, prefill_len, 1, 5)))
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
 
     print(
         f"\ndevice: {name}; measured here: copy {copy_bps / 1e12:.2f} TB/s, "
         f"bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s"
     )
     print(
-        f"model: {model}; dtype {engine.dtype}; roofline reference {REF_COPY_BPS / 1e12:.1f} "
-        f"TB/s and {REF_MATMUL_FLOPS / 1e12:.0f} TFLOP/s (H100, docs/gpu.md)\n"
+        f"model: {model}; roofline reference {REF_COPY_BPS / 1e12:.1f} TB/s and "
+        f"{REF_MATMUL_FLOPS / 1e12:.0f} TFLOP/s (H100, docs/gpu.md)\n"
     )
-    print(
-        "| batch | context | step ms | tokens/s | weights GB | KV GB | TB/s | roofline % "
-        "(3.0 TB/s) | % of measured copy |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for line in decode_table(rows, lanes, copy_bps):
+        print(line)
+    for pre in prefills:
         print(
-            f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['weight_gb']:.1f} | {r['kv_gb']:.1f} | {r['achieved_tbps']:.2f} | "
-            f"{100 * r['roofline_frac']:.0f}% | "
-            f"{100 * r['achieved_tbps'] * 1e12 / copy_bps:.0f}% |"
+            f"{pre['lane']} prefill {pre['prompt_len']} tokens: {pre['ms']:.1f} ms, "
+            f"{pre['tokens_per_s']:.0f} tokens/s, {pre['tflops']:.0f} TFLOP/s = "
+            f"{100 * pre['matmul_frac']:.0f}% of 685 TFLOP/s, "
+            f"{100 * pre['tflops'] * 1e12 / mm_flops:.0f}% of measured"
         )
-    print(
-        f"\nprefill {pre['prompt_len']} tokens: {pre['ms']:.1f} ms, "
-        f"{pre['tokens_per_s']:.0f} tokens/s, {pre['tflops']:.0f} TFLOP/s = "
-        f"{100 * pre['matmul_frac']:.0f}% of 685 TFLOP/s, "
-        f"{100 * pre['tflops'] * 1e12 / mm_flops:.0f}% of measured"
-    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out_dir / "engine_decode.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["device", "copy_tbps_measured"])
+        w = csv.DictWriter(f, fieldnames=keys + ["device", "copy_tbps_measured"])
         w.writeheader()
         for r in rows:
             w.writerow(dict(r, device=name, copy_tbps_measured=copy_bps / 1e12))
     with open(out_dir / "engine_prefill.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(pre) + ["device", "matmul_tflops_measured"])
+        w = csv.DictWriter(f, fieldnames=list(prefills[0]) + ["device", "matmul_tflops_measured"])
         w.writeheader()
-        w.writerow(dict(pre, device=name, matmul_tflops_measured=mm_flops / 1e12))
-    _plot(rows, out_dir / "engine_decode.png", name)
+        for pre in prefills:
+            w.writerow(dict(pre, device=name, matmul_tflops_measured=mm_flops / 1e12))
+    timed = [r for r in rows if "step_ms" in r]
+    if timed:
+        _plot(timed, out_dir / "engine_decode.png", name)
+
+
+def decode_table(rows: list[dict], lanes: list[str], copy_bps: float) -> list[str]:
+    """Markdown: one row per (lane, context, batch); tokens/s beside the first lane's at the
+    same cell; "does not fit" where the lane's pool cannot hold the batch."""
+    ref = {(r["context"], r["batch"]): r for r in rows if r["lane"] == lanes[0] and "step_ms" in r}
+    out = [
+        f"| lane | batch | context | step ms | tokens/s | vs {lanes[0]} | KV GB | TB/s | "
+        "roofline % (3.0 TB/s) | % of measured copy | max batch in pool |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "step_ms" not in r:
+            out.append(
+                f"| {r['lane']} | {r['batch']} | {r['context']} | does not fit | | | | | | | "
+                f"{r['max_batch']} |"
+            )
+            continue
+        base = ref.get((r["context"], r["batch"]))
+        vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "—"
+        out.append(
+            f"| {r['lane']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {vs} | {r['kv_gb']:.1f} | {r['achieved_tbps']:.2f} | "
+            f"{100 * r['roofline_frac']:.0f}% | "
+            f"{100 * r['achieved_tbps'] * 1e12 / copy_bps:.0f}% | {r['max_batch']} |"
+        )
+    return out
 
 
 def _fmt_decode(r: dict) -> str:
@@ -240,24 +302,25 @@ def _fmt_decode(r: dict) -> str:
 
 
 def _plot(rows: list[dict], path: Path, device: str) -> None:
+    """Decode tokens/s against batch, one line per (lane, context)."""
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for ctx in sorted({r["context"] for r in rows}):
-        sel = [r for r in rows if r["context"] == ctx]
-        ax.plot(
-            [r["batch"] for r in sel],
-            [100 * r["roofline_frac"] for r in sel],
-            "o-",
-            label=f"context {ctx}",
-        )
-    ax.axhline(70, color="gray", ls="--", label="goal 70%")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lane in dict.fromkeys(r["lane"] for r in rows):
+        for ctx in sorted({r["context"] for r in rows if r["lane"] == lane}):
+            sel = [r for r in rows if r["context"] == ctx and r["lane"] == lane]
+            ax.plot(
+                [r["batch"] for r in sel],
+                [r["tokens_per_s"] for r in sel],
+                "o-",
+                label=f"{lane}, context {ctx}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("% of memory roofline (3.0 TB/s)")
-    ax.set_title(f"zipserve decode step, {device}")
-    ax.legend()
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"zipserve decode step (CUDA graphs), {device}")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

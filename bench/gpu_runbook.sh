@@ -13,6 +13,8 @@
 #                              10/none, rates 1/2/3, 16 requests per run                   ~8 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 16x8k and 8x32k     ~8 min
+#   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
+#                              hack2/dense), CUDA graphs, batches 8-64 x 8k/32k           ~8 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
 #                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
 #   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
@@ -27,7 +29,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | jct-a | jct-b | jct-c | multi | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | jct-a | jct-b | jct-c | multi | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -125,6 +127,14 @@ profile)
         --lanes bf16,hack2,hack2/dense,hack4 --batch 16 --context 8192 --out "$WORK/profile_16x8k"
     step 270 profile_8x32k python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,hack4 --batch 8 --context 32768 --out "$WORK/profile_8x32k"
+    ;;
+engine15)
+    # Issue 15's decode-step table: tokens/s per lane (bf16, HACK on codes, HACK decoded dense)
+    # with CUDA graphs, batches 8-64 at 8k and 32k where the pool holds them, the largest batch
+    # each pool holds.
+    step 560 engine15 python3 -m zipserve bench engine --model random:llama3-8b \
+        --codecs bf16,hack2,hack4,hack2/dense --batches 8,16,32,64 --contexts 8192,32768 \
+        --out "$WORK/engine15"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 10,none ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,hack2mix,lowrank+hack2 10,none ;;

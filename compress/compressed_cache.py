@@ -74,6 +74,11 @@ class CompressedKVCache:
             return self._prefill(layer, q, k, v, batch, scale)
         return self._decode(layer, q, k, v, batch, scale)
 
+    def decode_splits(self, batch: int, max_len: int, num_sms: int) -> int:
+        """The codec kernel's own heuristic (HACK: exactly one wave of resident programs, where
+        the bf16 kernel's "two per SM, rounded up" starts a second, mostly empty wave)."""
+        return self.codec.num_splits(batch, max_len, num_sms)
+
     def attend_past(self, layer: int, q, batch, scale: float) -> torch.Tensor:
         """Decode, read only: attend to positions before the current token (LCKV)."""
         return condensed_attend_past(self, layer, q, batch, scale)

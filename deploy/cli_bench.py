@@ -102,6 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.out),
             iters=args.iters,
             prefill_len=args.prefill_len,
+            lanes=[c for c in (args.codecs or "bf16").split(",") if c],
         )
         return 0
     if args.what == "kernels":
@@ -245,7 +246,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--codecs",
         default=None,
         help=f"default: {ALL_CODECS}; jct --sweep: {JCT_CODECS}; jct --url: the "
-        f"deployment's (a codec given there is sent per request)",
+        f"deployment's (a codec given there is sent per request); engine: lanes, bf16 unless "
+        f"given (hack2 = attention on codes, hack2/dense = decoded into the bf16 pool)",
     )
     b.add_argument("--text-dir", default=None)
     b.add_argument("--gen-tokens", type=int, default=256)

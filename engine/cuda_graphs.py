@@ -19,12 +19,6 @@ from zipserve.engine.model import ForwardBatch, LlamaModel
 from zipserve.engine.paged_cache import PagedKVCache
 
 
-def decode_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
-    """Sequence splits of the decode attention so that about two programs run per SM."""
-    programs = batch_size * num_kv_heads
-    return int(min(32, max(1, -(-2 * num_sms // programs))))
-
-
 class DecodeGraphs:
     def __init__(
         self,

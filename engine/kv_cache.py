@@ -24,6 +24,7 @@ from zipserve.engine.paged_cache import LayerPages
 from zipserve.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
+    paged_decode_splits,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +89,10 @@ class KVCache:
             scale,
             num_splits=batch.num_splits,
         )
+
+    def decode_splits(self, batch: int, max_len: int, num_sms: int) -> int:
+        """The paged bf16 kernel's (whatever codec's values the pages hold)."""
+        return paged_decode_splits(batch, self.storage.shape[3], num_sms)
 
     def attend_past(self, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
         """Decode, read only: q [B, H, D] attends to the cached KV of each sequence's positions

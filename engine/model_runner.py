@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from zipserve.engine.config import EngineConfig, ModelConfig
-from zipserve.engine.cuda_graphs import DecodeGraphs, decode_splits
+from zipserve.engine.cuda_graphs import DecodeGraphs
 from zipserve.engine.model import ForwardBatch, LlamaModel
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.paged_cache import PagedKVCache
@@ -28,6 +28,7 @@ class ModelRunner:
         self.model, self.cache, self.config = model, cache, config
         self.page_size = engine_config.page_size
         self.device = device
+        self.max_model_len = max_model_len
         self.max_pages_per_seq = pages_for(max_model_len, self.page_size)
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count
@@ -45,7 +46,7 @@ class ModelRunner:
     def _splits_for(self, batch_size: int) -> int:
         if self.fixed_splits:
             return self.fixed_splits
-        return decode_splits(batch_size, self.config.num_kv_heads, self.num_sms)
+        return self.cache.decode_splits(batch_size, self.max_model_len, self.num_sms)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.as_tensor(values, dtype=dtype).to(self.device, non_blocking=True)

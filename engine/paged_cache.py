@@ -60,6 +60,10 @@ class PagedKVCache(Protocol):
     ) -> torch.Tensor:
         """Store the batch's new K/V, then attend. q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
 
+    def decode_splits(self, batch: int, max_len: int, num_sms: int) -> int:
+        """Flash-decoding splits of the decode kernel this cache runs, for a batch of sequences
+        up to max_len tokens (fixed per batch size: decode graphs capture it)."""
+
     def attend_past(self, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
         """Decode, read only: q [B, H, D] over each sequence's positions before its current token
         (an LCKV condensed layer)."""

@@ -313,6 +313,13 @@ def _launch_config(head_dim: int, page_size: int, dtype: torch.dtype):
     return block_n, chunk, num_warps, num_stages
 
 
+def paged_decode_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Splits of the paged bf16 kernel for a batch, fixed for every length (decode graphs are
+    captured per batch size): about two programs per SM."""
+    programs = max(1, batch * num_kv_heads)
+    return int(min(32, max(1, -(-2 * num_sms // programs))))
+
+
 def choose_num_splits(
     batch: int,
     num_kv_heads: int,

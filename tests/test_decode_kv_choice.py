@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zipserve.engine.decode_kv import (
     MEASURED_SPEED_VS_SDPA,
@@ -76,3 +77,30 @@ def test_codec_modes():
     assert len(skipped) == 2 and "lowrank dense" in skipped[1]
     with pytest.raises(ValueError, match="decode_kv"):
         codec_modes(["hack2", "lowrank"], ["dense"])
+
+
+@pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi2"])
+def test_decode_splits_come_from_the_kernel_that_runs(codec):
+    """Decode graphs take the split count of the kernel the cache runs: the paged bf16 kernel's
+    "about two programs per SM" for dense pages (bf16, or a codec decoded dense), the codec's own
+    heuristic on codes (HACK: one wave of its two resident programs per SM, not a second wave)."""
+    from zipserve.compress.codecs import make_codec
+    from zipserve.engine.config import RANDOM_MODELS
+    from zipserve.engine.kv_memory import build_cache
+    from zipserve.kernels.hack_decode_attention import hack_num_splits
+    from zipserve.kernels.paged_decode_attention import paged_decode_splits
+
+    cfg = RANDOM_MODELS["tiny"]
+    c = make_codec(codec, cfg.num_kv_heads, 64, cfg.head_dim, dtype=torch.float32)
+    for mode in ("dense", "compressed"):
+        if mode == "compressed" and c.dense_pages:
+            continue
+        cache = build_cache(c, mode, cfg, 8, 64, 4, torch.float32, "cpu")
+        got = [cache.decode_splits(b, 32768, 132) for b in (1, 8, 33)]
+        if mode == "dense":
+            want = [paged_decode_splits(b, cfg.num_kv_heads, 132) for b in (1, 8, 33)]
+        else:
+            want = [c.num_splits(b, 32768, 132) for b in (1, 8, 33)]
+        assert got == want, (codec, mode)
+    if codec == "hack2":  # Llama-3-8B heads at 8 x 32k on 132 SMs: 4 splits (256 programs)
+        assert hack_num_splits(8, 8, 32768, 132) == 4 and paged_decode_splits(8, 8, 132) == 5
