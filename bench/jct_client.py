@@ -5,9 +5,9 @@ as token ids, `max_tokens = min_tokens = output tokens` and `ignore_eos`, so it 
 the workload's output length. The client records, on its own clock (`time.time()`, the same
 clock the router stamps jobs with when both run on one host):
 
-- send: just before the request goes out; TTFT: first chunk with text or token ids (a server
-  without a tokenizer streams ids and empty text); time between tokens: gaps between such chunks (the server may put several tokens in one chunk, so this is per
-  chunk); JCT: `data: [DONE]` received - send.
+- send: just before the request goes out; TTFT: the first token's chunk (the server sends one
+  per token, with empty text while a character is incomplete or without a tokenizer); time
+  between tokens: gaps between token chunks; JCT: `data: [DONE]` received - send.
 - afterwards, the job's phases from GET /v1/jobs/{id} (queue, prefill, transfer, decode_queue,
   decode, on the server's clocks), and what the phases do not cover: `http_in_ms` (send ->
   router arrival stamp) and `tail_ms` (end of the last phase -> [DONE] at the client).
@@ -169,7 +169,7 @@ async def _one(
             if chunk.get("usage"):
                 res.completion_tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices") or []:
-                if c.get("text") or c.get("token_ids"):  # no tokenizer: ids, empty text
+                if "text" in c and c.get("finish_reason") is None:  # one per token, text or not
                     res._token_times.append(now)
                 if c.get("finish_reason"):
                     res.finish_reason = c["finish_reason"]

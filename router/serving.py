@@ -156,8 +156,9 @@ async def _sse_body(
             return  # client gone: SSEResponse closes the run, which aborts the job
         if isinstance(ev, FinishEvent):
             break
-        if ev.text or per_token:  # logprobs / token ids: one chunk per token, text or not
-            yield sse_event(fmt.delta_chunk(ev.text, [ev] if per_token else ()))
+        # One chunk per token, text or not (a token that ends inside a UTF-8 character, or a
+        # server without a tokenizer, has none yet): clients time every token, not every text.
+        yield sse_event(fmt.delta_chunk(ev.text, [ev] if per_token else ()))
     if ev.reason == "error":
         yield sse_event(
             ErrorResponse(error=backend_error(ev.error, client_error=ev.client_error).detail())

@@ -618,3 +618,16 @@ def test_job_record_state_machine():
         Job(id="j", prompt_ids=[1], max_tokens=0)
     with pytest.raises(ValueError, match="name"):
         PhaseEvent("warmup", 0.0)  # type: ignore[arg-type]
+
+
+async def test_stream_sends_a_chunk_per_token_even_without_text(client):
+    """A token whose text is held back (here: it may start the stop string) still gets its own
+    chunk, so a client times every token: 4 tokens, 4 token chunks, then the final chunk."""
+    r = await client.post(
+        "/v1/completions",
+        json={"prompt": "x", "stream": True, "max_tokens": 4, "stop": " t1 t9"},
+    )
+    chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]
+    tokens = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"] is None]
+    assert [t["text"] for t in tokens] == [" t0", "", " t1 t2", " t3"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " t0 t1 t2 t3"
