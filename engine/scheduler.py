@@ -118,7 +118,7 @@ class Scheduler:
                 self.running.append(seq)
         while self.waiting and self.free_slots and self._num_admitted() < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.prefix_cache.match(seq) if self.prefix_cache else []
+            hit = self.prefix_cache.match(seq) if self.prefix_cache is not None else []
             start = len(hit) * self.page_size
             n = self._chunk(seq.num_tokens - start)
             if batch and tokens + n > self.max_prefill_tokens:
@@ -130,12 +130,12 @@ class Scheduler:
                 pages_for(seq.num_tokens + 1, self.page_size) - len(hit), seq.seq_id
             )
             if pages is None:
-                self.pool.free(hit, seq.seq_id)
+                self.pool.free(hit[::-1], seq.seq_id)
                 break
             self.waiting.popleft()
             seq.pages, seq.status = hit + pages, SeqStatus.RUNNING
             seq.slot = self.free_slots.pop()
-            if self.prefix_cache:
+            if self.prefix_cache is not None:
                 self.prefix_cache.admitted(seq, hit)  # num_cached = start
             batch.append(seq)
             ends.append(start + n)
@@ -184,7 +184,7 @@ class Scheduler:
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def _release(self, seq: Sequence) -> None:
-        if self.prefix_cache and seq.status is SeqStatus.RUNNING:
+        if self.prefix_cache is not None and seq.status is SeqStatus.RUNNING:
             self.prefix_cache.release(seq)
         # Last page first: of a released chain the cache evicts the deepest pages first.
         self.pool.free(seq.pages[::-1], seq.seq_id)
