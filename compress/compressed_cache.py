@@ -4,7 +4,9 @@ Full pages live in the codec's store, indexed by the same page ids the PagePool 
 Each running sequence also owns a slot: its open page (the last, partly filled one, 16-bit) and
 its sinks (first n_sink tokens, 16-bit, for codecs that keep them). When a decode step fills the
 open page it is encoded into the sequence's page once and never touched again. Prefill chunks
-must start on a page boundary (a whole prompt, or page-sized chunks when scoring).
+must start on a page boundary (a whole prompt, chunks of max_prefill_chunk, page-sized chunks when
+scoring, or the suffix after a cached prefix: engine/prefix_cache.py, which carries the sinks of
+a cached first page through `prefix_state` / `restore_prefix_state`).
 Codecs whose values live in a reduced space (lowrank) keep the open page and sinks in their
 `to_dense` form, and a filled open page is sealed with `seal`. One of the three `PagedKVCache`s
 (engine/paged_cache.py).
@@ -86,6 +88,17 @@ class CompressedKVCache:
     def past_kv(self, layer: int, slot: int, past_pages: list[int]):
         """[N, KVH, D] K/V of the full pages before a prefill chunk (LCKV chunked scoring)."""
         return past_kv(self, layer, slot, past_pages)
+
+    def prefix_state(self, slot: int) -> torch.Tensor | None:
+        """The slot's sinks [layers, 2, KVH, n_sink, D] (16-bit, the first n_sink tokens: a
+        function of the first page's tokens alone), copied; None for codecs without sinks."""
+        if not self.n_sink:
+            return None
+        return self.sinks[:, :, slot, :, : self.n_sink].clone()
+
+    def restore_prefix_state(self, slot: int, state: torch.Tensor) -> None:
+        """Sinks saved by prefix_state into `slot` (a sequence reusing that first page)."""
+        self.sinks[:, :, slot, :, : self.n_sink] = state
 
     def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
         """The encoded full pages and the 16-bit tail as [KVH, t, D] views: the open page's r

@@ -26,7 +26,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for prompt, out in zip(args.prompt, outs):
         print(f"--- prompt: {prompt!r}")
         print(f"{prompt}{out.text}")
-        print(f"--- {len(out.token_ids)} tokens, finish_reason={out.finish_reason}")
+        print(
+            f"--- {len(out.token_ids)} tokens, finish_reason={out.finish_reason}, "
+            f"{out.cached_tokens} prompt tokens from the prefix cache"
+        )
     n = sum(len(o.token_ids) for o in outs)
     print(
         f"{n} tokens in {dt:.2f} s on {llm.engine.device} ({n / dt:.1f} tokens/s); "

@@ -453,6 +453,12 @@ class EngineConfig:
     """What the engine keeps of a codec's KV: "compressed" (the codec's pages and kernel),
     "dense" (16-bit pages holding the codec's dequantized values, bf16 kernel; received layers
     are dequantized on import) or "auto" (engine/decode_kv.py: choose_decode_kv)."""
+    prefix_caching: bool = True
+    """Reuse the KV pages of prompts' common prefixes (engine/prefix_cache.py): full pages keyed by
+    their tokens and all before them, shared and reference-counted, evicted least recently used
+    when free pages run out; a request prefills only its uncached suffix. Exact for bf16; with a
+    lossy codec the suffix attends to the prefix as the codec holds it (as a chunked prefill
+    does). LCKV models run without it."""
     skip_tokenizer: bool = False
     """Run without a tokenizer (as vLLM's skip_tokenizer_init): prompts are token ids, outputs are
     token ids with empty text; text prompts, chat and stop strings are refused naming the field
@@ -475,6 +481,8 @@ class EngineConfig:
             raise ConfigError("lowrank_bases: must be a directory path (str)")
         if not isinstance(self.lowrank_fold, bool):
             raise ConfigError("lowrank_fold: must be a bool")
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(f"prefix_caching: must be a bool, got {self.prefix_caching!r}")
         if not isinstance(self.skip_tokenizer, bool):
             raise ConfigError(f"skip_tokenizer: must be a bool, got {self.skip_tokenizer!r}")
         from zipserve.engine.decode_kv import check_decode_kv

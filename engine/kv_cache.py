@@ -120,6 +120,13 @@ class KVCache:
             v_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
         )
 
+    def prefix_state(self, slot: int) -> None:
+        """Nothing outside the pages: a codec's 16-bit sinks (dense mode) live in page 0."""
+        return None
+
+    def restore_prefix_state(self, slot: int, state: object) -> None:
+        raise RuntimeError(f"{type(self).__name__} keeps no prefix state outside its pages")
+
     def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
         """The full pages of the first num_tokens tokens, and the valid tokens of a partly filled
         last page as open_k/open_v [KVH, r, D] (none when num_tokens is whole pages): a 10-token

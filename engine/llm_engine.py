@@ -21,6 +21,7 @@ from zipserve.engine.kv_memory import build_cache, bytes_per_page
 from zipserve.engine.loading import build_model, model_config_for, resolve_dtype
 from zipserve.engine.model_runner import ModelRunner
 from zipserve.engine.page_pool import PagePool, pages_for
+from zipserve.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from zipserve.engine.sampler import Sampler
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.scheduler import Scheduler
@@ -42,6 +43,9 @@ class RequestOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (OpenAI's
+    usage.prompt_tokens_details.cached_tokens)."""
 
 
 class LLMEngine:
@@ -95,8 +99,27 @@ class LLMEngine:
             self.device,
         )
         self.pool = PagePool(num_pages)
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_caching_reason = "off: prefix_caching=False"
+        """Why prefix caching is on or off for this engine."""
+        if ec.prefix_caching and self.config.lckv is not None:
+            self.prefix_caching_reason = (
+                "off: an LCKV model encodes a prompt in passes over all of it, so a cached "
+                "prefix would change how the rest is encoded"
+            )
+        elif ec.prefix_caching:
+            exact = not self.cache.scores_by_page
+            self.prefix_cache = PrefixCache(self.pool, ec.page_size, self.cache, exact)
+            self.prefix_caching_reason = (
+                "on: exact pages" if exact else "on: the suffix attends to the codec's prefix"
+            )
         self.scheduler = Scheduler(
-            self.pool, ec.page_size, ec.max_num_seqs, ec.max_prefill_tokens, ec.max_prefill_chunk
+            self.pool,
+            ec.page_size,
+            ec.max_num_seqs,
+            ec.max_prefill_tokens,
+            ec.max_prefill_chunk,
+            self.prefix_cache,
         )
         self.runner = ModelRunner(
             self.model, self.cache, self.config, ec, self.max_model_len, self.device
@@ -248,6 +271,9 @@ class LLMEngine:
         seqs = batch.seqs
         if batch.is_prefill:
             logits = self.runner.prefill(seqs, ends=batch.chunk_ends)
+            if self.prefix_cache is not None:  # their pages are written: reusable from now on
+                for seq in seqs:
+                    self.prefix_cache.register(seq)
             done = [i for i in range(len(seqs)) if batch.completes(i)]
             if len(done) < len(seqs):  # sequences mid-prompt sample nothing yet
                 seqs, logits = [seqs[i] for i in done], logits[done]
@@ -313,7 +339,12 @@ class LLMEngine:
                 "first_token": seq.first_token_time or 0.0,
                 "preemptions": seq.num_preemptions,
             },
+            cached_tokens=seq.cached_tokens,
         )
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Lookups, hit tokens, evictions, pages cached (None when prefix caching is off)."""
+        return self.prefix_cache.stats if self.prefix_cache is not None else None
 
     def release(self, request_id: str) -> None:
         """Forget a finished request (its pages were freed when it finished)."""

@@ -74,6 +74,15 @@ class PagedKVCache(Protocol):
         """K/V [N, KVH, D] of a sequence's full pages before a prefill chunk, as decode reads them
         (LCKV page-by-page scoring; caches that score by page)."""
 
+    def prefix_state(self, slot: int) -> object | None:
+        """What a sequence in `slot` keeps outside its pages that depends only on its first page
+        (a compressed codec's 16-bit sinks), copied, for the prefix cache to carry with that
+        page (engine/prefix_cache.py); None when the pages hold everything."""
+
+    def restore_prefix_state(self, slot: int, state: object) -> None:
+        """Write a `prefix_state` into `slot`: a sequence reusing that first page starts with
+        what it would have computed itself."""
+
     def export_pages(self, layer: int, seq: Sequence, num_tokens: int) -> LayerPages:
         """The first num_tokens tokens of seq in layer `layer`, for the wire. ValueError when this
         cache cannot send what it holds (dense mode: values, not codes)."""

@@ -8,7 +8,10 @@ step needs a page that is not free, the most recently admitted running sequence 
 pages go back to the pool and it waits to be recomputed. A sequence whose KV is written from
 outside (a decode worker importing a prefill worker's layers) is `reserve`d: RESERVED, holding
 pages and a slot, until `admit` makes it RUNNING. Every path that ends a sequence frees its pages
-here, so the pool is whole whenever nothing runs.
+here, so the pool is whole whenever nothing runs. With a prefix cache (engine/prefix_cache.py) a
+waiting sequence is admitted holding references on its longest cached prefix of full pages and
+prefills only the rest (a chunked prefill starting after them); released pages the cache maps stay
+reusable in the pool until evicted.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from zipserve.engine.page_pool import PagePool, pages_for
+from zipserve.engine.prefix_cache import PrefixCache
 from zipserve.engine.sequence import SeqStatus, Sequence
 
 
@@ -42,8 +46,10 @@ class Scheduler:
         max_num_seqs: int,
         max_prefill_tokens: int,
         max_prefill_chunk: int = 0,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.pool, self.page_size = pool, page_size
+        self.prefix_cache = prefix_cache
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.max_prefill_chunk = max_prefill_chunk
         self.waiting: deque[Sequence] = deque()
@@ -112,20 +118,29 @@ class Scheduler:
                 self.running.append(seq)
         while self.waiting and self.free_slots and self._num_admitted() < self.max_num_seqs:
             seq = self.waiting[0]
-            n = self._chunk(seq.num_tokens)
+            hit = self.prefix_cache.match(seq) if self.prefix_cache is not None else []
+            start = len(hit) * self.page_size
+            n = self._chunk(seq.num_tokens - start)
             if batch and tokens + n > self.max_prefill_tokens:
                 break
-            # Pages for the whole prompt plus the first generated token's slot.
-            pages = self.pool.allocate(pages_for(seq.num_tokens + 1, self.page_size), seq.seq_id)
+            # References on the cached pages first (so allocating cannot evict them), then pages
+            # for the rest of the prompt plus the first generated token's slot.
+            self.pool.share(hit, seq.seq_id)
+            pages = self.pool.allocate(
+                pages_for(seq.num_tokens + 1, self.page_size) - len(hit), seq.seq_id
+            )
             if pages is None:
+                self.pool.free(hit[::-1], seq.seq_id)
                 break
             self.waiting.popleft()
-            seq.pages, seq.status = pages, SeqStatus.RUNNING
+            seq.pages, seq.status = hit + pages, SeqStatus.RUNNING
             seq.slot = self.free_slots.pop()
+            if self.prefix_cache is not None:
+                self.prefix_cache.admitted(seq, hit)  # num_cached = start
             batch.append(seq)
-            ends.append(n)
+            ends.append(start + n)
             tokens += n
-            (self.running if n == seq.num_tokens else self.prefilling).append(seq)
+            (self.running if start + n == seq.num_tokens else self.prefilling).append(seq)
         return batch, ends
 
     def _schedule_decode(self) -> list[Sequence]:
@@ -169,7 +184,10 @@ class Scheduler:
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.pages, seq.seq_id)
+        if self.prefix_cache is not None and seq.status is SeqStatus.RUNNING:
+            self.prefix_cache.release(seq)
+        # Last page first: of a released chain the cache evicts the deepest pages first.
+        self.pool.free(seq.pages[::-1], seq.seq_id)
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)
         seq.pages, seq.num_cached, seq.slot = [], 0, -1

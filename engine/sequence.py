@@ -34,6 +34,11 @@ class Sequence:
     """Open-page slot of a running sequence (compressed caches), -1 when it holds none."""
     num_cached: int = 0
     """Tokens whose K/V are in this sequence's pages."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache at admission (engine/prefix_cache.py)
+    instead of being computed; the first admission's count (not redone after a preemption)."""
+    page_hashes: list[bytes] = field(default_factory=list)
+    """Chained hashes of this sequence's full pages computed so far (engine/prefix_cache.py)."""
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     """'stop' (EOS, stop token or stop string), 'length' (max_tokens or context), 'abort'."""

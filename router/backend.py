@@ -137,6 +137,9 @@ class FinishEvent:
     """Prompt tokens the backend processed; None: the router uses len(job.prompt_ids)."""
     completion_tokens: int | None = None
     """Tokens generated; None: the router counts the token events."""
+    cached_tokens: int | None = None
+    """Prompt tokens whose KV the backend reused from its prefix cache instead of computing
+    (usage.prompt_tokens_details.cached_tokens); None: the backend does not report it."""
     codec: str | None = None
     """The KV codec actually used, when the backend knows it."""
     kv_bytes: int | None = None

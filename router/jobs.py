@@ -110,6 +110,8 @@ class JobRecord:
     (so a long history of finished jobs stays small)."""
     tbt_summary: TbtSummary | None = None
     completion_tokens: int = 0
+    cached_tokens: int | None = None
+    """Prompt tokens served from the backend's prefix cache, when it reports them."""
     finished_at: float | None = None
     finish_reason: str | None = None
     error: str | None = None
@@ -175,6 +177,7 @@ class JobRecord:
             self.prompt_tokens = ev.prompt_tokens
         if ev.completion_tokens is not None:
             self.completion_tokens = ev.completion_tokens
+        self.cached_tokens = ev.cached_tokens
         if ev.codec is not None:
             self.codec = ev.codec
         self.kv_bytes, self.kv_bytes_bf16 = ev.kv_bytes, ev.kv_bytes_bf16

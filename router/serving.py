@@ -22,7 +22,7 @@ from zipserve.router.formats import ResponseFormat
 from zipserve.router.jobs import JobRecord, JobRegistry
 from zipserve.router.limits import AdmissionConfig, AdmissionGate
 from zipserve.router.runner import JobRun
-from zipserve.router.schemas import ErrorResponse, Usage
+from zipserve.router.schemas import ErrorResponse, PromptTokensDetails, Usage
 from zipserve.router.sse import DONE, SSEResponse, sse_event
 
 DISCONNECT_POLL_S = 0.1
@@ -65,10 +65,16 @@ class RouterState:
 
 
 def usage_of(record: JobRecord) -> Usage:
+    details = (
+        None
+        if record.cached_tokens is None
+        else PromptTokensDetails(cached_tokens=record.cached_tokens)
+    )
     return Usage(
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
         total_tokens=record.prompt_tokens + record.completion_tokens,
+        prompt_tokens_details=details,
     )
 
 

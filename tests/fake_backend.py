@@ -122,6 +122,9 @@ class FakeBackend:
         self.codec = codec
         self.codecs = (codec,) + tuple(c for c in FAKE_CODEC_RATIO if c != codec)
         self.fail_message: str | None = None
+        self.cached_tokens: int | None = None
+        """Set: every finish reports this many prompt tokens (at most the prompt) as served
+        from a prefix cache; None: not reported, as a backend without one."""
         self.fail_after_tokens = 0
         self.jobs: list[Job] = []
         self.aborted: list[str] = []
@@ -222,6 +225,9 @@ class FakeBackend:
             error=error,
             prompt_tokens=len(job.prompt_ids),
             completion_tokens=tokens,
+            cached_tokens=(
+                None if self.cached_tokens is None else min(self.cached_tokens, len(job.prompt_ids))
+            ),
             codec=codec,
             kv_bytes=sent,
             kv_bytes_bf16=dense,

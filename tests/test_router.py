@@ -80,6 +80,27 @@ async def test_completion(client):
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
 
 
+async def test_usage_reports_cached_prompt_tokens_when_the_backend_does(client, backend):
+    r = await client.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 2})
+    assert "prompt_tokens_details" not in r.json()["usage"]  # not reported: not invented
+    backend.cached_tokens = 8
+    r = await client.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 2})
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 8}
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    payloads = sse_payloads(r.text)
+    assert payloads[-1] == "[DONE]"
+    usage = json.loads(payloads[-2])["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": min(8, usage["prompt_tokens"])}
+
+
 async def test_completion_token_prompt_seed_and_default_max_tokens(client):
     r = await client.post("/v1/completions", json={"prompt": [1, 2, 3], "seed": 7})
     body = r.json()
