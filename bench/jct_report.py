@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zipserve.bench.jct_goals import _rate, _s, goals, highest_sustained
+from zipserve.bench.jct_goals import _key, _rate, _s, goals, highest_sustained
 from zipserve.bench.jct_plots import (
     _links,
     _ok,
@@ -37,12 +37,7 @@ def _ms(ms) -> str:
 def ttft_coverage(s: dict, rows: list[dict]) -> tuple[int, int]:
     """(requests of run `s` with a measured TTFT, requests that completed). Without request rows
     the summary is taken at its word."""
-    mine = [
-        r
-        for r in rows
-        if lane(r) == lane(s) and r["link_gbps"] == s["link_gbps"] and r["rate"] == s["rate"]
-    ]
-    ok = [r for r in mine if r.get("status") == "ok"]
+    ok = [r for r in rows if _key(r) == _key(s) and r.get("status") == "ok"]
     if not ok:
         return int(s["ok"]), int(s["ok"])
     return sum(1 for r in ok if _ok(r.get("ttft_ms"))), len(ok)
@@ -151,8 +146,8 @@ def section(results: Path, page_dir: Path) -> list[str]:
         if partial_ttft:
             out += [
                 "TTFT not shown where the client timed the first token of only some requests "
-                "(a client before the fix counted only chunks with text, and a server without "
-                "a tokenizer streams token ids with empty text): " + "; ".join(partial_ttft) + ".",
+                "(before the fix the server sent a chunk only for tokens with text, and a random "
+                "model's tokens mostly decode to none): " + "; ".join(partial_ttft) + ".",
                 "",
             ]
     ppl = quality_by_codec(cfg.get("quality_csvs") or [])
