@@ -21,6 +21,8 @@
 #   jct-c      nvidia-h100-x1  bf16, hack2 (both modes) at 25 and 100 Gb/s                 ~8 min
 #   multi      nvidia-h200-x2  @multi_gpu tests, NCCL bandwidth, seq-parallel prefill
 #                              time, JCT with prefill and decode on separate GPUs (9, 10) ~9 min
+#   multi16    nvidia-h100-x2  @multi_gpu tests, then the jct-16 workload with prefill and decode
+#                              on separate GPUs (issue 16's goals as deployed)            ~9 min
 #   multi4     nvidia-h200-x4  throughput scaling: 1+1 against 2+2 workers, bf16 and hack2 at
 #                              rising rates, the router assigning pairs under load (9)   ~8 min
 # Then: `python3 -m zipserve bench report --results <each jct folder> --readme`.
@@ -29,7 +31,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | jct-a | jct-b | jct-c | multi | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -149,6 +151,15 @@ multi)
         --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --links 10,25,none \
         --rates 1 --num-requests 8 --scale 0.5 --max-seconds 15 "${GRAPHS[@]}" \
         --out "$WORK/jct_2gpu"
+    ;;
+multi16)
+    # Issue 16's goals as the system is meant to run: prefill and decode on separate GPUs (one
+    # each), the jct-16 workload (bf16, kivi2, hack2 as `auto` picks; 10 Gb/s and no link).
+    pytest_gpu 150 multi_gpu_tests -m multi_gpu tests/
+    ZIPSERVE_KV_PATH=auto step 420 jct_2gpu16 python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
+        --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_2gpu16"
     ;;
 multi4)
     for w in 1 2; do
