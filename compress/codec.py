@@ -69,6 +69,10 @@ class KVCodec(ABC):
     """decode_kv=dense can hold its values: `dequantize_into` writes them in the model's basis."""
     no_dense_form_reason: str = "it has no dense form"
     """Why decode_kv=dense is refused when dense_form is False (the error says it)."""
+    reads_tail_in_place: bool = False
+    """decode_attention takes dense_rows / dense_start: the compressed cache's per-slot tail
+    buffer is passed whole and read in place (no per-step gather). Otherwise the cache gathers
+    each row's range into dense_k/v [B, KVH, T, D] first."""
     bases = None
     """Calibrated bases of a codec whose K/V live in a reduced space (compress/lowrank.py): a
     prefill group may exchange projected Q/K/V in them. None for every other codec."""

@@ -51,12 +51,19 @@ class CompressedKVCache:
         self.codecs = [codec.for_layer(i) for i in range(config.num_kv_layers)]
         self.stores = [c.new_store(num_pages, device) for c in self.codecs]
         kvh, d = config.num_kv_heads, config.head_dim
-        # [layers, 2 (K, V), slots, KVH, P, D] and [layers, 2, slots, KVH, n_sink, D]
         nl = config.num_kv_layers  # only KV layers have pages (fewer in an LCKV model)
-        self.open = torch.zeros(nl, 2, num_slots, kvh, page_size, d, dtype=dtype, device=device)
-        self.sinks = torch.zeros(
-            nl, 2, num_slots, kvh, max(self.n_sink, 1), d, dtype=dtype, device=device
-        )
+        s, p = self.n_sink, page_size
+        # One 16-bit tail per slot: columns [0, s) the sinks, [s, s + P) the open page, s + P a
+        # junk column that non-sink positions write their sink copy to. A decode step's dense
+        # tokens are one contiguous range of it ([s, s + off] while no page is sealed: the sinks
+        # are the open page's own first tokens; [0, s + off] after), which a codec reading the
+        # tail in place takes as (row, start, length) with no copy.
+        self.tail = torch.zeros(nl, 2, num_slots, kvh, s + p + 1, d, dtype=dtype, device=device)
+        self._junk = s + p
+        self.open = self.tail[..., s : s + p, :]  # [layers, 2, slots, KVH, P, D] (a view)
+        self.sinks = self.tail[..., : max(s, 1), :] if s else self.tail[..., s + p :, :]
+        """[layers, 2, slots, KVH, max(n_sink, 1), D] (a view; the junk column without sinks)."""
+        self._step: tuple[object, set[int], dict[str, torch.Tensor]] | None = None
 
     @property
     def graph_safe(self) -> bool:
@@ -193,50 +200,76 @@ class CompressedKVCache:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _decode(self, layer, q, k, v, batch, scale):
-        p, s = self.page_size, self.n_sink
-        k, v = self.codecs[layer].to_dense(k, v)
-        open_k, open_v = self.open[layer]  # [slots, KVH, P, D]
-        slots, pos, n_full = batch.slots, batch.positions, batch.n_full
-        off = pos % p
-        open_k[slots, :, off] = k
-        open_v[slots, :, off] = v
-        o_k, o_v = open_k[slots], open_v[slots]  # [B, KVH, P, D]
-        if s:
-            sink_k, sink_v = self.sinks[layer]
-            idx = pos.clamp(max=s - 1)
-            is_sink = (pos < s)[:, None, None]
-            sink_k[slots, :, idx] = torch.where(is_sink, k, sink_k[slots, :, idx])
-            sink_v[slots, :, idx] = torch.where(is_sink, v, sink_v[slots, :, idx])
-            # Sinks are attended densely once the first page is encoded; before that they are
-            # the open page's own first tokens, so the open page is shifted to follow them.
-            first_page = (n_full == 0)[:, None, None, None]
-            dense_k = torch.cat([sink_k[slots], torch.where(first_page, _shift(o_k, s), o_k)], 2)
-            dense_v = torch.cat([sink_v[slots], torch.where(first_page, _shift(o_v, s), o_v)], 2)
-            dense_lens = torch.where(n_full == 0, off + 1, off + 1 + s).to(torch.int32)
-        else:
-            dense_k, dense_v, dense_lens = o_k, o_v, (off + 1).to(torch.int32)
-        codec = self.codecs[layer]
-        out = codec.decode_attention(
+        k, v = self.codecs[layer].to_dense(k, v)  # [B, KVH, D]
+        ix = self.step_index(batch, layer)
+        tail = self.tail[layer]  # [2, slots, KVH, s + P + 1, D]
+        kv = torch.stack((k, v), 1)  # [B, 2, KVH, D]
+        tail[:, batch.slots, :, ix["col_open"]] = kv
+        if self.n_sink:  # a sink position also writes its sink column (others: the junk column)
+            tail[:, batch.slots, :, ix["col_sink"]] = kv
+        out = self.attend_tail(layer, q, batch, scale, ix)
+        # A token that fills its page seals it; other rows encode into the scratch page.
+        open_k, open_v = self.open[layer]
+        slots = batch.slots
+        self.codecs[layer].seal(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
+        return out
+
+    def attend_tail(self, layer: int, q, batch, scale: float, ix, past_only: bool = False):
+        """q [B, H, D] over the encoded full pages + each row's dense tail range (ix: step_index;
+        past_only leaves the new token out: LCKV's condensed layers); [B, H, D]."""
+        lens = ix["past_lens"] if past_only else ix["lens"]
+        codec, tail = self.codecs[layer], self.tail[layer]
+        if codec.reads_tail_in_place:
+            dense_k, dense_v = tail[0], tail[1]  # [slots, KVH, s + P + 1, D]
+            where = dict(dense_rows=ix["rows"], dense_start=ix["start"])
+        else:  # [B, KVH, s + P, D]: the range gathered, as the codec's kernel takes it
+            idx = ix["gather"]
+            dense_k = tail[0][batch.slots[:, None], :, idx].transpose(1, 2).contiguous()
+            dense_v = tail[1][batch.slots[:, None], :, idx].transpose(1, 2).contiguous()
+            where = {}
+        return codec.decode_attention(
             q,
             self.stores[layer],
             batch.page_table,
-            n_full,
+            batch.n_full,
             dense_k,
             dense_v,
-            dense_lens,
+            lens,
             scale,
             batch.num_splits,
+            **where,
         )
-        # A token that fills its page seals it; other rows encode into the scratch page.
-        codec.seal(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
-        return out
 
+    def step_index(self, batch, layer: int | None = None) -> dict[str, torch.Tensor]:
+        """Where a decode step's rows write and read the tail. Computed once per forward pass and
+        shared by its layers (a CUDA graph records it once): a layer asking again means a new pass
+        with the same batch (graph warm-up, then capture), which computes it again. Without
+        `layer` (LCKV's read-only past), always computed."""
+        if layer is not None and self._step is not None:
+            last, served, ix = self._step
+            if last is batch and layer not in served:
+                served.add(layer)
+                return ix
+        s, p = self.n_sink, self.page_size
+        pos, first = batch.positions, batch.n_full == 0  # [B]
+        off = pos % p
+        start = torch.where(first, s, 0).to(torch.int32)  # the sinks lead the open page there
+        ix = {
+            "col_open": s + off,
+            "col_sink": torch.where(pos < s, pos, self._junk),
+            "rows": batch.slots.to(torch.int32),
+            "start": start,
+            "lens": (off + 1 + s - start).to(torch.int32),  # the new token included
+            "past_lens": (off + s - start).to(torch.int32),
+            "gather": (start[:, None] + torch.arange(s + p, device=pos.device)).clamp_max(
+                self._junk
+            ),  # [B, s + P]
+        }
+        if layer is not None:
+            self._step = (batch, {layer}, ix)
+        return ix
 
 def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
     """[n*P, KVH, D] -> [n, KVH, P, D]."""
     return x.view(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
 
-
-def _shift(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Drop the first s tokens of an open page [B, KVH, P, D] (they are the sinks), pad at the end."""
-    return torch.cat([x[:, :, s:], torch.zeros_like(x[:, :, :s])], 2)

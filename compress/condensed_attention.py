@@ -15,38 +15,9 @@ from zipserve.compress.reference_attention import _row_kv
 
 
 def attend_past(cache, layer: int, q: torch.Tensor, batch, scale: float) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D] over KV layer `layer` of `cache` (a CompressedKVCache)."""
-    p, s = cache.page_size, cache.n_sink
-    open_k, open_v = cache.open[layer]  # [slots, KVH, P, D]
-    slots, n_full = batch.slots, batch.n_full
-    off = batch.positions % p  # tokens of the open page before this one
-    o_k, o_v = open_k[slots], open_v[slots]  # [B, KVH, P, D]
-    if s:
-        sink_k, sink_v = cache.sinks[layer]
-        # As in CompressedKVCache._decode: on the first page the sinks are the open page's own
-        # first tokens, so the open page is shifted to follow them.
-        first_page = (n_full == 0)[:, None, None, None]
-        dense_k = torch.cat([sink_k[slots], torch.where(first_page, _shift(o_k, s), o_k)], 2)
-        dense_v = torch.cat([sink_v[slots], torch.where(first_page, _shift(o_v, s), o_v)], 2)
-        dense_lens = torch.where(n_full == 0, off, off + s).to(torch.int32)
-    else:
-        dense_k, dense_v, dense_lens = o_k, o_v, off.to(torch.int32)
-    return cache.codecs[layer].decode_attention(
-        q,
-        cache.stores[layer],
-        batch.page_table,
-        n_full,
-        dense_k,
-        dense_v,
-        dense_lens,
-        scale,
-        batch.num_splits,
-    )
-
-
-def _shift(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Drop the first s tokens of an open page [B, KVH, P, D], pad at the end."""
-    return torch.cat([x[:, :, s:], torch.zeros_like(x[:, :, :s])], 2)
+    """q [B, H, D] -> [B, H, D] over KV layer `layer` of `cache` (a CompressedKVCache): its
+    decode-step read with the tail one token shorter (the current one not written)."""
+    return cache.attend_tail(layer, q, batch, scale, cache.step_index(batch), past_only=True)
 
 
 def past_kv(cache, layer: int, slot: int, past_pages: list[int]):

@@ -97,28 +97,42 @@ class HackCodec(KVCodec):
             rotation=self._rot(out_k.device) if self.rotate else None,
         )
 
+    reads_tail_in_place = True
+
     def decode_attention(
-        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+        self,
+        q,
+        store,
+        page_table,
+        n_full,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        num_splits=1,
+        dense_rows=None,
+        dense_start=None,
     ):
+        """q, the dense tail and the output in the model's basis; the kernel rotates q for the
+        pages and the pages' partial output back in its merge (rotation=None: no rotation)."""
         fn = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
-        if self.rotate:
-            r = self._rot(q.device)
-            q, dense_k, dense_v = rotate(q, r), rotate(dense_k, r), rotate(dense_v, r)
-        out = fn(
+        return fn(
             q,
             self._pages(store),
             page_table,
             n_full,
-            dense_k.contiguous(),
-            dense_v.contiguous(),
+            dense_k,
+            dense_v,
             dense_lens,
             scale,
             self.bits,
             n_sink=self.n_sink,
             num_splits=num_splits,
             mode=self.mode,
+            dense_rows=dense_rows,
+            dense_start=dense_start,
+            rotation=self._rot(q.device) if self.rotate else None,
         )
-        return rotate(out, self._rot(q.device)) if self.rotate else out
 
     def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
         """On the codes (kernels/hack_prefill_attention.py; its torch reference on CPU)."""

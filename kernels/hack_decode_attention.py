@@ -43,7 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token, unpack_planar
+from zipserve.compress.rotation import rotate
+from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref
+from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token
 from zipserve.kernels.head_dim import block_d
 from zipserve.kernels.paged_decode_attention import (
     is_interpreted,
@@ -51,6 +53,7 @@ from zipserve.kernels.paged_decode_attention import (
     require_runnable,
     split_buffers,
 )
+from zipserve.kernels.rotated_merge import merge_rotated
 
 __all__ = [
     "hack_decode_attention",
@@ -223,14 +226,18 @@ def _hack_decode_kernel(
     np_ptr,
     dk_ptr,
     dv_ptr,
-    dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [B,KVH,T,D], lens [B]
-    out_ptr,
+    dl_ptr,  # page_table [B,MP], n_pages [B], dense k/v [R,KVH,T,D], lens [B]
+    qd_ptr,
+    drow_ptr,
+    dstart_ptr,  # q of the dense tail [B,H,D]; tail row [B] and first column [B] in dense k/v
     part_ptr,
-    lse_ptr,  # out [B,H,D]; part f32 [B,H,S,D]; lse f32 [B,H,S] (log2 domain)
+    lse_ptr,  # part f32 [B,H,1+S,D]; lse f32 [B,H,1+S] (log2 domain); partial 0 = dense tail
     qk_scale,
     n_sink,
     stride_qb,
     stride_qh,
+    stride_qdb,
+    stride_qdh,
     stride_ptb,
     stride_dkb,
     stride_dkh,
@@ -238,8 +245,6 @@ def _hack_decode_kernel(
     stride_dvb,
     stride_dvh,
     stride_dvt,
-    stride_ob,
-    stride_oh,
     G: tl.constexpr,
     GP: tl.constexpr,
     NP: tl.constexpr,
@@ -284,19 +289,23 @@ def _hack_decode_kernel(
     acc2 = tl.zeros([M, DEP], tl.float32)
     acc3 = tl.zeros([M, DEP], tl.float32)
 
-    # ---- dense 16-bit tail (sinks + open page), last split only, rows j == 0 only.
-    dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
+    # ---- dense 16-bit tail (sinks + open page): program split 0 alone, rows j == 0 only, read in
+    # place (row drow[b] of dense k/v from column dstart[b]), with q in the tail's basis.
+    dl = tl.where(split == 0, tl.load(dl_ptr + b), 0)
+    d_base = tl.load(drow_ptr + b).to(tl.int64)
+    d_col = tl.load(dstart_ptr + b)
     offs_t = tl.arange(0, DENSE_BLOCK)
     offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
     d_ok = offs_d < HEAD_DIM
+    qd_row = qd_ptr + b * stride_qdb + (kvh * G + row_g) * stride_qdh  # [M] pointers
     q_full = tl.load(
-        q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+        qd_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
     )  # [M, BD]
     for start in range(0, dl, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < dl
-        dk_row = dk_ptr + b * stride_dkb + kvh * stride_dkh + t * stride_dkt  # [DB]
-        dv_row = dv_ptr + b * stride_dvb + kvh * stride_dvh + t * stride_dvt
+        dk_row = dk_ptr + d_base * stride_dkb + kvh * stride_dkh + (d_col + t) * stride_dkt  # [DB]
+        dv_row = dv_ptr + d_base * stride_dvb + kvh * stride_dvh + (d_col + t) * stride_dvt
         dk = tl.load(
             dk_row[:, None] + offs_d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0
         )  # [DB, BD]
@@ -314,10 +323,11 @@ def _hack_decode_kernel(
             acc2 = _dense_pv(acc2, alpha, p, dv_row, t_ok, offs_c, c_ok, 2, DE, DOT_PREC)
             acc3 = _dense_pv(acc3, alpha, p, dv_row, t_ok, offs_c, c_ok, 3, DE, DOT_PREC)
 
-    # ---- quantized pages: this split's page range [lo, hi), whole steps of NP pages.
+    # ---- quantized pages: page split `split - 1`'s range [lo, hi), whole steps of NP pages (none
+    # for the dense program: its lo is past the end).
     n_pg = tl.load(np_ptr + b)
     steps_per_split = tl.cdiv(tl.cdiv(n_pg, NP), NUM_SPLITS)
-    lo = split * steps_per_split * NP
+    lo = tl.where(split == 0, n_pg, (split - 1) * steps_per_split * NP)
     hi = tl.minimum(lo + steps_per_split * NP, n_pg)
     pt_row = pt_ptr + b * stride_ptb
     for blk in range(lo, hi, NP):
@@ -418,13 +428,10 @@ def _hack_decode_kernel(
     offs_g = tl.arange(0, GP)
     g_ok = offs_g < G
     heads = kvh * G + offs_g
-    if NUM_SPLITS == 1:
-        dst = out_ptr + b * stride_ob + heads * stride_oh  # [GP]
-    else:
-        prow = (b * KVH * G + heads) * NUM_SPLITS + split  # [GP] row in part / lse
-        dst = part_ptr + prow * HEAD_DIM
-        lse = tl.where(nonempty, mg + tl.log2(tl.where(nonempty, lg, 1.0)), float("-inf"))
-        tl.store(lse_ptr + prow, lse, mask=g_ok)
+    prow = (b * KVH * G + heads) * (NUM_SPLITS + 1) + split  # [GP] row in part / lse
+    dst = part_ptr + prow * HEAD_DIM
+    lse = tl.where(nonempty, mg + tl.log2(tl.where(nonempty, lg, 1.0)), float("-inf"))
+    tl.store(lse_ptr + prow, lse, mask=g_ok)
     _store_plane(acc0, w, inv, dst, g_ok, offs_c, c_ok, 0, NP, GP, DE, DEP)
     _store_plane(acc1, w, inv, dst, g_ok, offs_c, c_ok, 1, NP, GP, DE, DEP)
     if E == 4:
@@ -478,8 +485,17 @@ def hack_decode_attention(
     num_splits=1,
     mode="f16",
     out=None,
+    dense_rows=None,
+    dense_start=None,
+    rotation=None,
 ):
-    """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D]."""
+    """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D].
+
+    num_splits page splits run beside one program per (sequence, KV head) for the dense tail, which
+    reads row dense_rows[b] of dense_k/v from column dense_start[b] in place (defaults: b, 0).  With
+    rotation R [D, D] (orthonormal, symmetric) the pages hold codes of K R and V R while q, the tail
+    and the output stay in the model's basis: the pages see q R, the tail q, and the merge rotates
+    the pages' partial output back (kernels/rotated_merge.py)."""
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,
@@ -494,17 +510,22 @@ def hack_decode_attention(
         num_splits,
         mode,
         out,
+        dense_rows,
+        dense_start,
+        rotation,
     )
     require_runnable("hack_decode_attention", _hack_decode_kernel, q)
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
         return out
+    rows, start = tail_index(q, dense_rows, dense_start)
+    q_pages = q if rotation is None else rotate(q, rotation)  # [B, H, D] in the pages' basis
     G = H // KVH
     np_, gp, num_warps, num_stages = _launch_config(G, P, D, pages.bits)
-    part, lse = split_buffers(q, out, num_splits)
-    _hack_decode_kernel[(B, KVH, num_splits)](
-        q,
+    part, lse = split_buffers(q, out, num_splits + 1)
+    _hack_decode_kernel[(B, KVH, num_splits + 1)](
+        q_pages,
         pages.k_codes,
         pages.v_codes,
         pages.k_scale,
@@ -517,18 +538,20 @@ def hack_decode_attention(
         dense_k,
         dense_v,
         dense_lens,
-        out,
+        q,
+        rows,
+        start,
         part,
         lse,
         float(scale) * _LOG2E,
         n_sink,
+        q_pages.stride(0),
+        q_pages.stride(1),
         q.stride(0),
         q.stride(1),
         page_table.stride(0),
         *dense_k.stride()[:3],
         *dense_v.stride()[:3],
-        out.stride(0),
-        out.stride(1),
         G=G,
         GP=gp,
         NP=np_,
@@ -547,100 +570,17 @@ def hack_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1:
-        merge_splits(part, lse, out)
-    return out
+    if rotation is None:
+        return merge_splits(part, lse, out)
+    return merge_rotated(part, lse, rotation, out)
 
 
-def hack_decode_attention_ref(
-    q,
-    pages,
-    page_table,
-    n_pages,
-    dense_k,
-    dense_v,
-    dense_lens,
-    scale,
-    bits,
-    n_sink=4,
-    num_splits=1,
-    mode="f16",
-    out=None,
-):
-    """Torch fp32 reference (same math and int8 rounding as the kernel; syncs on lengths; ignores splits)."""
-    B, H, KVH, P, D = check_decode_args(
-        q,
-        pages,
-        page_table,
-        n_pages,
-        dense_k,
-        dense_v,
-        dense_lens,
-        scale,
-        bits,
-        n_sink,
-        num_splits,
-        mode,
-        out,
+def tail_index(q, dense_rows, dense_start):
+    """(rows [B] int32, start [B] int32): the dense tail's row and first column per sequence
+    (defaults: row b, column 0)."""
+    b = q.shape[0]
+    rows = (
+        torch.arange(b, dtype=torch.int32, device=q.device) if dense_rows is None else dense_rows
     )
-    G, E, GV = H // KVH, 8 // pages.bits, pages.group_v
-    DE, NG = D // E, D // GV
-    qk, half = float(scale) * _LOG2E, ((1 << pages.bits) - 1) / 2.0
-    res = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
-    for b, (npg, dl) in enumerate(zip(n_pages.tolist(), dense_lens.tolist())):
-        if npg <= 0 and dl <= 0:
-            continue
-        qb = q[b].float().view(KVH, G, D) * qk  # [KVH, G, D]
-        ids = page_table[b, : max(npg, 0)].long()
-        n = ids.numel()
-        kc = unpack_planar(pages.k_codes[ids], pages.bits).float()  # [n, KVH, P, D]
-        ks, km = pages.k_scale[ids].float(), pages.k_min[ids].float()  # [n, KVH, D]
-        qt = qb[None] * ks[:, :, None, :]  # q~ [n, KVH, G, D]
-        qm = (qb[None] * km[:, :, None, :]).sum(-1)  # [n, KVH, G]
-        if mode == "int8":
-            qt5 = qt.view(n, KVH, G, E, DE)
-            sig = qt5.abs().amax(-1) / 127.0  # [n, KVH, G, E]
-            q8 = torch.floor(qt5 / torch.where(sig > 0, sig, 1.0)[..., None] + 0.5)
-            d = torch.einsum(
-                "nkges,nkpes->nkgpe", q8, kc.view(n, KVH, P, E, DE) - half
-            )  # centred codes
-            s = (d * sig[:, :, :, None, :]).sum(-1) + half * qt.sum(-1)[..., None]  # [n, KVH, G, P]
-        else:
-            s = torch.einsum("nkgd,nkpd->nkgp", qt, kc)
-        s = s + qm[..., None]
-        if n > 0 and n_sink > 0:
-            s[0, :, :, :n_sink] = float("-inf")  # sinks are attended through the dense tail
-        sd = (
-            torch.einsum("kgd,ktd->kgt", q[b].float().view(KVH, G, D), dense_k[b, :, :dl].float())
-            * qk
-        )
-        m = torch.cat([s.permute(1, 2, 0, 3).reshape(KVH, G, -1), sd], -1).amax(-1)  # [KVH, G]
-        pq = torch.exp2(s - m[None, :, :, None])  # [n, KVH, G, P]
-        pd = torch.exp2(sd - m[..., None])  # [KVH, G, dl]
-        l = pq.sum(dim=(0, 3)) + pd.sum(-1)  # noqa: E741  [KVH, G]
-        vc = unpack_planar(pages.v_codes[ids], pages.bits).float().view(n, KVH, P, NG, GV)
-        vs, vm = pages.v_scale[ids].float(), pages.v_min[ids].float()  # [n, KVH, P, NG]
-        pt = pq[..., None] * vs[:, :, None]  # p~ [n, KVH, G, P, NG]
-        vmt = (pq[..., None] * vm[:, :, None]).sum(3)  # [n, KVH, G, NG]
-        if mode == "int8":
-            sig = pt.amax(3) / 255.0  # [n, KVH, G, NG]
-            p8 = (
-                torch.floor(pt / torch.where(sig > 0, sig, 1.0)[:, :, :, None] + 0.5).clamp_max(255)
-                - 128
-            )
-            d = torch.einsum("nkgpj,nkpjc->nkgjc", p8, vc)  # [n, KVH, G, NG, GV]
-            vsum = pages.v_sums[ids].float().view(n, KVH, 1, NG, GV)
-            cent = (
-                d - half * p8.sum(3)[..., None] + 128.0 * (vsum - P * half)
-            )  # sum (p'+128)(v'-half)
-            oq = sig[..., None] * cent + (half * pt.sum(3) + vmt)[..., None]
-        else:
-            oq = torch.einsum("nkgpj,nkpjc->nkgjc", pt, vc) + vmt[..., None]
-        o = oq.sum(0).reshape(KVH, G, D) + torch.einsum(
-            "kgt,ktd->kgd", pd, dense_v[b, :, :dl].float()
-        )
-        res[b] = (o / torch.where(l > 0, l, 1.0)[..., None]).reshape(H, D)
-    if out is None:
-        return res.to(q.dtype)
-    out.copy_(res)
-    return out
+    start = torch.zeros(b, dtype=torch.int32, device=q.device) if dense_start is None else dense_start
+    return rows, start

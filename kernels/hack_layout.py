@@ -252,6 +252,9 @@ def check_decode_args(
     num_splits,
     mode,
     out,
+    dense_rows=None,
+    dense_start=None,
+    rotation=None,
 ):
     """Validate hack_decode_attention(_ref) arguments -> (B, H, KVH, P, D); ValueError names the argument."""
     if not isinstance(pages, HackPages):
@@ -300,11 +303,31 @@ def check_decode_args(
                 t.dtype == q.dtype
                 and t.dim() == 4
                 and t.shape == dense_k.shape
-                and tuple(t.shape[:2]) == (B, KVH)
+                and t.shape[1] == KVH
+                and (dense_rows is not None or t.shape[0] == B)
                 and t.shape[3] == D,
                 name,
-                f"must be {q.dtype} [B={B}, KVH={KVH}, T, D={D}] (same for k and v), "
-                f"got {t.dtype} {tuple(t.shape)}",
+                f"must be {q.dtype} [B={B} (or rows indexed by dense_rows), KVH={KVH}, T, D={D}]"
+                f" (same for k and v), got {t.dtype} {tuple(t.shape)}",
+            )
+        )
+    for name, t in (("dense_rows", dense_rows), ("dense_start", dense_start)):
+        if t is not None:
+            checks.append(
+                (
+                    t.dtype == torch.int32 and t.shape == (B,) and t.is_contiguous(),
+                    name,
+                    f"must be contiguous int32 [B={B}], got {t.dtype} {tuple(t.shape)}",
+                )
+            )
+            checks.append((t.device == q.device, name, f"is on {t.device}, q is on {q.device}"))
+    if rotation is not None:
+        checks.append(
+            (
+                rotation.shape == (D, D) and rotation.device == q.device,
+                "rotation",
+                f"must be [{D}, {D}] on {q.device}, got {tuple(rotation.shape)} on "
+                f"{rotation.device}",
             )
         )
     for name, t in (

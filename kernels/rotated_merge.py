@@ -1,0 +1,117 @@
+"""Merge of the HACK decode kernel's partials when its pages live in a rotated basis.
+
+Partial 0 is the dense tail's (model basis), partials 1..S are page splits (basis of K R, V R with R
+the codec's orthonormal, symmetric rotation, compress/rotation.py). One program per (sequence, head)
+LSE-weights them, rotates the pages' sum back with R and adds the tail's: the output rotation and
+the merge in one pass, in fp32, rounded once. `merge_rotated_ref` is the torch reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from zipserve.kernels.head_dim import block_d
+
+
+@triton.jit
+def _merge_rotated_kernel(
+    part_ptr,
+    lse_ptr,
+    rot_ptr,
+    out_ptr,  # part f32 [B,H,S1,D], lse f32 [B,H,S1] (log2), rot f32 [D,D], out [B,H,D]
+    stride_ob,
+    stride_oh,
+    NUM_PARTS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = (b * tl.num_programs(1) + h) * NUM_PARTS
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM_PARTS, other=float("-inf"))  # [S_PAD]
+    live = lse > float("-inf")  # empty partials (and padding rows) contribute nothing
+    m = tl.max(lse, axis=0)
+    m = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
+    den = tl.sum(w, axis=0)
+    inv = 1.0 / tl.where(den > 0.0, den, 1.0)
+    w_pages = tl.where(offs_s > 0, w, 0.0)
+    part = tl.load(
+        part_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=(live & (offs_s > 0))[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [S_PAD, BD] page partials
+    acc = tl.sum(w_pages[:, None] * part, axis=0)  # [BD] pages' basis
+    w_tail = tl.sum(tl.where(offs_s == 0, w, 0.0), axis=0)
+    for j0 in tl.static_range(0, BLOCK_D, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = offs_j < HEAD_DIM
+        r = tl.load(
+            rot_ptr + offs_d[:, None] * HEAD_DIM + offs_j[None, :],
+            mask=d_ok[:, None] & j_ok[None, :],
+            other=0.0,
+        )  # [BD, BJ]
+        o = tl.sum(acc[:, None] * r, axis=0)  # [BJ] back in the model's basis
+        tail = tl.load(part_ptr + row0 * HEAD_DIM + offs_j, mask=j_ok, other=0.0)  # [BJ]
+        o = (o + tl.where(w_tail > 0.0, w_tail * tail, 0.0)) * inv  # a dead tail may hold NaN
+        tl.store(
+            out_ptr + b * stride_ob + h * stride_oh + offs_j,
+            o.to(out_ptr.dtype.element_ty),
+            mask=j_ok,
+        )
+
+
+def _check(part, lse, rotation, out):
+    b, h, s1, d = part.shape
+    if part.dtype != torch.float32 or not part.is_contiguous():
+        raise ValueError(f"part: must be contiguous float32 [B, H, S+1, D], got {part.dtype}")
+    if lse.shape != (b, h, s1) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse: must be contiguous float32 {(b, h, s1)}, got {tuple(lse.shape)}")
+    if rotation.shape != (d, d):
+        raise ValueError(f"rotation: must be [{d}, {d}], got {tuple(rotation.shape)}")
+    if out.shape != (b, h, d) or out.stride(-1) != 1:
+        raise ValueError(f"out: must be [{b}, {h}, {d}] with a contiguous last dim")
+
+
+def merge_rotated(part, lse, rotation, out):
+    """out [B, H, D] <- (sum_s>0 w_s part_s) R + w_0 part_0, normalised (w = 2^(lse - max))."""
+    _check(part, lse, rotation, out)
+    b, h, s1, d = part.shape
+    if b == 0 or h == 0:
+        return out
+    _merge_rotated_kernel[(b, h)](
+        part,
+        lse,
+        rotation.float().contiguous(),
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_PARTS=s1,
+        S_PAD=max(2, triton.next_power_of_2(s1)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d(d),
+        BLOCK_J=32,
+        num_warps=4,
+    )
+    return out
+
+
+def merge_rotated_ref(part, lse, rotation, out):
+    """Torch reference of merge_rotated (same signature)."""
+    _check(part, lse, rotation, out)
+    live = lse > float("-inf")
+    m = torch.where(live, lse, torch.full_like(lse, float("-inf"))).amax(-1, keepdim=True)
+    m = torch.where(m > float("-inf"), m, torch.zeros_like(m))
+    w = torch.where(live, torch.exp2(lse - m), torch.zeros_like(lse))  # [B, H, S1]
+    safe = torch.where(live[..., None], part, torch.zeros_like(part))
+    pages = (w[..., 1:, None] * safe[:, :, 1:]).sum(2) @ rotation.float()  # [B, H, D]
+    den = w.sum(-1, keepdim=True)
+    o = (pages + w[..., :1] * safe[:, :, 0]) / torch.where(den > 0, den, torch.ones_like(den))
+    out.copy_(o)
+    return out
