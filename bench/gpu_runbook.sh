@@ -15,6 +15,8 @@
 #                              bf16 vs hack2/hack4 (codes and dense), 16x8k and 8x32k     ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
 #                              hack2/dense), CUDA graphs, batches 8-64 x 8k/32k           ~8 min
+#   round15    nvidia-h100-x1  issue 15 after a decode change: HACK kernel + engine GPU tests,
+#                              profile 8x32k, engine15                                     ~6 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
 #                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
 #   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
@@ -31,7 +33,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -135,6 +137,18 @@ engine15)
     # with CUDA graphs, batches 8-64 at 8k and 32k where the pool holds them, the largest batch
     # each pool holds.
     step 560 engine15 python3 -m zipserve bench engine --model random:llama3-8b \
+        --codecs bf16,hack2,hack4,hack2/dense --batches 8,16,32,64 --contexts 8192,32768 \
+        --out "$WORK/engine15"
+    ;;
+round15)
+    # Issue 15, one round after a decode-path change: the HACK kernels' tests on the GPU, the
+    # engine's compressed decode tests, then the profile and the decode tokens/s table.
+    pytest_gpu 150 hack_kernels tests/test_hack_kernels.py tests/test_hack_tail_in_place.py
+    pytest_gpu 200 engine_hack -m gpu tests/test_engine_gpu.py \
+        -k "codecs_decode_equals_scoring or compressed_graphs_equal_eager"
+    step 200 profile_8x32k python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,hack4 --batch 8 --context 32768 --out "$WORK/profile_8x32k"
+    step 200 engine15 python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,hack2,hack4,hack2/dense --batches 8,16,32,64 --contexts 8192,32768 \
         --out "$WORK/engine15"
     ;;
