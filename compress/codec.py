@@ -141,6 +141,20 @@ class KVCodec(ABC):
         """Encode full pages given in the dense form (a filled open page) [n, KVH, P, D]."""
         self.encode(store, page_ids, k, v)
 
+    def seal_rows(
+        self,
+        store: Store,
+        page_ids: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor,
+        skip_page: int,
+    ) -> None:
+        """A decode step's seal: rows [n] of the open pages k/v [slots, KVH, P, D] into page_ids
+        [n]; rows whose page is skip_page (the scratch page: no page filled) may be skipped.
+        This default gathers the rows and seals them all; HACK reads them in place and skips."""
+        self.seal(store, page_ids, k[rows.long()], v[rows.long()])
+
     def prepare_model(self, model: torch.nn.Module, fold: bool = True) -> None:  # noqa: B027
         """Adapt a loaded model to this codec's pages, once, before it runs (lowrank: its
         attention output stays reduced, V's basis folded into W_o; `fold` False lifts it back

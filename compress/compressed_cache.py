@@ -24,6 +24,7 @@ from zipserve.compress.condensed_attention import past_kv
 from zipserve.compress.wire import WirePages, adopt_pages
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
+from zipserve.engine.kv_cache import SCRATCH_PAGE
 from zipserve.engine.paged_cache import LayerPages
 
 if TYPE_CHECKING:
@@ -208,10 +209,11 @@ class CompressedKVCache:
         if self.n_sink:  # a sink position also writes its sink column (others: the junk column)
             tail[:, batch.slots, :, ix["col_sink"]] = kv
         out = self.attend_tail(layer, q, batch, scale, ix)
-        # A token that fills its page seals it; other rows encode into the scratch page.
-        open_k, open_v = self.open[layer]
-        slots = batch.slots
-        self.codecs[layer].seal(self.stores[layer], batch.seal_pages, open_k[slots], open_v[slots])
+        # A token that fills its page seals it; other rows' seal page is the scratch page.
+        open_k, open_v = self.open[layer]  # [slots, KVH, P, D] views
+        self.codecs[layer].seal_rows(
+            self.stores[layer], batch.seal_pages, open_k, open_v, ix["rows"], SCRATCH_PAGE
+        )
         return out
 
     def attend_tail(self, layer: int, q, batch, scale: float, ix, past_only: bool = False):
@@ -269,7 +271,7 @@ class CompressedKVCache:
             self._step = (batch, {layer}, ix)
         return ix
 
+
 def _as_pages(x: torch.Tensor, p: int) -> torch.Tensor:
     """[n*P, KVH, D] -> [n, KVH, P, D]."""
     return x.view(-1, p, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
-

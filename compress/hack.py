@@ -78,6 +78,22 @@ class HackCodec(KVCodec):
             rotation=self._rot(k.device) if self.rotate else None,
         )
 
+    def seal_rows(self, store, page_ids, k, v, rows, skip_page):
+        """In place: the encoder reads rows `rows` of the open pages, programs sealing into
+        skip_page write nothing (CUDA-graph safe: the grid is the batch, the skip is in-kernel)."""
+        fn = hack_encode.hack_encode_pages if k.is_cuda else hack_encode.hack_encode_pages_ref
+        fn(
+            k,
+            v,
+            self.bits,
+            self.group_v,
+            out=self._pages(store),
+            page_ids=page_ids,
+            rotation=self._rot(k.device) if self.rotate else None,
+            src_rows=rows,
+            skip_page=skip_page,
+        )
+
     def dequantize(self, store, page_ids):
         sub = {name: t[page_ids] for name, t in store.items()}
         k, v = hack_encode.hack_dequantize_ref(self._pages(sub))

@@ -6,8 +6,9 @@ Layout of ``pages``: hack_layout.py (P = page_size, E = 8 // bits, DE = D // E, 
 h = (2^b - 1) / 2).
   q [B, H, D] fp16/bf16/fp32 (head h uses kv head h // G); page_table [B, max_pages] int32;
   n_pages [B] int32: full quantized pages of sequence b (positions [0, n_pages * P));
-  dense_k/v [B, KVH, T, D] (q's dtype): the 16-bit tail, sinks + open-page tokens in any order;
-  dense_lens [B] int32 (<= T).
+  dense_k/v [R, KVH, T, D] (q's dtype): the 16-bit tail, sinks + open-page tokens in any order, of
+  sequence b in row dense_rows[b] (default b) from column dense_start[b] (default 0), read in place;
+  dense_lens [B] int32 (<= T - dense_start[b]); rotation: optional [D, D] (see the wrapper).
 Attended set of sequence b: quantized positions n_sink <= pos < n_pages[b] * P plus dense_lens[b] dense
 tokens -- the caller keeps positions [0, n_sink) in the dense tail and quantized page 0's first n_sink slots
 are masked.  With L tokens: n_pages = L // P, dense = positions [0, min(n_sink, L)) + [n_pages * P, L) (just
@@ -27,13 +28,14 @@ constant); o_c = sum_t (p_t sV_tg) v'_tc + sum_t p_t mV_tg (p~ = p * sV, g = V g
           roundings are invariant to the running softmax max, so the reference reproduces them.
 Dense tail: plain 16-bit attention in q's dtype.
 
-Kernel: grid (B, KVH, num_splits).  A loop step covers NP pages (BLOCK_N = NP * P = 128..256 tokens).
+Kernel: grid (B, KVH, 1 + num_splits).  A loop step covers NP pages (BLOCK_N = NP * P = 128..256 tokens).
 q~ depends on the page, so the M dot rows are (page-in-step j, query head g), M = NP * GP >= 16 (GP >= G);
 row (j, g) sees only page j's tokens, runs its own online softmax over pages j, j + NP, ..., and rows are
 LSE-merged per head at the end (the rows GQA pads anyway carry other pages).  Per step: NP page ids, K/V
 code tiles [BLOCK_N, DE] loaded once, E planes unpacked (_unpack), E dots [M, DE] x [DE, BLOCK_N] (QK)
-and E dots [M, BLOCK_N] x [BLOCK_N, DE] (PV).  The last split also runs the dense tail; splits are merged
-by paged_decode_attention's merge kernel.  head_dim: a multiple of 32 up to 256 (hack_layout.py); a plane
+and E dots [M, BLOCK_N] x [BLOCK_N, DE] (PV).  Split 0 runs only the dense tail (its own q, in the tail's
+basis); page splits are 1..S; the S + 1 partials are merged by paged_decode_attention's merge kernel
+(rotated_merge.py's when the pages are rotated).  head_dim: a multiple of 32 up to 256 (hack_layout.py); a plane
 of DE channels that is not a power of two >= 16 (D = 32 at 2 bits, 96, 160, ...) runs in DEP = the next
 power of two >= max(16, DE) wide tiles with channels >= DE masked on every load and store, the dense
 tail in BLOCK_D (kernels/head_dim.py): padding lives in registers only.
@@ -579,8 +581,8 @@ def tail_index(q, dense_rows, dense_start):
     """(rows [B] int32, start [B] int32): the dense tail's row and first column per sequence
     (defaults: row b, column 0)."""
     b = q.shape[0]
-    rows = (
-        torch.arange(b, dtype=torch.int32, device=q.device) if dense_rows is None else dense_rows
+    rows = torch.arange(b, dtype=torch.int32, device=q.device) if dense_rows is None else dense_rows
+    start = (
+        torch.zeros(b, dtype=torch.int32, device=q.device) if dense_start is None else dense_start
     )
-    start = torch.zeros(b, dtype=torch.int32, device=q.device) if dense_start is None else dense_start
     return rows, start

@@ -51,6 +51,8 @@ def _hack_encode_kernel(
     k_ptr,
     v_ptr,
     ids_ptr,
+    src_ptr,
+    skip_id,
     rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
     kc_ptr,
     vc_ptr,
@@ -79,50 +81,52 @@ def _hack_encode_kernel(
     DE: tl.constexpr = HEAD_DIM // E
     NG: tl.constexpr = HEAD_DIM // GV
     QMAX: tl.constexpr = (1 << BITS) - 1
-    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+    page = tl.load(ids_ptr + i)
+    src = tl.load(src_ptr + i).to(tl.int64)  # input page read by this program
+    row = page.to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+    if page != skip_id:  # rows sealing into the skipped (scratch) page write nothing
+        offs_t = tl.arange(0, PAGE)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_c = tl.arange(0, DE)
+        offs_g = tl.arange(0, NG)
+        shifts = (tl.arange(0, E) * BITS)[None, :, None]  # [1, E, 1] bit offset of plane s
+        k = tl.load(
+            k_ptr + src * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :]
+        ).to(tl.float32)  # [P, D]
+        v = tl.load(
+            v_ptr + src * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :]
+        ).to(tl.float32)  # [P, D]
+        if ROTATE:  # x @ R before quantizing (R orthonormal [D, D], fp32)
+            r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :])  # [D, D]
+            k = tl.dot(k, r, input_precision=ROT_PREC)
+            v = tl.dot(v, r, input_precision=ROT_PREC)
 
-    offs_t = tl.arange(0, PAGE)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_c = tl.arange(0, DE)
-    offs_g = tl.arange(0, NG)
-    shifts = (tl.arange(0, E) * BITS)[None, :, None]  # [1, E, 1] bit offset of plane s
-    k = tl.load(
-        k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :]
-    ).to(tl.float32)  # [P, D]
-    v = tl.load(
-        v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :]
-    ).to(tl.float32)  # [P, D]
-    if ROTATE:  # x @ R before quantizing (R orthonormal [D, D], fp32)
-        r = tl.load(rot_ptr + offs_d[:, None] * HEAD_DIM + offs_d[None, :])  # [D, D]
-        k = tl.dot(k, r, input_precision=ROT_PREC)
-        v = tl.dot(v, r, input_precision=ROT_PREC)
+        # ---- K: per channel over the page's tokens.
+        kq, ksc, kmn = _quantize(
+            k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX
+        )  # [P, D]
+        kpack = tl.sum(tl.reshape(kq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE] planar bytes
+        tl.store(
+            kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8)
+        )
+        tl.store(ks_ptr + row * HEAD_DIM + offs_d, tl.reshape(ksc, (HEAD_DIM,)).to(tl.float16))
+        tl.store(km_ptr + row * HEAD_DIM + offs_d, tl.reshape(kmn, (HEAD_DIM,)).to(tl.float16))
+        tl.store(ksum_ptr + row * PAGE + offs_t, tl.sum(kq, axis=1).to(tl.float32))
 
-    # ---- K: per channel over the page's tokens.
-    kq, ksc, kmn = _quantize(
-        k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX
-    )  # [P, D]
-    kpack = tl.sum(tl.reshape(kq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE] planar bytes
-    tl.store(
-        kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8)
-    )
-    tl.store(ks_ptr + row * HEAD_DIM + offs_d, tl.reshape(ksc, (HEAD_DIM,)).to(tl.float16))
-    tl.store(km_ptr + row * HEAD_DIM + offs_d, tl.reshape(kmn, (HEAD_DIM,)).to(tl.float16))
-    tl.store(ksum_ptr + row * PAGE + offs_t, tl.sum(kq, axis=1).to(tl.float32))
-
-    # ---- V: per token, in channel groups of GV.
-    v3 = tl.reshape(v, (PAGE, NG, GV))
-    vq3, vsc, vmn = _quantize(
-        v3, tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], QMAX
-    )
-    vq = tl.reshape(vq3, (PAGE, HEAD_DIM))  # [P, D]
-    vpack = tl.sum(tl.reshape(vq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE]
-    tl.store(
-        vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8)
-    )
-    vptr = row * (PAGE * NG) + offs_t[:, None] * NG + offs_g[None, :]  # [P, NG]
-    tl.store(vs_ptr + vptr, tl.reshape(vsc, (PAGE, NG)).to(tl.float16))
-    tl.store(vm_ptr + vptr, tl.reshape(vmn, (PAGE, NG)).to(tl.float16))
-    tl.store(vsum_ptr + row * HEAD_DIM + offs_d, tl.sum(vq, axis=0).to(tl.float32))
+        # ---- V: per token, in channel groups of GV.
+        v3 = tl.reshape(v, (PAGE, NG, GV))
+        vq3, vsc, vmn = _quantize(
+            v3, tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], QMAX
+        )
+        vq = tl.reshape(vq3, (PAGE, HEAD_DIM))  # [P, D]
+        vpack = tl.sum(tl.reshape(vq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE]
+        tl.store(
+            vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], vpack.to(tl.uint8)
+        )
+        vptr = row * (PAGE * NG) + offs_t[:, None] * NG + offs_g[None, :]  # [P, NG]
+        tl.store(vs_ptr + vptr, tl.reshape(vsc, (PAGE, NG)).to(tl.float16))
+        tl.store(vm_ptr + vptr, tl.reshape(vmn, (PAGE, NG)).to(tl.float16))
+        tl.store(vsum_ptr + row * HEAD_DIM + offs_d, tl.sum(vq, axis=0).to(tl.float32))
 
 
 @triton.jit
@@ -239,6 +243,8 @@ def _hack_encode_planes_kernel(
     k_ptr,
     v_ptr,
     ids_ptr,
+    src_ptr,
+    skip_id,
     rot_ptr,  # k/v [n, KVH, P, D] (strided), ids [n], rotation [D, D]
     kc_ptr,
     vc_ptr,
@@ -270,45 +276,33 @@ def _hack_encode_planes_kernel(
     DE: tl.constexpr = HEAD_DIM // E
     NG: tl.constexpr = HEAD_DIM // GV
     PPG: tl.constexpr = GV // DE  # planes per V group: 1, 2 or 4
-    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+    page = tl.load(ids_ptr + i)
+    src = tl.load(src_ptr + i).to(tl.int64)  # input page read by this program
+    row = page.to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
+    if page != skip_id:  # rows sealing into the skipped (scratch) page write nothing
+        offs_t = tl.arange(0, PAGE)
+        offs_c = tl.arange(0, DEP)  # channels of a plane, >= DE padding
+        c_ok = offs_c < DE
+        offs_d = tl.arange(0, BLOCK_D)  # channels of a head, >= HEAD_DIM padding
+        d_ok = offs_d < HEAD_DIM
+        k_tile = k_ptr + src * stride_kn + h * stride_kh
+        v_tile = v_ptr + src * stride_vn + h * stride_vh
+        if ROTATE:  # the whole head once; each plane is x @ R[:, plane]
+            k_full = tl.load(
+                k_tile + offs_t[:, None] * stride_kt + offs_d[None, :],
+                mask=d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [P, BD]
+            v_full = tl.load(
+                v_tile + offs_t[:, None] * stride_vt + offs_d[None, :],
+                mask=d_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            k_full = tl.zeros([PAGE, BLOCK_D], tl.float32)  # unused
+            v_full = k_full
 
-    offs_t = tl.arange(0, PAGE)
-    offs_c = tl.arange(0, DEP)  # channels of a plane, >= DE padding
-    c_ok = offs_c < DE
-    offs_d = tl.arange(0, BLOCK_D)  # channels of a head, >= HEAD_DIM padding
-    d_ok = offs_d < HEAD_DIM
-    k_tile = k_ptr + i * stride_kn + h * stride_kh
-    v_tile = v_ptr + i * stride_vn + h * stride_vh
-    if ROTATE:  # the whole head once; each plane is x @ R[:, plane]
-        k_full = tl.load(
-            k_tile + offs_t[:, None] * stride_kt + offs_d[None, :], mask=d_ok[None, :], other=0.0
-        ).to(tl.float32)  # [P, BD]
-        v_full = tl.load(
-            v_tile + offs_t[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0
-        ).to(tl.float32)
-    else:
-        k_full = tl.zeros([PAGE, BLOCK_D], tl.float32)  # unused
-        v_full = k_full
-
-    # ---- K: per channel over the page's tokens, plane by plane.
-    x = _plane(
-        k_tile,
-        k_full,
-        rot_ptr,
-        offs_t,
-        stride_kt,
-        offs_c,
-        c_ok,
-        offs_d,
-        d_ok,
-        0,
-        DE,
-        HEAD_DIM,
-        ROTATE,
-        ROT_PREC,
-    )
-    kpack, ksum = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM)
-    for s in tl.static_range(1, E):
+        # ---- K: per channel over the page's tokens, plane by plane.
         x = _plane(
             k_tile,
             k_full,
@@ -319,59 +313,42 @@ def _hack_encode_planes_kernel(
             c_ok,
             offs_d,
             d_ok,
-            s,
+            0,
             DE,
             HEAD_DIM,
             ROTATE,
             ROT_PREC,
         )
-        q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM)
-        kpack += q
-        ksum += qs
-    tl.store(
-        kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :],
-        kpack.to(tl.uint8),
-        mask=c_ok[None, :],
-    )
-    tl.store(ksum_ptr + row * PAGE + offs_t, ksum.to(tl.float32))
+        kpack, ksum = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM)
+        for s in tl.static_range(1, E):
+            x = _plane(
+                k_tile,
+                k_full,
+                rot_ptr,
+                offs_t,
+                stride_kt,
+                offs_c,
+                c_ok,
+                offs_d,
+                d_ok,
+                s,
+                DE,
+                HEAD_DIM,
+                ROTATE,
+                ROT_PREC,
+            )
+            q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM)
+            kpack += q
+            ksum += qs
+        tl.store(
+            kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :],
+            kpack.to(tl.uint8),
+            mask=c_ok[None, :],
+        )
+        tl.store(ksum_ptr + row * PAGE + offs_t, ksum.to(tl.float32))
 
-    # ---- V: per token in groups of GV channels (PPG whole planes); E <= 4 planes held in registers.
-    x0 = _plane(
-        v_tile,
-        v_full,
-        rot_ptr,
-        offs_t,
-        stride_vt,
-        offs_c,
-        c_ok,
-        offs_d,
-        d_ok,
-        0,
-        DE,
-        HEAD_DIM,
-        ROTATE,
-        ROT_PREC,
-    )
-    x1 = _plane(
-        v_tile,
-        v_full,
-        rot_ptr,
-        offs_t,
-        stride_vt,
-        offs_c,
-        c_ok,
-        offs_d,
-        d_ok,
-        1,
-        DE,
-        HEAD_DIM,
-        ROTATE,
-        ROT_PREC,
-    )
-    lo0, hi0 = _row_range(x0, c_ok)
-    lo1, hi1 = _row_range(x1, c_ok)
-    if E == 4:
-        x2 = _plane(
+        # ---- V: per token in groups of GV channels (PPG whole planes); E <= 4 planes held in registers.
+        x0 = _plane(
             v_tile,
             v_full,
             rot_ptr,
@@ -381,13 +358,13 @@ def _hack_encode_planes_kernel(
             c_ok,
             offs_d,
             d_ok,
-            2,
+            0,
             DE,
             HEAD_DIM,
             ROTATE,
             ROT_PREC,
         )
-        x3 = _plane(
+        x1 = _plane(
             v_tile,
             v_full,
             rot_ptr,
@@ -397,70 +374,66 @@ def _hack_encode_planes_kernel(
             c_ok,
             offs_d,
             d_ok,
-            3,
+            1,
             DE,
             HEAD_DIM,
             ROTATE,
             ROT_PREC,
         )
-        lo2, hi2 = _row_range(x2, c_ok)
-        lo3, hi3 = _row_range(x3, c_ok)
+        lo0, hi0 = _row_range(x0, c_ok)
+        lo1, hi1 = _row_range(x1, c_ok)
+        if E == 4:
+            x2 = _plane(
+                v_tile,
+                v_full,
+                rot_ptr,
+                offs_t,
+                stride_vt,
+                offs_c,
+                c_ok,
+                offs_d,
+                d_ok,
+                2,
+                DE,
+                HEAD_DIM,
+                ROTATE,
+                ROT_PREC,
+            )
+            x3 = _plane(
+                v_tile,
+                v_full,
+                rot_ptr,
+                offs_t,
+                stride_vt,
+                offs_c,
+                c_ok,
+                offs_d,
+                d_ok,
+                3,
+                DE,
+                HEAD_DIM,
+                ROTATE,
+                ROT_PREC,
+            )
+            lo2, hi2 = _row_range(x2, c_ok)
+            lo3, hi3 = _row_range(x3, c_ok)
+            if PPG == 2:
+                lo2 = tl.minimum(lo2, lo3)
+                hi2 = tl.maximum(hi2, hi3)
+                lo3, hi3 = lo2, hi2
+            if PPG == 4:
+                lo2 = tl.minimum(tl.minimum(lo0, lo1), tl.minimum(lo2, lo3))
+                hi2 = tl.maximum(tl.maximum(hi0, hi1), tl.maximum(hi2, hi3))
+                lo0, lo1, lo3 = lo2, lo2, lo2
+                hi0, hi1, hi3 = hi2, hi2, hi2
         if PPG == 2:
-            lo2 = tl.minimum(lo2, lo3)
-            hi2 = tl.maximum(hi2, hi3)
-            lo3, hi3 = lo2, hi2
-        if PPG == 4:
-            lo2 = tl.minimum(tl.minimum(lo0, lo1), tl.minimum(lo2, lo3))
-            hi2 = tl.maximum(tl.maximum(hi0, hi1), tl.maximum(hi2, hi3))
-            lo0, lo1, lo3 = lo2, lo2, lo2
-            hi0, hi1, hi3 = hi2, hi2, hi2
-    if PPG == 2:
-        lo0 = tl.minimum(lo0, lo1)
-        hi0 = tl.maximum(hi0, hi1)
-        lo1, hi1 = lo0, hi0
-    vpack = _v_plane_codes(
-        x0,
-        lo0,
-        hi0,
-        vs_ptr,
-        vm_ptr,
-        vsum_ptr,
-        row,
-        offs_t,
-        offs_c,
-        c_ok,
-        0,
-        DE,
-        GV,
-        NG,
-        BITS,
-        PAGE,
-        HEAD_DIM,
-    )
-    vpack += _v_plane_codes(
-        x1,
-        lo1,
-        hi1,
-        vs_ptr,
-        vm_ptr,
-        vsum_ptr,
-        row,
-        offs_t,
-        offs_c,
-        c_ok,
-        1,
-        DE,
-        GV,
-        NG,
-        BITS,
-        PAGE,
-        HEAD_DIM,
-    )
-    if E == 4:
-        vpack += _v_plane_codes(
-            x2,
-            lo2,
-            hi2,
+            lo0 = tl.minimum(lo0, lo1)
+            hi0 = tl.maximum(hi0, hi1)
+            lo1, hi1 = lo0, hi0
+        vpack = _v_plane_codes(
+            x0,
+            lo0,
+            hi0,
             vs_ptr,
             vm_ptr,
             vsum_ptr,
@@ -468,7 +441,7 @@ def _hack_encode_planes_kernel(
             offs_t,
             offs_c,
             c_ok,
-            2,
+            0,
             DE,
             GV,
             NG,
@@ -477,9 +450,9 @@ def _hack_encode_planes_kernel(
             HEAD_DIM,
         )
         vpack += _v_plane_codes(
-            x3,
-            lo3,
-            hi3,
+            x1,
+            lo1,
+            hi1,
             vs_ptr,
             vm_ptr,
             vsum_ptr,
@@ -487,7 +460,7 @@ def _hack_encode_planes_kernel(
             offs_t,
             offs_c,
             c_ok,
-            3,
+            1,
             DE,
             GV,
             NG,
@@ -495,14 +468,53 @@ def _hack_encode_planes_kernel(
             PAGE,
             HEAD_DIM,
         )
-    tl.store(
-        vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :],
-        vpack.to(tl.uint8),
-        mask=c_ok[None, :],
-    )
+        if E == 4:
+            vpack += _v_plane_codes(
+                x2,
+                lo2,
+                hi2,
+                vs_ptr,
+                vm_ptr,
+                vsum_ptr,
+                row,
+                offs_t,
+                offs_c,
+                c_ok,
+                2,
+                DE,
+                GV,
+                NG,
+                BITS,
+                PAGE,
+                HEAD_DIM,
+            )
+            vpack += _v_plane_codes(
+                x3,
+                lo3,
+                hi3,
+                vs_ptr,
+                vm_ptr,
+                vsum_ptr,
+                row,
+                offs_t,
+                offs_c,
+                c_ok,
+                3,
+                DE,
+                GV,
+                NG,
+                BITS,
+                PAGE,
+                HEAD_DIM,
+            )
+        tl.store(
+            vc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :],
+            vpack.to(tl.uint8),
+            mask=c_ok[None, :],
+        )
 
 
-def _check_encode(k, v, bits, group_v, out, page_ids):
+def _check_encode(k, v, bits, group_v, out, page_ids, src_rows=None):
     """Validate; returns (out pool or None, ids).  Raises ValueError naming the argument."""
     bits = check_bits(bits)
     if k.dim() != 4:
@@ -518,6 +530,15 @@ def _check_encode(k, v, bits, group_v, out, page_ids):
     if v.device != k.device:
         raise ValueError(f"v is on {v.device}, k is on {k.device}")
     n, kvh, page, d = k.shape
+    if src_rows is not None:
+        if out is None:
+            raise ValueError("src_rows needs out (the pool to write into)")
+        if src_rows.dim() != 1 or src_rows.dtype != torch.int32 or src_rows.device != k.device:
+            raise ValueError(
+                f"src_rows must be int32 [n] on {k.device}, got {src_rows.dtype} "
+                f"{tuple(src_rows.shape)} on {src_rows.device}"
+            )
+        n = src_rows.shape[0]  # pages encoded: rows src_rows of k / v
     e = 8 // bits
     if not _is_pow2(page):
         raise ValueError(f"k page_size {page} must be a power of two")
@@ -578,13 +599,29 @@ def _check_rotation(rotation, k):
         raise ValueError(f"rotation must be a contiguous float32 [{d}, {d}] on {k.device}")
 
 
-def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None, rotation=None):
+def hack_encode_pages(
+    k,
+    v,
+    bits,
+    group_v=64,
+    out=None,
+    page_ids=None,
+    rotation=None,
+    src_rows=None,
+    skip_page=None,
+):
     """Quantize full pages k, v [n, KVH, P, D] into a HackPages pool (see module docstring).
     rotation: optional fp32 [D, D]; the pages stored are those of k @ rotation, v @ rotation
-    (fused: one read of k and v). On GPU the product runs on tensor cores in tf32."""
-    pool, ids = _check_encode(k, v, bits, group_v, out, page_ids)
+    (fused: one read of k and v). On GPU the product runs on tensor cores in tf32.
+    src_rows: optional int32 [m]: encode rows src_rows of k / v (any number of rows, read in
+    place) into page_ids [m]. skip_page: a page id whose pages are not written (the engine's
+    scratch page: decode rows that fill no page)."""
+    pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
-    n, kvh, page, d = k.shape
+    _, kvh, page, d = k.shape
+    n = ids.shape[0]
+    src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
+    skip = -1 if skip_page is None else int(skip_page)
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
     if k.device.type == "cpu" and not _kernel_is_interpreted():
@@ -599,6 +636,8 @@ def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None, rotation=
             k,
             v,
             ids,
+            src,
+            skip,
             rotation if rotation is not None else k,
             pool.k_codes,
             pool.v_codes,
@@ -629,6 +668,8 @@ def hack_encode_pages(k, v, bits, group_v=64, out=None, page_ids=None, rotation=
         k,
         v,
         ids,
+        src,
+        skip,
         rotation if rotation is not None else k,
         pool.k_codes,
         pool.v_codes,
@@ -663,11 +704,26 @@ def _quantize_ref(x, lo, hi, qmax):
     return torch.floor(y + 0.5).clamp(0, qmax), sc, mn
 
 
-def hack_encode_pages_ref(k, v, bits, group_v=64, out=None, page_ids=None, rotation=None):
+def hack_encode_pages_ref(
+    k,
+    v,
+    bits,
+    group_v=64,
+    out=None,
+    page_ids=None,
+    rotation=None,
+    src_rows=None,
+    skip_page=None,
+):
     """Pure-torch reference of hack_encode_pages (same signature, same arithmetic; the rotation
     product in fp32)."""
-    pool, ids = _check_encode(k, v, bits, group_v, out, page_ids)
+    pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
+    if src_rows is not None:
+        k, v = k[src_rows.long()], v[src_rows.long()]
+    if skip_page is not None:
+        keep = ids != skip_page
+        k, v, ids = k[keep], v[keep], ids[keep]
     n, kvh, page, d = k.shape
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
