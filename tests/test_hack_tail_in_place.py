@@ -143,7 +143,7 @@ def test_encode_reads_rows_in_place_and_skips_the_scratch_page(d, bits):
 
     def pool():
         pg = HackPages.empty(7, kvh, p, d, bits, gv)
-        for name, t in pg.tensors().items():
+        for t in pg.tensors().values():
             t.fill_(7 if t.dtype == torch.uint8 else 1.5)
         return pg
 
