@@ -17,6 +17,8 @@
 #                              hack2/dense), CUDA graphs, batches 8-64 x 8k/32k           ~8 min
 #   round15    nvidia-h100-x1  issue 15 after a decode change: HACK kernel + engine GPU tests,
 #                              profile 8x32k, engine15                                     ~6 min
+#   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
+#                              and one request with compressed and dense decode           ~8 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
 #                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
 #   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
@@ -33,7 +35,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | close15 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -151,6 +153,14 @@ round15)
     step 200 engine15 python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,hack2,hack4,hack2/dense --batches 8,16,32,64 --contexts 8192,32768 \
         --out "$WORK/engine15"
+    ;;
+close15)
+    # Issue 15's remaining tables after round15: the kernels side by side with SDPA and paged
+    # bf16 (the issue's three shapes), and one request with compressed and dense decode.
+    step 300 kernels15 python3 -m zipserve bench kernels --codecs hack2,hack4 \
+        --batches 1,8,32 --contexts 4096,32768,131072 --out "$WORK/kernels15"
+    step 240 disagg15 python3 -m zipserve bench disagg --codecs bf16,hack2,hack4 \
+        --decode-kv compressed,dense --prefill-len 8192 --gen-tokens 32 --out "$WORK/disagg15"
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 10,none ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,hack2mix,lowrank+hack2 10,none ;;
