@@ -2,24 +2,25 @@
 bases (post-RoPE for K), optionally quantized further with HACK (`lowrank+hack2/4`).
 
 What a query sees, in prefill and decode alike:
-- V is in the reduced space everywhere: pages hold v @ v_enc, and the 16-bit open page and sinks
-  keep v @ v_enc too (projected at write time, `to_dense`, zero padded to head_dim). Every attention
-  output is therefore o_red [.., H, r_v], and W_o is replaced at load time by W_o folded with v_dec
-  (compress/lowrank_fold.py): no per-step lift back to head_dim exists.
+- V lives in its completed basis T = [v_enc | C] (compress/lowrank_fold.py: complete_basis, T^-1's
+  first r_v rows are v_dec^T): pages hold the first r_v coordinates v @ v_enc, the 16-bit open page
+  and sinks all D of them, v @ T (`to_dense`: exact, only a change of basis). Every attention output
+  is o_T [.., H, D] in that basis (pages add to its first r_v columns), and W_o is replaced at load
+  time by W_o folded with T^-1 (same size as W_o): no per-step lift exists.
 - K: pages hold k @ k_enc (projected after RoPE by the encode kernel that stores them,
   kernels/lowrank_encode.py; a filled open page is projected by the same kernel when sealed).
   Scores against pages use q_red = q @ k_dec, q projected after RoPE (RoPE rotates by position, so
   Bk cannot be folded into W_q for post-RoPE keys: a D x r_k product per query head and step).
   The open page and sinks keep K at full dimension and are scored with q itself.
-Why K of the tail stays full and V does not: folding needs every value reduced (projecting the
-tail's attention output through v_enc is the same linear map as storing its V projected), while
-keys need no such thing. Perplexity on the reference model (12 held-out files cut to 768 tokens,
-context 512, stride 256; bf16 21.566): the earlier unfolded codec with an exact 16-bit tail 22.585,
-this one (tail V projected, folded or lifted alike) 23.032 (+2.0%), with the tail's K projected too
-29.725 (+31.6%: layers with r_k = 16 lose the exact scores of the most recent tokens).
+Why the tail keeps V exact: the model's attention mass sits mostly on the open page in most layers
+(bench/QUALITY_BREAKDOWN.md), so projecting its values cost more than the pages' projection: with
+the tail's V projected (the codec before V's basis was completed, the shipped ranks) 4 held-out
+windows lost +8.1% perplexity, with it exact +5.4% (bench/QUALITY_BREAKDOWN.md, "lowrank").
+Keeping the tail's K projected too cost +31.6% in an earlier measurement (layers with small r_k
+lose the exact scores of the most recent tokens).
 Pages of layer l hold exactly r_k(l) and r_v(l) float16 columns (or HACK codes of both, zero
 padded to one power of two >= 64, whose bytes page_bytes_per_token counts). The dense buffers keep
-head_dim columns (V's past r_v are zeros), as counted by bytes_per_token's dense term.
+head_dim columns, as counted by bytes_per_token's dense term.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from safetensors.torch import load_file
 
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.hack import HackCodec
-from zipserve.compress.lowrank_fold import apply_lowrank_output
+from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
 from zipserve.compress.reference_attention import dequant_decode_attention
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
@@ -47,8 +48,8 @@ NO_DENSE_FORM_REASON = (
 
 class LowRankBases:
     """Per layer and KV head, [KVH, D, r] matrices: k_enc stores keys (k @ k_enc), k_dec projects
-    queries (q @ k_dec) so that q_red . k_red ~= q . k; v_enc stores values, v_dec lifts the
-    reduced attention output back (o_red @ v_dec^T)."""
+    queries (q @ k_dec) so that q_red . k_red ~= q . k; v_enc stores values, v_dec lifts them back
+    (v ~= (v @ v_enc) @ v_dec^T); dec^T enc = I."""
 
     def __init__(self, layers: list[dict[str, torch.Tensor]], info: dict):
         self.layers, self.info = layers, info
@@ -122,7 +123,7 @@ def _pad_pow2(r: int, lo: int = 64) -> int:
 
 class LowRankLayerCodec(KVCodec):
     """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes); values and the
-    attention output live in the reduced space (module docstring)."""
+    attention output live in V's completed basis (module docstring)."""
 
     dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
@@ -139,6 +140,9 @@ class LowRankLayerCodec(KVCodec):
         super().__init__(num_kv_heads, page_size, head_dim)
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
         self._bases_cpu = {n: b.float().contiguous() for n, b in bases.items()}  # [KVH, D, r]
+        # V's completed basis and its inverse (transposed), [KVH, D, D]: the tail's V and W_o's fold
+        self.v_enc_full, self.v_dec_full = complete_basis(bases["v_enc"], bases["v_dec"])
+        self._bases_cpu["v_enc_full"] = self.v_enc_full
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.inner = None
         if bits is not None:  # HACK on the reduced dims, both padded to one power of two
@@ -160,10 +164,17 @@ class LowRankLayerCodec(KVCodec):
         return qr.reshape(b, h, self.rk).to(q.dtype)
 
     def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v @ v_enc zero
-        padded to [.., KVH, D]."""
-        vr = torch.einsum("...hd,hdr->...hr", v.float(), self._bases(v.device)["v_enc"])
-        return k, _width(vr, v.shape[-1]).to(v.dtype)
+        """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v in V's
+        completed basis, v @ [v_enc | C] [.., KVH, D] (its first r_v columns are what a page
+        stores)."""
+        vt = torch.einsum("...hd,hde->...he", v.float(), self._bases(v.device)["v_enc_full"])
+        return k, vt.to(v.dtype)
+
+    def lift_v(self, vt: torch.Tensor) -> torch.Tensor:
+        """Values [.., KVH, P, D] in V's completed basis (pages: zero past r_v) -> the model's
+        basis (vt @ v_dec_full^T), fp32: what attention to them stands for."""
+        dec = self.v_dec_full.to(vt.device)  # [KVH, D, D]
+        return torch.einsum("...hpe,hde->...hpd", vt.float(), dec)
 
     # -- pages -----------------------------------------------------------------------------------
     def new_store(self, num_pages, device):
@@ -184,6 +195,9 @@ class LowRankLayerCodec(KVCodec):
         )
         k, v = _last_contiguous(k), _last_contiguous(v)
         v_basis = None if v_projected else b["v_enc"]
+        if v_projected and self.inner is not None and self.rv < self.width:
+            # the dense form holds all D coordinates; a page keeps the first r_v, zeros past them
+            v = _width(v[..., : self.rv], v.shape[-1]).contiguous()
         if self.inner is None:
             fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids)
             return
@@ -199,7 +213,8 @@ class LowRankLayerCodec(KVCodec):
         self._encode(store, page_ids, k, v, v_projected=False)
 
     def seal(self, store, page_ids, k, v):
-        """Filled open pages in the dense form (k full, v already projected) -> projected pages."""
+        """Filled open pages in the dense form (k full, v in V's completed basis) -> projected
+        pages."""
         self._encode(store, page_ids, k, v, v_projected=True)
 
     def _reduced(self, store, page_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +225,10 @@ class LowRankLayerCodec(KVCodec):
         return kr[..., : self.rk], vr[..., : self.rv]
 
     def dequantize(self, store, page_ids):
-        """Pages as the dense tail holds them, [n, KVH, P, D] fp32: K as the full-dimension stand-in
-        k_red @ k_dec^T (q . it == q_red . k_red), V projected and zero padded (not a
-        reconstruction of v: values stay reduced). The references attend to these."""
+        """Pages in the dense tail's form, [n, KVH, P, D] fp32: K as the full-dimension stand-in
+        k_red @ k_dec^T (q . it == q_red . k_red), V in its completed basis (the stored r_v
+        coordinates, zeros past them; `lift_v` takes them to the model's basis). The references
+        attend to these."""
         kr, vr = self._reduced(store, page_ids)
         k_dec = self._bases(kr.device)["k_dec"]
         return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
@@ -223,14 +239,14 @@ class LowRankLayerCodec(KVCodec):
     def decode_attention(
         self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
     ):
-        """q [B, H, D] after RoPE; dense_k full, dense_v projected. Returns o_red [B, H, r_v]."""
+        """q [B, H, D] after RoPE; dense_k full, dense_v in V's completed basis. Returns o_T
+        [B, H, D] in that basis."""
         if self.inner is not None:
             # No kernel yet: the HACK kernel scores pages and tail with one query, but here the
             # tail's K is full-dimension and the pages' reduced. The reference attends instead.
-            out = dequant_decode_attention(
+            return dequant_decode_attention(
                 self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale
-            )  # [B, H, D], zeros past r_v
-            return out[..., : self.rv]
+            )  # [B, H, D]
         fn = lr_attn.lowrank_decode_attention if q.is_cuda else lr_attn.lowrank_decode_attention_ref
         return fn(
             q,
@@ -308,8 +324,8 @@ class LowRankCodec(KVCodec):
         return self.layers[layer]
 
     def prepare_model(self, model, fold: bool = True) -> None:
-        """The attention output stays reduced: V's basis folded into W_o (compress/lowrank_fold.py;
-        fold False: lifted back every step, the unfolded reference)."""
+        """The attention output is in V's completed basis: its inverse folded into W_o
+        (compress/lowrank_fold.py; fold False: lifted back every step, the unfolded reference)."""
         apply_lowrank_output(model, self, fold=fold)
 
     def _per_layer(self, *_):
