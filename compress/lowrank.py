@@ -26,6 +26,7 @@ head_dim columns, as counted by bytes_per_token's dense term.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -55,11 +56,17 @@ class LowRankBases:
         self.layers, self.info = layers, info
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> LowRankBases:
-        """The calibrated bases beside a checkpoint; for a `random:NAME` model (random weights,
-        nothing to calibrate on) random ones, see `random_for`."""
+    def load(
+        cls, model_dir: str | Path, ranks: tuple[Sequence[int], Sequence[int]] | None = None
+    ) -> LowRankBases:
+        """The calibrated bases beside a checkpoint, cut to `lowrank`'s ranks (lowrank.json's
+        k_ranks / v_ranks) or to `ranks` (r_k, r_v per layer: another codec's, e.g.
+        lowrank+hack2mix's widths). The file holds each layer's bases at full rank, columns by
+        falling energy (files of earlier calibrations: cut to lowrank's ranks, which then bound
+        any other). For a `random:NAME` model (random weights, nothing to calibrate on) random
+        ones, see `random_for`."""
         if str(model_dir).startswith("random:"):
-            return cls.random_for(str(model_dir))
+            return cls.random_for(str(model_dir), ranks=ranks)
         path = Path(model_dir) / BASES_FILE
         if not path.is_file():
             raise ValueError(
@@ -71,15 +78,42 @@ class LowRankBases:
         info_path = Path(model_dir) / "lowrank.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         names = ("k_enc", "k_dec", "v_enc", "v_dec")
-        return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
+        layers = [{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)]
+        rk, rv = ranks or (info.get("k_ranks"), info.get("v_ranks"))
+        if rk is None or rv is None:  # no ranks recorded: the file's own
+            return cls(layers, info)
+        if len(rk) != n or len(rv) != n:
+            raise ValueError(
+                f"codec: ranks for {len(rk)} / {len(rv)} layers, {path} holds {n}; "
+                f"calibrate again (`zipserve calibrate --model {model_dir}`)"
+            )
+        for i, layer in enumerate(layers):
+            for side, r in (("k", rk[i]), ("v", rv[i])):
+                have = layer[f"{side}_enc"].shape[2]
+                if not 1 <= r <= have:
+                    raise ValueError(
+                        f"codec: layer {i} {side.upper()} needs rank {r}, {path} holds "
+                        f"{have}; calibrate again (`zipserve calibrate --model {model_dir}`)"
+                    )
+                for m in (f"{side}_enc", f"{side}_dec"):
+                    layer[m] = layer[m][:, :, :r].contiguous()
+        return cls(layers, dict(info, k_ranks=list(rk), v_ranks=list(rv)))
 
     @classmethod
     def random(
-        cls, num_layers: int, num_kv_heads: int, head_dim: int, rk: int, rv: int, seed: int = 0
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rk: int | Sequence[int],
+        rv: int | Sequence[int],
+        seed: int = 0,
     ) -> LowRankBases:
-        """Random orthonormal bases (enc == dec) of ranks rk / rv: for benchmarks on random
-        weights, where there is nothing to calibrate on."""
+        """Random orthonormal bases (enc == dec) of ranks rk / rv (one for all layers, or one
+        per layer): for benchmarks on random weights, where there is nothing to calibrate on."""
         g = torch.Generator().manual_seed(seed)
+        rk = [rk] * num_layers if isinstance(rk, int) else list(rk)
+        rv = [rv] * num_layers if isinstance(rv, int) else list(rv)
 
         def basis(r):  # [KVH, D, r] orthonormal columns
             q, _ = torch.linalg.qr(
@@ -88,28 +122,35 @@ class LowRankBases:
             return q[:, :, :r].float().contiguous()
 
         layers = []
-        for _ in range(num_layers):
-            bk, bv = basis(rk), basis(rv)
+        for i in range(num_layers):
+            bk, bv = basis(rk[i]), basis(rv[i])
             layers.append({"k_enc": bk, "k_dec": bk, "v_enc": bv, "v_dec": bv})
-        return cls(
-            layers, {"random": True, "k_ranks": [rk] * num_layers, "v_ranks": [rv] * num_layers}
-        )
+        return cls(layers, {"random": True, "k_ranks": rk, "v_ranks": rv})
 
     @classmethod
-    def random_for(cls, model: str, budget: float = 0.5, seed: int = 0) -> LowRankBases:
-        """Random orthonormal bases of uniform rank round(budget * head_dim) for K and V of every
-        layer of the `random:NAME` model: the bytes and the work of a calibrated codec at that
-        budget, for speed benchmarks on random weights; quality means nothing here."""
+    def random_for(
+        cls,
+        model: str,
+        budget: float = 0.5,
+        seed: int = 0,
+        ranks: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> LowRankBases:
+        """Random orthonormal bases of uniform rank round(budget * head_dim) (or of `ranks`, per
+        layer) for K and V of every layer of the `random:NAME` model: the bytes and the work of
+        a calibrated codec at that budget, for speed benchmarks on random weights; quality means
+        nothing here."""
         from zipserve.engine.config import random_model_config
 
         cfg = random_model_config(model)
         d = cfg.head_dim
         r = max(1, round(budget * d))
-        bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, r, r, seed)
+        rk, rv = ranks or (r, r)
+        bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, rk, rv, seed)
+        what = f"rank {r} of {d}" if ranks is None else f"ranks {list(rk)} / {list(rv)} of {d}"
         bases.info.update(
             budget=budget,
             head_dim=d,
-            basis=f"random orthonormal, rank {r} of {d} (random weights: speed benchmarks only)",
+            basis=f"random orthonormal, {what} (random weights: speed benchmarks only)",
         )
         return bases
 
@@ -135,7 +176,10 @@ class LowRankLayerCodec(KVCodec):
         head_dim,
         bases: dict[str, torch.Tensor],
         bits: int | None,
+        width: int | None = None,
     ):
+        """bits: HACK's on the reduced dims (None: float16 pages); width: HACK's head size, >=
+        both ranks (default: the next power of two >= 64)."""
         self.name, self.bits = name, bits
         super().__init__(num_kv_heads, page_size, head_dim)
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
@@ -145,8 +189,12 @@ class LowRankLayerCodec(KVCodec):
         self._bases_cpu["v_enc_full"] = self.v_enc_full
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.inner = None
-        if bits is not None:  # HACK on the reduced dims, both padded to one power of two
-            self.width = _pad_pow2(max(self.rk, self.rv))
+        if bits is not None:  # HACK on the reduced dims, both padded to one width
+            self.width = width or _pad_pow2(max(self.rk, self.rv))
+            if self.width < max(self.rk, self.rv):
+                raise ValueError(
+                    f"codec: {name} width {self.width} is below its ranks {self.rk} / {self.rv}"
+                )
             self.inner = HackCodec(num_kv_heads, page_size, self.width, bits)
             self.n_sink = HackCodec.n_sink
 
@@ -291,18 +339,38 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 class LowRankCodec(KVCodec):
-    """Dispatches to one LowRankLayerCodec per layer (ranks differ between layers)."""
+    """Dispatches to one LowRankLayerCodec per layer (ranks, and with HACK its bits and width,
+    may differ between layers: lowrank+hack2mix, compress/lowrank_plan.py)."""
 
     dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
     def __init__(
-        self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases, bits: int | None = None
+        self,
+        name,
+        num_kv_heads,
+        page_size,
+        head_dim,
+        bases: LowRankBases,
+        bits: int | Sequence[int] | None = None,
+        widths: Sequence[int] | None = None,
     ):
+        """bits: HACK's, one for all layers or one per layer (None: float16 pages); widths:
+        HACK's head size per layer (default: see LowRankLayerCodec)."""
         self.name, self.bases = name, bases
         super().__init__(num_kv_heads, page_size, head_dim)
+        n = len(bases.layers)
+        per_bits = [bits] * n if bits is None or isinstance(bits, int) else list(bits)
+        per_width = [None] * n if widths is None else list(widths)
+        if len(per_bits) != n or len(per_width) != n:
+            raise ValueError(
+                f"codec: {name} has bases for {n} layers, bits / widths for "
+                f"{len(per_bits)} / {len(per_width)}"
+            )
+        if len({b is None for b in per_bits}) > 1:  # the cache keeps one set of sinks
+            raise ValueError(f"codec: {name} needs HACK bits in every layer or in none")
         # Plain lowrank decodes with a Triton kernel; lowrank+hack still attends through the
         # dequantizing torch reference, which loops over sequences on the host.
-        self.graph_safe = bits is None
+        self.graph_safe = per_bits[0] is None
         for i, b in enumerate(bases.layers):
             for n, t in b.items():
                 if (
@@ -315,8 +383,8 @@ class LowRankCodec(KVCodec):
                         f"expected [KVH={num_kv_heads}, D={head_dim}, r<=D]"
                     )
         self.layers = [
-            LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bits)
-            for b in bases.layers
+            LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bt, w)
+            for b, bt, w in zip(bases.layers, per_bits, per_width)
         ]
         self.n_sink = self.layers[0].n_sink
 
