@@ -128,7 +128,10 @@ def test_folded_reference_model_equals_unfolded(codec):
     """Folded and lifting engines on the shipped bases: logits of a 130-token sequence (scored page
     by page) within 1e-4 of the largest logit; for lowrank, greedy decode crossing a page boundary
     (prompt 110 + 24 tokens) unchanged (lowrank+hack's decode path is held to scoring in
-    test_codecs; folding is the same code for both)."""
+    test_codecs; folding is the same code for both). lowrank+hack4: the two o_proj round
+    differently in float32, which can flip a 4-bit code at a rounding tie when a later layer's
+    page is encoded; rows that read no encoded page (the first two pages) stay within 1e-4, the
+    rows after within 2e-3 (on the shipped bases: one row of 130, 5e-4)."""
     llms = {
         f: LLM(
             str(REFERENCE_MODEL),
@@ -144,7 +147,13 @@ def test_folded_reference_model_equals_unfolded(codec):
     assert folded.engine.model.layers[0].self_attn.o_proj.weight.shape[1] == 4 * 64  # H * D
     ids = folded.tokenizer.encode("import os\nimport sys\n\n\ndef main(argv):\n    " * 12)[:130]
     a, b = folded.logits(ids), lifted.logits(ids)
-    assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+    top = b.abs().max().item()
+    if codec == "lowrank":
+        assert (a - b).abs().max().item() < 1e-4 * top
+    else:
+        assert (a - b)[:128].abs().max().item() < 1e-4 * top
+        assert (a - b).abs().max().item() < 2e-3 * top
+        assert (a - b).abs().mean().item() < 1e-5 * top
     if codec == "lowrank":
         params = SamplingParams(max_tokens=24, **GREEDY)
         outs = {f: llm.generate(ids[:110], params)[0].token_ids for f, llm in llms.items()}
