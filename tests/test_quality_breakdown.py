@@ -112,3 +112,27 @@ def test_per_layer_codecs_match_the_engine(ref, codec):
     assert qb.variant_bytes(mine_setup, qb.Variant("all"), 1024) == pytest.approx(
         llm.engine.codec.bytes_per_token(setup.config.num_layers)
     )
+
+
+def test_kivi_with_smaller_groups_costs_more_and_errs_less():
+    """bench/kivi_equal_bytes.py's KIVI of other group sizes: the bytes follow the groups
+    (K scale + min per channel per token group, V per token per channel group) and smaller
+    groups reconstruct random K/V at least as well as kivi2's groups of 32."""
+    from zipserve.bench.kivi_equal_bytes import KiviGroups
+    from zipserve.compress.kivi import KiviCodec
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 64, 64, generator=g), torch.randn(3, 2, 64, 64, generator=g)
+    ids = torch.arange(3)
+    errs = []
+    for codec, side in (
+        (KiviCodec(2, 64, 64, 2), 8 + 8),
+        (KiviGroups(2, 64, 64, 2, 16, 32), 16 + 8),
+        (KiviGroups(2, 64, 64, 2, 16, 16), 16 + 16),
+    ):
+        assert codec.page_bytes_per_token() == 2 * 64 * 2 / 8 + side
+        store = codec.new_store(3, "cpu")
+        codec.encode(store, ids, k, v)
+        dk, dv = codec.dequantize(store, ids)
+        errs.append(((dk - k).pow(2).mean().item(), (dv - v).pow(2).mean().item()))
+    assert errs[1][0] < errs[0][0] and errs[2][1] < errs[1][1]
