@@ -19,8 +19,10 @@ windows lost +8.1% perplexity, with it exact +5.4% (bench/QUALITY_BREAKDOWN.md, 
 Keeping the tail's K projected too cost +31.6% in an earlier measurement (layers with small r_k
 lose the exact scores of the most recent tokens).
 Pages of layer l hold exactly r_k(l) and r_v(l) float16 columns (or HACK codes of both, zero
-padded to one power of two >= 64, whose bytes page_bytes_per_token counts). The dense buffers keep
-head_dim columns, as counted by bytes_per_token's dense term.
+padded to the layer's HACK width, whose bytes page_bytes_per_token counts: one power of two >= 64
+for lowrank+hack2/4, the measured plan's per-layer width and bits for lowrank+hack2mix,
+compress/lowrank_plan.py). The dense buffers keep head_dim columns, as counted by
+bytes_per_token's dense term. Ranks: `zipserve calibrate` (compress/calibrate.py) measures them.
 """
 
 from __future__ import annotations
