@@ -45,33 +45,16 @@ from pathlib import Path
 
 import torch
 
+from zipserve.bench.quality_variants import (
+    Variant,
+    breakdown_variants,
+    experiment_variants,
+    variant_bytes,
+)
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.codecs import make_codec
-from zipserve.compress.hack import HackCodec
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "zipserve-ref")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """Which part of the KV is quantized; everything else stays exact (fp32 here)."""
-
-    name: str
-    group: str = ""
-    layers: tuple[int, ...] | None = None  # None: all
-    heads: tuple[int, ...] | None = None  # KV heads; None: all
-    k: bool = True
-    v: bool = True
-    positions: str = "all"  # all | recent | far | sinks
-    window: int = 0  # W of the recent / far classes: recent = key within W tokens before query
-    quant_sinks: bool = False  # also quantize the codec's sink tokens (HACK keeps 4 in 16-bit)
-    outlier_k: int = 0  # top channels per (layer, KV head) of K kept exact
-    outlier_v: int = 0
-    overrides: tuple[tuple[int, str, str, int | None], ...] = ()
-    """(layer, codec, kinds "K"/"V"/"KV", KV head or None for all): another codec for that part
-    ("bf16" keeps it exact), e.g. hack4 for the most sensitive layer's K."""
-    cost: bool = True  # has a byte cost (False for diagnostic subsets)
-    quantize: bool = True  # False: nothing quantized (the bf16 reference)
 
 
 @dataclass
@@ -82,6 +65,9 @@ class Setup:
     page_size: int = 64
     outliers: dict = field(default_factory=dict)  # (layer, kind) -> LongTensor [KVH, D] order
     codecs: dict = field(default_factory=dict)
+    """name -> codec; a caller may add its own (e.g. lowrank bases of another rank)."""
+    model_dir: str = DEFAULT_MODEL
+    """Where calibrated codecs (hack2mix, lowrank*) read their files."""
 
     def codec(self, layer: int, v: Variant, name: str | None = None) -> KVCodec:
         """The variant's codec (or `name`) for a layer; bf16 is the dense codec in fp32 (its
@@ -90,9 +76,14 @@ class Setup:
         if name not in self.codecs:
             c = self.config
             self.codecs[name] = make_codec(
-                name, c.num_kv_heads, self.page_size, c.head_dim, dtype=torch.float32
+                name,
+                c.num_kv_heads,
+                self.page_size,
+                c.head_dim,
+                model_dir=self.model_dir,
+                dtype=torch.float32,
             )
-        return self.codecs[name]
+        return self.codecs[name].for_layer(layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +91,9 @@ class Setup:
 
 
 def _roundtrip(codec: KVCodec, k: torch.Tensor, v: torch.Tensor, p: int):
-    """k, v [T, KVH, D] -> codec encode + dequantize of the full pages; the partial last page is
-    returned unchanged (it is never attended as encoded)."""
+    """k, v [T, KVH, D] -> codec encode + dequantize of the full pages, in the model's basis (a
+    lowrank codec's values lifted back from V's completed basis, `lift_v`); the partial last page
+    is returned unchanged (it is never attended as encoded)."""
     t, h, d = k.shape
     n = t // p
     kh, vh = k.float().clone(), v.float().clone()
@@ -112,6 +104,8 @@ def _roundtrip(codec: KVCodec, k: torch.Tensor, v: torch.Tensor, p: int):
     ids = torch.arange(n, device=k.device)
     codec.encode(store, ids, pages(k), pages(v))
     dk, dv = codec.dequantize(store, ids)  # [n, KVH, P, D]
+    if hasattr(codec, "lift_v"):  # lowrank: the tail is exact, pages stand for their lift
+        dv = codec.lift_v(dv)
     kh[: n * p] = dk.transpose(1, 2).reshape(n * p, h, d)
     vh[: n * p] = dv.transpose(1, 2).reshape(n * p, h, d)
     return kh, vh
@@ -324,128 +318,6 @@ def nll(
 
 
 # ---------------------------------------------------------------------------------------------
-# Bytes
-
-
-def kind_bytes(codec: KVCodec, head_dim: int) -> tuple[float, float]:
-    """(K, V) stored bytes per token and KV head of a full page."""
-    if isinstance(codec, HackCodec):
-        d, b, p, gv = head_dim, codec.bits, codec.page_size, codec.group_v
-        kb = d * b / 8 + 2 * d * 2 / p + 4  # codes, K scale+min per channel, k_sums
-        vb = d * b / 8 + 2 * (d // gv) * 2 + 4 * d / p  # codes, V scale+min per group, v_sums
-        assert abs(kb + vb - codec.page_bytes_per_token()) < 1e-9
-        return kb, vb
-    half = codec.page_bytes_per_token() / 2
-    return half, half
-
-
-def variant_bytes(setup: Setup, v: Variant, seq_len: int) -> float | None:
-    """KV bytes per token over all layers (full pages + the variant's 16-bit extras amortized at
-    seq_len); None for diagnostic variants."""
-    if not v.cost:
-        return None
-    cfg = setup.config
-    d, kvh = cfg.head_dim, cfg.num_kv_heads
-    total = 0.0
-    for li in range(cfg.num_layers):
-        on = v.quantize and (v.layers is None or li in v.layers)
-        for h in range(kvh):
-            hon = on and (v.heads is None or h in v.heads)
-            cb = kind_bytes(setup.codec(li, v), d) if hon else (2.0 * d, 2.0 * d)
-            kb = cb[0] if (hon and v.k) else 2.0 * d
-            vb = cb[1] if (hon and v.v) else 2.0 * d
-            for ol, name, kinds, head in v.overrides:
-                if hon and ol == li and head in (None, h):
-                    ob = kind_bytes(setup.codec(li, v, name), d)
-                    kb = ob[0] if "K" in kinds and v.k else kb
-                    vb = ob[1] if "V" in kinds and v.v else vb
-            if hon and v.positions == "far" and v.window:  # W newest tokens not yet encoded
-                total += min(v.window, seq_len) / seq_len * (4.0 * d - kb - vb)
-            if hon and v.k and v.outlier_k:
-                kb += 2 * v.outlier_k
-            if hon and v.v and v.outlier_v:
-                vb += 2 * v.outlier_v
-            total += kb + vb
-    return total
-
-
-# ---------------------------------------------------------------------------------------------
-# Variant sets
-
-
-def breakdown_variants(num_layers: int, kvh: int, window: int) -> list[Variant]:
-    vs = [Variant("bf16 (nothing quantized)", "ref", quantize=False), Variant("all (codec)", "ref")]
-    vs += [Variant(f"layer {li}", "layer", layers=(li,)) for li in range(num_layers)]
-    vs += [Variant("K only", "kind", v=False), Variant("V only", "kind", k=False)]
-    vs += [
-        Variant(f"layer {li} {kind}", "layer x kind", layers=(li,), k=kind == "K", v=kind == "V")
-        for li in range(num_layers)
-        for kind in "KV"
-    ]
-    vs += [Variant(f"KV head {h}", "head", heads=(h,)) for h in range(kvh)]
-    vs += [
-        Variant("sinks quantized too", "position", quant_sinks=True),
-        Variant(
-            "only sinks quantized", "position", quant_sinks=True, positions="sinks", cost=False
-        ),
-        Variant(
-            f"only recent (W={window})", "position", positions="recent", window=window, cost=False
-        ),
-        Variant(f"only far (> W={window})", "position", positions="far", window=window),
-    ]
-    return vs
-
-
-def experiment_variants(
-    num_layers: int, windows_w=(64, 128, 256), outliers=(2, 4, 8)
-) -> list[Variant]:
-    vs = [
-        Variant(f"recent W={w} exact", "exp: recent window", positions="far", window=w)
-        for w in windows_w
-    ]
-    vs += [
-        Variant(f"top-{n} K channels exact", "exp: outlier channels", outlier_k=n) for n in outliers
-    ]
-    vs += [
-        Variant(f"top-{n} V channels exact", "exp: outlier channels", outlier_v=n)
-        for n in outliers[1:2]
-    ]
-    vs += [
-        Variant(f"top-{n} K+V channels exact", "exp: outlier channels", outlier_k=n, outlier_v=n)
-        for n in outliers[1:2]
-    ]
-    if num_layers == 6:  # the reference model: its most sensitive parts (the breakdown above)
-        vs += [
-            Variant("L5 K hack4", "exp: per-layer bits", overrides=((5, "hack4", "K", None),)),
-            Variant(
-                "L5 KV-head 1 K hack4", "exp: per-layer bits", overrides=((5, "hack4", "K", 1),)
-            ),
-            Variant("L5 K+V hack4", "exp: per-layer bits", overrides=((5, "hack4", "KV", None),)),
-            Variant(
-                "L2,4,5 K hack4",
-                "exp: per-layer bits",
-                overrides=tuple((li, "hack4", "K", None) for li in (2, 4, 5)),
-            ),
-            Variant("L5 K bf16", "exp: per-layer bits", overrides=((5, "bf16", "K", None),)),
-            Variant(
-                "L5 K hack4 + recent W=64 exact",
-                "exp: combined",
-                positions="far",
-                window=64,
-                overrides=((5, "hack4", "K", None),),
-            ),
-            Variant(
-                "L2,4,5 K hack4 + recent W=64 exact",
-                "exp: combined",
-                positions="far",
-                window=64,
-                overrides=tuple((li, "hack4", "K", None) for li in (2, 4, 5)),
-            ),
-        ]
-    return vs
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def run(
@@ -466,7 +338,7 @@ def run(
 
     torch.manual_seed(0)
     config, net, tok = load(model)
-    setup = Setup(net, config, codec)
+    setup = Setup(net, config, codec, model_dir=model)
     corpus = load_corpus(text_dir)
     wins = windows(tok, corpus.held_out, n_windows, context, offset)
     calib = windows(tok, corpus.train[:40], 4, context)
@@ -588,7 +460,7 @@ def check_engine(
     from zipserve.train.corpus import load_corpus
 
     config, net, tok = load(model)
-    setup = Setup(net, config, codec)
+    setup = Setup(net, config, codec, model_dir=model)
     llm = LLM(
         model, device="cpu", dtype="float32", codec=codec, num_pages=64, max_model_len=context + 1
     )

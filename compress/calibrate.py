@@ -9,10 +9,14 @@ not for reconstructing K and V:
 - V: the attention output passes through W_o, so with M = sum over the group's query heads of
   W_o,h^T W_o,h, values are stored as v @ (M^1/2 U) with U from M^1/2 C_v M^1/2 and lifted back
   with M^-1/2 U (foldable into W_o).
-Ranks are chosen per layer (shared by its KV heads, multiples of `rank_step`) by a greedy
-allocation that maximizes the retained (whitened) energy fraction under a size budget: the
-average fraction of K+V dimensions kept.
-Bases are written beside the checkpoint as lowrank.safetensors (+ lowrank.json).
+Ranks are chosen per layer (shared by its KV heads, multiples of `rank_step`) under a size budget,
+the average fraction of K+V dimensions kept: by default from the perplexity each rank measurably
+costs on calibration windows of the training split (`allocation="measured"`,
+compress/lowrank_plan.py), or by the earlier greedy allocation that maximizes the retained
+(whitened) energy fraction (`"energy"`).
+Bases are written beside the checkpoint as lowrank.safetensors, every layer's at full rank (columns
+by falling energy: other codecs cut them to their own ranks, e.g. lowrank+hack2mix), and
+lowrank.json with `lowrank`'s ranks and what was measured.
 """
 
 from __future__ import annotations
@@ -97,15 +101,9 @@ def allocate_ranks(
     return rk, rv
 
 
-def calibrate(
-    llm,
-    texts: list[str],
-    budget: float,
-    out_dir: str | Path,
-    window: int = 1024,
-    max_tokens: int = 200_000,
-    rank_step: int = 16,
-) -> dict:
+def collect_moments(llm, texts: list[str], window: int, max_tokens: int) -> _CaptureCache:
+    """Second moments of every layer's post-RoPE q, k and v over the first max_tokens tokens of
+    texts, run in windows of `window` tokens (exact attention)."""
     engine = llm.engine
     cfg = engine.config
     cap = _CaptureCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -119,7 +117,15 @@ def calibrate(
                 engine.logits(chunk)
     finally:
         engine.runner.cache = real_cache
-    rk_basis, rv_basis, ck, cv = [], [], [], []
+    return cap
+
+
+def full_bases(llm, cap: _CaptureCache) -> tuple[list[dict[str, torch.Tensor]], list, list]:
+    """Per layer {k_enc, k_dec, v_enc, v_dec} [KVH, D, D] at full rank (columns by falling
+    whitened energy) and the cumulative energy fractions cum_k, cum_v [KVH, D] per layer."""
+    engine = llm.engine
+    cfg = engine.config
+    bases, ck, cv = [], [], []
     g = cfg.num_heads // cfg.num_kv_heads
     for l in range(cfg.num_layers):
         # K: data C_k under the metric C_q (queries of the kv head's group).
@@ -129,16 +135,45 @@ def calibrate(
         w_o = w_o.view(cfg.hidden_size, cfg.num_kv_heads, g, cfg.head_dim)  # [hid, KVH, G, D]
         metric = torch.einsum("xkgd,xkge->kde", w_o, w_o)  # [KVH, D, D]
         v_enc, v_dec, cum_v = _whitened_bases(cap.vv[l], metric)
-        rk_basis.append((k_enc, k_dec))
-        rv_basis.append((v_enc, v_dec))
+        bases.append({"k_enc": k_enc, "k_dec": k_dec, "v_enc": v_enc, "v_dec": v_dec})
         ck.append(cum_k)
         cv.append(cum_v)
-    rk, rv = allocate_ranks(torch.stack(ck), torch.stack(cv), budget, rank_step)
+    return bases, ck, cv
+
+
+def calibrate(
+    llm,
+    texts: list[str],
+    budget: float,
+    out_dir: str | Path,
+    window: int = 1024,
+    max_tokens: int = 200_000,
+    rank_step: int = 8,
+    allocation: str = "measured",
+    measure: list[list[int]] | None = None,
+    progress: bool = False,
+) -> dict:
+    """Bases from `texts` (their first max_tokens tokens), ranks for `budget`, written to out_dir.
+
+    allocation "measured" needs `measure`: token windows of calibration text other than `texts`
+    (the training split), whose last half is scored (compress/lowrank_plan.py); "energy" ranks
+    by retained energy."""
+    if allocation not in ("measured", "energy"):
+        raise ValueError(f"allocation: 'measured' or 'energy', got {allocation!r}")
+    if allocation == "measured" and not measure:
+        raise ValueError("allocation: 'measured' needs calibration windows to measure on")
+    cfg = llm.engine.config
+    cap = collect_moments(llm, texts, window, max_tokens)
+    bases, ck, cv = full_bases(llm, cap)
+    info_measured: dict = {}
+    if allocation == "energy":
+        rk, rv = allocate_ranks(torch.stack(ck), torch.stack(cv), budget, rank_step)
+    else:
+        rk, rv, info_measured = _measured_ranks(llm, bases, budget, rank_step, measure, progress)
     tensors = {}
     for l in range(cfg.num_layers):
-        for side, (enc, dec), r in (("k", rk_basis[l], rk[l]), ("v", rv_basis[l], rv[l])):
-            tensors[f"layers.{l}.{side}_enc"] = enc[:, :, :r].contiguous()  # [KVH, D, r]
-            tensors[f"layers.{l}.{side}_dec"] = dec[:, :, :r].contiguous()
+        for name, t in bases[l].items():
+            tensors[f"layers.{l}.{name}"] = t.contiguous()  # [KVH, D, D], full rank
     out = Path(out_dir)
     save_file(tensors, str(out / "lowrank.safetensors"))
     info = {
@@ -148,13 +183,47 @@ def calibrate(
         "k_ranks": rk,
         "v_ranks": rv,
         "head_dim": cfg.head_dim,
-        "basis": "whitened (K by C_q, V by W_o)",
+        "rank_step": rank_step,
+        "allocation": allocation,
+        "basis": "whitened (K by C_q, V by W_o); stored at full rank, cut to the ranks on load",
         "k_energy_kept": [
             round(float(ck[l][:, rk[l] - 1].mean()), 5) for l in range(cfg.num_layers)
         ],
         "v_energy_kept": [
             round(float(cv[l][:, rv[l] - 1].mean()), 5) for l in range(cfg.num_layers)
         ],
+        **info_measured,
     }
     (out / "lowrank.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def _measured_ranks(llm, bases, budget, rank_step, measure, progress):
+    """(r_k, r_v, what was measured) by compress/lowrank_plan.py on the `measure` windows."""
+    from zipserve.bench import quality_breakdown as qb
+    from zipserve.compress import lowrank_plan as lp
+
+    cfg = llm.engine.config
+    d = cfg.head_dim
+    setup = qb.Setup(llm.engine.model, cfg, "lowrank")
+    score = min(len(w) for w in measure) // 2
+    ranks = [r for r in range(rank_step, d, rank_step)]
+    losses = lp.rank_losses(setup, measure, score, bases, ranks, progress)
+    rk, rv, predicted = lp.allocate_ranks_measured(losses, cfg.num_layers, d, budget, rank_step)
+    return (
+        rk,
+        rv,
+        {
+            "measured": {
+                "text": "training split (train/corpus.py), other files than the moments'",
+                "windows": len(measure),
+                "context": min(len(w) for w in measure),
+                "scored_per_window": score,
+                "rank_losses": {
+                    f"layer {l} {kind} rank {r}": round(x, 6)
+                    for (l, kind, r), x in sorted(losses.items())
+                },
+                "predicted_nll_increase": round(predicted, 6),
+            }
+        },
+    )

@@ -10,7 +10,8 @@ wire or the prefill group names it.
 
 Shipped: bf16 (the model's dense pages, compress/dense_codec.py), fp8, kivi2/4, hack2/4, hack2mix
 (HACK with per-layer bits from a calibrated plan, compress/kvbits.py), lowrank and lowrank+hack2/4
-(calibrated bases, compress/lowrank.py).
+(calibrated bases, compress/lowrank.py), lowrank+hack2mix (those bases with HACK of per-layer
+width and bits from a measured plan, compress/lowrank_plan.py).
 
 Head sizes (`head_dim_rule`): bf16, fp8 and lowrank take any even head_dim in [8, 256]; KIVI and
 HACK a multiple of their channel group (32) up to 256.
@@ -35,6 +36,7 @@ from zipserve.compress.hack import HackCodec
 from zipserve.compress.kivi import KiviCodec
 from zipserve.compress.kvbits import KVBITS_FILE, HackMixedCodec
 from zipserve.compress.lowrank import BASES_FILE, LowRankBases, LowRankCodec
+from zipserve.compress.lowrank_plan import MIX_NAME, load_hack_plan
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,25 @@ def _lowrank(request: CodecRequest, name: str, bits: int | None) -> KVCodec:
     )
 
 
+def _lowrank_mix(request: CodecRequest) -> KVCodec:
+    """lowrank+hack2mix: the bases cut to each layer's planned width, HACK of its planned bits
+    (lowrank_hack.json beside the bases)."""
+    where = request.bases_dir or request.model_dir
+    if where is None:
+        raise ValueError(f"codec: {MIX_NAME} needs a model directory with calibrated bases")
+    plan = load_hack_plan(where, head_dim=request.head_dim)
+    bases = LowRankBases.load(where, ranks=(plan.widths, plan.widths))
+    return LowRankCodec(
+        MIX_NAME,
+        request.num_kv_heads,
+        request.page_size,
+        request.head_dim,
+        bases,
+        plan.bits,
+        plan.widths,
+    )
+
+
 def _register_shipped() -> None:
     register(
         CodecEntry(
@@ -203,6 +224,8 @@ def _register_shipped() -> None:
                 build=lambda r, n=name, b=bits: _lowrank(r, n, b),
             )
         )
+    # per-layer HACK width and bits on the bases (lowrank_hack.json beside them)
+    register(CodecEntry(MIX_NAME, LowRankCodec, calibration=BASES_FILE, build=_lowrank_mix))
 
 
 _register_shipped()

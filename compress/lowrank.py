@@ -2,29 +2,33 @@
 bases (post-RoPE for K), optionally quantized further with HACK (`lowrank+hack2/4`).
 
 What a query sees, in prefill and decode alike:
-- V is in the reduced space everywhere: pages hold v @ v_enc, and the 16-bit open page and sinks
-  keep v @ v_enc too (projected at write time, `to_dense`, zero padded to head_dim). Every attention
-  output is therefore o_red [.., H, r_v], and W_o is replaced at load time by W_o folded with v_dec
-  (compress/lowrank_fold.py): no per-step lift back to head_dim exists.
+- V lives in its completed basis T = [v_enc | C] (compress/lowrank_fold.py: complete_basis, T^-1's
+  first r_v rows are v_dec^T): pages hold the first r_v coordinates v @ v_enc, the 16-bit open page
+  and sinks all D of them, v @ T (`to_dense`: exact, only a change of basis). Every attention output
+  is o_T [.., H, D] in that basis (pages add to its first r_v columns), and W_o is replaced at load
+  time by W_o folded with T^-1 (same size as W_o): no per-step lift exists.
 - K: pages hold k @ k_enc (projected after RoPE by the encode kernel that stores them,
   kernels/lowrank_encode.py; a filled open page is projected by the same kernel when sealed).
   Scores against pages use q_red = q @ k_dec, q projected after RoPE (RoPE rotates by position, so
   Bk cannot be folded into W_q for post-RoPE keys: a D x r_k product per query head and step).
   The open page and sinks keep K at full dimension and are scored with q itself.
-Why K of the tail stays full and V does not: folding needs every value reduced (projecting the
-tail's attention output through v_enc is the same linear map as storing its V projected), while
-keys need no such thing. Perplexity on the reference model (12 held-out files cut to 768 tokens,
-context 512, stride 256; bf16 21.566): the earlier unfolded codec with an exact 16-bit tail 22.585,
-this one (tail V projected, folded or lifted alike) 23.032 (+2.0%), with the tail's K projected too
-29.725 (+31.6%: layers with r_k = 16 lose the exact scores of the most recent tokens).
+Why the tail keeps V exact: the model's attention mass sits mostly on the open page in most layers
+(bench/QUALITY_BREAKDOWN.md), so projecting its values cost more than the pages' projection: with
+the tail's V projected (the codec before V's basis was completed, the shipped ranks) 4 held-out
+windows lost +8.1% perplexity, with it exact +5.4% (bench/QUALITY_BREAKDOWN.md, "lowrank").
+Keeping the tail's K projected too cost +31.6% in an earlier measurement (layers with small r_k
+lose the exact scores of the most recent tokens).
 Pages of layer l hold exactly r_k(l) and r_v(l) float16 columns (or HACK codes of both, zero
-padded to one power of two >= 64, whose bytes page_bytes_per_token counts). The dense buffers keep
-head_dim columns (V's past r_v are zeros), as counted by bytes_per_token's dense term.
+padded to the layer's HACK width, whose bytes page_bytes_per_token counts: one power of two >= 64
+for lowrank+hack2/4, the measured plan's per-layer width and bits for lowrank+hack2mix,
+compress/lowrank_plan.py). The dense buffers keep head_dim columns, as counted by
+bytes_per_token's dense term. Ranks: `zipserve calibrate` (compress/calibrate.py) measures them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,7 +36,7 @@ from safetensors.torch import load_file
 
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.hack import HackCodec
-from zipserve.compress.lowrank_fold import apply_lowrank_output
+from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
 from zipserve.compress.reference_attention import dequant_decode_attention
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
@@ -47,18 +51,24 @@ NO_DENSE_FORM_REASON = (
 
 class LowRankBases:
     """Per layer and KV head, [KVH, D, r] matrices: k_enc stores keys (k @ k_enc), k_dec projects
-    queries (q @ k_dec) so that q_red . k_red ~= q . k; v_enc stores values, v_dec lifts the
-    reduced attention output back (o_red @ v_dec^T)."""
+    queries (q @ k_dec) so that q_red . k_red ~= q . k; v_enc stores values, v_dec lifts them back
+    (v ~= (v @ v_enc) @ v_dec^T); dec^T enc = I."""
 
     def __init__(self, layers: list[dict[str, torch.Tensor]], info: dict):
         self.layers, self.info = layers, info
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> LowRankBases:
-        """The calibrated bases beside a checkpoint; for a `random:NAME` model (random weights,
-        nothing to calibrate on) random ones, see `random_for`."""
+    def load(
+        cls, model_dir: str | Path, ranks: tuple[Sequence[int], Sequence[int]] | None = None
+    ) -> LowRankBases:
+        """The calibrated bases beside a checkpoint, cut to `lowrank`'s ranks (lowrank.json's
+        k_ranks / v_ranks) or to `ranks` (r_k, r_v per layer: another codec's, e.g.
+        lowrank+hack2mix's widths). The file holds each layer's bases at full rank, columns by
+        falling energy (files of earlier calibrations: cut to lowrank's ranks, which then bound
+        any other). For a `random:NAME` model (random weights, nothing to calibrate on) random
+        ones, see `random_for`."""
         if str(model_dir).startswith("random:"):
-            return cls.random_for(str(model_dir))
+            return cls.random_for(str(model_dir), ranks=ranks)
         path = Path(model_dir) / BASES_FILE
         if not path.is_file():
             raise ValueError(
@@ -70,15 +80,42 @@ class LowRankBases:
         info_path = Path(model_dir) / "lowrank.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         names = ("k_enc", "k_dec", "v_enc", "v_dec")
-        return cls([{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)], info)
+        layers = [{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)]
+        rk, rv = ranks or (info.get("k_ranks"), info.get("v_ranks"))
+        if rk is None or rv is None:  # no ranks recorded: the file's own
+            return cls(layers, info)
+        if len(rk) != n or len(rv) != n:
+            raise ValueError(
+                f"codec: ranks for {len(rk)} / {len(rv)} layers, {path} holds {n}; "
+                f"calibrate again (`zipserve calibrate --model {model_dir}`)"
+            )
+        for i, layer in enumerate(layers):
+            for side, r in (("k", rk[i]), ("v", rv[i])):
+                have = layer[f"{side}_enc"].shape[2]
+                if not 1 <= r <= have:
+                    raise ValueError(
+                        f"codec: layer {i} {side.upper()} needs rank {r}, {path} holds "
+                        f"{have}; calibrate again (`zipserve calibrate --model {model_dir}`)"
+                    )
+                for m in (f"{side}_enc", f"{side}_dec"):
+                    layer[m] = layer[m][:, :, :r].contiguous()
+        return cls(layers, dict(info, k_ranks=list(rk), v_ranks=list(rv)))
 
     @classmethod
     def random(
-        cls, num_layers: int, num_kv_heads: int, head_dim: int, rk: int, rv: int, seed: int = 0
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rk: int | Sequence[int],
+        rv: int | Sequence[int],
+        seed: int = 0,
     ) -> LowRankBases:
-        """Random orthonormal bases (enc == dec) of ranks rk / rv: for benchmarks on random
-        weights, where there is nothing to calibrate on."""
+        """Random orthonormal bases (enc == dec) of ranks rk / rv (one for all layers, or one
+        per layer): for benchmarks on random weights, where there is nothing to calibrate on."""
         g = torch.Generator().manual_seed(seed)
+        rk = [rk] * num_layers if isinstance(rk, int) else list(rk)
+        rv = [rv] * num_layers if isinstance(rv, int) else list(rv)
 
         def basis(r):  # [KVH, D, r] orthonormal columns
             q, _ = torch.linalg.qr(
@@ -87,28 +124,35 @@ class LowRankBases:
             return q[:, :, :r].float().contiguous()
 
         layers = []
-        for _ in range(num_layers):
-            bk, bv = basis(rk), basis(rv)
+        for i in range(num_layers):
+            bk, bv = basis(rk[i]), basis(rv[i])
             layers.append({"k_enc": bk, "k_dec": bk, "v_enc": bv, "v_dec": bv})
-        return cls(
-            layers, {"random": True, "k_ranks": [rk] * num_layers, "v_ranks": [rv] * num_layers}
-        )
+        return cls(layers, {"random": True, "k_ranks": rk, "v_ranks": rv})
 
     @classmethod
-    def random_for(cls, model: str, budget: float = 0.5, seed: int = 0) -> LowRankBases:
-        """Random orthonormal bases of uniform rank round(budget * head_dim) for K and V of every
-        layer of the `random:NAME` model: the bytes and the work of a calibrated codec at that
-        budget, for speed benchmarks on random weights; quality means nothing here."""
+    def random_for(
+        cls,
+        model: str,
+        budget: float = 0.5,
+        seed: int = 0,
+        ranks: tuple[Sequence[int], Sequence[int]] | None = None,
+    ) -> LowRankBases:
+        """Random orthonormal bases of uniform rank round(budget * head_dim) (or of `ranks`, per
+        layer) for K and V of every layer of the `random:NAME` model: the bytes and the work of
+        a calibrated codec at that budget, for speed benchmarks on random weights; quality means
+        nothing here."""
         from zipserve.engine.config import random_model_config
 
         cfg = random_model_config(model)
         d = cfg.head_dim
         r = max(1, round(budget * d))
-        bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, r, r, seed)
+        rk, rv = ranks or (r, r)
+        bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, rk, rv, seed)
+        what = f"rank {r} of {d}" if ranks is None else f"ranks {list(rk)} / {list(rv)} of {d}"
         bases.info.update(
             budget=budget,
             head_dim=d,
-            basis=f"random orthonormal, rank {r} of {d} (random weights: speed benchmarks only)",
+            basis=f"random orthonormal, {what} (random weights: speed benchmarks only)",
         )
         return bases
 
@@ -122,7 +166,7 @@ def _pad_pow2(r: int, lo: int = 64) -> int:
 
 class LowRankLayerCodec(KVCodec):
     """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes); values and the
-    attention output live in the reduced space (module docstring)."""
+    attention output live in V's completed basis (module docstring)."""
 
     dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
@@ -134,15 +178,25 @@ class LowRankLayerCodec(KVCodec):
         head_dim,
         bases: dict[str, torch.Tensor],
         bits: int | None,
+        width: int | None = None,
     ):
+        """bits: HACK's on the reduced dims (None: float16 pages); width: HACK's head size, >=
+        both ranks (default: the next power of two >= 64)."""
         self.name, self.bits = name, bits
         super().__init__(num_kv_heads, page_size, head_dim)
         self.rk, self.rv = bases["k_enc"].shape[-1], bases["v_enc"].shape[-1]
         self._bases_cpu = {n: b.float().contiguous() for n, b in bases.items()}  # [KVH, D, r]
+        # V's completed basis and its inverse (transposed), [KVH, D, D]: the tail's V and W_o's fold
+        self.v_enc_full, self.v_dec_full = complete_basis(bases["v_enc"], bases["v_dec"])
+        self._bases_cpu["v_enc_full"] = self.v_enc_full
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.inner = None
-        if bits is not None:  # HACK on the reduced dims, both padded to one power of two
-            self.width = _pad_pow2(max(self.rk, self.rv))
+        if bits is not None:  # HACK on the reduced dims, both padded to one width
+            self.width = width or _pad_pow2(max(self.rk, self.rv))
+            if self.width < max(self.rk, self.rv):
+                raise ValueError(
+                    f"codec: {name} width {self.width} is below its ranks {self.rk} / {self.rv}"
+                )
             self.inner = HackCodec(num_kv_heads, page_size, self.width, bits)
             self.n_sink = HackCodec.n_sink
 
@@ -160,10 +214,17 @@ class LowRankLayerCodec(KVCodec):
         return qr.reshape(b, h, self.rk).to(q.dtype)
 
     def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v @ v_enc zero
-        padded to [.., KVH, D]."""
-        vr = torch.einsum("...hd,hdr->...hr", v.float(), self._bases(v.device)["v_enc"])
-        return k, _width(vr, v.shape[-1]).to(v.dtype)
+        """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v in V's
+        completed basis, v @ [v_enc | C] [.., KVH, D] (its first r_v columns are what a page
+        stores)."""
+        vt = torch.einsum("...hd,hde->...he", v.float(), self._bases(v.device)["v_enc_full"])
+        return k, vt.to(v.dtype)
+
+    def lift_v(self, vt: torch.Tensor) -> torch.Tensor:
+        """Values [.., KVH, P, D] in V's completed basis (pages: zero past r_v) -> the model's
+        basis (vt @ v_dec_full^T), fp32: what attention to them stands for."""
+        dec = self.v_dec_full.to(vt.device)  # [KVH, D, D]
+        return torch.einsum("...hpe,hde->...hpd", vt.float(), dec)
 
     # -- pages -----------------------------------------------------------------------------------
     def new_store(self, num_pages, device):
@@ -184,6 +245,9 @@ class LowRankLayerCodec(KVCodec):
         )
         k, v = _last_contiguous(k), _last_contiguous(v)
         v_basis = None if v_projected else b["v_enc"]
+        if v_projected and self.inner is not None and self.rv < self.width:
+            # the dense form holds all D coordinates; a page keeps the first r_v, zeros past them
+            v = _width(v[..., : self.rv], v.shape[-1]).contiguous()
         if self.inner is None:
             fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids)
             return
@@ -199,7 +263,8 @@ class LowRankLayerCodec(KVCodec):
         self._encode(store, page_ids, k, v, v_projected=False)
 
     def seal(self, store, page_ids, k, v):
-        """Filled open pages in the dense form (k full, v already projected) -> projected pages."""
+        """Filled open pages in the dense form (k full, v in V's completed basis) -> projected
+        pages."""
         self._encode(store, page_ids, k, v, v_projected=True)
 
     def _reduced(self, store, page_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +275,10 @@ class LowRankLayerCodec(KVCodec):
         return kr[..., : self.rk], vr[..., : self.rv]
 
     def dequantize(self, store, page_ids):
-        """Pages as the dense tail holds them, [n, KVH, P, D] fp32: K as the full-dimension stand-in
-        k_red @ k_dec^T (q . it == q_red . k_red), V projected and zero padded (not a
-        reconstruction of v: values stay reduced). The references attend to these."""
+        """Pages in the dense tail's form, [n, KVH, P, D] fp32: K as the full-dimension stand-in
+        k_red @ k_dec^T (q . it == q_red . k_red), V in its completed basis (the stored r_v
+        coordinates, zeros past them; `lift_v` takes them to the model's basis). The references
+        attend to these."""
         kr, vr = self._reduced(store, page_ids)
         k_dec = self._bases(kr.device)["k_dec"]
         return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
@@ -223,14 +289,14 @@ class LowRankLayerCodec(KVCodec):
     def decode_attention(
         self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
     ):
-        """q [B, H, D] after RoPE; dense_k full, dense_v projected. Returns o_red [B, H, r_v]."""
+        """q [B, H, D] after RoPE; dense_k full, dense_v in V's completed basis. Returns o_T
+        [B, H, D] in that basis."""
         if self.inner is not None:
             # No kernel yet: the HACK kernel scores pages and tail with one query, but here the
             # tail's K is full-dimension and the pages' reduced. The reference attends instead.
-            out = dequant_decode_attention(
+            return dequant_decode_attention(
                 self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale
-            )  # [B, H, D], zeros past r_v
-            return out[..., : self.rv]
+            )  # [B, H, D]
         fn = lr_attn.lowrank_decode_attention if q.is_cuda else lr_attn.lowrank_decode_attention_ref
         return fn(
             q,
@@ -275,18 +341,38 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 class LowRankCodec(KVCodec):
-    """Dispatches to one LowRankLayerCodec per layer (ranks differ between layers)."""
+    """Dispatches to one LowRankLayerCodec per layer (ranks, and with HACK its bits and width,
+    may differ between layers: lowrank+hack2mix, compress/lowrank_plan.py)."""
 
     dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
     def __init__(
-        self, name, num_kv_heads, page_size, head_dim, bases: LowRankBases, bits: int | None = None
+        self,
+        name,
+        num_kv_heads,
+        page_size,
+        head_dim,
+        bases: LowRankBases,
+        bits: int | Sequence[int] | None = None,
+        widths: Sequence[int] | None = None,
     ):
+        """bits: HACK's, one for all layers or one per layer (None: float16 pages); widths:
+        HACK's head size per layer (default: see LowRankLayerCodec)."""
         self.name, self.bases = name, bases
         super().__init__(num_kv_heads, page_size, head_dim)
+        n = len(bases.layers)
+        per_bits = [bits] * n if bits is None or isinstance(bits, int) else list(bits)
+        per_width = [None] * n if widths is None else list(widths)
+        if len(per_bits) != n or len(per_width) != n:
+            raise ValueError(
+                f"codec: {name} has bases for {n} layers, bits / widths for "
+                f"{len(per_bits)} / {len(per_width)}"
+            )
+        if len({b is None for b in per_bits}) > 1:  # the cache keeps one set of sinks
+            raise ValueError(f"codec: {name} needs HACK bits in every layer or in none")
         # Plain lowrank decodes with a Triton kernel; lowrank+hack still attends through the
         # dequantizing torch reference, which loops over sequences on the host.
-        self.graph_safe = bits is None
+        self.graph_safe = per_bits[0] is None
         for i, b in enumerate(bases.layers):
             for n, t in b.items():
                 if (
@@ -299,8 +385,8 @@ class LowRankCodec(KVCodec):
                         f"expected [KVH={num_kv_heads}, D={head_dim}, r<=D]"
                     )
         self.layers = [
-            LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bits)
-            for b in bases.layers
+            LowRankLayerCodec(name, num_kv_heads, page_size, head_dim, b, bt, w)
+            for b, bt, w in zip(bases.layers, per_bits, per_width)
         ]
         self.n_sink = self.layers[0].n_sink
 
@@ -308,8 +394,8 @@ class LowRankCodec(KVCodec):
         return self.layers[layer]
 
     def prepare_model(self, model, fold: bool = True) -> None:
-        """The attention output stays reduced: V's basis folded into W_o (compress/lowrank_fold.py;
-        fold False: lifted back every step, the unfolded reference)."""
+        """The attention output is in V's completed basis: its inverse folded into W_o
+        (compress/lowrank_fold.py; fold False: lifted back every step, the unfolded reference)."""
         apply_lowrank_output(model, self, fold=fold)
 
     def _per_layer(self, *_):

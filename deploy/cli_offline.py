@@ -90,7 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from zipserve.train.calibration import calibrate_layer_bits, calibrate_lowrank
+    from zipserve.train.calibration import (
+        calibrate_layer_bits,
+        calibrate_lowrank,
+        calibrate_lowrank_hack,
+    )
 
     model = args.model or default_model()
     if args.kvbits:  # the per-layer bits of hack2mix (compress/kvbits.py)
@@ -109,6 +113,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{args.out or model}/kvbits.json"
         )
         return 0
+    if args.lowrank_hack:  # lowrank+hack2mix's per-layer widths and bits (compress/lowrank_plan.py)
+        info = calibrate_lowrank_hack(
+            model,
+            args.text_dir,
+            0.15 if args.budget is None else args.budget,
+            args.out,
+            args.window,
+            args.measure_windows,
+        )
+        print(
+            f"lowrank+hack2mix: widths {info['widths']}, bits {info['bits']}; "
+            f"{info['bytes_per_token']:.0f} B/token = {100 * info['ratio_vs_bf16']:.1f}% of bf16; "
+            f"wrote {args.out or model}/lowrank_hack.json"
+        )
+        return 0
     info = calibrate_lowrank(
         model,
         args.text_dir,
@@ -117,10 +136,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         args.window,
         args.tokens,
         args.device,
+        allocation=args.allocation,
+        measure_windows=args.measure_windows,
+        rank_step=args.rank_step,
     )
     print(
         f"calibrated on {info['tokens']:,} tokens; K ranks {info['k_ranks']}, V ranks "
-        f"{info['v_ranks']} of {info['head_dim']}; wrote {args.out or model}/lowrank.safetensors"
+        f"{info['v_ranks']} of {info['head_dim']} ({info['allocation']}); wrote "
+        f"{args.out or model}/lowrank.safetensors"
     )
     return 0
 
@@ -175,8 +198,9 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser(
         "calibrate",
-        help="low-rank K/V bases for the lowrank codecs; with "
-        "--kvbits the per-layer bits of hack2mix",
+        help="low-rank K/V bases and ranks for the lowrank codecs; with --lowrank-hack the "
+        "per-layer widths and bits of lowrank+hack2mix; with --kvbits the per-layer bits of "
+        "hack2mix",
     )
     c.add_argument("--model", default=None, help="default: the shipped reference model")
     c.add_argument(
@@ -189,7 +213,34 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="lowrank: average fraction of K+V dimensions kept (default 0.5 = half the "
-        "bytes); --kvbits: bytes per token as a fraction of bf16's (default 0.25)",
+        "bytes); --lowrank-hack / --kvbits: bytes per token as a fraction of bf16's (default "
+        "0.15 / 0.25)",
+    )
+    c.add_argument(
+        "--allocation",
+        choices=["measured", "energy"],
+        default="measured",
+        help="lowrank ranks: from the perplexity each rank costs on --measure-windows "
+        "training windows (default), or by retained energy",
+    )
+    c.add_argument(
+        "--rank-step",
+        type=int,
+        default=8,
+        help="lowrank ranks are multiples of this (must divide head_dim)",
+    )
+    c.add_argument(
+        "--measure-windows",
+        type=int,
+        default=8,
+        help="lowrank / --lowrank-hack: training windows of --window tokens the choices are "
+        "measured on (last half scored)",
+    )
+    c.add_argument(
+        "--lowrank-hack",
+        action="store_true",
+        help="instead of bases: measure each layer's loss in HACK of each width and bits on "
+        "the calibrated bases and write lowrank_hack.json, the plan of lowrank+hack2mix",
     )
     c.add_argument(
         "--kvbits",

@@ -11,8 +11,9 @@ holding the codec's dequantized values (`dense`), or a choice made per deploymen
 Low-rank codecs have no dense mode: their K/V live in a calibrated reduced space with V's basis
 folded into W_o (compress/lowrank_fold.py), so model-space dense pages would need the unfolded
 model and D / r times the memory of the reduced 16-bit pages for the same values, while their own
-kernel is already the fastest measured (1.55x SDPA, table below). `dense` is refused for them at
-config time and `auto` keeps them compressed.
+kernel is already the fastest measured (1.55x SDPA, table below; measured before its output
+widened from r_v to head_dim columns for the exact 16-bit V tail, issue 19, and not remeasured
+since). `dense` is refused for them at config time and `auto` keeps them compressed.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@
 
 What a query sees (compress/lowrank.py): pages hold k @ k_enc and v @ v_enc; the 16-bit dense tail
 (open page, no sinks for plain lowrank) holds K at full dimension (after RoPE, exact scores for the
-most recent tokens) and V projected, v @ v_enc.  Scores against pages use q_red = q @ k_dec (q
-projected after RoPE by the caller), scores against the tail use q itself; every value is reduced,
-so the output stays reduced, o_red [B, H, RV], and W_o is folded with v_dec at load time
+most recent tokens) and V at full dimension in V's completed basis, v @ [v_enc | C] (exact: the
+first RV coordinates are the pages' v @ v_enc, the other DV - RV a complement only the tail has).
+Scores against pages use q_red = q @ k_dec (q projected after RoPE by the caller), scores against
+the tail use q itself; pages add to the first RV output columns, the tail to all DV, so the output
+o [B, H, DV] is in that basis and W_o is folded with its inverse at load time
 (compress/lowrank_fold.py): nothing is lifted back per step.
 
 Layout of one layer (P = page_size):
@@ -16,15 +18,16 @@ Layout of one layer (P = page_size):
   k_pages  float16 [N, KVH, P, RK] contiguous, exactly RK columns (no padding stored)
   v_pages  float16 [N, KVH, P, RV] contiguous
   dense_k  [B, KVH, T, D]          q's dtype, full dimension
-  dense_v  [B, KVH, T, >= RV]      q's dtype, projected; only the first RV columns are read
-  out      [B, H, RV]              q's dtype
-RK, RV and D need not be powers of two (ranks are multiples of 16; D any even size in [8, 256]): the
+  dense_v  [B, KVH, T, DV]         q's dtype, DV >= RV (the engine: DV = D, V's completed basis)
+  out      [B, H, DV]              q's dtype
+RK, RV, DV and D need not be powers of two (any ranks; D any even size in [8, 256]): the
 kernel loads tiles of the next power of two with masked columns, which reads and stores nothing extra.  A row attends to all
 n_pages[b] * P page tokens and dense_lens[b] tail tokens; n_pages[b] == dense_lens[b] == 0 is a
 padding row (zeros).
 
 Kernel: grid (B, KVH, num_splits); one program owns the G query heads of a kv head as [G_PAD >= 16,
-D] and [G_PAD, RK_PAD] tiles and streams its split's pages NP at a time.  With a 16-bit q the dots
+D] and [G_PAD, RK_PAD] tiles and streams its split's pages NP at a time into a [G_PAD, DV_PAD]
+accumulator (page values zero past RV).  With a 16-bit q the dots
 run in float16 (the pages' own type; q and the tail are converted, exact for values in fp16 range),
 with an fp32 q in fp32; online softmax in the log2 domain with fp32 accumulation; the last split
 also attends the dense tail; splits are merged by paged_decode_attention's merge kernel.
@@ -54,10 +57,10 @@ def _lowrank_decode_kernel(
     np_ptr,
     dk_ptr,
     dv_ptr,
-    dl_ptr,  # page_table [B,MP], n_pages [B], dense [B,KVH,T,>=R], lens [B]
+    dl_ptr,  # page_table [B,MP], n_pages [B], dense [B,KVH,T,D] / [B,KVH,T,DV], lens [B]
     out_ptr,
     part_ptr,
-    lse_ptr,  # out [B,H,RV]; part f32 [B,H,S,RV_PAD]; lse f32 [B,H,S] (log2)
+    lse_ptr,  # out [B,H,DV]; part f32 [B,H,S,DV_PAD]; lse f32 [B,H,S] (log2)
     qk_scale,  # softmax scale * log2(e)
     stride_qb,
     stride_qh,
@@ -78,8 +81,9 @@ def _lowrank_decode_kernel(
     BLOCK_D: tl.constexpr,
     RK: tl.constexpr,
     RV: tl.constexpr,
+    DV: tl.constexpr,
     RK_PAD: tl.constexpr,
-    RV_PAD: tl.constexpr,
+    DV_PAD: tl.constexpr,
     PAGE: tl.constexpr,
     NP: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -95,9 +99,10 @@ def _lowrank_decode_kernel(
 
     offs_g = tl.arange(0, G_PAD)
     offs_k = tl.arange(0, RK_PAD)
-    offs_v = tl.arange(0, RV_PAD)
+    offs_v = tl.arange(0, DV_PAD)
     ck = offs_k < RK
-    cv = offs_v < RV
+    cv = offs_v < RV  # the pages' value columns
+    cdv = offs_v < DV  # the tail's (and the output's)
     offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
     d_ok = offs_d < HEAD_DIM
     heads = kvh * G + offs_g
@@ -119,9 +124,9 @@ def _lowrank_decode_kernel(
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, RV_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, DV_PAD], tl.float32)
 
-    # ---- dense 16-bit tail (K full, V projected): last split only.
+    # ---- dense 16-bit tail (K and V full, V in its completed basis): last split only.
     dl = tl.where(split == NUM_SPLITS - 1, tl.load(dl_ptr + b), 0)
     m_i, l_i, acc = _dense_tail(
         q,
@@ -133,7 +138,7 @@ def _lowrank_decode_kernel(
         offs_d,
         d_ok,
         offs_v,
-        cv,
+        cdv,
         m_i,
         l_i,
         acc,
@@ -156,22 +161,22 @@ def _lowrank_decode_kernel(
         ).to(cdt)  # [N, RK_PAD]
         v = tl.load(
             v_ptr + tok[:, None] * RV + offs_v[None, :], mask=ok[:, None] & cv[None, :], other=0.0
-        ).to(cdt)  # [N, RV_PAD]
+        ).to(cdt)  # [N, DV_PAD], zeros past RV
         m_i, l_i, acc = _online_softmax_step(qr, k, v, ok, m_i, l_i, acc, qk_scale, DOT_PREC)
 
     # ---- store: normalized output (one split) or the split's partial + log2-sum-exp.
     mask_g = offs_g < G
     nonempty = l_i > 0.0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [G_PAD, RV_PAD]; zeros for an empty range
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # [G_PAD, DV_PAD]; zeros for an empty range
     if NUM_SPLITS == 1:
         tl.store(
             out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_v[None, :],
             o.to(out_ptr.dtype.element_ty),
-            mask=mask_g[:, None] & cv[None, :],
+            mask=mask_g[:, None] & cdv[None, :],
         )
     else:
         row = (b * KVH * G + heads) * NUM_SPLITS + split  # [G_PAD] row in part / lse
-        tl.store(part_ptr + row[:, None] * RV_PAD + offs_v[None, :], o, mask=mask_g[:, None])
+        tl.store(part_ptr + row[:, None] * DV_PAD + offs_v[None, :], o, mask=mask_g[:, None])
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + row, lse, mask=mask_g)
 
@@ -190,7 +195,8 @@ def _check_inputs(
     num_splits,
     out,
 ):
-    """Validate arguments; returns (B, H, KVH, P, D, RK, RV).  Raises ValueError naming the argument."""
+    """Validate arguments; returns (B, H, KVH, P, D, RK, RV, DV).  Raises ValueError naming the
+    argument."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in _DTYPES:
         raise ValueError(
             f"q must be [B, H, D] of {_DTYPES}, got {getattr(q, 'dtype', type(q).__name__)} "
@@ -247,6 +253,9 @@ def _check_inputs(
             raise ValueError(f"{name} must be [B={B}, KVH={KVH}, T, >={r}], got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    DV = dense_v.shape[3]
+    if DV > 256:
+        raise ValueError(f"dense_v width must be <= 256, got {DV}")
     if dense_k.shape[2] != dense_v.shape[2]:
         raise ValueError(
             f"dense_k and dense_v hold {dense_k.shape[2]} and {dense_v.shape[2]} tokens"
@@ -277,16 +286,16 @@ def _check_inputs(
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1, got {num_splits!r}")
     if out is not None and (
-        tuple(out.shape) != (B, H, RV)
+        tuple(out.shape) != (B, H, DV)
         or out.dtype != q.dtype
         or out.device != q.device
         or out.stride(-1) != 1
     ):
         raise ValueError(
-            f"out must be {q.dtype} [B={B}, H={H}, RV={RV}] on {q.device}, got "
+            f"out must be {q.dtype} [B={B}, H={H}, DV={DV}] on {q.device}, got "
             f"{out.dtype} {tuple(out.shape)}"
         )
-    return B, H, KVH, P, D, RK, RV
+    return B, H, KVH, P, D, RK, RV, DV
 
 
 def lowrank_bytes_per_token(rk: int, rv: int) -> float:
@@ -309,8 +318,8 @@ def lowrank_decode_attention(
     num_splits=1,
     out=None,
 ):
-    """Decode attention on reduced pages + a dense tail (module docstring).  Returns out [B, H, RV]."""
-    B, H, KVH, P, D, RK, RV = _check_inputs(
+    """Decode attention on reduced pages + a dense tail (module docstring).  Returns out [B, H, DV]."""
+    B, H, KVH, P, D, RK, RV, DV = _check_inputs(
         q,
         q_red,
         k_pages,
@@ -326,14 +335,14 @@ def lowrank_decode_attention(
     )
     require_runnable("lowrank_decode_attention", _lowrank_decode_kernel, q)
     if out is None:
-        out = torch.empty((B, H, RV), dtype=q.dtype, device=q.device)
+        out = torch.empty((B, H, DV), dtype=q.dtype, device=q.device)
     if B == 0 or H == 0:
         return out
     G = H // KVH
-    rk_pad, rv_pad = max(16, triton.next_power_of_2(RK)), max(16, triton.next_power_of_2(RV))
+    rk_pad, dv_pad = max(16, triton.next_power_of_2(RK)), max(16, triton.next_power_of_2(DV))
     np_ = max(1, 128 // P)
     if num_splits > 1:
-        part = torch.empty((B, H, num_splits, rv_pad), dtype=torch.float32, device=q.device)
+        part = torch.empty((B, H, num_splits, dv_pad), dtype=torch.float32, device=q.device)
         lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # unused by the kernel
@@ -370,8 +379,9 @@ def lowrank_decode_attention(
         BLOCK_D=block_d(D),
         RK=RK,
         RV=RV,
+        DV=DV,
         RK_PAD=rk_pad,
-        RV_PAD=rv_pad,
+        DV_PAD=dv_pad,
         PAGE=P,
         NP=np_,
         NUM_SPLITS=num_splits,
@@ -381,10 +391,10 @@ def lowrank_decode_attention(
         num_warps=4,
         num_stages=2 if q.dtype == torch.float32 else 3,
     )
-    if num_splits > 1:  # merge at the padded width, then keep the RV real columns
-        merged = torch.empty((B, H, rv_pad), dtype=q.dtype, device=q.device)
+    if num_splits > 1:  # merge at the padded width, then keep the DV real columns
+        merged = torch.empty((B, H, dv_pad), dtype=q.dtype, device=q.device)
         merge_splits(part, lse, merged)
-        out.copy_(merged[..., :RV])
+        out.copy_(merged[..., :DV])
     return out
 
 
@@ -403,8 +413,9 @@ def lowrank_decode_attention_ref(
     out=None,
 ):
     """fp32 torch reference: per row, scores q_red . pages and q . tail, one softmax over both, applied
-    to the reduced values.  Host syncs on the lengths; ignores num_splits."""
-    B, H, KVH, P, D, RK, RV = _check_inputs(
+    to the pages' values (zero padded from RV to DV) and the tail's.  Host syncs on the lengths;
+    ignores num_splits."""
+    B, H, KVH, P, D, RK, RV, DV = _check_inputs(
         q,
         q_red,
         k_pages,
@@ -418,7 +429,7 @@ def lowrank_decode_attention_ref(
         num_splits,
         out,
     )
-    res = torch.zeros((B, H, RV), dtype=torch.float32, device=q.device)
+    res = torch.zeros((B, H, DV), dtype=torch.float32, device=q.device)
     g = H // KVH
     for b, (npg, dl) in enumerate(zip(n_pages.tolist(), dense_lens.tolist())):
         npg, dl = max(npg, 0), max(dl, 0)
@@ -426,13 +437,10 @@ def lowrank_decode_attention_ref(
             continue
         ids = page_table[b, :npg].long()
         kp = k_pages[ids].float().transpose(0, 1).reshape(KVH, npg * P, RK)  # [KVH, n_p, RK]
+        vp = v_pages[ids].float().transpose(0, 1).reshape(KVH, npg * P, RV)
         v = torch.cat(
-            [
-                v_pages[ids].float().transpose(0, 1).reshape(KVH, npg * P, RV),
-                dense_v[b, :, :dl, :RV].float(),
-            ],
-            1,
-        )  # [KVH, n_p + dl, RV]
+            [torch.nn.functional.pad(vp, (0, DV - RV)), dense_v[b, :, :dl].float()], 1
+        )  # [KVH, n_p + dl, DV]
         s = torch.cat(
             [
                 torch.einsum("kgr,knr->kgn", q_red[b].float().view(KVH, g, RK), kp),
@@ -443,7 +451,7 @@ def lowrank_decode_attention_ref(
             -1,
         )  # [KVH, G, n_p + dl]
         p = (s * scale).softmax(-1)
-        res[b] = torch.einsum("kgn,knr->kgr", p, v).reshape(H, RV)
+        res[b] = torch.einsum("kgn,knr->kgr", p, v).reshape(H, DV)
     if out is None:
         return res.to(q.dtype)
     out.copy_(res)

@@ -52,15 +52,18 @@ def export_slice(
             _as_pages(v[: nf * p], p),
         )  # [nf, KVH, P, D] each
     tail: dict[str, torch.Tensor] = {}
+    # The tail travels in the form the decode side's 16-bit open page and sinks keep (the
+    # codec's to_dense: lowrank keeps V in its completed basis; every other codec as it is).
+    kd, vd = codec.to_dense(k, v)  # [t, KVH, D]
     # as the engine's caches export (engine/paged_cache.py): dense pages send a partly filled
     # page only when there is one, a codec's open page always travels
     if last and (not codec.dense_pages or t > nf * p):
-        tail["open_k"] = k[nf * p :].transpose(0, 1).cpu().clone()  # [KVH, r, D]
-        tail["open_v"] = v[nf * p :].transpose(0, 1).cpu().clone()
+        tail["open_k"] = kd[nf * p :].transpose(0, 1).cpu().clone()  # [KVH, r, D]
+        tail["open_v"] = vd[nf * p :].transpose(0, 1).cpu().clone()
     if start == 0 and codec.n_sink:
         s = min(codec.n_sink, t)
-        tail["sink_k"] = k[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
-        tail["sink_v"] = v[:s].transpose(0, 1).cpu().clone()
+        tail["sink_k"] = kd[:s].transpose(0, 1).cpu().clone()  # [KVH, s, D]
+        tail["sink_v"] = vd[:s].transpose(0, 1).cpu().clone()
     return SliceKV(
         layer,
         rank,

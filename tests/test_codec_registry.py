@@ -114,7 +114,7 @@ def test_unknown_names_are_refused_naming_the_known_ones(int8page):
         with pytest.raises(
             ValueError,
             match=r"codec: unknown codec .*; known: bf16, fp8, "
-            r"kivi2, .*lowrank\+hack4, " + NAME,
+            r"kivi2, .*lowrank\+hack2mix, " + NAME,
         ) as e:
             codec_entry(bad)
         assert repr(bad) in str(e.value)
@@ -137,9 +137,11 @@ def test_the_registry_says_what_each_codec_needs():
         "lowrank",
         "lowrank+hack2",
         "lowrank+hack4",
+        "lowrank+hack2mix",
     ]
     assert codec_entry("hack2mix").calibration == "kvbits.json"
     assert codec_entry("lowrank+hack2").calibration == "lowrank.safetensors"
+    assert codec_entry("lowrank+hack2mix").calibration == "lowrank.safetensors"  # + its plan
     assert codec_entry("hack2mix").kernels == ("hack2", "hack4")
     assert codec_entry("fp8").kernels == ("fp8",) and codec_entry("fp8").calibration is None
     dense = make_codec("bf16", 2, 64, 64, dtype=torch.float32)

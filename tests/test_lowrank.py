@@ -1,5 +1,6 @@
-"""ZeroC-style low-rank codec: calibration respects its budget, full rank is lossless, missing
-bases are a clear error."""
+"""ZeroC-style low-rank codec: calibration respects its budget (ranks by energy or by measured
+loss), stores full-rank bases that load cut to the ranks, full rank is lossless, missing bases
+are a clear error."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def model_copy(tmp_path_factory):
     return d
 
 
-def _calibrate(model_dir, budget):
+def _calibrate(model_dir, budget, **kw):
     llm = LLM(str(model_dir), device="cpu", max_model_len=513)
     texts = [d.text for d in load_corpus().train[200:230]]
-    return calibrate(llm, texts, budget, model_dir, window=512, max_tokens=6000)
+    kw.setdefault("allocation", "energy")
+    return calibrate(llm, texts, budget, model_dir, window=512, max_tokens=6000, **kw)
 
 
 def test_missing_bases_is_a_clear_error(model_copy):
@@ -52,10 +54,39 @@ def test_budget_is_respected(model_copy):
     info = _calibrate(model_copy, 0.5)
     total = sum(info["k_ranks"]) + sum(info["v_ranks"])
     assert total <= 0.5 * 2 * 64 * 6
-    assert all(r % 16 == 0 and 16 <= r <= 64 for r in info["k_ranks"] + info["v_ranks"])
+    assert all(r % 8 == 0 and 8 <= r <= 64 for r in info["k_ranks"] + info["v_ranks"])
     llm = LLM(str(model_copy), device="cpu", codec="lowrank")
     # bytes per token follow the ranks exactly (float16 values)
     assert llm.engine.codec.bytes_per_token(6) == pytest.approx(2 * 2 * total)
+
+
+def test_measured_ranks_are_the_optimum_of_the_measured_losses(model_copy):
+    """allocation='measured' on one training window (rank step 32: one measured rank per layer
+    and kind): the ranks are the budgeted optimum of the losses it records, the file holds the
+    full-rank bases and loading cuts them to the ranks (or to any other ranks asked for)."""
+    from zipserve.bench.quality_breakdown import windows
+    from zipserve.compress.lowrank import LowRankBases
+    from zipserve.compress.lowrank_plan import allocate_ranks_measured
+
+    llm = LLM(str(model_copy), device="cpu", max_model_len=513)
+    measure = windows(llm.tokenizer, load_corpus().train[400:420], 1, 256)
+    info = _calibrate(model_copy, 0.5, allocation="measured", measure=measure, rank_step=32)
+    m = info["measured"]
+    assert len(m["rank_losses"]) == 12 and m["windows"] == 1 and m["scored_per_window"] == 128
+    losses = {
+        (int(k.split()[1]), k.split()[2], int(k.split()[4])): x for k, x in m["rank_losses"].items()
+    }
+    rk, rv, pred = allocate_ranks_measured(losses, 6, 64, 0.5, 32)
+    assert (info["k_ranks"], info["v_ranks"]) == (rk, rv)
+    assert sum(rk) + sum(rv) <= 384 and m["predicted_nll_increase"] == pytest.approx(pred, abs=1e-6)
+    full = LowRankBases.load(model_copy, ranks=([64] * 6, [64] * 6))
+    cut = LowRankBases.load(model_copy)
+    for i in range(6):
+        assert full.layers[i]["k_enc"].shape == (2, 64, 64)
+        assert torch.equal(cut.layers[i]["k_enc"], full.layers[i]["k_enc"][:, :, : rk[i]])
+        assert torch.equal(cut.layers[i]["v_dec"], full.layers[i]["v_dec"][:, :, : rv[i]])
+    with pytest.raises(ValueError, match="measure"):
+        _calibrate(model_copy, 0.5, allocation="measured")
 
 
 def test_allocate_ranks_prefers_energy():

@@ -250,13 +250,27 @@ def test_reduced_attention_with_full_rank_bases_is_exact(reference):
 def test_lowrank_codec_with_full_exchange_is_exact_prefill(reference):
     """lowrank_exchange=False (serve: --prefill-group-exchange full): the lowrank codec's group
     attends over full Q/K/V, so its logits are exact prefill's, and it still sends the codec's
-    reduced pages to the decode side."""
+    reduced pages to the decode side; its layers (pages and the 16-bit tail, whose V travels in
+    the completed basis the decode side's open page keeps) are the single prefill worker's."""
     job = LocalJob(
         MODEL, "lowrank", [PROMPT], page_size=PAGE, all_logits=True, lowrank_exchange=False
     )
     res = run_threads(2, [job])[0][0]
     torch.testing.assert_close(res.token_logits(), reference[0], rtol=1e-4, atol=1e-4)
     assert 0 < res.kv_bytes < res.dense_bytes / 1.5  # reduced K/V pages on the wire
+    eng = DisaggregatedEngine(
+        MODEL,
+        device="cpu",
+        engine_config=EngineConfig(codec="lowrank", page_size=PAGE, num_pages=16, max_num_seqs=4),
+    )
+    want = eng.prefill_export(PROMPT, SamplingParams(max_tokens=1), "ref").layers
+    for got, w in zip(res.layers("x"), want):
+        assert got.tail.keys() == w.tail.keys() == {"open_k", "open_v"}
+        for name in got.tail:
+            torch.testing.assert_close(got.tail[name], w.tail[name], rtol=1e-4, atol=1e-4)
+        gp, wp = unpack_pages(got.pages), unpack_pages(w.pages)
+        for name in ("k", "v"):
+            torch.testing.assert_close(gp.tensors[name], wp.tensors[name], rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("n", [2, 4])

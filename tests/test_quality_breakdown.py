@@ -82,3 +82,57 @@ def test_matches_engine_codec_and_bytes(ref):
         llm.engine.codec.bytes_per_token(setup.config.num_layers)
     )
     assert qb.variant_bytes(setup, qb.Variant("none", quantize=False), 1024) == 3072
+
+
+@pytest.mark.parametrize("codec", ["lowrank", "lowrank+hack2", "hack2mix"])
+def test_per_layer_codecs_match_the_engine(ref, codec):
+    """Codecs with one codec per layer (calibrated ranks, per-layer bits): the tool's forward
+    scores as the engine does (lowrank: pages' values lifted back from V's completed basis, the
+    16-bit tail exact), and its bytes are the engine's."""
+    setup, wins = ref
+    from zipserve.engine.llm import LLM
+
+    mine_setup = qb.Setup(setup.net, setup.config, codec, model_dir=qb.DEFAULT_MODEL)
+    llm = LLM(
+        qb.DEFAULT_MODEL,
+        device="cpu",
+        dtype="float32",
+        codec=codec,
+        num_pages=16,
+        max_model_len=CONTEXT + 1,
+    )
+    ids = wins[1]
+    rows = torch.arange(CONTEXT - SCORE - 1, CONTEXT - 1)
+    tgt = torch.tensor(ids[CONTEXT - SCORE :])
+    mine = -torch.log_softmax(qb.forward(mine_setup, ids, qb.Variant("all")), -1)[rows, tgt].mean()
+    eng = -torch.log_softmax(llm.logits(ids), -1)[rows, tgt].mean()
+    assert mine.item() == pytest.approx(eng.item(), abs=2e-3)
+    none = _ppl(mine_setup, wins, qb.Variant("none", quantize=False))
+    assert _ppl(mine_setup, wins, qb.Variant("all")) != none  # the codec acts (either way)
+    assert qb.variant_bytes(mine_setup, qb.Variant("all"), 1024) == pytest.approx(
+        llm.engine.codec.bytes_per_token(setup.config.num_layers)
+    )
+
+
+def test_kivi_with_smaller_groups_costs_more_and_errs_less():
+    """bench/kivi_equal_bytes.py's KIVI of other group sizes: the bytes follow the groups
+    (K scale + min per channel per token group, V per token per channel group) and smaller
+    groups reconstruct random K/V at least as well as kivi2's groups of 32."""
+    from zipserve.bench.kivi_equal_bytes import KiviGroups
+    from zipserve.compress.kivi import KiviCodec
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 64, 64, generator=g), torch.randn(3, 2, 64, 64, generator=g)
+    ids = torch.arange(3)
+    errs = []
+    for codec, side in (
+        (KiviCodec(2, 64, 64, 2), 8 + 8),
+        (KiviGroups(2, 64, 64, 2, 16, 32), 16 + 8),
+        (KiviGroups(2, 64, 64, 2, 16, 16), 16 + 16),
+    ):
+        assert codec.page_bytes_per_token() == 2 * 64 * 2 / 8 + side
+        store = codec.new_store(3, "cpu")
+        codec.encode(store, ids, k, v)
+        dk, dv = codec.dequantize(store, ids)
+        errs.append(((dk - k).pow(2).mean().item(), (dv - v).pow(2).mean().item()))
+    assert errs[1][0] < errs[0][0] and errs[2][1] < errs[1][1]

@@ -1,6 +1,8 @@
 """What `zipserve calibrate` writes beside a checkpoint, from the corpus's training split: the
-lowrank codecs' K/V bases (lowrank.safetensors, compress/calibrate.py) and hack2mix's per-layer
-bits (kvbits.json, compress/kvbits.py). Each refuses what it cannot calibrate, naming why."""
+lowrank codecs' K/V bases and measured ranks (lowrank.safetensors + lowrank.json,
+compress/calibrate.py), lowrank+hack2mix's per-layer widths and bits (lowrank_hack.json,
+compress/lowrank_plan.py) and hack2mix's per-layer bits (kvbits.json, compress/kvbits.py). Each
+refuses what it cannot calibrate, naming why."""
 
 from __future__ import annotations
 
@@ -21,9 +23,16 @@ def calibrate_lowrank(
     window: int,
     tokens: int,
     device: str | None,
+    allocation: str = "measured",
+    measure_windows: int = 8,
+    rank_step: int = 8,
+    progress: bool = True,
 ) -> dict:
     """The bases of `model` for `budget` (average fraction of K+V dimensions kept), written to
-    out (default: beside the checkpoint); compress.calibrate.calibrate's summary."""
+    out (default: beside the checkpoint); compress.calibrate.calibrate's summary. The training
+    split is shuffled (seed 0); the moments come from its first files, the measured allocation's
+    `measure_windows` windows of `window` tokens from its last 200 (other text)."""
+    from zipserve.bench.quality_breakdown import windows
     from zipserve.compress.calibrate import calibrate
     from zipserve.engine.llm import LLM
     from zipserve.train.corpus import load_corpus
@@ -35,9 +44,53 @@ def calibrate_lowrank(
             "model: calibrate does not support LCKV models yet (lowrank codecs "
             "need bases per KV layer)"
         )
-    texts = [d.text for d in load_corpus(text_dir).train]
-    random.Random(0).shuffle(texts)  # a fixed sample across the whole training split
-    return calibrate(llm, texts, budget, out or model, window=window, max_tokens=tokens)
+    docs = list(load_corpus(text_dir).train)
+    random.Random(0).shuffle(docs)  # a fixed sample across the whole training split
+    held = min(200, len(docs) // 2)
+    measure = None
+    if allocation == "measured":
+        measure = windows(llm.tokenizer, docs[len(docs) - held :], measure_windows, window)
+    texts = [d.text for d in docs[: len(docs) - held]]
+    return calibrate(
+        llm,
+        texts,
+        budget,
+        out or model,
+        window=window,
+        max_tokens=tokens,
+        rank_step=rank_step,
+        allocation=allocation,
+        measure=measure,
+        progress=progress,
+    )
+
+
+def calibrate_lowrank_hack(
+    model: str,
+    text_dir: str | None,
+    budget: float,
+    out: str | None,
+    window: int,
+    measure_windows: int = 8,
+    progress: bool = True,
+) -> dict:
+    """lowrank+hack2mix's plan (per-layer HACK width and bits on the calibrated bases) for
+    `budget` (bytes per token as a fraction of bf16's), measured on the same windows as the
+    ranks; compress.lowrank_plan.calibrate_hack_plan's summary."""
+    from zipserve.bench.quality_breakdown import windows
+    from zipserve.compress.lowrank_plan import calibrate_hack_plan
+    from zipserve.engine.loading import model_config_for
+    from zipserve.engine.tokenizer import load_tokenizer
+    from zipserve.train.corpus import load_corpus
+
+    _checkpoint(model, "lowrank_hack.json")
+    if model_config_for(model).lckv is not None:
+        raise ValueError("model: calibrate --lowrank-hack does not support LCKV models yet")
+    docs = list(load_corpus(text_dir).train)
+    random.Random(0).shuffle(docs)
+    held = min(200, len(docs) // 2)
+    measure = windows(load_tokenizer(model), docs[len(docs) - held :], measure_windows, window)
+    return calibrate_hack_plan(model, measure, budget, out or model, progress=progress)
 
 
 def calibrate_layer_bits(
