@@ -3,11 +3,14 @@ each stage is the method of the same name:
 
     reserve   wait (FIFO, bounded by page_wait_s and the job's timeout) until a healthy pair's
               decode worker takes the prompt's pages and a slot: so prefill never computes KV
-              that no decode worker can take
+              that no decode worker can take; it shares the prompt's leading pages its prefix
+              cache holds and says how many (Reservation.held_pages)
     prefill   the pair's prefill worker (or the prefill group, for long prompts) runs the prompt
-              and samples the first token
+              (what its own prefix cache holds is not computed again) and samples the first
+              token
     transfer  each layer's KV leaves for the decode worker the moment it is computed, so the
-              transfer overlaps prefill; what remains after prefill is the transfer phase
+              transfer overlaps prefill; what remains after prefill is the transfer phase. Only
+              the pages after the held ones are sent (a delta transfer)
     admit     the decode worker waits for the last layer (up to transfer_deadline_s), then puts
               the request into its running batch after the first token
     decode    tokens are polled until the request finishes; then `release` frees its pages
@@ -40,7 +43,7 @@ import ray
 
 from zipserve.control.books import Books, Pair
 from zipserve.control.config import ServeConfig
-from zipserve.control.messages import DecodeStats, PollReply
+from zipserve.control.messages import DecodeStats, PollReply, Reservation
 from zipserve.control.request_faults import RequestRefused, request_fault
 from zipserve.control.worker_pool import WorkerPool
 from zipserve.engine.disaggregated import Overloaded
@@ -124,7 +127,7 @@ class Lifecycle:
         for attempt in range(self.cfg.retries + 1):
             await _settled(released)
             try:
-                pair = await self.reserve(
+                pair, held = await self.reserve(
                     job, params, max(wait_until, time.time() + 1.0) if attempt else wait_until
                 )
             except RequestRefused as e:
@@ -143,7 +146,7 @@ class Lifecycle:
                     with self.books.kv_pending(pair.decode, len(job.prompt_ids)):
                         # the transfer runs inside these two: layers leave during prefill, and
                         # admission waits on the decode worker until the last one is in
-                        report = await self.prefill(job, params, pair)
+                        report = await self.prefill(job, params, pair, held.held_pages)
                         first = await self.admit(job, pair, report)
                 except RequestRefused as e:
                     yield self._refused(str(e))
@@ -152,7 +155,7 @@ class Lifecycle:
                     errors.append(str(e))
                     self.books.counts["retried"] += attempt < self.cfg.retries
                     continue
-                async for ev in self.decode(job, pair, report, first):
+                async for ev in self.decode(job, pair, report, first, held):
                     yield ev
                 return
             finally:
@@ -166,7 +169,9 @@ class Lifecycle:
         )
 
     # -- reserve -------------------------------------------------------------------------------
-    async def reserve(self, job: Job, params: SamplingParams, wait_until: float) -> Pair:
+    async def reserve(
+        self, job: Job, params: SamplingParams, wait_until: float
+    ) -> tuple[Pair, Reservation]:
         """Reserve the job's pages on some usable pair's decode worker, waiting in FIFO order
         while there is none. Raises NoPair (why there is none) or RequestRefused."""
         if self._reserve_lock is None:
@@ -176,8 +181,7 @@ class Lifecycle:
             while True:
                 for pair in self._candidates(job):
                     try:
-                        await self._reserve_on(job, params, pair)
-                        return pair
+                        return pair, await self._reserve_on(job, params, pair)
                     except _Refusal as e:
                         why = str(e)
                 if not self.pool.usable_pairs():
@@ -208,12 +212,12 @@ class Lifecycle:
         ]
         return sorted(pairs, key=self.books.load)
 
-    async def _reserve_on(self, job: Job, params: SamplingParams, pair: Pair) -> None:
+    async def _reserve_on(self, job: Job, params: SamplingParams, pair: Pair) -> Reservation:
         """One decode worker's reservation; _Refusal says why it did not take the job."""
         slot = self.pool.decode[pair.decode]
         try:  # a reservation that outlives its timeout here expires on the worker at the
             # transfer deadline, so nothing leaks
-            await asyncio.wait_for(
+            return await asyncio.wait_for(
                 slot.actor.reserve.remote(
                     job.id, job.prompt_ids, params, self.cfg.transfer_deadline_s
                 ),
@@ -243,9 +247,13 @@ class Lifecycle:
         return f"overloaded: the request needs {need} KV pages; a decode worker holds at most {cap}"
 
     # -- prefill (the transfer runs alongside) -------------------------------------------------
-    async def prefill(self, job: Job, params: SamplingParams, pair: Pair) -> PrefillReport:
+    async def prefill(
+        self, job: Job, params: SamplingParams, pair: Pair, held_pages: int = 0
+    ) -> PrefillReport:
         """Run the prompt on the pair's prefill worker (or the prefill group); every layer's KV
-        streams to the decode worker as it is computed. Raises Retry when the worker failed."""
+        after the `held_pages` the decode worker holds streams to it as it is computed (a
+        prefill group sends every page: the decode worker skips those it holds). Raises Retry
+        when the worker failed."""
         n = len(job.prompt_ids)
         books, slot = self.books, self.pool.prefill[pair.prefill]
         books.outstanding[("p", pair.prefill)] += n
@@ -260,7 +268,7 @@ class Lifecycle:
                     params,
                 )
             return await slot.actor.prefill.remote(
-                job.id, job.prompt_ids, params, f"d{pair.decode}"
+                job.id, job.prompt_ids, params, f"d{pair.decode}", held_pages
             )
         except ray.exceptions.RayActorError as e:  # the actor died under the job
             self.pool.suspect(slot, f"{type(e).__name__}: {e}")
@@ -300,19 +308,30 @@ class Lifecycle:
 
     # -- decode --------------------------------------------------------------------------------
     async def decode(
-        self, job: Job, pair: Pair, report: PrefillReport, reply: PollReply
+        self,
+        job: Job,
+        pair: Pair,
+        report: PrefillReport,
+        reply: PollReply,
+        held: Reservation | None = None,
     ) -> AsyncIterator[BackendEvent]:
         """The phases up to prefill's end, then token events as they are decoded with the
         transfer and decode_queue phases once known, then decode and the finish (with the KV
-        bytes the prefill side sent). Each phase starts where the previous one ended."""
+        bytes the prefill side sent and what the prefix caches saved). Each phase starts where
+        the previous one ended."""
         start = max(job.arrival, report.prefill_start)
         prefill_end = max(start, report.prefill_end)
         yield PhaseEvent("queue", job.arrival, start)
         yield PhaseEvent("prefill", start, prefill_end)
         dec = self.pool.decode[pair.decode].actor
+        held_tokens = 0 if held is None else held.held_pages * self.page_size
+        sent_tokens = len(job.prompt_ids) - report.first_page * self.page_size
         kv_bytes = {
             "kv_bytes": report.bytes_sent,  # the prefill side knows what it sent
-            "kv_bytes_bf16": len(job.prompt_ids) * self.kv_bytes_per_token_bf16,
+            "kv_bytes_bf16": sent_tokens * self.kv_bytes_per_token_bf16,
+            "kv_bytes_not_sent": report.bytes_not_sent,
+            "cached_tokens": report.cached_tokens,
+            "kv_cached_tokens": held_tokens,
         }
         sent, text, decode_start = 0, "", prefill_end
         phases_done = False

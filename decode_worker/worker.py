@@ -6,6 +6,9 @@ types). Three kinds of threads touch the engine, always under one lock: a receiv
 channel (imports layers), the step loop (decodes, expires reservations whose KV missed its
 deadline), and callers (reserve/admit/abort/poll).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
+With a prefix cache (on by default) a reservation shares the prompt's leading pages the worker
+already holds (imported for an earlier prompt, or, bf16, filled by its decode steps) and says how
+many (`Reservation.held_pages`): the prefill worker then sends only the pages after them.
 
 Failures are counted by reason in `failures` ("transfer_deadline", "checksum_mismatch": the
 wire's ChecksumError, "kv_rejected", "decode_step"); a channel whose transport broke (peer died,
@@ -23,10 +26,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
-from zipserve.control.messages import DecodeStats, PollReply, WorkerInfo
+from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
+from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
@@ -243,15 +247,23 @@ class DecodeWorker:
         prompt_ids: list[int],
         params: SamplingParams,
         deadline_s: float = 30.0,
-    ) -> None:
-        """Raises engine.disaggregated.Overloaded when pages or slots are short."""
+    ) -> Reservation:
+        """Pages and a slot for the request, its leading cached pages shared (held_pages: only
+        the pages after them need to arrive). Raises engine.disaggregated.Overloaded when pages
+        or slots are short."""
         with self.lock:
-            self.engine.reserve(request_id, prompt_ids, params)
+            held = self.engine.reserve(request_id, prompt_ids, params)
             self.requests[request_id] = RequestState(
                 deadline=time.time() + deadline_s,
                 times={"reserved": time.time()},
                 stop=tuple(params.stop),
             )
+        return Reservation(held, self.engine.engine_config.page_size)
+
+    def cached_prefix_pages(self, prompt_ids: list[int]) -> int:
+        """Leading full pages of a prompt this worker's prefix cache holds now (for routing)."""
+        with self.lock:
+            return self.engine.cached_prefix_pages(prompt_ids)
 
     def admit(
         self,
@@ -333,6 +345,7 @@ class DecodeWorker:
                 running=len(sch.running),
                 codec=self.codec,
                 incarnation=self.incarnation,
+                **worker_cache_fields(self.engine.prefix_cache_stats()),
                 waiting=len(sch.waiting),
                 reserved=len(sch.reserved),
                 dropped_messages=self.dropped_messages,
