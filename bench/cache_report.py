@@ -1,0 +1,166 @@
+"""`zipserve bench cache-report`: the prefix-caching section of the JCT results page, from sweeps
+of a conversation workload (`bench jct --sweep --workload multiturn`, with and without
+`--engine-option prefix_caching=false`).
+
+Per run (codec, decode_kv, caching on/off): turns completed, mean JCT and TTFT, KV bytes sent and
+not sent over all turns, the prefill side's hit rate (prompt tokens taken from its prefix cache /
+prompt tokens) and the prompt tokens the decode side held; mean JCT against the same lane with
+caching off. Per turn: the means of jct_turns.csv. The section lives between the
+`<!-- prefix-cache:begin -->` and `<!-- prefix-cache:end -->` markers of the page: it is replaced
+there, or appended when the page has none; `bench report` keeps it when it regenerates the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zipserve.bench.jct_plots import _ok, lane, load_csv
+
+BEGIN, END = "<!-- prefix-cache:begin -->", "<!-- prefix-cache:end -->"
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _f(x, fmt: str = ".0f") -> str:
+    return format(x, fmt) if _ok(x) else "—"
+
+
+def _kb(x) -> str:
+    return f"{x / 1e3:.0f}" if _ok(x) else "—"
+
+
+def _run_label(r: dict) -> tuple[str, str, str]:
+    """(codec lane, caching on/off, conversation rate) of a row."""
+    return lane(r), str(r.get("prefix_caching", "on")), f"{r.get('rate')}".removesuffix(".0")
+
+
+def _totals(reqs: list[dict]) -> dict:
+    """Over the completed turns of one run."""
+    ok = [r for r in reqs if r.get("status") == "ok"]
+
+    def total(key: str) -> float:
+        vals = [r[key] for r in ok if _ok(r.get(key))]
+        return sum(vals) if vals else float("nan")
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in ok if _ok(r.get(key))]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    prompt = total("prompt_tokens")
+    return {
+        "ok": len(ok),
+        "sent": sum(1 for r in reqs if r.get("status") != "not_sent"),
+        "jct": mean("jct_ms"),
+        "ttft": mean("ttft_ms"),
+        "kv_bytes": total("kv_bytes"),
+        "kv_bytes_not_sent": total("kv_bytes_not_sent"),
+        "hit_rate": total("cached_tokens") / prompt if _ok(prompt) and prompt else float("nan"),
+        "held": total("kv_cached_tokens"),
+        "prompt": prompt,
+    }
+
+
+def section(results_dirs: list[Path], page_dir: Path) -> list[str]:
+    metas, runs, turns = [], {}, []
+    for d in results_dirs:
+        for f in ("jct_turns.csv", "jct_requests.csv", "jct_meta.json"):
+            if not (d / f).is_file():
+                raise ValueError(
+                    f"results: {d / f} is missing (run `zipserve bench jct --sweep --workload "
+                    f"multiturn --out {d}` first)"
+                )
+        metas.append((d, json.loads((d / "jct_meta.json").read_text())))
+        reqs = load_csv(d / "jct_requests.csv")
+        for key in dict.fromkeys(_run_label(r) for r in reqs):
+            runs[key] = _totals([r for r in reqs if _run_label(r) == key])
+        turns += load_csv(d / "jct_turns.csv")
+    first = metas[0][1]
+    cfg = first.get("config", {})
+    out = [
+        BEGIN,
+        f"## Prefix caching, multi-turn conversations — {first['device']} — {first['date_utc']}",
+        "",
+        f"Model `{first['model']}`, commit `{first.get('commit') or '?'}`, workload "
+        f"`{cfg.get('workload')}` ({cfg.get('num_requests')} conversations of 4-8 turns per run, "
+        f"scale {cfg.get('scale')}, seed {cfg.get('seed')}, rates {cfg.get('rates')} "
+        "conversations/s); each turn's prompt is the whole history, sent once the previous "
+        "answer is in. Written by `python3 -m zipserve bench cache-report`. Commands:",
+        "",
+        "```bash",
+        *[m.get("command") or "(not recorded)" for _, m in metas],
+        "```",
+        "",
+        "Raw: "
+        + ", ".join(
+            f"[{_relative(d, page_dir)}/jct_turns.csv]({_relative(d, page_dir)}/jct_turns.csv)"
+            for d, _ in metas
+        )
+        + " (and jct_requests.csv beside each).",
+        "",
+        "### Per run",
+        "",
+        "| codec | prefix caching | conv/s | turns ok/sent | mean JCT ms | vs caching off "
+        "| mean TTFT ms | KV sent KB | KV not sent KB | prefill hit rate "
+        "| tokens held by decode |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (codec, caching, rate), t in runs.items():
+        off = runs.get((codec, "off", rate))
+        ratio = (
+            f"{t['jct'] / off['jct']:.2f}x"
+            if caching == "on" and off and _ok(off["jct"]) and off["jct"]
+            else "—"
+        )
+        out.append(
+            f"| {codec} | {caching} | {rate} | {t['ok']}/{t['sent']} | {_f(t['jct'])} | {ratio} | "
+            f"{_f(t['ttft'])} | {_kb(t['kv_bytes'])} | {_kb(t['kv_bytes_not_sent'])} | "
+            f"{_f(100 * t['hit_rate'], '.1f')}% | {_f(t['held'])} of {_f(t['prompt'])} |"
+        )
+    out += [
+        "",
+        "### Per turn (mean over the conversations that reached it)",
+        "",
+        "| codec | prefix caching | conv/s | turn | n | JCT ms | TTFT ms | prompt tokens "
+        "| cached (prefill) | held (decode) | KV sent KB | KV not sent KB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in turns:
+        codec, caching, rate = _run_label(t)
+        out.append(
+            f"| {codec} | {caching} | {rate} | {int(t['turn'])} | {int(t['requests'])} | "
+            f"{_f(t.get('jct_mean_ms'))} | "
+            f"{_f(t.get('ttft_mean_ms'))} | {_f(t.get('prompt_tokens_mean'))} | "
+            f"{_f(t.get('cached_tokens_mean'))} | {_f(t.get('kv_cached_tokens_mean'))} | "
+            f"{_kb(t.get('kv_bytes_mean'))} | {_kb(t.get('kv_bytes_not_sent_mean'))} |"
+        )
+    return out + ["", END]
+
+
+def write(results_dirs: list[Path], page: Path) -> Path:
+    """Replace (or append) the page's prefix-cache block."""
+    block = "\n".join(section(results_dirs, page.parent))
+    text = page.read_text() if page.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    page.write_text(text)
+    print(f"wrote the prefix-cache section of {page}")
+    return page
+
+
+def kept_block(page: Path) -> str | None:
+    """The page's prefix-cache block, for `bench report` to keep when it rewrites the page."""
+    if not page.is_file():
+        return None
+    text = page.read_text()
+    if BEGIN not in text or END not in text:
+        return None
+    return BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
