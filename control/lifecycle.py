@@ -4,7 +4,9 @@ each stage is the method of the same name:
     reserve   wait (FIFO, bounded by page_wait_s and the job's timeout) until a healthy pair's
               decode worker takes the prompt's pages and a slot: so prefill never computes KV
               that no decode worker can take; it shares the prompt's leading pages its prefix
-              cache holds and says how many (Reservation.held_pages)
+              cache holds and says how many (Reservation.held_pages). With several decode
+              workers, those holding the longest prefix are tried first, within load limits
+              (control/affinity.py)
     prefill   the pair's prefill worker (or the prefill group, for long prompts) runs the prompt
               (what its own prefix cache holds is not computed again) and samples the first
               token
@@ -41,6 +43,7 @@ from typing import Any
 
 import ray
 
+from zipserve.control.affinity import held_prefixes, order_pairs
 from zipserve.control.books import Books, Pair
 from zipserve.control.config import ServeConfig
 from zipserve.control.messages import DecodeStats, PollReply, Reservation
@@ -176,10 +179,15 @@ class Lifecycle:
         while there is none. Raises NoPair (why there is none) or RequestRefused."""
         if self._reserve_lock is None:
             self._reserve_lock, self._released = asyncio.Lock(), asyncio.Event()
+        held: dict[int, int] = {}
+        if len(self.pool.decode) > 1 and self.cfg.prefix_affinity:
+            healthy = {w.index: w.actor for w in self.pool.decode if w.healthy}
+            if len(healthy) > 1:
+                held = await held_prefixes(healthy, job.prompt_ids)
         async with self._reserve_lock:
             why = "no healthy prefill/decode pair"
             while True:
-                for pair in self._candidates(job):
+                for pair in self._candidates(job, held):
                     try:
                         return pair, await self._reserve_on(job, params, pair)
                     except _Refusal as e:
@@ -201,15 +209,18 @@ class Lifecycle:
                 except asyncio.TimeoutError:
                     pass
 
-    def _candidates(self, job: Job) -> list[Pair]:
-        """Usable pairs, least loaded first, skipping decode workers short of pages by their
-        last stats (the reservation itself decides)."""
+    def _candidates(self, job: Job, held: dict[int, int] | None = None) -> list[Pair]:
+        """Usable pairs, least loaded first (or, with `held`: decode worker -> leading prompt
+        pages it holds, the longest prefix first within the affinity slack), skipping decode
+        workers short of pages by their last stats (the reservation itself decides)."""
         need = pages_for(len(job.prompt_ids) + 1, self.page_size)
         pairs = [
             Pair(i, j)
             for i, j in self.pool.usable_pairs()
             if _capacity(self.pool.decode[j].stats, need) >= need
         ]
+        if held and any(held.values()):
+            return order_pairs(pairs, self.books, held, self.cfg.affinity_slack_tokens)
         return sorted(pairs, key=self.books.load)
 
     async def _reserve_on(self, job: Job, params: SamplingParams, pair: Pair) -> Reservation:
