@@ -9,7 +9,9 @@ each stage is the method of the same name:
               (control/affinity.py)
     prefill   the pair's prefill worker (or the prefill group, for long prompts) runs the prompt
               (what its own prefix cache holds is not computed again) and samples the first
-              token
+              token; or, when the decode worker holds all but local_prefill_tokens or fewer of
+              the prompt, the decode worker computes the rest itself (prefill_local) and the
+              transfer and admit stages have nothing to do
     transfer  each layer's KV leaves for the decode worker the moment it is computed, so the
               transfer overlaps prefill; what remains after prefill is the transfer phase. Only
               the pages after the held ones are sent (a delta transfer)
@@ -147,10 +149,13 @@ class Lifecycle:
             try:
                 try:
                     with self.books.kv_pending(pair.decode, len(job.prompt_ids)):
-                        # the transfer runs inside these two: layers leave during prefill, and
-                        # admission waits on the decode worker until the last one is in
-                        report = await self.prefill(job, params, pair, held.held_pages)
-                        first = await self.admit(job, pair, report)
+                        if self._local(job, held):
+                            report, first = await self.prefill_local(job, pair, held)
+                        else:
+                            # the transfer runs inside these two: layers leave during prefill,
+                            # and admission waits on the decode worker until the last one is in
+                            report = await self.prefill(job, params, pair, held.held_pages)
+                            first = await self.admit(job, pair, report)
                 except RequestRefused as e:
                     yield self._refused(str(e))
                     return
@@ -297,6 +302,48 @@ class Lifecycle:
             books.outstanding[("p", pair.prefill)] -= n
             books.prefilling[pair.prefill] -= 1
 
+    # -- or prefill on the decode worker -------------------------------------------------------
+    def _local(self, job: Job, held: Reservation) -> bool:
+        """The decode worker holds part of the prompt and at most local_prefill_tokens are
+        left (a prefill group's prompts always go to the group)."""
+        n = len(job.prompt_ids)
+        return (
+            held.held_pages > 0
+            and 0 < n - held.held_pages * self.page_size <= self.cfg.local_prefill_tokens
+            and not (self.prefill_group is not None and self.cfg.group.use_group(n))
+        )
+
+    async def prefill_local(
+        self, job: Job, pair: Pair, held: Reservation
+    ) -> tuple[PrefillReport, PollReply]:
+        """The decode worker computes the prompt's uncached rest and samples the first token;
+        the report it makes counts the held tokens as cached and nothing as sent. Raises Retry
+        when the worker failed."""
+        slot = self.pool.decode[pair.decode]
+        try:
+            reply = await slot.actor.prefill_local.remote(job.id, self.cfg.transfer_deadline_s)
+        except ray.exceptions.RayError as e:
+            if isinstance(e, ray.exceptions.RayActorError):
+                self.pool.suspect(slot, f"{type(e).__name__}: {e}")
+            self.books.counts["decode_worker_died"] += 1
+            raise Retry(f"decode worker {pair.decode} failed: {type(e).__name__}") from e
+        start = reply.times.get("local_prefill", time.time())
+        end = max(start, reply.times.get("first_token", start))
+        report = PrefillReport(
+            job.id,
+            reply.tokens[0] if reply.tokens else -1,
+            reply.logprobs[0] if reply.logprobs else None,
+            start,
+            end,
+            end,
+            0,
+            0,
+            cached_tokens=held.held_pages * self.page_size,
+            first_page=held.held_pages,
+            local=True,
+        )
+        return report, reply
+
     # -- admit (after the transfer) ------------------------------------------------------------
     async def admit(self, job: Job, pair: Pair, report: PrefillReport) -> PollReply:
         """The decode worker waits until every layer is in (the transfer deadline), then
@@ -336,13 +383,16 @@ class Lifecycle:
         yield PhaseEvent("prefill", start, prefill_end)
         dec = self.pool.decode[pair.decode].actor
         held_tokens = 0 if held is None else held.held_pages * self.page_size
-        sent_tokens = len(job.prompt_ids) - report.first_page * self.page_size
+        sent_tokens = (
+            0 if report.local else len(job.prompt_ids) - report.first_page * self.page_size
+        )
         kv_bytes = {
             "kv_bytes": report.bytes_sent,  # the prefill side knows what it sent
             "kv_bytes_bf16": sent_tokens * self.kv_bytes_per_token_bf16,
             "kv_bytes_not_sent": report.bytes_not_sent,
             "cached_tokens": report.cached_tokens,
             "kv_cached_tokens": held_tokens,
+            "local_prefill": report.local,
         }
         sent, text, decode_start = 0, "", prefill_end
         phases_done = False

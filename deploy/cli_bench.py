@@ -42,6 +42,7 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
             decode_kv=tuple(csv_modes(args.decode_kv or "compressed")),
             num_prefill=args.prefill_workers,
             num_decode=args.decode_workers,
+            local_prefill_tokens=args.local_prefill_tokens,
             quality_csvs=tuple(quality),
             command=command,
         )
@@ -343,6 +344,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     j.add_argument("--prefill-workers", type=int, default=1, help="jct --sweep: prefill workers")
     j.add_argument("--decode-workers", type=int, default=1, help="jct --sweep: decode workers")
+    j.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=None,
+        help="jct --sweep: the deployment's --local-prefill-tokens (default: serve's)",
+    )
     j.add_argument(
         "--restart-each",
         action="store_true",

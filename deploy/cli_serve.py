@@ -44,6 +44,7 @@ def serve_config(args: argparse.Namespace, codec: str) -> ServeConfig:
         skip_tokenizer=args.skip_tokenizer,
         prefix_affinity=not args.no_prefix_affinity,
         affinity_slack_tokens=args.affinity_slack_tokens,
+        local_prefill_tokens=args.local_prefill_tokens,
     )
 
 
@@ -225,6 +226,13 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
         default=4096,
         help="how much more load (prompt + max tokens held) a decode worker may carry than the "
         "least loaded and still be preferred for the prefix it holds",
+    )
+    rob.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=128,
+        help="when the decode worker's prefix cache holds part of a prompt and at most this "
+        "many tokens are left, it computes them itself and no KV crosses the link (0: never)",
     )
     rob.add_argument(
         "--prefill-resource",

@@ -7,8 +7,10 @@ and caches the prompt's full pages for the next prompt that starts with them.
 Decode side: `reserve` takes pages and a slot before any KV arrives (the leading pages its own
 prefix cache holds are shared, and it says how many: the prefill side then sends only the rest,
 engine/kv_export.py), `import_layer` writes each arriving layer into them, `admit` puts the
-sequence into the running batch once every layer is in and caches the prompt's full pages.
-A reservation that is never admitted must be `abort`ed; that frees its pages and slot.
+sequence into the running batch once every layer is in and caches the prompt's full pages;
+or `prefill_reserved` computes what the reservation's cached pages do not hold right here (a
+local prefill: nothing crosses the link). A reservation that is never admitted must be
+`abort`ed; that frees its pages and slot.
 """
 
 from __future__ import annotations
@@ -224,6 +226,12 @@ class DisaggregatedEngine(LLMEngine):
         self.scheduler.admit(seq)
         self._check_finish(seq, first_token)
         return self._output(seq)
+
+    def prefill_reserved(self, request_id: str) -> None:
+        """Compute a reserved request's uncached prompt tokens on this engine instead of
+        receiving them (a local prefill, for a short suffix after the cached pages): it
+        prefills with the next step, samples its first token itself and decodes on."""
+        self.scheduler.prefill_reserved(self._reserved(request_id))
 
     def _reserved(self, request_id: str) -> Sequence:
         seq = self._seqs.get(request_id)

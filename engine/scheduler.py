@@ -98,6 +98,15 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
+    def prefill_reserved(self, seq: Sequence) -> None:
+        """A reserved sequence computes the rest of its prompt here instead of receiving it (a
+        local prefill): it joins the prefills after its cached pages, chunked as any prompt."""
+        if not seq.reserved:
+            raise KeyError(f"sequence {seq.seq_id} is {seq.status.value}, not reserved")
+        del self.reserved[seq.seq_id]
+        seq.status = SeqStatus.RUNNING
+        self.prefilling.append(seq)
+
     def _num_admitted(self) -> int:
         return len(self.running) + len(self.reserved) + len(self.prefilling)
 

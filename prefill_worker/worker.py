@@ -65,6 +65,9 @@ class PrefillReport:
     """Wire bytes of the pages the decode worker held already (first_page), left out."""
     first_page: int = 0
     """Full pages of the prompt left out of every layer sent (the decode worker held them)."""
+    local: bool = False
+    """The decode worker computed the prompt's uncached rest itself (no prefill worker ran,
+    nothing was sent); control/lifecycle.py builds such a report from its clock."""
 
 
 KV_SLOTS = 2

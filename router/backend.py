@@ -152,6 +152,8 @@ class FinishEvent:
     already (its prefix cache), if known."""
     kv_cached_tokens: int | None = None
     """Prompt tokens whose KV the decode side held already (so none of it was sent), if known."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself (nothing crossed the link)."""
     client_error: bool = False
     """With reason "error": the backend refused a value of the request itself (`error` then
     starts with the field's name, "prompt: ..."), so the router answers 400, not 5xx."""

@@ -213,6 +213,7 @@ def job_row(rec: JobRecord, now: float) -> dict:
         "kv_cached_tokens": rec.kv_cached_tokens,
         "kv_bytes": rec.kv_bytes,
         "kv_bytes_not_sent": rec.kv_bytes_not_sent,
+        "local_prefill": rec.local_prefill,
         "error": rec.error,
     }
 

@@ -13,7 +13,9 @@ Per app, one `RouterMetrics` over its own `CollectorRegistry` (tests build many 
   tokens whose KV came from the prefill side's prefix cache, not computed),
   `zipserve_prompt_tokens_cache_reported_total` (the prompt tokens of those jobs),
   `zipserve_kv_cached_tokens_total` (prompt tokens the decode side held already, not sent) and
-  `zipserve_kv_bytes_not_sent_total` (their wire bytes); the gauge `zipserve_prefix_cache_hit_rate`
+  `zipserve_kv_bytes_not_sent_total` (their wire bytes), `zipserve_local_prefills_total` (jobs
+  whose decode worker computed the prompt's short uncached rest itself, nothing sent); the gauge
+  `zipserve_prefix_cache_hit_rate`
   is cached / prompt tokens since the router started (rate() of the two counters gives it over a
   window).
 - Gauges read at scrape time: jobs in flight at the router by state, whether the backend answers,
@@ -299,6 +301,12 @@ class RouterMetrics:
             ["codec"],
             registry=r,
         )
+        self.local_prefills = Counter(
+            "zipserve_local_prefills",
+            "Jobs whose decode worker computed the prompt's uncached rest itself (nothing sent)",
+            ["codec"],
+            registry=r,
+        )
         self._cache_totals: dict[str, list[int]] = {}
         """codec -> [cached prompt tokens, prompt tokens] of jobs reporting cached tokens."""
         self.http = Counter(
@@ -333,6 +341,8 @@ class RouterMetrics:
             self.kv_cached_tokens.labels(codec).inc(rec.kv_cached_tokens)
         if rec.kv_bytes_not_sent is not None:
             self.kv_bytes_not_sent.labels(codec).inc(rec.kv_bytes_not_sent)
+        if rec.local_prefill:
+            self.local_prefills.labels(codec).inc()
         if rec.ttft is not None:
             self.ttft.labels(codec).observe(rec.ttft)
         tbt = self.tbt.labels(codec)

@@ -466,6 +466,9 @@ class JobView(BaseModel):
     """Prompt tokens whose KV the decode side held already (not sent), when reported."""
     kv_bytes_not_sent: int | None = None
     """KV bytes not sent because the decode side held those pages, when reported."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself: no prefill worker ran and
+    no KV crossed the link."""
 
 
 class JobList(BaseModel):

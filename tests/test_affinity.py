@@ -86,6 +86,7 @@ def _run(pool, books, affinity: bool = True, slack: int = 4096):
         group=None,
         prefix_affinity=affinity,
         affinity_slack_tokens=slack,
+        local_prefill_tokens=0,
     )
     life = Lifecycle(cfg, pool, books, page_size=16, kv_bytes_per_token_bf16=100)
     job = Job("j1", list(range(3, 70)), max_tokens=2, arrival=9.8)

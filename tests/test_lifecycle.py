@@ -116,9 +116,14 @@ class _Pool:
         return False
 
 
-def _run(pool, books) -> list:
+def _run(pool, books, local: int = 0) -> list:
     cfg = SimpleNamespace(
-        codec="bf16", page_wait_s=5.0, retries=1, transfer_deadline_s=5.0, group=None
+        codec="bf16",
+        page_wait_s=5.0,
+        retries=1,
+        transfer_deadline_s=5.0,
+        group=None,
+        local_prefill_tokens=local,
     )
     life = Lifecycle(cfg, pool, books, page_size=16, kv_bytes_per_token_bf16=100)
     job = Job("j1", list(range(3, 40)), max_tokens=2, arrival=9.8)
@@ -127,6 +132,43 @@ def _run(pool, books) -> list:
         return [ev async for ev in life.run(job)]
 
     return asyncio.run(collect())
+
+
+def test_a_short_rest_is_prefilled_on_the_decode_worker():
+    """Held 2 of 16-token pages of a 37-token prompt: 5 tokens left, within local_prefill_tokens:
+    no prefill worker runs, nothing is sent, the phases still tile the job."""
+    prefill = _Prefill()
+    pool, books = _Pool([prefill], held_pages=2), Books.empty(1, 1)
+    dec = pool.decode[0].actor
+    dec.prefill_local = _Call(
+        lambda rid, timeout: PollReply(
+            [7],
+            [],
+            [],
+            "a",
+            False,
+            None,
+            None,
+            {"local_prefill": 10.1, "kv_complete": 10.1, "admitted": 10.1, "first_token": 10.3},
+        )
+    )
+    events = _run(pool, books, local=5)
+    assert prefill.first_pages == []  # the prefill worker never ran
+    phases = [(e.name, e.start, e.end) for e in events if isinstance(e, PhaseEvent)]
+    assert phases[:4] == [
+        ("queue", 9.8, 10.1),
+        ("prefill", 10.1, 10.3),
+        ("transfer", 10.3, 10.3),
+        ("decode_queue", 10.3, 10.3),
+    ]
+    fin = events[-1]
+    assert fin.local_prefill and fin.kv_bytes == fin.kv_bytes_bf16 == 0
+    assert (fin.cached_tokens, fin.kv_cached_tokens) == (32, 32)
+    assert [e.token_id for e in events if isinstance(e, TokenEvent)] == [7, 8]
+    _whole(books, pool)
+    pool, books = _Pool([prefill], held_pages=2), Books.empty(1, 1)
+    assert not _run(pool, books, local=4)[-1].local_prefill  # 5 left: past the threshold
+    assert prefill.first_pages == [2]
 
 
 def _whole(books: Books, pool) -> None:

@@ -160,3 +160,44 @@ def test_wrong_page_count_is_refused():
     dec.release("a")
     pool_whole(pre)
     pool_whole(dec)
+
+
+@pytest.mark.parametrize(
+    "codec,decode_kv",
+    [
+        ("bf16", "compressed"),
+        ("hack2", "dense"),
+        pytest.param("hack2", "compressed", marks=pytest.mark.slow),
+    ],
+)
+def test_local_prefill_of_the_rest_equals_receiving_it(codec, decode_kv):
+    """Turn 2 of a conversation: one decode engine is sent the pages it lacks, the other
+    computes them itself after its cached pages (prefill_reserved). Same greedy tokens; the
+    local one computed only the rest."""
+    engines = {}
+    for name in ("sent", "local"):
+        pre, dec = _engine(codec), _engine(codec, decode_kv=decode_kv)
+        first, _, _, _ = _turn(pre, dec, "t0", _ids(100, 7))
+        engines[name] = (pre, dec, first)
+    assert engines["sent"][2].token_ids == engines["local"][2].token_ids
+    history = _ids(100, 7) + engines["sent"][2].token_ids + _ids(30, 8)
+    sent, _, _, held_sent = _turn(*engines["sent"][:2], "t1", history)
+    _, dec, _ = engines["local"]
+    computed = []
+    inner = dec.runner.prefill
+
+    def counting(seqs, all_logits=False, on_layer_done=None, ends=None):
+        computed.append(sum(s.num_tokens - s.num_cached for s in seqs))
+        return inner(seqs, all_logits=all_logits, on_layer_done=on_layer_done, ends=ends)
+
+    dec.runner.prefill = counting
+    held = dec.reserve("t1", history, PARAMS)
+    assert held == held_sent > 0
+    dec.prefill_reserved("t1")
+    local = run_to_completion(dec)["t1"]
+    assert computed == [len(history) - held * P]
+    assert local.token_ids == sent.token_ids and local.cached_tokens == held * P
+    dec.release("t1")
+    pool_whole(dec)
+    with pytest.raises(KeyError, match="holds no reservation"):
+        dec.prefill_reserved("t1")

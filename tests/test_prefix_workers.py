@@ -6,6 +6,8 @@ every page returns to its pool."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -103,3 +105,38 @@ def test_cached_prefix_pages_answers_without_taking_anything():
         _whole(pre, dec)
     finally:
         dec.shutdown()
+
+
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_decode_worker_prefills_a_short_rest_itself(codec):
+    """Turn 2 on two pairs: one sends the pages the decode worker lacks, the other's decode
+    worker computes them (prefill_local): same tokens, its prefill worker never ran for it."""
+    pairs = {name: _pair(codec, True) for name in ("sent", "local")}
+    try:
+        prompt = _ids(80, 5)
+        answers = [_serve(pre, dec, "t0", prompt)[2].tokens for pre, dec in pairs.values()]
+        assert answers[0] == answers[1]
+        history = prompt + answers[0] + _ids(10, 6)
+        _, _, sent = _serve(*pairs["sent"], "t1", history)
+        pre, dec = pairs["local"]
+        before = pre.stats().prefills
+        held = dec.reserve("t1", history, PARAMS)
+        assert 0 < len(history) - held.held_tokens <= 64
+        res = dec.prefill_local("t1", timeout=30)
+        assert res.tokens and {"local_prefill", "first_token"} <= set(res.times)
+        while not res.finished:
+            res = dec.poll("t1", 0, timeout=5)
+        assert res.tokens == sent.tokens and res.finish_reason == "length"
+        assert pre.stats().prefills == before
+        dec.release("t1")
+        _whole(pre, dec)
+        # an aborted reservation is not prefilled: the reply says it ended
+        dec.reserve("t2", history, PARAMS)
+        dec.abort("t2")
+        time.sleep(0.1)  # the step loop applies aborts
+        assert dec.prefill_local("t2", timeout=5).finish_reason == "abort"
+        dec.release("t2")
+        _whole(pre, dec)
+    finally:
+        for _, d in pairs.values():
+            d.shutdown()
