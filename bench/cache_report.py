@@ -36,8 +36,12 @@ def _kb(x) -> str:
 
 
 def _run_label(r: dict) -> tuple[str, str, str]:
-    """(codec lane, caching on/off, conversation rate) of a row."""
-    return lane(r), str(r.get("prefix_caching", "on")), f"{r.get('rate')}".removesuffix(".0")
+    """(codec lane, caching: on / off / on, local prefill <= N, conversation rate) of a row."""
+    caching = str(r.get("prefix_caching", "on"))
+    local = r.get("local_prefill_tokens")
+    if caching == "on" and _ok(local):
+        caching = f"on, local ≤ {local:.0f}" if local else "on, no local"
+    return lane(r), caching, f"{r.get('rate')}".removesuffix(".0")
 
 
 def _totals(reqs: list[dict]) -> dict:
@@ -63,6 +67,7 @@ def _totals(reqs: list[dict]) -> dict:
         "hit_rate": total("cached_tokens") / prompt if _ok(prompt) and prompt else float("nan"),
         "held": total("kv_cached_tokens"),
         "prompt": prompt,
+        "local": sum(1 for r in ok if r.get("local_prefill") in (True, "True", 1)),
     }
 
 
@@ -107,28 +112,30 @@ def section(results_dirs: list[Path], page_dir: Path) -> list[str]:
         "",
         "| codec | prefix caching | conv/s | turns ok/sent | mean JCT ms | vs caching off "
         "| mean TTFT ms | KV sent KB | KV not sent KB | prefill hit rate "
-        "| tokens held by decode |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens held by decode | prefilled on decode |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (codec, caching, rate), t in runs.items():
         off = runs.get((codec, "off", rate))
+        caching_on = caching.startswith("on")
         ratio = (
             f"{t['jct'] / off['jct']:.2f}x"
-            if caching == "on" and off and _ok(off["jct"]) and off["jct"]
+            if caching_on and off and _ok(off["jct"]) and off["jct"]
             else "—"
         )
         out.append(
             f"| {codec} | {caching} | {rate} | {t['ok']}/{t['sent']} | {_f(t['jct'])} | {ratio} | "
             f"{_f(t['ttft'])} | {_kb(t['kv_bytes'])} | {_kb(t['kv_bytes_not_sent'])} | "
-            f"{_f(100 * t['hit_rate'], '.1f')}% | {_f(t['held'])} of {_f(t['prompt'])} |"
+            f"{_f(100 * t['hit_rate'], '.1f')}% | {_f(t['held'])} of {_f(t['prompt'])} | "
+            f"{t['local']} |"
         )
     out += [
         "",
         "### Per turn (mean over the conversations that reached it)",
         "",
         "| codec | prefix caching | conv/s | turn | n | JCT ms | TTFT ms | prompt tokens "
-        "| cached (prefill) | held (decode) | KV sent KB | KV not sent KB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cached (prefill) | held (decode) | KV sent KB | KV not sent KB | local |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in turns:
         codec, caching, rate = _run_label(t)
@@ -137,7 +144,8 @@ def section(results_dirs: list[Path], page_dir: Path) -> list[str]:
             f"{_f(t.get('jct_mean_ms'))} | "
             f"{_f(t.get('ttft_mean_ms'))} | {_f(t.get('prompt_tokens_mean'))} | "
             f"{_f(t.get('cached_tokens_mean'))} | {_f(t.get('kv_cached_tokens_mean'))} | "
-            f"{_kb(t.get('kv_bytes_mean'))} | {_kb(t.get('kv_bytes_not_sent_mean'))} |"
+            f"{_kb(t.get('kv_bytes_mean'))} | {_kb(t.get('kv_bytes_not_sent_mean'))} | "
+            f"{_f(t.get('local_prefills'))} |"
         )
     return out + ["", END]
 

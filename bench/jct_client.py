@@ -90,6 +90,8 @@ class RequestResult:
     """Prompt tokens whose KV the decode side held already (not sent)."""
     kv_bytes_not_sent: float = float("nan")
     """KV bytes not sent because the decode side held those pages."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself (nothing was sent)."""
     conversation: int = -1
     """A conversation workload: the conversation (else -1)."""
     turn: int = -1
@@ -219,6 +221,7 @@ def add_job_view(res: RequestResult, job: dict) -> None:
     for key in ("kv_bytes", "cached_tokens", "kv_cached_tokens", "kv_bytes_not_sent"):
         if job.get(key) is not None:
             setattr(res, key, float(job[key]))
+    res.local_prefill = bool(job.get("local_prefill"))
     if "transfer" in phases:
         res.transfer_start_s = phases["transfer"]["start"]
     if phases:

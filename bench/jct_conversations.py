@@ -134,7 +134,8 @@ def _mean(values: list[float]) -> float:
 def summarize_turns(results: list[RequestResult]) -> list[dict]:
     """Per turn index (completed requests only): how many, mean JCT / TTFT (ms), mean prompt
     tokens, cached tokens (prefill side), tokens held by the decode side, KV bytes sent and not
-    sent, and the turn's hit rate (cached / prompt tokens over its requests)."""
+    sent, how many the decode side prefilled itself, and the turn's hit rate (cached / prompt
+    tokens over its requests)."""
     ok = [r for r in results if r.status == "ok" and r.turn >= 0]
     rows = []
     for turn in sorted({r.turn for r in ok}):
@@ -152,6 +153,7 @@ def summarize_turns(results: list[RequestResult]) -> list[dict]:
                 "kv_cached_tokens_mean": _mean([r.kv_cached_tokens for r in rs]),
                 "kv_bytes_mean": _mean([r.kv_bytes for r in rs]),
                 "kv_bytes_not_sent_mean": _mean([r.kv_bytes_not_sent for r in rs]),
+                "local_prefills": sum(r.local_prefill for r in rs),
                 "hit_rate": sum(cached) / prompt if cached and prompt else float("nan"),
             }
         )
@@ -160,11 +162,12 @@ def summarize_turns(results: list[RequestResult]) -> list[dict]:
 
 def print_turns(title: str, rows: list[dict]) -> None:
     print(f"{title}: per turn")
-    print("  turn   n   JCT ms  TTFT ms  prompt  cached  held  KV sent B  KV not sent B")
+    print("  turn   n   JCT ms  TTFT ms  prompt  cached  held  KV sent B  KV not sent B  local")
     for r in rows:
         print(
             f"  {r['turn']:>4} {r['requests']:>3} {r['jct_mean_ms']:>8.0f} "
             f"{r['ttft_mean_ms']:>8.0f} {r['prompt_tokens_mean']:>7.0f} "
             f"{r['cached_tokens_mean']:>7.0f} {r['kv_cached_tokens_mean']:>5.0f} "
-            f"{r['kv_bytes_mean']:>10.0f} {r['kv_bytes_not_sent_mean']:>14.0f}"
+            f"{r['kv_bytes_mean']:>10.0f} {r['kv_bytes_not_sent_mean']:>14.0f} "
+            f"{r['local_prefills']:>6}"
         )

@@ -68,6 +68,8 @@ class SweepConfig:
     decode_kv: tuple[str, ...] = ("compressed",)
     """decode_kv modes each codec runs in (engine/decode_kv.py); records carry the mode the
     decode workers used (`auto` resolved) beside the codec."""
+    local_prefill_tokens: int | None = None
+    """ServeConfig.local_prefill_tokens of the deployment (None: its default)."""
 
     def __post_init__(self) -> None:
         if not self.codecs:
@@ -175,6 +177,11 @@ def _system(cfg: SweepConfig, codec: str, decode_kv: str):
         decode_kv=decode_kv,
         # a conversation's next prompt holds the answer's token ids: served back without one
         skip_tokenizer=cfg.workload in CONVERSATION_SHAPES,
+        **(
+            {}
+            if cfg.local_prefill_tokens is None
+            else {"local_prefill_tokens": cfg.local_prefill_tokens}
+        ),
     )
     t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
@@ -252,6 +259,7 @@ def _one_run(
         "rate": "trace" if rate is None else rate,
         "workload": wl.name,
         "prefix_caching": "off" if cfg.engine_options.get("prefix_caching") is False else "on",
+        "local_prefill_tokens": backend.cfg.local_prefill_tokens,
     }
     rows = [{**conf, **r.row()} for r in results]
     s = jct_client.summarize(results)

@@ -110,10 +110,11 @@ def test_a_server_with_a_tokenizer_is_named_and_the_conversation_stops():
 @pytest.mark.skipif(
     not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
 )
-@pytest.mark.parametrize("caching", [True, False])
-def test_multiturn_sweep_reports_cache_hits_per_turn(tmp_path, caching):
+@pytest.mark.parametrize("caching,local", [(True, 0), (False, 0), (True, 2048)])
+def test_multiturn_sweep_reports_cache_hits_per_turn(tmp_path, caching, local):
     """The serving stack end to end (Ray, HTTP): with caching, later turns reuse the prefill
-    worker's cache and send the decode worker only what it lacks; without, nothing is cached."""
+    worker's cache and send the decode worker only what it lacks (local 0), or the decode worker
+    computes the rest itself and nothing is sent (local 2048); without, nothing is cached."""
     pytest.importorskip("ray")
     from zipserve.bench import jct_sweep
 
@@ -130,6 +131,7 @@ def test_multiturn_sweep_reports_cache_hits_per_turn(tmp_path, caching):
         device="cpu",
         engine_options={} if caching else {"prefix_caching": False},
         decode_kv=("dense",),
+        local_prefill_tokens=local,
     )
     jct_sweep.run(cfg, tmp_path)
     with open(tmp_path / "jct_turns.csv") as f:
@@ -138,15 +140,21 @@ def test_multiturn_sweep_reports_cache_hits_per_turn(tmp_path, caching):
         reqs = list(csv.DictReader(f))
     assert reqs and all(r["status"] == "ok" for r in reqs)
     assert {r["prefix_caching"] for r in turns} == {"on" if caching else "off"}
+    assert {r["local_prefill_tokens"] for r in reqs} == {str(local)}
     later = [r for r in reqs if int(r["turn"]) > 0]
     for r in later:
-        cached, held, not_sent = (
-            float(r[k]) for k in ("cached_tokens", "kv_cached_tokens", "kv_bytes_not_sent")
+        cached, held, not_sent, sent = (
+            float(r[k])
+            for k in ("cached_tokens", "kv_cached_tokens", "kv_bytes_not_sent", "kv_bytes")
         )
-        if caching:
-            assert cached > 0 and held > 0 and not_sent > 0, r
+        if not caching:
+            assert cached == held == not_sent == 0 and r["local_prefill"] == "False", r
+        elif local and held:
+            assert r["local_prefill"] == "True" and sent == 0 and cached == held, r
         else:
-            assert cached == held == not_sent == 0, r
+            assert cached > 0 and held > 0 and not_sent > 0 and r["local_prefill"] == "False", r
+    if local:
+        assert any(r["local_prefill"] == "True" for r in later)
     assert float(turns[0]["cached_tokens_mean"]) == 0
 
 
