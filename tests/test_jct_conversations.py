@@ -175,7 +175,7 @@ def _fake_sweep(d, caching: str, jct: float, sent: float) -> None:
             "jct_ms": jct,
             "ttft_ms": 10.0,
             "kv_bytes": sent,
-            "kv_bytes_not_sent": 500.0 * t if hit else 0.0,
+            "kv_bytes_not_sent": 3000.0 * t if hit else 0.0,
             "cached_tokens": 64.0 * t if hit else 0.0,
             "kv_cached_tokens": 64.0 * t if hit else 0.0,
         }
@@ -184,7 +184,8 @@ def _fake_sweep(d, caching: str, jct: float, sent: float) -> None:
     write_csv(d / "jct_requests.csv", reqs)
     write_csv(d / "jct_turns.csv", [{**conf, "turn": 0, "requests": 1, "jct_mean_ms": jct}])
     meta = {"device": "CPU (x86_64)", "date_utc": "now", "model": "m", "command": f"cmd {caching}"}
-    (d / "jct_meta.json").write_text(json.dumps({**meta, "config": {"workload": "multiturn"}}))
+    config = {"workload": "multiturn", "seed": 7}
+    (d / "jct_meta.json").write_text(json.dumps({**meta, "config": config}))
 
 
 def test_cache_report_writes_one_block_and_bench_report_keeps_it(tmp_path):
@@ -205,8 +206,16 @@ def test_cache_report_writes_one_block_and_bench_report_keeps_it(tmp_path):
         line for line in text.splitlines() if line.startswith("| hack2/dense | on | 1 | 2/2")
     )
     cells = [c.strip() for c in row.split("|")]
-    # mean JCT 50 vs 100 with caching off; 2 KB sent, 0.5 KB not sent; 64 of 300 prompt tokens
-    assert cells[5:12] == ["50", "0.50x", "10", "2", "0", "21.3%", "64 of 300"], cells
+    # mean JCT 50 vs 100 with caching off (TTFT 10 vs 10); 2 KB sent, 3 KB not sent; 64 of
+    # 300 prompt tokens cached on the prefill side and held on the decode side; none local
+    assert cells[5:13] == ["50", "10", "0.50x / 1.00x", "2", "3", "21.3%", "64 of 300", "0"]
+    assert "| hack2/dense | on | 1 | 7 | 2/2 | 50 |" in text  # the seed's own row
+    turn1 = next(
+        line for line in text.splitlines() if line.startswith("| hack2/dense | on | 1 | 1 |")
+    )
+    assert [c.strip() for c in turn1.split("|")][5:13] == [
+        "1", "50", "10", "200", "64", "64", "1", "3"
+    ]  # fmt: skip
     block = cache_report.kept_block(page)
     assert block.startswith(cache_report.BEGIN) and block.endswith(cache_report.END)
     from zipserve.bench import jct_report
@@ -216,5 +225,5 @@ def test_cache_report_writes_one_block_and_bench_report_keeps_it(tmp_path):
     text = page.read_text()
     assert "some generated section" not in text and "## CPU" in text
     assert text.count(cache_report.BEGIN) == 1 and cache_report.kept_block(page) == block
-    with pytest.raises(ValueError, match="jct_turns.csv is missing"):
+    with pytest.raises(ValueError, match="jct_requests.csv is missing"):
         cache_report.write([tmp_path], page)
