@@ -111,6 +111,9 @@ def section(results_dirs: list[Path], page_dir: Path) -> list[str]:
     seeds = list(dict.fromkeys(r["_seed"] for r in reqs))
     first = metas[0][1]
     cfg = first.get("config", {})
+    commits = ", ".join(dict.fromkeys(f"`{m.get('commit') or '?'}`" for _, m in metas))
+    dates = sorted({m["date_utc"] for _, m in metas})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
 
     def of(label, seed=None, turn=None) -> list[dict]:
         return [
@@ -126,9 +129,9 @@ def section(results_dirs: list[Path], page_dir: Path) -> list[str]:
 
     out = [
         BEGIN,
-        f"## Prefix caching, multi-turn conversations — {first['device']} — {first['date_utc']}",
+        f"## Prefix caching, multi-turn conversations — {first['device']} — {when}",
         "",
-        f"Model `{first['model']}`, commit `{first.get('commit') or '?'}`, workload "
+        f"Model `{first['model']}`, commit {commits}, workload "
         f"`{cfg.get('workload')}` ({cfg.get('num_requests')} conversations of 4-8 turns per run, "
         f"scale {cfg.get('scale')}, seeds {', '.join(map(str, seeds))}, rates "
         f"{cfg.get('rates')} conversations/s); each turn's prompt is the whole history, sent "
