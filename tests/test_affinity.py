@@ -136,7 +136,13 @@ def test_two_decode_workers_on_the_cpu_keep_a_conversation_on_one(local_ray):
     from zipserve.control.config import ServeConfig
     from zipserve.deploy.serve import running_server
 
-    cfg = ServeConfig(model=str(REFERENCE_MODEL), codec="bf16", num_decode=2, skip_tokenizer=True)
+    cfg = ServeConfig(
+        model=str(REFERENCE_MODEL),
+        codec="bf16",
+        num_decode=2,
+        skip_tokenizer=True,
+        local_prefill_tokens=0,  # turn 2 receives the pages it lacks (not prefilled locally)
+    )
     with running_server(cfg, "127.0.0.1", free_port()) as (base, backend):
         url = f"{base}/v1/completions"
         body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
