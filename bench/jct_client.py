@@ -10,7 +10,12 @@ clock the router stamps jobs with when both run on one host):
   between tokens: gaps between token chunks; JCT: `data: [DONE]` received - send.
 - afterwards, the job's phases from GET /v1/jobs/{id} (queue, prefill, transfer, decode_queue,
   decode, on the server's clocks), and what the phases do not cover: `http_in_ms` (send ->
-  router arrival stamp) and `tail_ms` (end of the last phase -> [DONE] at the client).
+  router arrival stamp) and `tail_ms` (end of the last phase -> [DONE] at the client); the KV
+  bytes sent, and the prefix caches' share: prompt tokens not computed (`cached_tokens`), prompt
+  tokens the decode side held (`kv_cached_tokens`) and the KV bytes it was therefore not sent.
+
+A conversation workload (bench/conversations.py) is replayed by bench/jct_conversations.py with
+the same request and the same records, one per turn.
 
 The replay is bounded by `max_requests` and `max_seconds`: requests due after the deadline are
 not sent and those still running at it are cancelled (status "cut"; the router then aborts them).
@@ -29,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from zipserve.bench.conversations import ConversationWorkload
 from zipserve.bench.workloads import Workload, WorkloadRequest
 from zipserve.router.jobs import percentile
 
@@ -78,7 +84,20 @@ class RequestResult:
     """KV bytes the prefill worker sent for this request (the codec's wire form)."""
     transfer_start_s: float = float("nan")
     """Router's time.time() when the transfer phase began (link busy while transferring)."""
+    cached_tokens: float = float("nan")
+    """Prompt tokens whose KV the prefill side took from its prefix cache (not computed)."""
+    kv_cached_tokens: float = float("nan")
+    """Prompt tokens whose KV the decode side held already (not sent)."""
+    kv_bytes_not_sent: float = float("nan")
+    """KV bytes not sent because the decode side held those pages."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself (nothing was sent)."""
+    conversation: int = -1
+    """A conversation workload: the conversation (else -1)."""
+    turn: int = -1
+    """A conversation workload: the turn, from 0 (else -1)."""
     _token_times: list[float] = field(default_factory=list, repr=False)
+    _token_ids: list[int] = field(default_factory=list, repr=False)
     _done_time: float = float("nan")
 
     def row(self) -> dict:
@@ -125,9 +144,11 @@ def _is_local(addr: str) -> bool:
         return False
 
 
-async def _one(
+async def send_one(
     client, base: str, req: WorkloadRequest, t0: float, res: RequestResult, codec: str | None
 ) -> None:
+    """Send one request at its arrival offset and time it; the generated token ids (when the
+    server returns them: one without a tokenizer) land in res._token_ids."""
     body = {
         "prompt": req.prompt_ids,
         "max_tokens": req.output_tokens,
@@ -171,6 +192,7 @@ async def _one(
             for c in chunk.get("choices") or []:
                 if "text" in c and c.get("finish_reason") is None:  # one per token, text or not
                     res._token_times.append(now)
+                res._token_ids.extend(c.get("token_ids") or [])
                 if c.get("finish_reason"):
                     res.finish_reason = c["finish_reason"]
     if res._done_time != res._done_time:  # NaN: the stream ended without [DONE]
@@ -188,7 +210,7 @@ async def _one(
             res.tbt_p99_ms = percentile(gaps, 99)
 
 
-def _add_job(res: RequestResult, job: dict) -> None:
+def add_job_view(res: RequestResult, job: dict) -> None:
     """Fill the server-side columns from a /v1/jobs/{id} view."""
     phases = {p["name"]: p for p in job.get("phases", []) if p.get("duration") is not None}
     for name in PHASES:
@@ -196,8 +218,10 @@ def _add_job(res: RequestResult, job: dict) -> None:
             setattr(res, f"{name}_ms", 1e3 * phases[name]["duration"])
     if job.get("jct") is not None:
         res.server_jct_ms = 1e3 * job["jct"]
-    if job.get("kv_bytes") is not None:
-        res.kv_bytes = float(job["kv_bytes"])
+    for key in ("kv_bytes", "cached_tokens", "kv_cached_tokens", "kv_bytes_not_sent"):
+        if job.get(key) is not None:
+            setattr(res, key, float(job[key]))
+    res.local_prefill = bool(job.get("local_prefill"))
     if "transfer" in phases:
         res.transfer_start_s = phases["transfer"]["start"]
     if phases:
@@ -232,15 +256,7 @@ async def replay_async(
     limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(max_seconds + 30.0, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
-        try:
-            r = await client.get(f"{base}/v1/models")
-            r.raise_for_status()
-            max_len = r.json()["data"][0]["max_model_len"]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-            raise ValueError(
-                f"url: no zipserve deployment answers at {base} ({type(e).__name__}: {e})"
-            ) from None
-        workload.check_fits(max_len)
+        workload.check_fits(await served_max_len(client, base))
         bar = tqdm(
             total=len(reqs), desc=workload.name, unit="req", disable=not progress, leave=False
         )
@@ -251,7 +267,7 @@ async def replay_async(
             try:
                 if req.arrival_s > max_seconds:
                     return  # due after the deadline: not sent
-                await _one(client, base, req, t0, res, codec)
+                await send_one(client, base, req, t0, res, codec)
             except httpx.HTTPError as e:
                 res.status, res.error = "error", f"{type(e).__name__}: {e}"[:300]
             finally:
@@ -263,15 +279,39 @@ async def replay_async(
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         bar.close()
-        for res in results:
-            if res.job_id:
-                j = await client.get(f"{base}/v1/jobs/{res.job_id}")
-                if j.status_code == 200:
-                    _add_job(res, j.json())
+        await add_job_views(client, base, results)
     return results
 
 
-def replay(base: str, workload: Workload, **kw) -> list[RequestResult]:
+async def served_max_len(client, base: str) -> int:
+    """The deployment's context length (GET /v1/models); ValueError when none answers."""
+    import httpx
+
+    try:
+        r = await client.get(f"{base}/v1/models")
+        r.raise_for_status()
+        return r.json()["data"][0]["max_model_len"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"url: no zipserve deployment answers at {base} ({type(e).__name__}: {e})"
+        ) from None
+
+
+async def add_job_views(client, base: str, results: list[RequestResult]) -> None:
+    """The server-side columns of every sent request, from GET /v1/jobs/{id}."""
+    for res in results:
+        if res.job_id:
+            j = await client.get(f"{base}/v1/jobs/{res.job_id}")
+            if j.status_code == 200:
+                add_job_view(res, j.json())
+
+
+def replay(base: str, workload: Workload | ConversationWorkload, **kw) -> list[RequestResult]:
+    """Replay a workload (a conversation workload: bench/jct_conversations.py)."""
+    if isinstance(workload, ConversationWorkload):
+        from zipserve.bench.jct_conversations import replay_conversations_async
+
+        return asyncio.run(replay_conversations_async(base, workload, **kw))
     return asyncio.run(replay_async(base, workload, **kw))
 
 
@@ -350,7 +390,12 @@ def print_summary(title: str, s: dict) -> None:
 
 
 def run(
-    base: str, workload: Workload, out_csv: Path, *, allow_remote: bool = False, **kw
+    base: str,
+    workload: Workload | ConversationWorkload,
+    out_csv: Path,
+    *,
+    allow_remote: bool = False,
+    **kw,
 ) -> tuple[list[RequestResult], dict]:
     """Replay against `base`, write one CSV row per request to `out_csv`, print the summary."""
     base = check_url(base, allow_remote)

@@ -7,7 +7,8 @@ device, date, model, commit and exact command, per link a table of every run, th
 each codec sustains, the issue-16 goals (bench/jct_goals.py) the sweep can speak to, the
 perplexity cost per codec, and the plots. With `readme`, the block between the
 `<!-- jct-results:begin -->` and `<!-- jct-results:end -->` markers of README.md is replaced by
-the headline table of the first folder.
+the headline table of the first folder. The prefix-caching section (`bench cache-report`,
+bench/cache_report.py) is kept at the end of the page as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zipserve.bench.cache_report import kept_block
 from zipserve.bench.jct_goals import _key, _rate, _s, goals, highest_sustained
 from zipserve.bench.jct_plots import (
     _links,
@@ -198,6 +200,9 @@ def write(results_dirs: list[Path], page: Path, readme: Path | None = None) -> P
     ]
     for d in results_dirs:
         lines += section(d, page.parent)
+    kept = kept_block(page)  # bench cache-report's section stays
+    if kept:
+        lines += ["", kept]
     page.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {page}")
     if readme is not None:

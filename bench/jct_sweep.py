@@ -12,7 +12,11 @@ before it is measured.
 
 Writes to `out_dir`: jct_requests.csv (one row per request, config columns first),
 jct_summary.csv (one row per configuration), jct_meta.json (device, date, model, command,
-commit), and the plots of `jct_plots`.
+commit), and the plots of `jct_plots`. A conversation workload (`multiturn`) also writes
+jct_turns.csv (per configuration and turn: JCT, cached tokens, KV bytes sent and not sent;
+bench/jct_conversations.py) and serves without a tokenizer, so the client gets each answer's
+token ids back for the next turn's prompt. Every row records whether prefix caching was on
+(`--engine-option prefix_caching=false` turns it off in every worker).
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zipserve.bench import jct_client, jct_plots, workloads
+from zipserve.bench.conversations import CONVERSATION_SHAPES, ConversationWorkload
+from zipserve.bench.jct_conversations import print_turns, summarize_turns
 
-SUMMARY_KEYS = ("codec", "decode_kv", "link_gbps", "rate", "workload")
+SUMMARY_KEYS = ("codec", "decode_kv", "link_gbps", "rate", "workload", "prefix_caching")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class SweepConfig:
     decode_kv: tuple[str, ...] = ("compressed",)
     """decode_kv modes each codec runs in (engine/decode_kv.py); records carry the mode the
     decode workers used (`auto` resolved) beside the codec."""
+    local_prefill_tokens: int | None = None
+    """ServeConfig.local_prefill_tokens of the deployment (None: its default)."""
 
     def __post_init__(self) -> None:
         if not self.codecs:
@@ -167,6 +175,13 @@ def _system(cfg: SweepConfig, codec: str, decode_kv: str):
         num_decode=cfg.num_decode,
         engine_options=dict(cfg.engine_options),
         decode_kv=decode_kv,
+        # a conversation's next prompt holds the answer's token ids: served back without one
+        skip_tokenizer=cfg.workload in CONVERSATION_SHAPES,
+        **(
+            {}
+            if cfg.local_prefill_tokens is None
+            else {"local_prefill_tokens": cfg.local_prefill_tokens}
+        ),
     )
     t0 = time.time()
     with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
@@ -223,7 +238,7 @@ def _one_run(
     link: float | None,
     rate: float | None,
     vocab: int,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[dict], dict, list[dict]]:
     wl = workloads.build(
         cfg.workload,
         rate=rate,
@@ -243,6 +258,8 @@ def _one_run(
         "link_gbps": "none" if link is None else link,
         "rate": "trace" if rate is None else rate,
         "workload": wl.name,
+        "prefix_caching": "off" if cfg.engine_options.get("prefix_caching") is False else "on",
+        "local_prefill_tokens": backend.cfg.local_prefill_tokens,
     }
     rows = [{**conf, **r.row()} for r in results]
     s = jct_client.summarize(results)
@@ -251,10 +268,14 @@ def _one_run(
     s["run_seconds"] = wall
     s["link_busy"] = float("nan") if busy is None else busy
     s["completed_per_s"] = len(done) / wall if wall > 0 else float("nan")
-    jct_client.print_summary(
-        f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}", s
-    )
-    return rows, s
+    title = f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}"
+    jct_client.print_summary(title, s)
+    turns = []
+    if isinstance(wl, ConversationWorkload):
+        per_turn = summarize_turns(results)
+        print_turns(title, per_turn)
+        turns = [{**conf, **t} for t in per_turn]
+    return rows, s, turns
 
 
 def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -281,6 +302,7 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
     start_ray(None)
     rows: list[dict] = []
     summary: list[dict] = []
+    turns: list[dict] = []
     device = None
     # The load generator runs in its own process, so it does not compete with the router
     # for one interpreter (its GIL, its garbage collector).
@@ -299,23 +321,31 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
                     if link != current:
                         backend.set_link(link)
                         current = link
-                    r, s = _one_run(cfg, base, backend, client, codec_, link, rate, vocab)
+                    r, s, t = _one_run(cfg, base, backend, client, codec_, link, rate, vocab)
                     rows += r
                     summary.append(s)
+                    turns += t
     finally:
         client.shutdown(cancel_futures=True)
         if own_ray:
             ray.shutdown()
     if not rows:
         raise RuntimeError("the sweep produced no rows")
-    write_outputs(cfg, out_dir, rows, summary, device or "cpu")
+    write_outputs(cfg, out_dir, rows, summary, device or "cpu", turns)
     return rows, summary
 
 
 def write_outputs(
-    cfg: SweepConfig, out_dir: Path, rows: list[dict], summary: list[dict], device: str
+    cfg: SweepConfig,
+    out_dir: Path,
+    rows: list[dict],
+    summary: list[dict],
+    device: str,
+    turns: list[dict] | None = None,
 ) -> None:
     jct_client.write_csv(out_dir / "jct_requests.csv", rows)
+    if turns:
+        jct_client.write_csv(out_dir / "jct_turns.csv", turns)
     first = list(SUMMARY_KEYS)
     ordered = [{k: s[k] for k in first + [k for k in s if k not in first]} for s in summary]
     jct_client.write_csv(out_dir / "jct_summary.csv", ordered)

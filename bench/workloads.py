@@ -10,6 +10,12 @@ tokens), built from one of:
     outputs are log-normal, prompt median 220 tokens (sigma 1.0, clipped to 8..4096), output
     median 190 tokens (sigma 0.8, clipped to 4..1024), roughly the shape of the published
     ShareGPT length histograms (a long tail of long prompts, most answers a few hundred tokens).
+  - `shared-prefix`: every prompt starts with one common system prompt of 2000 tokens (the same
+    random ids for the whole workload), then its own question, log-normal median 120 tokens
+    (sigma 0.8, clipped to 8..1024); outputs median 150 (sigma 0.6, clipped to 4..512). What a
+    prefix cache serves from memory after the first request.
+- `multiturn` (bench/conversations.py): conversations of 4..8 dependent turns, each prompt the
+  whole history so far; `rate` is conversations per second and `num_requests` conversations.
 - a trace file (JSONL, one object per line: `arrival_s`, `prompt_tokens`, `output_tokens`),
   replayed at its own arrival times.
 
@@ -29,7 +35,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-SHAPES = ("long-doc", "chat")
+from zipserve.bench.conversations import CONVERSATION_SHAPES, ConversationWorkload, multiturn
+
+SHAPES = ("long-doc", "chat", "shared-prefix", "multiturn")
+"""Built-in shapes: each needs an arrival rate (multiturn: conversations/s)."""
+SHARED_PREFIX_TOKENS = 2000
 TOKEN_ID_LOW = 3
 TOKEN_ID_HIGH = 8000
 
@@ -89,6 +99,10 @@ def _lengths(shape: str, rng: random.Random) -> tuple[int, int]:
         p = min(4096, max(8, int(rng.lognormvariate(math.log(220), 1.0))))
         o = min(1024, max(4, int(rng.lognormvariate(math.log(190), 0.8))))
         return p, o
+    if shape == "shared-prefix":  # the question after the common prefix, and the answer
+        p = min(1024, max(8, int(rng.lognormvariate(math.log(120), 0.8))))
+        o = min(512, max(4, int(rng.lognormvariate(math.log(150), 0.6))))
+        return p, o
     raise ValueError(f"workload: unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
@@ -110,6 +124,8 @@ def poisson(
 ) -> Workload:
     """`num_requests` requests of `shape` arriving as a Poisson process of `rate` per second
     (the first at t=0)."""
+    if shape in CONVERSATION_SHAPES:
+        raise ValueError(f"workload: {shape} is a conversation shape (bench/conversations.py)")
     if rate <= 0:
         raise ValueError(f"rate: must be > 0 requests/s, got {rate}")
     if num_requests < 1:
@@ -117,14 +133,16 @@ def poisson(
     if not 0 < scale <= 1:
         raise ValueError(f"scale: must be in (0, 1], got {scale}")
     lengths_rng, arrivals_rng = random.Random(f"{seed}-lengths"), random.Random(f"{seed}-arr")
+    prefix = (
+        _prompt(_scaled(SHARED_PREFIX_TOKENS, scale, 1), random.Random(f"{seed}-prefix"), vocab)
+        if shape == "shared-prefix"
+        else []
+    )
     t, reqs = 0.0, []
     for i in range(num_requests):
         p, o = _lengths(shape, lengths_rng)
-        reqs.append(
-            WorkloadRequest(
-                i, t, _prompt(_scaled(p, scale, 2), lengths_rng, vocab), _scaled(o, scale, 1)
-            )
-        )
+        prompt = prefix + _prompt(_scaled(p, scale, 2), lengths_rng, vocab)
+        reqs.append(WorkloadRequest(i, t, prompt, _scaled(o, scale, 1)))
         t += arrivals_rng.expovariate(rate)
     return Workload(f"{shape}@{rate:g}/s", reqs, seed, rate, scale)
 
@@ -171,11 +189,14 @@ def from_trace(
 
 def build(
     workload: str, *, rate: float | None, num_requests: int, seed: int, scale: float, vocab: int
-) -> Workload:
-    """`workload` is a shape name (needs `rate`) or the path of a JSONL trace."""
+) -> Workload | ConversationWorkload:
+    """`workload` is a shape name (needs `rate`) or the path of a JSONL trace; `multiturn` is a
+    ConversationWorkload of `num_requests` conversations."""
     if workload in SHAPES:
         if rate is None:
             raise ValueError(f"rate: the {workload} workload needs an arrival rate")
+        if workload in CONVERSATION_SHAPES:
+            return multiturn(rate, num_requests, seed=seed, scale=scale, vocab=vocab)
         return poisson(workload, rate, num_requests, seed=seed, scale=scale, vocab=vocab)
     if not Path(workload).is_file():
         raise ValueError(

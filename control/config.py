@@ -37,6 +37,18 @@ class ServeConfig:
     """Longest a job waits for a healthy pair whose decode worker has pages for it."""
     health_interval_s: float = 0.5
     """How often every worker is asked for its stats (and restarts are noticed)."""
+    prefix_affinity: bool = True
+    """With several decode workers, send a request to the one whose prefix cache holds the
+    longest leading part of its prompt (fewer pages to send, none to store twice), among those
+    within `affinity_slack_tokens` of the least loaded (control/affinity.py)."""
+    affinity_slack_tokens: int = 4096
+    """How much more load (prompt + max tokens of the requests it holds) a decode worker may
+    carry than the least loaded one and still be preferred for the prefix it holds."""
+    local_prefill_tokens: int = 128
+    """When the decode worker holds part of a prompt (its prefix cache) and at most this many
+    prompt tokens are left, it computes them itself and nothing crosses the link (0: never).
+    128 tokens: on a GPU about one decode step of an 8B model, less than a prefill worker's
+    round trip (stated, not measured on a GPU; bench/JCT_RESULTS.md has the CPU runs)."""
     prefill_resource: str | None = None
     """A custom Ray resource each prefill actor needs one unit of (pins them to nodes that
     offer it, e.g. a KubeRay prefill worker group); None: no custom resource."""
@@ -126,6 +138,26 @@ class ServeConfig:
             raise ValueError(f"max_restarts: must be >= 0, got {self.max_restarts}")
         if self.retries < 0:
             raise ValueError(f"retries: must be >= 0, got {self.retries}")
+        if (
+            isinstance(self.local_prefill_tokens, bool)
+            or not isinstance(self.local_prefill_tokens, int)
+            or self.local_prefill_tokens < 0
+        ):
+            raise ValueError(
+                f"--local-prefill-tokens: must be an integer >= 0, got "
+                f"{self.local_prefill_tokens!r}"
+            )
+        if not isinstance(self.prefix_affinity, bool):
+            raise ValueError(f"prefix_affinity: must be a bool, got {self.prefix_affinity!r}")
+        if (
+            isinstance(self.affinity_slack_tokens, bool)
+            or not isinstance(self.affinity_slack_tokens, int)
+            or self.affinity_slack_tokens < 0
+        ):
+            raise ValueError(
+                f"--affinity-slack-tokens: must be an integer >= 0, got "
+                f"{self.affinity_slack_tokens!r}"
+            )
         for name in ("transfer_deadline_s", "page_wait_s", "health_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")

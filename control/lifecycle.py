@@ -3,11 +3,18 @@ each stage is the method of the same name:
 
     reserve   wait (FIFO, bounded by page_wait_s and the job's timeout) until a healthy pair's
               decode worker takes the prompt's pages and a slot: so prefill never computes KV
-              that no decode worker can take
+              that no decode worker can take; it shares the prompt's leading pages its prefix
+              cache holds and says how many (Reservation.held_pages). With several decode
+              workers, those holding the longest prefix are tried first, within load limits
+              (control/affinity.py)
     prefill   the pair's prefill worker (or the prefill group, for long prompts) runs the prompt
-              and samples the first token
+              (what its own prefix cache holds is not computed again) and samples the first
+              token; or, when the decode worker holds all but local_prefill_tokens or fewer of
+              the prompt, the decode worker computes the rest itself (prefill_local) and the
+              transfer and admit stages have nothing to do
     transfer  each layer's KV leaves for the decode worker the moment it is computed, so the
-              transfer overlaps prefill; what remains after prefill is the transfer phase
+              transfer overlaps prefill; what remains after prefill is the transfer phase. Only
+              the pages after the held ones are sent (a delta transfer)
     admit     the decode worker waits for the last layer (up to transfer_deadline_s), then puts
               the request into its running batch after the first token
     decode    tokens are polled until the request finishes; then `release` frees its pages
@@ -38,9 +45,10 @@ from typing import Any
 
 import ray
 
+from zipserve.control.affinity import held_prefixes, order_pairs
 from zipserve.control.books import Books, Pair
 from zipserve.control.config import ServeConfig
-from zipserve.control.messages import DecodeStats, PollReply
+from zipserve.control.messages import DecodeStats, PollReply, Reservation
 from zipserve.control.request_faults import RequestRefused, request_fault
 from zipserve.control.worker_pool import WorkerPool
 from zipserve.engine.disaggregated import Overloaded
@@ -124,7 +132,7 @@ class Lifecycle:
         for attempt in range(self.cfg.retries + 1):
             await _settled(released)
             try:
-                pair = await self.reserve(
+                pair, held = await self.reserve(
                     job, params, max(wait_until, time.time() + 1.0) if attempt else wait_until
                 )
             except RequestRefused as e:
@@ -141,10 +149,13 @@ class Lifecycle:
             try:
                 try:
                     with self.books.kv_pending(pair.decode, len(job.prompt_ids)):
-                        # the transfer runs inside these two: layers leave during prefill, and
-                        # admission waits on the decode worker until the last one is in
-                        report = await self.prefill(job, params, pair)
-                        first = await self.admit(job, pair, report)
+                        if self._local(job, held):
+                            report, first = await self.prefill_local(job, pair, held)
+                        else:
+                            # the transfer runs inside these two: layers leave during prefill,
+                            # and admission waits on the decode worker until the last one is in
+                            report = await self.prefill(job, params, pair, held.held_pages)
+                            first = await self.admit(job, pair, report)
                 except RequestRefused as e:
                     yield self._refused(str(e))
                     return
@@ -152,7 +163,7 @@ class Lifecycle:
                     errors.append(str(e))
                     self.books.counts["retried"] += attempt < self.cfg.retries
                     continue
-                async for ev in self.decode(job, pair, report, first):
+                async for ev in self.decode(job, pair, report, first, held):
                     yield ev
                 return
             finally:
@@ -166,18 +177,24 @@ class Lifecycle:
         )
 
     # -- reserve -------------------------------------------------------------------------------
-    async def reserve(self, job: Job, params: SamplingParams, wait_until: float) -> Pair:
+    async def reserve(
+        self, job: Job, params: SamplingParams, wait_until: float
+    ) -> tuple[Pair, Reservation]:
         """Reserve the job's pages on some usable pair's decode worker, waiting in FIFO order
         while there is none. Raises NoPair (why there is none) or RequestRefused."""
         if self._reserve_lock is None:
             self._reserve_lock, self._released = asyncio.Lock(), asyncio.Event()
+        held: dict[int, int] = {}
+        if len(self.pool.decode) > 1 and self.cfg.prefix_affinity:
+            healthy = {w.index: w.actor for w in self.pool.decode if w.healthy}
+            if len(healthy) > 1:
+                held = await held_prefixes(healthy, job.prompt_ids)
         async with self._reserve_lock:
             why = "no healthy prefill/decode pair"
             while True:
-                for pair in self._candidates(job):
+                for pair in self._candidates(job, held):
                     try:
-                        await self._reserve_on(job, params, pair)
-                        return pair
+                        return pair, await self._reserve_on(job, params, pair)
                     except _Refusal as e:
                         why = str(e)
                 if not self.pool.usable_pairs():
@@ -197,23 +214,26 @@ class Lifecycle:
                 except asyncio.TimeoutError:
                     pass
 
-    def _candidates(self, job: Job) -> list[Pair]:
-        """Usable pairs, least loaded first, skipping decode workers short of pages by their
-        last stats (the reservation itself decides)."""
+    def _candidates(self, job: Job, held: dict[int, int] | None = None) -> list[Pair]:
+        """Usable pairs, least loaded first (or, with `held`: decode worker -> leading prompt
+        pages it holds, the longest prefix first within the affinity slack), skipping decode
+        workers short of pages by their last stats (the reservation itself decides)."""
         need = pages_for(len(job.prompt_ids) + 1, self.page_size)
         pairs = [
             Pair(i, j)
             for i, j in self.pool.usable_pairs()
             if _capacity(self.pool.decode[j].stats, need) >= need
         ]
+        if held and any(held.values()):
+            return order_pairs(pairs, self.books, held, self.cfg.affinity_slack_tokens)
         return sorted(pairs, key=self.books.load)
 
-    async def _reserve_on(self, job: Job, params: SamplingParams, pair: Pair) -> None:
+    async def _reserve_on(self, job: Job, params: SamplingParams, pair: Pair) -> Reservation:
         """One decode worker's reservation; _Refusal says why it did not take the job."""
         slot = self.pool.decode[pair.decode]
         try:  # a reservation that outlives its timeout here expires on the worker at the
             # transfer deadline, so nothing leaks
-            await asyncio.wait_for(
+            return await asyncio.wait_for(
                 slot.actor.reserve.remote(
                     job.id, job.prompt_ids, params, self.cfg.transfer_deadline_s
                 ),
@@ -243,9 +263,13 @@ class Lifecycle:
         return f"overloaded: the request needs {need} KV pages; a decode worker holds at most {cap}"
 
     # -- prefill (the transfer runs alongside) -------------------------------------------------
-    async def prefill(self, job: Job, params: SamplingParams, pair: Pair) -> PrefillReport:
+    async def prefill(
+        self, job: Job, params: SamplingParams, pair: Pair, held_pages: int = 0
+    ) -> PrefillReport:
         """Run the prompt on the pair's prefill worker (or the prefill group); every layer's KV
-        streams to the decode worker as it is computed. Raises Retry when the worker failed."""
+        after the `held_pages` the decode worker holds streams to it as it is computed (a
+        prefill group sends every page: the decode worker skips those it holds). Raises Retry
+        when the worker failed."""
         n = len(job.prompt_ids)
         books, slot = self.books, self.pool.prefill[pair.prefill]
         books.outstanding[("p", pair.prefill)] += n
@@ -260,7 +284,7 @@ class Lifecycle:
                     params,
                 )
             return await slot.actor.prefill.remote(
-                job.id, job.prompt_ids, params, f"d{pair.decode}"
+                job.id, job.prompt_ids, params, f"d{pair.decode}", held_pages
             )
         except ray.exceptions.RayActorError as e:  # the actor died under the job
             self.pool.suspect(slot, f"{type(e).__name__}: {e}")
@@ -277,6 +301,48 @@ class Lifecycle:
         finally:
             books.outstanding[("p", pair.prefill)] -= n
             books.prefilling[pair.prefill] -= 1
+
+    # -- or prefill on the decode worker -------------------------------------------------------
+    def _local(self, job: Job, held: Reservation) -> bool:
+        """The decode worker holds part of the prompt and at most local_prefill_tokens are
+        left (a prefill group's prompts always go to the group)."""
+        n = len(job.prompt_ids)
+        return (
+            held.held_pages > 0
+            and 0 < n - held.held_pages * self.page_size <= self.cfg.local_prefill_tokens
+            and not (self.prefill_group is not None and self.cfg.group.use_group(n))
+        )
+
+    async def prefill_local(
+        self, job: Job, pair: Pair, held: Reservation
+    ) -> tuple[PrefillReport, PollReply]:
+        """The decode worker computes the prompt's uncached rest and samples the first token;
+        the report it makes counts the held tokens as cached and nothing as sent. Raises Retry
+        when the worker failed."""
+        slot = self.pool.decode[pair.decode]
+        try:
+            reply = await slot.actor.prefill_local.remote(job.id, self.cfg.transfer_deadline_s)
+        except ray.exceptions.RayError as e:
+            if isinstance(e, ray.exceptions.RayActorError):
+                self.pool.suspect(slot, f"{type(e).__name__}: {e}")
+            self.books.counts["decode_worker_died"] += 1
+            raise Retry(f"decode worker {pair.decode} failed: {type(e).__name__}") from e
+        start = reply.times.get("local_prefill", time.time())
+        end = max(start, reply.times.get("first_token", start))
+        report = PrefillReport(
+            job.id,
+            reply.tokens[0] if reply.tokens else -1,
+            reply.logprobs[0] if reply.logprobs else None,
+            start,
+            end,
+            end,
+            0,
+            0,
+            cached_tokens=held.held_pages * self.page_size,
+            first_page=held.held_pages,
+            local=True,
+        )
+        return report, reply
 
     # -- admit (after the transfer) ------------------------------------------------------------
     async def admit(self, job: Job, pair: Pair, report: PrefillReport) -> PollReply:
@@ -300,19 +366,33 @@ class Lifecycle:
 
     # -- decode --------------------------------------------------------------------------------
     async def decode(
-        self, job: Job, pair: Pair, report: PrefillReport, reply: PollReply
+        self,
+        job: Job,
+        pair: Pair,
+        report: PrefillReport,
+        reply: PollReply,
+        held: Reservation | None = None,
     ) -> AsyncIterator[BackendEvent]:
         """The phases up to prefill's end, then token events as they are decoded with the
         transfer and decode_queue phases once known, then decode and the finish (with the KV
-        bytes the prefill side sent). Each phase starts where the previous one ended."""
+        bytes the prefill side sent and what the prefix caches saved). Each phase starts where
+        the previous one ended."""
         start = max(job.arrival, report.prefill_start)
         prefill_end = max(start, report.prefill_end)
         yield PhaseEvent("queue", job.arrival, start)
         yield PhaseEvent("prefill", start, prefill_end)
         dec = self.pool.decode[pair.decode].actor
+        held_tokens = 0 if held is None else held.held_pages * self.page_size
+        sent_tokens = (
+            0 if report.local else len(job.prompt_ids) - report.first_page * self.page_size
+        )
         kv_bytes = {
             "kv_bytes": report.bytes_sent,  # the prefill side knows what it sent
-            "kv_bytes_bf16": len(job.prompt_ids) * self.kv_bytes_per_token_bf16,
+            "kv_bytes_bf16": sent_tokens * self.kv_bytes_per_token_bf16,
+            "kv_bytes_not_sent": report.bytes_not_sent,
+            "cached_tokens": report.cached_tokens,
+            "kv_cached_tokens": held_tokens,
+            "local_prefill": report.local,
         }
         sent, text, decode_start = 0, "", prefill_end
         phases_done = False

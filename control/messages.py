@@ -2,7 +2,8 @@
 answers the router's /health.
 
 Worker -> backend (Ray actor calls): `WorkerInfo` (info()), `PrefillStats` / `DecodeStats`
-(stats(), every health interval), `PollReply` (a decode worker's admit() and poll()).
+(stats(), every health interval), `Reservation` (a decode worker's reserve()), `PollReply` (a
+decode worker's admit() and poll()).
 Backend -> router: `HealthReport` (one codec's workers) and `MultiCodecHealth` (several codecs);
 `to_json()` is the dict /health serves, field for field in this order (the router and
 dashboards read it as JSON, so a field's name, place and value are its API).
@@ -44,6 +45,13 @@ class WorkerStats:
     codec: str
     incarnation: str
     """New each time the worker is built: a restarted actor is told apart by it."""
+    cached_pages: int = 0
+    """Pages its prefix cache maps now (held by requests, or free but reusable)."""
+    cache_lookup_tokens: int = 0
+    """Prompt tokens of the requests that looked their prefix up, since the worker started."""
+    cache_hit_tokens: int = 0
+    """Of those, tokens whose KV came from the prefix cache (prefill: not computed; decode: not
+    received)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,20 @@ class DecodeStats(WorkerStats):
     """transfer_deadline, checksum_mismatch, kv_rejected, kv_import, decode_step: counts."""
     dead_channels: dict[str, str] = field(default_factory=dict)
     """Prefill peer id -> name of its channel, for channels whose transport broke."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A decode worker's answer to reserve(): the request holds pages and a slot."""
+
+    held_pages: int = 0
+    """Leading full pages of the prompt the worker already holds (its prefix cache, by chained
+    hash): the prefill side sends only the pages after them."""
+    page_size: int = 64
+
+    @property
+    def held_tokens(self) -> int:
+        return self.held_pages * self.page_size
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,11 @@ class WorkerHealth:
     restarts: int
     dead: bool
     error: str | None
+    cached_pages: int = 0
+    """Pages its prefix cache maps (held, or free but reusable)."""
+    cache_hit_rate: float | None = None
+    """Prompt tokens served from its prefix cache / prompt tokens looked up, since it started
+    (None before the first lookup)."""
 
 
 @dataclass(frozen=True)

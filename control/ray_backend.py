@@ -160,6 +160,12 @@ class RayBackend:
             restarts=w.restarts_seen,
             dead=w.dead,
             error=w.last_error,
+            cached_pages=0 if st is None else st.cached_pages,
+            cache_hit_rate=(
+                st.cache_hit_tokens / st.cache_lookup_tokens
+                if st is not None and st.cache_lookup_tokens
+                else None
+            ),
         )
 
     # -- what serve and the benchmarks use ---------------------------------------------------

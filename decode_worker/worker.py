@@ -6,6 +6,11 @@ types). Three kinds of threads touch the engine, always under one lock: a receiv
 channel (imports layers), the step loop (decodes, expires reservations whose KV missed its
 deadline), and callers (reserve/admit/abort/poll).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
+With a prefix cache (on by default) a reservation shares the prompt's leading pages the worker
+already holds (imported for an earlier prompt, or, bf16, filled by its decode steps) and says how
+many (`Reservation.held_pages`): the prefill worker then sends only the pages after them, or,
+when what is left is short, the router asks this worker to compute it itself (`prefill_local`:
+nothing crosses the link).
 
 Failures are counted by reason in `failures` ("transfer_deadline", "checksum_mismatch": the
 wire's ChecksumError, "kv_rejected", "decode_step"); a channel whose transport broke (peer died,
@@ -23,10 +28,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
-from zipserve.control.messages import DecodeStats, PollReply, WorkerInfo
+from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
+from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
@@ -60,7 +66,8 @@ class RequestState:
     finish_reason: str | None = None
     error: str | None = None
     times: dict[str, float] = field(default_factory=dict)
-    """reserved, kv_complete, admitted, first_decode, finished (time.time)."""
+    """reserved, kv_complete, admitted, first_token, first_decode, finished (time.time);
+    local_prefill when this worker computes the prompt's rest itself."""
     stop: tuple[str, ...] = ()
     """Stop strings: text that may still turn into one is held back until it cannot."""
     logprobs: list[float] = field(default_factory=list)
@@ -243,15 +250,23 @@ class DecodeWorker:
         prompt_ids: list[int],
         params: SamplingParams,
         deadline_s: float = 30.0,
-    ) -> None:
-        """Raises engine.disaggregated.Overloaded when pages or slots are short."""
+    ) -> Reservation:
+        """Pages and a slot for the request, its leading cached pages shared (held_pages: only
+        the pages after them need to arrive). Raises engine.disaggregated.Overloaded when pages
+        or slots are short."""
         with self.lock:
-            self.engine.reserve(request_id, prompt_ids, params)
+            held = self.engine.reserve(request_id, prompt_ids, params)
             self.requests[request_id] = RequestState(
                 deadline=time.time() + deadline_s,
                 times={"reserved": time.time()},
                 stop=tuple(params.stop),
             )
+        return Reservation(held, self.engine.engine_config.page_size)
+
+    def cached_prefix_pages(self, prompt_ids: list[int]) -> int:
+        """Leading full pages of a prompt this worker's prefix cache holds now (for routing)."""
+        with self.lock:
+            return self.engine.cached_prefix_pages(prompt_ids)
 
     def admit(
         self,
@@ -280,6 +295,33 @@ class DecodeWorker:
             st.times["admitted"] = time.time()
             self._update(st, out)
             self.changed.notify_all()
+        return self.poll(request_id, 0, 0)
+
+    def prefill_local(self, request_id: str, timeout: float = 30.0) -> PollReply:
+        """Compute a reserved request's uncached prompt tokens here instead of receiving them (a
+        local prefill): it prefills with the next step after its cached pages, samples its
+        first token and decodes on. Returns once that token is out (or the request ended,
+        or `timeout` passed: then it fails with transfer_deadline, as a transfer would)."""
+        with self.lock:
+            st = self.requests[request_id]
+            if not st.finished:
+                now = time.time()
+                self.engine.prefill_reserved(request_id)
+                st.times.update(local_prefill=now, kv_complete=now, admitted=now)
+                st.arrived.set()  # no layer will come: the deadline no longer applies
+                self._work.set()
+        deadline = time.time() + timeout
+        with self.changed:
+            while not st.tokens and not st.finished:
+                left = deadline - time.time()
+                if left <= 0:
+                    self._fail(
+                        request_id,
+                        f"local prefill gave no token within {timeout:.1f} s",
+                        TRANSFER_DEADLINE,
+                    )
+                    break
+                self.changed.wait(left)
         return self.poll(request_id, 0, 0)
 
     def poll(self, request_id: str, since: int, timeout: float = 1.0) -> PollReply:
@@ -333,6 +375,7 @@ class DecodeWorker:
                 running=len(sch.running),
                 codec=self.codec,
                 incarnation=self.incarnation,
+                **worker_cache_fields(self.engine.prefix_cache_stats()),
                 waiting=len(sch.waiting),
                 reserved=len(sch.reserved),
                 dropped_messages=self.dropped_messages,
@@ -363,6 +406,8 @@ class DecodeWorker:
         self.changed.notify_all()
 
     def _update(self, st: RequestState, out) -> None:
+        if out.token_ids and not st.tokens:
+            st.times.setdefault("first_token", time.time())
         if len(out.token_ids) > len(st.tokens) and len(st.tokens) == 1:
             st.times.setdefault("first_decode", time.time())
         st.tokens = list(out.token_ids)

@@ -42,6 +42,7 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
             decode_kv=tuple(csv_modes(args.decode_kv or "compressed")),
             num_prefill=args.prefill_workers,
             num_decode=args.decode_workers,
+            local_prefill_tokens=args.local_prefill_tokens,
             quality_csvs=tuple(quality),
             command=command,
         )
@@ -79,6 +80,16 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "jct":
         return cmd_bench_jct(args)
+    if args.what == "cache-report":
+        from zipserve.bench import cache_report
+
+        if not args.results:
+            raise ValueError("--results: name the multiturn sweep folder(s) to report")
+        cache_report.write(
+            [Path(d) for d in args.results],
+            Path(args.page or PACKAGE_ROOT / "bench" / "JCT_RESULTS.md"),
+        )
+        return 0
     if args.what == "report":
         from zipserve.bench import jct_report
 
@@ -201,6 +212,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
             "load",
             "jct",
             "report",
+            "cache-report",
             "transfer",
         ],
     )
@@ -289,9 +301,17 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     j.add_argument(
         "--workload",
         default="long-doc",
-        help="long-doc, chat, or a JSONL trace (arrival_s, prompt_tokens, output_tokens)",
+        help="long-doc, chat, shared-prefix (one long common prefix), multiturn (conversations "
+        "of 4-8 dependent turns, each prompt the whole history; --sweep serves it without a "
+        "tokenizer to get the answers' token ids back), or a JSONL trace (arrival_s, "
+        "prompt_tokens, output_tokens)",
     )
-    j.add_argument("--rate", type=float, default=None, help="jct --url: arrivals per second")
+    j.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="jct --url: arrivals per second (multiturn: conversations per second)",
+    )
     j.add_argument("--rates", type=csv_floats, default=[1.0], help="jct --sweep: e.g. 0.5,1,2")
     j.add_argument(
         "--links",
@@ -299,7 +319,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         default=[None],
         help="jct --sweep: emulated link Gb/s, e.g. 10,25,100,none",
     )
-    j.add_argument("--num-requests", type=int, default=32, help="jct: requests per run")
+    j.add_argument(
+        "--num-requests",
+        type=int,
+        default=32,
+        help="jct: requests per run (multiturn: conversations)",
+    )
     j.add_argument(
         "--scale", type=float, default=1.0, help="jct: multiply token lengths (e.g. 0.02 on a CPU)"
     )
@@ -320,6 +345,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--prefill-workers", type=int, default=1, help="jct --sweep: prefill workers")
     j.add_argument("--decode-workers", type=int, default=1, help="jct --sweep: decode workers")
     j.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=None,
+        help="jct --sweep: the deployment's --local-prefill-tokens (default: serve's)",
+    )
+    j.add_argument(
         "--restart-each",
         action="store_true",
         help="jct --sweep: a fresh system for every run (default: one per codec)",
@@ -335,7 +366,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--results",
         action="append",
         default=[],
-        help="report: sweep output folder(s) (default: bench/results/jct)",
+        help="report: sweep output folder(s) (default: bench/results/jct); cache-report: "
+        "multiturn sweep folders (caching on and off)",
     )
     j.add_argument("--page", default=None, help="report: default bench/JCT_RESULTS.md")
     j.add_argument(

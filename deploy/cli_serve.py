@@ -42,6 +42,9 @@ def serve_config(args: argparse.Namespace, codec: str) -> ServeConfig:
         engine_options=parse_engine_options(args.engine_option),
         decode_kv=args.decode_kv,
         skip_tokenizer=args.skip_tokenizer,
+        prefix_affinity=not args.no_prefix_affinity,
+        affinity_slack_tokens=args.affinity_slack_tokens,
+        local_prefill_tokens=args.local_prefill_tokens,
     )
 
 
@@ -209,6 +212,27 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="times a request whose worker failed before its first token is "
         "tried again on another pair",
+    )
+    rob.add_argument(
+        "--no-prefix-affinity",
+        action="store_true",
+        help="with several decode workers, pick the least loaded one only (default: prefer the "
+        "one whose prefix cache holds the longest part of the prompt, within "
+        "--affinity-slack-tokens of the least loaded)",
+    )
+    rob.add_argument(
+        "--affinity-slack-tokens",
+        type=int,
+        default=4096,
+        help="how much more load (prompt + max tokens held) a decode worker may carry than the "
+        "least loaded and still be preferred for the prefix it holds",
+    )
+    rob.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        default=128,
+        help="when the decode worker's prefix cache holds part of a prompt and at most this "
+        "many tokens are left, it computes them itself and no KV crosses the link (0: never)",
     )
     rob.add_argument(
         "--prefill-resource",

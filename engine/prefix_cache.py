@@ -71,6 +71,18 @@ class PrefixCacheStats:
         return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
 
 
+def worker_cache_fields(stats: PrefixCacheStats | None) -> dict[str, int]:
+    """What a worker reports of its engine's prefix cache (control/messages.py WorkerStats'
+    cached_pages, cache_lookup_tokens, cache_hit_tokens; zeros without a prefix cache)."""
+    if stats is None:
+        return {"cached_pages": 0, "cache_lookup_tokens": 0, "cache_hit_tokens": 0}
+    return {
+        "cached_pages": stats.cached_pages,
+        "cache_lookup_tokens": stats.lookup_tokens,
+        "cache_hit_tokens": stats.hit_tokens,
+    }
+
+
 def page_hash(parent: bytes, token_ids: list[int]) -> bytes:
     """The chained hash of one full page: its tokens and (through parent) all before them."""
     h = hashlib.sha256(parent)

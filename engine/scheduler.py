@@ -7,8 +7,9 @@ meanwhile and joins the running batch with its last chunk); those chunks go firs
 step needs a page that is not free, the most recently admitted running sequence is preempted: its
 pages go back to the pool and it waits to be recomputed. A sequence whose KV is written from
 outside (a decode worker importing a prefill worker's layers) is `reserve`d: RESERVED, holding
-pages and a slot, until `admit` makes it RUNNING. Every path that ends a sequence frees its pages
-here, so the pool is whole whenever nothing runs. With a prefix cache (engine/prefix_cache.py) a
+pages and a slot (its leading pages possibly shared from the prefix cache), until `admit` makes
+it RUNNING. Every path that ends a sequence frees its pages here, so the pool is whole whenever
+nothing runs. With a prefix cache (engine/prefix_cache.py) a
 waiting sequence is admitted holding references on its longest cached prefix of full pages and
 prefills only the rest (a chunked prefill starting after them); released pages the cache maps stay
 reusable in the pool until evicted.
@@ -67,17 +68,26 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling)
 
-    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Pages for num_tokens (+1 for the next token) and a slot, before the KV arrives.
-        False (nothing taken) when either is short."""
+    def reserve(self, seq: Sequence, num_tokens: int, hit: list[int] | None = None) -> bool:
+        """Pages for num_tokens (+1 for the next token) and a slot, before the KV is written.
+        `hit`: cached pages seq starts with (`PrefixCache.match`, counted as a lookup; None:
+        the cache was not asked): shared, not allocated, and seq.num_cached starts after them
+        (only the rest is written). False (nothing taken) when pages or slots are short."""
+        looked_up, hit = hit is not None, hit or []
+        if hit and self.prefix_cache is None:
+            raise RuntimeError(f"sequence {seq.seq_id}: cached pages without a prefix cache")
         if self._num_admitted() >= self.max_num_seqs or not self.free_slots:
             return False
-        pages = self.pool.allocate(pages_for(num_tokens + 1, self.page_size), seq.seq_id)
+        self.pool.share(hit, seq.seq_id)  # first, so allocating cannot evict them
+        pages = self.pool.allocate(pages_for(num_tokens + 1, self.page_size) - len(hit), seq.seq_id)
         if pages is None:
+            self.pool.free(hit[::-1], seq.seq_id)
             return False
-        seq.pages, seq.slot = pages, self.free_slots.pop()
+        seq.pages, seq.slot = hit + pages, self.free_slots.pop()
         seq.status = SeqStatus.RESERVED
         self.reserved[seq.seq_id] = seq
+        if looked_up and self.prefix_cache is not None:
+            self.prefix_cache.admitted(seq, hit)  # num_cached = the cached tokens
         return True
 
     def admit(self, seq: Sequence) -> None:
@@ -87,6 +97,15 @@ class Scheduler:
         del self.reserved[seq.seq_id]
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
+
+    def prefill_reserved(self, seq: Sequence) -> None:
+        """A reserved sequence computes the rest of its prompt here instead of receiving it (a
+        local prefill): it joins the prefills after its cached pages, chunked as any prompt."""
+        if not seq.reserved:
+            raise KeyError(f"sequence {seq.seq_id} is {seq.status.value}, not reserved")
+        del self.reserved[seq.seq_id]
+        seq.status = SeqStatus.RUNNING
+        self.prefilling.append(seq)
 
     def _num_admitted(self) -> int:
         return len(self.running) + len(self.reserved) + len(self.prefilling)

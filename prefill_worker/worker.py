@@ -11,6 +11,9 @@ and health checks answer while a prefill runs. `incarnation` is new each time th
 built, so a restarted actor is told apart from the one before it.
 On CUDA, over a channel that carries device tensors (in-process, CUDA IPC, NCCL), layers leave as
 device buffers and never touch host memory (transfer/kv_messages.py picks the form).
+With a prefix cache (on by default) a prompt computes only what the worker's cache does not hold,
+and `first_page` (the pages the decode worker said it holds when it reserved) leaves those pages
+out of every layer sent (a delta transfer, engine/kv_export.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from zipserve.compress.wire import LayerKV
 from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
+from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.kv_messages import send_layer, use_device_form
@@ -55,6 +59,15 @@ class PrefillReport:
     """Bytes a prefill group's all-to-alls moved between its workers (0: one worker)."""
     first_top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     """The first token's most likely alternatives (when the request asked for logprobs)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from this worker's prefix cache instead of being computed."""
+    bytes_not_sent: int = 0
+    """Wire bytes of the pages the decode worker held already (first_page), left out."""
+    first_page: int = 0
+    """Full pages of the prompt left out of every layer sent (the decode worker held them)."""
+    local: bool = False
+    """The decode worker computed the prompt's uncached rest itself (no prefill worker ran,
+    nothing was sent); control/lifecycle.py builds such a report from its clock."""
 
 
 KV_SLOTS = 2
@@ -171,10 +184,16 @@ class PrefillWorker:
         return local_endpoint()
 
     def prefill(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, decode_id: str
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        decode_id: str,
+        first_page: int = 0,
     ) -> PrefillReport:
-        """Run the prompt and return once its last layer has left for `decode_id`. The forward
-        pass holds the engine; the sends do not, so the next prompt computes meanwhile."""
+        """Run the prompt and return once its last layer has left for `decode_id`, without the
+        first `first_page` full pages (the decode worker holds them). The forward pass holds the
+        engine; the sends do not, so the next prompt computes meanwhile."""
         with self._kv_slots:
             channel = self.channels[decode_id]
             sender = self._senders.get(decode_id)
@@ -192,6 +211,7 @@ class PrefillWorker:
                         lambda kv: sender.put(channel, kv, sends),
                         use_device_form(channel, self.engine.device),
                         channel,
+                        first_page,
                     )
                 finally:
                     sender.put(channel, None, sends)
@@ -210,10 +230,20 @@ class PrefillWorker:
             len(prompt_ids)
             * cfg.kv_bytes_per_token(torch.empty((), dtype=self.engine.dtype).element_size()),
             first_top_logprobs=res.first_top_logprobs,
+            cached_tokens=res.cached_tokens,
+            bytes_not_sent=res.bytes_not_sent,
+            first_page=first_page,
         )
 
     def _run_prefill(
-        self, request_id, prompt_ids, params, on_layer, device_form: bool, channel: Channel
+        self,
+        request_id,
+        prompt_ids,
+        params,
+        on_layer,
+        device_form: bool,
+        channel: Channel,
+        first_page: int = 0,
     ):
         """The forward pass; out of GPU memory, it waits for the KV still held by the decode
         side to come back and tries once more, then refuses the request as Overloaded (a 503
@@ -221,7 +251,12 @@ class PrefillWorker:
         for attempt in range(2):
             try:
                 return self.engine.prefill_export(
-                    prompt_ids, params, request_id, on_layer=on_layer, device_form=device_form
+                    prompt_ids,
+                    params,
+                    request_id,
+                    on_layer=on_layer,
+                    device_form=device_form,
+                    first_page=first_page,
                 )
             except torch.cuda.OutOfMemoryError as e:
                 self.out_of_memory += 1
@@ -262,6 +297,7 @@ class PrefillWorker:
             running=int(self._busy.locked()),
             codec=self.codec,
             incarnation=self.incarnation,
+            **worker_cache_fields(self.engine.prefix_cache_stats()),
             prefills=self.prefills,
             out_of_memory=self.out_of_memory,
         )

@@ -145,7 +145,15 @@ class FinishEvent:
     kv_bytes: int | None = None
     """KV bytes actually sent from prefill to decode (encoded pages + 16-bit tail), if known."""
     kv_bytes_bf16: int | None = None
-    """What the same prompt's KV would have taken as dense bf16, if known."""
+    """What the KV sent (the prompt's, less the pages the decode side held) would have taken as
+    dense bf16, if known."""
+    kv_bytes_not_sent: int | None = None
+    """KV bytes (in the codec's wire form) not sent because the decode side held those pages
+    already (its prefix cache), if known."""
+    kv_cached_tokens: int | None = None
+    """Prompt tokens whose KV the decode side held already (so none of it was sent), if known."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself (nothing crossed the link)."""
     client_error: bool = False
     """With reason "error": the backend refused a value of the request itself (`error` then
     starts with the field's name, "prompt: ..."), so the router answers 400, not 5xx."""

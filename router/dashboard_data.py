@@ -1,5 +1,6 @@
 """What `/dashboard/data` answers: recent jobs with their phases, latency percentiles over time,
-throughput, KV bytes per codec, the workers' page pools and recent failures.
+throughput, KV bytes and prefix-cache hits per codec, the workers' page pools (with their prefix
+caches) and recent failures.
 
 `DashboardHistory` is a JobRegistry finish listener that keeps a bounded sample of ended jobs
 (time-between-token gaps thinned to at most `MAX_GAPS_PER_JOB` per job); `dashboard_data` joins
@@ -51,6 +52,9 @@ class JobSample:
     kv_bytes: int | None
     kv_bytes_bf16: int | None
     error: str | None
+    cached_tokens: int | None = None
+    kv_cached_tokens: int | None = None
+    kv_bytes_not_sent: int | None = None
 
 
 def thin(values: list[float], keep: int) -> tuple[float, ...]:
@@ -64,8 +68,18 @@ def thin(values: list[float], keep: int) -> tuple[float, ...]:
 @dataclass
 class CodecTotals:
     jobs: int = 0
+    """Jobs that reported their KV bytes."""
     kv_bytes: int = 0
     kv_bytes_bf16: int = 0
+    cache_jobs: int = 0
+    """Jobs that reported prefix-cache hits (cached_tokens)."""
+    cache_prompt_tokens: int = 0
+    """Their prompt tokens."""
+    cached_tokens: int = 0
+    """Their prompt tokens whose KV came from the prefill side's prefix cache."""
+    kv_cached_tokens: int = 0
+    """Prompt tokens whose KV the decode side held (not sent)."""
+    kv_bytes_not_sent: int = 0
 
 
 class DashboardHistory:
@@ -92,6 +106,9 @@ class DashboardHistory:
             kv_bytes=rec.kv_bytes,
             kv_bytes_bf16=rec.kv_bytes_bf16,
             error=rec.error,
+            cached_tokens=rec.cached_tokens,
+            kv_cached_tokens=rec.kv_cached_tokens,
+            kv_bytes_not_sent=rec.kv_bytes_not_sent,
         )
         self.samples.append(sample)
         if outcome != "done":
@@ -101,6 +118,13 @@ class DashboardHistory:
             tot.jobs += 1
             tot.kv_bytes += rec.kv_bytes
             tot.kv_bytes_bf16 += rec.kv_bytes_bf16
+        if rec.cached_tokens is not None:
+            tot = self.codecs.setdefault(sample.codec, CodecTotals())
+            tot.cache_jobs += 1
+            tot.cache_prompt_tokens += rec.prompt_tokens
+            tot.cached_tokens += rec.cached_tokens
+            tot.kv_cached_tokens += rec.kv_cached_tokens or 0
+            tot.kv_bytes_not_sent += rec.kv_bytes_not_sent or 0
 
 
 def quantiles(values: list[float]) -> dict:
@@ -185,6 +209,11 @@ def job_row(rec: JobRecord, now: float) -> dict:
         "phases": phases,
         "prompt_tokens": rec.prompt_tokens,
         "completion_tokens": rec.completion_tokens,
+        "cached_tokens": rec.cached_tokens,
+        "kv_cached_tokens": rec.kv_cached_tokens,
+        "kv_bytes": rec.kv_bytes,
+        "kv_bytes_not_sent": rec.kv_bytes_not_sent,
+        "local_prefill": rec.local_prefill,
         "error": rec.error,
     }
 
@@ -225,6 +254,14 @@ def dashboard_data(
                 "kv_bytes_bf16": tot.kv_bytes_bf16,
                 "saved_bytes": tot.kv_bytes_bf16 - tot.kv_bytes,
                 "ratio": tot.kv_bytes_bf16 / tot.kv_bytes if tot.kv_bytes else None,
+                "cache_jobs": tot.cache_jobs,
+                "prompt_tokens": tot.cache_prompt_tokens,
+                "cached_tokens": tot.cached_tokens,
+                "hit_rate": (
+                    tot.cached_tokens / tot.cache_prompt_tokens if tot.cache_prompt_tokens else None
+                ),
+                "kv_cached_tokens": tot.kv_cached_tokens,
+                "kv_bytes_not_sent": tot.kv_bytes_not_sent,
             }
         )
     return {

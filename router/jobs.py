@@ -119,6 +119,12 @@ class JobRecord:
     """KV bytes sent prefill -> decode, when the backend reports it."""
     kv_bytes_bf16: int | None = None
     """What that KV would have taken as dense bf16, when the backend reports it."""
+    kv_bytes_not_sent: int | None = None
+    """KV bytes not sent because the decode side held them (its prefix cache), when reported."""
+    kv_cached_tokens: int | None = None
+    """Prompt tokens whose KV the decode side held already, when the backend reports it."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself (nothing was sent)."""
     listeners: list[FinishListener] = field(default_factory=list, repr=False, compare=False)
     """Set by `JobRegistry.add`: told once when the job ends."""
 
@@ -181,6 +187,8 @@ class JobRecord:
         if ev.codec is not None:
             self.codec = ev.codec
         self.kv_bytes, self.kv_bytes_bf16 = ev.kv_bytes, ev.kv_bytes_bf16
+        self.kv_bytes_not_sent, self.kv_cached_tokens = ev.kv_bytes_not_sent, ev.kv_cached_tokens
+        self.local_prefill = ev.local_prefill
         self.state = FINISH_STATE[ev.reason]
         gaps, self.tbt = self.tbt, []
         self.tbt_summary = summarize_tbt(gaps)
@@ -226,6 +234,10 @@ class JobRecord:
             error=self.error,
             kv_bytes=self.kv_bytes,
             kv_bytes_bf16=self.kv_bytes_bf16,
+            cached_tokens=self.cached_tokens,
+            kv_cached_tokens=self.kv_cached_tokens,
+            kv_bytes_not_sent=self.kv_bytes_not_sent,
+            local_prefill=self.local_prefill,
         )
 
 

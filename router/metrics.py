@@ -9,9 +9,19 @@ Per app, one `RouterMetrics` over its own `CollectorRegistry` (tests build many 
   rejected; reason: the finish reason, the failure category of `failure_reason`, or "http_<status>"
   for requests refused before they became a job), prompt / generated tokens, KV bytes sent and
   the bytes dense bf16 would have needed, `zipserve_http_responses_total{route,status}`.
+- Prefix caching (jobs whose backend reports it): `zipserve_prompt_cached_tokens_total` (prompt
+  tokens whose KV came from the prefill side's prefix cache, not computed),
+  `zipserve_prompt_tokens_cache_reported_total` (the prompt tokens of those jobs),
+  `zipserve_kv_cached_tokens_total` (prompt tokens the decode side held already, not sent) and
+  `zipserve_kv_bytes_not_sent_total` (their wire bytes), `zipserve_local_prefills_total` (jobs
+  whose decode worker computed the prompt's short uncached rest itself, nothing sent); the gauge
+  `zipserve_prefix_cache_hit_rate`
+  is cached / prompt tokens since the router started (rate() of the two counters gives it over a
+  window).
 - Gauges read at scrape time: jobs in flight at the router by state, whether the backend answers,
-  and per worker (labels worker, role, codec) health, free / used pages, queued prompt tokens and
-  running sequences, from `backend.health()["workers"]`.
+  and per worker (labels worker, role, codec) health, free / used pages, queued prompt tokens,
+  running sequences, pages its prefix cache maps and its hit rate, from
+  `backend.health()["workers"]`.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from fastapi import FastAPI
@@ -133,6 +143,8 @@ class LiveSnapshot:
     in_flight: dict[str, int]
     """Router jobs in flight by JobState value."""
     workers: list[dict]
+    hit_rates: dict[str, float] = field(default_factory=dict)
+    """codec -> prompt tokens served from the prefix cache / prompt tokens (jobs that report it)."""
 
 
 WORKER_GAUGES = (
@@ -141,7 +153,21 @@ WORKER_GAUGES = (
     ("zipserve_worker_used_pages", "KV pages in use in the worker's pool", "used_pages"),
     ("zipserve_worker_queued_tokens", "Prompt tokens waiting at the worker", "queued_tokens"),
     ("zipserve_worker_running_sequences", "Sequences the worker is running", "running"),
+    (
+        "zipserve_worker_cached_pages",
+        "KV pages the worker's prefix cache maps (held, or free but reusable)",
+        "cached_pages",
+    ),
+    (
+        "zipserve_worker_prefix_cache_hit_rate",
+        "Prompt tokens served from the worker's prefix cache / tokens looked up (since it started)",
+        "cache_hit_rate",
+    ),
 )
+
+
+OPTIONAL_WORKER_KEYS = frozenset({"cached_pages", "cache_hit_rate"})
+"""Worker keys a backend may leave out (its workers have no prefix cache): no sample then."""
 
 
 class _LiveCollector(Collector):
@@ -170,9 +196,19 @@ class _LiveCollector(Collector):
             if not st.terminal:
                 flight.add_metric([st.value], float(snap.in_flight.get(st.value, 0)))
         yield flight
+        rate = GaugeMetricFamily(
+            "zipserve_prefix_cache_hit_rate",
+            "Prompt tokens whose KV came from the prefix cache / prompt tokens, since the start",
+            labels=["codec"],
+        )
+        for codec, r in sorted(snap.hit_rates.items()):
+            rate.add_metric([codec], r)
+        yield rate
         for name, doc, key in WORKER_GAUGES:
             fam = GaugeMetricFamily(name, doc, labels=["worker", "role", "codec"])
             for w in snap.workers:
+                if w.get(key) is None and key in OPTIONAL_WORKER_KEYS:
+                    continue  # not reported (no lookup yet, or a backend without a cache)
                 fam.add_metric(
                     [
                         str(w.get("name", "?")),
@@ -241,6 +277,38 @@ class RouterMetrics:
             ["codec"],
             registry=r,
         )
+        self.prompt_cached_tokens = Counter(
+            "zipserve_prompt_cached_tokens",
+            "Prompt tokens whose KV came from the prefill side's prefix cache (not computed)",
+            ["codec"],
+            registry=r,
+        )
+        self.prompt_tokens_cache_reported = Counter(
+            "zipserve_prompt_tokens_cache_reported",
+            "Prompt tokens of the ended jobs whose backend reported prefix-cache hits",
+            ["codec"],
+            registry=r,
+        )
+        self.kv_cached_tokens = Counter(
+            "zipserve_kv_cached_tokens",
+            "Prompt tokens whose KV the decode side held already (not sent)",
+            ["codec"],
+            registry=r,
+        )
+        self.kv_bytes_not_sent = Counter(
+            "zipserve_kv_bytes_not_sent",
+            "KV bytes not sent because the decode side held those pages (its prefix cache)",
+            ["codec"],
+            registry=r,
+        )
+        self.local_prefills = Counter(
+            "zipserve_local_prefills",
+            "Jobs whose decode worker computed the prompt's uncached rest itself (nothing sent)",
+            ["codec"],
+            registry=r,
+        )
+        self._cache_totals: dict[str, list[int]] = {}
+        """codec -> [cached prompt tokens, prompt tokens] of jobs reporting cached tokens."""
         self.http = Counter(
             "zipserve_http_responses",
             "HTTP responses by route and status",
@@ -263,6 +331,18 @@ class RouterMetrics:
         if rec.kv_bytes is not None and rec.kv_bytes_bf16 is not None:
             self.kv_bytes_sent.labels(codec).inc(rec.kv_bytes)
             self.kv_bytes_bf16.labels(codec).inc(rec.kv_bytes_bf16)
+        if rec.cached_tokens is not None:
+            self.prompt_cached_tokens.labels(codec).inc(rec.cached_tokens)
+            self.prompt_tokens_cache_reported.labels(codec).inc(rec.prompt_tokens)
+            tot = self._cache_totals.setdefault(codec, [0, 0])
+            tot[0] += rec.cached_tokens
+            tot[1] += rec.prompt_tokens
+        if rec.kv_cached_tokens is not None:
+            self.kv_cached_tokens.labels(codec).inc(rec.kv_cached_tokens)
+        if rec.kv_bytes_not_sent is not None:
+            self.kv_bytes_not_sent.labels(codec).inc(rec.kv_bytes_not_sent)
+        if rec.local_prefill:
+            self.local_prefills.labels(codec).inc()
         if rec.ttft is not None:
             self.ttft.labels(codec).observe(rec.ttft)
         tbt = self.tbt.labels(codec)
@@ -293,7 +373,12 @@ class RouterMetrics:
             workers=[w for w in workers if isinstance(w, dict)]
             if isinstance(workers, list)
             else [],
+            hit_rates=self.hit_rates(),
         )
+
+    def hit_rates(self) -> dict[str, float]:
+        """codec -> cached / prompt tokens of the ended jobs that reported cached tokens."""
+        return {c: hit / total for c, (hit, total) in self._cache_totals.items() if total}
 
     def render(self) -> bytes:
         with self._render_lock:

@@ -459,6 +459,16 @@ class JobView(BaseModel):
     """KV bytes sent from prefill to decode, when the backend reports it."""
     kv_bytes_bf16: int | None = None
     """What the same KV would have taken as dense bf16 (kv_bytes / this: the compression)."""
+    cached_tokens: int | None = None
+    """Prompt tokens whose KV the prefill side took from its prefix cache instead of computing
+    (usage.prompt_tokens_details.cached_tokens), when the backend reports it."""
+    kv_cached_tokens: int | None = None
+    """Prompt tokens whose KV the decode side held already (not sent), when reported."""
+    kv_bytes_not_sent: int | None = None
+    """KV bytes not sent because the decode side held those pages, when reported."""
+    local_prefill: bool = False
+    """The decode side computed the prompt's uncached rest itself: no prefill worker ran and
+    no KV crossed the link."""
 
 
 class JobList(BaseModel):

@@ -13,7 +13,8 @@
   text and `token_strings` gives "token_id:<id>").
 - Knobs (plain attributes, change them between requests): `token_delay` (slow it down for
   disconnect tests), `fail_message` + `fail_after_tokens` (finish with an error after that many
-  tokens), `phase_delay`.
+  tokens), `phase_delay`, `cached_tokens` / `held_tokens` (prefix-cache hits reported on the
+  prefill / decode side).
 - Workers (`health()["workers"]`): one prefill ("fake-prefill-0") and one decode worker
   ("fake-decode-0") with a pretend pool of `num_pages` pages of `page_size` tokens: a job holds
   ceil((prompt + generated tokens) / page_size) decode pages from its decode_queue phase to its
@@ -125,6 +126,10 @@ class FakeBackend:
         self.cached_tokens: int | None = None
         """Set: every finish reports this many prompt tokens (at most the prompt) as served
         from a prefix cache; None: not reported, as a backend without one."""
+        self.held_tokens: int | None = None
+        """Set: every finish reports this many prompt tokens (at most the prompt) as held by the
+        decode side already (kv_cached_tokens; kv_bytes_not_sent their bytes, kv_bytes and
+        kv_bytes_bf16 the rest's); None: not reported."""
         self.fail_after_tokens = 0
         self.jobs: list[Job] = []
         self.aborted: list[str] = []
@@ -215,11 +220,14 @@ class FakeBackend:
 
     def _finish(self, job: Job, reason: str, tokens: int, error: str | None = None):
         codec = job.codec or self.codec
+        n = len(job.prompt_ids)
+        held = None if self.held_tokens is None else min(self.held_tokens, n)
         sent, dense = (
-            fake_kv_bytes(len(job.prompt_ids), codec)
-            if job.id in self._decode_tokens
-            else (None, None)
+            fake_kv_bytes(n - (held or 0), codec) if job.id in self._decode_tokens else (None, None)
         )
+        not_sent = None
+        if held is not None and sent is not None:
+            not_sent = fake_kv_bytes(n, codec)[0] - sent
         return FinishEvent(
             reason=reason,
             error=error,
@@ -231,6 +239,8 @@ class FakeBackend:
             codec=codec,
             kv_bytes=sent,
             kv_bytes_bf16=dense,
+            kv_cached_tokens=held,
+            kv_bytes_not_sent=not_sent,
         )
 
     async def _run(self, job: Job) -> AsyncIterator[BackendEvent]:

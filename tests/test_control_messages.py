@@ -1,6 +1,7 @@
 """control/: the typed /health reports serialise to exactly the JSON the dict-building code served
-(same keys, order and values, so /health's bytes do not change), from a backend's cached worker
-stats; worker replies read by attribute (and, for callers not moved yet, by key)."""
+(same keys, order and values, so /health's bytes do not change; the prefix-cache keys of issue
+20 come last), from a backend's cached worker stats; worker replies read by attribute (and, for
+callers not moved yet, by key)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _stats(role: str, codec: str, **kw):
         free_pages=90, used_pages=10, capacity_pages=100, running=2, codec=codec, incarnation="i0"
     )
     return (
-        PrefillStats(**common, prefills=4)
+        PrefillStats(**common, prefills=4, cache_lookup_tokens=400, cache_hit_tokens=100)
         if role == "prefill"
         else DecodeStats(
             **common, reserved=1, decode_kv="dense", failures={"transfer_deadline": 2}, **kw
@@ -101,6 +102,13 @@ def _dict_health(b: RayBackend) -> dict:
                 "restarts": w.restarts_seen,
                 "dead": w.dead,
                 "error": w.last_error,
+                # added with prefix caching in the workers (issue 20)
+                "cached_pages": int(st.get("cached_pages", 0)),
+                "cache_hit_rate": (
+                    st["cache_hit_tokens"] / st["cache_lookup_tokens"]
+                    if st.get("cache_lookup_tokens")
+                    else None
+                ),
             }
         )
     failures = b.pool.failures() + b.books.counts
@@ -130,6 +138,7 @@ def test_one_codec_health_is_byte_identical():
     workers = b.health()["workers"]
     assert [w["decode_kv"] for w in workers] == [None, "dense", None]
     assert workers[2]["free_pages"] == 0 and workers[2]["codec"] == "hack2"
+    assert [w["cache_hit_rate"] for w in workers] == [0.25, None, None]
 
 
 def test_several_codecs_health_is_byte_identical():

@@ -123,6 +123,7 @@ def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
     backend = FakeBackend(max_model_len=256, phase_delay=0.003, token_delay=0.003)
     with Server(create_app(backend)) as srv, httpx.Client(base_url=srv.base, timeout=10) as c:
         served = []
+        backend.cached_tokens, backend.held_tokens = 4, 8  # prefix-cache hits on both sides
         for i, codec in enumerate(["bf16", "fp8", "hack4", "kivi2", "hack4"]):
             r = c.post(
                 "/v1/completions",
@@ -135,6 +136,7 @@ def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
             )
             assert r.status_code == 200, r.text
             served.append(r.headers["x-zipserve-job-id"])
+        backend.cached_tokens = backend.held_tokens = None
         backend.fail_message, backend.fail_after_tokens = "KV transfer missed its deadline", 2
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 8})
         assert r.status_code == 500
@@ -169,6 +171,13 @@ def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
     assert int(re.search(r'id="jct-count">(\d+)<', dom).group(1)) == len(served)
     kv = section(dom, "kv-panel")
     assert set(re.findall(r'data-codec="([\w+]+)"', kv)) == {"bf16", "fp8", "hack4", "kivi2"}
+    cache = section(dom, "cache-panel")
+    rows = re.findall(
+        r'<tr class="cache-row" data-codec="([\w+]+)"><td>[\w+]+</td><td[^>]*>([^<]+)<', cache
+    )
+    assert {c for c, _ in rows} == {"bf16", "fp8", "hack4", "kivi2"}
+    # 4 of each prompt's 9 * (i + 1) tokens: bf16 4/9, hack4 (4 + 4)/(27 + 45)
+    assert dict(rows)["bf16"] == "44.4%" and dict(rows)["hack4"] == "11.1%", rows
     failures = html.unescape(section(dom, "failures-panel"))
     assert "failed: deadline × 1" in failures and f'data-job-id="{failed}"' in failures
     pool = section(dom, "pool-panel")

@@ -52,7 +52,10 @@ def _serve(pre, dec, peer, rid):
 
 def test_dense_decode_worker_gets_the_same_bytes():
     want = LLM(MODEL, device="cpu", codec="hack2").generate(PROMPT, PARAMS)[0].token_ids
-    pre = PrefillWorker(MODEL, "hack2", "cpu")
+    # the same prompt twice: without a prefix cache the prefill worker computes it the same way
+    # both times (with one, the second reuses the first's pages: a lossy codec's suffix then
+    # attends to the cached prefix in its codes, other bytes; engine/prefix_cache.py)
+    pre = PrefillWorker(MODEL, "hack2", "cpu", engine_options={"prefix_caching": False})
     decs = {
         mode: DecodeWorker(MODEL, "hack2", "cpu", engine_options={"decode_kv": mode})
         for mode in ("compressed", "dense")

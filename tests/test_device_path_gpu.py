@@ -75,7 +75,9 @@ def test_inprocess_device_form_equals_host_form(codec):
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
-    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES)
+    # the same prompt twice: without a prefix cache both prefills compute the same KV (with
+    # one the second reuses the first's pages, and a lossy codec's bytes differ)
+    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
     pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
     dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
@@ -155,7 +157,10 @@ def _pair_role(
         eng = DisaggregatedEngine(
             MODEL,
             device=dev,
-            engine_config=EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES),
+            # the same prompt twice: both prefills must compute it (no prefix cache)
+            engine_config=EngineConfig(
+                codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False
+            ),
         )
         info = {
             "model": eng.model_name,

@@ -216,8 +216,11 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_pair(server):
 def test_timeout_mid_transfer_frees_every_page(server):
     base, backend = server
     t0 = time.time()
+    # a prompt no earlier test sent: the decode worker's prefix cache holds none of it, so all
+    # of its KV must cross the slow link (a cached prompt would be done well within 0.3 s)
+    prompt = "# timed out\n" + LONG_PROMPT
     status, out = _post(
-        f"{base}/v1/completions", {"prompt": LONG_PROMPT, "max_tokens": 50, "timeout": 0.3}
+        f"{base}/v1/completions", {"prompt": prompt, "max_tokens": 50, "timeout": 0.3}
     )
     assert status == 504 and out["error"]["code"] == "request_timeout", out
     assert time.time() - t0 < 5

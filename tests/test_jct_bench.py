@@ -103,7 +103,7 @@ async def test_client_times_every_token_with_or_without_a_tokenizer(anyio_backen
     req = workloads.WorkloadRequest(index=0, arrival_s=0.0, prompt_ids=[5, 6, 7], output_tokens=4)
     res = jct_client.RequestResult(0, 0.0, 3, 4)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-        await jct_client._one(c, "http://t", req, time.time(), res, None)
+        await jct_client.send_one(c, "http://t", req, time.time(), res, None)
     assert res.status == "ok" and res.completion_tokens == 4
     assert res.chunks == 4  # one chunk per token, text or ids
     assert 0 < res.ttft_ms <= res.jct_ms and res.tbt_mean_ms >= 0

@@ -133,6 +133,35 @@ def test_one_decode_reads_every_format():
             decode(bad)
 
 
+def test_first_page_of_a_delta_travels_in_both_forms():
+    """A delta's first_page survives the host bytes and the device header; headers without it
+    (senders from before delta transfers) read as 0; a negative or non-integer one is refused."""
+    import json
+
+    from zipserve.compress.wire import frame, unframe
+    from zipserve.compress.wire.framing import LAYER
+
+    c, src = _filled("hack2")
+    pages = pack_pages("hack2", src, torch.tensor([2, 4]))
+    host = LayerKV(0, 300, pages, {}, "r", first_page=2)
+    assert decode(host.to_bytes()).first_page == 2
+    dev = DeviceLayerKV(0, 300, pack_device("hack2", src, torch.tensor([2, 4])), "r", first_page=2)
+    got = DeviceLayerKV.from_header(dev.header_bytes(), dev.wire.payload)
+    assert got.first_page == 2 and got.verify()
+    f = unframe(host.to_bytes(), LAYER)
+    for value, ok in ((None, 0), (-1, None), ("2", None), (True, None)):
+        header = {k: v for k, v in f.header.items() if k != "first_page"}
+        if value is not None:
+            header["first_page"] = value
+        data = frame(LAYER, header, bytes(f.body))
+        if ok is None:
+            with pytest.raises(FormatError, match="first_page"):
+                LayerKV.from_bytes(data)
+        else:
+            assert LayerKV.from_bytes(data).first_page == ok
+    assert json.loads(json.dumps(f.header))["first_page"] == 2
+
+
 def test_the_decode_worker_counts_checksum_failures_by_type():
     from zipserve.decode_worker.worker import failure_reason
 

@@ -7,7 +7,9 @@
   NCCL): the header travels as one message, the payload as the next.
 
 The tail: open_k/open_v [KVH, r, D] (the partly filled page's tokens), sink_k/sink_v [KVH, s, D]
-(a codec's sinks once a page is encoded). `body_fields` / `read_body` encode the pages + tail body
+(a codec's sinks once a page is encoded). `first_page`: the index of the first full page carried
+(a delta transfer: the receiver holds the pages before it, and the sinks, from its prefix
+cache); 0 for a whole sequence. `body_fields` / `read_body` encode the pages + tail body
 that LayerKV and a prefill group's slice (slice.py) share.
 """
 
@@ -78,6 +80,8 @@ class LayerKV:
     """open_k/open_v [KVH, r, D], sink_k/sink_v [KVH, s, D] (16-bit, CPU); bf16: the partly
     filled page's tokens only, none when the sequence is whole pages."""
     request_id: str = ""
+    first_page: int = 0
+    """Index of the first full page in `pages` (the receiver holds those before it)."""
 
     def nbytes(self) -> int:
         return len(self.pages) + sum(t.numel() * t.element_size() for t in self.tail.values())
@@ -91,6 +95,7 @@ class LayerKV:
                 "layer": self.layer,
                 "num_tokens": self.num_tokens,
                 "request_id": self.request_id,
+                "first_page": self.first_page,
                 **fields,
             },
             *body,
@@ -103,7 +108,7 @@ class LayerKV:
         pages, tail = read_body(f.header, f.body, "LayerKV buffer")
         h = f.header
         try:
-            return cls(h["layer"], h["num_tokens"], pages, tail, h["request_id"])
+            return cls(h["layer"], h["num_tokens"], pages, tail, h["request_id"], _first_page(h))
         except KeyError as e:
             raise FormatError(f"unreadable LayerKV buffer: missing {e}") from e
 
@@ -128,12 +133,21 @@ class DeviceHeader:
     request_id: str
     wire: dict
     """DeviceWire.header: codec, layout version, fields, extras, nbytes, checksum."""
+    first_page: int = 0
+
+
+def _first_page(header: dict) -> int:
+    """A header's first_page (0 when absent: a sender from before delta transfers)."""
+    first = header.get("first_page", 0)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise FormatError(f"unreadable KV header: first_page {first!r}")
+    return first
 
 
 def decode_device_header(data: bytes | bytearray | memoryview) -> DeviceHeader:
     h = unframe(data, DEVICE_HEADER).header
     try:
-        return DeviceHeader(h["layer"], h["num_tokens"], h["request_id"], h["wire"])
+        return DeviceHeader(h["layer"], h["num_tokens"], h["request_id"], h["wire"], _first_page(h))
     except KeyError as e:
         raise FormatError(f"unreadable device LayerKV header: missing {e}") from e
 
@@ -151,6 +165,8 @@ class DeviceLayerKV:
     """torch.cuda.Event recorded after the gather (None on CPU): readers wait on it."""
     release: Callable[[], None] | None = None
     """Receiver side: returns the mapped buffer to its sender (CUDA IPC); None otherwise."""
+    first_page: int = 0
+    """Index of the first full page in the payload (the receiver holds those before it)."""
     verify_error: WireError | None = None
     """What verify() found wrong (ChecksumError, or FormatError for an unknown algorithm)."""
     checked: bool = False
@@ -197,6 +213,7 @@ class DeviceLayerKV:
                 "layer": self.layer,
                 "num_tokens": self.num_tokens,
                 "request_id": self.request_id,
+                "first_page": self.first_page,
                 "wire": self.wire.finalize(),
             },
         )
@@ -208,7 +225,12 @@ class DeviceLayerKV:
         """Parse header_bytes output around a received payload; FormatError on anything else."""
         h = decode_device_header(data)
         return cls(
-            h.layer, h.num_tokens, DeviceWire(h.wire, payload), h.request_id, release=release
+            h.layer,
+            h.num_tokens,
+            DeviceWire(h.wire, payload),
+            h.request_id,
+            release=release,
+            first_page=h.first_page,
         )
 
     def wait_ready(self) -> None:
