@@ -19,6 +19,8 @@
 #                              profile 8x32k, engine15                                     ~6 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
+#   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
+#                              caching off / delta transfer / local prefill               ~9 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
 #                              dense lanes, links 10/none, rates 2/4/8                    ~9 min
 #   jct-b      nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2          ~9 min
@@ -35,7 +37,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | close15 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -161,6 +163,17 @@ close15)
         --batches 1,8,32 --contexts 4096,32768,131072 --out "$WORK/kernels15"
     step 240 disagg15 python3 -m zipserve bench disagg --codecs bf16,hack2,hack4 \
         --decode-kv compressed,dense --prefill-len 8192 --gen-tokens 32 --out "$WORK/disagg15"
+    ;;
+jct-20)
+    # Issue 20's goals on the GPU: multi-turn conversations at 10 Gb/s, bf16 and hack2 (as auto
+    # picks), prefix caching off, on (delta transfer), on with local prefill of short suffixes.
+    MT=(python3 -m zipserve bench jct --sweep --workload multiturn --model random:llama3-8b
+        --codecs bf16,hack2 --decode-kv auto --links 10 --rates 0.5 --num-requests 8
+        --scale 0.5 --max-seconds 60 "${GRAPHS[@]}")
+    step 180 mt_off "${MT[@]}" --engine-option prefix_caching=false --out "$WORK/mt_off"
+    step 180 mt_delta "${MT[@]}" --local-prefill-tokens 0 --out "$WORK/mt_delta"
+    step 180 mt_local "${MT[@]}" --out "$WORK/mt_local"
+    # then here: bench cache-report --results <mt_off> --results <mt_delta> --results <mt_local>
     ;;
 jct-a) jct_sweep 560 jct_a bf16,kivi2,hack2 10,none ;;
 jct-b) jct_sweep 560 jct_b fp8,hack4,hack2mix,lowrank+hack2 10,none ;;
