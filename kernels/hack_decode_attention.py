@@ -45,7 +45,6 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.compress.rotation import rotate
 from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token
 from zipserve.kernels.head_dim import block_d
@@ -522,7 +521,8 @@ def hack_decode_attention(
     if B == 0 or H == 0:
         return out
     rows, start = tail_index(q, dense_rows, dense_start)
-    q_pages = q if rotation is None else rotate(q, rotation)  # [B, H, D] in the pages' basis
+    # [B, H, D] in the pages' basis; rotated in fp32 and kept so (the kernel reads q as fp32)
+    q_pages = q if rotation is None else q.float() @ rotation.float()
     G = H // KVH
     np_, gp, num_warps, num_stages = _launch_config(G, P, D, pages.bits)
     part, lse = split_buffers(q, out, num_splits + 1)
