@@ -4,6 +4,8 @@ and returns the logits of each sequence's next token.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -13,6 +15,8 @@ from zipserve.engine.model import ForwardBatch, LlamaModel
 from zipserve.engine.page_pool import pages_for
 from zipserve.engine.paged_cache import PagedKVCache
 from zipserve.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -37,6 +41,12 @@ class ModelRunner:
         )
         self.fixed_splits = engine_config.decode_splits
         self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not cache.graph_safe:
+            log.warning(
+                "this engine's KV cache decodes with a torch reference on CUDA (no graph-safe "
+                "kernel for its codec, e.g. lowrank+hack*): no CUDA graphs, host syncs every "
+                "layer; expect decode far slower than bf16's"
+            )
         if device.type == "cuda" and engine_config.cuda_graphs and cache.graph_safe:
             sizes = [b for b in engine_config.graph_batch_sizes if b <= engine_config.max_num_seqs]
             self.graphs = DecodeGraphs(
