@@ -209,10 +209,14 @@ def test_wire_pages_carry_each_layers_width_and_decode_equals_one_engine(tmp_pat
     prompts = [list(range(100, 300)), list(range(3, 40))]
     want = LLM(model, device="cpu", codec=MIX_NAME).generate(prompts, PARAMS)
 
-    def engine():
-        return DisaggregatedEngine(model, device="cpu", engine_config=EngineConfig(codec=MIX_NAME))
+    def engine(**kw):
+        return DisaggregatedEngine(
+            model, device="cpu", engine_config=EngineConfig(codec=MIX_NAME, **kw)
+        )
 
-    pre, dec = engine(), engine()
+    # the prompt is prefilled twice on `pre`: with its prefix cache the second would reuse the
+    # first's (lossy) pages and compute only the rest, which one whole-prompt engine does not
+    pre, dec = engine(prefix_caching=False), engine()
     layers = pre.prefill_export(prompts[0], PARAMS, "x").layers
     for i, kv in enumerate(layers):
         pages = unpack_pages(kv.pages)
