@@ -132,9 +132,9 @@ def print_table(rows: list[DemoRow]) -> None:
     print(
         "\n| codec | decode KV | prompt tok | out tok | "
         + " | ".join(f"{p} ms" for p in phases)
-        + " | TTFT ms | JCT ms | KV sent | vs bf16 codec |"
+        + " | TTFT ms | JCT ms | held by decode | KV sent | vs bf16 codec |"
     )
-    print("|---|---|---|---|" + "---|" * len(phases) + "---|---|---|---|")
+    print("|---|---|---|---|" + "---|" * len(phases) + "---|---|---|---|---|")
     for r in rows:
         j = r.job
         ttft, jct, sent = j.get("ttft"), j.get("jct"), j.get("kv_bytes")
@@ -152,7 +152,13 @@ def print_table(rows: list[DemoRow]) -> None:
             f"| {r.codec} | {r.decode_kv} | {j.get('prompt_tokens')} | "
             f"{j.get('completion_tokens')} | "
             + " | ".join(cells)
-            + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {kib} | {ratio} |"
+            + f" | {1e3 * ttft:.1f} | {1e3 * jct:.1f} | {_held(j)} | {kib} | {ratio} |"
+        )
+    if any(j.get("kv_cached_tokens") for j in (r.job for r in rows)):
+        print(
+            "\n'held by decode': prompt tokens whose KV the decode worker's prefix cache already "
+            "held (the first prompt was streamed before the timed sends), so they did not cross "
+            "the link; 'local': the rest was prefilled on the decode worker, nothing was sent."
         )
     means = {}
     for r in rows:
@@ -169,6 +175,15 @@ def print_table(rows: list[DemoRow]) -> None:
             "\nmean JCT vs bf16: "
             + ", ".join(f"{c} {sum(v) / len(v) / base:.2f}x" for c, v in means.items())
         )
+
+
+def _held(job: dict) -> str:
+    """Prompt tokens the decode worker held in its prefix cache ('local' when it prefilled the
+    rest itself); '-' when the record has no such field."""
+    held = job.get("kv_cached_tokens")
+    if held is None:
+        return "-"
+    return f"{held} (local)" if job.get("local_prefill") else str(held)
 
 
 def print_caveats(model: str, link_gbps: float | None) -> None:

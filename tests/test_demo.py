@@ -48,3 +48,13 @@ def test_table_ratios_are_against_the_bf16_codec_for_the_same_prompt(capsys):
     lines = [ln for ln in out.splitlines() if ln.startswith("| hack2")]
     assert lines[0].endswith("| 0.12x |") and lines[1].endswith("| 0.25x |")
     assert "mean JCT vs bf16: bf16 1.00x, hack2 0.50x" in out
+
+
+def test_table_says_which_tokens_the_decode_cache_held(capsys):
+    cached = {**_job(0, 0.2), "kv_cached_tokens": 896, "local_prefill": True}
+    rows = [DemoRow("bf16", "a", _job(4000, 0.4)), DemoRow("hack2", "a", cached)]
+    print_table(rows)
+    out = capsys.readouterr().out
+    assert "| - | 3.9 KiB | 1.00x |" in out  # bf16's record has no cache field: nothing claimed
+    assert "| 896 (local) | 0.0 KiB | 0.00x |" in out
+    assert "held by decode" in out and "did not cross the link" in out
