@@ -65,6 +65,8 @@ class CompressedKVCache:
         self.sinks = self.tail[..., : max(s, 1), :] if s else self.tail[..., s + p :, :]
         """[layers, 2, slots, KVH, max(n_sink, 1), D] (a view; the junk column without sinks)."""
         self._step: tuple[object, set[int], dict[str, torch.Tensor]] | None = None
+        self._gathers_tail = not all(c.reads_tail_in_place for c in self.codecs)
+        """Some layer's codec takes its dense tail gathered (step_index then builds the index)."""
 
     @property
     def graph_safe(self) -> bool:
@@ -219,7 +221,7 @@ class CompressedKVCache:
     def attend_tail(self, layer: int, q, batch, scale: float, ix, past_only: bool = False):
         """q [B, H, D] over the encoded full pages + each row's dense tail range (ix: step_index;
         past_only leaves the new token out: LCKV's condensed layers); [B, H, D]."""
-        lens = ix["past_lens"] if past_only else ix["lens"]
+        lens = ix["lens"] - 1 if past_only else ix["lens"]
         codec, tail = self.codecs[layer], self.tail[layer]
         if codec.reads_tail_in_place:
             dense_k, dense_v = tail[0], tail[1]  # [slots, KVH, s + P + 1, D]
@@ -262,11 +264,11 @@ class CompressedKVCache:
             "rows": batch.slots.to(torch.int32),
             "start": start,
             "lens": (off + 1 + s - start).to(torch.int32),  # the new token included
-            "past_lens": (off + s - start).to(torch.int32),
-            "gather": (start[:, None] + torch.arange(s + p, device=pos.device)).clamp_max(
-                self._junk
-            ),  # [B, s + P]
         }
+        if self._gathers_tail:  # [B, s + P] tail columns of each row's range
+            ix["gather"] = (start[:, None] + torch.arange(s + p, device=pos.device)).clamp_max(
+                self._junk
+            )
         if layer is not None:
             self._step = (batch, {layer}, ix)
         return ix

@@ -67,20 +67,15 @@ class HackCodec(KVCodec):
         ).tensors()
 
     def encode(self, store, page_ids, k, v):
-        fn = hack_encode.hack_encode_pages if k.is_cuda else hack_encode.hack_encode_pages_ref
-        fn(
-            k.contiguous(),
-            v.contiguous(),
-            self.bits,
-            self.group_v,
-            out=self._pages(store),
-            page_ids=page_ids,
-            rotation=self._rot(k.device) if self.rotate else None,
-        )
+        self._encode(store, page_ids, k.contiguous(), v.contiguous())
 
     def seal_rows(self, store, page_ids, k, v, rows, skip_page):
         """In place: the encoder reads rows `rows` of the open pages, programs sealing into
         skip_page write nothing (CUDA-graph safe: the grid is the batch, the skip is in-kernel)."""
+        self._encode(store, page_ids, k, v, src_rows=rows, skip_page=skip_page)
+
+    def _encode(self, store, page_ids, k, v, **where):
+        """The encode kernel (its torch reference on CPU) into the store, rotation fused."""
         fn = hack_encode.hack_encode_pages if k.is_cuda else hack_encode.hack_encode_pages_ref
         fn(
             k,
@@ -90,8 +85,7 @@ class HackCodec(KVCodec):
             out=self._pages(store),
             page_ids=page_ids,
             rotation=self._rot(k.device) if self.rotate else None,
-            src_rows=rows,
-            skip_page=skip_page,
+            **where,
         )
 
     def dequantize(self, store, page_ids):
