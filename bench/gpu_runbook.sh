@@ -17,6 +17,8 @@
 #                              hack2/dense), CUDA graphs, batches 8-64 x 8k/32k           ~8 min
 #   round15    nvidia-h100-x1  issue 15 after a decode change: HACK kernel + engine GPU tests,
 #                              profile 8x32k, engine15                                     ~6 min
+#   cuda15     nvidia-h100-x1  issue 15: HACK decode CUDA backend vs Triton vs reference, then
+#                              speed vs SDPA / paged bf16 at 5 shapes                     ~6 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
@@ -37,7 +39,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -155,6 +157,12 @@ round15)
     step 200 engine15 python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,hack2,hack4,hack2/dense --batches 8,16,32,64 --contexts 8192,32768 \
         --out "$WORK/engine15"
+    ;;
+cuda15)
+    # Issue 15: the CUDA backend of HACK decode (kernels/cuda/hack_decode.cu) against the Triton
+    # one and the torch reference (correctness), then both against SDPA / paged bf16 (speed).
+    step 420 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
+    pytest_gpu 120 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
     ;;
 close15)
     # Issue 15's remaining tables after round15: the kernels side by side with SDPA and paged

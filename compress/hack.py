@@ -142,6 +142,24 @@ class HackCodec(KVCodec):
             dense_rows=dense_rows,
             dense_start=dense_start,
             rotation=self._rot(q.device) if self.rotate else None,
+            backend=self.decode_backend,
+        )
+
+    decode_backend = "auto"
+    """The decode kernel on GPUs (kernels/hack_decode_attention.py resolve_backend): auto, triton,
+    cuda."""
+
+    def resolved_backend(self, device: torch.device, group: int | None = None) -> str:
+        """The kernel calls on device take (group: query heads per KV head, None if unknown)."""
+        return hack_attn.resolve_backend(
+            self.decode_backend,
+            device,
+            head_dim=self.head_dim,
+            page_size=self.page_size,
+            bits=self.bits,
+            group_v=self.group_v,
+            group=group,
+            mode=self.mode,
         )
 
     def prefill_attention(self, q, k, v, store, past_pages, sink_k, sink_v, scale):
@@ -173,7 +191,10 @@ class HackCodec(KVCodec):
         return rotate(out, self._rot(q.device)) if self.rotate else out
 
     def num_splits(self, batch, max_len, num_sms):
-        return hack_attn.hack_num_splits(batch, self.kvh, max_len, num_sms=num_sms)
+        backend = "triton"
+        if torch.cuda.is_available():
+            backend = self.resolved_backend(torch.device("cuda", torch.cuda.current_device()))
+        return hack_attn.hack_num_splits(batch, self.kvh, max_len, num_sms=num_sms, backend=backend)
 
     def page_bytes_per_token(self):
         # The f16 attention mode reads no code sums, but they are stored (and sent): count them.

@@ -41,10 +41,13 @@ power of two >= max(16, DE) wide tiles with channels >= DE masked on every load 
 tail in BLOCK_D (kernels/head_dim.py): padding lives in registers only.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels import hack_decode_cuda
 from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token
 from zipserve.kernels.head_dim import block_d
@@ -460,10 +463,15 @@ def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
     return np_, gp, (4 if de >= 32 else 2), 3
 
 
-def hack_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
-    """Splits that fill one wave: the kernel keeps 2 programs per SM resident (255 registers; ncu
-    on an H200, bench/results/hack_tune_h200.log), and a second, partial wave cost 12% at 8 x 32k.
-    No split shorter than 1024 tokens (compressed pages are cheap)."""
+def hack_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, backend: str = "triton"
+) -> int:
+    """Page splits for a launch.  Triton: splits that fill one wave; the kernel keeps 2 programs
+    per SM resident (255 registers; ncu on an H200, bench/results/hack_tune_h200.log), and a second,
+    partial wave cost 12% at 8 x 32k; no split shorter than 1024 tokens (compressed pages are cheap).
+    CUDA (a resolved backend): kernels/hack_decode_cuda.py's cuda_num_splits."""
+    if backend == "cuda":
+        return hack_decode_cuda.cuda_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
     programs = max(1, batch * num_kv_heads)
     return int(max(1, min((2 * num_sms) // programs, max(1, max_seq_len // 1024), 64)))
 
@@ -489,6 +497,7 @@ def hack_decode_attention(
     dense_rows=None,
     dense_start=None,
     rotation=None,
+    backend="auto",
 ):
     """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D].
 
@@ -496,7 +505,10 @@ def hack_decode_attention(
     reads row dense_rows[b] of dense_k/v from column dense_start[b] in place (defaults: b, 0).  With
     rotation R [D, D] (orthonormal, symmetric) the pages hold codes of K R and V R while q, the tail
     and the output stay in the model's basis: the pages see q R, the tail q, and the merge rotates
-    the pages' partial output back (kernels/rotated_merge.py)."""
+    the pages' partial output back (kernels/rotated_merge.py).
+
+    backend: "triton" (this module's kernel), "cuda" (page splits on tensor cores,
+    kernels/hack_decode_cuda.py; ValueError where it cannot run) or "auto" (resolve_backend)."""
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,
@@ -516,17 +528,144 @@ def hack_decode_attention(
         rotation,
     )
     require_runnable("hack_decode_attention", _hack_decode_kernel, q)
+    backend = resolve_backend(
+        backend,
+        q.device,
+        head_dim=D,
+        page_size=P,
+        bits=pages.bits,
+        group_v=pages.group_v,
+        group=H // KVH,
+        mode=mode,
+    )
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
         return out
     rows, start = tail_index(q, dense_rows, dense_start)
-    # [B, H, D] in the pages' basis; rotated in fp32 and kept so (the kernel reads q as fp32)
+    # [B, H, D] in the pages' basis; rotated in fp32 and kept so (the kernels read q as fp32)
     q_pages = q if rotation is None else q.float() @ rotation.float()
+    part, lse = split_buffers(q, out, num_splits + 1)
+    if backend == "cuda":
+        q_pages = q_pages.float().contiguous()
+        # the tail alone (program split 0) in Triton, the page splits 1..S on tensor cores
+        _launch_triton(
+            q_pages,
+            q,
+            pages,
+            page_table,
+            n_pages,
+            dense_k,
+            dense_v,
+            dense_lens,
+            rows,
+            start,
+            part,
+            lse,
+            scale,
+            n_sink,
+            num_splits,
+            mode,
+            programs=1,
+        )
+        hack_decode_cuda.launch_page_splits(
+            q_pages,
+            pages,
+            page_table,
+            n_pages,
+            part,
+            lse,
+            float(scale) * _LOG2E,
+            n_sink,
+            num_splits,
+        )
+    else:
+        _launch_triton(
+            q_pages,
+            q,
+            pages,
+            page_table,
+            n_pages,
+            dense_k,
+            dense_v,
+            dense_lens,
+            rows,
+            start,
+            part,
+            lse,
+            scale,
+            n_sink,
+            num_splits,
+            mode,
+            programs=num_splits + 1,
+        )
+    if rotation is None:
+        return merge_splits(part, lse, out)
+    return merge_rotated(part, lse, rotation, out)
+
+
+BACKENDS = ("auto", "triton", "cuda")
+BACKEND_ENV = "ZIPSERVE_HACK_DECODE"
+
+
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    *,
+    head_dim: int,
+    page_size: int,
+    bits: int,
+    group_v: int,
+    group: int | None,
+    mode: str = "f16",
+) -> str:
+    """ "triton" or "cuda" for calls on device with this geometry.  "auto" reads
+    $ZIPSERVE_HACK_DECODE (auto | triton | cuda; default triton) and, for auto, takes the CUDA kernel
+    wherever it can run.  An explicit "cuda" that cannot run raises ValueError with the reason."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    geometry = dict(
+        head_dim=head_dim, page_size=page_size, bits=bits, group_v=group_v, group=group, mode=mode
+    )
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "triton")
+        if backend not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            ok = hack_decode_cuda.unsupported_reason(device, **geometry) is None
+            return "cuda" if ok else "triton"
+    if backend == "cuda":
+        reason = hack_decode_cuda.unsupported_reason(device, **geometry)
+        if reason is not None:
+            raise ValueError(f"backend 'cuda' cannot run here: {reason}")
+    return backend
+
+
+def _launch_triton(
+    q_pages,
+    q,
+    pages,
+    page_table,
+    n_pages,
+    dense_k,
+    dense_v,
+    dense_lens,
+    rows,
+    start,
+    part,
+    lse,
+    scale,
+    n_sink,
+    num_splits,
+    mode,
+    programs,
+):
+    """The Triton kernel over programs (sequence, KV head, split < programs) of 1 + num_splits."""
+    B, H, D = q.shape
+    KVH, P = pages.num_kv_heads, pages.page_size
     G = H // KVH
     np_, gp, num_warps, num_stages = _launch_config(G, P, D, pages.bits)
-    part, lse = split_buffers(q, out, num_splits + 1)
-    _hack_decode_kernel[(B, KVH, num_splits + 1)](
+    _hack_decode_kernel[(B, KVH, programs)](
         q_pages,
         pages.k_codes,
         pages.v_codes,
@@ -572,9 +711,6 @@ def hack_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if rotation is None:
-        return merge_splits(part, lse, out)
-    return merge_rotated(part, lse, rotation, out)
 
 
 def tail_index(q, dense_rows, dense_start):

@@ -26,9 +26,10 @@ def hack_decode_attention_ref(
     dense_rows=None,
     dense_start=None,
     rotation=None,
+    backend="auto",
 ):
     """Torch fp32 reference of hack_decode_attention (same signature, math and int8 rounding; syncs
-    on lengths; ignores splits)."""
+    on lengths; ignores splits and the backend choice)."""
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,

@@ -1,0 +1,219 @@
+"""HACK decode attention, Triton against CUDA backend, on the GPU: correctness, then speed.
+
+`python3 -m zipserve.bench.hack_backends [--out DIR]` (needs an sm_90 GPU)
+
+1. Correctness: both backends against the torch reference (kernels/hack_decode_reference.py, f16
+   mode) on random pools: ragged lengths 0..577 (padding rows, sinks, a partial page), GQA 4 and 8,
+   2 and 4 bits, 1-9 splits, with and without the Hadamard rotation.  Also: registers and local
+   (spill) bytes of each CUDA function as the driver loaded it.
+2. Speed: one layer of Llama-3-8B heads (32 q / 8 kv, d = 128, pages of 64, a 36-token tail), GPU
+   time per call from CUDA-graph replays: torch SDPA on bf16 K/V, the paged bf16 kernel, and each
+   HACK backend (CUDA at 0.5x / 1x / 2x its default splits); the ratio to SDPA and the stored bytes
+   each call reads per second.  Table last; CSV under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zipserve.bench.kernel_bench import _time
+from zipserve.compress.rotation import hadamard
+from zipserve.kernels import hack_decode_cuda
+from zipserve.kernels.hack_decode_attention import hack_decode_attention, hack_num_splits
+from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref
+from zipserve.kernels.hack_layout import HackPages
+from zipserve.kernels.paged_decode_attention import choose_num_splits, paged_decode_attention
+
+H, KVH, D, P = 32, 8, 128, 64
+TAIL = 36
+
+
+def _pool(n_pages: int, kvh: int, bits: int, gen, dev) -> HackPages:
+    pool = HackPages.empty(n_pages, kvh, P, D, bits, D * bits // 8, device=dev)
+    pool.k_codes.random_(0, 256, generator=gen)
+    pool.v_codes.random_(0, 256, generator=gen)
+    pool.k_scale.uniform_(0.02, 0.3, generator=gen)
+    pool.k_min.uniform_(-1.5, 0.0, generator=gen)
+    pool.v_scale.uniform_(0.02, 0.3, generator=gen)
+    pool.v_min.uniform_(-1.0, 0.0, generator=gen)
+    return pool
+
+
+def _rel(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def correctness() -> list[dict]:
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows = []
+    cases = [
+        ([577, 0, 1, 64, 65, 128 + 5], 2, 4, 3, False),
+        ([577, 0, 1, 64, 65, 128 + 5], 4, 4, 3, False),
+        ([4096, 700, 63], 2, 4, 9, True),
+        ([4096, 700, 63], 4, 4, 9, True),
+        ([1000, 300], 2, 8, 1, True),
+        ([1000, 300], 4, 8, 2, False),
+        ([2048], 2, 1, 5, True),
+    ]
+    for lens, bits, group, splits, rot in cases:
+        kvh, h = 2, 2 * group
+        n_full = [n // P for n in lens]
+        total = sum(n_full) + 3
+        pool = _pool(total, kvh, bits, gen, dev)
+        perm = torch.randperm(total, device=dev, generator=gen).to(torch.int32)
+        table = torch.full((len(lens), max(max(n_full), 1) + 1), -1, dtype=torch.int32, device=dev)
+        used = 0
+        for b, n in enumerate(n_full):
+            table[b, :n] = perm[used : used + n]
+            used += n
+        n_pages = torch.tensor(n_full, dtype=torch.int32, device=dev)
+        dense_lens = torch.tensor(
+            [min(4, n) + (n - f * P if f else 0) if f else n for n, f in zip(lens, n_full)],
+            dtype=torch.int32,
+            device=dev,
+        )
+        dk = torch.randn(len(lens), kvh, 4 + P, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        dv = torch.randn_like(dk)
+        q = torch.randn(len(lens), h, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        r = hadamard(D, dev) if rot else None
+        args = (q, pool, table, n_pages, dk, dv, dense_lens, D**-0.5, bits)
+        ref = hack_decode_attention_ref(*args, num_splits=splits, rotation=r)
+        for backend in ("triton", "cuda"):
+            out = hack_decode_attention(*args, num_splits=splits, rotation=r, backend=backend)
+            torch.cuda.synchronize()
+            pad = [b for b, n in enumerate(lens) if n == 0]
+            row = dict(
+                backend=backend,
+                bits=bits,
+                group=group,
+                splits=splits,
+                rotation=rot,
+                lens=" ".join(map(str, lens)),
+                rel_err=_rel(out, ref),
+                finite=bool(torch.isfinite(out).all()),
+                padding_zero=all(bool((out[b] == 0).all()) for b in pad),
+            )
+            rows.append(row)
+            print("check", row, flush=True)
+    for name in ("hack_decode_b2", "hack_decode_b4"):
+        print(f"{name}: {hack_decode_cuda.CUBIN.attributes(name, dev)}", flush=True)
+    return rows
+
+
+def speed(cells) -> list[dict]:
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    rows = []
+    for batch, ctx in cells:
+        gen = torch.Generator(device=dev).manual_seed(batch * 7 + ctx)
+        q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(batch, KVH, ctx, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        kv_bytes = 2 * batch * KVH * ctx * D * 2
+        cell = []
+        us = _time(
+            partial(
+                F.scaled_dot_product_attention, q[:, :, None], k, v, scale=D**-0.5, enable_gqa=True
+            )
+        )
+        cell.append(dict(variant="sdpa-bf16", splits=0, us=us, bytes=kv_bytes))
+        n_full = ctx // P
+        pages = batch * n_full
+        kc = k.view(batch, KVH, n_full, P, D).permute(0, 2, 1, 3, 4).reshape(pages, KVH, P, D)
+        vc = v.view(batch, KVH, n_full, P, D).permute(0, 2, 1, 3, 4).reshape(pages, KVH, P, D)
+        del k, v
+        table = torch.arange(pages, device=dev, dtype=torch.int32).view(batch, n_full)
+        lens = torch.full((batch,), ctx, device=dev, dtype=torch.int32)
+        sp = choose_num_splits(batch, KVH, ctx, num_sms=sms)
+        us = _time(partial(paged_decode_attention, q, kc, vc, table, lens, D**-0.5, num_splits=sp))
+        cell.append(dict(variant="paged-bf16", splits=sp, us=us, bytes=kv_bytes))
+        del kc, vc
+        torch.cuda.empty_cache()
+        n_f = torch.full((batch,), n_full, device=dev, dtype=torch.int32)
+        dk = torch.randn(batch, KVH, 4 + P, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        dv = torch.randn_like(dk)
+        dl = torch.full((batch,), TAIL, device=dev, dtype=torch.int32)
+        rot = hadamard(D, dev)
+        for bits in (2, 4):
+            pool = _pool(pages, KVH, bits, gen, dev)
+            read = (
+                pages * KVH * P * (2 * D * bits // 8 + 4 * D // P + 4 * (8 // bits))
+            )  # 88 / 144 B
+            st = hack_num_splits(batch, KVH, ctx, sms)
+            sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda")
+            plans = [("triton", st)] + [("cuda", max(1, int(sc * m))) for m in (0.5, 1, 2)]
+            for backend, splits in plans:
+                us = _time(
+                    partial(
+                        hack_decode_attention,
+                        q,
+                        pool,
+                        table,
+                        n_f,
+                        dk,
+                        dv,
+                        dl,
+                        D**-0.5,
+                        bits,
+                        num_splits=splits,
+                        rotation=rot,
+                        backend=backend,
+                    )
+                )
+                cell.append(dict(variant=f"hack{bits}/{backend}", splits=splits, us=us, bytes=read))
+            del pool
+            torch.cuda.empty_cache()
+        base = cell[0]["us"]
+        for r in cell:
+            r.update(
+                batch=batch, context=ctx, x_sdpa=base / r["us"], tbps=r["bytes"] / r["us"] / 1e6
+            )
+            print("time", r, flush=True)
+        rows.extend(cell)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("hack_backends"))
+    ap.add_argument("--cells", default="8x32768,1x131072,32x8192,8x4096,64x8192")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    name = torch.cuda.get_device_name()
+    os.makedirs(args.out, exist_ok=True)
+    checks = correctness()
+    cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
+    rows = speed(cells)
+    for fname, data in (("checks.csv", checks), ("times.csv", rows)):
+        with open(args.out / fname, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(data[0]) + ["device"])
+            w.writeheader()
+            w.writerows(dict(r, device=name) for r in data)
+    print(f"\ndevice: {name}")
+    print("\n| backend | bits | G | splits | rotation | lens | rel err | finite | pad zero |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in checks:
+        print(
+            f"| {r['backend']} | {r['bits']} | {r['group']} | {r['splits']} | {r['rotation']} | "
+            f"{r['lens']} | {r['rel_err']:.1e} | {r['finite']} | {r['padding_zero']} |"
+        )
+    print("\n| B | context | variant | splits | us | x SDPA | stored TB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['context']} | {r['variant']} | {r['splits']} | {r['us']:.1f} | "
+            f"{r['x_sdpa']:.2f} | {r['tbps']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
