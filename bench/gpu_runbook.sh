@@ -19,6 +19,7 @@
 #                              profile 8x32k, engine15                                     ~6 min
 #   cuda15     nvidia-h100-x1  issue 15: HACK decode CUDA backend vs Triton vs reference, then
 #                              speed vs SDPA / paged bf16 at 5 shapes                     ~6 min
+#   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
@@ -39,7 +40,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -163,6 +164,18 @@ cuda15)
     # one and the torch reference (correctness), then both against SDPA / paged bf16 (speed).
     step 420 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
     pytest_gpu 120 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
+    ;;
+issue15)
+    # Issue 15 in one call: the backends' kernel check and table, then decode tokens/s per lane
+    # with the Triton kernel and with the CUDA one, then the CUDA backend's GPU tests.
+    step 270 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
+    ENG=(python3 -m zipserve bench engine --model random:llama3-8b --batches 8,32,64
+         --contexts 8192,32768)
+    ZIPSERVE_HACK_DECODE=triton step 130 engine_triton "${ENG[@]}" \
+        --codecs bf16,hack2,hack4,hack2/dense --out "$WORK/engine_triton"
+    ZIPSERVE_HACK_DECODE=cuda step 100 engine_cuda "${ENG[@]}" --codecs hack2,hack4 \
+        --out "$WORK/engine_cuda"
+    pytest_gpu 60 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
     ;;
 close15)
     # Issue 15's remaining tables after round15: the kernels side by side with SDPA and paged
