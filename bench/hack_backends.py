@@ -50,6 +50,12 @@ def _rel(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
+def _set_variant(backend: str) -> None:
+    """ "cuda-v2" -> the CUDA kernel variant v2 for the calls that follow."""
+    if backend.startswith("cuda-"):
+        os.environ[hack_decode_cuda.VARIANT_ENV] = backend.split("-", 1)[1]
+
+
 def correctness() -> list[dict]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -86,8 +92,11 @@ def correctness() -> list[dict]:
         r = hadamard(D, dev) if rot else None
         args = (q, pool, table, n_pages, dk, dv, dense_lens, D**-0.5, bits)
         ref = hack_decode_attention_ref(*args, num_splits=splits, rotation=r)
-        for backend in ("triton", "cuda"):
-            out = hack_decode_attention(*args, num_splits=splits, rotation=r, backend=backend)
+        for backend in ("triton", "cuda-v1", "cuda-v2", "cuda-v2o3"):
+            _set_variant(backend)
+            out = hack_decode_attention(
+                *args, num_splits=splits, rotation=r, backend=backend.split("-")[0]
+            )
             torch.cuda.synchronize()
             pad = [b for b, n in enumerate(lens) if n == 0]
             row = dict(
@@ -103,8 +112,10 @@ def correctness() -> list[dict]:
             )
             rows.append(row)
             print("check", row, flush=True)
-    for name in ("hack_decode_b2", "hack_decode_b4"):
-        print(f"{name}: {hack_decode_cuda.CUBIN.attributes(name, dev)}", flush=True)
+    for var in hack_decode_cuda.VARIANTS:
+        for bits in (2, 4):
+            name = hack_decode_cuda.function_name(bits, var)
+            print(f"{name}: {hack_decode_cuda.CUBIN.attributes(name, dev)}", flush=True)
     return rows
 
 
@@ -148,9 +159,13 @@ def speed(cells) -> list[dict]:
                 pages * KVH * P * (2 * D * bits // 8 + 4 * D // P + 4 * (8 // bits))
             )  # 88 / 144 B
             st = hack_num_splits(batch, KVH, ctx, sms)
-            sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda")
-            plans = [("triton", st)] + [("cuda", max(1, int(sc * m))) for m in (0.5, 1, 2)]
+            plans = [("triton", st)]
+            for var, mults in (("v1", (1,)), ("v2", (0.5, 1, 2)), ("v2o3", (1, 2))):
+                os.environ[hack_decode_cuda.VARIANT_ENV] = var
+                sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda")
+                plans += [(f"cuda-{var}", max(1, int(sc * m))) for m in mults]
             for backend, splits in plans:
+                _set_variant(backend)
                 us = _time(
                     partial(
                         hack_decode_attention,
@@ -165,7 +180,7 @@ def speed(cells) -> list[dict]:
                         bits,
                         num_splits=splits,
                         rotation=rot,
-                        backend=backend,
+                        backend=backend.split("-")[0],
                     )
                 )
                 cell.append(dict(variant=f"hack{bits}/{backend}", splits=splits, us=us, bytes=read))

@@ -12,23 +12,44 @@ mode.  What the kernel takes (``unsupported_reason`` says why not, in words):
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from zipserve.kernels.cuda_driver import CubinModule
 
 __all__ = [
     "CUBIN",
+    "VARIANTS",
     "cuda_num_splits",
+    "function_name",
     "launch_page_splits",
     "unsupported_reason",
+    "variant",
 ]
 
 CUBIN = CubinModule("hack_decode_sm90.cubin")
 _WARPS_PER_BLOCK = 4
-_FUNCTIONS = {2: "hack_decode_b2", 4: "hack_decode_b4"}
-# Blocks of 4 warps resident per SM at the compiled register count (~210-220 per thread: 2 blocks).
-_RESIDENT_WARPS_PER_SM = 8
+# Kernel variants (kernels/cuda/hack_decode.cu): v1 heads on the MMA's M rows; v2 tokens (QK) and
+# channels (PV) on M; v2o3 = v2 held to 168 registers (3 blocks per SM).  Warps resident per SM
+# at the compiled register counts (offline sm_90: v1 210-218, v2 182, v2o3 168).
+VARIANTS = {"v1": 8, "v2": 8, "v2o3": 12}
+DEFAULT_VARIANT = "v2"
+VARIANT_ENV = "ZIPSERVE_HACK_CUDA_VARIANT"
+_BITS = (2, 4)
 _MIN_PAGES_PER_SPLIT = 4
+
+
+def variant() -> str:
+    """$ZIPSERVE_HACK_CUDA_VARIANT (v1 | v2 | v2o3), default v2."""
+    v = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
+    if v not in VARIANTS:
+        raise ValueError(f"${VARIANT_ENV} must be one of {sorted(VARIANTS)}, got {v!r}")
+    return v
+
+
+def function_name(bits: int, var: str | None = None) -> str:
+    return f"hack_decode_{var or variant()}_b{bits}"
 
 
 def unsupported_reason(
@@ -53,7 +74,7 @@ def unsupported_reason(
         return f"head_dim {head_dim}: the CUDA kernel takes 128"
     if page_size != 64:
         return f"page_size {page_size}: the CUDA kernel takes 64"
-    if bits not in _FUNCTIONS:
+    if bits not in _BITS:
         return f"bits {bits}: the CUDA kernel takes 2 or 4"
     if group_v != head_dim * bits // 8:
         return f"group_v {group_v}: the CUDA kernel takes one V group per plane ({head_dim * bits // 8})"
@@ -68,7 +89,7 @@ def cuda_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: in
     """Page splits so that batch * heads * splits warps fill the resident warps of every SM once,
     each split keeping >= 4 pages."""
     items = max(1, batch * num_kv_heads)
-    wave = -(-_RESIDENT_WARPS_PER_SM * num_sms // items)
+    wave = -(-VARIANTS[variant()] * num_sms // items)
     max_pages = max(1, max_seq_len // 64)
     return int(max(1, min(wave, max(1, max_pages // _MIN_PAGES_PER_SPLIT), 256)))
 
@@ -83,7 +104,10 @@ def launch_page_splits(
     qk_scale_log2: float,
     n_sink: int,
     num_splits: int,
+    var: str | None = None,
 ) -> None:
+    """The page splits of one call: warps (sequence, KV head, split) of kernel variant var (default:
+    variant())."""
     b, h, d = q_pages.shape
     kvh = pages.num_kv_heads
     if q_pages.dtype != torch.float32 or not q_pages.is_contiguous():
@@ -95,7 +119,7 @@ def launch_page_splits(
         return
     grid = (-(-items // _WARPS_PER_BLOCK), 1, 1)
     CUBIN.launch(
-        _FUNCTIONS[pages.bits],
+        function_name(pages.bits, var),
         grid,
         (32 * _WARPS_PER_BLOCK, 1, 1),
         [

@@ -66,12 +66,18 @@ def test_unsupported_geometry_is_named(monkeypatch, change, reason):
     assert hack_decode_cuda.unsupported_reason(torch.device("cuda", 0), **GEOM) is None
 
 
-def test_cuda_splits_fill_the_gpu_and_keep_pages_per_split():
+def test_cuda_splits_fill_the_gpu_and_keep_pages_per_split(monkeypatch):
+    monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v2")
     assert hack_num_splits(8, 8, 32768, 132, backend="cuda") == 17  # 64 items x 17 >= 1056 warps
     assert hack_num_splits(1, 8, 131072, 132, backend="cuda") == 132
     assert hack_num_splits(64, 8, 8192, 132, backend="cuda") == 3
     assert hack_num_splits(1, 8, 256, 132, backend="cuda") == 1  # 4 pages: one split
     assert hack_num_splits(8, 8, 32768, 132) == 4  # the Triton rule is unchanged
+    monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v2o3")  # 12 resident warps per SM
+    assert hack_num_splits(8, 8, 32768, 132, backend="cuda") == 25
+    monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v9")
+    with pytest.raises(ValueError, match="ZIPSERVE_HACK_CUDA_VARIANT"):
+        hack_num_splits(8, 8, 32768, 132, backend="cuda")
 
 
 def _sm90() -> bool:
@@ -80,10 +86,15 @@ def _sm90() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("variant", sorted(hack_decode_cuda.VARIANTS))
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group, splits, rotate", [(4, 3, True), (8, 1, False), (1, 5, True)])
-def test_cuda_backend_matches_reference_and_triton(bits, group, splits, rotate):
+def test_cuda_backend_matches_reference_and_triton(
+    monkeypatch, variant, bits, group, splits, rotate
+):
     from zipserve.compress.rotation import hadamard
+
+    monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, variant)
 
     lens = [577, 0, 1, 64, 65, 2048 + 7]
     args, _ = make_case(11 + bits, lens, 2, group, 128, bits, torch.bfloat16, group_v=16 * bits)
