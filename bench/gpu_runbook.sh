@@ -59,6 +59,7 @@ step() {  # step SECONDS NAME CMD...: run with a limit, log it, never abort the 
     timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
     echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+    mkdir -p "$OUT" && cp "$LOG" "$OUT/$STAGE.log"  # comes back even if the call is cut later
 }
 
 pytest_gpu() {  # pytest_gpu SECONDS NAME ARGS...: -rA so every test's outcome is in the log
