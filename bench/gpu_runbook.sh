@@ -172,10 +172,10 @@ issue15)
     step 270 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
     ENG=(python3 -m zipserve bench engine --model random:llama3-8b --batches 8,32,64
          --contexts 8192,32768)
-    ZIPSERVE_HACK_DECODE=triton step 130 engine_triton "${ENG[@]}" \
-        --codecs bf16,hack2,hack4,hack2/dense --out "$WORK/engine_triton"
-    ZIPSERVE_HACK_DECODE=cuda step 100 engine_cuda "${ENG[@]}" --codecs hack2,hack4 \
+    ZIPSERVE_HACK_DECODE=cuda step 120 engine_cuda "${ENG[@]}" --codecs bf16,hack2,hack4 \
         --out "$WORK/engine_cuda"
+    ZIPSERVE_HACK_DECODE=triton step 100 engine_triton "${ENG[@]}" \
+        --codecs hack2,hack4,hack2/dense --out "$WORK/engine_triton"
     pytest_gpu 60 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
     ;;
 close15)
