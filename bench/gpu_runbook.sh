@@ -169,7 +169,7 @@ cuda15)
 issue15)
     # Issue 15 in one call: the backends' kernel check and table, then decode tokens/s per lane
     # with the Triton kernel and with the CUDA one, then the CUDA backend's GPU tests.
-    step 270 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
+    step 240 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
     ENG=(python3 -m zipserve bench engine --model random:llama3-8b --batches 8,32,64
          --contexts 8192,32768)
     ZIPSERVE_HACK_DECODE=cuda step 120 engine_cuda "${ENG[@]}" --codecs bf16,hack2,hack4 \
