@@ -145,7 +145,6 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
         for hf in range(2)
         for s in range(E)
     }
-    off = {s: np.zeros((4, 32), np.float32) for s in range(E)}
     aux = np.zeros((4, 32), np.float32)
     mv_sel = np.where(gid & 1, 0x7632, 0x5410).astype(np.uint32)
     mv_word = gid >> 1
@@ -213,12 +212,11 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
             a = [np.where(np.isnan(x), 1.0, x).astype(np.float32) for x in a]
             for key in o:
                 o[key] = o[key] * np.stack([a[0], a[1], a[0], a[1]])
-            for s in off:
-                off[s] = off[s] * np.stack([a[0], a[1], a[0], a[1]])
             aux = aux * np.stack([a[0], a[1], a[0], a[1]])
             m_i = n
         mu = [np.where(m_i[j] == -np.inf, 0, m_i[j]) for j in range(2)]
         vbase = row * (P * DE)
+        off = {s: np.zeros((4, 32), np.float32) for s in range(E)}  # this page's offsets
         for kk in range(4):
             pa = movmatrix_trans(h2(np.exp2(sc[kk][0] - mu[0]), np.exp2(sc[kk][1] - mu[1])))
             pb = movmatrix_trans(h2(np.exp2(sc[kk][2] - mu[0]), np.exp2(sc[kk][3] - mu[1])))
@@ -284,6 +282,8 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
                             pt_a[s],
                             pt_b[s],
                         )
+        for key in o:  # the page's 1024 offsets leave O when the page ends
+            o[key] = o[key] - off[key[2]]
     # finish
     l0 = shfl(aux[0], NG * 4 + tid)
     l1 = shfl(aux[1], NG * 4 + tid)
@@ -298,16 +298,16 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
         down = 1.0 / (1 << (s * BITS))
         for wc in range(NWC):
             r0 = [
-                ((o[wc, 0, s][0] - off[s][0]) * down + mv0) * inv0,
-                ((o[wc, 0, s][2] - off[s][2]) * down + mv0) * inv0,
-                ((o[wc, 1, s][0] - off[s][0]) * down + mv0) * inv0,
-                ((o[wc, 1, s][2] - off[s][2]) * down + mv0) * inv0,
+                (o[wc, 0, s][0] * down + mv0) * inv0,
+                (o[wc, 0, s][2] * down + mv0) * inv0,
+                (o[wc, 1, s][0] * down + mv0) * inv0,
+                (o[wc, 1, s][2] * down + mv0) * inv0,
             ]
             r1 = [
-                ((o[wc, 0, s][1] - off[s][1]) * down + mv1) * inv1,
-                ((o[wc, 0, s][3] - off[s][3]) * down + mv1) * inv1,
-                ((o[wc, 1, s][1] - off[s][1]) * down + mv1) * inv1,
-                ((o[wc, 1, s][3] - off[s][3]) * down + mv1) * inv1,
+                (o[wc, 0, s][1] * down + mv1) * inv1,
+                (o[wc, 0, s][3] * down + mv1) * inv1,
+                (o[wc, 1, s][1] * down + mv1) * inv1,
+                (o[wc, 1, s][3] * down + mv1) * inv1,
             ]
             ch = s * DE + 4 * (wc * 8 + gid)
             for L in range(32):

@@ -11,8 +11,9 @@
 //   PV:  O[h, ch] = sum_t p~_s[h, t] * (1024 + v_t,ch 2^(s b))    A = p~ (the QK C fragment), B = V
 // Codes become fp16 with one lop3 each: (w & mask_s) | 0x6400 is 1024 + code * 2^(s b) for the
 // bytes 0 and 2 of a word (w >> 8: bytes 1 and 3).  q~' = q * qk_scale * sK * 2^-(s b) folds the
-// plane's power of two; the 1024 offsets are removed exactly with constant-B MMAs (same operands);
-// O's 2^(s b) leaves at the end.  The reduction dimension's order is free, so a thread's K word
+// plane's power of two; the 1024 offsets are removed with constant-operand MMAs on the same
+// fp16 operands, per page (so an fp32 accumulator never carries more than one page of them: a
+// long split would otherwise lose the small values under the offsets); O's 2^(s b) leaves at the end.  The reduction dimension's order is free, so a thread's K word
 // supplies its own k rows: logical k (2 tid, 2 tid + 1) <- bytes (0, 2), (8 + 2 tid, 9 + 2 tid) <-
 // bytes (1, 3) of word wi = tid * NC + c of plane s's chunk c.  PV pairs two tokens' bytes with prmt.
 // V min terms and l = sum p come from one more MMA with B = [mV_t,0..NG-1 ; 1].
@@ -156,7 +157,6 @@ __device__ __forceinline__ void hack_decode_warp(
 
   float m_i = NEG_INF;
   float o[NWC][4][E][2];  // O[head gid][channels of n-tile (wc, byte q, plane s), cols 2 tid, 2 tid + 1]
-  float off[E][2];        // 1024 * sum_t p~_s
   float aux[2];           // cols 2 tid, 2 tid + 1 of [sum_t p mV_t,0..NG-1 ; sum_t p]
 #pragma unroll
   for (int wc = 0; wc < NWC; ++wc)
@@ -164,8 +164,6 @@ __device__ __forceinline__ void hack_decode_warp(
     for (int bq = 0; bq < 4; ++bq)
 #pragma unroll
       for (int s = 0; s < E; ++s) o[wc][bq][s][0] = o[wc][bq][s][1] = 0.f;
-#pragma unroll
-  for (int s = 0; s < E; ++s) off[s][0] = off[s][1] = 0.f;
   aux[0] = aux[1] = 0.f;
 
   // B column gid of the aux MMA: mV of group gid, 1 for column NG, 0 past it.
@@ -242,11 +240,6 @@ __device__ __forceinline__ void hack_decode_warp(
             o[wc][bq][s][0] *= alpha;
             o[wc][bq][s][1] *= alpha;
           }
-#pragma unroll
-      for (int s = 0; s < E; ++s) {
-        off[s][0] *= alpha;
-        off[s][1] *= alpha;
-      }
       aux[0] *= alpha;
       aux[1] *= alpha;
       m_i = m_new;
@@ -257,7 +250,11 @@ __device__ __forceinline__ void hack_decode_warp(
     for (int nt = 0; nt < 8; ++nt)
       pp[nt] = pack_f16x2(exp2_approx(sc[nt][0] - m_use), exp2_approx(sc[nt][1] - m_use));
 
-    // ---- PV over 4 chunks of 16 tokens: A = p~ (n-tiles 2 kk, 2 kk + 1), B = V codes
+    // ---- PV over 4 chunks of 16 tokens: A = p~ (n-tiles 2 kk, 2 kk + 1), B = V codes; the
+    // page's 1024 offsets (1024 sum_t p~_s) leave O when the page ends
+    float off[E][2];
+#pragma unroll
+    for (int s = 0; s < E; ++s) off[s][0] = off[s][1] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const int t0 = kk * 16 + 2 * tid;  // tokens t0, t0 + 1 (A cols 2 tid..), t0 + 8, t0 + 9
@@ -331,6 +328,15 @@ __device__ __forceinline__ void hack_decode_warp(
           }
       }
     }
+#pragma unroll
+    for (int wc = 0; wc < NWC; ++wc)
+#pragma unroll
+      for (int bq = 0; bq < 4; ++bq)
+#pragma unroll
+        for (int s = 0; s < E; ++s) {
+          o[wc][bq][s][0] -= off[s][0];
+          o[wc][bq][s][1] -= off[s][1];
+        }
   }
 
   // ---- finish: l and the min terms from aux (cols of the quad), normalise, store
@@ -348,8 +354,8 @@ __device__ __forceinline__ void hack_decode_warp(
       float r[8];
 #pragma unroll
       for (int bq = 0; bq < 4; ++bq) {
-        r[bq] = ((o[wc][bq][s][0] - off[s][0]) * down + mvs) * inv;
-        r[4 + bq] = ((o[wc][bq][s][1] - off[s][1]) * down + mvs) * inv;
+        r[bq] = (o[wc][bq][s][0] * down + mvs) * inv;
+        r[4 + bq] = (o[wc][bq][s][1] * down + mvs) * inv;
       }
       if (head_ok) {
         float* dst = part + prow * D + s * DE + 32 * wc + 8 * tid;
@@ -407,7 +413,6 @@ __device__ __forceinline__ void hack_decode_warp_v2(
 
   float m_i[2] = {NEG_INF, NEG_INF};  // heads 2 tid, 2 tid + 1
   float o[NWC][2][E][4];  // O^T [channel rows gid / gid + 8 of m-tile (wc, half, s)] x heads 2 tid..
-  float off[E][4];        // 1024 sum_t p~_s, per head (all rows equal)
   float aux[4];           // [sum_t p mV_t,gid ; l] rows gid (gid + 8 unused) x heads 2 tid..
 #pragma unroll
   for (int wc = 0; wc < NWC; ++wc)
@@ -417,10 +422,6 @@ __device__ __forceinline__ void hack_decode_warp_v2(
       for (int s = 0; s < E; ++s)
 #pragma unroll
         for (int i = 0; i < 4; ++i) o[wc][hf][s][i] = 0.f;
-#pragma unroll
-  for (int s = 0; s < E; ++s)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) off[s][i] = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) aux[i] = 0.f;
 
@@ -508,13 +509,6 @@ __device__ __forceinline__ void hack_decode_warp_v2(
             o[wc][hf][s][2] *= a0;
             o[wc][hf][s][3] *= a1;
           }
-#pragma unroll
-      for (int s = 0; s < E; ++s) {
-        off[s][0] *= a0;
-        off[s][1] *= a1;
-        off[s][2] *= a0;
-        off[s][3] *= a1;
-      }
       aux[0] *= a0;
       aux[1] *= a1;
       aux[2] *= a0;
@@ -525,6 +519,13 @@ __device__ __forceinline__ void hack_decode_warp_v2(
     const float mu0 = (m_i[0] == NEG_INF) ? 0.f : m_i[0];
     const float mu1 = (m_i[1] == NEG_INF) ? 0.f : m_i[1];
 
+    // 1024 sum_t p~_s of this page per head (all rows equal), taken out of O when the page ends:
+    // O then never carries more than one page's offsets, whose cancellation stays exact enough.
+    float off[E][4];
+#pragma unroll
+    for (int s = 0; s < E; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) off[s][i] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {  // PV chunk kk = m-tile kk's 16 tokens
       // p [tokens, heads] -> B fragments: (tokens 2 tid, 2 tid + 1; head gid), same for + 8
@@ -603,6 +604,14 @@ __device__ __forceinline__ void hack_decode_warp_v2(
         }
       }
     }
+#pragma unroll
+    for (int wc = 0; wc < NWC; ++wc)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int s = 0; s < E; ++s)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) o[wc][hf][s][i] -= off[s][i];
   }
 
   // finish: l (aux row NG) and mV terms (aux row s) from the lanes of this tid, per head
@@ -620,14 +629,14 @@ __device__ __forceinline__ void hack_decode_warp_v2(
 #pragma unroll
     for (int wc = 0; wc < NWC; ++wc) {
       // channels s * DE + 4 (wc * 8 + gid) + (0, 1, 2, 3) = (half 0 rows gid, gid + 8, half 1 ...)
-      const float4 r0 = make_float4(((o[wc][0][s][0] - off[s][0]) * down + mv0) * inv0,
-                                    ((o[wc][0][s][2] - off[s][2]) * down + mv0) * inv0,
-                                    ((o[wc][1][s][0] - off[s][0]) * down + mv0) * inv0,
-                                    ((o[wc][1][s][2] - off[s][2]) * down + mv0) * inv0);
-      const float4 r1 = make_float4(((o[wc][0][s][1] - off[s][1]) * down + mv1) * inv1,
-                                    ((o[wc][0][s][3] - off[s][3]) * down + mv1) * inv1,
-                                    ((o[wc][1][s][1] - off[s][1]) * down + mv1) * inv1,
-                                    ((o[wc][1][s][3] - off[s][3]) * down + mv1) * inv1);
+      const float4 r0 = make_float4((o[wc][0][s][0] * down + mv0) * inv0,
+                                    (o[wc][0][s][2] * down + mv0) * inv0,
+                                    (o[wc][1][s][0] * down + mv0) * inv0,
+                                    (o[wc][1][s][2] * down + mv0) * inv0);
+      const float4 r1 = make_float4((o[wc][0][s][1] * down + mv1) * inv1,
+                                    (o[wc][0][s][3] * down + mv1) * inv1,
+                                    (o[wc][1][s][1] * down + mv1) * inv1,
+                                    (o[wc][1][s][3] * down + mv1) * inv1);
       const int ch = s * DE + 4 * (wc * 8 + gid);
       if (h0 < G) *reinterpret_cast<float4*>(part + prow0 * D + ch) = r0;
       if (h0 + 1 < G) *reinterpret_cast<float4*>(part + prow1 * D + ch) = r1;
