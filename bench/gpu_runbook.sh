@@ -40,7 +40,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -165,6 +165,11 @@ cuda15)
     # one and the torch reference (correctness), then both against SDPA / paged bf16 (speed).
     step 420 hack_backends python3 -m zipserve.bench.hack_backends --out "$WORK/hack_backends"
     pytest_gpu 120 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
+    ;;
+cuda15mini)
+    # What a short device call can hold: the CUDA backend's correctness and three shapes.
+    step 280 hack_backends python3 -m zipserve.bench.hack_backends \
+        --cells 8x32768,1x131072,32x8192 --out "$WORK/hack_backends"
     ;;
 issue15)
     # Issue 15 in one call: the backends' kernel check and table, then decode tokens/s per lane
