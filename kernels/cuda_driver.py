@@ -21,6 +21,7 @@ __all__ = ["CudaDriverError", "CubinModule", "cubin_path"]
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 
 _lock = threading.Lock()
+_thread = threading.local()  # the device whose primary context this thread made current
 _lib: ctypes.CDLL | None = None
 
 
@@ -150,6 +151,9 @@ class CubinModule:
     ):
         """args: [(kind, value)], kind in "p" (tensor / address), "i", "q", "f"."""
         fn = self.function(name, device)
+        if getattr(_thread, "device", None) != device.index:  # a thread's first launch here
+            _make_current(device)
+            _thread.device = device.index
         holders = []
         for kind, value in args:
             if kind == "p" and isinstance(value, torch.Tensor):
