@@ -117,3 +117,17 @@ def test_cuda_backend_matches_reference_and_triton(
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(static, out)
+
+
+def test_missing_driver_or_cubin_is_a_named_error():
+    from zipserve.kernels import cuda_driver
+
+    missing = cuda_driver.CubinModule("no_such_kernel.cubin")
+    assert not missing.available()
+    assert hack_decode_cuda.CUBIN.available()
+    if not torch.cuda.is_available():
+        try:
+            cuda_driver._driver()
+        except cuda_driver.CudaDriverError as exc:
+            assert "libcuda.so.1" in str(exc)
+        # where a driver library exists without a GPU, loading it is allowed; launching is not
