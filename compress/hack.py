@@ -23,9 +23,9 @@ class HackCodec(KVCodec):
     q, the dense tail and the output per step. group_v 32 (the paper uses 64): see the note in
     bench/RESULTS.md.
 
-    clip: the encoder's clipping search (kernels/hack_encode.py: each group's range the one of
-    least squared error among [min, max] shrunk by up to 30%; None: the encoder's default per
-    bits, on at 2 bits, off at 4; 0: plain min/max). Bytes and decoders are the same either way.
+    clip: the encoder's range clip (kernels/hack_encode.py: each group quantized over its [min,
+    max] shrunk by this fraction of its width on each side; None: the encoder's default per bits,
+    0.1 at 2 bits, 0 at 4; 0: plain min/max). Bytes and decoders are the same either way.
     """
 
     n_sink = 4
@@ -40,7 +40,7 @@ class HackCodec(KVCodec):
         mode: str = "f16",
         group_v: int = 32,
         rotate: bool = True,
-        clip: int | None = None,
+        clip: float | None = None,
     ):
         self.name = f"hack{bits}"
         super().__init__(num_kv_heads, page_size, head_dim)
@@ -50,7 +50,7 @@ class HackCodec(KVCodec):
         # The kernel unpacks V in planes of D/E channels; a V group may not split a plane.
         self.group_v = hack_group_v(head_dim, bits, group_v)
         self.rotate = rotate
-        self.clip = hack_encode.clip_steps(bits, clip)
+        self.clip = hack_encode.clip_for(bits, clip)
         self._r: dict[torch.device, torch.Tensor] = {}
 
     def _rot(self, device: torch.device) -> torch.Tensor:

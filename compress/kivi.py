@@ -15,14 +15,14 @@ from zipserve.kernels.hack_layout import pack_planar, unpack_planar
 
 class KiviCodec(KVCodec):
     """KIVI-style: K per channel over groups of 32 tokens, V per token in groups of 32 channels;
-    the open page is KIVI's 16-bit residual window; attention dequantizes. clip: the clipping
-    search of each group's range (compress/quantize.py; 0, the default: KIVI's min/max; the
-    shipped kivi2/kivi4 use 0, bench/kivi_equal_bytes.py measures KIVI with it)."""
+    the open page is KIVI's 16-bit residual window; attention dequantizes. clip: the range clip of
+    each group (compress/quantize.py; 0, the default: KIVI's min/max; the shipped kivi2/kivi4 use
+    0, bench/kivi_equal_bytes.py measures KIVI with HACK's clip too)."""
 
     token_group = channel_group = CHANNEL_GROUP
     head_dim_multiple = CHANNEL_GROUP
 
-    def __init__(self, num_kv_heads, page_size, head_dim, bits: int, clip: int = 0):
+    def __init__(self, num_kv_heads, page_size, head_dim, bits: int, clip: float = 0.0):
         self.bits, self.name = bits, f"kivi{bits}"
         self.clip = qz.check_clip(clip)
         super().__init__(num_kv_heads, page_size, head_dim)

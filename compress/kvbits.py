@@ -80,10 +80,10 @@ class HackMixedCodec(KVCodec):
         head_dim,
         bits: list[int],
         source: str = "",
-        clip: dict[int, int] | None = None,
+        clip: dict[int, float] | None = None,
     ):
-        """clip: the HACK encoder's clipping candidates per bit width (HackCodec's clip; None:
-        the encoder's defaults)."""
+        """clip: the HACK encoder's range clip per bit width (HackCodec's clip; a width left out
+        or None: the encoder's default)."""
         self.name = NAME
         super().__init__(num_kv_heads, page_size, head_dim)
         self.bits, self.source = list(bits), source
@@ -96,7 +96,7 @@ class HackMixedCodec(KVCodec):
 
     @classmethod
     def load(
-        cls, num_kv_heads, page_size, head_dim, model_dir, clip: dict[int, int] | None = None
+        cls, num_kv_heads, page_size, head_dim, model_dir, clip: dict[int, float] | None = None
     ) -> HackMixedCodec:
         if model_dir is None:
             raise KVBitsError(f"codec: {NAME} needs a model directory with {KVBITS_FILE}")

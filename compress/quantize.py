@@ -4,73 +4,44 @@ Triton encoder in kernels/hack_encode.py with the same rounding rules).
 x ~= scale * code + min, code = clamp(floor((x - min) / scale + 0.5), 0, 2^b - 1); scale and min
 are stored as float16 and the codes are computed with the stored values.
 
-The range [lo, hi] a group is quantized over (scale = (hi - lo) / qmax, min = lo) is its [min, max],
-or with a clipping search (`clip` > 0, `clip_range`, issue 19) the best of clip shrunk ranges
-[lo + t r, hi - t r] (r = hi - lo, t = j * CLIP_STEP, j = 1 .. clip) and [min, max] itself: the
-one of least squared reconstruction error over the group, computed as stored (fp16 scale / min,
-codes rounded and clamped; the first at a tie). HACK's encoder (kernels/hack_encode.py) runs the
-same rule, its torch reference through `clip_range`. KIVI's default is clip = 0 (its paper's
-min/max).
+The range a group is quantized over (scale = (hi - lo) / qmax, min = lo) is its [min, max], or with
+a range clip c > 0 (`clip_range`, issue 19) that range shrunk by c of its width on each side,
+[lo + c r, hi - c r] with r = hi - lo: values outside saturate at code 0 / qmax. HACK's encoder
+(kernels/hack_encode.py) applies the same rule (0.1 at 2 bits by default), its torch reference
+through `clip_range`; KIVI's default is 0 (its paper's min/max).
 """
 
 from __future__ import annotations
 
 import torch
 
-CLIP_STEP = 0.025
-"""Shrink of a group's range per clipping candidate, on each side (6 steps: down to 0.7 x)."""
-MAX_CLIP = 19
-"""At most this many candidates: t < 0.5, a candidate range never inverts."""
+
+def check_clip(clip) -> float:
+    """clip as a float in [0, 0.5) (0.5 would leave an empty range); ValueError otherwise."""
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < 0.5:
+        raise ValueError(f"clip must be a number in [0, 0.5), got {clip!r}")
+    return float(clip)
 
 
-def check_clip(clip) -> int:
-    """clip as an int in [0, MAX_CLIP]; ValueError naming it otherwise."""
-    if isinstance(clip, bool) or not isinstance(clip, int) or not 0 <= clip <= MAX_CLIP:
-        raise ValueError(f"clip must be an int in [0, {MAX_CLIP}], got {clip!r}")
-    return clip
-
-
-def _fake_quant(x, lo, hi, qmax):
-    """(codes as fp32, scale, min) of x over the range lo / hi, scale / min fp16-rounded fp32."""
-    sc = ((hi - lo) / qmax).half().float()
-    mn = lo.half().float()
-    ok = sc > 0
-    y = torch.where(ok, (x - mn) / torch.where(ok, sc, torch.ones_like(sc)), torch.zeros_like(x))
-    return torch.floor(y + 0.5).clamp(0, qmax), sc, mn
-
-
-def clip_range(x: torch.Tensor, dim: int, qmax: int, clip: int) -> tuple[torch.Tensor, ...]:
+def clip_range(x: torch.Tensor, dim: int, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The range (lo, hi) each group of x (fp32, groups reduced over `dim`) is quantized over,
-    `dim` kept as size 1: [min, max] when clip = 0, else the clipping search (module doc)."""
+    `dim` kept as size 1: its [min, max] shrunk by `clip` of its width on each side."""
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
-    if clip == 0:
-        return lo, hi
-
-    def err(a, b):
-        q, sc, mn = _fake_quant(x, a, b, qmax)
-        return (q * sc + mn - x).square().sum(dim, keepdim=True)
-
-    r = hi - lo
-    best, blo, bhi = err(lo, hi), lo, hi
-    for j in range(1, clip + 1):
-        t = j * CLIP_STEP
-        clo, chi = lo + t * r, hi - t * r
-        e = err(clo, chi)
-        better = e < best
-        best = torch.where(better, e, best)
-        blo, bhi = torch.where(better, clo, blo), torch.where(better, chi, bhi)
-    return blo, bhi
+    if clip > 0:
+        r = hi - lo
+        lo, hi = lo + clip * r, hi - clip * r
+    return lo, hi
 
 
 def quantize_groups(
-    x: torch.Tensor, bits: int, dim: int, clip: int = 0
+    x: torch.Tensor, bits: int, dim: int, clip: float = 0.0
 ) -> tuple[torch.Tensor, ...]:
     """Quantize x over `dim` (the group axis, reduced); returns (codes uint8 like x, scale, min)
-    where scale/min are float16 with `dim` kept as size 1. clip: the clipping search's
-    candidates (module doc; 0: each group's min / max)."""
+    where scale/min are float16 with `dim` kept as size 1. clip: the range clip (module doc;
+    0: each group's min / max)."""
     qmax = (1 << bits) - 1
     xf = x.float()
-    lo, hi = clip_range(xf, dim, qmax, check_clip(clip))
+    lo, hi = clip_range(xf, dim, check_clip(clip))
     scale = ((hi - lo) / qmax).half()
     mn = lo.half()
     s32, m32 = scale.float(), mn.float()
@@ -80,7 +51,7 @@ def quantize_groups(
     return codes, scale, mn
 
 
-def k_per_channel(k: torch.Tensor, bits: int, token_group: int, clip: int = 0):
+def k_per_channel(k: torch.Tensor, bits: int, token_group: int, clip: float = 0.0):
     """k [n, KVH, P, D] -> codes [n, KVH, P, D], scale/min [n, KVH, P // token_group, D]."""
     n, h, p, d = k.shape
     g = k.reshape(n, h, p // token_group, token_group, d)
@@ -88,7 +59,7 @@ def k_per_channel(k: torch.Tensor, bits: int, token_group: int, clip: int = 0):
     return codes.reshape(n, h, p, d), scale.squeeze(3), mn.squeeze(3)
 
 
-def v_per_token(v: torch.Tensor, bits: int, channel_group: int, clip: int = 0):
+def v_per_token(v: torch.Tensor, bits: int, channel_group: int, clip: float = 0.0):
     """v [n, KVH, P, D] -> codes [n, KVH, P, D], scale/min [n, KVH, P, D // channel_group]."""
     n, h, p, d = v.shape
     g = v.reshape(n, h, p, d // channel_group, channel_group)

@@ -12,22 +12,19 @@
   This is how the engine seals an open page (or a whole prefilled prompt) straight into the pool.
 
 Layout and rounding rules: see hack_layout.py.  Kernel: one program per (input page, kv head) loads the
-[P, D] K and V tiles once, and fuses min/max, the clipping search, float16 rounding of scale/min,
-round-to-nearest (ties up: floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the fp32
-division may differ from the reference in the last ulp, so a rare code can differ by one at an exact
-rounding tie (and, rarer still, a group whose two best clipping candidates tie to fp32 rounding may
-pick the other one).
+[P, D] K and V tiles once, and fuses min/max, the range clip, float16 rounding of scale/min,
+round-to-nearest (ties up: floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the fp32 division may differ from the
+reference in the last ulp, so a rare code can differ by one at an exact rounding tie.
 
-Clipping search (``clip``, issue 19): each quantization group (K: one channel over the page's P tokens;
-V: one token's GV channels), *in the stored basis* (after the fused rotation), starts from its range
-[lo, hi] = [min, max] and tries the shrunk ranges [lo + t r, hi - t r], r = hi - lo, t = j * CLIP_STEP
-for j = 0 .. clip (t = 0.025 .. 0.15 for clip = 6: the range scaled by 0.95 .. 0.7 about its middle).
-Each candidate is quantized exactly as stored (fp16 scale (hi' - lo') / qmax and min lo', codes
-rounded and clamped to [0, qmax], so values outside the shrunk range saturate) and its squared
-reconstruction error summed over the group; the group keeps the candidate of least error (the first,
-least clipped, at a tie; j = 0 is the min/max rule, so no group's error grows).  Bytes and decoders are
-unchanged: they read the chosen scale / min like any other.  Default (``clip=None``): CLIP_STEPS[bits],
-6 at 2 bits, 0 (min/max) at 4 bits -- measured in bench/QUALITY_BREAKDOWN.md ("clipping search").
+Range clip (``clip``, issue 19): each quantization group (K: one channel over the page's P tokens; V:
+one token's GV channels), *in the stored basis* (after the fused rotation), is quantized over its
+[min, max] shrunk by ``clip`` of its width on each side: [lo + c r, hi - c r], r = hi - lo (scale =
+(1 - 2c) r / qmax, min = lo + c r, both fp16-rounded as stored); values outside saturate at code 0
+or qmax.  Default (``clip=None``): CLIP[bits], 0.1 at 2 bits (the range x 0.8), 0 at 4 bits (plain
+min/max).  A fixed fraction, not a per-group search: the range stays a continuous function of the
+page, so pages sealed during decode equal those of scoring the same tokens up to rounding ties (an
+MSE search over shrink candidates flips whole groups at candidate ties; it also scored worse on the
+held-out text: bench/QUALITY_BREAKDOWN.md, "range clip").  Bytes and decoders are unchanged.
 
 A head_dim that is not a power of two (96, 160, ...; the V group then spans whole planes, hack_layout.py)
 runs a second kernel that works plane by plane: each plane of DE channels is a [P, DEP] tile (DEP the
@@ -39,31 +36,24 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.compress.quantize import CLIP_STEP, check_clip, clip_range
+from zipserve.compress.quantize import check_clip, clip_range
 from zipserve.kernels.hack_layout import HackPages, _is_pow2, check_bits, pack_planar, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted
 
-__all__ = [
-    "hack_encode_pages",
-    "hack_encode_pages_ref",
-    "hack_dequantize_ref",
-    "CLIP_STEP",
-    "CLIP_STEPS",
-    "clip_steps",
-]
+__all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref", "CLIP", "clip_for"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-CLIP_STEPS = {2: 6, 4: 0}
-"""Default clipping candidates beyond min/max per bit width (0: the min/max rule)."""
+CLIP = {2: 0.1, 4: 0.0}
+"""Default range clip per bit width: the fraction of a group's range cut off on each side."""
 
 
-def clip_steps(bits: int, clip: int | None = None) -> int:
-    """The clipping candidates used at `bits` (CLIP_STEPS when clip is None); ValueError when
-    out of range."""
+def clip_for(bits: int, clip: float | None = None) -> float:
+    """The range clip used at `bits` (CLIP[bits] when clip is None); ValueError when not a
+    float in [0, 0.5)."""
     if clip is None:
-        return CLIP_STEPS[check_bits(bits)]
+        return CLIP[check_bits(bits)]
     return check_clip(clip)
 
 
@@ -79,34 +69,11 @@ def _quantize(x, lo, hi, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _sq_err(x, lo, hi, QMAX: tl.constexpr):
-    """Squared reconstruction error of x under the stored range lo / hi (elementwise, fp32)."""
-    q, sc, mn = _quantize(x, lo, hi, QMAX)
-    e = q.to(tl.float32) * sc + mn - x
-    return e * e
-
-
-@triton.jit
-def _clip_range(
-    x, lo, hi, AXIS: tl.constexpr, QMAX: tl.constexpr, CLIP: tl.constexpr, STEP: tl.constexpr
-):
-    """The clipping search (module doc) for groups reduced over AXIS of x: lo / hi are the groups'
-    min / max with AXIS kept (size 1); returns the chosen lo / hi, same shapes."""
-    if CLIP > 0:
+def _clip(lo, hi, CLIP: tl.constexpr):
+    """A group's range [lo, hi] shrunk by CLIP of its width on each side (module doc)."""
+    if CLIP > 0.0:
         r = hi - lo
-        best = tl.sum(_sq_err(x, lo, hi, QMAX), axis=AXIS, keep_dims=True)
-        blo = lo
-        bhi = hi
-        for j in tl.static_range(1, CLIP + 1):
-            clo = lo + (j * STEP) * r  # t = j * STEP, a compile-time constant
-            chi = hi - (j * STEP) * r
-            e = tl.sum(_sq_err(x, clo, chi, QMAX), axis=AXIS, keep_dims=True)
-            better = e < best
-            best = tl.where(better, e, best)
-            blo = tl.where(better, clo, blo)
-            bhi = tl.where(better, chi, bhi)
-        lo = blo
-        hi = bhi
+        lo, hi = lo + CLIP * r, hi - CLIP * r
     return lo, hi
 
 
@@ -139,7 +106,6 @@ def _hack_encode_kernel(
     ROTATE: tl.constexpr,
     ROT_PREC: tl.constexpr,
     CLIP: tl.constexpr,
-    CLIP_T: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -168,9 +134,7 @@ def _hack_encode_kernel(
             v = tl.dot(v, r, input_precision=ROT_PREC)
 
         # ---- K: per channel over the page's tokens.
-        klo, khi = _clip_range(
-            k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], 0, QMAX, CLIP, CLIP_T
-        )  # [1, D]
+        klo, khi = _clip(tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], CLIP)  # [1, D]
         kq, ksc, kmn = _quantize(k, klo, khi, QMAX)  # [P, D]
         kpack = tl.sum(tl.reshape(kq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE] planar bytes
         tl.store(
@@ -182,16 +146,8 @@ def _hack_encode_kernel(
 
         # ---- V: per token, in channel groups of GV.
         v3 = tl.reshape(v, (PAGE, NG, GV))
-        vlo, vhi = _clip_range(
-            v3,
-            tl.min(v3, axis=2)[:, :, None],
-            tl.max(v3, axis=2)[:, :, None],
-            2,
-            QMAX,
-            CLIP,
-            CLIP_T,
-        )  # [P, NG, 1]
-        vq3, vsc, vmn = _quantize(v3, vlo, vhi, QMAX)
+        vlo, vhi = _clip(tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], CLIP)
+        vq3, vsc, vmn = _quantize(v3, vlo, vhi, QMAX)  # ranges [P, NG, 1]
         vq = tl.reshape(vq3, (PAGE, HEAD_DIM))  # [P, D]
         vpack = tl.sum(tl.reshape(vq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE]
         tl.store(
@@ -251,14 +207,11 @@ def _k_plane(
     BITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     CLIP: tl.constexpr,
-    CLIP_T: tl.constexpr,
 ):
-    """K plane x [P, DEP] quantized per channel over the page (clipping search included; the
-    padding channels are zero: range 0): stores its scales / mins and returns (codes shifted into
-    plane s's bits [P, DEP], each token's code sum over the plane [P])."""
-    lo, hi = _clip_range(
-        x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], 0, (1 << BITS) - 1, CLIP, CLIP_T
-    )  # [1, DEP]
+    """K plane x [P, DEP] quantized per channel over the page (range clipped): stores its scales /
+    mins and returns (codes shifted into plane s's bits [P, DEP], each token's code sum over the
+    plane [P])."""
+    lo, hi = _clip(tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], CLIP)
     q, sc, mn = _quantize(x, lo, hi, (1 << BITS) - 1)
     tl.store(
         ks_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(sc, (DEP,)).to(tl.float16), mask=c_ok
@@ -317,40 +270,6 @@ def _row_range(x, c_ok):
 
 
 @triton.jit
-def _row_err(x, lo, hi, c_ok, j: tl.constexpr, QMAX: tl.constexpr, STEP: tl.constexpr):
-    """Per-token squared error [P] of a V plane x [P, DEP] (real channels) under clipping
-    candidate j of its group's range lo / hi [P] (j = 0: lo / hi), and that candidate's range."""
-    r = hi - lo
-    clo = lo + (j * STEP) * r
-    chi = hi - (j * STEP) * r
-    e = tl.where(c_ok[None, :], _sq_err(x, clo[:, None], chi[:, None], QMAX), 0.0)
-    return tl.sum(e, axis=1), clo, chi
-
-
-@triton.jit
-def _group_err(e0, e1, e2, e3, E: tl.constexpr, PPG: tl.constexpr):
-    """Per-plane errors [P] -> each plane's V group's error (the sum over the PPG planes of the
-    group); e2 / e3 are used only when E == 4."""
-    if PPG == 2:
-        e0 = e0 + e1
-        e1 = e0
-        if E == 4:
-            e2 = e2 + e3
-            e3 = e2
-    if PPG == 4:
-        e0 = (e0 + e1) + (e2 + e3)
-        e1 = e0
-        e2 = e0
-        e3 = e0
-    return e0, e1, e2, e3
-
-
-@triton.jit
-def _keep(better, e, clo, chi, best, blo, bhi):
-    return tl.where(better, e, best), tl.where(better, clo, blo), tl.where(better, chi, bhi)
-
-
-@triton.jit
 def _hack_encode_planes_kernel(
     k_ptr,
     v_ptr,
@@ -381,7 +300,6 @@ def _hack_encode_planes_kernel(
     ROTATE: tl.constexpr,
     ROT_PREC: tl.constexpr,
     CLIP: tl.constexpr,
-    CLIP_T: tl.constexpr,
 ):
     """The encoder plane by plane, for any D with D % E == 0 and GV a multiple of DE (module doc)."""
     i = tl.program_id(0)
@@ -434,7 +352,7 @@ def _hack_encode_planes_kernel(
             ROT_PREC,
         )
         kpack, ksum = _k_plane(
-            x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM, CLIP, CLIP_T
+            x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM, CLIP
         )
         for s in tl.static_range(1, E):
             x = _plane(
@@ -453,9 +371,7 @@ def _hack_encode_planes_kernel(
                 ROTATE,
                 ROT_PREC,
             )
-            q, qs = _k_plane(
-                x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM, CLIP, CLIP_T
-            )
+            q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM, CLIP)
             kpack += q
             ksum += qs
         tl.store(
@@ -548,35 +464,11 @@ def _hack_encode_planes_kernel(
             lo0 = tl.minimum(lo0, lo1)
             hi0 = tl.maximum(hi0, hi1)
             lo1, hi1 = lo0, hi0
-        if CLIP > 0:  # the clipping search on each group's summed error over its planes
-            QMAX: tl.constexpr = (1 << BITS) - 1
-            b0, c0, d0 = _row_err(
-                x0, lo0, hi0, c_ok, 0, QMAX, CLIP_T
-            )  # error, chosen lo, chosen hi
-            b1, c1, d1 = _row_err(x1, lo1, hi1, c_ok, 0, QMAX, CLIP_T)
-            b2, c2, d2 = b0, c0, d0  # planes 2, 3: only when E == 4
-            b3, c3, d3 = b1, c1, d1
-            if E == 4:
-                b2, c2, d2 = _row_err(x2, lo2, hi2, c_ok, 0, QMAX, CLIP_T)
-                b3, c3, d3 = _row_err(x3, lo3, hi3, c_ok, 0, QMAX, CLIP_T)
-            b0, b1, b2, b3 = _group_err(b0, b1, b2, b3, E, PPG)
-            for j in tl.static_range(1, CLIP + 1):
-                e0, l0, h0 = _row_err(x0, lo0, hi0, c_ok, j, QMAX, CLIP_T)
-                e1, l1, h1 = _row_err(x1, lo1, hi1, c_ok, j, QMAX, CLIP_T)
-                e2, l2, h2 = e0, l0, h0
-                e3, l3, h3 = e1, l1, h1
-                if E == 4:
-                    e2, l2, h2 = _row_err(x2, lo2, hi2, c_ok, j, QMAX, CLIP_T)
-                    e3, l3, h3 = _row_err(x3, lo3, hi3, c_ok, j, QMAX, CLIP_T)
-                e0, e1, e2, e3 = _group_err(e0, e1, e2, e3, E, PPG)
-                b0, c0, d0 = _keep(e0 < b0, e0, l0, h0, b0, c0, d0)
-                b1, c1, d1 = _keep(e1 < b1, e1, l1, h1, b1, c1, d1)
-                if E == 4:
-                    b2, c2, d2 = _keep(e2 < b2, e2, l2, h2, b2, c2, d2)
-                    b3, c3, d3 = _keep(e3 < b3, e3, l3, h3, b3, c3, d3)
-            lo0, hi0, lo1, hi1 = c0, d0, c1, d1
-            if E == 4:
-                lo2, hi2, lo3, hi3 = c2, d2, c3, d3
+        lo0, hi0 = _clip(lo0, hi0, CLIP)  # each plane's group range (planes of a group: equal)
+        lo1, hi1 = _clip(lo1, hi1, CLIP)
+        if E == 4:
+            lo2, hi2 = _clip(lo2, hi2, CLIP)
+            lo3, hi3 = _clip(lo3, hi3, CLIP)
         vpack = _v_plane_codes(
             x0,
             lo0,
@@ -763,11 +655,11 @@ def hack_encode_pages(
     (fused: one read of k and v). On GPU the product runs on tensor cores in tf32.
     src_rows: optional int32 [m]: encode rows src_rows of k / v (any number of rows, read in
     place) into page_ids [m]. skip_page: a page id whose pages are not written (the engine's
-    scratch page: decode rows that fill no page). clip: clipping candidates beyond min/max
-    (module doc; None: CLIP_STEPS[bits], 0: the plain min/max rule)."""
+    scratch page: decode rows that fill no page). clip: the range clip (module doc; None:
+    CLIP[bits], 0: each group's plain min / max)."""
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
-    clip = clip_steps(bits, clip)
+    clip = clip_for(bits, clip)
     _, kvh, page, d = k.shape
     n = ids.shape[0]
     src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
@@ -812,7 +704,6 @@ def hack_encode_pages(
             ROTATE=rotation is not None,
             ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
             CLIP=clip,
-            CLIP_T=CLIP_STEP,
             num_warps=4 if page * block_d(d) < 8192 else 8,
         )
         return pool
@@ -844,7 +735,6 @@ def hack_encode_pages(
         ROTATE=rotation is not None,
         ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
         CLIP=clip,
-        CLIP_T=CLIP_STEP,
         num_warps=4 if page * d < 8192 else 8,
     )
     return pool
@@ -874,7 +764,7 @@ def hack_encode_pages_ref(
     product in fp32)."""
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
-    clip = clip_steps(bits, clip)
+    clip = clip_for(bits, clip)
     if src_rows is not None:
         k, v = k[src_rows.long()], v[src_rows.long()]
     if skip_page is not None:
@@ -887,9 +777,9 @@ def hack_encode_pages_ref(
     kf, vf = k.float(), v.float()  # [n, KVH, P, D]
     if rotation is not None:
         kf, vf = kf @ rotation, vf @ rotation
-    kq, ksc, kmn = _quantize_ref(kf, *clip_range(kf, 2, qmax, clip), qmax)  # K per channel
+    kq, ksc, kmn = _quantize_ref(kf, *clip_range(kf, 2, clip), qmax)  # K per channel
     v4 = vf.reshape(n, kvh, page, d // group_v, group_v)  # V per token, groups of group_v
-    vq, vsc, vmn = _quantize_ref(v4, *clip_range(v4, -1, qmax, clip), qmax)
+    vq, vsc, vmn = _quantize_ref(v4, *clip_range(v4, -1, clip), qmax)
     vq = vq.reshape(n, kvh, page, d)
     ids = ids.long()
     pool.k_codes[ids] = pack_planar(kq.to(torch.uint8), bits)
