@@ -13,8 +13,9 @@
 
 Layout and rounding rules: see hack_layout.py.  Kernel: one program per (input page, kv head) loads the
 [P, D] K and V tiles once, and fuses min/max, the range clip, float16 rounding of scale/min,
-round-to-nearest (ties up: floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the fp32 division may differ from the
-reference in the last ulp, so a rare code can differ by one at an exact rounding tie.
+round-to-nearest (ties up: floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the
+fp32 division may differ from the reference in the last ulp, so a rare code can differ by one at an
+exact rounding tie.
 
 Range clip (``clip``, issue 19): each quantization group (K: one channel over the page's P tokens; V:
 one token's GV channels), *in the stored basis* (after the fused rotation), is quantized over its
@@ -24,7 +25,7 @@ or qmax.  Default (``clip=None``): CLIP[bits], 0.1 at 2 bits (the range x 0.8), 
 min/max).  A fixed fraction, not a per-group search: the range stays a continuous function of the
 page, so pages sealed during decode equal those of scoring the same tokens up to rounding ties (an
 MSE search over shrink candidates flips whole groups at candidate ties; it also scored worse on the
-held-out text: bench/QUALITY_BREAKDOWN.md, "range clip").  Bytes and decoders are unchanged.
+held-out text: bench/QUALITY_BREAKDOWN.md, "Range clip").  Bytes and decoders are unchanged.
 
 A head_dim that is not a power of two (96, 160, ...; the V group then spans whole planes, hack_layout.py)
 runs a second kernel that works plane by plane: each plane of DE channels is a [P, DEP] tile (DEP the
