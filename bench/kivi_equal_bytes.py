@@ -16,8 +16,13 @@ beside hack2, kivi2 and hack2mix themselves. The smaller-group KIVIs are registe
 names of their own (`kivi2-k16`, `kivi2-k16v16`) for this run only: only their encode and
 dequantize run (KIVI's decode kernels take groups of 32).
 
+`--clip C` (issue 19): every codec of the run, HACK and KIVI alike, quantizes its 2-bit groups
+over their [min, max] shrunk by C of the width on each side (compress/quantize.py; 4-bit groups
+keep min/max, as HACK's encoder does by default). 0.1 is HACK's shipped encoder; 0 is the min/max
+rule of both (HACK before the clip, and the shipped KIVI). Same bytes either way.
+
 Prints one markdown table (perplexity, vs bf16, bytes/token, % of bf16) and writes
-kivi_equal_bytes.csv under --out.
+kivi_equal_bytes_clip<C>_windows<a>-<b>.csv under --out.
 """
 
 from __future__ import annotations
@@ -31,17 +36,21 @@ import torch
 
 from zipserve.bench import quality_breakdown as qb
 from zipserve.compress.codecs import CodecEntry, register, unregister
+from zipserve.compress.hack import HackCodec
 from zipserve.compress.kivi import KiviCodec
-from zipserve.compress.kvbits import KVBITS_FILE
+from zipserve.compress.kvbits import KVBITS_FILE, HackMixedCodec
+from zipserve.kernels.hack_encode import CLIP
 
 
 class KiviGroups(KiviCodec):
     """KIVI with other group sizes: K per channel over `token_group` tokens, V per token over
     `channel_group` channels (encode / dequantize only)."""
 
-    def __init__(self, num_kv_heads, page_size, head_dim, bits, token_group, channel_group):
+    def __init__(
+        self, num_kv_heads, page_size, head_dim, bits, token_group, channel_group, clip=0.0
+    ):
         self.token_group, self.channel_group = token_group, channel_group
-        super().__init__(num_kv_heads, page_size, head_dim, bits)
+        super().__init__(num_kv_heads, page_size, head_dim, bits, clip)
         self.name = f"kivi{bits}-k{token_group}v{channel_group}"
 
 
@@ -64,6 +73,23 @@ def _register() -> None:
 def _unregister() -> None:
     for name in GROUPED:
         unregister(name)
+
+
+def clipped_codecs(model: str, clip: float):
+    """(config, page_size) -> every codec of the run with 2-bit groups clipped by `clip` (4-bit:
+    min/max), for quality_breakdown.run."""
+
+    def build(config, page_size):
+        kvh, d = config.num_kv_heads, config.head_dim
+        c = {2: clip, 4: 0.0}
+        out = {f"kivi{b}": KiviCodec(kvh, page_size, d, b, c[b]) for b in (2, 4)}
+        out |= {f"hack{b}": HackCodec(kvh, page_size, d, b, clip=c[b]) for b in (2, 4)}
+        out["hack2mix"] = HackMixedCodec.load(kvh, page_size, d, model, clip=c)
+        for name, (tg, cg) in GROUPED.items():
+            out[name] = KiviGroups(kvh, page_size, d, 2, tg, cg, clip)
+        return out
+
+    return build
 
 
 def variants(num_layers: int, upgraded: list[int], next_layer: int) -> list[qb.Variant]:
@@ -100,6 +126,7 @@ def run(
     stride: int = 512,
     text_dir: str | None = None,
     out: Path | None = None,
+    clip: float = CLIP[2],
 ) -> list[dict]:
     plan = json.loads((Path(model) / KVBITS_FILE).read_text())
     upgraded = [i for i, b in enumerate(plan["bits"]) if b == 4]
@@ -125,11 +152,13 @@ def run(
                 (),
                 extra=extra,
                 offset=offset,
+                codecs=clipped_codecs(model, clip),
             )
-            rows += [dict(r, base_codec=codec) for r in (got if not rows else got[1:])]
+            rows += [dict(r, base_codec=codec, clip=clip) for r in (got if not rows else got[1:])]
     finally:
         _unregister()
     bf16 = rows[0]["bytes_4k"]
+    print(f"\n2-bit groups clipped by {clip} a side (HACK and KIVI; 0: min/max)")
     print("\n| codec | perplexity | vs bf16 | B/token | of bf16's |\n|---|---|---|---|---|")
     for r in rows:
         name = r["base_codec"] if r["variant"] == "all (codec)" else r["variant"]
@@ -142,7 +171,7 @@ def run(
         )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"kivi_equal_bytes_windows{offset}-{offset + n_windows - 1}.csv"
+        path = out / f"kivi_equal_bytes_clip{clip:g}_windows{offset}-{offset + n_windows - 1}.csv"
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
@@ -161,9 +190,15 @@ def main(argv=None):
     ap.add_argument("--text-dir", default=None)
     ap.add_argument("--out", type=Path, default=Path("bench/results/quality_lowrank_cpu"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--clip",
+        type=float,
+        default=CLIP[2],
+        help="range clip of every codec's 2-bit groups, a side (HACK's default; 0: min/max)",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    run(a.model, a.windows, a.offset, a.context, a.stride, a.text_dir, a.out)
+    run(a.model, a.windows, a.offset, a.context, a.stride, a.text_dir, a.out, a.clip)
 
 
 if __name__ == "__main__":

@@ -333,12 +333,17 @@ def run(
     extra: list[Variant] | None = None,
     progress: bool = True,
     offset: int = 0,
+    codecs=None,
 ):
+    """codecs: optional callable (config, page_size) -> {name: codec} used instead of the
+    registry's codecs of those names (e.g. codecs built with other encoder settings)."""
     from zipserve.train.corpus import load_corpus
 
     torch.manual_seed(0)
     config, net, tok = load(model)
     setup = Setup(net, config, codec, model_dir=model)
+    if codecs is not None:
+        setup.codecs.update(codecs(config, setup.page_size))
     corpus = load_corpus(text_dir)
     wins = windows(tok, corpus.held_out, n_windows, context, offset)
     calib = windows(tok, corpus.train[:40], 4, context)

@@ -22,6 +22,10 @@ class HackCodec(KVCodec):
     measured on the reference model it lowers perplexity at 2 and 4 bits for the cost of rotating
     q, the dense tail and the output per step. group_v 32 (the paper uses 64): see the note in
     bench/RESULTS.md.
+
+    clip: the encoder's range clip (kernels/hack_encode.py: each group quantized over its [min,
+    max] shrunk by this fraction of its width on each side; None: the encoder's default per bits,
+    0.1 at 2 bits, 0 at 4; 0: plain min/max). Bytes and decoders are the same either way.
     """
 
     n_sink = 4
@@ -36,6 +40,7 @@ class HackCodec(KVCodec):
         mode: str = "f16",
         group_v: int = 32,
         rotate: bool = True,
+        clip: float | None = None,
     ):
         self.name = f"hack{bits}"
         super().__init__(num_kv_heads, page_size, head_dim)
@@ -45,6 +50,7 @@ class HackCodec(KVCodec):
         # The kernel unpacks V in planes of D/E channels; a V group may not split a plane.
         self.group_v = hack_group_v(head_dim, bits, group_v)
         self.rotate = rotate
+        self.clip = hack_encode.clip_for(bits, clip)
         self._r: dict[torch.device, torch.Tensor] = {}
 
     def _rot(self, device: torch.device) -> torch.Tensor:
@@ -85,6 +91,7 @@ class HackCodec(KVCodec):
             out=self._pages(store),
             page_ids=page_ids,
             rotation=self._rot(k.device) if self.rotate else None,
+            clip=self.clip,
             **where,
         )
 

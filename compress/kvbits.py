@@ -73,15 +73,31 @@ class HackMixedCodec(KVCodec):
     n_sink = HackCodec.n_sink
     head_dim_multiple = CHANNEL_GROUP
 
-    def __init__(self, num_kv_heads, page_size, head_dim, bits: list[int], source: str = ""):
+    def __init__(
+        self,
+        num_kv_heads,
+        page_size,
+        head_dim,
+        bits: list[int],
+        source: str = "",
+        clip: dict[int, float] | None = None,
+    ):
+        """clip: the HACK encoder's range clip per bit width (HackCodec's clip; a width left out
+        or None: the encoder's default)."""
         self.name = NAME
         super().__init__(num_kv_heads, page_size, head_dim)
         self.bits, self.source = list(bits), source
-        by_bits = {b: HackCodec(num_kv_heads, page_size, head_dim, b) for b in set(self.bits)}
+        clip = clip or {}
+        by_bits = {
+            b: HackCodec(num_kv_heads, page_size, head_dim, b, clip=clip.get(b))
+            for b in set(self.bits)
+        }
         self.layers = [by_bits[b] for b in self.bits]  # layers of equal bits share one codec
 
     @classmethod
-    def load(cls, num_kv_heads, page_size, head_dim, model_dir) -> HackMixedCodec:
+    def load(
+        cls, num_kv_heads, page_size, head_dim, model_dir, clip: dict[int, float] | None = None
+    ) -> HackMixedCodec:
         if model_dir is None:
             raise KVBitsError(f"codec: {NAME} needs a model directory with {KVBITS_FILE}")
         return cls(
@@ -90,6 +106,7 @@ class HackMixedCodec(KVCodec):
             head_dim,
             load_bits(model_dir),
             str(Path(str(model_dir)) / KVBITS_FILE),
+            clip,
         )
 
     def for_layer(self, layer: int) -> KVCodec:

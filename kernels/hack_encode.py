@@ -12,9 +12,20 @@
   This is how the engine seals an open page (or a whole prefilled prompt) straight into the pool.
 
 Layout and rounding rules: see hack_layout.py.  Kernel: one program per (input page, kv head) loads the
-[P, D] K and V tiles once, and fuses min/max, float16 rounding of scale/min, round-to-nearest (ties up:
-floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the fp32 division may differ from the
-reference in the last ulp, so a rare code can differ by one at an exact rounding tie.
+[P, D] K and V tiles once, and fuses min/max, the range clip, float16 rounding of scale/min,
+round-to-nearest (ties up: floor(x + 0.5)), clamp, planar packing and the code sums.  On GPU the
+fp32 division may differ from the reference in the last ulp, so a rare code can differ by one at an
+exact rounding tie.
+
+Range clip (``clip``, issue 19): each quantization group (K: one channel over the page's P tokens; V:
+one token's GV channels), *in the stored basis* (after the fused rotation), is quantized over its
+[min, max] shrunk by ``clip`` of its width on each side: [lo + c r, hi - c r], r = hi - lo (scale =
+(1 - 2c) r / qmax, min = lo + c r, both fp16-rounded as stored); values outside saturate at code 0
+or qmax.  Default (``clip=None``): CLIP[bits], 0.1 at 2 bits (the range x 0.8), 0 at 4 bits (plain
+min/max).  A fixed fraction, not a per-group search: the range stays a continuous function of the
+page, so pages sealed during decode equal those of scoring the same tokens up to rounding ties (an
+MSE search over shrink candidates flips whole groups at candidate ties; it also scored worse on the
+held-out text: bench/QUALITY_BREAKDOWN.md, "Range clip").  Bytes and decoders are unchanged.
 
 A head_dim that is not a power of two (96, 160, ...; the V group then spans whole planes, hack_layout.py)
 runs a second kernel that works plane by plane: each plane of DE channels is a [P, DEP] tile (DEP the
@@ -26,13 +37,25 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.compress.quantize import check_clip, clip_range
 from zipserve.kernels.hack_layout import HackPages, _is_pow2, check_bits, pack_planar, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted
 
-__all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref"]
+__all__ = ["hack_encode_pages", "hack_encode_pages_ref", "hack_dequantize_ref", "CLIP", "clip_for"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+CLIP = {2: 0.1, 4: 0.0}
+"""Default range clip per bit width: the fraction of a group's range cut off on each side."""
+
+
+def clip_for(bits: int, clip: float | None = None) -> float:
+    """The range clip used at `bits` (CLIP[bits] when clip is None); ValueError when not a
+    float in [0, 0.5)."""
+    if clip is None:
+        return CLIP[check_bits(bits)]
+    return check_clip(clip)
 
 
 @triton.jit
@@ -44,6 +67,15 @@ def _quantize(x, lo, hi, QMAX: tl.constexpr):
     y = tl.where(ok, (x - mn) / tl.where(ok, sc, 1.0), 0.0)
     codes = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), QMAX).to(tl.int32)
     return codes, sc, mn
+
+
+@triton.jit
+def _clip(lo, hi, CLIP: tl.constexpr):
+    """A group's range [lo, hi] shrunk by CLIP of its width on each side (module doc)."""
+    if CLIP > 0.0:
+        r = hi - lo
+        lo, hi = lo + CLIP * r, hi - CLIP * r
+    return lo, hi
 
 
 @triton.jit
@@ -74,6 +106,7 @@ def _hack_encode_kernel(
     GV: tl.constexpr,
     ROTATE: tl.constexpr,
     ROT_PREC: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -102,9 +135,8 @@ def _hack_encode_kernel(
             v = tl.dot(v, r, input_precision=ROT_PREC)
 
         # ---- K: per channel over the page's tokens.
-        kq, ksc, kmn = _quantize(
-            k, tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], QMAX
-        )  # [P, D]
+        klo, khi = _clip(tl.min(k, axis=0)[None, :], tl.max(k, axis=0)[None, :], CLIP)  # [1, D]
+        kq, ksc, kmn = _quantize(k, klo, khi, QMAX)  # [P, D]
         kpack = tl.sum(tl.reshape(kq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE] planar bytes
         tl.store(
             kc_ptr + row * (PAGE * DE) + offs_t[:, None] * DE + offs_c[None, :], kpack.to(tl.uint8)
@@ -115,9 +147,8 @@ def _hack_encode_kernel(
 
         # ---- V: per token, in channel groups of GV.
         v3 = tl.reshape(v, (PAGE, NG, GV))
-        vq3, vsc, vmn = _quantize(
-            v3, tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], QMAX
-        )
+        vlo, vhi = _clip(tl.min(v3, axis=2)[:, :, None], tl.max(v3, axis=2)[:, :, None], CLIP)
+        vq3, vsc, vmn = _quantize(v3, vlo, vhi, QMAX)  # ranges [P, NG, 1]
         vq = tl.reshape(vq3, (PAGE, HEAD_DIM))  # [P, D]
         vpack = tl.sum(tl.reshape(vq, (PAGE, E, DE)) << shifts, axis=1)  # [P, DE]
         tl.store(
@@ -176,12 +207,13 @@ def _k_plane(
     DEP: tl.constexpr,
     BITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
-    """K plane x [P, DEP] quantized per channel over the page: stores its scales / mins and returns
-    (codes shifted into plane s's bits [P, DEP], each token's code sum over the plane [P])."""
-    q, sc, mn = _quantize(
-        x, tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], (1 << BITS) - 1
-    )
+    """K plane x [P, DEP] quantized per channel over the page (range clipped): stores its scales /
+    mins and returns (codes shifted into plane s's bits [P, DEP], each token's code sum over the
+    plane [P])."""
+    lo, hi = _clip(tl.min(x, axis=0)[None, :], tl.max(x, axis=0)[None, :], CLIP)
+    q, sc, mn = _quantize(x, lo, hi, (1 << BITS) - 1)
     tl.store(
         ks_ptr + row * HEAD_DIM + s * DE + offs_c, tl.reshape(sc, (DEP,)).to(tl.float16), mask=c_ok
     )
@@ -268,6 +300,7 @@ def _hack_encode_planes_kernel(
     GV: tl.constexpr,
     ROTATE: tl.constexpr,
     ROT_PREC: tl.constexpr,
+    CLIP: tl.constexpr,
 ):
     """The encoder plane by plane, for any D with D % E == 0 and GV a multiple of DE (module doc)."""
     i = tl.program_id(0)
@@ -319,7 +352,9 @@ def _hack_encode_planes_kernel(
             ROTATE,
             ROT_PREC,
         )
-        kpack, ksum = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM)
+        kpack, ksum = _k_plane(
+            x, ks_ptr, km_ptr, row, offs_c, c_ok, 0, DE, DEP, BITS, HEAD_DIM, CLIP
+        )
         for s in tl.static_range(1, E):
             x = _plane(
                 k_tile,
@@ -337,7 +372,7 @@ def _hack_encode_planes_kernel(
                 ROTATE,
                 ROT_PREC,
             )
-            q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM)
+            q, qs = _k_plane(x, ks_ptr, km_ptr, row, offs_c, c_ok, s, DE, DEP, BITS, HEAD_DIM, CLIP)
             kpack += q
             ksum += qs
         tl.store(
@@ -430,6 +465,11 @@ def _hack_encode_planes_kernel(
             lo0 = tl.minimum(lo0, lo1)
             hi0 = tl.maximum(hi0, hi1)
             lo1, hi1 = lo0, hi0
+        lo0, hi0 = _clip(lo0, hi0, CLIP)  # each plane's group range (planes of a group: equal)
+        lo1, hi1 = _clip(lo1, hi1, CLIP)
+        if E == 4:
+            lo2, hi2 = _clip(lo2, hi2, CLIP)
+            lo3, hi3 = _clip(lo3, hi3, CLIP)
         vpack = _v_plane_codes(
             x0,
             lo0,
@@ -609,15 +649,18 @@ def hack_encode_pages(
     rotation=None,
     src_rows=None,
     skip_page=None,
+    clip=None,
 ):
     """Quantize full pages k, v [n, KVH, P, D] into a HackPages pool (see module docstring).
     rotation: optional fp32 [D, D]; the pages stored are those of k @ rotation, v @ rotation
     (fused: one read of k and v). On GPU the product runs on tensor cores in tf32.
     src_rows: optional int32 [m]: encode rows src_rows of k / v (any number of rows, read in
     place) into page_ids [m]. skip_page: a page id whose pages are not written (the engine's
-    scratch page: decode rows that fill no page)."""
+    scratch page: decode rows that fill no page). clip: the range clip (module doc; None:
+    CLIP[bits], 0: each group's plain min / max)."""
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
+    clip = clip_for(bits, clip)
     _, kvh, page, d = k.shape
     n = ids.shape[0]
     src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
@@ -661,6 +704,7 @@ def hack_encode_pages(
             GV=group_v,
             ROTATE=rotation is not None,
             ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
+            CLIP=clip,
             num_warps=4 if page * block_d(d) < 8192 else 8,
         )
         return pool
@@ -691,6 +735,7 @@ def hack_encode_pages(
         GV=group_v,
         ROTATE=rotation is not None,
         ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
+        CLIP=clip,
         num_warps=4 if page * d < 8192 else 8,
     )
     return pool
@@ -714,11 +759,13 @@ def hack_encode_pages_ref(
     rotation=None,
     src_rows=None,
     skip_page=None,
+    clip=None,
 ):
     """Pure-torch reference of hack_encode_pages (same signature, same arithmetic; the rotation
     product in fp32)."""
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
+    clip = clip_for(bits, clip)
     if src_rows is not None:
         k, v = k[src_rows.long()], v[src_rows.long()]
     if skip_page is not None:
@@ -731,9 +778,9 @@ def hack_encode_pages_ref(
     kf, vf = k.float(), v.float()  # [n, KVH, P, D]
     if rotation is not None:
         kf, vf = kf @ rotation, vf @ rotation
-    kq, ksc, kmn = _quantize_ref(kf, kf.amin(2, keepdim=True), kf.amax(2, keepdim=True), qmax)
-    v4 = vf.reshape(n, kvh, page, d // group_v, group_v)
-    vq, vsc, vmn = _quantize_ref(v4, v4.amin(-1, keepdim=True), v4.amax(-1, keepdim=True), qmax)
+    kq, ksc, kmn = _quantize_ref(kf, *clip_range(kf, 2, clip), qmax)  # K per channel
+    v4 = vf.reshape(n, kvh, page, d // group_v, group_v)  # V per token, groups of group_v
+    vq, vsc, vmn = _quantize_ref(v4, *clip_range(v4, -1, clip), qmax)
     vq = vq.reshape(n, kvh, page, d)
     ids = ids.long()
     pool.k_codes[ids] = pack_planar(kq.to(torch.uint8), bits)

@@ -16,7 +16,8 @@ Per (page, kv_head) a :class:`HackPages` pool holds
 
 Quantization is asymmetric with unsigned codes: x ~= scale * code + min, code in [0, 2^b - 1],
 code = clamp(floor((x - min) / scale + 0.5)), computed with the *stored* float16 scale and min (so the
-error is <= scale / 2 up to float16 rounding of min/scale).  A zero-range partition (max == min) stores
+error is <= scale / 2 up to float16 rounding of min/scale for x in [min, min + (2^b - 1) scale]; the
+encoder's range clip, hack_encode.py, lets the extremes of a 2-bit group saturate).  A zero-range partition (max == min) stores
 scale 0 and codes 0, so it dequantizes to min exactly.  Scales and mins are float16 whatever the model
 dtype (inputs must lie within float16 range).  The sums are float32 (exact: at most 256 * 15).
 

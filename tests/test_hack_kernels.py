@@ -120,15 +120,31 @@ def test_encode_kernel_matches_reference(bits, d, gv, dtype):
     vq = unpack_planar(a.v_codes[ids.long()], bits).float()
     assert torch.equal(a.k_sums[ids.long()], kq.sum(-1))
     assert torch.equal(a.v_sums[ids.long()], vq.sum(-2))
-    # dequantization error <= scale / 2 (+ float16 rounding of scale / min)
+    # dequantization error <= scale / 2 (+ float16 rounding of scale / min) within the stored
+    # range [min, min + qmax * scale]; values past it (2 bits: the range clip) saturate
     kd, vd = hack_dequantize_ref(a)
     kd, vd = kd[ids.long()], vd[ids.long()]
     kf, vf = k.float(), v.float()
+    qmax = (1 << bits) - 1
     ks = a.k_scale[ids.long()].float()[:, :, None, :]
+    km = a.k_min[ids.long()].float()[:, :, None, :]
     vs = a.v_scale[ids.long()].float().repeat_interleave(gv, dim=-1)
+    vm = a.v_min[ids.long()].float().repeat_interleave(gv, dim=-1)
+    kc = torch.minimum(torch.maximum(kf, km), km + qmax * ks)
+    vc = torch.minimum(torch.maximum(vf, vm), vm + qmax * vs)
     slack = 2e-3 * kf.abs().amax()
-    assert ((kd - kf).abs() <= ks / 2 + slack).all()
-    assert ((vd - vf).abs() <= vs / 2 + 2e-3 * vf.abs().amax()).all()
+    assert ((kd - kc).abs() <= ks / 2 + slack).all()
+    assert ((vd - vc).abs() <= vs / 2 + 2e-3 * vf.abs().amax()).all()
+    # the stored range is [min, max] shrunk by at most 20% (2 bits: the range clip, 0.1 a side)
+    for x, lo, sc, dim in ((kf, km, ks, 2), (vf.unflatten(-1, (-1, gv)), None, None, -1)):
+        if lo is None:
+            lo = a.v_min[ids.long()].float()[..., None]
+            sc = a.v_scale[ids.long()].float()[..., None]
+        r = x.amax(dim, keepdim=True) - x.amin(dim, keepdim=True)
+        tol = 2e-3 * x.abs().amax()
+        assert (lo >= x.amin(dim, keepdim=True) - tol).all()
+        assert (lo + qmax * sc <= x.amax(dim, keepdim=True) + tol).all()
+        assert (qmax * sc >= 0.8 * r - tol).all()
     assert (a.k_scale[0, 0, 7] == 0) and (kd[1, 0, :, 7] == 0.75).all()
     assert (vd[2, 1, 5, :gv] == -1.25).all()
     assert (ks > 0).float().mean() > 0.99
