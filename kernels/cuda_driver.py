@@ -80,6 +80,13 @@ def _check(result: int, what: str) -> None:
         raise CudaDriverError(f"{what} failed: CUDA error {result} ({text})")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current device>."""
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _make_current(device: torch.device) -> None:
     """Make the device's primary context (torch's) current on this thread."""
     torch.cuda.init()
@@ -112,6 +119,7 @@ class CubinModule:
         return self.path.is_file()
 
     def function(self, name: str, device: torch.device) -> ctypes.c_void_p:
+        device = _indexed(device)
         key = (device.index, name)
         fn = self._funcs.get(key)
         if fn is not None:
@@ -150,6 +158,7 @@ class CubinModule:
         self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], args, device
     ):
         """args: [(kind, value)], kind in "p" (tensor / address), "i", "q", "f"."""
+        device = _indexed(device)
         fn = self.function(name, device)
         if getattr(_thread, "device", None) != device.index:  # a thread's first launch here
             _make_current(device)
