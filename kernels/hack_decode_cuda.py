@@ -34,14 +34,16 @@ _WARPS_PER_BLOCK = 4
 # channels (PV) on M; v2o3 = v2 held to 168 registers (3 blocks per SM).  Warps resident per SM
 # at the compiled register counts (offline sm_90: v1 210-218, v2 182, v2o3 168).
 VARIANTS = {"v1": 8, "v2": 8, "v2o3": 12}
-DEFAULT_VARIANT = "v2"
+DEFAULT_VARIANT = "v2o3"
 VARIANT_ENV = "ZIPSERVE_HACK_CUDA_VARIANT"
 _BITS = (2, 4)
 _MIN_PAGES_PER_SPLIT = 4
 
 
 def variant() -> str:
-    """$ZIPSERVE_HACK_CUDA_VARIANT (v1 | v2 | v2o3), default v2."""
+    """$ZIPSERVE_HACK_CUDA_VARIANT (v1 | v2 | v2o3), default v2o3: on the H100 (session 8) the
+    fastest or within 4% of it at 8 x 32k and 1 x 128k for hack2, 1 x 128k for hack4, and within
+    4-12% of v2 at twice its splits elsewhere (bench/results/session8_h100/times.csv)."""
     v = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
     if v not in VARIANTS:
         raise ValueError(f"${VARIANT_ENV} must be one of {sorted(VARIANTS)}, got {v!r}")

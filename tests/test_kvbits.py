@@ -161,8 +161,8 @@ def test_missing_or_invalid_plan_is_a_clear_error(tmp_path):
 def test_decode_kv_choice_as_hack2():
     check_decode_kv("hack2mix", "dense")
     h100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 1 << 40)
-    for codec in ("hack2", "hack2mix"):  # both dense where hack2's engine step is slower
-        assert choose_decode_kv(codec, h100, 1).mode == "dense"
+    for codec in ("hack2", "hack2mix"):  # both compressed where hack2's and hack4's steps win
+        assert choose_decode_kv(codec, h100, 1).mode == "compressed"
         assert choose_decode_kv(codec, h100, 1 << 41).mode == "compressed"  # dense won't fit
         assert choose_decode_kv(codec, DeviceInfo("cpu"), 0).mode == "dense"
     h200 = DeviceInfo("cuda", "NVIDIA H200", 1 << 40)
