@@ -5,18 +5,20 @@
 // plane (GV == DE, what HackCodec uses).  Writes flash-decoding partials part [B, H, 1 + S, D] and
 // lse [B, H, 1 + S] (log2 domain) at split slots 1..S; slot 0 (the 16-bit tail) is another launch's.
 //
-// Lane = 4 * gid + tid (gid 0..7, tid 0..3).  Query heads sit on the MMA's M rows (row gid = head
-// gid of the group, rows 8..15 zero), tokens and channels on N / K:
-//   QK:  S[h, t]  = sum_k q~'[h, k] * (1024 + c_tk 2^(s b))       A = q~' (regs), B = K codes
-//   PV:  O[h, ch] = sum_t p~_s[h, t] * (1024 + v_t,ch 2^(s b))    A = p~ (the QK C fragment), B = V
-// Codes become fp16 with one lop3 each: (w & mask_s) | 0x6400 is 1024 + code * 2^(s b) for the
-// bytes 0 and 2 of a word (w >> 8: bytes 1 and 3).  q~' = q * qk_scale * sK * 2^-(s b) folds the
-// plane's power of two; the 1024 offsets are removed with constant-operand MMAs on the same
-// fp16 operands, per page (so an fp32 accumulator never carries more than one page of them: a
-// long split would otherwise lose the small values under the offsets); O's 2^(s b) leaves at the end.  The reduction dimension's order is free, so a thread's K word
-// supplies its own k rows: logical k (2 tid, 2 tid + 1) <- bytes (0, 2), (8 + 2 tid, 9 + 2 tid) <-
-// bytes (1, 3) of word wi = tid * NC + c of plane s's chunk c.  PV pairs two tokens' bytes with prmt.
-// V min terms and l = sum p come from one more MMA with B = [mV_t,0..NG-1 ; 1].
+// Lane = 4 * gid + tid (gid 0..7, tid 0..3).  Codes become fp16 with one lop3 each: (w & mask_s) |
+// 0x6400 is 1024 + code * 2^(s b) for the bytes 0 and 2 of a word (w >> 8: bytes 1 and 3).
+// q~' = q * qk_scale * sK * 2^-(s b) folds the plane's power of two; O's 2^(s b) leaves at the end.
+// The 1024 offsets are removed with constant-operand MMAs on the same fp16 operands, per page (an
+// fp32 accumulator never carries more than one page of them: over a long split they would bury
+// the small values).  The reduction dimension's order is free, so a thread's K word supplies its
+// own k rows: logical k (2 tid, 2 tid + 1) <- bytes (0, 2), (8 + 2 tid, 9 + 2 tid) <- bytes (1, 3)
+// of word wi = tid * NC + c of plane s's chunk c.  PV pairs two tokens' bytes with prmt.  V min
+// terms and l = sum p come from one more MMA against [mV_t,0..NG-1 ; 1].
+//   v1 (hack_decode_warp): query heads on the MMA's M rows (rows 8..15 zero), tokens / channels on
+//       N: QK A = q~', B = K codes; PV A = p~ (the QK C fragment), B = V codes.
+//   v2 (hack_decode_warp_v2, the default as v2o3 = v2 held to 168 registers): tokens on M for QK
+//       (A = K codes, B = q~', C = S^T), channels on M for PV (A = V codes^T, B = p~ from S^T by
+//       movmatrix): every A register carries codes.  Its numpy mirror: tests/hack_cuda_emulator.py.
 #include <stdint.h>
 
 namespace {
