@@ -37,11 +37,12 @@ from safetensors.torch import load_file
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.hack import HackCodec
 from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
-from zipserve.compress.reference_attention import dequant_decode_attention
+from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
 
 BASES_FILE = "lowrank.safetensors"
+_LOG2E = 1.4426950408889634
 NO_DENSE_FORM_REASON = (
     "its K/V live in a reduced space with V's basis folded into W_o (dense "
     "pages would cost more memory for the same values, and its kernel is "
@@ -292,11 +293,9 @@ class LowRankLayerCodec(KVCodec):
         """q [B, H, D] after RoPE; dense_k full, dense_v in V's completed basis. Returns o_T
         [B, H, D] in that basis."""
         if self.inner is not None:
-            # No kernel yet: the HACK kernel scores pages and tail with one query, but here the
-            # tail's K is full-dimension and the pages' reduced. The reference attends instead.
-            return dequant_decode_attention(
-                self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale
-            )  # [B, H, D]
+            return self._hack_decode(
+                q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits
+            )
         fn = lr_attn.lowrank_decode_attention if q.is_cuda else lr_attn.lowrank_decode_attention_ref
         return fn(
             q,
@@ -312,6 +311,45 @@ class LowRankLayerCodec(KVCodec):
             num_splits=num_splits,
         )
 
+    def _hack_decode(
+        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits
+    ):
+        """lowrank+hack: the pages (reduced K and V, HACK codes at the inner width) through the HACK
+        decode kernel with the projected query and no tail, the 16-bit tail (full K, V in its
+        completed basis) by plain attention, merged by their log-sum-exps. No host syncs: CUDA
+        graphs capture it. o_T [B, H, D] in V's completed basis (pages fill its first r_v)."""
+        b, h, d = q.shape
+        w = self.width
+        q_red = _width(self._project_query(q).float(), w)  # [B, H, W], zeros past r_k
+        no_tail = torch.zeros(b, self.kvh, 1, w, dtype=torch.float32, device=q.device)
+        hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
+        inner = self.inner
+        o_p, lse_p = hack(
+            q_red,
+            inner._pages(store),
+            page_table,
+            n_full,
+            no_tail,
+            no_tail,
+            torch.zeros_like(dense_lens),
+            scale,
+            inner.bits,
+            n_sink=self.n_sink,
+            num_splits=num_splits,
+            mode=inner.mode,
+            rotation=inner._rot(q.device) if inner.rotate else None,
+            backend=inner.decode_backend,
+            return_lse=True,
+        )  # [B, H, W] (first r_v columns: the values' coordinates), [B, H] log2 units
+        o_t, lse_t = _tail_attention(q, dense_k, dense_v, dense_lens, scale)  # [B, H, D], [B, H]
+        m = torch.maximum(lse_p, lse_t)
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        w_p, w_t = torch.exp2(lse_p - m), torch.exp2(lse_t - m)  # 0 for an empty side
+        o = o_t * w_t[..., None]
+        o[..., : self.rv] += o_p[..., : self.rv].float() * w_p[..., None]
+        tot = w_p + w_t
+        return (o / torch.where(tot > 0, tot, 1.0)[..., None]).to(q.dtype)
+
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:
             return self.inner.num_splits(batch, max_len, num_sms)
@@ -321,6 +359,24 @@ class LowRankLayerCodec(KVCodec):
         if self.inner is None:
             return lr_attn.lowrank_bytes_per_token(self.rk, self.rv)
         return self.inner.page_bytes_per_token()
+
+
+def _tail_attention(q, dense_k, dense_v, dense_lens, scale):
+    """Plain attention of q [B, H, D] over dense_k/v [B, KVH, T, D]'s first dense_lens[b] tokens
+    -> (o [B, H, D] fp32, lse [B, H] fp32 in log2 units, -inf where a row has none)."""
+    b, h, d = q.shape
+    kvh, t = dense_k.shape[1], dense_k.shape[2]
+    qf = q.float().view(b, kvh, h // kvh, d)
+    s = torch.einsum("bkgd,bktd->bkgt", qf, dense_k.float()) * (scale * _LOG2E)
+    keep = torch.arange(t, device=q.device)[None, :] < dense_lens[:, None].long()  # [B, T]
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    m = s.amax(-1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp2(s - m[..., None])
+    l = p.sum(-1)  # noqa: E741  [B, KVH, G]
+    o = torch.einsum("bkgt,bktd->bkgd", p, dense_v.float()) / torch.where(l > 0, l, 1.0)[..., None]
+    lse = torch.where(l > 0, m + torch.log2(torch.where(l > 0, l, 1.0)), float("-inf"))
+    return o.reshape(b, h, d), lse.reshape(b, h)
 
 
 def _no_dense_form(name: str) -> None:
@@ -370,8 +426,9 @@ class LowRankCodec(KVCodec):
             )
         if len({b is None for b in per_bits}) > 1:  # the cache keeps one set of sinks
             raise ValueError(f"codec: {name} needs HACK bits in every layer or in none")
-        # Plain lowrank decodes with a Triton kernel; lowrank+hack still attends through the
-        # dequantizing torch reference, which loops over sequences on the host.
+        # Plain lowrank decodes with a Triton kernel under CUDA graphs. lowrank+hack decodes with
+        # the HACK kernel and torch ops without host syncs (`_hack_decode`), but that path has not
+        # been run under CUDA graphs on a GPU yet: eager until it has.
         self.graph_safe = per_bits[0] is None
         for i, b in enumerate(bases.layers):
             for n, t in b.items():

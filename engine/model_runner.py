@@ -43,9 +43,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not cache.graph_safe:
             log.warning(
-                "this engine's KV cache decodes with a torch reference on CUDA (no graph-safe "
-                "kernel for its codec, e.g. lowrank+hack*): no CUDA graphs, host syncs every "
-                "layer; expect decode far slower than bf16's"
+                "this engine's KV cache is not marked graph-safe on CUDA (its codec's decode "
+                "was not checked under CUDA graphs on a GPU, e.g. lowrank+hack*): decode runs "
+                "eagerly, one launch at a time; expect it slower than bf16's"
             )
         if device.type == "cuda" and engine_config.cuda_graphs and cache.graph_safe:
             sizes = [b for b in engine_config.graph_batch_sizes if b <= engine_config.max_num_seqs]

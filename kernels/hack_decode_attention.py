@@ -67,6 +67,7 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -498,6 +499,7 @@ def hack_decode_attention(
     dense_start=None,
     rotation=None,
     backend="auto",
+    return_lse=False,
 ):
     """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D].
 
@@ -508,7 +510,9 @@ def hack_decode_attention(
     the pages' partial output back (kernels/rotated_merge.py).
 
     backend: "triton" (this module's kernel), "cuda" (page splits on tensor cores,
-    kernels/hack_decode_cuda.py; ValueError where it cannot run) or "auto" (resolve_backend)."""
+    kernels/hack_decode_cuda.py; ValueError where it cannot run) or "auto" (resolve_backend).
+    return_lse: (out, lse) with lse [B, H] fp32 the log2-sum-exp2 of each row's scores in log2 units
+    (-inf for a padding row), for merging with attention computed elsewhere."""
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,
@@ -541,7 +545,7 @@ def hack_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
-        return out
+        return (out, q.new_zeros((B, H), dtype=torch.float32)) if return_lse else out
     rows, start = tail_index(q, dense_rows, dense_start)
     # [B, H, D] in the pages' basis; rotated in fp32 and kept so (the kernels read q as fp32)
     q_pages = q if rotation is None else q.float() @ rotation.float()
@@ -600,8 +604,12 @@ def hack_decode_attention(
             programs=num_splits + 1,
         )
     if rotation is None:
-        return merge_splits(part, lse, out)
-    return merge_rotated(part, lse, rotation, out)
+        merge_splits(part, lse, out)
+    else:
+        merge_rotated(part, lse, rotation, out)
+    if return_lse:  # log2 sum_s 2^lse_s over the 1 + S partials
+        return out, torch.logsumexp(lse * _LN2, dim=-1) / _LN2
+    return out
 
 
 BACKENDS = ("auto", "triton", "cuda")

@@ -27,9 +27,11 @@ def hack_decode_attention_ref(
     dense_start=None,
     rotation=None,
     backend="auto",
+    return_lse=False,
 ):
     """Torch fp32 reference of hack_decode_attention (same signature, math and int8 rounding; syncs
-    on lengths; ignores splits and the backend choice)."""
+    on lengths; ignores splits and the backend choice). return_lse: also the log2-sum-exp2 of each
+    row's scores (in log2 units, -inf for a padding row) as [B, H] fp32."""
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,
@@ -55,6 +57,7 @@ def hack_decode_attention_ref(
     DE, NG = D // E, D // GV
     qk, half = float(scale) * _LOG2E, ((1 << pages.bits) - 1) / 2.0
     res = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H), float("-inf"), dtype=torch.float32, device=q.device)
     for b, (npg, dl) in enumerate(zip(n_pages.tolist(), dense_lens.tolist())):
         if npg <= 0 and dl <= 0:
             continue
@@ -107,9 +110,13 @@ def hack_decode_attention_ref(
             oq = torch.einsum("nkgpj,nkpjc->nkgjc", pt, vc) + vmt[..., None]
         o = oq.sum(0).reshape(KVH, G, D) + torch.einsum("kgt,ktd->kgd", pd, dv)
         res[b] = (o / torch.where(l > 0, l, 1.0)[..., None]).reshape(H, D)
+        lse[b] = torch.where(l > 0, m + torch.log2(torch.where(l > 0, l, 1.0)), float("-inf")).view(
+            H
+        )
     if rotation is not None:  # back to the model's basis (R is its own inverse)
         res = res @ rotation.float()
     if out is None:
-        return res.to(q.dtype)
-    out.copy_(res)
-    return out
+        out = res.to(q.dtype)
+    else:
+        out.copy_(res)
+    return (out, lse) if return_lse else out
