@@ -552,26 +552,28 @@ def hack_decode_attention(
     part, lse = split_buffers(q, out, num_splits + 1)
     if backend == "cuda":
         q_pages = q_pages.float().contiguous()
-        # the tail alone (program split 0) in Triton, the page splits 1..S on tensor cores
-        _launch_triton(
-            q_pages,
-            q,
-            pages,
-            page_table,
-            n_pages,
-            dense_k,
-            dense_v,
-            dense_lens,
-            rows,
-            start,
-            part,
-            lse,
-            scale,
-            n_sink,
-            num_splits,
-            mode,
-            programs=1,
-        )
+    # the Triton kernel: the tail (program split 0), and the page splits 1..S unless the CUDA
+    # kernel takes them on tensor cores
+    _launch_triton(
+        q_pages,
+        q,
+        pages,
+        page_table,
+        n_pages,
+        dense_k,
+        dense_v,
+        dense_lens,
+        rows,
+        start,
+        part,
+        lse,
+        scale,
+        n_sink,
+        num_splits,
+        mode,
+        programs=1 if backend == "cuda" else num_splits + 1,
+    )
+    if backend == "cuda":
         hack_decode_cuda.launch_page_splits(
             q_pages,
             pages,
@@ -582,26 +584,6 @@ def hack_decode_attention(
             float(scale) * _LOG2E,
             n_sink,
             num_splits,
-        )
-    else:
-        _launch_triton(
-            q_pages,
-            q,
-            pages,
-            page_table,
-            n_pages,
-            dense_k,
-            dense_v,
-            dense_lens,
-            rows,
-            start,
-            part,
-            lse,
-            scale,
-            n_sink,
-            num_splits,
-            mode,
-            programs=num_splits + 1,
         )
     if rotation is None:
         merge_splits(part, lse, out)
