@@ -114,6 +114,82 @@ __device__ __forceinline__ uint32_t ld_u32(const void* p) {
   return __ldg(reinterpret_cast<const unsigned int*>(p));
 }
 
+// q of one head in the pages' basis (q_row: its D floats), as fp16 pairs in this thread's channel
+// order (the k rows it owns): lo = channels (0, 2), hi = (1, 3) of word tid * NC + c of plane s.
+// qlo / qhi: q * qk_scale (for q . mK); qlo2 / qhi2: q * qk_scale * 2^-(s b) (for q~'). Zero when
+// !ok (a padding head).
+template <int BITS>
+__device__ __forceinline__ void load_q_pairs(
+    const float* __restrict__ q_row, bool ok, int tid, float qk_scale,
+    uint32_t (&qlo)[8 / BITS][D / (8 / BITS) / 16], uint32_t (&qhi)[8 / BITS][D / (8 / BITS) / 16],
+    uint32_t (&qlo2)[8 / BITS][D / (8 / BITS) / 16],
+    uint32_t (&qhi2)[8 / BITS][D / (8 / BITS) / 16]) {
+  constexpr int E = 8 / BITS, DE = D / E, NC = DE / 16;
+#pragma unroll
+  for (int s = 0; s < E; ++s) {
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (ok) v = *reinterpret_cast<const float4*>(q_row + s * DE + 4 * (tid * NC + c));
+      const float f = qk_scale, f2 = qk_scale / float(1 << (s * BITS));
+      qlo[s][c] = pack_f16x2(v.x * f, v.z * f);
+      qhi[s][c] = pack_f16x2(v.y * f, v.w * f);
+      qlo2[s][c] = pack_f16x2(v.x * f2, v.z * f2);
+      qhi2[s][c] = pack_f16x2(v.y * f2, v.w * f2);
+    }
+  }
+}
+
+// Per-token V scales and mins (NG = E fp16 per token row, tok = pool row * P + t0) of the tokens
+// t0, t0 + 1 (sv_lo: pairs per group) and t0 + 8, t0 + 9 (sv_hi), and the B operand column gid of
+// the aux MMA: mV of group gid (mv_lo / mv_hi, the same token pairs), 1 for column NG, 0 past it.
+template <int BITS>
+__device__ __forceinline__ void load_v_token_scales(
+    const uint16_t* __restrict__ vs, const uint16_t* __restrict__ vm, long long tok, int gid,
+    uint32_t (&sv_lo)[8 / BITS], uint32_t (&sv_hi)[8 / BITS], uint32_t& mv_lo, uint32_t& mv_hi) {
+  constexpr int NG = 8 / BITS;
+  const uint32_t mv_sel = (gid & 1) ? 0x7632u : 0x5410u;
+  const uint16_t* vs_t = vs + tok * NG;
+  const uint16_t* vm_t = vm + tok * NG;
+  if constexpr (NG == 4) {
+    const int mv_word = gid >> 1;
+    const uint2 a0 = __ldg(reinterpret_cast<const uint2*>(vs_t));
+    const uint2 a1 = __ldg(reinterpret_cast<const uint2*>(vs_t + NG));
+    const uint2 a8 = __ldg(reinterpret_cast<const uint2*>(vs_t + 8 * NG));
+    const uint2 a9 = __ldg(reinterpret_cast<const uint2*>(vs_t + 9 * NG));
+    sv_lo[0] = __byte_perm(a0.x, a1.x, 0x5410);
+    sv_lo[1] = __byte_perm(a0.x, a1.x, 0x7632);
+    sv_lo[2] = __byte_perm(a0.y, a1.y, 0x5410);
+    sv_lo[3] = __byte_perm(a0.y, a1.y, 0x7632);
+    sv_hi[0] = __byte_perm(a8.x, a9.x, 0x5410);
+    sv_hi[1] = __byte_perm(a8.x, a9.x, 0x7632);
+    sv_hi[2] = __byte_perm(a8.y, a9.y, 0x5410);
+    sv_hi[3] = __byte_perm(a8.y, a9.y, 0x7632);
+    const uint2 m0 = __ldg(reinterpret_cast<const uint2*>(vm_t));
+    const uint2 m1 = __ldg(reinterpret_cast<const uint2*>(vm_t + NG));
+    const uint2 m8 = __ldg(reinterpret_cast<const uint2*>(vm_t + 8 * NG));
+    const uint2 m9 = __ldg(reinterpret_cast<const uint2*>(vm_t + 9 * NG));
+    mv_lo = __byte_perm(mv_word ? m0.y : m0.x, mv_word ? m1.y : m1.x, mv_sel);
+    mv_hi = __byte_perm(mv_word ? m8.y : m8.x, mv_word ? m9.y : m9.x, mv_sel);
+  } else {  // NG == 2
+    const uint32_t a0 = ld_u32(vs_t), a1 = ld_u32(vs_t + NG);
+    const uint32_t a8 = ld_u32(vs_t + 8 * NG), a9 = ld_u32(vs_t + 9 * NG);
+    sv_lo[0] = __byte_perm(a0, a1, 0x5410);
+    sv_lo[1] = __byte_perm(a0, a1, 0x7632);
+    sv_hi[0] = __byte_perm(a8, a9, 0x5410);
+    sv_hi[1] = __byte_perm(a8, a9, 0x7632);
+    const uint32_t m0 = ld_u32(vm_t), m1 = ld_u32(vm_t + NG);
+    const uint32_t m8 = ld_u32(vm_t + 8 * NG), m9 = ld_u32(vm_t + 9 * NG);
+    mv_lo = __byte_perm(m0, m1, mv_sel);
+    mv_hi = __byte_perm(m8, m9, mv_sel);
+  }
+  if (gid == NG) {
+    mv_lo = mv_hi = ONE_H * 0x00010001u;
+  } else if (gid > NG) {
+    mv_lo = mv_hi = 0u;
+  }
+}
+
 template <int BITS>
 __device__ __forceinline__ void hack_decode_warp(
     const float* __restrict__ q, const uint8_t* __restrict__ kc, const uint8_t* __restrict__ vc,
@@ -135,22 +211,8 @@ __device__ __forceinline__ void hack_decode_warp(
   const int head = kvh * G + gid;
 
   // ---- q in the pages' basis, fp16 pairs in this thread's channel order (k rows it owns).
-  uint32_t qlo[E][NC], qhi[E][NC];   // q * qk_scale                 (for q . mK)
-  uint32_t qlo2[E][NC], qhi2[E][NC]; // q * qk_scale * 2^-(s b)      (for q~')
-#pragma unroll
-  for (int s = 0; s < E; ++s) {
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (head_ok)
-        v = *reinterpret_cast<const float4*>(q + b * qsb + head * qsh + s * DE + 4 * (tid * NC + c));
-      const float f = qk_scale, f2 = qk_scale / float(1 << (s * BITS));
-      qlo[s][c] = pack_f16x2(v.x * f, v.z * f);
-      qhi[s][c] = pack_f16x2(v.y * f, v.w * f);
-      qlo2[s][c] = pack_f16x2(v.x * f2, v.z * f2);
-      qhi2[s][c] = pack_f16x2(v.y * f2, v.w * f2);
-    }
-  }
+  uint32_t qlo[E][NC], qhi[E][NC], qlo2[E][NC], qhi2[E][NC];
+  load_q_pairs<BITS>(q + b * qsb + head * qsh, head_ok, tid, qk_scale, qlo, qhi, qlo2, qhi2);
 
   const int n_pg = n_pages[b];
   const int per = (n_pg + S - 1) / S;
@@ -168,9 +230,6 @@ __device__ __forceinline__ void hack_decode_warp(
       for (int s = 0; s < E; ++s) o[wc][bq][s][0] = o[wc][bq][s][1] = 0.f;
   aux[0] = aux[1] = 0.f;
 
-  // B column gid of the aux MMA: mV of group gid, 1 for column NG, 0 past it.
-  const uint32_t mv_sel = (gid & 1) ? 0x7632u : 0x5410u;
-  const int mv_word = (gid >> 1);
 
   for (int pg = lo; pg < hi; ++pg) {
     const long long row = (long long)page_table[b * ptb + pg] * KVH + kvh;
@@ -263,46 +322,7 @@ __device__ __forceinline__ void hack_decode_warp(
       const uint32_t pa = pp[2 * kk], pb = pp[2 * kk + 1];
       // per-token V scale / min rows (NG fp16 each), paired across two tokens per group
       uint32_t sv_lo[E], sv_hi[E], mv_lo, mv_hi;
-      {
-        const uint16_t* vs_t = vs + (row * P + t0) * NG;
-        const uint16_t* vm_t = vm + (row * P + t0) * NG;
-        if constexpr (NG == 4) {
-          const uint2 a0 = __ldg(reinterpret_cast<const uint2*>(vs_t));
-          const uint2 a1 = __ldg(reinterpret_cast<const uint2*>(vs_t + NG));
-          const uint2 a8 = __ldg(reinterpret_cast<const uint2*>(vs_t + 8 * NG));
-          const uint2 a9 = __ldg(reinterpret_cast<const uint2*>(vs_t + 9 * NG));
-          sv_lo[0] = __byte_perm(a0.x, a1.x, 0x5410);
-          sv_lo[1] = __byte_perm(a0.x, a1.x, 0x7632);
-          sv_lo[2] = __byte_perm(a0.y, a1.y, 0x5410);
-          sv_lo[3] = __byte_perm(a0.y, a1.y, 0x7632);
-          sv_hi[0] = __byte_perm(a8.x, a9.x, 0x5410);
-          sv_hi[1] = __byte_perm(a8.x, a9.x, 0x7632);
-          sv_hi[2] = __byte_perm(a8.y, a9.y, 0x5410);
-          sv_hi[3] = __byte_perm(a8.y, a9.y, 0x7632);
-          const uint2 m0 = __ldg(reinterpret_cast<const uint2*>(vm_t));
-          const uint2 m1 = __ldg(reinterpret_cast<const uint2*>(vm_t + NG));
-          const uint2 m8 = __ldg(reinterpret_cast<const uint2*>(vm_t + 8 * NG));
-          const uint2 m9 = __ldg(reinterpret_cast<const uint2*>(vm_t + 9 * NG));
-          mv_lo = __byte_perm(mv_word ? m0.y : m0.x, mv_word ? m1.y : m1.x, mv_sel);
-          mv_hi = __byte_perm(mv_word ? m8.y : m8.x, mv_word ? m9.y : m9.x, mv_sel);
-        } else {  // NG == 2
-          const uint32_t a0 = ld_u32(vs_t), a1 = ld_u32(vs_t + NG);
-          const uint32_t a8 = ld_u32(vs_t + 8 * NG), a9 = ld_u32(vs_t + 9 * NG);
-          sv_lo[0] = __byte_perm(a0, a1, 0x5410);
-          sv_lo[1] = __byte_perm(a0, a1, 0x7632);
-          sv_hi[0] = __byte_perm(a8, a9, 0x5410);
-          sv_hi[1] = __byte_perm(a8, a9, 0x7632);
-          const uint32_t m0 = ld_u32(vm_t), m1 = ld_u32(vm_t + NG);
-          const uint32_t m8 = ld_u32(vm_t + 8 * NG), m9 = ld_u32(vm_t + 9 * NG);
-          mv_lo = __byte_perm(m0, m1, mv_sel);
-          mv_hi = __byte_perm(m8, m9, mv_sel);
-        }
-        if (gid == NG) {
-          mv_lo = mv_hi = ONE_H * 0x00010001u;
-        } else if (gid > NG) {
-          mv_lo = mv_hi = 0u;
-        }
-      }
+      load_v_token_scales<BITS>(vs, vm, row * P + t0, gid, sv_lo, sv_hi, mv_lo, mv_hi);
       mma(aux[0], aux[1], pa, pb, mv_lo, mv_hi);
       uint32_t pt_a[E], pt_b[E];
 #pragma unroll
@@ -393,20 +413,7 @@ __device__ __forceinline__ void hack_decode_warp_v2(
   const int head_b = kvh * G + gid;  // B column gid of q~' = head gid of the group
 
   uint32_t qlo[E][NC], qhi[E][NC], qlo2[E][NC], qhi2[E][NC];
-#pragma unroll
-  for (int s = 0; s < E; ++s) {
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (gid < G)
-        v = *reinterpret_cast<const float4*>(q + b * qsb + head_b * qsh + s * DE + 4 * (tid * NC + c));
-      const float f = qk_scale, f2 = qk_scale / float(1 << (s * BITS));
-      qlo[s][c] = pack_f16x2(v.x * f, v.z * f);
-      qhi[s][c] = pack_f16x2(v.y * f, v.w * f);
-      qlo2[s][c] = pack_f16x2(v.x * f2, v.z * f2);
-      qhi2[s][c] = pack_f16x2(v.y * f2, v.w * f2);
-    }
-  }
+  load_q_pairs<BITS>(q + b * qsb + head_b * qsh, gid < G, tid, qk_scale, qlo, qhi, qlo2, qhi2);
 
   const int n_pg = n_pages[b];
   const int per = (n_pg + S - 1) / S;
@@ -427,8 +434,6 @@ __device__ __forceinline__ void hack_decode_warp_v2(
 #pragma unroll
   for (int i = 0; i < 4; ++i) aux[i] = 0.f;
 
-  const uint32_t mv_sel = (gid & 1) ? 0x7632u : 0x5410u;
-  const int mv_word = (gid >> 1);
 
   for (int pg = lo; pg < hi; ++pg) {
     const long long row = (long long)page_table[b * ptb + pg] * KVH + kvh;
@@ -537,46 +542,7 @@ __device__ __forceinline__ void hack_decode_warp_v2(
                                                   exp2_approx(sc[kk][3] - mu1)));
       const int t0 = kk * 16 + 2 * tid;
       uint32_t sv_lo[E], sv_hi[E], mv_lo, mv_hi;
-      {
-        const uint16_t* vs_t = vs + (row * P + t0) * NG;
-        const uint16_t* vm_t = vm + (row * P + t0) * NG;
-        if constexpr (NG == 4) {
-          const uint2 a0 = __ldg(reinterpret_cast<const uint2*>(vs_t));
-          const uint2 a1 = __ldg(reinterpret_cast<const uint2*>(vs_t + NG));
-          const uint2 a8 = __ldg(reinterpret_cast<const uint2*>(vs_t + 8 * NG));
-          const uint2 a9 = __ldg(reinterpret_cast<const uint2*>(vs_t + 9 * NG));
-          sv_lo[0] = __byte_perm(a0.x, a1.x, 0x5410);
-          sv_lo[1] = __byte_perm(a0.x, a1.x, 0x7632);
-          sv_lo[2] = __byte_perm(a0.y, a1.y, 0x5410);
-          sv_lo[3] = __byte_perm(a0.y, a1.y, 0x7632);
-          sv_hi[0] = __byte_perm(a8.x, a9.x, 0x5410);
-          sv_hi[1] = __byte_perm(a8.x, a9.x, 0x7632);
-          sv_hi[2] = __byte_perm(a8.y, a9.y, 0x5410);
-          sv_hi[3] = __byte_perm(a8.y, a9.y, 0x7632);
-          const uint2 m0 = __ldg(reinterpret_cast<const uint2*>(vm_t));
-          const uint2 m1 = __ldg(reinterpret_cast<const uint2*>(vm_t + NG));
-          const uint2 m8 = __ldg(reinterpret_cast<const uint2*>(vm_t + 8 * NG));
-          const uint2 m9 = __ldg(reinterpret_cast<const uint2*>(vm_t + 9 * NG));
-          mv_lo = __byte_perm(mv_word ? m0.y : m0.x, mv_word ? m1.y : m1.x, mv_sel);
-          mv_hi = __byte_perm(mv_word ? m8.y : m8.x, mv_word ? m9.y : m9.x, mv_sel);
-        } else {
-          const uint32_t a0 = ld_u32(vs_t), a1 = ld_u32(vs_t + NG);
-          const uint32_t a8 = ld_u32(vs_t + 8 * NG), a9 = ld_u32(vs_t + 9 * NG);
-          sv_lo[0] = __byte_perm(a0, a1, 0x5410);
-          sv_lo[1] = __byte_perm(a0, a1, 0x7632);
-          sv_hi[0] = __byte_perm(a8, a9, 0x5410);
-          sv_hi[1] = __byte_perm(a8, a9, 0x7632);
-          const uint32_t m0 = ld_u32(vm_t), m1 = ld_u32(vm_t + NG);
-          const uint32_t m8 = ld_u32(vm_t + 8 * NG), m9 = ld_u32(vm_t + 9 * NG);
-          mv_lo = __byte_perm(m0, m1, mv_sel);
-          mv_hi = __byte_perm(m8, m9, mv_sel);
-        }
-        if (gid == NG) {
-          mv_lo = mv_hi = ONE_H * 0x00010001u;
-        } else if (gid > NG) {
-          mv_lo = mv_hi = 0u;
-        }
-      }
+      load_v_token_scales<BITS>(vs, vm, row * P + t0, gid, sv_lo, sv_hi, mv_lo, mv_hi);
       mma4(aux, mv_lo, 0u, mv_hi, 0u, pa, pb);
       uint32_t pt_a[E], pt_b[E];
 #pragma unroll
