@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import multiprocessing
 import platform
-import socket
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -110,12 +109,6 @@ class SweepConfig:
         return [(c, m, g, r) for c, m in lanes for g in self.links for r in rates]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
@@ -184,7 +177,7 @@ def _system(cfg: SweepConfig, codec: str, decode_kv: str):
         ),
     )
     t0 = time.time()
-    with running_server(scfg, "127.0.0.1", _free_port()) as (base, backend):
+    with running_server(scfg, "127.0.0.1", 0) as (base, backend):
         t1 = time.time()
         _warm_up(base)
         freeze_startup_objects()  # again: the warm-up compiled kernels and built objects

@@ -5,6 +5,7 @@ thread for the demo (deploy/demo.py), benches and tests."""
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -31,6 +32,22 @@ def start_ray(address: str | None) -> None:
         )
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) (port 0: one the kernel picks), for uvicorn to listen
+    on. Binding before Ray starts closes the race a "find a free port, close it, let uvicorn bind
+    it later" scheme has: Ray's processes take ports of their own meanwhile (a CI run once failed
+    with 'address already in use' that way)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def freeze_startup_objects() -> None:
     """Move everything alive after startup (torch, Ray, the model config, ...) out of the
     garbage collector's view: it is never garbage, and full collections that scan it pause the
@@ -49,34 +66,44 @@ def running_server(
     api_key: str | None = None,
     limits: AdmissionConfig | None = None,
 ):
-    """Start Ray, the workers and uvicorn in a thread; yield the base URL; stop everything."""
+    """Start Ray, the workers and uvicorn in a thread; yield the base URL; stop everything.
+    port 0 picks a free port (the URL names it)."""
     import ray
     import uvicorn
 
     from zipserve.router.app import create_app
     from zipserve.router.read_timeouts import uvicorn_options
 
+    sock = bind_listener(host, port)  # before Ray starts, so nothing else can take the port
+    port = sock.getsockname()[1]
     own_ray = not ray.is_initialized()
-    start_ray(address)
-    backend = make_backend(cfg)
-    app = create_app(backend, api_key=api_key, limits=limits)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_options(limits))
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the HTTP server did not start")
-        time.sleep(0.05)
-    freeze_startup_objects()
+    backend = None
     try:
-        yield f"http://{host}:{port}", backend
+        start_ray(address)
+        backend = make_backend(cfg)
+        app = create_app(backend, api_key=api_key, limits=limits)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=host, port=port, log_level="warning", **uvicorn_options(limits)
+            )
+        )
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.time() + 60
+            while not server.started:
+                if time.time() > deadline or not thread.is_alive():
+                    raise RuntimeError("the HTTP server did not start")
+                time.sleep(0.05)
+            freeze_startup_objects()
+            yield f"http://{host}:{port}", backend
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        backend.shutdown()
+        sock.close()
+        if backend is not None:
+            backend.shutdown()
         gc.unfreeze()  # let interpreter shutdown finalize them (extensions check for leaks)
         if own_ray:
             ray.shutdown()

@@ -131,7 +131,7 @@ def test_two_decode_workers_on_the_cpu_keep_a_conversation_on_one(local_ray):
     holds turn 1's pages: only the rest is sent."""
     import threading
 
-    from net_helpers import free_port, post_json
+    from net_helpers import post_json
 
     from zipserve.control.config import ServeConfig
     from zipserve.deploy.serve import running_server
@@ -143,7 +143,7 @@ def test_two_decode_workers_on_the_cpu_keep_a_conversation_on_one(local_ray):
         skip_tokenizer=True,
         local_prefill_tokens=0,  # turn 2 receives the pages it lacks (not prefilled locally)
     )
-    with running_server(cfg, "127.0.0.1", free_port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         url = f"{base}/v1/completions"
         body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
         long_job = threading.Thread(

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from net_helpers import free_port as _port
 
 from zipserve.control.config import ServeConfig
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -45,7 +44,7 @@ def test_second_request_waits_for_decode_pages_before_prefill(local_ray):
     # 4 pages of 64 tokens, one of them the engine's scratch page: 3 for requests, and a
     # 150-token prompt reserves 3, so only one fits at a time
     cfg = ServeConfig(model=MODEL, codec="bf16", engine_options={"num_pages": 4})
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         url = f"{base}/v1/completions"
         outs: dict[str, tuple[int, dict]] = {}
 

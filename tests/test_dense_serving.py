@@ -136,7 +136,7 @@ def test_http_dense_lane_beside_compressed_lane():
     """--codec hack2,kivi2 --decode-kv dense,compressed: the hack2 lane decodes dense; both
     answer like their codec's compressed engine (tokens within the open page) and report their
     mode; every page comes back."""
-    from net_helpers import decode_pool_settled, free_port, post_json
+    from net_helpers import decode_pool_settled, post_json
 
     from zipserve.deploy.serve import running_server
 
@@ -147,7 +147,7 @@ def test_http_dense_lane_beside_compressed_lane():
     cfg = ServeConfig(
         model=MODEL, codec="hack2", extra_codecs=("kivi2",), decode_kv="dense,compressed"
     )
-    with running_server(cfg, "127.0.0.1", free_port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         for codec in ("hack2", "kivi2"):
             out = post_json(
                 f"{base}/v1/completions",

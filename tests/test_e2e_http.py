@@ -11,7 +11,6 @@ import urllib.request
 
 import pytest
 from net_helpers import decode_pool_settled, stream_and_interrupt
-from net_helpers import free_port as _port
 from net_helpers import post_json as _post
 from net_helpers import stream_text as _stream
 
@@ -40,7 +39,7 @@ def test_http_equals_offline_engine(codec):
     want = LLM(MODEL, device="cpu", codec=codec).generate(
         PROMPTS, SamplingParams(max_tokens=20, temperature=0.0)
     )
-    with running_server(ServeConfig(model=MODEL, codec=codec), "127.0.0.1", _port()) as (
+    with running_server(ServeConfig(model=MODEL, codec=codec), "127.0.0.1", 0) as (
         base,
         backend,
     ):
@@ -77,7 +76,7 @@ def test_one_deployment_serves_several_codecs_per_request():
         for c in ("hack2", "bf16")
     }
     cfg = ServeConfig(model=MODEL, codec="hack2", extra_codecs=("bf16",))
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         url = f"{base}/v1/completions"
         sent = {}
         for codec, expect in [(None, "hack2"), ("bf16", "bf16"), ("hack2", "hack2")]:
@@ -115,7 +114,7 @@ def test_http_equals_offline_engine_lckv(codec, tmp_path):
     want = LLM(model, device="cpu", codec=codec).generate(
         PROMPTS, SamplingParams(max_tokens=12, temperature=0.0)
     )
-    with running_server(ServeConfig(model=model, codec=codec), "127.0.0.1", _port()) as (
+    with running_server(ServeConfig(model=model, codec=codec), "127.0.0.1", 0) as (
         base,
         backend,
     ):
@@ -133,7 +132,7 @@ def test_disconnect_frees_pages_and_dead_prefill_fails_clearly():
     second; with the prefill worker killed, a request fails with a clear 5xx and leaks nothing."""
     import http.client
 
-    with running_server(ServeConfig(model=MODEL, codec="hack2"), "127.0.0.1", _port()) as (
+    with running_server(ServeConfig(model=MODEL, codec="hack2"), "127.0.0.1", 0) as (
         base,
         backend,
     ):
@@ -188,7 +187,7 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
     full = LLM(MODEL, device="cpu", codec="hack4").generate(PROMPTS[0], params)[0].text
     stop = full[12:15]  # a stop string that appears in the greedy output
     want = full[: full.index(stop)]
-    with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", _port()) as (
+    with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", 0) as (
         base,
         backend,
     ):
@@ -200,7 +199,7 @@ def test_streamed_text_never_shows_what_a_stop_string_cuts():
 
 
 def test_decode_worker_dying_mid_stream_ends_the_stream_with_an_error():
-    with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", _port()) as (
+    with running_server(ServeConfig(model=MODEL, codec="hack4"), "127.0.0.1", 0) as (
         base,
         backend,
     ):

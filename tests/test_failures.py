@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from net_helpers import free_port as _port
 from net_helpers import stream_and_interrupt
 
 from zipserve.compress.wire import LayerKV
@@ -45,7 +44,7 @@ def server(local_ray):
         max_restarts=2,
         link_gbps=0.03,
     )
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         yield base, backend
 
 

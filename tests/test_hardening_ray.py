@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from net_helpers import decode_pool_settled, free_port
+from net_helpers import decode_pool_settled
 
 from zipserve.control.config import ServeConfig
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -42,7 +42,7 @@ def server():
         ray.shutdown()
     cfg = ServeConfig(model=MODEL, codec="bf16")
     with running_server(
-        cfg, "127.0.0.1", free_port(), api_key=KEY, limits=AdmissionConfig(max_queued_jobs=4)
+        cfg, "127.0.0.1", 0, api_key=KEY, limits=AdmissionConfig(max_queued_jobs=4)
     ) as (base, backend):
         yield base, backend
 

@@ -14,7 +14,6 @@ import time
 import urllib.request
 
 import pytest
-from net_helpers import free_port as _port
 
 from zipserve.bench.load_bench import run_load
 from zipserve.control.config import ServeConfig
@@ -38,7 +37,7 @@ SECONDS = float(os.environ.get("ZIPSERVE_LOAD_SECONDS", "60"))
 def test_64_streaming_clients_no_errors_no_leaks(local_ray):
     cfg = ServeConfig(model=MODEL, codec="bf16", health_interval_s=1.0)
     limits = AdmissionConfig(max_queued_jobs=32, request_timeout_s=60)
-    with running_server(cfg, "127.0.0.1", _port(), limits=limits) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0, limits=limits) as (base, backend):
         res = asyncio.run(
             run_load(base, clients=CLIENTS, duration_s=SECONDS, max_tokens=16, request_timeout_s=90)
         )

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 from net_helpers import decode_pool_settled
-from net_helpers import free_port as _port
 from net_helpers import post_json as _post
 
 from zipserve.control.config import ServeConfig
@@ -40,7 +39,7 @@ def test_http_with_prefill_group_equals_offline_engine(codec):
     cfg = ServeConfig(
         model=MODEL, codec=codec, prefill_group=2, prefill_group_min_tokens=64, engine_options=opts
     )
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         url = f"{base}/v1/completions"
         for prompt, w in [(LONG, want[0]), (SHORT, want[1])]:
             out = _post(url, {"prompt": prompt, "max_tokens": 12, "temperature": 0})
@@ -78,7 +77,7 @@ def test_lowrank_full_exchange_flag_reaches_the_group():
         prefill_group_exchange="full",
         engine_options=opts,
     )
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         out = _post(f"{base}/v1/completions", {"prompt": LONG, "max_tokens": 1, "temperature": 0})
         assert out["choices"][0]["text"] == first
         assert backend.prefill_group.prompts_run == 1

@@ -13,7 +13,6 @@ import urllib.request
 
 import pytest
 from net_helpers import decode_pool_settled
-from net_helpers import free_port as _port
 from net_helpers import post_json as _post
 
 from zipserve.control.config import ServeConfig
@@ -68,7 +67,7 @@ def test_serve_token_ids_without_a_tokenizer(bare_model):
     params = SamplingParams(max_tokens=12, temperature=0.0)
     want = LLM(bare_model, device="cpu", skip_tokenizer=True).generate(PROMPTS, params)
     cfg = ServeConfig(model=bare_model, codec="bf16", skip_tokenizer=True)
-    with running_server(cfg, "127.0.0.1", _port()) as (base, backend):
+    with running_server(cfg, "127.0.0.1", 0) as (base, backend):
         url = f"{base}/v1/completions"
         for prompt, w in zip(PROMPTS, want):
             out = _post(url, {"prompt": prompt, "max_tokens": 12, "temperature": 0})
