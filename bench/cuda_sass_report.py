@@ -37,8 +37,9 @@ def report(path: str) -> str:
         lines = [ln for ln in chunk.splitlines() if _ADDR.match(ln)]
         addr = [int(_ADDR.match(ln).group(1), 16) for ln in lines]
         body: list[str] = []
-        for i, ln in enumerate(lines):  # the longest backward branch is the page loop
-            m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ln)
+        for i, ln in enumerate(lines):  # the longest conditional backward branch: the page loop
+            # (unconditional ones jump back from out-of-line paths such as BRA.DIV fallbacks)
+            m = re.search(r"@!?P\d\s+BRA\b.*?(0x[0-9a-f]+)", ln)
             if m and int(m.group(1), 16) < addr[i]:
                 loop = [x for x, a in zip(lines, addr) if int(m.group(1), 16) <= a <= addr[i]]
                 body = max(body, loop, key=len)

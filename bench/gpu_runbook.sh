@@ -41,7 +41,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -179,6 +179,14 @@ cuda15mini)
     # What a short device call can hold: the CUDA backend's correctness and three shapes.
     step 280 hack_backends python3 -m zipserve.bench.hack_backends \
         --cells 8x32768,1x131072,32x8192 --out "$WORK/hack_backends"
+    ;;
+pipe15)
+    # How pages reach the CUDA kernel: v2o3 (global loads) against v2p1/v2p2 (L2 prefetch 1 / 2
+    # pages ahead) and v2s2/v2s3 (cp.async into 2 / 3 shared-memory stages per warp): every
+    # variant's correctness, five shapes side by side with SDPA, then every variant's GPU tests.
+    step 330 hack_backends python3 -m zipserve.bench.hack_backends \
+        --cells 8x32768,1x131072,32x8192,8x4096,64x8192 --out "$WORK/hack_backends"
+    pytest_gpu 150 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
     ;;
 issue15)
     # Issue 15 in one call: the backends' kernel check and table, then decode tokens/s per lane

@@ -8,8 +8,8 @@
    (spill) bytes of each CUDA function as the driver loaded it.
 2. Speed: one layer of Llama-3-8B heads (32 q / 8 kv, d = 128, pages of 64, a 36-token tail), GPU
    time per call from CUDA-graph replays: torch SDPA on bf16 K/V, the paged bf16 kernel, and each
-   HACK backend (CUDA v2 at 1x / 2x its default splits, v1 and v2o3 at 1x); the ratio to SDPA and the stored bytes
-   each call reads per second.  Table last; CSV under --out.
+   HACK backend (Triton; every CUDA variant at its default splits, v2 also at 2x); the ratio to
+   SDPA and the stored bytes each call reads per second.  Table last; CSV under --out.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def correctness() -> list[dict]:
         r = hadamard(D, dev) if rot else None
         args = (q, pool, table, n_pages, dk, dv, dense_lens, D**-0.5, bits)
         ref = hack_decode_attention_ref(*args, num_splits=splits, rotation=r)
-        for backend in ("triton", "cuda-v1", "cuda-v2", "cuda-v2o3"):
+        for backend in ("triton", *(f"cuda-{v}" for v in hack_decode_cuda.VARIANTS)):
             _set_variant(backend)
             out = hack_decode_attention(
                 *args, num_splits=splits, rotation=r, backend=backend.split("-")[0]
@@ -115,7 +115,9 @@ def correctness() -> list[dict]:
     for var in hack_decode_cuda.VARIANTS:
         for bits in (2, 4):
             name = hack_decode_cuda.function_name(bits, var)
-            print(f"{name}: {hack_decode_cuda.CUBIN.attributes(name, dev)}", flush=True)
+            smem = hack_decode_cuda.shared_bytes(var, bits)
+            attrs = hack_decode_cuda.CUBIN.attributes(name, dev)
+            print(f"{name}: {attrs}, dynamic shared {smem} B per block", flush=True)
     return rows
 
 
@@ -160,10 +162,12 @@ def speed(cells) -> list[dict]:
             )  # 88 / 144 B
             st = hack_num_splits(batch, KVH, ctx, sms)
             plans = [("triton", st)]
-            for var, mults in (("v1", (1,)), ("v2", (1, 2)), ("v2o3", (1,))):
+            for var in hack_decode_cuda.VARIANTS:  # v2 (2 blocks per SM) also at twice its splits
                 os.environ[hack_decode_cuda.VARIANT_ENV] = var
-                sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda")
-                plans += [(f"cuda-{var}", max(1, int(sc * m))) for m in mults]
+                sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda", bits=bits)
+                plans += [
+                    (f"cuda-{var}", max(1, sc * m)) for m in ((1, 2) if var == "v2" else (1,))
+                ]
             for backend, splits in plans:
                 _set_variant(backend)
                 us = _time(

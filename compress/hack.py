@@ -201,7 +201,9 @@ class HackCodec(KVCodec):
         backend = "triton"
         if torch.cuda.is_available():
             backend = self.resolved_backend(torch.device("cuda", torch.cuda.current_device()))
-        return hack_attn.hack_num_splits(batch, self.kvh, max_len, num_sms=num_sms, backend=backend)
+        return hack_attn.hack_num_splits(
+            batch, self.kvh, max_len, num_sms=num_sms, backend=backend, bits=self.bits
+        )
 
     def page_bytes_per_token(self):
         # The f16 attention mode reads no code sums, but they are stored (and sent): count them.

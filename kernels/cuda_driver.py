@@ -68,6 +68,7 @@ def _driver() -> ctypes.CDLL:
             ctypes.c_int,
             ctypes.c_void_p,
         ]
+        lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         _lib = lib
     return _lib
 
@@ -105,6 +106,9 @@ def _make_current(device: torch.device) -> None:
 _ARG_TYPES = {"p": ctypes.c_uint64, "i": ctypes.c_int32, "q": ctypes.c_int64, "f": ctypes.c_float}
 _NUM_REGS = 4  # CU_FUNC_ATTRIBUTE_NUM_REGS
 _LOCAL_BYTES = 3  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+_MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_SHARED_CARVEOUT = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT (percent of L1)
+_DEFAULT_SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in
 
 
 class CubinModule:
@@ -114,6 +118,7 @@ class CubinModule:
         self.path = cubin_path(filename)
         self._funcs: dict[tuple[int, str], ctypes.c_void_p] = {}
         self._modules: dict[int, ctypes.c_void_p] = {}
+        self._shared_limit: dict[tuple[int, str], int] = {}  # opted-in dynamic shared bytes
 
     def available(self) -> bool:
         return self.path.is_file()
@@ -154,15 +159,40 @@ class CubinModule:
             out[key] = v.value
         return out
 
+    def _allow_shared(self, name: str, device: torch.device, fn, nbytes: int) -> None:
+        """Opt fn in to nbytes of dynamic shared memory per block (needed above 48 KiB) and ask for
+        the largest shared-memory carveout, so as many blocks fit as the bytes allow."""
+        key = (device.index, name)
+        if nbytes == 0 or nbytes <= self._shared_limit.get(key, 0):
+            return
+        if nbytes > _DEFAULT_SHARED_LIMIT:
+            _check(
+                _driver().cuFuncSetAttribute(fn, _MAX_DYNAMIC_SHARED, nbytes),
+                f"cuFuncSetAttribute({name}, max dynamic shared memory {nbytes} B)",
+            )
+        _check(
+            _driver().cuFuncSetAttribute(fn, _SHARED_CARVEOUT, 100),
+            f"cuFuncSetAttribute({name}, shared memory carveout 100%)",
+        )
+        self._shared_limit[key] = nbytes
+
     def launch(
-        self, name: str, grid: tuple[int, int, int], block: tuple[int, int, int], args, device
+        self,
+        name: str,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args,
+        device,
+        shared_bytes: int = 0,
     ):
-        """args: [(kind, value)], kind in "p" (tensor / address), "i", "q", "f"."""
+        """args: [(kind, value)], kind in "p" (tensor / address), "i", "q", "f"; shared_bytes:
+        dynamic shared memory per block."""
         device = _indexed(device)
         fn = self.function(name, device)
         if getattr(_thread, "device", None) != device.index:  # a thread's first launch here
             _make_current(device)
             _thread.device = device.index
+        self._allow_shared(name, device, fn, shared_bytes)
         holders = []
         for kind, value in args:
             if kind == "p" and isinstance(value, torch.Tensor):
@@ -173,6 +203,8 @@ class CubinModule:
         )
         stream = torch.cuda.current_stream(device).cuda_stream
         _check(
-            _driver().cuLaunchKernel(fn, *grid, *block, 0, ctypes.c_void_p(stream), params, None),
+            _driver().cuLaunchKernel(
+                fn, *grid, *block, shared_bytes, ctypes.c_void_p(stream), params, None
+            ),
             f"cuLaunchKernel({name})",
         )

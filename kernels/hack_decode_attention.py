@@ -465,14 +465,20 @@ def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
 
 
 def hack_num_splits(
-    batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, backend: str = "triton"
+    batch: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    num_sms: int = 132,
+    backend: str = "triton",
+    bits: int = 2,
 ) -> int:
     """Page splits for a launch.  Triton: splits that fill one wave; the kernel keeps 2 programs
     per SM resident (255 registers; ncu on an H200, bench/results/hack_tune_h200.log), and a second,
     partial wave cost 12% at 8 x 32k; no split shorter than 1024 tokens (compressed pages are cheap).
-    CUDA (a resolved backend): kernels/hack_decode_cuda.py's cuda_num_splits."""
+    CUDA (a resolved backend): kernels/hack_decode_cuda.py's cuda_num_splits (bits: the pages', which
+    set the shared memory some variants hold per warp)."""
     if backend == "cuda":
-        return hack_decode_cuda.cuda_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
+        return hack_decode_cuda.cuda_num_splits(batch, num_kv_heads, max_seq_len, num_sms, bits)
     programs = max(1, batch * num_kv_heads)
     return int(max(1, min((2 * num_sms) // programs, max(1, max_seq_len // 1024), 64)))
 

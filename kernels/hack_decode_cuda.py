@@ -13,6 +13,7 @@ mode.  What the kernel takes (``unsupported_reason`` says why not, in words):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -24,16 +25,41 @@ __all__ = [
     "cuda_num_splits",
     "function_name",
     "launch_page_splits",
+    "resident_warps",
+    "shared_bytes",
+    "stage_bytes",
     "unsupported_reason",
     "variant",
 ]
 
 CUBIN = CubinModule("hack_decode_sm90.cubin")
 _WARPS_PER_BLOCK = 4
-# Kernel variants (kernels/cuda/hack_decode.cu): v1 heads on the MMA's M rows; v2 tokens (QK) and
-# channels (PV) on M; v2o3 = v2 held to 168 registers (3 blocks per SM).  Warps resident per SM
-# at the compiled register counts (offline sm_90: v1 210-218, v2 182, v2o3 168).
-VARIANTS = {"v1": 8, "v2": 8, "v2o3": 12}
+_SM_SHARED_BYTES = 228 * 1024  # shared memory per SM on sm_90 (H100 / H200)
+_BLOCK_RESERVED_BYTES = 1024  # what the driver keeps per resident block
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a kernel variant of kernels/cuda/hack_decode.cu gets its pages, and the resident 4-warp
+    blocks per SM its compiled register count allows (offline sm_90: v2 ~235 registers, the rest
+    held to 168 by __launch_bounds__)."""
+
+    blocks_by_registers: int
+    ahead: int = 0  # L2 prefetch of the page this many trips ahead (global loads)
+    stages: int = 0  # shared-memory page stages per warp, filled by cp.async (0: global loads)
+
+
+# v2: tokens (QK) and channels (PV) on the MMA's M rows, global loads; v2o3: v2 held to 168
+# registers (3 blocks per SM); v2p1 / v2p2: v2o3 + an L2 prefetch 1 / 2 pages ahead; v2s2 /
+# v2s3: v2o3 reading pages from 2 / 3 shared-memory stages per warp, cp.async 1 / 2 pages ahead.
+VARIANTS = {
+    "v2": Variant(2),
+    "v2o3": Variant(3),
+    "v2p1": Variant(3, ahead=1),
+    "v2p2": Variant(3, ahead=2),
+    "v2s2": Variant(3, stages=2),
+    "v2s3": Variant(3, stages=3),
+}
 DEFAULT_VARIANT = "v2o3"
 VARIANT_ENV = "ZIPSERVE_HACK_CUDA_VARIANT"
 _BITS = (2, 4)
@@ -41,13 +67,35 @@ _MIN_PAGES_PER_SPLIT = 4
 
 
 def variant() -> str:
-    """$ZIPSERVE_HACK_CUDA_VARIANT (v1 | v2 | v2o3), default v2o3: on the H100 (session 8) the
+    """$ZIPSERVE_HACK_CUDA_VARIANT (a key of VARIANTS), default v2o3: on the H100 (session 8) the
     fastest or within 4% of it at 8 x 32k and 1 x 128k for hack2, 1 x 128k for hack4, and within
-    4-12% of v2 at twice its splits elsewhere (bench/results/session8_h100/times.csv)."""
+    4-12% of v2 at twice its splits elsewhere (bench/results/session8_h100/times.csv).  The
+    prefetching (v2p*) and shared-memory (v2s*) variants are not measured yet."""
     v = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
     if v not in VARIANTS:
         raise ValueError(f"${VARIANT_ENV} must be one of {sorted(VARIANTS)}, got {v!r}")
     return v
+
+
+def stage_bytes(bits: int) -> int:
+    """One page of one KV head as the kernel's shared-memory stage holds it: K and V codes
+    [64, 128 * bits / 8], K scales and mins [128] fp16, V scales and mins [64, 8 / bits] fp16."""
+    de, ng = 128 * bits // 8, 8 // bits
+    return 2 * 64 * de + 2 * 128 * 2 + 2 * 64 * ng * 2
+
+
+def shared_bytes(var: str, bits: int) -> int:
+    """Dynamic shared memory per block of a variant's launch."""
+    return _WARPS_PER_BLOCK * VARIANTS[var].stages * stage_bytes(bits)
+
+
+def resident_warps(var: str, bits: int) -> int:
+    """Warps per SM at once: the blocks the registers allow, fewer where shared memory runs out."""
+    blocks = VARIANTS[var].blocks_by_registers
+    smem = shared_bytes(var, bits)
+    if smem:
+        blocks = min(blocks, _SM_SHARED_BYTES // (smem + _BLOCK_RESERVED_BYTES))
+    return _WARPS_PER_BLOCK * blocks
 
 
 def function_name(bits: int, var: str | None = None) -> str:
@@ -87,11 +135,13 @@ def unsupported_reason(
     return None
 
 
-def cuda_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+def cuda_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, bits: int = 2
+) -> int:
     """Page splits so that batch * heads * splits warps fill the resident warps of every SM once,
     each split keeping >= 4 pages."""
     items = max(1, batch * num_kv_heads)
-    wave = -(-VARIANTS[variant()] * num_sms // items)
+    wave = -(-resident_warps(variant(), bits) * num_sms // items)
     max_pages = max(1, max_seq_len // 64)
     return int(max(1, min(wave, max(1, max_pages // _MIN_PAGES_PER_SPLIT), 256)))
 
@@ -119,6 +169,12 @@ def launch_page_splits(
     items = b * kvh * num_splits
     if items == 0:
         return
+    var = var or variant()
+    tensors = (pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min, pages.v_scale, pages.v_min)
+    if VARIANTS[var].stages and any(t.data_ptr() % 16 for t in tensors):
+        raise ValueError(
+            f"variant {var} copies pages in 16-byte chunks: the pool is not 16-byte aligned"
+        )
     grid = (-(-items // _WARPS_PER_BLOCK), 1, 1)
     CUBIN.launch(
         function_name(pages.bits, var),
@@ -147,4 +203,5 @@ def launch_page_splits(
             ("q", page_table.stride(0)),
         ],
         q_pages.device,
+        shared_bytes=shared_bytes(var, pages.bits),
     )

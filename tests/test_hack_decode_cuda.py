@@ -1,6 +1,8 @@
 """The CUDA backend of HACK decode attention (kernels/hack_decode_cuda.py, kernels/cuda/).
 
-CPU: the shipped cubin is built from the shipped source, backend choice and its errors, split sizing.
+CPU: the shipped cubin is built from the shipped source, backend choice and its errors, split sizing,
+the shared-memory stage of the v2s* variants (its size against the pool's rows, the V swizzle's
+bank pattern).
 GPU (sm_90): the CUDA backend against the torch reference and the Triton backend, in and out of a
 CUDA graph, padding rows exactly zero.
 """
@@ -78,6 +80,85 @@ def test_cuda_splits_fill_the_gpu_and_keep_pages_per_split(monkeypatch):
     monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v9")
     with pytest.raises(ValueError, match="ZIPSERVE_HACK_CUDA_VARIANT"):
         hack_num_splits(8, 8, 32768, 132, backend="cuda")
+
+
+def test_stage_holds_one_pool_row_of_each_tensor():
+    # the kernel's shared-memory stage (PageBytes in hack_decode.cu) is one row of each of the six
+    # tensors it reads: the same byte count as the pool's real layout
+    for bits in (2, 4):
+        args, _ = make_case(3, [200], 2, 4, 128, bits, torch.float32, group_v=16 * bits)
+        pages = args["pages"]
+        tensors = (pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min)
+        tensors += (pages.v_scale, pages.v_min)
+        row = sum(t[0, 0].numel() * t.element_size() for t in tensors)
+        assert hack_decode_cuda.stage_bytes(bits) == row == {2: 5632, 4: 9216}[bits]
+        assert hack_decode_cuda.stage_bytes(bits) % 512 == 0  # whole 32-lane rounds of 16 B
+
+
+def test_shared_memory_variants_fit_and_count_their_resident_warps(monkeypatch):
+    v = hack_decode_cuda
+    assert v.shared_bytes("v2o3", 2) == 0 and v.resident_warps("v2o3", 4) == 12
+    assert v.shared_bytes("v2s2", 4) == 4 * 2 * 9216  # 4 warps x 2 stages
+    assert v.resident_warps("v2s2", 2) == v.resident_warps("v2s2", 4) == 12
+    assert v.resident_warps("v2s3", 2) == 12 and v.resident_warps("v2s3", 4) == 8  # 110.6 KB
+    for name in v.VARIANTS:
+        for bits in (2, 4):
+            assert v.shared_bytes(name, bits) <= 227 * 1024  # sm_90's per-block limit
+    monkeypatch.setenv(v.VARIANT_ENV, "v2s3")  # fewer resident warps at 4 bits: fewer splits
+    assert hack_num_splits(8, 8, 32768, 132, backend="cuda", bits=2) == 25
+    assert hack_num_splits(8, 8, 32768, 132, backend="cuda", bits=4) == 17
+
+
+def v_swizzle(off: int) -> int:
+    """Mirror of hack_decode.cu's v_swizzle (test_v_swizzle_source_matches checks the text)."""
+    return off ^ ((off >> 2) & 0x60)
+
+
+def test_v_swizzle_source_matches():
+    src = (CUDA_DIR / "hack_decode.cu").read_text()
+    assert "return off ^ ((off >> 2) & 0x60u);" in src
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_v_swizzle_moves_whole_chunks_and_spreads_pv_loads_over_banks(bits):
+    de = 128 * bits // 8  # V code bytes per token
+    size = 64 * de
+    # a permutation of 16-byte chunks within each 512-byte block: cp.async chunks stay whole
+    moved = [v_swizzle(o) for o in range(size)]
+    assert sorted(moved) == list(range(size))
+    for o in range(0, size, 16):
+        assert all(v_swizzle(o + i) == v_swizzle(o) + i for i in range(16))
+        assert v_swizzle(o) // 512 == o // 512
+    # the PV loads: lane (gid, tid) reads word wc * 8 + gid of tokens kk * 16 + 2 tid + dt
+    for kk in range(4):
+        for wc in range(de // 32):
+            for dt in (0, 1, 8, 9):
+                banks = []
+                for lane in range(32):
+                    gid, tid = lane >> 2, lane & 3
+                    off = (kk * 16 + 2 * tid + dt) * de + 4 * (wc * 8 + gid)
+                    banks.append((v_swizzle(off) // 4) % 32)
+                assert sorted(banks) == list(range(32)), (kk, wc, dt)  # one wavefront
+                linear = [
+                    ((kk * 16 + 2 * (ln & 3) + dt) * de + 4 * (wc * 8 + (ln >> 2))) // 4 % 32
+                    for ln in range(32)
+                ]
+                assert len(set(linear)) < 32  # what the swizzle is for: linear rows conflict
+
+
+def test_shared_memory_variant_refuses_a_misaligned_pool():
+    args, _ = make_case(5, [300], 2, 4, 128, 2, torch.float32, group_v=32)
+    pages = args["pages"]
+    raw = torch.zeros(pages.k_codes.numel() + 1, dtype=torch.uint8)
+    pages.k_codes = raw[1:].view(pages.k_codes.shape)  # one byte off
+    b, h = args["q"].shape[:2]
+    part = torch.zeros(b, h, 2, 128)
+    lse = torch.zeros(b, h, 2)
+    q = torch.zeros(b, h, 128)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        hack_decode_cuda.launch_page_splits(
+            q, pages, args["page_table"], args["n_pages"], part, lse, 1.0, 4, 1, var="v2s2"
+        )
 
 
 def _sm90() -> bool:
