@@ -674,41 +674,7 @@ def hack_encode_pages(
         )
     if n == 0 or kvh == 0:
         return pool
-    if not _is_pow2(d):
-        _hack_encode_planes_kernel[(n, kvh)](
-            k,
-            v,
-            ids,
-            src,
-            skip,
-            rotation if rotation is not None else k,
-            pool.k_codes,
-            pool.v_codes,
-            pool.k_scale,
-            pool.k_min,
-            pool.v_scale,
-            pool.v_min,
-            pool.k_sums,
-            pool.v_sums,
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            PAGE=page,
-            HEAD_DIM=d,
-            BLOCK_D=block_d(d),
-            DEP=block_d(d // (8 // bits)),
-            BITS=bits,
-            GV=group_v,
-            ROTATE=rotation is not None,
-            ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
-            CLIP=clip,
-            num_warps=4 if page * block_d(d) < 8192 else 8,
-        )
-        return pool
-    _hack_encode_kernel[(n, kvh)](
+    args = (
         k,
         v,
         ids,
@@ -729,6 +695,8 @@ def hack_encode_pages(
         v.stride(0),
         v.stride(1),
         v.stride(2),
+    )
+    common = dict(
         PAGE=page,
         HEAD_DIM=d,
         BITS=bits,
@@ -736,8 +704,18 @@ def hack_encode_pages(
         ROTATE=rotation is not None,
         ROT_PREC="ieee" if _kernel_is_interpreted() else "tf32",
         CLIP=clip,
-        num_warps=4 if page * d < 8192 else 8,
     )
+    if _is_pow2(d):  # whole head at once
+        _hack_encode_kernel[(n, kvh)](*args, **common, num_warps=4 if page * d < 8192 else 8)
+    else:  # plane by plane (padded planes)
+        bd = block_d(d)
+        _hack_encode_planes_kernel[(n, kvh)](
+            *args,
+            **common,
+            BLOCK_D=bd,
+            DEP=block_d(d // (8 // bits)),
+            num_warps=4 if page * bd < 8192 else 8,
+        )
     return pool
 
 
