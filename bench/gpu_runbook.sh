@@ -19,6 +19,8 @@
 #                              profile 8x32k, engine15                                     ~6 min
 #   cuda15     nvidia-h100-x1  issue 15: HACK decode CUDA backend vs Triton vs reference, then
 #                              speed vs SDPA / paged bf16 at 5 shapes                     ~6 min
+#   pipe15     nvidia-h100-x1  issue 15: the CUDA kernel's page-load variants (L2 prefetch,
+#                              shared-memory stages): each one's GPU tests, then 5 shapes  ~7 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
@@ -61,6 +63,7 @@ step() {  # step SECONDS NAME CMD...: run with a limit, log it, never abort the 
     local rc=$?
     echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
     mkdir -p "$OUT" && cp "$LOG" "$OUT/$STAGE.log"  # comes back even if the call is cut later
+    return $rc
 }
 
 pytest_gpu() {  # pytest_gpu SECONDS NAME ARGS...: -rA so every test's outcome is in the log
@@ -182,11 +185,15 @@ cuda15mini)
     ;;
 pipe15)
     # How pages reach the CUDA kernel: v2o3 (global loads) against v2p1/v2p2 (L2 prefetch 1 / 2
-    # pages ahead) and v2s2/v2s3 (cp.async into 2 / 3 shared-memory stages per warp): every
-    # variant's correctness, five shapes side by side with SDPA, then every variant's GPU tests.
-    step 330 hack_backends python3 -m zipserve.bench.hack_backends \
+    # pages ahead) and v2s2/v2s3 (cp.async into 2 / 3 shared-memory stages per warp). Each
+    # variant's GPU tests in a process of its own (a fault stays there), then the variants that
+    # passed side by side with SDPA at five shapes.
+    ok=(v2)
+    for v in v2o3 v2p1 v2p2 v2s2 v2s3; do
+        pytest_gpu 60 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v" && ok+=("$v")
+    done
+    step 330 hack_backends python3 -m zipserve.bench.hack_backends --variants "$(IFS=,; echo "${ok[*]}")" \
         --cells 8x32768,1x131072,32x8192,8x4096,64x8192 --out "$WORK/hack_backends"
-    pytest_gpu 150 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
     ;;
 issue15)
     # Issue 15 in one call: the backends' kernel check and table, then decode tokens/s per lane

@@ -56,7 +56,7 @@ def _set_variant(backend: str) -> None:
         os.environ[hack_decode_cuda.VARIANT_ENV] = backend.split("-", 1)[1]
 
 
-def correctness() -> list[dict]:
+def correctness(variants: list[str]) -> list[dict]:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
@@ -92,7 +92,7 @@ def correctness() -> list[dict]:
         r = hadamard(D, dev) if rot else None
         args = (q, pool, table, n_pages, dk, dv, dense_lens, D**-0.5, bits)
         ref = hack_decode_attention_ref(*args, num_splits=splits, rotation=r)
-        for backend in ("triton", *(f"cuda-{v}" for v in hack_decode_cuda.VARIANTS)):
+        for backend in ("triton", *(f"cuda-{v}" for v in variants)):
             _set_variant(backend)
             out = hack_decode_attention(
                 *args, num_splits=splits, rotation=r, backend=backend.split("-")[0]
@@ -112,7 +112,7 @@ def correctness() -> list[dict]:
             )
             rows.append(row)
             print("check", row, flush=True)
-    for var in hack_decode_cuda.VARIANTS:
+    for var in variants:
         for bits in (2, 4):
             name = hack_decode_cuda.function_name(bits, var)
             smem = hack_decode_cuda.shared_bytes(var, bits)
@@ -121,7 +121,7 @@ def correctness() -> list[dict]:
     return rows
 
 
-def speed(cells) -> list[dict]:
+def speed(cells, variants: list[str]) -> list[dict]:
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     rows = []
@@ -162,7 +162,7 @@ def speed(cells) -> list[dict]:
             )  # 88 / 144 B
             st = hack_num_splits(batch, KVH, ctx, sms)
             plans = [("triton", st)]
-            for var in hack_decode_cuda.VARIANTS:  # v2 (2 blocks per SM) also at twice its splits
+            for var in variants:  # v2 (2 blocks per SM) also at twice its splits
                 os.environ[hack_decode_cuda.VARIANT_ENV] = var
                 sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda", bits=bits)
                 plans += [
@@ -204,14 +204,23 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("hack_backends"))
     ap.add_argument("--cells", default="8x32768,1x131072,32x8192,8x4096,64x8192")
+    ap.add_argument(
+        "--variants",
+        default=",".join(hack_decode_cuda.VARIANTS),
+        help="CUDA kernel variants to check and time (default: all)",
+    )
     args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(hack_decode_cuda.VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {list(hack_decode_cuda.VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     name = torch.cuda.get_device_name()
     os.makedirs(args.out, exist_ok=True)
-    checks = correctness()
+    checks = correctness(variants)
     cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
-    rows = speed(cells)
+    rows = speed(cells, variants)
     for fname, data in (("checks.csv", checks), ("times.csv", rows)):
         with open(args.out / fname, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(data[0]) + ["device"])
