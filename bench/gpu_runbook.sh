@@ -189,7 +189,9 @@ pipe15)
     # variant's GPU tests in a process of its own (a fault stays there), then the variants that
     # passed side by side with SDPA at five shapes.
     ok=(v2)
-    for v in v2o3 v2p1 v2p2 v2s2 v2s3; do
+    pytest_gpu 90 cuda_global -m gpu tests/test_hack_decode_cuda.py \
+        -k "v2o3 or v2o4 or v2p1 or v2p2" && ok+=(v2o3 v2o4 v2p1 v2p2)
+    for v in v2s2 v2s3 v2s2o4; do  # cp.async into shared memory: one process each
         pytest_gpu 60 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v" && ok+=("$v")
     done
     step 330 hack_backends python3 -m zipserve.bench.hack_backends --variants "$(IFS=,; echo "${ok[*]}")" \

@@ -42,7 +42,7 @@ _BLOCK_RESERVED_BYTES = 1024  # what the driver keeps per resident block
 class Variant:
     """How a kernel variant of kernels/cuda/hack_decode.cu gets its pages, and the resident 4-warp
     blocks per SM its compiled register count allows (offline sm_90: v2 ~235 registers, the rest
-    held to 168 by __launch_bounds__)."""
+    held to 168 or 128 by __launch_bounds__)."""
 
     blocks_by_registers: int
     ahead: int = 0  # L2 prefetch of the page this many trips ahead (global loads)
@@ -51,7 +51,8 @@ class Variant:
 
 # v2: tokens (QK) and channels (PV) on the MMA's M rows, global loads; v2o3: v2 held to 168
 # registers (3 blocks per SM); v2p1 / v2p2: v2o3 + an L2 prefetch 1 / 2 pages ahead; v2s2 /
-# v2s3: v2o3 reading pages from 2 / 3 shared-memory stages per warp, cp.async 1 / 2 pages ahead.
+# v2s3: v2o3 reading pages from 2 / 3 shared-memory stages per warp, cp.async 1 / 2 pages ahead;
+# v2o4 / v2s2o4: v2o3 / v2s2 held to 128 registers (4 blocks, spilling a little to L1).
 VARIANTS = {
     "v2": Variant(2),
     "v2o3": Variant(3),
@@ -59,6 +60,8 @@ VARIANTS = {
     "v2p2": Variant(3, ahead=2),
     "v2s2": Variant(3, stages=2),
     "v2s3": Variant(3, stages=3),
+    "v2o4": Variant(4),
+    "v2s2o4": Variant(4, stages=2),
 }
 DEFAULT_VARIANT = "v2o3"
 VARIANT_ENV = "ZIPSERVE_HACK_CUDA_VARIANT"

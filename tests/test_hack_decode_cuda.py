@@ -101,6 +101,8 @@ def test_shared_memory_variants_fit_and_count_their_resident_warps(monkeypatch):
     assert v.shared_bytes("v2s2", 4) == 4 * 2 * 9216  # 4 warps x 2 stages
     assert v.resident_warps("v2s2", 2) == v.resident_warps("v2s2", 4) == 12
     assert v.resident_warps("v2s3", 2) == 12 and v.resident_warps("v2s3", 4) == 8  # 110.6 KB
+    assert v.resident_warps("v2s2o4", 2) == 16 and v.resident_warps("v2s2o4", 4) == 12
+    assert v.resident_warps("v2o4", 4) == 16
     for name in v.VARIANTS:
         for bits in (2, 4):
             assert v.shared_bytes(name, bits) <= 227 * 1024  # sm_90's per-block limit

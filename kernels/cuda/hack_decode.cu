@@ -351,7 +351,6 @@ __device__ __forceinline__ void attend_page(
   constexpr int DE = D / E;
   constexpr int NC = DE / 16;
   constexpr int NWC = DE / 32;
-  constexpr int NG = E;
   constexpr uint32_t M1 = (1u << BITS) - 1u;
   using Mem = typename Page::Mem;
 
@@ -673,3 +672,9 @@ HACK_DECODE_ENTRY(hack_decode_v2s2_b2, 2, 0, 2, 3)
 HACK_DECODE_ENTRY(hack_decode_v2s2_b4, 4, 0, 2, 3)
 HACK_DECODE_ENTRY(hack_decode_v2s3_b2, 2, 0, 3, 3)
 HACK_DECODE_ENTRY(hack_decode_v2s3_b4, 4, 0, 3, 3)
+// v2o4 / v2s2o4: v2o3 / v2s2 held to 128 registers (4 blocks per SM where the shared memory
+// allows; the offline compile spills 10-26 loop-invariant registers per page trip to L1)
+HACK_DECODE_ENTRY(hack_decode_v2o4_b2, 2, 0, 0, 4)
+HACK_DECODE_ENTRY(hack_decode_v2o4_b4, 4, 0, 0, 4)
+HACK_DECODE_ENTRY(hack_decode_v2s2o4_b2, 2, 0, 2, 4)
+HACK_DECODE_ENTRY(hack_decode_v2s2o4_b4, 4, 0, 2, 4)
