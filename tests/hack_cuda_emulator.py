@@ -1,4 +1,5 @@
-"""Numpy emulation of one warp of hack_decode_warp_v2 (kernels/cuda/hack_decode.cu), lane by lane.
+"""Numpy emulation of one warp of hack_decode_warp_v2 (kernels/cuda/hack_decode.cu), lane by lane,
+reading its pages from the pool (global loads) or through a shared-memory stage (v2s* variants).
 
 CI has no GPU, so tests/test_hack_cuda_emulation.py checks the CUDA kernel's fragment bookkeeping
 here: every index, byte permutation, lop3 mask, mma / movmatrix fragment (PTX ISA layouts of
@@ -105,22 +106,109 @@ def ld_bytes(
     ]
 
 
-def ld_h(buf16, offs, n):  # fp16 storage as uint16 flat; n halves -> words
-    b8 = buf16.view(np.uint8)
-    return ld_bytes(b8, 2 * np.asarray(offs), 2 * n)
+def v_swizzle(off):
+    """hack_decode.cu's v_swizzle: a V-code byte offset's place in a shared-memory stage."""
+    off = np.asarray(off, np.int64)
+    return off ^ ((off >> 2) & 0x60)
 
 
-def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_sink):
+class PoolPage:
+    """hack_decode.cu's PoolPage: page `row` of the six pool tensors, offsets page-relative."""
+
+    def __init__(self, pool, row, bits):
+        de, self.ng = D * bits // 8, 8 // bits
+        self.codes, self.tokens = P * de, P * self.ng * 2
+        self.kc = pool.k_codes.numpy().reshape(-1)
+        self.vc = pool.v_codes.numpy().reshape(-1)
+        self.ks, self.km, self.vs, self.vm = (
+            t.numpy().view(np.uint8).reshape(-1)
+            for t in (pool.k_scale, pool.k_min, pool.v_scale, pool.v_min)
+        )
+        self.row = row
+
+    def k(self, off, n):  # K code bytes [off, off + n) -> n // 4 words
+        return ld_bytes(self.kc, self.row * self.codes + np.asarray(off), n)
+
+    def v_word(self, row_off, col):  # V code bytes [row_off + col, + 4)
+        return ld_bytes(self.vc, self.row * self.codes + np.asarray(row_off + col), 4)[0]
+
+    def k_scale(self, ch, n):  # n fp16 K scales from channel ch
+        return ld_bytes(self.ks, self.row * 2 * D + 2 * np.asarray(ch), 2 * n)
+
+    def k_min(self, ch, n):
+        return ld_bytes(self.km, self.row * 2 * D + 2 * np.asarray(ch), 2 * n)
+
+    def v_scale(self, t, n):  # n fp16 V scales from token t's
+        return ld_bytes(self.vs, self.row * self.tokens + 2 * self.ng * np.asarray(t), 2 * n)
+
+    def v_min(self, t, n):
+        return ld_bytes(self.vm, self.row * self.tokens + 2 * self.ng * np.asarray(t), 2 * n)
+
+
+class StagePage:
+    """hack_decode.cu's StagePage: the page copied into a shared-memory stage by copy_page_async
+    (16-byte chunk lane + 32 j of lane, one region of six each, V chunks swizzled), then read
+    where the kernel reads it."""
+
+    def __init__(self, pool, row, bits):
+        src = PoolPage(pool, row, bits)
+        codes, tokens, self.ng = src.codes, src.tokens, src.ng
+        self.V, self.KS = codes, 2 * codes
+        self.KM = self.KS + 2 * D
+        self.VS = self.KM + 2 * D
+        self.VM = self.VS + tokens
+        stage_bytes = self.VM + tokens
+        assert stage_bytes % 512 == 0
+        regions = [  # (start in the stage, the pool tensor, its row's first byte)
+            (0, src.kc, row * codes),
+            (self.V, src.vc, row * codes),
+            (self.KS, src.ks, row * 2 * D),
+            (self.KM, src.km, row * 2 * D),
+            (self.VS, src.vs, row * tokens),
+            (self.VM, src.vm, row * tokens),
+        ]
+        self.buf = np.full(stage_bytes, 0xAB, np.uint8)  # unwritten bytes show up as garbage
+        written = np.zeros(stage_bytes, bool)
+        for j in range(stage_bytes // 512):
+            for ln in range(32):
+                off = 16 * ln + 512 * j
+                start, buf, base = next(r for r in reversed(regions) if r[0] <= off)
+                g = base + (off - start)
+                dst = off if start != self.V else self.V + int(v_swizzle(off - self.V))
+                assert not written[dst : dst + 16].any(), "two chunks land on the same bytes"
+                self.buf[dst : dst + 16] = buf[g : g + 16]
+                written[dst : dst + 16] = True
+        assert written.all()
+
+    def k(self, off, n):
+        return ld_bytes(self.buf, np.asarray(off), n)
+
+    def v_word(self, row_off, col):  # the kernel's v_word: vrow - col + v_swizzle(row_off + col)
+        vrow = self.V + np.asarray(col)
+        return ld_bytes(self.buf, vrow - col + v_swizzle(row_off + col), 4)[0]
+
+    def k_scale(self, ch, n):
+        return ld_bytes(self.buf, self.KS + 2 * np.asarray(ch), 2 * n)
+
+    def k_min(self, ch, n):
+        return ld_bytes(self.buf, self.KM + 2 * np.asarray(ch), 2 * n)
+
+    def v_scale(self, t, n):
+        return ld_bytes(self.buf, self.VS + 2 * self.ng * np.asarray(t), 2 * n)
+
+    def v_min(self, t, n):
+        return ld_bytes(self.buf, self.VM + 2 * self.ng * np.asarray(t), 2 * n)
+
+
+def warp_v2(
+    BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_sink, page=PoolPage
+):
+    """One warp's split; page: how a trip reads its page (PoolPage: global loads; StagePage: the
+    v2s* variants' shared-memory stage)."""
     E, DE = 8 // BITS, D // (8 // BITS)
     NC, NWC, NG = DE // 16, DE // 32, 8 // BITS
     M1 = (1 << BITS) - 1
     KVH = pool.num_kv_heads
-    kc = pool.k_codes.numpy().reshape(-1)
-    vc = pool.v_codes.numpy().reshape(-1)
-    ks = pool.k_scale.numpy().view(np.uint16).reshape(-1)
-    km = pool.k_min.numpy().view(np.uint16).reshape(-1)
-    vs = pool.v_scale.numpy().view(np.uint16).reshape(-1)
-    vm = pool.v_min.numpy().view(np.uint16).reshape(-1)
     qlo, qhi, qlo2, qhi2 = {}, {}, {}, {}
     for s in range(E):
         for c in range(NC):
@@ -150,13 +238,14 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
     mv_word = gid >> 1
     for pg in range(lo, hi):
         row = int(table_row[pg]) * KVH + kvh
+        pv = page(pool, row, BITS)
         qtlo, qthi = {}, {}
         corr = np.zeros((4, 32), np.float32)
         for s in range(E):
             for c in range(NC):
                 ch = s * DE + 4 * (tid * NC + c)
-                sk = ld_h(ks, row * D + ch, 4)
-                mk = ld_h(km, row * D + ch, 4)
+                sk = pv.k_scale(ch, 4)
+                mk = pv.k_min(ch, 4)
                 a = unh2(qlo2[s, c])
                 bb = unh2(byte_perm(sk[0], sk[1], 0x5410))
                 qtlo[s, c] = h2(a[0] * bb[0], a[1] * bb[1])
@@ -169,10 +258,9 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
                 mh = byte_perm(mk[0], mk[1], 0x7632)
                 corr = mma4(corr, ml, ml, mh, mh, qlo[s, c], qhi[s, c])
         sc = {}
-        kbase = row * (P * DE)
         for mt in range(4):
-            ka = ld_bytes(kc, kbase + (mt * 16 + gid) * DE + 4 * tid * NC, 4 * NC)
-            kb = ld_bytes(kc, kbase + (mt * 16 + gid + 8) * DE + 4 * tid * NC, 4 * NC)
+            ka = pv.k((mt * 16 + gid) * DE + 4 * tid * NC, 4 * NC)
+            kb = pv.k((mt * 16 + gid + 8) * DE + 4 * tid * NC, 4 * NC)
             acc = corr.copy()
             for c in range(NC):
                 wa, wb = ka[c], kb[c]
@@ -215,16 +303,13 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
             aux = aux * np.stack([a[0], a[1], a[0], a[1]])
             m_i = n
         mu = [np.where(m_i[j] == -np.inf, 0, m_i[j]) for j in range(2)]
-        vbase = row * (P * DE)
         off = {s: np.zeros((4, 32), np.float32) for s in range(E)}  # this page's offsets
         for kk in range(4):
             pa = movmatrix_trans(h2(np.exp2(sc[kk][0] - mu[0]), np.exp2(sc[kk][1] - mu[1])))
             pb = movmatrix_trans(h2(np.exp2(sc[kk][2] - mu[0]), np.exp2(sc[kk][3] - mu[1])))
             t0 = kk * 16 + 2 * tid
-            vs_t = (row * P + t0) * NG
-            vm_t = (row * P + t0) * NG
             if NG == 4:
-                A0, A1, A8, A9 = (ld_h(vs, vs_t + d * NG, 4) for d in (0, 1, 8, 9))
+                A0, A1, A8, A9 = (pv.v_scale(t0 + d, 4) for d in (0, 1, 8, 9))
                 sv_lo = [
                     byte_perm(A0[0], A1[0], 0x5410),
                     byte_perm(A0[0], A1[0], 0x7632),
@@ -237,15 +322,15 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
                     byte_perm(A8[1], A9[1], 0x5410),
                     byte_perm(A8[1], A9[1], 0x7632),
                 ]
-                M0, M1_, M8, M9 = (ld_h(vm, vm_t + d * NG, 4) for d in (0, 1, 8, 9))
+                M0, M1_, M8, M9 = (pv.v_min(t0 + d, 4) for d in (0, 1, 8, 9))
                 pick = lambda X: np.where(mv_word == 1, X[1], X[0])  # noqa
                 mv_lo = byte_perm(pick(M0), pick(M1_), mv_sel)
                 mv_hi = byte_perm(pick(M8), pick(M9), mv_sel)
             else:
-                A0, A1, A8, A9 = (ld_h(vs, vs_t + d * NG, 2)[0] for d in (0, 1, 8, 9))
+                A0, A1, A8, A9 = (pv.v_scale(t0 + d, 2)[0] for d in (0, 1, 8, 9))
                 sv_lo = [byte_perm(A0, A1, 0x5410), byte_perm(A0, A1, 0x7632)]
                 sv_hi = [byte_perm(A8, A9, 0x5410), byte_perm(A8, A9, 0x7632)]
-                M0, M1_, M8, M9 = (ld_h(vm, vm_t + d * NG, 2)[0] for d in (0, 1, 8, 9))
+                M0, M1_, M8, M9 = (pv.v_min(t0 + d, 2)[0] for d in (0, 1, 8, 9))
                 mv_lo = byte_perm(M0, M1_, mv_sel)
                 mv_hi = byte_perm(M8, M9, mv_sel)
             mv_lo = np.where(gid == NG, 0x3C003C00, np.where(gid > NG, 0, mv_lo)).astype(np.uint32)
@@ -260,11 +345,11 @@ def warp_v2(BITS, q_pages, pool, table_row, n_pg, G, kvh, S, split, qk_scale, n_
                 P1 = 0x64006400
                 off[s] = mma4(off[s], P1, P1, P1, P1, pt_a[s], pt_b[s])
             for wc in range(NWC):
-                vrow = vbase + 4 * (wc * 8 + gid)
-                w0 = ld_bytes(vc, vrow + t0 * DE, 4)[0]
-                w1 = ld_bytes(vc, vrow + (t0 + 1) * DE, 4)[0]
-                w8 = ld_bytes(vc, vrow + (t0 + 8) * DE, 4)[0]
-                w9 = ld_bytes(vc, vrow + (t0 + 9) * DE, 4)[0]
+                col = 4 * (wc * 8 + gid)
+                w0 = pv.v_word(t0 * DE, col)
+                w1 = pv.v_word((t0 + 1) * DE, col)
+                w8 = pv.v_word((t0 + 8) * DE, col)
+                w9 = pv.v_word((t0 + 9) * DE, col)
                 a01, b01 = byte_perm(w0, w1, 0x5410), byte_perm(w0, w1, 0x7632)
                 a89, b89 = byte_perm(w8, w9, 0x5410), byte_perm(w8, w9, 0x7632)
                 r_lo, r_hi = [a01, b01], [a89, b89]
