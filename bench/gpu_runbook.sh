@@ -21,6 +21,8 @@
 #                              speed vs SDPA / paged bf16 at 5 shapes                     ~6 min
 #   pipe15     nvidia-h100-x1  issue 15: the CUDA kernel's page-load variants (L2 prefetch,
 #                              shared-memory stages): each one's GPU tests, then 5 shapes  ~7 min
+#   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
+#                              device time by kind (bench/prefill_profile.py)              ~5 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
@@ -43,7 +45,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -196,6 +198,13 @@ pipe15)
     done
     step 330 hack_backends python3 -m zipserve.bench.hack_backends --variants "$(IFS=,; echo "${ok[*]}")" \
         --cells 8x32768,1x131072,32x8192,8x4096,64x8192 --out "$WORK/hack_backends"
+    ;;
+prefill16)
+    # Issue 16: where a compressed lane's longer prefill phase goes (JCT runs: ~100 ms over
+    # bf16's with the same forward): one 8k prompt per codec on a prefill engine as a worker
+    # builds it (device form), with and without the per-layer export, device time by kind.
+    step 420 prefill_8k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,hack2,hack4,kivi2 --tokens 8192 --repeats 5 --out "$WORK/prefill_8k"
     ;;
 issue15)
     # Issue 15 in one call: the backends' kernel check and table, then decode tokens/s per lane
