@@ -214,3 +214,27 @@ def test_missing_driver_or_cubin_is_a_named_error():
         except cuda_driver.CudaDriverError as exc:
             assert "libcuda.so.1" in str(exc)
         # where a driver library exists without a GPU, loading it is allowed; launching is not
+
+
+def test_hack_backends_names_the_fastest_variant_per_bit_width():
+    from zipserve.bench.hack_backends import best_variants
+
+    def row(bits, var, batch, x, splits=8):
+        return dict(variant=f"hack{bits}/{var}", batch=batch, context=8192, x_sdpa=x, splits=splits)
+
+    rows = [
+        dict(variant="sdpa-bf16", batch=8, context=8192, x_sdpa=1.0, splits=0),
+        row(2, "triton", 8, 9.0),  # not a CUDA variant
+        row(2, "cuda-v2o3", 8, 2.0),
+        row(2, "cuda-v2o3", 32, 2.0),
+        row(2, "cuda-v2s2", 8, 4.0),
+        row(2, "cuda-v2s2", 32, 0.9),  # faster at one cell, slower over both (geomean 1.9)
+        row(2, "cuda-v2", 8, 1.5),
+        row(2, "cuda-v2", 8, 5.0, splits=16),  # v2 at twice its splits: not the default
+        row(2, "cuda-v2", 32, 1.5),
+        row(4, "cuda-v2o3", 8, 1.6),
+        row(4, "cuda-v2p1", 8, 1.7),
+    ]
+    best = best_variants(rows)
+    assert best[2][0] == "v2o3" and abs(best[2][1] - 2.0) < 1e-9
+    assert best[4] == ("v2p1", pytest.approx(1.7))
