@@ -145,6 +145,20 @@ def _paged_decode_kernel(
 
 
 @triton.jit
+def _split_weights(lse_ptr, row0, NUM: tl.constexpr, S_PAD: tl.constexpr):
+    """The NUM partials of one (sequence, head) row starting at row0: (offs_s [S_PAD], live
+    [S_PAD], w [S_PAD] = exp2(lse - max lse), 0 where a partial is empty or padding, den = sum w).
+    Shared by the merges (this one and kernels/rotated_merge.py)."""
+    offs_s = tl.arange(0, S_PAD)
+    lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM, other=float("-inf"))  # [S_PAD]
+    live = lse > float("-inf")  # empty splits (and padding rows) contribute nothing
+    m = tl.max(lse, axis=0)
+    m = tl.where(m > float("-inf"), m, 0.0)
+    w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
+    return offs_s, live, w, tl.sum(w, axis=0)
+
+
+@triton.jit
 def _merge_splits_kernel(
     part_ptr,
     lse_ptr,
@@ -159,21 +173,15 @@ def _merge_splits_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     row0 = (b * tl.num_programs(1) + h) * NUM_SPLITS
-    offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))  # [S_PAD]
-    live = lse > float("-inf")  # empty splits (and padding rows) contribute nothing
-    m = tl.max(lse, axis=0)
-    m = tl.where(m > float("-inf"), m, 0.0)
-    w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
+    offs_s, live, w, den = _split_weights(lse_ptr, row0, NUM_SPLITS, S_PAD)
     part = tl.load(
         part_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=live[:, None] & d_ok[None, :],
         other=0.0,
     )  # [S_PAD, BD]
-    den = tl.sum(w, axis=0)
     o = tl.sum(w[:, None] * part, axis=0) / tl.where(den > 0.0, den, 1.0)  # [BD]
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from zipserve.kernels.head_dim import block_d
+from zipserve.kernels.paged_decode_attention import _split_weights
 
 
 @triton.jit
@@ -30,16 +31,10 @@ def _merge_rotated_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     row0 = (b * tl.num_programs(1) + h) * NUM_PARTS
-    offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM_PARTS, other=float("-inf"))  # [S_PAD]
-    live = lse > float("-inf")  # empty partials (and padding rows) contribute nothing
-    m = tl.max(lse, axis=0)
-    m = tl.where(m > float("-inf"), m, 0.0)
-    w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
-    den = tl.sum(w, axis=0)
+    offs_s, live, w, den = _split_weights(lse_ptr, row0, NUM_PARTS, S_PAD)
     inv = 1.0 / tl.where(den > 0.0, den, 1.0)
     w_pages = tl.where(offs_s > 0, w, 0.0)
     part = tl.load(
