@@ -36,15 +36,16 @@ def bind_listener(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port) (port 0: one the kernel picks), for uvicorn to listen
     on. Binding before Ray starts closes the race a "find a free port, close it, let uvicorn bind
     it later" scheme has: Ray's processes take ports of their own meanwhile (a CI run once failed
-    with 'address already in use' that way)."""
+    with 'address already in use' that way). A port that cannot be had is a ValueError naming it
+    (the CLI prints it without a traceback)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        raise ValueError(f"port: cannot listen on {host}:{port}: {e.strerror or e}") from e
     return sock
 
 
@@ -122,6 +123,10 @@ def serve(
     from zipserve.router.app import create_app
     from zipserve.router.read_timeouts import uvicorn_options
 
+    # Bound before Ray and the workers start: a port in use fails here, at once, and no other
+    # process can take it meanwhile; port 0 picks a free one (printed below).
+    sock = bind_listener(host, port)
+    port = sock.getsockname()[1]
     start_ray(address)
     backend = make_backend(cfg)
     freeze_startup_objects()
@@ -139,13 +144,15 @@ def serve(
             flush=True,
         )
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             create_app(backend, api_key=api_key, limits=limits),
             host=host,
             port=port,
             log_level="info",
             **uvicorn_options(limits),
         )
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        sock.close()
         gc.unfreeze()
         backend.shutdown()

@@ -90,3 +90,20 @@ def test_serve_gets_typed_options_and_the_cli_reports_bad_ones(capsys):
         "zipserve: error: --engine-option num_pages=many: expected an integer"
         in capsys.readouterr().err
     )
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error_before_anything_starts(capsys, monkeypatch):
+    import socket
+
+    from zipserve.deploy import serve as serve_mod
+
+    started = []
+    monkeypatch.setattr(serve_mod, "start_ray", lambda address: started.append(address))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"port: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert started == []  # refused before Ray or any worker

@@ -27,8 +27,8 @@ import httpx
 import pytest
 import uvicorn
 from fake_backend import FAKE_LOGPROB, FakeBackend
-from net_helpers import free_port
 
+from zipserve.deploy.serve import bind_listener
 from zipserve.router.app import create_app
 from zipserve.router.backend import FinishEvent, Job
 from zipserve.router.json_body import MAX_JSON_DEPTH
@@ -340,15 +340,17 @@ async def test_chat_logprobs(client):
 
 @contextmanager
 def serving(backend, limits: AdmissionConfig, api_key: str | None = None):
-    """A real uvicorn on 127.0.0.1 with the read timeouts `zipserve serve` uses."""
-    port = free_port()
+    """A real uvicorn on 127.0.0.1 with the read timeouts `zipserve serve` uses, on a socket bound
+    before it starts (no window for another process to take the port)."""
+    sock = bind_listener("127.0.0.1", 0)
+    port = sock.getsockname()[1]
     app = create_app(backend, api_key=api_key, limits=limits)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(limits)
         )
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 10
     while not server.started:
@@ -359,6 +361,7 @@ def serving(backend, limits: AdmissionConfig, api_key: str | None = None):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        sock.close()
 
 
 def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,7 +64,7 @@ def _get(url: str) -> tuple[int, dict]:
 
 def test_serve_address_auto_on_a_ray_start_cluster():
     tmp = tempfile.mkdtemp(prefix="zsray")  # short: Ray's socket paths live under it
-    gcs_port, http_port = _port(), _port()
+    gcs_port = _port()
     # a throwaway local cluster: no token auth (else both sides must share ~/.ray/auth_token)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
@@ -97,7 +98,7 @@ def test_serve_address_auto_on_a_ray_start_cluster():
                 "--address",
                 "auto",
                 "--port",
-                str(http_port),
+                "0",  # a free one, bound before Ray starts; the server prints which
                 "--codec",
                 "bf16",
                 "--device",
@@ -113,16 +114,19 @@ def test_serve_address_auto_on_a_ray_start_cluster():
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        base = f"http://127.0.0.1:{http_port}"
         deadline = time.time() + 120
-        health = None
+        health, base = None, None
         while time.time() < deadline:
             assert head.poll() is None, open(f"{tmp}/head.log").read()[-3000:]
             assert serve.poll() is None, open(f"{tmp}/serve.log").read()[-3000:]
+            if base is None:  # the startup line names the port it got
+                found = re.search(r"http://127\.0\.0\.1:(\d+)", open(f"{tmp}/serve.log").read())
+                base = found and f"http://127.0.0.1:{found.group(1)}"
             try:
-                status, health = _get(f"{base}/health")
-                if status == 200:
-                    break
+                if base is not None:
+                    status, health = _get(f"{base}/health")
+                    if status == 200:
+                        break
             except (urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.5)
