@@ -273,7 +273,9 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--model", default=None, help="default: the shipped reference model")
     d.add_argument("--codecs", default="bf16,hack4,hack2")
     d.add_argument("--max-tokens", type=int, default=32)
-    d.add_argument("--port", type=int, default=8765)
+    d.add_argument(
+        "--port", type=int, default=0, help="the router's port (default 0: any free one)"
+    )
     d.add_argument(
         "--link-gbps",
         type=float,
