@@ -238,3 +238,24 @@ def test_hack_backends_names_the_fastest_variant_per_bit_width():
     best = best_variants(rows)
     assert best[2][0] == "v2o3" and abs(best[2][1] - 2.0) < 1e-9
     assert best[4] == ("v2p1", pytest.approx(1.7))
+
+
+def test_every_variant_is_in_the_cubin_as_the_source_declares_it():
+    import re
+
+    src = (CUDA_DIR / "hack_decode.cu").read_text()
+    cubin = (CUDA_DIR / "hack_decode_sm90.cubin").read_bytes()
+    entries = {
+        (name, int(bits)): (int(ahead), int(stages), int(min_blocks))
+        for name, bits, ahead, stages, min_blocks in re.findall(
+            r"^HACK_DECODE_ENTRY\(hack_decode_(\w+)_b\d, (\d), (\d+), (\d+), (\d+)\)", src, re.M
+        )
+    }
+    assert {name for name, _ in entries} == set(hack_decode_cuda.VARIANTS)
+    for name, v in hack_decode_cuda.VARIANTS.items():
+        for bits in (2, 4):
+            assert hack_decode_cuda.function_name(bits, name).encode() in cubin
+            ahead, stages, min_blocks = entries[(name, bits)]
+            assert (v.ahead, v.stages) == (ahead, stages), name
+            if min_blocks > 1:  # held to that many blocks' registers by __launch_bounds__
+                assert v.blocks_by_registers == min_blocks, name
