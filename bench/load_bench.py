@@ -157,7 +157,7 @@ def run(
     duration_s: float,
     codec: str = "bf16",
     device: str | None = None,
-    port: int = 8777,
+    port: int = 0,
     max_queued_jobs: int = 32,
 ) -> dict:
     """`zipserve bench load`: start a server, load it, write `load_<device>.json` to `out`."""
