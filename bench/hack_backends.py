@@ -8,8 +8,9 @@
    (spill) bytes of each CUDA function as the driver loaded it.
 2. Speed: one layer of Llama-3-8B heads (32 q / 8 kv, d = 128, pages of 64, a 36-token tail), GPU
    time per call from CUDA-graph replays: torch SDPA on bf16 K/V, the paged bf16 kernel, and each
-   HACK backend (Triton; every CUDA variant at its default splits, v2 also at 2x); the ratio to
-   SDPA and the stored bytes each call reads per second.  Table last; CSV under --out.
+   HACK backend (Triton; every CUDA variant at its default splits, some also at other split
+   counts: SPLIT_FACTORS); the ratio to SDPA and the stored bytes each call reads per second.
+   Table last, then the fastest variant per bit width; CSV under --out.
 """
 
 from __future__ import annotations
@@ -121,6 +122,12 @@ def correctness(variants: list[str]) -> list[dict]:
     return rows
 
 
+# Besides its default splits (one wave of resident warps), a variant is also timed at these
+# multiples: v2 / v2o3 at twice (more warps in flight helped v2 in session 8), the shared-memory
+# variants at half (longer splits keep their pipeline full for more pages).
+SPLIT_FACTORS = {"v2": (1, 2), "v2o3": (1, 2), "v2s2": (1, 0.5), "v2s3": (1, 0.5)}
+
+
 def speed(cells, variants: list[str]) -> list[dict]:
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -162,12 +169,11 @@ def speed(cells, variants: list[str]) -> list[dict]:
             )  # 88 / 144 B
             st = hack_num_splits(batch, KVH, ctx, sms)
             plans = [("triton", st)]
-            for var in variants:  # v2 (2 blocks per SM) also at twice its splits
+            for var in variants:
                 os.environ[hack_decode_cuda.VARIANT_ENV] = var
                 sc = hack_num_splits(batch, KVH, ctx, sms, backend="cuda", bits=bits)
-                plans += [
-                    (f"cuda-{var}", max(1, sc * m)) for m in ((1, 2) if var == "v2" else (1,))
-                ]
+                factors = SPLIT_FACTORS.get(var, (1,))
+                plans += [(f"cuda-{var}", max(1, round(sc * m))) for m in factors]
             for backend, splits in plans:
                 _set_variant(backend)
                 us = _time(
