@@ -11,7 +11,6 @@ token's logits (sample the first token from them) and, per layer, the N encoded 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import ray
 
@@ -20,6 +19,7 @@ from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.plan import UnsupportedSplit, plan_heads, token_slices
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
+from zipserve.transfer.ports import hold_free_port
 
 
 class GroupMember:
@@ -53,9 +53,8 @@ class GroupMember:
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        """A port for the group's store, held bound here until connect serves it (rank 0)."""
+        return hold_free_port()
 
     def connect(self, store_addr: str, port: int, timeout_s: float) -> None:
         self.member.connect(store_addr, port, timeout_s, name="prefill-group")

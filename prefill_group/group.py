@@ -18,6 +18,7 @@ from zipserve.transfer.group_builder import (
     loopback_gloo_hostname,
     rendezvous,
 )
+from zipserve.transfer.ports import release_port
 
 
 @dataclass
@@ -50,6 +51,8 @@ def make_group(
     spec = GroupSpec(
         backend, rank, n, timeout, gloo_hostname=loopback_gloo_hostname(store_addr), device=device
     )
+    if rank == 0:  # this rank serves the store: a port held for it (transfer/ports.py) is let go
+        release_port(port)
     try:
         tcp = rendezvous(store_addr, port, rank, n, timeout)
     except Exception as e:  # torch raises several types here

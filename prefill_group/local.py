@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
+from zipserve.transfer.ports import hold_free_port
 
 
 @dataclass
@@ -42,6 +43,8 @@ class LocalJob:
 
 
 def free_port() -> int:
+    """A port free now (the spawned ranks of run_local are other processes: nothing can hold it
+    for them)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -123,7 +126,8 @@ def run_threads(
 ) -> list[list[GroupResult]]:
     """The same group with its N ranks as threads of this process (each its own model copy and
     gloo/NCCL connection): no process start-up cost; for tests and one-host benches."""
-    port, per_rank, errors = free_port(), [None] * n, [None] * n
+    # held until rank 0's thread serves the store on it (same process: transfer/ports.py)
+    port, per_rank, errors = hold_free_port(), [None] * n, [None] * n
 
     def body(rank: int) -> None:
         try:

@@ -8,10 +8,10 @@ emulator. Rank 0 sends the KV, rank 1 receives it."""
 from __future__ import annotations
 
 import os
-import socket
 
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.link import LinkEmulator
+from zipserve.transfer.ports import hold_free_port, release_port
 from zipserve.transfer.process_group import ProcessGroupChannel
 from zipserve.transfer.select import Endpoint
 from zipserve.transfer.transports import PairSetup, choose_path, endpoint_for, open_transport
@@ -42,6 +42,8 @@ def connect_pair(
     transfer path (transfer/transports.py; default: $ZIPSERVE_KV_PATH, else DEFAULT_PATH).
     The chosen path is the channel's declared `path`."""
     path = path or os.environ.get("ZIPSERVE_KV_PATH", DEFAULT_PATH)
+    if rank == 0:  # this side serves the store: the port it held is the store's from here on
+        release_port(port)
     expect = {k: info[k] for k in COMPAT_KEYS}
     device = info.get("device", "cpu")
     mine = endpoint_for(device, path)
@@ -71,7 +73,7 @@ def connect_pair(
 
 def local_endpoint() -> dict:
     """Where a worker can host a rendezvous: its Ray node (id and IP; "" and loopback outside
-    Ray) and a port free on this host right now."""
+    Ray) and a port free on this host, held bound until connect_pair (rank 0) serves on it."""
     node_id, node_ip = "", "127.0.0.1"
     try:
         import ray
@@ -81,7 +83,4 @@ def local_endpoint() -> dict:
             node_ip = ray.util.get_node_ip_address()
     except ImportError:
         pass
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return {"node_id": node_id, "node_ip": node_ip, "port": port}
+    return {"node_id": node_id, "node_ip": node_ip, "port": hold_free_port()}
