@@ -195,7 +195,8 @@ pipe15)
     pytest_gpu 80 cuda_global -m gpu tests/test_hack_decode_cuda.py \
         -k "v2o3 or v2o4 or v2p1 or v2p2" && ok+=(v2o3 v2o4 v2p1 v2p2)
     for v in v2s2 v2s3 v2s2o4; do  # cp.async into shared memory: one process each
-        pytest_gpu 45 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v" && ok+=("$v")
+        pytest_gpu 45 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v and not ${v}o4" \
+            && ok+=("$v")
     done
     step 380 hack_backends python3 -m zipserve.bench.hack_backends --variants "$(IFS=,; echo "${ok[*]}")" \
         --cells 8x32768,1x131072,32x8192,8x4096,64x8192 --out "$WORK/hack_backends"
