@@ -274,7 +274,9 @@ def main(argv=None) -> None:
         )
     for bits, (var, mean) in sorted(best_variants(rows).items()):
         print(
-            f"hack{bits}: fastest CUDA variant over these cells: {var} ({mean:.2f}x SDPA, geomean)"
+            f"hack{bits}: fastest CUDA variant over these cells: {var} ({mean:.2f}x SDPA, "
+            f"geomean; kernels/hack_decode_cuda.py DEFAULT_VARIANTS[{bits}] is "
+            f"{hack_decode_cuda.DEFAULT_VARIANTS[bits]})"
         )
 
 

@@ -63,18 +63,21 @@ VARIANTS = {
     "v2o4": Variant(4),
     "v2s2o4": Variant(4, stages=2),
 }
-DEFAULT_VARIANT = "v2o3"
+DEFAULT_VARIANTS = {2: "v2o3", 4: "v2o3"}
+"""The variant each bit width runs unless $ZIPSERVE_HACK_CUDA_VARIANT names one (for both): set it
+from `python3 -m zipserve.bench.hack_backends`' closing lines (runbook `pipe15`)."""
 VARIANT_ENV = "ZIPSERVE_HACK_CUDA_VARIANT"
 _BITS = (2, 4)
 _MIN_PAGES_PER_SPLIT = 4
 
 
-def variant() -> str:
-    """$ZIPSERVE_HACK_CUDA_VARIANT (a key of VARIANTS), default v2o3: on the H100 (session 8) the
-    fastest or within 4% of it at 8 x 32k and 1 x 128k for hack2, 1 x 128k for hack4, and within
-    4-12% of v2 at twice its splits elsewhere (bench/results/session8_h100/times.csv).  The
-    prefetching (v2p*) and shared-memory (v2s*) variants are not measured yet."""
-    v = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
+def variant(bits: int) -> str:
+    """The kernel variant for pages of `bits`: $ZIPSERVE_HACK_CUDA_VARIANT (a key of VARIANTS) or
+    DEFAULT_VARIANTS[bits].  v2o3 for both today: on the H100 (session 8) the fastest or within 4%
+    of it at 8 x 32k and 1 x 128k for hack2, 1 x 128k for hack4, and within 4-12% of v2 at twice
+    its splits elsewhere (bench/results/session8_h100/times.csv).  The prefetching (v2p*),
+    shared-memory (v2s*) and 128-register (*o4) variants are not measured yet."""
+    v = os.environ.get(VARIANT_ENV) or DEFAULT_VARIANTS[bits]
     if v not in VARIANTS:
         raise ValueError(f"${VARIANT_ENV} must be one of {sorted(VARIANTS)}, got {v!r}")
     return v
@@ -102,7 +105,7 @@ def resident_warps(var: str, bits: int) -> int:
 
 
 def function_name(bits: int, var: str | None = None) -> str:
-    return f"hack_decode_{var or variant()}_b{bits}"
+    return f"hack_decode_{var or variant(bits)}_b{bits}"
 
 
 def unsupported_reason(
@@ -144,7 +147,7 @@ def cuda_num_splits(
     """Page splits so that batch * heads * splits warps fill the resident warps of every SM once,
     each split keeping >= 4 pages."""
     items = max(1, batch * num_kv_heads)
-    wave = -(-resident_warps(variant(), bits) * num_sms // items)
+    wave = -(-resident_warps(variant(bits), bits) * num_sms // items)
     max_pages = max(1, max_seq_len // 64)
     return int(max(1, min(wave, max(1, max_pages // _MIN_PAGES_PER_SPLIT), 256)))
 
@@ -162,7 +165,7 @@ def launch_page_splits(
     var: str | None = None,
 ) -> None:
     """The page splits of one call: warps (sequence, KV head, split) of kernel variant var (default:
-    variant())."""
+    variant(bits))."""
     b, h, d = q_pages.shape
     kvh = pages.num_kv_heads
     if q_pages.dtype != torch.float32 or not q_pages.is_contiguous():
@@ -172,7 +175,7 @@ def launch_page_splits(
     items = b * kvh * num_splits
     if items == 0:
         return
-    var = var or variant()
+    var = var or variant(pages.bits)
     tensors = (pages.k_codes, pages.v_codes, pages.k_scale, pages.k_min, pages.v_scale, pages.v_min)
     if VARIANTS[var].stages and any(t.data_ptr() % 16 for t in tensors):
         raise ValueError(

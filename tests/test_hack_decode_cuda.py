@@ -77,6 +77,12 @@ def test_cuda_splits_fill_the_gpu_and_keep_pages_per_split(monkeypatch):
     assert hack_num_splits(8, 8, 32768, 132) == 4  # the Triton rule is unchanged
     monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v2o3")  # 12 resident warps per SM
     assert hack_num_splits(8, 8, 32768, 132, backend="cuda") == 25
+    monkeypatch.delenv(hack_decode_cuda.VARIANT_ENV)  # each bit width's default
+    for bits, var in hack_decode_cuda.DEFAULT_VARIANTS.items():
+        assert hack_decode_cuda.variant(bits) == var
+        assert hack_decode_cuda.function_name(bits) == f"hack_decode_{var}_b{bits}"
+    monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v2s3")  # one name for both widths
+    assert hack_decode_cuda.variant(2) == hack_decode_cuda.variant(4) == "v2s3"
     monkeypatch.setenv(hack_decode_cuda.VARIANT_ENV, "v9")
     with pytest.raises(ValueError, match="ZIPSERVE_HACK_CUDA_VARIANT"):
         hack_num_splits(8, 8, 32768, 132, backend="cuda")
