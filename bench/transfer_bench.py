@@ -17,7 +17,6 @@ the data is in the receiver's buffer (synchronized / acknowledged).
 from __future__ import annotations
 
 import csv
-import socket
 import time
 import zlib
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from zipserve.transfer.nccl_env import apply_nccl_defaults
+from zipserve.transfer.ports import free_port
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
 
@@ -100,12 +100,6 @@ def _timed(one, reps: int, dev: torch.device) -> float:
 
 
 # -- two processes ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pair_role(
     rank: int, kind: str, port: int, devices: tuple[int, int], sizes: list[int], uid_box, results
 ) -> None:
@@ -193,7 +187,7 @@ def _endpoint(kind: str, rank: int, port: int, dev: torch.device, uid_box):
 
 def _two_processes(kind: str, devices: tuple[int, int], sizes: list[int]) -> list[tuple]:
     ctx = mp.get_context("spawn")
-    port, uid_box, results = _free_port(), ctx.Queue(), ctx.Queue()
+    port, uid_box, results = free_port(), ctx.Queue(), ctx.Queue()
     procs = [
         ctx.Process(
             target=_pair_role, args=(r, kind, port, devices, sizes, uid_box, results), daemon=True

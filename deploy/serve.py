@@ -15,6 +15,7 @@ from zipserve.control.multi_codec import make_backend
 from zipserve.deploy.local_ray import start_loopback_ray
 from zipserve.router.limits import AdmissionConfig
 from zipserve.transfer.nccl_env import nccl_env
+from zipserve.transfer.ports import bind_socket
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -38,15 +39,10 @@ def bind_listener(host: str, port: int) -> socket.socket:
     it later" scheme has: Ray's processes take ports of their own meanwhile (a CI run once failed
     with 'address already in use' that way). A port that cannot be had is a ValueError naming it
     (the CLI prints it without a traceback)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        return bind_socket(host, port)
     except OSError as e:
-        sock.close()
         raise ValueError(f"port: cannot listen on {host}:{port}: {e.strerror or e}") from e
-    return sock
 
 
 def freeze_startup_objects() -> None:

@@ -10,7 +10,6 @@ timeout).
 
 from __future__ import annotations
 
-import socket
 import tempfile
 import threading
 import traceback
@@ -23,7 +22,7 @@ import torch.multiprocessing as mp
 from zipserve.compress.lowrank import LowRankBases
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
-from zipserve.transfer.ports import hold_free_port
+from zipserve.transfer.ports import free_port, hold_free_port
 
 
 @dataclass
@@ -40,14 +39,6 @@ class LocalJob:
     synthetic_rank: int | None = None
     """Timing only: exchange through random orthonormal bases of this rank (a model without
     calibrated bases, e.g. random:llama3-8b); the KV slices stay those of `codec`."""
-
-
-def free_port() -> int:
-    """A port free now (the spawned ranks of run_local are other processes: nothing can hold it
-    for them)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_rank(
@@ -153,6 +144,7 @@ def run_local(
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
             _rank_main,
+            # spawned ranks are other processes: nothing here can hold the port for them
             args=(n, free_port(), tmp, jobs, device, timeout_s, threads),
             nprocs=n,
             join=False,

@@ -4,19 +4,11 @@ served deployment's decode pool to settle)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Callable
 
 from zipserve.deploy.http_client import post_json, stream_text  # noqa: F401 (re-exported)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stream_and_interrupt(

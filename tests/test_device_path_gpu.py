@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import faulthandler
 import queue
-import socket
 import tempfile
 import time
 import traceback
@@ -20,6 +19,7 @@ import torch.multiprocessing as mp
 
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.transfer.nccl_env import apply_nccl_defaults
+from zipserve.transfer.ports import free_port
 
 MODEL = str(REFERENCE_MODEL)
 JOIN_S = 150
@@ -131,12 +131,6 @@ def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
 
 
 # -- two processes -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pair_role(
     rank: int, port: int, dev: str, codec: str, path: str, results, finished, dump_dir: str
 ) -> None:
@@ -220,7 +214,7 @@ def _pair_role(
 
 def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
     ctx = mp.get_context("spawn")
-    port, results, finished = _free_port(), ctx.Queue(), ctx.Event()
+    port, results, finished = free_port(), ctx.Queue(), ctx.Event()
     dump_dir = tempfile.mkdtemp(prefix="zipserve-pair-")
     apply_nccl_defaults()  # inherited by the spawned ranks
     procs = [

@@ -23,9 +23,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from net_helpers import free_port as _port
 
 from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.transfer.ports import free_port as _port
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import threading
 import time
 import traceback
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
 from zipserve.transfer.inprocess import InProcessChannel
 from zipserve.transfer.link import LinkEmulator
+from zipserve.transfer.ports import free_port
 
 JOIN_S = 60.0
 HELLO = {"model": "ref-tiny", "codec": "hack2", "page_size": 64}
@@ -125,12 +125,6 @@ def test_link_emulator_bandwidth_latency_and_default_off():
 
 
 # -- two real processes over gloo ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _child(role: str, rank: int, port: int, args: dict, results) -> None:
     """Entry of a spawned process: runs one role and reports (rank, 'ok'|'error', value)."""
     try:
@@ -237,7 +231,7 @@ def _two_processes(roles: list[tuple[str, dict]]):
     """Spawn rank 0 and rank 1 with the given roles; yields a function that collects their
     results; every process is joined (then killed) before leaving."""
     ctx = mp.get_context("spawn")
-    port, results = _free_port(), ctx.Queue()
+    port, results = free_port(), ctx.Queue()
     procs = [
         ctx.Process(target=_child, args=(role, rank, port, args, results), daemon=True)
         for rank, (role, args) in enumerate(roles)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from zipserve.transfer.kv_messages import use_device_form
 from zipserve.transfer.link import LinkEmulator
 from zipserve.transfer.nccl_channel import NcclChannel
 from zipserve.transfer.nccl_env import NCCL_DEFAULTS, apply_nccl_defaults, nccl_env
+from zipserve.transfer.ports import free_port
 from zipserve.transfer.process_group import ProcessGroupChannel
 from zipserve.transfer.select import Endpoint
 from zipserve.transfer.transports import (
@@ -35,12 +35,6 @@ from zipserve.transfer.transports import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- declarations ------------------------------------------------------------------------------
@@ -103,7 +97,7 @@ def test_link_emulator_passes_the_declarations_through():
 
 
 def test_gloo_pair_declares_the_host_path():
-    port, out = _free_port(), {}
+    port, out = free_port(), {}
 
     def side(rank: int) -> None:
         out[rank] = ProcessGroupChannel("127.0.0.1", port, rank, timeout_s=30)
@@ -169,7 +163,7 @@ def test_group_spec_is_checked_where_it_is_built():
 
 def test_builder_makes_a_one_rank_gloo_group():
     timeout = timedelta(seconds=30)
-    store = rendezvous("127.0.0.1", _free_port(), 0, 1, timeout)
+    store = rendezvous("127.0.0.1", free_port(), 0, 1, timeout)
     pg = build_group(
         dist.PrefixStore("zipserve/test/", store),
         GroupSpec("gloo", 0, 1, timeout, gloo_hostname="127.0.0.1"),

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+
+from zipserve.transfer.ports import bind_socket
 
 
 def _is_loopback(host: str) -> bool:
@@ -37,11 +38,8 @@ def tcp_store(
         return dist.TCPStore(
             host, port, world_size, is_master, timeout, wait_for_workers=wait_for_workers
         )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = bind_socket("::1" if ":" in host else "127.0.0.1", port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
         sock.listen(128)
     except OSError:
         sock.close()
