@@ -45,6 +45,32 @@ def bind_listener(host: str, port: int) -> socket.socket:
         raise ValueError(f"port: cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
+@contextmanager
+def serve_in_thread(
+    app, sock: socket.socket, name: str = "uvicorn", startup_s: float = 60.0, **config
+):
+    """uvicorn serving app in a daemon thread on the bound socket sock (uvicorn.Config options in
+    config); yields the thread once the server accepts connections (RuntimeError if it does not
+    within startup_s, or its thread died); on exit stops it, joins the thread and closes sock."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + startup_s
+        while not server.started:
+            if time.time() > deadline or not thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        yield thread
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 def freeze_startup_objects() -> None:
     """Move everything alive after startup (torch, Ray, the model config, ...) out of the
     garbage collector's view: it is never garbage, and full collections that scan it pause the
@@ -66,7 +92,6 @@ def running_server(
     """Start Ray, the workers and uvicorn in a thread; yield the base URL; stop everything.
     port 0 picks a free port (the URL names it)."""
     import ray
-    import uvicorn
 
     from zipserve.router.app import create_app
     from zipserve.router.read_timeouts import uvicorn_options
@@ -79,26 +104,11 @@ def running_server(
         start_ray(address)
         backend = make_backend(cfg)
         app = create_app(backend, api_key=api_key, limits=limits)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app, host=host, port=port, log_level="warning", **uvicorn_options(limits)
-            )
-        )
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        try:
-            deadline = time.time() + 60
-            while not server.started:
-                if time.time() > deadline or not thread.is_alive():
-                    raise RuntimeError("the HTTP server did not start")
-                time.sleep(0.05)
+        with serve_in_thread(app, sock, log_level="warning", **uvicorn_options(limits)):
             freeze_startup_objects()
             yield f"http://{host}:{port}", backend
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
     finally:
-        sock.close()
+        sock.close()  # also when Ray or the workers failed to start
         if backend is not None:
             backend.shutdown()
         gc.unfreeze()  # let interpreter shutdown finalize them (extensions check for leaks)

@@ -12,17 +12,17 @@ import html
 import os
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from fake_backend import FakeBackend
 
+from zipserve.deploy.serve import serve_in_thread
 from zipserve.router.app import create_app
+from zipserve.transfer.ports import bind_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_TIMEOUT_S = 120
@@ -68,36 +68,14 @@ def run_chromium(binary: str, profile: Path, url: str, *extra: str) -> str:
     return proc.stdout
 
 
-class Server:
-    """uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(
-            target=self.server.run,
-            kwargs={"sockets": [self.sock]},
-            name="uvicorn-dashboard-test",
-            daemon=True,
-        )
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
+@contextmanager
+def serving(app):
+    """uvicorn in a thread on a free loopback port; yields its base URL."""
+    sock = bind_socket("127.0.0.1", 0)
+    with serve_in_thread(
+        app, sock, "uvicorn-dashboard-test", 10, log_level="warning", lifespan="on"
+    ):
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def section(dom: str, section_id: str) -> str:
@@ -121,7 +99,7 @@ def cell_value(dom: str, cell_id: str) -> float:
 def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
     binary = chromium()
     backend = FakeBackend(max_model_len=256, phase_delay=0.003, token_delay=0.003)
-    with Server(create_app(backend)) as srv, httpx.Client(base_url=srv.base, timeout=10) as c:
+    with serving(create_app(backend)) as base, httpx.Client(base_url=base, timeout=10) as c:
         served = []
         backend.cached_tokens, backend.held_tokens = 4, 8  # prefix-cache hits on both sides
         for i, codec in enumerate(["bf16", "fp8", "hack4", "kivi2", "hack4"]):
@@ -143,13 +121,13 @@ def test_dashboard_renders_served_jobs_in_chromium(tmp_path):
         failed = r.headers["x-zipserve-job-id"]
         backend.fail_message = None
 
-        dom = run_chromium(binary, tmp_path / "profile", f"{srv.base}/dashboard", "--dump-dom")
+        dom = run_chromium(binary, tmp_path / "profile", f"{base}/dashboard", "--dump-dom")
         shot = artifacts_dir() / "dashboard_fake_backend.png"
         shot.unlink(missing_ok=True)
         run_chromium(
             binary,
             tmp_path / "profile",
-            f"{srv.base}/dashboard",
+            f"{base}/dashboard",
             f"--screenshot={shot}",
             "--window-size=1400,1000",
             "--hide-scrollbars",

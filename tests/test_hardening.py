@@ -18,17 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from contextlib import contextmanager
 
 import anyio
 import httpx
 import pytest
-import uvicorn
 from fake_backend import FAKE_LOGPROB, FakeBackend
 
-from zipserve.deploy.serve import bind_listener
+from zipserve.deploy.serve import bind_listener, serve_in_thread
 from zipserve.router.app import create_app
 from zipserve.router.backend import FinishEvent, Job
 from zipserve.router.json_body import MAX_JSON_DEPTH
@@ -343,25 +341,9 @@ def serving(backend, limits: AdmissionConfig, api_key: str | None = None):
     """A real uvicorn on 127.0.0.1 with the read timeouts `zipserve serve` uses, on a socket bound
     before it starts (no window for another process to take the port)."""
     sock = bind_listener("127.0.0.1", 0)
-    port = sock.getsockname()[1]
     app = create_app(backend, api_key=api_key, limits=limits)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options(limits)
-        )
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(app, sock, startup_s=10, log_level="warning", **uvicorn_options(limits)):
+        yield sock.getsockname()[1]
 
 
 def read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:

@@ -4,7 +4,6 @@ API key, backend errors, and aborts on client disconnect (in-process and over a 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -13,7 +12,9 @@ import httpx
 import pytest
 from fake_backend import FakeBackend, held_back
 
+from zipserve.deploy.serve import serve_in_thread
 from zipserve.router.app import create_app
+from zipserve.transfer.ports import bind_socket
 
 pytestmark = pytest.mark.anyio
 
@@ -543,31 +544,15 @@ async def test_disconnect_aborts_job_in_process(backend, stream, spec):
     assert not backend.active
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 def test_disconnect_over_real_socket_aborts_within_1s():
-    import uvicorn
-
     backend = FakeBackend(max_model_len=MAX_LEN, token_delay=0.02)
     app = create_app(backend)
-    sock = _free_socket()
+    sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     threads_before = set(threading.enumerate())
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.01)
+    with serve_in_thread(
+        app, sock, "uvicorn-test", 10, log_level="warning", lifespan="on"
+    ) as thread:
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=5) as c:
             with c.stream(
@@ -593,10 +578,6 @@ def test_disconnect_over_real_socket_aborts_within_1s():
                 time.sleep(0.01)
             assert job["completion_tokens"] < 100 and job["jct"] is not None
             assert c.get("/health").json()["router"]["active_jobs"] == 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
     assert not thread.is_alive(), "uvicorn thread did not stop"
     assert not backend.active
     leaked = [t for t in set(threading.enumerate()) - threads_before if t.is_alive()]
