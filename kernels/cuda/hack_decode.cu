@@ -441,11 +441,7 @@ __device__ __forceinline__ void attend_page(
 
   // 1024 sum_t p~_s of this page per head (all rows equal), taken out of O when the page ends:
   // O then never carries more than one page's offsets, whose cancellation stays exact enough.
-  float off[E][4];
-#pragma unroll
-  for (int s = 0; s < E; ++s)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) off[s][i] = 0.f;
+  float off[E][4] = {};
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {  // PV chunk kk = m-tile kk's 16 tokens
     // p [tokens, heads] -> B fragments: (tokens 2 tid, 2 tid + 1; head gid), same for + 8
@@ -530,18 +526,8 @@ __device__ __forceinline__ void hack_decode_warp_v2(
   const int hi = min(lo + per, n_pg);
 
   float m_i[2] = {NEG_INF, NEG_INF};  // heads 2 tid, 2 tid + 1
-  float o[NWC][2][E][4];  // O^T [channel rows gid / gid + 8 of m-tile (wc, half, s)] x heads 2 tid..
-  float aux[4];           // [sum_t p mV_t,gid ; l] rows gid (gid + 8 unused) x heads 2 tid..
-#pragma unroll
-  for (int wc = 0; wc < NWC; ++wc)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-      for (int s = 0; s < E; ++s)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o[wc][hf][s][i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) aux[i] = 0.f;
+  float o[NWC][2][E][4] = {};  // O^T [channel rows gid / gid + 8 of m-tile (wc, half, s)] x heads
+  float aux[4] = {};           // [sum_t p mV_t,gid ; l] rows gid (gid + 8 unused) x heads 2 tid..
 
   if constexpr (STAGES > 0) {
     constexpr uint32_t STAGE = PageBytes<BITS>::STAGE;
