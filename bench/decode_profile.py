@@ -58,6 +58,20 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def op_times(prof, device: torch.device) -> list[tuple[str, int, float]]:
+    """(name, calls, us) of every kernel a torch.profiler run timed on a GPU (device time), or
+    of every op on the CPU (self time); names with no time left out."""
+    out = []
+    for e in prof.key_averages():
+        cuda = getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if device.type == "cuda" and not cuda:
+            continue
+        us = e.device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if us > 0:
+            out.append((e.key, e.count, us))
+    return out
+
+
 def _engine(model: str, device: str, codec: str, mode: str, batch: int, context: int) -> LLMEngine:
     return LLMEngine(
         model,
@@ -107,22 +121,16 @@ def profile_lane(
         for s in seqs:
             engine.pool.free(s.pages, s.seq_id)
         assert engine.pool.num_free == engine.pool.capacity, "decode_profile leaked pages"
-    rows = []
-    for e in prof.key_averages():
-        us = e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total
-        if dev.type == "cuda" and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        if us <= 0:
-            continue
-        rows.append(
-            dict(
-                lane=lane,
-                name=e.key,
-                kind=kind_of(e.key),
-                calls_per_step=e.count / steps,
-                us_per_step=us / steps,
-            )
+    rows = [
+        dict(
+            lane=lane,
+            name=name,
+            kind=kind_of(name),
+            calls_per_step=count / steps,
+            us_per_step=us / steps,
         )
+        for name, count, us in op_times(prof, dev)
+    ]
     rows.sort(key=lambda r: -r["us_per_step"])
     del engine, seqs, step  # the step closure holds the engine: drop every reference, so the
     gc.collect()  # next lane's pool is sized on free memory, not on this lane's leftovers

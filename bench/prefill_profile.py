@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from zipserve.bench.decode_profile import KINDS, kind_of
+from zipserve.bench.decode_profile import KINDS, kind_of, op_times
 from zipserve.engine import disaggregated
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
@@ -79,8 +79,9 @@ def profile_codec(model: str, device: str, codec: str, tokens: int, repeats: int
             ids, params, f"p{i}", device_form=form, use_cache=False
         )  # every layer exported (or not) before it returns
         _sync(dev)
+        seconds = time.perf_counter() - t
         wire = sum(kv.nbytes() for kv in res.layers if kv is not None) if export else 0
-        return time.perf_counter() - t, wire
+        return seconds, wire
 
     with_export, forward_only, wire = [], [], 0
     for i in range(2 + repeats):  # 2 warm-ups: kernels compiled, allocator sized, both ways
@@ -98,12 +99,8 @@ def profile_codec(model: str, device: str, codec: str, tokens: int, repeats: int
     with _export(host, skip=False), torch.profiler.profile(activities=acts) as prof:
         once(2 + repeats, True)
     kinds: dict[str, float] = {}
-    for e in prof.key_averages():
-        if dev.type == "cuda" and getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        us = e.device_time_total if dev.type == "cuda" else e.self_cpu_time_total
-        if us > 0:
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + us
+    for name, _, us in op_times(prof, dev):
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + us
     pool_ok = engine.pool.num_free == engine.pool.capacity
     engine = None  # drop the pool before the next codec's engine sizes its own
     gc.collect()
