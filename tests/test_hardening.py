@@ -35,8 +35,8 @@ from zipserve.router.read_timeouts import uvicorn_options
 
 pytestmark = pytest.mark.anyio
 KEY = "k3y-hardening"
-FAST_S = 1.0
-"""A rejected request answers within this."""
+FAST_S = 2.0
+"""A rejected request answers within this (well under 0.1 s idle; room for a loaded CI runner)."""
 
 
 @pytest.fixture
@@ -383,7 +383,7 @@ def test_slowloris_connections_are_answered_408_and_closed():
         t0 = time.perf_counter()
         closed_at: dict[int, float] = {}
         answers: dict[int, bytes] = {i: b"" for i in range(len(conns))}
-        while len(closed_at) < len(conns) and time.perf_counter() - t0 < 3:
+        while len(closed_at) < len(conns) and time.perf_counter() - t0 < 5:
             for i, s in enumerate(conns):  # one more header line each, every 0.1 s
                 if i in closed_at:
                     continue
@@ -402,7 +402,7 @@ def test_slowloris_connections_are_answered_408_and_closed():
         for s in conns:
             s.close()
         assert len(closed_at) == len(conns), f"{len(conns) - len(closed_at)} still open"
-        assert max(closed_at.values()) < TIMEOUTS.header_timeout_s + 1.0, closed_at
+        assert max(closed_at.values()) < TIMEOUTS.header_timeout_s + 2.0, closed_at
         got_408 = [a for a in answers.values() if a.startswith(b"HTTP/1.1 408 ")]
         assert got_408, answers  # (a reset may swallow some answers; none is anything else)
         assert all(not a or a.startswith(b"HTTP/1.1 408 ") for a in answers.values())
@@ -415,9 +415,9 @@ def test_slowloris_connections_are_answered_408_and_closed():
 def test_a_connection_that_sends_nothing_is_closed_silently():
     with serving(FakeBackend(), TIMEOUTS) as port:
         s = socket.create_connection(("127.0.0.1", port))
-        data, closed_after = read_until_closed(s, 3)
+        data, closed_after = read_until_closed(s, 5)
         s.close()
-        assert data == b"" and closed_after < TIMEOUTS.header_timeout_s + 1.0
+        assert data == b"" and closed_after < TIMEOUTS.header_timeout_s + 2.0
 
 
 @pytest.mark.parametrize("drip", [False, True], ids=["short-body", "dripped-body"])
@@ -436,11 +436,11 @@ def test_a_body_that_does_not_arrive_is_answered_408(drip):
                     s.sendall(b" ")
                 except OSError:
                     break
-        data, closed_after = read_until_closed(s, 3)
+        data, closed_after = read_until_closed(s, 5)
         s.close()
         assert data.startswith(b"HTTP/1.1 408 "), data
         assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
-        assert closed_after < TIMEOUTS.body_timeout_s + 1.0
+        assert closed_after < TIMEOUTS.body_timeout_s + 2.0
         assert good_request(port) == 200
     assert len(backend.jobs) == 1  # only the good request's
 
@@ -456,7 +456,7 @@ def test_read_timeouts_spare_keep_alive_and_long_responses():
                     c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code
                     == 200
                 )
-                time.sleep(0.35)  # < the timeout each time, > it in total
+                time.sleep(0.2)  # < the timeout each time (0.3 s to spare), > it in total
             with c.stream(
                 "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 30, "stream": True}
             ) as r:

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 )
 MODEL = str(REFERENCE_MODEL)
 KEY = "K"
-FAST_S = 1.0
+FAST_S = 2.0
 
 
 @pytest.fixture(scope="module")

@@ -524,7 +524,7 @@ async def _drive_asgi(
 
 @pytest.mark.parametrize("stream,spec", [(True, "2.3"), (True, "2.4"), (False, "2.3")])
 async def test_disconnect_aborts_job_in_process(backend, stream, spec):
-    backend.token_delay = 0.02
+    backend.token_delay = 0.05
     app = create_app(backend)
     t0 = time.monotonic()
     await _drive_asgi(
@@ -534,7 +534,7 @@ async def test_disconnect_aborts_job_in_process(backend, stream, spec):
         disconnect_after_s=None if stream else 0.2,
         spec_version=spec,
     )
-    assert time.monotonic() - t0 < 1.5  # nowhere near 100 tokens * 20 ms
+    assert time.monotonic() - t0 < 2.5  # nowhere near 100 tokens * 50 ms
     (job,) = backend.jobs
     assert backend.aborted == [job.id]
     record = app.state.router.registry.get(job.id)
@@ -544,8 +544,8 @@ async def test_disconnect_aborts_job_in_process(backend, stream, spec):
     assert not backend.active
 
 
-def test_disconnect_over_real_socket_aborts_within_1s():
-    backend = FakeBackend(max_model_len=MAX_LEN, token_delay=0.02)
+def test_disconnect_over_real_socket_aborts_promptly():
+    backend = FakeBackend(max_model_len=MAX_LEN, token_delay=0.05)
     app = create_app(backend)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
@@ -568,8 +568,10 @@ def test_disconnect_over_real_socket_aborts_within_1s():
                         if n == 3:
                             break
             closed_at = time.monotonic()  # leaving the block closes the connection mid-stream
-        assert backend.abort_event.wait(1.0), "backend.abort not called within 1 s"
-        assert time.monotonic() - closed_at < 1.0
+        # Well under 1 s on an idle machine; 2 s leaves room for a loaded CI runner and is still
+        # far below the ~5 s the remaining 97 tokens would take.
+        assert backend.abort_event.wait(2.0), "backend.abort not called within 2 s"
+        assert time.monotonic() - closed_at < 2.0
         assert backend.aborted == [job_id]
         with httpx.Client(base_url=base, timeout=5) as c:
             deadline = time.monotonic() + 2

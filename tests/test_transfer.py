@@ -92,15 +92,19 @@ def test_link_emulator_bandwidth_latency_and_default_off():
     assert not off.enabled
     t0 = time.monotonic()
     off.send(ten_mb, 1)
-    assert time.monotonic() - t0 < 0.05
+    assert time.monotonic() - t0 < 0.5  # no 80 ms of shaping (loose: a loaded CI machine)
+    assert off.busy_fraction(window_s=10.0) == 0.0
     assert b.recv(1, timeout=1.0).numel() == 10_000_000 and off.bytes_sent == 10_000_000
 
     link = LinkEmulator(a, gbps=1.0)
     t0 = time.monotonic()
     link.send(ten_mb, 1)  # 8e7 bits at 1e9 bit/s = 80 ms
     dt = time.monotonic() - t0
-    assert 0.075 <= dt < 0.3, dt
-    assert 0.5 <= link.busy_fraction(window_s=0.1) <= 1.0
+    assert 0.075 <= dt < 1.0, dt
+    # The link counts the 80 ms it was transmitting within any window that holds the send.
+    window = time.monotonic() - t0 + 0.05
+    busy_s = link.busy_fraction(window_s=window) * window
+    assert abs(busy_s - 0.08) < 0.005, busy_s
     time.sleep(0.15)
     assert link.busy_fraction(window_s=0.1) == 0.0
 
