@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from zipserve.compress.quantize import dequant_k, dequant_v
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, is_pow2
 from zipserve.kernels.decode_steps import _softmax_update
 from zipserve.kernels.hack_layout import check_bits, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
@@ -41,12 +42,7 @@ __all__ = [
 ]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP8 = torch.float8_e4m3fn
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
 
 
 def _shape(t) -> str:
@@ -57,13 +53,13 @@ def _check_call(
     q, k, v, past_pages, dense_k, dense_v, scale, out, kvh, page, pool_name, pool_device
 ):
     """Checks shared by both formats (everything but the pool's own layout) -> (n, H, D)."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in _DTYPES:
-        raise ValueError(f"q: must be [n, num_heads, head_dim] of {_DTYPES}, got {_shape(q)}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q: must be [n, num_heads, head_dim] of {FLOAT_DTYPES}, got {_shape(q)}")
     n, H, D = q.shape
     checks = [
         (head_dim_ok(D), "head_dim", head_dim_error(D, "q head_dim")),
         (
-            _is_pow2(page) and page >= 16,
+            is_pow2(page) and page >= 16,
             pool_name,
             f"page_size must be a power of two >= 16, got {page}",
         ),
@@ -214,12 +210,12 @@ def _check_kivi(
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float16 or t.dim() != 4:
             raise ValueError(f"{name}: must be a 4-d float16 tensor, got {_shape(t)}")
     ngk, ngv = k_scale.shape[2], v_scale.shape[3]
-    if ngk == 0 or P % ngk or not _is_pow2(P // ngk) or tuple(k_scale.shape) != (N, KVH, ngk, D):
+    if ngk == 0 or P % ngk or not is_pow2(P // ngk) or tuple(k_scale.shape) != (N, KVH, ngk, D):
         raise ValueError(
             f"k_scale: must be [N={N}, KVH={KVH}, P / token_group, D={D}] (power-of-two group), "
             f"got {tuple(k_scale.shape)}"
         )
-    if ngv == 0 or D % ngv or not _is_pow2(D // ngv) or tuple(v_scale.shape) != (N, KVH, P, ngv):
+    if ngv == 0 or D % ngv or not is_pow2(D // ngv) or tuple(v_scale.shape) != (N, KVH, P, ngv):
         raise ValueError(
             f"v_scale: must be [N={N}, KVH={KVH}, P={P}, D / channel_group] (power-of-two group), "
             f"got {tuple(v_scale.shape)}"

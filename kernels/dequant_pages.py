@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from zipserve.compress.quantize import dequant_k, dequant_v
+from zipserve.kernels.arg_checks import FLOAT_DTYPES
 from zipserve.kernels.hack_encode import hack_dequantize_ref
 from zipserve.kernels.hack_layout import HackPages, check_bits, unpack_planar
 from zipserve.kernels.head_dim import block_d
@@ -40,8 +41,6 @@ __all__ = [
     "hack_dequant_pages",
     "hack_dequant_pages_ref",
 ]
-
-_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -215,12 +214,12 @@ def _check_out(
         if (
             o.dim() != 4
             or tuple(o.shape[1:]) != (kvh, page, d)
-            or o.dtype not in _OUT_DTYPES
+            or o.dtype not in FLOAT_DTYPES
             or o.device != device
             or (o.numel() and o.stride(-1) != 1)
         ):
             raise ValueError(
-                f"{name}: must be [N, KVH={kvh}, P={page}, D={d}] of {_OUT_DTYPES} "
+                f"{name}: must be [N, KVH={kvh}, P={page}, D={d}] of {FLOAT_DTYPES} "
                 f"on {device} with a contiguous last dim, got {o.dtype} "
                 f"{tuple(o.shape)} on {o.device}"
             )

@@ -26,14 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels.arg_checks import is_pow2
 from zipserve.kernels.decode_steps import _dense_tail, _split_pages
 from zipserve.kernels.head_dim import block_d
-from zipserve.kernels.kivi_decode_attention import (
-    _attend_rows_ref,
-    _check_call_args,
-    _is_pow2,
-    _store_result,
-)
+from zipserve.kernels.kivi_decode_attention import _attend_rows_ref, _check_call_args
+from zipserve.kernels.kivi_decode_kernel import _store_result
 from zipserve.kernels.paged_decode_attention import (
     merge_splits,
     require_runnable,
@@ -217,7 +214,7 @@ def _check_inputs(
     )
     if Dk != D:
         raise ValueError(f"k head_dim {Dk} != q head_dim {D}")
-    if not (_is_pow2(P) and P >= 16):
+    if not (is_pow2(P) and P >= 16):
         raise ValueError(f"k page_size must be a power of two >= 16, got {P}")
     if v.shape != k.shape:
         raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")

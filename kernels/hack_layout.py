@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, is_pow2
 from zipserve.kernels.head_dim import head_dim_ok
 
 __all__ = [
@@ -54,12 +55,7 @@ __all__ = [
     "check_decode_args",
 ]
 
-_Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DECODE_MODES = ("f16", "int8")
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
 
 
 def check_bits(bits) -> int:
@@ -265,9 +261,9 @@ def check_decode_args(
         raise ValueError(f"bits={bits} does not match pages.bits={pages.bits}")
     if mode not in _DECODE_MODES:
         raise ValueError(f"mode must be one of {_DECODE_MODES}, got {mode!r}")
-    if q.dim() != 3 or q.dtype not in _Q_DTYPES:
+    if q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"q must be [B, num_heads, head_dim] of {_Q_DTYPES}, got {q.dtype} {tuple(q.shape)}"
+            f"q must be [B, num_heads, head_dim] of {FLOAT_DTYPES}, got {q.dtype} {tuple(q.shape)}"
         )
     (B, H, D), KVH, P, E = q.shape, pages.num_kv_heads, pages.page_size, 8 // pages.bits
     checks = [
@@ -277,7 +273,7 @@ def check_decode_args(
             "head_dim",
             f"must be an even number in [8, 256] and a multiple of {E}, got {D}",
         ),
-        (_is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
+        (is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
         (
             pages.group_v % (D // E) == 0,
             "pages",

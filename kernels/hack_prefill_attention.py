@@ -11,7 +11,7 @@ GV = group_v, NG = D // GV, h = (2^b - 1) / 2).
     and any open-page tokens before a chunk that starts mid-page); T may be 0.
   Returns out [n, H, D] in q's dtype.  Token order inside a set does not matter: RoPE is already in K.
 
-Math: the decode kernel's (hack_decode_attention.py), nothing dequantized.  Page j, query row r:
+Math: the decode kernel's (hack_decode_kernel.py), nothing dequantized.  Page j, query row r:
   s_rt = sum_c (q_rc sK_jc) k'_tc + q_r . mK_j;  o_rc = sum_t (p_rt sV_tg) v'_tc + sum_t p_rt mV_tg.
   "f16":  q~ = q * sK and p~ = p * sV rounded to fp16, codes exact in fp16, fp32 accumulation.
   "int8": q~ quantized to int8 per (row, page, plane), p~ per (row, page, V group) with zero point -128,
@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.hack_decode_attention import _unpack, _v_group, _v_plane, plane_width
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, is_pow2
+from zipserve.kernels.hack_decode_attention import plane_width
+from zipserve.kernels.hack_decode_kernel import _unpack, _v_group, _v_plane
 from zipserve.kernels.hack_layout import HackPages, check_bits, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
@@ -40,12 +42,7 @@ from zipserve.kernels.paged_decode_attention import is_interpreted, require_runn
 __all__ = ["hack_prefill_attention", "hack_prefill_attention_ref", "check_prefill_args"]
 
 _LOG2E = 1.4426950408889634
-_Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MODES = ("f16", "int8")
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
 
 
 def check_prefill_args(
@@ -59,9 +56,9 @@ def check_prefill_args(
         raise ValueError(f"bits: {bits} does not match pages.bits={pages.bits}")
     if mode not in _MODES:
         raise ValueError(f"mode: must be one of {_MODES}, got {mode!r}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in _Q_DTYPES:
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"q: must be [n, num_heads, head_dim] of {_Q_DTYPES}, got "
+            f"q: must be [n, num_heads, head_dim] of {FLOAT_DTYPES}, got "
             f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}"
         )
     (n, H, D), KVH, P, E = q.shape, pages.num_kv_heads, pages.page_size, 8 // pages.bits
@@ -72,7 +69,7 @@ def check_prefill_args(
             "head_dim",
             f"must be an even number in [8, 256] and a multiple of {E}, got {D}",
         ),
-        (_is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
+        (is_pow2(P) and P >= 16, "pages", f"page_size must be a power of two >= 16, got {P}"),
         (
             pages.group_v % (D // E) == 0,
             "pages",

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels.arg_checks import FLOAT_DTYPES
 from zipserve.kernels.decode_steps import _dense_tail, _online_softmax_step, _split_pages
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import merge_splits, require_runnable
@@ -44,7 +45,6 @@ from zipserve.kernels.paged_decode_attention import merge_splits, require_runnab
 __all__ = ["lowrank_decode_attention", "lowrank_decode_attention_ref", "lowrank_bytes_per_token"]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -197,9 +197,9 @@ def _check_inputs(
 ):
     """Validate arguments; returns (B, H, KVH, P, D, RK, RV, DV).  Raises ValueError naming the
     argument."""
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in _DTYPES:
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"q must be [B, H, D] of {_DTYPES}, got {getattr(q, 'dtype', type(q).__name__)} "
+            f"q must be [B, H, D] of {FLOAT_DTYPES}, got {getattr(q, 'dtype', type(q).__name__)} "
             f"{tuple(getattr(q, 'shape', ()))}"
         )
     B, H, D = q.shape

@@ -26,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, is_pow2
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref", "choose_num_splits"]
 
 _LOG2E = 1.4426950408889634
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -234,10 +234,6 @@ def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> to
     return out
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
-
-
 def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, out):
     """Validate arguments; returns (B, H, KVH, page_size, D). Raises ValueError naming the argument."""
     if q.dim() != 3:
@@ -251,8 +247,8 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
         raise ValueError(
             f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}"
         )
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
@@ -262,7 +258,7 @@ def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, 
         raise ValueError(f"k_cache head_dim {Dk} != q head_dim {D}")
     if not head_dim_ok(D):
         raise ValueError(head_dim_error(D, "q head_dim"))
-    if not _is_pow2(page_size):
+    if not is_pow2(page_size):
         raise ValueError(f"k_cache page_size must be a power of two, got {page_size}")
     if KVH == 0 or H % KVH != 0:
         raise ValueError(f"q num_heads {H} must be a multiple of k_cache num_kv_heads {KVH}")
