@@ -158,6 +158,14 @@ class ServeConfig:
                 f"--affinity-slack-tokens: must be an integer >= 0, got "
                 f"{self.affinity_slack_tokens!r}"
             )
+        if self.link_gbps is not None and not (
+            isinstance(self.link_gbps, (int, float))
+            and not isinstance(self.link_gbps, bool)
+            and self.link_gbps > 0
+        ):
+            raise ValueError(
+                f"--link-gbps: must be a number > 0 (None: no emulated link), got {self.link_gbps!r}"
+            )
         for name in ("transfer_deadline_s", "page_wait_s", "health_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")

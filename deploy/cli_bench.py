@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zipserve.deploy.cli_values import DECODE_KV_HELP, csv_floats, csv_ints, csv_links, csv_modes
+from zipserve.deploy.cli_values import (
+    DECODE_KV_HELP,
+    csv_codecs,
+    csv_floats,
+    csv_ints,
+    csv_links,
+    csv_modes,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from zipserve.deploy.engine_options import parse_engine_options
 from zipserve.deploy.shipped import LCKV_MODEL, PACKAGE_ROOT, REFERENCE_MODEL, default_model
 
@@ -216,8 +226,10 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
             "transfer",
         ],
     )
-    b.add_argument("--clients", type=int, default=64, help="load: concurrent streaming clients")
-    b.add_argument("--duration", type=float, default=60.0, help="load: seconds of load")
+    b.add_argument(
+        "--clients", type=positive_int, default=64, help="load: concurrent streaming clients"
+    )
+    b.add_argument("--duration", type=positive_float, default=60.0, help="load: seconds of load")
     b.add_argument(
         "--channels",
         default=None,
@@ -239,13 +251,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--max-mb",
-        type=float,
+        type=positive_float,
         default=256,
         help="transfer: largest message in MiB (sizes 4 KiB x 4^k)",
     )
     b.add_argument(
         "--link-gbps-bench",
-        type=float,
+        type=positive_float,
         default=10.0,
         help="disagg: the emulated link measured beside no link",
     )
@@ -256,13 +268,14 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument(
         "--codecs",
+        type=csv_codecs,
         default=None,
         help=f"default: {ALL_CODECS}; jct --sweep: {JCT_CODECS}; jct --url: the "
         f"deployment's (a codec given there is sent per request); engine: lanes, bf16 unless "
         f"given (hack2 = attention on codes, hack2/dense = decoded into the bf16 pool)",
     )
     b.add_argument("--text-dir", default=None)
-    b.add_argument("--gen-tokens", type=int, default=256)
+    b.add_argument("--gen-tokens", type=positive_int, default=256)
     b.add_argument("--device", default=None)
     b.add_argument(
         "--batches", type=csv_ints, default=None, help="default: 1,16,64 (engine), 1,8,32 (kernels)"
@@ -273,8 +286,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="default: 2048,8192 (engine), 4096,32768,131072 (kernels)",
     )
-    b.add_argument("--prefill-len", type=int, default=8192)
-    b.add_argument("--iters", type=int, default=20)
+    b.add_argument("--prefill-len", type=positive_int, default=8192)
+    b.add_argument("--iters", type=positive_int, default=20)
     b.add_argument("--out", default="out/bench")
     b.add_argument(
         "--models",
@@ -282,9 +295,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="lckv: comma-separated, the first is the "
         "baseline (default: models/zipserve-ref,models/zipserve-lckv)",
     )
-    b.add_argument("--lckv-codecs", default="bf16,hack2", help="lckv: codecs to stack on top")
-    b.add_argument("--budget-gb", type=float, default=8.0, help="lckv: KV memory budget (GiB)")
-    b.add_argument("--context", type=int, default=2000, help="lckv: tokens per sequence")
+    b.add_argument(
+        "--lckv-codecs", type=csv_codecs, default="bf16,hack2", help="lckv: codecs to stack on top"
+    )
+    b.add_argument(
+        "--budget-gb", type=positive_float, default=8.0, help="lckv: KV memory budget (GiB)"
+    )
+    b.add_argument("--context", type=positive_int, default=2000, help="lckv: tokens per sequence")
     j = b.add_argument_group("jct (replay a workload over HTTP; --sweep starts the system)")
     j.add_argument("--url", default=None, help="jct: base URL of a running deployment")
     j.add_argument(
@@ -308,7 +325,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     j.add_argument(
         "--rate",
-        type=float,
+        type=positive_float,
         default=None,
         help="jct --url: arrivals per second (multiturn: conversations per second)",
     )
@@ -321,18 +338,23 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     j.add_argument(
         "--num-requests",
-        type=int,
+        type=positive_int,
         default=32,
         help="jct: requests per run (multiturn: conversations)",
     )
     j.add_argument(
-        "--scale", type=float, default=1.0, help="jct: multiply token lengths (e.g. 0.02 on a CPU)"
+        "--scale",
+        type=positive_float,
+        default=1.0,
+        help="jct: multiply token lengths (e.g. 0.02 on a CPU)",
     )
-    j.add_argument("--seed", type=int, default=0)
-    j.add_argument("--max-seconds", type=float, default=120.0, help="jct: bound of one run")
+    j.add_argument("--seed", type=nonneg_int, default=0)
+    j.add_argument(
+        "--max-seconds", type=positive_float, default=120.0, help="jct: bound of one run"
+    )
     j.add_argument(
         "--vocab",
-        type=int,
+        type=positive_int,
         default=8000,
         help="jct --url: prompt token ids are drawn below min(vocab, 8000)",
     )
@@ -342,11 +364,15 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="jct --sweep: key=value EngineConfig option for the workers (repeat)",
     )
-    j.add_argument("--prefill-workers", type=int, default=1, help="jct --sweep: prefill workers")
-    j.add_argument("--decode-workers", type=int, default=1, help="jct --sweep: decode workers")
+    j.add_argument(
+        "--prefill-workers", type=positive_int, default=1, help="jct --sweep: prefill workers"
+    )
+    j.add_argument(
+        "--decode-workers", type=positive_int, default=1, help="jct --sweep: decode workers"
+    )
     j.add_argument(
         "--local-prefill-tokens",
-        type=int,
+        type=nonneg_int,
         default=None,
         help="jct --sweep: the deployment's --local-prefill-tokens (default: serve's)",
     )

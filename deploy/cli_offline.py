@@ -6,6 +6,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from zipserve.deploy.cli_values import (
+    Bounded,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from zipserve.deploy.shipped import REFERENCE_MODEL, default_model
 
 
@@ -152,11 +160,11 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text offline from one or more prompts")
     g.add_argument("--model", default=None, help="default: the shipped reference model")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=positive_int, default=32)
+    g.add_argument("--temperature", type=nonneg_float, default=0.0)
+    g.add_argument("--top-p", type=fraction, default=1.0)
+    g.add_argument("--top-k", type=Bounded(int, -1), default=0, help="0 or -1: off")
+    g.add_argument("--seed", type=nonneg_int, default=None)
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default=None)
     g.set_defaults(func=cmd_generate)
@@ -164,14 +172,14 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train the reference model from scratch (GPU: ~5 min)")
     t.add_argument("--out", default=str(REFERENCE_MODEL))
     t.add_argument("--text-dir", default=None, help="default: this Python's standard library")
-    t.add_argument("--tokens", type=int, default=100_000_000, help="training token budget")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seq-len", type=int, default=1024)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--layers", type=int, default=6)
-    t.add_argument("--hidden", type=int, default=256, help="hidden size (head_dim is 64)")
-    t.add_argument("--vocab", type=int, default=8192)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--tokens", type=positive_int, default=100_000_000, help="training token budget")
+    t.add_argument("--batch-size", type=positive_int, default=32)
+    t.add_argument("--seq-len", type=positive_int, default=1024)
+    t.add_argument("--lr", type=positive_float, default=2e-3)
+    t.add_argument("--layers", type=positive_int, default=6)
+    t.add_argument("--hidden", type=positive_int, default=256, help="hidden size (head_dim is 64)")
+    t.add_argument("--vocab", type=positive_int, default=8192)
+    t.add_argument("--seed", type=nonneg_int, default=0)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     t.add_argument(
@@ -182,12 +190,12 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--lckv-warmup",
-        type=int,
+        type=nonneg_int,
         default=2,
         help="lckv: warmup layers keeping their own KV (split bottom/top)",
     )
-    t.add_argument("--lckv-m", type=int, default=7, help="lckv: passes without gradient")
-    t.add_argument("--lckv-b", type=int, default=2, help="lckv: passes with gradient")
+    t.add_argument("--lckv-m", type=nonneg_int, default=7, help="lckv: passes without gradient")
+    t.add_argument("--lckv-b", type=positive_int, default=2, help="lckv: passes with gradient")
     t.add_argument(
         "--tokenizer-from",
         default=None,
@@ -210,7 +218,7 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--budget",
-        type=float,
+        type=fraction,
         default=None,
         help="lowrank: average fraction of K+V dimensions kept (default 0.5 = half the "
         "bytes); --lowrank-hack / --kvbits: bytes per token as a fraction of bf16's (default "
@@ -225,13 +233,13 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--rank-step",
-        type=int,
+        type=positive_int,
         default=8,
         help="lowrank ranks are multiples of this (must divide head_dim)",
     )
     c.add_argument(
         "--measure-windows",
-        type=int,
+        type=positive_int,
         default=8,
         help="lowrank / --lowrank-hack: training windows of --window tokens the choices are "
         "measured on (last half scored)",
@@ -250,18 +258,18 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--kvbits-windows",
-        type=int,
+        type=positive_int,
         default=4,
         help="--kvbits: calibration windows of --window tokens (last half scored)",
     )
     c.add_argument(
         "--min-gain",
-        type=float,
+        type=nonneg_float,
         default=0.005,
         help="--kvbits: least predicted perplexity decrease worth a 4-bit layer",
     )
-    c.add_argument("--tokens", type=int, default=200_000, help="calibration tokens")
-    c.add_argument("--window", type=int, default=1024)
+    c.add_argument("--tokens", type=positive_int, default=200_000, help="calibration tokens")
+    c.add_argument("--window", type=positive_int, default=1024)
     c.add_argument("--out", default=None, help="default: beside the checkpoint")
     c.add_argument("--device", default=None)
     c.set_defaults(func=cmd_calibrate)
@@ -270,13 +278,13 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("what", choices=["ppl"])
     e.add_argument("--model", default=None, help="default: the shipped reference model")
     e.add_argument("--text-dir", default=None, help="default: this Python's standard library")
-    e.add_argument("--context", type=int, default=1024)
-    e.add_argument("--stride", type=int, default=512)
+    e.add_argument("--context", type=positive_int, default=1024)
+    e.add_argument("--stride", type=positive_int, default=512)
     e.add_argument("--dtype", default="float32")
     e.add_argument("--device", default=None)
     e.add_argument(
         "--lckv-passes",
-        type=int,
+        type=positive_int,
         default=None,
         help="LCKV models: encode prompts with this many passes (config: m + b)",
     )

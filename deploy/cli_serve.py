@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from zipserve.deploy.cli_values import DECODE_KV_HELP, csv_modes
+from zipserve.deploy.cli_values import (
+    DECODE_KV_HELP,
+    csv_codecs,
+    csv_modes,
+    nonneg_float,
+    nonneg_int,
+    port_number,
+    positive_float,
+    positive_int,
+)
 from zipserve.deploy.engine_options import parse_engine_options
 from zipserve.deploy.shipped import default_model
 
@@ -126,8 +135,8 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
         "prompts as lists of token ids, completions answer with token_ids and "
         "empty text; text prompts, chat and stop strings get a 400",
     )
-    s.add_argument("--prefill", type=int, default=1, help="prefill workers (per codec)")
-    s.add_argument("--decode", type=int, default=1, help="decode workers (per codec)")
+    s.add_argument("--prefill", type=positive_int, default=1, help="prefill workers (per codec)")
+    s.add_argument("--decode", type=positive_int, default=1, help="decode workers (per codec)")
     s.add_argument(
         "--address",
         default=None,
@@ -138,77 +147,85 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
         default="127.0.0.1",
         help="address to bind (default loopback only; 0.0.0.0 exposes the server)",
     )
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument(
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on every route but /health",
     )
     s.add_argument("--api-key-file", default=None, help="read the API key from this file")
-    s.add_argument("--link-gbps", type=float, default=None, help="emulate a link of this speed")
+    s.add_argument(
+        "--link-gbps", type=positive_float, default=None, help="emulate a link of this speed"
+    )
     s.add_argument("--device", default=None)
     lim = s.add_argument_group("admission and limits")
     lim.add_argument(
         "--max-queued-tokens",
-        type=int,
+        type=positive_int,
         default=65536,
         help="prompt tokens waiting for prefill before new requests get 429",
     )
     lim.add_argument(
         "--max-queued-requests",
-        type=int,
+        type=positive_int,
         default=512,
         help="requests waiting for prefill before new requests get 429",
     )
     lim.add_argument(
         "--max-prompt-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="longest prompt accepted (default: the model's context)",
     )
     lim.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_float,
         default=600.0,
         help="seconds before a request fails with a timeout (a request's "
         "'timeout' field may ask for less)",
     )
     lim.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond it)"
+        "--max-body-bytes",
+        type=positive_int,
+        default=1 << 20,
+        help="largest request body (413 beyond it)",
     )
     lim.add_argument(
         "--header-timeout",
-        type=float,
+        type=positive_float,
         default=10.0,
         help="seconds a connection has to send a request's headers (408 and "
         "closed after; bounds slowloris clients)",
     )
     lim.add_argument(
         "--body-timeout",
-        type=float,
+        type=positive_float,
         default=30.0,
         help="seconds a request has to send its whole body once its headers are "
         "in (408 and closed after)",
     )
     lim.add_argument(
         "--page-wait",
-        type=float,
+        type=positive_float,
         default=30.0,
         help="longest a request waits for decode pages on a healthy worker pair",
     )
     lim.add_argument(
         "--transfer-deadline",
-        type=float,
+        type=positive_float,
         default=30.0,
         help="seconds for a request's KV to reach its decode worker",
     )
     rob = s.add_argument_group("failures and placement")
     rob.add_argument(
-        "--max-restarts", type=int, default=3, help="times Ray restarts a worker actor that died"
+        "--max-restarts",
+        type=nonneg_int,
+        default=3,
+        help="times Ray restarts a worker actor that died",
     )
     rob.add_argument(
         "--retries",
-        type=int,
+        type=nonneg_int,
         default=1,
         help="times a request whose worker failed before its first token is "
         "tried again on another pair",
@@ -222,14 +239,14 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     )
     rob.add_argument(
         "--affinity-slack-tokens",
-        type=int,
+        type=nonneg_int,
         default=4096,
         help="how much more load (prompt + max tokens held) a decode worker may carry than the "
         "least loaded and still be preferred for the prefix it holds",
     )
     rob.add_argument(
         "--local-prefill-tokens",
-        type=int,
+        type=nonneg_int,
         default=128,
         help="when the decode worker's prefix cache holds part of a prompt and at most this "
         "many tokens are left, it computes them itself and no KV crosses the link (0: never)",
@@ -247,14 +264,14 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--prefill-group",
-        type=int,
+        type=nonneg_int,
         default=0,
         metavar="N",
         help="a sequence-parallel prefill group of N workers for long prompts (0: off)",
     )
     s.add_argument(
         "--prefill-group-min-tokens",
-        type=int,
+        type=positive_int,
         default=16384,
         metavar="M",
         help="prompts of at least M tokens go to the prefill group",
@@ -271,14 +288,14 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser("demo", help="start the system, send real requests, print a JCT table")
     d.add_argument("--model", default=None, help="default: the shipped reference model")
-    d.add_argument("--codecs", default="bf16,hack4,hack2")
-    d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--codecs", type=csv_codecs, default="bf16,hack4,hack2")
+    d.add_argument("--max-tokens", type=positive_int, default=32)
     d.add_argument(
-        "--port", type=int, default=0, help="the router's port (default 0: any free one)"
+        "--port", type=port_number, default=0, help="the router's port (default 0: any free one)"
     )
     d.add_argument(
         "--link-gbps",
-        type=float,
+        type=nonneg_float,
         default=None,
         help="emulated prefill->decode link in Gb/s (0: unlimited; default: the link "
         "at which the model's KV moves as slowly per token as Llama-3-8B's does "

@@ -41,6 +41,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     (the CLI prints it without a traceback)."""
     try:
         return bind_socket(host, port)
+    except OverflowError:  # bind() refuses ports outside 0..65535 this way
+        raise ValueError(f"port: must be in [0, 65535], got {port}") from None
     except OSError as e:
         raise ValueError(f"port: cannot listen on {host}:{port}: {e.strerror or e}") from e
 

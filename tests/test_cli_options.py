@@ -1,14 +1,26 @@
 """deploy/: `--engine-option KEY=VALUE` values take the type of the EngineConfig field they set,
-and a key or value that cannot be one is refused naming the option; the CLI only dispatches."""
+and a key or value that cannot be one is refused naming the option; every number and codec list
+the CLI takes is checked against its range when parsed; the CLI only dispatches."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
 
 from zipserve.deploy.cli import build_parser, main
 from zipserve.deploy.cli_serve import serve_config
+from zipserve.deploy.cli_values import (
+    csv_codecs,
+    csv_ints,
+    csv_links,
+    fraction,
+    nonneg_int,
+    port_number,
+    positive_float,
+    positive_int,
+)
 from zipserve.deploy.engine_options import engine_option_types, parse_engine_options
 from zipserve.engine.config import EngineConfig
 
@@ -107,3 +119,79 @@ def test_serve_on_a_port_in_use_is_a_one_line_error_before_anything_starts(capsy
     err = capsys.readouterr().err
     assert f"port: cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
     assert started == []  # refused before Ray or any worker
+
+
+def _numeric_options(parser: argparse.ArgumentParser, path=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _numeric_options(sub, (*path, name))
+        elif action.type in (int, float):
+            yield " ".join(path), action.option_strings[-1]
+
+
+def test_every_numeric_option_declares_its_range():
+    """A bare int/float lets -5 or 0 through to wherever it breaks (a worker, a socket, a
+    division); every number the CLI takes says what it accepts instead (deploy/cli_values.py)."""
+    assert list(_numeric_options(build_parser())) == []
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["serve", "--port", "-5"], "--port"),
+        (["serve", "--port", "65536"], "--port"),
+        (["serve", "--link-gbps", "-3"], "--link-gbps"),
+        (["serve", "--prefill", "0"], "--prefill"),
+        (["serve", "--request-timeout", "nan"], "--request-timeout"),
+        (["serve", "--max-body-bytes", "1e3"], "--max-body-bytes"),
+        (["demo", "--link-gbps", "-3"], "--link-gbps"),
+        (["demo", "--max-tokens", "0"], "--max-tokens"),
+        (["demo", "--codecs", "bf16,nope"], "--codecs"),
+        (["demo", "--codecs", "bf16,"], "--codecs"),
+        (["bench", "quality", "--codecs", "nope"], "--codecs"),
+        (["bench", "engine", "--codecs", "hack2/dens"], "--codecs"),
+        (["bench", "jct", "--rates", "1,0"], "--rates"),
+        (["bench", "jct", "--links", "10,-1"], "--links"),
+        (["bench", "jct", "--num-requests", "0"], "--num-requests"),
+        (["bench", "kernels", "--batches", "8,0"], "--batches"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["generate", "--prompt", "x", "--top-k", "-2"], "--top-k"),
+        (["train", "--lr", "0"], "--lr"),
+        (["calibrate", "--budget", "1.5"], "--budget"),
+    ],
+)
+def test_a_bad_value_is_refused_by_name_before_anything_runs(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and "Traceback" not in err, err
+
+
+def test_bounded_values_at_their_edges():
+    assert positive_int("1") == 1 and nonneg_int("0") == 0 and port_number("65535") == 65535
+    assert fraction("1") == 1.0 and positive_float("1e-9") == 1e-9
+    for bad_type, text in [
+        (positive_int, "0"),
+        (positive_int, "2.0"),
+        (nonneg_int, "-1"),
+        (port_number, "65536"),
+        (fraction, "0"),
+        (positive_float, "inf-ish"),
+        (positive_float, "nan"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{text}'"):
+            bad_type(text)
+    assert csv_codecs(" hack2/dense, bf16 ") == "hack2/dense,bf16"
+    assert csv_ints("1,8,32") == [1, 8, 32] and csv_links("10,none") == [10.0, None]
+
+
+def test_library_configs_refuse_what_the_cli_would():
+    from zipserve.control.config import ServeConfig
+    from zipserve.deploy.serve import bind_listener
+
+    with pytest.raises(ValueError, match="--link-gbps: must be a number > 0"):
+        ServeConfig(model="random:tiny", codec="bf16", link_gbps=-1.0)
+    with pytest.raises(ValueError, match=r"port: must be in \[0, 65535\], got 70000"):
+        bind_listener("127.0.0.1", 70000)
