@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
-from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.prefix_cache import worker_cache_fields
@@ -85,12 +84,7 @@ class DecodeWorker:
         dtype: str = "auto",
         engine_options: dict | None = None,
     ):
-        self.engine = DisaggregatedEngine(
-            model,
-            dtype=dtype,
-            device=device,
-            engine_config=EngineConfig(codec=codec, **(engine_options or {})),
-        )
+        self.engine = DisaggregatedEngine.for_worker(model, codec, device, dtype, engine_options)
         self.codec = codec
         self.num_layers = self.engine.config.num_kv_layers  # layers whose KV arrives
         self.lock = threading.RLock()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zipserve.compress.wire import DeviceLayerKV, LayerKV
+from zipserve.engine.config import EngineConfig
 from zipserve.engine.detokenizer import Detokenizer
 from zipserve.engine.kv_export import export_layer, held_nbytes, import_layer
 from zipserve.engine.llm_engine import LLMEngine, RequestOutput
@@ -60,6 +61,24 @@ class PrefillResult:
 
 class DisaggregatedEngine(LLMEngine):
     """LLMEngine plus the prefill-export and decode-import halves."""
+
+    @classmethod
+    def for_worker(
+        cls,
+        model: str,
+        codec: str,
+        device: str | None,
+        dtype: str,
+        engine_options: dict | None,
+    ) -> DisaggregatedEngine:
+        """The engine a prefill or decode worker runs: `codec`'s pages, the deployment's
+        `--engine-option`s (validated by EngineConfig)."""
+        return cls(
+            model,
+            dtype=dtype,
+            device=device,
+            engine_config=EngineConfig(codec=codec, **(engine_options or {})),
+        )
 
     def _new_seq(self, prompt, params: SamplingParams, request_id: str) -> Sequence:
         self._check_params(params)

@@ -28,7 +28,6 @@ import torch
 
 from zipserve.compress.wire import LayerKV
 from zipserve.control.messages import PrefillStats, WorkerInfo
-from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
@@ -120,12 +119,7 @@ class PrefillWorker:
         dtype: str = "auto",
         engine_options: dict | None = None,
     ):
-        self.engine = DisaggregatedEngine(
-            model,
-            dtype=dtype,
-            device=device,
-            engine_config=EngineConfig(codec=codec, **(engine_options or {})),
-        )
+        self.engine = DisaggregatedEngine.for_worker(model, codec, device, dtype, engine_options)
         self.codec = codec
         self.max_inflight_bytes: int | None = None
         """Cap on KV sent but not yet taken by the decode side (CUDA IPC), set by the warm-up."""
