@@ -19,6 +19,8 @@
 #                              profile 8x32k, engine15                                     ~6 min
 #   cuda15     nvidia-h100-x1  issue 15: HACK decode CUDA backend vs Triton vs reference, then
 #                              speed vs SDPA / paged bf16 at 5 shapes                     ~6 min
+#   quick      nvidia-h100-x1  when device time is short: v2o3/v2p1/v2s2/v2s3 tested and timed
+#                              at 3 shapes, prefill bf16 vs hack2, an 8x8k decode step     ~8 min
 #   pipe15     nvidia-h100-x1  issue 15: the CUDA kernel's page-load variants (L2 prefetch,
 #                              shared-memory stages): each one's GPU tests, then 5 shapes  ~7 min
 #   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
@@ -45,7 +47,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -185,6 +187,26 @@ cuda15mini)
     # What a short device call can hold: the CUDA backend's correctness and three shapes.
     step 280 hack_backends python3 -m zipserve.bench.hack_backends \
         --cells 8x32768,1x131072,32x8192 --out "$WORK/hack_backends"
+    ;;
+quick)
+    # The most informative ~8 minutes when a session's device time is short: the pipelined
+    # variants most likely to win (global loads v2o3, L2 prefetch v2p1, shared-memory stages
+    # v2s2 / v2s3) tested and timed at the issue's three shapes, then where a compressed lane's
+    # prefill time goes (bf16 vs hack2) and where an 8 x 8k decode step's time goes.
+    ok=()
+    pytest_gpu 60 cuda_global -m gpu tests/test_hack_decode_cuda.py -k "v2o3 or v2p1" \
+        && ok+=(v2o3 v2p1)
+    for v in v2s2 v2s3; do
+        pytest_gpu 40 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v and not ${v}o4" \
+            && ok+=("$v")
+    done
+    step 200 hack_backends python3 -m zipserve.bench.hack_backends \
+        --variants "$(IFS=,; echo "${ok[*]:-v2o3}")" --cells 8x32768,1x131072,32x8192 \
+        --out "$WORK/hack_backends"
+    step 120 prefill_8k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,hack2 --tokens 8192 --repeats 3 --out "$WORK/prefill_8k"
+    step 100 profile_8x8k python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2 --batch 8 --context 8192 --out "$WORK/profile_8x8k"
     ;;
 pipe15)
     # How pages reach the CUDA kernel: v2o3 (global loads) against v2p1/v2p2 (L2 prefetch 1 / 2
