@@ -43,6 +43,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
         return bind_socket(host, port)
     except OverflowError:  # bind() refuses ports outside 0..65535 this way
         raise ValueError(f"port: must be in [0, 65535], got {port}") from None
+    except socket.gaierror as e:  # the host is no address of this machine's resolver
+        raise ValueError(f"host: cannot resolve {host!r}: {e.strerror or e}") from e
     except OSError as e:
         raise ValueError(f"port: cannot listen on {host}:{port}: {e.strerror or e}") from e
 

@@ -195,3 +195,16 @@ def test_library_configs_refuse_what_the_cli_would():
         ServeConfig(model="random:tiny", codec="bf16", link_gbps=-1.0)
     with pytest.raises(ValueError, match=r"port: must be in \[0, 65535\], got 70000"):
         bind_listener("127.0.0.1", 70000)
+
+
+def test_an_unresolvable_host_is_named(monkeypatch):
+    import socket
+
+    from zipserve.deploy import serve as serve_mod
+
+    def no_such_host(host, port):  # what the resolver raises; no network lookup in the test
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(serve_mod, "bind_socket", no_such_host)
+    with pytest.raises(ValueError, match=r"host: cannot resolve 'no\.such\.host'"):
+        serve_mod.bind_listener("no.such.host", 0)
