@@ -27,8 +27,8 @@ class Bounded:
             value = self.kind(text)
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(f"expected {self.rule}, got {text!r}") from None
-        low_ok = value > self.lo if self.above else value >= self.lo
-        if not low_ok or (self.hi is not None and value > self.hi) or value != value:  # NaN
+        low_ok = value > self.lo if self.above else value >= self.lo  # False for NaN too
+        if not low_ok or (self.hi is not None and value > self.hi):
             raise argparse.ArgumentTypeError(f"expected {self.rule}, got {text!r}")
         return value
 

@@ -26,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.kernels.arg_checks import FLOAT_DTYPES
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import require_runnable
 
 __all__ = ["lowrank_encode_pages", "lowrank_encode_pages_ref"]
 
-_IN = (torch.float16, torch.bfloat16, torch.float32)
 _OUT = (torch.float16, torch.float32)
 
 
@@ -132,9 +132,9 @@ def _pow2(x: int) -> bool:
 def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
     """Validate arguments; returns (n, KVH, P, D, RK, RV).  Raises ValueError naming the argument."""
     for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in _IN:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
             raise ValueError(
-                f"{name} must be [n, KVH, P, D] of {_IN}, got "
+                f"{name} must be [n, KVH, P, D] of {FLOAT_DTYPES}, got "
                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
             )
         if t.numel() and t.stride(-1) != 1:
