@@ -76,6 +76,22 @@ pytest_gpu() {  # pytest_gpu SECONDS NAME ARGS...: -rA so every test's outcome i
         --junitxml="$WORK/$name.xml" "$@"
 }
 
+cuda_variant_tests() {  # cuda_variant_tests SECONDS SECONDS_EACH "GLOBAL..." SHARED...: the
+    # CUDA HACK kernel variants' GPU tests, the global-load ones in one process, each shared-memory
+    # (cp.async) one in its own (a fault stays in its process); the variants that pass join ok
+    local limit=$1 each=$2 v
+    local -a global=($3)
+    shift 3
+    local k
+    k=$(printf ' or %s' "${global[@]}")
+    pytest_gpu "$limit" cuda_global -m gpu tests/test_hack_decode_cuda.py -k "${k# or }" \
+        && ok+=("${global[@]}")
+    for v in "$@"; do
+        pytest_gpu "$each" "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v and not ${v}o4" \
+            && ok+=("$v")
+    done
+}
+
 # Decode graphs for batches up to 32 only: each batch bucket compiles its own split count of the
 # compressed kernels at start-up, and these rates never run more than ~10 requests at once.
 GRAPHS=(--engine-option graph_batch_sizes=1,2,4,8,16,32 --engine-option max_num_seqs=32)
@@ -194,12 +210,7 @@ quick)
     # v2s2 / v2s3) tested and timed at the issue's three shapes, then where a compressed lane's
     # prefill time goes (bf16 vs hack2) and where an 8 x 8k decode step's time goes.
     ok=()
-    pytest_gpu 60 cuda_global -m gpu tests/test_hack_decode_cuda.py -k "v2o3 or v2p1" \
-        && ok+=(v2o3 v2p1)
-    for v in v2s2 v2s3; do
-        pytest_gpu 40 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v and not ${v}o4" \
-            && ok+=("$v")
-    done
+    cuda_variant_tests 60 40 "v2o3 v2p1" v2s2 v2s3
     step 200 hack_backends python3 -m zipserve.bench.hack_backends \
         --variants "$(IFS=,; echo "${ok[*]:-v2o3}")" --cells 8x32768,1x131072,32x8192 \
         --out "$WORK/hack_backends"
@@ -215,12 +226,7 @@ pipe15)
     # passed side by side with SDPA at five shapes.
     ok=(v2)
     # (limits: the call's 600 s hold the worst case only just; typically ~6 min in all)
-    pytest_gpu 80 cuda_global -m gpu tests/test_hack_decode_cuda.py \
-        -k "v2o3 or v2o4 or v2p1 or v2p2" && ok+=(v2o3 v2o4 v2p1 v2p2)
-    for v in v2s2 v2s3 v2s2o4; do  # cp.async into shared memory: one process each
-        pytest_gpu 45 "cuda_$v" -m gpu tests/test_hack_decode_cuda.py -k "$v and not ${v}o4" \
-            && ok+=("$v")
-    done
+    cuda_variant_tests 80 45 "v2o3 v2o4 v2p1 v2p2" v2s2 v2s3 v2s2o4
     step 380 hack_backends python3 -m zipserve.bench.hack_backends --variants "$(IFS=,; echo "${ok[*]}")" \
         --cells 8x32768,1x131072,32x8192,8x4096,64x8192 --out "$WORK/hack_backends"
     ;;
