@@ -63,7 +63,7 @@ VARIANTS = {
     "v2o4": Variant(4),
     "v2s2o4": Variant(4, stages=2),
 }
-DEFAULT_VARIANTS = {2: "v2o3", 4: "v2o3"}
+DEFAULT_VARIANTS = {2: "v2s2", 4: "v2s2"}
 """The variant each bit width runs unless $ZIPSERVE_HACK_CUDA_VARIANT names one (for both): set it
 from `python3 -m zipserve.bench.hack_backends`' closing lines (runbook `pipe15`)."""
 VARIANT_ENV = "ZIPSERVE_HACK_CUDA_VARIANT"
@@ -73,10 +73,11 @@ _MIN_PAGES_PER_SPLIT = 4
 
 def variant(bits: int) -> str:
     """The kernel variant for pages of `bits`: $ZIPSERVE_HACK_CUDA_VARIANT (a key of VARIANTS) or
-    DEFAULT_VARIANTS[bits].  v2o3 for both today: on the H100 (session 8) the fastest or within 4%
-    of it at 8 x 32k and 1 x 128k for hack2, 1 x 128k for hack4, and within 4-12% of v2 at twice
-    its splits elsewhere (bench/results/session8_h100/times.csv).  The prefetching (v2p*),
-    shared-memory (v2s*) and 128-register (*o4) variants are not measured yet."""
+    DEFAULT_VARIANTS[bits].  v2s2 (cp.async into two shared-memory stages) for both: on the H100
+    (session 11, bench/results/session11_h100/issue15/hack_backends, all nine variants at their
+    default splits over 8 x 32k, 1 x 128k, 32 x 8k, 8 x 4k and 64 x 8k) the highest geomean
+    speed vs SDPA: hack2 2.62x (v2s3 2.55x, v2s2o4 2.32x, v2o3 1.89x), hack4 1.97x (v2s3 1.97x,
+    v2o3 1.67x); the `quick` stage's run of the same cells ranked them the same way."""
     v = os.environ.get(VARIANT_ENV) or DEFAULT_VARIANTS[bits]
     if v not in VARIANTS:
         raise ValueError(f"${VARIANT_ENV} must be one of {sorted(VARIANTS)}, got {v!r}")

@@ -27,7 +27,7 @@ OTHER = DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", 40 * GIB)
         ("bf16", H100, 10 * GIB, "dense"),  # already dense
         ("lowrank", DeviceInfo("cpu"), 0, "compressed"),  # no dense form
         ("lowrank+hack4", H200, GIB, "compressed"),
-        ("hack2", H100, 10 * GIB, "compressed"),  # engine step 1.03x of bf16 (CUDA kernel)
+        ("hack2", H100, 10 * GIB, "compressed"),  # engine step 1.04x of bf16 (CUDA kernel)
         ("hack2", H200, 10 * GIB, "dense"),  # 0.75x vs 0.92x on H200
         ("hack4", H200, 10 * GIB, "dense"),
         ("fp8", H200, 10 * GIB, "dense"),
