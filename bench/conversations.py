@@ -95,9 +95,10 @@ def multiturn(
     scale: float = 1.0,
     vocab: int = 8000,
     id_range: tuple[int, int] = (3, 8000),
+    salt: str = "",
 ) -> ConversationWorkload:
     """`num_conversations` conversations arriving as a Poisson process of `rate` per second
-    (the first at t=0)."""
+    (the first at t=0). `salt` changes the token ids alone (bench/workloads.py)."""
     if rate <= 0:
         raise ValueError(f"rate: must be > 0 conversations/s, got {rate}")
     if num_conversations < 1:
@@ -107,7 +108,8 @@ def multiturn(
     low, high = id_range[0], min(vocab, id_range[1])
     if high <= low + 1:
         raise ValueError(f"vocab: {vocab} is too small for random prompts")
-    lengths, ids, arrivals = (random.Random(f"{seed}-{k}") for k in ("turns", "ids", "arr"))
+    lengths, arrivals = random.Random(f"{seed}-turns"), random.Random(f"{seed}-arr")
+    ids = random.Random(f"{seed}-ids{salt}")
     t, convs = 0.0, []
     for i in range(num_conversations):
         turns = []

@@ -4,8 +4,11 @@ arrival rate.
 The system (embedded Ray, one prefill and one decode worker, the router on loopback) is started
 once per codec and decode_kv mode (bf16 once: dense in every mode); each link is then set on the
 running pairs (`RayBackend.set_link`, only while idle) and each rate replays the same seeded
-workload (same requests, arrival times scaled by the rate) through `jct_client`. Between runs
-the sweep waits until every decode page is free again. `restart_each=True` starts a fresh
+workload (same lengths, arrival times scaled by the rate) through `jct_client`. Each (link, rate)
+cell draws its own token ids (`workloads.build(salt=)`): the system keeps running between cells
+and its workers cache prefixes, so replaying one cell's prompts in the next would measure cache
+hits (no prefill, no transfer) instead of the link. Codecs see the same ids in the same cell.
+Between runs the sweep waits until every decode page is free again. `restart_each=True` starts a fresh
 system for every (codec, mode, link, rate) instead (cleaner, slower: model load and warm-up
 every time). Each system gets one warm-up request (compiles kernels)
 before it is measured.
@@ -239,6 +242,7 @@ def _one_run(
         seed=cfg.seed,
         scale=cfg.scale,
         vocab=vocab,
+        salt=f"@{link}/{rate}",
     )
     t0 = time.time()
     results = client.submit(jct_client.replay, base, wl, max_seconds=cfg.max_seconds).result()

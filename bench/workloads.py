@@ -23,8 +23,11 @@ tokens), built from one of:
 on a CPU with a small model (e.g. `scale=0.02`: long-doc prompts of 82..328 tokens). Prompts are
 random token ids in [3, min(vocab, 8000)) (below every special token of the models we serve,
 the reference model's 8192-token vocabulary included) and are sent as token-id lists, so the
-server sees exactly `prompt_tokens` tokens. Lengths and arrivals come from separate seeded
-streams: the same seed gives the same requests at every rate, only their arrival times differ.
+server sees exactly `prompt_tokens` tokens. Lengths, arrivals and token ids come from separate
+seeded streams: the same seed gives the same requests at every rate, only their arrival times
+differ. `salt` changes the token ids alone (same lengths, same arrivals): a sweep that replays the
+workload on a system it keeps running salts each run, so a worker's prefix cache cannot serve one
+run's prompts from an earlier run's (bench/jct_sweep.py).
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def poisson(
     seed: int = 0,
     scale: float = 1.0,
     vocab: int = TOKEN_ID_HIGH,
+    salt: str = "",
 ) -> Workload:
     """`num_requests` requests of `shape` arriving as a Poisson process of `rate` per second
     (the first at t=0)."""
@@ -133,15 +137,16 @@ def poisson(
     if not 0 < scale <= 1:
         raise ValueError(f"scale: must be in (0, 1], got {scale}")
     lengths_rng, arrivals_rng = random.Random(f"{seed}-lengths"), random.Random(f"{seed}-arr")
+    ids_rng = random.Random(f"{seed}-ids{salt}")
     prefix = (
-        _prompt(_scaled(SHARED_PREFIX_TOKENS, scale, 1), random.Random(f"{seed}-prefix"), vocab)
+        _prompt(_scaled(SHARED_PREFIX_TOKENS, scale, 1), ids_rng, vocab)
         if shape == "shared-prefix"
         else []
     )
     t, reqs = 0.0, []
     for i in range(num_requests):
         p, o = _lengths(shape, lengths_rng)
-        prompt = prefix + _prompt(_scaled(p, scale, 2), lengths_rng, vocab)
+        prompt = prefix + _prompt(_scaled(p, scale, 2), ids_rng, vocab)
         reqs.append(WorkloadRequest(i, t, prompt, _scaled(o, scale, 1)))
         t += arrivals_rng.expovariate(rate)
     return Workload(f"{shape}@{rate:g}/s", reqs, seed, rate, scale)
@@ -154,6 +159,7 @@ def from_trace(
     scale: float = 1.0,
     vocab: int = TOKEN_ID_HIGH,
     limit: int | None = None,
+    salt: str = "",
 ) -> Workload:
     """Requests from a JSONL trace (`arrival_s`, `prompt_tokens`, `output_tokens` per line),
     sorted by arrival and shifted so the first arrives at t=0."""
@@ -178,7 +184,7 @@ def from_trace(
         raise ValueError(f"trace: {path} has no requests")
     rows.sort(key=lambda r: r[0])
     rows = rows[:limit] if limit else rows
-    rng = random.Random(f"{seed}-lengths")
+    rng = random.Random(f"{seed}-ids{salt}")
     t0 = rows[0][0]
     reqs = [
         WorkloadRequest(i, a - t0, _prompt(_scaled(p, scale, 2), rng, vocab), _scaled(o, scale, 1))
@@ -188,18 +194,30 @@ def from_trace(
 
 
 def build(
-    workload: str, *, rate: float | None, num_requests: int, seed: int, scale: float, vocab: int
+    workload: str,
+    *,
+    rate: float | None,
+    num_requests: int,
+    seed: int,
+    scale: float,
+    vocab: int,
+    salt: str = "",
 ) -> Workload | ConversationWorkload:
     """`workload` is a shape name (needs `rate`) or the path of a JSONL trace; `multiturn` is a
-    ConversationWorkload of `num_requests` conversations."""
+    ConversationWorkload of `num_requests` conversations. `salt`: other token ids, same lengths
+    and arrivals."""
     if workload in SHAPES:
         if rate is None:
             raise ValueError(f"rate: the {workload} workload needs an arrival rate")
         if workload in CONVERSATION_SHAPES:
-            return multiturn(rate, num_requests, seed=seed, scale=scale, vocab=vocab)
-        return poisson(workload, rate, num_requests, seed=seed, scale=scale, vocab=vocab)
+            return multiturn(rate, num_requests, seed=seed, scale=scale, vocab=vocab, salt=salt)
+        return poisson(
+            workload, rate, num_requests, seed=seed, scale=scale, vocab=vocab, salt=salt
+        )
     if not Path(workload).is_file():
         raise ValueError(
             f"workload: {workload!r} is neither a shape ({', '.join(SHAPES)}) nor a trace file"
         )
-    return from_trace(workload, seed=seed, scale=scale, vocab=vocab, limit=num_requests)
+    return from_trace(
+        workload, seed=seed, scale=scale, vocab=vocab, limit=num_requests, salt=salt
+    )

@@ -29,6 +29,15 @@ def test_workloads_are_seeded_and_rate_independent(tmp_path):
     assert [r.prompt_ids for r in a.requests] == [r.prompt_ids for r in b.requests]
     assert [r.prompt_ids for r in a.requests] != [r.prompt_ids for r in c.requests]
     assert b.duration_s < a.duration_s  # same requests, 4x the rate: arrivals closer together
+    # A salt draws other token ids for the same lengths and arrivals (one per cell of a sweep).
+    d = workloads.poisson("long-doc", 1.0, 20, seed=3, scale=0.02, vocab=8192, salt="@10/2")
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in d.requests] == [
+        (r.arrival_s, r.prompt_tokens, r.output_tokens) for r in a.requests
+    ]
+    assert all(x.prompt_ids != y.prompt_ids for x, y in zip(a.requests, d.requests))
+    shared = [workloads.poisson("shared-prefix", 1.0, 3, seed=0, salt=k) for k in ("", "x")]
+    assert shared[0].requests[0].prompt_ids[:2000] == shared[0].requests[2].prompt_ids[:2000]
+    assert shared[0].requests[0].prompt_ids[:2000] != shared[1].requests[0].prompt_ids[:2000]
     for r in a.requests:
         assert round(4096 * 0.02) <= r.prompt_tokens <= round(16384 * 0.02)
         assert 2 <= r.output_tokens <= 8
@@ -121,7 +130,7 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     cfg = jct_sweep.SweepConfig(
         model=str(REFERENCE_MODEL),
         codecs=("bf16", "hack2"),
-        links=(10.0,),
+        links=(10.0, None),
         rates=(3.0,),
         workload="long-doc",
         num_requests=6,
@@ -143,14 +152,21 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     assert meta["model"] == "models/zipserve-ref" and meta["command"].startswith("pytest")
     summ = load_csv(out / "jct_summary.csv")
     assert [(s["codec"], s["decode_kv"], s["link_gbps"], s["rate"]) for s in summ] == [
-        ("bf16", "dense", 10.0, 3.0),
-        ("hack2", "compressed", 10.0, 3.0),
-        ("hack2", "dense", 10.0, 3.0),
+        (codec, mode, link, 3.0)
+        for codec, mode in (("bf16", "dense"), ("hack2", "compressed"), ("hack2", "dense"))
+        for link in (10.0, "none")
     ]
     assert all(s["ok"] == s["sent"] == 6 for s in summ)
-    assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ)
+    assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ if s["link_gbps"] != "none")
     reqs = load_csv(out / "jct_requests.csv")
-    assert len(reqs) == 18 and {r["status"] for r in reqs} == {"ok"}
+    assert len(reqs) == 36 and {r["status"] for r in reqs} == {"ok"}
+    # Every cell runs on the same system as the one before it: its prompts must be its own, or
+    # the workers' prefix caches serve them (no prefill, no transfer) and the cell measures
+    # cache hits. Each request prefilled and sent its whole prompt.
+    assert all(r["cached_tokens"] == 0 and r["kv_cached_tokens"] == 0 for r in reqs), [
+        (r["link_gbps"], r["cached_tokens"]) for r in reqs
+    ]
+    assert all(r["kv_bytes"] > 0 for r in reqs)
     assert {(r["codec"], r["decode_kv"]) for r in reqs} == {
         ("bf16", "dense"),
         ("hack2", "compressed"),
