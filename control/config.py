@@ -63,9 +63,10 @@ class ServeConfig:
     served_model_name: str | None = None
     """The model's name in the API (/v1/models, a request's `model`); None: the last part of
     `model` (a checkpoint's directory name, never its absolute path)."""
-    decode_kv: str = "compressed"
+    decode_kv: str = "auto"
     """What decode workers keep of the codec's KV (engine/decode_kv.py): compressed, dense or
-    auto; one mode for every lane, or one per codec separated by commas in `codecs` order.
+    auto (the default: each decode worker picks from its device and the measured kernel speeds;
+    dense on the CPU, compressed for hack on an H100); one mode for every lane, or one per codec separated by commas in `codecs` order.
     Only decode workers get it: prefill workers always send the codec's wire form."""
     skip_tokenizer: bool = False
     """Serve without a tokenizer (`--skip-tokenizer`; engine/no_tokenizer.py): prompts are token

@@ -115,10 +115,10 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--decode-kv",
-        default="compressed",
+        default="auto",
         metavar="MODE",
         help=DECODE_KV_HELP + "; one for every codec, or one per codec in --codec's "
-        "order (default: compressed)",
+        "order (default: auto, each decode worker picks for its device)",
     )
     s.add_argument(
         "--engine-option",

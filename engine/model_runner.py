@@ -44,7 +44,7 @@ class ModelRunner:
         if device.type == "cuda" and not cache.graph_safe:
             log.warning(
                 "this engine's KV cache is not marked graph-safe on CUDA (its codec's decode "
-                "was not checked under CUDA graphs on a GPU, e.g. lowrank+hack*): decode runs "
+                "was not checked under CUDA graphs on a GPU): decode runs "
                 "eagerly, one launch at a time; expect it slower than bf16's"
             )
         if device.type == "cuda" and engine_config.cuda_graphs and cache.graph_safe:

@@ -117,7 +117,7 @@ def test_cli_takes_decode_kv(capsys):
         "hack2": "dense",
         "bf16": "compressed",
     }
-    assert build_parser().parse_args(["serve"]).decode_kv == "compressed"  # the default
+    assert build_parser().parse_args(["serve"]).decode_kv == "auto"  # the default
     assert build_parser().parse_args(["demo", "--decode-kv", "auto"]).decode_kv == "auto"
     assert csv_modes("compressed, dense") == ["compressed", "dense"]
     with pytest.raises(ValueError, match="--decode-kv: expected"):

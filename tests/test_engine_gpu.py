@@ -79,7 +79,7 @@ def test_gpu_codecs_decode_equals_scoring(codec):
     assert llm.engine.pool.num_free == llm.engine.pool.capacity
 
 
-@pytest.mark.parametrize("codec", ["fp8", "kivi2", "hack2", "hack4", "lowrank"])
+@pytest.mark.parametrize("codec", ["fp8", "kivi2", "hack2", "hack4", "lowrank", "lowrank+hack2"])
 def test_gpu_compressed_graphs_equal_eager(codec):
     """Compressed decode captured in CUDA graphs (page sealing inside the graph) gives the same
     tokens and logprobs as eager decode, and every page comes back.
