@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from zipserve.deploy.cli_values import (
@@ -67,6 +68,9 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
         )
     if args.rate is None and args.workload in workloads.SHAPES:
         raise ValueError(f"--rate: the {args.workload} workload needs an arrival rate")
+    # A running deployment caches prefixes: a fresh salt per run (same lengths and arrivals,
+    # other token ids) keeps a repeated run from being served from an earlier run's cache.
+    salt = args.salt if args.salt is not None else f"run{time.time_ns()}"
     wl = workloads.build(
         args.workload,
         rate=args.rate,
@@ -74,7 +78,9 @@ def cmd_bench_jct(args: argparse.Namespace) -> int:
         seed=args.seed,
         scale=args.scale,
         vocab=args.vocab,
+        salt=salt,
     )
+    print(f"prompt token ids: seed {args.seed}, salt {salt!r} (--salt {salt} replays them)")
     jct_client.run(
         args.url,
         wl,
@@ -349,6 +355,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="jct: multiply token lengths (e.g. 0.02 on a CPU)",
     )
     j.add_argument("--seed", type=nonneg_int, default=0)
+    j.add_argument(
+        "--salt",
+        default=None,
+        help="jct --url: draw the prompts' token ids with this salt (same lengths and "
+        "arrivals); default: a fresh one per run, so the deployment's prefix cache cannot "
+        "serve a repeated run's prompts (give the printed salt to replay them)",
+    )
     j.add_argument(
         "--max-seconds", type=positive_float, default=120.0, help="jct: bound of one run"
     )

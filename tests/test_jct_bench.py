@@ -348,3 +348,23 @@ def test_sweep_config_is_validated_where_it_is_built():
     ]:
         with pytest.raises(ValueError, match=match):
             jct_sweep.SweepConfig(**{**base, **bad})
+
+
+def test_bench_jct_url_salts_each_run_unless_told(monkeypatch, tmp_path, capsys):
+    """Against a running deployment (which caches prefixes), two runs of `bench jct --url` send
+    other token ids with the same lengths; `--salt` (printed by every run) replays a run."""
+    from zipserve.deploy.cli import build_parser
+
+    sent = []
+    monkeypatch.setattr(jct_client, "run", lambda url, wl, *a, **k: sent.append(wl))
+    argv = ["bench", "jct", "--url", "http://127.0.0.1:1", "--rate", "2", "--num-requests", "3"]
+    argv += ["--scale", "0.02", "--out", str(tmp_path)]
+    for extra in ([], [], ["--salt", "s1"], ["--salt", "s1"]):
+        args = build_parser().parse_args(argv + extra)
+        args.argv = argv + extra  # as cli.main sets it
+        assert args.func(args) == 0
+    ids = [[r.prompt_ids for r in wl.requests] for wl in sent]
+    lengths = [[(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in wl.requests] for wl in sent]
+    assert ids[0] != ids[1] and ids[2] == ids[3] and ids[1] != ids[2]
+    assert lengths[0] == lengths[1] == lengths[2] == lengths[3]
+    assert "salt 's1' (--salt s1 replays them)" in capsys.readouterr().out
