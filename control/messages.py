@@ -27,10 +27,15 @@ class WorkerInfo:
     device: str
     decode_kv: str | None = None
     """A decode worker's decode_kv, `auto` resolved (engine/decode_kv.py); None for prefill."""
+    decode_kv_reason: str | None = None
+    """Why the decode worker keeps that form (what `auto` weighed; "asked for" otherwise)."""
 
     def hello(self) -> dict:
-        """The dict transfer.pairing.connect_pair checks against the peer's."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The dict transfer.pairing.connect_pair checks against the peer's (the reason is
+        for people, not for pairing)."""
+        return {
+            k: v for k, v in asdict(self).items() if v is not None and k != "decode_kv_reason"
+        }
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class RayBackend:
         self.device = info.device
         self.decode_kv = info.decode_kv
         """The decode workers' decode_kv, `auto` resolved by the first of them."""
+        self.decode_kv_reason = info.decode_kv_reason
         self.prefill_group = (
             None
             if not cfg.group.enabled

@@ -116,6 +116,7 @@ class DecodeWorker:
             self.num_layers,
             str(e.device),
             e.decode_kv,
+            e.decode_kv_reason,
         )
 
     # -- KV arrival ------------------------------------------------------------------------

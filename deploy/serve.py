@@ -120,6 +120,18 @@ def running_server(
             ray.shutdown()
 
 
+def decode_kv_lines(cfg: ServeConfig, backend) -> list[str]:
+    """One line per lane: what its decode workers keep of the codec's KV and why (`auto`'s
+    choice is made by each worker for its device, so it is only known once they run)."""
+    lanes = getattr(backend, "lanes", None) or {cfg.codecs[0]: backend}
+    lines = []
+    for codec, lane in lanes.items():
+        asked = cfg.decode_kv_modes[codec]
+        why = f"auto: {lane.decode_kv_reason}" if asked == "auto" else lane.decode_kv_reason
+        lines.append(f"zipserve: {codec}: decode KV {lane.decode_kv} ({why})")
+    return lines
+
+
 def serve(
     cfg: ServeConfig,
     host: str,
@@ -147,6 +159,8 @@ def serve(
         f"http://{host}:{port}",
         flush=True,
     )
+    for line in decode_kv_lines(cfg, backend):
+        print(line, flush=True)
     if host not in LOOPBACK_HOSTS and api_key is None:
         print(
             f"zipserve: warning: listening on {host} without an API key; anyone who can "

@@ -184,3 +184,5 @@ def test_replies_read_by_attribute():
         "num_layers": 6,
         "device": "cpu",
     }
+    dec = WorkerInfo("m", "hack2", 64, 6, "cpu", "dense", "CPU: the compressed path runs ...")
+    assert dec.hello() == {**info.hello(), "decode_kv": "dense"}  # the reason is not paired on

@@ -82,6 +82,25 @@ def test_dense_decode_worker_gets_the_same_bytes():
     assert pre.engine.pool.num_used == 0
 
 
+def test_serve_prints_each_lanes_decode_kv_and_why():
+    from types import SimpleNamespace
+
+    from zipserve.deploy.serve import decode_kv_lines
+
+    cfg = ServeConfig(model=MODEL, codec="hack2", extra_codecs=("kivi2",), decode_kv="auto,dense")
+    lanes = {
+        "hack2": SimpleNamespace(decode_kv="dense", decode_kv_reason="CPU: torch references"),
+        "kivi2": SimpleNamespace(decode_kv="dense", decode_kv_reason="asked for"),
+    }
+    assert decode_kv_lines(cfg, SimpleNamespace(lanes=lanes)) == [
+        "zipserve: hack2: decode KV dense (auto: CPU: torch references)",
+        "zipserve: kivi2: decode KV dense (asked for)",
+    ]
+    one = ServeConfig(model=MODEL, codec="fp8", decode_kv="compressed")
+    lane = SimpleNamespace(decode_kv="compressed", decode_kv_reason="asked for")
+    assert decode_kv_lines(one, lane) == ["zipserve: fp8: decode KV compressed (asked for)"]
+
+
 def test_serve_config_decode_kv_per_lane():
     cfg = ServeConfig(
         model=MODEL,
