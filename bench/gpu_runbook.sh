@@ -11,6 +11,7 @@
 #                              and dense) under load at none/10 Gb/s (issue 16)           ~7 min
 #   jct-16     nvidia-h100-x1  issue-16 goals: bf16, kivi2, hack2 (decode-kv auto), links
 #                              10/none, rates 1/2/3, 16 requests per run                   ~8 min
+#   jct-16b    nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2 (auto)       ~8 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 8x8k and 8x32k      ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
@@ -47,7 +48,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -155,6 +156,14 @@ jct-16)
         --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
         --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
         "${GRAPHS[@]}" --out "$WORK/jct_16"
+    ;;
+jct-16b)
+    # The same workload for the rest of the issue's codecs, each as `auto` picks (4 lanes:
+    # jct-b's 7 lanes of compressed and dense no longer fit one call once no cell is a cache hit).
+    step 560 jct_16b python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs fp8,hack4,hack2mix,lowrank+hack2 --decode-kv auto \
+        --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16b"
     ;;
 profile)
     # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes
