@@ -201,12 +201,15 @@ cuda15)
     pytest_gpu 120 hack_cuda_tests -m gpu tests/test_hack_decode_cuda.py
     ;;
 lowrank16)
-    # lowrank+hack decode on the HACK kernel (issue 16): GPU tests of the low-rank codecs, then
-    # decode tokens/s (eager: the codec is not yet graph_safe; flip it once the graph test passes).
-    pytest_gpu 200 lowrank_gpu -m gpu tests/test_engine_gpu.py -k lowrank
-    step 200 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
+    # lowrank+hack decode (issue 16): GPU tests of the low-rank codecs (graphs = eager among
+    # them), decode tokens/s under CUDA graphs (session 11: 0.49x bf16's at 8 x 8k), then where
+    # its eager step's device time goes beside hack2's (its pages run the Triton HACK kernel).
+    pytest_gpu 200 lowrank_gpu -m gpu tests/test_engine_gpu.py tests/test_lowrank_fold.py -k lowrank
+    step 150 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2,lowrank+hack4 --batches 8,32 --contexts 8192 \
         --out "$WORK/engine_lowrank"
+    step 120 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     ;;
 cuda15mini)
     # What a short device call can hold: the CUDA backend's correctness and three shapes.
