@@ -211,13 +211,9 @@ def build(
             raise ValueError(f"rate: the {workload} workload needs an arrival rate")
         if workload in CONVERSATION_SHAPES:
             return multiturn(rate, num_requests, seed=seed, scale=scale, vocab=vocab, salt=salt)
-        return poisson(
-            workload, rate, num_requests, seed=seed, scale=scale, vocab=vocab, salt=salt
-        )
+        return poisson(workload, rate, num_requests, seed=seed, scale=scale, vocab=vocab, salt=salt)
     if not Path(workload).is_file():
         raise ValueError(
             f"workload: {workload!r} is neither a shape ({', '.join(SHAPES)}) nor a trace file"
         )
-    return from_trace(
-        workload, seed=seed, scale=scale, vocab=vocab, limit=num_requests, salt=salt
-    )
+    return from_trace(workload, seed=seed, scale=scale, vocab=vocab, limit=num_requests, salt=salt)

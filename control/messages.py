@@ -33,9 +33,7 @@ class WorkerInfo:
     def hello(self) -> dict:
         """The dict transfer.pairing.connect_pair checks against the peer's (the reason is
         for people, not for pairing)."""
-        return {
-            k: v for k, v in asdict(self).items() if v is not None and k != "decode_kv_reason"
-        }
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "decode_kv_reason"}
 
 
 @dataclass(frozen=True)

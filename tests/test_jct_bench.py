@@ -364,7 +364,9 @@ def test_bench_jct_url_salts_each_run_unless_told(monkeypatch, tmp_path, capsys)
         args.argv = argv + extra  # as cli.main sets it
         assert args.func(args) == 0
     ids = [[r.prompt_ids for r in wl.requests] for wl in sent]
-    lengths = [[(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in wl.requests] for wl in sent]
+    lengths = [
+        [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in wl.requests] for wl in sent
+    ]
     assert ids[0] != ids[1] and ids[2] == ids[3] and ids[1] != ids[2]
     assert lengths[0] == lengths[1] == lengths[2] == lengths[3]
     assert "salt 's1' (--salt s1 replays them)" in capsys.readouterr().out
