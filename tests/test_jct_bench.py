@@ -370,3 +370,19 @@ def test_bench_jct_url_salts_each_run_unless_told(monkeypatch, tmp_path, capsys)
     assert ids[0] != ids[1] and ids[2] == ids[3] and ids[1] != ids[2]
     assert lengths[0] == lengths[1] == lengths[2] == lengths[3]
     assert "salt 's1' (--salt s1 replays them)" in capsys.readouterr().out
+
+
+def test_report_names_cells_served_from_a_prefix_cache():
+    """The H100 sweep of session 11 (before each cell drew its own prompts): every cell after a
+    lane's first was served from the workers' prefix caches; the report names exactly those."""
+    from zipserve.deploy.shipped import PACKAGE_ROOT
+
+    rows = load_csv(PACKAGE_ROOT / "bench/results/session11_h100/jct-16/jct_16/jct_requests.csv")
+    hits = jct_report.cache_hit_cells(rows, "long-doc")
+    assert len(hits) == 15 and "bf16 link 10.0 rate 2: 16/16 requests" in hits  # 3 lanes x 5
+    assert not any("rate 1:" in h and "link 10.0" in h for h in hits)  # each lane's first cell
+    assert jct_report.cache_hit_cells(rows, "multiturn") == []  # hits are the point there
+    clean = [dict(r, cached_tokens=0.0) for r in rows]
+    assert jct_report.cache_hit_cells(clean, "long-doc") == []
+    old = [{k: v for k, v in r.items() if k != "cached_tokens"} for r in rows]  # before the column
+    assert jct_report.cache_hit_cells(old, "long-doc") == []
