@@ -426,10 +426,6 @@ class LowRankCodec(KVCodec):
             )
         if len({b is None for b in per_bits}) > 1:  # the cache keeps one set of sinks
             raise ValueError(f"codec: {name} needs HACK bits in every layer or in none")
-        # Plain lowrank decodes with a Triton kernel under CUDA graphs; lowrank+hack with the HACK
-        # kernel and torch ops without host syncs (`_hack_decode`), also captured (GPU test
-        # test_gpu_compressed_graphs_equal_eager[lowrank+hack2]).
-        self.graph_safe = True
         for i, b in enumerate(bases.layers):
             for n, t in b.items():
                 if (
