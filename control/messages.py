@@ -31,9 +31,8 @@ class WorkerInfo:
     """Why the decode worker keeps that form (what `auto` weighed; "asked for" otherwise)."""
 
     def hello(self) -> dict:
-        """The dict transfer.pairing.connect_pair checks against the peer's (the reason is
-        for people, not for pairing)."""
-        return {k: v for k, v in asdict(self).items() if v is not None and k != "decode_kv_reason"}
+        """The dict transfer.pairing.connect_pair checks against the peer's."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)

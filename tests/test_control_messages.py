@@ -22,6 +22,7 @@ from zipserve.control.messages import (
 from zipserve.control.multi_codec import MultiCodecBackend
 from zipserve.control.ray_backend import RayBackend
 from zipserve.control.worker_pool import WorkerSlot
+from zipserve.transfer.pairing import COMPAT_KEYS
 
 
 def _stats(role: str, codec: str, **kw):
@@ -185,4 +186,5 @@ def test_replies_read_by_attribute():
         "device": "cpu",
     }
     dec = WorkerInfo("m", "hack2", 64, 6, "cpu", "dense", "CPU: the compressed path runs ...")
-    assert dec.hello() == {**info.hello(), "decode_kv": "dense"}  # the reason is not paired on
+    paired = [{k: w.hello()[k] for k in COMPAT_KEYS} for w in (info, dec)]
+    assert paired[0] == paired[1]  # the reason (and decode_kv) is not paired on
