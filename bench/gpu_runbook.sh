@@ -12,6 +12,8 @@
 #   jct-16     nvidia-h100-x1  issue-16 goals: bf16, kivi2, hack2 (decode-kv auto), links
 #                              10/none, rates 1/2/3, 16 requests per run                   ~8 min
 #   jct-16b    nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2 (auto)       ~8 min
+#   ipc16      nvidia-h100-x1  CUDA-IPC receiver no longer waits on the sender's stream: tests,
+#                              bf16/hack2 at none/10 Gb/s, rates 1-3; lowrank fold test   ~8 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 8x8k and 8x32k      ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
@@ -48,7 +50,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -164,6 +166,18 @@ jct-16b)
         --model random:llama3-8b --codecs fp8,hack4,hack2mix,lowrank+hack2 --decode-kv auto \
         --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
         "${GRAPHS[@]}" --out "$WORK/jct_16b"
+    ;;
+ipc16)
+    # Issue 16, session 12: the CUDA-IPC path no longer makes the receiver's stream wait for the
+    # sender's queued prefill (TBT p99 of 100-250 ms for bf16/hack lanes under load). Its tests,
+    # then bf16 and hack2 at rates 1-3 (compare TBT p99 and decode phase with jct-16's), then the
+    # lowrank+hack4 fold test with its new mean bound.
+    pytest_gpu 130 device_path tests/test_device_path_gpu.py
+    step 290 jct_ipc python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2 --decode-kv auto \
+        --links none,10 --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_ipc"
+    pytest_gpu 70 lowrank_fold -m gpu tests/test_lowrank_fold.py -k "folded_equals_unfolded"
     ;;
 profile)
     # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes

@@ -132,10 +132,21 @@ def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
 
 # -- two processes -----------------------------------------------------------------------------
 def _pair_role(
-    rank: int, port: int, dev: str, codec: str, path: str, results, finished, dump_dir: str
+    rank: int,
+    port: int,
+    dev: str,
+    codec: str,
+    path: str,
+    results,
+    finished,
+    dump_dir: str,
+    busy_cycles: int = 0,
 ) -> None:
     """rank 0: prefill the same prompt twice (host form, then device form) and send both over
-    the channel connect_pair picks; rank 1: import both into reserved pages, compare, free."""
+    the channel connect_pair picks; rank 1: import both into reserved pages, compare, free.
+    busy_cycles: rank 0 queues a GPU sleep this long on its stream before sending the device
+    form (the next layers of a forward pass, as far as the receiver can tell); rank 1 reports
+    how long its imports of that form took, its stream synchronized (`import_s`)."""
     dump = open(Path(dump_dir) / f"rank{rank}.stacks", "w")  # noqa: SIM115 (lives as long as we do)
     faulthandler.dump_traceback_later(STACK_DUMP_S, file=dump)
     try:
@@ -174,6 +185,8 @@ def _pair_role(
             for rid, form in (("host", False), ("dev", True)):
                 layers = []
                 eng.prefill_export(prompt, params, rid, on_layer=layers.append, device_form=form)
+                if form and busy_cycles:
+                    torch.cuda._sleep(busy_cycles)
                 for kv in layers:
                     send_layer(ch, kv, 1)
                 del layers
@@ -185,8 +198,10 @@ def _pair_role(
             forms = []
             for rid in ("host", "dev"):
                 eng.reserve(rid, prompt, params)
+                t0 = None
                 for _ in range(n_layers):
                     kv = recv_layer(ch, 1, timeout=120)
+                    t0 = time.monotonic() if t0 is None else t0
                     forms.append(
                         type(kv).__name__
                         + (
@@ -199,6 +214,9 @@ def _pair_role(
                         eng.import_layer(rid, kv)
                     finally:
                         done(kv)
+                if dev != "cpu":
+                    torch.cuda.synchronize()
+                out[f"import_s_{rid}"] = time.monotonic() - t0
             out["equal"] = _same(_layer_rows(eng, "host"), _layer_rows(eng, "dev"))
             out["forms"] = sorted(set(forms))
             eng.abort("host"), eng.abort("dev")
@@ -212,7 +230,9 @@ def _pair_role(
         results.put((rank, "error", traceback.format_exc()))
 
 
-def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
+def _run_pair(
+    devices: tuple[str, str], codec: str, path: str = "auto", busy_cycles: int = 0
+) -> dict:
     ctx = mp.get_context("spawn")
     port, results, finished = free_port(), ctx.Queue(), ctx.Event()
     dump_dir = tempfile.mkdtemp(prefix="zipserve-pair-")
@@ -221,7 +241,7 @@ def _run_pair(devices: tuple[str, str], codec: str, path: str = "auto") -> dict:
         ctx.Process(
             target=_pair_role,
             daemon=True,
-            args=(rank, port, devices[rank], codec, path, results, finished, dump_dir),
+            args=(rank, port, devices[rank], codec, path, results, finished, dump_dir, busy_cycles),
         )
         for rank in (0, 1)
     ]
@@ -268,6 +288,22 @@ def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
     assert res[0]["path"] == res[1]["path"] == "cuda_ipc"
     assert res[0]["device_form"] and res[1]["forms"] == ["DeviceLayerKV:cuda:0", "LayerKV"]
     assert res[1]["equal"], "IPC-imported KV differs from the host form"
+    assert res[0]["acked"] and res[1]["open_leases"] == 0
+    assert res[0]["used_pages"] == res[1]["used_pages"] == 0
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_receiver_does_not_wait_for_the_senders_later_work():
+    """The sender's GPU stays busy (~1-2 s of sleep queued behind the gathered layers, as the
+    rest of a forward pass would be) while it sends: the receiver maps, imports and
+    synchronizes every layer long before that work ends. Before DeviceLayerKV.sending and
+    CudaIpcChannel's own mapping stream, the receiver's stream waited for all of it (a
+    decode step stalled for a whole prefill each time a request's KV arrived)."""
+    assert _cuda()
+    busy = 3_000_000_000  # GPU clock cycles: 1.5-2 s at H100/H200 clocks
+    res = _run_pair(("cuda:0", "cuda:0"), "hack2", busy_cycles=busy)
+    assert res[0]["path"] == "cuda_ipc" and res[1]["equal"]
+    assert res[1]["import_s_dev"] < 0.5, res[1]
     assert res[0]["acked"] and res[1]["open_leases"] == 0
     assert res[0]["used_pages"] == res[1]["used_pages"] == 0
 

@@ -6,9 +6,12 @@ reduce_tensor`) exports the allocation it lives in (cudaIpcMemHandle + offset + 
 ref counter + an event the producer recorded after writing it); we turn those arguments into JSON
 and send them over the `control` channel (gloo process group, or anything else carrying bytes).
 The receiver rebuilds the tensor (`rebuild_cuda_tensor`: maps the allocation, waits for the
-producer's event), reads it device-to-device (`recv_lease`: straight into its page pool), then
-`release()`s the lease: the mapping is dropped and an ACK goes back. Python byte objects (and CPU
-tensors) travel inline on the control channel.
+producer's event on a stream of its own, so no other work of its queues behind that wait), reads
+it device-to-device (`recv_lease`: straight into its page pool), then `release()`s the lease: the
+mapping is dropped and an ACK goes back. The producer's event is recorded in its current stream
+at send time: send from a stream ordered after the writes and little else
+(DeviceLayerKV.sending). Python byte objects (and CPU tensors) travel inline on the control
+channel.
 
 Lifetime: the sender keeps every shared tensor referenced until its ACK arrives, so the caching
 allocator cannot hand the memory to someone else while the peer may read it; in addition torch's
@@ -167,6 +170,8 @@ class CudaIpcChannel(Channel):
         )
         self.ack_timeout_s, self.max_inflight_bytes = ack_timeout_s, max_inflight_bytes
         self._export, self._import, self._inline_cpu = exporter, importer, inline_cpu
+        self._stream: torch.cuda.Stream | None = None
+        """Where received handles are mapped (CUDA devices; made on first use)."""
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._inflight: dict[int, _Sent] = {}
@@ -311,7 +316,7 @@ class CudaIpcChannel(Channel):
         info = json.loads(bytes(body.numpy()))
         try:
             args = (info["handle"],) if self.device is None else (info["handle"], self.device.index)
-            tensor = self._import(*args)
+            tensor = self._import_ready(*args)
         except Exception as e:
             self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer
             raise TransferError(f"cannot map the peer's buffer: {e}") from e
@@ -321,6 +326,21 @@ class CudaIpcChannel(Channel):
             self._leases[info["id"]] = lease
         self._count_received(int(info["nbytes"]))
         return lease
+
+    def _import_ready(self, *args) -> torch.Tensor:
+        """Map the peer's buffer and wait (this thread only) until the peer's writes to it are
+        done. The mapping makes the current stream wait for the sender's event: on the stream
+        the decode steps run on, every step queued after it would wait for the sender's GPU to
+        get there (a whole prefill when the sender's event sits behind one), so it waits on a
+        stream of its own, and the host for that stream."""
+        if self.device is None or self.device.type != "cuda":
+            return self._import(*args)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            tensor = self._import(*args)
+        self._stream.synchronize()
+        return tensor
 
     def recv(self, tag: int, timeout: float | None = None) -> torch.Tensor:
         """A private copy (device-to-device for CUDA buffers); the mapping is returned at once."""

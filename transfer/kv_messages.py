@@ -58,10 +58,11 @@ def send_layer(channel: Channel, kv: LayerKV | DeviceLayerKV, tag: int) -> int:
         data = kv.to_bytes()
         channel.send(data, tag)
         return len(data)
-    header = kv.header_bytes()  # waits for the gather, computes the checksum value
-    with _lock_for(channel):
-        channel.send(header, tag)
-        channel.send(kv.wire.payload, tag)
+    with kv.sending():  # not on the forward pass's stream (DeviceLayerKV.sending says why)
+        header = kv.header_bytes()  # waits for the gather, computes the checksum value
+        with _lock_for(channel):
+            channel.send(header, tag)
+            channel.send(kv.wire.payload, tag)
     return len(header) + kv.nbytes()
 
 

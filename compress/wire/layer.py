@@ -15,6 +15,7 @@ that LayerKV and a prefill group's slice (slice.py) share.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,6 +187,19 @@ class DeviceLayerKV:
                 self._verify()
             self.checked = True
         return self.verify_error is None
+
+    def sending(self) -> contextlib.AbstractContextManager:
+        """Where to send the payload from: on CUDA this thread's side stream, ordered after the
+        gather (`ready`). A CUDA-IPC send records the event its receiver waits on in the current
+        stream; on the forward pass's stream that event would complete only after every layer
+        queued since, and the receiver's decode steps would wait for the whole prefill."""
+        payload = self.wire.payload
+        if not payload.is_cuda:
+            return contextlib.nullcontext()
+        side = _side_stream(payload.device)
+        if self.ready is None:  # no gather event: order after everything queued so far
+            side.wait_stream(torch.cuda.current_stream(payload.device))
+        return torch.cuda.stream(side)
 
     def check(self) -> None:
         """verify(), raising what it found (ChecksumError when the payload changed)."""
