@@ -14,6 +14,8 @@
 #   jct-16b    nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2 (auto)       ~8 min
 #   ipc16      nvidia-h100-x1  CUDA-IPC receiver no longer waits on the sender's stream: tests,
 #                              bf16/hack2 at none/10 Gb/s, rates 1-3; lowrank fold test   ~8 min
+#   trace16    nvidia-h100-x1  decode step trace (ZIPSERVE_STEP_TRACE) for bf16, hack2, hack2
+#                              dense under load: where the long gaps between tokens go    ~5 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 8x8k and 8x32k      ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
@@ -50,7 +52,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -178,6 +180,20 @@ ipc16)
         --links none,10 --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
         "${GRAPHS[@]}" --out "$WORK/jct_ipc"
     pytest_gpu 70 lowrank_fold -m gpu tests/test_lowrank_fold.py -k "folded_equals_unfolded"
+    ;;
+trace16)
+    # Issue 16: where the compressed lanes' long gaps between tokens come from (TBT p99 90-290
+    # ms for hack lanes after ipc16, 33-46 ms for bf16): the decode worker's step trace beside
+    # each prefill, for bf16, hack2 decoding its codes, and hack2 decoded dense on arrival.
+    for lane in bf16:auto hack2:auto hack2:dense; do
+        c=${lane%%:*} m=${lane##*:}
+        ZIPSERVE_STEP_TRACE="$WORK/trace_${c}_$m" step 120 "jct_${c}_$m" python3 -m zipserve \
+            bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
+            --links none --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
+            "${GRAPHS[@]}" --out "$WORK/jct_${c}_$m"
+        step 30 "gaps_${c}_$m" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_${c}_$m" \
+            --requests "$WORK/jct_${c}_$m/jct_requests.csv"
+    done
     ;;
 profile)
     # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes

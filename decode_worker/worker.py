@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
+from zipserve.decode_worker.step_trace import StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.prefix_cache import worker_cache_fields
@@ -104,6 +105,8 @@ class DecodeWorker:
         self._work = threading.Event()
         """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
+        self.trace = StepTrace()
+        """Per-pass timings of the step loop, when ZIPSERVE_STEP_TRACE names a folder."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
         self._threads[0].start()
 
@@ -385,6 +388,7 @@ class DecodeWorker:
             t.join(timeout=2)
         while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
             done(self._arrivals.popleft())
+        self.trace.flush()
 
     # -- internals -------------------------------------------------------------------------
     def _fail(self, request_id: str, error: str, reason: str) -> None:
@@ -418,6 +422,7 @@ class DecodeWorker:
     def _step_loop(self) -> None:
         while not self._stop.is_set():
             with self.lock:
+                t_pass = time.time()
                 self._apply_aborts()
                 imported = self._import_arrivals()
                 now = time.time()
@@ -429,6 +434,7 @@ class DecodeWorker:
                             f"{self.num_layers} layers arrived",
                             TRANSFER_DEADLINE,
                         )
+                t_step = time.time()
                 try:
                     outs = self.engine.step() if self.engine.has_unfinished() else []
                 except Exception as e:  # never die silently: fail what was running, go on
@@ -444,8 +450,18 @@ class DecodeWorker:
                         self._update(st, out)
                 if outs:
                     self.changed.notify_all()
+            t_done = time.time()
             for kv in imported:
                 done(kv)  # CUDA IPC: the sender may reuse the buffer now
+            if self.trace.on and (outs or imported):
+                self.trace.record(
+                    t_pass,
+                    (t_step - t_pass) * 1e3,
+                    len(imported),
+                    (t_done - t_step) * 1e3,
+                    len(outs),
+                    (time.time() - t_done) * 1e3,
+                )
             # Sleep outside the lock so callers waiting for it (poll, reserve, admit) get it:
             # Python locks are not fair and this loop would otherwise take it right back.
             if outs:

@@ -5,6 +5,7 @@ thread for the demo (deploy/demo.py), benches and tests."""
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import threading
 import time
@@ -28,8 +29,10 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:  # embedded: a local Ray just for this process, on loopback only
+        # the workers see this process's ZIPSERVE_* settings (kernel backend, step trace...)
+        env = {k: v for k, v in os.environ.items() if k.startswith("ZIPSERVE_")} | nccl_env()
         start_loopback_ray(
-            include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": nccl_env()}
+            include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}
         )
 
 

@@ -286,6 +286,13 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     # 1 MB over 10 Gb/s is 0.8 ms of wire time: 40 ms is within it + 50 ms, 60 ms is not
     linked = [row("hack2", 10.0, 0, 40, 1e6), row("hack2", 10.0, 1, 60, 1e6)]
     assert "1/2 requests within wire bytes / rate + 50 ms" in jct_goals.transfer_goals(linked)[0]
+    # 100 MB (80 ms of wire) each, the second starting 20 ms after the first: it waits 60 ms
+    # for the first's bytes, so 150 ms is within 140 + 50 though not within 80 + 50
+    fifo = [row("bf16", 10.0, 0.0, 80, 1e8), row("bf16", 10.0, 0.02, 150, 1e8)]
+    assert jct_goals.link_queue_ms(fifo) == pytest.approx([80.0, 140.0])
+    line = jct_goals.transfer_goals(fifo)[0]
+    assert "1/2 requests within wire bytes / rate + 50 ms" in line
+    assert "ahead of each: 2/2 within (worst 10 ms over)" in line
     # decode-kv auto runs hack2 only as hack2/dense: its sustained rates still count for hack2
     auto = [
         {"codec": c, "decode_kv": "dense", "link_gbps": 10.0, "rate": r, "sustained": ok}

@@ -1,0 +1,113 @@
+"""Where the decode worker's long gaps between tokens go: its step trace
+(decode_worker/step_trace.py, ZIPSERVE_STEP_TRACE) beside the sweep's requests.
+
+    python3 -m zipserve.bench.step_gaps --trace DIR --requests jct_requests.csv [--gap-ms 50]
+
+A pass of the step loop longer than --gap-ms is a gap a running request's next token waited
+for. Each one is put down to the part that took longest (import of arrived layers, the decode
+step, giving CUDA-IPC buffers back) and marked when a request's prefill ran meanwhile (from the
+requests' transfer_start_s and prefill_ms: a prefill ends where its transfer phase starts).
+Prints a summary and writes step_gaps.csv beside the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+PARTS = ("import_ms", "step_ms", "done_ms")
+
+
+def read_passes(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("decode_steps_*.csv")):
+        with path.open() as f:
+            for r in csv.DictReader(f):
+                row = {k: float(v) for k, v in r.items()}
+                row["worker"] = path.stem
+                rows.append(row)
+    return rows
+
+
+def prefill_spans(requests_csv: Path) -> list[tuple[float, float]]:
+    """(start, end) epoch seconds of every request's prefill."""
+    spans = []
+    with requests_csv.open() as f:
+        for r in csv.DictReader(f):
+            try:
+                end, ms = float(r["transfer_start_s"]), float(r["prefill_ms"])
+            except (KeyError, ValueError):
+                continue
+            spans.append((end - ms / 1e3, end))
+    return spans
+
+
+def gaps(passes: list[dict], spans: list[tuple[float, float]], gap_ms: float) -> list[dict]:
+    """The passes longer than gap_ms, each with its largest part and the prefill overlap."""
+    out = []
+    for p in passes:
+        total = sum(p[k] for k in PARTS)
+        if total <= gap_ms:
+            continue
+        start, end = p["start_s"], p["start_s"] + total / 1e3
+        overlap = sum(max(0.0, min(end, e) - max(start, s)) for s, e in spans)
+        out.append(
+            {
+                **p,
+                "total_ms": total,
+                "largest": max(PARTS, key=lambda k: p[k]),
+                "prefill_overlap_ms": overlap * 1e3,
+            }
+        )
+    return out
+
+
+def summary(passes: list[dict], found: list[dict], gap_ms: float) -> list[str]:
+    stepped = [p for p in passes if p["batch"] > 0]
+    lines = [
+        f"{len(passes)} passes ({len(stepped)} decode steps); {len(found)} longer than "
+        f"{gap_ms:g} ms"
+    ]
+    if stepped:
+        ms = sorted(p["step_ms"] for p in stepped)
+        lines.append(
+            f"decode step ms: median {ms[len(ms) // 2]:.1f}, p99 {ms[int(len(ms) * 0.99)]:.1f}, "
+            f"max {ms[-1]:.1f}"
+        )
+    for part in PARTS:
+        mine = [g for g in found if g["largest"] == part]
+        if mine:
+            with_prefill = sum(1 for g in mine if g["prefill_overlap_ms"] > 0)
+            lines.append(
+                f"  {part[:-3]}: {len(mine)} gaps, mean {sum(g[part] for g in mine) / len(mine):.0f}"
+                f" ms of it; {with_prefill} of them while a prefill ran"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", required=True, type=Path, help="the ZIPSERVE_STEP_TRACE folder")
+    ap.add_argument("--requests", type=Path, help="the sweep's jct_requests.csv")
+    ap.add_argument("--gap-ms", type=float, default=50.0)
+    a = ap.parse_args(argv)
+    if a.gap_ms <= 0:
+        ap.error("--gap-ms: must be positive")
+    passes = read_passes(a.trace)
+    if not passes:
+        ap.error(f"--trace: no decode_steps_*.csv in {a.trace}")
+    spans = prefill_spans(a.requests) if a.requests else []
+    found = gaps(passes, spans, a.gap_ms)
+    print("\n".join(summary(passes, found, a.gap_ms)))
+    out = a.trace / "step_gaps.csv"
+    if found:
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(found[0]))
+            w.writeheader()
+            w.writerows(found)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

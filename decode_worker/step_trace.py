@@ -1,0 +1,65 @@
+"""StepTrace: an opt-in record of the decode worker's step loop, one CSV row per pass that did
+something: when it began (epoch seconds), how long it spent importing arrived layers, in the
+decode step (the engine's step, which waits for its tokens) and giving CUDA-IPC buffers back,
+how many layers it imported and how many sequences the step decoded.
+
+Off unless ZIPSERVE_STEP_TRACE names a folder; each worker process then writes
+`<folder>/decode_steps_<pid>.csv` (rows buffered, flushed every FLUSH_ROWS and at shutdown).
+`python3 -m zipserve.bench.step_gaps` puts the long passes beside the requests' prefills.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+ENV = "ZIPSERVE_STEP_TRACE"
+FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms")
+FLUSH_ROWS = 256
+
+
+class StepTrace:
+    def __init__(self, folder: str | os.PathLike | None = None):
+        folder = folder if folder is not None else os.environ.get(ENV)
+        self.path = None if not folder else Path(folder) / f"decode_steps_{os.getpid()}.csv"
+        self._rows: list[tuple] = []
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerow(FIELDS)
+
+    @property
+    def on(self) -> bool:
+        return self.path is not None
+
+    def record(
+        self,
+        start_s: float,
+        import_ms: float,
+        layers: int,
+        step_ms: float,
+        batch: int,
+        done_ms: float,
+    ) -> None:
+        if self.path is None:
+            return
+        self._rows.append(
+            (
+                f"{start_s:.6f}",
+                f"{import_ms:.3f}",
+                layers,
+                f"{step_ms:.3f}",
+                batch,
+                f"{done_ms:.3f}",
+            )
+        )
+        if len(self._rows) >= FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path is None or not self._rows:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerows(self._rows)
+        self._rows.clear()

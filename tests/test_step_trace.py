@@ -1,0 +1,104 @@
+"""The decode worker's opt-in step trace (ZIPSERVE_STEP_TRACE) and bench/step_gaps.py, which
+reads it: a served request leaves one row per step (its layers' import included) in the trace,
+and the long passes are put down to their largest part and to the prefills running then."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from zipserve.bench import step_gaps
+from zipserve.decode_worker.step_trace import ENV, FIELDS, StepTrace
+from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.deploy.cli import REFERENCE_MODEL
+from zipserve.engine.llm import SamplingParams
+from zipserve.prefill_worker.worker import PrefillWorker
+from zipserve.transfer.inprocess import InProcessChannel
+
+MODEL = str(REFERENCE_MODEL)
+
+
+def test_trace_is_off_without_the_variable(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV, raising=False)
+    t = StepTrace()
+    t.record(1.0, 0.1, 2, 3.0, 1, 0.0)
+    t.flush()
+    assert not t.on and t.path is None
+
+
+def test_trace_rows_are_flushed(tmp_path):
+    t = StepTrace(tmp_path)
+    t.record(10.0, 0.5, 32, 12.25, 3, 0.1)
+    t.record(10.1, 0.0, 0, 9.0, 3, 0.0)
+    t.flush()
+    rows = list(csv.DictReader(t.path.open()))
+    assert tuple(rows[0]) == FIELDS and len(rows) == 2
+    assert rows[0]["layers"] == "32" and float(rows[0]["step_ms"]) == 12.25
+
+
+@pytest.mark.skipif(
+    not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
+)
+def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV, str(tmp_path))
+    a, b = InProcessChannel.pair()
+    pre, dec = PrefillWorker(MODEL, "hack2", "cpu"), DecodeWorker(MODEL, "hack2", "cpu")
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 200))
+    try:
+        dec.reserve("r", prompt, params)
+        rep = pre.prefill("r", prompt, params, "d0")
+        res = dec.admit("r", rep.first_token, rep.first_logprob, timeout=10)
+        while not res.finished:
+            res = dec.poll("r", 0, timeout=5)
+        dec.release("r")
+    finally:
+        dec.shutdown()
+    passes = step_gaps.read_passes(tmp_path)
+    assert sum(p["layers"] for p in passes) == dec.num_layers  # every layer imported once
+    assert sum(1 for p in passes if p["batch"] == 1) == 11  # 12 tokens, the first from prefill
+    assert all(p[k] >= 0 for p in passes for k in step_gaps.PARTS)
+
+
+def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
+    passes = [
+        {
+            "start_s": 100.0,
+            "import_ms": 1.0,
+            "layers": 0,
+            "step_ms": 10.0,
+            "batch": 2,
+            "done_ms": 0,
+        },
+        {
+            "start_s": 100.1,
+            "import_ms": 2.0,
+            "layers": 4,
+            "step_ms": 180.0,
+            "batch": 2,
+            "done_ms": 0,
+        },
+        {
+            "start_s": 101.0,
+            "import_ms": 90.0,
+            "layers": 32,
+            "step_ms": 5.0,
+            "batch": 2,
+            "done_ms": 0,
+        },
+    ]
+    spans = [(100.15, 100.25)]  # a prefill inside the second pass, none during the third
+    found = step_gaps.gaps(passes, spans, gap_ms=50)
+    assert [g["largest"] for g in found] == ["step_ms", "import_ms"]
+    assert found[0]["prefill_overlap_ms"] == pytest.approx(100.0)
+    assert found[1]["prefill_overlap_ms"] == 0
+    text = "\n".join(step_gaps.summary(passes, found, 50))
+    assert "2 longer than 50 ms" in text
+    assert "step: 1 gaps, mean 180 ms of it; 1 of them while a prefill ran" in text
+    assert "import: 1 gaps, mean 90 ms of it; 0 of them while a prefill ran" in text
+    reqs = tmp_path / "jct_requests.csv"
+    reqs.write_text("transfer_start_s,prefill_ms\n100.25,100\n,\n")
+    assert step_gaps.prefill_spans(reqs) == [(pytest.approx(100.15), 100.25)]
