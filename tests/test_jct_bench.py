@@ -290,9 +290,12 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     # for the first's bytes, so 150 ms is within 140 + 50 though not within 80 + 50
     fifo = [row("bf16", 10.0, 0.0, 80, 1e8), row("bf16", 10.0, 0.02, 150, 1e8)]
     assert jct_goals.link_queue_ms(fifo) == pytest.approx([80.0, 140.0])
+    # layers stream during the prefill: 30 ms of it leaves 50 ms of wire after its end
+    streamed = [dict(row("bf16", 10.0, 0.0, 80, 1e8), prefill_ms=30.0)]
+    assert jct_goals.link_queue_ms(streamed) == pytest.approx([50.0])
     line = jct_goals.transfer_goals(fifo)[0]
     assert "1/2 requests within wire bytes / rate + 50 ms" in line
-    assert "ahead of each: 2/2 within (worst 10 ms over)" in line
+    assert "after earlier requests' bytes) + 50 ms: 2/2 within (worst 10 ms over)" in line
     # decode-kv auto runs hack2 only as hack2/dense: its sustained rates still count for hack2
     auto = [
         {"codec": c, "decode_kv": "dense", "link_gbps": 10.0, "rate": r, "sustained": ok}
