@@ -103,7 +103,9 @@ def cache_hit_cells(rows: list[dict], workload: str | None) -> list[str]:
     ]
 
 
-def section(results: Path, page_dir: Path) -> list[str]:
+def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None) -> list[str]:
+    """One sweep's part of the page; quality_csvs (bench quality CSVs) replace the ones the
+    sweep recorded."""
     summary = load_csv(results / "jct_summary.csv")
     meta = json.loads((results / "jct_meta.json").read_text())
     cfg = meta.get("config", {})
@@ -184,7 +186,8 @@ def section(results: Path, page_dir: Path) -> list[str]:
                 "model's tokens mostly decode to none): " + "; ".join(partial_ttft) + ".",
                 "",
             ]
-    ppl = quality_by_codec(cfg.get("quality_csvs") or [])
+    quality_csvs = quality_csvs or cfg.get("quality_csvs") or []
+    ppl = quality_by_codec(quality_csvs)
     codecs = list(dict.fromkeys(lane(s) for s in summary))
     out += ["### Perplexity cost", ""]
     if ppl:
@@ -195,7 +198,7 @@ def section(results: Path, page_dir: Path) -> list[str]:
         ]
         out += [
             "",
-            f"From {', '.join(cfg.get('quality_csvs'))} (`zipserve bench quality`, the "
+            f"From {', '.join(quality_csvs)} (`zipserve bench quality`, the "
             f"reference model: perplexity is a property of the model, not measured on "
             f"the sweep's model).",
         ]
@@ -214,7 +217,12 @@ def _relative(target: Path, start: Path) -> str:
     return os.path.relpath(target.resolve(), start.resolve())
 
 
-def write(results_dirs: list[Path], page: Path, readme: Path | None = None) -> Path:
+def write(
+    results_dirs: list[Path],
+    page: Path,
+    readme: Path | None = None,
+    quality_csvs: list[str] | None = None,
+) -> Path:
     for d in results_dirs:
         for f in ("jct_summary.csv", "jct_meta.json"):
             if not (d / f).is_file():
@@ -231,7 +239,7 @@ def write(results_dirs: list[Path], page: Path, readme: Path | None = None) -> P
         "",
     ]
     for d in results_dirs:
-        lines += section(d, page.parent)
+        lines += section(d, page.parent, quality_csvs)
     kept = kept_block(page)  # bench cache-report's section stays
     if kept:
         lines += ["", kept]

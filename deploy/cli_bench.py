@@ -116,6 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             dirs,
             Path(args.page or PACKAGE_ROOT / "bench" / "JCT_RESULTS.md"),
             readme=PACKAGE_ROOT / "README.md" if args.readme else None,
+            quality_csvs=args.quality_csv or None,
         )
         return 0
     args.codecs = args.codecs or ALL_CODECS
@@ -399,7 +400,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         help="jct --sweep: bench quality CSV(s) (default: bench/results/quality*.csv "
-        "and bench/results/quality*/quality.csv)",
+        "and bench/results/quality*/quality.csv); report: instead of those each sweep recorded",
     )
     j.add_argument(
         "--results",

@@ -396,3 +396,18 @@ def test_report_names_cells_served_from_a_prefix_cache():
     assert jct_report.cache_hit_cells(clean, "long-doc") == []
     old = [{k: v for k, v in r.items() if k != "cached_tokens"} for r in rows]  # before the column
     assert jct_report.cache_hit_cells(old, "long-doc") == []
+
+
+def test_report_takes_quality_csvs_in_place_of_the_recorded_ones(tmp_path):
+    """`bench report --quality-csv`: the perplexity table reads the given CSVs, dense lanes
+    their codec's row, instead of those the sweep recorded (session 12's H100 sweep)."""
+    from zipserve.deploy.shipped import PACKAGE_ROOT
+
+    sweep = PACKAGE_ROOT / "bench/results/session12_h100/jct-16/jct_16"
+    q = tmp_path / "quality.csv"
+    q.write_text("codec,ppl_increase_pct\nbf16,0.0\nkivi2,10.5\nhack2,6.25\n")
+    text = "\n".join(jct_report.section(sweep, tmp_path, [str(q)]))
+    assert "| kivi2/dense | +10.50% |" in text and "| hack2 | +6.25% |" in text
+    assert f"From {q} (" in text
+    recorded = "\n".join(jct_report.section(sweep, tmp_path))
+    assert "| kivi2/dense | +10.50% |" not in recorded
