@@ -300,6 +300,13 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     line = jct_goals.transfer_goals(fifo)[0]
     assert "1/2 requests within wire bytes / rate + 50 ms" in line
     assert "after earlier requests' bytes) + 50 ms: 2/2 within (worst 10 ms over)" in line
+    # decode-kv auto decodes kivi2 dense and hack2 on its codes: still compared with each other
+    mixed = [
+        dict(summary[0], codec=c, decode_kv=m, jct_mean_ms=j)
+        for c, m, j in [("bf16", "dense", 5000), ("hack2", "compressed", 1900)]
+    ] + [dict(summary[0], codec="kivi2", decode_kv="dense", jct_mean_ms=2500)]
+    text = " ".join(jct_goals.link_goals(mixed, rows))
+    assert "vs kivi2/dense 2.50 s: 24% lower (goal >= 20%: met)" in text
     # decode-kv auto runs hack2 only as hack2/dense: its sustained rates still count for hack2
     auto = [
         {"codec": c, "decode_kv": "dense", "link_gbps": 10.0, "rate": r, "sustained": ok}
