@@ -32,6 +32,11 @@ def _s(ms) -> str:
     return f"{ms / 1e3:.2f}" if _ok(ms) else "—"
 
 
+def _lower(cut: float) -> str:
+    """A relative cut as words: '25% lower', or '2% higher' when it is negative."""
+    return f"{100 * cut:.0f}% lower" if cut >= 0 else f"{-100 * cut:.0f}% higher"
+
+
 def _key(r: dict) -> tuple:
     return lane(r), r["link_gbps"], r["rate"]
 
@@ -127,7 +132,7 @@ def link_goals(summary: list[dict], rows: list[dict] | None = None, link=10.0) -
                     continue
                 cut = 1 - h2["jct_mean_ms"] / ref["jct_mean_ms"]
                 part = (
-                    f"{c} {_s(h2['jct_mean_ms'])} s ({100 * cut:.0f}% lower; goal >= 60%: "
+                    f"{c} {_s(h2['jct_mean_ms'])} s ({_lower(cut)}; goal >= 60% lower: "
                     f"{'met' if cut >= 0.6 else '**missed**'})"
                 )
                 k2 = at.get((c.replace("hack2", "kivi2"), r)) or next(  # else as auto ran it
@@ -136,8 +141,8 @@ def link_goals(summary: list[dict], rows: list[dict] | None = None, link=10.0) -
                 if k2 is not None and _ok(k2["jct_mean_ms"]):
                     cut_k = 1 - h2["jct_mean_ms"] / k2["jct_mean_ms"]
                     part += (
-                        f"; vs {lane(k2)} {_s(k2['jct_mean_ms'])} s: {100 * cut_k:.0f}% "
-                        f"lower (goal >= 20%: {'met' if cut_k >= 0.2 else '**missed**'})"
+                        f"; vs {lane(k2)} {_s(k2['jct_mean_ms'])} s: {_lower(cut_k)} "
+                        f"(goal >= 20% lower: {'met' if cut_k >= 0.2 else '**missed**'})"
                     )
                 else:
                     part += "; kivi2 not run there"
