@@ -82,12 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from zipserve.deploy.demo import demo, scaled_link_gbps
+    from zipserve.deploy.demo import demo
 
     model = args.model or default_model()
     link = args.link_gbps
-    if link is None:  # the link that stands for 10 Gb/s with Llama-3-8B
-        link = scaled_link_gbps(model)
     demo(
         model,
         args.codecs.split(","),
@@ -95,6 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.port,
         link or None,
         decode_kv=csv_modes(args.decode_kv),
+        calibrate=link is None,
     )
     return 0
 
@@ -297,9 +296,9 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
         "--link-gbps",
         type=nonneg_float,
         default=None,
-        help="emulated prefill->decode link in Gb/s (0: unlimited; default: the link "
-        "at which the model's KV moves as slowly per token as Llama-3-8B's does "
-        "at 10 Gb/s)",
+        help="emulated prefill->decode link in Gb/s (0: unlimited; default: calibrated on "
+        "this machine so that a prompt's dense KV takes ~3x its prefill on the wire, as "
+        "Llama-3-8B's does on an H100 at 10 Gb/s)",
     )
     d.add_argument(
         "--decode-kv",

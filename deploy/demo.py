@@ -3,9 +3,11 @@
 What it is meant to show, honestly, on a 2-core CPU in about two minutes: the KV of a prompt of
 several pages crosses an emulated link between the prefill and the decode worker, compressed codecs
 send a fraction of the bytes, and that shortens the job. The prompts are real Python source (the
-stdlib of the running interpreter), several KV pages long. The link is scaled to the model: the
-shipped reference model's KV per token is tens of times smaller than Llama-3-8B's, so the default
-link stands for a 10 Gb/s link serving Llama-3-8B (the table says which). Byte ratios are against
+stdlib of the running interpreter), several KV pages long. The default link is calibrated to this machine: the first system
+started times one prefill, then the link is set so that a prompt's dense KV takes as many times
+its prefill on the wire as Llama-3-8B's does at 10 Gb/s on an H100 (about 3x), so that the
+link weighs in a job here as it would there (a CPU prefills the small reference model slowly,
+and a link scaled per token alone would hide behind it). Byte ratios are against
 what the `bf16` codec sent for the same prompt, i.e. dense KV in the engine's dtype (fp32 on the
 CPU), like with like.
 """
@@ -29,6 +31,15 @@ PROMPT_CHARS = 3000
 """About 800-900 tokens of the reference model's BPE: 13-14 KV pages of 64 tokens."""
 REFERENCE_LINK_GBPS = 10.0
 """The link the default emulated link stands for, when serving Llama-3-8B."""
+CALIBRATION_MODULE = "calendar"
+"""The stdlib module whose source makes the prompt the link is calibrated with (not timed)."""
+H100_PREFILL_S_8K = 0.289
+"""bf16 prefill of 8192 tokens of random Llama-3-8B on an H100 (session 11, bench/RESULTS.md:
+`prefill_profile`)."""
+WIRE_TO_PREFILL = (
+    8192 * RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2) * 8 / (REFERENCE_LINK_GBPS * 1e9)
+) / H100_PREFILL_S_8K
+"""How many times its prefill a prompt's bf16 KV takes on the reference link there (~2.97)."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +63,50 @@ def demo_prompts(modules: tuple[str, ...] = DEMO_MODULES, chars: int = PROMPT_CH
     return prompts
 
 
-def scaled_link_gbps(model: str, reference_gbps: float = REFERENCE_LINK_GBPS) -> float:
-    """The link at which `model`'s dense bf16 KV takes as long per token as Llama-3-8B's does
-    at `reference_gbps`."""
-    ratio = model_config_for(model).kv_bytes_per_token(2) / RANDOM_MODELS[
-        "llama3-8b"
-    ].kv_bytes_per_token(2)
-    return reference_gbps * ratio
+def calibrated_link_gbps(
+    dense_bytes_per_token: float, prefill_s_per_token: float, ratio: float = WIRE_TO_PREFILL
+) -> float:
+    """The link on which a prompt's dense KV takes `ratio` times its prefill."""
+    if dense_bytes_per_token <= 0 or prefill_s_per_token <= 0 or ratio <= 0:
+        raise ValueError("calibration needs positive bytes, prefill time and ratio")
+    return dense_bytes_per_token * 8 / (ratio * prefill_s_per_token) / 1e9
+
+
+def dense_element_size() -> int:
+    """Bytes per value of the engine's dense KV here: bf16 on a GPU, fp32 on the CPU."""
+    import torch
+
+    return 2 if torch.cuda.is_available() else 4
+
+
+def llama_equivalent_gbps(model: str, link_gbps: float) -> float:
+    """The link on which Llama-3-8B's bf16 KV takes as long per token as `model`'s dense KV,
+    as this engine sends it, takes on `link_gbps`."""
+    sent = model_config_for(model).kv_bytes_per_token(dense_element_size())
+    return link_gbps * RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2) / sent
+
+
+def _calibrate(model: str, url: str, base: str, backend, max_tokens: int) -> float:
+    """Time one prefill on the running system (link unlimited), set the calibrated link on
+    it and return it."""
+    prompt = demo_prompts((CALIBRATION_MODULE,))[0]
+    out = post_json(
+        url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}, timeout=300
+    )
+    job = get_json(f"{base}/v1/jobs/{out['id']}")
+    prefill = {p["name"]: p.get("duration") for p in job.get("phases", [])}.get("prefill")
+    tokens = job.get("prompt_tokens")
+    if not prefill or not tokens:
+        raise RuntimeError(f"calibration: the job record has no prefill time: {job}")
+    dense = model_config_for(model).kv_bytes_per_token(dense_element_size())
+    link = calibrated_link_gbps(dense, prefill / tokens)
+    backend.set_link(link)
+    print(
+        f"--- link calibrated: a prefill of {tokens} tokens took {1e3 * prefill:.0f} ms here, "
+        f"so the link is set to {link:.3g} Gb/s, on which its dense KV takes "
+        f"{WIRE_TO_PREFILL:.1f}x that (Llama-3-8B's on an H100 at 10 Gb/s)"
+    )
+    return link
 
 
 def demo(
@@ -69,20 +117,30 @@ def demo(
     link_gbps: float | None,
     decode_kv: list[str] | tuple[str, ...] = ("auto",),
     engine_options: dict | None = None,
+    calibrate: bool = False,
 ) -> list[DemoRow]:
     """For each codec (in each decode_kv mode): start the system, stream the first prompt's
     continuation to the terminal, send every prompt, and collect each job's phases from
-    /v1/jobs/{id}."""
+    /v1/jobs/{id}. calibrate: the first system times a prefill and sets the link from it
+    (`calibrated_link_gbps`), which every later system keeps (link_gbps is ignored)."""
     from zipserve.engine.decode_kv import codec_modes
 
     runs, skipped = codec_modes(codecs, decode_kv)
     for note in skipped:
         print(f"(skipped {note})")
     prompts = demo_prompts()
+    if calibrate:
+        link_gbps = None  # until the first system has timed its prefill
     print(
         f"zipserve demo: {len(prompts)} prompts of real Python source "
         f"({', '.join(DEMO_MODULES)}), {max_tokens} tokens each; link "
-        + (f"{link_gbps:.3g} Gb/s emulated" if link_gbps else "not limited")
+        + (
+            "calibrated on the first system"
+            if calibrate
+            else f"{link_gbps:.3g} Gb/s emulated"
+            if link_gbps
+            else "not limited"
+        )
     )
     rows = []
     for codec, mode in runs:
@@ -108,6 +166,8 @@ def demo(
                 timeout=300,
                 echo=True,
             )
+            if calibrate and link_gbps is None:
+                link_gbps = _calibrate(model, url, base, backend, max_tokens)
             for prompt in prompts:
                 out = post_json(
                     url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}, timeout=300
@@ -122,7 +182,7 @@ def demo(
                 )
         time.sleep(0.5)
     print_table(rows)
-    print_caveats(model, link_gbps)
+    print_caveats(model, link_gbps, calibrated=calibrate)
     return rows
 
 
@@ -186,15 +246,25 @@ def _held(job: dict) -> str:
     return f"{held} (local)" if job.get("local_prefill") else str(held)
 
 
-def print_caveats(model: str, link_gbps: float | None) -> None:
+def print_caveats(model: str, link_gbps: float | None, calibrated: bool = False) -> None:
     import torch
 
     notes = []
-    if link_gbps:
+    if link_gbps and calibrated:
+        notes.append(
+            f"The link is emulated at {link_gbps:.3g} Gb/s, calibrated so that a prompt's dense "
+            f"KV takes {WIRE_TO_PREFILL:.1f}x its prefill on this machine, as Llama-3-8B's "
+            f"does on an H100 at 10 Gb/s (8k tokens: {1e3 * H100_PREFILL_S_8K:.0f} ms of "
+            f"prefill, {1e3 * WIRE_TO_PREFILL * H100_PREFILL_S_8K:.0f} ms on the wire). Per "
+            f"token that is as slow as Llama-3-8B's KV on a "
+            f"{llama_equivalent_gbps(model, link_gbps):.3g} Gb/s link; `--link-gbps` sets "
+            f"it instead (0: unlimited)."
+        )
+    elif link_gbps:
         notes.append(
             f"The link is emulated at {link_gbps:.3g} Gb/s: per token this model's KV "
             f"takes as long as Llama-3-8B's on a "
-            f"{link_gbps / scaled_link_gbps(model, 1.0):.3g} Gb/s link."
+            f"{llama_equivalent_gbps(model, link_gbps):.3g} Gb/s link."
         )
     if not torch.cuda.is_available():
         notes.append(
