@@ -14,6 +14,8 @@
 #   jct-16b    nvidia-h100-x1  the same for fp8, hack4, hack2mix, lowrank+hack2 (auto)       ~8 min
 #   ipc16      nvidia-h100-x1  CUDA-IPC receiver no longer waits on the sender's stream: tests,
 #                              bf16/hack2 at none/10 Gb/s, rates 1-3; lowrank fold test   ~8 min
+#   jct-16d    nvidia-h100-x1  the issue-16 sweep at 25/100 Gb/s for kivi2, fp8, hack4         ~6 min
+#   jct-16e    nvidia-h100-x1  the same for hack2mix, lowrank+hack2                          ~4 min
 #   trace16    nvidia-h100-x1  decode step trace (ZIPSERVE_STEP_TRACE) for bf16, hack2, hack2
 #                              dense under load: where the long gaps between tokens go    ~5 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
@@ -56,7 +58,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -184,6 +186,20 @@ ipc16)
         --links none,10 --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
         "${GRAPHS[@]}" --out "$WORK/jct_ipc"
     pytest_gpu 70 lowrank_fold -m gpu tests/test_lowrank_fold.py -k "folded_equals_unfolded"
+    ;;
+jct-16d)
+    # The issue's sweep at 25 and 100 Gb/s for the codecs jct-16c left out (bf16 and hack2 ran
+    # there in session 12), as auto picks them; ~6 min.
+    step 560 jct_16d python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs kivi2,fp8,hack4 --decode-kv auto \
+        --links 25,100 --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16d"
+    ;;
+jct-16e)
+    step 560 jct_16e python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs hack2mix,lowrank+hack2 --decode-kv auto \
+        --links 25,100 --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16e"
     ;;
 trace16)
     # Issue 16: where the compressed lanes' long gaps between tokens come from (TBT p99 90-290
