@@ -7,7 +7,9 @@ A pass of the step loop longer than --gap-ms is a gap a running request's next t
 for. Each one is put down to the part that took longest (import of arrived layers, the decode
 step, giving CUDA-IPC buffers back) and marked when a request's prefill ran meanwhile (from the
 requests' transfer_start_s and prefill_ms: a prefill ends where its transfer phase starts).
-Prints a summary and writes step_gaps.csv beside the trace.
+Also says how long received layers waited for the step loop to import them (`wait_ms`: a
+transfer phase that is long while the link is idle shows there). Prints a summary and writes
+step_gaps.csv beside the trace.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def summary(passes: list[dict], found: list[dict], gap_ms: float) -> list[str]:
         f"{len(passes)} passes ({len(stepped)} decode steps); {len(found)} longer than "
         f"{gap_ms:g} ms"
     ]
+    waits = sorted(p["wait_ms"] for p in passes if p["layers"] > 0 and "wait_ms" in p)
+    if waits:
+        lines.append(
+            f"received layers waited for the step loop: median {waits[len(waits) // 2]:.1f} ms, "
+            f"max {waits[-1]:.1f} ms (over {len(waits)} passes that imported)"
+        )
     if stepped:
         ms = sorted(p["step_ms"] for p in stepped)
         lines.append(

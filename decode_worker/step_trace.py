@@ -1,7 +1,8 @@
 """StepTrace: an opt-in record of the decode worker's step loop, one CSV row per pass that did
 something: when it began (epoch seconds), how long it spent importing arrived layers, in the
 decode step (the engine's step, which waits for its tokens) and giving CUDA-IPC buffers back,
-how many layers it imported and how many sequences the step decoded.
+how many layers it imported, how many sequences the step decoded, and how long the
+longest-waiting of those layers had been received before the pass took it (`wait_ms`).
 
 Off unless ZIPSERVE_STEP_TRACE names a folder; each worker process then writes
 `<folder>/decode_steps_<pid>.csv` (rows buffered, flushed every FLUSH_ROWS and at shutdown).
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 
 ENV = "ZIPSERVE_STEP_TRACE"
-FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms")
+FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms")
 FLUSH_ROWS = 256
 
 
@@ -41,6 +42,7 @@ class StepTrace:
         step_ms: float,
         batch: int,
         done_ms: float,
+        wait_ms: float = 0.0,
     ) -> None:
         if self.path is None:
             return
@@ -52,6 +54,7 @@ class StepTrace:
                 f"{step_ms:.3f}",
                 batch,
                 f"{done_ms:.3f}",
+                f"{wait_ms:.3f}",
             )
         )
         if len(self._rows) >= FLUSH_ROWS:

@@ -100,8 +100,13 @@ class DecodeWorker:
         self.dead_channels: dict[str, str] = {}
         """peer id -> name of its channel, for channels whose transport broke."""
         self._aborts: collections.deque[str] = collections.deque()
-        self._arrivals: collections.deque[LayerKV | DeviceLayerKV] = collections.deque()
-        """Received, verified layers waiting for the step loop to write them into the pool."""
+        self._arrivals: collections.deque[tuple[float, LayerKV | DeviceLayerKV]] = (
+            collections.deque()
+        )
+        """Received, verified layers (with when they were handed over) waiting for the step loop
+        to write them into the pool."""
+        self._oldest_wait_ms = 0.0
+        """How long the longest-waiting layer of the last import waited for the step loop."""
         self._work = threading.Event()
         """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
@@ -203,14 +208,15 @@ class DecodeWorker:
         next step. Importing here would contend for the worker lock with the decode steps
         (Python locks are not fair): under load each of a request's layers waited about a
         step for it, and the transfer phase grew to seconds."""
-        self._arrivals.append(kv)
+        self._arrivals.append((time.time(), kv))
         self._work.set()
 
     def _import_arrivals(self) -> list[LayerKV | DeviceLayerKV]:
         """Import every waiting layer (caller holds the lock); returns them for `done`."""
-        taken = []
+        taken, now = [], time.time()
+        self._oldest_wait_ms = 1e3 * (now - self._arrivals[0][0]) if self._arrivals else 0.0
         while self._arrivals:
-            kv = self._arrivals.popleft()
+            _, kv = self._arrivals.popleft()
             taken.append(kv)
             try:
                 self._import(kv)
@@ -387,7 +393,7 @@ class DecodeWorker:
         for t in self._threads:
             t.join(timeout=2)
         while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
-            done(self._arrivals.popleft())
+            done(self._arrivals.popleft()[1])
         self.trace.flush()
 
     # -- internals -------------------------------------------------------------------------
@@ -461,6 +467,7 @@ class DecodeWorker:
                     (t_done - t_step) * 1e3,
                     len(outs),
                     (time.time() - t_done) * 1e3,
+                    self._oldest_wait_ms,
                 )
             # Sleep outside the lock so callers waiting for it (poll, reserve, admit) get it:
             # Python locks are not fair and this loop would otherwise take it right back.
