@@ -84,6 +84,9 @@ class RequestResult:
     """KV bytes the prefill worker sent for this request (the codec's wire form)."""
     transfer_start_s: float = float("nan")
     """Router's time.time() when the transfer phase began (link busy while transferring)."""
+    transfer_sending_ms: float = float("nan")
+    """The part of the transfer phase until the prefill side handed over the last layer (the
+    link and the sender); the rest is the decode side receiving and importing."""
     cached_tokens: float = float("nan")
     """Prompt tokens whose KV the prefill side took from its prefix cache (not computed)."""
     kv_cached_tokens: float = float("nan")
@@ -224,6 +227,11 @@ def add_job_view(res: RequestResult, job: dict) -> None:
     res.local_prefill = bool(job.get("local_prefill"))
     if "transfer" in phases:
         res.transfer_start_s = phases["transfer"]["start"]
+        if job.get("kv_sent_end") is not None:  # layers that left during prefill count 0
+            t = phases["transfer"]
+            res.transfer_sending_ms = 1e3 * min(
+                max(0.0, job["kv_sent_end"] - t["start"]), t["duration"]
+            )
     if phases:
         res.phase_sum_ms = 1e3 * sum(p["duration"] for p in phases.values())
         res.wait_ms = sum(

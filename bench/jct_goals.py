@@ -225,6 +225,25 @@ def link_queue_ms(rows: list[dict]) -> list[float] | None:
     return out
 
 
+def _sending_split(rows: list[dict]) -> str:
+    """Per lane, the transfer phase's mean split at the prefill side's last hand-off (sweeps
+    that record transfer_sending_ms); '' otherwise."""
+    parts = []
+    for c in dict.fromkeys(lane(r) for r in rows):
+        mine = [r for r in rows if lane(r) == c and _ok(r.get("transfer_sending_ms"))]
+        if mine:
+            sending = sum(r["transfer_sending_ms"] for r in mine) / len(mine)
+            total = sum(r["transfer_ms"] for r in mine) / len(mine)
+            parts.append(f"{c} {sending:.0f} sending + {total - sending:.0f} receiving")
+    if not parts:
+        return ""
+    return (
+        "Mean transfer phase, ms until the prefill side handed over the last layer + after: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def transfer_goals(rows: list[dict]) -> list[str]:
     """The transfer phase against its bounds, per lane: no link <= 50 ms and compressed <= bf16
     (mean); with a link, <= wire bytes / rate + 50 ms per request."""
@@ -276,7 +295,8 @@ def transfer_goals(rows: list[dict]) -> list[str]:
                 f"start, after earlier requests' bytes) + {TRANSFER_SLACK_MS:.0f} ms: "
                 f"{sum(q_within)}/{len(q_within)} within (worst {q_over:.0f} ms over)"
             )
-        out.append(line + ".")
+        split = _sending_split(linked)
+        out.append(line + "." + (f" {split}" if split else ""))
     elif any(r["link_gbps"] not in ("none", None) for r in rows):
         out.append(
             "Transfer phase over emulated links: these rows carry no KV bytes (a sweep "

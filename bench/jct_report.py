@@ -126,7 +126,9 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         f"[jct_requests.csv]({rel}/jct_requests.csv). Times in seconds (phases in ms); "
         "'sustained' = every request finished and neither the wait (queue + transfer + "
         "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
-        "quarter's (+50 ms).",
+        "quarter's (+50 ms). 'link busy': the emulated link transmitting over the run; "
+        "'hand-off' (sweeps from session 12 on): the sender handing messages to the "
+        "transport after their slot, while the emulated link carries nothing.",
         "",
         "### Headline",
         "",
@@ -164,6 +166,8 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         for s in (s for s in summary if s["link_gbps"] == g):
             http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
             busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
+            if _ok(s.get("link_handoff")):  # hand-offs after a slot leave the link idle
+                busy += f" (+{100 * s['link_handoff']:.0f}% hand-off)"
             timed, ok = ttft_coverage(s, rows)
             ttft = (_s(s["ttft_mean_ms"]), _s(s["ttft_p99_ms"]))
             if timed < ok:

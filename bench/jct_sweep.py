@@ -247,7 +247,7 @@ def _one_run(
     t0 = time.time()
     results = client.submit(jct_client.replay, base, wl, max_seconds=cfg.max_seconds).result()
     wall = time.time() - t0
-    busy = backend.link_busy(wall) if link is not None else None
+    usage = backend.link_usage(wall) if link is not None else None
     _drain(backend)
     conf = {
         "codec": codec,
@@ -263,7 +263,8 @@ def _one_run(
     done = [r for r in results if r.status == "ok"]
     s.update(conf)
     s["run_seconds"] = wall
-    s["link_busy"] = float("nan") if busy is None else busy
+    s["link_busy"] = float("nan") if usage is None else usage.busy
+    s["link_handoff"] = float("nan") if usage is None else usage.handoff
     s["completed_per_s"] = len(done) / wall if wall > 0 else float("nan")
     title = f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}"
     jct_client.print_summary(title, s)

@@ -393,6 +393,7 @@ class Lifecycle:
             "cached_tokens": report.cached_tokens,
             "kv_cached_tokens": held_tokens,
             "local_prefill": report.local,
+            "kv_sent_end": None if report.local else report.send_end,
         }
         sent, text, decode_start = 0, "", prefill_end
         phases_done = False

@@ -19,6 +19,7 @@ from zipserve.control.config import ServeConfig
 from zipserve.control.messages import MultiCodecHealth
 from zipserve.control.ray_backend import RayBackend
 from zipserve.router.backend import BackendEvent, FinishEvent, Job
+from zipserve.transfer.link import LinkUsage
 
 
 def make_backend(cfg: ServeConfig) -> RayBackend | MultiCodecBackend:
@@ -122,11 +123,8 @@ class MultiCodecBackend:
         for lane in self.lanes.values():
             lane.set_link(gbps, latency_ms)
 
-    def link_busy(self, window_s: float) -> float | None:
-        vals = [
-            v for v in (lane.link_busy(window_s) for lane in self.lanes.values()) if v is not None
-        ]
-        return sum(vals) / len(vals) if vals else None
+    def link_usage(self, window_s: float) -> LinkUsage | None:
+        return LinkUsage.mean([lane.link_usage(window_s) for lane in self.lanes.values()])
 
     def shutdown(self) -> None:
         for lane in self.lanes.values():

@@ -21,6 +21,7 @@ from zipserve.engine.loading import model_config_for
 from zipserve.engine.tokenizer import load_tokenizer
 from zipserve.prefill_group.actors import RayPrefillGroup
 from zipserve.router.backend import BackendEvent, Job
+from zipserve.transfer.link import LinkUsage
 
 
 class RayBackend:
@@ -175,14 +176,10 @@ class RayBackend:
         ray.get([p.set_link.remote(gbps, latency_ms) for p in self.prefill])
         self.cfg.link_gbps, self.cfg.link_latency_ms = gbps, latency_ms
 
-    def link_busy(self, window_s: float) -> float | None:
-        """Mean busy fraction of the emulated links over the last window_s seconds."""
-        vals = [
-            v
-            for v in ray.get([p.link_busy.remote(window_s) for p in self.prefill])
-            if v is not None
-        ]
-        return sum(vals) / len(vals) if vals else None
+    def link_usage(self, window_s: float) -> LinkUsage | None:
+        """Mean busy and hand-off fractions of the emulated links over the last window_s
+        seconds (transfer/link.py)."""
+        return LinkUsage.mean(ray.get([p.link_usage.remote(window_s) for p in self.prefill]))
 
     def idle(self) -> bool:
         """No request reserved, waiting or running on any decode worker, every page free."""

@@ -33,7 +33,7 @@ from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.kv_messages import send_layer, use_device_form
-from zipserve.transfer.link import LinkEmulator, unshaped
+from zipserve.transfer.link import LinkEmulator, LinkUsage, unshaped
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 KV_TAG = 1
@@ -272,15 +272,16 @@ class PrefillWorker:
                 else inner
             )
 
-    def link_busy(self, window_s: float) -> float | None:
-        """Mean busy fraction of the emulated links over the last `window_s` seconds (None
-        when no link is emulated)."""
-        links = [
-            ch
-            for ch in self.channels.values()
-            if isinstance(ch, LinkEmulator) and ch.gbps is not None
-        ]
-        return sum(ch.busy_fraction(window_s) for ch in links) / len(links) if links else None
+    def link_usage(self, window_s: float) -> LinkUsage | None:
+        """Mean busy and hand-off fractions of the emulated links over the last `window_s`
+        seconds (None when no link is emulated)."""
+        return LinkUsage.mean(
+            [
+                ch.usage(window_s)
+                for ch in self.channels.values()
+                if isinstance(ch, LinkEmulator) and ch.gbps is not None
+            ]
+        )
 
     def stats(self) -> PrefillStats:
         pool = self.engine.pool

@@ -154,6 +154,9 @@ class FinishEvent:
     """Prompt tokens whose KV the decode side held already (so none of it was sent), if known."""
     local_prefill: bool = False
     """The decode side computed the prompt's uncached rest itself (nothing crossed the link)."""
+    kv_sent_end: float | None = None
+    """When (time.time()) the prefill side handed the last layer to the link, if known: the
+    transfer phase splits into sending (until then) and receiving/importing (after)."""
     client_error: bool = False
     """With reason "error": the backend refused a value of the request itself (`error` then
     starts with the field's name, "prompt: ..."), so the router answers 400, not 5xx."""

@@ -125,6 +125,8 @@ class JobRecord:
     """Prompt tokens whose KV the decode side held already, when the backend reports it."""
     local_prefill: bool = False
     """The decode side computed the prompt's uncached rest itself (nothing was sent)."""
+    kv_sent_end: float | None = None
+    """When the prefill side handed the last layer to the link, when the backend reports it."""
     listeners: list[FinishListener] = field(default_factory=list, repr=False, compare=False)
     """Set by `JobRegistry.add`: told once when the job ends."""
 
@@ -188,7 +190,7 @@ class JobRecord:
             self.codec = ev.codec
         self.kv_bytes, self.kv_bytes_bf16 = ev.kv_bytes, ev.kv_bytes_bf16
         self.kv_bytes_not_sent, self.kv_cached_tokens = ev.kv_bytes_not_sent, ev.kv_cached_tokens
-        self.local_prefill = ev.local_prefill
+        self.local_prefill, self.kv_sent_end = ev.local_prefill, ev.kv_sent_end
         self.state = FINISH_STATE[ev.reason]
         gaps, self.tbt = self.tbt, []
         self.tbt_summary = summarize_tbt(gaps)
@@ -238,6 +240,7 @@ class JobRecord:
             kv_cached_tokens=self.kv_cached_tokens,
             kv_bytes_not_sent=self.kv_bytes_not_sent,
             local_prefill=self.local_prefill,
+            kv_sent_end=self.kv_sent_end,
         )
 
 

@@ -469,6 +469,9 @@ class JobView(BaseModel):
     local_prefill: bool = False
     """The decode side computed the prompt's uncached rest itself: no prefill worker ran and
     no KV crossed the link."""
+    kv_sent_end: float | None = None
+    """When (Unix time) the prefill side handed the last layer to the link, when reported: the
+    transfer phase before it is sending, after it receiving and importing."""
 
 
 class JobList(BaseModel):

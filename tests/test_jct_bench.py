@@ -158,7 +158,10 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     ]
     assert all(s["ok"] == s["sent"] == 6 for s in summ)
     assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ if s["link_gbps"] != "none")
+    assert all(0.0 <= s["link_handoff"] <= 1.0 for s in summ if s["link_gbps"] != "none")
     reqs = load_csv(out / "jct_requests.csv")
+    # the transfer phase splits at the prefill side's last hand-off: sending, then receiving
+    assert all(0.0 <= r["transfer_sending_ms"] <= r["transfer_ms"] + 1e-6 for r in reqs)
     assert len(reqs) == 36 and {r["status"] for r in reqs} == {"ok"}
     # Every cell runs on the same system as the one before it: its prompts must be its own, or
     # the workers' prefix caches serve them (no prefill, no transfer) and the cell measures
@@ -300,6 +303,9 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     line = jct_goals.transfer_goals(fifo)[0]
     assert "1/2 requests within wire bytes / rate + 50 ms" in line
     assert "after earlier requests' bytes) + 50 ms: 2/2 within (worst 10 ms over)" in line
+    assert "Mean transfer phase" not in line  # older rows: no split
+    split = [dict(r, transfer_sending_ms=s) for r, s in zip(fifo, (70.0, 90.0))]
+    assert "bf16 80 sending + 35 receiving" in jct_goals.transfer_goals(split)[0]
     # decode-kv auto decodes kivi2 dense and hack2 on its codes: still compared with each other
     mixed = [
         dict(summary[0], codec=c, decode_kv=m, jct_mean_ms=j)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from zipserve.transfer.channel import TransferClosed, TransferError, TransferTimeout
 from zipserve.transfer.inprocess import InProcessChannel
-from zipserve.transfer.link import LinkEmulator
+from zipserve.transfer.link import LinkEmulator, LinkUsage
 from zipserve.transfer.ports import free_port
 
 JOIN_S = 60.0
@@ -107,6 +107,27 @@ def test_link_emulator_bandwidth_latency_and_default_off():
     assert abs(busy_s - 0.08) < 0.005, busy_s
     time.sleep(0.15)
     assert link.busy_fraction(window_s=0.1) == 0.0
+
+    # A hand-off to the wrapped channel that takes 40 ms (a slow export) comes after the slot:
+    # counted as hand-off, not as the link transmitting.
+    class SlowInner(InProcessChannel):
+        def send(self, buf, tag):
+            time.sleep(0.04)
+            super().send(buf, tag)
+
+    slow_a, slow_b = SlowInner.pair()
+    slow = LinkEmulator(slow_a, gbps=1.0)
+    t0 = time.monotonic()
+    slow.send(ten_mb, 1)
+    window = time.monotonic() - t0 + 0.05
+    usage = slow.usage(window_s=window)
+    assert abs(usage.busy * window - 0.08) < 0.005, usage
+    assert 0.035 < usage.handoff * window < 0.1, usage
+    assert slow_b.recv(1, timeout=1.0).numel() == 10_000_000
+    assert LinkUsage.mean([None, usage, LinkUsage(0.0, 0.0)]) == LinkUsage(
+        usage.busy / 2, usage.handoff / 2
+    )
+    assert LinkUsage.mean([None]) is None
 
     lat = LinkEmulator(a, latency_ms=50)
     t0 = time.monotonic()

@@ -5,6 +5,12 @@ bytes * 8 / (gbps * 1e9) seconds on it (a busy-until timestamp, so concurrent or
 sends queue behind each other like on a real wire), then sleeps until its slot ends plus the
 latency, then hands the buffer to the wrapped channel. Off by default (no bandwidth limit, no
 latency): then send passes straight through. Receives are not shaped.
+
+The hand-off to the wrapped channel comes after the slot: while it runs (CUDA-IPC export, a
+gloo send) the emulated link carries nothing, unless another thread's send is queued. A real
+NIC would carry the next message meanwhile; `LinkUsage.handoff` says how much of a window went
+to hand-offs, beside `busy`, so a transfer phase longer than its wire time can be put down to
+them or not.
 """
 
 from __future__ import annotations
@@ -12,10 +18,29 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from zipserve.transfer.channel import Buffer, Channel, Lease
+
+
+@dataclass(frozen=True)
+class LinkUsage:
+    """Fractions of a window: the link transmitting (`busy`), and hand-offs to the wrapped
+    channel after a slot (`handoff`)."""
+
+    busy: float
+    handoff: float
+
+    @staticmethod
+    def mean(usages: list[LinkUsage | None]) -> LinkUsage | None:
+        got = [u for u in usages if u is not None]
+        if not got:
+            return None
+        return LinkUsage(
+            sum(u.busy for u in got) / len(got), sum(u.handoff for u in got) / len(got)
+        )
 
 
 class LinkEmulator(Channel):
@@ -39,6 +64,7 @@ class LinkEmulator(Channel):
         self._lock = threading.Lock()
         self._busy_until = 0.0
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) on time.monotonic()
+        self._handoffs: deque[tuple[float, float]] = deque()  # inner.send calls after a slot
 
     # what the wrapped transport declares (transfer/channel.py), passed through
     @property
@@ -94,7 +120,14 @@ class LinkEmulator(Channel):
                     self._busy.popleft()
                 done = self._busy_until + self.latency_ms / 1e3
             _sleep_until(done)
-        self.inner.send(buf, tag)
+            t0 = time.monotonic()
+            self.inner.send(buf, tag)
+            with self._lock:
+                self._handoffs.append((t0, time.monotonic()))
+                while self._handoffs and self._handoffs[0][1] < t0 - self._history_s:
+                    self._handoffs.popleft()
+        else:
+            self.inner.send(buf, tag)
         self._count_sent(nbytes)
 
     def recv(self, tag: int, timeout: float | None = None) -> torch.Tensor:
@@ -107,11 +140,20 @@ class LinkEmulator(Channel):
 
     def busy_fraction(self, window_s: float = 1.0) -> float:
         """Fraction of the last window_s seconds during which the link was transmitting."""
+        return self._fraction(self._busy, window_s)
+
+    def usage(self, window_s: float = 1.0) -> LinkUsage:
+        """busy_fraction and the fraction spent handing messages to the wrapped channel."""
+        return LinkUsage(
+            self._fraction(self._busy, window_s), self._fraction(self._handoffs, window_s)
+        )
+
+    def _fraction(self, spans: deque[tuple[float, float]], window_s: float) -> float:
         now = time.monotonic()
         lo = now - window_s
         with self._lock:
-            busy = sum(max(0.0, min(e, now) - max(s, lo)) for s, e in self._busy)
-        return min(1.0, busy / window_s) if window_s > 0 else 0.0
+            covered = sum(max(0.0, min(e, now) - max(s, lo)) for s, e in spans)
+        return min(1.0, covered / window_s) if window_s > 0 else 0.0
 
 
 def _sleep_until(t: float) -> None:
