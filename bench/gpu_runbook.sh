@@ -17,7 +17,7 @@
 #   jct-16d    nvidia-h100-x1  the issue-16 sweep at 25/100 Gb/s for kivi2, fp8, hack4         ~6 min
 #   jct-16e    nvidia-h100-x1  the same for hack2mix, lowrank+hack2                          ~4 min
 #   trace16    nvidia-h100-x1  decode step trace (ZIPSERVE_STEP_TRACE) for bf16, hack2, hack2
-#                              dense under load: where the long gaps between tokens go    ~5 min
+#                              dense under load, none/10 Gb/s: long gaps, transfer split  ~8 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 8x8k and 8x32k      ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
@@ -204,12 +204,13 @@ jct-16e)
 trace16)
     # Issue 16: where the compressed lanes' long gaps between tokens come from (TBT p99 90-290
     # ms for hack lanes after ipc16, 33-46 ms for bf16): the decode worker's step trace beside
-    # each prefill, for bf16, hack2 decoding its codes, and hack2 decoded dense on arrival.
+    # each prefill, for bf16, hack2 decoding its codes, and hack2 decoded dense on arrival; at
+    # 10 Gb/s too, for the transfer split (transfer_sending_ms) and the link's hand-offs.
     for lane in bf16:auto hack2:auto hack2:dense; do
         c=${lane%%:*} m=${lane##*:}
-        ZIPSERVE_STEP_TRACE="$WORK/trace_${c}_$m" step 120 "jct_${c}_$m" python3 -m zipserve \
+        ZIPSERVE_STEP_TRACE="$WORK/trace_${c}_$m" step 170 "jct_${c}_$m" python3 -m zipserve \
             bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
-            --links none --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
+            --links none,10 --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
             "${GRAPHS[@]}" --out "$WORK/jct_${c}_$m"
         step 30 "gaps_${c}_$m" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_${c}_$m" \
             --requests "$WORK/jct_${c}_$m/jct_requests.csv"
