@@ -49,10 +49,10 @@
 #   multi4     nvidia-h200-x4  throughput scaling: 1+1 against 2+2 workers, bf16 and hack2 at
 #                              rising rates, the router assigning pairs under load (9)   ~8 min
 # Then: `python3 -m zipserve bench report --results <each jct folder> --readme`.
-# Size: the device takes at most 64 MiB of working tree + carry, and with .devbundle (28 MiB)
-# the tree no longer fits (67 MiB in session 12). For every stage but `tests` (the only one that
-# reads the LCKV model): `mv models/zipserve-lckv/model.safetensors /tmp/` before the call, and
-# move it back after (`git checkout -- models/zipserve-lckv` restores it if /tmp lost it).
+# Size: the device takes at most 64 MiB of working tree + carry, and with .devbundle (27 MiB)
+# the tree no longer fits (65 MiB in session 12). No stage reads bench/results (the results of
+# earlier sessions, 7.5 MB): `mv bench/results /tmp/bench-results` before the calls and
+# `mv /tmp/bench-results bench/results` after (`git checkout -- bench/results` if /tmp lost it).
 # Before: `bash ../shared/tools/device-bundle.sh` once here (Ray, FastAPI... are not on the GPU
 # image). Everything a stage writes ends up in ONE file, $OUT/STAGE.tar.gz (the device returns only
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
