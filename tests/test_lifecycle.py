@@ -200,6 +200,7 @@ def test_one_job_walks_every_stage():
         cached_tokens=0,
         kv_bytes_not_sent=0,
         kv_cached_tokens=0,
+        kv_sent_end=10.6,  # the prefill side's report: its last layer left then
     )
     _whole(books, pool)
 
