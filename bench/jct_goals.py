@@ -202,6 +202,11 @@ def no_link_goals(summary: list[dict]) -> list[str]:
     ]
 
 
+def _wire_ms(r: dict) -> float:
+    """A request's KV bytes on its emulated link, ms."""
+    return r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9) * 1e3
+
+
 def link_queue_ms(rows: list[dict]) -> list[float] | None:
     """Per row (same order): the least time its transfer phase can take on its run's link, a
     FIFO that each pair's sender thread feeds one request after another. A request's layers
@@ -220,7 +225,7 @@ def link_queue_ms(rows: list[dict]) -> list[float] | None:
             r = rows[i]
             end = r["transfer_start_s"]  # the prefill's end
             start = end - (r["prefill_ms"] / 1e3 if _ok(r.get("prefill_ms")) else 0.0)
-            free = max(free, start) + r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9)
+            free = max(free, start) + _wire_ms(r) / 1e3
             out[i] = max(0.0, free - end) * 1e3
     return out
 
@@ -278,7 +283,7 @@ def transfer_goals(rows: list[dict]) -> list[str]:
         and _ok(r.get("kv_bytes"))
     ]
     if linked:
-        own = [r["kv_bytes"] * 8 / (r["link_gbps"] * 1e9) * 1e3 for r in linked]
+        own = [_wire_ms(r) for r in linked]
         within = [r["transfer_ms"] <= w + TRANSFER_SLACK_MS for r, w in zip(linked, own)]
         over = max(r["transfer_ms"] - w for r, w in zip(linked, own))
         line = (

@@ -105,8 +105,6 @@ class DecodeWorker:
         )
         """Received, verified layers (with when they were handed over) waiting for the step loop
         to write them into the pool."""
-        self._oldest_wait_ms = 0.0
-        """How long the longest-waiting layer of the last import waited for the step loop."""
         self._work = threading.Event()
         """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
@@ -211,10 +209,11 @@ class DecodeWorker:
         self._arrivals.append((time.time(), kv))
         self._work.set()
 
-    def _import_arrivals(self) -> list[LayerKV | DeviceLayerKV]:
-        """Import every waiting layer (caller holds the lock); returns them for `done`."""
-        taken, now = [], time.time()
-        self._oldest_wait_ms = 1e3 * (now - self._arrivals[0][0]) if self._arrivals else 0.0
+    def _import_arrivals(self) -> tuple[list[LayerKV | DeviceLayerKV], float]:
+        """Import every waiting layer (caller holds the lock); returns them for `done`, and how
+        long (ms) the one that waited longest had waited for this."""
+        taken = []
+        waited_ms = 1e3 * (time.time() - self._arrivals[0][0]) if self._arrivals else 0.0
         while self._arrivals:
             _, kv = self._arrivals.popleft()
             taken.append(kv)
@@ -226,7 +225,7 @@ class DecodeWorker:
                     self._fail(
                         kv.request_id, f"KV import failed: {type(e).__name__}: {e}", "kv_import"
                     )
-        return taken
+        return taken, waited_ms
 
     def _expects_kv(self, request_id: str) -> bool:
         st = self.requests.get(request_id)
@@ -430,7 +429,7 @@ class DecodeWorker:
             with self.lock:
                 t_pass = time.time()
                 self._apply_aborts()
-                imported = self._import_arrivals()
+                imported, waited_ms = self._import_arrivals()
                 now = time.time()
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
@@ -467,7 +466,7 @@ class DecodeWorker:
                     (t_done - t_step) * 1e3,
                     len(outs),
                     (time.time() - t_done) * 1e3,
-                    self._oldest_wait_ms,
+                    waited_ms,
                 )
             # Sleep outside the lock so callers waiting for it (poll, reserve, admit) get it:
             # Python locks are not fair and this loop would otherwise take it right back.

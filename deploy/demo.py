@@ -79,11 +79,16 @@ def dense_element_size() -> int:
     return 2 if torch.cuda.is_available() else 4
 
 
+def dense_bytes_per_token(model: str) -> int:
+    """What `model`'s dense KV of one token takes as this engine sends it (bf16 codec)."""
+    return model_config_for(model).kv_bytes_per_token(dense_element_size())
+
+
 def llama_equivalent_gbps(model: str, link_gbps: float) -> float:
     """The link on which Llama-3-8B's bf16 KV takes as long per token as `model`'s dense KV,
     as this engine sends it, takes on `link_gbps`."""
-    sent = model_config_for(model).kv_bytes_per_token(dense_element_size())
-    return link_gbps * RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2) / sent
+    llama = RANDOM_MODELS["llama3-8b"].kv_bytes_per_token(2)
+    return link_gbps * llama / dense_bytes_per_token(model)
 
 
 def _calibrate(model: str, url: str, base: str, backend, max_tokens: int) -> float:
@@ -98,8 +103,7 @@ def _calibrate(model: str, url: str, base: str, backend, max_tokens: int) -> flo
     tokens = job.get("prompt_tokens")
     if not prefill or not tokens:
         raise RuntimeError(f"calibration: the job record has no prefill time: {job}")
-    dense = model_config_for(model).kv_bytes_per_token(dense_element_size())
-    link = calibrated_link_gbps(dense, prefill / tokens)
+    link = calibrated_link_gbps(dense_bytes_per_token(model), prefill / tokens)
     backend.set_link(link)
     print(
         f"--- link calibrated: a prefill of {tokens} tokens took {1e3 * prefill:.0f} ms here, "

@@ -114,18 +114,13 @@ class LinkEmulator(Channel):
                 now = time.monotonic()
                 start = max(now, self._busy_until)
                 self._busy_until = start + tx
-                if tx > 0:
-                    self._busy.append((start, start + tx))
-                while self._busy and self._busy[0][1] < now - self._history_s:
-                    self._busy.popleft()
+                self._keep(self._busy, start, start + tx, now)
                 done = self._busy_until + self.latency_ms / 1e3
             _sleep_until(done)
             t0 = time.monotonic()
             self.inner.send(buf, tag)
             with self._lock:
-                self._handoffs.append((t0, time.monotonic()))
-                while self._handoffs and self._handoffs[0][1] < t0 - self._history_s:
-                    self._handoffs.popleft()
+                self._keep(self._handoffs, t0, time.monotonic(), t0)
         else:
             self.inner.send(buf, tag)
         self._count_sent(nbytes)
@@ -147,6 +142,16 @@ class LinkEmulator(Channel):
         return LinkUsage(
             self._fraction(self._busy, window_s), self._fraction(self._handoffs, window_s)
         )
+
+    def _keep(
+        self, spans: deque[tuple[float, float]], start: float, end: float, now: float
+    ) -> None:
+        """Record [start, end) in spans (when not empty) and drop the spans that ended before
+        the history looks back from `now` (caller holds the lock)."""
+        if end > start:
+            spans.append((start, end))
+        while spans and spans[0][1] < now - self._history_s:
+            spans.popleft()
 
     def _fraction(self, spans: deque[tuple[float, float]], window_s: float) -> float:
         now = time.monotonic()
