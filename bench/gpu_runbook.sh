@@ -6,6 +6,7 @@
 # Stages (kind; budget):
 #   tests      nvidia-h100-x1  @gpu tests of the engine, head sizes, dense decode (serially:  ~9 min
 #                              engines on one GPU starve each other in parallel)
+#   engine13   nvidia-h100-x1  test_engine_gpu.py, then the device path's tests               ~9 min
 #   tests2     nvidia-h100-x1  every other @gpu test, incl. the device KV path             ~8 min
 #   smoke      nvidia-h100-x1  device-path + dense tests, then bf16 vs hack2 (compressed
 #                              and dense) under load at none/10 Gb/s (issue 16)           ~7 min
@@ -58,7 +59,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -124,6 +125,12 @@ case "$STAGE" in
 tests)
     pytest_gpu 540 gpu_engine -m gpu tests/test_engine_gpu.py tests/test_head_size_codecs.py \
         tests/test_dense_decode.py
+    ;;
+engine13)
+    # Session 13: the engine's GPU tests after the pool/prefix-cache reference cycle was broken
+    # (each test's pool outlived it and the next engine found no memory), then the device path.
+    pytest_gpu 420 gpu_engine -m gpu tests/test_engine_gpu.py
+    pytest_gpu 150 device_path tests/test_device_path_gpu.py
     ;;
 tests1b)
     # What `tests` did not reach in 540 s on an H100 (Triton compiles dominate: ~60 s per fp8

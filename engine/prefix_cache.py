@@ -36,6 +36,7 @@ prompt, so a cached prefix would change how the suffix is encoded.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -103,7 +104,17 @@ class PrefixCache:
         self._hash_of: dict[int, bytes] = {}  # page -> hash
         self._root_state: dict[int, object] = {}  # first page of a chain -> kv.prefix_state
         self._stats = PrefixCacheStats()
-        pool.on_evict = self._forget
+        # The pool calls back through a weak reference: a bound method would make pool and cache
+        # a cycle, and the engine's KV memory (held by self.kv) would outlive the engine until
+        # the next garbage collection (on a GPU, the next engine found no memory for its pool).
+        this = weakref.ref(self)
+
+        def forget(page: int) -> None:
+            cache = this()
+            if cache is not None:
+                cache._forget(page)
+
+        pool.on_evict = forget
 
     @property
     def stats(self) -> PrefixCacheStats:

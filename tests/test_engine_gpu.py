@@ -36,6 +36,24 @@ def test_gpu_fp32_greedy_equals_cpu(checkpoint):
     assert pool.num_free == pool.capacity
 
 
+def test_gpu_engine_memory_returns_without_gc(checkpoint):
+    """Dropping an LLM returns its KV pool's GPU memory at once, with the garbage collector off:
+    the next engine sizes its pool on free memory (a reference cycle once held 68 GB here)."""
+    import gc
+
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    gc.disable()
+    try:
+        llm = LLM(checkpoint, device="cuda", dtype="float32", page_size=16)
+        llm.generate(_prompts(2), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        assert torch.cuda.memory_allocated() > before + (1 << 30)  # the pool took most of the GPU
+        del llm
+        assert torch.cuda.memory_allocated() - before < (64 << 20)
+    finally:
+        gc.enable()
+
+
 def test_gpu_graphs_equal_eager_bf16(checkpoint):
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=0)
     prompts = _prompts(7)

@@ -365,3 +365,23 @@ def test_lckv_models_run_without_it():
     llm.generate(prompt, GREEDY)
     assert llm.generate(prompt, GREEDY)[0].cached_tokens == 0
     _whole(llm)
+
+
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_engine_memory_freed_without_garbage_collection(codec):
+    """The pool's eviction hook does not tie the prefix cache (and through it the KV memory) into
+    a reference cycle: dropping the LLM frees its pool and cache at once, as a GPU needs before
+    the next engine sizes its pool on free memory."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        llm = _llm(codec)
+        llm.generate([list(range(3, 3 + 3 * P))], SamplingParams(max_tokens=4, temperature=0.0))
+        assert llm.engine.prefix_cache is not None
+        pool, cache = weakref.ref(llm.engine.pool), weakref.ref(llm.engine.prefix_cache.kv)
+        del llm
+        assert pool() is None and cache() is None
+    finally:
+        gc.enable()
