@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from zipserve.compress.codec import KVCodec
-from zipserve.compress.wire import WirePages, check_layout
+from zipserve.compress.wire import WirePages, check_layout, index_on
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.paged_cache import LayerPages
@@ -91,7 +91,7 @@ class DenseCodecKVCache(KVCache):
         if n > len(seq.pages):
             raise ValueError(f"layer {layer}: {n} pages arrived for {len(seq.pages)} reserved")
         if n:
-            ids = torch.tensor(seq.pages[:n], device=dev)
+            ids = index_on(seq.pages[:n], dev)
             pages = {name: t.to(dev) for name, t in wire.tensors.items()}
             codec.dequantize_into(pages, ids, k_pages, v_pages)
         if "open_k" not in tail or "open_v" not in tail:

@@ -44,6 +44,7 @@ from zipserve.compress.wire.pages import (
     WirePages,
     adopt_pages,
     check_layout,
+    index_on,
     pack_pages,
     unpack_pages,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "WirePages",
     "adopt_pages",
     "check_layout",
+    "index_on",
     "decode",
     "device_checksum",
     "frame",

@@ -21,7 +21,7 @@ import torch
 from zipserve.compress.wire.checksum import ALGORITHM, PendingChecksum, device_checksum
 from zipserve.compress.wire.errors import ChecksumError, FormatError
 from zipserve.compress.wire.framing import dtype_name, dtype_of
-from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages
+from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages, index_on
 
 ALIGN = 16
 
@@ -63,12 +63,7 @@ def pack_device(
     Queues the checksum reduction right behind the gather (no synchronization)."""
     extras = extras or {}
     device = next(iter(store.values())).device
-    ids = page_ids.to(torch.long)
-    if device.type == "cuda" and ids.device.type == "cpu":
-        # a pageable host->device copy would wait for the stream (stalling the forward pass
-        # this runs in); a pinned, non-blocking one does not
-        ids = ids.pin_memory().to(device, non_blocking=True)
-    ids = ids.to(device)
+    ids = index_on(page_ids, device)  # [n]
     n = int(ids.numel())
     fields, extra_fields, offset = [], [], 0
     for name, t in store.items():

@@ -116,12 +116,27 @@ def check_layout(
             )
 
 
+def index_on(page_ids: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
+    """Page ids as int64 on `device`. A host list or tensor goes to a GPU through pinned memory
+    without waiting: a pageable host-to-device copy makes the host wait for the stream (the
+    forward pass on the sender, the decode steps and, on a shared GPU, the other process's work
+    on the receiver), once per copy."""
+    ids = torch.as_tensor(page_ids, dtype=torch.long)
+    if device.type == "cuda" and ids.device.type == "cpu":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
+
+
 def adopt_pages(
     codec: str, store: dict[str, torch.Tensor], page_ids: torch.Tensor, pages: WirePages
 ) -> None:
-    """Write received pages into pool pages page_ids of a store of the same codec and layout."""
+    """Write received pages into pool pages page_ids of a store of the same codec and layout
+    (the ids go to the store's device once, without a synchronization)."""
     check_layout(pages, codec, store)
     if pages.num_pages != page_ids.numel():
         raise LayoutError(f"{pages.num_pages} pages received for {page_ids.numel()} reserved")
+    if not store:
+        return
+    ids = index_on(page_ids, next(iter(store.values())).device)  # [n]
     for name, t in store.items():
-        t[page_ids.to(t.device)] = pages.tensors[name].to(t.device)
+        t[ids] = pages.tensors[name].to(t.device)
