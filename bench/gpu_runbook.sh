@@ -19,6 +19,8 @@
 #   jct-16e    nvidia-h100-x1  the same for hack2mix, lowrank+hack2                          ~4 min
 #   trace16    nvidia-h100-x1  decode step trace (ZIPSERVE_STEP_TRACE) for bf16, hack2, hack2
 #                              dense under load, none/10 Gb/s: long gaps, transfer split  ~8 min
+#   import16   nvidia-h100-x1  session 13's import fix: device-path tests, then trace16's runs
+#                              for bf16, hack2 and kivi2 (TBT p99, import passes)          ~7 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 8x8k and 8x32k      ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
@@ -59,7 +61,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -107,6 +109,20 @@ cuda_variant_tests() {  # cuda_variant_tests SECONDS SECONDS_EACH "GLOBAL..." SH
 # Decode graphs for batches up to 32 only: each batch bucket compiles its own split count of the
 # compressed kernels at start-up, and these rates never run more than ~10 requests at once.
 GRAPHS=(--engine-option graph_batch_sizes=1,2,4,8,16,32 --engine-option max_num_seqs=32)
+
+traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 workload at rates
+    # 1/2, no link and 10 Gb/s, with the decode worker's step trace, then step_gaps on it (~2 min)
+    local lane c m
+    for lane in "$@"; do
+        c=${lane%%:*} m=${lane##*:}
+        ZIPSERVE_STEP_TRACE="$WORK/trace_${c}_$m" step 170 "jct_${c}_$m" python3 -m zipserve \
+            bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
+            --links none,10 --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
+            "${GRAPHS[@]}" --out "$WORK/jct_${c}_$m"
+        step 30 "gaps_${c}_$m" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_${c}_$m" \
+            --requests "$WORK/jct_${c}_$m/jct_requests.csv"
+    done
+}
 
 jct_sweep() {  # jct_sweep SECONDS NAME CODECS LINKS: the issue-16 sweep on random Llama-3-8B
     # Per lane (codec x decode-kv): one system start (~20-40 s), then links x 3 rates x <= 12 s.
@@ -213,15 +229,15 @@ trace16)
     # ms for hack lanes after ipc16, 33-46 ms for bf16): the decode worker's step trace beside
     # each prefill, for bf16, hack2 decoding its codes, and hack2 decoded dense on arrival; at
     # 10 Gb/s too, for the transfer split (transfer_sending_ms) and the link's hand-offs.
-    for lane in bf16:auto hack2:auto hack2:dense; do
-        c=${lane%%:*} m=${lane##*:}
-        ZIPSERVE_STEP_TRACE="$WORK/trace_${c}_$m" step 170 "jct_${c}_$m" python3 -m zipserve \
-            bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
-            --links none,10 --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
-            "${GRAPHS[@]}" --out "$WORK/jct_${c}_$m"
-        step 30 "gaps_${c}_$m" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_${c}_$m" \
-            --requests "$WORK/jct_${c}_$m/jct_requests.csv"
-    done
+    traced_lanes bf16:auto hack2:auto hack2:dense
+    ;;
+import16)
+    # Issue 16, session 13's fix: a received layer's import no longer waits for the GPU (page
+    # ids once, pinned; hack2 made 8 waits per layer). Its test among the device path's, then
+    # trace16's runs for bf16, hack2 and kivi2 (compare TBT p99, decode phase and the import
+    # passes with session 13's trace16: hack2 5.7 ms per layer, 164 ms per pass).
+    pytest_gpu 130 device_path tests/test_device_path_gpu.py
+    traced_lanes bf16:auto hack2:auto kivi2:auto
     ;;
 profile)
     # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes
