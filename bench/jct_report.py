@@ -128,7 +128,9 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
         "quarter's (+50 ms). 'link busy': the emulated link transmitting over the run; "
         "'hand-off' (sweeps from session 12 on): the sender handing messages to the "
-        "transport after their slot, while the emulated link carries nothing.",
+        "transport after their slot, while the emulated link carries nothing; 'waiting for "
+        "acks' (from session 13 on): the part of it the transport waited for the decode side "
+        "to give shared buffers back (CUDA IPC's in-flight cap).",
         "",
         "### Headline",
         "",
@@ -167,7 +169,9 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
             http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
             busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
             if _ok(s.get("link_handoff")):  # hand-offs after a slot leave the link idle
-                busy += f" (+{100 * s['link_handoff']:.0f}% hand-off)"
+                acks = s.get("link_ack_wait")
+                of_it = f", {100 * acks:.0f}% waiting for acks" if _ok(acks) else ""
+                busy += f" (+{100 * s['link_handoff']:.0f}% hand-off{of_it})"
             timed, ok = ttft_coverage(s, rows)
             ttft = (_s(s["ttft_mean_ms"]), _s(s["ttft_p99_ms"]))
             if timed < ok:

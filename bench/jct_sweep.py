@@ -265,6 +265,7 @@ def _one_run(
     s["run_seconds"] = wall
     s["link_busy"] = float("nan") if usage is None else usage.busy
     s["link_handoff"] = float("nan") if usage is None else usage.handoff
+    s["link_ack_wait"] = float("nan") if usage is None else usage.ack_wait
     s["completed_per_s"] = len(done) / wall if wall > 0 else float("nan")
     title = f"{jct_plots.lane(conf):>20} link {conf['link_gbps']!s:>5} rate {conf['rate']!s:>5}"
     jct_client.print_summary(title, s)

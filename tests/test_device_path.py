@@ -312,7 +312,13 @@ def test_ipc_inflight_budget_blocks_then_times_out():
         threading.Timer(0.1, lease.release).start()
         t0 = time.monotonic()
         a.send(torch.zeros(1000, dtype=torch.uint8), 1)  # waits for the first ack
-        assert 0.05 < time.monotonic() - t0 < 1.8  # released after 0.1 s, well before 2.0 s
+        waited = time.monotonic() - t0
+        assert 0.05 < waited < 1.8  # released after 0.1 s, well before 2.0 s
+        # the wait is reported as such (a link emulator over this channel passes it on)
+        window = time.monotonic() - t0 + 0.05
+        assert 0.04 < a.ack_wait_fraction(window) * window <= waited + 0.01
+        passed_on = LinkEmulator(a, gbps=100.0).usage(window).ack_wait
+        assert passed_on == pytest.approx(a.ack_wait_fraction(window), abs=0.05)
         t0 = time.monotonic()
         with pytest.raises(TransferTimeout, match="unacknowledged"):
             a.send(torch.zeros(1000, dtype=torch.uint8), 1)  # nobody gives the second back

@@ -159,6 +159,12 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     assert all(s["ok"] == s["sent"] == 6 for s in summ)
     assert all(0.0 <= s["link_busy"] <= 1.0 for s in summ if s["link_gbps"] != "none")
     assert all(0.0 <= s["link_handoff"] <= 1.0 for s in summ if s["link_gbps"] != "none")
+    # waits for acknowledgements happen inside hand-offs
+    assert all(
+        0.0 <= s["link_ack_wait"] <= s["link_handoff"] + 0.01
+        for s in summ
+        if s["link_gbps"] != "none"
+    )
     reqs = load_csv(out / "jct_requests.csv")
     # the transfer phase splits at the prefill side's last hand-off: sending, then receiving
     assert all(0.0 <= r["transfer_sending_ms"] <= r["transfer_ms"] + 1e-6 for r in reqs)

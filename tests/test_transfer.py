@@ -124,8 +124,9 @@ def test_link_emulator_bandwidth_latency_and_default_off():
     assert abs(usage.busy * window - 0.08) < 0.005, usage
     assert usage.handoff * window >= 0.035 and usage.handoff < 1.0, usage  # >= its 40 ms sleep
     assert slow_b.recv(1, timeout=1.0).numel() == 10_000_000
-    assert LinkUsage.mean([None, usage, LinkUsage(0.0, 0.0)]) == LinkUsage(
-        usage.busy / 2, usage.handoff / 2
+    assert usage.ack_wait == 0.0  # an in-process channel takes no acknowledgements
+    assert LinkUsage.mean([None, usage, LinkUsage(0.0, 0.0, 0.5)]) == LinkUsage(
+        usage.busy / 2, usage.handoff / 2, 0.25
     )
     assert LinkUsage.mean([None]) is None
 

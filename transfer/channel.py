@@ -180,6 +180,11 @@ class Channel(ABC):
         at once for a transport that does not `acknowledge`."""
         return True
 
+    def ack_wait_fraction(self, window_s: float) -> float:
+        """Share of the last window_s seconds that sends spent waiting for the receiver to give
+        buffers back (`limit_inflight`); 0 for a transport that does not `acknowledge`."""
+        return 0.0
+
     def _count_sent(self, nbytes: int) -> None:
         with self._stats_lock:
             self.bytes_sent += nbytes

@@ -48,6 +48,7 @@ from zipserve.transfer.channel import (
     as_byte_tensor,
     check_tag,
 )
+from zipserve.transfer.spans import SpanLog
 
 ACK_TAG = 0
 """Control tag of acknowledgements; user tag t travels as control tag t + 1."""
@@ -176,6 +177,7 @@ class CudaIpcChannel(Channel):
         self._ids = itertools.count(1)
         self._inflight: dict[int, _Sent] = {}
         self._inflight_bytes = 0
+        self._ack_waits = SpanLog()  # sends waiting for the receiver's acknowledgements
         self._leases: dict[int, Lease] = {}
         self._failure: TransferError | None = None
         self._closed = False
@@ -200,17 +202,21 @@ class CudaIpcChannel(Channel):
             return
         nbytes = t.numel()
         with self._cond:
-            deadline = time.monotonic() + self.ack_timeout_s
-            while self._inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
-                self._check_usable()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransferTimeout(
-                        f"{len(self._inflight)} shared buffers "
-                        f"({self._inflight_bytes} bytes) unacknowledged for "
-                        f"{self.ack_timeout_s} s"
-                    )
-                self._cond.wait(left)
+            t0 = time.monotonic()
+            deadline = t0 + self.ack_timeout_s
+            try:
+                while self._inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
+                    self._check_usable()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TransferTimeout(
+                            f"{len(self._inflight)} shared buffers "
+                            f"({self._inflight_bytes} bytes) unacknowledged for "
+                            f"{self.ack_timeout_s} s"
+                        )
+                    self._cond.wait(left)
+            finally:
+                self._ack_waits.add(t0, time.monotonic())
             self._check_usable()
             mid = next(self._ids)
             self._inflight[mid] = _Sent(t, nbytes, time.monotonic())
@@ -234,6 +240,9 @@ class CudaIpcChannel(Channel):
             raise ValueError(f"max_inflight_bytes must be positive, got {nbytes}")
         with self._cond:
             self.max_inflight_bytes = nbytes
+
+    def ack_wait_fraction(self, window_s: float) -> float:
+        return self._ack_waits.fraction(window_s)
 
     def wait_acked(self, timeout: float) -> bool:
         """Block until every shared buffer is acknowledged (True) or timeout (False)."""

@@ -10,37 +10,43 @@ The hand-off to the wrapped channel comes after the slot: while it runs (CUDA-IP
 gloo send) the emulated link carries nothing, unless another thread's send is queued. A real
 NIC would carry the next message meanwhile; `LinkUsage.handoff` says how much of a window went
 to hand-offs, beside `busy`, so a transfer phase longer than its wire time can be put down to
-them or not.
+them or not, and `LinkUsage.ack_wait` how much of it the wrapped channel spent waiting for the
+receiver to give buffers back (CUDA IPC's in-flight cap) rather than exporting and posting.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from zipserve.transfer.channel import Buffer, Channel, Lease
+from zipserve.transfer.spans import SpanLog
 
 
 @dataclass(frozen=True)
 class LinkUsage:
-    """Fractions of a window: the link transmitting (`busy`), and hand-offs to the wrapped
-    channel after a slot (`handoff`)."""
+    """Fractions of a window: the link transmitting (`busy`), hand-offs to the wrapped channel
+    after a slot (`handoff`), and the wrapped channel's sends waiting for the receiver's
+    acknowledgements (`ack_wait`, part of the hand-offs; 0 for a transport without them)."""
 
     busy: float
     handoff: float
+    ack_wait: float = 0.0
 
     @staticmethod
     def mean(usages: list[LinkUsage | None]) -> LinkUsage | None:
         got = [u for u in usages if u is not None]
         if not got:
             return None
-        return LinkUsage(
-            sum(u.busy for u in got) / len(got), sum(u.handoff for u in got) / len(got)
-        )
+        return LinkUsage(*(math.fsum(col) / len(got) for col in zip(*(_fields(u) for u in got))))
+
+
+def _fields(u: LinkUsage) -> tuple[float, float, float]:
+    return u.busy, u.handoff, u.ack_wait
 
 
 class LinkEmulator(Channel):
@@ -60,11 +66,10 @@ class LinkEmulator(Channel):
         if latency_ms < 0:
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
         self.inner, self.gbps, self.latency_ms = inner, gbps, latency_ms
-        self._history_s = history_s
         self._lock = threading.Lock()
         self._busy_until = 0.0
-        self._busy: deque[tuple[float, float]] = deque()  # (start, end) on time.monotonic()
-        self._handoffs: deque[tuple[float, float]] = deque()  # inner.send calls after a slot
+        self._busy = SpanLog(history_s)  # slots on the wire
+        self._handoffs = SpanLog(history_s)  # inner.send calls after a slot
 
     # what the wrapped transport declares (transfer/channel.py), passed through
     @property
@@ -111,16 +116,14 @@ class LinkEmulator(Channel):
         if self.enabled:
             tx = self.transmit_seconds(nbytes)
             with self._lock:
-                now = time.monotonic()
-                start = max(now, self._busy_until)
+                start = max(time.monotonic(), self._busy_until)
                 self._busy_until = start + tx
-                self._keep(self._busy, start, start + tx, now)
                 done = self._busy_until + self.latency_ms / 1e3
+            self._busy.add(start, start + tx)
             _sleep_until(done)
             t0 = time.monotonic()
             self.inner.send(buf, tag)
-            with self._lock:
-                self._keep(self._handoffs, t0, time.monotonic(), t0)
+            self._handoffs.add(t0, time.monotonic())
         else:
             self.inner.send(buf, tag)
         self._count_sent(nbytes)
@@ -135,30 +138,19 @@ class LinkEmulator(Channel):
 
     def busy_fraction(self, window_s: float = 1.0) -> float:
         """Fraction of the last window_s seconds during which the link was transmitting."""
-        return self._fraction(self._busy, window_s)
+        return self._busy.fraction(window_s)
 
     def usage(self, window_s: float = 1.0) -> LinkUsage:
-        """busy_fraction and the fraction spent handing messages to the wrapped channel."""
+        """busy_fraction, the fraction spent handing messages to the wrapped channel, and of that
+        the wrapped channel's waits for acknowledgements."""
         return LinkUsage(
-            self._fraction(self._busy, window_s), self._fraction(self._handoffs, window_s)
+            self._busy.fraction(window_s),
+            self._handoffs.fraction(window_s),
+            self.inner.ack_wait_fraction(window_s),
         )
 
-    def _keep(
-        self, spans: deque[tuple[float, float]], start: float, end: float, now: float
-    ) -> None:
-        """Record [start, end) in spans (when not empty) and drop the spans that ended before
-        the history looks back from `now` (caller holds the lock)."""
-        if end > start:
-            spans.append((start, end))
-        while spans and spans[0][1] < now - self._history_s:
-            spans.popleft()
-
-    def _fraction(self, spans: deque[tuple[float, float]], window_s: float) -> float:
-        now = time.monotonic()
-        lo = now - window_s
-        with self._lock:
-            covered = sum(max(0.0, min(e, now) - max(s, lo)) for s, e in spans)
-        return min(1.0, covered / window_s) if window_s > 0 else 0.0
+    def ack_wait_fraction(self, window_s: float) -> float:
+        return self.inner.ack_wait_fraction(window_s)
 
 
 def _sleep_until(t: float) -> None:
