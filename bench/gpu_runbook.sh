@@ -20,7 +20,8 @@
 #   trace16    nvidia-h100-x1  decode step trace (ZIPSERVE_STEP_TRACE) for bf16, hack2, hack2
 #                              dense under load, none/10 Gb/s: long gaps, transfer split  ~8 min
 #   import16   nvidia-h100-x1  session 13's import fix: device-path tests, then trace16's runs
-#                              for bf16, hack2 and kivi2 (TBT p99, import passes)          ~7 min
+#                              for bf16, hack2 and kivi2, and bf16 with ZIPSERVE_GIL_SWITCH_MS=0.5
+#                              (TBT p99, import passes, hand-offs)                          ~9 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
 #                              bf16 vs hack2/hack4 (codes and dense), 8x8k and 8x32k      ~8 min
 #   engine15   nvidia-h100-x1  issue 15: decode tokens/s per lane (bf16, hack2, hack4,
@@ -112,15 +113,16 @@ GRAPHS=(--engine-option graph_batch_sizes=1,2,4,8,16,32 --engine-option max_num_
 
 traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 workload at rates
     # 1/2, no link and 10 Gb/s, with the decode worker's step trace, then step_gaps on it (~2 min)
-    local lane c m
+    # (LANE_TAG, when set, ends every folder name: runs of one lane under other settings)
+    local lane c m n
     for lane in "$@"; do
-        c=${lane%%:*} m=${lane##*:}
-        ZIPSERVE_STEP_TRACE="$WORK/trace_${c}_$m" step 170 "jct_${c}_$m" python3 -m zipserve \
+        c=${lane%%:*} m=${lane##*:} n="${lane/:/_}${LANE_TAG:-}"
+        ZIPSERVE_STEP_TRACE="$WORK/trace_$n" step 170 "jct_$n" python3 -m zipserve \
             bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
             --links none,10 --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
-            "${GRAPHS[@]}" --out "$WORK/jct_${c}_$m"
-        step 30 "gaps_${c}_$m" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_${c}_$m" \
-            --requests "$WORK/jct_${c}_$m/jct_requests.csv"
+            "${GRAPHS[@]}" --out "$WORK/jct_$n"
+        step 30 "gaps_$n" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_$n" \
+            --requests "$WORK/jct_$n/jct_requests.csv"
     done
 }
 
@@ -238,6 +240,9 @@ import16)
     # passes with session 13's trace16: hack2 5.7 ms per layer, 164 ms per pass).
     pytest_gpu 130 device_path tests/test_device_path_gpu.py
     traced_lanes bf16:auto hack2:auto kivi2:auto
+    # the same for bf16 with the workers' GIL switch interval at 0.5 ms (control/gil_switch.py):
+    # does the KV sender lose time to the forward pass's thread? (hand-off share, sending ms)
+    (export ZIPSERVE_GIL_SWITCH_MS=0.5 LANE_TAG=_gil05; traced_lanes bf16:auto)
     ;;
 profile)
     # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes

@@ -38,6 +38,7 @@ from pathlib import Path
 from zipserve.bench import jct_client, jct_plots, workloads
 from zipserve.bench.conversations import CONVERSATION_SHAPES, ConversationWorkload
 from zipserve.bench.jct_conversations import print_turns, summarize_turns
+from zipserve.control.gil_switch import gil_switch_setting
 
 SUMMARY_KEYS = ("codec", "decode_kv", "link_gbps", "rate", "workload", "prefix_caching")
 
@@ -358,6 +359,7 @@ def write_outputs(
         "commit": git_commit(),
         "command": cfg.command,
         "config": conf,
+        "gil_switch_ms": gil_switch_setting(),
     }
     (out_dir / "jct_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     pngs = jct_plots.plot_all(out_dir, ordered, rows, list(cfg.quality_csvs))

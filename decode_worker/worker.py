@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
+from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
 from zipserve.decode_worker.step_trace import StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
@@ -85,6 +86,7 @@ class DecodeWorker:
         dtype: str = "auto",
         engine_options: dict | None = None,
     ):
+        self.gil_switch_s = apply_worker_switch_interval()
         self.engine = DisaggregatedEngine.for_worker(model, codec, device, dtype, engine_options)
         self.codec = codec
         self.num_layers = self.engine.config.num_kv_layers  # layers whose KV arrives

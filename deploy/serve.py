@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 
 from zipserve.control.config import ServeConfig
+from zipserve.control.gil_switch import worker_switch_interval_s
 from zipserve.control.multi_codec import make_backend
 from zipserve.deploy.local_ray import start_loopback_ray
 from zipserve.router.limits import AdmissionConfig
@@ -24,6 +25,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def start_ray(address: str | None) -> None:
     import ray
 
+    worker_switch_interval_s()  # a malformed ZIPSERVE_GIL_SWITCH_MS fails here, not in a worker
     if ray.is_initialized():
         return
     if address:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zipserve.compress.wire import LayerKV
+from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.prefix_cache import worker_cache_fields
@@ -119,6 +120,7 @@ class PrefillWorker:
         dtype: str = "auto",
         engine_options: dict | None = None,
     ):
+        self.gil_switch_s = apply_worker_switch_interval()
         self.engine = DisaggregatedEngine.for_worker(model, codec, device, dtype, engine_options)
         self.codec = codec
         self.max_inflight_bytes: int | None = None
