@@ -6,6 +6,7 @@ two-process harness also runs on the CPU (host path), so CI checks the test itse
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import queue
 import tempfile
@@ -111,13 +112,7 @@ def test_import_of_device_layers_never_waits_for_the_gpu(codec, decode_kv):
     assert _cuda()
     cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
     pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
-    dec_cfg = EngineConfig(
-        codec=codec,
-        cuda_graphs=False,
-        num_pages=POOL_PAGES,
-        prefix_caching=False,
-        decode_kv=decode_kv,
-    )
+    dec_cfg = dataclasses.replace(cfg, decode_kv=decode_kv)
     dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=dec_cfg)
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
     dec.reserve("r", prompt, params)
