@@ -2,7 +2,8 @@
 
 One thread runs Python without blocking (like a forward pass launching kernels); another sends
 buffers through a LinkEmulator over an in-process channel, as the prefill worker's sender thread
-does. Per switch interval: the sends' time beyond their wire time, per send.
+does (the emulator's courier thread hands them over). Per switch interval: the time until the
+last one was handed over beyond the wire time, per send.
 
     python3 -m zipserve.bench.gil_handoff --intervals-ms 5,1,0.5,0.1
 """
@@ -46,6 +47,7 @@ def excess_per_send_ms(interval_s: float, sends: int, nbytes: int, gbps: float) 
         t0 = time.monotonic()
         for _ in range(sends):
             link.send(buf, 1)
+        link.flush(timeout=60.0)  # until the last one was handed over
         took = time.monotonic() - t0
     finally:
         stop.set()

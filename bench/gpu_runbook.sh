@@ -19,7 +19,7 @@
 #   jct-16e    nvidia-h100-x1  the same for hack2mix, lowrank+hack2                          ~4 min
 #   trace16    nvidia-h100-x1  decode step trace (ZIPSERVE_STEP_TRACE) for bf16, hack2, hack2
 #                              dense under load, none/10 Gb/s: long gaps, transfer split  ~8 min
-#   import16   nvidia-h100-x1  session 13's import fix: device-path tests, then trace16's runs
+#   import16   nvidia-h100-x1  session 13's fixes (import, link courier): device-path tests, trace16's runs
 #                              for bf16, hack2 and kivi2, and bf16 with ZIPSERVE_GIL_SWITCH_MS=0.5
 #                              (TBT p99, import passes, hand-offs)                          ~9 min
 #   profile    nvidia-h100-x1  issue 15: an eager decode step's device time by kernel kind,
@@ -234,10 +234,13 @@ trace16)
     traced_lanes bf16:auto hack2:auto hack2:dense
     ;;
 import16)
-    # Issue 16, session 13's fix: a received layer's import no longer waits for the GPU (page
-    # ids once, pinned; hack2 made 8 waits per layer). Its test among the device path's, then
-    # trace16's runs for bf16, hack2 and kivi2 (compare TBT p99, decode phase and the import
-    # passes with session 13's trace16: hack2 5.7 ms per layer, 164 ms per pass).
+    # Issue 16, session 13's fixes: a received layer's import no longer waits for the GPU (page
+    # ids once, pinned; hack2 made 8 waits per layer), and the emulated link carries the next
+    # message while one is handed over (a courier thread; before, the link sat idle through
+    # every hand-off: 13-20% of bf16's 10 Gb/s runs). Their tests among the device path's, then
+    # trace16's runs for bf16, hack2 and kivi2 (compare with session 13's trace16: TBT p99,
+    # decode phase, import passes (hack2 5.7 ms per layer, 164 ms per pass); at 10 Gb/s the
+    # hand-off share and bf16's transfers against the FIFO bound (0/32 within + 50 ms)).
     pytest_gpu 130 device_path tests/test_device_path_gpu.py
     traced_lanes bf16:auto hack2:auto kivi2:auto
     # the same for bf16 with the workers' GIL switch interval at 0.5 ms (control/gil_switch.py):

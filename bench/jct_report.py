@@ -127,10 +127,11 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         "'sustained' = every request finished and neither the wait (queue + transfer + "
         "decode_queue) nor the JCT of the last quarter of the run grew past 1.5x the second "
         "quarter's (+50 ms). 'link busy': the emulated link transmitting over the run; "
-        "'hand-off' (sweeps from session 12 on): the sender handing messages to the "
-        "transport after their slot, while the emulated link carries nothing; 'waiting for "
-        "acks' (from session 13 on): the part of it the transport waited for the decode side "
-        "to give shared buffers back (CUDA IPC's in-flight cap).",
+        "'hand-off' (sweeps from session 12 on): handing messages to the transport after "
+        "their slot (until session 13 the link carried nothing meanwhile; since then the next "
+        "message's slot runs on); 'waiting for acks' (from session 13 on): the part of it the "
+        "transport waited for the decode side to give shared buffers back (CUDA IPC's "
+        "in-flight cap).",
         "",
         "### Headline",
         "",
@@ -168,7 +169,7 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         for s in (s for s in summary if s["link_gbps"] == g):
             http = sum(s[k] for k in ("http_in_mean_ms", "tail_mean_ms") if _ok(s[k]))
             busy = f"{100 * s['link_busy']:.0f}%" if _ok(s.get("link_busy")) else "—"
-            if _ok(s.get("link_handoff")):  # hand-offs after a slot leave the link idle
+            if _ok(s.get("link_handoff")):  # hand-offs after a slot
                 acks = s.get("link_ack_wait")
                 of_it = f", {100 * acks:.0f}% waiting for acks" if _ok(acks) else ""
                 busy += f" (+{100 * s['link_handoff']:.0f}% hand-off{of_it})"

@@ -5,9 +5,11 @@ thread, the receive thread hands layers to the decode step loop, Ray's threads d
 A thread that wakes (a sleep ends, a socket or CUDA wait returns) needs the GIL back, and
 CPython hands it over only when the holder blocks or its switch interval runs out: 5 ms by
 default. A prefill's forward pass is Python launching kernels, so every wake of the sender
-thread could cost up to 5 ms, several times per layer. Measured on the CPU (session 13): an
-emulated 10 Gb/s send of 2 MB beside a thread running Python took 13.4 ms more than its wire
-time at 5 ms, 1.1 ms more at 0.5 ms.
+thread could cost up to 5 ms, several times per layer. Measured on the CPU (session 13,
+`python3 -m zipserve.bench.gil_handoff`): while the sender itself slept through each emulated
+slot, a 10 Gb/s send of 2 MB beside a thread running Python took 12.2 ms more than its wire time
+at 5 ms, 1.6 ms at 0.5 ms; since the link's courier hands messages over (transfer/link.py),
+0.2 ms and 0.01 ms.
 
 ZIPSERVE_GIL_SWITCH_MS sets it in workers (milliseconds, > 0); unset or `python`, they keep
 CPython's own. Not the default yet: on the CPU the serving path's forward passes run in torch

@@ -39,6 +39,9 @@ from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 KV_TAG = 1
 OOM_WAIT_S = 5.0
+FLUSH_TIMEOUT_S = 120.0
+"""How long a prompt's last layer may take to leave a shaped link's queue (its slot and those
+queued before it, then the hand-off; the transports' own timeouts come first)."""
 """Out of GPU memory, how long a prefill waits for its KV in flight to be taken, then retries."""
 
 
@@ -102,6 +105,10 @@ class _ChannelSender:
         while True:
             channel, kv, sends = self._queue.get()
             if kv is None:
+                try:  # a shaped link hands messages over after their slot: wait for the last
+                    channel.flush(timeout=FLUSH_TIMEOUT_S)
+                except Exception as e:  # a hand-off of this prompt's layers failed
+                    sends.error = sends.error or e
                 sends.end = time.time()
                 sends.done.set()
             elif sends.error is None:
@@ -267,6 +274,8 @@ class PrefillWorker:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and
         `latency_ms`. Only between requests: benchmarks sweep links on one running system."""
         for peer, ch in list(self.channels.items()):
+            if isinstance(ch, LinkEmulator):
+                ch.detach()  # its courier hands over what is queued, then stops
             inner = unshaped(ch)
             self.channels[peer] = (
                 LinkEmulator(inner, gbps, latency_ms, history_s=3600.0)

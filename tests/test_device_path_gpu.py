@@ -403,3 +403,33 @@ def test_checksum_kernel_on_gpu_equals_reference():
             assert want == checksum_reference(b)
         b[n // 2] ^= 4
         assert int(wsum_checksum(b)) != want
+
+
+@pytest.mark.gpu
+def test_link_courier_hands_cuda_buffers_over_on_the_senders_stream():
+    """A shaped link hands a CUDA buffer over from its courier thread on the stream that was
+    current at send(): the producer's order holds, and CUDA IPC records the event its receiver
+    waits on there (not on the default stream behind a whole prefill)."""
+    from zipserve.transfer.inprocess import InProcessChannel
+    from zipserve.transfer.link import LinkEmulator
+
+    assert _cuda()
+    seen = []
+
+    class Recording(InProcessChannel):
+        def send(self, buf, tag):
+            seen.append(torch.cuda.current_stream())
+            super().send(buf, tag)
+
+    a, b = Recording.pair()
+    link = LinkEmulator(a, gbps=100.0)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x = torch.arange(1 << 18, device="cuda", dtype=torch.int32).view(torch.uint8)  # [1 MiB]
+        link.send(x, 1)
+    link.flush(timeout=5.0)
+    assert seen == [side]
+    got = b.recv(1, timeout=5.0)
+    torch.cuda.synchronize()
+    assert torch.equal(got, x)
+    link.close()

@@ -96,11 +96,14 @@ def test_link_emulator_bandwidth_latency_and_default_off():
     assert off.busy_fraction(window_s=10.0) == 0.0
     assert b.recv(1, timeout=1.0).numel() == 10_000_000 and off.bytes_sent == 10_000_000
 
+    # send returns once the slot is reserved; the message arrives when the slot has ended
     link = LinkEmulator(a, gbps=1.0)
     t0 = time.monotonic()
     link.send(ten_mb, 1)  # 8e7 bits at 1e9 bit/s = 80 ms
-    dt = time.monotonic() - t0
-    assert 0.075 <= dt < 1.0, dt
+    assert time.monotonic() - t0 < 0.05
+    assert b.recv(1, timeout=1.0).numel() == 10_000_000
+    assert 0.075 <= time.monotonic() - t0 < 1.0
+    link.flush(timeout=1.0)
     # The link counts the 80 ms it was transmitting within any window that holds the send.
     window = time.monotonic() - t0 + 0.05
     busy_s = link.busy_fraction(window_s=window) * window
@@ -108,22 +111,27 @@ def test_link_emulator_bandwidth_latency_and_default_off():
     time.sleep(0.15)
     assert link.busy_fraction(window_s=0.1) == 0.0
 
-    # A hand-off to the wrapped channel that takes 40 ms (a slow export) comes after the slot:
-    # counted as hand-off, not as the link transmitting.
+    # A hand-off to the wrapped channel that takes 60 ms (a slow export) comes after its slot
+    # and is counted as hand-off; the next message is on the wire meanwhile: three 80 ms slots
+    # with 60 ms hand-offs take ~300 ms to the last hand-over, not the 420 of one after another.
     class SlowInner(InProcessChannel):
         def send(self, buf, tag):
-            time.sleep(0.04)
+            time.sleep(0.06)
             super().send(buf, tag)
 
     slow_a, slow_b = SlowInner.pair()
     slow = LinkEmulator(slow_a, gbps=1.0)
     t0 = time.monotonic()
-    slow.send(ten_mb, 1)
-    window = time.monotonic() - t0 + 0.05
+    for _ in range(3):
+        slow.send(ten_mb, 1)
+    slow.flush(timeout=2.0)
+    took = time.monotonic() - t0
+    assert 0.295 <= took < 0.38, took
+    window = took + 0.05
     usage = slow.usage(window_s=window)
-    assert abs(usage.busy * window - 0.08) < 0.005, usage
-    assert usage.handoff * window >= 0.035 and usage.handoff < 1.0, usage  # >= its 40 ms sleep
-    assert slow_b.recv(1, timeout=1.0).numel() == 10_000_000
+    assert abs(usage.busy * window - 0.24) < 0.01, usage
+    assert usage.handoff * window >= 0.175 and usage.handoff < 1.0, usage  # >= 3 x 60 ms
+    assert [slow_b.recv(1, timeout=1.0).numel() for _ in range(3)] == [10_000_000] * 3
     assert usage.ack_wait == 0.0  # an in-process channel takes no acknowledgements
     assert LinkUsage.mean([None, usage, LinkUsage(0.0, 0.0, 0.5)]) == LinkUsage(
         usage.busy / 2, usage.handoff / 2, 0.25
@@ -133,6 +141,7 @@ def test_link_emulator_bandwidth_latency_and_default_off():
     lat = LinkEmulator(a, latency_ms=50)
     t0 = time.monotonic()
     lat.send(b"x", 2)
+    assert b.recv(2, timeout=1.0).numel() == 1
     assert 0.045 <= time.monotonic() - t0 < 0.3
     assert lat.transmit_seconds(10**9) == 0.0
 
@@ -145,9 +154,37 @@ def test_link_emulator_bandwidth_latency_and_default_off():
         t.start()
     for t in threads:
         t.join(timeout=5.0)
+    shared.flush(timeout=1.0)
     assert 0.075 <= time.monotonic() - t0 < 0.3
     assert b.recv(3, timeout=1.0).numel() == b.recv(3, timeout=1.0).numel() == 5_000_000
     a.close()
+
+
+def test_link_emulator_reports_a_failed_hand_off_and_stops_when_detached():
+    """A hand-off that raises (the transport closed under it) is raised by the next flush (or
+    send), once; a detached emulator hands over what it holds and refuses more, leaving the
+    wrapped channel open for a new shaping."""
+    a, b = InProcessChannel.pair()
+    link = LinkEmulator(a, gbps=1.0)
+    link.send(b"first", 1)
+    link.flush(timeout=1.0)
+    assert b.recv(1, timeout=1.0).numel() == 5
+    a.close()
+    link.send(b"lost", 1)
+    with pytest.raises(TransferClosed):
+        link.flush(timeout=1.0)
+    link.flush(timeout=1.0)  # reported once
+
+    c, d = InProcessChannel.pair()
+    shaped = LinkEmulator(c, gbps=1.0)
+    shaped.send(torch.zeros(1_000_000, dtype=torch.uint8), 2)  # 8 ms
+    shaped.detach()
+    assert d.recv(2, timeout=1.0).numel() == 1_000_000
+    with pytest.raises(TransferClosed):
+        shaped.send(b"x", 2)
+    LinkEmulator(c, gbps=1.0).send(b"again", 2)  # the wrapped channel stayed open
+    assert d.recv(2, timeout=1.0).numel() == 5
+    c.close()
 
 
 # -- two real processes over gloo ---------------------------------------------------------------

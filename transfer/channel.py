@@ -180,6 +180,11 @@ class Channel(ABC):
         at once for a transport that does not `acknowledge`."""
         return True
 
+    def flush(self, timeout: float | None = None) -> None:  # noqa: B027 (a no-op unless overridden)
+        """Wait until every sent message was handed to the transport (a shaped link hands them
+        over later: transfer/link.py); raises what such a deferred hand-off raised. Here every
+        send hands its message over before it returns: nothing to wait for."""
+
     def ack_wait_fraction(self, window_s: float) -> float:
         """Share of the last window_s seconds that sends spent waiting for the receiver to give
         buffers back (`limit_inflight`); 0 for a transport that does not `acknowledge`."""

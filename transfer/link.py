@@ -2,28 +2,33 @@
 
 The link is one shared resource: each send reserves the next free slot of
 bytes * 8 / (gbps * 1e9) seconds on it (a busy-until timestamp, so concurrent or back-to-back
-sends queue behind each other like on a real wire), then sleeps until its slot ends plus the
-latency, then hands the buffer to the wrapped channel. Off by default (no bandwidth limit, no
-latency): then send passes straight through. Receives are not shaped.
+sends queue behind each other like on a real wire) and returns, as a post to a NIC's queue
+does; a courier thread hands each message to the wrapped channel once its slot has ended (plus
+the latency), in slot order. Off by default (no bandwidth limit, no latency): then send passes
+straight through. Receives are not shaped. `flush()` waits until every message was handed over
+and raises what a hand-off raised; the sender calls it at the end of each prompt.
 
-The hand-off to the wrapped channel comes after the slot: while it runs (CUDA-IPC export, a
-gloo send) the emulated link carries nothing, unless another thread's send is queued. A real
-NIC would carry the next message meanwhile; `LinkUsage.handoff` says how much of a window went
-to hand-offs, beside `busy`, so a transfer phase longer than its wire time can be put down to
-them or not, and `LinkUsage.ack_wait` how much of it the wrapped channel spent waiting for the
-receiver to give buffers back (CUDA IPC's in-flight cap) rather than exporting and posting.
+A hand-off (CUDA-IPC export, a gloo send) takes time the wire does not: while the courier hands
+message i over, message i+1 is on the wire, as a real NIC carries the next message while the
+receiver's software takes the last one. (Until session 13 the sender handed off after each slot
+itself and the link sat idle meanwhile: 13-20% of bf16's 10 Gb/s runs on an H100.)
+`LinkUsage.handoff` says how much of a window went to hand-offs, beside `busy`, and
+`LinkUsage.ack_wait` how much the wrapped channel spent waiting for the receiver to give buffers
+back (CUDA IPC's in-flight cap) rather than exporting and posting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
-from zipserve.transfer.channel import Buffer, Channel, Lease
+from zipserve.transfer.channel import Buffer, Channel, Lease, TransferClosed, TransferTimeout
 from zipserve.transfer.spans import SpanLog
 
 
@@ -70,6 +75,13 @@ class LinkEmulator(Channel):
         self._busy_until = 0.0
         self._busy = SpanLog(history_s)  # slots on the wire
         self._handoffs = SpanLog(history_s)  # inner.send calls after a slot
+        # Messages whose slot is reserved, for the courier: (hand over at, buffer, tag, stream).
+        self._parcels: queue.Queue[tuple[float, Buffer, int, object] | None] = queue.Queue()
+        self._pending = 0  # reserved and not yet handed over
+        self._handed = threading.Condition(self._lock)
+        self._failed: BaseException | None = None  # the first hand-off that raised, unreported
+        self._courier: threading.Thread | None = None
+        self._stopped = False
 
     # what the wrapped transport declares (transfer/channel.py), passed through
     @property
@@ -97,7 +109,12 @@ class LinkEmulator(Channel):
         self.inner.limit_inflight(nbytes)
 
     def wait_acked(self, timeout: float) -> bool:
-        return self.inner.wait_acked(timeout)
+        """Every message handed over and given back by the receiver, within timeout."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if not self._handed.wait_for(lambda: self._pending == 0, timeout):
+                return False
+        return self.inner.wait_acked(max(0.0, deadline - time.monotonic()))
 
     @property
     def enabled(self) -> bool:
@@ -108,25 +125,80 @@ class LinkEmulator(Channel):
         return 0.0 if self.gbps is None else nbytes * 8 / (self.gbps * 1e9)
 
     def send(self, buf: Buffer, tag: int) -> None:
+        """Reserve the message's slot and return; the courier hands it over when the slot ends.
+        Raises what an earlier hand-off raised (once), TransferClosed after close/detach. A CUDA
+        buffer is handed over on the stream current here (its producer's order, and where CUDA
+        IPC records the event its receiver waits on)."""
         nbytes = (
             buf.numel() * buf.element_size()
             if isinstance(buf, torch.Tensor)
             else memoryview(buf).nbytes
         )
-        if self.enabled:
-            tx = self.transmit_seconds(nbytes)
-            with self._lock:
-                start = max(time.monotonic(), self._busy_until)
-                self._busy_until = start + tx
-                done = self._busy_until + self.latency_ms / 1e3
-            self._busy.add(start, start + tx)
-            _sleep_until(done)
-            t0 = time.monotonic()
+        if not self.enabled:
             self.inner.send(buf, tag)
-            self._handoffs.add(t0, time.monotonic())
-        else:
-            self.inner.send(buf, tag)
+            self._count_sent(nbytes)
+            return
+        self._raise_failure()
+        stream = (
+            torch.cuda.current_stream(buf.device)
+            if isinstance(buf, torch.Tensor) and buf.is_cuda
+            else None
+        )
+        tx = self.transmit_seconds(nbytes)
+        with self._lock:
+            if self._stopped:
+                raise TransferClosed("send on a closed link")
+            start = max(time.monotonic(), self._busy_until)
+            self._busy_until = start + tx
+            self._pending += 1
+            self._parcels.put((self._busy_until + self.latency_ms / 1e3, buf, tag, stream))
+            if self._courier is None:
+                self._courier = threading.Thread(
+                    target=self._deliver, name="link-courier", daemon=True
+                )
+                self._courier.start()
+        self._busy.add(start, start + tx)
         self._count_sent(nbytes)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every reserved message was handed to the wrapped channel; raises what a
+        hand-off raised since the last report, TransferTimeout when timeout runs out first."""
+        with self._lock:
+            if not self._handed.wait_for(lambda: self._pending == 0, timeout):
+                raise TransferTimeout(f"{self._pending} message(s) not handed over in {timeout} s")
+        self._raise_failure()
+
+    def detach(self) -> None:
+        """Hand over what is reserved, stop the courier, leave the wrapped channel open (to be
+        shaped anew: `PrefillWorker.set_link`). Sends on this emulator then raise."""
+        with contextlib.suppress(Exception):
+            self.flush(timeout=60.0)
+        with self._lock:
+            self._stopped = True
+        self._parcels.put(None)
+
+    def _deliver(self) -> None:
+        while (parcel := self._parcels.get()) is not None:
+            at, buf, tag, stream = parcel
+            _sleep_until(at)
+            t0 = time.monotonic()
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    self.inner.send(buf, tag)
+            except BaseException as e:  # noqa: BLE001 - reported by the next send or flush
+                with self._lock:
+                    self._failed = self._failed or e
+            finally:
+                self._handoffs.add(t0, time.monotonic())
+                with self._lock:
+                    self._pending -= 1
+                    self._handed.notify_all()
+
+    def _raise_failure(self) -> None:
+        with self._lock:
+            failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
 
     def recv(self, tag: int, timeout: float | None = None) -> torch.Tensor:
         msg = self.inner.recv(tag, timeout)
@@ -134,6 +206,9 @@ class LinkEmulator(Channel):
         return msg
 
     def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._parcels.put(None)
         self.inner.close()
 
     def busy_fraction(self, window_s: float = 1.0) -> float:
