@@ -99,7 +99,8 @@ def run(
             for gbps in links:
                 a, b = (InProcessHostChannel if kv_path == "host" else InProcessChannel).pair()
                 path = "device" if use_device_form(a, dev) else "host"
-                pre.attach("d0", LinkEmulator(a, gbps=gbps) if gbps else a)
+                sent_on = LinkEmulator(a, gbps=gbps) if gbps else a
+                pre.attach("d0", sent_on)
                 dec.attach(f"p{gbps}", b)
                 one_request(pre, dec, f"warm-{gbps}", prompt.tolist()[:256], 2)  # warm up
                 for r in range(repeats):
@@ -120,7 +121,7 @@ def run(
                         f"KV {row['kv_mb']:.1f} MB",
                         flush=True,
                     )
-                a.close()
+                sent_on.close()  # the emulator's courier stops and `a` closes with it
         finally:
             dec.shutdown()
             del pre, dec
