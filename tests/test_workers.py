@@ -177,6 +177,34 @@ def test_next_prompt_computes_while_the_previous_kv_is_on_the_link():
     assert all(r.bytes_sent > 0 for r in (r0, r1, r2))
 
 
+def test_a_failed_hand_off_on_a_shaped_link_fails_its_prompt():
+    """A shaped link hands layers over after their sends returned; a hand-off that fails (here
+    the prompt's last layer's, after every send had returned) is still that prompt's error:
+    prefill raises it instead of reporting the KV sent, and the prefill worker keeps none of the
+    prompt's pages."""
+    from zipserve.transfer.channel import TransferClosed
+    from zipserve.transfer.link import LinkEmulator
+
+    pre = PrefillWorker(MODEL, "bf16", "cpu")
+    layers = pre.engine.config.num_kv_layers
+
+    class FailsTheLast(InProcessChannel):
+        handed = 0
+
+        def send(self, buf, tag):
+            type(self).handed += 1
+            if type(self).handed == layers:
+                raise TransferClosed("the transport closed under the last layer")
+            super().send(buf, tag)
+
+    a, _ = FailsTheLast.pair()
+    pre.attach("d0", LinkEmulator(a, gbps=0.05))
+    with pytest.raises(TransferClosed, match="last layer"):
+        pre.prefill("r0", list(range(3, 100)), SamplingParams(max_tokens=2), "d0")
+    assert FailsTheLast.handed == layers
+    assert pre.stats().used_pages == 0
+
+
 def test_layers_are_imported_between_steps_not_one_per_step():
     """While the decode worker is busy with a slow decode step, a new request's layers wait for
     the step loop, which writes every waiting layer before its next step: the whole KV is in
