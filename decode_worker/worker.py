@@ -86,7 +86,7 @@ class DecodeWorker:
         dtype: str = "auto",
         engine_options: dict | None = None,
     ):
-        self.gil_switch_s = apply_worker_switch_interval()
+        apply_worker_switch_interval()
         self.engine = DisaggregatedEngine.for_worker(model, codec, device, dtype, engine_options)
         self.codec = codec
         self.num_layers = self.engine.config.num_kv_layers  # layers whose KV arrives

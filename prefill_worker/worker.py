@@ -127,7 +127,7 @@ class PrefillWorker:
         dtype: str = "auto",
         engine_options: dict | None = None,
     ):
-        self.gil_switch_s = apply_worker_switch_interval()
+        apply_worker_switch_interval()
         self.engine = DisaggregatedEngine.for_worker(model, codec, device, dtype, engine_options)
         self.codec = codec
         self.max_inflight_bytes: int | None = None

@@ -204,6 +204,7 @@ class CudaIpcChannel(Channel):
         with self._cond:
             t0 = time.monotonic()
             deadline = t0 + self.ack_timeout_s
+            waited = False
             try:
                 while self._inflight and self._inflight_bytes + nbytes > self.max_inflight_bytes:
                     self._check_usable()
@@ -214,9 +215,11 @@ class CudaIpcChannel(Channel):
                             f"({self._inflight_bytes} bytes) unacknowledged for "
                             f"{self.ack_timeout_s} s"
                         )
+                    waited = True
                     self._cond.wait(left)
             finally:
-                self._ack_waits.add(t0, time.monotonic())
+                if waited:  # a send that found room at once records no span
+                    self._ack_waits.add(t0, time.monotonic())
             self._check_usable()
             mid = next(self._ids)
             self._inflight[mid] = _Sent(t, nbytes, time.monotonic())

@@ -24,7 +24,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -47,11 +47,7 @@ class LinkUsage:
         got = [u for u in usages if u is not None]
         if not got:
             return None
-        return LinkUsage(*(math.fsum(col) / len(got) for col in zip(*(_fields(u) for u in got))))
-
-
-def _fields(u: LinkUsage) -> tuple[float, float, float]:
-    return u.busy, u.handoff, u.ack_wait
+        return LinkUsage(*(math.fsum(col) / len(got) for col in zip(*map(astuple, got))))
 
 
 class LinkEmulator(Channel):
@@ -111,9 +107,8 @@ class LinkEmulator(Channel):
     def wait_acked(self, timeout: float) -> bool:
         """Every message handed over and given back by the receiver, within timeout."""
         deadline = time.monotonic() + timeout
-        with self._lock:
-            if not self._handed.wait_for(lambda: self._pending == 0, timeout):
-                return False
+        if not self._all_handed(timeout):
+            return False
         return self.inner.wait_acked(max(0.0, deadline - time.monotonic()))
 
     @property
@@ -163,10 +158,14 @@ class LinkEmulator(Channel):
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every reserved message was handed to the wrapped channel; raises what a
         hand-off raised since the last report, TransferTimeout when timeout runs out first."""
-        with self._lock:
-            if not self._handed.wait_for(lambda: self._pending == 0, timeout):
-                raise TransferTimeout(f"{self._pending} message(s) not handed over in {timeout} s")
+        if not self._all_handed(timeout):
+            raise TransferTimeout(f"{self._pending} message(s) not handed over in {timeout} s")
         self._raise_failure()
+
+    def _all_handed(self, timeout: float | None) -> bool:
+        """Wait (at most timeout) until the courier has handed over every reserved message."""
+        with self._lock:
+            return self._handed.wait_for(lambda: self._pending == 0, timeout)
 
     def detach(self) -> None:
         """Hand over what is reserved, stop the courier, leave the wrapped channel open (to be
