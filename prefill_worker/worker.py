@@ -272,16 +272,27 @@ class PrefillWorker:
 
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and
-        `latency_ms`. Only between requests: benchmarks sweep links on one running system."""
+        `latency_ms`. Only between requests: benchmarks sweep links on one running system.
+        Every channel is re-shaped; then a hand-off the old shaping had left unreported (or
+        that did not end in time) is raised, naming its peer."""
+        failures: list[tuple[object, Exception]] = []
         for peer, ch in list(self.channels.items()):
             if isinstance(ch, LinkEmulator):
-                ch.detach()  # its courier hands over what is queued, then stops
+                try:
+                    ch.detach()  # its courier hands over what is queued, then stops
+                except Exception as e:  # noqa: BLE001 - raised below, once all are re-shaped
+                    failures.append((peer, e))
             inner = unshaped(ch)
             self.channels[peer] = (
                 LinkEmulator(inner, gbps, latency_ms, history_s=3600.0)
                 if gbps or latency_ms
                 else inner
             )
+        if failures:
+            peer, first = failures[0]
+            raise RuntimeError(
+                f"KV link to {peer}: the old link shaping's last hand-off failed: {first}"
+            ) from first
 
     def link_usage(self, window_s: float) -> LinkUsage | None:
         """Mean busy and hand-off fractions of the emulated links over the last `window_s`

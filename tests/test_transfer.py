@@ -187,6 +187,19 @@ def test_link_emulator_reports_a_failed_hand_off_and_stops_when_detached():
     c.close()
 
 
+def test_detaching_a_link_reports_a_hand_off_that_failed_unreported():
+    """A hand-off that failed after the last flush is raised by detach (never swallowed), and
+    the courier stops all the same: the emulator refuses further sends."""
+    a, _b = InProcessChannel.pair()
+    link = LinkEmulator(a, gbps=1.0)
+    a.close()
+    link.send(b"lost", 1)
+    with pytest.raises(TransferClosed):
+        link.detach()
+    with pytest.raises(TransferClosed):
+        link.send(b"x", 1)
+
+
 # -- two real processes over gloo ---------------------------------------------------------------
 def _child(role: str, rank: int, port: int, args: dict, results) -> None:
     """Entry of a spawned process: runs one role and reports (rank, 'ok'|'error', value)."""

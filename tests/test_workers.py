@@ -205,6 +205,23 @@ def test_a_failed_hand_off_on_a_shaped_link_fails_its_prompt():
     assert pre.stats().used_pages == 0
 
 
+def test_reshaping_the_link_reports_a_failed_hand_off_naming_its_peer():
+    """set_link detaches the old shaping; a hand-off that failed unreported is raised (naming
+    the peer), and every channel is re-shaped all the same: the next shaping is in place."""
+    from zipserve.transfer.link import LinkEmulator
+
+    pre = PrefillWorker(MODEL, "bf16", "cpu")
+    a, _ = InProcessChannel.pair()
+    c, _ = InProcessChannel.pair()
+    pre.attach("d0", LinkEmulator(a, gbps=1.0))
+    pre.attach("d1", LinkEmulator(c, gbps=1.0))
+    a.close()
+    pre.channels["d0"].send(b"lost", 1)
+    with pytest.raises(RuntimeError, match="KV link to d0"):
+        pre.set_link(2.0)
+    assert all(isinstance(ch, LinkEmulator) and ch.gbps == 2.0 for ch in pre.channels.values())
+
+
 def test_layers_are_imported_between_steps_not_one_per_step():
     """While the decode worker is busy with a slow decode step, a new request's layers wait for
     the step loop, which writes every waiting layer before its next step: the whole KV is in

@@ -167,14 +167,17 @@ class LinkEmulator(Channel):
         with self._lock:
             return self._handed.wait_for(lambda: self._pending == 0, timeout)
 
-    def detach(self) -> None:
+    def detach(self, timeout: float = 60.0) -> None:
         """Hand over what is reserved, stop the courier, leave the wrapped channel open (to be
-        shaped anew: `PrefillWorker.set_link`). Sends on this emulator then raise."""
-        with contextlib.suppress(Exception):
-            self.flush(timeout=60.0)
-        with self._lock:
-            self._stopped = True
-        self._parcels.put(None)
+        shaped anew: `PrefillWorker.set_link`). Sends on this emulator then raise. Raises what
+        the last flush would have (a failed hand-off, or TransferTimeout after `timeout`), after
+        the courier has stopped either way."""
+        try:
+            self.flush(timeout=timeout)
+        finally:
+            with self._lock:
+                self._stopped = True
+            self._parcels.put(None)
 
     def _deliver(self) -> None:
         while (parcel := self._parcels.get()) is not None:
