@@ -8,7 +8,7 @@ the runtime (page size, pool size, batch limits).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +325,26 @@ def _parse_rope_scaling(rs: dict[str, Any] | None) -> RopeScaling | None:
         raise ConfigError(f"rope_scaling.{e.args[0]}: missing for rope_type llama3") from e
 
 
+# Llama-3-8B's shapes (random weights; engine/loading.py draws them).
+_LLAMA3_8B = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+    bos_token_id=128000,
+    eos_token_ids=(128001, 128009),
+    torch_dtype="bfloat16",
+)
+
 # Named random models: shapes only, weights drawn at load time (engine/loading.py builds them).
 RANDOM_MODELS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
@@ -344,44 +364,9 @@ RANDOM_MODELS: dict[str, ModelConfig] = {
         eos_token_ids=(2,),
         torch_dtype="float32",
     ),
-    "llama3-8b": ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-        bos_token_id=128000,
-        eos_token_ids=(128001, 128009),
-        torch_dtype="bfloat16",
-    ),
+    "llama3-8b": _LLAMA3_8B,
     # Llama-3-8B's shape as an LCKV model (w = 2: KV for layers 0, 30, 31), for speed benchmarks.
-    "llama3-8b-lckv": ModelConfig(
-        architecture=LCKV_ARCHITECTURE,
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-        bos_token_id=128000,
-        eos_token_ids=(128001, 128009),
-        torch_dtype="bfloat16",
-        lckv=LCKVSpec.split(2),
-    ),
+    "llama3-8b-lckv": replace(_LLAMA3_8B, architecture=LCKV_ARCHITECTURE, lckv=LCKVSpec.split(2)),
     # 5 layers, w = 2: layers 0, 3, 4 keep KV; 1 and 2 attend to layer 3's.
     "tiny-lckv": ModelConfig(
         architecture=LCKV_ARCHITECTURE,
