@@ -40,6 +40,8 @@
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
+#   round14    nvidia-h100-x1  issue 16: device-path tests, jct-16 with the step trace, bf16
+#                              with the GIL switch at 0.5 ms                               ~8 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
 #                              caching off / delta transfer / local prefill               ~9 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
@@ -62,7 +64,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -245,6 +247,20 @@ import16)
     traced_lanes bf16:auto hack2:auto kivi2:auto
     # the same for bf16 with the workers' GIL switch interval at 0.5 ms (control/gil_switch.py):
     # does the KV sender lose time to the forward pass's thread? (hand-off share, sending ms)
+    (export ZIPSERVE_GIL_SWITCH_MS=0.5 LANE_TAG=_gil05; traced_lanes bf16:auto)
+    ;;
+round14)
+    # Issue 16, session 14 (one call, ~8 min): session 13's fixes (imports without host waits;
+    # the link's courier) measured on the issue's own sweep: the device-path tests, then jct-16
+    # (bf16, kivi2, hack2 at 10/none, rates 1-3) with the decode workers' step trace and
+    # step_gaps per codec, then bf16 with the GIL switch interval at 0.5 ms at rates 1-2.
+    pytest_gpu 130 device_path tests/test_device_path_gpu.py
+    ZIPSERVE_STEP_TRACE="$WORK/trace_16" step 400 jct_16 python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
+        --links 10,none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16"
+    step 30 gaps_16 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_16" \
+        --requests "$WORK/jct_16/jct_requests.csv"
     (export ZIPSERVE_GIL_SWITCH_MS=0.5 LANE_TAG=_gil05; traced_lanes bf16:auto)
     ;;
 profile)

@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--trace: no decode_steps_*.csv in {a.trace}")
     spans = prefill_spans(a.requests) if a.requests else []
     found = gaps(passes, spans, a.gap_ms)
-    print("\n".join(summary(passes, found, a.gap_ms)))
+    workers = sorted({p["worker"] for p in passes})
+    for worker in workers:  # a sweep of several codecs traces one decode worker per codec
+        if len(workers) > 1:
+            print(f"{worker.removeprefix('decode_steps_')}:")
+        mine = [p for p in passes if p["worker"] == worker]
+        print("\n".join(summary(mine, [g for g in found if g["worker"] == worker], a.gap_ms)))
     out = a.trace / "step_gaps.csv"
     if found:
         with out.open("w", newline="") as f:

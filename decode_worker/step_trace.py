@@ -5,7 +5,7 @@ how many layers it imported, how many sequences the step decoded, and how long t
 longest-waiting of those layers had been received before the pass took it (`wait_ms`).
 
 Off unless ZIPSERVE_STEP_TRACE names a folder; each worker process then writes
-`<folder>/decode_steps_<pid>.csv` (rows buffered, flushed every FLUSH_ROWS and at shutdown).
+`<folder>/decode_steps_<tag>_<pid>.csv` (the tag: the worker's codec; rows buffered, flushed every FLUSH_ROWS and at shutdown).
 `python3 -m zipserve.bench.step_gaps` puts the long passes beside the requests' prefills.
 """
 
@@ -21,9 +21,10 @@ FLUSH_ROWS = 256
 
 
 class StepTrace:
-    def __init__(self, folder: str | os.PathLike | None = None):
+    def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
         folder = folder if folder is not None else os.environ.get(ENV)
-        self.path = None if not folder else Path(folder) / f"decode_steps_{os.getpid()}.csv"
+        name = f"decode_steps_{tag}_{os.getpid()}.csv" if tag else f"decode_steps_{os.getpid()}.csv"
+        self.path = None if not folder else Path(folder) / name
         self._rows: list[tuple] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,7 @@ class DecodeWorker:
         self._work = threading.Event()
         """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
-        self.trace = StepTrace()
+        self.trace = StepTrace(tag=codec)
         """Per-pass timings of the step loop, when ZIPSERVE_STEP_TRACE names a folder."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
         self._threads[0].start()

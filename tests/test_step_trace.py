@@ -107,3 +107,21 @@ def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
     reqs = tmp_path / "jct_requests.csv"
     reqs.write_text("transfer_start_s,prefill_ms\n100.25,100\n,\n")
     assert step_gaps.prefill_spans(reqs) == [(pytest.approx(100.15), 100.25)]
+
+
+def test_a_sweep_of_several_codecs_is_summarised_per_decode_worker(tmp_path, capsys):
+    """Each decode worker names its trace file after its codec; step_gaps then reports each
+    worker's passes apart (one sweep runs a decode worker per codec)."""
+    for tag, step_ms in (("bf16", 10.0), ("hack2", 70.0)):
+        t = StepTrace(tmp_path, tag=tag)
+        assert t.path.name.startswith(f"decode_steps_{tag}_")
+        t.record(100.0, 0.5, 1, step_ms, 2, 0.0)
+        t.record(100.1, 0.5, 0, step_ms, 2, 0.0)
+        t.flush()
+        t.path.rename(t.path.with_name(f"decode_steps_{tag}_1.csv"))  # one pid in this process
+    step_gaps.main(["--trace", str(tmp_path)])
+    out = capsys.readouterr().out
+    bf16, hack2 = out.split("hack2_1:")
+    assert bf16.startswith("bf16_1:") and "0 longer than 50 ms" in bf16
+    assert "median 10.0" in bf16 and "median 70.0" in hack2
+    assert "2 longer than 50 ms" in hack2 and "step: 2 gaps" in hack2
