@@ -27,7 +27,12 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
 
 
 def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return _hadamard_cpu(d).to(device)
+    """The [D, D] rotation on `device`; to a GPU through pinned memory, so that the first use
+    (a codec's first import on the decode worker) does not make the host wait for the stream."""
+    h, device = _hadamard_cpu(d), torch.device(device)
+    if device.type == "cuda":
+        return h.pin_memory().to(device, non_blocking=True)
+    return h.to(device)
 
 
 def rotate(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
