@@ -44,7 +44,7 @@ from zipserve.transfer.channel import (
     TransferError,
     TransferTimeout,
 )
-from zipserve.transfer.kv_messages import done, recv_layer
+from zipserve.transfer.kv_messages import done, recv_layer, settled
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 TRANSFER_DEADLINE = "transfer_deadline"
@@ -212,13 +212,20 @@ class DecodeWorker:
         self._work.set()
 
     def _import_arrivals(self) -> tuple[list[LayerKV | DeviceLayerKV], float]:
-        """Import every waiting layer (caller holds the lock); returns them for `done`, and how
-        long (ms) the one that waited longest had waited for this."""
-        taken = []
-        waited_ms = 1e3 * (time.time() - self._arrivals[0][0]) if self._arrivals else 0.0
+        """Import every waiting layer whose checksum the GPU has computed (caller holds the
+        lock); the others stay, in order, for a later pass (a layer of a request that ended
+        goes now: its import drops it). Returns the imported for `done`, and how long (ms) the
+        one that waited longest had waited for this."""
+        taken, unsettled = [], []
+        t0 = oldest = time.time()
         while self._arrivals:
-            _, kv = self._arrivals.popleft()
+            arrival = self._arrivals.popleft()
+            kv = arrival[1]
+            if not settled(kv) and self._expects_kv(kv.request_id):
+                unsettled.append(arrival)
+                continue
             taken.append(kv)
+            oldest = min(oldest, arrival[0])
             try:
                 self._import(kv)
             except Exception as e:  # noqa: BLE001 - fail this request, keep the loop alive
@@ -227,7 +234,8 @@ class DecodeWorker:
                     self._fail(
                         kv.request_id, f"KV import failed: {type(e).__name__}: {e}", "kv_import"
                     )
-        return taken, waited_ms
+        self._arrivals.extendleft(reversed(unsettled))  # before any that arrived meanwhile
+        return taken, 1e3 * (t0 - oldest)
 
     def _expects_kv(self, request_id: str) -> bool:
         st = self.requests.get(request_id)

@@ -124,6 +124,7 @@ def import_layer(
     (decode_kv=dense) takes its codec's wire form and dequantizes it on the way in."""
     if isinstance(kv, DeviceLayerKV):
         kv.check()
+        kv.wait_ready()  # this stream reads the payload after the sender's writes (CUDA IPC)
         wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
     else:
         wire, tail = unpack_pages(kv.pages), kv.tail

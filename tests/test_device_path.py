@@ -251,6 +251,38 @@ def test_send_recv_layer_both_forms():
     assert eng.pool.num_used == 0
 
 
+@needs_model
+def test_received_device_layer_queues_its_checksum_and_settles():
+    """recv_layer queues a device layer's checksum (start_verify) instead of waiting for it;
+    off CUDA that check runs at once, so the layer is settled, and a payload changed on the way
+    is caught by the check import_layer makes (ChecksumError)."""
+    from zipserve.compress.wire import ChecksumError, DeviceLayerKV
+    from zipserve.engine.disaggregated import DisaggregatedEngine
+    from zipserve.engine.sampling_params import SamplingParams
+    from zipserve.transfer.kv_messages import settled
+
+    eng = DisaggregatedEngine(MODEL, device="cpu")
+    layers = []
+    eng.prefill_export(
+        list(range(3, 90)),
+        SamplingParams(max_tokens=1),
+        "r",
+        on_layer=layers.append,
+        device_form=True,
+    )
+    a, b = InProcessChannel.pair()
+    send_layer(a, layers[0], 5)
+    kv = recv_layer(b, 5, timeout=1)
+    assert kv.checked and settled(kv) and kv.verify()
+    bad = DeviceLayerKV.from_header(layers[1].header_bytes(), _flip(layers[1].wire.payload))
+    assert not bad.settled()  # nothing queued yet
+    bad.start_verify()
+    assert bad.settled() and not bad.verify()
+    with pytest.raises(ChecksumError):
+        bad.check()
+    assert eng.pool.num_used == 0
+
+
 # -- CUDA-IPC bookkeeping with fake handles ------------------------------------------------------
 class _FakeIpc:
     """Stands in for cudaIpc*: 'exports' a tensor by key, 'maps' it back by key."""

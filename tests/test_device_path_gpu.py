@@ -131,6 +131,50 @@ def test_import_of_device_layers_never_waits_for_the_gpu(codec, decode_kv):
 
 
 @pytest.mark.gpu
+def test_receiving_device_layers_never_waits_for_the_gpu():
+    """The receive thread takes a device layer without one host synchronization: its checksum
+    is queued and read only once computed (`settled`). Waiting there per layer let the thread
+    take one layer per decode step on a busy GPU (H100, session 14: transfer phases of 0.1-2 s
+    with no link). Then the layers import without waiting either, and their checksums match."""
+    from zipserve.engine.config import EngineConfig
+    from zipserve.engine.disaggregated import DisaggregatedEngine
+    from zipserve.engine.sampling_params import SamplingParams
+    from zipserve.transfer.inprocess import InProcessChannel
+    from zipserve.transfer.kv_messages import recv_layer, send_layer, settled
+
+    assert _cuda()
+    cfg = EngineConfig(codec="hack2", cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
+    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
+    dec.reserve("r", prompt, params)
+    layers = []
+    pre.prefill_export(prompt, params, "r", on_layer=layers.append, device_form=True)
+    a, b = InProcessChannel.pair()
+    for kv in layers:
+        send_layer(a, kv, 5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [recv_layer(b, 5, timeout=1) for _ in layers]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    deadline = time.time() + 10
+    while not all(settled(kv) for kv in got) and time.time() < deadline:
+        time.sleep(0.001)
+    assert all(settled(kv) for kv in got)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kv in got:
+            dec.import_layer("r", kv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(kv.verify() for kv in got)
+    dec.abort("r")
+    assert dec.pool.num_used == 0 and pre.pool.num_used == 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
 def test_workers_on_one_gpu_use_device_path_and_equal_engine(codec):
     from zipserve.decode_worker.worker import DecodeWorker

@@ -222,6 +222,48 @@ def test_reshaping_the_link_reports_a_failed_hand_off_naming_its_peer():
     assert all(isinstance(ch, LinkEmulator) and ch.gbps == 2.0 for ch in pre.channels.values())
 
 
+def test_a_layer_whose_checksum_is_still_on_the_gpu_waits_without_holding_up_the_rest(
+    monkeypatch,
+):
+    """The receive thread queues each device layer's checksum without waiting for it; the step
+    loop imports the layers whose checksum is done and keeps the others, in order, for a later
+    pass: the request completes once its last layer settles, and its pages return."""
+    import zipserve.decode_worker.worker as worker_module
+
+    held = {"hold": True}
+    real = worker_module.settled
+    monkeypatch.setattr(
+        worker_module,
+        "settled",
+        lambda kv: real(kv) and not (held["hold"] and kv.layer == 0),
+    )
+    a, b = InProcessChannel.pair()
+    pre, dec = PrefillWorker(MODEL, "bf16", "cpu"), DecodeWorker(MODEL, "bf16", "cpu")
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 100))
+    try:
+        dec.reserve("r", prompt, params)
+        rep = pre.prefill("r", prompt, params, "d0")
+        deadline = time.time() + 10
+        while dec.requests["r"].layers < dec.num_layers - 1 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # several passes of the step loop
+        st = dec.requests["r"]
+        assert st.layers == dec.num_layers - 1 and not st.arrived.is_set()
+        assert len(dec._arrivals) == 1 and dec._arrivals[0][1].layer == 0
+        held["hold"] = False
+        res = dec.admit("r", rep.first_token, rep.first_logprob, timeout=10)
+        while not res.finished:
+            res = dec.poll("r", 0, timeout=5)
+        assert res.error is None and len(res.tokens) == 3
+        dec.release("r")
+        assert dec.stats().used_pages == 0
+    finally:
+        dec.shutdown()
+
+
 def test_layers_are_imported_between_steps_not_one_per_step():
     """While the decode worker is busy with a slow decode step, a new request's layers wait for
     the step loop, which writes every waiting layer before its next step: the whole KV is in

@@ -116,6 +116,8 @@ class Lease:
 
     tensor: torch.Tensor | None
     _release: Callable[[], None] | None = field(default=None, repr=False)
+    ready: object = None
+    """torch.cuda.Event after which `tensor` may be read (streams wait on it; None: now)."""
 
     def release(self) -> None:
         release, self._release = self._release, None

@@ -328,36 +328,41 @@ class CudaIpcChannel(Channel):
         info = json.loads(bytes(body.numpy()))
         try:
             args = (info["handle"],) if self.device is None else (info["handle"], self.device.index)
-            tensor = self._import_ready(*args)
+            tensor, ready = self._import_mapped(*args)
         except Exception as e:
             self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer
             raise TransferError(f"cannot map the peer's buffer: {e}") from e
-        lease = Lease(tensor)
+        lease = Lease(tensor, ready=ready)
         lease._release = lambda: self._give_back(info["id"], lease)
         with self._cond:
             self._leases[info["id"]] = lease
         self._count_received(int(info["nbytes"]))
         return lease
 
-    def _import_ready(self, *args) -> torch.Tensor:
-        """Map the peer's buffer and wait (this thread only) until the peer's writes to it are
-        done. The mapping makes the current stream wait for the sender's event: on the stream
-        the decode steps run on, every step queued after it would wait for the sender's GPU to
-        get there (a whole prefill when the sender's event sits behind one), so it waits on a
-        stream of its own, and the host for that stream."""
+    def _import_mapped(self, *args) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Map the peer's buffer; returns it with an event that completes once the peer's
+        writes to it are done (None off CUDA). The mapping makes the current stream wait for
+        the sender's event: on the stream the decode steps run on, every step queued after it
+        would wait for the sender's GPU to get there (a whole prefill when the sender's event
+        sits behind one), so it waits on a stream of its own. The host does not wait: a wait
+        per message let this thread take one layer per decode step on a busy GPU (H100,
+        session 14); readers order themselves after the event (Lease.ready)."""
         if self.device is None or self.device.type != "cuda":
-            return self._import(*args)
+            return self._import(*args), None
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._stream):
             tensor = self._import(*args)
-        self._stream.synchronize()
-        return tensor
+            mapped = torch.cuda.Event()
+            mapped.record(self._stream)
+        return tensor, mapped
 
     def recv(self, tag: int, timeout: float | None = None) -> torch.Tensor:
         """A private copy (device-to-device for CUDA buffers); the mapping is returned at once."""
         lease = self.recv_lease(tag, timeout)
         try:
+            if lease.ready is not None:
+                torch.cuda.current_stream(lease.tensor.device).wait_event(lease.ready)
             return lease.tensor.clone()
         finally:
             lease.release()

@@ -75,7 +75,9 @@ def recv_layer(
     """The next layer of this tag in whichever form it was sent. Raises the channel's
     TransferTimeout/TransferClosed/TransferError, and FormatError (a ValueError) for a message
     that is not a layer or a device header whose payload does not follow. Call `done(kv)` when
-    finished with a received device layer (CUDA IPC returns the mapping to the sender then)."""
+    finished with a received device layer (CUDA IPC returns the mapping to the sender then).
+    A device layer's checksum is queued, not awaited: `settled(kv)` says when importing it will
+    not wait for the GPU."""
     first = channel.recv(tag, timeout)
     data = first.cpu().numpy().tobytes()
     magic = format_of(data)
@@ -90,9 +92,9 @@ def recv_layer(
     try:
         if channel.leases:  # CUDA IPC: map, import, then give back
             got = channel.recv_lease(tag, payload_timeout)
-            payload, release = got.tensor, got.release
+            payload, release, ready = got.tensor, got.release, got.ready
         else:
-            payload, release = channel.recv(tag, payload_timeout), None
+            payload, release, ready = channel.recv(tag, payload_timeout), None, None
     except TransferTimeout as e:
         raise FormatError(f"a device KV header arrived without its payload: {e}") from e
     try:
@@ -101,8 +103,15 @@ def recv_layer(
         if release is not None:
             release()
         raise FormatError(f"unreadable device LayerKV header: {e}") from e
-    kv.verify()  # here, before the caller takes its locks; import_layer refuses a mismatch
+    kv.ready = ready  # the mapping's readers wait for the sender's writes (None: done)
+    kv.start_verify()  # queued here, read by import_layer (which refuses a mismatch)
     return kv
+
+
+def settled(kv: LayerKV | DeviceLayerKV) -> bool:
+    """True when importing kv will not wait for the GPU (its checksum has been computed);
+    host layers always are."""
+    return not isinstance(kv, DeviceLayerKV) or kv.settled()
 
 
 def done(kv: LayerKV | DeviceLayerKV | None) -> None:

@@ -85,6 +85,10 @@ class PendingChecksum:
         else:
             self._host = value
 
+    def done(self) -> bool:
+        """True when value() will not wait (the reduction and its host copy have run)."""
+        return self._event is None or self._event.query()
+
     def value(self) -> int:
         if self._event is not None:
             self._event.synchronize()

@@ -124,9 +124,19 @@ def _view(
 def verify_checksum(header: dict, payload: torch.Tensor) -> None:
     """Recompute the checksum on the payload's device (one synchronization); ChecksumError when
     it differs from the header's, FormatError when the header names another algorithm."""
+    compare_checksum(header, start_checksum(header, payload).value())
+
+
+def start_checksum(header: dict, payload: torch.Tensor) -> PendingChecksum:
+    """Queue the payload's checksum on the current stream without waiting for it; FormatError
+    when the header names another algorithm or none."""
     if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
         raise FormatError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
-    got = PendingChecksum(device_checksum(payload)).value()
+    return PendingChecksum(device_checksum(payload))
+
+
+def compare_checksum(header: dict, got: int) -> None:
+    """ChecksumError when the recomputed checksum `got` differs from the header's."""
     if got != header["checksum"]:
         raise ChecksumError(
             "checksum mismatch: the pages were corrupted in transit "

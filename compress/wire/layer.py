@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zipserve.compress.wire.device_pages import DeviceWire, verify_checksum
+from zipserve.compress.wire.checksum import PendingChecksum
+from zipserve.compress.wire.device_pages import (
+    DeviceWire,
+    compare_checksum,
+    start_checksum,
+    verify_checksum,
+)
 from zipserve.compress.wire.errors import FormatError, WireError
 from zipserve.compress.wire.framing import (
     DEVICE_HEADER,
@@ -171,16 +177,46 @@ class DeviceLayerKV:
     verify_error: WireError | None = None
     """What verify() found wrong (ChecksumError, or FormatError for an unknown algorithm)."""
     checked: bool = False
-    """verify() ran (receivers call it before taking any lock: it synchronizes once)."""
+    """verify() ran."""
+    _pending: PendingChecksum | None = field(default=None, repr=False)
+    """The checksum start_verify queued (CUDA), until verify() reads it."""
+
+    def start_verify(self) -> None:
+        """Queue the checksum on this thread's side stream, after `ready`, without waiting for
+        it (a receiver's thread: waiting per layer there let it take one layer per decode step
+        on a busy GPU). `settled()` says when verify() will not wait. On CPU: verify() now."""
+        if self.checked or self._pending is not None:
+            return
+        payload = self.wire.payload
+        if not payload.is_cuda:
+            self.verify()
+            return
+        with torch.cuda.stream(_side_stream(payload.device)):
+            self.wait_ready()
+            try:
+                self._pending = start_checksum(self.wire.finalize(), payload)
+            except WireError as e:
+                self.verify_error, self.checked = e, True
+
+    def settled(self) -> bool:
+        """True when verify() will not wait for the GPU: it ran, or start_verify's checksum
+        has been computed."""
+        return self.checked or (self._pending is not None and self._pending.done())
 
     def verify(self) -> bool:
         """Check the payload against the header's checksum on its device; remembers the
         outcome for `check`. True when it matches. On CUDA the check runs on a side stream
         of the calling thread, so it waits for the sender's gather, not for the decode steps
-        queued on the GPU meanwhile."""
+        queued on the GPU meanwhile (after start_verify: only for that checksum)."""
         if not self.checked:
             payload = self.wire.payload
-            if payload.is_cuda:
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                try:
+                    compare_checksum(self.wire.finalize(), pending.value())
+                except WireError as e:
+                    self.verify_error = e
+            elif payload.is_cuda:
                 with torch.cuda.stream(_side_stream(payload.device)):
                     self._verify()
             else:
