@@ -40,8 +40,7 @@
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
-#   round14    nvidia-h100-x1  issue 16: device-path tests, jct-16 with the step trace, bf16
-#                              with the GIL switch at 0.5 ms                               ~8 min
+#   round14    nvidia-h100-x1  issue 16: device-path tests, then jct-16 with the step trace ~6 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
 #                              caching off / delta transfer / local prefill               ~9 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
@@ -250,10 +249,11 @@ import16)
     (export ZIPSERVE_GIL_SWITCH_MS=0.5 LANE_TAG=_gil05; traced_lanes bf16:auto)
     ;;
 round14)
-    # Issue 16, session 14 (one call, ~8 min): session 13's fixes (imports without host waits;
-    # the link's courier) measured on the issue's own sweep: the device-path tests, then jct-16
-    # (bf16, kivi2, hack2 at 10/none, rates 1-3) with the decode workers' step trace and
-    # step_gaps per codec, then bf16 with the GIL switch interval at 0.5 ms at rates 1-2.
+    # Issue 16 (one call, ~6 min): the device-path tests, then jct-16 (bf16, kivi2, hack2 at
+    # 10/none, rates 1-3) with the decode workers' step trace and step_gaps per codec. Session
+    # 14 ran it with a last lane of bf16 at ZIPSERVE_GIL_SWITCH_MS=0.5 (no effect: dropped);
+    # since then the receive thread does not wait per layer (compare the transfer phase with
+    # results/session14_h100/round14: 0.1-2 s with no link at rates 1-3).
     pytest_gpu 130 device_path tests/test_device_path_gpu.py
     ZIPSERVE_STEP_TRACE="$WORK/trace_16" step 400 jct_16 python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
@@ -261,7 +261,6 @@ round14)
         "${GRAPHS[@]}" --out "$WORK/jct_16"
     step 30 gaps_16 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_16" \
         --requests "$WORK/jct_16/jct_requests.csv"
-    (export ZIPSERVE_GIL_SWITCH_MS=0.5 LANE_TAG=_gil05; traced_lanes bf16:auto)
     ;;
 profile)
     # Issue 15: where an eager decode step's device time goes, bf16 against attention on codes
