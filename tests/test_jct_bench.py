@@ -332,6 +332,32 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     assert "bf16 1, hack2 3 req/s (3.0x; goal >= 3x: met" in " ".join(jct_goals.link_goals(auto))
 
 
+def test_headline_compares_at_bf16s_rate_or_else_at_one_every_codec_sustained():
+    def run(codec, rate, jct, sustained, link=25.0):
+        return {
+            "codec": codec,
+            "link_gbps": link,
+            "rate": rate,
+            "jct_mean_ms": jct,
+            "sustained": sustained,
+        }
+
+    with_bf16 = [
+        run("bf16", 1.0, 3000, True),
+        run("bf16", 2.0, 5000, False),
+        run("hack2", 1.0, 2000, True),
+        run("hack2", 2.0, 2500, True),
+    ]
+    text = "\n".join(jct_report.headline(with_bf16))
+    assert "| bf16 | 1 | 3.00 @ 1/s |" in text and "| hack2 | 2 | 2.00 @ 1/s |" in text
+    without = [s for s in with_bf16 if s["codec"] != "bf16"] + [
+        run("fp8", 1.0, 2200, True),
+        run("fp8", 2.0, 4000, False),
+    ]
+    text = "\n".join(jct_report.headline(without))
+    assert "| hack2 | 2 | 2.00 @ 1/s |" in text and "| fp8 | 1 | 2.20 @ 1/s |" in text
+
+
 def test_engine_options_parse_scalars_and_lists():
     from zipserve.deploy.engine_options import parse_engine_options
     from zipserve.engine.config import EngineConfig
