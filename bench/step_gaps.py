@@ -77,6 +77,12 @@ def summary(passes: list[dict], found: list[dict], gap_ms: float) -> list[str]:
             f"received layers waited for the step loop: median {waits[len(waits) // 2]:.1f} ms, "
             f"max {waits[-1]:.1f} ms (over {len(waits)} passes that imported)"
         )
+    recv = sorted(p["recv_ms"] for p in passes if p["layers"] > 0 and "recv_ms" in p)
+    if recv:
+        lines.append(
+            f"received layers took the receive thread (first message to hand-over, the slowest "
+            f"of each pass): median {recv[len(recv) // 2]:.1f} ms, max {recv[-1]:.1f} ms"
+        )
     if stepped:
         ms = sorted(p["step_ms"] for p in stepped)
         lines.append(

@@ -2,10 +2,13 @@
 something: when it began (epoch seconds), how long it spent importing arrived layers, in the
 decode step (the engine's step, which waits for its tokens) and giving CUDA-IPC buffers back,
 how many layers it imported, how many sequences the step decoded, and how long the
-longest-waiting of those layers had been received before the pass took it (`wait_ms`).
+longest-waiting of those layers had been handed over before the pass took it (`wait_ms`), and
+the longest any of them took the receive thread, from its first message to its hand-over
+(`recv_ms`).
 
 Off unless ZIPSERVE_STEP_TRACE names a folder; each worker process then writes
-`<folder>/decode_steps_<tag>_<pid>.csv` (the tag: the worker's codec; rows buffered, flushed every FLUSH_ROWS and at shutdown).
+`<folder>/decode_steps_<tag>_<pid>.csv` (the tag: the worker's codec; rows buffered, flushed
+every FLUSH_ROWS and at shutdown).
 `python3 -m zipserve.bench.step_gaps` puts the long passes beside the requests' prefills.
 """
 
@@ -16,7 +19,7 @@ import os
 from pathlib import Path
 
 ENV = "ZIPSERVE_STEP_TRACE"
-FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms")
+FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms", "recv_ms")
 FLUSH_ROWS = 256
 
 
@@ -44,6 +47,7 @@ class StepTrace:
         batch: int,
         done_ms: float,
         wait_ms: float = 0.0,
+        recv_ms: float = 0.0,
     ) -> None:
         if self.path is None:
             return
@@ -56,6 +60,7 @@ class StepTrace:
                 batch,
                 f"{done_ms:.3f}",
                 f"{wait_ms:.3f}",
+                f"{recv_ms:.3f}",
             )
         )
         if len(self._rows) >= FLUSH_ROWS:

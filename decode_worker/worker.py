@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
@@ -49,6 +50,16 @@ from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 TRANSFER_DEADLINE = "transfer_deadline"
 CHECKSUM_MISMATCH = "checksum_mismatch"
+
+
+class _Arrival(NamedTuple):
+    """A received layer waiting for the step loop."""
+
+    arrived_s: float
+    """When the receive thread handed it over (time.time)."""
+    received_s: float
+    """When its first message came off the channel."""
+    kv: LayerKV | DeviceLayerKV
 
 
 def failure_reason(error: Exception) -> str:
@@ -102,11 +113,8 @@ class DecodeWorker:
         self.dead_channels: dict[str, str] = {}
         """peer id -> name of its channel, for channels whose transport broke."""
         self._aborts: collections.deque[str] = collections.deque()
-        self._arrivals: collections.deque[tuple[float, LayerKV | DeviceLayerKV]] = (
-            collections.deque()
-        )
-        """Received, verified layers (with when they were handed over) waiting for the step loop
-        to write them into the pool."""
+        self._arrivals: collections.deque[_Arrival] = collections.deque()
+        """Received layers waiting for the step loop to write them into the pool."""
         self._work = threading.Event()
         """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
@@ -176,8 +184,9 @@ class DecodeWorker:
 
     def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
         while not self._stop.is_set():
+            timing: dict[str, float] = {}
             try:  # host bytes or a device buffer (transfer/kv_messages.py)
-                kv = recv_layer(channel, KV_TAG, timeout=0.2)
+                kv = recv_layer(channel, KV_TAG, timeout=0.2, timing=timing)
             except TransferTimeout:
                 continue
             except TransferClosed as e:
@@ -189,7 +198,7 @@ class DecodeWorker:
             except ValueError:  # unreadable: no request to blame; count it and go on
                 self.dropped_messages += 1
                 continue
-            self._arrive(kv)
+            self._arrive(kv, timing.get("header_s"))
 
     def import_kv_slice(self, data: bytes) -> None:
         """One rank's slice of one layer from a sequence-parallel prefill group
@@ -203,29 +212,34 @@ class DecodeWorker:
         if kv is not None:
             self._arrive(kv)
 
-    def _arrive(self, kv: LayerKV | DeviceLayerKV) -> None:
+    def _arrive(self, kv: LayerKV | DeviceLayerKV, received_s: float | None = None) -> None:
         """Hand a received layer to the step loop, which imports every waiting layer before its
         next step. Importing here would contend for the worker lock with the decode steps
         (Python locks are not fair): under load each of a request's layers waited about a
-        step for it, and the transfer phase grew to seconds."""
-        self._arrivals.append((time.time(), kv))
+        step for it, and the transfer phase grew to seconds. received_s: when its first
+        message came off the channel (the step trace's recv_ms)."""
+        now = time.time()
+        self._arrivals.append(_Arrival(now, now if received_s is None else received_s, kv))
         self._work.set()
 
-    def _import_arrivals(self) -> tuple[list[LayerKV | DeviceLayerKV], float]:
+    def _import_arrivals(self) -> tuple[list[LayerKV | DeviceLayerKV], float, float]:
         """Import every waiting layer whose checksum the GPU has computed (caller holds the
         lock); the others stay, in order, for a later pass (a layer of a request that ended
-        goes now: its import drops it). Returns the imported for `done`, and how long (ms) the
-        one that waited longest had waited for this."""
+        goes now: its import drops it). Returns the imported for `done`, how long (ms) the one
+        that waited longest had waited for this since its hand-over, and the longest any of them
+        took the receive thread (ms, its first message off the channel to its hand-over)."""
         taken, unsettled = [], []
         t0 = oldest = time.time()
+        recv_ms = 0.0
         while self._arrivals:
             arrival = self._arrivals.popleft()
-            kv = arrival[1]
+            kv = arrival.kv
             if not settled(kv) and self._expects_kv(kv.request_id):
                 unsettled.append(arrival)
                 continue
             taken.append(kv)
-            oldest = min(oldest, arrival[0])
+            oldest = min(oldest, arrival.arrived_s)
+            recv_ms = max(recv_ms, 1e3 * (arrival.arrived_s - arrival.received_s))
             try:
                 self._import(kv)
             except Exception as e:  # noqa: BLE001 - fail this request, keep the loop alive
@@ -235,7 +249,7 @@ class DecodeWorker:
                         kv.request_id, f"KV import failed: {type(e).__name__}: {e}", "kv_import"
                     )
         self._arrivals.extendleft(reversed(unsettled))  # before any that arrived meanwhile
-        return taken, 1e3 * (t0 - oldest)
+        return taken, 1e3 * (t0 - oldest), recv_ms
 
     def _expects_kv(self, request_id: str) -> bool:
         st = self.requests.get(request_id)
@@ -402,7 +416,7 @@ class DecodeWorker:
         for t in self._threads:
             t.join(timeout=2)
         while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
-            done(self._arrivals.popleft()[1])
+            done(self._arrivals.popleft().kv)
         self.trace.flush()
 
     # -- internals -------------------------------------------------------------------------
@@ -439,7 +453,7 @@ class DecodeWorker:
             with self.lock:
                 t_pass = time.time()
                 self._apply_aborts()
-                imported, waited_ms = self._import_arrivals()
+                imported, waited_ms, recv_ms = self._import_arrivals()
                 now = time.time()
                 for rid, st in self.requests.items():
                     if not st.finished and not st.arrived.is_set() and now > st.deadline:
@@ -477,6 +491,7 @@ class DecodeWorker:
                     len(outs),
                     (time.time() - t_done) * 1e3,
                     waited_ms,
+                    recv_ms,
                 )
             # Sleep outside the lock so callers waiting for it (poll, reserve, admit) get it:
             # Python locks are not fair and this loop would otherwise take it right back.

@@ -29,13 +29,14 @@ def test_trace_is_off_without_the_variable(monkeypatch, tmp_path):
 
 def test_trace_rows_are_flushed(tmp_path):
     t = StepTrace(tmp_path)
-    t.record(10.0, 0.5, 32, 12.25, 3, 0.1, 4.5)
+    t.record(10.0, 0.5, 32, 12.25, 3, 0.1, 4.5, 2.25)
     t.record(10.1, 0.0, 0, 9.0, 3, 0.0)
     t.flush()
     rows = list(csv.DictReader(t.path.open()))
     assert tuple(rows[0]) == FIELDS and len(rows) == 2
     assert rows[0]["layers"] == "32" and float(rows[0]["step_ms"]) == 12.25
     assert float(rows[0]["wait_ms"]) == 4.5 and float(rows[1]["wait_ms"]) == 0
+    assert float(rows[0]["recv_ms"]) == 2.25 and float(rows[1]["recv_ms"]) == 0
 
 
 @pytest.mark.skipif(
@@ -61,7 +62,8 @@ def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
     passes = step_gaps.read_passes(tmp_path)
     assert sum(p["layers"] for p in passes) == dec.num_layers  # every layer imported once
     assert sum(1 for p in passes if p["batch"] == 1) == 11  # 12 tokens, the first from prefill
-    assert all(p[k] >= 0 for p in passes for k in (*step_gaps.PARTS, "wait_ms"))
+    assert all(p[k] >= 0 for p in passes for k in (*step_gaps.PARTS, "wait_ms", "recv_ms"))
+    assert any(p["recv_ms"] > 0 for p in passes if p["layers"])  # the receive thread's share
 
 
 def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
@@ -74,6 +76,7 @@ def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
             "batch": 2,
             "done_ms": 0,
             "wait_ms": 0,
+            "recv_ms": 0,
         },
         {
             "start_s": 100.1,
@@ -83,6 +86,7 @@ def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
             "batch": 2,
             "done_ms": 0,
             "wait_ms": 3.0,
+            "recv_ms": 2.0,
         },
         {
             "start_s": 101.0,
@@ -92,6 +96,7 @@ def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
             "batch": 2,
             "done_ms": 0,
             "wait_ms": 170.0,
+            "recv_ms": 40.0,
         },
     ]
     spans = [(100.15, 100.25)]  # a prefill inside the second pass, none during the third
@@ -101,6 +106,10 @@ def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
     assert found[1]["prefill_overlap_ms"] == 0
     text = "\n".join(step_gaps.summary(passes, found, 50))
     assert "2 longer than 50 ms" in text
+    assert (
+        "took the receive thread (first message to hand-over, the slowest of each pass): "
+        "median 40.0 ms, max 40.0 ms" in text
+    )
     assert "waited for the step loop: median 170.0 ms, max 170.0 ms (over 2 passes" in text
     assert "step: 1 gaps, mean 180 ms of it; 1 of them while a prefill ran" in text
     assert "import: 1 gaps, mean 90 ms of it; 0 of them while a prefill ran" in text

@@ -252,7 +252,7 @@ def test_a_layer_whose_checksum_is_still_on_the_gpu_waits_without_holding_up_the
         time.sleep(0.05)  # several passes of the step loop
         st = dec.requests["r"]
         assert st.layers == dec.num_layers - 1 and not st.arrived.is_set()
-        assert len(dec._arrivals) == 1 and dec._arrivals[0][1].layer == 0
+        assert len(dec._arrivals) == 1 and dec._arrivals[0].kv.layer == 0
         held["hold"] = False
         res = dec.admit("r", rep.first_token, rep.first_logprob, timeout=10)
         while not res.finished:

@@ -16,6 +16,7 @@ the host form.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
 import torch
@@ -71,14 +72,18 @@ def recv_layer(
     tag: int,
     timeout: float | None = None,
     payload_timeout: float = PAYLOAD_TIMEOUT_S,
+    timing: dict[str, float] | None = None,
 ) -> LayerKV | DeviceLayerKV:
     """The next layer of this tag in whichever form it was sent. Raises the channel's
     TransferTimeout/TransferClosed/TransferError, and FormatError (a ValueError) for a message
     that is not a layer or a device header whose payload does not follow. Call `done(kv)` when
     finished with a received device layer (CUDA IPC returns the mapping to the sender then).
     A device layer's checksum is queued, not awaited: `settled(kv)` says when importing it will
-    not wait for the GPU."""
+    not wait for the GPU. `timing`, when given, gets "header_s": when the first message came
+    off the channel (time.time)."""
     first = channel.recv(tag, timeout)
+    if timing is not None:
+        timing["header_s"] = time.time()
     data = first.cpu().numpy().tobytes()
     magic = format_of(data)
     if magic == LAYER:
