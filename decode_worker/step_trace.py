@@ -1,6 +1,7 @@
 """StepTrace: an opt-in record of the decode worker's step loop, one CSV row per pass that did
 something: when it began (epoch seconds), how long it spent importing arrived layers, in the
-decode step (the engine's step, which waits for its tokens) and giving CUDA-IPC buffers back,
+decode step (the engine's step, which waits for its tokens) and handing CUDA-IPC buffers to
+the thread that gives them back (decode_worker/buffer_returns.py; until session 14: giving back),
 how many layers it imported, how many sequences the step decoded, and how long the
 longest-waiting of those layers had been handed over before the pass took it (`wait_ms`), and
 the longest any of them took the receive thread, from its first message to its hand-over

@@ -31,6 +31,7 @@ from typing import NamedTuple
 from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
+from zipserve.decode_worker.buffer_returns import BufferReturns
 from zipserve.decode_worker.step_trace import StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
@@ -120,6 +121,8 @@ class DecodeWorker:
         self._stop = threading.Event()
         self.trace = StepTrace(tag=codec)
         """Per-pass timings of the step loop, when ZIPSERVE_STEP_TRACE names a folder."""
+        self._returns = BufferReturns()
+        """Gives imported CUDA-IPC layers back to their senders off the step loop."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
         self._threads[0].start()
 
@@ -415,6 +418,7 @@ class DecodeWorker:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=2)
+        self._returns.close()
         while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
             done(self._arrivals.popleft().kv)
         self.trace.flush()
@@ -480,8 +484,7 @@ class DecodeWorker:
                 if outs:
                     self.changed.notify_all()
             t_done = time.time()
-            for kv in imported:
-                done(kv)  # CUDA IPC: the sender may reuse the buffer now
+            self._returns.give_back(imported, self.engine.device)  # after the imports' reads
             if self.trace.on and (outs or imported):
                 self.trace.record(
                     t_pass,

@@ -336,6 +336,62 @@ def test_ipc_acks_free_the_senders_buffers():
         b.close()
 
 
+@needs_model
+def test_decode_worker_gives_every_ipc_layer_back_after_importing_it(monkeypatch):
+    """Served over CUDA IPC (fake handles, CPU, the device form forced), the decode worker
+    imports each mapped layer and gives it back from its returner thread: the sender ends with
+    nothing in flight, the receiver with no open lease, and the pages of both go back."""
+    import zipserve.prefill_worker.worker as prefill_module
+    from zipserve.decode_worker.worker import DecodeWorker
+    from zipserve.engine.sampling_params import SamplingParams
+    from zipserve.prefill_worker.worker import PrefillWorker
+
+    monkeypatch.setattr(
+        prefill_module, "use_device_form", lambda ch, dev: ch.carries_device_tensors
+    )
+    a, b, fake = _ipc_pair(ack_timeout_s=10)
+    pre, dec = PrefillWorker(MODEL, "hack2", "cpu"), DecodeWorker(MODEL, "hack2", "cpu")
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    prompt = list(range(3, 120))
+    try:
+        dec.reserve("r", prompt, params)
+        rep = pre.prefill("r", prompt, params, "d0")
+        res = dec.admit("r", rep.first_token, rep.first_logprob, timeout=10)
+        while not res.finished:
+            res = dec.poll("r", 0, timeout=5)
+        assert res.error is None and len(res.tokens) == 3
+        assert fake.mapped == dec.num_layers
+        assert a.wait_acked(5.0) and a.inflight == 0 and b.open_leases == 0
+        dec.release("r")
+        assert dec.stats().used_pages == 0 and pre.stats().used_pages == 0
+    finally:
+        dec.shutdown()
+        a.close()
+        b.close()
+
+
+def test_buffer_returns_go_back_in_order_and_past_a_failure(monkeypatch):
+    from zipserve.decode_worker import buffer_returns
+
+    seen = []
+
+    def fake_done(kv):
+        if kv == "closed":
+            raise RuntimeError("the channel closed")
+        seen.append(kv)
+
+    monkeypatch.setattr(buffer_returns, "done", fake_done)
+    returns = buffer_returns.BufferReturns()
+    cpu = torch.device("cpu")
+    returns.give_back(["a", "closed", "b"], cpu)
+    returns.give_back([], cpu)
+    returns.give_back(["c"], cpu)
+    returns.close()
+    assert seen == ["a", "b", "c"] and returns.failures == 1
+
+
 def test_ipc_inflight_budget_blocks_then_times_out():
     a, b, _ = _ipc_pair(ack_timeout_s=2.0, max_inflight_bytes=1500)
     try:
