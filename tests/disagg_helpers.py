@@ -1,5 +1,6 @@
 """Helpers for the tests that drive prefill and decode engines by hand (DisaggregatedEngine): hand
-prompts' layers over through the wire encoding, decode to the end, check every page came back."""
+prompts' layers over through the wire encoding, decode to the end, check every page came back;
+and for those that drive a prefill and a decode worker: serve one request through them."""
 
 from __future__ import annotations
 
@@ -43,3 +44,14 @@ def run_to_completion(eng) -> dict:
             if out.finished:
                 done[out.request_id] = out
     return done
+
+
+def serve_one(pre, dec, rid: str, prompt: list[int], params, decode_id: str = "d0"):
+    """Reserve on the decode worker, prefill on the prefill worker (its KV goes to decode_id),
+    admit and poll to the end; returns the last PollReply (the caller releases `rid`)."""
+    dec.reserve(rid, prompt, params)
+    rep = pre.prefill(rid, prompt, params, decode_id)
+    res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
+    while not res.finished:
+        res = dec.poll(rid, 0, timeout=5)
+    return res

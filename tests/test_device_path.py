@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from disagg_helpers import serve_one
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.wire import (
@@ -356,11 +357,7 @@ def test_decode_worker_gives_every_ipc_layer_back_after_importing_it(monkeypatch
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 120))
     try:
-        dec.reserve("r", prompt, params)
-        rep = pre.prefill("r", prompt, params, "d0")
-        res = dec.admit("r", rep.first_token, rep.first_logprob, timeout=10)
-        while not res.finished:
-            res = dec.poll("r", 0, timeout=5)
+        res = serve_one(pre, dec, "r", prompt, params)
         assert res.error is None and len(res.tokens) == 3
         assert fake.mapped == dec.num_layers
         assert a.wait_acked(5.0) and a.inflight == 0 and b.open_leases == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+from disagg_helpers import serve_one
 
 from zipserve.bench import step_gaps
 from zipserve.decode_worker.step_trace import ENV, FIELDS, StepTrace
@@ -51,11 +52,7 @@ def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 200))
     try:
-        dec.reserve("r", prompt, params)
-        rep = pre.prefill("r", prompt, params, "d0")
-        res = dec.admit("r", rep.first_token, rep.first_logprob, timeout=10)
-        while not res.finished:
-            res = dec.poll("r", 0, timeout=5)
+        serve_one(pre, dec, "r", prompt, params)
         dec.release("r")
     finally:
         dec.shutdown()
