@@ -2,9 +2,11 @@
 prefill workers, and decodes every admitted request in one continuous batch.
 
 Plain Python (control/ wraps it as a threaded Ray actor; it answers with control/messages.py's
-types). Three kinds of threads touch the engine, always under one lock: a receiver per attached
-channel (imports layers), the step loop (decodes, expires reservations whose KV missed its
-deadline), and callers (reserve/admit/abort/poll).
+types). A receiver thread per attached channel takes layers off it and queues them (a device
+layer's checksum queued on the GPU, not awaited); the step loop imports the queued layers whose
+checksum is done, decodes, and expires reservations whose KV missed its deadline; callers
+reserve/admit/abort/poll; the step loop and callers touch the engine under one lock. A returner
+thread gives imported CUDA-IPC layers back to their senders (buffer_returns.py).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
 With a prefix cache (on by default) a reservation shares the prompt's leading pages the worker
 already holds (imported for an earlier prompt, or, bf16, filled by its decode steps) and says how
