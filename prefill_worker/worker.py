@@ -39,10 +39,10 @@ from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 KV_TAG = 1
 OOM_WAIT_S = 5.0
+"""Out of GPU memory, how long a prefill waits for its KV in flight to be taken, then retries."""
 FLUSH_TIMEOUT_S = 120.0
 """How long a prompt's last layer may take to leave a shaped link's queue (its slot and those
 queued before it, then the hand-off; the transports' own timeouts come first)."""
-"""Out of GPU memory, how long a prefill waits for its KV in flight to be taken, then retries."""
 
 
 @dataclass
