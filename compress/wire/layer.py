@@ -27,7 +27,6 @@ from zipserve.compress.wire.device_pages import (
     DeviceWire,
     compare_checksum,
     start_checksum,
-    verify_checksum,
 )
 from zipserve.compress.wire.errors import FormatError, WireError
 from zipserve.compress.wire.framing import (
@@ -188,15 +187,17 @@ class DeviceLayerKV:
         if self.checked or self._pending is not None:
             return
         payload = self.wire.payload
-        if not payload.is_cuda:
-            self.verify()
-            return
-        with torch.cuda.stream(_side_stream(payload.device)):
+        on_side = torch.cuda.stream(_side_stream(payload.device)) if payload.is_cuda else None
+        with on_side or contextlib.nullcontext():
             self.wait_ready()
             try:
+                # in process the sender's header never went through header_bytes: finalize
+                # fills its checksum from the reduction queued behind the gather
                 self._pending = start_checksum(self.wire.finalize(), payload)
             except WireError as e:
                 self.verify_error, self.checked = e, True
+        if not payload.is_cuda:
+            self._settle()  # computed already
 
     def settled(self) -> bool:
         """True when verify() will not wait for the GPU: it ran, or start_verify's checksum
@@ -208,21 +209,20 @@ class DeviceLayerKV:
         outcome for `check`. True when it matches. On CUDA the check runs on a side stream
         of the calling thread, so it waits for the sender's gather, not for the decode steps
         queued on the GPU meanwhile (after start_verify: only for that checksum)."""
-        if not self.checked:
-            payload = self.wire.payload
-            if self._pending is not None:
-                pending, self._pending = self._pending, None
-                try:
-                    compare_checksum(self.wire.finalize(), pending.value())
-                except WireError as e:
-                    self.verify_error = e
-            elif payload.is_cuda:
-                with torch.cuda.stream(_side_stream(payload.device)):
-                    self._verify()
-            else:
-                self._verify()
-            self.checked = True
+        self.start_verify()
+        self._settle()
         return self.verify_error is None
+
+    def _settle(self) -> None:
+        """Read start_verify's checksum (waiting for it, unless settled) and compare."""
+        if self.checked:
+            return
+        pending, self._pending = self._pending, None
+        try:
+            compare_checksum(self.wire.finalize(), pending.value())
+        except WireError as e:
+            self.verify_error = e
+        self.checked = True
 
     def sending(self) -> contextlib.AbstractContextManager:
         """Where to send the payload from: on CUDA this thread's side stream, ordered after the
@@ -241,15 +241,6 @@ class DeviceLayerKV:
         """verify(), raising what it found (ChecksumError when the payload changed)."""
         if not self.verify():
             raise self.verify_error
-
-    def _verify(self) -> None:
-        self.wait_ready()
-        try:
-            # in process the sender's header never went through header_bytes: finalize fills
-            # its checksum from the reduction queued behind the gather
-            verify_checksum(self.wire.finalize(), self.wire.payload)
-        except WireError as e:
-            self.verify_error = e
 
     def nbytes(self) -> int:
         return int(self.wire.payload.numel())
