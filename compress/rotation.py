@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from zipserve.compress.device_copy import to_device_nowait
+
 
 @functools.lru_cache(maxsize=8)
 def _hadamard_cpu(d: int) -> torch.Tensor:
@@ -29,10 +31,7 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
 def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The [D, D] rotation on `device`; to a GPU through pinned memory, so that the first use
     (a codec's first import on the decode worker) does not make the host wait for the stream."""
-    h, device = _hadamard_cpu(d), torch.device(device)
-    if device.type == "cuda":
-        return h.pin_memory().to(device, non_blocking=True)
-    return h.to(device)
+    return to_device_nowait(_hadamard_cpu(d), device)
 
 
 def rotate(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

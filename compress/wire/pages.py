@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zipserve.compress.device_copy import to_device_nowait
 from zipserve.compress.wire.checksum import host_checksum
 from zipserve.compress.wire.errors import ChecksumError, FormatError, LayoutError
 from zipserve.compress.wire.framing import (
@@ -121,10 +122,7 @@ def index_on(page_ids: torch.Tensor | list[int], device: torch.device) -> torch.
     without waiting: a pageable host-to-device copy makes the host wait for the stream (the
     forward pass on the sender, the decode steps and, on a shared GPU, the other process's work
     on the receiver), once per copy."""
-    ids = torch.as_tensor(page_ids, dtype=torch.long)
-    if device.type == "cuda" and ids.device.type == "cpu":
-        return ids.pin_memory().to(device, non_blocking=True)
-    return ids.to(device)
+    return to_device_nowait(torch.as_tensor(page_ids, dtype=torch.long), device)
 
 
 def adopt_pages(
