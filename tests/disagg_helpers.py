@@ -1,10 +1,14 @@
 """Helpers for the tests that drive prefill and decode engines by hand (DisaggregatedEngine): hand
 prompts' layers over through the wire encoding, decode to the end, check every page came back;
-and for those that drive a prefill and a decode worker: serve one request through them."""
+and for those that drive a prefill and a decode worker: join a pair, serve one request through
+them."""
 
 from __future__ import annotations
 
 from zipserve.compress.wire import DeviceLayerKV, LayerKV
+from zipserve.decode_worker.worker import DecodeWorker
+from zipserve.prefill_worker.worker import PrefillWorker
+from zipserve.transfer.inprocess import InProcessChannel
 
 
 def pool_whole(eng) -> None:
@@ -46,12 +50,25 @@ def run_to_completion(eng) -> dict:
     return done
 
 
+def worker_pair(model: str, codec: str, channels=None, **engine_options):
+    """A prefill and a decode worker on the CPU, joined by `channels` (the prefill side's, the
+    decode side's; an in-process pair by default) as peers "d0" and "p0". Returns both workers
+    and the prefill side's channel."""
+    a, b = channels if channels is not None else InProcessChannel.pair()
+    pre = PrefillWorker(model, codec, "cpu")
+    dec = DecodeWorker(model, codec, "cpu", engine_options=engine_options)
+    pre.attach("d0", a)
+    dec.attach("p0", b)
+    return pre, dec, a
+
+
 def serve_one(pre, dec, rid: str, prompt: list[int], params, decode_id: str = "d0"):
     """Reserve on the decode worker, prefill on the prefill worker (its KV goes to decode_id),
-    admit and poll to the end; returns the last PollReply (the caller releases `rid`)."""
+    admit and poll to the end; returns the prefill's report and the last PollReply (the caller
+    releases `rid`)."""
     dec.reserve(rid, prompt, params)
     rep = pre.prefill(rid, prompt, params, decode_id)
     res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
     while not res.finished:
         res = dec.poll(rid, 0, timeout=5)
-    return res
+    return rep, res

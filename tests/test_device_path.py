@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from disagg_helpers import serve_one
+from disagg_helpers import serve_one, worker_pair
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.wire import (
@@ -343,21 +343,17 @@ def test_decode_worker_gives_every_ipc_layer_back_after_importing_it(monkeypatch
     imports each mapped layer and gives it back from its returner thread: the sender ends with
     nothing in flight, the receiver with no open lease, and the pages of both go back."""
     import zipserve.prefill_worker.worker as prefill_module
-    from zipserve.decode_worker.worker import DecodeWorker
     from zipserve.engine.sampling_params import SamplingParams
-    from zipserve.prefill_worker.worker import PrefillWorker
 
     monkeypatch.setattr(
         prefill_module, "use_device_form", lambda ch, dev: ch.carries_device_tensors
     )
     a, b, fake = _ipc_pair(ack_timeout_s=10)
-    pre, dec = PrefillWorker(MODEL, "hack2", "cpu"), DecodeWorker(MODEL, "hack2", "cpu")
-    pre.attach("d0", a)
-    dec.attach("p0", b)
+    pre, dec, _ = worker_pair(MODEL, "hack2", channels=(a, b))
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 120))
     try:
-        res = serve_one(pre, dec, "r", prompt, params)
+        _, res = serve_one(pre, dec, "r", prompt, params)
         assert res.error is None and len(res.tokens) == 3
         assert fake.mapped == dec.num_layers
         assert a.wait_acked(5.0) and a.inflight == 0 and b.open_leases == 0

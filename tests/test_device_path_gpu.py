@@ -36,6 +36,19 @@ def _cuda(n: int = 1) -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= n
 
 
+def _cuda_engines(codec: str, decode_kv: str | None = None):
+    """A prefill and a decode engine on the GPU (fixed pools, no CUDA graphs, no prefix cache:
+    the same prompt twice computes the same KV), the decode side with `decode_kv` (None: the
+    config's default)."""
+    from zipserve.engine.config import EngineConfig
+    from zipserve.engine.disaggregated import DisaggregatedEngine
+
+    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
+    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    dec_cfg = cfg if decode_kv is None else dataclasses.replace(cfg, decode_kv=decode_kv)
+    return pre, DisaggregatedEngine(MODEL, device="cuda", engine_config=dec_cfg)
+
+
 def _layer_rows(eng, rid: str):
     """Per layer: the request's KV as the decode side holds it, reduced to what is defined
     (dense: the first n token rows; compressed: full encoded pages + the 16-bit tail)."""
@@ -71,16 +84,12 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("codec", ["bf16", "hack2"])
 def test_inprocess_device_form_equals_host_form(codec):
     from zipserve.compress.wire import DeviceLayerKV
-    from zipserve.engine.config import EngineConfig
-    from zipserve.engine.disaggregated import DisaggregatedEngine
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
     # the same prompt twice: without a prefix cache both prefills compute the same KV (with
     # one the second reuses the first's pages, and a lossy codec's bytes differ)
-    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
-    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
-    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    pre, dec = _cuda_engines(codec)
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
     for rid, form in (("host", False), ("dev", True)):
         dec.reserve(rid, prompt, params)
@@ -105,15 +114,10 @@ def test_import_of_device_layers_never_waits_for_the_gpu(codec, decode_kv):
     importing it queues work without one host synchronization: the step loop imports between
     decode steps, and on a GPU shared with a prefill each wait cost a time slice (H100, session
     13: hack2's 8 page-id copies made a layer's import 5.7 ms and the decode's TBT p99 ~200 ms)."""
-    from zipserve.engine.config import EngineConfig
-    from zipserve.engine.disaggregated import DisaggregatedEngine
     from zipserve.engine.sampling_params import SamplingParams
 
     assert _cuda()
-    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
-    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
-    dec_cfg = dataclasses.replace(cfg, decode_kv=decode_kv)
-    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=dec_cfg)
+    pre, dec = _cuda_engines(codec, decode_kv)
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
     dec.reserve("r", prompt, params)
     layers = []
@@ -136,16 +140,12 @@ def test_receiving_device_layers_never_waits_for_the_gpu():
     is queued and read only once computed (`settled`). Waiting there per layer let the thread
     take one layer per decode step on a busy GPU (H100, session 14: transfer phases of 0.1-2 s
     with no link). Then the layers import without waiting either, and their checksums match."""
-    from zipserve.engine.config import EngineConfig
-    from zipserve.engine.disaggregated import DisaggregatedEngine
     from zipserve.engine.sampling_params import SamplingParams
     from zipserve.transfer.inprocess import InProcessChannel
     from zipserve.transfer.kv_messages import recv_layer, send_layer, settled
 
     assert _cuda()
-    cfg = EngineConfig(codec="hack2", cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
-    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
-    dec = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    pre, dec = _cuda_engines("hack2")
     prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
     dec.reserve("r", prompt, params)
     layers = []

@@ -7,15 +7,12 @@ from __future__ import annotations
 import csv
 
 import pytest
-from disagg_helpers import serve_one
+from disagg_helpers import serve_one, worker_pair
 
 from zipserve.bench import step_gaps
 from zipserve.decode_worker.step_trace import ENV, FIELDS, StepTrace
-from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.llm import SamplingParams
-from zipserve.prefill_worker.worker import PrefillWorker
-from zipserve.transfer.inprocess import InProcessChannel
 
 MODEL = str(REFERENCE_MODEL)
 
@@ -45,10 +42,7 @@ def test_trace_rows_are_flushed(tmp_path):
 )
 def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV, str(tmp_path))
-    a, b = InProcessChannel.pair()
-    pre, dec = PrefillWorker(MODEL, "hack2", "cpu"), DecodeWorker(MODEL, "hack2", "cpu")
-    pre.attach("d0", a)
-    dec.attach("p0", b)
+    pre, dec, _ = worker_pair(MODEL, "hack2")
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 200))
     try:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from disagg_helpers import serve_one, worker_pair
 
 from zipserve.decode_worker.worker import DecodeWorker
 from zipserve.deploy.cli import REFERENCE_MODEL
@@ -22,28 +23,12 @@ MODEL = str(REFERENCE_MODEL)
 
 
 def _pair(codec: str, **opts):
-    a, b = InProcessChannel.pair()
-    pre, dec = (
-        PrefillWorker(MODEL, codec, "cpu"),
-        DecodeWorker(MODEL, codec, "cpu", engine_options=opts),
-    )
-    pre.attach("d0", a)
-    dec.attach("p0", b)
-    return pre, dec, a
+    return worker_pair(MODEL, codec, **opts)
 
 
 def _whole(dec: DecodeWorker):
     s = dec.stats()
     assert s.free_pages == s.capacity_pages and s.reserved == 0 and s.running == 0
-
-
-def _serve(pre, dec, rid, prompt, params):
-    dec.reserve(rid, prompt, params)
-    rep = pre.prefill(rid, prompt, params, "d0")
-    res = dec.admit(rid, rep.first_token, rep.first_logprob, timeout=10)
-    while not res.finished:
-        res = dec.poll(rid, 0, timeout=5)
-    return rep, res
 
 
 @pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi4"])
@@ -54,7 +39,7 @@ def test_workers_equal_one_engine(codec):
     pre, dec, _ = _pair(codec)
     try:
         for i, prompt in enumerate(prompts):
-            rep, res = _serve(pre, dec, f"q{i}", prompt, params)
+            rep, res = serve_one(pre, dec, f"q{i}", prompt, params)
             assert res.tokens == want[i] and res.finish_reason == "length"
             assert 0 < rep.bytes_sent
             if codec != "bf16" and i == 0:
@@ -237,10 +222,7 @@ def test_a_layer_whose_checksum_is_still_on_the_gpu_waits_without_holding_up_the
         "settled",
         lambda kv: real(kv) and not (held["hold"] and kv.layer == 0),
     )
-    a, b = InProcessChannel.pair()
-    pre, dec = PrefillWorker(MODEL, "bf16", "cpu"), DecodeWorker(MODEL, "bf16", "cpu")
-    pre.attach("d0", a)
-    dec.attach("p0", b)
+    pre, dec, _ = _pair("bf16")
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     prompt = list(range(3, 100))
     try:
@@ -335,7 +317,7 @@ def test_prefill_out_of_memory_retries_once_then_refuses_as_overloaded():
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     try:
         pre.engine.prefill_export = lambda *a, **kw: failing(*a, fail_times=1, **kw)
-        rep, res = _serve(pre, dec, "once", list(range(3, 200)), params)
+        rep, res = serve_one(pre, dec, "once", list(range(3, 200)), params)
         assert res.finish_reason == "length" and len(calls) == 2
         dec.release("once")
         calls.clear()
