@@ -41,6 +41,7 @@
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
 #   round14    nvidia-h100-x1  issue 16: device-path tests, then jct-16 with the step trace ~6 min
+#   recv15     nvidia-h100-x1  round14 on fewer cells (bf16/hack2, rates 2-3) when time is short ~4 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
 #                              caching off / delta transfer / local prefill               ~9 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
@@ -63,7 +64,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -247,6 +248,18 @@ import16)
     # the same for bf16 with the workers' GIL switch interval at 0.5 ms (control/gil_switch.py):
     # does the KV sender lose time to the forward pass's thread? (hand-off share, sending ms)
     (export ZIPSERVE_GIL_SWITCH_MS=0.5 LANE_TAG=_gil05; traced_lanes bf16:auto)
+    ;;
+recv15)
+    # Issue 16 when device time is short (~4 min): round14's checks on fewer cells. The GPU
+    # receive-path tests, then bf16 and hack2 at rates 2 and 3 (where session 14's transfer phase
+    # was 0.7-1.7 s), no link and 10 Gb/s, traced.
+    pytest_gpu 100 device_path tests/test_device_path_gpu.py -k "never_waits or equals_host"
+    ZIPSERVE_STEP_TRACE="$WORK/trace_16" step 240 jct_16 python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2 --decode-kv auto \
+        --links none,10 --rates 2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16"
+    step 30 gaps_16 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_16" \
+        --requests "$WORK/jct_16/jct_requests.csv"
     ;;
 round14)
     # Issue 16 (one call, ~6 min): the device-path tests, then jct-16 (bf16, kivi2, hack2 at
