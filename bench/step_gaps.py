@@ -8,8 +8,9 @@ for. Each one is put down to the part that took longest (import of arrived layer
 step, giving CUDA-IPC buffers back) and marked when a request's prefill ran meanwhile (from the
 requests' transfer_start_s and prefill_ms: a prefill ends where its transfer phase starts).
 Also says how long received layers waited for the step loop to import them (`wait_ms`: a
-transfer phase that is long while the link is idle shows there). Prints a summary and writes
-step_gaps.csv beside the trace.
+transfer phase that is long while the link is idle shows there) and, from the receive trace
+(decode_recv_*.csv), what each layer cost the receive thread and whether layers queued for it.
+Prints a summary and writes step_gaps.csv beside the trace.
 """
 
 from __future__ import annotations
@@ -30,6 +31,42 @@ def read_passes(folder: Path) -> list[dict]:
                 row["worker"] = path.stem
                 rows.append(row)
     return rows
+
+
+def read_receives(folder: Path) -> dict[str, list[dict]]:
+    """The receive trace's rows per decode worker (keyed like read_passes' "worker")."""
+    out = {}
+    for path in sorted(folder.glob("decode_recv_*.csv")):
+        with path.open() as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        out[path.stem.replace("decode_recv_", "decode_steps_", 1)] = rows
+    return out
+
+
+def _p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
+    """What a layer cost the receive thread (header to hand-over, split), and how many found
+    the next message already waiting (idle < behind_ms: the thread, not the sender, set the
+    pace)."""
+    if not rows:
+        return []
+    cost = [r["payload_ms"] + r["verify_ms"] for r in rows]
+    behind = sum(1 for r in rows if r["idle_ms"] < behind_ms)
+    mb = sum(r["nbytes"] for r in rows) / len(rows) / 2**20
+    return [
+        f"receive thread: {len(rows)} layers ({mb:.1f} MiB mean), per layer median / p90 ms: "
+        f"total {_p(cost, 0.5):.1f} / {_p(cost, 0.9):.1f}, payload "
+        f"{_p([r['payload_ms'] for r in rows], 0.5):.1f} / "
+        f"{_p([r['payload_ms'] for r in rows], 0.9):.1f} (mapping "
+        f"{_p([r['map_ms'] for r in rows], 0.5):.1f} / {_p([r['map_ms'] for r in rows], 0.9):.1f}"
+        f"), header and checksum {_p([r['verify_ms'] for r in rows], 0.5):.1f} / "
+        f"{_p([r['verify_ms'] for r in rows], 0.9):.1f}; "
+        f"{behind} of them were already waiting when the thread got to them"
+    ]
 
 
 def prefill_spans(requests_csv: Path) -> list[tuple[float, float]]:
@@ -113,12 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--trace: no decode_steps_*.csv in {a.trace}")
     spans = prefill_spans(a.requests) if a.requests else []
     found = gaps(passes, spans, a.gap_ms)
+    receives = read_receives(a.trace)
     workers = sorted({p["worker"] for p in passes})
     for worker in workers:  # a sweep of several codecs traces one decode worker per codec
         if len(workers) > 1:
             print(f"{worker.removeprefix('decode_steps_')}:")
         mine = [p for p in passes if p["worker"] == worker]
-        print("\n".join(summary(mine, [g for g in found if g["worker"] == worker], a.gap_ms)))
+        lines = summary(mine, [g for g in found if g["worker"] == worker], a.gap_ms)
+        print("\n".join(lines + receive_summary(receives.get(worker, []))))
     out = a.trace / "step_gaps.csv"
     if found:
         with out.open("w", newline="") as f:

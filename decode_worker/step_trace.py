@@ -1,43 +1,81 @@
-"""StepTrace: an opt-in record of the decode worker's step loop, one CSV row per pass that did
-something: when it began (epoch seconds), how long it spent importing arrived layers, in the
-decode step (the engine's step, which waits for its tokens) and handing CUDA-IPC buffers to
-the thread that gives them back (decode_worker/buffer_returns.py; until session 14: giving back),
-how many layers it imported, how many sequences the step decoded, and how long the
-longest-waiting of those layers had been handed over before the pass took it (`wait_ms`), and
-the longest any of them took the receive thread, from its first message to its hand-over
-(`recv_ms`).
+"""Opt-in CSV traces of the decode worker, for finding where a request's time goes under load.
+
+`StepTrace`: one row per pass of the step loop that did something: when it began (epoch
+seconds), how long it spent importing arrived layers, in the decode step (the engine's step,
+which waits for its tokens) and handing CUDA-IPC buffers to the thread that gives them back
+(decode_worker/buffer_returns.py), how many layers it imported, how many sequences the step
+decoded, how long the longest-waiting of those layers had been handed over before the pass took
+it (`wait_ms`), and the longest any of them took the receive thread, from its first message to
+its hand-over (`recv_ms`).
+
+`ReceiveTrace`: one row per layer the receive thread took off a channel: when its first message
+came off (`header_s`), how long the thread had waited for it since handing the previous layer
+over (`idle_ms`: about 0 while messages queue up, i.e. the thread is the bottleneck), how long
+the payload took after the header (`payload_ms`: waiting for it plus mapping it), the mapping's
+own share (`map_ms`, CUDA IPC), the rest up to the hand-over (`verify_ms`: reading the header and
+queueing the checksum), its size and layer.
 
 Off unless ZIPSERVE_STEP_TRACE names a folder; each worker process then writes
-`<folder>/decode_steps_<tag>_<pid>.csv` (the tag: the worker's codec; rows buffered, flushed
-every FLUSH_ROWS and at shutdown).
-`python3 -m zipserve.bench.step_gaps` puts the long passes beside the requests' prefills.
+`<folder>/decode_steps_<tag>_<pid>.csv` and `<folder>/decode_recv_<tag>_<pid>.csv` (the tag:
+the worker's codec; rows buffered, flushed every FLUSH_ROWS and at shutdown).
+`python3 -m zipserve.bench.step_gaps` reads both.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import threading
+import time
 from pathlib import Path
 
 ENV = "ZIPSERVE_STEP_TRACE"
 FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms", "recv_ms")
+RECV_FIELDS = ("header_s", "idle_ms", "payload_ms", "map_ms", "verify_ms", "nbytes", "layer")
 FLUSH_ROWS = 256
 
 
-class StepTrace:
-    def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
+class _CsvTrace:
+    """Rows buffered and appended to `<folder>/<prefix>_<tag>_<pid>.csv` (folder: the argument,
+    else $ZIPSERVE_STEP_TRACE; neither: off, and recording does nothing)."""
+
+    def __init__(self, prefix: str, fields: tuple[str, ...], folder=None, tag: str = ""):
         folder = folder if folder is not None else os.environ.get(ENV)
-        name = f"decode_steps_{tag}_{os.getpid()}.csv" if tag else f"decode_steps_{os.getpid()}.csv"
+        name = f"{prefix}_{tag}_{os.getpid()}.csv" if tag else f"{prefix}_{os.getpid()}.csv"
         self.path = None if not folder else Path(folder) / name
         self._rows: list[tuple] = []
+        self._lock = threading.Lock()  # one receive thread per channel records here
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(FIELDS)
+                csv.writer(f).writerow(fields)
 
     @property
     def on(self) -> bool:
         return self.path is not None
+
+    def _add(self, row: tuple) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            self._rows.append(row)
+            full = len(self._rows) >= FLUSH_ROWS
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            rows, self._rows = self._rows, []
+        if rows:
+            with self.path.open("a", newline="") as f:
+                csv.writer(f).writerows(rows)
+
+
+class StepTrace(_CsvTrace):
+    def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
+        super().__init__("decode_steps", FIELDS, folder, tag)
 
     def record(
         self,
@@ -50,9 +88,7 @@ class StepTrace:
         wait_ms: float = 0.0,
         recv_ms: float = 0.0,
     ) -> None:
-        if self.path is None:
-            return
-        self._rows.append(
+        self._add(
             (
                 f"{start_s:.6f}",
                 f"{import_ms:.3f}",
@@ -64,12 +100,52 @@ class StepTrace:
                 f"{recv_ms:.3f}",
             )
         )
-        if len(self._rows) >= FLUSH_ROWS:
-            self.flush()
 
-    def flush(self) -> None:
-        if self.path is None or not self._rows:
-            return
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerows(self._rows)
-        self._rows.clear()
+
+class ReceiveTrace(_CsvTrace):
+    def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
+        super().__init__("decode_recv", RECV_FIELDS, folder, tag)
+
+    def record(
+        self,
+        header_s: float,
+        idle_ms: float,
+        payload_ms: float,
+        map_ms: float,
+        verify_ms: float,
+        nbytes: int,
+        layer: int,
+    ) -> None:
+        self._add(
+            (
+                f"{header_s:.6f}",
+                f"{idle_ms:.3f}",
+                f"{payload_ms:.3f}",
+                f"{map_ms:.3f}",
+                f"{verify_ms:.3f}",
+                nbytes,
+                layer,
+            )
+        )
+
+    def handed_over(
+        self, layer: int, nbytes: int, timing: dict[str, float], prev_s: float
+    ) -> float:
+        """Record a layer the receive thread just handed over. timing: recv_layer's (header_s,
+        payload_s, map_ms; a host layer, one message, has no payload_s); prev_s: the thread's
+        previous hand-over. Returns this hand-over's time (the next call's prev_s)."""
+        now = time.time()
+        if self.path is None:
+            return now
+        header_s = timing.get("header_s", now)
+        payload_s = timing.get("payload_s", header_s)
+        self.record(
+            header_s,
+            1e3 * max(0.0, header_s - prev_s),
+            1e3 * (payload_s - header_s),
+            timing.get("map_ms", 0.0),
+            1e3 * (now - payload_s),
+            nbytes,
+            layer,
+        )
+        return now

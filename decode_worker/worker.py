@@ -34,7 +34,7 @@ from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
 from zipserve.decode_worker.buffer_returns import BufferReturns
-from zipserve.decode_worker.step_trace import StepTrace
+from zipserve.decode_worker.step_trace import ReceiveTrace, StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.prefix_cache import worker_cache_fields
@@ -123,6 +123,8 @@ class DecodeWorker:
         self._stop = threading.Event()
         self.trace = StepTrace(tag=codec)
         """Per-pass timings of the step loop, when ZIPSERVE_STEP_TRACE names a folder."""
+        self.recv_trace = ReceiveTrace(tag=codec)
+        """Per-layer timings of the receive threads (same switch)."""
         self._returns = BufferReturns()
         """Gives imported CUDA-IPC layers back to their senders off the step loop."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
@@ -188,6 +190,7 @@ class DecodeWorker:
                 self.dead_channels[prefill_id] = self.channel_names.get(prefill_id, "")
 
     def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
+        handed_s = time.time()  # the last hand-over (the receive trace's idle_ms)
         while not self._stop.is_set():
             timing: dict[str, float] = {}
             try:  # host bytes or a device buffer (transfer/kv_messages.py)
@@ -204,6 +207,7 @@ class DecodeWorker:
                 self.dropped_messages += 1
                 continue
             self._arrive(kv, timing.get("header_s"))
+            handed_s = self.recv_trace.handed_over(kv.layer, kv.nbytes(), timing, handed_s)
 
     def import_kv_slice(self, data: bytes) -> None:
         """One rank's slice of one layer from a sequence-parallel prefill group
@@ -424,6 +428,7 @@ class DecodeWorker:
         while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
             done(self._arrivals.popleft().kv)
         self.trace.flush()
+        self.recv_trace.flush()
 
     # -- internals -------------------------------------------------------------------------
     def _fail(self, request_id: str, error: str, reason: str) -> None:

@@ -302,9 +302,17 @@ class _FakeIpc:
         return self.shared[h["key"]]
 
 
-def _ipc_pair(**kw):
+class _SlowFakeIpc(_FakeIpc):
+    """Mapping takes 5 ms."""
+
+    def open(self, h, *device):
+        time.sleep(0.005)
+        return super().open(h, *device)
+
+
+def _ipc_pair(fake: _FakeIpc | None = None, **kw):
     ca, cb = InProcessChannel.pair()
-    fake = _FakeIpc()
+    fake = fake or _FakeIpc()
     opts = dict(exporter=fake.export, importer=fake.open, inline_cpu=False, **kw)
     return CudaIpcChannel(ca, **opts), CudaIpcChannel(cb, **opts), fake
 
@@ -363,6 +371,36 @@ def test_decode_worker_gives_every_ipc_layer_back_after_importing_it(monkeypatch
         dec.shutdown()
         a.close()
         b.close()
+
+
+@needs_model
+def test_receive_trace_times_each_ipc_layers_mapping(monkeypatch, tmp_path):
+    """With ZIPSERVE_STEP_TRACE on, each layer received over CUDA IPC leaves one receive-trace
+    row whose mapping time is the importer's (a fake that takes 5 ms), inside its payload time."""
+    import zipserve.prefill_worker.worker as prefill_module
+    from zipserve.bench.step_gaps import read_receives
+    from zipserve.decode_worker.step_trace import ENV
+    from zipserve.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv(ENV, str(tmp_path))
+    monkeypatch.setattr(
+        prefill_module, "use_device_form", lambda ch, dev: ch.carries_device_tensors
+    )
+    a, b, _ = _ipc_pair(_SlowFakeIpc(), ack_timeout_s=10)
+    pre, dec, _ = worker_pair(MODEL, "hack2", channels=(a, b))
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    try:
+        _, res = serve_one(pre, dec, "r", list(range(3, 120)), params)
+        assert res.error is None
+        dec.release("r")
+    finally:
+        dec.shutdown()
+        a.close()
+        b.close()
+    (rows,) = read_receives(tmp_path).values()
+    assert sorted(int(r["layer"]) for r in rows) == list(range(dec.num_layers))
+    assert all(r["map_ms"] >= 5.0 and r["payload_ms"] >= r["map_ms"] for r in rows)
+    assert all(r["nbytes"] > 0 and r["verify_ms"] >= 0 and r["idle_ms"] >= 0 for r in rows)
 
 
 def test_buffer_returns_go_back_in_order_and_past_a_failure(monkeypatch):

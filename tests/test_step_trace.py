@@ -10,7 +10,7 @@ import pytest
 from disagg_helpers import serve_one, worker_pair
 
 from zipserve.bench import step_gaps
-from zipserve.decode_worker.step_trace import ENV, FIELDS, StepTrace
+from zipserve.decode_worker.step_trace import ENV, FIELDS, RECV_FIELDS, ReceiveTrace, StepTrace
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.llm import SamplingParams
 
@@ -37,6 +37,30 @@ def test_trace_rows_are_flushed(tmp_path):
     assert float(rows[0]["recv_ms"]) == 2.25 and float(rows[1]["recv_ms"]) == 0
 
 
+def test_receive_trace_splits_a_layers_time_and_tells_when_layers_queued(monkeypatch, tmp_path):
+    """handed_over() turns recv_layer's timing into a row (idle since the previous hand-over,
+    payload, mapping, the rest); step_gaps sums them up and counts the layers that found the
+    receive thread busy (the next message already waiting)."""
+    t = ReceiveTrace(tmp_path, tag="bf16")
+    now = t.handed_over(3, 1 << 20, {"header_s": 100.0, "payload_s": 100.02, "map_ms": 15.0}, 99.9)
+    assert now >= 100.02
+    t.handed_over(4, 1 << 20, {"header_s": now, "payload_s": now, "map_ms": 0.0}, now)
+    t.flush()
+    rows = list(csv.DictReader(t.path.open()))
+    assert tuple(rows[0]) == RECV_FIELDS and len(rows) == 2
+    assert float(rows[0]["idle_ms"]) == pytest.approx(100.0)
+    assert float(rows[0]["payload_ms"]) == pytest.approx(20.0)
+    assert float(rows[0]["map_ms"]) == 15.0 and rows[0]["layer"] == "3"
+    assert float(rows[1]["idle_ms"]) == 0 and float(rows[1]["payload_ms"]) == 0
+    (got,) = step_gaps.read_receives(tmp_path).values()
+    text = step_gaps.receive_summary(got)[0]
+    assert "2 layers (1.0 MiB mean)" in text
+    assert "1 of them were already waiting" in text
+    monkeypatch.delenv(ENV, raising=False)
+    off = ReceiveTrace(None)  # no folder, no variable: nothing recorded
+    assert off.handed_over(0, 1, {}, 0.0) > 0 and off.path is None
+
+
 @pytest.mark.skipif(
     not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
 )
@@ -52,6 +76,9 @@ def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
         dec.shutdown()
     passes = step_gaps.read_passes(tmp_path)
     assert sum(p["layers"] for p in passes) == dec.num_layers  # every layer imported once
+    (received,) = step_gaps.read_receives(tmp_path).values()  # one row per layer received
+    assert sorted(int(r["layer"]) for r in received) == list(range(dec.num_layers))
+    assert all(r["nbytes"] > 0 and r["payload_ms"] == 0 and r["map_ms"] == 0 for r in received)
     assert sum(1 for p in passes if p["batch"] == 1) == 11  # 12 tokens, the first from prefill
     assert all(p[k] >= 0 for p in passes for k in (*step_gaps.PARTS, "wait_ms", "recv_ms"))
     assert any(p["recv_ms"] > 0 for p in passes if p["layers"])  # the receive thread's share

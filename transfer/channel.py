@@ -118,6 +118,8 @@ class Lease:
     _release: Callable[[], None] | None = field(default=None, repr=False)
     ready: object = None
     """torch.cuda.Event after which `tensor` may be read (streams wait on it; None: now)."""
+    map_ms: float = 0.0
+    """How long mapping the sender's buffer took the receiving thread (CUDA IPC; else 0)."""
 
     def release(self) -> None:
         release, self._release = self._release, None

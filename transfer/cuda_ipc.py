@@ -326,13 +326,14 @@ class CudaIpcChannel(Channel):
         if kind != _HANDLE:
             raise TransferError(f"unknown CUDA-IPC control message kind {kind!r}")
         info = json.loads(bytes(body.numpy()))
+        t0 = time.perf_counter()
         try:
             args = (info["handle"],) if self.device is None else (info["handle"], self.device.index)
             tensor, ready = self._import_mapped(*args)
         except Exception as e:
             self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer
             raise TransferError(f"cannot map the peer's buffer: {e}") from e
-        lease = Lease(tensor, ready=ready)
+        lease = Lease(tensor, ready=ready, map_ms=1e3 * (time.perf_counter() - t0))
         lease._release = lambda: self._give_back(info["id"], lease)
         with self._cond:
             self._leases[info["id"]] = lease

@@ -80,7 +80,8 @@ def recv_layer(
     finished with a received device layer (CUDA IPC returns the mapping to the sender then).
     A device layer's checksum is queued, not awaited: `settled(kv)` says when importing it will
     not wait for the GPU. `timing`, when given, gets "header_s": when the first message came
-    off the channel (time.time)."""
+    off the channel (time.time), "payload_s": when a device layer's payload was in hand
+    (mapped, for CUDA IPC), "map_ms": the mapping's share of that (0 unless CUDA IPC)."""
     first = channel.recv(tag, timeout)
     if timing is not None:
         timing["header_s"] = time.time()
@@ -97,11 +98,14 @@ def recv_layer(
     try:
         if channel.leases:  # CUDA IPC: map, import, then give back
             got = channel.recv_lease(tag, payload_timeout)
-            payload, release, ready = got.tensor, got.release, got.ready
+            payload, release, ready, map_ms = got.tensor, got.release, got.ready, got.map_ms
         else:
-            payload, release, ready = channel.recv(tag, payload_timeout), None, None
+            payload, release, ready, map_ms = channel.recv(tag, payload_timeout), None, None, 0.0
     except TransferTimeout as e:
         raise FormatError(f"a device KV header arrived without its payload: {e}") from e
+    if timing is not None:
+        timing["payload_s"] = time.time()
+        timing["map_ms"] = map_ms
     try:
         kv = DeviceLayerKV.from_header(header, payload, release)
     except Exception as e:
