@@ -265,8 +265,9 @@ round14)
     # Issue 16 (one call, ~6 min): the device-path tests, then jct-16 (bf16, kivi2, hack2 at
     # 10/none, rates 1-3) with the decode workers' step trace and step_gaps per codec. Session
     # 14 ran it with a last lane of bf16 at ZIPSERVE_GIL_SWITCH_MS=0.5 (no effect: dropped);
-    # since then the receive thread does not wait per layer (compare the transfer phase with
-    # results/session14_h100/round14: 0.1-2 s with no link at rates 1-3).
+    # since then the receive thread does not wait per layer (session 15: the compressed
+    # codecs' transfer phase 25-220 ms, bf16's still 0.15-1.4 s; step_gaps now also prints the
+    # receive thread's per-layer split from the receive trace).
     pytest_gpu 130 device_path tests/test_device_path_gpu.py
     ZIPSERVE_STEP_TRACE="$WORK/trace_16" step 400 jct_16 python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto \
