@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import os
 import threading
-import time
 from pathlib import Path
 
 ENV = "ZIPSERVE_STEP_TRACE"
@@ -129,14 +128,13 @@ class ReceiveTrace(_CsvTrace):
         )
 
     def handed_over(
-        self, layer: int, nbytes: int, timing: dict[str, float], prev_s: float
-    ) -> float:
-        """Record a layer the receive thread just handed over. timing: recv_layer's (header_s,
-        payload_s, map_ms; a host layer, one message, has no payload_s); prev_s: the thread's
-        previous hand-over. Returns this hand-over's time (the next call's prev_s)."""
-        now = time.time()
+        self, layer: int, nbytes: int, timing: dict[str, float], prev_s: float, now: float
+    ) -> None:
+        """Record a layer the receive thread handed over at `now` (time.time). timing:
+        recv_layer's (header_s, payload_s, map_ms; a host layer, one message, has no
+        payload_s); prev_s: the thread's previous hand-over."""
         if self.path is None:
-            return now
+            return
         header_s = timing.get("header_s", now)
         payload_s = timing.get("payload_s", header_s)
         self.record(
@@ -148,4 +146,3 @@ class ReceiveTrace(_CsvTrace):
             nbytes,
             layer,
         )
-        return now

@@ -206,8 +206,9 @@ class DecodeWorker:
             except ValueError:  # unreadable: no request to blame; count it and go on
                 self.dropped_messages += 1
                 continue
-            self._arrive(kv, timing.get("header_s"))
-            handed_s = self.recv_trace.handed_over(kv.layer, kv.nbytes(), timing, handed_s)
+            now = self._arrive(kv, timing.get("header_s"))
+            self.recv_trace.handed_over(kv.layer, kv.nbytes(), timing, handed_s, now)
+            handed_s = now
 
     def import_kv_slice(self, data: bytes) -> None:
         """One rank's slice of one layer from a sequence-parallel prefill group
@@ -221,15 +222,16 @@ class DecodeWorker:
         if kv is not None:
             self._arrive(kv)
 
-    def _arrive(self, kv: LayerKV | DeviceLayerKV, received_s: float | None = None) -> None:
+    def _arrive(self, kv: LayerKV | DeviceLayerKV, received_s: float | None = None) -> float:
         """Hand a received layer to the step loop, which imports every waiting layer before its
         next step. Importing here would contend for the worker lock with the decode steps
         (Python locks are not fair): under load each of a request's layers waited about a
         step for it, and the transfer phase grew to seconds. received_s: when its first
-        message came off the channel (the step trace's recv_ms)."""
+        message came off the channel (the step trace's recv_ms). Returns the hand-over time."""
         now = time.time()
         self._arrivals.append(_Arrival(now, now if received_s is None else received_s, kv))
         self._work.set()
+        return now
 
     def _import_arrivals(self) -> tuple[list[LayerKV | DeviceLayerKV], float, float]:
         """Import every waiting layer whose checksum the GPU has computed (caller holds the

@@ -42,15 +42,17 @@ def test_receive_trace_splits_a_layers_time_and_tells_when_layers_queued(monkeyp
     payload, mapping, the rest); step_gaps sums them up and counts the layers that found the
     receive thread busy (the next message already waiting)."""
     t = ReceiveTrace(tmp_path, tag="bf16")
-    now = t.handed_over(3, 1 << 20, {"header_s": 100.0, "payload_s": 100.02, "map_ms": 15.0}, 99.9)
-    assert now >= 100.02
-    t.handed_over(4, 1 << 20, {"header_s": now, "payload_s": now, "map_ms": 0.0}, now)
+    t.handed_over(
+        3, 1 << 20, {"header_s": 100.0, "payload_s": 100.02, "map_ms": 15.0}, 99.9, 100.03
+    )
+    t.handed_over(4, 1 << 20, {"header_s": 100.03, "payload_s": 100.03}, 100.03, 100.03)
     t.flush()
     rows = list(csv.DictReader(t.path.open()))
     assert tuple(rows[0]) == RECV_FIELDS and len(rows) == 2
     assert float(rows[0]["idle_ms"]) == pytest.approx(100.0)
     assert float(rows[0]["payload_ms"]) == pytest.approx(20.0)
     assert float(rows[0]["map_ms"]) == 15.0 and rows[0]["layer"] == "3"
+    assert float(rows[0]["verify_ms"]) == pytest.approx(10.0)
     assert float(rows[1]["idle_ms"]) == 0 and float(rows[1]["payload_ms"]) == 0
     (got,) = step_gaps.read_receives(tmp_path).values()
     text = step_gaps.receive_summary(got)[0]
@@ -58,7 +60,9 @@ def test_receive_trace_splits_a_layers_time_and_tells_when_layers_queued(monkeyp
     assert "1 of them were already waiting" in text
     monkeypatch.delenv(ENV, raising=False)
     off = ReceiveTrace(None)  # no folder, no variable: nothing recorded
-    assert off.handed_over(0, 1, {}, 0.0) > 0 and off.path is None
+    off.handed_over(0, 1, {}, 0.0, 1.0)
+    off.flush()
+    assert off.path is None and not off.on
 
 
 @pytest.mark.skipif(
