@@ -44,8 +44,13 @@ def read_receives(folder: Path) -> dict[str, list[dict]]:
 
 
 def _p(values: list[float], q: float) -> float:
+    """The q-quantile of values (the value at sorted index int(q * n), the last for q = 1)."""
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _median_p90(values: list[float]) -> str:
+    return f"{_p(values, 0.5):.1f} / {_p(values, 0.9):.1f}"
 
 
 def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
@@ -54,17 +59,14 @@ def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
     pace)."""
     if not rows:
         return []
+    col = {k: [r[k] for r in rows] for k in ("payload_ms", "map_ms", "verify_ms")}
     cost = [r["payload_ms"] + r["verify_ms"] for r in rows]
     behind = sum(1 for r in rows if r["idle_ms"] < behind_ms)
     mb = sum(r["nbytes"] for r in rows) / len(rows) / 2**20
     return [
         f"receive thread: {len(rows)} layers ({mb:.1f} MiB mean), per layer median / p90 ms: "
-        f"total {_p(cost, 0.5):.1f} / {_p(cost, 0.9):.1f}, payload "
-        f"{_p([r['payload_ms'] for r in rows], 0.5):.1f} / "
-        f"{_p([r['payload_ms'] for r in rows], 0.9):.1f} (mapping "
-        f"{_p([r['map_ms'] for r in rows], 0.5):.1f} / {_p([r['map_ms'] for r in rows], 0.9):.1f}"
-        f"), header and checksum {_p([r['verify_ms'] for r in rows], 0.5):.1f} / "
-        f"{_p([r['verify_ms'] for r in rows], 0.9):.1f}; "
+        f"total {_median_p90(cost)}, payload {_median_p90(col['payload_ms'])} (mapping "
+        f"{_median_p90(col['map_ms'])}), header and checksum {_median_p90(col['verify_ms'])}; "
         f"{behind} of them were already waiting when the thread got to them"
     ]
 
@@ -108,23 +110,22 @@ def summary(passes: list[dict], found: list[dict], gap_ms: float) -> list[str]:
         f"{len(passes)} passes ({len(stepped)} decode steps); {len(found)} longer than "
         f"{gap_ms:g} ms"
     ]
-    waits = sorted(p["wait_ms"] for p in passes if p["layers"] > 0 and "wait_ms" in p)
+    waits = [p["wait_ms"] for p in passes if p["layers"] > 0 and "wait_ms" in p]
     if waits:
         lines.append(
-            f"received layers waited for the step loop: median {waits[len(waits) // 2]:.1f} ms, "
-            f"max {waits[-1]:.1f} ms (over {len(waits)} passes that imported)"
+            f"received layers waited for the step loop: median {_p(waits, 0.5):.1f} ms, "
+            f"max {max(waits):.1f} ms (over {len(waits)} passes that imported)"
         )
-    recv = sorted(p["recv_ms"] for p in passes if p["layers"] > 0 and "recv_ms" in p)
+    recv = [p["recv_ms"] for p in passes if p["layers"] > 0 and "recv_ms" in p]
     if recv:
         lines.append(
             f"received layers took the receive thread (first message to hand-over, the slowest "
-            f"of each pass): median {recv[len(recv) // 2]:.1f} ms, max {recv[-1]:.1f} ms"
+            f"of each pass): median {_p(recv, 0.5):.1f} ms, max {max(recv):.1f} ms"
         )
     if stepped:
-        ms = sorted(p["step_ms"] for p in stepped)
+        ms = [p["step_ms"] for p in stepped]
         lines.append(
-            f"decode step ms: median {ms[len(ms) // 2]:.1f}, p99 {ms[int(len(ms) * 0.99)]:.1f}, "
-            f"max {ms[-1]:.1f}"
+            f"decode step ms: median {_p(ms, 0.5):.1f}, p99 {_p(ms, 0.99):.1f}, max {max(ms):.1f}"
         )
     for part in PARTS:
         mine = [g for g in found if g["largest"] == part]
