@@ -6,6 +6,7 @@ two-process harness also runs on the CPU (host path), so CI checks the test itse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import queue
@@ -47,6 +48,30 @@ def _cuda_engines(codec: str, decode_kv: str | None = None):
     pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
     dec_cfg = cfg if decode_kv is None else dataclasses.replace(cfg, decode_kv=decode_kv)
     return pre, DisaggregatedEngine(MODEL, device="cuda", engine_config=dec_cfg)
+
+
+@contextlib.contextmanager
+def _no_host_waits():
+    """Inside, any host synchronization with the GPU raises (after the queued work has run)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _reserved_and_exported(codec: str, decode_kv: str | None = None):
+    """An engine pair on the GPU, request "r" (a 697-token prompt) reserved on the decode side and
+    prefilled on the other into device-form layers: (prefill, decode, layers)."""
+    from zipserve.engine.sampling_params import SamplingParams
+
+    pre, dec = _cuda_engines(codec, decode_kv)
+    prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
+    dec.reserve("r", prompt, params)
+    layers = []
+    pre.prefill_export(prompt, params, "r", on_layer=layers.append, device_form=True)
+    return pre, dec, layers
 
 
 def _layer_rows(eng, rid: str):
@@ -114,22 +139,12 @@ def test_import_of_device_layers_never_waits_for_the_gpu(codec, decode_kv):
     importing it queues work without one host synchronization: the step loop imports between
     decode steps, and on a GPU shared with a prefill each wait cost a time slice (H100, session
     13: hack2's 8 page-id copies made a layer's import 5.7 ms and the decode's TBT p99 ~200 ms)."""
-    from zipserve.engine.sampling_params import SamplingParams
-
     assert _cuda()
-    pre, dec = _cuda_engines(codec, decode_kv)
-    prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
-    dec.reserve("r", prompt, params)
-    layers = []
-    pre.prefill_export(prompt, params, "r", on_layer=layers.append, device_form=True)
+    pre, dec, layers = _reserved_and_exported(codec, decode_kv)
     assert all(kv.verify() for kv in layers)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _no_host_waits():
         for kv in layers:
             dec.import_layer("r", kv)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     dec.abort("r")
     assert dec.pool.num_used == 0 and pre.pool.num_used == 0
 
@@ -140,35 +155,23 @@ def test_receiving_device_layers_never_waits_for_the_gpu():
     is queued and read only once computed (`settled`). Waiting there per layer let the thread
     take one layer per decode step on a busy GPU (H100, session 14: transfer phases of 0.1-2 s
     with no link). Then the layers import without waiting either, and their checksums match."""
-    from zipserve.engine.sampling_params import SamplingParams
     from zipserve.transfer.inprocess import InProcessChannel
     from zipserve.transfer.kv_messages import recv_layer, send_layer, settled
 
     assert _cuda()
-    pre, dec = _cuda_engines("hack2")
-    prompt, params = list(range(3, 700)), SamplingParams(max_tokens=4)
-    dec.reserve("r", prompt, params)
-    layers = []
-    pre.prefill_export(prompt, params, "r", on_layer=layers.append, device_form=True)
+    pre, dec, layers = _reserved_and_exported("hack2")
     a, b = InProcessChannel.pair()
     for kv in layers:
         send_layer(a, kv, 5)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _no_host_waits():
         got = [recv_layer(b, 5, timeout=1) for _ in layers]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     deadline = time.time() + 10
     while not all(settled(kv) for kv in got) and time.time() < deadline:
         time.sleep(0.001)
     assert all(settled(kv) for kv in got)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _no_host_waits():
         for kv in got:
             dec.import_layer("r", kv)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert all(kv.verify() for kv in got)
     dec.abort("r")
     assert dec.pool.num_used == 0 and pre.pool.num_used == 0
