@@ -42,6 +42,8 @@
 #                              and one request with compressed and dense decode           ~8 min
 #   round14    nvidia-h100-x1  issue 16: device-path tests, then jct-16 with the step trace ~6 min
 #   recv15     nvidia-h100-x1  round14 on fewer cells (bf16/hack2, rates 2-3) when time is short ~4 min
+#   recv16     nvidia-h100-x1  recv15 after the one-launch checksum, then bf16 with the GIL
+#                              switch interval at 0.5 ms                                  ~5 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
 #                              caching off / delta transfer / local prefill               ~9 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
@@ -64,7 +66,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -260,6 +262,27 @@ recv15)
         "${GRAPHS[@]}" --out "$WORK/jct_16"
     step 30 gaps_16 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_16" \
         --requests "$WORK/jct_16/jct_requests.csv"
+    ;;
+recv16)
+    # Issue 16, session 16 (~5 min): session 16's recv15 split bf16's receive thread at a median
+    # 12.9 ms per layer, of which 5.4 ms (p90 25.5) between the payload in hand and the
+    # hand-over: queueing the checksum, about 35 torch calls, each giving the GIL to the step
+    # loop. Now one launch and one copy (compress/wire/checksum.py). The checksum and receive
+    # tests, recv15's cells traced, then bf16 at rates 2-3 with the workers' GIL switch interval
+    # at 0.5 ms: if the rest is the GIL too, the split shrinks again.
+    pytest_gpu 100 device_path tests/test_device_path_gpu.py -k "never_waits or equals_host or checksum"
+    ZIPSERVE_STEP_TRACE="$WORK/trace_16" step 240 jct_16 python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2 --decode-kv auto \
+        --links none,10 --rates 2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
+        "${GRAPHS[@]}" --out "$WORK/jct_16"
+    step 30 gaps_16 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_16" \
+        --requests "$WORK/jct_16/jct_requests.csv"
+    ZIPSERVE_GIL_SWITCH_MS=0.5 ZIPSERVE_STEP_TRACE="$WORK/trace_gil05" step 120 jct_gil05 \
+        python3 -m zipserve bench jct --sweep --model random:llama3-8b --codecs bf16 \
+        --decode-kv auto --links none --rates 2,3 --num-requests 16 --scale 0.5 \
+        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_gil05"
+    step 30 gaps_gil05 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_gil05" \
+        --requests "$WORK/jct_gil05/jct_requests.csv"
     ;;
 round14)
     # Issue 16 (one call, ~6 min): the device-path tests, then jct-16 (bf16, kivi2, hack2 at

@@ -44,26 +44,27 @@ needs_model = pytest.mark.skipif(
 def test_checksum_equals_reference(n, monkeypatch):
     monkeypatch.setattr(ck, "SLAB_ROWS", 2)  # several slabs even for small buffers
     b = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
-    assert int(ck.device_checksum(b)) == ck.checksum_reference(b)
+    assert ck.device_checksum(b) == ck.checksum_reference(b)
+    assert ck.combine_partials(ck.checksum_partials_torch(b, 3)) == ck.checksum_reference(b)
     if n > 4:  # an unaligned view is handled too
-        assert int(ck.device_checksum(b[1:])) == ck.checksum_reference(b[1:])
+        assert ck.device_checksum(b[1:]) == ck.checksum_reference(b[1:])
 
 
 def test_checksum_catches_flips_swaps_and_truncation():
     g = torch.Generator().manual_seed(0)
     b = torch.randint(0, 256, (5 * 4096 + 12,), dtype=torch.uint8, generator=g)
-    base = int(ck.device_checksum(b))
+    base = ck.device_checksum(b)
     for pos in (0, 4095, 4096 * 3 + 1, b.numel() - 1):
         for bit in (0, 7):
             c = b.clone()
             c[pos] ^= 1 << bit
-            assert int(ck.device_checksum(c)) != base
+            assert ck.device_checksum(c) != base
     w = b.view(torch.int32).clone()
     w[[5, 4000]] = w[[4000, 5]]  # two words swapped
-    assert w[5] != w[4000] and int(ck.device_checksum(w.view(torch.uint8))) != base
-    assert int(ck.device_checksum(b[:-4])) != base or not b[-4:].any()
+    assert w[5] != w[4000] and ck.device_checksum(w.view(torch.uint8)) != base
+    assert ck.device_checksum(b[:-4]) != base or not b[-4:].any()
     fp = torch.randn(1000, dtype=torch.bfloat16, generator=g)
-    assert int(ck.device_checksum(fp)) == ck.checksum_reference(fp)
+    assert ck.device_checksum(fp) == ck.checksum_reference(fp)
 
 
 # -- device wire form ----------------------------------------------------------------------------
@@ -502,12 +503,14 @@ def test_transfer_bench_host_channel_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("n", [4, 4096, 4096 * 3 + 8, 20000])
-def test_triton_checksum_kernel_equals_torch_reference(n):
-    from zipserve.kernels.checksum import wsum_checksum
+def test_triton_checksum_partials_equal_torch_reference(n):
+    from zipserve.kernels.checksum import wsum_partials
 
     g = torch.Generator().manual_seed(n)
     b = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
-    want = int(ck.checksum_torch(b))
-    assert want == ck.checksum_reference(b)
-    assert int(wsum_checksum(b)) == want  # Triton interpreter on CPU
-    assert int(wsum_checksum(b[:-1])) == ck.checksum_reference(b[:-1])  # odd size: torch path
+    want = ck.checksum_partials_torch(b)  # [PROGRAMS, 2]
+    assert ck.combine_partials(want) == ck.checksum_reference(b)
+    assert torch.equal(wsum_partials(b), want)  # Triton interpreter on CPU, bit for bit
+    assert torch.equal(wsum_partials(b, 3), ck.checksum_partials_torch(b, 3))  # rows > programs
+    odd = b[:-1]  # odd size: the torch path
+    assert ck.combine_partials(wsum_partials(odd)) == ck.checksum_reference(odd)

@@ -5,7 +5,7 @@ no CRC32 on the host).
 
 `pack_device` gathers pages straight into the flat buffer (index_select into views of it) and
 appends extra tensors (the 16-bit tail); each tensor starts at a 16-byte aligned offset.
-`checksum` is checksum.py's `device_checksum` over the whole buffer; it is computed lazily
+`checksum` is checksum.py's `device_partials` over the whole buffer; it is computed lazily
 (`DeviceWire.finalize`) so the caller decides where the one host synchronization for `.item()`
 happens (the sender thread, not inside the forward pass). `unpack_device` verifies the checksum on
 the buffer's device and returns `WirePages` views plus the extras for `pages.adopt_pages`.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zipserve.compress.wire.checksum import ALGORITHM, PendingChecksum, device_checksum
+from zipserve.compress.wire.checksum import ALGORITHM, PendingChecksum, device_partials
 from zipserve.compress.wire.errors import ChecksumError, FormatError
 from zipserve.compress.wire.framing import dtype_name, dtype_of
 from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages, index_on
@@ -46,7 +46,7 @@ class DeviceWire:
             pending = (
                 self._pending
                 if self._pending is not None
-                else PendingChecksum(device_checksum(self.payload))
+                else PendingChecksum(device_partials(self.payload))
             )
             self.header["checksum"] = pending.value()
             self._pending = None
@@ -112,7 +112,7 @@ def pack_device(
         "checksum_algorithm": ALGORITHM,
         "checksum": None,
     }
-    return DeviceWire(header, payload, PendingChecksum(device_checksum(payload)))
+    return DeviceWire(header, payload, PendingChecksum(device_partials(payload)))
 
 
 def _view(
@@ -132,7 +132,7 @@ def start_checksum(header: dict, payload: torch.Tensor) -> PendingChecksum:
     when the header names another algorithm or none."""
     if header.get("checksum_algorithm") != ALGORITHM or header.get("checksum") is None:
         raise FormatError(f"unknown or missing checksum ({header.get('checksum_algorithm')!r})")
-    return PendingChecksum(device_checksum(payload))
+    return PendingChecksum(device_partials(payload))
 
 
 def compare_checksum(header: dict, got: int) -> None:
