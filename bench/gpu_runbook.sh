@@ -266,23 +266,22 @@ recv15)
 recv16)
     # Issue 16, session 16 (~5 min): session 16's recv15 split bf16's receive thread at a median
     # 12.9 ms per layer, of which 5.4 ms (p90 25.5) between the payload in hand and the
-    # hand-over: queueing the checksum, about 35 torch calls, each giving the GIL to the step
+    # hand-over: queueing the checksum, about 30 torch calls, each giving the GIL to the step
     # loop. Now one launch and one copy (compress/wire/checksum.py). The checksum and receive
-    # tests, recv15's cells traced, then bf16 at rates 2-3 with the workers' GIL switch interval
-    # at 0.5 ms: if the rest is the GIL too, the split shrinks again.
+    # tests, bf16 and hack2 at rates 2-3 with no link (traced), then bf16 with the workers' GIL
+    # switch interval at 0.5 ms (if the rest is the GIL too, the split shrinks again), then kivi2.
     pytest_gpu 100 device_path tests/test_device_path_gpu.py -k "never_waits or equals_host or checksum"
-    ZIPSERVE_STEP_TRACE="$WORK/trace_16" step 240 jct_16 python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,hack2 --decode-kv auto \
-        --links none,10 --rates 2,3 --num-requests 16 --scale 0.5 --max-seconds 25 \
-        "${GRAPHS[@]}" --out "$WORK/jct_16"
-    step 30 gaps_16 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_16" \
-        --requests "$WORK/jct_16/jct_requests.csv"
-    ZIPSERVE_GIL_SWITCH_MS=0.5 ZIPSERVE_STEP_TRACE="$WORK/trace_gil05" step 120 jct_gil05 \
-        python3 -m zipserve bench jct --sweep --model random:llama3-8b --codecs bf16 \
-        --decode-kv auto --links none --rates 2,3 --num-requests 16 --scale 0.5 \
-        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_gil05"
-    step 30 gaps_gil05 python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_gil05" \
-        --requests "$WORK/jct_gil05/jct_requests.csv"
+    recv_lanes() {  # recv_lanes NAME CODECS: no link, rates 2-3, traced, then step_gaps
+        ZIPSERVE_STEP_TRACE="$WORK/trace_$1" step 200 "jct_$1" python3 -m zipserve bench jct \
+            --sweep --model random:llama3-8b --codecs "$2" --decode-kv auto --links none \
+            --rates 2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+            --out "$WORK/jct_$1"
+        step 30 "gaps_$1" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_$1" \
+            --requests "$WORK/jct_$1/jct_requests.csv"
+    }
+    recv_lanes 16 bf16,hack2
+    (export ZIPSERVE_GIL_SWITCH_MS=0.5; recv_lanes gil05 bf16)
+    recv_lanes kivi2 kivi2
     ;;
 round14)
     # Issue 16 (one call, ~6 min): the device-path tests, then jct-16 (bf16, kivi2, hack2 at
