@@ -42,8 +42,8 @@
 #                              and one request with compressed and dense decode           ~8 min
 #   round14    nvidia-h100-x1  issue 16: device-path tests, then jct-16 with the step trace ~6 min
 #   recv15     nvidia-h100-x1  round14 on fewer cells (bf16/hack2, rates 2-3) when time is short ~4 min
-#   recv16     nvidia-h100-x1  recv15 after the one-launch checksum, then bf16 with the GIL
-#                              switch interval at 0.5 ms                                  ~5 min
+#   recv16     nvidia-h100-x1  recv15's no-link cells after the one-launch checksum, then bf16
+#                              with the GIL switch interval at 0.5 ms                     ~4 min
 #   jct-20     nvidia-h100-x1  issue 20: multi-turn conversations at 10 Gb/s, bf16 and hack2,
 #                              caching off / delta transfer / local prefill               ~9 min
 #   jct-a      nvidia-h100-x1  the issue-16 sweep for bf16, kivi2, hack2, compressed and
@@ -264,24 +264,23 @@ recv15)
         --requests "$WORK/jct_16/jct_requests.csv"
     ;;
 recv16)
-    # Issue 16, session 16 (~5 min): session 16's recv15 split bf16's receive thread at a median
+    # Issue 16, session 16 (~4 min): session 16's recv15 split bf16's receive thread at a median
     # 12.9 ms per layer, of which 5.4 ms (p90 25.5) between the payload in hand and the
     # hand-over: queueing the checksum, about 30 torch calls, each giving the GIL to the step
     # loop. Now one launch and one copy (compress/wire/checksum.py). The checksum and receive
     # tests, bf16 and hack2 at rates 2-3 with no link (traced), then bf16 with the workers' GIL
-    # switch interval at 0.5 ms (if the rest is the GIL too, the split shrinks again), then kivi2.
+    # switch interval at 0.5 ms at 3 req/s (if the rest is the GIL too, the split shrinks again).
     pytest_gpu 100 device_path tests/test_device_path_gpu.py -k "never_waits or equals_host or checksum"
-    recv_lanes() {  # recv_lanes NAME CODECS: no link, rates 2-3, traced, then step_gaps
+    recv_lanes() {  # recv_lanes NAME CODECS RATES: no link, traced, then step_gaps
         ZIPSERVE_STEP_TRACE="$WORK/trace_$1" step 200 "jct_$1" python3 -m zipserve bench jct \
             --sweep --model random:llama3-8b --codecs "$2" --decode-kv auto --links none \
-            --rates 2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+            --rates "$3" --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
             --out "$WORK/jct_$1"
         step 30 "gaps_$1" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_$1" \
             --requests "$WORK/jct_$1/jct_requests.csv"
     }
-    recv_lanes 16 bf16,hack2
-    (export ZIPSERVE_GIL_SWITCH_MS=0.5; recv_lanes gil05 bf16)
-    recv_lanes kivi2 kivi2
+    recv_lanes 16 bf16,hack2 2,3
+    (export ZIPSERVE_GIL_SWITCH_MS=0.5; recv_lanes gil05 bf16 3)
     ;;
 round14)
     # Issue 16 (one call, ~6 min): the device-path tests, then jct-16 (bf16, kivi2, hack2 at
