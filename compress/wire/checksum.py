@@ -116,7 +116,7 @@ class PendingChecksum:
             self._host = torch.empty(parts.shape, dtype=parts.dtype, pin_memory=True)
             self._host.copy_(parts, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(parts.device))
         else:
             self._host = parts
 
