@@ -6,7 +6,7 @@ no CRC32 on the host).
 `pack_device` gathers pages straight into the flat buffer (index_select into views of it) and
 appends extra tensors (the 16-bit tail); each tensor starts at a 16-byte aligned offset.
 `checksum` is checksum.py's `device_partials` over the whole buffer; it is computed lazily
-(`DeviceWire.finalize`) so the caller decides where the one host synchronization for `.item()`
+(`DeviceWire.finalize`) so the caller decides where the one host synchronization for its value
 happens (the sender thread, not inside the forward pass). `unpack_device` verifies the checksum on
 the buffer's device and returns `WirePages` views plus the extras for `pages.adopt_pages`.
 """
