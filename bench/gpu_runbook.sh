@@ -34,6 +34,8 @@
 #                              at 3 shapes, prefill bf16 vs hack2, an 8x8k decode step     ~8 min
 #   pipe15     nvidia-h100-x1  issue 15: the CUDA kernel's page-load variants (L2 prefetch,
 #                              shared-memory stages): each one's GPU tests, then 5 shapes  ~7 min
+#   import17   nvidia-h100-x1  issue 16: a received layer's import per lane (import_profile), then
+#                              prefill_profile at 4k for bf16, hack2, kivi2                ~6 min
 #   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
 #                              device time by kind (bench/prefill_profile.py)              ~5 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
@@ -66,7 +68,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -374,6 +376,16 @@ pipe15)
     cuda_variant_tests 80 45 "v2o3 v2o4 v2p1 v2p2" v2s2 v2s3 v2s2o4
     step 380 hack_backends python3 -m zipserve.bench.hack_backends --variants "$(IFS=,; echo "${ok[*]}")" \
         --cells 8x32768,1x131072,32x8192,8x4096,64x8192 --out "$WORK/hack_backends"
+    ;;
+import17)
+    # Issue 16 (~3 min): the decode side's import of a received layer, idle GPU, in one process
+    # (bench/import_profile.py: host ms per layer, synchronized wall per request, aten calls and
+    # top host ops), against the ~2 ms per layer session 16's trace saw under load; then
+    # prefill16's profile for bf16, hack2 and kivi2 (why their prefill is 10-25% longer).
+    step 150 import_4k python3 -m zipserve.bench.import_profile --model random:llama3-8b \
+        --lanes bf16,hack2,kivi2/dense,hack2/dense --tokens 4096 --repeats 5 --out "$WORK/import_4k"
+    step 300 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,hack2,kivi2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     ;;
 prefill16)
     # Issue 16: where a compressed lane's longer prefill phase goes (JCT runs: ~100 ms over
