@@ -39,8 +39,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _engine(model: str, device: str, codec: str, tokens: int, requests: int, mode: str):
-    pages = requests * (tokens // EngineConfig.page_size + 2)  # a pool for the run, not the GPU
+def _engine(model: str, device: str, codec: str, tokens: int, mode: str):
+    pages = (
+        tokens // EngineConfig.page_size + 2
+    )  # one request at a time: a pool for it, not the GPU
     return DisaggregatedEngine(
         model,
         device=device,
@@ -54,8 +56,8 @@ def _engine(model: str, device: str, codec: str, tokens: int, requests: int, mod
 def profile_lane(model: str, device: str, codec: str, mode: str, tokens: int, repeats: int) -> dict:
     """One codec / decode-KV mode: the import of one exported prompt, repeats + 2 times (the
     first one a warm-up), the last under torch.profiler."""
-    prefill = _engine(model, device, codec, tokens, 1, "compressed")
-    decode = _engine(model, device, codec, tokens, 1, mode)
+    prefill = _engine(model, device, codec, tokens, "compressed")
+    decode = _engine(model, device, codec, tokens, mode)
     dev = decode.device
     vocab = prefill.config.vocab_size
     ids = [3 + (i * 7919) % (vocab - 3) for i in range(tokens)]

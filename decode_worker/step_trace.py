@@ -105,28 +105,6 @@ class ReceiveTrace(_CsvTrace):
     def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
         super().__init__("decode_recv", RECV_FIELDS, folder, tag)
 
-    def record(
-        self,
-        header_s: float,
-        idle_ms: float,
-        payload_ms: float,
-        map_ms: float,
-        verify_ms: float,
-        nbytes: int,
-        layer: int,
-    ) -> None:
-        self._add(
-            (
-                f"{header_s:.6f}",
-                f"{idle_ms:.3f}",
-                f"{payload_ms:.3f}",
-                f"{map_ms:.3f}",
-                f"{verify_ms:.3f}",
-                nbytes,
-                layer,
-            )
-        )
-
     def handed_over(
         self, layer: int, nbytes: int, timing: dict[str, float], prev_s: float, now: float
     ) -> None:
@@ -137,12 +115,14 @@ class ReceiveTrace(_CsvTrace):
             return
         header_s = timing.get("header_s", now)
         payload_s = timing.get("payload_s", header_s)
-        self.record(
-            header_s,
-            1e3 * max(0.0, header_s - prev_s),
-            1e3 * (payload_s - header_s),
-            timing.get("map_ms", 0.0),
-            1e3 * (now - payload_s),
-            nbytes,
-            layer,
+        self._add(  # RECV_FIELDS
+            (
+                f"{header_s:.6f}",
+                f"{1e3 * max(0.0, header_s - prev_s):.3f}",
+                f"{1e3 * (payload_s - header_s):.3f}",
+                f"{timing.get('map_ms', 0.0):.3f}",
+                f"{1e3 * (now - payload_s):.3f}",
+                nbytes,
+                layer,
+            )
         )
