@@ -40,9 +40,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _engine(model: str, device: str, codec: str, tokens: int, mode: str):
-    pages = (
-        tokens // EngineConfig.page_size + 2
-    )  # one request at a time: a pool for it, not the GPU
+    # one request at a time: a pool for it, not the GPU
+    pages = tokens // EngineConfig.page_size + 2
     return DisaggregatedEngine(
         model,
         device=device,
