@@ -8,7 +8,9 @@ Both are timed after warm-up (synchronized, median of --repeats); the difference
 costs, the number the issue-16 JCT runs could not split out (a compressed lane's prefill phase ran
 ~100 ms longer than bf16's on an H100 with the same forward). One exporting run also goes through
 torch.profiler: device time by kind (encode, matmul, attention, the export's gathers and checksum
-...) and the host time spent inside export_layer. Prints a Markdown table, writes
+...) and the host time spent inside export_layer, and one more goes through torch's sync debug
+mode: every place the host waited for the GPU (bench/host_syncs.py; the sampler's one wait for
+the first token is expected, any other one idles the GPU for the launches after it). Prints a Markdown table, writes
 prefill_profile.csv. On the CPU the numbers are the torch references' (a check of the tool).
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from zipserve.bench.decode_profile import KINDS, kind_of, op_times
+from zipserve.bench.host_syncs import host_syncs, summary
 from zipserve.engine import disaggregated
 from zipserve.engine.config import EngineConfig
 from zipserve.engine.disaggregated import DisaggregatedEngine
@@ -98,6 +101,8 @@ def profile_codec(model: str, device: str, codec: str, tokens: int, repeats: int
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with _export(host, skip=False), torch.profiler.profile(activities=acts) as prof:
         once(2 + repeats, True)
+    with _export(host_s=[0.0], skip=False), host_syncs(dev) as waits:
+        once(3 + repeats, True)
     kinds: dict[str, float] = {}
     for name, _, us in op_times(prof, dev):
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + us
@@ -118,6 +123,8 @@ def profile_codec(model: str, device: str, codec: str, tokens: int, repeats: int
         export_ms=with_ms - fwd_ms,
         export_host_ms=host[0] * 1e3,
         wire_mb=wire / 1e6,
+        host_waits=len(waits),
+        waits=summary(waits),
         **{k: us / 1e3 for k, us in kinds.items()},
     )
 
@@ -134,7 +141,7 @@ def run(
         print(
             f"{codec}: prefill {r['prefill_ms']:.1f} ms, forward alone {r['forward_ms']:.1f} ms, "
             f"export {r['export_ms']:+.1f} ms (host {r['export_host_ms']:.1f} ms), "
-            f"{r['wire_mb']:.1f} MB",
+            f"{r['wire_mb']:.1f} MB; host {r['waits']}",
             flush=True,
         )
     kinds = [k for k, _ in KINDS] + ["other"]
@@ -144,20 +151,20 @@ def run(
         f"ms of one exporting prefill:\n"
     )
     print(
-        "| codec | prefill ms | forward alone ms | export ms | export host ms | wire MB | "
+        "| codec | prefill ms | forward alone ms | export ms | export host ms | wire MB | host waits | "
         + " | ".join(kinds)
         + " |"
     )
-    print("|---|---|---|---|---|---|" + "---|" * len(kinds))
+    print("|---|---|---|---|---|---|---|" + "---|" * len(kinds))
     for r in rows:
         print(
             f"| {r['codec']} | {r['prefill_ms']:.1f} | {r['forward_ms']:.1f} | "
-            f"{r['export_ms']:+.1f} | {r['export_host_ms']:.1f} | {r['wire_mb']:.1f} | "
+            f"{r['export_ms']:+.1f} | {r['export_host_ms']:.1f} | {r['wire_mb']:.1f} | {r['host_waits']} | "
             + " | ".join(f"{r.get(k, 0.0):.1f}" for k in kinds)
             + " |"
         )
     fields = ["device", "codec", "tokens", "device_form", "prefill_ms", "forward_ms", "export_ms"]
-    fields += ["export_host_ms", "wire_mb", *kinds]
+    fields += ["export_host_ms", "wire_mb", "host_waits", "waits", *kinds]
     with open(out_dir / "prefill_profile.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

@@ -21,7 +21,7 @@ import torch
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.condensed_attention import past_kv
-from zipserve.compress.wire import WirePages, adopt_pages
+from zipserve.compress.wire import WirePages, adopt_pages, index_on
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import SCRATCH_PAGE
@@ -172,7 +172,7 @@ class CompressedKVCache:
             kd, vd = self.codecs[layer].to_dense(ks, vs)  # what the open page / sinks keep
             first, nf = start // p, n // p
             if nf:
-                ids = torch.tensor(pages[first : first + nf], device=k.device)
+                ids = index_on(pages[first : first + nf], k.device)
                 self.codecs[layer].encode(
                     store, ids, _as_pages(ks[: nf * p], p), _as_pages(vs[: nf * p], p)
                 )
@@ -186,7 +186,7 @@ class CompressedKVCache:
             if start == 0:  # the prompt itself attends exactly; its KV is kept compressed
                 outs.append(prefill_attention(qs, kd, vd, [n], scale))
             else:
-                past = torch.tensor(pages[:first], device=k.device)
+                past = index_on(pages[:first], k.device)
                 outs.append(
                     self.codecs[layer].prefill_attention(
                         qs,

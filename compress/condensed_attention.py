@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from zipserve.compress.device_copy import index_on
 from zipserve.compress.reference_attention import _row_kv
 
 
@@ -24,7 +25,7 @@ def past_kv(cache, layer: int, slot: int, past_pages: list[int]):
     """K/V [N, KVH, D] (fp32) of a sequence's full pages before a prefill chunk, as decode reads
     them: the dequantized pages with their sink positions taken from the dense sinks. Token order
     is not kept (attention does not need it: RoPE is already applied)."""
-    ids = torch.tensor(past_pages, dtype=torch.long, device=cache.open.device)
+    ids = index_on(past_pages, cache.open.device)
     s = cache.n_sink
     sink_k, sink_v = cache.sinks[layer, 0, slot, :, :s], cache.sinks[layer, 1, slot, :, :s]
     k, v = _row_kv(cache.codecs[layer], cache.stores[layer], ids, sink_k, sink_v)  # [KVH, N, D]

@@ -4,6 +4,10 @@ A pageable host-to-device copy makes the host wait for the stream: on a GPU shar
 prefill and a decode worker each such wait costs a time slice (H100, session 13: hack2's page-id
 copies made a layer's import 5.7 ms). Through pinned memory the copy is queued and the host goes
 on; torch's pinned-memory cache keeps the staging buffer until the copy has run.
+
+`index_on` is the form every page-id list takes on its way to a GPU (caches, wire): a
+`torch.tensor(ids, device=cuda)` is such a pageable copy, and inside a prefill it made the host
+wait for the queued layers before every compressed layer's encode (found in session 17).
 """
 
 from __future__ import annotations
@@ -17,3 +21,8 @@ def to_device_nowait(t: torch.Tensor, device: torch.device | str) -> torch.Tenso
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def index_on(ids: torch.Tensor | list[int], device: torch.device | str) -> torch.Tensor:
+    """Ids (a host list or tensor) as int64 on `device`, through to_device_nowait."""
+    return to_device_nowait(torch.as_tensor(ids, dtype=torch.long), device)

@@ -69,7 +69,7 @@ class DenseCodecKVCache(KVCache):
             first, nf = start // p, n // p
             if not nf:
                 continue
-            ids = torch.tensor(pages[first : first + nf], device=k_pages.device)
+            ids = index_on(pages[first : first + nf], k_pages.device)
             s = self.n_sink if first == 0 else 0
             sinks = (k_pages[pages[0], :, :s].clone(), v_pages[pages[0], :, :s].clone())
             scratch = codec.new_store(nf, k_pages.device)

@@ -17,7 +17,7 @@ import torch
 
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.dense_codec import DenseCodec
-from zipserve.compress.wire import WirePages, adopt_pages
+from zipserve.compress.wire import WirePages, adopt_pages, index_on
 from zipserve.engine.attention import past_prefill_attention, prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.paged_cache import LayerPages
@@ -113,7 +113,7 @@ class KVCache:
         """K/V [N, KVH, D] of a sequence's full pages before a prefill chunk (LCKV page-by-page
         scoring; CompressedKVCache.past_kv's contract): here they are the pages themselves."""
         k_pages, v_pages = self.layer(layer)  # [pages, KVH, P, D]
-        ids = torch.tensor(past_pages, dtype=torch.long, device=k_pages.device)
+        ids = index_on(past_pages, k_pages.device)
         kvh, d = k_pages.shape[1], k_pages.shape[3]
         return (
             k_pages[ids].transpose(1, 2).reshape(-1, kvh, d),
@@ -183,7 +183,7 @@ class KVCache:
         (already holding this chunk's K/V) causally. q [T, H, D] -> [T, H, D]."""
         outs, t0, p = [], 0, self.page_size
         for _slot, pages, start, n in prefill_seqs:
-            ids = torch.as_tensor(pages[: (start + n + p - 1) // p], device=q.device)
+            ids = index_on(pages[: (start + n + p - 1) // p], q.device)
             k = k_cache[ids].transpose(0, 1).flatten(1, 2)[:, : start + n]  # [KVH, start+n, D]
             v = v_cache[ids].transpose(0, 1).flatten(1, 2)[:, : start + n]
             outs.append(past_prefill_attention(q[t0 : t0 + n], k, v, start, scale))

@@ -149,6 +149,49 @@ def test_import_of_device_layers_never_waits_for_the_gpu(codec, decode_kv):
     assert dec.pool.num_used == 0 and pre.pool.num_used == 0
 
 
+def test_host_syncs_records_the_line_that_waited():
+    """The recorder the prefill test below relies on: a `.item()` is one wait, on its line; on a
+    CPU nothing waits and nothing is recorded."""
+    from zipserve.bench.host_syncs import host_syncs, summary
+
+    with host_syncs("cpu") as waits:
+        torch.ones(3).sum().item()
+    assert waits == [] and summary(waits) == "no waits"
+    if not _cuda():
+        return
+    x = torch.ones(3, device="cuda")
+    with host_syncs("cuda") as waits:
+        x.sum().item()
+    assert len(waits) == 1 and waits[0].startswith("tests/test_device_path_gpu.py:"), waits
+    assert summary(waits).startswith("1 waits: tests/test_device_path_gpu.py:")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["bf16", "fp8", "kivi2", "hack2", "lowrank+hack2"])
+def test_prefill_export_waits_only_for_its_first_token(codec):
+    """A device-form prefill with its per-layer export queues every layer's work without waiting
+    for the GPU; the one wait is the sampler's, for the first token. Each other wait idles the GPU
+    for the launches after it: the compressed caches' page-id copies did, once per layer (H100,
+    session 17: hack2's export cost 11 ms of a 4k prefill, bf16's 0.1)."""
+    from zipserve.bench.host_syncs import host_syncs
+    from zipserve.engine.config import EngineConfig
+    from zipserve.engine.disaggregated import DisaggregatedEngine
+    from zipserve.engine.sampling_params import SamplingParams
+
+    assert _cuda()
+    cfg = EngineConfig(codec=codec, cuda_graphs=False, num_pages=POOL_PAGES, prefix_caching=False)
+    pre = DisaggregatedEngine(MODEL, device="cuda", engine_config=cfg)
+    prompt, params = list(range(3, 700)), SamplingParams(max_tokens=1)
+    pre.prefill_export(prompt, params, "warm-up", device_form=True)  # compiles, sizes the caches
+    torch.cuda.synchronize()
+    with host_syncs("cuda") as waits:
+        res = pre.prefill_export(prompt, params, "r", device_form=True)
+    assert len(res.layers) == pre.config.num_layers
+    first_token = ("engine/sampler.py", "engine/disaggregated.py")
+    assert [w for w in waits if not w.startswith(first_token)] == [], waits
+    assert pre.pool.num_used == 0
+
+
 @pytest.mark.gpu
 def test_receiving_device_layers_never_waits_for_the_gpu():
     """The receive thread takes a device layer without one host synchronization: its checksum

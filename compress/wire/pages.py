@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zipserve.compress.device_copy import to_device_nowait
+from zipserve.compress.device_copy import index_on
 from zipserve.compress.wire.checksum import host_checksum
 from zipserve.compress.wire.errors import ChecksumError, FormatError, LayoutError
 from zipserve.compress.wire.framing import (
@@ -115,14 +115,6 @@ def check_layout(
                 f"{name}: {src.dtype} {tuple(src.shape[1:])} per page, pool has "
                 f"{t.dtype} {tuple(t.shape[1:])}"
             )
-
-
-def index_on(page_ids: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
-    """Page ids as int64 on `device`. A host list or tensor goes to a GPU through pinned memory
-    without waiting: a pageable host-to-device copy makes the host wait for the stream (the
-    forward pass on the sender, the decode steps and, on a shared GPU, the other process's work
-    on the receiver), once per copy."""
-    return to_device_nowait(torch.as_tensor(page_ids, dtype=torch.long), device)
 
 
 def adopt_pages(
