@@ -1,5 +1,5 @@
-"""kivi2 / kivi4: KIVI-style quantized pages (K per channel, V per token), attended by a kernel that
-dequantizes on the fly (Triton on GPU, its torch reference on CPU)."""
+"""kivi2 / kivi4: KIVI-style quantized pages (K per channel, V per token), encoded and attended by
+kernels that quantize / dequantize on the fly (Triton on GPU, their torch references on CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from zipserve.compress.codec import CHANNEL_GROUP, KVCodec
 from zipserve.kernels import baseline_prefill_attention as base_prefill
 from zipserve.kernels import dequant_pages as dq
 from zipserve.kernels import kivi_decode_attention as kivi_attn
-from zipserve.kernels.hack_layout import pack_planar, unpack_planar
+from zipserve.kernels import kivi_encode as kivi_enc
+from zipserve.kernels.arg_checks import is_pow2
+from zipserve.kernels.hack_layout import unpack_planar
 
 
 class KiviCodec(KVCodec):
@@ -45,12 +47,13 @@ class KiviCodec(KVCodec):
         }
 
     def encode(self, store, page_ids, k, v):
-        kc, ks, km = qz.k_per_channel(k, self.bits, self.token_group, self.clip)
-        vc, vs, vm = qz.v_per_token(v, self.bits, self.channel_group, self.clip)
-        store["k_codes"][page_ids] = pack_planar(kc, self.bits)
-        store["v_codes"][page_ids] = pack_planar(vc, self.bits)
-        for name, t in (("k_scale", ks), ("k_min", km), ("v_scale", vs), ("v_min", vm)):
-            store[name][page_ids] = t
+        # Capability choice, not a fallback: the Triton encoder's tiles need a CUDA tensor and
+        # power-of-two page_size / head_dim; anything else (CPU, head_dim 96, 160...) takes its
+        # torch reference, which stores the same pages.
+        _, _, p, d = k.shape
+        fast = k.is_cuda and is_pow2(p) and is_pow2(d)
+        fn = kivi_enc.kivi_encode_pages if fast else kivi_enc.kivi_encode_pages_ref
+        fn(k, v, self.bits, store, page_ids, self.clip, self.token_group, self.channel_group)
 
     def dequantize(self, store, page_ids):
         k = qz.dequant_k(
