@@ -22,12 +22,13 @@ import torch
 MESSAGE = "called a synchronizing CUDA operation"
 """What torch's sync debug mode warns with."""
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def _where(filename: str, lineno: int) -> str:
-    """A source line as `path:line`, relative to the package when it is one of ours."""
-    path = os.path.abspath(filename)
+    """A source line as `path:line`, relative to the repository when it is one of ours (links
+    resolved: the package may be imported through one)."""
+    path = os.path.realpath(filename)
     if path.startswith(_ROOT + os.sep):
         path = os.path.relpath(path, _ROOT)
     return f"{path}:{lineno}"
