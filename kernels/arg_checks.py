@@ -1,5 +1,5 @@
-"""Small facts every kernel wrapper checks its arguments against: the float dtypes a kernel takes
-and the power-of-two rule of Triton tile extents."""
+"""Small facts every kernel wrapper checks its arguments against: the float dtypes a kernel takes,
+the power-of-two rule of Triton tile extents, and the full pages an encoder takes."""
 
 import torch
 
@@ -10,3 +10,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def is_pow2(x: int) -> bool:
     """x is a positive power of two (a Triton tile extent)."""
     return x > 0 and (x & (x - 1)) == 0
+
+
+def check_kv_pages(k, v) -> None:
+    """k, v: full pages [n, KVH, page_size, head_dim] of one float dtype on one device, as the
+    page encoders take them; ValueError naming the argument otherwise."""
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError(
+            f"k must be [n_pages, KVH, page_size, head_dim], got {getattr(k, 'shape', k)!r:.80}"
+        )
+    if not isinstance(v, torch.Tensor) or v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(getattr(v, 'shape', ()))} != k shape {tuple(k.shape)}")
+    if k.dtype not in FLOAT_DTYPES or v.dtype != k.dtype:
+        raise ValueError(
+            f"k/v dtype must be one of {FLOAT_DTYPES} and equal, got k {k.dtype}, v {v.dtype}"
+        )
+    if v.device != k.device:
+        raise ValueError(f"v is on {v.device}, k is on {k.device}")

@@ -36,7 +36,7 @@ V's per-token group ranges combine the planes of a group in registers.
 import torch
 
 from zipserve.compress.quantize import check_clip, clip_range
-from zipserve.kernels.arg_checks import FLOAT_DTYPES, is_pow2
+from zipserve.kernels.arg_checks import check_kv_pages, is_pow2
 from zipserve.kernels.hack_encode_kernels import _hack_encode_kernel, _hack_encode_planes_kernel
 from zipserve.kernels.hack_layout import HackPages, check_bits, pack_planar, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
@@ -60,18 +60,7 @@ def clip_for(bits: int, clip: float | None = None) -> float:
 def _check_encode(k, v, bits, group_v, out, page_ids, src_rows=None):
     """Validate; returns (out pool or None, ids).  Raises ValueError naming the argument."""
     bits = check_bits(bits)
-    if k.dim() != 4:
-        raise ValueError(
-            f"k must be [n_pages, KVH, page_size, head_dim], got shape {tuple(k.shape)}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
-    if k.dtype not in FLOAT_DTYPES or v.dtype != k.dtype:
-        raise ValueError(
-            f"k/v dtype must be one of {FLOAT_DTYPES} and equal, got k {k.dtype}, v {v.dtype}"
-        )
-    if v.device != k.device:
-        raise ValueError(f"v is on {v.device}, k is on {k.device}")
+    check_kv_pages(k, v)
     n, kvh, page, d = k.shape
     if src_rows is not None:
         if out is None:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from zipserve.compress import quantize as qz
-from zipserve.kernels.arg_checks import FLOAT_DTYPES, is_pow2
+from zipserve.kernels.arg_checks import check_kv_pages, is_pow2
 from zipserve.kernels.hack_encode_kernels import _clip, _quantize
 from zipserve.kernels.hack_layout import check_bits, pack_planar
 from zipserve.kernels.paged_decode_attention import require_runnable
@@ -131,16 +131,7 @@ def _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group) -
     argument."""
     bits = check_bits(bits)
     clip = qz.check_clip(clip)
-    if not isinstance(k, torch.Tensor) or k.dim() != 4:
-        raise ValueError(f"k must be a [n, KVH, page_size, head_dim] tensor, got {k!r:.80}")
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {getattr(v, 'shape', v)}")
-    if k.dtype not in FLOAT_DTYPES or v.dtype != k.dtype:
-        raise ValueError(
-            f"k/v dtype must be one of {FLOAT_DTYPES} and equal, got k {k.dtype}, v {v.dtype}"
-        )
-    if v.device != k.device:
-        raise ValueError(f"v is on {v.device}, k is on {k.device}")
+    check_kv_pages(k, v)
     n, kvh, page, d = k.shape
     for name, g, extent, what in (
         ("token_group", token_group, page, "page_size"),
