@@ -182,7 +182,7 @@ def _args(**over):
         (dict(bits=True), "bits"),
         (dict(clip=0.5), "clip"),
         (dict(k=torch.zeros(2, 2, 64)), "k must"),
-        (dict(v=torch.zeros(2, 2, 32, 64)), "v must"),
+        (dict(v=torch.zeros(2, 2, 32, 64)), "v shape"),
         (dict(v=torch.zeros(2, 2, 64, 64, dtype=torch.float16)), "dtype"),
         (dict(k=torch.zeros(2, 2, 64, 64, dtype=torch.int32)), "dtype"),
         (dict(k=torch.zeros(2, 2, 48, 64), v=torch.zeros(2, 2, 48, 64)), "page_size"),
