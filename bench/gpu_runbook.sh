@@ -402,6 +402,13 @@ prefill17)
         --rates 2 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
+waits17)
+    # prefill17 without its JCT lanes (~2 min, for a session's last minutes of device time).
+    pytest_gpu 50 waits tests/test_device_path_gpu.py -k "host_syncs or prefill_export_waits"
+    step 35 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
+    ;;
 prefill16)
     # Issue 16: where a compressed lane's longer prefill phase goes (JCT runs: ~100 ms over
     # bf16's with the same forward): one 8k prompt per codec on a prefill engine as a worker
