@@ -197,12 +197,7 @@ def kivi_encode_pages(
         k,
         v,
         page_ids,
-        store["k_codes"],
-        store["k_scale"],
-        store["k_min"],
-        store["v_codes"],
-        store["v_scale"],
-        store["v_min"],
+        *(store[name] for name in _STORE),  # the kernel's store arguments, in _STORE's order
         k.stride(0),
         k.stride(1),
         k.stride(2),
