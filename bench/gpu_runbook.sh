@@ -63,8 +63,7 @@
 # the tree no longer fits (65 MiB in session 12). No stage reads bench/results (the results of
 # earlier sessions, 7.5 MB): `mv bench/results /tmp/bench-results` before the calls and
 # `mv /tmp/bench-results bench/results` after (`git checkout -- bench/results` if /tmp lost it).
-# Before each call: `git rev-parse --short HEAD > .devbundle/commit` (the commit the sweeps' meta
-# names). Before: `bash ../shared/tools/device-bundle.sh` once here (Ray, FastAPI... are not on the GPU
+# Before: `bash ../shared/tools/device-bundle.sh` once here (Ray, FastAPI... are not on the GPU
 # image). Everything a stage writes ends up in ONE file, $OUT/STAGE.tar.gz (the device returns only
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
@@ -80,9 +79,6 @@ export PYTHONPATH=/tmp/zp PYTHONUNBUFFERED=1
 # NVLink multicast off (the device docs say why).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ -f .devbundle/activate.sh ] && source .devbundle/activate.sh
-# The device's copy of the tree has a stale git history: the sweeps' meta names the commit the
-# copier wrote here (`git rev-parse --short HEAD > .devbundle/commit` before the call).
-[ -f .devbundle/commit ] && export ZIPSERVE_COMMIT="$(cat .devbundle/commit) (copied tree)"
 
 step() {  # step SECONDS NAME CMD...: run with a limit, log it, never abort the stage
     local limit=$1 name=$2; shift 2

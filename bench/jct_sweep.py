@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import multiprocessing
-import os
 import platform
 import subprocess
 import time
@@ -141,11 +140,7 @@ def resolve_repo_path(path: str) -> Path:
 
 
 def git_commit() -> str:
-    """The short commit, with "-dirty" when code (not results) has uncommitted changes; or
-    $ZIPSERVE_COMMIT when set: a copied tree (the lent GPU's) carries a stale history, so the
-    copier names the commit it copied (bench/gpu_runbook.sh reads .devbundle/commit)."""
-    if os.environ.get("ZIPSERVE_COMMIT"):
-        return os.environ["ZIPSERVE_COMMIT"]
+    """The short commit, with "-dirty" when code (not results) has uncommitted changes."""
 
     def git(*a: str) -> str:
         return subprocess.run(

@@ -463,16 +463,3 @@ def test_report_takes_quality_csvs_in_place_of_the_recorded_ones(tmp_path):
     assert f"From {q} (" in text
     recorded = "\n".join(jct_report.section(sweep, tmp_path))
     assert "| kivi2/dense | +10.50% |" not in recorded
-
-
-def test_sweep_meta_names_the_copied_commit(monkeypatch):
-    """A copied tree's git history is stale (the lent GPU's copy): $ZIPSERVE_COMMIT, which the
-    runbook sets from what the copier wrote, is what the meta names; without it, git's HEAD."""
-    from zipserve.bench import jct_sweep
-
-    monkeypatch.delenv("ZIPSERVE_COMMIT", raising=False)
-    from_git = jct_sweep.git_commit()
-    monkeypatch.setenv("ZIPSERVE_COMMIT", "abc1234 (copied tree)")
-    assert jct_sweep.git_commit() == "abc1234 (copied tree)"
-    monkeypatch.setenv("ZIPSERVE_COMMIT", "")
-    assert jct_sweep.git_commit() == from_git
