@@ -121,7 +121,13 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         f"Model `{meta['model']}`, commit `{meta.get('commit') or '?'}`, workload "
         f"`{cfg.get('workload')}` ({cfg.get('num_requests')} requests per run, scale "
         f"{cfg.get('scale')}, seed {cfg.get('seed')}, each run bounded to "
-        f"{cfg.get('max_seconds')} s). Command:",
+        f"{cfg.get('max_seconds')} s). "
+        + (
+            f"Commands ({len(meta['merged_from'])} sweeps run back to back on this device, "
+            "merged by `python3 -m zipserve.bench.jct_merge`):"
+            if meta.get("merged_from")
+            else "Command:"
+        ),
         "",
         "```bash",
         meta.get("command") or "(not recorded)",
