@@ -68,7 +68,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -388,22 +388,25 @@ import17)
         --codecs bf16,hack2,kivi2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     ;;
 prefill17)
-    # Issue 16, session 17 (~4 min): import17 put hack2's export at +11 ms of a 4k prefill (bf16
-    # +0.1) with the same device time: the GPU idled. The compressed caches made a pageable copy
-    # of the page ids per layer (torch.tensor(ids, device=cuda): a host wait); now index_on.
-    # The wait tests, the profile with the waits it finds, the KIVI encode kernel's test (new),
-    # then the no-link lanes at 2 req/s, where round14 missed the goal (<= 1.05x bf16's JCT).
-    pytest_gpu 50 waits tests/test_device_path_gpu.py -k "host_syncs or prefill_export_waits"
-    step 35 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
-        --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    # Issue 16, session 17 (~9 min; never run yet): import17 put hack2's export at +11 ms of a 4k
+    # prefill (bf16 +0.1) with the same device time: the GPU idled. The compressed caches made a
+    # pageable copy of the page ids per layer (torch.tensor(ids, device=cuda): a host wait); now
+    # index_on. The wait tests, the KIVI encode kernel's GPU test and kivi2's engine tests (its
+    # decode seals pages with the new kernel inside CUDA graphs), the profile with the waits it
+    # finds, then the no-link lanes whose goal (<= 1.05x bf16's mean JCT) round14 missed.
+    pytest_gpu 60 waits tests/test_device_path_gpu.py -k "host_syncs or prefill_export_waits"
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
-    step 120 jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,kivi2,hack2 --decode-kv auto --links none \
-        --rates 2 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+    pytest_gpu 100 kivi_engine -m gpu tests/test_engine_gpu.py -k kivi2
+    step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,fp8,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    step 300 jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,fp8,kivi2,hack2 --decode-kv auto --links none \
+        --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
 waits17)
-    # prefill17 without its JCT lanes (~2 min, for a session's last minutes of device time).
+    # prefill17's wait and KIVI kernel tests and profile, without its engine tests and JCT lanes
+    # (~2 min, for a session's last minutes of device time).
     pytest_gpu 50 waits tests/test_device_path_gpu.py -k "host_syncs or prefill_export_waits"
     step 35 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
