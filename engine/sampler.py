@@ -4,7 +4,9 @@
 the per-request seeded generators. It is vectorized across rows (per-row knobs become tensors,
 top-k and top-p share one sort); only the seeded rows draw their noise one row at a time, from their
 own `torch.Generator`, so a seeded request samples the same tokens whatever else is in the batch.
-All arithmetic is float32 on the logits' device (CPU or CUDA).
+All arithmetic is float32 on the logits' device (CPU or CUDA); the per-row knobs reach a GPU
+through pinned memory (compress/device_copy.py), so sampling queues its kernels without waiting
+for the forward pass (only reading the tokens back waits).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from zipserve.compress.device_copy import index_on, to_device_nowait
 
 from .sampling_params import SamplingParams
 
@@ -61,14 +65,14 @@ class Sampler:
             token_ids = logits.argmax(dim=-1)
         else:
             if greedy_rows:
-                g_idx = torch.tensor(greedy_rows, device=device)
+                g_idx = index_on(greedy_rows, device)
                 token_ids[g_idx] = logits[g_idx].argmax(dim=-1)
             sub_params = [params[i] for i in random_rows]
             sub_gens = [generators[i] for i in random_rows]
             if len(random_rows) == B:
                 token_ids = self._sample_random(logits, sub_params, sub_gens)
             else:
-                r_idx = torch.tensor(random_rows, device=device)
+                r_idx = index_on(random_rows, device)
                 token_ids[r_idx] = self._sample_random(logits[r_idx], sub_params, sub_gens)
 
         logprobs, top = self._logprobs(logits, token_ids, params)
@@ -81,8 +85,8 @@ class Sampler:
         """Temperature, top-k, top-p, then a categorical draw; logits [R, V] float32 -> [R] int64."""
         R, V = logits.shape
         device = logits.device
-        temps = torch.tensor(
-            [max(p.temperature, MIN_TEMPERATURE) for p in params], device=device
+        temps = to_device_nowait(
+            torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params]), device
         )  # [R]
         x = logits / temps[:, None]  # [R, V]
 
@@ -92,13 +96,13 @@ class Sampler:
         if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_x, sorted_idx = x.sort(dim=-1, descending=True)  # [R, V] each
             ranks = torch.arange(V, device=device)[None, :]  # [1, V]
-            k_t = torch.tensor(top_k, device=device)[:, None]  # [R, 1]
+            k_t = index_on(top_k, device)[:, None]  # [R, 1]
             sorted_x = sorted_x.masked_fill(ranks >= k_t, float("-inf"))
             # Nucleus over the top-k survivors: keep a token if the mass strictly before it is
             # < top_p, i.e. the smallest prefix whose mass reaches top_p; rank 0 always survives.
             probs_sorted = sorted_x.softmax(dim=-1)  # [R, V]
             mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted  # [R, V]
-            p_t = torch.tensor(top_p, device=device)[:, None]  # [R, 1]
+            p_t = to_device_nowait(torch.tensor(top_p), device)[:, None]  # [R, 1]
             drop = (mass_before >= p_t) & (ranks > 0)
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             x = torch.full_like(x, float("-inf")).scatter_(1, sorted_idx, sorted_x)  # [R, V]
@@ -111,7 +115,7 @@ class Sampler:
             q.exponential_()
         else:
             if unseeded:
-                u_idx = torch.tensor(unseeded, device=device)
+                u_idx = index_on(unseeded, device)
                 q[u_idx] = torch.empty(len(unseeded), V, device=device).exponential_()
             for i, g in enumerate(generators):
                 if g is not None:
