@@ -394,8 +394,8 @@ prefill17)
     # index_on. The wait tests, the KIVI encode kernel's GPU test and kivi2's engine tests (its
     # decode seals pages with the new kernel inside CUDA graphs), the profile with the waits it
     # finds, then the no-link lanes whose goal (<= 1.05x bf16's mean JCT) round14 missed.
-    pytest_gpu 60 waits tests/test_device_path_gpu.py tests/test_sampling.py \
-        -k "host_syncs or prefill_export_waits or queues_without_waiting"
+    pytest_gpu 90 waits tests/test_device_path_gpu.py tests/test_sampling.py tests/test_engine_gpu.py \
+        -k "host_syncs or prefill_export_waits or queues_without_waiting or decode_step_waits"
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
     pytest_gpu 100 kivi_engine -m gpu tests/test_engine_gpu.py -k kivi2
     step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
@@ -409,7 +409,7 @@ waits17)
     # prefill17's wait and KIVI kernel tests and profile, without its engine tests and JCT lanes
     # (~2 min, for a session's last minutes of device time).
     pytest_gpu 50 waits tests/test_device_path_gpu.py tests/test_sampling.py \
-        -k "host_syncs or prefill_export_waits or queues_without_waiting"
+        -k "host_syncs or prefill_export_waits or queues_without_waiting or decode_step_waits"
     step 35 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import torch
 
+from zipserve.compress.device_copy import to_device_nowait
 from zipserve.engine.config import EngineConfig, ModelConfig
 from zipserve.engine.cuda_graphs import DecodeGraphs
 from zipserve.engine.model import ForwardBatch, LlamaModel
@@ -59,7 +60,9 @@ class ModelRunner:
         return self.cache.decode_splits(batch_size, self.max_model_len, self.num_sms)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        """A step's host values on the device through pinned memory: a pageable copy, even a
+        non-blocking one, may make the host wait for the stream (CUDA stages it)."""
+        return to_device_nowait(torch.as_tensor(values, dtype=dtype), self.device)
 
     def prefill(
         self,

@@ -130,3 +130,31 @@ def test_gpu_compressed_graphs_equal_eager(codec):
         assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
     for llm in (graphed, eager):
         assert llm.engine.pool.num_free == llm.engine.pool.capacity
+
+
+@pytest.mark.parametrize("codec", ["bf16", "kivi2", "hack2"])
+def test_gpu_decode_step_waits_only_for_its_tokens(codec):
+    """A decode step of a sampled batch (CUDA graphs on) waits for the GPU once, to read its
+    tokens back: its inputs and the sampler's knobs go through pinned memory, so the host queues
+    the whole step first (each other wait idles the GPU for the launches after it, and on a GPU
+    shared with a prefill worker costs a time slice)."""
+    from zipserve.bench.host_syncs import host_syncs
+    from zipserve.deploy.cli import REFERENCE_MODEL
+    from zipserve.engine.config import EngineConfig
+    from zipserve.engine.llm_engine import LLMEngine
+
+    cfg = EngineConfig(codec=codec, num_pages=256, prefix_caching=False)
+    engine = LLMEngine(str(REFERENCE_MODEL), device="cuda", engine_config=cfg)
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_k=50, top_p=0.9, ignore_eos=True)
+    for prompt in _prompts(4):
+        engine.add_request(prompt, params)
+    for _ in range(8):  # the prefills, then decode steps (graphs captured, pinned blocks cached)
+        engine.step()
+    torch.cuda.synchronize()
+    with host_syncs("cuda") as waits:
+        outputs = engine.step()
+    assert len(outputs) == 4
+    assert waits and all(w.startswith("engine/llm_engine.py:") for w in waits), waits
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pool.num_used == 0
