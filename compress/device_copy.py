@@ -26,3 +26,11 @@ def to_device_nowait(t: torch.Tensor, device: torch.device | str) -> torch.Tenso
 def index_on(ids: torch.Tensor | list[int], device: torch.device | str) -> torch.Tensor:
     """Ids (a host list or tensor) as int64 on `device`, through to_device_nowait."""
     return to_device_nowait(torch.as_tensor(ids, dtype=torch.long), device)
+
+
+def pinned(values) -> torch.Tensor:
+    """Host values (a numpy array or a list) as a pinned CPU tensor, the source of a copy to a GPU
+    that does not wait (`dst.copy_(pinned(x), non_blocking=True)`); torch keeps the block until
+    the copy has run."""
+    t = torch.as_tensor(values)
+    return t.pin_memory() if torch.cuda.is_available() else t

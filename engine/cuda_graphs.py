@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from zipserve.compress.device_copy import pinned
 from zipserve.engine.kv_cache import SCRATCH_PAGE
 from zipserve.engine.model import ForwardBatch, LlamaModel
 from zipserve.engine.paged_cache import PagedKVCache
@@ -82,7 +83,7 @@ class DecodeGraphs:
         bucket = self.sizes[bisect.bisect_left(self.sizes, b)]
         for name, value in host.items():
             dst = self.inputs[name]
-            src = torch.from_numpy(value)
+            src = pinned(value)  # a pageable copy may make the host wait for the stream
             if name == "page_table":
                 dst[:b, : src.shape[1]].copy_(src, non_blocking=True)
             else:
