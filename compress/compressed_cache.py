@@ -21,7 +21,8 @@ import torch
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.condensed_attention import attend_past as condensed_attend_past
 from zipserve.compress.condensed_attention import past_kv
-from zipserve.compress.wire import WirePages, adopt_pages, index_on
+from zipserve.compress.device_copy import index_on
+from zipserve.compress.wire import WirePages, adopt_pages
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import SCRATCH_PAGE

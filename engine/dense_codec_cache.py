@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from zipserve.compress.codec import KVCodec
-from zipserve.compress.wire import WirePages, check_layout, index_on
+from zipserve.compress.device_copy import index_on
+from zipserve.compress.wire import WirePages, check_layout
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import KVCache
 from zipserve.engine.paged_cache import LayerPages

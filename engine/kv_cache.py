@@ -17,7 +17,8 @@ import torch
 
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.dense_codec import DenseCodec
-from zipserve.compress.wire import WirePages, adopt_pages, index_on
+from zipserve.compress.device_copy import index_on
+from zipserve.compress.wire import WirePages, adopt_pages
 from zipserve.engine.attention import past_prefill_attention, prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.paged_cache import LayerPages

@@ -44,7 +44,6 @@ from zipserve.compress.wire.pages import (
     WirePages,
     adopt_pages,
     check_layout,
-    index_on,
     pack_pages,
     unpack_pages,
 )
@@ -77,7 +76,6 @@ __all__ = [
     "WirePages",
     "adopt_pages",
     "check_layout",
-    "index_on",
     "decode",
     "device_checksum",
     "frame",

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zipserve.compress.device_copy import index_on
 from zipserve.compress.wire.checksum import ALGORITHM, PendingChecksum, device_partials
 from zipserve.compress.wire.errors import ChecksumError, FormatError
 from zipserve.compress.wire.framing import dtype_name, dtype_of
-from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages, index_on
+from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages
 
 ALIGN = 16
 
