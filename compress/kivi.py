@@ -35,15 +35,18 @@ class KiviCodec(KVCodec):
             )
 
     def new_store(self, num_pages, device):
-        n, h, p, d, e = num_pages, self.kvh, self.page_size, self.head_dim, 8 // self.bits
-        f16 = dict(dtype=torch.float16, device=device)
+        shapes = kivi_enc.store_shapes(
+            num_pages,
+            self.kvh,
+            self.page_size,
+            self.head_dim,
+            self.bits,
+            self.token_group,
+            self.channel_group,
+        )
         return {
-            "k_codes": torch.zeros(n, h, p, d // e, dtype=torch.uint8, device=device),
-            "k_scale": torch.zeros(n, h, p // self.token_group, d, **f16),
-            "k_min": torch.zeros(n, h, p // self.token_group, d, **f16),
-            "v_codes": torch.zeros(n, h, p, d // e, dtype=torch.uint8, device=device),
-            "v_scale": torch.zeros(n, h, p, d // self.channel_group, **f16),
-            "v_min": torch.zeros(n, h, p, d // self.channel_group, **f16),
+            name: torch.zeros(shape, dtype=dtype, device=device)
+            for name, (shape, dtype) in shapes.items()
         }
 
     def encode(self, store, page_ids, k, v):

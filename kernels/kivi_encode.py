@@ -110,8 +110,9 @@ def _kivi_encode_kernel(
     tl.store(vm_ptr + vside, tl.reshape(vmn, (PAGE, NG)).to(tl.float16))
 
 
-def _store_shapes(n_pool, kvh, page, d, bits, token_group, channel_group):
-    """name -> (shape, dtype) of a KIVI store of n_pool pages (module doc)."""
+def store_shapes(n_pool, kvh, page, d, bits, token_group, channel_group):
+    """name -> (shape, dtype) of a KIVI store of n_pool pages (module doc): the one definition
+    of its layout, KiviCodec.new_store allocates it."""
     de = d // (8 // bits)
     codes = ((n_pool, kvh, page, de), torch.uint8)
     k_side = ((n_pool, kvh, page // token_group, d), torch.float16)
@@ -160,7 +161,7 @@ def _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group) -
     kc = store.get("k_codes")
     if not isinstance(kc, torch.Tensor) or kc.dim() != 4:
         raise ValueError(f"store['k_codes'] must be a [N, KVH, P, D // E] tensor, got {kc!r:.80}")
-    want = _store_shapes(kc.shape[0], kvh, page, d, bits, token_group, channel_group)
+    want = store_shapes(kc.shape[0], kvh, page, d, bits, token_group, channel_group)
     for name, (shape, dtype) in want.items():
         t = store.get(name)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
