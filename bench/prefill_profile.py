@@ -8,9 +8,9 @@ Both are timed after warm-up (synchronized, median of --repeats); the difference
 costs, the number the issue-16 JCT runs could not split out (a compressed lane's prefill phase ran
 ~100 ms longer than bf16's on an H100 with the same forward). One exporting run also goes through
 torch.profiler: device time by kind (encode, matmul, attention, the export's gathers and checksum
-...) and the host time spent inside export_layer, and one more goes through torch's sync debug
-mode: every place the host waited for the GPU (bench/host_syncs.py; the sampler's one wait for
-the first token is expected, any other one idles the GPU for the launches after it). Prints a Markdown table, writes
+...) and the host time spent inside export_layer, under torch's sync debug mode too: every place
+the host waited for the GPU (bench/host_syncs.py; the sampler's one wait for the first token is
+expected, any other one idles the GPU for the launches after it). Prints a Markdown table, writes
 prefill_profile.csv. On the CPU the numbers are the torch references' (a check of the tool).
 """
 
@@ -99,10 +99,12 @@ def profile_codec(model: str, device: str, codec: str, tokens: int, repeats: int
     acts = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with _export(host, skip=False), torch.profiler.profile(activities=acts) as prof:
+    with (
+        _export(host, skip=False),
+        torch.profiler.profile(activities=acts) as prof,
+        host_syncs(dev) as waits,
+    ):
         once(2 + repeats, True)
-    with _export(host_s=[0.0], skip=False), host_syncs(dev) as waits:
-        once(3 + repeats, True)
     kinds: dict[str, float] = {}
     for name, _, us in op_times(prof, dev):
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + us
