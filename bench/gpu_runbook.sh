@@ -39,6 +39,8 @@
 #   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
 #                              device time by kind (bench/prefill_profile.py)              ~5 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
+#   lowrank18  nvidia-h100-x1  lowrank+hack2 after the in-place seal: GPU tests, profile,
+#                              tokens/s, JCT with no link beside bf16                      ~8 min
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
@@ -68,7 +70,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -413,6 +415,23 @@ waits17)
     step 35 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
+    ;;
+lowrank18)
+    # Issue 16, session 18 (~5 min): lowrank+hack2 decoded at half of bf16's speed because every
+    # decode step sealed every row (the default seal_rows: gather the batch's open pages, project
+    # and quantize them all into the scratch page; 4.8 ms of the lowrank encode per 8 x 8k step,
+    # session 12's profile). seal_rows now reads the rows in place and skips the scratch page in
+    # the kernel. The low-rank GPU tests (graphs = eager), the profile beside bf16 / hack2, decode
+    # tokens/s, then lowrank+hack2 with no link at 1-3 req/s (bf16: prefill17's sweep, merged).
+    pytest_gpu 150 lowrank_gpu -m gpu tests/test_engine_gpu.py tests/test_lowrank_fold.py -k lowrank
+    step 80 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 90 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
+        --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
+    step 150 jct_lowrank python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs lowrank+hack2 --decode-kv auto --links none \
+        --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+        --out "$WORK/jct_lowrank"
     ;;
 prefill16)
     # Issue 16: where a compressed lane's longer prefill phase goes (JCT runs: ~100 ms over

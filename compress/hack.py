@@ -72,8 +72,9 @@ class HackCodec(KVCodec):
             device=device,
         ).tensors()
 
-    def encode(self, store, page_ids, k, v):
-        self._encode(store, page_ids, k.contiguous(), v.contiguous())
+    def encode(self, store, page_ids, k, v, skip_page=None):
+        """Pages k, v [n, KVH, P, D] into page_ids [n]; ids equal to skip_page write nothing."""
+        self._encode(store, page_ids, k.contiguous(), v.contiguous(), skip_page=skip_page)
 
     def seal_rows(self, store, page_ids, k, v, rows, skip_page):
         """In place: the encoder reads rows `rows` of the open pages, programs sealing into

@@ -237,7 +237,10 @@ class LowRankLayerCodec(KVCodec):
             }
         return self.inner.new_store(num_pages, device)
 
-    def _encode(self, store, page_ids, k, v, v_projected: bool):
+    def _encode(self, store, page_ids, k, v, v_projected: bool, src_rows=None, skip_page=None):
+        """Pages i of k/v (rows src_rows[i] when given, read in place) into page_ids[i]; ids equal
+        to skip_page write nothing. v_projected: v is in V's completed basis (the dense form), of
+        which a page keeps the first r_v columns."""
         b = self._bases(k.device)
         fn = (
             lowrank_encode.lowrank_encode_pages
@@ -246,18 +249,23 @@ class LowRankLayerCodec(KVCodec):
         )
         k, v = _last_contiguous(k), _last_contiguous(v)
         v_basis = None if v_projected else b["v_enc"]
-        if v_projected and self.inner is not None and self.rv < self.width:
-            # the dense form holds all D coordinates; a page keeps the first r_v, zeros past them
-            v = _width(v[..., : self.rv], v.shape[-1]).contiguous()
+        v_cols = self.rv if v_projected else None
+        where = dict(src_rows=src_rows, skip_page=skip_page, v_cols=v_cols)
         if self.inner is None:
-            fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids)
+            fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids, **where)
             return
         # lowrank+hack: the kernel's fp32 output, zero padded to the HACK width, is quantized.
-        n = k.shape[0]
+        # Page i goes through tmp row i; a skipped page's row is marked -1, which the projection
+        # skips, and HACK skips the page itself.
+        n = page_ids.shape[0]
         tmp_k = torch.empty(n, self.kvh, self.page_size, self.width, device=k.device)
         tmp_v = torch.empty_like(tmp_k)
-        fn(k, v, b["k_enc"], v_basis, tmp_k, tmp_v, torch.arange(n, device=k.device))
-        self.inner.encode(store, page_ids, tmp_k, tmp_v)
+        tmp_rows = torch.arange(n, device=k.device)  # [n] int64
+        if skip_page is not None:
+            tmp_rows = torch.where(page_ids == skip_page, -1, tmp_rows)
+            where["skip_page"] = -1
+        fn(k, v, b["k_enc"], v_basis, tmp_k, tmp_v, tmp_rows, **where)
+        self.inner.encode(store, page_ids, tmp_k, tmp_v, skip_page=skip_page)
 
     def encode(self, store, page_ids, k, v):
         """Full-dimension post-RoPE pages k, v [n, KVH, P, D] -> projected pages."""
@@ -267,6 +275,12 @@ class LowRankLayerCodec(KVCodec):
         """Filled open pages in the dense form (k full, v in V's completed basis) -> projected
         pages."""
         self._encode(store, page_ids, k, v, v_projected=True)
+
+    def seal_rows(self, store, page_ids, k, v, rows, skip_page):
+        """A decode step's seal, in place: rows `rows` of the open pages (the dense form), programs
+        sealing into skip_page write nothing (the grid is the batch: CUDA-graph safe, and a step
+        that fills no page costs one launch of empty programs, not the batch's projections)."""
+        self._encode(store, page_ids, k, v, v_projected=True, src_rows=rows, skip_page=skip_page)
 
     def _reduced(self, store, page_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored reduced K [n, KVH, P, r_k] and V [n, KVH, P, r_v] (fp32)."""

@@ -3,18 +3,25 @@
   * ``lowrank_encode_pages``      -- Triton kernel + host wrapper.
   * ``lowrank_encode_pages_ref``  -- pure-torch fp32 reference with the same signature.
 
-``lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids) -> (out_k, out_v)``
+``lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None,
+skip_page=None, v_cols=None) -> (out_k, out_v)``
   k, v        [n, KVH, P, D] full pages (float16 / bfloat16 / float32, last dim contiguous), K after RoPE.
   k_basis     float32 [KVH, D, RK]   keys are stored as k @ k_basis (calibrate.py's k_enc).
   v_basis     float32 [KVH, D, RV]   values are stored as v @ v_basis (v_enc); or None when v is
               already projected (the open page keeps V reduced, zero padded to D): its first
-              min(D, WV) columns are stored as they are (sealing a filled open page).
+              min(D, WV, v_cols) columns are stored as they are, zeros past them (sealing a filled
+              open page: its V in the completed basis, whose first r_v columns a page keeps).
   out_k       [N, KVH, P, WK] (float16 / float32, contiguous) with WK >= RK: input page i goes to
               pool page page_ids[i]; columns RK..WK-1 are written as zeros (a zero-padded width, the
               form the HACK encoder takes for ``lowrank+hack``).  out_v likewise with RV <= WV.
-  page_ids    int32 / int64 [n] distinct pool page ids (not range-checked by the kernel).
+  page_ids    int32 / int64 [m] distinct pool page ids (not range-checked by the kernel), except
+              for skip_page, which may repeat.
+  src_rows    optional int32 [m]: page i is row src_rows[i] of k / v (read in place: a decode
+              step's open pages); default row i (then m == n).
+  skip_page   optional page id whose programs write nothing (the engine's scratch page: the rows
+              of a decode step that fill no page; the grid stays the batch, CUDA-graph safe).
 
-Kernel: one program per (input page, kv head) loads the [P, D] K and V tiles once, takes the two
+Kernel: one program per (page, kv head) loads the [P, D] K and V tiles once, takes the two
 [P, D] x [D, R] products in fp32 (``ieee``: the projection is exact to fp32, rounding happens once at
 the store) and writes the reduced tiles.  Any even head_dim in [8, 256]: the tiles are the next power of
 two >= 16 wide with channels >= D masked (kernels/head_dim.py).  This is the "K projected after RoPE in the kernel that
@@ -75,6 +82,8 @@ def _lowrank_encode_kernel(
     vb_ptr,
     ok_ptr,
     ov_ptr,  # inputs strided, bases/pools contiguous
+    src_ptr,  # [m] int32 input row of page i
+    skip,  # page id whose programs return at once (-1: none)
     stride_kn,
     stride_kh,
     stride_kt,
@@ -91,46 +100,61 @@ def _lowrank_encode_kernel(
     CK_PAD: tl.constexpr,
     CV_PAD: tl.constexpr,
     V_PROJ: tl.constexpr,
+    V_COLS: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
-    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) row in the pool
-    offs_t = tl.arange(0, PAGE)
-    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
-    d_ok = (offs_d < HEAD_DIM)[None, :]
-    k = tl.load(
-        k_ptr + i * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :],
-        mask=d_ok,
-        other=0.0,
-    ).to(tl.float32)  # [P, BD]
-    _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
-    if V_PROJ:
-        v = tl.load(
-            v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_d[None, :],
+    page = tl.load(ids_ptr + i).to(tl.int64)
+    if page != skip:  # rows sealing into the skipped (scratch) page write nothing
+        row = page * tl.num_programs(1) + h  # (page, head) row in the pool
+        src = tl.load(src_ptr + i).to(tl.int64)  # the input row
+        offs_t = tl.arange(0, PAGE)
+        offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(
+            k_ptr + src * stride_kn + h * stride_kh + offs_t[:, None] * stride_kt + offs_d[None, :],
             mask=d_ok,
             other=0.0,
         ).to(tl.float32)  # [P, BD]
-        _project_store(v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD)
-    else:  # already reduced: copy the first WV columns (zeros past D)
-        offs_c = tl.arange(0, CV_PAD)
-        v = tl.load(
-            v_ptr + i * stride_vn + h * stride_vh + offs_t[:, None] * stride_vt + offs_c[None, :],
-            mask=(offs_c < HEAD_DIM)[None, :],
-            other=0.0,
-        )  # [P, CV_PAD]
-        tl.store(
-            ov_ptr + row * (PAGE * WV) + offs_t[:, None] * WV + offs_c[None, :],
-            v.to(ov_ptr.dtype.element_ty),
-            mask=(offs_c < WV)[None, :],
-        )
+        _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
+        if V_PROJ:
+            v = tl.load(
+                v_ptr
+                + src * stride_vn
+                + h * stride_vh
+                + offs_t[:, None] * stride_vt
+                + offs_d[None, :],
+                mask=d_ok,
+                other=0.0,
+            ).to(tl.float32)  # [P, BD]
+            _project_store(
+                v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD
+            )
+        else:  # already reduced: copy the first WV columns (zeros past V_COLS)
+            offs_c = tl.arange(0, CV_PAD)
+            v = tl.load(
+                v_ptr
+                + src * stride_vn
+                + h * stride_vh
+                + offs_t[:, None] * stride_vt
+                + offs_c[None, :],
+                mask=(offs_c < V_COLS)[None, :],
+                other=0.0,
+            )  # [P, CV_PAD]
+            tl.store(
+                ov_ptr + row * (PAGE * WV) + offs_t[:, None] * WV + offs_c[None, :],
+                v.to(ov_ptr.dtype.element_ty),
+                mask=(offs_c < WV)[None, :],
+            )
 
 
 def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
-    """Validate arguments; returns (n, KVH, P, D, RK, RV).  Raises ValueError naming the argument."""
+def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None):
+    """Validate arguments; returns (m, KVH, P, D, RK, RV), m the pages written.  Raises ValueError
+    naming the argument."""
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
             raise ValueError(
@@ -191,22 +215,40 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids):
             if t.device != k.device:
                 raise ValueError(f"{tn} is on {t.device}, k is on {k.device}")
         ranks.append(r)
+    if src_rows is not None:
+        if src_rows.dim() != 1 or src_rows.dtype != torch.int32 or src_rows.device != k.device:
+            raise ValueError(
+                f"src_rows must be int32 [m] on {k.device}, got {src_rows.dtype} "
+                f"{tuple(src_rows.shape)} on {src_rows.device}"
+            )
+        n = src_rows.shape[0]  # pages written: rows src_rows of k / v
     if page_ids.dtype not in (torch.int32, torch.int64) or tuple(page_ids.shape) != (n,):
         raise ValueError(
-            f"page_ids must be int32/int64 [n={n}], got {page_ids.dtype} {tuple(page_ids.shape)}"
+            f"page_ids must be int32/int64 [{n}], got {page_ids.dtype} {tuple(page_ids.shape)}"
         )
     if page_ids.device != k.device:
         raise ValueError(f"page_ids is on {page_ids.device}, k is on {k.device}")
     return n, kvh, p, d, ranks[0], ranks[1]
 
 
-def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
+def _v_cols(d: int, v_cols: int | None) -> int:
+    """Leading columns of an already projected V that a page keeps (zeros past them)."""
+    if v_cols is not None and not 1 <= v_cols <= d:
+        raise ValueError(f"v_cols must be in [1, head_dim={d}], got {v_cols}")
+    return d if v_cols is None else v_cols
+
+
+def lowrank_encode_pages(
+    k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None, skip_page=None, v_cols=None
+):
     """Project full pages onto the bases and write them into the pools (module docstring)."""
-    n, kvh, p, d, rk, rv = _check(k, v, k_basis, v_basis, out_k, out_v, page_ids)
+    n, kvh, p, d, rk, rv = _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
+    cols = _v_cols(d, v_cols)
     require_runnable("lowrank_encode_pages", _lowrank_encode_kernel, k)
     if n == 0:
         return out_k, out_v
     wk, wv = out_k.shape[3], out_v.shape[3]
+    src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
     _lowrank_encode_kernel[(n, kvh)](
         k,
         v,
@@ -215,6 +257,8 @@ def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
         k_basis if v_basis is None else v_basis,
         out_k,
         out_v,
+        src,
+        -1 if skip_page is None else int(skip_page),
         k.stride(0),
         k.stride(1),
         k.stride(2),
@@ -231,18 +275,29 @@ def lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids):
         CK_PAD=max(16, triton.next_power_of_2(wk)),
         CV_PAD=max(16, triton.next_power_of_2(wv)),
         V_PROJ=rv is not None,
+        V_COLS=cols,
         num_warps=4,
     )
     return out_k, out_v
 
 
-def lowrank_encode_pages_ref(k, v, k_basis, v_basis, out_k, out_v, page_ids):
+def lowrank_encode_pages_ref(
+    k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None, skip_page=None, v_cols=None
+):
     """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
-    _check(k, v, k_basis, v_basis, out_k, out_v, page_ids)
-    for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
-        # [n, KVH, P, R] projected (or already reduced), then zero padded / cut to [n, KVH, P, W]
-        y = x.float() if b is None else torch.einsum("nhpd,hdr->nhpr", x.float(), b)
+    _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
+    cols = _v_cols(k.shape[-1], v_cols)
+    if src_rows is not None:
+        k, v = k[src_rows.long()], v[src_rows.long()]
+    keep = torch.ones_like(page_ids, dtype=torch.bool)
+    if skip_page is not None:
+        keep = page_ids != skip_page
+    ids = page_ids[keep].long()
+    for x, b, out in ((k[keep], k_basis, out_k), (v[keep], v_basis, out_v)):
+        # [m, KVH, P, R] projected (or already reduced: its first v_cols), then zero padded / cut
+        # to [m, KVH, P, W]
+        y = x.float()[..., :cols] if b is None else torch.einsum("nhpd,hdr->nhpr", x.float(), b)
         w = out.shape[3]
         y = y[..., :w] if y.shape[3] >= w else torch.nn.functional.pad(y, (0, w - y.shape[3]))
-        out[page_ids.long()] = y.to(out.dtype)
+        out[ids] = y.to(out.dtype)
     return out_k, out_v

@@ -234,6 +234,72 @@ def test_encode_kernel_matches_reference(d, rk, rv, wk, wv, in_dtype, out_dtype)
     assert _rel(rk_[ids][..., :rk], want) < bound
 
 
+
+@pytest.mark.parametrize("project_v", [True, False])
+def test_encode_kernel_reads_rows_in_place_and_skips_the_scratch_page(project_v):
+    """A decode step's seal: page i from row src_rows[i] of the open pages, programs whose page is
+    skip_page write nothing, an already projected V keeps its first v_cols columns (zeros past
+    them). The kernel equals the reference, and both equal encoding the gathered rows."""
+    g = torch.Generator().manual_seed(11)
+    slots, kvh, p, d, rk, rv, w = 5, 2, 64, 64, 24, 40, 48
+    k = torch.randn(slots, kvh, p, d, generator=g).bfloat16()
+    v = torch.randn(slots, kvh, p, d, generator=g).bfloat16()
+    kb, vb = torch.randn(kvh, d, rk, generator=g), torch.randn(kvh, d, rv, generator=g)
+    v_basis, v_cols = (vb, None) if project_v else (None, rv)
+    rows = torch.tensor([3, 0, 4, 1], dtype=torch.int32)
+    ids = torch.tensor([2, 0, 5, 0])  # page 0: the scratch page (rows 0 and 1 fill no page)
+    got = []
+    for fn in (lowrank_encode_pages, lowrank_encode_pages_ref):
+        ok = torch.full((6, kvh, p, w), 7.0)
+        ov = torch.full((6, kvh, p, w), 7.0)
+        fn(k, v, kb, v_basis, ok, ov, ids, src_rows=rows, skip_page=0, v_cols=v_cols)
+        got.append((ok, ov))
+    (ok, ov), (rk_, rv_) = got
+    assert _rel(ok, rk_) < 1e-6 and _rel(ov, rv_) < 1e-6
+    for out in (ok, ov, rk_, rv_):  # the scratch page and unused pages untouched
+        assert (out[[0, 1, 3, 4]] == 7).all()
+    keep = torch.tensor([0, 2])  # the rows that fill a page
+    wk = torch.full((6, kvh, p, w), 7.0)
+    wv = torch.full((6, kvh, p, w), 7.0)
+    v_in = v[rows[keep].long()]
+    if not project_v:  # what the caller passed before: V cut to its first r_v, zero padded
+        v_in = torch.nn.functional.pad(v_in[..., :rv], (0, d - rv))
+    lowrank_encode_pages_ref(k[rows[keep].long()], v_in, kb, v_basis, wk, wv, ids[keep])
+    assert torch.equal(rk_, wk) and torch.equal(rv_, wv)
+    if not project_v:
+        assert (rv_[ids[keep]][..., rv:] == 0).all()
+    with pytest.raises(ValueError, match="src_rows"):
+        lowrank_encode_pages_ref(k, v, kb, vb, ok, ov, ids, src_rows=rows.long())
+    with pytest.raises(ValueError, match="v_cols"):
+        lowrank_encode_pages_ref(k, v, kb, None, ok, ov, ids, src_rows=rows, v_cols=d + 1)
+
+
+@pytest.mark.parametrize("bits", [None, 2])
+def test_seal_rows_seals_only_the_filled_rows_in_place(bits):
+    """LowRankLayerCodec.seal_rows (the decode step's seal): the rows that fill a page are stored
+    as seal() stores them, rows sealing into the scratch page write nothing there."""
+    g = torch.Generator().manual_seed(5)
+    slots, kvh, p, d, rk, rv = 4, 2, 64, 32, 8, 12
+    bases = {"k_enc": _orthonormal(kvh, d, rk, g), "v_enc": _orthonormal(kvh, d, rv, g)}
+    bases["k_dec"], bases["v_dec"] = bases["k_enc"].clone(), bases["v_enc"].clone()
+    codec = LowRankLayerCodec("lowrank", kvh, p, d, bases, bits)
+    k, v = torch.randn(slots, p, kvh, d, generator=g), torch.randn(slots, p, kvh, d, generator=g)
+    kd, vd = codec.to_dense(k, v)
+    open_k, open_v = kd.transpose(1, 2), vd.transpose(1, 2)  # [slots, KVH, P, D] views
+    rows = torch.tensor([2, 0, 3], dtype=torch.int32)
+    ids = torch.tensor([0, 3, 1])  # row 2 fills no page (scratch page 0)
+    a, b = codec.new_store(4, "cpu"), codec.new_store(4, "cpu")
+    for t in a.values():
+        t.fill_(3)  # the scratch page must keep what it held
+    for t in b.values():
+        t.fill_(3)
+    codec.seal_rows(a, ids, open_k, open_v, rows, 0)
+    filled = rows[1:].long()
+    codec.seal(b, ids[1:], open_k[filled].contiguous(), open_v[filled].contiguous())
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+        assert (a[name][0] == 3).all() and (a[name][2] == 3).all(), name
+
 def _decode_case(g, b, h, kvh, d, rk, rv, dtype, tails, pages):
     p, n = 64, 12
     q = torch.randn(b, h, d, generator=g).to(dtype)
