@@ -39,6 +39,8 @@
 #   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
 #                              device time by kind (bench/prefill_profile.py)              ~5 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
+#   round18    nvidia-h100-x1  prefill17's tests and profile, lowrank18's, then bf16 / kivi2 /
+#                              hack2 / lowrank+hack2 with no link at 1-3 req/s             ~8 min
 #   lowrank18  nvidia-h100-x1  lowrank+hack2 after the in-place seal: GPU tests, profile,
 #                              tokens/s, JCT with no link beside bf16                      ~8 min
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
@@ -70,7 +72,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -415,6 +417,25 @@ waits17)
     step 35 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
+    ;;
+round18)
+    # Session 18's one call (~8 min) when device time is short: prefill17's wait tests, the KIVI
+    # kernel's GPU test and 4k prefill profile; lowrank18's engine GPU tests, tokens/s and profile;
+    # then the no-link lanes whose 1.05x goal round14 missed, lowrank+hack2 among them.
+    pytest_gpu 60 waits tests/test_device_path_gpu.py tests/test_sampling.py tests/test_engine_gpu.py \
+        -k "host_syncs or prefill_export_waits or queues_without_waiting or decode_step_waits"
+    pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
+    pytest_gpu 90 lowrank_gpu -m gpu tests/test_engine_gpu.py -k lowrank
+    step 30 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
+        --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
+    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 250 jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --decode-kv auto \
+        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+        --out "$WORK/jct_nolink"
     ;;
 lowrank18)
     # Issue 16, session 18 (~5 min): lowrank+hack2 decoded at half of bf16's speed because every

@@ -234,7 +234,6 @@ def test_encode_kernel_matches_reference(d, rk, rv, wk, wv, in_dtype, out_dtype)
     assert _rel(rk_[ids][..., :rk], want) < bound
 
 
-
 @pytest.mark.parametrize("project_v", [True, False])
 def test_encode_kernel_reads_rows_in_place_and_skips_the_scratch_page(project_v):
     """A decode step's seal: page i from row src_rows[i] of the open pages, programs whose page is
@@ -299,6 +298,7 @@ def test_seal_rows_seals_only_the_filled_rows_in_place(bits):
     for name in a:
         assert torch.equal(a[name], b[name]), name
         assert (a[name][0] == 3).all() and (a[name][2] == 3).all(), name
+
 
 def _decode_case(g, b, h, kvh, d, rk, rv, dtype, tails, pages):
     p, n = 64, 12
