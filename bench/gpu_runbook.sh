@@ -425,7 +425,8 @@ round18)
     pytest_gpu 60 waits tests/test_device_path_gpu.py tests/test_sampling.py tests/test_engine_gpu.py \
         -k "host_syncs or prefill_export_waits or queues_without_waiting or decode_step_waits"
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
-    pytest_gpu 90 lowrank_gpu -m gpu tests/test_engine_gpu.py -k lowrank
+    pytest_gpu 100 lowrank_gpu -m gpu tests/test_engine_gpu.py \
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k lowrank
     step 30 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \

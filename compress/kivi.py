@@ -49,14 +49,30 @@ class KiviCodec(KVCodec):
             for name, (shape, dtype) in shapes.items()
         }
 
-    def encode(self, store, page_ids, k, v):
+    def encode(self, store, page_ids, k, v, **where):
+        """Pages k, v [n, KVH, P, D] into page_ids; where: seal_rows' src_rows / skip_page."""
         # Capability choice, not a fallback: the Triton encoder's tiles need a CUDA tensor and
         # power-of-two page_size / head_dim; anything else (CPU, head_dim 96, 160...) takes its
         # torch reference, which stores the same pages.
         _, _, p, d = k.shape
         fast = k.is_cuda and is_pow2(p) and is_pow2(d)
         fn = kivi_enc.kivi_encode_pages if fast else kivi_enc.kivi_encode_pages_ref
-        fn(k, v, self.bits, store, page_ids, self.clip, self.token_group, self.channel_group)
+        fn(
+            k,
+            v,
+            self.bits,
+            store,
+            page_ids,
+            self.clip,
+            self.token_group,
+            self.channel_group,
+            **where,
+        )
+
+    def seal_rows(self, store, page_ids, k, v, rows, skip_page):
+        """In place: rows `rows` of the open pages, programs sealing into skip_page write nothing
+        (the grid is the batch: CUDA-graph safe; a step that fills no page quantizes nothing)."""
+        self.encode(store, page_ids, k, v, src_rows=rows, skip_page=skip_page)
 
     def dequantize(self, store, page_ids):
         k = qz.dequant_k(

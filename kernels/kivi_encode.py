@@ -44,16 +44,18 @@ _STORE = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
 
 
 @triton.jit
-def _kivi_encode_kernel(
+def _encode_page(
     k_ptr,
     v_ptr,
-    ids_ptr,  # k/v [n, KVH, P, D] (strided, last dim contiguous), ids [n]
     kc_ptr,
     ks_ptr,
     km_ptr,
     vc_ptr,
     vs_ptr,
-    vm_ptr,  # contiguous store tensors
+    vm_ptr,
+    i,
+    row,
+    h,
     stride_kn,
     stride_kh,
     stride_kt,
@@ -67,14 +69,12 @@ def _kivi_encode_kernel(
     CG: tl.constexpr,
     CLIP: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    """Input page i (head h) of k / v -> pool row `row` of the store."""
     E: tl.constexpr = 8 // BITS
     DE: tl.constexpr = HEAD_DIM // E
     NT: tl.constexpr = PAGE // TG  # K groups per channel
     NG: tl.constexpr = HEAD_DIM // CG  # V groups per token
     QMAX: tl.constexpr = (1 << BITS) - 1
-    row = tl.load(ids_ptr + i).to(tl.int64) * tl.num_programs(1) + h  # (page, head) pool row
     offs_t = tl.arange(0, PAGE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_c = tl.arange(0, DE)
@@ -127,13 +127,79 @@ def store_shapes(n_pool, kvh, page, d, bits, token_group, channel_group):
     }
 
 
-def _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group) -> float:
+@triton.jit
+def _kivi_encode_kernel(
+    k_ptr,
+    v_ptr,
+    ids_ptr,  # k/v [n, KVH, P, D] (strided, last dim contiguous), ids [m]
+    src_ptr,  # [m] int32: page i is row src[i] of k / v
+    skip,  # page id whose programs write nothing (-1: none)
+    kc_ptr,
+    ks_ptr,
+    km_ptr,
+    vc_ptr,
+    vs_ptr,
+    vm_ptr,  # contiguous store tensors
+    stride_kn,
+    stride_kh,
+    stride_kt,
+    stride_vn,
+    stride_vh,
+    stride_vt,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BITS: tl.constexpr,
+    TG: tl.constexpr,
+    CG: tl.constexpr,
+    CLIP: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    page = tl.load(ids_ptr + i).to(tl.int64)
+    if page != skip:  # rows sealing into the skipped (scratch) page write nothing
+        _encode_page(
+            k_ptr,
+            v_ptr,
+            kc_ptr,
+            ks_ptr,
+            km_ptr,
+            vc_ptr,
+            vs_ptr,
+            vm_ptr,
+            tl.load(src_ptr + i).to(tl.int64),
+            page * tl.num_programs(1) + h,
+            h,
+            stride_kn,
+            stride_kh,
+            stride_kt,
+            stride_vn,
+            stride_vh,
+            stride_vt,
+            PAGE,
+            HEAD_DIM,
+            BITS,
+            TG,
+            CG,
+            CLIP,
+        )
+
+
+def _check_args(
+    k, v, bits, store, page_ids, clip, token_group, channel_group, src_rows=None
+) -> float:
     """Validate the arguments both paths share; returns clip as a float. ValueError names the
     argument."""
     bits = check_bits(bits)
     clip = qz.check_clip(clip)
     check_kv_pages(k, v)
     n, kvh, page, d = k.shape
+    if src_rows is not None:
+        if src_rows.dim() != 1 or src_rows.dtype != torch.int32 or src_rows.device != k.device:
+            raise ValueError(
+                f"src_rows must be int32 [m] on {k.device}, got {src_rows.dtype} "
+                f"{tuple(src_rows.shape)} on {src_rows.device}"
+            )
+        n = src_rows.shape[0]  # pages written: rows src_rows of k / v
     for name, g, extent, what in (
         ("token_group", token_group, page, "page_size"),
         ("channel_group", channel_group, d, "head_dim"),
@@ -173,13 +239,25 @@ def _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group) -
 
 
 def kivi_encode_pages(
-    k, v, bits, store, page_ids, clip=0.0, token_group=32, channel_group=32
+    k,
+    v,
+    bits,
+    store,
+    page_ids,
+    clip=0.0,
+    token_group=32,
+    channel_group=32,
+    src_rows=None,
+    skip_page=None,
 ) -> None:
     """Quantize full pages k, v [n, KVH, P, D] into store rows page_ids (module doc), in one
     Triton launch. Needs power-of-two page_size and head_dim (ValueError otherwise: use
-    kivi_encode_pages_ref), k/v with a contiguous last dim and contiguous store tensors."""
-    clip = _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group)
-    n, kvh, page, d = k.shape
+    kivi_encode_pages_ref), k/v with a contiguous last dim and contiguous store tensors.
+    src_rows (int32 [m]): page i is row src_rows[i] of k / v, read in place; skip_page: a page id
+    whose programs write nothing (a decode step's rows that fill no page: CUDA-graph safe)."""
+    clip = _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group, src_rows)
+    _, kvh, page, d = k.shape
+    n = page_ids.shape[0]
     if not is_pow2(page) or not is_pow2(d):
         raise ValueError(
             f"page_size / head_dim: the Triton encoder needs powers of two, got page_size "
@@ -194,10 +272,13 @@ def kivi_encode_pages(
     require_runnable("kivi_encode_pages", _kivi_encode_kernel, k)
     if n == 0 or kvh == 0:
         return
+    src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
     _kivi_encode_kernel[(n, kvh)](
         k,
         v,
         page_ids,
+        src,
+        -1 if skip_page is None else int(skip_page),
         *(store[name] for name in _STORE),  # the kernel's store arguments, in _STORE's order
         k.stride(0),
         k.stride(1),
@@ -216,11 +297,25 @@ def kivi_encode_pages(
 
 
 def kivi_encode_pages_ref(
-    k, v, bits, store, page_ids, clip=0.0, token_group=32, channel_group=32
+    k,
+    v,
+    bits,
+    store,
+    page_ids,
+    clip=0.0,
+    token_group=32,
+    channel_group=32,
+    src_rows=None,
+    skip_page=None,
 ) -> None:
     """Pure-torch reference of kivi_encode_pages (same signature; any page_size / head_dim the
     groups divide, any strides)."""
-    clip = _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group)
+    clip = _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group, src_rows)
+    if src_rows is not None:
+        k, v = k[src_rows.long()], v[src_rows.long()]
+    if skip_page is not None:
+        keep = page_ids != skip_page
+        k, v, page_ids = k[keep], v[keep], page_ids[keep]
     kc, ks, km = qz.k_per_channel(k, bits, token_group, clip)  # [n, KVH, P, D], [n, KVH, G, D]
     vc, vs, vm = qz.v_per_token(v, bits, channel_group, clip)  # [n, KVH, P, D], [n, KVH, P, G]
     store["k_codes"][page_ids] = pack_planar(kc, bits)

@@ -22,8 +22,9 @@ skip_page=None, v_cols=None) -> (out_k, out_v)``
               of a decode step that fill no page; the grid stays the batch, CUDA-graph safe).
 
 Kernel: one program per (page, kv head) loads the [P, D] K and V tiles once, takes the two
-[P, D] x [D, R] products in fp32 (``ieee``: the projection is exact to fp32, rounding happens once at
-the store) and writes the reduced tiles.  Any even head_dim in [8, 256]: the tiles are the next power of
+[P, D] x [D, R] products on the tensor cores in ``tf32x3`` (three tf32 products: fp32 accuracy;
+``ieee`` compiled to 32 registers and ~9 KB of stack per thread for sm_90, 150 us for 8 pages) and
+writes the reduced tiles.  Any even head_dim in [8, 256]: the tiles are the next power of
 two >= 16 wide with channels >= D masked (kernels/head_dim.py).  This is the "K projected after RoPE in the kernel that
 stores it" of the ZeroC design; ``lowrank+hack`` quantizes the kernel's fp32 output with
 hack_encode (two launches, see compress/lowrank.py).
@@ -35,7 +36,7 @@ import triton.language as tl
 
 from zipserve.kernels.arg_checks import FLOAT_DTYPES
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
-from zipserve.kernels.paged_decode_attention import require_runnable
+from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
 
 __all__ = ["lowrank_encode_pages", "lowrank_encode_pages_ref"]
 
@@ -56,6 +57,7 @@ def _project_store(
     R: tl.constexpr,
     W: tl.constexpr,
     C_PAD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """x [P, BD] fp32 (channels >= D zero) -> store x @ basis[h] [P, R] (zeros up to W) into
     pool row `row`."""
@@ -65,7 +67,7 @@ def _project_store(
         mask=(offs_d < HEAD_DIM)[:, None] & (offs_c < R)[None, :],
         other=0.0,
     )  # [BD, C_PAD], zero rows past D and columns past R
-    y = tl.dot(x, b, input_precision="ieee")  # [P, C_PAD]
+    y = tl.dot(x, b, input_precision=PREC)  # [P, C_PAD]
     tl.store(
         out_ptr + row * (PAGE * W) + offs_t[:, None] * W + offs_c[None, :],
         y.to(out_ptr.dtype.element_ty),
@@ -101,6 +103,7 @@ def _lowrank_encode_kernel(
     CV_PAD: tl.constexpr,
     V_PROJ: tl.constexpr,
     V_COLS: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -116,7 +119,9 @@ def _lowrank_encode_kernel(
             mask=d_ok,
             other=0.0,
         ).to(tl.float32)  # [P, BD]
-        _project_store(k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD)
+        _project_store(
+            k, kb_ptr, ok_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RK, WK, CK_PAD, PREC
+        )
         if V_PROJ:
             v = tl.load(
                 v_ptr
@@ -128,7 +133,7 @@ def _lowrank_encode_kernel(
                 other=0.0,
             ).to(tl.float32)  # [P, BD]
             _project_store(
-                v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD
+                v, vb_ptr, ov_ptr, row, h, offs_t, offs_d, HEAD_DIM, PAGE, RV, WV, CV_PAD, PREC
             )
         else:  # already reduced: copy the first WV columns (zeros past V_COLS)
             offs_c = tl.arange(0, CV_PAD)
@@ -276,6 +281,7 @@ def lowrank_encode_pages(
         CV_PAD=max(16, triton.next_power_of_2(wv)),
         V_PROJ=rv is not None,
         V_COLS=cols,
+        PREC="ieee" if is_interpreted(_lowrank_encode_kernel) else "tf32x3",
         num_warps=4,
     )
     return out_k, out_v

@@ -160,6 +160,33 @@ def test_codec_encode_on_cpu_is_the_reference(bits):
         assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_seal_rows_reads_rows_in_place_and_skips_the_scratch_page(bits):
+    """A decode step's seal: page i from row src_rows[i] of the open pages; programs whose page is
+    skip_page write nothing. Kernel (interpreter) and reference equal encoding the gathered rows
+    that fill a page; KiviCodec.seal_rows takes this path."""
+    gen = torch.Generator().manual_seed(40 + bits)
+    k, v = _pages(gen, 4, 2, 64, 64, torch.float32)  # 4 open pages (slots)
+    rows = torch.tensor([3, 0, 2], dtype=torch.int32)
+    ids = torch.tensor([0, 4, 2])  # row 3 fills no page: the scratch page 0
+    codec = KiviCodec(2, 64, 64, bits)
+    stores = []
+    for fn in (kivi_encode_pages, kivi_encode_pages_ref):
+        store = _sentinel_store(codec, 5)
+        fn(k, v, bits, store, ids, 0.0, src_rows=rows, skip_page=0)
+        stores.append(store)
+    want = _sentinel_store(codec, 5)
+    kivi_encode_pages_ref(k[[0, 2]], v[[0, 2]], bits, want, ids[1:])
+    via_codec = _sentinel_store(codec, 5)
+    codec.seal_rows(via_codec, ids, k, v, rows, 0)
+    for store in (*stores, via_codec):
+        for name in store:
+            assert torch.equal(store[name], want[name]), name
+        _assert_untouched(store, ids[1:], 5)  # the scratch page keeps its sentinel
+    with pytest.raises(ValueError, match="src_rows"):
+        kivi_encode_pages_ref(k, v, bits, want, ids, src_rows=rows.long())
+
+
 def _args(**over):
     """Valid arguments of kivi_encode_pages (n=2, KVH=2, P=64, D=64, 2 bits), some replaced."""
     k = torch.zeros(2, 2, 64, 64)
