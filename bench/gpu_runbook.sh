@@ -420,7 +420,7 @@ waits17)
     ;;
 round18)
     # Session 18's one call (~8 min) when device time is short: prefill17's wait tests, the KIVI
-    # kernel's GPU test and 4k prefill profile; lowrank18's engine GPU tests, tokens/s and profile;
+    # kernel's GPU test and 4k prefill profile; lowrank18's engine GPU tests and tokens/s;
     # then the no-link lanes whose 1.05x goal round14 missed, lowrank+hack2 among them.
     pytest_gpu 60 waits tests/test_device_path_gpu.py tests/test_sampling.py tests/test_engine_gpu.py \
         -k "host_syncs or prefill_export_waits or queues_without_waiting or decode_step_waits"
@@ -431,9 +431,7 @@ round18)
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
-    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
-        --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step 250 jct_nolink python3 -m zipserve bench jct --sweep \
+    step 230 jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
