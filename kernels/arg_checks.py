@@ -1,5 +1,6 @@
 """Small facts every kernel wrapper checks its arguments against: the float dtypes a kernel takes,
-the power-of-two rule of Triton tile extents, and the full pages an encoder takes."""
+the power-of-two rule of Triton tile extents, and the full pages (and rows read in place) an
+encoder takes."""
 
 import torch
 
@@ -27,3 +28,23 @@ def check_kv_pages(k, v) -> None:
         )
     if v.device != k.device:
         raise ValueError(f"v is on {v.device}, k is on {k.device}")
+
+
+def pages_read(k, src_rows) -> int:
+    """How many pages an encoder writes: k's n, or with src_rows (int32 [m] on k's device: page i
+    is row src_rows[i] of k / v, a decode step's open pages read in place) m; ValueError naming
+    src_rows otherwise."""
+    if src_rows is None:
+        return k.shape[0]
+    if (
+        not isinstance(src_rows, torch.Tensor)
+        or src_rows.dim() != 1
+        or src_rows.dtype != torch.int32
+        or src_rows.device != k.device
+    ):
+        raise ValueError(
+            f"src_rows must be int32 [m] on {k.device}, got "
+            f"{getattr(src_rows, 'dtype', type(src_rows).__name__)} "
+            f"{tuple(getattr(src_rows, 'shape', ()))} on {getattr(src_rows, 'device', None)}"
+        )
+    return src_rows.shape[0]

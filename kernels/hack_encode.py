@@ -36,7 +36,7 @@ V's per-token group ranges combine the planes of a group in registers.
 import torch
 
 from zipserve.compress.quantize import check_clip, clip_range
-from zipserve.kernels.arg_checks import check_kv_pages, is_pow2
+from zipserve.kernels.arg_checks import check_kv_pages, is_pow2, pages_read
 from zipserve.kernels.hack_encode_kernels import _hack_encode_kernel, _hack_encode_planes_kernel
 from zipserve.kernels.hack_layout import HackPages, check_bits, pack_planar, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
@@ -65,12 +65,7 @@ def _check_encode(k, v, bits, group_v, out, page_ids, src_rows=None):
     if src_rows is not None:
         if out is None:
             raise ValueError("src_rows needs out (the pool to write into)")
-        if src_rows.dim() != 1 or src_rows.dtype != torch.int32 or src_rows.device != k.device:
-            raise ValueError(
-                f"src_rows must be int32 [n] on {k.device}, got {src_rows.dtype} "
-                f"{tuple(src_rows.shape)} on {src_rows.device}"
-            )
-        n = src_rows.shape[0]  # pages encoded: rows src_rows of k / v
+        n = pages_read(k, src_rows)  # pages encoded: rows src_rows of k / v
     e = 8 // bits
     if not is_pow2(page):
         raise ValueError(f"k page_size {page} must be a power of two")

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from zipserve.compress import quantize as qz
-from zipserve.kernels.arg_checks import check_kv_pages, is_pow2
+from zipserve.kernels.arg_checks import check_kv_pages, is_pow2, pages_read
 from zipserve.kernels.hack_encode_kernels import _clip, _quantize
 from zipserve.kernels.hack_layout import check_bits, pack_planar
 from zipserve.kernels.paged_decode_attention import require_runnable
@@ -193,13 +193,7 @@ def _check_args(
     clip = qz.check_clip(clip)
     check_kv_pages(k, v)
     n, kvh, page, d = k.shape
-    if src_rows is not None:
-        if src_rows.dim() != 1 or src_rows.dtype != torch.int32 or src_rows.device != k.device:
-            raise ValueError(
-                f"src_rows must be int32 [m] on {k.device}, got {src_rows.dtype} "
-                f"{tuple(src_rows.shape)} on {src_rows.device}"
-            )
-        n = src_rows.shape[0]  # pages written: rows src_rows of k / v
+    n = pages_read(k, src_rows)
     for name, g, extent, what in (
         ("token_group", token_group, page, "page_size"),
         ("channel_group", channel_group, d, "head_dim"),

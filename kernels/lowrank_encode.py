@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.arg_checks import FLOAT_DTYPES
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, pages_read
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
 
@@ -220,13 +220,7 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None):
             if t.device != k.device:
                 raise ValueError(f"{tn} is on {t.device}, k is on {k.device}")
         ranks.append(r)
-    if src_rows is not None:
-        if src_rows.dim() != 1 or src_rows.dtype != torch.int32 or src_rows.device != k.device:
-            raise ValueError(
-                f"src_rows must be int32 [m] on {k.device}, got {src_rows.dtype} "
-                f"{tuple(src_rows.shape)} on {src_rows.device}"
-            )
-        n = src_rows.shape[0]  # pages written: rows src_rows of k / v
+    n = pages_read(k, src_rows)
     if page_ids.dtype not in (torch.int32, torch.int64) or tuple(page_ids.shape) != (n,):
         raise ValueError(
             f"page_ids must be int32/int64 [{n}], got {page_ids.dtype} {tuple(page_ids.shape)}"
