@@ -147,6 +147,12 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
         "### Headline",
         "",
     ]
+    if meta.get("runs_planned"):
+        out += [
+            f"**A partial sweep:** {meta['runs_done']} of its {meta['runs_planned']} runs finished "
+            "before it was cut short (a time limit); the tables hold those runs only.",
+            "",
+        ]
     out += headline(summary) + [""]
     if meta["device"].startswith("CPU"):
         out += [

@@ -325,6 +325,9 @@ def run(cfg: SweepConfig, out_dir: Path) -> tuple[list[dict], list[dict]]:
                     rows += r
                     summary.append(s)
                     turns += t
+                    # every finished run on disk at once: a sweep cut short (a time limit's
+                    # SIGINT, a crash) keeps what it measured, marked partial in its meta
+                    write_tables(cfg, out_dir, rows, summary, device, turns, len(runs))
     finally:
         client.shutdown(cancel_futures=True)
         if own_ray:
@@ -343,6 +346,27 @@ def write_outputs(
     device: str,
     turns: list[dict] | None = None,
 ) -> None:
+    """The finished sweep: its tables and meta (write_tables), then the plots."""
+    ordered = write_tables(cfg, out_dir, rows, summary, device, turns)
+    pngs = jct_plots.plot_all(out_dir, ordered, rows, list(cfg.quality_csvs))
+    print(
+        f"wrote {out_dir}/jct_requests.csv, jct_summary.csv, jct_meta.json"
+        + (f" and {', '.join(p.name for p in pngs)}" if pngs else "")
+    )
+
+
+def write_tables(
+    cfg: SweepConfig,
+    out_dir: Path,
+    rows: list[dict],
+    summary: list[dict],
+    device: str,
+    turns: list[dict] | None = None,
+    runs_planned: int | None = None,
+) -> list[dict]:
+    """jct_requests.csv, jct_summary.csv (and jct_turns.csv) and jct_meta.json of the runs so
+    far; runs_planned (while the sweep goes on) records them as `runs_done` of `runs_planned`
+    in the meta, which `bench report` shows. Returns the summary rows in column order."""
     jct_client.write_csv(out_dir / "jct_requests.csv", rows)
     if turns:
         jct_client.write_csv(out_dir / "jct_turns.csv", turns)
@@ -361,9 +385,7 @@ def write_outputs(
         "config": conf,
         "gil_switch_ms": gil_switch_setting(),
     }
+    if runs_planned is not None and len(summary) < runs_planned:
+        meta.update(runs_done=len(summary), runs_planned=runs_planned)
     (out_dir / "jct_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    pngs = jct_plots.plot_all(out_dir, ordered, rows, list(cfg.quality_csvs))
-    print(
-        f"wrote {out_dir}/jct_requests.csv, jct_summary.csv, jct_meta.json"
-        + (f" and {', '.join(p.name for p in pngs)}" if pngs else "")
-    )
+    return ordered

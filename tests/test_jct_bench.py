@@ -207,6 +207,19 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     assert "pytest tests/test_jct_bench.py" in text and "| hack2 | 3 | 6/6 |" in text
     assert "| hack2/dense | 3 | 6/6 |" in text
     assert "jct_vs_rate.png" in text
+    assert "runs_planned" not in meta and "partial sweep" not in text
+
+    # What a sweep cut after its second run leaves on disk (it writes after every run): those
+    # runs' tables, the meta saying so, and a report that says so too.
+    part = tmp_path / "partial"
+    part.mkdir()
+    first_two = [r for r in rows if r["codec"] == "bf16"]  # runs 1-2: bf16 at 10 Gb/s, no link
+    jct_sweep.write_tables(cfg, part, first_two, summary[:2], "cpu", runs_planned=6)
+    meta = json.loads((part / "jct_meta.json").read_text())
+    assert (meta["runs_done"], meta["runs_planned"]) == (2, 6)
+    assert len(load_csv(part / "jct_summary.csv")) == 2
+    text = jct_report.write([part], tmp_path / "PARTIAL.md").read_text()
+    assert "A partial sweep:** 2 of its 6 runs" in text
 
 
 def test_report_evaluates_the_issue_goals_from_a_summary():
