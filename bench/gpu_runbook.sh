@@ -41,8 +41,8 @@
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
 #   round18    nvidia-h100-x1  prefill17's tests and profile, lowrank18's, then bf16 / kivi2 /
 #                              hack2 / lowrank+hack2 with no link at 1-3 req/s             ~8 min
-#   lowrank18  nvidia-h100-x1  lowrank+hack2 after the in-place seal: GPU tests, profile,
-#                              tokens/s, JCT with no link beside bf16                      ~8 min
+#   lowrank18  nvidia-h100-x1  lowrank+hack2's fused tail + merge: its GPU test, the low-rank
+#                              engine tests, profile, tokens/s, JCT with no link beside bf16 ~8 min
 #   issue15    nvidia-h100-x1  cuda15's table + engine tokens/s with each backend + tests     ~9 min
 #   close15    nvidia-h100-x1  issue 15's kernel table (1/8/32 x 4k/32k/128k vs SDPA, paged bf16)
 #                              and one request with compressed and dense decode           ~8 min
@@ -437,19 +437,20 @@ round18)
         --out "$WORK/jct_nolink"
     ;;
 lowrank18)
-    # Issue 16, session 18 (~5 min): lowrank+hack2 decoded at half of bf16's speed because every
-    # decode step sealed every row (the default seal_rows: gather the batch's open pages, project
-    # and quantize them all into the scratch page; 4.8 ms of the lowrank encode per 8 x 8k step,
-    # session 12's profile). seal_rows now reads the rows in place and skips the scratch page in
-    # the kernel. The low-rank GPU tests (graphs = eager), the profile beside bf16 / hack2, decode
-    # tokens/s, then lowrank+hack2 with no link at 1-3 req/s (bf16: prefill17's sweep, merged).
-    pytest_gpu 150 lowrank_gpu -m gpu tests/test_engine_gpu.py tests/test_lowrank_fold.py -k lowrank
-    step 80 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
-        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step 90 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
+    # Issue 16, lowrank+hack2's decode (~8 min). Session 18 measured the in-place seal (0.49x ->
+    # 0.63x bf16's tokens/s at 8 x 8k) and found the rest in the wrapper's ~35 torch ops per layer
+    # (tail attention + log-sum-exp merge); they are one launch now (kernels/lowrank_tail_merge.py,
+    # never run on a GPU yet). Its GPU test, the low-rank engine GPU tests (graphs = eager), the
+    # profile beside bf16, decode tokens/s, then bf16 and lowrank+hack2 with no link, 1-3 req/s.
+    pytest_gpu 40 tail_merge -m gpu tests/test_lowrank_tail_merge.py
+    pytest_gpu 100 lowrank_gpu -m gpu tests/test_engine_gpu.py \
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k lowrank
+    step 60 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
-    step 150 jct_lowrank python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs lowrank+hack2 --decode-kv auto --links none \
+    step 200 jct_lowrank python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,lowrank+hack2 --decode-kv auto --links none \
         --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_lowrank"
     ;;

@@ -40,9 +40,9 @@ from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
+from zipserve.kernels import lowrank_tail_merge as tail_merge
 
 BASES_FILE = "lowrank.safetensors"
-_LOG2E = 1.4426950408889634
 NO_DENSE_FORM_REASON = (
     "its K/V live in a reduced space with V's basis folded into W_o (dense "
     "pages would cost more memory for the same values, and its kernel is "
@@ -329,9 +329,10 @@ class LowRankLayerCodec(KVCodec):
         self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits
     ):
         """lowrank+hack: the pages (reduced K and V, HACK codes at the inner width) through the HACK
-        decode kernel with the projected query and no tail, the 16-bit tail (full K, V in its
-        completed basis) by plain attention, merged by their log-sum-exps. No host syncs: CUDA
-        graphs capture it. o_T [B, H, D] in V's completed basis (pages fill its first r_v)."""
+        decode kernel with the projected query and no tail, then the 16-bit tail (full K, V in its
+        completed basis) attended and merged with them by their log-sum-exps in one launch
+        (kernels/lowrank_tail_merge.py). No host syncs: CUDA graphs capture it. o_T [B, H, D] in
+        V's completed basis (pages fill its first r_v)."""
         b, h, d = q.shape
         w = self.width
         q_red = _width(self._project_query(q).float(), w)  # [B, H, W], zeros past r_k
@@ -355,14 +356,8 @@ class LowRankLayerCodec(KVCodec):
             backend=inner.decode_backend,
             return_lse=True,
         )  # [B, H, W] (first r_v columns: the values' coordinates), [B, H] log2 units
-        o_t, lse_t = _tail_attention(q, dense_k, dense_v, dense_lens, scale)  # [B, H, D], [B, H]
-        m = torch.maximum(lse_p, lse_t)
-        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        w_p, w_t = torch.exp2(lse_p - m), torch.exp2(lse_t - m)  # 0 for an empty side
-        o = o_t * w_t[..., None]
-        o[..., : self.rv] += o_p[..., : self.rv].float() * w_p[..., None]
-        tot = w_p + w_t
-        return (o / torch.where(tot > 0, tot, 1.0)[..., None]).to(q.dtype)
+        merge = tail_merge.lowrank_tail_merge if q.is_cuda else tail_merge.lowrank_tail_merge_ref
+        return merge(q, dense_k, dense_v, dense_lens, scale, o_p.float(), lse_p, self.rv)
 
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:
@@ -373,24 +368,6 @@ class LowRankLayerCodec(KVCodec):
         if self.inner is None:
             return lr_attn.lowrank_bytes_per_token(self.rk, self.rv)
         return self.inner.page_bytes_per_token()
-
-
-def _tail_attention(q, dense_k, dense_v, dense_lens, scale):
-    """Plain attention of q [B, H, D] over dense_k/v [B, KVH, T, D]'s first dense_lens[b] tokens
-    -> (o [B, H, D] fp32, lse [B, H] fp32 in log2 units, -inf where a row has none)."""
-    b, h, d = q.shape
-    kvh, t = dense_k.shape[1], dense_k.shape[2]
-    qf = q.float().view(b, kvh, h // kvh, d)
-    s = torch.einsum("bkgd,bktd->bkgt", qf, dense_k.float()) * (scale * _LOG2E)
-    keep = torch.arange(t, device=q.device)[None, :] < dense_lens[:, None].long()  # [B, T]
-    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
-    m = s.amax(-1)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp2(s - m[..., None])
-    l = p.sum(-1)  # noqa: E741  [B, KVH, G]
-    o = torch.einsum("bkgt,bktd->bkgd", p, dense_v.float()) / torch.where(l > 0, l, 1.0)[..., None]
-    lse = torch.where(l > 0, m + torch.log2(torch.where(l > 0, l, 1.0)), float("-inf"))
-    return o.reshape(b, h, d), lse.reshape(b, h)
 
 
 def _no_dense_form(name: str) -> None:

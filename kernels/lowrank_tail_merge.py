@@ -1,0 +1,292 @@
+"""The dense tail of the `lowrank+hack` codec's decode attention, merged with its pages, in one launch.
+
+  * ``lowrank_tail_merge``      -- Triton kernel + host wrapper (GQA).
+  * ``lowrank_tail_merge_ref``  -- pure-torch fp32 reference with the same signature.
+
+compress/lowrank.py (``LowRankLayerCodec._hack_decode``) attends a query to a layer in two parts:
+the sealed pages (HACK codes in a reduced basis) through the HACK decode kernel, which returns
+their normalized output o_p and log2-sum-exp lse_p, and the 16-bit dense tail (sinks + the open
+page, at full head dim) by plain attention; the two are merged by their log-sum-exps. This module
+is the second half: tail attention and merge, fused (one launch per layer instead of ~35 tiny ones).
+
+Layout of one layer (W: the pages' width, only its first rv columns are meaningful):
+  q           [B, H, D]        fp16 / bf16 / fp32, after RoPE; H = KVH * G (head h reads kv head h // G)
+  dense_k     [B, KVH, T, D]   any float dtype, last dim contiguous, other strides free
+  dense_v     [B, KVH, T, D]   likewise; V in its completed basis
+  dense_lens  int32 [B]        row b attends its first dense_lens[b] tail tokens (0: none)
+  o_p         fp32 [B, H, W]   the pages' normalized output, W <= D
+  lse_p       fp32 [B, H]      the pages' log2-sum-exp of scores * scale * log2(e), -inf: no pages
+  out         [B, H, D]        q's dtype: columns < rv mix both parts, the others are the tail's
+
+Merge (lse_t, o_t: the tail's; an empty side has lse -inf and weight 0):
+  m = max(lse_p, lse_t) (0 if both are -inf), w_p = 2^(lse_p - m), w_t = 2^(lse_t - m),
+  out = (o_t * w_t + [o_p[:, :, :rv], 0] * w_p) / (w_p + w_t)   (zeros where both sides are empty).
+
+Kernel: grid (B, KVH); one program owns the G query heads of a kv head as a [G_PAD >= 16, BLOCK_D]
+tile (tl.dot's smallest M / K), streams the row's tail BLOCK_T tokens at a time through the
+shared online softmax (kernels/decode_steps.py, log2 domain, fp32 accumulators), then merges with
+those heads' o_p / lse_p and stores. Dots run in q's 16-bit dtype when q and the tail share it,
+else in fp32 (and for bfloat16 under the CPU interpreter). No host syncs: CUDA graphs capture it.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from zipserve.kernels.arg_checks import FLOAT_DTYPES
+from zipserve.kernels.decode_steps import _dense_tail
+from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
+from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
+
+__all__ = ["lowrank_tail_merge", "lowrank_tail_merge_ref"]
+
+_LOG2E = 1.4426950408889634
+BLOCK_T = 64  # tail tokens per step (a tail holds at most page_size + sinks tokens)
+
+
+@triton.jit
+def _lowrank_tail_merge_kernel(
+    q_ptr,  # [B, H, D]
+    dk_ptr,
+    dv_ptr,  # [B, KVH, T, D] each
+    dl_ptr,  # int32 [B]
+    op_ptr,  # fp32 [B, H, W]
+    lp_ptr,  # fp32 [B, H], log2
+    out_ptr,  # [B, H, D], q's dtype
+    qk_scale,  # softmax scale * log2(e)
+    rv,  # o_p's meaningful columns
+    stride_qb,
+    stride_qh,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    stride_opb,
+    stride_oph,
+    stride_lpb,
+    stride_lph,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)  # [BD] channels, >= HEAD_DIM padding
+    g_ok = offs_g < G
+    d_ok = offs_d < HEAD_DIM
+    heads = kvh * G + offs_g  # [G_PAD]
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [G_PAD, BD]; padded rows / channels are zeros
+    if UPCAST:
+        q = q.to(tl.float32)  # the tail follows q's dtype in _dense_tail
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _dense_tail(
+        q,
+        dk_ptr + b * stride_dkb + kvh * stride_dkh,
+        dv_ptr + b * stride_dvb + kvh * stride_dvh,
+        stride_dkt,
+        stride_dvt,
+        tl.load(dl_ptr + b),
+        offs_d,
+        d_ok,
+        offs_d,
+        d_ok,
+        m_i,
+        l_i,
+        acc,
+        qk_scale,
+        BLOCK_T,
+        DOT_PREC,
+    )
+    o = _merge_pages(
+        m_i,
+        l_i,
+        acc,
+        op_ptr + b * stride_opb + heads[:, None] * stride_oph + offs_d[None, :],
+        lp_ptr + b * stride_lpb + heads * stride_lph,
+        g_ok,
+        offs_d < rv,
+    )  # [G_PAD, BD]
+    tl.store(
+        out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=g_ok[:, None] & d_ok[None, :],
+    )
+
+
+@triton.jit
+def _merge_pages(m_i, l_i, acc, op_ptrs, lp_ptrs, g_ok, c_ok):
+    """The tail's running softmax (m_i, l_i [GP], acc [GP, BD] fp32, log2 domain) merged with the
+    pages' normalized output at op_ptrs [GP, BD] (columns c_ok [BD] only) and log2-sum-exp at
+    lp_ptrs [GP]; rows g_ok [GP] are real heads. Returns the normalized output [GP, BD] fp32."""
+    has_t = l_i > 0.0
+    l_safe = tl.where(has_t, l_i, 1.0)
+    lse_t = tl.where(has_t, m_i + tl.log2(l_safe), float("-inf"))  # [GP]
+    lse_p = tl.load(lp_ptrs, mask=g_ok, other=float("-inf"))  # [GP]
+    o_p = tl.load(op_ptrs, mask=g_ok[:, None] & c_ok[None, :], other=0.0)  # [GP, BD]
+    m = tl.maximum(lse_p, lse_t)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w_p = tl.exp2(lse_p - m)  # 0 for an empty side
+    w_t = tl.exp2(lse_t - m)
+    tot = w_p + w_t
+    o = (acc / l_safe[:, None]) * w_t[:, None] + o_p * w_p[:, None]
+    return o / tl.where(tot > 0.0, tot, 1.0)[:, None]
+
+
+def _is_tensor(x, dim: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == dim
+
+
+def _describe(x) -> str:
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    return f"{x.dtype} {tuple(x.shape)}"
+
+
+def _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
+    """Validate arguments; returns (B, H, KVH, T, D, W). Raises ValueError naming the argument.
+    dense_lens' values are checked on CPU only (no device sync)."""
+    if not _is_tensor(q, 3) or q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q must be [B, H, D] of {FLOAT_DTYPES}, got {_describe(q)}")
+    B, H, D = q.shape
+    if not head_dim_ok(D):
+        raise ValueError(head_dim_error(D, "q head_dim"))
+    for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
+        if not _is_tensor(t, 4) or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be [B, KVH, T, D] of {FLOAT_DTYPES}, got {_describe(t)}")
+        if t.shape[0] != B or t.shape[3] != D:
+            raise ValueError(f"{name} must be [B={B}, KVH, T, D={D}], got {tuple(t.shape)}")
+    KVH, T = dense_k.shape[1], dense_k.shape[2]
+    if dense_v.shape != dense_k.shape:
+        raise ValueError(f"dense_v shape {tuple(dense_v.shape)} != dense_k {tuple(dense_k.shape)}")
+    if KVH == 0 or H % KVH:
+        raise ValueError(f"q num_heads {H} must be a multiple of dense_k num_kv_heads {KVH}")
+    if not _is_tensor(dense_lens, 1) or dense_lens.dtype != torch.int32:
+        raise ValueError(f"dense_lens must be int32 [B={B}], got {_describe(dense_lens)}")
+    if dense_lens.shape[0] != B or not dense_lens.is_contiguous():
+        raise ValueError(
+            f"dense_lens must be contiguous int32 [B={B}], got {_describe(dense_lens)}"
+        )
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a python float, got {type(scale).__name__}")
+    if not _is_tensor(o_p, 3) or o_p.dtype != torch.float32:
+        raise ValueError(f"o_p must be float32 [B, H, W], got {_describe(o_p)}")
+    W = o_p.shape[2]
+    if o_p.shape[:2] != (B, H) or not 1 <= W <= D:
+        raise ValueError(f"o_p must be float32 [B={B}, H={H}, W <= {D}], got {_describe(o_p)}")
+    if not _is_tensor(lse_p, 2) or lse_p.dtype != torch.float32 or lse_p.shape != (B, H):
+        raise ValueError(f"lse_p must be float32 [B={B}, H={H}], got {_describe(lse_p)}")
+    if not isinstance(rv, int) or isinstance(rv, bool) or not 1 <= rv <= W:
+        raise ValueError(f"rv must be an int in [1, W={W}], got {rv!r}")
+    named = (("dense_k", dense_k), ("dense_v", dense_v), ("dense_lens", dense_lens))
+    for name, t in named + (("o_p", o_p), ("lse_p", lse_p)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    for name, t in (("q", q), ("dense_k", dense_k), ("dense_v", dense_v), ("o_p", o_p)):
+        if t.numel() > 0 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    if q.device.type == "cpu" and B and ((dense_lens < 0).any() or (dense_lens > T).any()):
+        raise ValueError(f"dense_lens must be in [0, T={T}], got {dense_lens.tolist()}")
+    return B, H, KVH, T, D, W
+
+
+def _dots_in_16_bits(q, dense_k, dense_v) -> bool:
+    """The kernel's dots run in q's 16-bit dtype when the tail shares it, else in fp32 (also for
+    bfloat16 under the CPU interpreter, whose tl.dot mis-computes bfloat16)."""
+    if q.dtype == torch.float32 or not dense_k.dtype == dense_v.dtype == q.dtype:
+        return False
+    return q.dtype == torch.float16 or not is_interpreted(_lowrank_tail_merge_kernel)
+
+
+def lowrank_tail_merge(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
+    """Tail attention + merge with the pages (module docstring). Returns out [B, H, D] in q's dtype."""
+    B, H, KVH, T, D, W = _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv)
+    require_runnable("lowrank_tail_merge", _lowrank_tail_merge_kernel, q)
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if B == 0 or H == 0:
+        return out
+    G = H // KVH
+    lowp = _dots_in_16_bits(q, dense_k, dense_v)
+    _lowrank_tail_merge_kernel[(B, KVH)](
+        q,
+        dense_k,
+        dense_v,
+        dense_lens,
+        o_p,
+        lse_p,
+        out,
+        float(scale) * _LOG2E,
+        rv,
+        q.stride(0),
+        q.stride(1),
+        dense_k.stride(0),
+        dense_k.stride(1),
+        dense_k.stride(2),
+        dense_v.stride(0),
+        dense_v.stride(1),
+        dense_v.stride(2),
+        o_p.stride(0),
+        o_p.stride(1),
+        lse_p.stride(0),
+        lse_p.stride(1),
+        out.stride(0),
+        out.stride(1),
+        G=G,
+        G_PAD=max(16, triton.next_power_of_2(G)),
+        HEAD_DIM=D,
+        BLOCK_D=block_d(D),
+        BLOCK_T=BLOCK_T,
+        UPCAST=not lowp,
+        DOT_PREC="tf32" if lowp else "ieee",
+        num_warps=4,
+        num_stages=2,
+    )
+    return out
+
+
+def _tail_attention_ref(q, dense_k, dense_v, dense_lens, scale):
+    """Plain attention of q [B, H, D] over dense_k/v [B, KVH, T, D]'s first dense_lens[b] tokens
+    -> (o [B, H, D] fp32, lse [B, H] fp32 in log2 units, -inf where a row has none)."""
+    b, h, d = q.shape
+    kvh, t = dense_k.shape[1], dense_k.shape[2]
+    qf = q.float().reshape(b, kvh, h // kvh, d)
+    s = torch.einsum("bkgd,bktd->bkgt", qf, dense_k.float()) * (scale * _LOG2E)
+    keep = torch.arange(t, device=q.device)[None, :] < dense_lens[:, None].long()  # [B, T]
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    m = s.amax(-1) if t else s.new_full(s.shape[:-1], float("-inf"))  # [B, KVH, G]
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp2(s - m[..., None])
+    l = p.sum(-1)  # noqa: E741  [B, KVH, G]
+    l_safe = torch.where(l > 0, l, 1.0)
+    o = torch.einsum("bkgt,bktd->bkgd", p, dense_v.float()) / l_safe[..., None]
+    lse = torch.where(l > 0, m + torch.log2(l_safe), float("-inf"))
+    return o.reshape(b, h, d), lse.reshape(b, h)
+
+
+def lowrank_tail_merge_ref(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
+    """fp32 torch reference: the tail's attention (o_t, lse_t), then the log-sum-exp merge with the
+    pages' first rv columns. Returns out [B, H, D] in q's dtype."""
+    _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv)
+    o_t, lse_t = _tail_attention_ref(q, dense_k, dense_v, dense_lens, scale)  # [B, H, D], [B, H]
+    m = torch.maximum(lse_p, lse_t)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w_p, w_t = torch.exp2(lse_p - m), torch.exp2(lse_t - m)  # 0 for an empty side
+    o = o_t * w_t[..., None]
+    o[..., :rv] += o_p[..., :rv].float() * w_p[..., None]
+    tot = w_p + w_t
+    return (o / torch.where(tot > 0, tot, 1.0)[..., None]).to(q.dtype)

@@ -1,0 +1,218 @@
+"""The lowrank+hack tail-merge kernel (kernels/lowrank_tail_merge.py): the Triton kernel (in the
+interpreter on CPU) against its torch reference on fresh random, strided inputs (fp32 / fp16 / bf16,
+GQA groups, head dims 64 / 96 / 128, rows with an empty tail, no pages, or neither); the reference
+against float64 attention over pages and tail together (the merge is exact); argument checks; a
+GPU variant at a serving shape."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+
+import pytest  # noqa: E402
+
+from zipserve.kernels.lowrank_tail_merge import (  # noqa: E402
+    _lowrank_tail_merge_kernel,
+    lowrank_tail_merge,
+    lowrank_tail_merge_ref,
+)
+from zipserve.kernels.paged_decode_attention import is_interpreted  # noqa: E402
+
+DEVICE = "cpu" if is_interpreted(_lowrank_tail_merge_kernel) else "cuda"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}  # relative L2
+LN2 = 0.6931471805599453
+INF = float("inf")
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _row_lens(b: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """dense_lens int32 [B]: row pattern b % 4 -- 0 pages + tail, 1 empty tail, 2 no pages, 3 both
+    empty."""
+    lens = torch.randint(1, t + 1, (b,), generator=gen, dtype=torch.int32)
+    lens[1::4] = 0
+    lens[3::4] = 0
+    return lens
+
+
+def _inputs(gen, b, h, kvh, d, t, w, q_dtype, kv_dtype, device=DEVICE):
+    """Arguments of lowrank_tail_merge as strided views: q a head slice of a wider tensor, dense_k a
+    (kv head, token) window of a larger buffer, dense_v token-major, o_p narrower than its buffer,
+    lse_p transposed. o_p is random in all W columns (only the first rv may count)."""
+    q = torch.randn(b, h + 1, d, generator=gen)[:, 1:]  # [B, H, D]
+    dk = torch.randn(b, kvh + 1, t + 3, d, generator=gen)[:, 1:, 2 : t + 2]  # [B, KVH, T, D]
+    dv = torch.randn(b, t, kvh, d, generator=gen).transpose(1, 2)  # [B, KVH, T, D]
+    o_p = torch.randn(b, h, w + 8, generator=gen)[..., :w]  # [B, H, W]
+    lse_p = (torch.randn(h, b, generator=gen) * 2 + 4).t()  # [B, H], log2 units
+    lse_p[2::4] = -INF  # rows without pages (patterns 2 and 3)
+    lse_p[3::4] = -INF
+    lse_p[0::4, 0] = -INF  # and one head of the full rows
+    lens = _row_lens(b, t, gen)
+    return dict(
+        q=q.to(device=device, dtype=q_dtype),
+        dense_k=dk.to(device=device, dtype=kv_dtype),
+        dense_v=dv.to(device=device, dtype=kv_dtype),
+        dense_lens=lens.to(device),
+        scale=d**-0.5,
+        o_p=o_p.to(device),
+        lse_p=lse_p.to(device),
+    )
+
+
+CASES = [  # (D, T, W, rv): W in {D // 2, D}, rv in {W, W // 2 + 1}
+    (64, 1, 64, 64),
+    (64, 65, 32, 17),
+    (128, 17, 64, 64),
+    (128, 130, 128, 65),
+    (96, 65, 96, 49),
+]
+
+
+@pytest.mark.parametrize(
+    "q_dtype,kv_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),  # mixed: the dots run in fp32
+    ],
+)
+@pytest.mark.parametrize("b,h,kvh", [(3, 8, 2), (2, 4, 4), (1, 8, 1)])
+def test_kernel_matches_reference(q_dtype, kv_dtype, b, h, kvh):
+    gen = torch.Generator().manual_seed(1000 * b + 10 * h + kvh)
+    for d, t, w, rv in CASES:
+        args = _inputs(gen, b, h, kvh, d, t, w, q_dtype, kv_dtype)
+        ref = lowrank_tail_merge_ref(**args, rv=rv)
+        out = lowrank_tail_merge(**args, rv=rv)
+        assert out.shape == (b, h, d) and out.dtype == q_dtype
+        assert torch.isfinite(out).all()
+        err = _rel_err(out, ref)
+        assert err < TOL[q_dtype], (d, t, w, rv, err)
+
+
+@pytest.mark.parametrize("fn", [lowrank_tail_merge, lowrank_tail_merge_ref])
+def test_rows_with_an_empty_side(fn):
+    """Empty tail: the pages' output (columns >= rv zero); no pages: the tail's; neither: zeros."""
+    b, h, kvh, d, t, w, rv = 4, 8, 2, 64, 40, 48, 30
+    args = _inputs(
+        torch.Generator().manual_seed(5), b, h, kvh, d, t, w, torch.float32, torch.float32
+    )
+    out = fn(**args, rv=rv).cpu()
+    o_p, lse_p = args["o_p"].cpu(), args["lse_p"].cpu()
+    assert torch.allclose(out[1, :, :rv], o_p[1, :, :rv], atol=1e-6)  # pages only
+    assert (out[1, :, rv:] == 0).all()
+    assert torch.isinf(lse_p[2]).all() and (out[2] != 0).any()  # tail only
+    assert (out[3] == 0).all()  # neither: a padding row
+
+
+def _float64_case(gen, b, h, kvh, d, t, w, rv, n_pages):
+    """Pages as real keys / values: o_p and lse_p from float64 softmax attention over them, and the
+    expected output of float64 attention over pages and tail together (page values zero past rv)."""
+    g = h // kvh
+    scale = d**-0.5
+    q = torch.randn(b, h, d, generator=gen, dtype=torch.float64)
+    dk = torch.randn(b, kvh, t, d, generator=gen, dtype=torch.float64)
+    dv = torch.randn(b, kvh, t, d, generator=gen, dtype=torch.float64)
+    lens = _row_lens(b, t, gen)
+    o_p = torch.zeros(b, h, w, dtype=torch.float64)
+    lse_p = torch.full((b, h), -INF, dtype=torch.float64)
+    want = torch.zeros(b, h, d, dtype=torch.float64)
+    for i in range(b):
+        n = n_pages[i]
+        kp = torch.randn(kvh, n, d, generator=gen, dtype=torch.float64) * 1.5
+        vp = torch.randn(kvh, n, w, generator=gen, dtype=torch.float64)  # all W columns random
+        qi = q[i].view(kvh, g, d)
+        s_p = torch.einsum("kgd,knd->kgn", qi, kp) * scale  # [KVH, G, n], natural log units
+        if n:
+            o_p[i] = (s_p.softmax(-1) @ vp).reshape(h, w)
+            lse_p[i] = (torch.logsumexp(s_p, -1) / LN2).reshape(h)
+        s_t = torch.einsum("kgd,ktd->kgt", qi, dk[i, :, : lens[i]]) * scale  # [KVH, G, len]
+        s = torch.cat([s_p, s_t], -1)
+        if s.shape[-1] == 0:
+            continue
+        v_pages = torch.nn.functional.pad(vp[..., :rv], (0, d - rv))  # [KVH, n, D]
+        v = torch.cat([v_pages, dv[i, :, : lens[i]]], 1)  # [KVH, n + len, D]
+        want[i] = (s.softmax(-1) @ v).reshape(h, d)
+    args = dict(
+        q=q.float(),
+        dense_k=dk.float(),
+        dense_v=dv.float(),
+        dense_lens=lens,
+        scale=scale,
+        o_p=o_p.float(),
+        lse_p=lse_p.float(),
+    )
+    return args, want
+
+
+@pytest.mark.parametrize("fn", [lowrank_tail_merge_ref, lowrank_tail_merge])
+def test_merge_equals_float64_attention_over_pages_and_tail(fn):
+    gen = torch.Generator().manual_seed(11)
+    b, h, kvh, d, t, w, rv = 4, 8, 2, 96, 33, 64, 40
+    args, want = _float64_case(gen, b, h, kvh, d, t, w, rv, n_pages=[50, 17, 0, 0])
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    out = fn(**args, rv=rv).cpu()
+    assert _rel_err(out, want) < 1e-5
+    assert (out[3] == 0).all()  # no pages, empty tail
+
+
+def _valid_args():
+    gen = torch.Generator().manual_seed(3)
+    return dict(_inputs(gen, 2, 4, 2, 64, 9, 32, torch.float32, torch.float32, "cpu"), rv=20)
+
+
+def _bad(**changes):
+    def make():
+        args = _valid_args()
+        for k, f in changes.items():
+            args[k] = f(args[k])
+        return args
+
+    return make
+
+
+BAD = [
+    ("q", _bad(q=lambda q: q[0])),
+    ("head_dim", _bad(q=lambda q: q[..., :7])),
+    ("dense_k", _bad(dense_k=lambda x: x.to(torch.int32))),
+    ("dense_k", _bad(dense_k=lambda x: x.transpose(2, 3))),  # last dim not contiguous
+    ("dense_k", _bad(dense_k=lambda x: x.to("meta"))),  # another device
+    ("dense_v", _bad(dense_v=lambda x: x[:, :, :4])),
+    ("num_kv_heads", _bad(q=lambda q: q[:, :3])),
+    ("dense_lens", _bad(dense_lens=lambda x: x.long())),
+    ("dense_lens", _bad(dense_lens=lambda x: x + 100)),  # > T (checked on CPU only)
+    ("scale", _bad(scale=lambda s: torch.tensor(s))),
+    ("o_p", _bad(o_p=lambda x: x.half())),
+    ("o_p", _bad(o_p=lambda x: torch.zeros(2, 4, 65))),  # W > D
+    ("lse_p", _bad(lse_p=lambda x: x[:, :2])),
+    ("rv", _bad(rv=lambda r: 0)),
+    ("rv", _bad(rv=lambda r: 33)),  # > W
+    ("rv", _bad(rv=lambda r: True)),
+]
+
+
+@pytest.mark.parametrize("fn", [lowrank_tail_merge, lowrank_tail_merge_ref])
+@pytest.mark.parametrize("name,make", BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])
+def test_bad_arguments_raise(fn, name, make):
+    args = make()
+    with pytest.raises(ValueError, match=name):
+        fn(**args)
+
+
+@pytest.mark.gpu
+def test_kernel_matches_reference_on_gpu():
+    gen = torch.Generator().manual_seed(17)
+    b, h, kvh, d, t, w, rv = 8, 32, 8, 128, 65, 64, 40
+    args = _inputs(gen, b, h, kvh, d, t, w, torch.bfloat16, torch.bfloat16, "cuda")
+    ref = lowrank_tail_merge_ref(**args, rv=rv)
+    out = lowrank_tail_merge(**args, rv=rv)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16 and out.shape == (b, h, d)
+    assert _rel_err(out, ref) < TOL[torch.bfloat16]
