@@ -301,14 +301,42 @@ class LowRankLayerCodec(KVCodec):
     def dequantize_into(self, pages, page_ids, out_k, out_v):
         _no_dense_form(self.name)
 
+    @property
+    def reads_tail_in_place(self) -> bool:
+        """lowrank+hack reads the cache's tail buffer in place (row, start, length: the fused
+        tail-merge kernel); plain lowrank's kernel takes it gathered."""
+        return self.inner is not None
+
     def decode_attention(
-        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits=1
+        self,
+        q,
+        store,
+        page_table,
+        n_full,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        num_splits=1,
+        dense_rows=None,
+        dense_start=None,
     ):
-        """q [B, H, D] after RoPE; dense_k full, dense_v in V's completed basis. Returns o_T
-        [B, H, D] in that basis."""
+        """q [B, H, D] after RoPE; dense_k full, dense_v in V's completed basis (lowrank+hack: the
+        tail buffer, sequence b's range from column dense_start[b] of row dense_rows[b]). Returns
+        o_T [B, H, D] in that basis."""
         if self.inner is not None:
             return self._hack_decode(
-                q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits
+                q,
+                store,
+                page_table,
+                n_full,
+                dense_k,
+                dense_v,
+                dense_lens,
+                scale,
+                num_splits,
+                dense_rows,
+                dense_start,
             )
         fn = lr_attn.lowrank_decode_attention if q.is_cuda else lr_attn.lowrank_decode_attention_ref
         return fn(
@@ -326,7 +354,18 @@ class LowRankLayerCodec(KVCodec):
         )
 
     def _hack_decode(
-        self, q, store, page_table, n_full, dense_k, dense_v, dense_lens, scale, num_splits
+        self,
+        q,
+        store,
+        page_table,
+        n_full,
+        dense_k,
+        dense_v,
+        dense_lens,
+        scale,
+        num_splits,
+        dense_rows=None,
+        dense_start=None,
     ):
         """lowrank+hack: the pages (reduced K and V, HACK codes at the inner width) through the HACK
         decode kernel with the projected query and no tail, then the 16-bit tail (full K, V in its
@@ -336,7 +375,7 @@ class LowRankLayerCodec(KVCodec):
         b, h, d = q.shape
         w = self.width
         q_red = _width(self._project_query(q).float(), w)  # [B, H, W], zeros past r_k
-        no_tail = torch.zeros(b, self.kvh, 1, w, dtype=torch.float32, device=q.device)
+        no_tail = q_red.new_zeros(b, self.kvh, 1, w)
         hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         inner = self.inner
         o_p, lse_p = hack(
@@ -357,7 +396,18 @@ class LowRankLayerCodec(KVCodec):
             return_lse=True,
         )  # [B, H, W] (first r_v columns: the values' coordinates), [B, H] log2 units
         merge = tail_merge.lowrank_tail_merge if q.is_cuda else tail_merge.lowrank_tail_merge_ref
-        return merge(q, dense_k, dense_v, dense_lens, scale, o_p.float(), lse_p, self.rv)
+        return merge(
+            q,
+            dense_k,
+            dense_v,
+            dense_lens,
+            scale,
+            o_p.float(),
+            lse_p,
+            self.rv,
+            dense_rows=dense_rows,
+            dense_start=dense_start,
+        )
 
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:

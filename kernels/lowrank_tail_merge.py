@@ -14,7 +14,12 @@ Layout of one layer (W: the pages' width, only its first rv columns are meaningf
   dense_k     [B, KVH, T, D]   any float dtype, last dim contiguous, other strides free
   dense_v     [B, KVH, T, D]   likewise; V in its completed basis
   dense_lens  int32 [B]        row b attends its first dense_lens[b] tail tokens (0: none)
-  o_p         fp32 [B, H, W]   the pages' normalized output, W <= D
+  dense_rows, dense_start      optional int32 [B]: sequence b's tail is row dense_rows[b] of
+              dense_k / dense_v from column dense_start[b] (defaults b, 0), read in place (the
+              compressed cache's tail buffer [slots, KVH, s + P + 1, D], as HACK's kernel takes it);
+              dense_lens[b] <= T - dense_start[b]
+  o_p         fp32 [B, H, W]   the pages' normalized output (W: HACK's width, which may pass D
+                               for a small head_dim)
   lse_p       fp32 [B, H]      the pages' log2-sum-exp of scores * scale * log2(e), -inf: no pages
   out         [B, H, D]        q's dtype: columns < rv mix both parts, the others are the tail's
 
@@ -35,6 +40,7 @@ import triton.language as tl
 
 from zipserve.kernels.arg_checks import FLOAT_DTYPES
 from zipserve.kernels.decode_steps import _dense_tail
+from zipserve.kernels.hack_decode_attention import tail_index
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
 
@@ -50,6 +56,8 @@ def _lowrank_tail_merge_kernel(
     dk_ptr,
     dv_ptr,  # [B, KVH, T, D] each
     dl_ptr,  # int32 [B]
+    rows_ptr,  # int32 [B]: the tail row of sequence b
+    start_ptr,  # int32 [B]: its first column
     op_ptr,  # fp32 [B, H, W]
     lp_ptr,  # fp32 [B, H], log2
     out_ptr,  # [B, H, D], q's dtype
@@ -95,10 +103,12 @@ def _lowrank_tail_merge_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    start = tl.load(start_ptr + b).to(tl.int64)
     m_i, l_i, acc = _dense_tail(
         q,
-        dk_ptr + b * stride_dkb + kvh * stride_dkh,
-        dv_ptr + b * stride_dvb + kvh * stride_dvh,
+        dk_ptr + row * stride_dkb + kvh * stride_dkh + start * stride_dkt,
+        dv_ptr + row * stride_dvb + kvh * stride_dvh + start * stride_dvt,
         stride_dkt,
         stride_dvt,
         tl.load(dl_ptr + b),
@@ -158,7 +168,9 @@ def _describe(x) -> str:
     return f"{x.dtype} {tuple(x.shape)}"
 
 
-def _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
+def _check_args(
+    q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows=None, dense_start=None
+):
     """Validate arguments; returns (B, H, KVH, T, D, W). Raises ValueError naming the argument.
     dense_lens' values are checked on CPU only (no device sync)."""
     if not _is_tensor(q, 3) or q.dtype not in FLOAT_DTYPES:
@@ -169,7 +181,7 @@ def _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
     for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
         if not _is_tensor(t, 4) or t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be [B, KVH, T, D] of {FLOAT_DTYPES}, got {_describe(t)}")
-        if t.shape[0] != B or t.shape[3] != D:
+        if (dense_rows is None and t.shape[0] != B) or t.shape[3] != D:
             raise ValueError(f"{name} must be [B={B}, KVH, T, D={D}], got {tuple(t.shape)}")
     KVH, T = dense_k.shape[1], dense_k.shape[2]
     if dense_v.shape != dense_k.shape:
@@ -187,12 +199,17 @@ def _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
     if not _is_tensor(o_p, 3) or o_p.dtype != torch.float32:
         raise ValueError(f"o_p must be float32 [B, H, W], got {_describe(o_p)}")
     W = o_p.shape[2]
-    if o_p.shape[:2] != (B, H) or not 1 <= W <= D:
-        raise ValueError(f"o_p must be float32 [B={B}, H={H}, W <= {D}], got {_describe(o_p)}")
+    if o_p.shape[:2] != (B, H) or W < 1:
+        raise ValueError(f"o_p must be float32 [B={B}, H={H}, W >= 1], got {_describe(o_p)}")
     if not _is_tensor(lse_p, 2) or lse_p.dtype != torch.float32 or lse_p.shape != (B, H):
         raise ValueError(f"lse_p must be float32 [B={B}, H={H}], got {_describe(lse_p)}")
-    if not isinstance(rv, int) or isinstance(rv, bool) or not 1 <= rv <= W:
-        raise ValueError(f"rv must be an int in [1, W={W}], got {rv!r}")
+    if not isinstance(rv, int) or isinstance(rv, bool) or not 1 <= rv <= min(W, D):
+        raise ValueError(f"rv must be an int in [1, min(W={W}, D={D})], got {rv!r}")
+    for name, t in (("dense_rows", dense_rows), ("dense_start", dense_start)):
+        if t is not None and (not _is_tensor(t, 1) or t.dtype != torch.int32 or t.shape[0] != B):
+            raise ValueError(f"{name} must be int32 [B={B}], got {_describe(t)}")
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
     named = (("dense_k", dense_k), ("dense_v", dense_v), ("dense_lens", dense_lens))
     for name, t in named + (("o_p", o_p), ("lse_p", lse_p)):
         if t.device != q.device:
@@ -200,8 +217,16 @@ def _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
     for name, t in (("q", q), ("dense_k", dense_k), ("dense_v", dense_v), ("o_p", o_p)):
         if t.numel() > 0 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
-    if q.device.type == "cpu" and B and ((dense_lens < 0).any() or (dense_lens > T).any()):
-        raise ValueError(f"dense_lens must be in [0, T={T}], got {dense_lens.tolist()}")
+    if q.device.type == "cpu" and B:
+        start = 0 if dense_start is None else dense_start
+        if (dense_lens < 0).any() or (dense_lens > T - start).any():
+            raise ValueError(
+                f"dense_lens must be in [0, T={T} - dense_start], got {dense_lens.tolist()}"
+            )
+        if dense_rows is not None and (
+            (dense_rows < 0).any() or (dense_rows >= len(dense_k)).any()
+        ):
+            raise ValueError(f"dense_rows must index dense_k's {len(dense_k)} rows")
     return B, H, KVH, T, D, W
 
 
@@ -213,20 +238,27 @@ def _dots_in_16_bits(q, dense_k, dense_v) -> bool:
     return q.dtype == torch.float16 or not is_interpreted(_lowrank_tail_merge_kernel)
 
 
-def lowrank_tail_merge(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
+def lowrank_tail_merge(
+    q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows=None, dense_start=None
+):
     """Tail attention + merge with the pages (module docstring). Returns out [B, H, D] in q's dtype."""
-    B, H, KVH, T, D, W = _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv)
+    B, H, KVH, T, D, W = _check_args(
+        q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start
+    )
     require_runnable("lowrank_tail_merge", _lowrank_tail_merge_kernel, q)
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0 or H == 0:
         return out
     G = H // KVH
     lowp = _dots_in_16_bits(q, dense_k, dense_v)
+    rows, start = tail_index(q, dense_rows, dense_start)
     _lowrank_tail_merge_kernel[(B, KVH)](
         q,
         dense_k,
         dense_v,
         dense_lens,
+        rows,
+        start,
         o_p,
         lse_p,
         out,
@@ -278,10 +310,19 @@ def _tail_attention_ref(q, dense_k, dense_v, dense_lens, scale):
     return o.reshape(b, h, d), lse.reshape(b, h)
 
 
-def lowrank_tail_merge_ref(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv):
+def lowrank_tail_merge_ref(
+    q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows=None, dense_start=None
+):
     """fp32 torch reference: the tail's attention (o_t, lse_t), then the log-sum-exp merge with the
     pages' first rv columns. Returns out [B, H, D] in q's dtype."""
-    _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv)
+    _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start)
+    if dense_rows is not None or dense_start is not None:  # each row's range gathered
+        rows, start = tail_index(q, dense_rows, dense_start)
+        t = dense_k.shape[2]
+        cols = (start[:, None].long() + torch.arange(t, device=q.device)).clamp_max(t - 1)
+        gather = (rows.long()[:, None], slice(None), cols)  # -> [B, T, KVH, D]
+        dense_k = dense_k[gather].transpose(1, 2)
+        dense_v = dense_v[gather].transpose(1, 2)
     o_t, lse_t = _tail_attention_ref(q, dense_k, dense_v, dense_lens, scale)  # [B, H, D], [B, H]
     m = torch.maximum(lse_p, lse_t)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)

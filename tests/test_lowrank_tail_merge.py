@@ -163,6 +163,45 @@ def test_merge_equals_float64_attention_over_pages_and_tail(fn):
     assert (out[3] == 0).all()  # no pages, empty tail
 
 
+@pytest.mark.parametrize("fn", [lowrank_tail_merge, lowrank_tail_merge_ref])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tail_read_in_place_equals_the_gathered_tail(fn, dtype):
+    """dense_rows / dense_start: sequence b's tail is row dense_rows[b] of a buffer of more rows,
+    from column dense_start[b] (the compressed cache's tail buffer, as HACK's kernel reads it).
+    Equal to the same ranges gathered into [B, KVH, T, D]; rows of the buffer nobody names (and
+    columns outside each range) may hold anything."""
+    gen = torch.Generator().manual_seed(23)
+    b, h, kvh, d, w, rv, slots, t = 4, 8, 2, 64, 48, 30, 6, 72
+    args = _inputs(gen, b, h, kvh, d, 8, w, dtype, dtype)
+    buf_k = torch.randn(slots, kvh, t, d, generator=gen).to(DEVICE, dtype)  # [slots, KVH, T, D]
+    buf_v = torch.randn(slots, kvh, t, d, generator=gen).to(DEVICE, dtype)
+    rows = torch.tensor([5, 0, 3, 2], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([4, 0, 4, 0], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([65, 7, 0, 68], dtype=torch.int32, device=DEVICE)
+    n = t - 4  # the widest range the gathered form needs
+    cols = start[:, None].long() + torch.arange(n, device=DEVICE)  # [B, n]
+    gathered = {
+        "dense_k": buf_k[rows.long()[:, None], :, cols].transpose(1, 2).contiguous(),
+        "dense_v": buf_v[rows.long()[:, None], :, cols].transpose(1, 2).contiguous(),
+    }
+    args.pop("dense_k"), args.pop("dense_v")  # 8-token tails: replaced by the buffer
+    common = dict(args, dense_lens=lens, rv=rv)
+    want = lowrank_tail_merge_ref(**{**common, **gathered})
+    got = fn(**common, dense_k=buf_k, dense_v=buf_v, dense_rows=rows, dense_start=start)
+    assert _rel_err(got, want) < TOL[dtype]
+    with pytest.raises(ValueError, match="dense_rows"):
+        fn(**common, dense_k=buf_k, dense_v=buf_v, dense_rows=rows.long(), dense_start=start)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="dense_lens"):  # a range past the buffer's end
+            fn(
+                **{**common, "dense_lens": lens + 8},
+                dense_k=buf_k,
+                dense_v=buf_v,
+                dense_rows=rows,
+                dense_start=start,
+            )
+
+
 def _valid_args():
     gen = torch.Generator().manual_seed(3)
     return dict(_inputs(gen, 2, 4, 2, 64, 9, 32, torch.float32, torch.float32, "cpu"), rv=20)
@@ -190,7 +229,7 @@ BAD = [
     ("dense_lens", _bad(dense_lens=lambda x: x + 100)),  # > T (checked on CPU only)
     ("scale", _bad(scale=lambda s: torch.tensor(s))),
     ("o_p", _bad(o_p=lambda x: x.half())),
-    ("o_p", _bad(o_p=lambda x: torch.zeros(2, 4, 65))),  # W > D
+    ("o_p", _bad(o_p=lambda x: torch.zeros(2, 4, 0))),  # no columns
     ("lse_p", _bad(lse_p=lambda x: x[:, :2])),
     ("rv", _bad(rv=lambda r: 0)),
     ("rv", _bad(rv=lambda r: 33)),  # > W
