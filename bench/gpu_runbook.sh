@@ -39,8 +39,8 @@
 #   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
 #                              device time by kind (bench/prefill_profile.py)              ~5 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
-#   round19    nvidia-h100-x1  session 18's unrun GPU tests, lowrank+hack2 tokens/s, then the
-#                              no-link lanes bf16 / lowrank+hack2 / fp8 / hack4 / hack2mix ~9 min
+#   round19    nvidia-h100-x1  session 18's unrun GPU tests, lowrank+hack2 tokens/s and profile,
+#                              then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4  ~9 min
 #   round18    nvidia-h100-x1  prefill17's tests and profile, lowrank18's, then bf16 / kivi2 /
 #                              hack2 / lowrank+hack2 with no link at 1-3 req/s             ~8 min
 #   lowrank18  nvidia-h100-x1  lowrank+hack2's fused tail + merge: its GPU test, the low-rank
@@ -422,16 +422,19 @@ waits17)
     ;;
 round19)
     # Session 19's first call (~9 min): what session 18 built but could not run, then the no-link
-    # lanes not measured since session 17's prefill fix (fp8, hack4, hack2mix) and lowrank+hack2
-    # after its fused tail-merge, beside bf16. The JCT sweep writes after every run now, so a cut
+    # lanes not measured since session 17's prefill fix (fp8, hack4) and lowrank+hack2 after its
+    # fused tail-merge and the Triton HACK kernel's splits for 2-warp programs (its profile names
+    # the kernels apart), beside bf16. The JCT sweep writes after every run now, so a cut
     # keeps what it measured.
     pytest_gpu 60 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py
     pytest_gpu 100 lowrank_gpu -m gpu tests/test_engine_gpu.py \
         tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k lowrank
     step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
-    step 330 jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4,hack2mix --decode-kv auto \
+    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 280 jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;

@@ -203,7 +203,13 @@ class HackCodec(KVCodec):
         if torch.cuda.is_available():
             backend = self.resolved_backend(torch.device("cuda", torch.cuda.current_device()))
         return hack_attn.hack_num_splits(
-            batch, self.kvh, max_len, num_sms=num_sms, backend=backend, bits=self.bits
+            batch,
+            self.kvh,
+            max_len,
+            num_sms=num_sms,
+            backend=backend,
+            bits=self.bits,
+            head_dim=self.head_dim,
         )
 
     def page_bytes_per_token(self):

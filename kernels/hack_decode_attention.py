@@ -71,16 +71,21 @@ def hack_num_splits(
     num_sms: int = 132,
     backend: str = "triton",
     bits: int = 2,
+    head_dim: int = 128,
 ) -> int:
-    """Page splits for a launch.  Triton: splits that fill one wave; the kernel keeps 2 programs
-    per SM resident (255 registers; ncu on an H200, bench/results/hack_tune_h200.log), and a second,
-    partial wave cost 12% at 8 x 32k; no split shorter than 1024 tokens (compressed pages are cheap).
+    """Page splits for a launch.  Triton: splits that fill one wave of resident programs; at 4 warps
+    the kernel keeps 2 programs per SM (255 registers; ncu on an H200,
+    bench/results/hack_tune_h200.log), and a second, partial wave cost 12% at 8 x 32k; a program of
+    2 warps (planes narrower than 32 bytes: head_dim 64 at 2 bits, lowrank+hack2's pages) leaves
+    room for 4; no split shorter than 1024 tokens (compressed pages are cheap).
     CUDA (a resolved backend): kernels/hack_decode_cuda.py's cuda_num_splits (bits: the pages', which
     set the shared memory some variants hold per warp)."""
     if backend == "cuda":
         return hack_decode_cuda.cuda_num_splits(batch, num_kv_heads, max_seq_len, num_sms, bits)
     programs = max(1, batch * num_kv_heads)
-    return int(max(1, min((2 * num_sms) // programs, max(1, max_seq_len // 1024), 64)))
+    warps = _launch_config(1, 64, head_dim, bits)[2]
+    resident = 8 // warps  # programs of 255 registers an SM holds (65536 / (255 * 32 * warps))
+    return int(max(1, min((resident * num_sms) // programs, max(1, max_seq_len // 1024), 64)))
 
 
 def _kernel_is_interpreted() -> bool:
