@@ -421,16 +421,20 @@ waits17)
     pytest_gpu 30 kivi_encode -m gpu tests/test_kivi_encode.py
     ;;
 round19)
-    # Session 19's first call (~9 min): what session 18 built but could not run, then the no-link
+    # Session 19's first call (~9 min): what session 18 built but could not run (fp8's encode
+    # kernel among it: its 4k prefill beside bf16's), then the no-link
     # lanes not measured since session 17's prefill fix (fp8, hack4) and lowrank+hack2 after its
     # fused tail-merge and the Triton HACK kernel's splits for 2-warp programs (its profile names
     # the kernels apart), beside bf16. The JCT sweep writes after every run now, so a cut
     # keeps what it measured.
-    pytest_gpu 60 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py
+    pytest_gpu 60 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
+        tests/test_fp8_encode.py
     pytest_gpu 100 lowrank_gpu -m gpu tests/test_engine_gpu.py \
         tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k lowrank
     step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
+    step 25 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,fp8 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     step 280 jct_nolink python3 -m zipserve bench jct --sweep \

@@ -9,8 +9,10 @@ from zipserve.compress.codec import KVCodec
 from zipserve.kernels import baseline_prefill_attention as base_prefill
 from zipserve.kernels import dequant_pages as dq
 from zipserve.kernels import fp8_decode_attention as fp8_attn
+from zipserve.kernels import fp8_encode
+from zipserve.kernels.fp8_encode import FP8_MAX
 
-FP8_MAX = 448.0
+__all__ = ["FP8_MAX", "Fp8Codec"]
 
 
 class Fp8Codec(KVCodec):
@@ -27,13 +29,16 @@ class Fp8Codec(KVCodec):
             "v_scale": torch.zeros(num_pages, self.kvh, device=device),
         }
 
-    def encode(self, store, page_ids, k, v):
-        for name, x in (("k", k), ("v", v)):
-            xf = x.float()
-            amax = xf.abs().amax(dim=(2, 3))  # [n, KVH]
-            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-            store[name][page_ids] = (xf / scale[:, :, None, None]).to(torch.float8_e4m3fn)
-            store[name + "_scale"][page_ids] = scale
+    def encode(self, store, page_ids, k, v, **where):
+        """Pages k, v [n, KVH, P, D] into page_ids (kernels/fp8_encode.py: one Triton launch on a
+        GPU, its torch reference on the CPU); where: seal_rows' src_rows / skip_page."""
+        fn = fp8_encode.fp8_encode_pages if k.is_cuda else fp8_encode.fp8_encode_pages_ref
+        fn(k, v, store, page_ids, **where)
+
+    def seal_rows(self, store, page_ids, k, v, rows, skip_page):
+        """In place: rows `rows` of the open pages, programs sealing into skip_page write nothing
+        (the grid is the batch: CUDA-graph safe; a step that fills no page quantizes nothing)."""
+        self.encode(store, page_ids, k, v, src_rows=rows, skip_page=skip_page)
 
     def dequantize(self, store, page_ids):
         return tuple(
