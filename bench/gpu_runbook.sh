@@ -437,7 +437,7 @@ round19)
         --codecs bf16,fp8 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step 280 jct_nolink python3 -m zipserve bench jct --sweep \
+    step 240 jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
