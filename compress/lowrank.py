@@ -200,6 +200,9 @@ class LowRankLayerCodec(KVCodec):
                 )
             self.inner = HackCodec(num_kv_heads, page_size, self.width, bits)
             self.n_sink = HackCodec.n_sink
+            # k_dec zero padded to the HACK width [KVH, D, W]: q @ it is the pages' query as
+            # their kernel takes it, zeros past r_k, in one product
+            self._bases_cpu["k_dec_width"] = _width(self._bases_cpu["k_dec"], self.width)
 
     def _bases(self, device) -> dict[str, torch.Tensor]:
         if device not in self._dev:
@@ -374,7 +377,10 @@ class LowRankLayerCodec(KVCodec):
         V's completed basis (pages fill its first r_v)."""
         b, h, d = q.shape
         w = self.width
-        q_red = _width(self._project_query(q).float(), w)  # [B, H, W], zeros past r_k
+        k_dec = self._bases(q.device)["k_dec_width"]  # [KVH, D, W], zero columns past r_k
+        q_red = torch.einsum(
+            "bkgd,kdw->bkgw", q.float().view(b, self.kvh, h // self.kvh, d), k_dec
+        ).reshape(b, h, w)  # [B, H, W] fp32, zeros past r_k
         no_tail = q_red.new_zeros(b, self.kvh, 1, w)
         hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         inner = self.inner
