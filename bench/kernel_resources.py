@@ -173,6 +173,71 @@ def _hack_decode(head_dim: int, bits: int, max_stack: int) -> KernelSpec:
     )
 
 
+def _decode_baselines() -> list[KernelSpec]:
+    """bf16's paged decode kernel and fp8's / KIVI's decode on codes, as their wrappers launch
+    them for bf16 queries."""
+    import torch
+
+    from zipserve.kernels import fp8_decode_attention as fp8
+    from zipserve.kernels import kivi_decode_attention as kivi
+    from zipserve.kernels import paged_decode_attention as paged
+
+    split = dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", q_ptr="*bf16")
+    tail = dict(pt_ptr="*i32", np_ptr="*i32", dk_ptr="*bf16", dv_ptr="*bf16", dl_ptr="*i32")
+    common = dict(G=_G, G_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, NUM_SPLITS=4, DOT_PREC="tf32")
+    block_n, chunk, w_paged, s_paged = paged._launch_config(_D, _PAGE, torch.bfloat16)
+    np_fp8, w_fp8, s_fp8 = fp8._launch_config(_D, _PAGE, torch.bfloat16)
+    np_kivi, w_kivi, s_kivi = kivi._launch_config(_D, _PAGE)
+    return [
+        KernelSpec(
+            "paged_decode (bf16)",
+            _k("paged_decode_attention", "_paged_decode_kernel"),
+            dict(split, k_ptr="*bf16", v_ptr="*bf16", pt_ptr="*i32", lens_ptr="*i32"),
+            dict(common, PAGE_SIZE=_PAGE, BLOCK_N=block_n, CHUNK=chunk),
+            w_paged,
+            s_paged,
+            scalars=dict(qk_scale="fp32"),
+        ),
+        KernelSpec(
+            "fp8_decode",
+            _k("fp8_decode_attention", "_fp8_decode_kernel"),
+            {
+                **split,
+                **tail,
+                "k_ptr": "*fp8e4nv",
+                "ks_ptr": "*fp32",
+                "v_ptr": "*fp8e4nv",
+                "vs_ptr": "*fp32",
+            },
+            dict(common, PAGE=_PAGE, NP=np_fp8, DENSE_BLOCK=64),
+            w_fp8,
+            s_fp8,
+            scalars=dict(qk_scale="fp32"),
+            max_stack=16,  # triton 3.9 holds it to 128 registers and spills 16 B; 3.6: 147, none
+        ),
+        KernelSpec(
+            "kivi_decode kivi2",
+            _k("kivi_decode_kernel", "_kivi_decode_kernel"),
+            dict(
+                **split,
+                **tail,
+                kc_ptr="*u8",
+                ks_ptr="*fp16",
+                km_ptr="*fp16",
+                vc_ptr="*u8",
+                vs_ptr="*fp16",
+                vm_ptr="*fp16",
+            ),
+            dict(
+                common, PAGE=_PAGE, NP=np_kivi, BITS=2, TG=32, CG=32, DENSE_BLOCK=64, DQ_F32=False
+            ),
+            w_kivi,
+            s_kivi,
+            scalars=dict(qk_scale="fp32"),
+        ),
+    ]
+
+
 def specs() -> list[KernelSpec]:
     """The kernels checked, at the serving shape."""
     encoders = dict(k_ptr="*bf16", v_ptr="*bf16", ids_ptr="*i64", src_ptr="*i32")
@@ -250,6 +315,7 @@ def specs() -> list[KernelSpec]:
                 8,
             )
         )
+    out += _decode_baselines()
     # The Triton HACK decode kernel runs at 255 registers and spills a little at head_dim 128
     # (the CUDA kernel serves that shape on an H100); lowrank+hack2's width 64 runs it.
     out += [_hack_decode(128, 2, max_stack=128), _hack_decode(64, 2, max_stack=128)]
