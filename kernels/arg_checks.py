@@ -48,3 +48,61 @@ def pages_read(k, src_rows) -> int:
             f"{tuple(getattr(src_rows, 'shape', ()))} on {getattr(src_rows, 'device', None)}"
         )
     return src_rows.shape[0]
+
+
+def check_page_ids(page_ids, m: int, device) -> None:
+    """page_ids: an int32 / int64 [m] tensor on device (the pool pages an encoder writes);
+    ValueError naming page_ids otherwise."""
+    if (
+        not isinstance(page_ids, torch.Tensor)
+        or page_ids.dim() != 1
+        or page_ids.shape[0] != m
+        or page_ids.dtype not in (torch.int32, torch.int64)
+        or page_ids.device != device
+    ):
+        raise ValueError(
+            f"page_ids must be an int32/int64 [m={m}] tensor on {device}, got "
+            f"{getattr(page_ids, 'dtype', type(page_ids).__name__)} "
+            f"{tuple(getattr(page_ids, 'shape', ()))} on {getattr(page_ids, 'device', None)}"
+        )
+
+
+def check_store(store, want: dict, device, note: str = "") -> None:
+    """store[name] is a tensor of want[name] = (shape, dtype) on device, for every name;
+    ValueError naming the entry otherwise (note: appended to the expectation, e.g. the bits)."""
+    for name, (shape, dtype) in want.items():
+        t = store.get(name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+            raise ValueError(f"store[{name!r}] must be {dtype} {shape}{note}, got {got:.80}")
+        if t.device != device:
+            raise ValueError(f"store[{name!r}] is on {t.device}, k is on {device}")
+
+
+def check_kernel_layout(k, v, store, names) -> None:
+    """What a Triton encoder needs beyond its reference: k / v with a contiguous last dim and
+    the store tensors `names` contiguous; ValueError naming the argument otherwise."""
+    for name, t in (("k", k), ("v", v)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    for name in names:
+        if not store[name].is_contiguous():
+            raise ValueError(f"store[{name!r}] must be contiguous")
+
+
+def kernel_rows(src_rows, skip_page, m: int, device) -> tuple[torch.Tensor, int]:
+    """An encoder kernel's (src [m] int32, skip) arguments: page i reads row src[i] (row i
+    without src_rows); programs whose page is skip (-1: none) write nothing."""
+    src = torch.arange(m, dtype=torch.int32, device=device) if src_rows is None else src_rows
+    return src, -1 if skip_page is None else int(skip_page)
+
+
+def rows_written(k, v, page_ids, src_rows, skip_page):
+    """A reference encoder's inputs as the kernel sees them: the rows src_rows of k / v (all
+    without it) and their page ids, less those going to skip_page. Returns (k, v, page_ids)."""
+    if src_rows is not None:
+        k, v = k[src_rows.long()], v[src_rows.long()]
+    if skip_page is not None:
+        keep = page_ids != skip_page
+        k, v, page_ids = k[keep], v[keep], page_ids[keep]
+    return k, v, page_ids

@@ -37,7 +37,15 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.arg_checks import check_kv_pages, pages_read
+from zipserve.kernels.arg_checks import (
+    check_kernel_layout,
+    check_kv_pages,
+    check_page_ids,
+    check_store,
+    kernel_rows,
+    pages_read,
+    rows_written,
+)
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok, next_pow2
 from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
 
@@ -137,18 +145,7 @@ def _check_args(k, v, store, page_ids, src_rows=None, skip_page=None) -> int:
     if not head_dim_ok(d):
         raise ValueError(head_dim_error(d, "k head_dim"))
     m = pages_read(k, src_rows)
-    if (
-        not isinstance(page_ids, torch.Tensor)
-        or page_ids.dim() != 1
-        or page_ids.shape[0] != m
-        or page_ids.dtype not in (torch.int32, torch.int64)
-        or page_ids.device != k.device
-    ):
-        raise ValueError(
-            f"page_ids must be an int32/int64 [m={m}] tensor on {k.device}, got "
-            f"{getattr(page_ids, 'dtype', type(page_ids).__name__)} "
-            f"{tuple(getattr(page_ids, 'shape', ()))} on {getattr(page_ids, 'device', None)}"
-        )
+    check_page_ids(page_ids, m, k.device)
     if skip_page is not None and (isinstance(skip_page, bool) or not isinstance(skip_page, int)):
         raise ValueError(f"skip_page must be None or an int, got {skip_page!r}")
     if not isinstance(store, dict):
@@ -158,18 +155,9 @@ def _check_args(k, v, store, page_ids, src_rows=None, skip_page=None) -> int:
         raise ValueError(f"store['k'] must be a [N, KVH, P, D] tensor, got {kc!r:.80}")
     n_pool = kc.shape[0]
     codes, scales = (n_pool, kvh, page, d), (n_pool, kvh)
-    for name, shape, dtype in (
-        ("k", codes, _FP8),
-        ("v", codes, _FP8),
-        ("k_scale", scales, torch.float32),
-        ("v_scale", scales, torch.float32),
-    ):
-        t = store.get(name)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
-            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
-            raise ValueError(f"store[{name!r}] must be {dtype} {shape}, got {got:.80}")
-        if t.device != k.device:
-            raise ValueError(f"store[{name!r}] is on {t.device}, k is on {k.device}")
+    want = {"k": (codes, _FP8), "v": (codes, _FP8)}
+    want |= {"k_scale": (scales, torch.float32), "v_scale": (scales, torch.float32)}
+    check_store(store, want, k.device)
     return m
 
 
@@ -180,14 +168,14 @@ def _launch(k, v, store, page_ids, src_rows, skip_page, soft_cvt: bool) -> None:
     m = page_ids.shape[0]
     if m == 0 or kvh == 0 or page == 0:
         return
-    src = torch.arange(m, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
+    src, skip = kernel_rows(src_rows, skip_page, m, k.device)
     bp, bd = next_pow2(page), block_d(d)
     _fp8_encode_kernel[(m, kvh)](
         k,
         v,
         page_ids,
         src,
-        -1 if skip_page is None else int(skip_page),
+        skip,
         store["k"].view(torch.uint8),
         store["v"].view(torch.uint8),
         store["k_scale"],
@@ -213,12 +201,7 @@ def fp8_encode_pages(k, v, store, page_ids, src_rows=None, skip_page=None) -> No
     src_rows (int32 [m]): page i is row src_rows[i] of k / v, read in place; skip_page: a page id
     whose programs write nothing (a decode step's rows that fill no page: CUDA-graph safe)."""
     _check_args(k, v, store, page_ids, src_rows, skip_page)
-    for name, t in (("k", k), ("v", v)):
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
-    for name in ("k", "v", "k_scale", "v_scale"):
-        if not store[name].is_contiguous():
-            raise ValueError(f"store[{name!r}] must be contiguous")
+    check_kernel_layout(k, v, store, ("k", "v", "k_scale", "v_scale"))
     require_runnable("fp8_encode_pages", _fp8_encode_kernel, k)
     _launch(k, v, store, page_ids, src_rows, skip_page, soft_cvt=is_interpreted(_fp8_encode_kernel))
 
@@ -227,11 +210,7 @@ def fp8_encode_pages_ref(k, v, store, page_ids, src_rows=None, skip_page=None) -
     """Pure-torch reference of fp8_encode_pages (same signature; any strides): Fp8Codec.encode's
     ops on the pages read (src_rows) that do not go to skip_page."""
     _check_args(k, v, store, page_ids, src_rows, skip_page)
-    if src_rows is not None:
-        k, v = k[src_rows.long()], v[src_rows.long()]
-    if skip_page is not None:
-        keep = page_ids != skip_page
-        k, v, page_ids = k[keep], v[keep], page_ids[keep]
+    k, v, page_ids = rows_written(k, v, page_ids, src_rows, skip_page)
     for name, x in (("k", k), ("v", v)):
         xf = x.float()
         amax = xf.abs().amax(dim=(2, 3))  # [m, KVH]

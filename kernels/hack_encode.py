@@ -36,7 +36,13 @@ V's per-token group ranges combine the planes of a group in registers.
 import torch
 
 from zipserve.compress.quantize import check_clip, clip_range
-from zipserve.kernels.arg_checks import check_kv_pages, is_pow2, pages_read
+from zipserve.kernels.arg_checks import (
+    check_kv_pages,
+    is_pow2,
+    kernel_rows,
+    pages_read,
+    rows_written,
+)
 from zipserve.kernels.hack_encode_kernels import _hack_encode_kernel, _hack_encode_planes_kernel
 from zipserve.kernels.hack_layout import HackPages, check_bits, pack_planar, unpack_planar
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
@@ -150,8 +156,7 @@ def hack_encode_pages(
     clip = clip_for(bits, clip)
     _, kvh, page, d = k.shape
     n = ids.shape[0]
-    src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
-    skip = -1 if skip_page is None else int(skip_page)
+    src, skip = kernel_rows(src_rows, skip_page, n, k.device)
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
     if k.device.type == "cpu" and not _kernel_is_interpreted():
@@ -231,11 +236,7 @@ def hack_encode_pages_ref(
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
     clip = clip_for(bits, clip)
-    if src_rows is not None:
-        k, v = k[src_rows.long()], v[src_rows.long()]
-    if skip_page is not None:
-        keep = ids != skip_page
-        k, v, ids = k[keep], v[keep], ids[keep]
+    k, v, ids = rows_written(k, v, ids, src_rows, skip_page)
     n, kvh, page, d = k.shape
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)

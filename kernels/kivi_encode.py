@@ -33,7 +33,16 @@ import triton
 import triton.language as tl
 
 from zipserve.compress import quantize as qz
-from zipserve.kernels.arg_checks import check_kv_pages, is_pow2, pages_read
+from zipserve.kernels.arg_checks import (
+    check_kernel_layout,
+    check_kv_pages,
+    check_page_ids,
+    check_store,
+    is_pow2,
+    kernel_rows,
+    pages_read,
+    rows_written,
+)
 from zipserve.kernels.hack_encode_kernels import _clip, _quantize
 from zipserve.kernels.hack_layout import check_bits, pack_planar
 from zipserve.kernels.paged_decode_attention import require_runnable
@@ -204,31 +213,14 @@ def _check_args(
             raise ValueError(f"{what}: k's {what} {extent} is not a multiple of {name} {g}")
     if d % (8 // bits):
         raise ValueError(f"head_dim: {d} is not a multiple of {8 // bits} (bits={bits})")
-    if (
-        not isinstance(page_ids, torch.Tensor)
-        or page_ids.dim() != 1
-        or page_ids.shape[0] != n
-        or page_ids.dtype not in (torch.int32, torch.int64)
-        or page_ids.device != k.device
-    ):
-        raise ValueError(
-            f"page_ids must be an int32/int64 [n={n}] tensor on {k.device}, got "
-            f"{getattr(page_ids, 'dtype', type(page_ids).__name__)} "
-            f"{tuple(getattr(page_ids, 'shape', ()))} on {getattr(page_ids, 'device', None)}"
-        )
+    check_page_ids(page_ids, n, k.device)
     if not isinstance(store, dict):
         raise ValueError(f"store must be a dict of tensors, got {type(store).__name__}")
     kc = store.get("k_codes")
     if not isinstance(kc, torch.Tensor) or kc.dim() != 4:
         raise ValueError(f"store['k_codes'] must be a [N, KVH, P, D // E] tensor, got {kc!r:.80}")
     want = store_shapes(kc.shape[0], kvh, page, d, bits, token_group, channel_group)
-    for name, (shape, dtype) in want.items():
-        t = store.get(name)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
-            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
-            raise ValueError(f"store[{name!r}] must be {dtype} {shape} (bits={bits}), got {got}")
-        if t.device != k.device:
-            raise ValueError(f"store[{name!r}] is on {t.device}, k is on {k.device}")
+    check_store(store, want, k.device, note=f" (bits={bits})")
     return clip
 
 
@@ -257,22 +249,17 @@ def kivi_encode_pages(
             f"page_size / head_dim: the Triton encoder needs powers of two, got page_size "
             f"{page}, head_dim {d} (kivi_encode_pages_ref takes any)"
         )
-    for name, t in (("k", k), ("v", v)):
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim, got strides {t.stride()}")
-    for name in _STORE:
-        if not store[name].is_contiguous():
-            raise ValueError(f"store[{name!r}] must be contiguous")
+    check_kernel_layout(k, v, store, _STORE)
     require_runnable("kivi_encode_pages", _kivi_encode_kernel, k)
     if n == 0 or kvh == 0:
         return
-    src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
+    src, skip = kernel_rows(src_rows, skip_page, n, k.device)
     _kivi_encode_kernel[(n, kvh)](
         k,
         v,
         page_ids,
         src,
-        -1 if skip_page is None else int(skip_page),
+        skip,
         *(store[name] for name in _STORE),  # the kernel's store arguments, in _STORE's order
         k.stride(0),
         k.stride(1),
@@ -305,11 +292,7 @@ def kivi_encode_pages_ref(
     """Pure-torch reference of kivi_encode_pages (same signature; any page_size / head_dim the
     groups divide, any strides)."""
     clip = _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group, src_rows)
-    if src_rows is not None:
-        k, v = k[src_rows.long()], v[src_rows.long()]
-    if skip_page is not None:
-        keep = page_ids != skip_page
-        k, v, page_ids = k[keep], v[keep], page_ids[keep]
+    k, v, page_ids = rows_written(k, v, page_ids, src_rows, skip_page)
     kc, ks, km = qz.k_per_channel(k, bits, token_group, clip)  # [n, KVH, P, D], [n, KVH, G, D]
     vc, vs, vm = qz.v_per_token(v, bits, channel_group, clip)  # [n, KVH, P, D], [n, KVH, P, G]
     store["k_codes"][page_ids] = pack_planar(kc, bits)

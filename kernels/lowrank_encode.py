@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.arg_checks import FLOAT_DTYPES, pages_read
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, kernel_rows, pages_read, rows_written
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
 
@@ -247,7 +247,7 @@ def lowrank_encode_pages(
     if n == 0:
         return out_k, out_v
     wk, wv = out_k.shape[3], out_v.shape[3]
-    src = torch.arange(n, dtype=torch.int32, device=k.device) if src_rows is None else src_rows
+    src, skip = kernel_rows(src_rows, skip_page, n, k.device)
     _lowrank_encode_kernel[(n, kvh)](
         k,
         v,
@@ -257,7 +257,7 @@ def lowrank_encode_pages(
         out_k,
         out_v,
         src,
-        -1 if skip_page is None else int(skip_page),
+        skip,
         k.stride(0),
         k.stride(1),
         k.stride(2),
@@ -287,13 +287,9 @@ def lowrank_encode_pages_ref(
     """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
     _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
     cols = _v_cols(k.shape[-1], v_cols)
-    if src_rows is not None:
-        k, v = k[src_rows.long()], v[src_rows.long()]
-    keep = torch.ones_like(page_ids, dtype=torch.bool)
-    if skip_page is not None:
-        keep = page_ids != skip_page
-    ids = page_ids[keep].long()
-    for x, b, out in ((k[keep], k_basis, out_k), (v[keep], v_basis, out_v)):
+    k, v, ids = rows_written(k, v, page_ids, src_rows, skip_page)
+    ids = ids.long()
+    for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
         # [m, KVH, P, R] projected (or already reduced: its first v_cols), then zero padded / cut
         # to [m, KVH, P, W]
         y = x.float()[..., :cols] if b is None else torch.einsum("nhpd,hdr->nhpr", x.float(), b)
