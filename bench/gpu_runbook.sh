@@ -41,6 +41,8 @@
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
 #   round19    nvidia-h100-x1  session 18's unrun GPU tests, lowrank+hack2 tokens/s and profile,
 #                              then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4  ~9 min
+#   link19     nvidia-h100-x1  the 10 Gb/s cells for bf16, hack2, kivi2, hack4, fp8, lowrank+hack2
+#                              at 1-3 req/s on session 18's code                         ~9 min
 #   round18    nvidia-h100-x1  prefill17's tests and profile, lowrank18's, then bf16 / kivi2 /
 #                              hack2 / lowrank+hack2 with no link at 1-3 req/s             ~8 min
 #   lowrank18  nvidia-h100-x1  lowrank+hack2's fused tail + merge: its GPU test, the low-rank
@@ -74,7 +76,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -441,6 +443,15 @@ round19)
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
+    ;;
+link19)
+    # Session 19's second call (~9 min): the 10 Gb/s cells on the code after sessions 17-18's
+    # prefill, seal and encode changes (session 17's merged_16 was the last, on older code), every
+    # lane as `auto` picks, bf16 first; the sweep writes after every run, so a cut keeps the rest.
+    step 560 jct_link python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2,kivi2,hack4,fp8,lowrank+hack2 \
+        --decode-kv auto --links 10 --rates 1,2,3 --num-requests 16 --scale 0.5 \
+        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_link"
     ;;
 round18)
     # Session 18's one call (~8 min) when device time is short: prefill17's wait tests, the KIVI
