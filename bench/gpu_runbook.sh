@@ -432,7 +432,7 @@ round19)
     pytest_gpu 60 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
         tests/test_fp8_encode.py
     pytest_gpu 120 engine_gpu -m gpu tests/test_engine_gpu.py \
-        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k "lowrank or fp8"
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k "lowrank or fp8 or decode_step_waits"
     step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
     step 25 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \

@@ -1,8 +1,9 @@
 """Opt-in CSV traces of the decode worker, for finding where a request's time goes under load.
 
 `StepTrace`: one row per pass of the step loop that did something: when it began (epoch
-seconds), how long it spent importing arrived layers, in the decode step (the engine's step,
-which waits for its tokens) and handing CUDA-IPC buffers to the thread that gives them back
+seconds), how long it spent importing arrived layers before the step, in the decode step (the
+engine's step, which waits for its tokens; layers that arrived meanwhile are imported inside it,
+while the GPU runs the step) and handing CUDA-IPC buffers to the thread that gives them back
 (decode_worker/buffer_returns.py), how many layers it imported, how many sequences the step
 decoded, how long the longest-waiting of those layers had been handed over before the pass took
 it (`wait_ms`), and the longest any of them took the receive thread, from its first message to

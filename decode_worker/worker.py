@@ -27,16 +27,22 @@ import collections
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from zipserve.compress.wire import ChecksumError, DeviceLayerKV, LayerKV
+from zipserve.compress.wire import DeviceLayerKV, LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
+from zipserve.decode_worker.arrivals import IMPORT_POLL_S, ArrivalQueue, import_during_step
 from zipserve.decode_worker.buffer_returns import BufferReturns
+from zipserve.decode_worker.request_state import (
+    CHECKSUM_MISMATCH,
+    TRANSFER_DEADLINE,
+    RequestState,
+    failure_reason,
+)
 from zipserve.decode_worker.step_trace import ReceiveTrace, StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
+from zipserve.engine.llm_engine import LaunchedStep
 from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.slices import SliceAssembler
@@ -50,45 +56,6 @@ from zipserve.transfer.channel import (
 )
 from zipserve.transfer.kv_messages import done, recv_layer, settled
 from zipserve.transfer.pairing import connect_pair, local_endpoint
-
-TRANSFER_DEADLINE = "transfer_deadline"
-CHECKSUM_MISMATCH = "checksum_mismatch"
-
-
-class _Arrival(NamedTuple):
-    """A received layer waiting for the step loop."""
-
-    arrived_s: float
-    """When the receive thread handed it over (time.time)."""
-    received_s: float
-    """When its first message came off the channel."""
-    kv: LayerKV | DeviceLayerKV
-
-
-def failure_reason(error: Exception) -> str:
-    """checksum_mismatch for the wire's ChecksumError, else kv_rejected."""
-    return CHECKSUM_MISMATCH if isinstance(error, ChecksumError) else "kv_rejected"
-
-
-@dataclass
-class RequestState:
-    deadline: float
-    """time.time() by which all layers must have arrived."""
-    layers: int = 0
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    error: str | None = None
-    times: dict[str, float] = field(default_factory=dict)
-    """reserved, kv_complete, admitted, first_token, first_decode, finished (time.time);
-    local_prefill when this worker computes the prompt's rest itself."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: text that may still turn into one is held back until it cannot."""
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    """Per token, when the request asked for logprobs (else empty)."""
-    arrived: threading.Event = field(default_factory=threading.Event)
 
 
 class DecodeWorker:
@@ -116,15 +83,14 @@ class DecodeWorker:
         self.dead_channels: dict[str, str] = {}
         """peer id -> name of its channel, for channels whose transport broke."""
         self._aborts: collections.deque[str] = collections.deque()
-        self._arrivals: collections.deque[_Arrival] = collections.deque()
+        self._arrivals = ArrivalQueue()
         """Received layers waiting for the step loop to write them into the pool."""
-        self._work = threading.Event()
-        """Set when a layer arrives: wakes an idle step loop."""
         self._stop = threading.Event()
         self.trace = StepTrace(tag=codec)
         """Per-pass timings of the step loop, when ZIPSERVE_STEP_TRACE names a folder."""
         self.recv_trace = ReceiveTrace(tag=codec)
         """Per-layer timings of the receive threads (same switch)."""
+        self._import_during_step = import_during_step()
         self._returns = BufferReturns()
         """Gives imported CUDA-IPC layers back to their senders off the step loop."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
@@ -223,34 +189,23 @@ class DecodeWorker:
             self._arrive(kv)
 
     def _arrive(self, kv: LayerKV | DeviceLayerKV, received_s: float | None = None) -> float:
-        """Hand a received layer to the step loop, which imports every waiting layer before its
-        next step. Importing here would contend for the worker lock with the decode steps
-        (Python locks are not fair): under load each of a request's layers waited about a
-        step for it, and the transfer phase grew to seconds. received_s: when its first
-        message came off the channel (the step trace's recv_ms). Returns the hand-over time."""
-        now = time.time()
-        self._arrivals.append(_Arrival(now, now if received_s is None else received_s, kv))
-        self._work.set()
-        return now
+        """Hand a received layer to the step loop (decode_worker/arrivals.py says why not import
+        it here). received_s: when its first message came off the channel (the step trace's
+        recv_ms). Returns the hand-over time."""
+        return self._arrivals.put(kv, received_s)
 
     def _import_arrivals(self) -> tuple[list[LayerKV | DeviceLayerKV], float, float]:
         """Import every waiting layer whose checksum the GPU has computed (caller holds the
-        lock); the others stay, in order, for a later pass (a layer of a request that ended
-        goes now: its import drops it). Returns the imported for `done`, how long (ms) the one
-        that waited longest had waited for this since its hand-over, and the longest any of them
-        took the receive thread (ms, its first message off the channel to its hand-over)."""
-        taken, unsettled = [], []
-        t0 = oldest = time.time()
-        recv_ms = 0.0
-        while self._arrivals:
-            arrival = self._arrivals.popleft()
+        lock); the others stay for a later pass (a layer of a request that ended goes now: its
+        import drops it). Returns the imported for `done`, how long (ms) the one that waited
+        longest had waited for this since its hand-over, and the longest any of them took the
+        receive thread (ms, its first message off the channel to its hand-over)."""
+        t0 = time.time()
+        arrivals = self._arrivals.take(
+            lambda kv: settled(kv) or not self._expects_kv(kv.request_id)
+        )
+        for arrival in arrivals:
             kv = arrival.kv
-            if not settled(kv) and self._expects_kv(kv.request_id):
-                unsettled.append(arrival)
-                continue
-            taken.append(kv)
-            oldest = min(oldest, arrival.arrived_s)
-            recv_ms = max(recv_ms, 1e3 * (arrival.arrived_s - arrival.received_s))
             try:
                 self._import(kv)
             except Exception as e:  # noqa: BLE001 - fail this request, keep the loop alive
@@ -259,8 +214,35 @@ class DecodeWorker:
                     self._fail(
                         kv.request_id, f"KV import failed: {type(e).__name__}: {e}", "kv_import"
                     )
-        self._arrivals.extendleft(reversed(unsettled))  # before any that arrived meanwhile
-        return taken, 1e3 * (t0 - oldest), recv_ms
+        if not arrivals:
+            return [], 0.0, 0.0
+        waited_ms = 1e3 * (t0 - min(a.arrived_s for a in arrivals))
+        recv_ms = 1e3 * max(a.arrived_s - a.received_s for a in arrivals)
+        return [a.kv for a in arrivals], waited_ms, recv_ms
+
+    def _import_while_running(
+        self, launched: LaunchedStep
+    ) -> tuple[list[LayerKV | DeviceLayerKV], float, float]:
+        """While the GPU runs a launched step, import layers as they arrive (caller holds the
+        lock; their copies queue behind the step): a layer then waits about a poll interval for
+        its import, not until the step has ended, and the host's import work hides behind the
+        step's device time. Polls only while some request still expects KV (else returns at
+        once and finish_step waits). Returns what _import_arrivals does, over every pass."""
+        imported: list[LayerKV | DeviceLayerKV] = []
+        waited_ms = recv_ms = 0.0
+        while self._import_during_step and not launched.done() and self._awaiting_kv():
+            if self._arrivals:
+                taken, w, r = self._import_arrivals()
+                imported += taken
+                waited_ms, recv_ms = max(waited_ms, w), max(recv_ms, r)
+                if taken:
+                    continue
+            self._arrivals.wait(IMPORT_POLL_S)  # until a layer comes in, or the next look
+        return imported, waited_ms, recv_ms
+
+    def _awaiting_kv(self) -> bool:
+        """Some request has room reserved and still waits for layers."""
+        return any(not st.finished and not st.arrived.is_set() for st in self.requests.values())
 
     def _expects_kv(self, request_id: str) -> bool:
         st = self.requests.get(request_id)
@@ -347,7 +329,7 @@ class DecodeWorker:
                 self.engine.prefill_reserved(request_id)
                 st.times.update(local_prefill=now, kv_complete=now, admitted=now)
                 st.arrived.set()  # no layer will come: the deadline no longer applies
-                self._work.set()
+                self._arrivals.wake()
         deadline = time.time() + timeout
         with self.changed:
             while not st.tokens and not st.finished:
@@ -427,8 +409,10 @@ class DecodeWorker:
         for t in self._threads:
             t.join(timeout=2)
         self._returns.close()
-        while self._arrivals:  # never imported: give CUDA-IPC buffers back to their senders
-            done(self._arrivals.popleft().kv)
+        for (
+            kv
+        ) in self._arrivals.drain():  # never imported: give CUDA-IPC buffers back to their senders
+            done(kv)
         self.trace.flush()
         self.recv_trace.flush()
 
@@ -477,8 +461,15 @@ class DecodeWorker:
                             TRANSFER_DEADLINE,
                         )
                 t_step = time.time()
+                outs = []
                 try:
-                    outs = self.engine.step() if self.engine.has_unfinished() else []
+                    launched = self.engine.launch_step() if self.engine.has_unfinished() else None
+                    if launched is not None:
+                        late, late_waited_ms, late_recv_ms = self._import_while_running(launched)
+                        imported += late
+                        waited_ms = max(waited_ms, late_waited_ms)
+                        recv_ms = max(recv_ms, late_recv_ms)
+                        outs = self.engine.finish_step(launched)
                 except Exception as e:  # never die silently: fail what was running, go on
                     outs = []
                     for rid, st in list(self.requests.items()):
@@ -509,5 +500,5 @@ class DecodeWorker:
             # Python locks are not fair and this loop would otherwise take it right back.
             if outs:
                 time.sleep(0.0005)
-            elif self._work.wait(0.002):  # idle: wake as soon as a layer arrives
-                self._work.clear()
+            else:  # idle: wake as soon as a layer arrives
+                self._arrivals.wait(0.002)

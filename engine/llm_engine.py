@@ -1,7 +1,8 @@
 """The engine loop: validated requests in, one scheduled forward per step, finished outputs out.
 
 LLMEngine owns the model, its page pool and the scheduler. `step()` runs one packed prefill or one
-decode step, samples, applies stop conditions and frees the pages of every sequence that ends.
+decode step, samples, applies stop conditions and frees the pages of every sequence that ends;
+`launch_step` / `finish_step` split it where the host may queue other GPU work in between.
 """
 
 from __future__ import annotations
@@ -27,6 +28,45 @@ from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.scheduler import Scheduler
 from zipserve.engine.sequence import Sequence
 from zipserve.engine.tokenizer import load_tokenizer
+
+
+@dataclass
+class LaunchedStep:
+    """A queued forward + sampling whose tokens are on their way to the host (launch_step ->
+    finish_step)."""
+
+    seqs: list[Sequence]
+    token_ids: torch.Tensor
+    """[B] int64 on the host (pinned, filled when `ready` completes)."""
+    logprobs: torch.Tensor | None
+    """[B] float32 on the host, or None when no row asked for logprobs."""
+    top_logprobs: list[list[tuple[int, float]] | None]
+    ready: torch.cuda.Event | None
+    """Recorded after the copies on the GPU; None on a CPU (the tensors are final)."""
+
+    @classmethod
+    def queue(cls, seqs: list[Sequence], result) -> LaunchedStep:
+        """Start the copies of a SampleResult's tensors to the host without waiting."""
+        tokens, logprobs = result.token_ids, result.logprobs
+        if tokens.device.type != "cuda":
+            return cls(seqs, tokens, logprobs, result.top_logprobs, None)
+        tokens = tokens.to("cpu", non_blocking=True)  # pinned: no host wait
+        if logprobs is not None:
+            logprobs = logprobs.to("cpu", non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(seqs, tokens, logprobs, result.top_logprobs, ready)
+
+    def done(self) -> bool:
+        """Whether the tokens are on the host (never waits)."""
+        return self.ready is None or self.ready.query()
+
+    def read(self) -> tuple[list[int], list[float] | None]:
+        """Wait for the copies; the token ids and logprobs as Python lists."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        logprobs = self.logprobs.tolist() if self.logprobs is not None else None
+        return self.token_ids.tolist(), logprobs
 
 
 @dataclass
@@ -265,9 +305,18 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward; returns an output for every sequence that advanced or finished."""
+        launched = self.launch_step()
+        return self.finish_step(launched) if launched is not None else []
+
+    def launch_step(self) -> LaunchedStep | None:
+        """Schedule and queue one forward and its sampling without waiting for the GPU: the
+        chosen tokens travel to pinned host memory behind an event. The caller may queue other
+        work meanwhile (the decode worker imports received layers into reserved pages) and must
+        then call `finish_step` before anything else schedules. None: nothing to sample (no
+        batch, or a prefill chunk that completes no prompt)."""
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
+            return None
         seqs = batch.seqs
         if batch.is_prefill:
             logits = self.runner.prefill(seqs, ends=batch.chunk_ends)
@@ -278,21 +327,25 @@ class LLMEngine:
             if len(done) < len(seqs):  # sequences mid-prompt sample nothing yet
                 seqs, logits = [seqs[i] for i in done], logits[done]
                 if not seqs:
-                    return []
+                    return None
         else:
             logits = self.runner.decode(seqs)
         result = self.sampler.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        token_ids = result.token_ids.tolist()
-        logprobs = result.logprobs.tolist() if result.logprobs is not None else None
+        return LaunchedStep.queue(seqs, result)
+
+    def finish_step(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens; append them, apply stop conditions (freeing the
+        pages of every sequence that ends) and return an output per sequence."""
+        token_ids, logprobs = launched.read()
         now = time.monotonic()
         outputs = []
-        for i, seq in enumerate(seqs):
+        for i, seq in enumerate(launched.seqs):
             seq.output_ids.append(token_ids[i])
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if seq.params.logprobs is not None:
                 seq.logprobs.append(logprobs[i])
-                seq.top_logprobs.append(result.top_logprobs[i] or [])
+                seq.top_logprobs.append(launched.top_logprobs[i] or [])
             self._check_finish(seq, token_ids[i])
             outputs.append(self._output(seq))
         return outputs

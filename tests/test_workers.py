@@ -253,13 +253,13 @@ def test_layers_are_imported_between_steps_not_one_per_step():
     seconds under load when each layer contended for the worker lock on its own)."""
     step_s = 0.2
     pre, dec, _ = _pair("hack2")
-    step = dec.engine.step
+    launch = dec.engine.launch_step
 
-    def slow_step():
+    def slow_launch():  # the host busy for the whole step (on a CPU it is)
         time.sleep(step_s)
-        return step()
+        return launch()
 
-    dec.engine.step = slow_step
+    dec.engine.launch_step = slow_launch
     importers: list[str] = []
     import_layer = dec.engine.import_layer
 
@@ -292,6 +292,81 @@ def test_layers_are_imported_between_steps_not_one_per_step():
         _whole(dec)
     finally:
         dec.shutdown()
+
+
+@pytest.mark.parametrize("during", ["1", "0"])
+def test_layers_arriving_while_the_gpu_runs_a_step_are_imported_then(monkeypatch, during):
+    """On a GPU the step loop queues a step, then waits for its tokens: layers that arrive in
+    that wait are imported in it (their copies queue behind the step) and a request's KV is in
+    within a poll interval of its last layer, not at the end of the step (ZIPSERVE_IMPORT_
+    DURING_STEP=0: between steps only, as before). Here a step's device time is simulated: its
+    tokens are 'ready' step_s after the launch."""
+    monkeypatch.setenv("ZIPSERVE_IMPORT_DURING_STEP", during)
+    step_s = 0.3
+    pre, dec, _ = _pair("hack2")
+    launch, finish = dec.engine.launch_step, dec.engine.finish_step
+    running = threading.Event()  # between a launch and its finish
+
+    def gpu_launch():
+        launched = launch()
+        if launched is not None:
+            end = time.time() + step_s
+            launched.done = lambda: time.time() >= end
+            running.set()
+        return launched
+
+    def gpu_finish(launched):
+        while not launched.done():  # the host waits for the tokens
+            time.sleep(0.001)
+        running.clear()
+        return finish(launched)
+
+    dec.engine.launch_step, dec.engine.finish_step = gpu_launch, gpu_finish
+    in_step: list[bool] = []
+    import_layer = dec.engine.import_layer
+
+    def recording_import(rid, kv):
+        if rid == "new":
+            in_step.append(running.is_set())
+        return import_layer(rid, kv)
+
+    dec.engine.import_layer = recording_import
+    try:
+        busy = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        dec.reserve("busy", list(range(3, 40)), busy)
+        rep = pre.prefill("busy", list(range(3, 40)), busy, "d0")
+        dec.admit("busy", rep.first_token, rep.first_logprob, timeout=10)
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        dec.reserve("new", list(range(3, 300)), params)
+        rep = pre.prefill("new", list(range(3, 300)), params, "d0")
+        res = dec.admit("new", rep.first_token, rep.first_logprob, timeout=10)
+        waited = res.times["kv_complete"] - rep.send_end
+        assert len(in_step) == dec.num_layers
+        if during == "1":
+            assert any(in_step), in_step  # (one that came between two steps goes in before)
+            assert waited < step_s / 3, f"the KV took {waited:.3f} s after the last layer left"
+        else:
+            assert not any(in_step), in_step
+        dec.abort("busy")
+        while not (res := dec.poll("new", 0, timeout=5)).finished:
+            pass
+        assert res.error is None and len(res.tokens) == 2
+        for rid in ("busy", "new"):
+            dec.release(rid)
+        deadline = time.time() + 5
+        while dec.stats().running and time.time() < deadline:
+            time.sleep(0.05)
+        _whole(dec)
+    finally:
+        dec.shutdown()
+
+
+def test_import_during_step_switch_rejects_other_values():
+    from zipserve.decode_worker.arrivals import IMPORT_DURING_STEP_ENV, import_during_step
+
+    assert import_during_step("") and import_during_step("1") and not import_during_step("0")
+    with pytest.raises(ValueError, match=IMPORT_DURING_STEP_ENV):
+        import_during_step("yes")
 
 
 def test_prefill_warm_up_runs_the_longest_prompt_and_returns_its_pages():
