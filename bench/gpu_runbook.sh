@@ -41,6 +41,8 @@
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
 #   round19    nvidia-h100-x1  session 18's unrun GPU tests, lowrank+hack2 tokens/s and profile,
 #                              then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4  ~9 min
+#   ab19       nvidia-h100-x1  layers imported while the GPU runs a step vs between steps only:
+#                              bf16 and hack2, no link, 2-3 req/s, step traces            ~6 min
 #   link19     nvidia-h100-x1  the 10 Gb/s cells for bf16, hack2, kivi2, hack4, fp8, lowrank+hack2
 #                              at 1-3 req/s on session 18's code                         ~9 min
 #   round18    nvidia-h100-x1  prefill17's tests and profile, lowrank18's, then bf16 / kivi2 /
@@ -76,7 +78,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -439,10 +441,24 @@ round19)
         --codecs bf16,fp8 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step 240 jct_nolink python3 -m zipserve bench jct --sweep \
+    step "${JCT_LIMIT:-240}" jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
+    ;;
+ab19)
+    # Session 19: the decode worker imports received layers while the GPU runs a step (its
+    # tokens come back behind an event) against between steps only, side by side (~6 min): bf16
+    # and hack2 with no link at 2-3 req/s, the step trace on, then step_gaps for each.
+    for on in 1 0; do
+        ZIPSERVE_IMPORT_DURING_STEP=$on ZIPSERVE_STEP_TRACE="$WORK/trace_import$on" \
+            step 160 "jct_import$on" python3 -m zipserve bench jct --sweep \
+            --model random:llama3-8b --codecs bf16,hack2 --decode-kv auto --links none \
+            --rates 2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+            --out "$WORK/jct_import$on"
+        step 30 "gaps_import$on" python3 -m zipserve.bench.step_gaps \
+            --trace "$WORK/trace_import$on" --requests "$WORK/jct_import$on/jct_requests.csv"
+    done
     ;;
 link19)
     # Session 19's second call (~9 min): the 10 Gb/s cells on the code after sessions 17-18's
