@@ -246,6 +246,33 @@ def test_a_layer_whose_checksum_is_still_on_the_gpu_waits_without_holding_up_the
         dec.shutdown()
 
 
+def _new_beside_busy(pre, dec):
+    """A long-running request ("busy") decoding, then a new one ("new", 297 tokens) prefilled and
+    admitted beside it; returns the new one's PrefillReply and admission."""
+    busy = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    dec.reserve("busy", list(range(3, 40)), busy)
+    rep = pre.prefill("busy", list(range(3, 40)), busy, "d0")
+    dec.admit("busy", rep.first_token, rep.first_logprob, timeout=10)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    dec.reserve("new", list(range(3, 300)), params)
+    rep = pre.prefill("new", list(range(3, 300)), params, "d0")
+    return rep, dec.admit("new", rep.first_token, rep.first_logprob, timeout=10)
+
+
+def _end_busy_and_new(dec):
+    """Abort "busy", let "new" finish its 2 tokens, release both: every page back."""
+    dec.abort("busy")
+    while not (res := dec.poll("new", 0, timeout=5)).finished:
+        pass
+    assert res.error is None and len(res.tokens) == 2
+    for rid in ("busy", "new"):
+        dec.release(rid)
+    deadline = time.time() + 5
+    while dec.stats().running and time.time() < deadline:
+        time.sleep(0.05)
+    _whole(dec)
+
+
 def test_layers_are_imported_between_steps_not_one_per_step():
     """While the decode worker is busy with a slow decode step, a new request's layers wait for
     the step loop, which writes every waiting layer before its next step: the whole KV is in
@@ -269,27 +296,12 @@ def test_layers_are_imported_between_steps_not_one_per_step():
 
     dec.engine.import_layer = recording_import
     try:
-        busy = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-        dec.reserve("busy", list(range(3, 40)), busy)
-        rep = pre.prefill("busy", list(range(3, 40)), busy, "d0")
-        dec.admit("busy", rep.first_token, rep.first_logprob, timeout=10)
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        dec.reserve("new", list(range(3, 300)), params)
-        rep = pre.prefill("new", list(range(3, 300)), params, "d0")
-        res = dec.admit("new", rep.first_token, rep.first_logprob, timeout=10)
+        rep, res = _new_beside_busy(pre, dec)
         assert dec.num_layers == 6
         waited = res.times["kv_complete"] - rep.send_end
         assert waited < 2.5 * step_s, f"the KV took {waited:.2f} s after the last layer left"
         assert importers == ["decode-steps"] * 12  # both requests' 6 layers, by the step loop
-        dec.abort("busy")
-        while not (res := dec.poll("new", 0, timeout=5)).finished:
-            pass
-        for rid in ("busy", "new"):
-            dec.release(rid)
-        deadline = time.time() + 5
-        while dec.stats().running and time.time() < deadline:
-            time.sleep(0.05)
-        _whole(dec)
+        _end_busy_and_new(dec)
     finally:
         dec.shutdown()
 
@@ -332,14 +344,7 @@ def test_layers_arriving_while_the_gpu_runs_a_step_are_imported_then(monkeypatch
 
     dec.engine.import_layer = recording_import
     try:
-        busy = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-        dec.reserve("busy", list(range(3, 40)), busy)
-        rep = pre.prefill("busy", list(range(3, 40)), busy, "d0")
-        dec.admit("busy", rep.first_token, rep.first_logprob, timeout=10)
-        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        dec.reserve("new", list(range(3, 300)), params)
-        rep = pre.prefill("new", list(range(3, 300)), params, "d0")
-        res = dec.admit("new", rep.first_token, rep.first_logprob, timeout=10)
+        rep, res = _new_beside_busy(pre, dec)
         waited = res.times["kv_complete"] - rep.send_end
         assert len(in_step) == dec.num_layers
         if during == "1":
@@ -347,16 +352,7 @@ def test_layers_arriving_while_the_gpu_runs_a_step_are_imported_then(monkeypatch
             assert waited < step_s / 3, f"the KV took {waited:.3f} s after the last layer left"
         else:
             assert not any(in_step), in_step
-        dec.abort("busy")
-        while not (res := dec.poll("new", 0, timeout=5)).finished:
-            pass
-        assert res.error is None and len(res.tokens) == 2
-        for rid in ("busy", "new"):
-            dec.release(rid)
-        deadline = time.time() + 5
-        while dec.stats().running and time.time() < deadline:
-            time.sleep(0.05)
-        _whole(dec)
+        _end_busy_and_new(dec)
     finally:
         dec.shutdown()
 
