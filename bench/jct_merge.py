@@ -4,8 +4,9 @@ every codec against the bf16 lanes of whichever sweep ran them.
 
 A GPU call fits only a few lanes (runbook `round14` ran bf16, kivi2, hack2; `jct-16b` the other
 four codecs on the same warm machine next), and the report's goals need bf16 in the same folder.
-Merging refuses sweeps of different devices, models or workloads (any config key but the lanes,
-links and rates), and cells present in two of them; the merged meta keeps every command, commit
+Merging refuses sweeps of different devices, models, workloads (any config key but the lanes,
+links and rates) or worker switches (GIL interval, imports during a step: A/B runs), and cells
+present in two of them; the merged meta keeps every command, commit
 and date, and names its sources. Writes jct_summary.csv, jct_requests.csv, jct_meta.json and the
 plots, as a sweep does.
 """
@@ -45,7 +46,7 @@ def _check_same(metas: list[dict], dirs: list[Path]) -> None:
     from the first."""
     first = metas[0]
     for meta, d in zip(metas[1:], dirs[1:], strict=True):
-        for key in ("device", "model"):
+        for key in ("device", "model", "gil_switch_ms", "import_during_step"):
             if meta.get(key) != first.get(key):
                 raise ValueError(
                     f"{d}: {key} {meta.get(key)!r} differs from {dirs[0]}'s {first.get(key)!r}"
@@ -90,6 +91,7 @@ def merge(dirs: list[Path], out: Path) -> Path:
         "config": config,
         "merged_from": [str(d) for d in dirs],
         "gil_switch_ms": metas[0].get("gil_switch_ms"),
+        "import_during_step": metas[0].get("import_during_step"),
     }
     out.mkdir(parents=True, exist_ok=True)
     jct_client.write_csv(out / "jct_summary.csv", _same_columns(summary))

@@ -153,6 +153,12 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
             "before it was cut short (a time limit); the tables hold those runs only.",
             "",
         ]
+    if meta.get("import_during_step") is False:
+        out += [
+            "The decode workers of this sweep imported received layers between steps only "
+            "(`ZIPSERVE_IMPORT_DURING_STEP=0`, an A/B run).",
+            "",
+        ]
     out += headline(summary) + [""]
     if meta["device"].startswith("CPU"):
         out += [

@@ -39,6 +39,7 @@ from zipserve.bench import jct_client, jct_plots, workloads
 from zipserve.bench.conversations import CONVERSATION_SHAPES, ConversationWorkload
 from zipserve.bench.jct_conversations import print_turns, summarize_turns
 from zipserve.control.gil_switch import gil_switch_setting
+from zipserve.decode_worker.arrivals import import_during_step
 
 SUMMARY_KEYS = ("codec", "decode_kv", "link_gbps", "rate", "workload", "prefix_caching")
 
@@ -384,6 +385,7 @@ def write_tables(
         "command": cfg.command,
         "config": conf,
         "gil_switch_ms": gil_switch_setting(),
+        "import_during_step": import_during_step(),
     }
     if runs_planned is not None and len(summary) < runs_planned:
         meta.update(runs_done=len(summary), runs_planned=runs_planned)

@@ -122,7 +122,7 @@ async def test_client_times_every_token_with_or_without_a_tokenizer(anyio_backen
 @pytest.mark.skipif(
     not (REFERENCE_MODEL / "config.json").exists(), reason="reference checkpoint not present"
 )
-def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
+def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     pytest.importorskip("matplotlib")
     from zipserve.bench import jct_sweep
@@ -208,6 +208,7 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     assert "| hack2/dense | 3 | 6/6 |" in text
     assert "jct_vs_rate.png" in text
     assert "runs_planned" not in meta and "partial sweep" not in text
+    assert meta["import_during_step"] is True and "between steps only" not in text
 
     # What a sweep cut after its second run leaves on disk (it writes after every run): those
     # runs' tables, the meta saying so, and a report that says so too.
@@ -220,6 +221,13 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path):
     assert len(load_csv(part / "jct_summary.csv")) == 2
     text = jct_report.write([part], tmp_path / "PARTIAL.md").read_text()
     assert "A partial sweep:** 2 of its 6 runs" in text
+
+    # An A/B run with the decode workers importing between steps only says so.
+    monkeypatch.setenv("ZIPSERVE_IMPORT_DURING_STEP", "0")
+    jct_sweep.write_tables(cfg, part, first_two, summary[:2], "cpu", runs_planned=6)
+    assert json.loads((part / "jct_meta.json").read_text())["import_during_step"] is False
+    text = jct_report.write([part], tmp_path / "AB.md").read_text()
+    assert "imported received layers between steps only" in text
 
 
 def test_report_evaluates_the_issue_goals_from_a_summary():

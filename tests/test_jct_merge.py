@@ -66,10 +66,16 @@ def test_merge_refuses_other_workloads_shared_cells_and_one_sweep(tmp_path):
     (other / "jct_meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="config num_requests 8 differs"):
         jct_merge.merge([FIRST, other], tmp_path / "a")
+    ab = _copy(SECOND, tmp_path / "ab")
+    meta = json.loads((ab / "jct_meta.json").read_text())
+    meta["import_during_step"] = False  # an A/B run of the decode worker's imports
+    (ab / "jct_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="import_during_step False differs"):
+        jct_merge.merge([FIRST, ab], tmp_path / "e")
     with pytest.raises(ValueError, match="is in both"):
         jct_merge.merge([FIRST, _copy(FIRST, tmp_path / "again")], tmp_path / "b")
     with pytest.raises(ValueError, match="at least two"):
         jct_merge.merge([FIRST], tmp_path / "c")
     with pytest.raises(SystemExit):  # the CLI says why, no traceback
         jct_merge.main([str(FIRST), str(other), "--out", str(tmp_path / "d")])
-    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    assert not any((tmp_path / n).exists() for n in ("a", "d", "e"))
