@@ -41,6 +41,7 @@
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
 #   round19    nvidia-h100-x1  session 18's unrun GPU tests, lowrank+hack2 tokens/s and profile,
 #                              then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4  ~9 min
+#   mini19     nvidia-h100-x1  the GPU tests of session 18's kernels and the wait-free step  ~2.5 min
 #   tests19    nvidia-h100-x1  round19's GPU tests and lowrank+hack2 tokens/s only           ~4 min
 #   ab19       nvidia-h100-x1  layers imported while the GPU runs a step vs between steps only:
 #                              bf16 and hack2, no link, 2-3 req/s, step traces            ~6 min
@@ -79,7 +80,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -446,6 +447,13 @@ round19)
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
+    ;;
+mini19)
+    # The least of round19 (~2.5 min, for a session's last few minutes of device time): the GPU
+    # tests of session 18's kernels (tail merge, fp8 encode), the sampler, and the wait-free step.
+    pytest_gpu 70 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
+        tests/test_fp8_encode.py
+    pytest_gpu 70 step_waits -m gpu tests/test_engine_gpu.py -k decode_step_waits
     ;;
 tests19)
     # round19 without its profiles and JCT lanes (~4 min, when a session's device time is
