@@ -214,6 +214,8 @@ def fp8_encode_pages_ref(k, v, store, page_ids, src_rows=None, skip_page=None) -
     for name, x in (("k", k), ("v", v)):
         xf = x.float()
         amax = xf.abs().amax(dim=(2, 3))  # [m, KVH]
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        # a tensor divisor: CUDA divides by a Python scalar as a product with its reciprocal
+        # (1 ulp off IEEE division for some amax, seen on an H100), the kernel with div_rn
+        scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
         store[name][page_ids] = (xf / scale[:, :, None, None]).to(_FP8)
         store[name + "_scale"][page_ids] = scale
