@@ -227,15 +227,19 @@ class DecodeWorker:
         lock; their copies queue behind the step): a layer then waits about a poll interval for
         its import, not until the step has ended, and the host's import work hides behind the
         step's device time. Polls only while some request still expects KV (else returns at
-        once and finish_step waits). Returns what _import_arrivals does, over every pass."""
+        once and finish_step waits). Returns what _import_arrivals does, over every pass.
+        Which requests await KV changes only under the lock this thread holds, so it is
+        looked up again only after imports (which may complete or fail one), not every poll."""
         imported: list[LayerKV | DeviceLayerKV] = []
         waited_ms = recv_ms = 0.0
-        while self._import_during_step and not launched.done() and self._awaiting_kv():
+        awaiting = self._import_during_step and self._awaiting_kv()
+        while awaiting and not launched.done():
             if self._arrivals:
                 taken, w, r = self._import_arrivals()
-                imported += taken
-                waited_ms, recv_ms = max(waited_ms, w), max(recv_ms, r)
                 if taken:
+                    imported += taken
+                    waited_ms, recv_ms = max(waited_ms, w), max(recv_ms, r)
+                    awaiting = self._awaiting_kv()
                     continue
             self._arrivals.wait(IMPORT_POLL_S)  # until a layer comes in, or the next look
         return imported, waited_ms, recv_ms
@@ -409,9 +413,8 @@ class DecodeWorker:
         for t in self._threads:
             t.join(timeout=2)
         self._returns.close()
-        for (
-            kv
-        ) in self._arrivals.drain():  # never imported: give CUDA-IPC buffers back to their senders
+        # never imported: give CUDA-IPC buffers back to their senders
+        for kv in self._arrivals.drain():
             done(kv)
         self.trace.flush()
         self.recv_trace.flush()

@@ -23,7 +23,7 @@ from zipserve.engine.loading import build_model, model_config_for, resolve_dtype
 from zipserve.engine.model_runner import ModelRunner
 from zipserve.engine.page_pool import PagePool, pages_for
 from zipserve.engine.prefix_cache import PrefixCache, PrefixCacheStats
-from zipserve.engine.sampler import Sampler
+from zipserve.engine.sampler import Sampler, SampleResult
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.engine.scheduler import Scheduler
 from zipserve.engine.sequence import Sequence
@@ -45,7 +45,7 @@ class LaunchedStep:
     """Recorded after the copies on the GPU; None on a CPU (the tensors are final)."""
 
     @classmethod
-    def queue(cls, seqs: list[Sequence], result) -> LaunchedStep:
+    def queue(cls, seqs: list[Sequence], result: SampleResult) -> LaunchedStep:
         """Start the copies of a SampleResult's tensors to the host without waiting."""
         tokens, logprobs = result.token_ids, result.logprobs
         if tokens.device.type != "cuda":
