@@ -97,6 +97,12 @@ def kernel_rows(src_rows, skip_page, m: int, device) -> tuple[torch.Tensor, int]
     return src, -1 if skip_page is None else int(skip_page)
 
 
+def page_strides(k, v) -> tuple[int, ...]:
+    """An encoder kernel's input strides: page, head and token of k, then of v ([n, KVH, P, D],
+    last dim contiguous)."""
+    return (*k.stride()[:3], *v.stride()[:3])
+
+
 def rows_written(k, v, page_ids, src_rows, skip_page):
     """A reference encoder's inputs as the kernel sees them: the rows src_rows of k / v (all
     without it) and their page ids, less those going to skip_page. Returns (k, v, page_ids)."""

@@ -40,6 +40,7 @@ from zipserve.kernels.arg_checks import (
     check_kv_pages,
     is_pow2,
     kernel_rows,
+    page_strides,
     pages_read,
     rows_written,
 )
@@ -181,12 +182,7 @@ def hack_encode_pages(
         pool.v_min,
         pool.k_sums,
         pool.v_sums,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *page_strides(k, v),
     )
     common = dict(
         PAGE=page,

@@ -40,6 +40,7 @@ from zipserve.kernels.arg_checks import (
     check_store,
     is_pow2,
     kernel_rows,
+    page_strides,
     pages_read,
     rows_written,
 )
@@ -261,12 +262,7 @@ def kivi_encode_pages(
         src,
         skip,
         *(store[name] for name in _STORE),  # the kernel's store arguments, in _STORE's order
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *page_strides(k, v),
         PAGE=page,
         HEAD_DIM=d,
         BITS=bits,

@@ -34,7 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.arg_checks import FLOAT_DTYPES, kernel_rows, pages_read, rows_written
+from zipserve.kernels.arg_checks import (
+    FLOAT_DTYPES,
+    kernel_rows,
+    page_strides,
+    pages_read,
+    rows_written,
+)
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
 from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
 
@@ -258,12 +264,7 @@ def lowrank_encode_pages(
         out_v,
         src,
         skip,
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
+        *page_strides(k, v),
         PAGE=p,
         HEAD_DIM=d,
         BLOCK_D=block_d(d),
