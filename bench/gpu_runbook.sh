@@ -153,6 +153,22 @@ jct_sweep() {  # jct_sweep SECONDS NAME CODECS LINKS: the issue-16 sweep on rand
         "${GRAPHS[@]}" --out "$WORK/$name"
 }
 
+fixes18_tests() {  # fixes18_tests SECONDS: session 18's kernels (lowrank tail merge, fp8
+    # encode) and the sampler's wait-free test on the GPU
+    pytest_gpu "$1" fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
+        tests/test_fp8_encode.py
+}
+
+tests19_steps() {  # the GPU tests of sessions 18-19's work (fixes18_tests, then the engine's
+    # for lowrank, fp8 and the wait-free step), then lowrank+hack2's decode tokens/s beside
+    # bf16's (~4 min; round19 starts with it, tests19 is it alone)
+    fixes18_tests 60
+    pytest_gpu 120 engine_gpu -m gpu tests/test_engine_gpu.py \
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k "lowrank or fp8 or decode_step_waits"
+    step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
+        --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     >>"$LOG" 2>&1
@@ -433,12 +449,7 @@ round19)
     # fused tail-merge and the Triton HACK kernel's splits for 2-warp programs (its profile names
     # the kernels apart), beside bf16. The JCT sweep writes after every run now, so a cut
     # keeps what it measured.
-    pytest_gpu 60 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
-        tests/test_fp8_encode.py
-    pytest_gpu 120 engine_gpu -m gpu tests/test_engine_gpu.py \
-        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k "lowrank or fp8 or decode_step_waits"
-    step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
-        --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
+    tests19_steps
     step 25 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,fp8 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
@@ -451,19 +462,13 @@ round19)
 mini19)
     # The least of round19 (~2.5 min, for a session's last few minutes of device time): the GPU
     # tests of session 18's kernels (tail merge, fp8 encode), the sampler, and the wait-free step.
-    pytest_gpu 70 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
-        tests/test_fp8_encode.py
+    fixes18_tests 70
     pytest_gpu 70 step_waits -m gpu tests/test_engine_gpu.py -k decode_step_waits
     ;;
 tests19)
     # round19 without its profiles and JCT lanes (~4 min, when a session's device time is
     # short): the GPU tests of what sessions 18-19 built, then lowrank+hack2's tokens/s.
-    pytest_gpu 60 fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
-        tests/test_fp8_encode.py
-    pytest_gpu 120 engine_gpu -m gpu tests/test_engine_gpu.py \
-        tests/test_lowrank_fold.py::test_gpu_kernels_match_references -k "lowrank or fp8 or decode_step_waits"
-    step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
-        --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
+    tests19_steps
     ;;
 ab19)
     # Session 19: the decode worker imports received layers while the GPU runs a step (its
