@@ -24,7 +24,7 @@ import torch
 import triton
 
 from zipserve.kernels import hack_decode_cuda
-from zipserve.kernels.hack_decode_kernel import _LN2, _LOG2E, _hack_decode_kernel
+from zipserve.kernels.hack_decode_kernel import _LOG2E, _hack_decode_kernel
 from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref
 from zipserve.kernels.hack_layout import check_decode_args, hack_bytes_per_token
 from zipserve.kernels.head_dim import block_d
@@ -196,13 +196,13 @@ def hack_decode_attention(
             n_sink,
             num_splits,
         )
+    # log2 sum_s 2^lse_s over the 1 + S partials, written by the merge itself
+    lse_out = torch.empty((B, H), dtype=torch.float32, device=q.device) if return_lse else None
     if rotation is None:
-        merge_splits(part, lse, out)
+        merge_splits(part, lse, out, lse_out)
     else:
-        merge_rotated(part, lse, rotation, out)
-    if return_lse:  # log2 sum_s 2^lse_s over the 1 + S partials
-        return out, torch.logsumexp(lse * _LN2, dim=-1) / _LN2
-    return out
+        merge_rotated(part, lse, rotation, out, lse_out)
+    return (out, lse_out) if return_lse else out
 
 
 BACKENDS = ("auto", "triton", "cuda")

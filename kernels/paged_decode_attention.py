@@ -159,16 +159,30 @@ def _split_weights(lse_ptr, row0, NUM: tl.constexpr, S_PAD: tl.constexpr):
 
 
 @triton.jit
+def _store_merged_lse(lse_ptr, row0, NUM: tl.constexpr, S_PAD: tl.constexpr, den, lse_out_ptr):
+    """lse_out = log2 sum_s 2^lse_s of the NUM partials at row0 (-inf when all are empty): the
+    merged row's own log2-sum-exp, for merging it with attention computed elsewhere."""
+    offs_s = tl.arange(0, S_PAD)
+    lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM, other=float("-inf"))  # [S_PAD]
+    m = tl.max(lse, axis=0)
+    m = tl.where(m > float("-inf"), m, 0.0)
+    merged = tl.where(den > 0.0, m + tl.log2(tl.where(den > 0.0, den, 1.0)), float("-inf"))
+    tl.store(lse_out_ptr, merged)
+
+
+@triton.jit
 def _merge_splits_kernel(
     part_ptr,
     lse_ptr,
     out_ptr,  # part f32 [B,H,S,D], lse f32 [B,H,S] (log2 domain), out [B,H,D]
+    lse_out_ptr,  # f32 [B,H] (log2), written when WRITE_LSE
     stride_ob,
     stride_oh,
     NUM_SPLITS: tl.constexpr,
     S_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -186,6 +200,10 @@ def _merge_splits_kernel(
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok
     )
+    if WRITE_LSE:
+        _store_merged_lse(
+            lse_ptr, row0, NUM_SPLITS, S_PAD, den, lse_out_ptr + b * tl.num_programs(1) + h
+        )
 
 
 def is_interpreted(kernel) -> bool:
@@ -215,23 +233,48 @@ def split_buffers(q: torch.Tensor, out: torch.Tensor, num_splits: int):
     )
 
 
-def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def merge_splits(
+    part: torch.Tensor,
+    lse: torch.Tensor,
+    out: torch.Tensor,
+    lse_out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Combine flash-decoding partials part [B, H, S, D] (fp32) with their log2-sum-exp
-    lse [B, H, S] into out [B, H, D] (shared by every decode-attention kernel)."""
+    lse [B, H, S] into out [B, H, D] (shared by every decode-attention kernel); with lse_out
+    (contiguous fp32 [B, H]) also each row's merged log2-sum-exp (-inf for an empty row)."""
     b, h, num_splits, d = part.shape
+    check_lse_out(lse_out, b, h, part.device)
     _merge_splits_kernel[(b, h)](
         part,
         lse,
         out,
+        lse if lse_out is None else lse_out,
         out.stride(0),
         out.stride(1),
         NUM_SPLITS=num_splits,
         S_PAD=max(2, triton.next_power_of_2(num_splits)),
         HEAD_DIM=d,
         BLOCK_D=block_d(d),
+        WRITE_LSE=lse_out is not None,
         num_warps=1 if d <= 64 else 2,
     )
     return out
+
+
+def check_lse_out(lse_out: torch.Tensor | None, b: int, h: int, device) -> None:
+    """A merge's optional lse_out must be a contiguous fp32 [B, H] on the partials' device."""
+    if lse_out is None:
+        return
+    if (
+        lse_out.shape != (b, h)
+        or lse_out.dtype != torch.float32
+        or not lse_out.is_contiguous()
+        or lse_out.device != device
+    ):
+        raise ValueError(
+            f"lse_out: must be contiguous float32 [{b}, {h}] on {device}, got "
+            f"{lse_out.dtype} {tuple(lse_out.shape)} on {lse_out.device}"
+        )
 
 
 def _check_inputs(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits, out):

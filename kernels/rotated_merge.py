@@ -3,15 +3,24 @@
 Partial 0 is the dense tail's (model basis), partials 1..S are page splits (basis of K R, V R with R
 the codec's orthonormal, symmetric rotation, compress/rotation.py). One program per (sequence, head)
 LSE-weights them, rotates the pages' sum back with R and adds the tail's: the output rotation and
-the merge in one pass, in fp32, rounded once. `merge_rotated_ref` is the torch reference.
+the merge in one pass, in fp32, rounded once (and, when asked, the rows' merged log2-sum-exp).
+`merge_rotated_ref` is the torch reference.
 """
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from zipserve.kernels.head_dim import block_d
-from zipserve.kernels.paged_decode_attention import _split_weights
+from zipserve.kernels.paged_decode_attention import (
+    _split_weights,
+    _store_merged_lse,
+    check_lse_out,
+)
+
+_LN2 = math.log(2.0)
 
 
 @triton.jit
@@ -20,6 +29,7 @@ def _merge_rotated_kernel(
     lse_ptr,
     rot_ptr,
     out_ptr,  # part f32 [B,H,S1,D], lse f32 [B,H,S1] (log2), rot f32 [D,D], out [B,H,D]
+    lse_out_ptr,  # f32 [B,H] (log2), written when WRITE_LSE
     stride_ob,
     stride_oh,
     NUM_PARTS: tl.constexpr,
@@ -27,6 +37,7 @@ def _merge_rotated_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -60,6 +71,10 @@ def _merge_rotated_kernel(
             o.to(out_ptr.dtype.element_ty),
             mask=j_ok,
         )
+    if WRITE_LSE:
+        _store_merged_lse(
+            lse_ptr, row0, NUM_PARTS, S_PAD, den, lse_out_ptr + b * tl.num_programs(1) + h
+        )
 
 
 def _check(part, lse, rotation, out):
@@ -74,10 +89,12 @@ def _check(part, lse, rotation, out):
         raise ValueError(f"out: must be [{b}, {h}, {d}] with a contiguous last dim")
 
 
-def merge_rotated(part, lse, rotation, out):
-    """out [B, H, D] <- (sum_s>0 w_s part_s) R + w_0 part_0, normalised (w = 2^(lse - max))."""
+def merge_rotated(part, lse, rotation, out, lse_out=None):
+    """out [B, H, D] <- (sum_s>0 w_s part_s) R + w_0 part_0, normalised (w = 2^(lse - max));
+    with lse_out (contiguous fp32 [B, H]) also each row's merged log2-sum-exp."""
     _check(part, lse, rotation, out)
     b, h, s1, d = part.shape
+    check_lse_out(lse_out, b, h, part.device)
     if b == 0 or h == 0:
         return out
     _merge_rotated_kernel[(b, h)](
@@ -85,6 +102,7 @@ def merge_rotated(part, lse, rotation, out):
         lse,
         rotation.float().contiguous(),
         out,
+        lse if lse_out is None else lse_out,
         out.stride(0),
         out.stride(1),
         NUM_PARTS=s1,
@@ -92,14 +110,24 @@ def merge_rotated(part, lse, rotation, out):
         HEAD_DIM=d,
         BLOCK_D=block_d(d),
         BLOCK_J=32,
+        WRITE_LSE=lse_out is not None,
         num_warps=4,
     )
     return out
 
 
-def merge_rotated_ref(part, lse, rotation, out):
+def merged_lse_ref(lse: torch.Tensor) -> torch.Tensor:
+    """log2 sum_s 2^lse_s of partials' lse [B, H, S] (log2 units) -> [B, H]; -inf where every
+    partial is empty. The torch form of what the merge kernels write to lse_out."""
+    return torch.logsumexp(lse * _LN2, dim=-1) / _LN2
+
+
+def merge_rotated_ref(part, lse, rotation, out, lse_out=None):
     """Torch reference of merge_rotated (same signature)."""
     _check(part, lse, rotation, out)
+    check_lse_out(lse_out, *part.shape[:2], part.device)
+    if lse_out is not None:
+        lse_out.copy_(merged_lse_ref(lse))
     live = lse > float("-inf")
     m = torch.where(live, lse, torch.full_like(lse, float("-inf"))).amax(-1, keepdim=True)
     m = torch.where(m > float("-inf"), m, torch.zeros_like(m))

@@ -19,7 +19,12 @@ from zipserve.kernels.hack_decode_attention import (  # noqa: E402
     hack_decode_attention,
     hack_decode_attention_ref,
 )
-from zipserve.kernels.rotated_merge import merge_rotated, merge_rotated_ref  # noqa: E402
+from zipserve.kernels.paged_decode_attention import merge_splits  # noqa: E402
+from zipserve.kernels.rotated_merge import (  # noqa: E402
+    merge_rotated,
+    merge_rotated_ref,
+    merged_lse_ref,
+)
 
 
 def _move_tail(args, seed, rows_total=5, pad=3):
@@ -122,6 +127,40 @@ def test_rotated_merge_matches_reference(d, parts):
     w = torch.softmax(lse[1, 1] * torch.log(torch.tensor(2.0)), 0)
     hand = (w[1:, None] * part[1, 1, 1:]).sum(0) @ r + w[0] * part[1, 1, 0]
     assert rel_err(ref[1, 1], hand) < 1e-5
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+@pytest.mark.parametrize("d,parts", [(64, 2), (128, 5)])
+def test_merges_write_the_merged_lse(d, parts, rotated):
+    """lse_out: each row's log2-sum-exp over its partials, -inf for a row with none; the output
+    is the same with or without it."""
+    gen = torch.Generator().manual_seed(3 * d + parts)
+    b, h = 3, 4
+    part = torch.randn(b, h, parts, d, generator=gen).to(DEVICE)
+    lse = (torch.randn(b, h, parts, generator=gen) * 3).to(DEVICE)
+    lse[0, 0, 1:] = float("-inf")
+    lse[2, 3] = float("-inf")  # a padding row
+    want = merged_lse_ref(lse)
+    by_hand = torch.log2(torch.exp2(lse[1, 2]).sum())
+    assert abs(want[1, 2].item() - by_hand.item()) < 1e-5
+    r = hadamard(d).to(DEVICE)
+    lse_out = torch.full((b, h), float("nan"), device=DEVICE)
+    if rotated:
+        out = merge_rotated(part, lse, r, torch.empty(b, h, d, device=DEVICE), lse_out)
+        plain = merge_rotated(part, lse, r, torch.empty(b, h, d, device=DEVICE))
+        lse_ref = torch.empty(b, h, device=DEVICE)
+        merge_rotated_ref(part, lse, r, torch.empty(b, h, d, device=DEVICE), lse_ref)
+        assert torch.equal(lse_ref[torch.isfinite(want)], want[torch.isfinite(want)])
+    else:
+        out = merge_splits(part, lse, torch.empty(b, h, d, device=DEVICE), lse_out)
+        plain = merge_splits(part, lse, torch.empty(b, h, d, device=DEVICE))
+    assert torch.equal(out, plain)
+    assert torch.isneginf(lse_out[2, 3]) and torch.isneginf(want[2, 3])
+    live = torch.isfinite(want)
+    assert live.sum() == b * h - 1
+    assert (lse_out[live] - want[live]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="lse_out"):
+        merge_splits(part, lse, torch.empty(b, h, d, device=DEVICE), lse_out[:, :2])
 
 
 @pytest.mark.parametrize("d,bits", [(64, 2), (128, 4), (96, 2)])
