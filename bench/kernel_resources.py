@@ -274,6 +274,7 @@ def specs() -> list[KernelSpec]:
                 start_ptr="*i32",
                 op_ptr="*fp32",
                 lp_ptr="*fp32",
+                rot_ptr="*fp32",
                 out_ptr="*bf16",
             ),
             dict(
@@ -282,6 +283,8 @@ def specs() -> list[KernelSpec]:
                 HEAD_DIM=_D,
                 BLOCK_D=_D,
                 BLOCK_T=64,
+                W_PAD=64,  # lowrank+hack2's width on Llama-3-8B, its pages' output rotated back
+                ROTATE=True,
                 UPCAST=False,
                 DOT_PREC="tf32",
             ),

@@ -377,10 +377,10 @@ class LowRankLayerCodec(KVCodec):
         V's completed basis (pages fill its first r_v)."""
         b, h, d = q.shape
         w = self.width
-        k_dec = self._bases(q.device)["k_dec_width"]  # [KVH, D, W], zero columns past r_k
+        k_dec, rot = self._page_query_basis(q.device)  # [KVH, D, W], [W, W] fp32 or None
         q_red = torch.einsum(
             "bkgd,kdw->bkgw", q.float().view(b, self.kvh, h // self.kvh, d), k_dec
-        ).reshape(b, h, w)  # [B, H, W] fp32, zeros past r_k
+        ).reshape(b, h, w)  # [B, H, W] fp32: the pages' query, in their (rotated) basis
         no_tail = q_red.new_zeros(b, self.kvh, 1, w)
         hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         inner = self.inner
@@ -397,10 +397,9 @@ class LowRankLayerCodec(KVCodec):
             n_sink=self.n_sink,
             num_splits=num_splits,
             mode=inner.mode,
-            rotation=inner._rot(q.device) if inner.rotate else None,
             backend=inner.decode_backend,
             return_lse=True,
-        )  # [B, H, W] (first r_v columns: the values' coordinates), [B, H] log2 units
+        )  # [B, H, W] in the pages' basis (o R), [B, H] log2 units
         merge = tail_merge.lowrank_tail_merge if q.is_cuda else tail_merge.lowrank_tail_merge_ref
         return merge(
             q,
@@ -413,7 +412,22 @@ class LowRankLayerCodec(KVCodec):
             self.rv,
             dense_rows=dense_rows,
             dense_start=dense_start,
+            rotation=rot,
         )
+
+    def _page_query_basis(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k_dec_width @ R [KVH, D, W], R [W, W]) fp32 with HACK's rotation R, else (k_dec_width,
+        None): q @ the first is the pages' query in their basis (q_red R: HACK then needs no query
+        rotation), and the tail merge takes the pages' output back with R (kernels/
+        lowrank_tail_merge.py), so the HACK kernel's rotating merge is not needed either."""
+        bases = self._bases(device)
+        if not self.inner.rotate:
+            return bases["k_dec_width"], None
+        if "k_dec_rotated" not in bases:
+            rot = self.inner._rot(device).float().contiguous()  # [W, W], symmetric orthonormal
+            bases["rotation"] = rot
+            bases["k_dec_rotated"] = (bases["k_dec_width"].float() @ rot).contiguous()
+        return bases["k_dec_rotated"], bases["rotation"]
 
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:

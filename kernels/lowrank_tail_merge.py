@@ -21,6 +21,9 @@ Layout of one layer (W: the pages' width, only its first rv columns are meaningf
   o_p         fp32 [B, H, W]   the pages' normalized output (W: HACK's width, which may pass D
                                for a small head_dim)
   lse_p       fp32 [B, H]      the pages' log2-sum-exp of scores * scale * log2(e), -inf: no pages
+  rotation    optional fp32 [W, W]: o_p is in the pages' rotated basis (HACK's Hadamard R, the
+                               query projected into it by the caller); the kernel takes o_p @ R
+                               back (one small fp32 dot), so HACK needs no rotating merge
   out         [B, H, D]        q's dtype: columns < rv mix both parts, the others are the tail's
 
 Merge (lse_t, o_t: the tail's; an empty side has lse -inf and weight 0):
@@ -60,9 +63,11 @@ def _lowrank_tail_merge_kernel(
     start_ptr,  # int32 [B]: its first column
     op_ptr,  # fp32 [B, H, W]
     lp_ptr,  # fp32 [B, H], log2
+    rot_ptr,  # fp32 [W, W] when ROTATE: o_p is in the pages' rotated basis, o_p @ R is not
     out_ptr,  # [B, H, D], q's dtype
     qk_scale,  # softmax scale * log2(e)
     rv,  # o_p's meaningful columns
+    W,  # o_p's width
     stride_qb,
     stride_qh,
     stride_dkb,
@@ -82,6 +87,8 @@ def _lowrank_tail_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    W_PAD: tl.constexpr,
+    ROTATE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -123,15 +130,22 @@ def _lowrank_tail_merge_kernel(
         BLOCK_T,
         DOT_PREC,
     )
-    o = _merge_pages(
-        m_i,
-        l_i,
-        acc,
-        op_ptr + b * stride_opb + heads[:, None] * stride_oph + offs_d[None, :],
-        lp_ptr + b * stride_lpb + heads * stride_lph,
-        g_ok,
-        offs_d < rv,
-    )  # [G_PAD, BD]
+    c_ok = offs_d < rv
+    op_row = op_ptr + b * stride_opb + heads[:, None] * stride_oph  # [G_PAD, 1]
+    if ROTATE:  # o_p = o_rot @ R[:, :rv], in fp32
+        offs_w = tl.arange(0, W_PAD)
+        w_ok = offs_w < W
+        o_rot = tl.load(op_row + offs_w[None, :], mask=g_ok[:, None] & w_ok[None, :], other=0.0)
+        rot = tl.load(
+            rot_ptr + offs_w[:, None] * W + offs_d[None, :],
+            mask=w_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )  # [W_PAD, BD]
+        o_p = tl.dot(o_rot, rot, input_precision="ieee")  # [G_PAD, BD], zeros from column rv on
+    else:
+        o_p = tl.load(op_row + offs_d[None, :], mask=g_ok[:, None] & c_ok[None, :], other=0.0)
+    lse_p = tl.load(lp_ptr + b * stride_lpb + heads * stride_lph, mask=g_ok, other=float("-inf"))
+    o = _merge_pages(m_i, l_i, acc, o_p, lse_p)  # [G_PAD, BD]
     tl.store(
         out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
@@ -140,15 +154,13 @@ def _lowrank_tail_merge_kernel(
 
 
 @triton.jit
-def _merge_pages(m_i, l_i, acc, op_ptrs, lp_ptrs, g_ok, c_ok):
+def _merge_pages(m_i, l_i, acc, o_p, lse_p):
     """The tail's running softmax (m_i, l_i [GP], acc [GP, BD] fp32, log2 domain) merged with the
-    pages' normalized output at op_ptrs [GP, BD] (columns c_ok [BD] only) and log2-sum-exp at
-    lp_ptrs [GP]; rows g_ok [GP] are real heads. Returns the normalized output [GP, BD] fp32."""
+    pages' normalized output o_p [GP, BD] (zeros past their columns) and log2-sum-exp lse_p [GP]
+    (-inf: no pages). Returns the normalized output [GP, BD] fp32."""
     has_t = l_i > 0.0
     l_safe = tl.where(has_t, l_i, 1.0)
     lse_t = tl.where(has_t, m_i + tl.log2(l_safe), float("-inf"))  # [GP]
-    lse_p = tl.load(lp_ptrs, mask=g_ok, other=float("-inf"))  # [GP]
-    o_p = tl.load(op_ptrs, mask=g_ok[:, None] & c_ok[None, :], other=0.0)  # [GP, BD]
     m = tl.maximum(lse_p, lse_t)
     m = tl.where(m == float("-inf"), 0.0, m)
     w_p = tl.exp2(lse_p - m)  # 0 for an empty side
@@ -169,7 +181,17 @@ def _describe(x) -> str:
 
 
 def _check_args(
-    q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows=None, dense_start=None
+    q,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    o_p,
+    lse_p,
+    rv,
+    dense_rows=None,
+    dense_start=None,
+    rotation=None,
 ):
     """Validate arguments; returns (B, H, KVH, T, D, W). Raises ValueError naming the argument.
     dense_lens' values are checked on CPU only (no device sync)."""
@@ -210,6 +232,17 @@ def _check_args(
             raise ValueError(f"{name} must be int32 [B={B}], got {_describe(t)}")
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    if rotation is not None and (
+        not _is_tensor(rotation, 2)
+        or rotation.dtype != torch.float32
+        or rotation.shape != (W, W)
+        or not rotation.is_contiguous()
+        or rotation.device != q.device
+    ):
+        raise ValueError(
+            f"rotation must be contiguous float32 [W={W}, W={W}] on {q.device}, "
+            f"got {_describe(rotation)}"
+        )
     named = (("dense_k", dense_k), ("dense_v", dense_v), ("dense_lens", dense_lens))
     for name, t in named + (("o_p", o_p), ("lse_p", lse_p)):
         if t.device != q.device:
@@ -239,11 +272,21 @@ def _dots_in_16_bits(q, dense_k, dense_v) -> bool:
 
 
 def lowrank_tail_merge(
-    q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows=None, dense_start=None
+    q,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    o_p,
+    lse_p,
+    rv,
+    dense_rows=None,
+    dense_start=None,
+    rotation=None,
 ):
     """Tail attention + merge with the pages (module docstring). Returns out [B, H, D] in q's dtype."""
     B, H, KVH, T, D, W = _check_args(
-        q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start
+        q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start, rotation
     )
     require_runnable("lowrank_tail_merge", _lowrank_tail_merge_kernel, q)
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
@@ -261,9 +304,11 @@ def lowrank_tail_merge(
         start,
         o_p,
         lse_p,
+        o_p if rotation is None else rotation,
         out,
         float(scale) * _LOG2E,
         rv,
+        W,
         q.stride(0),
         q.stride(1),
         dense_k.stride(0),
@@ -283,6 +328,8 @@ def lowrank_tail_merge(
         HEAD_DIM=D,
         BLOCK_D=block_d(D),
         BLOCK_T=BLOCK_T,
+        W_PAD=max(16, triton.next_power_of_2(W)),
+        ROTATE=rotation is not None,
         UPCAST=not lowp,
         DOT_PREC="tf32" if lowp else "ieee",
         num_warps=4,
@@ -311,11 +358,26 @@ def _tail_attention_ref(q, dense_k, dense_v, dense_lens, scale):
 
 
 def lowrank_tail_merge_ref(
-    q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows=None, dense_start=None
+    q,
+    dense_k,
+    dense_v,
+    dense_lens,
+    scale,
+    o_p,
+    lse_p,
+    rv,
+    dense_rows=None,
+    dense_start=None,
+    rotation=None,
 ):
     """fp32 torch reference: the tail's attention (o_t, lse_t), then the log-sum-exp merge with the
-    pages' first rv columns. Returns out [B, H, D] in q's dtype."""
-    _check_args(q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start)
+    pages' first rv columns (of o_p @ rotation when one is given). Returns out [B, H, D] in q's
+    dtype."""
+    _check_args(
+        q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start, rotation
+    )
+    if rotation is not None:
+        o_p = o_p.float() @ rotation
     if dense_rows is not None or dense_start is not None:  # each row's range gathered
         rows, start = tail_index(q, dense_rows, dense_start)
         t = dense_k.shape[2]

@@ -97,6 +97,30 @@ def test_kernel_matches_reference(q_dtype, kv_dtype, b, h, kvh):
         assert err < TOL[q_dtype], (d, t, w, rv, err)
 
 
+def _orthonormal(w: int, gen: torch.Generator) -> torch.Tensor:
+    """A random orthonormal fp32 [w, w] (the pages' rotation need not be a Hadamard matrix)."""
+    return torch.linalg.qr(torch.randn(w, w, generator=gen, dtype=torch.float64))[0].float().contiguous()
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16])
+def test_rotated_pages_match_reference_and_the_unrotated_merge(q_dtype):
+    """With rotation R, o_p is in the pages' basis and the kernel takes o_p @ R back itself: the
+    same as the reference, and as merging the unrotated o_p @ R without a rotation."""
+    gen = torch.Generator().manual_seed(23)
+    b, h, kvh = 5, 8, 2
+    for d, t, w, rv in CASES:
+        args = _inputs(gen, b, h, kvh, d, t, w, q_dtype, q_dtype)
+        rot = _orthonormal(w, gen).to(DEVICE)
+        ref = lowrank_tail_merge_ref(**args, rv=rv, rotation=rot)
+        out = lowrank_tail_merge(**args, rv=rv, rotation=rot)
+        assert out.dtype == q_dtype and torch.isfinite(out).all()
+        assert _rel_err(out, ref) < TOL[q_dtype], (d, t, w, rv)
+        unrotated = dict(args, o_p=(args["o_p"].double() @ rot.double()).float())
+        plain = lowrank_tail_merge_ref(**unrotated, rv=rv)
+        assert _rel_err(ref, plain) < (1e-6 if q_dtype == torch.float32 else 2e-3)
+        assert _rel_err(ref, lowrank_tail_merge_ref(**args, rv=rv)) > 1e-2  # R mattered
+
+
 @pytest.mark.parametrize("fn", [lowrank_tail_merge, lowrank_tail_merge_ref])
 def test_rows_with_an_empty_side(fn):
     """Empty tail: the pages' output (columns >= rv zero); no pages: the tail's; neither: zeros."""
@@ -204,7 +228,8 @@ def test_tail_read_in_place_equals_the_gathered_tail(fn, dtype):
 
 def _valid_args():
     gen = torch.Generator().manual_seed(3)
-    return dict(_inputs(gen, 2, 4, 2, 64, 9, 32, torch.float32, torch.float32, "cpu"), rv=20)
+    args = _inputs(gen, 2, 4, 2, 64, 9, 32, torch.float32, torch.float32, "cpu")
+    return dict(args, rv=20, rotation=_orthonormal(32, gen))
 
 
 def _bad(**changes):
@@ -234,6 +259,9 @@ BAD = [
     ("rv", _bad(rv=lambda r: 0)),
     ("rv", _bad(rv=lambda r: 33)),  # > W
     ("rv", _bad(rv=lambda r: True)),
+    ("rotation", _bad(rotation=lambda r: r[:16])),  # not [W, W]
+    ("rotation", _bad(rotation=lambda r: r.double())),
+    ("rotation", _bad(rotation=lambda r: r.t())),  # not contiguous
 ]
 
 
@@ -250,8 +278,10 @@ def test_kernel_matches_reference_on_gpu():
     gen = torch.Generator().manual_seed(17)
     b, h, kvh, d, t, w, rv = 8, 32, 8, 128, 65, 64, 40
     args = _inputs(gen, b, h, kvh, d, t, w, torch.bfloat16, torch.bfloat16, "cuda")
-    ref = lowrank_tail_merge_ref(**args, rv=rv)
-    out = lowrank_tail_merge(**args, rv=rv)
-    torch.cuda.synchronize()
-    assert out.dtype == torch.bfloat16 and out.shape == (b, h, d)
-    assert _rel_err(out, ref) < TOL[torch.bfloat16]
+    rot = _orthonormal(w, gen).cuda()
+    for rotation in (None, rot):
+        ref = lowrank_tail_merge_ref(**args, rv=rv, rotation=rotation)
+        out = lowrank_tail_merge(**args, rv=rv, rotation=rotation)
+        torch.cuda.synchronize()
+        assert out.dtype == torch.bfloat16 and out.shape == (b, h, d)
+        assert _rel_err(out, ref) < TOL[torch.bfloat16]
