@@ -452,8 +452,8 @@ round19)
     # the kernels apart), beside bf16. The JCT sweep writes after every run now, so a cut
     # keeps what it measured.
     tests19_steps
-    step 25 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
-        --codecs bf16,fp8 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     step "${JCT_LIMIT:-240}" jct_nolink python3 -m zipserve bench jct --sweep \
