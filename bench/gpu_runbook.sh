@@ -157,8 +157,9 @@ fixes18_tests() {  # fixes18_tests SECONDS: session 18's kernels (lowrank tail m
     # encode) and the sampler's wait-free test on the GPU
     pytest_gpu "$1" fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
         tests/test_fp8_encode.py
-    # session 20: the merges' lse_out (on the GPU when there is one; not marked gpu)
-    pytest_gpu 40 merges20 tests/test_hack_tail_in_place.py -k merge
+    # session 20: the merges' lse_out, the norm / rope kernels (on the GPU when there is one)
+    pytest_gpu 40 merges20 tests/test_hack_tail_in_place.py -k merge \
+        tests/test_norm_rope_kernels.py
 }
 
 tests19_steps() {  # the GPU tests of sessions 18-19's work (fixes18_tests, then the engine's

@@ -318,6 +318,31 @@ def specs() -> list[KernelSpec]:
                 8,
             )
         )
+    out += [  # the model's fused elementwise kernels at Llama-3-8B's shapes, bf16
+        KernelSpec(
+            "rms_norm (+ residual add)",
+            _k("rms_norm", "_rms_norm_kernel"),
+            dict(x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", s_ptr="*bf16"),
+            dict(HAS_RES=True, BLOCK=4096),
+            16,
+            scalars=dict(eps="fp32"),
+        ),
+        KernelSpec(
+            "rope_qk",
+            _k("rope", "_rope_qk_kernel"),
+            dict(
+                pos_ptr="*i64",
+                q_ptr="*bf16",
+                k_ptr="*bf16",
+                cos_ptr="*fp32",
+                sin_ptr="*fp32",
+                qo_ptr="*bf16",
+                ko_ptr="*bf16",
+            ),
+            dict(H=32, H_PAD=32, KVH=8, KVH_PAD=8, HALF=64, HALF_PAD=64, HAS_K=True),
+            4,
+        ),
+    ]
     out += _decode_baselines()
     # The Triton HACK decode kernel runs at 255 registers and spills a little at head_dim 128
     # (the CUDA kernel serves that shape on an H100); lowrank+hack2's width 64 runs it.
