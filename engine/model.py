@@ -10,6 +10,7 @@ Weights are fused at load time: q/k/v into one matrix, gate/up into one matrix.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.paged_cache import PagedKVCache
+from zipserve.kernels.rms_norm import rms_norm, rms_norm_ref
+from zipserve.kernels.rope import rope_qk, rope_qk_ref
 
 
 @dataclass
@@ -61,6 +64,16 @@ def llama3_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+# ZIPSERVE_NORM_ROPE_KERNELS=0 runs RMSNorm and RoPE as the torch references on a GPU too: the
+# A/B switch of bench/gpu_runbook.sh's engine runs (read once, at import).
+NORM_ROPE_KERNELS = os.environ.get("ZIPSERVE_NORM_ROPE_KERNELS", "1") != "0"
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether x's RMSNorm / RoPE take the Triton kernels (a CUDA tensor, the switch on)."""
+    return x.is_cuda and NORM_ROPE_KERNELS
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables over all positions, computed once in fp32."""
 
@@ -73,32 +86,34 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, KVH, D]; rotate-half (non-interleaved) convention as in HF.
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """q [T, H, D], k [T, KVH, D] rotated to their positions (rotate-half, non-interleaved, as
+        in HF): one Triton launch on a GPU (kernels/rope.py), its torch reference elsewhere."""
+        fn = rope_qk if _fused(q) else rope_qk_ref
+        return fn(positions, q, k, self.cos, self.sin)
 
     def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """One tensor [T, h, D] rotated to its positions (queries without keys)."""
-        return _rotate(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)  # [T, h, D/2] each
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+        fn = rope_qk if _fused(x) else rope_qk_ref
+        return fn(positions, x, None, self.cos, self.sin)[0]
 
 
 class RMSNorm(nn.Module):
+    """weight * x / rms(x) over the last dim; one Triton launch on a GPU (kernels/rms_norm.py),
+    its torch reference elsewhere."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        fn = rms_norm if _fused(x) else rms_norm_ref
+        return fn(x, self.weight, float(self.eps))[0]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor):
+        """(norm(x + residual), x + residual): the residual add fused into the norm's launch."""
+        fn = rms_norm if _fused(x) else rms_norm_ref
+        return fn(x, self.weight, float(self.eps), residual)
 
 
 class Attention(nn.Module):
@@ -153,8 +168,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, batch, rope, cache):
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), batch, rope, cache)
+        h, x = self.post_attention_layernorm.add_and_norm(h, x)  # x + attention, normed
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

@@ -181,3 +181,37 @@ def test_kernels_match_references_on_gpu():
     for got, want in zip(rope_qk(**args), rope_qk_ref(**args)):
         assert _rel_err(got, want) < TOL[torch.bfloat16]
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_model_modules_take_the_kernels_on_gpu(monkeypatch):
+    """engine/model.py's RMSNorm (plain and with the residual add) and RotaryEmbedding on a GPU:
+    the kernels' results, equal (to rounding) to the torch forms ZIPSERVE_NORM_ROPE_KERNELS=0
+    selects."""
+    from zipserve.engine import model as model_mod
+    from zipserve.engine.config import random_model_config
+
+    config = random_model_config("random:llama3-8b")
+    gen = torch.Generator().manual_seed(29)
+    norm = model_mod.RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data = (1 + 0.1 * torch.randn(4096, generator=gen)).to("cuda", torch.bfloat16)
+    rope = model_mod.RotaryEmbedding(config, 8192).to("cuda")
+    x, r, _ = _norm_inputs(gen, 64, 4096, torch.bfloat16, "cuda")
+    args = _rope_inputs(gen, 64, 32, 8, 128, torch.bfloat16, "cuda")
+    args["positions"] = args["positions"] * 100  # within the table's 8192 positions
+
+    def run():
+        return (
+            norm(x),
+            *norm.add_and_norm(x, r),
+            *rope(args["positions"], args["q"], args["k"]),
+            rope.rotate(args["positions"], args["q"]),
+        )
+
+    fused = run()
+    monkeypatch.setattr(model_mod, "NORM_ROPE_KERNELS", False)
+    plain = run()
+    torch.cuda.synchronize()
+    for got, want in zip(fused, plain):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert _rel_err(got, want) < TOL[torch.bfloat16]
