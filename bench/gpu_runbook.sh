@@ -462,6 +462,38 @@ round19)
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
+round20)
+    # Session 20's first call (~9.5 min): the norm / rope / merge kernels' GPU tests (if they fail,
+    # the rest runs with ZIPSERVE_NORM_ROPE_KERNELS=0, said in the log), the fused norm / rope
+    # A/B (decode tokens/s and 4k prefill, switch off then on, same process order), lowrank+hack2's
+    # tokens/s and profile after sessions 18-20's fusions, the engine GPU tests, then the no-link
+    # lanes bf16 / lowrank+hack2 / fp8 / hack4 (JCT_LIMIT= shortens it).
+    if ! pytest_gpu 60 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or gpu"; then
+        echo "=== kernels20 failed: the rest of round20 runs with ZIPSERVE_NORM_ROPE_KERNELS=0" \
+            | tee -a "$LOG"
+        export ZIPSERVE_NORM_ROPE_KERNELS=0
+    fi
+    for on in 0 1; do
+        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 60 "engine_fused$on" \
+            python3 -m zipserve bench engine --model random:llama3-8b \
+            --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_fused$on"
+        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 30 "prefill_fused$on" \
+            python3 -m zipserve.bench.prefill_profile --model random:llama3-8b --codecs bf16 \
+            --tokens 4096 --repeats 3 --out "$WORK/prefill_fused$on"
+    done
+    step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    pytest_gpu 100 engine_gpu -m gpu tests/test_engine_gpu.py \
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references \
+        -k "lowrank or fp8 or decode_step_waits or graphs or greedy"
+    step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
+        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+        --out "$WORK/jct_nolink"
+    ;;
 mini19)
     # The least of round19 (~2.5 min, for a session's last few minutes of device time): the GPU
     # tests of session 18's kernels (tail merge, fp8 encode), the sampler, and the wait-free step.
