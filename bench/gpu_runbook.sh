@@ -172,6 +172,26 @@ tests19_steps() {  # the GPU tests of sessions 18-19's work (fixes18_tests, then
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
 }
 
+fused20_steps() {  # session 20's kernels on the GPU, then the fused norm / rope A/B (~3.5 min):
+    # the norm / rope / merge kernels' tests (if they fail, the rest of the stage runs with
+    # ZIPSERVE_NORM_ROPE_KERNELS=0, said in the log), then decode tokens/s (bf16, lowrank+hack2)
+    # and bf16's 4k prefill with the switch off, then on
+    if ! pytest_gpu 60 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or gpu"; then
+        echo "=== kernels20 failed: the rest of the stage runs with ZIPSERVE_NORM_ROPE_KERNELS=0" \
+            | tee -a "$LOG"
+        export ZIPSERVE_NORM_ROPE_KERNELS=0
+    fi
+    for on in 0 1; do
+        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 60 "engine_fused$on" \
+            python3 -m zipserve bench engine --model random:llama3-8b \
+            --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_fused$on"
+        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 30 "prefill_fused$on" \
+            python3 -m zipserve.bench.prefill_profile --model random:llama3-8b --codecs bf16 \
+            --tokens 4096 --repeats 3 --out "$WORK/prefill_fused$on"
+    done
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     >>"$LOG" 2>&1
@@ -468,20 +488,7 @@ round20)
     # A/B (decode tokens/s and 4k prefill, switch off then on, same process order), lowrank+hack2's
     # tokens/s and profile after sessions 18-20's fusions, the engine GPU tests, then the no-link
     # lanes bf16 / lowrank+hack2 / fp8 / hack4 (JCT_LIMIT= shortens it).
-    if ! pytest_gpu 60 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
-        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or gpu"; then
-        echo "=== kernels20 failed: the rest of round20 runs with ZIPSERVE_NORM_ROPE_KERNELS=0" \
-            | tee -a "$LOG"
-        export ZIPSERVE_NORM_ROPE_KERNELS=0
-    fi
-    for on in 0 1; do
-        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 60 "engine_fused$on" \
-            python3 -m zipserve bench engine --model random:llama3-8b \
-            --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_fused$on"
-        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 30 "prefill_fused$on" \
-            python3 -m zipserve.bench.prefill_profile --model random:llama3-8b --codecs bf16 \
-            --tokens 4096 --repeats 3 --out "$WORK/prefill_fused$on"
-    done
+    fused20_steps
     step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
@@ -493,6 +500,12 @@ round20)
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
+    ;;
+mini20)
+    # round20 without the engine GPU tests and the JCT lanes (~5 min, when device time is short)
+    fused20_steps
+    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     ;;
 mini19)
     # The least of round19 (~2.5 min, for a session's last few minutes of device time): the GPU
