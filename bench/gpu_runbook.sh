@@ -486,13 +486,15 @@ round20)
     # Session 20's first call (~9.5 min): the norm / rope / merge kernels' GPU tests (if they fail,
     # the rest runs with ZIPSERVE_NORM_ROPE_KERNELS=0, said in the log), the fused norm / rope
     # A/B (decode tokens/s and 4k prefill, switch off then on, same process order), lowrank+hack2's
-    # tokens/s and profile after sessions 18-20's fusions, the engine GPU tests, then the no-link
+    # tokens/s and profile after sessions 18-20's fusions, its page kernel's launch configurations
+    # (bench/diag/hack64_configs.py), the engine GPU tests, then the no-link
     # lanes bf16 / lowrank+hack2 / fp8 / hack4 (JCT_LIMIT= shortens it).
     fused20_steps
     step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 90 hack64 python3 bench/diag/hack64_configs.py
     pytest_gpu 100 engine_gpu -m gpu tests/test_engine_gpu.py \
         tests/test_lowrank_fold.py::test_gpu_kernels_match_references \
         -k "lowrank or fp8 or decode_step_waits or graphs or greedy"
@@ -506,6 +508,7 @@ mini20)
     fused20_steps
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 90 hack64 python3 bench/diag/hack64_configs.py
     ;;
 mini19)
     # The least of round19 (~2.5 min, for a session's last few minutes of device time): the GPU
