@@ -99,7 +99,11 @@ def test_kernel_matches_reference(q_dtype, kv_dtype, b, h, kvh):
 
 def _orthonormal(w: int, gen: torch.Generator) -> torch.Tensor:
     """A random orthonormal fp32 [w, w] (the pages' rotation need not be a Hadamard matrix)."""
-    return torch.linalg.qr(torch.randn(w, w, generator=gen, dtype=torch.float64))[0].float().contiguous()
+    return (
+        torch.linalg.qr(torch.randn(w, w, generator=gen, dtype=torch.float64))[0]
+        .float()
+        .contiguous()
+    )
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16])
