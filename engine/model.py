@@ -21,6 +21,7 @@ from zipserve.engine.config import ModelConfig
 from zipserve.engine.paged_cache import PagedKVCache
 from zipserve.kernels.rms_norm import rms_norm, rms_norm_ref
 from zipserve.kernels.rope import rope_qk, rope_qk_ref
+from zipserve.kernels.silu_mul import silu_mul
 
 
 @dataclass
@@ -64,13 +65,14 @@ def llama3_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-# ZIPSERVE_NORM_ROPE_KERNELS=0 runs RMSNorm and RoPE as the torch references on a GPU too: the
-# A/B switch of bench/gpu_runbook.sh's engine runs (read once, at import).
+# ZIPSERVE_NORM_ROPE_KERNELS=0 runs RMSNorm, RoPE and the MLP's silu * up as the torch forms on a
+# GPU too: the A/B switch of bench/gpu_runbook.sh's engine runs (read once, at import).
 NORM_ROPE_KERNELS = os.environ.get("ZIPSERVE_NORM_ROPE_KERNELS", "1") != "0"
 
 
 def _fused(x: torch.Tensor) -> bool:
-    """Whether x's RMSNorm / RoPE take the Triton kernels (a CUDA tensor, the switch on)."""
+    """Whether x's RMSNorm / RoPE / silu * up take the Triton kernels (a CUDA tensor, the switch
+    on)."""
     return x.is_cuda and NORM_ROPE_KERNELS
 
 
@@ -155,7 +157,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2 I]
+        if _fused(gate_up) and gate_up.dim() == 2:  # one launch (kernels/silu_mul.py)
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,11 +1,13 @@
 """The model's fused elementwise kernels: RMSNorm (+ the residual add before it,
-kernels/rms_norm.py) and rotary embedding of queries and keys (kernels/rope.py), each Triton kernel
+kernels/rms_norm.py), rotary embedding of queries and keys (kernels/rope.py) and the MLP's
+silu(gate) * up (kernels/silu_mul.py), each Triton kernel
 (the interpreter on CPU) against its torch reference on fresh random, strided inputs, the
 references against the formulas by hand in float64, argument checks, and a GPU run at Llama-3-8B's
 shapes."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -18,6 +20,7 @@ import pytest  # noqa: E402
 from zipserve.kernels.paged_decode_attention import is_interpreted  # noqa: E402
 from zipserve.kernels.rms_norm import _rms_norm_kernel, rms_norm, rms_norm_ref  # noqa: E402
 from zipserve.kernels.rope import rope_qk, rope_qk_ref  # noqa: E402
+from zipserve.kernels.silu_mul import silu_mul, silu_mul_ref  # noqa: E402
 
 DEVICE = "cpu" if is_interpreted(_rms_norm_kernel) else "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative L2
@@ -126,6 +129,19 @@ def test_rope_reference_rotates_pairs_by_their_angle():
     assert torch.allclose(q_ref.double().norm(dim=-1), q.norm(dim=-1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,inter", [(1, 64), (3, 1500), (17, 96)])
+def test_silu_mul_matches_reference(dtype, t, inter):
+    gen = torch.Generator().manual_seed(t + inter)
+    x = (torch.randn(t, 2 * inter + 16, generator=gen) * 3)[:, 8 : 2 * inter + 8]  # strided rows
+    x = x.to(DEVICE, dtype)
+    out, ref = silu_mul(x), silu_mul_ref(x)
+    assert out.shape == (t, inter) and out.dtype == dtype and out.is_contiguous()
+    assert _rel_err(out, ref) < TOL[dtype]
+    g, u = x.double()[:, :inter], x.double()[:, inter:]
+    assert _rel_err(ref, g * torch.sigmoid(g) * u) < TOL[dtype]  # the formula
+
+
 def _norm_valid():
     x, r, w = _norm_inputs(torch.Generator().manual_seed(1), 2, 32, torch.float32, "cpu")
     return dict(x=x, weight=w, eps=1e-5, residual=r)
@@ -142,6 +158,24 @@ BAD = [
     (rms_norm_ref, _norm_valid, "weight", dict(weight=lambda w: w.double())),
     (rms_norm_ref, _norm_valid, "eps", dict(eps=lambda e: 0.0)),
     (rms_norm_ref, _norm_valid, "residual", dict(residual=lambda r: r[:1])),
+    (
+        silu_mul_ref,
+        lambda: dict(gate_up=torch.randn(2, 8)),
+        "gate_up",
+        dict(gate_up=lambda x: x[0]),
+    ),
+    (
+        silu_mul_ref,
+        lambda: dict(gate_up=torch.randn(2, 8)),
+        "even",
+        dict(gate_up=lambda x: x[:, :7]),
+    ),
+    (
+        silu_mul_ref,
+        lambda: dict(gate_up=torch.randn(2, 8)),
+        "gate_up",
+        dict(gate_up=lambda x: x.t()),
+    ),
     (rope_qk_ref, _rope_valid, "q", dict(q=lambda q: q[0])),
     (rope_qk_ref, _rope_valid, "even", dict(q=lambda q: q[..., :15])),
     (rope_qk_ref, _rope_valid, "positions", dict(positions=lambda p: p.float())),
@@ -158,7 +192,7 @@ BAD = [
 )
 def test_bad_arguments_raise(kernel, fn, valid, name, change):
     if kernel:
-        fn = {rms_norm_ref: rms_norm, rope_qk_ref: rope_qk}[fn]
+        fn = {rms_norm_ref: rms_norm, rope_qk_ref: rope_qk, silu_mul_ref: silu_mul}[fn]
         if DEVICE == "cuda":
             pytest.skip("argument checks run before the device matters; the CPU run covers them")
     args = valid()
@@ -180,12 +214,14 @@ def test_kernels_match_references_on_gpu():
     args = _rope_inputs(gen, 4096, 32, 8, 128, torch.bfloat16, "cuda")
     for got, want in zip(rope_qk(**args), rope_qk_ref(**args)):
         assert _rel_err(got, want) < TOL[torch.bfloat16]
+    gate_up = torch.randn(4096, 2 * 14336, generator=gen).to("cuda", torch.bfloat16)
+    assert _rel_err(silu_mul(gate_up), silu_mul_ref(gate_up)) < TOL[torch.bfloat16]
     torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
 def test_model_modules_take_the_kernels_on_gpu(monkeypatch):
-    """engine/model.py's RMSNorm (plain and with the residual add) and RotaryEmbedding on a GPU:
+    """engine/model.py's RMSNorm (plain and with the residual add), RotaryEmbedding and MLP on a GPU:
     the kernels' results, equal (to rounding) to the torch forms ZIPSERVE_NORM_ROPE_KERNELS=0
     selects."""
     from zipserve.engine import model as model_mod
@@ -200,12 +236,17 @@ def test_model_modules_take_the_kernels_on_gpu(monkeypatch):
     args = _rope_inputs(gen, 64, 32, 8, 128, torch.bfloat16, "cuda")
     args["positions"] = args["positions"] * 100  # within the table's 8192 positions
 
+    small = dataclasses.replace(config, hidden_size=256, intermediate_size=384)
+    mlp = model_mod.MLP(small).to("cuda", torch.bfloat16)
+    h = torch.randn(16, 256, generator=gen).to("cuda", torch.bfloat16)
+
     def run():
         return (
             norm(x),
             *norm.add_and_norm(x, r),
             *rope(args["positions"], args["q"], args["k"]),
             rope.rotate(args["positions"], args["q"]),
+            mlp(h),
         )
 
     fused = run()
