@@ -342,6 +342,13 @@ def specs() -> list[KernelSpec]:
             dict(H=32, H_PAD=32, KVH=8, KVH_PAD=8, HALF=64, HALF_PAD=64, HAS_K=True),
             4,
         ),
+        KernelSpec(
+            "silu_mul",
+            _k("silu_mul", "_silu_mul_kernel"),
+            dict(x_ptr="*bf16", out_ptr="*bf16"),
+            dict(BLOCK=1024),
+            4,
+        ),
     ]
     out += _decode_baselines()
     # The Triton HACK decode kernel runs at 255 registers and spills a little at head_dim 128
