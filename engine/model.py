@@ -71,9 +71,15 @@ NORM_ROPE_KERNELS = os.environ.get("ZIPSERVE_NORM_ROPE_KERNELS", "1") != "0"
 
 
 def _fused(x: torch.Tensor) -> bool:
-    """Whether x's RMSNorm / RoPE / silu * up take the Triton kernels (a CUDA tensor, the switch
-    on)."""
-    return x.is_cuda and NORM_ROPE_KERNELS
+    """Whether x's RMSNorm / RoPE / silu * up take the Triton kernels: a CUDA tensor, the switch
+    on, and inference (the kernels have no backward, and autocast's mixed dtypes are torch's to
+    handle: training, train/recipe.py, keeps the torch forms)."""
+    return (
+        x.is_cuda
+        and NORM_ROPE_KERNELS
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cuda")
+    )
 
 
 class RotaryEmbedding(nn.Module):

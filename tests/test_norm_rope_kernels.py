@@ -249,9 +249,14 @@ def test_model_modules_take_the_kernels_on_gpu(monkeypatch):
             mlp(h),
         )
 
-    fused = run()
-    monkeypatch.setattr(model_mod, "NORM_ROPE_KERNELS", False)
-    plain = run()
+    with torch.inference_mode():  # the engine's forward runs in inference mode
+        fused = run()
+        monkeypatch.setattr(model_mod, "NORM_ROPE_KERNELS", False)
+        plain = run()
+    x.requires_grad_(True)  # training keeps the torch forms, which have a backward
+    monkeypatch.setattr(model_mod, "NORM_ROPE_KERNELS", True)
+    norm(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
     torch.cuda.synchronize()
     for got, want in zip(fused, plain):
         assert got.shape == want.shape and got.dtype == want.dtype
