@@ -504,8 +504,13 @@ round20)
         --out "$WORK/jct_nolink"
     ;;
 mini20)
-    # round20 without the engine GPU tests and the JCT lanes (~5 min, when device time is short)
+    # round20 without its 4k prefill of fp8 / lowrank+hack2 and the JCT lanes (~7 min, when device
+    # time is short): the kernels and the fused A/B, the engine GPU tests (graphs = eager with the
+    # fused kernels), lowrank+hack2's profile and its page kernel's configurations
     fused20_steps
+    pytest_gpu 100 engine_gpu -m gpu tests/test_engine_gpu.py \
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references \
+        -k "lowrank or fp8 or decode_step_waits or graphs or greedy"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     step 90 hack64 python3 bench/diag/hack64_configs.py
