@@ -503,6 +503,10 @@ round20)
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
+fused20)
+    # the least of session 20 (~3.5 min): its kernels' GPU tests and the fused norm / rope A/B
+    fused20_steps
+    ;;
 mini20)
     # round20 without its 4k prefill of fp8 / lowrank+hack2 and the JCT lanes (~7 min, when device
     # time is short): the kernels and the fused A/B, the engine GPU tests (graphs = eager with the
