@@ -173,23 +173,25 @@ tests19_steps() {  # the GPU tests of sessions 18-19's work (fixes18_tests, then
 }
 
 fused20_steps() {  # session 20's kernels on the GPU, then the fused norm / rope A/B (~3.5 min):
-    # the norm / rope / merge kernels' tests (if they fail, the rest of the stage runs with
-    # ZIPSERVE_NORM_ROPE_KERNELS=0, said in the log), then decode tokens/s (bf16, lowrank+hack2)
-    # and bf16's 4k prefill with the switch off, then on
-    if ! pytest_gpu 60 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
-        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or gpu"; then
-        echo "=== kernels20 failed: the rest of the stage runs with ZIPSERVE_NORM_ROPE_KERNELS=0" \
+    # the norm / rope / silu / merge kernels' tests; if they pass, decode tokens/s (bf16,
+    # lowrank+hack2) and bf16's 4k prefill with ZIPSERVE_NORM_ROPE_KERNELS=0, then 1, and the rest
+    # of the stage runs with 1; if they fail, no A/B and the rest runs the torch forms (0)
+    if pytest_gpu 60 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or silu or gpu"; then
+        for on in 0 1; do
+            ZIPSERVE_NORM_ROPE_KERNELS=$on step 60 "engine_fused$on" python3 -m zipserve bench \
+                engine --model random:llama3-8b --codecs bf16,lowrank+hack2 --batches 8,32 \
+                --contexts 8192 --out "$WORK/engine_fused$on"
+            ZIPSERVE_NORM_ROPE_KERNELS=$on step 30 "prefill_fused$on" python3 -m \
+                zipserve.bench.prefill_profile --model random:llama3-8b --codecs bf16 \
+                --tokens 4096 --repeats 3 --out "$WORK/prefill_fused$on"
+        done
+        export ZIPSERVE_NORM_ROPE_KERNELS=1
+    else
+        echo "=== kernels20 failed: no A/B; the rest of the stage runs the torch forms" \
             | tee -a "$LOG"
         export ZIPSERVE_NORM_ROPE_KERNELS=0
     fi
-    for on in 0 1; do
-        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 60 "engine_fused$on" \
-            python3 -m zipserve bench engine --model random:llama3-8b \
-            --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_fused$on"
-        ZIPSERVE_NORM_ROPE_KERNELS=${ZIPSERVE_NORM_ROPE_KERNELS:-$on} step 30 "prefill_fused$on" \
-            python3 -m zipserve.bench.prefill_profile --model random:llama3-8b --codecs bf16 \
-            --tokens 4096 --repeats 3 --out "$WORK/prefill_fused$on"
-    done
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
@@ -483,9 +485,8 @@ round19)
         --out "$WORK/jct_nolink"
     ;;
 round20)
-    # Session 20's first call (~9.5 min): the norm / rope / merge kernels' GPU tests (if they fail,
-    # the rest runs with ZIPSERVE_NORM_ROPE_KERNELS=0, said in the log), the fused norm / rope
-    # A/B (decode tokens/s and 4k prefill, switch off then on, same process order), lowrank+hack2's
+    # Session 20's first call (~9.5 min): fused20_steps (the kernels' GPU tests, then the fused
+    # norm / rope A/B: decode tokens/s and 4k prefill, switch off then on), lowrank+hack2's
     # tokens/s and profile after sessions 18-20's fusions, its page kernel's launch configurations
     # (bench/diag/hack64_configs.py), the engine GPU tests, then the no-link
     # lanes bf16 / lowrank+hack2 / fp8 / hack4 (JCT_LIMIT= shortens it).

@@ -222,8 +222,8 @@ def test_kernels_match_references_on_gpu():
 @pytest.mark.gpu
 def test_model_modules_take_the_kernels_on_gpu(monkeypatch):
     """engine/model.py's RMSNorm (plain and with the residual add), RotaryEmbedding and MLP on a GPU:
-    the kernels' results, equal (to rounding) to the torch forms ZIPSERVE_NORM_ROPE_KERNELS=0
-    selects."""
+    with ZIPSERVE_NORM_ROPE_KERNELS=1 the kernels' results, equal (to rounding) to the torch
+    forms the default (0) runs."""
     from zipserve.engine import model as model_mod
     from zipserve.engine.config import random_model_config
 
@@ -249,6 +249,7 @@ def test_model_modules_take_the_kernels_on_gpu(monkeypatch):
             mlp(h),
         )
 
+    monkeypatch.setattr(model_mod, "NORM_ROPE_KERNELS", True)  # ZIPSERVE_NORM_ROPE_KERNELS=1
     with torch.inference_mode():  # the engine's forward runs in inference mode
         fused = run()
         monkeypatch.setattr(model_mod, "NORM_ROPE_KERNELS", False)
