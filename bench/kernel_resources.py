@@ -342,6 +342,33 @@ def specs() -> list[KernelSpec]:
             dict(H=32, H_PAD=32, KVH=8, KVH_PAD=8, HALF=64, HALF_PAD=64, HAS_K=True),
             4,
         ),
+        KernelSpec(  # every decode kernel's split merge; lse_out written (lowrank+hack's call)
+            "merge_splits (+ lse_out)",
+            _k("paged_decode_attention", "_merge_splits_kernel"),
+            dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", lse_out_ptr="*fp32"),
+            dict(NUM_SPLITS=9, S_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, WRITE_LSE=True),
+            2,
+        ),
+        KernelSpec(
+            "merge_splits",
+            _k("paged_decode_attention", "_merge_splits_kernel"),
+            dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", lse_out_ptr="*fp32"),
+            dict(NUM_SPLITS=9, S_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, WRITE_LSE=False),
+            2,
+        ),
+        KernelSpec(
+            "merge_rotated (+ lse_out)",
+            _k("rotated_merge", "_merge_rotated_kernel"),
+            dict(
+                part_ptr="*fp32",
+                lse_ptr="*fp32",
+                rot_ptr="*fp32",
+                out_ptr="*bf16",
+                lse_out_ptr="*fp32",
+            ),
+            dict(NUM_PARTS=9, S_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, BLOCK_J=32, WRITE_LSE=True),
+            4,
+        ),
         KernelSpec(
             "silu_mul",
             _k("silu_mul", "_silu_mul_kernel"),
