@@ -288,7 +288,7 @@ def specs() -> list[KernelSpec]:
                 UPCAST=False,
                 DOT_PREC="tf32",
             ),
-            4,
+            8,  # with the rotation (4 without)
             2,
             scalars=dict(qk_scale="fp32"),
         ),
