@@ -504,6 +504,19 @@ round20)
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
+tiny20)
+    # ~3 min, a session's last minutes: session 20's kernels' GPU tests, bf16 / lowrank+hack2
+    # decode tokens/s at 8 x 8k with the fused kernels off then on, and graphs = eager with them on
+    pytest_gpu 50 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or silu or gpu"
+    for on in 0 1; do
+        ZIPSERVE_NORM_ROPE_KERNELS=$on step 45 "engine_fused$on" python3 -m zipserve bench engine \
+            --model random:llama3-8b --codecs bf16,lowrank+hack2 --batches 8 --contexts 8192 \
+            --out "$WORK/engine_fused$on"
+    done
+    ZIPSERVE_NORM_ROPE_KERNELS=1 pytest_gpu 60 graphs20 -m gpu tests/test_engine_gpu.py \
+        -k "graphs_equal_eager and (lowrank or hack2)"
+    ;;
 fused20)
     # the least of session 20 (~3.5 min): its kernels' GPU tests and the fused norm / rope A/B
     fused20_steps
