@@ -342,20 +342,6 @@ def specs() -> list[KernelSpec]:
             dict(H=32, H_PAD=32, KVH=8, KVH_PAD=8, HALF=64, HALF_PAD=64, HAS_K=True),
             4,
         ),
-        KernelSpec(  # every decode kernel's split merge; lse_out written (lowrank+hack's call)
-            "merge_splits (+ lse_out)",
-            _k("paged_decode_attention", "_merge_splits_kernel"),
-            dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", lse_out_ptr="*fp32"),
-            dict(NUM_SPLITS=9, S_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, WRITE_LSE=True),
-            2,
-        ),
-        KernelSpec(
-            "merge_splits",
-            _k("paged_decode_attention", "_merge_splits_kernel"),
-            dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", lse_out_ptr="*fp32"),
-            dict(NUM_SPLITS=9, S_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, WRITE_LSE=False),
-            2,
-        ),
         KernelSpec(
             "merge_rotated (+ lse_out)",
             _k("rotated_merge", "_merge_rotated_kernel"),
@@ -376,6 +362,16 @@ def specs() -> list[KernelSpec]:
             dict(BLOCK=1024),
             4,
         ),
+    ]
+    out += [  # every decode kernel's split merge, with lse_out written (lowrank+hack's call) and not
+        KernelSpec(
+            "merge_splits" + (" (+ lse_out)" if write else ""),
+            _k("paged_decode_attention", "_merge_splits_kernel"),
+            dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16", lse_out_ptr="*fp32"),
+            dict(NUM_SPLITS=9, S_PAD=16, HEAD_DIM=_D, BLOCK_D=_D, WRITE_LSE=write),
+            2,
+        )
+        for write in (True, False)
     ]
     out += _decode_baselines()
     # The Triton HACK decode kernel runs at 255 registers and spills a little at head_dim 128
