@@ -423,11 +423,10 @@ class LowRankLayerCodec(KVCodec):
         bases = self._bases(device)
         if not self.inner.rotate:
             return bases["k_dec_width"], None
+        rot = self.inner._rot(device)  # [W, W] fp32, symmetric orthonormal (cached by HackCodec)
         if "k_dec_rotated" not in bases:
-            rot = self.inner._rot(device).float().contiguous()  # [W, W], symmetric orthonormal
-            bases["rotation"] = rot
             bases["k_dec_rotated"] = (bases["k_dec_width"].float() @ rot).contiguous()
-        return bases["k_dec_rotated"], bases["rotation"]
+        return bases["k_dec_rotated"], rot
 
     def num_splits(self, batch, max_len, num_sms):
         if self.inner is not None:

@@ -147,25 +147,22 @@ def _paged_decode_kernel(
 @triton.jit
 def _split_weights(lse_ptr, row0, NUM: tl.constexpr, S_PAD: tl.constexpr):
     """The NUM partials of one (sequence, head) row starting at row0: (offs_s [S_PAD], live
-    [S_PAD], w [S_PAD] = exp2(lse - max lse), 0 where a partial is empty or padding, den = sum w).
-    Shared by the merges (this one and kernels/rotated_merge.py)."""
+    [S_PAD], w [S_PAD] = exp2(lse - m), 0 where a partial is empty or padding, den = sum w, m the
+    max lse, 0 when all are empty). Shared by the merges (this one and kernels/rotated_merge.py)."""
     offs_s = tl.arange(0, S_PAD)
     lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM, other=float("-inf"))  # [S_PAD]
     live = lse > float("-inf")  # empty splits (and padding rows) contribute nothing
     m = tl.max(lse, axis=0)
     m = tl.where(m > float("-inf"), m, 0.0)
     w = tl.where(live, tl.exp2(lse - m), 0.0)  # [S_PAD]
-    return offs_s, live, w, tl.sum(w, axis=0)
+    return offs_s, live, w, tl.sum(w, axis=0), m
 
 
 @triton.jit
-def _store_merged_lse(lse_ptr, row0, NUM: tl.constexpr, S_PAD: tl.constexpr, den, lse_out_ptr):
-    """lse_out = log2 sum_s 2^lse_s of the NUM partials at row0 (-inf when all are empty): the
-    merged row's own log2-sum-exp, for merging it with attention computed elsewhere."""
-    offs_s = tl.arange(0, S_PAD)
-    lse = tl.load(lse_ptr + row0 + offs_s, mask=offs_s < NUM, other=float("-inf"))  # [S_PAD]
-    m = tl.max(lse, axis=0)
-    m = tl.where(m > float("-inf"), m, 0.0)
+def _store_merged_lse(m, den, lse_out_ptr):
+    """lse_out = log2 sum_s 2^lse_s = m + log2(den) of a row's partials (m, den: _split_weights'),
+    -inf when all are empty: the merged row's own log2-sum-exp, for merging it with attention
+    computed elsewhere."""
     merged = tl.where(den > 0.0, m + tl.log2(tl.where(den > 0.0, den, 1.0)), float("-inf"))
     tl.store(lse_out_ptr, merged)
 
@@ -190,7 +187,7 @@ def _merge_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    offs_s, live, w, den = _split_weights(lse_ptr, row0, NUM_SPLITS, S_PAD)
+    offs_s, live, w, den, m = _split_weights(lse_ptr, row0, NUM_SPLITS, S_PAD)
     part = tl.load(
         part_ptr + (row0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=live[:, None] & d_ok[None, :],
@@ -201,9 +198,7 @@ def _merge_splits_kernel(
         out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok
     )
     if WRITE_LSE:
-        _store_merged_lse(
-            lse_ptr, row0, NUM_SPLITS, S_PAD, den, lse_out_ptr + b * tl.num_programs(1) + h
-        )
+        _store_merged_lse(m, den, lse_out_ptr + b * tl.num_programs(1) + h)
 
 
 def is_interpreted(kernel) -> bool:

@@ -45,7 +45,7 @@ def _merge_rotated_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    offs_s, live, w, den = _split_weights(lse_ptr, row0, NUM_PARTS, S_PAD)
+    offs_s, live, w, den, m = _split_weights(lse_ptr, row0, NUM_PARTS, S_PAD)
     inv = 1.0 / tl.where(den > 0.0, den, 1.0)
     w_pages = tl.where(offs_s > 0, w, 0.0)
     part = tl.load(
@@ -72,9 +72,7 @@ def _merge_rotated_kernel(
             mask=j_ok,
         )
     if WRITE_LSE:
-        _store_merged_lse(
-            lse_ptr, row0, NUM_PARTS, S_PAD, den, lse_out_ptr + b * tl.num_programs(1) + h
-        )
+        _store_merged_lse(m, den, lse_out_ptr + b * tl.num_programs(1) + h)
 
 
 def _check(part, lse, rotation, out):
