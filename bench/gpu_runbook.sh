@@ -39,6 +39,12 @@
 #   prefill16  nvidia-h100-x1  issue 16: an 8k prompt's prefill per codec, forward vs export,
 #                              device time by kind (bench/prefill_profile.py)              ~5 min
 #   lowrank16  nvidia-h100-x1  lowrank+hack decode on the HACK kernel: GPU tests, tokens/s     ~6 min
+#   round20    nvidia-h100-x1  session 20's kernels: GPU tests, fused norm / rope A/B, fp8 and
+#                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
+#                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
+#   mini20     nvidia-h100-x1  round20 without the 4k prefill and the JCT lanes             ~7 min
+#   fused20    nvidia-h100-x1  session 20's kernel tests and the fused A/B                  ~3.5 min
+#   tiny20     nvidia-h100-x1  kernel tests, the A/B at 8 x 8k, graphs = eager (ran, session 20) ~3 min
 #   round19    nvidia-h100-x1  session 18's unrun GPU tests, lowrank+hack2 tokens/s and profile,
 #                              then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4  ~9 min
 #   mini19     nvidia-h100-x1  the GPU tests of session 18's kernels and the wait-free step  ~2.5 min
@@ -80,7 +86,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -157,9 +163,12 @@ fixes18_tests() {  # fixes18_tests SECONDS: session 18's kernels (lowrank tail m
     # encode) and the sampler's wait-free test on the GPU
     pytest_gpu "$1" fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
         tests/test_fp8_encode.py
-    # session 20: the merges' lse_out, the norm / rope kernels (on the GPU when there is one)
-    pytest_gpu 40 merges20 tests/test_hack_tail_in_place.py -k merge \
-        tests/test_norm_rope_kernels.py
+}
+
+kernels20_tests() {  # kernels20_tests SECONDS: session 20's kernels on the GPU (norm / rope /
+    # silu, the tail merge with its rotation, the merges' lse_out)
+    pytest_gpu "$1" kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or silu or gpu"
 }
 
 tests19_steps() {  # the GPU tests of sessions 18-19's work (fixes18_tests, then the engine's
@@ -176,8 +185,7 @@ fused20_steps() {  # session 20's kernels on the GPU, then the fused norm / rope
     # the norm / rope / silu / merge kernels' tests; if they pass, decode tokens/s (bf16,
     # lowrank+hack2) and bf16's 4k prefill with ZIPSERVE_NORM_ROPE_KERNELS=0, then 1, and the rest
     # of the stage runs with 1; if they fail, no A/B and the rest runs the torch forms (0)
-    if pytest_gpu 60 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
-        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or silu or gpu"; then
+    if kernels20_tests 60; then
         for on in 0 1; do
             ZIPSERVE_NORM_ROPE_KERNELS=$on step 60 "engine_fused$on" python3 -m zipserve bench \
                 engine --model random:llama3-8b --codecs bf16,lowrank+hack2 --batches 8,32 \
@@ -192,6 +200,17 @@ fused20_steps() {  # session 20's kernels on the GPU, then the fused norm / rope
             | tee -a "$LOG"
         export ZIPSERVE_NORM_ROPE_KERNELS=0
     fi
+}
+
+engine20_steps() {  # the engine's GPU tests (graphs = eager with the fused kernels), then
+    # lowrank+hack2's decode profile beside bf16 / hack2 and its page kernel's launch
+    # configurations (bench/diag/hack64_configs.py) (~4 min)
+    pytest_gpu 100 engine_gpu -m gpu tests/test_engine_gpu.py \
+        tests/test_lowrank_fold.py::test_gpu_kernels_match_references \
+        -k "lowrank or fp8 or decode_step_waits or graphs or greedy"
+    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
+    step 90 hack64 python3 bench/diag/hack64_configs.py
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$LOG" 2>&1
@@ -486,19 +505,14 @@ round19)
     ;;
 round20)
     # Session 20's first call (~9.5 min): fused20_steps (the kernels' GPU tests, then the fused
-    # norm / rope A/B: decode tokens/s and 4k prefill, switch off then on), lowrank+hack2's
-    # tokens/s and profile after sessions 18-20's fusions, its page kernel's launch configurations
-    # (bench/diag/hack64_configs.py), the engine GPU tests, then the no-link
-    # lanes bf16 / lowrank+hack2 / fp8 / hack4 (JCT_LIMIT= shortens it).
+    # norm / rope A/B: decode tokens/s and 4k prefill, switch off then on), fp8's and
+    # lowrank+hack2's 4k prefill, engine20_steps (engine GPU tests, lowrank+hack2's profile and
+    # page-kernel configurations), then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4
+    # (JCT_LIMIT= shortens it).
     fused20_steps
     step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
-    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
-        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step 90 hack64 python3 bench/diag/hack64_configs.py
-    pytest_gpu 100 engine_gpu -m gpu tests/test_engine_gpu.py \
-        tests/test_lowrank_fold.py::test_gpu_kernels_match_references \
-        -k "lowrank or fp8 or decode_step_waits or graphs or greedy"
+    engine20_steps
     step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
@@ -507,8 +521,7 @@ round20)
 tiny20)
     # ~3 min, a session's last minutes: session 20's kernels' GPU tests, bf16 / lowrank+hack2
     # decode tokens/s at 8 x 8k with the fused kernels off then on, and graphs = eager with them on
-    pytest_gpu 50 kernels20 tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
-        tests/test_hack_tail_in_place.py -k "merge or rope or norm or rms or silu or gpu"
+    kernels20_tests 50
     for on in 0 1; do
         ZIPSERVE_NORM_ROPE_KERNELS=$on step 45 "engine_fused$on" python3 -m zipserve bench engine \
             --model random:llama3-8b --codecs bf16,lowrank+hack2 --batches 8 --contexts 8192 \
@@ -526,12 +539,7 @@ mini20)
     # time is short): the kernels and the fused A/B, the engine GPU tests (graphs = eager with the
     # fused kernels), lowrank+hack2's profile and its page kernel's configurations
     fused20_steps
-    pytest_gpu 100 engine_gpu -m gpu tests/test_engine_gpu.py \
-        tests/test_lowrank_fold.py::test_gpu_kernels_match_references \
-        -k "lowrank or fp8 or decode_step_waits or graphs or greedy"
-    step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
-        --lanes bf16,hack2,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step 90 hack64 python3 bench/diag/hack64_configs.py
+    engine20_steps
     ;;
 mini19)
     # The least of round19 (~2.5 min, for a session's last few minutes of device time): the GPU

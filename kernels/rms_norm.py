@@ -90,8 +90,8 @@ def rms_norm(x, weight, eps, residual=None):
     _check(x, weight, eps, residual)
     require_runnable("rms_norm", _rms_norm_kernel, x)
     n = x.shape[-1]
-    rows = x if x.dim() == 2 else x.reshape(-1, n)  # [T, N]
-    res = residual if residual is None or residual.dim() == 2 else residual.reshape(-1, n)
+    rows = x.reshape(-1, n)  # [T, N]: a view of a 2-D x (strided rows kept), a copy only where
+    res = None if residual is None else residual.reshape(-1, n)  # leading dims cannot flatten
     t = rows.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = x if residual is None else torch.empty_like(out)
