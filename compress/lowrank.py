@@ -375,13 +375,9 @@ class LowRankLayerCodec(KVCodec):
         completed basis) attended and merged with them by their log-sum-exps in one launch
         (kernels/lowrank_tail_merge.py). No host syncs: CUDA graphs capture it. o_T [B, H, D] in
         V's completed basis (pages fill its first r_v)."""
-        b, h, d = q.shape
-        w = self.width
-        k_dec, rot = self._page_query_basis(q.device)  # [KVH, D, W], [W, W] fp32 or None
-        q_red = torch.einsum(
-            "bkgd,kdw->bkgw", q.float().view(b, self.kvh, h // self.kvh, d), k_dec
-        ).reshape(b, h, w)  # [B, H, W] fp32: the pages' query, in their (rotated) basis
-        no_tail = q_red.new_zeros(b, self.kvh, 1, w)
+        b = q.shape[0]
+        q_red, rot = self._page_query(q)  # [B, H, W] fp32 in the pages' basis, [W, W] or None
+        no_tail = q_red.new_zeros(b, self.kvh, 1, self.width)
         hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         inner = self.inner
         o_p, lse_p = hack(
@@ -414,6 +410,14 @@ class LowRankLayerCodec(KVCodec):
             dense_start=dense_start,
             rotation=rot,
         )
+
+    def _page_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """lowrank+hack: q [B, H, D] after RoPE -> (q_red [B, H, W] fp32, the pages' query in their
+        (rotated) basis, zeros past r_k; R [W, W] to take their output back, or None)."""
+        b, h, d = q.shape
+        k_dec, rot = self._page_query_basis(q.device)  # [KVH, D, W]
+        q_red = torch.einsum("bkgd,kdw->bkgw", q.float().view(b, self.kvh, h // self.kvh, d), k_dec)
+        return q_red.reshape(b, h, self.width), rot
 
     def _page_query_basis(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(k_dec_width @ R [KVH, D, W], R [W, W]) fp32 with HACK's rotation R, else (k_dec_width,

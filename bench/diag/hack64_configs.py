@@ -43,10 +43,8 @@ def main() -> None:
     page_table = torch.arange(n_pages, device=dev, dtype=torch.int32).view(B, n_full)
     full = torch.full((B,), n_full, device=dev, dtype=torch.int32)
     q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16, generator=gen)
-    k_dec, rot = codec._page_query_basis(dev)
     w = codec.width
-    q_red = torch.einsum("bkgd,kdw->bkgw", q.float().view(B, KVH, H // KVH, D), k_dec)
-    q_red = q_red.reshape(B, H, w).contiguous()
+    q_red = codec._page_query(q)[0].contiguous()  # [B, H, W] fp32, as the codec's decode makes it
     no_tail = q_red.new_zeros(B, KVH, 1, w)
     zero_lens = torch.zeros(B, dtype=torch.int32, device=dev)
     pages = codec.inner._pages(store)
