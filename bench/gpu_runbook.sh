@@ -42,6 +42,7 @@
 #   round20    nvidia-h100-x1  session 20's kernels: GPU tests, fused norm / rope A/B, fp8 and
 #                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
 #                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
+#   round21    nvidia-h100-x1  kernels20 gate, engine20_steps, no-link bf16/lowrank+hack2/fp8/hack4 ~9 min
 #   mini20     nvidia-h100-x1  round20 without the 4k prefill and the JCT lanes             ~7 min
 #   fused20    nvidia-h100-x1  session 20's kernel tests and the fused A/B                  ~3.5 min
 #   tiny20     nvidia-h100-x1  kernel tests, the A/B at 8 x 8k, graphs = eager (ran, session 20) ~3 min
@@ -86,7 +87,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -499,6 +500,20 @@ round19)
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     step "${JCT_LIMIT:-240}" jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
+        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+        --out "$WORK/jct_nolink"
+    ;;
+round21)
+    # Session 21's first call (~9 min): session 20's kernels' GPU tests (gate: the fused norm /
+    # rope kernels on only if they pass; tiny20 measured their A/B), engine20_steps (engine GPU
+    # tests, bf16 / hack2 / lowrank+hack2 decode profile, the width-64 page kernel's
+    # configurations), then the no-link lanes bf16 / lowrank+hack2 / fp8 / hack4, not swept since
+    # sessions 17-18 (JCT_LIMIT= shortens them).
+    if kernels20_tests 60; then export ZIPSERVE_NORM_ROPE_KERNELS=1
+    else export ZIPSERVE_NORM_ROPE_KERNELS=0; fi
+    engine20_steps
+    step "${JCT_LIMIT:-220}" jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
