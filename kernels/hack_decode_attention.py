@@ -53,15 +53,18 @@ def _launch_config(group: int, page_size: int, head_dim: int, bits: int):
     """Fixed heuristic (no autotune) -> (NP pages per step, GP padded group, num_warps, num_stages).
 
     From sm_90 SASS of this kernel (instructions per token, registers, spills): steps of <= 256 tokens with
-    code tiles <= 64 Kbit, M = NP * GP ~ 16, 4 warps (2 if DE = 16) so PV outputs aren't warp-replicated.
-    A padded plane (DEP > DE) counts at its padded width.
+    code tiles <= 64 Kbit, M = NP * GP ~ 16, 4 warps so PV outputs aren't warp-replicated.
+    A padded plane (DEP > DE) counts at its padded width. Planes of 16 bytes (head_dim 64 at 2 bits,
+    lowrank+hack2's width-64 pages) run 1 warp and 2 stages: on an H100 at 8 x 8k that took 46.8 us
+    per layer against 88.8 at 2 warps / 3 stages (bench/diag/hack64_configs.py,
+    bench/results/session21_h100/call2/hack64.log).
     """
     de = plane_width(head_dim, bits)
     max_tokens = min(256, 65536 // (de * 8)) if de >= 32 else 128
     gp = triton.next_power_of_2(group)
     np_ = max(1, min(max_tokens // page_size, 16 // gp))
     gp = max(gp, triton.cdiv(16, np_))  # M >= 16 for the MMA tile
-    return np_, gp, (4 if de >= 32 else 2), 3
+    return (np_, gp, 4, 3) if de >= 32 else (np_, gp, 1, 2)
 
 
 def hack_num_splits(
@@ -76,8 +79,9 @@ def hack_num_splits(
     """Page splits for a launch.  Triton: splits that fill one wave of resident programs; at 4 warps
     the kernel keeps 2 programs per SM (255 registers; ncu on an H200,
     bench/results/hack_tune_h200.log), and a second, partial wave cost 12% at 8 x 32k; a program of
-    2 warps (planes narrower than 32 bytes: head_dim 64 at 2 bits, lowrank+hack2's pages) leaves
-    room for 4; no split shorter than 1024 tokens (compressed pages are cheap).
+    1 warp (planes narrower than 32 bytes: head_dim 64 at 2 bits, lowrank+hack2's pages) leaves
+    room for 8 (16 splits at 8 x 8k, the fastest on an H100, session 21); no split shorter than 1024
+    tokens (512 at 1 warp) (compressed pages are cheap).
     CUDA (a resolved backend): kernels/hack_decode_cuda.py's cuda_num_splits (bits: the pages', which
     set the shared memory some variants hold per warp)."""
     if backend == "cuda":
@@ -85,7 +89,8 @@ def hack_num_splits(
     programs = max(1, batch * num_kv_heads)
     warps = _launch_config(1, 64, head_dim, bits)[2]
     resident = 8 // warps  # programs of 255 registers an SM holds (65536 / (255 * 32 * warps))
-    return int(max(1, min((resident * num_sms) // programs, max(1, max_seq_len // 1024), 64)))
+    min_split = 512 if warps == 1 else 1024  # 1 warp: 16 x 512 beat 8 x 1024 by 7% (hack64.log)
+    return int(max(1, min((resident * num_sms) // programs, max(1, max_seq_len // min_split), 64)))
 
 
 def _kernel_is_interpreted() -> bool:

@@ -501,10 +501,13 @@ def test_encode_bf16_gpu(bits):
 
 def test_triton_splits_fill_a_wave_of_the_programs_an_sm_holds():
     """4-warp programs (planes of >= 32 bytes): 2 resident per SM, so 8 x 8k at 8 KV heads takes
-    264 // 64 = 4 splits; 2-warp programs (head_dim 64 at 2 bits: lowrank+hack2's pages) 4 per SM,
-    twice the splits; never a split under 1024 tokens."""
+    264 // 64 = 4 splits, never one under 1024 tokens; 1-warp programs (head_dim 64 at 2 bits:
+    lowrank+hack2's pages) 8 per SM, so 16 splits, none under 512 tokens."""
     assert hack_num_splits(8, 8, 8192, 132) == 4
     assert hack_num_splits(8, 8, 8192, 132, bits=4, head_dim=64) == 4
-    assert hack_num_splits(8, 8, 8192, 132, bits=2, head_dim=64) == 8
-    assert hack_num_splits(8, 8, 4096, 132, bits=2, head_dim=64) == 4  # 1024 tokens per split
-    assert hack_num_splits(64, 8, 8192, 132, bits=2, head_dim=64) == 1
+    assert hack_num_splits(8, 8, 2048, 132) == 2  # 1024 tokens per split
+    assert hack_num_splits(8, 8, 8192, 132, bits=2, head_dim=64) == 16
+    assert hack_num_splits(8, 8, 4096, 132, bits=2, head_dim=64) == 8  # 512 tokens per split
+    assert hack_num_splits(32, 8, 8192, 132, bits=2, head_dim=64) == 4
+    assert hack_num_splits(64, 8, 8192, 132, bits=2, head_dim=64) == 2
+    assert hack_num_splits(128, 8, 8192, 132, bits=2, head_dim=64) == 1
