@@ -136,17 +136,21 @@ _HACK_PTRS = dict(
     dstart_ptr="*i32",
     part_ptr="*fp32",
     lse_ptr="*fp32",
+    rot_ptr="*fp32",
+    qrot_ptr="*fp32",
 )
 
 
-def _hack_decode(head_dim: int, bits: int, max_stack: int) -> KernelSpec:
+def _hack_decode(head_dim: int, bits: int, max_stack: int, write_qrot: bool = False) -> KernelSpec:
+    """write_qrot: the launch the CUDA backend makes for the tail alone, which also writes q R."""
     from zipserve.kernels import hack_decode_attention as hd
     from zipserve.kernels.head_dim import block_d
 
     n_pages, gp, warps, stages = hd._launch_config(_G, _PAGE, head_dim, bits)
     dep = hd.plane_width(head_dim, bits)
     return KernelSpec(
-        f"hack_decode (Triton) hack{bits}, head_dim {head_dim}",
+        f"hack_decode (Triton) hack{bits}, head_dim {head_dim}"
+        + (", tail + q R" if write_qrot else ""),
         _k("hack_decode_kernel", "_hack_decode_kernel"),
         _HACK_PTRS,
         dict(
@@ -165,6 +169,7 @@ def _hack_decode(head_dim: int, bits: int, max_stack: int) -> KernelSpec:
             DENSE_BLOCK=64,
             DOT_PREC="tf32",
             FAST=True,
+            WRITE_QROT=write_qrot,
         ),
         warps,
         stages,
@@ -377,6 +382,7 @@ def specs() -> list[KernelSpec]:
     # The Triton HACK decode kernel runs at 255 registers and spills a little at head_dim 128
     # (the CUDA kernel serves that shape on an H100); lowrank+hack2's width 64 runs it.
     out += [_hack_decode(128, 2, max_stack=128), _hack_decode(64, 2, max_stack=128)]
+    out += [_hack_decode(128, 2, max_stack=128, write_qrot=True)]
     return out
 
 

@@ -163,11 +163,18 @@ def hack_decode_attention(
     if B == 0 or H == 0:
         return (out, q.new_zeros((B, H), dtype=torch.float32)) if return_lse else out
     rows, start = tail_index(q, dense_rows, dense_start)
-    # [B, H, D] in the pages' basis; rotated in fp32 and kept so (the kernels read q as fp32)
-    q_pages = q if rotation is None else q.float() @ rotation.float()
+    # q_pages [B, H, D]: the pages' query, rotated in fp32 and kept so (the kernels read q as fp32).
+    # With the CUDA kernel the Triton launch's tail programs write it (one launch fewer than a
+    # cast and a matmul); the Triton page programs need it before they start, so torch makes it.
+    rotate_in_tail = backend == "cuda" and rotation is not None
+    if rotate_in_tail:
+        rotation = rotation.float().contiguous()
+        q_pages = torch.empty((B, H, D), dtype=torch.float32, device=q.device)
+    elif rotation is not None:
+        q_pages = q.float() @ rotation.float()
+    else:
+        q_pages = q.float().contiguous() if backend == "cuda" else q
     part, lse = split_buffers(q, out, num_splits + 1)
-    if backend == "cuda":
-        q_pages = q_pages.float().contiguous()
     # the Triton kernel: the tail (program split 0), and the page splits 1..S unless the CUDA
     # kernel takes them on tensor cores
     _launch_triton(
@@ -188,6 +195,7 @@ def hack_decode_attention(
         num_splits,
         mode,
         programs=1 if backend == "cuda" else num_splits + 1,
+        rotation=rotation if rotate_in_tail else None,
     )
     if backend == "cuda":
         hack_decode_cuda.launch_page_splits(
@@ -265,8 +273,11 @@ def _launch_triton(
     num_splits,
     mode,
     programs,
+    rotation=None,
 ):
-    """The Triton kernel over programs (sequence, KV head, split < programs) of 1 + num_splits."""
+    """The Triton kernel over programs (sequence, KV head, split < programs) of 1 + num_splits.
+    rotation R (fp32 [D, D], contiguous): the tail programs also write q R into q_pages (fp32
+    [B, H, D], contiguous) for the CUDA kernel's page splits."""
     B, H, D = q.shape
     KVH, P = pages.num_kv_heads, pages.page_size
     G = H // KVH
@@ -290,6 +301,8 @@ def _launch_triton(
         start,
         part,
         lse,
+        lse if rotation is None else rotation,
+        lse if rotation is None else q_pages,
         float(scale) * _LOG2E,
         n_sink,
         q_pages.stride(0),
@@ -314,6 +327,7 @@ def _launch_triton(
         DENSE_BLOCK=64,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.is_cuda and torch.version.hip is None and not _kernel_is_interpreted(),
+        WRITE_QROT=rotation is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -185,6 +185,36 @@ def _store_plane(
 
 
 @triton.jit
+def _write_rotated_query(
+    q_row,
+    rot_ptr,
+    dst_row,
+    rows_ok,
+    offs_d,
+    d_ok,
+    M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dst [M, D] f32 <- q [M, D] @ R [D, D] in fp32 (ieee), rows_ok rows only; R read in chunks
+    of 16 rows so no [D, D] tile is ever held in registers."""
+    KC: tl.constexpr = 16
+    offs_k = tl.arange(0, KC)
+    acc = tl.zeros([M, BLOCK_D], tl.float32)
+    for k0 in range(0, BLOCK_D, KC):
+        kk = k0 + offs_k
+        k_ok = kk < HEAD_DIM
+        qc = tl.load(q_row[:, None] + kk[None, :], mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        rc = tl.load(
+            rot_ptr + kk[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [KC, BD]
+        acc += tl.dot(qc.to(tl.float32), rc, input_precision="ieee")
+    tl.store(dst_row[:, None] + offs_d[None, :], acc, mask=rows_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _hack_decode_kernel(
     q_ptr,
     kc_ptr,
@@ -204,6 +234,8 @@ def _hack_decode_kernel(
     dstart_ptr,  # q of the dense tail [B,H,D]; tail row [B] and first column [B] in dense k/v
     part_ptr,
     lse_ptr,  # part f32 [B,H,1+S,D]; lse f32 [B,H,1+S] (log2 domain); partial 0 = dense tail
+    rot_ptr,
+    qrot_ptr,  # WRITE_QROT: R f32 [D,D] and the pages' query q R f32 [B,H,D] the tail program writes
     qk_scale,
     n_sink,
     stride_qb,
@@ -232,6 +264,7 @@ def _hack_decode_kernel(
     DENSE_BLOCK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     FAST: tl.constexpr,
+    WRITE_QROT: tl.constexpr = False,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     KVH = tl.num_programs(1)
@@ -273,6 +306,19 @@ def _hack_decode_kernel(
     q_full = tl.load(
         qd_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
     )  # [M, BD]
+    if WRITE_QROT:
+        if split == 0:  # the page splits' query, for the CUDA kernel launched after this one
+            _write_rotated_query(
+                qd_row,
+                rot_ptr,
+                qrot_ptr + (b * KVH * G + kvh * G + row_g) * HEAD_DIM,
+                row_ok & (row_j == 0),
+                offs_d,
+                d_ok,
+                M,
+                HEAD_DIM,
+                BLOCK_D,
+            )
     for start in range(0, dl, DENSE_BLOCK):
         t = start + offs_t
         t_ok = t < dl

@@ -511,3 +511,48 @@ def test_triton_splits_fill_a_wave_of_the_programs_an_sm_holds():
     assert hack_num_splits(32, 8, 8192, 132, bits=2, head_dim=64) == 4
     assert hack_num_splits(64, 8, 8192, 132, bits=2, head_dim=64) == 2
     assert hack_num_splits(128, 8, 8192, 132, bits=2, head_dim=64) == 1
+
+
+@pytest.mark.parametrize("d,group,dtype", [(128, 4, torch.bfloat16), (64, 8, torch.float16)])
+def test_tail_programs_write_the_rotated_query(d, group, dtype):
+    """With the CUDA kernel taking the page splits, the Triton launch's tail programs also write
+    the pages' query q R (fp32) for it: equal to torch's fp32 q @ R, and the tail's partial is the
+    one a launch without the rotation writes."""
+    from zipserve.compress.rotation import hadamard
+    from zipserve.kernels import hack_decode_attention as hd
+    from zipserve.kernels.paged_decode_attention import split_buffers
+
+    args, _ = make_case(11, [200, 70, 5], 2, group, d, 2, dtype)
+    q = args["q"]
+    B, H, _ = q.shape
+    r = hadamard(d, q.device)  # [D, D] fp32
+    rows, start = hd.tail_index(q, None, None)
+    got = {}
+    for rotation in (None, r):
+        q_pages = torch.full((B, H, d), float("nan"), device=q.device)
+        part, lse = split_buffers(q, torch.empty_like(q), 3)
+        hd._launch_triton(
+            q_pages if rotation is not None else q.float().contiguous(),
+            q,
+            args["pages"],
+            args["page_table"],
+            args["n_pages"],
+            args["dense_k"],
+            args["dense_v"],
+            args["dense_lens"],
+            rows,
+            start,
+            part,
+            lse,
+            args["scale"],
+            args["n_sink"],
+            2,
+            "f16",
+            programs=1,
+            rotation=rotation,
+        )
+        got[rotation is None] = (q_pages, part[:, :, 0].clone(), lse[:, :, 0].clone())
+    q_rot, part_rot, lse_rot = got[False]
+    want = q.float() @ r
+    assert rel_err(q_rot, want) < 1e-6
+    assert torch.equal(part_rot, got[True][1]) and torch.equal(lse_rot, got[True][2])
