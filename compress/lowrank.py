@@ -41,6 +41,7 @@ from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
 from zipserve.kernels import lowrank_tail_merge as tail_merge
+from zipserve.kernels.step_constants import row_ids, zero_ids
 
 BASES_FILE = "lowrank.safetensors"
 NO_DENSE_FORM_REASON = (
@@ -263,7 +264,7 @@ class LowRankLayerCodec(KVCodec):
         n = page_ids.shape[0]
         tmp_k = torch.empty(n, self.kvh, self.page_size, self.width, device=k.device)
         tmp_v = torch.empty_like(tmp_k)
-        tmp_rows = torch.arange(n, device=k.device)  # [n] int64
+        tmp_rows = row_ids(n, k.device)  # [n] int32 (a shared view: where() below copies)
         if skip_page is not None:
             tmp_rows = torch.where(page_ids == skip_page, -1, tmp_rows)
             where["skip_page"] = -1
@@ -377,7 +378,8 @@ class LowRankLayerCodec(KVCodec):
         V's completed basis (pages fill its first r_v)."""
         b = q.shape[0]
         q_red, rot = self._page_query(q)  # [B, H, W] fp32 in the pages' basis, [W, W] or None
-        no_tail = q_red.new_zeros(b, self.kvh, 1, self.width)
+        no_tail = self._no_tail(q.device)  # [1, KVH, 1, W] fp32 zeros: the pages have no tail
+        zeros = zero_ids(b, q.device)  # [B] int32: tail lengths, rows and columns all 0
         hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         inner = self.inner
         o_p, lse_p = hack(
@@ -387,12 +389,14 @@ class LowRankLayerCodec(KVCodec):
             n_full,
             no_tail,
             no_tail,
-            torch.zeros_like(dense_lens),
+            zeros,
             scale,
             inner.bits,
             n_sink=self.n_sink,
             num_splits=num_splits,
             mode=inner.mode,
+            dense_rows=zeros,
+            dense_start=zeros,
             backend=inner.decode_backend,
             return_lse=True,
         )  # [B, H, W] in the pages' basis (o R), [B, H] log2 units
@@ -410,6 +414,17 @@ class LowRankLayerCodec(KVCodec):
             dense_start=dense_start,
             rotation=rot,
         )
+
+    def _no_tail(self, device) -> torch.Tensor:
+        """[1, KVH, 1, W] fp32 zeros: the dense tail the page attention is given (none), kept per
+        device (made outside a CUDA graph capture: what a capture allocates is unwritten till replay)."""
+        bases = self._bases(device)
+        if "no_tail" in bases:
+            return bases["no_tail"]
+        zeros = torch.zeros(1, self.kvh, 1, self.width, device=device)
+        if not (zeros.is_cuda and torch.cuda.is_current_stream_capturing()):
+            bases["no_tail"] = zeros
+        return zeros
 
     def _page_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """lowrank+hack: q [B, H, D] after RoPE -> (q_red [B, H, W] fp32, the pages' query in their

@@ -4,6 +4,8 @@ encoder takes."""
 
 import torch
 
+from zipserve.kernels.step_constants import row_ids
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """The activation / KV dtypes every kernel and its torch reference take."""
 
@@ -93,7 +95,7 @@ def check_kernel_layout(k, v, store, names) -> None:
 def kernel_rows(src_rows, skip_page, m: int, device) -> tuple[torch.Tensor, int]:
     """An encoder kernel's (src [m] int32, skip) arguments: page i reads row src[i] (row i
     without src_rows); programs whose page is skip (-1: none) write nothing."""
-    src = torch.arange(m, dtype=torch.int32, device=device) if src_rows is None else src_rows
+    src = row_ids(m, device) if src_rows is None else src_rows
     return src, -1 if skip_page is None else int(skip_page)
 
 
