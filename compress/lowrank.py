@@ -221,9 +221,18 @@ class LowRankLayerCodec(KVCodec):
     def to_dense(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v in V's
         completed basis, v @ [v_enc | C] [.., KVH, D] (its first r_v columns are what a page
-        stores)."""
-        vt = torch.einsum("...hd,hde->...he", v.float(), self._bases(v.device)["v_enc_full"])
-        return k, vt.to(v.dtype)
+        stores). A 16-bit v meets the basis rounded to its dtype (one matmul with fp32
+        accumulation, not a cast, an fp32 matmul and a cast back: a decode step asks every layer)."""
+        bases = self._bases(v.device)
+        if v.dtype == torch.float32:
+            return k, torch.einsum("...hd,hde->...he", v, bases["v_enc_full"])
+        key = f"v_enc_full_{v.dtype}"
+        basis = bases.get(key)
+        if basis is None:
+            basis = bases["v_enc_full"].to(v.dtype)
+            if not (v.is_cuda and torch.cuda.is_current_stream_capturing()):
+                bases[key] = basis  # (what a capture allocates is unwritten till it replays)
+        return k, torch.einsum("...hd,hde->...he", v, basis)
 
     def lift_v(self, vt: torch.Tensor) -> torch.Tensor:
         """Values [.., KVH, P, D] in V's completed basis (pages: zero past r_v) -> the model's
