@@ -42,6 +42,7 @@
 #   round20    nvidia-h100-x1  session 20's kernels: GPU tests, fused norm / rope A/B, fp8 and
 #                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
 #                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
+#   round22    nvidia-h100-x1  session 21 GPU tests, engine small/large batches, profile 2x4k, no-link ~9.5 min
 #   round21    nvidia-h100-x1  kernels20 gate, engine20_steps, no-link bf16/lowrank+hack2/fp8/hack4 ~9 min
 #   mini20     nvidia-h100-x1  round20 without the 4k prefill and the JCT lanes             ~7 min
 #   fused20    nvidia-h100-x1  session 20's kernel tests and the fused A/B                  ~3.5 min
@@ -87,7 +88,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -501,6 +502,30 @@ round19)
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
     step "${JCT_LIMIT:-240}" jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
+        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
+        --out "$WORK/jct_nolink"
+    ;;
+round22)
+    # Session 22's first call (~9.5 min). Session 21's round21 lost most of its tests to a cold
+    # Triton cache (each step compiles its kernels first): limits are wider here. The GPU tests of
+    # session 21's changes (the CUDA backend with the query rotation written by the Triton tail
+    # programs, the fused tail write, cached step constants, the kernels of session 20), the
+    # engine's (graphs = eager for every compressed lane), decode tokens/s at small batches where
+    # the compressed lanes' fixed per-step cost shows (1-4 x 4k, the no-link JCT regime) and at
+    # 8-32 x 8k, a profile at 2 x 4k, then the no-link lanes whose 1.05x goal session 21 missed.
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    pytest_gpu 170 new21 tests/test_hack_decode_cuda.py tests/test_tail_write.py \
+        tests/test_step_constants.py tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        -m gpu -k "v2s2 or tail_write or capture or gpu or rope or norm or silu or merge"
+    pytest_gpu 200 engine_gpu -m gpu tests/test_engine_gpu.py \
+        -k "graphs or greedy or decode_step_waits"
+    step 120 engine22 python3 -m zipserve bench engine --model random:llama3-8b \
+        --codecs bf16,hack2,hack4,lowrank+hack2 --batches 1,2,4,8,32 --contexts 4096,8192 \
+        --out "$WORK/engine22"
+    step 60 profile_small python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
+        --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 --out "$WORK/profile_small"
+    step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs bf16,hack2,hack4,lowrank+hack2 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
