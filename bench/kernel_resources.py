@@ -367,6 +367,20 @@ def specs() -> list[KernelSpec]:
             dict(BLOCK=1024),
             4,
         ),
+        KernelSpec(  # the compressed cache's decode step: the new K/V into the 16-bit tail
+            "write_tail (+ sink column)",
+            _k("tail_write", "_write_tail_kernel"),
+            dict(
+                tail_ptr="*bf16",
+                k_ptr="*bf16",
+                v_ptr="*bf16",
+                slots_ptr="*i64",
+                open_ptr="*i64",
+                sink_ptr="*i64",
+            ),
+            dict(HEAD_DIM=_D, BLOCK_D=_D, HAS_SINK=True),
+            1,
+        ),
     ]
     out += [  # every decode kernel's split merge, with lse_out written (lowrank+hack's call) and not
         KernelSpec(

@@ -27,6 +27,7 @@ from zipserve.engine.attention import prefill_attention
 from zipserve.engine.config import ModelConfig
 from zipserve.engine.kv_cache import SCRATCH_PAGE
 from zipserve.engine.paged_cache import LayerPages
+from zipserve.kernels import tail_write
 
 if TYPE_CHECKING:
     from zipserve.engine.sequence import Sequence
@@ -206,11 +207,11 @@ class CompressedKVCache:
     def _decode(self, layer, q, k, v, batch, scale):
         k, v = self.codecs[layer].to_dense(k, v)  # [B, KVH, D]
         ix = self.step_index(batch, layer)
-        tail = self.tail[layer]  # [2, slots, KVH, s + P + 1, D]
-        kv = torch.stack((k, v), 1)  # [B, 2, KVH, D]
-        tail[:, batch.slots, :, ix["col_open"]] = kv
-        if self.n_sink:  # a sink position also writes its sink column (others: the junk column)
-            tail[:, batch.slots, :, ix["col_sink"]] = kv
+        # The new K/V into each row's open-page column and, with sinks, its sink column (a sink
+        # position's own; others write the junk column): one launch on a GPU.
+        write = tail_write.write_tail if k.is_cuda else tail_write.write_tail_ref
+        col_sink = ix["col_sink"] if self.n_sink else None
+        write(self.tail[layer], k, v, batch.slots, ix["col_open"], col_sink)
         out = self.attend_tail(layer, q, batch, scale, ix)
         # A token that fills its page seals it; other rows' seal page is the scratch page.
         open_k, open_v = self.open[layer]  # [slots, KVH, P, D] views
