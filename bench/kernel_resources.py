@@ -250,7 +250,14 @@ def specs() -> list[KernelSpec]:
         KernelSpec(
             "lowrank_encode (r 48 / 40, width 64)",
             _k("lowrank_encode", "_lowrank_encode_kernel"),
-            dict(encoders, kb_ptr="*fp32", vb_ptr="*fp32", ok_ptr="*fp32", ov_ptr="*fp32"),
+            dict(
+                encoders,
+                kb_ptr="*fp32",
+                vb_ptr="*fp32",
+                ok_ptr="*fp32",
+                ov_ptr="*fp32",
+                skip_ptr="*i64",
+            ),
             dict(
                 PAGE=_PAGE,
                 HEAD_DIM=_D,

@@ -268,15 +268,14 @@ class LowRankLayerCodec(KVCodec):
             fn(k, v, b["k_enc"], v_basis, store["k"], store["v"], page_ids, **where)
             return
         # lowrank+hack: the kernel's fp32 output, zero padded to the HACK width, is quantized.
-        # Page i goes through tmp row i; a skipped page's row is marked -1, which the projection
-        # skips, and HACK skips the page itself.
+        # Page i goes through tmp row i; the projection skips the rows whose pool page is
+        # skip_page (skip_ids), and HACK skips the page itself.
         n = page_ids.shape[0]
         tmp_k = torch.empty(n, self.kvh, self.page_size, self.width, device=k.device)
         tmp_v = torch.empty_like(tmp_k)
-        tmp_rows = row_ids(n, k.device)  # [n] int32 (a shared view: where() below copies)
+        tmp_rows = row_ids(n, k.device)  # [n] int32 (a shared view, read only)
         if skip_page is not None:
-            tmp_rows = torch.where(page_ids == skip_page, -1, tmp_rows)
-            where["skip_page"] = -1
+            where["skip_ids"] = page_ids
         fn(k, v, b["k_enc"], v_basis, tmp_k, tmp_v, tmp_rows, **where)
         self.inner.encode(store, page_ids, tmp_k, tmp_v, skip_page=skip_page)
 

@@ -4,7 +4,7 @@
   * ``lowrank_encode_pages_ref``  -- pure-torch fp32 reference with the same signature.
 
 ``lowrank_encode_pages(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None,
-skip_page=None, v_cols=None) -> (out_k, out_v)``
+skip_page=None, v_cols=None, skip_ids=None) -> (out_k, out_v)``
   k, v        [n, KVH, P, D] full pages (float16 / bfloat16 / float32, last dim contiguous), K after RoPE.
   k_basis     float32 [KVH, D, RK]   keys are stored as k @ k_basis (calibrate.py's k_enc).
   v_basis     float32 [KVH, D, RV]   values are stored as v @ v_basis (v_enc); or None when v is
@@ -20,6 +20,9 @@ skip_page=None, v_cols=None) -> (out_k, out_v)``
               step's open pages); default row i (then m == n).
   skip_page   optional page id whose programs write nothing (the engine's scratch page: the rows
               of a decode step that fill no page; the grid stays the batch, CUDA-graph safe).
+  skip_ids    optional int32 / int64 [m]: what skip_page is compared with (default page_ids):
+              ``lowrank+hack`` writes scratch rows 0..m-1 and skips by the pool pages they stand
+              for, with no per-step torch.where to mark them.
 
 Kernel: one program per (page, kv head) loads the [P, D] K and V tiles once, takes the two
 [P, D] x [D, R] products on the tensor cores in ``tf32x3`` (three tf32 products: fp32 accuracy;
@@ -91,6 +94,7 @@ def _lowrank_encode_kernel(
     ok_ptr,
     ov_ptr,  # inputs strided, bases/pools contiguous
     src_ptr,  # [m] int32 input row of page i
+    skip_ptr,  # [m] what skip is compared with (page_ids unless the caller gives skip_ids)
     skip,  # page id whose programs return at once (-1: none)
     stride_kn,
     stride_kh,
@@ -114,7 +118,7 @@ def _lowrank_encode_kernel(
     i = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(ids_ptr + i).to(tl.int64)
-    if page != skip:  # rows sealing into the skipped (scratch) page write nothing
+    if tl.load(skip_ptr + i).to(tl.int64) != skip:  # rows sealing into the scratch page: nothing
         row = page * tl.num_programs(1) + h  # (page, head) row in the pool
         src = tl.load(src_ptr + i).to(tl.int64)  # the input row
         offs_t = tl.arange(0, PAGE)
@@ -243,11 +247,39 @@ def _v_cols(d: int, v_cols: int | None) -> int:
     return d if v_cols is None else v_cols
 
 
+def _check_skip_ids(skip_ids, page_ids) -> None:
+    if skip_ids is None:
+        return
+    if (
+        not isinstance(skip_ids, torch.Tensor)
+        or skip_ids.dtype not in (torch.int32, torch.int64)
+        or skip_ids.shape != page_ids.shape
+    ):
+        raise ValueError(
+            f"skip_ids must be int32/int64 {tuple(page_ids.shape)} like page_ids, got "
+            f"{getattr(skip_ids, 'dtype', type(skip_ids).__name__)} "
+            f"{tuple(getattr(skip_ids, 'shape', ()))}"
+        )
+    if skip_ids.device != page_ids.device:
+        raise ValueError(f"skip_ids is on {skip_ids.device}, page_ids on {page_ids.device}")
+
+
 def lowrank_encode_pages(
-    k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None, skip_page=None, v_cols=None
+    k,
+    v,
+    k_basis,
+    v_basis,
+    out_k,
+    out_v,
+    page_ids,
+    src_rows=None,
+    skip_page=None,
+    v_cols=None,
+    skip_ids=None,
 ):
     """Project full pages onto the bases and write them into the pools (module docstring)."""
     n, kvh, p, d, rk, rv = _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
+    _check_skip_ids(skip_ids, page_ids)
     cols = _v_cols(d, v_cols)
     require_runnable("lowrank_encode_pages", _lowrank_encode_kernel, k)
     if n == 0:
@@ -263,6 +295,7 @@ def lowrank_encode_pages(
         out_k,
         out_v,
         src,
+        page_ids.contiguous() if skip_ids is None else skip_ids.contiguous(),
         skip,
         *page_strides(k, v),
         PAGE=p,
@@ -283,12 +316,28 @@ def lowrank_encode_pages(
 
 
 def lowrank_encode_pages_ref(
-    k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None, skip_page=None, v_cols=None
+    k,
+    v,
+    k_basis,
+    v_basis,
+    out_k,
+    out_v,
+    page_ids,
+    src_rows=None,
+    skip_page=None,
+    v_cols=None,
+    skip_ids=None,
 ):
     """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
     _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
+    _check_skip_ids(skip_ids, page_ids)
     cols = _v_cols(k.shape[-1], v_cols)
-    k, v, ids = rows_written(k, v, page_ids, src_rows, skip_page)
+    if skip_ids is not None and skip_page is not None:
+        keep = skip_ids != skip_page
+        rows = torch.arange(len(page_ids), device=k.device) if src_rows is None else src_rows
+        k, v, ids = rows_written(k, v, page_ids[keep], rows[keep], None)
+    else:
+        k, v, ids = rows_written(k, v, page_ids, src_rows, skip_page)
     ids = ids.long()
     for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
         # [m, KVH, P, R] projected (or already reduced: its first v_cols), then zero padded / cut

@@ -273,6 +273,62 @@ def test_encode_kernel_reads_rows_in_place_and_skips_the_scratch_page(project_v)
         lowrank_encode_pages_ref(k, v, kb, None, ok, ov, ids, src_rows=rows, v_cols=d + 1)
 
 
+def test_encode_skips_by_skip_ids_into_scratch_rows():
+    """lowrank+hack's seal: page i goes to scratch row i (page_ids 0..m-1) and is skipped when its
+    pool page (skip_ids[i]) is the scratch page; kernel == reference == encoding the kept rows."""
+    g = torch.Generator().manual_seed(12)
+    slots, kvh, p, d, rk, w = 5, 2, 64, 64, 24, 32
+    k = torch.randn(slots, kvh, p, d, generator=g).bfloat16()
+    v = torch.randn(slots, kvh, p, d, generator=g).bfloat16()
+    kb = torch.randn(kvh, d, rk, generator=g)
+    rows = torch.tensor([3, 0, 4, 1], dtype=torch.int32)
+    pool_pages = torch.tensor([9, 0, 5, 0])  # rows 1 and 3 fill no page: scratch page 0
+    scratch_rows = torch.arange(4, dtype=torch.int32)
+    got = []
+    for fn in (lowrank_encode_pages, lowrank_encode_pages_ref):
+        ok = torch.full((4, kvh, p, w), 7.0)
+        ov = torch.full((4, kvh, p, w), 7.0)
+        fn(
+            k,
+            v,
+            kb,
+            None,
+            ok,
+            ov,
+            scratch_rows,
+            src_rows=rows,
+            skip_page=0,
+            v_cols=rk,
+            skip_ids=pool_pages,
+        )
+        got.append((ok, ov))
+    (ok, ov), (rk_, rv_) = got
+    assert _rel(ok, rk_) < 1e-6 and _rel(ov, rv_) < 1e-6
+    for out in (ok, ov, rk_, rv_):
+        assert (out[[1, 3]] == 7).all() and not (out[[0, 2]] == 7).any()
+    wk = torch.full((4, kvh, p, w), 7.0)
+    wv = torch.full((4, kvh, p, w), 7.0)
+    keep = torch.tensor([0, 2])
+    lowrank_encode_pages_ref(
+        k[rows[keep].long()], v[rows[keep].long()], kb, None, wk, wv, scratch_rows[keep], v_cols=rk
+    )
+    assert torch.equal(rk_, wk) and torch.equal(rv_, wv)
+    with pytest.raises(ValueError, match="skip_ids"):
+        lowrank_encode_pages_ref(
+            k,
+            v,
+            kb,
+            None,
+            ok,
+            ov,
+            scratch_rows,
+            src_rows=rows,
+            skip_page=0,
+            v_cols=rk,
+            skip_ids=pool_pages[:3],
+        )
+
+
 @pytest.mark.parametrize("bits", [None, 2])
 def test_seal_rows_seals_only_the_filled_rows_in_place(bits):
     """LowRankLayerCodec.seal_rows (the decode step's seal): the rows that fill a page are stored
