@@ -28,10 +28,38 @@ def _hadamard_cpu(d: int) -> torch.Tensor:
     return torch.block_diag(*[h] * (d // b)).contiguous()  # [D, D]
 
 
+_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The [D, D] rotation on `device`; to a GPU through pinned memory, so that the first use
-    (a codec's first import on the decode worker) does not make the host wait for the stream."""
-    return to_device_nowait(_hadamard_cpu(d), device)
+    """The [D, D] rotation on `device`, one tensor per (d, device) (never write to it); to a GPU
+    through pinned memory, so that the first use (a codec's first import on the decode worker)
+    does not make the host wait for the stream. Not kept when made during a CUDA graph capture
+    (what a capture allocates is unwritten until the graph replays)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _hadamard_cpu(d)
+    key = (d, device)
+    if key not in _ON_DEVICE:
+        r = to_device_nowait(_hadamard_cpu(d), device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return r
+        _ON_DEVICE[key] = r
+    return _ON_DEVICE[key]
+
+
+def hadamard_block(r: torch.Tensor) -> int | None:
+    """The Hadamard block size (the largest power of two dividing D) when `r` is the very tensor
+    `hadamard` returned, else None: a kernel may then rotate with a fast Walsh-Hadamard butterfly
+    (log2(block) add / subtract stages in registers) instead of reading r's D x D values."""
+    d = r.shape[-1] if r.dim() == 2 and r.shape[0] == r.shape[1] else 0
+    if d < 1:
+        return None
+    if r.device.type == "cpu":
+        hit = r is _hadamard_cpu(d)
+    else:
+        hit = _ON_DEVICE.get((d, r.device)) is r
+    return d & -d if hit else None
 
 
 def rotate(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ Partial 0 is the dense tail's (model basis), partials 1..S are page splits (basi
 the codec's orthonormal, symmetric rotation, compress/rotation.py). One program per (sequence, head)
 LSE-weights them, rotates the pages' sum back with R and adds the tail's: the output rotation and
 the merge in one pass, in fp32, rounded once (and, when asked, the rows' merged log2-sum-exp).
+When R is the tensor compress/rotation.py's `hadamard` returned, the rotation is a butterfly in
+registers (kernels/hadamard_butterfly.py) instead of a read of R (64 KB per head).
 `merge_rotated_ref` is the torch reference.
 """
 
@@ -13,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zipserve.compress.rotation import hadamard_block
+from zipserve.kernels.hadamard_butterfly import hadamard_rotate
 from zipserve.kernels.head_dim import block_d
 from zipserve.kernels.paged_decode_attention import (
     _split_weights,
@@ -38,6 +42,7 @@ def _merge_rotated_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_J: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    HADAMARD: tl.constexpr = 0,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -55,22 +60,32 @@ def _merge_rotated_kernel(
     )  # [S_PAD, BD] page partials
     acc = tl.sum(w_pages[:, None] * part, axis=0)  # [BD] pages' basis
     w_tail = tl.sum(tl.where(offs_s == 0, w, 0.0), axis=0)
-    for j0 in tl.static_range(0, BLOCK_D, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = offs_j < HEAD_DIM
-        r = tl.load(
-            rot_ptr + offs_d[:, None] * HEAD_DIM + offs_j[None, :],
-            mask=d_ok[:, None] & j_ok[None, :],
-            other=0.0,
-        )  # [BD, BJ]
-        o = tl.sum(acc[:, None] * r, axis=0)  # [BJ] back in the model's basis
-        tail = tl.load(part_ptr + row0 * HEAD_DIM + offs_j, mask=j_ok, other=0.0)  # [BJ]
+    if HADAMARD > 0:  # R is the codec's Hadamard: the butterfly, no R read (64 KB per head)
+        o = hadamard_rotate(acc, BLOCK_D, HADAMARD)  # [BD] back in the model's basis
+        tail = tl.load(part_ptr + row0 * HEAD_DIM + offs_d, mask=d_ok, other=0.0)  # [BD]
         o = (o + tl.where(w_tail > 0.0, w_tail * tail, 0.0)) * inv  # a dead tail may hold NaN
         tl.store(
-            out_ptr + b * stride_ob + h * stride_oh + offs_j,
+            out_ptr + b * stride_ob + h * stride_oh + offs_d,
             o.to(out_ptr.dtype.element_ty),
-            mask=j_ok,
+            mask=d_ok,
         )
+    else:  # any orthonormal R, read in [BD, BLOCK_J] chunks
+        for j0 in tl.static_range(0, BLOCK_D, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = offs_j < HEAD_DIM
+            r = tl.load(
+                rot_ptr + offs_d[:, None] * HEAD_DIM + offs_j[None, :],
+                mask=d_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            )  # [BD, BJ]
+            o = tl.sum(acc[:, None] * r, axis=0)  # [BJ] back in the model's basis
+            tail = tl.load(part_ptr + row0 * HEAD_DIM + offs_j, mask=j_ok, other=0.0)  # [BJ]
+            o = (o + tl.where(w_tail > 0.0, w_tail * tail, 0.0)) * inv  # a dead tail may hold NaN
+            tl.store(
+                out_ptr + b * stride_ob + h * stride_oh + offs_j,
+                o.to(out_ptr.dtype.element_ty),
+                mask=j_ok,
+            )
     if WRITE_LSE:
         _store_merged_lse(m, den, lse_out_ptr + b * tl.num_programs(1) + h)
 
@@ -109,6 +124,7 @@ def merge_rotated(part, lse, rotation, out, lse_out=None):
         BLOCK_D=block_d(d),
         BLOCK_J=32,
         WRITE_LSE=lse_out is not None,
+        HADAMARD=hadamard_block(rotation) or 0,
         num_warps=4,
     )
     return out

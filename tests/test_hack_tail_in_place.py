@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from test_hack_kernels import DEVICE, make_case, rel_err  # noqa: E402
 
-from zipserve.compress.rotation import hadamard, rotate  # noqa: E402
+from zipserve.compress.rotation import hadamard, hadamard_block, rotate  # noqa: E402
 from zipserve.kernels.hack_decode_attention import (  # noqa: E402
     hack_decode_attention,
     hack_decode_attention_ref,
@@ -107,8 +107,11 @@ def test_tail_args_are_checked():
         hack_decode_attention_ref(**{**moved, "dense_rows": None})
 
 
+@pytest.mark.parametrize("butterfly", [True, False])
 @pytest.mark.parametrize("d,parts", [(64, 2), (128, 5), (96, 3)])
-def test_rotated_merge_matches_reference(d, parts):
+def test_rotated_merge_matches_reference(d, parts, butterfly):
+    """hadamard()'s own tensor takes the butterfly path (hadamard_block), a copy of it the
+    general one that reads R; both equal the reference."""
     gen = torch.Generator().manual_seed(d + parts)
     b, h = 3, 4
     part = torch.randn(b, h, parts, d, generator=gen)
@@ -117,8 +120,9 @@ def test_rotated_merge_matches_reference(d, parts):
     lse[1, 2, 0] = float("-inf")  # no tail
     lse[2, 3] = float("-inf")  # a padding row
     part[1, 2, 0] = float("nan")  # dead partials are never read
-    r = hadamard(d)
-    part, lse, r = part.to(DEVICE), lse.to(DEVICE), r.to(DEVICE)
+    r = hadamard(d, DEVICE) if butterfly else hadamard(d).clone().to(DEVICE)
+    assert (hadamard_block(r) == (d & -d)) if butterfly else hadamard_block(r) is None
+    part, lse = part.to(DEVICE), lse.to(DEVICE)
     ref = merge_rotated_ref(part, lse, r, torch.empty(b, h, d, device=DEVICE))
     out = merge_rotated(part, lse, r, torch.full((b, h, d), float("nan"), device=DEVICE))
     assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5
