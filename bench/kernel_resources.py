@@ -141,8 +141,11 @@ _HACK_PTRS = dict(
 )
 
 
-def _hack_decode(head_dim: int, bits: int, max_stack: int, write_qrot: bool = False) -> KernelSpec:
-    """write_qrot: the launch the CUDA backend makes for the tail alone, which also writes q R."""
+def _hack_decode(
+    head_dim: int, bits: int, max_stack: int, write_qrot: bool = False, hadamard: bool = False
+) -> KernelSpec:
+    """write_qrot: the launch the CUDA backend makes for the tail alone, which also writes q R
+    (hadamard: by the butterfly, R being the codec's own Hadamard tensor)."""
     from zipserve.kernels import hack_decode_attention as hd
     from zipserve.kernels.head_dim import block_d
 
@@ -150,7 +153,8 @@ def _hack_decode(head_dim: int, bits: int, max_stack: int, write_qrot: bool = Fa
     dep = hd.plane_width(head_dim, bits)
     return KernelSpec(
         f"hack_decode (Triton) hack{bits}, head_dim {head_dim}"
-        + (", tail + q R" if write_qrot else ""),
+        + (", tail + q R" if write_qrot else "")
+        + (" (butterfly)" if hadamard else ""),
         _k("hack_decode_kernel", "_hack_decode_kernel"),
         _HACK_PTRS,
         dict(
@@ -170,6 +174,7 @@ def _hack_decode(head_dim: int, bits: int, max_stack: int, write_qrot: bool = Fa
             DOT_PREC="tf32",
             FAST=True,
             WRITE_QROT=write_qrot,
+            QROT_HADAMARD=head_dim if hadamard else 0,
         ),
         warps,
         stages,
@@ -432,7 +437,7 @@ def specs() -> list[KernelSpec]:
     # The Triton HACK decode kernel runs at 255 registers and spills a little at head_dim 128
     # (the CUDA kernel serves that shape on an H100); lowrank+hack2's width 64 runs it.
     out += [_hack_decode(128, 2, max_stack=128), _hack_decode(64, 2, max_stack=128)]
-    out += [_hack_decode(128, 2, max_stack=128, write_qrot=True)]
+    out += [_hack_decode(128, 2, max_stack=128, write_qrot=True, hadamard=h) for h in (False, True)]
     return out
 
 

@@ -23,6 +23,7 @@ import os
 import torch
 import triton
 
+from zipserve.compress.rotation import hadamard_block
 from zipserve.kernels import hack_decode_cuda
 from zipserve.kernels.hack_decode_kernel import _LOG2E, _hack_decode_kernel
 from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref
@@ -328,6 +329,7 @@ def _launch_triton(
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FAST=q.is_cuda and torch.version.hip is None and not _kernel_is_interpreted(),
         WRITE_QROT=rotation is not None,
+        QROT_HADAMARD=0 if rotation is None else (hadamard_block(rotation) or 0),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -33,6 +33,8 @@ tail in BLOCK_D (kernels/head_dim.py): padding lives in registers only.
 import triton
 import triton.language as tl
 
+from zipserve.kernels.hadamard_butterfly import hadamard_rotate_rows
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -195,9 +197,18 @@ def _write_rotated_query(
     M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HADAMARD: tl.constexpr,
 ):
-    """dst [M, D] f32 <- q [M, D] @ R [D, D] in fp32 (ieee), rows_ok rows only; R read in chunks
-    of 16 rows so no [D, D] tile is ever held in registers."""
+    """dst [M, D] f32 <- q [M, D] @ R [D, D] in fp32, rows_ok rows only: a Walsh-Hadamard
+    butterfly when R is the codec's Hadamard (HADAMARD: its block), else an ieee dot with R read
+    in chunks of 16 rows so no [D, D] tile is ever held in registers."""
+    if HADAMARD > 0:
+        q = tl.load(
+            q_row[:, None] + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0
+        )  # [M, BD]
+        q = hadamard_rotate_rows(q.to(tl.float32), M, BLOCK_D, HADAMARD)
+        tl.store(dst_row[:, None] + offs_d[None, :], q, mask=rows_ok[:, None] & d_ok[None, :])
+        return
     KC: tl.constexpr = 16
     offs_k = tl.arange(0, KC)
     acc = tl.zeros([M, BLOCK_D], tl.float32)
@@ -265,6 +276,7 @@ def _hack_decode_kernel(
     DOT_PREC: tl.constexpr,
     FAST: tl.constexpr,
     WRITE_QROT: tl.constexpr = False,
+    QROT_HADAMARD: tl.constexpr = 0,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     KVH = tl.num_programs(1)
@@ -318,6 +330,7 @@ def _hack_decode_kernel(
                 M,
                 HEAD_DIM,
                 BLOCK_D,
+                QROT_HADAMARD,
             )
     for start in range(0, dl, DENSE_BLOCK):
         t = start + offs_t

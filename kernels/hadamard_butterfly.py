@@ -38,3 +38,33 @@ def hadamard_rotate(x, BD: tl.constexpr, BLOCK: tl.constexpr):
     if BLOCK >= 2:
         x = _butterfly_stage(x, BD, 1)
     return x * (1.0 / tl.sqrt(BLOCK * 1.0))
+
+
+@triton.jit
+def _butterfly_stage_rows(x, R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
+    """_butterfly_stage on every row of x [R, BD]."""
+    x4 = tl.permute(tl.reshape(x, (R, BD // (2 * S), 2, S)), (0, 1, 3, 2))  # [R, n, S, 2]
+    a, b = tl.split(x4)  # [R, n, S] each
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, BD))
+
+
+@triton.jit
+def hadamard_rotate_rows(x, R: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr):
+    """hadamard_rotate on every row of x [R, BD] fp32."""
+    if BLOCK >= 256:
+        x = _butterfly_stage_rows(x, R, BD, 128)
+    if BLOCK >= 128:
+        x = _butterfly_stage_rows(x, R, BD, 64)
+    if BLOCK >= 64:
+        x = _butterfly_stage_rows(x, R, BD, 32)
+    if BLOCK >= 32:
+        x = _butterfly_stage_rows(x, R, BD, 16)
+    if BLOCK >= 16:
+        x = _butterfly_stage_rows(x, R, BD, 8)
+    if BLOCK >= 8:
+        x = _butterfly_stage_rows(x, R, BD, 4)
+    if BLOCK >= 4:
+        x = _butterfly_stage_rows(x, R, BD, 2)
+    if BLOCK >= 2:
+        x = _butterfly_stage_rows(x, R, BD, 1)
+    return x * (1.0 / tl.sqrt(BLOCK * 1.0))

@@ -513,11 +513,12 @@ def test_triton_splits_fill_a_wave_of_the_programs_an_sm_holds():
     assert hack_num_splits(128, 8, 8192, 132, bits=2, head_dim=64) == 1
 
 
+@pytest.mark.parametrize("butterfly", [True, False])
 @pytest.mark.parametrize("d,group,dtype", [(128, 4, torch.bfloat16), (64, 8, torch.float16)])
-def test_tail_programs_write_the_rotated_query(d, group, dtype):
+def test_tail_programs_write_the_rotated_query(d, group, dtype, butterfly):
     """With the CUDA kernel taking the page splits, the Triton launch's tail programs also write
     the pages' query q R (fp32) for it: equal to torch's fp32 q @ R, and the tail's partial is the
-    one a launch without the rotation writes."""
+    one a launch without the rotation writes (R as hadamard()'s tensor: the butterfly; else a dot)."""
     from zipserve.compress.rotation import hadamard
     from zipserve.kernels import hack_decode_attention as hd
     from zipserve.kernels.paged_decode_attention import split_buffers
@@ -525,7 +526,8 @@ def test_tail_programs_write_the_rotated_query(d, group, dtype):
     args, _ = make_case(11, [200, 70, 5], 2, group, d, 2, dtype)
     q = args["q"]
     B, H, _ = q.shape
-    r = hadamard(d, q.device)  # [D, D] fp32
+    # hadamard()'s own tensor: the butterfly; a copy: the dot with R
+    r = hadamard(d, q.device) if butterfly else hadamard(d, q.device).clone()  # [D, D] fp32
     rows, start = hd.tail_index(q, None, None)
     got = {}
     for rotation in (None, r):

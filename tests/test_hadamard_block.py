@@ -11,7 +11,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from zipserve.compress.rotation import hadamard, hadamard_block  # noqa: E402
-from zipserve.kernels.hadamard_butterfly import hadamard_rotate  # noqa: E402
+from zipserve.kernels.hadamard_butterfly import hadamard_rotate, hadamard_rotate_rows  # noqa: E402
 from zipserve.kernels.head_dim import block_d  # noqa: E402
 
 
@@ -37,5 +37,23 @@ def test_butterfly_equals_the_matrix(d):
     x = torch.randn(3, d, generator=torch.Generator().manual_seed(d))
     y = torch.full_like(x, float("nan"))
     _rotate_rows[(3,)](x, y, D=d, BD=block_d(d), BLOCK=hadamard_block(hadamard(d)))
+    want = x @ hadamard(d)
+    assert ((y - want).norm() / want.norm()).item() < 1e-6
+
+
+@triton.jit
+def _rotate_tile(x_ptr, y_ptr, D: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.arange(0, 16)
+    offs = tl.arange(0, BD)
+    ptrs = rows[:, None] * D + offs[None, :]
+    x = tl.load(x_ptr + ptrs, mask=(offs < D)[None, :], other=0.0)  # [16, BD]
+    tl.store(y_ptr + ptrs, hadamard_rotate_rows(x, 16, BD, BLOCK), mask=(offs < D)[None, :])
+
+
+@pytest.mark.parametrize("d", [64, 96, 128])
+def test_row_butterfly_equals_the_matrix(d):
+    x = torch.randn(16, d, generator=torch.Generator().manual_seed(d + 1))
+    y = torch.full_like(x, float("nan"))
+    _rotate_tile[(1,)](x, y, D=d, BD=block_d(d), BLOCK=hadamard_block(hadamard(d)))
     want = x @ hadamard(d)
     assert ((y - want).norm() / want.norm()).item() < 1e-6
