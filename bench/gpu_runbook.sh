@@ -515,7 +515,8 @@ round22)
     # 8-32 x 8k, a profile at 2 x 4k, then the no-link lanes whose 1.05x goal session 21 missed.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
     pytest_gpu 170 new21 tests/test_hack_decode_cuda.py tests/test_tail_write.py \
-        tests/test_step_constants.py tests/test_norm_rope_kernels.py tests/test_lowrank_tail_merge.py \
+        tests/test_step_constants.py tests/test_hadamard_block.py tests/test_norm_rope_kernels.py \
+        tests/test_lowrank_tail_merge.py \
         -m gpu -k "v2s2 or tail_write or capture or gpu or rope or norm or silu or merge"
     pytest_gpu 200 engine_gpu -m gpu tests/test_engine_gpu.py \
         -k "graphs or greedy or decode_step_waits"

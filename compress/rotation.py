@@ -39,6 +39,8 @@ def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cpu":
         return _hadamard_cpu(d)
+    if device.type == "cuda" and device.index is None:  # the key hadamard_block looks up
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (d, device)
     if key not in _ON_DEVICE:
         r = to_device_nowait(_hadamard_cpu(d), device)

@@ -57,3 +57,13 @@ def test_row_butterfly_equals_the_matrix(d):
     _rotate_tile[(1,)](x, y, D=d, BD=block_d(d), BLOCK=hadamard_block(hadamard(d)))
     want = x @ hadamard(d)
     assert ((y - want).norm() / want.norm()).item() < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_hadamard_is_one_tensor_per_device():
+    """ "cuda" and "cuda:N" name one device: one tensor, which hadamard_block recognises."""
+    r = hadamard(128, "cuda")
+    assert r is hadamard(128, torch.device("cuda", torch.cuda.current_device()))
+    assert hadamard_block(r) == 128 and torch.equal(r.cpu(), hadamard(128))
+    assert hadamard_block(r.clone()) is None
