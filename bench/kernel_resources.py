@@ -359,48 +359,30 @@ def specs() -> list[KernelSpec]:
             dict(H=32, H_PAD=32, KVH=8, KVH_PAD=8, HALF=64, HALF_PAD=64, HAS_K=True),
             4,
         ),
-        KernelSpec(
-            "merge_rotated (+ lse_out)",
-            _k("rotated_merge", "_merge_rotated_kernel"),
-            dict(
-                part_ptr="*fp32",
-                lse_ptr="*fp32",
-                rot_ptr="*fp32",
-                out_ptr="*bf16",
-                lse_out_ptr="*fp32",
-            ),
-            dict(
-                NUM_PARTS=9,
-                S_PAD=16,
-                HEAD_DIM=_D,
-                BLOCK_D=_D,
-                BLOCK_J=32,
-                WRITE_LSE=True,
-                HADAMARD=0,
-            ),
-            4,
-        ),
-        KernelSpec(  # the codec's own Hadamard tensor: the butterfly instead of reading R
-            "merge_rotated (+ lse_out), Hadamard butterfly",
-            _k("rotated_merge", "_merge_rotated_kernel"),
-            dict(
-                part_ptr="*fp32",
-                lse_ptr="*fp32",
-                rot_ptr="*fp32",
-                out_ptr="*bf16",
-                lse_out_ptr="*fp32",
-            ),
-            dict(
-                NUM_PARTS=9,
-                S_PAD=16,
-                HEAD_DIM=_D,
-                BLOCK_D=_D,
-                BLOCK_J=32,
-                WRITE_LSE=True,
-                HADAMARD=_D,
-            ),
-            4,
-        ),
+        *[  # the codec's own Hadamard tensor takes the butterfly instead of reading R
+            KernelSpec(
+                "merge_rotated (+ lse_out)" + (", Hadamard butterfly" if block else ""),
+                _k("rotated_merge", "_merge_rotated_kernel"),
+                dict(
+                    part_ptr="*fp32",
+                    lse_ptr="*fp32",
+                    rot_ptr="*fp32",
+                    out_ptr="*bf16",
+                    lse_out_ptr="*fp32",
+                ),
+                dict(
+                    NUM_PARTS=9,
+                    S_PAD=16,
+                    HEAD_DIM=_D,
+                    BLOCK_D=_D,
+                    BLOCK_J=32,
+                    WRITE_LSE=True,
+                    HADAMARD=block,
+                ),
+                4,
+            )
+            for block in (0, _D)
+        ],
         KernelSpec(
             "silu_mul",
             _k("silu_mul", "_silu_mul_kernel"),

@@ -9,40 +9,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _butterfly_stage(x, BD: tl.constexpr, S: tl.constexpr):
-    """One stage on x [BD]: elements i and i + S of every 2S-aligned pair become (a + b, a - b)."""
-    x3 = tl.permute(tl.reshape(x, (BD // (2 * S), 2, S)), (0, 2, 1))  # [n, S, 2]
-    a, b = tl.split(x3)  # [n, S] each
-    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (BD,))
-
-
-@triton.jit
-def hadamard_rotate(x, BD: tl.constexpr, BLOCK: tl.constexpr):
-    """x [BD] fp32 -> x @ blockdiag(H_BLOCK) / sqrt(BLOCK) (BD, BLOCK powers of two, BLOCK <= BD,
-    BLOCK <= 256). BLOCK divides the head dim, so padding channels past it (zeros) form blocks of
-    their own and stay zero."""
-    if BLOCK >= 256:
-        x = _butterfly_stage(x, BD, 128)
-    if BLOCK >= 128:
-        x = _butterfly_stage(x, BD, 64)
-    if BLOCK >= 64:
-        x = _butterfly_stage(x, BD, 32)
-    if BLOCK >= 32:
-        x = _butterfly_stage(x, BD, 16)
-    if BLOCK >= 16:
-        x = _butterfly_stage(x, BD, 8)
-    if BLOCK >= 8:
-        x = _butterfly_stage(x, BD, 4)
-    if BLOCK >= 4:
-        x = _butterfly_stage(x, BD, 2)
-    if BLOCK >= 2:
-        x = _butterfly_stage(x, BD, 1)
-    return x * (1.0 / tl.sqrt(BLOCK * 1.0))
-
-
-@triton.jit
 def _butterfly_stage_rows(x, R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr):
-    """_butterfly_stage on every row of x [R, BD]."""
+    """One stage on every row of x [R, BD]: elements i and i + S of every 2S-aligned pair
+    become (a + b, a - b)."""
     x4 = tl.permute(tl.reshape(x, (R, BD // (2 * S), 2, S)), (0, 1, 3, 2))  # [R, n, S, 2]
     a, b = tl.split(x4)  # [R, n, S] each
     return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, BD))
@@ -68,3 +37,11 @@ def hadamard_rotate_rows(x, R: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constex
     if BLOCK >= 2:
         x = _butterfly_stage_rows(x, R, BD, 1)
     return x * (1.0 / tl.sqrt(BLOCK * 1.0))
+
+
+@triton.jit
+def hadamard_rotate(x, BD: tl.constexpr, BLOCK: tl.constexpr):
+    """x [BD] fp32 -> x @ blockdiag(H_BLOCK) / sqrt(BLOCK) (BD, BLOCK powers of two, BLOCK <= BD,
+    BLOCK <= 256). BLOCK divides the head dim, so padding channels past it (zeros) form blocks of
+    their own and stay zero."""
+    return tl.reshape(hadamard_rotate_rows(tl.reshape(x, (1, BD)), 1, BD, BLOCK), (BD,))
