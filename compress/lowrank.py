@@ -190,6 +190,9 @@ class LowRankLayerCodec(KVCodec):
         self._bases_cpu = {n: b.float().contiguous() for n, b in bases.items()}  # [KVH, D, r]
         # V's completed basis and its inverse (transposed), [KVH, D, D]: the tail's V and W_o's fold
         self.v_enc_full, self.v_dec_full = complete_basis(bases["v_enc"], bases["v_dec"])
+        self.v_folded = False
+        """The model's V projection emits v @ T (set by prepare_model's fold, lowrank_fold.py):
+        to_dense leaves v as it is and encode takes it as already in V's completed basis."""
         self._bases_cpu["v_enc_full"] = self.v_enc_full
         self._dev: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.inner = None
@@ -222,7 +225,11 @@ class LowRankLayerCodec(KVCodec):
         """New k/v [.., KVH, D] -> what the open page and sinks keep: k as it is, v in V's
         completed basis, v @ [v_enc | C] [.., KVH, D] (its first r_v columns are what a page
         stores). A 16-bit v meets the basis rounded to its dtype (one matmul with fp32
-        accumulation, not a cast, an fp32 matmul and a cast back: a decode step asks every layer)."""
+        accumulation, not a cast, an fp32 matmul and a cast back: a decode step asks every layer).
+        With v_folded (the model's V projection emits v @ T already: lowrank_fold.py) v is
+        returned as it is."""
+        if self.v_folded:
+            return k, v
         bases = self._bases(v.device)
         if v.dtype == torch.float32:
             return k, torch.einsum("...hd,hde->...he", v, bases["v_enc_full"])
@@ -280,8 +287,9 @@ class LowRankLayerCodec(KVCodec):
         self.inner.encode(store, page_ids, tmp_k, tmp_v, skip_page=skip_page)
 
     def encode(self, store, page_ids, k, v):
-        """Full-dimension post-RoPE pages k, v [n, KVH, P, D] -> projected pages."""
-        self._encode(store, page_ids, k, v, v_projected=False)
+        """Full-dimension post-RoPE pages k, v [n, KVH, P, D] -> projected pages (v in V's
+        completed basis when v_folded: the model's projection made it so)."""
+        self._encode(store, page_ids, k, v, v_projected=self.v_folded)
 
     def seal(self, store, page_ids, k, v):
         """Filled open pages in the dense form (k full, v in V's completed basis) -> projected

@@ -77,9 +77,36 @@ class LiftedOProj(nn.Module):
         return self.o_proj(o.reshape(t, h * d).to(x.dtype))
 
 
+def fold_v_projection(qkv_proj: nn.Linear, v_enc_full: torch.Tensor, q_size: int) -> nn.Linear:
+    """A copy of qkv_proj whose V rows (and bias) produce v @ T, V in its completed basis, instead
+    of v (a new module, like o_proj's fold: weights another engine may share are not touched). Per
+    KV head h: W_v'[h] = T[h]^T W_v[h] ([D, D] @ [D, hidden]), b_v'[h] = b_v[h] T[h]; taken in
+    float64, rounded once to the weight's dtype. v_enc_full T [KVH, D, D]."""
+    kvh, d, _ = v_enc_full.shape
+    w = qkv_proj.weight.detach()
+    t = v_enc_full.double().to(w.device)
+    v_rows = slice(q_size + kvh * d, q_size + 2 * kvh * d)
+    new = nn.Linear(
+        w.shape[1], w.shape[0], bias=qkv_proj.bias is not None, device=w.device, dtype=w.dtype
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        folded = torch.einsum("kde,kdx->kex", t, w[v_rows].double().view(kvh, d, -1))
+        new.weight[v_rows] = folded.reshape(kvh * d, -1).to(w.dtype)
+        if qkv_proj.bias is not None:
+            b = qkv_proj.bias.detach()
+            new.bias.copy_(b)
+            fb = torch.einsum("kde,kd->ke", t, b[v_rows].double().view(kvh, d))
+            new.bias[v_rows] = fb.reshape(-1).to(b.dtype)
+    return new
+
+
 def apply_lowrank_output(model: nn.Module, codec, fold: bool = True) -> None:
     """Make each attention layer of `model` take the codec's output o_T [T, H, D] in V's completed
-    basis: o_proj becomes the folded W_f (fold=True) or the lifting reference (fold=False)."""
+    basis: o_proj becomes the folded W_f (fold=True) or the lifting reference (fold=False). With
+    fold, V's basis T also goes into qkv_proj's V rows (the projection emits v @ T, so the codec's
+    to_dense has nothing left to do: one matmul less per layer and step) and each layer codec is
+    told so (`v_folded`)."""
     layers = model.layers
     if len(layers) != len(codec.layers):
         raise ValueError(
@@ -98,6 +125,8 @@ def apply_lowrank_output(model: nn.Module, codec, fold: bool = True) -> None:
             with torch.no_grad():
                 new.weight.copy_(folded_o_weight(w, v_dec).to(w.dtype))
             attn.o_proj = new
+            attn.qkv_proj = fold_v_projection(attn.qkv_proj, lc.v_enc_full, attn.q_size)
+            lc.v_folded = True
         else:
             attn.o_proj = LiftedOProj(old, v_dec.to(old.weight.device))
         attn.o_head_dim = width
