@@ -543,3 +543,26 @@ def test_gpu_folded_equals_unfolded(codec):
         assert (a - b).abs().mean().item() < 1e-3 * top
     for llm in llms.values():
         _whole(llm)
+
+
+def test_fold_v_projection_emits_v_in_the_completed_basis():
+    """The folded qkv_proj: q and k rows as before, v rows give v @ T per KV head (bias too), and
+    the original module is left as it was (another engine may share its weights)."""
+    from zipserve.compress.lowrank_fold import fold_v_projection
+
+    g = torch.Generator().manual_seed(5)
+    hidden, q_size, kvh, d = 24, 32, 2, 8
+    old = torch.nn.Linear(hidden, q_size + 2 * kvh * d, bias=True)
+    with torch.no_grad():
+        old.weight.copy_(torch.randn(old.weight.shape, generator=g))
+        old.bias.copy_(torch.randn(old.bias.shape, generator=g))
+    before = old.weight.detach().clone()
+    t = torch.randn(kvh, d, d, generator=g)
+    new = fold_v_projection(old, t, q_size)
+    x = torch.randn(5, hidden, generator=g)
+    want, got = old(x).detach(), new(x).detach()
+    qk = q_size + kvh * d
+    assert torch.allclose(got[:, :qk], want[:, :qk])
+    v_want = torch.einsum("nkd,kde->nke", want[:, qk:].view(5, kvh, d), t).reshape(5, -1)
+    assert _rel(got[:, qk:], v_want) < 1e-5
+    assert torch.equal(old.weight, before) and new is not old
