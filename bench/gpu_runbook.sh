@@ -510,9 +510,10 @@ round22)
     # Triton cache (each step compiles its kernels first): limits are wider here. The GPU tests of
     # session 21's changes (the CUDA backend with the query rotation written by the Triton tail
     # programs, the fused tail write, cached step constants, the kernels of session 20), the
-    # engine's (graphs = eager for every compressed lane), decode tokens/s at small batches where
-    # the compressed lanes' fixed per-step cost shows (1-4 x 4k, the no-link JCT regime) and at
-    # 8-32 x 8k, a profile at 2 x 4k, then the no-link lanes whose 1.05x goal session 21 missed.
+    # decode tokens/s at small batches where the compressed lanes' fixed per-step cost shows (1-4 x
+    # 4k, the no-link JCT regime) and at 8-32 x 8k, a profile at 2 x 4k, the engine's GPU tests
+    # (graphs = eager, decode = scoring for every lane), then the no-link lanes whose 1.05x goal
+    # session 21 missed (a call cut at 600 s keeps the sweep's finished runs).
     export ZIPSERVE_NORM_ROPE_KERNELS=1
     # -n 4 (pytest-xdist, where the device's venv has it): four pytest processes share the GPU
     # (small kernel tests), so a fresh machine's Triton compiles run on four of its 16 cores
@@ -522,13 +523,15 @@ round22)
         tests/test_step_constants.py tests/test_hadamard_block.py tests/test_norm_rope_kernels.py \
         tests/test_lowrank_tail_merge.py \
         -m gpu -k "v2s2 or tail_write or capture or gpu or rope or norm or silu or merge"
-    pytest_gpu 200 engine_gpu -m gpu tests/test_engine_gpu.py \
-        -k "graphs or greedy or decode_step_waits"
-    step 120 engine22 python3 -m zipserve bench engine --model random:llama3-8b \
+    step 150 engine22 python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,hack2,hack4,lowrank+hack2 --batches 1,2,4,8,32 --contexts 4096,8192 \
         --out "$WORK/engine22"
     step 60 profile_small python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 --out "$WORK/profile_small"
+    # (after the benches: these compile and load a 16 GB model per test; decode = scoring holds
+    # the lowrank fold of W_v and the tail write on the GPU)
+    pytest_gpu 200 engine_gpu -m gpu tests/test_engine_gpu.py \
+        -k "graphs or greedy or decode_step_waits or decode_equals_scoring"
     step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,hack2,hack4,lowrank+hack2 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
