@@ -88,7 +88,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -108,6 +108,7 @@ step() {  # step SECONDS NAME CMD...: run with a limit, log it, never abort the 
     local rc=$?
     echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
     mkdir -p "$OUT" && cp "$LOG" "$OUT/$STAGE.log"  # comes back even if the call is cut later
+    tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" . 2>/dev/null  # and so do the CSVs so far
     return $rc
 }
 
@@ -505,15 +506,21 @@ round19)
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
     ;;
+engine22g)
+    # round22's engine GPU tests alone (~4-6 min on a fresh machine)
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    pytest_gpu 560 engine_gpu -m gpu tests/test_engine_gpu.py tests/test_lowrank_fold.py \
+        -k "graphs or greedy or decode_step_waits or decode_equals_scoring or gpu_kernels"
+    ;;
 round22)
     # Session 22's first call (~9.5 min). Session 21's round21 lost most of its tests to a cold
     # Triton cache (each step compiles its kernels first): limits are wider here. The GPU tests of
     # session 21's changes (the CUDA backend with the query rotation written by the Triton tail
     # programs, the fused tail write, cached step constants, the kernels of session 20), the
     # decode tokens/s at small batches where the compressed lanes' fixed per-step cost shows (1-4 x
-    # 4k, the no-link JCT regime) and at 8-32 x 8k, a profile at 2 x 4k, the engine's GPU tests
-    # (graphs = eager, decode = scoring for every lane), then the no-link lanes whose 1.05x goal
-    # session 21 missed (a call cut at 600 s keeps the sweep's finished runs).
+    # 4k, the no-link JCT regime) and at 8-32 x 8k, a profile at 2 x 4k, the no-link lanes whose
+    # 1.05x goal session 21 missed, then the engine's GPU tests (graphs = eager, decode = scoring)
+    # with what is left of the call.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
     # -n 4 (pytest-xdist, where the device's venv has it): four pytest processes share the GPU
     # (small kernel tests), so a fresh machine's Triton compiles run on four of its 16 cores
@@ -528,14 +535,17 @@ round22)
         --out "$WORK/engine22"
     step 60 profile_small python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 --out "$WORK/profile_small"
-    # (after the benches: these compile and load a 16 GB model per test; decode = scoring holds
-    # the lowrank fold of W_v and the tail write on the GPU)
-    pytest_gpu 200 engine_gpu -m gpu tests/test_engine_gpu.py \
-        -k "graphs or greedy or decode_step_waits or decode_equals_scoring"
     step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs bf16,hack2,hack4,lowrank+hack2 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
+    # last (a 16 GB model per test), in what the 600-s call leaves (`engine22g` runs them alone):
+    # graphs = eager, and decode = scoring holds the lowrank fold of W_v and the tail write
+    left=$((575 - SECONDS))
+    if [ "$left" -gt 40 ]; then
+        pytest_gpu "$left" engine_gpu -m gpu tests/test_engine_gpu.py \
+            -k "graphs or greedy or decode_step_waits or decode_equals_scoring"
+    fi
     ;;
 round21)
     # Session 21's first call (~9 min): session 20's kernels' GPU tests (gate: the fused norm /
