@@ -41,7 +41,7 @@ from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode
 from zipserve.kernels import lowrank_tail_merge as tail_merge
-from zipserve.kernels.step_constants import row_ids, zero_ids
+from zipserve.kernels.step_constants import kept_outside_capture, row_ids, zero_ids
 
 BASES_FILE = "lowrank.safetensors"
 NO_DENSE_FORM_REASON = (
@@ -233,12 +233,9 @@ class LowRankLayerCodec(KVCodec):
         bases = self._bases(v.device)
         if v.dtype == torch.float32:
             return k, torch.einsum("...hd,hde->...he", v, bases["v_enc_full"])
-        key = f"v_enc_full_{v.dtype}"
-        basis = bases.get(key)
-        if basis is None:
-            basis = bases["v_enc_full"].to(v.dtype)
-            if not (v.is_cuda and torch.cuda.is_current_stream_capturing()):
-                bases[key] = basis  # (what a capture allocates is unwritten till it replays)
+        basis = kept_outside_capture(
+            bases, f"v_enc_full_{v.dtype}", lambda: bases["v_enc_full"].to(v.dtype)
+        )
         return k, torch.einsum("...hd,hde->...he", v, basis)
 
     def lift_v(self, vt: torch.Tensor) -> torch.Tensor:
@@ -433,14 +430,12 @@ class LowRankLayerCodec(KVCodec):
 
     def _no_tail(self, device) -> torch.Tensor:
         """[1, KVH, 1, W] fp32 zeros: the dense tail the page attention is given (none), kept per
-        device (made outside a CUDA graph capture: what a capture allocates is unwritten till replay)."""
-        bases = self._bases(device)
-        if "no_tail" in bases:
-            return bases["no_tail"]
-        zeros = torch.zeros(1, self.kvh, 1, self.width, device=device)
-        if not (zeros.is_cuda and torch.cuda.is_current_stream_capturing()):
-            bases["no_tail"] = zeros
-        return zeros
+        device."""
+        return kept_outside_capture(
+            self._bases(device),
+            "no_tail",
+            lambda: torch.zeros(1, self.kvh, 1, self.width, device=device),
+        )
 
     def _page_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """lowrank+hack: q [B, H, D] after RoPE -> (q_red [B, H, W] fp32, the pages' query in their

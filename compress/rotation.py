@@ -14,6 +14,7 @@ import functools
 import torch
 
 from zipserve.compress.device_copy import to_device_nowait
+from zipserve.kernels.step_constants import kept_outside_capture
 
 
 @functools.lru_cache(maxsize=8)
@@ -41,13 +42,9 @@ def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
         return _hadamard_cpu(d)
     if device.type == "cuda" and device.index is None:  # the key hadamard_block looks up
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (d, device)
-    if key not in _ON_DEVICE:
-        r = to_device_nowait(_hadamard_cpu(d), device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return r
-        _ON_DEVICE[key] = r
-    return _ON_DEVICE[key]
+    return kept_outside_capture(
+        _ON_DEVICE, (d, device), lambda: to_device_nowait(_hadamard_cpu(d), device)
+    )
 
 
 def hadamard_block(r: torch.Tensor) -> int | None:

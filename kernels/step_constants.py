@@ -7,6 +7,8 @@ until the graph replays, so during capture a miss returns a fresh tensor and kee
 views are read-only by contract: kernels take them as inputs only.
 """
 
+from collections.abc import Callable
+
 import torch
 
 _CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -14,6 +16,18 @@ _CACHE: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def kept_outside_capture(cache: dict, key, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """cache[key], made by make() on a miss and kept there unless a CUDA graph is capturing on
+    the tensor's device (then it is returned and not kept: its memory is unwritten until the
+    graph replays). The one rule every per-device constant cache of the decode step follows."""
+    if key in cache:
+        return cache[key]
+    t = make()
+    if not _capturing(t.device):
+        cache[key] = t
+    return t
 
 
 def _cached(kind: str, m: int, device: torch.device) -> torch.Tensor:
