@@ -105,12 +105,13 @@ def page_strides(k, v) -> tuple[int, ...]:
     return (*k.stride()[:3], *v.stride()[:3])
 
 
-def rows_written(k, v, page_ids, src_rows, skip_page):
+def rows_written(k, v, page_ids, src_rows, skip_page, skip_ids=None):
     """A reference encoder's inputs as the kernel sees them: the rows src_rows of k / v (all
-    without it) and their page ids, less those going to skip_page. Returns (k, v, page_ids)."""
+    without it) and their page ids, less those whose page (or skip_ids entry, when given) is
+    skip_page. Returns (k, v, page_ids)."""
     if src_rows is not None:
         k, v = k[src_rows.long()], v[src_rows.long()]
     if skip_page is not None:
-        keep = page_ids != skip_page
+        keep = (page_ids if skip_ids is None else skip_ids) != skip_page
         k, v, page_ids = k[keep], v[keep], page_ids[keep]
     return k, v, page_ids

@@ -167,7 +167,7 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None):
+def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None, skip_ids=None):
     """Validate arguments; returns (m, KVH, P, D, RK, RV), m the pages written.  Raises ValueError
     naming the argument."""
     for name, t in (("k", k), ("v", v)):
@@ -237,6 +237,17 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None):
         )
     if page_ids.device != k.device:
         raise ValueError(f"page_ids is on {page_ids.device}, k is on {k.device}")
+    if skip_ids is not None and (
+        not isinstance(skip_ids, torch.Tensor)
+        or skip_ids.dtype not in (torch.int32, torch.int64)
+        or skip_ids.shape != page_ids.shape
+        or skip_ids.device != page_ids.device
+    ):
+        raise ValueError(
+            f"skip_ids must be int32/int64 {tuple(page_ids.shape)} on {page_ids.device} like "
+            f"page_ids, got {getattr(skip_ids, 'dtype', type(skip_ids).__name__)} "
+            f"{tuple(getattr(skip_ids, 'shape', ()))} on {getattr(skip_ids, 'device', None)}"
+        )
     return n, kvh, p, d, ranks[0], ranks[1]
 
 
@@ -245,23 +256,6 @@ def _v_cols(d: int, v_cols: int | None) -> int:
     if v_cols is not None and not 1 <= v_cols <= d:
         raise ValueError(f"v_cols must be in [1, head_dim={d}], got {v_cols}")
     return d if v_cols is None else v_cols
-
-
-def _check_skip_ids(skip_ids, page_ids) -> None:
-    if skip_ids is None:
-        return
-    if (
-        not isinstance(skip_ids, torch.Tensor)
-        or skip_ids.dtype not in (torch.int32, torch.int64)
-        or skip_ids.shape != page_ids.shape
-    ):
-        raise ValueError(
-            f"skip_ids must be int32/int64 {tuple(page_ids.shape)} like page_ids, got "
-            f"{getattr(skip_ids, 'dtype', type(skip_ids).__name__)} "
-            f"{tuple(getattr(skip_ids, 'shape', ()))}"
-        )
-    if skip_ids.device != page_ids.device:
-        raise ValueError(f"skip_ids is on {skip_ids.device}, page_ids on {page_ids.device}")
 
 
 def lowrank_encode_pages(
@@ -278,8 +272,9 @@ def lowrank_encode_pages(
     skip_ids=None,
 ):
     """Project full pages onto the bases and write them into the pools (module docstring)."""
-    n, kvh, p, d, rk, rv = _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
-    _check_skip_ids(skip_ids, page_ids)
+    n, kvh, p, d, rk, rv = _check(
+        k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows, skip_ids
+    )
     cols = _v_cols(d, v_cols)
     require_runnable("lowrank_encode_pages", _lowrank_encode_kernel, k)
     if n == 0:
@@ -329,15 +324,9 @@ def lowrank_encode_pages_ref(
     skip_ids=None,
 ):
     """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
-    _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows)
-    _check_skip_ids(skip_ids, page_ids)
+    _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows, skip_ids)
     cols = _v_cols(k.shape[-1], v_cols)
-    if skip_ids is not None and skip_page is not None:
-        keep = skip_ids != skip_page
-        rows = torch.arange(len(page_ids), device=k.device) if src_rows is None else src_rows
-        k, v, ids = rows_written(k, v, page_ids[keep], rows[keep], None)
-    else:
-        k, v, ids = rows_written(k, v, page_ids, src_rows, skip_page)
+    k, v, ids = rows_written(k, v, page_ids, src_rows, skip_page, skip_ids)
     ids = ids.long()
     for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
         # [m, KVH, P, R] projected (or already reduced: its first v_cols), then zero padded / cut
