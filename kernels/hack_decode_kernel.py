@@ -188,6 +188,7 @@ def _store_plane(
 
 @triton.jit
 def _write_rotated_query(
+    q_full,
     q_row,
     rot_ptr,
     dst_row,
@@ -200,13 +201,11 @@ def _write_rotated_query(
     HADAMARD: tl.constexpr,
 ):
     """dst [M, D] f32 <- q [M, D] @ R [D, D] in fp32, rows_ok rows only: a Walsh-Hadamard
-    butterfly when R is the codec's Hadamard (HADAMARD: its block), else an ieee dot with R read
-    in chunks of 16 rows so no [D, D] tile is ever held in registers."""
+    butterfly on q_full (the rows already loaded, [M, BD]) when R is the codec's Hadamard
+    (HADAMARD: its block), else an ieee dot with q and R read from memory in chunks of 16 so no
+    [D, D] tile is ever held in registers."""
     if HADAMARD > 0:
-        q = tl.load(
-            q_row[:, None] + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0
-        )  # [M, BD]
-        q = hadamard_rotate_rows(q.to(tl.float32), M, BLOCK_D, HADAMARD)
+        q = hadamard_rotate_rows(q_full.to(tl.float32), M, BLOCK_D, HADAMARD)
         tl.store(dst_row[:, None] + offs_d[None, :], q, mask=rows_ok[:, None] & d_ok[None, :])
         return
     KC: tl.constexpr = 16
@@ -321,6 +320,7 @@ def _hack_decode_kernel(
     if WRITE_QROT:
         if split == 0:  # the page splits' query, for the CUDA kernel launched after this one
             _write_rotated_query(
+                q_full,
                 qd_row,
                 rot_ptr,
                 qrot_ptr + (b * KVH * G + kvh * G + row_g) * HEAD_DIM,

@@ -28,6 +28,15 @@ _LN2 = math.log(2.0)
 
 
 @triton.jit
+def _add_tail_and_store(o, tail_row, w_tail, inv, out_row, offs, ok):
+    """out[offs] = (o + w_tail * tail[offs]) * inv: the rotated pages' columns offs plus the
+    tail's (a dead tail, w_tail 0, may hold NaN and is not added), normalised, in out's dtype."""
+    tail = tl.load(tail_row + offs, mask=ok, other=0.0)
+    o = (o + tl.where(w_tail > 0.0, w_tail * tail, 0.0)) * inv
+    tl.store(out_row + offs, o.to(out_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _merge_rotated_kernel(
     part_ptr,
     lse_ptr,
@@ -60,15 +69,10 @@ def _merge_rotated_kernel(
     )  # [S_PAD, BD] page partials
     acc = tl.sum(w_pages[:, None] * part, axis=0)  # [BD] pages' basis
     w_tail = tl.sum(tl.where(offs_s == 0, w, 0.0), axis=0)
+    out_row = out_ptr + b * stride_ob + h * stride_oh
     if HADAMARD > 0:  # R is the codec's Hadamard: the butterfly, no R read (64 KB per head)
         o = hadamard_rotate(acc, BLOCK_D, HADAMARD)  # [BD] back in the model's basis
-        tail = tl.load(part_ptr + row0 * HEAD_DIM + offs_d, mask=d_ok, other=0.0)  # [BD]
-        o = (o + tl.where(w_tail > 0.0, w_tail * tail, 0.0)) * inv  # a dead tail may hold NaN
-        tl.store(
-            out_ptr + b * stride_ob + h * stride_oh + offs_d,
-            o.to(out_ptr.dtype.element_ty),
-            mask=d_ok,
-        )
+        _add_tail_and_store(o, part_ptr + row0 * HEAD_DIM, w_tail, inv, out_row, offs_d, d_ok)
     else:  # any orthonormal R, read in [BD, BLOCK_J] chunks
         for j0 in tl.static_range(0, BLOCK_D, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -79,13 +83,7 @@ def _merge_rotated_kernel(
                 other=0.0,
             )  # [BD, BJ]
             o = tl.sum(acc[:, None] * r, axis=0)  # [BJ] back in the model's basis
-            tail = tl.load(part_ptr + row0 * HEAD_DIM + offs_j, mask=j_ok, other=0.0)  # [BJ]
-            o = (o + tl.where(w_tail > 0.0, w_tail * tail, 0.0)) * inv  # a dead tail may hold NaN
-            tl.store(
-                out_ptr + b * stride_ob + h * stride_oh + offs_j,
-                o.to(out_ptr.dtype.element_ty),
-                mask=j_ok,
-            )
+            _add_tail_and_store(o, part_ptr + row0 * HEAD_DIM, w_tail, inv, out_row, offs_j, j_ok)
     if WRITE_LSE:
         _store_merged_lse(m, den, lse_out_ptr + b * tl.num_programs(1) + h)
 
