@@ -20,22 +20,9 @@ def _butterfly_stage_rows(x, R: tl.constexpr, BD: tl.constexpr, S: tl.constexpr)
 @triton.jit
 def hadamard_rotate_rows(x, R: tl.constexpr, BD: tl.constexpr, BLOCK: tl.constexpr):
     """hadamard_rotate on every row of x [R, BD] fp32."""
-    if BLOCK >= 256:
-        x = _butterfly_stage_rows(x, R, BD, 128)
-    if BLOCK >= 128:
-        x = _butterfly_stage_rows(x, R, BD, 64)
-    if BLOCK >= 64:
-        x = _butterfly_stage_rows(x, R, BD, 32)
-    if BLOCK >= 32:
-        x = _butterfly_stage_rows(x, R, BD, 16)
-    if BLOCK >= 16:
-        x = _butterfly_stage_rows(x, R, BD, 8)
-    if BLOCK >= 8:
-        x = _butterfly_stage_rows(x, R, BD, 4)
-    if BLOCK >= 4:
-        x = _butterfly_stage_rows(x, R, BD, 2)
-    if BLOCK >= 2:
-        x = _butterfly_stage_rows(x, R, BD, 1)
+    for i in tl.static_range(8):  # stage half-sizes 128, 64, ..., 1: those inside a block
+        if (128 >> i) < BLOCK:
+            x = _butterfly_stage_rows(x, R, BD, 128 >> i)
     return x * (1.0 / tl.sqrt(BLOCK * 1.0))
 
 
