@@ -10,6 +10,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 """The activation / KV dtypes every kernel and its torch reference take."""
 
 
+def describe(x) -> str:
+    """An argument as error messages name it: dtype, shape and device of a tensor, else its type."""
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
 def is_pow2(x: int) -> bool:
     """x is a positive power of two (a Triton tile extent)."""
     return x > 0 and (x & (x - 1)) == 0

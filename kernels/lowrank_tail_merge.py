@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.arg_checks import FLOAT_DTYPES
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, describe
 from zipserve.kernels.decode_steps import _dense_tail
 from zipserve.kernels.hack_decode_attention import tail_index
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
@@ -174,12 +174,6 @@ def _is_tensor(x, dim: int) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() == dim
 
 
-def _describe(x) -> str:
-    if not isinstance(x, torch.Tensor):
-        return type(x).__name__
-    return f"{x.dtype} {tuple(x.shape)}"
-
-
 def _check_args(
     q,
     dense_k,
@@ -196,13 +190,13 @@ def _check_args(
     """Validate arguments; returns (B, H, KVH, T, D, W). Raises ValueError naming the argument.
     dense_lens' values are checked on CPU only (no device sync)."""
     if not _is_tensor(q, 3) or q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q must be [B, H, D] of {FLOAT_DTYPES}, got {_describe(q)}")
+        raise ValueError(f"q must be [B, H, D] of {FLOAT_DTYPES}, got {describe(q)}")
     B, H, D = q.shape
     if not head_dim_ok(D):
         raise ValueError(head_dim_error(D, "q head_dim"))
     for name, t in (("dense_k", dense_k), ("dense_v", dense_v)):
         if not _is_tensor(t, 4) or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be [B, KVH, T, D] of {FLOAT_DTYPES}, got {_describe(t)}")
+            raise ValueError(f"{name} must be [B, KVH, T, D] of {FLOAT_DTYPES}, got {describe(t)}")
         if (dense_rows is None and t.shape[0] != B) or t.shape[3] != D:
             raise ValueError(f"{name} must be [B={B}, KVH, T, D={D}], got {tuple(t.shape)}")
     KVH, T = dense_k.shape[1], dense_k.shape[2]
@@ -211,25 +205,23 @@ def _check_args(
     if KVH == 0 or H % KVH:
         raise ValueError(f"q num_heads {H} must be a multiple of dense_k num_kv_heads {KVH}")
     if not _is_tensor(dense_lens, 1) or dense_lens.dtype != torch.int32:
-        raise ValueError(f"dense_lens must be int32 [B={B}], got {_describe(dense_lens)}")
+        raise ValueError(f"dense_lens must be int32 [B={B}], got {describe(dense_lens)}")
     if dense_lens.shape[0] != B or not dense_lens.is_contiguous():
-        raise ValueError(
-            f"dense_lens must be contiguous int32 [B={B}], got {_describe(dense_lens)}"
-        )
+        raise ValueError(f"dense_lens must be contiguous int32 [B={B}], got {describe(dense_lens)}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a python float, got {type(scale).__name__}")
     if not _is_tensor(o_p, 3) or o_p.dtype != torch.float32:
-        raise ValueError(f"o_p must be float32 [B, H, W], got {_describe(o_p)}")
+        raise ValueError(f"o_p must be float32 [B, H, W], got {describe(o_p)}")
     W = o_p.shape[2]
     if o_p.shape[:2] != (B, H) or W < 1:
-        raise ValueError(f"o_p must be float32 [B={B}, H={H}, W >= 1], got {_describe(o_p)}")
+        raise ValueError(f"o_p must be float32 [B={B}, H={H}, W >= 1], got {describe(o_p)}")
     if not _is_tensor(lse_p, 2) or lse_p.dtype != torch.float32 or lse_p.shape != (B, H):
-        raise ValueError(f"lse_p must be float32 [B={B}, H={H}], got {_describe(lse_p)}")
+        raise ValueError(f"lse_p must be float32 [B={B}, H={H}], got {describe(lse_p)}")
     if not isinstance(rv, int) or isinstance(rv, bool) or not 1 <= rv <= min(W, D):
         raise ValueError(f"rv must be an int in [1, min(W={W}, D={D})], got {rv!r}")
     for name, t in (("dense_rows", dense_rows), ("dense_start", dense_start)):
         if t is not None and (not _is_tensor(t, 1) or t.dtype != torch.int32 or t.shape[0] != B):
-            raise ValueError(f"{name} must be int32 [B={B}], got {_describe(t)}")
+            raise ValueError(f"{name} must be int32 [B={B}], got {describe(t)}")
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
     if rotation is not None and (
@@ -241,7 +233,7 @@ def _check_args(
     ):
         raise ValueError(
             f"rotation must be contiguous float32 [W={W}, W={W}] on {q.device}, "
-            f"got {_describe(rotation)}"
+            f"got {describe(rotation)}"
         )
     named = (("dense_k", dense_k), ("dense_v", dense_v), ("dense_lens", dense_lens))
     for name, t in named + (("o_p", o_p), ("lse_p", lse_p)):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zipserve.kernels.arg_checks import FLOAT_DTYPES
+from zipserve.kernels.arg_checks import FLOAT_DTYPES, describe
 from zipserve.kernels.paged_decode_attention import require_runnable
 
 __all__ = ["write_tail", "write_tail_ref"]
@@ -76,12 +76,6 @@ def _write_tail_kernel(
         tl.store(row + stride_tp + col * stride_tc, v, mask=ok)
 
 
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} {tuple(x.shape)} on {x.device}"
-    return f"{type(x).__name__}"
-
-
 def _check(tail, k, v, slots, col_open, col_sink) -> None:
     """The arguments both paths share (module docstring); ValueError naming the argument. Only
     shapes, dtypes, strides and devices: no value is read (no host sync on a GPU)."""
@@ -91,15 +85,15 @@ def _check(tail, k, v, slots, col_open, col_sink) -> None:
         or tail.shape[0] != 2
         or tail.dtype not in FLOAT_DTYPES
     ):
-        raise ValueError(f"tail must be [2, S, KVH, C, D] of {FLOAT_DTYPES}, got {_describe(tail)}")
+        raise ValueError(f"tail must be [2, S, KVH, C, D] of {FLOAT_DTYPES}, got {describe(tail)}")
     if tail.numel() and tail.stride(-1) != 1:
         raise ValueError(f"tail must have a contiguous last dim, got strides {tail.stride()}")
     _, _, kvh, _, d = tail.shape
     if not isinstance(k, torch.Tensor) or k.dim() != 3 or tuple(k.shape[1:]) != (kvh, d):
-        raise ValueError(f"k must be [B, KVH={kvh}, D={d}], got {_describe(k)}")
+        raise ValueError(f"k must be [B, KVH={kvh}, D={d}], got {describe(k)}")
     b = k.shape[0]
     if not isinstance(v, torch.Tensor) or v.shape != k.shape:
-        raise ValueError(f"v must be [B={b}, KVH={kvh}, D={d}] as k, got {_describe(v)}")
+        raise ValueError(f"v must be [B={b}, KVH={kvh}, D={d}] as k, got {describe(v)}")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != tail.dtype:
             raise ValueError(f"{name} must be tail's {tail.dtype}, got {x.dtype}")
@@ -109,7 +103,7 @@ def _check(tail, k, v, slots, col_open, col_sink) -> None:
         if x is None and name == "col_sink":
             continue
         if not isinstance(x, torch.Tensor) or x.shape != (b,) or x.dtype not in INDEX_DTYPES:
-            raise ValueError(f"{name} must be int32 / int64 [B={b}], got {_describe(x)}")
+            raise ValueError(f"{name} must be int32 / int64 [B={b}], got {describe(x)}")
     for name, x in (
         ("k", k),
         ("v", v),
