@@ -536,12 +536,13 @@ round22)
     step 60 profile_small python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 --out "$WORK/profile_small"
     step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,hack2,hack4,lowrank+hack2 --decode-kv auto \
-        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
-        --out "$WORK/jct_nolink"
-    # last (a 16 GB model per test), in what the 600-s call leaves (`engine22g` runs them alone):
-    # graphs = eager, and decode = scoring holds the lowrank fold of W_v and the tail write
-    left=$((575 - SECONDS))
+        --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}" \
+        --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
+        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
+    # last (a 16 GB model per test), in what the call leaves (CALL_LIMIT: the call's timeout_s
+    # less ~25 s; `engine22g` runs them alone): graphs = eager, and decode = scoring holds the
+    # lowrank fold of W_v and the tail write
+    left=$((${CALL_LIMIT:-575} - SECONDS))
     if [ "$left" -gt 40 ]; then
         pytest_gpu "$left" engine_gpu -m gpu tests/test_engine_gpu.py \
             -k "graphs or greedy or decode_step_waits or decode_equals_scoring"
