@@ -528,7 +528,7 @@ round22)
     par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 4)
     pytest_gpu 170 new21 "${par[@]}" tests/test_hack_decode_cuda.py tests/test_tail_write.py \
         tests/test_step_constants.py tests/test_hadamard_block.py tests/test_norm_rope_kernels.py \
-        tests/test_lowrank_tail_merge.py \
+        tests/test_lowrank_tail_merge.py tests/test_page_query.py \
         -m gpu -k "v2s2 or tail_write or capture or gpu or rope or norm or silu or merge"
     step 150 engine22 python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,hack2,hack4,lowrank+hack2 --batches 1,2,4,8,32 --contexts 4096,8192 \

@@ -404,6 +404,13 @@ def specs() -> list[KernelSpec]:
             dict(HEAD_DIM=_D, BLOCK_D=_D, HAS_SINK=True),
             1,
         ),
+        KernelSpec(  # lowrank+hack2's decode step: the query into the pages' basis (W 64, G 4)
+            "project_query (G 4, W 64)",
+            _k("page_query", "_project_query_kernel"),
+            dict(q_ptr="*bf16", basis_ptr="*fp32", out_ptr="*fp32"),
+            dict(G=4, G_PAD=4, HEAD_DIM=_D, WIDTH=64, W_PAD=64, BLOCK_K=32),
+            4,
+        ),
     ]
     out += [  # every decode kernel's split merge, with lse_out written (lowrank+hack's call) and not
         KernelSpec(

@@ -39,7 +39,7 @@ from zipserve.compress.hack import HackCodec
 from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
-from zipserve.kernels import lowrank_encode
+from zipserve.kernels import lowrank_encode, page_query
 from zipserve.kernels import lowrank_tail_merge as tail_merge
 from zipserve.kernels.step_constants import kept_outside_capture, row_ids, zero_ids
 
@@ -206,7 +206,9 @@ class LowRankLayerCodec(KVCodec):
             self.n_sink = HackCodec.n_sink
             # k_dec zero padded to the HACK width [KVH, D, W]: q @ it is the pages' query as
             # their kernel takes it, zeros past r_k, in one product
-            self._bases_cpu["k_dec_width"] = _width(self._bases_cpu["k_dec"], self.width)
+            self._bases_cpu["k_dec_width"] = (
+                _width(self._bases_cpu["k_dec"], self.width).float().contiguous()
+            )
 
     def _bases(self, device) -> dict[str, torch.Tensor]:
         if device not in self._dev:
@@ -440,10 +442,9 @@ class LowRankLayerCodec(KVCodec):
     def _page_query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """lowrank+hack: q [B, H, D] after RoPE -> (q_red [B, H, W] fp32, the pages' query in their
         (rotated) basis, zeros past r_k; R [W, W] to take their output back, or None)."""
-        b, h, d = q.shape
-        k_dec, rot = self._page_query_basis(q.device)  # [KVH, D, W]
-        q_red = torch.einsum("bkgd,kdw->bkgw", q.float().view(b, self.kvh, h // self.kvh, d), k_dec)
-        return q_red.reshape(b, h, self.width), rot
+        k_dec, rot = self._page_query_basis(q.device)  # [KVH, D, W] fp32
+        project = page_query.project_query if q.is_cuda else page_query.project_query_ref
+        return project(q, k_dec), rot  # one launch on a GPU (was a cast, 2 copies and a bmm)
 
     def _page_query_basis(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(k_dec_width @ R [KVH, D, W], R [W, W]) fp32 with HACK's rotation R, else (k_dec_width,
