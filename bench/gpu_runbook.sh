@@ -526,13 +526,15 @@ round22)
     # (small kernel tests), so a fresh machine's Triton compiles run on four of its 16 cores
     # instead of one (round21 lost half its tests to them)
     par=(); python3 -c "import xdist" 2>/dev/null && par=(-n 4)
-    pytest_gpu 170 new21 "${par[@]}" tests/test_hack_decode_cuda.py tests/test_tail_write.py \
+    # a call cut short (little device time left) narrows it: TESTS_LIMIT, ENGINE_LIMIT,
+    # ENGINE_CODECS, ENGINE_BATCHES, JCT_LIMIT, JCT_CODECS, CALL_LIMIT
+    pytest_gpu "${TESTS_LIMIT:-170}" new21 "${par[@]}" tests/test_hack_decode_cuda.py tests/test_tail_write.py \
         tests/test_step_constants.py tests/test_hadamard_block.py tests/test_norm_rope_kernels.py \
         tests/test_lowrank_tail_merge.py tests/test_page_query.py \
         -m gpu -k "v2s2 or tail_write or capture or gpu or rope or norm or silu or merge"
-    step 150 engine22 python3 -m zipserve bench engine --model random:llama3-8b \
-        --codecs bf16,hack2,hack4,lowrank+hack2 --batches 1,2,4,8,32 --contexts 4096,8192 \
-        --out "$WORK/engine22"
+    step "${ENGINE_LIMIT:-150}" engine22 python3 -m zipserve bench engine \
+        --model random:llama3-8b --codecs "${ENGINE_CODECS:-bf16,hack2,hack4,lowrank+hack2}" \
+        --batches "${ENGINE_BATCHES:-1,2,4,8,32}" --contexts 4096,8192 --out "$WORK/engine22"
     step 60 profile_small python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 --out "$WORK/profile_small"
     step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
