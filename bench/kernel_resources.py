@@ -280,7 +280,7 @@ def specs() -> list[KernelSpec]:
             4,
         ),
         KernelSpec(
-            "lowrank_tail_merge",
+            "lowrank_tail_merge (17 partials)",
             _k("lowrank_tail_merge", "_lowrank_tail_merge_kernel"),
             dict(
                 q_ptr="*bf16",
@@ -301,6 +301,8 @@ def specs() -> list[KernelSpec]:
                 BLOCK_D=_D,
                 BLOCK_T=64,
                 W_PAD=64,  # lowrank+hack2's width on Llama-3-8B, its pages' output rotated back
+                NUM_PARTS=17,  # HACK's unmerged partials: 16 page splits and the tail program
+                S_PAD=32,
                 ROTATE=True,
                 UPCAST=False,
                 DOT_PREC="tf32",

@@ -389,7 +389,8 @@ class LowRankLayerCodec(KVCodec):
         """lowrank+hack: the pages (reduced K and V, HACK codes at the inner width) through the HACK
         decode kernel with the projected query and no tail, then the 16-bit tail (full K, V in its
         completed basis) attended and merged with them by their log-sum-exps in one launch
-        (kernels/lowrank_tail_merge.py). No host syncs: CUDA graphs capture it. o_T [B, H, D] in
+        (kernels/lowrank_tail_merge.py), which also merges the HACK kernel's split partials (3 launches
+        with the query's projection). No host syncs: CUDA graphs capture it. o_T [B, H, D] in
         V's completed basis (pages fill its first r_v)."""
         b = q.shape[0]
         q_red, rot = self._page_query(q)  # [B, H, W] fp32 in the pages' basis, [W, W] or None
@@ -397,7 +398,7 @@ class LowRankLayerCodec(KVCodec):
         zeros = zero_ids(b, q.device)  # [B] int32: tail lengths, rows and columns all 0
         hack = hack_attn.hack_decode_attention if q.is_cuda else hack_attn.hack_decode_attention_ref
         inner = self.inner
-        o_p, lse_p = hack(
+        o_p, lse_p = hack(  # unmerged: the tail merge below merges the splits too
             q_red,
             inner._pages(store),
             page_table,
@@ -413,8 +414,8 @@ class LowRankLayerCodec(KVCodec):
             dense_rows=zeros,
             dense_start=zeros,
             backend=inner.decode_backend,
-            return_lse=True,
-        )  # [B, H, W] in the pages' basis (o R), [B, H] log2 units
+            return_partials=True,
+        )  # [B, H, S, W] partials in the pages' basis (o R), [B, H, S] log2 units
         merge = tail_merge.lowrank_tail_merge if q.is_cuda else tail_merge.lowrank_tail_merge_ref
         return merge(
             q,
@@ -422,7 +423,7 @@ class LowRankLayerCodec(KVCodec):
             dense_v,
             dense_lens,
             scale,
-            o_p.float(),
+            o_p,
             lse_p,
             self.rv,
             dense_rows=dense_rows,

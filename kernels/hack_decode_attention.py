@@ -117,6 +117,7 @@ def hack_decode_attention(
     rotation=None,
     backend="auto",
     return_lse=False,
+    return_partials=False,
 ):
     """Decode attention on HACK pages + a dense tail.  Shapes: module docstring.  Returns out [B, H, D].
 
@@ -129,7 +130,13 @@ def hack_decode_attention(
     backend: "triton" (this module's kernel), "cuda" (page splits on tensor cores,
     kernels/hack_decode_cuda.py; ValueError where it cannot run) or "auto" (resolve_backend).
     return_lse: (out, lse) with lse [B, H] fp32 the log2-sum-exp2 of each row's scores in log2 units
-    (-inf for a padding row), for merging with attention computed elsewhere."""
+    (-inf for a padding row), for merging with attention computed elsewhere.
+    return_partials: (part [B, H, 1 + S, D], lse [B, H, 1 + S]) fp32 instead, the tail program's
+    and the page splits' partials unmerged (each normalized; lse log2, -inf: empty, its part
+    unwritten), for a caller that merges them itself (kernels/lowrank_tail_merge.py); not with
+    rotation, whose merge rotates the pages' partials back."""
+    if return_partials and (rotation is not None or return_lse or out is not None):
+        raise ValueError("return_partials: not with rotation, return_lse or out")
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,
@@ -162,6 +169,8 @@ def hack_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     if B == 0 or H == 0:
+        if return_partials:
+            return q.new_zeros((B, H, num_splits + 1, D)), q.new_zeros((B, H, num_splits + 1))
         return (out, q.new_zeros((B, H), dtype=torch.float32)) if return_lse else out
     rows, start = tail_index(q, dense_rows, dense_start)
     # q_pages [B, H, D]: the pages' query, rotated in fp32 and kept so (the kernels read q as fp32).
@@ -210,6 +219,8 @@ def hack_decode_attention(
             n_sink,
             num_splits,
         )
+    if return_partials:
+        return part, lse
     # log2 sum_s 2^lse_s over the 1 + S partials, written by the merge itself
     lse_out = torch.empty((B, H), dtype=torch.float32, device=q.device) if return_lse else None
     if rotation is None:

@@ -28,10 +28,15 @@ def hack_decode_attention_ref(
     rotation=None,
     backend="auto",
     return_lse=False,
+    return_partials=False,
 ):
     """Torch fp32 reference of hack_decode_attention (same signature, math and int8 rounding; syncs
     on lengths; ignores splits and the backend choice). return_lse: also the log2-sum-exp2 of each
-    row's scores (in log2 units, -inf for a padding row) as [B, H] fp32."""
+    row's scores (in log2 units, -inf for a padding row) as [B, H] fp32. return_partials: the
+    result as one partial, (part [B, H, 1, D], lse [B, H, 1]) fp32: partials whose merge is the
+    kernel's (which leaves 1 + num_splits of them)."""
+    if return_partials and (rotation is not None or return_lse or out is not None):
+        raise ValueError("return_partials: not with rotation, return_lse or out")
     B, H, KVH, P, D = check_decode_args(
         q,
         pages,
@@ -113,6 +118,8 @@ def hack_decode_attention_ref(
         lse[b] = torch.where(l > 0, m + torch.log2(torch.where(l > 0, l, 1.0)), float("-inf")).view(
             H
         )
+    if return_partials:
+        return res[:, :, None], lse[:, :, None]
     if rotation is not None:  # back to the model's basis (R is its own inverse)
         res = res @ rotation.float()
     if out is None:

@@ -18,22 +18,26 @@ Layout of one layer (W: the pages' width, only its first rv columns are meaningf
               dense_k / dense_v from column dense_start[b] (defaults b, 0), read in place (the
               compressed cache's tail buffer [slots, KVH, s + P + 1, D], as HACK's kernel takes it);
               dense_lens[b] <= T - dense_start[b]
-  o_p         fp32 [B, H, W]   the pages' normalized output (W: HACK's width, which may pass D
-                               for a small head_dim)
-  lse_p       fp32 [B, H]      the pages' log2-sum-exp of scores * scale * log2(e), -inf: no pages
+  o_p         fp32 [B, H, S, W] the pages' S flash-decoding partials, each normalized (W: HACK's
+                               width, which may pass D for a small head_dim); [B, H, W] is one
+                               partial (S = 1)
+  lse_p       fp32 [B, H, S]   each partial's log2-sum-exp of scores * scale * log2(e), -inf: an
+                               empty partial (its o_p is not read); [B, H] with a [B, H, W] o_p
   rotation    optional fp32 [W, W]: o_p is in the pages' rotated basis (HACK's Hadamard R, the
                                query projected into it by the caller); the kernel takes o_p @ R
                                back (one small fp32 dot), so HACK needs no rotating merge
   out         [B, H, D]        q's dtype: columns < rv mix both parts, the others are the tail's
 
-Merge (lse_t, o_t: the tail's; an empty side has lse -inf and weight 0):
+Merge: the pages' partials first (HACK's split merge, done here so it costs no launch of its
+own), o_p = sum_s 2^(lse_s - m_s) o_s / sum_s 2^(lse_s - m_s) with m_s = max_s lse_s and lse_p =
+m_s + log2 of that sum; then with the tail (lse_t, o_t; an empty side has lse -inf and weight 0):
   m = max(lse_p, lse_t) (0 if both are -inf), w_p = 2^(lse_p - m), w_t = 2^(lse_t - m),
   out = (o_t * w_t + [o_p[:, :, :rv], 0] * w_p) / (w_p + w_t)   (zeros where both sides are empty).
 
 Kernel: grid (B, KVH); one program owns the G query heads of a kv head as a [G_PAD >= 16, BLOCK_D]
 tile (tl.dot's smallest M / K), streams the row's tail BLOCK_T tokens at a time through the
-shared online softmax (kernels/decode_steps.py, log2 domain, fp32 accumulators), then merges with
-those heads' o_p / lse_p and stores. Dots run in q's 16-bit dtype when q and the tail share it,
+shared online softmax (kernels/decode_steps.py, log2 domain, fp32 accumulators), then merges
+those heads' S partials (a head at a time, an [S, W] tile each) and the tail, and stores. Dots run in q's 16-bit dtype when q and the tail share it,
 else in fp32 (and for bfloat16 under the CPU interpreter). No host syncs: CUDA graphs capture it.
 """
 
@@ -45,7 +49,11 @@ from zipserve.kernels.arg_checks import FLOAT_DTYPES, describe
 from zipserve.kernels.decode_steps import _dense_tail
 from zipserve.kernels.hack_decode_attention import tail_index
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
-from zipserve.kernels.paged_decode_attention import is_interpreted, require_runnable
+from zipserve.kernels.paged_decode_attention import (
+    _split_weights,
+    is_interpreted,
+    require_runnable,
+)
 
 __all__ = ["lowrank_tail_merge", "lowrank_tail_merge_ref"]
 
@@ -61,8 +69,8 @@ def _lowrank_tail_merge_kernel(
     dl_ptr,  # int32 [B]
     rows_ptr,  # int32 [B]: the tail row of sequence b
     start_ptr,  # int32 [B]: its first column
-    op_ptr,  # fp32 [B, H, W]
-    lp_ptr,  # fp32 [B, H], log2
+    op_ptr,  # fp32 [B, H, S, W]: the pages' partials
+    lp_ptr,  # fp32 [B, H, S], log2, contiguous
     rot_ptr,  # fp32 [W, W] when ROTATE: o_p is in the pages' rotated basis, o_p @ R is not
     out_ptr,  # [B, H, D], q's dtype
     qk_scale,  # softmax scale * log2(e)
@@ -78,8 +86,7 @@ def _lowrank_tail_merge_kernel(
     stride_dvt,
     stride_opb,
     stride_oph,
-    stride_lpb,
-    stride_lph,
+    stride_ops,
     stride_ob,
     stride_oh,
     G: tl.constexpr,
@@ -88,6 +95,8 @@ def _lowrank_tail_merge_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     W_PAD: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+    S_PAD: tl.constexpr,
     ROTATE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -131,26 +140,99 @@ def _lowrank_tail_merge_kernel(
         DOT_PREC,
     )
     c_ok = offs_d < rv
-    op_row = op_ptr + b * stride_opb + heads[:, None] * stride_oph  # [G_PAD, 1]
+    op_head0 = op_ptr + b * stride_opb + (kvh * G) * stride_oph  # the first head's partial 0
+    lse_row0 = (b * tl.num_programs(1) * G + kvh * G) * NUM_PARTS  # lse_p contiguous [B, H, S]
     if ROTATE:  # o_p = o_rot @ R[:, :rv], in fp32
         offs_w = tl.arange(0, W_PAD)
         w_ok = offs_w < W
-        o_rot = tl.load(op_row + offs_w[None, :], mask=g_ok[:, None] & w_ok[None, :], other=0.0)
         rot = tl.load(
             rot_ptr + offs_w[:, None] * W + offs_d[None, :],
             mask=w_ok[:, None] & c_ok[None, :],
             other=0.0,
         )  # [W_PAD, BD]
-        o_p = tl.dot(o_rot, rot, input_precision="ieee")  # [G_PAD, BD], zeros from column rv on
+        o_p, lse_p = _merge_parts(
+            op_head0,
+            lse_row0,
+            stride_oph,
+            stride_ops,
+            offs_w,
+            w_ok,
+            rot,
+            lp_ptr,
+            G,
+            G_PAD,
+            BLOCK_D,
+            NUM_PARTS,
+            S_PAD,
+            True,
+        )  # [G_PAD, BD], zeros from column rv on; [G_PAD]
     else:
-        o_p = tl.load(op_row + offs_d[None, :], mask=g_ok[:, None] & c_ok[None, :], other=0.0)
-    lse_p = tl.load(lp_ptr + b * stride_lpb + heads * stride_lph, mask=g_ok, other=float("-inf"))
+        o_p, lse_p = _merge_parts(
+            op_head0,
+            lse_row0,
+            stride_oph,
+            stride_ops,
+            offs_d,
+            c_ok,
+            0.0,
+            lp_ptr,
+            G,
+            G_PAD,
+            BLOCK_D,
+            NUM_PARTS,
+            S_PAD,
+            False,
+        )  # [G_PAD, BD], zeros from column rv on
     o = _merge_pages(m_i, l_i, acc, o_p, lse_p)  # [G_PAD, BD]
     tl.store(
         out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
         o.to(out_ptr.dtype.element_ty),
         mask=g_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def _merge_parts(
+    op_head0,  # pointer: partial 0, column 0 of the program's first head
+    lse_row0,  # int: the flat index of that head's partial 0 in the contiguous lse [B, H, S]
+    stride_oph,
+    stride_ops,
+    cols,  # [C] the partials' columns read
+    col_ok,  # [C]
+    rot,  # [C, C_OUT] fp32 when ROTATE: each merged row leaves as row @ rot
+    lse_ptr,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    C_OUT: tl.constexpr,
+    NUM_PARTS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """The program's G heads' NUM_PARTS partials merged by their log2-sum-exps: (o [G_PAD, C_OUT]
+    normalized, rotated with ROTATE, zeros where a head has no scores; lse [G_PAD], -inf there).
+    A head at a time, as a [S_PAD, C] tile (the split merges' _split_weights: empty partials are
+    not read) and, rotated, a row times the [C, C_OUT] tile in fp32 FMAs: few registers whatever
+    G_PAD the tail's dots need (a [G_PAD, W] fp32 tl.dot spilled on sm_90)."""
+    offs_g = tl.arange(0, G_PAD)
+    o = tl.zeros([G_PAD, C_OUT], tl.float32)
+    lse = tl.full([G_PAD], float("-inf"), tl.float32)
+    for g in tl.static_range(G):
+        offs_s, live, w, den, m = _split_weights(
+            lse_ptr, lse_row0 + g * NUM_PARTS, NUM_PARTS, S_PAD
+        )
+        part = tl.load(
+            op_head0 + g * stride_oph + offs_s[:, None] * stride_ops + cols[None, :],
+            mask=live[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # [S_PAD, C]
+        has = den > 0.0
+        row = tl.sum(w[:, None] * part, axis=0) / tl.where(has, den, 1.0)  # [C]
+        if ROTATE:
+            row = tl.sum(row[:, None] * rot, axis=0)  # [C_OUT]
+        sel = offs_g == g
+        o = tl.where(sel[:, None], row[None, :], o)
+        lse = tl.where(sel, tl.where(has, m + tl.log2(tl.where(has, den, 1.0)), float("-inf")), lse)
+    return o, lse
 
 
 @triton.jit
@@ -210,13 +292,17 @@ def _check_args(
         raise ValueError(f"dense_lens must be contiguous int32 [B={B}], got {describe(dense_lens)}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a python float, got {type(scale).__name__}")
-    if not _is_tensor(o_p, 3) or o_p.dtype != torch.float32:
-        raise ValueError(f"o_p must be float32 [B, H, W], got {describe(o_p)}")
-    W = o_p.shape[2]
-    if o_p.shape[:2] != (B, H) or W < 1:
-        raise ValueError(f"o_p must be float32 [B={B}, H={H}, W >= 1], got {describe(o_p)}")
-    if not _is_tensor(lse_p, 2) or lse_p.dtype != torch.float32 or lse_p.shape != (B, H):
-        raise ValueError(f"lse_p must be float32 [B={B}, H={H}], got {describe(lse_p)}")
+    if not (_is_tensor(o_p, 3) or _is_tensor(o_p, 4)) or o_p.dtype != torch.float32:
+        raise ValueError(f"o_p must be float32 [B, H, S, W] or [B, H, W], got {describe(o_p)}")
+    W = o_p.shape[-1]
+    if o_p.shape[:2] != (B, H) or W < 1 or (o_p.dim() == 4 and o_p.shape[2] < 1):
+        raise ValueError(
+            f"o_p must be float32 [B={B}, H={H}, S >= 1, W >= 1] or [B={B}, H={H}, W >= 1], "
+            f"got {describe(o_p)}"
+        )
+    want = o_p.shape[:-1]  # [B, H, S] or [B, H]
+    if not isinstance(lse_p, torch.Tensor) or lse_p.dtype != torch.float32 or lse_p.shape != want:
+        raise ValueError(f"lse_p must be float32 {list(want)} as o_p, got {describe(lse_p)}")
     if not isinstance(rv, int) or isinstance(rv, bool) or not 1 <= rv <= min(W, D):
         raise ValueError(f"rv must be an int in [1, min(W={W}, D={D})], got {rv!r}")
     for name, t in (("dense_rows", dense_rows), ("dense_start", dense_start)):
@@ -287,6 +373,10 @@ def lowrank_tail_merge(
     G = H // KVH
     lowp = _dots_in_16_bits(q, dense_k, dense_v)
     rows, start = tail_index(q, dense_rows, dense_start)
+    if o_p.dim() == 3:  # one partial
+        o_p, lse_p = o_p.unsqueeze(2), lse_p.unsqueeze(2)
+    lse_p = lse_p.contiguous()  # [B, H, S] (the split kernels' is already)
+    S = o_p.shape[2]
     _lowrank_tail_merge_kernel[(B, KVH)](
         q,
         dense_k,
@@ -311,8 +401,7 @@ def lowrank_tail_merge(
         dense_v.stride(2),
         o_p.stride(0),
         o_p.stride(1),
-        lse_p.stride(0),
-        lse_p.stride(1),
+        o_p.stride(2),
         out.stride(0),
         out.stride(1),
         G=G,
@@ -321,11 +410,13 @@ def lowrank_tail_merge(
         BLOCK_D=block_d(D),
         BLOCK_T=BLOCK_T,
         W_PAD=max(16, triton.next_power_of_2(W)),
+        NUM_PARTS=S,
+        S_PAD=max(2, triton.next_power_of_2(S)),
         ROTATE=rotation is not None,
         UPCAST=not lowp,
         DOT_PREC="tf32" if lowp else "ieee",
-        # the rotation's fp32 dot at 4 warps spills on the device's Triton 3.6 (255 registers,
-        # 112 bytes of stack, offline sm_90); 8 warps hold it in 87 registers
+        # with the rotation (each head's merged row times R's [W, D] tile in fp32 FMAs) 8 warps
+        # hold it in 117 registers, 4 in 159 (offline sm_90, Triton 3.9, 17 partials; no stack)
         num_warps=4 if rotation is None else 8,
         num_stages=2,
     )
@@ -351,6 +442,23 @@ def _tail_attention_ref(q, dense_k, dense_v, dense_lens, scale):
     return o.reshape(b, h, d), lse.reshape(b, h)
 
 
+def merge_parts_ref(o_p: torch.Tensor, lse_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-decoding partials o_p [B, H, S, W] / lse_p [B, H, S] (log2; -inf: empty, its o_p not
+    read) -> their merge (o [B, H, W] normalized, zeros for a row without scores; lse [B, H], -inf
+    there), in fp32."""
+    live = lse_p > float("-inf")
+    m = lse_p.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # [B, H, 1]
+    w = torch.where(live, torch.exp2(lse_p - m), 0.0)  # [B, H, S]
+    den = w.sum(-1)  # [B, H]
+    parts = torch.where(live[..., None], o_p, 0.0)  # an empty partial's o_p may be anything
+    o = (w[..., None] * parts).sum(-2) / torch.where(den > 0, den, 1.0)[..., None]
+    lse = torch.where(
+        den > 0, m[..., 0] + torch.log2(torch.where(den > 0, den, 1.0)), float("-inf")
+    )
+    return o, lse
+
+
 def lowrank_tail_merge_ref(
     q,
     dense_k,
@@ -370,6 +478,8 @@ def lowrank_tail_merge_ref(
     _check_args(
         q, dense_k, dense_v, dense_lens, scale, o_p, lse_p, rv, dense_rows, dense_start, rotation
     )
+    if o_p.dim() == 4:
+        o_p, lse_p = merge_parts_ref(o_p, lse_p)
     if rotation is not None:
         o_p = o_p.float() @ rotation
     if dense_rows is not None or dense_start is not None:  # each row's range gathered

@@ -1,6 +1,7 @@
 """lowrank+hack decode through the HACK decode kernel (compress/lowrank.py `_hack_decode`): pages
 attended with the projected query and no tail, the 16-bit tail by plain attention, merged by their
-log-sum-exps; and the kernel's `return_lse` it relies on (Triton under TRITON_INTERPRET=1 on CPU)."""
+log-sum-exps; and the kernel's `return_lse` / `return_partials` it relies on (Triton under
+TRITON_INTERPRET=1 on CPU)."""
 
 import os
 
@@ -15,6 +16,7 @@ from zipserve.compress.codecs import make_codec  # noqa: E402
 from zipserve.compress.reference_attention import dequant_decode_attention  # noqa: E402
 from zipserve.kernels.hack_decode_attention import hack_decode_attention  # noqa: E402
 from zipserve.kernels.hack_decode_reference import hack_decode_attention_ref  # noqa: E402
+from zipserve.kernels.lowrank_tail_merge import merge_parts_ref  # noqa: E402
 from zipserve.tests.test_hack_kernels import make_case  # noqa: E402
 
 
@@ -31,6 +33,27 @@ def test_kernel_lse_matches_reference(bits):
     assert torch.allclose(out_k.float(), out_r.float(), atol=2e-3)
     plain = hack_decode_attention(**args, num_splits=3)  # the same call without the lse
     assert torch.equal(plain, out_k)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kernel_partials_merge_to_its_merged_output(bits):
+    """return_partials: the tail program's and the 3 page splits' partials, unmerged; merged in
+    torch they are the kernel's own merged output and lse, and the reference's one partial."""
+    lens = [300, 0, 70, 5]
+    args, _ = make_case(3 + bits, lens, 2, 4, 64, bits, torch.float32, group_v=8 * bits)
+    out_k, lse_k = hack_decode_attention(**args, num_splits=3, return_lse=True)
+    part, lse = hack_decode_attention(**args, num_splits=3, return_partials=True)
+    assert part.shape == (len(lens), 8, 4, 64) and lse.shape == (len(lens), 8, 4)
+    o, lse_m = merge_parts_ref(part, lse)
+    live = torch.isfinite(lse_k)
+    assert torch.equal(torch.isfinite(lse_m), live)
+    assert torch.allclose(lse_m[live], lse_k[live], atol=1e-5)
+    assert torch.allclose(o, out_k.float(), atol=1e-5)
+    part_r, lse_r = hack_decode_attention_ref(**args, num_splits=3, return_partials=True)
+    assert part_r.shape == (len(lens), 8, 1, 64) and lse_r.shape == (len(lens), 8, 1)
+    assert torch.allclose(merge_parts_ref(part_r, lse_r)[0], o, atol=2e-3)
+    with pytest.raises(ValueError, match="return_partials"):
+        hack_decode_attention(**args, return_partials=True, return_lse=True)
 
 
 @pytest.mark.parametrize("codec_name", ["lowrank+hack2", "lowrank+hack4"])

@@ -19,6 +19,7 @@ from zipserve.kernels.lowrank_tail_merge import (  # noqa: E402
     _lowrank_tail_merge_kernel,
     lowrank_tail_merge,
     lowrank_tail_merge_ref,
+    merge_parts_ref,
 )
 from zipserve.kernels.paged_decode_attention import is_interpreted  # noqa: E402
 
@@ -140,17 +141,21 @@ def test_rows_with_an_empty_side(fn):
     assert (out[3] == 0).all()  # neither: a padding row
 
 
-def _float64_case(gen, b, h, kvh, d, t, w, rv, n_pages):
+def _float64_case(gen, b, h, kvh, d, t, w, rv, n_pages, n_parts=None):
     """Pages as real keys / values: o_p and lse_p from float64 softmax attention over them, and the
-    expected output of float64 attention over pages and tail together (page values zero past rv)."""
+    expected output of float64 attention over pages and tail together (page values zero past rv).
+    With n_parts, o_p / lse_p are [B, H, S, W] / [B, H, S] partials as a split kernel leaves them:
+    each row's page tokens cut at random points into S runs (some empty: lse -inf, o_p NaN, which
+    must not be read)."""
     g = h // kvh
     scale = d**-0.5
     q = torch.randn(b, h, d, generator=gen, dtype=torch.float64)
     dk = torch.randn(b, kvh, t, d, generator=gen, dtype=torch.float64)
     dv = torch.randn(b, kvh, t, d, generator=gen, dtype=torch.float64)
     lens = _row_lens(b, t, gen)
-    o_p = torch.zeros(b, h, w, dtype=torch.float64)
-    lse_p = torch.full((b, h), -INF, dtype=torch.float64)
+    parts = n_parts or 1
+    o_p = torch.full((b, h, parts, w), float("nan"), dtype=torch.float64)
+    lse_p = torch.full((b, h, parts), -INF, dtype=torch.float64)
     want = torch.zeros(b, h, d, dtype=torch.float64)
     for i in range(b):
         n = n_pages[i]
@@ -158,9 +163,13 @@ def _float64_case(gen, b, h, kvh, d, t, w, rv, n_pages):
         vp = torch.randn(kvh, n, w, generator=gen, dtype=torch.float64)  # all W columns random
         qi = q[i].view(kvh, g, d)
         s_p = torch.einsum("kgd,knd->kgn", qi, kp) * scale  # [KVH, G, n], natural log units
-        if n:
-            o_p[i] = (s_p.softmax(-1) @ vp).reshape(h, w)
-            lse_p[i] = (torch.logsumexp(s_p, -1) / LN2).reshape(h)
+        cuts = torch.randint(0, n + 1, (parts - 1,), generator=gen).sort().values.tolist()
+        for j, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, n])):
+            if hi > lo:
+                o_p[i, :, j] = (s_p[..., lo:hi].softmax(-1) @ vp[:, lo:hi]).reshape(h, w)
+                lse_p[i, :, j] = (torch.logsumexp(s_p[..., lo:hi], -1) / LN2).reshape(h)
+        if n == 0:
+            o_p[i] = 0.0  # a pre-merged row without pages: zeros, as HACK's merge writes
         s_t = torch.einsum("kgd,ktd->kgt", qi, dk[i, :, : lens[i]]) * scale  # [KVH, G, len]
         s = torch.cat([s_p, s_t], -1)
         if s.shape[-1] == 0:
@@ -168,6 +177,8 @@ def _float64_case(gen, b, h, kvh, d, t, w, rv, n_pages):
         v_pages = torch.nn.functional.pad(vp[..., :rv], (0, d - rv))  # [KVH, n, D]
         v = torch.cat([v_pages, dv[i, :, : lens[i]]], 1)  # [KVH, n + len, D]
         want[i] = (s.softmax(-1) @ v).reshape(h, d)
+    if n_parts is None:
+        o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
     args = dict(
         q=q.float(),
         dense_k=dk.float(),
@@ -189,6 +200,55 @@ def test_merge_equals_float64_attention_over_pages_and_tail(fn):
     out = fn(**args, rv=rv).cpu()
     assert _rel_err(out, want) < 1e-5
     assert (out[3] == 0).all()  # no pages, empty tail
+
+
+@pytest.mark.parametrize("fn", [lowrank_tail_merge_ref, lowrank_tail_merge])
+@pytest.mark.parametrize("n_parts", [2, 9, 17])
+def test_partials_merge_equals_float64_attention(fn, n_parts):
+    """The pages as S split partials (HACK's kernel's, unmerged): merged here with each other and
+    the tail, the same float64 attention; empty partials (NaN outputs) are not read."""
+    gen = torch.Generator().manual_seed(100 + n_parts)
+    b, h, kvh, d, t, w, rv = 4, 8, 2, 128, 33, 64, 40
+    args, want = _float64_case(gen, b, h, kvh, d, t, w, rv, [70, 3, 0, 0], n_parts=n_parts)
+    assert torch.isinf(args["lse_p"][1]).any()  # 3 tokens in >= 2 runs: some run is empty
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    out = fn(**args, rv=rv).cpu()
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, want) < 1e-5
+    assert (out[3] == 0).all()
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_partials_kernel_matches_reference(q_dtype, rotate):
+    """Random partials (strided views, dead ones NaN) through the kernel and the reference."""
+    gen = torch.Generator().manual_seed(31)
+    b, h, kvh, s = 5, 8, 2, 9
+    for d, t, w, rv in CASES:
+        args = _inputs(gen, b, h, kvh, d, t, w, q_dtype, q_dtype)
+        o_p = torch.randn(b, h, s + 1, w + 4, generator=gen)[:, :, 1:, :w]  # [B, H, S, W]
+        lse_p = (torch.randn(b, s, h, generator=gen) * 3 + 2).transpose(1, 2)  # [B, H, S]
+        dead = torch.rand(b, h, s, generator=gen) < 0.3
+        lse_p[dead] = -INF
+        lse_p[2::4] = -INF  # rows without pages
+        o_p[dead] = float("nan")
+        args.update(o_p=o_p.to(DEVICE), lse_p=lse_p.to(DEVICE))
+        rot = _orthonormal(w, gen).to(DEVICE) if rotate else None
+        ref = lowrank_tail_merge_ref(**args, rv=rv, rotation=rot)
+        out = lowrank_tail_merge(**args, rv=rv, rotation=rot)
+        assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+        assert _rel_err(out, ref) < TOL[q_dtype], (d, t, w, rv)
+
+
+def test_merge_parts_ref_equals_the_premerged_call():
+    """S partials through merge_parts_ref, then the one-partial call: the partials' call."""
+    gen = torch.Generator().manual_seed(41)
+    args, _ = _float64_case(gen, 3, 4, 2, 64, 9, 32, 20, [12, 0, 5], n_parts=4)
+    o, lse = merge_parts_ref(args["o_p"], args["lse_p"])
+    assert o.shape == (3, 4, 32) and lse.shape == (3, 4)
+    assert torch.isinf(lse[1]).all() and (o[1] == 0).all()
+    one = lowrank_tail_merge_ref(**dict(args, o_p=o, lse_p=lse), rv=20)
+    assert _rel_err(one, lowrank_tail_merge_ref(**args, rv=20)) < 1e-6
 
 
 @pytest.mark.parametrize("fn", [lowrank_tail_merge, lowrank_tail_merge_ref])
@@ -260,6 +320,8 @@ BAD = [
     ("o_p", _bad(o_p=lambda x: x.half())),
     ("o_p", _bad(o_p=lambda x: torch.zeros(2, 4, 0))),  # no columns
     ("lse_p", _bad(lse_p=lambda x: x[:, :2])),
+    ("lse_p", _bad(o_p=lambda x: x[:, :, None].expand(-1, -1, 3, -1))),  # [B, H, S, W], lse [B, H]
+    ("o_p", _bad(o_p=lambda x: x[:, :, :0, None])),  # S = 0
     ("rv", _bad(rv=lambda r: 0)),
     ("rv", _bad(rv=lambda r: 33)),  # > W
     ("rv", _bad(rv=lambda r: True)),
@@ -283,9 +345,16 @@ def test_kernel_matches_reference_on_gpu():
     b, h, kvh, d, t, w, rv = 8, 32, 8, 128, 65, 64, 40
     args = _inputs(gen, b, h, kvh, d, t, w, torch.bfloat16, torch.bfloat16, "cuda")
     rot = _orthonormal(w, gen).cuda()
+    s = 17  # HACK's partials at 16 splits and the tail program
+    parts = dict(
+        o_p=torch.randn(b, h, s, w, generator=gen).cuda(),
+        lse_p=(torch.randn(b, h, s, generator=gen) * 3).cuda(),
+    )
+    parts["lse_p"][:, :, 0] = -INF  # the empty tail program
     for rotation in (None, rot):
-        ref = lowrank_tail_merge_ref(**args, rv=rv, rotation=rotation)
-        out = lowrank_tail_merge(**args, rv=rv, rotation=rotation)
-        torch.cuda.synchronize()
-        assert out.dtype == torch.bfloat16 and out.shape == (b, h, d)
-        assert _rel_err(out, ref) < TOL[torch.bfloat16]
+        for pages in ({}, parts):
+            ref = lowrank_tail_merge_ref(**dict(args, **pages), rv=rv, rotation=rotation)
+            out = lowrank_tail_merge(**dict(args, **pages), rv=rv, rotation=rotation)
+            torch.cuda.synchronize()
+            assert out.dtype == torch.bfloat16 and out.shape == (b, h, d)
+            assert _rel_err(out, ref) < TOL[torch.bfloat16]
