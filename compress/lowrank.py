@@ -44,11 +44,6 @@ from zipserve.kernels import lowrank_tail_merge as tail_merge
 from zipserve.kernels.step_constants import kept_outside_capture, row_ids, zero_ids
 
 BASES_FILE = "lowrank.safetensors"
-NO_DENSE_FORM_REASON = (
-    "its K/V live in a reduced space with V's basis folded into W_o (dense "
-    "pages would cost more memory for the same values, and its kernel is "
-    "faster than bf16)"
-)
 
 
 class LowRankBases:
@@ -168,9 +163,10 @@ def _pad_pow2(r: int, lo: int = 64) -> int:
 
 class LowRankLayerCodec(KVCodec):
     """One layer's low-rank codec (pages: projected K/V, float16 or HACK codes); values and the
-    attention output live in V's completed basis (module docstring)."""
-
-    dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
+    attention output live in V's completed basis (module docstring). Its dense form
+    (decode_kv=dense) is the 16-bit tail's: K at full dimension (pages: k_red @ k_dec^T, scoring
+    as q_red . k_red does), V in the completed basis (pages: zero past r_v); the model's folded
+    W_o takes the bf16 kernel's output as it takes this codec's."""
 
     def __init__(
         self,
@@ -318,7 +314,25 @@ class LowRankLayerCodec(KVCodec):
         return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
 
     def dequantize_into(self, pages, page_ids, out_k, out_v):
-        _no_dense_form(self.name)
+        """decode_kv=dense: the n pages of store `pages` -> out pages page_ids [n] of a 16-bit pool
+        [N, KVH, P, D] in the dense form (`dequantize`'s values), HACK's codes through their
+        dequantize kernel on a GPU (kernels/dequant_pages.py), then K's lift (one product)."""
+        kr, vr = self._reduced_all(pages)  # fp32 [n, KVH, P, r_k], [n, KVH, P, r_v]
+        k_dec = self._bases(kr.device)["k_dec"]  # [KVH, D, r_k]
+        ids = page_ids.long()
+        out_k[ids] = torch.einsum("nhpr,hdr->nhpd", kr, k_dec).to(out_k.dtype)
+        out_v[ids] = _width(vr, self.head_dim).to(out_v.dtype)
+
+    def _reduced_all(self, pages) -> tuple[torch.Tensor, torch.Tensor]:
+        """All n pages of a store: reduced K [n, KVH, P, r_k] and V [n, KVH, P, r_v] (fp32)."""
+        if self.inner is None:
+            return pages["k"].float(), pages["v"].float()
+        hp = self.inner._pages(pages)
+        n, dev = hp.num_pages, hp.device
+        tmp_k = torch.empty(n, self.kvh, self.page_size, self.width, device=dev)
+        tmp_v = torch.empty_like(tmp_k)
+        self.inner.dequantize_into(pages, torch.arange(n, device=dev), tmp_k, tmp_v)
+        return tmp_k[..., : self.rk], tmp_v[..., : self.rv]
 
     @property
     def reads_tail_in_place(self) -> bool:
@@ -471,13 +485,6 @@ class LowRankLayerCodec(KVCodec):
         return self.inner.page_bytes_per_token()
 
 
-def _no_dense_form(name: str) -> None:
-    raise ValueError(
-        f"decode_kv: codec {name} has no dense form (decode_kv='dense' is for fp8, "
-        f"kivi and hack codecs)"
-    )
-
-
 def _width(x: torch.Tensor, w: int) -> torch.Tensor:
     """The first w columns of x [.., C]: a slice when C >= w, zero padded when C < w."""
     c = x.shape[-1]
@@ -491,8 +498,6 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 class LowRankCodec(KVCodec):
     """Dispatches to one LowRankLayerCodec per layer (ranks, and with HACK its bits and width,
     may differ between layers: lowrank+hack2mix, compress/lowrank_plan.py)."""
-
-    dense_form, no_dense_form_reason = False, NO_DENSE_FORM_REASON
 
     def __init__(
         self,
@@ -546,10 +551,7 @@ class LowRankCodec(KVCodec):
     def _per_layer(self, *_):
         raise TypeError("LowRankCodec has one codec per layer: use for_layer(layer)")
 
-    new_store = encode = seal = dequantize = to_dense = _per_layer
-
-    def dequantize_into(self, pages, page_ids, out_k, out_v):
-        _no_dense_form(self.name)
+    new_store = encode = seal = dequantize = dequantize_into = to_dense = _per_layer
 
     def page_bytes_per_token(self):
         return sum(c.page_bytes_per_token() for c in self.layers) / len(self.layers)

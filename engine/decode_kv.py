@@ -8,12 +8,9 @@ holding the codec's dequantized values (`dense`), or a choice made per deploymen
   codec's values; generated tokens stay 16-bit (the compressed engine seals full pages to codes).
 - `auto`: `choose_decode_kv` below, once per engine at start.
 
-Low-rank codecs have no dense mode: their K/V live in a calibrated reduced space with V's basis
-folded into W_o (compress/lowrank_fold.py), so model-space dense pages would need the unfolded
-model and D / r times the memory of the reduced 16-bit pages for the same values, while their own
-kernel is already the fastest measured (1.55x SDPA, table below; measured before its output
-widened from r_v to head_dim columns for the exact 16-bit V tail, issue 19, and not remeasured
-since). `dense` is refused for them at config time and `auto` keeps them compressed.
+Low-rank codecs' dense form is their 16-bit tail's (compress/lowrank.py): K at full dimension
+(a page's k_red @ k_dec^T), V in its completed basis, which the folded W_o takes as it takes their
+own kernel's output; the pool costs what bf16's does (D / r times their reduced pages).
 """
 
 from __future__ import annotations
@@ -37,7 +34,9 @@ DECODE_KV_MODES = ("compressed", "dense", "auto")
 # 8 x 32k). Dense decode of hack2 measured 0.89-0.97x bf16's there (the bf16 kernel, plus the
 # prompt's values dequantized once). One request alone (batch 1, 8k context) decodes 4% slower
 # compressed than dense (bench/results/session11_h100/close15); a deployment is sized for
-# batches, so the batch-8 figure decides. Missing entries are unmeasured.
+# batches, so the batch-8 figure decides. lowrank+hack2 on the H100: its engine step against
+# bf16's at 8 x 8k, session 21 (bench/results/session21_h100, 11.28 vs 9.47 ms; 8 x 4k 0.88x and
+# 2 x 4k 0.83x in session 23); its dense mode runs the bf16 kernel. Missing entries are unmeasured.
 MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
     "h200": {
         "paged-bf16": 0.92,
@@ -48,7 +47,7 @@ MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
         "hack4": 0.72,
         "lowrank": 1.55,
     },
-    "h100": {"paged-bf16": 1.0, "hack2": 1.04, "hack4": 1.05},
+    "h100": {"paged-bf16": 1.0, "hack2": 1.04, "hack4": 1.05, "lowrank+hack2": 0.84},
 }
 DENSE_KERNEL = "paged-bf16"
 
@@ -117,8 +116,8 @@ def gpu_family(name: str) -> str | None:
 def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> DecodeKVChoice:
     """`auto`'s rule, in order:
 
-    1. A codec whose pages are dense already (bf16): dense. A codec without a dense form
-       (low-rank): compressed.
+    1. A codec whose pages are dense already (bf16): dense. A codec without a dense form:
+       compressed.
     2. CPU: dense. The compressed path attends through the torch references of the Triton
        kernels there, the dense one through one paged bf16 reference.
     3. GPU, dense pages would not fit (`pool_bytes_needed`, the bytes of the dense pool the

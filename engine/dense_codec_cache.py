@@ -10,6 +10,9 @@ values, so decode runs the bf16 paged kernel while the prompt keeps the codec's 
 - A prompt prefilled on this engine (LLM(..., decode_kv="dense"), recompute after preemption,
   `logits`) gets the same values: once a prefill chunk has attended (exactly, as in the
   compressed engine), each of its full pages is encoded and dequantized in place, sinks kept.
+- The pool holds the codec's dense form (`to_dense`, what a compressed engine's open page holds):
+  for the low-rank codecs K at full dimension and V in its completed basis, which the model's
+  folded W_o takes (compress/lowrank.py); for the others k and v as the model made them.
 - Generated tokens stay 16-bit: the compressed engine seals a filled open page to codes, this
   one keeps it dense. Within the first open page both attend to the same values.
 - It cannot export: its pages no longer carry the codec's codes (prefill engines run
@@ -47,6 +50,9 @@ class DenseCodecKVCache(KVCache):
         self.n_sink = codec.n_sink
 
     def attention(self, layer: int, q, k, v, batch, scale: float) -> torch.Tensor:
+        # the pool keeps the codec's dense form, as a compressed engine's open page does (lowrank
+        # without its fold: v in V's completed basis; every other codec: k, v as they are)
+        k, v = self.codecs[layer].to_dense(k, v)  # [T, KVH, D] each
         out = super().attention(layer, q, k, v, batch, scale)
         if batch.is_prefill and batch.prefill_seqs:
             self._to_codec_values(layer, batch.prefill_seqs)
@@ -75,7 +81,7 @@ class DenseCodecKVCache(KVCache):
             sinks = (k_pages[pages[0], :, :s].clone(), v_pages[pages[0], :, :s].clone())
             scratch = codec.new_store(nf, k_pages.device)
             local = torch.arange(nf, device=k_pages.device)
-            codec.encode(scratch, local, k_pages[ids], v_pages[ids])  # [nf, KVH, P, D] each
+            codec.seal(scratch, local, k_pages[ids], v_pages[ids])  # [nf, KVH, P, D], dense form
             codec.dequantize_into(scratch, ids, k_pages, v_pages)
             if s:
                 k_pages[pages[0], :, :s], v_pages[pages[0], :, :s] = sinks

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zipserve.compress.codec import KVCodec
+from zipserve.compress.codecs import CodecEntry, register, unregister
 from zipserve.engine.decode_kv import (
     MEASURED_SPEED_VS_SDPA,
     DeviceInfo,
@@ -25,8 +27,11 @@ OTHER = DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", 40 * GIB)
         ("hack2", DeviceInfo("cpu"), 0, "dense"),  # CPU: torch references either way
         ("kivi2", DeviceInfo("cpu"), 10**15, "dense"),  # CPU ignores memory (max_kv_tokens)
         ("bf16", H100, 10 * GIB, "dense"),  # already dense
-        ("lowrank", DeviceInfo("cpu"), 0, "compressed"),  # no dense form
-        ("lowrank+hack4", H200, GIB, "compressed"),
+        ("lowrank", DeviceInfo("cpu"), 0, "dense"),  # its dense form: the 16-bit tail's
+        ("lowrank", H200, GIB, "compressed"),  # its kernel 1.55x SDPA vs dense 0.92x
+        ("lowrank+hack4", H200, GIB, "dense"),  # unmeasured
+        ("lowrank+hack2", H100, 10 * GIB, "dense"),  # engine step 0.84x of bf16's
+        ("lowrank+hack2", H100, 40 * GIB + 1, "compressed"),  # dense pages do not fit
         ("hack2", H100, 10 * GIB, "compressed"),  # engine step 1.04x of bf16 (CUDA kernel)
         ("hack2", H200, 10 * GIB, "dense"),  # 0.75x vs 0.92x on H200
         ("hack4", H200, 10 * GIB, "dense"),
@@ -55,28 +60,48 @@ def test_gpu_family_and_table():
     )
 
 
-def test_check_names_decode_kv():
+class _CodesOnly(KVCodec):
+    """A codec that declares no dense form (no shipped codec does)."""
+
+    dense_form, no_dense_form_reason = False, "its pages have no values to expand"
+
+
+@pytest.fixture
+def codes_only_codec():
+    register(CodecEntry("codes-only", _CodesOnly))
+    yield "codes-only"
+    unregister("codes-only")
+
+
+def test_check_names_decode_kv(codes_only_codec):
     check_decode_kv("hack2", "dense")
-    check_decode_kv("lowrank", "compressed")
+    check_decode_kv("lowrank+hack2", "dense")
+    check_decode_kv(codes_only_codec, "compressed")
     with pytest.raises(ValueError, match="decode_kv: must be one of compressed, dense, auto"):
         check_decode_kv("hack2", "Dense")
-    with pytest.raises(ValueError, match="decode_kv: 'dense' is not available for codec lowrank"):
-        check_decode_kv("lowrank", "dense")
+    with pytest.raises(
+        ValueError,
+        match="decode_kv: 'dense' is not available for codec codes-only: its pages have no values",
+    ):
+        check_decode_kv(codes_only_codec, "dense")
+    assert choose_decode_kv(codes_only_codec, DeviceInfo("cpu"), 0).mode == "compressed"
 
 
-def test_codec_modes():
+def test_codec_modes(codes_only_codec):
     from zipserve.engine.decode_kv import codec_modes
 
-    runs, skipped = codec_modes(["bf16", "hack2", "lowrank"], ["compressed", "dense"])
+    runs, skipped = codec_modes(["bf16", "hack2", codes_only_codec], ["compressed", "dense"])
     assert runs == [
         ("bf16", "compressed"),
         ("hack2", "compressed"),
         ("hack2", "dense"),
-        ("lowrank", "compressed"),
+        (codes_only_codec, "compressed"),
     ]
-    assert len(skipped) == 2 and "lowrank dense" in skipped[1]
+    assert len(skipped) == 2 and "codes-only dense" in skipped[1]
     with pytest.raises(ValueError, match="decode_kv"):
-        codec_modes(["hack2", "lowrank"], ["dense"])
+        codec_modes(["hack2", codes_only_codec], ["dense"])
+    runs, _ = codec_modes(["lowrank+hack2"], ["compressed", "dense"])
+    assert runs == [("lowrank+hack2", "compressed"), ("lowrank+hack2", "dense")]
 
 
 @pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi2"])

@@ -22,7 +22,17 @@ pytestmark = pytest.mark.skipif(
 MODEL = str(REFERENCE_MODEL)
 # 130 tokens: 2 full pages (sinks sent) + 2 open; 128: 2 full pages, empty open page; 37: open only
 PROMPTS = [list(range(100, 230)), list(range(500, 628)), list(range(3, 40))]
-DENSE_CODECS = ["fp8", "kivi2", "kivi4", "hack2", "hack4", "hack2mix"]
+DENSE_CODECS = [
+    "fp8",
+    "kivi2",
+    "kivi4",
+    "hack2",
+    "hack4",
+    "hack2mix",
+    "lowrank",
+    "lowrank+hack2",
+    "lowrank+hack2mix",
+]
 # 8 tokens out: every generated token stays in the prompt's open page (130 + 8 < 192)
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
 
@@ -179,12 +189,25 @@ def test_config_names_decode_kv():
     with pytest.raises(ConfigError, match="decode_kv: must be one of"):
         EngineConfig(codec="hack2", decode_kv="fast")
     for codec in ("lowrank", "lowrank+hack2"):
-        with pytest.raises(
-            ConfigError,
-            match=f"decode_kv: 'dense' is not available for codec {codec.replace('+', '.')}",
-        ):
-            EngineConfig(codec=codec, decode_kv="dense")
-        assert EngineConfig(codec=codec, decode_kv="auto").decode_kv == "auto"
+        assert EngineConfig(codec=codec, decode_kv="dense").decode_kv == "dense"
+
+
+def test_unfolded_lowrank_dense_equals_compressed():
+    """Without the fold (lowrank_fold=False: the model emits V in its own basis, the output is
+    lifted back every step) the dense pool still keeps the codec's dense form (`to_dense` on
+    every write), so dense decode equals compressed decode, and the folded dense engine too."""
+    kw = dict(lowrank_fold=False)
+    pre, comp = _engine("lowrank+hack2", **kw), _engine("lowrank+hack2", **kw)
+    dense = _engine("lowrank+hack2", decode_kv="dense", **kw)
+    folded = _engine("lowrank+hack2", decode_kv="dense")
+    hand_over(pre, [comp, dense, folded], PROMPTS, PARAMS)
+    want = _decode(comp)
+    for got in (_decode(dense), _decode(folded)):
+        for w, g in zip(want, got):
+            assert g.token_ids == w.token_ids
+            assert max(abs(a - b) for a, b in zip(g.logprobs[1:], w.logprobs[1:])) < 1e-3
+    for eng in (pre, comp, dense, folded):
+        pool_whole(eng)
 
 
 def test_auto_on_cpu_is_dense():

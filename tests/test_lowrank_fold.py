@@ -122,6 +122,38 @@ def test_sealing_the_dense_form_stores_what_encoding_stores(bits):
     assert _rel(codec.lift_v(va), want) < (1e-3 if bits is None else 0.5)
 
 
+@pytest.mark.parametrize("bits", [None, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_writes_the_dense_form_of_each_page(bits, dtype):
+    """decode_kv=dense: store page i lands in pool page page_ids[i] as `dequantize` gives it (K
+    at full dimension, V in its completed basis, zero past r_v), in the pool's dtype; pool pages
+    not named keep what they held."""
+    g = torch.Generator().manual_seed(5)
+    kvh, p, d, rk, rv = 2, 16, 32, 8, 12
+    bases = {"k_enc": _orthonormal(kvh, d, rk, g), "v_enc": _orthonormal(kvh, d, rv, g)}
+    bases["k_dec"], bases["v_dec"] = bases["k_enc"].clone(), bases["v_enc"].clone()
+    codec = LowRankLayerCodec("lowrank", kvh, p, d, bases, bits)
+    k, v = torch.randn(3, kvh, p, d, generator=g), torch.randn(3, kvh, p, d, generator=g)
+    store = codec.new_store(3, "cpu")
+    codec.encode(store, torch.arange(3), k, v)
+    want_k, want_v = codec.dequantize(store, torch.arange(3))  # fp32 [3, KVH, P, D]
+    out_k = torch.full((6, kvh, p, d), 7.0, dtype=dtype)
+    out_v = torch.full_like(out_k, 7.0)
+    ids = torch.tensor([4, 0, 2], dtype=torch.int32)
+    codec.dequantize_into(store, ids, out_k, out_v)
+    bound = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(out_k[ids.long()].float(), want_k) < bound
+    assert _rel(out_v[ids.long()].float(), want_v) < bound
+    assert (out_v[ids.long()][..., rv:] == 0).all()
+    assert (out_k[[1, 3, 5]] == 7).all() and (out_v[[1, 3, 5]] == 7).all()
+    if bits is None:  # the K stand-in scores as the reduced pages do: q . k == (q k_dec) . k_red
+        q = torch.randn(kvh, d, generator=g)
+        k_red = torch.einsum("nhpd,hdr->nhpr", k, bases["k_enc"])
+        scores = torch.einsum("hd,nhpd->nhp", q, out_k[ids.long()].float())
+        want = torch.einsum("hr,nhpr->nhp", torch.einsum("hd,hdr->hr", q, bases["k_dec"]), k_red)
+        assert _rel(scores, want) < (2e-3 if dtype == torch.float32 else 2e-2)
+
+
 @pytest.mark.skipif(not HAVE_REF, reason="reference checkpoint not present")
 @pytest.mark.parametrize("codec", ["lowrank", "lowrank+hack4"])
 def test_folded_reference_model_equals_unfolded(codec):

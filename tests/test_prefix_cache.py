@@ -115,7 +115,7 @@ def _codec_modes():
             try:
                 check_decode_kv(codec, mode)
             except ValueError:
-                continue  # the low-rank codecs have no dense form
+                continue  # a codec without a dense form (none shipped)
             if codec == "bf16" and mode == "dense":
                 continue  # the same pool as compressed for a dense-pages codec
             out.append((codec, mode))
