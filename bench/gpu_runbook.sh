@@ -42,6 +42,7 @@
 #   round20    nvidia-h100-x1  session 20's kernels: GPU tests, fused norm / rope A/B, fp8 and
 #                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
 #                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
+#   round24    nvidia-h100-x1  lowrank dense-mode GPU tests, tokens/s 2/8 x 4k both modes, no-link lanes (auto) ~9.5 min
 #   check23    nvidia-h100-x1  session 22's kernels' GPU tests, lowrank/hack2 engine tests, tokens/s 2/8 x 4k ~3.5 min
 #   round22    nvidia-h100-x1  session 21 GPU tests, engine small/large batches, profile 2x4k, no-link ~9.5 min
 #   round21    nvidia-h100-x1  kernels20 gate, engine20_steps, no-link bf16/lowrank+hack2/fp8/hack4 ~9 min
@@ -89,7 +90,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -506,6 +507,23 @@ round19)
         --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
         --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
         --out "$WORK/jct_nolink"
+    ;;
+round24)
+    # The next session's first call (~9.5 min): lowrank's dense mode (session 23, CPU-tested) on
+    # the GPU (dense = compressed within the open page, the dequantize kernel at the HACK width),
+    # the engine GPU tests, decode tokens/s at 2 and 8 x 4k with lowrank+hack2 both ways, then
+    # the issue-16 no-link lanes with decode-kv auto (lowrank+hack2 now dense on an H100).
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    pytest_gpu "${TESTS_LIMIT:-130}" tests24 -m gpu tests/test_dense_decode.py \
+        tests/test_engine_gpu.py -k "lowrank or (compressed_graphs and hack)"
+    step "${ENGINE_LIMIT:-90}" engine24 python3 -m zipserve bench engine \
+        --model random:llama3-8b \
+        --codecs "${ENGINE_CODECS:-bf16,hack2,hack4,lowrank+hack2,lowrank+hack2/dense}" \
+        --batches "${ENGINE_BATCHES:-2,8}" --contexts 4096 --out "$WORK/engine24"
+    step "${JCT_LIMIT:-320}" jct_nolink python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}" \
+        --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
+        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
     ;;
 check23)
     # Session 23's one short call (~3.5 min; the session inherited 434 s of device time): the GPU
