@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from zipserve.compress.lowrank import LowRankBases
+from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.loading import model_config_for
 from zipserve.prefill_group.exchange import expected_layer_bytes

@@ -35,7 +35,8 @@ from zipserve.compress.fp8 import Fp8Codec
 from zipserve.compress.hack import HackCodec
 from zipserve.compress.kivi import KiviCodec
 from zipserve.compress.kvbits import KVBITS_FILE, HackMixedCodec
-from zipserve.compress.lowrank import BASES_FILE, LowRankBases, LowRankCodec
+from zipserve.compress.lowrank import LowRankCodec
+from zipserve.compress.lowrank_bases import BASES_FILE, LowRankBases
 from zipserve.compress.lowrank_plan import MIX_NAME, load_hack_plan
 
 

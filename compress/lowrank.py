@@ -27,131 +27,21 @@ bytes_per_token's dense term. Ranks: `zipserve calibrate` (compress/calibrate.py
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from zipserve.compress.codec import KVCodec
 from zipserve.compress.hack import HackCodec
+from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode, page_query
 from zipserve.kernels import lowrank_tail_merge as tail_merge
+from zipserve.kernels.dequant_pages import check_dense_out
 from zipserve.kernels.step_constants import kept_outside_capture, row_ids, zero_ids
-
-BASES_FILE = "lowrank.safetensors"
-
-
-class LowRankBases:
-    """Per layer and KV head, [KVH, D, r] matrices: k_enc stores keys (k @ k_enc), k_dec projects
-    queries (q @ k_dec) so that q_red . k_red ~= q . k; v_enc stores values, v_dec lifts them back
-    (v ~= (v @ v_enc) @ v_dec^T); dec^T enc = I."""
-
-    def __init__(self, layers: list[dict[str, torch.Tensor]], info: dict):
-        self.layers, self.info = layers, info
-
-    @classmethod
-    def load(
-        cls, model_dir: str | Path, ranks: tuple[Sequence[int], Sequence[int]] | None = None
-    ) -> LowRankBases:
-        """The calibrated bases beside a checkpoint, cut to `lowrank`'s ranks (lowrank.json's
-        k_ranks / v_ranks) or to `ranks` (r_k, r_v per layer: another codec's, e.g.
-        lowrank+hack2mix's widths). The file holds each layer's bases at full rank, columns by
-        falling energy (files of earlier calibrations: cut to lowrank's ranks, which then bound
-        any other). For a `random:NAME` model (random weights, nothing to calibrate on) random
-        ones, see `random_for`."""
-        if str(model_dir).startswith("random:"):
-            return cls.random_for(str(model_dir), ranks=ranks)
-        path = Path(model_dir) / BASES_FILE
-        if not path.is_file():
-            raise ValueError(
-                f"codec: lowrank needs {path}; create it with "
-                f"`zipserve calibrate --model {model_dir}`"
-            )
-        t = load_file(str(path))
-        n = len([k for k in t if k.endswith(".k_enc")])
-        info_path = Path(model_dir) / "lowrank.json"
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        names = ("k_enc", "k_dec", "v_enc", "v_dec")
-        layers = [{m: t[f"layers.{i}.{m}"] for m in names} for i in range(n)]
-        rk, rv = ranks or (info.get("k_ranks"), info.get("v_ranks"))
-        if rk is None or rv is None:  # no ranks recorded: the file's own
-            return cls(layers, info)
-        if len(rk) != n or len(rv) != n:
-            raise ValueError(
-                f"codec: ranks for {len(rk)} / {len(rv)} layers, {path} holds {n}; "
-                f"calibrate again (`zipserve calibrate --model {model_dir}`)"
-            )
-        for i, layer in enumerate(layers):
-            for side, r in (("k", rk[i]), ("v", rv[i])):
-                have = layer[f"{side}_enc"].shape[2]
-                if not 1 <= r <= have:
-                    raise ValueError(
-                        f"codec: layer {i} {side.upper()} needs rank {r}, {path} holds "
-                        f"{have}; calibrate again (`zipserve calibrate --model {model_dir}`)"
-                    )
-                for m in (f"{side}_enc", f"{side}_dec"):
-                    layer[m] = layer[m][:, :, :r].contiguous()
-        return cls(layers, dict(info, k_ranks=list(rk), v_ranks=list(rv)))
-
-    @classmethod
-    def random(
-        cls,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        rk: int | Sequence[int],
-        rv: int | Sequence[int],
-        seed: int = 0,
-    ) -> LowRankBases:
-        """Random orthonormal bases (enc == dec) of ranks rk / rv (one for all layers, or one
-        per layer): for benchmarks on random weights, where there is nothing to calibrate on."""
-        g = torch.Generator().manual_seed(seed)
-        rk = [rk] * num_layers if isinstance(rk, int) else list(rk)
-        rv = [rv] * num_layers if isinstance(rv, int) else list(rv)
-
-        def basis(r):  # [KVH, D, r] orthonormal columns
-            q, _ = torch.linalg.qr(
-                torch.randn(num_kv_heads, head_dim, head_dim, generator=g, dtype=torch.float64)
-            )
-            return q[:, :, :r].float().contiguous()
-
-        layers = []
-        for i in range(num_layers):
-            bk, bv = basis(rk[i]), basis(rv[i])
-            layers.append({"k_enc": bk, "k_dec": bk, "v_enc": bv, "v_dec": bv})
-        return cls(layers, {"random": True, "k_ranks": rk, "v_ranks": rv})
-
-    @classmethod
-    def random_for(
-        cls,
-        model: str,
-        budget: float = 0.5,
-        seed: int = 0,
-        ranks: tuple[Sequence[int], Sequence[int]] | None = None,
-    ) -> LowRankBases:
-        """Random orthonormal bases of uniform rank round(budget * head_dim) (or of `ranks`, per
-        layer) for K and V of every layer of the `random:NAME` model: the bytes and the work of
-        a calibrated codec at that budget, for speed benchmarks on random weights; quality means
-        nothing here."""
-        from zipserve.engine.config import random_model_config
-
-        cfg = random_model_config(model)
-        d = cfg.head_dim
-        r = max(1, round(budget * d))
-        rk, rv = ranks or (r, r)
-        bases = cls.random(cfg.num_layers, cfg.num_kv_heads, d, rk, rv, seed)
-        what = f"rank {r} of {d}" if ranks is None else f"ranks {list(rk)} / {list(rv)} of {d}"
-        bases.info.update(
-            budget=budget,
-            head_dim=d,
-            basis=f"random orthonormal, {what} (random weights: speed benchmarks only)",
-        )
-        return bases
 
 
 def _pad_pow2(r: int, lo: int = 64) -> int:
@@ -316,12 +206,38 @@ class LowRankLayerCodec(KVCodec):
     def dequantize_into(self, pages, page_ids, out_k, out_v):
         """decode_kv=dense: the n pages of store `pages` -> out pages page_ids [n] of a 16-bit pool
         [N, KVH, P, D] in the dense form (`dequantize`'s values), HACK's codes through their
-        dequantize kernel on a GPU (kernels/dequant_pages.py), then K's lift (one product)."""
+        dequantize kernel on a GPU (kernels/dequant_pages.py), then K's lift (one product).
+        ValueError naming the argument when the store is not this codec's or the pool does not fit."""
+        n, dev = self._check_store(pages)
+        check_dense_out(n, self.kvh, self.page_size, self.head_dim, page_ids, out_k, out_v, dev)
         kr, vr = self._reduced_all(pages)  # fp32 [n, KVH, P, r_k], [n, KVH, P, r_v]
         k_dec = self._bases(kr.device)["k_dec"]  # [KVH, D, r_k]
         ids = page_ids.long()
         out_k[ids] = torch.einsum("nhpr,hdr->nhpd", kr, k_dec).to(out_k.dtype)
         out_v[ids] = _width(vr, self.head_dim).to(out_v.dtype)
+
+    @functools.cached_property
+    def _layout(self) -> dict[str, tuple[torch.dtype, torch.Size]]:
+        """A store's tensors: name -> (dtype, per-page shape)."""
+        return {n: (t.dtype, t.shape[1:]) for n, t in self.new_store(0, "cpu").items()}
+
+    def _check_store(self, pages) -> tuple[int, torch.device]:
+        """(pages, device) of a store of this codec's layout (names, dtypes, per-page shapes)."""
+        want = self._layout
+        if not isinstance(pages, dict) or set(pages) != set(want):
+            got = sorted(pages) if isinstance(pages, dict) else type(pages).__name__
+            raise ValueError(f"pages: must be a {self.name} store {sorted(want)}, got {got}")
+        sizes = {t.shape[0] for t in pages.values()}
+        devices = {t.device for t in pages.values()}
+        for name, t in pages.items():
+            if t.dtype != want[name][0] or t.shape[1:] != want[name][1]:
+                raise ValueError(
+                    f"pages: {name} must be {want[name][0]} [n, {', '.join(map(str, want[name][1]))}]"
+                    f", got {t.dtype} {tuple(t.shape)}"
+                )
+        if len(sizes) != 1 or len(devices) != 1:
+            raise ValueError("pages: every tensor must hold the same pages on one device")
+        return sizes.pop(), devices.pop()
 
     def _reduced_all(self, pages) -> tuple[torch.Tensor, torch.Tensor]:
         """All n pages of a store: reduced K [n, KVH, P, r_k] and V [n, KVH, P, r_v] (fp32)."""

@@ -136,7 +136,8 @@ def rank_losses(
 ) -> dict[tuple[int, str, int], float]:
     """(layer, "K"/"V", r) -> NLL/token increase with only that layer's K (or V) at rank r."""
     from zipserve.bench import quality_breakdown as qb
-    from zipserve.compress.lowrank import LowRankBases, LowRankCodec
+    from zipserve.compress.lowrank import LowRankCodec
+    from zipserve.compress.lowrank_bases import LowRankBases
 
     cfg = setup.config
     nl, kvh, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
@@ -201,7 +202,8 @@ def hack_option_losses(
     """(layer, width, bits) -> NLL/token increase with only that layer's K and V in HACK of
     `bits` on the first `width` coordinates of the bases."""
     from zipserve.bench import quality_breakdown as qb
-    from zipserve.compress.lowrank import LowRankBases, LowRankCodec
+    from zipserve.compress.lowrank import LowRankCodec
+    from zipserve.compress.lowrank_bases import LowRankBases
 
     cfg = setup.config
     nl, kvh, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
@@ -329,7 +331,7 @@ def calibrate_hack_plan(
     import time
 
     from zipserve.bench import quality_breakdown as qb
-    from zipserve.compress.lowrank import LowRankBases
+    from zipserve.compress.lowrank_bases import LowRankBases
 
     t0 = time.perf_counter()
     config, net, _ = qb.load(model)

@@ -116,7 +116,7 @@ class ServeConfig:
             )
         self._check_decode_kv()
         bases = str(self.engine_options.get("lowrank_bases") or self.model)
-        from zipserve.compress.lowrank import BASES_FILE
+        from zipserve.compress.lowrank_bases import BASES_FILE
 
         lowrank = [c for c in self.codecs if codec_entry(c).calibration == BASES_FILE]
         if lowrank and not bases.startswith("random:") and not (Path(bases) / BASES_FILE).is_file():

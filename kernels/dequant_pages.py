@@ -199,7 +199,7 @@ def _hack_dequant_kernel(
 # -- argument checks (shared by kernels and references) --------------------------------------
 
 
-def _check_out(
+def check_dense_out(
     n: int,
     kvh: int,
     page: int,
@@ -266,7 +266,7 @@ def _check_fp8(k, k_scale, v, v_scale, page_ids, out_k, out_v) -> None:
         if tuple(s.shape) != (n, kvh) or s.dtype != torch.float32 or s.device != k.device:
             raise ValueError(f"{name}: must be float32 [n={n}, KVH={kvh}] on {k.device}")
     _check_contiguous(k=k, v=v, k_scale=k_scale, v_scale=v_scale)
-    _check_out(n, kvh, page, d, page_ids, out_k, out_v, k.device)
+    check_dense_out(n, kvh, page, d, page_ids, out_k, out_v, k.device)
 
 
 def _check_kivi(k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, page_ids, out_k, out_v):
@@ -298,7 +298,7 @@ def _check_kivi(k_codes, k_scale, k_min, v_codes, v_scale, v_min, bits, page_ids
     _check_contiguous(
         k_codes=k_codes, v_codes=v_codes, k_scale=k_scale, k_min=k_min, v_scale=v_scale, v_min=v_min
     )
-    _check_out(n, kvh, page, d, page_ids, out_k, out_v, k_codes.device)
+    check_dense_out(n, kvh, page, d, page_ids, out_k, out_v, k_codes.device)
 
 
 def _check_hack(pages, page_ids, out_k, out_v, rotation) -> None:
@@ -313,7 +313,7 @@ def _check_hack(pages, page_ids, out_k, out_v, rotation) -> None:
         or not rotation.is_contiguous()
     ):
         raise ValueError(f"rotation: must be a contiguous float32 [{d}, {d}] on {pages.device}")
-    _check_out(
+    check_dense_out(
         pages.num_pages,
         pages.num_kv_heads,
         pages.page_size,

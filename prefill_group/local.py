@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from zipserve.compress.lowrank import LowRankBases
+from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.prefill_group.rank import GroupRank, RankResult
 from zipserve.prefill_group.result import GroupResult, merge
 from zipserve.transfer.ports import free_port, hold_free_port

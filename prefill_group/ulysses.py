@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zipserve.compress.lowrank import LowRankBases
+from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.engine.attention import prefill_attention
 from zipserve.engine.model import LlamaModel
 from zipserve.prefill_group.exchange import Exchange

@@ -150,9 +150,21 @@ def test_argument_errors_name_the_argument():
             out.to(torch.int32),
             out,
         )
-    lowrank = make_codec("lowrank", 2, 64, 32, model_dir="random:tiny").for_layer(0)
-    with pytest.raises(ValueError, match="decode_kv"):
-        lowrank.dequantize_into({}, torch.tensor([1]), out, out.clone())
+    for name in ("lowrank", "lowrank+hack2"):  # the low-rank codecs' dense form (K full, V's basis)
+        lowrank = make_codec(name, 2, 64, 32, model_dir="random:tiny").for_layer(0)
+        pool = torch.zeros(4, 2, 64, 32)
+        with pytest.raises(ValueError, match="pages: must be a lowrank"):
+            lowrank.dequantize_into({}, torch.tensor([1]), pool, pool.clone())
+        pages = lowrank.new_store(2, "cpu")
+        first = next(iter(pages))
+        with pytest.raises(ValueError, match=f"pages: {first} must be"):
+            bad = {**pages, first: pages[first][:, :1]}
+            lowrank.dequantize_into(bad, torch.tensor([1, 2]), pool, pool.clone())
+        with pytest.raises(ValueError, match="page_ids"):
+            lowrank.dequantize_into(pages, torch.tensor([1]), pool, pool.clone())
+        with pytest.raises(ValueError, match="out_k"):
+            lowrank.dequantize_into(pages, torch.tensor([1, 2]), out, out.clone())  # D 64, not 32
+        lowrank.dequantize_into(pages, torch.tensor([1, 2]), pool, pool.clone())
 
 
 # -- GPU: bf16 outputs, Llama-3-8B head shape ----------------------------------------------

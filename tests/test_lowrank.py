@@ -65,7 +65,7 @@ def test_measured_ranks_are_the_optimum_of_the_measured_losses(model_copy):
     and kind): the ranks are the budgeted optimum of the losses it records, the file holds the
     full-rank bases and loading cuts them to the ranks (or to any other ranks asked for)."""
     from zipserve.bench.quality_breakdown import windows
-    from zipserve.compress.lowrank import LowRankBases
+    from zipserve.compress.lowrank_bases import LowRankBases
     from zipserve.compress.lowrank_plan import allocate_ranks_measured
 
     llm = LLM(str(model_copy), device="cpu", max_model_len=513)
@@ -102,7 +102,7 @@ def test_allocate_ranks_prefers_energy():
 
 
 def test_random_model_gets_random_orthonormal_bases_for_speed_benchmarks():
-    from zipserve.compress.lowrank import LowRankBases
+    from zipserve.compress.lowrank_bases import LowRankBases
     from zipserve.engine.config import random_model_config
 
     cfg = random_model_config("random:tiny")

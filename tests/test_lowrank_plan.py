@@ -15,7 +15,8 @@ from disagg_helpers import hand_over, pool_whole, run_to_completion
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.hack import HackCodec
-from zipserve.compress.lowrank import LowRankBases, LowRankLayerCodec
+from zipserve.compress.lowrank import LowRankLayerCodec
+from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.compress.lowrank_plan import (
     MIX_NAME,
     PLAN_FILE,

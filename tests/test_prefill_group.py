@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zipserve.compress.codecs import make_codec
-from zipserve.compress.lowrank import LowRankBases
+from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.compress.wire import LayerKV, unpack_pages
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.config import EngineConfig
