@@ -525,6 +525,14 @@ round24)
         --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}" \
         --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
         --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
+    # in what the call leaves: where compressed lowrank+hack2's extra ~40 us a layer goes at 2 x
+    # 4k (session 23: its step 8.50 ms vs hack2's 7.20), device time by kernel
+    left=$((${CALL_LIMIT:-575} - SECONDS))
+    if [ "$left" -gt 40 ]; then
+        step "$left" profile_small python3 -m zipserve.bench.decode_profile \
+            --model random:llama3-8b --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 \
+            --out "$WORK/profile_small"
+    fi
     ;;
 check23)
     # Session 23's one short call (~3.5 min; the session inherited 434 s of device time): the GPU
