@@ -36,6 +36,7 @@ from zipserve.compress.codec import KVCodec
 from zipserve.compress.hack import HackCodec
 from zipserve.compress.lowrank_bases import LowRankBases
 from zipserve.compress.lowrank_fold import apply_lowrank_output, complete_basis
+from zipserve.compress.wire import LayoutError, check_fields
 from zipserve.kernels import hack_decode_attention as hack_attn
 from zipserve.kernels import lowrank_decode_attention as lr_attn
 from zipserve.kernels import lowrank_encode, page_query
@@ -199,8 +200,12 @@ class LowRankLayerCodec(KVCodec):
         k_red @ k_dec^T (q . it == q_red . k_red), V in its completed basis (the stored r_v
         coordinates, zeros past them; `lift_v` takes them to the model's basis). The references
         attend to these."""
-        kr, vr = self._reduced(store, page_ids)
-        k_dec = self._bases(kr.device)["k_dec"]
+        return self._dense_form(*self._reduced(store, page_ids))
+
+    def _dense_form(self, kr, vr) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reduced K [n, KVH, P, r_k] and V [n, KVH, P, r_v] -> K [n, KVH, P, D] (k_red @ k_dec^T)
+        and V [n, KVH, P, D] (zero past r_v), fp32."""
+        k_dec = self._bases(kr.device)["k_dec"]  # [KVH, D, r_k]
         return torch.einsum("nhpr,hdr->nhpd", kr, k_dec), _width(vr, self.head_dim)
 
     def dequantize_into(self, pages, page_ids, out_k, out_v):
@@ -210,31 +215,26 @@ class LowRankLayerCodec(KVCodec):
         ValueError naming the argument when the store is not this codec's or the pool does not fit."""
         n, dev = self._check_store(pages)
         check_dense_out(n, self.kvh, self.page_size, self.head_dim, page_ids, out_k, out_v, dev)
-        kr, vr = self._reduced_all(pages)  # fp32 [n, KVH, P, r_k], [n, KVH, P, r_v]
-        k_dec = self._bases(kr.device)["k_dec"]  # [KVH, D, r_k]
+        k, v = self._dense_form(*self._reduced_all(pages))  # fp32 [n, KVH, P, D] each
         ids = page_ids.long()
-        out_k[ids] = torch.einsum("nhpr,hdr->nhpd", kr, k_dec).to(out_k.dtype)
-        out_v[ids] = _width(vr, self.head_dim).to(out_v.dtype)
+        out_k[ids] = k.to(out_k.dtype)
+        out_v[ids] = v.to(out_v.dtype)
 
     @functools.cached_property
-    def _layout(self) -> dict[str, tuple[torch.dtype, torch.Size]]:
-        """A store's tensors: name -> (dtype, per-page shape)."""
-        return {n: (t.dtype, t.shape[1:]) for n, t in self.new_store(0, "cpu").items()}
+    def _empty_store(self) -> dict[str, torch.Tensor]:
+        """A store of no pages: the fields, dtypes and per-page shapes a store has."""
+        return self.new_store(0, "cpu")
 
     def _check_store(self, pages) -> tuple[int, torch.device]:
-        """(pages, device) of a store of this codec's layout (names, dtypes, per-page shapes)."""
-        want = self._layout
-        if not isinstance(pages, dict) or set(pages) != set(want):
-            got = sorted(pages) if isinstance(pages, dict) else type(pages).__name__
-            raise ValueError(f"pages: must be a {self.name} store {sorted(want)}, got {got}")
+        """(pages, device) of a store of this codec's layout (wire/pages.py: check_fields)."""
+        if not isinstance(pages, dict):
+            raise ValueError(f"pages: must be a {self.name} store, got {type(pages).__name__}")
+        try:
+            check_fields(pages, self._empty_store)
+        except LayoutError as e:
+            raise ValueError(f"pages: {e}") from None
         sizes = {t.shape[0] for t in pages.values()}
         devices = {t.device for t in pages.values()}
-        for name, t in pages.items():
-            if t.dtype != want[name][0] or t.shape[1:] != want[name][1]:
-                raise ValueError(
-                    f"pages: {name} must be {want[name][0]} [n, {', '.join(map(str, want[name][1]))}]"
-                    f", got {t.dtype} {tuple(t.shape)}"
-                )
         if len(sizes) != 1 or len(devices) != 1:
             raise ValueError("pages: every tensor must hold the same pages on one device")
         return sizes.pop(), devices.pop()

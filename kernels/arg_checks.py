@@ -59,9 +59,9 @@ def pages_read(k, src_rows) -> int:
     return src_rows.shape[0]
 
 
-def check_page_ids(page_ids, m: int, device) -> None:
-    """page_ids: an int32 / int64 [m] tensor on device (the pool pages an encoder writes);
-    ValueError naming page_ids otherwise."""
+def check_page_ids(page_ids, m: int, device, name: str = "page_ids") -> None:
+    """page_ids: an int32 / int64 [m] tensor on device (the pool pages an encoder writes, or
+    another per-page id vector: `name`); ValueError naming it otherwise."""
     if (
         not isinstance(page_ids, torch.Tensor)
         or page_ids.dim() != 1
@@ -70,7 +70,7 @@ def check_page_ids(page_ids, m: int, device) -> None:
         or page_ids.device != device
     ):
         raise ValueError(
-            f"page_ids must be an int32/int64 [m={m}] tensor on {device}, got "
+            f"{name} must be an int32/int64 [m={m}] tensor on {device}, got "
             f"{getattr(page_ids, 'dtype', type(page_ids).__name__)} "
             f"{tuple(getattr(page_ids, 'shape', ()))} on {getattr(page_ids, 'device', None)}"
         )

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from zipserve.kernels.arg_checks import (
     FLOAT_DTYPES,
+    check_page_ids,
     kernel_rows,
     page_strides,
     pages_read,
@@ -231,23 +232,9 @@ def _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows=None, skip_i
                 raise ValueError(f"{tn} is on {t.device}, k is on {k.device}")
         ranks.append(r)
     n = pages_read(k, src_rows)
-    if page_ids.dtype not in (torch.int32, torch.int64) or tuple(page_ids.shape) != (n,):
-        raise ValueError(
-            f"page_ids must be int32/int64 [{n}], got {page_ids.dtype} {tuple(page_ids.shape)}"
-        )
-    if page_ids.device != k.device:
-        raise ValueError(f"page_ids is on {page_ids.device}, k is on {k.device}")
-    if skip_ids is not None and (
-        not isinstance(skip_ids, torch.Tensor)
-        or skip_ids.dtype not in (torch.int32, torch.int64)
-        or skip_ids.shape != page_ids.shape
-        or skip_ids.device != page_ids.device
-    ):
-        raise ValueError(
-            f"skip_ids must be int32/int64 {tuple(page_ids.shape)} on {page_ids.device} like "
-            f"page_ids, got {getattr(skip_ids, 'dtype', type(skip_ids).__name__)} "
-            f"{tuple(getattr(skip_ids, 'shape', ()))} on {getattr(skip_ids, 'device', None)}"
-        )
+    check_page_ids(page_ids, n, k.device)
+    if skip_ids is not None:
+        check_page_ids(skip_ids, n, k.device, name="skip_ids")
     return n, kvh, p, d, ranks[0], ranks[1]
 
 

@@ -153,11 +153,13 @@ def test_argument_errors_name_the_argument():
     for name in ("lowrank", "lowrank+hack2"):  # the low-rank codecs' dense form (K full, V's basis)
         lowrank = make_codec(name, 2, 64, 32, model_dir="random:tiny").for_layer(0)
         pool = torch.zeros(4, 2, 64, 32)
-        with pytest.raises(ValueError, match="pages: must be a lowrank"):
+        with pytest.raises(ValueError, match=r"pages: fields \[\] do not match the pool's"):
             lowrank.dequantize_into({}, torch.tensor([1]), pool, pool.clone())
+        with pytest.raises(ValueError, match="pages: must be a lowrank"):
+            lowrank.dequantize_into([], torch.tensor([1]), pool, pool.clone())
         pages = lowrank.new_store(2, "cpu")
         first = next(iter(pages))
-        with pytest.raises(ValueError, match=f"pages: {first} must be"):
+        with pytest.raises(ValueError, match=f"pages: {first}: .* per page, pool has"):
             bad = {**pages, first: pages[first][:, :1]}
             lowrank.dequantize_into(bad, torch.tensor([1, 2]), pool, pool.clone())
         with pytest.raises(ValueError, match="page_ids"):

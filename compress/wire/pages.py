@@ -106,10 +106,15 @@ def check_layout(
     count). `note` is appended to a codec mismatch's message."""
     if pages.codec != codec:
         raise LayoutError(f"pages are {pages.codec!r}, this pool holds {codec!r}{note}")
-    if set(pages.tensors) != set(store):
-        raise LayoutError(f"fields {sorted(pages.tensors)} do not match the pool's {sorted(store)}")
+    check_fields(pages.tensors, store)
+
+
+def check_fields(tensors: dict[str, torch.Tensor], store: dict[str, torch.Tensor]) -> None:
+    """LayoutError unless `tensors` has `store`'s fields with their dtypes and per-page shapes."""
+    if set(tensors) != set(store):
+        raise LayoutError(f"fields {sorted(tensors)} do not match the pool's {sorted(store)}")
     for name, t in store.items():
-        src = pages.tensors[name]
+        src = tensors[name]
         if src.dtype != t.dtype or tuple(src.shape[1:]) != tuple(t.shape[1:]):
             raise LayoutError(
                 f"{name}: {src.dtype} {tuple(src.shape[1:])} per page, pool has "
