@@ -164,6 +164,13 @@ jct_sweep() {  # jct_sweep SECONDS NAME CODECS LINKS: the issue-16 sweep on rand
         "${GRAPHS[@]}" --out "$WORK/$name"
 }
 
+jct_nolink() {  # jct_nolink SECONDS CODECS: issue 16's no-link lanes (decode-kv auto) at 1-3
+    # req/s, 16 requests a cell, on random Llama-3-8B, into $WORK/jct_nolink
+    step "$1" jct_nolink python3 -m zipserve bench jct --sweep --model random:llama3-8b \
+        --codecs "$2" --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
+        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
+}
+
 fixes18_tests() {  # fixes18_tests SECONDS: session 18's kernels (lowrank tail merge, fp8
     # encode) and the sampler's wait-free test on the GPU
     pytest_gpu "$1" fixes18 -m gpu tests/test_lowrank_tail_merge.py tests/test_sampling.py \
@@ -477,10 +484,7 @@ prefill17)
     pytest_gpu 100 kivi_engine -m gpu tests/test_engine_gpu.py -k kivi2
     step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,fp8,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
-    step 300 jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,fp8,kivi2,hack2 --decode-kv auto --links none \
-        --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
-        --out "$WORK/jct_nolink"
+    jct_nolink 300 bf16,fp8,kivi2,hack2
     ;;
 waits17)
     # prefill17's wait and KIVI kernel tests and profile, without its engine tests and JCT lanes
@@ -503,10 +507,7 @@ round19)
         --codecs bf16,fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 45 profile_lowrank python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,lowrank+hack2 --batch 8 --context 8192 --out "$WORK/profile_lowrank"
-    step "${JCT_LIMIT:-240}" jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
-        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
-        --out "$WORK/jct_nolink"
+    jct_nolink "${JCT_LIMIT:-240}" bf16,lowrank+hack2,fp8,hack4
     ;;
 round24)
     # The next session's first call (~9.5 min): lowrank's dense mode (session 23, CPU-tested) on
@@ -521,10 +522,7 @@ round24)
         --codecs "${ENGINE_CODECS:-bf16,hack2,hack4,lowrank+hack2,lowrank+hack2/dense}" \
         --batches "${ENGINE_BATCHES:-2,8}" --contexts 4096 --out "$WORK/engine24"
     # ~60-100 s a lane (system start 20-57 s in session 23, then 3 rates x 16 requests)
-    step "${JCT_LIMIT:-380}" jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}" \
-        --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
-        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
+    jct_nolink "${JCT_LIMIT:-380}" "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}"
     # in what the call leaves: where compressed lowrank+hack2's extra ~40 us a layer goes at 2 x
     # 4k (session 23: its step 8.50 ms vs hack2's 7.20), device time by kernel
     left=$((${CALL_LIMIT:-575} - SECONDS))
@@ -578,10 +576,7 @@ round22)
         --batches "${ENGINE_BATCHES:-1,2,4,8,32}" --contexts 4096,8192 --out "$WORK/engine22"
     step 60 profile_small python3 -m zipserve.bench.decode_profile --model random:llama3-8b \
         --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 --out "$WORK/profile_small"
-    step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}" \
-        --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
-        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
+    jct_nolink "${JCT_LIMIT:-200}" "${JCT_CODECS:-bf16,hack2,hack4,lowrank+hack2}"
     # last (a 16 GB model per test), in what the call leaves (CALL_LIMIT: the call's timeout_s
     # less ~25 s; `engine22g` runs them alone): graphs = eager, and decode = scoring holds the
     # lowrank fold of W_v and the tail write
@@ -600,10 +595,7 @@ round21)
     if kernels20_tests 60; then export ZIPSERVE_NORM_ROPE_KERNELS=1
     else export ZIPSERVE_NORM_ROPE_KERNELS=0; fi
     engine20_steps
-    step "${JCT_LIMIT:-220}" jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
-        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
-        --out "$WORK/jct_nolink"
+    jct_nolink "${JCT_LIMIT:-220}" bf16,lowrank+hack2,fp8,hack4
     ;;
 round20)
     # Session 20's first call (~9.5 min): fused20_steps (the kernels' GPU tests, then the fused
@@ -615,10 +607,7 @@ round20)
     step 40 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs fp8,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     engine20_steps
-    step "${JCT_LIMIT:-200}" jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,lowrank+hack2,fp8,hack4 --decode-kv auto \
-        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
-        --out "$WORK/jct_nolink"
+    jct_nolink "${JCT_LIMIT:-200}" bf16,lowrank+hack2,fp8,hack4
     ;;
 tiny20)
     # ~3 min, a session's last minutes: session 20's kernels' GPU tests, bf16 / lowrank+hack2
@@ -690,10 +679,7 @@ round18)
         --codecs bf16,kivi2,hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     step 40 engine_lowrank python3 -m zipserve bench engine --model random:llama3-8b \
         --codecs bf16,lowrank+hack2 --batches 8,32 --contexts 8192 --out "$WORK/engine_lowrank"
-    step 230 jct_nolink python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,kivi2,hack2,lowrank+hack2 --decode-kv auto \
-        --links none --rates 1,2,3 --num-requests 16 --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" \
-        --out "$WORK/jct_nolink"
+    jct_nolink 230 bf16,kivi2,hack2,lowrank+hack2
     ;;
 lowrank18)
     # Issue 16, lowrank+hack2's decode (~8 min). Session 18 measured the in-place seal (0.49x ->
