@@ -54,6 +54,7 @@ from zipserve.kernels.paged_decode_attention import (
     is_interpreted,
     require_runnable,
 )
+from zipserve.kernels.rotated_merge import split_weights_ref
 
 __all__ = ["lowrank_tail_merge", "lowrank_tail_merge_ref"]
 
@@ -446,16 +447,11 @@ def merge_parts_ref(o_p: torch.Tensor, lse_p: torch.Tensor) -> tuple[torch.Tenso
     """Flash-decoding partials o_p [B, H, S, W] / lse_p [B, H, S] (log2; -inf: empty, its o_p not
     read) -> their merge (o [B, H, W] normalized, zeros for a row without scores; lse [B, H], -inf
     there), in fp32."""
-    live = lse_p > float("-inf")
-    m = lse_p.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # [B, H, 1]
-    w = torch.where(live, torch.exp2(lse_p - m), 0.0)  # [B, H, S]
-    den = w.sum(-1)  # [B, H]
+    live, w, den, m = split_weights_ref(lse_p)  # [B, H, S] x 2, [B, H, 1] x 2
     parts = torch.where(live[..., None], o_p, 0.0)  # an empty partial's o_p may be anything
-    o = (w[..., None] * parts).sum(-2) / torch.where(den > 0, den, 1.0)[..., None]
-    lse = torch.where(
-        den > 0, m[..., 0] + torch.log2(torch.where(den > 0, den, 1.0)), float("-inf")
-    )
+    o = (w[..., None] * parts).sum(-2) / torch.where(den > 0, den, 1.0)
+    den, m = den[..., 0], m[..., 0]  # [B, H]
+    lse = torch.where(den > 0, m + torch.log2(torch.where(den > 0, den, 1.0)), float("-inf"))
     return o, lse
 
 

@@ -134,19 +134,27 @@ def merged_lse_ref(lse: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(lse * _LN2, dim=-1) / _LN2
 
 
+def split_weights_ref(lse: torch.Tensor):
+    """Partials' lse [B, H, S] (log2 units; -inf: an empty partial) -> (live [B, H, S], the
+    partials with scores; w [B, H, S] = 2^(lse - m), 0 where empty; den [B, H, 1] = sum w;
+    m [B, H, 1], the largest lse, 0 where every partial is empty): the split merges' weights, the
+    torch form of _split_weights."""
+    live = lse > float("-inf")
+    m = lse.amax(-1, keepdim=True)
+    m = torch.where(m > float("-inf"), m, torch.zeros_like(m))
+    w = torch.where(live, torch.exp2(lse - m), torch.zeros_like(lse))
+    return live, w, w.sum(-1, keepdim=True), m
+
+
 def merge_rotated_ref(part, lse, rotation, out, lse_out=None):
     """Torch reference of merge_rotated (same signature)."""
     _check(part, lse, rotation, out)
     check_lse_out(lse_out, *part.shape[:2], part.device)
     if lse_out is not None:
         lse_out.copy_(merged_lse_ref(lse))
-    live = lse > float("-inf")
-    m = torch.where(live, lse, torch.full_like(lse, float("-inf"))).amax(-1, keepdim=True)
-    m = torch.where(m > float("-inf"), m, torch.zeros_like(m))
-    w = torch.where(live, torch.exp2(lse - m), torch.zeros_like(lse))  # [B, H, S1]
+    live, w, den, _ = split_weights_ref(lse)  # w [B, H, S1], den [B, H, 1]
     safe = torch.where(live[..., None], part, torch.zeros_like(part))
     pages = (w[..., 1:, None] * safe[:, :, 1:]).sum(2) @ rotation.float()  # [B, H, D]
-    den = w.sum(-1, keepdim=True)
     o = (pages + w[..., :1] * safe[:, :, 0]) / torch.where(den > 0, den, torch.ones_like(den))
     out.copy_(o)
     return out
