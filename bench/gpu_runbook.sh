@@ -43,6 +43,7 @@
 #                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
 #                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
 #   round24    nvidia-h100-x1  lowrank dense-mode GPU tests, tokens/s 2/8 x 4k both modes, no-link lanes (auto) ~9.5 min
+#   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto) at 1-4 req/s   ~8 min
 #   check23    nvidia-h100-x1  session 22's kernels' GPU tests, lowrank/hack2 engine tests, tokens/s 2/8 x 4k ~3.5 min
 #   round22    nvidia-h100-x1  session 21 GPU tests, engine small/large batches, profile 2x4k, no-link ~9.5 min
 #   round21    nvidia-h100-x1  kernels20 gate, engine20_steps, no-link bf16/lowrank+hack2/fp8/hack4 ~9 min
@@ -90,7 +91,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -531,6 +532,16 @@ round24)
             --model random:llama3-8b --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 \
             --out "$WORK/profile_small"
     fi
+    ;;
+link24)
+    # Session 24's second call (~8 min): the 10 Gb/s cells on today's code (last run in session
+    # 17-19), up to 4 req/s to find where bf16's link backlog stops being sustained; bf16 first,
+    # and the sweep writes after every run, so a cut keeps the rest.
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    step "${JCT_LIMIT:-540}" jct_link python3 -m zipserve bench jct --sweep \
+        --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,kivi2,lowrank+hack2}" \
+        --decode-kv auto --links 10 --rates "${JCT_RATES:-1,2,3,4}" --num-requests 16 \
+        --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_link"
     ;;
 check23)
     # Session 23's one short call (~3.5 min; the session inherited 434 s of device time): the GPU
