@@ -43,7 +43,7 @@
 #                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
 #                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
 #   round24    nvidia-h100-x1  lowrank dense-mode GPU tests, tokens/s 2/8 x 4k both modes, no-link lanes (auto) ~9.5 min
-#   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto) at 1-4 req/s   ~8 min
+#   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
 #   check23    nvidia-h100-x1  session 22's kernels' GPU tests, lowrank/hack2 engine tests, tokens/s 2/8 x 4k ~3.5 min
 #   round22    nvidia-h100-x1  session 21 GPU tests, engine small/large batches, profile 2x4k, no-link ~9.5 min
 #   round21    nvidia-h100-x1  kernels20 gate, engine20_steps, no-link bf16/lowrank+hack2/fp8/hack4 ~9 min
@@ -535,13 +535,13 @@ round24)
     ;;
 link24)
     # Session 24's second call (~8 min): the 10 Gb/s cells on today's code (last run in session
-    # 17-19), up to 4 req/s to find where bf16's link backlog stops being sustained; bf16 first,
-    # and the sweep writes after every run, so a cut keeps the rest.
+    # 17-19), 32 requests a run at 2-4 req/s, where bf16's link is >= 80% busy and its backlog
+    # grows with the run; bf16 first, and the sweep writes after every run, so a cut keeps the rest.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
     step "${JCT_LIMIT:-540}" jct_link python3 -m zipserve bench jct --sweep \
         --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,kivi2,lowrank+hack2}" \
-        --decode-kv auto --links 10 --rates "${JCT_RATES:-1,2,3,4}" --num-requests 16 \
-        --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_link"
+        --decode-kv auto --links 10 --rates "${JCT_RATES:-2,3,4}" --num-requests "${JCT_REQUESTS:-32}" \
+        --scale 0.5 --max-seconds 40 "${GRAPHS[@]}" --out "$WORK/jct_link"
     ;;
 check23)
     # Session 23's one short call (~3.5 min; the session inherited 434 s of device time): the GPU
