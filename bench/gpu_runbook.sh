@@ -43,6 +43,8 @@
 #                              lowrank+hack2 4k prefill, engine GPU tests, lowrank+hack2 profile
 #                              and page-kernel configurations, no-link JCT lanes          ~9.5 min
 #   round24    nvidia-h100-x1  lowrank dense-mode GPU tests, tokens/s 2/8 x 4k both modes, no-link lanes (auto) ~9.5 min
+#   trace25    nvidia-h100-x1  lowrank+hack2/dense vs bf16 under load: import and prefill profiles at 4k,
+#                              no-link lanes at 2-3 req/s with the decode step trace + step_gaps ~7 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
 #   check23    nvidia-h100-x1  session 22's kernels' GPU tests, lowrank/hack2 engine tests, tokens/s 2/8 x 4k ~3.5 min
 #   round22    nvidia-h100-x1  session 21 GPU tests, engine small/large batches, profile 2x4k, no-link ~9.5 min
@@ -91,7 +93,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -143,14 +145,15 @@ GRAPHS=(--engine-option graph_batch_sizes=1,2,4,8,16,32 --engine-option max_num_
 
 traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 workload at rates
     # 1/2, no link and 10 Gb/s, with the decode worker's step trace, then step_gaps on it (~2 min)
-    # (LANE_TAG, when set, ends every folder name: runs of one lane under other settings)
+    # (LANE_TAG, when set, ends every folder name: runs of one lane under other settings;
+    # TRACE_LINKS and TRACE_RATES replace the links and rates)
     local lane c m n
     for lane in "$@"; do
         c=${lane%%:*} m=${lane##*:} n="${lane/:/_}${LANE_TAG:-}"
         ZIPSERVE_STEP_TRACE="$WORK/trace_$n" step 170 "jct_$n" python3 -m zipserve \
             bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
-            --links none,10 --rates 1,2 --num-requests 16 --scale 0.5 --max-seconds 25 \
-            "${GRAPHS[@]}" --out "$WORK/jct_$n"
+            --links "${TRACE_LINKS:-none,10}" --rates "${TRACE_RATES:-1,2}" --num-requests 16 \
+            --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_$n"
         step 30 "gaps_$n" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_$n" \
             --requests "$WORK/jct_$n/jct_requests.csv"
     done
@@ -532,6 +535,20 @@ round24)
             --model random:llama3-8b --lanes bf16,hack2,lowrank+hack2 --batch 2 --context 4096 \
             --out "$WORK/profile_small"
     fi
+    ;;
+trace25)
+    # Session 24 left lowrank+hack2 (decode-kv dense) the one codec past 1.05x bf16's no-link JCT
+    # (1.03-1.10x at 2 req/s, 1.05-1.21x at 3) with its decode step at bf16's, and one bf16
+    # request whose transfer phase took 137 ms after its last layer left. Where it goes: a
+    # received layer's import on the GPU (dense lowrank: HACK dequantize at width 64, K's lift, V's
+    # pad), the prefill's export per codec, then both lanes under load with the step trace.
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    step 90 import_4k python3 -m zipserve.bench.import_profile --model random:llama3-8b \
+        --lanes bf16,hack2,hack2/dense,lowrank+hack2/dense --tokens 4096 --repeats 5 \
+        --out "$WORK/import_4k"
+    step 60 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
+        --codecs bf16,hack2,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
+    (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto lowrank+hack2:dense)
     ;;
 link24)
     # Session 24's second call (~8 min): the 10 Gb/s cells on today's code (last run in session
