@@ -353,6 +353,43 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     assert "bf16 1, hack2 3 req/s (3.0x; goal >= 3x: met" in " ".join(jct_goals.link_goals(auto))
 
 
+def test_link_goals_name_hack2s_decode_floor_and_both_codecs_completions():
+    from zipserve.bench import jct_goals
+
+    def run(codec, rate, jct, decode, done, ok, busy=0.9):
+        return {
+            "codec": codec,
+            "decode_kv": "compressed",
+            "link_gbps": 10.0,
+            "rate": rate,
+            "jct_mean_ms": jct,
+            "decode_mean_ms": decode,
+            "link_busy": busy,
+            "sustained": False,
+            "completed_per_s": done,
+            "ok": ok,
+            "sent": 32.0,
+        }
+
+    summary = [
+        run("bf16", 2.0, 4000, 1600, 1.7, 32.0),
+        run("bf16", 4.0, 5000, 1500, 1.6, 25.0),
+        run("hack2", 2.0, 3000, 2200, 2.2, 32.0),
+        run("hack2", 4.0, 4000, 3000, 3.2, 32.0),
+    ]
+    text = " ".join(jct_goals.link_goals(summary))
+    # no byte saved shortens hack2's own decode phase: 2.2 s of bf16's 4.0 s
+    assert "goal >= 60% lower: **missed**; its decode phase alone 2.20 s, 0.55x bf16's" in text
+    assert (
+        "At 4 req/s offered bf16 completed 1.60 req/s (25/32 served), hack2 3.20 req/s "
+        "(32/32 served): 2.0x." in text
+    )
+    # a run without completions (older CSVs) or where the two codecs' top rates differ: no line
+    older = [{k: v for k, v in r.items() if k != "completed_per_s"} for r in summary]
+    assert "completed" not in " ".join(jct_goals.link_goals(older))
+    assert "completed" not in " ".join(jct_goals.link_goals(summary[:3]))
+
+
 def test_headline_compares_at_bf16s_rate_or_else_at_one_every_codec_sustained():
     def run(codec, rate, jct, sustained, link=25.0):
         return {
