@@ -549,6 +549,13 @@ trace25)
     step 60 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,hack2,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto lowrank+hack2:dense)
+    # in what the call leaves: the lowrank engine GPU tests round24's 100 s cut (session 23 ran
+    # them on the same compressed path)
+    left=$((${CALL_LIMIT:-575} - SECONDS))
+    if [ "$left" -gt 60 ]; then
+        pytest_gpu "$left" tests25 -m gpu tests/test_engine_gpu.py \
+            -k "lowrank and not test_gpu_codecs_decode_equals_scoring[lowrank]"
+    fi
     ;;
 link24)
     # Session 24's second call (~8 min): the 10 Gb/s cells on today's code (last run in session
