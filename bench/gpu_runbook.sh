@@ -45,6 +45,8 @@
 #   round24    nvidia-h100-x1  lowrank dense-mode GPU tests, tokens/s 2/8 x 4k both modes, no-link lanes (auto) ~9.5 min
 #   trace25    nvidia-h100-x1  lowrank+hack2/dense vs bf16 under load: import and prefill profiles at 4k,
 #                              no-link lanes at 2-3 req/s with the decode step trace + step_gaps ~7 min
+#   h200table  nvidia-h200     decode_kv's H200 row (it predates the CUDA HACK kernel): engine step per
+#                              codec at 2/8 x 4k and 8/32 x 8k, both decode modes               ~5 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
 #   check23    nvidia-h100-x1  session 22's kernels' GPU tests, lowrank/hack2 engine tests, tokens/s 2/8 x 4k ~3.5 min
 #   round22    nvidia-h100-x1  session 21 GPU tests, engine small/large batches, profile 2x4k, no-link ~9.5 min
@@ -93,7 +95,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | h200table | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -556,6 +558,16 @@ trace25)
         pytest_gpu "$left" tests25 -m gpu tests/test_engine_gpu.py \
             -k "lowrank and not test_gpu_codecs_decode_equals_scoring[lowrank]"
     fi
+    ;;
+h200table)
+    # When a session gets an H200: engine/decode_kv.py's "h200" row is torch-SDPA kernel ratios
+    # from session 2, before the CUDA HACK kernel, so `auto` decodes hack2 / hack4 dense there
+    # (0.75 / 0.72 < 0.92). The H100 row is engine steps against bf16's: measure the same here.
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    step "${ENGINE_LIMIT:-280}" engine_h200 python3 -m zipserve bench engine \
+        --model random:llama3-8b \
+        --codecs "${ENGINE_CODECS:-bf16,hack2,hack4,lowrank+hack2,lowrank+hack2/dense,hack2/dense}" \
+        --batches "${ENGINE_BATCHES:-2,8,32}" --contexts 4096,8192 --out "$WORK/engine_h200"
     ;;
 link24)
     # Session 24's second call (~8 min): the 10 Gb/s cells on today's code (last run in session
