@@ -170,11 +170,16 @@ jct_sweep() {  # jct_sweep SECONDS NAME CODECS LINKS: the issue-16 sweep on rand
         "${GRAPHS[@]}" --out "$WORK/$name"
 }
 
+jct_auto() {  # jct_auto SECONDS NAME CODECS LINKS RATES REQUESTS MAX_SECONDS: the issue-16
+    # workload on random Llama-3-8B, every lane as decode-kv auto picks, into $WORK/NAME
+    step "$1" "$2" python3 -m zipserve bench jct --sweep --model random:llama3-8b \
+        --codecs "$3" --decode-kv auto --links "$4" --rates "$5" --num-requests "$6" --scale 0.5 \
+        --max-seconds "$7" "${GRAPHS[@]}" --out "$WORK/$2"
+}
+
 jct_nolink() {  # jct_nolink SECONDS CODECS: issue 16's no-link lanes (decode-kv auto) at 1-3
-    # req/s, 16 requests a cell, on random Llama-3-8B, into $WORK/jct_nolink
-    step "$1" jct_nolink python3 -m zipserve bench jct --sweep --model random:llama3-8b \
-        --codecs "$2" --decode-kv auto --links none --rates 1,2,3 --num-requests 16 --scale 0.5 \
-        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_nolink"
+    # req/s, 16 requests a cell, into $WORK/jct_nolink
+    jct_auto "$1" jct_nolink "$2" none 1,2,3 16 25
 }
 
 fixes18_tests() {  # fixes18_tests SECONDS: session 18's kernels (lowrank tail merge, fp8
@@ -574,10 +579,8 @@ link24)
     # 17-19), 32 requests a run at 2-4 req/s, where bf16's link is >= 80% busy and its backlog
     # grows with the run; bf16 first, and the sweep writes after every run, so a cut keeps the rest.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
-    step "${JCT_LIMIT:-540}" jct_link python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs "${JCT_CODECS:-bf16,hack2,kivi2,lowrank+hack2}" \
-        --decode-kv auto --links 10 --rates "${JCT_RATES:-2,3,4}" --num-requests "${JCT_REQUESTS:-32}" \
-        --scale 0.5 --max-seconds 40 "${GRAPHS[@]}" --out "$WORK/jct_link"
+    jct_auto "${JCT_LIMIT:-540}" jct_link "${JCT_CODECS:-bf16,hack2,kivi2,lowrank+hack2}" 10 \
+        "${JCT_RATES:-2,3,4}" "${JCT_REQUESTS:-32}" 40
     ;;
 check23)
     # Session 23's one short call (~3.5 min; the session inherited 434 s of device time): the GPU
@@ -708,10 +711,7 @@ link19)
     # Session 19's second call (~9 min): the 10 Gb/s cells on the code after sessions 17-18's
     # prefill, seal and encode changes (session 17's merged_16 was the last, on older code), every
     # lane as `auto` picks, bf16 first; the sweep writes after every run, so a cut keeps the rest.
-    step 560 jct_link python3 -m zipserve bench jct --sweep \
-        --model random:llama3-8b --codecs bf16,hack2,kivi2,hack4,fp8,lowrank+hack2 \
-        --decode-kv auto --links 10 --rates 1,2,3 --num-requests 16 --scale 0.5 \
-        --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_link"
+    jct_auto 560 jct_link bf16,hack2,kivi2,hack4,fp8,lowrank+hack2 10 1,2,3 16 25
     ;;
 round18)
     # Session 18's one call (~8 min) when device time is short: prefill17's wait tests, the KIVI
