@@ -11,7 +11,8 @@ missed or not evaluable (and why).
 - Beside the 0.4x goal: bf16's own JCT at that rate with no link limit, the best any codec could
   do by sending less (what is left is prefill and decode), and hack2's own decode phase as a
   fraction of bf16's JCT (no byte saved shortens it). Beside the 3x-rate goal, where hack2
-  sustained no rate: both codecs' completions per second at the highest rate both ran.
+  sustained no rate: both codecs' completions per second at the highest rate run (when both
+  ran it).
 
 "Busy while transferring" is the link's busy time over the span from the run's first transfer
 start to its last transfer end (from the request rows); the run-wide figure (`link_busy` in the
@@ -185,7 +186,8 @@ def link_goals(summary: list[dict], rows: list[dict] | None = None, link=10.0) -
 
 def _completions(runs: list[dict]) -> str:
     """' At R req/s offered bf16 completed X req/s (ok/sent served), hack2 Y req/s (...): Zx.'
-    at the highest rate both ran, from the summary's completed_per_s; '' where it is missing."""
+    at each codec's highest rate run, from the summary's completed_per_s; '' where that is
+    missing or the two highest rates differ."""
     best: dict = {}
     for s in runs:
         c = base_codec(lane(s))
