@@ -143,47 +143,32 @@ def _lowrank_tail_merge_kernel(
     c_ok = offs_d < rv
     op_head0 = op_ptr + b * stride_opb + (kvh * G) * stride_oph  # the first head's partial 0
     lse_row0 = (b * tl.num_programs(1) * G + kvh * G) * NUM_PARTS  # lse_p contiguous [B, H, S]
-    if ROTATE:  # o_p = o_rot @ R[:, :rv], in fp32
-        offs_w = tl.arange(0, W_PAD)
-        w_ok = offs_w < W
+    if ROTATE:  # the partials' W columns, each merged row taken back by R[:, :rv] in fp32
+        cols = tl.arange(0, W_PAD)
+        col_ok = cols < W
         rot = tl.load(
-            rot_ptr + offs_w[:, None] * W + offs_d[None, :],
-            mask=w_ok[:, None] & c_ok[None, :],
+            rot_ptr + cols[:, None] * W + offs_d[None, :],
+            mask=col_ok[:, None] & c_ok[None, :],
             other=0.0,
         )  # [W_PAD, BD]
-        o_p, lse_p = _merge_parts(
-            op_head0,
-            lse_row0,
-            stride_oph,
-            stride_ops,
-            offs_w,
-            w_ok,
-            rot,
-            lp_ptr,
-            G,
-            G_PAD,
-            BLOCK_D,
-            NUM_PARTS,
-            S_PAD,
-            True,
-        )  # [G_PAD, BD], zeros from column rv on; [G_PAD]
-    else:
-        o_p, lse_p = _merge_parts(
-            op_head0,
-            lse_row0,
-            stride_oph,
-            stride_ops,
-            offs_d,
-            c_ok,
-            0.0,
-            lp_ptr,
-            G,
-            G_PAD,
-            BLOCK_D,
-            NUM_PARTS,
-            S_PAD,
-            False,
-        )  # [G_PAD, BD], zeros from column rv on
+    else:  # the partials' first rv columns as they are
+        cols, col_ok, rot = offs_d, c_ok, 0.0
+    o_p, lse_p = _merge_parts(
+        op_head0,
+        lse_row0,
+        stride_oph,
+        stride_ops,
+        cols,
+        col_ok,
+        rot,
+        lp_ptr,
+        G,
+        G_PAD,
+        BLOCK_D,
+        NUM_PARTS,
+        S_PAD,
+        ROTATE,
+    )  # [G_PAD, BD], zeros from column rv on; [G_PAD]
     o = _merge_pages(m_i, l_i, acc, o_p, lse_p)  # [G_PAD, BD]
     tl.store(
         out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
