@@ -556,12 +556,12 @@ trace25)
     step 60 prefill_4k python3 -m zipserve.bench.prefill_profile --model random:llama3-8b \
         --codecs bf16,hack2,lowrank+hack2 --tokens 4096 --repeats 3 --out "$WORK/prefill_4k"
     (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto lowrank+hack2:dense)
-    # in what the call leaves: the lowrank engine GPU tests round24's 100 s cut (session 23 ran
-    # them on the same compressed path)
+    # in what the call leaves: the tail merge's kernel test (its two _merge_parts calls became
+    # one after session 24's runs), then the lowrank engine GPU tests round24's 100 s cut
     left=$((${CALL_LIMIT:-575} - SECONDS))
     if [ "$left" -gt 60 ]; then
-        pytest_gpu "$left" tests25 -m gpu tests/test_engine_gpu.py \
-            -k "lowrank and not test_gpu_codecs_decode_equals_scoring[lowrank]"
+        pytest_gpu "$left" tests25 -m gpu tests/test_lowrank_tail_merge.py tests/test_engine_gpu.py \
+            -k "tail_merge or (lowrank and not test_gpu_codecs_decode_equals_scoring[lowrank])"
     fi
     ;;
 h200table)
