@@ -45,6 +45,8 @@
 #   round24    nvidia-h100-x1  lowrank dense-mode GPU tests, tokens/s 2/8 x 4k both modes, no-link lanes (auto) ~9.5 min
 #   trace25    nvidia-h100-x1  lowrank+hack2/dense vs bf16 under load: import and prefill profiles at 4k,
 #                              no-link lanes at 2-3 req/s with the decode step trace + step_gaps ~7 min
+#   trace26    nvidia-h100-x1  the prefill worker's send trace beside the decode worker's: bf16, hack2,
+#                              kivi2, hack4 with no link at 2-3 req/s, then again while time lasts ~8 min
 #   h200table  nvidia-h200     decode_kv's H200 row (it predates the CUDA HACK kernel): engine step per
 #                              codec at 2/8 x 4k and 8/32 x 8k, both decode modes               ~5 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
@@ -95,7 +97,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | h200table | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | trace26 | h200table | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -563,6 +565,21 @@ trace25)
         pytest_gpu "$left" tests25 -m gpu tests/test_lowrank_tail_merge.py tests/test_engine_gpu.py \
             -k "tail_merge or (lowrank and not test_gpu_codecs_decode_equals_scoring[lowrank])"
     fi
+    ;;
+trace26)
+    # Session 25's no-link runs on one H100: in some runs a request's layers left the prefill
+    # worker 100-650 ms after its forward pass (transfer_sending_ms; bf16, hack2, kivi2, hack4 and
+    # lowrank+hack2 alike, even at 1 req/s), in others never past 30 ms. The prefill worker's
+    # send trace (new) says what its sender thread did meanwhile: gather + checksum on the GPU,
+    # CUDA IPC's wait for acknowledgements, the sends, or nothing (the GIL). Four lanes at 2-3
+    # req/s with both workers traced, then, in what the call leaves, the same lanes once more
+    # (the stall came and went between runs).
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto hack2:auto kivi2:auto hack4:auto)
+    for lane in bf16:auto hack2:auto kivi2:auto hack4:auto; do
+        [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 100 ] || break
+        (export TRACE_LINKS=none TRACE_RATES=2,3 LANE_TAG=_b; traced_lanes "$lane")
+    done
     ;;
 h200table)
     # When a session gets an H200: engine/decode_kv.py's "h200" row is torch-SDPA kernel ratios

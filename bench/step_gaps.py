@@ -1,5 +1,6 @@
 """Where the decode worker's long gaps between tokens go: its step trace
-(decode_worker/step_trace.py, ZIPSERVE_STEP_TRACE) beside the sweep's requests.
+(decode_worker/step_trace.py, ZIPSERVE_STEP_TRACE) beside the sweep's requests; and where the
+prefill worker's late layers go (prefill_worker/send_trace.py, the same variable).
 
     python3 -m zipserve.bench.step_gaps --trace DIR --requests jct_requests.csv [--gap-ms 50]
 
@@ -10,7 +11,12 @@ requests' transfer_start_s and prefill_ms: a prefill ends where its transfer pha
 Also says how long received layers waited for the step loop to import them (`wait_ms`: a
 transfer phase that is long while the link is idle shows there) and, from the receive trace
 (decode_recv_*.csv), what each layer cost the receive thread and whether layers queued for it.
-Prints a summary and writes step_gaps.csv beside the trace.
+From the prefill worker's send trace (prefill_send_*.csv): how long after each request's forward
+pass its last layer left (the sending part of its transfer phase), and what the sender thread did
+meanwhile: waiting for the layer's gather and checksum (`ready`), for the receiver to give
+buffers back (`acks`), in the channel's sends (`send`), on an earlier request's layers
+(`earlier`), or nothing traced (`between`: the thread waiting for the GIL, or Python).
+Prints a summary and writes step_gaps.csv (and send_tails.csv) beside the trace.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import csv
 from pathlib import Path
 
 PARTS = ("import_ms", "step_ms", "done_ms")
+SEND_PARTS = ("ready_ms", "ack_ms", "send_ms")
+END_LAYER = -1  # prefill_worker/send_trace.py's row marking a request's forward-pass end
 
 
 def read_passes(folder: Path) -> list[dict]:
@@ -69,6 +77,89 @@ def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
         f"{_median_p90(col['map_ms'])}), header and checksum {_median_p90(col['verify_ms'])}; "
         f"{behind} of them were already waiting when the thread got to them"
     ]
+
+
+def read_sends(folder: Path) -> dict[str, list[dict]]:
+    """The prefill send trace's rows per prefill worker (the file's stem)."""
+    out = {}
+    for path in sorted(folder.glob("prefill_send_*.csv")):
+        with path.open() as f:
+            out[path.stem] = [
+                {k: (v if k == "request_id" else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)
+            ]
+    return out
+
+
+def _send_spans(row: dict) -> list[tuple[str, float, float]]:
+    """(part, start, end) epoch seconds of one sent layer's parts, in the order they ran."""
+    out, t = [], row["taken_s"]
+    for part in SEND_PARTS:
+        out.append((part, t, t + row[part] / 1e3))
+        t += row[part] / 1e3
+    return out
+
+
+def send_tails(rows: list[dict]) -> list[dict]:
+    """Per request of one prefill worker: how long after its forward pass ended its last layer
+    left (`tail_ms`), split by what the sender thread did in that window (its own layers'
+    SEND_PARTS, an earlier request's layers, or nothing traced: `between_ms`)."""
+    ends = {r["request_id"]: r["queued_s"] for r in rows if r["layer"] == END_LAYER}
+    sent = [r for r in rows if r["layer"] != END_LAYER]
+    out = []
+    for rid, fwd_end in ends.items():
+        mine = [r for r in sent if r["request_id"] == rid]
+        if not mine:
+            continue
+        last = max(spans[-1][2] for spans in map(_send_spans, mine))
+        tail = {"request_id": rid, "tail_ms": 1e3 * max(0.0, last - fwd_end)}
+        tail.update({p: 0.0 for p in SEND_PARTS}, earlier_ms=0.0)
+        tail["layers_after"] = sum(1 for r in mine if _send_spans(r)[-1][2] > fwd_end)
+        for r in sent:
+            for part, a, b in _send_spans(r):
+                d = 1e3 * max(0.0, min(b, last) - max(a, fwd_end))
+                if d > 0:
+                    tail[part if r["request_id"] == rid else "earlier_ms"] += d
+        traced = sum(tail[p] for p in (*SEND_PARTS, "earlier_ms"))
+        tail["between_ms"] = max(0.0, tail["tail_ms"] - traced)
+        out.append(tail)
+    return out
+
+
+def send_summary(rows: list[dict]) -> list[str]:
+    """What a prefill worker's layers cost its sender thread, and what kept each request's last
+    layer after its forward pass."""
+    sent = [r for r in rows if r["layer"] != END_LAYER]
+    tails = send_tails(rows)
+    if not sent or not tails:
+        return []
+    waited = [1e3 * max(0.0, r["taken_s"] - r["queued_s"]) for r in sent]
+    lines = [
+        f"prefill sender: {len(tails)} requests, {len(sent)} layers; per layer median / p90 ms: "
+        f"waited for the thread {_median_p90(waited)}, gather + checksum "
+        f"{_median_p90([r['ready_ms'] for r in sent])}, acknowledgements "
+        f"{_median_p90([r['ack_ms'] for r in sent])}, send {_median_p90([r['send_ms'] for r in sent])}"
+    ]
+    ms = [t["tail_ms"] for t in tails]
+    total = sum(ms) or 1.0
+    share = {
+        k: 100 * sum(t[k] for t in tails) / total for k in (*SEND_PARTS, "earlier_ms", "between_ms")
+    }
+    lines.append(
+        f"last layer left after the forward pass: median {_p(ms, 0.5):.1f} ms, p90 "
+        f"{_p(ms, 0.9):.1f}, max {max(ms):.1f}; of that time: gather + checksum "
+        f"{share['ready_ms']:.0f}%, acknowledgements {share['ack_ms']:.0f}%, send "
+        f"{share['send_ms']:.0f}%, earlier requests' layers {share['earlier_ms']:.0f}%, "
+        f"between layers {share['between_ms']:.0f}%"
+    )
+    worst = max(tails, key=lambda t: t["tail_ms"])
+    lines.append(
+        f"  slowest: {worst['tail_ms']:.0f} ms ({worst['layers_after']} layers after the "
+        f"forward pass): gather + checksum {worst['ready_ms']:.0f}, acknowledgements "
+        f"{worst['ack_ms']:.0f}, send {worst['send_ms']:.0f}, earlier requests "
+        f"{worst['earlier_ms']:.0f}, between {worst['between_ms']:.0f} ms"
+    )
+    return lines
 
 
 def prefill_spans(requests_csv: Path) -> list[tuple[float, float]]:
@@ -147,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.gap_ms <= 0:
         ap.error("--gap-ms: must be positive")
     passes = read_passes(a.trace)
-    if not passes:
-        ap.error(f"--trace: no decode_steps_*.csv in {a.trace}")
+    sends = read_sends(a.trace)
+    if not passes and not sends:
+        ap.error(f"--trace: no decode_steps_*.csv or prefill_send_*.csv in {a.trace}")
     spans = prefill_spans(a.requests) if a.requests else []
     found = gaps(passes, spans, a.gap_ms)
     receives = read_receives(a.trace)
@@ -159,6 +251,19 @@ def main(argv: list[str] | None = None) -> None:
         mine = [p for p in passes if p["worker"] == worker]
         lines = summary(mine, [g for g in found if g["worker"] == worker], a.gap_ms)
         print("\n".join(lines + receive_summary(receives.get(worker, []))))
+    all_tails = []
+    for worker, rows in sends.items():  # one prefill worker per codec, like the decode side
+        if len(sends) > 1:
+            print(f"{worker}:")
+        print("\n".join(send_summary(rows)))
+        all_tails += [{**t, "worker": worker} for t in send_tails(rows)]
+    if all_tails:
+        out = a.trace / "send_tails.csv"
+        with out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(all_tails[0]))
+            w.writeheader()
+            w.writerows(all_tails)
+        print(f"wrote {out}")
     out = a.trace / "step_gaps.csv"
     if found:
         with out.open("w", newline="") as f:

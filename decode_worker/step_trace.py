@@ -16,64 +16,25 @@ the payload took after the header (`payload_ms`: waiting for it plus mapping it)
 own share (`map_ms`, CUDA IPC), the rest up to the hand-over (`verify_ms`: reading the header and
 queueing the checksum), its size and layer.
 
-Off unless ZIPSERVE_STEP_TRACE names a folder; each worker process then writes
-`<folder>/decode_steps_<tag>_<pid>.csv` and `<folder>/decode_recv_<tag>_<pid>.csv` (the tag:
-the worker's codec; rows buffered, flushed every FLUSH_ROWS and at shutdown).
+Off unless ZIPSERVE_STEP_TRACE names a folder (control/csv_trace.py); each worker process then
+writes `<folder>/decode_steps_<tag>_<pid>.csv` and `<folder>/decode_recv_<tag>_<pid>.csv` (the
+tag: the worker's codec; rows buffered, flushed every FLUSH_ROWS and at shutdown).
 `python3 -m zipserve.bench.step_gaps` reads both.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import threading
-from pathlib import Path
 
-ENV = "ZIPSERVE_STEP_TRACE"
+from zipserve.control.csv_trace import ENV, CsvTrace
+
+__all__ = ["ENV", "FIELDS", "RECV_FIELDS", "ReceiveTrace", "StepTrace"]
+
 FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms", "recv_ms")
 RECV_FIELDS = ("header_s", "idle_ms", "payload_ms", "map_ms", "verify_ms", "nbytes", "layer")
-FLUSH_ROWS = 256
 
 
-class _CsvTrace:
-    """Rows buffered and appended to `<folder>/<prefix>_<tag>_<pid>.csv` (folder: the argument,
-    else $ZIPSERVE_STEP_TRACE; neither: off, and recording does nothing)."""
-
-    def __init__(self, prefix: str, fields: tuple[str, ...], folder=None, tag: str = ""):
-        folder = folder if folder is not None else os.environ.get(ENV)
-        name = f"{prefix}_{tag}_{os.getpid()}.csv" if tag else f"{prefix}_{os.getpid()}.csv"
-        self.path = None if not folder else Path(folder) / name
-        self._rows: list[tuple] = []
-        self._lock = threading.Lock()  # one receive thread per channel records here
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("w", newline="") as f:
-                csv.writer(f).writerow(fields)
-
-    @property
-    def on(self) -> bool:
-        return self.path is not None
-
-    def _add(self, row: tuple) -> None:
-        if self.path is None:
-            return
-        with self._lock:
-            self._rows.append(row)
-            full = len(self._rows) >= FLUSH_ROWS
-        if full:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.path is None:
-            return
-        with self._lock:
-            rows, self._rows = self._rows, []
-        if rows:
-            with self.path.open("a", newline="") as f:
-                csv.writer(f).writerows(rows)
-
-
-class StepTrace(_CsvTrace):
+class StepTrace(CsvTrace):
     def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
         super().__init__("decode_steps", FIELDS, folder, tag)
 
@@ -102,7 +63,7 @@ class StepTrace(_CsvTrace):
         )
 
 
-class ReceiveTrace(_CsvTrace):
+class ReceiveTrace(CsvTrace):
     def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
         super().__init__("decode_recv", RECV_FIELDS, folder, tag)
 

@@ -32,6 +32,7 @@ from zipserve.control.messages import PrefillStats, WorkerInfo
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
+from zipserve.prefill_worker.send_trace import END_LAYER, SendTrace
 from zipserve.transfer.channel import Channel
 from zipserve.transfer.kv_messages import send_layer, use_device_form
 from zipserve.transfer.link import LinkEmulator, LinkUsage, unshaped
@@ -80,7 +81,8 @@ KV_SLOTS = 2
 class _Sends:
     """What one prompt's sends came to: bytes, the first error, and when the last layer left."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str = "") -> None:
+        self.request_id = request_id
         self.bytes = 0
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -90,20 +92,23 @@ class _Sends:
 class _ChannelSender:
     """One thread per channel that sends queued layers in arrival order: every layer of a prompt
     leaves before any layer of the prompt queued after it. A layer of a prompt whose earlier
-    layer failed is skipped; the failure is the prompt's, not the channel's."""
+    layer failed is skipped; the failure is the prompt's, not the channel's. With `trace` on,
+    each layer sent and each prompt's end leave a row there (prefill_worker/send_trace.py)."""
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends]] = queue.Queue()
+    def __init__(self, name: str, trace: SendTrace | None = None) -> None:
+        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends, float]] = queue.Queue()
+        self._trace = trace if trace is not None and trace.on else None
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
         self._thread.start()
 
     def put(self, channel: Channel, kv: LayerKV | None, sends: _Sends) -> None:
         """Queue one layer (None: the prompt's last layer was queued before this)."""
-        self._queue.put((channel, kv, sends))
+        self._queue.put((channel, kv, sends, time.time()))
 
     def _run(self) -> None:
         while True:
-            channel, kv, sends = self._queue.get()
+            channel, kv, sends, queued_s = self._queue.get()
+            taken_s = time.time()
             if kv is None:
                 try:  # a shaped link hands messages over after their slot: wait for the last
                     channel.flush(timeout=FLUSH_TIMEOUT_S)
@@ -111,11 +116,33 @@ class _ChannelSender:
                     sends.error = sends.error or e
                 sends.end = time.time()
                 sends.done.set()
+                if self._trace is not None:
+                    end_ms = 1e3 * (sends.end - taken_s)
+                    self._trace.sent(
+                        sends.request_id, END_LAYER, 0, queued_s, taken_s, 0, 0, end_ms
+                    )
+                    self._trace.flush()  # the actor is killed, not shut down: write per prompt
             elif sends.error is None:
+                timing: dict[str, float] = {}
+                acked_before = channel.ack_wait_s
                 try:
-                    sends.bytes += send_layer(channel, kv, KV_TAG)
+                    nbytes = send_layer(channel, kv, KV_TAG, timing)
                 except Exception as e:  # surfaced to the prompt's caller
                     sends.error = e
+                    continue
+                sends.bytes += nbytes
+                if self._trace is not None:
+                    ack_ms = 1e3 * (channel.ack_wait_s - acked_before)
+                    self._trace.sent(
+                        sends.request_id,
+                        kv.layer,
+                        nbytes,
+                        queued_s,
+                        taken_s,
+                        timing["ready_ms"],
+                        ack_ms,
+                        max(0.0, timing["send_ms"] - ack_ms),
+                    )
 
 
 class PrefillWorker:
@@ -146,6 +173,8 @@ class PrefillWorker:
         """Held for a forward pass (one at a time on the engine)."""
         self._kv_slots = threading.BoundedSemaphore(KV_SLOTS)
         self._senders: dict[str, _ChannelSender] = {}
+        self.send_trace = SendTrace(tag=codec)
+        """Off unless ZIPSERVE_STEP_TRACE names a folder (prefill_worker/send_trace.py)."""
         self.prefills = 0
         self.out_of_memory = 0
 
@@ -201,8 +230,8 @@ class PrefillWorker:
             channel = self.channels[decode_id]
             sender = self._senders.get(decode_id)
             if sender is None:
-                sender = self._senders[decode_id] = _ChannelSender(decode_id)
-            sends = _Sends()
+                sender = self._senders[decode_id] = _ChannelSender(decode_id, self.send_trace)
+            sends = _Sends(request_id)
             with self._busy:
                 self.prefills += 1
                 t0 = time.time()

@@ -404,6 +404,44 @@ def test_receive_trace_times_each_ipc_layers_mapping(monkeypatch, tmp_path):
     assert all(r["nbytes"] > 0 and r["verify_ms"] >= 0 and r["idle_ms"] >= 0 for r in rows)
 
 
+@needs_model
+def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
+    """With CUDA IPC's in-flight limit at one byte every layer's payload waits until the decode
+    side gave the previous buffer back (mapping takes 5 ms there): the prefill worker's send
+    trace puts that wait in ack_ms, as much as the channel counted, and not in send_ms."""
+    import zipserve.prefill_worker.worker as prefill_module
+    from zipserve.bench.step_gaps import read_sends, send_tails
+    from zipserve.control.csv_trace import ENV
+    from zipserve.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv(ENV, str(tmp_path))
+    monkeypatch.setattr(
+        prefill_module, "use_device_form", lambda ch, dev: ch.carries_device_tensors
+    )
+    a, b, _ = _ipc_pair(_SlowFakeIpc(), ack_timeout_s=10)
+    pre, dec, _ = worker_pair(MODEL, "hack2", channels=(a, b))
+    a.limit_inflight(1)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    try:
+        _, res = serve_one(pre, dec, "r", list(range(3, 120)), params)
+        assert res.error is None
+        dec.release("r")
+        assert a.wait_acked(5)
+    finally:
+        dec.shutdown()
+        a.close()
+        b.close()
+    (rows,) = read_sends(tmp_path).values()
+    layers = [r for r in rows if r["layer"] >= 0]
+    assert len(layers) == dec.num_layers
+    assert sum(r["ack_ms"] > 0 for r in layers) >= dec.num_layers // 2
+    assert sum(r["ack_ms"] for r in layers) == pytest.approx(
+        1e3 * a.ack_wait_s, abs=0.01 * len(layers)
+    )
+    (tail,) = send_tails(rows)
+    assert tail["tail_ms"] >= tail["ack_ms"] >= 0
+
+
 def test_buffer_returns_go_back_in_order_and_past_a_failure(monkeypatch):
     from zipserve.decode_worker import buffer_returns
 
@@ -437,12 +475,14 @@ def test_ipc_inflight_budget_blocks_then_times_out():
         # the wait is reported as such (a link emulator over this channel passes it on)
         window = time.monotonic() - t0 + 0.05
         assert 0.04 < a.ack_wait_fraction(window) * window <= waited + 0.01
+        assert 0.04 < a.ack_wait_s <= waited + 0.01  # the running total the send trace reads
         passed_on = LinkEmulator(a, gbps=100.0).usage(window).ack_wait
         assert passed_on == pytest.approx(a.ack_wait_fraction(window), abs=0.05)
-        t0 = time.monotonic()
+        t0, before = time.monotonic(), a.ack_wait_s
         with pytest.raises(TransferTimeout, match="unacknowledged"):
             a.send(torch.zeros(1000, dtype=torch.uint8), 1)  # nobody gives the second back
         assert time.monotonic() - t0 < 4.0
+        assert a.ack_wait_s - before >= 1.9  # a wait that timed out counts too
     finally:
         a.close()
         b.close()

@@ -152,6 +152,9 @@ class Channel(ABC):
         """Payload bytes returned by recv() so far."""
         self.messages_sent = 0
         self.messages_received = 0
+        self.ack_wait_s = 0.0
+        """Seconds send() has spent, in all, waiting for the receiver to give buffers back
+        (`limit_inflight`); stays 0 for a transport that does not `acknowledge`."""
 
     @abstractmethod
     def send(self, buf: Buffer, tag: int) -> None:
@@ -198,6 +201,10 @@ class Channel(ABC):
         with self._stats_lock:
             self.bytes_sent += nbytes
             self.messages_sent += 1
+
+    def _count_ack_wait(self, seconds: float) -> None:
+        with self._stats_lock:
+            self.ack_wait_s += seconds
 
     def _count_received(self, nbytes: int) -> None:
         with self._stats_lock:

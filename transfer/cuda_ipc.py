@@ -219,7 +219,9 @@ class CudaIpcChannel(Channel):
                     self._cond.wait(left)
             finally:
                 if waited:  # a send that found room at once records no span
-                    self._ack_waits.add(t0, time.monotonic())
+                    t1 = time.monotonic()
+                    self._ack_waits.add(t0, t1)
+                    self._count_ack_wait(t1 - t0)
             self._check_usable()
             mid = next(self._ids)
             self._inflight[mid] = _Sent(t, nbytes, time.monotonic())

@@ -52,19 +52,34 @@ def _lock_for(channel: Channel) -> threading.Lock:
         return lock
 
 
-def send_layer(channel: Channel, kv: LayerKV | DeviceLayerKV, tag: int) -> int:
+def send_layer(
+    channel: Channel,
+    kv: LayerKV | DeviceLayerKV,
+    tag: int,
+    timing: dict[str, float] | None = None,
+) -> int:
     """Send one layer; returns the payload bytes sent. A device-form layer keeps its two
-    messages together (one sender at a time per channel)."""
+    messages together (one sender at a time per channel). `timing`, when given, gets
+    "ready_ms": making the message (a device layer: waiting for its gather and checksum; a
+    host layer: serialising it) and "send_ms": the channel's sends after that."""
+    t0 = time.perf_counter()
     if isinstance(kv, LayerKV):
         data = kv.to_bytes()
+        t1 = time.perf_counter()
         channel.send(data, tag)
-        return len(data)
-    with kv.sending():  # not on the forward pass's stream (DeviceLayerKV.sending says why)
-        header = kv.header_bytes()  # waits for the gather, computes the checksum value
-        with _lock_for(channel):
-            channel.send(header, tag)
-            channel.send(kv.wire.payload, tag)
-    return len(header) + kv.nbytes()
+        sent = len(data)
+    else:
+        with kv.sending():  # not on the forward pass's stream (DeviceLayerKV.sending says why)
+            header = kv.header_bytes()  # waits for the gather, computes the checksum value
+            t1 = time.perf_counter()
+            with _lock_for(channel):
+                channel.send(header, tag)
+                channel.send(kv.wire.payload, tag)
+        sent = len(header) + kv.nbytes()
+    if timing is not None:
+        timing["ready_ms"] = 1e3 * (t1 - t0)
+        timing["send_ms"] = 1e3 * (time.perf_counter() - t1)
+    return sent
 
 
 def recv_layer(

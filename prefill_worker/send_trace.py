@@ -1,0 +1,68 @@
+"""`SendTrace`: the prefill worker's opt-in CSV trace of its KV sends, for finding where a
+request's transfer phase goes when the layers leave late (the sending part of the phase: from
+the end of the forward pass until the last layer left).
+
+One row per layer the sender thread sent: the request, the layer, its bytes, when the forward
+pass handed it over (`queued_s`, epoch seconds) and when the sender thread took it (`taken_s`:
+later than queued_s while the thread was busy with earlier layers, or waited for the GIL), then
+the three parts of sending it: `ready_ms` (a device layer: waiting for its gather and the
+checksum on the GPU; a host layer: serialising it), `ack_ms` (the channel's wait for the
+receiver to give buffers back, CUDA IPC's in-flight limit) and `send_ms` (the rest of the
+channel's sends: exporting the IPC handle, the control message). One more row per request,
+layer -1, marks its forward pass's end: queued_s is when the forward pass returned, taken_s
+when the thread got to it and send_ms how long the channel's flush took (a shaped link).
+
+Off unless ZIPSERVE_STEP_TRACE names a folder (control/csv_trace.py); each prefill worker then
+writes `<folder>/prefill_send_<tag>_<pid>.csv` (the tag: its codec), flushed after every
+request. `python3 -m zipserve.bench.step_gaps` reads it beside the decode worker's traces.
+"""
+
+from __future__ import annotations
+
+import os
+
+from zipserve.control.csv_trace import CsvTrace
+
+SEND_FIELDS = (
+    "request_id",
+    "layer",
+    "nbytes",
+    "queued_s",
+    "taken_s",
+    "ready_ms",
+    "ack_ms",
+    "send_ms",
+)
+END_LAYER = -1
+"""The layer of the row that marks a request's forward-pass end."""
+
+
+class SendTrace(CsvTrace):
+    def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
+        super().__init__("prefill_send", SEND_FIELDS, folder, tag)
+
+    def sent(
+        self,
+        request_id: str,
+        layer: int,
+        nbytes: int,
+        queued_s: float,
+        taken_s: float,
+        ready_ms: float,
+        ack_ms: float,
+        send_ms: float,
+    ) -> None:
+        """Record one layer sent (layer END_LAYER: the request's forward-pass end, its flush
+        in send_ms)."""
+        self._add(
+            (
+                request_id,
+                layer,
+                nbytes,
+                f"{queued_s:.6f}",
+                f"{taken_s:.6f}",
+                f"{ready_ms:.3f}",
+                f"{ack_ms:.3f}",
+                f"{send_ms:.3f}",
+            )
+        )
