@@ -574,12 +574,22 @@ trace26)
     # CUDA IPC's wait for acknowledgements, the sends, or nothing (the GIL). Four lanes at 2-3
     # req/s with both workers traced, then, in what the call leaves, the same lanes once more
     # (the stall came and went between runs).
+    # Decode steps were slower in the bad runs too (time between tokens 25 against 16 ms at 2
+    # req/s): the host's CPU (vmstat: run queue, steal) and the GPU's clocks and throttle reasons
+    # are sampled beside the runs, to tell a starved host or a throttled GPU from our own waits.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
+    vmstat -t 1 > "$WORK/vmstat.log" 2>&1 &
+    local_vmstat=$!
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,clocks_throttle_reasons.active,utilization.gpu,temperature.gpu,power.draw \
+        --format=csv -lms 500 > "$WORK/gpu_clocks.csv" 2>&1 &
+    local_smi=$!
     (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto hack2:auto kivi2:auto hack4:auto)
     for lane in bf16:auto hack2:auto kivi2:auto hack4:auto; do
         [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 100 ] || break
         (export TRACE_LINKS=none TRACE_RATES=2,3 LANE_TAG=_b; traced_lanes "$lane")
     done
+    kill "$local_vmstat" "$local_smi" 2>/dev/null
+    tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" . 2>/dev/null  # with the samplers' last lines
     ;;
 h200table)
     # When a session gets an H200: engine/decode_kv.py's "h200" row is torch-SDPA kernel ratios
