@@ -573,7 +573,9 @@ trace26)
     # send trace (new) says what its sender thread did meanwhile: gather + checksum on the GPU,
     # CUDA IPC's wait for acknowledgements, the sends, or nothing (the GIL). Four lanes at 2-3
     # req/s with both workers traced, then, in what the call leaves, the same lanes once more
-    # (the stall came and went between runs).
+    # with two prompts' KV allowed unacknowledged instead of one (ZIPSERVE_KV_INFLIGHT_PROMPTS=2:
+    # gone if the sender waited for the decode worker's acknowledgements; the stall also came and
+    # went between runs, so the traces, not the means, tell).
     # Decode steps were slower in the bad runs too (time between tokens 25 against 16 ms at 2
     # req/s): the host's CPU (vmstat: run queue, steal) and the GPU's clocks and throttle reasons
     # are sampled beside the runs, to tell a starved host or a throttled GPU from our own waits.
@@ -586,7 +588,8 @@ trace26)
     (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto hack2:auto kivi2:auto hack4:auto)
     for lane in bf16:auto hack2:auto kivi2:auto hack4:auto; do
         [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 100 ] || break
-        (export TRACE_LINKS=none TRACE_RATES=2,3 LANE_TAG=_b; traced_lanes "$lane")
+        (export TRACE_LINKS=none TRACE_RATES=2,3 LANE_TAG=_inflight2 ZIPSERVE_KV_INFLIGHT_PROMPTS=2
+            traced_lanes "$lane")
     done
     kill "$local_vmstat" "$local_smi" 2>/dev/null
     tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" . 2>/dev/null  # with the samplers' last lines

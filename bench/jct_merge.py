@@ -41,16 +41,26 @@ def _union(lists) -> list:
     return out
 
 
+META_DEFAULTS = {"kv_inflight_prompts": 1}
+"""What a meta field was in sweeps from before it was recorded."""
+
+
 def _check_same(metas: list[dict], dirs: list[Path]) -> None:
     """ValueError naming the first meta field (device, model, config key) where a sweep differs
     from the first."""
     first = metas[0]
     for meta, d in zip(metas[1:], dirs[1:], strict=True):
-        for key in ("device", "model", "gil_switch_ms", "import_during_step"):
-            if meta.get(key) != first.get(key):
-                raise ValueError(
-                    f"{d}: {key} {meta.get(key)!r} differs from {dirs[0]}'s {first.get(key)!r}"
-                )
+        for key in (
+            "device",
+            "model",
+            "gil_switch_ms",
+            "import_during_step",
+            "kv_inflight_prompts",
+        ):
+            mine = meta.get(key, META_DEFAULTS.get(key))
+            theirs = first.get(key, META_DEFAULTS.get(key))
+            if mine != theirs:
+                raise ValueError(f"{d}: {key} {mine!r} differs from {dirs[0]}'s {theirs!r}")
         a, b = first.get("config", {}), meta.get("config", {})
         for key in sorted(set(a) | set(b)):
             if key not in LANE_KEYS and a.get(key) != b.get(key):
@@ -92,6 +102,7 @@ def merge(dirs: list[Path], out: Path) -> Path:
         "merged_from": [str(d) for d in dirs],
         "gil_switch_ms": metas[0].get("gil_switch_ms"),
         "import_during_step": metas[0].get("import_during_step"),
+        "kv_inflight_prompts": metas[0].get("kv_inflight_prompts"),
     }
     out.mkdir(parents=True, exist_ok=True)
     jct_client.write_csv(out / "jct_summary.csv", _same_columns(summary))

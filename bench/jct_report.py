@@ -159,6 +159,12 @@ def section(results: Path, page_dir: Path, quality_csvs: list[str] | None = None
             "(`ZIPSERVE_IMPORT_DURING_STEP=0`, an A/B run).",
             "",
         ]
+    if (meta.get("kv_inflight_prompts") or 1) != 1:
+        out += [
+            f"The prefill workers of this sweep let {meta['kv_inflight_prompts']} prompts' KV wait "
+            "unacknowledged instead of one (`ZIPSERVE_KV_INFLIGHT_PROMPTS`, an A/B run).",
+            "",
+        ]
     out += headline(summary) + [""]
     if meta["device"].startswith("CPU"):
         out += [

@@ -40,6 +40,7 @@ from zipserve.bench.conversations import CONVERSATION_SHAPES, ConversationWorklo
 from zipserve.bench.jct_conversations import print_turns, summarize_turns
 from zipserve.control.gil_switch import gil_switch_setting
 from zipserve.decode_worker.arrivals import import_during_step
+from zipserve.prefill_worker.worker import kv_inflight_prompts
 
 SUMMARY_KEYS = ("codec", "decode_kv", "link_gbps", "rate", "workload", "prefix_caching")
 
@@ -386,6 +387,7 @@ def write_tables(
         "config": conf,
         "gil_switch_ms": gil_switch_setting(),
         "import_during_step": import_during_step(),
+        "kv_inflight_prompts": kv_inflight_prompts(),
     }
     if runs_planned is not None and len(summary) < runs_planned:
         meta.update(runs_done=len(summary), runs_planned=runs_planned)

@@ -18,6 +18,7 @@ out of every layer sent (a delta transfer, engine/kv_export.py).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -75,7 +76,22 @@ class PrefillReport:
 
 
 KV_SLOTS = 2
-"""Prompts whose KV may exist at once: one sending, one computing (the warm-up holds as much)."""
+"""Prompts in prefill() at once: one computing, one whose layers are still leaving."""
+INFLIGHT_ENV = "ZIPSERVE_KV_INFLIGHT_PROMPTS"
+"""How many of the largest prompt's KV may wait unacknowledged by the decode worker (CUDA IPC)
+before sends wait; the warm-up holds one more (the prompt being computed). Default 1; 2 is for
+A/B runs (runbook trace26): does the sender's wait for acknowledgements make layers late?"""
+
+
+def kv_inflight_prompts(value: str | None = None) -> int:
+    """INFLIGHT_ENV (value: instead of the environment): a whole number >= 1, default 1.
+    Raises ValueError naming the variable for anything else."""
+    raw = (os.environ.get(INFLIGHT_ENV, "") if value is None else value).strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{INFLIGHT_ENV}: expected a whole number >= 1, got {raw!r}")
+    return int(raw)
 
 
 class _Sends:
@@ -160,13 +176,14 @@ class PrefillWorker:
         self.max_inflight_bytes: int | None = None
         """Cap on KV sent but not yet taken by the decode side (CUDA IPC), set by the warm-up."""
         if self.engine.device.type == "cuda":
-            # Hold the memory of the largest prompt's activations and of two prompts' exported
-            # KV (one in flight to the decode worker, the next being computed) from the start,
-            # and never let more than one prompt's KV wait unacknowledged.
+            # Hold the memory of the largest prompt's activations and of n + 1 prompts' exported
+            # KV (n in flight to the decode worker, the next being computed) from the start,
+            # and never let more than n prompts' KV wait unacknowledged (n: INFLIGHT_ENV, 1).
+            n = kv_inflight_prompts()
             warm = self.engine.warm_up_prefill(
-                self.engine.engine_config.max_prefill_tokens, device_form=True, held=2
+                self.engine.engine_config.max_prefill_tokens, device_form=True, held=n + 1
             )
-            self.max_inflight_bytes = max(warm.kv_bytes, 1)
+            self.max_inflight_bytes = max(n * warm.kv_bytes, 1)
         self.channels: dict[str, Channel] = {}
         self.incarnation = uuid.uuid4().hex
         self._busy = threading.Lock()

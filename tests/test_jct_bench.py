@@ -228,6 +228,11 @@ def test_short_sweep_writes_csvs_plots_and_phases_add_up(tmp_path, monkeypatch):
     assert json.loads((part / "jct_meta.json").read_text())["import_during_step"] is False
     text = jct_report.write([part], tmp_path / "AB.md").read_text()
     assert "imported received layers between steps only" in text
+    monkeypatch.setenv("ZIPSERVE_KV_INFLIGHT_PROMPTS", "2")
+    jct_sweep.write_tables(cfg, part, first_two, summary[:2], "cpu", runs_planned=6)
+    assert json.loads((part / "jct_meta.json").read_text())["kv_inflight_prompts"] == 2
+    text = jct_report.write([part], tmp_path / "AB2.md").read_text()
+    assert "let 2 prompts' KV wait unacknowledged instead of one" in text
 
 
 def test_report_evaluates_the_issue_goals_from_a_summary():

@@ -72,6 +72,16 @@ def test_merge_refuses_other_workloads_shared_cells_and_one_sweep(tmp_path):
     (ab / "jct_meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="import_during_step False differs"):
         jct_merge.merge([FIRST, ab], tmp_path / "e")
+    meta["import_during_step"] = json.loads((FIRST / "jct_meta.json").read_text()).get(
+        "import_during_step"
+    )
+    meta["kv_inflight_prompts"] = 2  # an A/B run of the prefill worker's in-flight cap
+    (ab / "jct_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="kv_inflight_prompts 2 differs .* 1"):
+        jct_merge.merge([FIRST, ab], tmp_path / "f")
+    meta["kv_inflight_prompts"] = 1  # what the sweeps before it was recorded ran with
+    (ab / "jct_meta.json").write_text(json.dumps(meta))
+    assert (jct_merge.merge([FIRST, ab], tmp_path / "g") / "jct_meta.json").exists()
     with pytest.raises(ValueError, match="is in both"):
         jct_merge.merge([FIRST, _copy(FIRST, tmp_path / "again")], tmp_path / "b")
     with pytest.raises(ValueError, match="at least two"):

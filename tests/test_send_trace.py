@@ -124,3 +124,15 @@ def test_served_request_leaves_every_layer_and_its_end_in_the_send_trace(monkeyp
         sum(tail[k] for k in ("ready_ms", "ack_ms", "send_ms", "earlier_ms", "between_ms"))
     )
     assert pre.stats().used_pages == 0 and dec.stats().used_pages == 0
+
+
+def test_kv_inflight_prompts_defaults_to_one_and_names_the_variable_on_bad_values(monkeypatch):
+    from zipserve.prefill_worker.worker import INFLIGHT_ENV, kv_inflight_prompts
+
+    monkeypatch.delenv(INFLIGHT_ENV, raising=False)
+    assert kv_inflight_prompts() == 1
+    monkeypatch.setenv(INFLIGHT_ENV, " 2 ")
+    assert kv_inflight_prompts() == 2
+    for bad in ("0", "-1", "1.5", "two"):
+        with pytest.raises(ValueError, match=INFLIGHT_ENV):
+            kv_inflight_prompts(bad)
