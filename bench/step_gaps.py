@@ -140,6 +140,13 @@ def send_summary(rows: list[dict]) -> list[str]:
         f"{_median_p90([r['ready_ms'] for r in sent])}, acknowledgements "
         f"{_median_p90([r['ack_ms'] for r in sent])}, send {_median_p90([r['send_ms'] for r in sent])}"
     ]
+    if all("cpu_ms" in r for r in sent):
+        busy = sum(r["cpu_ms"] for r in sent)
+        wall = sum(r[p] for r in sent for p in SEND_PARTS) or 1.0
+        lines.append(
+            f"  the sender thread's CPU time was {100 * busy / wall:.0f}% of its time in those "
+            "parts (the rest it waited: for the GPU, the peer or the GIL)"
+        )
     ms = [t["tail_ms"] for t in tails]
     total = sum(ms) or 1.0
     share = {

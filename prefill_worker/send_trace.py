@@ -8,7 +8,9 @@ later than queued_s while the thread was busy with earlier layers, or waited for
 the three parts of sending it: `ready_ms` (a device layer: waiting for its gather and the
 checksum on the GPU; a host layer: serialising it), `ack_ms` (the channel's wait for the
 receiver to give buffers back, CUDA IPC's in-flight limit) and `send_ms` (the rest of the
-channel's sends: exporting the IPC handle, the control message). One more row per request,
+channel's sends: exporting the IPC handle, the control message), and `cpu_ms`: the CPU time the
+sender thread used for all of it (far below the three's sum: it waited, for the GPU, the peer or
+the GIL; close to it: the host work itself is slow). One more row per request,
 layer -1, marks its forward pass's end: queued_s is when the forward pass returned, taken_s
 when the thread got to it and send_ms how long the channel's flush took (a shaped link).
 
@@ -32,6 +34,7 @@ SEND_FIELDS = (
     "ready_ms",
     "ack_ms",
     "send_ms",
+    "cpu_ms",
 )
 END_LAYER = -1
 """The layer of the row that marks a request's forward-pass end."""
@@ -51,6 +54,7 @@ class SendTrace(CsvTrace):
         ready_ms: float,
         ack_ms: float,
         send_ms: float,
+        cpu_ms: float = 0.0,
     ) -> None:
         """Record one layer sent (layer END_LAYER: the request's forward-pass end, its flush
         in send_ms)."""
@@ -64,5 +68,6 @@ class SendTrace(CsvTrace):
                 f"{ready_ms:.3f}",
                 f"{ack_ms:.3f}",
                 f"{send_ms:.3f}",
+                f"{cpu_ms:.3f}",
             )
         )

@@ -140,7 +140,7 @@ class _ChannelSender:
                     self._trace.flush()  # the actor is killed, not shut down: write per prompt
             elif sends.error is None:
                 timing: dict[str, float] = {}
-                acked_before = channel.ack_wait_s
+                acked_before, cpu_before = channel.ack_wait_s, time.thread_time()
                 try:
                     nbytes = send_layer(channel, kv, KV_TAG, timing)
                 except Exception as e:  # surfaced to the prompt's caller
@@ -158,6 +158,7 @@ class _ChannelSender:
                         timing["ready_ms"],
                         ack_ms,
                         max(0.0, timing["send_ms"] - ack_ms),
+                        1e3 * (time.thread_time() - cpu_before),
                     )
 
 

@@ -42,7 +42,7 @@ def test_send_trace_is_off_without_the_variable(monkeypatch):
 
 def test_send_trace_rows_are_written(tmp_path):
     t = SendTrace(tmp_path, tag="hack2")
-    t.sent("r1", 3, 4096, 100.0, 100.002, 1.25, 7.5, 0.5)
+    t.sent("r1", 3, 4096, 100.0, 100.002, 1.25, 7.5, 0.5, 0.75)
     t.sent("r1", END_LAYER, 0, 100.001, 100.01, 0, 0, 0.25)
     t.flush()
     assert t.path.name.startswith("prefill_send_hack2_")
@@ -50,6 +50,7 @@ def test_send_trace_rows_are_written(tmp_path):
     assert tuple(rows[0]) == SEND_FIELDS and len(rows) == 2
     assert rows[0]["request_id"] == "r1" and rows[0]["layer"] == "3"
     assert float(rows[0]["ack_ms"]) == 7.5 and float(rows[1]["send_ms"]) == 0.25
+    assert float(rows[0]["cpu_ms"]) == 0.75 and float(rows[1]["cpu_ms"]) == 0
     (got,) = step_gaps.read_sends(tmp_path).values()
     assert got[0]["request_id"] == "r1" and got[1]["layer"] == END_LAYER
 
@@ -87,13 +88,14 @@ def test_tail_after_the_forward_pass_is_split_by_what_the_sender_did():
 
 def test_step_gaps_reads_a_send_trace_alone(tmp_path, capsys):
     t = SendTrace(tmp_path, tag="bf16")
-    t.sent("r", 0, 100, 50.0, 50.0, 2.0, 0.0, 1.0)
+    t.sent("r", 0, 100, 50.0, 50.0, 2.0, 0.0, 1.0, 0.75)
     t.sent("r", END_LAYER, 0, 50.001, 50.003, 0, 0, 0)
     t.flush()
     step_gaps.main(["--trace", str(tmp_path)])
     out = capsys.readouterr().out
     assert "prefill sender: 1 requests, 1 layers" in out
     assert "median 2.0 ms" in out  # the layer left 3 ms after it was queued, 1 ms before the end
+    assert "CPU time was 25% of its time in those parts" in out  # 0.75 of 3 ms
     assert (tmp_path / "send_tails.csv").exists()
 
 
@@ -117,6 +119,8 @@ def test_served_request_leaves_every_layer_and_its_end_in_the_send_trace(monkeyp
     assert sum(r["nbytes"] for r in layers) == rep.bytes_sent
     assert all(r["taken_s"] >= r["queued_s"] and r["ready_ms"] > 0 for r in layers)
     assert all(r["ack_ms"] == 0 for r in layers)  # an in-process channel never waits for acks
+    slack = 1.0  # ms: the CPU clock's and the wall clock's reads are not the same instant
+    assert all(0 <= r["cpu_ms"] <= r["ready_ms"] + r["send_ms"] + slack for r in layers)
     (end,) = [r for r in rows if r["layer"] == END_LAYER]
     assert end["queued_s"] >= max(r["queued_s"] for r in layers)  # after the forward pass
     (tail,) = step_gaps.send_tails(rows)
