@@ -28,6 +28,8 @@ from pathlib import Path
 PARTS = ("import_ms", "step_ms", "done_ms")
 SEND_PARTS = ("ready_ms", "ack_ms", "send_ms")
 END_LAYER = -1  # prefill_worker/send_trace.py's row marking a request's forward-pass end
+TAIL_PARTS = (*SEND_PARTS, "flush_ms", "earlier_ms", "between_ms")
+"""What send_tails splits a request's tail into."""
 
 
 def read_passes(folder: Path) -> list[dict]:
@@ -92,8 +94,13 @@ def read_sends(folder: Path) -> dict[str, list[dict]]:
 
 
 def _send_spans(row: dict) -> list[tuple[str, float, float]]:
-    """(part, start, end) epoch seconds of one sent layer's parts, in the order they ran."""
-    out, t = [], row["taken_s"]
+    """(part, start, end) epoch seconds of what one row's sender thread did, in order: a sent
+    layer's SEND_PARTS, or a request-end row's wait for the link to hand the request's last
+    message over (`flush_ms`: a shaped link's queue; about 0 without one)."""
+    t = row["taken_s"]
+    if row["layer"] == END_LAYER:
+        return [("flush_ms", t, t + row["send_ms"] / 1e3)]
+    out = []
     for part in SEND_PARTS:
         out.append((part, t, t + row[part] / 1e3))
         t += row[part] / 1e3
@@ -102,25 +109,30 @@ def _send_spans(row: dict) -> list[tuple[str, float, float]]:
 
 def send_tails(rows: list[dict]) -> list[dict]:
     """Per request of one prefill worker: how long after its forward pass ended its last layer
-    left (`tail_ms`), split by what the sender thread did in that window (its own layers'
-    SEND_PARTS, an earlier request's layers, or nothing traced: `between_ms`)."""
-    ends = {r["request_id"]: r["queued_s"] for r in rows if r["layer"] == END_LAYER}
-    sent = [r for r in rows if r["layer"] != END_LAYER]
+    left (`tail_ms`: until the sender handed it over, and a shaped link its last message), split
+    by what the sender thread did in that window: its own layers' SEND_PARTS, the link's
+    hand-over (`flush_ms`), an earlier request's layers (`earlier_ms`) or nothing traced
+    (`between_ms`)."""
+    ends = {r["request_id"]: r for r in rows if r["layer"] == END_LAYER}
+    spans = [(r, _send_spans(r)) for r in rows]
     out = []
-    for rid, fwd_end in ends.items():
-        mine = [r for r in sent if r["request_id"] == rid]
-        if not mine:
+    for rid, end_row in ends.items():
+        mine = [(r, sp) for r, sp in spans if r["request_id"] == rid]
+        if len(mine) < 2:  # the end row alone: nothing was sent
             continue
-        last = max(spans[-1][2] for spans in map(_send_spans, mine))
+        fwd_end = end_row["queued_s"]
+        last = max(sp[-1][2] for _, sp in mine)
         tail = {"request_id": rid, "tail_ms": 1e3 * max(0.0, last - fwd_end)}
-        tail.update({p: 0.0 for p in SEND_PARTS}, earlier_ms=0.0)
-        tail["layers_after"] = sum(1 for r in mine if _send_spans(r)[-1][2] > fwd_end)
-        for r in sent:
-            for part, a, b in _send_spans(r):
+        tail.update({p: 0.0 for p in TAIL_PARTS})
+        tail["layers_after"] = sum(
+            1 for r, sp in mine if r["layer"] != END_LAYER and sp[-1][2] > fwd_end
+        )
+        for r, sp in spans:
+            for part, a, b in sp:
                 d = 1e3 * max(0.0, min(b, last) - max(a, fwd_end))
                 if d > 0:
                     tail[part if r["request_id"] == rid else "earlier_ms"] += d
-        traced = sum(tail[p] for p in (*SEND_PARTS, "earlier_ms"))
+        traced = sum(tail[p] for p in TAIL_PARTS if p != "between_ms")
         tail["between_ms"] = max(0.0, tail["tail_ms"] - traced)
         out.append(tail)
     return out
@@ -149,22 +161,21 @@ def send_summary(rows: list[dict]) -> list[str]:
         )
     ms = [t["tail_ms"] for t in tails]
     total = sum(ms) or 1.0
-    share = {
-        k: 100 * sum(t[k] for t in tails) / total for k in (*SEND_PARTS, "earlier_ms", "between_ms")
-    }
+    share = {k: 100 * sum(t[k] for t in tails) / total for k in TAIL_PARTS}
     lines.append(
         f"last layer left after the forward pass: median {_p(ms, 0.5):.1f} ms, p90 "
         f"{_p(ms, 0.9):.1f}, max {max(ms):.1f}; of that time: gather + checksum "
         f"{share['ready_ms']:.0f}%, acknowledgements {share['ack_ms']:.0f}%, send "
-        f"{share['send_ms']:.0f}%, earlier requests' layers {share['earlier_ms']:.0f}%, "
-        f"between layers {share['between_ms']:.0f}%"
+        f"{share['send_ms']:.0f}%, the link's hand-over {share['flush_ms']:.0f}%, earlier "
+        f"requests' layers {share['earlier_ms']:.0f}%, between layers {share['between_ms']:.0f}%"
     )
     worst = max(tails, key=lambda t: t["tail_ms"])
     lines.append(
         f"  slowest: {worst['tail_ms']:.0f} ms ({worst['layers_after']} layers after the "
         f"forward pass): gather + checksum {worst['ready_ms']:.0f}, acknowledgements "
-        f"{worst['ack_ms']:.0f}, send {worst['send_ms']:.0f}, earlier requests "
-        f"{worst['earlier_ms']:.0f}, between {worst['between_ms']:.0f} ms"
+        f"{worst['ack_ms']:.0f}, send {worst['send_ms']:.0f}, the link's hand-over "
+        f"{worst['flush_ms']:.0f}, earlier requests {worst['earlier_ms']:.0f}, between "
+        f"{worst['between_ms']:.0f} ms"
     )
     return lines
 

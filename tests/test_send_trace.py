@@ -83,7 +83,25 @@ def test_tail_after_the_forward_pass_is_split_by_what_the_sender_did():
     assert "2 requests, 4 layers" in text
     assert "p90 80.0, max 80.0" in text
     assert "slowest: 80 ms (2 layers after the forward pass)" in text
-    assert "acknowledgements 20, send 5, earlier requests 10, between 15 ms" in text
+    assert (
+        "acknowledgements 20, send 5, the link's hand-over 0, earlier requests 10, between 15 ms"
+        in text
+    )
+
+
+def test_a_shaped_links_hand_over_of_the_last_message_counts_in_the_tail():
+    """Over an emulated link the sends only queue; the request-end row's flush waits for the
+    link to hand the last message over, and the tail runs until then."""
+    rows = [
+        _row("r", 0, 10.0, 10.0, ready=1.0, send=1.0),
+        _row("r", END_LAYER, 10.001, 10.002, send=98.0),  # flushed at 10.100
+    ]
+    (tail,) = step_gaps.send_tails(rows)
+    assert tail["tail_ms"] == pytest.approx(99.0)
+    assert tail["flush_ms"] == pytest.approx(98.0) and tail["layers_after"] == 1
+    assert tail["send_ms"] == pytest.approx(1.0) and tail["between_ms"] == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_step_gaps_reads_a_send_trace_alone(tmp_path, capsys):
@@ -124,9 +142,8 @@ def test_served_request_leaves_every_layer_and_its_end_in_the_send_trace(monkeyp
     (end,) = [r for r in rows if r["layer"] == END_LAYER]
     assert end["queued_s"] >= max(r["queued_s"] for r in layers)  # after the forward pass
     (tail,) = step_gaps.send_tails(rows)
-    assert tail["tail_ms"] >= 0 and tail["tail_ms"] == pytest.approx(
-        sum(tail[k] for k in ("ready_ms", "ack_ms", "send_ms", "earlier_ms", "between_ms"))
-    )
+    parts = ("ready_ms", "ack_ms", "send_ms", "flush_ms", "earlier_ms", "between_ms")
+    assert tail["tail_ms"] >= 0 and tail["tail_ms"] == pytest.approx(sum(tail[k] for k in parts))
     assert pre.stats().used_pages == 0 and dec.stats().used_pages == 0
 
 
