@@ -46,7 +46,8 @@
 #   trace25    nvidia-h100-x1  lowrank+hack2/dense vs bf16 under load: import and prefill profiles at 4k,
 #                              no-link lanes at 2-3 req/s with the decode step trace + step_gaps ~7 min
 #   trace26    nvidia-h100-x1  the prefill worker's send trace beside the decode worker's: bf16, hack2,
-#                              kivi2, hack4 with no link at 2-3 req/s, then again while time lasts ~8 min
+#                              kivi2, hack4 with no link at 2-3 req/s, then bf16 / kivi2 with two
+#                              prompts in flight and with the GIL switch at 0.5 ms        ~9 min
 #   h200table  nvidia-h200     decode_kv's H200 row (it predates the CUDA HACK kernel): engine step per
 #                              codec at 2/8 x 4k and 8/32 x 8k, both decode modes               ~5 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
@@ -572,10 +573,12 @@ trace26)
     # lowrank+hack2 alike, even at 1 req/s), in others never past 30 ms. The prefill worker's
     # send trace (new) says what its sender thread did meanwhile: gather + checksum on the GPU,
     # CUDA IPC's wait for acknowledgements, the sends, or nothing (the GIL). Four lanes at 2-3
-    # req/s with both workers traced, then, in what the call leaves, the same lanes once more
-    # with two prompts' KV allowed unacknowledged instead of one (ZIPSERVE_KV_INFLIGHT_PROMPTS=2:
-    # gone if the sender waited for the decode worker's acknowledgements; the stall also came and
-    # went between runs, so the traces, not the means, tell).
+    # req/s with both workers traced, then, in what the call leaves, bf16 and kivi2 (the lanes
+    # that stalled most) with two prompts' KV allowed unacknowledged instead of one
+    # (ZIPSERVE_KV_INFLIGHT_PROMPTS=2: gone if the sender waited for the decode worker's
+    # acknowledgements), then with the workers' GIL switch interval at 0.5 ms (gone if the sender
+    # waited for the GIL). The stall also came and went between runs: the traces, not the means,
+    # tell.
     # Decode steps were slower in the bad runs too (time between tokens 25 against 16 ms at 2
     # req/s): the host's CPU (vmstat: run queue, steal) and the GPU's clocks and throttle reasons
     # are sampled beside the runs, to tell a starved host or a throttled GPU from our own waits.
@@ -586,10 +589,12 @@ trace26)
         --format=csv -lms 500 > "$WORK/gpu_clocks.csv" 2>&1 &
     local_smi=$!
     (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto hack2:auto kivi2:auto hack4:auto)
-    for lane in bf16:auto hack2:auto kivi2:auto hack4:auto; do
-        [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 100 ] || break
-        (export TRACE_LINKS=none TRACE_RATES=2,3 LANE_TAG=_inflight2 ZIPSERVE_KV_INFLIGHT_PROMPTS=2
-            traced_lanes "$lane")
+    for variant in _inflight2:ZIPSERVE_KV_INFLIGHT_PROMPTS=2 _gil05:ZIPSERVE_GIL_SWITCH_MS=0.5; do
+        for lane in bf16:auto kivi2:auto; do
+            [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 100 ] || break 2
+            (export TRACE_LINKS=none TRACE_RATES=2,3 LANE_TAG="${variant%%:*}" "${variant#*:}"
+                traced_lanes "$lane")
+        done
     done
     kill "$local_vmstat" "$local_smi" 2>/dev/null
     tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" . 2>/dev/null  # with the samplers' last lines
