@@ -580,10 +580,13 @@ trace26)
     # waited for the GIL). The stall also came and went between runs: the traces, not the means,
     # tell.
     # Decode steps were slower in the bad runs too (time between tokens 25 against 16 ms at 2
-    # req/s): the host's CPU (vmstat: run queue, steal) and the GPU's clocks and throttle reasons
+    # req/s): the host's CPU (busy, steal, load) and the GPU's clocks and throttle reasons
     # are sampled beside the runs, to tell a starved host or a throttled GPU from our own waits.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
-    vmstat -t 1 > "$WORK/vmstat.log" 2>&1 &
+    # /proc/stat's cpu line every second (user nice system idle iowait irq softirq steal, in
+    # ticks) and the load average: present on any Linux image, vmstat may not be
+    (while sleep 1; do echo "$(date +%s.%N) $(head -1 /proc/stat) $(cat /proc/loadavg)"; done) \
+        > "$WORK/cpu_stat.log" 2>&1 &
     local_vmstat=$!
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,clocks_throttle_reasons.active,utilization.gpu,temperature.gpu,power.draw \
         --format=csv -lms 500 > "$WORK/gpu_clocks.csv" 2>&1 &
