@@ -89,9 +89,13 @@ def kv_inflight_prompts(value: str | None = None) -> int:
     raw = (os.environ.get(INFLIGHT_ENV, "") if value is None else value).strip()
     if not raw:
         return 1
-    if not raw.isdigit() or int(raw) < 1:
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1 or not raw.isascii():
         raise ValueError(f"{INFLIGHT_ENV}: expected a whole number >= 1, got {raw!r}")
-    return int(raw)
+    return n
 
 
 class _Sends:

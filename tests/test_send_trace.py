@@ -154,6 +154,6 @@ def test_kv_inflight_prompts_defaults_to_one_and_names_the_variable_on_bad_value
     assert kv_inflight_prompts() == 1
     monkeypatch.setenv(INFLIGHT_ENV, " 2 ")
     assert kv_inflight_prompts() == 2
-    for bad in ("0", "-1", "1.5", "two"):
+    for bad in ("0", "-1", "1.5", "two", "\u00b2", "\u0663"):  # superscript 2, Arabic-Indic 3
         with pytest.raises(ValueError, match=INFLIGHT_ENV):
             kv_inflight_prompts(bad)
