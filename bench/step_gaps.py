@@ -10,7 +10,9 @@ step, giving CUDA-IPC buffers back) and marked when a request's prefill ran mean
 requests' transfer_start_s and prefill_ms: a prefill ends where its transfer phase starts).
 Also says how long received layers waited for the step loop to import them (`wait_ms`: a
 transfer phase that is long while the link is idle shows there) and, from the receive trace
-(decode_recv_*.csv), what each layer cost the receive thread and whether layers queued for it.
+(decode_recv_*.csv), what each layer cost the receive thread and whether layers queued for it,
+and from the return trace (decode_returns_*.csv) how long imported CUDA-IPC layers took to go
+back to their sender (what a sender at its in-flight limit waits for).
 From the prefill worker's send trace (prefill_send_*.csv): how long after each request's forward
 pass its last layer left (the sending part of its transfer phase), and what the sender thread did
 meanwhile: waiting for the layer's gather and checksum (`ready`), for the receiver to give
@@ -78,6 +80,33 @@ def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
         f"total {_median_p90(cost)}, payload {_median_p90(col['payload_ms'])} (mapping "
         f"{_median_p90(col['map_ms'])}), header and checksum {_median_p90(col['verify_ms'])}; "
         f"{behind} of them were already waiting when the thread got to them"
+    ]
+
+
+def read_returns(folder: Path) -> dict[str, list[dict]]:
+    """The return trace's rows (batches of CUDA-IPC layers given back) per decode worker (keyed
+    like read_passes' "worker")."""
+    out = {}
+    for path in sorted(folder.glob("decode_returns_*.csv")):
+        with path.open() as f:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        out[path.stem.replace("decode_returns_", "decode_steps_", 1)] = rows
+    return out
+
+
+def return_summary(rows: list[dict]) -> list[str]:
+    """How long imported CUDA-IPC layers took to go back to their sender after the step loop
+    handed them over, and how much of it was the wait for the GPU to finish reading them."""
+    if not rows:
+        return []
+    late = [1e3 * (r["returned_s"] - r["handed_s"]) for r in rows]
+    gpu = [r["gpu_wait_ms"] for r in rows]
+    layers = int(sum(r["layers"] for r in rows))
+    return [
+        f"buffers given back: {len(rows)} batches ({layers} layers), median / p90 / max ms after "
+        f"the step loop handed them over: {_p(late, 0.5):.1f} / {_p(late, 0.9):.1f} / "
+        f"{max(late):.1f}, of it waiting for the GPU's reads {_p(gpu, 0.5):.1f} / "
+        f"{_p(gpu, 0.9):.1f} / {max(gpu):.1f}"
     ]
 
 
@@ -262,13 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     spans = prefill_spans(a.requests) if a.requests else []
     found = gaps(passes, spans, a.gap_ms)
     receives = read_receives(a.trace)
+    returns = read_returns(a.trace)
     workers = sorted({p["worker"] for p in passes})
     for worker in workers:  # a sweep of several codecs traces one decode worker per codec
         if len(workers) > 1:
             print(f"{worker.removeprefix('decode_steps_')}:")
         mine = [p for p in passes if p["worker"] == worker]
         lines = summary(mine, [g for g in found if g["worker"] == worker], a.gap_ms)
-        print("\n".join(lines + receive_summary(receives.get(worker, []))))
+        lines += receive_summary(receives.get(worker, []))
+        print("\n".join(lines + return_summary(returns.get(worker, []))))
     all_tails = []
     for worker, rows in sends.items():  # one prefill worker per codec, like the decode side
         if len(sends) > 1:

@@ -5,7 +5,7 @@ mapping and sends an acknowledgement over the control channel: about 2 ms a laye
 shared with a prefill (session 14's step trace, `done_ms`), paid by the step loop between two
 decode steps, and 32 times over when a whole request's layers import in one pass. Here the step
 loop records an event after its imports and hands the layers over; one thread waits for the
-event and gives them back, in order.
+event and gives them back, in order. With a ReturnTrace on, each batch leaves a row there.
 """
 
 from __future__ import annotations
@@ -13,22 +13,25 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import torch
 
 from zipserve.compress.wire import DeviceLayerKV, LayerKV
+from zipserve.decode_worker.step_trace import ReturnTrace
 from zipserve.transfer.kv_messages import done
 
 log = logging.getLogger(__name__)
 
 
 class BufferReturns:
-    def __init__(self, name: str = "kv-returns") -> None:
-        self._queue: queue.Queue[tuple[object, list[LayerKV | DeviceLayerKV]] | None] = (
+    def __init__(self, name: str = "kv-returns", trace: ReturnTrace | None = None) -> None:
+        self._queue: queue.Queue[tuple[object, list[LayerKV | DeviceLayerKV], float] | None] = (
             queue.Queue()
         )
         self.failures = 0
         """Layers whose give-back raised (logged; the others still go back)."""
+        self._trace = trace if trace is not None and trace.on else None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -41,7 +44,7 @@ class BufferReturns:
         if device.type == "cuda":
             after = torch.cuda.Event()
             after.record(torch.cuda.current_stream(device))
-        self._queue.put((after, layers))
+        self._queue.put((after, layers, time.time()))
 
     def close(self, timeout: float = 10.0) -> None:
         """Give back everything handed over so far, then stop the thread."""
@@ -50,9 +53,12 @@ class BufferReturns:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            after, layers = item
+            after, layers, handed_s = item
+            nbytes = sum(kv.nbytes() for kv in layers if isinstance(kv, DeviceLayerKV))
+            t0 = time.perf_counter()
             if after is not None:
                 after.synchronize()  # the imports' reads are done
+            gpu_wait_ms = 1e3 * (time.perf_counter() - t0)
             for kv in layers:
                 try:
                     done(kv)
@@ -61,3 +67,5 @@ class BufferReturns:
                     log.warning(
                         "giving a received KV layer back failed: %s: %s", type(e).__name__, e
                     )
+            if self._trace is not None:
+                self._trace.returned(handed_s, gpu_wait_ms, time.time(), len(layers), nbytes)

@@ -16,10 +16,17 @@ the payload took after the header (`payload_ms`: waiting for it plus mapping it)
 own share (`map_ms`, CUDA IPC), the rest up to the hand-over (`verify_ms`: reading the header and
 queueing the checksum), its size and layer.
 
+`ReturnTrace`: one row per batch of imported CUDA-IPC layers given back to their sender
+(decode_worker/buffer_returns.py): when the step loop handed the batch over (`handed_s`), how
+long the returning thread then waited for the GPU to finish the imports' reads (`gpu_wait_ms`:
+they sit on the step's stream, behind the decode step queued before them), when the last
+acknowledgement had gone (`returned_s`), the batch's layers and bytes. A sender whose in-flight
+limit is reached waits for exactly these acknowledgements.
+
 Off unless ZIPSERVE_STEP_TRACE names a folder (control/csv_trace.py); each worker process then
-writes `<folder>/decode_steps_<tag>_<pid>.csv` and `<folder>/decode_recv_<tag>_<pid>.csv` (the
-tag: the worker's codec; rows buffered, flushed every FLUSH_ROWS and at shutdown).
-`python3 -m zipserve.bench.step_gaps` reads both.
+writes `<folder>/decode_steps_<tag>_<pid>.csv`, `<folder>/decode_recv_<tag>_<pid>.csv` and
+`<folder>/decode_returns_<tag>_<pid>.csv` (the tag: the worker's codec; rows buffered, flushed
+every FLUSH_ROWS and at shutdown). `python3 -m zipserve.bench.step_gaps` reads them.
 """
 
 from __future__ import annotations
@@ -28,10 +35,19 @@ import os
 
 from zipserve.control.csv_trace import ENV, CsvTrace
 
-__all__ = ["ENV", "FIELDS", "RECV_FIELDS", "ReceiveTrace", "StepTrace"]
+__all__ = [
+    "ENV",
+    "FIELDS",
+    "RECV_FIELDS",
+    "RETURN_FIELDS",
+    "ReceiveTrace",
+    "ReturnTrace",
+    "StepTrace",
+]
 
 FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms", "recv_ms")
 RECV_FIELDS = ("header_s", "idle_ms", "payload_ms", "map_ms", "verify_ms", "nbytes", "layer")
+RETURN_FIELDS = ("handed_s", "gpu_wait_ms", "returned_s", "layers", "nbytes")
 
 
 class StepTrace(CsvTrace):
@@ -88,3 +104,14 @@ class ReceiveTrace(CsvTrace):
                 layer,
             )
         )
+
+
+class ReturnTrace(CsvTrace):
+    def __init__(self, folder: str | os.PathLike | None = None, tag: str = ""):
+        super().__init__("decode_returns", RETURN_FIELDS, folder, tag)
+
+    def returned(
+        self, handed_s: float, gpu_wait_ms: float, returned_s: float, layers: int, nbytes: int
+    ) -> None:
+        """Record one batch given back (times: time.time)."""
+        self._add((f"{handed_s:.6f}", f"{gpu_wait_ms:.3f}", f"{returned_s:.6f}", layers, nbytes))

@@ -39,7 +39,7 @@ from zipserve.decode_worker.request_state import (
     RequestState,
     failure_reason,
 )
-from zipserve.decode_worker.step_trace import ReceiveTrace, StepTrace
+from zipserve.decode_worker.step_trace import ReceiveTrace, ReturnTrace, StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.llm_engine import LaunchedStep
@@ -91,7 +91,9 @@ class DecodeWorker:
         self.recv_trace = ReceiveTrace(tag=codec)
         """Per-layer timings of the receive threads (same switch)."""
         self._import_during_step = import_during_step()
-        self._returns = BufferReturns()
+        self.return_trace = ReturnTrace(tag=codec)
+        """Per-batch timings of giving CUDA-IPC layers back (same switch)."""
+        self._returns = BufferReturns(trace=self.return_trace)
         """Gives imported CUDA-IPC layers back to their senders off the step loop."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
         self._threads[0].start()
@@ -418,6 +420,7 @@ class DecodeWorker:
             done(kv)
         self.trace.flush()
         self.recv_trace.flush()
+        self.return_trace.flush()
 
     # -- internals -------------------------------------------------------------------------
     def _fail(self, request_id: str, error: str, reason: str) -> None:

@@ -5,12 +5,22 @@ and the long passes are put down to their largest part and to the prefills runni
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
+import torch
 from disagg_helpers import serve_one, worker_pair
 
 from zipserve.bench import step_gaps
-from zipserve.decode_worker.step_trace import ENV, FIELDS, RECV_FIELDS, ReceiveTrace, StepTrace
+from zipserve.decode_worker.step_trace import (
+    ENV,
+    FIELDS,
+    RECV_FIELDS,
+    RETURN_FIELDS,
+    ReceiveTrace,
+    ReturnTrace,
+    StepTrace,
+)
 from zipserve.deploy.cli import REFERENCE_MODEL
 from zipserve.engine.llm import SamplingParams
 
@@ -86,6 +96,36 @@ def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
     assert sum(1 for p in passes if p["batch"] == 1) == 11  # 12 tokens, the first from prefill
     assert all(p[k] >= 0 for p in passes for k in (*step_gaps.PARTS, "wait_ms", "recv_ms"))
     assert any(p["recv_ms"] > 0 for p in passes if p["layers"])  # the receive thread's share
+    (returned,) = step_gaps.read_returns(tmp_path).values()  # every imported layer went back
+    assert sum(r["layers"] for r in returned) == dec.num_layers
+    assert all(r["returned_s"] >= r["handed_s"] and r["gpu_wait_ms"] >= 0 for r in returned)
+
+
+def test_return_trace_times_each_batch_given_back(monkeypatch, tmp_path):
+    """BufferReturns with a ReturnTrace: one row per batch handed over (an empty one is none),
+    from the hand-over to the last acknowledgement; step_gaps sums them up."""
+    from zipserve.decode_worker import buffer_returns
+
+    def slow_done(kv):
+        time.sleep(0.01)
+
+    monkeypatch.setattr(buffer_returns, "done", slow_done)
+    trace = ReturnTrace(tmp_path, tag="bf16")
+    returns = buffer_returns.BufferReturns(trace=trace)
+    cpu = torch.device("cpu")
+    returns.give_back(["a", "b", "c"], cpu)
+    returns.give_back([], cpu)
+    returns.give_back(["d"], cpu)
+    returns.close()
+    trace.flush()
+    rows = list(csv.DictReader(trace.path.open()))
+    assert tuple(rows[0]) == RETURN_FIELDS and [r["layers"] for r in rows] == ["3", "1"]
+    took = [float(r["returned_s"]) - float(r["handed_s"]) for r in rows]
+    assert took[0] >= 0.03 and took[1] >= 0.01  # three and one 10-ms give-backs
+    assert all(float(r["gpu_wait_ms"]) == pytest.approx(0, abs=1.0) for r in rows)  # no GPU
+    (got,) = step_gaps.read_returns(tmp_path).values()
+    text = step_gaps.return_summary(got)[0]
+    assert text.startswith("buffers given back: 2 batches (4 layers)")
 
 
 def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):
