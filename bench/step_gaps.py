@@ -34,25 +34,38 @@ TAIL_PARTS = (*SEND_PARTS, "flush_ms", "earlier_ms", "between_ms")
 """What send_tails splits a request's tail into."""
 
 
-def read_passes(folder: Path) -> list[dict]:
-    rows = []
-    for path in sorted(folder.glob("decode_steps_*.csv")):
+def _read_traces(folder: Path, prefix: str, text: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """The rows of every `<prefix>_*.csv` in folder, numbers as floats (the columns in `text`
+    stay strings), keyed by the file's stem."""
+    out = {}
+    for path in sorted(folder.glob(f"{prefix}_*.csv")):
         with path.open() as f:
-            for r in csv.DictReader(f):
-                row = {k: float(v) for k, v in r.items()}
-                row["worker"] = path.stem
-                rows.append(row)
-    return rows
+            out[path.stem] = [
+                {k: (v if k in text else float(v)) for k, v in r.items()} for r in csv.DictReader(f)
+            ]
+    return out
+
+
+def _per_decode_worker(folder: Path, prefix: str) -> dict[str, list[dict]]:
+    """A decode worker's `<prefix>_*.csv` rows keyed like read_passes' "worker" (the name of
+    the same worker's step trace)."""
+    return {
+        stem.replace(prefix, "decode_steps", 1): rows
+        for stem, rows in _read_traces(folder, prefix).items()
+    }
+
+
+def read_passes(folder: Path) -> list[dict]:
+    return [
+        {**row, "worker": stem}
+        for stem, rows in _read_traces(folder, "decode_steps").items()
+        for row in rows
+    ]
 
 
 def read_receives(folder: Path) -> dict[str, list[dict]]:
     """The receive trace's rows per decode worker (keyed like read_passes' "worker")."""
-    out = {}
-    for path in sorted(folder.glob("decode_recv_*.csv")):
-        with path.open() as f:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        out[path.stem.replace("decode_recv_", "decode_steps_", 1)] = rows
-    return out
+    return _per_decode_worker(folder, "decode_recv")
 
 
 def _p(values: list[float], q: float) -> float:
@@ -86,12 +99,7 @@ def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
 def read_returns(folder: Path) -> dict[str, list[dict]]:
     """The return trace's rows (batches of CUDA-IPC layers given back) per decode worker (keyed
     like read_passes' "worker")."""
-    out = {}
-    for path in sorted(folder.glob("decode_returns_*.csv")):
-        with path.open() as f:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-        out[path.stem.replace("decode_returns_", "decode_steps_", 1)] = rows
-    return out
+    return _per_decode_worker(folder, "decode_returns")
 
 
 def return_summary(rows: list[dict]) -> list[str]:
@@ -112,14 +120,7 @@ def return_summary(rows: list[dict]) -> list[str]:
 
 def read_sends(folder: Path) -> dict[str, list[dict]]:
     """The prefill send trace's rows per prefill worker (the file's stem)."""
-    out = {}
-    for path in sorted(folder.glob("prefill_send_*.csv")):
-        with path.open() as f:
-            out[path.stem] = [
-                {k: (v if k == "request_id" else float(v)) for k, v in r.items()}
-                for r in csv.DictReader(f)
-            ]
-    return out
+    return _read_traces(folder, "prefill_send", text=("request_id",))
 
 
 def _send_spans(row: dict) -> list[tuple[str, float, float]]:
@@ -167,11 +168,10 @@ def send_tails(rows: list[dict]) -> list[dict]:
     return out
 
 
-def send_summary(rows: list[dict]) -> list[str]:
+def send_summary(rows: list[dict], tails: list[dict]) -> list[str]:
     """What a prefill worker's layers cost its sender thread, and what kept each request's last
-    layer after its forward pass."""
+    layer after its forward pass (tails: send_tails(rows))."""
     sent = [r for r in rows if r["layer"] != END_LAYER]
-    tails = send_tails(rows)
     if not sent or not tails:
         return []
     waited = [1e3 * max(0.0, r["taken_s"] - r["queued_s"]) for r in sent]
@@ -304,8 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     for worker, rows in sends.items():  # one prefill worker per codec, like the decode side
         if len(sends) > 1:
             print(f"{worker}:")
-        print("\n".join(send_summary(rows)))
-        all_tails += [{**t, "worker": worker} for t in send_tails(rows)]
+        tails = send_tails(rows)
+        print("\n".join(send_summary(rows, tails)))
+        all_tails += [{**t, "worker": worker} for t in tails]
     if all_tails:
         out = a.trace / "send_tails.csv"
         with out.open("w", newline="") as f:

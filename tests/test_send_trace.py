@@ -79,7 +79,7 @@ def test_tail_after_the_forward_pass_is_split_by_what_the_sender_did():
     a = tails["a"]  # a's layer 1 left 60 ms after a's end: 50 ms untraced, then its send
     assert a["tail_ms"] == pytest.approx(60.0) and a["send_ms"] == pytest.approx(10.0)
     assert a["between_ms"] == pytest.approx(50.0)
-    text = "\n".join(step_gaps.send_summary(rows))
+    text = "\n".join(step_gaps.send_summary(rows, step_gaps.send_tails(rows)))
     assert "2 requests, 4 layers" in text
     assert "p90 80.0, max 80.0" in text
     assert "slowest: 80 ms (2 layers after the forward pass)" in text
