@@ -68,8 +68,15 @@ class DecodeGraphs:
             model(batch, cache)  # warm up: compiles the Triton kernels for this shape
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = model(batch, cache)
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[b] = model(batch, cache)
+            except RuntimeError as e:  # torch.AcceleratorError included
+                raise RuntimeError(
+                    f"cuda_graphs: capturing the decode step of {b} rows failed ({e}); an op in "
+                    "it waits for the device (tests/host_sync.py finds such ops on the CPU). "
+                    "engine option cuda_graphs=false decodes eagerly"
+                ) from e
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(device)

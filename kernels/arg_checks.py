@@ -114,11 +114,25 @@ def page_strides(k, v) -> tuple[int, ...]:
 
 def rows_written(k, v, page_ids, src_rows, skip_page, skip_ids=None):
     """A reference encoder's inputs as the kernel sees them: the rows src_rows of k / v (all
-    without it) and their page ids, less those whose page (or skip_ids entry, when given) is
-    skip_page. Returns (k, v, page_ids)."""
+    without it), their page ids, and keep (bool [m], None: every row), False for the rows whose
+    page (or skip_ids entry, when given) is skip_page. Returns (k, v, page_ids, keep). The shapes
+    do not depend on the values (no boolean-mask select): a reference the engine runs on a GPU
+    (KIVI at head_dim 96) runs inside a CUDA graph's capture, which cannot wait for the device;
+    write with put_rows."""
     if src_rows is not None:
         k, v = k[src_rows.long()], v[src_rows.long()]
+    keep = None
     if skip_page is not None:
-        keep = (page_ids if skip_ids is None else skip_ids) != skip_page
-        k, v, page_ids = k[keep], v[keep], page_ids[keep]
-    return k, v, page_ids
+        keep = (page_ids if skip_ids is None else skip_ids) != skip_page  # [m]
+    return k, v, page_ids, keep
+
+
+def put_rows(dst: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, keep) -> None:
+    """dst[ids] = rows for the rows keep marks (every row when keep is None); the other rows
+    write back what dst[ids] held. Skipped ids may repeat (the scratch page), each copy writing
+    the same old value; kept ids are distinct and differ from the skipped ones."""
+    rows = rows.to(dst.dtype)
+    if keep is not None:
+        mask = keep.view(-1, *[1] * (rows.dim() - 1))  # [m, 1, ...]
+        rows = torch.where(mask, rows, dst[ids])
+    dst[ids] = rows

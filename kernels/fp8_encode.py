@@ -45,6 +45,7 @@ from zipserve.kernels.arg_checks import (
     kernel_rows,
     page_strides,
     pages_read,
+    put_rows,
     rows_written,
 )
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok, next_pow2
@@ -206,12 +207,12 @@ def fp8_encode_pages_ref(k, v, store, page_ids, src_rows=None, skip_page=None) -
     """Pure-torch reference of fp8_encode_pages (same signature; any strides): Fp8Codec.encode's
     ops on the pages read (src_rows) that do not go to skip_page."""
     _check_args(k, v, store, page_ids, src_rows, skip_page)
-    k, v, page_ids = rows_written(k, v, page_ids, src_rows, skip_page)
+    k, v, page_ids, keep = rows_written(k, v, page_ids, src_rows, skip_page)
     for name, x in (("k", k), ("v", v)):
         xf = x.float()
         amax = xf.abs().amax(dim=(2, 3))  # [m, KVH]
         # a tensor divisor: CUDA divides by a Python scalar as a product with its reciprocal
         # (1 ulp off IEEE division for some amax, seen on an H100), the kernel with div_rn
         scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
-        store[name][page_ids] = (xf / scale[:, :, None, None]).to(_FP8)
-        store[name + "_scale"][page_ids] = scale
+        put_rows(store[name], page_ids, (xf / scale[:, :, None, None]).to(_FP8), keep)
+        put_rows(store[name + "_scale"], page_ids, scale, keep)

@@ -42,6 +42,7 @@ from zipserve.kernels.arg_checks import (
     kernel_rows,
     page_strides,
     pages_read,
+    put_rows,
     rows_written,
 )
 from zipserve.kernels.hack_encode_kernels import _hack_encode_kernel, _hack_encode_planes_kernel
@@ -232,7 +233,7 @@ def hack_encode_pages_ref(
     pool, ids = _check_encode(k, v, bits, group_v, out, page_ids, src_rows)
     _check_rotation(rotation, k)
     clip = clip_for(bits, clip)
-    k, v, ids = rows_written(k, v, ids, src_rows, skip_page)
+    k, v, ids, keep = rows_written(k, v, ids, src_rows, skip_page)
     n, kvh, page, d = k.shape
     if pool is None:
         pool = HackPages.empty(n, kvh, page, d, bits, group_v, device=k.device)
@@ -245,14 +246,14 @@ def hack_encode_pages_ref(
     vq, vsc, vmn = _quantize_ref(v4, *clip_range(v4, -1, clip), qmax)
     vq = vq.reshape(n, kvh, page, d)
     ids = ids.long()
-    pool.k_codes[ids] = pack_planar(kq.to(torch.uint8), bits)
-    pool.k_scale[ids] = ksc[:, :, 0].half()
-    pool.k_min[ids] = kmn[:, :, 0].half()
-    pool.k_sums[ids] = kq.sum(-1)
-    pool.v_codes[ids] = pack_planar(vq.to(torch.uint8), bits)
-    pool.v_scale[ids] = vsc[..., 0].half()
-    pool.v_min[ids] = vmn[..., 0].half()
-    pool.v_sums[ids] = vq.sum(2)
+    put_rows(pool.k_codes, ids, pack_planar(kq.to(torch.uint8), bits), keep)
+    put_rows(pool.k_scale, ids, ksc[:, :, 0].half(), keep)
+    put_rows(pool.k_min, ids, kmn[:, :, 0].half(), keep)
+    put_rows(pool.k_sums, ids, kq.sum(-1), keep)
+    put_rows(pool.v_codes, ids, pack_planar(vq.to(torch.uint8), bits), keep)
+    put_rows(pool.v_scale, ids, vsc[..., 0].half(), keep)
+    put_rows(pool.v_min, ids, vmn[..., 0].half(), keep)
+    put_rows(pool.v_sums, ids, vq.sum(2), keep)
     return pool
 
 

@@ -42,6 +42,7 @@ from zipserve.kernels.arg_checks import (
     kernel_rows,
     page_strides,
     pages_read,
+    put_rows,
     rows_written,
 )
 from zipserve.kernels.hack_encode_kernels import _clip, _quantize
@@ -288,10 +289,10 @@ def kivi_encode_pages_ref(
     """Pure-torch reference of kivi_encode_pages (same signature; any page_size / head_dim the
     groups divide, any strides)."""
     clip = _check_args(k, v, bits, store, page_ids, clip, token_group, channel_group, src_rows)
-    k, v, page_ids = rows_written(k, v, page_ids, src_rows, skip_page)
+    k, v, page_ids, keep = rows_written(k, v, page_ids, src_rows, skip_page)
     kc, ks, km = qz.k_per_channel(k, bits, token_group, clip)  # [n, KVH, P, D], [n, KVH, G, D]
     vc, vs, vm = qz.v_per_token(v, bits, channel_group, clip)  # [n, KVH, P, D], [n, KVH, P, G]
-    store["k_codes"][page_ids] = pack_planar(kc, bits)
-    store["v_codes"][page_ids] = pack_planar(vc, bits)
+    put_rows(store["k_codes"], page_ids, pack_planar(kc, bits), keep)
+    put_rows(store["v_codes"], page_ids, pack_planar(vc, bits), keep)
     for name, t in (("k_scale", ks), ("k_min", km), ("v_scale", vs), ("v_min", vm)):
-        store[name][page_ids] = t
+        put_rows(store[name], page_ids, t, keep)

@@ -43,6 +43,7 @@ from zipserve.kernels.arg_checks import (
     kernel_rows,
     page_strides,
     pages_read,
+    put_rows,
     rows_written,
 )
 from zipserve.kernels.head_dim import block_d, head_dim_error, head_dim_ok
@@ -313,7 +314,7 @@ def lowrank_encode_pages_ref(
     """fp32 torch reference: out[page_ids] = pad(x @ basis) for K and V."""
     _check(k, v, k_basis, v_basis, out_k, out_v, page_ids, src_rows, skip_ids)
     cols = _v_cols(k.shape[-1], v_cols)
-    k, v, ids = rows_written(k, v, page_ids, src_rows, skip_page, skip_ids)
+    k, v, ids, keep = rows_written(k, v, page_ids, src_rows, skip_page, skip_ids)
     ids = ids.long()
     for x, b, out in ((k, k_basis, out_k), (v, v_basis, out_v)):
         # [m, KVH, P, R] projected (or already reduced: its first v_cols), then zero padded / cut
@@ -321,5 +322,5 @@ def lowrank_encode_pages_ref(
         y = x.float()[..., :cols] if b is None else torch.einsum("nhpd,hdr->nhpr", x.float(), b)
         w = out.shape[3]
         y = y[..., :w] if y.shape[3] >= w else torch.nn.functional.pad(y, (0, w - y.shape[3]))
-        out[ids] = y.to(out.dtype)
+        put_rows(out, ids, y, keep)
     return out_k, out_v
