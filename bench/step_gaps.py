@@ -16,8 +16,11 @@ back to their sender (what a sender at its in-flight limit waits for).
 From the prefill worker's send trace (prefill_send_*.csv): how long after each request's forward
 pass its last layer left (the sending part of its transfer phase), and what the sender thread did
 meanwhile: waiting for the layer's gather and checksum (`ready`), for the receiver to give
-buffers back (`acks`), in the channel's sends (`send`), on an earlier request's layers
+buffers back (`acks`), exporting CUDA IPC handles (`export`), in the channel's sends (`send`),
+on an earlier request's layers
 (`earlier`), or nothing traced (`between`: the thread waiting for the GIL, or Python).
+From each worker's stall monitor (`*_stalls_*.csv`, control/stall_monitor.py): when the process
+ran no Python at all, and how much of the slowest send tail that covers.
 Prints a summary and writes step_gaps.csv (and send_tails.csv) beside the trace.
 """
 
@@ -28,7 +31,7 @@ import csv
 from pathlib import Path
 
 PARTS = ("import_ms", "step_ms", "done_ms")
-SEND_PARTS = ("ready_ms", "ack_ms", "send_ms")
+SEND_PARTS = ("ready_ms", "ack_ms", "export_ms", "send_ms")
 END_LAYER = -1  # prefill_worker/send_trace.py's row marking a request's forward-pass end
 TAIL_PARTS = (*SEND_PARTS, "flush_ms", "earlier_ms", "between_ms")
 """What send_tails splits a request's tail into."""
@@ -93,6 +96,20 @@ def receive_summary(rows: list[dict], behind_ms: float = 1.0) -> list[str]:
         f"total {_median_p90(cost)}, payload {_median_p90(col['payload_ms'])} (mapping "
         f"{_median_p90(col['map_ms'])}), header and checksum {_median_p90(col['verify_ms'])}; "
         f"{behind} of them were already waiting when the thread got to them"
+    ] + _slowest_verify(rows)
+
+
+def _slowest_verify(rows: list[dict]) -> list[str]:
+    """The layer the receive thread held longest after its payload, with how long queueing its
+    checksum took and the thread's CPU time (traces from session 27 on; older ones lack them)."""
+    if not all("cpu_ms" in r and "checksum_ms" in r for r in rows):
+        return []
+    worst = max(rows, key=lambda r: r["verify_ms"])
+    return [
+        f"  slowest after its payload: {worst['verify_ms']:.1f} ms (layer {worst['layer']:.0f}), "
+        f"of it queueing the checksum {worst['checksum_ms']:.1f} ms; the thread's CPU time "
+        f"since its previous layer {worst['cpu_ms']:.1f} ms (far below: it waited, for the "
+        "GIL, a lock or the driver)"
     ]
 
 
@@ -119,8 +136,10 @@ def return_summary(rows: list[dict]) -> list[str]:
 
 
 def read_sends(folder: Path) -> dict[str, list[dict]]:
-    """The prefill send trace's rows per prefill worker (the file's stem)."""
-    return _read_traces(folder, "prefill_send", text=("request_id",))
+    """The prefill send trace's rows per prefill worker (the file's stem); traces written
+    before export_ms was split out of send_ms have it 0."""
+    traces = _read_traces(folder, "prefill_send", text=("request_id",))
+    return {stem: [{"export_ms": 0.0, **r} for r in rows] for stem, rows in traces.items()}
 
 
 def _send_spans(row: dict) -> list[tuple[str, float, float]]:
@@ -152,7 +171,7 @@ def send_tails(rows: list[dict]) -> list[dict]:
             continue
         fwd_end = end_row["queued_s"]
         last = max(sp[-1][2] for _, sp in mine)
-        tail = {"request_id": rid, "tail_ms": 1e3 * max(0.0, last - fwd_end)}
+        tail = {"request_id": rid, "tail_ms": 1e3 * max(0.0, last - fwd_end), "end_s": fwd_end}
         tail.update({p: 0.0 for p in TAIL_PARTS})
         tail["layers_after"] = sum(
             1 for r, sp in mine if r["layer"] != END_LAYER and sp[-1][2] > fwd_end
@@ -179,7 +198,9 @@ def send_summary(rows: list[dict], tails: list[dict]) -> list[str]:
         f"prefill sender: {len(tails)} requests, {len(sent)} layers; per layer median / p90 ms: "
         f"waited for the thread {_median_p90(waited)}, gather + checksum "
         f"{_median_p90([r['ready_ms'] for r in sent])}, acknowledgements "
-        f"{_median_p90([r['ack_ms'] for r in sent])}, send {_median_p90([r['send_ms'] for r in sent])}"
+        f"{_median_p90([r['ack_ms'] for r in sent])}, export "
+        f"{_median_p90([r['export_ms'] for r in sent])}, send "
+        f"{_median_p90([r['send_ms'] for r in sent])}"
     ]
     if all("cpu_ms" in r for r in sent):
         busy = sum(r["cpu_ms"] for r in sent)
@@ -194,19 +215,60 @@ def send_summary(rows: list[dict], tails: list[dict]) -> list[str]:
     lines.append(
         f"last layer left after the forward pass: median {_p(ms, 0.5):.1f} ms, p90 "
         f"{_p(ms, 0.9):.1f}, max {max(ms):.1f}; of that time: gather + checksum "
-        f"{share['ready_ms']:.0f}%, acknowledgements {share['ack_ms']:.0f}%, send "
-        f"{share['send_ms']:.0f}%, the link's hand-over {share['flush_ms']:.0f}%, earlier "
+        f"{share['ready_ms']:.0f}%, acknowledgements {share['ack_ms']:.0f}%, export "
+        f"{share['export_ms']:.0f}%, send {share['send_ms']:.0f}%, the link's hand-over {share['flush_ms']:.0f}%, earlier "
         f"requests' layers {share['earlier_ms']:.0f}%, between layers {share['between_ms']:.0f}%"
     )
     worst = max(tails, key=lambda t: t["tail_ms"])
     lines.append(
         f"  slowest: {worst['tail_ms']:.0f} ms ({worst['layers_after']} layers after the "
         f"forward pass): gather + checksum {worst['ready_ms']:.0f}, acknowledgements "
-        f"{worst['ack_ms']:.0f}, send {worst['send_ms']:.0f}, the link's hand-over "
+        f"{worst['ack_ms']:.0f}, export {worst['export_ms']:.0f}, send "
+        f"{worst['send_ms']:.0f}, the link's hand-over "
         f"{worst['flush_ms']:.0f}, earlier requests {worst['earlier_ms']:.0f}, between "
         f"{worst['between_ms']:.0f} ms"
     )
     return lines
+
+
+def read_stalls(folder: Path) -> dict[str, list[dict]]:
+    """Each worker's stall monitor rows (control/stall_monitor.py), keyed by the file's stem
+    (`prefill_stalls_<tag>_<pid>`, `decode_stalls_<tag>_<pid>`)."""
+    return {**_read_traces(folder, "prefill_stalls"), **_read_traces(folder, "decode_stalls")}
+
+
+def stalled_ms(rows: list[dict], start: float, end: float) -> float:
+    """How much of [start, end] (epoch seconds) the process ran no Python: the overlap of the
+    monitor's late wake-ups with it, in ms."""
+    total = 0.0
+    for r in rows:
+        a = r["start_s"]
+        b = a + r["late_ms"] / 1e3
+        total += max(0.0, min(b, end) - max(a, start))
+    return 1e3 * total
+
+
+def stall_summary(name: str, rows: list[dict], tails: list[dict]) -> list[str]:
+    """A worker's stalls: how many, how long, the process's CPU in them (near 0: no thread
+    computed; the process was off the CPU or a thread held the GIL while it waited), and how
+    much of the slowest send tail (tails: send_tails of the run) fell in them."""
+    if not rows:
+        return [f"{name}: no stall (no wake-up of its monitor 20 ms or more late)"]
+    late = [r["late_ms"] for r in rows]
+    cpu = sum(r["process_cpu_ms"] for r in rows)
+    line = (
+        f"{name}: {len(rows)} stalls, median {_p(late, 0.5):.0f} ms, max {max(late):.0f} ms, "
+        f"{sum(late):.0f} ms in all; the process used {100 * cpu / sum(late):.0f}% of a CPU "
+        "in them"
+    )
+    if tails:
+        worst = max(tails, key=lambda t: t["tail_ms"])
+        end = worst["end_s"] + worst["tail_ms"] / 1e3
+        line += (
+            f"; {stalled_ms(rows, worst['end_s'], end):.0f} of the slowest send tail's "
+            f"{worst['tail_ms']:.0f} ms"
+        )
+    return [line]
 
 
 def prefill_spans(requests_csv: Path) -> list[tuple[float, float]]:
@@ -307,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         tails = send_tails(rows)
         print("\n".join(send_summary(rows, tails)))
         all_tails += [{**t, "worker": worker} for t in tails]
+    stalls = read_stalls(a.trace)
+    for name, rows in stalls.items():
+        print("\n".join(stall_summary(name, rows, all_tails)))
     if all_tails:
         out = a.trace / "send_tails.csv"
         with out.open("w", newline="") as f:

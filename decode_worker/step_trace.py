@@ -14,7 +14,10 @@ came off (`header_s`), how long the thread had waited for it since handing the p
 over (`idle_ms`: about 0 while messages queue up, i.e. the thread is the bottleneck), how long
 the payload took after the header (`payload_ms`: waiting for it plus mapping it), the mapping's
 own share (`map_ms`, CUDA IPC), the rest up to the hand-over (`verify_ms`: reading the header and
-queueing the checksum), its size and layer.
+queueing the checksum), its size and layer, the checksum's queueing alone (`checksum_ms`: launches
+that should not wait, unless something holds the GPU's queue or the GIL), and the thread's CPU
+time since its previous hand-over (`cpu_ms`: waiting for a message costs next to none, so a
+verify_ms far above it is a wait: for the GIL, a lock or the driver).
 
 `ReturnTrace`: one row per batch of imported CUDA-IPC layers given back to their sender
 (decode_worker/buffer_returns.py): when the step loop handed the batch over (`handed_s`), how
@@ -46,7 +49,17 @@ __all__ = [
 ]
 
 FIELDS = ("start_s", "import_ms", "layers", "step_ms", "batch", "done_ms", "wait_ms", "recv_ms")
-RECV_FIELDS = ("header_s", "idle_ms", "payload_ms", "map_ms", "verify_ms", "nbytes", "layer")
+RECV_FIELDS = (
+    "header_s",
+    "idle_ms",
+    "payload_ms",
+    "map_ms",
+    "verify_ms",
+    "nbytes",
+    "layer",
+    "checksum_ms",
+    "cpu_ms",
+)
 RETURN_FIELDS = ("handed_s", "gpu_wait_ms", "returned_s", "layers", "nbytes")
 
 
@@ -84,11 +97,18 @@ class ReceiveTrace(CsvTrace):
         super().__init__("decode_recv", RECV_FIELDS, folder, tag)
 
     def handed_over(
-        self, layer: int, nbytes: int, timing: dict[str, float], prev_s: float, now: float
+        self,
+        layer: int,
+        nbytes: int,
+        timing: dict[str, float],
+        prev_s: float,
+        now: float,
+        cpu_ms: float = 0.0,
     ) -> None:
         """Record a layer the receive thread handed over at `now` (time.time). timing:
-        recv_layer's (header_s, payload_s, map_ms; a host layer, one message, has no
-        payload_s); prev_s: the thread's previous hand-over."""
+        recv_layer's (header_s, payload_s, map_ms, checksum_ms; a host layer, one message, has
+        no payload_s or checksum_ms); prev_s: the thread's previous hand-over; cpu_ms: its CPU
+        time since then."""
         if self.path is None:
             return
         header_s = timing.get("header_s", now)
@@ -102,6 +122,8 @@ class ReceiveTrace(CsvTrace):
                 f"{1e3 * (now - payload_s):.3f}",
                 nbytes,
                 layer,
+                f"{timing.get('checksum_ms', 0.0):.3f}",
+                f"{cpu_ms:.3f}",
             )
         )
 

@@ -31,6 +31,7 @@ import uuid
 from zipserve.compress.wire import DeviceLayerKV, LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
+from zipserve.control.stall_monitor import StallMonitor
 from zipserve.decode_worker.arrivals import IMPORT_POLL_S, ArrivalQueue, import_during_step
 from zipserve.decode_worker.buffer_returns import BufferReturns
 from zipserve.decode_worker.request_state import (
@@ -95,6 +96,8 @@ class DecodeWorker:
         """Per-batch timings of giving CUDA-IPC layers back (same switch)."""
         self._returns = BufferReturns(trace=self.return_trace)
         """Gives imported CUDA-IPC layers back to their senders off the step loop."""
+        self.stall_monitor = StallMonitor("decode", tag=codec)
+        """When this process ran no Python (same switch; control/stall_monitor.py)."""
         self._threads = [threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)]
         self._threads[0].start()
 
@@ -159,6 +162,7 @@ class DecodeWorker:
 
     def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
         handed_s = time.time()  # the last hand-over (the receive trace's idle_ms)
+        cpu_s = time.thread_time()  # the thread's CPU time then (the receive trace's cpu_ms)
         while not self._stop.is_set():
             timing: dict[str, float] = {}
             try:  # host bytes or a device buffer (transfer/kv_messages.py)
@@ -175,8 +179,10 @@ class DecodeWorker:
                 self.dropped_messages += 1
                 continue
             now = self._arrive(kv, timing.get("header_s"))
-            self.recv_trace.handed_over(kv.layer, kv.nbytes(), timing, handed_s, now)
-            handed_s = now
+            cpu_now = time.thread_time()
+            cpu_ms = 1e3 * (cpu_now - cpu_s)
+            self.recv_trace.handed_over(kv.layer, kv.nbytes(), timing, handed_s, now, cpu_ms)
+            handed_s, cpu_s = now, cpu_now
 
     def import_kv_slice(self, data: bytes) -> None:
         """One rank's slice of one layer from a sequence-parallel prefill group
@@ -415,6 +421,7 @@ class DecodeWorker:
         for t in self._threads:
             t.join(timeout=2)
         self._returns.close()
+        self.stall_monitor.stop()
         # never imported: give CUDA-IPC buffers back to their senders
         for kv in self._arrivals.drain():
             done(kv)

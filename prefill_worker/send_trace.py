@@ -5,11 +5,11 @@ the end of the forward pass until the last layer left).
 One row per layer the sender thread sent: the request, the layer, its bytes, when the forward
 pass handed it over (`queued_s`, epoch seconds) and when the sender thread took it (`taken_s`:
 later than queued_s while the thread was busy with earlier layers, or waited for the GIL), then
-the three parts of sending it: `ready_ms` (a device layer: waiting for its gather and the
+the four parts of sending it: `ready_ms` (a device layer: waiting for its gather and the
 checksum on the GPU; a host layer: serialising it), `ack_ms` (the channel's wait for the
-receiver to give buffers back, CUDA IPC's in-flight limit) and `send_ms` (the rest of the
-channel's sends: exporting the IPC handle, the control message), and `cpu_ms`: the CPU time the
-sender thread used for all of it (far below the three's sum: it waited, for the GPU, the peer or
+receiver to give buffers back, CUDA IPC's in-flight limit), `export_ms` (CUDA IPC: exporting
+the buffer's handle and event for the peer) and `send_ms` (the rest of the channel's sends: the
+messages themselves), and `cpu_ms`: the CPU time the sender thread used for all of it (far below the three's sum: it waited, for the GPU, the peer or
 the GIL; close to it: the host work itself is slow). One more row per request,
 layer -1, marks its forward pass's end: queued_s is when the forward pass returned, taken_s
 when the thread got to it and send_ms how long the channel's flush took (a shaped link).
@@ -33,6 +33,7 @@ SEND_FIELDS = (
     "taken_s",
     "ready_ms",
     "ack_ms",
+    "export_ms",
     "send_ms",
     "cpu_ms",
 )
@@ -55,6 +56,7 @@ class SendTrace(CsvTrace):
         ack_ms: float,
         send_ms: float,
         cpu_ms: float = 0.0,
+        export_ms: float = 0.0,
     ) -> None:
         """Record one layer sent (layer END_LAYER: the request's forward-pass end, its flush
         in send_ms)."""
@@ -67,6 +69,7 @@ class SendTrace(CsvTrace):
                 f"{taken_s:.6f}",
                 f"{ready_ms:.3f}",
                 f"{ack_ms:.3f}",
+                f"{export_ms:.3f}",
                 f"{send_ms:.3f}",
                 f"{cpu_ms:.3f}",
             )

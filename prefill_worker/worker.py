@@ -30,6 +30,7 @@ import torch
 from zipserve.compress.wire import LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
 from zipserve.control.messages import PrefillStats, WorkerInfo
+from zipserve.control.stall_monitor import StallMonitor
 from zipserve.engine.disaggregated import DisaggregatedEngine, Overloaded
 from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
@@ -144,7 +145,8 @@ class _ChannelSender:
                     self._trace.flush()  # the actor is killed, not shut down: write per prompt
             elif sends.error is None:
                 timing: dict[str, float] = {}
-                acked_before, cpu_before = channel.ack_wait_s, time.thread_time()
+                acked_before, exported_before = channel.ack_wait_s, channel.export_s
+                cpu_before = time.thread_time()
                 try:
                     nbytes = send_layer(channel, kv, KV_TAG, timing)
                 except Exception as e:  # surfaced to the prompt's caller
@@ -153,6 +155,7 @@ class _ChannelSender:
                 sends.bytes += nbytes
                 if self._trace is not None:
                     ack_ms = 1e3 * (channel.ack_wait_s - acked_before)
+                    export_ms = 1e3 * (channel.export_s - exported_before)
                     self._trace.sent(
                         sends.request_id,
                         kv.layer,
@@ -161,8 +164,9 @@ class _ChannelSender:
                         taken_s,
                         timing["ready_ms"],
                         ack_ms,
-                        max(0.0, timing["send_ms"] - ack_ms),
+                        max(0.0, timing["send_ms"] - ack_ms - export_ms),
                         1e3 * (time.thread_time() - cpu_before),
+                        export_ms=export_ms,
                     )
 
 
@@ -197,6 +201,8 @@ class PrefillWorker:
         self._senders: dict[str, _ChannelSender] = {}
         self.send_trace = SendTrace(tag=codec)
         """Off unless ZIPSERVE_STEP_TRACE names a folder (prefill_worker/send_trace.py)."""
+        self.stall_monitor = StallMonitor("prefill", tag=codec)
+        """When this process ran no Python (same switch; control/stall_monitor.py)."""
         self.prefills = 0
         self.out_of_memory = 0
 

@@ -304,7 +304,11 @@ class _FakeIpc:
 
 
 class _SlowFakeIpc(_FakeIpc):
-    """Mapping takes 5 ms."""
+    """Mapping takes 5 ms, exporting 2."""
+
+    def export(self, t):
+        time.sleep(0.002)
+        return super().export(t)
 
     def open(self, h, *device):
         time.sleep(0.005)
@@ -402,13 +406,15 @@ def test_receive_trace_times_each_ipc_layers_mapping(monkeypatch, tmp_path):
     assert sorted(int(r["layer"]) for r in rows) == list(range(dec.num_layers))
     assert all(r["map_ms"] >= 5.0 and r["payload_ms"] >= r["map_ms"] for r in rows)
     assert all(r["nbytes"] > 0 and r["verify_ms"] >= 0 and r["idle_ms"] >= 0 for r in rows)
+    assert all(0 <= r["checksum_ms"] <= r["verify_ms"] and r["cpu_ms"] >= 0 for r in rows)
 
 
 @needs_model
 def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
     """With CUDA IPC's in-flight limit at one byte every layer's payload waits until the decode
     side gave the previous buffer back (mapping takes 5 ms there): the prefill worker's send
-    trace puts that wait in ack_ms, as much as the channel counted, and not in send_ms."""
+    trace puts that wait in ack_ms, as much as the channel counted, and not in send_ms; the
+    handles' export (2 ms each) goes to export_ms."""
     import zipserve.prefill_worker.worker as prefill_module
     from zipserve.bench.step_gaps import read_sends, send_tails
     from zipserve.control.csv_trace import ENV
@@ -437,6 +443,10 @@ def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
     assert sum(r["ack_ms"] > 0 for r in layers) >= dec.num_layers // 2
     assert sum(r["ack_ms"] for r in layers) == pytest.approx(
         1e3 * a.ack_wait_s, abs=0.01 * len(layers)
+    )
+    assert all(r["export_ms"] >= 2.0 for r in layers)  # one payload exported per layer
+    assert sum(r["export_ms"] for r in layers) == pytest.approx(
+        1e3 * a.export_s, abs=0.01 * len(layers)
     )
     (tail,) = send_tails(rows)
     assert tail["tail_ms"] >= tail["ack_ms"] >= 0

@@ -19,7 +19,7 @@ from zipserve.prefill_worker.send_trace import END_LAYER, SEND_FIELDS, SendTrace
 MODEL = str(REFERENCE_MODEL)
 
 
-def _row(rid, layer, queued, taken, ready=0.0, ack=0.0, send=0.0, nbytes=100):
+def _row(rid, layer, queued, taken, ready=0.0, ack=0.0, send=0.0, nbytes=100, export=0.0):
     return {
         "request_id": rid,
         "layer": float(layer),
@@ -28,6 +28,7 @@ def _row(rid, layer, queued, taken, ready=0.0, ack=0.0, send=0.0, nbytes=100):
         "taken_s": taken,
         "ready_ms": ready,
         "ack_ms": ack,
+        "export_ms": export,
         "send_ms": send,
     }
 
@@ -51,20 +52,33 @@ def test_send_trace_rows_are_written(tmp_path):
     assert rows[0]["request_id"] == "r1" and rows[0]["layer"] == "3"
     assert float(rows[0]["ack_ms"]) == 7.5 and float(rows[1]["send_ms"]) == 0.25
     assert float(rows[0]["cpu_ms"]) == 0.75 and float(rows[1]["cpu_ms"]) == 0
+    assert float(rows[0]["export_ms"]) == 0
     (got,) = step_gaps.read_sends(tmp_path).values()
     assert got[0]["request_id"] == "r1" and got[1]["layer"] == END_LAYER
 
 
+def test_a_trace_from_before_the_export_split_reads_with_export_0(tmp_path):
+    """Session 25-26 traces have no export_ms column: their exports count in send_ms."""
+    old = [f for f in SEND_FIELDS if f != "export_ms"]
+    with (tmp_path / "prefill_send_bf16_1.csv").open("w") as f:
+        f.write(",".join(old) + "\n" + "r,0,100,10.0,10.0,1.0,0.0,4.0,2.0\n")
+        f.write("r,-1,0,10.002,10.006,0,0,0,0\n")
+    (rows,) = step_gaps.read_sends(tmp_path).values()
+    assert rows[0]["export_ms"] == 0.0 and rows[0]["send_ms"] == 4.0
+    (tail,) = step_gaps.send_tails(rows)
+    assert tail["send_ms"] == pytest.approx(3.0) and tail["export_ms"] == 0.0
+
+
 def test_tail_after_the_forward_pass_is_split_by_what_the_sender_did():
     """Request b's forward pass ends at t=10.0 while the thread still sends a's last layer
-    (10 ms, all after 10.0: 'earlier'); b's layer 0 then waits 20 ms for acknowledgements and
-    sends for 5, and after a 15 ms gap (nothing traced: 'between') layer 1 takes 30 ms for its
+    (10 ms, all after 10.0: 'earlier'); b's layer 0 then waits 20 ms for acknowledgements,
+    exports its handle in 2 and sends for 3, and after a 15 ms gap (nothing traced: 'between') layer 1 takes 30 ms for its
     gather and checksum. Its last layer left 80 ms after the forward pass."""
     rows = [
         _row("a", 0, 9.90, 9.90, ready=1.0),
         _row("a", END_LAYER, 9.95, 9.95),
         _row("a", 1, 9.94, 10.0, send=10.0),  # the thread got to it 50 ms after a's end
-        _row("b", 0, 9.98, 10.010, ack=20.0, send=5.0),
+        _row("b", 0, 9.98, 10.010, ack=20.0, export=2.0, send=3.0),
         _row("b", 1, 9.99, 10.050, ready=30.0),
         _row("b", END_LAYER, 10.0, 10.08),
     ]
@@ -72,7 +86,8 @@ def test_tail_after_the_forward_pass_is_split_by_what_the_sender_did():
     b = tails["b"]
     assert b["tail_ms"] == pytest.approx(80.0)
     assert b["earlier_ms"] == pytest.approx(10.0)
-    assert b["ack_ms"] == pytest.approx(20.0) and b["send_ms"] == pytest.approx(5.0)
+    assert b["ack_ms"] == pytest.approx(20.0) and b["send_ms"] == pytest.approx(3.0)
+    assert b["export_ms"] == pytest.approx(2.0)
     assert b["ready_ms"] == pytest.approx(30.0)
     assert b["between_ms"] == pytest.approx(15.0)
     assert b["layers_after"] == 2
@@ -84,8 +99,8 @@ def test_tail_after_the_forward_pass_is_split_by_what_the_sender_did():
     assert "p90 80.0, max 80.0" in text
     assert "slowest: 80 ms (2 layers after the forward pass)" in text
     assert (
-        "acknowledgements 20, send 5, the link's hand-over 0, earlier requests 10, between 15 ms"
-        in text
+        "acknowledgements 20, export 2, send 3, the link's hand-over 0, earlier requests 10, "
+        "between 15 ms" in text
     )
 
 
@@ -131,6 +146,8 @@ def test_served_request_leaves_every_layer_and_its_end_in_the_send_trace(monkeyp
         dec.shutdown()
     # written per request (the actor is killed, not shut down): no flush() here
     (rows,) = step_gaps.read_sends(tmp_path).values()
+    # both workers' stall monitors ran beside the traces (control/stall_monitor.py)
+    assert {s.split("_")[0] for s in step_gaps.read_stalls(tmp_path)} == {"prefill", "decode"}
     layers = [r for r in rows if r["layer"] != END_LAYER]
     assert sorted(int(r["layer"]) for r in layers) == list(range(dec.num_layers))
     assert all(r["request_id"] == "r" for r in rows)

@@ -53,7 +53,12 @@ def test_receive_trace_splits_a_layers_time_and_tells_when_layers_queued(monkeyp
     receive thread busy (the next message already waiting)."""
     t = ReceiveTrace(tmp_path, tag="bf16")
     t.handed_over(
-        3, 1 << 20, {"header_s": 100.0, "payload_s": 100.02, "map_ms": 15.0}, 99.9, 100.03
+        3,
+        1 << 20,
+        {"header_s": 100.0, "payload_s": 100.02, "map_ms": 15.0, "checksum_ms": 8.0},
+        99.9,
+        100.03,
+        cpu_ms=1.5,
     )
     t.handed_over(4, 1 << 20, {"header_s": 100.03, "payload_s": 100.03}, 100.03, 100.03)
     t.flush()
@@ -68,6 +73,10 @@ def test_receive_trace_splits_a_layers_time_and_tells_when_layers_queued(monkeyp
     text = step_gaps.receive_summary(got)[0]
     assert "2 layers (1.0 MiB mean)" in text
     assert "1 of them were already waiting" in text
+    assert float(rows[0]["checksum_ms"]) == 8.0 and float(rows[0]["cpu_ms"]) == 1.5
+    slowest = step_gaps.receive_summary(got)[1]
+    assert "slowest after its payload: 10.0 ms (layer 3)" in slowest
+    assert "queueing the checksum 8.0 ms" in slowest and "previous layer 1.5 ms" in slowest
     monkeypatch.delenv(ENV, raising=False)
     off = ReceiveTrace(None)  # no folder, no variable: nothing recorded
     off.handed_over(0, 1, {}, 0.0, 1.0)

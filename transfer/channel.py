@@ -155,6 +155,9 @@ class Channel(ABC):
         self.ack_wait_s = 0.0
         """Seconds send() has spent, in all, waiting for the receiver to give buffers back
         (`limit_inflight`); stays 0 for a transport that does not `acknowledge`."""
+        self.export_s = 0.0
+        """Seconds send() has spent, in all, exporting device buffers for the peer to map (CUDA
+        IPC's handles); stays 0 for a transport that copies the bytes."""
 
     @abstractmethod
     def send(self, buf: Buffer, tag: int) -> None:
@@ -205,6 +208,10 @@ class Channel(ABC):
     def _count_ack_wait(self, seconds: float) -> None:
         with self._stats_lock:
             self.ack_wait_s += seconds
+
+    def _count_export(self, seconds: float) -> None:
+        with self._stats_lock:
+            self.export_s += seconds
 
     def _count_received(self, nbytes: int) -> None:
         with self._stats_lock:

@@ -227,7 +227,9 @@ class CudaIpcChannel(Channel):
             self._inflight[mid] = _Sent(t, nbytes, time.monotonic())
             self._inflight_bytes += nbytes
         try:
+            t0 = time.perf_counter()
             handle = self._export(t)
+            self._count_export(time.perf_counter() - t0)
             self.control.send(
                 _HANDLE + json.dumps({"id": mid, "nbytes": nbytes, "handle": handle}).encode(),
                 tag + 1,

@@ -96,7 +96,8 @@ def recv_layer(
     A device layer's checksum is queued, not awaited: `settled(kv)` says when importing it will
     not wait for the GPU. `timing`, when given, gets "header_s": when the first message came
     off the channel (time.time), "payload_s": when a device layer's payload was in hand
-    (mapped, for CUDA IPC), "map_ms": the mapping's share of that (0 unless CUDA IPC)."""
+    (mapped, for CUDA IPC), "map_ms": the mapping's share of that (0 unless CUDA IPC),
+    "checksum_ms": queueing a device layer's checksum on the GPU (which should not wait)."""
     first = channel.recv(tag, timeout)
     if timing is not None:
         timing["header_s"] = time.time()
@@ -128,7 +129,10 @@ def recv_layer(
             release()
         raise FormatError(f"unreadable device LayerKV header: {e}") from e
     kv.ready = ready  # the mapping's readers wait for the sender's writes (None: done)
+    t0 = time.perf_counter()
     kv.start_verify()  # queued here, read by import_layer (which refuses a mismatch)
+    if timing is not None:
+        timing["checksum_ms"] = 1e3 * (time.perf_counter() - t0)
     return kv
 
 
