@@ -48,6 +48,9 @@
 #   trace26    nvidia-h100-x1  the prefill worker's send trace beside the decode worker's: bf16, hack2,
 #                              kivi2, hack4 with no link at 2-3 req/s, then bf16 / kivi2 with two
 #                              prompts in flight and with the GIL switch at 0.5 ms        ~9 min
+#   trace27    nvidia-h100-x1  session 26's fix (head_dim 96 / dense-decode GPU tests), then bf16, hack2,
+#                              kivi2, bf16 at 3 req/s no link with the stall monitors and the split
+#                              send / receive timings                                     ~5-9 min
 #   h200table  nvidia-h200     decode_kv's H200 row (it predates the CUDA HACK kernel): engine step per
 #                              codec at 2/8 x 4k and 8/32 x 8k, both decode modes               ~5 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
@@ -98,7 +101,7 @@
 # a few files per call), with STAGE.log inside; each step has its own time limit so one hang cannot
 # eat the call, and a step that fails does not stop the next.
 set -uo pipefail
-STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | trace26 | h200table | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
+STAGE=${1:?"stage: quick | tests | engine13 | tests1b | tests1c | tests2 | smoke | jct-16 | jct-16b | ipc16 | trace16 | import16 | round14 | recv15 | recv16 | jct-16d | jct-16e | profile | engine15 | round15 | cuda15 | cuda15mini | pipe15 | import17 | prefill17 | waits17 | lowrank18 | round18 | round22 | round24 | trace25 | trace26 | trace27 | h200table | link24 | check23 | engine22g | round21 | round20 | mini20 | fused20 | tiny20 | round19 | mini19 | tests19 | ab19 | link19 | prefill16 | lowrank16 | issue15 | close15 | jct-20 | jct-a | jct-b | jct-c | multi | multi16 | multi4"}
 OUT=${OUT:-/tmp/zipserve-runbook}
 WORK=$(mktemp -d /tmp/zipserve-runbook.XXXXXX)
 LOG="$WORK/$STAGE.log"
@@ -162,6 +165,22 @@ traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 work
         step 30 "gaps_$n" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_$n" \
             --requests "$WORK/jct_$n/jct_requests.csv"
     done
+}
+
+start_samplers() {  # the host's CPU (/proc/stat, load) and the GPU's clocks beside the runs
+    # /proc/stat's cpu line every second (user nice system idle iowait irq softirq steal, in
+    # ticks) and the load average: present on any Linux image, vmstat may not be
+    (while sleep 1; do echo "$(date +%s.%N) $(head -1 /proc/stat) $(cat /proc/loadavg)"; done) \
+        > "$WORK/cpu_stat.log" 2>&1 &
+    sampler_cpu=$!
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,clocks_throttle_reasons.active,utilization.gpu,temperature.gpu,power.draw \
+        --format=csv -lms 500 > "$WORK/gpu_clocks.csv" 2>&1 &
+    sampler_smi=$!
+}
+
+stop_samplers() {  # and pack the stage's folder, with the samplers' last lines
+    kill "$sampler_cpu" "$sampler_smi" 2>/dev/null
+    tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" . 2>/dev/null
 }
 
 jct_sweep() {  # jct_sweep SECONDS NAME CODECS LINKS: the issue-16 sweep on random Llama-3-8B
@@ -583,14 +602,7 @@ trace26)
     # req/s): the host's CPU (busy, steal, load) and the GPU's clocks and throttle reasons
     # are sampled beside the runs, to tell a starved host or a throttled GPU from our own waits.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
-    # /proc/stat's cpu line every second (user nice system idle iowait irq softirq steal, in
-    # ticks) and the load average: present on any Linux image, vmstat may not be
-    (while sleep 1; do echo "$(date +%s.%N) $(head -1 /proc/stat) $(cat /proc/loadavg)"; done) \
-        > "$WORK/cpu_stat.log" 2>&1 &
-    local_vmstat=$!
-    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,clocks_throttle_reasons.active,utilization.gpu,temperature.gpu,power.draw \
-        --format=csv -lms 500 > "$WORK/gpu_clocks.csv" 2>&1 &
-    local_smi=$!
+    start_samplers
     (export TRACE_LINKS=none TRACE_RATES=2,3; traced_lanes bf16:auto hack2:auto kivi2:auto hack4:auto)
     for variant in _inflight2:ZIPSERVE_KV_INFLIGHT_PROMPTS=2 _gil05:ZIPSERVE_GIL_SWITCH_MS=0.5; do
         for lane in bf16:auto kivi2:auto; do
@@ -599,8 +611,29 @@ trace26)
                 traced_lanes "$lane")
         done
     done
-    kill "$local_vmstat" "$local_smi" 2>/dev/null
-    tar -czf "$OUT/$STAGE.tar.gz" -C "$WORK" . 2>/dev/null  # with the samplers' last lines
+    stop_samplers
+    ;;
+trace27)
+    # Session 26's first call (trace26) had no 650 ms stall, but its slowest send tails (60-110
+    # ms) were one layer's channel send blocking 130 ms with 4 ms of CPU, while the decode
+    # worker's receive thread sat 136 ms between a payload and its hand-over and a decode step
+    # took 157 ms (normally 7-28). Its tests stage failed 23 engine GPU tests: KIVI's torch
+    # encoder at head_dim 96 inside a CUDA-graph capture (fixed; the rest failed behind it).
+    # First those tests again, then bf16 / hack2 / kivi2 at 3 req/s, no link, with the new
+    # instruments: each worker's stall monitor (late wake-ups: the GIL held or the process off
+    # the CPU), the send's CUDA IPC export split from the control message (export_ms), and the
+    # receive thread's checksum queueing and CPU time (checksum_ms, cpu_ms). ~5-9 min.
+    export ZIPSERVE_NORM_ROPE_KERNELS=1
+    pytest_gpu "${TESTS_LIMIT:-200}" gpu_fix26 -m gpu tests/test_head_size_codecs.py \
+        tests/test_dense_decode.py
+    start_samplers
+    run=0
+    for lane in ${TRACE27_LANES:-bf16:auto hack2:auto kivi2:auto bf16:auto}; do
+        [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
+        run=$((run + 1))
+        (export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"; traced_lanes "$lane")
+    done
+    stop_samplers
     ;;
 h200table)
     # When a session gets an H200: engine/decode_kv.py's "h200" row is torch-SDPA kernel ratios
