@@ -234,7 +234,11 @@ def send_summary(rows: list[dict], tails: list[dict]) -> list[str]:
 def read_stalls(folder: Path) -> dict[str, list[dict]]:
     """Each worker's stall monitor rows (control/stall_monitor.py), keyed by the file's stem
     (`prefill_stalls_<tag>_<pid>`, `decode_stalls_<tag>_<pid>`)."""
-    return {**_read_traces(folder, "prefill_stalls"), **_read_traces(folder, "decode_stalls")}
+    text = ("threads",)
+    return {
+        **_read_traces(folder, "prefill_stalls", text),
+        **_read_traces(folder, "decode_stalls", text),
+    }
 
 
 def stalled_ms(rows: list[dict], start: float, end: float) -> float:
@@ -268,7 +272,12 @@ def stall_summary(name: str, rows: list[dict], tails: list[dict]) -> list[str]:
             f"; {stalled_ms(rows, worst['end_s'], end):.0f} of the slowest send tail's "
             f"{worst['tail_ms']:.0f} ms"
         )
-    return [line]
+    worst = max(rows, key=lambda r: r["late_ms"])
+    return [
+        line,
+        f"  longest: {worst['late_ms']:.0f} ms with {worst['process_cpu_ms']:.0f} ms of CPU; the "
+        f"other threads then: {worst.get('threads') or '?'}",
+    ]
 
 
 def prefill_spans(requests_csv: Path) -> list[tuple[float, float]]:

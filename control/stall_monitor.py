@@ -1,8 +1,11 @@
 """`StallMonitor`: an opt-in thread that finds the moments a worker process ran no Python.
 
 It sleeps PERIOD_S at a time and records each wake-up more than LATE_MS late: when it went to
-sleep (`start_s`, epoch seconds), how late it woke (`late_ms`) and the CPU time the whole process
-used meanwhile (`process_cpu_ms`). A late wake-up means no thread let it run: either another
+sleep (`start_s`, epoch seconds), how late it woke (`late_ms`), the CPU time the whole process
+used meanwhile (`process_cpu_ms`) and where every other thread was right after (`threads`:
+name, then file:line and function of its innermost frame in zipserve, `|` between threads; the
+thread that held the GIL has only just let go of it, so it is usually still on the line that
+held it). A late wake-up means no thread let it run: either another
 thread held the GIL (computing in Python: process_cpu_ms near late_ms; or waiting in C code that
 does not release it, for the GPU, a lock or the driver: process_cpu_ms near 0), or the host
 did not schedule the process (process_cpu_ms near 0 too; the host's /proc/stat steal and load,
@@ -17,12 +20,15 @@ prefill actor is killed, not shut down). `python3 -m zipserve.bench.step_gaps` r
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
 from zipserve.control.csv_trace import CsvTrace
 
-STALL_FIELDS = ("start_s", "late_ms", "process_cpu_ms")
+STALL_FIELDS = ("start_s", "late_ms", "process_cpu_ms", "threads")
+_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
+"""The zipserve source tree (its modules, tests and benchmarks)."""
 PERIOD_S = 0.005
 LATE_MS = 20.0
 
@@ -53,7 +59,7 @@ class StallMonitor(CsvTrace):
             late_ms = 1e3 * (time.time() - start - self.period_s)
             if late_ms >= self.late_ms:
                 cpu_ms = 1e3 * (time.process_time() - cpu)
-                self._add((f"{start:.6f}", f"{late_ms:.3f}", f"{cpu_ms:.3f}"))
+                self._add((f"{start:.6f}", f"{late_ms:.3f}", f"{cpu_ms:.3f}", where_threads_are()))
                 self.flush()
 
     def stop(self) -> None:
@@ -61,3 +67,26 @@ class StallMonitor(CsvTrace):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+
+
+def where_threads_are() -> str:
+    """Every thread but the caller: `name file:line function` of its innermost frame in a
+    zipserve module (its innermost frame when none is), joined by ` | `."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    out = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        top, f = frame, frame
+        while f is not None and not _in_tree(f.f_code.co_filename):
+            f = f.f_back
+        f = f or top
+        path = os.path.realpath(f.f_code.co_filename)
+        short = path[len(_ROOT) :] if path.startswith(_ROOT) else os.path.basename(path)
+        out.append(f"{names.get(ident, ident)} {short}:{f.f_lineno} {f.f_code.co_name}")
+    return " | ".join(sorted(out))
+
+
+def _in_tree(path: str) -> bool:
+    return os.path.realpath(path).startswith(_ROOT)

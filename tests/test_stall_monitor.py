@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import threading
 import time
 
 import pytest
@@ -23,12 +24,16 @@ def test_off_without_the_variable(monkeypatch):
     m.stop()
 
 
+def _hold_the_gil(ms: int) -> None:
+    ctypes.PyDLL(None).usleep(1000 * ms)  # in C with the GIL held
+
+
 def test_a_wait_that_holds_the_gil_is_one_stall_with_no_cpu(tmp_path):
     m = StallMonitor("decode", tmp_path, tag="bf16")
     try:
         time.sleep(0.05)
         held = time.time()
-        ctypes.PyDLL(None).usleep(150_000)  # 150 ms in C with the GIL held
+        _hold_the_gil(150)
         time.sleep(0.05)
     finally:
         m.stop()
@@ -39,21 +44,46 @@ def test_a_wait_that_holds_the_gil_is_one_stall_with_no_cpu(tmp_path):
     assert float(stall["late_ms"]) < 400
     assert abs(float(stall["start_s"]) - held) < 0.05
     assert float(stall["process_cpu_ms"]) < 0.5 * float(stall["late_ms"])
+    # the main thread, right after it let go: still on the call that held it
+    assert "MainThread tests/test_stall_monitor.py:" in stall["threads"]
+    assert stall["threads"].endswith(" _hold_the_gil")
     (got,) = step_gaps.read_stalls(tmp_path).values()
     assert any(r["late_ms"] >= 100 for r in got)
 
 
+def test_where_threads_are_names_each_other_threads_innermost_zipserve_frame():
+    from zipserve.control.stall_monitor import where_threads_are
+
+    ready, release = threading.Event(), threading.Event()
+
+    def worker():
+        ready.set()
+        release.wait(5)
+
+    t = threading.Thread(target=worker, name="kv-send-x", daemon=True)
+    t.start()
+    ready.wait(5)
+    try:
+        got = where_threads_are()
+    finally:
+        release.set()
+        t.join()
+    assert "kv-send-x tests/test_stall_monitor.py:" in got and " worker" in got
+    assert "MainThread" not in got  # the caller is left out
+
+
 def test_stalls_are_summed_over_the_slowest_send_tail():
     rows = [
-        {"start_s": 10.00, "late_ms": 100.0, "process_cpu_ms": 2.0},  # 10.00-10.10
-        {"start_s": 10.50, "late_ms": 50.0, "process_cpu_ms": 48.0},  # 10.50-10.55
+        {"start_s": 10.00, "late_ms": 100.0, "process_cpu_ms": 2.0, "threads": "a x.py:1 f"},
+        {"start_s": 10.50, "late_ms": 50.0, "process_cpu_ms": 48.0, "threads": "b y.py:2 g"},
     ]
     assert step_gaps.stalled_ms(rows, 10.05, 10.52) == pytest.approx(70.0)
     tails = [
         {"request_id": "a", "tail_ms": 20.0, "end_s": 9.0},
         {"request_id": "b", "tail_ms": 500.0, "end_s": 10.05},  # 10.05-10.55
     ]
-    (line,) = step_gaps.stall_summary("decode_stalls_bf16_1", rows, tails)
+    line, longest = step_gaps.stall_summary("decode_stalls_bf16_1", rows, tails)
+    assert "longest: 100 ms with 2 ms of CPU; the other threads then: a x.py:1 f" in longest
     assert "2 stalls, median 100 ms, max 100 ms, 150 ms in all" in line
     assert "the process used 33% of a CPU in them" in line  # 50 of 150 ms
     assert "100 of the slowest send tail's 500 ms" in line  # 50 + 50 ms
