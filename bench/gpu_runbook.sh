@@ -619,11 +619,16 @@ trace27)
     # worker's receive thread sat 136 ms between a payload and its hand-over and a decode step
     # took 157 ms (normally 7-28). Its tests stage failed 23 engine GPU tests: KIVI's torch
     # encoder at head_dim 96 inside a CUDA-graph capture (fixed; the rest failed behind it).
-    # First those tests again, then bf16 / hack2 / kivi2 at 3 req/s, no link, with the new
+    # The decode worker now gives CUDA-IPC layers back with an idle stream current (on the
+    # default stream each give-back waited for the decode step queued meanwhile, torch's deleter
+    # with the GIL held: the suspected freeze): its GPU test first, then the failed tests again,
+    # then bf16 / hack2 / kivi2 at 3 req/s, no link, with the new
     # instruments: each worker's stall monitor (late wake-ups: the GIL held or the process off
     # the CPU), the send's CUDA IPC export split from the control message (export_ms), and the
     # receive thread's checksum queueing and CPU time (checksum_ms, cpu_ms). ~5-9 min.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
+    pytest_gpu 100 give_back26 -m gpu tests/test_device_path_gpu.py \
+        -k "giving_cuda_ipc_layers_back or receiver_does_not_wait"
     pytest_gpu "${TESTS_LIMIT:-200}" gpu_fix26 -m gpu tests/test_head_size_codecs.py \
         tests/test_dense_decode.py
     start_samplers

@@ -266,12 +266,17 @@ def _pair_role(
     finished,
     dump_dir: str,
     busy_cycles: int = 0,
+    returns_busy_cycles: int = 0,
 ) -> None:
     """rank 0: prefill the same prompt twice (host form, then device form) and send both over
     the channel connect_pair picks; rank 1: import both into reserved pages, compare, free.
     busy_cycles: rank 0 queues a GPU sleep this long on its stream before sending the device
     form (the next layers of a forward pass, as far as the receiver can tell); rank 1 reports
-    how long its imports of that form took, its stream synchronized (`import_s`)."""
+    how long its imports of that form took, its stream synchronized (`import_s`).
+    returns_busy_cycles: rank 1 keeps the device form's layers, hands them to a BufferReturns
+    (as the decode worker's step loop does), queues a GPU sleep this long on its default stream
+    (the next decode step) and reports how long giving them back took (`give_back_s`) and how
+    long the sleep went on after it (`busy_after_s`)."""
     dump = open(Path(dump_dir) / f"rank{rank}.stacks", "w")  # noqa: SIM115 (lives as long as we do)
     faulthandler.dump_traceback_later(STACK_DUMP_S, file=dump)
     try:
@@ -323,6 +328,7 @@ def _pair_role(
             forms = []
             for rid in ("host", "dev"):
                 eng.reserve(rid, prompt, params)
+                kept = [] if returns_busy_cycles and rid == "dev" else None
                 t0 = None
                 for _ in range(n_layers):
                     kv = recv_layer(ch, 1, timeout=120)
@@ -338,7 +344,21 @@ def _pair_role(
                     try:
                         eng.import_layer(rid, kv)
                     finally:
-                        done(kv)
+                        kept.append(kv) if kept is not None else done(kv)
+                if kept is not None:
+                    from zipserve.decode_worker.buffer_returns import BufferReturns
+
+                    returns = BufferReturns()
+                    returns.give_back(kept, torch.device(dev))
+                    del kept
+                    torch.cuda._sleep(returns_busy_cycles)  # the next decode step
+                    t1 = time.monotonic()
+                    returns.close(timeout=60)
+                    out["give_back_s"] = time.monotonic() - t1
+                    t2 = time.monotonic()
+                    torch.cuda.synchronize()
+                    out["busy_after_s"] = time.monotonic() - t2
+                    out["return_failures"] = returns.failures
                 if dev != "cpu":
                     torch.cuda.synchronize()
                 out[f"import_s_{rid}"] = time.monotonic() - t0
@@ -356,7 +376,11 @@ def _pair_role(
 
 
 def _run_pair(
-    devices: tuple[str, str], codec: str, path: str = "auto", busy_cycles: int = 0
+    devices: tuple[str, str],
+    codec: str,
+    path: str = "auto",
+    busy_cycles: int = 0,
+    returns_busy_cycles: int = 0,
 ) -> dict:
     ctx = mp.get_context("spawn")
     port, results, finished = free_port(), ctx.Queue(), ctx.Event()
@@ -366,7 +390,18 @@ def _run_pair(
         ctx.Process(
             target=_pair_role,
             daemon=True,
-            args=(rank, port, devices[rank], codec, path, results, finished, dump_dir, busy_cycles),
+            args=(
+                rank,
+                port,
+                devices[rank],
+                codec,
+                path,
+                results,
+                finished,
+                dump_dir,
+                busy_cycles,
+                returns_busy_cycles,
+            ),
         )
         for rank in (0, 1)
     ]
@@ -429,6 +464,25 @@ def test_cuda_ipc_receiver_does_not_wait_for_the_senders_later_work():
     res = _run_pair(("cuda:0", "cuda:0"), "hack2", busy_cycles=busy)
     assert res[0]["path"] == "cuda_ipc" and res[1]["equal"]
     assert res[1]["import_s_dev"] < 0.5, res[1]
+    assert res[0]["acked"] and res[1]["open_leases"] == 0
+    assert res[0]["used_pages"] == res[1]["used_pages"] == 0
+
+
+@pytest.mark.gpu
+def test_giving_cuda_ipc_layers_back_does_not_wait_for_the_decode_stream():
+    """The decode worker gives imported CUDA-IPC layers back from a thread of its own while the
+    step loop goes on queueing decode steps on the default stream (here: 1.5-2 s of GPU sleep).
+    Giving them back waits for the imports' reads only, not for the step queued after them: on
+    the default stream, CudaIpcChannel's release and torch's deleter of the received storage
+    (that one with the GIL held) each waited for it, freezing the decode process for a step
+    per batch given back (100-160 ms on a GPU time-sliced with a prefill; session 26)."""
+    assert _cuda()
+    busy = 3_000_000_000  # GPU clock cycles: 1.5-2 s at H100/H200 clocks
+    res = _run_pair(("cuda:0", "cuda:0"), "hack2", returns_busy_cycles=busy)
+    assert res[0]["path"] == "cuda_ipc" and res[1]["equal"]
+    assert res[1]["return_failures"] == 0
+    assert res[1]["busy_after_s"] > 0.5, res[1]  # the sleep was still running: it did not wait
+    assert res[1]["give_back_s"] < 0.3, res[1]
     assert res[0]["acked"] and res[1]["open_leases"] == 0
     assert res[0]["used_pages"] == res[1]["used_pages"] == 0
 
