@@ -19,6 +19,7 @@ prefill actor is killed, not shut down). `python3 -m zipserve.bench.step_gaps` r
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ import time
 
 from zipserve.control.csv_trace import CsvTrace
 
+log = logging.getLogger(__name__)
 STALL_FIELDS = ("start_s", "late_ms", "process_cpu_ms", "threads")
 _ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
 """The zipserve source tree (its modules, tests and benchmarks)."""
@@ -60,7 +62,11 @@ class StallMonitor(CsvTrace):
             if late_ms >= self.late_ms:
                 cpu_ms = 1e3 * (time.process_time() - cpu)
                 self._add((f"{start:.6f}", f"{late_ms:.3f}", f"{cpu_ms:.3f}", where_threads_are()))
-                self.flush()
+                try:
+                    self.flush()
+                except OSError as e:  # the trace folder went away: say so and stop monitoring
+                    log.warning("stall monitor stops: cannot write %s: %s", self.path, e)
+                    return
 
     def stop(self) -> None:
         """End the thread (idempotent); the rows are on disk already."""

@@ -400,6 +400,7 @@ def test_receive_trace_times_each_ipc_layers_mapping(monkeypatch, tmp_path):
         dec.release("r")
     finally:
         dec.shutdown()
+        pre.stall_monitor.stop()  # a prefill worker has no shutdown
         a.close()
         b.close()
     (rows,) = read_receives(tmp_path).values()
@@ -435,6 +436,7 @@ def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
         assert a.wait_acked(5)
     finally:
         dec.shutdown()
+        pre.stall_monitor.stop()  # a prefill worker has no shutdown
         a.close()
         b.close()
     (rows,) = read_sends(tmp_path).values()

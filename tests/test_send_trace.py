@@ -144,6 +144,7 @@ def test_served_request_leaves_every_layer_and_its_end_in_the_send_trace(monkeyp
         dec.release("r")
     finally:
         dec.shutdown()
+        pre.stall_monitor.stop()  # a prefill worker has no shutdown
     # written per request (the actor is killed, not shut down): no flush() here
     (rows,) = step_gaps.read_sends(tmp_path).values()
     # both workers' stall monitors ran beside the traces (control/stall_monitor.py)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import shutil
 import threading
 import time
 
@@ -45,8 +46,9 @@ def test_a_wait_that_holds_the_gil_is_one_stall_with_no_cpu(tmp_path):
     assert abs(float(stall["start_s"]) - held) < 0.05
     assert float(stall["process_cpu_ms"]) < 0.5 * float(stall["late_ms"])
     # the main thread, right after it let go: still on the call that held it
-    assert "MainThread tests/test_stall_monitor.py:" in stall["threads"]
-    assert stall["threads"].endswith(" _hold_the_gil")
+    (main,) = [t for t in stall["threads"].split(" | ") if t.startswith("MainThread ")]
+    assert main.startswith("MainThread tests/test_stall_monitor.py:")
+    assert main.endswith(" _hold_the_gil")
     (got,) = step_gaps.read_stalls(tmp_path).values()
     assert any(r["late_ms"] >= 100 for r in got)
 
@@ -94,3 +96,15 @@ def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="period_s and late_ms must be positive"):
         StallMonitor("decode", tmp_path, period_s=0)
     assert not list(tmp_path.iterdir())  # refused before any file was made
+
+
+def test_a_folder_that_goes_away_stops_the_monitor_with_a_warning(tmp_path, caplog):
+    folder = tmp_path / "trace"
+    m = StallMonitor("prefill", folder, late_ms=20.0)
+    shutil.rmtree(folder)
+    with caplog.at_level("WARNING", logger="zipserve.control.stall_monitor"):
+        _hold_the_gil(60)
+        m._thread.join(timeout=2)
+    assert not m._thread.is_alive()
+    assert "stall monitor stops: cannot write" in caplog.text
+    m.stop()

@@ -97,6 +97,7 @@ def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
         dec.release("r")
     finally:
         dec.shutdown()
+        pre.stall_monitor.stop()  # a prefill worker has no shutdown
     passes = step_gaps.read_passes(tmp_path)
     assert sum(p["layers"] for p in passes) == dec.num_layers  # every layer imported once
     (received,) = step_gaps.read_receives(tmp_path).values()  # one row per layer received
