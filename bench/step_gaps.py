@@ -30,9 +30,11 @@ import argparse
 import csv
 from pathlib import Path
 
+from zipserve.control.stall_monitor import LATE_MS
+from zipserve.prefill_worker.send_trace import END_LAYER
+
 PARTS = ("import_ms", "step_ms", "done_ms")
 SEND_PARTS = ("ready_ms", "ack_ms", "export_ms", "send_ms")
-END_LAYER = -1  # prefill_worker/send_trace.py's row marking a request's forward-pass end
 TAIL_PARTS = (*SEND_PARTS, "flush_ms", "earlier_ms", "between_ms")
 """What send_tails splits a request's tail into."""
 
@@ -216,8 +218,9 @@ def send_summary(rows: list[dict], tails: list[dict]) -> list[str]:
         f"last layer left after the forward pass: median {_p(ms, 0.5):.1f} ms, p90 "
         f"{_p(ms, 0.9):.1f}, max {max(ms):.1f}; of that time: gather + checksum "
         f"{share['ready_ms']:.0f}%, acknowledgements {share['ack_ms']:.0f}%, export "
-        f"{share['export_ms']:.0f}%, send {share['send_ms']:.0f}%, the link's hand-over {share['flush_ms']:.0f}%, earlier "
-        f"requests' layers {share['earlier_ms']:.0f}%, between layers {share['between_ms']:.0f}%"
+        f"{share['export_ms']:.0f}%, send {share['send_ms']:.0f}%, the link's hand-over "
+        f"{share['flush_ms']:.0f}%, earlier requests' layers {share['earlier_ms']:.0f}%, "
+        f"between layers {share['between_ms']:.0f}%"
     )
     worst = max(tails, key=lambda t: t["tail_ms"])
     lines.append(
@@ -257,7 +260,7 @@ def stall_summary(name: str, rows: list[dict], tails: list[dict]) -> list[str]:
     computed; the process was off the CPU or a thread held the GIL while it waited), and how
     much of the slowest send tail (tails: send_tails of the run) fell in them."""
     if not rows:
-        return [f"{name}: no stall (no wake-up of its monitor 20 ms or more late)"]
+        return [f"{name}: no stall (no wake-up of its monitor {LATE_MS:.0f} ms or more late)"]
     late = [r["late_ms"] for r in rows]
     cpu = sum(r["process_cpu_ms"] for r in rows)
     line = (

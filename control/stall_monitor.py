@@ -84,15 +84,14 @@ def where_threads_are() -> str:
     for ident, frame in sys._current_frames().items():
         if ident == me:
             continue
-        top, f = frame, frame
-        while f is not None and not _in_tree(f.f_code.co_filename):
+        f, where = frame, None
+        while f is not None and where is None:
+            path = os.path.realpath(f.f_code.co_filename)
+            if path.startswith(_ROOT):
+                where = f"{path[len(_ROOT) :]}:{f.f_lineno} {f.f_code.co_name}"
             f = f.f_back
-        f = f or top
-        path = os.path.realpath(f.f_code.co_filename)
-        short = path[len(_ROOT) :] if path.startswith(_ROOT) else os.path.basename(path)
-        out.append(f"{names.get(ident, ident)} {short}:{f.f_lineno} {f.f_code.co_name}")
+        if where is None:  # no zipserve frame: the innermost one
+            code = frame.f_code
+            where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
+        out.append(f"{names.get(ident, ident)} {where}")
     return " | ".join(sorted(out))
-
-
-def _in_tree(path: str) -> bool:
-    return os.path.realpath(path).startswith(_ROOT)

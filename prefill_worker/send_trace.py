@@ -9,10 +9,11 @@ the four parts of sending it: `ready_ms` (a device layer: waiting for its gather
 checksum on the GPU; a host layer: serialising it), `ack_ms` (the channel's wait for the
 receiver to give buffers back, CUDA IPC's in-flight limit), `export_ms` (CUDA IPC: exporting
 the buffer's handle and event for the peer) and `send_ms` (the rest of the channel's sends: the
-messages themselves), and `cpu_ms`: the CPU time the sender thread used for all of it (far below the three's sum: it waited, for the GPU, the peer or
-the GIL; close to it: the host work itself is slow). One more row per request,
-layer -1, marks its forward pass's end: queued_s is when the forward pass returned, taken_s
-when the thread got to it and send_ms how long the channel's flush took (a shaped link).
+messages themselves), and `cpu_ms`: the CPU time the sender thread used for all of it (far
+below the four's sum: it waited, for the GPU, the peer or the GIL; close to it: the host work
+itself is slow). One more row per request, layer -1, marks its forward pass's end: queued_s is
+when the forward pass returned, taken_s when the thread got to it and send_ms how long the
+channel's flush took (a shaped link).
 
 Off unless ZIPSERVE_STEP_TRACE names a folder (control/csv_trace.py); each prefill worker then
 writes `<folder>/prefill_send_<tag>_<pid>.csv` (the tag: its codec), flushed after every

@@ -62,6 +62,14 @@ def worker_pair(model: str, codec: str, channels=None, **engine_options):
     return pre, dec, a
 
 
+def shutdown_pair(pre, dec) -> None:
+    """End a worker_pair's threads: the decode worker's shutdown, and the prefill worker's stall
+    monitor (on with ZIPSERVE_STEP_TRACE; a prefill worker, killed as an actor, has no
+    shutdown)."""
+    dec.shutdown()
+    pre.stall_monitor.stop()
+
+
 def serve_one(pre, dec, rid: str, prompt: list[int], params, decode_id: str = "d0"):
     """Reserve on the decode worker, prefill on the prefill worker (its KV goes to decode_id),
     admit and poll to the end; returns the prefill's report and the last PollReply (the caller

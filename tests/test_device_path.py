@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from disagg_helpers import serve_one, worker_pair
+from disagg_helpers import serve_one, shutdown_pair, worker_pair
 
 from zipserve.compress.codecs import make_codec
 from zipserve.compress.wire import (
@@ -399,8 +399,7 @@ def test_receive_trace_times_each_ipc_layers_mapping(monkeypatch, tmp_path):
         assert res.error is None
         dec.release("r")
     finally:
-        dec.shutdown()
-        pre.stall_monitor.stop()  # a prefill worker has no shutdown
+        shutdown_pair(pre, dec)
         a.close()
         b.close()
     (rows,) = read_receives(tmp_path).values()
@@ -435,8 +434,7 @@ def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
         dec.release("r")
         assert a.wait_acked(5)
     finally:
-        dec.shutdown()
-        pre.stall_monitor.stop()  # a prefill worker has no shutdown
+        shutdown_pair(pre, dec)
         a.close()
         b.close()
     (rows,) = read_sends(tmp_path).values()

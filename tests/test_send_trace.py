@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 
 import pytest
-from disagg_helpers import serve_one, worker_pair
+from disagg_helpers import serve_one, shutdown_pair, worker_pair
 
 from zipserve.bench import step_gaps
 from zipserve.control.csv_trace import ENV
@@ -143,8 +143,7 @@ def test_served_request_leaves_every_layer_and_its_end_in_the_send_trace(monkeyp
         rep, _ = serve_one(pre, dec, "r", list(range(3, 200)), params)
         dec.release("r")
     finally:
-        dec.shutdown()
-        pre.stall_monitor.stop()  # a prefill worker has no shutdown
+        shutdown_pair(pre, dec)
     # written per request (the actor is killed, not shut down): no flush() here
     (rows,) = step_gaps.read_sends(tmp_path).values()
     # both workers' stall monitors ran beside the traces (control/stall_monitor.py)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from disagg_helpers import serve_one, worker_pair
+from disagg_helpers import serve_one, shutdown_pair, worker_pair
 
 from zipserve.bench import step_gaps
 from zipserve.decode_worker.step_trace import (
@@ -96,8 +96,7 @@ def test_served_request_leaves_its_steps_in_the_trace(monkeypatch, tmp_path):
         serve_one(pre, dec, "r", prompt, params)
         dec.release("r")
     finally:
-        dec.shutdown()
-        pre.stall_monitor.stop()  # a prefill worker has no shutdown
+        shutdown_pair(pre, dec)
     passes = step_gaps.read_passes(tmp_path)
     assert sum(p["layers"] for p in passes) == dec.num_layers  # every layer imported once
     (received,) = step_gaps.read_receives(tmp_path).values()  # one row per layer received
