@@ -195,10 +195,12 @@ class RayBackend:
     def shutdown(self) -> None:
         """Stop the health monitor, the workers' threads and the actors themselves."""
         self.pool.stop()
-        try:
-            ray.get([d.shutdown.remote() for d in self.decode], timeout=10)
-        except (ray.exceptions.RayError, TimeoutError) as e:
-            print(f"zipserve: decode workers did not stop cleanly: {e}")
+        # prefill first: its queued sends leave while the decode workers still take them
+        for role, actors in (("prefill", self.prefill), ("decode", self.decode)):
+            try:
+                ray.get([a.shutdown.remote() for a in actors], timeout=15)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                print(f"zipserve: {role} workers did not stop cleanly: {e}")
         for actor in self.prefill + self.decode:
             ray.kill(actor)
         if self.prefill_group is not None:

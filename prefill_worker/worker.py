@@ -117,7 +117,9 @@ class _ChannelSender:
     each layer sent and each prompt's end leave a row there (prefill_worker/send_trace.py)."""
 
     def __init__(self, name: str, trace: SendTrace | None = None) -> None:
-        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends, float]] = queue.Queue()
+        self._queue: queue.Queue[tuple[Channel, LayerKV | None, _Sends, float] | None] = (
+            queue.Queue()
+        )
         self._trace = trace if trace is not None and trace.on else None
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{name}", daemon=True)
         self._thread.start()
@@ -126,9 +128,16 @@ class _ChannelSender:
         """Queue one layer (None: the prompt's last layer was queued before this)."""
         self._queue.put((channel, kv, sends, time.time()))
 
+    def close(self, timeout: float) -> bool:
+        """Send what is queued, then stop the thread; False if it had not stopped in `timeout`
+        seconds (a send still blocked on its peer)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
-        while True:
-            channel, kv, sends, queued_s = self._queue.get()
+        while (item := self._queue.get()) is not None:
+            channel, kv, sends, queued_s = item
             taken_s = time.time()
             if kv is None:
                 try:  # a shaped link hands messages over after their slot: wait for the last
@@ -326,6 +335,19 @@ class PrefillWorker:
                         f"tokens right now ({e})".splitlines()[0]
                     ) from e
                 channel.wait_acked(OOM_WAIT_S)
+
+    def shutdown(self, timeout: float = 10.0) -> list[str]:
+        """Let the queued sends leave, stop the sender threads and the stall monitor, write the
+        send trace and close every KV channel. Returns the peers whose sender was still blocked
+        after `timeout` seconds (their channel is closed anyway)."""
+        stuck = [peer for peer, s in self._senders.items() if not s.close(timeout)]
+        self._senders.clear()
+        self.stall_monitor.stop()
+        self.send_trace.flush()
+        for ch in self.channels.values():
+            ch.close()
+        self.channels.clear()
+        return stuck
 
     def set_link(self, gbps: float | None, latency_ms: float = 0.0) -> None:
         """Re-shape the sends of every KV channel like a link of `gbps` (None: unlimited) and

@@ -63,11 +63,10 @@ def worker_pair(model: str, codec: str, channels=None, **engine_options):
 
 
 def shutdown_pair(pre, dec) -> None:
-    """End a worker_pair's threads: the decode worker's shutdown, and the prefill worker's stall
-    monitor (on with ZIPSERVE_STEP_TRACE; a prefill worker, killed as an actor, has no
-    shutdown)."""
+    """End a worker_pair's threads: the prefill worker's (its senders, its stall monitor, on
+    with ZIPSERVE_STEP_TRACE), then the decode worker's."""
+    assert pre.shutdown() == []
     dec.shutdown()
-    pre.stall_monitor.stop()
 
 
 def serve_one(pre, dec, rid: str, prompt: list[int], params, decode_id: str = "d0"):

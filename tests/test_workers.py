@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 from disagg_helpers import serve_one, worker_pair
 
 from zipserve.decode_worker.worker import DecodeWorker
@@ -403,3 +404,23 @@ def test_prefill_out_of_memory_retries_once_then_refuses_as_overloaded():
         _whole(dec)
     finally:
         dec.shutdown()
+
+
+def test_prefill_shutdown_stops_its_threads_and_closes_its_channels():
+    """After a prompt, shutdown leaves no sender thread running and closes the channel (a send
+    on it raises); the decode side's end still holds every layer that was sent."""
+    from zipserve.transfer.channel import TransferClosed
+
+    a, b = InProcessChannel.pair()
+    pre = PrefillWorker(MODEL, "hack2", "cpu")
+    pre.attach("d0", a)
+    rep = pre.prefill("r0", list(range(3, 200)), SamplingParams(max_tokens=2), "d0")
+    sender = pre._senders["d0"]._thread
+    assert sender.is_alive()
+    assert pre.shutdown(timeout=5) == []
+    assert not sender.is_alive()
+    assert pre.channels == {}
+    with pytest.raises(TransferClosed):
+        a.send(torch.zeros(4, dtype=torch.uint8), KV_TAG)
+    layers = [b.recv(KV_TAG, timeout=5) for _ in range(pre.engine.config.num_kv_layers)]
+    assert sum(m.numel() for m in layers) == rep.bytes_sent
