@@ -351,13 +351,17 @@ def _pair_role(
                     returns = BufferReturns()
                     returns.give_back(kept, torch.device(dev))
                     del kept
-                    torch.cuda._sleep(returns_busy_cycles)  # the next decode step
+                    began, ended = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    began.record()
+                    _queue_busy_work(returns_busy_cycles)  # the next decode step
+                    ended.record()
                     t1 = time.monotonic()
                     returns.close(timeout=60)
                     out["give_back_s"] = time.monotonic() - t1
                     t2 = time.monotonic()
                     torch.cuda.synchronize()
                     out["busy_after_s"] = time.monotonic() - t2
+                    out["busy_s"] = began.elapsed_time(ended) / 1e3
                     out["return_failures"] = returns.failures
                 if dev != "cpu":
                     torch.cuda.synchronize()
@@ -373,6 +377,19 @@ def _pair_role(
         results.put((rank, "ok", out))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
+
+
+def _queue_busy_work(cycles: int) -> None:
+    """Queue GPU work on the current stream that keeps it busy for about `cycles` GPU clock
+    cycles: a spin kernel, then large matrix products as long again at H100/H200 speeds
+    (session 27's H200 run found the default stream idle 3 ms after a 3e9-cycle spin was
+    queued; the products keep the wait real whatever the spin did, and the caller measures the
+    busy time with events)."""
+    torch.cuda._sleep(cycles)
+    a = torch.ones(16384, 16384, dtype=torch.bfloat16, device="cuda")  # 8.8 TFLOP a product
+    out = torch.empty_like(a)
+    for _ in range(max(1, cycles // 24_000_000)):  # ~12-15 ms each: as long as the spin
+        torch.matmul(a, a, out=out)
 
 
 def _run_pair(
@@ -471,7 +488,7 @@ def test_cuda_ipc_receiver_does_not_wait_for_the_senders_later_work():
 @pytest.mark.gpu
 def test_giving_cuda_ipc_layers_back_does_not_wait_for_the_decode_stream():
     """The decode worker gives imported CUDA-IPC layers back from a thread of its own while the
-    step loop goes on queueing decode steps on the default stream (here: 1.5-2 s of GPU sleep).
+    step loop goes on queueing decode steps on the default stream (here: 1.5-4 s of GPU work).
     Giving them back waits for the imports' reads only, not for the step queued after them: on
     the default stream, CudaIpcChannel's release and torch's deleter of the received storage
     (that one with the GIL held) each waited for it, freezing the decode process for a step
@@ -481,7 +498,8 @@ def test_giving_cuda_ipc_layers_back_does_not_wait_for_the_decode_stream():
     res = _run_pair(("cuda:0", "cuda:0"), "hack2", returns_busy_cycles=busy)
     assert res[0]["path"] == "cuda_ipc" and res[1]["equal"]
     assert res[1]["return_failures"] == 0
-    assert res[1]["busy_after_s"] > 0.5, res[1]  # the sleep was still running: it did not wait
+    assert res[1]["busy_s"] > 0.5, res[1]  # the queued work did keep the GPU busy
+    assert res[1]["busy_after_s"] > 0.3 * res[1]["busy_s"], res[1]  # still running: no wait
     assert res[1]["give_back_s"] < 0.3, res[1]
     assert res[0]["acked"] and res[1]["open_leases"] == 0
     assert res[0]["used_pages"] == res[1]["used_pages"] == 0
