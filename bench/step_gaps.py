@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 from zipserve.control.stall_monitor import LATE_MS
@@ -118,7 +119,10 @@ def _slowest_verify(rows: list[dict]) -> list[str]:
 def read_returns(folder: Path) -> dict[str, list[dict]]:
     """The return trace's rows (batches of CUDA-IPC layers given back) per decode worker (keyed
     like read_passes' "worker")."""
-    return _per_decode_worker(folder, "decode_returns")
+    return {
+        worker: [{"release_ms": math.nan, "ack_ms": math.nan, **r} for r in rows]
+        for worker, rows in _per_decode_worker(folder, "decode_returns").items()
+    }  # traces before session 27 have no release / ack split
 
 
 def return_summary(rows: list[dict]) -> list[str]:
@@ -134,6 +138,20 @@ def return_summary(rows: list[dict]) -> list[str]:
         f"the step loop handed them over: {_p(late, 0.5):.1f} / {_p(late, 0.9):.1f} / "
         f"{max(late):.1f}, of it waiting for the GPU's reads {_p(gpu, 0.5):.1f} / "
         f"{_p(gpu, 0.9):.1f} / {max(gpu):.1f}"
+    ] + _release_ack_line(rows, layers)
+
+
+def _release_ack_line(rows: list[dict], layers: int) -> list[str]:
+    """Where the give-back's own time went: dropping the mappings, sending the acknowledgements
+    (none for traces that predate the split)."""
+    release = [r["release_ms"] for r in rows if not math.isnan(r["release_ms"])]
+    acks = [r["ack_ms"] for r in rows if not math.isnan(r["ack_ms"])]
+    if not release:
+        return []
+    return [
+        f"  per batch median / p90 ms: dropping the mappings {_median_p90(release)}, sending "
+        f"the acknowledgements {_median_p90(acks)}; in all {sum(release):.0f} + {sum(acks):.0f} "
+        f"ms ({(sum(release) + sum(acks)) / max(layers, 1):.2f} ms a layer)"
     ]
 
 

@@ -15,7 +15,8 @@ stream, where the decode steps run, each give-back waited for the step queued me
 on a GPU time-sliced with a prefill a step takes 100-160 ms: the suspected cause of that run's
 freezes of the whole decode process (its receive thread sat 136 ms on one layer, and the prefill
 worker's send to it waited as long; runbook stage trace27 checks with the stall monitor). The
-event is what orders the give-back after the imports' reads.
+event is what orders the give-back after the imports' reads. A batch's acknowledgements go back
+as one message per channel (transfer/cuda_ipc.py DeferredAcks).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from zipserve.compress.wire import DeviceLayerKV, LayerKV
 from zipserve.decode_worker.step_trace import ReturnTrace
+from zipserve.transfer.cuda_ipc import DeferredAcks
 from zipserve.transfer.kv_messages import done
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,15 @@ class BufferReturns:
             if after is not None:
                 after.synchronize()  # the imports' reads are done
             gpu_wait_ms = 1e3 * (time.perf_counter() - t0)
+            t1 = time.perf_counter()
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                self._give_back_all(layers)
+                with DeferredAcks() as acks:  # one acknowledgement per channel and batch
+                    self._give_back_all(layers)
+            release_ms = 1e3 * (time.perf_counter() - t1) - acks.send_ms
             if self._trace is not None:
-                self._trace.returned(handed_s, gpu_wait_ms, time.time(), len(layers), nbytes)
+                self._trace.returned(
+                    handed_s, gpu_wait_ms, time.time(), len(layers), nbytes, release_ms, acks.send_ms
+                )
 
     def _give_back_all(self, layers: list[LayerKV | DeviceLayerKV]) -> None:
         for kv in layers:

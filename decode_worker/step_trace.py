@@ -23,7 +23,9 @@ verify_ms far above it is a wait: for the GIL, a lock or the driver).
 (decode_worker/buffer_returns.py): when the step loop handed the batch over (`handed_s`), how
 long the returning thread then waited for the GPU to finish the imports' reads (`gpu_wait_ms`:
 they sit on the step's stream, behind the decode step queued before them), when the last
-acknowledgement had gone (`returned_s`), the batch's layers and bytes. A sender whose in-flight
+acknowledgement had gone (`returned_s`), the batch's layers and bytes, how long dropping their
+mappings took (`release_ms`) and sending the batch's acknowledgements (`ack_ms`: one message per
+channel). A sender whose in-flight
 limit is reached waits for exactly these acknowledgements.
 
 Off unless ZIPSERVE_STEP_TRACE names a folder (control/csv_trace.py); each worker process then
@@ -60,7 +62,15 @@ RECV_FIELDS = (
     "checksum_ms",
     "cpu_ms",
 )
-RETURN_FIELDS = ("handed_s", "gpu_wait_ms", "returned_s", "layers", "nbytes")
+RETURN_FIELDS = (
+    "handed_s",
+    "gpu_wait_ms",
+    "returned_s",
+    "layers",
+    "nbytes",
+    "release_ms",
+    "ack_ms",
+)
 
 
 class StepTrace(CsvTrace):
@@ -133,7 +143,24 @@ class ReturnTrace(CsvTrace):
         super().__init__("decode_returns", RETURN_FIELDS, folder, tag)
 
     def returned(
-        self, handed_s: float, gpu_wait_ms: float, returned_s: float, layers: int, nbytes: int
+        self,
+        handed_s: float,
+        gpu_wait_ms: float,
+        returned_s: float,
+        layers: int,
+        nbytes: int,
+        release_ms: float = 0.0,
+        ack_ms: float = 0.0,
     ) -> None:
         """Record one batch given back (times: time.time)."""
-        self._add((f"{handed_s:.6f}", f"{gpu_wait_ms:.3f}", f"{returned_s:.6f}", layers, nbytes))
+        self._add(
+            (
+                f"{handed_s:.6f}",
+                f"{gpu_wait_ms:.3f}",
+                f"{returned_s:.6f}",
+                layers,
+                nbytes,
+                f"{release_ms:.3f}",
+                f"{ack_ms:.3f}",
+            )
+        )

@@ -350,6 +350,35 @@ def test_ipc_acks_free_the_senders_buffers():
         b.close()
 
 
+def test_deferred_acks_go_back_as_one_message_per_channel_when_the_block_ends():
+    """Leases released inside a DeferredAcks block are acknowledged together at its end: the
+    sender keeps every buffer until then, then frees all of them from one control message."""
+    from zipserve.transfer.cuda_ipc import ACK_TAG, DeferredAcks
+
+    a, b, _ = _ipc_pair(ack_timeout_s=5)
+    acks_sent = []
+    send = b.control.send
+    b.control.send = lambda buf, tag: (acks_sent.append(tag == ACK_TAG), send(buf, tag))
+    try:
+        for i in range(4):
+            a.send(torch.full((100,), i, dtype=torch.uint8), 7)
+        leases = [b.recv_lease(7, timeout=1) for _ in range(4)]
+        with DeferredAcks() as deferred:
+            for ls in leases[:3]:
+                ls.release()
+            time.sleep(0.1)
+            assert a.inflight == 4 and b.open_leases == 1  # released, not yet acknowledged
+            with pytest.raises(RuntimeError, match="nest"), DeferredAcks():
+                pass
+        assert _until(lambda: a.inflight == 1) and acks_sent.count(True) == 1
+        assert deferred.send_ms >= 0
+        leases[3].release()  # outside a block: acknowledged at once, alone
+        assert a.wait_acked(2.0) and acks_sent.count(True) == 2
+    finally:
+        a.close()
+        b.close()
+
+
 @needs_model
 def test_decode_worker_gives_every_ipc_layer_back_after_importing_it(monkeypatch):
     """Served over CUDA IPC (fake handles, CPU, the device form forced), the decode worker

@@ -132,9 +132,21 @@ def test_return_trace_times_each_batch_given_back(monkeypatch, tmp_path):
     took = [float(r["returned_s"]) - float(r["handed_s"]) for r in rows]
     assert took[0] >= 0.03 and took[1] >= 0.01  # three and one 10-ms give-backs
     assert all(float(r["gpu_wait_ms"]) == pytest.approx(0, abs=1.0) for r in rows)  # no GPU
+    assert float(rows[0]["release_ms"]) >= 30 and float(rows[0]["ack_ms"]) >= 0
     (got,) = step_gaps.read_returns(tmp_path).values()
-    text = step_gaps.return_summary(got)[0]
+    text, split = step_gaps.return_summary(got)
     assert text.startswith("buffers given back: 2 batches (4 layers)")
+    assert "dropping the mappings" in split and "ms a layer" in split
+
+
+def test_step_gaps_reads_return_traces_without_the_release_split(tmp_path):
+    """A return trace written before release_ms / ack_ms existed still sums up (one line)."""
+    (tmp_path / "decode_returns_bf16_1.csv").write_text(
+        "handed_s,gpu_wait_ms,returned_s,layers,nbytes\n100.0,0.5,100.01,2,64\n"
+    )
+    (got,) = step_gaps.read_returns(tmp_path).values()
+    (text,) = step_gaps.return_summary(got)
+    assert text.startswith("buffers given back: 1 batches (2 layers)")
 
 
 def test_gaps_name_their_largest_part_and_the_prefills_meanwhile(tmp_path):

@@ -53,6 +53,37 @@ from zipserve.transfer.spans import SpanLog
 ACK_TAG = 0
 """Control tag of acknowledgements; user tag t travels as control tag t + 1."""
 _INLINE, _HANDLE = b"B", b"H"
+_deferring = threading.local()
+"""Per thread: the DeferredAcks collecting acknowledgements, while one is open."""
+
+
+class DeferredAcks:
+    """Acknowledgements of the leases released in this thread inside `with DeferredAcks():`
+    go back as one control message per channel when the block ends, instead of one per lease.
+    Each acknowledgement is a control-channel send that meets the peer's acknowledgement loop
+    (a rendezvous on gloo): giving back a request's 32 layers cost 32 of them, 2.5-4.5 ms a
+    layer on session 27's H200 trace. `send_ms`: how long the sends at the end took."""
+
+    def __init__(self) -> None:
+        self._ids: dict[int, tuple[CudaIpcChannel, list[int]]] = {}
+        self.send_ms = 0.0
+
+    def __enter__(self) -> DeferredAcks:
+        if getattr(_deferring, "acks", None) is not None:
+            raise RuntimeError("DeferredAcks blocks do not nest")
+        _deferring.acks = self
+        return self
+
+    def add(self, channel: CudaIpcChannel, mid: int) -> None:
+        self._ids.setdefault(id(channel), (channel, []))[1].append(mid)
+
+    def __exit__(self, *exc) -> None:
+        _deferring.acks = None
+        t0 = time.perf_counter()
+        for channel, ids in self._ids.values():
+            channel._send_acks(ids)
+        self._ids.clear()
+        self.send_ms = 1e3 * (time.perf_counter() - t0)
 
 
 def _b64(b: bytes | None) -> str | None:
@@ -262,11 +293,12 @@ class CudaIpcChannel(Channel):
                 self._cond.wait(left)
             return not self._inflight
 
-    def _forget(self, mid: int) -> None:
+    def _forget(self, *mids: int) -> None:
         with self._cond:
-            sent = self._inflight.pop(mid, None)
-            if sent is not None:
-                self._inflight_bytes -= sent.nbytes
+            for mid in mids:
+                sent = self._inflight.pop(mid, None)
+                if sent is not None:
+                    self._inflight_bytes -= sent.nbytes
             self._cond.notify_all()
 
     def _fail(self, error: TransferError) -> None:
@@ -298,10 +330,12 @@ class CudaIpcChannel(Channel):
                 self._fail(TransferError(f"control channel failed: {e}"))
                 return
             try:
-                self._forget(int(json.loads(bytes(msg.numpy()))["id"]))
+                ack = json.loads(bytes(msg.numpy()))
+                ids = [int(i) for i in ack["ids"]] if "ids" in ack else [int(ack["id"])]
             except (ValueError, KeyError, TypeError):
                 self._fail(TransferError("malformed acknowledgement from the peer"))
                 return
+            self._forget(*ids)
 
     def _expire(self) -> None:
         with self._cond:
@@ -384,11 +418,19 @@ class CudaIpcChannel(Channel):
         del t  # drops the mapping (torch's IPC ref counter goes down)
         with self._cond:
             self._leases.pop(mid, None)
-        self._send_ack(mid)
+        deferred = getattr(_deferring, "acks", None)
+        if deferred is not None:
+            deferred.add(self, mid)
+        else:
+            self._send_ack(mid)
 
     def _send_ack(self, mid: int) -> None:
+        self._send_acks([mid])
+
+    def _send_acks(self, mids: list[int]) -> None:
+        ack = {"id": mids[0]} if len(mids) == 1 else {"ids": mids}
         try:
-            self.control.send(json.dumps({"id": mid}).encode(), ACK_TAG)
+            self.control.send(json.dumps(ack).encode(), ACK_TAG)
         except TransferError:
             pass  # the sender is gone: its own bookkeeping drops the buffer
 
