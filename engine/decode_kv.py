@@ -22,30 +22,32 @@ from zipserve.compress.codecs import codec_entry
 
 DECODE_KV_MODES = ("compressed", "dense", "auto")
 
-# Decode speed per codec as a multiple of a reference measured in the same run (> 1: faster).
-# H200: decode-attention kernel time at batch 8 x 32k, Llama-3-8B heads, against torch SDPA on
-# contiguous bf16 K/V ("paged-bf16" is the kernel a dense engine decodes with; bench/RESULTS.md
-# session 2, `bench kernels --batches 8 --contexts 32768`; kivi4 from session 1); these predate the
-# CUDA HACK kernel. H100: the whole decode step of the engine against the bf16 engine's, with the
-# HACK decode kernel the default backend runs there (the CUDA one, kernels/hack_decode_cuda.py,
-# variant v2s2; session 11, bench/results/session11_h100/issue15: `bench engine --model
-# random:llama3-8b --batches 8,32,64 --contexts 8192,32768`, CUDA graphs): the lowest ratio
-# measured where both fit, batch 8 x 8k (hack2 1.04x, hack4 1.05x; 1.33-1.48x at 32 x 8k and
-# 8 x 32k). Dense decode of hack2 measured 0.89-0.97x bf16's there (the bf16 kernel, plus the
-# prompt's values dequantized once). One request alone (batch 1, 8k context) decodes 4% slower
-# compressed than dense (bench/results/session11_h100/close15); a deployment is sized for
-# batches, so the batch-8 figure decides. lowrank+hack2 on the H100: its engine step against
-# bf16's at 8 x 8k, session 21 (bench/results/session21_h100, 11.28 vs 9.47 ms; 8 x 4k 0.88x and
-# 2 x 4k 0.83x in session 23); its dense mode runs the bf16 kernel. Missing entries are unmeasured.
+# Decode speed per codec as a multiple of the dense (bf16 paged) decode measured in the same run
+# (> 1: faster). The engine's whole decode step against the bf16 engine's, with the decode kernel
+# the default backend runs (the CUDA HACK kernel, kernels/hack_decode_cuda.py, on both GPUs), CUDA
+# graphs, random Llama-3-8B: the figure at batch 8 x 8k decides (a deployment is sized for
+# batches; one request alone decodes a few % slower compressed than dense).
+# - H100: session 11 (bench/results/session11_h100/issue15, `bench engine --batches 8,32,64
+#   --contexts 8192,32768`): hack2 1.04x, hack4 1.05x at 8 x 8k (1.33-1.48x at 32 x 8k and 8 x
+#   32k); lowrank+hack2 session 21 (11.28 vs 9.47 ms; 0.88x at 8 x 4k and 0.83x at 2 x 4k in
+#   session 23).
+# - H200: session 27 (bench/results/session27_h200/h200table, `bench engine --batches 2,8
+#   --contexts 4096,8192`): hack2 1.18x, hack4 1.13x, lowrank+hack2 0.90x at 8 x 8k (hack2 1.10x,
+#   hack4 1.04x at 8 x 4k; 0.99x / 0.99x at 2 x 4k). fp8, kivi2, kivi4 and lowrank alone are
+#   kernel-time ratios against the bf16 paged kernel (session 2, `bench kernels --batches 8
+#   --contexts 32768`: 0.51 / 0.29 / 0.30 / 1.55x of SDPA against its 0.92x).
+# Dense decode of a codec runs the bf16 step (plus the prompt's values dequantized once on
+# arrival). Missing entries are unmeasured.
 MEASURED_SPEED_VS_SDPA: dict[str, dict[str, float]] = {
     "h200": {
-        "paged-bf16": 0.92,
-        "fp8": 0.51,
-        "kivi2": 0.29,
-        "kivi4": 0.30,
-        "hack2": 0.75,
-        "hack4": 0.72,
-        "lowrank": 1.55,
+        "paged-bf16": 1.0,
+        "hack2": 1.18,
+        "hack4": 1.13,
+        "lowrank+hack2": 0.90,
+        "fp8": 0.55,
+        "kivi2": 0.32,
+        "kivi4": 0.33,
+        "lowrank": 1.68,
     },
     "h100": {"paged-bf16": 1.0, "hack2": 1.04, "hack4": 1.05, "lowrank+hack2": 0.84},
 }
@@ -125,9 +127,8 @@ def choose_decode_kv(codec: str, device: DeviceInfo, pool_bytes_needed: int) -> 
     4. GPU, the codec's decode kernel was measured faster than the dense kernel on this GPU
        family (MEASURED_SPEED_VS_SDPA; an unmeasured dense kernel counts as SDPA, 1.0x):
        compressed.
-    5. Otherwise dense: on every GPU measured, the bf16 paged kernel is the faster one for every
-       other codec (H200: 0.92x SDPA vs 0.29-0.75x for fp8, kivi, hack), and an unmeasured
-       codec kernel is not assumed to beat it.
+    5. Otherwise dense: the bf16 paged decode is the faster one for fp8, kivi and lowrank+hack2
+       on every GPU measured, and an unmeasured codec kernel is not assumed to beat it.
     """
     cls = _codec_class(codec)
     if cls.dense_pages:

@@ -28,13 +28,14 @@ OTHER = DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", 40 * GIB)
         ("kivi2", DeviceInfo("cpu"), 10**15, "dense"),  # CPU ignores memory (max_kv_tokens)
         ("bf16", H100, 10 * GIB, "dense"),  # already dense
         ("lowrank", DeviceInfo("cpu"), 0, "dense"),  # its dense form: the 16-bit tail's
-        ("lowrank", H200, GIB, "compressed"),  # its kernel 1.55x SDPA vs dense 0.92x
+        ("lowrank", H200, GIB, "compressed"),  # its kernel 1.68x the bf16 paged kernel
         ("lowrank+hack4", H200, GIB, "dense"),  # unmeasured
         ("lowrank+hack2", H100, 10 * GIB, "dense"),  # engine step 0.84x of bf16's
         ("lowrank+hack2", H100, 40 * GIB + 1, "compressed"),  # dense pages do not fit
         ("hack2", H100, 10 * GIB, "compressed"),  # engine step 1.04x of bf16 (CUDA kernel)
-        ("hack2", H200, 10 * GIB, "dense"),  # 0.75x vs 0.92x on H200
-        ("hack4", H200, 10 * GIB, "dense"),
+        ("hack2", H200, 10 * GIB, "compressed"),  # engine step 1.18x bf16's on H200
+        ("hack4", H200, 10 * GIB, "compressed"),
+        ("lowrank+hack2", H200, 10 * GIB, "dense"),  # 0.90x
         ("fp8", H200, 10 * GIB, "dense"),
         ("kivi2", H200, 10 * GIB, "dense"),
         ("kivi4", H100, 10 * GIB, "dense"),  # unmeasured on H100
@@ -53,11 +54,10 @@ def test_gpu_family_and_table():
     assert gpu_family("NVIDIA H100 80GB HBM3") == "h100"
     assert gpu_family("NVIDIA H200") == "h200"
     assert gpu_family("NVIDIA A100-SXM4-80GB") is None
-    # the dense kernel beats every non-lowrank codec kernel measured on the H200
+    # on the H200 the dense decode beats fp8's and kivi's, HACK's beats it (session 27)
     h200 = MEASURED_SPEED_VS_SDPA["h200"]
-    assert all(
-        v < h200["paged-bf16"] for k, v in h200.items() if k not in ("paged-bf16", "lowrank")
-    )
+    assert all(h200[k] < h200["paged-bf16"] for k in ("fp8", "kivi2", "kivi4", "lowrank+hack2"))
+    assert all(h200[k] > h200["paged-bf16"] for k in ("hack2", "hack4"))
 
 
 class _CodesOnly(KVCodec):
