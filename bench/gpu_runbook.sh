@@ -52,8 +52,8 @@
 #                              kivi2, bf16 at 3 req/s no link with the stall monitors and the split
 #                              send / receive timings                                     ~5-9 min
 #   trace28    nvidia-h100-x1  the give-back GPU test (real busy work), the device-path GPU tests, bf16,
-#                              hack2 (auto: compressed on H100 and H200 now), kivi2, hack2/dense, bf16
-#                              at 3 req/s no link with the batched acknowledgements   ~7-9 min
+#                              hack2 (auto: compressed on H100 and H200 now), the two untraced, hack2
+#                              dense, bf16, kivi2 at 3 req/s no link, batched acknowledgements ~9 min
 #   h200table  nvidia-h200     decode_kv's H200 row (it predates the CUDA HACK kernel): engine step per
 #                              codec at 2/8 x 4k and 8/32 x 8k, both decode modes               ~5 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
@@ -158,16 +158,20 @@ traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 work
     # 1/2, no link and 10 Gb/s, with the decode worker's step trace, then step_gaps on it (~2 min)
     # (LANE_TAG, when set, ends every folder name: runs of one lane under other settings;
     # TRACE_LINKS and TRACE_RATES replace the links and rates)
-    local lane c m n
+    # (a lane CODEC:DECODE_KV:untraced runs without the traces: their observer effect)
+    local lane c m n trace suffix
     for lane in "$@"; do
-        c=${lane%%:*} m=${lane##*:} n="${lane/:/_}${LANE_TAG:-}"
-        ZIPSERVE_STEP_TRACE="$WORK/trace_$n" step 170 "jct_$n" python3 -m zipserve \
+        trace=1 suffix=""
+        [[ $lane == *:untraced ]] && trace="" suffix=_untraced lane=${lane%:untraced}
+        c=${lane%%:*} m=${lane##*:} n="${lane/:/_}$suffix${LANE_TAG:-}"
+        ZIPSERVE_STEP_TRACE="${trace:+$WORK/trace_$n}" step 170 "jct_$n" python3 -m zipserve \
             bench jct --sweep --model random:llama3-8b --codecs "$c" --decode-kv "$m" \
             --links "${TRACE_LINKS:-none,10}" --rates "${TRACE_RATES:-1,2}" --num-requests 16 \
             --scale 0.5 --max-seconds 25 "${GRAPHS[@]}" --out "$WORK/jct_$n"
-        step 30 "gaps_$n" python3 -m zipserve.bench.step_gaps --trace "$WORK/trace_$n" \
-            --requests "$WORK/jct_$n/jct_requests.csv"
+        [ -n "$trace" ] && step 30 "gaps_$n" python3 -m zipserve.bench.step_gaps \
+            --trace "$WORK/trace_$n" --requests "$WORK/jct_$n/jct_requests.csv"
     done
+    return 0
 }
 
 start_samplers() {  # the host's CPU (/proc/stat, load) and the GPU's clocks beside the runs
@@ -660,7 +664,10 @@ trace28)
         -k "not multi_gpu and not giving_cuda_ipc_layers_back and not receiver_does_not_wait"
     start_samplers
     run=0
-    for lane in ${TRACE28_LANES:-bf16:auto hack2:auto kivi2:auto hack2:dense bf16:auto}; do
+    # the untraced pair: what the traces (a stall monitor waking every 5 ms in each worker,
+    # new since session 26's H100 run, where hack2 was 0.93x bf16's) cost the lanes
+    for lane in ${TRACE28_LANES:-bf16:auto hack2:auto bf16:auto:untraced hack2:auto:untraced \
+        hack2:dense bf16:auto kivi2:auto}; do
         [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
         run=$((run + 1))
         (export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"; traced_lanes "$lane")
