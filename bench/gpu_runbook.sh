@@ -649,7 +649,7 @@ trace27)
     ;;
 trace28)
     # Session 27's run (an H200) had no stall of either worker, yet compressed lanes lost JCT to
-    # bf16 at 3 req/s (hack2 1.43-1.49x, kivi2 1.40x) with engine steps faster than bf16's: the
+    # bf16 at 3 req/s (hack2 1.49-1.50x, kivi2 1.47x) with engine steps faster than bf16's: the
     # decode loop paid per layer for imports (2.8 ms hack2 vs 0.7 bf16), and the give-back
     # thread 2.5-4.5 ms a layer (a mapping dropped and one acknowledgement sent per layer). The
     # give-back now sends one acknowledgement per batch, and the return trace splits a batch's
