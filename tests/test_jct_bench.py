@@ -322,6 +322,8 @@ def test_goals_for_the_link_while_transferring_no_link_and_the_transfer_phase():
     line = jct_goals.transfer_goals(free)[0]
     assert "hack2 mean 46 / max 61 ms" in line and "for every request: **missed**" in line
     assert "never longer than bf16: **missed** by hack2" in line
+    alone = jct_goals.transfer_goals([row("hack2", "none", 0, 30)])[0]  # no bf16 beside it
+    assert "never longer than bf16: not evaluated" in alone
     # 1 MB over 10 Gb/s is 0.8 ms of wire time: 40 ms is within it + 50 ms, 60 ms is not
     linked = [row("hack2", 10.0, 0, 40, 1e6), row("hack2", 10.0, 1, 60, 1e6)]
     assert "1/2 requests within wire bytes / rate + 50 ms" in jct_goals.transfer_goals(linked)[0]
