@@ -6,8 +6,10 @@ CUDA-IPC channel's bookkeeping (acks, bounded waits, peer death) with fake IPC h
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -374,6 +376,75 @@ def test_deferred_acks_go_back_as_one_message_per_channel_when_the_block_ends():
         assert deferred.send_ms >= 0
         leases[3].release()  # outside a block: acknowledged at once, alone
         assert a.wait_acked(2.0) and acks_sent.count(True) == 2
+    finally:
+        a.close()
+        b.close()
+
+
+class _SegmentedFakeIpc(_FakeIpc):
+    """Exports name the tensor's 'segment' (its first byte's value, as torch names a CUDA
+    allocation segment by one handle); the receiver's mappings are tracked by weak references
+    to what it was handed, the way torch unmaps a segment when its last tensor dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: list = []
+
+    def export(self, t):
+        return {**super().export(t), "handle": f"segment-{int(t[0])}"}
+
+    def open(self, h, *device):
+        t = super().open(h, *device).clone()  # a tensor of its own, as a mapping is
+        self.alive.append(weakref.ref(t))
+        return t
+
+    def held(self) -> int:
+        return sum(r() is not None for r in self.alive)
+
+
+def test_keep_mapped_holds_the_latest_tensor_of_each_segment_after_its_give_back():
+    """keep_mapped: each lease still goes back (acknowledged, the sender's buffer freed), but the
+    receiver keeps the last tensor of each segment, so the segment stays mapped; a later tensor
+    of the segment replaces it, and close() lets every kept one go. Off: nothing is kept."""
+    for keep in (True, False):
+        a, b, fake = _ipc_pair(_SegmentedFakeIpc(), ack_timeout_s=5, keep_mapped=keep)
+        try:
+            for seg in (1, 1, 2, 1):
+                a.send(torch.full((64,), seg, dtype=torch.uint8), 7)
+                b.recv_lease(7, timeout=1).release()
+            assert a.wait_acked(2.0) and a.inflight == 0 and b.open_leases == 0
+            gc.collect()
+            assert b.kept_segments == fake.held() == (2 if keep else 0)  # segments 1 and 2
+        finally:
+            a.close()
+            b.close()
+        gc.collect()
+        assert b.kept_segments == fake.held() == 0
+
+
+@pytest.mark.parametrize("bound", ["segments", "bytes"])
+def test_keep_mapped_lets_the_least_recently_used_segment_go(monkeypatch, bound):
+    """At most KEEP_MAPPED_SEGMENTS segments and KEEP_MAPPED_BYTES kept: the least recently
+    used goes first; a tensor over the byte bound alone is not kept."""
+    from zipserve.transfer import cuda_ipc
+
+    if bound == "segments":
+        monkeypatch.setattr(cuda_ipc, "KEEP_MAPPED_SEGMENTS", 2)
+    else:
+        monkeypatch.setattr(cuda_ipc, "KEEP_MAPPED_BYTES", 16)  # two 8-byte tensors
+    a, b, fake = _ipc_pair(_SegmentedFakeIpc(), ack_timeout_s=5, keep_mapped=True)
+    try:
+        for seg in (1, 2, 1, 3):  # 2 is the least recently used when 3 comes
+            a.send(torch.full((8,), seg, dtype=torch.uint8), 7)
+            b.recv_lease(7, timeout=1).release()
+        gc.collect()
+        assert b.kept_segments == fake.held() == 2
+        assert sorted(int(t[0]) for t in b._mapped.values()) == [1, 3]
+        if bound == "bytes":
+            a.send(torch.full((32,), 4, dtype=torch.uint8), 7)  # over the bound by itself
+            b.recv_lease(7, timeout=1).release()
+            gc.collect()
+            assert b.kept_segments == fake.held() == 0
     finally:
         a.close()
         b.close()

@@ -371,6 +371,7 @@ def _pair_role(
             eng.abort("host"), eng.abort("dev")
             out["used_pages"] = eng.pool.num_used
             out["open_leases"] = ch.open_leases if ch.leases else 0
+            out["kept_segments"] = getattr(ch, "kept_segments", 0)
             finished.set()
         time.sleep(0.5)
         ch.close()
@@ -466,6 +467,20 @@ def test_cuda_ipc_between_two_processes_on_one_gpu(codec):
     assert res[0]["device_form"] and res[1]["forms"] == ["DeviceLayerKV:cuda:0", "LayerKV"]
     assert res[1]["equal"], "IPC-imported KV differs from the host form"
     assert res[0]["acked"] and res[1]["open_leases"] == 0
+    assert res[0]["used_pages"] == res[1]["used_pages"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["bf16", "hack2"])
+def test_cuda_ipc_with_segments_kept_mapped(codec, monkeypatch):
+    """ZIPSERVE_IPC_KEEP_MAPPED=1 (the spawned ranks inherit it): the same KV arrives, every
+    buffer is acknowledged and every page freed, and the receiver keeps some segments mapped."""
+    assert _cuda()
+    monkeypatch.setenv("ZIPSERVE_IPC_KEEP_MAPPED", "1")
+    res = _run_pair(("cuda:0", "cuda:0"), codec)
+    assert res[0]["path"] == res[1]["path"] == "cuda_ipc" and res[1]["equal"]
+    assert res[0]["acked"] and res[1]["open_leases"] == 0
+    assert res[1]["kept_segments"] > 0, res[1]
     assert res[0]["used_pages"] == res[1]["used_pages"] == 0
 
 

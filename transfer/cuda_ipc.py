@@ -22,6 +22,20 @@ channel (the next send raises TransferTimeout / TransferClosed) and drops the se
 (torch's limbo still guards memory the dead peer mapped). close() releases open leases and waits
 at most a few seconds for outstanding ACKs.
 
+Mappings kept (`keep_mapped`, off by default; $ZIPSERVE_IPC_KEEP_MAPPED=1 turns it on for the
+channels transports.py opens): torch maps a peer's whole allocation segment per handle and unmaps
+it when the last tensor received from that segment dies, so with one lease at a time every layer
+paid a cudaIpcOpenMemHandle on the receive thread (0.5-0.8 ms) and a cudaIpcCloseMemHandle on the
+give-back (session 27's H200 trace: 2.5-4.5 ms a layer given back, acknowledgement included).
+With it, the receiver keeps the latest tensor of each segment after its lease is given back
+(at most KEEP_MAPPED_SEGMENTS segments and KEEP_MAPPED_BYTES of kept tensors, the least recently
+used go first): the segment stays mapped and the next layer from it maps for free. It pays only
+where a segment holds several blocks: torch's allocator serves 1-10 MB requests (a compressed
+8k-token layer) from 20 MB segments, but usually gives a bf16 layer (32 MiB at 8k tokens) a segment of
+its own, and no later tensor can come from a segment whose only block is kept. The cost: the
+sender's block behind each kept tensor stays in torch's IPC limbo (not reusable by the sender)
+until a later tensor of its segment replaces it; hence the byte bound.
+
 `exporter` / `importer` are injectable so the bookkeeping is testable on CPU with fakes.
 """
 
@@ -53,6 +67,11 @@ from zipserve.transfer.spans import SpanLog
 ACK_TAG = 0
 """Control tag of acknowledgements; user tag t travels as control tag t + 1."""
 _INLINE, _HANDLE = b"B", b"H"
+KEEP_MAPPED_ENV = "ZIPSERVE_IPC_KEEP_MAPPED"
+KEEP_MAPPED_SEGMENTS = 64
+"""Segments a keep_mapped receiver holds mapped at most (the least recently used goes)."""
+KEEP_MAPPED_BYTES = 256 << 20
+"""Bytes of kept tensors at most: the sender memory they hold out of reuse."""
 _deferring = threading.local()
 """Per thread: the DeferredAcks collecting acknowledgements, while one is open."""
 
@@ -186,10 +205,12 @@ class CudaIpcChannel(Channel):
         exporter: Callable[[torch.Tensor], dict] = export_handle,
         importer: Callable[..., torch.Tensor] = open_handle,
         inline_cpu: bool = True,
+        keep_mapped: bool = False,
     ) -> None:
         """control: a connected host channel to the peer (user tags t -> t + 1, ACKs on 0).
         device: this side's CUDA device of the shared GPU. inline_cpu: CPU tensors travel
-        inline (False: through exporter too, for tests with fake exporters)."""
+        inline (False: through exporter too, for tests with fake exporters). keep_mapped: keep
+        each sender segment mapped between messages (the module docstring says how)."""
         super().__init__()
         if ack_timeout_s <= 0 or max_inflight_bytes <= 0:
             raise ValueError("ack_timeout_s and max_inflight_bytes must be positive")
@@ -210,6 +231,9 @@ class CudaIpcChannel(Channel):
         self._inflight_bytes = 0
         self._ack_waits = SpanLog()  # sends waiting for the receiver's acknowledgements
         self._leases: dict[int, Lease] = {}
+        self.keep_mapped = keep_mapped
+        self._mapped: dict[str, torch.Tensor] = {}
+        """keep_mapped: the latest tensor given back per sender segment (handle), oldest first."""
         self._failure: TransferError | None = None
         self._closed = False
         self._stop = threading.Event()
@@ -372,7 +396,8 @@ class CudaIpcChannel(Channel):
             self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer
             raise TransferError(f"cannot map the peer's buffer: {e}") from e
         lease = Lease(tensor, ready=ready, map_ms=1e3 * (time.perf_counter() - t0))
-        lease._release = lambda: self._give_back(info["id"], lease)
+        segment = info["handle"].get("handle") if self.keep_mapped else None
+        lease._release = lambda: self._give_back(info["id"], lease, segment)
         with self._cond:
             self._leases[info["id"]] = lease
         self._count_received(int(info["nbytes"]))
@@ -411,11 +436,13 @@ class CudaIpcChannel(Channel):
         with self._cond:
             return len(self._leases)
 
-    def _give_back(self, mid: int, lease: Lease) -> None:
+    def _give_back(self, mid: int, lease: Lease, segment: str | None = None) -> None:
         t, lease.tensor = lease.tensor, None
         if t is not None and t.is_cuda:
             torch.cuda.current_stream(t.device).synchronize()  # our reads of it are done
-        del t  # drops the mapping (torch's IPC ref counter goes down)
+        if segment is not None and t is not None:
+            self._keep(segment, t)
+        del t  # drops the mapping (torch's IPC ref counter goes down), unless kept
         with self._cond:
             self._leases.pop(mid, None)
         deferred = getattr(_deferring, "acks", None)
@@ -423,6 +450,24 @@ class CudaIpcChannel(Channel):
             deferred.add(self, mid)
         else:
             self._send_ack(mid)
+
+    def _keep(self, segment: str, t: torch.Tensor) -> None:
+        """Hold t so its segment stays mapped; the tensor it replaces (the segment's previous
+        one, or the least recently used ones beyond KEEP_MAPPED_SEGMENTS / KEEP_MAPPED_BYTES)
+        is let go. A tensor larger than KEEP_MAPPED_BYTES alone is not kept."""
+        with self._cond:
+            self._mapped.pop(segment, None)
+            self._mapped[segment] = t
+            while len(self._mapped) > KEEP_MAPPED_SEGMENTS or (
+                self._mapped and sum(x.nbytes for x in self._mapped.values()) > KEEP_MAPPED_BYTES
+            ):
+                self._mapped.pop(next(iter(self._mapped)))
+
+    @property
+    def kept_segments(self) -> int:
+        """Sender segments held mapped between messages (keep_mapped)."""
+        with self._cond:
+            return len(self._mapped)
 
     def _send_ack(self, mid: int) -> None:
         self._send_acks([mid])
@@ -442,6 +487,8 @@ class CudaIpcChannel(Channel):
             leases = list(self._leases.values())
         for lease in leases:
             lease.release()
+        with self._cond:
+            self._mapped.clear()  # unmaps the kept segments
         self.wait_acked(min(self.ack_timeout_s, 5.0))
         with self._cond:
             self._closed = True

@@ -20,6 +20,7 @@ its class declares (transfer/channel.py). Adding a transport: its Channel class 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,9 +75,14 @@ def _open_host(setup: PairSetup) -> Channel:
 
 
 def _open_cuda_ipc(setup: PairSetup) -> Channel:
-    from zipserve.transfer.cuda_ipc import CudaIpcChannel
+    from zipserve.transfer.cuda_ipc import KEEP_MAPPED_ENV, CudaIpcChannel
 
-    return CudaIpcChannel(setup.control, setup.cuda_device(), ack_timeout_s=setup.timeout_s)
+    return CudaIpcChannel(
+        setup.control,
+        setup.cuda_device(),
+        ack_timeout_s=setup.timeout_s,
+        keep_mapped=os.environ.get(KEEP_MAPPED_ENV, "0") == "1",
+    )
 
 
 def _open_nccl_group(setup: PairSetup) -> Channel:
