@@ -86,7 +86,13 @@ class BufferReturns:
             release_ms = 1e3 * (time.perf_counter() - t1) - acks.send_ms
             if self._trace is not None:
                 self._trace.returned(
-                    handed_s, gpu_wait_ms, time.time(), len(layers), nbytes, release_ms, acks.send_ms
+                    handed_s,
+                    gpu_wait_ms,
+                    time.time(),
+                    len(layers),
+                    nbytes,
+                    release_ms,
+                    acks.send_ms,
                 )
 
     def _give_back_all(self, layers: list[LayerKV | DeviceLayerKV]) -> None:
