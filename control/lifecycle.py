@@ -50,6 +50,7 @@ from zipserve.control.books import Books, Pair
 from zipserve.control.config import ServeConfig
 from zipserve.control.messages import DecodeStats, PollReply, Reservation
 from zipserve.control.request_faults import RequestRefused, request_fault
+from zipserve.control.token_feed import POLL_S, TokenFeed, feed_enabled
 from zipserve.control.worker_pool import WorkerPool
 from zipserve.engine.disaggregated import Overloaded
 from zipserve.engine.page_pool import pages_for
@@ -107,6 +108,8 @@ class Lifecycle:
         self._reserve_lock: asyncio.Lock | None = None
         self._released: asyncio.Event | None = None
         """Set whenever a job lets go of its pages: waiting reservations look again."""
+        self._feeds: dict[int, tuple[Any, TokenFeed]] = {}
+        """Per decode worker index: (its actor, the TokenFeed of the jobs decoding there)."""
 
     # -- the walk ------------------------------------------------------------------------------
     async def run(self, job: Job) -> AsyncIterator[BackendEvent]:
@@ -425,7 +428,7 @@ class Lifecycle:
                 )
                 return
             try:
-                reply = await dec.poll.remote(job.id, sent, 1.0)
+                reply = await self._next_reply(pair.decode, dec, job.id, sent)
             except ray.exceptions.RayError as e:  # the decode worker died mid-stream
                 self.books.counts["decode_worker_died"] += 1
                 yield FinishEvent(
@@ -435,6 +438,19 @@ class Lifecycle:
                     **kv_bytes,
                 )
                 return
+
+    async def _next_reply(self, decode: int, actor: Any, request_id: str, sent: int) -> PollReply:
+        """The job's next tokens: through the decode worker's TokenFeed (one poll for all its
+        jobs; a replaced actor gets a new feed), or its own poll with ZIPSERVE_TOKEN_FEED=0."""
+        if not feed_enabled():
+            return await actor.poll.remote(request_id, sent, POLL_S)
+        held = self._feeds.get(decode)
+        if held is None or held[0] is not actor:
+            held = self._feeds[decode] = (
+                actor,
+                TokenFeed(lambda *a: actor.poll_many.remote(*a)),
+            )
+        return await held[1].next(request_id, sent)
 
     # -- release -------------------------------------------------------------------------------
     def release(self, job: Job, pair: Pair) -> ray.ObjectRef:

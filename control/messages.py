@@ -108,6 +108,16 @@ class PollReply:
 
 
 @dataclass(frozen=True)
+class FeedReply:
+    """A decode worker's answer to one poll for many requests (DecodeWorker.poll_many)."""
+
+    progress: int
+    """The worker's progress count when it answered (pass it back as `seen`)."""
+    replies: dict[str, PollReply]
+    """The requests asked about that have news: tokens past the index asked for, or an end."""
+
+
+@dataclass(frozen=True)
 class WorkerHealth:
     """One worker in /health (and, through it, /metrics and the dashboard)."""
 

@@ -1,4 +1,5 @@
-"""What the decode worker keeps per request (RequestState), and the reasons it counts failures by.
+"""What the decode worker keeps per request (RequestState) and answers polls with (PollReply),
+and the reasons it counts failures by.
 
 `RequestState.times` records the request's stages on this worker (control/lifecycle.py lines them
 up with the router's job states and the engine's sequence states).
@@ -10,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 
 from zipserve.compress.wire import ChecksumError
+from zipserve.control.messages import PollReply
 
 TRANSFER_DEADLINE = "transfer_deadline"
 CHECKSUM_MISMATCH = "checksum_mismatch"
@@ -39,3 +41,27 @@ class RequestState:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     """Per token, when the request asked for logprobs (else empty)."""
     arrived: threading.Event = field(default_factory=threading.Event)
+
+    def has_news(self, since: int) -> bool:
+        """Tokens past index `since`, or the request ended."""
+        return self.finished or len(self.tokens) > since
+
+    def reply(self, since: int) -> PollReply:
+        """The request from token index `since` on."""
+        return PollReply(
+            self.tokens[since:],
+            self.logprobs[since:],
+            self.top_logprobs[since:],
+            self.text,
+            self.finished,
+            self.finish_reason,
+            self.error,
+            dict(self.times),
+        )
+
+
+def unknown_request_reply(request_id: str) -> PollReply:
+    """The reply for a request a decode worker does not hold (released, or never there)."""
+    return PollReply(
+        [], [], [], "", True, "error", f"request {request_id!r} is not on this decode worker", {}
+    )

@@ -30,7 +30,13 @@ import uuid
 
 from zipserve.compress.wire import DeviceLayerKV, LayerKV
 from zipserve.control.gil_switch import apply_worker_switch_interval
-from zipserve.control.messages import DecodeStats, PollReply, Reservation, WorkerInfo
+from zipserve.control.messages import (
+    DecodeStats,
+    FeedReply,
+    PollReply,
+    Reservation,
+    WorkerInfo,
+)
 from zipserve.control.stall_monitor import StallMonitor
 from zipserve.decode_worker.arrivals import IMPORT_POLL_S, ArrivalQueue, import_during_step
 from zipserve.decode_worker.buffer_returns import BufferReturns
@@ -39,6 +45,7 @@ from zipserve.decode_worker.request_state import (
     TRANSFER_DEADLINE,
     RequestState,
     failure_reason,
+    unknown_request_reply,
 )
 from zipserve.decode_worker.step_trace import ReceiveTrace, ReturnTrace, StepTrace
 from zipserve.engine.detokenizer import stop_prefix_len
@@ -74,6 +81,8 @@ class DecodeWorker:
         self.num_layers = self.engine.config.num_kv_layers  # layers whose KV arrives
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        self.progress = 0
+        """Bumped (under the lock) whenever a request's state changes: poll_many waits on it."""
         self.requests: dict[str, RequestState] = {}
         self.dropped_messages = 0
         self.incarnation = uuid.uuid4().hex
@@ -326,7 +335,7 @@ class DecodeWorker:
             out = self.engine.admit(request_id, first_token, first_logprob, first_top_logprobs)
             st.times["admitted"] = time.time()
             self._update(st, out)
-            self.changed.notify_all()
+            self._notify()
         return self.poll(request_id, 0, 0)
 
     def prefill_local(self, request_id: str, timeout: float = 30.0) -> PollReply:
@@ -361,21 +370,31 @@ class DecodeWorker:
         deadline = time.time() + timeout
         with self.changed:
             st = self.requests[request_id]
-            while len(st.tokens) <= since and not st.finished:
+            while not st.has_news(since):
                 left = deadline - time.time()
                 if left <= 0:
                     break
                 self.changed.wait(left)
-            return PollReply(
-                st.tokens[since:],
-                st.logprobs[since:],
-                st.top_logprobs[since:],
-                st.text,
-                st.finished,
-                st.finish_reason,
-                st.error,
-                dict(st.times),
-            )
+            return st.reply(since)
+
+    def poll_many(self, since: dict[str, int], seen: int, timeout: float = 1.0) -> FeedReply:
+        """The news of many requests in one call (the router's token feed, one per decode
+        worker, instead of one long poll per request and per step): waits until the worker's
+        progress moves past `seen` or one of `since`'s requests has tokens past its index or
+        has ended, or `timeout` passes; returns those requests' replies (a request this worker
+        does not hold: an error reply) and the progress to pass back as `seen`."""
+        deadline = time.time() + timeout
+        with self.changed:
+            while True:
+                news = {
+                    rid: st.reply(n) if st is not None else unknown_request_reply(rid)
+                    for rid, n in since.items()
+                    if (st := self.requests.get(rid)) is None or st.has_news(n)
+                }
+                left = deadline - time.time()
+                if news or self.progress != seen or left <= 0:
+                    return FeedReply(self.progress, news)
+                self.changed.wait(left)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its pages. Applied by the step loop before its next step
@@ -396,6 +415,7 @@ class DecodeWorker:
             self.requests.pop(request_id, None)
             self._slices.drop(request_id)
             self.engine.release(request_id)
+            self._notify()  # a poll_many that still asks about it answers now
 
     def stats(self) -> DecodeStats:
         with self.lock:
@@ -430,6 +450,11 @@ class DecodeWorker:
         self.return_trace.flush()
 
     # -- internals -------------------------------------------------------------------------
+    def _notify(self) -> None:
+        """A request's state changed: wake the polls (call with the lock held)."""
+        self.progress += 1
+        self.changed.notify_all()
+
     def _fail(self, request_id: str, error: str, reason: str) -> None:
         self.failures[reason] += 1
         st = self.requests[request_id]
@@ -441,7 +466,7 @@ class DecodeWorker:
         st.finished, st.finish_reason = True, reason
         st.times["finished"] = time.time()
         st.arrived.set()
-        self.changed.notify_all()
+        self._notify()
 
     def _update(self, st: RequestState, out) -> None:
         if out.token_ids and not st.tokens:
@@ -495,7 +520,7 @@ class DecodeWorker:
                     if st is not None:
                         self._update(st, out)
                 if outs:
-                    self.changed.notify_all()
+                    self._notify()
             t_done = time.time()
             self._returns.give_back(imported, self.engine.device)  # after the imports' reads
             if self.trace.on and (outs or imported):

@@ -11,7 +11,7 @@ import ray
 
 from zipserve.control.books import Books
 from zipserve.control.lifecycle import Lifecycle
-from zipserve.control.messages import DecodeStats, PollReply, Reservation
+from zipserve.control.messages import DecodeStats, FeedReply, PollReply, Reservation
 from zipserve.control.worker_pool import WorkerSlot
 from zipserve.prefill_worker.worker import PrefillReport
 from zipserve.router.backend import FinishEvent, Job, PhaseEvent, TokenEvent
@@ -85,6 +85,12 @@ class _Decode:
                 "length",
                 None,
                 {"kv_complete": 10.7, "admitted": 10.8, "finished": 11.0},
+            )
+        )
+
+        self.poll_many = _Call(  # the router's token feed asks this way (control/token_feed.py)
+            lambda since, seen, timeout: FeedReply(
+                seen + 1, {rid: self.poll.fn(rid, n, timeout) for rid, n in since.items()}
             )
         )
 
