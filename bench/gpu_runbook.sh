@@ -52,8 +52,8 @@
 #                              kivi2, bf16 at 3 req/s no link with the stall monitors and the split
 #                              send / receive timings                                     ~5-9 min
 #   trace28    nvidia-h100-x1  the give-back GPU test (real busy work), the device-path GPU tests, bf16,
-#                              hack2 (auto: compressed on H100 and H200 now), hack2 with segments kept
-#                              mapped, the two untraced, hack2 dense... at 3 req/s no link ~9.5 min
+#                              hack2 (auto: compressed on H100 and H200 now), hack2 with per-job polls,
+#                              with segments kept mapped, the two untraced... 3 req/s no link ~9.5 min
 #   h200table  nvidia-h200     decode_kv's H200 row (it predates the CUDA HACK kernel): engine step per
 #                              codec at 2/8 x 4k and 8/32 x 8k, both decode modes               ~5 min
 #   link24     nvidia-h100-x1  10 Gb/s lanes bf16/hack2/kivi2/lowrank+hack2 (auto), 32 requests at 2-4 req/s ~8 min
@@ -666,15 +666,18 @@ trace28)
     run=0
     # the untraced pair: what the traces (a stall monitor waking every 5 ms in each worker,
     # new since session 26's H100 run, where hack2 was 0.93x bf16's) cost the lanes
-    # (+keep: with ZIPSERVE_IPC_KEEP_MAPPED=1, the receiver keeping sender segments mapped)
-    for lane in ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+keep bf16:auto:untraced \
-        hack2:auto:untraced hack2:dense bf16:auto kivi2:auto}; do
+    # (+keep: with ZIPSERVE_IPC_KEEP_MAPPED=1, the receiver keeping sender segments mapped;
+    # +polls: ZIPSERVE_TOKEN_FEED=0, one router poll per job as up to session 27)
+    for lane in ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+polls hack2:auto+keep \
+        bf16:auto:untraced hack2:auto:untraced bf16:auto+polls hack2:dense}; do
         [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
         run=$((run + 1))
         (
             export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"
             [[ $lane == *+keep ]] && export ZIPSERVE_IPC_KEEP_MAPPED=1 LANE_TAG="_keep_r$run"
-            traced_lanes "${lane%+keep}"
+            [[ $lane == *+polls ]] && export ZIPSERVE_TOKEN_FEED=0 LANE_TAG="_polls_r$run"
+            lane=${lane%+keep}
+            traced_lanes "${lane%+polls}"
         )
     done
     stop_samplers
