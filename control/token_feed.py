@@ -42,15 +42,19 @@ class TokenFeed:
         self._waiting: dict[str, tuple[int, asyncio.Future[PollReply]]] = {}
         self._seen = -1
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.calls = 0
         """poll_many calls made so far."""
 
     async def next(self, request_id: str, since: int) -> PollReply:
         """The job's tokens from index `since` on (or its end), once there are any. One call at a
         time per job (RuntimeError for a second while the first waits)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (a test's asyncio.run): start afresh
+            self._loop, self._waiting, self._task = loop, {}, None
         if request_id in self._waiting:
             raise RuntimeError(f"job {request_id!r} is already waiting on this feed")
-        fut: asyncio.Future[PollReply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[PollReply] = loop.create_future()
         self._waiting[request_id] = (since, fut)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())

@@ -119,3 +119,18 @@ def test_poll_many_answers_news_progress_unknown_requests_and_timeouts():
         assert woke and woke[0].progress > got.progress and time.time() - t0 < 1
     finally:
         shutdown_pair(pre, dec)
+
+
+def test_a_feed_used_from_a_new_event_loop_starts_afresh():
+    """A feed whose first loop ended with a call in flight (its task never finishes there)
+    still answers in the next loop."""
+    w = _FakeWorker()
+    w.tokens = {"a": [], "b": [4]}
+    feed = TokenFeed(w.poll_many)
+
+    async def abandon():
+        asyncio.ensure_future(feed.next("a", 0))  # never answered: "a" has no tokens
+        await asyncio.sleep(0.01)
+
+    asyncio.run(abandon())
+    assert asyncio.run(asyncio.wait_for(feed.next("b", 0), 2)).tokens == [4]
