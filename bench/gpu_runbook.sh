@@ -174,6 +174,25 @@ traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 work
     return 0
 }
 
+rate3_runs() {  # rate3_runs LANE...: each lane once at 3 req/s, no link, in its own folder
+    # (suffix _r<N>), while more than 75 s of the call are left. A lane is traced_lanes' (with
+    # its :untraced) plus +keep (ZIPSERVE_IPC_KEEP_MAPPED=1, the receiver keeping sender
+    # segments mapped) or +polls (ZIPSERVE_TOKEN_FEED=0, one router poll per job as up to
+    # session 27)
+    local lane run=0
+    for lane in "$@"; do
+        [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
+        run=$((run + 1))
+        (
+            export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"
+            [[ $lane == *+keep ]] && export ZIPSERVE_IPC_KEEP_MAPPED=1 LANE_TAG="_keep_r$run"
+            [[ $lane == *+polls ]] && export ZIPSERVE_TOKEN_FEED=0 LANE_TAG="_polls_r$run"
+            lane=${lane%+keep}
+            traced_lanes "${lane%+polls}"
+        )
+    done
+}
+
 start_samplers() {  # the host's CPU (/proc/stat, load) and the GPU's clocks beside the runs
     # /proc/stat's cpu line every second (user nice system idle iowait irq softirq steal, in
     # ticks) and the load average: present on any Linux image, vmstat may not be
@@ -639,12 +658,7 @@ trace27)
     pytest_gpu "${TESTS_LIMIT:-200}" gpu_fix26 -m gpu tests/test_head_size_codecs.py \
         tests/test_dense_decode.py
     start_samplers
-    run=0
-    for lane in ${TRACE27_LANES:-bf16:auto hack2:auto kivi2:auto bf16:auto}; do
-        [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
-        run=$((run + 1))
-        (export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"; traced_lanes "$lane")
-    done
+    rate3_runs ${TRACE27_LANES:-bf16:auto hack2:auto kivi2:auto bf16:auto}
     stop_samplers
     ;;
 trace28)
@@ -663,23 +677,10 @@ trace28)
     pytest_gpu "${TESTS_LIMIT:-150}" ipc_tests27 -m gpu tests/test_device_path_gpu.py \
         -k "not multi_gpu and not giving_cuda_ipc_layers_back and not receiver_does_not_wait"
     start_samplers
-    run=0
     # the untraced pair: what the traces (a stall monitor waking every 5 ms in each worker,
     # new since session 26's H100 run, where hack2 was 0.93x bf16's) cost the lanes
-    # (+keep: with ZIPSERVE_IPC_KEEP_MAPPED=1, the receiver keeping sender segments mapped;
-    # +polls: ZIPSERVE_TOKEN_FEED=0, one router poll per job as up to session 27)
-    for lane in ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+polls hack2:auto+keep \
-        bf16:auto:untraced hack2:auto:untraced bf16:auto+polls hack2:dense}; do
-        [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
-        run=$((run + 1))
-        (
-            export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"
-            [[ $lane == *+keep ]] && export ZIPSERVE_IPC_KEEP_MAPPED=1 LANE_TAG="_keep_r$run"
-            [[ $lane == *+polls ]] && export ZIPSERVE_TOKEN_FEED=0 LANE_TAG="_polls_r$run"
-            lane=${lane%+keep}
-            traced_lanes "${lane%+polls}"
-        )
-    done
+    rate3_runs ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+polls hack2:auto+keep \
+        bf16:auto:untraced hack2:auto:untraced bf16:auto+polls hack2:dense}
     stop_samplers
     ;;
 h200table)
