@@ -43,8 +43,6 @@ class TokenFeed:
         self._seen = -1
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.calls = 0
-        """poll_many calls made so far."""
 
     async def next(self, request_id: str, since: int) -> PollReply:
         """The job's tokens from index `since` on (or its end), once there are any. One call at a
@@ -67,7 +65,6 @@ class TokenFeed:
     async def _run(self) -> None:
         while self._waiting:
             since = {rid: n for rid, (n, _) in self._waiting.items()}
-            self.calls += 1
             try:
                 got = await self._poll_many(since, self._seen, POLL_S)
             except Exception as e:  # every job waiting on this worker sees the failure

@@ -31,8 +31,8 @@ With it, the receiver keeps the latest tensor of each segment after its lease is
 (at most KEEP_MAPPED_SEGMENTS segments and KEEP_MAPPED_BYTES of kept tensors, the least recently
 used go first): the segment stays mapped and the next layer from it maps for free. It pays only
 where a segment holds several blocks: torch's allocator serves 1-10 MB requests (a compressed
-8k-token layer) from 20 MB segments, but usually gives a bf16 layer (32 MiB at 8k tokens) a segment of
-its own, and no later tensor can come from a segment whose only block is kept. The cost: the
+8k-token layer) from 20 MB segments, but usually gives a bf16 layer (32 MiB at 8k tokens) a
+segment of its own, and no later tensor can come from a segment whose only block is kept. The cost: the
 sender's block behind each kept tensor stays in torch's IPC limbo (not reusable by the sender)
 until a later tensor of its segment replaces it; hence the byte bound.
 
@@ -393,7 +393,7 @@ class CudaIpcChannel(Channel):
             args = (info["handle"],) if self.device is None else (info["handle"], self.device.index)
             tensor, ready = self._import_mapped(*args)
         except Exception as e:
-            self._send_ack(info["id"])  # nothing mapped: the sender may reuse the buffer
+            self._send_acks([info["id"]])  # nothing mapped: the sender may reuse the buffer
             raise TransferError(f"cannot map the peer's buffer: {e}") from e
         lease = Lease(tensor, ready=ready, map_ms=1e3 * (time.perf_counter() - t0))
         segment = info["handle"].get("handle") if self.keep_mapped else None
@@ -449,7 +449,7 @@ class CudaIpcChannel(Channel):
         if deferred is not None:
             deferred.add(self, mid)
         else:
-            self._send_ack(mid)
+            self._send_acks([mid])
 
     def _keep(self, segment: str, t: torch.Tensor) -> None:
         """Hold t so its segment stays mapped; the tensor it replaces (the segment's previous
@@ -468,9 +468,6 @@ class CudaIpcChannel(Channel):
         """Sender segments held mapped between messages (keep_mapped)."""
         with self._cond:
             return len(self._mapped)
-
-    def _send_ack(self, mid: int) -> None:
-        self._send_acks([mid])
 
     def _send_acks(self, mids: list[int]) -> None:
         ack = {"id": mids[0]} if len(mids) == 1 else {"ids": mids}
