@@ -177,8 +177,9 @@ traced_lanes() {  # traced_lanes CODEC:DECODE_KV...: per lane, the issue-16 work
 rate3_runs() {  # rate3_runs LANE...: each lane once at 3 req/s, no link, in its own folder
     # (suffix _r<N>), while more than 75 s of the call are left. A lane is traced_lanes' (with
     # its :untraced) plus +keep (ZIPSERVE_IPC_KEEP_MAPPED=1, the receiver keeping sender
-    # segments mapped) or +polls (ZIPSERVE_TOKEN_FEED=0, one router poll per job as up to
-    # session 27)
+    # segments mapped), +polls (ZIPSERVE_TOKEN_FEED=0, one router poll per job as up to
+    # session 27) or +oldimport (ZIPSERVE_DEVICE_IMPORT=0: layers imported through import_pages,
+    # as up to session 27, not one copy)
     local lane run=0
     for lane in "$@"; do
         [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
@@ -187,7 +188,9 @@ rate3_runs() {  # rate3_runs LANE...: each lane once at 3 req/s, no link, in its
             export TRACE_LINKS=none TRACE_RATES=3 LANE_TAG="_r$run"
             [[ $lane == *+keep ]] && export ZIPSERVE_IPC_KEEP_MAPPED=1 LANE_TAG="_keep_r$run"
             [[ $lane == *+polls ]] && export ZIPSERVE_TOKEN_FEED=0 LANE_TAG="_polls_r$run"
+            [[ $lane == *+oldimport ]] && export ZIPSERVE_DEVICE_IMPORT=0 LANE_TAG="_oldimport_r$run"
             lane=${lane%+keep}
+            lane=${lane%+oldimport}
             traced_lanes "${lane%+polls}"
         )
     done
@@ -672,6 +675,9 @@ trace28)
     # Then the other device-path GPU tests (the ack change is theirs), then the lanes (the
     # engine GPU tests passed on the H200: 38 of 39 with the device-path ones). ~7-9 min.
     export ZIPSERVE_NORM_ROPE_KERNELS=1
+    # session 28: a layer's import as one copy launch (engine/device_import.py) against
+    # import_pages, bit for bit, then in the lanes (+oldimport: the old path)
+    pytest_gpu 90 device_import28 tests/test_device_import.py
     pytest_gpu 100 give_back27 -m gpu tests/test_device_path_gpu.py \
         -k "giving_cuda_ipc_layers_back or receiver_does_not_wait"
     pytest_gpu "${TESTS_LIMIT:-150}" ipc_tests27 -m gpu tests/test_device_path_gpu.py \
@@ -679,8 +685,8 @@ trace28)
     start_samplers
     # the untraced pair: what the traces (a stall monitor waking every 5 ms in each worker,
     # new since session 26's H100 run, where hack2 was 0.93x bf16's) cost the lanes
-    rate3_runs ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+polls hack2:auto+keep \
-        bf16:auto:untraced hack2:auto:untraced bf16:auto+polls hack2:dense}
+    rate3_runs ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+oldimport hack2:auto+polls \
+        bf16:auto:untraced hack2:auto:untraced hack2:auto+keep bf16:auto+polls}
     stop_samplers
     ;;
 h200table)

@@ -35,6 +35,7 @@ from zipserve.compress.wire import (
     unpack_device,
     unpack_pages,
 )
+from zipserve.engine.device_import import device_import_on, import_device
 from zipserve.engine.paged_cache import LayerPages, PagedKVCache
 from zipserve.engine.sequence import Sequence
 
@@ -125,6 +126,15 @@ def import_layer(
     if isinstance(kv, DeviceLayerKV):
         kv.check()
         kv.wait_ready()  # this stream reads the payload after the sender's writes (CUDA IPC)
+        if not held and kv.first_page == 0 and device_import_on():
+            header = kv.wire.header
+            if header.get("num_pages") != kv.num_tokens // cache.page_size:
+                raise ValueError(
+                    f"layer {kv.layer}: pages 0..{header.get('num_pages')} arrived for a "
+                    f"sequence of {kv.num_tokens // cache.page_size} full pages"
+                )
+            if import_device(cache, kv.layer, header, kv.wire.payload, seq):
+                return
         wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
     else:
         wire, tail = unpack_pages(kv.pages), kv.tail

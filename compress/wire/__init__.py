@@ -18,6 +18,9 @@ from zipserve.compress.wire.checksum import ALGORITHM, device_checksum, host_che
 from zipserve.compress.wire.decode import Message, decode
 from zipserve.compress.wire.device_pages import (
     DeviceWire,
+    ExtraSpec,
+    device_extras,
+    device_page_fields,
     pack_device,
     unpack_device,
     verify_checksum,
@@ -89,6 +92,9 @@ __all__ = [
     "slice_to_bytes",
     "unframe",
     "unpack_device",
+    "device_page_fields",
+    "device_extras",
+    "ExtraSpec",
     "unpack_pages",
     "verify_checksum",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from zipserve.compress.device_copy import index_on
 from zipserve.compress.wire.checksum import ALGORITHM, PendingChecksum, device_partials
-from zipserve.compress.wire.errors import ChecksumError, FormatError
+from zipserve.compress.wire.errors import ChecksumError, FormatError, LayoutError
 from zipserve.compress.wire.framing import dtype_name, dtype_of
 from zipserve.compress.wire.pages import LAYOUT_VERSION, WirePages
 
@@ -150,14 +150,7 @@ def unpack_device(
 ) -> tuple[WirePages, dict[str, torch.Tensor]]:
     """Views of a device buffer as pages + extras; raises FormatError on a bad layout version,
     size or dtype, ChecksumError on a bad checksum (verified on the payload's device)."""
-    if header.get("layout_version") != LAYOUT_VERSION:
-        raise FormatError(
-            f"layout version {header.get('layout_version')!r}, this side reads {LAYOUT_VERSION}"
-        )
-    if payload.dtype != torch.uint8 or payload.dim() != 1:
-        raise FormatError("device payload must be a flat uint8 tensor")
-    if payload.numel() != header.get("nbytes"):
-        raise FormatError(f"payload is {payload.numel()} bytes, header says {header.get('nbytes')}")
+    check_payload(header, payload)
     if verify:
         verify_checksum(header, payload)
     n = header["num_pages"]
@@ -165,9 +158,7 @@ def unpack_device(
     def views(specs, shape_of):
         out = {}
         for f in specs:
-            dtype = dtype_of(f["dtype"], f["name"])
-            if f["offset"] + f["nbytes"] > payload.numel() or f["offset"] % ALIGN:
-                raise FormatError(f"{f['name']}: bytes {f['offset']}+{f['nbytes']} out of range")
+            dtype = _spec_dtype(f, payload)
             shape = shape_of(f)
             out[f["name"]] = (
                 _view(payload, f["offset"], f["nbytes"], dtype, shape)
@@ -179,3 +170,74 @@ def unpack_device(
     pages = views(header["fields"], lambda f: [n, *f["page_shape"]])
     extras = views(header.get("extras", []), lambda f: f["shape"])
     return WirePages(header["codec"], n, pages, header.get("meta", {})), extras
+
+
+def check_payload(header: dict, payload: torch.Tensor) -> None:
+    """FormatError unless the header is of this layout version and the payload is the flat
+    uint8 buffer of the header's size."""
+    if header.get("layout_version") != LAYOUT_VERSION:
+        raise FormatError(
+            f"layout version {header.get('layout_version')!r}, this side reads {LAYOUT_VERSION}"
+        )
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise FormatError("device payload must be a flat uint8 tensor")
+    if payload.numel() != header.get("nbytes"):
+        raise FormatError(f"payload is {payload.numel()} bytes, header says {header.get('nbytes')}")
+
+
+def _spec_dtype(f: dict, payload: torch.Tensor) -> torch.dtype:
+    """A field's dtype; FormatError when its bytes lie outside the payload or off alignment."""
+    dtype = dtype_of(f["dtype"], f["name"])
+    if f["offset"] + f["nbytes"] > payload.numel() or f["offset"] % ALIGN:
+        raise FormatError(f"{f['name']}: bytes {f['offset']}+{f['nbytes']} out of range")
+    return dtype
+
+
+def device_page_fields(
+    header: dict, payload: torch.Tensor, store: dict[str, torch.Tensor]
+) -> list[tuple[int, int]]:
+    """(byte offset in the payload, bytes a page) of each of `store`'s fields, in store order,
+    for a copy that writes the pages without views of them. FormatError as unpack_device raises
+    it, LayoutError as pages.check_fields does (other fields, dtypes or page shapes); the codec
+    is the caller's to check (`header["codec"]`)."""
+    check_payload(header, payload)
+    n = header["num_pages"]
+    specs = {f["name"]: f for f in header["fields"]}
+    if set(specs) != set(store):
+        raise LayoutError(f"fields {sorted(specs)} do not match the pool's {sorted(store)}")
+    out = []
+    for name, t in store.items():
+        f = specs[name]
+        dtype = _spec_dtype(f, payload)
+        if dtype != t.dtype or tuple(f["page_shape"]) != tuple(t.shape[1:]):
+            raise LayoutError(
+                f"{name}: {dtype} {tuple(f['page_shape'])} per page, pool has "
+                f"{t.dtype} {tuple(t.shape[1:])}"
+            )
+        page_bytes = math.prod(t.shape[1:]) * t.element_size()
+        if f["nbytes"] != n * page_bytes:
+            raise FormatError(f"{name}: {f['nbytes']} bytes for {n} pages of {page_bytes}")
+        out.append((f["offset"], page_bytes))
+    return out
+
+
+@dataclass(frozen=True)
+class ExtraSpec:
+    """Where an extra tensor (a tail) lies in a payload: [shape] of dtype from byte `offset`."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+
+def device_extras(header: dict, payload: torch.Tensor) -> dict[str, ExtraSpec]:
+    """The header's extras by name; FormatError when one lies outside the payload or its size
+    is not its shape's."""
+    out = {}
+    for f in header.get("extras", []):
+        dtype = _spec_dtype(f, payload)
+        shape = tuple(f["shape"])
+        if f["nbytes"] != math.prod(shape) * dtype.itemsize:
+            raise FormatError(f"{f['name']}: {f['nbytes']} bytes for {dtype} {shape}")
+        out[f["name"]] = ExtraSpec(dtype, shape, f["offset"])
+    return out
