@@ -180,7 +180,7 @@ rate3_runs() {  # rate3_runs LANE...: each lane once at 3 req/s, no link, in its
     # segments mapped), +polls (ZIPSERVE_TOKEN_FEED=0, one router poll per job as up to
     # session 27) or +oldimport (ZIPSERVE_DEVICE_IMPORT=0: layers imported through import_pages,
     # as up to session 27, not one copy)
-    local lane run=0
+    local lane run=${RATE3_FIRST:-0}  # runs numbered from RATE3_FIRST + 1
     for lane in "$@"; do
         [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 75 ] || break
         run=$((run + 1))
@@ -678,15 +678,18 @@ trace28)
     # session 28: a layer's import as one copy launch (engine/device_import.py) against
     # import_pages, bit for bit, then in the lanes (+oldimport: the old path)
     pytest_gpu 90 device_import28 tests/test_device_import.py
+    start_samplers
+    # first the A/B that session 28's change needs (device starts were scarce: the rest may
+    # not run), then session 27's device-path tests, then the other lanes
+    rate3_runs ${TRACE28_FIRST:-bf16:auto hack2:auto hack2:auto+oldimport}
     pytest_gpu 100 give_back27 -m gpu tests/test_device_path_gpu.py \
         -k "giving_cuda_ipc_layers_back or receiver_does_not_wait"
     pytest_gpu "${TESTS_LIMIT:-150}" ipc_tests27 -m gpu tests/test_device_path_gpu.py \
         -k "not multi_gpu and not giving_cuda_ipc_layers_back and not receiver_does_not_wait"
-    start_samplers
     # the untraced pair: what the traces (a stall monitor waking every 5 ms in each worker,
     # new since session 26's H100 run, where hack2 was 0.93x bf16's) cost the lanes
-    rate3_runs ${TRACE28_LANES:-bf16:auto hack2:auto hack2:auto+oldimport hack2:auto+polls \
-        bf16:auto:untraced hack2:auto:untraced hack2:auto+keep bf16:auto+polls}
+    RATE3_FIRST=3 rate3_runs ${TRACE28_LANES:-hack2:auto+polls bf16:auto:untraced \
+        hack2:auto:untraced hack2:auto+keep bf16:auto+polls}
     stop_samplers
     ;;
 h200table)
