@@ -109,6 +109,7 @@ def _check(payload, dsts, jobs, ids) -> None:
             raise ValueError(f"dsts[{i}] must be a contiguous tensor, got {describe(t)}")
         if t.device != payload.device:
             raise ValueError(f"dsts[{i}] is on {t.device}, payload is on {payload.device}")
+    id_range: dict[int, tuple[int, int]] = {}
     for i, job in enumerate(jobs):
         if not 0 <= job.dst < len(dsts):
             raise ValueError(f"jobs[{i}]: dst {job.dst} names no tensor of {len(dsts)}")
@@ -125,8 +126,10 @@ def _check(payload, dsts, jobs, ids) -> None:
         if job.indexed:
             if len(ids) < job.rows:
                 raise ValueError(f"jobs[{i}]: {job.rows} rows, {len(ids)} ids")
-            last = max(ids[: job.rows])
-            if min(ids[: job.rows]) < 0:
+            if job.rows not in id_range:  # the jobs of a layer's fields share one page count
+                id_range[job.rows] = (min(ids[: job.rows]), max(ids[: job.rows]))
+            first, last = id_range[job.rows]
+            if first < 0:
                 raise ValueError(f"jobs[{i}]: a negative id")
         else:
             last = job.rows - 1
