@@ -23,7 +23,7 @@ import torch
 from zipserve.compress.compressed_cache import CompressedKVCache
 from zipserve.compress.wire import LayoutError, device_extras, device_page_fields
 from zipserve.compress.wire.device_pages import ExtraSpec
-from zipserve.engine.kv_cache import KVCache
+from zipserve.engine.kv_cache import KVCache, check_open_tail
 from zipserve.engine.sequence import Sequence
 from zipserve.kernels.row_copy import RowCopy, copy_rows, copy_rows_ref
 
@@ -171,16 +171,7 @@ def _dense_jobs(cache: KVCache, layer, header, payload, seq):
     specs = {k: _tail_spec(extras, k, storage.dtype, kvh, d, layer) for k in ("open_k", "open_v")}
     if any(spec is None for spec in specs.values()):
         return None
-    if specs["open_k"].shape[1] != r or specs["open_v"].shape[1] != r:
-        raise ValueError(
-            f"layer {layer}: {specs['open_k'].shape[1]} tail tokens arrived, "
-            f"the prompt's last page holds {r}"
-        )
-    if len(seq.pages) <= n:
-        raise ValueError(
-            f"layer {layer}: {n} full pages and {r} more tokens arrived for "
-            f"{len(seq.pages)} reserved pages"
-        )
+    check_open_tail(layer, n, r, specs["open_k"].shape[1], specs["open_v"].shape[1], seq)
     last = seq.pages[n]
     for kv, name in enumerate(("open_k", "open_v")):
         jobs.append(_tail_job(specs[name], 0, base(kv) + last * page_bytes, r, p * d * es))

@@ -166,16 +166,7 @@ class KVCache:
             return
         if "open_k" not in tail or "open_v" not in tail:
             raise ValueError(f"layer {layer}: the 16-bit tail is missing")
-        if tail["open_k"].shape[1] != r or tail["open_v"].shape[1] != r:
-            raise ValueError(
-                f"layer {layer}: {tail['open_k'].shape[1]} tail tokens arrived, "
-                f"the prompt's last page holds {r}"
-            )
-        if len(seq.pages) <= n_full:
-            raise ValueError(
-                f"layer {layer}: {n_full} pages and {r} more tokens arrived for "
-                f"{len(seq.pages)} reserved pages"
-            )
+        check_open_tail(layer, n_full, r, tail["open_k"].shape[1], tail["open_v"].shape[1], seq)
         k[seq.pages[n_full], :, :r] = tail["open_k"].to(k.device)
         v[seq.pages[n_full], :, :r] = tail["open_v"].to(v.device)
 
@@ -195,3 +186,17 @@ class KVCache:
     def bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return config.num_kv_layers * 2 * config.num_kv_heads * page_size * config.head_dim * elem
+
+
+def check_open_tail(layer: int, n_full: int, r: int, r_k: int, r_v: int, seq: Sequence) -> None:
+    """ValueError unless a received tail of r_k / r_v tokens is the r tokens of the prompt's
+    partly filled page and seq reserved a page for them after its n_full full ones."""
+    if r_k != r or r_v != r:
+        raise ValueError(
+            f"layer {layer}: {r_k} tail tokens arrived, the prompt's last page holds {r}"
+        )
+    if len(seq.pages) <= n_full:
+        raise ValueError(
+            f"layer {layer}: {n_full} pages and {r} more tokens arrived for "
+            f"{len(seq.pages)} reserved pages"
+        )
