@@ -682,10 +682,12 @@ trace28)
     # first the A/B that session 28's change needs (device starts were scarce: the rest may
     # not run), then session 27's device-path tests, then the other lanes
     rate3_runs ${TRACE28_FIRST:-bf16:auto hack2:auto hack2:auto+oldimport hack2:auto+keep}
-    pytest_gpu 100 give_back27 -m gpu tests/test_device_path_gpu.py \
-        -k "giving_cuda_ipc_layers_back or receiver_does_not_wait"
-    pytest_gpu "${TESTS_LIMIT:-150}" ipc_tests27 -m gpu tests/test_device_path_gpu.py \
-        -k "not multi_gpu and not giving_cuda_ipc_layers_back and not receiver_does_not_wait"
+    if [ $((${CALL_LIMIT:-575} - SECONDS)) -gt 240 ]; then  # a short call keeps the lanes only
+        pytest_gpu 100 give_back27 -m gpu tests/test_device_path_gpu.py \
+            -k "giving_cuda_ipc_layers_back or receiver_does_not_wait"
+        pytest_gpu "${TESTS_LIMIT:-150}" ipc_tests27 -m gpu tests/test_device_path_gpu.py \
+            -k "not multi_gpu and not giving_cuda_ipc_layers_back and not receiver_does_not_wait"
+    fi
     # the untraced pair: what the traces (a stall monitor waking every 5 ms in each worker,
     # new since session 26's H100 run, where hack2 was 0.93x bf16's) cost the lanes
     RATE3_FIRST=4 rate3_runs ${TRACE28_LANES:-hack2:auto+polls bf16:auto:untraced \
