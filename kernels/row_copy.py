@@ -110,6 +110,7 @@ def _check(payload, dsts, jobs, ids) -> None:
         if t.device != payload.device:
             raise ValueError(f"dsts[{i}] is on {t.device}, payload is on {payload.device}")
     id_range: dict[int, tuple[int, int]] = {}
+    src_bytes, dst_bytes = _nbytes(payload), [_nbytes(t) for t in dsts]
     for i, job in enumerate(jobs):
         if not 0 <= job.dst < len(dsts):
             raise ValueError(f"jobs[{i}]: dst {job.dst} names no tensor of {len(dsts)}")
@@ -121,8 +122,8 @@ def _check(payload, dsts, jobs, ids) -> None:
             raise ValueError(f"jobs[{i}]: rows {job.dst_stride} bytes apart overlap ({job})")
         if job.rows > 1 and job.src_stride < 0:
             raise ValueError(f"jobs[{i}]: negative source stride ({job})")
-        if job.src_offset + (job.rows - 1) * job.src_stride + job.row_bytes > _nbytes(payload):
-            raise ValueError(f"jobs[{i}]: rows past the payload's {_nbytes(payload)} bytes")
+        if job.src_offset + (job.rows - 1) * job.src_stride + job.row_bytes > src_bytes:
+            raise ValueError(f"jobs[{i}]: rows past the payload's {src_bytes} bytes")
         if job.indexed:
             if len(ids) < job.rows:
                 raise ValueError(f"jobs[{i}]: {job.rows} rows, {len(ids)} ids")
@@ -134,18 +135,20 @@ def _check(payload, dsts, jobs, ids) -> None:
         else:
             last = job.rows - 1
         end = job.dst_offset + last * job.dst_stride + job.row_bytes
-        if end > _nbytes(dsts[job.dst]):
+        if end > dst_bytes[job.dst]:
             raise ValueError(
-                f"jobs[{i}]: rows up to byte {end} of dsts[{job.dst}] "
-                f"({_nbytes(dsts[job.dst])} bytes)"
+                f"jobs[{i}]: rows up to byte {end} of dsts[{job.dst}] ({dst_bytes[job.dst]} bytes)"
             )
 
 
 def _word(payload, dsts, jobs) -> int:
-    ints = [payload.data_ptr(), *(t.data_ptr() for t in dsts)]
+    """4 when every address, offset, stride and row length is a multiple of 4, else 1."""
+    bits = payload.data_ptr()
+    for t in dsts:
+        bits |= t.data_ptr()
     for j in jobs:
-        ints += [j.dst_offset, j.src_offset, j.row_bytes, j.src_stride, j.dst_stride]
-    return 4 if all(x % 4 == 0 for x in ints) else 1
+        bits |= j.dst_offset | j.src_offset | j.row_bytes | j.src_stride | j.dst_stride
+    return 4 if bits % 4 == 0 else 1
 
 
 def copy_rows(payload, dsts, jobs, ids) -> None:
