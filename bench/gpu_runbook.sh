@@ -677,7 +677,7 @@ trace28)
     export ZIPSERVE_NORM_ROPE_KERNELS=1
     # session 28: a layer's import as one copy launch (engine/device_import.py) against
     # import_pages, bit for bit, then in the lanes (+oldimport: the old path)
-    pytest_gpu 90 device_import28 tests/test_device_import.py ${DEVICE_IMPORT_ARGS:-}  # "-m gpu": the 8k cases only
+    pytest_gpu 90 device_import28 tests/test_device_import.py ${DEVICE_IMPORT_ARGS:-}  # "-m gpu": the GPU cases only
     start_samplers
     # first the A/B that session 28's change needs (device starts were scarce: the rest may
     # not run), then session 27's device-path tests, then the other lanes

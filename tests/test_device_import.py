@@ -157,8 +157,8 @@ def _import_prompt(decode, layers, ids, rid, monkeypatch, one_copy: bool) -> Non
         decode.import_layer(rid, kv)
 
 
-@pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi2", "fp8", "hack4"])
-@pytest.mark.parametrize("tokens", [16 * 5 + 3, 16 * 4, 7])
+@pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi2", "fp8", "hack4", "lowrank+hack2"])
+@pytest.mark.parametrize("tokens", [16 * 120 + 11, 16 * 5 + 3, 16 * 4, 7])
 def test_one_copy_import_equals_import_pages(codec, tokens, monkeypatch):
     """Two prompts imported into one decode cache, the first with import_pages, the second with
     one copy, equal the same two imported with import_pages twice: byte for byte in every page
@@ -233,8 +233,9 @@ def test_one_copy_import_refuses_what_import_pages_refuses(codec, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("codec", ["bf16", "hack2", "kivi2", "lowrank+hack2"])
 def test_one_copy_import_on_gpu_equals_import_pages(codec, monkeypatch):
-    """The kernel on a GPU against import_pages, a prompt of 8k tokens (512 pages)."""
-    tokens = 8192 + 5
+    """The kernel on a GPU against import_pages, a prompt of 1931 tokens (120 full pages and a
+    partly filled one: random:tiny's context is 2048)."""
+    tokens = 16 * 120 + 11
     prefill = _engine(codec, tokens, "cuda")
     ids = [3 + (i * 7919) % (prefill.config.vocab_size - 3) for i in range(tokens)]
     layers = prefill.prefill_export(ids, SamplingParams(max_tokens=1), "p", device_form=True).layers
