@@ -21,7 +21,7 @@ up the GIL to the worker's other threads. Here a layer is one table upload and o
   checked on the host from the ints alone: no device value is read). Rows of different jobs must
   not overlap in a destination (which write wins would be undefined).
 
-Kernel: grid (jobs, max rows, chunks of BLOCK words), one program copies one chunk of one row. A
+Kernel: grid (max rows, jobs, chunks of BLOCK words), one program copies one chunk of one row. A
 word is 4 bytes when every address, offset, stride and row length is a multiple of 4, else 1.
 The job table (addresses, offsets, strides in bytes) and the ids travel in one int64 tensor:
 one pinned host-to-device copy that does not make the host wait.
@@ -70,8 +70,8 @@ def _copy_rows_kernel(
     WORD_TYPE: tl.constexpr,
     BLOCK_WORDS: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64)  # rows on the axis without the 65535 limit
+    j = tl.program_id(1)
     c = tl.program_id(2).to(tl.int64)
     job = table_ptr + j * NUM_FIELDS
     dst_addr = tl.load(job)
@@ -175,7 +175,7 @@ def copy_rows(payload, dsts, jobs, ids) -> None:
     table_dev = index_on(table, payload.device)  # [J * FIELDS + n] int64
     max_rows = max(j.rows for j in jobs)
     chunks = triton.cdiv(max(j.row_bytes for j in jobs) // word, BLOCK)
-    _copy_rows_kernel[(len(jobs), max_rows, chunks)](
+    _copy_rows_kernel[(max_rows, len(jobs), chunks)](
         table_dev,
         len(jobs),
         NUM_FIELDS=FIELDS,
