@@ -678,6 +678,9 @@ trace28)
     # session 28: a layer's import as one copy launch (engine/device_import.py) against
     # import_pages, bit for bit, then in the lanes (+oldimport: the old path)
     pytest_gpu 90 device_import28 tests/test_device_import.py ${DEVICE_IMPORT_ARGS:-}  # "-m gpu": the GPU cases only
+    # a layer's import in isolation, both paths: host ms and torch calls from Python per layer
+    step 60 import28 python3 -m zipserve.bench.import_profile --model random:llama3-8b \
+        --lanes bf16,hack2,kivi2 --tokens 4096 --repeats 5 --out "$WORK/import28"
     start_samplers
     # first the A/B that session 28's change needs (device starts were scarce: the rest may
     # not run), then session 27's device-path tests, then the other lanes

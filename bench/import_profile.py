@@ -8,10 +8,16 @@ imports every layer the way the step loop does (`import_layer`), then gives the 
 Per lane: the host time of one layer's import (median over every layer of --repeats requests),
 the wall time of a request's whole import with the device synchronized after it, and, from one
 more request under torch.profiler, the aten calls per layer (nested ones counted too) and the ops
-with the most host (CPU self) time. Session 16's decode trace put an import at ~2 ms per layer on
-an H100 while its host work on the CPU was 0.14-0.58 ms: this tells host from device and names
-the ops. Prints a Markdown table, writes import_profile.csv. Every page of both engines must be
-back in its pool at the end (the tool asserts it).
+with the most host (CPU self) time, and the top-level aten calls per layer (the ones made from
+Python: each releases the GIL, a chance for the decode worker's other threads to hold up its step
+loop). Session 16's decode trace put an import at ~2 ms per layer on an H100 while its host work
+on the CPU was 0.14-0.58 ms: this tells host from device and names the ops. A compressed lane
+runs twice, through the one-copy import (engine/device_import.py, the default) and through
+`import_pages` (ZIPSERVE_DEVICE_IMPORT=0); a dense lane always takes `import_pages`. On the CPU
+the one-copy lane runs the copy's torch reference (a strided copy per tensor), so its counts
+there are not a GPU's (bench/results/session28_cpu/count_calls.py counts the GPU wrapper's).
+Prints a Markdown table, writes import_profile.csv. Every page of both engines must be back in its
+pool at the end (the tool asserts it).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +34,7 @@ import torch
 
 from zipserve.bench.engine_bench import parse_lane
 from zipserve.engine.config import EngineConfig
+from zipserve.engine.device_import import DEVICE_IMPORT_ENV
 from zipserve.engine.disaggregated import DisaggregatedEngine
 from zipserve.engine.sampling_params import SamplingParams
 
@@ -52,9 +60,12 @@ def _engine(model: str, device: str, codec: str, tokens: int, mode: str):
     )
 
 
-def profile_lane(model: str, device: str, codec: str, mode: str, tokens: int, repeats: int) -> dict:
-    """One codec / decode-KV mode: the import of one exported prompt, repeats + 2 times (the
-    first one a warm-up), the last under torch.profiler."""
+def profile_lane(
+    model: str, device: str, codec: str, mode: str, tokens: int, repeats: int, path: str
+) -> dict:
+    """One codec / decode-KV mode / import path ("one_copy" or "import_pages"): the import of one
+    exported prompt, repeats + 2 times (the first one a warm-up), the last under torch.profiler."""
+    os.environ[DEVICE_IMPORT_ENV] = "1" if path == "one_copy" else "0"
     prefill = _engine(model, device, codec, tokens, "compressed")
     decode = _engine(model, device, codec, tokens, mode)
     dev = decode.device
@@ -89,16 +100,24 @@ def profile_lane(model: str, device: str, codec: str, mode: str, tokens: int, re
         import_request(1 + repeats, timed=False)
     aten = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     calls = sum(e.count for e in aten)
+    top_level = [
+        e
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    ]
     top = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:TOP_OPS]
     n = len(layers)
     row = dict(
         codec=codec,
         decode_kv=mode,
+        import_path=path,
         tokens=tokens,
         layers=n,
         host_ms_per_layer=statistics.median(per_layer) * 1e3,
         wall_ms_per_request=statistics.median(whole) * 1e3,
         aten_calls_per_layer=calls / n,
+        python_calls_per_layer=len(top_level) / n,
         top_ops="; ".join(
             f"{e.key} x{e.count / n:.0f} {e.self_cpu_time_total / n / 1e3:.3f} ms" for e in top
         ),
@@ -116,11 +135,13 @@ FIELDS = [
     "device",
     "codec",
     "decode_kv",
+    "import_path",
     "tokens",
     "layers",
     "host_ms_per_layer",
     "wall_ms_per_request",
     "aten_calls_per_layer",
+    "python_calls_per_layer",
     "top_ops",
 ]
 
@@ -131,22 +152,35 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     rows = []
-    for codec, mode in lanes:
-        r = profile_lane(model, device, codec, mode, tokens, repeats)
-        rows.append(r)
-        print(
-            f"{codec}/{mode}: {r['host_ms_per_layer']:.3f} ms host per layer, "
-            f"{r['wall_ms_per_request']:.1f} ms per request of {r['layers']} layers "
-            f"(synchronized), {r['aten_calls_per_layer']:.0f} aten calls per layer",
-            flush=True,
-        )
+    saved = os.environ.get(DEVICE_IMPORT_ENV)
+    try:
+        for codec, mode in lanes:
+            for path in paths_of(mode):
+                r = profile_lane(model, device, codec, mode, tokens, repeats, path)
+                rows.append(r)
+                print(
+                    f"{lane_name(r)}: {r['host_ms_per_layer']:.3f} ms host per layer, "
+                    f"{r['wall_ms_per_request']:.1f} ms per request of {r['layers']} layers "
+                    f"(synchronized), {r['aten_calls_per_layer']:.0f} aten calls per layer, "
+                    f"{r['python_calls_per_layer']:.0f} from Python",
+                    flush=True,
+                )
+    finally:
+        if saved is None:
+            os.environ.pop(DEVICE_IMPORT_ENV, None)
+        else:
+            os.environ[DEVICE_IMPORT_ENV] = saved
     print(f"\n{name}, model {model}, one {tokens}-token prompt, median of {repeats} requests:\n")
-    print("| lane | host ms / layer | wall ms / request | aten calls / layer | top host ops |")
-    print("|---|---|---|---|---|")
+    print(
+        "| lane | host ms / layer | wall ms / request | aten calls / layer | from Python "
+        "| top host ops |"
+    )
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['codec']}/{r['decode_kv']} | {r['host_ms_per_layer']:.3f} | "
-            f"{r['wall_ms_per_request']:.1f} | {r['aten_calls_per_layer']:.0f} | {r['top_ops']} |"
+            f"| {lane_name(r)} | {r['host_ms_per_layer']:.3f} | "
+            f"{r['wall_ms_per_request']:.1f} | {r['aten_calls_per_layer']:.0f} | "
+            f"{r['python_calls_per_layer']:.0f} | {r['top_ops']} |"
         )
     with open(out_dir / "import_profile.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -154,6 +188,20 @@ def run(
         for r in rows:
             w.writerow(r | {"device": name})
     return rows
+
+
+def paths_of(mode: str) -> tuple[str, ...]:
+    """The import paths a lane runs: both for codes (compressed), import_pages for dense."""
+    return ("one_copy", "import_pages") if mode == "compressed" else ("import_pages",)
+
+
+def lane_name(row: dict) -> str:
+    name = f"{row['codec']}/{row['decode_kv']}"
+    return name + (
+        " (import_pages)"
+        if row["decode_kv"] == "compressed" and row["import_path"] == "import_pages"
+        else ""
+    )
 
 
 def lanes_of(text: str) -> list[tuple[str, str]]:

@@ -30,10 +30,13 @@ from zipserve.kernels.row_copy import RowCopy, copy_rows, copy_rows_ref
 TAIL_KEYS = ("open_k", "open_v", "sink_k", "sink_v")
 
 
+DEVICE_IMPORT_ENV = "ZIPSERVE_DEVICE_IMPORT"
+
+
 def device_import_on() -> bool:
     """`ZIPSERVE_DEVICE_IMPORT=0` sends every device-form layer through `import_pages` (an A/B
     switch for the runbook); on by default."""
-    return os.environ.get("ZIPSERVE_DEVICE_IMPORT", "1") != "0"
+    return os.environ.get(DEVICE_IMPORT_ENV, "1") != "0"
 
 
 def import_device(cache, layer: int, header: dict, payload: torch.Tensor, seq: Sequence) -> bool:

@@ -6,6 +6,7 @@ decoded dense on the way in), the CSV written, and every page of both engines ba
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 
@@ -14,15 +15,25 @@ from zipserve.bench import import_profile
 
 def test_import_profile_on_cpu(tmp_path):
     lanes = [("bf16", "compressed"), ("hack2", "compressed"), ("hack2", "dense")]
+    before = os.environ.get("ZIPSERVE_DEVICE_IMPORT")
     rows = import_profile.run("random:tiny", "cpu", lanes, tokens=200, repeats=2, out_dir=tmp_path)
-    assert [(r["codec"], r["decode_kv"]) for r in rows] == lanes
+    assert os.environ.get("ZIPSERVE_DEVICE_IMPORT") == before  # the lanes' switch is put back
+    assert [(r["codec"], r["decode_kv"], r["import_path"]) for r in rows] == [
+        ("bf16", "compressed", "one_copy"),
+        ("bf16", "compressed", "import_pages"),
+        ("hack2", "compressed", "one_copy"),
+        ("hack2", "compressed", "import_pages"),
+        ("hack2", "dense", "import_pages"),
+    ]
     for r in rows:
         assert r["host_ms_per_layer"] > 0 and r["wall_ms_per_request"] > 0
         assert r["layers"] > 0 and "aten::" in r["top_ops"]
-    bf16, codes, dense = (r["aten_calls_per_layer"] for r in rows)
+        assert 0 < r["python_calls_per_layer"] <= r["aten_calls_per_layer"]
+    bf16, codes, dense = (r["aten_calls_per_layer"] for r in rows if r["import_path"] != "one_copy")
     assert bf16 < codes < dense
     with open(tmp_path / "import_profile.csv") as f:
-        assert [r["decode_kv"] for r in csv.DictReader(f)] == ["compressed", "compressed", "dense"]
+        got = [(r["decode_kv"], r["import_path"]) for r in csv.DictReader(f)]
+    assert got == [(r["decode_kv"], r["import_path"]) for r in rows]
 
 
 def test_import_profile_lanes_and_bad_arguments():
