@@ -306,14 +306,18 @@ class _FakeIpc:
 
 
 class _SlowFakeIpc(_FakeIpc):
-    """Mapping takes 5 ms, exporting 2."""
+    """Mapping takes map_s (5 ms by default), exporting 2 ms."""
+
+    def __init__(self, map_s: float = 0.005):
+        super().__init__()
+        self.map_s = map_s
 
     def export(self, t):
         time.sleep(0.002)
         return super().export(t)
 
     def open(self, h, *device):
-        time.sleep(0.005)
+        time.sleep(self.map_s)
         return super().open(h, *device)
 
 
@@ -512,7 +516,9 @@ def test_receive_trace_times_each_ipc_layers_mapping(monkeypatch, tmp_path):
 @needs_model
 def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
     """With CUDA IPC's in-flight limit at one byte every layer's payload waits until the decode
-    side gave the previous buffer back (mapping takes 5 ms there): the prefill worker's send
+    side gave the previous buffer back (mapping takes 25 ms there: long beside a busy CI
+    machine's scheduling delays, which once let every ack arrive before the sender looked, with
+    5 ms): the prefill worker's send
     trace puts that wait in ack_ms, as much as the channel counted, and not in send_ms; the
     handles' export (2 ms each) goes to export_ms."""
     import zipserve.prefill_worker.worker as prefill_module
@@ -524,7 +530,7 @@ def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
     monkeypatch.setattr(
         prefill_module, "use_device_form", lambda ch, dev: ch.carries_device_tensors
     )
-    a, b, _ = _ipc_pair(_SlowFakeIpc(), ack_timeout_s=10)
+    a, b, _ = _ipc_pair(_SlowFakeIpc(map_s=0.025), ack_timeout_s=10)
     pre, dec, _ = worker_pair(MODEL, "hack2", channels=(a, b))
     a.limit_inflight(1)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
