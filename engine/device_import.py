@@ -21,15 +21,12 @@ import os
 import torch
 
 from zipserve.compress.compressed_cache import CompressedKVCache
-from zipserve.compress.wire import LayoutError, device_extras, device_page_fields
-from zipserve.compress.wire.device_pages import ExtraSpec
+from zipserve.compress.wire import ExtraSpec, LayoutError, device_extras, device_page_fields
 from zipserve.engine.kv_cache import KVCache, check_open_tail
 from zipserve.engine.sequence import Sequence
 from zipserve.kernels.row_copy import RowCopy, copy_rows, copy_rows_ref
 
 TAIL_KEYS = ("open_k", "open_v", "sink_k", "sink_v")
-
-
 DEVICE_IMPORT_ENV = "ZIPSERVE_DEVICE_IMPORT"
 
 
@@ -58,21 +55,23 @@ def import_device(cache, layer: int, header: dict, payload: torch.Tensor, seq: S
     return True
 
 
-def _page_jobs(header, payload, codec: str, store, base_of, ids) -> list[RowCopy]:
-    """One indexed job per store field: its pages into pool pages `ids`; base_of(name) is
-    (dst index, byte offset of the field's page 0)."""
+def _page_jobs(header, payload, codec: str, store, base_of, layer: int, seq: Sequence):
+    """(page ids, one indexed job per store field: its pages into seq's first pages); base_of(name)
+    is (dst index, byte offset of the field's page 0). import_layer checked the page count
+    against the sequence's full pages; the reservation must hold them."""
+    n = header["num_pages"]
+    ids = seq.pages[:n]
+    if len(ids) != n:
+        raise ValueError(f"layer {layer}: {n} pages arrived for {len(seq.pages)} reserved")
     if header.get("codec") != codec:
         raise LayoutError(f"pages are {header.get('codec')!r}, this pool holds {codec!r}")
-    n = header["num_pages"]
-    if len(ids) != n:
-        raise ValueError(f"{n} pages arrived for {len(ids)} reserved")
     jobs = []
     for name, (offset, page_bytes) in zip(
         store, device_page_fields(header, payload, store), strict=True
     ):
         dst, dst_offset = base_of(name)
         jobs.append(RowCopy(dst, dst_offset, offset, n, page_bytes, page_bytes, page_bytes, True))
-    return jobs
+    return ids, jobs
 
 
 def _tail_job(spec: ExtraSpec, dst: int, dst_offset: int, tokens: int, dst_stride: int) -> RowCopy:
@@ -94,15 +93,12 @@ def _tail_spec(extras, name, dtype, kvh, d, layer) -> ExtraSpec | None:
 def _compressed_jobs(cache: CompressedKVCache, layer, header, payload, seq):
     """CompressedKVCache.import_pages's writes as jobs: the codes into seq's pages, the tail
     into its slot's open page, the sinks into its sink columns."""
-    n = header.get("num_pages", -1)
-    ids = seq.pages[: max(n, 0)]
-    if len(ids) != n:
-        raise ValueError(f"layer {layer}: {n} pages arrived for {len(seq.pages)} reserved")
     store = cache.stores[layer]
     names = list(store)
-    jobs = _page_jobs(
-        header, payload, cache.codecs[layer].name, store, lambda f: (names.index(f), 0), ids
+    ids, jobs = _page_jobs(
+        header, payload, cache.codecs[layer].name, store, lambda f: (names.index(f), 0), layer, seq
     )
+    n = len(ids)
     extras = device_extras(header, payload)
     if "open_k" not in extras or "open_v" not in extras:
         raise ValueError(f"layer {layer}: the 16-bit tail is missing")
@@ -145,10 +141,6 @@ def _compressed_jobs(cache: CompressedKVCache, layer, header, payload, seq):
 def _dense_jobs(cache: KVCache, layer, header, payload, seq):
     """KVCache.import_pages's writes as jobs: the full pages, then the partly filled page's
     tokens into seq's next page."""
-    n = header.get("num_pages", -1)
-    ids = seq.pages[: max(n, 0)]
-    if len(ids) != n:
-        raise ValueError(f"layer {layer}: {n} pages arrived for {len(seq.pages)} reserved")
     storage = cache.storage  # [layers, 2, pages, KVH, P, D], contiguous
     _, _, num_pages, kvh, p, d = storage.shape
     es = storage.element_size()
@@ -158,9 +150,16 @@ def _dense_jobs(cache: KVCache, layer, header, payload, seq):
     def base(kv: int) -> int:
         return (layer * 2 + kv) * num_pages * page_bytes
 
-    jobs = _page_jobs(
-        header, payload, cache.codec.name, {"k": k, "v": v}, lambda f: (0, base("kv".index(f))), ids
+    ids, jobs = _page_jobs(
+        header,
+        payload,
+        cache.codec.name,
+        {"k": k, "v": v},
+        lambda f: (0, base("kv".index(f))),
+        layer,
+        seq,
     )
+    n = len(ids)
     r = seq.num_tokens - n * p
     if not 0 <= r < p:
         raise ValueError(

@@ -28,6 +28,7 @@ import torch
 
 from zipserve.compress.wire import (
     DeviceLayerKV,
+    FormatError,
     LayerKV,
     WirePages,
     pack_device,
@@ -123,33 +124,22 @@ def import_layer(
     malformed or of another codec/layout, ValueError when pages the reservation does not hold
     are missing or the page count does not fit the sequence. A dense-mode cache
     (decode_kv=dense) takes its codec's wire form and dequantizes it on the way in."""
+    p = cache.page_size
     if isinstance(kv, DeviceLayerKV):
         kv.check()
         kv.wait_ready()  # this stream reads the payload after the sender's writes (CUDA IPC)
-        if not held and kv.first_page == 0 and device_import_on():
-            header = kv.wire.header
-            if header.get("num_pages") != kv.num_tokens // cache.page_size:
-                raise ValueError(
-                    f"layer {kv.layer}: pages 0..{header.get('num_pages')} arrived for a "
-                    f"sequence of {kv.num_tokens // cache.page_size} full pages"
-                )
-            if import_device(cache, kv.layer, header, kv.wire.payload, seq):
-                return
-        wire, tail = unpack_device(kv.wire.header, kv.wire.payload, verify=False)
+        header = kv.wire.header
+        _check_span(kv, header.get("num_pages"), held, p)
+        if (
+            not held
+            and device_import_on()
+            and import_device(cache, kv.layer, header, kv.wire.payload, seq)
+        ):
+            return
+        wire, tail = unpack_device(header, kv.wire.payload, verify=False)
     else:
         wire, tail = unpack_pages(kv.pages), kv.tail
-    p = cache.page_size
-    full = kv.num_tokens // p
-    if kv.first_page > held:
-        raise ValueError(
-            f"layer {kv.layer}: KV from page {kv.first_page} on, but the reservation holds only "
-            f"{held} cached pages"
-        )
-    if kv.first_page + wire.num_pages != full:
-        raise ValueError(
-            f"layer {kv.layer}: pages {kv.first_page}..{kv.first_page + wire.num_pages} arrived "
-            f"for a sequence of {full} full pages"
-        )
+        _check_span(kv, wire.num_pages, held, p)
     if not held:
         cache.import_pages(kv.layer, wire, tail, seq)
         return
@@ -159,6 +149,24 @@ def import_layer(
         tail["sink_k"], tail["sink_v"] = tail["open_k"][:, :0], tail["open_v"][:, :0]
     span = PageSpan(seq.pages[held:], seq.slot, seq.num_tokens - held * p)
     cache.import_pages(kv.layer, wire, tail, span)  # type: ignore[arg-type]
+
+
+def _check_span(kv: LayerKV | DeviceLayerKV, num_pages, held: int, page_size: int) -> None:
+    """ValueError unless kv's pages start within the `held` cached ones and end at the
+    sequence's last full page; FormatError when the page count is not a count."""
+    if not isinstance(num_pages, int):
+        raise FormatError(f"layer {kv.layer}: num_pages {num_pages!r} is not a page count")
+    full = kv.num_tokens // page_size
+    if kv.first_page > held:
+        raise ValueError(
+            f"layer {kv.layer}: KV from page {kv.first_page} on, but the reservation holds only "
+            f"{held} cached pages"
+        )
+    if kv.first_page + num_pages != full:
+        raise ValueError(
+            f"layer {kv.layer}: pages {kv.first_page}..{kv.first_page + num_pages} arrived "
+            f"for a sequence of {full} full pages"
+        )
 
 
 def _drop_pages(wire: WirePages, n: int) -> WirePages:

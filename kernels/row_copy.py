@@ -193,6 +193,7 @@ def _byte_rows(t: torch.Tensor, offset: int, rows: int, row_bytes: int, stride: 
 def copy_rows_ref(payload, dsts, jobs, ids) -> None:
     """copy_rows in torch: one strided copy (index_copy for indexed jobs) per job."""
     _check(payload, dsts, jobs, ids)
+    ids_t = index_on(ids, payload.device) if any(j.indexed for j in jobs) else None  # [n]
     for j in jobs:
         if not j.rows or not j.row_bytes:
             continue
@@ -203,4 +204,4 @@ def copy_rows_ref(payload, dsts, jobs, ids) -> None:
             continue
         span = (_nbytes(dst_t) - j.dst_offset - j.row_bytes) // j.dst_stride + 1
         dst = _byte_rows(dst_t, j.dst_offset, span, j.row_bytes, j.dst_stride)
-        dst.index_copy_(0, index_on(ids[: j.rows], dst.device), src)
+        dst.index_copy_(0, ids_t[: j.rows], src)
