@@ -185,7 +185,6 @@ def test_one_copy_import_equals_import_pages(codec, tokens, monkeypatch):
     decoded = []
     for one_copy in (False, True):
         decode = _engine(codec, tokens)
-        torch.manual_seed(0)
         _import_prompt(decode, sent[0], prompts[0], "a", monkeypatch, one_copy=False)
         _import_prompt(decode, sent[1], prompts[1], "b", monkeypatch, one_copy=one_copy)
         decoded.append(_cache_bytes(decode))
