@@ -2,11 +2,11 @@
 prefill workers, and decodes every admitted request in one continuous batch.
 
 Plain Python (control/ wraps it as a threaded Ray actor; it answers with control/messages.py's
-types). A receiver thread per attached channel takes layers off it and queues them (a device
-layer's checksum queued on the GPU, not awaited); the step loop imports the queued layers whose
-checksum is done, decodes, and expires reservations whose KV missed its deadline; callers
-reserve/admit/abort/poll; the step loop and callers touch the engine under one lock. A returner
-thread gives imported CUDA-IPC layers back to their senders (buffer_returns.py).
+types). A receiver thread per attached channel (receiver.py) takes layers off it and queues them
+(a device layer's checksum queued on the GPU, not awaited); the step loop imports the queued
+layers whose checksum is done, decodes, and expires reservations whose KV missed its deadline;
+callers reserve/admit/abort/poll; the step loop and callers touch the engine under one lock. A
+returner thread gives imported CUDA-IPC layers back to their senders (buffer_returns.py).
 Every path that ends a request (finish, abort, deadline, corrupt KV) frees its pages.
 With a prefix cache (on by default) a reservation shares the prompt's leading pages the worker
 already holds (imported for an earlier prompt, or, bf16, filled by its decode steps) and says how
@@ -24,6 +24,7 @@ the one before it.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 import uuid
@@ -40,6 +41,7 @@ from zipserve.control.messages import (
 from zipserve.control.stall_monitor import StallMonitor
 from zipserve.decode_worker.arrivals import IMPORT_POLL_S, ArrivalQueue, import_during_step
 from zipserve.decode_worker.buffer_returns import BufferReturns
+from zipserve.decode_worker.receiver import ReceiveHooks, receive_layers
 from zipserve.decode_worker.request_state import (
     CHECKSUM_MISMATCH,
     TRANSFER_DEADLINE,
@@ -58,11 +60,8 @@ from zipserve.prefill_worker.worker import KV_TAG
 from zipserve.transfer.channel import (
     Channel,
     TransferChecksumError,
-    TransferClosed,
-    TransferError,
-    TransferTimeout,
 )
-from zipserve.transfer.kv_messages import done, recv_layer, settled
+from zipserve.transfer.kv_messages import done, settled
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 
 
@@ -153,9 +152,14 @@ class DecodeWorker:
             self.dead_channels.pop(prefill_id, None)
         if old is not None:  # replaced after a peer restart: its thread ends once it is closed
             threading.Thread(target=old.close, daemon=True).start()
+        hooks = ReceiveHooks(
+            arrive=self._arrive,
+            lost=functools.partial(self._channel_lost, prefill_id, channel),
+            unreadable=self._drop_message,
+        )
         t = threading.Thread(
-            target=self._receive_loop,
-            args=(prefill_id, channel),
+            target=receive_layers,
+            args=(channel, KV_TAG, self._stop, hooks, self.recv_trace),
             name=f"kv-recv-{prefill_id}",
             daemon=True,
         )
@@ -169,29 +173,9 @@ class DecodeWorker:
             if self.channels.get(prefill_id) is channel:
                 self.dead_channels[prefill_id] = self.channel_names.get(prefill_id, "")
 
-    def _receive_loop(self, prefill_id: str, channel: Channel) -> None:
-        handed_s = time.time()  # the last hand-over (the receive trace's idle_ms)
-        cpu_s = time.thread_time()  # the thread's CPU time then (the receive trace's cpu_ms)
-        while not self._stop.is_set():
-            timing: dict[str, float] = {}
-            try:  # host bytes or a device buffer (transfer/kv_messages.py)
-                kv = recv_layer(channel, KV_TAG, timeout=0.2, timing=timing)
-            except TransferTimeout:
-                continue
-            except TransferClosed as e:
-                self._channel_lost(prefill_id, channel, e)
-                return
-            except TransferError as e:  # the transport broke (peer died, corrupt frame)
-                self._channel_lost(prefill_id, channel, e)
-                return
-            except ValueError:  # unreadable: no request to blame; count it and go on
-                self.dropped_messages += 1
-                continue
-            now = self._arrive(kv, timing.get("header_s"))
-            cpu_now = time.thread_time()
-            cpu_ms = 1e3 * (cpu_now - cpu_s)
-            self.recv_trace.handed_over(kv.layer, kv.nbytes(), timing, handed_s, now, cpu_ms)
-            handed_s, cpu_s = now, cpu_now
+    def _drop_message(self) -> None:
+        """A message no request can be blamed for: counted, and the receiver goes on."""
+        self.dropped_messages += 1
 
     def import_kv_slice(self, data: bytes) -> None:
         """One rank's slice of one layer from a sequence-parallel prefill group
@@ -200,7 +184,7 @@ class DecodeWorker:
             try:
                 kv = self._slices.add(data, accept=self._expects_kv)
             except Exception:  # noqa: BLE001 - unreadable or duplicate: count it and go on
-                self.dropped_messages += 1
+                self._drop_message()
                 return
         if kv is not None:
             self._arrive(kv)
