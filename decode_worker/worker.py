@@ -57,10 +57,7 @@ from zipserve.engine.prefix_cache import worker_cache_fields
 from zipserve.engine.sampling_params import SamplingParams
 from zipserve.prefill_group.slices import SliceAssembler
 from zipserve.prefill_worker.worker import KV_TAG
-from zipserve.transfer.channel import (
-    Channel,
-    TransferChecksumError,
-)
+from zipserve.transfer.channel import Channel, TransferChecksumError
 from zipserve.transfer.kv_messages import done, settled
 from zipserve.transfer.pairing import connect_pair, local_endpoint
 

@@ -518,9 +518,8 @@ def test_send_trace_shows_the_wait_for_acknowledgements(monkeypatch, tmp_path):
     """With CUDA IPC's in-flight limit at one byte every layer's payload waits until the decode
     side gave the previous buffer back (mapping takes 25 ms there: long beside a busy CI
     machine's scheduling delays, which once let every ack arrive before the sender looked, with
-    5 ms): the prefill worker's send
-    trace puts that wait in ack_ms, as much as the channel counted, and not in send_ms; the
-    handles' export (2 ms each) goes to export_ms."""
+    5 ms): the prefill worker's send trace puts that wait in ack_ms, as much as the channel
+    counted, and not in send_ms; the handles' export (2 ms each) goes to export_ms."""
     import zipserve.prefill_worker.worker as prefill_module
     from zipserve.bench.step_gaps import read_sends, send_tails
     from zipserve.control.csv_trace import ENV

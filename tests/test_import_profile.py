@@ -11,13 +11,14 @@ import os
 import pytest
 
 from zipserve.bench import import_profile
+from zipserve.engine.device_import import DEVICE_IMPORT_ENV
 
 
 def test_import_profile_on_cpu(tmp_path):
     lanes = [("bf16", "compressed"), ("hack2", "compressed"), ("hack2", "dense")]
-    before = os.environ.get("ZIPSERVE_DEVICE_IMPORT")
+    before = os.environ.get(DEVICE_IMPORT_ENV)
     rows = import_profile.run("random:tiny", "cpu", lanes, tokens=200, repeats=2, out_dir=tmp_path)
-    assert os.environ.get("ZIPSERVE_DEVICE_IMPORT") == before  # the lanes' switch is put back
+    assert os.environ.get(DEVICE_IMPORT_ENV) == before  # the lanes' switch is put back
     assert [(r["codec"], r["decode_kv"], r["import_path"]) for r in rows] == [
         ("bf16", "compressed", "one_copy"),
         ("bf16", "compressed", "import_pages"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import threading
+import time
 
 from zipserve.compress.wire import LayerKV
 from zipserve.decode_worker.receiver import ReceiveHooks, receive_layers
@@ -20,8 +21,13 @@ def test_layers_are_handed_over_garbage_counted_and_a_close_ends_the_thread(tmp_
     got: list[tuple[int, str]] = []
     lost: list[TransferError] = []
     unreadable = []
+
+    def arrive(kv, header_s: float | None) -> float:
+        got.append((kv.layer, kv.request_id))
+        return time.time()  # the hand-over
+
     hooks = ReceiveHooks(
-        arrive=lambda kv, header_s: (got.append((kv.layer, kv.request_id)), header_s)[1],
+        arrive=arrive,
         lost=lost.append,
         unreadable=lambda: unreadable.append(1),
     )
